@@ -1,0 +1,267 @@
+"""Case folders in, one schema out.
+
+A *case* is the four co-registered modalities of one brain (T1, T1ce, T2,
+FLAIR) and, when known, its expert tumour segmentation.  Four on-disk
+conventions are read, auto-detected from the file names, with an explicit
+override:
+
+==============  ==================================================  ==============================
+convention      files                                               tumour labels
+==============  ==================================================  ==============================
+``brats2021``   ``*_t1, *_t1ce, *_t2, *_flair, *_seg`` (2017-2021)  1 NCR, 2 ED, 4 ET
+``brats2023``   ``*-t1n, *-t1c, *-t2w, *-t2f, *-seg``               1 NCR, 2 ED, 3 ET
+``msd``         one 4D image (FLAIR, T1w, T1gd, T2w) + a label map  1 ED, 2 NET, 3 ET
+``brats2015``   ``*.MR_T1.*, *.MR_T1c.*, *.MR_T2.*, *.MR_Flair.*,   1 necrosis, 2 ED, 3 NET, 4 ET
+                *.OT.*`` (one sub-folder each, ``.mha``)
+==============  ==================================================  ==============================
+
+The label tables live in :mod:`MedSynthLib.labels`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .grid import Grid
+from .io import IMAGE_SUFFIXES, is_image_file, read_image, strip_image_suffix
+from .labels import CONVENTIONS, LabelValueError, tumour_to_schema
+
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+
+#: File-name keys of each separate-file convention (modality -> suffix key).
+_FILE_KEYS: dict[str, dict[str, str]] = {
+    "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
+    "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},
+}
+_BRATS2015_KEYS = {"t1": "MR_T1", "t1ce": "MR_T1c", "t2": "MR_T2", "flair": "MR_Flair", "seg": "OT"}
+#: Channel order of an MSD Task01 4D image.
+MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+CASE_CONVENTIONS: tuple[str, ...] = ("brats2021", "brats2023", "msd", "brats2015")
+
+
+@dataclass
+class Case:
+    """One brain: four modalities on one grid and its tumour in schema labels.
+
+    Attributes:
+        case_id: the folder (or MSD file) name; used for messages only, never exported.
+        convention: the naming convention the case was read with.
+        label_convention: the tumour-label convention applied to the segmentation.
+        grid: the shared geometry of every volume.
+        images: modality -> float32 (k, j, i) array in the scanner's units.
+        tumour: ``uint8`` schema labels {0, 4, 5, 6}, or ``None`` without a segmentation.
+        files: modality or ``"seg"`` -> source path.
+    """
+
+    case_id: str
+    convention: str
+    label_convention: str
+    grid: Grid
+    images: dict[str, np.ndarray]
+    tumour: np.ndarray | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def brain_mask(self) -> np.ndarray:
+        """Brain = any modality non-zero (cases are skull-stripped) or tumour, holes filled."""
+        from scipy import ndimage
+
+        mask = np.zeros(self.grid.shape, dtype=bool)
+        for array in self.images.values():
+            mask |= array != 0
+        if self.tumour is not None:
+            mask |= self.tumour > 0
+        return ndimage.binary_fill_holes(mask)
+
+
+def _files_by_key(folder: Path, keys: dict[str, str]) -> dict[str, list[Path]]:
+    """Image files in ``folder`` whose name (without suffix) ends with each key."""
+    found: dict[str, list[Path]] = {k: [] for k in keys}
+    for path in sorted(folder.iterdir()):
+        if not is_image_file(path):
+            continue
+        stem = strip_image_suffix(path.name).lower()
+        for modality, key in keys.items():
+            if stem.endswith(key.lower()):
+                found[modality].append(path)
+    return found
+
+
+def _brats2015_files(folder: Path) -> dict[str, list[Path]]:
+    """BRATS 2015 keeps each volume as ``VSD.Brain.XX.O.MR_T1.54513[/...].mha``."""
+    found: dict[str, list[Path]] = {k: [] for k in _BRATS2015_KEYS}
+    candidates = [p for p in sorted(folder.rglob("*")) if is_image_file(p) and len(p.relative_to(folder).parts) <= 2]
+    for path in candidates:
+        tokens = strip_image_suffix(path.name).split(".")
+        for modality, key in _BRATS2015_KEYS.items():
+            if key in tokens:
+                found[modality].append(path)
+    return found
+
+
+def _msd_files(path: Path) -> tuple[Path, Path | None] | None:
+    """Locate an MSD 4D image and its label map (``imagesTr/X`` -> ``labelsTr/X``)."""
+    if path.is_file():
+        image = path
+        label = path.parent.parent / "labelsTr" / path.name
+        return image, (label if label.exists() else None)
+    images = [p for p in sorted(path.iterdir()) if is_image_file(p)]
+    four_d = [p for p in images if _is_4d(p)]
+    if len(four_d) != 1:
+        return None
+    others = [p for p in images if p != four_d[0]]
+    labels = [p for p in others if re.search(r"label|seg", p.name, re.IGNORECASE)] or others
+    return four_d[0], (labels[0] if len(labels) == 1 else None)
+
+
+def _is_4d(path: Path) -> bool:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    return reader.GetDimension() == 4 and reader.GetSize()[3] == 4
+
+
+def detect_convention(path: str | os.PathLike[str]) -> str:
+    """Name the convention of a case folder (or MSD image file).
+
+    Raises:
+        InputError: when no convention, or more than one, fits.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "case folder not found")
+    if path.is_file():
+        if _is_4d(path):
+            return "msd"
+        raise InputError(path, "a single file is a case only as an MSD 4D image (FLAIR, T1w, T1gd, T2w)")
+    matches = []
+    for name, keys in _FILE_KEYS.items():
+        found = _files_by_key(path, keys)
+        if sum(bool(found[m]) for m in MODALITIES) >= 2:
+            matches.append(name)
+    if not matches:
+        found15 = _brats2015_files(path)
+        if sum(bool(found15[m]) for m in MODALITIES) >= 2:
+            matches.append("brats2015")
+    if not matches and _msd_files(path) is not None:
+        matches.append("msd")
+    if len(matches) == 1:
+        return matches[0]
+    listing = ", ".join(p.name for p in sorted(path.iterdir())[:8]) or "nothing"
+    if not matches:
+        raise InputError(
+            path,
+            "unknown case naming: expected BraTS 2021 (*_t1, *_t1ce, *_t2, *_flair[, *_seg]), "
+            "BraTS 2023 (*-t1n, *-t1c, *-t2w, *-t2f[, *-seg]), an MSD 4D image or BRATS 2015 "
+            f"(*.MR_T1.*, ..., *.OT.*); found {listing}",
+        )
+    raise InputError(path, f"ambiguous case naming: fits {', '.join(matches)} (choose with --convention)")
+
+
+def _pick(found: dict[str, list[Path]], folder: Path, convention: str) -> dict[str, Path]:
+    chosen: dict[str, Path] = {}
+    for key, paths in found.items():
+        if not paths:
+            continue
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            raise InputError(folder, f"several files match {key!r} for {convention}: {names}")
+        chosen[key] = paths[0]
+    missing = [m for m in MODALITIES if m not in chosen]
+    if missing:
+        raise InputError(folder, f"missing modality {', '.join(missing)} ({convention} naming)")
+    return chosen
+
+
+def _check_grid(reference: Grid, ref_path: Path, image: sitk.Image, path: Path, resample: bool,
+                interpolator: int) -> sitk.Image:
+    grid = Grid.from_image(image)
+    difference = reference.difference(grid)
+    if difference is None:
+        return reference.apply_to(image)  # snap tiny float differences onto the reference exactly
+    if not resample:
+        raise InputError(path, f"grid differs from {ref_path.name}: {difference} (use --resample to resample)")
+    ref_image = reference.image(np.zeros(reference.shape, dtype=np.uint8))
+    return sitk.Resample(image, ref_image, sitk.Transform(), interpolator, 0.0, image.GetPixelID())
+
+
+def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
+              label_convention: str | None = None, resample: bool = False,
+              require_segmentation: bool = False) -> Case:
+    """Read a case folder (or MSD 4D image file) in any supported convention.
+
+    Args:
+        path: the case folder, or an MSD ``imagesTr/*.nii.gz`` file.
+        convention: force a naming convention instead of detecting it.
+        label_convention: force the tumour-label convention (default: the naming convention's).
+        resample: resample volumes whose grid differs from the T1's instead of refusing.
+        require_segmentation: refuse a case without a tumour segmentation.
+
+    Raises:
+        InputError: for every problem, naming the file and what is wrong.
+    """
+    path = Path(path)
+    if convention is None:
+        convention = detect_convention(path)
+    elif convention not in CASE_CONVENTIONS:
+        raise InputError(path, f"unknown convention {convention!r} (choose from {', '.join(CASE_CONVENTIONS)})")
+    label_convention = label_convention or convention
+    if label_convention not in CONVENTIONS:
+        raise InputError(path, f"unknown label convention {label_convention!r}")
+
+    raw: dict[str, sitk.Image] = {}
+    files: dict[str, Path] = {}
+    if convention == "msd":
+        located = _msd_files(path) if path.exists() else None
+        if located is None:
+            raise InputError(path, "no single MSD 4D image (FLAIR, T1w, T1gd, T2w) found")
+        image_path, seg_path = located
+        four_d = read_image(image_path, dims=None)
+        if four_d.GetDimension() != 4 or four_d.GetSize()[3] != len(MSD_CHANNELS):
+            raise InputError(image_path, f"expected a 4D image with 4 channels, got size {four_d.GetSize()}")
+        for channel, modality in enumerate(MSD_CHANNELS):
+            raw[modality] = four_d[:, :, :, channel]
+            files[modality] = image_path
+        if seg_path is not None:
+            files["seg"] = seg_path
+        case_id = strip_image_suffix(image_path.name)
+    else:
+        if not path.is_dir():
+            raise InputError(path, "case folder not found")
+        found = _brats2015_files(path) if convention == "brats2015" else _files_by_key(path, _FILE_KEYS[convention])
+        files = _pick(found, path, convention)
+        for modality in MODALITIES:
+            raw[modality] = read_image(files[modality])
+        case_id = path.name
+
+    reference = Grid.from_image(raw["t1"])
+    images: dict[str, np.ndarray] = {}
+    for modality in MODALITIES:
+        image = _check_grid(reference, files["t1"], raw[modality], files[modality], resample, sitk.sitkLinear)
+        images[modality] = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+
+    tumour = None
+    if "seg" in files:
+        seg_image = _check_grid(reference, files["t1"], read_image(files["seg"]), files["seg"], resample,
+                                sitk.sitkNearestNeighbor)
+        seg = sitk.GetArrayFromImage(seg_image)
+        try:
+            tumour = tumour_to_schema(seg, label_convention)
+        except LabelValueError as exc:
+            raise InputError(files["seg"], f"{exc} (choose another with --label-convention)") from None
+    elif require_segmentation:
+        raise InputError(path, f"no tumour segmentation found ({convention} naming)")
+
+    case = Case(case_id, convention, label_convention, reference, images, tumour, files)
+    if not case.brain_mask().any():
+        raise InputError(files["t1"], "empty brain: every modality is zero everywhere")
+    return case

@@ -1,0 +1,146 @@
+"""Image grids and label maps: geometry kept exactly as the case stores it.
+
+Arrays follow SimpleITK's order ``array[k, j, i]`` (z, y, x).  Physical
+coordinates are ITK's LPS millimetres internally; user-facing vectors (CLI,
+Slicer) are RAS millimetres, converted at the edge with :func:`ras_to_lps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .labels import SCHEMA_VERSION, check_label_map
+
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def ras_to_lps(vector: np.ndarray | list[float] | tuple[float, ...]) -> np.ndarray:
+    """RAS <-> LPS for points and vectors (the map is its own inverse)."""
+    return _LPS_RAS @ np.asarray(vector, dtype=float)
+
+
+lps_to_ras = ras_to_lps
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The geometry of a 3D image: size (i, j, k), spacing, origin and direction (row-major 3x3)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> "Grid":
+        return cls(
+            tuple(int(v) for v in image.GetSize()),  # type: ignore[arg-type]
+            tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
+            tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
+            tuple(float(v) for v in image.GetDirection()),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Numpy shape (k, j, i) of an array on this grid."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def index_to_lps_matrix(self) -> np.ndarray:
+        """3x3 matrix M with ``lps = origin + M @ ijk``."""
+        return self.direction_matrix @ np.diag(self.spacing)
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing))
+
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Continuous indices (..., 3) in (i, j, k) order -> LPS mm."""
+        return np.asarray(ijk, float) @ self.index_to_lps_matrix.T + np.asarray(self.origin)
+
+    def lps_to_index(self, lps: np.ndarray) -> np.ndarray:
+        """LPS mm (..., 3) -> continuous (i, j, k) indices."""
+        inv = np.linalg.inv(self.index_to_lps_matrix)
+        return (np.asarray(lps, float) - np.asarray(self.origin)) @ inv.T
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def image(self, array: np.ndarray) -> sitk.Image:
+        """Wrap a (k, j, i) array as a SimpleITK image on this grid."""
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"array shape {array.shape} does not match grid shape {self.shape}")
+        return self.apply_to(sitk.GetImageFromArray(array))
+
+    def difference(self, other: "Grid", rtol: float = 1e-4, atol_mm: float = 1e-3) -> str | None:
+        """Describe how ``other`` differs from this grid, or ``None`` when they match.
+
+        Spacing is compared relatively, origin in millimetres (scaled by the
+        spacing) and direction cosines absolutely, like ITK's own tolerance check.
+        """
+        if self.size != other.size:
+            return f"size {other.size} differs from {self.size}"
+        if not np.allclose(self.spacing, other.spacing, rtol=rtol, atol=0):
+            return f"spacing {_fmt(other.spacing)} differs from {_fmt(self.spacing)}"
+        tol = max(atol_mm, rtol * float(np.min(self.spacing)))
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=tol):
+            return f"origin {_fmt(other.origin)} differs from {_fmt(self.origin)}"
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=rtol):
+            return f"direction {_fmt(other.direction)} differs from {_fmt(self.direction)}"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": list(self.direction)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Grid":
+        return cls(tuple(data["size"]), tuple(data["spacing"]), tuple(data["origin"]),  # type: ignore[arg-type]
+                   tuple(data["direction"]))
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+@dataclass
+class LabelMap:
+    """A MedSynth 7-class label map on its grid, with the edits that made it.
+
+    Attributes:
+        array: ``uint8`` (k, j, i) array of :class:`~MedSynthLib.labels.Label` values.
+        grid: the geometry, unchanged from the source case.
+        history: provenance records (dicts) of the steps that produced it, oldest first.
+    """
+
+    array: np.ndarray
+    grid: Grid
+    history: list[dict[str, Any]] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"label map must be 3D, got shape {self.array.shape}")
+        if tuple(self.array.shape) != self.grid.shape:
+            raise ValueError(f"label array shape {self.array.shape} does not match grid {self.grid.shape}")
+        check_label_map(self.array)
+        self.array = np.ascontiguousarray(self.array, dtype=np.uint8)
+
+    def image(self) -> sitk.Image:
+        return self.grid.image(self.array)
+
+    def with_array(self, array: np.ndarray, record: dict[str, Any] | None = None) -> "LabelMap":
+        """A new label map on the same grid, its history extended by ``record``."""
+        history = list(self.history) + ([record] if record is not None else [])
+        return LabelMap(array, self.grid, history, self.schema_version)

@@ -1,0 +1,202 @@
+"""Reading images safely and writing outputs atomically.
+
+Two traps of plain SimpleITK reading are closed here: a truncated ``.nii.gz``
+is read without error (the missing voxels silently become 0) and NaN voxels of
+a floating-point NIfTI come back as 0.  Both are detected and rejected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, OutputExistsError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def strip_image_suffix(name: str) -> str:
+    """``"a_t1.nii.gz"`` -> ``"a_t1"``."""
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and strip_image_suffix(path.name) != path.name
+
+
+def _check_nifti_bytes(path: Path) -> None:
+    """Reject a truncated or corrupt NIfTI before SimpleITK zero-fills it."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+    except Exception as exc:  # nibabel raises many types for bad headers
+        raise InputError(path, f"not a readable NIfTI file ({exc.__class__.__name__}: {exc})") from None
+    shape = header.get_data_shape()
+    expected = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise InputError(path, f"truncated or corrupt gzip data ({exc})") from None
+    else:
+        size = path.stat().st_size
+    if size < expected:
+        raise InputError(path, f"truncated: {size} bytes of image data, header requires {expected}")
+
+
+def read_image(path: str | os.PathLike[str], *, dims: int | None = 3) -> sitk.Image:
+    """Read one image with SimpleITK after integrity checks.
+
+    Args:
+        path: a NIfTI, NRRD or MetaImage file.
+        dims: required dimension (``None`` accepts any).
+
+    Raises:
+        InputError: unreadable, truncated, non-finite voxels, or the wrong dimension.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if not path.is_file():
+        raise InputError(path, "not a file")
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        _check_nifti_bytes(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        raise InputError(path, f"cannot read image ({first})") from None
+    if dims is not None:
+        size = image.GetSize()
+        effective = image.GetDimension()
+        if effective == 4 and size[3] == 1:
+            effective = 3
+        if effective != dims or image.GetNumberOfComponentsPerPixel() != 1:
+            shape = "x".join(str(s) for s in size)
+            comps = image.GetNumberOfComponentsPerPixel()
+            extra = f" with {comps} components" if comps != 1 else ""
+            raise InputError(path, f"expected a {dims}D image, got {image.GetDimension()}D ({shape}){extra}")
+        if image.GetDimension() == 4:
+            image = image[:, :, :, 0]
+        if min(image.GetSize()) < 2:
+            raise InputError(path, f"expected a 3D volume, got a single slice ({image.GetSize()})")
+    check_finite(image, path)
+    return image
+
+
+def check_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
+    """Reject NaN/Inf voxels in floating-point images."""
+    path = Path(path)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        nii = nib.load(str(path))
+        if nii.get_data_dtype().kind != "f":
+            return
+        # SimpleITK reads NaN in a NIfTI back as 0, so look at the stored values.
+        data = np.asanyarray(nii.dataobj)
+    elif image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        data = sitk.GetArrayViewFromImage(image)
+    else:
+        return
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(path, f"{bad} voxels are NaN or infinite")
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def check_writable(paths: list[Path], overwrite: bool) -> None:
+    """Fail before any work when an output exists (without overwrite) or cannot be written."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise OutputExistsError(path)
+        parent = path.parent if path.parent != Path("") else Path(".")
+        existing = parent
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(parent, "output folder is not writable")
+
+
+def _tmp_sibling(path: Path) -> Path:
+    """A fresh hidden file beside ``path`` that keeps its image suffix (writers go by suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.name[len(strip_image_suffix(path.name)):] or path.suffix
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike[str], *, overwrite: bool = False,
+                compress: bool = True) -> Path:
+    """Write an image atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    tmp = _tmp_sibling(path)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(data: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    tmp = _tmp_sibling(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Build an output folder in a temporary sibling, then move it into place.
+
+    On any exception the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    check_writable([path], overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, backup / "old")
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
