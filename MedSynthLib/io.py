@@ -145,7 +145,14 @@ def _tmp_sibling(path: Path) -> Path:
     suffix = path.name[len(strip_image_suffix(path.name)):] or path.suffix
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the user's usual mode
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike[str], *, overwrite: bool = False,
@@ -188,6 +195,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     check_writable([path], overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():

@@ -1,0 +1,352 @@
+"""The ``medsynth`` command line.
+
+Every command checks its inputs and outputs before working, writes atomically,
+never overwrites without ``--overwrite``, and reports bad input as one line on
+stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import MedSynthError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage problem as one line (and exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message} (see --help)")
+
+
+class _UsageError(MedSynthError):
+    pass
+
+
+@contextmanager
+def _progress(total: int, desc: str) -> Iterator[Callable[[str], None]]:
+    """A tqdm step counter on stderr (shown on terminals only)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None, file=sys.stderr, leave=False)
+
+    def step(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    try:
+        yield step
+    finally:
+        bar.close()
+
+
+def _vector(values: Sequence[float] | None, name: str, allow_one: bool = False) -> tuple[float, float, float] | None:
+    if values is None:
+        return None
+    if allow_one and len(values) == 1:
+        return (values[0],) * 3  # type: ignore[return-value]
+    if len(values) != 3:
+        raise _UsageError(f"{name} takes {'1 or ' if allow_one else ''}3 values, got {len(values)}")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def _add_case_options(parser: argparse.ArgumentParser) -> None:
+    from .cases import CASE_CONVENTIONS
+    from .labels import CONVENTIONS
+
+    parser.add_argument("--convention", choices=CASE_CONVENTIONS,
+                        help="naming convention of the case folder (default: detected)")
+    parser.add_argument("--label-convention", choices=sorted(CONVENTIONS),
+                        help="tumour label values of the segmentation (default: the naming convention's)")
+    parser.add_argument("--resample", action="store_true",
+                        help="resample volumes whose grid differs from the T1 instead of refusing")
+
+
+def _add_output(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("-o", "--output", required=True, type=Path, help=help_text)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .cases import read_case
+    from .labels import LABEL_INFO, TUMOUR_LABELS
+
+    case = read_case(args.case, convention=args.convention, label_convention=args.label_convention,
+                     resample=args.resample)
+    tumour = {LABEL_INFO[label].short_name: int((case.tumour == label).sum()) if case.tumour is not None else 0
+              for label in TUMOUR_LABELS}
+    info: dict[str, Any] = {
+        "case": case.case_id,
+        "convention": case.convention,
+        "label_convention": case.label_convention,
+        "modalities": {m: str(p.name) for m, p in case.files.items()},
+        "grid": case.grid.to_json(),
+        "brain_voxels": int(case.brain_mask().sum()),
+        "tumour_voxels": tumour if case.tumour is not None else None,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"case        {info['case']}")
+    print(f"convention  {case.convention} (tumour labels: {case.label_convention})")
+    for modality, name in info["modalities"].items():
+        print(f"  {modality:<6}    {name}")
+    g = case.grid
+    print(f"grid        size {g.size}, spacing {g.spacing} mm, origin {g.origin}")
+    print(f"            direction {g.direction}")
+    print(f"brain       {info['brain_voxels']} voxels")
+    if case.tumour is None:
+        print("tumour      no segmentation")
+    else:
+        print("tumour      " + ", ".join(f"{k} {v}" for k, v in tumour.items()))
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from .anatomy import derive_label_map, tissue_statistics
+    from .cases import read_case
+    from .io import check_writable
+    from .labelmaps import label_map_outputs, write_label_map
+
+    check_writable(label_map_outputs(args.output), args.overwrite)
+    with _progress(3, "labels") as step:
+        case = read_case(args.case, convention=args.convention, label_convention=args.label_convention,
+                         resample=args.resample)
+        step("read case")
+        labelmap = derive_label_map(case)
+        step("anatomy")
+        write_label_map(labelmap, args.output, overwrite=args.overwrite)
+        step("written")
+    stats = tissue_statistics(labelmap.array, case.images["t1"])
+    summary = ", ".join(f"{k} {v['fraction']:.1%}" for k, v in stats.items())
+    print(f"{args.output}: 7-class label map written ({summary} of healthy tissue)")
+    return 0
+
+
+def _write_edited(labelmap: Any, args: argparse.Namespace) -> int:
+    from .labelmaps import write_label_map
+    from .labels import label_counts
+
+    write_label_map(labelmap, args.output, overwrite=args.overwrite)
+    counts = label_counts(labelmap.array)
+    print(f"{args.output}: written (NCR {counts['NCR']}, ED {counts['ED']}, ET {counts['ET']} voxels)")
+    return 0
+
+
+def cmd_tumor_transform(args: argparse.Namespace) -> int:
+    from .edits import Flip, Rotate, Scale, Translate
+    from .io import check_writable
+    from .labelmaps import label_map_outputs, read_label_map
+
+    edits = []
+    if args.flip:
+        edits.append(Flip(args.flip, args.flip_about))
+    if args.rotate is not None:
+        edits.append(Rotate(_vector(args.rotate, "--rotate")))
+    if args.scale is not None:
+        edits.append(Scale(_vector(args.scale, "--scale", allow_one=True)))
+    if args.translate is not None:
+        edits.append(Translate(_vector(args.translate, "--translate")))
+    if not edits:
+        raise _UsageError("medsynth tumor: give at least one of --translate, --rotate, --scale, --flip")
+    check_writable(label_map_outputs(args.output), args.overwrite)
+    labelmap = read_label_map(args.labels)
+    for edit in edits:
+        labelmap = _apply_edit(edit, labelmap, args.labels)
+    return _write_edited(labelmap, args)
+
+
+def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
+    from .errors import EditError
+
+    try:
+        return edit.apply(labelmap, **kwargs)
+    except EditError as exc:
+        raise EditError(f"{path}: {edit.name}: {exc}") from None
+
+
+def cmd_tumor_insert(args: argparse.Namespace) -> int:
+    from .edits import InsertTumour
+    from .io import check_writable
+    from .labelmaps import label_map_outputs, read_label_map
+
+    check_writable(label_map_outputs(args.output), args.overwrite)
+    source = read_label_map(getattr(args, "from"))
+    target = read_label_map(args.into)
+    if not (source.array >= 4).any():
+        raise MedSynthError(f"{getattr(args, 'from')}: the source label map has no tumour to insert")
+    edit = InsertTumour(center_ras_mm=_vector(args.center, "--center"), keep_existing=args.keep_existing,
+                        source="label-map")
+    return _write_edited(_apply_edit(edit, target, args.into, source=source), args)
+
+
+def cmd_tumor_new(args: argparse.Namespace) -> int:
+    from .edits import ParametricTumour
+    from .io import check_writable
+    from .labelmaps import label_map_outputs, read_label_map
+
+    check_writable(label_map_outputs(args.output), args.overwrite)
+    labelmap = read_label_map(args.labels)
+    edit = ParametricTumour(center_ras_mm=_vector(args.center, "--center"),
+                            radii_mm=_vector(args.radius, "--radius", allow_one=True),
+                            rim_mm=args.rim, necrosis=not args.no_necrosis, oedema_mm=args.oedema,
+                            irregularity=args.irregularity, seed=args.seed, keep_existing=args.keep_existing)
+    return _write_edited(_apply_edit(edit, labelmap, args.labels), args)
+
+
+def cmd_tumor_random(args: argparse.Namespace) -> int:
+    from .edits import RandomTumourEdit
+    from .io import check_writable
+    from .labelmaps import label_map_outputs, read_label_map
+
+    check_writable(label_map_outputs(args.output), args.overwrite)
+    labelmap = read_label_map(args.labels)
+    sampler = RandomTumourEdit(p_parametric=args.p_new)
+    return _write_edited(_apply_edit(sampler, labelmap, args.labels, seed=args.seed), args)
+
+
+DEMO_TUMOUR = dict(center_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0), rim_mm=2.5,
+                   oedema_mm=12.0, irregularity=0.35, seed=2018)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .edits import ParametricTumour
+    from .io import atomic_directory, write_image, write_json
+    from .labelmaps import write_label_map
+    from .provenance import array_sha256, software_versions
+    from .render import render_montage
+    from .template import TEMPLATE_NAME, template_label_map, template_t1
+
+    import SimpleITK as sitk
+
+    with atomic_directory(args.output, overwrite=args.overwrite) as folder, _progress(4, "demo") as step:
+        canvas = template_label_map()
+        step("template label map")
+        labelmap = ParametricTumour(**DEMO_TUMOUR).apply(canvas)  # type: ignore[arg-type]
+        step("tumour")
+        write_label_map(labelmap, folder / "labels.nii.gz")
+        t1 = template_t1()
+        write_image(t1, folder / "template_t1.nii.gz")
+        step("NIfTI")
+        render_montage({"template T1": sitk.GetArrayFromImage(t1)}, labelmap.array, labelmap.grid,
+                       folder / "montage.png", title=f"{TEMPLATE_NAME} + parametric tumour")
+        write_json({"kind": "medsynth-demo", "template": TEMPLATE_NAME,
+                    "labels_sha256": array_sha256(labelmap.array), "history": labelmap.history,
+                    "software": software_versions()}, folder / "provenance.json")
+        step("PNG")
+    print(f"{args.output}: labels.nii.gz, template_t1.nii.gz, montage.png, provenance.json")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="medsynth", description="MedSynth: synthetic brain-tumour MRI from label maps.")
+    parser.add_argument("--version", action="version", version=f"medsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="describe a case folder: convention, modalities, grid, label counts")
+    p.add_argument("case", type=Path, help="case folder (or MSD 4D image)")
+    _add_case_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("labels", help="derive the 7-class label map (CSF/GM/WM + NCR/ED/ET) of a case")
+    p.add_argument("case", type=Path, help="case folder (or MSD 4D image)")
+    _add_case_options(p)
+    _add_output(p, "output label map (.nii.gz); provenance goes beside it as .json")
+    p.set_defaults(func=cmd_labels)
+
+    tumor = sub.add_parser("tumor", help="edit the tumour of a label map",
+                           description="Tumour edits. `medsynth tumor LABELS --translate ...` transforms the "
+                                       "tumour; `insert`, `new` and `random` are subcommands.")
+    tsub = tumor.add_subparsers(dest="tumor_command", required=True, parser_class=_Parser)
+
+    p = tsub.add_parser("transform", help="move / rotate / scale / flip the tumour (the default)")
+    p.add_argument("labels", type=Path, help="MedSynth label map")
+    p.add_argument("--translate", type=float, nargs="+", metavar="MM", help="offset R A S in mm")
+    p.add_argument("--rotate", type=float, nargs="+", metavar="DEG",
+                   help="rotation about the RAS x, y, z axes through the tumour centre, degrees")
+    p.add_argument("--scale", type=float, nargs="+", metavar="S", help="scale factor (1 value or 3 per axis)")
+    p.add_argument("--flip", choices=("LR", "AP", "SI"), help="mirror the tumour along an axis")
+    p.add_argument("--flip-about", choices=("tumour", "brain"), default="tumour",
+                   help="mirror plane through the tumour centre or the brain mid-plane (other hemisphere)")
+    _add_output(p, "output label map (.nii.gz)")
+    p.set_defaults(func=cmd_tumor_transform)
+
+    p = tsub.add_parser("insert", help="insert the tumour of one label map into another brain")
+    p.add_argument("--from", required=True, type=Path, metavar="LABELS", help="label map holding the tumour")
+    p.add_argument("--into", required=True, type=Path, metavar="LABELS", help="label map of the target brain")
+    p.add_argument("--center", type=float, nargs=3, metavar="MM",
+                   help="RAS point for the tumour centre (default: the matching relative position)")
+    p.add_argument("--keep-existing", action="store_true", help="keep the target's own tumour")
+    _add_output(p, "output label map (.nii.gz)")
+    p.set_defaults(func=cmd_tumor_insert)
+
+    p = tsub.add_parser("new", help="draw a parametric tumour (core, enhancing rim, oedema)")
+    p.add_argument("labels", type=Path, help="MedSynth label map")
+    p.add_argument("--center", type=float, nargs=3, required=True, metavar="MM", help="centre, RAS mm")
+    p.add_argument("--radius", type=float, nargs="+", required=True, metavar="MM", help="radius (1 or 3 values, mm)")
+    p.add_argument("--rim", type=float, default=2.0, metavar="MM", help="enhancing rim thickness (mm)")
+    p.add_argument("--oedema", type=float, default=10.0, metavar="MM", help="oedema extent beyond the tumour (mm)")
+    p.add_argument("--irregularity", type=float, default=0.3, help="boundary irregularity, 0-1")
+    p.add_argument("--no-necrosis", action="store_true", help="no necrotic core (enhancing throughout)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shape's noise")
+    p.add_argument("--keep-existing", action="store_true", help="keep the map's current tumour")
+    _add_output(p, "output label map (.nii.gz)")
+    p.set_defaults(func=cmd_tumor_new)
+
+    p = tsub.add_parser("random", help="a random tumour edit, replayable from its recorded parameters")
+    p.add_argument("labels", type=Path, help="MedSynth label map")
+    p.add_argument("--seed", type=int, required=True, help="seed of the draw")
+    p.add_argument("--p-new", type=float, default=0.25, help="probability of drawing a new parametric tumour")
+    _add_output(p, "output label map (.nii.gz)")
+    p.set_defaults(func=cmd_tumor_random)
+
+    p = sub.add_parser("demo", help="the main job on the built-in healthy template (no download)")
+    _add_output(p, "output folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+_TUMOR_SUBCOMMANDS = {"transform", "insert", "new", "random", "-h", "--help"}
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """``medsynth tumor LABELS --translate ...`` means ``medsynth tumor transform LABELS ...``."""
+    if "tumor" in argv:
+        at = argv.index("tumor")
+        if at + 1 < len(argv) and argv[at + 1] not in _TUMOR_SUBCOMMANDS:
+            return argv[: at + 1] + ["transform"] + argv[at + 1:]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input)."""
+    args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = build_parser().parse_args(args_list)
+        return int(args.func(args))
+    except MedSynthError as exc:
+        print(f"medsynth: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("medsynth: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared fixtures: where the real data lives, and small synthetic cases.
+
+Tests that need the real BraTS cases skip with a reason when the folder is
+absent, except under CI (``CI=true``), where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    if path.exists():
+        return path
+    message = f"real data not found at {path} (set MEDSYNTH_DATA or place ../shared/data)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " - required under CI")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real-data folder (skip, or fail under CI, when missing)."""
+    return _require(data_root())
+
+
+@pytest.fixture(scope="session")
+def brats_cases(real_data: Path) -> list[Path]:
+    """The complete BraTS 2021 case folders."""
+    cases = sorted(p for p in (real_data / "brats2021" / "cases").glob("BraTS2021_*") if p.is_dir())
+    if not cases:
+        _require(real_data / "brats2021" / "cases" / "BraTS2021_*")
+    return cases
+
+
+def write_volume(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                 direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
+    """Write a (k, j, i) array as an image with the given geometry."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection([float(v) for v in direction])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=str(path).endswith(".gz"))
+    return path
+
+
+def phantom(shape=(40, 48, 44), seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A small skull-stripped 'brain': four int16 modalities and a BraTS-2021 segmentation.
+
+    T1 has CSF < GM < WM in layered shells plus noise; a tumour sits off-centre.
+    """
+    rng = np.random.default_rng(seed)
+    k, j, i = np.indices(shape, dtype=float)
+    c = np.array(shape) / 2.0
+    r = np.sqrt(((k - c[0]) / (shape[0] * 0.42)) ** 2 + ((j - c[1]) / (shape[1] * 0.42)) ** 2
+                + ((i - c[2]) / (shape[2] * 0.42)) ** 2)
+    brain = r < 1.0
+    t1 = np.zeros(shape)
+    t1[brain] = 900.0                      # WM
+    t1[(r >= 0.7) & brain] = 650.0         # GM shell
+    t1[(r >= 0.9) & brain] = 300.0         # CSF rim
+    t1[(r < 0.15)] = 300.0                 # a 'ventricle'
+    t1 += rng.normal(0, 25, shape) * brain
+    t1 = np.where(brain, np.maximum(t1, 1), 0)
+    seg = np.zeros(shape, np.uint8)
+    rt = np.sqrt((k - c[0]) ** 2 + (j - c[1] - 8) ** 2 + (i - c[2] - 6) ** 2)
+    seg[(rt < 7) & brain] = 2
+    seg[(rt < 4.5) & brain] = 4
+    seg[(rt < 2.5) & brain] = 1
+    images = {
+        "t1": t1.astype(np.int16),
+        "t1ce": np.where(seg == 4, 1500, t1).astype(np.int16),
+        "t2": np.where(brain, 1600 - t1, 0).astype(np.int16),
+        "flair": np.where(seg == 2, 1400, np.where(brain, 1200 - t1 * 0.5, 0)).astype(np.int16),
+    }
+    return images, seg
