@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .grid import Grid
-from .io import IMAGE_SUFFIXES, is_image_file, read_image, strip_image_suffix
+from .io import is_image_file, read_image, strip_image_suffix
 from .labels import CONVENTIONS, LabelValueError, tumour_to_schema
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")

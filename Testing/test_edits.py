@@ -1,0 +1,482 @@
+"""Tests of MedSynthLib.edits: tumour edits as pure functions on label maps.
+
+Small synthetic brains (ellipsoid with WM core, GM shell, CSF rim and ventricle,
+and an NCR/ET/ED tumour) are built on several grids: isotropic, anisotropic,
+BraTS-like LPS direction diag(-1, -1, 1) and an axis-permuting direction, so
+that every RAS <-> index conversion is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from MedSynthLib.edits import (
+    EDITS,
+    Flip,
+    InsertTumour,
+    ParametricTumour,
+    RandomTumourEdit,
+    Rotate,
+    Scale,
+    Translate,
+    composite,
+    edit_from_record,
+    healthy_anatomy,
+    replay,
+    tumour_centre,
+)
+from MedSynthLib.errors import EditError
+from MedSynthLib.grid import Grid, LabelMap, lps_to_ras
+from MedSynthLib.labels import Label, tumour_to_schema
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# --- synthetic data ------------------------------------------------------------------------
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+LPS_FLIP = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # BraTS / NIfTI-RAS images seen by ITK
+PERMUTED = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # i runs along y, j along x, k down
+
+GRIDS = {
+    "iso": ((1.0, 1.0, 1.0), IDENTITY),
+    "aniso": ((0.9, 1.2, 2.0), IDENTITY),
+    "brats_lps": ((1.0, 1.0, 1.0), LPS_FLIP),
+    "aniso_lps": ((0.9, 1.2, 2.0), LPS_FLIP),
+    "permuted": ((1.1, 1.0, 1.5), PERMUTED),
+}
+SHAPE = (48, 64, 64)  # numpy (k, j, i)
+
+
+def make_grid(spacing, direction, shape=SHAPE, origin=(12.0, -30.0, 7.0)) -> Grid:
+    return Grid((shape[2], shape[1], shape[0]), tuple(spacing), tuple(origin), tuple(direction))
+
+
+def synthetic_brain(grid: Grid, tumour_at=(0.62, 0.5, 0.5), radii_mm=(3.5, 6.0, 9.0),
+                    brain_fraction=0.42) -> LabelMap:
+    """Ellipsoid brain (WM core, GM shell, CSF rim + ventricle) with an NCR/ET/ED tumour.
+
+    Args:
+        tumour_at: tumour centre as a fraction of the (i, j, k) size, or ``None``.
+        radii_mm: outer radii of NCR, ET and ED (mm).
+    """
+    size = np.asarray(grid.size, float)
+    k, j, i = np.indices(grid.shape, dtype=float)
+    idx = (i, j, k)
+    centre = (size - 1) / 2
+    r = np.sqrt(sum(((idx[a] - centre[a]) / (brain_fraction * size[a])) ** 2 for a in range(3)))
+    labels = np.zeros(grid.shape, np.uint8)
+    labels[r < 1.0] = Label.CSF
+    labels[r < 0.9] = Label.GM
+    labels[r < 0.72] = Label.WM
+    ventricle = np.sqrt(sum(((idx[a] - centre[a]) / (0.08 * size[a])) ** 2 for a in range(3)))
+    labels[ventricle < 1.0] = Label.CSF
+    if tumour_at is not None:
+        c = np.asarray(tumour_at) * (size - 1)
+        d = np.sqrt(sum(((idx[a] - c[a]) * grid.spacing[a]) ** 2 for a in range(3)))
+        brain = labels > 0
+        for value, radius in zip((Label.ED, Label.ET, Label.NCR), radii_mm[::-1]):
+            labels[(d < radius) & brain] = value
+    return LabelMap(labels, grid)
+
+
+@pytest.fixture(params=sorted(GRIDS))
+def brain(request) -> LabelMap:
+    spacing, direction = GRIDS[request.param]
+    return synthetic_brain(make_grid(spacing, direction))
+
+
+def counts(labels: np.ndarray) -> dict[int, int]:
+    return {v: int(np.count_nonzero(labels == v)) for v in (Label.NCR, Label.ED, Label.ET)}
+
+
+def tumour_volume(lm: LabelMap) -> float:
+    return float(np.count_nonzero(lm.array >= Label.NCR)) * lm.grid.voxel_volume_mm3
+
+
+def centre_ras(lm: LabelMap) -> np.ndarray:
+    return lps_to_ras(tumour_centre(lm))
+
+
+def index_to_ras(lm: LabelMap, ijk) -> tuple[float, float, float]:
+    return tuple(float(v) for v in lps_to_ras(lm.grid.index_to_lps(np.asarray(ijk, float))))
+
+
+def brain_centre_ras(lm: LabelMap) -> np.ndarray:
+    nz = np.argwhere(lm.array > 0)
+    lo, hi = nz.min(axis=0), nz.max(axis=0)
+    return lps_to_ras(lm.grid.index_to_lps(((lo + hi) / 2.0)[::-1]))
+
+
+def check_invariants(before: LabelMap, snapshot: np.ndarray, after: LabelMap, refilled: bool = True) -> None:
+    """The rules every edit must keep."""
+    assert np.array_equal(before.array, snapshot), "input array was modified"
+    assert after.array is not before.array
+    assert after.array.dtype == np.uint8 and after.array.max() <= 6
+    brain = before.array > 0
+    assert np.array_equal(after.array > 0, brain), "background changed"
+    assert not np.any((after.array >= Label.NCR) & ~brain)
+    if refilled:
+        vacated = (before.array >= Label.NCR) & (after.array < Label.NCR)
+        healthy = healthy_anatomy(before.array, before.grid.spacing)
+        assert np.all((after.array[vacated] >= 1) & (after.array[vacated] <= 3))
+        assert np.array_equal(after.array[vacated], healthy[vacated])
+    assert len(after.history) == len(before.history) + 1
+    record = after.history[-1]
+    assert json.loads(json.dumps(record)) == record
+    assert edit_from_record(record).to_record() == record
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def test_healthy_anatomy_refills_tumour_with_nearest_anatomy(brain):
+    out = healthy_anatomy(brain.array, brain.grid.spacing)
+    tumour = brain.array >= Label.NCR
+    assert np.array_equal(out[~tumour], brain.array[~tumour])
+    assert np.all((out[tumour] >= 1) & (out[tumour] <= 3))
+    # Same as the full-volume distance transform (ties may break differently).
+    anatomy = (brain.array >= 1) & (brain.array <= 3)
+    _, idx = ndimage.distance_transform_edt(~anatomy, sampling=brain.grid.spacing[::-1], return_indices=True)
+    reference = brain.array[tuple(idx)]
+    assert np.mean(out[tumour] == reference[tumour]) > 0.99
+
+
+def test_healthy_anatomy_grows_its_box_when_anatomy_is_far():
+    labels = np.zeros((20, 20, 40), np.uint8)
+    labels[5:15, 5:15, 2:6] = Label.GM
+    labels[5:15, 5:15, 6:38] = Label.ED  # only anatomy lies > 8 voxels away for most tumour voxels
+    out = healthy_anatomy(labels)
+    assert np.all(out[5:15, 5:15, 2:38] == Label.GM)
+    only_tumour = np.where(labels > 0, Label.ET, 0).astype(np.uint8)
+    assert np.all(healthy_anatomy(only_tumour)[only_tumour > 0] == Label.WM)
+
+
+def test_composite_clips_oedema_and_refuses_core_outside():
+    brain = np.zeros((10, 10, 10), bool)
+    brain[2:8, 2:8, 2:8] = True
+    anatomy = np.where(brain, Label.WM, 0).astype(np.uint8)
+    tumour = np.zeros_like(anatomy)
+    tumour[1:4, 4:6, 4:6] = Label.ED
+    tumour[4:6, 4:6, 4:6] = Label.ET
+    out = composite(anatomy, tumour, brain)
+    assert not np.any(out[~brain]) and np.count_nonzero(out == Label.ED) == 8
+    tumour[7:9, 4:6, 4:6] = Label.NCR
+    with pytest.raises(EditError, match="outside the brain"):
+        composite(anatomy, tumour, brain)
+
+
+# --- Translate -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [(6.0, 0.0, 0.0), (-4.0, 5.0, 3.0), (2.5, -3.7, 4.2), (0.0, 0.0, -6.0)])
+def test_translate_keeps_counts_and_moves_centroid_in_ras(brain, offset):
+    snapshot = brain.array.copy()
+    out = Translate(offset).apply(brain)
+    check_invariants(brain, snapshot, out)
+    assert counts(out.array) == counts(brain.array)
+    moved = centre_ras(out) - centre_ras(brain)
+    # Rounded to whole voxels: at most half a voxel off along each grid axis.
+    ijk_error = np.linalg.solve(brain.grid.index_to_lps_matrix, lps_to_ras(moved - np.asarray(offset)))
+    assert np.all(np.abs(ijk_error) <= 0.5 + 1e-9), (moved, offset)
+
+
+@pytest.mark.parametrize("offset", [(100.0, 0.0, 0.0), (0.0, -45.0, 0.0), (0.0, 0.0, 500.0)])
+def test_translate_out_of_the_brain_is_refused(brain, offset):
+    with pytest.raises(EditError, match="outside the brain"):
+        Translate(offset).apply(brain)
+
+
+def test_huge_scale_is_refused_without_a_huge_box():
+    lm = synthetic_brain(make_grid(*GRIDS["aniso_lps"]))
+    start = time.perf_counter()
+    with pytest.raises(EditError, match="outside the brain"):
+        Scale((15.0, 15.0, 15.0)).apply(lm)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_edit_without_tumour_is_refused():
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=None)
+    for edit in (Translate((1, 0, 0)), Rotate((0, 0, 10)), Scale((2, 2, 2)), Flip("LR")):
+        with pytest.raises(EditError, match="no tumour"):
+            edit.apply(lm)
+
+
+# --- Rotate / Scale / Flip ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("angles", [(0.0, 0.0, 90.0), (90.0, 0.0, 0.0), (0.0, 0.0, -90.0)])
+def test_rotate_90_keeps_centroid_and_volume(brain, angles):
+    snapshot = brain.array.copy()
+    out = Rotate(angles).apply(brain)
+    check_invariants(brain, snapshot, out)
+    assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= max(brain.grid.spacing)
+    assert tumour_volume(out) == pytest.approx(tumour_volume(brain), rel=0.10)
+
+
+def test_rotate_turns_an_elongated_tumour():
+    grid = make_grid(*GRIDS["brats_lps"])
+    lm = Scale((2.0, 1.0, 1.0)).apply(synthetic_brain(grid, tumour_at=(0.5, 0.62, 0.5), radii_mm=(2, 3, 4)))
+
+    def extent(m: LabelMap) -> np.ndarray:  # RAS extent of the tumour
+        ras = lps_to_ras(m.grid.index_to_lps(np.argwhere(m.array >= Label.NCR)[:, ::-1]).T).T
+        return ras.max(axis=0) - ras.min(axis=0)
+
+    before, after = extent(lm), extent(Rotate((0, 0, 90)).apply(lm))
+    assert before[0] > 1.5 * before[1] and after[1] > 1.5 * after[0]
+
+
+@pytest.mark.parametrize("factors", [(0.7, 0.7, 0.7), (1.3, 1.3, 1.3), (1.0, 1.0, 2.0), (1.2, 0.8, 1.0)])
+def test_scale_multiplies_volume(brain, factors):
+    snapshot = brain.array.copy()
+    out = Scale(factors).apply(brain)
+    check_invariants(brain, snapshot, out)
+    assert tumour_volume(out) / tumour_volume(brain) == pytest.approx(float(np.prod(factors)), rel=0.15)
+    assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= max(brain.grid.spacing)
+
+
+@pytest.mark.parametrize("axis,ras_axis", [("LR", 0), ("AP", 1), ("SI", 2)])
+def test_flip_about_tumour_is_exact_in_place(brain, axis, ras_axis):
+    snapshot = brain.array.copy()
+    out = Flip(axis, "tumour").apply(brain)
+    check_invariants(brain, snapshot, out)
+    assert counts(out.array) == counts(brain.array)
+    assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= 0.5 * max(brain.grid.spacing) + 1e-9
+
+
+def test_flip_about_brain_moves_to_other_hemisphere(brain):
+    snapshot = brain.array.copy()
+    out = Flip("LR", "brain").apply(brain)
+    check_invariants(brain, snapshot, out)
+    assert counts(out.array) == counts(brain.array)
+    before, after, mid = centre_ras(brain), centre_ras(out), brain_centre_ras(brain)
+    assert after[0] == pytest.approx(2 * mid[0] - before[0], abs=max(brain.grid.spacing))
+    assert after[1:] == pytest.approx(before[1:], abs=1e-6)
+    if abs(before[0] - mid[0]) > 3:  # the tumour was clearly in one hemisphere
+        assert np.sign(after[0] - mid[0]) == -np.sign(before[0] - mid[0])
+
+
+@pytest.mark.parametrize("bad", [lambda: Flip("XY"), lambda: Flip("LR", "skull"), lambda: Scale((0, 1, 1)),
+                                 lambda: Translate((1, 2)), lambda: ParametricTumour((0, 0, 0), (-1, 2, 2)),
+                                 lambda: ParametricTumour((0, 0, 0), (5, 5, 5), irregularity=2.0)])
+def test_bad_parameters_are_refused(bad):
+    with pytest.raises(EditError):
+        bad()
+
+
+# --- InsertTumour ------------------------------------------------------------------------------
+
+
+def brain_box_relative(lm: LabelMap) -> np.ndarray:
+    """Tumour centre relative to the brain's LPS bounding box."""
+    nz = np.argwhere(lm.array > 0)
+    lo, hi = nz.min(axis=0), nz.max(axis=0)
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])], float)
+    lps = lm.grid.index_to_lps(corners[:, ::-1])
+    return (tumour_centre(lm) - lps.min(axis=0)) / (lps.max(axis=0) - lps.min(axis=0))
+
+
+@pytest.mark.parametrize("target_grid", sorted(GRIDS))
+def test_insert_places_at_relative_position_across_grids(target_grid):
+    source = synthetic_brain(make_grid((1.0, 1.0, 1.0), LPS_FLIP, origin=(-50, 80, -3)), tumour_at=(0.35, 0.6, 0.55))
+    target = synthetic_brain(make_grid(*GRIDS[target_grid]), tumour_at=(0.62, 0.5, 0.5))
+    snapshot = target.array.copy()
+    out = InsertTumour(source="brats_case").apply(target, source)
+    check_invariants(target, snapshot, out)
+    assert np.abs(brain_box_relative(out) - brain_box_relative(source)).max() < 0.05
+    assert tumour_volume(out) == pytest.approx(tumour_volume(source), rel=0.15)
+    assert out.history[-1]["params"] == {"center_ras_mm": None, "keep_existing": False, "source": "brats_case"}
+
+
+def test_insert_at_ras_point_keeping_existing_tumour():
+    grid = make_grid(*GRIDS["aniso_lps"])
+    target = synthetic_brain(grid, tumour_at=(0.62, 0.5, 0.5))
+    source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.5, 0.5, 0.5), radii_mm=(2, 3, 5))
+    point = index_to_ras(target, (0.35 * 63, 0.5 * 63, 0.5 * 47))
+    snapshot = target.array.copy()
+    out = InsertTumour(center_ras_mm=point, keep_existing=True).apply(target, source)
+    check_invariants(target, snapshot, out, refilled=False)
+    old = target.array >= Label.NCR
+    assert np.array_equal(out.array[old], target.array[old])  # the existing tumour is still there
+    new = (out.array >= Label.NCR) & ~old
+    centre = lps_to_ras(grid.index_to_lps(np.argwhere(new).mean(axis=0)[::-1]))
+    assert np.linalg.norm(centre - np.asarray(point)) < 2 * max(grid.spacing)
+
+
+def test_insert_from_file_records_no_path(tmp_path):
+    source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.4, 0.5, 0.5))
+    target = synthetic_brain(make_grid(*GRIDS["brats_lps"]), tumour_at=None)
+    path = tmp_path / "case_labels.nii.gz"
+    sitk.WriteImage(source.image(), str(path))
+    out = InsertTumour(source_tumour_path=str(path), source="caseA").apply(target)
+    assert counts(out.array)[Label.NCR] > 0
+    text = json.dumps(out.history)
+    assert str(tmp_path) not in text and "case_labels" not in text
+    # A record replays with the source given by its identifier, not a path.
+    again = replay(target, out.history[-1:], sources={"caseA": source})
+    assert np.array_equal(again.array, out.array)
+    with pytest.raises(EditError, match="needs the source"):
+        replay(target, out.history[-1:])
+
+
+def test_insert_refuses_a_tumour_that_cannot_fit():
+    big = synthetic_brain(make_grid((2.0, 2.0, 2.0), IDENTITY), tumour_at=(0.5, 0.5, 0.5), radii_mm=(20, 25, 30))
+    tiny = synthetic_brain(make_grid((1.0, 1.0, 1.0), IDENTITY, shape=(24, 32, 32)), tumour_at=None)
+    with pytest.raises(EditError, match="cannot fit in the target brain"):
+        InsertTumour().apply(tiny, big)
+    source = synthetic_brain(make_grid(*GRIDS["iso"]))
+    with pytest.raises(EditError, match="cannot fit in the target brain"):
+        InsertTumour(center_ras_mm=(500.0, 0.0, 0.0)).apply(tiny, source)
+
+
+# --- ParametricTumour ----------------------------------------------------------------------
+
+
+def parametric_at(lm: LabelMap, seed: int = 0, **kwargs) -> ParametricTumour:
+    centre = index_to_ras(lm, (0.38 * 63, 0.5 * 63, 0.5 * 47))
+    params = dict(radii_mm=(9.0, 8.0, 7.0), rim_mm=2.0, oedema_mm=6.0, irregularity=0.3, seed=seed)
+    params.update(kwargs)
+    return ParametricTumour(centre, **params)
+
+
+def test_parametric_tumour_is_nested_reproducible_and_seeded(brain):
+    snapshot = brain.array.copy()
+    out = parametric_at(brain, seed=3).apply(brain)
+    check_invariants(brain, snapshot, out)
+    a = out.array
+    ncr, et, ed = a == Label.NCR, a == Label.ET, a == Label.ED
+    assert ncr.sum() > 0 and et.sum() > 0 and ed.sum() > 0
+    assert not np.any(ndimage.binary_dilation(ncr) & ~(ncr | et)), "NCR must be enclosed by ET"
+    healthy = healthy_anatomy(brain.array, brain.grid.spacing)
+    core = ncr | et
+    allowed = core | ed | (healthy == Label.CSF) | (healthy == Label.BACKGROUND)
+    assert not np.any(ndimage.binary_dilation(core) & ~allowed), "the core must be wrapped in oedema"
+    assert not np.any(ed & (healthy == Label.CSF)), "oedema only on GM/WM"
+    assert np.array_equal(parametric_at(brain, seed=3).apply(brain).array, a)
+    assert not np.array_equal(parametric_at(brain, seed=4).apply(brain).array, a)
+    # The previous tumour was removed (refilled); with keep_existing it stays.
+    kept = parametric_at(brain, seed=3, keep_existing=True).apply(brain).array
+    assert np.count_nonzero(kept >= Label.NCR) > np.count_nonzero(a >= Label.NCR)
+
+
+def test_parametric_tumour_volume_and_options():
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=None)
+    smooth = parametric_at(lm, irregularity=0.0, oedema_mm=0.0).apply(lm)
+    volume = tumour_volume(smooth)
+    assert volume == pytest.approx(4 / 3 * np.pi * 9 * 8 * 7, rel=0.1)
+    assert np.count_nonzero(smooth.array == Label.ED) == 0
+    solid = parametric_at(lm, necrosis=False).apply(lm)
+    assert np.count_nonzero(solid.array == Label.NCR) == 0 and np.count_nonzero(solid.array == Label.ET) > 0
+
+
+@pytest.mark.parametrize("where,radii", [((0.0, 0.0, 0.0), (5, 5, 5)), ((0.95, 0.5, 0.5), (15, 15, 15)),
+                                         ((0.5, 0.5, 0.5), (40, 40, 40))])
+def test_parametric_tumour_refused_outside_or_too_big(brain, where, radii):
+    centre = index_to_ras(brain, np.asarray(where) * (np.asarray(brain.grid.size) - 1))
+    with pytest.raises(EditError, match="outside the brain|does not fit"):
+        ParametricTumour(centre, radii).apply(brain)
+
+
+# --- records, registry and random sampling --------------------------------------------------
+
+
+def test_every_registered_edit_round_trips():
+    assert set(EDITS) == {"translate", "rotate", "scale", "flip", "insert_tumour", "parametric_tumour"}
+    edits = [Translate((1, 2, 3)), Rotate((1.5, 0, -2)), Scale((1.1, 1.1, 1.1)), Flip("SI", "brain"),
+             InsertTumour(source_tumour_path="/secret/path.nii.gz", center_ras_mm=(1, 2, 3), source="x"),
+             ParametricTumour((1, 2, 3), (4, 5, 6), seed=7)]
+    for edit in edits:
+        record = edit.to_record()
+        assert json.loads(json.dumps(record)) == record
+        assert edit_from_record(record).to_record() == record
+        assert "secret" not in json.dumps(record)
+    with pytest.raises(EditError, match="unknown edit"):
+        edit_from_record({"name": "melt", "params": {}})
+    with pytest.raises(EditError, match="no parameter"):
+        edit_from_record({"name": "translate", "params": {"offset_ras_mm": [0, 0, 0], "speed": 1}})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_edit_replays_bit_identically(seed):
+    lm = synthetic_brain(make_grid(*GRIDS["aniso_lps"]))
+    lm.history.append({"name": "load", "params": {}})
+    sampler = RandomTumourEdit(translate_mm=6.0, p_parametric=0.3)
+    snapshot = lm.array.copy()
+    out = sampler.apply(lm, seed)
+    assert np.array_equal(lm.array, snapshot)
+    records = out.history[len(lm.history):]
+    assert records and json.loads(json.dumps(records)) == records
+    assert [e.to_record() for e in sampler.sample(lm, seed)] == records
+    assert np.array_equal(replay(lm, records).array, out.array)
+
+
+def test_random_edit_gives_up_after_bounded_tries():
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    with pytest.raises(EditError, match="no valid random tumour edit in 3 tries"):
+        RandomTumourEdit(translate_mm=300.0, rotate_deg=0.0, scale_range=(1.0, 1.0), p_parametric=0.0,
+                         max_tries=3).apply(lm, 0)
+
+
+# --- real data --------------------------------------------------------------------------------
+
+
+def _data_root() -> Path:
+    return Path(os.environ.get("MEDSYNTH_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def brats_case() -> LabelMap:
+    case = _data_root() / "brats2021" / "cases" / "BraTS2021_00000"
+    seg_path, t1_path = case / "BraTS2021_00000_seg.nii.gz", case / "BraTS2021_00000_t1.nii.gz"
+    if not (seg_path.exists() and t1_path.exists()):
+        reason = f"real BraTS case not found under {case} (set MEDSYNTH_DATA)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    t1 = sitk.ReadImage(str(t1_path))
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_path)))
+    tumour = tumour_to_schema(seg, "brats2021")
+    labels = np.where(sitk.GetArrayFromImage(t1) > 0, Label.WM, 0).astype(np.uint8)
+    labels[tumour > 0] = tumour[tumour > 0]
+    return LabelMap(labels, Grid.from_image(t1))
+
+
+def test_real_case_edits_are_fast(brats_case):
+    lm = brats_case
+    assert lm.array.shape == (155, 240, 240)
+    source = Flip("LR", "brain").apply(lm)
+    centre = lps_to_ras(tumour_centre(lm))
+    edits = [Translate((10.0, 0.0, 0.0)), Rotate((0.0, 0.0, 20.0)), Scale((0.9, 0.9, 0.9)),
+             Flip("LR", "brain"), InsertTumour(source="flipped"),
+             ParametricTumour(tuple(centre), (15.0, 12.0, 12.0))]
+    times = {}
+    for edit in edits:
+        start = time.perf_counter()
+        out = edit.apply(lm, source) if isinstance(edit, InsertTumour) else edit.apply(lm)
+        times[edit.name] = time.perf_counter() - start
+        assert np.array_equal(out.array > 0, lm.array > 0)
+        if isinstance(edit, Translate):
+            # Counts are kept exactly except where the moved tumour leaves the brain
+            # (this case's tumour reaches the cortex): compare with an independent shift.
+            shift = edit.voxel_offset(lm.grid)
+            padded = np.pad(np.where(lm.array >= Label.NCR, lm.array, 0), [(abs(s), abs(s)) for s in shift])
+            window = tuple(slice(abs(s) - s, abs(s) - s + n) for s, n in zip(shift, lm.array.shape))
+            expected = np.where(lm.array > 0, padded[window], 0)
+            assert counts(out.array) == counts(expected)
+            assert np.array_equal(out.array >= Label.NCR, expected > 0)
+            print("translate clipped at the brain boundary:",
+                  {int(k): counts(lm.array)[k] - v for k, v in counts(out.array).items()})
+    # This tumour reaches the cortex: growing it pushes > 2% of its core out of the brain.
+    start = time.perf_counter()
+    with pytest.raises(EditError, match="outside the brain"):
+        Scale((1.2, 1.2, 1.2)).apply(lm)
+    times["scale (refused)"] = time.perf_counter() - start
+    print("edit times on 240x240x155:", {k: f"{v:.3f} s" for k, v in times.items()})
+    assert all(t < 1.0 for t in times.values()), times
