@@ -191,7 +191,9 @@ def _check_grid(reference: Grid, ref_path: Path, image: sitk.Image, path: Path, 
     if not resample:
         raise InputError(path, f"grid differs from {ref_path.name}: {difference} (use --resample to resample)")
     ref_image = reference.image(np.zeros(reference.shape, dtype=np.uint8))
-    return sitk.Resample(image, ref_image, sitk.Transform(), interpolator, 0.0, image.GetPixelID())
+    # Interpolated intensities stay float: casting back to an integer type truncates them.
+    pixel = image.GetPixelID() if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
+    return sitk.Resample(image, ref_image, sitk.Transform(), interpolator, 0.0, pixel)
 
 
 def read_case(path: str | os.PathLike[str], *, convention: str | None = None,

@@ -135,6 +135,8 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
         existing = parent
         while not existing.exists():
             existing = existing.parent
+        if not existing.is_dir():
+            raise InputError(existing, f"not a folder, cannot hold the output {path.name}")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise InputError(parent, "output folder is not writable")
 

@@ -1,0 +1,295 @@
+"""Tests of the ``medsynth`` command line on a phantom case and the built-in template.
+
+Commands run in-process through ``MedSynthLib.cli.main``; the expensive steps
+(deriving a label map, the demo) run once per module and are shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import phantom, write_volume
+from MedSynthLib.cli import main
+from MedSynthLib.edits import replay, tumour_centre
+from MedSynthLib.grid import Grid, lps_to_ras
+from MedSynthLib.labelmaps import read_label_map
+from MedSynthLib.provenance import array_sha256
+
+IMAGES, SEG = phantom()
+#: Oblique LPS-flipped direction (15 degrees about z).
+_A = np.deg2rad(15.0)
+DIRECTION = tuple(float(v) for v in (np.array([[np.cos(_A), -np.sin(_A), 0], [np.sin(_A), np.cos(_A), 0], [0, 0, 1]])
+                                     @ np.diag([-1.0, -1.0, 1.0])).ravel())
+GEOMETRY = dict(spacing=(0.9, 1.1, 1.3), origin=(10.0, -20.0, 5.0), direction=DIRECTION)
+#: A patient-like folder name that must never reach a provenance record.
+CASE_NAME = "Patient_ZX81"
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    """Run the CLI in-process; (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _sidecar(path: Path) -> dict:
+    return json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, Path]:
+    """A phantom case on an oblique grid and its label map written by ``medsynth labels``."""
+    root = tmp_path_factory.mktemp("cli")
+    case = root / CASE_NAME
+    for modality, array in IMAGES.items():
+        write_volume(array, case / f"{CASE_NAME}_{modality}.nii.gz", **GEOMETRY)
+    write_volume(SEG, case / f"{CASE_NAME}_seg.nii.gz", **GEOMETRY)
+    labels = root / "out" / "labels.nii.gz"
+    assert main(["labels", str(case), "-o", str(labels)]) == 0
+    return {"root": root, "case": case, "labels": labels, "t1": case / f"{CASE_NAME}_t1.nii.gz"}
+
+
+def _brain_centre_ras(path: Path) -> list[str]:
+    """RAS mm of the brain's centre voxel, as CLI arguments."""
+    labelmap = read_label_map(path)
+    kji = np.argwhere(labelmap.array > 0).mean(axis=0)
+    ras = lps_to_ras(labelmap.grid.index_to_lps(kji[::-1]))
+    return [f"{v:.3f}" for v in ras]
+
+
+# --- help --------------------------------------------------------------------------------------
+
+HELP = [[], ["info"], ["labels"], ["tumor"], ["tumor", "transform"], ["tumor", "insert"], ["tumor", "new"],
+        ["tumor", "random"], ["demo"]]
+
+
+@pytest.mark.parametrize("command", HELP, ids=lambda c: " ".join(c) or "medsynth")
+def test_help(command, capsys):
+    """``--help`` of every command prints its usage and exits 0."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(command + ["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: medsynth")
+    assert " ".join(["medsynth"] + command) in out.splitlines()[0] or not command
+
+
+def test_help_subprocess():
+    """The installed entry point answers ``--help`` with exit 0 and lists the commands."""
+    proc = subprocess.run([sys.executable, "-m", "MedSynthLib", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("info", "labels", "tumor", "demo"):
+        assert command in proc.stdout
+
+
+def test_usage_error_is_one_line(capsys):
+    """A usage mistake is one error line and exit 2, like bad input."""
+    rc, out, err = run(["tumor", "new", "x.nii.gz", "--radius", "5", "-o", "y.nii.gz"], capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("medsynth: error:") and len(err.splitlines()) == 1 and "--center" in err
+
+
+# --- info ----------------------------------------------------------------------------------------
+
+
+def test_info_text(work, capsys):
+    """``medsynth info`` prints convention, modalities, grid and tumour counts."""
+    rc, out, err = run(["info", work["case"]], capsys)
+    assert rc == 0 and err == ""
+    assert "convention  brats2021" in out
+    assert "size (44, 48, 40)" in out
+    assert f"{CASE_NAME}_t1ce.nii.gz" in out
+    assert f"NCR {(SEG == 1).sum()}, ED {(SEG == 2).sum()}, ET {(SEG == 4).sum()}" in out
+
+
+def test_info_json(work, capsys):
+    """``medsynth info --json`` parses and carries the exact grid."""
+    rc, out, _ = run(["info", work["case"], "--json"], capsys)
+    assert rc == 0
+    info = json.loads(out)
+    assert info["convention"] == "brats2021" and info["label_convention"] == "brats2021"
+    assert Grid.from_json(info["grid"]) == Grid.from_image(sitk.ReadImage(str(work["t1"])))
+    assert info["tumour_voxels"] == {"NCR": int((SEG == 1).sum()), "ED": int((SEG == 2).sum()),
+                                     "ET": int((SEG == 4).sum())}
+    assert set(info["modalities"]) == {"t1", "t1ce", "t2", "flair", "seg"}
+    assert info["brain_voxels"] > 0
+
+
+# --- labels --------------------------------------------------------------------------------------
+
+
+def test_labels_output(work):
+    """uint8 values 0-6 on the exact input grid; tumour copied from the segmentation."""
+    image = sitk.ReadImage(str(work["labels"]))
+    assert image.GetPixelID() == sitk.sitkUInt8
+    assert Grid.from_image(image) == Grid.from_image(sitk.ReadImage(str(work["t1"])))
+    array = sitk.GetArrayFromImage(image)
+    assert set(np.unique(array)) == set(range(7))
+    expected_tumour = np.select([SEG == 1, SEG == 2, SEG == 4], [4, 5, 6], 0)
+    np.testing.assert_array_equal(np.where(array >= 4, array, 0), expected_tumour)
+
+
+def test_labels_sidecar(work):
+    """The sidecar records derive_labels, hashes the array and holds no input path or name."""
+    sidecar = work["labels"].with_name("labels.json")
+    text = sidecar.read_text()
+    meta = json.loads(text)
+    assert meta["kind"] == "medsynth-label-map" and meta["schema_version"] == 1
+    assert meta["history"][0]["name"] == "derive_labels"
+    assert meta["history"][0]["params"]["convention"] == "brats2021"
+    assert meta["labels_sha256"] == array_sha256(_array(work["labels"]))
+    for leak in (str(work["case"]), str(work["root"]), CASE_NAME):
+        assert leak not in text, f"{leak!r} leaked into the sidecar"
+    assert not [s for s in _strings(meta) if os.path.isabs(s)], "an absolute path in the sidecar"
+
+
+def _strings(value) -> list[str]:
+    """Every string (keys and values) inside a JSON document."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *_strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+# --- tumour edits ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chained(work) -> tuple[Path, Path]:
+    """``tumor L --translate 5 0 0 -o out`` then ``tumor out --rotate 0 0 20 -o out2``."""
+    out = work["root"] / "edits" / "moved.nii.gz"
+    out2 = work["root"] / "edits" / "moved_rotated.nii.gz"
+    assert main(["tumor", str(work["labels"]), "--translate", "5", "0", "0", "-o", str(out)]) == 0
+    assert main(["tumor", str(out), "--rotate", "0", "0", "20", "-o", str(out2)]) == 0
+    return out, out2
+
+
+def test_translate_moves_tumour(work, chained):
+    """The tumour centre moves 5 mm along RAS x; the brain mask is unchanged."""
+    before, after = read_label_map(work["labels"]), read_label_map(chained[0])
+    shift = lps_to_ras(tumour_centre(after)) - lps_to_ras(tumour_centre(before))
+    np.testing.assert_allclose(shift, (5.0, 0.0, 0.0), atol=1.0)
+    np.testing.assert_array_equal(after.array == 0, before.array == 0)
+
+
+def test_edit_history_and_replay(work, chained):
+    """out2.json lists derive_labels, translate, rotate in order; replaying gives the same array."""
+    history = _sidecar(chained[1])["history"]
+    assert [r["name"] for r in history] == ["derive_labels", "translate", "rotate"]
+    assert history[1]["params"]["offset_ras_mm"] == [5.0, 0.0, 0.0]
+    assert history[2]["params"]["angles_deg"] == [0.0, 0.0, 20.0]
+    replayed = replay(read_label_map(work["labels"]), history[1:])
+    np.testing.assert_array_equal(replayed.array, _array(chained[1]))
+    assert replayed.history == history
+
+
+def test_tumor_new(work, capsys):
+    """``tumor new`` draws NCR, ET and ED at the centre and replays exactly."""
+    out = work["root"] / "new" / "new.nii.gz"
+    centre = _brain_centre_ras(work["labels"])
+    rc, stdout, err = run(["tumor", "new", work["labels"], "--center", *centre, "--radius", "6",
+                           "--oedema", "4", "--seed", "7", "-o", out], capsys)
+    assert rc == 0 and err == "" and str(out) in stdout
+    array = _array(out)
+    assert {4, 5, 6} <= set(np.unique(array))
+    history = _sidecar(out)["history"]
+    assert history[-1]["name"] == "parametric_tumour" and history[-1]["params"]["seed"] == 7
+    np.testing.assert_array_equal(replay(read_label_map(work["labels"]), history[1:]).array, array)
+
+
+def test_tumor_insert(work, capsys):
+    """``tumor insert`` records the source by identifier, not path, and replays exactly."""
+    out = work["root"] / "insert" / "inserted.nii.gz"
+    rc, _, err = run(["tumor", "insert", "--from", work["labels"], "--into", work["labels"], "-o", out], capsys)
+    assert rc == 0 and err == ""
+    array = _array(out)
+    assert (array >= 4).any()
+    text = out.with_name("inserted.json").read_text()
+    assert str(work["root"]) not in text
+    history = json.loads(text)["history"]
+    assert history[-1]["name"] == "insert_tumour" and history[-1]["params"]["source"] == "label-map"
+    source = read_label_map(work["labels"])
+    replayed = replay(source, history[1:], sources={"label-map": source})
+    np.testing.assert_array_equal(replayed.array, array)
+
+
+def test_tumor_random_is_reproducible(work, capsys):
+    """``tumor random --seed 3`` twice gives identical maps and histories, and replays."""
+    outs = [work["root"] / "random" / f"r{n}.nii.gz" for n in (1, 2)]
+    for out in outs:
+        rc, _, err = run(["tumor", "random", work["labels"], "--seed", "3", "-o", out], capsys)
+        assert rc == 0 and err == ""
+    first, second = (_array(p) for p in outs)
+    np.testing.assert_array_equal(first, second)
+    history = _sidecar(outs[0])["history"]
+    assert history == _sidecar(outs[1])["history"]
+    assert len(history) >= 2 and history[0]["name"] == "derive_labels"
+    np.testing.assert_array_equal(replay(read_label_map(work["labels"]), history[1:]).array, first)
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+DEMO_FILES = ["labels.json", "labels.nii.gz", "montage.png", "provenance.json", "template_t1.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "-o", str(folder)]) == 0
+    return folder
+
+
+def test_demo_files(demo):
+    """The demo folder holds exactly the documented files, with consistent content."""
+    assert sorted(os.listdir(demo)) == DEMO_FILES
+    assert sorted(os.listdir(demo.parent)) == ["demo"], "stray temporary folders"
+    labels = _array(demo / "labels.nii.gz")
+    assert set(np.unique(labels)) == set(range(7))
+    t1 = sitk.ReadImage(str(demo / "template_t1.nii.gz"))
+    assert t1.GetSize() == (197, 233, 189)
+    assert Grid.from_image(t1) == Grid.from_image(sitk.ReadImage(str(demo / "labels.nii.gz")))
+    provenance = json.loads((demo / "provenance.json").read_text())
+    assert provenance["labels_sha256"] == array_sha256(labels)
+    assert [r["name"] for r in provenance["history"]] == ["template_labels", "parametric_tumour"]
+    assert json.loads((demo / "labels.json").read_text())["history"] == provenance["history"]
+
+
+def test_demo_montage_png(demo):
+    """montage.png is a valid PNG of non-trivial size."""
+    data = (demo / "montage.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 300 and height >= 300
+    assert len(data) > 20_000
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+
+
+def test_demo_refuses_existing(demo, capsys):
+    """A second demo run without --overwrite fails with exit 2 and leaves the first intact."""
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in demo.iterdir()}
+    rc, out, err = run(["demo", "-o", demo], capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("medsynth: error:") and len(err.splitlines()) == 1
+    assert str(demo) in err and "already exists" in err
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in demo.iterdir()} == before
+    assert sorted(os.listdir(demo.parent)) == ["demo"]
