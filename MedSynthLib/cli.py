@@ -248,6 +248,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    config = TrainConfig()
+    if args.config is not None:
+        config = TrainConfig.from_json(_read_json(args.config), str(args.config))
+    overrides = {k: v for k, v in (("steps", args.steps), ("precision", args.precision),
+                                   ("threads", args.threads)) if v is not None}
+    if overrides:
+        config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
+    command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    model = train(args.data, args.output, config, resume=args.resume, device=args.device, command=command)
+    print(f"{model}: model written")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from .labelmaps import read_label_map
+    from .models import resolve_model
+    from .synthesize import SynthesisEngine, write_synthesis
+
+    from .io import check_writable
+
+    check_writable([args.output], args.overwrite)
+    with _progress(3, "synthesize") as step:
+        labelmap = read_label_map(args.labels)
+        model = resolve_model(args.model)
+        engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
+        step("model loaded")
+        result = engine.synthesize(labelmap, seed=args.seed)
+        step("synthesised")
+        write_synthesis(result, args.output, overwrite=args.overwrite)
+        step("written")
+    timings = result.provenance["timings_s"]
+    print(f"{args.output}: t1, t1ce, t2, flair, labels + provenance.json "
+          f"({engine.device}, {engine.synth.precision}, network {timings['network']:.2f} s)")
+    return 0
+
+
+def _notice(message: str) -> None:
+    print(f"medsynth: {message}", file=sys.stderr)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import models_root, read_registry, resolve_model
+
+    registry = read_registry()
+    if not registry.get("models"):
+        print(f"no models registered in {models_root()}")
+        return 0
+    for name in sorted(registry["models"]):
+        entry = registry["models"][name]
+        default = " (default)" if name == registry.get("default") else ""
+        try:
+            model = resolve_model(name)
+            status = "ok"
+            description = model.config.get("description", "")
+        except MedSynthError as exc:
+            status, description = f"BROKEN: {exc}", ""
+        print(f"{name}{default}\n  folder   {models_root() / entry['path']}\n  sha256   {entry['sha256']}\n"
+              f"  status   {status}" + (f"\n  about    {description}" if description else ""))
+    return 0
+
+
+def _read_json(path: Path) -> Any:
+    from .errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except ValueError as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -315,6 +390,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-new", type=float, default=0.25, help="probability of drawing a new parametric tumour")
     _add_output(p, "output label map (.nii.gz)")
     p.set_defaults(func=cmd_tumor_random)
+
+    p = sub.add_parser("synthesize", help="label map -> T1, T1ce, T2, FLAIR (a complete synthetic case)")
+    p.add_argument("labels", type=Path, help="MedSynth 7-class label map")
+    _add_output(p, "output case folder")
+    p.add_argument("--model", help="registered model name or model folder (default: the registry's default)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    p.add_argument("--seed", type=int, default=0, help="seed recorded in the provenance")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("models", help="list the registered models and verify their files")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train the label-map -> MRI GAN (torchrun for several GPUs or nodes)")
+    p.add_argument("--data", required=True, type=Path, help="folder of case folders (any supported convention)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="run folder (checkpoints, logs, model/)")
+    p.add_argument("--config", type=Path, help="training configuration JSON (see Resources/configs)")
+    p.add_argument("--steps", type=int, help="override the number of steps")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="override the precision")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job on the built-in healthy template (no download)")
     _add_output(p, "output folder")

@@ -1,0 +1,152 @@
+"""Label map -> T1, T1ce, T2, FLAIR with a trained generator.
+
+The network runs on the brain's bounding box only, padded to the U-Net's size
+multiple with background and cropped back, so any grid works.  Whole-box
+inference is used when it fits the memory budget, MONAI's sliding-window
+inference with Gaussian blending otherwise; a GPU out-of-memory falls back to
+smaller windows, then to the CPU, and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import MedSynthError
+from .labels import NUM_CLASSES, Label
+from .networks import NetworkConfig, one_hot
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` takes CUDA, then MPS, then the CPU; a named device that is absent is an error."""
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if requested == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if requested.startswith("cuda") and not cuda:
+        raise MedSynthError(f"--device {requested}: CUDA is not available on this machine (torch {torch.__version__})")
+    if requested == "mps" and not mps:
+        raise MedSynthError("--device mps: Apple MPS is not available on this machine")
+    if not (requested == "cpu" or requested == "mps" or requested.startswith("cuda")):
+        raise MedSynthError(f"--device {requested}: unknown device (auto, cpu, cuda, mps)")
+    return torch.device(requested)
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 on the CPU and on GPUs that support it, fp16 on other GPUs."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" else "fp16"
+    if requested not in PRECISIONS:
+        raise MedSynthError(f"--precision {requested}: choose from auto, {', '.join(PRECISIONS)}")
+    if requested == "fp16" and device.type == "cpu":
+        raise MedSynthError("--precision fp16 is not supported on the CPU (use bf16 or fp32)")
+    return requested
+
+
+def brain_box(labels: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
+    idx = np.argwhere(labels > Label.BACKGROUND)
+    if idx.size == 0:
+        raise MedSynthError("empty brain: the label map has no brain voxels")
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, labels.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+@dataclass
+class Synthesizer:
+    """Runs a generator on label maps.
+
+    Attributes:
+        generator: the network (``[-1, 1]`` outputs).
+        network: its architecture (for the size multiple).
+        device: where it runs.
+        precision: fp32, bf16 or fp16.
+        max_voxels: largest padded box run in one piece; bigger boxes use sliding windows.
+        roi: sliding-window size.
+        log: receives one-line notices (fallbacks).
+    """
+
+    generator: torch.nn.Module
+    network: NetworkConfig
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    max_voxels: int = 8_000_000
+    roi: int = 128
+    log: Callable[[str], None] = lambda message: None
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+
+    def _run(self, onehot: torch.Tensor, roi: int | None) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            if roi is None:
+                return self.generator(onehot).float()
+            from monai.inferers import sliding_window_inference
+
+            return sliding_window_inference(onehot, (roi,) * self.network.spatial_dims, sw_batch_size=1,
+                                            predictor=lambda x: self.generator(x).float(), overlap=0.25,
+                                            mode="gaussian").float()
+
+    def predict(self, labels: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Normalised images (4, *labels.shape) in ``[-1, 1]``; -1 outside the brain.
+
+        Args:
+            labels: (k, j, i) MedSynth label map.
+            box: region to run on (default: the brain's bounding box).
+        """
+        box = box or brain_box(labels)
+        crop = labels[box]
+        multiple = self.network.size_multiple
+        pads = [(0, (-s) % multiple) for s in crop.shape]
+        padded = np.pad(crop, pads, constant_values=Label.BACKGROUND)
+        onehot = one_hot(torch.from_numpy(padded.astype(np.int64))[None], NUM_CLASSES)
+        result = self._predict_with_fallback(onehot)
+        result = result[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
+        out = np.full((self.network.out_channels,) + labels.shape, -1.0, np.float32)
+        out[(slice(None),) + box] = result
+        out[:, labels == Label.BACKGROUND] = -1.0
+        return out
+
+    def _predict_with_fallback(self, onehot: torch.Tensor) -> torch.Tensor:
+        roi: int | None = None if onehot[0, 0].numel() <= self.max_voxels else self.roi
+        while True:
+            try:
+                self.generator.to(self.device)
+                return self._run(onehot.to(self.device), roi)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                smaller = self.roi if roi is None else roi // 2
+                if smaller >= 32:
+                    self.log(f"GPU out of memory: retrying with {smaller}^3 sliding windows")
+                    roi = smaller
+                    continue
+                self.log("GPU out of memory even with small windows: falling back to the CPU")
+                self.device, self.precision = torch.device("cpu"), "bf16"
+                roi = None if onehot[0, 0].numel() <= self.max_voxels else self.roi
+
+
+def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict[str, dict[str, float]],
+                     modalities: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Map ``[-1, 1]`` outputs back to the training data's intensity ranges; 0 outside the brain."""
+    from .normalize import IntensityNormalizer
+
+    brain = labels > Label.BACKGROUND
+    return {m: IntensityNormalizer(intensity[m]["low"], intensity[m]["high"]).inverse(normalized[c], brain)
+            for c, m in enumerate(modalities)}
+
+
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - start

@@ -1,0 +1,122 @@
+"""The conditional GAN of Shin et al. 2018 (pix2pix, Isola et al. CVPR 2017) in 3D.
+
+Generator: a MONAI U-Net from the one-hot 7-class label map to four MR
+contrasts (T1, T1ce, T2, FLAIR) in ``[-1, 1]``.  Discriminator: MONAI's
+PatchGAN on the (label map, image) pair.  Both are ``spatial_dims``-generic.
+
+The generator has no normalisation layers: it is trained on patches and run on
+whole brains, and instance/batch statistics of a patch differ from those of a
+volume, which would change the output with the window size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .labels import NUM_CLASSES
+
+MODALITY_ORDER: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+
+
+@dataclass
+class NetworkConfig:
+    """Architecture of the generator and discriminator (stored in every model's config.json)."""
+
+    spatial_dims: int = 3
+    in_channels: int = NUM_CLASSES
+    out_channels: int = len(MODALITY_ORDER)
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 1
+    disc_channels: int = 32
+    disc_layers: int = 3
+    modalities: tuple[str, ...] = field(default_factory=lambda: MODALITY_ORDER)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sizes must be multiples of this (the product of the strides)."""
+        multiple = 1
+        for stride in self.strides:
+            multiple *= stride
+        return multiple
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "NetworkConfig":
+        known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()
+                 if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Generator(nn.Module):
+    """U-Net label map -> images, ``tanh`` output in ``[-1, 1]``."""
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.config = config
+        self.unet = UNet(config.spatial_dims, config.in_channels, config.out_channels, channels=config.channels,
+                         strides=config.strides, num_res_units=config.num_res_units, norm=None)
+
+    def forward(self, onehot: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.unet(onehot))
+
+
+def build_discriminator(config: NetworkConfig) -> nn.Module:
+    """PatchGAN on the concatenated (one-hot labels, images)."""
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=config.spatial_dims, num_layers_d=config.disc_layers,
+                              channels=config.disc_channels, in_channels=config.in_channels + config.out_channels,
+                              out_channels=1, norm="INSTANCE")
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.module, x, use_reentrant=False)
+        return self.module(x)
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> int:
+    """Recompute every residual unit in the backward pass instead of storing activations.
+
+    Returns the number of wrapped units. Weight names change (``.module.``), so
+    checkpoints are always saved from an unwrapped copy; see :func:`state_dict_unwrapped`.
+    """
+    from monai.networks.blocks import ResidualUnit
+
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, ResidualUnit):
+            setattr(module, name, _Checkpointed(child))
+            count += 1
+        else:
+            count += enable_gradient_checkpointing(child)
+    return count
+
+
+def state_dict_unwrapped(module: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with checkpoint and DDP wrappers removed from the names."""
+    module = getattr(module, "module", module) if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    return {k.replace(".module.", "."): v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def one_hot(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(B, *spatial) integer labels -> (B, C, *spatial) float one-hot."""
+    out = torch.nn.functional.one_hot(labels.long(), num_classes)
+    return out.movedim(-1, 1).float()

@@ -1,0 +1,479 @@
+"""Training the label-map -> MRI GAN (``medsynth train``).
+
+pix2pix in 3D after Shin et al. 2018: generator loss = adversarial (LSGAN or
+hinge) + lambda * L1 with lambda = 100, Adam(2e-4, betas (0.5, 0.999)); patches
+biased towards the tumour, flips and small affine/intensity augmentation.
+Mixed precision (bf16 where available, fp16 + loss scaling otherwise),
+optional gradient checkpointing, DDP under ``torchrun`` (NCCL on GPUs, gloo on
+CPUs).  Checkpoints are safetensors + JSON, written atomically; ``--resume``
+continues exactly from the last one, because every patch is drawn from a
+generator seeded by (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError, MedSynthError
+from .io import write_json
+from .networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
+                       enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
+from .training_data import PatchSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``RUN_DIR/train_config.json``)."""
+
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    patch_size: int = 96
+    batch_size: int = 1
+    steps: int = 2000
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lr_decay_fraction: float = 0.5  # pix2pix: constant, then linear decay to 0 over this last fraction
+    lambda_l1: float = 100.0
+    adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
+    tumour_fraction: float = 0.5
+    flip: bool = True
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity: float = 0.05
+    val_cases: list[str] = field(default_factory=list)
+    val_every: int = 500
+    checkpoint_every: int = 100
+    log_every: int = 10
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    threads: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["network"] = self.network.to_json()
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(source, f"unknown training options {sorted(unknown)}")
+        data = dict(data)
+        if "network" in data:
+            data["network"] = NetworkConfig.from_json(data["network"])
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        config = cls(**data)
+        if config.adversarial not in ("lsgan", "hinge", "none"):
+            raise InputError(source, f"adversarial must be lsgan, hinge or none, not {config.adversarial!r}")
+        if config.patch_size % config.network.size_multiple:
+            raise InputError(source, f"patch_size {config.patch_size} is not a multiple of "
+                                     f"{config.network.size_multiple}")
+        return config
+
+
+# --- distributed helpers -----------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().clone().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminator: nn.Module | None,
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
+                    scaler_state: dict[str, Any] | None) -> Path:
+    """Write ``checkpoints/step_N`` atomically, then point ``checkpoints/latest.json`` at it."""
+    from safetensors.torch import save_file
+
+    folder = run_dir / "checkpoints"
+    final = folder / f"step_{step:07d}"
+    tmp = folder / f".step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state_dict_unwrapped(generator), str(tmp / "generator.safetensors"))
+    meta: dict[str, Any] = {"step": step, "scaler": scaler_state}
+    tensors, meta["optimizer_g"] = _optimizer_tensors(opt_g)
+    save_file(tensors, str(tmp / "optimizer_g.safetensors"))
+    if discriminator is not None and opt_d is not None:
+        save_file(state_dict_unwrapped(discriminator), str(tmp / "discriminator.safetensors"))
+        tensors, meta["optimizer_d"] = _optimizer_tensors(opt_d)
+        save_file(tensors, str(tmp / "optimizer_d.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_json({"step": step, "path": final.name}, folder / "latest.json", overwrite=True)
+    # Keep the two newest checkpoints.
+    for old in sorted(folder.glob("step_*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Module | None,
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None) -> tuple[int, Any]:
+    from safetensors.torch import load_file
+
+    latest = run_dir / "checkpoints" / "latest.json"
+    if not latest.exists():
+        raise InputError(run_dir, "nothing to resume: no checkpoints/latest.json")
+    folder = run_dir / "checkpoints" / json.loads(latest.read_text())["path"]
+    meta = json.loads((folder / "state.json").read_text())
+    generator.load_state_dict(load_file(str(folder / "generator.safetensors")))
+    _load_optimizer(opt_g, load_file(str(folder / "optimizer_g.safetensors")), meta["optimizer_g"])
+    if discriminator is not None and opt_d is not None:
+        discriminator.load_state_dict(load_file(str(folder / "discriminator.safetensors")))
+        _load_optimizer(opt_d, load_file(str(folder / "optimizer_d.safetensors")), meta["optimizer_d"])
+    return int(meta["step"]), meta.get("scaler")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Constant, then linear decay to zero over the last ``lr_decay_fraction`` of the steps."""
+    decay_steps = config.steps * config.lr_decay_fraction
+    if decay_steps <= 0:
+        return config.lr
+    return config.lr * min(1.0, (config.steps - step) / decay_steps)
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+
+def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "hinge":
+        return torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+    return 0.5 * (((real - 1) ** 2).mean() + (fake ** 2).mean())
+
+
+def generator_adversarial_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "hinge":
+        return -fake.mean()
+    return ((fake - 1) ** 2).mean()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, float]]:
+    """Mean robust range per modality: how outputs map back to scanner units."""
+    return {m: {"low": float(np.mean([v.normalizers[m].low for v in volumes])),
+                "high": float(np.mean([v.normalizers[m].high for v in volumes]))} for m in MODALITY_ORDER}
+
+
+def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = False, device: str = "auto",
+          command: str = "", progress: bool = True) -> Path:
+    """Train a model; returns the exported model folder ``RUN_DIR/model``."""
+    from .inference import pick_device, pick_precision
+
+    dev = pick_device(device)
+    d = init_distributed(dev.type)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", d.local_rank)
+    precision = pick_precision(config.precision, dev)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = Path(run_dir)
+    config_path = run_dir / "train_config.json"
+    if d.main:
+        if resume:
+            if not config_path.exists():
+                raise InputError(run_dir, "nothing to resume: no train_config.json")
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            raise MedSynthError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it)")
+    if resume and config_path.exists():
+        config = TrainConfig.from_json(json.loads(config_path.read_text())["config"], str(config_path))
+
+    folders = find_case_folders(data)
+    val_names = set(config.val_cases)
+    unknown = val_names - {f.name for f in folders}
+    if unknown:
+        raise InputError(data, f"validation cases {sorted(unknown)} are not among the case folders")
+    train_folders = [f for f in folders if f.name not in val_names]
+    if not train_folders:
+        raise InputError(data, "no training cases left after holding out the validation cases")
+    cache = run_dir / "cache"
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json({"command": command, "config": config.to_json(), "precision": precision,
+                        "device": str(dev), "world_size": d.world}, config_path)
+    _barrier(d)
+    volumes = [prepare_volume(f, cache) for f in _progress_iter(train_folders, "prepare", d.main and progress)]
+    val_volumes = [prepare_volume(f, cache) for f in folders if f.name in val_names]
+
+    torch.manual_seed(config.seed)
+    generator = Generator(config.network)
+    adversarial = config.adversarial != "none"
+    discriminator = build_discriminator(config.network) if adversarial else None
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas) if discriminator else None
+    start = 0
+    scaler_state = None
+    if resume:
+        start, scaler_state = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(generator)
+    generator.to(dev)
+    if discriminator is not None:
+        discriminator.to(dev)
+    for opt in (opt_g, opt_d):
+        if opt is not None:  # optimizer state follows the parameters' device
+            for state in opt.state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and key != "step":
+                        state[key] = value.to(dev)
+    g_model: nn.Module = generator
+    d_model: nn.Module | None = discriminator
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [dev.index] if dev.type == "cuda" else None
+        g_model = DDP(generator, device_ids=ids)
+        d_model = DDP(discriminator, device_ids=ids) if discriminator is not None else None
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else torch.autocast(dev.type, enabled=False))
+    sampler = PatchSampler(config.patch_size, config.tumour_fraction, config.flip, config.rotate_deg,
+                           config.scale, config.intensity)
+    writer = None
+    if d.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start)
+    bar = _bar(config.steps, start, d.main and progress)
+    history: dict[str, float] = {}
+    step = start
+    started = time.perf_counter()
+    try:
+        for step in range(start, config.steps):
+            lr = learning_rate(config, step)
+            for opt in (opt_g, opt_d):
+                if opt is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+            labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size)
+            labels, real = labels.to(dev), real.to(dev)
+            cond = one_hot(labels)
+            with autocast:
+                fake = g_model(cond)
+            logs: dict[str, float] = {}
+            if d_model is not None and opt_d is not None:
+                opt_d.zero_grad(set_to_none=True)
+                with autocast:
+                    # Real and fake pairs in one forward pass (DDP syncs once per backward).
+                    scores = d_model(torch.cat([torch.cat([cond, real], 1),
+                                                torch.cat([cond, fake.detach()], 1)], 0))[-1].float()
+                n = cond.shape[0]
+                loss_d = discriminator_loss(config.adversarial, scores[:n], scores[n:])
+                scaler.scale(loss_d).backward()
+                scaler.step(opt_d)
+                logs["loss/discriminator"] = loss_d.item()
+            opt_g.zero_grad(set_to_none=True)
+            loss_l1 = (fake.float() - real).abs().mean()
+            loss_g = config.lambda_l1 * loss_l1
+            if discriminator is not None:
+                with autocast:
+                    # The bare module: the generator's update must not sync or step the discriminator.
+                    score = discriminator(torch.cat([cond, fake], 1))[-1].float()
+                loss_adv = generator_adversarial_loss(config.adversarial, score)
+                loss_g = loss_g + loss_adv
+                logs["loss/generator_adversarial"] = loss_adv.item()
+            scaler.scale(loss_g).backward()
+            scaler.step(opt_g)
+            scaler.update()
+            logs["loss/l1"] = loss_l1.item()
+            history = logs
+            done = step + 1
+            if writer is not None and (done % config.log_every == 0 or done == config.steps):
+                for key, value in logs.items():
+                    writer.add_scalar(key, value, done)
+                writer.add_scalar("time/seconds_per_step", (time.perf_counter() - started) / (done - start), done)
+            if bar is not None:
+                bar.set_postfix_str(f"L1 {logs['loss/l1']:.3f}")
+                bar.update(1)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                if d.main:
+                    save_checkpoint(run_dir, done, generator, discriminator, opt_g, opt_d,
+                                    scaler.state_dict() if scaler.is_enabled() else None)
+                _barrier(d)
+            if d.main and val_volumes and (done % config.val_every == 0 or done == config.steps):
+                metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, done)
+                if writer is not None:
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"val/{key}", value, done)
+    except KeyboardInterrupt:
+        if d.main:
+            print(f"\ninterrupted at step {step}; `medsynth train ... --resume` continues from the last "
+                  "checkpoint", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    model_dir = run_dir / "model"
+    if d.main:
+        val_metrics = (validate(generator, config.network, val_volumes, dev, precision, run_dir, config.steps,
+                                montage=False, detailed=True) if val_volumes else {})
+        export_model(model_dir, generator, config, volumes, command, val_metrics, history,
+                     time.perf_counter() - started, precision, str(dev), d.world)
+    _barrier(d)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return model_dir
+
+
+def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, volumes: list[TrainingVolume],
+                 command: str, val_metrics: dict[str, Any], last_losses: dict[str, float], seconds: float,
+                 precision: str, device: str, world: int) -> Path:
+    from .models import write_model
+    from .provenance import software_versions
+
+    state = {k: v.float().cpu() for k, v in state_dict_unwrapped(generator).items()}
+    model_config = {
+        "name": model_dir.parent.name,
+        "network": config.network.to_json(),
+        "intensity": _intensity_statistics(volumes),
+        "training": {
+            "command": command,
+            "config": config.to_json(),
+            "data": data_summary(volumes),
+            "steps": config.steps,
+            "seconds_this_session": round(seconds, 1),
+            "precision": precision,
+            "device": device,
+            "world_size": world,
+            "final_losses": last_losses,
+        },
+        "validation": val_metrics,
+        "software": software_versions(),
+    }
+    return write_model(model_dir, state, model_config, overwrite=True)
+
+
+def validate(generator: nn.Module, network: NetworkConfig, volumes: list[TrainingVolume], device: torch.device,
+             precision: str, run_dir: Path, step: int, montage: bool = True,
+             detailed: bool = False) -> dict[str, Any]:
+    """Synthesise each held-out case from its label map; fidelity metrics and a montage PNG."""
+    from .inference import Synthesizer
+    from .labels import Label
+    from .metrics import fidelity
+
+    generator.eval()
+    synth = Synthesizer(generator, network, device, precision)
+    per_case = []
+    for volume in volumes:
+        labels = volume.labels
+        pred = synth.predict(labels)
+        brain = labels > Label.BACKGROUND
+        regions = {"tumour": labels >= Label.NCR}
+        scores = {m: fidelity(volume.images[c].astype(np.float32), pred[c], brain, regions)
+                  for c, m in enumerate(network.modalities)}
+        per_case.append(scores)
+        if montage:
+            from .render import render_montage
+            from .grid import Grid
+
+            grid = Grid(tuple(int(s) for s in labels.shape[::-1]), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                        (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+            vols = {}
+            for c, m in enumerate(network.modalities):
+                vols[f"real {m}"] = volume.images[c].astype(np.float32) + 1
+                vols[f"synthetic {m}"] = pred[c] + 1
+            (run_dir / "montages").mkdir(exist_ok=True)
+            render_montage(vols, labels, grid, run_dir / "montages" / f"step_{step:07d}.png",
+                           title=f"validation, step {step}")
+    generator.train()
+    summary: dict[str, Any] = {}
+    for region in ("brain", "tumour"):
+        for metric in ("ssim", "psnr", "mae"):
+            values = [case[m][region][metric] for case in per_case for m in network.modalities if region in case[m]]
+            if values:
+                summary[f"{region}_{metric}"] = float(np.mean(values))
+    if detailed:
+        summary["per_case"] = per_case
+        summary["case_sha256"] = [v.key for v in volumes]
+    return summary
+
+
+def _progress_iter(items: list[Any], desc: str, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, disable=not show or None, file=sys.stderr, leave=False)
+
+
+def _bar(total: int, start: int, show: bool):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)

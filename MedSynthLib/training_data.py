@@ -1,0 +1,201 @@
+"""Training volumes for the synthesis GAN: label maps derived on the fly, cached.
+
+Each case becomes (labels uint8, images float16 in [-1, 1], normaliser
+statistics), cropped to the brain's bounding box and cached by the sha256 of
+its files, so a second run (or another fold) skips the anatomy step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cases import MODALITIES, Case, read_case
+from .errors import InputError
+from .labels import SCHEMA_VERSION, Label
+from .normalize import IntensityNormalizer
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class TrainingVolume:
+    """One case ready for patch sampling (arrays cropped to the brain box)."""
+
+    key: str  # content hash of the case files
+    labels: np.ndarray  # (k, j, i) uint8
+    images: np.ndarray  # (4, k, j, i) float16 in [-1, 1]
+    normalizers: dict[str, IntensityNormalizer]
+    tumour_voxels: np.ndarray  # (n, 3) int32 indices of tumour voxels, for biased sampling
+    brain_voxels: np.ndarray  # (m, 3) int32 indices (subsampled) of brain voxels
+
+
+def _files_hash(case: Case) -> str:
+    digest = hashlib.sha256(f"cache{CACHE_VERSION}-schema{SCHEMA_VERSION}".encode())
+    for name in sorted(case.files):
+        with open(case.files[name], "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def find_case_folders(data: str | os.PathLike[str]) -> list[Path]:
+    """Case folders under ``data``: ``data`` itself, its sub-folders, or their sub-folders."""
+    from .cases import detect_convention
+
+    root = Path(data)
+    if not root.is_dir():
+        raise InputError(root, "data folder not found")
+    found: list[Path] = []
+    for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        try:
+            detect_convention(candidate)
+            found.append(candidate)
+        except InputError:
+            if candidate != root:
+                for sub in sorted(p for p in candidate.iterdir() if p.is_dir()):
+                    try:
+                        detect_convention(sub)
+                        found.append(sub)
+                    except InputError:
+                        pass
+    if not found:
+        raise InputError(root, "no case folders found (BraTS 2021/2023, MSD or BRATS 2015 naming)")
+    return found
+
+
+def prepare_volume(case_dir: Path, cache_dir: Path | None) -> TrainingVolume:
+    """Read a case, derive its label map and normalise its images (cached)."""
+    from .anatomy import derive_label_map
+
+    case = read_case(case_dir, require_segmentation=True)
+    key = _files_hash(case)
+    cached = cache_dir / f"{key}.npz" if cache_dir is not None else None
+    if cached is not None and cached.exists():
+        with np.load(cached) as data:
+            normalizers = {m: IntensityNormalizer(**v) for m, v in json.loads(str(data["normalizers"])).items()}
+            return _volume(key, data["labels"], data["images"], normalizers)
+    labels = derive_label_map(case).array
+    brain = labels > Label.BACKGROUND
+    box = _brain_box(brain, margin=4)
+    normalizers = {m: IntensityNormalizer.fit(case.images[m], brain) for m in MODALITIES}
+    images = np.stack([normalizers[m].forward(case.images[m], brain)[box] for m in MODALITIES]).astype(np.float16)
+    labels = labels[box]
+    if cached is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, labels=labels, images=images,
+                 normalizers=json.dumps({m: n.to_json() for m, n in normalizers.items()}))
+        os.replace(tmp, cached)
+    return _volume(key, labels, images, normalizers)
+
+
+def _brain_box(brain: np.ndarray, margin: int) -> tuple[slice, ...]:
+    idx = np.argwhere(brain)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, brain.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _volume(key: str, labels: np.ndarray, images: np.ndarray,
+            normalizers: dict[str, IntensityNormalizer]) -> TrainingVolume:
+    tumour = np.argwhere(labels >= Label.NCR).astype(np.int32)
+    brain = np.argwhere(labels > Label.BACKGROUND).astype(np.int32)[::7]
+    return TrainingVolume(key, labels, images, normalizers, tumour, brain)
+
+
+@dataclass(frozen=True)
+class PatchSampler:
+    """Draws augmented training patches; fully determined by (seed, step, rank).
+
+    Because every draw derives its generator from the step number, a resumed run
+    sees exactly the patches an uninterrupted run would have seen.
+    """
+
+    patch_size: int
+    tumour_fraction: float = 0.5
+    flip: bool = True
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity: float = 0.05
+
+    def sample(self, volumes: list[TrainingVolume], seed: int, step: int, rank: int,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: labels (B, P, P, P) long and images (B, 4, P, P, P) float32."""
+        rng = np.random.default_rng([seed, step, rank])
+        labels, images = [], []
+        for _ in range(batch_size):
+            volume = volumes[int(rng.integers(len(volumes)))]
+            lab, img = self._crop(volume, rng)
+            lab, img = self._augment(lab, img, rng)
+            labels.append(lab)
+            images.append(img)
+        return torch.stack(labels), torch.stack(images)
+
+    def _crop(self, volume: TrainingVolume, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        pool = volume.tumour_voxels if (len(volume.tumour_voxels) and rng.random() < self.tumour_fraction) \
+            else volume.brain_voxels
+        centre = pool[int(rng.integers(len(pool)))] + rng.integers(-8, 9, 3)
+        size = self.patch_size
+        lo = centre - size // 2
+        shape = np.array(volume.labels.shape)
+        # Pad with background where the patch leaves the cropped volume.
+        src_lo = np.clip(lo, 0, shape)
+        src_hi = np.clip(lo + size, 0, shape)
+        dst_lo = src_lo - lo
+        dst_hi = dst_lo + (src_hi - src_lo)
+        lab = np.zeros((size,) * 3, np.uint8)
+        img = np.full((4,) + (size,) * 3, -1.0, np.float32)
+        src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        dst = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))
+        lab[dst] = volume.labels[src]
+        img[(slice(None),) + dst] = volume.images[(slice(None),) + src]
+        return lab, img
+
+    def _augment(self, lab: np.ndarray, img: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        lab_t = torch.from_numpy(lab.astype(np.int64))
+        img_t = torch.from_numpy(img)
+        if self.flip and rng.random() < 0.5:
+            lab_t, img_t = lab_t.flip(-1), img_t.flip(-1)  # left-right (i axis)
+        if self.rotate_deg > 0 or self.scale > 0:
+            lab_t, img_t = _random_affine(lab_t, img_t, rng, self.rotate_deg, self.scale)
+        if self.intensity > 0:
+            brain = lab_t > 0
+            gain = torch.from_numpy(rng.uniform(1 - self.intensity, 1 + self.intensity, (4, 1, 1, 1)).astype(np.float32))
+            shift = torch.from_numpy(rng.uniform(-self.intensity, self.intensity, (4, 1, 1, 1)).astype(np.float32))
+            img_t = torch.where(brain, ((img_t + 1) * gain - 1 + shift).clamp(-1, 1), img_t)
+        return lab_t, img_t
+
+
+def _random_affine(lab: torch.Tensor, img: torch.Tensor, rng: np.random.Generator, rotate_deg: float,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small random rotation and scaling about the patch centre (grid_sample)."""
+    from scipy.spatial.transform import Rotation
+
+    angles = rng.uniform(-rotate_deg, rotate_deg, 3)
+    factor = rng.uniform(1 - scale, 1 + scale)
+    matrix = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() / factor
+    theta = torch.zeros(1, 3, 4)
+    theta[0, :, :3] = torch.from_numpy(matrix.astype(np.float32))
+    grid = torch.nn.functional.affine_grid(theta, (1, 1) + tuple(lab.shape), align_corners=False)
+    img_out = torch.nn.functional.grid_sample(img[None] + 1, grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=False)[0] - 1
+    lab_out = torch.nn.functional.grid_sample(lab[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                              align_corners=False)[0, 0].long()
+    return lab_out, img_out
+
+
+def data_summary(volumes: list[TrainingVolume]) -> dict[str, Any]:
+    """What a model was trained on, without identifiers: counts and content hashes."""
+    return {
+        "cases": len(volumes),
+        "case_sha256": [v.key for v in volumes],
+        "tumour_voxels": int(sum(len(v.tumour_voxels) for v in volumes)),
+    }
