@@ -220,31 +220,34 @@ DEMO_TUMOUR = dict(center_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Healthy ICBM152 brain -> its label map -> a generated tumour -> the shipped model -> a case."""
     from .edits import ParametricTumour
-    from .io import atomic_directory, write_image, write_json
-    from .labelmaps import write_label_map
-    from .provenance import array_sha256, software_versions
+    from .io import check_writable
+    from .models import resolve_model
     from .render import render_montage
-    from .template import TEMPLATE_NAME, template_label_map, template_t1
+    from .synthesize import SynthesisEngine, write_synthesis
+    from .template import TEMPLATE_NAME, template_label_map
 
-    import SimpleITK as sitk
-
-    with atomic_directory(args.output, overwrite=args.overwrite) as folder, _progress(4, "demo") as step:
+    check_writable([args.output], args.overwrite)
+    model = resolve_model(args.model)
+    with _progress(4, "demo") as step:
         canvas = template_label_map()
         step("template label map")
         labelmap = ParametricTumour(**DEMO_TUMOUR).apply(canvas)  # type: ignore[arg-type]
         step("tumour")
-        write_label_map(labelmap, folder / "labels.nii.gz")
-        t1 = template_t1()
-        write_image(t1, folder / "template_t1.nii.gz")
-        step("NIfTI")
-        render_montage({"template T1": sitk.GetArrayFromImage(t1)}, labelmap.array, labelmap.grid,
-                       folder / "montage.png", title=f"{TEMPLATE_NAME} + parametric tumour")
-        write_json({"kind": "medsynth-demo", "template": TEMPLATE_NAME,
-                    "labels_sha256": array_sha256(labelmap.array), "history": labelmap.history,
-                    "software": software_versions()}, folder / "provenance.json")
-        step("PNG")
-    print(f"{args.output}: labels.nii.gz, template_t1.nii.gz, montage.png, provenance.json")
+        engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
+        result = engine.synthesize(labelmap, seed=0)
+        step("synthesised")
+
+        def montage(folder: Path) -> None:
+            render_montage({m.upper() if m != "t1ce" else "T1ce": result.images[m] for m in result.images},
+                           labelmap.array, labelmap.grid, folder / "montage.png",
+                           title=f"synthetic case: {TEMPLATE_NAME} + parametric tumour, model {model.name}")
+
+        write_synthesis(result, args.output, overwrite=args.overwrite, extra=montage)
+        step("written")
+    print(f"{args.output}: t1, t1ce, t2, flair, labels (NIfTI), montage.png, provenance.json "
+          f"(model {model.name}, {engine.device}, network {result.provenance['timings_s']['network']:.2f} s)")
     return 0
 
 
@@ -415,8 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the main job on the built-in healthy template (no download)")
+    p = sub.add_parser("demo", help="the main job: a synthetic case from the built-in healthy template "
+                                    "with a generated tumour (no download)")
     _add_output(p, "output folder")
+    p.add_argument("--model", help="registered model name or model folder (default: the shipped model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,0 +1,175 @@
+"""MedSynth synthesis benchmark: one run, side by side with a reference, ratios printed.
+
+Reference: one bare fp32 forward of a plain pix2pix-3D generator (MONAI UNet,
+channels 32-512, 2 residual units) on a full 240 x 240 x 155 volume (padded to
+240 x 240 x 160), on the same threads.  Measured against it:
+
+* end-to-end ``medsynth synthesize`` on a real 240 x 240 x 155 BraTS label map,
+  in a fresh process (process start, imports, reading, model load, network,
+  writing), with the child's peak resident memory;
+* the shipped model's network time alone in fp32 and bf16 (same process);
+* the ROI re-render after a typical tumour edit, and its largest difference
+  from a full re-synthesis inside the edited region;
+* one training step (generator + discriminator) at the shipped configuration.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_synthesis.py [--case DIR] [--threads N] [--json OUT]
+
+Run it on an otherwise idle machine; the numbers are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def best_of(n: int, fn) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def reference_forward(threads: int) -> float:
+    from monai.networks.nets import UNet
+
+    torch.set_num_threads(threads)
+    net = UNet(3, 7, 4, channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2), num_res_units=2).eval()
+    x = torch.zeros(1, 7, 240, 240, 160)
+    x[:, 0] = 1
+    with torch.inference_mode():
+        return best_of(2, lambda: net(x))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data = Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
+    parser.add_argument("--case", type=Path, default=data / "brats2021" / "cases" / "BraTS2021_00000")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from MedSynthLib.anatomy import derive_label_map
+    from MedSynthLib.cases import read_case
+    from MedSynthLib.edits import Translate
+    from MedSynthLib.labelmaps import write_label_map
+    from MedSynthLib.models import resolve_model
+    from MedSynthLib.networks import Generator, NetworkConfig, build_discriminator, one_hot
+    from MedSynthLib.synthesize import SynthesisEngine
+    from MedSynthLib.train import TrainConfig, discriminator_loss, generator_adversarial_loss
+
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                                 "torch": torch.__version__,
+                                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    model = resolve_model(args.model)
+    results["model"] = {"name": model.name, "sha256": model.sha256}
+
+    print("reference: plain MONAI UNet 32-512, 2 res units, fp32, 240x240x160 ...", flush=True)
+    results["reference_fp32_forward_s"] = reference_forward(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        labelmap = derive_label_map(read_case(args.case))
+        write_label_map(labelmap, tmp / "labels.nii.gz")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        print("end to end: medsynth synthesize in a fresh process ...", flush=True)
+        runs = []
+        for i in range(2):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "MedSynthLib", "synthesize", str(tmp / "labels.nii.gz"),
+                            "-o", str(tmp / f"out{i}"), "--model", str(model.path)], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+            runs.append(time.perf_counter() - start)
+        results["end_to_end_s"] = min(runs)
+        results["end_to_end_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+
+        for precision in ("fp32", "bf16"):
+            engine = SynthesisEngine(model, "cpu", precision)
+            engine.synthesize(labelmap)
+            results[f"network_{precision}_s"] = best_of(2, lambda: engine.synthesize(labelmap))
+
+        engine = SynthesisEngine(model, "cpu", "bf16")
+        previous = engine.synthesize(labelmap)
+        edited = Translate((10.0, 0.0, 0.0)).apply(labelmap)
+        engine.rerender(previous, edited)
+        results["rerender_s"] = best_of(3, lambda: engine.rerender(previous, edited))
+        partial = engine.rerender(previous, edited)
+        full = engine.synthesize(edited)
+        changed = edited.array != labelmap.array
+        diff = np.abs(partial.normalized[:, changed] - full.normalized[:, changed])
+        results["rerender_changed_voxels"] = int(changed.sum())
+        results["rerender_max_abs_diff_normalized"] = float(diff.max())
+        results["rerender_mean_abs_diff_normalized"] = float(diff.mean())
+
+    config = TrainConfig.from_json(json.loads((REPO / "Resources" / "configs" / "brats21_cpu.json").read_text()))
+    net_cfg = config.network
+    g, d = Generator(net_cfg), build_discriminator(net_cfg)
+    opt_g = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
+    p = config.patch_size
+    labels = torch.randint(0, 7, (1, p, p, p))
+    real = torch.rand(1, 4, p, p, p) * 2 - 1
+
+    def train_step() -> None:
+        cond = one_hot(labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fake = g(cond)
+            scores = d(torch.cat([torch.cat([cond, real], 1), torch.cat([cond, fake.detach()], 1)], 0))[-1].float()
+        opt_d.zero_grad()
+        discriminator_loss("lsgan", scores[:1], scores[1:]).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            score = d(torch.cat([cond, fake], 1))[-1].float()
+        (100 * (fake.float() - real).abs().mean() + generator_adversarial_loss("lsgan", score)).backward()
+        opt_g.step()
+
+    train_step()
+    results["train_step_s"] = best_of(3, train_step)
+    results["train_patch"] = p
+
+    ref = results["reference_fp32_forward_s"]
+    rows = [
+        ("reference: plain UNet 32-512 fp32 forward", ref),
+        ("end-to-end medsynth synthesize (fresh process)", results["end_to_end_s"]),
+        ("shipped network, fp32", results["network_fp32_s"]),
+        ("shipped network, bf16", results["network_bf16_s"]),
+        ("ROI re-render after a 10 mm move", results["rerender_s"]),
+        (f"training step G+D, {p}^3 patch, bf16", results["train_step_s"]),
+    ]
+    print(f"\n{'measurement':<50}{'seconds':>10}{'x reference':>14}")
+    for name, seconds in rows:
+        print(f"{name:<50}{seconds:>10.3f}{seconds / ref:>14.3f}")
+    print(f"\nend-to-end peak memory: {results['end_to_end_peak_rss_gb']:.2f} GB")
+    print(f"bf16 speed-up over fp32 (shipped network): {results['network_fp32_s'] / results['network_bf16_s']:.2f}x")
+    print(f"re-render vs full re-synthesis inside the {results['rerender_changed_voxels']} changed voxels: "
+          f"max |diff| {results['rerender_max_abs_diff_normalized']:.4f}, "
+          f"mean {results['rerender_mean_abs_diff_normalized']:.5f} (normalised units, range 2)")
+    results["ratios"] = {name: seconds / ref for name, seconds in rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
