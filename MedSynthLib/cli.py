@@ -290,6 +290,46 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .anatomy import derive_label_map
+    from .cases import read_case
+    from .evaluate import evaluate
+    from .io import check_writable, write_json
+    from .models import resolve_model
+    from .synthesize import SynthesisEngine
+
+    check_writable([args.output], args.overwrite)
+    model = resolve_model(args.model)
+    engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
+    cache: dict[Path, Any] = {}
+
+    def labels_for(folder: Path) -> Any:
+        if folder not in cache:
+            cache[folder] = derive_label_map(read_case(folder, require_segmentation=True)).array
+        return cache[folder]
+
+    results = evaluate(engine, list(args.cases), labels_for, list(args.reference or []) or None)
+    write_json(results, args.output, overwrite=args.overwrite)
+    for name, summary in results["summary"].items():
+        print(f"{name:<22} SSIM {summary['brain_ssim']:.3f}  PSNR {summary['brain_psnr']:.2f} dB  "
+              f"MAE {summary['brain_mae']:.3f}  (tumour SSIM {summary.get('tumour_ssim', float('nan')):.3f})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_cases
+
+    if args.naming is not None and args.format != "nifti":
+        raise _UsageError("medsynth export: --naming applies to --format nifti only")
+    cases = list(args.cases)
+    with _progress(2 * len(cases), "export") as step:
+        targets = export_cases(cases, args.output, args.format, naming=args.naming or "brats2021",
+                               case_id=args.case_id, overwrite=args.overwrite, progress=step)
+    for target in targets:
+        print(f"{target}: synthetic case exported ({args.format})")
+    return 0
+
+
 def _notice(message: str) -> None:
     print(f"medsynth: {message}", file=sys.stderr)
 
@@ -402,6 +442,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.add_argument("--seed", type=int, default=0, help="seed recorded in the provenance")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("evaluate", help="fidelity of a model on real cases (SSIM, PSNR, MAE in brain and tumour)")
+    p.add_argument("cases", type=Path, nargs="+", help="held-out case folders")
+    p.add_argument("--reference", type=Path, nargs="*", help="training case folders for the class-mean baseline")
+    _add_output(p, "report JSON")
+    p.add_argument("--model", help="registered model name or model folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="share synthetic cases: BraTS NIfTI or DICOM, marked synthetic, de-identified",
+                       description="Export `medsynth synthesize` output folders into EXPORT_DIR/<case-id>/ as "
+                                   "BraTS-named NIfTI or DICOM (MR series + Segmentation), marked synthetic, "
+                                   "with sanitised provenance and nothing of the source patient.")
+    p.add_argument("cases", type=Path, nargs="+", metavar="OUT_DIR", help="synthetic case folder(s)")
+    p.add_argument("--format", required=True, choices=("nifti", "dicom"), help="export format")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="EXPORT_DIR",
+                   help="export folder; each case goes into a sub-folder named by its case id")
+    p.add_argument("--naming", choices=("brats2021", "brats2023"),
+                   help="NIfTI file names and tumour values: brats2021 (_t1 ..., ET=4, the default) or "
+                        "brats2023 (-t1n ..., ET=3)")
+    p.add_argument("--case-id", metavar="ID",
+                   help="case id of a single case (default: generated SYNTH-<hash> of the synthetic content)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing exported case folders")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the registered models and verify their files")
     p.set_defaults(func=cmd_models)
