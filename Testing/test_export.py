@@ -1,0 +1,647 @@
+"""Tests of ``medsynth export``: BraTS NIfTI and DICOM, marked synthetic, nothing of the source patient.
+
+Case folders are written directly (no trained model): four float32 modalities,
+a 7-class label map and a realistic ``provenance.json`` on small oblique grids.
+DICOM exports are read back with SimpleITK (GDCM), pydicom and highdicom.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from MedSynthLib.cases import read_case
+from MedSynthLib.cli import main
+from MedSynthLib.export import (DEIDENTIFICATION_METHOD, MODALITIES, NAMINGS, encode_intensities, export_cases,
+                                read_synthetic_case, sanitise_provenance)
+from MedSynthLib.grid import Grid
+from MedSynthLib.labels import CONVENTIONS, Label, schema_to_tumour
+from MedSynthLib.provenance import array_sha256, software_versions
+
+SHAPE = (36, 40, 32)  # (k, j, i): size (32, 40, 36)
+SPACING = (0.9, 1.1, 1.3)
+ORIGIN = (10.0, -20.0, 5.0)
+
+
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    ax, ay, az = np.deg2rad([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+#: Right-handed: oblique and LPS-flipped (a BraTS-like RAS-stored NIfTI, tilted).
+OBLIQUE = tuple((_rotation(8, -6, 15) @ np.diag([-1.0, -1.0, 1.0])).ravel())
+#: Left-handed (radiological convention): DICOM readers return it with the slices reversed.
+LEFT_HANDED = tuple((_rotation(0, 5, -10) @ np.diag([-1.0, 1.0, 1.0])).ravel())
+GEOMETRIES = {"oblique": OBLIQUE, "left_handed": LEFT_HANDED}
+IDENTIFIERS = (b"Doe", b"MRN12345", b"hospital")
+
+
+def _phantom(scale: float = 1.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Float32 modalities with fractional values and a 7-class label map with all tumour classes."""
+    k, j, i = np.indices(SHAPE, dtype=float)
+    c = np.array(SHAPE) / 2.0
+    r = np.sqrt(sum(((g - cc) / (n * 0.45)) ** 2 for g, cc, n in zip((k, j, i), c, SHAPE)))
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[r < 1.0] = Label.CSF
+    labels[r < 0.9] = Label.GM
+    labels[r < 0.7] = Label.WM
+    rt = np.sqrt((k - c[0]) ** 2 + (j - c[1] - 5) ** 2 + (i - c[2] - 4) ** 2)
+    labels[(rt < 7) & (r < 1)] = Label.ED
+    labels[(rt < 4.5) & (r < 1)] = Label.ET
+    labels[(rt < 2.5) & (r < 1)] = Label.NCR
+    rng = np.random.default_rng(0)
+    base = {"t1": (0, 420.3, 610.7, 880.2, 350.1, 520.9, 700.4),
+            "t1ce": (0, 430.6, 640.2, 900.8, 380.3, 540.5, 1450.6),
+            "t2": (0, 1900.5, 1100.2, 800.7, 1300.4, 1700.3, 1200.9),
+            "flair": (0, 300.2, 900.8, 700.1, 1000.6, 1350.7, 1100.3)}
+    images = {}
+    for modality, means in base.items():
+        array = np.asarray(means, np.float64)[labels] + rng.normal(0, 20, SHAPE) * (labels > 0)
+        images[modality] = (np.where(labels > 0, np.maximum(array, 1.0), 0.0) * scale).astype(np.float32)
+    return images, labels
+
+
+def _provenance(labels: np.ndarray, **extra) -> dict:
+    return {
+        "kind": "medsynth-synthetic-case",
+        "synthetic": True,
+        "label_schema_version": 1,
+        "model": {"name": "medsynth-brats-v1", "sha256": "ab" * 32},
+        "labels_sha256": array_sha256(labels),
+        "edits": [
+            {"name": "derive_labels", "params": {"convention": "brats2021", "label_convention": "brats2021",
+                                                 "anatomy_model": {"beta": 2.0, "iterations": 6,
+                                                                   "name": "kmeans-gaussian-mrf"}},
+             "schema_version": 1},
+            {"name": "translate", "params": {"offset_ras_mm": [4.0, -2.0, 1.5]}, "schema_version": 1},
+            {"name": "insert_tumour", "params": {"center_ras_mm": None, "keep_existing": False,
+                                                 "source": "BraTS2021_00012"}, "schema_version": 1},
+        ],
+        "seed": 7,
+        "device": "cpu",
+        "precision": "fp32",
+        "grid": {},
+        "software": software_versions(),
+        "timings_s": {"load_model": 0.4, "network": 2.1, "total": 2.6},
+        **extra,
+    }
+
+
+def _write(array: np.ndarray, path: Path, direction, descrip: bytes | None = None) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    image.SetOrigin(ORIGIN)
+    image.SetDirection([float(v) for v in direction])
+    sitk.WriteImage(image, str(path), useCompression=True)
+    if descrip is not None:  # a source header's identifying text, as a scanner converter leaves it
+        nii = nib.load(str(path))
+        header = nii.header.copy()
+        header["descrip"] = descrip
+        header["aux_file"] = descrip[:23]
+        nib.save(nib.Nifti1Image(np.asanyarray(nii.dataobj), nii.affine, header), str(path))
+
+
+def make_case(folder: Path, direction=OBLIQUE, scale: float = 1.0, descrip: bytes | None = None,
+              provenance: dict | None = None) -> Path:
+    """A ``medsynth synthesize`` output folder written directly."""
+    folder.mkdir(parents=True)
+    images, labels = _phantom(scale)
+    for modality, array in images.items():
+        _write(array, folder / f"{modality}.nii.gz", direction, descrip)
+    _write(labels, folder / "labels.nii.gz", direction, descrip)
+    (folder / "provenance.json").write_text(json.dumps(provenance or _provenance(labels), indent=2))
+    return folder
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _case_dir(root: Path) -> Path:
+    (case,) = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return case
+
+
+def _hidden(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")] if folder.is_dir() else []
+
+
+def _series(folder: Path) -> list[pydicom.Dataset]:
+    return sorted((pydicom.dcmread(p) for p in folder.glob("*.dcm")), key=lambda ds: int(ds.InstanceNumber))
+
+
+def _flip_k(grid: Grid) -> Grid:
+    """The same voxels indexed from the other end of the third axis."""
+    d = grid.direction_matrix.copy()
+    d[:, 2] *= -1
+    origin = grid.index_to_lps(np.array([0.0, 0.0, grid.size[2] - 1.0]))
+    return Grid(grid.size, grid.spacing, tuple(origin), tuple(d.ravel()))
+
+
+def _assert_grid(actual: Grid, expected: Grid) -> None:
+    assert actual.size == expected.size
+    np.testing.assert_allclose(actual.spacing, expected.spacing, atol=1e-4)
+    np.testing.assert_allclose(actual.origin, expected.origin, atol=1e-4)
+    np.testing.assert_allclose(actual.direction, expected.direction, atol=1e-4)
+
+
+# --- shared exports: one case per (geometry, intensity scale), exported as NIfTI and DICOM --------
+
+@pytest.fixture(scope="module", params=[("oblique", 1.0), ("left_handed", 1.0), ("oblique", 60.0)],
+                ids=["oblique-int16", "left_handed-int16", "oblique-rescaled"])
+def exported(request, tmp_path_factory) -> dict:
+    geometry, scale = request.param
+    root = tmp_path_factory.mktemp(f"export_{geometry}_{int(scale)}")
+    case = make_case(root / "synth_out", GEOMETRIES[geometry], scale)
+    nifti = export_cases([case], root / "nifti", "nifti")[0]
+    dicom = export_cases([case], root / "dicom", "dicom")[0]
+    labels = sitk.ReadImage(str(case / "labels.nii.gz"))
+    return {"case": case, "nifti": nifti, "dicom": dicom, "geometry": geometry, "scale": scale,
+            "grid": Grid.from_image(labels), "labels": sitk.GetArrayFromImage(labels)}
+
+
+# --- NIfTI -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("naming", ["brats2021", "brats2023"])
+def test_nifti_export_is_a_brats_case(naming, tmp_path, capsys):
+    case = make_case(tmp_path / "synth_out")
+    rc, out, err = run(["export", case, "--format", "nifti", "--naming", naming, "-o", tmp_path / "exp"], capsys)
+    assert rc == 0, err
+    folder = _case_dir(tmp_path / "exp")
+    cid = folder.name
+    assert cid.startswith("SYNTH-") and len(cid) == 16
+    expected = {f"{cid}{NAMINGS[naming][k]}.nii.gz" for k in (*MODALITIES, "seg", "anatomy")}
+    assert {p.name for p in folder.iterdir()} == expected | {"provenance.json", "README.txt"}
+    assert str(folder) in out
+
+    images, labels = _phantom()
+    grid = Grid.from_image(sitk.ReadImage(str(case / "labels.nii.gz")))
+    for modality in MODALITIES:
+        image = sitk.ReadImage(str(folder / f"{cid}{NAMINGS[naming][modality]}.nii.gz"))
+        assert image.GetPixelID() == sitk.sitkInt16  # BraTS stores int16
+        _assert_grid(Grid.from_image(image), grid)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), np.round(images[modality]))
+    seg = sitk.ReadImage(str(folder / f"{cid}{NAMINGS[naming]['seg']}.nii.gz"))
+    assert seg.GetPixelID() == sitk.sitkUInt8
+    _assert_grid(Grid.from_image(seg), grid)
+    seg_array = sitk.GetArrayFromImage(seg)
+    assert set(np.unique(seg_array)) == {0, *CONVENTIONS[naming].from_schema.values()}
+    np.testing.assert_array_equal(seg_array, schema_to_tumour(labels, naming))
+    anatomy = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{cid}{NAMINGS[naming]['anatomy']}.nii.gz")))
+    np.testing.assert_array_equal(anatomy, np.where(labels <= 3, labels, 0))
+
+    # Any BraTS reader takes it unchanged: MedSynth's own detects the naming and maps the labels back.
+    brats = read_case(folder)
+    assert brats.convention == naming
+    np.testing.assert_array_equal(brats.tumour, np.where(labels >= 4, labels, 0))
+    for path in folder.glob("*.nii.gz"):
+        header = nib.load(str(path)).header
+        for key in ("descrip", "aux_file", "intent_name"):
+            assert bytes(header[key]).strip(b"\0 ") == b"", (path.name, key)
+    readme = (folder / "README.txt").read_text()
+    assert "SYNTHETIC" in readme and cid in readme
+
+
+def test_nifti_keeps_float32_when_int16_would_lose_values(tmp_path):
+    case = make_case(tmp_path / "synth_out", scale=60.0)  # values up to ~1e5: beyond int16
+    folder = export_cases([case], tmp_path / "exp", "nifti")[0]
+    image = sitk.ReadImage(str(folder / f"{folder.name}_t1ce.nii.gz"))
+    assert image.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), _phantom(60.0)[0]["t1ce"])
+
+
+def test_intensity_encoding_choices():
+    ints = encode_intensities(np.array([0.0, 1.0, 2.0, 3.0]))
+    assert ints.nifti.dtype == np.int16 and ints.slope == 1.0
+    small = encode_intensities(np.array([0.0, 0.25, 0.5, 1.0]))  # normalised: rounding would destroy it
+    assert small.nifti.dtype == np.float32 and small.slope < 1e-4
+    assert np.max(np.abs(small.stored * small.slope - small.nifti)) <= small.slope / 2 + 1e-9
+    signed = encode_intensities(np.array([-70000.0, 0.0, 70000.0]))
+    assert signed.stored.min() >= -32768 and signed.stored.max() <= 32767 and signed.stored[1] == 0
+
+
+# --- DICOM: round trip -----------------------------------------------------------------------------
+
+
+def test_dicom_round_trip_simpleitk_gdcm(exported):
+    grid, nifti, dicom = exported["grid"], exported["nifti"], exported["dicom"]
+    expected_grid = grid if exported["geometry"] == "oblique" else _flip_k(grid)
+    cid = nifti.name
+    for modality, folder in (("t1", "T1"), ("t1ce", "T1ce"), ("t2", "T2"), ("flair", "FLAIR")):
+        reader = sitk.ImageSeriesReader()
+        names = reader.GetGDCMSeriesFileNames(str(dicom / folder))
+        assert len(names) == grid.size[2]
+        reader.SetFileNames(names)
+        image = reader.Execute()
+        _assert_grid(Grid.from_image(image), expected_grid)
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti / f"{cid}_{modality}.nii.gz"))).astype(float)
+        if exported["geometry"] != "oblique":
+            reference = reference[::-1]
+        slope = float(pydicom.dcmread(names[0], stop_before_pixels=True).RescaleSlope)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(image).astype(float), reference, rtol=0,
+                                   atol=slope / 2 + 1e-3 * slope)
+        if exported["scale"] == 1.0:
+            assert slope == 1.0
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), reference)
+
+
+def test_dicom_round_trip_pydicom(exported):
+    grid, nifti, dicom = exported["grid"], exported["nifti"], exported["dicom"]
+    cid = nifti.name
+    direction = grid.direction_matrix
+    for modality, folder in (("t1", "T1"), ("t1ce", "T1ce"), ("t2", "T2"), ("flair", "FLAIR")):
+        series = _series(dicom / folder)
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti / f"{cid}_{modality}.nii.gz"))).astype(float)
+        assert len(series) == grid.size[2]
+        for k, ds in enumerate(series):
+            assert (ds.Rows, ds.Columns) == (grid.size[1], grid.size[0])
+            np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [grid.spacing[1], grid.spacing[0]],
+                                       atol=1e-6)
+            np.testing.assert_allclose([float(v) for v in ds.ImageOrientationPatient],
+                                       np.concatenate([direction[:, 0], direction[:, 1]]), atol=1e-6)
+            np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient],
+                                       grid.index_to_lps(np.array([0.0, 0.0, k])), atol=1e-4)
+            assert float(ds.SliceThickness) == pytest.approx(grid.spacing[2])
+            assert ds.pixel_array.dtype == np.int16
+            slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+            assert intercept == 0.0
+            values = ds.pixel_array * slope + intercept
+            np.testing.assert_allclose(values, reference[k], rtol=0, atol=slope / 2 + 1e-3 * slope)
+
+
+def test_dicom_segmentation_round_trip(exported):
+    import highdicom as hd
+
+    dicom, labels = exported["dicom"], exported["labels"]
+    t1 = _series(dicom / "T1")
+    seg = hd.seg.segread(dicom / "SEG" / "seg.dcm")
+    assert seg.SegmentationType == "BINARY"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["NCR", "ED", "ET"]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == t1[0].SeriesInstanceUID
+    assert seg.FrameOfReferenceUID == t1[0].FrameOfReferenceUID
+    assert seg.StudyInstanceUID == t1[0].StudyInstanceUID
+    pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in t1], combine_segments=True)
+    expected = np.select([labels == Label.NCR, labels == Label.ED, labels == Label.ET], [1, 2, 3], 0)
+    np.testing.assert_array_equal(pixels, expected)
+    # Each frame sits exactly where its T1 slice sits.
+    by_uid = {ds.SOPInstanceUID: ds for ds in t1}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in by_uid[source].ImagePositionPatient], atol=1e-4)
+    # The same voxels through pydicom alone: every NCR/ED/ET voxel of the label map, no other.
+    counts = [int(np.sum(seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in t1],
+                                                            segment_numbers=[n]))) for n in (1, 2, 3)]
+    assert counts == [int(np.sum(labels == v)) for v in (Label.NCR, Label.ED, Label.ET)]
+
+
+@pytest.mark.parametrize("variant", ["no_tumour", "no_enhancing"])
+def test_dicom_strictly_valid_and_partial_tumours(variant, tmp_path, monkeypatch):
+    """pydicom's strict validation (VR lengths, characters) accepts every file; empty segments export too."""
+    from pydicom import config
+    import highdicom as hd
+
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.RAISE)
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.RAISE)
+    images, labels = _phantom()
+    labels = np.where(labels >= Label.NCR, Label.WM, labels) if variant == "no_tumour" else \
+        np.where(labels == Label.ET, Label.ED, labels)
+    labels = labels.astype(np.uint8)
+    case = make_case(tmp_path / "synth_out", provenance=_provenance(labels))
+    _write(labels, case / "labels.nii.gz", OBLIQUE)
+    dicom = export_cases([case], tmp_path / "exp", "dicom")[0]
+    for path in dicom.rglob("*.dcm"):
+        pydicom.dcmread(path)
+    t1 = _series(dicom / "T1")
+    seg = hd.seg.segread(dicom / "SEG" / "seg.dcm")
+    pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in t1], combine_segments=True)
+    np.testing.assert_array_equal(pixels, np.select([labels == Label.NCR, labels == Label.ED], [1, 2], 0))
+
+
+# --- DICOM: tags -------------------------------------------------------------------------------
+
+
+def _all_datasets(root: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    return [(p, pydicom.dcmread(p)) for p in sorted(root.rglob("*.dcm"))]
+
+
+def test_dicom_tags(exported):
+    dicom = exported["dicom"]
+    cid = dicom.name
+    files = _all_datasets(dicom)
+    assert {p.parent.name for p, _ in files} == {"T1", "T1ce", "T2", "FLAIR", "SEG"}
+    assert (dicom / "provenance.json").is_file() and "SYNTHETIC" in (dicom / "README.txt").read_text()
+    studies, frames, series = set(), set(), {}
+    for path, ds in files:
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.SyntheticData == "YES"
+        assert ds[0x0008, 0x001C].value == "YES"
+        assert ds.PatientIdentityRemoved == "YES"
+        assert "synthetic" in ds.DeidentificationMethod.lower()
+        assert ds.DeidentificationMethod == DEIDENTIFICATION_METHOD
+        assert str(ds.PatientName) == f"SYNTHETIC^{cid}" and ds.PatientID == cid and cid.startswith("SYNTH-")
+        assert "synthetic" in ds.SeriesDescription.lower()
+        assert "AcquisitionDate" not in ds and "AcquisitionDateTime" not in ds
+        assert ds.Manufacturer == "MedSynth"
+        (equipment,) = [item for item in ds.ContributingEquipmentSequence  # highdicom adds its own items
+                        if item.Manufacturer == "MedSynth" and "SYNTHETIC" in item.ContributionDescription]
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # processing equipment
+        assert equipment.Manufacturer == "MedSynth"
+        assert "SYNTHETIC" in equipment.ContributionDescription and "ab" * 32 in equipment.ContributionDescription
+        assert "medsynth-brats-v1" in equipment.ManufacturerModelName
+        studies.add(ds.StudyInstanceUID)
+        frames.add(ds.FrameOfReferenceUID)
+        series.setdefault(path.parent.name, set()).add(ds.SeriesInstanceUID)
+        if path.parent.name != "SEG":
+            assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and ds.Modality == "MR"
+            assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+            modality = {"T1": "T1", "T1ce": "T1ce", "T2": "T2", "FLAIR": "FLAIR"}[path.parent.name]
+            assert ds.SeriesDescription.startswith(modality)
+            assert ds.ContentDate == ds.StudyDate and ds.ContentTime
+            assert ds.BitsAllocated == 16 and ds.PixelRepresentation == 1
+            comments = ds.ImageComments
+            assert "SYNTHETIC" in comments and "medsynth-brats-v1" in comments and "ab" * 32 in comments
+            assert "seed 7" in comments and "translate" in comments
+        else:
+            assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and ds.Modality == "SEG"
+    assert len(studies) == 1 and len(frames) == 1
+    assert all(len(uids) == 1 for uids in series.values()) and len(set.union(*series.values())) == 5
+    descriptions = {pydicom.dcmread(next((dicom / f).glob("*.dcm"))).SeriesDescription for f in series}
+    assert len(descriptions) == 5
+
+
+def test_dicom_provenance_is_sanitised_and_summarised(exported):
+    provenance = json.loads((exported["dicom"] / "provenance.json").read_text())
+    assert provenance["synthetic"] is True and provenance["kind"] == "medsynth-synthetic-case"
+    assert provenance["model"] == {"name": "medsynth-brats-v1", "sha256": "ab" * 32}
+    assert provenance["seed"] == 7 and provenance["precision"] == "fp32"
+    assert [e["name"] for e in provenance["edits"]] == ["derive_labels", "translate", "insert_tumour"]
+    assert "source" not in provenance["edits"][2]["params"]  # names a source case
+    assert provenance["export"]["format"] == "dicom"
+    assert provenance["export"]["case_id"] == exported["dicom"].name
+    _assert_grid(Grid.from_json(provenance["grid"]), exported["grid"])
+
+
+# --- UIDs --------------------------------------------------------------------------------------
+
+
+def _instance_uids(root: Path) -> set[str]:
+    """Every UID-valued element of every file, except class and transfer-syntax UIDs (constants)."""
+    uids: set[str] = set()
+
+    def collect(dataset: pydicom.Dataset) -> None:
+        for element in dataset.iterall():
+            if element.VR != "UI" or element.keyword.endswith(("ClassUID", "TransferSyntaxUID")):
+                continue
+            if element.keyword == "CodingSchemeUID":
+                continue
+            values = element.value if element.VM > 1 else [element.value]
+            uids.update(str(v) for v in values if v)
+
+    for path in root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        collect(ds.file_meta)
+        collect(ds)
+    return uids
+
+
+def test_two_exports_share_no_uids(tmp_path):
+    case = make_case(tmp_path / "synth_out")
+    first = export_cases([case], tmp_path / "a", "dicom")[0]
+    second = export_cases([case], tmp_path / "b", "dicom")[0]
+    assert first.name == second.name  # the case id is deterministic ...
+    uids_a, uids_b = _instance_uids(first), _instance_uids(second)
+    assert len(uids_a) > 4 * SHAPE[0] and len(uids_b) == len(uids_a)
+    assert uids_a.isdisjoint(uids_b)  # ... every UID is fresh
+
+
+# --- de-identification -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "dicom"])
+def test_no_source_identifier_anywhere(fmt, tmp_path, capsys):
+    """A case made from a real case whose files carry a name, an MRN and a hospital path."""
+    source_dir = tmp_path / "hospital" / "Doe^John_MRN12345"
+    _, labels = _phantom()
+    provenance = _provenance(labels, patient_name="Doe^John MRN12345",
+                             source_path=str(source_dir / "Doe^John_MRN12345_t1.nii.gz"))
+    provenance["edits"][1]["params"]["reference"] = str(source_dir / "seg.nii.gz")
+    provenance["edits"][1]["params"]["source_tumour_path"] = str(source_dir / "seg.nii.gz")
+    provenance["edits"][2]["params"]["source"] = "Doe^John MRN12345"
+    provenance["edits"].append({"name": "translate", "params": {"offset_ras_mm": [1, 0, 0]},
+                                "schema_version": 1, "note": "from Doe^John MRN12345"})
+    provenance["model"]["name"] = "Doe^John MRN12345"
+    provenance["software"]["hospital-pacs"] = "MRN12345"
+    case = make_case(source_dir / "synth_out", descrip=b"Doe^John MRN12345", provenance=provenance)
+    assert b"Doe^John MRN12345" in bytes(nib.load(str(case / "t1.nii.gz")).header["descrip"])
+
+    out = tmp_path / "export"
+    rc, _, err = run(["export", case, "--format", fmt, "-o", out], capsys)
+    assert rc == 0, err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for path in files:
+        relative = str(path.relative_to(out)).encode()
+        data = path.read_bytes()
+        contents = [relative, data] + ([gzip.decompress(data)] if path.name.endswith(".gz") else [])
+        for blob in contents:
+            for word in IDENTIFIERS:
+                assert word not in blob, f"{word!r} found in {path.relative_to(out)}"
+    exported_provenance = json.loads((_case_dir(out) / "provenance.json").read_text())
+    assert exported_provenance["export"]["removed_fields"] >= 7
+    assert exported_provenance["model"]["name"] == "unnamed"
+    assert exported_provenance["edits"][1]["params"] == {"offset_ras_mm": [4.0, -2.0, 1.5]}
+
+
+def test_sanitise_provenance_whitelist():
+    grid = Grid((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    raw = _provenance(np.zeros((2, 2, 2), np.uint8), acquisition_date="20190304", patient={"name": "X"})
+    raw["edits"].append({"name": "parametric_tumour", "params": {"center_ras_mm": [1.0, 2.0, 3.0], "seed": 3,
+                                                                "file": "a.nii.gz", "radii_mm": [5, 5, 5]}})
+    raw["edits"].append({"name": "rm -rf /", "params": {"x": 1}})
+    raw["edits"][0]["params"]["convention"] = "C:\\data\\Doe.nii"
+    raw["edits"][1]["params"]["offset_ras_mm"] = [1.0, "/home/x", 2.0]
+    clean, removed = sanitise_provenance(raw, grid)
+    assert set(clean) == {"kind", "synthetic", "label_schema_version", "model", "labels_sha256", "edits", "seed",
+                          "device", "precision", "grid", "software", "timings_s"}
+    assert clean["edits"][0]["params"] == {"label_convention": "brats2021",
+                                           "anatomy_model": {"beta": 2.0, "iterations": 6,
+                                                             "name": "kmeans-gaussian-mrf"}}
+    assert clean["edits"][1]["params"] == {}
+    assert clean["edits"][3]["params"] == {"center_ras_mm": [1.0, 2.0, 3.0], "seed": 3, "radii_mm": [5, 5, 5]}
+    assert clean["edits"][4] == {"name": "unrecognised", "params": {}, "schema_version": 1}
+    assert removed == 7  # 2 unknown top-level, source, file, bad edit, convention path, offset with a path
+    text = json.dumps(clean)
+    for word in ("Doe", "home", "20190304", "a.nii.gz", "BraTS2021_00012", "rm -rf"):
+        assert word not in text
+
+
+# --- case ids, batch, overwrite ------------------------------------------------------------------
+
+
+def test_case_id_is_generated_not_from_folder_names(tmp_path, capsys):
+    a = make_case(tmp_path / "Patient_ZX81" / "out")
+    b = make_case(tmp_path / "other" / "renamed_copy")
+    id_a = read_synthetic_case(a).case_id
+    assert id_a == read_synthetic_case(b).case_id  # content, not the folder, decides
+    assert id_a.startswith("SYNTH-") and "ZX81" not in id_a and "out" not in id_a
+    rc, _, err = run(["export", a, "--format", "dicom", "--case-id", "TRIAL-007", "-o", tmp_path / "exp"], capsys)
+    assert rc == 0, err
+    ds = pydicom.dcmread(next((tmp_path / "exp" / "TRIAL-007" / "T1").glob("*.dcm")), stop_before_pixels=True)
+    assert ds.PatientID == "TRIAL-007" and str(ds.PatientName) == "SYNTHETIC^TRIAL-007"
+
+
+def test_batch_export_with_progress(tmp_path, capsys):
+    first = make_case(tmp_path / "c1")
+    second = make_case(tmp_path / "c2", scale=1.5)
+    rc, out, err = run(["export", first, second, "--format", "nifti", "--naming", "brats2023",
+                        "-o", tmp_path / "exp"], capsys)
+    assert rc == 0, err
+    cases = sorted(p for p in (tmp_path / "exp").iterdir())
+    assert len(cases) == 2 and all(p.name.startswith("SYNTH-") for p in cases)
+    assert len(out.splitlines()) == 2
+    for case in cases:
+        assert (case / f"{case.name}-t2f.nii.gz").is_file() and (case / f"{case.name}-seg.nii.gz").is_file()
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{case.name}-seg.nii.gz"))))) \
+            == {0, 1, 2, 3}
+
+
+def test_overwrite(tmp_path, capsys):
+    case = make_case(tmp_path / "synth_out")
+    argv = ["export", case, "--format", "nifti", "-o", tmp_path / "exp"]
+    assert run(argv, capsys)[0] == 0
+    folder = _case_dir(tmp_path / "exp")
+    (folder / "stale.txt").write_text("old")
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and "--overwrite" in err and (folder / "stale.txt").exists()
+    rc, _, err = run(argv + ["--overwrite"], capsys)
+    assert rc == 0, err
+    assert not (folder / "stale.txt").exists() and (folder / f"{folder.name}_t1.nii.gz").is_file()
+    assert _hidden(tmp_path / "exp") == []
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _missing_modality(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    (case / "t2.nii.gz").unlink()
+    return [case], tmp / "exp", "missing modality t2"
+
+
+def _different_grids(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    flair = sitk.ReadImage(str(case / "flair.nii.gz"))
+    flair.SetOrigin((12.0, -20.0, 5.0))
+    sitk.WriteImage(flair, str(case / "flair.nii.gz"), useCompression=True)
+    return [case], tmp / "exp", "not on the grid of labels.nii.gz: origin"
+
+
+def _resized(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    t1 = sitk.ReadImage(str(case / "t1.nii.gz"))
+    sitk.WriteImage(t1[:, :, :-2], str(case / "t1.nii.gz"), useCompression=True)
+    return [case], tmp / "exp", "size"
+
+
+def _target_under_a_file(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    (tmp / "a_file").write_text("x")
+    return [case], tmp / "a_file" / "exp", "not a folder"
+
+
+def _not_synthetic(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    (case / "provenance.json").write_text(json.dumps({"kind": "medsynth-demo"}))
+    return [case], tmp / "exp", "only synthetic cases can be exported"
+
+
+def _labels_changed(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    labels = sitk.ReadImage(str(case / "labels.nii.gz"))
+    array = sitk.GetArrayFromImage(labels)
+    array[array == Label.ET] = Label.NCR
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(labels)
+    sitk.WriteImage(edited, str(case / "labels.nii.gz"), useCompression=True)
+    return [case], tmp / "exp", "labels_sha256 differs"
+
+
+def _batch_one_bad(tmp: Path):
+    good = make_case(tmp / "good")
+    bad = make_case(tmp / "bad", scale=2.0)
+    (bad / "flair.nii.gz").unlink()
+    return [good, bad], tmp / "exp", "missing modality flair"
+
+
+def _other_schema(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    provenance = json.loads((case / "provenance.json").read_text())
+    (case / "provenance.json").write_text(json.dumps(dict(provenance, label_schema_version=99)))
+    return [case], tmp / "exp", "schema version 99"
+
+
+def _bad_case_id(tmp: Path):
+    return [make_case(tmp / "synth_out"), "--case-id", "../Doe"], tmp / "exp", "case id"
+
+
+BAD = [_missing_modality, _different_grids, _resized, _target_under_a_file, _not_synthetic, _labels_changed,
+       _batch_one_bad, _other_schema, _bad_case_id]
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "dicom"])
+@pytest.mark.parametrize("build", BAD, ids=lambda f: f.__name__.strip("_"))
+def test_bad_input(build, fmt, tmp_path, capsys):
+    inputs, target, words = build(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc, out, err = run(["export", *inputs, "--format", fmt, "-o", target], capsys)
+    assert rc == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medsynth: error:") and words in lines[0], err
+    assert not target.exists()
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, no temporary folders
+
+
+def test_non_writable_target(tmp_path, capsys, monkeypatch):
+    case = make_case(tmp_path / "synth_out")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode))
+    rc, _, err = run(["export", case, "--format", "dicom", "-o", locked / "exp"], capsys)
+    assert rc == 2 and err.startswith("medsynth: error:") and "not writable" in err and len(err.splitlines()) == 1
+    assert list(locked.iterdir()) == []
+
+
+def test_existing_target_is_kept_without_overwrite(tmp_path, capsys):
+    case = make_case(tmp_path / "synth_out")
+    cid = read_synthetic_case(case).case_id
+    target = tmp_path / "exp" / cid
+    target.mkdir(parents=True)
+    (target / "mine.txt").write_text("keep")
+    rc, _, err = run(["export", case, "--format", "dicom", "-o", tmp_path / "exp"], capsys)
+    assert rc == 2 and "already exists" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert [p.name for p in target.iterdir()] == ["mine.txt"] and _hidden(tmp_path / "exp") == []
+
+
+def test_naming_only_for_nifti(tmp_path, capsys):
+    case = make_case(tmp_path / "synth_out")
+    rc, _, err = run(["export", case, "--format", "dicom", "--naming", "brats2023", "-o", tmp_path / "x"], capsys)
+    assert rc == 2 and "--naming" in err and not (tmp_path / "x").exists()
