@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -262,8 +263,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if overrides:
         config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    model = train(args.data, args.output, config, resume=args.resume, device=args.device, command=command)
-    print(f"{model}: model written")
+    model = train(args.data, args.output, config, resume=args.resume, device=args.device, command=command,
+                  cache_dir=args.cache)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line (rank 0 wrote the model)
+        print(f"{model}: model written")
     return 0
 
 
@@ -480,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--cache", type=Path, help="folder of prepared cases to share between runs (default RUN_DIR/cache)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

@@ -94,8 +94,17 @@ class Synthesizer:
                 return self.generator(onehot).float()
             from monai.inferers import sliding_window_inference
 
-            return sliding_window_inference(onehot, (roi,) * self.network.spatial_dims, sw_batch_size=1,
-                                            predictor=lambda x: self.generator(x).float(), overlap=0.25,
+            # A window larger than the input would make MONAI pad it with zeros, and an all-zero
+            # one-hot voxel is no label at all (not background): keep windows inside the input,
+            # which predict() has already padded to the size multiple with background.
+            roi_size = tuple(min(roi, int(s)) for s in onehot.shape[2:])
+            # Window steps must be multiples of the network's size step, or neighbouring windows
+            # see different pooling grids: 0.25 overlap of 128 steps 96, otherwise use 0.5.
+            multiple = self.network.size_multiple
+            overlap = 0.25 if all((r - r * 3 // 4) % multiple == 0 and (r * 3 // 4) % multiple == 0
+                                  for r in roi_size) else 0.5
+            return sliding_window_inference(onehot, roi_size, sw_batch_size=1,
+                                            predictor=lambda x: self.generator(x).float(), overlap=overlap,
                                             mode="gaussian").float()
 
     def predict(self, labels: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:
@@ -127,7 +136,7 @@ class Synthesizer:
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 smaller = self.roi if roi is None else roi // 2
-                if smaller >= 32:
+                if smaller >= max(32, self.network.size_multiple) and smaller % self.network.size_multiple == 0:
                     self.log(f"GPU out of memory: retrying with {smaller}^3 sliding windows")
                     roi = smaller
                     continue

@@ -95,7 +95,7 @@ class SynthesisEngine:
         the new output is used as is, and over the outer half it is feathered
         linearly into the previous result so no seam shows.
         """
-        from .inference import to_scanner_units
+        from .inference import brain_box, to_scanner_units
         from .provenance import array_sha256
 
         if edited.grid != previous.labelmap.grid:
@@ -106,17 +106,22 @@ class SynthesisEngine:
         if changed.any():
             idx = np.argwhere(changed)
             multiple = self.network.size_multiple
-            lo = np.maximum(idx.min(0) - margin, 0)
-            hi = np.minimum(idx.max(0) + 1 + margin, edited.array.shape)
-            # Grow to the network's size multiple where the volume allows.
-            for axis in range(3):
-                extra = (-(hi[axis] - lo[axis])) % multiple
-                grow_hi = min(extra, edited.array.shape[axis] - hi[axis])
-                hi[axis] += grow_hi
-                lo[axis] = max(lo[axis] - (extra - grow_hi), 0)
+            # synthesize() runs the network on the brain box, padded at its end to the size
+            # multiple.  Keep the region inside that box and on the same stride lattice (start a
+            # multiple away from the box start), so the U-Net's down-sampling sees the voxels in
+            # the same phase as a full synthesis; another phase gives visibly different output.
+            full = brain_box(edited.array)
+            first = np.array([s.start for s in full])
+            last = np.array([s.stop for s in full])
+            lo = np.maximum(idx.min(0) - margin, first)
+            lo -= (lo - first) % multiple
+            hi = np.minimum(idx.max(0) + 1 + margin, last)
+            hi = np.minimum(lo + -(-(hi - lo) // multiple) * multiple, last)
             box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-            region = self.synth.predict(edited.array[box])
-            weight = _feather(tuple(int(b - a) for a, b in zip(lo, hi)), lo, hi, edited.array.shape, margin // 2)
+            region = self.synth.predict(edited.array, box)[(slice(None),) + box]
+            # No feathering at faces on the brain box: the full synthesis has no context there either.
+            weight = _feather(tuple(int(b - a) for a, b in zip(lo, hi)), lo - first, hi - first,
+                              tuple(int(v) for v in last - first), margin // 2)
             normalized[(slice(None),) + box] = weight * region + (1 - weight) * normalized[(slice(None),) + box]
             normalized[:, edited.array == Label.BACKGROUND] = -1.0
         images = to_scanner_units(normalized, edited.array, self.model.config["intensity"],

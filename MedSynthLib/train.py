@@ -72,6 +72,11 @@ class TrainConfig:
             raise InputError(source, f"unknown training options {sorted(unknown)}")
         data = dict(data)
         if "network" in data:
+            # NetworkConfig.from_json ignores unknown keys (model configs from newer versions);
+            # in a training config a misspelt architecture key must not be dropped silently.
+            unknown = set(data["network"]) - set(NetworkConfig.__dataclass_fields__)
+            if unknown:
+                raise InputError(source, f"unknown network options {sorted(unknown)}")
             data["network"] = NetworkConfig.from_json(data["network"])
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
@@ -226,8 +231,12 @@ def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, 
 
 
 def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = False, device: str = "auto",
-          command: str = "", progress: bool = True) -> Path:
-    """Train a model; returns the exported model folder ``RUN_DIR/model``."""
+          command: str = "", progress: bool = True, cache_dir: Path | None = None) -> Path:
+    """Train a model; returns the exported model folder ``RUN_DIR/model``.
+
+    ``cache_dir`` (default ``RUN_DIR/cache``) holds the prepared cases; several
+    runs on the same data (folds, ablations) can share one.
+    """
     from .inference import pick_device, pick_precision
 
     dev = pick_device(device)
@@ -256,7 +265,7 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     train_folders = [f for f in folders if f.name not in val_names]
     if not train_folders:
         raise InputError(data, "no training cases left after holding out the validation cases")
-    cache = run_dir / "cache"
+    cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -345,6 +354,9 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
                 loss_adv = generator_adversarial_loss(config.adversarial, score)
                 loss_g = loss_g + loss_adv
                 logs["loss/generator_adversarial"] = loss_adv.item()
+            if not torch.isfinite(loss_g.detach()):
+                raise MedSynthError(f"{run_dir}: the generator loss became {float(loss_g)} at step {step + 1}; "
+                                    "the run stops here (try --precision fp32 or a lower lr) and exports nothing")
             scaler.scale(loss_g).backward()
             scaler.step(opt_g)
             scaler.update()

@@ -1,0 +1,478 @@
+"""Synthesis: model folders and the registry, ``medsynth synthesize``, sliding windows, re-rendering.
+
+A tiny generator with random weights (channels (4, 8), one stride-2 level) is
+written once per session through :func:`MedSynthLib.models.write_model`; its
+outputs are meaningless images but exercise every path exactly like a trained
+model's.  Label maps are synthetic brains on odd, anisotropic, oblique grids.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedSynthLib.cli import main
+from MedSynthLib.edits import Translate
+from MedSynthLib.errors import InputError, MedSynthError
+from MedSynthLib.grid import Grid, LabelMap
+from MedSynthLib.inference import Synthesizer, pick_device, pick_precision
+from MedSynthLib.labelmaps import write_label_map
+from MedSynthLib.labels import Label
+from MedSynthLib.models import file_sha256, load_generator, resolve_model, write_model
+from MedSynthLib.networks import MODALITY_ORDER, Generator, NetworkConfig
+from MedSynthLib.provenance import array_sha256
+from MedSynthLib.synthesize import OUTPUT_NAMES, SynthesisEngine
+
+NETWORK = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
+INTENSITY = {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}
+
+def _oblique_direction() -> tuple[float, ...]:
+    """A proper rotation: 20 degrees about z, then 12 degrees about x."""
+    a, b = np.deg2rad(20.0), np.deg2rad(12.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return tuple(float(v) for v in (rx @ rz).ravel())
+
+
+DIRECTION = _oblique_direction()
+
+
+def synthetic_brain(size=(37, 45, 41), spacing=(0.9, 1.1, 1.7), origin=(3.5, -20.25, 11.0),
+                    direction=DIRECTION, tumour_at=(0.62, 0.5, 0.5)) -> LabelMap:
+    """Ellipsoid brain (WM core, GM shell, CSF rim and ventricle) with an NCR/ET/ED tumour."""
+    grid = Grid(tuple(size), tuple(spacing), tuple(origin), tuple(direction))
+    extent = np.asarray(size, float)
+    k, j, i = np.indices(grid.shape, dtype=float)
+    idx = (i, j, k)
+    centre = (extent - 1) / 2
+    r = np.sqrt(sum(((idx[a] - centre[a]) / (0.42 * extent[a])) ** 2 for a in range(3)))
+    labels = np.zeros(grid.shape, np.uint8)
+    labels[r < 1.0] = Label.CSF
+    labels[r < 0.9] = Label.GM
+    labels[r < 0.72] = Label.WM
+    labels[np.sqrt(sum(((idx[a] - centre[a]) / (0.08 * extent[a])) ** 2 for a in range(3))) < 1] = Label.CSF
+    c = np.asarray(tumour_at) * (extent - 1)
+    d = np.sqrt(sum(((idx[a] - c[a]) * spacing[a]) ** 2 for a in range(3)))
+    for value, radius in ((Label.ED, 9.0), (Label.ET, 6.0), (Label.NCR, 3.5)):
+        labels[(d < radius) & (labels > 0)] = value
+    return LabelMap(labels, grid)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir: Path) -> Path:
+    """A verified model folder holding a random-weight tiny generator."""
+    torch.manual_seed(2018)
+    generator = Generator(NETWORK)
+    state = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
+    config = {"name": "tiny", "description": "random weights for tests", "network": NETWORK.to_json(),
+              "intensity": INTENSITY}
+    return write_model(models_dir / "tiny", state, config)
+
+
+def copy_model(model: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(model, dest))
+
+
+def tamper_weights(model: Path) -> None:
+    path = model / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight
+    path.write_bytes(bytes(data))
+
+
+def set_schema(model: Path, version: int) -> None:
+    path = model / "config.json"
+    config = json.loads(path.read_text())
+    config["label_schema_version"] = version
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture()
+def engine(tiny_model: Path) -> SynthesisEngine:
+    return SynthesisEngine(resolve_model(tiny_model), device="cpu", precision="fp32")
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def test_model_folder_is_verified(tiny_model: Path) -> None:
+    model = resolve_model(tiny_model)
+    assert model.name == "tiny"
+    assert model.sha256 == file_sha256(tiny_model / "weights.safetensors") == model.config["weights_sha256"]
+    assert model.config["format"] == "medsynth-model" and model.config["label_schema_version"] == 1
+    generator = load_generator(model)
+    assert not generator.training
+    assert NetworkConfig.from_json(model.config["network"]) == NETWORK
+
+
+def test_tampered_weights_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "tampered")
+    tamper_weights(model)
+    with pytest.raises(InputError, match="sha256") as caught:
+        resolve_model(model)
+    assert "weights.safetensors" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_other_label_schema_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "schema99")
+    set_schema(model, 99)
+    with pytest.raises(InputError, match="schema") as caught:
+        resolve_model(model)
+    assert "99" in str(caught.value)
+
+
+def test_missing_model_folder_and_files(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such model"):
+        resolve_model(tmp_path / "nowhere")
+    model = copy_model(tiny_model, tmp_path / "noweights")
+    (model / "weights.safetensors").unlink()
+    with pytest.raises(InputError, match="model file missing"):
+        resolve_model(model)
+
+
+def test_models_command_lists_the_registry(tiny_model: Path, models_dir: Path, monkeypatch, capsys) -> None:
+    sha = file_sha256(tiny_model / "weights.safetensors")
+    registry = {"default": "tiny", "models": {
+        "tiny": {"path": "tiny", "sha256": sha},
+        "stale": {"path": "tiny", "sha256": "0" * 64},
+    }}
+    root = models_dir
+    (root / "registry.json").write_text(json.dumps(registry))
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(root))
+    try:
+        assert main(["models"]) == 0
+        out = capsys.readouterr().out
+        blocks: dict[str, str] = {}
+        for line in out.splitlines():
+            if not line.startswith(" "):
+                current = line
+                blocks[current] = ""
+            else:
+                blocks[current] += line.strip() + "\n"
+        assert set(blocks) == {"tiny (default)", "stale"}
+        assert f"sha256   {sha}" in blocks["tiny (default)"]
+        assert "status   ok" in blocks["tiny (default)"]
+        assert "about    random weights for tests" in blocks["tiny (default)"]
+        assert f"folder   {root / 'tiny'}" in blocks["tiny (default)"]
+        assert "status   BROKEN" in blocks["stale"] and "does not match the registry" in blocks["stale"]
+
+        # The registry also resolves names, and the default without a name.
+        assert resolve_model("tiny").sha256 == sha
+        assert resolve_model(None).name == "tiny"
+        with pytest.raises(InputError, match="registry"):
+            resolve_model("stale")
+    finally:
+        (root / "registry.json").unlink()
+
+
+# --- synthesis on odd grids -------------------------------------------------------------------------
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert a.GetSpacing() == b.GetSpacing()
+    assert a.GetOrigin() == b.GetOrigin()
+    assert a.GetDirection() == b.GetDirection()
+
+
+@pytest.mark.parametrize("size, spacing", [((37, 45, 41), (0.9, 1.1, 1.7)), ((33, 40, 19), (1.2, 0.8, 3.0))])
+def test_synthesize_command_on_odd_grids(tiny_model: Path, tmp_path: Path, capsys, size, spacing) -> None:
+    labelmap = Translate((3.0, -2.0, 2.0)).apply(synthetic_brain(size, spacing))  # a history to record
+    labels_path = write_label_map(labelmap, tmp_path / "in" / "labels.nii.gz")
+    out = tmp_path / "case"
+    argv = ["synthesize", str(labels_path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+            "--precision", "fp32", "--seed", "7"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith(f"{out}: t1, t1ce, t2, flair, labels")
+
+    assert {p.name for p in out.iterdir()} >= {f"{m}.nii.gz" for m in OUTPUT_NAMES} | {
+        "labels.nii.gz", "provenance.json"}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    source = sitk.ReadImage(str(labels_path))
+    written_labels = sitk.ReadImage(str(out / "labels.nii.gz"))
+    # Every output carries the label map's grid bit for bit.  Against the input file, NIfTI
+    # stores an oblique direction as a float32 quaternion, and rewriting a direction read
+    # from one can move it by ~1e-8 (not idempotent): equal within ITK's tolerance there.
+    assert Grid.from_image(source).difference(Grid.from_image(written_labels), rtol=1e-6, atol_mm=1e-6) is None
+    assert written_labels.GetSize() == source.GetSize() and written_labels.GetSpacing() == source.GetSpacing()
+    assert np.allclose(written_labels.GetDirection(), source.GetDirection(), rtol=0, atol=1e-6)
+    labels = sitk.GetArrayFromImage(written_labels)
+    assert np.array_equal(labels, labelmap.array)
+    brain = labels > 0
+    for modality in OUTPUT_NAMES:
+        image = sitk.ReadImage(str(out / f"{modality}.nii.gz"))
+        _same_grid(image, written_labels)
+        assert image.GetPixelID() == sitk.sitkFloat32
+        array = sitk.GetArrayFromImage(image)
+        assert np.all(array[~brain] == 0.0), modality
+        assert array[brain].min() >= INTENSITY[modality]["low"] and array[brain].max() <= INTENSITY[modality]["high"]
+        assert np.all(np.isfinite(array)) and array[brain].std() > 0
+
+    provenance = json.loads((out / "provenance.json").read_text())
+    model = resolve_model(tiny_model)
+    assert provenance["synthetic"] is True and provenance["label_schema_version"] == 1
+    assert provenance["model"] == {"name": "tiny", "sha256": model.sha256}
+    assert provenance["labels_sha256"] == array_sha256(labelmap.array) == array_sha256(labels)
+    assert provenance["edits"] == json.loads(json.dumps(labelmap.history))
+    assert provenance["edits"][-1]["name"] == "translate"
+    assert provenance["seed"] == 7
+    assert provenance["device"] == "cpu" and provenance["precision"] == "fp32"
+    assert {"medsynth", "torch", "monai", "SimpleITK", "numpy"} <= set(provenance["software"])
+    assert {"load_model", "network", "total"} <= set(provenance["timings_s"])
+    assert Grid.from_json(provenance["grid"]) == Grid.from_image(source)  # the grid as read, unchanged
+
+
+def test_synthesis_is_deterministic_and_bf16_close(tiny_model: Path) -> None:
+    labelmap = synthetic_brain()
+    fp32 = SynthesisEngine(resolve_model(tiny_model), "cpu", "fp32")
+    a = fp32.synthesize(labelmap, seed=1)
+    b = fp32.synthesize(labelmap, seed=2)
+    assert np.array_equal(a.normalized, b.normalized)
+    bf16 = SynthesisEngine(resolve_model(tiny_model), "cpu", "auto")
+    assert bf16.synth.precision == "bf16"
+    c = bf16.synthesize(labelmap)
+    diff = float(np.abs(c.normalized - a.normalized).max())
+    print(f"\nbf16 vs fp32 synthesis: max |diff| {diff:.4f} (normalised units)")
+    assert np.isfinite(c.normalized).all() and diff < 0.1
+
+
+# --- sliding windows --------------------------------------------------------------------------------
+
+
+def test_sliding_window_matches_whole_volume(tiny_model: Path) -> None:
+    labelmap = synthetic_brain()
+    generator = load_generator(resolve_model(tiny_model))
+    whole = Synthesizer(generator, NETWORK).predict(labelmap.array)
+    windows = Synthesizer(generator, NETWORK, max_voxels=1, roi=16).predict(labelmap.array)
+    brain = labelmap.array > 0
+    diff = np.abs(windows - whole)
+    print(f"\nsliding window (16^3) vs whole volume: max |diff| {diff.max():.4f}, "
+          f"mean over the brain {diff[:, brain].mean():.5f} (normalised units)")
+    for out in (whole, windows):
+        assert out.shape == (4,) + labelmap.array.shape
+        assert np.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+        assert np.all(out[:, ~brain] == -1)
+    assert diff.max() < 0.5
+    assert diff[:, brain].mean() < 0.05
+
+    # A window larger than the (padded) brain box is one whole-box window: the same output.
+    # (MONAI would pad such an input with zeros, an all-zero one-hot that is no label at all.)
+    big = Synthesizer(generator, NETWORK, max_voxels=1, roi=64).predict(labelmap.array)
+    big_diff = float(np.abs(big - whole).max())
+    print(f"sliding window (64^3, larger than the box) vs whole volume: max |diff| {big_diff:.2e}")
+    assert big_diff < 1e-5
+
+
+# --- re-rendering after an edit ---------------------------------------------------------------------
+
+
+def test_rerender_matches_full_synthesis(engine: SynthesisEngine) -> None:
+    labelmap = synthetic_brain(size=(61, 67, 57), spacing=(1.0, 0.9, 1.3), tumour_at=(0.6, 0.45, 0.55))
+    previous = engine.synthesize(labelmap)
+    edited = Translate((5.0, 4.0, -3.0)).apply(labelmap)
+    changed = edited.array != labelmap.array
+    assert changed.any()
+    margin = 12
+    partial = engine.rerender(previous, edited, margin=margin)
+    full = engine.synthesize(edited)
+
+    diff = np.abs(partial.normalized - full.normalized)
+    # Outside the re-rendered box (the changed voxels' box plus the margin, grown by at most the
+    # size multiple to sit on the network's stride lattice) the result is the previous one, and
+    # the tiny network's receptive field is smaller than the margin: identical to a full run.
+    grow = margin + NETWORK.size_multiple
+    idx = np.argwhere(changed)
+    lo, hi = np.maximum(idx.min(0) - grow, 0), idx.max(0) + 1 + grow
+    outside = np.ones(changed.shape, bool)
+    outside[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = False
+    assert outside.any()
+    assert np.array_equal(partial.normalized[:, outside], full.normalized[:, outside])
+    for m in OUTPUT_NAMES:
+        assert np.array_equal(partial.images[m][outside], full.images[m][outside])
+    inside = float(diff[:, changed].max())
+    print(f"\nre-render vs full synthesis: {int(changed.sum())} changed voxels, max |diff| inside them "
+          f"{inside:.2e}, anywhere {diff.max():.2e} (normalised units)")
+    assert inside < 1e-4
+    assert diff.max() < 0.25  # the feathered edge of the box blends two valid outputs
+    assert np.all(partial.normalized[:, edited.array == 0] == -1)
+    assert np.all(partial.images["t1"][edited.array == 0] == 0)
+    assert partial.provenance["labels_sha256"] == array_sha256(edited.array)
+    assert partial.provenance["edits"] == edited.history
+    assert "rerender" in partial.provenance["timings_s"]
+
+    # Nothing changed: nothing re-rendered.
+    same = engine.rerender(previous, labelmap)
+    assert np.array_equal(same.normalized, previous.normalized)
+    # Another grid is refused.
+    other = synthetic_brain(size=(61, 67, 57), spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(MedSynthError, match="grid"):
+        engine.rerender(previous, other)
+
+
+# --- bad input for `medsynth synthesize` ----------------------------------------------------------
+
+
+def _write_array(array: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path), useCompression=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_labels(tmp_path_factory) -> Path:
+    return write_label_map(synthetic_brain(), tmp_path_factory.mktemp("good") / "labels.nii.gz")
+
+
+def bad_values(tmp, good, model):
+    array = synthetic_brain().array.astype(np.int16)
+    array[20, 20, 20] = 9
+    return [_write_array(array, tmp / "bad_values.nii.gz"), "--model", model], "outside the MedSynth schema"
+
+
+def empty_brain(tmp, good, model):
+    return [_write_array(np.zeros((20, 22, 24), np.uint8), tmp / "empty.nii.gz"), "--model", model], "empty brain"
+
+
+def two_d(tmp, good, model):
+    return [_write_array(np.ones((30, 40), np.uint8), tmp / "flat.nii.gz"), "--model", model], "3D"
+
+
+def wrong_hash(tmp, good, model):
+    folder = copy_model(model, tmp / "tampered")
+    tamper_weights(folder)
+    return [good, "--model", folder], "sha256"
+
+
+def schema_mismatch(tmp, good, model):
+    folder = copy_model(model, tmp / "schema")
+    set_schema(folder, 99)
+    return [good, "--model", folder], "schema"
+
+
+def missing_model(tmp, good, model):
+    return [good, "--model", tmp / "no_model"], "no such model"
+
+
+def no_registered_default(tmp, good, model):
+    return [good], "no default model"
+
+
+def cuda_device(tmp, good, model):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    return [good, "--model", model, "--device", "cuda"], "CUDA is not available"
+
+
+def fp16_on_cpu(tmp, good, model):
+    return [good, "--model", model, "--device", "cpu", "--precision", "fp16"], "fp16"
+
+
+def missing_labels(tmp, good, model):
+    return [tmp / "gone.nii.gz", "--model", model], "not found"
+
+
+BAD = [bad_values, empty_brain, two_d, wrong_hash, schema_mismatch, missing_model, no_registered_default,
+       cuda_device, fp16_on_cpu, missing_labels]
+
+
+@pytest.mark.parametrize("build", BAD, ids=[f.__name__ for f in BAD])
+def test_synthesize_bad_input(build, tiny_model: Path, good_labels: Path, tmp_path: Path, monkeypatch,
+                              capsys) -> None:
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "empty_registry"))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    args, words = build(inputs, good_labels, tiny_model)
+    out_parent = tmp_path / "results"
+    out_parent.mkdir()
+    out = out_parent / "case"
+    status = main(["synthesize", *[str(a) for a in args], "-o", str(out)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert status == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("medsynth: error: ") and words in lines[0], lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not out.exists()
+    assert list(out_parent.iterdir()) == []  # no temporary folders beside the output either
+
+
+def test_synthesize_refuses_existing_output(tiny_model: Path, good_labels: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "case"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    argv = ["synthesize", str(good_labels), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medsynth: error: ") and "already exists" in lines[0]
+    assert "Traceback" not in captured.err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+    # --overwrite replaces it atomically.
+    assert main(argv + ["--overwrite"]) == 0
+    capsys.readouterr()
+    assert "mine.txt" not in {p.name for p in out.iterdir()} and (out / "t1.nii.gz").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+
+
+# --- devices, precisions, metrics -----------------------------------------------------------------
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    accelerated = torch.cuda.is_available() or torch.backends.mps.is_available()
+    if not accelerated:
+        assert pick_device("auto") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MedSynthError, match="CUDA is not available"):
+            pick_device("cuda")
+        with pytest.raises(MedSynthError, match="CUDA is not available"):
+            pick_device("cuda:1")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(MedSynthError, match="MPS"):
+            pick_device("mps")
+    with pytest.raises(MedSynthError, match="unknown device"):
+        pick_device("tpu")
+
+
+def test_pick_precision() -> None:
+    cpu = torch.device("cpu")
+    assert pick_precision("auto", cpu) == "bf16"
+    assert pick_precision("fp32", cpu) == "fp32"
+    assert pick_precision("bf16", cpu) == "bf16"
+    with pytest.raises(MedSynthError, match="fp16 is not supported on the CPU"):
+        pick_precision("fp16", cpu)
+    with pytest.raises(MedSynthError, match="choose from"):
+        pick_precision("fp64", cpu)
+    assert pick_precision("fp16", torch.device("cuda", 0)) == "fp16"  # allowed on GPUs (not checked here)
+
+
+def test_fidelity_metrics() -> None:
+    from MedSynthLib.metrics import fidelity, ssim_map
+
+    rng = np.random.default_rng(0)
+    labelmap = synthetic_brain()
+    brain = labelmap.array > 0
+    real = np.where(brain, labelmap.array * 100.0 + rng.normal(0, 10, brain.shape), 0).astype(np.float32)
+    same = fidelity(real, real.copy(), brain, {"tumour": labelmap.array >= Label.NCR})
+    assert same["brain"]["ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert same["brain"]["mae"] == 0 and same["brain"]["psnr"] == float("inf")
+    assert same["tumour"]["voxels"] == int((labelmap.array >= Label.NCR).sum())
+    noisy = fidelity(real, real + rng.normal(0, 40, real.shape).astype(np.float32), brain)
+    assert noisy["brain"]["ssim"] < 0.99 and noisy["brain"]["mae"] > 0 and np.isfinite(noisy["brain"]["psnr"])
+    # Scale and offset do not matter (z-scored inside the brain).
+    scaled = fidelity(real, np.where(brain, real * 3 + 50, 0).astype(np.float32), brain)
+    assert scaled["brain"]["mae"] < 1e-5
+    assert ssim_map(real[:10, :12, :14], real[:10, :12, :14]).shape == (10, 12, 14)

@@ -1,0 +1,363 @@
+"""Training (``medsynth train``): outputs, no pickles, exact resume after kill -9, DDP, and the pieces.
+
+Everything runs on three small phantom cases (BraTS 2021 naming) with a tiny
+network (channels (4, 8), one stride-2 level, 16^3 patches) and one CPU thread,
+so a run takes seconds, most of it start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, phantom, write_volume
+from MedSynthLib.cli import main
+from MedSynthLib.errors import InputError
+from MedSynthLib.networks import NetworkConfig
+from MedSynthLib.train import (TrainConfig, discriminator_loss, generator_adversarial_loss,
+                               learning_rate)
+
+CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
+VAL_CASE = CASE_IDS[2]
+TINY_NETWORK = {"channels": [4, 8], "strides": [2], "num_res_units": 1, "disc_channels": 4, "disc_layers": 2}
+MICRO = {"network": TINY_NETWORK, "patch_size": 16, "steps": 6, "checkpoint_every": 2, "val_every": 6,
+         "log_every": 1, "threads": 1, "val_cases": [VAL_CASE], "precision": "fp32"}
+CHECKPOINT_FILES = ("generator", "discriminator", "optimizer_g", "optimizer_d")
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+
+
+def bf16_network() -> dict:
+    """The tiny network for bf16 runs: one discriminator layer instead of two.
+
+    With two layers on a 16^3 patch the discriminator's last convolution maps a 3^3
+    feature map to 2^3 with a 4^3 kernel, and torch 2.13's oneDNN bf16 conv3d
+    backward on the CPU then returns NaN weight gradients now and then (uninitialised
+    memory: same inputs, NaN in some calls only; it does not happen with mkldnn
+    disabled, nor for the 11^3 maps of the real configuration).  One layer keeps
+    every map >= 6^3.
+    """
+    return dict(TINY_NETWORK, disc_layers=1)
+
+
+def medsynth_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("medsynth")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]
+
+
+def subprocess_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="session")
+def brats_data(tmp_path_factory) -> Path:
+    """Three phantom cases in BraTS 2021 naming (different seeds); the last one is the validation case."""
+    root = tmp_path_factory.mktemp("brats_phantoms")
+    for seed, case_id in enumerate(CASE_IDS):
+        images, seg = phantom(seed=seed)
+        for modality, array in images.items():
+            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
+        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
+    return root
+
+
+def write_config(path: Path, **changes) -> Path:
+    path.write_text(json.dumps(dict(MICRO, **changes), indent=1))
+    return path
+
+
+def train_cmd(data: Path, run: Path, config: Path, *extra: str) -> list[str]:
+    return medsynth_cmd() + ["train", "--data", str(data), "-o", str(run), "--config", str(config),
+                             "--device", "cpu", *extra]
+
+
+def run_train(data: Path, run: Path, config: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_cmd(data, run, config, *extra), capture_output=True, text=True,
+                            timeout=timeout, env=subprocess_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_no_pickle(run: Path) -> None:
+    """No pickled file anywhere in the run; safetensors load as safetensors, npz without pickle."""
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.lower().endswith(PICKLE_SUFFIXES)]
+    for path in files:
+        if path.suffix == ".safetensors":
+            assert load_tensors(path), path
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                for key in data.files:
+                    data[key]  # raises if the member needs pickle
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_end_to_end(brats_data: Path, tmp_path: Path, precision: str) -> None:
+    network = TINY_NETWORK if precision == "fp32" else bf16_network()
+    config = write_config(tmp_path / "micro.json", precision=precision, network=network)
+    run = tmp_path / "run"
+    result = run_train(brats_data, run, config)
+    assert result.stdout.strip().splitlines() == [f"{run / 'model'}: model written"]
+
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["command"].startswith("medsynth train ") and "--config" in saved["command"]
+    assert saved["config"]["network"]["channels"] == [4, 8]
+    assert saved["config"]["precision"] == precision and saved["precision"] == precision
+    assert saved["world_size"] == 1 and saved["device"] == "cpu"
+
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest == {"step": 6, "path": "step_0000006"}
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == ["step_0000004", "step_0000006"]  # the two newest are kept
+    assert not list((run / "checkpoints").glob(".*"))  # no temporary checkpoint folders left
+    for step in steps:
+        folder = run / "checkpoints" / step
+        for name in CHECKPOINT_FILES:
+            assert (folder / f"{name}.safetensors").is_file()
+        state = json.loads((folder / "state.json").read_text())
+        assert state["step"] == int(step.split("_")[1])
+        assert state["optimizer_g"]["param_groups"] and state["optimizer_d"]["param_groups"]
+
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in (run / "montages").glob("*.png")] == ["step_0000006.png"]
+
+    model = run / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "weights.safetensors"]
+    model_config = json.loads((model / "config.json").read_text())
+    assert model_config["format"] == "medsynth-model"
+    assert model_config["training"]["precision"] == precision
+    assert model_config["training"]["world_size"] == 1
+    assert model_config["training"]["data"]["cases"] == 2  # the validation case is held out
+    assert set(model_config["intensity"]) == {"t1", "t1ce", "t2", "flair"}
+    assert {"brain_ssim", "brain_psnr", "brain_mae"} <= set(model_config["validation"])
+    weights = load_tensors(model / "weights.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert all(t.dtype == torch.float32 for t in weights.values())
+
+    from MedSynthLib.models import resolve_model
+
+    assert resolve_model(model).sha256 == model_config["weights_sha256"]
+    assert_no_pickle(run)
+
+
+# --- resume after kill -9 ------------------------------------------------------------------------
+
+
+def _latest_step(run: Path) -> int:
+    try:
+        return int(json.loads((run / "checkpoints" / "latest.json").read_text())["step"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return -1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_kill_is_exact(brats_data: Path, tmp_path: Path, precision: str) -> None:
+    # Enough steps after the first checkpoints that the kill lands mid-run (a step takes ~20 ms).
+    network = TINY_NETWORK if precision == "fp32" else bf16_network()
+    config = write_config(tmp_path / "resume.json", steps=40, checkpoint_every=2, val_every=1000,
+                          precision=precision, network=network)
+    run_a, run_b = tmp_path / "A", tmp_path / "B"
+    run_train(brats_data, run_a, config)
+
+    process = subprocess.Popen(train_cmd(brats_data, run_b, config), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 150
+        while _latest_step(run_b) < 4:
+            assert process.poll() is None, f"run B ended (rc {process.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, "run B wrote no checkpoint in time"
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = _latest_step(run_b)
+    assert 4 <= killed_at < 40
+    assert not (run_b / "model").exists()
+
+    result = run_train(brats_data, run_b, config, "--resume")
+    assert "model written" in result.stdout
+
+    a = load_tensors(run_a / "model" / "weights.safetensors")
+    b = load_tensors(run_b / "model" / "weights.safetensors")
+    assert a.keys() == b.keys()
+    max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"\nresume ({precision}, killed after checkpoint {killed_at}): max |A - B| = {max_diff:g} "
+          f"over {len(a)} tensors")
+    # Exact: patches come from a generator seeded by (seed, step, rank), the optimiser state is
+    # restored bit for bit and one thread makes the CPU kernels deterministic.
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in CHECKPOINT_FILES:  # the final checkpoints agree too (discriminator and Adam moments)
+        ca = load_tensors(run_a / "checkpoints" / "step_0000040" / f"{name}.safetensors")
+        cb = load_tensors(run_b / "checkpoints" / "step_0000040" / f"{name}.safetensors")
+        assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca), name
+    assert_no_pickle(run_b)
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("medsynth: error: ")
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_resume_without_checkpoint_and_non_empty_folder(brats_data: Path, tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "micro.json")
+    base = ["train", "--data", str(brats_data), "--config", str(config), "--device", "cpu"]
+
+    # --resume on a folder that never held a run.
+    assert main(base + ["-o", str(tmp_path / "never"), "--resume"]) == 2
+    assert "nothing to resume" in _one_error_line(capsys)
+    assert not (tmp_path / "never").exists()
+
+    # --resume on a run killed before its first checkpoint.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "train_config.json").write_text(json.dumps({"command": "medsynth train", "config": MICRO}))
+    assert main(base + ["-o", str(early), "--resume"]) == 2
+    assert "nothing to resume" in _one_error_line(capsys)
+    assert not (early / "checkpoints").exists() and not (early / "model").exists()
+
+    # A new run into a non-empty folder.
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert main(base + ["-o", str(busy)]) == 2
+    assert "not empty" in _one_error_line(capsys)
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+    # Unknown options in the config file.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(MICRO, stepz=3)))
+    assert main(["train", "--data", str(brats_data), "-o", str(tmp_path / "x"), "--config", str(bad)]) == 2
+    assert "stepz" in _one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+# --- DDP ----------------------------------------------------------------------------------------
+
+
+def test_ddp_two_cpu_processes(brats_data: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "ddp.json", steps=4, val_every=4)
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "MedSynthLib", "train", "--data", str(brats_data), "-o", str(run), "--config", str(config),
+               "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=subprocess_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("model written") == 1, result.stdout
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["world_size"] == 2
+    model_config = json.loads((run / "model" / "config.json").read_text())
+    assert model_config["training"]["world_size"] == 2
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json", "weights.safetensors"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary model folders
+    assert _latest_step(run) == 4
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 logs alone
+    weights = load_tensors(run / "model" / "weights.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert_no_pickle(run)
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedule() -> None:
+    config = TrainConfig(steps=100, lr=2e-4, lr_decay_fraction=0.5)
+    rates = [learning_rate(config, step) for step in range(100)]
+    assert rates[0] == rates[50] == pytest.approx(2e-4)  # constant over the first half
+    assert rates[75] == pytest.approx(1e-4)  # linear decay over the second half
+    assert rates[99] == pytest.approx(2e-4 / 50)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert min(rates) > 0
+    assert learning_rate(config, 100) == 0.0
+    constant = TrainConfig(steps=10, lr=1e-3, lr_decay_fraction=0.0)
+    assert {learning_rate(constant, s) for s in range(10)} == {1e-3}
+
+
+def test_losses_have_the_right_signs() -> None:
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    # LSGAN: the discriminator wants real -> 1, fake -> 0; the generator wants fake -> 1.
+    assert discriminator_loss("lsgan", ones, zeros) == 0
+    assert discriminator_loss("lsgan", zeros, ones) == pytest.approx(1.0)
+    assert generator_adversarial_loss("lsgan", ones) == 0
+    assert generator_adversarial_loss("lsgan", zeros) == pytest.approx(1.0)
+    # Hinge: zero once real >= 1 and fake <= -1; the generator loss falls as the fake score rises.
+    assert discriminator_loss("hinge", 2 * ones, -2 * ones) == 0
+    assert discriminator_loss("hinge", zeros, zeros) == pytest.approx(2.0)
+    assert discriminator_loss("hinge", -ones, ones) == pytest.approx(4.0)
+    assert generator_adversarial_loss("hinge", ones) < generator_adversarial_loss("hinge", zeros)
+    assert generator_adversarial_loss("hinge", ones) == pytest.approx(-1.0)
+    # Gradients push the right way.
+    fake = torch.zeros(3, requires_grad=True)
+    generator_adversarial_loss("hinge", fake).backward()
+    assert (fake.grad < 0).all()  # descending the loss raises the fake score
+    real = torch.zeros(3, requires_grad=True)
+    fake = torch.zeros(3, requires_grad=True)
+    discriminator_loss("lsgan", real, fake).backward()
+    assert (real.grad < 0).all()  # raises real scores
+    assert (fake.grad == 0).all()  # fake already at its target 0
+
+
+def test_train_config_json() -> None:
+    config = TrainConfig.from_json(MICRO)
+    assert config.network == NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4,
+                                           disc_layers=2)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert json.loads(json.dumps(config.to_json())) == config.to_json()
+
+    with pytest.raises(InputError, match=r"unknown training options \['learning_rate'\]"):
+        TrainConfig.from_json(dict(MICRO, learning_rate=1e-3), "cfg.json")
+    with pytest.raises(InputError, match="unknown network options"):
+        TrainConfig.from_json(dict(MICRO, network=dict(TINY_NETWORK, chanels=[4, 8])), "cfg.json")
+    with pytest.raises(InputError, match="patch_size 20 is not a multiple of 8"):
+        TrainConfig.from_json(dict(MICRO, patch_size=20, network=dict(TINY_NETWORK, channels=[4, 8, 8, 8],
+                                                                       strides=[2, 2, 2])))
+    with pytest.raises(InputError, match="patch_size 15"):
+        TrainConfig.from_json(dict(MICRO, patch_size=15))
+    with pytest.raises(InputError, match="adversarial"):
+        TrainConfig.from_json(dict(MICRO, adversarial="wgan"))
+    with pytest.raises(InputError) as caught:
+        TrainConfig.from_json({"bogus": 1}, "cfg.json")
+    assert str(caught.value).startswith("cfg.json: ")
+
+
+def test_patch_sampler_is_a_function_of_seed_step_rank(brats_data: Path) -> None:
+    from MedSynthLib.training_data import PatchSampler, find_case_folders, prepare_volume
+
+    folders = find_case_folders(brats_data)
+    assert [f.name for f in folders] == list(CASE_IDS)
+    volumes = [prepare_volume(folders[0], None)]
+    sampler = PatchSampler(16)
+    labels, images = sampler.sample(volumes, 3, 7, 0, 2)
+    assert labels.shape == (2, 16, 16, 16) and labels.dtype == torch.int64
+    assert images.shape == (2, 4, 16, 16, 16) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    assert int(labels.min()) >= 0 and int(labels.max()) <= 6
+    again = sampler.sample(volumes, 3, 7, 0, 2)
+    assert torch.equal(labels, again[0]) and torch.equal(images, again[1])
+    other = sampler.sample(volumes, 3, 7, 1, 2)  # another rank draws other patches
+    assert not torch.equal(images, other[1])
