@@ -338,7 +338,14 @@ def _notice(message: str) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import models_root, read_registry, resolve_model
+    from .models import models_root, read_registry, register_model, resolve_model
+
+    if args.register is not None:
+        if not args.name:
+            raise _UsageError("medsynth models --register needs --name")
+        model = register_model(args.register, args.name, make_default=args.default, overwrite=args.overwrite)
+        print(f"{models_root() / args.name}: registered as {args.name} (sha256 {model.sha256})")
+        return 0
 
     registry = read_registry()
     if not registry.get("models"):
@@ -472,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the registered models and verify their files")
+    p.add_argument("--register", type=Path, metavar="MODEL_DIR", help="copy a trained model folder into the registry")
+    p.add_argument("--name", help="registry name for --register")
+    p.add_argument("--default", action="store_true", help="make the registered model the default")
+    p.add_argument("--overwrite", action="store_true", help="replace a registered model of that name")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train the label-map -> MRI GAN (torchrun for several GPUs or nodes)")

@@ -143,3 +143,26 @@ def load_generator(model: ModelFolder, device: str = "cpu"):
         raise InputError(model.weights, f"weights do not fit the architecture in config.json "
                                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return net.to(device).eval()
+
+
+def register_model(source: str | os.PathLike[str], name: str, *, make_default: bool = False,
+                   root: Path | None = None, overwrite: bool = False) -> ModelFolder:
+    """Copy a verified model folder into the registry folder and list it (name -> folder + sha256)."""
+    import re
+    import shutil
+
+    from .io import atomic_directory, write_json
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise MedSynthError(f"model name {name!r}: use letters, digits, '.', '_' or '-'")
+    model = resolve_model(source)
+    root = root or models_root()
+    with atomic_directory(root / name, overwrite=overwrite) as tmp:
+        for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copy2(model.path / file_name, tmp / file_name)
+    registry = read_registry(root)
+    registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256}
+    if make_default or not registry.get("default"):
+        registry["default"] = name
+    write_json(registry, root / "registry.json", overwrite=True)
+    return resolve_model(name) if root == models_root() else model
