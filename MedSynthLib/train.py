@@ -231,11 +231,15 @@ def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, 
 
 
 def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = False, device: str = "auto",
-          command: str = "", progress: bool = True, cache_dir: Path | None = None) -> Path:
+          command: str = "", progress: bool = True, cache_dir: Path | None = None,
+          steps: int | None = None) -> Path:
     """Train a model; returns the exported model folder ``RUN_DIR/model``.
 
     ``cache_dir`` (default ``RUN_DIR/cache``) holds the prepared cases; several
-    runs on the same data (folds, ablations) can share one.
+    runs on the same data (folds, ablations) can share one.  ``steps`` with
+    ``resume`` changes the run's total number of steps (extend, or shorten before
+    the learning-rate decay begins, which matches a run planned that way from the
+    start); the change is recorded in ``train_config.json``.
     """
     from .inference import pick_device, pick_precision
 
@@ -254,8 +258,12 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
                 raise InputError(run_dir, "nothing to resume: no train_config.json")
         elif run_dir.exists() and any(run_dir.iterdir()):
             raise MedSynthError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it)")
+    recorded: dict[str, Any] = {}
     if resume and config_path.exists():
-        config = TrainConfig.from_json(json.loads(config_path.read_text())["config"], str(config_path))
+        recorded = json.loads(config_path.read_text())
+        config = TrainConfig.from_json(recorded["config"], str(config_path))
+    elif steps is not None:
+        config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
 
     folders = find_case_folders(data)
     val_names = set(config.val_cases)
@@ -285,6 +293,19 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     scaler_state = None
     if resume:
         start, scaler_state = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
+        if steps is not None and steps != config.steps:
+            if steps < start:
+                raise InputError(run_dir, f"--steps {steps} is below the checkpoint's step {start}")
+            decay_start = config.steps * (1 - config.lr_decay_fraction)
+            if start > min(decay_start, steps * (1 - config.lr_decay_fraction)):
+                raise InputError(run_dir, f"--steps {steps}: the learning-rate decay has begun at step "
+                                          f"{int(decay_start)}; changing the length now would change the schedule")
+            config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
+            if d.main:
+                recorded["config"] = config.to_json()
+                recorded.setdefault("length_changes", []).append({"at_step": start, "steps": steps,
+                                                                   "command": command})
+                write_json(recorded, config_path, overwrite=True)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(generator)
     generator.to(dev)

@@ -1,0 +1,698 @@
+"""MedSynth: synthesise brain-tumour MRI (T1, T1ce, T2, FLAIR) from a label map in 3D Slicer.
+
+A thin scripted module: the widget turns clicks into calls of
+``MedSynthSlicerLib.logic.WorkflowLogic`` (Qt-free, tested on slicer-core) and
+shows what it reports.  The science is in MedSynthLib; synthesis and export run
+the ``medsynth`` command line in a separate process.
+
+Workflow: 1 input -> 2 prepare (label map as segments CSF, GM, WM, NCR, ED, ET)
+-> 3 tumour tools -> 4 generate (background process, progress, cancel) ->
+5 review (four linked views, rating) -> 6 export (NIfTI / DICOM).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Annotated, Optional, Union
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+
+from MedSynthSlicerLib.errors import CancelledError, WorkflowError
+from MedSynthSlicerLib.parameters import (DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS, LABEL_CONVENTIONS, PRECISIONS,
+                                          GenerateOptions, TumourParameters)
+
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,  # noqa: E402
+                    vtkMRMLSegmentationNode)
+
+_MAX_SEED = 2**31 - 1
+
+
+class Device(enum.Enum):
+    """Where synthesis runs (``medsynth synthesize --device``)."""
+
+    AUTO = "auto"
+    CUDA = "cuda"
+    MPS = "mps"
+    CPU = "cpu"
+
+    def label(self) -> str:  # shown in the combo box (parameterNodeWrapper calls Device.label(member))
+        return {"auto": "auto (GPU if one is found)", "cuda": "GPU (NVIDIA CUDA)", "mps": "GPU (Apple MPS)",
+                "cpu": "CPU"}[self.value]
+
+
+assert [d.value for d in Device] == list(DEVICES)
+
+
+#
+# MedSynth
+#
+
+
+class MedSynth(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedSynth"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations", "SegmentEditor", "Markups"]
+        self.parent.contributors = ["MedSynth developers"]
+        self.parent.helpText = (
+            "Synthesise brain-tumour MRI (T1, T1ce, T2, FLAIR) from a label map with a 3D conditional GAN. "
+            "Load a brain (or the healthy template), prepare its label map, draw, move, insert or randomise "
+            "a tumour, generate on the GPU or CPU in the background, review the four contrasts and export "
+            "NIfTI or DICOM marked synthetic.")
+        self.parent.acknowledgementText = (
+            "Method after Shin et al., Medical image synthesis for data augmentation and anonymization using "
+            "generative adversarial networks (SASHIMI 2018). Healthy canvas: ICBM152 2009a (via nilearn).")
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedSynthParameterNode:
+    """What the user chose; every field is bound to a widget of MedSynth.ui (SlicerParameterName)."""
+
+    # 1. input
+    caseFolder: pathlib.Path
+    t1Volume: vtkMRMLScalarVolumeNode
+    t1ceVolume: vtkMRMLScalarVolumeNode
+    t2Volume: vtkMRMLScalarVolumeNode
+    flairVolume: vtkMRMLScalarVolumeNode
+    tumourInput: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    labelConvention: Annotated[str, Choice(list(LABEL_CONVENTIONS)), Default("brats2021")]
+    # 2. prepare
+    lockAnatomy: Annotated[bool, Default(True)]
+    labelSegmentation: vtkMRMLSegmentationNode
+    # 3. tumour tools
+    tumourCentre: vtkMRMLMarkupsFiducialNode
+    tumourRadiusMm: Annotated[float, WithinRange(2.0, 60.0), Default(15.0)]
+    rimMm: Annotated[float, WithinRange(0.0, 10.0), Default(2.0)]
+    oedemaMm: Annotated[float, WithinRange(0.0, 40.0), Default(10.0)]
+    irregularity: Annotated[float, WithinRange(0.0, 1.0), Default(0.3)]
+    necrosis: Annotated[bool, Default(True)]
+    shapeSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
+    insertSource: pathlib.Path
+    insertAtPoint: bool
+    randomSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
+    # 4. generate
+    model: str
+    device: Annotated[Device, Default(Device.AUTO)]
+    precision: Annotated[str, Choice(list(PRECISIONS)), Default("auto")]
+    synthesisSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
+    # 5. review
+    rating: Annotated[int, WithinRange(0, 5), Default(0)]
+    reviewNote: str
+    # 6. export
+    exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS)), Default("nifti")]
+    exportNaming: Annotated[str, Choice(list(EXPORT_NAMINGS)), Default("brats2021")]
+    exportFolder: pathlib.Path
+
+
+def _path_text(path: Optional[pathlib.Path]) -> str:
+    """'' for an unset Path parameter (the wrapper stores an empty path as '.')."""
+    text = str(path) if path is not None else ""
+    return "" if text in ("", ".") else text
+
+
+#
+# Widget
+#
+
+
+class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_MS = 200
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[MedSynthLogic] = None
+        self._parameterNode: Optional[MedSynthParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._exportJob = None
+        self._outputs: dict = {}
+        self._dependenciesReady = False
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.timeout.connect(self._onPoll)
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSynth.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MedSynthLogic()
+        self.logic.workflow.log.connect(self._appendLog)
+        self.logic.workflow.progress.connect(self._onProgress)
+
+        self.ui.tumourCentrePlaceWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.tumourCentrePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        self.ui.progressBar.setRange(0, 1000)
+        self.ui.progressBar.setValue(0)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # 1. input
+        self.ui.templateButton.clicked.connect(self.onTemplate)
+        self.ui.loadCaseButton.clicked.connect(self.onLoadCase)
+        # 2. prepare
+        self.ui.prepareButton.clicked.connect(self.onPrepare)
+        self.ui.segmentEditorButton.clicked.connect(self.onSegmentEditor)
+        self.ui.lockAnatomyCheckBox.toggled.connect(self.onLockAnatomy)
+        # 3. tumour tools
+        self.ui.moveTumourButton.clicked.connect(self.onMoveTumour)
+        self.ui.applyTransformButton.clicked.connect(self.onApplyTransform)
+        self.ui.cancelTransformButton.clicked.connect(self.onCancelTransform)
+        self.ui.addTumourButton.clicked.connect(self.onAddTumour)
+        self.ui.insertTumourButton.clicked.connect(self.onInsertTumour)
+        self.ui.randomTumourButton.clicked.connect(self.onRandomTumour)
+        self.ui.undoButton.clicked.connect(self.onUndo)
+        # 4. generate
+        self.ui.detectDevicesButton.clicked.connect(self.onDetectDevices)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.previewButton.clicked.connect(self.onPreview)
+        # 5. review
+        self.ui.reviewLayoutButton.clicked.connect(self.onReviewLayout)
+        self.ui.showSyntheticButton.clicked.connect(self.onShowSynthetic)
+        self.ui.showOriginalButton.clicked.connect(self.onShowOriginal)
+        self.ui.saveReviewButton.clicked.connect(self.onSaveReview)
+        # 6. export
+        self.ui.exportButton.clicked.connect(self.onExport)
+
+        self.initializeParameterNode()
+        self._updateButtons()
+
+    def cleanup(self) -> None:
+        self._timer.stop()
+        if self._job is not None and self._job.runner.is_running():
+            self.logic.workflow.cancel_generate(self._job)
+        if self.logic is not None:
+            self.logic.workflow.cleanup()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and self._job.runner.is_running():
+            self.logic.workflow.cancel_generate(self._job)
+            self._endJobUi()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        self._outputs = {}
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.t1Volume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.t1Volume = first
+        if not self._parameterNode.tumourCentre:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MedSynth tumour centre")
+            node.SetMarkupLabelFormat("tumour centre")
+            self._parameterNode.tumourCentre = node
+        if not _path_text(self._parameterNode.exportFolder):
+            self._parameterNode.exportFolder = pathlib.Path.home()
+        self.ui.tumourCentrePlaceWidget.setCurrentNode(self._parameterNode.tumourCentre)
+
+    def setParameterNode(self, inputParameterNode: Optional[MedSynthParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def workflow(self):
+        return self.logic.workflow
+
+    def _run(self, what: str, fn, *args, **kwargs):
+        """Call the Logic with a wait cursor; show its WorkflowError in a message box."""
+        try:
+            with slicer.util.tryWithErrorDisplay(f"MedSynth: {what} failed.", waitCursor=True):
+                try:
+                    return fn(*args, **kwargs)
+                except WorkflowError:
+                    raise
+                except Exception as exc:  # an unexpected error: show it, log the trace
+                    logging.exception("MedSynth")
+                    raise WorkflowError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception:
+            return None
+        finally:
+            self._updateButtons()
+
+    def _ensureDependencies(self, needTorch: bool = False) -> bool:
+        """MedSynthLib's packages (pip_ensure) and, for synthesis, torch (PyTorch extension, after asking)."""
+        from MedSynthSlicerLib import environment
+
+        try:
+            if not self._dependenciesReady:
+                environment.ensure_medsynthlib_importable()
+                environment.ensure_python_requirements(
+                    confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, "MedSynth"))
+                self._dependenciesReady = True
+            if needTorch:
+                version = environment.ensure_torch(
+                    confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, "MedSynth"))
+                self._appendLog(f"PyTorch {version}")
+            return True
+        except Exception as exc:
+            slicer.util.errorDisplay(f"MedSynth cannot run yet: {exc}")
+            return False
+
+    def _appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+        logging.info(f"MedSynth: {text}")
+
+    def _onProgress(self, fraction: float, text: str) -> None:
+        self.ui.progressBar.setValue(int(round(1000 * fraction)))
+        self.ui.statusLabel.text = text
+
+    def _segmentation(self):
+        return self._parameterNode.labelSegmentation if self._parameterNode else None
+
+    def _options(self) -> GenerateOptions:
+        p = self._parameterNode
+        return GenerateOptions(model=p.model.strip() or None, device=p.device.value, precision=p.precision,
+                               seed=int(p.synthesisSeed))
+
+    def _tumourParameters(self) -> TumourParameters:
+        p = self._parameterNode
+        return TumourParameters(radius_mm=p.tumourRadiusMm, rim_mm=p.rimMm, oedema_mm=p.oedemaMm,
+                                irregularity=p.irregularity, necrosis=p.necrosis, seed=int(p.shapeSeed))
+
+    def _pointRas(self):
+        node = self._parameterNode.tumourCentre
+        if node is None or node.GetNumberOfControlPoints() == 0:
+            return None
+        point = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(node.GetNumberOfControlPoints() - 1, point)
+        return point
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        if not self._parameterNode:
+            return
+        p = self._parameterNode
+        busy = self._job is not None and self._job.runner.is_running()
+        exporting = self._exportJob is not None and self._exportJob.runner.is_running()
+        seg = p.labelSegmentation
+        hasLabels = seg is not None
+        transforming = hasLabels and bool(seg.GetAttribute("MedSynth.TransformNodeID"))
+        self.ui.prepareButton.enabled = p.t1Volume is not None and not busy
+        self.ui.segmentEditorButton.enabled = hasLabels
+        for button in (self.ui.moveTumourButton, self.ui.addTumourButton, self.ui.insertTumourButton,
+                       self.ui.randomTumourButton):
+            button.enabled = hasLabels and not busy and not transforming
+        self.ui.applyTransformButton.enabled = transforming
+        self.ui.cancelTransformButton.enabled = transforming
+        self.ui.undoButton.enabled = hasLabels and self.workflow.can_undo(seg) and not busy
+        self.ui.applyButton.enabled = hasLabels or busy
+        self.ui.applyButton.text = "Cancel" if busy else "Generate"
+        self.ui.applyButton.toolTip = ("Stop the synthesis (the process and all it started)" if busy
+                                       else "Synthesise T1, T1ce, T2 and FLAIR in a background process")
+        self.ui.previewButton.enabled = hasLabels and not busy
+        hasOutputs = bool(self._outputs)
+        for button in (self.ui.showSyntheticButton, self.ui.saveReviewButton):
+            button.enabled = hasOutputs
+        self.ui.showOriginalButton.enabled = hasOutputs and hasLabels
+        self.ui.reviewLayoutButton.enabled = hasOutputs
+        self.ui.exportButton.enabled = hasOutputs and not exporting
+
+    # --- 1. input ----------------------------------------------------------------------------
+
+    def onTemplate(self) -> None:
+        if not self._ensureDependencies():
+            return
+        node = self._run("loading the template", self.workflow.load_template)
+        if node is not None:
+            p = self._parameterNode
+            p.t1Volume, p.t1ceVolume, p.t2Volume, p.flairVolume, p.tumourInput = node, None, None, None, None
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
+
+    def onLoadCase(self) -> None:
+        if not self._ensureDependencies():
+            return
+        folder = _path_text(self._parameterNode.caseFolder)
+        if not folder:
+            slicer.util.errorDisplay("MedSynth: choose a case folder first.")
+            return
+        nodes = self._run("loading the case", self.workflow.load_case, folder)
+        if nodes:
+            p = self._parameterNode
+            p.t1Volume, p.t1ceVolume, p.t2Volume, p.flairVolume = nodes["t1"], nodes["t1ce"], nodes["t2"], nodes["flair"]
+            p.tumourInput = nodes["tumour"]
+            if nodes["tumour"] is not None:
+                p.labelConvention = nodes["tumour"].GetAttribute("MedSynth.LabelConvention") or p.labelConvention
+            slicer.util.setSliceViewerLayers(background=nodes["t1"], fit=True)
+
+    # --- 2. prepare ---------------------------------------------------------------------------
+
+    def onPrepare(self) -> None:
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        others = {"t1ce": p.t1ceVolume, "t2": p.t2Volume, "flair": p.flairVolume}
+        seg = self._run("preparing the label map", self.workflow.prepare, p.t1Volume, p.tumourInput,
+                        p.labelConvention, others, None, p.lockAnatomy)
+        if seg is not None:
+            p.labelSegmentation = seg
+            slicer.util.setSliceViewerLayers(background=p.t1Volume, fit=True)
+
+    def onLockAnatomy(self, locked: bool) -> None:
+        seg = self._segmentation()
+        if seg is not None:
+            self.workflow.set_anatomy_locked(seg, locked)
+
+    def onSegmentEditor(self) -> None:
+        seg = self._segmentation()
+        if seg is None:
+            return
+        reference = self._run("opening the Segment Editor", self.workflow.reference_volume, seg)
+        if reference is None:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editorWidget = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editorWidget.setSegmentationNode(seg)
+        editorWidget.setSourceVolumeNode(reference)
+        self._run("opening the Segment Editor", self.workflow.configure_segment_editor,
+                  editorWidget.mrmlSegmentEditorNode(), seg)
+
+    # --- 3. tumour tools ------------------------------------------------------------------------
+
+    def onMoveTumour(self) -> None:
+        seg = self._segmentation()
+        transform = self._run("showing the tumour handles", self.workflow.begin_tumour_transform, seg)
+        if transform is not None:
+            self._appendLog("drag the handles in the views, then press Apply")
+
+    def onApplyTransform(self) -> None:
+        self._run("moving the tumour", self.workflow.apply_tumour_transform, self._segmentation())
+
+    def onCancelTransform(self) -> None:
+        self._run("cancelling the move", self.workflow.cancel_tumour_transform, self._segmentation())
+
+    def onAddTumour(self) -> None:
+        point = self._pointRas()
+        if point is None:
+            slicer.util.errorDisplay("MedSynth: click a point in the brain first (place the tumour centre).")
+            return
+        self._run("placing the tumour", self.workflow.add_parametric_tumour, self._segmentation(), point,
+                  self._tumourParameters())
+
+    def onInsertTumour(self) -> None:
+        source = _path_text(self._parameterNode.insertSource)
+        if not source:
+            slicer.util.errorDisplay("MedSynth: choose a case folder or a MedSynth label map to take the tumour from.")
+            return
+        point = self._pointRas() if self._parameterNode.insertAtPoint else None
+        self._run("inserting the tumour", self.workflow.insert_tumour, self._segmentation(), source, point)
+
+    def onRandomTumour(self) -> None:
+        self._run("drawing a random tumour", self.workflow.random_tumour, self._segmentation(),
+                  int(self._parameterNode.randomSeed))
+
+    def onUndo(self) -> None:
+        self._run("undo", self.workflow.undo, self._segmentation())
+
+    # --- 4. generate ----------------------------------------------------------------------------
+
+    def onDetectDevices(self) -> None:
+        if not self._ensureDependencies(needTorch=True):
+            return
+        self.ui.deviceInfoLabel.text = "asking PyTorch ..."
+        slicer.app.processEvents()
+        info = self._run("detecting the GPU", self.workflow.detect_devices)
+        if info is not None:
+            self.ui.deviceInfoLabel.text = info.describe()
+
+    def onApplyButton(self) -> None:
+        if self._job is not None and self._job.runner.is_running():
+            self.onCancel()
+            return
+        if not self._ensureDependencies(needTorch=True):
+            return
+        if self.workflow.device_info is None:
+            self.onDetectDevices()
+        job = self._run("starting the synthesis", self.workflow.start_generate, self._segmentation(), self._options())
+        if job is None:
+            return
+        self._job = job
+        self.ui.progressBar.setValue(0)
+        self._timer.start()
+        self._updateButtons()
+
+    def onCancel(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        gone = self.workflow.cancel_generate(job)
+        self._endJobUi()
+        if not gone:
+            slicer.util.warningDisplay("MedSynth: some synthesis processes did not stop yet.")
+
+    def _endJobUi(self) -> None:
+        self._timer.stop()
+        self._job = None
+        self._updateButtons()
+
+    def _onPoll(self) -> None:
+        if self._exportJob is not None and not self._exportJob.poll():
+            job, self._exportJob = self._exportJob, None
+            targets = self._run("exporting", self.workflow.finish_export, job)
+            if targets:
+                slicer.util.infoDisplay("MedSynth: exported to\n" + "\n".join(str(t) for t in targets))
+        if self._job is not None and not self._job.poll():
+            job = self._job
+            self._endJobUi()
+            try:
+                outputs = self.workflow.finish_generate(job)
+            except CancelledError as exc:
+                self._appendLog(str(exc))
+                return
+            except WorkflowError as exc:
+                slicer.util.errorDisplay(f"MedSynth: {exc}")
+                return
+            self._outputs = outputs
+            self.onReviewLayout()
+        if self._job is None and self._exportJob is None:
+            self._timer.stop()
+        self._updateButtons()
+
+    def onPreview(self) -> None:
+        if not self._ensureDependencies(needTorch=True):
+            return
+        outputs = self._run("previewing", self.workflow.preview, self._segmentation(), self._options())
+        if outputs:
+            self._outputs = outputs
+            self.onReviewLayout()
+
+    # --- 5. review ---------------------------------------------------------------------------
+
+    def onReviewLayout(self) -> None:
+        layoutManager = slicer.app.layoutManager()
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        layoutManager.setLayout(self.workflow.register_review_layout(layoutNode))
+        slicer.app.processEvents()  # let the layout manager create the four views
+        self.onShowSynthetic()
+
+    def onShowSynthetic(self) -> None:
+        if self._outputs:
+            self.workflow.show_in_review_views(self._outputs, self._segmentation())
+
+    def onShowOriginal(self) -> None:
+        seg = self._segmentation()
+        if seg is not None:
+            self.workflow.show_in_review_views(self.workflow.original_volumes(seg), seg)
+
+    def onSaveReview(self) -> None:
+        review = self._run("saving the review", self.workflow.set_review, self._outputs,
+                           int(self._parameterNode.rating), self._parameterNode.reviewNote)
+        if review:
+            self._appendLog(f"review saved: rating {review['rating']}")
+
+    # --- 6. export ----------------------------------------------------------------------------
+
+    def onExport(self) -> None:
+        p = self._parameterNode
+        job = self._run("starting the export", self.workflow.start_export, self._outputs, p.exportFormat,
+                        _path_text(p.exportFolder), p.exportNaming)
+        if job is not None:
+            self._exportJob = job
+            self._timer.start()
+            self._updateButtons()
+
+
+#
+# Logic
+#
+
+
+class MedSynthLogic(ScriptedLoadableModuleLogic):
+    """The module logic: the parameter node, and the Qt-free ``WorkflowLogic`` on the application's scene."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        from MedSynthSlicerLib.environment import ensure_medsynthlib_importable
+        from MedSynthSlicerLib.logic import WorkflowLogic
+
+        try:
+            ensure_medsynthlib_importable()
+        except ImportError as exc:
+            logging.warning(f"MedSynth: {exc}")
+        work_dir = os.path.join(slicer.app.temporaryPath, "MedSynth")
+        self.workflow = WorkflowLogic(slicer.mrmlScene, work_dir=work_dir)
+
+    def getParameterNode(self) -> MedSynthParameterNode:
+        return MedSynthParameterNode(super().getParameterNode())
+
+
+#
+# Test
+#
+
+
+class MedSynthTest(ScriptedLoadableModuleTest):
+    """The workflow on the real application: input -> prepare -> edit -> generate -> review -> export.
+
+    Uses a BraTS 2021 case when ``MEDSYNTH_DATA`` (or ``../shared/data`` beside the
+    source checkout) holds one, else the healthy template; synthesis uses a tiny
+    random-weight model written to a temporary folder (needs PyTorch in Slicer).
+    """
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_MedSynthWorkflow()
+        self.setUp()
+        self.test_MedSynthBadInput()
+
+    def _case_folder(self):
+        here = pathlib.Path(__file__).resolve().parent
+        roots = [os.environ.get("MEDSYNTH_DATA"), here.parent.parent / "shared" / "data"]
+        for root in roots:
+            if root and (pathlib.Path(root) / "brats2021" / "cases" / "BraTS2021_00000").is_dir():
+                return pathlib.Path(root) / "brats2021" / "cases" / "BraTS2021_00000"
+        return None
+
+    @staticmethod
+    def _tiny_model(folder: pathlib.Path) -> pathlib.Path:
+        from MedSynthLib.models import write_model
+        from MedSynthLib.networks import Generator, NetworkConfig
+
+        config = NetworkConfig(channels=(4, 8), strides=(2,), disc_channels=4, disc_layers=2)
+        write_model(folder, Generator(config).state_dict(),
+                    {"name": "tiny-test", "network": config.to_json(),
+                     "intensity": {m: {"low": 0.0, "high": 1000.0} for m in ("t1", "t1ce", "t2", "flair")}})
+        return folder
+
+    def test_MedSynthWorkflow(self) -> None:
+        import numpy as np
+
+        from MedSynthLib.labels import LABEL_INFO, Label
+        from MedSynthSlicerLib import mrml
+        from MedSynthSlicerLib.logic import WorkflowLogic
+
+        self.delayDisplay("MedSynth workflow")
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="medsynth-test-"))
+        logic = WorkflowLogic(slicer.mrmlScene, work_dir=tmp / "work")
+        case = self._case_folder()
+        if case is not None:
+            nodes = logic.load_case(case)
+            t1, tumour = nodes["t1"], nodes["tumour"]
+            others = {m: nodes[m] for m in ("t1ce", "t2", "flair")}
+        else:
+            t1, tumour, others = logic.load_template(), None, {}
+        before = {n.GetID(): (mrml.array_from_volume(n), mrml.ijk_to_ras(n)) for n in [t1, *others.values()]}
+
+        seg = logic.prepare(t1, tumour, "brats2021", others)
+        names = mrml.segment_names(seg)
+        self.assertEqual(names, ["CSF", "GM", "WM", "NCR", "ED", "ET"])
+        for label in Label:
+            if label != Label.BACKGROUND:
+                segment = seg.GetSegmentation().GetSegment(LABEL_INFO[label].short_name)
+                np.testing.assert_allclose(segment.GetColor(), LABEL_INFO[label].color, atol=1e-6)
+        self.delayDisplay("label map prepared")
+
+        labelmap = logic.labelmap(seg)
+        brain = np.argwhere(labelmap.array == Label.WM).mean(axis=0)[::-1]
+        centre = mrml.ijk_to_ras(t1) @ np.append(brain, 1.0)
+        logic.add_parametric_tumour(seg, centre[:3], TumourParameters(radius_mm=12.0, seed=1))
+        logic.undo(seg)
+        logic.random_tumour(seg, seed=3)
+        self.delayDisplay("tumour edited")
+
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            self.delayDisplay("PyTorch is not installed in Slicer: generate/export not tested")
+            return
+        model = self._tiny_model(tmp / "tiny")
+        outputs = logic.generate(seg, GenerateOptions(model=str(model), device="cpu"))
+        for node in outputs.values():
+            np.testing.assert_array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(t1))
+        for node_id, (array, matrix) in before.items():
+            node = slicer.mrmlScene.GetNodeByID(node_id)
+            np.testing.assert_array_equal(mrml.array_from_volume(node), array)
+            np.testing.assert_array_equal(mrml.ijk_to_ras(node), matrix)
+        self.delayDisplay("synthesised")
+
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(logic.register_review_layout(layoutManager.layoutLogic().GetLayoutNode()))
+        slicer.app.processEvents()
+        self.assertEqual(len(logic.show_in_review_views(outputs, seg)), 4)
+        logic.set_review(outputs, 4, "test rating")
+        targets = logic.export(outputs, "nifti", tmp / "export")
+        self.assertTrue((targets[0] / "provenance.json").is_file())
+        self.delayDisplay("exported")
+
+        job = logic.start_generate(seg, GenerateOptions(model=str(model), device="cpu"))
+        nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+        self.assertTrue(logic.cancel_generate(job))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes_before)
+        self.delayDisplay("cancel works")
+
+    def test_MedSynthBadInput(self) -> None:
+        from MedSynthSlicerLib.logic import WorkflowLogic
+
+        logic = WorkflowLogic(slicer.mrmlScene, work_dir=tempfile.mkdtemp(prefix="medsynth-test-"))
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(WorkflowError):
+            logic.prepare(None)
+        with self.assertRaises(WorkflowError):
+            logic.start_generate(None)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        self.delayDisplay("bad input refused, scene unchanged")

@@ -1,0 +1,389 @@
+"""MRML <-> MedSynthLib glue: volumes, grids, label maps and segmentations on a real scene.
+
+Everything takes the scene (or nodes) explicitly and uses only MRML/VTK classes,
+so it runs in the Slicer application and on the PyPI ``slicer-core`` libraries
+alike.  Files are read and written through storage nodes
+(``vtkMRMLVolumeArchetypeStorageNode``), never through ``slicer.util`` helpers
+that need the application.
+
+Conventions: numpy arrays are ``array[k, j, i]`` (SimpleITK's order, and the
+order of ``vtkImageData`` scalars); MRML geometry is the 4x4 IJK-to-RAS
+matrix; MedSynthLib's :class:`~MedSynthLib.grid.Grid` is LPS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+import slicer
+import vtk
+from vtkmodules.util import numpy_support
+
+if TYPE_CHECKING:  # pragma: no cover
+    from MedSynthLib.grid import Grid
+
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+
+#: Tags/attributes the module writes (documented in the README).
+LABEL_VALUE_TAG = "MedSynth.LabelValue"
+FULL_NAME_TAG = "MedSynth.FullName"
+LOCKED_TAG = "MedSynth.Locked"
+HISTORY_ATTRIBUTE = "MedSynth.History"
+ROLE_ATTRIBUTE = "MedSynth.Role"
+
+
+class MRMLError(RuntimeError):
+    """A scene operation failed (unreadable file, missing image data, ...)."""
+
+
+# --- matrices and grids ------------------------------------------------------------------------
+
+
+def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
+
+
+def ijk_to_ras(node: Any) -> np.ndarray:
+    """The 4x4 IJK-to-RAS matrix of a volume node."""
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return numpy_matrix(matrix)
+
+
+def set_ijk_to_ras(node: Any, matrix: np.ndarray) -> None:
+    node.SetIJKToRASMatrix(vtk_matrix(np.asarray(matrix, float)))
+
+
+def grid_to_ijk_to_ras(grid: "Grid") -> np.ndarray:
+    """MedSynthLib grid (LPS) -> MRML IJK-to-RAS matrix."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = _LPS_RAS @ grid.direction_matrix @ np.diag(grid.spacing)
+    matrix[:3, 3] = _LPS_RAS @ np.asarray(grid.origin, float)
+    return matrix
+
+
+def grid_from_matrix(matrix: np.ndarray, dimensions: Sequence[int]) -> "Grid":
+    """MRML IJK-to-RAS matrix + (i, j, k) dimensions -> MedSynthLib grid (LPS)."""
+    from MedSynthLib.grid import Grid
+
+    linear = np.asarray(matrix, float)[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0):
+        raise MRMLError("degenerate IJK-to-RAS matrix (a zero spacing)")
+    direction_lps = _LPS_RAS @ (linear / spacing)
+    origin_lps = _LPS_RAS @ np.asarray(matrix, float)[:3, 3]
+    return Grid(tuple(int(d) for d in dimensions), tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+                tuple(float(o) for o in origin_lps), tuple(float(v) for v in direction_lps.ravel()))
+
+
+def grid_from_volume(node: Any) -> "Grid":
+    image = node.GetImageData()
+    if image is None:
+        raise MRMLError(f"volume {node.GetName()!r} has no image data")
+    return grid_from_matrix(ijk_to_ras(node), image.GetDimensions())
+
+
+def geometry_difference(matrix_a: np.ndarray, dims_a: Sequence[int], matrix_b: np.ndarray,
+                        dims_b: Sequence[int], atol_mm: float = 1e-3, atol_dir: float = 1e-4) -> str | None:
+    """How two voxel grids differ (``None`` when they are the same grid)."""
+    if tuple(dims_a) != tuple(dims_b):
+        return f"size {tuple(dims_b)} differs from {tuple(dims_a)}"
+    a, b = np.asarray(matrix_a, float), np.asarray(matrix_b, float)
+    spacing_a, spacing_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
+    if not np.allclose(spacing_a, spacing_b, rtol=1e-4, atol=0):
+        return f"spacing {_fmt(spacing_b)} differs from {_fmt(spacing_a)} mm"
+    if not np.allclose(a[:3, 3], b[:3, 3], rtol=0, atol=max(atol_mm, 1e-4 * float(spacing_a.min()))):
+        return f"origin {_fmt(b[:3, 3])} differs from {_fmt(a[:3, 3])} (RAS mm)"
+    if not np.allclose(a[:3, :3] / spacing_a, b[:3, :3] / spacing_b, rtol=0, atol=atol_dir):
+        return "axis directions differ"
+    return None
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+# --- volumes -----------------------------------------------------------------------------------
+
+
+def array_from_volume(node: Any) -> np.ndarray:
+    """A copy of a scalar volume's voxels as ``array[k, j, i]``."""
+    image = node.GetImageData() if node is not None else None
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        name = node.GetName() if node is not None else "None"
+        raise MRMLError(f"volume {name!r} has no voxel data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise MRMLError(f"volume {node.GetName()!r} has {image.GetNumberOfScalarComponents()} components; "
+                        "a scalar volume is needed")
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+
+
+def _image_data(array: np.ndarray) -> vtk.vtkImageData:
+    array = np.ascontiguousarray(array)
+    if array.ndim != 3:
+        raise MRMLError(f"expected a 3D array, got shape {array.shape}")
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def update_volume_from_array(node: Any, array: np.ndarray) -> None:
+    """Replace a volume's voxels, keeping its geometry (the array must fit its dimensions)."""
+    image = node.GetImageData()
+    if image is not None and tuple(image.GetDimensions()) != (array.shape[2], array.shape[1], array.shape[0]):
+        raise MRMLError(f"array shape {array.shape} does not fit volume {node.GetName()!r}")
+    node.SetAndObserveImageData(_image_data(array))
+    node.Modified()
+
+
+def add_volume_from_array(scene: Any, array: np.ndarray, matrix: np.ndarray, name: str,
+                          class_name: str = "vtkMRMLScalarVolumeNode") -> Any:
+    """A new volume node with ``array`` and the given IJK-to-RAS matrix."""
+    node = scene.AddNewNodeByClass(class_name, name)
+    set_ijk_to_ras(node, matrix)
+    node.SetAndObserveImageData(_image_data(array))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def read_volume(scene: Any, path: str, name: str | None = None, labelmap: bool = False) -> Any:
+    """Load an image file into a new volume node through a storage node.
+
+    Raises:
+        MRMLError: the file cannot be read (nothing is left in the scene).
+    """
+    import os
+
+    class_name = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node_name = name or os.path.basename(str(path)).split(".")[0]
+    node = scene.AddNewNodeByClass(class_name, node_name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(1)
+    if labelmap:
+        storage.SetCenterImage(0)
+    ok = bool(os.path.isfile(str(path))) and storage.ReadData(node)
+    if not ok or node.GetImageData() is None:
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise MRMLError(f"{path}: cannot read this image file")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def write_volume(scene: Any, node: Any, path: str) -> None:
+    """Write a volume through a temporary storage node (the node's own storage node is untouched)."""
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(1)
+        if not storage.WriteData(node):
+            raise MRMLError(f"{path}: cannot write volume {node.GetName()!r}")
+    finally:
+        scene.RemoveNode(storage)
+
+
+# --- segmentations -----------------------------------------------------------------------------
+
+
+def _labelmap_name() -> str:
+    return slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+
+
+def segmentation_from_labels(scene: Any, labels: np.ndarray, reference: Any, name: str,
+                             lock_anatomy: bool = True) -> Any:
+    """A segmentation node with one segment per schema class (CSF, GM, WM, NCR, ED, ET).
+
+    The segments share one labelmap layer (value = schema label) on the
+    reference volume's grid, named and coloured from
+    :data:`MedSynthLib.labels.LABEL_INFO`.
+    """
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    set_segmentation_labels(node, labels, reference, lock_anatomy=lock_anatomy)
+    return node
+
+
+def set_segmentation_labels(node: Any, labels: np.ndarray, reference: Any, lock_anatomy: bool = True) -> None:
+    """Replace the segments of a MedSynth segmentation node with ``labels`` (schema values 0-6)."""
+    from MedSynthLib.labels import ANATOMY_LABELS, LABEL_INFO, Label
+
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    dims = reference.GetImageData().GetDimensions()
+    if labels.shape != tuple(dims[::-1]):
+        raise MRMLError(f"label array shape {labels.shape} does not fit the reference volume {dims[::-1]}")
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(dims)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras(reference)))
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = labels.ravel()
+    segmentation = node.GetSegmentation()
+    was = node.StartModify()
+    try:
+        old = {}
+        for segment_id in list(segmentation.GetSegmentIDs()):
+            segment = segmentation.GetSegment(segment_id)
+            old[segment.GetName()] = get_tag(segment, LOCKED_TAG)
+            segmentation.RemoveSegment(segment_id)
+        for label in Label:
+            if label == Label.BACKGROUND:
+                continue
+            info = LABEL_INFO[label]
+            segment = slicer.vtkSegment()
+            segment.SetName(info.short_name)
+            segment.SetColor(*info.color)
+            segment.SetLabelValue(int(label))
+            segment.AddRepresentation(_labelmap_name(), image)
+            segment.SetTag(LABEL_VALUE_TAG, str(int(label)))
+            segment.SetTag(FULL_NAME_TAG, info.name)
+            locked = lock_anatomy and label in ANATOMY_LABELS
+            previous = old.get(info.short_name)
+            if previous is not None:
+                locked = previous == "1"
+            segment.SetTag(LOCKED_TAG, "1" if locked else "0")
+            if locked:
+                slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(
+                    segment, slicer.vtkSlicerSegmentationsModuleLogic.Completed)
+            segmentation.AddSegment(segment, info.short_name)
+    finally:
+        node.EndModify(was)
+    node.Modified()
+
+
+def get_tag(segment: Any, tag: str) -> str | None:
+    """A segment tag's value, or ``None`` when the segment has no such tag."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(tag, value) else None
+
+
+def segment_names(node: Any) -> list[str]:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetSegment(sid).GetName() for sid in segmentation.GetSegmentIDs()]
+
+
+def segment_binary_masks(node: Any, reference: Any) -> dict[str, np.ndarray]:
+    """Every segment as a boolean ``array[k, j, i]`` on the reference volume's grid (by segment ID)."""
+    masks: dict[str, np.ndarray] = {}
+    scene = node.GetScene()
+    segmentation = node.GetSegmentation()
+    for segment_id in segmentation.GetSegmentIDs():
+        before = set(node_ids(scene))
+        temp = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medsynth_temp__")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segment_id)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(node, ids, temp, reference)
+            if not ok:
+                raise MRMLError(f"segment {segmentation.GetSegment(segment_id).GetName()!r} of "
+                                f"{node.GetName()!r} cannot be resampled onto the reference volume")
+            if temp.GetImageData() is None:
+                masks[segment_id] = np.zeros(reference.GetImageData().GetDimensions()[::-1], bool)
+            else:
+                masks[segment_id] = array_from_volume(temp) > 0
+        finally:
+            # the export adds the labelmap's display node and a colour table: remove all it added
+            for added_id in reversed([i for i in node_ids(scene) if i not in before]):
+                added = scene.GetNodeByID(added_id)
+                if added is not None:
+                    scene.RemoveNode(added)
+    return masks
+
+
+def segmentation_geometry(node: Any) -> tuple[np.ndarray, tuple[int, int, int, int, int, int]] | None:
+    """(image-to-world matrix, extent) of a segmentation's first binary labelmap, if it has one."""
+    segmentation = node.GetSegmentation()
+    for segment_id in segmentation.GetSegmentIDs():
+        image = segmentation.GetSegment(segment_id).GetRepresentation(_labelmap_name())
+        if image is None:
+            continue
+        extent = image.GetExtent()
+        if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+            continue  # an empty segment carries no geometry
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        return numpy_matrix(matrix), tuple(image.GetExtent())  # type: ignore[return-value]
+    return None
+
+
+# --- scene helpers -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def scene_guard(scene: Any) -> Iterator[list[str]]:
+    """Remove every node added inside the block when it raises (the scene is left as it was)."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    added: list[str] = []
+    try:
+        yield added
+    except BaseException:
+        now = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in reversed(now):
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
+
+
+def remove_nodes(scene: Any, *nodes: Any) -> None:
+    """Remove nodes with their display and storage nodes (a bare scene does not do that itself)."""
+    for node in nodes:
+        if node is None or not scene.IsNodePresent(node):
+            continue
+        helpers = []
+        for getter in ("GetNumberOfDisplayNodes", "GetNumberOfStorageNodes"):
+            if hasattr(node, getter):
+                nth = node.GetNthDisplayNode if "Display" in getter else node.GetNthStorageNode
+                helpers += [nth(i) for i in range(getattr(node, getter)())]
+        scene.RemoveNode(node)
+        for helper in helpers:
+            if helper is not None and scene.IsNodePresent(helper):
+                scene.RemoveNode(helper)
+
+
+def node_ids(scene: Any) -> list[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def nodes_by_class(scene: Any, class_name: str) -> list[Any]:
+    collection = scene.GetNodesByClass(class_name)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+def create_headless_scene() -> tuple[Any, Mapping[str, Any]]:
+    """A scene with the logics Slicer sets up (application, colours, volumes, segmentations).
+
+    For tests and offscreen rendering without the application; returns the
+    scene and the logics (kept alive by the caller).
+    """
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLScene(scene)
+    volumes.SetMRMLApplicationLogic(app_logic)
+    app_logic.SetModuleLogic("Volumes", volumes)
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    segmentations.SetMRMLApplicationLogic(app_logic)
+    app_logic.SetModuleLogic("Segmentations", segmentations)
+    crosshair = slicer.vtkMRMLCrosshairNode()
+    crosshair.SetCrosshairName("default")
+    scene.AddNode(crosshair)
+    return scene, {"app": app_logic, "volumes": volumes, "segmentations": segmentations}

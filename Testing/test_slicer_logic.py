@@ -1,0 +1,706 @@
+"""The Slicer module's Logic on real MRML (PyPI ``slicer-core``), without Qt.
+
+A real BraTS 2021 case is loaded into a ``vtkMRMLScene`` through storage nodes,
+then prepare -> edit -> generate (the real ``medsynth synthesize`` in a real
+subprocess, with a tiny random-weight model) -> review -> export run as in the
+module.  Asserted: geometry (IJK-to-RAS matrices equal), segment names and
+colours, outputs on the input grid, inputs unchanged, cancel ends the process
+tree, and every bad input leaves the scene as it was.
+
+Real data: ``../shared/data`` (or ``$MEDSYNTH_DATA``); skipped with a reason
+when absent, a failure under CI (``CI=true``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "MedSynth"))
+
+
+def _require_slicer_core():
+    try:
+        import slicer
+
+        slicer.vtkMRMLScene  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        message = f"slicer-core is not installed ({exc}); pip install -e '.[test]'"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+_require_slicer_core()
+
+from MedSynthLib.grid import Grid, lps_to_ras  # noqa: E402
+from MedSynthLib.labels import LABEL_INFO, Label, tumour_to_schema  # noqa: E402
+from MedSynthSlicerLib import mrml  # noqa: E402
+from MedSynthSlicerLib.errors import CancelledError, WorkflowError  # noqa: E402
+from MedSynthSlicerLib.logic import (MANUAL_EDIT, REVIEW_VIEWS, WorkflowLogic, euler_xyz_from_matrix,  # noqa: E402
+                                     linear_edits_for_matrix, rotation_from_euler_xyz, segment_label)
+from MedSynthSlicerLib.parameters import GenerateOptions, TumourParameters  # noqa: E402
+from MedSynthSlicerLib.process import group_pids, pid_alive  # noqa: E402
+
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+
+SEGMENTS = ["CSF", "GM", "WM", "NCR", "ED", "ET"]
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from MedSynthLib.models import write_model
+    from MedSynthLib.networks import Generator, NetworkConfig
+
+    config = NetworkConfig(channels=(4, 8), strides=(2,), disc_channels=4, disc_layers=2)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    write_model(folder, Generator(config).state_dict(),
+                {"name": "tiny", "network": config.to_json(),
+                 "intensity": {m: {"low": 0.0, "high": 1000.0} for m in ("t1", "t1ce", "t2", "flair")}})
+    return folder
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Case:
+    """The module-wide state: a scene holding one real case and its prepared label segmentation."""
+
+    def __init__(self, folder: Path, work: Path):
+        self.folder = folder
+        self.scene, self.logics = mrml.create_headless_scene()
+        self.logic = WorkflowLogic(self.scene, work_dir=work)
+        self.log: list[str] = []
+        self.logic.log.connect(self.log.append)
+        self.nodes = self.logic.load_case(folder)
+        self.files = {p: _sha(p) for p in sorted(folder.iterdir())}
+        self.inputs = {m: self.nodes[m] for m in ("t1", "t1ce", "t2", "flair")}
+        self.inputs["tumour"] = self.nodes["tumour"]
+        self.before = {m: (mrml.array_from_volume(n), mrml.ijk_to_ras(n)) for m, n in self.inputs.items()}
+        self.seg = self.logic.prepare(self.nodes["t1"], self.nodes["tumour"], "brats2021",
+                                      {m: self.nodes[m] for m in ("t1ce", "t2", "flair")})
+        self.outputs: dict = {}
+
+    def assert_inputs_unchanged(self):
+        for modality, node in self.inputs.items():
+            assert self.scene.IsNodePresent(node)
+            array, matrix = self.before[modality]
+            np.testing.assert_array_equal(mrml.array_from_volume(node), array)
+            np.testing.assert_array_equal(mrml.ijk_to_ras(node), matrix)
+        assert {p: _sha(p) for p in sorted(self.folder.iterdir())} == self.files
+
+
+@pytest.fixture(scope="module")
+def case(brats_cases, tmp_path_factory) -> Case:
+    state = Case(brats_cases[0], tmp_path_factory.mktemp("work"))
+    yield state
+    state.logic.cleanup()
+
+
+def _ids(scene) -> list[str]:
+    return mrml.node_ids(scene)
+
+
+def _tumour_centre_ras(labels: np.ndarray, matrix: np.ndarray, classes=(4, 5, 6)) -> np.ndarray:
+    kji = np.argwhere(np.isin(labels, classes)).mean(axis=0)
+    return (matrix @ np.append(kji[::-1], 1.0))[:3]
+
+
+# --- 1. input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_case_is_loaded_through_storage_nodes_on_the_files_grid(case):
+    for modality in ("t1", "t1ce", "t2", "flair"):
+        node = case.nodes[modality]
+        storage = node.GetStorageNode()
+        assert storage is not None and storage.IsA("vtkMRMLVolumeArchetypeStorageNode")
+        path = Path(storage.GetFileName())
+        assert path.parent == case.folder and f"_{modality}." in path.name
+        image = sitk.ReadImage(str(path))
+        assert Grid.from_image(image).difference(mrml.grid_from_volume(node)) is None
+        np.testing.assert_array_equal(mrml.array_from_volume(node), sitk.GetArrayFromImage(image))
+    tumour = case.nodes["tumour"]
+    assert tumour.IsA("vtkMRMLLabelMapVolumeNode")
+    assert tumour.GetAttribute("MedSynth.LabelConvention") == "brats2021"
+    np.testing.assert_array_equal(mrml.ijk_to_ras(tumour), mrml.ijk_to_ras(case.nodes["t1"]))
+
+
+@pytest.mark.realdata
+def test_template_brain_in_one_click(case):
+    from MedSynthLib.template import template_label_map
+
+    ids = _ids(case.scene)
+    t1 = case.logic.load_template()
+    seg = case.logic.prepare(t1)
+    labels = case.logic.labelmap(seg)
+    template = template_label_map()
+    np.testing.assert_array_equal(labels.array, template.array)
+    assert template.grid.difference(labels.grid) is None
+    assert labels.history[0]["name"] == "template_labels"
+    mrml.remove_nodes(case.scene, seg, t1)
+    assert _ids(case.scene) == ids
+
+
+# --- 2. prepare ----------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_prepared_segments_have_the_schema_names_colours_and_locks(case):
+    seg = case.seg
+    assert mrml.segment_names(seg) == SEGMENTS
+    for label in Label:
+        if label == Label.BACKGROUND:
+            continue
+        info = LABEL_INFO[label]
+        segment = seg.GetSegmentation().GetSegment(info.short_name)
+        assert segment.GetName() == info.short_name
+        np.testing.assert_allclose(segment.GetColor(), info.color, atol=1e-6)
+        assert mrml.get_tag(segment, mrml.FULL_NAME_TAG) == info.name
+        assert mrml.get_tag(segment, mrml.LABEL_VALUE_TAG) == str(int(label))
+        locked = label in (Label.CSF, Label.GM, Label.WM)
+        assert mrml.get_tag(segment, mrml.LOCKED_TAG) == ("1" if locked else "0")
+    assert sorted(case.logic.locked_labels(seg)) == [1, 2, 3]
+    # the segmentation lives on the T1's grid, exactly
+    matrix, extent = mrml.segmentation_geometry(seg)
+    np.testing.assert_array_equal(matrix, mrml.ijk_to_ras(case.nodes["t1"]))
+    dims = case.nodes["t1"].GetImageData().GetDimensions()
+    assert extent == (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    assert case.logic.reference_volume(seg) is case.nodes["t1"]
+
+
+@pytest.mark.realdata
+def test_prepared_label_map_keeps_the_expert_tumour_exactly(case):
+    labels = case.logic.labelmap(case.seg)
+    seg_file = next(p for p in case.folder.iterdir() if p.name.endswith("_seg.nii.gz"))
+    expert = tumour_to_schema(sitk.GetArrayFromImage(sitk.ReadImage(str(seg_file))), "brats2021")
+    tumour = labels.array >= Label.NCR
+    np.testing.assert_array_equal(tumour, expert > 0)
+    np.testing.assert_array_equal(labels.array[tumour], expert[tumour])
+    brain = labels.array > 0
+    assert set(np.unique(labels.array[brain & ~tumour])) <= {1, 2, 3}
+    assert labels.history[0]["name"] == "derive_labels"
+    assert labels.grid.difference(mrml.grid_from_volume(case.nodes["t1"])) is None
+    case.assert_inputs_unchanged()
+
+
+def test_segment_names_map_to_the_schema():
+    assert segment_label("NCR") == 4 and segment_label("necrosis") == 4
+    assert segment_label("Peritumoural oedema") == 5 and segment_label("edema") == 5
+    assert segment_label("Enhancing tumor") == 6 and segment_label("grey_matter") == 2
+    assert segment_label("Segment_4", "brats2021") == 6 and segment_label("Segment_3", "brats2023") == 6
+    assert segment_label("Segment_3", "brats2021") is None
+    assert segment_label("Liver") is None
+
+
+# --- 3. tumour tools -------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_tumour_handles_are_applied_as_recorded_edits(case):
+    from MedSynthLib.edits import replay
+
+    seg = case.logic.copy_labels(case.seg, "handles")
+    start = case.logic.labelmap(seg)
+    ids = _ids(case.scene)
+    transform = case.logic.begin_tumour_transform(seg)
+    display = transform.GetDisplayNode()
+    assert display.GetEditorVisibility() and display.GetEditorRotationEnabled() and display.GetEditorScalingEnabled()
+    moving = case.scene.GetNodeByID(seg.GetAttribute("MedSynth.MovingNodeID"))
+    assert mrml.segment_names(moving) == ["NCR", "ED", "ET"]
+    assert moving.GetTransformNodeID() == transform.GetID()
+    centre = np.array(transform.GetCenterOfTransformation())
+    np.testing.assert_allclose(centre, lps_to_ras(__import__("MedSynthLib.edits", fromlist=["x"]).tumour_centre(start)))
+    for name in ("NCR", "ED", "ET"):
+        assert not seg.GetDisplayNode().GetSegmentVisibility(name)
+
+    # what the interaction handles produce: rotate + scale about the centre, then drag
+    linear = rotation_from_euler_xyz((0.0, 0.0, 15.0)) @ np.diag([1.1, 1.1, 1.1])
+    brain_centre = _tumour_centre_ras(start.array, mrml.ijk_to_ras(case.nodes["t1"]), (1, 2, 3, 4, 5, 6))
+    drag = 6.0 * (brain_centre - centre) / np.linalg.norm(brain_centre - centre)
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = centre - linear @ centre + drag
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(matrix))
+    edited = case.logic.apply_tumour_transform(seg)
+
+    new = edited.history[len(start.history):]
+    assert [r["name"] for r in new] == ["scale", "rotate", "translate"]
+    assert new[0]["params"]["factors"] == [1.1, 1.1, 1.1]
+    assert new[1]["params"]["angles_deg"] == pytest.approx([0.0, 0.0, 15.0])
+    assert _ids(case.scene) == ids  # handles and the moving copy are gone
+    assert seg.GetDisplayNode().GetSegmentVisibility("ET")
+    # the tumour went where the handles put it, 1.1^3 times as large
+    matrix_t1 = mrml.ijk_to_ras(case.nodes["t1"])
+    target = linear @ centre + matrix[:3, 3]
+    np.testing.assert_allclose(_tumour_centre_ras(edited.array, matrix_t1), target, atol=2.0)
+    core = lambda a: np.count_nonzero(np.isin(a, (4, 6)))  # noqa: E731
+    assert core(edited.array) / core(start.array) == pytest.approx(1.1 ** 3, rel=0.15)
+    # provenance replays bit-identically, and the segmentation shows the result
+    np.testing.assert_array_equal(replay(start, new).array, edited.array)
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, edited.array)
+    assert case.logic.history(seg) == edited.history
+    # one undo step restores everything
+    restored = case.logic.undo(seg)
+    np.testing.assert_array_equal(restored.array, start.array)
+    assert case.logic.history(seg) == start.history
+    mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.realdata
+def test_cancelled_handles_leave_the_label_map(case):
+    seg = case.logic.copy_labels(case.seg, "cancel handles")
+    before = case.logic.labelmap(seg).array.copy()
+    ids = _ids(case.scene)
+    transform = case.logic.begin_tumour_transform(seg)
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(np.diag([2.0, 2.0, 2.0, 1.0])))
+    case.logic.cancel_tumour_transform(seg)
+    assert _ids(case.scene) == ids
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, before)
+    with pytest.raises(WorkflowError, match="no tumour transform"):
+        case.logic.apply_tumour_transform(seg)
+    mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.parametrize("angles, factors", [((10.0, -20.0, 35.0), (1.0, 1.0, 1.0)),
+                                             ((0.0, 0.0, 30.0), (1.3, 0.8, 1.0)),
+                                             ((0.0, 90.0, 0.0), (1.0, 1.0, 1.0))])
+def test_linear_part_of_a_transform_becomes_rotate_and_scale_edits(angles, factors):
+    from MedSynthLib.edits import Rotate, Scale
+
+    rotation = rotation_from_euler_xyz(angles)
+    np.testing.assert_allclose(rotation_from_euler_xyz(euler_xyz_from_matrix(rotation)), rotation, atol=1e-9)
+    # scale along the rotated axes: A = R S (Slicer's handles scale in the transform's own frame)
+    linear = rotation @ np.diag(factors)
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    composed = np.eye(3)
+    for edit in linear_edits_for_matrix(matrix):
+        step = rotation_from_euler_xyz(edit.angles_deg) if isinstance(edit, Rotate) else np.diag(edit.factors)
+        assert isinstance(edit, (Rotate, Scale))
+        composed = step @ composed
+    np.testing.assert_allclose(composed, linear, atol=1e-5)
+
+
+def test_mirroring_transforms_are_refused():
+    with pytest.raises(WorkflowError, match="mirrors"):
+        linear_edits_for_matrix(np.diag([-1.0, 1.0, 1.0, 1.0]))
+
+
+@pytest.mark.realdata
+def test_parametric_random_insert_and_undo(case, brats_cases):
+    from MedSynthLib.edits import replay
+
+    seg = case.logic.copy_labels(case.seg, "tools")
+    start = case.logic.labelmap(seg)
+    matrix = mrml.ijk_to_ras(case.nodes["t1"])
+    # a parametric tumour at a clicked RAS point (the opposite hemisphere's white matter)
+    wm = np.argwhere(start.array == Label.WM)
+    point_kji = wm[np.argmin(np.abs(wm - wm.mean(axis=0)).sum(axis=1))]
+    point = (matrix @ np.append(point_kji[::-1], 1.0))[:3]
+    new = case.logic.add_parametric_tumour(seg, point, TumourParameters(radius_mm=10.0, oedema_mm=6.0, seed=2))
+    assert new.history[-1]["name"] == "parametric_tumour"
+    np.testing.assert_allclose(new.history[-1]["params"]["center_ras_mm"], point)
+    np.testing.assert_allclose(_tumour_centre_ras(new.array, matrix, (4, 6)), point, atol=3.0)
+    # random (seeded): the same seed draws the same edit, recorded and replayable
+    case.logic.undo(seg)
+    first = case.logic.random_tumour(seg, seed=5)
+    records = first.history[len(start.history):]
+    case.logic.undo(seg)
+    second = case.logic.random_tumour(seg, seed=5)
+    np.testing.assert_array_equal(first.array, second.array)
+    np.testing.assert_array_equal(replay(start, records).array, first.array)
+    case.logic.undo(seg)
+    # insert the tumour of another case folder
+    inserted = case.logic.insert_tumour(seg, brats_cases[1])
+    assert inserted.history[-1]["name"] == "insert_tumour"
+    assert inserted.history[-1]["params"]["source"].startswith("labels-")
+    assert str(brats_cases[1]) not in json.dumps(inserted.history)  # no paths in provenance
+    assert np.count_nonzero(inserted.array >= Label.NCR) > 100
+    restored = case.logic.undo(seg)
+    np.testing.assert_array_equal(restored.array, start.array)
+    with pytest.raises(WorkflowError, match="nothing to undo"):
+        case.logic.undo(seg)
+    # edits that cannot be done are refused with a clear message, the label map untouched
+    ids = _ids(case.scene)
+    with pytest.raises(WorkflowError, match="outside the brain"):
+        case.logic.add_parametric_tumour(seg, (500.0, 500.0, 500.0))
+    with pytest.raises(WorkflowError, match="not a MedSynth label map"):
+        seg_file = next(p for p in brats_cases[1].iterdir() if p.name.endswith("_seg.nii.gz"))
+        case.logic.insert_tumour(seg, seg_file)
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
+    assert _ids(case.scene) == ids
+    mrml.remove_nodes(case.scene, seg)
+
+
+def _paint(seg, segment_id: str, mask: np.ndarray, reference) -> None:
+    """What a Segment Editor stroke does: replace one segment's binary labelmap."""
+    dims = reference.GetImageData().GetDimensions()
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(dims)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.SetImageToWorldMatrix(mrml.vtk_matrix(mrml.ijk_to_ras(reference)))
+    from vtkmodules.util import numpy_support
+
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.astype(np.uint8).ravel()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, seg, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+
+@pytest.mark.realdata
+def test_segment_editor_strokes_are_recorded_and_locked_anatomy_is_kept(case):
+    seg = case.logic.copy_labels(case.seg, "editor")
+    reference = case.nodes["t1"]
+    editor = case.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    case.logic.configure_segment_editor(editor, seg)
+    assert editor.GetSegmentationNode() is seg and editor.GetSourceVolumeNode() is reference
+    assert editor.GetSelectedSegmentID() == "ED"
+    assert editor.GetMaskMode() == seg.EditAllowedInsideAllSegments
+    assert editor.GetOverwriteMode() == editor.OverwriteNone
+    case.scene.RemoveNode(editor)
+
+    start = case.logic.labelmap(seg)
+    wm = np.argwhere(start.array == Label.WM)
+    k, j, i = wm[len(wm) // 3]
+    cube = np.zeros(start.array.shape, bool)
+    cube[k - 2:k + 3, j - 2:j + 3, i - 2:i + 3] = True
+    cube &= start.array > 0
+    _paint(seg, "ED", (start.array == Label.ED) | cube, reference)       # paint oedema
+    gm = start.array == Label.GM
+    erased_gm = gm.copy()
+    erased_gm[: gm.shape[0] // 2] = False
+    _paint(seg, "GM", erased_gm, reference)                                  # erase half of a locked segment
+    after = case.logic.labelmap(seg)
+    assert np.all(after.array[cube] == Label.ED)
+    np.testing.assert_array_equal(after.array[gm & ~cube], Label.GM)       # locked anatomy kept
+    record = after.history[-1]
+    assert record["name"] == MANUAL_EDIT and record["params"]["changed_voxels"] == int(np.count_nonzero(
+        start.array != after.array))
+    assert any("locked anatomy" in line for line in case.log)
+    # the segmentation shows what was taken: the locked voxels are back
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, after.array)
+    assert case.logic.history(seg)[-1]["name"] == MANUAL_EDIT
+    # erasing a tumour down to nothing refills the healthy anatomy (no holes in the brain)
+    _paint(seg, "ED", np.zeros_like(cube), reference)
+    refilled = case.logic.labelmap(seg)
+    assert not np.any(refilled.array[cube] == 0) and not np.any(refilled.array[cube] >= Label.NCR)
+    # unlocked, the same erase is taken; each sync was one undo step
+    case.logic.set_anatomy_locked(seg, False)
+    current = refilled.array
+    gm_now = current == Label.GM
+    keep = gm_now.copy()
+    keep[: gm_now.shape[0] // 2] = False
+    _paint(seg, "GM", keep, reference)
+    assert not np.any(case.logic.labelmap(seg).array[: gm_now.shape[0] // 2] == Label.GM)
+    for _ in range(3):
+        case.logic.undo(seg)
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
+    mrml.remove_nodes(case.scene, seg)
+
+
+# --- 4. generate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_device_detection_runs_torch_in_a_separate_process(case):
+    info = case.logic.detect_devices()
+    assert info.torch is not None, info.error
+    assert "auto" in info.available and "cpu" in info.available
+    assert info.describe().startswith("GPU") == (info.cuda or info.mps)
+    assert info.describe().startswith("CPU only") == (not info.cuda and not info.mps)
+    assert ("cuda" in info.available) == info.cuda
+
+
+@pytest.mark.realdata
+def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_model):
+    progress, ids = [], _ids(case.scene)
+    case.logic.progress.connect(lambda f, t: progress.append((f, t)))
+    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu", seed=7))
+    assert job.runner.pid != os.getpid() and pid_alive(job.runner.pid)
+    assert _ids(case.scene) == ids  # nothing is added while it runs
+    while job.poll():
+        time.sleep(0.05)
+    outputs = case.logic.finish_generate(job)
+    case.logic.progress.disconnect()
+    case.outputs = outputs
+    assert sorted(outputs) == ["flair", "t1", "t1ce", "t2"]
+    assert progress[-1][0] == 1.0 and [f for f, _ in progress] == sorted(f for f, _ in progress)
+    assert any(t == "model loaded" for _, t in progress)
+    t1 = case.nodes["t1"]
+    labels = case.logic.labelmap(case.seg)
+    for modality, node in outputs.items():
+        assert node.GetName() == f"MedSynth synthetic {'T1ce' if modality == 't1ce' else modality.upper()}"
+        np.testing.assert_array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(t1))
+        assert node.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
+        array = mrml.array_from_volume(node)
+        assert np.all(np.isfinite(array)) and np.all(array[labels.array == 0] == 0)
+        assert node.GetAttribute("MedSynth.Role") == "synthetic"
+        assert node.GetAttribute("MedSynth.Seed") == "7"
+    case_dir = Path(outputs["t1"].GetAttribute("MedSynth.CaseFolder"))
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "labels.nii.gz")))
+    np.testing.assert_array_equal(written, labels.array)
+    provenance = json.loads((case_dir / "provenance.json").read_text())
+    assert [r["name"] for r in provenance["edits"]] == [r["name"] for r in labels.history]
+    assert provenance["seed"] == 7 and provenance["device"] == "cpu"
+    case.assert_inputs_unchanged()
+
+
+@pytest.mark.realdata
+def test_cancel_ends_the_process_tree_within_seconds_and_leaves_the_scene(case, tiny_model):
+    ids = _ids(case.scene)
+    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu"))
+    pid = job.runner.pid
+    time.sleep(0.5)
+    job.poll()
+    assert pid_alive(pid)
+    start = time.monotonic()
+    assert case.logic.cancel_generate(job) is True
+    assert time.monotonic() - start < 5.0
+    assert not pid_alive(pid) and group_pids(pid) == []
+    with pytest.raises(CancelledError):
+        case.logic.finish_generate(job)
+    assert not job.run_dir.exists()
+    assert _ids(case.scene) == ids
+    case.assert_inputs_unchanged()
+
+
+@pytest.mark.realdata
+def test_failed_synthesis_is_reported_and_leaves_the_scene(case, tmp_path):
+    ids = _ids(case.scene)
+    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tmp_path / "no-such-model"), device="cpu"))
+    job.runner.wait(timeout=300)
+    with pytest.raises(WorkflowError, match="synthesis failed: .*no-such-model"):
+        case.logic.finish_generate(job)
+    assert _ids(case.scene) == ids
+
+
+@pytest.mark.realdata
+def test_preview_rerenders_only_the_edited_region(case, tiny_model):
+    seg = case.logic.copy_labels(case.seg, "preview")
+    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    first = case.logic.preview(seg, options)
+    before = {m: mrml.array_from_volume(n) for m, n in first.items()}
+    assert case.logic._preview.last_reply["cmd"] == "synthesize"
+    labels_before = case.logic.labelmap(seg).array
+    from MedSynthLib.edits import Translate
+
+    case.logic.apply_edit(seg, Translate((4.0, 0.0, 0.0)))
+    second = case.logic.preview(seg, options)
+    assert case.logic._preview.last_reply["cmd"] == "rerender"
+    assert all(second[m] is first[m] for m in first)  # the same nodes, updated in place
+    changed_labels = np.argwhere(case.logic.labelmap(seg).array != labels_before)
+    grow = 24 + 2  # SynthesisEngine.rerender's margin, plus the tiny network's size multiple (2)
+    lo, hi = changed_labels.min(axis=0) - grow, changed_labels.max(axis=0) + 1 + grow
+    after = mrml.array_from_volume(second["t1"])
+    outside = np.ones(after.shape, bool)
+    outside[tuple(slice(max(a, 0), b) for a, b in zip(lo, hi))] = False
+    np.testing.assert_array_equal(after[outside], before["t1"][outside])
+    assert not np.array_equal(after, before["t1"])
+    for node in second.values():
+        np.testing.assert_array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(case.nodes["t1"]))
+    case.logic.close_preview()
+    mrml.remove_nodes(case.scene, seg)
+
+
+# --- 5. review -----------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_review_layout_linked_views_original_and_rating(case):
+    outputs = case.outputs
+    assert outputs, "needs test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid"
+    layout = case.scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    layout_id = case.logic.register_review_layout(layout)
+    assert layout.IsLayoutDescription(layout_id)
+    import xml.etree.ElementTree as ET
+
+    views = [v.get("singletontag") for v in ET.fromstring(layout.GetLayoutDescription(layout_id)).iter("view")]
+    assert views == list(REVIEW_VIEWS.values())
+    # the layout manager of the application creates these views; here they are made as it would
+    composites = {}
+    for modality, view in REVIEW_VIEWS.items():
+        slice_node = case.scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        slice_node.SetLayoutName(view)
+        composite = case.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(view)
+        composites[modality] = composite
+    assert len(case.logic.show_in_review_views(outputs, case.seg)) == 4
+    for modality, composite in composites.items():
+        assert composite.GetBackgroundVolumeID() == outputs[modality].GetID()
+        assert composite.GetLinkedControl() and composite.GetHotLinkedControl()
+    crosshair = mrml.nodes_by_class(case.scene, "vtkMRMLCrosshairNode")[0]
+    assert crosshair.GetCrosshairMode() == crosshair.ShowSmallBasic
+    assert case.seg.GetDisplayNode().GetVisibility2DFill()
+    originals = case.logic.original_volumes(case.seg)
+    assert sorted(originals) == ["flair", "t1", "t1ce", "t2"]
+    case.logic.show_in_review_views(originals, case.seg)
+    for modality, composite in composites.items():
+        assert composite.GetBackgroundVolumeID() == case.nodes[modality].GetID()
+
+    review = case.logic.set_review(outputs, 4, "plausible oedema\nrim a bit thin")
+    for node in outputs.values():
+        assert node.GetAttribute("MedSynth.Rating") == "4"
+        assert node.GetAttribute("MedSynth.ReviewNote") == "plausible oedema\nrim a bit thin"
+    provenance = json.loads((case.logic.case_folder(outputs) / "provenance.json").read_text())
+    assert provenance["review"] == review
+    for bad in (6, -1, 2.5, True):
+        with pytest.raises(WorkflowError, match="rating"):
+            case.logic.set_review(outputs, bad)
+    with pytest.raises(WorkflowError, match="note"):
+        case.logic.set_review(outputs, 3, "x" * 1000)
+
+
+# --- 6. export -----------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_export_nifti_and_dicom_through_medsynthlib_never_overwriting(case, tmp_path):
+    outputs = case.outputs
+    assert outputs, "needs the generate test"
+    if not outputs["t1"].GetAttribute("MedSynth.Rating"):
+        case.logic.set_review(outputs, 3, "")
+    ids = _ids(case.scene)
+    targets = case.logic.export(outputs, "nifti", tmp_path / "nifti")
+    assert len(targets) == 1 and targets[0].parent == tmp_path / "nifti"
+    case_id = targets[0].name
+    for suffix in ("_t1", "_t1ce", "_t2", "_flair", "_seg"):
+        assert (targets[0] / f"{case_id}{suffix}.nii.gz").is_file()
+    exported = sitk.ReadImage(str(targets[0] / f"{case_id}_t1.nii.gz"))
+    assert Grid.from_image(exported).difference(mrml.grid_from_volume(case.nodes["t1"])) is None
+    provenance = json.loads((targets[0] / "provenance.json").read_text())
+    assert provenance["synthetic"] is True and provenance["review"]["rating"] == int(
+        outputs["t1"].GetAttribute("MedSynth.Rating"))
+    # never overwrite: the same case into the same folder is refused
+    mtime = (targets[0] / "provenance.json").stat().st_mtime_ns
+    with pytest.raises(WorkflowError, match="already exists"):
+        case.logic.export(outputs, "nifti", tmp_path / "nifti")
+    assert (targets[0] / "provenance.json").stat().st_mtime_ns == mtime
+    dicom = case.logic.export(outputs, "dicom", tmp_path / "dicom")
+    for series in ("T1", "T1ce", "T2", "FLAIR", "SEG"):
+        assert any((dicom[0] / series).iterdir())
+    assert _ids(case.scene) == ids
+    case.assert_inputs_unchanged()
+
+
+def _not_writable_folder(tmp_path: Path) -> Path | None:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if not os.access(folder, os.W_OK):
+        return folder / "export"
+    for candidate in (Path("/proc/sys/medsynth-export"),):  # root ignores modes; a kernel folder does not
+        if candidate.parent.exists() and not os.access(candidate.parent, os.W_OK):
+            return candidate
+    return None
+
+
+@pytest.mark.realdata
+def test_export_to_a_folder_that_is_not_writable_is_refused(case, tmp_path):
+    target = _not_writable_folder(tmp_path)
+    if target is None:
+        pytest.skip("no non-writable folder available to this user")
+    ids = _ids(case.scene)
+    with pytest.raises(WorkflowError, match="not writable"):
+        case.logic.export(case.outputs, "nifti", target)
+    with pytest.raises(WorkflowError, match="format"):
+        case.logic.export(case.outputs, "png", tmp_path)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(WorkflowError, match="not a folder"):
+        case.logic.export(case.outputs, "nifti", a_file)
+    assert _ids(case.scene) == ids
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_no_brain_selected(case):
+    ids = _ids(case.scene)
+    with pytest.raises(WorkflowError, match="no brain selected"):
+        case.logic.prepare(None)
+    empty = mrml.add_volume_from_array(case.scene, np.zeros((8, 9, 10), np.int16), np.eye(4), "empty")
+    ids_with_empty = _ids(case.scene)
+    with pytest.raises(WorkflowError, match="empty"):
+        case.logic.prepare(empty)
+    assert _ids(case.scene) == ids_with_empty
+    case.scene.RemoveNode(empty)
+    with pytest.raises(WorkflowError, match="no MedSynth label segmentation"):
+        case.logic.start_generate(None)
+    with pytest.raises(WorkflowError, match="case folder not found|not found"):
+        case.logic.load_case(case.folder / "missing")
+    assert [i for i in _ids(case.scene) if i in ids] == ids
+
+
+@pytest.mark.realdata
+def test_segmentation_or_labelmap_on_another_grid(case):
+    t1 = case.nodes["t1"]
+    ids = _ids(case.scene)
+    tumour = mrml.array_from_volume(case.nodes["tumour"])
+    shifted = mrml.ijk_to_ras(t1)
+    shifted[:3, 3] += [2.5, 0.0, 0.0]
+    other = mrml.add_volume_from_array(case.scene, tumour, shifted, "shifted tumour", "vtkMRMLLabelMapVolumeNode")
+    seg_other = mrml.segmentation_from_labels(case.scene, tumour_to_schema(tumour, "brats2021"), other, "other grid")
+    ids_before = _ids(case.scene)
+    for bad in (other, seg_other):
+        with pytest.raises(WorkflowError, match="another grid"):
+            case.logic.prepare(t1, bad)
+        assert _ids(case.scene) == ids_before
+    half = mrml.add_volume_from_array(case.scene, tumour[::2, ::2, ::2].copy(), mrml.ijk_to_ras(t1), "coarse",
+                                      "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(WorkflowError, match="another grid"):
+        case.logic.prepare(t1, half)
+    for node in (other, seg_other, half):
+        case.scene.RemoveNode(node)
+    assert [i for i in _ids(case.scene) if i in ids] == ids
+
+
+@pytest.mark.realdata
+def test_label_maps_with_unknown_segments_or_values(case, tiny_model):
+    t1 = case.nodes["t1"]
+    # a tumour labelmap with a value the convention does not define
+    tumour = mrml.array_from_volume(case.nodes["tumour"]).copy()
+    tumour[tumour == 4] = 3
+    bad = mrml.add_volume_from_array(case.scene, tumour, mrml.ijk_to_ras(t1), "bad values", "vtkMRMLLabelMapVolumeNode")
+    ids = _ids(case.scene)
+    with pytest.raises(WorkflowError, match=r"\[3\].*convention"):
+        case.logic.prepare(t1, bad, "brats2021")
+    assert _ids(case.scene) == ids
+    case.scene.RemoveNode(bad)
+    # a tumour segmentation with a segment MedSynth does not know
+    seg_in = mrml.segmentation_from_labels(case.scene, case.logic.labelmap(case.seg).array, t1, "input")
+    seg_in.GetSegmentation().AddEmptySegment("Liver", "Liver")
+    ids = _ids(case.scene)
+    with pytest.raises(WorkflowError, match="'Liver'"):
+        case.logic.prepare(t1, seg_in)
+    assert _ids(case.scene) == ids
+    case.scene.RemoveNode(seg_in)
+    # the working segmentation gets an unknown segment in the Segment Editor: generate refuses
+    seg = case.logic.copy_labels(case.seg, "unknown")
+    seg.GetSegmentation().AddEmptySegment("Segment_7", "Segment_7")
+    ids = _ids(case.scene)
+    with pytest.raises(WorkflowError, match="'Segment_7'"):
+        case.logic.start_generate(seg, GenerateOptions(model=str(tiny_model), device="cpu"))
+    assert _ids(case.scene) == ids
+    mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.realdata
+def test_bad_generate_options_are_refused(case):
+    for options in (GenerateOptions(device="tpu"), GenerateOptions(precision="fp8"), GenerateOptions(seed=-1)):
+        with pytest.raises(WorkflowError):
+            case.logic.start_generate(case.seg, options)
