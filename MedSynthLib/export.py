@@ -190,7 +190,10 @@ def _known_edit_params() -> dict[str, frozenset[str]]:
 
     from .edits import EDITS
 
-    known = {"derive_labels": frozenset({"convention", "label_convention", "anatomy_model"})}
+    known = {"derive_labels": frozenset({"convention", "label_convention", "anatomy_model"}),
+             "template_labels": frozenset({"template"}),
+             # Segment Editor strokes recorded by the Slicer module: counts only.
+             "manual_segment_edit": frozenset({"changed_voxels", "voxel_change"})}
     for name, cls in EDITS.items():
         fields = {f.name for f in dataclasses.fields(cls)} - set(getattr(cls, "_unrecorded", ()))
         known[name] = frozenset(fields - {"source"})  # a source identifier may name a real case
@@ -220,13 +223,43 @@ def _clean_edits(edits: Any, redacted: _Redactions) -> list[dict[str, Any]]:
     return out
 
 
+REVIEW_NOTE_MAX_CHARS = 500
+
+
+def _clean_review(review: Any, redacted: _Redactions) -> dict[str, Any] | None:
+    """A clinician's rating of the synthetic case (1-5), its note and time; anything else dropped.
+
+    The note is the reviewer's own text about the synthetic images and is exported as
+    written (printable characters, at most 500); it is the reviewer's to keep free of identifiers.
+    """
+    if review is None:
+        return None
+    if not isinstance(review, dict):
+        redacted.drop()
+        return None
+    rating = review.get("rating")
+    if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
+        redacted.drop()
+        return None
+    out: dict[str, Any] = {"rating": rating}
+    note = review.get("note")
+    if isinstance(note, str):
+        out["note"] = "".join(ch for ch in note if ch.isprintable() or ch in "\n\t")[:REVIEW_NOTE_MAX_CHARS]
+    when = review.get("reviewed_at")
+    if isinstance(when, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}T[0-9:.+\-Z]+", when):
+        out["reviewed_at"] = when
+    redacted.count += sum(1 for key in review if key not in ("rating", "note", "reviewed_at"))
+    return out
+
+
 def sanitise_provenance(raw: Mapping[str, Any], grid: Grid) -> tuple[dict[str, Any], int]:
     """Rebuild a synthetic case's provenance from a whitelist.
 
     Kept: model name and sha256, ``labels_sha256``, the edit records (only the
     parameters each edit records, and only numbers, booleans and plain tokens -
     never a path, a file name or a source identifier), seed, device, precision,
-    software versions and timings.  Everything else is dropped, not copied.
+    software versions, timings and a clinician's review (rating, note, time).  Everything
+    else is dropped, not copied.
 
     Returns:
         The clean provenance and the number of fields removed.
@@ -260,8 +293,11 @@ def sanitise_provenance(raw: Mapping[str, Any], grid: Grid) -> tuple[dict[str, A
     out["timings_s"] = {k: v for k, v in timings.items() if isinstance(k, str) and _SAFE_KEY.match(k)
                         and not _UNSAFE_KEY.search(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
                         and np.isfinite(v)}
+    review = _clean_review(raw.get("review"), redacted)
+    if review is not None:
+        out["review"] = review
     known_top = {"kind", "synthetic", "label_schema_version", "model", "labels_sha256", "edits", "seed",
-                 "device", "precision", "grid", "software", "timings_s"}
+                 "device", "precision", "grid", "software", "timings_s", "review"}
     redacted.count += sum(1 for key in raw if key not in known_top)
     return out, redacted.count
 

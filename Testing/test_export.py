@@ -645,3 +645,28 @@ def test_naming_only_for_nifti(tmp_path, capsys):
     case = make_case(tmp_path / "synth_out")
     rc, _, err = run(["export", case, "--format", "dicom", "--naming", "brats2023", "-o", tmp_path / "x"], capsys)
     assert rc == 2 and "--naming" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("review, expected", [
+    ({"rating": 4, "note": "rim too thin", "reviewed_at": "2026-11-26T21:00:00+00:00"},
+     {"rating": 4, "note": "rim too thin", "reviewed_at": "2026-11-26T21:00:00+00:00"}),
+    ({"rating": 5, "note": "ok", "reviewer": "Dr Doe"}, {"rating": 5, "note": "ok"}),  # unknown key dropped
+    ({"rating": 9, "note": "out of range"}, None),
+    ({"rating": True}, None),
+    ("five stars", None),
+])
+def test_review_is_whitelisted(review, expected):
+    """A clinician's review survives the provenance whitelist as rating/note/time only."""
+    from MedSynthLib.export import sanitise_provenance
+
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:4, 1:5] = Label.WM
+    grid = Grid((6, 5, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    manual = {"name": "manual_segment_edit", "params": {"changed_voxels": 12, "voxel_change": {"ET": 12, "WM": -12}},
+              "schema_version": 1}
+    clean, removed = sanitise_provenance(_provenance(labels, review=review, edits=[manual]), grid)
+    assert clean.get("review") == expected
+    assert clean["edits"] == [manual], "Segment Editor strokes are recorded as counts"
+    assert "reviewer" not in json.dumps(clean) and "Dr Doe" not in json.dumps(clean)
+    if expected is None or set(review) - {"rating", "note", "reviewed_at"}:
+        assert removed >= 1
