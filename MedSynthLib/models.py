@@ -127,6 +127,8 @@ def write_model(folder: Path, state: dict[str, Any], config: dict[str, Any], *, 
         config = dict(config, format=MODEL_FORMAT, label_schema_version=SCHEMA_VERSION,
                       weights_sha256=file_sha256(tmp / WEIGHTS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for path in tmp.iterdir():  # safetensors writes 0600; a model folder is meant to be shared
+            path.chmod(0o644)
     return folder
 
 

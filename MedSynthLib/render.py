@@ -77,8 +77,11 @@ def render_montage(volumes: dict[str, np.ndarray], labels: np.ndarray, grid: Gri
             ax = axes[row, col]
             if volume is not None:
                 ax.imshow(plane, cmap="gray", vmin=0, vmax=vmax, aspect=aspect, interpolation="nearest")
-                ax.imshow(np.ma.masked_where(lab < Label.NCR, lab), cmap=cmap, vmin=0, vmax=NUM_CLASSES - 1,
-                          alpha=overlay_alpha, aspect=aspect, interpolation="nearest")
+                # Tumour sub-regions as outlines, so the synthetic tumour itself stays visible.
+                for value in (Label.NCR, Label.ED, Label.ET):
+                    if (lab == value).any():
+                        ax.contour((lab == value).astype(float), levels=[0.5], colors=[LABEL_INFO[value].color],
+                                   linewidths=0.8, alpha=min(1.0, 2 * overlay_alpha + 0.2))
             else:
                 ax.imshow(lab, cmap=cmap, vmin=0, vmax=NUM_CLASSES - 1, aspect=aspect, interpolation="nearest")
                 ax.set_facecolor("black")

@@ -154,7 +154,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminator: nn.Module | None,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
-                    scaler_state: dict[str, Any] | None) -> Path:
+                    scaler_state: dict[str, Any] | None, elapsed_s: float = 0.0) -> Path:
     """Write ``checkpoints/step_N`` atomically, then point ``checkpoints/latest.json`` at it."""
     from safetensors.torch import save_file
 
@@ -164,7 +164,7 @@ def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminato
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(state_dict_unwrapped(generator), str(tmp / "generator.safetensors"))
-    meta: dict[str, Any] = {"step": step, "scaler": scaler_state}
+    meta: dict[str, Any] = {"step": step, "scaler": scaler_state, "elapsed_s": round(elapsed_s, 1)}
     tensors, meta["optimizer_g"] = _optimizer_tensors(opt_g)
     save_file(tensors, str(tmp / "optimizer_g.safetensors"))
     if discriminator is not None and opt_d is not None:
@@ -182,7 +182,7 @@ def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminato
 
 
 def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Module | None,
-                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None) -> tuple[int, Any]:
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None) -> tuple[int, Any, float]:
     from safetensors.torch import load_file
 
     latest = run_dir / "checkpoints" / "latest.json"
@@ -195,7 +195,7 @@ def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Modul
     if discriminator is not None and opt_d is not None:
         discriminator.load_state_dict(load_file(str(folder / "discriminator.safetensors")))
         _load_optimizer(opt_d, load_file(str(folder / "optimizer_d.safetensors")), meta["optimizer_d"])
-    return int(meta["step"]), meta.get("scaler")
+    return int(meta["step"]), meta.get("scaler"), float(meta.get("elapsed_s", 0.0))
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -291,8 +291,9 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas) if discriminator else None
     start = 0
     scaler_state = None
+    elapsed_before = 0.0  # training time of earlier sessions of this run
     if resume:
-        start, scaler_state = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
+        start, scaler_state, elapsed_before = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
         if steps is not None and steps != config.steps:
             if steps < start:
                 raise InputError(run_dir, f"--steps {steps} is below the checkpoint's step {start}")
@@ -394,7 +395,8 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
             if done % config.checkpoint_every == 0 or done == config.steps:
                 if d.main:
                     save_checkpoint(run_dir, done, generator, discriminator, opt_g, opt_d,
-                                    scaler.state_dict() if scaler.is_enabled() else None)
+                                    scaler.state_dict() if scaler.is_enabled() else None,
+                                    elapsed_before + time.perf_counter() - started)
                 _barrier(d)
             if d.main and val_volumes and (done % config.val_every == 0 or done == config.steps):
                 metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, done)
@@ -415,8 +417,13 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     if d.main:
         val_metrics = (validate(generator, config.network, val_volumes, dev, precision, run_dir, config.steps,
                                 montage=False, detailed=True) if val_volumes else {})
-        export_model(model_dir, generator, config, volumes, command, val_metrics, history,
-                     time.perf_counter() - started, precision, str(dev), d.world)
+        commands = [recorded.get("command", command) if resume else command]
+        commands += [change["command"] for change in recorded.get("length_changes", [])
+                     if change.get("command") and change["command"] not in commands]
+        if resume and command not in commands:
+            commands.append(command)
+        export_model(model_dir, generator, config, volumes, commands, val_metrics, history,
+                     elapsed_before + time.perf_counter() - started, precision, str(dev), d.world)
     _barrier(d)
     if d.world > 1:
         import torch.distributed as dist
@@ -426,7 +433,7 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
 
 
 def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, volumes: list[TrainingVolume],
-                 command: str, val_metrics: dict[str, Any], last_losses: dict[str, float], seconds: float,
+                 commands: list[str], val_metrics: dict[str, Any], last_losses: dict[str, float], seconds: float,
                  precision: str, device: str, world: int) -> Path:
     from .models import write_model
     from .provenance import software_versions
@@ -437,11 +444,11 @@ def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, vol
         "network": config.network.to_json(),
         "intensity": _intensity_statistics(volumes),
         "training": {
-            "command": command,
+            "commands": commands,  # the first started the run; later ones resumed it
             "config": config.to_json(),
             "data": data_summary(volumes),
             "steps": config.steps,
-            "seconds_this_session": round(seconds, 1),
+            "training_seconds": round(seconds, 1),
             "precision": precision,
             "device": device,
             "world_size": world,

@@ -249,7 +249,8 @@ def test_tumor_random_is_reproducible(work, capsys):
 
 # --- demo --------------------------------------------------------------------------------------
 
-DEMO_FILES = ["labels.json", "labels.nii.gz", "montage.png", "provenance.json", "template_t1.nii.gz"]
+DEMO_FILES = ["flair.nii.gz", "labels.json", "labels.nii.gz", "montage.png", "provenance.json",
+              "t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz"]
 
 
 @pytest.fixture(scope="module")
@@ -260,18 +261,38 @@ def demo(tmp_path_factory) -> Path:
 
 
 def test_demo_files(demo):
-    """The demo folder holds exactly the documented files, with consistent content."""
+    """The demo folder is a complete synthetic case from the shipped model, on the template grid."""
+    from MedSynthLib.models import resolve_model
+
     assert sorted(os.listdir(demo)) == DEMO_FILES
     assert sorted(os.listdir(demo.parent)) == ["demo"], "stray temporary folders"
     labels = _array(demo / "labels.nii.gz")
     assert set(np.unique(labels)) == set(range(7))
-    t1 = sitk.ReadImage(str(demo / "template_t1.nii.gz"))
-    assert t1.GetSize() == (197, 233, 189)
-    assert Grid.from_image(t1) == Grid.from_image(sitk.ReadImage(str(demo / "labels.nii.gz")))
+    grid = Grid.from_image(sitk.ReadImage(str(demo / "labels.nii.gz")))
+    assert grid.size == (197, 233, 189)
+    for modality in ("t1", "t1ce", "t2", "flair"):
+        image = sitk.ReadImage(str(demo / f"{modality}.nii.gz"))
+        assert Grid.from_image(image) == grid
+        array = sitk.GetArrayFromImage(image)
+        assert np.all(array[labels == 0] == 0), f"{modality}: background must be 0"
+        assert np.isfinite(array).all() and array[labels > 0].std() > 0
     provenance = json.loads((demo / "provenance.json").read_text())
     assert provenance["labels_sha256"] == array_sha256(labels)
-    assert [r["name"] for r in provenance["history"]] == ["template_labels", "parametric_tumour"]
-    assert json.loads((demo / "labels.json").read_text())["history"] == provenance["history"]
+    assert [r["name"] for r in provenance["edits"]] == ["template_labels", "parametric_tumour"]
+    assert provenance["model"]["sha256"] == resolve_model(None).sha256
+    assert json.loads((demo / "labels.json").read_text())["history"] == provenance["edits"]
+
+
+def test_demo_contrasts_are_mri_like(demo):
+    """The shipped model reproduces the basic contrasts: WM > GM > CSF on T1, the reverse on T2,
+    and enhancing tumour brighter on T1ce than on T1 (relative to white matter)."""
+    labels = _array(demo / "labels.nii.gz")
+    means = {m: {v: float(_array(demo / f"{m}.nii.gz")[labels == v].mean()) for v in range(1, 7)}
+             for m in ("t1", "t1ce", "t2", "flair")}
+    assert means["t1"][3] > means["t1"][2] > means["t1"][1]
+    assert means["t2"][1] > means["t2"][2] > means["t2"][3]
+    assert means["t1ce"][6] / means["t1ce"][3] > means["t1"][6] / means["t1"][3]
+    assert means["flair"][5] > means["flair"][3], "oedema is bright on FLAIR"
 
 
 def test_demo_montage_png(demo):
