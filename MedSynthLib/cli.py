@@ -258,15 +258,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig()
     if args.config is not None:
         config = TrainConfig.from_json(_read_json(args.config), str(args.config))
-    overrides = {k: v for k, v in (("steps", args.steps), ("precision", args.precision),
-                                   ("threads", args.threads)) if v is not None}
+    overrides = {k: v for k, v in (("precision", args.precision), ("threads", args.threads)) if v is not None}
     if overrides:
         config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     model = train(args.data, args.output, config, resume=args.resume, device=args.device, command=command,
-                  cache_dir=args.cache)
+                  cache_dir=args.cache, steps=args.steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line (rank 0 wrote the model)
         print(f"{model}: model written")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import load_config, run_study
+
+    config = load_config(args.config)
+    if args.threads is not None:
+        config.threads = args.threads
+    if args.gan_model is not None:
+        config.gan_model = args.gan_model
+    command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    report = run_study(args.data, args.output, config, extra_labels=args.extra_labels, work=args.work,
+                       device=args.device, folds=args.folds, overwrite=args.overwrite, command=command,
+                       progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        summary = report["segmentation"]["summary"]
+        for arm, regions in summary.items():
+            print(f"{arm:<20} Dice WT {regions['WT']['dice']['mean']:.3f}  TC {regions['TC']['dice']['mean']:.3f}  "
+                  f"ET {regions['ET']['dice']['mean']:.3f}")
+        print(f"{args.output}: report.json, report.md, figures/ written "
+              f"({report['timings']['wall_seconds_this_run'] / 60:.1f} min)")
     return 0
 
 
@@ -489,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="folder of case folders (any supported convention)")
     p.add_argument("-o", "--output", required=True, type=Path, help="run folder (checkpoints, logs, model/)")
     p.add_argument("--config", type=Path, help="training configuration JSON (see Resources/configs)")
-    p.add_argument("--steps", type=int, help="override the number of steps")
+    p.add_argument("--steps", type=int, help="override the number of steps (with --resume: change the run's length)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="override the precision")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -497,6 +518,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="folder of prepared cases to share between runs (default RUN_DIR/cache)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("study", help="the experiments of Shin et al. 2018 on your data: segmentation with real / "
+                                     "synthetic data, synthesis fidelity, memorisation check, one report",
+                       description="Cross-validated study: per fold a GAN trained on the training cases, synthetic "
+                                   "cases from edited training label maps, a tumour segmenter trained in four arms "
+                                   "(real, real+synthetic, synthetic, synthetic+fine-tune) and scored on the held-out "
+                                   "real cases, GAN fidelity and a memorisation check. Interrupted studies resume "
+                                   "from the work folder.")
+    p.add_argument("--data", required=True, type=Path, help="folder of case folders (one convention, with segmentations)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
+                   help="report folder (report.json, report.md, figures/), written atomically at the end")
+    p.add_argument("--config", default="tiny", help="micro, tiny, paper or a study config JSON (default tiny)")
+    p.add_argument("--folds", type=int, help="override the number of folds (k-fold by case)")
+    p.add_argument("--extra-labels", type=Path, nargs="+", metavar="PATH",
+                   help="tumour label maps without images (files or folders) for the synthetic arms")
+    p.add_argument("--work", type=Path, help="cache folder for resuming (default REPORT_DIR.cache, beside the report)")
+    p.add_argument("--gan-model", metavar="MODEL",
+                   help="use this trained GAN instead of training one per fold ('{fold}' is replaced by the fold number)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the main job: a synthetic case from the built-in healthy template "
                                     "with a generated tumour (no download)")

@@ -1,0 +1,793 @@
+"""``medsynth study``: the experiments of Shin et al. 2018 on the user's own data, in one command.
+
+For each fold (cases split by case, k-fold or a fixed split, seeded):
+
+1. the synthesis GAN is trained on the fold's training cases only
+   (:func:`MedSynthLib.train.train`, sharing one cache of prepared cases), or a
+   given model is used;
+2. synthetic label maps are made from the training cases' label maps with
+   random tumour edits (moved / resized / rotated / flipped, tumours of other
+   training cases or of extra tumour label maps inserted into training brains,
+   training tumours inserted into the healthy ICBM152 template), every edit
+   recorded, and synthesised with the fold's GAN;
+3. a tumour segmenter (:mod:`MedSynthLib.study_seg`) is trained in four arms
+   with the same step budget: real only; real + synthetic; synthetic only;
+   synthetic then fine-tuned on a fraction of the real training cases;
+4. the arms are scored on the held-out real cases (Dice, HD95 for WT/TC/ET),
+   the GAN's fidelity is measured on the held-out cases (their real label maps
+   -> synthetic images vs their real images), and every synthetic case is
+   compared with its most similar training case (memorisation check).
+
+Every stage is cached in the work folder under a key that hashes the
+configuration and data it depends on, so an interrupted study resumes where it
+stopped and a finished one re-reports instantly.  The report folder is written
+atomically at the end (:mod:`MedSynthLib.study_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import InputError, MedSynthError
+from .io import check_writable, write_json
+from .study_data import (PREP_VERSION, SYNTHETIC_KINDS, CaseInfo, ExtraTumour, RealCase, StudyGrid,
+                         sha256_json)
+from .study_seg import ARMS, SegCase, SegConfig
+
+STUDY_VERSION = 1
+CONFIG_NAMES = ("micro", "tiny", "paper")
+
+
+def configs_root() -> Path:
+    return Path(__file__).resolve().parent.parent / "Resources" / "configs"
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+@dataclass
+class StudyConfig:
+    """Everything that defines a study (stored in report.json)."""
+
+    name: str = "custom"
+    description: str = ""
+    seed: int = 2018
+    threads: int | None = None
+    folds: int = 5
+    test_cases: list[str] | None = None  # a fixed split: these cases are held out (one fold)
+    grid: dict[str, Any] = field(default_factory=lambda: {"spacing_mm": 2.0, "margin_mm": 6.0, "size_multiple": 8,
+                                                          "box_mm": None})
+    gan: dict[str, Any] = field(default_factory=dict)  # a TrainConfig (val_cases is always emptied)
+    gan_model: str | None = None  # reuse a trained model instead ("{fold}" is replaced by the fold number)
+    synthetic: dict[str, Any] = field(default_factory=lambda: {"per_case": 2, "kinds": ["transform", "insert",
+                                                                                        "template"]})
+    extra_label_convention: str = "brats2021"
+    segmenter: dict[str, Any] = field(default_factory=dict)
+    bootstrap: int = 10000
+    ci: float = 0.95
+    memorisation: dict[str, Any] = field(default_factory=lambda: {"max_real_pairs": 2000})
+    preload: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> "StudyConfig":
+        from .labels import CONVENTIONS
+        from .train import TrainConfig
+
+        if not isinstance(data, dict):
+            raise InputError(source, "a study config is a JSON object")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(source, f"unknown study options {sorted(unknown)}")
+        config = cls(**data)
+        if int(config.folds) < 2 and not config.test_cases:
+            raise InputError(source, f"folds must be at least 2, got {config.folds}")
+        grid = dict(cls().grid, **config.grid)
+        if set(grid) - {"spacing_mm", "margin_mm", "size_multiple", "box_mm"}:
+            raise InputError(source, f"unknown grid options {sorted(set(grid) - set(cls().grid))}")
+        if not float(grid["spacing_mm"]) > 0:
+            raise InputError(source, "grid spacing_mm must be positive")
+        config.grid = grid
+        TrainConfig.from_json(dict(config.gan, val_cases=[]), source)  # validates
+        SegConfig.from_json(config.segmenter, source)
+        kinds = config.synthetic.get("kinds", ["transform"])
+        bad = [k for k in kinds if k not in SYNTHETIC_KINDS]
+        if bad or not kinds:
+            raise InputError(source, f"synthetic kinds {bad or kinds}: choose from {', '.join(SYNTHETIC_KINDS)}")
+        if int(config.synthetic.get("per_case", 1)) < 1:
+            raise InputError(source, "synthetic per_case must be at least 1")
+        unknown = set(config.synthetic) - {"per_case", "kinds", "edit", "precision"}
+        if unknown:
+            raise InputError(source, f"unknown synthetic options {sorted(unknown)}")
+        from .edits import RandomTumourEdit
+
+        try:
+            RandomTumourEdit(**config.synthetic.get("edit", {}))
+        except TypeError as exc:
+            raise InputError(source, f"synthetic edit options: {exc}") from None
+        if config.extra_label_convention not in CONVENTIONS:
+            raise InputError(source, f"unknown extra_label_convention {config.extra_label_convention!r}")
+        if not 0 < config.ci < 1 or config.bootstrap < 100:
+            raise InputError(source, "ci must lie in (0, 1) and bootstrap be at least 100")
+        return config
+
+    @property
+    def train_config(self):
+        from .train import TrainConfig
+
+        data = dict(self.gan, val_cases=[])
+        if self.threads and not data.get("threads"):
+            data["threads"] = self.threads
+        return TrainConfig.from_json(data, "study config")
+
+    @property
+    def seg_config(self) -> SegConfig:
+        return SegConfig.from_json(self.segmenter, "study config")
+
+
+def load_config(name_or_path: str | os.PathLike[str] | None) -> StudyConfig:
+    """``micro``, ``tiny``, ``paper`` (shipped in Resources/configs) or a JSON file."""
+    text = os.fspath(name_or_path) if name_or_path is not None else "tiny"
+    path = configs_root() / f"study_{text}.json" if text in CONFIG_NAMES else Path(text)
+    if not path.is_file():
+        raise InputError(path, f"study config not found (give {', '.join(CONFIG_NAMES)} or a JSON file)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    data.pop("$comment", None)
+    config = StudyConfig.from_json(data, str(path))
+    if text in CONFIG_NAMES:
+        config.name = text
+    return config
+
+
+# --- distributed (torchrun) --------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "_Dist":
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
+    def sync(self, device_type: str) -> None:
+        """Barrier (the process group is joined on demand and left before GAN training)."""
+        if self.world <= 1:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.barrier()
+
+    @contextmanager
+    def shared_group(self, device_type: str) -> Iterator[None]:
+        """Let :func:`MedSynthLib.train.train` run in the study's process group.
+
+        ``train()`` joins a process group when launched by torchrun and leaves it at
+        its end; the study calls it once per fold, and leaving and re-joining a gloo
+        group repeatedly races on the rendezvous store.  So for the duration of the
+        call ``train()`` is handed the existing group and its leaving is a no-op.
+        """
+        if self.world <= 1:
+            yield
+            return
+        import torch
+        import torch.distributed as dist
+
+        from . import train as train_module
+
+        self.sync(device_type)
+        original_init, original_destroy = train_module.init_distributed, dist.destroy_process_group
+
+        def join(kind: str) -> Any:
+            if kind == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            return train_module.Dist(self.rank, self.world, self.local_rank)
+
+        train_module.init_distributed = join  # type: ignore[assignment]
+        dist.destroy_process_group = lambda *args, **kwargs: None  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            train_module.init_distributed = original_init  # type: ignore[assignment]
+            dist.destroy_process_group = original_destroy  # type: ignore[assignment]
+
+    def release(self) -> None:
+        if self.world <= 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+
+def _log(message: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        return
+    print(f"medsynth study: {message}", file=sys.stderr, flush=True)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _write_json_atomic(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(data, path, overwrite=True)
+
+
+def _read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Fold:
+    index: int  # 1-based
+    test: list[str]
+    train: list[str]
+
+
+def make_folds(case_ids: list[str], k: int, seed: int, test_cases: list[str] | None, data: Path) -> list[Fold]:
+    """Split by case: seeded k-fold (near-equal test groups), or one fixed split."""
+    if test_cases:
+        unknown = sorted(set(test_cases) - set(case_ids))
+        if unknown:
+            raise InputError(data, f"test cases {unknown} are not among the case folders")
+        train = [c for c in case_ids if c not in test_cases]
+        if not train:
+            raise InputError(data, "no training case left after holding out the test cases")
+        return [Fold(1, sorted(test_cases), train)]
+    if len(case_ids) < k:
+        raise InputError(data, f"{len(case_ids)} case(s) cannot be split into {k} folds "
+                               f"(need at least {k} cases; use --folds with a smaller number)")
+    order = list(np.random.default_rng(seed).permutation(len(case_ids)))
+    groups = [sorted(case_ids[i] for i in order[f::k]) for f in range(k)]
+    return [Fold(f + 1, groups[f], [c for c in case_ids if c not in groups[f]]) for f in range(k)]
+
+
+class _ETA:
+    """Remaining-time estimate from the stages computed so far (cached stages are free)."""
+
+    def __init__(self, weights: dict[str, float], plan: list[str]) -> None:
+        self.weights, self.plan, self.done = weights, list(plan), 0
+        self.spent = 0.0
+        self.spent_weight = 0.0
+
+    def finish(self, kind: str, seconds: float, computed: bool) -> str:
+        self.done += 1
+        if computed:
+            self.spent += seconds
+            self.spent_weight += self.weights[kind]
+        left = sum(self.weights[k] for k in self.plan[self.done:])
+        if self.spent_weight <= 0:
+            return f"{self.done}/{len(self.plan)} stages"
+        return f"{self.done}/{len(self.plan)} stages, ETA {_fmt_seconds(left * self.spent / self.spent_weight)}"
+
+
+# --- the study ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyInputs:
+    """Everything checked before any work is done."""
+
+    data: Path
+    cases: list[CaseInfo]
+    folds: list[Fold]
+    extras: list[ExtraTumour]
+    extra_files: list[Path]
+    gan_models: dict[int, Any]
+    device: Any
+    config: StudyConfig
+
+
+def check_inputs(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels: list[Path] | None,
+                 device: str, folds: int | None, overwrite: bool) -> StudyInputs:
+    """Every bad-input check of the study, before anything is written."""
+    from .cases import detect_convention
+    from .inference import pick_device
+    from .study_data import find_label_files, inspect_case, load_extra_tumour
+    from .training_data import find_case_folders
+
+    check_writable([report_dir], overwrite)
+    dev = pick_device(device)
+    folders = find_case_folders(data)
+    conventions: dict[str, list[str]] = {}
+    for folder in folders:
+        conventions.setdefault(detect_convention(folder), []).append(folder.name)
+    if len(conventions) > 1:
+        listing = "; ".join(f"{name}: {', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}"
+                            for name, ids in sorted(conventions.items()))
+        raise InputError(data, f"cases of mixed conventions ({listing}); a study needs every case in one "
+                               "convention (convert or move the odd ones out)")
+    names = [f.name for f in folders]
+    if len(set(names)) != len(names):
+        raise InputError(data, "two case folders share a name; case ids must be unique")
+    if folds is not None:
+        config.folds = int(folds)
+        config.test_cases = None
+        if config.folds < 2:
+            raise InputError(data, f"--folds {folds}: at least 2 folds")
+    # Fold check first: it needs the names only, and reading cases takes time.
+    split = make_folds(sorted(names), config.folds, config.seed, config.test_cases, data)
+    cases = [inspect_case(folder)[0] for folder in folders]
+    by_id = {c.case_id: c for c in cases}
+    for fold in split:
+        tumour = sum(sum(by_id[c].tumour_voxels.values()) for c in fold.train)
+        if tumour == 0:
+            raise MedSynthError(f"{data}: fold {fold.index}: the real training cases ({', '.join(fold.train)}) hold "
+                                "no tumour voxel, so the segmentation arms would have no tumour to learn")
+    extra_files = find_label_files(extra_labels or [])
+    extras = [load_extra_tumour(p, config.extra_label_convention, float(config.grid["spacing_mm"]))
+              for p in extra_files]
+    gan_models = {fold.index: _check_gan_model(config.gan_model, fold) for fold in split} if config.gan_model else {}
+    return StudyInputs(Path(data), sorted(cases, key=lambda c: c.case_id), split, extras, extra_files, gan_models,
+                       dev, config)
+
+
+def _check_gan_model(pattern: str, fold: Fold) -> Any:
+    """A given GAN must exist, verify, and fit the study (7 label classes in, 4 modalities out)."""
+    from .models import resolve_model
+    from .networks import MODALITY_ORDER, NetworkConfig
+
+    text = pattern.replace("{fold}", str(fold.index))
+    model = resolve_model(text)
+    try:
+        network = NetworkConfig.from_json(model.config["network"])
+        intensity = model.config["intensity"]
+    except (KeyError, TypeError) as exc:
+        raise InputError(model.path, f"incompatible GAN checkpoint: config.json lacks {exc}") from None
+    from .labels import NUM_CLASSES
+
+    if network.in_channels != NUM_CLASSES or tuple(network.modalities) != MODALITY_ORDER or \
+            set(intensity) != set(MODALITY_ORDER):
+        raise InputError(model.path, f"incompatible GAN checkpoint: it maps {network.in_channels} label classes "
+                                     f"to {list(network.modalities)}, the study needs {NUM_CLASSES} classes to "
+                                     f"{list(MODALITY_ORDER)}")
+    return model
+
+
+def run_study(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels: list[Path] | None = None,
+              work: Path | None = None, device: str = "auto", folds: int | None = None, overwrite: bool = False,
+              command: str = "", progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a study and write its report folder; returns the report dictionary."""
+    import torch
+
+    started = time.perf_counter()
+    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    d = _Dist.from_env()
+    report_dir = Path(report_dir)
+    inputs = check_inputs(Path(data), report_dir, config, extra_labels=extra_labels, device=device, folds=folds,
+                          overwrite=overwrite or d.rank > 0)
+    dev = inputs.device
+    if d.world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", d.local_rank)
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    work = Path(work) if work is not None else report_dir.with_name(report_dir.name + ".cache")
+    if work.resolve() == report_dir.resolve() or report_dir.resolve() in work.resolve().parents:
+        raise InputError(work, "the work folder must lie outside the report folder")
+    if d.main:
+        work.mkdir(parents=True, exist_ok=True)
+    _log(f"{len(inputs.cases)} cases, {len(inputs.folds)} fold(s), config {config.name}, device {dev}, "
+         f"work folder {work}")
+    study = _Study(inputs, work, dev, d, progress)
+    results = study.run()
+    from .study_report import build_report, write_report
+
+    report = build_report(inputs, results, study, command=command, started_utc=started_utc,
+                          wall_seconds=time.perf_counter() - started)
+    if d.main:
+        write_report(report, results, study, report_dir, overwrite=overwrite)
+        _log(f"report written to {report_dir} in {_fmt_seconds(time.perf_counter() - started)}")
+    d.sync(dev.type)
+    d.release()
+    return report
+
+
+class _Study:
+    """The stages of a study with their caches."""
+
+    STAGE_WEIGHTS = {"gan": 3.0, "synth": 0.5, "fidelity": 0.1, "memo": 0.05, "arm": 1.0}
+
+    def __init__(self, inputs: StudyInputs, work: Path, device: Any, d: _Dist, progress: bool) -> None:
+        self.inputs, self.work, self.device, self.d, self.progress = inputs, work, device, d, progress
+        self.config = inputs.config
+        self.timings: dict[str, float] = {}
+        self.computed: dict[str, bool] = {}
+        self.grid: StudyGrid | None = None
+        self.template_info: dict[str, Any] | None = None
+        self.sha: dict[str, str] = {}
+        self.folders: dict[str, Path] = {}
+        self.labelmaps: dict[str, Any] = {}
+        self._real_cache: dict[str, RealCase] = {}
+        self.seg_real: dict[str, SegCase] = {}
+
+    # ---- stage bookkeeping
+    def _stage_done(self, name: str, kind: str, seconds: float, computed: bool) -> None:
+        self.timings[name] = round(seconds, 2)
+        self.computed[name] = computed
+        eta = self.eta.finish(kind, seconds, computed)
+        verb = "done" if computed else "cached"
+        _log(f"{name}: {verb} ({_fmt_seconds(seconds)}); {eta}")
+
+    # ---- preparation
+    def prepare(self) -> None:
+        from .grid import LabelMap
+        from .study_data import write_study_case
+        from .study_seg import make_seg_case
+
+        start = time.perf_counter()
+        cfg = self.config.grid
+        extents = [c.extent_mm for c in self.inputs.cases]
+        self.grid = StudyGrid.fit(extents, float(cfg["spacing_mm"]), float(cfg["margin_mm"]),
+                                  int(cfg["size_multiple"]), cfg.get("box_mm"))
+        grid_key = sha256_json({"grid": self.grid.to_json(), "prep": PREP_VERSION})[:12]
+        self.prepared_cache = self.work / "prepared"
+        arrays = self.work / "arrays" / grid_key
+        computed = False
+        for info in self.inputs.cases:
+            self.sha[info.case_id] = info.sha256
+            folder = self.work / "cases" / grid_key / info.case_id
+            self.folders[info.case_id] = folder
+            marker = _read_json(folder / "study_case.json")
+            if self.d.main and (marker is None or marker.get("source_sha256") != info.sha256):
+                from .cases import read_case
+
+                write_study_case(read_case(info.folder, require_segmentation=True), info, self.grid, folder)
+                computed = True
+        self.d.sync(self.device.type)
+        for info in self.inputs.cases:
+            stem = arrays / f"{info.sha256[:24]}"
+            paths = (Path(f"{stem}_images.npy"), Path(f"{stem}_labels.npy"))
+            if self.d.main and not all(p.exists() for p in paths):
+                real = self.real_case(info.case_id)
+                seg = make_seg_case(info.case_id, real.images, real.labelmap.array, real.labelmap.grid.spacing)
+                _mkdir(arrays)
+                for path, array in zip(paths, (seg.images.astype(np.float16), seg.labels)):
+                    tmp = path.with_name(path.name + ".tmp.npy")
+                    np.save(tmp, array)
+                    os.replace(tmp, path)
+                computed = True
+        self.d.sync(self.device.type)
+        spacing = (self.grid.spacing,) * 3
+        for info in self.inputs.cases:
+            stem = arrays / f"{info.sha256[:24]}"
+            seg = self._load_arrays(Path(f"{stem}_images.npy"), Path(f"{stem}_labels.npy"), info.case_id, spacing)
+            self.seg_real[info.case_id] = seg
+            self.labelmaps[info.case_id] = LabelMap(np.asarray(seg.labels), self.grid.grid_at(info.centre_lps))
+        self.extras = self.inputs.extras
+        kinds = self.config.synthetic.get("kinds", [])
+        self.template = None
+        if "template" in kinds:
+            from .study_data import template_on_study_grid
+
+            mean_extent = np.mean(np.stack(extents), axis=0)
+            self.template, self.template_info = template_on_study_grid(self.grid, mean_extent)
+        self.real_similarity = self._real_similarity()
+        self.timings["prepare"] = round(time.perf_counter() - start, 2)
+        self.computed["prepare"] = computed
+        _log(f"prepared {len(self.seg_real)} cases on a {self.grid.spacing:g} mm grid of {self.grid.size} voxels "
+             f"({_fmt_seconds(time.perf_counter() - start)})")
+
+    def real_case(self, case_id: str) -> RealCase:
+        """The real case on its study grid, in scanner units (read on demand)."""
+        from .study_data import load_study_case
+
+        if case_id not in self._real_cache:
+            real = load_study_case(self.folders[case_id], case_id, self.sha[case_id], self.prepared_cache)
+            if not self.config.preload:
+                return real
+            self._real_cache[case_id] = real
+        return self._real_cache[case_id]
+
+    def _load_arrays(self, images_path: Path, labels_path: Path, name: str, spacing: tuple[float, ...]) -> SegCase:
+        mode = None if self.config.preload else "r"
+        images = np.load(images_path, mmap_mode=mode)
+        labels = np.load(labels_path)
+        if self.config.preload:
+            images = images.astype(np.float32)
+        return SegCase(name, images, labels, tuple(spacing))  # type: ignore[arg-type]
+
+    def _real_similarity(self) -> dict[str, Any]:
+        from .study_report import ncc
+
+        ids = sorted(self.seg_real)
+        pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+        limit = int(self.config.memorisation.get("max_real_pairs", 2000))
+        if len(pairs) > limit:
+            rng = np.random.default_rng(self.config.seed)
+            pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), limit, replace=False))]
+        values = [{"a": a, "b": b, "ncc": ncc(self.seg_real[a], self.seg_real[b])} for a, b in pairs]
+        return {"pairs": values, "sampled": len(pairs) < len(ids) * (len(ids) - 1) // 2}
+
+    # ---- the folds
+    def run(self) -> dict[str, Any]:
+        folds = self.inputs.folds
+        plan = []
+        for _ in folds:
+            plan += ["gan", "synth", "fidelity", "memo"] + ["arm"] * len(ARMS)
+        self.eta = _ETA(self.STAGE_WEIGHTS, plan)
+        self.prepare()
+        results: dict[str, Any] = {"folds": []}
+        for fold in folds:
+            results["folds"].append(self.run_fold(fold))
+        return results
+
+    def _gan(self, fold: Fold) -> Any:
+        from .models import resolve_model
+        from .study_data import link_cases
+        from .train import train
+
+        if fold.index in self.inputs.gan_models:
+            return self.inputs.gan_models[fold.index], {"source": "given", "pattern": self.config.gan_model}
+        config = self.config.train_config
+        key = sha256_json({"gan": config.to_json(), "train": [self.sha[c] for c in fold.train],
+                           "grid": self.grid.to_json(), "prep": PREP_VERSION, "v": STUDY_VERSION})[:16]
+        run_dir = self.work / "gan" / key
+        model_dir = run_dir / "model"
+        info = {"source": "trained", "key": key, "steps": config.steps}
+        if (model_dir / "config.json").exists():
+            return resolve_model(model_dir), dict(info, cached=True)
+        resume = (run_dir / "checkpoints" / "latest.json").exists()
+        if self.d.main and run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)
+        self.d.sync(self.device.type)
+        data_dir = self.work / "gan" / f"{key}.data"
+        if self.d.main:
+            link_cases([self.real_folder(c) for c in fold.train], data_dir)
+        _log(f"fold {fold.index}: training the GAN on {len(fold.train)} case(s), {config.steps} steps"
+             + (" (resumed)" if resume else ""))
+        with self.d.shared_group(self.device.type):
+            train(data_dir, run_dir, config, resume=resume, device=str(self.device), progress=self.progress,
+                  command=f"medsynth study (fold {fold.index})", cache_dir=self.prepared_cache)
+        self.d.sync(self.device.type)
+        return resolve_model(model_dir), dict(info, cached=False)
+
+    def real_folder(self, case_id: str) -> Path:
+        return self.folders[case_id]
+
+    def run_fold(self, fold: Fold) -> dict[str, Any]:
+        tag = f"fold {fold.index}/{len(self.inputs.folds)}"
+        t0 = time.perf_counter()
+        model, gan_info = self._gan(fold)
+        computed = not gan_info.get("cached", True)
+        seconds = time.perf_counter() - t0
+        if not computed:  # report the time the cached model took to train
+            seconds = float(model.config.get("training", {}).get("training_seconds", 0.0))
+        gan_info["train_seconds"] = round(float(model.config.get("training", {}).get("training_seconds", 0.0)), 1)
+        self._stage_done(f"{tag} GAN", "gan", seconds, computed)
+        gan_info.update({"model_sha256": model.sha256})
+        engine = None
+
+        def get_engine():
+            nonlocal engine
+            if engine is None:
+                from .synthesize import SynthesisEngine
+
+                engine = SynthesisEngine(model, str(self.device), self.config.synthetic.get("precision", "fp32"))
+            return engine
+
+        synth = self._synthetic(fold, model, get_engine, tag)
+        fidelity = self._fidelity(fold, model, get_engine, tag)
+        memo = self._memorisation(fold, synth, tag)
+        arms = {arm: self._arm(fold, arm, synth, tag) for arm in ARMS}
+        return {"fold": fold.index, "test": fold.test, "train": fold.train, "gan": gan_info,
+                "synthetic": {k: v for k, v in synth.items() if k != "cases"}, "fidelity": fidelity,
+                "memorisation": memo, "arms": arms}
+
+    # ---- synthetic cases
+    def _synthetic(self, fold: Fold, model: Any, get_engine: Callable[[], Any], tag: str) -> dict[str, Any]:
+        from .study_data import make_synthetic_labelmaps
+        from .study_seg import make_seg_case
+
+        cfg = self.config.synthetic
+        key = sha256_json({"model": model.sha256, "synthetic": cfg, "train": [self.sha[c] for c in fold.train],
+                           "extras": [e.sha256 for e in self.extras], "template": self.template_info,
+                           "grid": self.grid.to_json(), "seed": self.config.seed, "fold": fold.index,
+                           "v": STUDY_VERSION})[:16]
+        folder = self.work / "synthetic" / key
+        index_path = folder / "index.json"
+        t0 = time.perf_counter()
+        index = _read_json(index_path)
+        computed = index is None
+        if computed and self.d.main:
+            train_cases = [(c, self.labelmaps[c]) for c in fold.train]
+            specs = make_synthetic_labelmaps(train_cases, self.extras, self.template,
+                                             (self.template_info or {}).get("name", "template"), cfg,
+                                             self.config.seed * 1000 + fold.index)
+            engine = get_engine()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent if folder.parent.exists()
+                                        else _mkdir(folder.parent)))
+            entries = []
+            from tqdm import tqdm
+
+            for spec in tqdm(specs, desc=f"{tag} synthesise", file=sys.stderr, disable=not self.progress or None,
+                             leave=False):
+                result = engine.synthesize(spec.labelmap, seed=spec.seed)
+                labels = spec.labelmap.array
+                case = make_seg_case(f"synthetic_{spec.index:04d}", result.normalized, labels,
+                                     spec.labelmap.grid.spacing)
+                np.save(tmp / f"{case.name}_images.npy", case.images.astype(np.float16))
+                np.save(tmp / f"{case.name}_labels.npy", labels)
+                entries.append(dict(spec.provenance(), name=case.name,
+                                    tumour_voxels=int(np.count_nonzero(labels >= 4)),
+                                    model_sha256=model.sha256))
+            index = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2)}
+            write_json(index, tmp / "index.json")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        self.d.sync(self.device.type)
+        index = _read_json(index_path)
+        if not any(e["tumour_voxels"] for e in index["cases"]):
+            raise MedSynthError(f"fold {fold.index}: the synthetic cases hold no tumour voxel, so the synthetic "
+                                "arms would have no tumour to learn")
+        cases = [self._load_synthetic(folder, e["name"], self.grid.spacing) for e in index["cases"]]
+        self._stage_done(f"{tag} synthetic cases ({len(cases)})", "synth",
+                         index["seconds"] if not computed else time.perf_counter() - t0, computed)
+        return {"key": key, "folder": str(folder), "count": len(cases), "cases": cases,
+                "provenance": index["cases"], "seconds": index["seconds"]}
+
+    def _load_synthetic(self, folder: Path, name: str, spacing: float) -> SegCase:
+        return self._load_arrays(folder / f"{name}_images.npy", folder / f"{name}_labels.npy", name, (spacing,) * 3)
+
+    # ---- fidelity of the GAN on the held-out cases
+    def _fidelity(self, fold: Fold, model: Any, get_engine: Callable[[], Any], tag: str) -> dict[str, Any]:
+        from .cases import MODALITIES
+        from .grid import LabelMap
+        from .labels import NUM_CLASSES, Label
+        from .metrics import fidelity
+
+        key = sha256_json({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
+                           "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION})[:16]
+        path = self.work / "fidelity" / f"{key}.json"
+        t0 = time.perf_counter()
+        result = _read_json(path)
+        computed = result is None
+        if computed and self.d.main:
+            # Class means of the training cases (z-scored in the brain): the paint-by-numbers baseline.
+            sums = np.zeros((4, NUM_CLASSES))
+            counts = np.zeros(NUM_CLASSES)
+            for c in fold.train:
+                seg = self.seg_real[c]
+                brain = seg.labels > 0
+                counts += np.bincount(seg.labels[brain], minlength=NUM_CLASSES)
+                for m in range(4):
+                    sums[m] += np.bincount(seg.labels[brain], weights=seg.images[m][brain], minlength=NUM_CLASSES)
+            means = sums / np.maximum(counts, 1)
+            engine = get_engine()
+            cases = {}
+            for c in fold.test:
+                real = self.real_case(c)
+                labels = real.labelmap.array
+                synthetic = engine.synthesize(LabelMap(labels, real.labelmap.grid), seed=0)
+                brain = real.brain
+                regions = {"tumour": labels >= Label.NCR}
+                entry: dict[str, Any] = {"model": {}, "class_mean_training": {}}
+                for m, modality in enumerate(MODALITIES):
+                    entry["model"][modality] = fidelity(real.images[m], synthetic.images[modality], brain, regions)
+                    painted = np.zeros(labels.shape, np.float32)
+                    for value in range(1, NUM_CLASSES):
+                        painted[labels == value] = means[m][value]
+                    entry["class_mean_training"][modality] = fidelity(real.images[m], painted, brain, regions)
+                cases[c] = entry
+                np.save(_mkdir(self.work / "fidelity") / f"{key}_{c}_synthetic.npy",
+                        np.stack([synthetic.images[m] for m in MODALITIES]).astype(np.float32))
+            result = {"key": key, "cases": cases, "seconds": round(time.perf_counter() - t0, 2)}
+            _write_json_atomic(result, path)
+        self.d.sync(self.device.type)
+        result = _read_json(path)
+        result["synthetic_images"] = {c: str(self.work / "fidelity" / f"{key}_{c}_synthetic.npy") for c in fold.test}
+        self._stage_done(f"{tag} fidelity", "fidelity", result["seconds"] if not computed else
+                         time.perf_counter() - t0, computed)
+        return result
+
+    # ---- memorisation
+    def _memorisation(self, fold: Fold, synth: dict[str, Any], tag: str) -> dict[str, Any]:
+        from .study_report import ncc
+
+        key = sha256_json({"synthetic": synth["key"], "train": [self.sha[c] for c in fold.train],
+                           "v": STUDY_VERSION})[:16]
+        path = self.work / "memorisation" / f"{key}.json"
+        t0 = time.perf_counter()
+        result = _read_json(path)
+        computed = result is None
+        if computed and self.d.main:
+            entries = []
+            for case, prov in zip(synth["cases"], synth["provenance"]):
+                scores = {c: ncc(case, self.seg_real[c]) for c in fold.train}
+                nearest = max(scores, key=scores.get)  # type: ignore[arg-type]
+                entries.append({"name": prov["name"], "kind": prov["kind"], "base": prov["base"],
+                                "nearest_training_case": nearest, "ncc_nearest": scores[nearest],
+                                "ncc_base": scores.get(prov["base"]), "ncc_all": scores})
+            result = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2)}
+            _write_json_atomic(result, path)
+        self.d.sync(self.device.type)
+        result = _read_json(path)
+        self._stage_done(f"{tag} memorisation check", "memo", result["seconds"] if not computed else
+                         time.perf_counter() - t0, computed)
+        return result
+
+    # ---- segmentation arms
+    def _finetune_cases(self, fold: Fold) -> list[str]:
+        cfg = self.config.seg_config
+        n = max(1, int(math.ceil(cfg.finetune_case_fraction * len(fold.train))))
+        rng = np.random.default_rng([self.config.seed, fold.index, 7])
+        return sorted(fold.train[i] for i in rng.choice(len(fold.train), n, replace=False))
+
+    def _arm(self, fold: Fold, arm: str, synth: dict[str, Any], tag: str) -> dict[str, Any]:
+        from .study_seg import arm_phases, evaluate_cases, train_segmenter
+
+        cfg = self.config.seg_config
+        tune = self._finetune_cases(fold) if arm == "synthetic+finetune" else []
+        key = sha256_json({"arm": arm, "segmenter": cfg.to_json(), "train": [self.sha[c] for c in fold.train],
+                           "test": [self.sha[c] for c in fold.test], "finetune": tune,
+                           "synthetic": synth["key"] if arm != "real" else None, "seed": self.config.seed,
+                           "fold": fold.index, "world": self.d.world, "v": STUDY_VERSION})[:16]
+        path = self.work / "arms" / f"{key}.json"
+        t0 = time.perf_counter()
+        result = _read_json(path)
+        computed = result is None
+        if computed:
+            real = [self.seg_real[c] for c in fold.train]
+            phases = arm_phases(arm, real, synth["cases"], cfg, [self.seg_real[c] for c in tune])
+            for phase in phases:
+                if not any(len(c.tumour_voxels) for c in phase.cases):
+                    raise MedSynthError(f"fold {fold.index}, arm {arm}: the {phase.name} training cases hold no "
+                                        "tumour voxel on the study grid, so the arm has no tumour to learn")
+            _mkdir(path.parent)
+            seed = self.config.seed + 101 * fold.index
+            model, info = train_segmenter(phases, cfg, self.device, seed, desc=f"{tag} {arm}",
+                                          checkpoint=path.with_suffix(".ckpt"), rank=self.d.rank,
+                                          world=self.d.world, progress=self.progress)
+            if self.d.main:
+                scores = evaluate_cases(model, [self.seg_real[c] for c in fold.test], cfg, self.device)
+                result = {"key": key, "arm": arm, "scores": scores, "training": info, "finetune_cases": tune,
+                          "seconds": round(time.perf_counter() - t0, 2)}
+                _write_json_atomic(result, path)
+                shutil.rmtree(path.with_suffix(".ckpt"), ignore_errors=True)
+        self.d.sync(self.device.type)
+        result = _read_json(path)
+        self._stage_done(f"{tag} arm {arm}", "arm", result["seconds"] if not computed else
+                         time.perf_counter() - t0, computed)
+        return result
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
