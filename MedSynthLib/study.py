@@ -45,6 +45,7 @@ from .io import check_writable, write_json
 from .study_data import (PREP_VERSION, SYNTHETIC_KINDS, CaseInfo, ExtraTumour, RealCase, StudyGrid,
                          sha256_json)
 from .study_seg import ARMS, SegCase, SegConfig
+from .train import Dist
 
 STUDY_VERSION = 1
 CONFIG_NAMES = ("micro", "tiny", "paper")
@@ -162,14 +163,8 @@ def load_config(name_or_path: str | os.PathLike[str] | None) -> StudyConfig:
 
 
 @dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+class _Dist(Dist):
+    """The torchrun rank of a study process (the group itself is joined on demand)."""
 
     @classmethod
     def from_env(cls) -> "_Dist":
