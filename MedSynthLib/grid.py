@@ -110,6 +110,14 @@ class Grid:
                    tuple(data["direction"]))
 
 
+def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Slices of the bounding box of a non-empty mask, grown by ``margin`` voxels and clipped to the array."""
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 

@@ -53,12 +53,12 @@ def pick_precision(requested: str, device: torch.device) -> str:
 
 
 def brain_box(labels: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
-    idx = np.argwhere(labels > Label.BACKGROUND)
-    if idx.size == 0:
+    from .grid import mask_box
+
+    brain = labels > Label.BACKGROUND
+    if not brain.any():
         raise MedSynthError("empty brain: the label map has no brain voxels")
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, labels.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return mask_box(brain, margin)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .grid import mask_box
 from .normalize import zscore
 
 DATA_RANGE = 8.0
@@ -31,13 +32,6 @@ def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ssim[0, 0].numpy()
 
 
-def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
-    return tuple(slice(int(x), int(y)) for x, y in zip(lo, hi))
-
-
 def fidelity(real: np.ndarray, synthetic: np.ndarray, brain: np.ndarray,
              regions: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """SSIM / PSNR / MAE of one modality inside the brain and inside each extra region.
@@ -47,7 +41,7 @@ def fidelity(real: np.ndarray, synthetic: np.ndarray, brain: np.ndarray,
         brain: mask both images are z-scored in (any real modality > 0).
         regions: more masks to report (e.g. ``{"tumour": ...}``), each within the brain.
     """
-    box = _box(brain, SSIM_KERNEL)
+    box = mask_box(brain, SSIM_KERNEL)
     zr = zscore(real[box], brain[box])
     zs = zscore(synthetic[box], brain[box])
     ssim = ssim_map(zr, zs)

@@ -186,11 +186,12 @@ def load_study_case(folder: Path, case_id: str, sha: str, prepared_cache: Path) 
     here from the same brain mask so the map is placed back on the full grid.
     """
     from .anatomy import derive_label_map
-    from .training_data import _brain_box, prepare_volume
+    from .grid import mask_box
+    from .training_data import prepare_volume
 
     case = read_case(folder, require_segmentation=True)
     volume = prepare_volume(folder, prepared_cache)
-    box = _brain_box(case.brain_mask(), margin=4)
+    box = mask_box(case.brain_mask(), margin=4)
     labels = np.zeros(case.grid.shape, np.uint8)
     if tuple(b.stop - b.start for b in box) == volume.labels.shape:
         labels[box] = volume.labels

@@ -19,6 +19,7 @@ import torch
 
 from .cases import MODALITIES, Case, read_case
 from .errors import InputError
+from .grid import mask_box
 from .labels import SCHEMA_VERSION, Label
 from .normalize import IntensityNormalizer
 
@@ -84,7 +85,7 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None) -> TrainingVolume:
             return _volume(key, data["labels"], data["images"], normalizers)
     labels = derive_label_map(case).array
     brain = labels > Label.BACKGROUND
-    box = _brain_box(brain, margin=4)
+    box = mask_box(brain, margin=4)
     normalizers = {m: IntensityNormalizer.fit(case.images[m], brain) for m in MODALITIES}
     images = np.stack([normalizers[m].forward(case.images[m], brain)[box] for m in MODALITIES]).astype(np.float16)
     labels = labels[box]
@@ -95,13 +96,6 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None) -> TrainingVolume:
                  normalizers=json.dumps({m: n.to_json() for m, n in normalizers.items()}))
         os.replace(tmp, cached)
     return _volume(key, labels, images, normalizers)
-
-
-def _brain_box(brain: np.ndarray, margin: int) -> tuple[slice, ...]:
-    idx = np.argwhere(brain)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, brain.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def _volume(key: str, labels: np.ndarray, images: np.ndarray,
