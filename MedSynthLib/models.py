@@ -132,13 +132,16 @@ def write_model(folder: Path, state: dict[str, Any], config: dict[str, Any], *, 
     return folder
 
 
-def load_generator(model: ModelFolder, device: str = "cpu"):
-    """Build the generator of a verified model folder and load its weights."""
+def load_generator(model: ModelFolder, device: str = "cpu", backend: str = "torch"):
+    """Build the generator of a verified model folder and load its weights.
+
+    ``backend="torch"`` (inference) builds the MONAI-free copy of the U-Net; ``"monai"`` the training one.
+    """
     from safetensors.torch import load_file
 
     from .networks import Generator, NetworkConfig
 
-    net = Generator(NetworkConfig.from_json(model.config["network"]))
+    net = Generator(NetworkConfig.from_json(model.config["network"]), backend=backend)
     state = load_file(str(model.weights), device=device)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -56,15 +56,31 @@ class NetworkConfig:
 
 
 class Generator(nn.Module):
-    """U-Net label map -> images, ``tanh`` output in ``[-1, 1]``."""
+    """U-Net label map -> images, ``tanh`` output in ``[-1, 1]``.
 
-    def __init__(self, config: NetworkConfig) -> None:
+    Args:
+        config: the architecture.
+        backend: ``"monai"`` builds MONAI's ``UNet`` (training); ``"torch"`` builds
+            :class:`~MedSynthLib.inference_unet.InferenceUNet`, the same network from
+            plain torch layers with the same parameter names, which spares inference
+            the MONAI import.
+    """
+
+    def __init__(self, config: NetworkConfig, backend: str = "monai") -> None:
         super().__init__()
-        from monai.networks.nets import UNet
-
         self.config = config
-        self.unet = UNet(config.spatial_dims, config.in_channels, config.out_channels, channels=config.channels,
-                         strides=config.strides, num_res_units=config.num_res_units, norm=None)
+        if backend == "torch":
+            from .inference_unet import InferenceUNet
+
+            self.unet: nn.Module = InferenceUNet(config.spatial_dims, config.in_channels, config.out_channels,
+                                                 config.channels, config.strides, config.num_res_units)
+        elif backend == "monai":
+            from monai.networks.nets import UNet
+
+            self.unet = UNet(config.spatial_dims, config.in_channels, config.out_channels, channels=config.channels,
+                             strides=config.strides, num_res_units=config.num_res_units, norm=None)
+        else:
+            raise ValueError(f"unknown generator backend {backend!r} (monai or torch)")
 
     def forward(self, onehot: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.unet(onehot))

@@ -1,0 +1,135 @@
+"""The trained generator's U-Net rebuilt from plain ``torch.nn`` layers, for inference.
+
+Training builds the generator from MONAI's ``UNet`` (:mod:`MedSynthLib.networks`).
+Importing MONAI costs about two seconds of start-up on a 2-core CPU, more than the
+network itself takes to run on a whole brain in bf16, so ``medsynth synthesize``
+runs this module instead: the same layers (residual units of
+conv + PReLU, stride-2 down-sampling, transposed-conv up-sampling, skip
+concatenation), with the same parameter names, so a trained ``state_dict`` loads
+with ``strict=True`` and the outputs match MONAI's (tested in
+``Testing/test_inference_unet.py`` over a table of architectures).
+
+Only the configuration MedSynth trains is supported: no normalisation layers,
+no dropout, PReLU activations, kernel size 3.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def _conv(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
+    if transposed:
+        return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+
+
+class _Activation(nn.Module):
+    """Holds the PReLU under the name ``A`` (the parameter path MONAI's ADN block uses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = nn.PReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A(x)
+
+
+class _ConvLayer(nn.Module):
+    """Convolution (or transposed convolution), then PReLU unless ``conv_only``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int,
+                 transposed: bool = False, conv_only: bool = False) -> None:
+        super().__init__()
+        kwargs = {"output_padding": stride - 1} if transposed else {}
+        self.conv = _conv(spatial_dims, transposed)(in_channels, out_channels, 3, stride=stride, padding=1, **kwargs)
+        self.adn = None if conv_only else _Activation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return x if self.adn is None else self.adn(x)
+
+
+class _ResidualUnit(nn.Module):
+    """``subunits`` conv layers (the first one strided) plus a residual path."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int, subunits: int,
+                 last_conv_only: bool = False) -> None:
+        super().__init__()
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        channels, unit_stride = in_channels, stride
+        for index in range(max(1, subunits)):
+            conv_only = last_conv_only and index == max(1, subunits) - 1
+            layers[f"unit{index}"] = _ConvLayer(spatial_dims, channels, out_channels, unit_stride, conv_only=conv_only)
+            channels, unit_stride = out_channels, 1
+        self.conv = nn.Sequential(layers)
+        if stride != 1 or in_channels != out_channels:
+            kernel = 3 if stride != 1 else 1
+            self.residual: nn.Module = _conv(spatial_dims)(in_channels, out_channels, kernel, stride=stride,
+                                                           padding=(kernel - 1) // 2)
+        else:
+            self.residual = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.residual(x)
+
+
+class _Skip(nn.Module):
+    def __init__(self, submodule: nn.Module) -> None:
+        super().__init__()
+        self.submodule = submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.submodule(x)], dim=1)
+
+
+class InferenceUNet(nn.Module):
+    """U-Net with the layer layout and parameter names of ``monai.networks.nets.UNet``.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels, out_channels: input and output channels.
+        channels: feature channels per level (at least two levels).
+        strides: down-sampling stride per level (``len(channels) - 1`` values).
+        num_res_units: conv layers per residual unit (0: plain convolutions).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int],
+                 strides: Sequence[int], num_res_units: int = 0) -> None:
+        super().__init__()
+        if len(channels) < 2 or len(strides) != len(channels) - 1:
+            raise ValueError("InferenceUNet needs at least two levels and one stride per down-sampling")
+        self.spatial_dims, self.num_res_units = spatial_dims, num_res_units
+        self.model = self._block(in_channels, out_channels, list(channels), list(strides), top=True)
+
+    def _down(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        if self.num_res_units > 0:
+            return _ResidualUnit(self.spatial_dims, in_channels, out_channels, stride, self.num_res_units)
+        return _ConvLayer(self.spatial_dims, in_channels, out_channels, stride)
+
+    def _up(self, in_channels: int, out_channels: int, stride: int, top: bool) -> nn.Module:
+        up = _ConvLayer(self.spatial_dims, in_channels, out_channels, stride, transposed=True,
+                        conv_only=top and self.num_res_units == 0)
+        if self.num_res_units == 0:
+            return up
+        return nn.Sequential(up, _ResidualUnit(self.spatial_dims, out_channels, out_channels, 1, 1,
+                                               last_conv_only=top))
+
+    def _block(self, in_channels: int, out_channels: int, channels: list[int], strides: list[int],
+               top: bool) -> nn.Module:
+        width = channels[0]
+        if len(channels) > 2:
+            inner = self._block(width, width, channels[1:], strides[1:], top=False)
+            up_channels = 2 * width
+        else:
+            inner = self._down(width, channels[1], 1)  # the bottom layer keeps the resolution
+            up_channels = width + channels[1]
+        return nn.Sequential(self._down(in_channels, width, strides[0]), _Skip(inner),
+                             self._up(up_channels, out_channels, strides[0], top))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
