@@ -426,12 +426,13 @@ def encode_intensities(array: np.ndarray) -> IntensityEncoding:
     """int16 (rounded, slope 1) where that loses nothing that matters, else float32 + int16 rescale."""
     from pydicom.valuerep import format_number_as_ds
 
+    from .io import compact_intensities
+
     values = np.asarray(array, dtype=np.float64)
-    peak = float(np.max(np.abs(values))) if values.size else 0.0
-    integral = bool(np.all(values == np.round(values)))
-    if peak <= 32767 and (peak >= 256 or integral):
-        stored = np.round(values).astype(np.int16)
-        return IntensityEncoding(stored, stored, 1.0)
+    compact = compact_intensities(values)
+    if compact.dtype == np.int16:
+        return IntensityEncoding(compact, compact, 1.0)
+    peak = float(np.max(np.abs(values)))
     # One count of headroom: the 16-character DS text of the slope may round it down a little.
     slope = float(format_number_as_ds(peak / 32766.0))
     stored = np.clip(np.round(values / slope), -32768, 32767).astype(np.int16)

@@ -115,6 +115,16 @@ class Synthesizer:
             box: region to run on (default: the brain's bounding box).
         """
         box = box or brain_box(labels)
+        out = np.full((self.network.out_channels,) + labels.shape, -1.0, np.float32)
+        out[(slice(None),) + box] = self.predict_region(labels, box)
+        return out
+
+    def predict_region(self, labels: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+        """Normalised images (4, *box size) of ``labels[box]``; -1 on background.
+
+        Only the box is run (padded at its end to the size multiple with
+        background), and only box-sized arrays are allocated.
+        """
         crop = labels[box]
         multiple = self.network.size_multiple
         pads = [(0, (-s) % multiple) for s in crop.shape]
@@ -122,10 +132,8 @@ class Synthesizer:
         onehot = one_hot(torch.from_numpy(padded.astype(np.int64))[None], NUM_CLASSES)
         result = self._predict_with_fallback(onehot)
         result = result[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
-        out = np.full((self.network.out_channels,) + labels.shape, -1.0, np.float32)
-        out[(slice(None),) + box] = result
-        out[:, labels == Label.BACKGROUND] = -1.0
-        return out
+        result[:, crop == Label.BACKGROUND] = -1.0
+        return result
 
     def _predict_with_fallback(self, onehot: torch.Tensor) -> torch.Tensor:
         roi: int | None = None if onehot[0, 0].numel() <= self.max_voxels else self.roi

@@ -1,8 +1,8 @@
 """``medsynth synthesize``: a label map in, a complete synthetic case out.
 
-The output folder holds ``t1, t1ce, t2, flair`` (float32 NIfTI in realistic
-scanner ranges, 0 outside the brain) and ``labels.nii.gz`` on exactly the label
-map's grid, plus ``provenance.json``: model name and sha256, label-map sha256,
+The output folder holds ``t1, t1ce, t2, flair`` (NIfTI in realistic scanner
+ranges, 0 outside the brain; int16 like BraTS when the range allows, else
+float32) and ``labels.nii.gz`` on exactly the label map's grid, plus ``provenance.json``: model name and sha256, label-map sha256,
 the edits that made the label map, seed, device, precision, software versions
 and timings.
 """
@@ -103,6 +103,7 @@ class SynthesisEngine:
         start = time.perf_counter()
         changed = edited.array != previous.labelmap.array
         normalized = previous.normalized.copy()
+        images = {m: array.copy() for m, array in previous.images.items()}
         if changed.any():
             idx = np.argwhere(changed)
             multiple = self.network.size_multiple
@@ -118,14 +119,19 @@ class SynthesisEngine:
             hi = np.minimum(idx.max(0) + 1 + margin, last)
             hi = np.minimum(lo + -(-(hi - lo) // multiple) * multiple, last)
             box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-            region = self.synth.predict(edited.array, box)[(slice(None),) + box]
+            region = self.synth.predict_region(edited.array, box)
             # No feathering at faces on the brain box: the full synthesis has no context there either.
             weight = _feather(tuple(int(b - a) for a, b in zip(lo, hi)), lo - first, hi - first,
                               tuple(int(v) for v in last - first), margin // 2)
-            normalized[(slice(None),) + box] = weight * region + (1 - weight) * normalized[(slice(None),) + box]
-            normalized[:, edited.array == Label.BACKGROUND] = -1.0
-        images = to_scanner_units(normalized, edited.array, self.model.config["intensity"],
-                                  tuple(self.network.modalities))
+            channels = (slice(None),) + box
+            blended = weight * region + (1 - weight) * normalized[channels]
+            labels_box = edited.array[box]
+            blended[:, labels_box == Label.BACKGROUND] = -1.0
+            normalized[channels] = blended
+            # Every changed voxel lies in the box, so only the box needs mapping back to scanner units.
+            for modality, values in to_scanner_units(blended, labels_box, self.model.config["intensity"],
+                                                     tuple(self.network.modalities)).items():
+                images[modality][box] = values
         provenance = dict(previous.provenance, labels_sha256=array_sha256(edited.array), edits=edited.history)
         provenance["timings_s"] = dict(previous.provenance.get("timings_s", {}),
                                        rerender=round(time.perf_counter() - start, 3))
@@ -158,13 +164,13 @@ def synthesis_outputs(out_dir: Path) -> list[Path]:
 def write_synthesis(result: SynthesisResult, out_dir: Path, *, overwrite: bool = False,
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write the case folder atomically (temporary folder, then rename)."""
-    from .io import atomic_directory, write_image, write_json
+    from .io import atomic_directory, compact_intensities, write_image, write_json
     from .labelmaps import write_label_map
 
     grid = result.labelmap.grid
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for modality in OUTPUT_NAMES:
-            write_image(grid.image(result.images[modality].astype(np.float32)), tmp / f"{modality}.nii.gz")
+            write_image(grid.image(compact_intensities(result.images[modality])), tmp / f"{modality}.nii.gz")
         write_label_map(result.labelmap, tmp / "labels.nii.gz")
         if extra is not None:
             extra(tmp)

@@ -214,7 +214,8 @@ def test_synthesize_command_on_odd_grids(tiny_model: Path, tmp_path: Path, capsy
     for modality in OUTPUT_NAMES:
         image = sitk.ReadImage(str(out / f"{modality}.nii.gz"))
         _same_grid(image, written_labels)
-        assert image.GetPixelID() == sitk.sitkFloat32
+        # Scanner ranges of hundreds: stored as int16 like BraTS (compact_intensities)
+        assert image.GetPixelID() == sitk.sitkInt16
         array = sitk.GetArrayFromImage(image)
         assert np.all(array[~brain] == 0.0), modality
         assert array[brain].min() >= INTENSITY[modality]["low"] and array[brain].max() <= INTENSITY[modality]["high"]
@@ -476,3 +477,18 @@ def test_fidelity_metrics() -> None:
     scaled = fidelity(real, np.where(brain, real * 3 + 50, 0).astype(np.float32), brain)
     assert scaled["brain"]["mae"] < 1e-5
     assert ssim_map(real[:10, :12, :14], real[:10, :12, :14]).shape == (10, 12, 14)
+
+
+@pytest.mark.parametrize("values, dtype", [
+    ([0.0, 300.4, 1000.6], np.int16),  # scanner ranges: rounding costs < 0.2 % of the peak
+    ([0.0, 1.0, 2.0], np.int16),  # integers that fit
+    ([0.0, 0.25, 1.0], np.float32),  # a normalised range: rounding would destroy it
+    ([0.0, 255.6], np.float32),  # below 256 and fractional
+    ([-40000.0, 0.0, 40000.0], np.float32),  # beyond int16
+])
+def test_compact_intensities(values, dtype) -> None:
+    from MedSynthLib.io import compact_intensities
+
+    out = compact_intensities(np.array(values))
+    assert out.dtype == dtype
+    assert np.allclose(out, values, atol=0.5 if dtype == np.int16 else 1e-3)
