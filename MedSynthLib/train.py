@@ -247,9 +247,6 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     d = init_distributed(dev.type)
     if dev.type == "cuda":
         dev = torch.device("cuda", d.local_rank)
-    precision = pick_precision(config.precision, dev)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     run_dir = Path(run_dir)
     config_path = run_dir / "train_config.json"
     if d.main:
@@ -264,6 +261,11 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
         config = TrainConfig.from_json(recorded["config"], str(config_path))
     elif steps is not None:
         config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
+    # After the config is settled: a resumed run keeps its recorded precision and threads (several runs
+    # sharing a CPU each take their share; torch's default of every core would oversubscribe it).
+    precision = pick_precision(config.precision, dev)
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     folders = find_case_folders(data)
     val_names = set(config.val_cases)

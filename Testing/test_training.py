@@ -23,7 +23,7 @@ from conftest import REPO, phantom, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.errors import InputError
 from MedSynthLib.networks import NetworkConfig
-from MedSynthLib.train import (TrainConfig, discriminator_loss, generator_adversarial_loss,
+from MedSynthLib.train import (TrainConfig, discriminator_loss, generator_adversarial_loss, train,
                                learning_rate)
 
 CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
@@ -213,6 +213,27 @@ def test_resume_after_kill_is_exact(brats_data: Path, tmp_path: Path, precision:
         cb = load_tensors(run_b / "checkpoints" / "step_0000040" / f"{name}.safetensors")
         assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca), name
     assert_no_pickle(run_b)
+
+
+def test_resume_keeps_the_recorded_threads(brats_data: Path, tmp_path: Path, monkeypatch) -> None:
+    # `medsynth train --resume` without --config must not fall back to torch's default of every core:
+    # two runs sharing a CPU would each take all of it.
+    config = write_config(tmp_path / "threads.json", steps=2, checkpoint_every=2, val_every=1000, threads=1)
+    run_train(brats_data, tmp_path / "run", config)
+
+    class Stop(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def record(threads: int) -> None:
+        calls.append(threads)
+        raise Stop
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    with pytest.raises(Stop):
+        train(brats_data, tmp_path / "run", TrainConfig(), resume=True, device="cpu", progress=False)
+    assert calls == [1]
 
 
 def _one_error_line(capsys) -> str:
