@@ -2,7 +2,8 @@
 
 Each case becomes (labels uint8, images float16 in [-1, 1], normaliser
 statistics), cropped to the brain's bounding box and cached by the sha256 of
-its files, so a second run (or another fold) skips the anatomy step.
+its files and the anatomy model's settings, so a second run (or another fold)
+skips the anatomy step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .anatomy import DEFAULT_ANATOMY_MODEL
 from .cases import MODALITIES, Case, read_case
 from .errors import InputError
 from .grid import mask_box
@@ -40,6 +42,7 @@ class TrainingVolume:
 
 def _files_hash(case: Case) -> str:
     digest = hashlib.sha256(f"cache{CACHE_VERSION}-schema{SCHEMA_VERSION}".encode())
+    digest.update(json.dumps(DEFAULT_ANATOMY_MODEL.to_json(), sort_keys=True).encode())
     for name in sorted(case.files):
         with open(case.files[name], "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
