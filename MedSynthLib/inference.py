@@ -129,7 +129,7 @@ class Synthesizer:
         multiple = self.network.size_multiple
         pads = [(0, (-s) % multiple) for s in crop.shape]
         padded = np.pad(crop, pads, constant_values=Label.BACKGROUND)
-        onehot = one_hot(torch.from_numpy(padded.astype(np.int64))[None], NUM_CLASSES)
+        onehot = one_hot(torch.from_numpy(padded)[None], NUM_CLASSES)
         result = self._predict_with_fallback(onehot)
         result = result[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
         result[:, crop == Label.BACKGROUND] = -1.0
@@ -159,8 +159,16 @@ def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict
     from .normalize import IntensityNormalizer
 
     brain = labels > Label.BACKGROUND
-    return {m: IntensityNormalizer(intensity[m]["low"], intensity[m]["high"]).inverse(normalized[c], brain)
-            for c, m in enumerate(modalities)}
+    if not brain.any():
+        return {m: np.zeros(labels.shape, np.float32) for m in modalities}
+    box = brain_box(labels, margin=0)  # outside it every voxel is background: 0
+    out = {}
+    for c, m in enumerate(modalities):
+        image = np.zeros(labels.shape, np.float32)
+        image[box] = IntensityNormalizer(intensity[m]["low"], intensity[m]["high"]).inverse(normalized[c][box],
+                                                                                           brain[box])
+        out[m] = image
+    return out
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:

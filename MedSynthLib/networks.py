@@ -133,6 +133,7 @@ def state_dict_unwrapped(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def one_hot(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """(B, *spatial) integer labels -> (B, C, *spatial) float one-hot."""
-    out = torch.nn.functional.one_hot(labels.long(), num_classes)
-    return out.movedim(-1, 1).float()
+    """(B, *spatial) integer labels -> (B, C, *spatial) float one-hot (contiguous, channels first)."""
+    # A comparison per class: no int64 copy of the labels and no channels-last intermediate.
+    classes = torch.arange(num_classes, device=labels.device).view((1, num_classes) + (1,) * (labels.dim() - 1))
+    return (labels.unsqueeze(1) == classes).float()
