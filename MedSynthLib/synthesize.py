@@ -2,9 +2,9 @@
 
 The output folder holds ``t1, t1ce, t2, flair`` (NIfTI in realistic scanner
 ranges, 0 outside the brain; int16 like BraTS when the range allows, else
-float32) and ``labels.nii.gz`` on exactly the label map's grid, plus ``provenance.json``: model name and sha256, label-map sha256,
-the edits that made the label map, seed, device, precision, software versions
-and timings.
+float32) and ``labels.nii.gz`` on exactly the label map's grid, plus
+``provenance.json``: model name and sha256, label-map sha256, the edits that
+made the label map, seed, device, precision, software versions and timings.
 """
 
 from __future__ import annotations
@@ -164,10 +164,10 @@ def synthesis_outputs(out_dir: Path) -> list[Path]:
 def write_synthesis(result: SynthesisResult, out_dir: Path, *, overwrite: bool = False,
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write the case folder atomically (temporary folder, then rename)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .io import atomic_directory, compact_intensities, write_image, write_json
     from .labelmaps import write_label_map
-
-    from concurrent.futures import ThreadPoolExecutor
 
     grid = result.labelmap.grid
 

@@ -66,10 +66,17 @@ def test_unknown_backend_is_refused():
 
 def test_inference_path_does_not_import_monai():
     # The start-up time of `medsynth synthesize` depends on it: load the shipped model, synthesise.
-    code = ("import sys, numpy as np; from MedSynthLib.cli import main; from MedSynthLib.models import "
-            "resolve_model; from MedSynthLib.synthesize import SynthesisEngine; from MedSynthLib.grid import "
-            "Grid, LabelMap; labels = np.zeros((40, 40, 40), np.uint8); labels[8:32, 8:32, 8:32] = 3; "
-            "SynthesisEngine(resolve_model(), 'cpu').synthesize(LabelMap(labels, Grid((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)))); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))")
+    code = "\n".join([
+        "import sys, numpy as np",
+        "import MedSynthLib.cli",
+        "from MedSynthLib.grid import Grid, LabelMap",
+        "from MedSynthLib.models import resolve_model",
+        "from MedSynthLib.synthesize import SynthesisEngine",
+        "labels = np.zeros((40, 40, 40), np.uint8)",
+        "labels[8:32, 8:32, 8:32] = 3",
+        "grid = Grid((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))",
+        "SynthesisEngine(resolve_model(), 'cpu').synthesize(LabelMap(labels, grid))",
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))",
+    ])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

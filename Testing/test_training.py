@@ -23,8 +23,8 @@ from conftest import REPO, phantom, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.errors import InputError
 from MedSynthLib.networks import NetworkConfig
-from MedSynthLib.train import (TrainConfig, discriminator_loss, generator_adversarial_loss, train,
-                               learning_rate)
+from MedSynthLib.train import (TrainConfig, discriminator_loss, generator_adversarial_loss,
+                               learning_rate, train)
 
 CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
 VAL_CASE = CASE_IDS[2]
