@@ -349,13 +349,29 @@ def _move_tumour(labelmap: LabelMap, matrix_lps: np.ndarray, centre_lps: np.ndar
     return composite(anatomy, tumour, labelmap.array > Label.BACKGROUND, core_lost_voxels=lost)
 
 
-def _rotation_ras(angles_deg: Sequence[float]) -> np.ndarray:
-    """Rotation about the RAS x, then y, then z axes (right-handed), as one matrix."""
+def rotation_ras(angles_deg: Sequence[float]) -> np.ndarray:
+    """Rotation about the RAS x, then y, then z axes (right-handed), as one matrix ``Rz @ Ry @ Rx``.
+
+    The convention of :class:`Rotate`.
+    """
     ax, ay, az = np.deg2rad(np.asarray(angles_deg, float))
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
     rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def euler_xyz_from_rotation(rotation: np.ndarray) -> tuple[float, float, float]:
+    """The inverse of :func:`rotation_ras`: angles (degrees) about RAS x, then y, then z."""
+    r = np.asarray(rotation, float)
+    ay = float(np.arcsin(np.clip(-r[2, 0], -1.0, 1.0)))
+    if abs(np.cos(ay)) > 1e-6:
+        ax = float(np.arctan2(r[2, 1], r[2, 2]))
+        az = float(np.arctan2(r[1, 0], r[0, 0]))
+    else:  # gimbal lock: only ax - az (or ax + az) is defined; put it all in ax
+        az = 0.0
+        ax = float(np.arctan2(-r[1, 2], r[1, 1]))
+    return (float(np.degrees(ax)), float(np.degrees(ay)), float(np.degrees(az)))
 
 
 def _ras_matrix_to_lps(matrix_ras: np.ndarray) -> np.ndarray:
@@ -478,7 +494,7 @@ class Rotate(Edit):
 
     def apply(self, labelmap: LabelMap) -> LabelMap:
         centre = tumour_centre(labelmap)
-        matrix = _ras_matrix_to_lps(_rotation_ras(self.angles_deg))
+        matrix = _ras_matrix_to_lps(rotation_ras(self.angles_deg))
         return labelmap.with_array(_move_tumour(labelmap, matrix, centre), self.to_record())
 
 

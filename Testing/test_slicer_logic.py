@@ -42,12 +42,13 @@ def _require_slicer_core():
 
 _require_slicer_core()
 
+from MedSynthLib.edits import euler_xyz_from_rotation, rotation_ras  # noqa: E402
 from MedSynthLib.grid import Grid, lps_to_ras  # noqa: E402
 from MedSynthLib.labels import LABEL_INFO, Label, tumour_to_schema  # noqa: E402
 from MedSynthSlicerLib import mrml  # noqa: E402
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError  # noqa: E402
-from MedSynthSlicerLib.logic import (MANUAL_EDIT, REVIEW_VIEWS, WorkflowLogic, euler_xyz_from_matrix,  # noqa: E402
-                                     linear_edits_for_matrix, rotation_from_euler_xyz, segment_label)
+from MedSynthSlicerLib.logic import (MANUAL_EDIT, REVIEW_VIEWS, WorkflowLogic,  # noqa: E402
+                                     linear_edits_for_matrix, segment_label)
 from MedSynthSlicerLib.parameters import GenerateOptions, TumourParameters  # noqa: E402
 from MedSynthSlicerLib.process import group_pids, pid_alive  # noqa: E402
 
@@ -229,7 +230,7 @@ def test_tumour_handles_are_applied_as_recorded_edits(case):
         assert not seg.GetDisplayNode().GetSegmentVisibility(name)
 
     # what the interaction handles produce: rotate + scale about the centre, then drag
-    linear = rotation_from_euler_xyz((0.0, 0.0, 15.0)) @ np.diag([1.1, 1.1, 1.1])
+    linear = rotation_ras((0.0, 0.0, 15.0)) @ np.diag([1.1, 1.1, 1.1])
     brain_centre = _tumour_centre_ras(start.array, mrml.ijk_to_ras(case.nodes["t1"]), (1, 2, 3, 4, 5, 6))
     drag = 6.0 * (brain_centre - centre) / np.linalg.norm(brain_centre - centre)
     matrix = np.eye(4)
@@ -282,15 +283,15 @@ def test_cancelled_handles_leave_the_label_map(case):
 def test_linear_part_of_a_transform_becomes_rotate_and_scale_edits(angles, factors):
     from MedSynthLib.edits import Rotate, Scale
 
-    rotation = rotation_from_euler_xyz(angles)
-    np.testing.assert_allclose(rotation_from_euler_xyz(euler_xyz_from_matrix(rotation)), rotation, atol=1e-9)
+    rotation = rotation_ras(angles)
+    np.testing.assert_allclose(rotation_ras(euler_xyz_from_rotation(rotation)), rotation, atol=1e-9)
     # scale along the rotated axes: A = R S (Slicer's handles scale in the transform's own frame)
     linear = rotation @ np.diag(factors)
     matrix = np.eye(4)
     matrix[:3, :3] = linear
     composed = np.eye(3)
     for edit in linear_edits_for_matrix(matrix):
-        step = rotation_from_euler_xyz(edit.angles_deg) if isinstance(edit, Rotate) else np.diag(edit.factors)
+        step = rotation_ras(edit.angles_deg) if isinstance(edit, Rotate) else np.diag(edit.factors)
         assert isinstance(edit, (Rotate, Scale))
         composed = step @ composed
     np.testing.assert_allclose(composed, linear, atol=1e-5)

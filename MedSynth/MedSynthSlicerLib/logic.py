@@ -23,7 +23,6 @@ as a ``manual_segment_edit`` record.
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import re
@@ -136,31 +135,6 @@ def _check_convention(convention: str) -> str:
 # --- the affine of the tumour handles as MedSynthLib edits -------------------------------------
 
 
-def euler_xyz_from_matrix(rotation: np.ndarray) -> tuple[float, float, float]:
-    """Angles (degrees) about RAS x, then y, then z whose product ``Rz @ Ry @ Rx`` is ``rotation``.
-
-    This is the convention of :class:`MedSynthLib.edits.Rotate`.
-    """
-    r = np.asarray(rotation, float)
-    sy = -r[2, 0]
-    ay = math.asin(max(-1.0, min(1.0, sy)))
-    if abs(math.cos(ay)) > 1e-6:
-        ax = math.atan2(r[2, 1], r[2, 2])
-        az = math.atan2(r[1, 0], r[0, 0])
-    else:  # gimbal lock: only ax - az (or ax + az) is defined; put it all in ax
-        az = 0.0
-        ax = math.atan2(-r[1, 2], r[1, 1])
-    return (math.degrees(ax), math.degrees(ay), math.degrees(az))
-
-
-def rotation_from_euler_xyz(angles_deg: Sequence[float]) -> np.ndarray:
-    ax, ay, az = np.deg2rad(np.asarray(angles_deg, float))
-    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
-    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
-    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _tidy(values: Sequence[float], digits: int = 6) -> tuple[float, ...]:
     """Round to ``digits`` decimals (and drop negative zeros) for readable provenance."""
     return tuple(float(round(float(v), digits)) + 0.0 for v in values)
@@ -179,7 +153,7 @@ def linear_edits_for_matrix(matrix_ras: np.ndarray) -> list[Any]:
         WorkflowError: a mirroring or collapsing transform.
     """
     ensure_medsynthlib_importable()
-    from MedSynthLib.edits import Rotate, Scale
+    from MedSynthLib.edits import Rotate, Scale, euler_xyz_from_rotation
 
     a = np.asarray(matrix_ras, float)[:3, :3]
     if not np.all(np.isfinite(a)):
@@ -199,11 +173,11 @@ def linear_edits_for_matrix(matrix_ras: np.ndarray) -> list[Any]:
         if np.allclose(p - np.diag(np.diag(p)), 0.0, atol=1e-6 * float(s.max())):
             edits.append(Scale(_tidy(np.diag(p))))
         else:
-            edits.append(Rotate(_tidy(euler_xyz_from_matrix(v.T))))
+            edits.append(Rotate(_tidy(euler_xyz_from_rotation(v.T))))
             edits.append(Scale(_tidy(s)))
             rotation = rotation @ v
     if not np.allclose(rotation, np.eye(3), atol=1e-6):
-        edits.append(Rotate(_tidy(euler_xyz_from_matrix(rotation))))
+        edits.append(Rotate(_tidy(euler_xyz_from_rotation(rotation))))
     return edits
 
 

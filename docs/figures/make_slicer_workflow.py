@@ -31,11 +31,11 @@ def main() -> int:
     parser.add_argument("--max-kb", type=int, default=290, help="palette-quantise the PNG to stay under this size")
     args = parser.parse_args()
 
-    from MedSynthLib.edits import tumour_centre
+    from MedSynthLib.edits import rotation_ras, tumour_centre
     from MedSynthLib.grid import lps_to_ras
     from MedSynthLib.models import resolve_model
     from MedSynthSlicerLib import mrml
-    from MedSynthSlicerLib.logic import WorkflowLogic, rotation_from_euler_xyz
+    from MedSynthSlicerLib.logic import WorkflowLogic
     from MedSynthSlicerLib.parameters import GenerateOptions
     from MedSynthSlicerLib.render import render_scene_figure
 
@@ -46,7 +46,7 @@ def main() -> int:
     seg = logic.prepare(nodes["t1"], nodes["tumour"], "brats2021", {m: nodes[m] for m in ("t1ce", "t2", "flair")})
     labels = logic.labelmap(seg)
     centre = lps_to_ras(tumour_centre(labels))
-    linear = rotation_from_euler_xyz((0.0, 0.0, 25.0)) @ np.diag([1.1, 1.1, 1.1])
+    linear = rotation_ras((0.0, 0.0, 25.0)) @ np.diag([1.1, 1.1, 1.1])
     matrix = np.eye(4)
     matrix[:3, :3] = linear
     matrix[:3, 3] = centre - linear @ centre
