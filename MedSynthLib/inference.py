@@ -156,12 +156,13 @@ class Synthesizer:
 def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict[str, dict[str, float]],
                      modalities: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Map ``[-1, 1]`` outputs back to the training data's intensity ranges; 0 outside the brain."""
+    from .grid import mask_box
     from .normalize import IntensityNormalizer
 
     brain = labels > Label.BACKGROUND
     if not brain.any():
         return {m: np.zeros(labels.shape, np.float32) for m in modalities}
-    box = brain_box(labels, margin=0)  # outside it every voxel is background: 0
+    box = mask_box(brain)  # outside it every voxel is background: 0
     out = {}
     for c, m in enumerate(modalities):
         image = np.zeros(labels.shape, np.float32)

@@ -532,3 +532,20 @@ def test_normalizer_empty_brain():
     """An empty brain cannot be normalised."""
     with pytest.raises(ValueError, match="empty brain"):
         IntensityNormalizer.fit(np.zeros((2, 2, 2)), np.zeros((2, 2, 2), bool))
+
+
+@pytest.mark.parametrize("points, margin, expected", [
+    ([(2, 3, 4)], 0, (slice(2, 3), slice(3, 4), slice(4, 5))),
+    ([(2, 3, 4), (5, 1, 7)], 0, (slice(2, 6), slice(1, 4), slice(4, 8))),
+    ([(2, 3, 4), (5, 1, 7)], 2, (slice(0, 8), slice(0, 6), slice(2, 10))),  # clipped at 0 and the shape
+    ([(0, 0, 0), (7, 8, 9)], 5, (slice(0, 8), slice(0, 9), slice(0, 10))),
+])
+def test_mask_box(points, margin, expected):
+    from MedSynthLib.grid import mask_box
+
+    mask = np.zeros((8, 9, 10), bool)
+    for point in points:
+        mask[point] = True
+    assert mask_box(mask, margin) == expected
+    with pytest.raises(ValueError, match="empty"):
+        mask_box(np.zeros((3, 3, 3), bool))
