@@ -62,19 +62,18 @@ class GaussianMixtureMRF:
         iterations: mean-field iterations.
         exclude_margin_mm: tumour masks are grown by this much before fitting, since
             the T1 just outside an expert contour is still tumour-affected.
-        bias_correction: run N4 (on a 4x shrunk image) before fitting.  The shipped
-            model was trained on label maps made with it.  Without it the classes follow
-            the scan's own T1 contrast and explain more of the real images (painting each
-            class with its mean: brain SSIM 0.330 vs 0.265 on BraTS2021_00006), but a
-            generator trained on such label maps scored lower on that held-out case
-            (docs/model_card.md, "What else was tried").
+        bias_correction: run N4 (on a 4x shrunk image) before fitting.  Off by default:
+            without it the classes follow the scan's own T1 contrast and explain far more
+            of the real images (painting each class with its mean on the held-out
+            BraTS2021_00006: brain SSIM 0.330 vs 0.265, T1 alone 0.51 vs 0.32), and the
+            shipped model is trained on such label maps (docs/model_card.md).
         max_samples: voxels used to fit the classes (a deterministic stride).
     """
 
     beta: float = 2.0
     iterations: int = 6
     exclude_margin_mm: float = 3.0
-    bias_correction: bool = True
+    bias_correction: bool = False
     max_samples: int = 200_000
     name: str = "kmeans-gaussian-mrf"
 

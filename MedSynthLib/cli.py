@@ -258,7 +258,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig()
     if args.config is not None:
         config = TrainConfig.from_json(_read_json(args.config), str(args.config))
-    overrides = {k: v for k, v in (("precision", args.precision), ("threads", args.threads)) if v is not None}
+    overrides = {k: v for k, v in (("precision", args.precision), ("threads", args.threads),
+                                   ("init_from", args.init)) if v is not None}
     if overrides:
         config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
@@ -515,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--init", metavar="MODEL",
+                   help="fine-tune: start the generator from this model's weights (name or folder; same network)")
     p.add_argument("--cache", type=Path, help="folder of prepared cases to share between runs (default RUN_DIR/cache)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)

@@ -58,6 +58,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = None
+    init_from: str | None = None  # a model (name or folder) whose generator weights start the run
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -264,6 +265,7 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     # After the config is settled: a resumed run keeps its recorded precision and threads (several runs
     # sharing a CPU each take their share; torch's default of every core would oversubscribe it).
     precision = pick_precision(config.precision, dev)
+    starting_model = _starting_model(config)  # checked before anything is written
     if config.threads:
         torch.set_num_threads(config.threads)
 
@@ -294,6 +296,14 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     start = 0
     scaler_state = None
     elapsed_before = 0.0  # training time of earlier sessions of this run
+    init_model = None
+    if starting_model is not None:
+        init_model = {"name": starting_model.name, "sha256": starting_model.sha256,
+                      "training": starting_model.config.get("training", {}).get("commands")}
+        if not resume:  # on resume the checkpoint holds the weights
+            from .models import load_generator
+
+            generator.load_state_dict(load_generator(starting_model, "cpu", backend="monai").state_dict())
     if resume:
         start, scaler_state, elapsed_before = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
         if steps is not None and steps != config.steps:
@@ -425,7 +435,7 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
         if resume and command not in commands:
             commands.append(command)
         export_model(model_dir, generator, config, volumes, commands, val_metrics, history,
-                     elapsed_before + time.perf_counter() - started, precision, str(dev), d.world)
+                     elapsed_before + time.perf_counter() - started, precision, str(dev), d.world, init_model)
     _barrier(d)
     if d.world > 1:
         import torch.distributed as dist
@@ -434,9 +444,26 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     return model_dir
 
 
+def _starting_model(config: TrainConfig) -> Any:
+    """The verified model of ``config.init_from`` (hash and schema checked), or ``None``.
+
+    A fine-tune keeps the architecture: the model's network has to equal the config's.
+    """
+    from .models import resolve_model
+
+    if not config.init_from:
+        return None
+    model = resolve_model(config.init_from)
+    theirs = NetworkConfig.from_json(model.config["network"])
+    if theirs != config.network:
+        raise InputError(model.path, f"cannot start from this model: its network {theirs.to_json()} differs from "
+                                     f"the training config's {config.network.to_json()}")
+    return model
+
+
 def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, volumes: list[TrainingVolume],
                  commands: list[str], val_metrics: dict[str, Any], last_losses: dict[str, float], seconds: float,
-                 precision: str, device: str, world: int) -> Path:
+                 precision: str, device: str, world: int, init_model: dict[str, Any] | None = None) -> Path:
     from .models import write_model
     from .provenance import software_versions
 
@@ -455,6 +482,8 @@ def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, vol
             "device": device,
             "world_size": world,
             "final_losses": last_losses,
+            # Fine-tuned from this model: its own config.json holds its earlier training.
+            "init_from": init_model,
         },
         "validation": val_metrics,
         "software": software_versions(),

@@ -382,3 +382,44 @@ def test_patch_sampler_is_a_function_of_seed_step_rank(brats_data: Path) -> None
     assert torch.equal(labels, again[0]) and torch.equal(images, again[1])
     other = sampler.sample(volumes, 3, 7, 1, 2)  # another rank draws other patches
     assert not torch.equal(images, other[1])
+
+
+# --- fine-tuning from a model ---------------------------------------------------------------------
+
+
+def test_init_starts_from_the_model_weights(brats_data: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    run_train(brats_data, base, write_config(tmp_path / "base.json", steps=2, checkpoint_every=2, val_every=1000))
+    # With a learning rate of 0 the fine-tuned generator must be exactly the starting one.
+    frozen = write_config(tmp_path / "frozen.json", steps=2, checkpoint_every=2, val_every=1000, lr=0.0, seed=7)
+    tuned = tmp_path / "tuned"
+    run_train(brats_data, tuned, frozen, "--init", str(base / "model"))
+    before = load_tensors(base / "model" / "weights.safetensors")
+    after = load_tensors(tuned / "model" / "weights.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    record = json.loads((tuned / "model" / "config.json").read_text())["training"]["init_from"]
+    base_config = json.loads((base / "model" / "config.json").read_text())
+    assert record["sha256"] == base_config["weights_sha256"]
+    assert record["training"] == base_config["training"]["commands"]
+    # Without --init the same frozen config starts elsewhere (a fresh seed-7 network).
+    fresh = tmp_path / "fresh"
+    run_train(brats_data, fresh, frozen)
+    other = load_tensors(fresh / "model" / "weights.safetensors")
+    assert not all(torch.equal(before[k], other[k]) for k in before)
+    assert json.loads((fresh / "model" / "config.json").read_text())["training"]["init_from"] is None
+
+
+def test_init_with_another_network_is_refused(brats_data: Path, tmp_path: Path, capsys) -> None:
+    base = tmp_path / "base"
+    run_train(brats_data, base, write_config(tmp_path / "base.json", steps=2, checkpoint_every=2, val_every=1000))
+    wider = write_config(tmp_path / "wider.json", network=dict(TINY_NETWORK, channels=[8, 16]))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(brats_data), "-o", str(run), "--config", str(wider), "--device", "cpu",
+                 "--init", str(base / "model")]) == 2
+    assert "network" in _one_error_line(capsys)
+    assert not run.exists()
+    assert main(["train", "--data", str(brats_data), "-o", str(run), "--config", str(wider), "--device", "cpu",
+                 "--init", str(tmp_path / "no_such_model")]) == 2
+    assert "no_such_model" in _one_error_line(capsys)
+    assert not run.exists()
