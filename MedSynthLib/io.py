@@ -40,15 +40,22 @@ def is_image_file(path: Path) -> bool:
 
 
 def _check_nifti_bytes(path: Path) -> None:
-    """Reject a truncated or corrupt NIfTI before SimpleITK zero-fills it."""
-    import nibabel as nib
+    """Reject a truncated or corrupt NIfTI before SimpleITK zero-fills it.
 
+    The header is read with SimpleITK's NIfTI reader (no nibabel import: it costs
+    about 0.4 s of every ``medsynth`` start), then the stored data is counted.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        header = nib.load(str(path)).header
-    except Exception as exc:  # nibabel raises many types for bad headers
-        raise InputError(path, f"not a readable NIfTI file ({exc.__class__.__name__}: {exc})") from None
-    shape = header.get_data_shape()
-    expected = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+        reader.ReadImageInformation()
+        ndim = int(reader.GetMetaData("dim[0]"))
+        shape = [int(reader.GetMetaData(f"dim[{axis}]")) for axis in range(1, ndim + 1)]
+        expected = int(float(reader.GetMetaData("vox_offset"))) + int(np.prod(shape)) * int(
+            reader.GetMetaData("bitpix")) // 8
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+        raise InputError(path, f"not a readable NIfTI file ({first})") from None
     if path.name.lower().endswith(".gz"):
         size = 0
         try:
@@ -107,6 +114,8 @@ def check_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
     """Reject NaN/Inf voxels in floating-point images."""
     path = Path(path)
     if path.name.lower().endswith(NIFTI_SUFFIXES):
+        if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+            return  # integer data (a float image means float storage or a scaled integer one)
         import nibabel as nib
 
         nii = nib.load(str(path))

@@ -21,11 +21,11 @@ from MedSynthLib.cli import main
 from MedSynthLib.edits import Translate
 from MedSynthLib.errors import InputError, MedSynthError
 from MedSynthLib.grid import Grid, LabelMap
-from MedSynthLib.inference import Synthesizer, pick_device, pick_precision
+from MedSynthLib.inference import Synthesizer, brain_box, pick_device, pick_precision
 from MedSynthLib.labelmaps import write_label_map
 from MedSynthLib.labels import Label
 from MedSynthLib.models import file_sha256, load_generator, resolve_model, write_model
-from MedSynthLib.networks import MODALITY_ORDER, Generator, NetworkConfig
+from MedSynthLib.networks import MODALITY_ORDER, Generator, NetworkConfig, one_hot
 from MedSynthLib.provenance import array_sha256
 from MedSynthLib.synthesize import OUTPUT_NAMES, SynthesisEngine
 
@@ -247,6 +247,26 @@ def test_synthesis_is_deterministic_and_bf16_close(tiny_model: Path) -> None:
     diff = float(np.abs(c.normalized - a.normalized).max())
     print(f"\nbf16 vs fp32 synthesis: max |diff| {diff:.4f} (normalised units)")
     assert np.isfinite(c.normalized).all() and diff < 0.1
+
+
+def test_channels_last_inference_equals_the_plain_forward(tiny_model: Path) -> None:
+    # The Synthesizer runs in the channels-last layout for speed; the numbers must not change.
+    labelmap = synthetic_brain()
+    generator = load_generator(resolve_model(tiny_model))
+    box = brain_box(labelmap.array)
+    crop = labelmap.array[box]
+    pads = [(0, (-s) % NETWORK.size_multiple) for s in crop.shape]
+    onehot = one_hot(torch.from_numpy(np.pad(crop, pads))[None], 7)
+    with torch.inference_mode():
+        plain = generator.to(memory_format=torch.contiguous_format)(onehot.contiguous())
+    plain = plain[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].numpy().copy()
+    plain[:, crop == 0] = -1.0
+    synth = Synthesizer(generator, NETWORK)
+    assert synth.memory_format(onehot) == torch.channels_last_3d
+    ours = synth.predict_region(labelmap.array, box)
+    diff = float(np.abs(ours - plain).max())
+    print(f"\nchannels-last vs contiguous forward, fp32: max |diff| {diff:.2e}")
+    assert diff < 1e-5
 
 
 # --- sliding windows --------------------------------------------------------------------------------
