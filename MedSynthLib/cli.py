@@ -570,6 +570,9 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
+    from .runtime import avoid_hugepage_stalls
+
+    avoid_hugepage_stalls()
     args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         args = build_parser().parse_args(args_list)
@@ -582,5 +585,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Commands whose every output is complete (written atomically, files closed) when main() returns.
+_FAST_EXIT_COMMANDS = {"synthesize", "demo"}
+
+
+def console_main() -> None:
+    """The ``medsynth`` program: :func:`main`, then exit.
+
+    After ``synthesize`` and ``demo`` the process ends without the interpreter's
+    teardown, which with torch loaded takes about 0.6 s here (measured: ``import
+    torch`` then a normal exit 2.2 s, then ``os._exit`` 1.5 s) and does nothing
+    those commands need: their outputs are already complete on disk.
+    """
+    argv = _normalise_argv(sys.argv[1:])
+    status = main(argv)
+    if argv and argv[0] in _FAST_EXIT_COMMANDS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -512,3 +512,43 @@ def test_compact_intensities(values, dtype) -> None:
     out = compact_intensities(np.array(values))
     assert out.dtype == dtype
     assert np.allclose(out, values, atol=0.5 if dtype == np.int16 else 1e-3)
+
+
+def test_medsynth_program_exits_fast_with_complete_outputs(tiny_model: Path, good_labels: Path,
+                                                           tmp_path: Path) -> None:
+    # `medsynth synthesize` skips the interpreter's teardown: its outputs, its stdout line and its
+    # exit status must all still be there.
+    import subprocess
+    import sys
+
+    out = tmp_path / "case"
+    command = [sys.executable, "-m", "MedSynthLib", "synthesize", str(good_labels), "-o", str(out),
+               "--model", str(tiny_model), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(f"{out}: t1, t1ce, t2, flair, labels + provenance.json")
+    for name in OUTPUT_NAMES:
+        image = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        assert image.GetSize() == sitk.ReadImage(str(good_labels)).GetSize()
+    assert json.loads((out / "provenance.json").read_text())["model"]["name"] == "tiny"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [f"medsynth: error: {out}: output already exists "
+                                                 "(use --overwrite to replace it)"]
+
+
+def test_avoid_hugepage_stalls(monkeypatch) -> None:
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    from MedSynthLib.runtime import avoid_hugepage_stalls
+
+    original = _set_madvise_hugepage(True)  # returns the previous setting
+    try:
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+        assert avoid_hugepage_stalls() is False
+        assert _set_madvise_hugepage(True) is True  # a user's explicit choice is left alone
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE")
+        assert avoid_hugepage_stalls() is True
+        assert _set_madvise_hugepage(True) is False  # it was switched off
+    finally:
+        _set_madvise_hugepage(original)

@@ -45,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from MedSynthLib.errors import MedSynthError
     from MedSynthLib.labelmaps import read_label_map
+    from MedSynthLib.runtime import avoid_hugepage_stalls
     from MedSynthLib.models import resolve_model
     from MedSynthLib.synthesize import SynthesisEngine, write_synthesis
 
+    avoid_hugepage_stalls()  # this is MedSynth's own process, not Slicer's
     start = time.perf_counter()
     try:
         engine = SynthesisEngine(resolve_model(args.model), args.device, args.precision,

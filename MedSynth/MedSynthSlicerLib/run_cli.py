@@ -1,8 +1,8 @@
 """Run the ``medsynth`` command line in a child process, with its progress bar on.
 
 ``python run_cli.py synthesize LABELS -o OUT ...`` is exactly ``medsynth
-synthesize LABELS -o OUT ...`` (it calls :func:`MedSynthLib.cli.main`, the
-entry point of the ``medsynth`` script), except that stderr reports itself as
+synthesize LABELS -o OUT ...`` (it calls :func:`MedSynthLib.cli.console_main`,
+the entry point of the ``medsynth`` script), except that stderr reports itself as
 a terminal: the CLI draws its tqdm step counter only on terminals, and the
 Slicer module's process runner parses that counter for the progress bar.
 
@@ -38,4 +38,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.stderr = _TerminalStream(sys.stderr)
+    from MedSynthLib.cli import console_main
+
+    console_main()  # the medsynth program itself (with its fast exit after synthesize)
