@@ -140,7 +140,8 @@ class Synthesizer:
         multiple = self.network.size_multiple
         pads = [(0, (-s) % multiple) for s in crop.shape]
         padded = np.pad(crop, pads, constant_values=Label.BACKGROUND)
-        onehot = one_hot(torch.from_numpy(padded)[None], NUM_CLASSES)
+        onehot = one_hot(torch.from_numpy(padded)[None], NUM_CLASSES, dtype=_DTYPES.get(self.precision, torch.float32),
+                         channels_last=True)
         result = self._predict_with_fallback(onehot)
         result = result[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
         result[:, crop == Label.BACKGROUND] = -1.0

@@ -190,9 +190,9 @@ def compact_intensities(array: np.ndarray) -> np.ndarray:
     float32.  int16 halves the bytes to compress and write, as BraTS stores its scans.
     """
     values = np.asarray(array)
-    peak = float(np.max(np.abs(values))) if values.size else 0.0
-    integral = bool(np.all(values == np.round(values)))
-    if peak <= 32767 and (peak >= 256 or integral):
+    # max/min instead of abs(): no temporary the size of the volume (this runs on every output).
+    peak = max(float(values.max()), -float(values.min())) if values.size else 0.0
+    if peak <= 32767 and (peak >= 256 or bool(np.array_equal(values, np.round(values)))):
         return np.round(values).astype(np.int16)
     return values.astype(np.float32)
 

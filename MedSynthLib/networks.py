@@ -132,8 +132,20 @@ def state_dict_unwrapped(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".module.", "."): v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
 
-def one_hot(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """(B, *spatial) integer labels -> (B, C, *spatial) float one-hot (contiguous, channels first)."""
-    # A comparison per class: no int64 copy of the labels and no channels-last intermediate.
+def one_hot(labels: torch.Tensor, num_classes: int = NUM_CLASSES, dtype: torch.dtype = torch.float32,
+            channels_last: bool = False) -> torch.Tensor:
+    """(B, *spatial) integer labels -> (B, C, *spatial) one-hot.
+
+    Args:
+        labels: integer label tensor.
+        num_classes: C.
+        dtype: element type (bf16 inputs spare autocast a copy at inference).
+        channels_last: build it in the channels-last layout the inference convolutions use
+            (same values and shape, only the memory order differs); else contiguous.
+    """
+    # A comparison per class: no int64 copy of the labels.
+    if channels_last:
+        classes = torch.arange(num_classes, device=labels.device)
+        return (labels.unsqueeze(-1) == classes).to(dtype).movedim(-1, 1)
     classes = torch.arange(num_classes, device=labels.device).view((1, num_classes) + (1,) * (labels.dim() - 1))
-    return (labels.unsqueeze(1) == classes).float()
+    return (labels.unsqueeze(1) == classes).to(dtype)

@@ -176,9 +176,10 @@ def write_synthesis(result: SynthesisResult, out_dir: Path, *, overwrite: bool =
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         # gzip dominates writing and SimpleITK releases the GIL while it runs: one thread per volume.
-        with ThreadPoolExecutor(len(OUTPUT_NAMES)) as pool:
+        with ThreadPoolExecutor(len(OUTPUT_NAMES) + 1) as pool:
+            labels = pool.submit(write_label_map, result.labelmap, tmp / "labels.nii.gz")
             list(pool.map(write_modality, OUTPUT_NAMES))
-        write_label_map(result.labelmap, tmp / "labels.nii.gz")
+            labels.result()
         if extra is not None:
             extra(tmp)
         write_json(result.provenance, tmp / "provenance.json")

@@ -552,3 +552,17 @@ def test_avoid_hugepage_stalls(monkeypatch) -> None:
         assert _set_madvise_hugepage(True) is False  # it was switched off
     finally:
         _set_madvise_hugepage(original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 5, 6, 7), (2, 9, 4)])
+def test_one_hot_layouts_agree(dtype, shape) -> None:
+    labels = torch.randint(0, 7, shape, generator=torch.Generator().manual_seed(3))
+    plain = one_hot(labels, 7, dtype)
+    last = one_hot(labels, 7, dtype, channels_last=True)
+    assert plain.shape == last.shape == (shape[0], 7) + shape[1:]
+    assert plain.dtype == last.dtype == dtype and plain.is_contiguous()
+    assert torch.equal(plain, last)
+    assert torch.equal(plain.argmax(1), labels) and torch.all(plain.sum(1) == 1)
+    if len(shape) == 4:
+        assert last.is_contiguous(memory_format=torch.channels_last_3d)
