@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from .io import write_json
 from .networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                        enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
 from .training_data import PatchSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
+
+if TYPE_CHECKING:
+    from .models import ModelFolder
 
 
 @dataclass
@@ -444,7 +447,7 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     return model_dir
 
 
-def _starting_model(config: TrainConfig) -> Any:
+def _starting_model(config: TrainConfig) -> "ModelFolder | None":
     """The verified model of ``config.init_from`` (hash and schema checked), or ``None``.
 
     A fine-tune keeps the architecture: the model's network has to equal the config's.

@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from MedSynthLib.errors import MedSynthError
     from MedSynthLib.labelmaps import read_label_map
-    from MedSynthLib.runtime import avoid_hugepage_stalls
     from MedSynthLib.models import resolve_model
+    from MedSynthLib.runtime import avoid_hugepage_stalls
     from MedSynthLib.synthesize import SynthesisEngine, write_synthesis
 
     avoid_hugepage_stalls()  # this is MedSynth's own process, not Slicer's
