@@ -126,8 +126,9 @@ class Synthesizer:
             box: region to run on (default: the brain's bounding box).
         """
         box = box or brain_box(labels)
+        region = self.predict_region(labels, box)  # before allocating the output: a lower peak
         out = np.full((self.network.out_channels,) + labels.shape, -1.0, np.float32)
-        out[(slice(None),) + box] = self.predict_region(labels, box)
+        out[(slice(None),) + box] = region
         return out
 
     def predict_region(self, labels: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
