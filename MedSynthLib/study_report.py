@@ -65,6 +65,7 @@ def bootstrap_ci(diffs: list[float], resamples: int, ci: float, seed: int) -> tu
 
 def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: str, started_utc: str,
                  wall_seconds: float) -> dict[str, Any]:
+    from .anatomy import DEFAULT_ANATOMY_MODEL
     from .provenance import software_versions
     from .study import STUDY_VERSION
 
@@ -165,6 +166,7 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
         },
         "study_grid": study.grid.to_json(),
         "template": study.template_info,
+        "anatomy_model": DEFAULT_ANATOMY_MODEL.to_json(),  # how every case's CSF/GM/WM was derived
         "split": [{"fold": f["fold"], "test": f["test"], "train": f["train"]} for f in folds],
         "design": {
             "arms": {arm: ARM_TITLES[arm] for arm in ARMS},

@@ -110,6 +110,9 @@ def test_study_report_contents(finished_study) -> None:
                 "memorisation", "synthetic_cases", "timings", "software", "command"):
         assert key in report, key
     assert report["config"]["name"] == "micro"
+    from MedSynthLib.anatomy import DEFAULT_ANATOMY_MODEL
+
+    assert report["anatomy_model"] == DEFAULT_ANATOMY_MODEL.to_json()
     assert [c["id"] for c in report["data"]["cases"]] == list(CASE_IDS)
     assert all(len(c["sha256"]) == 64 for c in report["data"]["cases"])
     assert len(report["data"]["extra_label_maps"]) == 1
