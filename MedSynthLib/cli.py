@@ -570,9 +570,6 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
-    from .runtime import avoid_hugepage_stalls
-
-    avoid_hugepage_stalls()
     args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         args = build_parser().parse_args(args_list)
@@ -597,8 +594,11 @@ def console_main() -> None:
     imports MedSynth and torch: 2.2 s with a normal exit, 1.5 s with ``os._exit``)
     and does nothing those commands need: their outputs are already complete.
     """
-    argv = _normalise_argv(sys.argv[1:])
-    status = main(argv)
+    from .runtime import avoid_hugepage_stalls
+
+    avoid_hugepage_stalls()  # a process-wide setting: only in MedSynth's own process, not in main()
+    argv = sys.argv[1:]
+    status = main(argv)  # synthesize and demo are the first word: no tumor shorthand to normalise
     if argv and argv[0] in _FAST_EXIT_COMMANDS:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -62,6 +62,8 @@ def reference_forward(threads: int) -> float:
 # ru_maxrss cannot be used: Linux carries the parent's peak (this process, after the large reference
 # forward) into a forked child across exec, so it would report the parent's memory.
 _MEMORY_PROBE = ("import sys\n"
+                 "from MedSynthLib.runtime import avoid_hugepage_stalls\n"
+                 "avoid_hugepage_stalls()  # as the medsynth program does\n"
                  "from MedSynthLib.cli import main\n"
                  "status = main(['synthesize'] + sys.argv[1:])\n"
                  "print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')).split()[1])\n"
