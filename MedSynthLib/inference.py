@@ -170,7 +170,7 @@ def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict
                      modalities: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Map ``[-1, 1]`` outputs back to the training data's intensity ranges; 0 outside the brain."""
     from .grid import mask_box
-    from .normalize import IntensityNormalizer
+    from .normalize import normalizer_from_json
 
     brain = labels > Label.BACKGROUND
     if not brain.any():
@@ -179,8 +179,7 @@ def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict
     out = {}
     for c, m in enumerate(modalities):
         image = np.zeros(labels.shape, np.float32)
-        image[box] = IntensityNormalizer(intensity[m]["low"], intensity[m]["high"]).inverse(normalized[c][box],
-                                                                                           brain[box])
+        image[box] = normalizer_from_json(intensity[m]).inverse(normalized[c][box], brain[box])
         out[m] = image
     return out
 

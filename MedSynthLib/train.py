@@ -53,6 +53,7 @@ class TrainConfig:
     rotate_deg: float = 10.0
     scale: float = 0.1
     intensity: float = 0.05
+    normalization: str = "percentile"  # percentile | healthy_zscore (MedSynthLib.normalize)
     val_cases: list[str] = field(default_factory=list)
     val_every: int = 500
     checkpoint_every: int = 100
@@ -87,6 +88,11 @@ class TrainConfig:
         config = cls(**data)
         if config.adversarial not in ("lsgan", "hinge", "none"):
             raise InputError(source, f"adversarial must be lsgan, hinge or none, not {config.adversarial!r}")
+        from .normalize import NORMALIZATIONS
+
+        if config.normalization not in NORMALIZATIONS:
+            raise InputError(source, f"normalization must be one of {list(NORMALIZATIONS)}, "
+                                     f"not {config.normalization!r}")
         if config.patch_size % config.network.size_multiple:
             raise InputError(source, f"patch_size {config.patch_size} is not a multiple of "
                                      f"{config.network.size_multiple}")
@@ -228,10 +234,11 @@ def generator_adversarial_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, float]]:
-    """Mean robust range per modality: how outputs map back to scanner units."""
-    return {m: {"low": float(np.mean([v.normalizers[m].low for v in volumes])),
-                "high": float(np.mean([v.normalizers[m].high for v in volumes]))} for m in MODALITY_ORDER}
+def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, Any]]:
+    """Mean normalisation statistics per modality: how outputs map back to scanner units."""
+    from .normalize import mean_normalizer
+
+    return {m: mean_normalizer([v.normalizers[m] for v in volumes]).to_json() for m in MODALITY_ORDER}
 
 
 def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = False, device: str = "auto",
@@ -287,8 +294,9 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
             write_json({"command": command, "config": config.to_json(), "precision": precision,
                         "device": str(dev), "world_size": d.world}, config_path)
     _barrier(d)
-    volumes = [prepare_volume(f, cache) for f in _progress_iter(train_folders, "prepare", d.main and progress)]
-    val_volumes = [prepare_volume(f, cache) for f in folders if f.name in val_names]
+    volumes = [prepare_volume(f, cache, config.normalization)
+               for f in _progress_iter(train_folders, "prepare", d.main and progress)]
+    val_volumes = [prepare_volume(f, cache, config.normalization) for f in folders if f.name in val_names]
 
     torch.manual_seed(config.seed)
     generator = Generator(config.network)

@@ -23,7 +23,7 @@ from .cases import MODALITIES, Case, read_case
 from .errors import InputError
 from .grid import mask_box
 from .labels import SCHEMA_VERSION, Label
-from .normalize import IntensityNormalizer
+from .normalize import HealthyTissueZScore, IntensityNormalizer, Normalizer, normalizer_from_json
 
 CACHE_VERSION = 1
 
@@ -35,7 +35,7 @@ class TrainingVolume:
     key: str  # content hash of the case files
     labels: np.ndarray  # (k, j, i) uint8
     images: np.ndarray  # (4, k, j, i) float16 in [-1, 1]
-    normalizers: dict[str, IntensityNormalizer]
+    normalizers: dict[str, Normalizer]
     tumour_voxels: np.ndarray  # (n, 3) int32 indices of tumour voxels, for biased sampling
     brain_voxels: np.ndarray  # (m, 3) int32 indices (subsampled) of brain voxels
 
@@ -75,21 +75,32 @@ def find_case_folders(data: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
-def prepare_volume(case_dir: Path, cache_dir: Path | None) -> TrainingVolume:
-    """Read a case, derive its label map and normalise its images (cached)."""
+def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = "percentile") -> TrainingVolume:
+    """Read a case, derive its label map and normalise its images (cached per normalisation).
+
+    Args:
+        normalization: ``percentile`` or ``healthy_zscore`` (see :mod:`MedSynthLib.normalize`).
+    """
     from .anatomy import derive_label_map
 
     case = read_case(case_dir, require_segmentation=True)
     key = _files_hash(case)
-    cached = cache_dir / f"{key}.npz" if cache_dir is not None else None
+    # The original percentile cache keeps its file name, so existing caches stay valid.
+    suffix = "" if normalization == "percentile" else f"-{normalization}"
+    cached = cache_dir / f"{key}{suffix}.npz" if cache_dir is not None else None
     if cached is not None and cached.exists():
         with np.load(cached) as data:
-            normalizers = {m: IntensityNormalizer(**v) for m, v in json.loads(str(data["normalizers"])).items()}
+            normalizers = {m: normalizer_from_json(v) for m, v in json.loads(str(data["normalizers"])).items()}
             return _volume(key, data["labels"], data["images"], normalizers)
     labels = derive_label_map(case).array
     brain = labels > Label.BACKGROUND
     box = mask_box(brain, margin=4)
-    normalizers = {m: IntensityNormalizer.fit(case.images[m], brain) for m in MODALITIES}
+    if normalization == "healthy_zscore":
+        healthy = (labels >= Label.CSF) & (labels <= Label.WM)
+        normalizers: dict[str, Normalizer] = {m: HealthyTissueZScore.fit(case.images[m], healthy)
+                                              for m in MODALITIES}
+    else:
+        normalizers = {m: IntensityNormalizer.fit(case.images[m], brain) for m in MODALITIES}
     images = np.stack([normalizers[m].forward(case.images[m], brain)[box] for m in MODALITIES]).astype(np.float16)
     labels = labels[box]
     if cached is not None:
@@ -102,7 +113,7 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None) -> TrainingVolume:
 
 
 def _volume(key: str, labels: np.ndarray, images: np.ndarray,
-            normalizers: dict[str, IntensityNormalizer]) -> TrainingVolume:
+            normalizers: dict[str, Normalizer]) -> TrainingVolume:
     tumour = np.argwhere(labels >= Label.NCR).astype(np.int32)
     brain = np.argwhere(labels > Label.BACKGROUND).astype(np.int32)[::7]
     return TrainingVolume(key, labels, images, normalizers, tumour, brain)

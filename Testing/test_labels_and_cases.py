@@ -28,7 +28,8 @@ from MedSynthLib.labels import (
     schema_to_tumour,
     tumour_to_schema,
 )
-from MedSynthLib.normalize import IntensityNormalizer
+from MedSynthLib.normalize import (HealthyTissueZScore, IntensityNormalizer, mean_normalizer,
+                                   normalizer_from_json)
 from MedSynthLib.template import template_label_map, template_t1
 
 # --- label conventions -----------------------------------------------------------------------
@@ -532,6 +533,74 @@ def test_normalizer_empty_brain():
     """An empty brain cannot be normalised."""
     with pytest.raises(ValueError, match="empty brain"):
         IntensityNormalizer.fit(np.zeros((2, 2, 2)), np.zeros((2, 2, 2), bool))
+
+
+def _brain_with_tumour(tumour_value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phantom T1 whose tumour (the seg's voxels) is set to one value; brain, healthy masks."""
+    image = IMAGES["t1"].astype(np.float32).copy()
+    brain = image > 0
+    tumour = (SEG21 > 0) & brain
+    image[tumour] = tumour_value
+    return image, brain, brain & ~tumour
+
+
+def test_healthy_zscore_ignores_the_tumour():
+    """The healthy-tissue z-score is the same whatever the tumour looks like; the percentile map is not."""
+    dim, brain, healthy = _brain_with_tumour(1.0)
+    bright, _, _ = _brain_with_tumour(float(dim[brain].max()) * 5)
+    assert healthy.sum() < brain.sum()
+    z_dim, z_bright = HealthyTissueZScore.fit(dim, healthy), HealthyTissueZScore.fit(bright, healthy)
+    assert z_dim == z_bright
+    assert z_dim.mean == pytest.approx(float(dim[healthy].mean()), rel=1e-6)
+    assert z_dim.std == pytest.approx(float(dim[healthy].std()), rel=1e-6)
+    assert IntensityNormalizer.fit(dim, brain) != IntensityNormalizer.fit(bright, brain)
+    # Healthy tissue therefore gets identical normalised values in both cases.
+    np.testing.assert_array_equal(z_dim.forward(dim, brain)[healthy], z_bright.forward(bright, brain)[healthy])
+
+
+def test_healthy_zscore_round_trip_and_background():
+    """Inside +-scale standard deviations the map inverts; background is -1 forward and 0 back."""
+    image, brain, healthy = _brain_with_tumour(1.0)
+    norm = HealthyTissueZScore.fit(image, healthy)
+    forward = norm.forward(image, brain)
+    assert forward.dtype == np.float32 and forward.min() >= -1 and forward.max() <= 1
+    assert np.all(forward[~brain] == -1.0)
+    back = norm.inverse(forward, brain)
+    inside = brain & (np.abs(image - norm.mean) < norm.scale * norm.std)
+    assert inside.sum() > 0.95 * brain.sum()
+    np.testing.assert_allclose(back[inside], image[inside], rtol=1e-5, atol=1e-4 * norm.std)
+    assert np.all(back[~brain] == 0) and back.min() >= 0
+    # Healthy tissue is centred: its normalised mean is 0 and its spread 1/scale.
+    assert float(forward[healthy].mean()) == pytest.approx(0.0, abs=1e-3)
+    assert float(forward[healthy].std()) == pytest.approx(1 / norm.scale, rel=1e-2)
+    with pytest.raises(ValueError, match="healthy"):
+        HealthyTissueZScore.fit(image, np.zeros(image.shape, bool))
+
+
+@pytest.mark.parametrize("entry, kind", [
+    ({"low": 10.0, "high": 200.0}, IntensityNormalizer),  # model configs written before the z-score existed
+    ({"low": 10.0, "high": 200.0, "kind": "percentile"}, IntensityNormalizer),
+    ({"mean": 100.0, "std": 20.0, "scale": 6.0, "kind": "healthy_zscore"}, HealthyTissueZScore),
+])
+def test_normalizer_from_json(entry, kind):
+    norm = normalizer_from_json(entry)
+    assert isinstance(norm, kind)
+    assert normalizer_from_json(norm.to_json()) == norm
+
+
+def test_normalizer_from_json_unknown_kind():
+    with pytest.raises(ValueError, match="unknown intensity normalisation 'minmax'"):
+        normalizer_from_json({"low": 0.0, "high": 1.0, "kind": "minmax"})
+
+
+def test_mean_normalizer():
+    """A model's statistics are the mean over its training cases; kinds cannot be mixed."""
+    a, b = HealthyTissueZScore(100.0, 10.0), HealthyTissueZScore(300.0, 30.0)
+    assert mean_normalizer([a, b]) == HealthyTissueZScore(200.0, 20.0)
+    assert mean_normalizer([IntensityNormalizer(0.0, 10.0), IntensityNormalizer(2.0, 30.0)]) == \
+        IntensityNormalizer(1.0, 20.0)
+    with pytest.raises(ValueError, match="mix"):
+        mean_normalizer([a, IntensityNormalizer(0.0, 10.0)])
 
 
 @pytest.mark.parametrize("points, margin, expected", [

@@ -361,9 +361,46 @@ def test_train_config_json() -> None:
         TrainConfig.from_json(dict(MICRO, patch_size=15))
     with pytest.raises(InputError, match="adversarial"):
         TrainConfig.from_json(dict(MICRO, adversarial="wgan"))
+    with pytest.raises(InputError, match=r"normalization must be one of \['percentile', 'healthy_zscore'\]"):
+        TrainConfig.from_json(dict(MICRO, normalization="minmax"), "cfg.json")
     with pytest.raises(InputError) as caught:
         TrainConfig.from_json({"bogus": 1}, "cfg.json")
     assert str(caught.value).startswith("cfg.json: ")
+
+
+def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> None:
+    """``normalization: healthy_zscore`` trains on its own cache and the model maps back with it."""
+    from MedSynthLib.anatomy import derive_label_map
+    from MedSynthLib.cases import read_case
+    from MedSynthLib.inference import to_scanner_units
+    from MedSynthLib.labels import Label
+    from MedSynthLib.normalize import HealthyTissueZScore
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    config = write_config(tmp_path / "z.json", steps=2, checkpoint_every=2, val_every=2,
+                          normalization="healthy_zscore")
+    run_train(brats_data, run, config, "--cache", str(cache))
+    assert sorted(p.name.split("-", 1)[1] for p in cache.glob("*.npz")) == ["healthy_zscore.npz"] * 3
+    intensity = json.loads((run / "model" / "config.json").read_text())["intensity"]
+
+    # The model's statistics are the mean of the two training cases' healthy-tissue fits.
+    fits = []
+    for case_id in CASE_IDS[:2]:
+        case = read_case(brats_data / case_id, require_segmentation=True)
+        labels = derive_label_map(case).array
+        healthy = (labels >= Label.CSF) & (labels <= Label.WM)
+        fits.append(HealthyTissueZScore.fit(case.images["t1"], healthy))
+    assert intensity["t1"]["kind"] == "healthy_zscore"
+    assert intensity["t1"]["mean"] == pytest.approx(np.mean([f.mean for f in fits]), rel=1e-6)
+    assert intensity["t1"]["std"] == pytest.approx(np.mean([f.std for f in fits]), rel=1e-6)
+
+    # 0 in the network's space is the mean healthy tissue, in scanner units; background stays 0.
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[1:3, 1:3, 1:3] = Label.WM
+    images = to_scanner_units(np.zeros((4, 4, 4, 4), np.float32), labels, intensity,
+                              ("t1", "t1ce", "t2", "flair"))
+    assert images["t1"][1, 1, 1] == pytest.approx(intensity["t1"]["mean"], rel=1e-5)
+    assert images["t1"][0, 0, 0] == 0.0
 
 
 def test_patch_sampler_is_a_function_of_seed_step_rank(brats_data: Path) -> None:
