@@ -28,6 +28,67 @@ def _conv(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
 
 
+def blur_nyquist(x: torch.Tensor) -> torch.Tensor:
+    """Separable ``[1, 2, 1] / 4`` filter along every spatial axis of ``(B, C, *spatial)``, edges replicated.
+
+    Its response is 0 at the Nyquist frequency, so it removes the period-2
+    checkerboard a stride-2 transposed convolution leaves (Odena et al., Distill
+    2016), and it keeps constants and linear ramps unchanged.
+    """
+    dims, channels = x.ndim - 2, x.shape[1]
+    conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[dims - 1]
+    taps = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
+    for axis in range(dims):  # separable: 3 taps per axis instead of 27 at once
+        shape = [1] * dims
+        shape[axis] = 3
+        weight = taps.reshape(1, 1, *shape).expand(channels, 1, *shape)
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = 1  # F.pad lists the last axis first
+        x = conv(nn.functional.pad(x, pad, mode="replicate"), weight, groups=channels)
+    return x
+
+
+class _AntiAliased(nn.Module):
+    """Marker base: a transposed convolution whose output passes through :func:`blur_nyquist`."""
+
+
+def antialiased_transposed_conv(conv: nn.Module) -> nn.Module:
+    """A copy of a transposed convolution that blurs its output; same parameter names and values.
+
+    Keeping the parameter names lets a model trained without the blur start a
+    fine-tune with it (``medsynth train --init``).
+    """
+    base = type(conv)
+
+    class AntiAliasedConvTranspose(base, _AntiAliased):  # type: ignore[valid-type, misc]
+        def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+            return blur_nyquist(base.forward(self, x, output_size))
+
+    AntiAliasedConvTranspose.__name__ = AntiAliasedConvTranspose.__qualname__ = f"AntiAliased{base.__name__}"
+    new = AntiAliasedConvTranspose(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                   padding=conv.padding, output_padding=conv.output_padding, groups=conv.groups,
+                                   bias=conv.bias is not None, dilation=conv.dilation)
+    new.load_state_dict(conv.state_dict())
+    return new.to(conv.weight.device, conv.weight.dtype)
+
+
+def antialias_upsampling(module: nn.Module) -> int:
+    """Replace every strided transposed convolution inside ``module`` by its anti-aliased copy.
+
+    Returns:
+        how many were replaced.
+    """
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and \
+                not isinstance(child, _AntiAliased) and max(child.stride) > 1:
+            setattr(module, name, antialiased_transposed_conv(child))
+            count += 1
+        else:
+            count += antialias_upsampling(child)
+    return count
+
+
 class _Activation(nn.Module):
     """Holds the PReLU under the name ``A`` (the parameter path MONAI's ADN block uses)."""
 
@@ -96,15 +157,18 @@ class InferenceUNet(nn.Module):
         channels: feature channels per level (at least two levels).
         strides: down-sampling stride per level (``len(channels) - 1`` values).
         num_res_units: conv layers per residual unit (0: plain convolutions).
+        antialias: blur the output of every strided transposed convolution (:func:`blur_nyquist`).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int],
-                 strides: Sequence[int], num_res_units: int = 0) -> None:
+                 strides: Sequence[int], num_res_units: int = 0, antialias: bool = False) -> None:
         super().__init__()
         if len(channels) < 2 or len(strides) != len(channels) - 1:
             raise ValueError("InferenceUNet needs at least two levels and one stride per down-sampling")
         self.spatial_dims, self.num_res_units = spatial_dims, num_res_units
         self.model = self._block(in_channels, out_channels, list(channels), list(strides), top=True)
+        if antialias:
+            antialias_upsampling(self.model)
 
     def _down(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
         if self.num_res_units > 0:

@@ -34,6 +34,9 @@ class NetworkConfig:
     num_res_units: int = 1
     disc_channels: int = 32
     disc_layers: int = 3
+    # Blur after each stride-2 transposed convolution: no checkerboard.  Not a parameter, so a
+    # model trained without it can start a fine-tune with it.
+    antialias: bool = False
     modalities: tuple[str, ...] = field(default_factory=lambda: MODALITY_ORDER)
 
     @property
@@ -73,12 +76,17 @@ class Generator(nn.Module):
             from .inference_unet import InferenceUNet
 
             self.unet: nn.Module = InferenceUNet(config.spatial_dims, config.in_channels, config.out_channels,
-                                                 config.channels, config.strides, config.num_res_units)
+                                                 config.channels, config.strides, config.num_res_units,
+                                                 antialias=config.antialias)
         elif backend == "monai":
             from monai.networks.nets import UNet
 
             self.unet = UNet(config.spatial_dims, config.in_channels, config.out_channels, channels=config.channels,
                              strides=config.strides, num_res_units=config.num_res_units, norm=None)
+            if config.antialias:
+                from .inference_unet import antialias_upsampling
+
+                antialias_upsampling(self.unet)
         else:
             raise ValueError(f"unknown generator backend {backend!r} (monai or torch)")
 

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -458,7 +458,8 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
 def _starting_model(config: TrainConfig) -> "ModelFolder | None":
     """The verified model of ``config.init_from`` (hash and schema checked), or ``None``.
 
-    A fine-tune keeps the architecture: the model's network has to equal the config's.
+    A fine-tune keeps the architecture: the model's network has to equal the config's (the
+    parameter-free anti-aliasing may be switched on).
     """
     from .models import resolve_model
 
@@ -466,7 +467,8 @@ def _starting_model(config: TrainConfig) -> "ModelFolder | None":
         return None
     model = resolve_model(config.init_from)
     theirs = NetworkConfig.from_json(model.config["network"])
-    if theirs != config.network:
+    # The anti-aliasing blur has no parameters: a model without it may start a run with it.
+    if replace(theirs, antialias=config.network.antialias) != config.network:
         raise InputError(model.path, f"cannot start from this model: its network {theirs.to_json()} differs from "
                                      f"the training config's {config.network.to_json()}")
     return model

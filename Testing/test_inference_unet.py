@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from MedSynthLib.inference_unet import InferenceUNet
+from MedSynthLib.inference_unet import InferenceUNet, antialias_upsampling, blur_nyquist
 from MedSynthLib.networks import Generator, NetworkConfig
 
 # (spatial_dims, in, out, channels, strides, num_res_units, input size)
@@ -33,11 +33,14 @@ def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+@pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize("dims,cin,cout,channels,strides,res_units,size", ARCHITECTURES)
-def test_same_parameters_and_outputs_as_monai(dims, cin, cout, channels, strides, res_units, size):
+def test_same_parameters_and_outputs_as_monai(dims, cin, cout, channels, strides, res_units, size, antialias):
     monai_net = _randomised(UNet(dims, cin, cout, channels=channels, strides=strides, num_res_units=res_units,
                                  norm=None), seed=size + res_units)
-    ours = InferenceUNet(dims, cin, cout, channels, strides, res_units).eval()
+    if antialias:
+        assert antialias_upsampling(monai_net) == sum(s > 1 for s in strides)
+    ours = InferenceUNet(dims, cin, cout, channels, strides, res_units, antialias=antialias).eval()
     theirs = monai_net.state_dict()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.items()}
     ours.load_state_dict(theirs, strict=True)
@@ -46,6 +49,35 @@ def test_same_parameters_and_outputs_as_monai(dims, cin, cout, channels, strides
         expected, got = monai_net(x), ours(x)
     assert got.shape == expected.shape == (2, cout) + (size,) * dims
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), float((got - expected).abs().max())
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_blur_removes_the_checkerboard_and_keeps_ramps(dims):
+    size = 8
+    grids = torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * dims, indexing="ij")
+    checkerboard = (-1.0) ** sum(grids)
+    ramp = 0.5 + 2.0 * grids[0] - grids[-1]
+    x = torch.stack([checkerboard, ramp, torch.full_like(ramp, 3.0)])[None]
+    out = blur_nyquist(x)
+    assert out.shape == x.shape
+    interior = (slice(None), slice(None)) + (slice(1, -1),) * dims
+    assert out[interior][0, 0].abs().max() < 1e-12
+    assert torch.allclose(out[interior][0, 1], x[interior][0, 1], atol=1e-12)
+    assert torch.allclose(out[0, 2], x[0, 2])  # constants everywhere, edges included
+
+
+def test_antialiasing_keeps_the_parameter_names_and_changes_the_output():
+    """A model trained without the blur loads into one with it (a fine-tune can switch it on)."""
+    plain = _randomised(Generator(NetworkConfig(channels=(8, 16, 32), strides=(2, 2)), backend="monai"), seed=5)
+    for backend in ("monai", "torch"):
+        blurred = Generator(NetworkConfig(channels=(8, 16, 32), strides=(2, 2), antialias=True), backend=backend)
+        blurred.load_state_dict(plain.state_dict(), strict=True)
+        x = torch.nn.functional.one_hot(torch.randint(0, 7, (1, 16, 16, 16)), 7).movedim(-1, 1).float()
+        with torch.inference_mode():
+            a, b = plain(x), blurred.eval()(x)
+        assert a.shape == b.shape and not torch.allclose(a, b)
+        names = {type(m).__name__ for m in blurred.modules()}
+        assert "AntiAliasedConvTranspose3d" in names and "ConvTranspose3d" not in names
 
 
 def test_generator_backends_agree_in_bf16():

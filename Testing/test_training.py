@@ -403,6 +403,20 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
     assert images["t1"][0, 0, 0] == 0.0
 
 
+def test_init_may_switch_on_antialiasing(brats_data: Path, tmp_path: Path) -> None:
+    """The blur has no parameters: a model without it starts a run with it; other changes are refused."""
+    base = tmp_path / "base"
+    run_train(brats_data, base, write_config(tmp_path / "base.json", steps=2, checkpoint_every=2, val_every=1000))
+    frozen = write_config(tmp_path / "aa.json", steps=2, checkpoint_every=2, val_every=1000, lr=0.0,
+                          network=dict(TINY_NETWORK, antialias=True))
+    tuned = tmp_path / "tuned"
+    run_train(brats_data, tuned, frozen, "--init", str(base / "model"))
+    before = load_tensors(base / "model" / "weights.safetensors")
+    after = load_tensors(tuned / "model" / "weights.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
+    assert json.loads((tuned / "model" / "config.json").read_text())["network"]["antialias"] is True
+
+
 def test_patch_sampler_is_a_function_of_seed_step_rank(brats_data: Path) -> None:
     from MedSynthLib.training_data import PatchSampler, find_case_folders, prepare_volume
 
