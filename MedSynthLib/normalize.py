@@ -13,8 +13,8 @@ can be returned to a realistic scanner range.  Two maps exist:
 * ``healthy_zscore`` (:class:`HealthyTissueZScore`): z-score against the
   healthy tissue (CSF/GM/WM, tumour excluded), divided by a fixed scale.  The
   same spread falls to 0.07 (T1), 0.44 (T1ce) and 0.18 (FLAIR), so the
-  generator is taught one consistent mapping; it is also the scale MedSynth's
-  quality metrics use.
+  generator is taught one consistent mapping, on nearly the scale MedSynth's
+  quality metrics use (they z-score over the whole brain).
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ from typing import Any, Protocol
 import numpy as np
 
 NORMALIZATIONS = ("percentile", "healthy_zscore")
-ZSCORE_SCALE = 6.0  # z = +-6 maps to +-1: covers healthy tissue and nearly all tumour enhancement
+# z = +-6 maps to +-1.  Measured on the five BraTS 2021 cases: at most 1.7 % of brain voxels are clipped in
+# any modality, but 19 % of BraTS2021_00006's FLAIR tumour is brighter than that (other cases < 1 %).
+ZSCORE_SCALE = 6.0
+
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
 
 
 class Normalizer(Protocol):
@@ -36,9 +41,6 @@ class Normalizer(Protocol):
     def inverse(self, normalized: np.ndarray, brain: np.ndarray) -> np.ndarray: ...
 
     def to_json(self) -> dict[str, Any]: ...
-
-LOW_PERCENTILE = 0.5
-HIGH_PERCENTILE = 99.5
 
 
 @dataclass(frozen=True)
