@@ -48,8 +48,30 @@ def blur_nyquist(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class _AntiAliased(nn.Module):
-    """Marker base: a transposed convolution whose output passes through :func:`blur_nyquist`."""
+class _AntiAliased:
+    """Mixin for a transposed convolution: its output passes through :func:`blur_nyquist`."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return blur_nyquist(super().forward(x, output_size))  # type: ignore[misc]
+
+
+class AntiAliasedConvTranspose1d(_AntiAliased, nn.ConvTranspose1d):
+    pass
+
+
+class AntiAliasedConvTranspose2d(_AntiAliased, nn.ConvTranspose2d):
+    pass
+
+
+class AntiAliasedConvTranspose3d(_AntiAliased, nn.ConvTranspose3d):
+    pass
+
+
+_ANTIALIASED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.ConvTranspose1d: AntiAliasedConvTranspose1d,
+    nn.ConvTranspose2d: AntiAliasedConvTranspose2d,
+    nn.ConvTranspose3d: AntiAliasedConvTranspose3d,
+}
 
 
 def antialiased_transposed_conv(conv: nn.Module) -> nn.Module:
@@ -58,14 +80,7 @@ def antialiased_transposed_conv(conv: nn.Module) -> nn.Module:
     Keeping the parameter names lets a model trained without the blur start a
     fine-tune with it (``medsynth train --init``).
     """
-    base = type(conv)
-
-    class AntiAliasedConvTranspose(base, _AntiAliased):  # type: ignore[valid-type, misc]
-        def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-            return blur_nyquist(base.forward(self, x, output_size))
-
-    AntiAliasedConvTranspose.__name__ = AntiAliasedConvTranspose.__qualname__ = f"AntiAliased{base.__name__}"
-    new = AntiAliasedConvTranspose(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+    new = _ANTIALIASED[type(conv)](conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                                    padding=conv.padding, output_padding=conv.output_padding, groups=conv.groups,
                                    bias=conv.bias is not None, dilation=conv.dilation)
     new.load_state_dict(conv.state_dict())
@@ -80,8 +95,7 @@ def antialias_upsampling(module: nn.Module) -> int:
     """
     count = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and \
-                not isinstance(child, _AntiAliased) and max(child.stride) > 1:
+        if type(child) in _ANTIALIASED and max(child.stride) > 1:
             setattr(module, name, antialiased_transposed_conv(child))
             count += 1
         else:
