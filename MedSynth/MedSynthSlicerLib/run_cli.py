@@ -30,15 +30,12 @@ class _TerminalStream:
         return getattr(self._stream, name)
 
 
-def main(argv: list[str]) -> int:
-    sys.stderr = _TerminalStream(sys.stderr)
-    from MedSynthLib.cli import main as medsynth_main
-
-    return medsynth_main(argv)
-
-
-if __name__ == "__main__":
+def main() -> None:
     sys.stderr = _TerminalStream(sys.stderr)
     from MedSynthLib.cli import console_main
 
     console_main()  # the medsynth program itself (with its fast exit after synthesize)
+
+
+if __name__ == "__main__":
+    main()
