@@ -610,8 +610,8 @@ class MedSynthTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _tiny_model(folder: pathlib.Path) -> pathlib.Path:
-        from MedSynthLib.models import write_model
-        from MedSynthLib.networks import Generator, NetworkConfig
+        from MedSynthLib.synthesis.models import write_model
+        from MedSynthLib.synthesis.networks import Generator, NetworkConfig
 
         config = NetworkConfig(channels=(4, 8), strides=(2,), disc_channels=4, disc_layers=2)
         write_model(folder, Generator(config).state_dict(),
@@ -622,7 +622,7 @@ class MedSynthTest(ScriptedLoadableModuleTest):
     def test_MedSynthWorkflow(self) -> None:
         import numpy as np
 
-        from MedSynthLib.labels import LABEL_INFO, Label
+        from MedSynthLib.schema.labels import LABEL_INFO, Label
         from MedSynthSlicerLib import mrml
         from MedSynthSlicerLib.logic import WorkflowLogic
 

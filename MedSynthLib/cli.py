@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import MedSynthError
+from .schema.errors import MedSynthError
 
 EXIT_BAD_INPUT = 2
 
@@ -59,8 +59,8 @@ def _vector(values: Sequence[float] | None, name: str, allow_one: bool = False) 
 
 
 def _add_case_options(parser: argparse.ArgumentParser) -> None:
-    from .cases import CASE_CONVENTIONS
-    from .labels import CONVENTIONS
+    from .cases.readers import CASE_CONVENTIONS
+    from .schema.labels import CONVENTIONS
 
     parser.add_argument("--convention", choices=CASE_CONVENTIONS,
                         help="naming convention of the case folder (default: detected)")
@@ -79,8 +79,8 @@ def _add_output(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .cases import read_case
-    from .labels import LABEL_INFO, TUMOUR_LABELS
+    from .cases.readers import read_case
+    from .schema.labels import LABEL_INFO, TUMOUR_LABELS
 
     case = read_case(args.case, convention=args.convention, label_convention=args.label_convention,
                      resample=args.resample)
@@ -114,10 +114,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from .anatomy import derive_label_map, tissue_statistics
-    from .cases import read_case
-    from .io import check_writable
-    from .labelmaps import label_map_outputs, write_label_map
+    from .cases.anatomy import derive_label_map, tissue_statistics
+    from .cases.readers import read_case
+    from .schema.labelmap import label_map_outputs, write_label_map
+    from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     with _progress(3, "labels") as step:
@@ -135,8 +135,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 
 def _write_edited(labelmap: Any, args: argparse.Namespace) -> int:
-    from .labelmaps import write_label_map
-    from .labels import label_counts
+    from .schema.labelmap import write_label_map
+    from .schema.labels import label_counts
 
     write_label_map(labelmap, args.output, overwrite=args.overwrite)
     counts = label_counts(labelmap.array)
@@ -146,8 +146,8 @@ def _write_edited(labelmap: Any, args: argparse.Namespace) -> int:
 
 def cmd_tumor_transform(args: argparse.Namespace) -> int:
     from .edits import Flip, Rotate, Scale, Translate
-    from .io import check_writable
-    from .labelmaps import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.volume_io import check_writable
 
     edits = []
     if args.flip:
@@ -168,7 +168,7 @@ def cmd_tumor_transform(args: argparse.Namespace) -> int:
 
 
 def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
-    from .errors import EditError
+    from .schema.errors import EditError
 
     try:
         return edit.apply(labelmap, **kwargs)
@@ -178,8 +178,8 @@ def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
 
 def cmd_tumor_insert(args: argparse.Namespace) -> int:
     from .edits import InsertTumour
-    from .io import check_writable
-    from .labelmaps import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     source = read_label_map(getattr(args, "from"))
@@ -193,8 +193,8 @@ def cmd_tumor_insert(args: argparse.Namespace) -> int:
 
 def cmd_tumor_new(args: argparse.Namespace) -> int:
     from .edits import ParametricTumour
-    from .io import check_writable
-    from .labelmaps import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     labelmap = read_label_map(args.labels)
@@ -207,8 +207,8 @@ def cmd_tumor_new(args: argparse.Namespace) -> int:
 
 def cmd_tumor_random(args: argparse.Namespace) -> int:
     from .edits import RandomTumourEdit
-    from .io import check_writable
-    from .labelmaps import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     labelmap = read_label_map(args.labels)
@@ -222,12 +222,12 @@ DEMO_TUMOUR = dict(center_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Healthy ICBM152 brain -> its label map -> a generated tumour -> the shipped model -> a case."""
+    from .cases.template import TEMPLATE_NAME, template_label_map
     from .edits import ParametricTumour
-    from .io import check_writable
-    from .models import resolve_model
-    from .render import render_montage
-    from .synthesize import SynthesisEngine, write_synthesis
-    from .template import TEMPLATE_NAME, template_label_map
+    from .schema.volume_io import check_writable
+    from .synthesis.models import resolve_model
+    from .synthesis.render import render_montage
+    from .synthesis.synthesize import SynthesisEngine, write_synthesis
 
     check_writable([args.output], args.overwrite)
     model = resolve_model(args.model)
@@ -253,7 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .training.train import TrainConfig, train
 
     config = TrainConfig()
     if args.config is not None:
@@ -271,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import load_config, run_study
+    from .study.run import load_config, run_study
 
     config = load_config(args.config)
     if args.threads is not None:
@@ -293,11 +293,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from .labelmaps import read_label_map
-    from .models import resolve_model
-    from .synthesize import SynthesisEngine, write_synthesis
+    from .schema.labelmap import read_label_map
+    from .synthesis.models import resolve_model
+    from .synthesis.synthesize import SynthesisEngine, write_synthesis
 
-    from .io import check_writable
+    from .schema.volume_io import check_writable
 
     check_writable([args.output], args.overwrite)
     with _progress(3, "synthesize") as step:
@@ -316,12 +316,12 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .anatomy import derive_label_map
-    from .cases import read_case
-    from .evaluate import evaluate
-    from .io import check_writable, write_json
-    from .models import resolve_model
-    from .synthesize import SynthesisEngine
+    from .cases.anatomy import derive_label_map
+    from .cases.readers import read_case
+    from .evaluation.evaluate import evaluate
+    from .schema.volume_io import check_writable, write_json
+    from .synthesis.models import resolve_model
+    from .synthesis.synthesize import SynthesisEngine
 
     check_writable([args.output], args.overwrite)
     model = resolve_model(args.model)
@@ -342,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_cases
+    from .export.writer import export_cases
 
     if args.naming is not None and args.format != "nifti":
         raise _UsageError("medsynth export: --naming applies to --format nifti only")
@@ -360,7 +360,7 @@ def _notice(message: str) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import models_root, read_registry, register_model, resolve_model
+    from .synthesis.models import models_root, read_registry, register_model, resolve_model
 
     if args.register is not None:
         if not args.name:
@@ -388,7 +388,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _read_json(path: Path) -> Any:
-    from .errors import InputError
+    from .schema.errors import InputError
 
     try:
         return json.loads(Path(path).read_text())
@@ -594,7 +594,7 @@ def console_main() -> None:
     imports MedSynth and torch: 2.2 s with a normal exit, 1.5 s with ``os._exit``)
     and does nothing those commands need: their outputs are already complete.
     """
-    from .runtime import avoid_hugepage_stalls
+    from .synthesis.runtime import avoid_hugepage_stalls
 
     avoid_hugepage_stalls()  # a process-wide setting: only in MedSynth's own process, not in main()
     argv = sys.argv[1:]

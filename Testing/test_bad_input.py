@@ -20,10 +20,10 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import phantom, write_volume
-from MedSynthLib.anatomy import derive_label_map
-from MedSynthLib.cases import read_case
+from MedSynthLib.cases.anatomy import derive_label_map
+from MedSynthLib.cases.readers import read_case
 from MedSynthLib.cli import main
-from MedSynthLib.labelmaps import write_label_map
+from MedSynthLib.schema.labelmap import write_label_map
 
 IMAGES, SEG = phantom()
 

@@ -21,9 +21,9 @@ import SimpleITK as sitk
 from conftest import phantom, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.edits import replay, tumour_centre
-from MedSynthLib.grid import Grid, lps_to_ras
-from MedSynthLib.labelmaps import read_label_map
-from MedSynthLib.provenance import array_sha256
+from MedSynthLib.schema.grid import Grid, lps_to_ras
+from MedSynthLib.schema.labelmap import read_label_map
+from MedSynthLib.schema.provenance import array_sha256
 
 IMAGES, SEG = phantom()
 #: Oblique LPS-flipped direction (15 degrees about z).
@@ -262,7 +262,7 @@ def demo(tmp_path_factory) -> Path:
 
 def test_demo_files(demo):
     """The demo folder is a complete synthetic case from the shipped model, on the template grid."""
-    from MedSynthLib.models import resolve_model
+    from MedSynthLib.synthesis.models import resolve_model
 
     assert sorted(os.listdir(demo)) == DEMO_FILES
     assert sorted(os.listdir(demo.parent)) == ["demo"], "stray temporary folders"

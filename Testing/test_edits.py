@@ -19,23 +19,23 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from MedSynthLib.edits import (
-    EDITS,
-    Flip,
-    InsertTumour,
-    ParametricTumour,
-    RandomTumourEdit,
-    Rotate,
-    Scale,
-    Translate,
-    composite,
-    edit_from_record,
-    healthy_anatomy,
-    replay,
-    tumour_centre,
-)
-from MedSynthLib.errors import EditError
-from MedSynthLib.grid import Grid, LabelMap, lps_to_ras
-from MedSynthLib.labels import Label, tumour_to_schema
+                               EDITS,
+                               Flip,
+                               InsertTumour,
+                               ParametricTumour,
+                               RandomTumourEdit,
+                               Rotate,
+                               Scale,
+                               Translate,
+                               composite,
+                               edit_from_record,
+                               healthy_anatomy,
+                               replay,
+                               tumour_centre,
+                               )
+from MedSynthLib.schema.errors import EditError
+from MedSynthLib.schema.grid import Grid, LabelMap, lps_to_ras
+from MedSynthLib.schema.labels import Label, tumour_to_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from MedSynthLib.inference_unet import InferenceUNet, antialias_upsampling, blur_nyquist
-from MedSynthLib.networks import Generator, NetworkConfig
+from MedSynthLib.synthesis.inference_unet import InferenceUNet, antialias_upsampling, blur_nyquist
+from MedSynthLib.synthesis.networks import Generator, NetworkConfig
 
 # (spatial_dims, in, out, channels, strides, num_res_units, input size)
 ARCHITECTURES = [
@@ -101,9 +101,9 @@ def test_inference_path_does_not_import_monai():
     code = "\n".join([
         "import sys, numpy as np",
         "import MedSynthLib.cli",
-        "from MedSynthLib.grid import Grid, LabelMap",
-        "from MedSynthLib.models import resolve_model",
-        "from MedSynthLib.synthesize import SynthesisEngine",
+        "from MedSynthLib.schema.grid import Grid, LabelMap",
+        "from MedSynthLib.synthesis.models import resolve_model",
+        "from MedSynthLib.synthesis.synthesize import SynthesisEngine",
         "labels = np.zeros((40, 40, 40), np.uint8)",
         "labels[8:32, 8:32, 8:32] = 3",
         "grid = Grid((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))",

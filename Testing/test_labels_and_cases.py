@@ -16,21 +16,21 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import phantom, write_volume
-from MedSynthLib.anatomy import derive_label_map, tissue_statistics
-from MedSynthLib.cases import detect_convention, read_case
-from MedSynthLib.errors import InputError
-from MedSynthLib.grid import Grid
-from MedSynthLib.labelmaps import read_label_map, write_label_map
-from MedSynthLib.labels import (
-    CONVENTIONS,
-    Label,
-    LabelValueError,
-    schema_to_tumour,
-    tumour_to_schema,
-)
-from MedSynthLib.normalize import (HealthyTissueZScore, IntensityNormalizer, mean_normalizer,
-                                   normalizer_from_json)
-from MedSynthLib.template import template_label_map, template_t1
+from MedSynthLib.cases.anatomy import derive_label_map, tissue_statistics
+from MedSynthLib.cases.readers import detect_convention, read_case
+from MedSynthLib.cases.template import template_label_map, template_t1
+from MedSynthLib.schema.errors import InputError
+from MedSynthLib.schema.grid import Grid
+from MedSynthLib.schema.labelmap import read_label_map, write_label_map
+from MedSynthLib.schema.labels import (
+                                       CONVENTIONS,
+                                       Label,
+                                       LabelValueError,
+                                       schema_to_tumour,
+                                       tumour_to_schema,
+                                       )
+from MedSynthLib.synthesis.normalize import (HealthyTissueZScore, IntensityNormalizer, mean_normalizer,
+                                             normalizer_from_json)
 
 # --- label conventions -----------------------------------------------------------------------
 
@@ -610,7 +610,7 @@ def test_mean_normalizer():
     ([(0, 0, 0), (7, 8, 9)], 5, (slice(0, 8), slice(0, 9), slice(0, 10))),
 ])
 def test_mask_box(points, margin, expected):
-    from MedSynthLib.grid import mask_box
+    from MedSynthLib.schema.grid import mask_box
 
     mask = np.zeros((8, 9, 10), bool)
     for point in points:

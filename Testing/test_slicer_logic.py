@@ -43,8 +43,8 @@ def _require_slicer_core():
 _require_slicer_core()
 
 from MedSynthLib.edits import euler_xyz_from_rotation, rotation_ras  # noqa: E402
-from MedSynthLib.grid import Grid, lps_to_ras  # noqa: E402
-from MedSynthLib.labels import LABEL_INFO, Label, tumour_to_schema  # noqa: E402
+from MedSynthLib.schema.grid import Grid, lps_to_ras  # noqa: E402
+from MedSynthLib.schema.labels import LABEL_INFO, Label, tumour_to_schema  # noqa: E402
 from MedSynthSlicerLib import mrml  # noqa: E402
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError  # noqa: E402
 from MedSynthSlicerLib.logic import (MANUAL_EDIT, REVIEW_VIEWS, WorkflowLogic,  # noqa: E402
@@ -63,8 +63,8 @@ SEGMENTS = ["CSF", "GM", "WM", "NCR", "ED", "ET"]
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from MedSynthLib.models import write_model
-    from MedSynthLib.networks import Generator, NetworkConfig
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import Generator, NetworkConfig
 
     config = NetworkConfig(channels=(4, 8), strides=(2,), disc_channels=4, disc_layers=2)
     folder = tmp_path_factory.mktemp("model") / "tiny"
@@ -143,7 +143,7 @@ def test_case_is_loaded_through_storage_nodes_on_the_files_grid(case):
 
 @pytest.mark.realdata
 def test_template_brain_in_one_click(case):
-    from MedSynthLib.template import template_label_map
+    from MedSynthLib.cases.template import template_label_map
 
     ids = _ids(case.scene)
     t1 = case.logic.load_template()

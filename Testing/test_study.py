@@ -67,7 +67,7 @@ def assert_bad_input(capsys, args: list[str], out: Path, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def finished_study(study_data, tmp_path_factory) -> dict:
     """An interrupted study (Ctrl-C during fold 1), its resumed run, and a fully cached rerun."""
-    import MedSynthLib.study_seg as study_seg
+    import MedSynthLib.study.segmenter as study_seg
 
     data, extra = study_data
     root = tmp_path_factory.mktemp("study_run")
@@ -110,7 +110,7 @@ def test_study_report_contents(finished_study) -> None:
                 "memorisation", "synthetic_cases", "timings", "software", "command"):
         assert key in report, key
     assert report["config"]["name"] == "micro"
-    from MedSynthLib.anatomy import DEFAULT_ANATOMY_MODEL
+    from MedSynthLib.cases.anatomy import DEFAULT_ANATOMY_MODEL
 
     assert report["anatomy_model"] == DEFAULT_ANATOMY_MODEL.to_json()
     assert [c["id"] for c in report["data"]["cases"]] == list(CASE_IDS)
@@ -187,8 +187,8 @@ def test_study_resume_reuses_caches(finished_study) -> None:
 def test_synthetic_cases_replay_from_provenance(finished_study) -> None:
     """A 'transform' synthetic case is rebuilt exactly from its base label map and its edit records."""
     from MedSynthLib.edits import replay
-    from MedSynthLib.grid import Grid, LabelMap
-    from MedSynthLib.study_data import short_hash
+    from MedSynthLib.schema.grid import Grid, LabelMap
+    from MedSynthLib.study.data import short_hash
 
     report, work = finished_study["report"], finished_study["work"]
     fold = report["synthetic_cases"][0]
@@ -206,8 +206,8 @@ def test_synthetic_cases_replay_from_provenance(finished_study) -> None:
 
 
 def test_folds_split_by_case() -> None:
-    from MedSynthLib.errors import InputError
-    from MedSynthLib.study import make_folds
+    from MedSynthLib.schema.errors import InputError
+    from MedSynthLib.study.run import make_folds
 
     ids = [f"c{i}" for i in range(7)]
     folds = make_folds(ids, 3, seed=1, test_cases=None, data=Path("d"))
@@ -221,8 +221,8 @@ def test_folds_split_by_case() -> None:
 
 
 def test_bootstrap_interval_and_empty_mask_scores() -> None:
-    from MedSynthLib.study_report import bootstrap_ci
-    from MedSynthLib.study_seg import score
+    from MedSynthLib.study.report import bootstrap_ci
+    from MedSynthLib.study.segmenter import score
 
     lo, hi = bootstrap_ci([0.1, 0.2, 0.3, 0.4], 2000, 0.95, seed=0)
     assert 0.1 <= lo < 0.25 < hi <= 0.4
@@ -240,7 +240,7 @@ def test_bootstrap_interval_and_empty_mask_scores() -> None:
 
 
 def test_study_grid_fits_every_brain() -> None:
-    from MedSynthLib.study_data import StudyGrid
+    from MedSynthLib.study.data import StudyGrid
 
     grid = StudyGrid.fit([np.array([140.0, 170.0, 130.0]), np.array([150.0, 160.0, 140.0])], 3.0, 6.0, 8)
     assert all(s % 8 == 0 for s in grid.size)
@@ -251,7 +251,7 @@ def test_study_grid_fits_every_brain() -> None:
 
 
 def test_shipped_configs_are_valid() -> None:
-    from MedSynthLib.study import load_config
+    from MedSynthLib.study.run import load_config
 
     for name in ("micro", "tiny", "paper"):
         config = load_config(name)
@@ -289,7 +289,7 @@ def test_missing_gan_checkpoint(study_data, tmp_path, capsys) -> None:
 def test_incompatible_gan_checkpoint(study_data, tmp_path, capsys) -> None:
     import torch
 
-    from MedSynthLib.models import write_model
+    from MedSynthLib.synthesis.models import write_model
 
     model = tmp_path / "gan"
     write_model(model, {"w": torch.zeros(2)}, {"network": {"in_channels": 3, "out_channels": 1,

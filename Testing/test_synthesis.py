@@ -1,7 +1,7 @@
 """Synthesis: model folders and the registry, ``medsynth synthesize``, sliding windows, re-rendering.
 
 A tiny generator with random weights (channels (4, 8), one stride-2 level) is
-written once per session through :func:`MedSynthLib.models.write_model`; its
+written once per session through :func:`MedSynthLib.synthesis.models.write_model`; its
 outputs are meaningless images but exercise every path exactly like a trained
 model's.  Label maps are synthetic brains on odd, anisotropic, oblique grids.
 """
@@ -19,15 +19,15 @@ import torch
 
 from MedSynthLib.cli import main
 from MedSynthLib.edits import Translate
-from MedSynthLib.errors import InputError, MedSynthError
-from MedSynthLib.grid import Grid, LabelMap
-from MedSynthLib.inference import Synthesizer, brain_box, pick_device, pick_precision
-from MedSynthLib.labelmaps import write_label_map
-from MedSynthLib.labels import Label
-from MedSynthLib.models import file_sha256, load_generator, resolve_model, write_model
-from MedSynthLib.networks import MODALITY_ORDER, Generator, NetworkConfig, one_hot
-from MedSynthLib.provenance import array_sha256
-from MedSynthLib.synthesize import OUTPUT_NAMES, SynthesisEngine
+from MedSynthLib.schema.errors import InputError, MedSynthError
+from MedSynthLib.schema.grid import Grid, LabelMap
+from MedSynthLib.schema.labelmap import write_label_map
+from MedSynthLib.schema.labels import Label
+from MedSynthLib.schema.provenance import array_sha256
+from MedSynthLib.synthesis.inference import Synthesizer, brain_box, pick_device, pick_precision
+from MedSynthLib.synthesis.models import file_sha256, load_generator, resolve_model, write_model
+from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig, one_hot
+from MedSynthLib.synthesis.synthesize import OUTPUT_NAMES, SynthesisEngine
 
 NETWORK = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
 INTENSITY = {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}
@@ -481,7 +481,7 @@ def test_pick_precision() -> None:
 
 
 def test_fidelity_metrics() -> None:
-    from MedSynthLib.metrics import fidelity, ssim_map
+    from MedSynthLib.evaluation.metrics import fidelity, ssim_map
 
     rng = np.random.default_rng(0)
     labelmap = synthetic_brain()
@@ -507,7 +507,7 @@ def test_fidelity_metrics() -> None:
     ([-40000.0, 0.0, 40000.0], np.float32),  # beyond int16
 ])
 def test_compact_intensities(values, dtype) -> None:
-    from MedSynthLib.io import compact_intensities
+    from MedSynthLib.schema.volume_io import compact_intensities
 
     out = compact_intensities(np.array(values))
     assert out.dtype == dtype
@@ -540,7 +540,7 @@ def test_medsynth_program_exits_fast_with_complete_outputs(tiny_model: Path, goo
 def test_avoid_hugepage_stalls(monkeypatch) -> None:
     from numpy._core.multiarray import _set_madvise_hugepage
 
-    from MedSynthLib.runtime import avoid_hugepage_stalls
+    from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls
 
     original = _set_madvise_hugepage(True)  # returns the previous setting
     try:

@@ -21,10 +21,10 @@ import torch
 
 from conftest import REPO, phantom, write_volume
 from MedSynthLib.cli import main
-from MedSynthLib.errors import InputError
-from MedSynthLib.networks import NetworkConfig
-from MedSynthLib.train import (TrainConfig, discriminator_loss, generator_adversarial_loss,
-                               learning_rate, train)
+from MedSynthLib.schema.errors import InputError
+from MedSynthLib.synthesis.networks import NetworkConfig
+from MedSynthLib.training.train import (TrainConfig, discriminator_loss, generator_adversarial_loss,
+                                        learning_rate, train)
 
 CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
 VAL_CASE = CASE_IDS[2]
@@ -153,7 +153,7 @@ def test_train_end_to_end(brats_data: Path, tmp_path: Path, precision: str) -> N
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert all(t.dtype == torch.float32 for t in weights.values())
 
-    from MedSynthLib.models import resolve_model
+    from MedSynthLib.synthesis.models import resolve_model
 
     assert resolve_model(model).sha256 == model_config["weights_sha256"]
     assert_no_pickle(run)
@@ -370,11 +370,11 @@ def test_train_config_json() -> None:
 
 def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> None:
     """``normalization: healthy_zscore`` trains on its own cache and the model maps back with it."""
-    from MedSynthLib.anatomy import derive_label_map
-    from MedSynthLib.cases import read_case
-    from MedSynthLib.inference import to_scanner_units
-    from MedSynthLib.labels import Label
-    from MedSynthLib.normalize import HealthyTissueZScore
+    from MedSynthLib.cases.anatomy import derive_label_map
+    from MedSynthLib.cases.readers import read_case
+    from MedSynthLib.schema.labels import Label
+    from MedSynthLib.synthesis.inference import to_scanner_units
+    from MedSynthLib.synthesis.normalize import HealthyTissueZScore
 
     cache, run = tmp_path / "cache", tmp_path / "run"
     config = write_config(tmp_path / "z.json", steps=2, checkpoint_every=2, val_every=2,
@@ -418,7 +418,7 @@ def test_init_may_switch_on_antialiasing(brats_data: Path, tmp_path: Path) -> No
 
 
 def test_patch_sampler_is_a_function_of_seed_step_rank(brats_data: Path) -> None:
-    from MedSynthLib.training_data import PatchSampler, find_case_folders, prepare_volume
+    from MedSynthLib.training.data import PatchSampler, find_case_folders, prepare_volume
 
     folders = find_case_folders(brats_data)
     assert [f.name for f in folders] == list(CASE_IDS)

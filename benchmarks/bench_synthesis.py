@@ -62,7 +62,7 @@ def reference_forward(threads: int) -> float:
 # ru_maxrss cannot be used: Linux carries the parent's peak (this process, after the large reference
 # forward) into a forked child across exec, so it would report the parent's memory.
 _MEMORY_PROBE = ("import sys\n"
-                 "from MedSynthLib.runtime import avoid_hugepage_stalls\n"
+                 "from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls\n"
                  "avoid_hugepage_stalls()  # as the medsynth program does\n"
                  "from MedSynthLib.cli import main\n"
                  "status = main(['synthesize'] + sys.argv[1:])\n"
@@ -89,14 +89,14 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from MedSynthLib.anatomy import derive_label_map
-    from MedSynthLib.cases import read_case
+    from MedSynthLib.cases.anatomy import derive_label_map
+    from MedSynthLib.cases.readers import read_case
     from MedSynthLib.edits import Translate
-    from MedSynthLib.labelmaps import write_label_map
-    from MedSynthLib.models import resolve_model
-    from MedSynthLib.networks import Generator, NetworkConfig, build_discriminator, one_hot
-    from MedSynthLib.synthesize import SynthesisEngine
-    from MedSynthLib.train import TrainConfig, discriminator_loss, generator_adversarial_loss
+    from MedSynthLib.schema.labelmap import write_label_map
+    from MedSynthLib.synthesis.models import resolve_model
+    from MedSynthLib.synthesis.networks import Generator, NetworkConfig, build_discriminator, one_hot
+    from MedSynthLib.synthesis.synthesize import SynthesisEngine
+    from MedSynthLib.training.train import TrainConfig, discriminator_loss, generator_adversarial_loss
 
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                                  "torch": torch.__version__,
@@ -126,7 +126,8 @@ def main() -> int:
         imports = []
         for _ in range(2):
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", "import MedSynthLib.cli, MedSynthLib.synthesize, torch, SimpleITK"],
+            subprocess.run([sys.executable, "-c",
+                            "import MedSynthLib.cli, MedSynthLib.synthesis.synthesize, torch, SimpleITK"],
                            check=True, env=env)
             imports.append(time.perf_counter() - start)
         results["process_start_and_imports_s"] = min(imports)

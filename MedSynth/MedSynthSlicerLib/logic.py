@@ -45,7 +45,7 @@ from .process import ProcessRunner, Progress, parse_tqdm_progress, python_execut
 from .signals import Signal
 
 if TYPE_CHECKING:  # pragma: no cover
-    from MedSynthLib.grid import LabelMap
+    from MedSynthLib.schema.grid import LabelMap
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
@@ -73,7 +73,7 @@ _EXPORT_STEPS: dict[str, float] = {}
 def _lib():
     """Import MedSynthLib lazily (the module loads before its dependencies are installed)."""
     ensure_medsynthlib_importable()
-    import MedSynthLib.labels as labels
+    import MedSynthLib.schema.labels as labels
 
     return labels
 
@@ -283,8 +283,8 @@ class WorkflowLogic:
             ``{"t1": node, "t1ce": node, "t2": node, "flair": node, "tumour": node or None}``
         """
         ensure_medsynthlib_importable()
-        from MedSynthLib.cases import read_case
-        from MedSynthLib.errors import MedSynthError
+        from MedSynthLib.cases.readers import read_case
+        from MedSynthLib.schema.errors import MedSynthError
 
         folder = Path(folder)
         try:
@@ -321,8 +321,8 @@ class WorkflowLogic:
         """The healthy ICBM152 2009a template T1 as a volume node (one click, no download)."""
         ensure_medsynthlib_importable()
         import SimpleITK as sitk
-        from MedSynthLib.grid import Grid
-        from MedSynthLib.template import TEMPLATE_NAME, template_t1
+        from MedSynthLib.cases.template import TEMPLATE_NAME, template_t1
+        from MedSynthLib.schema.grid import Grid
 
         image = template_t1()
         grid = Grid.from_image(image)
@@ -448,10 +448,10 @@ class WorkflowLogic:
             The new segmentation node (segments CSF, GM, WM, NCR, ED, ET).
         """
         ensure_medsynthlib_importable()
-        from MedSynthLib.anatomy import derive_label_map
-        from MedSynthLib.cases import Case
-        from MedSynthLib.errors import MedSynthError
-        from MedSynthLib.labels import Label
+        from MedSynthLib.cases.anatomy import derive_label_map
+        from MedSynthLib.cases.readers import Case
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.labels import Label
 
         _check_convention(label_convention)
         t1_array = self._check_brain_volume(t1)
@@ -466,7 +466,7 @@ class WorkflowLogic:
             tumour_array = self.tumour_from_node(tumour, t1, label_convention)
         grid = mrml.grid_from_volume(t1)
         if t1.GetAttribute(ROLE) == ROLE_TEMPLATE:
-            from MedSynthLib.template import template_label_map
+            from MedSynthLib.cases.template import template_label_map
 
             labelmap = template_label_map()
             if labelmap.grid.difference(grid) is not None:
@@ -534,8 +534,8 @@ class WorkflowLogic:
         """
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import healthy_anatomy
-        from MedSynthLib.grid import LabelMap
-        from MedSynthLib.labels import SCHEMA_VERSION, Label, label_counts
+        from MedSynthLib.schema.grid import LabelMap
+        from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, label_counts
 
         reference = self.reference_volume(segmentation)
         convention = segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021"
@@ -654,7 +654,7 @@ class WorkflowLogic:
     def apply_edit(self, segmentation: Any, edit: Any, **kwargs: Any) -> "LabelMap":
         """Apply one MedSynthLib edit (``edit.apply(labelmap, **kwargs)``) and show the result."""
         ensure_medsynthlib_importable()
-        from MedSynthLib.errors import MedSynthError
+        from MedSynthLib.schema.errors import MedSynthError
 
         current = self.labelmap(segmentation)
         try:
@@ -670,7 +670,7 @@ class WorkflowLogic:
         """A new tumour (necrotic core, enhancing rim, oedema) centred at a RAS point (a click)."""
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import ParametricTumour
-        from MedSynthLib.errors import MedSynthError
+        from MedSynthLib.schema.errors import MedSynthError
 
         params = params or TumourParameters()
         try:
@@ -694,12 +694,12 @@ class WorkflowLogic:
     def read_tumour_source(self, source: str | os.PathLike[str]) -> "LabelMap":
         """The label map whose tumour is inserted: a case folder, or a MedSynth label map file."""
         ensure_medsynthlib_importable()
-        from MedSynthLib.cases import read_case
-        from MedSynthLib.errors import MedSynthError
-        from MedSynthLib.grid import LabelMap
-        from MedSynthLib.labelmaps import read_label_map
-        from MedSynthLib.labels import Label
-        from MedSynthLib.provenance import sidecar_path
+        from MedSynthLib.cases.readers import read_case
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.grid import LabelMap
+        from MedSynthLib.schema.labelmap import read_label_map
+        from MedSynthLib.schema.labels import Label
+        from MedSynthLib.schema.provenance import sidecar_path
 
         path = Path(source)
         if not str(source) or not path.exists():
@@ -723,9 +723,9 @@ class WorkflowLogic:
         """Insert the tumour of another case / label map (at a RAS point, or the matching position)."""
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import InsertTumour
-        from MedSynthLib.errors import MedSynthError
-        from MedSynthLib.labels import Label
-        from MedSynthLib.provenance import array_sha256
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.labels import Label
+        from MedSynthLib.schema.provenance import array_sha256
 
         source_map = source if hasattr(source, "array") else self.read_tumour_source(source)  # type: ignore[arg-type]
         if not (source_map.array >= Label.NCR).any():
@@ -747,8 +747,8 @@ class WorkflowLogic:
         """
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import Translate, tumour_centre
-        from MedSynthLib.errors import MedSynthError
-        from MedSynthLib.grid import lps_to_ras
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.grid import lps_to_ras
 
         matrix = np.asarray(matrix_ras, float)
         if matrix.shape != (4, 4):
@@ -785,9 +785,9 @@ class WorkflowLogic:
         """
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import tumour_centre
-        from MedSynthLib.errors import MedSynthError
-        from MedSynthLib.grid import lps_to_ras
-        from MedSynthLib.labels import TUMOUR_LABELS, Label
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.grid import lps_to_ras
+        from MedSynthLib.schema.labels import TUMOUR_LABELS, Label
 
         self.cancel_tumour_transform(segmentation)
         current = self.labelmap(segmentation)
@@ -852,7 +852,7 @@ class WorkflowLogic:
     def undo(self, segmentation: Any) -> "LabelMap":
         """Restore the label map before the last MedSynth edit."""
         ensure_medsynthlib_importable()
-        from MedSynthLib.grid import LabelMap
+        from MedSynthLib.schema.grid import LabelMap
 
         stack = self._undo.get(segmentation.GetID() if segmentation is not None else "", [])
         if not stack:
@@ -888,7 +888,7 @@ class WorkflowLogic:
         return run_dir
 
     def _write_labels(self, labelmap: "LabelMap", run_dir: Path) -> Path:
-        from MedSynthLib.labelmaps import write_label_map
+        from MedSynthLib.schema.labelmap import write_label_map
 
         # NRRD keeps the geometry in double precision (NIfTI stores float32).
         return write_label_map(labelmap, run_dir / "labels.nrrd")
@@ -900,7 +900,7 @@ class WorkflowLogic:
         :meth:`finish_generate` when it returns False; or :meth:`cancel_generate`.
         """
         ensure_medsynthlib_importable()
-        from MedSynthLib.provenance import array_sha256
+        from MedSynthLib.schema.provenance import array_sha256
 
         options = options or GenerateOptions()
         options.validate()
@@ -966,8 +966,8 @@ class WorkflowLogic:
 
     def _load_case_outputs(self, job: GenerationJob, name_prefix: str, role: str,
                            existing: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        from MedSynthLib.labelmaps import read_label_map
-        from MedSynthLib.provenance import array_sha256
+        from MedSynthLib.schema.labelmap import read_label_map
+        from MedSynthLib.schema.provenance import array_sha256
 
         reference = self.scene.GetNodeByID(job.reference_id)
         if reference is None:
@@ -1041,7 +1041,7 @@ class WorkflowLogic:
         later calls.  Blocking; a re-render takes a fraction of a full synthesis.
         """
         ensure_medsynthlib_importable()
-        from MedSynthLib.provenance import array_sha256
+        from MedSynthLib.schema.provenance import array_sha256
 
         options = options or GenerateOptions()
         options.validate()
@@ -1151,7 +1151,7 @@ class WorkflowLogic:
         ``MedSynth.ReviewedAt``) on every output volume and as ``review`` in the
         case's ``provenance.json``, from where :meth:`export` carries it.
         """
-        from MedSynthLib.io import write_json
+        from MedSynthLib.schema.volume_io import write_json
 
         if not outputs:
             raise WorkflowError("no synthetic case to rate: generate one first")
@@ -1226,7 +1226,7 @@ class WorkflowLogic:
 
     def finish_export(self, job: ExportJob) -> list[Path]:
         """The exported case folder(s); the clinician's review is kept in their provenance."""
-        from MedSynthLib.io import write_json
+        from MedSynthLib.schema.volume_io import write_json
 
         if job.runner.is_running():
             job.runner.wait()

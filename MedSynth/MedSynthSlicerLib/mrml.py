@@ -8,7 +8,7 @@ that need the application.
 
 Conventions: numpy arrays are ``array[k, j, i]`` (SimpleITK's order, and the
 order of ``vtkImageData`` scalars); MRML geometry is the 4x4 IJK-to-RAS
-matrix; MedSynthLib's :class:`~MedSynthLib.grid.Grid` is LPS.
+matrix; MedSynthLib's :class:`~MedSynthLib.schema.grid.Grid` is LPS.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import vtk
 from vtkmodules.util import numpy_support
 
 if TYPE_CHECKING:  # pragma: no cover
-    from MedSynthLib.grid import Grid
+    from MedSynthLib.schema.grid import Grid
 
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -75,7 +75,7 @@ def grid_to_ijk_to_ras(grid: "Grid") -> np.ndarray:
 
 def grid_from_matrix(matrix: np.ndarray, dimensions: Sequence[int]) -> "Grid":
     """MRML IJK-to-RAS matrix + (i, j, k) dimensions -> MedSynthLib grid (LPS)."""
-    from MedSynthLib.grid import Grid
+    from MedSynthLib.schema.grid import Grid
 
     linear = np.asarray(matrix, float)[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
@@ -211,7 +211,7 @@ def segmentation_from_labels(scene: Any, labels: np.ndarray, reference: Any, nam
 
     The segments share one labelmap layer (value = schema label) on the
     reference volume's grid, named and coloured from
-    :data:`MedSynthLib.labels.LABEL_INFO`.
+    :data:`MedSynthLib.schema.labels.LABEL_INFO`.
     """
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
@@ -222,7 +222,7 @@ def segmentation_from_labels(scene: Any, labels: np.ndarray, reference: Any, nam
 
 def set_segmentation_labels(node: Any, labels: np.ndarray, reference: Any, lock_anatomy: bool = True) -> None:
     """Replace the segments of a MedSynth segmentation node with ``labels`` (schema values 0-6)."""
-    from MedSynthLib.labels import ANATOMY_LABELS, LABEL_INFO, Label
+    from MedSynthLib.schema.labels import ANATOMY_LABELS, LABEL_INFO, Label
 
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
     dims = reference.GetImageData().GetDimensions()

@@ -16,7 +16,7 @@ DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 EXPORT_FORMATS: tuple[str, ...] = ("nifti", "dicom")
 EXPORT_NAMINGS: tuple[str, ...] = ("brats2021", "brats2023")
-#: Tumour-label conventions of an input segmentation (MedSynthLib.labels.CONVENTIONS).
+#: Tumour-label conventions of an input segmentation (MedSynthLib.schema.labels.CONVENTIONS).
 LABEL_CONVENTIONS: tuple[str, ...] = ("brats2021", "brats2023", "msd", "brats2015")
 RATINGS: tuple[int, int] = (0, 5)  # 0 = not rated, 1 (poor) .. 5 (indistinguishable from real)
 NOTE_MAX_CHARS = 500

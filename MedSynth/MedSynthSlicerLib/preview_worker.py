@@ -16,7 +16,7 @@ Requests::
         last result is synthesised again and blended in
     {"id": 3, "cmd": "quit"}
 
-Each result is written with :func:`MedSynthLib.synthesize.write_synthesis`
+Each result is written with :func:`MedSynthLib.synthesis.synthesize.write_synthesis`
 (t1, t1ce, t2, flair, labels, provenance.json) into a fresh ``OUT_DIR``; the
 reply holds the seconds taken and, for ``rerender``, the changed box.
 """
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args(argv)
 
-    from MedSynthLib.errors import MedSynthError
-    from MedSynthLib.labelmaps import read_label_map
-    from MedSynthLib.models import resolve_model
-    from MedSynthLib.runtime import avoid_hugepage_stalls
-    from MedSynthLib.synthesize import SynthesisEngine, write_synthesis
+    from MedSynthLib.schema.errors import MedSynthError
+    from MedSynthLib.schema.labelmap import read_label_map
+    from MedSynthLib.synthesis.models import resolve_model
+    from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls
+    from MedSynthLib.synthesis.synthesize import SynthesisEngine, write_synthesis
 
     avoid_hugepage_stalls()  # this is MedSynth's own process, not Slicer's
     start = time.perf_counter()

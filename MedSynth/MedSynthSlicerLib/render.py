@@ -154,7 +154,7 @@ def render_scene_figure(segmentation: Any, volumes: Mapping[str, Any], labels: n
     Returns:
         (the PNG path, the offscreen backend used)
     """
-    from MedSynthLib.labels import LABEL_INFO, Label
+    from MedSynthLib.schema.labels import LABEL_INFO, Label
 
     path = Path(path)
     window, backend = offscreen_render_window(size)

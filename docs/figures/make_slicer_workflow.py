@@ -32,8 +32,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from MedSynthLib.edits import rotation_ras, tumour_centre
-    from MedSynthLib.grid import lps_to_ras
-    from MedSynthLib.models import resolve_model
+    from MedSynthLib.schema.grid import lps_to_ras
+    from MedSynthLib.synthesis.models import resolve_model
     from MedSynthSlicerLib import mrml
     from MedSynthSlicerLib.logic import WorkflowLogic
     from MedSynthSlicerLib.parameters import GenerateOptions

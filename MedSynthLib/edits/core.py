@@ -1,4 +1,4 @@
-"""Tumour edits: small, replayable, pure functions on a :class:`~MedSynthLib.grid.LabelMap`.
+"""Tumour edits: small, replayable, pure functions on a :class:`~MedSynthLib.schema.grid.LabelMap`.
 
 Every edit is a frozen dataclass whose fields are JSON-serialisable parameters
 (TorchIO style).  ``edit.apply(labelmap)`` returns a *new* label map whose
@@ -15,7 +15,7 @@ Rules every edit keeps (checked by the tests):
 * where a tumour leaves, the healthy anatomy of the input is refilled
   (:func:`healthy_anatomy`), never zeros;
 * a tumour core (NCR+ET) pushed out of the brain by more than
-  :data:`MAX_OUTSIDE_FRACTION` raises :class:`~MedSynthLib.errors.EditError`;
+  :data:`MAX_OUTSIDE_FRACTION` raises :class:`~MedSynthLib.schema.errors.EditError`;
   smaller overhangs, and oedema outside the brain, are clipped.
 
 Vectors given by the user (offsets, centres) are RAS millimetres; internally
@@ -33,9 +33,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import EditError
-from .grid import Grid, LabelMap, lps_to_ras, ras_to_lps
-from .labels import SCHEMA_VERSION, Label
+from ..schema.errors import EditError
+from ..schema.grid import Grid, LabelMap, lps_to_ras, ras_to_lps
+from ..schema.labels import SCHEMA_VERSION, Label
 
 #: Largest fraction of the tumour core an edit may push outside the brain
 #: before it is refused (the rest is clipped).
@@ -560,8 +560,8 @@ class Flip(Edit):
 
 
 def load_label_map(path: str | os.PathLike[str]) -> LabelMap:
-    """Read a MedSynth label map (see :func:`MedSynthLib.labelmaps.read_label_map`)."""
-    from .labelmaps import read_label_map
+    """Read a MedSynth label map (see :func:`MedSynthLib.schema.labelmap.read_label_map`)."""
+    from ..schema.labelmap import read_label_map
 
     return read_label_map(path)
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import MedSynthError
-from .labels import NUM_CLASSES, Label
+from ..schema.errors import MedSynthError
+from ..schema.labels import NUM_CLASSES, Label
 from .networks import NetworkConfig, one_hot
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -53,7 +53,7 @@ def pick_precision(requested: str, device: torch.device) -> str:
 
 
 def brain_box(labels: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
-    from .grid import mask_box
+    from ..schema.grid import mask_box
 
     brain = labels > Label.BACKGROUND
     if not brain.any():
@@ -169,7 +169,7 @@ class Synthesizer:
 def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict[str, dict[str, float]],
                      modalities: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Map ``[-1, 1]`` outputs back to the training data's intensity ranges; 0 outside the brain."""
-    from .grid import mask_box
+    from ..schema.grid import mask_box
     from .normalize import normalizer_from_json
 
     brain = labels > Label.BACKGROUND

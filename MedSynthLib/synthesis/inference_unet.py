@@ -1,6 +1,6 @@
 """The trained generator's U-Net rebuilt from plain ``torch.nn`` layers, for inference.
 
-Training builds the generator from MONAI's ``UNet`` (:mod:`MedSynthLib.networks`).
+Training builds the generator from MONAI's ``UNet`` (:mod:`MedSynthLib.synthesis.networks`).
 Importing MONAI costs about two seconds of start-up on a 2-core CPU, more than the
 network itself takes to run on a whole brain in bf16, so ``medsynth synthesize``
 runs this module instead: the same layers (residual units of

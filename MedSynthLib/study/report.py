@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .study_seg import ARM_TITLES, ARMS, REGIONS, SegCase
+from .segmenter import ARM_TITLES, ARMS, REGIONS, SegCase
 
 MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 HD95_NOTE = ("Dice follows the BraTS convention for empty masks: a region absent from both the reference and "
@@ -65,9 +65,9 @@ def bootstrap_ci(diffs: list[float], resamples: int, ci: float, seed: int) -> tu
 
 def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: str, started_utc: str,
                  wall_seconds: float) -> dict[str, Any]:
-    from .anatomy import DEFAULT_ANATOMY_MODEL
-    from .provenance import software_versions
-    from .study import STUDY_VERSION
+    from ..cases.anatomy import DEFAULT_ANATOMY_MODEL
+    from ..schema.provenance import software_versions
+    from .data import STUDY_VERSION
 
     config = inputs.config
     folds = results["folds"]
@@ -595,7 +595,7 @@ def figure_memorisation(report: dict[str, Any], path: Path) -> None:
 
 def figure_montage(study: Any, results: dict[str, Any], path: Path) -> str | None:
     """Real vs synthetic for the first held-out case of the first fold."""
-    from .render import render_montage
+    from ..synthesis.render import render_montage
 
     fold = results["folds"][0]
     case_id = fold["test"][0]
@@ -615,7 +615,7 @@ def figure_synthetic_examples(study: Any, results: dict[str, Any], path: Path) -
     plt = _plt()
     from matplotlib.colors import ListedColormap
 
-    from .render import label_colours
+    from ..synthesis.render import label_colours
 
     fold = results["folds"][0]
     folder = Path(fold["synthetic"]["folder"])
@@ -651,7 +651,7 @@ def figure_synthetic_examples(study: Any, results: dict[str, Any], path: Path) -
 
 def write_report(report: dict[str, Any], results: dict[str, Any], study: Any, report_dir: Path, *,
                  overwrite: bool) -> Path:
-    from .io import atomic_directory, write_json
+    from ..schema.volume_io import atomic_directory, write_json
 
     with atomic_directory(report_dir, overwrite=overwrite) as tmp:
         (tmp / "figures").mkdir()

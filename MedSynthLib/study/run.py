@@ -3,14 +3,14 @@
 For each fold (cases split by case, k-fold or a fixed split, seeded):
 
 1. the synthesis GAN is trained on the fold's training cases only
-   (:func:`MedSynthLib.train.train`, sharing one cache of prepared cases), or a
+   (:func:`MedSynthLib.training.train.train`, sharing one cache of prepared cases), or a
    given model is used;
 2. synthetic label maps are made from the training cases' label maps with
    random tumour edits (moved / resized / rotated / flipped, tumours of other
    training cases or of extra tumour label maps inserted into training brains,
    training tumours inserted into the healthy ICBM152 template), every edit
    recorded, and synthesised with the fold's GAN;
-3. a tumour segmenter (:mod:`MedSynthLib.study_seg`) is trained in four arms
+3. a tumour segmenter (:mod:`MedSynthLib.study.segmenter`) is trained in four arms
    with the same step budget: real only; real + synthetic; synthetic only;
    synthetic then fine-tuned on a fraction of the real training cases;
 4. the arms are scored on the held-out real cases (Dice, HD95 for WT/TC/ET),
@@ -21,7 +21,7 @@ For each fold (cases split by case, k-fold or a fixed split, seeded):
 Every stage is cached in the work folder under a key that hashes the
 configuration and data it depends on, so an interrupted study resumes where it
 stopped and a finished one re-reports instantly.  The report folder is written
-atomically at the end (:mod:`MedSynthLib.study_report`).
+atomically at the end (:mod:`MedSynthLib.study.report`).
 """
 
 from __future__ import annotations
@@ -40,19 +40,18 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import InputError, MedSynthError
-from .io import check_writable, write_json
-from .study_data import (PREP_VERSION, SYNTHETIC_KINDS, CaseInfo, ExtraTumour, RealCase, StudyGrid,
-                         sha256_json)
-from .study_seg import ARMS, SegCase, SegConfig
-from .train import Dist
+from ..schema.errors import InputError, MedSynthError
+from ..schema.volume_io import check_writable, write_json
+from ..training.train import Dist
+from .data import (PREP_VERSION, STUDY_VERSION, SYNTHETIC_KINDS, CaseInfo, ExtraTumour, RealCase, StudyGrid,
+                   sha256_json)
+from .segmenter import ARMS, SegCase, SegConfig
 
-STUDY_VERSION = 1
 CONFIG_NAMES = ("micro", "tiny", "paper")
 
 
 def configs_root() -> Path:
-    return Path(__file__).resolve().parent.parent / "Resources" / "configs"
+    return Path(__file__).resolve().parents[2] / "Resources" / "configs"
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -88,8 +87,8 @@ class StudyConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> "StudyConfig":
-        from .labels import CONVENTIONS
-        from .train import TrainConfig
+        from ..schema.labels import CONVENTIONS
+        from ..training.train import TrainConfig
 
         if not isinstance(data, dict):
             raise InputError(source, "a study config is a JSON object")
@@ -116,7 +115,7 @@ class StudyConfig:
         unknown = set(config.synthetic) - {"per_case", "kinds", "edit", "precision"}
         if unknown:
             raise InputError(source, f"unknown synthetic options {sorted(unknown)}")
-        from .edits import RandomTumourEdit
+        from ..edits import RandomTumourEdit
 
         try:
             RandomTumourEdit(**config.synthetic.get("edit", {}))
@@ -130,7 +129,7 @@ class StudyConfig:
 
     @property
     def train_config(self):
-        from .train import TrainConfig
+        from ..training.train import TrainConfig
 
         data = dict(self.gan, val_cases=[])
         if self.threads and not data.get("threads"):
@@ -183,7 +182,7 @@ class _Dist(Dist):
 
     @contextmanager
     def shared_group(self, device_type: str) -> Iterator[None]:
-        """Let :func:`MedSynthLib.train.train` run in the study's process group.
+        """Let :func:`MedSynthLib.training.train.train` run in the study's process group.
 
         ``train()`` joins a process group when launched by torchrun and leaves it at
         its end; the study calls it once per fold, and leaving and re-joining a gloo
@@ -196,7 +195,7 @@ class _Dist(Dist):
         import torch
         import torch.distributed as dist
 
-        from . import train as train_module
+        from ..training import train as train_module
 
         self.sync(device_type)
         original_init, original_destroy = train_module.init_distributed, dist.destroy_process_group
@@ -313,10 +312,10 @@ class StudyInputs:
 def check_inputs(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels: list[Path] | None,
                  device: str, folds: int | None, overwrite: bool) -> StudyInputs:
     """Every bad-input check of the study, before anything is written."""
-    from .cases import detect_convention
-    from .inference import pick_device
-    from .study_data import find_label_files, inspect_case, load_extra_tumour
-    from .training_data import find_case_folders
+    from ..cases.readers import detect_convention
+    from ..synthesis.inference import pick_device
+    from ..training.data import find_case_folders
+    from .data import find_label_files, inspect_case, load_extra_tumour
 
     check_writable([report_dir], overwrite)
     dev = pick_device(device)
@@ -356,8 +355,8 @@ def check_inputs(data: Path, report_dir: Path, config: StudyConfig, *, extra_lab
 
 def _check_gan_model(pattern: str, fold: Fold) -> Any:
     """A given GAN must exist, verify, and fit the study (7 label classes in, 4 modalities out)."""
-    from .models import resolve_model
-    from .networks import MODALITY_ORDER, NetworkConfig
+    from ..synthesis.models import resolve_model
+    from ..synthesis.networks import MODALITY_ORDER, NetworkConfig
 
     text = pattern.replace("{fold}", str(fold.index))
     model = resolve_model(text)
@@ -366,7 +365,7 @@ def _check_gan_model(pattern: str, fold: Fold) -> Any:
         intensity = model.config["intensity"]
     except (KeyError, TypeError) as exc:
         raise InputError(model.path, f"incompatible GAN checkpoint: config.json lacks {exc}") from None
-    from .labels import NUM_CLASSES
+    from ..schema.labels import NUM_CLASSES
 
     if network.in_channels != NUM_CLASSES or tuple(network.modalities) != MODALITY_ORDER or \
             set(intensity) != set(MODALITY_ORDER):
@@ -402,7 +401,7 @@ def run_study(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels
          f"work folder {work}")
     study = _Study(inputs, work, dev, d, progress)
     results = study.run()
-    from .study_report import build_report, write_report
+    from .report import build_report, write_report
 
     report = build_report(inputs, results, study, command=command, started_utc=started_utc,
                           wall_seconds=time.perf_counter() - started)
@@ -442,9 +441,9 @@ class _Study:
 
     # ---- preparation
     def prepare(self) -> None:
-        from .grid import LabelMap
-        from .study_data import write_study_case
-        from .study_seg import make_seg_case
+        from ..schema.grid import LabelMap
+        from .data import write_study_case
+        from .segmenter import make_seg_case
 
         start = time.perf_counter()
         cfg = self.config.grid
@@ -461,7 +460,7 @@ class _Study:
             self.folders[info.case_id] = folder
             marker = _read_json(folder / "study_case.json")
             if self.d.main and (marker is None or marker.get("source_sha256") != info.sha256):
-                from .cases import read_case
+                from ..cases.readers import read_case
 
                 write_study_case(read_case(info.folder, require_segmentation=True), info, self.grid, folder)
                 computed = True
@@ -489,7 +488,7 @@ class _Study:
         kinds = self.config.synthetic.get("kinds", [])
         self.template = None
         if "template" in kinds:
-            from .study_data import template_on_study_grid
+            from .data import template_on_study_grid
 
             mean_extent = np.mean(np.stack(extents), axis=0)
             self.template, self.template_info = template_on_study_grid(self.grid, mean_extent)
@@ -501,7 +500,7 @@ class _Study:
 
     def real_case(self, case_id: str) -> RealCase:
         """The real case on its study grid, in scanner units (read on demand)."""
-        from .study_data import load_study_case
+        from .data import load_study_case
 
         if case_id not in self._real_cache:
             real = load_study_case(self.folders[case_id], case_id, self.sha[case_id], self.prepared_cache)
@@ -519,7 +518,7 @@ class _Study:
         return SegCase(name, images, labels, tuple(spacing))  # type: ignore[arg-type]
 
     def _real_similarity(self) -> dict[str, Any]:
-        from .study_report import ncc
+        from .report import ncc
 
         ids = sorted(self.seg_real)
         pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
@@ -544,9 +543,9 @@ class _Study:
         return results
 
     def _gan(self, fold: Fold) -> Any:
-        from .models import resolve_model
-        from .study_data import link_cases
-        from .train import train
+        from ..synthesis.models import resolve_model
+        from ..training.train import train
+        from .data import link_cases
 
         if fold.index in self.inputs.gan_models:
             return self.inputs.gan_models[fold.index], {"source": "given", "pattern": self.config.gan_model}
@@ -592,7 +591,7 @@ class _Study:
         def get_engine():
             nonlocal engine
             if engine is None:
-                from .synthesize import SynthesisEngine
+                from ..synthesis.synthesize import SynthesisEngine
 
                 engine = SynthesisEngine(model, str(self.device), self.config.synthetic.get("precision", "fp32"))
             return engine
@@ -607,8 +606,8 @@ class _Study:
 
     # ---- synthetic cases
     def _synthetic(self, fold: Fold, model: Any, get_engine: Callable[[], Any], tag: str) -> dict[str, Any]:
-        from .study_data import make_synthetic_labelmaps
-        from .study_seg import make_seg_case
+        from .data import make_synthetic_labelmaps
+        from .segmenter import make_seg_case
 
         cfg = self.config.synthetic
         key = sha256_json({"model": model.sha256, "synthetic": cfg, "train": [self.sha[c] for c in fold.train],
@@ -663,10 +662,10 @@ class _Study:
 
     # ---- fidelity of the GAN on the held-out cases
     def _fidelity(self, fold: Fold, model: Any, get_engine: Callable[[], Any], tag: str) -> dict[str, Any]:
-        from .cases import MODALITIES
-        from .grid import LabelMap
-        from .labels import NUM_CLASSES, Label
-        from .metrics import fidelity
+        from ..cases.readers import MODALITIES
+        from ..evaluation.metrics import fidelity
+        from ..schema.grid import LabelMap
+        from ..schema.labels import NUM_CLASSES, Label
 
         key = sha256_json({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
                            "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION})[:16]
@@ -714,7 +713,7 @@ class _Study:
 
     # ---- memorisation
     def _memorisation(self, fold: Fold, synth: dict[str, Any], tag: str) -> dict[str, Any]:
-        from .study_report import ncc
+        from .report import ncc
 
         key = sha256_json({"synthetic": synth["key"], "train": [self.sha[c] for c in fold.train],
                            "v": STUDY_VERSION})[:16]
@@ -746,7 +745,7 @@ class _Study:
         return sorted(fold.train[i] for i in rng.choice(len(fold.train), n, replace=False))
 
     def _arm(self, fold: Fold, arm: str, synth: dict[str, Any], tag: str) -> dict[str, Any]:
-        from .study_seg import arm_phases, evaluate_cases, train_segmenter
+        from .segmenter import arm_phases, evaluate_cases, train_segmenter
 
         cfg = self.config.seg_config
         tune = self._finetune_cases(fold) if arm == "synthetic+finetune" else []

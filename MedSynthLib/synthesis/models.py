@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, MedSynthError
-from .labels import SCHEMA_VERSION
+from ..schema.errors import InputError, MedSynthError
+from ..schema.labels import SCHEMA_VERSION
 
 MODEL_FORMAT = "medsynth-model"
 CONFIG_NAME = "config.json"
@@ -30,7 +30,7 @@ def models_root() -> Path:
     env = os.environ.get("MEDSYNTH_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "models"
+    return Path(__file__).resolve().parents[2] / "Resources" / "models"
 
 
 def file_sha256(path: Path) -> str:
@@ -120,7 +120,7 @@ def write_model(folder: Path, state: dict[str, Any], config: dict[str, Any], *, 
     """Write a model folder atomically; ``config`` gets format, schema and weights hash."""
     from safetensors.torch import save_file
 
-    from .io import atomic_directory
+    from ..schema.volume_io import atomic_directory
 
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
@@ -156,7 +156,7 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
     import re
     import shutil
 
-    from .io import atomic_directory, write_json
+    from ..schema.volume_io import atomic_directory, write_json
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise MedSynthError(f"model name {name!r}: use letters, digits, '.', '_' or '-'")

@@ -24,15 +24,18 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .cases import MODALITIES, Case, read_case
-from .errors import EditError, InputError
-from .grid import Grid, LabelMap, lps_to_ras
-from .io import atomic_directory, is_image_file, read_image, strip_image_suffix, write_image, write_json
-from .labels import Label, LabelValueError, schema_to_tumour, tumour_to_schema
+from ..cases.readers import MODALITIES, Case, read_case
+from ..schema.errors import EditError, InputError
+from ..schema.grid import Grid, LabelMap, lps_to_ras
+from ..schema.labels import Label, LabelValueError, schema_to_tumour, tumour_to_schema
+from ..schema.volume_io import atomic_directory, is_image_file, read_image, strip_image_suffix, write_image, write_json
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 #: Version of the prepared-case layout: bump to invalidate every study cache.
 PREP_VERSION = 2
+#: Version of the study's cached stages and report: bump to invalidate every stage cache.
+#: Here, not in ``run``, so that ``report`` reads it without importing ``run`` (no import cycle).
+STUDY_VERSION = 1
 
 
 def sha256_json(data: Any) -> str:
@@ -181,13 +184,13 @@ class RealCase:
 def load_study_case(folder: Path, case_id: str, sha: str, prepared_cache: Path) -> RealCase:
     """Read a study case folder; its label map comes from the GAN's prepared-case cache.
 
-    :func:`~MedSynthLib.training_data.prepare_volume` derives the anatomy once and
+    :func:`~MedSynthLib.training.data.prepare_volume` derives the anatomy once and
     caches it cropped to the brain box (4 voxels of margin); the box is recomputed
     here from the same brain mask so the map is placed back on the full grid.
     """
-    from .anatomy import derive_label_map
-    from .grid import mask_box
-    from .training_data import prepare_volume
+    from ..cases.anatomy import derive_label_map
+    from ..schema.grid import mask_box
+    from ..training.data import prepare_volume
 
     case = read_case(folder, require_segmentation=True)
     volume = prepare_volume(folder, prepared_cache)
@@ -260,7 +263,7 @@ def load_extra_tumour(path: Path, convention: str, spacing: float) -> ExtraTumou
 
 def template_on_study_grid(grid: StudyGrid, mean_extent_mm: np.ndarray) -> tuple[LabelMap, dict[str, Any]]:
     """The ICBM152 label map, scaled so its brain box matches the real cases' mean brain box."""
-    from .template import TEMPLATE_NAME, template_label_map
+    from ..cases.template import TEMPLATE_NAME, template_label_map
 
     template = template_label_map()
     lo, hi = _mask_extent_lps(template.array > 0, template.grid)
@@ -303,7 +306,7 @@ class SyntheticSpec:
 
 
 def short_hash(array: np.ndarray) -> str:
-    from .provenance import array_sha256
+    from ..schema.provenance import array_sha256
 
     return "sha256:" + array_sha256(array)[:16]
 
@@ -326,7 +329,7 @@ def make_synthetic_labelmaps(train: list[tuple[str, LabelMap]], extras: list[Ext
     A draw that cannot be carried out is retried with the next seed (up to 10
     times), then falls back to ``transform``; the notes say so.
     """
-    from .edits import InsertTumour, RandomTumourEdit
+    from ..edits import InsertTumour, RandomTumourEdit
 
     kinds = list(config.get("kinds", ["transform", "insert", "template"]))
     per_case = int(config.get("per_case", 1))
@@ -388,7 +391,7 @@ def make_synthetic_labelmaps(train: list[tuple[str, LabelMap]], extras: list[Ext
 
 
 def _tumour_centre(labelmap: LabelMap) -> np.ndarray:
-    from .edits import tumour_centre
+    from ..edits import tumour_centre
 
     return tumour_centre(labelmap)
 

@@ -73,16 +73,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import __version__
-from .errors import InputError, MedSynthError, OutputExistsError
-from .grid import Grid, LabelMap
-from .labels import SCHEMA_VERSION, Label, schema_to_tumour
+from .. import __version__
+from ..schema.errors import InputError, MedSynthError, OutputExistsError
+from ..schema.grid import Grid, LabelMap
+from ..schema.labels import SCHEMA_VERSION, Label, schema_to_tumour
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 FORMATS = ("nifti", "dicom")
 
 #: File-name suffixes of the two BraTS namings; the tumour values follow the same
-#: name in :data:`MedSynthLib.labels.CONVENTIONS`.
+#: name in :data:`MedSynthLib.schema.labels.CONVENTIONS`.
 NAMINGS: Mapping[str, Mapping[str, str]] = {
     "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg",
                   "anatomy": "_anatomy"},
@@ -188,7 +188,7 @@ def _known_edit_params() -> dict[str, frozenset[str]]:
     """Recorded parameter names of every edit (plus the anatomy step)."""
     import dataclasses
 
-    from .edits import EDITS
+    from ..edits import EDITS
 
     known = {"derive_labels": frozenset({"convention", "label_convention", "anatomy_model"}),
              "template_labels": frozenset({"template"}),
@@ -349,9 +349,9 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
     """
     import SimpleITK as sitk
 
-    from .io import read_image
-    from .labelmaps import read_label_map
-    from .provenance import array_sha256
+    from ..schema.labelmap import read_label_map
+    from ..schema.provenance import array_sha256
+    from ..schema.volume_io import read_image
 
     folder = Path(folder)
     if not folder.exists():
@@ -394,7 +394,7 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
 
 def default_case_id(case: SyntheticCase) -> str:
     """``SYNTH-`` + 10 hex digits of a sha256 over the synthetic content (deterministic)."""
-    from .provenance import array_sha256
+    from ..schema.provenance import array_sha256
 
     digest = hashlib.sha256(b"medsynth-export-case-id/1")
     digest.update(array_sha256(case.labels.array).encode())
@@ -426,7 +426,7 @@ def encode_intensities(array: np.ndarray) -> IntensityEncoding:
     """int16 (rounded, slope 1) where that loses nothing that matters, else float32 + int16 rescale."""
     from pydicom.valuerep import format_number_as_ds
 
-    from .io import compact_intensities
+    from ..schema.volume_io import compact_intensities
 
     values = np.asarray(array, dtype=np.float64)
     compact = compact_intensities(values)
@@ -449,7 +449,7 @@ def anatomy_array(labels: np.ndarray) -> np.ndarray:
 
 def write_nifti_case(case: SyntheticCase, folder: Path, case_id: str, naming: str = "brats2021") -> list[str]:
     """Write the BraTS-named NIfTI files of one case into ``folder``; returns the file names."""
-    from .io import write_image
+    from ..schema.volume_io import write_image
 
     suffixes = NAMINGS[naming]
     grid = case.grid
@@ -632,7 +632,7 @@ def _segmentation(case: SyntheticCase, t1: list[Any], ctx: _DicomContext) -> Any
 
     algorithm = hd.AlgorithmIdentificationSequence(name="MedSynth", family=codes.DCM.ArtificialIntelligence,
                                                    version=__version__)
-    from .labels import LABEL_INFO
+    from ..schema.labels import LABEL_INFO
 
     descriptions = []
     for number, label, short, text in SEG_SEGMENTS:
@@ -744,7 +744,7 @@ def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: d
 def export_case(case: SyntheticCase, folder: Path, fmt: str, case_id: str, naming: str = "brats2021",
                 exported_at: datetime | None = None) -> Path:
     """Write one case's export into the (empty, existing) ``folder``."""
-    from . import io as medsynth_io
+    from ..schema import volume_io as medsynth_io
     from importlib import metadata
 
     exported_at = exported_at or datetime.now(timezone.utc)
@@ -785,7 +785,7 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
         InputError: a bad input case, a bad case id, an unwritable target.
         OutputExistsError: a target case folder exists and ``overwrite`` is false.
     """
-    from .io import check_writable
+    from ..schema.volume_io import check_writable
 
     step = progress or (lambda label: None)
     if fmt not in FORMATS:

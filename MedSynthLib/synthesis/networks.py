@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .labels import NUM_CLASSES
+from ..schema.labels import NUM_CLASSES
 
 MODALITY_ORDER: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 
@@ -64,7 +64,7 @@ class Generator(nn.Module):
     Args:
         config: the architecture.
         backend: ``"monai"`` builds MONAI's ``UNet`` (training); ``"torch"`` builds
-            :class:`~MedSynthLib.inference_unet.InferenceUNet`, the same network from
+            :class:`~MedSynthLib.synthesis.inference_unet.InferenceUNet`, the same network from
             plain torch layers with the same parameter names, which spares inference
             the MONAI import.
     """

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .grid import Grid
-from .io import _tmp_sibling
-from .labels import LABEL_INFO, NUM_CLASSES, Label
+from ..schema.grid import Grid
+from ..schema.labels import LABEL_INFO, NUM_CLASSES, Label
+from ..schema.volume_io import _tmp_sibling
 
 
 def _to_lps_axes(array: np.ndarray, grid: Grid) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -15,7 +15,7 @@ convention      files                                               tumour label
                 *.OT.*`` (one sub-folder each, ``.mha``)
 ==============  ==================================================  ==============================
 
-The label tables live in :mod:`MedSynthLib.labels`.
+The label tables live in :mod:`MedSynthLib.schema.labels`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .grid import Grid
-from .io import is_image_file, read_image, strip_image_suffix
-from .labels import CONVENTIONS, LabelValueError, tumour_to_schema
+from ..schema.errors import InputError
+from ..schema.grid import Grid
+from ..schema.labels import CONVENTIONS, LabelValueError, tumour_to_schema
+from ..schema.volume_io import is_image_file, read_image, strip_image_suffix
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 

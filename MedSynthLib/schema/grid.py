@@ -131,7 +131,7 @@ class LabelMap:
     """A MedSynth 7-class label map on its grid, with the edits that made it.
 
     Attributes:
-        array: ``uint8`` (k, j, i) array of :class:`~MedSynthLib.labels.Label` values.
+        array: ``uint8`` (k, j, i) array of :class:`~MedSynthLib.schema.labels.Label` values.
         grid: the geometry, unchanged from the source case.
         history: provenance records (dicts) of the steps that produced it, oldest first.
     """

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .labels import SCHEMA_VERSION
 
 
 def sidecar_path(image_path: str | Path) -> Path:
     """``out/labels.nii.gz`` -> ``out/labels.json``."""
-    from .io import strip_image_suffix
+    from .volume_io import strip_image_suffix
 
     path = Path(image_path)
     return path.with_name(strip_image_suffix(path.name) + ".json")

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import MedSynthError
-from .grid import LabelMap
-from .labels import SCHEMA_VERSION, Label
+from ..schema.errors import MedSynthError
+from ..schema.grid import LabelMap
+from ..schema.labels import SCHEMA_VERSION, Label
 from .models import ModelFolder
 
 OUTPUT_NAMES = ("t1", "t1ce", "t2", "flair")
@@ -59,8 +59,8 @@ class SynthesisEngine:
         return str(self.synth.device)
 
     def synthesize(self, labelmap: LabelMap, seed: int = 0) -> SynthesisResult:
+        from ..schema.provenance import array_sha256, software_versions
         from .inference import to_scanner_units
-        from .provenance import array_sha256, software_versions
 
         if not (labelmap.array > Label.BACKGROUND).any():
             raise MedSynthError("empty brain: the label map has no brain voxels")
@@ -95,8 +95,8 @@ class SynthesisEngine:
         the new output is used as is, and over the outer half it is feathered
         linearly into the previous result so no seam shows.
         """
+        from ..schema.provenance import array_sha256
         from .inference import brain_box, to_scanner_units
-        from .provenance import array_sha256
 
         if edited.grid != previous.labelmap.grid:
             raise MedSynthError("the edited label map is not on the previous result's grid")
@@ -166,8 +166,8 @@ def write_synthesis(result: SynthesisResult, out_dir: Path, *, overwrite: bool =
     """Write the case folder atomically (temporary folder, then rename)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .io import atomic_directory, compact_intensities, write_image, write_json
-    from .labelmaps import write_label_map
+    from ..schema.labelmap import write_label_map
+    from ..schema.volume_io import atomic_directory, compact_intensities, write_image, write_json
 
     grid = result.labelmap.grid
 

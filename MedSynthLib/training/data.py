@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .anatomy import DEFAULT_ANATOMY_MODEL
-from .cases import MODALITIES, Case, read_case
-from .errors import InputError
-from .grid import mask_box
-from .labels import SCHEMA_VERSION, Label
-from .normalize import HealthyTissueZScore, IntensityNormalizer, Normalizer, normalizer_from_json
+from ..cases.anatomy import DEFAULT_ANATOMY_MODEL
+from ..cases.readers import MODALITIES, Case, read_case
+from ..schema.errors import InputError
+from ..schema.grid import mask_box
+from ..schema.labels import SCHEMA_VERSION, Label
+from ..synthesis.normalize import HealthyTissueZScore, IntensityNormalizer, Normalizer, normalizer_from_json
 
 CACHE_VERSION = 1
 
@@ -52,7 +52,7 @@ def _files_hash(case: Case) -> str:
 
 def find_case_folders(data: str | os.PathLike[str]) -> list[Path]:
     """Case folders under ``data``: ``data`` itself, its sub-folders, or their sub-folders."""
-    from .cases import detect_convention
+    from ..cases.readers import detect_convention
 
     root = Path(data)
     if not root.is_dir():
@@ -79,9 +79,9 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
     """Read a case, derive its label map and normalise its images (cached per normalisation).
 
     Args:
-        normalization: ``percentile`` or ``healthy_zscore`` (see :mod:`MedSynthLib.normalize`).
+        normalization: ``percentile`` or ``healthy_zscore`` (see :mod:`MedSynthLib.synthesis.normalize`).
     """
-    from .anatomy import derive_label_map
+    from ..cases.anatomy import derive_label_map
 
     case = read_case(case_dir, require_segmentation=True)
     key = _files_hash(case)

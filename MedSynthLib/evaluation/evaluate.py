@@ -2,7 +2,7 @@
 
 For each case: its real label map -> synthetic images, compared with its real
 images per modality inside the brain (any real modality > 0) and inside the
-tumour, with the metrics of :mod:`MedSynthLib.metrics`.  Two reference points
+tumour, with the metrics of :mod:`MedSynthLib.evaluation.metrics`.  Two reference points
 are computed on the same cases: every label class painted with its mean
 z-scored intensity (from the reference cases given, or, as an oracle, from the
 evaluated case itself).
@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cases import MODALITIES, read_case
-from .labels import NUM_CLASSES, Label
+from ..cases.readers import MODALITIES, read_case
+from ..schema.labels import NUM_CLASSES, Label
+from ..synthesis.normalize import zscore
 from .metrics import class_mean_baseline, fidelity
-from .normalize import zscore
 
 
 def real_brain_mask(images: dict[str, np.ndarray]) -> np.ndarray:
@@ -56,7 +56,7 @@ def _summary(per_case: list[dict[str, Any]]) -> dict[str, float]:
 
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
              reference_dirs: list[Path] | None = None) -> dict[str, Any]:
-    """Fidelity of ``engine`` (a :class:`~MedSynthLib.synthesize.SynthesisEngine`) on ``case_dirs``.
+    """Fidelity of ``engine`` (a :class:`~MedSynthLib.synthesis.synthesize.SynthesisEngine`) on ``case_dirs``.
 
     Args:
         engine: the loaded model.
@@ -65,7 +65,7 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         reference_dirs: cases whose class means define the class-mean baseline
             (the model's training cases); ``None`` skips that baseline.
     """
-    from .grid import LabelMap
+    from ..schema.grid import LabelMap
 
     means = class_means(reference_dirs, labels_for) if reference_dirs else None
     results: dict[str, Any] = {"cases": [], "model": {"name": engine.model.name, "sha256": engine.model.sha256}}

@@ -16,10 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from scipy import ndimage
 
-from .cases import Case
-from .errors import InputError
-from .grid import LabelMap
-from .labels import SCHEMA_VERSION, Label
+from ..schema.errors import InputError
+from ..schema.grid import LabelMap
+from ..schema.labels import SCHEMA_VERSION, Label
+from .readers import Case
 
 
 @runtime_checkable

@@ -5,7 +5,7 @@ MedSynth describes a brain with tumour as a single 7-class label map::
     0 background   1 CSF   2 GM   3 WM   4 NCR   5 ED   6 ET
 
 stored as ``uint8`` on the case's own grid.  Anatomy (CSF/GM/WM) is derived by
-MedSynth (see :mod:`MedSynthLib.anatomy`); tumour classes are copied exactly from
+MedSynth (see :mod:`MedSynthLib.cases.anatomy`); tumour classes are copied exactly from
 the expert segmentation through one of the explicit conventions below.
 
 Every conversion between a dataset's tumour labels and the schema lives here, as

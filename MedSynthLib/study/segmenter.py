@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
-from .labels import Label
-from .normalize import zscore
+from ..schema.errors import InputError
+from ..schema.labels import Label
+from ..synthesis.normalize import zscore
 
 REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 
@@ -171,7 +171,7 @@ class Phase:
 def _save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     from safetensors.torch import save_file
 
-    from .train import _optimizer_tensors
+    from ..training.train import _optimizer_tensors
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -187,7 +187,7 @@ def _save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer:
 def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     from safetensors.torch import load_file
 
-    from .train import _load_optimizer
+    from ..training.train import _load_optimizer
 
     meta = json.loads((folder / "state.json").read_text())
     model.load_state_dict(load_file(str(folder / "model.safetensors")))

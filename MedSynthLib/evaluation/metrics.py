@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .grid import mask_box
-from .normalize import zscore
+from ..schema.grid import mask_box
+from ..synthesis.normalize import zscore
 
 DATA_RANGE = 8.0
 SSIM_SIGMA = 1.5

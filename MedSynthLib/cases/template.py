@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .grid import Grid, LabelMap
-from .io import read_image
-from .labels import SCHEMA_VERSION, Label
+from ..schema.grid import Grid, LabelMap
+from ..schema.labels import SCHEMA_VERSION, Label
+from ..schema.volume_io import read_image
 
 TEMPLATE_NAME = "ICBM152-2009a-sym"
 _FILES = {kind: f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz" for kind in ("t1", "gm", "wm")}

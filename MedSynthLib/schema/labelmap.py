@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .grid import Grid, LabelMap
-from .io import check_writable, read_image, write_image, write_json
 from .labels import SCHEMA_VERSION, LabelValueError, check_label_map
 from .provenance import label_map_record, sidecar_path
+from .volume_io import check_writable, read_image, write_image, write_json
 
 
 def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) -> LabelMap:

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, MedSynthError
-from .io import write_json
-from .networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
-                       enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
-from .training_data import PatchSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
+from ..schema.errors import InputError, MedSynthError
+from ..schema.volume_io import write_json
+from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
+                                  enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
+from .data import PatchSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
 
 if TYPE_CHECKING:
-    from .models import ModelFolder
+    from ..synthesis.models import ModelFolder
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainConfig:
     rotate_deg: float = 10.0
     scale: float = 0.1
     intensity: float = 0.05
-    normalization: str = "percentile"  # percentile | healthy_zscore (MedSynthLib.normalize)
+    normalization: str = "percentile"  # percentile | healthy_zscore (MedSynthLib.synthesis.normalize)
     val_cases: list[str] = field(default_factory=list)
     val_every: int = 500
     checkpoint_every: int = 100
@@ -88,7 +88,7 @@ class TrainConfig:
         config = cls(**data)
         if config.adversarial not in ("lsgan", "hinge", "none"):
             raise InputError(source, f"adversarial must be lsgan, hinge or none, not {config.adversarial!r}")
-        from .normalize import NORMALIZATIONS
+        from ..synthesis.normalize import NORMALIZATIONS
 
         if config.normalization not in NORMALIZATIONS:
             raise InputError(source, f"normalization must be one of {list(NORMALIZATIONS)}, "
@@ -236,7 +236,7 @@ def generator_adversarial_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
 
 def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, Any]]:
     """Mean normalisation statistics per modality: how outputs map back to scanner units."""
-    from .normalize import mean_normalizer
+    from ..synthesis.normalize import mean_normalizer
 
     return {m: mean_normalizer([v.normalizers[m] for v in volumes]).to_json() for m in MODALITY_ORDER}
 
@@ -252,7 +252,7 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     the learning-rate decay begins, which matches a run planned that way from the
     start); the change is recorded in ``train_config.json``.
     """
-    from .inference import pick_device, pick_precision
+    from ..synthesis.inference import pick_device, pick_precision
 
     dev = pick_device(device)
     d = init_distributed(dev.type)
@@ -312,7 +312,7 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
         init_model = {"name": starting_model.name, "sha256": starting_model.sha256,
                       "training": starting_model.config.get("training", {}).get("commands")}
         if not resume:  # on resume the checkpoint holds the weights
-            from .models import load_generator
+            from ..synthesis.models import load_generator
 
             generator.load_state_dict(load_generator(starting_model, "cpu", backend="monai").state_dict())
     if resume:
@@ -461,7 +461,7 @@ def _starting_model(config: TrainConfig) -> "ModelFolder | None":
     A fine-tune keeps the architecture: the model's network has to equal the config's (the
     parameter-free anti-aliasing may be switched on).
     """
-    from .models import resolve_model
+    from ..synthesis.models import resolve_model
 
     if not config.init_from:
         return None
@@ -477,8 +477,8 @@ def _starting_model(config: TrainConfig) -> "ModelFolder | None":
 def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, volumes: list[TrainingVolume],
                  commands: list[str], val_metrics: dict[str, Any], last_losses: dict[str, float], seconds: float,
                  precision: str, device: str, world: int, init_model: dict[str, Any] | None = None) -> Path:
-    from .models import write_model
-    from .provenance import software_versions
+    from ..schema.provenance import software_versions
+    from ..synthesis.models import write_model
 
     state = {k: v.float().cpu() for k, v in state_dict_unwrapped(generator).items()}
     model_config = {
@@ -508,9 +508,9 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
              precision: str, run_dir: Path, step: int, montage: bool = True,
              detailed: bool = False) -> dict[str, Any]:
     """Synthesise each held-out case from its label map; fidelity metrics and a montage PNG."""
-    from .inference import Synthesizer
-    from .labels import Label
-    from .metrics import fidelity
+    from ..evaluation.metrics import fidelity
+    from ..schema.labels import Label
+    from ..synthesis.inference import Synthesizer
 
     generator.eval()
     synth = Synthesizer(generator, network, device, precision)
@@ -524,8 +524,8 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
                   for c, m in enumerate(network.modalities)}
         per_case.append(scores)
         if montage:
-            from .render import render_montage
-            from .grid import Grid
+            from ..schema.grid import Grid
+            from ..synthesis.render import render_montage
 
             grid = Grid(tuple(int(s) for s in labels.shape[::-1]), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
                         (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))

@@ -1,0 +1,2 @@
+"""Export of synthetic cases as BraTS NIfTI or DICOM, marked synthetic (``writer``).
+"""
