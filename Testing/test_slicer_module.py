@@ -30,6 +30,7 @@ import contextlib
 import enum
 import importlib.util
 import os
+import re
 import pathlib
 import sys
 import types
@@ -585,3 +586,49 @@ def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_da
     widget.onAddTumour()
     assert not module.messages.errors, module.messages.errors
     assert widget.workflow.labelmap(seg).history[-1]["name"] == "parametric_tumour"
+
+
+# =================================================================================================
+# Messages shown to the user
+# =================================================================================================
+
+
+def _message_literals(path: Path) -> list[tuple[int, str]]:
+    """String pieces of every WorkflowError(...) / *Display(...) / _(...) call in a file."""
+    import ast
+
+    shown = {"WorkflowError", "CancelledError", "errorDisplay", "warningDisplay", "infoDisplay", "_"}
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in shown:
+                for arg in node.args:
+                    for piece in ast.walk(arg):
+                        if isinstance(piece, ast.Constant) and isinstance(piece.value, str):
+                            out.append((node.lineno, piece.value))
+    return out
+
+
+def test_gui_messages_carry_no_command_line_hints():
+    files = [MODULE_DIR / "MedSynth.py", *sorted((MODULE_DIR / "MedSynthSlicerLib").glob("*.py"))]
+    literals = [(path.name, line, text) for path in files for line, text in _message_literals(path)]
+    assert len(literals) > 50
+    offending = [f"{name}:{line}: {text}" for name, line, text in literals
+                 if re.search(r"(?<![\w-])--[a-z]|command.line", text, re.IGNORECASE)
+                 or re.search(r"\bmedsynth [a-z]", text)]  # the program name in lower case: a command
+    assert not offending, "\n".join(offending)
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("a_t2.nii.gz: grid differs from a_t1.nii.gz: spacing (1, 1, 2) (use --resample to resample)",
+     "a_t2.nii.gz: grid differs from a_t1.nii.gz: spacing (1, 1, 2) (resample it onto the T1 first)"),
+    ("seg.nii.gz: label values [3] are not defined (choose another with --label-convention)",
+     "seg.nii.gz: label values [3] are not defined (choose another 'Tumour labels' convention)"),
+    ("case: ambiguous case naming: fits brats2021, msd (choose with --convention)",
+     "case: ambiguous case naming: fits brats2021, msd (rename the files to one naming)"),
+    ("medsynth: out.nii.gz exists (see --help)", "medsynth: out.nii.gz exists"),
+    ("a (plain) note stays", "a (plain) note stays"),
+])
+def test_backend_messages_lose_their_command_line_hints(backend, expected):
+    assert str(WorkflowError(backend)) == expected

@@ -74,9 +74,9 @@ def running_slicer_version() -> tuple[int, int, int]:
     return (int(app.majorVersion), int(app.minorVersion), int(getattr(app, "patchVersion", 0) or 0))
 
 
-def missing_slicer_provided(requirements: tuple[str, ...] = SLICER_PROVIDED_REQUIREMENTS) -> list[str]:
-    """Requirements on Slicer's own packages that the running Python does not meet."""
-    return missing_requirements(list(requirements))
+def missing_slicer_provided() -> list[str]:
+    """Requirements on Slicer's own packages (:data:`SLICER_PROVIDED_REQUIREMENTS`) the running Python misses."""
+    return missing_requirements(list(SLICER_PROVIDED_REQUIREMENTS))
 
 
 def ensure_medsynthlib_importable() -> Path:

@@ -1241,16 +1241,23 @@ class WorkflowLogic:
         fitted = []
         for modality, node in self.review_slice_nodes().items():
             logic = (slice_logics or {}).get(REVIEW_VIEWS[modality])
-            temporary = logic is None
-            if temporary:
-                logic = slicer.vtkMRMLSliceLogic()
-                logic.SetMRMLScene(self.scene)
-                logic.SetSliceNode(node)
-            try:
+            if logic is not None:
                 logic.FitSliceToAll()
-            finally:
-                if temporary:
+            else:
+                # Without the application: the same fit by a slice logic of our own, which adds its
+                # helper nodes (slice model, display nodes) to the scene; they are removed afterwards.
+                before = set(mrml.node_ids(self.scene))
+                logic = slicer.vtkMRMLSliceLogic()
+                try:
+                    logic.SetMRMLScene(self.scene)
+                    logic.SetSliceNode(node)
+                    logic.FitSliceToAll()
+                finally:
                     logic.SetMRMLScene(None)
+                    for added in [i for i in mrml.node_ids(self.scene) if i not in before][::-1]:
+                        helper = self.scene.GetNodeByID(added)
+                        if helper is not None:
+                            self.scene.RemoveNode(helper)
             fitted.append(node)
         return fitted
 
