@@ -226,6 +226,13 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._takeSegmentEditorChanges()
+
+    def _takeSegmentEditorChanges(self) -> None:
+        """Back from the Segment Editor: record its strokes now, or refuse a change to locked anatomy now."""
+        seg = self._segmentation()
+        if seg is not None and self._dependenciesReady:
+            self._run(_("taking the Segment Editor changes"), self.workflow.labelmap, seg)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -289,7 +296,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[MedSynthParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)

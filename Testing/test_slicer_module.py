@@ -580,6 +580,35 @@ def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_da
     overlap = np.count_nonzero((inserted.array >= 4) & (expert > 0)) / np.count_nonzero(expert > 0)
     assert overlap > 0.9  # same SRI24 grid: placed where the expert drew it (inside this brain)
 
+    # back from the Segment Editor with half of the locked grey matter erased: refused at once, undone
+    import time
+
+    import vtk
+    from vtkmodules.util import numpy_support
+
+    current = widget.workflow.labelmap(seg).array
+    gm = current == 2
+    erased = gm.copy()
+    erased[: gm.shape[0] // 2] = False
+    reference = p.t1Volume
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(reference.GetImageData().GetDimensions())
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.SetImageToWorldMatrix(mrml.vtk_matrix(mrml.ijk_to_ras(reference)))
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = erased.astype(np.uint8).ravel()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, seg, "GM", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    started = time.perf_counter()
+    widget.exit()
+    widget.enter()
+    print(f"enter() with a Segment Editor change: {time.perf_counter() - started:.2f} s")
+    assert len(module.messages.errors) == 1 and "locked anatomy segments (GM)" in module.messages.errors[0]
+    assert "refused and undone" in module.messages.errors[0]
+    module.messages.errors.clear()
+    np.testing.assert_array_equal(widget.workflow.labelmap(seg).array, current)
+    widget.enter()  # nothing changed since: nothing to say
+    assert not module.messages.errors
+
     # a point placed: the parametric tumour goes there
     ras = mrml.ijk_to_ras(p.t1Volume) @ np.append(np.argwhere(inserted.array == 3).mean(axis=0)[::-1], 1.0)
     p.tumourCentre.AddControlPointWorld(*ras[:3])
