@@ -744,7 +744,13 @@ class MedSynthTest(ScriptedLoadableModuleTest):
         layoutManager = slicer.app.layoutManager()
         layoutManager.setLayout(logic.register_review_layout(layoutManager.layoutLogic().GetLayoutNode()))
         slicer.app.processEvents()
-        self.assertEqual(len(logic.show_in_review_views(outputs, seg)), 4)
+        sliceLogics = {name: layoutManager.sliceWidget(name).sliceLogic() for name in logic.review_view_names()}
+        self.assertEqual(len(logic.show_in_review_views(outputs, seg, sliceLogics)), 4)
+        for name in logic.review_view_names():  # fitted: the slice goes through the volume's centre
+            sliceNode = layoutManager.sliceWidget(name).mrmlSliceNode()
+            bounds = [0.0] * 6
+            outputs["t1"].GetRASBounds(bounds)
+            self.assertAlmostEqual(sliceNode.GetSliceOffset(), (bounds[4] + bounds[5]) / 2, delta=1.0)
         logic.set_review(outputs, 4, "test rating")
         targets = logic.export(outputs, "nifti", tmp / "export")
         self.assertTrue((targets[0] / "provenance.json").is_file())

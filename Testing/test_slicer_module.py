@@ -661,3 +661,113 @@ def test_gui_messages_carry_no_command_line_hints():
 ])
 def test_backend_messages_lose_their_command_line_hints(backend, expected):
     assert str(WorkflowError(backend)) == expected
+
+
+# =================================================================================================
+# Generate -> review -> rate -> export through the handlers
+# =================================================================================================
+
+
+class FakeLayoutManager:
+    """The application's layout manager: ``setLayout`` creates the layout's slice views as Slicer does
+    (a slice node of the view's size, a composite node and a ``vtkMRMLSliceLogic`` per view)."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+        self.layout_node = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+        self.views: dict[str, types.SimpleNamespace] = {}
+
+    def layoutLogic(self):
+        return types.SimpleNamespace(GetLayoutNode=lambda: self.layout_node)
+
+    def setLayout(self, layout_id: int) -> None:
+        import xml.etree.ElementTree as ET
+
+        self.layout = layout_id
+        for view in ET.fromstring(self.layout_node.GetLayoutDescription(layout_id)).iter("view"):
+            name = view.get("singletontag")
+            if name in self.views:
+                continue
+            slice_node = self.scene.AddNewNodeByClass("vtkMRMLSliceNode")
+            slice_node.SetLayoutName(name)
+            slice_node.SetDimensions(400, 300, 1)
+            composite = self.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+            composite.SetLayoutName(name)
+            logic = slicer.vtkMRMLSliceLogic()
+            logic.SetMRMLScene(self.scene)
+            logic.SetSliceNode(slice_node)
+            self.views[name] = types.SimpleNamespace(sliceLogic=lambda logic=logic: logic,
+                                                     mrmlSliceNode=lambda node=slice_node: node,
+                                                     composite=composite)
+
+    def sliceWidget(self, name: str):
+        return self.views.get(name)
+
+
+@pytest.mark.realdata
+def test_generate_review_and_export_through_the_handlers(module, brats_cases, tmp_path, monkeypatch):
+    import time
+
+    from MedSynthLib.models import write_model
+    from MedSynthLib.networks import Generator, NetworkConfig
+    from MedSynthSlicerLib import environment
+    from MedSynthSlicerLib.logic import REVIEW_LAYOUT_ID, REVIEW_VIEWS
+
+    config = NetworkConfig(channels=(4, 8), strides=(2,), disc_channels=4, disc_layers=2)
+    model = tmp_path / "tiny"
+    write_model(model, Generator(config).state_dict(),
+                {"name": "tiny", "network": config.to_json(),
+                 "intensity": {m: {"low": 0.0, "high": 1000.0} for m in ("t1", "t1ce", "t2", "flair")}})
+    layout_manager = FakeLayoutManager(module.scene)
+    monkeypatch.setattr(slicer.app, "layoutManager", lambda: layout_manager)
+    import torch
+
+    monkeypatch.setattr(environment, "ensure_torch", lambda confirm: torch.__version__)  # the PyTorch extension
+
+    widget = _widget(module)
+    widget._dependenciesReady = True
+    widget.initializeParameterNode()
+    p = widget._parameterNode
+    p.caseFolder = brats_cases[0]
+    widget.onLoadCase()
+    widget.onPrepare()
+    assert not module.messages.errors, module.messages.errors
+    p.model, p.device, p.synthesisSeed = str(model), module.Device.CPU, 7
+
+    widget.onApplyButton()  # detects the devices (torch in a subprocess), then starts the synthesis
+    assert not module.messages.errors, module.messages.errors
+    assert widget._job is not None and widget._timer.active
+    assert widget.ui.applyButton.text == "Cancel" and not widget.ui.previewButton.enabled
+    deadline = time.monotonic() + 300
+    while widget._job is not None and time.monotonic() < deadline:
+        widget._onPoll()
+        time.sleep(0.2)
+    assert widget._job is None and not module.messages.errors, module.messages.errors
+    assert sorted(widget._outputs) == ["flair", "t1", "t1ce", "t2"]
+    assert widget.ui.applyButton.text == "Generate" and widget.ui.exportButton.enabled
+    # the review layout is shown, every view on its synthetic volume and fitted to it
+    assert layout_manager.layout == REVIEW_LAYOUT_ID
+    for modality, name in REVIEW_VIEWS.items():
+        view = layout_manager.views[name]
+        assert view.composite.GetBackgroundVolumeID() == widget._outputs[modality].GetID()
+        bounds = [0.0] * 6
+        widget._outputs[modality].GetRASBounds(bounds)
+        assert view.mrmlSliceNode().GetSliceOffset() == pytest.approx((bounds[4] + bounds[5]) / 2, abs=1.0)
+
+    p.rating, p.reviewNote = 4, "rim plausible"
+    widget.onSaveReview()
+    assert not module.messages.errors, module.messages.errors
+    p.exportFolder, p.exportFormat = tmp_path / "export", "nifti"
+    widget.onExport()
+    deadline = time.monotonic() + 300
+    while widget._exportJob is not None and time.monotonic() < deadline:
+        widget._onPoll()
+        time.sleep(0.2)
+    assert not module.messages.errors, module.messages.errors
+    assert module.messages.infos and module.messages.infos[-1].startswith("MedSynth: exported to")
+    exported = Path(module.messages.infos[-1].splitlines()[1])
+    import json
+
+    assert json.loads((exported / "provenance.json").read_text())["review"]["rating"] == 4
+    for view in layout_manager.views.values():
+        view.sliceLogic().SetMRMLScene(None)

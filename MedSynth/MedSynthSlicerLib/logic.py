@@ -1231,7 +1231,8 @@ class WorkflowLogic:
 
         Args:
             slice_logics: the application's ``vtkMRMLSliceLogic`` of each review view, by
-                view name; without it a temporary slice logic per view does the same.
+                view name (always pass them inside Slicer); without them (no application,
+                e.g. slicer-core) a temporary slice logic per view does the same fit.
 
         Returns:
             The slice nodes that were fitted.
