@@ -646,7 +646,11 @@ class MedSynthLogic(ScriptedLoadableModuleLogic):
         self.workflow = WorkflowLogic(slicer.mrmlScene, work_dir=work_dir)
 
     def getParameterNode(self) -> MedSynthParameterNode:
-        return MedSynthParameterNode(super().getParameterNode())
+        node = super().getParameterNode()
+        stored = node.GetParameter("device")
+        if stored and stored not in Device.__members__:  # a scene saved on another platform (CUDA on a Mac)
+            node.SetParameter("device", Device.AUTO.name)
+        return MedSynthParameterNode(node)
 
 
 #

@@ -731,11 +731,10 @@ class WorkflowLogic:
     @staticmethod
     def _expert_tumour_file(path: Path, convention: str) -> "LabelMap":
         """A plain tumour segmentation file as a label map holding only NCR/ED/ET."""
+        import SimpleITK as sitk
         from MedSynthLib.grid import Grid, LabelMap
         from MedSynthLib.io import read_image
         from MedSynthLib.labels import LabelValueError, tumour_to_schema
-
-        import SimpleITK as sitk
 
         image = read_image(path)
         try:
@@ -917,7 +916,7 @@ class WorkflowLogic:
 
     @staticmethod
     def registered_models() -> list[dict[str, Any]]:
-        """The models registered with MedSynth: ``[{"name", "default", "summary"}]``, the default first.
+        """The models registered with MedSynth: ``[{"name": str, "default": bool}]``, the default first.
 
         Read from the registry file only (no weights are loaded or verified here;
         the synthesis verifies the chosen model's checksum).
@@ -932,7 +931,7 @@ class WorkflowLogic:
             raise WorkflowError(str(exc)) from None
         out = []
         for name in sorted(registry.get("models", {})):
-            out.append({"name": name, "default": name == registry.get("default"), "summary": name})
+            out.append({"name": name, "default": name == registry.get("default")})
         out.sort(key=lambda entry: not entry["default"])
         return out
 
