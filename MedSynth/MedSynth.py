@@ -215,6 +215,21 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.initializeParameterNode()
         self._updateButtons()
+        problem = self.slicerVersionProblem()
+        if problem:  # said at once in the panel; the first action refuses to run with the same sentence
+            self.ui.statusLabel.text = problem
+            self._appendLog(problem)
+
+    @staticmethod
+    def slicerVersionProblem() -> Optional[str]:
+        """Why this Slicer is too old for MedSynth (one sentence), or None."""
+        from MedSynthSlicerLib import environment
+
+        try:
+            environment.check_slicer_version(environment.running_slicer_version())
+        except RuntimeError as exc:
+            return str(exc)
+        return None
 
     def cleanup(self) -> None:
         self._timer.stop()

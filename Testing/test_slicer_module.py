@@ -463,6 +463,15 @@ def test_a_scene_saved_on_another_platform_keeps_the_module_usable(module):
     assert logic.getParameterNode().device is module.Device.AUTO
 
 
+def test_the_panel_says_when_slicer_is_too_old(module, monkeypatch):
+    for version, expected in (((5, 10, 1), "needs 3D Slicer 5.12 or newer; this is Slicer 5.10.1"), ((5, 12, 0), None)):
+        monkeypatch.setattr(slicer.app, "majorVersion", version[0], raising=False)
+        monkeypatch.setattr(slicer.app, "minorVersion", version[1], raising=False)
+        monkeypatch.setattr(slicer.app, "patchVersion", version[2], raising=False)
+        problem = module.MedSynthWidget.slicerVersionProblem()
+        assert (problem is None) if expected is None else (expected in problem)
+
+
 def test_module_metadata_category_help_link_and_translations(module):
     parent = types.SimpleNamespace()
     module.MedSynth(parent)
