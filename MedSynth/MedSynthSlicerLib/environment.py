@@ -62,8 +62,9 @@ def check_slicer_version(version: tuple[int, ...], python: tuple[int, ...] | Non
     found = ".".join(str(v) for v in version[:3])
     needed = ".".join(str(v) for v in MINIMUM_SLICER)
     if tuple(version[:2]) < MINIMUM_SLICER or python[:2] < MINIMUM_PYTHON:
+        python_text = ".".join(str(v) for v in python[:2])
         raise RuntimeError(f"MedSynth needs 3D Slicer {needed} or newer; this is Slicer {found} with Python "
-                           f"{'.'.join(str(v) for v in python[:2])}. Install a current Slicer from download.slicer.org.")
+                           f"{python_text}. Install a current Slicer release.")
 
 
 def running_slicer_version() -> tuple[int, int, int]:
