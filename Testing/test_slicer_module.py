@@ -546,6 +546,20 @@ def test_advanced_settings_are_collapsed_in_the_ui_file():
                for w in root.iter("widget"))
 
 
+def test_template_in_one_click_through_the_handlers(module):
+    widget = _widget(module)
+    widget._dependenciesReady = True
+    widget.initializeParameterNode()
+    widget.onTemplate()
+    p = widget._parameterNode
+    assert not module.messages.errors, module.messages.errors
+    assert p.t1Volume is not None and p.tumourInput is None and p.t1ceVolume is None
+    widget.onPrepare()
+    assert not module.messages.errors, module.messages.errors
+    assert mrml.segment_names(p.labelSegmentation) == ["CSF", "GM", "WM", "NCR", "ED", "ET"]
+    assert widget.ui.randomTumourButton.enabled and not widget.ui.exportButton.enabled
+
+
 @pytest.mark.realdata
 def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_data):
     """Load -> prepare -> random tumour -> undo -> insert a plain expert segmentation, through the handlers."""
@@ -629,6 +643,24 @@ def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_da
     np.testing.assert_array_equal(widget.workflow.labelmap(seg).array, current)
     widget.enter()  # nothing changed since: nothing to say
     assert not module.messages.errors
+
+    # move the tumour with the handles: Apply records it as edits, Cancel leaves the label map
+    widget.onMoveTumour()
+    assert not module.messages.errors, module.messages.errors
+    assert widget.ui.applyTransformButton.enabled and not widget.ui.moveTumourButton.enabled
+    transform = module.scene.GetNodeByID(seg.GetAttribute("MedSynth.TransformNodeID"))
+    matrix = np.eye(4)
+    matrix[:3, 3] = (6.0, 0.0, 0.0)
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(matrix))
+    widget.onApplyTransform()
+    assert not module.messages.errors, module.messages.errors
+    assert widget.workflow.labelmap(seg).history[-1]["name"] == "translate"
+    assert not widget.ui.applyTransformButton.enabled and widget.ui.moveTumourButton.enabled
+    moved = widget.workflow.labelmap(seg).array.copy()
+    widget.onMoveTumour()
+    widget.onCancelTransform()
+    np.testing.assert_array_equal(widget.workflow.labelmap(seg).array, moved)
+    assert seg.GetAttribute("MedSynth.TransformNodeID") is None
 
     # a point placed: the parametric tumour goes there
     ras = mrml.ijk_to_ras(p.t1Volume) @ np.append(np.argwhere(inserted.array == 3).mean(axis=0)[::-1], 1.0)
