@@ -35,7 +35,9 @@ MODULE_DIR = Path(__file__).resolve().parent.parent
 #: Packages Slicer (or its PyTorch extension) ships and MedSynth must never install or replace.
 SLICER_OWNED_PACKAGES: tuple[str, ...] = ("SimpleITK", "numpy", "vtk", "torch", "scipy", "pydicom", "highdicom",
                                           "pillow")
-#: What MedSynth needs of the packages Slicer ships (checked, never installed).
+#: What MedSynth needs of the packages Slicer ships (checked, never installed). Slicer 5.12 ships numpy
+#: 2.3.4, scipy 1.16.3, SimpleITK 2.5.3, pydicom 3.0.1 and highdicom 0.27.0; MedSynth's DICOM export
+#: tests pass with that pydicom and highdicom.
 SLICER_PROVIDED_REQUIREMENTS: tuple[str, ...] = ("numpy>=1.26", "scipy>=1.11", "SimpleITK>=2.3", "pydicom>=3.0",
                                                  "highdicom>=0.27")
 #: The oldest 3D Slicer MedSynth runs in (major, minor).
