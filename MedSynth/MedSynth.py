@@ -29,28 +29,38 @@ from slicer.util import VTKObservationMixin
 
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError
 from MedSynthSlicerLib.parameters import (DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS, LABEL_CONVENTIONS, PRECISIONS,
-                                          GenerateOptions, TumourParameters)
+                                          GenerateOptions, TumourParameters, platform_devices)
 
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,  # noqa: E402
                     vtkMRMLSegmentationNode)
 
+try:  # Slicer's translation functions; plain text where they are missing (slicer-core, old Slicer)
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:
+    def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
+        return text
+
 _MAX_SEED = 2**31 - 1
+#: Where the user documentation lives (the extension's homepage).
+DOCUMENTATION_URL = "https://github.com/MedSynth/SlicerMedSynth#readme"
 
 
-class Device(enum.Enum):
-    """Where synthesis runs (``medsynth synthesize --device``)."""
-
-    AUTO = "auto"
-    CUDA = "cuda"
-    MPS = "mps"
-    CPU = "cpu"
+class _DeviceChoice(enum.Enum):
+    """Where synthesis runs; the members are the devices this platform can have (see ``Device``)."""
 
     def label(self) -> str:  # shown in the combo box (parameterNodeWrapper calls Device.label(member))
-        return {"auto": "auto (GPU if one is found)", "cuda": "GPU (NVIDIA CUDA)", "mps": "GPU (Apple MPS)",
-                "cpu": "CPU"}[self.value]
+        return {"auto": _("auto (GPU if one is found)"), "cuda": _("GPU (NVIDIA CUDA)"),
+                "mps": _("GPU (Apple MPS)"), "cpu": _("CPU")}[self.value]
 
 
-assert [d.value for d in Device] == list(DEVICES)
+#: The device choices of this platform: CUDA is never offered on macOS, Apple MPS only there.
+Device = _DeviceChoice("Device", [(name.upper(), name) for name in platform_devices()], module=__name__)
+
+assert {d.value for d in Device} <= set(DEVICES)
 
 
 #
@@ -61,16 +71,18 @@ assert [d.value for d in Device] == list(DEVICES)
 class MedSynth(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "MedSynth"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("MedSynth")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Image Synthesis")]
         self.parent.dependencies = ["Segmentations", "SegmentEditor", "Markups"]
         self.parent.contributors = ["MedSynth developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Synthesise brain-tumour MRI (T1, T1ce, T2, FLAIR) from a label map with a 3D conditional GAN. "
             "Load a brain (or the healthy template), prepare its label map, draw, move, insert or randomise "
             "a tumour, generate on the GPU or CPU in the background, review the four contrasts and export "
-            "NIfTI or DICOM marked synthetic.")
-        self.parent.acknowledgementText = (
+            "NIfTI or DICOM marked synthetic.") + " " + _(
+            'See the <a href="{url}">MedSynth documentation</a> for the workflow and the models.').format(
+            url=DOCUMENTATION_URL)
+        self.parent.acknowledgementText = _(
             "Method after Shin et al., Medical image synthesis for data augmentation and anonymization using "
             "generative adversarial networks (SASHIMI 2018). Healthy canvas: ICBM152 2009a (via nilearn).")
 
@@ -90,7 +102,8 @@ class MedSynthParameterNode:
     t1ceVolume: vtkMRMLScalarVolumeNode
     t2Volume: vtkMRMLScalarVolumeNode
     flairVolume: vtkMRMLScalarVolumeNode
-    tumourInput: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    # Optional: the wrapper writes the default None, which only a Union that includes None accepts.
+    tumourInput: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
     labelConvention: Annotated[str, Choice(list(LABEL_CONVENTIONS)), Default("brats2021")]
     # 2. prepare
     lockAnatomy: Annotated[bool, Default(True)]
@@ -144,6 +157,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._exportJob = None
         self._outputs: dict = {}
         self._dependenciesReady = False
+        self._modelNames: list = []
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
         self._timer.timeout.connect(self._onPoll)
@@ -165,6 +179,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tumourCentrePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.progressBar.setRange(0, 1000)
         self.ui.progressBar.setValue(0)
+        self.ui.advancedCollapsibleButton.collapsed = True
+        self._fillModelList()
+        self.ui.registeredModelsListWidget.currentTextChanged.connect(self.onRegisteredModelSelected)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -198,6 +215,21 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.initializeParameterNode()
         self._updateButtons()
+        problem = self.slicerVersionProblem()
+        if problem:  # said at once in the panel; the first action refuses to run with the same sentence
+            self.ui.statusLabel.text = problem
+            self._appendLog(problem)
+
+    @staticmethod
+    def slicerVersionProblem() -> Optional[str]:
+        """Why this Slicer is too old for MedSynth (one sentence), or None."""
+        from MedSynthSlicerLib import environment
+
+        try:
+            environment.check_slicer_version(environment.running_slicer_version())
+        except RuntimeError as exc:
+            return str(exc)
+        return None
 
     def cleanup(self) -> None:
         self._timer.stop()
@@ -209,6 +241,13 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._takeSegmentEditorChanges()
+
+    def _takeSegmentEditorChanges(self) -> None:
+        """Back from the Segment Editor: record its strokes now, or refuse a change to locked anatomy now."""
+        seg = self._segmentation()
+        if seg is not None and self._dependenciesReady:
+            self._run(_("taking the Segment Editor changes"), self.workflow.labelmap, seg)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -233,18 +272,47 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.t1Volume = first
-        if not self._parameterNode.tumourCentre:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MedSynth tumour centre")
-            node.SetMarkupLabelFormat("tumour centre")
-            self._parameterNode.tumourCentre = node
         if not _path_text(self._parameterNode.exportFolder):
             self._parameterNode.exportFolder = pathlib.Path.home()
+        # The tumour-centre point list is created when a tumour tool first needs it, not on entering.
         self.ui.tumourCentrePlaceWidget.setCurrentNode(self._parameterNode.tumourCentre)
+
+    def _tumourCentreNode(self):
+        """The tumour-centre point list, created (and given to the place widget) on first need."""
+        p = self._parameterNode
+        if p.tumourCentre is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", _("MedSynth tumour centre"))
+            node.SetMarkupLabelFormat(_("tumour centre"))
+            p.tumourCentre = node
+            self.ui.tumourCentrePlaceWidget.setCurrentNode(node)
+        return p.tumourCentre
+
+    def _fillModelList(self) -> None:
+        """The registered models in the list (the default marked); picking one sets the model parameter."""
+        listWidget = self.ui.registeredModelsListWidget
+        listWidget.clear()
+        try:
+            models = self.workflow.registered_models()
+        except Exception as exc:  # the list is a convenience: a broken registry must not stop the module
+            logging.warning(f"MedSynth: {exc}")
+            models = []
+        for entry in models:
+            listWidget.addItem(entry["name"] + (_(" (default)") if entry["default"] else ""))
+        self._modelNames = [entry["name"] for entry in models]
+
+    def onRegisteredModelSelected(self, text: str) -> None:
+        if self._parameterNode is None:
+            return
+        for name in self._modelNames:
+            if text == name or text.startswith(name + " "):
+                self._parameterNode.model = name
+                return
 
     def setParameterNode(self, inputParameterNode: Optional[MedSynthParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -260,7 +328,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _run(self, what: str, fn, *args, **kwargs):
         """Call the Logic with a wait cursor; show its WorkflowError in a message box."""
         try:
-            with slicer.util.tryWithErrorDisplay(f"MedSynth: {what} failed.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("MedSynth: {what} failed.").format(what=what), waitCursor=True):
                 try:
                     return fn(*args, **kwargs)
                 except WorkflowError:
@@ -280,16 +348,15 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if not self._dependenciesReady:
                 environment.ensure_medsynthlib_importable()
-                environment.ensure_python_requirements(
-                    confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, "MedSynth"))
+                environment.ensure_python_requirements()
                 self._dependenciesReady = True
             if needTorch:
                 version = environment.ensure_torch(
-                    confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, "MedSynth"))
-                self._appendLog(f"PyTorch {version}")
+                    confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, _("MedSynth")))
+                self._appendLog(_("PyTorch {version}").format(version=version))
             return True
         except Exception as exc:
-            slicer.util.errorDisplay(f"MedSynth cannot run yet: {exc}")
+            slicer.util.errorDisplay(_("MedSynth cannot run yet: {reason}").format(reason=exc))
             return False
 
     def _appendLog(self, text: str) -> None:
@@ -339,9 +406,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelTransformButton.enabled = transforming
         self.ui.undoButton.enabled = hasLabels and self.workflow.can_undo(seg) and not busy
         self.ui.applyButton.enabled = hasLabels or busy
-        self.ui.applyButton.text = "Cancel" if busy else "Generate"
-        self.ui.applyButton.toolTip = ("Stop the synthesis (the process and all it started)" if busy
-                                       else "Synthesise T1, T1ce, T2 and FLAIR in a background process")
+        self.ui.applyButton.text = _("Cancel") if busy else _("Generate")
+        self.ui.applyButton.toolTip = (_("Stop the synthesis (the process and all it started)") if busy
+                                       else _("Synthesise T1, T1ce, T2 and FLAIR in a background process"))
         self.ui.previewButton.enabled = hasLabels and not busy
         hasOutputs = bool(self._outputs)
         for button in (self.ui.showSyntheticButton, self.ui.saveReviewButton):
@@ -355,7 +422,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTemplate(self) -> None:
         if not self._ensureDependencies():
             return
-        node = self._run("loading the template", self.workflow.load_template)
+        node = self._run(_("loading the template"), self.workflow.load_template)
         if node is not None:
             p = self._parameterNode
             p.t1Volume, p.t1ceVolume, p.t2Volume, p.flairVolume, p.tumourInput = node, None, None, None, None
@@ -366,9 +433,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         folder = _path_text(self._parameterNode.caseFolder)
         if not folder:
-            slicer.util.errorDisplay("MedSynth: choose a case folder first.")
+            slicer.util.errorDisplay(_("MedSynth: choose a case folder first."))
             return
-        nodes = self._run("loading the case", self.workflow.load_case, folder)
+        nodes = self._run(_("loading the case"), self.workflow.load_case, folder)
         if nodes:
             p = self._parameterNode
             p.t1Volume, p.t1ceVolume, p.t2Volume, p.flairVolume = nodes["t1"], nodes["t1ce"], nodes["t2"], nodes["flair"]
@@ -384,10 +451,11 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         others = {"t1ce": p.t1ceVolume, "t2": p.t2Volume, "flair": p.flairVolume}
-        seg = self._run("preparing the label map", self.workflow.prepare, p.t1Volume, p.tumourInput,
+        seg = self._run(_("preparing the label map"), self.workflow.prepare, p.t1Volume, p.tumourInput,
                         p.labelConvention, others, None, p.lockAnatomy)
         if seg is not None:
             p.labelSegmentation = seg
+            self._tumourCentreNode()  # the tumour tools are usable now: give them their point list
             slicer.util.setSliceViewerLayers(background=p.t1Volume, fit=True)
 
     def onLockAnatomy(self, locked: bool) -> None:
@@ -399,61 +467,68 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seg = self._segmentation()
         if seg is None:
             return
-        reference = self._run("opening the Segment Editor", self.workflow.reference_volume, seg)
+        reference = self._run(_("opening the Segment Editor"), self.workflow.reference_volume, seg)
         if reference is None:
             return
         slicer.util.selectModule("SegmentEditor")
         editorWidget = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editorWidget.setSegmentationNode(seg)
         editorWidget.setSourceVolumeNode(reference)
-        self._run("opening the Segment Editor", self.workflow.configure_segment_editor,
+        self._run(_("opening the Segment Editor"), self.workflow.configure_segment_editor,
                   editorWidget.mrmlSegmentEditorNode(), seg)
 
     # --- 3. tumour tools ------------------------------------------------------------------------
 
     def onMoveTumour(self) -> None:
         seg = self._segmentation()
-        transform = self._run("showing the tumour handles", self.workflow.begin_tumour_transform, seg)
+        transform = self._run(_("showing the tumour handles"), self.workflow.begin_tumour_transform, seg)
         if transform is not None:
-            self._appendLog("drag the handles in the views, then press Apply")
+            self._appendLog(_("drag the handles in the views, then press Apply"))
 
     def onApplyTransform(self) -> None:
-        self._run("moving the tumour", self.workflow.apply_tumour_transform, self._segmentation())
+        self._run(_("moving the tumour"), self.workflow.apply_tumour_transform, self._segmentation())
 
     def onCancelTransform(self) -> None:
-        self._run("cancelling the move", self.workflow.cancel_tumour_transform, self._segmentation())
+        self._run(_("cancelling the move"), self.workflow.cancel_tumour_transform, self._segmentation())
 
     def onAddTumour(self) -> None:
         point = self._pointRas()
         if point is None:
-            slicer.util.errorDisplay("MedSynth: click a point in the brain first (place the tumour centre).")
+            slicer.util.errorDisplay(_("MedSynth: click a point in the brain first (place the tumour centre)."))
             return
-        self._run("placing the tumour", self.workflow.add_parametric_tumour, self._segmentation(), point,
+        self._run(_("placing the tumour"), self.workflow.add_parametric_tumour, self._segmentation(), point,
                   self._tumourParameters())
 
     def onInsertTumour(self) -> None:
         source = _path_text(self._parameterNode.insertSource)
         if not source:
-            slicer.util.errorDisplay("MedSynth: choose a case folder or a MedSynth label map to take the tumour from.")
+            slicer.util.errorDisplay(_("MedSynth: choose a case folder, a tumour segmentation file or a MedSynth "
+                                       "label map to take the tumour from."))
             return
-        point = self._pointRas() if self._parameterNode.insertAtPoint else None
-        self._run("inserting the tumour", self.workflow.insert_tumour, self._segmentation(), source, point)
+        point = None
+        if self._parameterNode.insertAtPoint:
+            point = self._pointRas()
+            if point is None:
+                slicer.util.errorDisplay(_("MedSynth: click a point in the brain first (place the tumour centre)."))
+                return
+        self._run(_("inserting the tumour"), self.workflow.insert_tumour, self._segmentation(), source, point,
+                  False, self._parameterNode.labelConvention)
 
     def onRandomTumour(self) -> None:
-        self._run("drawing a random tumour", self.workflow.random_tumour, self._segmentation(),
+        self._run(_("drawing a random tumour"), self.workflow.random_tumour, self._segmentation(),
                   int(self._parameterNode.randomSeed))
 
     def onUndo(self) -> None:
-        self._run("undo", self.workflow.undo, self._segmentation())
+        self._run(_("undo"), self.workflow.undo, self._segmentation())
 
     # --- 4. generate ----------------------------------------------------------------------------
 
     def onDetectDevices(self) -> None:
         if not self._ensureDependencies(needTorch=True):
             return
-        self.ui.deviceInfoLabel.text = "asking PyTorch ..."
+        self.ui.deviceInfoLabel.text = _("asking PyTorch ...")
         slicer.app.processEvents()
-        info = self._run("detecting the GPU", self.workflow.detect_devices)
+        info = self._run(_("detecting the GPU"), self.workflow.detect_devices)
         if info is not None:
             self.ui.deviceInfoLabel.text = info.describe()
 
@@ -465,7 +540,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self.workflow.device_info is None:
             self.onDetectDevices()
-        job = self._run("starting the synthesis", self.workflow.start_generate, self._segmentation(), self._options())
+        job = self._run(_("starting the synthesis"), self.workflow.start_generate, self._segmentation(),
+                        self._options())
         if job is None:
             return
         self._job = job
@@ -480,7 +556,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         gone = self.workflow.cancel_generate(job)
         self._endJobUi()
         if not gone:
-            slicer.util.warningDisplay("MedSynth: some synthesis processes did not stop yet.")
+            slicer.util.warningDisplay(_("MedSynth: some synthesis processes did not stop yet."))
 
     def _endJobUi(self) -> None:
         self._timer.stop()
@@ -490,9 +566,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onPoll(self) -> None:
         if self._exportJob is not None and not self._exportJob.poll():
             job, self._exportJob = self._exportJob, None
-            targets = self._run("exporting", self.workflow.finish_export, job)
+            targets = self._run(_("exporting"), self.workflow.finish_export, job)
             if targets:
-                slicer.util.infoDisplay("MedSynth: exported to\n" + "\n".join(str(t) for t in targets))
+                slicer.util.infoDisplay(_("MedSynth: exported to") + "\n" + "\n".join(str(t) for t in targets))
         if self._job is not None and not self._job.poll():
             job = self._job
             self._endJobUi()
@@ -502,7 +578,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._appendLog(str(exc))
                 return
             except WorkflowError as exc:
-                slicer.util.errorDisplay(f"MedSynth: {exc}")
+                slicer.util.errorDisplay(_("MedSynth: {reason}").format(reason=exc))
                 return
             self._outputs = outputs
             self.onReviewLayout()
@@ -513,7 +589,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPreview(self) -> None:
         if not self._ensureDependencies(needTorch=True):
             return
-        outputs = self._run("previewing", self.workflow.preview, self._segmentation(), self._options())
+        outputs = self._run(_("previewing"), self.workflow.preview, self._segmentation(), self._options())
         if outputs:
             self._outputs = outputs
             self.onReviewLayout()
@@ -527,26 +603,36 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.app.processEvents()  # let the layout manager create the four views
         self.onShowSynthetic()
 
+    def _reviewSliceLogics(self) -> dict:
+        """The application's slice logic of each review view that exists (by view name)."""
+        layoutManager = slicer.app.layoutManager()
+        logics = {}
+        for name in self.workflow.review_view_names():
+            sliceWidget = layoutManager.sliceWidget(name) if layoutManager is not None else None
+            if sliceWidget is not None:
+                logics[name] = sliceWidget.sliceLogic()
+        return logics
+
     def onShowSynthetic(self) -> None:
         if self._outputs:
-            self.workflow.show_in_review_views(self._outputs, self._segmentation())
+            self.workflow.show_in_review_views(self._outputs, self._segmentation(), self._reviewSliceLogics())
 
     def onShowOriginal(self) -> None:
         seg = self._segmentation()
         if seg is not None:
-            self.workflow.show_in_review_views(self.workflow.original_volumes(seg), seg)
+            self.workflow.show_in_review_views(self.workflow.original_volumes(seg), seg, self._reviewSliceLogics())
 
     def onSaveReview(self) -> None:
-        review = self._run("saving the review", self.workflow.set_review, self._outputs,
+        review = self._run(_("saving the review"), self.workflow.set_review, self._outputs,
                            int(self._parameterNode.rating), self._parameterNode.reviewNote)
         if review:
-            self._appendLog(f"review saved: rating {review['rating']}")
+            self._appendLog(_("review saved: rating {rating}").format(rating=review["rating"]))
 
     # --- 6. export ----------------------------------------------------------------------------
 
     def onExport(self) -> None:
         p = self._parameterNode
-        job = self._run("starting the export", self.workflow.start_export, self._outputs, p.exportFormat,
+        job = self._run(_("starting the export"), self.workflow.start_export, self._outputs, p.exportFormat,
                         _path_text(p.exportFolder), p.exportNaming)
         if job is not None:
             self._exportJob = job
@@ -575,7 +661,11 @@ class MedSynthLogic(ScriptedLoadableModuleLogic):
         self.workflow = WorkflowLogic(slicer.mrmlScene, work_dir=work_dir)
 
     def getParameterNode(self) -> MedSynthParameterNode:
-        return MedSynthParameterNode(super().getParameterNode())
+        node = super().getParameterNode()
+        stored = node.GetParameter("device")
+        if stored and stored not in Device.__members__:  # a scene saved on another platform (CUDA on a Mac)
+            node.SetParameter("device", Device.AUTO.name)
+        return MedSynthParameterNode(node)
 
 
 #
@@ -673,7 +763,13 @@ class MedSynthTest(ScriptedLoadableModuleTest):
         layoutManager = slicer.app.layoutManager()
         layoutManager.setLayout(logic.register_review_layout(layoutManager.layoutLogic().GetLayoutNode()))
         slicer.app.processEvents()
-        self.assertEqual(len(logic.show_in_review_views(outputs, seg)), 4)
+        sliceLogics = {name: layoutManager.sliceWidget(name).sliceLogic() for name in logic.review_view_names()}
+        self.assertEqual(len(logic.show_in_review_views(outputs, seg, sliceLogics)), 4)
+        for name in logic.review_view_names():  # fitted: the slice goes through the volume's centre
+            sliceNode = layoutManager.sliceWidget(name).mrmlSliceNode()
+            bounds = [0.0] * 6
+            outputs["t1"].GetRASBounds(bounds)
+            self.assertAlmostEqual(sliceNode.GetSliceOffset(), (bounds[4] + bounds[5]) / 2, delta=1.0)
         logic.set_review(outputs, 4, "test rating")
         targets = logic.export(outputs, "nifti", tmp / "export")
         self.assertTrue((targets[0] / "provenance.json").is_file())

@@ -332,6 +332,14 @@ def test_parametric_random_insert_and_undo(case, brats_cases):
     assert inserted.history[-1]["params"]["source"].startswith("labels-")
     assert str(brats_cases[1]) not in json.dumps(inserted.history)  # no paths in provenance
     assert np.count_nonzero(inserted.array >= Label.NCR) > 100
+    case.logic.undo(seg)
+    # a plain expert segmentation file (no images, no sidecar): on the same grid, placed where it was drawn
+    seg_file = next(p for p in brats_cases[1].iterdir() if p.name.endswith("_seg.nii.gz"))
+    expert = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_file)))
+    from_file = case.logic.insert_tumour(seg, seg_file)
+    assert from_file.history[-1]["name"] == "insert_tumour"
+    tumour = from_file.array >= Label.NCR
+    assert np.count_nonzero(tumour & (expert > 0)) > 0.9 * np.count_nonzero(expert > 0)
     restored = case.logic.undo(seg)
     np.testing.assert_array_equal(restored.array, start.array)
     with pytest.raises(WorkflowError, match="nothing to undo"):
@@ -340,9 +348,9 @@ def test_parametric_random_insert_and_undo(case, brats_cases):
     ids = _ids(case.scene)
     with pytest.raises(WorkflowError, match="outside the brain"):
         case.logic.add_parametric_tumour(seg, (500.0, 500.0, 500.0))
-    with pytest.raises(WorkflowError, match="not a MedSynth label map"):
-        seg_file = next(p for p in brats_cases[1].iterdir() if p.name.endswith("_seg.nii.gz"))
-        case.logic.insert_tumour(seg, seg_file)
+    seg_file = next(p for p in brats_cases[1].iterdir() if p.name.endswith("_seg.nii.gz"))
+    with pytest.raises(WorkflowError, match=r"not defined by the brats2023 convention.*'Tumour labels'"):
+        case.logic.insert_tumour(seg, seg_file, label_convention="brats2023")  # values 1/2/4: 4 is not 2023's
     np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
     assert _ids(case.scene) == ids
     mrml.remove_nodes(case.scene, seg)
@@ -380,19 +388,23 @@ def test_segment_editor_strokes_are_recorded_and_locked_anatomy_is_kept(case):
     cube = np.zeros(start.array.shape, bool)
     cube[k - 2:k + 3, j - 2:j + 3, i - 2:i + 3] = True
     cube &= start.array > 0
-    _paint(seg, "ED", (start.array == Label.ED) | cube, reference)       # paint oedema
     gm = start.array == Label.GM
     erased_gm = gm.copy()
     erased_gm[: gm.shape[0] // 2] = False
     _paint(seg, "GM", erased_gm, reference)                                  # erase half of a locked segment
+    with pytest.raises(WorkflowError, match=r"locked anatomy segments \(GM\); that edit was refused"):
+        case.logic.labelmap(seg)
+    assert any("refused" in line for line in case.log)
+    # refused, not silently half-taken: the segmentation is back as it was, no record, nothing to undo
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
+    assert case.logic.history(seg) == start.history and not case.logic.can_undo(seg)
+    _paint(seg, "ED", (start.array == Label.ED) | cube, reference)       # paint oedema (over anatomy: allowed)
     after = case.logic.labelmap(seg)
     assert np.all(after.array[cube] == Label.ED)
-    np.testing.assert_array_equal(after.array[gm & ~cube], Label.GM)       # locked anatomy kept
+    np.testing.assert_array_equal(after.array[gm & ~cube], Label.GM)
     record = after.history[-1]
     assert record["name"] == MANUAL_EDIT and record["params"]["changed_voxels"] == int(np.count_nonzero(
         start.array != after.array))
-    assert any("locked anatomy" in line for line in case.log)
-    # the segmentation shows what was taken: the locked voxels are back
     np.testing.assert_array_equal(case.logic.labelmap(seg).array, after.array)
     assert case.logic.history(seg)[-1]["name"] == MANUAL_EDIT
     # erasing a tumour down to nothing refills the healthy anatomy (no holes in the brain)
@@ -532,25 +544,54 @@ def test_review_layout_linked_views_original_and_rating(case):
     views = [v.get("singletontag") for v in ET.fromstring(layout.GetLayoutDescription(layout_id)).iter("view")]
     assert views == list(REVIEW_VIEWS.values())
     # the layout manager of the application creates these views; here they are made as it would
-    composites = {}
+    composites, slice_nodes = {}, {}
     for modality, view in REVIEW_VIEWS.items():
         slice_node = case.scene.AddNewNodeByClass("vtkMRMLSliceNode")
         slice_node.SetLayoutName(view)
+        slice_node.SetDimensions(400, 300, 1)  # a view's size in pixels, as the application sets it
+        slice_nodes[modality] = slice_node
         composite = case.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
         composite.SetLayoutName(view)
         composites[modality] = composite
+    # a new view looks at RAS z = 0 with a 250 mm field: the bottom edge of a BraTS volume (black)
+    assert slice_nodes["t1"].GetSliceOffset() == 0.0
+    ids = _ids(case.scene)
     assert len(case.logic.show_in_review_views(outputs, case.seg)) == 4
+    assert _ids(case.scene) == ids  # fitting the views adds nothing to the scene
     for modality, composite in composites.items():
         assert composite.GetBackgroundVolumeID() == outputs[modality].GetID()
         assert composite.GetLinkedControl() and composite.GetHotLinkedControl()
+    # every view fitted to its volume: the slice through the volume's centre, the whole volume in view
+    for modality, slice_node in slice_nodes.items():
+        bounds = [0.0] * 6
+        outputs[modality].GetRASBounds(bounds)
+        centre = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
+        assert slice_node.GetSliceOffset() == pytest.approx(centre[2], abs=1.0)
+        slice_to_ras = mrml.numpy_matrix(slice_node.GetSliceToRAS())
+        np.testing.assert_allclose(slice_to_ras[:2, 3], centre[:2], atol=1.0)
+        fov = slice_node.GetFieldOfView()
+        width, height = bounds[1] - bounds[0], bounds[3] - bounds[2]
+        assert fov[0] >= width - 1.0 and fov[1] >= height - 1.0
+        assert min(fov[0] - width, fov[1] - height) < 1.0  # tight in one direction
+        assert fov[0] / fov[1] == pytest.approx(400 / 300)  # the view's aspect kept
     crosshair = mrml.nodes_by_class(case.scene, "vtkMRMLCrosshairNode")[0]
     assert crosshair.GetCrosshairMode() == crosshair.ShowSmallBasic
-    assert case.seg.GetDisplayNode().GetVisibility2DFill()
+    # the overlay: tumour classes as outlines, anatomy hidden
+    display = case.seg.GetDisplayNode()
+    assert display.GetVisibility() and display.GetVisibility2DOutline()
+    for name in ("CSF", "GM", "WM"):
+        assert not display.GetSegmentVisibility(name), name
+    for name in ("NCR", "ED", "ET"):
+        assert display.GetSegmentVisibility(name), name
+        assert display.GetSegmentVisibility2DOutline(name) and not display.GetSegmentVisibility2DFill(name), name
     originals = case.logic.original_volumes(case.seg)
     assert sorted(originals) == ["flair", "t1", "t1ce", "t2"]
+    for slice_node in slice_nodes.values():
+        slice_node.SetSliceOffset(0.0)
     case.logic.show_in_review_views(originals, case.seg)
     for modality, composite in composites.items():
         assert composite.GetBackgroundVolumeID() == case.nodes[modality].GetID()
+        assert slice_nodes[modality].GetSliceOffset() > 50.0  # fitted again
 
     review = case.logic.set_review(outputs, 4, "plausible oedema\nrim a bit thin")
     for node in outputs.values():

@@ -75,9 +75,13 @@ def _kind(annotation: str) -> str:
 
 
 def _enums() -> set[str]:
-    """Enum classes defined in MedSynth.py."""
-    return {node.name for node in _module_tree().body if isinstance(node, ast.ClassDef)
-            and any(ast.unparse(b) in ("enum.Enum", "Enum") for b in node.bases)}
+    """Enum classes defined in MedSynth.py: class statements, and enums made by calling one (functional API)."""
+    classes = {node.name for node in _module_tree().body if isinstance(node, ast.ClassDef)
+               and any(ast.unparse(b) in ("enum.Enum", "Enum") for b in node.bases)}
+    made = {target.id for node in _module_tree().body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
+            and node.value.func.id in classes for target in node.targets if isinstance(target, ast.Name)}
+    return classes | made
 
 
 # --- the .ui file -------------------------------------------------------------------------------
@@ -93,7 +97,7 @@ def test_ui_is_well_formed_designer_xml():
     assert len(names) == len(set(names)), "widget names must be unique"
     declared = {c.findtext("class") for c in root.iter("customwidget")}
     builtin = {"QWidget", "QLabel", "QPushButton", "QCheckBox", "QComboBox", "QSpinBox", "QDoubleSpinBox",
-               "QLineEdit", "QTextEdit", "QPlainTextEdit", "QProgressBar", "QSlider"}
+               "QLineEdit", "QTextEdit", "QPlainTextEdit", "QProgressBar", "QSlider", "QListWidget"}
     for widget in root.iter("widget"):
         assert widget.get("class") in builtin | declared, f"undeclared widget class {widget.get('class')}"
     for connection in root.iter("connection"):
@@ -243,8 +247,13 @@ def test_requirements_never_replace_slicer_packages():
     environment = import_module("MedSynthSlicerLib.environment")
     requirements = environment.read_requirements(REPO / "Resources" / "requirements.txt")
     names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
-    assert not names & {"simpleitk", "numpy", "vtk", "torch"}
-    assert {"monai", "scipy", "scikit-learn", "nibabel", "nilearn", "safetensors", "pydicom", "highdicom"} <= names
+    owned = {name.lower() for name in environment.SLICER_OWNED_PACKAGES}
+    assert {"simpleitk", "numpy", "vtk", "torch", "scipy", "pydicom", "highdicom"} <= owned
+    assert not names & owned
+    assert {"monai", "scikit-learn", "nibabel", "nilearn", "safetensors"} <= names
+    # what MedSynth needs of Slicer's own packages is checked instead of installed
+    provided = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in environment.SLICER_PROVIDED_REQUIREMENTS}
+    assert {"pydicom", "highdicom", "scipy", "numpy"} <= provided
 
 
 def test_every_logic_member_the_widget_calls_exists():

@@ -6,8 +6,16 @@
   Application Settings) the checkout root is added instead.
 * Backend processes get MedSynthLib's folder on ``PYTHONPATH``.
 * Python packages come from ``Resources/requirements.txt`` through Slicer's
-  ``pip_ensure`` (never replacing Slicer's SimpleITK, numpy or vtk); torch comes
-  from the PyTorch extension (``PyTorchUtils``) after asking the user.
+  ``slicer.packaging.pip_ensure`` (which asks the user, and offers a restart
+  when an already imported package changed); the packages Slicer ships
+  (:data:`SLICER_OWNED_PACKAGES`) are never installed or replaced - MedSynth
+  checks that Slicer's own copies are new enough instead.  torch comes from the
+  PyTorch extension (``PyTorchUtils``) after asking the user.
+* MedSynth needs 3D Slicer :data:`MINIMUM_SLICER` or newer (see
+  :func:`check_slicer_version`): its Python (3.12) is the first that MONAI 1.6,
+  nilearn 0.14 and pydicom 3 install on, it ships pydicom 3 and highdicom (used
+  for the DICOM export, so MedSynth never replaces the pydicom of Slicer's DICOM
+  module), and it has ``slicer.packaging.pip_ensure``.
 
 Only :func:`ensure_python_requirements` and :func:`ensure_torch` need the
 Slicer application; everything else is plain Python.
@@ -24,10 +32,54 @@ from pathlib import Path
 from typing import Any, Callable
 
 MODULE_DIR = Path(__file__).resolve().parent.parent
-#: Packages Slicer ships and MedSynth must never replace.
-SLICER_OWNED_PACKAGES: tuple[str, ...] = ("SimpleITK", "numpy", "vtk", "torch")
-#: torch versions MedSynthLib works with (PyTorchUtils installs the build that fits the GPU driver).
-TORCH_REQUIREMENT = ">=2.2"
+#: Packages Slicer (or its PyTorch extension) ships and MedSynth must never install or replace.
+SLICER_OWNED_PACKAGES: tuple[str, ...] = ("SimpleITK", "numpy", "vtk", "torch", "scipy", "pydicom", "highdicom",
+                                          "pillow")
+#: What MedSynth needs of the packages Slicer ships (checked, never installed). Slicer 5.12 ships numpy
+#: 2.3.4, scipy 1.16.3, SimpleITK 2.5.3, pydicom 3.0.1 and highdicom 0.27.0; MedSynth's DICOM export
+#: tests pass with that pydicom and highdicom.
+SLICER_PROVIDED_REQUIREMENTS: tuple[str, ...] = ("numpy>=1.26", "scipy>=1.11", "SimpleITK>=2.3", "pydicom>=3.0",
+                                                 "highdicom>=0.27")
+#: The oldest 3D Slicer MedSynth runs in (major, minor).
+MINIMUM_SLICER: tuple[int, int] = (5, 12)
+#: The oldest Python of that Slicer's line that the pinned packages install on (MONAI 1.6.1, nilearn 0.14.1,
+#: pydicom 3 and highdicom all declare Requires-Python >= 3.10).
+MINIMUM_PYTHON: tuple[int, int] = (3, 10)
+#: torch versions MedSynth works with: MONAI 1.6.1 declares torch >= 2.8 (PyTorchUtils installs the
+#: build that fits the GPU driver).
+TORCH_REQUIREMENT = ">=2.8"
+
+
+def check_slicer_version(version: tuple[int, ...], python: tuple[int, ...] | None = None) -> None:
+    """Refuse a Slicer older than :data:`MINIMUM_SLICER` with one clear sentence.
+
+    Args:
+        version: the running Slicer's (major, minor[, patch]).
+        python: the running Python's (major, minor); ``sys.version_info`` by default.
+
+    Raises:
+        RuntimeError: Slicer (or its Python) is too old for MedSynth.
+    """
+    python = tuple(python or sys.version_info[:2])
+    found = ".".join(str(v) for v in version[:3])
+    needed = ".".join(str(v) for v in MINIMUM_SLICER)
+    if tuple(version[:2]) < MINIMUM_SLICER or python[:2] < MINIMUM_PYTHON:
+        python_text = ".".join(str(v) for v in python[:2])
+        raise RuntimeError(f"MedSynth needs 3D Slicer {needed} or newer; this is Slicer {found} with Python "
+                           f"{python_text}. Install a current Slicer release.")
+
+
+def running_slicer_version() -> tuple[int, int, int]:
+    """(major, minor, patch) of the running Slicer application."""
+    import slicer
+
+    app = slicer.app
+    return (int(app.majorVersion), int(app.minorVersion), int(getattr(app, "patchVersion", 0) or 0))
+
+
+def missing_slicer_provided() -> list[str]:
+    """Requirements on Slicer's own packages (:data:`SLICER_PROVIDED_REQUIREMENTS`) the running Python misses."""
+    return missing_requirements(list(SLICER_PROVIDED_REQUIREMENTS))
 
 
 def ensure_medsynthlib_importable() -> Path:
@@ -181,39 +233,44 @@ def detect_devices(python: str, timeout_s: float = 180.0) -> DeviceInfo:
 # --- installing inside Slicer ------------------------------------------------------------------
 
 
-def ensure_python_requirements(confirm: Callable[[str], bool] | None = None) -> list[str]:
+def installable_requirements(requirements: list[str]) -> list[str]:
+    """The requirements MedSynth may install: every line that is not a package Slicer owns."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    owned = {canonicalize_name(name) for name in SLICER_OWNED_PACKAGES}
+    return [r for r in requirements if canonicalize_name(Requirement(r).name) not in owned]
+
+
+def ensure_python_requirements() -> list[str]:
     """Install missing packages of ``Resources/requirements.txt`` into Slicer's Python.
 
-    Uses ``slicer.pydeps.pip_ensure`` (Slicer >= 5.10, which asks the user) when
-    present, else asks through ``confirm`` and calls ``slicer.util.pip_install``.
-    SimpleITK, numpy, vtk and torch are never installed or replaced here.
+    Checks the Slicer version first (:func:`check_slicer_version`), then that
+    Slicer's own packages are new enough (they are never replaced), then hands
+    the missing requirements to ``slicer.packaging.pip_ensure`` with
+    :data:`SLICER_OWNED_PACKAGES` as ``skip_packages``: Slicer asks the user
+    before installing and offers a restart when an imported package changed.
 
     Returns:
         The requirements that were missing.
 
     Raises:
-        RuntimeError: the user declined.
+        RuntimeError: Slicer too old, a Slicer-owned package too old, or the user declined.
     """
-    import slicer
-
-    requirements = read_requirements()
+    check_slicer_version(running_slicer_version())
+    too_old = missing_slicer_provided()
+    if too_old:
+        raise RuntimeError("this Slicer's own Python packages are older than MedSynth needs "
+                           f"({', '.join(too_old)}); install a current Slicer")
+    requirements = installable_requirements(read_requirements())
     missing = missing_requirements(requirements)
     if not missing:
         return []
-    pydeps = getattr(slicer, "pydeps", None)
-    if pydeps is not None and hasattr(pydeps, "pip_ensure"):
-        from packaging.requirements import Requirement
+    from packaging.requirements import Requirement
+    from slicer import packaging as slicer_packaging  # Slicer >= 5.12
 
-        pydeps.pip_ensure([Requirement(r) for r in missing], skip_packages=list(SLICER_OWNED_PACKAGES),
-                          requester="MedSynth")
-        return missing
-    text = "MedSynth needs these Python packages in Slicer:\n\n" + "\n".join(missing)
-    if confirm is not None and not confirm(text + "\n\nInstall them now?"):
-        raise RuntimeError("installation of MedSynth's Python packages was declined")
-    for requirement in missing:
-        # --no-deps on packages that pull torch/numpy in (monai), the rest normally
-        no_deps = requirement.lower().startswith(("monai", "highdicom"))
-        slicer.util.pip_install(f"{requirement} --no-deps" if no_deps else requirement)
+    slicer_packaging.pip_ensure([Requirement(r) for r in missing], skip_packages=list(SLICER_OWNED_PACKAGES),
+                                requester="MedSynth")
     return missing
 
 

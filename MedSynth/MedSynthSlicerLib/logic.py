@@ -160,8 +160,7 @@ def linear_edits_for_matrix(matrix_ras: np.ndarray) -> list[Any]:
         raise WorkflowError("the tumour transform holds non-finite numbers")
     det = float(np.linalg.det(a))
     if det <= 1e-6:
-        raise WorkflowError("the tumour transform mirrors or collapses the tumour; use a positive scale "
-                            "(a mirror image of a tumour is the flip edit of the command line)")
+        raise WorkflowError("the tumour transform mirrors or collapses the tumour; use a positive scale")
     u, s, vt = np.linalg.svd(a)
     rotation = u @ vt
     v = vt.T.copy()
@@ -553,12 +552,18 @@ class WorkflowLogic:
         elif not np.array_equal(committed, array):
             edited = array.copy()
             locked = self.locked_labels(segmentation)
-            # A locked anatomy class keeps its voxels unless tumour is drawn over them.
-            reverted = np.isin(committed, locked) & (edited != committed) & (edited < Label.NCR)
-            if reverted.any():
-                edited[reverted] = committed[reverted]
-                self.log.emit(f"{int(reverted.sum())} voxels of locked anatomy segments were edited; that edit "
-                              "was not taken (unlock the anatomy to change it)")
+            # A locked anatomy class keeps its voxels unless tumour is drawn over them: an edit that
+            # changes them otherwise is refused as a whole (the segmentation is put back) and reported.
+            violated = np.isin(committed, locked) & (edited != committed) & (edited < Label.NCR)
+            if violated.any():
+                mrml.set_segmentation_labels(segmentation, committed, reference)
+                names = ", ".join(_lib().LABEL_INFO[_lib().Label(v)].short_name
+                                  for v in sorted(set(np.unique(committed[violated]).tolist())))
+                message = (f"the Segment Editor changed {int(violated.sum())} voxels of the locked anatomy "
+                           f"segments ({names}); that edit was refused and undone. Draw tumour over the anatomy, "
+                           "or untick 'Lock the anatomy segments' to change the anatomy itself")
+                self.log.emit(message)
+                raise WorkflowError(message)
             erased = (edited == Label.BACKGROUND) & (committed >= Label.NCR)
             if erased.any():
                 edited[erased] = healthy_anatomy(committed, grid.spacing)[erased]
@@ -691,8 +696,14 @@ class WorkflowLogic:
             raise WorkflowError(f"the random seed must be a non-negative whole number, got {seed!r}")
         return self.apply_edit(segmentation, RandomTumourEdit(p_parametric=p_parametric), seed=seed)
 
-    def read_tumour_source(self, source: str | os.PathLike[str]) -> "LabelMap":
-        """The label map whose tumour is inserted: a case folder, or a MedSynth label map file."""
+    def read_tumour_source(self, source: str | os.PathLike[str], label_convention: str = "brats2021") -> "LabelMap":
+        """The label map whose tumour is inserted.
+
+        Accepted: a case folder (its expert segmentation, inside its brain), a
+        MedSynth label map (with its provenance sidecar), or a plain expert tumour
+        segmentation file whose values follow ``label_convention`` (e.g. a BraTS
+        ``*_seg.nii.gz`` with 0/1/2/4); the last carries no brain, only tumour.
+        """
         ensure_medsynthlib_importable()
         from MedSynthLib.cases.readers import read_case
         from MedSynthLib.schema.errors import MedSynthError
@@ -712,24 +723,54 @@ class WorkflowLogic:
                 array[case.tumour > 0] = case.tumour[case.tumour > 0]
                 return LabelMap(array, case.grid, [])
             if not sidecar_path(path).exists():
-                raise WorkflowError(f"{path}: not a MedSynth label map (no {sidecar_path(path).name} beside it); "
-                                    "choose the case folder to insert its expert tumour segmentation")
+                return self._expert_tumour_file(path, _check_convention(label_convention))
             return read_label_map(path)
         except MedSynthError as exc:
             raise WorkflowError(str(exc)) from None
 
+    @staticmethod
+    def _expert_tumour_file(path: Path, convention: str) -> "LabelMap":
+        """A plain tumour segmentation file as a label map holding only NCR/ED/ET."""
+        import SimpleITK as sitk
+        from MedSynthLib.schema.grid import Grid, LabelMap
+        from MedSynthLib.schema.volume_io import read_image
+        from MedSynthLib.schema.labels import LabelValueError, tumour_to_schema
+
+        image = read_image(path)
+        try:
+            tumour = tumour_to_schema(sitk.GetArrayFromImage(image), convention)
+        except LabelValueError as exc:
+            raise WorkflowError(f"{path}: {exc}; set 'Tumour labels' to the convention of this file "
+                                "(a MedSynth label map needs its provenance sidecar beside it)") from None
+        return LabelMap(tumour, Grid.from_image(image), [])
+
     def insert_tumour(self, segmentation: Any, source: "str | os.PathLike[str] | LabelMap",
-                      center_ras: Sequence[float] | None = None, keep_existing: bool = False) -> "LabelMap":
-        """Insert the tumour of another case / label map (at a RAS point, or the matching position)."""
+                      center_ras: Sequence[float] | None = None, keep_existing: bool = False,
+                      label_convention: str = "brats2021") -> "LabelMap":
+        """Insert the tumour of another case / label map (at a RAS point, or the matching position).
+
+        A source without a brain (a plain expert tumour segmentation) is placed at
+        its own physical position when it lies on the target's grid (BraTS cases
+        share one), else at ``center_ras``.
+        """
         ensure_medsynthlib_importable()
-        from MedSynthLib.edits import InsertTumour
+        from MedSynthLib.edits import InsertTumour, tumour_centre
         from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.grid import lps_to_ras
         from MedSynthLib.schema.labels import Label
         from MedSynthLib.schema.provenance import array_sha256
 
-        source_map = source if hasattr(source, "array") else self.read_tumour_source(source)  # type: ignore[arg-type]
+        source_map = source if hasattr(source, "array") else self.read_tumour_source(  # type: ignore[arg-type]
+            source, label_convention)
         if not (source_map.array >= Label.NCR).any():
             raise WorkflowError("the tumour source has no tumour voxels to insert")
+        if center_ras is None and not ((source_map.array > Label.BACKGROUND) & (source_map.array < Label.NCR)).any():
+            target_grid = mrml.grid_from_volume(self.reference_volume(segmentation))
+            if source_map.grid.difference(target_grid) is not None:
+                raise WorkflowError("this tumour segmentation has no brain to match positions with and lies on "
+                                    "another grid than the label map; place the tumour centre point and tick "
+                                    "'Insert at the point'")
+            center_ras = lps_to_ras(tumour_centre(source_map))
         try:
             edit = InsertTumour(center_ras_mm=None if center_ras is None else tuple(float(v) for v in center_ras),
                                 keep_existing=keep_existing, source="labels-" + array_sha256(source_map.array)[:16])
@@ -872,6 +913,27 @@ class WorkflowLogic:
     # =========================================================================================
     # 4. generate
     # =========================================================================================
+
+    @staticmethod
+    def registered_models() -> list[dict[str, Any]]:
+        """The models registered with MedSynth: ``[{"name": str, "default": bool}]``, the default first.
+
+        Read from the registry file only (no weights are loaded or verified here;
+        the synthesis verifies the chosen model's checksum).
+        """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.synthesis.models import read_registry
+
+        try:
+            registry = read_registry()
+        except MedSynthError as exc:
+            raise WorkflowError(str(exc)) from None
+        out = []
+        for name in sorted(registry.get("models", {})):
+            out.append({"name": name, "default": name == registry.get("default")})
+        out.sort(key=lambda entry: not entry["default"])
+        return out
 
     def detect_devices(self, timeout_s: float = 180.0):
         """What torch detects in the backend's Python (run in a separate process)."""
@@ -1100,14 +1162,20 @@ class WorkflowLogic:
                 f'<item><layout type="horizontal">{items[2]}{items[3]}</layout></item>'
                 '</layout>')
 
+    @staticmethod
+    def review_view_names() -> list[str]:
+        """Layout names of the four review views (T1, T1ce, T2, FLAIR)."""
+        return [REVIEW_VIEWS[m] for m in MODALITIES]
+
     def register_review_layout(self, layout_node: Any) -> int:
         """Add the four-view layout to the layout node (the app's layout manager then creates its views)."""
         if not layout_node.IsLayoutDescription(REVIEW_LAYOUT_ID):
             layout_node.AddLayoutDescription(REVIEW_LAYOUT_ID, self.review_layout_xml())
         return REVIEW_LAYOUT_ID
 
-    def show_in_review_views(self, volumes: Mapping[str, Any], segmentation: Any = None) -> list[Any]:
-        """Put one volume per review view, link the views and the cursor, overlay the labels.
+    def show_in_review_views(self, volumes: Mapping[str, Any], segmentation: Any = None,
+                             slice_logics: Mapping[str, Any] | None = None) -> list[Any]:
+        """Put one volume per review view, link the views and the cursor, outline the tumour, fit the views.
 
         Returns:
             The slice composite nodes that were set (views that do not exist yet are skipped).
@@ -1128,12 +1196,70 @@ class WorkflowLogic:
             crosshair.SetCrosshairMode(crosshair.ShowSmallBasic)
             crosshair.SetCrosshairBehavior(crosshair.OffsetJumpSlice)
         if segmentation is not None and segmentation.GetDisplayNode() is not None:
-            display = segmentation.GetDisplayNode()
-            display.SetVisibility(True)
-            display.SetVisibility2DFill(True)
-            display.SetVisibility2DOutline(True)
-            display.SetOpacity2DFill(0.3)
+            self.show_tumour_outlines(segmentation)
+        self.fit_review_views(slice_logics)
         return updated
+
+    @staticmethod
+    def show_tumour_outlines(segmentation: Any) -> None:
+        """Review overlay: the tumour segments (NCR, ED, ET) as outlines, the anatomy segments hidden."""
+        labels = _lib()
+        display = segmentation.GetDisplayNode()
+        display.SetVisibility(True)
+        display.SetVisibility2DFill(True)
+        display.SetVisibility2DOutline(True)
+        for label, info in labels.LABEL_INFO.items():
+            if label == labels.Label.BACKGROUND or segmentation.GetSegmentation().GetSegment(info.short_name) is None:
+                continue
+            tumour = label in labels.TUMOUR_LABELS
+            display.SetSegmentVisibility(info.short_name, tumour)
+            display.SetSegmentVisibility2DFill(info.short_name, False)
+            display.SetSegmentVisibility2DOutline(info.short_name, tumour)
+
+    def review_slice_nodes(self) -> dict[str, Any]:
+        """The slice nodes of the review views (by modality) that exist in the scene."""
+        out = {}
+        for node in mrml.nodes_by_class(self.scene, "vtkMRMLSliceNode"):
+            modality = next((m for m, view in REVIEW_VIEWS.items() if node.GetLayoutName() == view), None)
+            if modality is not None:
+                out[modality] = node
+        return out
+
+    def fit_review_views(self, slice_logics: Mapping[str, Any] | None = None) -> list[Any]:
+        """Fit every review view to its volume: field of view and slice offset (else a view may show nothing).
+
+        Args:
+            slice_logics: the application's ``vtkMRMLSliceLogic`` of each review view, by
+                view name (always pass them inside Slicer); without them (no application,
+                e.g. slicer-core) a temporary slice logic per view does the same fit.
+
+        Returns:
+            The slice nodes that were fitted.
+        """
+        import slicer
+
+        fitted = []
+        for modality, node in self.review_slice_nodes().items():
+            logic = (slice_logics or {}).get(REVIEW_VIEWS[modality])
+            if logic is not None:
+                logic.FitSliceToAll()
+            else:
+                # Without the application: the same fit by a slice logic of our own, which adds its
+                # helper nodes (slice model, display nodes) to the scene; they are removed afterwards.
+                before = set(mrml.node_ids(self.scene))
+                logic = slicer.vtkMRMLSliceLogic()
+                try:
+                    logic.SetMRMLScene(self.scene)
+                    logic.SetSliceNode(node)
+                    logic.FitSliceToAll()
+                finally:
+                    logic.SetMRMLScene(None)
+                    for added in [i for i in mrml.node_ids(self.scene) if i not in before][::-1]:
+                        helper = self.scene.GetNodeByID(added)
+                        if helper is not None:
+                            self.scene.RemoveNode(helper)
+            fitted.append(node)
+        return fitted
 
     def original_volumes(self, segmentation: Any) -> dict[str, Any]:
         """The input volumes the label map was prepared from (T1, and T1ce/T2/FLAIR when given)."""

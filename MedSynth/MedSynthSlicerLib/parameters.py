@@ -8,16 +8,29 @@ single source of the combo boxes' entries.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
-#: Device choices offered in the module ("cuda" is shown as GPU).
+#: Every device ``medsynth synthesize`` knows ("cuda" is shown as GPU).
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 EXPORT_FORMATS: tuple[str, ...] = ("nifti", "dicom")
 EXPORT_NAMINGS: tuple[str, ...] = ("brats2021", "brats2023")
 #: Tumour-label conventions of an input segmentation (MedSynthLib.schema.labels.CONVENTIONS).
 LABEL_CONVENTIONS: tuple[str, ...] = ("brats2021", "brats2023", "msd", "brats2015")
+
+
+def platform_devices(system: Optional[str] = None) -> tuple[str, ...]:
+    """The device choices the module offers on a platform (``platform.system()`` by default).
+
+    PyTorch has no CUDA build for macOS and Apple's MPS exists only there, so a
+    Mac is offered auto/MPS/CPU and every other platform auto/CUDA/CPU.
+    """
+    system = platform.system() if system is None else system
+    return ("auto", "mps", "cpu") if system == "Darwin" else ("auto", "cuda", "cpu")
+
+
 RATINGS: tuple[int, int] = (0, 5)  # 0 = not rated, 1 (poor) .. 5 (indistinguishable from real)
 NOTE_MAX_CHARS = 500
 
