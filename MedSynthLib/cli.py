@@ -342,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.writer import export_cases
+    from .export.dicom import export_cases
 
     if args.naming is not None and args.format != "nifti":
         raise _UsageError("medsynth export: --naming applies to --format nifti only")

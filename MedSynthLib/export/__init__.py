@@ -1,2 +1,2 @@
-"""Export of synthetic cases as BraTS NIfTI or DICOM, marked synthetic (``writer``).
+"""Export of synthetic cases as BraTS NIfTI or DICOM, marked synthetic (``dicom``, to be split by concern).
 """
