@@ -26,7 +26,7 @@ import copy
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -35,9 +35,6 @@ from ..schema.grid import Grid
 from ..schema.labels import Label
 from .encoding import encode_intensities
 from .sanitise import provenance_summary
-
-if TYPE_CHECKING:
-    from .package import SyntheticCase
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -219,7 +216,7 @@ def _mr_series(modality: str, values: np.ndarray, grid: Grid, ctx: _DicomContext
     return datasets
 
 
-def _segmentation(case: SyntheticCase, t1: list[Any], ctx: _DicomContext) -> Any:
+def _segmentation(case: Any, t1: list[Any], ctx: _DicomContext) -> Any:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -268,7 +265,7 @@ def _segmentation(case: SyntheticCase, t1: list[Any], ctx: _DicomContext) -> Any
     return seg
 
 
-def write_dicom_case(case: SyntheticCase, folder: Path, case_id: str, exported_at: datetime,
+def write_dicom_case(case: Any, folder: Path, case_id: str, exported_at: datetime,
                      provenance: dict[str, Any]) -> list[str]:
     """Write the MR series and the Segmentation of one case into ``folder``; returns relative paths."""
     import highdicom as hd

@@ -9,15 +9,12 @@ is written fresh from its voxels and grid, so no header text of an input travels
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..schema.labels import Label, schema_to_tumour
 from .encoding import encode_intensities
-
-if TYPE_CHECKING:
-    from .package import SyntheticCase
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -36,7 +33,7 @@ def anatomy_array(labels: np.ndarray) -> np.ndarray:
     return np.where(labels <= Label.WM, labels, 0).astype(np.uint8)
 
 
-def write_nifti_case(case: SyntheticCase, folder: Path, case_id: str, naming: str = "brats2021") -> list[str]:
+def write_nifti_case(case: Any, folder: Path, case_id: str, naming: str = "brats2021") -> list[str]:
     """Write the BraTS-named NIfTI files of one case into ``folder``; returns the file names."""
     from ..schema.volume_io import write_image
 

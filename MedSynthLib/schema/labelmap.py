@@ -30,14 +30,18 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
     """
     path = Path(path)
     sidecar = sidecar_path(path)
-    with output_lock(path, shared=True):
-        image = read_image(path)
-        meta = None
-        if sidecar.exists():
-            try:
-                meta = json.loads(sidecar.read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(sidecar, f"unreadable provenance sidecar ({exc})") from None
+    for attempt in range(3):  # a write that starts while reading shows as a hash mismatch: read again
+        with output_lock(path, shared=True):
+            image = read_image(path)
+            meta = None
+            if sidecar.exists():
+                try:
+                    meta = json.loads(sidecar.read_text())
+                except (OSError, ValueError) as exc:
+                    raise InputError(sidecar, f"unreadable provenance sidecar ({exc})") from None
+        expected = meta.get("labels_sha256") if isinstance(meta, dict) else None
+        if expected is None or expected == array_sha256(_schema_array(image)):
+            break
     array = sitk.GetArrayFromImage(image)
     try:
         check_label_map(array)
@@ -62,6 +66,11 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
         history = list(raw_history) if isinstance(raw_history, list) else []
         privacy = PrivacyRecord.from_json(meta.get("privacy"))
     return LabelMap(array, Grid.from_image(image), history, privacy=privacy)
+
+
+def _schema_array(image: sitk.Image) -> np.ndarray:
+    array = sitk.GetArrayFromImage(image)
+    return array.astype(np.uint8) if array.min() >= 0 and array.max() <= 255 else array
 
 
 def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:

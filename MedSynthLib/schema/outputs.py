@@ -3,13 +3,12 @@
 Every command that writes an output (a label map with its sidecar, a synthetic case
 folder) builds it in a hidden staging folder beside the output, then commits it
 while holding an exclusive ``fcntl`` lock on a lock file beside the output
-(``.NAME.medsynth-lock``).  Under the lock it checks again whether the output exists
+(``.NAME.medsynth-lock``, removed again when the commit is done).  Under the lock it checks again whether the output exists
 (another run may have finished meanwhile): without ``overwrite`` it refuses and
 nothing of this run is left; with ``overwrite`` it replaces only the files it
 writes, so a user's other files in an output folder stay.  Readers of a label map
 take the same lock shared, so they never see one run's image with another's sidecar.
 Staging folders of runs that were killed are removed by the next run on that output.
-The lock file itself stays (removing it would let two runs lock different files).
 """
 
 from __future__ import annotations
@@ -35,22 +34,44 @@ def lock_path(target: Path) -> Path:
 
 @contextlib.contextmanager
 def output_lock(target: str | os.PathLike[str], *, shared: bool = False) -> Iterator[None]:
-    """Hold the lock of ``target`` (exclusive to write, shared to read); blocks until it is free."""
+    """Hold the lock of ``target`` (exclusive to write, shared to read); blocks until it is free.
+
+    A writer creates the lock file and removes it before releasing, so no lock file is left
+    beside an output.  Whoever locks checks that the file it locked is still the one at the
+    path (a writer may have removed it meanwhile) and otherwise tries again.  A reader never
+    creates the lock file: without one no write is in progress.
+    """
     target = Path(target)
     path = lock_path(target)
-    if shared:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # no lock file (never written by a locking MedSynth) or unreadable: nothing to wait for
-            yield
-            return
-    else:
+    if not shared:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            if shared:
+                yield
+                return
+            raise
+        except OSError:
+            if shared:  # unreadable lock file (another user's): read without it, the hash check still holds
+                yield
+                return
+            raise
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file a finished writer had already removed: try again
+    try:
         yield
     finally:
+        if not shared:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         os.close(fd)  # closing releases the lock
 
 
