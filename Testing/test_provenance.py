@@ -175,7 +175,10 @@ def test_free_tokens_and_nested_keys_never_leave():
 
 def test_slicer_and_export_ratings_agree():
     """Slicer stores 0 for 'not rated'; the export keeps 0..5 the same way."""
-    from MedSynth.MedSynthSlicerLib.parameters import RATINGS
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedSynth"))  # as the Slicer tests import it
+    from MedSynthSlicerLib.parameters import RATINGS
 
     assert tuple(RATINGS) == RATING_RANGE
     for rating in range(RATING_RANGE[0], RATING_RANGE[1] + 1):

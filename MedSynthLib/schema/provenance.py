@@ -472,7 +472,9 @@ class PrivacyRecord:
         has_tumour = bool((array >= Label.NCR).any())
         if start == "derive_labels":
             # Later steps unmeasured: the bound of an unedited map (edits keep the brain outline).
-            return cls("patient", 1.0, 1.0 if has_tumour else None, "patient" if has_tumour else "unknown")
+            unedited = len(history) == 1
+            return cls("patient", 1.0, 1.0 if has_tumour else None,
+                       "patient" if has_tumour and unedited else ("none" if unedited else "unknown"))
         if start == "template_labels":
             origin = "none" if not has_tumour else ("unknown" if len(history) > 1 else "none")
             return cls("template", None, None, origin)
