@@ -342,14 +342,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.writer import export_cases
+    from .export.package import export_cases
 
     if args.naming is not None and args.format != "nifti":
         raise _UsageError("medsynth export: --naming applies to --format nifti only")
     cases = list(args.cases)
     with _progress(2 * len(cases), "export") as step:
         targets = export_cases(cases, args.output, args.format, naming=args.naming or "brats2021",
-                               case_id=args.case_id, overwrite=args.overwrite, progress=step)
+                               case_id=args.case_id, overwrite=args.overwrite, anonymous=args.anonymous,
+                               progress=step)
     for target in targets:
         print(f"{target}: synthetic case exported ({args.format})")
     return 0
@@ -498,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-id", metavar="ID",
                    help="case id of a single case (default: generated SYNTH-<hash> of the synthetic content)")
     p.add_argument("--overwrite", action="store_true", help="replace existing exported case folders")
+    p.add_argument("--anonymous", action="store_true",
+                   help="refuse a case whose label map is a patient's own or too close to it (README: "
+                        "'What is and is not anonymous')")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the registered models and verify their files")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -20,11 +21,12 @@ import SimpleITK as sitk
 
 from MedSynthLib.cases.readers import read_case
 from MedSynthLib.cli import main
-from MedSynthLib.export.writer import (DEIDENTIFICATION_METHOD, MODALITIES, NAMINGS, encode_intensities, export_cases,
+from MedSynthLib.export import (DEIDENTIFICATION_METHOD, MODALITIES, NAMINGS, encode_intensities, export_cases,
                                        read_synthetic_case, sanitise_provenance)
 from MedSynthLib.schema.grid import Grid
+from MedSynthLib.synthesis.models import read_registry
 from MedSynthLib.schema.labels import CONVENTIONS, Label, schema_to_tumour
-from MedSynthLib.schema.provenance import array_sha256, software_versions
+from MedSynthLib.schema.provenance import OUTPUT_FILES, array_sha256, file_sha256, label_map_record, software_versions
 
 SHAPE = (36, 40, 32)  # (k, j, i): size (32, 40, 36)
 SPACING = (0.9, 1.1, 1.3)
@@ -45,6 +47,9 @@ OBLIQUE = tuple((_rotation(8, -6, 15) @ np.diag([-1.0, -1.0, 1.0])).ravel())
 LEFT_HANDED = tuple((_rotation(0, 5, -10) @ np.diag([-1.0, 1.0, 1.0])).ravel())
 GEOMETRIES = {"oblique": OBLIQUE, "left_handed": LEFT_HANDED}
 IDENTIFIERS = (b"Doe", b"MRN12345", b"hospital")
+#: A registered model: the export names a model only when the registry lists that name with its sha256.
+MODEL_NAME = read_registry()["default"]
+MODEL_SHA = read_registry()["models"][MODEL_NAME]["sha256"]
 
 
 def _phantom(scale: float = 1.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -77,7 +82,7 @@ def _provenance(labels: np.ndarray, **extra) -> dict:
         "kind": "medsynth-synthetic-case",
         "synthetic": True,
         "label_schema_version": 1,
-        "model": {"name": "medsynth-brats-v1", "sha256": "ab" * 32},
+        "model": {"name": MODEL_NAME, "sha256": MODEL_SHA},
         "labels_sha256": array_sha256(labels),
         "edits": [
             {"name": "derive_labels", "params": {"convention": "brats2021", "label_convention": "brats2021",
@@ -120,7 +125,10 @@ def make_case(folder: Path, direction=OBLIQUE, scale: float = 1.0, descrip: byte
     for modality, array in images.items():
         _write(array, folder / f"{modality}.nii.gz", direction, descrip)
     _write(labels, folder / "labels.nii.gz", direction, descrip)
-    (folder / "provenance.json").write_text(json.dumps(provenance or _provenance(labels), indent=2))
+    (folder / "labels.json").write_text(json.dumps(label_map_record([], labels)))
+    provenance = dict(provenance or _provenance(labels))
+    provenance.setdefault("files", {name: file_sha256(folder / name) for name in OUTPUT_FILES})
+    (folder / "provenance.json").write_text(json.dumps(provenance, indent=2))
     return folder
 
 
@@ -324,6 +332,8 @@ def test_dicom_strictly_valid_and_partial_tumours(variant, tmp_path, monkeypatch
     labels = labels.astype(np.uint8)
     case = make_case(tmp_path / "synth_out", provenance=_provenance(labels))
     _write(labels, case / "labels.nii.gz", OBLIQUE)
+    (case / "labels.json").write_text(json.dumps(label_map_record([], labels)))
+    _rehash(case)
     dicom = export_cases([case], tmp_path / "exp", "dicom")[0]
     for path in dicom.rglob("*.dcm"):
         pydicom.dcmread(path)
@@ -363,8 +373,8 @@ def test_dicom_tags(exported):
                         if item.Manufacturer == "MedSynth" and "SYNTHETIC" in item.ContributionDescription]
         assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # processing equipment
         assert equipment.Manufacturer == "MedSynth"
-        assert "SYNTHETIC" in equipment.ContributionDescription and "ab" * 32 in equipment.ContributionDescription
-        assert "medsynth-brats-v1" in equipment.ManufacturerModelName
+        assert "SYNTHETIC" in equipment.ContributionDescription and MODEL_SHA in equipment.ContributionDescription
+        assert MODEL_NAME in equipment.ManufacturerModelName
         studies.add(ds.StudyInstanceUID)
         frames.add(ds.FrameOfReferenceUID)
         series.setdefault(path.parent.name, set()).add(ds.SeriesInstanceUID)
@@ -376,7 +386,7 @@ def test_dicom_tags(exported):
             assert ds.ContentDate == ds.StudyDate and ds.ContentTime
             assert ds.BitsAllocated == 16 and ds.PixelRepresentation == 1
             comments = ds.ImageComments
-            assert "SYNTHETIC" in comments and "medsynth-brats-v1" in comments and "ab" * 32 in comments
+            assert "SYNTHETIC" in comments and MODEL_NAME in comments and MODEL_SHA in comments
             assert "seed 7" in comments and "translate" in comments
         else:
             assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and ds.Modality == "SEG"
@@ -389,7 +399,7 @@ def test_dicom_tags(exported):
 def test_dicom_provenance_is_sanitised_and_summarised(exported):
     provenance = json.loads((exported["dicom"] / "provenance.json").read_text())
     assert provenance["synthetic"] is True and provenance["kind"] == "medsynth-synthetic-case"
-    assert provenance["model"] == {"name": "medsynth-brats-v1", "sha256": "ab" * 32}
+    assert provenance["model"] == {"name": MODEL_NAME, "sha256": MODEL_SHA}
     assert provenance["seed"] == 7 and provenance["precision"] == "fp32"
     assert [e["name"] for e in provenance["edits"]] == ["derive_labels", "translate", "insert_tumour"]
     assert "source" not in provenance["edits"][2]["params"]  # names a source case
@@ -465,7 +475,7 @@ def test_no_source_identifier_anywhere(fmt, tmp_path, capsys):
                 assert word not in blob, f"{word!r} found in {path.relative_to(out)}"
     exported_provenance = json.loads((_case_dir(out) / "provenance.json").read_text())
     assert exported_provenance["export"]["removed_fields"] >= 7
-    assert exported_provenance["model"]["name"] == "unnamed"
+    assert exported_provenance["model"]["name"] == "unregistered"
     assert exported_provenance["edits"][1]["params"] == {"offset_ras_mm": [4.0, -2.0, 1.5]}
 
 
@@ -479,7 +489,7 @@ def test_sanitise_provenance_whitelist():
     raw["edits"][1]["params"]["offset_ras_mm"] = [1.0, "/home/x", 2.0]
     clean, removed = sanitise_provenance(raw, grid)
     assert set(clean) == {"kind", "synthetic", "label_schema_version", "model", "labels_sha256", "edits", "seed",
-                          "device", "precision", "grid", "software", "timings_s"}
+                          "device", "precision", "grid", "software", "timings_s", "privacy"}
     assert clean["edits"][0]["params"] == {"label_convention": "brats2021",
                                            "anatomy_model": {"beta": 2.0, "iterations": 6,
                                                              "name": "kmeans-gaussian-mrf"}}
@@ -539,6 +549,14 @@ def test_overwrite(tmp_path, capsys):
 # --- bad input ---------------------------------------------------------------------------------
 
 
+def _rehash(case: Path) -> Path:
+    """Record the folder's current files as written (a case made that way, not changed afterwards)."""
+    provenance = json.loads((case / "provenance.json").read_text())
+    provenance["files"] = {name: file_sha256(case / name) for name in OUTPUT_FILES}
+    (case / "provenance.json").write_text(json.dumps(provenance))
+    return case
+
+
 def _missing_modality(tmp: Path):
     case = make_case(tmp / "synth_out")
     (case / "t2.nii.gz").unlink()
@@ -550,14 +568,14 @@ def _different_grids(tmp: Path):
     flair = sitk.ReadImage(str(case / "flair.nii.gz"))
     flair.SetOrigin((12.0, -20.0, 5.0))
     sitk.WriteImage(flair, str(case / "flair.nii.gz"), useCompression=True)
-    return [case], tmp / "exp", "not on the grid of labels.nii.gz: origin"
+    return [_rehash(case)], tmp / "exp", "not on the grid of labels.nii.gz: origin"
 
 
 def _resized(tmp: Path):
     case = make_case(tmp / "synth_out")
     t1 = sitk.ReadImage(str(case / "t1.nii.gz"))
     sitk.WriteImage(t1[:, :, :-2], str(case / "t1.nii.gz"), useCompression=True)
-    return [case], tmp / "exp", "size"
+    return [_rehash(case)], tmp / "exp", "size"
 
 
 def _target_under_a_file(tmp: Path):
@@ -580,7 +598,37 @@ def _labels_changed(tmp: Path):
     edited = sitk.GetImageFromArray(array)
     edited.CopyInformation(labels)
     sitk.WriteImage(edited, str(case / "labels.nii.gz"), useCompression=True)
-    return [case], tmp / "exp", "labels_sha256 differs"
+    (case / "labels.json").write_text(json.dumps(label_map_record([], array)))
+    return [_rehash(case)], tmp / "exp", "labels_sha256 differs"
+
+
+def _scan_from_elsewhere(tmp: Path) -> Path:
+    """Another image on the case's grid, standing in for a real patient's T1."""
+    scan = sitk.ReadImage(str(make_case(tmp / "hospital" / "Doe_John", scale=1.7) / "t1.nii.gz"))
+    path = tmp / "hospital" / "Doe_John_t1.nii.gz"
+    sitk.WriteImage(scan, str(path), useCompression=True)
+    return path
+
+
+def _real_t1_copied(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    shutil.copyfile(_scan_from_elsewhere(tmp), case / "t1.nii.gz")
+    return [case], tmp / "exp", "t1.nii.gz: does not match the sha256 recorded in provenance.json"
+
+
+def _real_t1_linked(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    (case / "t1.nii.gz").unlink()
+    (case / "t1.nii.gz").symlink_to(_scan_from_elsewhere(tmp))
+    return [case], tmp / "exp", "t1.nii.gz: is a link"
+
+
+def _no_checksums(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    provenance = json.loads((case / "provenance.json").read_text())
+    del provenance["files"]
+    (case / "provenance.json").write_text(json.dumps(provenance))
+    return [case], tmp / "exp", "records no file checksums"
 
 
 def _batch_one_bad(tmp: Path):
@@ -602,7 +650,7 @@ def _bad_case_id(tmp: Path):
 
 
 BAD = [_missing_modality, _different_grids, _resized, _target_under_a_file, _not_synthetic, _labels_changed,
-       _batch_one_bad, _other_schema, _bad_case_id]
+       _batch_one_bad, _other_schema, _bad_case_id, _real_t1_copied, _real_t1_linked, _no_checksums]
 
 
 @pytest.mark.parametrize("fmt", ["nifti", "dicom"])
@@ -648,16 +696,18 @@ def test_naming_only_for_nifti(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("review, expected", [
+    # The note is the reviewer's free text (it may name someone): kept in the case folder, never exported.
     ({"rating": 4, "note": "rim too thin", "reviewed_at": "2026-11-26T21:00:00+00:00"},
-     {"rating": 4, "note": "rim too thin", "reviewed_at": "2026-11-26T21:00:00+00:00"}),
-    ({"rating": 5, "note": "ok", "reviewer": "Dr Doe"}, {"rating": 5, "note": "ok"}),  # unknown key dropped
+     {"rating": 4, "reviewed_at": "2026-11-26T21:00:00+00:00"}),
+    ({"rating": 5, "note": "ok", "reviewer": "Dr Doe"}, {"rating": 5}),  # unknown key dropped
+    ({"rating": 0, "note": "Dr Doe saw it"}, {"rating": 0}),  # 0 = not rated, as the Slicer module stores it
     ({"rating": 9, "note": "out of range"}, None),
     ({"rating": True}, None),
     ("five stars", None),
 ])
 def test_review_is_whitelisted(review, expected):
-    """A clinician's review survives the provenance whitelist as rating/note/time only."""
-    from MedSynthLib.export.writer import sanitise_provenance
+    """A clinician's review survives the typed record as rating (0-5, 0 = not rated) and time only."""
+    from MedSynthLib.export import sanitise_provenance
 
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1:3, 1:4, 1:5] = Label.WM
@@ -668,5 +718,6 @@ def test_review_is_whitelisted(review, expected):
     assert clean.get("review") == expected
     assert clean["edits"] == [manual], "Segment Editor strokes are recorded as counts"
     assert "reviewer" not in json.dumps(clean) and "Dr Doe" not in json.dumps(clean)
+    assert "note" not in json.dumps(clean)
     if expected is None or set(review) - {"rating", "note", "reviewed_at"}:
         assert removed >= 1

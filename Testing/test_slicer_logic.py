@@ -638,6 +638,23 @@ def test_export_nifti_and_dicom_through_medsynthlib_never_overwriting(case, tmp_
     case.assert_inputs_unchanged()
 
 
+@pytest.mark.realdata
+def test_export_sends_the_review_through_medsynthlibs_sanitiser(case, tmp_path):
+    """The export used to write the raw review back after the sanitiser (a patient_mrn survived)."""
+    outputs = case.outputs
+    assert outputs, "needs the generate test"
+    case.logic.set_review(outputs, 0, "seen with Dr Doe")  # 0 = not rated, as the module stores it
+    folder = case.logic.case_folder(outputs)
+    provenance = json.loads((folder / "provenance.json").read_text())
+    provenance["review"]["patient_mrn"] = "MRN12345"
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+    targets = case.logic.export(outputs, "nifti", tmp_path / "nifti")
+    text = (targets[0] / "provenance.json").read_text()
+    assert "MRN12345" not in text and "patient_mrn" not in text and "Dr Doe" not in text
+    assert json.loads(text)["review"]["rating"] == 0
+    assert json.loads(text)["privacy"]["anatomy"] == "patient"  # a BraTS case's own anatomy: not anonymous
+
+
 def _not_writable_folder(tmp_path: Path) -> Path | None:
     folder = tmp_path / "read-only"
     folder.mkdir()

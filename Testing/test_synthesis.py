@@ -441,10 +441,10 @@ def test_synthesize_refuses_existing_output(tiny_model: Path, good_labels: Path,
     assert "Traceback" not in captured.err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
-    # --overwrite replaces it atomically.
+    # --overwrite replaces MedSynth's own files only: the user's note stays (issue 15, item 5).
     assert main(argv + ["--overwrite"]) == 0
     capsys.readouterr()
-    assert "mine.txt" not in {p.name for p in out.iterdir()} and (out / "t1.nii.gz").is_file()
+    assert (out / "mine.txt").read_text() == "keep" and (out / "t1.nii.gz").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
 
 

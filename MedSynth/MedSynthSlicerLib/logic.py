@@ -211,7 +211,6 @@ class ExportJob:
     case_dir: Path
     folder: Path
     fmt: str
-    review: dict[str, Any] | None
     status: str = "running"
     targets: list[Path] = field(default_factory=list)
 
@@ -1275,7 +1274,8 @@ class WorkflowLogic:
 
         Written as node attributes (``MedSynth.Rating``, ``MedSynth.ReviewNote``,
         ``MedSynth.ReviewedAt``) on every output volume and as ``review`` in the
-        case's ``provenance.json``, from where :meth:`export` carries it.
+        case's ``provenance.json``; :meth:`export` carries the rating and its time (the
+        note is free text and stays in the case folder).
         """
         from MedSynthLib.schema.volume_io import write_json
 
@@ -1334,10 +1334,6 @@ class WorkflowLogic:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise WorkflowError(f"{existing}: the export folder is not writable; choose another folder")
         case_dir = self.case_folder(outputs)
-        try:
-            review = json.loads((case_dir / "provenance.json").read_text()).get("review")
-        except (OSError, ValueError):
-            review = None
         runner = ProcessRunner(progress_parser=_StepProgress(_EXPORT_STEPS))
         runner.output.connect(self.log.emit)
         runner.progress.connect(self.progress.emit)
@@ -1348,12 +1344,14 @@ class WorkflowLogic:
             runner.start(command, env=backend_env())
         except OSError as exc:
             raise WorkflowError(f"cannot start the export process ({exc})") from None
-        return ExportJob(runner, case_dir, folder, fmt, review)
+        return ExportJob(runner, case_dir, folder, fmt)
 
     def finish_export(self, job: ExportJob) -> list[Path]:
-        """The exported case folder(s); the clinician's review is kept in their provenance."""
-        from MedSynthLib.schema.volume_io import write_json
+        """The exported case folder(s).
 
+        The clinician's review reaches the export through MedSynthLib's sanitiser only (the
+        rating and its time; the free-text note stays in the case folder), as on the CLI.
+        """
         if job.runner.is_running():
             job.runner.wait()
         if job.runner.cancelled:
@@ -1372,16 +1370,6 @@ class WorkflowLogic:
                 targets.append(Path(match.group(1)))
         if not targets:
             raise WorkflowError("export finished but reported no case folder")
-        if job.review:
-            for target in targets:
-                path = target / "provenance.json"
-                try:
-                    provenance = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                if provenance.get("review") != job.review:
-                    provenance["review"] = job.review  # the export's sanitiser drops unknown fields
-                    write_json(provenance, path, overwrite=True)
         job.status = "done"
         job.targets = targets
         self.log.emit("exported: " + ", ".join(str(t) for t in targets))

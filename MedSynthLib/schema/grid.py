@@ -140,6 +140,8 @@ class LabelMap:
     grid: Grid
     history: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    #: :class:`~MedSynthLib.schema.provenance.PrivacyRecord` measured step by step (None: inferred from history).
+    privacy: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
@@ -154,5 +156,8 @@ class LabelMap:
 
     def with_array(self, array: np.ndarray, record: dict[str, Any] | None = None) -> "LabelMap":
         """A new label map on the same grid, its history extended by ``record``."""
+        from .provenance import privacy_of
+
         history = list(self.history) + ([record] if record is not None else [])
-        return LabelMap(array, self.grid, history, self.schema_version)
+        privacy = privacy_of(self).after_step(self.array, np.asarray(array), record)
+        return LabelMap(array, self.grid, history, self.schema_version, privacy)

@@ -12,19 +12,36 @@ import SimpleITK as sitk
 from .errors import InputError
 from .grid import Grid, LabelMap
 from .labels import SCHEMA_VERSION, LabelValueError, check_label_map
-from .provenance import label_map_record, sidecar_path
+from .outputs import commit_files, output_lock, staging_folder
+from .provenance import PrivacyRecord, array_sha256, label_map_record, privacy_of, sidecar_path
 from .volume_io import check_writable, read_image, write_image, write_json
 
 
 def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) -> LabelMap:
-    """Read a 7-class label map; its sidecar history is picked up when present.
+    """Read a 7-class label map; its sidecar history (and measured privacy) is picked up when present.
+
+    The image and its sidecar are read under the output's shared lock, so a concurrent
+    write is seen whole or not at all, and the sidecar's ``labels_sha256`` must match the
+    voxels (an image whose sidecar belongs to another map is refused).
 
     Raises:
-        InputError: unreadable, not 3D, values outside 0-6, an empty brain, or a sidecar
-            written for another schema version.
+        InputError: unreadable, not 3D, values outside 0-6, an empty brain, a sidecar
+            written for another schema version, or a sidecar whose hash does not match.
     """
     path = Path(path)
-    image = read_image(path)
+    sidecar = sidecar_path(path)
+    for attempt in range(3):  # a write that starts while reading shows as a hash mismatch: read again
+        with output_lock(path, shared=True):
+            image = read_image(path)
+            meta = None
+            if sidecar.exists():
+                try:
+                    meta = json.loads(sidecar.read_text())
+                except (OSError, ValueError) as exc:
+                    raise InputError(sidecar, f"unreadable provenance sidecar ({exc})") from None
+        expected = meta.get("labels_sha256") if isinstance(meta, dict) else None
+        if expected is None or expected == array_sha256(_schema_array(image)):
+            break
     array = sitk.GetArrayFromImage(image)
     try:
         check_label_map(array)
@@ -34,17 +51,26 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
     if require_brain and not array.any():
         raise InputError(path, "empty brain: the label map has no brain voxels")
     history: list = []
-    sidecar = sidecar_path(path)
-    if sidecar.exists():
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(sidecar, f"unreadable provenance sidecar ({exc})") from None
+    privacy = None
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise InputError(sidecar, "not a MedSynth label-map sidecar (a JSON object is expected)")
         if meta.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise InputError(sidecar, f"label schema version {meta.get('schema_version')} is not "
                                       f"this MedSynth's schema version {SCHEMA_VERSION}")
-        history = list(meta.get("history", []))
-    return LabelMap(array, Grid.from_image(image), history)
+        expected = meta.get("labels_sha256")
+        if expected is not None and expected != array_sha256(array):
+            raise InputError(sidecar, f"does not match {path.name} (labels_sha256 differs): the image or the "
+                                      "sidecar was replaced by another run or by hand")
+        raw_history = meta.get("history", [])
+        history = list(raw_history) if isinstance(raw_history, list) else []
+        privacy = PrivacyRecord.from_json(meta.get("privacy"))
+    return LabelMap(array, Grid.from_image(image), history, privacy=privacy)
+
+
+def _schema_array(image: sitk.Image) -> np.ndarray:
+    array = sitk.GetArrayFromImage(image)
+    return array.astype(np.uint8) if array.min() >= 0 and array.max() <= 255 else array
 
 
 def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:
@@ -52,10 +78,23 @@ def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:
     return [Path(path), sidecar_path(path)]
 
 
+def write_label_map_files(labelmap: LabelMap, path: str | os.PathLike[str]) -> list[Path]:
+    """Write image and sidecar without locking (into a folder this run owns, e.g. a staging folder)."""
+    outputs = label_map_outputs(path)
+    write_image(labelmap.image(), outputs[0])
+    write_json(label_map_record(labelmap.history, labelmap.array, privacy_of(labelmap)), outputs[1])
+    return outputs
+
+
 def write_label_map(labelmap: LabelMap, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write the label map (uint8 NIfTI) and its provenance sidecar, each atomically."""
+    """Write the label map (uint8) and its provenance sidecar as one unit.
+
+    Both are built in a staging folder beside the output and moved into place under the
+    output's lock, after checking again that neither exists (unless ``overwrite``).
+    """
     outputs = label_map_outputs(path)
     check_writable(outputs, overwrite)
-    write_image(labelmap.image(), outputs[0], overwrite=overwrite)
-    write_json(label_map_record(labelmap.history, labelmap.array), outputs[1], overwrite=overwrite)
+    with staging_folder(outputs[0]) as stage:
+        staged = write_label_map_files(labelmap, stage / outputs[0].name)
+        commit_files(dict(zip(staged, outputs)), overwrite=overwrite)
     return outputs[0]

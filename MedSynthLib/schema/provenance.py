@@ -1,23 +1,45 @@
-"""One provenance record that flows from label map to edit to synthesis to export.
+"""Typed provenance records: one code path reads, writes, validates and sanitises them.
 
 A label map written by MedSynth carries a JSON sidecar (``labels.nii.gz`` ->
-``labels.json``) with the schema version and the ordered history of the steps
-that made it: how its anatomy was derived and every tumour edit with its exact
-parameters, so the map can be replayed.  Records never hold file paths or
-source-patient identifiers.
+``labels.json``, :class:`LabelMapRecord`) with the schema version and the ordered
+history of the steps that made it: how its anatomy was derived and every tumour
+edit with its exact parameters, so the map can be replayed.  A synthetic case
+folder carries ``provenance.json`` (:class:`SynthesisRecord`), an export its own
+``provenance.json`` (the synthesis record sanitised, plus :class:`ExportRecord`).
+
+Every step of a history is a dataclass registered in :data:`RECORD_KINDS` under the
+name it is written with (``derive_labels``, ``translate``, ..., the Slicer module's
+``tumour_from_segmentation`` and ``manual_segment_edit``).  Its fields are typed:
+numbers, booleans, 3-vectors, and strings only from a closed set of values
+(:class:`OneOf`) or a strict pattern (:class:`Pattern`).  :func:`parse_step` turns a
+JSON record into its dataclass, dropping (and counting) every field or value that is
+not of its type; :meth:`StepRecord.to_json` writes it back, with ``for_export=True``
+leaving out the fields that may name a real case (``local_only``).  So what may leave
+MedSynth is an allow-list of typed fields, not a filter on key names: a free token
+(a case name, a person's name, a path) has no field it could travel in.
+
+Older files (written before these records were typed) read the same way: their
+records have the same names and parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import platform
+import re
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
 from .. import __version__
-from .labels import SCHEMA_VERSION
+from .labels import CONVENTIONS, SCHEMA_VERSION, Label
+
+# --- files and hashes -------------------------------------------------------------------------
 
 
 def sidecar_path(image_path: str | Path) -> Path:
@@ -36,11 +58,23 @@ def array_sha256(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+SOFTWARE_PACKAGES = ("numpy", "scipy", "SimpleITK", "torch", "monai", "nilearn")
+
+
 def software_versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     versions = {"medsynth": __version__, "python": platform.python_version()}
-    for package in ("numpy", "scipy", "SimpleITK", "torch", "monai", "nilearn"):
+    for package in SOFTWARE_PACKAGES:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -48,12 +82,603 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def label_map_record(history: list[dict[str, Any]], array: np.ndarray) -> dict[str, Any]:
+# --- value types --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A string field that may only hold one of these values."""
+
+    values: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string field that must match this pattern in full."""
+
+    regex: str
+
+
+class LabelCounts:
+    """A ``{label name: int}`` field (keys only from the label schema)."""
+
+
+class Unchecked:
+    """A JSON value kept in a local file as written but never exported (free text, source ids)."""
+
+
+Vec3 = tuple[float, float, float]
+SHA256 = Annotated[str, Pattern(r"[0-9a-f]{64}")]
+#: Versions like 2.13.0, 1.26.4, 2.13.0+cpu, 0.28.2rc1: no free token can pass.
+VERSION = Annotated[str, Pattern(r"\d{1,4}(\.\d{1,4}){0,3}((a|b|rc|\.post|\.dev)\d{1,4})?(\+(cpu|cu\d{2,3}|rocm[\d.]{1,8}))?")]
+DEVICE = Annotated[str, Pattern(r"cpu|mps|cuda(:\d{1,2})?")]
+TIMESTAMP = Annotated[str, Pattern(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?([+-]\d{2}:\d{2}|Z)?")]
+LABEL_CONVENTION = Annotated[str, OneOf(frozenset(CONVENTIONS))]
+#: Case-folder conventions of ``cases/readers.py`` plus the Slicer scene.
+CASE_CONVENTION = Annotated[str, OneOf(frozenset(CONVENTIONS) | {"slicer-scene"})]
+#: Healthy canvases MedSynth ships (``cases/template.py``).
+TEMPLATE_NAMES = frozenset({"ICBM152-2009a-sym"})
+#: Anatomy models of ``cases/anatomy.py``; a new model adds its name here to be exported.
+ANATOMY_MODEL_NAMES = frozenset({"kmeans-gaussian-mrf"})
+#: Review ratings: 0 = not rated, 1 (poor) .. 5 (indistinguishable from real).  The Slicer module and
+#: the export both use this range.
+RATING_NOT_RATED = 0
+RATING_RANGE = (0, 5)
+REVIEW_NOTE_MAX_CHARS = 500
+
+
+class _Dropped(Exception):
+    """A value that is not of its field's type (counted, never copied)."""
+
+
+class Redactions:
+    """Counts the fields and values a parse or sanitise dropped."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def drop(self, n: int = 1) -> None:
+        self.count += n
+
+
+def _coerce(value: Any, annotation: Any, redacted: Redactions) -> Any:
+    """``value`` as ``annotation`` or :class:`_Dropped`; nested records drop field by field."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *extras = get_args(annotation)
+        for extra in extras:
+            if isinstance(extra, OneOf):
+                if not isinstance(value, str) or value not in extra.values:
+                    raise _Dropped
+                return value
+            if isinstance(extra, Pattern):
+                if not isinstance(value, str) or not re.fullmatch(extra.regex, value):
+                    raise _Dropped
+                return value
+        return _coerce(value, base, redacted)
+    if annotation is Unchecked:
+        return value
+    if annotation is LabelCounts:
+        if not isinstance(value, dict):
+            raise _Dropped
+        names = {label.name for label in Label}
+        out = {}
+        for key, count in value.items():
+            if key in names and isinstance(count, int) and not isinstance(count, bool):
+                out[key] = count
+            else:
+                redacted.drop()
+        return out
+    if origin is Union or origin is types.UnionType:
+        args = get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, redacted)
+    if origin is Literal:
+        if value not in get_args(annotation) or isinstance(value, bool):
+            raise _Dropped
+        return value
+    if origin is tuple:
+        args = get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise _Dropped
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], redacted) for v in value)
+        if len(value) != len(args):
+            raise _Dropped
+        return tuple(_coerce(v, a, redacted) for v, a in zip(value, args))
+    if origin is dict:
+        key_type, value_type = get_args(annotation)
+        if not isinstance(value, dict):
+            raise _Dropped
+        out = {}
+        for key, item in value.items():
+            try:
+                out[_coerce(key, key_type, redacted)] = _coerce(item, value_type, redacted)
+            except _Dropped:
+                redacted.drop()
+        return out
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise _Dropped
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Dropped
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Dropped
+        return value
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise _Dropped
+        return _build(annotation, value, redacted)
+    raise TypeError(f"provenance field type {annotation!r} has no rule")  # a programming error
+
+
+def _build(cls: type, data: Mapping[str, Any], redacted: Redactions) -> Any:
+    """An instance of the record dataclass ``cls`` from JSON, field by field."""
+    hints = get_type_hints(cls, include_extras=True)
+    values: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        try:
+            values[f.name] = _coerce(data[f.name], hints[f.name], redacted)
+        except _Dropped:
+            redacted.drop()
+    redacted.drop(sum(1 for key in data if key not in names))
+    return cls(**values)
+
+
+def _to_json(value: Any, for_export: bool) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        hidden = getattr(value, "local_only", frozenset()) if for_export else frozenset()
+        return {f.name: _to_json(getattr(value, f.name), for_export) for f in dataclasses.fields(value)
+                if f.name not in hidden}
+    if isinstance(value, tuple):
+        return [_to_json(v, for_export) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v, for_export) for k, v in value.items()}
+    return value
+
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    """Parameters without the fields a record did not set (nested records too)."""
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
+
+
+# --- step records (the history of a label map) ------------------------------------------------
+
+#: Record name -> dataclass of its parameters.
+RECORD_KINDS: dict[str, type["StepParams"]] = {}
+
+
+def record_kind(name: str):
+    """Register a parameter dataclass under the record name it is written with."""
+
+    def register(cls: type["StepParams"]) -> type["StepParams"]:
+        cls.record_name = name
+        RECORD_KINDS[name] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """The typed parameters of one step; subclasses are the record kinds."""
+
+    record_name: ClassVar[str] = ""
+    #: Fields kept in local files (needed to replay) but never exported: they may name a real case.
+    local_only: ClassVar[frozenset[str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class AnatomyModelParams:
+    name: Annotated[str, OneOf(ANATOMY_MODEL_NAMES)] | None = None
+    beta: float | None = None
+    iterations: int | None = None
+    exclude_margin_mm: float | None = None
+    bias_correction: bool | None = None
+    max_samples: int | None = None
+
+
+@record_kind("derive_labels")
+@dataclass(frozen=True)
+class DeriveLabelsParams(StepParams):
+    """Anatomy derived from a real case's T1; tumour copied from its expert segmentation."""
+
+    convention: CASE_CONVENTION | None = None
+    label_convention: LABEL_CONVENTION | None = None
+    anatomy_model: AnatomyModelParams | None = None
+
+
+@record_kind("template_labels")
+@dataclass(frozen=True)
+class TemplateLabelsParams(StepParams):
+    """The healthy template's own label map."""
+
+    template: Annotated[str, OneOf(TEMPLATE_NAMES)] | None = None
+
+
+@record_kind("translate")
+@dataclass(frozen=True)
+class TranslateParams(StepParams):
+    offset_ras_mm: Vec3 | None = None
+
+
+@record_kind("rotate")
+@dataclass(frozen=True)
+class RotateParams(StepParams):
+    angles_deg: Vec3 | None = None
+
+
+@record_kind("scale")
+@dataclass(frozen=True)
+class ScaleParams(StepParams):
+    factors: Vec3 | None = None
+
+
+@record_kind("flip")
+@dataclass(frozen=True)
+class FlipParams(StepParams):
+    axis: Literal["LR", "AP", "SI"] | None = None
+    about: Literal["tumour", "brain"] | None = None
+
+
+@record_kind("insert_tumour")
+@dataclass(frozen=True)
+class InsertTumourParams(StepParams):
+    """``source`` names where the tumour came from (for replay): never exported."""
+
+    local_only: ClassVar[frozenset[str]] = frozenset({"source"})
+    center_ras_mm: Vec3 | None = None
+    keep_existing: bool | None = None
+    source: Unchecked | None = None
+
+
+@record_kind("parametric_tumour")
+@dataclass(frozen=True)
+class ParametricTumourParams(StepParams):
+    center_ras_mm: Vec3 | None = None
+    radii_mm: Vec3 | None = None
+    rim_mm: float | None = None
+    necrosis: bool | None = None
+    oedema_mm: float | None = None
+    irregularity: float | None = None
+    seed: int | None = None
+    keep_existing: bool | None = None
+
+
+@record_kind("tumour_from_segmentation")
+@dataclass(frozen=True)
+class TumourFromSegmentationParams(StepParams):
+    """The Slicer module: a loaded or drawn tumour segmentation put into the template."""
+
+    label_convention: LABEL_CONVENTION | None = None
+
+
+@record_kind("manual_segment_edit")
+@dataclass(frozen=True)
+class ManualSegmentEditParams(StepParams):
+    """Segment Editor strokes taken by the Slicer module: counts only."""
+
+    changed_voxels: int | None = None
+    voxel_change: LabelCounts | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One entry of a label map's history: ``{"name", "params", "schema_version"}``."""
+
+    name: str
+    params: StepParams | None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def recognised(self) -> bool:
+        return self.params is not None
+
+    def to_json(self, for_export: bool = False) -> dict[str, Any]:
+        if self.params is None:
+            return {"name": "unrecognised", "params": {}, "schema_version": self.schema_version}
+        params = _drop_none(_to_json(self.params, for_export))
+        return {"name": self.name, "params": params, "schema_version": self.schema_version}
+
+
+def parse_step(raw: Any, redacted: Redactions | None = None) -> StepRecord:
+    """A history record as its typed dataclass (``params`` None for an unknown kind)."""
+    redacted = redacted if redacted is not None else Redactions()
+    if not isinstance(raw, dict) or raw.get("name") not in RECORD_KINDS:
+        redacted.drop()
+        return StepRecord("unrecognised", None)
+    cls = RECORD_KINDS[raw["name"]]
+    params = raw.get("params", {})
+    if not isinstance(params, dict):
+        redacted.drop()
+        params = {}
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    redacted.drop(sum(1 for key in raw if key not in ("name", "params", "schema_version")))
+    return StepRecord(raw["name"], _build(cls, params, redacted),
+                      version if isinstance(version, int) and not isinstance(version, bool) else SCHEMA_VERSION)
+
+
+def parse_history(raw: Any, redacted: Redactions | None = None) -> list[StepRecord]:
+    redacted = redacted if redacted is not None else Redactions()
+    if not isinstance(raw, list):
+        if raw is not None:
+            redacted.drop()
+        return []
+    return [parse_step(item, redacted) for item in raw]
+
+
+# --- privacy: how close a label map stays to the real case it came from ---------------------------
+
+#: ``--anonymous`` refuses a case whose brain mask overlaps its source patient's at this Dice or more.
+MAX_ANONYMOUS_BRAIN_DICE = 0.5
+#: ... or whose tumour overlaps the source patient's own tumour (in place) at this Dice or more.
+MAX_ANONYMOUS_TUMOUR_DICE = 0.2
+
+
+def _dice_from_distance(distance: float) -> float:
+    jaccard = 1.0 - distance
+    return 2 * jaccard / (1 + jaccard) if jaccard > 0 else 0.0
+
+
+def _distance_from_dice(dice: float) -> float:
+    return 1.0 - dice / (2.0 - dice)
+
+
+def _jaccard_distance(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.count_nonzero(a | b))
+    return 0.0 if union == 0 else 1.0 - int(np.count_nonzero(a & b)) / union
+
+
+@dataclass(frozen=True)
+class PrivacyRecord:
+    """How much of a real patient a label map still carries, measured as it was made.
+
+    Attributes:
+        anatomy: ``patient`` (CSF/GM/WM and brain outline derived from a real case's T1),
+            ``template`` (the healthy ICBM152 template) or ``unknown`` (no history).
+        brain_dice_to_source: Dice of the brain mask against the source patient's brain mask
+            (``None`` when the anatomy is not a patient's).  Edits never move the brain
+            outline, so it stays 1.0 for a patient's anatomy.
+        tumour_dice_to_source: Dice of the tumour (NCR+ED+ET) against the source patient's
+            own tumour, in place (``None`` without a source patient tumour).  Each edit
+            measures its own change; over several edits the value is an upper bound (the
+            Jaccard distance is a metric), exact after one edit.
+        tumour_origin: where the current tumour came from: ``patient`` (the patient's expert
+            segmentation, possibly moved), ``inserted`` (another label map's tumour: its shape
+            is that case's), ``parametric``, ``segmentation`` (drawn or loaded in Slicer),
+            ``mixed``, ``none`` or ``unknown``.
+    """
+
+    anatomy: Literal["patient", "template", "unknown"] = "unknown"
+    brain_dice_to_source: float | None = None
+    tumour_dice_to_source: float | None = None
+    tumour_origin: Literal["patient", "inserted", "parametric", "segmentation", "mixed", "none",
+                           "unknown"] = "unknown"
+
+    @classmethod
+    def from_history(cls, history: list[dict[str, Any]], array: np.ndarray) -> "PrivacyRecord":
+        """The state of a map whose first record says how it began (later steps unmeasured)."""
+        start = history[0].get("name") if history and isinstance(history[0], dict) else None
+        has_tumour = bool((array >= Label.NCR).any())
+        if start == "derive_labels":
+            # Later steps unmeasured: the bound of an unedited map (edits keep the brain outline).
+            unedited = len(history) == 1
+            return cls("patient", 1.0, 1.0 if has_tumour else None,
+                       "patient" if has_tumour and unedited else ("none" if unedited else "unknown"))
+        if start == "template_labels":
+            origin = "none" if not has_tumour else ("unknown" if len(history) > 1 else "none")
+            return cls("template", None, None, origin)
+        return cls("unknown", None, None, "unknown")
+
+    def after_step(self, before: np.ndarray, after: np.ndarray, record: Mapping[str, Any] | None) -> "PrivacyRecord":
+        """The state after one step turned ``before`` into ``after`` (both label arrays)."""
+        brain = self.brain_dice_to_source
+        if brain is not None:
+            step = _jaccard_distance(before > Label.BACKGROUND, after > Label.BACKGROUND)
+            brain = round(_dice_from_distance(abs(_distance_from_dice(brain) - step)), 4)
+        tumour_dice = self.tumour_dice_to_source
+        if tumour_dice is not None:
+            step = _jaccard_distance(before >= Label.NCR, after >= Label.NCR)
+            tumour_dice = round(_dice_from_distance(abs(_distance_from_dice(tumour_dice) - step)), 4)
+        name = record.get("name") if isinstance(record, Mapping) else None
+        params = record.get("params", {}) if isinstance(record, Mapping) else {}
+        keep = isinstance(params, dict) and bool(params.get("keep_existing"))
+        new_origin = {"parametric_tumour": "parametric", "insert_tumour": "inserted",
+                      "tumour_from_segmentation": "segmentation"}.get(name)
+        origin = self.tumour_origin
+        if new_origin is not None:
+            origin = new_origin if not keep or origin in ("none", new_origin) else "mixed"
+        if not (after >= Label.NCR).any():
+            origin = "none"
+        return PrivacyRecord(self.anatomy, brain, tumour_dice, origin)
+
+    def anonymous(self) -> tuple[bool, str]:
+        """Whether ``export --anonymous`` may share the case, and why (one phrase)."""
+        if self.anatomy == "unknown":
+            return False, "its label map has no history, so its source is unknown"
+        if self.anatomy == "patient" and (self.brain_dice_to_source or 0.0) >= MAX_ANONYMOUS_BRAIN_DICE:
+            return False, (f"its anatomy is the source patient's own (brain-mask Dice "
+                           f"{self.brain_dice_to_source:.2f} >= {MAX_ANONYMOUS_BRAIN_DICE})")
+        if self.tumour_dice_to_source is not None and self.tumour_dice_to_source >= MAX_ANONYMOUS_TUMOUR_DICE:
+            return False, (f"its tumour overlaps the source patient's own tumour (Dice up to "
+                           f"{self.tumour_dice_to_source:.2f} >= {MAX_ANONYMOUS_TUMOUR_DICE})")
+        if self.tumour_origin in ("inserted", "mixed"):
+            return True, "healthy template anatomy; the tumour's shape comes from another label map"
+        return True, f"{self.anatomy} anatomy, {self.tumour_origin} tumour"
+
+    def statement(self) -> str:
+        """One sentence for README.txt and DICOM comments."""
+        ok, reason = self.anonymous()
+        brain = "n/a" if self.brain_dice_to_source is None else f"{self.brain_dice_to_source:.2f}"
+        tumour = "n/a" if self.tumour_dice_to_source is None else f"{self.tumour_dice_to_source:.2f}"
+        return (f"Privacy: anatomy {self.anatomy}; brain-mask Dice to source patient {brain}; tumour Dice to "
+                f"source patient {tumour}; tumour {self.tumour_origin}; "
+                f"{'anonymous' if ok else 'NOT anonymous'} ({reason}).")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Any, redacted: Redactions | None = None) -> "PrivacyRecord | None":
+        if raw is None:
+            return None
+        redacted = redacted if redacted is not None else Redactions()
+        if not isinstance(raw, dict):
+            redacted.drop()
+            return None
+        return _build(cls, raw, redacted)
+
+
+def privacy_of(labelmap: Any) -> PrivacyRecord:
+    """The measured privacy of a :class:`~MedSynthLib.schema.grid.LabelMap` (inferred when untracked)."""
+    tracked = getattr(labelmap, "privacy", None)
+    if isinstance(tracked, PrivacyRecord):
+        return tracked
+    return PrivacyRecord.from_history(labelmap.history, labelmap.array)
+
+
+# --- whole-file records -------------------------------------------------------------------------
+
+LABEL_MAP_KIND = "medsynth-label-map"
+SYNTHETIC_CASE_KIND = "medsynth-synthetic-case"
+
+
+def label_map_record(history: list[dict[str, Any]], array: np.ndarray,
+                     privacy: PrivacyRecord | None = None) -> dict[str, Any]:
     """The sidecar written beside a label map."""
-    return {
-        "kind": "medsynth-label-map",
+    record = {
+        "kind": LABEL_MAP_KIND,
         "schema_version": SCHEMA_VERSION,
         "labels_sha256": array_sha256(array),
         "history": history,
         "software": software_versions(),
     }
+    if privacy is not None:
+        record["privacy"] = privacy.to_json()
+    return record
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: Unchecked | None = None
+    sha256: SHA256 | None = None
+
+
+@dataclass(frozen=True)
+class ReviewRecord:
+    """A clinician's rating of a synthetic case.  The note is free text: kept locally, never exported."""
+
+    local_only: ClassVar[frozenset[str]] = frozenset({"note"})
+    rating: int = RATING_NOT_RATED
+    note: Unchecked | None = None
+    reviewed_at: TIMESTAMP | None = None
+
+    @classmethod
+    def from_json(cls, raw: Any, redacted: Redactions) -> "ReviewRecord | None":
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            redacted.drop()
+            return None
+        review = _build(cls, raw, redacted)
+        if "rating" not in raw or review.rating != raw.get("rating") or \
+                not RATING_RANGE[0] <= review.rating <= RATING_RANGE[1]:
+            redacted.drop()
+            return None
+        note = review.note
+        if note is not None:
+            note = "".join(ch for ch in str(note) if ch.isprintable() or ch in "\n\t")[:REVIEW_NOTE_MAX_CHARS]
+        return dataclasses.replace(review, note=note)
+
+
+TIMING_KEYS = frozenset({"load_model", "network", "total", "rerender", "write"})
+OUTPUT_FILES = ("t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz", "labels.nii.gz", "labels.json")
+
+
+@dataclass(frozen=True)
+class SynthesisRecord:
+    """``provenance.json`` of a synthetic case folder (typed; see :func:`SynthesisRecord.from_json`)."""
+
+    kind: Literal["medsynth-synthetic-case"] = SYNTHETIC_CASE_KIND
+    synthetic: bool = True
+    label_schema_version: int = SCHEMA_VERSION
+    model: ModelRecord = field(default_factory=ModelRecord)
+    labels_sha256: SHA256 | None = None
+    edits: tuple[StepRecord, ...] = ()
+    seed: int | None = None
+    device: DEVICE | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    grid: Unchecked | None = None
+    software: dict[Annotated[str, OneOf(frozenset({"medsynth", "python", *SOFTWARE_PACKAGES}))], VERSION] = \
+        field(default_factory=dict)
+    timings_s: dict[Annotated[str, OneOf(TIMING_KEYS)], float] = field(default_factory=dict)
+    privacy: PrivacyRecord | None = None
+    #: sha256 of every written file of the case folder (name -> hash).
+    files: dict[Annotated[str, OneOf(frozenset(OUTPUT_FILES))], SHA256] | None = None
+    review: ReviewRecord | None = None
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], redacted: Redactions | None = None) -> "SynthesisRecord":
+        """Parse a provenance.json (older ones too), dropping and counting what is not of its type."""
+        redacted = redacted if redacted is not None else Redactions()
+        simple = {k: v for k, v in raw.items() if k not in ("edits", "privacy", "review", "model")}
+        record = _build(cls, simple, redacted)
+        model = raw.get("model")
+        if not isinstance(model, dict):
+            redacted.drop(model is not None)
+            model = {}
+        return dataclasses.replace(
+            record, model=_build(ModelRecord, model, redacted), edits=tuple(parse_history(raw.get("edits"), redacted)),
+            privacy=PrivacyRecord.from_json(raw.get("privacy"), redacted),
+            review=ReviewRecord.from_json(raw.get("review"), redacted))
+
+    def to_json(self, for_export: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "edits":
+                out["edits"] = [step.to_json(for_export) for step in value]
+            elif f.name in ("privacy", "review", "files") and value is None:
+                continue
+            elif f.name == "files" and for_export:
+                continue  # the case folder's own files; an export lists its own
+            elif f.name == "privacy":
+                out["privacy"] = value.to_json()
+            elif f.name == "review":
+                out["review"] = _drop_none(_to_json(value, for_export))
+            else:
+                out[f.name] = _to_json(value, for_export)
+        return out
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    format: Literal["nifti", "dicom"]
+    naming: Literal["brats2021", "brats2023"] | None
+    case_id: str
+    exported_at: str
+    medsynth_version: str
+    software: dict[str, str]
+    removed_fields: int
+    anonymous: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+__all__ = [
+    "RECORD_KINDS", "StepParams", "StepRecord", "PrivacyRecord", "SynthesisRecord", "ReviewRecord", "ExportRecord",
+    "ModelRecord", "Redactions", "parse_step", "parse_history", "privacy_of", "label_map_record", "sidecar_path",
+    "array_sha256", "file_sha256", "software_versions", "RATING_RANGE", "RATING_NOT_RATED",
+    "MAX_ANONYMOUS_BRAIN_DICE", "MAX_ANONYMOUS_TUMOUR_DICE",
+]

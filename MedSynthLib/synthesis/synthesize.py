@@ -4,7 +4,9 @@ The output folder holds ``t1, t1ce, t2, flair`` (NIfTI in realistic scanner
 ranges, 0 outside the brain; int16 like BraTS when the range allows, else
 float32) and ``labels.nii.gz`` on exactly the label map's grid, plus
 ``provenance.json``: model name and sha256, label-map sha256, the edits that
-made the label map, seed, device, precision, software versions and timings.
+made the label map, how close it stays to a source patient, seed, device,
+precision, software versions, timings and the sha256 of every file
+(:mod:`MedSynthLib.synthesis.case_folder` owns the folder format).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class SynthesisEngine:
         return str(self.synth.device)
 
     def synthesize(self, labelmap: LabelMap, seed: int = 0) -> SynthesisResult:
-        from ..schema.provenance import array_sha256, software_versions
+        from ..schema.provenance import array_sha256, privacy_of, software_versions
         from .inference import to_scanner_units
 
         if not (labelmap.array > Label.BACKGROUND).any():
@@ -77,6 +79,7 @@ class SynthesisEngine:
             "model": {"name": self.model.name, "sha256": self.model.sha256},
             "labels_sha256": array_sha256(labelmap.array),
             "edits": labelmap.history,
+            "privacy": privacy_of(labelmap).to_json(),
             "seed": seed,
             "device": self.device,
             "precision": self.synth.precision,
@@ -95,7 +98,7 @@ class SynthesisEngine:
         the new output is used as is, and over the outer half it is feathered
         linearly into the previous result so no seam shows.
         """
-        from ..schema.provenance import array_sha256
+        from ..schema.provenance import array_sha256, privacy_of
         from .inference import brain_box, to_scanner_units
 
         if edited.grid != previous.labelmap.grid:
@@ -132,7 +135,8 @@ class SynthesisEngine:
             for modality, values in to_scanner_units(blended, labels_box, self.model.config["intensity"],
                                                      tuple(self.network.modalities)).items():
                 images[modality][box] = values
-        provenance = dict(previous.provenance, labels_sha256=array_sha256(edited.array), edits=edited.history)
+        provenance = dict(previous.provenance, labels_sha256=array_sha256(edited.array), edits=edited.history,
+                          privacy=privacy_of(edited).to_json())
         provenance["timings_s"] = dict(previous.provenance.get("timings_s", {}),
                                        rerender=round(time.perf_counter() - start, 3))
         return SynthesisResult(edited, images, normalized, provenance)
@@ -157,30 +161,10 @@ def _feather(shape: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray, full: 
     return weight
 
 
-def synthesis_outputs(out_dir: Path) -> list[Path]:
-    return [out_dir / f"{m}.nii.gz" for m in OUTPUT_NAMES] + [out_dir / "labels.nii.gz", out_dir / "provenance.json"]
-
-
 def write_synthesis(result: SynthesisResult, out_dir: Path, *, overwrite: bool = False,
                     extra: Callable[[Path], None] | None = None) -> Path:
-    """Write the case folder atomically (temporary folder, then rename)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Write the case folder (see :mod:`MedSynthLib.synthesis.case_folder`, the owner of its format)."""
+    from .case_folder import write_case_folder
 
-    from ..schema.labelmap import write_label_map
-    from ..schema.volume_io import atomic_directory, compact_intensities, write_image, write_json
-
-    grid = result.labelmap.grid
-
-    def write_modality(modality: str) -> None:
-        write_image(grid.image(compact_intensities(result.images[modality])), tmp / f"{modality}.nii.gz")
-
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        # gzip dominates writing and SimpleITK releases the GIL while it runs: one thread per volume.
-        with ThreadPoolExecutor(len(OUTPUT_NAMES) + 1) as pool:
-            labels = pool.submit(write_label_map, result.labelmap, tmp / "labels.nii.gz")
-            list(pool.map(write_modality, OUTPUT_NAMES))
-            labels.result()
-        if extra is not None:
-            extra(tmp)
-        write_json(result.provenance, tmp / "provenance.json")
-    return out_dir
+    return write_case_folder(result.labelmap, result.images, result.provenance, out_dir, overwrite=overwrite,
+                             extra=extra)
