@@ -1,9 +1,9 @@
-"""Tumour edits on label maps (implemented in :mod:`MedSynthLib.edits.core`).
+"""Tumour edits on label maps (implemented in :mod:`MedSynthLib.edits.transforms`).
 
 The package exports the public edit API, so callers import from ``MedSynthLib.edits``.
 """
 
-from .core import (
+from .transforms import (
     EDITS,
     MAX_OUTSIDE_FRACTION,
     Edit,
