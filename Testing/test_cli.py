@@ -74,8 +74,8 @@ def _brain_centre_ras(path: Path) -> list[str]:
 
 # --- help --------------------------------------------------------------------------------------
 
-HELP = [[], ["info"], ["labels"], ["tumor"], ["tumor", "transform"], ["tumor", "insert"], ["tumor", "new"],
-        ["tumor", "random"], ["demo"]]
+HELP = [[], ["info"], ["labels"], ["tumour"], ["tumour", "transform"], ["tumour", "insert"], ["tumour", "new"],
+        ["tumour", "random"], ["tumor"], ["tumor", "new"], ["demo"]]
 
 
 @pytest.mark.parametrize("command", HELP, ids=lambda c: " ".join(c) or "medsynth")
@@ -87,7 +87,8 @@ def test_help(command, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: medsynth")
-    assert " ".join(["medsynth"] + command) in out.splitlines()[0] or not command
+    # `tumor` is an alias: its usage names the command `tumour`.
+    assert " ".join(["medsynth"] + [{"tumor": "tumour"}.get(w, w) for w in command]) in out.splitlines()[0]
 
 
 def test_help_subprocess():

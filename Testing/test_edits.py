@@ -179,7 +179,7 @@ def test_composite_clips_oedema_and_refuses_core_outside():
 @pytest.mark.parametrize("offset", [(6.0, 0.0, 0.0), (-4.0, 5.0, 3.0), (2.5, -3.7, 4.2), (0.0, 0.0, -6.0)])
 def test_translate_keeps_counts_and_moves_centroid_in_ras(brain, offset):
     snapshot = brain.array.copy()
-    out = Translate(offset).apply(brain)
+    out = Translate(offset)(brain)
     check_invariants(brain, snapshot, out)
     assert counts(out.array) == counts(brain.array)
     moved = centre_ras(out) - centre_ras(brain)
@@ -190,15 +190,17 @@ def test_translate_keeps_counts_and_moves_centroid_in_ras(brain, offset):
 
 @pytest.mark.parametrize("offset", [(100.0, 0.0, 0.0), (0.0, -45.0, 0.0), (0.0, 0.0, 500.0)])
 def test_translate_out_of_the_brain_is_refused(brain, offset):
-    with pytest.raises(EditError, match="outside the brain"):
-        Translate(offset).apply(brain)
+    # A move past the grid's diagonal is refused before anything is computed; a shorter one by the brain.
+    message = "larger than the grid's diagonal" if np.linalg.norm(offset) > 130 else "outside the brain"
+    with pytest.raises(EditError, match=message):
+        Translate(offset)(brain)
 
 
 def test_huge_scale_is_refused_without_a_huge_box():
     lm = synthetic_brain(make_grid(*GRIDS["aniso_lps"]))
     start = time.perf_counter()
     with pytest.raises(EditError, match="outside the brain"):
-        Scale((15.0, 15.0, 15.0)).apply(lm)
+        Scale((15.0, 15.0, 15.0))(lm)
     assert time.perf_counter() - start < 2.0
 
 
@@ -206,7 +208,7 @@ def test_edit_without_tumour_is_refused():
     lm = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=None)
     for edit in (Translate((1, 0, 0)), Rotate((0, 0, 10)), Scale((2, 2, 2)), Flip("LR")):
         with pytest.raises(EditError, match="no tumour"):
-            edit.apply(lm)
+            edit(lm)
 
 
 # --- Rotate / Scale / Flip ----------------------------------------------------------------
@@ -215,7 +217,7 @@ def test_edit_without_tumour_is_refused():
 @pytest.mark.parametrize("angles", [(0.0, 0.0, 90.0), (90.0, 0.0, 0.0), (0.0, 0.0, -90.0)])
 def test_rotate_90_keeps_centroid_and_volume(brain, angles):
     snapshot = brain.array.copy()
-    out = Rotate(angles).apply(brain)
+    out = Rotate(angles)(brain)
     check_invariants(brain, snapshot, out)
     assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= max(brain.grid.spacing)
     assert tumour_volume(out) == pytest.approx(tumour_volume(brain), rel=0.10)
@@ -223,20 +225,20 @@ def test_rotate_90_keeps_centroid_and_volume(brain, angles):
 
 def test_rotate_turns_an_elongated_tumour():
     grid = make_grid(*GRIDS["brats_lps"])
-    lm = Scale((2.0, 1.0, 1.0)).apply(synthetic_brain(grid, tumour_at=(0.5, 0.62, 0.5), radii_mm=(2, 3, 4)))
+    lm = Scale((2.0, 1.0, 1.0))(synthetic_brain(grid, tumour_at=(0.5, 0.62, 0.5), radii_mm=(2, 3, 4)))
 
     def extent(m: LabelMap) -> np.ndarray:  # RAS extent of the tumour
         ras = lps_to_ras(m.grid.index_to_lps(np.argwhere(m.array >= Label.NCR)[:, ::-1]).T).T
         return ras.max(axis=0) - ras.min(axis=0)
 
-    before, after = extent(lm), extent(Rotate((0, 0, 90)).apply(lm))
+    before, after = extent(lm), extent(Rotate((0, 0, 90))(lm))
     assert before[0] > 1.5 * before[1] and after[1] > 1.5 * after[0]
 
 
 @pytest.mark.parametrize("factors", [(0.7, 0.7, 0.7), (1.3, 1.3, 1.3), (1.0, 1.0, 2.0), (1.2, 0.8, 1.0)])
 def test_scale_multiplies_volume(brain, factors):
     snapshot = brain.array.copy()
-    out = Scale(factors).apply(brain)
+    out = Scale(factors)(brain)
     check_invariants(brain, snapshot, out)
     assert tumour_volume(out) / tumour_volume(brain) == pytest.approx(float(np.prod(factors)), rel=0.15)
     assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= max(brain.grid.spacing)
@@ -245,7 +247,7 @@ def test_scale_multiplies_volume(brain, factors):
 @pytest.mark.parametrize("axis,ras_axis", [("LR", 0), ("AP", 1), ("SI", 2)])
 def test_flip_about_tumour_is_exact_in_place(brain, axis, ras_axis):
     snapshot = brain.array.copy()
-    out = Flip(axis, "tumour").apply(brain)
+    out = Flip(axis, "tumour")(brain)
     check_invariants(brain, snapshot, out)
     assert counts(out.array) == counts(brain.array)
     assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= 0.5 * max(brain.grid.spacing) + 1e-9
@@ -253,7 +255,7 @@ def test_flip_about_tumour_is_exact_in_place(brain, axis, ras_axis):
 
 def test_flip_about_brain_moves_to_other_hemisphere(brain):
     snapshot = brain.array.copy()
-    out = Flip("LR", "brain").apply(brain)
+    out = Flip("LR", "brain")(brain)
     check_invariants(brain, snapshot, out)
     assert counts(out.array) == counts(brain.array)
     before, after, mid = centre_ras(brain), centre_ras(out), brain_centre_ras(brain)
@@ -288,11 +290,11 @@ def test_insert_places_at_relative_position_across_grids(target_grid):
     source = synthetic_brain(make_grid((1.0, 1.0, 1.0), LPS_FLIP, origin=(-50, 80, -3)), tumour_at=(0.35, 0.6, 0.55))
     target = synthetic_brain(make_grid(*GRIDS[target_grid]), tumour_at=(0.62, 0.5, 0.5))
     snapshot = target.array.copy()
-    out = InsertTumour(source="brats_case").apply(target, source)
+    out = InsertTumour(source="brats_case")(target, source)
     check_invariants(target, snapshot, out)
     assert np.abs(brain_box_relative(out) - brain_box_relative(source)).max() < 0.05
     assert tumour_volume(out) == pytest.approx(tumour_volume(source), rel=0.15)
-    assert out.history[-1]["params"] == {"center_ras_mm": None, "keep_existing": False, "source": "brats_case"}
+    assert out.history[-1]["params"] == {"centre_ras_mm": None, "keep_existing": False, "source": "brats_case"}
 
 
 def test_insert_at_ras_point_keeping_existing_tumour():
@@ -301,7 +303,7 @@ def test_insert_at_ras_point_keeping_existing_tumour():
     source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.5, 0.5, 0.5), radii_mm=(2, 3, 5))
     point = index_to_ras(target, (0.35 * 63, 0.5 * 63, 0.5 * 47))
     snapshot = target.array.copy()
-    out = InsertTumour(center_ras_mm=point, keep_existing=True).apply(target, source)
+    out = InsertTumour(centre_ras_mm=point, keep_existing=True)(target, source)
     check_invariants(target, snapshot, out, refilled=False)
     old = target.array >= Label.NCR
     assert np.array_equal(out.array[old], target.array[old])  # the existing tumour is still there
@@ -310,15 +312,12 @@ def test_insert_at_ras_point_keeping_existing_tumour():
     assert np.linalg.norm(centre - np.asarray(point)) < 2 * max(grid.spacing)
 
 
-def test_insert_from_file_records_no_path(tmp_path):
+def test_insert_records_the_source_identifier_only():
     source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.4, 0.5, 0.5))
     target = synthetic_brain(make_grid(*GRIDS["brats_lps"]), tumour_at=None)
-    path = tmp_path / "case_labels.nii.gz"
-    sitk.WriteImage(source.image(), str(path))
-    out = InsertTumour(source_tumour_path=str(path), source="caseA").apply(target)
+    out = InsertTumour(source="caseA")(target, source)
     assert counts(out.array)[Label.NCR] > 0
-    text = json.dumps(out.history)
-    assert str(tmp_path) not in text and "case_labels" not in text
+    assert out.history[-1]["params"] == {"centre_ras_mm": None, "keep_existing": False, "source": "caseA"}
     # A record replays with the source given by its identifier, not a path.
     again = replay(target, out.history[-1:], sources={"caseA": source})
     assert np.array_equal(again.array, out.array)
@@ -330,10 +329,14 @@ def test_insert_refuses_a_tumour_that_cannot_fit():
     big = synthetic_brain(make_grid((2.0, 2.0, 2.0), IDENTITY), tumour_at=(0.5, 0.5, 0.5), radii_mm=(20, 25, 30))
     tiny = synthetic_brain(make_grid((1.0, 1.0, 1.0), IDENTITY, shape=(24, 32, 32)), tumour_at=None)
     with pytest.raises(EditError, match="cannot fit in the target brain"):
-        InsertTumour().apply(tiny, big)
+        InsertTumour()(tiny, big)
     source = synthetic_brain(make_grid(*GRIDS["iso"]))
     with pytest.raises(EditError, match="cannot fit in the target brain"):
-        InsertTumour(center_ras_mm=(500.0, 0.0, 0.0)).apply(tiny, source)
+        # Within the grid's diagonal of its centre, but past the brain's edge.
+        grid_centre = lps_to_ras(tiny.grid.index_to_lps((np.asarray(tiny.grid.size) - 1.0) / 2.0))
+        InsertTumour(centre_ras_mm=tuple(grid_centre + (30.0, 0.0, 0.0)))(tiny, source)
+    with pytest.raises(EditError, match="insertion centre .* more than its diagonal"):
+        InsertTumour(centre_ras_mm=(500.0, 0.0, 0.0))(tiny, source)
 
 
 # --- ParametricTumour ----------------------------------------------------------------------
@@ -348,7 +351,7 @@ def parametric_at(lm: LabelMap, seed: int = 0, **kwargs) -> ParametricTumour:
 
 def test_parametric_tumour_is_nested_reproducible_and_seeded(brain):
     snapshot = brain.array.copy()
-    out = parametric_at(brain, seed=3).apply(brain)
+    out = parametric_at(brain, seed=3)(brain)
     check_invariants(brain, snapshot, out)
     a = out.array
     ncr, et, ed = a == Label.NCR, a == Label.ET, a == Label.ED
@@ -359,20 +362,20 @@ def test_parametric_tumour_is_nested_reproducible_and_seeded(brain):
     allowed = core | ed | (healthy == Label.CSF) | (healthy == Label.BACKGROUND)
     assert not np.any(ndimage.binary_dilation(core) & ~allowed), "the core must be wrapped in oedema"
     assert not np.any(ed & (healthy == Label.CSF)), "oedema only on GM/WM"
-    assert np.array_equal(parametric_at(brain, seed=3).apply(brain).array, a)
-    assert not np.array_equal(parametric_at(brain, seed=4).apply(brain).array, a)
+    assert np.array_equal(parametric_at(brain, seed=3)(brain).array, a)
+    assert not np.array_equal(parametric_at(brain, seed=4)(brain).array, a)
     # The previous tumour was removed (refilled); with keep_existing it stays.
-    kept = parametric_at(brain, seed=3, keep_existing=True).apply(brain).array
+    kept = parametric_at(brain, seed=3, keep_existing=True)(brain).array
     assert np.count_nonzero(kept >= Label.NCR) > np.count_nonzero(a >= Label.NCR)
 
 
 def test_parametric_tumour_volume_and_options():
     lm = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=None)
-    smooth = parametric_at(lm, irregularity=0.0, oedema_mm=0.0).apply(lm)
+    smooth = parametric_at(lm, irregularity=0.0, oedema_mm=0.0)(lm)
     volume = tumour_volume(smooth)
     assert volume == pytest.approx(4 / 3 * np.pi * 9 * 8 * 7, rel=0.1)
     assert np.count_nonzero(smooth.array == Label.ED) == 0
-    solid = parametric_at(lm, necrosis=False).apply(lm)
+    solid = parametric_at(lm, necrosis=False)(lm)
     assert np.count_nonzero(solid.array == Label.NCR) == 0 and np.count_nonzero(solid.array == Label.ET) > 0
 
 
@@ -381,7 +384,7 @@ def test_parametric_tumour_volume_and_options():
 def test_parametric_tumour_refused_outside_or_too_big(brain, where, radii):
     centre = index_to_ras(brain, np.asarray(where) * (np.asarray(brain.grid.size) - 1))
     with pytest.raises(EditError, match="outside the brain|does not fit"):
-        ParametricTumour(centre, radii).apply(brain)
+        ParametricTumour(centre, radii)(brain)
 
 
 # --- records, registry and random sampling --------------------------------------------------
@@ -390,7 +393,7 @@ def test_parametric_tumour_refused_outside_or_too_big(brain, where, radii):
 def test_every_registered_edit_round_trips():
     assert set(EDITS) == {"translate", "rotate", "scale", "flip", "insert_tumour", "parametric_tumour"}
     edits = [Translate((1, 2, 3)), Rotate((1.5, 0, -2)), Scale((1.1, 1.1, 1.1)), Flip("SI", "brain"),
-             InsertTumour(source_tumour_path="/secret/path.nii.gz", center_ras_mm=(1, 2, 3), source="x"),
+             InsertTumour(centre_ras_mm=(1, 2, 3), source="x"),
              ParametricTumour((1, 2, 3), (4, 5, 6), seed=7)]
     for edit in edits:
         record = edit.to_record()
@@ -409,7 +412,7 @@ def test_random_edit_replays_bit_identically(seed):
     lm.history.append({"name": "load", "params": {}})
     sampler = RandomTumourEdit(translate_mm=6.0, p_parametric=0.3)
     snapshot = lm.array.copy()
-    out = sampler.apply(lm, seed)
+    out = sampler(lm, seed)
     assert np.array_equal(lm.array, snapshot)
     records = out.history[len(lm.history):]
     assert records and json.loads(json.dumps(records)) == records
@@ -421,7 +424,7 @@ def test_random_edit_gives_up_after_bounded_tries():
     lm = synthetic_brain(make_grid(*GRIDS["iso"]))
     with pytest.raises(EditError, match="no valid random tumour edit in 3 tries"):
         RandomTumourEdit(translate_mm=300.0, rotate_deg=0.0, scale_range=(1.0, 1.0), p_parametric=0.0,
-                         max_tries=3).apply(lm, 0)
+                         max_tries=3)(lm, 0)
 
 
 # --- real data --------------------------------------------------------------------------------
@@ -451,7 +454,7 @@ def brats_case() -> LabelMap:
 def test_real_case_edits_are_fast(brats_case):
     lm = brats_case
     assert lm.array.shape == (155, 240, 240)
-    source = Flip("LR", "brain").apply(lm)
+    source = Flip("LR", "brain")(lm)
     centre = lps_to_ras(tumour_centre(lm))
     edits = [Translate((10.0, 0.0, 0.0)), Rotate((0.0, 0.0, 20.0)), Scale((0.9, 0.9, 0.9)),
              Flip("LR", "brain"), InsertTumour(source="flipped"),
@@ -459,7 +462,7 @@ def test_real_case_edits_are_fast(brats_case):
     times = {}
     for edit in edits:
         start = time.perf_counter()
-        out = edit.apply(lm, source) if isinstance(edit, InsertTumour) else edit.apply(lm)
+        out = edit(lm, source) if isinstance(edit, InsertTumour) else edit(lm)
         times[edit.name] = time.perf_counter() - start
         assert np.array_equal(out.array > 0, lm.array > 0)
         if isinstance(edit, Translate):
@@ -476,7 +479,7 @@ def test_real_case_edits_are_fast(brats_case):
     # This tumour reaches the cortex: growing it pushes > 2% of its core out of the brain.
     start = time.perf_counter()
     with pytest.raises(EditError, match="outside the brain"):
-        Scale((1.2, 1.2, 1.2)).apply(lm)
+        Scale((1.2, 1.2, 1.2))(lm)
     times["scale (refused)"] = time.perf_counter() - start
     print("edit times on 240x240x155:", {k: f"{v:.3f} s" for k, v in times.items()})
     assert all(t < 1.0 for t in times.values()), times

@@ -652,20 +652,20 @@ class WorkflowLogic:
     # =========================================================================================
 
     def apply_edit(self, segmentation: Any, edit: Any, **kwargs: Any) -> "LabelMap":
-        """Apply one MedSynthLib edit (``edit.apply(labelmap, **kwargs)``) and show the result."""
+        """Apply one MedSynthLib edit (``edit(labelmap, **kwargs)``) and show the result."""
         ensure_medsynthlib_importable()
         from MedSynthLib.schema.errors import MedSynthError
 
         current = self.labelmap(segmentation)
         try:
-            edited = edit.apply(current, **kwargs)
+            edited = edit(current, **kwargs)
         except MedSynthError as exc:
             raise WorkflowError(f"{getattr(edit, 'name', type(edit).__name__)}: {exc}") from None
         self._commit(segmentation, edited, current)
         self.log.emit(f"edit: {', '.join(r['name'] for r in edited.history[len(current.history):])}")
         return edited
 
-    def add_parametric_tumour(self, segmentation: Any, center_ras: Sequence[float],
+    def add_parametric_tumour(self, segmentation: Any, centre_ras: Sequence[float],
                               params: TumourParameters | None = None) -> "LabelMap":
         """A new tumour (necrotic core, enhancing rim, oedema) centred at a RAS point (a click)."""
         ensure_medsynthlib_importable()
@@ -674,7 +674,7 @@ class WorkflowLogic:
 
         params = params or TumourParameters()
         try:
-            edit = ParametricTumour(center_ras_mm=tuple(float(v) for v in center_ras), radii_mm=params.radii(),
+            edit = ParametricTumour(centre_ras_mm=tuple(float(v) for v in centre_ras), radii_mm=params.radii(),
                                     rim_mm=params.rim_mm, necrosis=params.necrosis, oedema_mm=params.oedema_mm,
                                     irregularity=params.irregularity, seed=params.seed,
                                     keep_existing=params.keep_existing)
@@ -719,7 +719,7 @@ class WorkflowLogic:
             raise WorkflowError(str(exc)) from None
 
     def insert_tumour(self, segmentation: Any, source: "str | os.PathLike[str] | LabelMap",
-                      center_ras: Sequence[float] | None = None, keep_existing: bool = False) -> "LabelMap":
+                      centre_ras: Sequence[float] | None = None, keep_existing: bool = False) -> "LabelMap":
         """Insert the tumour of another case / label map (at a RAS point, or the matching position)."""
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import InsertTumour
@@ -731,7 +731,7 @@ class WorkflowLogic:
         if not (source_map.array >= Label.NCR).any():
             raise WorkflowError("the tumour source has no tumour voxels to insert")
         try:
-            edit = InsertTumour(center_ras_mm=None if center_ras is None else tuple(float(v) for v in center_ras),
+            edit = InsertTumour(centre_ras_mm=None if centre_ras is None else tuple(float(v) for v in centre_ras),
                                 keep_existing=keep_existing, source="labels-" + array_sha256(source_map.array)[:16])
         except MedSynthError as exc:
             raise WorkflowError(f"insert tumour: {exc}") from None
@@ -763,11 +763,11 @@ class WorkflowLogic:
         edited = current
         try:
             for edit in edits:
-                edited = edit.apply(edited)
+                edited = edit(edited)
             moved = lps_to_ras(tumour_centre(edited))
             translate = Translate(_tidy(target - moved, 4))
             if np.any(translate.voxel_offset(edited.grid) != 0):
-                edited = translate.apply(edited)
+                edited = translate(edited)
         except MedSynthError as exc:
             raise WorkflowError(f"tumour transform: {exc}") from None
         if edited is current:

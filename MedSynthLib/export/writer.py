@@ -196,6 +196,7 @@ def _known_edit_params() -> dict[str, frozenset[str]]:
              "manual_segment_edit": frozenset({"changed_voxels", "voxel_change"})}
     for name, cls in EDITS.items():
         fields = {f.name for f in dataclasses.fields(cls)} - set(getattr(cls, "_unrecorded", ()))
+        fields |= set(getattr(cls, "renamed_params", {}))  # older records' names (center_ras_mm) stay readable
         known[name] = frozenset(fields - {"source"})  # a source identifier may name a real case
     return known
 
