@@ -483,3 +483,186 @@ def test_real_case_edits_are_fast(brats_case):
     times["scale (refused)"] = time.perf_counter() - start
     print("edit times on 240x240x155:", {k: f"{v:.3f} s" for k, v in times.items()})
     assert all(t < 1.0 for t in times.values()), times
+
+
+# --- bounds against the grid (issue 15) -------------------------------------------------------
+
+
+def test_lengths_beyond_the_grid_are_refused_before_anything_is_allocated():
+    import tracemalloc
+
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    centre = index_to_ras(lm, (0.38 * 63, 0.5 * 63, 0.5 * 47))
+    tracemalloc.start()
+    try:
+        for edit, message in [
+            (ParametricTumour(centre, (10, 10, 10), oedema_mm=1e9), "oedema margin of 1e\\+09 mm is larger than"),
+            (ParametricTumour(centre, (1e6, 10, 10)), "tumour radius of 1e\\+06 mm is larger than"),
+            (ParametricTumour(centre, (10, 10, 10), rim_mm=1e5), "rim of 100000 mm is larger than"),
+            (ParametricTumour((1e12, 0, 0), (10, 10, 10)), "centre .* more than its diagonal"),
+            (Translate((1e300, 0, 0)), "translation of 1e\\+300 mm is larger than"),
+            (Translate((0, -150, 0)), "translation of 150 mm is larger than"),
+        ]:
+            with pytest.raises(EditError, match=message):
+                edit(lm)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * lm.array.nbytes  # refused on the parameters: no box, no distance map
+
+
+def test_parametric_growth_is_bounded_by_the_brain_box():
+    """An oedema margin just under the grid's diagonal (102 mm): the box used to be the margin's reach
+    (~300 mm a side, 27 M voxels, several float64 arrays: > 1 GB); now it is the brain's box."""
+    import tracemalloc
+
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    centre = index_to_ras(lm, (0.38 * 63, 0.5 * 63, 0.5 * 47))
+    tracemalloc.start()
+    try:
+        out = ParametricTumour(centre, (9, 8, 7), oedema_mm=100.0, seed=1)(lm)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Measured 24 MB: float arrays of the brain's box, the healthy refill and the 65^3 noise lattices.
+    assert peak < 200 * lm.array.size
+    ed = out.array == Label.ED
+    assert ed.sum() > 0.5 * np.isin(lm.array, (Label.GM, Label.WM)).sum()  # the margin fills the brain's GM/WM
+    assert np.array_equal(out.array == 0, lm.array == 0)
+
+
+def test_a_tumour_reaching_past_the_brain_box_is_still_judged_whole():
+    """The box is clipped to the brain; the part of the core beyond it still counts as outside the brain."""
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    edge = index_to_ras(lm, (0.5 * 63 + 0.42 * 64 - 3, 0.5 * 63, 0.5 * 47))  # just inside the brain's edge
+    with pytest.raises(EditError, match="does not fit in the brain"):
+        ParametricTumour(edge, (30, 30, 30), oedema_mm=0.0, irregularity=0.0)(lm)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(p_parametric=2.0), "p_parametric must be a finite number in \\[0, 1\\]"),
+    (dict(p_flip=-0.1), "p_flip must be"),
+    (dict(p_flip=float("nan")), "p_flip must be"),
+    (dict(translate_mm=float("inf")), "translate_mm must be"),
+    (dict(scale_range=(1.3, 0.7)), "low <= high"),
+    (dict(radius_fraction=(0.1, 5.0)), "radius_fraction must be"),
+    (dict(max_tries=0), "max_tries must be"),
+    (dict(flip_about="skull"), "flip_about must be"),
+])
+def test_random_edit_parameters_are_checked(kwargs, message):
+    with pytest.raises(EditError, match=message):
+        RandomTumourEdit(**kwargs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), oedema_mm=float("nan")),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), rim_mm=float("inf")),
+    lambda: ParametricTumour((0, 0, float("nan")), (5, 5, 5)),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), irregularity=float("nan")),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), seed=float("nan")),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), seed=2**70),
+    lambda: Rotate((0, float("inf"), 0)),
+    lambda: Scale((1, 1, float("nan"))),
+    lambda: Translate((float("-inf"), 0, 0)),
+    lambda: InsertTumour(centre_ras_mm=(float("nan"), 0, 0)),
+])
+def test_non_finite_parameters_are_refused(make):
+    with pytest.raises(EditError):
+        make()
+
+
+def test_a_refused_move_is_not_recorded():
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    with pytest.raises(EditError):
+        Translate((1e300, 0, 0))(lm)
+    assert lm.history == []
+
+
+def test_records_with_the_old_spelling_still_replay():
+    lm = synthetic_brain(make_grid(*GRIDS["aniso_lps"]))
+    centre = index_to_ras(lm, (0.38 * 63, 0.5 * 63, 0.5 * 47))
+    new = ParametricTumour(centre, (9, 8, 7), seed=4)(lm)
+    record = dict(new.history[-1])
+    record["params"] = {("center_ras_mm" if k == "centre_ras_mm" else k): v for k, v in record["params"].items()}
+    assert "center_ras_mm" in record["params"]
+    again = replay(lm, [record])
+    assert np.array_equal(again.array, new.array)
+    assert again.history[-1] == new.history[-1]  # re-recorded with the current spelling
+    source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.4, 0.5, 0.5))
+    old_insert = {"name": "insert_tumour", "params": {"center_ras_mm": None, "keep_existing": False, "source": "s"},
+                  "schema_version": 1}
+    assert np.array_equal(replay(lm, [old_insert], {"s": source}).array, InsertTumour(source="s")(lm, source).array)
+
+
+# --- library calls, checked against the hand-written code they replaced --------------------------
+
+
+def _rotation_ras_by_hand(angles_deg):
+    """The hand-written Rz @ Ry @ Rx that rotation_ras replaced (kept as the reference)."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, float))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _euler_by_hand(rotation):
+    """The hand-written inverse that euler_xyz_from_rotation replaced (kept as the reference)."""
+    r = np.asarray(rotation, float)
+    ay = float(np.arcsin(np.clip(-r[2, 0], -1.0, 1.0)))
+    if abs(np.cos(ay)) > 1e-6:
+        ax = float(np.arctan2(r[2, 1], r[2, 2]))
+        az = float(np.arctan2(r[1, 0], r[0, 0]))
+    else:
+        az = 0.0
+        ax = float(np.arctan2(-r[1, 2], r[1, 1]))
+    return np.degrees([ax, ay, az])
+
+
+def test_scipy_rotation_equals_the_hand_written_euler_code():
+    from MedSynthLib.edits import euler_xyz_from_rotation, rotation_ras
+
+    rng = np.random.default_rng(0)
+    angles = [*rng.uniform(-180, 180, (200, 3)), (0, 0, 0), (90, 0, 0), (0, 0, -90), (10, 90, 30), (-40, -90, 5),
+              (180, 0, 0), (0, 89.9999, 0)]
+    for triple in angles:
+        matrix = rotation_ras(triple)
+        np.testing.assert_allclose(matrix, _rotation_ras_by_hand(triple), atol=1e-12)
+        got, expected = euler_xyz_from_rotation(matrix), _euler_by_hand(matrix)
+        # Both recover the rotation (the library more exactly: at gimbal lock the hand-written
+        # arcsin lost ~1e-8); away from gimbal lock they give the same angles.
+        np.testing.assert_allclose(rotation_ras(got), matrix, atol=1e-12)
+        np.testing.assert_allclose(rotation_ras(expected), matrix, atol=1e-7)
+        if abs(abs(triple[1]) - 90) > 1e-3:
+            np.testing.assert_allclose(np.asarray(got), expected, atol=1e-7)
+
+
+def _mask_box_by_projections(mask, margin):
+    """The hand-written per-axis projections mask_box and the edits' _bbox used (kept as the reference)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(max(hits[0] - margin, 0)), int(min(hits[-1] + 1 + margin, mask.shape[axis]))))
+    return tuple(box)
+
+
+def test_find_objects_box_equals_the_projection_code():
+    from MedSynthLib.edits.geometry import bounds
+    from MedSynthLib.schema.grid import mask_box
+
+    rng = np.random.default_rng(1)
+    for n in range(60):
+        shape = tuple(int(v) for v in rng.integers(1, 14, 3))
+        mask = rng.random(shape) < [0.002, 0.05, 0.5][n % 3]
+        if not mask.any():
+            mask[tuple(int(rng.integers(s)) for s in shape)] = True
+        for margin in (0, 1, 4):
+            assert mask_box(mask, margin) == _mask_box_by_projections(mask, margin)
+        view = mask[::-1, :, ::2]  # a non-contiguous view
+        if view.any():
+            assert mask_box(view, 2) == _mask_box_by_projections(view, 2)
+        lo, hi = bounds(mask)
+        assert [slice(a, b) for a, b in zip(lo, hi)] == list(_mask_box_by_projections(mask, 0))
+    assert bounds(np.zeros((3, 4, 5), bool)) is None
+    brain = synthetic_brain(make_grid(*GRIDS["aniso_lps"])).array > 0
+    assert mask_box(brain, 4) == _mask_box_by_projections(brain, 4)
