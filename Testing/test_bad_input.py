@@ -182,7 +182,7 @@ def insert_cannot_fit(tmp, shared, out):
 def parametric_centre_outside(tmp, shared, out):
     labels = shared["labels"]
     argv = ["tumor", "new", labels, "--center", "500", "0", "0", "--radius", "5", "-o", out]
-    return argv, labels, "more than its diagonal"
+    return argv, labels, "outside the brain"
 
 
 def _grid_centre_ras(path: Path) -> list[str]:

@@ -47,8 +47,8 @@ from .signals import Signal
 if TYPE_CHECKING:  # pragma: no cover
     from MedSynthLib.schema.grid import LabelMap
 
-MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+ensure_medsynthlib_importable()  # the schema's labels module needs numpy only
+from MedSynthLib.schema.labels import MODALITIES, MODALITY_TITLES  # noqa: E402
 SCRIPTS_DIR = Path(__file__).resolve().parent
 RUN_CLI = SCRIPTS_DIR / "run_cli.py"
 PREVIEW_WORKER = SCRIPTS_DIR / "preview_worker.py"
@@ -451,7 +451,7 @@ class WorkflowLogic:
         from MedSynthLib.cases.anatomy import derive_label_map
         from MedSynthLib.cases.readers import Case
         from MedSynthLib.schema.errors import MedSynthError
-        from MedSynthLib.schema.labels import Label
+        from MedSynthLib.schema.labels import brain_mask
 
         _check_convention(label_convention)
         t1_array = self._check_brain_volume(t1)
@@ -488,7 +488,7 @@ class WorkflowLogic:
                 labelmap = derive_label_map(case)
             except MedSynthError as exc:
                 raise WorkflowError(f"{t1.GetName()!r}: {exc}") from None
-        if not (labelmap.array > Label.BACKGROUND).any():
+        if not brain_mask(labelmap.array).any():
             raise WorkflowError(f"{t1.GetName()!r}: the label map has no brain voxels")
         with mrml.scene_guard(self.scene):
             node = mrml.segmentation_from_labels(self.scene, labelmap.array, t1,
@@ -535,7 +535,7 @@ class WorkflowLogic:
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import healthy_anatomy
         from MedSynthLib.schema.grid import LabelMap
-        from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, label_counts
+        from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, brain_mask, label_counts, tumour_mask
 
         reference = self.reference_volume(segmentation)
         convention = segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021"
@@ -548,7 +548,7 @@ class WorkflowLogic:
         committed = self._committed.get(segmentation.GetID())
         if committed is None or committed.shape != array.shape:
             # first sight of this segmentation in this session (e.g. a reloaded scene): take it as it is
-            if (array > Label.BACKGROUND).any():
+            if brain_mask(array).any():
                 self._committed[segmentation.GetID()] = array.copy()
         elif not np.array_equal(committed, array):
             edited = array.copy()
@@ -559,7 +559,7 @@ class WorkflowLogic:
                 edited[reverted] = committed[reverted]
                 self.log.emit(f"{int(reverted.sum())} voxels of locked anatomy segments were edited; that edit "
                               "was not taken (unlock the anatomy to change it)")
-            erased = (edited == Label.BACKGROUND) & (committed >= Label.NCR)
+            erased = (edited == Label.BACKGROUND) & tumour_mask(committed)
             if erased.any():
                 edited[erased] = healthy_anatomy(committed, grid.spacing)[erased]
             previous = LabelMap(committed, grid, history)
@@ -571,12 +571,12 @@ class WorkflowLogic:
                                "voxel_change": {k: after[k] - before[k] for k in after if after[k] != before[k]}},
                     "schema_version": SCHEMA_VERSION,
                 }]
-            if not (edited > Label.BACKGROUND).any():
+            if not brain_mask(edited).any():
                 raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
             result = LabelMap(edited, grid, history)
             self._commit(segmentation, result, previous if not np.array_equal(committed, edited) else None)
             return result
-        if not (array > Label.BACKGROUND).any():
+        if not brain_mask(array).any():
             raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
         return LabelMap(array, grid, history)
 
@@ -724,11 +724,11 @@ class WorkflowLogic:
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import InsertTumour
         from MedSynthLib.schema.errors import MedSynthError
-        from MedSynthLib.schema.labels import Label
+        from MedSynthLib.schema.labels import tumour_mask
         from MedSynthLib.schema.provenance import array_sha256
 
         source_map = source if hasattr(source, "array") else self.read_tumour_source(source)  # type: ignore[arg-type]
-        if not (source_map.array >= Label.NCR).any():
+        if not tumour_mask(source_map.array).any():
             raise WorkflowError("the tumour source has no tumour voxels to insert")
         try:
             edit = InsertTumour(centre_ras_mm=None if centre_ras is None else tuple(float(v) for v in centre_ras),
@@ -787,7 +787,7 @@ class WorkflowLogic:
         from MedSynthLib.edits import tumour_centre
         from MedSynthLib.schema.errors import MedSynthError
         from MedSynthLib.schema.grid import lps_to_ras
-        from MedSynthLib.schema.labels import TUMOUR_LABELS, Label
+        from MedSynthLib.schema.labels import TUMOUR_LABELS, Label, tumour_mask
 
         self.cancel_tumour_transform(segmentation)
         current = self.labelmap(segmentation)
@@ -805,7 +805,7 @@ class WorkflowLogic:
             display.SetEditorTranslationEnabled(True)
             display.SetEditorRotationEnabled(True)
             display.SetEditorScalingEnabled(True)
-            tumour_only = np.where(current.array >= Label.NCR, current.array, 0).astype(np.uint8)
+            tumour_only = np.where(tumour_mask(current.array), current.array, 0).astype(np.uint8)
             moving = mrml.segmentation_from_labels(self.scene, tumour_only, reference,
                                                    f"{segmentation.GetName()} tumour (moving)", lock_anatomy=False)
             for label in (Label.CSF, Label.GM, Label.WM):

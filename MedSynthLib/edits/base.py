@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap
-from ..schema.labels import SCHEMA_VERSION, Label, tumour_mask
+from ..schema.labels import SCHEMA_VERSION, Label, core_mask, tumour_mask
 from .geometry import bounds
 
 #: Largest fraction of the tumour core an edit may push outside the brain
@@ -140,7 +140,7 @@ def tumour_only(labels: np.ndarray) -> np.ndarray:
 
 def core_count(labels: np.ndarray) -> int:
     """Voxels of the tumour core (NCR + ET)."""
-    return int(np.count_nonzero((labels == Label.NCR) | (labels == Label.ET)))
+    return int(np.count_nonzero(core_mask(labels)))
 
 
 def healthy_anatomy(labels: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
@@ -227,7 +227,7 @@ def composite(anatomy: np.ndarray, tumour: np.ndarray, brain: np.ndarray, *,
     Raises:
         EditError: more than ``max_outside_fraction`` of the core lies outside the brain.
     """
-    core = (tumour == Label.NCR) | (tumour == Label.ET)
+    core = core_mask(tumour)
     counted = core if core.any() or core_lost_voxels else tumour > 0  # an oedema-only tumour is judged whole
     total = int(np.count_nonzero(counted)) + int(core_lost_voxels)
     if total:

@@ -85,8 +85,8 @@ def check_point(point_ras_mm: Sequence[float], name: str, grid: Grid) -> None:
     distance = float(np.linalg.norm(ras_to_lps(point_ras_mm) - centre_lps))
     diagonal = grid_diagonal_mm(grid)
     if distance > diagonal:
-        raise EditError(f"{name} {tuple(round(float(v), 1) for v in point_ras_mm)} (RAS mm) is {distance:.6g} mm "
-                        f"from the centre of the grid, more than its diagonal ({diagonal:.1f} mm)")
+        raise EditError(f"{name} {tuple(round(float(v), 1) for v in point_ras_mm)} (RAS mm) is outside the brain: "
+                        f"{distance:.6g} mm from the grid's centre, more than the grid's diagonal ({diagonal:.1f} mm)")
 
 
 def tumour_centre(labelmap: LabelMap) -> np.ndarray:

@@ -15,8 +15,8 @@ from ..schema.grid import LabelMap
 from ..schema.labels import SCHEMA_VERSION
 from .base import EDITS, Edit
 from .insert import InsertTumour
-from .parametric import ParametricTumour  # noqa: F401  (registers the edit)
-from .transforms import Flip, Rotate, Scale, Translate  # noqa: F401  (register the edits)
+
+# EDITS is filled when the package imports each edit module (MedSynthLib/edits/__init__.py).
 
 
 def edit_from_record(record: Mapping[str, Any]) -> Edit:

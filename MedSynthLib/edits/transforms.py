@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
-from ..schema.labels import Label, brain_mask, tumour_mask
+from ..schema.labels import Label, brain_mask, core_mask, tumour_mask
 from .base import Edit, composite, core_count, healthy_anatomy, register, set_field, tumour_only, vec3
 from .geometry import (AXES, bounds, brain_centre, check_length, crop, index_affine, paste, ras_matrix_to_lps,
                        rotation_ras, tumour_centre)
@@ -97,7 +97,7 @@ def resample_tumour(labels: np.ndarray, forward: np.ndarray,
 def _core_lost_estimate(sub: np.ndarray, lo_in: np.ndarray, forward: np.ndarray, out_shape: tuple[int, ...]) -> int:
     """Core voxels a map pushes off the output array: input core voxel centres landing
     outside it, times the volume change of the map (exact for translations and flips)."""
-    core = np.argwhere((sub == Label.NCR) | (sub == Label.ET))
+    core = np.argwhere(core_mask(sub))
     if core.size == 0:
         return 0
     mapped = (core + lo_in) @ forward[:3, :3].T + forward[:3, 3]

@@ -76,9 +76,8 @@ import numpy as np
 from .. import __version__
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..schema.grid import Grid, LabelMap
-from ..schema.labels import SCHEMA_VERSION, Label, schema_to_tumour
+from ..schema.labels import MODALITIES, SCHEMA_VERSION, Label, schema_to_tumour
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 FORMATS = ("nifti", "dicom")
 
 #: File-name suffixes of the two BraTS namings; the tumour values follow the same

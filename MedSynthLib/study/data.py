@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from ..cases.readers import MODALITIES, Case, read_case
 from ..schema.errors import EditError, InputError
 from ..schema.grid import Grid, LabelMap, lps_to_ras
-from ..schema.labels import Label, LabelValueError, schema_to_tumour, tumour_to_schema
+from ..schema.labels import Label, LabelValueError, schema_to_tumour, tumour_mask, tumour_to_schema
 from ..schema.volume_io import atomic_directory, is_image_file, read_image, strip_image_suffix, write_image, write_json
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -336,7 +336,7 @@ def make_synthetic_labelmaps(train: list[tuple[str, LabelMap]], extras: list[Ext
     edit_params = dict(config.get("edit", {}))
     transform_edit = RandomTumourEdit(**dict(edit_params, p_parametric=0.0))
     parametric_edit = RandomTumourEdit(**dict(edit_params, p_parametric=1.0))
-    with_tumour = [lm for _, lm in train if (lm.array >= Label.NCR).any()]
+    with_tumour = [lm for _, lm in train if tumour_mask(lm.array).any()]
     pool: list[tuple[str, LabelMap, bool]] = [(short_hash(lm.array), lm, True) for lm in with_tumour]
     pool += [(f"sha256:{e.sha256[:16]}", e.labelmap, False) for e in extras]
     specs: list[SyntheticSpec] = []

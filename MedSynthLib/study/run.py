@@ -665,7 +665,7 @@ class _Study:
         from ..cases.readers import MODALITIES
         from ..evaluation.metrics import fidelity
         from ..schema.grid import LabelMap
-        from ..schema.labels import NUM_CLASSES, Label
+        from ..schema.labels import NUM_CLASSES, brain_mask, tumour_mask
 
         key = sha256_json({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
                            "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION})[:16]
@@ -679,7 +679,7 @@ class _Study:
             counts = np.zeros(NUM_CLASSES)
             for c in fold.train:
                 seg = self.seg_real[c]
-                brain = seg.labels > 0
+                brain = brain_mask(seg.labels)
                 counts += np.bincount(seg.labels[brain], minlength=NUM_CLASSES)
                 for m in range(4):
                     sums[m] += np.bincount(seg.labels[brain], weights=seg.images[m][brain], minlength=NUM_CLASSES)
@@ -691,7 +691,7 @@ class _Study:
                 labels = real.labelmap.array
                 synthetic = engine.synthesize(LabelMap(labels, real.labelmap.grid), seed=0)
                 brain = real.brain
-                regions = {"tumour": labels >= Label.NCR}
+                regions = {"tumour": tumour_mask(labels)}
                 entry: dict[str, Any] = {"model": {}, "class_mean_training": {}}
                 for m, modality in enumerate(MODALITIES):
                     entry["model"][modality] = fidelity(real.images[m], synthetic.images[modality], brain, regions)

@@ -18,10 +18,10 @@ import numpy as np
 
 from ..schema.errors import MedSynthError
 from ..schema.grid import LabelMap
-from ..schema.labels import SCHEMA_VERSION, Label
+from ..schema.labels import MODALITIES, SCHEMA_VERSION, Label, brain_mask
 from .models import ModelFolder
 
-OUTPUT_NAMES = ("t1", "t1ce", "t2", "flair")
+OUTPUT_NAMES = MODALITIES
 
 
 @dataclass
@@ -62,7 +62,7 @@ class SynthesisEngine:
         from ..schema.provenance import array_sha256, software_versions
         from .inference import to_scanner_units
 
-        if not (labelmap.array > Label.BACKGROUND).any():
+        if not brain_mask(labelmap.array).any():
             raise MedSynthError("empty brain: the label map has no brain voxels")
         self._torch.manual_seed(seed)
         start = time.perf_counter()
@@ -155,10 +155,6 @@ def _feather(shape: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray, full: 
         view[axis] = n
         weight = weight * profile.reshape(view)
     return weight
-
-
-def synthesis_outputs(out_dir: Path) -> list[Path]:
-    return [out_dir / f"{m}.nii.gz" for m in OUTPUT_NAMES] + [out_dir / "labels.nii.gz", out_dir / "provenance.json"]
 
 
 def write_synthesis(result: SynthesisResult, out_dir: Path, *, overwrite: bool = False,
