@@ -218,6 +218,20 @@ def test_tumor_new(work, capsys):
     np.testing.assert_array_equal(replay(read_label_map(work["labels"]), history[1:]).array, array)
 
 
+def test_tumour_and_centre_are_aliases_of_tumor_and_center(work, capsys):
+    """One command, two spellings: ``tumour``/``--centre`` and ``tumor``/``--center`` write the same map."""
+    centre = _brain_centre_ras(work["labels"])
+    arrays = []
+    for command, option in (("tumour", "--centre"), ("tumor", "--center")):
+        out = work["root"] / "spelling" / f"{command}.nii.gz"
+        rc, _, err = run([command, "new", work["labels"], option, *centre, "--radius", "6", "--seed", "3", "-o", out],
+                         capsys)
+        assert rc == 0 and err == ""
+        arrays.append(_array(out))
+        assert _sidecar(out)["history"][-1]["params"]["centre_ras_mm"] == [float(v) for v in centre]
+    np.testing.assert_array_equal(arrays[0], arrays[1])
+
+
 def test_tumor_insert(work, capsys):
     """``tumor insert`` records the source by identifier, not path, and replays exactly."""
     out = work["root"] / "insert" / "inserted.nii.gz"

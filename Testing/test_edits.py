@@ -666,3 +666,28 @@ def test_find_objects_box_equals_the_projection_code():
     assert bounds(np.zeros((3, 4, 5), bool)) is None
     brain = synthetic_brain(make_grid(*GRIDS["aniso_lps"])).array > 0
     assert mask_box(brain, 4) == _mask_box_by_projections(brain, 4)
+
+
+def test_the_shipped_study_records_still_parse():
+    """docs/study/report.json was written with the old spelling (center_ras_mm): every edit record in it
+    rebuilds its edit, which records the same parameters under the current names."""
+    report = json.loads((REPO_ROOT / "docs" / "study" / "report.json").read_text())
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("name") in EDITS and isinstance(node.get("params"), dict):
+                found.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(report)
+    old = [r for r in found if "center_ras_mm" in r["params"]]
+    assert len(found) > 10 and old
+    for record in found:
+        params = edit_from_record(record).to_record()["params"]
+        renamed = {EDITS[record["name"]].renamed_params.get(k, k): v for k, v in record["params"].items()}
+        assert params == renamed

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..schema.errors import InputError, MedSynthError
+from ..schema.labels import tumour_mask
 from ..schema.volume_io import check_writable, write_json
 from ..training.train import Dist
 from .data import (PREP_VERSION, STUDY_VERSION, SYNTHETIC_KINDS, CaseInfo, ExtraTumour, RealCase, StudyGrid,
@@ -639,7 +640,7 @@ class _Study:
                 np.save(tmp / f"{case.name}_images.npy", case.images.astype(np.float16))
                 np.save(tmp / f"{case.name}_labels.npy", labels)
                 entries.append(dict(spec.provenance(), name=case.name,
-                                    tumour_voxels=int(np.count_nonzero(labels >= 4)),
+                                    tumour_voxels=int(np.count_nonzero(tumour_mask(labels))),
                                     model_sha256=model.sha256))
             index = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2)}
             write_json(index, tmp / "index.json")
@@ -665,7 +666,7 @@ class _Study:
         from ..cases.readers import MODALITIES
         from ..evaluation.metrics import fidelity
         from ..schema.grid import LabelMap
-        from ..schema.labels import NUM_CLASSES, brain_mask, tumour_mask
+        from ..schema.labels import NUM_CLASSES, brain_mask
 
         key = sha256_json({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
                            "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION})[:16]
