@@ -116,8 +116,8 @@ class ParametricTumour(Edit):
         corners_kji = grid.lps_to_index(ras_to_lps(corners_ras.T).T)[:, ::-1]
         return (np.floor(corners_kji.min(axis=0)).astype(int) - 1, np.ceil(corners_kji.max(axis=0)).astype(int) + 2)
 
-    def _shape(self, grid: Grid, lo: np.ndarray, hi: np.ndarray, stride: int, noise_fields: tuple[np.ndarray, float, float],
-               which: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shape(self, grid: Grid, lo: np.ndarray, hi: np.ndarray, stride: int,
+               noise_fields: tuple[np.ndarray, float, float], which: int) -> tuple[np.ndarray, np.ndarray]:
         """Normalised distance and perturbation ``which`` (0 tumour, 1 oedema) on the box lattice (every ``stride``)."""
         radii = np.asarray(self.radii_mm)
         fields, step, extent = noise_fields
