@@ -700,13 +700,14 @@ class MedSynthTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _tiny_model(folder: pathlib.Path) -> pathlib.Path:
+        from MedSynthLib.schema.labels import MODALITIES
         from MedSynthLib.synthesis.models import write_model
         from MedSynthLib.synthesis.networks import Generator, NetworkConfig
 
         config = NetworkConfig(channels=(4, 8), strides=(2,), disc_channels=4, disc_layers=2)
         write_model(folder, Generator(config).state_dict(),
                     {"name": "tiny-test", "network": config.to_json(),
-                     "intensity": {m: {"low": 0.0, "high": 1000.0} for m in ("t1", "t1ce", "t2", "flair")}})
+                     "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITIES}})
         return folder
 
     def test_MedSynthWorkflow(self) -> None:

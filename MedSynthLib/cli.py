@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -52,10 +53,19 @@ def _vector(values: Sequence[float] | None, name: str, allow_one: bool = False) 
     if values is None:
         return None
     if allow_one and len(values) == 1:
-        return (values[0],) * 3  # type: ignore[return-value]
+        values = [values[0]] * 3
     if len(values) != 3:
         raise _UsageError(f"{name} takes {'1 or ' if allow_one else ''}3 values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise _UsageError(f"{name} must be finite numbers, got {' '.join(str(v) for v in values)}")
     return tuple(values)  # type: ignore[return-value]
+
+
+def _number(value: float, name: str, low: float = 0.0, high: float = math.inf) -> float:
+    """A finite option value in ``[low, high]`` (NaN and infinities are refused by name)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise _UsageError(f"{name} must lie in [{low:g}, {high:g}], got {value}")
+    return value
 
 
 def _add_case_options(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +154,7 @@ def _write_edited(labelmap: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tumor_transform(args: argparse.Namespace) -> int:
+def cmd_tumour_transform(args: argparse.Namespace) -> int:
     from .edits import Flip, Rotate, Scale, Translate
     from .schema.labelmap import label_map_outputs, read_label_map
     from .schema.volume_io import check_writable
@@ -159,7 +169,7 @@ def cmd_tumor_transform(args: argparse.Namespace) -> int:
     if args.translate is not None:
         edits.append(Translate(_vector(args.translate, "--translate")))
     if not edits:
-        raise _UsageError("medsynth tumor: give at least one of --translate, --rotate, --scale, --flip")
+        raise _UsageError("medsynth tumour: give at least one of --translate, --rotate, --scale, --flip")
     check_writable(label_map_outputs(args.output), args.overwrite)
     labelmap = read_label_map(args.labels)
     for edit in edits:
@@ -171,52 +181,55 @@ def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
     from .schema.errors import EditError
 
     try:
-        return edit.apply(labelmap, **kwargs)
+        return edit(labelmap, **kwargs)
     except EditError as exc:
         raise EditError(f"{path}: {edit.name}: {exc}") from None
 
 
-def cmd_tumor_insert(args: argparse.Namespace) -> int:
+def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from .edits import InsertTumour
     from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.labels import tumour_mask
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     source = read_label_map(getattr(args, "from"))
     target = read_label_map(args.into)
-    if not (source.array >= 4).any():
+    if not tumour_mask(source.array).any():
         raise MedSynthError(f"{getattr(args, 'from')}: the source label map has no tumour to insert")
-    edit = InsertTumour(center_ras_mm=_vector(args.center, "--center"), keep_existing=args.keep_existing,
+    edit = InsertTumour(centre_ras_mm=_vector(args.centre, "--centre"), keep_existing=args.keep_existing,
                         source="label-map")
     return _write_edited(_apply_edit(edit, target, args.into, source=source), args)
 
 
-def cmd_tumor_new(args: argparse.Namespace) -> int:
+def cmd_tumour_new(args: argparse.Namespace) -> int:
     from .edits import ParametricTumour
     from .schema.labelmap import label_map_outputs, read_label_map
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     labelmap = read_label_map(args.labels)
-    edit = ParametricTumour(center_ras_mm=_vector(args.center, "--center"),
+    edit = ParametricTumour(centre_ras_mm=_vector(args.centre, "--centre"),
                             radii_mm=_vector(args.radius, "--radius", allow_one=True),
-                            rim_mm=args.rim, necrosis=not args.no_necrosis, oedema_mm=args.oedema,
-                            irregularity=args.irregularity, seed=args.seed, keep_existing=args.keep_existing)
+                            rim_mm=_number(args.rim, "--rim"), necrosis=not args.no_necrosis,
+                            oedema_mm=_number(args.oedema, "--oedema"),
+                            irregularity=_number(args.irregularity, "--irregularity", 0.0, 1.0),
+                            seed=args.seed, keep_existing=args.keep_existing)
     return _write_edited(_apply_edit(edit, labelmap, args.labels), args)
 
 
-def cmd_tumor_random(args: argparse.Namespace) -> int:
+def cmd_tumour_random(args: argparse.Namespace) -> int:
     from .edits import RandomTumourEdit
     from .schema.labelmap import label_map_outputs, read_label_map
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     labelmap = read_label_map(args.labels)
-    sampler = RandomTumourEdit(p_parametric=args.p_new)
+    sampler = RandomTumourEdit(p_parametric=_number(args.p_new, "--p-new", 0.0, 1.0))
     return _write_edited(_apply_edit(sampler, labelmap, args.labels, seed=args.seed), args)
 
 
-DEMO_TUMOUR = dict(center_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0), rim_mm=2.5,
+DEMO_TUMOUR = dict(centre_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0), rim_mm=2.5,
                    oedema_mm=12.0, irregularity=0.35, seed=2018)
 
 
@@ -234,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with _progress(4, "demo") as step:
         canvas = template_label_map()
         step("template label map")
-        labelmap = ParametricTumour(**DEMO_TUMOUR).apply(canvas)  # type: ignore[arg-type]
+        labelmap = ParametricTumour(**DEMO_TUMOUR)(canvas)  # type: ignore[arg-type]
         step("tumour")
         engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
         result = engine.synthesize(labelmap, seed=0)
@@ -421,10 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "output label map (.nii.gz); provenance goes beside it as .json")
     p.set_defaults(func=cmd_labels)
 
-    tumor = sub.add_parser("tumor", help="edit the tumour of a label map",
-                           description="Tumour edits. `medsynth tumor LABELS --translate ...` transforms the "
-                                       "tumour; `insert`, `new` and `random` are subcommands.")
-    tsub = tumor.add_subparsers(dest="tumor_command", required=True, parser_class=_Parser)
+    tumour = sub.add_parser("tumour", aliases=["tumor"], help="edit the tumour of a label map",
+                            description="Tumour edits. `medsynth tumour LABELS --translate ...` transforms the "
+                                        "tumour; `insert`, `new` and `random` are subcommands. `tumor` is the "
+                                        "same command.")
+    tsub = tumour.add_subparsers(dest="tumour_command", required=True, parser_class=_Parser)
 
     p = tsub.add_parser("transform", help="move / rotate / scale / flip the tumour (the default)")
     p.add_argument("labels", type=Path, help="MedSynth label map")
@@ -436,20 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-about", choices=("tumour", "brain"), default="tumour",
                    help="mirror plane through the tumour centre or the brain mid-plane (other hemisphere)")
     _add_output(p, "output label map (.nii.gz)")
-    p.set_defaults(func=cmd_tumor_transform)
+    p.set_defaults(func=cmd_tumour_transform)
 
     p = tsub.add_parser("insert", help="insert the tumour of one label map into another brain")
     p.add_argument("--from", required=True, type=Path, metavar="LABELS", help="label map holding the tumour")
     p.add_argument("--into", required=True, type=Path, metavar="LABELS", help="label map of the target brain")
-    p.add_argument("--center", type=float, nargs=3, metavar="MM",
+    p.add_argument("--centre", "--center", dest="centre", type=float, nargs=3, metavar="MM",
                    help="RAS point for the tumour centre (default: the matching relative position)")
     p.add_argument("--keep-existing", action="store_true", help="keep the target's own tumour")
     _add_output(p, "output label map (.nii.gz)")
-    p.set_defaults(func=cmd_tumor_insert)
+    p.set_defaults(func=cmd_tumour_insert)
 
     p = tsub.add_parser("new", help="draw a parametric tumour (core, enhancing rim, oedema)")
     p.add_argument("labels", type=Path, help="MedSynth label map")
-    p.add_argument("--center", type=float, nargs=3, required=True, metavar="MM", help="centre, RAS mm")
+    p.add_argument("--centre", "--center", dest="centre", type=float, nargs=3, required=True, metavar="MM",
+                   help="centre, RAS mm")
     p.add_argument("--radius", type=float, nargs="+", required=True, metavar="MM", help="radius (1 or 3 values, mm)")
     p.add_argument("--rim", type=float, default=2.0, metavar="MM", help="enhancing rim thickness (mm)")
     p.add_argument("--oedema", type=float, default=10.0, metavar="MM", help="oedema extent beyond the tumour (mm)")
@@ -458,14 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the shape's noise")
     p.add_argument("--keep-existing", action="store_true", help="keep the map's current tumour")
     _add_output(p, "output label map (.nii.gz)")
-    p.set_defaults(func=cmd_tumor_new)
+    p.set_defaults(func=cmd_tumour_new)
 
     p = tsub.add_parser("random", help="a random tumour edit, replayable from its recorded parameters")
     p.add_argument("labels", type=Path, help="MedSynth label map")
     p.add_argument("--seed", type=int, required=True, help="seed of the draw")
     p.add_argument("--p-new", type=float, default=0.25, help="probability of drawing a new parametric tumour")
     _add_output(p, "output label map (.nii.gz)")
-    p.set_defaults(func=cmd_tumor_random)
+    p.set_defaults(func=cmd_tumour_random)
 
     p = sub.add_parser("synthesize", help="label map -> T1, T1ce, T2, FLAIR (a complete synthetic case)")
     p.add_argument("labels", type=Path, help="MedSynth 7-class label map")
@@ -560,14 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TUMOR_SUBCOMMANDS = {"transform", "insert", "new", "random", "-h", "--help"}
+_TUMOUR_COMMANDS = ("tumour", "tumor")  # one command, both spellings
+_TUMOUR_SUBCOMMANDS = {"transform", "insert", "new", "random", "-h", "--help"}
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
-    """``medsynth tumor LABELS --translate ...`` means ``medsynth tumor transform LABELS ...``."""
-    if "tumor" in argv:
-        at = argv.index("tumor")
-        if at + 1 < len(argv) and argv[at + 1] not in _TUMOR_SUBCOMMANDS:
+    """``medsynth tumour LABELS --translate ...`` means ``medsynth tumour transform LABELS ...`` (also ``tumor``)."""
+    command = next((word for word in argv if word in _TUMOUR_COMMANDS), None)
+    if command is not None:
+        at = argv.index(command)
+        if at + 1 < len(argv) and argv[at + 1] not in _TUMOUR_SUBCOMMANDS:
             return argv[: at + 1] + ["transform"] + argv[at + 1:]
     return argv
 
@@ -602,7 +619,7 @@ def console_main() -> None:
 
     avoid_hugepage_stalls()  # a process-wide setting: only in MedSynth's own process, not in main()
     argv = sys.argv[1:]
-    status = main(argv)  # synthesize and demo are the first word: no tumor shorthand to normalise
+    status = main(argv)  # synthesize and demo are the first word: no tumour shorthand to normalise
     if argv and argv[0] in _FAST_EXIT_COMMANDS:
         sys.stdout.flush()
         sys.stderr.flush()

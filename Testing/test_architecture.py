@@ -135,7 +135,7 @@ def test_find_cycles_on_small_graphs():
     ("MedSynthLib.study.run", False, 1, "data", "MedSynthLib.study.data"),
     ("MedSynthLib.study.run", False, 2, "schema.grid", "MedSynthLib.schema.grid"),
     ("MedSynthLib.study.run", False, 2, None, "MedSynthLib"),
-    ("MedSynthLib.edits", True, 1, "core", "MedSynthLib.edits.core"),
+    ("MedSynthLib.edits", True, 1, "transforms", "MedSynthLib.edits.transforms"),
     ("MedSynthLib.cli", False, 1, "schema.errors", "MedSynthLib.schema.errors"),
     ("MedSynthLib.cli", False, 0, "numpy", "numpy"),
 ])
@@ -160,7 +160,7 @@ def test_graph_sees_deferred_and_module_imports(tmp_path):
 def test_the_graph_is_the_package():
     graph = import_graph()
     # Sanity: the parser found the package and real edges (a silent empty graph would pass everything).
-    assert {"MedSynthLib.cli", "MedSynthLib.schema.labels", "MedSynthLib.edits.core"} <= set(graph)
+    assert {"MedSynthLib.cli", "MedSynthLib.schema.labels", "MedSynthLib.edits.transforms"} <= set(graph)
     assert "MedSynthLib.schema.labels" in graph["MedSynthLib.schema.grid"]
     assert "MedSynthLib.training.train" in graph["MedSynthLib.study.run"]  # `from ..training import train`
 

@@ -166,7 +166,12 @@ def empty_brain(tmp, shared, out):
 
 def edit_leaves_brain(tmp, shared, out):
     labels = shared["labels"]
-    return ["tumor", labels, "--translate", "500", "0", "0", "-o", out], labels, "outside the brain"
+    return ["tumor", labels, "--translate", "40", "0", "0", "-o", out], labels, "outside the brain"
+
+
+def edit_past_the_grid(tmp, shared, out):
+    labels = shared["labels"]
+    return ["tumour", labels, "--translate", "1e300", "0", "0", "-o", out], labels, "larger than the grid's diagonal"
 
 
 def insert_cannot_fit(tmp, shared, out):
@@ -180,11 +185,37 @@ def parametric_centre_outside(tmp, shared, out):
     return argv, labels, "outside the brain"
 
 
+def _grid_centre_ras(path: Path) -> list[str]:
+    image = sitk.ReadImage(str(path))
+    lps = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()])
+    return [str(-lps[0]), str(-lps[1]), str(lps[2])]
+
+
+def oedema_past_the_grid(tmp, shared, out):
+    # Issue 15: this margin grew to 22 GB before it was bounded against the grid.
+    labels = shared["labels"]
+    argv = ["tumour", "new", labels, "--centre", *_grid_centre_ras(labels), "--radius", "10", "--oedema", "1e9",
+            "-o", out]
+    return argv, labels, "oedema margin of 1e+09 mm is larger than the grid's diagonal"
+
+
+def radius_not_finite(tmp, shared, out):
+    labels = shared["labels"]
+    argv = ["tumour", "new", labels, "--centre", *_grid_centre_ras(labels), "--radius", "nan", "-o", out]
+    return argv, "--radius", "must be finite numbers"
+
+
+def probability_above_one(tmp, shared, out):
+    labels = shared["labels"]
+    return ["tumour", "random", labels, "--seed", "1", "--p-new", "2", "-o", out], "--p-new", "must lie in [0, 1]"
+
+
 BAD_INPUTS = [
     missing_modality, unknown_naming, missing_folder, missing_label_map, garbage_bytes, truncated_int16_gz,
     truncated_float32_gz, truncated_data_intact_gzip, truncated_uncompressed, geometry_mismatch,
     seg_value_outside_convention, label_map_value_outside_schema, image_2d, label_map_4d, empty_brain,
-    edit_leaves_brain, insert_cannot_fit, parametric_centre_outside,
+    edit_leaves_brain, edit_past_the_grid, insert_cannot_fit, parametric_centre_outside,
+    oedema_past_the_grid, radius_not_finite, probability_above_one,
 ] + [pytest.param(_non_finite(v), id=f"non_finite_{n}") for n, v in (("nan", np.nan), ("inf", np.inf),
                                                                      ("neg_inf", -np.inf))]
 

@@ -74,8 +74,8 @@ def _brain_centre_ras(path: Path) -> list[str]:
 
 # --- help --------------------------------------------------------------------------------------
 
-HELP = [[], ["info"], ["labels"], ["tumor"], ["tumor", "transform"], ["tumor", "insert"], ["tumor", "new"],
-        ["tumor", "random"], ["demo"]]
+HELP = [[], ["info"], ["labels"], ["tumour"], ["tumour", "transform"], ["tumour", "insert"], ["tumour", "new"],
+        ["tumour", "random"], ["tumor"], ["tumor", "new"], ["demo"]]
 
 
 @pytest.mark.parametrize("command", HELP, ids=lambda c: " ".join(c) or "medsynth")
@@ -87,7 +87,8 @@ def test_help(command, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: medsynth")
-    assert " ".join(["medsynth"] + command) in out.splitlines()[0] or not command
+    # `tumor` is an alias: its usage names the command `tumour`.
+    assert " ".join(["medsynth"] + [{"tumor": "tumour"}.get(w, w) for w in command]) in out.splitlines()[0]
 
 
 def test_help_subprocess():
@@ -215,6 +216,20 @@ def test_tumor_new(work, capsys):
     history = _sidecar(out)["history"]
     assert history[-1]["name"] == "parametric_tumour" and history[-1]["params"]["seed"] == 7
     np.testing.assert_array_equal(replay(read_label_map(work["labels"]), history[1:]).array, array)
+
+
+def test_tumour_and_centre_are_aliases_of_tumor_and_center(work, capsys):
+    """One command, two spellings: ``tumour``/``--centre`` and ``tumor``/``--center`` write the same map."""
+    centre = _brain_centre_ras(work["labels"])
+    arrays = []
+    for command, option in (("tumour", "--centre"), ("tumor", "--center")):
+        out = work["root"] / "spelling" / f"{command}.nii.gz"
+        rc, _, err = run([command, "new", work["labels"], option, *centre, "--radius", "6", "--seed", "3", "-o", out],
+                         capsys)
+        assert rc == 0 and err == ""
+        arrays.append(_array(out))
+        assert _sidecar(out)["history"][-1]["params"]["centre_ras_mm"] == [float(v) for v in centre]
+    np.testing.assert_array_equal(arrays[0], arrays[1])
 
 
 def test_tumor_insert(work, capsys):

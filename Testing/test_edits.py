@@ -179,7 +179,7 @@ def test_composite_clips_oedema_and_refuses_core_outside():
 @pytest.mark.parametrize("offset", [(6.0, 0.0, 0.0), (-4.0, 5.0, 3.0), (2.5, -3.7, 4.2), (0.0, 0.0, -6.0)])
 def test_translate_keeps_counts_and_moves_centroid_in_ras(brain, offset):
     snapshot = brain.array.copy()
-    out = Translate(offset).apply(brain)
+    out = Translate(offset)(brain)
     check_invariants(brain, snapshot, out)
     assert counts(out.array) == counts(brain.array)
     moved = centre_ras(out) - centre_ras(brain)
@@ -190,15 +190,17 @@ def test_translate_keeps_counts_and_moves_centroid_in_ras(brain, offset):
 
 @pytest.mark.parametrize("offset", [(100.0, 0.0, 0.0), (0.0, -45.0, 0.0), (0.0, 0.0, 500.0)])
 def test_translate_out_of_the_brain_is_refused(brain, offset):
-    with pytest.raises(EditError, match="outside the brain"):
-        Translate(offset).apply(brain)
+    # A move past the grid's diagonal is refused before anything is computed; a shorter one by the brain.
+    message = "larger than the grid's diagonal" if np.linalg.norm(offset) > 130 else "outside the brain"
+    with pytest.raises(EditError, match=message):
+        Translate(offset)(brain)
 
 
 def test_huge_scale_is_refused_without_a_huge_box():
     lm = synthetic_brain(make_grid(*GRIDS["aniso_lps"]))
     start = time.perf_counter()
     with pytest.raises(EditError, match="outside the brain"):
-        Scale((15.0, 15.0, 15.0)).apply(lm)
+        Scale((15.0, 15.0, 15.0))(lm)
     assert time.perf_counter() - start < 2.0
 
 
@@ -206,7 +208,7 @@ def test_edit_without_tumour_is_refused():
     lm = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=None)
     for edit in (Translate((1, 0, 0)), Rotate((0, 0, 10)), Scale((2, 2, 2)), Flip("LR")):
         with pytest.raises(EditError, match="no tumour"):
-            edit.apply(lm)
+            edit(lm)
 
 
 # --- Rotate / Scale / Flip ----------------------------------------------------------------
@@ -215,7 +217,7 @@ def test_edit_without_tumour_is_refused():
 @pytest.mark.parametrize("angles", [(0.0, 0.0, 90.0), (90.0, 0.0, 0.0), (0.0, 0.0, -90.0)])
 def test_rotate_90_keeps_centroid_and_volume(brain, angles):
     snapshot = brain.array.copy()
-    out = Rotate(angles).apply(brain)
+    out = Rotate(angles)(brain)
     check_invariants(brain, snapshot, out)
     assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= max(brain.grid.spacing)
     assert tumour_volume(out) == pytest.approx(tumour_volume(brain), rel=0.10)
@@ -223,20 +225,20 @@ def test_rotate_90_keeps_centroid_and_volume(brain, angles):
 
 def test_rotate_turns_an_elongated_tumour():
     grid = make_grid(*GRIDS["brats_lps"])
-    lm = Scale((2.0, 1.0, 1.0)).apply(synthetic_brain(grid, tumour_at=(0.5, 0.62, 0.5), radii_mm=(2, 3, 4)))
+    lm = Scale((2.0, 1.0, 1.0))(synthetic_brain(grid, tumour_at=(0.5, 0.62, 0.5), radii_mm=(2, 3, 4)))
 
     def extent(m: LabelMap) -> np.ndarray:  # RAS extent of the tumour
         ras = lps_to_ras(m.grid.index_to_lps(np.argwhere(m.array >= Label.NCR)[:, ::-1]).T).T
         return ras.max(axis=0) - ras.min(axis=0)
 
-    before, after = extent(lm), extent(Rotate((0, 0, 90)).apply(lm))
+    before, after = extent(lm), extent(Rotate((0, 0, 90))(lm))
     assert before[0] > 1.5 * before[1] and after[1] > 1.5 * after[0]
 
 
 @pytest.mark.parametrize("factors", [(0.7, 0.7, 0.7), (1.3, 1.3, 1.3), (1.0, 1.0, 2.0), (1.2, 0.8, 1.0)])
 def test_scale_multiplies_volume(brain, factors):
     snapshot = brain.array.copy()
-    out = Scale(factors).apply(brain)
+    out = Scale(factors)(brain)
     check_invariants(brain, snapshot, out)
     assert tumour_volume(out) / tumour_volume(brain) == pytest.approx(float(np.prod(factors)), rel=0.15)
     assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= max(brain.grid.spacing)
@@ -245,7 +247,7 @@ def test_scale_multiplies_volume(brain, factors):
 @pytest.mark.parametrize("axis,ras_axis", [("LR", 0), ("AP", 1), ("SI", 2)])
 def test_flip_about_tumour_is_exact_in_place(brain, axis, ras_axis):
     snapshot = brain.array.copy()
-    out = Flip(axis, "tumour").apply(brain)
+    out = Flip(axis, "tumour")(brain)
     check_invariants(brain, snapshot, out)
     assert counts(out.array) == counts(brain.array)
     assert np.linalg.norm(centre_ras(out) - centre_ras(brain)) <= 0.5 * max(brain.grid.spacing) + 1e-9
@@ -253,7 +255,7 @@ def test_flip_about_tumour_is_exact_in_place(brain, axis, ras_axis):
 
 def test_flip_about_brain_moves_to_other_hemisphere(brain):
     snapshot = brain.array.copy()
-    out = Flip("LR", "brain").apply(brain)
+    out = Flip("LR", "brain")(brain)
     check_invariants(brain, snapshot, out)
     assert counts(out.array) == counts(brain.array)
     before, after, mid = centre_ras(brain), centre_ras(out), brain_centre_ras(brain)
@@ -288,11 +290,11 @@ def test_insert_places_at_relative_position_across_grids(target_grid):
     source = synthetic_brain(make_grid((1.0, 1.0, 1.0), LPS_FLIP, origin=(-50, 80, -3)), tumour_at=(0.35, 0.6, 0.55))
     target = synthetic_brain(make_grid(*GRIDS[target_grid]), tumour_at=(0.62, 0.5, 0.5))
     snapshot = target.array.copy()
-    out = InsertTumour(source="brats_case").apply(target, source)
+    out = InsertTumour(source="brats_case")(target, source)
     check_invariants(target, snapshot, out)
     assert np.abs(brain_box_relative(out) - brain_box_relative(source)).max() < 0.05
     assert tumour_volume(out) == pytest.approx(tumour_volume(source), rel=0.15)
-    assert out.history[-1]["params"] == {"center_ras_mm": None, "keep_existing": False, "source": "brats_case"}
+    assert out.history[-1]["params"] == {"centre_ras_mm": None, "keep_existing": False, "source": "brats_case"}
 
 
 def test_insert_at_ras_point_keeping_existing_tumour():
@@ -301,7 +303,7 @@ def test_insert_at_ras_point_keeping_existing_tumour():
     source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.5, 0.5, 0.5), radii_mm=(2, 3, 5))
     point = index_to_ras(target, (0.35 * 63, 0.5 * 63, 0.5 * 47))
     snapshot = target.array.copy()
-    out = InsertTumour(center_ras_mm=point, keep_existing=True).apply(target, source)
+    out = InsertTumour(centre_ras_mm=point, keep_existing=True)(target, source)
     check_invariants(target, snapshot, out, refilled=False)
     old = target.array >= Label.NCR
     assert np.array_equal(out.array[old], target.array[old])  # the existing tumour is still there
@@ -310,15 +312,12 @@ def test_insert_at_ras_point_keeping_existing_tumour():
     assert np.linalg.norm(centre - np.asarray(point)) < 2 * max(grid.spacing)
 
 
-def test_insert_from_file_records_no_path(tmp_path):
+def test_insert_records_the_source_identifier_only():
     source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.4, 0.5, 0.5))
     target = synthetic_brain(make_grid(*GRIDS["brats_lps"]), tumour_at=None)
-    path = tmp_path / "case_labels.nii.gz"
-    sitk.WriteImage(source.image(), str(path))
-    out = InsertTumour(source_tumour_path=str(path), source="caseA").apply(target)
+    out = InsertTumour(source="caseA")(target, source)
     assert counts(out.array)[Label.NCR] > 0
-    text = json.dumps(out.history)
-    assert str(tmp_path) not in text and "case_labels" not in text
+    assert out.history[-1]["params"] == {"centre_ras_mm": None, "keep_existing": False, "source": "caseA"}
     # A record replays with the source given by its identifier, not a path.
     again = replay(target, out.history[-1:], sources={"caseA": source})
     assert np.array_equal(again.array, out.array)
@@ -330,10 +329,14 @@ def test_insert_refuses_a_tumour_that_cannot_fit():
     big = synthetic_brain(make_grid((2.0, 2.0, 2.0), IDENTITY), tumour_at=(0.5, 0.5, 0.5), radii_mm=(20, 25, 30))
     tiny = synthetic_brain(make_grid((1.0, 1.0, 1.0), IDENTITY, shape=(24, 32, 32)), tumour_at=None)
     with pytest.raises(EditError, match="cannot fit in the target brain"):
-        InsertTumour().apply(tiny, big)
+        InsertTumour()(tiny, big)
     source = synthetic_brain(make_grid(*GRIDS["iso"]))
     with pytest.raises(EditError, match="cannot fit in the target brain"):
-        InsertTumour(center_ras_mm=(500.0, 0.0, 0.0)).apply(tiny, source)
+        # Within the grid's diagonal of its centre, but past the brain's edge.
+        grid_centre = lps_to_ras(tiny.grid.index_to_lps((np.asarray(tiny.grid.size) - 1.0) / 2.0))
+        InsertTumour(centre_ras_mm=tuple(grid_centre + (30.0, 0.0, 0.0)))(tiny, source)
+    with pytest.raises(EditError, match="insertion centre .* more than the grid.s diagonal"):
+        InsertTumour(centre_ras_mm=(500.0, 0.0, 0.0))(tiny, source)
 
 
 # --- ParametricTumour ----------------------------------------------------------------------
@@ -348,7 +351,7 @@ def parametric_at(lm: LabelMap, seed: int = 0, **kwargs) -> ParametricTumour:
 
 def test_parametric_tumour_is_nested_reproducible_and_seeded(brain):
     snapshot = brain.array.copy()
-    out = parametric_at(brain, seed=3).apply(brain)
+    out = parametric_at(brain, seed=3)(brain)
     check_invariants(brain, snapshot, out)
     a = out.array
     ncr, et, ed = a == Label.NCR, a == Label.ET, a == Label.ED
@@ -359,20 +362,20 @@ def test_parametric_tumour_is_nested_reproducible_and_seeded(brain):
     allowed = core | ed | (healthy == Label.CSF) | (healthy == Label.BACKGROUND)
     assert not np.any(ndimage.binary_dilation(core) & ~allowed), "the core must be wrapped in oedema"
     assert not np.any(ed & (healthy == Label.CSF)), "oedema only on GM/WM"
-    assert np.array_equal(parametric_at(brain, seed=3).apply(brain).array, a)
-    assert not np.array_equal(parametric_at(brain, seed=4).apply(brain).array, a)
+    assert np.array_equal(parametric_at(brain, seed=3)(brain).array, a)
+    assert not np.array_equal(parametric_at(brain, seed=4)(brain).array, a)
     # The previous tumour was removed (refilled); with keep_existing it stays.
-    kept = parametric_at(brain, seed=3, keep_existing=True).apply(brain).array
+    kept = parametric_at(brain, seed=3, keep_existing=True)(brain).array
     assert np.count_nonzero(kept >= Label.NCR) > np.count_nonzero(a >= Label.NCR)
 
 
 def test_parametric_tumour_volume_and_options():
     lm = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=None)
-    smooth = parametric_at(lm, irregularity=0.0, oedema_mm=0.0).apply(lm)
+    smooth = parametric_at(lm, irregularity=0.0, oedema_mm=0.0)(lm)
     volume = tumour_volume(smooth)
     assert volume == pytest.approx(4 / 3 * np.pi * 9 * 8 * 7, rel=0.1)
     assert np.count_nonzero(smooth.array == Label.ED) == 0
-    solid = parametric_at(lm, necrosis=False).apply(lm)
+    solid = parametric_at(lm, necrosis=False)(lm)
     assert np.count_nonzero(solid.array == Label.NCR) == 0 and np.count_nonzero(solid.array == Label.ET) > 0
 
 
@@ -381,7 +384,7 @@ def test_parametric_tumour_volume_and_options():
 def test_parametric_tumour_refused_outside_or_too_big(brain, where, radii):
     centre = index_to_ras(brain, np.asarray(where) * (np.asarray(brain.grid.size) - 1))
     with pytest.raises(EditError, match="outside the brain|does not fit"):
-        ParametricTumour(centre, radii).apply(brain)
+        ParametricTumour(centre, radii)(brain)
 
 
 # --- records, registry and random sampling --------------------------------------------------
@@ -390,7 +393,7 @@ def test_parametric_tumour_refused_outside_or_too_big(brain, where, radii):
 def test_every_registered_edit_round_trips():
     assert set(EDITS) == {"translate", "rotate", "scale", "flip", "insert_tumour", "parametric_tumour"}
     edits = [Translate((1, 2, 3)), Rotate((1.5, 0, -2)), Scale((1.1, 1.1, 1.1)), Flip("SI", "brain"),
-             InsertTumour(source_tumour_path="/secret/path.nii.gz", center_ras_mm=(1, 2, 3), source="x"),
+             InsertTumour(centre_ras_mm=(1, 2, 3), source="x"),
              ParametricTumour((1, 2, 3), (4, 5, 6), seed=7)]
     for edit in edits:
         record = edit.to_record()
@@ -409,7 +412,7 @@ def test_random_edit_replays_bit_identically(seed):
     lm.history.append({"name": "load", "params": {}})
     sampler = RandomTumourEdit(translate_mm=6.0, p_parametric=0.3)
     snapshot = lm.array.copy()
-    out = sampler.apply(lm, seed)
+    out = sampler(lm, seed)
     assert np.array_equal(lm.array, snapshot)
     records = out.history[len(lm.history):]
     assert records and json.loads(json.dumps(records)) == records
@@ -421,7 +424,7 @@ def test_random_edit_gives_up_after_bounded_tries():
     lm = synthetic_brain(make_grid(*GRIDS["iso"]))
     with pytest.raises(EditError, match="no valid random tumour edit in 3 tries"):
         RandomTumourEdit(translate_mm=300.0, rotate_deg=0.0, scale_range=(1.0, 1.0), p_parametric=0.0,
-                         max_tries=3).apply(lm, 0)
+                         max_tries=3)(lm, 0)
 
 
 # --- real data --------------------------------------------------------------------------------
@@ -451,7 +454,7 @@ def brats_case() -> LabelMap:
 def test_real_case_edits_are_fast(brats_case):
     lm = brats_case
     assert lm.array.shape == (155, 240, 240)
-    source = Flip("LR", "brain").apply(lm)
+    source = Flip("LR", "brain")(lm)
     centre = lps_to_ras(tumour_centre(lm))
     edits = [Translate((10.0, 0.0, 0.0)), Rotate((0.0, 0.0, 20.0)), Scale((0.9, 0.9, 0.9)),
              Flip("LR", "brain"), InsertTumour(source="flipped"),
@@ -459,7 +462,7 @@ def test_real_case_edits_are_fast(brats_case):
     times = {}
     for edit in edits:
         start = time.perf_counter()
-        out = edit.apply(lm, source) if isinstance(edit, InsertTumour) else edit.apply(lm)
+        out = edit(lm, source) if isinstance(edit, InsertTumour) else edit(lm)
         times[edit.name] = time.perf_counter() - start
         assert np.array_equal(out.array > 0, lm.array > 0)
         if isinstance(edit, Translate):
@@ -476,7 +479,215 @@ def test_real_case_edits_are_fast(brats_case):
     # This tumour reaches the cortex: growing it pushes > 2% of its core out of the brain.
     start = time.perf_counter()
     with pytest.raises(EditError, match="outside the brain"):
-        Scale((1.2, 1.2, 1.2)).apply(lm)
+        Scale((1.2, 1.2, 1.2))(lm)
     times["scale (refused)"] = time.perf_counter() - start
     print("edit times on 240x240x155:", {k: f"{v:.3f} s" for k, v in times.items()})
     assert all(t < 1.0 for t in times.values()), times
+
+
+# --- bounds against the grid (issue 15) -------------------------------------------------------
+
+
+def test_lengths_beyond_the_grid_are_refused_before_anything_is_allocated():
+    import tracemalloc
+
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    centre = index_to_ras(lm, (0.38 * 63, 0.5 * 63, 0.5 * 47))
+    tracemalloc.start()
+    try:
+        for edit, message in [
+            (ParametricTumour(centre, (10, 10, 10), oedema_mm=1e9), "oedema margin of 1e\\+09 mm is larger than"),
+            (ParametricTumour(centre, (1e6, 10, 10)), "tumour radius of 1e\\+06 mm is larger than"),
+            (ParametricTumour(centre, (10, 10, 10), rim_mm=1e5), "rim of 100000 mm is larger than"),
+            (ParametricTumour((1e12, 0, 0), (10, 10, 10)), "centre .* more than the grid.s diagonal"),
+            (Translate((1e300, 0, 0)), "translation of 1e\\+300 mm is larger than"),
+            (Translate((0, -150, 0)), "translation of 150 mm is larger than"),
+        ]:
+            with pytest.raises(EditError, match=message):
+                edit(lm)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * lm.array.nbytes  # refused on the parameters: no box, no distance map
+
+
+def test_parametric_growth_is_bounded_by_the_brain_box():
+    """An oedema margin just under the grid's diagonal (102 mm): the box used to be the margin's reach
+    (~300 mm a side, 27 M voxels, several float64 arrays: > 1 GB); now it is the brain's box."""
+    import tracemalloc
+
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    centre = index_to_ras(lm, (0.38 * 63, 0.5 * 63, 0.5 * 47))
+    tracemalloc.start()
+    try:
+        out = ParametricTumour(centre, (9, 8, 7), oedema_mm=100.0, seed=1)(lm)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Measured 24 MB: float arrays of the brain's box, the healthy refill and the 65^3 noise lattices.
+    assert peak < 200 * lm.array.size
+    ed = out.array == Label.ED
+    assert ed.sum() > 0.5 * np.isin(lm.array, (Label.GM, Label.WM)).sum()  # the margin fills the brain's GM/WM
+    assert np.array_equal(out.array == 0, lm.array == 0)
+
+
+def test_a_tumour_reaching_past_the_brain_box_is_still_judged_whole():
+    """The box is clipped to the brain; the part of the core beyond it still counts as outside the brain."""
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    edge = index_to_ras(lm, (0.5 * 63 + 0.42 * 64 - 3, 0.5 * 63, 0.5 * 47))  # just inside the brain's edge
+    with pytest.raises(EditError, match="does not fit in the brain"):
+        ParametricTumour(edge, (30, 30, 30), oedema_mm=0.0, irregularity=0.0)(lm)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(p_parametric=2.0), "p_parametric must be a finite number in \\[0, 1\\]"),
+    (dict(p_flip=-0.1), "p_flip must be"),
+    (dict(p_flip=float("nan")), "p_flip must be"),
+    (dict(translate_mm=float("inf")), "translate_mm must be"),
+    (dict(scale_range=(1.3, 0.7)), "low <= high"),
+    (dict(radius_fraction=(0.1, 5.0)), "radius_fraction must be"),
+    (dict(max_tries=0), "max_tries must be"),
+    (dict(flip_about="skull"), "flip_about must be"),
+])
+def test_random_edit_parameters_are_checked(kwargs, message):
+    with pytest.raises(EditError, match=message):
+        RandomTumourEdit(**kwargs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), oedema_mm=float("nan")),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), rim_mm=float("inf")),
+    lambda: ParametricTumour((0, 0, float("nan")), (5, 5, 5)),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), irregularity=float("nan")),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), seed=float("nan")),
+    lambda: ParametricTumour((0, 0, 0), (5, 5, 5), seed=2**70),
+    lambda: Rotate((0, float("inf"), 0)),
+    lambda: Scale((1, 1, float("nan"))),
+    lambda: Translate((float("-inf"), 0, 0)),
+    lambda: InsertTumour(centre_ras_mm=(float("nan"), 0, 0)),
+])
+def test_non_finite_parameters_are_refused(make):
+    with pytest.raises(EditError):
+        make()
+
+
+def test_a_refused_move_is_not_recorded():
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    with pytest.raises(EditError):
+        Translate((1e300, 0, 0))(lm)
+    assert lm.history == []
+
+
+def test_records_with_the_old_spelling_still_replay():
+    lm = synthetic_brain(make_grid(*GRIDS["aniso_lps"]))
+    centre = index_to_ras(lm, (0.38 * 63, 0.5 * 63, 0.5 * 47))
+    new = ParametricTumour(centre, (9, 8, 7), seed=4)(lm)
+    record = dict(new.history[-1])
+    record["params"] = {("center_ras_mm" if k == "centre_ras_mm" else k): v for k, v in record["params"].items()}
+    assert "center_ras_mm" in record["params"]
+    again = replay(lm, [record])
+    assert np.array_equal(again.array, new.array)
+    assert again.history[-1] == new.history[-1]  # re-recorded with the current spelling
+    source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.4, 0.5, 0.5))
+    old_insert = {"name": "insert_tumour", "params": {"center_ras_mm": None, "keep_existing": False, "source": "s"},
+                  "schema_version": 1}
+    assert np.array_equal(replay(lm, [old_insert], {"s": source}).array, InsertTumour(source="s")(lm, source).array)
+
+
+# --- library calls, checked against the hand-written code they replaced --------------------------
+
+
+def _rotation_ras_by_hand(angles_deg):
+    """The hand-written Rz @ Ry @ Rx that rotation_ras replaced (kept as the reference)."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, float))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _euler_by_hand(rotation):
+    """The hand-written inverse that euler_xyz_from_rotation replaced (kept as the reference)."""
+    r = np.asarray(rotation, float)
+    ay = float(np.arcsin(np.clip(-r[2, 0], -1.0, 1.0)))
+    if abs(np.cos(ay)) > 1e-6:
+        ax = float(np.arctan2(r[2, 1], r[2, 2]))
+        az = float(np.arctan2(r[1, 0], r[0, 0]))
+    else:
+        az = 0.0
+        ax = float(np.arctan2(-r[1, 2], r[1, 1]))
+    return np.degrees([ax, ay, az])
+
+
+def test_scipy_rotation_equals_the_hand_written_euler_code():
+    from MedSynthLib.edits import euler_xyz_from_rotation, rotation_ras
+
+    rng = np.random.default_rng(0)
+    angles = [*rng.uniform(-180, 180, (200, 3)), (0, 0, 0), (90, 0, 0), (0, 0, -90), (10, 90, 30), (-40, -90, 5),
+              (180, 0, 0), (0, 89.9999, 0)]
+    for triple in angles:
+        matrix = rotation_ras(triple)
+        np.testing.assert_allclose(matrix, _rotation_ras_by_hand(triple), atol=1e-12)
+        got, expected = euler_xyz_from_rotation(matrix), _euler_by_hand(matrix)
+        # Both recover the rotation (the library more exactly: at gimbal lock the hand-written
+        # arcsin lost ~1e-8); away from gimbal lock they give the same angles.
+        np.testing.assert_allclose(rotation_ras(got), matrix, atol=1e-12)
+        np.testing.assert_allclose(rotation_ras(expected), matrix, atol=1e-7)
+        if abs(abs(triple[1]) - 90) > 1e-3:
+            np.testing.assert_allclose(np.asarray(got), expected, atol=1e-7)
+
+
+def _mask_box_by_projections(mask, margin):
+    """The hand-written per-axis projections mask_box and the edits' _bbox used (kept as the reference)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(max(hits[0] - margin, 0)), int(min(hits[-1] + 1 + margin, mask.shape[axis]))))
+    return tuple(box)
+
+
+def test_find_objects_box_equals_the_projection_code():
+    from MedSynthLib.edits.geometry import bounds
+    from MedSynthLib.schema.grid import mask_box
+
+    rng = np.random.default_rng(1)
+    for n in range(60):
+        shape = tuple(int(v) for v in rng.integers(1, 14, 3))
+        mask = rng.random(shape) < [0.002, 0.05, 0.5][n % 3]
+        if not mask.any():
+            mask[tuple(int(rng.integers(s)) for s in shape)] = True
+        for margin in (0, 1, 4):
+            assert mask_box(mask, margin) == _mask_box_by_projections(mask, margin)
+        view = mask[::-1, :, ::2]  # a non-contiguous view
+        if view.any():
+            assert mask_box(view, 2) == _mask_box_by_projections(view, 2)
+        lo, hi = bounds(mask)
+        assert [slice(a, b) for a, b in zip(lo, hi)] == list(_mask_box_by_projections(mask, 0))
+    assert bounds(np.zeros((3, 4, 5), bool)) is None
+    brain = synthetic_brain(make_grid(*GRIDS["aniso_lps"])).array > 0
+    assert mask_box(brain, 4) == _mask_box_by_projections(brain, 4)
+
+
+def test_the_shipped_study_records_still_parse():
+    """docs/study/report.json was written with the old spelling (center_ras_mm): every edit record in it
+    rebuilds its edit, which records the same parameters under the current names."""
+    report = json.loads((REPO_ROOT / "docs" / "study" / "report.json").read_text())
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("name") in EDITS and isinstance(node.get("params"), dict):
+                found.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(report)
+    old = [r for r in found if "center_ras_mm" in r["params"]]
+    assert len(found) > 10 and old
+    for record in found:
+        params = edit_from_record(record).to_record()["params"]
+        renamed = {EDITS[record["name"]].renamed_params.get(k, k): v for k, v in record["params"].items()}
+        assert params == renamed

@@ -96,6 +96,7 @@ def test_every_edit_kind_has_a_typed_record_with_its_recorded_fields():
             continue
         assert name in RECORD_KINDS, f"edit {name} has no provenance record kind"
         recorded = {f.name for f in dataclasses.fields(cls)} - set(cls._unrecorded)
+        recorded |= set(cls.renamed_params)  # older records' spellings stay readable
         typed = {f.name for f in dataclasses.fields(RECORD_KINDS[name])}
         assert recorded == typed, f"{name}: recorded {sorted(recorded)} but typed {sorted(typed)}"
     assert {"derive_labels", "template_labels", "tumour_from_segmentation", "manual_segment_edit"} <= set(RECORD_KINDS)
@@ -103,8 +104,8 @@ def test_every_edit_kind_has_a_typed_record_with_its_recorded_fields():
 
 def test_edit_records_round_trip_through_their_types():
     labelmap = brain()
-    edited = ParametricTumour(center_ras_mm=(-15.0, -20.0, 18.0), radii_mm=(5.0, 4.0, 4.0), seed=3).apply(
-        Translate((2.0, 0.0, 0.0)).apply(labelmap))
+    edited = ParametricTumour(centre_ras_mm=(-15.0, -20.0, 18.0), radii_mm=(5.0, 4.0, 4.0), seed=3)(
+        Translate((2.0, 0.0, 0.0))(labelmap))
     for record in edited.history:
         assert parse_step(record).to_json() == {**record, "params": {
             k: v for k, v in record["params"].items() if v is not None}}, record["name"]
@@ -193,23 +194,23 @@ def test_privacy_is_measured_edit_by_edit():
     derived = brain()
     start = privacy_of(derived)
     assert (start.anatomy, start.brain_dice_to_source, start.tumour_dice_to_source) == ("patient", 1.0, 1.0)
-    moved = Translate((6.0, 0.0, 0.0)).apply(derived)
+    moved = Translate((6.0, 0.0, 0.0))(derived)
     true = dice(moved.array >= Label.NCR, derived.array >= Label.NCR)
     assert 0.05 < true < 0.95
     assert moved.privacy.tumour_dice_to_source == pytest.approx(true, abs=1e-3)  # one step: exact
     assert moved.privacy.brain_dice_to_source == 1.0  # edits keep the brain outline
     assert not moved.privacy.anonymous()[0]
-    back = Translate((-6.0, 0.0, 0.0)).apply(moved)
+    back = Translate((-6.0, 0.0, 0.0))(moved)
     assert back.privacy.tumour_dice_to_source >= dice(back.array >= Label.NCR, derived.array >= Label.NCR) - 1e-3
     template = brain(size=(36, 40, 32), tumour_at=None, history=(TEMPLATE,))
-    inserted = InsertTumour(source="case").apply(template, source=derived)
+    inserted = InsertTumour(source="case")(template, source=derived)
     assert inserted.privacy.anatomy == "template" and inserted.privacy.tumour_origin == "inserted"
     assert inserted.privacy.anonymous()[0]
     assert not PrivacyRecord().anonymous()[0]  # no history: source unknown
 
 
 def test_privacy_survives_the_label_map_files(tmp_path):
-    moved = Translate((6.0, 0.0, 0.0)).apply(brain())
+    moved = Translate((6.0, 0.0, 0.0))(brain())
     read = read_label_map(write_label_map(moved, tmp_path / "m.nii.gz"))
     assert read.privacy == moved.privacy
 
@@ -325,7 +326,7 @@ def test_export_refuses_a_real_image_put_into_a_case(tmp_path):
 
 def test_read_label_map_checks_the_sidecar_hash(tmp_path):
     a = write_label_map(brain(), tmp_path / "a.nii.gz")
-    b = write_label_map(Translate((4.0, 0.0, 0.0)).apply(brain()), tmp_path / "b.nii.gz")
+    b = write_label_map(Translate((4.0, 0.0, 0.0))(brain()), tmp_path / "b.nii.gz")
     sidecar_path(a).write_text(sidecar_path(b).read_text())  # one run's image with another's sidecar
     with pytest.raises(InputError, match="labels_sha256 differs"):
         read_label_map(a)
@@ -338,7 +339,7 @@ def test_overwrite_keeps_a_users_files_and_removes_stale_staging(tmp_path):
     stale = tmp_path / f".W.medsynth-stage-{2 ** 22 + 12345}-abc"  # a killed run's staging (no such process)
     stale.mkdir()
     (stale / "t1.nii.gz").write_bytes(b"partial")
-    moved = Translate((3.0, 0.0, 0.0)).apply(labelmap)
+    moved = Translate((3.0, 0.0, 0.0))(labelmap)
     with pytest.raises(Exception, match="already exists"):
         write_case_folder(moved, fake_images(moved), {"kind": "medsynth-synthetic-case"}, case)
     write_case_folder(moved, fake_images(moved), {"kind": "medsynth-synthetic-case"}, case, overwrite=True)
@@ -402,7 +403,7 @@ def test_two_concurrent_tumor_runs_on_one_output(tmp_path):
 
 def test_two_concurrent_synthesize_runs_on_one_output(tiny_model, tmp_path):
     labels = write_label_map(brain(), tmp_path / "L.nii.gz")
-    other = write_label_map(Translate((3.0, 0.0, 0.0)).apply(brain()), tmp_path / "L2.nii.gz")
+    other = write_label_map(Translate((3.0, 0.0, 0.0))(brain()), tmp_path / "L2.nii.gz")
     out = tmp_path / "C"
     argvs = [["synthesize", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
              for path in (labels, other)]

@@ -315,7 +315,7 @@ def test_parametric_random_insert_and_undo(case, brats_cases):
     point = (matrix @ np.append(point_kji[::-1], 1.0))[:3]
     new = case.logic.add_parametric_tumour(seg, point, TumourParameters(radius_mm=10.0, oedema_mm=6.0, seed=2))
     assert new.history[-1]["name"] == "parametric_tumour"
-    np.testing.assert_allclose(new.history[-1]["params"]["center_ras_mm"], point)
+    np.testing.assert_allclose(new.history[-1]["params"]["centre_ras_mm"], point)
     np.testing.assert_allclose(_tumour_centre_ras(new.array, matrix, (4, 6)), point, atol=3.0)
     # random (seeded): the same seed draws the same edit, recorded and replayable
     case.logic.undo(seg)

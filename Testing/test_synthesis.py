@@ -188,7 +188,7 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
 
 @pytest.mark.parametrize("size, spacing", [((37, 45, 41), (0.9, 1.1, 1.7)), ((33, 40, 19), (1.2, 0.8, 3.0))])
 def test_synthesize_command_on_odd_grids(tiny_model: Path, tmp_path: Path, capsys, size, spacing) -> None:
-    labelmap = Translate((3.0, -2.0, 2.0)).apply(synthetic_brain(size, spacing))  # a history to record
+    labelmap = Translate((3.0, -2.0, 2.0))(synthetic_brain(size, spacing))  # a history to record
     labels_path = write_label_map(labelmap, tmp_path / "in" / "labels.nii.gz")
     out = tmp_path / "case"
     argv = ["synthesize", str(labels_path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
@@ -302,7 +302,7 @@ def test_sliding_window_matches_whole_volume(tiny_model: Path) -> None:
 def test_rerender_matches_full_synthesis(engine: SynthesisEngine) -> None:
     labelmap = synthetic_brain(size=(61, 67, 57), spacing=(1.0, 0.9, 1.3), tumour_at=(0.6, 0.45, 0.55))
     previous = engine.synthesize(labelmap)
-    edited = Translate((5.0, 4.0, -3.0)).apply(labelmap)
+    edited = Translate((5.0, 4.0, -3.0))(labelmap)
     changed = edited.array != labelmap.array
     assert changed.any()
     margin = 12

@@ -141,7 +141,7 @@ def main() -> int:
 
         engine = SynthesisEngine(model, "cpu", "bf16")
         previous = engine.synthesize(labelmap)
-        edited = Translate((10.0, 0.0, 0.0)).apply(labelmap)
+        edited = Translate((10.0, 0.0, 0.0))(labelmap)
         engine.rerender(previous, edited)
         results["rerender_s"] = best_of(3, lambda: engine.rerender(previous, edited))
         partial = engine.rerender(previous, edited)

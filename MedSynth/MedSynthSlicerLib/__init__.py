@@ -3,7 +3,7 @@
 * :mod:`.logic` - :class:`WorkflowLogic`, the workflow on an MRML scene;
 * :mod:`.mrml` - volumes, grids, segmentations <-> MedSynthLib label maps;
 * :mod:`.process` - the background process runner (thread + poll, process-tree cancel);
-* :mod:`.signals` - pure-Python signals; :mod:`.protocols` - typing Protocols;
+* :mod:`.signals` - pure-Python signals;
 * :mod:`.environment` - MedSynthLib location, dependencies, torch device detection;
 * :mod:`.parameters` - parameter dataclasses and choice lists;
 * :mod:`.render` - offscreen VTK rendering of the scene (README figure);

@@ -199,10 +199,6 @@ class DeviceInfo:
             return []
         return ["auto"] + (["cuda"] if self.cuda else []) + (["mps"] if self.mps else []) + ["cpu"]
 
-    @property
-    def auto_device(self) -> str:
-        return "cuda" if self.cuda else "mps" if self.mps else "cpu"
-
     def describe(self) -> str:
         if self.torch is None:
             return f"PyTorch is not available in Slicer's Python ({self.error or 'not installed'})"

@@ -47,8 +47,8 @@ from .signals import Signal
 if TYPE_CHECKING:  # pragma: no cover
     from MedSynthLib.schema.grid import LabelMap
 
-MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+ensure_medsynthlib_importable()  # the schema's labels module needs numpy only
+from MedSynthLib.schema.labels import MODALITIES, MODALITY_TITLES  # noqa: E402
 SCRIPTS_DIR = Path(__file__).resolve().parent
 RUN_CLI = SCRIPTS_DIR / "run_cli.py"
 PREVIEW_WORKER = SCRIPTS_DIR / "preview_worker.py"
@@ -449,7 +449,7 @@ class WorkflowLogic:
         from MedSynthLib.cases.anatomy import derive_label_map
         from MedSynthLib.cases.readers import Case
         from MedSynthLib.schema.errors import MedSynthError
-        from MedSynthLib.schema.labels import Label
+        from MedSynthLib.schema.labels import brain_mask
 
         _check_convention(label_convention)
         t1_array = self._check_brain_volume(t1)
@@ -486,7 +486,7 @@ class WorkflowLogic:
                 labelmap = derive_label_map(case)
             except MedSynthError as exc:
                 raise WorkflowError(f"{t1.GetName()!r}: {exc}") from None
-        if not (labelmap.array > Label.BACKGROUND).any():
+        if not brain_mask(labelmap.array).any():
             raise WorkflowError(f"{t1.GetName()!r}: the label map has no brain voxels")
         with mrml.scene_guard(self.scene):
             node = mrml.segmentation_from_labels(self.scene, labelmap.array, t1,
@@ -533,7 +533,7 @@ class WorkflowLogic:
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import healthy_anatomy
         from MedSynthLib.schema.grid import LabelMap
-        from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, label_counts
+        from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, brain_mask, label_counts, tumour_mask
 
         reference = self.reference_volume(segmentation)
         convention = segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021"
@@ -546,7 +546,7 @@ class WorkflowLogic:
         committed = self._committed.get(segmentation.GetID())
         if committed is None or committed.shape != array.shape:
             # first sight of this segmentation in this session (e.g. a reloaded scene): take it as it is
-            if (array > Label.BACKGROUND).any():
+            if brain_mask(array).any():
                 self._committed[segmentation.GetID()] = array.copy()
         elif not np.array_equal(committed, array):
             edited = array.copy()
@@ -563,7 +563,7 @@ class WorkflowLogic:
                            "or untick 'Lock the anatomy segments' to change the anatomy itself")
                 self.log.emit(message)
                 raise WorkflowError(message)
-            erased = (edited == Label.BACKGROUND) & (committed >= Label.NCR)
+            erased = (edited == Label.BACKGROUND) & tumour_mask(committed)
             if erased.any():
                 edited[erased] = healthy_anatomy(committed, grid.spacing)[erased]
             previous = LabelMap(committed, grid, history)
@@ -575,12 +575,12 @@ class WorkflowLogic:
                                "voxel_change": {k: after[k] - before[k] for k in after if after[k] != before[k]}},
                     "schema_version": SCHEMA_VERSION,
                 }]
-            if not (edited > Label.BACKGROUND).any():
+            if not brain_mask(edited).any():
                 raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
             result = LabelMap(edited, grid, history)
             self._commit(segmentation, result, previous if not np.array_equal(committed, edited) else None)
             return result
-        if not (array > Label.BACKGROUND).any():
+        if not brain_mask(array).any():
             raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
         return LabelMap(array, grid, history)
 
@@ -656,20 +656,20 @@ class WorkflowLogic:
     # =========================================================================================
 
     def apply_edit(self, segmentation: Any, edit: Any, **kwargs: Any) -> "LabelMap":
-        """Apply one MedSynthLib edit (``edit.apply(labelmap, **kwargs)``) and show the result."""
+        """Apply one MedSynthLib edit (``edit(labelmap, **kwargs)``) and show the result."""
         ensure_medsynthlib_importable()
         from MedSynthLib.schema.errors import MedSynthError
 
         current = self.labelmap(segmentation)
         try:
-            edited = edit.apply(current, **kwargs)
+            edited = edit(current, **kwargs)
         except MedSynthError as exc:
             raise WorkflowError(f"{getattr(edit, 'name', type(edit).__name__)}: {exc}") from None
         self._commit(segmentation, edited, current)
         self.log.emit(f"edit: {', '.join(r['name'] for r in edited.history[len(current.history):])}")
         return edited
 
-    def add_parametric_tumour(self, segmentation: Any, center_ras: Sequence[float],
+    def add_parametric_tumour(self, segmentation: Any, centre_ras: Sequence[float],
                               params: TumourParameters | None = None) -> "LabelMap":
         """A new tumour (necrotic core, enhancing rim, oedema) centred at a RAS point (a click)."""
         ensure_medsynthlib_importable()
@@ -678,7 +678,7 @@ class WorkflowLogic:
 
         params = params or TumourParameters()
         try:
-            edit = ParametricTumour(center_ras_mm=tuple(float(v) for v in center_ras), radii_mm=params.radii(),
+            edit = ParametricTumour(centre_ras_mm=tuple(float(v) for v in centre_ras), radii_mm=params.radii(),
                                     rim_mm=params.rim_mm, necrosis=params.necrosis, oedema_mm=params.oedema_mm,
                                     irregularity=params.irregularity, seed=params.seed,
                                     keep_existing=params.keep_existing)
@@ -744,34 +744,34 @@ class WorkflowLogic:
         return LabelMap(tumour, Grid.from_image(image), [])
 
     def insert_tumour(self, segmentation: Any, source: "str | os.PathLike[str] | LabelMap",
-                      center_ras: Sequence[float] | None = None, keep_existing: bool = False,
+                      centre_ras: Sequence[float] | None = None, keep_existing: bool = False,
                       label_convention: str = "brats2021") -> "LabelMap":
         """Insert the tumour of another case / label map (at a RAS point, or the matching position).
 
         A source without a brain (a plain expert tumour segmentation) is placed at
         its own physical position when it lies on the target's grid (BraTS cases
-        share one), else at ``center_ras``.
+        share one), else at ``centre_ras``.
         """
         ensure_medsynthlib_importable()
         from MedSynthLib.edits import InsertTumour, tumour_centre
         from MedSynthLib.schema.errors import MedSynthError
         from MedSynthLib.schema.grid import lps_to_ras
-        from MedSynthLib.schema.labels import Label
+        from MedSynthLib.schema.labels import brain_mask, tumour_mask
         from MedSynthLib.schema.provenance import array_sha256
 
         source_map = source if hasattr(source, "array") else self.read_tumour_source(  # type: ignore[arg-type]
             source, label_convention)
-        if not (source_map.array >= Label.NCR).any():
+        if not tumour_mask(source_map.array).any():
             raise WorkflowError("the tumour source has no tumour voxels to insert")
-        if center_ras is None and not ((source_map.array > Label.BACKGROUND) & (source_map.array < Label.NCR)).any():
+        if centre_ras is None and not (brain_mask(source_map.array) & ~tumour_mask(source_map.array)).any():
             target_grid = mrml.grid_from_volume(self.reference_volume(segmentation))
             if source_map.grid.difference(target_grid) is not None:
                 raise WorkflowError("this tumour segmentation has no brain to match positions with and lies on "
                                     "another grid than the label map; place the tumour centre point and tick "
                                     "'Insert at the point'")
-            center_ras = lps_to_ras(tumour_centre(source_map))
+            centre_ras = lps_to_ras(tumour_centre(source_map))
         try:
-            edit = InsertTumour(center_ras_mm=None if center_ras is None else tuple(float(v) for v in center_ras),
+            edit = InsertTumour(centre_ras_mm=None if centre_ras is None else tuple(float(v) for v in centre_ras),
                                 keep_existing=keep_existing, source="labels-" + array_sha256(source_map.array)[:16])
         except MedSynthError as exc:
             raise WorkflowError(f"insert tumour: {exc}") from None
@@ -803,11 +803,11 @@ class WorkflowLogic:
         edited = current
         try:
             for edit in edits:
-                edited = edit.apply(edited)
+                edited = edit(edited)
             moved = lps_to_ras(tumour_centre(edited))
             translate = Translate(_tidy(target - moved, 4))
             if np.any(translate.voxel_offset(edited.grid) != 0):
-                edited = translate.apply(edited)
+                edited = translate(edited)
         except MedSynthError as exc:
             raise WorkflowError(f"tumour transform: {exc}") from None
         if edited is current:
@@ -827,7 +827,7 @@ class WorkflowLogic:
         from MedSynthLib.edits import tumour_centre
         from MedSynthLib.schema.errors import MedSynthError
         from MedSynthLib.schema.grid import lps_to_ras
-        from MedSynthLib.schema.labels import TUMOUR_LABELS, Label
+        from MedSynthLib.schema.labels import TUMOUR_LABELS, Label, tumour_mask
 
         self.cancel_tumour_transform(segmentation)
         current = self.labelmap(segmentation)
@@ -845,7 +845,7 @@ class WorkflowLogic:
             display.SetEditorTranslationEnabled(True)
             display.SetEditorRotationEnabled(True)
             display.SetEditorScalingEnabled(True)
-            tumour_only = np.where(current.array >= Label.NCR, current.array, 0).astype(np.uint8)
+            tumour_only = np.where(tumour_mask(current.array), current.array, 0).astype(np.uint8)
             moving = mrml.segmentation_from_labels(self.scene, tumour_only, reference,
                                                    f"{segmentation.GetName()} tumour (moving)", lock_anatomy=False)
             for label in (Label.CSF, Label.GM, Label.WM):

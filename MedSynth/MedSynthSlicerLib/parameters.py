@@ -85,12 +85,3 @@ class TumourParameters:
         if self.radii_mm is not None:
             return tuple(float(r) for r in self.radii_mm)  # type: ignore[return-value]
         return (float(self.radius_mm),) * 3  # type: ignore[return-value]
-
-
-@dataclass
-class ReviewRecord:
-    """A clinician's rating (1-5, 0 = not rated) and note of one synthetic case."""
-
-    rating: int = 0
-    note: str = ""
-    extra: dict = field(default_factory=dict)

@@ -20,9 +20,6 @@ from vtkmodules.util import numpy_support
 
 from . import mrml
 
-#: Panel titles of the contrasts.
-TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
-
 
 def offscreen_render_window(size: Sequence[int]) -> tuple[Any, str]:
     """An offscreen render window: (window, backend name).
@@ -154,14 +151,15 @@ def render_scene_figure(segmentation: Any, volumes: Mapping[str, Any], labels: n
     Returns:
         (the PNG path, the offscreen backend used)
     """
-    from MedSynthLib.schema.labels import LABEL_INFO, Label
+    from MedSynthLib.schema.grid import mask_box
+    from MedSynthLib.schema.labels import LABEL_INFO, MODALITIES, MODALITY_TITLES, Label, brain_mask, tumour_mask
 
     path = Path(path)
     window, backend = offscreen_render_window(size)
     reference = next(iter(volumes.values()))
     matrix = mrml.ijk_to_ras(reference)
-    tumour = labels >= Label.NCR
-    focus = np.argwhere(tumour if tumour.any() else labels > 0).mean(axis=0)
+    tumour = tumour_mask(labels)
+    focus = np.argwhere(tumour if tumour.any() else brain_mask(labels)).mean(axis=0)
     centre_ras = (matrix @ np.append(focus[::-1], 1.0))[:3]
 
     # --- 3D: closed surfaces of the segmentation --------------------------------------------
@@ -197,13 +195,11 @@ def render_scene_figure(segmentation: Any, volumes: Mapping[str, Any], labels: n
 
     # --- 2D: one axial slice per contrast, tumour outlines ------------------------------------
     label_plane, _ = oriented_axial_slice(labels, matrix, centre_ras)
-    brain = label_plane > 0
-    rows_any, cols_any = np.flatnonzero(brain.any(axis=1)), np.flatnonzero(brain.any(axis=0))
-    crop = (slice(max(rows_any[0] - 4, 0), rows_any[-1] + 5), slice(max(cols_any[0] - 4, 0), cols_any[-1] + 5)) \
-        if rows_any.size else (slice(None), slice(None))
+    brain = brain_mask(label_plane)
+    crop = mask_box(brain, margin=4) if brain.any() else (slice(None), slice(None))
     label_plane, brain = label_plane[crop], brain[crop]
     rows, cols = 2, 2
-    for n, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+    for n, modality in enumerate(MODALITIES):
         node = volumes.get(modality)
         if node is None:
             continue
@@ -228,7 +224,7 @@ def render_scene_figure(segmentation: Any, volumes: Mapping[str, Any], labels: n
         bounds = actor.GetBounds()
         aspect = (0.29 * size[0]) / (0.5 * size[1])
         cam.SetParallelScale(1.04 * max((bounds[3] - bounds[2]) / 2.0, (bounds[1] - bounds[0]) / 2.0 / aspect))
-        caption = (captions or {}).get(modality, f"{TITLES[modality]} (synthetic)")
+        caption = (captions or {}).get(modality, f"{MODALITY_TITLES[modality]} (synthetic)")
         renderer.AddViewProp(_text(caption, 14, (0.04, 0.9), bold=True))
         window.AddRenderer(renderer)
 

@@ -30,10 +30,9 @@ import SimpleITK as sitk
 
 from ..schema.errors import InputError
 from ..schema.grid import Grid
-from ..schema.labels import CONVENTIONS, LabelValueError, tumour_to_schema
+from ..schema.labels import CONVENTIONS, MODALITIES, LabelValueError, tumour_to_schema
 from ..schema.volume_io import is_image_file, read_image, strip_image_suffix
 
-MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 
 #: File-name keys of each separate-file convention (modality -> suffix key).
 _FILE_KEYS: dict[str, dict[str, str]] = {

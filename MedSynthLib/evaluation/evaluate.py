@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..cases.readers import MODALITIES, read_case
-from ..schema.labels import NUM_CLASSES, Label
+from ..schema.labels import NUM_CLASSES, tumour_mask
 from ..synthesis.normalize import zscore
 from .metrics import class_mean_baseline, fidelity
 
@@ -75,7 +75,7 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         labels = labels_for(folder)
         result = engine.synthesize(LabelMap(labels, case.grid))
         brain = real_brain_mask(case.images)
-        regions = {"tumour": labels >= Label.NCR}
+        regions = {"tumour": tumour_mask(labels)}
         model_case = {m: fidelity(case.images[m], result.images[m], brain, regions) for m in MODALITIES}
         oracle_case = {m: fidelity(case.images[m], class_mean_baseline(labels, case.images[m], brain), brain, regions)
                        for m in MODALITIES}

@@ -32,11 +32,10 @@ import numpy as np
 
 from .. import __version__
 from ..schema.grid import Grid
-from ..schema.labels import Label
+from ..schema.labels import MODALITIES, Label
 from .encoding import encode_intensities
 from .sanitise import provenance_summary
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 #: DICOM series: folder name, series description stem, series number.
 DICOM_SERIES: Mapping[str, tuple[str, str, int]] = {

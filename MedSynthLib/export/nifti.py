@@ -13,10 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..schema.labels import Label, schema_to_tumour
+from ..schema.labels import MODALITIES, Label, schema_to_tumour
 from .encoding import encode_intensities
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 #: File-name suffixes of the two BraTS namings; the tumour values follow the same
 #: name in :data:`MedSynthLib.schema.labels.CONVENTIONS`.

@@ -37,12 +37,12 @@ import numpy as np
 from .. import __version__
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..schema.grid import Grid, LabelMap
+from ..schema.labels import MODALITIES
 from ..schema.provenance import ExportRecord, PrivacyRecord, privacy_of
 from .dicom import write_dicom_case
 from .nifti import NAMINGS, write_nifti_case
 from .sanitise import sanitise_provenance
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 FORMATS = ("nifti", "dicom")
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

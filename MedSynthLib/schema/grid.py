@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .labels import SCHEMA_VERSION, check_label_map
 
@@ -111,15 +112,19 @@ class Grid:
 
 
 def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
-    """Slices of the bounding box of a non-empty mask, grown by ``margin`` voxels and clipped to the array."""
-    # Projections onto each axis: no index array of every voxel (25x faster on a whole brain).
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            raise ValueError("mask_box of an empty mask")
-        box.append(slice(int(max(hits[0] - margin, 0)), int(min(hits[-1] + 1 + margin, mask.shape[axis]))))
-    return tuple(box)
+    """Slices of the bounding box of a non-empty mask, grown by ``margin`` voxels and clipped to the array.
+
+    The one bounding-box helper of MedSynth (``scipy.ndimage.find_objects``: one pass in C, no
+    index array of every voxel).
+
+    Raises:
+        ValueError: the mask is empty.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    found = ndimage.find_objects(mask.view(np.uint8))
+    if not found:
+        raise ValueError("mask_box of an empty mask")
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(found[0], mask.shape))
 
 
 def _fmt(values: tuple[float, ...]) -> str:

@@ -38,11 +38,14 @@ class Label(enum.IntEnum):
     ET = 6  #: enhancing tumour
 
 
+#: The four MRI contrasts MedSynth synthesises, in channel order (file stems of a case).
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+#: Display titles of the contrasts (figures, reports, Slicer views).
+MODALITY_TITLES: Mapping[str, str] = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+
 NUM_CLASSES = len(Label)
 ANATOMY_LABELS: tuple[Label, ...] = (Label.CSF, Label.GM, Label.WM)
 TUMOUR_LABELS: tuple[Label, ...] = (Label.NCR, Label.ED, Label.ET)
-#: The tumour core (BraTS "TC") is NCR + ET; whole tumour ("WT") adds ED.
-CORE_LABELS: tuple[Label, ...] = (Label.NCR, Label.ET)
 
 
 @dataclass(frozen=True)
@@ -174,10 +177,17 @@ def check_label_map(labels: np.ndarray) -> None:
 
 
 def tumour_mask(labels: np.ndarray) -> np.ndarray:
+    """Whole tumour (NCR, ED, ET; BraTS "WT"): the one tumour test of MedSynth (also on torch tensors)."""
     return labels >= Label.NCR
 
 
+def core_mask(labels: np.ndarray) -> np.ndarray:
+    """Tumour core (NCR + ET; BraTS "TC")."""
+    return (labels == Label.NCR) | (labels == Label.ET)
+
+
 def brain_mask(labels: np.ndarray) -> np.ndarray:
+    """Brain of a label map: every non-background label, tumour included (also on torch tensors)."""
     return labels > Label.BACKGROUND
 
 
@@ -185,12 +195,3 @@ def label_counts(labels: np.ndarray) -> dict[str, int]:
     """Voxel count of every schema label, keyed by short name."""
     counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
     return {LABEL_INFO[Label(v)].short_name: int(counts[v]) for v in range(NUM_CLASSES)}
-
-
-def brats_regions(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The overlapping BraTS evaluation regions: WT (whole), TC (core), ET."""
-    return {
-        "WT": tumour_mask(labels),
-        "TC": np.isin(labels, CORE_LABELS),
-        "ET": labels == Label.ET,
-    }

@@ -337,7 +337,8 @@ class InsertTumourParams(StepParams):
     """``source`` names where the tumour came from (for replay): never exported."""
 
     local_only: ClassVar[frozenset[str]] = frozenset({"source"})
-    center_ras_mm: Vec3 | None = None
+    centre_ras_mm: Vec3 | None = None
+    center_ras_mm: Vec3 | None = None  # the spelling of records written before the rename
     keep_existing: bool | None = None
     source: Unchecked | None = None
 
@@ -345,7 +346,8 @@ class InsertTumourParams(StepParams):
 @record_kind("parametric_tumour")
 @dataclass(frozen=True)
 class ParametricTumourParams(StepParams):
-    center_ras_mm: Vec3 | None = None
+    centre_ras_mm: Vec3 | None = None
+    center_ras_mm: Vec3 | None = None  # the spelling of records written before the rename
     radii_mm: Vec3 | None = None
     rim_mm: float | None = None
     necrosis: bool | None = None

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from ..cases.readers import MODALITIES, Case, read_case
 from ..schema.errors import EditError, InputError
 from ..schema.grid import Grid, LabelMap, lps_to_ras
-from ..schema.labels import Label, LabelValueError, schema_to_tumour, tumour_to_schema
+from ..schema.labels import Label, LabelValueError, schema_to_tumour, tumour_mask, tumour_to_schema
 from ..schema.volume_io import atomic_directory, is_image_file, read_image, strip_image_suffix, write_image, write_json
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -336,7 +336,7 @@ def make_synthetic_labelmaps(train: list[tuple[str, LabelMap]], extras: list[Ext
     edit_params = dict(config.get("edit", {}))
     transform_edit = RandomTumourEdit(**dict(edit_params, p_parametric=0.0))
     parametric_edit = RandomTumourEdit(**dict(edit_params, p_parametric=1.0))
-    with_tumour = [lm for _, lm in train if (lm.array >= Label.NCR).any()]
+    with_tumour = [lm for _, lm in train if tumour_mask(lm.array).any()]
     pool: list[tuple[str, LabelMap, bool]] = [(short_hash(lm.array), lm, True) for lm in with_tumour]
     pool += [(f"sha256:{e.sha256[:16]}", e.labelmap, False) for e in extras]
     specs: list[SyntheticSpec] = []
@@ -351,28 +351,28 @@ def make_synthetic_labelmaps(train: list[tuple[str, LabelMap]], extras: list[Ext
                 rng = np.random.default_rng(s)
                 try:
                     if kind == "transform":
-                        result = (transform_edit.apply(base_map, s), case_id, None)
+                        result = (transform_edit(base_map, s), case_id, None)
                     elif kind == "parametric":
-                        result = (parametric_edit.apply(base_map, s), case_id, None)
+                        result = (parametric_edit(base_map, s), case_id, None)
                     elif kind == "insert":
                         others = [p for p in pool if p[1] is not base_map] or pool
                         if not others:
                             raise EditError("no tumour to insert")
                         name, source, has_brain = others[int(rng.integers(len(others)))]
                         centre = None if has_brain else tuple(float(v) for v in lps_to_ras(_tumour_centre(source)))
-                        edited = InsertTumour(center_ras_mm=centre, source=name).apply(base_map, source)
-                        edited = transform_edit.apply(edited, s)
+                        edited = InsertTumour(centre_ras_mm=centre, source=name)(base_map, source)
+                        edited = transform_edit(edited, s)
                         result = (edited, case_id, name)
                     elif kind == "template":
                         if template is None:
                             raise EditError("no template")
                         brains = [p for p in pool if p[2]]
                         if not brains:
-                            result = (parametric_edit.apply(template, s), template_name, None)
+                            result = (parametric_edit(template, s), template_name, None)
                         else:
                             name, source, _ = brains[(i + j + attempt) % len(brains)]
-                            edited = InsertTumour(source=name).apply(template, source)
-                            result = (transform_edit.apply(edited, s), template_name, name)
+                            edited = InsertTumour(source=name)(template, source)
+                            result = (transform_edit(edited, s), template_name, name)
                     else:  # pragma: no cover - validated with the config
                         raise EditError(f"unknown kind {kind}")
                     break
@@ -382,7 +382,7 @@ def make_synthetic_labelmaps(train: list[tuple[str, LabelMap]], extras: list[Ext
             if result is None:
                 s = _seed(seed, i, j, 99)
                 kind = "transform"
-                result = (transform_edit.apply(base_map, s), case_id, None)
+                result = (transform_edit(base_map, s), case_id, None)
                 notes.append("fell back to transform")
             labelmap, base, source_name = result
             base_hash = short_hash((template if base == template_name and template is not None else base_map).array)

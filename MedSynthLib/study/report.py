@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ..schema.labels import MODALITY_TITLES
 from .segmenter import ARM_TITLES, ARMS, REGIONS, SegCase
 
-MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 HD95_NOTE = ("Dice follows the BraTS convention for empty masks: a region absent from both the reference and "
              "the prediction scores Dice 1 and HD95 0 mm; a region present in only one of them scores Dice 0 "
              "and an undefined HD95, which is left out of the HD95 mean and counted as 'undefined'.")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..schema.errors import InputError, MedSynthError
+from ..schema.labels import tumour_mask
 from ..schema.volume_io import check_writable, write_json
 from ..training.train import Dist
 from .data import (PREP_VERSION, STUDY_VERSION, SYNTHETIC_KINDS, CaseInfo, ExtraTumour, RealCase, StudyGrid,
@@ -639,7 +640,7 @@ class _Study:
                 np.save(tmp / f"{case.name}_images.npy", case.images.astype(np.float16))
                 np.save(tmp / f"{case.name}_labels.npy", labels)
                 entries.append(dict(spec.provenance(), name=case.name,
-                                    tumour_voxels=int(np.count_nonzero(labels >= 4)),
+                                    tumour_voxels=int(np.count_nonzero(tumour_mask(labels))),
                                     model_sha256=model.sha256))
             index = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2)}
             write_json(index, tmp / "index.json")
@@ -665,7 +666,7 @@ class _Study:
         from ..cases.readers import MODALITIES
         from ..evaluation.metrics import fidelity
         from ..schema.grid import LabelMap
-        from ..schema.labels import NUM_CLASSES, Label
+        from ..schema.labels import NUM_CLASSES, brain_mask
 
         key = sha256_json({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
                            "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION})[:16]
@@ -679,7 +680,7 @@ class _Study:
             counts = np.zeros(NUM_CLASSES)
             for c in fold.train:
                 seg = self.seg_real[c]
-                brain = seg.labels > 0
+                brain = brain_mask(seg.labels)
                 counts += np.bincount(seg.labels[brain], minlength=NUM_CLASSES)
                 for m in range(4):
                     sums[m] += np.bincount(seg.labels[brain], weights=seg.images[m][brain], minlength=NUM_CLASSES)
@@ -691,7 +692,7 @@ class _Study:
                 labels = real.labelmap.array
                 synthetic = engine.synthesize(LabelMap(labels, real.labelmap.grid), seed=0)
                 brain = real.brain
-                regions = {"tumour": labels >= Label.NCR}
+                regions = {"tumour": tumour_mask(labels)}
                 entry: dict[str, Any] = {"model": {}, "class_mean_training": {}}
                 for m, modality in enumerate(MODALITIES):
                     entry["model"][modality] = fidelity(real.images[m], synthetic.images[modality], brain, regions)

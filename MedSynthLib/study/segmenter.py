@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..schema.errors import InputError
-from ..schema.labels import Label
+from ..schema.labels import Label, brain_mask, core_mask, tumour_mask
 from ..synthesis.normalize import zscore
 
 REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
@@ -87,20 +87,20 @@ class SegCase:
     brain_voxels: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tumour_voxels = np.argwhere(self.labels >= Label.NCR).astype(np.int32)
-        self.brain_voxels = np.argwhere(self.labels > Label.BACKGROUND).astype(np.int32)[::5]
+        self.tumour_voxels = np.argwhere(tumour_mask(self.labels)).astype(np.int32)
+        self.brain_voxels = np.argwhere(brain_mask(self.labels)).astype(np.int32)[::5]
 
 
 def make_seg_case(name: str, images: np.ndarray, labels: np.ndarray, spacing_ijk: Sequence[float]) -> SegCase:
-    brain = labels > Label.BACKGROUND
+    brain = brain_mask(labels)
     z = np.stack([zscore(images[c], brain) for c in range(images.shape[0])]).astype(np.float32)
     return SegCase(name, z, labels.astype(np.uint8), tuple(float(s) for s in spacing_ijk[::-1]))  # type: ignore[arg-type]
 
 
 def region_targets(labels: np.ndarray) -> np.ndarray:
     """(..., k, j, i) schema labels -> (3, ...) float WT / TC / ET."""
-    wt = labels >= Label.NCR
-    tc = (labels == Label.NCR) | (labels == Label.ET)
+    wt = tumour_mask(labels)
+    tc = core_mask(labels)
     et = labels == Label.ET
     return np.stack([wt, tc, et]).astype(np.float32)
 

@@ -9,15 +9,14 @@ smaller windows, then to the CPU, and says so.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..schema.errors import MedSynthError
-from ..schema.labels import NUM_CLASSES, Label
+from ..schema.labels import NUM_CLASSES, Label, brain_mask
 from .networks import NetworkConfig, one_hot
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -55,7 +54,7 @@ def pick_precision(requested: str, device: torch.device) -> str:
 def brain_box(labels: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
     from ..schema.grid import mask_box
 
-    brain = labels > Label.BACKGROUND
+    brain = brain_mask(labels)
     if not brain.any():
         raise MedSynthError("empty brain: the label map has no brain voxels")
     return mask_box(brain, margin)
@@ -172,7 +171,7 @@ def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict
     from ..schema.grid import mask_box
     from .normalize import normalizer_from_json
 
-    brain = labels > Label.BACKGROUND
+    brain = brain_mask(labels)
     if not brain.any():
         return {m: np.zeros(labels.shape, np.float32) for m in modalities}
     box = mask_box(brain)  # outside it every voxel is background: 0
@@ -182,9 +181,3 @@ def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict
         image[box] = normalizer_from_json(intensity[m]).inverse(normalized[c][box], brain[box])
         out[m] = image
     return out
-
-
-def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = fn(*args, **kwargs)
-    return value, time.perf_counter() - start

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..schema.labels import NUM_CLASSES
+from ..schema.labels import MODALITIES, NUM_CLASSES
 
-MODALITY_ORDER: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+MODALITY_ORDER: tuple[str, ...] = MODALITIES
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..schema.grid import Grid
-from ..schema.labels import LABEL_INFO, NUM_CLASSES, Label
+from ..schema.labels import LABEL_INFO, NUM_CLASSES, Label, tumour_mask
 from ..schema.volume_io import _tmp_sibling
 
 
@@ -48,7 +48,7 @@ def render_montage(volumes: dict[str, np.ndarray], labels: np.ndarray, grid: Gri
     from matplotlib.colors import ListedColormap
 
     if centre_kji is None:
-        focus = labels >= Label.NCR
+        focus = tumour_mask(labels)
         focus = focus if focus.any() else labels > 0
         centre_kji = tuple(int(round(c)) for c in np.argwhere(focus).mean(axis=0)) if focus.any() else \
             tuple(s // 2 for s in labels.shape)

@@ -20,10 +20,10 @@ import numpy as np
 
 from ..schema.errors import MedSynthError
 from ..schema.grid import LabelMap
-from ..schema.labels import SCHEMA_VERSION, Label
+from ..schema.labels import MODALITIES, SCHEMA_VERSION, Label, brain_mask
 from .models import ModelFolder
 
-OUTPUT_NAMES = ("t1", "t1ce", "t2", "flair")
+OUTPUT_NAMES = MODALITIES
 
 
 @dataclass
@@ -64,7 +64,7 @@ class SynthesisEngine:
         from ..schema.provenance import array_sha256, privacy_of, software_versions
         from .inference import to_scanner_units
 
-        if not (labelmap.array > Label.BACKGROUND).any():
+        if not brain_mask(labelmap.array).any():
             raise MedSynthError("empty brain: the label map has no brain voxels")
         self._torch.manual_seed(seed)
         start = time.perf_counter()

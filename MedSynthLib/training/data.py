@@ -22,7 +22,7 @@ from ..cases.anatomy import DEFAULT_ANATOMY_MODEL
 from ..cases.readers import MODALITIES, Case, read_case
 from ..schema.errors import InputError
 from ..schema.grid import mask_box
-from ..schema.labels import SCHEMA_VERSION, Label
+from ..schema.labels import SCHEMA_VERSION, Label, brain_mask, tumour_mask
 from ..synthesis.normalize import HealthyTissueZScore, IntensityNormalizer, Normalizer, normalizer_from_json
 
 CACHE_VERSION = 1
@@ -93,7 +93,7 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
             normalizers = {m: normalizer_from_json(v) for m, v in json.loads(str(data["normalizers"])).items()}
             return _volume(key, data["labels"], data["images"], normalizers)
     labels = derive_label_map(case).array
-    brain = labels > Label.BACKGROUND
+    brain = brain_mask(labels)
     box = mask_box(brain, margin=4)
     if normalization == "healthy_zscore":
         healthy = (labels >= Label.CSF) & (labels <= Label.WM)
@@ -114,8 +114,8 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
 
 def _volume(key: str, labels: np.ndarray, images: np.ndarray,
             normalizers: dict[str, Normalizer]) -> TrainingVolume:
-    tumour = np.argwhere(labels >= Label.NCR).astype(np.int32)
-    brain = np.argwhere(labels > Label.BACKGROUND).astype(np.int32)[::7]
+    tumour = np.argwhere(tumour_mask(labels)).astype(np.int32)
+    brain = np.argwhere(brain_mask(labels)).astype(np.int32)[::7]
     return TrainingVolume(key, labels, images, normalizers, tumour, brain)
 
 
@@ -175,7 +175,7 @@ class PatchSampler:
         if self.rotate_deg > 0 or self.scale > 0:
             lab_t, img_t = _random_affine(lab_t, img_t, rng, self.rotate_deg, self.scale)
         if self.intensity > 0:
-            brain = lab_t > 0
+            brain = brain_mask(lab_t)
             gain = torch.from_numpy(rng.uniform(1 - self.intensity, 1 + self.intensity, (4, 1, 1, 1)).astype(np.float32))
             shift = torch.from_numpy(rng.uniform(-self.intensity, self.intensity, (4, 1, 1, 1)).astype(np.float32))
             img_t = torch.where(brain, ((img_t + 1) * gain - 1 + shift).clamp(-1, 1), img_t)

@@ -509,7 +509,7 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
              detailed: bool = False) -> dict[str, Any]:
     """Synthesise each held-out case from its label map; fidelity metrics and a montage PNG."""
     from ..evaluation.metrics import fidelity
-    from ..schema.labels import Label
+    from ..schema.labels import brain_mask, tumour_mask
     from ..synthesis.inference import Synthesizer
 
     generator.eval()
@@ -518,8 +518,8 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
     for volume in volumes:
         labels = volume.labels
         pred = synth.predict(labels)
-        brain = labels > Label.BACKGROUND
-        regions = {"tumour": labels >= Label.NCR}
+        brain = brain_mask(labels)
+        regions = {"tumour": tumour_mask(labels)}
         scores = {m: fidelity(volume.images[c].astype(np.float32), pred[c], brain, regions)
                   for c, m in enumerate(network.modalities)}
         per_case.append(scores)

@@ -1,0 +1,242 @@
+"""The base of every tumour edit and the rules they all keep.
+
+Every edit is a frozen dataclass whose fields are its JSON-serialisable parameters.  Its
+``apply(labelmap)`` computes the new label array; calling the edit (``edit(labelmap)``, the
+base class :meth:`Edit.__call__`, as in TorchIO's ``Transform``) first checks the parameters
+against the label map's grid, then returns a *new* :class:`~MedSynthLib.schema.grid.LabelMap`
+whose ``history`` ends with ``edit.to_record()``; the input array is never written.  Records
+turn back into edits with :func:`~MedSynthLib.edits.records.edit_from_record`, and a whole
+history is re-applied with :func:`~MedSynthLib.edits.records.replay`, so an edited case is
+reproducible from its provenance alone.
+
+Rules every edit keeps (checked by the tests):
+
+* the output holds only schema values 0..6;
+* tumour (NCR/ED/ET) only inside the brain of the input (labels > 0) and the
+  background is unchanged;
+* where a tumour leaves, the healthy anatomy of the input is refilled
+  (:func:`healthy_anatomy`), never zeros;
+* a tumour core (NCR+ET) pushed out of the brain by more than
+  :data:`MAX_OUTSIDE_FRACTION` raises :class:`~MedSynthLib.schema.errors.EditError`;
+  smaller overhangs, and oedema outside the brain, are clipped;
+* every length (offset, radius, margin) is checked against the grid before anything is
+  allocated (:func:`~MedSynthLib.edits.geometry.check_length`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ..schema.errors import EditError
+from ..schema.grid import Grid, LabelMap
+from ..schema.labels import SCHEMA_VERSION, Label, core_mask, tumour_mask
+from .geometry import bounds
+
+#: Largest fraction of the tumour core an edit may push outside the brain
+#: before it is refused (the rest is clipped).
+MAX_OUTSIDE_FRACTION = 0.02
+
+#: Every edit class by its record name.
+EDITS: dict[str, type["Edit"]] = {}
+
+#: The 26-neighbourhood.
+FULL_3X3 = np.ones((3, 3, 3), dtype=bool)
+
+
+def register(cls: type["Edit"]) -> type["Edit"]:
+    """Class decorator: make an edit known to :func:`~MedSynthLib.edits.records.edit_from_record`."""
+    EDITS[cls.name] = cls
+    return cls
+
+
+# --- parameter normalisation -----------------------------------------------------------------
+
+
+def vec3(value: Any, name: str) -> tuple[float, float, float]:
+    """Three finite floats, or :class:`EditError`."""
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise EditError(f"{name} must be three numbers, got {value!r}") from None
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise EditError(f"{name} must be three finite numbers, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def finite(value: Any, name: str, low: float = -np.inf, high: float = np.inf) -> float:
+    """One finite float in ``[low, high]``, or :class:`EditError`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise EditError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(number) or not low <= number <= high:
+        raise EditError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+def set_field(obj: Any, name: str, value: Any) -> None:
+    """Set a field of a frozen dataclass (edits normalise their parameters in ``__post_init__``)."""
+    object.__setattr__(obj, name, value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --- the base class ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Base class of the tumour edits: JSON parameters, a record, a pure ``apply``.
+
+    Subclasses set :attr:`name`, declare their parameters as dataclass fields, check them
+    in ``__post_init__`` (alone) and :meth:`check` (against a grid), and compute the new
+    array in :meth:`apply`.  Calling the edit does the bookkeeping once for all of them.
+    """
+
+    name: ClassVar[str] = "edit"
+    #: Fields that are not part of the provenance record.
+    _unrecorded: ClassVar[tuple[str, ...]] = ()
+    #: Parameter names of older records, still read: old name -> current field.
+    renamed_params: ClassVar[Mapping[str, str]] = {}
+
+    def params(self) -> dict[str, Any]:
+        """The edit's parameters as plain JSON values (tuples become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in self._unrecorded}
+
+    def to_record(self) -> dict[str, Any]:
+        """Provenance record ``{"name", "params", "schema_version"}`` (JSON-serialisable)."""
+        return {"name": self.name, "params": self.params(), "schema_version": SCHEMA_VERSION}
+
+    def check(self, grid: Grid) -> None:
+        """Refuse parameters too large for ``grid`` before anything is allocated (override to add checks)."""
+
+    def apply(self, labelmap: LabelMap, *args: Any, **kwargs: Any) -> np.ndarray:  # pragma: no cover - abstract
+        """The edited ``(k, j, i)`` label array (``labelmap`` is not modified)."""
+        raise NotImplementedError
+
+    def __call__(self, labelmap: LabelMap, *args: Any, **kwargs: Any) -> LabelMap:
+        """Check against the grid, apply, and return the new label map with this edit's record appended."""
+        self.check(labelmap.grid)
+        return labelmap.with_array(self.apply(labelmap, *args, **kwargs), self.to_record())
+
+
+# --- rules shared by every edit ----------------------------------------------------------------
+
+
+def tumour_only(labels: np.ndarray) -> np.ndarray:
+    """The tumour sub-labels of a label map, everything else 0."""
+    return np.where(tumour_mask(labels), labels, 0).astype(np.uint8)
+
+
+def core_count(labels: np.ndarray) -> int:
+    """Voxels of the tumour core (NCR + ET)."""
+    return int(np.count_nonzero(core_mask(labels)))
+
+
+def healthy_anatomy(labels: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """The label map with every tumour voxel refilled by the nearest anatomy label.
+
+    This is the "original anatomy" an edit restores where a tumour leaves: each
+    tumour voxel (NCR/ED/ET) takes the label (CSF/GM/WM) of the nearest
+    non-tumour anatomy voxel, so the brain never gets holes of background.
+
+    The distance transform runs on the tumour bounding box grown by a margin
+    (a full 240x240x155 transform takes seconds).  The margin is doubled until
+    every refilled voxel's nearest anatomy is provably closer than anything
+    outside the box, so the result equals the full-volume transform.
+
+    Args:
+        labels: ``(k, j, i)`` schema label array (not modified).
+        spacing: voxel size in mm in the grid's ``(i, j, k)`` order (as
+            :attr:`Grid.spacing`); ``None`` means isotropic 1 mm.
+
+    Returns:
+        A new ``uint8`` array with values 0..3.  Where the map has no anatomy at
+        all (tumour only), tumour voxels become WM.
+    """
+    labels = np.asarray(labels)
+    out = labels.astype(np.uint8, copy=True)
+    tumour = tumour_mask(labels)
+    box = bounds(tumour)
+    if box is None:
+        return out
+    sampling = np.ones(3) if spacing is None else np.asarray(spacing, float)[::-1]
+    shape = np.asarray(labels.shape)
+    lo_t, hi_t = box
+    margin = 8
+    while True:
+        lo = np.maximum(lo_t - margin, 0)
+        hi = np.minimum(hi_t + margin, shape)
+        full = bool(np.all(lo == 0) and np.all(hi == shape))
+        sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        anatomy = (sub >= Label.CSF) & (sub <= Label.WM)
+        if anatomy.any():
+            dist, idx = ndimage.distance_transform_edt(~anatomy, sampling=sampling, return_indices=True)
+            where = np.nonzero(tumour_mask(sub))
+            if full or _nearest_inside_box(where, dist[where], lo, hi, shape, sampling):
+                fill = sub[tuple(idx[a][where] for a in range(3))]
+                out[tuple(w + o for w, o in zip(where, lo))] = fill
+                return out
+        elif full:
+            # No anatomy anywhere to copy from: WM is the neutral brain tissue.
+            out[tumour] = Label.WM
+            return out
+        margin *= 2
+
+
+def _nearest_inside_box(where: tuple[np.ndarray, ...], dist: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                        shape: np.ndarray, sampling: np.ndarray) -> bool:
+    """True when no voxel outside the box can be closer than the anatomy found inside it."""
+    limit = np.full(dist.shape, np.inf)
+    for axis in range(3):
+        p = where[axis]
+        if lo[axis] > 0:  # voxels exist below the box on this axis
+            limit = np.minimum(limit, (p + 1) * sampling[axis])
+        if hi[axis] < shape[axis]:
+            limit = np.minimum(limit, (hi[axis] - lo[axis] - p) * sampling[axis])
+    return bool(np.all(dist <= limit))
+
+
+def composite(anatomy: np.ndarray, tumour: np.ndarray, brain: np.ndarray, *,
+              max_outside_fraction: float = MAX_OUTSIDE_FRACTION, core_lost_voxels: int = 0) -> np.ndarray:
+    """Put tumour labels over the anatomy, kept inside the brain.
+
+    Args:
+        anatomy: ``(k, j, i)`` labels under the tumour (usually :func:`healthy_anatomy`).
+        tumour: same shape, values in {0, 4, 5, 6}: the moved/inserted tumour.
+        brain: boolean brain mask (labels > 0 of the edited input).
+        max_outside_fraction: largest fraction of the core (NCR+ET) allowed
+            outside the brain; beyond it the edit is refused.
+        core_lost_voxels: core voxels that already fell off the array while
+            moving (they count as outside the brain).
+
+    Returns:
+        A new ``uint8`` label array: anatomy inside the brain, 0 outside, tumour
+        on top inside the brain (oedema outside the brain is clipped).
+
+    Raises:
+        EditError: more than ``max_outside_fraction`` of the core lies outside the brain.
+    """
+    core = core_mask(tumour)
+    counted = core if core.any() or core_lost_voxels else tumour > 0  # an oedema-only tumour is judged whole
+    total = int(np.count_nonzero(counted)) + int(core_lost_voxels)
+    if total:
+        outside = int(np.count_nonzero(counted & ~brain)) + int(core_lost_voxels)
+        if outside / total > max_outside_fraction:
+            raise EditError(f"tumour edit moves {100.0 * outside / total:.1f}% of the tumour core outside the brain")
+    out = np.where(brain, anatomy, 0).astype(np.uint8)
+    place = (tumour > 0) & brain
+    out[place] = tumour[place]
+    return out
+
+

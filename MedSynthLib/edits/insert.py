@@ -1,0 +1,86 @@
+"""Insert the tumour of another label map into this brain.
+
+The source label map is passed in by the caller (the CLI and the Slicer module read it);
+nothing here reads a file, so an insertion replays from its record and the source alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import numpy as np
+
+from ..schema.errors import EditError
+from ..schema.grid import Grid, LabelMap, ras_to_lps
+from ..schema.labels import brain_mask, tumour_mask
+from .base import Edit, composite, healthy_anatomy, register, set_field, vec3
+from .geometry import brain_box_lps, check_point, index_affine, tumour_centre
+from .transforms import resample_tumour
+
+
+@register
+@dataclass(frozen=True)
+class InsertTumour(Edit):
+    """Insert the tumour of another label map into this brain.
+
+    The source tumour is resampled into the target grid by physical coordinates.
+    Without ``centre_ras_mm`` its centre is placed at the same relative position
+    inside the target brain's bounding box as it had inside the source brain's
+    (so a tumour of an SRI24-space BraTS case lands at the matching place of an
+    MNI template); otherwise at the given RAS point.  The target's own tumour is
+    removed first (healthy refill) unless ``keep_existing``.
+
+    Attributes:
+        centre_ras_mm: RAS point for the tumour centre, or ``None`` for the
+            relative placement.
+        keep_existing: keep the target's tumour (the new one is drawn over it).
+        source: identifier of the source recorded in the provenance (the key
+            :func:`~MedSynthLib.edits.records.replay` looks the source up by).
+    """
+
+    name: ClassVar[str] = "insert_tumour"
+    renamed_params: ClassVar[Mapping[str, str]] = {"center_ras_mm": "centre_ras_mm"}
+    centre_ras_mm: tuple[float, float, float] | None = None
+    keep_existing: bool = False
+    source: str = "external"
+
+    def __post_init__(self) -> None:
+        if self.centre_ras_mm is not None:
+            set_field(self, "centre_ras_mm", vec3(self.centre_ras_mm, "centre_ras_mm"))
+        set_field(self, "keep_existing", bool(self.keep_existing))
+        set_field(self, "source", str(self.source))
+
+    def check(self, grid: Grid) -> None:
+        if self.centre_ras_mm is not None:
+            check_point(self.centre_ras_mm, "insertion centre", grid)
+
+    def placement_lps(self, target: LabelMap, source: LabelMap) -> np.ndarray:
+        """Where the source tumour's centre goes in the target, in LPS mm."""
+        if self.centre_ras_mm is not None:
+            return ras_to_lps(self.centre_ras_mm)
+        s_min, s_max = brain_box_lps(source)
+        t_min, t_max = brain_box_lps(target)
+        extent = np.where(s_max > s_min, s_max - s_min, 1.0)
+        relative = (tumour_centre(source) - s_min) / extent
+        return t_min + relative * (t_max - t_min)
+
+    def apply(self, labelmap: LabelMap, source: LabelMap | None = None) -> np.ndarray:  # type: ignore[override]
+        """Insert ``source``'s tumour into ``labelmap``."""
+        if source is None:
+            raise EditError(f"insert_tumour needs the source label map {self.source!r}")
+        source_centre = tumour_centre(source)  # raises when the source has no tumour
+        shift = self.placement_lps(labelmap, source) - source_centre
+        forward = index_affine(source.grid, labelmap.grid, np.eye(3), shift)
+        tumour, lost = resample_tumour(source.array, forward, labelmap.array.shape)
+        if not tumour.any() and not lost:
+            raise EditError("the source tumour is smaller than a voxel of the target grid")
+        labels = labelmap.array
+        base = labels if self.keep_existing else healthy_anatomy(labels, labelmap.grid.spacing)
+        try:
+            out = composite(base, tumour, brain_mask(labels), core_lost_voxels=lost)
+        except EditError as exc:
+            raise EditError(f"the source tumour cannot fit in the target brain ({exc})") from None
+        if not tumour_mask(out).any():
+            raise EditError("the source tumour cannot fit in the target brain (no tumour voxel left)")
+        return out
