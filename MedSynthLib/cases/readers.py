@@ -263,6 +263,11 @@ def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
     elif require_segmentation:
         raise InputError(path, f"no tumour segmentation found ({convention} naming)")
 
+    for modality in MODALITIES:
+        # A tumour segmentation makes the brain mask non-empty on its own, so an all-zero scan would
+        # otherwise pass as a brain of tumour only.
+        if not images[modality].any():
+            raise InputError(files[modality], f"empty image: every {modality} voxel is zero")
     case = Case(case_id, convention, label_convention, reference, images, tumour, files)
     if not case.brain_mask().any():
         raise InputError(files["t1"], "empty brain: every modality is zero everywhere")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,7 +12,10 @@ from .errors import InputError
 from .grid import Grid, LabelMap
 from .labels import SCHEMA_VERSION, LabelValueError, check_label_map
 from .provenance import label_map_record, sidecar_path
-from .volume_io import check_writable, read_image, write_image, write_json
+from .jsonshape import read_json
+from .volume_io import IMAGE_SUFFIXES, check_writable, read_image, strip_image_suffix, write_image, write_json
+
+LABEL_MAP_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".nhdr")  # one file each (+ .mhd's .raw)
 
 
 def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) -> LabelMap:
@@ -36,20 +38,28 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
     history: list = []
     sidecar = sidecar_path(path)
     if sidecar.exists():
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(sidecar, f"unreadable provenance sidecar ({exc})") from None
+        meta = read_json(sidecar, "provenance sidecar")
         if meta.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise InputError(sidecar, f"label schema version {meta.get('schema_version')} is not "
                                       f"this MedSynth's schema version {SCHEMA_VERSION}")
-        history = list(meta.get("history", []))
+        history = meta.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                    for e in history):
+            raise InputError(sidecar, "provenance sidecar: 'history' must be a list of edit records "
+                                      "(objects with a 'name')")
     return LabelMap(array, Grid.from_image(image), history)
 
 
 def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:
-    """The files :func:`write_label_map` creates."""
-    return [Path(path), sidecar_path(path)]
+    """The files :func:`write_label_map` creates.
+
+    Raises:
+        InputError: the path's suffix is not a 3D image format (``x.png`` would be written as a 2D slice).
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(LABEL_MAP_SUFFIXES) or strip_image_suffix(path.name) == "":
+        raise InputError(path, f"unsupported output suffix for a label map (use {', '.join(LABEL_MAP_SUFFIXES)})")
+    return [path, sidecar_path(path)]
 
 
 def write_label_map(labelmap: LabelMap, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -58,9 +58,9 @@ class SegConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> "SegConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(source, f"unknown segmenter options {sorted(unknown)}")
+        from ..schema.jsonshape import check_fields
+
+        check_fields(cls, data, source, "segmenter")
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         config = cls(**data)
         multiple = 2 ** (len(config.blocks_down) - 1)

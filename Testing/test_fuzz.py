@@ -1,0 +1,170 @@
+"""Fuzz suite: every class of bad input gets one clear line, exit status 2, and nothing written.
+
+The hostile inputs are built by ``Testing/fuzz_inputs.py``: corrupt, truncated and
+wrong-type image files, hostile headers, wrong JSON shapes for every JSON MedSynth
+reads (label-map sidecars, model configs, the model registry, training and study
+configs, checkpoints), hostile arguments for every subcommand, and inputs whose
+sizes would exhaust memory.  The CLI runs in-process (``MedSynthLib.cli.main``,
+stdout and stderr captured at the file-descriptor level, so warnings printed by
+ITK's C++ code count too); the memory cases run in a child process under an
+address-space limit (``RLIMIT_AS``), so a regression fails the test instead of
+exhausting the machine.  An interruption case kills training before its first
+checkpoint and restarts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fuzz_inputs
+from conftest import REPO, write_volume
+from fuzz_inputs import CASES, IMAGES, MEMORY_CASES, SEG, TINY_TRAIN, FuzzCase, Workspace
+from MedSynthLib.cli import main
+
+# Address-space limit of the memory cases' child process: the largest of them needs about 1.9 GiB of
+# virtual memory when refused correctly (torch's import reserves most of it), a regression 5-16 GiB.
+CHILD_ADDRESS_SPACE = 3 << 30
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> dict[str, Path]:
+    """The good inputs every case starts from (written once)."""
+    import torch
+
+    from MedSynthLib.cases.anatomy import derive_label_map
+    from MedSynthLib.cases.readers import read_case
+    from MedSynthLib.schema.labelmap import write_label_map
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
+    from MedSynthLib.training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("fuzz_good")
+    case = root / "data" / "P"
+    for modality, array in IMAGES.items():
+        write_volume(array, case / f"P_{modality}.nii.gz")
+    write_volume(SEG, case / "P_seg.nii.gz")
+    labels = write_label_map(derive_label_map(read_case(case)), root / "labels.nii.gz")
+    network = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
+    torch.manual_seed(0)
+    state = {k: v.detach().contiguous() for k, v in Generator(network).state_dict().items()}
+    model = write_model(root / "model", state, {"name": "fuzz", "network": network.to_json(),
+                                                "intensity": {m: {"low": 0.0, "high": 1000.0}
+                                                              for m in MODALITY_ORDER}})
+    train(root / "data", root / "run_with_checkpoint", TrainConfig.from_json(dict(TINY_TRAIN, steps=1)),
+          device="cpu", progress=False, cache_dir=root / "cache")
+    return {"case": case, "labels": labels, "model": model, "data": root / "data"}
+
+
+@pytest.fixture()
+def workspace(good, tmp_path, monkeypatch) -> Workspace:
+    # An empty registry: a case that reaches for the default model gets a clear refusal, not the shipped one.
+    models = tmp_path / "models"
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(models))
+    return Workspace(tmp_path, good["case"], good["labels"], good["model"], good["data"])
+
+
+def check_refusal(case: FuzzCase, rc: int, out: str, err: str) -> None:
+    """The promise: exit 2, one ``medsynth: error:`` line naming the input, no traceback, nothing written."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, f"exit status {rc}, stderr:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{err[-3000:]}"
+    assert lines[0].startswith("medsynth: error:") or lines[0].startswith("medsynth"), lines[0]
+    assert case.named in lines[0], f"the line does not name {case.named}: {lines[0]}"
+    if case.words:
+        assert case.words in lines[0], f"the line does not say {case.words!r}: {lines[0]}"
+    for output in case.outputs:
+        assert not output.exists(), f"{output} was written"
+    unchanged = getattr(case, "unchanged", None)
+    if unchanged:
+        now = {p: p.read_bytes() for p in unchanged if p.exists()}
+        assert now == unchanged, "the run folder was changed"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_in_process(name: str, workspace: Workspace, capfd) -> None:
+    case = CASES[name](workspace)
+    capfd.readouterr()
+    rc = main([str(a) for a in case.argv])
+    out, err = capfd.readouterr()
+    check_refusal(case, rc, out, err)
+
+
+def _child_env() -> dict[str, str]:
+    path = os.pathsep.join([str(REPO), str(REPO / "Testing"), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+LIMITED_MAIN = """
+import resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from MedSynthLib.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_limited(argv: list, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LIMITED_MAIN, str(CHILD_ADDRESS_SPACE), *map(str, argv)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+
+
+@pytest.mark.parametrize("name", sorted(MEMORY_CASES))
+def test_sizes_refused_before_allocating(name: str, workspace: Workspace) -> None:
+    """Inputs that would need more memory than the budget: refused from headers and configs."""
+    case = MEMORY_CASES[name](workspace)
+    proc = run_limited(case.argv, _child_env() | {"MEDSYNTH_MODELS": str(workspace.tmp / "models")})
+    check_refusal(case, proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_memory_limit_leaves_room_for_good_work(workspace: Workspace) -> None:
+    """The control for the memory cases: a good synthesis succeeds under the same limit."""
+    proc = run_limited(["synthesize", workspace.labels, "-o", workspace.out, "--device", "cpu", "--model",
+                        workspace.model], _child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workspace.out / "t1.nii.gz").exists()
+
+
+# --- interruptions -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rerun", [["--resume"], []], ids=["resume", "plain_rerun"])
+def test_training_killed_before_first_checkpoint_restarts(good, tmp_path: Path, rerun: list[str]) -> None:
+    """kill -9 before the first checkpoint; ``--resume`` and a plain rerun both restart the run from step 0."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(TINY_TRAIN, steps=2, checkpoint_every=1000, val_every=1000)))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "MedSynthLib", "train", "--data", str(good["data"]), "-o", str(run),
+               "--config", str(config), "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env(),
+                               cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "train_config.json").exists() and time.monotonic() < deadline:
+            assert process.poll() is None, "training ended before it could be killed"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert (run / "train_config.json").exists()
+    assert not (run / "checkpoints" / "latest.json").exists(), "the kill came after the first checkpoint"
+    proc = subprocess.run(command + rerun, capture_output=True, text=True, timeout=180, env=_child_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "model" / "weights.safetensors").exists()
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 2
+
+
+def test_fuzz_case_count() -> None:
+    """The suite's size, so a builder lost in a refactor is noticed (README reports these counts)."""
+    assert len(CASES) >= 130 and len(MEMORY_CASES) >= 7, (len(CASES), len(MEMORY_CASES))
