@@ -104,49 +104,89 @@ def _child_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-LIMITED_MAIN = """
-import resource, sys
+# One child process runs every memory case in turn (one torch import instead of one per case), each
+# with its stdout and stderr captured at the file-descriptor level, under the address-space limit.
+LIMITED_RUNNER = """
+import json, os, resource, sys, tempfile, traceback
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from MedSynthLib.cli import main
-sys.exit(main(sys.argv[2:]))
+results = []
+for spec in json.load(open(sys.argv[2])):
+    os.environ.update(spec["env"])
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
+        sys.stdout.flush(); sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            rc = main(spec["argv"])
+        except BaseException as exc:
+            traceback.print_exc()
+            rc = repr(exc)[:200]
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        out.seek(0); err.seek(0)
+        results.append({"rc": rc, "stdout": out.read().decode(errors="replace"),
+                        "stderr": err.read().decode(errors="replace")})
+json.dump(results, open(sys.argv[3], "w"))
 """
 
+CONTROL = "control_good_synthesis"
 
-def run_limited(argv: list, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", LIMITED_MAIN, str(CHILD_ADDRESS_SPACE), *map(str, argv)],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+
+@pytest.fixture(scope="module")
+def memory_results(good, tmp_path_factory) -> dict[str, tuple[FuzzCase, dict]]:
+    """Every memory case (and a good synthesis as the control) run in one memory-limited child."""
+    root = tmp_path_factory.mktemp("fuzz_memory")
+    cases: dict[str, FuzzCase] = {}
+    specs = []
+    for name in [*sorted(MEMORY_CASES), CONTROL]:
+        folder = root / name
+        folder.mkdir()
+        ws = Workspace(folder, good["case"], good["labels"], good["model"], good["data"])
+        if name == CONTROL:
+            case = FuzzCase(["synthesize", ws.labels, "-o", ws.out, "--device", "cpu", "--model", ws.model], "")
+        else:
+            case = MEMORY_CASES[name](ws)
+        cases[name] = case
+        specs.append({"argv": [str(a) for a in case.argv], "env": {"MEDSYNTH_MODELS": str(folder / "models")}})
+    (root / "specs.json").write_text(json.dumps(specs))
+    proc = subprocess.run([sys.executable, "-c", LIMITED_RUNNER, str(CHILD_ADDRESS_SPACE), str(root / "specs.json"),
+                           str(root / "results.json")], capture_output=True, text=True, timeout=300,
+                          env=_child_env(), cwd=REPO)
+    assert proc.returncode == 0, f"the memory-limited child failed:\n{proc.stderr[-3000:]}"
+    results = json.loads((root / "results.json").read_text())
+    return {name: (cases[name], result) for name, result in zip(cases, results)}
 
 
 @pytest.mark.parametrize("name", sorted(MEMORY_CASES))
-def test_sizes_refused_before_allocating(name: str, workspace: Workspace) -> None:
+def test_sizes_refused_before_allocating(name: str, memory_results) -> None:
     """Inputs that would need more memory than the budget: refused from headers and configs."""
-    case = MEMORY_CASES[name](workspace)
-    proc = run_limited(case.argv, _child_env() | {"MEDSYNTH_MODELS": str(workspace.tmp / "models")})
-    check_refusal(case, proc.returncode, proc.stdout, proc.stderr)
+    case, result = memory_results[name]
+    check_refusal(case, result["rc"], result["stdout"], result["stderr"])
 
 
-def test_memory_limit_leaves_room_for_good_work(workspace: Workspace) -> None:
+def test_memory_limit_leaves_room_for_good_work(memory_results) -> None:
     """The control for the memory cases: a good synthesis succeeds under the same limit."""
-    proc = run_limited(["synthesize", workspace.labels, "-o", workspace.out, "--device", "cpu", "--model",
-                        workspace.model], _child_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (workspace.out / "t1.nii.gz").exists()
+    case, result = memory_results[CONTROL]
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    assert (case.argv[3] / "t1.nii.gz").exists()
 
 
 # --- interruptions -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rerun", [["--resume"], []], ids=["resume", "plain_rerun"])
-def test_training_killed_before_first_checkpoint_restarts(good, tmp_path: Path, rerun: list[str]) -> None:
+def test_training_killed_before_first_checkpoint_restarts(good, tmp_path: Path, capfd) -> None:
     """kill -9 before the first checkpoint; ``--resume`` and a plain rerun both restart the run from step 0."""
+    import shutil
+
     config = tmp_path / "config.json"
     config.write_text(json.dumps(dict(TINY_TRAIN, steps=2, checkpoint_every=1000, val_every=1000)))
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "MedSynthLib", "train", "--data", str(good["data"]), "-o", str(run),
-               "--config", str(config), "--device", "cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env(),
-                               cwd=REPO)
+    args = ["train", "--data", str(good["data"]), "-o", str(run), "--config", str(config), "--device", "cpu"]
+    process = subprocess.Popen([sys.executable, "-m", "MedSynthLib", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=_child_env(), cwd=REPO)
     try:
         deadline = time.monotonic() + 60
         while not (run / "train_config.json").exists() and time.monotonic() < deadline:
@@ -159,12 +199,43 @@ def test_training_killed_before_first_checkpoint_restarts(good, tmp_path: Path, 
             process.kill()
     assert (run / "train_config.json").exists()
     assert not (run / "checkpoints" / "latest.json").exists(), "the kill came after the first checkpoint"
-    proc = subprocess.run(command + rerun, capture_output=True, text=True, timeout=180, env=_child_env(), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "model" / "weights.safetensors").exists()
-    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 2
+    copy = Path(shutil.copytree(run, tmp_path / "run_copy"))
+    for folder, extra in ((run, ["--resume"]), (copy, [])):
+        argv = [a if a != str(run) else str(folder) for a in args] + extra
+        capfd.readouterr()
+        assert main(argv) == 0, capfd.readouterr().err[-3000:]
+        assert (folder / "model" / "weights.safetensors").exists()
+        assert json.loads((folder / "checkpoints" / "latest.json").read_text())["step"] == 2
 
 
 def test_fuzz_case_count() -> None:
     """The suite's size, so a builder lost in a refactor is noticed (README reports these counts)."""
     assert len(CASES) >= 130 and len(MEMORY_CASES) >= 7, (len(CASES), len(MEMORY_CASES))
+
+
+@pytest.mark.parametrize("damage", ["weights_nan", "weights_pickle_renamed", "model_config_intensity_nan"])
+def test_models_lists_broken_models_and_register_refuses_them(damage: str, workspace: Workspace, capfd) -> None:
+    """``medsynth models`` marks a NaN or pickled model BROKEN; ``--register --default`` refuses it."""
+    import shutil
+
+    case = CASES[damage](workspace)  # leaves the damaged model in workspace.tmp / "model"
+    damaged = workspace.tmp / "model"
+    registry = workspace.tmp / "models"
+    registry.mkdir()
+    shutil.copytree(damaged, registry / "bad")
+    shutil.copytree(workspace.model, registry / "good")
+    from MedSynthLib.synthesis.models import file_sha256
+
+    (registry / "registry.json").write_text(json.dumps({"default": "good", "models": {
+        name: {"path": name, "sha256": file_sha256(registry / name / "weights.safetensors")}
+        for name in ("bad", "good")}}))
+    capfd.readouterr()
+    assert main(["models"]) == 0
+    listing = capfd.readouterr().out
+    bad_block = listing.split("bad\n", 1)[1].split("good", 1)[0]
+    assert "status   BROKEN" in bad_block, listing
+    assert "status   ok" in listing.split("good", 1)[1], listing
+    before = (registry / "registry.json").read_text()
+    rc = main(["models", "--register", str(damaged), "--name", "bad2", "--default"])
+    check_refusal(FuzzCase([], case.named, [registry / "bad2"]), rc, *capfd.readouterr())
+    assert (registry / "registry.json").read_text() == before

@@ -16,13 +16,14 @@ import os
 from .errors import InputError
 
 DEFAULT_BUDGET_GB = 8.0
-# Peak resident bytes of `medsynth synthesize` per voxel of the label map's grid, beyond the fixed
-# cost of the process and the network (measured: an all-brain label map synthesised with the shipped
-# model on the CPU, 176^3 and 224^3 voxels in sliding windows; the slope between the two).
-SYNTHESIS_BYTES_PER_VOXEL = 200
-# The fixed part: interpreter, torch, the model, and the network's activations on one window or one
-# whole brain box (at most 8 M voxels), measured at about 2.3 GB, rounded up.
-SYNTHESIS_FIXED_BYTES = 3 << 30
+# Peak resident bytes of a synthesis per voxel of the label map's grid.  Measured (in-process
+# SynthesisEngine.synthesize + write_synthesis, shipped model, CPU, bf16, an all-brain label map):
+# 96^3 0.43 GB, 192^3 (7.1 M voxels, whole box) 0.90 GB, 256^3 (16.8 M, sliding windows) 1.52 GB peak
+# resident, of which 0.36 GB is the process with the model loaded: 68-87 bytes per voxel; in fp32 the
+# 192^3 whole box peaks at 1.11 GB, 107 bytes per voxel.  Rounded up to keep a margin.
+SYNTHESIS_BYTES_PER_VOXEL = 128
+# The fixed part: interpreter, torch and the model (0.36 GB measured), with a margin.
+SYNTHESIS_FIXED_BYTES = 1 << 30
 # The largest generator MedSynth builds, in parameters (the shipped one has 2.4 M).
 MAX_NETWORK_PARAMETERS = 200_000_000
 
