@@ -239,3 +239,46 @@ def test_models_lists_broken_models_and_register_refuses_them(damage: str, works
     rc = main(["models", "--register", str(damaged), "--name", "bad2", "--default"])
     check_refusal(FuzzCase([], case.named, [registry / "bad2"]), rc, *capfd.readouterr())
     assert (registry / "registry.json").read_text() == before
+
+
+@pytest.mark.parametrize("what", ["case_folder", "image_file", "label_map_folder"])
+def test_unreadable_inputs_say_permission_denied(what: str, workspace: Workspace, capfd, monkeypatch) -> None:
+    """A folder or file without read permission is 'permission denied', never 'not found'.
+
+    Run as root, chmod does not stop reads, so the refusal the kernel would give any other user is
+    simulated (``os.access`` and listing the folder report it).
+    """
+    import pathlib
+    import shutil
+
+    case = Path(shutil.copytree(workspace.case, workspace.tmp / "case"))
+    labels_dir = workspace.tmp / "maps"
+    labels_dir.mkdir()
+    labels = Path(shutil.copy(workspace.labels, labels_dir / "labels.nii.gz"))
+    target = {"case_folder": case, "image_file": case / "P_t1.nii.gz", "label_map_folder": labels_dir}[what]
+    mode = target.stat().st_mode
+    target.chmod(0)
+    real_access, real_iterdir = os.access, pathlib.Path.iterdir
+
+    def access(path, flags, *args, **kwargs):
+        if Path(path) == target:
+            return False
+        return real_access(path, flags, *args, **kwargs)
+
+    def iterdir(self):
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    out = workspace.tmp / "out.nii.gz"
+    argv = (["tumor", labels, "--translate", "1", "0", "0", "-o", out] if what == "label_map_folder"
+            else ["labels", case, "-o", out])
+    try:
+        capfd.readouterr()
+        rc = main([str(a) for a in argv])
+        out_text, err = capfd.readouterr()
+    finally:
+        target.chmod(mode)
+    check_refusal(FuzzCase(argv, str(target), [out], "permission denied"), rc, out_text, err)

@@ -245,6 +245,11 @@ def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
             raw[modality] = read_image(files[modality])
         case_id = path.name
 
+    for modality in MODALITIES:
+        # A tumour segmentation makes the brain mask non-empty on its own, so an all-zero scan would
+        # otherwise pass as a brain of tumour only.  Checked as read, before any resampling.
+        if not sitk.GetArrayViewFromImage(raw[modality]).any():
+            raise InputError(files[modality], f"empty brain: every {modality} voxel is zero")
     reference = Grid.from_image(raw["t1"])
     images: dict[str, np.ndarray] = {}
     for modality in MODALITIES:
@@ -263,11 +268,6 @@ def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
     elif require_segmentation:
         raise InputError(path, f"no tumour segmentation found ({convention} naming)")
 
-    for modality in MODALITIES:
-        # A tumour segmentation makes the brain mask non-empty on its own, so an all-zero scan would
-        # otherwise pass as a brain of tumour only.
-        if not images[modality].any():
-            raise InputError(files[modality], f"empty image: every {modality} voxel is zero")
     case = Case(case_id, convention, label_convention, reference, images, tumour, files)
     if not case.brain_mask().any():
         raise InputError(files["t1"], "empty brain: every modality is zero everywhere")

@@ -164,10 +164,10 @@ def read_image(path: str | os.PathLike[str], *, dims: int | None = 3) -> sitk.Im
         InputError: unreadable, truncated, non-finite voxels, or the wrong dimension.
     """
     path = Path(path)
+    parent = path.parent if path.parent != Path("") else Path(".")
+    if parent.is_dir() and not os.access(parent, os.X_OK):
+        raise InputError(path, f"permission denied (cannot enter the folder {parent})")
     if not path.exists():
-        parent = path.parent if path.parent != Path("") else Path(".")
-        if parent.exists() and not os.access(parent, os.X_OK):
-            raise InputError(path, "permission denied (cannot enter its folder)")
         raise InputError(path, "file not found")
     if not path.is_file():
         raise InputError(path, "not a file")

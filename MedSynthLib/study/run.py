@@ -99,6 +99,7 @@ class StudyConfig:
             if key in data:
                 expect_object(data[key], source, f"study option {key!r}")
         config = cls(**data)
+        check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
         if int(config.folds) < 2 and not config.test_cases:
             raise InputError(source, f"folds must be at least 2, got {config.folds}")
         grid = dict(cls().grid, **config.grid)
