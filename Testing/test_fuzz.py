@@ -210,7 +210,7 @@ def test_training_killed_before_first_checkpoint_restarts(good, tmp_path: Path, 
 
 def test_fuzz_case_count() -> None:
     """The suite's size, so a builder lost in a refactor is noticed (README reports these counts)."""
-    assert len(CASES) >= 130 and len(MEMORY_CASES) >= 7, (len(CASES), len(MEMORY_CASES))
+    assert len(CASES) >= 140 and len(MEMORY_CASES) >= 7, (len(CASES), len(MEMORY_CASES))
 
 
 @pytest.mark.parametrize("damage", ["weights_nan", "weights_pickle_renamed", "model_config_intensity_nan"])

@@ -189,10 +189,18 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
 
     from ..training.train import _load_optimizer
 
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
-    return int(meta["step"])
+    from ..schema.jsonshape import read_json
+
+    meta = read_json(folder / "state.json", "segmenter checkpoint state")
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("optimizer"), dict):
+        raise InputError(folder / "state.json", "segmenter checkpoint state needs an integer 'step' and 'optimizer'")
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+    except Exception as exc:  # safetensors' own error type, a shape mismatch, a malformed optimizer record
+        raise InputError(folder, f"cannot resume the segmenter from this checkpoint "
+                                 f"({' '.join(str(exc).split())[:160]})") from None
+    return meta["step"]
 
 
 def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device, seed: int, *,
