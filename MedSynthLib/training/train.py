@@ -109,7 +109,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, name, getattr(config, name), 1)
     check_range(source, "patch_size", config.patch_size, 1, 512)
     check_range(source, "batch_size", config.batch_size, 1, 1024)
-    check_range(source, "lr", config.lr, 0, 1, low_open=True)
+    check_range(source, "lr", config.lr, 0, 1)  # 0 freezes the weights (a run that only evaluates a start)
     for index, beta in enumerate(config.betas):
         check_range(source, f"betas[{index}]", beta, 0, 1)
     for name in ("lr_decay_fraction", "tumour_fraction"):
