@@ -49,6 +49,40 @@ def _progress(total: int, desc: str) -> Iterator[Callable[[str], None]]:
         bar.close()
 
 
+SEED_LIMIT = 2 ** 32  # numpy's and torch's seeds, as MedSynth records them
+
+
+def _seed(text: str) -> int:
+    """``--seed``: a whole number in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r} (a whole number)") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed {text} is outside [0, 2**32)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid whole number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def _vector(values: Sequence[float] | None, name: str, allow_one: bool = False) -> tuple[float, float, float] | None:
     if values is None:
         return None
@@ -402,14 +436,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _read_json(path: Path) -> Any:
-    from .schema.errors import InputError
+    from .schema.jsonshape import read_json
 
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except ValueError as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
+    return read_json(path, "config", expect=None)
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -442,10 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = tsub.add_parser("transform", help="move / rotate / scale / flip the tumour (the default)")
     p.add_argument("labels", type=Path, help="MedSynth label map")
-    p.add_argument("--translate", type=float, nargs="+", metavar="MM", help="offset R A S in mm")
-    p.add_argument("--rotate", type=float, nargs="+", metavar="DEG",
+    p.add_argument("--translate", type=_finite_float, nargs="+", metavar="MM", help="offset R A S in mm")
+    p.add_argument("--rotate", type=_finite_float, nargs="+", metavar="DEG",
                    help="rotation about the RAS x, y, z axes through the tumour centre, degrees")
-    p.add_argument("--scale", type=float, nargs="+", metavar="S", help="scale factor (1 value or 3 per axis)")
+    p.add_argument("--scale", type=_finite_float, nargs="+", metavar="S", help="scale factor (1 value or 3 per axis)")
     p.add_argument("--flip", choices=("LR", "AP", "SI"), help="mirror the tumour along an axis")
     p.add_argument("--flip-about", choices=("tumour", "brain"), default="tumour",
                    help="mirror plane through the tumour centre or the brain mid-plane (other hemisphere)")
@@ -455,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("insert", help="insert the tumour of one label map into another brain")
     p.add_argument("--from", required=True, type=Path, metavar="LABELS", help="label map holding the tumour")
     p.add_argument("--into", required=True, type=Path, metavar="LABELS", help="label map of the target brain")
-    p.add_argument("--centre", "--center", dest="centre", type=float, nargs=3, metavar="MM",
+    p.add_argument("--centre", "--center", dest="centre", type=_finite_float, nargs=3, metavar="MM",
                    help="RAS point for the tumour centre (default: the matching relative position)")
     p.add_argument("--keep-existing", action="store_true", help="keep the target's own tumour")
     _add_output(p, "output label map (.nii.gz)")
@@ -463,22 +492,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = tsub.add_parser("new", help="draw a parametric tumour (core, enhancing rim, oedema)")
     p.add_argument("labels", type=Path, help="MedSynth label map")
-    p.add_argument("--centre", "--center", dest="centre", type=float, nargs=3, required=True, metavar="MM",
+    p.add_argument("--centre", "--center", dest="centre", type=_finite_float, nargs=3, required=True, metavar="MM",
                    help="centre, RAS mm")
-    p.add_argument("--radius", type=float, nargs="+", required=True, metavar="MM", help="radius (1 or 3 values, mm)")
-    p.add_argument("--rim", type=float, default=2.0, metavar="MM", help="enhancing rim thickness (mm)")
-    p.add_argument("--oedema", type=float, default=10.0, metavar="MM", help="oedema extent beyond the tumour (mm)")
-    p.add_argument("--irregularity", type=float, default=0.3, help="boundary irregularity, 0-1")
+    p.add_argument("--radius", type=_finite_float, nargs="+", required=True, metavar="MM", help="radius (1 or 3 values, mm)")
+    p.add_argument("--rim", type=_finite_float, default=2.0, metavar="MM", help="enhancing rim thickness (mm)")
+    p.add_argument("--oedema", type=_finite_float, default=10.0, metavar="MM", help="oedema extent beyond the tumour (mm)")
+    p.add_argument("--irregularity", type=_finite_float, default=0.3, help="boundary irregularity, 0-1")
     p.add_argument("--no-necrosis", action="store_true", help="no necrotic core (enhancing throughout)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shape's noise")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the shape's noise")
     p.add_argument("--keep-existing", action="store_true", help="keep the map's current tumour")
     _add_output(p, "output label map (.nii.gz)")
     p.set_defaults(func=cmd_tumour_new)
 
     p = tsub.add_parser("random", help="a random tumour edit, replayable from its recorded parameters")
     p.add_argument("labels", type=Path, help="MedSynth label map")
-    p.add_argument("--seed", type=int, required=True, help="seed of the draw")
-    p.add_argument("--p-new", type=float, default=0.25, help="probability of drawing a new parametric tumour")
+    p.add_argument("--seed", type=_seed, required=True, help="seed of the draw")
+    p.add_argument("--p-new", type=_finite_float, default=0.25, help="probability of drawing a new parametric tumour")
     _add_output(p, "output label map (.nii.gz)")
     p.set_defaults(func=cmd_tumour_random)
 
@@ -488,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model name or model folder (default: the registry's default)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    p.add_argument("--seed", type=int, default=0, help="seed recorded in the provenance")
+    p.add_argument("--seed", type=_seed, default=0, help="seed recorded in the provenance")
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("evaluate", help="fidelity of a model on real cases (SSIM, PSNR, MAE in brain and tumour)")
@@ -530,9 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="folder of case folders (any supported convention)")
     p.add_argument("-o", "--output", required=True, type=Path, help="run folder (checkpoints, logs, model/)")
     p.add_argument("--config", type=Path, help="training configuration JSON (see Resources/configs)")
-    p.add_argument("--steps", type=int, help="override the number of steps (with --resume: change the run's length)")
+    p.add_argument("--steps", type=_positive_int, help="override the number of steps (with --resume: change the run's length)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="override the precision")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--init", metavar="MODEL",
@@ -552,14 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
                    help="report folder (report.json, report.md, figures/), written atomically at the end")
     p.add_argument("--config", default="tiny", help="micro, tiny, paper or a study config JSON (default tiny)")
-    p.add_argument("--folds", type=int, help="override the number of folds (k-fold by case)")
+    p.add_argument("--folds", type=_positive_int, help="override the number of folds (k-fold by case)")
     p.add_argument("--extra-labels", type=Path, nargs="+", metavar="PATH",
                    help="tumour label maps without images (files or folders) for the synthetic arms")
     p.add_argument("--work", type=Path, help="cache folder for resuming (default REPORT_DIR.cache, beside the report)")
     p.add_argument("--gan-model", metavar="MODEL",
                    help="use this trained GAN instead of training one per fold ('{fold}' is replaced by the fold number)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
@@ -577,6 +606,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TUMOUR_COMMANDS = ("tumour", "tumor")  # one command, both spellings
 _TUMOUR_SUBCOMMANDS = {"transform", "insert", "new", "random", "-h", "--help"}
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """ITK's warnings off while a command runs (restored after: main() also runs inside other programs)."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -591,12 +633,21 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
+    import warnings
+
     args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     try:
-        args = build_parser().parse_args(args_list)
-        return int(args.func(args))
+        # Library warnings (ITK's C++ warnings, numpy's and torch's Python ones) would turn the one
+        # line MedSynth promises into several; what matters is raised as a MedSynthError instead.
+        with warnings.catch_warnings(), _quiet_itk():
+            warnings.simplefilter("ignore")
+            args = build_parser().parse_args(args_list)
+            return int(args.func(args))
     except MedSynthError as exc:
-        print(f"medsynth: error: {exc}", file=sys.stderr)
+        print(f"medsynth: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except PermissionError as exc:  # the environment, not a bug: name the file
+        print(f"medsynth: error: {exc.filename}: permission denied", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("medsynth: cancelled", file=sys.stderr)

@@ -202,7 +202,7 @@ def oedema_past_the_grid(tmp, shared, out):
 def radius_not_finite(tmp, shared, out):
     labels = shared["labels"]
     argv = ["tumour", "new", labels, "--centre", *_grid_centre_ras(labels), "--radius", "nan", "-o", out]
-    return argv, "--radius", "must be finite numbers"
+    return argv, "--radius", "not a finite number"
 
 
 def probability_above_one(tmp, shared, out):

@@ -296,8 +296,9 @@ def test_incompatible_gan_checkpoint(study_data, tmp_path, capsys) -> None:
                                                             "modalities": ["t1"]},
                                                "intensity": {"t1": {"low": 0.0, "high": 1.0}}})
     out = tmp_path / "report"
+    # The model's own check names its config and the mismatch (before the study's compatibility check).
     assert_bad_input(capsys, study_args(study_data[0], out, "--gan-model", str(model)), out,
-                     "incompatible GAN checkpoint")
+                     "network: in_channels 3")
     (model / "weights.safetensors").write_bytes(b"corrupt")
     assert_bad_input(capsys, study_args(study_data[0], out, "--gan-model", str(model)), out, "sha256")
 

@@ -254,13 +254,15 @@ def test_resume_without_checkpoint_and_non_empty_folder(brats_data: Path, tmp_pa
     assert "nothing to resume" in _one_error_line(capsys)
     assert not (tmp_path / "never").exists()
 
-    # --resume on a run killed before its first checkpoint.
+    # --resume on a run killed before its first checkpoint restarts it from step 0 (issue 15, item 6).
     early = tmp_path / "early"
     early.mkdir()
-    (early / "train_config.json").write_text(json.dumps({"command": "medsynth train", "config": MICRO}))
-    assert main(base + ["-o", str(early), "--resume"]) == 2
-    assert "nothing to resume" in _one_error_line(capsys)
-    assert not (early / "checkpoints").exists() and not (early / "model").exists()
+    (early / "train_config.json").write_text(json.dumps({"command": "medsynth train",
+                                                         "config": dict(MICRO, steps=2, val_every=2)}))
+    assert main(base + ["-o", str(early), "--resume"]) == 0
+    assert "restarting it from step 0" in capsys.readouterr().err
+    assert json.loads((early / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert (early / "model" / "weights.safetensors").exists()
 
     # A new run into a non-empty folder.
     busy = tmp_path / "busy"

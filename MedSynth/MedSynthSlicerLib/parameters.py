@@ -9,7 +9,7 @@ single source of the combo boxes' entries.
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 #: Every device ``medsynth synthesize`` knows ("cuda" is shown as GPU).

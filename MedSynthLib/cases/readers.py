@@ -244,6 +244,11 @@ def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
             raw[modality] = read_image(files[modality])
         case_id = path.name
 
+    for modality in MODALITIES:
+        # A tumour segmentation makes the brain mask non-empty on its own, so an all-zero scan would
+        # otherwise pass as a brain of tumour only.  Checked as read, before any resampling.
+        if not sitk.GetArrayViewFromImage(raw[modality]).any():
+            raise InputError(files[modality], f"empty brain: every {modality} voxel is zero")
     reference = Grid.from_image(raw["t1"])
     images: dict[str, np.ndarray] = {}
     for modality in MODALITIES:

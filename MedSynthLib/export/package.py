@@ -98,10 +98,6 @@ def check_case_id(case_id: str) -> str:
     return case_id
 
 
-    written.append("SEG/seg.dcm")
-    return written
-
-
 def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: dict[str, Any]) -> str:
     model = provenance["model"]
     privacy_line = PrivacyRecord.from_json(

@@ -14,7 +14,9 @@ from .grid import Grid, LabelMap
 from .labels import SCHEMA_VERSION, LabelValueError, check_label_map
 from .outputs import commit_files, output_lock, staging_folder
 from .provenance import PrivacyRecord, array_sha256, label_map_record, privacy_of, sidecar_path
-from .volume_io import check_writable, read_image, write_image, write_json
+from .volume_io import IMAGE_SUFFIXES, check_writable, read_image, strip_image_suffix, write_image, write_json
+
+LABEL_MAP_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".nhdr")  # one file each (+ .mhd's .raw)
 
 
 def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) -> LabelMap:
@@ -34,7 +36,8 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
         with output_lock(path, shared=True):
             image = read_image(path)
             meta = None
-            if sidecar.exists():
+            has_sidecar = sidecar.exists()
+            if has_sidecar:
                 try:
                     meta = json.loads(sidecar.read_text())
                 except (OSError, ValueError) as exc:
@@ -52,7 +55,7 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
         raise InputError(path, "empty brain: the label map has no brain voxels")
     history: list = []
     privacy = None
-    if meta is not None:
+    if has_sidecar:
         if not isinstance(meta, dict):
             raise InputError(sidecar, "not a MedSynth label-map sidecar (a JSON object is expected)")
         if meta.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
@@ -62,8 +65,12 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
         if expected is not None and expected != array_sha256(array):
             raise InputError(sidecar, f"does not match {path.name} (labels_sha256 differs): the image or the "
                                       "sidecar was replaced by another run or by hand")
-        raw_history = meta.get("history", [])
-        history = list(raw_history) if isinstance(raw_history, list) else []
+        history = meta.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                    for e in history):
+            raise InputError(sidecar, "provenance sidecar: 'history' must be a list of edit records "
+                                      "(objects with a 'name')")
+        history = list(history)
         privacy = PrivacyRecord.from_json(meta.get("privacy"))
     return LabelMap(array, Grid.from_image(image), history, privacy=privacy)
 
@@ -74,8 +81,15 @@ def _schema_array(image: sitk.Image) -> np.ndarray:
 
 
 def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:
-    """The files :func:`write_label_map` creates."""
-    return [Path(path), sidecar_path(path)]
+    """The files :func:`write_label_map` creates.
+
+    Raises:
+        InputError: the path's suffix is not a 3D image format (``x.png`` would be written as a 2D slice).
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(LABEL_MAP_SUFFIXES) or strip_image_suffix(path.name) == "":
+        raise InputError(path, f"unsupported output suffix for a label map (use {', '.join(LABEL_MAP_SUFFIXES)})")
+    return [path, sidecar_path(path)]
 
 
 def write_label_map_files(labelmap: LabelMap, path: str | os.PathLike[str]) -> list[Path]:

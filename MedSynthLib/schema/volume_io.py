@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,6 +26,9 @@ from .errors import InputError, OutputExistsError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".nrrd", ".nhdr", ".mha", ".mhd")
+# Voxel sizes MedSynth accepts: a 0 or negative pixdim is a broken header, not 1 mm.
+MIN_SPACING_MM = 1e-3
+MAX_SPACING_MM = 1e3
 
 
 def strip_image_suffix(name: str) -> str:
@@ -39,18 +44,59 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and strip_image_suffix(path.name) != path.name
 
 
-def _check_nifti_bytes(path: Path) -> None:
-    """Reject a truncated or corrupt NIfTI before SimpleITK zero-fills it.
+def _raw_nifti_header(path: Path) -> tuple[list[int], list[float]]:
+    """``dim`` and ``pixdim`` as stored (the NIfTI library behind SimpleITK replaces a 0 pixdim by 1).
 
-    The header is read with SimpleITK's NIfTI reader (no nibabel import: it costs
-    about 0.4 s of every ``medsynth`` start), then the stored data is counted.
+    Raises:
+        InputError: not a NIfTI-1 or NIfTI-2 header.
     """
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as stream:  # type: ignore[operator]
+            head = stream.read(540)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(path, f"not a readable NIfTI file ({exc})") from None
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            dim = list(struct.unpack(order + "8h", head[40:56]))
+            pixdim = list(struct.unpack(order + "8f", head[76:108]))
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            dim = list(struct.unpack(order + "8q", head[16:80]))
+            pixdim = list(struct.unpack(order + "8d", head[104:168]))
+            break
+    else:
+        raise InputError(path, "not a NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1:ndim + 1]):
+        raise InputError(path, f"invalid NIfTI header: dim {dim[:max(1, min(ndim, 7)) + 1]}")
+    return dim[1:ndim + 1], pixdim[1:ndim + 1]
+
+
+def _check_spacing(path: Path, spacing: Sequence[float]) -> None:
+    spatial = list(spacing)[:3]
+    if not all(math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spatial):
+        shown = ", ".join(f"{s:g}" for s in spatial)
+        raise InputError(path, f"voxel spacing ({shown}) mm is not a valid size "
+                               f"({MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm)")
+
+
+def _check_nifti_bytes(path: Path) -> None:
+    """Reject a hostile header, an oversized grid, or a truncated or corrupt NIfTI before reading it.
+
+    The sizes come from the stored header (no nibabel import: it costs about 0.4 s of
+    every ``medsynth`` start); only then is the stored data counted, so SimpleITK never
+    zero-fills a truncated file.
+    """
+    from .budget import check_voxels
+
+    shape, pixdim = _raw_nifti_header(path)
+    check_voxels(path, shape)
+    _check_spacing(path, pixdim)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-        ndim = int(reader.GetMetaData("dim[0]"))
-        shape = [int(reader.GetMetaData(f"dim[{axis}]")) for axis in range(1, ndim + 1)]
         expected = int(float(reader.GetMetaData("vox_offset"))) + int(np.prod(shape)) * int(
             reader.GetMetaData("bitpix")) // 8
     except (RuntimeError, ValueError) as exc:
@@ -70,6 +116,43 @@ def _check_nifti_bytes(path: Path) -> None:
         raise InputError(path, f"truncated: {size} bytes of image data, header requires {expected}")
 
 
+def _metaimage_data_file(path: Path) -> Path | None:
+    """The ``ElementDataFile`` of a MetaImage header when it names one file (else ``None``)."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(1 << 16)
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
+    for raw in head.split(b"\n"):
+        key, _, value = raw.decode("latin-1").partition("=")
+        if key.strip().lower() == "elementdatafile":
+            name = value.strip()
+            if name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name or " " in name:
+                return None
+            return (path.parent / name) if not os.path.isabs(name) else Path(name)
+    return None
+
+
+def _check_header(path: Path) -> None:
+    """Read the header of a non-NIfTI image and check its grid before any voxel is read."""
+    from .budget import check_voxels
+
+    if path.name.lower().endswith((".mhd", ".mha")):
+        data_file = _metaimage_data_file(path)
+        if data_file is not None and not data_file.is_file():
+            problem = "not found" if not data_file.exists() else "not a regular file"
+            raise InputError(path, f"its ElementDataFile {data_file} is {problem}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        raise InputError(path, f"cannot read image ({first})") from None
+    check_voxels(path, reader.GetSize())
+    _check_spacing(path, reader.GetSpacing())
+
+
 def read_image(path: str | os.PathLike[str], *, dims: int | None = 3) -> sitk.Image:
     """Read one image with SimpleITK after integrity checks.
 
@@ -81,12 +164,21 @@ def read_image(path: str | os.PathLike[str], *, dims: int | None = 3) -> sitk.Im
         InputError: unreadable, truncated, non-finite voxels, or the wrong dimension.
     """
     path = Path(path)
+    parent = path.parent if path.parent != Path("") else Path(".")
+    if parent.is_dir() and not os.access(parent, os.X_OK):
+        raise InputError(path, f"permission denied (cannot enter the folder {parent})")
     if not path.exists():
         raise InputError(path, "file not found")
     if not path.is_file():
         raise InputError(path, "not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(path, "permission denied")
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise InputError(path, f"unsupported image format (MedSynth reads {', '.join(IMAGE_SUFFIXES)})")
     if path.name.lower().endswith(NIFTI_SUFFIXES):
         _check_nifti_bytes(path)
+    else:
+        _check_header(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -111,25 +203,26 @@ def read_image(path: str | os.PathLike[str], *, dims: int | None = 3) -> sitk.Im
 
 
 def check_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
-    """Reject NaN/Inf voxels in floating-point images."""
+    """Reject NaN/Inf voxels in floating-point images.
+
+    A float image is float storage, or integers scaled by ``scl_slope`` (which can
+    overflow to infinity): its values as read are checked.  SimpleITK reads NaN in
+    a NIfTI's float storage back as 0, so float storage is also checked as stored.
+    """
     path = Path(path)
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    arrays = [sitk.GetArrayViewFromImage(image)]
     if path.name.lower().endswith(NIFTI_SUFFIXES):
-        if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-            return  # integer data (a float image means float storage or a scaled integer one)
         import nibabel as nib
 
         nii = nib.load(str(path))
-        if nii.get_data_dtype().kind != "f":
-            return
-        # SimpleITK reads NaN in a NIfTI back as 0, so look at the stored values.
-        data = np.asanyarray(nii.dataobj)
-    elif image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        data = sitk.GetArrayViewFromImage(image)
-    else:
-        return
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise InputError(path, f"{bad} voxels are NaN or infinite")
+        if nii.get_data_dtype().kind == "f":
+            arrays.append(np.asanyarray(nii.dataobj))
+    for data in arrays:
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise InputError(path, f"{bad} voxels are NaN or infinite")
 
 
 # --- writing -------------------------------------------------------------------------------

@@ -91,20 +91,22 @@ class StudyConfig:
         from ..schema.labels import CONVENTIONS
         from ..training.train import TrainConfig
 
+        from ..schema.jsonshape import check_fields, check_range, expect_object
+
         if not isinstance(data, dict):
             raise InputError(source, "a study config is a JSON object")
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(source, f"unknown study options {sorted(unknown)}")
+        check_fields(cls, data, source, "study")
+        for key in ("gan", "synthetic", "segmenter", "memorisation"):
+            if key in data:
+                expect_object(data[key], source, f"study option {key!r}")
         config = cls(**data)
+        check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
         if int(config.folds) < 2 and not config.test_cases:
             raise InputError(source, f"folds must be at least 2, got {config.folds}")
         grid = dict(cls().grid, **config.grid)
         if set(grid) - {"spacing_mm", "margin_mm", "size_multiple", "box_mm"}:
             raise InputError(source, f"unknown grid options {sorted(set(grid) - set(cls().grid))}")
-        if not float(grid["spacing_mm"]) > 0:
-            raise InputError(source, "grid spacing_mm must be positive")
-        config.grid = grid
+        config.grid = _checked_grid(grid, source)
         TrainConfig.from_json(dict(config.gan, val_cases=[]), source)  # validates
         SegConfig.from_json(config.segmenter, source)
         kinds = config.synthetic.get("kinds", ["transform"])
@@ -142,16 +144,47 @@ class StudyConfig:
         return SegConfig.from_json(self.segmenter, "study config")
 
 
+# The study grid: every case is resampled onto it and kept in memory, so its spacing is bounded; a brain
+# box of up to 256 mm at the finest spacing has (256 / 0.5)^3 = 134 M voxels per case (checked against
+# the memory budget once the box is known).
+MIN_STUDY_SPACING_MM = 0.5
+MAX_STUDY_SPACING_MM = 10.0
+
+
+def _checked_grid(grid: dict[str, Any], source: str) -> dict[str, Any]:
+    """Types and ranges of the study grid's options."""
+    from ..schema.jsonshape import check_range
+
+    def number(key: str) -> float:
+        value = grid[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(source, f"grid {key} must be a number, not {json.dumps(value)[:40]}")
+        return float(value)
+
+    check_range(source, "grid spacing_mm", number("spacing_mm"), MIN_STUDY_SPACING_MM, MAX_STUDY_SPACING_MM)
+    check_range(source, "grid margin_mm", number("margin_mm"), 0, 100)
+    if isinstance(grid["size_multiple"], bool) or not isinstance(grid["size_multiple"], int):
+        raise InputError(source, "grid size_multiple must be a whole number")
+    check_range(source, "grid size_multiple", grid["size_multiple"], 1, 64)
+    box = grid.get("box_mm")
+    if box is not None:
+        if not (isinstance(box, list) and len(box) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise InputError(source, "grid box_mm must be null or three numbers (mm)")
+        for value in box:
+            check_range(source, "grid box_mm", float(value), 1, 1000)
+    return grid
+
+
 def load_config(name_or_path: str | os.PathLike[str] | None) -> StudyConfig:
     """``micro``, ``tiny``, ``paper`` (shipped in Resources/configs) or a JSON file."""
     text = os.fspath(name_or_path) if name_or_path is not None else "tiny"
     path = configs_root() / f"study_{text}.json" if text in CONFIG_NAMES else Path(text)
     if not path.is_file():
         raise InputError(path, f"study config not found (give {', '.join(CONFIG_NAMES)} or a JSON file)")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
+    from ..schema.jsonshape import read_json
+
+    data = read_json(path, "study config")
     data.pop("$comment", None)
     config = StudyConfig.from_json(data, str(path))
     if text in CONFIG_NAMES:
@@ -451,6 +484,9 @@ class _Study:
         extents = [c.extent_mm for c in self.inputs.cases]
         self.grid = StudyGrid.fit(extents, float(cfg["spacing_mm"]), float(cfg["margin_mm"]),
                                   int(cfg["size_multiple"]), cfg.get("box_mm"))
+        from ..schema.budget import check_voxels
+
+        check_voxels(f"study grid at {self.grid.spacing:g} mm", self.grid.size, "the grid")
         grid_key = sha256_json({"grid": self.grid.to_json(), "prep": PREP_VERSION})[:12]
         self.prepared_cache = self.work / "prepared"
         arrays = self.work / "arrays" / grid_key

@@ -58,9 +58,9 @@ class SegConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> "SegConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(source, f"unknown segmenter options {sorted(unknown)}")
+        from ..schema.jsonshape import check_fields
+
+        check_fields(cls, data, source, "segmenter")
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         config = cls(**data)
         multiple = 2 ** (len(config.blocks_down) - 1)
@@ -189,10 +189,18 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
 
     from ..training.train import _load_optimizer
 
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
-    return int(meta["step"])
+    from ..schema.jsonshape import read_json
+
+    meta = read_json(folder / "state.json", "segmenter checkpoint state")
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("optimizer"), dict):
+        raise InputError(folder / "state.json", "segmenter checkpoint state needs an integer 'step' and 'optimizer'")
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+    except Exception as exc:  # safetensors' own error type, a shape mismatch, a malformed optimizer record
+        raise InputError(folder, f"cannot resume the segmenter from this checkpoint "
+                                 f"({' '.join(str(exc).split())[:160]})") from None
+    return meta["step"]
 
 
 def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device, seed: int, *,

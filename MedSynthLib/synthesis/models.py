@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..schema.errors import InputError, MedSynthError
 from ..schema.labels import SCHEMA_VERSION
+
+if TYPE_CHECKING:  # networks imports torch: only for annotations here
+    from .networks import NetworkConfig
 
 MODEL_FORMAT = "medsynth-model"
 CONFIG_NAME = "config.json"
@@ -42,14 +46,29 @@ def file_sha256(path: Path) -> str:
 
 
 def read_registry(root: Path | None = None) -> dict[str, Any]:
+    """The registry (name -> folder + sha256), its shape checked; an absent registry is empty."""
+    from ..schema.jsonshape import json_type_name, read_json
+
     root = root or models_root()
     path = root / "registry.json"
     if not path.exists():
         return {"default": None, "models": {}}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(path, f"unreadable model registry ({exc})") from None
+    registry = read_json(path, "model registry")
+    models = registry.setdefault("models", {})
+    if not isinstance(models, dict):
+        raise InputError(path, f"model registry: 'models' must be an object, not {json_type_name(models)}")
+    default = registry.get("default")
+    if default is not None and not isinstance(default, str):
+        raise InputError(path, f"model registry: 'default' must be a model name, not {json_type_name(default)}")
+    for name, entry in models.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                and isinstance(entry.get("sha256"), str)):
+            raise InputError(path, f"model registry: entry {name!r} must be an object with 'path' and 'sha256'")
+        folder = Path(entry["path"])
+        if folder.is_absolute() or ".." in folder.parts or not folder.parts:
+            raise InputError(path, f"model registry: entry {name!r} has path {entry['path']!r}, which leaves "
+                                   "the registry folder")
+    return registry
 
 
 @dataclass
@@ -94,16 +113,17 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> ModelFo
     for path in (config_path, weights_path):
         if not path.is_file():
             raise InputError(path, "model file missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise InputError(config_path, f"unreadable model config ({exc})") from None
+    from ..schema.jsonshape import read_json
+
+    config = read_json(config_path, "model config")
     if config.get("format") != MODEL_FORMAT:
         raise InputError(config_path, f"not a MedSynth model config (format {config.get('format')!r})")
     schema = config.get("label_schema_version")
     if schema != SCHEMA_VERSION:
         raise InputError(config_path, f"model uses label schema version {schema}, this MedSynth uses "
                                       f"{SCHEMA_VERSION}: retrain or use a matching MedSynth")
+    if not isinstance(config.get("weights_sha256"), (str, type(None))):
+        raise InputError(config_path, "model config: 'weights_sha256' must be a string")
     sha = file_sha256(weights_path)
     for source, wanted in (("registry", expected_sha), ("config.json", config.get("weights_sha256"))):
         if wanted is not None and wanted != sha:
@@ -111,9 +131,137 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> ModelFo
                                            f"({str(wanted)[:12]}...): the weights are corrupt or were replaced")
     if config.get("weights_sha256") is None:
         raise InputError(config_path, "model config has no weights_sha256")
+    network = check_model_config(config, config_path)
+    check_weights(weights_path, network)
     if expected_sha is None:
         name = str(config.get("name") or name)
     return ModelFolder(name, folder, config, sha)
+
+
+# Bounds of a network MedSynth builds (the shipped one: channels 16-256, strides 2, 1 residual unit).
+MAX_CHANNELS = 4096
+MAX_DEPTH = 8
+
+
+def check_network_config(data: Any, source: Any) -> "NetworkConfig":
+    """A generator architecture from JSON, its types, values and size checked before anything is built.
+
+    Keys this MedSynth does not know are ignored (a model config may come from a newer version).
+    """
+    from ..schema.budget import MAX_NETWORK_PARAMETERS
+    from ..schema.jsonshape import check_fields, expect_object
+    from ..schema.labels import NUM_CLASSES
+    from .networks import MODALITY_ORDER, NetworkConfig
+
+    expect_object(data, source, "network")
+    known = {k: v for k, v in data.items() if k in NetworkConfig.__dataclass_fields__}
+    check_fields(NetworkConfig, known, source, "network")
+    network = NetworkConfig.from_json(known)
+    problems = []
+    if network.spatial_dims != 3:
+        problems.append(f"spatial_dims {network.spatial_dims} (MedSynth is 3D)")
+    if network.in_channels != NUM_CLASSES:
+        problems.append(f"in_channels {network.in_channels} (the label schema has {NUM_CLASSES} classes)")
+    if sorted(network.modalities) != sorted(MODALITY_ORDER) or network.out_channels != len(network.modalities):
+        problems.append(f"modalities {list(network.modalities)} with out_channels {network.out_channels} "
+                        f"(MedSynth synthesises {', '.join(MODALITY_ORDER)})")
+    if not 2 <= len(network.channels) <= MAX_DEPTH or not all(1 <= c <= MAX_CHANNELS for c in network.channels):
+        problems.append(f"channels {list(network.channels)} (2-{MAX_DEPTH} levels of 1-{MAX_CHANNELS})")
+    if len(network.strides) != len(network.channels) - 1 or not all(1 <= s <= 4 for s in network.strides):
+        problems.append(f"strides {list(network.strides)} (one of 1-4 per level after the first)")
+    if not 0 <= network.num_res_units <= MAX_DEPTH:
+        problems.append(f"num_res_units {network.num_res_units} (0-{MAX_DEPTH})")
+    if not 1 <= network.disc_channels <= MAX_CHANNELS or not 0 <= network.disc_layers <= MAX_DEPTH:
+        problems.append(f"disc_channels {network.disc_channels} / disc_layers {network.disc_layers}")
+    if problems:
+        raise InputError(source, "network: " + "; ".join(problems))
+    parameters = sum(shape_numel(shape) for shape in network_shapes(network).values())
+    if parameters > MAX_NETWORK_PARAMETERS:
+        raise InputError(source, f"network of {parameters:,} parameters is over MedSynth's limit of "
+                                 f"{MAX_NETWORK_PARAMETERS:,}")
+    return network
+
+
+def shape_numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def network_shapes(network: "NetworkConfig", backend: str = "torch") -> dict[str, tuple[int, ...]]:
+    """The generator's tensor shapes, from a network built on torch's meta device (nothing allocated)."""
+    import torch
+
+    from .networks import Generator
+
+    with torch.device("meta"):
+        generator = Generator(network, backend=backend)
+    return {k: tuple(v.shape) for k, v in generator.state_dict().items()}
+
+
+def check_model_config(config: dict[str, Any], source: Path) -> "NetworkConfig":
+    """The parts of a model config that inference reads: network, intensity statistics, hashes, name."""
+    from ..schema.jsonshape import json_type_name
+    from .normalize import normalizer_from_json
+
+    if "network" not in config:
+        raise InputError(source, "model config has no 'network'")
+    network = check_network_config(config["network"], source)
+    if not isinstance(config.get("weights_sha256"), str):
+        raise InputError(source, "model config: 'weights_sha256' must be a string")
+    if "name" in config and not isinstance(config["name"], str):
+        raise InputError(source, f"model config: 'name' must be a string, not {json_type_name(config['name'])}")
+    intensity = config.get("intensity")
+    if not isinstance(intensity, dict):
+        raise InputError(source, "model config: 'intensity' must be an object of per-modality statistics")
+    for modality in network.modalities:
+        entry = intensity.get(modality)
+        try:
+            if not isinstance(entry, dict):
+                raise TypeError("missing")
+            normaliser = normalizer_from_json(entry)
+            values = [v for v in normaliser.to_json().values() if not isinstance(v, str)]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in values):
+                raise ValueError("not finite numbers")
+            if getattr(normaliser, "high", 1.0) <= getattr(normaliser, "low", 0.0) or min(
+                    getattr(normaliser, "std", 1.0), getattr(normaliser, "scale", 1.0)) <= 0:
+                raise ValueError("an empty range")
+        except (TypeError, ValueError) as exc:
+            raise InputError(source, f"model config: intensity statistics of {modality} are invalid ({exc}): "
+                                     f"{json.dumps(entry)[:80]}") from None
+    return network
+
+
+def check_weights(path: Path, network: "NetworkConfig") -> None:
+    """The weights file is safetensors, fits the network's shapes exactly, and holds finite values.
+
+    Shapes are compared from the safetensors header before any tensor is read.
+    """
+    import torch
+    from safetensors import safe_open
+
+    expected = network_shapes(network)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            if stored != expected:
+                missing = sorted(set(expected) - set(stored))
+                unexpected = sorted(set(stored) - set(expected))
+                wrong = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+                detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+                          + (f", e.g. {wrong[0]} {stored[wrong[0]]} vs {expected[wrong[0]]}" if wrong else ""))
+                raise InputError(path, f"weights do not fit the network in config.json ({detail})")
+            for key in stored:
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise InputError(path, f"weights hold NaN or infinite values (tensor {key})")
+    except InputError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type for any malformed file
+        message = " ".join(str(exc).split()) or exc.__class__.__name__
+        raise InputError(path, f"not a valid safetensors file ({message[:160]})") from None
 
 
 def write_model(folder: Path, state: dict[str, Any], config: dict[str, Any], *, overwrite: bool = False) -> Path:
@@ -142,8 +290,11 @@ def load_generator(model: ModelFolder, device: str = "cpu", backend: str = "torc
     from .networks import Generator, NetworkConfig
 
     net = Generator(NetworkConfig.from_json(model.config["network"]), backend=backend)
-    state = load_file(str(model.weights), device=device)
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(model.weights), device=device)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except Exception as exc:  # a file changed since resolve_model checked it
+        raise InputError(model.weights, f"cannot load the weights ({' '.join(str(exc).split())[:160]})") from None
     if missing or unexpected:
         raise InputError(model.weights, f"weights do not fit the architecture in config.json "
                                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")

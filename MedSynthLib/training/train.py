@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -72,20 +73,21 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(source, f"unknown training options {sorted(unknown)}")
-        data = dict(data)
+        from ..schema.jsonshape import check_fields, expect_object
+        from ..synthesis.models import check_network_config
+
+        data = dict(check_fields(cls, expect_object(data, source, "a training config"), source, "training"))
         if "network" in data:
             # NetworkConfig.from_json ignores unknown keys (model configs from newer versions);
             # in a training config a misspelt architecture key must not be dropped silently.
-            unknown = set(data["network"]) - set(NetworkConfig.__dataclass_fields__)
+            unknown = set(expect_object(data["network"], source, "network")) - set(NetworkConfig.__dataclass_fields__)
             if unknown:
                 raise InputError(source, f"unknown network options {sorted(unknown)}")
-            data["network"] = NetworkConfig.from_json(data["network"])
+            data["network"] = check_network_config(data["network"], source)
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
         config = cls(**data)
+        _check_values(config, source)
         if config.adversarial not in ("lsgan", "hinge", "none"):
             raise InputError(source, f"adversarial must be lsgan, hinge or none, not {config.adversarial!r}")
         from ..synthesis.normalize import NORMALIZATIONS
@@ -97,6 +99,30 @@ class TrainConfig:
             raise InputError(source, f"patch_size {config.patch_size} is not a multiple of "
                                      f"{config.network.size_multiple}")
         return config
+
+
+def _check_values(config: TrainConfig, source: str) -> None:
+    """Ranges of the training options (their types are checked by ``check_fields``)."""
+    from ..schema.jsonshape import check_range
+
+    for name in ("steps", "patch_size", "batch_size", "checkpoint_every", "val_every", "log_every"):
+        check_range(source, name, getattr(config, name), 1)
+    check_range(source, "patch_size", config.patch_size, 1, 512)
+    check_range(source, "batch_size", config.batch_size, 1, 1024)
+    check_range(source, "lr", config.lr, 0, 1)  # 0 freezes the weights (a run that only evaluates a start)
+    for index, beta in enumerate(config.betas):
+        check_range(source, f"betas[{index}]", beta, 0, 1)
+    for name in ("lr_decay_fraction", "tumour_fraction"):
+        check_range(source, name, getattr(config, name), 0, 1)
+    for name in ("lambda_l1", "rotate_deg", "scale", "intensity"):
+        check_range(source, name, getattr(config, name), 0)
+    check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
+    if config.threads is not None:
+        check_range(source, "threads", config.threads, 1, 4096)
+    if len(config.betas) != 2:
+        raise InputError(source, f"betas must be two numbers, got {list(config.betas)}")
+    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(source, f"precision must be auto, fp32, bf16 or fp16, not {config.precision!r}")
 
 
 # --- distributed helpers -----------------------------------------------------------------------
@@ -191,21 +217,57 @@ def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminato
     return final
 
 
+CHECKPOINT_NAME = re.compile(r"step_\d{7}")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder ``checkpoints/latest.json`` names (``None`` when there is none yet).
+
+    The name must be a checkpoint folder inside the run's ``checkpoints/`` (``step_NNNNNNN``):
+    a path elsewhere is refused, never followed.
+    """
+    from ..schema.jsonshape import read_json
+
+    latest = run_dir / "checkpoints" / "latest.json"
+    if not latest.exists():
+        return None
+    record = read_json(latest, "checkpoint pointer")
+    name = record.get("path")
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+        raise InputError(latest, f"'path' must name a checkpoint folder step_NNNNNNN inside "
+                                 f"{run_dir / 'checkpoints'}, not {json.dumps(name)[:80]}")
+    folder = run_dir / "checkpoints" / name
+    if not folder.is_dir():
+        raise InputError(latest, f"names the checkpoint {name}, which does not exist")
+    return folder
+
+
 def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Module | None,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None) -> tuple[int, Any, float]:
     from safetensors.torch import load_file
 
-    latest = run_dir / "checkpoints" / "latest.json"
-    if not latest.exists():
+    from ..schema.jsonshape import read_json
+
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
         raise InputError(run_dir, "nothing to resume: no checkpoints/latest.json")
-    folder = run_dir / "checkpoints" / json.loads(latest.read_text())["path"]
-    meta = json.loads((folder / "state.json").read_text())
-    generator.load_state_dict(load_file(str(folder / "generator.safetensors")))
-    _load_optimizer(opt_g, load_file(str(folder / "optimizer_g.safetensors")), meta["optimizer_g"])
-    if discriminator is not None and opt_d is not None:
-        discriminator.load_state_dict(load_file(str(folder / "discriminator.safetensors")))
-        _load_optimizer(opt_d, load_file(str(folder / "optimizer_d.safetensors")), meta["optimizer_d"])
-    return int(meta["step"]), meta.get("scaler"), float(meta.get("elapsed_s", 0.0))
+    meta = read_json(folder / "state.json", "checkpoint state")
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("optimizer_g"), dict):
+        raise InputError(folder / "state.json", "checkpoint state needs an integer 'step' and 'optimizer_g'")
+    current = folder / "generator.safetensors"
+    try:
+        generator.load_state_dict(load_file(str(current)))
+        current = folder / "optimizer_g.safetensors"
+        _load_optimizer(opt_g, load_file(str(current)), meta["optimizer_g"])
+        if discriminator is not None and opt_d is not None:
+            current = folder / "discriminator.safetensors"
+            discriminator.load_state_dict(load_file(str(current)))
+            current = folder / "optimizer_d.safetensors"
+            _load_optimizer(opt_d, load_file(str(current)), meta["optimizer_d"])
+    except Exception as exc:  # safetensors' own error type, a shape mismatch, a malformed optimizer record
+        message = " ".join(str(exc).split())[:160] or exc.__class__.__name__
+        raise InputError(current, f"cannot resume from this checkpoint ({message})") from None
+    return int(meta["step"]), meta.get("scaler"), float(meta.get("elapsed_s", 0.0) or 0.0)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -260,16 +322,31 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
         dev = torch.device("cuda", d.local_rank)
     run_dir = Path(run_dir)
     config_path = run_dir / "train_config.json"
+    # A run killed (or refused) before its first checkpoint has nothing to resume from: it restarts
+    # from step 0, with --resume (under its recorded config) or without (under the given one).
+    created = not run_dir.exists()
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    unstarted = config_path.exists() and checkpoint is None and not (run_dir / "model").exists()
     if d.main:
         if resume:
             if not config_path.exists():
                 raise InputError(run_dir, "nothing to resume: no train_config.json")
-        elif run_dir.exists() and any(run_dir.iterdir()):
+        elif run_dir.exists() and any(run_dir.iterdir()) and not unstarted:
             raise MedSynthError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it)")
     recorded: dict[str, Any] = {}
     if resume and config_path.exists():
-        recorded = json.loads(config_path.read_text())
-        config = TrainConfig.from_json(recorded["config"], str(config_path))
+        from ..schema.jsonshape import expect_object, read_json
+
+        recorded = read_json(config_path, "run record")
+        config = TrainConfig.from_json(expect_object(recorded.get("config"), config_path, "'config'"),
+                                       str(config_path))
+        if unstarted:
+            resume = False  # nothing to load: start again from step 0 under the recorded config
+            if d.main:
+                print(f"{run_dir}: no checkpoint was written before the run stopped; restarting it from step 0",
+                      file=sys.stderr)
+            if steps is not None:
+                config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
     elif steps is not None:
         config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
     # After the config is settled: a resumed run keeps its recorded precision and threads (several runs
@@ -292,11 +369,16 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_json({"command": command, "config": config.to_json(), "precision": precision,
-                        "device": str(dev), "world_size": d.world}, config_path)
+                        "device": str(dev), "world_size": d.world}, config_path, overwrite=unstarted)
     _barrier(d)
-    volumes = [prepare_volume(f, cache, config.normalization)
-               for f in _progress_iter(train_folders, "prepare", d.main and progress)]
-    val_volumes = [prepare_volume(f, cache, config.normalization) for f in folders if f.name in val_names]
+    try:
+        volumes = [prepare_volume(f, cache, config.normalization)
+                   for f in _progress_iter(train_folders, "prepare", d.main and progress)]
+        val_volumes = [prepare_volume(f, cache, config.normalization) for f in folders if f.name in val_names]
+    except MedSynthError:
+        if created and d.main:  # bad data: leave no run folder behind (this run made it)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
     torch.manual_seed(config.seed)
     generator = Generator(config.network)
