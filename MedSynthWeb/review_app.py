@@ -90,6 +90,9 @@ class ReviewApp:
                            hide_details=True, style="max-width: 360px", classes="mx-2", id="case-select")
             with self.ui.content:
                 with html.Div(style="display: flex; flex-direction: column; height: 100%;"):
+                    with html.Div(classes="d-flex text-subtitle-2", style="flex: 0 0 auto;", id="contrast-titles"):
+                        for modality in MODALITIES:
+                            html.Div(TITLES[modality], classes="text-center", style="flex: 1 1 0;")
                     with html.Div(style="flex: 1 1 auto; min-height: 0;", id="review-views"):
                         self.layouts.initialize_layout_grid(self.ui)
                     with html.Div(classes="d-flex align-center pa-2", style="gap: 12px; flex: 0 0 auto;",

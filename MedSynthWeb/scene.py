@@ -10,9 +10,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from MedSynthLib.evaluation.reader_study import CaseImages
+from MedSynthLib.schema.labels import LABEL_INFO, TUMOUR_LABELS
 
-#: Colours of the tumour outlines (NCR, ED, ET), as in the Slicer module's review views.
-TUMOUR_COLOURS = {4: ("NCR", (1.0, 0.2, 0.2)), 5: ("ED", (1.0, 0.85, 0.1)), 6: ("ET", (0.2, 0.6, 1.0))}
+#: Colours of the tumour outlines (NCR red, ED green, ET yellow): the schema's, as everywhere in MedSynth.
+TUMOUR_COLOURS = {int(label): (LABEL_INFO[label].short_name, LABEL_INFO[label].color) for label in TUMOUR_LABELS}
 LABEL_VOLUME = 1  # vtkSlicerVolumesLogic option: load as a label map
 
 

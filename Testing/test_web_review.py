@@ -326,10 +326,10 @@ def test_review_page_renders_and_saves_a_rating(browser, cases, tmp_path):
             images = page.locator("img")
             assert images.count() == 8
             synthetic_views = [_render_settled(page, images.nth(n), f"view {n}") for n in range(8)]
-            # Tumour outlines: the ED outline is drawn yellow on the grey images.
+            # Tumour outlines: the ED outline (outermost) is drawn green on the grey images.
             view = synthetic_views[7]
-            yellow = (view[..., 0] > 200) & (view[..., 1] > 170) & (view[..., 2] < 90)
-            assert yellow.sum() > 20, "no tumour outline in the synthetic FLAIR view"
+            green = (view[..., 1] > 150) & (view[..., 0] < 90) & (view[..., 2] < 90)
+            assert green.sum() > 20, "no tumour outline in the synthetic FLAIR view"
             assert "Top: real case" in page.inner_text("#review-form")
 
             page.click("#rating-4")
@@ -380,3 +380,12 @@ def test_blinded_study_in_the_browser(browser, cases, tmp_path):
     assert summary["accuracy"]["k"] == 2 and summary["accuracy"]["n"] == 4
     assert summary["sensitivity_synthetic"]["rate"] == 1.0 and summary["specificity_synthetic"]["rate"] == 0.0
     assert summary == write_summary(results)
+
+
+def test_ci_installs_chromium_before_the_readme_test_command():
+    script = (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    command = 'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest'
+    assert command in readme and script.rstrip().endswith(command)
+    assert script.index("apt-get install -y -qq chromium") < script.index(command)
+    assert script.index("apt-get update") < script.index("apt-get install")
