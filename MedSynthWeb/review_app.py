@@ -1,6 +1,6 @@
 """The review page: the four contrasts of a synthetic case beside the real case, rating and note.
 
-Eight linked axial slice views (real above, synthetic below; four when no real case is paired)
+Eight axial slice views with one slice offset (moving one moves all) (real above, synthetic below; four when no real case is paired)
 with the tumour (NCR, ED, ET) as outlines.  The rating (1-5; 0 = not rated) and the note go into
 the case's ``provenance.json`` through :func:`MedSynthLib.schema.review.save_review`, the function
 the Slicer module's review uses, so export carries them the same way.
@@ -53,7 +53,7 @@ class ReviewApp:
         from trame_slicer.views import Layout, LayoutDirection
         from trame_vuetify.ui.vuetify3 import SinglePageLayout
 
-        from .scene import SceneLoader
+        from .scene import SceneLoader, SliceOffsetLink
 
         self.entries = entries
         self.server = server or get_server(None, client_type="vue3")
@@ -73,6 +73,10 @@ class ReviewApp:
             "real": Layout(LayoutDirection.Vertical, [row("Real")]),
         })
         self._nodes: list[Any] = []
+        for layout in ("paired", "synthetic", "real"):  # make every view now, so the link holds them all
+            self.layouts.create_layout_views_if_needed(layout)
+        self._link = SliceOffsetLink([self.slicer.view_manager.get_view(view_tag(row, m))
+                                      for row in ("Real", "Synthetic") for m in MODALITIES])
 
         self.state.update({
             "case_names": [{"title": e.name, "value": i} for i, e in enumerate(entries)],
@@ -131,7 +135,6 @@ class ReviewApp:
                 self._nodes.append(volume)
                 view = self.slicer.view_manager.get_view(view_tag(row, modality))
                 show(view, volume, label, centre)
-                view._logic.GetSliceCompositeNode().SetLinkedControl(True)
         review = {}
         if entry.synthetic is not None:
             review = read_provenance(entry.synthetic.folder).get("review") or {}

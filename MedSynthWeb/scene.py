@@ -81,3 +81,31 @@ def show(view: Any, volume: Any, label: Any | None = None, offset_ras: list[floa
     if offset_ras is not None:
         logic.GetSliceNode().JumpSliceByOffsetting(*offset_ras)
     view.schedule_render()
+
+
+class SliceOffsetLink:
+    """Keeps the slice offset of several slice views equal: moving one moves the others.
+
+    The Slicer application links views through its slice-link logic, which the Slicer libraries
+    alone (trame-slicer's ``SlicerApp``) do not create; this does the part the review needs.
+    """
+
+    def __init__(self, views: list[Any]) -> None:
+        from vtkmodules.vtkCommonCore import vtkCommand
+
+        self.nodes = [view._logic.GetSliceNode() for view in views]
+        self._updating = False
+        for node in self.nodes:
+            node.AddObserver(vtkCommand.ModifiedEvent, self._on_modified)
+
+    def _on_modified(self, node: Any, _event: str) -> None:
+        if self._updating:
+            return
+        self._updating = True
+        try:
+            offset = node.GetSliceOffset()
+            for other in self.nodes:
+                if other is not node and abs(other.GetSliceOffset() - offset) > 1e-6:
+                    other.SetSliceOffset(offset)
+        finally:
+            self._updating = False

@@ -235,6 +235,26 @@ def browser():
         chromium.close()
 
 
+def test_review_views_share_one_slice_offset(cases):
+    # Moving one view moves all eight (Slicer's slice-link logic is not in the bare Slicer libraries).
+    missing = None if find_spec("trame_slicer") else "trame_slicer not installed (pip install -e '.[web]')"
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    from MedSynthWeb.cli import review_entries
+    from MedSynthWeb.review_app import ReviewApp
+
+    synthetic, real = cases["synthetic"][0], cases["real"][0]
+    app = ReviewApp(review_entries([synthetic], [(synthetic, real)]))
+    views = [app.slicer.view_manager.get_view(tag) for tag in ("real_t1", "real_flair", "synthetic_t2")]
+    start = views[0].get_slice_value()
+    assert start == pytest.approx(20.0, abs=1.0)  # through the phantom's tumour
+    views[0].set_slice_value(start + 5)
+    assert [v.get_slice_value() for v in views] == pytest.approx([start + 5] * 3)
+    assert app.state.can_rate and app.state.paired
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
