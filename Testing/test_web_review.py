@@ -409,3 +409,18 @@ def test_ci_installs_chromium_before_the_readme_test_command():
     assert command in readme and script.rstrip().endswith(command)
     assert script.index("apt-get install -y -qq chromium") < script.index(command)
     assert script.index("apt-get update") < script.index("apt-get install")
+
+
+def test_cli_review_bad_input_is_one_line(cases, tmp_path, capsys):
+    if find_spec("trame_slicer") is None:
+        pytest.skip("trame_slicer not installed: the missing extra is what the command reports")
+    for args, expected in (
+        (["review", str(tmp_path / "missing_case")], "case folder not found"),
+        (["review", "--study", str(cases["real"][0])], "--synthetic"),
+        (["review", "--pair", str(cases["real"][0]), str(cases["synthetic"][0])], "synthetic case first"),
+        (["review"], "CASE_DIRS"),
+    ):
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "missing_case").exists()
