@@ -111,7 +111,7 @@ class ReviewApp:
                                         title="not rated" if value == 0 else f"rating {value}")
                         v3.VTextField(v_model=("note",), label="Note", density="compact", hide_details=True,
                                       counter=NOTE_MAX_CHARS, disabled=("!can_rate",), id="note")
-                        v3.VBtn("Save review", color="primary", click=self.save, disabled=("!can_rate",),
+                        v3.VBtn("Save review", color="primary", click=(self.save, "[case_index, rating, note]"), disabled=("!can_rate",),
                                 id="save-review")
                         html.Span("{{ status }}", id="status", classes="text-body-2")
         self._on_case(0)
@@ -146,12 +146,13 @@ class ReviewApp:
             self.state.status = ("" if entry.synthetic is not None
                                  else "a real case: nothing to rate (pass its synthetic case too)")
 
-    def save(self) -> None:
-        entry = self.entries[int(self.state.case_index)]
+    def save(self, case_index: int, rating: int, note: str) -> None:
+        """Save what the page shows (passed with the click, not read from possibly stale state)."""
+        entry = self.entries[int(case_index)]
         try:
             if entry.synthetic is None:
                 raise MedSynthError("a real case has no synthetic provenance to rate")
-            review = save_review(entry.synthetic.folder, int(self.state.rating), self.state.note)
+            review = save_review(entry.synthetic.folder, int(rating or 0), note or "")
             self.state.status = f"saved: rating {review['rating']} at {review['reviewed_at']}"
         except MedSynthError as exc:
             self.state.status = f"not saved: {exc}"

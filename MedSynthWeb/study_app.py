@@ -69,7 +69,9 @@ class StudyApp:
                         with v3.VBtnToggle(v_model=("confidence",), density="compact", id="confidence"):
                             for level in CONFIDENCES:
                                 v3.VBtn(CONFIDENCE_LABELS[level], value=(level,), id=f"confidence-{level}")
-                        v3.VBtn("Next", color="primary", click=self.submit, id="submit",
+                        # The answer travels with the click: the server never acts on a state update
+                        # that may still be in flight.
+                        v3.VBtn("Next", color="primary", click=(self.submit, "[item_id, answer, confidence]"), id="submit",
                                 disabled=("!answer || !confidence",))
                         html.Span("{{ status }}", id="status", classes="text-body-2")
         self._show_next()
@@ -95,11 +97,11 @@ class StudyApp:
             self.state.item_id = item.item_id
             self.state.position = len(self.study.answered()) + 1
 
-    def submit(self) -> None:
-        if self._current is None:
-            return
+    def submit(self, item_id: str, answer: str | None, confidence: int | None) -> None:
+        if self._current is None or item_id != self._current.item_id:
+            return  # a second click on an item already answered
         try:
-            self.study.answer(self._current.item_id, self.state.answer, int(self.state.confidence or 0))
+            self.study.answer(item_id, answer, int(confidence or 0))
         except MedSynthError as exc:
             self.state.status = f"not saved: {exc}"
             return

@@ -355,7 +355,7 @@ def test_review_page_renders_and_saves_a_rating(browser, cases, tmp_path):
             page.click("#rating-4")
             page.fill("#note", "oedema margin looks plausible")
             page.click("#save-review")
-            page.wait_for_function("() => document.querySelector('#status').innerText.startsWith('saved')",
+            page.wait_for_function("() => (document.querySelector('#status')?.innerText || '').startsWith('saved')",
                                    timeout=PAGE_WAIT_MS)
         finally:
             page.close()
@@ -375,7 +375,7 @@ def test_blinded_study_in_the_browser(browser, cases, tmp_path):
             for position in range(1, 5):
                 item_id = f"item-{position:03d}"
                 page.wait_for_function(
-                    f"() => document.querySelector('#progress').innerText.startsWith('{item_id}')",
+                    f"() => (document.querySelector('#progress')?.innerText || '').startsWith('{item_id}')",
                     timeout=PAGE_WAIT_MS)
                 _wait_for_images(page, 1)
                 _render_settled(page, page.locator("img").first, item_id)
@@ -384,8 +384,12 @@ def test_blinded_study_in_the_browser(browser, cases, tmp_path):
                     assert case.name not in html, f"the page shows the case name {case.name}"
                 page.click("#answer-synthetic")
                 page.click("#confidence-2")
+                page.wait_for_selector("#submit:not([disabled])", timeout=PAGE_WAIT_MS)
                 page.click("#submit")
             page.wait_for_selector("#study-done", state="visible", timeout=PAGE_WAIT_MS)
+        except Exception as error:
+            raise AssertionError(f"{error}\npage status: {page.inner_text('#study-form')!r}\n"
+                                 f"server log:\n{(tmp_path / 'study.log').read_text()[-2000:]}") from error
         finally:
             page.close()
     plan = json.loads((results / "study_plan.json").read_text())
