@@ -407,6 +407,26 @@ def _notice(message: str) -> None:
     print(f"medsynth: {message}", file=sys.stderr)
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    if args.summarise is not None:
+        from .evaluation.reader_study import summary_text, write_summary
+
+        print(summary_text(write_summary(args.summarise)))
+        return 0
+    if not args.cases and not args.pair and not args.study:
+        raise _UsageError("medsynth review: give CASE_DIRS, --study or --summarise (see --help)")
+    import importlib
+    import importlib.util
+
+    # The web front end is an optional package (MedSynthWeb, extra "web") that renders with the
+    # Slicer libraries; it is looked up only here, so the rest of medsynth never needs it.
+    missing = [name for name in ("trame", "trame_slicer") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise _UsageError(f"medsynth review needs the web extra ({', '.join(missing)} not installed): "
+                          "pip install 'medsynth[web]'")
+    return int(importlib.import_module("MedSynthWeb.cli").serve(args))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .synthesis.models import models_root, read_registry, register_model, resolve_model
 
@@ -593,6 +613,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("review", help="review cases in a web browser (rating, note) or run a blinded reader study",
+                       description="Serve a local web page: the four contrasts of synthetic cases beside their real "
+                                   "cases with tumour outlines, a rating and a note; or a blinded 'real or "
+                                   "synthetic?' reader study. Needs the web extra: pip install 'medsynth[web]'.")
+    p.add_argument("cases", nargs="*", type=Path, metavar="CASE_DIR", help="synthetic and/or real case folders")
+    p.add_argument("--pair", nargs=2, type=Path, action="append", metavar=("SYNTHETIC", "REAL"),
+                   help="show a synthetic case beside the real case it was made from (repeatable)")
+    p.add_argument("--port", type=int, default=8080, help="port of the web page (default 8080)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only)")
+    p.add_argument("--study", nargs="+", type=Path, metavar="REAL_DIR",
+                   help="run a blinded reader study: these real cases against --synthetic cases")
+    p.add_argument("--synthetic", nargs="+", type=Path, metavar="SYN_DIR", help="synthetic cases of the study")
+    p.add_argument("-o", "--output", type=Path, help="results folder of the study (resumed when it exists)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the study's draw and order (default 0)")
+    p.add_argument("--n-per-class", type=int, help="images per class (default: all the smaller class has)")
+    p.add_argument("--summarise", type=Path, metavar="RESULTS_DIR",
+                   help="summarise a study's answers (accuracy, 95 %% CI, per contrast) and exit")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("demo", help="the main job: a synthetic case from the built-in healthy template "
                                     "with a generated tumour (no download)")

@@ -1,0 +1,362 @@
+"""A blinded reader study (visual Turing test): can a reader tell MedSynth's images from real ones?
+
+The reader sees 2D slices through the tumour, one contrast at a time, of real and synthetic cases
+in a seeded random order under ids that carry no case name, and answers "real or synthetic?" with a
+confidence.  This module plans the study, stores the answers as they come (CSV and JSON, each written
+atomically, so a study can be closed and resumed) and summarises them: accuracy with an exact
+(Clopper-Pearson) 95 % interval, per contrast, and the sensitivity and specificity of "synthetic".
+About 50 % accuracy means the reader could not tell the two apart.
+
+Files in the results folder:
+    ``study_plan.json``  the seed, the order and, per item, the case, contrast, slice and truth
+                         (the key: the reader's page never receives it);
+    ``responses.csv`` / ``responses.json``  one row per answered item;
+    ``summary.json`` / ``summary.md``  written by :func:`write_summary`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..schema.errors import InputError, MedSynthError
+from ..cases.readers import MODALITIES
+from ..schema.labels import Label
+from ..schema.review import SYNTHETIC_KIND
+from ..schema.volume_io import write_json
+
+PLAN_VERSION = 1
+TRUTHS = ("real", "synthetic")
+#: Confidence of an answer: 1 = guessing, 2 = fairly sure, 3 = certain.
+CONFIDENCES = (1, 2, 3)
+PLAN_FILE = "study_plan.json"
+RESPONSES_CSV = "responses.csv"
+RESPONSES_JSON = "responses.json"
+RESPONSE_FIELDS = ("item_id", "modality", "answer", "confidence", "truth", "correct", "answered_at")
+INDISTINGUISHABLE_NOTE = ("An accuracy near 50 % (an interval that contains 0.5) means the reader could not tell "
+                          "synthetic from real images apart; 100 % means every image was recognised.")
+
+
+@dataclass
+class CaseImages:
+    """The files of one case as a viewer needs them.
+
+    Attributes:
+        folder: the case folder.
+        synthetic: whether it is a MedSynth synthetic case (it has a MedSynth ``provenance.json``).
+        files: modality -> image file.
+        labels: the label file (synthetic: the 7-class map; real: the expert segmentation), or None.
+        tumour: schema tumour labels {0, 4, 5, 6} on the case grid, or None without labels.
+    """
+
+    folder: Path
+    synthetic: bool
+    files: dict[str, Path]
+    labels: Path | None
+    tumour: np.ndarray | None
+
+
+def is_synthetic_case(folder: str | os.PathLike[str]) -> bool:
+    path = Path(folder) / "provenance.json"
+    try:
+        return json.loads(path.read_text()).get("kind") == SYNTHETIC_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def open_case(folder: str | os.PathLike[str]) -> CaseImages:
+    """A real case (any convention :func:`~MedSynthLib.cases.readers.read_case` reads) or a synthetic one."""
+    folder = Path(folder)
+    if is_synthetic_case(folder):
+        files = {m: folder / f"{m}.nii.gz" for m in MODALITIES}
+        for path in files.values():
+            if not path.is_file():
+                raise InputError(path, "missing image of the synthetic case")
+        labels_path = folder / "labels.nii.gz"
+        tumour = None
+        if labels_path.is_file():
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
+            tumour = np.where(labels >= Label.NCR, labels, 0).astype(np.uint8)
+        return CaseImages(folder, True, files, labels_path if labels_path.is_file() else None, tumour)
+    from ..cases.readers import read_case
+
+    case = read_case(folder)
+    return CaseImages(folder, False, {m: Path(case.files[m]) for m in MODALITIES},
+                      Path(case.files["seg"]) if "seg" in case.files else None, case.tumour)
+
+
+def tumour_centre_ras(case: CaseImages) -> list[float]:
+    """RAS position (mm) of the tumour's centre of mass; the brain's centre when the case has no tumour.
+
+    A viewer puts its slices here, so the reader sees the tumour.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(case.files["t1"]))
+    reader.ReadImageInformation()
+    if case.tumour is not None and case.tumour.any():
+        index = np.argwhere(case.tumour > 0).mean(axis=0)
+    else:
+        index = (np.array(reader.GetSize()[::-1]) - 1) / 2.0
+    k, j, i = (float(v) for v in index)
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
+    x, y, z = image.TransformContinuousIndexToPhysicalPoint((i, j, k))
+    return [round(-x, 3), round(-y, 3), round(z, 3)]  # LPS -> RAS
+
+
+@dataclass
+class StudyItem:
+    """One image the reader judges; ``item_id`` is all the reader's page shows of it."""
+
+    item_id: str
+    modality: str
+    truth: str
+    case: str
+    image: str
+    centre_ras: list[float]
+
+
+def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str | os.PathLike[str]],
+               seed: int = 0, n_per_class: int | None = None,
+               modalities: Sequence[str] = MODALITIES) -> dict[str, Any]:
+    """Draw the items (a case and a contrast each), balanced over classes and contrasts, in a seeded order.
+
+    Args:
+        real: real case folders.
+        synthetic: synthetic case folders (MedSynth output, with ``provenance.json``).
+        seed: seeds the draw and the order (recorded in the plan).
+        n_per_class: items per class (default: as many as the smaller class has case-contrast pairs).
+        modalities: the contrasts to show.
+
+    Raises:
+        MedSynthError: empty class, a real folder that is synthetic or the reverse, or too many items asked.
+    """
+    if not real or not synthetic:
+        raise MedSynthError("a reader study needs at least one real and one synthetic case")
+    unknown = sorted(set(modalities) - set(MODALITIES))
+    if unknown or not modalities:
+        raise MedSynthError(f"unknown contrasts {unknown} (choose from {', '.join(MODALITIES)})")
+    rng = np.random.default_rng(seed)
+    cases: dict[str, list[CaseImages]] = {"real": [], "synthetic": []}
+    for truth, folders in (("real", real), ("synthetic", synthetic)):
+        for folder in folders:
+            case = open_case(folder)
+            if case.synthetic != (truth == "synthetic"):
+                raise InputError(folder, f"given as {truth} but it is {'a synthetic' if case.synthetic else 'a real'} case")
+            cases[truth].append(case)
+    available = min(len(cases[t]) for t in TRUTHS) * len(modalities)
+    if n_per_class is None:
+        n_per_class = available
+    if not 1 <= n_per_class <= available:
+        raise MedSynthError(f"--n-per-class must be 1..{available} for these cases and contrasts, got {n_per_class}")
+    drawn: list[tuple[str, CaseImages, str]] = []
+    for truth in TRUTHS:
+        # Round-robin over contrasts so each contrast gets its share; cases in a seeded order.
+        order = [cases[truth][i] for i in rng.permutation(len(cases[truth]))]
+        pairs = [(case, m) for m in modalities for case in order]
+        by_modality = {m: [p for p in pairs if p[1] == m] for m in modalities}
+        picked = []
+        while len(picked) < n_per_class:
+            for m in modalities:
+                if by_modality[m] and len(picked) < n_per_class:
+                    picked.append(by_modality[m].pop(0))
+        drawn += [(truth, case, m) for case, m in picked]
+    centres: dict[Path, list[float]] = {}
+    items = []
+    for position, index in enumerate(rng.permutation(len(drawn))):
+        truth, case, modality = drawn[index]
+        if case.folder not in centres:
+            centres[case.folder] = tumour_centre_ras(case)
+        items.append(StudyItem(f"item-{position + 1:03d}", modality, truth, str(case.folder.resolve()),
+                               str(case.files[modality].resolve()), centres[case.folder]))
+    return {"kind": "medsynth-reader-study", "plan_version": PLAN_VERSION, "seed": seed,
+            "n_per_class": n_per_class, "modalities": list(modalities),
+            "created_at": _now(), "items": [asdict(item) for item in items]}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+class ReaderStudy:
+    """A study's results folder: its plan and the answers so far (resumable)."""
+
+    def __init__(self, folder: str | os.PathLike[str], plan: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.plan = plan
+        self.items = [StudyItem(**item) for item in plan["items"]]
+        self._by_id = {item.item_id: item for item in self.items}
+        self.responses: list[dict[str, Any]] = []
+        path = self.folder / RESPONSES_JSON
+        if path.is_file():
+            try:
+                self.responses = json.loads(path.read_text())["responses"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise InputError(path, f"cannot read the answers so far ({exc})") from None
+
+    @classmethod
+    def create_or_resume(cls, folder: str | os.PathLike[str], real: Sequence[str | os.PathLike[str]],
+                         synthetic: Sequence[str | os.PathLike[str]], seed: int = 0,
+                         n_per_class: int | None = None) -> "ReaderStudy":
+        """Resume the study in ``folder``, or plan a new one there (the plan is written first).
+
+        Raises:
+            MedSynthError: the folder holds a study of other cases or another seed.
+        """
+        folder = Path(folder)
+        plan_path = folder / PLAN_FILE
+        if plan_path.is_file():
+            study = cls.open(folder)
+            wanted = sorted(str(Path(p).resolve()) for p in [*real, *synthetic])
+            planned = sorted({item.case for item in study.items})
+            if study.plan["seed"] != seed or not set(planned) <= set(wanted):
+                raise InputError(plan_path, "holds a study of other cases or another seed: "
+                                            "resume it with the same inputs, or choose another results folder")
+            return study
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(folder, "is not empty and holds no reader study: choose a new results folder")
+        plan = plan_study(real, synthetic, seed=seed, n_per_class=n_per_class)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(plan, plan_path)
+        return cls(folder, plan)
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str]) -> "ReaderStudy":
+        plan_path = Path(folder) / PLAN_FILE
+        try:
+            plan = json.loads(plan_path.read_text())
+        except FileNotFoundError:
+            raise InputError(folder, f"no reader study here ({PLAN_FILE} missing)") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(plan_path, f"cannot read the study plan ({exc})") from None
+        if plan.get("kind") != "medsynth-reader-study" or plan.get("plan_version") != PLAN_VERSION:
+            raise InputError(plan_path, f"not a MedSynth reader study plan (version {PLAN_VERSION})")
+        return cls(folder, plan)
+
+    def item(self, item_id: str) -> StudyItem:
+        return self._by_id[item_id]
+
+    def answered(self) -> set[str]:
+        return {r["item_id"] for r in self.responses}
+
+    def next_item(self) -> StudyItem | None:
+        """The first item in the planned order not answered yet (None when the study is complete)."""
+        done = self.answered()
+        return next((item for item in self.items if item.item_id not in done), None)
+
+    def answer(self, item_id: str, answer: str, confidence: int) -> dict[str, Any]:
+        """Record one answer and rewrite ``responses.csv`` and ``responses.json`` atomically."""
+        if item_id not in self._by_id:
+            raise MedSynthError(f"unknown study item {item_id!r}")
+        if item_id in self.answered():
+            raise MedSynthError(f"{item_id} is already answered")
+        if answer not in TRUTHS:
+            raise MedSynthError(f"the answer must be 'real' or 'synthetic', got {answer!r}")
+        if isinstance(confidence, bool) or confidence not in CONFIDENCES:
+            raise MedSynthError(f"the confidence must be one of {CONFIDENCES}, got {confidence!r}")
+        item = self._by_id[item_id]
+        row = {"item_id": item_id, "modality": item.modality, "answer": answer, "confidence": confidence,
+               "truth": item.truth, "correct": answer == item.truth, "answered_at": _now()}
+        self.responses.append(row)
+        self._save()
+        return row
+
+    def _save(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=RESPONSE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.responses)
+        _write_text_atomic(self.folder / RESPONSES_CSV, buffer.getvalue())
+        write_json({"seed": self.plan["seed"], "n_items": len(self.items), "responses": self.responses},
+                   self.folder / RESPONSES_JSON, overwrite=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def proportion(successes: int, total: int) -> dict[str, Any]:
+    """A proportion with its exact (Clopper-Pearson) 95 % interval; None values when there is no trial."""
+    from scipy.stats import binomtest
+
+    if total == 0:
+        return {"k": 0, "n": 0, "rate": None, "ci95": None}
+    interval = binomtest(successes, total).proportion_ci(confidence_level=0.95, method="exact")
+    return {"k": successes, "n": total, "rate": round(successes / total, 4),
+            "ci95": [round(float(interval.low), 4), round(float(interval.high), 4)]}
+
+
+def summarise(responses: Sequence[dict[str, Any]], n_items: int | None = None) -> dict[str, Any]:
+    """Accuracy (95 % CI), per contrast, and sensitivity / specificity of answering "synthetic".
+
+    Sensitivity: synthetic images called synthetic; specificity: real images called real.
+    """
+    correct = [bool(r["correct"]) for r in responses]
+    per_modality = {}
+    for modality in MODALITIES:
+        rows = [r for r in responses if r["modality"] == modality]
+        if rows:
+            per_modality[modality] = proportion(sum(bool(r["correct"]) for r in rows), len(rows))
+    synthetic = [r for r in responses if r["truth"] == "synthetic"]
+    real = [r for r in responses if r["truth"] == "real"]
+    by_confidence = {}
+    for level in CONFIDENCES:
+        rows = [r for r in responses if int(r["confidence"]) == level]
+        if rows:
+            by_confidence[str(level)] = proportion(sum(bool(r["correct"]) for r in rows), len(rows))
+    return {
+        "answered": len(responses), "planned": n_items,
+        "accuracy": proportion(sum(correct), len(correct)),
+        "per_modality": per_modality,
+        "sensitivity_synthetic": proportion(sum(r["answer"] == "synthetic" for r in synthetic), len(synthetic)),
+        "specificity_synthetic": proportion(sum(r["answer"] == "real" for r in real), len(real)),
+        "accuracy_by_confidence": by_confidence,
+        "interval": "exact binomial (Clopper-Pearson) 95 %",
+        "note": INDISTINGUISHABLE_NOTE,
+    }
+
+
+def _fmt(p: dict[str, Any]) -> str:
+    if not p["n"]:
+        return "-"
+    low, high = p["ci95"]
+    return f"{100 * p['rate']:.1f} % ({p['k']}/{p['n']}; 95 % CI {100 * low:.1f}-{100 * high:.1f} %)"
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The summary as Markdown (what ``medsynth review --summarise`` prints)."""
+    lines = ["# Reader study: real or synthetic?", "",
+             f"Answered {summary['answered']} of {summary['planned']} items.", "",
+             "| measure | value |", "|---|---|",
+             f"| accuracy | {_fmt(summary['accuracy'])} |"]
+    lines += [f"| accuracy, {m} | {_fmt(p)} |" for m, p in summary["per_modality"].items()]
+    lines += [f"| sensitivity (synthetic called synthetic) | {_fmt(summary['sensitivity_synthetic'])} |",
+              f"| specificity (real called real) | {_fmt(summary['specificity_synthetic'])} |"]
+    lines += [f"| accuracy at confidence {c} | {_fmt(p)} |" for c, p in summary["accuracy_by_confidence"].items()]
+    lines += ["", f"Intervals: {summary['interval']}. {summary['note']}", ""]
+    return "\n".join(lines)
+
+
+def write_summary(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summarise the answers in a results folder into ``summary.json`` and ``summary.md`` (atomically)."""
+    study = ReaderStudy.open(folder)
+    summary = summarise(study.responses, len(study.items))
+    write_json(summary, study.folder / "summary.json", overwrite=True)
+    _write_text_atomic(study.folder / "summary.md", summary_text(summary))
+    return summary

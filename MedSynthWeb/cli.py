@@ -1,0 +1,85 @@
+"""``medsynth review``: start the review page or a reader study on a local web server.
+
+MedSynthLib's command line parses the arguments and calls :func:`serve` here only when the web
+extra is installed, so ``medsynth`` itself never imports the Slicer libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from MedSynthLib.evaluation.reader_study import ReaderStudy, is_synthetic_case, open_case
+from MedSynthLib.schema.errors import InputError, MedSynthError
+from MedSynthLib.schema.review import read_provenance
+
+from .review_app import ReviewEntry
+
+#: Provenance keys that may name the real case a synthetic case was made from.
+SOURCE_KEYS = ("source_case", "source")
+
+
+def _source_of(folder: Path) -> Path | None:
+    provenance = read_provenance(folder)
+    for key in SOURCE_KEYS:
+        value = provenance.get(key)
+        if isinstance(value, str) and Path(value).is_dir():
+            return Path(value)
+    return None
+
+
+def review_entries(case_dirs: list[Path], pairs: list[tuple[Path, Path]]) -> list[ReviewEntry]:
+    """One entry per synthetic case (with its real case when paired) and per real case left alone.
+
+    Pairs come from ``--pair SYNTHETIC REAL`` or from the synthetic case's provenance
+    (``source_case``); the two folders are checked before the server starts.
+    """
+    for folder in [*case_dirs, *(p for pair in pairs for p in pair)]:
+        if not Path(folder).is_dir():
+            raise InputError(folder, "case folder not found")
+    real_of: dict[Path, Path] = {}
+    for synthetic, real in pairs:
+        if not is_synthetic_case(synthetic):
+            raise InputError(synthetic, "--pair takes the synthetic case first (a folder with provenance.json)")
+        real_of[Path(synthetic).resolve()] = Path(real).resolve()
+    synthetic_dirs = [Path(d).resolve() for d in case_dirs if is_synthetic_case(d)]
+    synthetic_dirs += [s for s in real_of if s not in synthetic_dirs]
+    for folder in synthetic_dirs:
+        if folder not in real_of and (source := _source_of(folder)) is not None:
+            real_of[folder] = source.resolve()
+    used_real = set(real_of.values())
+    entries = []
+    for folder in synthetic_dirs:
+        real = real_of.get(folder)
+        entries.append(ReviewEntry(folder.name + (f"  (real: {real.name})" if real else ""),
+                                   open_case(folder), open_case(real) if real else None))
+    for folder in (Path(d).resolve() for d in case_dirs if not is_synthetic_case(d)):
+        if folder not in used_real:
+            entries.append(ReviewEntry(f"{folder.name}  (real)", None, open_case(folder)))
+    if not entries:
+        raise MedSynthError("no case to review: give synthetic or real case folders")
+    return entries
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Build the page the arguments ask for and serve it until interrupted."""
+    if args.study:
+        if not args.synthetic or args.output is None:
+            raise MedSynthError("a reader study needs --synthetic SYN_DIR... and -o RESULTS_DIR")
+        study = ReaderStudy.create_or_resume(args.output, args.study, args.synthetic, seed=args.seed,
+                                             n_per_class=args.n_per_class)
+        from .study_app import StudyApp
+
+        app = StudyApp(study)
+        what = f"reader study ({len(study.answered())} of {len(study.items)} answered) in {args.output}"
+    else:
+        entries = review_entries(list(args.cases), [tuple(p) for p in (args.pair or [])])
+        from .review_app import ReviewApp
+
+        app = ReviewApp(entries)
+        what = f"review of {len(entries)} case(s)"
+    print(f"medsynth review: {what} at http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
+    sys.argv = sys.argv[:1]  # the trame server reads its own options from sys.argv: give it none
+    app.server.start(port=args.port, host=args.host, open_browser=False, show_connection_info=False)
+    return 0

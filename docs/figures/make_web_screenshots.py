@@ -1,0 +1,82 @@
+"""Screenshots of the two pages of ``medsynth review`` (docs/figures/web_review.png, web_study.png).
+
+Usage:
+    python docs/figures/make_web_screenshots.py REAL_CASE SYNTHETIC_CASE OUT_DIR
+
+SYNTHETIC_CASE is the case ``medsynth synthesize`` made from REAL_CASE's derived label map
+(``medsynth labels REAL_CASE -o labels.nii.gz`` first).  Needs the web extra, Playwright and
+Debian's ``/usr/bin/chromium``; everything runs on the loopback address.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_review(args: list[str], port: int) -> subprocess.Popen:
+    """``medsynth review ARGS`` on the port, returned once it accepts connections."""
+    server = subprocess.Popen([sys.executable, "-m", "MedSynthLib", "review", *args, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    server.terminate()
+    raise SystemExit("medsynth review did not start within 120 s")
+
+
+def screenshot(url: str, path: Path, views: int, width: int, height: int, rate: bool) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(url)
+        page.wait_for_function(
+            "n => Array.from(document.querySelectorAll('img')).filter(i => i.complete && i.naturalWidth > 0)"
+            ".length >= n", arg=views, timeout=90_000)
+        page.wait_for_timeout(5_000)  # the full-quality frame follows the first, faster one
+        if rate:  # show a filled-in form (not saved)
+            page.click("#rating-4")
+            page.fill("#note", "oedema margin plausible; T1ce rim a little smooth")
+        page.screenshot(path=str(path))
+        browser.close()
+
+
+def main() -> None:
+    real, synthetic, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    out.mkdir(parents=True, exist_ok=True)
+    pages = [
+        ([synthetic, "--pair", synthetic, real], "web_review.png", 8, (1600, 900), True),
+        (["--study", real, "--synthetic", synthetic, "-o", str(out / "study_results"), "--seed", "1",
+          "--n-per-class", "2"], "web_study.png", 1, (1200, 800), False),
+    ]
+    for args, name, views, (width, height), rate in pages:
+        port = free_port()
+        server = start_review(args, port)
+        try:
+            screenshot(f"http://127.0.0.1:{port}/", out / name, views, width, height, rate)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        print(out / name)
+
+
+if __name__ == "__main__":
+    main()
