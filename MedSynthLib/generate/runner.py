@@ -148,6 +148,7 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
 
 def _run_case(index: int) -> dict[str, Any]:
     """Make, synthesise and write case ``index`` (in the current worker)."""
+    from ..schema.grid import Grid
     from ..schema.labels import Label
     from ..schema.provenance import array_sha256
 
@@ -164,11 +165,14 @@ def _run_case(index: int) -> dict[str, Any]:
     edited = time.perf_counter()
     result = engine.synthesize(labelmap, seed=record["edit_seed"])
     synthesised = time.perf_counter()
-    images = encode_images(result.images)
+    # Edited and synthesised on the brain's crop; written on the source files' own grid.
+    base = sources.by_id[record["base"]]
+    images = {m: base.to_full(a) for m, a in encode_images(result.images).items()}
+    labels = base.to_full(labelmap.array)
+    grid = Grid.from_json(base.output_grid)
     staging = out / STAGING_DIR / case_id
     shutil.rmtree(staging, ignore_errors=True)
-    files = write_case_files(layout, staging, case_id, images, labelmap.array, labelmap.grid,
-                             w["compression_level"])
+    files = write_case_files(layout, staging, case_id, images, labels, grid, w["compression_level"])
     commit_staged(staging, out)
     written = time.perf_counter()
     provenance = dict(result.provenance)
@@ -179,6 +183,10 @@ def _run_case(index: int) -> dict[str, Any]:
         "generation": record,
         "privacy": private,
         "tumour": stats,
+        "grid": grid.to_json(),
+        "labels_sha256": array_sha256(labels),
+        "edit_grid": {"grid": labelmap.grid.to_json(), "offset_kji": list(base.offset or (0, 0, 0)),
+                      "labels_sha256": result.provenance["labels_sha256"]},
         "images_sha256": {m: array_sha256(a) for m, a in images.items()},
     })
     provenance["timings_s"] = dict(provenance.get("timings_s", {}), edit=round(edited - start, 3),

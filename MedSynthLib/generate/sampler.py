@@ -201,7 +201,7 @@ class Sources:
         """For a tumour-only label map: the first real case on its grid (its brain box places the tumour)."""
         if tumour.kind != "tumour":
             return None
-        return next((c for c in self.cases if c.grid == tumour.grid), None)
+        return next((c for c in self.cases if c.output_grid == tumour.grid), None)
 
 
 def case_rng(seed: int, index: int) -> np.random.Generator:
@@ -229,7 +229,7 @@ def tumour_source_map(tumour: Source, placement: Source | None) -> LabelMap:
     source = load_source(tumour)
     if placement is None:
         return source
-    brain = load_source(placement).array > Label.BACKGROUND
+    brain = placement.to_full(load_source(placement).array) > Label.BACKGROUND
     array = np.where(source.array >= Label.NCR, source.array, np.where(brain, Label.WM, 0)).astype(np.uint8)
     return LabelMap(array, source.grid, [])
 
@@ -346,8 +346,8 @@ def privacy(record: Mapping[str, Any], labelmap: LabelMap, sources: Sources) -> 
         kind == "parametric" and base.kind == "template")
     array = labelmap.array
     tumour_dice = None
-    if tumour is not None and tumour.grid == labelmap.grid.to_json():
-        tumour_dice = round(_dice(array >= Label.NCR, load_source(tumour).array >= Label.NCR), 4)
+    if tumour is not None and tumour.output_grid == base.output_grid:  # compared on the files' grid
+        tumour_dice = round(_dice(base.to_full(array >= Label.NCR), tumour.to_full(load_source(tumour).array >= Label.NCR)), 4)
     brain_dice = None
     if base.kind == "case":
         brain_dice = round(_dice(array > Label.BACKGROUND, load_source(base).array > Label.BACKGROUND), 4)

@@ -25,8 +25,12 @@ from ..schema.grid import Grid, LabelMap
 from ..schema.labels import SCHEMA_VERSION, Label
 
 #: Bump when the cached arrays change meaning.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 TEMPLATE_ID = "template"
+#: Brains are stored and edited cropped to their bounding box grown by this many voxels (a BraTS
+#: volume shrinks about 2.5x, and every edit with it); at least the synthesis engine's brain-box
+#: margin (4), so the network sees exactly what it would on the whole volume.
+CROP_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Source:
         tumour_sha256: content hash of the tumour-only array (labels >= NCR kept), which
             recognises the same patient's tumour arriving from two folders.
         stats: tumour statistics (see :func:`tumour_stats`).
+        full_grid: the grid of the source's files when ``grid`` is a crop of it (brains).
+        offset: the crop's first voxel (k, j, i) in ``full_grid``.
     """
 
     source_id: str
@@ -50,6 +56,8 @@ class Source:
     grid: dict[str, Any]
     tumour_sha256: str | None
     stats: dict[str, Any] | None
+    full_grid: dict[str, Any] | None = None
+    offset: tuple[int, int, int] | None = None
 
     @property
     def has_brain(self) -> bool:
@@ -63,17 +71,47 @@ class Source:
     def is_patient(self) -> bool:
         return self.kind in ("case", "tumour")
 
+    @property
+    def output_grid(self) -> dict[str, Any]:
+        """The grid a case drawn on this source is written on (the files' own)."""
+        return self.full_grid or self.grid
+
+    def to_full(self, array: np.ndarray) -> np.ndarray:
+        """An array on this source's (cropped) grid placed into its full grid (0 elsewhere)."""
+        if self.full_grid is None or self.offset is None:
+            return array
+        full = np.zeros(Grid.from_json(self.full_grid).shape, array.dtype)
+        full[tuple(slice(o, o + n) for o, n in zip(self.offset, array.shape))] = array
+        return full
+
     def to_json(self) -> dict[str, Any]:
         return {"source_id": self.source_id, "kind": self.kind, "cache_file": self.cache_file, "grid": self.grid,
-                "tumour_sha256": self.tumour_sha256, "stats": self.stats}
+                "tumour_sha256": self.tumour_sha256, "stats": self.stats, "full_grid": self.full_grid,
+                "offset": None if self.offset is None else list(self.offset)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Source":
+        data = dict(data)
+        if data.get("offset") is not None:
+            data["offset"] = tuple(int(v) for v in data["offset"])
         return cls(**data)
 
 
 def grid_from_json(data: dict[str, Any]) -> Grid:
-    return Grid(tuple(data["size"]), tuple(data["spacing"]), tuple(data["origin"]), tuple(data["direction"]))
+    return Grid.from_json(data)
+
+
+def crop_to_brain(labels: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid, tuple[int, int, int]]:
+    """The brain's bounding box grown by :data:`CROP_MARGIN`: array, its grid, its first voxel (k, j, i)."""
+    from ..schema.grid import mask_box
+
+    box = mask_box(labels > Label.BACKGROUND, CROP_MARGIN)
+    lo = tuple(int(b.start) for b in box)
+    array = np.ascontiguousarray(labels[box])
+    origin = grid.index_to_lps(np.asarray(lo[::-1], float))
+    crop = Grid(tuple(int(v) for v in array.shape[::-1]), grid.spacing, tuple(float(v) for v in origin),
+                grid.direction)  # type: ignore[arg-type]
+    return array, crop, lo  # type: ignore[return-value]
 
 
 def _anatomy_key(files: Sequence[Path]) -> str:
@@ -116,12 +154,16 @@ def tumour_stats(labels: np.ndarray, grid: Grid, brain: np.ndarray | None = None
                                          (("NCR", ncr), ("ED", ed), ("ET", et))},
                            "centre_ras_mm": None, "relative_location": None}
     if wt:
+        from ..schema.grid import mask_box
+
         idx = np.argwhere(labels >= Label.NCR).mean(axis=0)  # (k, j, i)
         centre_lps = grid.index_to_lps(idx[::-1])
         out["centre_ras_mm"] = [round(float(v), 2) for v in lps_to_ras(centre_lps)]
         if brain is not None and brain.any():
-            where = np.argwhere(brain)
-            corners = np.array([grid.index_to_lps(c[::-1]) for c in (where.min(0), where.max(0))])
+            box = mask_box(brain)
+            first = np.array([b.start for b in box], float)
+            last = np.array([b.stop - 1 for b in box], float)
+            corners = np.array([grid.index_to_lps(c[::-1]) for c in (first, last)])
             lo_ras, hi_ras = np.sort(np.array([lps_to_ras(c) for c in corners]), axis=0)
             extent = np.where(hi_ras > lo_ras, hi_ras - lo_ras, 1.0)
             out["relative_location"] = [round(float(v), 4) for v in (lps_to_ras(centre_lps) - lo_ras) / extent]
@@ -169,8 +211,13 @@ def prepare_case(folder: Path, cache_dir: Path) -> Source:
         labels = derive_label_map(case).array
         _save_npy(labels, cached)
     tumour = np.where(labels >= Label.NCR, labels, 0).astype(np.uint8)
-    return Source("sha256:" + _files_sha(files)[:16], "case", str(cached), case.grid.to_json(),
-                  array_sha256(tumour), tumour_stats(labels, case.grid, labels > Label.BACKGROUND))
+    cropped, crop_grid, offset = crop_to_brain(labels, case.grid)
+    cropped_file = cache_dir / f"case-{key}-crop{CROP_MARGIN}.npy"
+    if not cropped_file.exists():
+        _save_npy(cropped, cropped_file)
+    return Source("sha256:" + _files_sha(files)[:16], "case", str(cropped_file), crop_grid.to_json(),
+                  array_sha256(tumour), tumour_stats(labels, case.grid, labels > Label.BACKGROUND),
+                  case.grid.to_json(), offset)
 
 
 def prepare_tumour(path: Path, cache_dir: Path) -> Source:
@@ -206,10 +253,9 @@ def prepare_tumour(path: Path, cache_dir: Path) -> Source:
 
 
 def template_source() -> Source:
-    from ..cases.template import template_label_map
-
-    template = template_label_map()
-    return Source(TEMPLATE_ID, "template", None, template.grid.to_json(), None, None)
+    template = _template()
+    _, crop_grid, offset = crop_to_brain(template.array, template.grid)
+    return Source(TEMPLATE_ID, "template", None, crop_grid.to_json(), None, None, template.grid.to_json(), offset)
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
@@ -232,8 +278,8 @@ def load_source(source: Source) -> LabelMap:
     The history is empty: a generated case's history then holds exactly its replayable edits.
     """
     if source.kind == "template":
-        template = _template()
-        return LabelMap(template.array, template.grid, [])
+        array, grid, _ = _template_cropped()
+        return LabelMap(array, grid, [])
     assert source.cache_file is not None
     return LabelMap(_cached_array(source.cache_file), grid_from_json(source.grid), [])
 
@@ -243,3 +289,11 @@ def _template() -> LabelMap:
     from ..cases.template import template_label_map
 
     return template_label_map()
+
+
+@functools.lru_cache(maxsize=1)
+def _template_cropped() -> tuple[np.ndarray, Grid, tuple[int, int, int]]:
+    template = _template()
+    array, grid, offset = crop_to_brain(template.array, template.grid)
+    array.setflags(write=False)
+    return array, grid, offset
