@@ -323,7 +323,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         n=args.n, output=args.output, labels_from=args.labels_from or [], template=args.template, edits=args.edits,
         model=args.model, layout=args.layout, dataset_id=args.dataset_id, name=args.name, workers=args.workers,
         seed=args.seed, anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
-        compression_level=args.compression_level, overwrite=args.overwrite, progress=not args.quiet,
+        overwrite=args.overwrite, progress=not args.quiet,
         command=command))
     state = "complete" if summary["finished"] else "this rank's share done"
     print(f"{args.output}: {summary['cases_complete']} of {summary['n']} cases ({state}; "
@@ -510,7 +510,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.add_argument("--cache", type=Path, help="anatomy cache folder (default: OUT/.cache)")
-    p.add_argument("--compression-level", type=int, default=1, help="gzip level of the NIfTI files (0-9)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_generate)

@@ -343,7 +343,7 @@ def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_d
             assert row["brain_dice_vs_patient"] is None
     # The anatomy cache is reused: a second run derives nothing (same cache files, untouched).
     cache = sorted((out / ".cache").glob("case-*.npy"))
-    assert len(cache) == 2
+    assert len(cache) == 4  # per case: the derived label map and its brain-box crop
     stamps = [p.stat().st_mtime_ns for p in cache]
     assert main(argv[:-7] + ["-o", str(tmp_path / "out2"), "--cache", str(out / ".cache"), "--device", "cpu",
                              "--seed", "3", "--quiet"]) == 0
