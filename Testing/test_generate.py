@@ -113,6 +113,28 @@ def test_bad_sampler_config_is_refused_before_anything_is_written(gen_data, tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    (("--labels-from", "/nonexistent/folder"), "/nonexistent/folder: --labels-from: no such folder"),
+    (("-n", "0"), "-n must be at least 1"),
+    (("--name", "bad-name"), "--name must be letters and digits"),
+    (("--workers", "0"), "--workers must be at least 1"),
+])
+def test_bad_arguments_are_one_line_and_write_nothing(gen_data, tmp_path, capsys, change, message):
+    out = tmp_path / "out"
+    argv = _argv(gen_data, out)
+    if change[0] in argv:
+        at = argv.index(change[0])
+        argv[at + 1] = change[1]
+        if change[0] == "--labels-from":
+            del argv[at + 2]  # only the missing folder
+    else:
+        argv += list(change)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
 def test_config_defaults_are_filled_and_kept():
     config = validate_config({"kinds": {"parametric": 2}, "transform": {"rotate_deg": 5}})
     assert config["kinds"]["parametric"] == 2.0 and config["transform"]["rotate_deg"] == 5.0

@@ -243,7 +243,8 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     cache = Path(opt.cache) if opt.cache else out / ".cache"
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
-                 "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous)}
+                 "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
+                 "precision": opt.precision}
     # The output check needs the source ids, which need the files read: check what can be checked first.
     if out.exists() and not (out / RUN_FILE).exists() and not opt.overwrite:
         _check_output(out, spec_base, False)
