@@ -362,6 +362,22 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate.runner import GenerateOptions, generate
+
+    command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    summary = generate(GenerateOptions(
+        n=args.n, output=args.output, labels_from=args.labels_from or [], template=args.template, edits=args.edits,
+        model=args.model, layout=args.layout, dataset_id=args.dataset_id, name=args.name, workers=args.workers,
+        seed=args.seed, anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
+        overwrite=args.overwrite, progress=not args.quiet,
+        command=command))
+    state = "complete" if summary["finished"] else "this rank's share done"
+    print(f"{args.output}: {summary['cases_complete']} of {summary['n']} cases ({state}; "
+          f"{summary['cases_done_here']} made by this run in {summary['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .cases.anatomy import derive_label_map
     from .cases.readers import read_case
@@ -539,6 +555,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.add_argument("--seed", type=_seed, default=0, help="seed recorded in the provenance")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("generate", help="a ready-to-train synthetic dataset (nnU-Net, MSD, BraTS layouts), "
+                                        "resumable, over processes, GPUs and torchrun ranks")
+    p.add_argument("-n", type=int, required=True, help="number of cases")
+    p.add_argument("--labels-from", nargs="+", type=Path, metavar="DIR",
+                   help="folders of real case folders (anatomy derived once, cached) or of tumour label maps")
+    p.add_argument("--template", action="store_true", help="also draw on the healthy ICBM152 template brain")
+    p.add_argument("--edits", type=Path, metavar="CONFIG", help="sampler config (JSON; default: built in)")
+    p.add_argument("--model", help="registered model name or model folder (default: the shipped model)")
+    p.add_argument("--layout", required=True, choices=["nnunet", "msd", "brats2021", "brats2023"])
+    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id / MSD task number")
+    p.add_argument("--name", default="BrainTumourSynth", help="dataset name (letters and digits)")
+    _add_output(p, "output folder (resumed when it holds the same run)")
+    p.add_argument("--workers", type=int, default=1, help="CPU worker processes (one model copy each)")
+    p.add_argument("--seed", type=int, default=0, help="case i draws from (seed, i)")
+    p.add_argument("--anonymous", action="store_true",
+                   help="only cases that are anonymous (a tumour in another brain or the template)")
+    p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    p.add_argument("--cache", type=Path, help="anatomy cache folder (default: OUT/.cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="fidelity of a model on real cases (SSIM, PSNR, MAE in brain and tumour)")
     p.add_argument("cases", type=Path, nargs="+", help="held-out case folders")

@@ -1,0 +1,403 @@
+"""Run ``medsynth generate``: check everything, then make, synthesise and write cases.
+
+Scale without a coordinator of MedSynth's own:
+
+* ``workers`` processes on the CPU (one model copy each, torch threads = cores // workers);
+* one process per GPU when CUDA is present (``device`` auto or cuda);
+* under ``torchrun`` every rank takes the indices i with i % WORLD_SIZE == RANK (environment
+  ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``); whichever rank finds all cases on disk at its
+  end writes ``dataset.json`` and the card (idempotent: both come from the files on disk).
+
+Resumable: case i is complete when ``provenance/<case>.json`` exists (written last, see
+:mod:`.layouts`); a rerun with the same settings skips complete cases and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..schema.errors import InputError, MedSynthError, OutputExistsError
+from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
+from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
+from .sources import (Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
+                      tumour_stats)
+
+RUN_FILE = "generate.json"
+PROVENANCE_DIR = "provenance"
+STAGING_DIR = ".staging"
+RUN_VERSION = 1
+
+
+@dataclass
+class GenerateOptions:
+    """Everything ``medsynth generate`` takes (see the CLI's help)."""
+
+    n: int
+    output: Path
+    labels_from: Sequence[Path] = ()
+    template: bool = False
+    edits: Path | None = None
+    model: str | None = None
+    layout: str = "nnunet"
+    dataset_id: int = 501
+    name: str = "BrainTumourSynth"
+    workers: int = 1
+    seed: int = 0
+    anonymous: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    cache: Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+    command: str = ""
+    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment, (0, 1, 0) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world, int(os.environ.get("LOCAL_RANK", str(rank)))
+
+
+def anonymous_config(config: dict[str, Any], has_template: bool) -> dict[str, Any]:
+    """The config with every kind that cannot give an anonymous case switched off.
+
+    Only the template gives an anonymous brain: a patient's own tumour moved (``transform``) and
+    a tumour inserted into another patient's brain (``insert_brain``) keep that patient's brain.
+    """
+    out = json.loads(json.dumps(config))
+    out["kinds"]["transform"] = 0.0
+    out["kinds"]["insert_brain"] = 0.0
+    if has_template:
+        out["parametric"]["p_template"] = 1.0
+    else:
+        out["kinds"]["parametric"] = 0.0
+    if sum(out["kinds"].values()) <= 0:
+        raise MedSynthError("--anonymous: the sampler config has no kind of case that can be anonymous "
+                            "(insert_template or parametric, both with --template)")
+    return out
+
+
+def _provenance_path(out: Path, case_id: str) -> Path:
+    return out / PROVENANCE_DIR / f"{case_id}.json"
+
+
+def _check_output(out: Path, spec: dict[str, Any], overwrite: bool) -> bool:
+    """Whether ``out`` resumes an earlier run; refuses another run's or a foreign folder."""
+    run_file = out / RUN_FILE
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise InputError(out, "output exists and is not a folder")
+    if overwrite:
+        return False
+    if run_file.exists():
+        try:
+            previous = json.loads(run_file.read_text())
+        except ValueError:
+            raise InputError(run_file, "unreadable run file (use --overwrite to start again)") from None
+        different = sorted(k for k in set(spec) | set(previous) if spec.get(k) != previous.get(k))
+        if different:
+            raise InputError(out, f"holds a generate run with other settings ({', '.join(different)}): "
+                                  "use another -o or --overwrite")
+        return True
+    if any(out.iterdir()):
+        raise OutputExistsError(out)
+    return False
+
+
+def _placeholder_sources(cases: Sequence[Path], tumours: Sequence[Path], template: bool) -> list[Source]:
+    """Stand-ins (kind only) for the config check that runs before anything is read or written."""
+    wt = {"voxels": {"WT": 1}}
+    out = [Source(f"case:{i}", "case", None, {}, f"case:{i}", wt) for i in range(len(cases))]
+    out += [Source(f"tumour:{i}", "tumour", None, {}, f"tumour:{i}", wt) for i in range(len(tumours))]
+    if template:
+        out.append(Source("template", "template", None, {}, None, None))
+    return out
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int | None = None) -> None:
+    """Load the model once per process (``device_queue`` hands each GPU process its own GPU)."""
+    import torch
+
+    from ..synthesis.models import resolve_model
+    from ..synthesis.runtime import avoid_hugepage_stalls
+    from ..synthesis.synthesize import SynthesisEngine
+
+    if threads is not None:
+        avoid_hugepage_stalls()
+        torch.set_num_threads(max(1, int(threads)))
+    device = device_queue.get() if device_queue is not None else state["device"]
+    _WORKER.clear()
+    _WORKER.update(state)
+    _WORKER["sources"] = Sources([Source.from_json(s) for s in state["sources"]])
+    _WORKER["layout"] = Layout(**state["layout"])
+    _WORKER["engine"] = SynthesisEngine(resolve_model(state["model_path"]), device, state["precision"])
+    if _WORKER["sources"].template is not None:
+        load_source(_WORKER["sources"].template)  # read the template once per process, not in a case's timing
+
+
+def _run_case(index: int) -> dict[str, Any]:
+    """Make, synthesise and write case ``index`` (in the current worker)."""
+    from ..schema.grid import Grid
+    from ..schema.labels import Label
+    from ..schema.provenance import array_sha256
+
+    w = _WORKER
+    out, layout, sources, engine = Path(w["output"]), w["layout"], w["sources"], w["engine"]
+    case_id = layout.case_id(index)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    labelmap, record = draw_case(index, w["seed"], w["config"], sources)
+    record.pop("edits")  # the engine's provenance carries them (labelmap.history)
+    private = privacy(record, labelmap, sources)
+    if w["anonymous"] and not private["anonymous"]:  # the config was restricted: a bug if it happens
+        raise MedSynthError(f"case {index}: drawn case is not anonymous ({record['kind']})")
+    stats = tumour_stats(labelmap.array, labelmap.grid, labelmap.array > Label.BACKGROUND)
+    edited, cpu_edited = time.perf_counter(), time.process_time()
+    result = engine.synthesize(labelmap, seed=record["edit_seed"])
+    synthesised, cpu_synthesised = time.perf_counter(), time.process_time()
+    # Edited and synthesised on the brain's crop; written on the source files' own grid.
+    base = sources.by_id[record["base"]]
+    images = {m: base.to_full(a) for m, a in encode_images(result.images).items()}
+    labels = base.to_full(labelmap.array)
+    grid = Grid.from_json(base.output_grid)
+    staging = out / STAGING_DIR / case_id
+    shutil.rmtree(staging, ignore_errors=True)
+    files = write_case_files(layout, staging, case_id, images, labels, grid)
+    commit_staged(staging, out)
+    written, cpu_written = time.perf_counter(), time.process_time()
+    provenance = dict(result.provenance)
+    provenance.update({
+        "case_id": case_id,
+        "layout": layout.kind,
+        "files": files,
+        "generation": record,
+        "privacy": private,
+        "tumour": stats,
+        "grid": grid.to_json(),
+        "labels_sha256": array_sha256(labels),
+        "edit_grid": {"grid": labelmap.grid.to_json(), "offset_kji": list(base.offset or (0, 0, 0)),
+                      "labels_sha256": result.provenance["labels_sha256"]},
+        "images_sha256": {m: array_sha256(a) for m, a in images.items()},
+    })
+    provenance["timings_s"] = dict(provenance.get("timings_s", {}), edit=round(edited - start, 3),
+                                   network=round(synthesised - edited, 3), write=round(written - synthesised, 3))
+    # CPU seconds of this process (all its threads) per stage: comparable on a machine shared with other work.
+    provenance["cpu_s"] = {"edit": round(cpu_edited - cpu_start, 3), "network": round(cpu_synthesised - cpu_edited, 3),
+                           "write": round(cpu_written - cpu_synthesised, 3)}
+    from ..schema.volume_io import write_json
+
+    write_json(provenance, _provenance_path(out, case_id), overwrite=True)  # the case's commit mark
+    return {"index": index, "case_id": case_id, "timings_s": provenance["timings_s"]}
+
+
+def _prepare_one(item: tuple[str, str, str]) -> dict[str, Any]:
+    kind, path, cache = item
+    source = prepare_case(Path(path), Path(cache)) if kind == "case" else prepare_tumour(Path(path), Path(cache))
+    return source.to_json()
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def generate(options: GenerateOptions) -> dict[str, Any]:
+    """Generate the dataset; returns a summary (counts, timings)."""
+    import multiprocessing
+
+    from ..synthesis.models import resolve_model
+
+    opt = options
+    if opt.n < 1:
+        raise MedSynthError(f"-n must be at least 1, got {opt.n}")
+    if opt.workers < 1:
+        raise MedSynthError(f"--workers must be at least 1, got {opt.workers}")
+    try:
+        layout = Layout(opt.layout, opt.dataset_id, opt.name)
+    except ValueError as exc:
+        raise MedSynthError(str(exc)) from None
+    if not opt.labels_from and not opt.template:
+        raise MedSynthError("nothing to draw from: give --labels-from DIR and/or --template")
+    config = load_config(opt.edits)
+    where = str(opt.edits) if opt.edits else "default sampler config"
+    if opt.anonymous:
+        config = anonymous_config(config, opt.template)
+    case_dirs, tumour_files = find_sources(opt.labels_from)
+    drop = opt.edits is None  # the built-in config switches off what the sources cannot give
+    config = check_config_fits_sources(config, _placeholder_sources(case_dirs, tumour_files, opt.template), where,
+                                       drop)
+    model = resolve_model(opt.model)
+    rank, world, local_rank = distributed()
+
+    out = Path(opt.output)
+    cache = Path(opt.cache) if opt.cache else out / ".cache"
+    spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
+                 "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
+                 "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
+                 "precision": opt.precision}
+    # The output check needs the source ids, which need the files read: check what can be checked first.
+    if out.exists() and not (out / RUN_FILE).exists() and not opt.overwrite:
+        _check_output(out, spec_base, False)
+    if opt.overwrite and out.exists() and rank == 0:
+        if not (out / RUN_FILE).exists() and any(out.iterdir()):
+            raise InputError(out, "--overwrite replaces only a folder written by medsynth generate")
+        shutil.rmtree(out)
+
+    # Sources: this rank's share first (other ranks derive theirs), then all (cache hits).
+    items = [("case", str(p), str(cache)) for p in case_dirs] + [("tumour", str(p), str(cache)) for p in tumour_files]
+    cuda_devices = _cuda_devices(opt.device)
+    n_procs = len(cuda_devices) if cuda_devices and world == 1 else opt.workers
+    threads = max(1, (os.cpu_count() or 1) // n_procs)
+    pool = None
+    if n_procs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(n_procs, mp_context=context)
+    try:
+        source_json = _prepare_sources(items, rank, world, pool, opt)
+        sources = [Source.from_json(s) for s in source_json]
+        if opt.template:
+            sources.append(template_source())
+        config = check_config_fits_sources(config, sources, where, drop)
+        spec_base["config"] = config
+        spec = dict(spec_base, sources=sorted(s.source_id for s in sources))
+        resuming = _check_output(out, spec, False) if (out / RUN_FILE).exists() else False
+        from ..schema.volume_io import write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            write_json(spec, out / RUN_FILE, overwrite=True)
+        mine = [i for i in range(opt.n) if i % world == rank]
+        pending = [i for i in mine if not _provenance_path(out, layout.case_id(i)).exists()]
+        device = (f"cuda:{cuda_devices[local_rank % len(cuda_devices)]}" if cuda_devices and world > 1
+                  else opt.device)
+        state = {"sources": [s.to_json() for s in sources], "layout": {"kind": layout.kind,
+                 "dataset_id": layout.dataset_id, "name": layout.name}, "model_path": str(model.path),
+                 "device": device, "precision": opt.precision, "seed": int(opt.seed), "config": config,
+                 "output": str(out), "anonymous": bool(opt.anonymous)}
+        if opt.log and resuming:
+            opt.log(f"{out}: resuming, {len(mine) - len(pending)} of {len(mine)} cases already complete")
+        started = time.perf_counter()
+        results = _run_cases(pending, len(mine), state, pool, n_procs, cuda_devices if world == 1 else [],
+                             threads, opt.progress)
+        elapsed = time.perf_counter() - started
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    done = [layout.case_id(i) for i in range(opt.n) if _provenance_path(out, layout.case_id(i)).exists()]
+    finished = len(done) == opt.n
+    if finished:
+        write_dataset_files(out, layout, opt.n, spec, sources, opt.command)
+        try:
+            (out / STAGING_DIR).rmdir()  # empty once every case is in place
+        except OSError:
+            pass
+    return {"cases_done_here": len(results), "cases_complete": len(done), "n": opt.n, "finished": finished,
+            "seconds": round(elapsed, 3), "workers": n_procs, "rank": rank, "world_size": world,
+            "cases_per_hour": round(3600.0 * len(results) / elapsed, 1) if results and elapsed > 0 else None,
+            "timings_s": [r["timings_s"] for r in results], "output": str(out)}
+
+
+def write_dataset_files(out: Path, layout: Layout, n: int, spec: dict[str, Any], sources: list[Source],
+                        command: str = "") -> None:
+    """``dataset.json`` (nnU-Net / MSD) and the dataset card, from the completed cases on disk."""
+    from ..schema.volume_io import write_json
+    from .card import write_card
+
+    case_ids = [layout.case_id(i) for i in range(n)]
+    records = [json.loads(_provenance_path(out, c).read_text()) for c in case_ids]
+    description = (f"Synthetic brain-tumour MRI generated by MedSynth (model {spec['model']['name']}); "
+                   "every case is synthetic, see README.md")
+    data = dataset_json(layout, case_ids, description)
+    if data is not None:
+        write_json(data, out / layout.dataset_dir / "dataset.json", overwrite=True)
+    write_card(out, layout, spec, sources, records, command)
+
+
+def _cuda_devices(device: str) -> list[int]:
+    if device not in ("auto",) and not device.startswith("cuda"):
+        return []
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        if device.startswith("cuda:"):
+            return [int(device.split(":")[1])]
+        return list(range(torch.cuda.device_count()))
+    except Exception:  # noqa: BLE001 - no usable CUDA means the CPU
+        return []
+
+
+def _prepare_sources(items: list[tuple[str, str, str]], rank: int, world: int, pool: Any,
+                     opt: GenerateOptions) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    order = [it for j, it in enumerate(items) if j % world == rank] + [it for j, it in enumerate(items)
+                                                                        if j % world != rank]
+    results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    bar = tqdm(total=len(order), desc="sources (anatomy cached)", unit="source", file=sys.stderr,
+               disable=not opt.progress or None, leave=False)
+    try:
+        if pool is None:
+            for item in order:
+                results[item] = _prepare_one(item)
+                bar.update(1)
+        else:
+            for item, result in zip(order, pool.map(_prepare_one, order)):
+                results[item] = result
+                bar.update(1)
+    finally:
+        bar.close()
+    return [results[it] for it in items]
+
+
+def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any, n_procs: int,
+               cuda_devices: list[int], threads: int, progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=total - len(pending), desc="generate", unit="case", file=sys.stderr,
+               disable=not progress or None, dynamic_ncols=True)
+    results: list[dict[str, Any]] = []
+    try:
+        if not pending:
+            return results
+        if pool is None:
+            _init_worker(state)
+            for index in pending:
+                results.append(_run_case(index))
+                bar.update(1)
+            return results
+        # A fresh pool whose initialiser loads the model (the source pool's processes never did).
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        pool.shutdown()
+        context = multiprocessing.get_context("spawn")
+        queue = None
+        if cuda_devices:
+            queue = context.Manager().Queue()
+            for d in cuda_devices:
+                queue.put(f"cuda:{d}")
+        with ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
+                                 initargs=(state, queue, None if cuda_devices else threads)) as workers:
+            futures = [workers.submit(_run_case, i) for i in pending]
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(1)
+        return results
+    finally:
+        bar.close()

@@ -1,0 +1,372 @@
+"""``medsynth generate``: sampler configs, layouts loadable by nnU-Net v2 and MONAI, workers, resume.
+
+Small phantom brains (Testing/conftest.py) and a random-weight tiny generator keep every
+run to seconds; one test runs on two real BraTS cases, their tumour-only label maps and the
+template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPO, phantom, write_volume
+from MedSynthLib.cli import main
+from MedSynthLib.generate.layouts import Layout
+from MedSynthLib.generate.sampler import Sources, replay_case, validate_config
+from MedSynthLib.generate.sources import Source
+from MedSynthLib.schema.labels import Label, schema_to_tumour
+from MedSynthLib.synthesis.models import write_model
+from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
+
+NETWORK = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
+# Edits sized for a 40-voxel phantom brain.
+PHANTOM_CONFIG = {"kinds": {"transform": 1, "insert_brain": 2, "parametric": 1},
+                  "transform": {"translate_mm": 3, "rotate_deg": 15, "scale_range": [0.9, 1.1]},
+                  "parametric": {"radius_fraction": [0.15, 0.25]}}
+
+
+@pytest.fixture(scope="session")
+def gen_data(tmp_path_factory) -> dict[str, Path]:
+    """Three phantom case folders, two tumour-only label maps, a tiny model and a sampler config."""
+    root = tmp_path_factory.mktemp("generate_data")
+    for k in range(3):
+        images, seg = phantom(seed=k)
+        seg = np.roll(seg, k, axis=1)  # three patients, three tumours
+        folder = root / "cases" / f"P{k}"
+        for modality, array in images.items():
+            write_volume(array, folder / f"P{k}_{modality}.nii.gz")
+        write_volume(seg, folder / f"P{k}_seg.nii.gz")
+        if k < 2:
+            write_volume(np.roll(seg, 3 + k, axis=2), root / "segs" / f"S{k}_seg.nii.gz")
+    torch.manual_seed(2018)
+    state = {k: v.detach().contiguous() for k, v in Generator(NETWORK).state_dict().items()}
+    model = write_model(root / "tiny", state, {"name": "tiny", "description": "random weights for tests",
+                                               "network": NETWORK.to_json(),
+                                               "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}})
+    config = root / "sampler.json"
+    config.write_text(json.dumps(PHANTOM_CONFIG))
+    return {"cases": root / "cases", "segs": root / "segs", "model": model, "config": config}
+
+
+def _argv(data: dict[str, Path], out: Path, *extra: str, n: int = 4, layout: str = "nnunet") -> list[str]:
+    return ["generate", "-n", str(n), "--labels-from", str(data["cases"]), str(data["segs"]),
+            "--edits", str(data["config"]), "--model", str(data["model"]), "--layout", layout, "-o", str(out),
+            "--device", "cpu", "--precision", "fp32", "--seed", "7", "--quiet", *extra]
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "provenance").glob("*.json"))}
+
+
+def _file_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every image array in the dataset, by relative path (the decoded voxels)."""
+    import hashlib
+
+    hashes = {}
+    for path in sorted(out.rglob("*.nii.gz")):
+        if ".staging" in path.parts or ".cache" in path.parts:
+            continue
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        hashes[str(path.relative_to(out))] = hashlib.sha256(array.tobytes() + str(array.dtype).encode()).hexdigest()
+    return hashes
+
+
+@pytest.fixture(scope="session")
+def nnunet_run(gen_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen_nnunet") / "out"
+    assert main(_argv(gen_data, out)) == 0
+    return out
+
+
+# --- sampler configs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"kinds": {"transform": 1}, "rotate": 3}, "unknown key(s) rotate"),
+    ({"transform": {"scale_range": [1.3, 0.7]}}, "transform.scale_range low 1.3 is above high 0.7"),
+    ({"transform": {"p_flip": 1.5}}, "transform.p_flip must lie in [0, 1]"),
+    ({"kinds": {"transform": 0, "parametric": 0}}, "at least one kind"),
+    ({"kinds": {"insert_template": 1}}, "kind 'insert_template' has probability 1 but needs --template"),
+    ({"max_tries": 0}, "max_tries must be an integer in [1, 100]"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_sampler_config_is_refused_before_anything_is_written(gen_data, tmp_path, capsys, config, message):
+    path = tmp_path / "bad.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    out = tmp_path / "out"
+    argv = _argv(gen_data, out)
+    argv[argv.index("--edits") + 1] = str(path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--labels-from", "/nonexistent/folder"), "/nonexistent/folder: --labels-from: no such folder"),
+    (("-n", "0"), "-n must be at least 1"),
+    (("--name", "bad-name"), "--name must be letters and digits"),
+    (("--workers", "0"), "--workers must be at least 1"),
+])
+def test_bad_arguments_are_one_line_and_write_nothing(gen_data, tmp_path, capsys, change, message):
+    out = tmp_path / "out"
+    argv = _argv(gen_data, out)
+    if change[0] in argv:
+        at = argv.index(change[0])
+        argv[at + 1] = change[1]
+        if change[0] == "--labels-from":
+            del argv[at + 2]  # only the missing folder
+    else:
+        argv += list(change)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_config_defaults_are_filled_and_kept():
+    config = validate_config({"kinds": {"parametric": 2}, "transform": {"rotate_deg": 5}})
+    assert config["kinds"]["parametric"] == 2.0 and config["transform"]["rotate_deg"] == 5.0
+    assert config["transform"]["scale_range"] == [0.7, 1.3]
+
+
+# --- layouts --------------------------------------------------------------------------------------
+
+
+def test_nnunet_layout_passes_nnunets_integrity_check(nnunet_run, tmp_path):
+    pytest.importorskip("nnunetv2")
+    import shutil
+
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    folder = nnunet_run / "Dataset501_BrainTumourSynth"
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["numTraining"] == 4 and meta["file_ending"] == ".nii.gz"
+    assert meta["labels"] == {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
+                              "enhancing tumor": [3]} and meta["regions_class_order"] == [1, 2, 3]
+    assert sorted(p.name for p in (folder / "imagesTr").iterdir())[:4] == [
+        f"BrainTumourSynth_00000_000{c}.nii.gz" for c in range(4)]
+    verify_dataset_integrity(str(folder), 1)
+    # The check can fail: a label value outside the declared labels is reported.
+    broken = Path(shutil.copytree(folder, tmp_path / "Dataset502_Broken"))
+    label_path = broken / "labelsTr" / "BrainTumourSynth_00000.nii.gz"
+    image = sitk.ReadImage(str(label_path))
+    array = sitk.GetArrayFromImage(image)
+    array[array > 0] = 7
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(image)
+    sitk.WriteImage(bad, str(label_path))
+    with pytest.raises(Exception):
+        verify_dataset_integrity(str(broken), 1)
+
+
+def test_labels_follow_each_layouts_convention_and_replay(gen_data, nnunet_run, tmp_path):
+    """nnU-Net/MSD labels 1 ED / 2 NCR / 3 ET; every case rebuilds from its record exactly."""
+    from MedSynthLib.generate.sources import find_sources, prepare_case, prepare_tumour
+
+    cases, tumours = find_sources([gen_data["cases"], gen_data["segs"]])
+    cache = nnunet_run / ".cache"
+    sources = Sources([prepare_case(c, cache) for c in cases] + [prepare_tumour(t, cache) for t in tumours])
+    for case_id, record in _records(nnunet_run).items():
+        generation = dict(record["generation"], edits=record["edits"])
+        rebuilt = replay_case(generation, sources)
+        label_file = nnunet_run / record["files"]["seg"]
+        on_disk = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))
+        full = sources.by_id[generation["base"]].to_full(rebuilt.array)
+        np.testing.assert_array_equal(on_disk, schema_to_tumour(full, "msd"))
+        assert record["grid"]["size"] == [44, 48, 40]
+        counts = record["tumour"]["voxels"]
+        assert [int((on_disk == v).sum()) for v in (1, 2, 3)] == [counts["ED"], counts["NCR"], counts["ET"]]
+
+
+def test_msd_layout_loads_with_monai(gen_data, tmp_path):
+    from monai.data import load_decathlon_datalist
+    from monai.transforms import LoadImaged
+
+    out = tmp_path / "msd"
+    assert main(_argv(gen_data, out, n=2, layout="msd")) == 0
+    folder = out / "Task501_BrainTumourSynth"
+    datalist = load_decathlon_datalist(str(folder / "dataset.json"), data_list_key="training", base_dir=str(folder))
+    assert len(datalist) == 2
+    item = LoadImaged(keys=["image", "label"])(datalist[0])
+    image, label = np.asarray(item["image"]), np.asarray(item["label"])
+    assert image.shape == (44, 48, 40, 4) and label.shape == (44, 48, 40)
+    assert set(np.unique(label)) <= {0, 1, 2, 3} and (label > 0).any()
+    record = _records(out)["BrainTumourSynth_00000"]
+    # Channel 0 is FLAIR (MSD order): the same voxels as the provenance's FLAIR hash.
+    from MedSynthLib.schema.provenance import array_sha256
+
+    flair = np.ascontiguousarray(image[..., 0].transpose(2, 1, 0)).astype(np.int16)
+    assert array_sha256(flair) == record["images_sha256"]["flair"]
+
+
+@pytest.mark.parametrize("layout, suffix, et_value", [("brats2021", "_t1ce", 4), ("brats2023", "-t1c", 3)])
+def test_brats_layouts_read_back_as_their_release(gen_data, tmp_path, layout, suffix, et_value):
+    from MedSynthLib.cases.readers import detect_convention, read_case
+
+    out = tmp_path / layout
+    assert main(_argv(gen_data, out, n=1, layout=layout)) == 0
+    case_id = Layout(layout).case_id(0)
+    folder = out / case_id
+    assert (folder / f"{case_id}{suffix}.nii.gz").is_file()
+    assert detect_convention(folder) == layout
+    case = read_case(folder)
+    record = _records(out)[case_id]
+    counts = record["tumour"]["voxels"]
+    assert int((case.tumour == Label.ET).sum()) == counts["ET"] and int((case.tumour == Label.ED).sum()) == counts["ED"]
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case_id}{'_seg' if layout == 'brats2021' else '-seg'}.nii.gz")))
+    assert int((seg == et_value).sum()) == counts["ET"]
+
+
+# --- determinism, workers, resume ----------------------------------------------------------------
+
+
+def test_case_i_is_the_same_whatever_the_number_of_workers(gen_data, nnunet_run, tmp_path):
+    out = tmp_path / "two_workers"
+    assert main(_argv(gen_data, out, "--workers", "2")) == 0
+    one, two = _records(nnunet_run), _records(out)
+    assert one.keys() == two.keys() and len(one) == 4
+    for case_id in one:
+        assert one[case_id]["generation"] == two[case_id]["generation"]
+        assert one[case_id]["edits"] == two[case_id]["edits"]
+        assert one[case_id]["labels_sha256"] == two[case_id]["labels_sha256"]
+        assert one[case_id]["images_sha256"] == two[case_id]["images_sha256"]
+
+
+def test_a_different_seed_changes_the_cases(gen_data, nnunet_run, tmp_path):
+    out = tmp_path / "seed8"
+    argv = _argv(gen_data, out, n=2)
+    argv[argv.index("--seed") + 1] = "8"
+    assert main(argv) == 0
+    assert [r["labels_sha256"] for r in _records(out).values()] != [
+        r["labels_sha256"] for r in list(_records(nnunet_run).values())[:2]]
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_dataset(gen_data, nnunet_run, tmp_path):
+    out = tmp_path / "killed"
+    argv = _argv(gen_data, out)
+    command = [sys.executable, "-m", "MedSynthLib", *argv]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if list((out / "provenance").glob("*.json")):
+                break
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    done_before = len(_records(out))
+    assert 1 <= done_before < 4, f"the kill should land mid-run ({done_before} of 4 complete)"
+    assert not (out / "README.md").exists()
+    assert main(argv) == 0  # resumes
+    assert len(_records(out)) == 4
+    resumed, reference = _records(out), _records(nnunet_run)
+    for case_id in reference:
+        for key in ("generation", "edits", "labels_sha256", "images_sha256", "privacy", "tumour"):
+            assert resumed[case_id][key] == reference[case_id][key], (case_id, key)
+    assert _file_hashes(out) == _file_hashes(nnunet_run)
+    assert json.loads((out / "Dataset501_BrainTumourSynth" / "dataset.json").read_text())["numTraining"] == 4
+
+
+def test_rerun_with_other_settings_is_refused(gen_data, nnunet_run, capsys):
+    before = _file_hashes(nnunet_run)
+    argv = _argv(gen_data, nnunet_run)
+    argv[argv.index("--seed") + 1] = "99"
+    assert main(argv) == 2
+    assert "other settings (seed)" in capsys.readouterr().err
+    assert _file_hashes(nnunet_run) == before
+
+
+def test_torchrun_ranks_share_the_indices(gen_data, nnunet_run, tmp_path, monkeypatch):
+    """Rank r of 2 makes the cases i with i % 2 == r; the last rank to finish writes the card."""
+    out = tmp_path / "ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(_argv(gen_data, out)) == 0
+    assert sorted(_records(out)) == ["BrainTumourSynth_00001", "BrainTumourSynth_00003"]
+    assert not (out / "dataset_card.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(_argv(gen_data, out)) == 0
+    assert (out / "dataset_card.json").exists()
+    reference = _records(nnunet_run)
+    assert {k: v["images_sha256"] for k, v in _records(out).items()} == {
+        k: v["images_sha256"] for k, v in reference.items()}
+
+
+# --- card and privacy ------------------------------------------------------------------------------
+
+
+def test_card_and_anonymous_only(gen_data, nnunet_run, tmp_path):
+    card = json.loads((nnunet_run / "dataset_card.json").read_text())
+    assert card["model"]["name"] == "tiny" and len(card["model"]["sha256"]) == 64
+    assert card["seed"] == 7 and card["counts"]["cases"] == 4 and len(card["privacy"]) == 4
+    assert card["tumours"]["real_sources"]["with_tumour"] == 5
+    assert (nnunet_run / "dataset_card.png").stat().st_size > 1000
+    assert "## Privacy" in (nnunet_run / "README.md").read_text()
+    own = [row for row in card["privacy"] if row["kind"] == "transform"]
+    assert all(not row["anonymous"] and row["brain_dice_vs_patient"] == 1.0 for row in own)
+
+    # Without the template no kind of case is anonymous: a patient's brain identifies the patient.
+    insert_rows = [row for row in card["privacy"] if row["kind"] == "insert_brain"]
+    assert all(not row["anonymous"] for row in insert_rows)
+    out = tmp_path / "anonymous"
+    assert main(_argv(gen_data, out, "--anonymous", n=3)) == 2
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_privacy_recognises_one_patient_in_two_folders():
+    """A tumour-only file holding a case's own tumour (same voxels) counts as that patient's."""
+    from MedSynthLib.generate.sampler import _same_patient
+
+    case = Source("sha256:a", "case", None, {}, "t1", {"voxels": {"WT": 5}})
+    same = Source("sha256:b", "tumour", None, {}, "t1", {"voxels": {"WT": 5}})
+    other = Source("sha256:c", "tumour", None, {}, "t2", {"voxels": {"WT": 5}})
+    assert _same_patient(case, same) and not _same_patient(case, other)
+
+
+# --- real data ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_data, tmp_path):
+    """Two real BraTS cases + the 4 tumour-only BraTS 2021 label maps + the template, two cases."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for folder in brats_cases[:2]:
+        (cases / folder.name).symlink_to(folder)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"kinds": {"insert_brain": 1, "insert_template": 1}}))
+    out = tmp_path / "out"
+    argv = ["generate", "-n", "2", "--labels-from", str(cases), str(real_data / "brats2021" / "seg_only"),
+            "--template", "--edits", str(config), "--model", str(gen_data["model"]), "--layout", "brats2021",
+            "-o", str(out), "--device", "cpu", "--seed", "3", "--quiet"]
+    assert main(argv) == 0
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["sources"] == {**card["sources"], "real_cases": 2, "tumour_label_maps": 4, "template": True}
+    assert card["tumours"]["real_sources"]["with_tumour"] == 6
+    for row in card["privacy"]:
+        assert row["kind"] in ("insert_brain", "insert_template")
+        assert row["anonymous"] == (row["kind"] == "insert_template")
+        if row["kind"] == "insert_template":
+            assert row["brain_dice_vs_patient"] is None
+    # The anatomy cache is reused: a second run derives nothing (same cache files, untouched).
+    cache = sorted((out / ".cache").glob("case-*.npy"))
+    assert len(cache) == 4  # per case: the derived label map and its brain-box crop
+    stamps = [p.stat().st_mtime_ns for p in cache]
+    assert main(argv[:-7] + ["-o", str(tmp_path / "out2"), "--cache", str(out / ".cache"), "--device", "cpu",
+                             "--seed", "3", "--quiet"]) == 0
+    assert [p.stat().st_mtime_ns for p in cache] == stamps
