@@ -18,7 +18,7 @@ import numpy as np
 import vtk
 from vtkmodules.util import numpy_support
 
-from . import mrml
+from MedSynthSlicerLib import mrml
 
 #: Panel titles of the contrasts.
 TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
