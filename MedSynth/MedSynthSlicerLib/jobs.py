@@ -35,7 +35,7 @@ from .signals import Signal
 
 WORKER_SCRIPT = Path(__file__).resolve().parent / "worker.py"
 #: How long a cancel waits for the worker to stop at its next step before killing it.
-CANCEL_GRACE_S = 0.3
+CANCEL_GRACE_S = 0.1
 
 
 class WorkerTask:
