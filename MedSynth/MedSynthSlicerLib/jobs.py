@@ -26,7 +26,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -376,9 +376,4 @@ def labelmap_request(labelmap: Any) -> tuple[dict[str, Any], dict[str, np.ndarra
     return ({"grid": labelmap.grid.to_json(), "history": list(labelmap.history)}, {"labels": labelmap.array})
 
 
-def task_message(task: WorkerTask, what: str) -> str:
-    """One line for the user about a task that did not finish."""
-    return f"{what} failed: {task.error or 'no reason given'}"
-
-
-__all__: Sequence[str] = ("CANCEL_GRACE_S", "WorkerClient", "WorkerTask", "labelmap_request", "task_message")
+__all__ = ["CANCEL_GRACE_S", "WorkerClient", "WorkerTask", "labelmap_request"]
