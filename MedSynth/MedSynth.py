@@ -2,11 +2,12 @@
 
 A thin scripted module: the widget turns clicks into calls of
 ``MedSynthSlicerLib.logic.WorkflowLogic`` (Qt-free, tested on slicer-core) and
-shows what it reports.  The science is in MedSynthLib; synthesis and export run
-the ``medsynth`` command line in a separate process.
+shows what it reports.  The science is in MedSynthLib; generate, preview and
+export run in MedSynth's worker process (typed JSON-line messages, images as
+arrays in RAM), which the widget polls from a timer.
 
 Workflow: 1 input -> 2 prepare (label map as segments CSF, GM, WM, NCR, ED, ET)
--> 3 tumour tools -> 4 generate (background process, progress, cancel) ->
+-> 3 tumour tools -> 4 generate / preview (in the worker, progress, cancel) ->
 5 review (four linked views, rating) -> 6 export (NIfTI / DICOM).
 """
 
@@ -412,10 +413,10 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = hasLabels and self.workflow.can_undo(seg) and not busy
         self.ui.applyButton.enabled = hasLabels or busy
         self.ui.applyButton.text = _("Cancel") if busy else _("Generate")
-        self.ui.applyButton.toolTip = (_("Stop the synthesis (the process and all it started)") if busy
-                                       else _("Synthesise T1, T1ce, T2 and FLAIR in a background process"))
+        self.ui.applyButton.toolTip = (_("Stop the synthesis (within about half a second)") if busy
+                                       else _("Synthesise T1, T1ce, T2 and FLAIR in MedSynth's worker process"))
         self.ui.previewButton.enabled = (hasLabels and not busy) or previewing
-        self.ui.previewButton.text = _("Stop preview") if previewing else _("Preview")
+        self.ui.previewButton.text = _("Stop preview") if previewing else _("Fast preview")
         hasOutputs = bool(self._outputs)
         for button in (self.ui.showSyntheticButton, self.ui.saveReviewButton):
             button.enabled = hasOutputs
