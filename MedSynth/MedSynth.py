@@ -2,11 +2,12 @@
 
 A thin scripted module: the widget turns clicks into calls of
 ``MedSynthSlicerLib.logic.WorkflowLogic`` (Qt-free, tested on slicer-core) and
-shows what it reports.  The science is in MedSynthLib; synthesis and export run
-the ``medsynth`` command line in a separate process.
+shows what it reports.  The science is in MedSynthLib; generate, preview and
+export run in MedSynth's worker process (typed JSON-line messages, images as
+arrays in RAM), which the widget polls from a timer.
 
 Workflow: 1 input -> 2 prepare (label map as segments CSF, GM, WM, NCR, ED, ET)
--> 3 tumour tools -> 4 generate (background process, progress, cancel) ->
+-> 3 tumour tools -> 4 generate / preview (in the worker, progress, cancel) ->
 5 review (four linked views, rating) -> 6 export (NIfTI / DICOM).
 """
 
@@ -145,7 +146,7 @@ def _path_text(path: Optional[pathlib.Path]) -> str:
 
 
 class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    POLL_MS = 200
+    POLL_MS = 50  # the worker's events are drained this often (a preview takes about a second)
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -155,6 +156,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._exportJob = None
+        self._previewJob = None
+        self._previewAgain = False
         self._outputs: dict = {}
         self._dependenciesReady = False
         self._modelNames: list = []
@@ -233,8 +236,10 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._timer.stop()
-        if self._job is not None and self._job.runner.is_running():
+        if self._job is not None and self._job.is_running():
             self.logic.workflow.cancel_generate(self._job)
+        if self._previewJob is not None and self._previewJob.is_running():
+            self.logic.workflow.cancel_preview(self._previewJob)
         if self.logic is not None:
             self.logic.workflow.cleanup()
         self.removeObservers()
@@ -256,7 +261,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None and self._job.runner.is_running():
+        if self._job is not None and self._job.is_running():
             self.logic.workflow.cancel_generate(self._job)
             self._endJobUi()
         self.setParameterNode(None)
@@ -392,8 +397,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         p = self._parameterNode
-        busy = self._job is not None and self._job.runner.is_running()
-        exporting = self._exportJob is not None and self._exportJob.runner.is_running()
+        busy = self._job is not None and self._job.is_running()
+        previewing = self._previewJob is not None and self._previewJob.is_running()
+        exporting = self._exportJob is not None and self._exportJob.is_running()
         seg = p.labelSegmentation
         hasLabels = seg is not None
         transforming = hasLabels and bool(seg.GetAttribute("MedSynth.TransformNodeID"))
@@ -407,9 +413,10 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = hasLabels and self.workflow.can_undo(seg) and not busy
         self.ui.applyButton.enabled = hasLabels or busy
         self.ui.applyButton.text = _("Cancel") if busy else _("Generate")
-        self.ui.applyButton.toolTip = (_("Stop the synthesis (the process and all it started)") if busy
-                                       else _("Synthesise T1, T1ce, T2 and FLAIR in a background process"))
-        self.ui.previewButton.enabled = hasLabels and not busy
+        self.ui.applyButton.toolTip = (_("Stop the synthesis (within about half a second)") if busy
+                                       else _("Synthesise T1, T1ce, T2 and FLAIR in MedSynth's worker process"))
+        self.ui.previewButton.enabled = (hasLabels and not busy) or previewing
+        self.ui.previewButton.text = _("Stop preview") if previewing else _("Fast preview")
         hasOutputs = bool(self._outputs)
         for button in (self.ui.showSyntheticButton, self.ui.saveReviewButton):
             button.enabled = hasOutputs
@@ -486,7 +493,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._appendLog(_("drag the handles in the views, then press Apply"))
 
     def onApplyTransform(self) -> None:
-        self._run(_("moving the tumour"), self.workflow.apply_tumour_transform, self._segmentation())
+        self._edited(self._run(_("moving the tumour"), self.workflow.apply_tumour_transform, self._segmentation()))
 
     def onCancelTransform(self) -> None:
         self._run(_("cancelling the move"), self.workflow.cancel_tumour_transform, self._segmentation())
@@ -496,8 +503,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if point is None:
             slicer.util.errorDisplay(_("MedSynth: click a point in the brain first (place the tumour centre)."))
             return
-        self._run(_("placing the tumour"), self.workflow.add_parametric_tumour, self._segmentation(), point,
-                  self._tumourParameters())
+        self._edited(self._run(_("placing the tumour"), self.workflow.add_parametric_tumour, self._segmentation(),
+                               point, self._tumourParameters()))
 
     def onInsertTumour(self) -> None:
         source = _path_text(self._parameterNode.insertSource)
@@ -511,15 +518,20 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if point is None:
                 slicer.util.errorDisplay(_("MedSynth: click a point in the brain first (place the tumour centre)."))
                 return
-        self._run(_("inserting the tumour"), self.workflow.insert_tumour, self._segmentation(), source, point,
-                  False, self._parameterNode.labelConvention)
+        self._edited(self._run(_("inserting the tumour"), self.workflow.insert_tumour, self._segmentation(), source,
+                               point, False, self._parameterNode.labelConvention))
 
     def onRandomTumour(self) -> None:
-        self._run(_("drawing a random tumour"), self.workflow.random_tumour, self._segmentation(),
-                  int(self._parameterNode.randomSeed))
+        self._edited(self._run(_("drawing a random tumour"), self.workflow.random_tumour, self._segmentation(),
+                               int(self._parameterNode.randomSeed)))
 
     def onUndo(self) -> None:
-        self._run(_("undo"), self.workflow.undo, self._segmentation())
+        self._edited(self._run(_("undo"), self.workflow.undo, self._segmentation()))
+
+    def _edited(self, labelmap) -> None:
+        """After a successful edit: refresh the preview in the background when one is shown."""
+        if labelmap is not None:
+            self.previewAfterEdit()
 
     # --- 4. generate ----------------------------------------------------------------------------
 
@@ -533,7 +545,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.text = info.describe()
 
     def onApplyButton(self) -> None:
-        if self._job is not None and self._job.runner.is_running():
+        if self._job is not None and self._job.is_running():
             self.onCancel()
             return
         if not self._ensureDependencies(needTorch=True):
@@ -582,17 +594,55 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._outputs = outputs
             self.onReviewLayout()
-        if self._job is None and self._exportJob is None:
+        if self._previewJob is not None and not self._previewJob.poll():
+            self._finishPreview()
+        if self._job is None and self._exportJob is None and self._previewJob is None:
             self._timer.stop()
         self._updateButtons()
 
     def onPreview(self) -> None:
+        """Start a preview in the worker (the panel stays responsive), or stop the running one."""
+        if self._previewJob is not None and self._previewJob.is_running():
+            self.workflow.cancel_preview(self._previewJob)
+            self._previewJob, self._previewAgain = None, False
+            self._updateButtons()
+            return
         if not self._ensureDependencies(needTorch=True):
             return
-        outputs = self._run(_("previewing"), self.workflow.preview, self._segmentation(), self._options())
-        if outputs:
-            self._outputs = outputs
+        self._startPreview()
+
+    def _startPreview(self) -> None:
+        job = self._run(_("previewing"), self.workflow.start_preview, self._segmentation(), self._options())
+        if job is None:
+            return
+        self._previewJob = job
+        self._timer.start()
+        self._updateButtons()
+
+    def previewAfterEdit(self) -> None:
+        """After an edit, refresh a preview that is shown (only the edited box is synthesised again)."""
+        if self._previewJob is not None and self._previewJob.is_running():
+            self._previewAgain = True  # the newest edit is previewed when this one is done
+        elif self._outputs and all(n.GetAttribute("MedSynth.Role") == "preview" for n in self._outputs.values()):
+            self._startPreview()
+
+    def _finishPreview(self) -> None:
+        job, self._previewJob = self._previewJob, None
+        try:
+            outputs = self.workflow.finish_preview(job)
+        except CancelledError as exc:
+            self._appendLog(str(exc))
+            return
+        except WorkflowError as exc:
+            slicer.util.errorDisplay(_("MedSynth: {reason}").format(reason=exc))
+            return
+        first = self._outputs != outputs
+        self._outputs = outputs
+        if first:
             self.onReviewLayout()
+        if self._previewAgain:
+            self._previewAgain = False
+            self._startPreview()
 
     # --- 5. review ---------------------------------------------------------------------------
 

@@ -157,3 +157,14 @@ def test_readme_states_the_minimum_slicer():
     needed = ".".join(str(v) for v in environment.MINIMUM_SLICER)
     assert f"Slicer {needed} or newer" in text
     assert "Slicer ≥ 5.8" not in text and "slicer.pydeps" not in text
+
+
+def test_the_panel_choices_are_medsynthlibs():
+    """The choice lists are read from MedSynthLib; their fallbacks (before it is installed) match it."""
+    from MedSynthLib.export import FORMATS, NAMINGS
+    from MedSynthLib.schema.labels import CONVENTIONS
+    from MedSynthSlicerLib import parameters
+
+    assert parameters.LABEL_CONVENTIONS == tuple(CONVENTIONS) == parameters.FALLBACK_LABEL_CONVENTIONS
+    assert parameters.EXPORT_FORMATS == tuple(FORMATS) == parameters.FALLBACK_EXPORT_FORMATS
+    assert parameters.EXPORT_NAMINGS == tuple(NAMINGS) == parameters.FALLBACK_EXPORT_NAMINGS

@@ -112,6 +112,14 @@ def case(brats_cases, tmp_path_factory) -> Case:
     state.logic.cleanup()
 
 
+@pytest.fixture()
+def outputs(case, tiny_model) -> dict:
+    """The synthetic case of the module's label map: made once, by whichever test needs it first."""
+    if not case.outputs or not all(case.scene.IsNodePresent(n) for n in case.outputs.values()):
+        case.outputs = case.logic.generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu", seed=7))
+    return case.outputs
+
+
 def _ids(scene) -> list[str]:
     return mrml.node_ids(scene)
 
@@ -443,7 +451,7 @@ def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_
     progress, ids = [], _ids(case.scene)
     case.logic.progress.connect(lambda f, t: progress.append((f, t)))
     job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu", seed=7))
-    assert job.runner.pid != os.getpid() and pid_alive(job.runner.pid)
+    assert job.task.pid != os.getpid() and pid_alive(job.task.pid)
     assert _ids(case.scene) == ids  # nothing is added while it runs
     while job.poll():
         time.sleep(0.05)
@@ -453,6 +461,11 @@ def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_
     assert sorted(outputs) == ["flair", "t1", "t1ce", "t2"]
     assert progress[-1][0] == 1.0 and [f for f, _ in progress] == sorted(f for f, _ in progress)
     assert any(t == "model loaded" for _, t in progress)
+    # the images came through memory and equal the case folder written for review and export
+    case_dir = Path(outputs["t1"].GetAttribute("MedSynth.CaseFolder"))
+    for modality, node in outputs.items():
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / f"{modality}.nii.gz")))
+        np.testing.assert_array_equal(mrml.array_from_volume(node), written)
     t1 = case.nodes["t1"]
     labels = case.logic.labelmap(case.seg)
     for modality, node in outputs.items():
@@ -463,7 +476,6 @@ def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_
         assert np.all(np.isfinite(array)) and np.all(array[labels.array == 0] == 0)
         assert node.GetAttribute("MedSynth.Role") == "synthetic"
         assert node.GetAttribute("MedSynth.Seed") == "7"
-    case_dir = Path(outputs["t1"].GetAttribute("MedSynth.CaseFolder"))
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "labels.nii.gz")))
     np.testing.assert_array_equal(written, labels.array)
     provenance = json.loads((case_dir / "provenance.json").read_text())
@@ -473,31 +485,37 @@ def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_
 
 
 @pytest.mark.realdata
-def test_cancel_ends_the_process_tree_within_seconds_and_leaves_the_scene(case, tiny_model):
+def test_cancel_within_half_a_second_leaves_the_scene_and_the_worker_usable(case, tiny_model):
     ids = _ids(case.scene)
-    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu"))
-    pid = job.runner.pid
-    time.sleep(0.5)
-    job.poll()
-    assert pid_alive(pid)
+    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    job = case.logic.start_generate(case.seg, options)
+    pid = job.task.pid
+    while job.poll() and job.task.text != "model loaded":  # cancel in the middle of the network pass
+        time.sleep(0.01)
     start = time.monotonic()
     assert case.logic.cancel_generate(job) is True
-    assert time.monotonic() - start < 5.0
-    assert not pid_alive(pid) and group_pids(pid) == []
+    assert time.monotonic() - start < 1.0  # target 0.5 s, measured in benchmarks/bench_preview.py
+    if not pid_alive(pid):  # the worker was killed (the pass did not stop in time): its whole group is gone
+        assert group_pids(pid) == []
     with pytest.raises(CancelledError):
         case.logic.finish_generate(job)
     assert not job.run_dir.exists()
     assert _ids(case.scene) == ids
     case.assert_inputs_unchanged()
+    # the next request is served (by the same worker, or a new one)
+    again = case.logic.start_generate(case.seg, options)
+    assert again.task.wait(300) == "done"
+    mrml.remove_nodes(case.scene, *case.logic.finish_generate(again).values())
 
 
 @pytest.mark.realdata
 def test_failed_synthesis_is_reported_and_leaves_the_scene(case, tmp_path):
     ids = _ids(case.scene)
     job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tmp_path / "no-such-model"), device="cpu"))
-    job.runner.wait(timeout=300)
-    with pytest.raises(WorkflowError, match="synthesis failed: .*no-such-model"):
+    job.task.wait(timeout=300)
+    with pytest.raises(WorkflowError, match="synthesis failed: .*no-such-model") as error:
         case.logic.finish_generate(job)
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)  # the backend's one line
     assert _ids(case.scene) == ids
 
 
@@ -505,24 +523,38 @@ def test_failed_synthesis_is_reported_and_leaves_the_scene(case, tmp_path):
 def test_preview_rerenders_only_the_edited_region(case, tiny_model):
     seg = case.logic.copy_labels(case.seg, "preview")
     options = GenerateOptions(model=str(tiny_model), device="cpu")
-    first = case.logic.preview(seg, options)
+    ids = _ids(case.scene)
+    job = case.logic.start_preview(seg, options)
+    assert _ids(case.scene) == ids  # in the background: nothing changes until it is finished
+    while job.poll():
+        time.sleep(0.01)
+    first = case.logic.finish_preview(job)
     before = {m: mrml.array_from_volume(n) for m, n in first.items()}
-    assert case.logic._preview.last_reply["cmd"] == "synthesize"
+    assert case.logic.last_preview["full"] is True
     labels_before = case.logic.labelmap(seg).array
     from MedSynthLib.edits import Translate
 
     case.logic.apply_edit(seg, Translate((4.0, 0.0, 0.0)))
     second = case.logic.preview(seg, options)
-    assert case.logic._preview.last_reply["cmd"] == "rerender"
+    assert case.logic.last_preview["full"] is False
     assert all(second[m] is first[m] for m in first)  # the same nodes, updated in place
     changed_labels = np.argwhere(case.logic.labelmap(seg).array != labels_before)
     grow = 24 + 2  # SynthesisEngine.rerender's margin, plus the tiny network's size multiple (2)
     lo, hi = changed_labels.min(axis=0) - grow, changed_labels.max(axis=0) + 1 + grow
+    box = case.logic.last_preview["box"]  # only this box came back from the worker
+    assert all(max(lo[a], 0) <= box[0][a] and box[1][a] <= hi[a] for a in range(3)), (box, lo, hi)
     after = mrml.array_from_volume(second["t1"])
     outside = np.ones(after.shape, bool)
     outside[tuple(slice(max(a, 0), b) for a, b in zip(lo, hi))] = False
     np.testing.assert_array_equal(after[outside], before["t1"][outside])
     assert not np.array_equal(after, before["t1"])
+    # where the labels changed the preview is a full synthesis of the edited map (which is stored
+    # rounded to int16: half a unit)
+    full = case.logic.generate(seg, options)
+    reference = mrml.array_from_volume(full["t1"]).astype(np.float32)
+    changed = case.logic.labelmap(seg).array != labels_before
+    assert float(np.abs(after - reference)[changed].max()) <= 0.5 + 1e-3
+    mrml.remove_nodes(case.scene, *full.values())
     for node in second.values():
         np.testing.assert_array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(case.nodes["t1"]))
     case.logic.close_preview()
@@ -533,9 +565,7 @@ def test_preview_rerenders_only_the_edited_region(case, tiny_model):
 
 
 @pytest.mark.realdata
-def test_review_layout_linked_views_original_and_rating(case):
-    outputs = case.outputs
-    assert outputs, "needs test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid"
+def test_review_layout_linked_views_original_and_rating(case, outputs):
     layout = case.scene.AddNewNodeByClass("vtkMRMLLayoutNode")
     layout_id = case.logic.register_review_layout(layout)
     assert layout.IsLayoutDescription(layout_id)
@@ -610,9 +640,7 @@ def test_review_layout_linked_views_original_and_rating(case):
 
 
 @pytest.mark.realdata
-def test_export_nifti_and_dicom_through_medsynthlib_never_overwriting(case, tmp_path):
-    outputs = case.outputs
-    assert outputs, "needs the generate test"
+def test_export_nifti_and_dicom_through_medsynthlib_never_overwriting(case, outputs, tmp_path):
     if not outputs["t1"].GetAttribute("MedSynth.Rating"):
         case.logic.set_review(outputs, 3, "")
     ids = _ids(case.scene)
@@ -668,19 +696,19 @@ def _not_writable_folder(tmp_path: Path) -> Path | None:
 
 
 @pytest.mark.realdata
-def test_export_to_a_folder_that_is_not_writable_is_refused(case, tmp_path):
+def test_export_to_a_folder_that_is_not_writable_is_refused(case, outputs, tmp_path):
     target = _not_writable_folder(tmp_path)
     if target is None:
         pytest.skip("no non-writable folder available to this user")
     ids = _ids(case.scene)
     with pytest.raises(WorkflowError, match="not writable"):
-        case.logic.export(case.outputs, "nifti", target)
+        case.logic.export(outputs, "nifti", target)
     with pytest.raises(WorkflowError, match="format"):
-        case.logic.export(case.outputs, "png", tmp_path)
+        case.logic.export(outputs, "png", tmp_path)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(WorkflowError, match="not a folder"):
-        case.logic.export(case.outputs, "nifti", a_file)
+        case.logic.export(outputs, "nifti", a_file)
     assert _ids(case.scene) == ids
 
 

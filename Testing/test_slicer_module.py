@@ -822,5 +822,34 @@ def test_generate_review_and_export_through_the_handlers(module, brats_cases, tm
     import json
 
     assert json.loads((exported / "provenance.json").read_text())["review"]["rating"] == 4
+
+    # preview in the background: the handler returns at once, the timer brings the result
+    widget.onPreview()
+    assert widget._previewJob is not None and widget._timer.active
+    assert widget.ui.previewButton.text == "Stop preview"
+    deadline = time.monotonic() + 300
+    while widget._previewJob is not None and time.monotonic() < deadline:
+        widget._onPoll()
+        time.sleep(0.05)
+    assert not module.messages.errors, module.messages.errors
+    previews = dict(widget._outputs)
+    assert sorted(previews) == ["flair", "t1", "t1ce", "t2"]
+    assert all(node.GetAttribute("MedSynth.Role") == "preview" for node in previews.values())
+    from MedSynthSlicerLib import mrml
+
+    before = mrml.array_from_volume(previews["t1"])
+    # an edit refreshes the shown preview by itself, in the same volumes
+    p.randomSeed = 11
+    widget.onRandomTumour()
+    assert widget._previewJob is not None
+    while widget._previewJob is not None and time.monotonic() < deadline:
+        widget._onPoll()
+        time.sleep(0.05)
+    assert not module.messages.errors, module.messages.errors
+    assert widget._outputs == previews and widget.workflow.last_preview["full"] is False
+    assert not np.array_equal(mrml.array_from_volume(previews["t1"]), before)
+    widget.onSaveReview()  # a preview is not a saved case
+    assert module.messages.errors and "Generate" in module.messages.errors[-1]
+    widget.workflow.cleanup()
     for view in layout_manager.views.values():
         view.sliceLogic().SetMRMLScene(None)

@@ -1,4 +1,4 @@
-"""Offscreen VTK rendering of a MedSynth scene (the README figure's code path) on a small phantom.
+"""Offscreen VTK rendering of a MedSynth scene (docs/figures/slicer_render.py, the README figure's code path) on a small phantom.
 
 Skipped with the reason when no offscreen OpenGL context (EGL / OSMesa) can be
 created on this machine.
@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedSynth"))
+sys.path.insert(0, str(REPO / "docs" / "figures"))  # the figure tooling lives with the figures
 
 try:
     import slicer
@@ -26,7 +27,7 @@ except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on th
     pytest.skip(f"slicer-core is not installed ({exc})", allow_module_level=True)
 
 from MedSynthSlicerLib import mrml  # noqa: E402
-from MedSynthSlicerLib.render import offscreen_render_window, oriented_axial_slice, render_scene_figure  # noqa: E402
+from slicer_render import offscreen_render_window, oriented_axial_slice, render_scene_figure  # noqa: E402
 
 
 def test_axial_slice_orientation_is_radiological():

@@ -1,13 +1,18 @@
 """Everything of the MedSynth Slicer module except the widgets: runs without Qt.
 
-* :mod:`.logic` - :class:`WorkflowLogic`, the workflow on an MRML scene;
+* :mod:`.logic` - :class:`WorkflowLogic`, the facade the widget calls (rating and export inside);
+* :mod:`.label_segmentation` - input, prepare, the label segmentation (sync, lock, undo);
+* :mod:`.tumour_tools` - MedSynthLib edits from the panel and the handles;
+* :mod:`.generate` - generate and preview on the scene, through the worker;
+* :mod:`.review` - the four linked review views;
+* :mod:`.jobs` - the client of the backend worker (one process for generate, preview, export);
+* :mod:`.protocol` - the typed JSON-lines messages and array files both sides speak;
+* ``worker.py`` - the worker, run in the backend's Python (``PythonSlicer``);
 * :mod:`.mrml` - volumes, grids, segmentations <-> MedSynthLib label maps;
-* :mod:`.process` - the background process runner (thread + poll, process-tree cancel);
+* :mod:`.process` - process helpers (alive, group, the backend's Python);
 * :mod:`.signals` - pure-Python signals;
 * :mod:`.environment` - MedSynthLib location, dependencies, torch device detection;
-* :mod:`.parameters` - parameter dataclasses and choice lists;
-* :mod:`.render` - offscreen VTK rendering of the scene (README figure);
-* ``run_cli.py`` / ``preview_worker.py`` - scripts run in the backend process.
+* :mod:`.parameters` - parameter dataclasses and choice lists (derived from MedSynthLib).
 
 Tested on the PyPI ``slicer-core`` libraries (``Testing/test_slicer_*.py``).
 """

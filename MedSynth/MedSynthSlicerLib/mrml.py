@@ -33,6 +33,16 @@ FULL_NAME_TAG = "MedSynth.FullName"
 LOCKED_TAG = "MedSynth.Locked"
 HISTORY_ATTRIBUTE = "MedSynth.History"
 ROLE_ATTRIBUTE = "MedSynth.Role"
+#: Values of ROLE_ATTRIBUTE: what a node is to MedSynth.
+ROLE = ROLE_ATTRIBUTE
+ROLE_TEMPLATE = "template"
+ROLE_LABELS = "labels"
+ROLE_SYNTHETIC = "synthetic"
+ROLE_PREVIEW = "preview"
+ROLE_MOVING = "moving-tumour"
+#: + modality: node reference role from the label segmentation to the volumes it was prepared from.
+ORIGINAL_REFERENCE = "MedSynthOriginal_"
+CONVENTION_ATTRIBUTE = "MedSynth.LabelConvention"
 
 
 class MRMLError(RuntimeError):
@@ -147,6 +157,26 @@ def update_volume_from_array(node: Any, array: np.ndarray) -> None:
     if image is not None and tuple(image.GetDimensions()) != (array.shape[2], array.shape[1], array.shape[0]):
         raise MRMLError(f"array shape {array.shape} does not fit volume {node.GetName()!r}")
     node.SetAndObserveImageData(_image_data(array))
+    node.Modified()
+
+
+def update_volume_region(node: Any, start: Sequence[int], region: np.ndarray) -> None:
+    """Write ``region`` into a volume's voxels at ``start`` (k, j, i) in place, then mark the volume modified.
+
+    Only the box is copied (a preview re-render changes a small part of the volume).
+    """
+    image = node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise MRMLError(f"volume {node.GetName()!r} has no voxel data")
+    dims = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1])  # a view of the volume's memory
+    stop = [int(a) + int(n) for a, n in zip(start, region.shape)]
+    if region.ndim != 3 or any(int(a) < 0 for a in start) or any(b > d for b, d in zip(stop, dims[::-1])):
+        raise MRMLError(f"region {tuple(region.shape)} at {tuple(start)} does not fit volume {node.GetName()!r}")
+    voxels[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = region
+    scalars.Modified()
+    image.Modified()
     node.Modified()
 
 

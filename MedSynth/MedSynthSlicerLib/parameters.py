@@ -10,15 +10,54 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
+
+
+
+def _from_medsynthlib(read: Callable[[], Sequence[str]], fallback: tuple[str, ...]) -> tuple[str, ...]:
+    """A choice list read from MedSynthLib; ``fallback`` only while MedSynthLib cannot be imported yet.
+
+    The module is loaded by Slicer before the extension's Python dependencies are
+    installed, so the panel needs its choices without them; a test checks that the
+    fallbacks equal MedSynthLib's lists.
+    """
+    try:
+        return tuple(str(v) for v in read())
+    except ImportError:
+        return fallback
+
+
+def _conventions() -> Sequence[str]:
+    from MedSynthLib.schema.labels import CONVENTIONS
+
+    return list(CONVENTIONS)
+
+
+def _export_formats() -> Sequence[str]:
+    from MedSynthLib.export import FORMATS
+
+    return FORMATS
+
+
+def _export_namings() -> Sequence[str]:
+    from MedSynthLib.export import NAMINGS
+
+    return list(NAMINGS)
+
 
 #: Every device ``medsynth synthesize`` knows ("cuda" is shown as GPU).
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-EXPORT_FORMATS: tuple[str, ...] = ("nifti", "dicom")
-EXPORT_NAMINGS: tuple[str, ...] = ("brats2021", "brats2023")
+#: The four synthesised contrasts and their titles in the panel and the views.
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+FALLBACK_EXPORT_FORMATS = ("nifti", "dicom")
+FALLBACK_EXPORT_NAMINGS = ("brats2021", "brats2023")
+FALLBACK_LABEL_CONVENTIONS = ("brats2021", "brats2023", "msd", "brats2015")
+EXPORT_FORMATS: tuple[str, ...] = _from_medsynthlib(_export_formats, FALLBACK_EXPORT_FORMATS)
+EXPORT_NAMINGS: tuple[str, ...] = _from_medsynthlib(_export_namings, FALLBACK_EXPORT_NAMINGS)
 #: Tumour-label conventions of an input segmentation (MedSynthLib.schema.labels.CONVENTIONS).
-LABEL_CONVENTIONS: tuple[str, ...] = ("brats2021", "brats2023", "msd", "brats2015")
+LABEL_CONVENTIONS: tuple[str, ...] = _from_medsynthlib(_conventions, FALLBACK_LABEL_CONVENTIONS)
 
 
 def platform_devices(system: Optional[str] = None) -> tuple[str, ...]:
@@ -37,7 +76,7 @@ NOTE_MAX_CHARS = 500
 
 @dataclass
 class GenerateOptions:
-    """How ``medsynth synthesize`` is run.
+    """How the worker synthesises (generate and preview).
 
     Attributes:
         model: registered model name or model folder; ``None``/empty: the registry default.
@@ -61,11 +100,10 @@ class GenerateOptions:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise WorkflowError(f"the seed must be a non-negative whole number, got {self.seed!r}")
 
-    def cli_arguments(self) -> list[str]:
-        args = ["--device", self.device, "--precision", self.precision, "--seed", str(self.seed)]
-        if self.model:
-            args += ["--model", str(self.model)]
-        return args
+    def worker_params(self) -> dict[str, Any]:
+        """The parameters of a ``generate`` / ``preview`` request (see :mod:`.protocol`)."""
+        return {"model": str(self.model) if self.model else None, "device": self.device,
+                "precision": self.precision, "seed": self.seed}
 
 
 @dataclass

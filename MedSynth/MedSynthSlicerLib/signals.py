@@ -2,7 +2,7 @@
 
 The widget connects Qt slots (or any callables) to these signals; the tests
 connect plain lists.  Emission is synchronous, in the emitting thread: the
-process runner emits only from :meth:`~MedSynthSlicerLib.process.ProcessRunner.poll`,
+worker client emits only from :meth:`~MedSynthSlicerLib.jobs.WorkerClient.poll`,
 which the widget calls from a ``QTimer`` in the GUI thread.
 """
 

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..schema.errors import EditError, InputError, MedSynthError
+from ..schema.errors import EditError, MedSynthError
 from ..schema.grid import LabelMap, lps_to_ras
 from ..schema.labels import Label
 from .sources import Source, load_source

@@ -20,6 +20,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "MedSynth"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # slicer_render.py, the figure's renderer
 
 
 def main() -> int:
@@ -37,7 +38,7 @@ def main() -> int:
     from MedSynthSlicerLib import mrml
     from MedSynthSlicerLib.logic import WorkflowLogic
     from MedSynthSlicerLib.parameters import GenerateOptions
-    from MedSynthSlicerLib.render import render_scene_figure
+    from slicer_render import render_scene_figure
 
     scene, _logics = mrml.create_headless_scene()
     logic = WorkflowLogic(scene, work_dir=tempfile.mkdtemp(prefix="medsynth-figure-"))

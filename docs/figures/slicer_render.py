@@ -18,7 +18,7 @@ import numpy as np
 import vtk
 from vtkmodules.util import numpy_support
 
-from . import mrml
+from MedSynthSlicerLib import mrml
 
 
 def offscreen_render_window(size: Sequence[int]) -> tuple[Any, str]:

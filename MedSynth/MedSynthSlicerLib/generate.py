@@ -1,0 +1,323 @@
+"""Generate and preview on the scene: the label map goes to the worker, the images come back in memory.
+
+Both run in the one backend worker (:mod:`.jobs`), which keeps the model loaded:
+``generate`` writes the synthetic case folder (for review and export) and sends
+the four images back as written; ``preview`` synthesises the whole case once and
+afterwards only the box an edit changed, which is copied into the preview
+volumes in place.  Nothing here waits on the worker: ``start_*`` returns a job
+at once, the widget polls it from a QTimer, ``finish_*`` puts the result into
+the scene.  Every output keeps the input's IJK-to-RAS matrix exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import mrml
+from .environment import backend_env, ensure_medsynthlib_importable
+from .errors import CancelledError, WorkflowError
+from .jobs import WorkerClient, WorkerTask, labelmap_request
+from .mrml import ROLE, ROLE_PREVIEW, ROLE_SYNTHETIC
+from .parameters import MODALITIES, MODALITY_TITLES, GenerateOptions
+
+
+@dataclass
+class GenerationJob:
+    """A synthesis of one label segmentation running in the worker."""
+
+    task: WorkerTask
+    run_dir: Path
+    out_dir: Path
+    segmentation_id: str
+    reference_id: str
+    labels_sha256: str
+    options: GenerateOptions
+    status: str = "running"  # running, done, failed, cancelled
+    started: float = field(default_factory=time.monotonic)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def poll(self) -> bool:
+        """Dispatch what the worker sent; True while the synthesis runs."""
+        return self.task.poll()
+
+    def is_running(self) -> bool:
+        return self.task.is_running()
+
+
+@dataclass
+class PreviewJob:
+    """A preview (full the first time, then the edited box) running in the worker."""
+
+    task: WorkerTask
+    segmentation_id: str
+    reference_id: str
+    options: GenerateOptions
+    status: str = "running"
+    started: float = field(default_factory=time.monotonic)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def poll(self) -> bool:
+        return self.task.poll()
+
+    def is_running(self) -> bool:
+        return self.task.is_running()
+
+
+class Synthesis:
+    """Generate and preview (a part of ``WorkflowLogic``; its state lives there)."""
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def worker(self) -> WorkerClient:
+        """The backend worker of this session (started on first use, kept with its model loaded)."""
+        if self._worker is None:
+            self._worker = WorkerClient(self.python, env=backend_env(), log=self.log.emit)
+        return self._worker
+
+    @staticmethod
+    def registered_models() -> list[dict[str, Any]]:
+        """The models registered with MedSynth: ``[{"name": str, "default": bool}]``, the default first.
+
+        Read from the registry file only (no weights are loaded or verified here;
+        the synthesis verifies the chosen model's checksum).
+        """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.synthesis.models import read_registry
+
+        try:
+            registry = read_registry()
+        except MedSynthError as exc:
+            raise WorkflowError(str(exc)) from None
+        out = []
+        for name in sorted(registry.get("models", {})):
+            out.append({"name": name, "default": name == registry.get("default")})
+        out.sort(key=lambda entry: not entry["default"])
+        return out
+
+    def detect_devices(self, timeout_s: float = 180.0):
+        """What torch detects in the backend's Python (run in a separate process)."""
+        from .environment import detect_devices
+
+        self.device_info = detect_devices(self.python, timeout_s)
+        return self.device_info
+
+    def _new_run_dir(self, kind: str) -> Path:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._run_counter += 1
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-{stamp}-{self._run_counter:03d}-", dir=self.work_dir))
+
+    def _checked_options(self, options: GenerateOptions | None) -> GenerateOptions:
+        options = options or GenerateOptions()
+        options.validate()
+        info = self.device_info
+        if info is not None and info.torch is not None and options.device not in info.available:
+            raise WorkflowError(f"device {options.device!r} is not available here ({info.describe()}); "
+                                "choose auto or CPU")
+        return options
+
+    # --- generate --------------------------------------------------------------------------------
+
+    def start_generate(self, segmentation: Any, options: GenerateOptions | None = None) -> GenerationJob:
+        """Send the current label map to the worker for a full synthesis; returns at once.
+
+        Poll the job (``job.poll()``, from a QTimer in the GUI) and call
+        :meth:`finish_generate` when it returns False; or :meth:`cancel_generate`.
+        """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.schema.provenance import array_sha256
+
+        options = self._checked_options(options)
+        labelmap = self.labelmap(segmentation)
+        reference = self.reference_volume(segmentation)
+        run_dir = self._new_run_dir("synthesis")
+        out_dir = run_dir / "case"
+        params, arrays = labelmap_request(labelmap)
+        self.progress.emit(0.0, "starting the synthesis")
+        try:
+            task = self.worker().submit("generate", dict(params, out=str(out_dir), **options.worker_params()), arrays)
+        except OSError as exc:
+            raise WorkflowError(f"cannot start the MedSynth worker ({exc})") from None
+        task.progress.connect(self.progress.emit)
+        self.log.emit(f"synthesis started in the worker (process {task.pid})")
+        return GenerationJob(task, run_dir, out_dir, segmentation.GetID(), reference.GetID(),
+                             array_sha256(labelmap.array), options)
+
+    def cancel_generate(self, job: GenerationJob) -> bool:
+        """Stop the synthesis (within about half a second); remove its files. True when it has stopped."""
+        gone = self.worker().cancel(job.task)
+        job.status = "cancelled"
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        self.progress.emit(0.0, "cancelled")
+        self.log.emit("synthesis cancelled" + ("" if gone else " (the worker did not stop yet)"))
+        return gone
+
+    def finish_generate(self, job: GenerationJob, name_prefix: str = "MedSynth synthetic") -> dict[str, Any]:
+        """Put the synthetic T1/T1ce/T2/FLAIR of a finished job into the scene, on the input's exact grid.
+
+        Raises:
+            CancelledError: the job was cancelled.
+            WorkflowError: the worker reported an error (its one line is the message), or the
+                outputs do not fit the input grid (the scene is left as it was).
+        """
+        if job.task.is_running():
+            job.task.wait()
+        if job.task.cancelled or job.status == "cancelled":
+            job.status = "cancelled"
+            shutil.rmtree(job.run_dir, ignore_errors=True)
+            raise CancelledError("synthesis cancelled; nothing was added to the scene")
+        if job.task.status != "done":
+            job.status, job.error = "failed", job.task.error
+            shutil.rmtree(job.run_dir, ignore_errors=True)
+            raise WorkflowError(f"synthesis failed: {job.task.error}")
+        images = job.task.arrays()
+        reference = self._job_reference(job.reference_id)
+        outputs: dict[str, Any] = {}
+        with mrml.scene_guard(self.scene):
+            for modality in MODALITIES:
+                node = self._new_output_volume(reference, images.get(modality),
+                                               f"{name_prefix} {MODALITY_TITLES[modality]}")
+                self._tag_output(node, modality, ROLE_SYNTHETIC, job.segmentation_id, job.options)
+                node.SetAttribute("MedSynth.CaseFolder", str(job.out_dir))
+                outputs[modality] = node
+        job.status, job.outputs = "done", outputs
+        self.progress.emit(1.0, "done")
+        return outputs
+
+    def generate(self, segmentation: Any, options: GenerateOptions | None = None,
+                 timeout_s: float = 3600.0) -> dict[str, Any]:
+        """Blocking convenience: start, wait, load (for scripts and tests; the GUI polls instead)."""
+        job = self.start_generate(segmentation, options)
+        try:
+            job.task.wait(timeout_s)
+        except TimeoutError:
+            self.cancel_generate(job)
+            raise WorkflowError(f"synthesis did not finish in {timeout_s:.0f} s and was cancelled") from None
+        return self.finish_generate(job)
+
+    # --- outputs on the scene --------------------------------------------------------------------
+
+    def _job_reference(self, reference_id: str) -> Any:
+        reference = self.scene.GetNodeByID(reference_id)
+        if reference is None or reference.GetImageData() is None:
+            raise WorkflowError("the input T1 was removed from the scene while synthesising")
+        return reference
+
+    def _new_output_volume(self, reference: Any, array: np.ndarray | None, name: str) -> Any:
+        dims = reference.GetImageData().GetDimensions()
+        if array is None or tuple(array.shape) != tuple(dims[::-1]):
+            shape = None if array is None else tuple(array.shape[::-1])
+            raise WorkflowError(f"synthesis output {name!r} is not on the grid of {reference.GetName()!r}: "
+                                f"dimensions {shape} instead of {tuple(dims)}")
+        return mrml.add_volume_from_array(self.scene, array, mrml.ijk_to_ras(reference), name)
+
+    @staticmethod
+    def _tag_output(node: Any, modality: str, role: str, segmentation_id: str, options: GenerateOptions) -> None:
+        node.SetAttribute(ROLE, role)
+        node.SetAttribute("MedSynth.Modality", modality)
+        node.SetAttribute("MedSynth.LabelSegmentationID", segmentation_id)
+        node.SetAttribute("MedSynth.Seed", str(options.seed))
+
+    # --- fast preview ----------------------------------------------------------------------------
+
+    def start_preview(self, segmentation: Any, options: GenerateOptions | None = None) -> PreviewJob:
+        """Send the current label map for a preview; returns at once (poll the job, then :meth:`finish_preview`).
+
+        The first preview of a segmentation (or after the options changed)
+        synthesises the whole case; later ones re-render only the box the edit
+        changed, with the model kept loaded in the worker.
+        """
+        options = self._checked_options(options)
+        labelmap = self.labelmap(segmentation)
+        reference = self.reference_volume(segmentation)
+        key = (segmentation.GetID(), options.model, options.device, options.precision, options.seed)
+        nodes = self._preview_outputs
+        reset = key != self._preview_key or not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values())
+        params, arrays = labelmap_request(labelmap)
+        task = self.worker().submit("preview", dict(params, reset=reset, **options.worker_params()), arrays)
+        task.progress.connect(self.progress.emit)
+        self._preview_key = key
+        if reset:
+            self._preview_outputs = None
+        return PreviewJob(task, segmentation.GetID(), reference.GetID(), options)
+
+    def finish_preview(self, job: PreviewJob) -> dict[str, Any]:
+        """Copy a finished preview into the preview volumes ("MedSynth preview T1" ...), in place after the first.
+
+        Raises:
+            CancelledError: the preview was cancelled.
+            WorkflowError: the worker reported an error, or the input T1 is gone.
+        """
+        if job.task.is_running():
+            job.task.wait()
+        if job.task.cancelled:
+            job.status = "cancelled"
+            raise CancelledError("preview cancelled")
+        if job.task.status != "done":
+            job.status = "failed"
+            self._preview_key = None  # the worker may have lost its state: start over
+            raise WorkflowError(f"preview failed: {job.task.error}")
+        assert job.task.result is not None
+        data, regions = job.task.result.data, job.task.arrays()
+        start = [int(v) for v in data["box"][0]]
+        reference = self._job_reference(job.reference_id)
+        nodes = self._preview_outputs
+        if not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values()):
+            if not data.get("full"):
+                self._preview_key = None
+                raise WorkflowError("preview failed: the preview volumes were removed; preview again")
+            with mrml.scene_guard(self.scene):
+                nodes = {}
+                for modality in MODALITIES:
+                    node = self._new_output_volume(reference, regions.get(modality),
+                                                   f"MedSynth preview {MODALITY_TITLES[modality]}")
+                    self._tag_output(node, modality, ROLE_PREVIEW, job.segmentation_id, job.options)
+                    nodes[modality] = node
+            self._preview_outputs = nodes
+        else:
+            for modality in MODALITIES:
+                region = regions[modality]
+                if region.size:
+                    try:
+                        mrml.update_volume_region(nodes[modality], start, region.astype(np.float32, copy=False))
+                    except mrml.MRMLError as exc:
+                        raise WorkflowError(f"preview failed: {exc}") from None
+        job.status, job.outputs = "done", dict(nodes)
+        self.last_preview = dict(data)
+        self.log.emit(f"preview ({'full' if data.get('full') else 'edited box'}) in {data.get('seconds')} s")
+        return dict(nodes)
+
+    def cancel_preview(self, job: PreviewJob) -> bool:
+        """Stop a running preview (within about half a second)."""
+        gone = self.worker().cancel(job.task)
+        job.status = "cancelled"
+        return gone
+
+    def preview(self, segmentation: Any, options: GenerateOptions | None = None,
+                timeout_s: float = 600.0) -> dict[str, Any]:
+        """Blocking convenience of :meth:`start_preview` + :meth:`finish_preview` (scripts and tests)."""
+        job = self.start_preview(segmentation, options)
+        try:
+            job.task.wait(timeout_s)
+        except TimeoutError:
+            self.cancel_preview(job)
+            raise WorkflowError(f"the preview did not finish in {timeout_s:.0f} s and was cancelled") from None
+        return self.finish_preview(job)
+
+    def close_preview(self) -> None:
+        """Forget the preview state (the preview volumes stay in the scene)."""
+        self._preview_outputs = None
+        self._preview_key = None
+
+
+__all__ = ["GenerationJob", "PreviewJob", "Synthesis"]

@@ -1,0 +1,510 @@
+"""The label segmentation: input volumes, prepare, the label map of a segmentation node, lock, undo.
+
+A MedSynth label map lives in a segmentation node (segments CSF, GM, WM, NCR, ED, ET);
+its provenance history is kept in the node attribute ``MedSynth.History`` (JSON), so it
+survives saving the scene.  Changes made with the Segment Editor are detected when the
+label map is read back (:meth:`LabelSegmentation.labelmap`) and recorded as one
+``manual_segment_edit`` record; locked anatomy is enforced there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from . import mrml
+from .environment import ensure_medsynthlib_importable
+from .errors import WorkflowError
+from .mrml import CONVENTION_ATTRIBUTE, ORIGINAL_REFERENCE, ROLE, ROLE_LABELS, ROLE_TEMPLATE
+from .parameters import LABEL_CONVENTIONS, MODALITIES, MODALITY_TITLES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from MedSynthLib.schema.grid import LabelMap
+
+MANUAL_EDIT = "manual_segment_edit"
+
+
+def _lib():
+    """Import MedSynthLib lazily (the module loads before its dependencies are installed)."""
+    ensure_medsynthlib_importable()
+    import MedSynthLib.schema.labels as labels
+
+    return labels
+
+
+# --- segment names ---------------------------------------------------------------------------
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[_\-/]+", " ", name.strip().lower()))
+
+
+def segment_label(name: str, convention: str = "brats2021") -> int | None:
+    """The schema label a segment name stands for, or ``None`` when it is unknown.
+
+    Accepted: the schema short names (CSF, GM, WM, NCR, ED, ET) and full names,
+    common synonyms (necrosis, oedema/edema, enhancing tumour, white matter ...),
+    and ``Segment_N`` / ``Label_N`` / ``N`` holding a tumour value of ``convention``.
+    """
+    labels = _lib()
+    text = _normalise(name)
+    table: dict[str, int] = {}
+    for label, info in labels.LABEL_INFO.items():
+        if label == labels.Label.BACKGROUND:
+            continue
+        table[_normalise(info.short_name)] = int(label)
+        table[_normalise(info.name)] = int(label)
+    synonyms = {
+        labels.Label.CSF: ("cerebrospinal fluid", "csf"),
+        labels.Label.GM: ("grey matter", "gray matter", "cortical grey matter", "cortical gray matter"),
+        labels.Label.WM: ("white matter", "cerebral white matter"),
+        labels.Label.NCR: ("necrosis", "necrotic", "necrotic core", "ncr net", "net", "non enhancing",
+                           "non enhancing tumour core", "non enhancing tumor core", "necrotic tumor core",
+                           "necrotic tumour core"),
+        labels.Label.ED: ("edema", "oedema", "peritumoral edema", "peritumoural oedema", "peritumoral oedema",
+                          "snfh", "surrounding non enhancing flair hyperintensity"),
+        labels.Label.ET: ("enhancing", "enhancing tumor", "enhancing tumour", "enhancing tumor core"),
+    }
+    for label, words in synonyms.items():
+        for word in words:
+            table[_normalise(word)] = int(label)
+    if text in table:
+        return table[text]
+    match = re.fullmatch(r"(?:segment|label)?\s*(\d+)", text)
+    if match:
+        value = int(match.group(1))
+        conv = labels.CONVENTIONS[convention]
+        if value in conv.to_schema:
+            return int(conv.to_schema[value])
+    return None
+
+
+def _check_convention(convention: str) -> str:
+    if convention not in LABEL_CONVENTIONS:
+        raise WorkflowError(f"unknown tumour-label convention {convention!r} "
+                            f"(choose from {', '.join(LABEL_CONVENTIONS)})")
+    return convention
+
+
+
+class LabelSegmentation:
+    """Input, prepare, read back, lock and undo the label segmentation (a part of ``WorkflowLogic``).
+
+    The workflow's state (``scene``, ``log``, the committed label maps and undo
+    stacks) lives on :class:`~MedSynthSlicerLib.logic.WorkflowLogic`, which
+    combines this class with the other parts of the workflow.
+    """
+
+    # =========================================================================================
+    # 1. input
+    # =========================================================================================
+
+    def load_case(self, folder: str | os.PathLike[str], convention: str | None = None,
+                  label_convention: str | None = None) -> dict[str, Any]:
+        """Load a case folder (BraTS 2021/2023, MSD, BRATS 2015 naming) into the scene.
+
+        Volumes are read through storage nodes (MSD 4D images are split from
+        MedSynthLib's reader); the tumour segmentation, if any, becomes a
+        labelmap volume node holding the dataset's own values, with its
+        convention in the ``MedSynth.LabelConvention`` attribute.
+
+        Returns:
+            ``{"t1": node, "t1ce": node, "t2": node, "flair": node, "tumour": node or None}``
+        """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.cases.readers import read_case
+        from MedSynthLib.schema.errors import MedSynthError
+
+        folder = Path(folder)
+        try:
+            case = read_case(folder, convention=convention, label_convention=label_convention)
+        except MedSynthError as exc:
+            raise WorkflowError(str(exc)) from None
+        nodes: dict[str, Any] = {}
+        with mrml.scene_guard(self.scene):
+            matrix = mrml.grid_to_ijk_to_ras(case.grid)
+            for modality in MODALITIES:
+                name = f"{case.case_id} {MODALITY_TITLES[modality]}"
+                path = case.files[modality]
+                if case.convention == "msd":
+                    nodes[modality] = mrml.add_volume_from_array(self.scene, case.images[modality], matrix, name)
+                else:
+                    try:
+                        nodes[modality] = mrml.read_volume(self.scene, str(path), name)
+                    except mrml.MRMLError as exc:
+                        raise WorkflowError(str(exc)) from None
+                nodes[modality].SetAttribute("MedSynth.Modality", modality)
+            nodes["tumour"] = None
+            if "seg" in case.files:
+                try:
+                    tumour = mrml.read_volume(self.scene, str(case.files["seg"]), f"{case.case_id} tumour",
+                                              labelmap=True)
+                except mrml.MRMLError as exc:
+                    raise WorkflowError(str(exc)) from None
+                tumour.SetAttribute(CONVENTION_ATTRIBUTE, case.label_convention)
+                nodes["tumour"] = tumour
+        self.log.emit(f"loaded case {case.case_id} ({case.convention} naming)")
+        return nodes
+
+    def load_template(self) -> Any:
+        """The healthy ICBM152 2009a template T1 as a volume node (one click, no download)."""
+        ensure_medsynthlib_importable()
+        import SimpleITK as sitk
+        from MedSynthLib.cases.template import TEMPLATE_NAME, template_t1
+        from MedSynthLib.schema.grid import Grid
+
+        image = template_t1()
+        grid = Grid.from_image(image)
+        with mrml.scene_guard(self.scene):
+            node = mrml.add_volume_from_array(self.scene, sitk.GetArrayFromImage(image).astype(np.float32),
+                                              mrml.grid_to_ijk_to_ras(grid), f"MedSynth template T1 ({TEMPLATE_NAME})")
+            node.SetAttribute(ROLE, ROLE_TEMPLATE)
+            node.SetAttribute("MedSynth.Modality", "t1")
+        return node
+
+    # =========================================================================================
+    # 2. prepare
+    # =========================================================================================
+
+    def _check_brain_volume(self, node: Any, what: str = "T1") -> np.ndarray:
+        if node is None:
+            raise WorkflowError(f"no brain selected: choose a {what} volume, load a case folder or use the "
+                                "healthy template")
+        if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise WorkflowError(f"{node.GetName()!r} is not a scalar volume; choose the {what} image")
+        try:
+            array = mrml.array_from_volume(node)
+        except mrml.MRMLError as exc:
+            raise WorkflowError(f"no brain selected: {exc}") from None
+        if min(array.shape) < 2:
+            raise WorkflowError(f"{node.GetName()!r} is not a 3D volume (shape {array.shape[::-1]})")
+        if not np.all(np.isfinite(array)):
+            raise WorkflowError(f"{node.GetName()!r} holds NaN or infinite voxels")
+        if not np.any(array != 0):
+            raise WorkflowError(f"{node.GetName()!r} is empty (every voxel is 0): no brain to work on")
+        return array
+
+    def _same_grid(self, reference: Any, node: Any, what: str) -> None:
+        dims_ref = reference.GetImageData().GetDimensions()
+        dims = node.GetImageData().GetDimensions() if node.GetImageData() is not None else (0, 0, 0)
+        difference = mrml.geometry_difference(mrml.ijk_to_ras(reference), dims_ref, mrml.ijk_to_ras(node), dims)
+        if difference is not None:
+            raise WorkflowError(f"{what} {node.GetName()!r} is on another grid than {reference.GetName()!r}: "
+                                f"{difference}; resample it onto the T1 first (Resample Scalar/Vector/DWI "
+                                "Volume or the Segmentations module)")
+
+    def tumour_from_node(self, tumour: Any, reference: Any, convention: str = "brats2021") -> np.ndarray:
+        """A tumour segmentation or labelmap volume as schema labels {0, 4, 5, 6} on the reference grid.
+
+        Raises:
+            WorkflowError: another grid, a segment name or label value the
+                convention does not define, or anatomy-only content.
+        """
+        labels = _lib()
+        convention = tumour.GetAttribute(CONVENTION_ATTRIBUTE) or convention if tumour is not None else convention
+        _check_convention(convention)
+        if tumour.IsA("vtkMRMLLabelMapVolumeNode") or tumour.IsA("vtkMRMLScalarVolumeNode"):
+            self._same_grid(reference, tumour, "tumour labelmap")
+            values = mrml.array_from_volume(tumour)
+            try:
+                return labels.tumour_to_schema(values, convention)
+            except labels.LabelValueError as exc:
+                raise WorkflowError(f"tumour labelmap {tumour.GetName()!r}: {exc}; choose the right "
+                                    "tumour-label convention") from None
+        if tumour.IsA("vtkMRMLSegmentationNode"):
+            array = self._labels_from_segmentation(tumour, reference, convention, what="tumour segmentation")
+            return np.where(array >= labels.Label.NCR, array, 0).astype(np.uint8)
+        raise WorkflowError(f"{tumour.GetName()!r} is neither a segmentation nor a labelmap volume")
+
+    def _labels_from_segmentation(self, node: Any, reference: Any, convention: str, what: str) -> np.ndarray:
+        labels = _lib()
+        geometry = mrml.segmentation_geometry(node)
+        dims = reference.GetImageData().GetDimensions()
+        if geometry is not None:
+            matrix, extent = geometry
+            difference = mrml.geometry_difference(mrml.ijk_to_ras(reference), dims, matrix, dims)
+            if difference is not None:
+                raise WorkflowError(f"{what} {node.GetName()!r} is on another grid than {reference.GetName()!r}: "
+                                    f"{difference}; set its geometry to the T1 (Segment Editor: "
+                                    "'Specify geometry') or resample it first")
+            if extent[0] <= extent[1] and (extent[0] < 0 or extent[2] < 0 or extent[4] < 0 or extent[1] >= dims[0]
+                                            or extent[3] >= dims[1] or extent[5] >= dims[2]):
+                raise WorkflowError(f"{what} {node.GetName()!r} reaches outside the grid of "
+                                    f"{reference.GetName()!r}; crop or resample it onto the T1 first")
+        segmentation = node.GetSegmentation()
+        mapping: dict[str, int] = {}
+        unknown = []
+        for segment_id in segmentation.GetSegmentIDs():
+            name = segmentation.GetSegment(segment_id).GetName()
+            value = segment_label(name, convention)
+            if value is None:
+                unknown.append(name)
+            else:
+                mapping[segment_id] = value
+        if unknown:
+            raise WorkflowError(f"{what} {node.GetName()!r} has segments MedSynth does not know: "
+                                f"{', '.join(repr(u) for u in unknown)}; name them CSF, GM, WM, NCR, ED or ET "
+                                f"(or Segment_N with a {convention} tumour value) or remove them")
+        masks = mrml.segment_binary_masks(node, reference)
+        out = np.zeros(dims[::-1], np.uint8)
+        # Anatomy first, then tumour from outside in: ED < ET < NCR (the inner class wins on overlap).
+        order = [labels.Label.CSF, labels.Label.GM, labels.Label.WM, labels.Label.ED, labels.Label.ET,
+                 labels.Label.NCR]
+        for label in order:
+            for segment_id, value in mapping.items():
+                if value == int(label):
+                    out[masks[segment_id]] = int(label)
+        return out
+
+    def prepare(self, t1: Any, tumour: Any = None, label_convention: str = "brats2021",
+                others: Mapping[str, Any] | None = None, name: str | None = None,
+                lock_anatomy: bool = True) -> Any:
+        """Derive the 7-class label map and show it as a segmentation node.
+
+        Anatomy (CSF/GM/WM) comes from MedSynthLib's ``derive_label_map`` on the
+        T1 (the template's own label map for the healthy template); tumour
+        voxels are copied from ``tumour`` (a segmentation or a labelmap volume).
+
+        Args:
+            t1: the T1 volume node (or the template node from :meth:`load_template`).
+            tumour: optional tumour segmentation / labelmap volume on the T1 grid.
+            label_convention: tumour values of a labelmap / ``Segment_N`` names.
+            others: optional ``{"t1ce": node, "t2": node, "flair": node}`` (kept as
+                the original case for the review; they help the brain mask).
+            lock_anatomy: tag the anatomy segments locked.
+
+        Returns:
+            The new segmentation node (segments CSF, GM, WM, NCR, ED, ET).
+        """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.cases.anatomy import derive_label_map
+        from MedSynthLib.cases.readers import Case
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.labels import brain_mask
+
+        _check_convention(label_convention)
+        t1_array = self._check_brain_volume(t1)
+        others = {k: v for k, v in (others or {}).items() if v is not None}
+        for modality, node in others.items():
+            if modality not in MODALITIES:
+                raise WorkflowError(f"unknown modality {modality!r} (expected {', '.join(MODALITIES)})")
+            self._check_brain_volume(node, MODALITY_TITLES[modality])
+            self._same_grid(t1, node, MODALITY_TITLES[modality])
+        tumour_array = None
+        if tumour is not None:
+            tumour_array = self.tumour_from_node(tumour, t1, label_convention)
+        grid = mrml.grid_from_volume(t1)
+        if t1.GetAttribute(ROLE) == ROLE_TEMPLATE:
+            from MedSynthLib.cases.template import template_label_map
+
+            labelmap = template_label_map()
+            if labelmap.grid.difference(grid) is not None:
+                raise WorkflowError("the template volume does not match the template label map")
+            if tumour_array is not None and tumour_array.any():
+                array = labelmap.array.copy()
+                place = tumour_array > 0
+                array[place] = tumour_array[place]
+                labelmap = labelmap.with_array(array, {"name": "tumour_from_segmentation",
+                                                       "params": {"label_convention": label_convention},
+                                                       "schema_version": labelmap.schema_version})
+        else:
+            images = {"t1": t1_array.astype(np.float32)}
+            images.update({m: mrml.array_from_volume(n).astype(np.float32) for m, n in others.items()})
+            case = Case(case_id="slicer", convention="slicer-scene", label_convention=label_convention, grid=grid,
+                        images=images, tumour=tumour_array, files={})
+            self.log.emit("deriving the anatomy (CSF/GM/WM) from the T1 ...")
+            try:
+                labelmap = derive_label_map(case)
+            except MedSynthError as exc:
+                raise WorkflowError(f"{t1.GetName()!r}: {exc}") from None
+        if not brain_mask(labelmap.array).any():
+            raise WorkflowError(f"{t1.GetName()!r}: the label map has no brain voxels")
+        with mrml.scene_guard(self.scene):
+            node = mrml.segmentation_from_labels(self.scene, labelmap.array, t1,
+                                                 name or f"{t1.GetName()} MedSynth labels", lock_anatomy=lock_anatomy)
+            node.SetAttribute(ROLE, ROLE_LABELS)
+            node.SetAttribute(CONVENTION_ATTRIBUTE, label_convention)
+            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(labelmap.history))
+            node.SetNodeReferenceID(ORIGINAL_REFERENCE + "t1", t1.GetID())
+            for modality, other in others.items():
+                node.SetNodeReferenceID(ORIGINAL_REFERENCE + modality, other.GetID())
+        self._committed[node.GetID()] = labelmap.array.copy()
+        self._undo[node.GetID()] = []
+        self.log.emit(f"label map ready: {node.GetName()}")
+        return node
+
+    # =========================================================================================
+    # the label map of a segmentation node
+    # =========================================================================================
+
+    def reference_volume(self, segmentation: Any) -> Any:
+        if segmentation is None or not segmentation.IsA("vtkMRMLSegmentationNode"):
+            raise WorkflowError("no MedSynth label segmentation selected: run Prepare first")
+        ref = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+        if ref is None:
+            ref = segmentation.GetNodeReference(ORIGINAL_REFERENCE + "t1")
+        if ref is None or ref.GetImageData() is None:
+            raise WorkflowError(f"{segmentation.GetName()!r} has no reference volume (its T1 was removed?); "
+                                "run Prepare again")
+        return ref
+
+    def labelmap(self, segmentation: Any) -> "LabelMap":
+        """The current label map of a MedSynth segmentation, Segment Editor changes included.
+
+        Changes made since the last MedSynth step (Segment Editor strokes) are
+        taken here, as one ``manual_segment_edit`` record with the per-class voxel
+        changes (one undo step), and written back to the segmentation with two
+        rules applied: voxels of a locked anatomy segment keep their class unless
+        tumour was drawn over them, and voxels whose tumour was erased down to
+        nothing are refilled with the healthy anatomy.
+
+        Raises:
+            WorkflowError: no reference volume, another grid, unknown segments, an empty brain.
+        """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.edits import healthy_anatomy
+        from MedSynthLib.schema.grid import LabelMap
+        from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, brain_mask, label_counts, tumour_mask
+
+        reference = self.reference_volume(segmentation)
+        convention = segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021"
+        array = self._labels_from_segmentation(segmentation, reference, convention, what="label segmentation")
+        try:
+            history = json.loads(segmentation.GetAttribute(mrml.HISTORY_ATTRIBUTE) or "[]")
+        except ValueError:
+            history = []
+        grid = mrml.grid_from_volume(reference)
+        committed = self._committed.get(segmentation.GetID())
+        if committed is None or committed.shape != array.shape:
+            # first sight of this segmentation in this session (e.g. a reloaded scene): take it as it is
+            if brain_mask(array).any():
+                self._committed[segmentation.GetID()] = array.copy()
+        elif not np.array_equal(committed, array):
+            edited = array.copy()
+            locked = self.locked_labels(segmentation)
+            # A locked anatomy class keeps its voxels unless tumour is drawn over them: an edit that
+            # changes them otherwise is refused as a whole (the segmentation is put back) and reported.
+            violated = np.isin(committed, locked) & (edited != committed) & (edited < Label.NCR)
+            if violated.any():
+                mrml.set_segmentation_labels(segmentation, committed, reference)
+                names = ", ".join(_lib().LABEL_INFO[_lib().Label(v)].short_name
+                                  for v in sorted(set(np.unique(committed[violated]).tolist())))
+                message = (f"the Segment Editor changed {int(violated.sum())} voxels of the locked anatomy "
+                           f"segments ({names}); that edit was refused and undone. Draw tumour over the anatomy, "
+                           "or untick 'Lock the anatomy segments' to change the anatomy itself")
+                self.log.emit(message)
+                raise WorkflowError(message)
+            erased = (edited == Label.BACKGROUND) & tumour_mask(committed)
+            if erased.any():
+                edited[erased] = healthy_anatomy(committed, grid.spacing)[erased]
+            previous = LabelMap(committed, grid, history)
+            if not np.array_equal(committed, edited):
+                before, after = label_counts(committed), label_counts(edited)
+                history = list(history) + [{
+                    "name": MANUAL_EDIT,
+                    "params": {"changed_voxels": int(np.count_nonzero(committed != edited)),
+                               "voxel_change": {k: after[k] - before[k] for k in after if after[k] != before[k]}},
+                    "schema_version": SCHEMA_VERSION,
+                }]
+            if not brain_mask(edited).any():
+                raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
+            result = LabelMap(edited, grid, history)
+            self._commit(segmentation, result, previous if not np.array_equal(committed, edited) else None)
+            return result
+        if not brain_mask(array).any():
+            raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
+        return LabelMap(array, grid, history)
+
+    def locked_labels(self, segmentation: Any) -> list[int]:
+        """Schema values of the segments tagged ``MedSynth.Locked`` = 1."""
+        convention = segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021"
+        out = []
+        seg = segmentation.GetSegmentation()
+        for segment_id in seg.GetSegmentIDs():
+            segment = seg.GetSegment(segment_id)
+            if mrml.get_tag(segment, mrml.LOCKED_TAG) == "1":
+                value = segment_label(segment.GetName(), convention)
+                if value is not None:
+                    out.append(value)
+        return out
+
+    def set_anatomy_locked(self, segmentation: Any, locked: bool) -> None:
+        """Lock (or unlock) the CSF, GM and WM segments against Segment Editor changes."""
+        labels = _lib()
+        seg = segmentation.GetSegmentation()
+        for label in labels.ANATOMY_LABELS:
+            segment = seg.GetSegment(labels.LABEL_INFO[label].short_name)
+            if segment is not None:
+                segment.SetTag(mrml.LOCKED_TAG, "1" if locked else "0")
+
+    def configure_segment_editor(self, editor_node: Any, segmentation: Any, segment: str = "ED") -> None:
+        """Set up a Segment Editor node for drawing tumour on the label segmentation.
+
+        Source volume = the T1, selected segment = ``segment``, painting only
+        inside the brain (inside all segments), and never overwriting other
+        segments - so drawing tumour leaves the anatomy segments untouched.
+        """
+        if editor_node is None:
+            raise WorkflowError("no Segment Editor node")
+        reference = self.reference_volume(segmentation)
+        editor_node.SetAndObserveSegmentationNode(segmentation)
+        editor_node.SetAndObserveSourceVolumeNode(reference)
+        if segmentation.GetSegmentation().GetSegment(segment) is not None:
+            editor_node.SetSelectedSegmentID(segment)
+        editor_node.SetMaskMode(segmentation.EditAllowedInsideAllSegments)
+        editor_node.SetOverwriteMode(editor_node.OverwriteNone)
+
+    def _commit(self, segmentation: Any, labelmap: "LabelMap", previous: "LabelMap | None") -> None:
+        reference = self.reference_volume(segmentation)
+        if previous is not None:
+            self._undo.setdefault(segmentation.GetID(), []).append((previous.array.copy(), list(previous.history)))
+        mrml.set_segmentation_labels(segmentation, labelmap.array, reference)
+        segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(labelmap.history))
+        self._committed[segmentation.GetID()] = labelmap.array.copy()
+
+    def copy_labels(self, segmentation: Any, name: str | None = None) -> Any:
+        """A new label segmentation with the same label map and history (a variant to edit separately)."""
+        current = self.labelmap(segmentation)
+        reference = self.reference_volume(segmentation)
+        with mrml.scene_guard(self.scene):
+            node = mrml.segmentation_from_labels(self.scene, current.array, reference,
+                                                 name or f"{segmentation.GetName()} copy",
+                                                 lock_anatomy=bool(self.locked_labels(segmentation)))
+            node.SetAttribute(ROLE, ROLE_LABELS)
+            node.SetAttribute(CONVENTION_ATTRIBUTE, segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021")
+            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(current.history))
+            for modality, original in self.original_volumes(segmentation).items():
+                node.SetNodeReferenceID(ORIGINAL_REFERENCE + modality, original.GetID())
+        self._committed[node.GetID()] = current.array.copy()
+        self._undo[node.GetID()] = []
+        return node
+
+    def history(self, segmentation: Any) -> list[dict[str, Any]]:
+        return json.loads(segmentation.GetAttribute(mrml.HISTORY_ATTRIBUTE) or "[]")
+
+
+    def undo(self, segmentation: Any) -> "LabelMap":
+        """Restore the label map before the last MedSynth edit."""
+        ensure_medsynthlib_importable()
+        from MedSynthLib.schema.grid import LabelMap
+
+        stack = self._undo.get(segmentation.GetID() if segmentation is not None else "", [])
+        if not stack:
+            raise WorkflowError("nothing to undo")
+        array, history = stack.pop()
+        reference = self.reference_volume(segmentation)
+        restored = LabelMap(array, mrml.grid_from_volume(reference), history)
+        mrml.set_segmentation_labels(segmentation, restored.array, reference)
+        segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(restored.history))
+        self._committed[segmentation.GetID()] = restored.array.copy()
+        self.log.emit("undone")
+        return restored
+
+    def can_undo(self, segmentation: Any) -> bool:
+        return bool(segmentation is not None and self._undo.get(segmentation.GetID()))
+

@@ -1,0 +1,208 @@
+"""The MedSynth backend worker: one long-lived process that keeps the model loaded.
+
+Run by path with a Python that can import MedSynthLib (the Slicer module uses
+``PythonSlicer``)::
+
+    python worker.py --exchange FOLDER
+
+It speaks the protocol of :mod:`protocol` (typed JSON lines; arrays as ``.npy``
+files in ``FOLDER``).  Requests run one at a time on a worker thread, in order;
+the main thread keeps reading stdin, so a ``cancel`` is seen at once and the
+running request stops at its next step (the client kills the process when a
+step takes longer than it is willing to wait).  A backend error is answered
+with one ``error`` event whose text is MedSynthLib's one-line message; the
+worker then serves the next request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run by path: make the package (and MedSynthLib beside it) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from MedSynthSlicerLib.protocol import (Event, ProtocolError, Request, decode, encode,  # noqa: E402
+                                        put_array, take_array)
+
+
+class Cancelled(Exception):
+    """The client cancelled the running request."""
+
+
+class Worker:
+    """The request loop: engines by (model, device, precision), one preview renderer per engine."""
+
+    def __init__(self, exchange: Path, send: Callable[[Event], None]) -> None:
+        self.exchange = exchange
+        self.send = send
+        self.cancelled: set[int] = set()
+        self._engines: dict[tuple, Any] = {}
+        self._renderers: dict[tuple, Any] = {}
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def step(self, request: Request, fraction: float, text: str) -> None:
+        """Report progress, and stop here when the request was cancelled."""
+        if request.id in self.cancelled:
+            raise Cancelled()
+        self.send(Event("progress", request.id, fraction=fraction, text=text))
+
+    def engine(self, params: dict[str, Any]) -> tuple[tuple, Any]:
+        from MedSynthLib.synthesis.models import resolve_model
+        from MedSynthLib.synthesis.synthesize import SynthesisEngine
+
+        key = (params.get("model") or None, params.get("device", "auto"), params.get("precision", "auto"))
+        if key not in self._engines:
+            self._engines.clear()  # one model in memory at a time
+            self._renderers.clear()
+            self._engines[key] = SynthesisEngine(resolve_model(key[0]), key[1], key[2],
+                                                 log=lambda m: print(f"medsynth: {m}", file=sys.stderr, flush=True))
+        return key, self._engines[key]
+
+    @staticmethod
+    def labelmap(request: Request) -> Any:
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.grid import Grid, LabelMap
+
+        if "labels" not in request.arrays or "grid" not in request.params:
+            raise MedSynthError(f"{request.op}: the request carries no label map")
+        array = take_array(request.arrays["labels"])
+        try:
+            return LabelMap(array, Grid.from_json(request.params["grid"]), list(request.params.get("history", [])))
+        except ValueError as exc:
+            raise MedSynthError(f"the label map sent is not valid: {exc}") from None
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def generate(self, request: Request) -> Event:
+        """Synthesise a whole case, write its folder, answer with the four images as written."""
+        from MedSynthLib.schema.volume_io import check_writable, compact_intensities
+        from MedSynthLib.synthesis.synthesize import OUTPUT_NAMES, write_synthesis
+
+        labelmap = self.labelmap(request)
+        out = Path(request.params["out"])
+        check_writable([out], False)
+        self.step(request, 0.05, "loading the model")
+        _, engine = self.engine(request.params)
+        self.step(request, 0.35, "model loaded")
+        result = engine.synthesize(labelmap, seed=int(request.params.get("seed", 0)))
+        self.step(request, 0.85, "synthesised")
+        write_synthesis(result, out)
+        arrays = {m: put_array(self.exchange, compact_intensities(result.images[m])) for m in OUTPUT_NAMES}
+        return Event("result", request.id, fraction=1.0, text="written",
+                     data={"out": str(out), "device": engine.device, "precision": engine.synth.precision,
+                           "timings_s": result.provenance.get("timings_s", {})},
+                     arrays=arrays)
+
+    def preview(self, request: Request) -> Event:
+        """Full synthesis the first time, then only the changed box; answer with that box of each image."""
+        from MedSynthLib.synthesis.preview import PreviewRenderer
+        from MedSynthLib.synthesis.synthesize import OUTPUT_NAMES
+
+        labelmap = self.labelmap(request)
+        key, engine = self.engine(request.params)
+        renderer = self._renderers.setdefault(key, PreviewRenderer(engine, int(request.params.get("margin", 24))))
+        if request.params.get("reset"):
+            renderer.reset()
+        self.step(request, 0.2, "model loaded")
+        update = renderer.render(labelmap, seed=int(request.params.get("seed", 0)))
+        arrays = {m: put_array(self.exchange, update.region(m)) for m in OUTPUT_NAMES}
+        return Event("result", request.id, fraction=1.0, text="previewed",
+                     data={"box": [list(update.box[0]), list(update.box[1])], "full": update.full,
+                           "seconds": round(update.seconds, 4), "device": engine.device},
+                     arrays=arrays)
+
+    def export(self, request: Request) -> Event:
+        """MedSynthLib's export of one synthetic case folder."""
+        from MedSynthLib.export import export_cases
+
+        steps = iter((0.5, 1.0))
+        targets = export_cases([request.params["case"]], request.params["folder"], request.params["format"],
+                               naming=request.params.get("naming", "brats2021"),
+                               progress=lambda label: self.step(request, next(steps, 1.0), label))
+        return Event("result", request.id, fraction=1.0, text="exported", data={"targets": [str(t) for t in targets]})
+
+    def handle(self, request: Request) -> None:
+        from MedSynthLib.schema.errors import MedSynthError
+
+        handler = {"generate": self.generate, "preview": self.preview, "export": self.export}.get(request.op)
+        try:
+            if request.id in self.cancelled:
+                raise Cancelled()
+            if handler is None:
+                raise MedSynthError(f"the worker cannot {request.op!r}")
+            self.send(handler(request))
+        except Cancelled:
+            self.send(Event("cancelled", request.id, text=f"{request.op} cancelled"))
+        except (MedSynthError, ProtocolError) as exc:
+            self.send(Event("error", request.id, text=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - report it in one line and keep serving
+            traceback.print_exc(file=sys.stderr)
+            self.send(Event("error", request.id, text=f"{type(exc).__name__}: {exc}"))
+        finally:
+            for ref in request.arrays.values():  # arrays a failed request did not take
+                Path(ref.path).unlink(missing_ok=True)
+            self.cancelled.discard(request.id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--exchange", required=True, help="folder for array files (owned by the client)")
+    args = parser.parse_args(argv)
+
+    # The protocol owns the real stdout; anything else printed (libraries, warnings) goes to the log.
+    protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    lock = threading.Lock()
+
+    def send(event: Event) -> None:
+        with lock:
+            protocol_out.write(encode(event) + "\n")
+            protocol_out.flush()
+
+    from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls
+
+    avoid_hugepage_stalls()  # this is MedSynth's own process, not Slicer's
+    worker = Worker(Path(args.exchange), send)
+    requests: queue.Queue[Request | None] = queue.Queue()
+
+    def serve() -> None:
+        while (request := requests.get()) is not None:
+            worker.handle(request)
+
+    thread = threading.Thread(target=serve, name="medsynth-worker", daemon=True)
+    thread.start()
+    send(Event("ready", 0, data={"pid": os.getpid(), "python": sys.version.split()[0], "started": time.time()}))
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            message = decode(line)
+        except ProtocolError as exc:
+            send(Event("error", 0, text=str(exc)))
+            continue
+        if not isinstance(message, Request):
+            send(Event("error", 0, text="the worker takes requests, not events"))
+            continue
+        if message.op == "cancel":
+            worker.cancelled.add(int(message.params.get("target", -1)))
+        elif message.op == "quit":
+            break
+        else:
+            requests.put(message)
+    requests.put(None)
+    thread.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The one worker protocol between the Slicer module and the backend (no Qt, no MRML).
+
+A real worker process (``MedSynthSlicerLib/worker.py``) with a tiny random-weight
+model serves generate, preview and export; asserted: typed messages only, arrays
+through files in RAM, the model kept between requests, the backend's one-line
+error, cancel of a queued and of a running request, the process tree gone after
+a kill, a killed worker reported in one line, and the preview equal to a full
+synthesis where the labels changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "MedSynth"))
+
+from MedSynthLib.schema.grid import Grid, LabelMap  # noqa: E402
+from MedSynthSlicerLib.jobs import WorkerClient, labelmap_request  # noqa: E402
+from MedSynthSlicerLib.process import group_pids, pid_alive  # noqa: E402
+from MedSynthSlicerLib.protocol import (ArrayRef, Event, ProtocolError, Request, decode, encode,  # noqa: E402
+                                        exchange_folder, put_array, take_array)
+from MedSynthSlicerLib.signals import Signal  # noqa: E402
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX here; Windows uses taskkill /T")
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+
+def test_signal_connect_emit_disconnect():
+    seen: list[int] = []
+    sig = Signal("int")
+    sig.connect(seen.append)
+    sig.connect(seen.append)  # connected once
+    sig.emit(1)
+    sig(2)
+    sig.disconnect(seen.append)
+    sig.emit(3)
+    assert seen == [1, 2]
+
+
+# --- the messages --------------------------------------------------------------------------------
+
+
+def test_messages_round_trip_as_one_json_line():
+    request = Request(3, "preview", {"seed": 1, "grid": {"size": [1, 2, 3]}},
+                      {"labels": ArrayRef("/dev/shm/x.npy", "|u1", (3, 2, 1))})
+    event = Event("progress", 3, fraction=0.5, text="model loaded")
+    for message in (request, event):
+        line = encode(message)
+        assert "\n" not in line
+        assert decode(line) == message
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("50% done", "not a JSON line"),
+    ('{"kind": "request", "op": "generate", "id": 1}', "protocol"),
+    ('{"protocol": 1, "kind": "request", "op": "format-disk", "id": 1}', "unknown request"),
+    ('{"protocol": 1, "kind": "event", "type": "progress", "id": "x"}', "malformed"),
+    ('{"protocol": 1, "kind": "event", "type": "result", "arrays": {"t1": {"path": "a"}}}', "array reference"),
+])
+def test_anything_else_is_refused_by_name(line, problem):
+    with pytest.raises(ProtocolError, match=problem):
+        decode(line)
+
+
+def test_arrays_travel_as_files_that_the_receiver_removes(tmp_path):
+    folder = exchange_folder()
+    try:
+        array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+        ref = put_array(folder, array)
+        assert Path(ref.path).is_file() and ref.shape == (2, 3, 4)
+        np.testing.assert_array_equal(take_array(ref), array)
+        assert not Path(ref.path).exists()
+        wrong = put_array(folder, array)
+        with pytest.raises(ProtocolError, match="announced"):
+            take_array(ArrayRef(wrong.path, "<i2", wrong.shape))
+        with pytest.raises(ProtocolError, match="unreadable"):
+            take_array(wrong)  # taken (and removed) once already
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- a real worker --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import Generator, NetworkConfig
+
+    config = NetworkConfig(channels=(4, 8), strides=(2,), disc_channels=4, disc_layers=2)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    write_model(folder, Generator(config).state_dict(),
+                {"name": "tiny", "network": config.to_json(),
+                 "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITIES}})
+    return folder
+
+
+def brain(shape=(48, 64, 56), tumour_at=(15, 15, 15)) -> LabelMap:
+    """A small brain: WM with a GM shell, one oedema cube with an enhancing core."""
+    array = np.zeros(shape, np.uint8)
+    array[4:-4, 4:-4, 4:-4] = 2
+    array[6:-6, 6:-6, 6:-6] = 3
+    k, j, i = tumour_at
+    array[k:k + 10, j:j + 10, i:i + 10] = 5
+    array[k + 3:k + 7, j + 3:j + 7, i + 3:i + 7] = 6
+    return LabelMap(array, Grid(shape[::-1], (1.0, 1.0, 1.2), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+
+
+def backend_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture()
+def client():
+    worker = WorkerClient(sys.executable, env=backend_env())
+    yield worker
+    worker.close()
+
+
+def params(model: Path, labelmap: LabelMap, **extra):
+    values, arrays = labelmap_request(labelmap)
+    return dict(values, model=str(model), device="cpu", precision="fp32", **extra), arrays
+
+
+def test_generate_preview_and_export_through_one_warm_worker(client, tiny_model, tmp_path):
+    from MedSynthLib.synthesis.models import resolve_model
+    from MedSynthLib.synthesis.synthesize import SynthesisEngine
+
+    labelmap = brain()
+    values, arrays = params(tiny_model, labelmap, out=str(tmp_path / "case"), seed=3)
+    progress: list[tuple[float, str]] = []
+    task = client.submit("generate", values, arrays)
+    task.progress.connect(lambda f, t: progress.append((f, t)))
+    assert task.wait(300) == "done", task.error
+    pid = task.pid
+    assert [t for _, t in progress][:3] == ["loading the model", "model loaded", "synthesised"]
+    assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] == 1.0
+    images = task.arrays()
+    assert sorted(images) == sorted(MODALITIES) and all(a.shape == labelmap.array.shape for a in images.values())
+    case = tmp_path / "case"
+    assert json.loads((case / "provenance.json").read_text())["seed"] == 3
+    assert not any(client.exchange.iterdir())  # every array file was taken
+
+    # preview: the whole case first, then only the changed box, from the same (warm) process
+    values, arrays = params(tiny_model, labelmap, seed=3, margin=8)
+    first = client.submit("preview", values, arrays)
+    assert first.wait(300) == "done", first.error
+    assert first.result.data["full"] is True and first.pid == pid
+    edited = brain(tumour_at=(18, 15, 15))
+    values, arrays = params(tiny_model, edited, seed=3, margin=8)
+    second = client.submit("preview", values, arrays)
+    assert second.wait(300) == "done", second.error
+    data = second.result.data
+    assert data["full"] is False and second.pid == pid
+    (k0, j0, i0), (k1, j1, i1) = data["box"]
+    regions = second.arrays()
+    assert regions["t1"].shape == (k1 - k0, j1 - j0, i1 - i0) and regions["t1"].size < edited.array.size
+    # equal to a full synthesis of the edited map where the labels changed
+    engine = SynthesisEngine(resolve_model(str(tiny_model)), "cpu", "fp32")
+    full = engine.synthesize(edited, seed=3)
+    changed = (edited.array != labelmap.array)[k0:k1, j0:j1, i0:i1]
+    assert changed.any()
+    for modality in MODALITIES:
+        inside = np.abs(regions[modality] - full.images[modality][k0:k1, j0:j1, i0:i1])
+        assert float(inside[changed].max()) < 1e-2, modality  # scanner units, range 0-1000
+        assert float(inside.max()) < 250.0, modality  # the feathered edge blends two valid outputs
+
+    # export of the generated case; a second export into the same folder is refused in one line
+    task = client.submit("export", {"case": str(case), "folder": str(tmp_path / "export"), "format": "nifti"})
+    assert task.wait(300) == "done", task.error
+    [target] = [Path(t) for t in task.result.data["targets"]]
+    assert target.parent == tmp_path / "export" and (target / "provenance.json").is_file()
+    again = client.submit("export", {"case": str(case), "folder": str(tmp_path / "export"), "format": "nifti"})
+    assert again.wait(300) == "failed" and "already exists" in again.error and "\n" not in again.error
+    assert client.pid == pid
+
+
+def test_a_backend_error_is_one_line_and_the_worker_serves_on(client, tiny_model, tmp_path):
+    values, arrays = params(tmp_path / "no-such-model", brain(), out=str(tmp_path / "case"))
+    task = client.submit("generate", values, arrays)
+    assert task.wait(300) == "failed"
+    assert "no-such-model" in task.error and "\n" not in task.error and "Traceback" not in task.error
+    pid = task.pid
+    values, arrays = params(tiny_model, brain(), out=str(tmp_path / "case"))
+    assert client.submit("generate", values, arrays).wait(300) == "done"
+    assert client.pid == pid
+    bad = client.submit("generate", {"out": str(tmp_path / "other")})  # no label map in the request
+    assert bad.wait(60) == "failed" and "no label map" in bad.error
+
+
+def test_a_queued_request_is_cancelled_by_the_worker(client, tiny_model, tmp_path):
+    values, arrays = params(tiny_model, brain(), out=str(tmp_path / "a"))
+    running = client.submit("generate", values, arrays)
+    values, arrays = params(tiny_model, brain(), out=str(tmp_path / "b"))
+    queued = client.submit("generate", values, arrays)
+    pid = client.pid
+    assert client.cancel(queued, grace_s=60.0) is True
+    assert queued.status == "cancelled" and client.pid == pid  # stopped by the worker, not killed
+    assert running.wait(300) == "done"
+    assert not (tmp_path / "b").exists()
+
+
+@posix_only
+def test_cancel_of_a_running_request_kills_the_worker_tree(tiny_model, tmp_path):
+    """Started through a launcher (as PythonSlicer starts python-real): cancel ends both processes."""
+    launcher = tmp_path / "python"
+    launcher.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""
+        import subprocess, sys
+        sys.exit(subprocess.call([{sys.executable!r}] + sys.argv[1:]))
+    """))
+    launcher.chmod(0o755)
+    client = WorkerClient(str(launcher), env=backend_env())
+    try:
+        values, arrays = params(tiny_model, brain(shape=(150, 180, 150)), out=str(tmp_path / "case"))
+        task = client.submit("generate", values, arrays)
+        while task.poll() and task.text != "model loaded":
+            time.sleep(0.01)
+        leader = client.pid
+        members = group_pids(leader)
+        assert len(members) >= 2  # the launcher and the worker
+        start = time.monotonic()
+        assert client.cancel(task) is True
+        assert time.monotonic() - start < 1.0  # target 0.5 s, measured in benchmarks/bench_preview.py
+        assert task.status == "cancelled"
+        assert not any(pid_alive(p) for p in members) and group_pids(leader) == []
+    finally:
+        client.close()
+
+
+@posix_only
+def test_a_killed_worker_is_reported_in_one_line(client, tiny_model, tmp_path):
+    values, arrays = params(tiny_model, brain(shape=(150, 180, 150)), out=str(tmp_path / "case"))
+    task = client.submit("generate", values, arrays)
+    while task.poll() and task.text != "model loaded":
+        time.sleep(0.01)
+    os.kill(client.pid, signal.SIGKILL)
+    assert task.wait(30) == "failed"
+    assert task.error.startswith("the MedSynth worker process was stopped by signal 9") and "\n" not in task.error
+    values, arrays = params(tiny_model, brain(), out=str(tmp_path / "again"))
+    assert client.submit("generate", values, arrays).wait(300) == "done"  # a new worker starts
