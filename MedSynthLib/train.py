@@ -48,6 +48,9 @@ class TrainConfig:
     lr_decay_fraction: float = 0.5  # pix2pix: constant, then linear decay to 0 over this last fraction
     lambda_l1: float = 100.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
+    # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
+    # from the real images towards the standard normal that synthesis draws from.
+    style_kl_weight: float = 0.5
     tumour_fraction: float = 0.5
     flip: bool = True
     rotate_deg: float = 10.0
@@ -82,7 +85,10 @@ class TrainConfig:
             unknown = set(data["network"]) - set(NetworkConfig.__dataclass_fields__)
             if unknown:
                 raise InputError(source, f"unknown network options {sorted(unknown)}")
-            data["network"] = NetworkConfig.from_json(data["network"])
+            try:
+                data["network"] = NetworkConfig.from_json(data["network"])
+            except ValueError as exc:
+                raise InputError(source, str(exc)) from None
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
         config = cls(**data)
