@@ -56,7 +56,7 @@ class TrainConfig:
     rotate_deg: float = 10.0
     scale: float = 0.1
     intensity: float = 0.05
-    normalization: str = "percentile"  # percentile | healthy_zscore (MedSynthLib.normalize)
+    normalization: str = "percentile"  # percentile | healthy_zscore | tissue_zscore (MedSynthLib.normalize)
     val_cases: list[str] = field(default_factory=list)
     val_every: int = 500
     checkpoint_every: int = 100
@@ -381,8 +381,16 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
             labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size)
             labels, real = labels.to(dev), real.to(dev)
             cond = one_hot(labels)
+            kl = None
             with autocast:
-                fake = g_model(cond)
+                if config.network.has_style:
+                    # The appearance code is encoded from the real patch; its reparameterisation noise is
+                    # drawn from (seed, step, rank) like the patch, so a resumed run repeats it exactly.
+                    noise = torch.randn((cond.shape[0], config.network.style_dim),
+                                        generator=torch.Generator().manual_seed(_noise_seed(config.seed, step, d.rank)))
+                    fake, kl = g_model(cond, reference=real, noise=noise.to(dev))
+                else:
+                    fake = g_model(cond)
             logs: dict[str, float] = {}
             if d_model is not None and opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
@@ -398,6 +406,9 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
             opt_g.zero_grad(set_to_none=True)
             loss_l1 = (fake.float() - real).abs().mean()
             loss_g = config.lambda_l1 * loss_l1
+            if kl is not None:
+                loss_g = loss_g + config.style_kl_weight * kl
+                logs["loss/style_kl"] = kl.item()
             if discriminator is not None:
                 with autocast:
                     # The bare module: the generator's update must not sync or step the discriminator.
@@ -459,6 +470,11 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
 
         dist.destroy_process_group()
     return model_dir
+
+
+def _noise_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for torch's generator derived from (seed, step, rank), independent of the patch draw's."""
+    return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1)[0])
 
 
 def _starting_model(config: TrainConfig) -> "ModelFolder | None":
