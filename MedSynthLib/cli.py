@@ -259,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config is not None:
         config = TrainConfig.from_json(_read_json(args.config), str(args.config))
     overrides = {k: v for k, v in (("precision", args.precision), ("threads", args.threads),
-                                   ("init_from", args.init)) if v is not None}
+                                   ("init_from", args.init), ("cv_fold", args.fold)) if v is not None}
     if overrides:
         config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train the label-map -> MRI GAN (torchrun for several GPUs or nodes)")
-    p.add_argument("--data", required=True, type=Path, help="folder of case folders (any supported convention)")
+    p.add_argument("--data", required=True, type=Path, nargs="+",
+                   help="folder(s) of case folders (any supported convention)")
     p.add_argument("-o", "--output", required=True, type=Path, help="run folder (checkpoints, logs, model/)")
     p.add_argument("--config", type=Path, help="training configuration JSON (see Resources/configs)")
     p.add_argument("--steps", type=int, help="override the number of steps (with --resume: change the run's length)")
@@ -519,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="MODEL",
                    help="fine-tune: start the generator from this model's weights (name or folder; same network)")
     p.add_argument("--cache", type=Path, help="folder of prepared cases to share between runs (default RUN_DIR/cache)")
+    p.add_argument("--fold", type=int, help="cross-validation: hold out fold K of the config's cv_folds")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

@@ -55,12 +55,12 @@ class _SpatialModulation(nn.Module):
     def __init__(self, spatial_dims: int, label_channels: int, channels: int, hidden: int, kernel_size: int) -> None:
         super().__init__()
         self.mlp_shared = _Convolution(spatial_dims, label_channels, hidden, kernel_size, activation=_leaky())
-        self.mlp_gamma = _Convolution(spatial_dims, hidden, channels, kernel_size)
-        self.mlp_beta = _Convolution(spatial_dims, hidden, channels, kernel_size)
+        self.mlp_gamma = _Convolution(spatial_dims, hidden, channels, 1)
+        self.mlp_beta = _Convolution(spatial_dims, hidden, channels, 1)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shared = self.mlp_shared(labels)
-        return x * (1 + self.mlp_gamma(shared)) + self.mlp_beta(shared)
+        return torch.addcmul(x + self.mlp_beta(shared), x, self.mlp_gamma(shared))
 
 
 class _StyleModulation(nn.Module):
@@ -70,23 +70,27 @@ class _StyleModulation(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.linear(style).view(style.shape[0], 2, -1, *([1] * (x.dim() - 2))).unbind(1)
-        return x * (1 + gamma) + beta
+        return torch.addcmul(x + beta, x, gamma)
 
 
 class _DecoderBlock(nn.Module):
-    def __init__(self, spatial_dims: int, label_channels: int, channels: int, hidden: int, kernel_size: int,
-                 style_dim: int) -> None:
+    def __init__(self, spatial_dims: int, label_channels: int, in_channels: int, channels: int, hidden: int,
+                 kernel_size: int, style_dim: int, upsample: str) -> None:
         super().__init__()
-        self.spade = _SpatialModulation(spatial_dims, label_channels, channels, hidden, kernel_size)
+        self.upsample = upsample
+        self.up = _Convolution(spatial_dims, in_channels, channels, 3, activation=nn.PReLU())
         self.style = _StyleModulation(style_dim, channels) if style_dim else None
+        self.spade = _SpatialModulation(spatial_dims, label_channels, channels, hidden, kernel_size)
         self.act = nn.PReLU()
         self.conv = _Convolution(spatial_dims, channels, channels, 3)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, style: torch.Tensor | None) -> torch.Tensor:
-        h = self.spade(x, labels)
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, labels: torch.Tensor,
+                style: torch.Tensor | None) -> torch.Tensor:
+        x = self.up(x)
         if self.style is not None and style is not None:
-            h = self.style(h, style)
-        return x + self.conv(self.act(h))
+            x = self.style(x, style)
+        x = upsample2(x, self.upsample) + skip
+        return x + self.conv(self.act(self.spade(x, labels)))
 
 
 class _StyleEncoder(nn.Module):
@@ -127,15 +131,13 @@ class InferenceSpadeGenerator(nn.Module):
         self.bottleneck = nn.Sequential(
             _Convolution(spatial_dims, previous, channels[-1], 3, activation=nn.PReLU()),
             *[_ResidualUnit(spatial_dims, channels[-1], channels[-1], 1, 2) for _ in range(bottleneck_blocks)])
-        self.up = nn.ModuleList()
         self.blocks = nn.ModuleList()
         previous = channels[-1]
         for level in range(self.levels - 1, 0, -1):
             width = widths[level - 1]
-            self.up.append(_Convolution(spatial_dims, previous, width, 3, activation=nn.PReLU()))
             kernel = 3 if level >= 2 else 1
-            self.blocks.append(_DecoderBlock(spatial_dims, in_channels, width, min(spade_hidden, width), kernel,
-                                             style_dim))
+            self.blocks.append(_DecoderBlock(spatial_dims, in_channels, previous, width, min(spade_hidden, width),
+                                             kernel, style_dim, upsample))
             previous = width
         self.head_act = nn.PReLU()
         self.head = _Convolution(spatial_dims, previous, out_channels, 3)
@@ -151,10 +153,9 @@ class InferenceSpadeGenerator(nn.Module):
             x = down(x)
             skips.append(x)
         x = self.bottleneck(x)
-        for index, up in enumerate(self.up):
+        for index, block in enumerate(self.blocks):
             level = self.levels - 1 - index
-            x = upsample2(up(x), self.upsample)
-            x = self.blocks[index](x + skips[level - 1], labels[level], style)
+            x = block(x, skips[level - 1], labels[level], style)
         return upsample2(self.head(self.head_act(x)), self.upsample) + self.class_offset(onehot)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

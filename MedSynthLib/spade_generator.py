@@ -87,7 +87,9 @@ class SpatialModulation(nn.Module):
         label_channels: one-hot classes.
         channels: feature channels modulated.
         hidden: channels of the shared hidden layer.
-        kernel_size: 3 at coarse scales; 1 at fine ones, where it is a per-class lookup and cheap.
+        kernel_size: of the shared layer, which sees the label neighbourhood: 3 at coarse scales, 1 at
+            fine ones, where the modulation becomes a per-class lookup and stays cheap on big maps.
+            ``gamma`` and ``beta`` are 1x1 convolutions of the shared layer.
     """
 
     def __init__(self, spatial_dims: int, label_channels: int, channels: int, hidden: int, kernel_size: int) -> None:
@@ -96,12 +98,12 @@ class SpatialModulation(nn.Module):
 
         self.mlp_shared = Convolution(spatial_dims, label_channels, hidden, kernel_size=kernel_size,
                                       act=("leakyrelu", {"negative_slope": 0.2}), norm=None)
-        self.mlp_gamma = Convolution(spatial_dims, hidden, channels, kernel_size=kernel_size, conv_only=True)
-        self.mlp_beta = Convolution(spatial_dims, hidden, channels, kernel_size=kernel_size, conv_only=True)
+        self.mlp_gamma = Convolution(spatial_dims, hidden, channels, kernel_size=1, conv_only=True)
+        self.mlp_beta = Convolution(spatial_dims, hidden, channels, kernel_size=1, conv_only=True)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shared = self.mlp_shared(labels)
-        return x * (1 + self.mlp_gamma(shared)) + self.mlp_beta(shared)
+        return torch.addcmul(x + self.mlp_beta(shared), x, self.mlp_gamma(shared))
 
 
 class StyleModulation(nn.Module):
@@ -113,27 +115,37 @@ class StyleModulation(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.linear(style).view(style.shape[0], 2, -1, *([1] * (x.dim() - 2))).unbind(1)
-        return x * (1 + gamma) + beta
+        return torch.addcmul(x + beta, x, gamma)
 
 
 class SpadeDecoderBlock(nn.Module):
-    """Skip added, then label and style modulation, activation, convolution; residual."""
+    """One decoder step, coarse to fine.
 
-    def __init__(self, spatial_dims: int, label_channels: int, channels: int, hidden: int, kernel_size: int,
-                 style_dim: int) -> None:
+    Convolution at the coarse scale, the appearance code's per-channel modulation
+    (there, 8x cheaper: a per-channel affine map commutes with the interpolation),
+    interpolation to the finer scale, the encoder's skip added, then label
+    modulation, activation and a convolution, added back (residual).
+    """
+
+    def __init__(self, spatial_dims: int, label_channels: int, in_channels: int, channels: int, hidden: int,
+                 kernel_size: int, style_dim: int, upsample: str) -> None:
         super().__init__()
         from monai.networks.blocks import Convolution
 
-        self.spade = SpatialModulation(spatial_dims, label_channels, channels, hidden, kernel_size)
+        self.upsample = upsample
+        self.up = Convolution(spatial_dims, in_channels, channels, kernel_size=3, act="PRELU", norm=None)
         self.style = StyleModulation(style_dim, channels) if style_dim else None
+        self.spade = SpatialModulation(spatial_dims, label_channels, channels, hidden, kernel_size)
         self.act = nn.PReLU()
         self.conv = Convolution(spatial_dims, channels, channels, kernel_size=3, conv_only=True)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, style: torch.Tensor | None) -> torch.Tensor:
-        h = self.spade(x, labels)
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, labels: torch.Tensor,
+                style: torch.Tensor | None) -> torch.Tensor:
+        x = self.up(x)
         if self.style is not None and style is not None:
-            h = self.style(h, style)
-        return x + self.conv(self.act(h))
+            x = self.style(x, style)
+        x = upsample2(x, self.upsample) + skip
+        return x + self.conv(self.act(self.spade(x, labels)))
 
 
 class SpadeGenerator(nn.Module):
@@ -174,18 +186,14 @@ class SpadeGenerator(nn.Module):
             Convolution(spatial_dims, previous, channels[-1], kernel_size=3, act="PRELU", norm=None),
             *[ResidualUnit(spatial_dims, channels[-1], channels[-1], strides=1, subunits=2, act="PRELU", norm=None)
               for _ in range(bottleneck_blocks)])
-        # Decoder, coarsest first: a convolution at the coarse scale, enlarged, plus the skip, then a
-        # modulated block at the finer scale, down to 1/2 of the input resolution.
-        self.up = nn.ModuleList()
+        # Decoder, coarsest first, down to 1/2 of the input resolution.
         self.blocks = nn.ModuleList()
         previous = channels[-1]
-        for level in range(self.levels - 1, 0, -1):
+        for level in range(self.levels - 1, 0, -1):  # the block's output is at 1 / 2**level
             width = widths[level - 1]
-            self.up.append(Convolution(spatial_dims, previous, width, kernel_size=3, act="PRELU", norm=None))
-            # Finer scales than 1/4 use 1x1 label modulation: a per-class lookup, cheap on big maps.
             kernel = 3 if level >= 2 else 1
-            self.blocks.append(SpadeDecoderBlock(spatial_dims, in_channels, width, min(spade_hidden, width),
-                                                 kernel, style_dim))
+            self.blocks.append(SpadeDecoderBlock(spatial_dims, in_channels, previous, width, min(spade_hidden, width),
+                                                 kernel, style_dim, upsample))
             previous = width
         # The images are made at 1/2 scale and interpolated to full resolution, plus a per-class offset from
         # the full-resolution one-hot map (a 1x1 convolution), which puts the label edges back at full
@@ -204,10 +212,9 @@ class SpadeGenerator(nn.Module):
             x = down(x)
             skips.append(x)
         x = self.bottleneck(x)
-        for index, up in enumerate(self.up):
-            level = self.levels - 1 - index  # the output of this step is at 1 / 2**level
-            x = upsample2(up(x), self.upsample)
-            x = self.blocks[index](x + skips[level - 1], labels[level], style)
+        for index, block in enumerate(self.blocks):
+            level = self.levels - 1 - index
+            x = block(x, skips[level - 1], labels[level], style)
         return upsample2(self.head(self.head_act(x)), self.upsample) + self.class_offset(onehot)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,3 +86,51 @@ def test_shipped_spade_configs_load() -> None:
     for path in sorted((REPO / "Resources" / "configs").glob("*spade*.json")):
         config = TrainConfig.from_json(json.loads(path.read_text()), str(path))
         assert config.network.kind == "spade", path
+
+
+def test_cross_validation_folds() -> None:
+    folds = [["a", "b"], ["c"], ["d", "e"]]
+    config = TrainConfig.from_json({"cv_folds": folds, "cv_fold": 2})
+    assert config.val_cases == ["d", "e"]
+    with pytest.raises(InputError, match="cv_fold 3"):
+        TrainConfig.from_json({"cv_folds": folds, "cv_fold": 3})
+    with pytest.raises(InputError, match="exactly one fold"):
+        TrainConfig.from_json({"cv_folds": [["a", "b"], ["b"]], "cv_fold": 0})
+    with pytest.raises(InputError, match="disagree"):
+        TrainConfig.from_json({"cv_folds": folds, "cv_fold": 0, "val_cases": ["c"]})
+
+
+def test_retraining_folds_keep_every_real_case_once(real_data: Path) -> None:
+    """The 3-fold config covers the 27 real cases, each once; the three patients that brats2020_seg also
+    holds (CBICA_ABM, _ALU, _AME) share one fold."""
+    config = json.loads((REPO / "Resources" / "configs" / "spade_brats27_cv.json").read_text())
+    names = sorted(p.name for root in ("brats2021/cases", "brats_more/cases") for p in (real_data / root).iterdir()
+                   if p.is_dir())
+    folds = config["cv_folds"]
+    assert sorted(n for fold in folds for n in fold) == names and len(names) == 27
+    shared = {"Brats18_CBICA_ABM_1", "Brats18_CBICA_ALU_1", "Brats18_CBICA_AME_1"}
+    assert sum(bool(shared & set(fold)) for fold in folds) == 1
+
+
+def test_train_on_several_data_folders_with_a_fold(phantom_cases: Path, tmp_path: Path) -> None:
+    import shutil
+
+    first, second = tmp_path / "site1", tmp_path / "site2"
+    shutil.copytree(phantom_cases / CASE_IDS[0], first / CASE_IDS[0])
+    for case_id in CASE_IDS[1:]:
+        shutil.copytree(phantom_cases / case_id, second / case_id)
+    config = dict(CONFIG, steps=2, checkpoint_every=2, val_every=2, val_cases=[],
+                  cv_folds=[[CASE_IDS[0]], [CASE_IDS[1], CASE_IDS[2]]])
+    path = tmp_path / "cv.json"
+    path.write_text(json.dumps(config))
+    exe = Path(sys.executable).with_name("medsynth")
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]) + [
+        "train", "--data", str(first), str(second), "-o", str(tmp_path / "run"), "--config", str(path),
+        "--device", "cpu", "--fold", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert recorded["config"]["val_cases"] == [CASE_IDS[0]] and recorded["config"]["cv_fold"] == 0
+    model = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert model["training"]["data"]["cases"] == 2
