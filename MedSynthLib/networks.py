@@ -148,12 +148,16 @@ class Generator(nn.Module):
 
 
 def style_code(seed: int, style_dim: int, batch: int = 1) -> torch.Tensor:
-    """The appearance code ``seed`` stands for: standard-normal draws from a CPU generator seeded with it.
+    """The appearance code ``seed`` stands for: standard-normal draws seeded with it (float32, CPU).
 
-    The same seed gives the same code on every machine (torch's CPU generator is platform-independent).
+    numpy's PCG64 seeded through a ``SeedSequence`` takes any integer whole (torch's CPU generator
+    keeps only 32 bits of a seed, so seeds 0 and 2**32 would draw the same code), and gives the
+    same numbers on every platform.
     """
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randn((batch, style_dim), generator=generator)
+    import numpy as np
+
+    rng = np.random.default_rng([abs(int(seed)), int(seed < 0)])
+    return torch.from_numpy(rng.standard_normal((batch, style_dim)).astype(np.float32))
 
 
 def build_discriminator(config: NetworkConfig) -> nn.Module:

@@ -42,7 +42,7 @@ def test_contrast_rules_hold_on_real_cases(real_cases, rule: str) -> None:
     """Each rule holds on all but at most one of the real cases where its classes are present.
 
     Known exception (reported, not hidden): BraTS2021_00002's necrosis is not darker than white matter
-    on T1 (over the 27 real cases, T1 NCR < WM fails on 5: necrosis and non-enhancing core can be
+    on T1 (over the 27 real cases, T1 NCR < WM fails on 4: necrosis and non-enhancing core can be
     T1-bright).
     """
     passed = []

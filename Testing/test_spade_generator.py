@@ -126,6 +126,9 @@ def test_style_code_changes_the_output_and_is_reproducible():
     net = _randomised(Generator(config, backend="torch"), seed=4)
     x = _labels(3, 7, 16)[:1]
     assert torch.equal(style_code(11, 4), style_code(11, 4))
+    codes = [style_code(seed, 4) for seed in (0, 1, -1, 2 ** 32, 2 ** 64 + 1)]  # all distinct
+    assert all(not torch.equal(a, b) for i, a in enumerate(codes) for b in codes[i + 1:])
+    assert style_code(3, 4).dtype == torch.float32 and style_code(3, 4, batch=2).shape == (2, 4)
     with torch.inference_mode():
         a, b, a_again = net(x, style_code(1, 4)), net(x, style_code(2, 4)), net(x, style_code(1, 4))
         default = net(x)

@@ -158,6 +158,17 @@ def summarise(cases: list[dict]) -> dict:
     return out
 
 
+def _rounded(value):
+    """Floats to 5 significant digits, recursively (the file stays readable and small)."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", type=Path, help="case folders (default: the 27 real cases)")
@@ -171,10 +182,17 @@ def main() -> None:
         start = time.perf_counter()
         results.append(measure_case(folder, args.cache))
         print(f"{folder.name}: {time.perf_counter() - start:.1f} s", flush=True)
-    report = {"anatomy_model": DEFAULT_ANATOMY_MODEL.to_json(), "summary": summarise(results), "cases": results}
+    report = _rounded({"anatomy_model": DEFAULT_ANATOMY_MODEL.to_json(), "summary": summarise(results),
+                       "cases": results})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    # The summary readable, the per-case detail compact (one line per case).
+    lines = ["{", f' "anatomy_model": {json.dumps(report["anatomy_model"])},',
+             f' "summary": {json.dumps(report["summary"], indent=1)},', ' "cases": [']
+    lines += [f"  {json.dumps(case)}," for case in report["cases"]]
+    lines[-1] = lines[-1].rstrip(",")
+    lines += [" ]", "}"]
+    tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, args.output)
     print(json.dumps(report["summary"], indent=1))
 
