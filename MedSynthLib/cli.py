@@ -472,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model name or model folder (default: the registry's default)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    p.add_argument("--seed", type=int, default=0, help="seed recorded in the provenance")
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the appearance of models with an appearance code (no effect on others); recorded")
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("evaluate", help="fidelity of a model on real cases (SSIM, PSNR, MAE in brain and tumour)")

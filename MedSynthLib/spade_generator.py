@@ -29,7 +29,8 @@ classes cannot be washed out on the way up.  What MedSynth changes, and why:
   towards the standard normal with a KL term (SPADE's VAE variant), so drawing
   it from the prior gives appearances like the training cases'.
 * **Context**: four down-samplings and residual blocks at 1/16 resolution give a
-  receptive field of about 160 voxels, a whole brain box.
+  receptive field of 303 voxels per axis with the proposed widths (the shipped U-Net: 95), more
+  than a whole brain box.
 
 The layers are MONAI blocks (``Convolution``, ``ResidualUnit``); inference runs
 the same network rebuilt from plain torch layers with the same parameter names

@@ -111,10 +111,13 @@ def measure_case(folder: Path, cache: Path | None) -> dict:
             if "WM" in per_class and "GM" in per_class else None,
             "gm_wm_separation_normalised": separation,
             # Share of the healthy-tissue variance that CSF contributes (its squared deviations).
-            "csf_share_of_healthy_variance": float(((csf - values.mean()) ** 2).sum() / ((values - values.mean()) ** 2).sum()),
+            "csf_share_of_healthy_variance": float(((csf - values.mean()) ** 2).sum()
+                                                   / ((values - values.mean()) ** 2).sum()),
             "std_ratio_healthy_to_gm_wm": float(values.std() / tissue_values.std()),
         }
-    entry["contrast_rules"] = check_contrast_rules(case.images, labels, brain)
+    # The class medians are in "modalities" already; each rule keeps its verdict and differences.
+    entry["contrast_rules"] = [{k: v for k, v in rule.items() if k != "medians"}
+                               for rule in check_contrast_rules(case.images, labels, brain)]
     return entry
 
 
@@ -135,9 +138,11 @@ def summarise(cases: list[dict]) -> dict:
                                    for s in CANDIDATE_SCALES},
             "max_brain_clipped": {str(s): max(r["clipped_brain"][str(s)] for r in rows) for s in CANDIDATE_SCALES},
             "median_class_medians": {c.name: float(np.median([r["classes"][c.name]["median"] for r in rows
-                                                               if c.name in r["classes"]])) for c in CLASSES},
+                                                               if c.name in r["classes"]]))
+                                     for c in CLASSES if any(c.name in r["classes"] for r in rows)},
             "median_class_std": {c.name: float(np.median([r["classes"][c.name]["std"] for r in rows
-                                                           if c.name in r["classes"]])) for c in CLASSES},
+                                                           if c.name in r["classes"]]))
+                                 for c in CLASSES if any(c.name in r["classes"] for r in rows)},
             "median_gm_wm_separation": float(np.median([r["gm_wm_separation"] for r in rows])),
             "median_healthy_class_range": float(np.median([r["healthy_class_range"] for r in rows])),
             "median_gm_wm_separation_normalised": {
@@ -184,8 +189,13 @@ def main() -> None:
         print(f"{folder.name}: {time.perf_counter() - start:.1f} s", flush=True)
     report = _rounded({"anatomy_model": DEFAULT_ANATOMY_MODEL.to_json(), "summary": summarise(results),
                        "cases": results})
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
+    write_report(report, args.output)
+    print(json.dumps(report["summary"], indent=1))
+
+
+def write_report(report: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp")
     # The summary readable, the per-case detail compact (one line per case).
     lines = ["{", f' "anatomy_model": {json.dumps(report["anatomy_model"])},',
              f' "summary": {json.dumps(report["summary"], indent=1)},', ' "cases": [']
@@ -193,8 +203,7 @@ def main() -> None:
     lines[-1] = lines[-1].rstrip(",")
     lines += [" ]", "}"]
     tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, args.output)
-    print(json.dumps(report["summary"], indent=1))
+    os.replace(tmp, output)
 
 
 if __name__ == "__main__":
