@@ -156,7 +156,7 @@ class InferenceSpadeGenerator(nn.Module):
         for index, block in enumerate(self.blocks):
             level = self.levels - 1 - index
             x = block(x, skips[level - 1], labels[level], style)
-        return upsample2(self.head(self.head_act(x)), self.upsample) + self.class_offset(onehot)
+        return upsample2(self.head(self.head_act(x)) + self.class_offset(labels[1]), self.upsample)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of the appearance code of real images."""

@@ -196,9 +196,10 @@ class SpadeGenerator(nn.Module):
             self.blocks.append(SpadeDecoderBlock(spatial_dims, in_channels, previous, width, min(spade_hidden, width),
                                                  kernel, style_dim, upsample))
             previous = width
-        # The images are made at 1/2 scale and interpolated to full resolution, plus a per-class offset from
-        # the full-resolution one-hot map (a 1x1 convolution), which puts the label edges back at full
-        # sharpness: full-resolution feature maps would cost more than the whole rest on a CPU.
+        # The images are made at 1/2 scale, plus a per-class offset from the label fractions there (a 1x1
+        # convolution: sharp class contrast), and interpolated to full resolution.  An offset painted voxel
+        # by voxel at full resolution carried 5x the real image's period-2 power on BraTS2021_00006 (the
+        # derived label maps are speckled); blurring it cost more than the network's full-resolution work.
         self.head_act = nn.PReLU()
         self.head = Convolution(spatial_dims, previous, out_channels, kernel_size=3, conv_only=True)
         self.class_offset = Convolution(spatial_dims, in_channels, out_channels, kernel_size=1, conv_only=True)
@@ -216,7 +217,7 @@ class SpadeGenerator(nn.Module):
         for index, block in enumerate(self.blocks):
             level = self.levels - 1 - index
             x = block(x, skips[level - 1], labels[level], style)
-        return upsample2(self.head(self.head_act(x)), self.upsample) + self.class_offset(onehot)
+        return upsample2(self.head(self.head_act(x)) + self.class_offset(labels[1]), self.upsample)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of the appearance code of real images (training)."""

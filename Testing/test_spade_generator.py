@@ -97,7 +97,7 @@ def test_every_decoder_scale_sees_the_label_map():
     with torch.inference_mode():
         difference = (net(x) - net(y)).abs().sum(1)[0]
     assert difference[8, 8, 8] > 0
-    # ... and beyond the full-resolution class offset: modulation at coarser scales spreads it.
+    # ... and beyond its own 2x2x2 cell: modulation at coarser scales spreads it.
     assert difference[10, 10, 10] > 0
 
 

@@ -1,9 +1,11 @@
-"""How much the synthesis seed changes a case, and whether every sample still reads right.
+"""How much the synthesis seed changes a case, whether every sample still reads right, and its checkerboard.
 
 For each case folder: its MedSynth label map (the default anatomy model) is synthesised with N seeds.
 Reported per modality: the mean over voxels of the standard deviation across seeds (each sample
 z-scored inside the brain), separately in the tumour and in healthy tissue; and, per sample, the
-contrast rules of :mod:`MedSynthLib.image_checks` beside the real images' own values.
+contrast rules of :mod:`MedSynthLib.image_checks` beside the real images' own values, and the
+checkerboard ratio (period-2 power of the sample relative to the real image, inside the brain; target
+at most 1.2), mean over the samples.
 
     python benchmarks/seed_diversity.py CASE_DIR... --model MODEL [--seeds 5] -o diversity.json
 """
@@ -23,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from MedSynthLib.anatomy import derive_label_map  # noqa: E402
 from MedSynthLib.cases import MODALITIES, read_case  # noqa: E402
-from MedSynthLib.image_checks import check_contrast_rules  # noqa: E402
+from MedSynthLib.image_checks import check_contrast_rules, checkerboard_ratio  # noqa: E402
 from MedSynthLib.labels import Label  # noqa: E402
 from MedSynthLib.models import resolve_model  # noqa: E402
 from MedSynthLib.normalize import zscore  # noqa: E402
@@ -46,6 +48,8 @@ def measure(folder: Path, engine: SynthesisEngine, seeds: list[int]) -> dict:
         spread = stack.std(0)
         entry["diversity"][m] = {"tumour": float(spread[tumour].mean()) if tumour.any() else None,
                                  "healthy": float(spread[healthy].mean())}
+    entry["checkerboard_ratio"] = {m: float(np.mean([checkerboard_ratio(case.images[m], s.images[m], brain)
+                                                      for s in samples])) for m in MODALITIES}
     entry["rules_failed_per_sample"] = [[r["rule"] for r in rules if r["passed"] is False]
                                         for rules in entry["rules_synthetic"]]
     entry["rules_failed_real"] = [r["rule"] for r in entry["rules_real"] if r["passed"] is False]
@@ -63,7 +67,8 @@ def main() -> None:
     engine = SynthesisEngine(resolve_model(args.model), "cpu", args.precision)
     results = [measure(folder, engine, list(range(1, args.seeds + 1))) for folder in args.cases]
     for entry in results:
-        print(entry["case"], json.dumps(entry["diversity"]), "failed (synthetic):", entry["rules_failed_per_sample"],
+        print(entry["case"], json.dumps(entry["diversity"]), "checkerboard:", json.dumps(entry["checkerboard_ratio"]),
+              "failed (synthetic):", entry["rules_failed_per_sample"],
               "failed (real):", entry["rules_failed_real"])
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model": args.model, "cases": results}, indent=1) + "\n")
