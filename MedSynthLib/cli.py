@@ -306,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config is not None:
         config = TrainConfig.from_json(_read_json(args.config), str(args.config))
     overrides = {k: v for k, v in (("precision", args.precision), ("threads", args.threads),
-                                   ("init_from", args.init)) if v is not None}
+                                   ("init_from", args.init), ("cv_fold", args.fold)) if v is not None}
     if overrides:
         config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model name or model folder (default: the registry's default)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    p.add_argument("--seed", type=_seed, default=0, help="seed recorded in the provenance")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="draws the appearance of models with an appearance code (no effect on others); recorded")
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("generate", help="a ready-to-train synthetic dataset (nnU-Net, MSD, BraTS layouts), "
@@ -615,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train the label-map -> MRI GAN (torchrun for several GPUs or nodes)")
-    p.add_argument("--data", required=True, type=Path, help="folder of case folders (any supported convention)")
+    p.add_argument("--data", required=True, type=Path, nargs="+",
+                   help="folder(s) of case folders (any supported convention)")
     p.add_argument("-o", "--output", required=True, type=Path, help="run folder (checkpoints, logs, model/)")
     p.add_argument("--config", type=Path, help="training configuration JSON (see Resources/configs)")
     p.add_argument("--steps", type=_positive_int, help="override the number of steps (with --resume: change the run's length)")
@@ -626,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="MODEL",
                    help="fine-tune: start the generator from this model's weights (name or folder; same network)")
     p.add_argument("--cache", type=Path, help="folder of prepared cases to share between runs (default RUN_DIR/cache)")
+    p.add_argument("--fold", type=int, help="cross-validation: hold out fold K of the config's cv_folds")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

@@ -581,6 +581,7 @@ def test_healthy_zscore_round_trip_and_background():
     ({"low": 10.0, "high": 200.0}, IntensityNormalizer),  # model configs written before the z-score existed
     ({"low": 10.0, "high": 200.0, "kind": "percentile"}, IntensityNormalizer),
     ({"mean": 100.0, "std": 20.0, "scale": 6.0, "kind": "healthy_zscore"}, HealthyTissueZScore),
+    ({"mean": 100.0, "std": 20.0, "scale": 15.0, "kind": "tissue_zscore"}, HealthyTissueZScore),
 ])
 def test_normalizer_from_json(entry, kind):
     norm = normalizer_from_json(entry)

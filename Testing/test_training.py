@@ -363,7 +363,8 @@ def test_train_config_json() -> None:
         TrainConfig.from_json(dict(MICRO, patch_size=15))
     with pytest.raises(InputError, match="adversarial"):
         TrainConfig.from_json(dict(MICRO, adversarial="wgan"))
-    with pytest.raises(InputError, match=r"normalization must be one of \['percentile', 'healthy_zscore'\]"):
+    with pytest.raises(InputError,
+                       match=r"normalization must be one of \['percentile', 'healthy_zscore', 'tissue_zscore'\]"):
         TrainConfig.from_json(dict(MICRO, normalization="minmax"), "cfg.json")
     with pytest.raises(InputError) as caught:
         TrainConfig.from_json({"bogus": 1}, "cfg.json")
@@ -382,7 +383,7 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
     config = write_config(tmp_path / "z.json", steps=2, checkpoint_every=2, val_every=2,
                           normalization="healthy_zscore")
     run_train(brats_data, run, config, "--cache", str(cache))
-    assert sorted(p.name.split("-", 1)[1] for p in cache.glob("*.npz")) == ["healthy_zscore.npz"] * 3
+    assert sorted(p.name.split("-", 1)[1] for p in cache.glob("*.npz")) == ["healthy_zscore12.npz"] * 3
     intensity = json.loads((run / "model" / "config.json").read_text())["intensity"]
 
     # The model's statistics are the mean of the two training cases' healthy-tissue fits.

@@ -10,11 +10,18 @@ channels 32-512, 2 residual units) on a full 240 x 240 x 155 volume (padded to
 * the shipped model's network time alone in fp32 and bf16 (same process);
 * the ROI re-render after a typical tumour edit, and its largest difference
   from a full re-synthesis inside the edited region;
-* one training step (generator + discriminator) at the shipped configuration.
+* one training step (generator + discriminator) at the shipped configuration;
+* the generator proposed for the retraining (``--proposed``, a training config: by default the SPADE
+  generator of ``Resources/configs/spade_brats27.json``), with random weights of that architecture
+  (speed does not depend on the values): its network in fp32 and bf16 on the brain box, and
+  end-to-end ``medsynth synthesize`` with it.
+
+Every time is the best of ``--repeat`` runs: on a shared machine the minimum is the least disturbed one.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_synthesis.py [--case DIR] [--threads N] [--json OUT]
+    .venv/bin/python benchmarks/bench_synthesis.py [--case DIR] [--threads N] [--json OUT] [--repeat N]
+        [--proposed CONFIG | --proposed none]
 
 Run it on an otherwise idle machine; the numbers are only comparable within one run.
 """
@@ -55,7 +62,35 @@ def reference_forward(threads: int) -> float:
     x = torch.zeros(1, 7, 240, 240, 160)
     x[:, 0] = 1
     with torch.inference_mode():
-        return best_of(2, lambda: net(x))
+        return best_of(REPEAT, lambda: net(x))
+
+
+REPEAT = 2
+
+
+def random_model(config_path: Path, intensity: dict, folder: Path) -> Path:
+    """A model folder with random weights of the architecture in a training config."""
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import Generator
+    from MedSynthLib.training.train import TrainConfig
+
+    config = TrainConfig.from_json(json.loads(config_path.read_text()), str(config_path))
+    torch.manual_seed(0)
+    generator = Generator(config.network, backend="torch")
+    state = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
+    return write_model(folder, state, {"name": folder.name, "description": f"random weights, {config_path.name}",
+                                       "network": config.network.to_json(), "intensity": intensity})
+
+
+def end_to_end(labels: Path, model: Path, out: Path, env: dict[str, str]) -> tuple[float, dict]:
+    """Best wall time of ``medsynth synthesize`` in a fresh process, and the child's own timings."""
+    runs = []
+    for i in range(REPEAT):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "MedSynthLib", "synthesize", str(labels), "-o", str(out / f"out{i}"),
+                        "--model", str(model)], check=True, env=env, stdout=subprocess.DEVNULL)
+        runs.append(time.perf_counter() - start)
+    return min(runs), json.loads((out / f"out{REPEAT - 1}" / "provenance.json").read_text())["timings_s"]
 
 
 # The synthesize command in a child that reports its own high-water mark at the end.  The children's
@@ -86,13 +121,21 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--repeat", type=int, default=2, help="best of this many runs per measurement")
+    parser.add_argument("--proposed", default=str(REPO / "Resources" / "configs" / "spade_brats27.json"),
+                        help="training config of the generator proposed for retraining ('none': skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global REPEAT
+    REPEAT = max(1, args.repeat)
 
     from MedSynthLib.cases.anatomy import derive_label_map
     from MedSynthLib.cases.readers import read_case
+    from safetensors.torch import load_file
+
     from MedSynthLib.edits import Translate
     from MedSynthLib.schema.labelmap import write_label_map
+    from MedSynthLib.synthesis.inference import brain_box
     from MedSynthLib.synthesis.models import resolve_model
     from MedSynthLib.synthesis.networks import Generator, NetworkConfig, build_discriminator, one_hot
     from MedSynthLib.synthesis.synthesize import SynthesisEngine
@@ -113,16 +156,9 @@ def main() -> int:
         write_label_map(labelmap, tmp / "labels.nii.gz")
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         print("end to end: medsynth synthesize in a fresh process ...", flush=True)
-        runs = []
-        for i in range(2):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "MedSynthLib", "synthesize", str(tmp / "labels.nii.gz"),
-                            "-o", str(tmp / f"out{i}"), "--model", str(model.path)], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-            runs.append(time.perf_counter() - start)
-        results["end_to_end_s"] = min(runs)
-        provenance = json.loads((tmp / "out1" / "provenance.json").read_text())
-        results["end_to_end_child_timings_s"] = provenance["timings_s"]
+        (tmp / "shipped").mkdir()
+        results["end_to_end_s"], results["end_to_end_child_timings_s"] = end_to_end(
+            tmp / "labels.nii.gz", model.path, tmp / "shipped", env)
         imports = []
         for _ in range(2):
             start = time.perf_counter()
@@ -137,7 +173,22 @@ def main() -> int:
         for precision in ("fp32", "bf16"):
             engine = SynthesisEngine(model, "cpu", precision)
             engine.synthesize(labelmap)
-            results[f"network_{precision}_s"] = best_of(2, lambda: engine.synthesize(labelmap))
+            results[f"network_{precision}_s"] = best_of(REPEAT, lambda: engine.synthesize(labelmap))
+
+        if args.proposed != "none":
+            proposed_path = Path(args.proposed)
+            proposed = resolve_model(random_model(proposed_path, model.config["intensity"], tmp / "proposed_model"))
+            results["proposed"] = {"config": proposed_path.name, "network": proposed.config["network"],
+                                   "parameters": sum(v.numel() for v in load_file(str(proposed.weights)).values())}
+            print(f"proposed generator ({proposed_path.name}), random weights ...", flush=True)
+            (tmp / "proposed").mkdir()
+            results["proposed"]["end_to_end_s"], results["proposed"]["end_to_end_child_timings_s"] = end_to_end(
+                tmp / "labels.nii.gz", proposed.path, tmp / "proposed", env)
+            for precision in ("fp32", "bf16"):
+                engine = SynthesisEngine(proposed, "cpu", precision)
+                engine.synthesize(labelmap)
+                results["proposed"][f"network_{precision}_s"] = best_of(REPEAT, lambda: engine.synthesize(labelmap))
+            results["proposed"]["brain_box"] = [s.stop - s.start for s in brain_box(labelmap.array)]
 
         engine = SynthesisEngine(model, "cpu", "bf16")
         previous = engine.synthesize(labelmap)
@@ -188,6 +239,13 @@ def main() -> int:
         ("ROI re-render after a 10 mm move", results["rerender_s"]),
         (f"training step G+D, {p}^3 patch, bf16", results["train_step_s"]),
     ]
+    if "proposed" in results:
+        proposed = results["proposed"]
+        rows += [
+            (f"proposed ({proposed['config']}): end-to-end synthesize", proposed["end_to_end_s"]),
+            ("proposed network, fp32", proposed["network_fp32_s"]),
+            ("proposed network, bf16", proposed["network_bf16_s"]),
+        ]
     print(f"\n{'measurement':<50}{'seconds':>10}{'x reference':>14}")
     for name, seconds in rows:
         print(f"{name:<50}{seconds:>10.3f}{seconds / ref:>14.3f}")

@@ -72,6 +72,7 @@ class Synthesizer:
         max_voxels: largest padded box run in one piece; bigger boxes use sliding windows.
         roi: sliding-window size.
         log: receives one-line notices (fallbacks).
+        style: (1, style_dim) appearance code for networks that take one (``None``: the prior's mean).
     """
 
     generator: torch.nn.Module
@@ -81,6 +82,12 @@ class Synthesizer:
     max_voxels: int = 8_000_000
     roi: int = 128
     log: Callable[[str], None] = lambda message: None
+    style: torch.Tensor | None = None
+
+    def _forward(self, onehot: torch.Tensor) -> torch.Tensor:
+        if self.style is None or not self.network.has_style:
+            return self.generator(onehot)
+        return self.generator(onehot, style=self.style.to(onehot.device))
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -101,7 +108,7 @@ class Synthesizer:
         onehot = onehot.contiguous(memory_format=layout)
         with torch.inference_mode(), self._autocast():
             if roi is None:
-                return self.generator(onehot).float().contiguous()
+                return self._forward(onehot).float().contiguous()
             from monai.inferers import sliding_window_inference
 
             # A window larger than the input would make MONAI pad it with zeros, and an all-zero
@@ -114,7 +121,7 @@ class Synthesizer:
             overlap = 0.25 if all((r - r * 3 // 4) % multiple == 0 and (r * 3 // 4) % multiple == 0
                                   for r in roi_size) else 0.5
             return sliding_window_inference(onehot, roi_size, sw_batch_size=1,
-                                            predictor=lambda x: self.generator(x).float(), overlap=overlap,
+                                            predictor=lambda x: self._forward(x).float(), overlap=overlap,
                                             mode="gaussian").float().contiguous()
 
     def predict(self, labels: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:

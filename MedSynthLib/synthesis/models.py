@@ -156,7 +156,10 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
     expect_object(data, source, "network")
     known = {k: v for k, v in data.items() if k in NetworkConfig.__dataclass_fields__}
     check_fields(NetworkConfig, known, source, "network")
-    network = NetworkConfig.from_json(known)
+    try:
+        network = NetworkConfig.from_json(known)
+    except ValueError as exc:
+        raise InputError(source, f"network: {exc}") from None
     problems = []
     if network.spatial_dims != 3:
         problems.append(f"spatial_dims {network.spatial_dims} (MedSynth is 3D)")
@@ -173,6 +176,17 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
         problems.append(f"num_res_units {network.num_res_units} (0-{MAX_DEPTH})")
     if not 1 <= network.disc_channels <= MAX_CHANNELS or not 0 <= network.disc_layers <= MAX_DEPTH:
         problems.append(f"disc_channels {network.disc_channels} / disc_layers {network.disc_layers}")
+    if network.kind == "spade":
+        from .spade_generator import UPSAMPLE_MODES
+
+        if not 0 <= network.bottleneck_blocks <= MAX_DEPTH:
+            problems.append(f"bottleneck_blocks {network.bottleneck_blocks} (0-{MAX_DEPTH})")
+        if not 1 <= network.spade_hidden <= MAX_CHANNELS:
+            problems.append(f"spade_hidden {network.spade_hidden} (1-{MAX_CHANNELS})")
+        if not 0 <= network.style_dim <= MAX_CHANNELS:
+            problems.append(f"style_dim {network.style_dim} (0-{MAX_CHANNELS})")
+        if network.upsample not in UPSAMPLE_MODES:
+            problems.append(f"upsample {network.upsample!r} (one of {', '.join(UPSAMPLE_MODES)})")
     if problems:
         raise InputError(source, "network: " + "; ".join(problems))
     parameters = sum(shape_numel(shape) for shape in network_shapes(network).values())

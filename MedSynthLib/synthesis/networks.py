@@ -1,8 +1,10 @@
 """The conditional GAN of Shin et al. 2018 (pix2pix, Isola et al. CVPR 2017) in 3D.
 
-Generator: a MONAI U-Net from the one-hot 7-class label map to four MR
-contrasts (T1, T1ce, T2, FLAIR) in ``[-1, 1]``.  Discriminator: MONAI's
-PatchGAN on the (label map, image) pair.  Both are ``spatial_dims``-generic.
+Generator: a MONAI U-Net (``network.kind: unet``) or the SPADE generator of
+:mod:`MedSynthLib.synthesis.spade_generator` (``kind: spade``) from the one-hot 7-class
+label map to four MR contrasts (T1, T1ce, T2, FLAIR) in ``[-1, 1]``.
+Discriminator: MONAI's PatchGAN on the (label map, image) pair.  All are
+``spatial_dims``-generic.
 
 The generator has no normalisation layers: it is trained on patches and run on
 whole brains, and instance/batch statistics of a patch differ from those of a
@@ -20,6 +22,7 @@ from torch import nn
 from ..schema.labels import MODALITIES, NUM_CLASSES
 
 MODALITY_ORDER: tuple[str, ...] = MODALITIES
+NETWORK_KINDS = ("unet", "spade")
 
 
 @dataclass
@@ -38,6 +41,26 @@ class NetworkConfig:
     # model trained without it can start a fine-tune with it.
     antialias: bool = False
     modalities: tuple[str, ...] = field(default_factory=lambda: MODALITY_ORDER)
+    # "unet" (MONAI UNet, the original pix2pix generator) or "spade" (MedSynthLib.synthesis.spade_generator: the
+    # label map injected at every decoder scale, interpolation up-sampling, optional appearance code).
+    # The fields below apply to "spade" only.
+    kind: str = "unet"
+    bottleneck_blocks: int = 2
+    spade_hidden: int = 32
+    style_dim: int = 0
+    upsample: str = "trilinear"
+
+    def __post_init__(self) -> None:
+        if self.kind not in NETWORK_KINDS:
+            raise ValueError(f"network kind must be one of {list(NETWORK_KINDS)}, not {self.kind!r}")
+        if self.kind == "spade" and (any(s != 2 for s in self.strides) or len(self.strides) != len(self.channels) - 1):
+            raise ValueError("a spade network down-samples by 2 per level: strides must be 2, one per width but "
+                             "the last")
+
+    @property
+    def has_style(self) -> bool:
+        """Whether the network takes an appearance code, i.e. whether the synthesis seed changes the image."""
+        return self.kind == "spade" and self.style_dim > 0
 
     @property
     def size_multiple(self) -> int:
@@ -59,26 +82,36 @@ class NetworkConfig:
 
 
 class Generator(nn.Module):
-    """U-Net label map -> images, ``tanh`` output in ``[-1, 1]``.
+    """Label map -> images (U-Net or SPADE generator, ``network.kind``), ``tanh`` output in ``[-1, 1]``.
 
     Args:
         config: the architecture.
-        backend: ``"monai"`` builds MONAI's ``UNet`` (training); ``"torch"`` builds
-            :class:`~MedSynthLib.synthesis.inference_unet.InferenceUNet`, the same network from
-            plain torch layers with the same parameter names, which spares inference
-            the MONAI import.
+        backend: ``"monai"`` builds the network from MONAI (training); ``"torch"`` builds
+            the same network from plain torch layers with the same parameter names
+            (:mod:`~MedSynthLib.synthesis.inference_unet`, :mod:`~MedSynthLib.synthesis.inference_spade`),
+            which spares inference the MONAI import.
     """
 
     def __init__(self, config: NetworkConfig, backend: str = "monai") -> None:
         super().__init__()
         self.config = config
-        if backend == "torch":
+        if backend not in ("monai", "torch"):
+            raise ValueError(f"unknown generator backend {backend!r} (monai or torch)")
+        if config.kind == "spade":
+            if backend == "torch":
+                from .inference_spade import InferenceSpadeGenerator as Spade
+            else:
+                from .spade_generator import SpadeGenerator as Spade  # type: ignore[assignment]
+            self.net: nn.Module = Spade(config.spatial_dims, config.in_channels, config.out_channels, config.channels,
+                                        bottleneck_blocks=config.bottleneck_blocks, spade_hidden=config.spade_hidden,
+                                        style_dim=config.style_dim, upsample=config.upsample)
+        elif backend == "torch":
             from .inference_unet import InferenceUNet
 
             self.unet: nn.Module = InferenceUNet(config.spatial_dims, config.in_channels, config.out_channels,
                                                  config.channels, config.strides, config.num_res_units,
                                                  antialias=config.antialias)
-        elif backend == "monai":
+        else:
             from monai.networks.nets import UNet
 
             self.unet = UNet(config.spatial_dims, config.in_channels, config.out_channels, channels=config.channels,
@@ -87,11 +120,44 @@ class Generator(nn.Module):
                 from .inference_unet import antialias_upsampling
 
                 antialias_upsampling(self.unet)
-        else:
-            raise ValueError(f"unknown generator backend {backend!r} (monai or torch)")
 
-    def forward(self, onehot: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.unet(onehot))
+    def forward(self, onehot: torch.Tensor, style: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Images in ``[-1, 1]``.
+
+        Args:
+            onehot: (B, C, *spatial) one-hot label map.
+            style: (B, style_dim) appearance code (networks with one; default: zeros, the prior's mean).
+            reference: training only: real images whose encoded code is used instead of ``style``;
+                the output is then ``(images, KL of the code to the standard normal)``.
+            noise: (B, style_dim) standard-normal draws for the code's reparameterisation (with ``reference``).
+        """
+        if self.config.kind == "unet":
+            return torch.tanh(self.unet(onehot))
+        if reference is not None and self.config.has_style:
+            from .spade_generator import kl_to_standard_normal
+
+            mean, log_variance = self.net.encode(reference)
+            if noise is None:
+                noise = torch.zeros_like(mean)
+            style = mean + noise.to(mean) * torch.exp(0.5 * log_variance)
+            return torch.tanh(self.net(onehot, style)), kl_to_standard_normal(mean.float(), log_variance.float())
+        if self.config.has_style and style is None:
+            style = onehot.new_zeros((onehot.shape[0], self.config.style_dim))
+        return torch.tanh(self.net(onehot, style if self.config.has_style else None))
+
+
+def style_code(seed: int, style_dim: int, batch: int = 1) -> torch.Tensor:
+    """The appearance code ``seed`` stands for: standard-normal draws seeded with it (float32, CPU).
+
+    numpy's PCG64 seeded through a ``SeedSequence`` takes any integer whole (torch's CPU generator
+    keeps only 32 bits of a seed, so seeds 0 and 2**32 would draw the same code), and gives the
+    same numbers on every platform.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([abs(int(seed)), int(seed < 0)])
+    return torch.from_numpy(rng.standard_normal((batch, style_dim)).astype(np.float32))
 
 
 def build_discriminator(config: NetworkConfig) -> nn.Module:

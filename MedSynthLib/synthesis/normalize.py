@@ -15,6 +15,12 @@ can be returned to a realistic scanner range.  Two maps exist:
   same spread falls to 0.07 (T1), 0.44 (T1ce) and 0.18 (FLAIR), so the
   generator is taught one consistent mapping, on nearly the scale MedSynth's
   quality metrics use (they z-score over the whole brain).
+* ``tissue_zscore``: the same against grey and white matter only.  On T2,
+  CSF's very high and case-dependent signal makes up a median 61 % of the
+  healthy-tissue variance (26-70 % across the 27 real cases), which shrinks the
+  grey/white contrast in z and moves it from case to case; without CSF in the
+  reference, T2's across-case spread of the GM/WM medians falls from 0.45 to
+  0.27 of their separation (T1 0.14 -> 0.11, FLAIR 0.77 -> 0.74).
 """
 
 from __future__ import annotations
@@ -24,10 +30,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-NORMALIZATIONS = ("percentile", "healthy_zscore")
-# z = +-6 maps to +-1.  Measured on the five BraTS 2021 cases: at most 1.7 % of brain voxels are clipped in
-# any modality, but 19 % of BraTS2021_00006's FLAIR tumour is brighter than that (other cases < 1 %).
-ZSCORE_SCALE = 6.0
+NORMALIZATIONS = ("percentile", "healthy_zscore", "tissue_zscore")
+# z = +-12 maps to +-1 (z against CSF + GM + WM).  Measured on the 27 real cases with
+# benchmarks/measure_normalization.py (docs/model_card.md): the earlier +-6 clipped up to 35 % of a FLAIR
+# tumour (9 % of a T2 one); +-11 is the smallest range that clips under 0.5 % of every tumour in every
+# modality (0.39 %, one FLAIR), +-12 leaves a margin (at most 0.17 % of a tumour, 0.04 % of a brain).
+ZSCORE_SCALE = 12.0
+# z against grey + white matter only (``tissue_zscore``): its standard deviation is 1.3-1.5x smaller, so
+# the same tumours reach higher z; +-15 clips at most 0.22 % of a tumour (+-12: 3.4 %).
+TISSUE_ZSCORE_SCALE = 15.0
+ZSCORE_KINDS = {"healthy_zscore": ZSCORE_SCALE, "tissue_zscore": TISSUE_ZSCORE_SCALE}
 
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
@@ -79,12 +91,14 @@ class IntensityNormalizer:
 
 @dataclass(frozen=True)
 class HealthyTissueZScore:
-    """``(x - mean) / std / scale`` clipped to ``[-1, 1]``, statistics from healthy tissue; background -> -1.
+    """``(x - mean) / std / scale`` clipped to ``[-1, 1]``, statistics from reference tissue; background -> -1.
 
     Attributes:
-        mean: mean intensity of the healthy brain tissue (CSF, GM, WM).
+        mean: mean intensity of the reference tissue: the healthy brain (CSF, GM, WM) for
+            ``healthy_zscore``, grey and white matter for ``tissue_zscore``.
         std: its standard deviation.
-        scale: z-score that maps to +-1.
+        scale: z-score that maps to +-1 (models store theirs; older models keep +-6).
+        kind: ``healthy_zscore`` or ``tissue_zscore``.
     """
 
     mean: float
@@ -93,12 +107,13 @@ class HealthyTissueZScore:
     kind: str = "healthy_zscore"
 
     @classmethod
-    def fit(cls, image: np.ndarray, healthy: np.ndarray) -> "HealthyTissueZScore":
+    def fit(cls, image: np.ndarray, healthy: np.ndarray, kind: str = "healthy_zscore") -> "HealthyTissueZScore":
+        """Statistics of ``image`` inside the reference mask ``healthy``, with the default range of ``kind``."""
         values = image[healthy].astype(np.float64)
         if values.size == 0:
             raise ValueError("cannot normalise without healthy brain tissue")
         std = float(values.std())
-        return cls(float(values.mean()), std if std > 0 else 1.0)
+        return cls(float(values.mean()), std if std > 0 else 1.0, ZSCORE_KINDS[kind], kind)
 
     def forward(self, image: np.ndarray, brain: np.ndarray) -> np.ndarray:
         scaled = np.clip((image.astype(np.float32) - self.mean) / (self.std * self.scale), -1.0, 1.0)
@@ -117,8 +132,8 @@ def normalizer_from_json(data: dict[str, Any]) -> Normalizer:
     """The normaliser a model's ``intensity`` entry describes (no ``kind``: the original percentile map)."""
     data = dict(data)
     kind = data.pop("kind", "percentile")
-    if kind == "healthy_zscore":
-        return HealthyTissueZScore(**data)
+    if kind in ZSCORE_KINDS:
+        return HealthyTissueZScore(**data, kind=kind)
     if kind == "percentile":
         return IntensityNormalizer(**data)
     raise ValueError(f"unknown intensity normalisation {kind!r}")

@@ -60,13 +60,32 @@ class SynthesisEngine:
     def device(self) -> str:
         return str(self.synth.device)
 
+    @property
+    def seed_effective(self) -> bool:
+        """Whether the seed changes the image: only networks with an appearance code (``style_dim``) use it."""
+        return self.network.has_style
+
+    def _use_seed(self, seed: int) -> None:
+        from .networks import style_code
+
+        self.synth.style = style_code(seed, self.network.style_dim) if self.seed_effective else None
+
     def synthesize(self, labelmap: LabelMap, seed: int = 0) -> SynthesisResult:
+        """Synthesise the four images of a label map.
+
+        Args:
+            labelmap: the label map.
+            seed: draws the appearance code of models that have one (the same seed gives the same
+                image; another seed another plausible appearance).  Models without one ignore it,
+                and the provenance says so (``seed_effective: false``).
+        """
         from ..schema.provenance import array_sha256, privacy_of, software_versions
         from .inference import to_scanner_units
 
         if not brain_mask(labelmap.array).any():
             raise MedSynthError("empty brain: the label map has no brain voxels")
         self._torch.manual_seed(seed)
+        self._use_seed(seed)
         start = time.perf_counter()
         normalized = self.synth.predict(labelmap.array)
         network_seconds = time.perf_counter() - start
@@ -81,6 +100,7 @@ class SynthesisEngine:
             "edits": labelmap.history,
             "privacy": privacy_of(labelmap).to_json(),
             "seed": seed,
+            "seed_effective": self.seed_effective,
             "device": self.device,
             "precision": self.synth.precision,
             "grid": labelmap.grid.to_json(),
@@ -104,6 +124,7 @@ class SynthesisEngine:
         if edited.grid != previous.labelmap.grid:
             raise MedSynthError("the edited label map is not on the previous result's grid")
         start = time.perf_counter()
+        self._use_seed(int(previous.provenance.get("seed", 0)))  # the edited case keeps its appearance
         changed = edited.array != previous.labelmap.array
         normalized = previous.normalized.copy()
         images = {m: array.copy() for m, array in previous.images.items()}

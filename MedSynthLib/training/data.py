@@ -79,14 +79,17 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
     """Read a case, derive its label map and normalise its images (cached per normalisation).
 
     Args:
-        normalization: ``percentile`` or ``healthy_zscore`` (see :mod:`MedSynthLib.synthesis.normalize`).
+        normalization: ``percentile``, ``healthy_zscore`` or ``tissue_zscore`` (:mod:`MedSynthLib.synthesis.normalize`).
     """
     from ..cases.anatomy import derive_label_map
 
     case = read_case(case_dir, require_segmentation=True)
     key = _files_hash(case)
-    # The original percentile cache keeps its file name, so existing caches stay valid.
-    suffix = "" if normalization == "percentile" else f"-{normalization}"
+    from ..synthesis.normalize import ZSCORE_KINDS
+
+    # The original percentile cache keeps its file name, so existing caches stay valid; z-score caches
+    # name their clip range (it is baked into the cached images).
+    suffix = "" if normalization == "percentile" else f"-{normalization}{ZSCORE_KINDS[normalization]:g}"
     cached = cache_dir / f"{key}{suffix}.npz" if cache_dir is not None else None
     if cached is not None and cached.exists():
         with np.load(cached) as data:
@@ -95,9 +98,10 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
     labels = derive_label_map(case).array
     brain = brain_mask(labels)
     box = mask_box(brain, margin=4)
-    if normalization == "healthy_zscore":
-        healthy = (labels >= Label.CSF) & (labels <= Label.WM)
-        normalizers: dict[str, Normalizer] = {m: HealthyTissueZScore.fit(case.images[m], healthy)
+    if normalization in ("healthy_zscore", "tissue_zscore"):
+        low = Label.CSF if normalization == "healthy_zscore" else Label.GM
+        reference = (labels >= low) & (labels <= Label.WM)
+        normalizers: dict[str, Normalizer] = {m: HealthyTissueZScore.fit(case.images[m], reference, normalization)
                                               for m in MODALITIES}
     else:
         normalizers = {m: IntensityNormalizer.fit(case.images[m], brain) for m in MODALITIES}

@@ -49,13 +49,20 @@ class TrainConfig:
     lr_decay_fraction: float = 0.5  # pix2pix: constant, then linear decay to 0 over this last fraction
     lambda_l1: float = 100.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
+    # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
+    # from the real images towards the standard normal that synthesis draws from.
+    style_kl_weight: float = 0.5
     tumour_fraction: float = 0.5
     flip: bool = True
     rotate_deg: float = 10.0
     scale: float = 0.1
     intensity: float = 0.05
-    normalization: str = "percentile"  # percentile | healthy_zscore (MedSynthLib.synthesis.normalize)
+    normalization: str = "percentile"  # percentile | healthy_zscore | tissue_zscore (MedSynthLib.synthesis.normalize)
     val_cases: list[str] = field(default_factory=list)
+    # Cross-validation by case: disjoint lists of case-folder names; with ``cv_fold = k`` (``--fold k``) fold k
+    # is held out as the validation cases and the rest is trained on.  Keep every patient in one fold.
+    cv_folds: list[list[str]] = field(default_factory=list)
+    cv_fold: int | None = None
     val_every: int = 500
     checkpoint_every: int = 100
     log_every: int = 10
@@ -95,6 +102,15 @@ class TrainConfig:
         if config.normalization not in NORMALIZATIONS:
             raise InputError(source, f"normalization must be one of {list(NORMALIZATIONS)}, "
                                      f"not {config.normalization!r}")
+        if config.cv_fold is not None:
+            if not 0 <= config.cv_fold < len(config.cv_folds):
+                raise InputError(source, f"cv_fold {config.cv_fold}: the config has {len(config.cv_folds)} cv_folds")
+            names = [name for fold in config.cv_folds for name in fold]
+            if len(names) != len(set(names)):
+                raise InputError(source, "cv_folds share cases: each case must be in exactly one fold")
+            if config.val_cases and sorted(config.val_cases) != sorted(config.cv_folds[config.cv_fold]):
+                raise InputError(source, "val_cases and cv_fold disagree: give one of them")
+            config.val_cases = list(config.cv_folds[config.cv_fold])
         if config.patch_size % config.network.size_multiple:
             raise InputError(source, f"patch_size {config.patch_size} is not a multiple of "
                                      f"{config.network.size_multiple}")
@@ -303,8 +319,8 @@ def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, 
     return {m: mean_normalizer([v.normalizers[m] for v in volumes]).to_json() for m in MODALITY_ORDER}
 
 
-def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = False, device: str = "auto",
-          command: str = "", progress: bool = True, cache_dir: Path | None = None,
+def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume: bool = False,
+          device: str = "auto", command: str = "", progress: bool = True, cache_dir: Path | None = None,
           steps: int | None = None) -> Path:
     """Train a model; returns the exported model folder ``RUN_DIR/model``.
 
@@ -356,14 +372,22 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    folders = find_case_folders(data)
+    roots = list(data) if isinstance(data, (list, tuple)) else [data]
+    data_label = " ".join(str(root) for root in roots)
+    folders = [f for root in roots for f in find_case_folders(root)]
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        if folder.name in seen and seen[folder.name] != folder:
+            raise InputError(folder, f"two case folders are named {folder.name} ({seen[folder.name]})")
+        seen[folder.name] = folder
+    folders = list(dict.fromkeys(folders))
     val_names = set(config.val_cases)
     unknown = val_names - {f.name for f in folders}
     if unknown:
-        raise InputError(data, f"validation cases {sorted(unknown)} are not among the case folders")
+        raise InputError(data_label, f"validation cases {sorted(unknown)} are not among the case folders")
     train_folders = [f for f in folders if f.name not in val_names]
     if not train_folders:
-        raise InputError(data, "no training cases left after holding out the validation cases")
+        raise InputError(data_label, "no training cases left after holding out the validation cases")
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -457,8 +481,16 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
             labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size)
             labels, real = labels.to(dev), real.to(dev)
             cond = one_hot(labels)
+            kl = None
             with autocast:
-                fake = g_model(cond)
+                if config.network.has_style:
+                    # The appearance code is encoded from the real patch; its reparameterisation noise is
+                    # drawn from (seed, step, rank) like the patch, so a resumed run repeats it exactly.
+                    noise = torch.randn((cond.shape[0], config.network.style_dim),
+                                        generator=torch.Generator().manual_seed(_noise_seed(config.seed, step, d.rank)))
+                    fake, kl = g_model(cond, reference=real, noise=noise.to(dev))
+                else:
+                    fake = g_model(cond)
             logs: dict[str, float] = {}
             if d_model is not None and opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
@@ -474,6 +506,9 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
             opt_g.zero_grad(set_to_none=True)
             loss_l1 = (fake.float() - real).abs().mean()
             loss_g = config.lambda_l1 * loss_l1
+            if kl is not None:
+                loss_g = loss_g + config.style_kl_weight * kl
+                logs["loss/style_kl"] = kl.item()
             if discriminator is not None:
                 with autocast:
                     # The bare module: the generator's update must not sync or step the discriminator.
@@ -535,6 +570,11 @@ def train(data: Path, run_dir: Path, config: TrainConfig, *, resume: bool = Fals
 
         dist.destroy_process_group()
     return model_dir
+
+
+def _noise_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for torch's generator derived from (seed, step, rank), independent of the patch draw's."""
+    return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1)[0])
 
 
 def _starting_model(config: TrainConfig) -> "ModelFolder | None":

@@ -1,0 +1,136 @@
+"""Training the SPADE generator kind: end to end, exact resume, the appearance code's KL, fine-tune checks.
+
+Three small phantom cases, a tiny SPADE network (widths 4-8-8, code of 2), 16^3 patches, one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, phantom, write_volume
+from MedSynthLib.schema.errors import InputError
+from MedSynthLib.synthesis.models import load_generator, resolve_model
+from MedSynthLib.training.train import TrainConfig
+
+CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
+SPADE_NETWORK = {"kind": "spade", "channels": [4, 8, 8], "strides": [2, 2], "bottleneck_blocks": 1,
+                 "spade_hidden": 4, "style_dim": 2, "disc_channels": 4, "disc_layers": 1}
+CONFIG = {"network": SPADE_NETWORK, "patch_size": 16, "steps": 6, "checkpoint_every": 2, "val_every": 6,
+          "log_every": 1, "threads": 1, "val_cases": [CASE_IDS[2]], "precision": "fp32",
+          "normalization": "healthy_zscore", "lr_decay_fraction": 0.0}
+
+
+@pytest.fixture(scope="module")
+def phantom_cases(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("spade_phantoms")
+    for seed, case_id in enumerate(CASE_IDS):
+        images, seg = phantom(seed=seed)
+        for modality, array in images.items():
+            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
+        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
+    return root
+
+
+def _train(data: Path, run: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("medsynth")
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]) + [
+        "train", "--data", str(data), "-o", str(run), "--config", str(config), "--device", "cpu",
+        "--cache", str(run.parent / "cache"), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_spade_trains_resumes_exactly_and_synthesises(phantom_cases: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    config = tmp_path / "spade.json"
+    config.write_text(json.dumps(CONFIG))
+    _train(phantom_cases, tmp_path / "A", config)
+    # B: stopped after 4 steps (a shorter planned length; the learning rate is constant), then resumed to 6.
+    _train(phantom_cases, tmp_path / "B", config, "--steps", "4")
+    _train(phantom_cases, tmp_path / "B", config, "--resume", "--steps", "6")
+    a = load_file(str(tmp_path / "A" / "model" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "B" / "model" / "weights.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("net.style_encoder.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    model = resolve_model(tmp_path / "A" / "model")
+    assert model.config["network"]["kind"] == "spade" and model.config["network"]["style_dim"] == 2
+    assert model.config["intensity"]["t1"]["kind"] == "healthy_zscore"
+    scalars = (tmp_path / "A" / "tensorboard").rglob("events.out.tfevents.*")
+    assert any(b"loss/style_kl" in path.read_bytes() for path in scalars)
+    # The exported weights load strictly into the MONAI-free inference network.
+    generator = load_generator(model, "cpu", backend="torch")
+    assert type(generator.net).__name__ == "InferenceSpadeGenerator"
+
+
+def test_spade_config_checks() -> None:
+    with pytest.raises(InputError, match="strides"):
+        TrainConfig.from_json({"network": dict(SPADE_NETWORK, strides=[2, 1])})
+    with pytest.raises(InputError, match="not a multiple of 4"):
+        TrainConfig.from_json({"network": SPADE_NETWORK, "patch_size": 18})
+    config = TrainConfig.from_json(CONFIG)
+    assert config.network.has_style and config.style_kl_weight == 0.5
+
+
+def test_shipped_spade_configs_load() -> None:
+    for path in sorted((REPO / "Resources" / "configs").glob("*spade*.json")):
+        config = TrainConfig.from_json(json.loads(path.read_text()), str(path))
+        assert config.network.kind == "spade", path
+
+
+def test_cross_validation_folds() -> None:
+    folds = [["a", "b"], ["c"], ["d", "e"]]
+    config = TrainConfig.from_json({"cv_folds": folds, "cv_fold": 2})
+    assert config.val_cases == ["d", "e"]
+    with pytest.raises(InputError, match="cv_fold 3"):
+        TrainConfig.from_json({"cv_folds": folds, "cv_fold": 3})
+    with pytest.raises(InputError, match="exactly one fold"):
+        TrainConfig.from_json({"cv_folds": [["a", "b"], ["b"]], "cv_fold": 0})
+    with pytest.raises(InputError, match="disagree"):
+        TrainConfig.from_json({"cv_folds": folds, "cv_fold": 0, "val_cases": ["c"]})
+
+
+def test_retraining_folds_keep_every_real_case_once(real_data: Path) -> None:
+    """The 3-fold config covers the 27 real cases, each once; the three patients that brats2020_seg also
+    holds (CBICA_ABM, _ALU, _AME) share one fold."""
+    config = json.loads((REPO / "Resources" / "configs" / "spade_brats27_cv.json").read_text())
+    names = sorted(p.name for root in ("brats2021/cases", "brats_more/cases") for p in (real_data / root).iterdir()
+                   if p.is_dir())
+    folds = config["cv_folds"]
+    assert sorted(n for fold in folds for n in fold) == names and len(names) == 27
+    shared = {"Brats18_CBICA_ABM_1", "Brats18_CBICA_ALU_1", "Brats18_CBICA_AME_1"}
+    assert sum(bool(shared & set(fold)) for fold in folds) == 1
+
+
+def test_train_on_several_data_folders_with_a_fold(phantom_cases: Path, tmp_path: Path) -> None:
+    import shutil
+
+    first, second = tmp_path / "site1", tmp_path / "site2"
+    shutil.copytree(phantom_cases / CASE_IDS[0], first / CASE_IDS[0])
+    for case_id in CASE_IDS[1:]:
+        shutil.copytree(phantom_cases / case_id, second / case_id)
+    config = dict(CONFIG, steps=2, checkpoint_every=2, val_every=2, val_cases=[],
+                  cv_folds=[[CASE_IDS[0]], [CASE_IDS[1], CASE_IDS[2]]])
+    path = tmp_path / "cv.json"
+    path.write_text(json.dumps(config))
+    exe = Path(sys.executable).with_name("medsynth")
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]) + [
+        "train", "--data", str(first), str(second), "-o", str(tmp_path / "run"), "--config", str(path),
+        "--device", "cpu", "--fold", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert recorded["config"]["val_cases"] == [CASE_IDS[0]] and recorded["config"]["cv_fold"] == 0
+    model = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert model["training"]["data"]["cases"] == 2
