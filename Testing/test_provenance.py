@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from MedSynthLib.cli import main
 from MedSynthLib.edits import EDITS, InsertTumour, ParametricTumour, Translate
-from MedSynthLib.export.writer import export_cases, provenance_summary, read_synthetic_case, sanitise_provenance
+from MedSynthLib.export import export_cases, provenance_summary, read_synthetic_case, sanitise_provenance
 from MedSynthLib.schema.errors import InputError
 from MedSynthLib.schema.grid import Grid, LabelMap
 from MedSynthLib.schema.labelmap import read_label_map, write_label_map
@@ -205,7 +205,7 @@ def test_privacy_is_measured_edit_by_edit():
     template = brain(size=(36, 40, 32), tumour_at=None, history=(TEMPLATE,))
     inserted = InsertTumour(source="case")(template, source=derived)
     assert inserted.privacy.anatomy == "template" and inserted.privacy.tumour_origin == "inserted"
-    assert inserted.privacy.anonymous()[0]
+    assert not inserted.privacy.anonymous()[0]  # a real tumour's shape identifies its patient
     assert not PrivacyRecord().anonymous()[0]  # no history: source unknown
 
 
@@ -256,7 +256,8 @@ def test_export_states_privacy_and_anonymous_refuses_a_patients_anatomy(tiny_mod
     assert "Privacy: anatomy patient" in ds.ImageComments and "NOT anonymous" in ds.ImageComments
 
 
-def test_anonymous_export_passes_a_tumour_in_the_template(tiny_model, tmp_path, capsys):
+def test_anonymous_export_refuses_a_real_tumour_even_in_the_template(tiny_model, tmp_path, capsys):
+    """A patient's tumour shape identifies the patient wherever it sits (the study's shape attack)."""
     source = write_label_map(brain(), tmp_path / "patient.nii.gz")
     template = write_label_map(brain(size=(36, 40, 32), tumour_at=None, history=(TEMPLATE,)),
                                tmp_path / "template.nii.gz")
@@ -266,12 +267,22 @@ def test_anonymous_export_passes_a_tumour_in_the_template(tiny_model, tmp_path, 
     assert run(["synthesize", tmp_path / "ins.nii.gz", "-o", case, "--model", tiny_model, "--device", "cpu"],
                capsys)[0] == 0
     rc, _, err = run(["export", case, "--format", "nifti", "--anonymous", "-o", tmp_path / "anon"], capsys)
+    assert rc == 2 and "shape identifies that patient" in err
+    assert not (tmp_path / "anon").exists() or not any((tmp_path / "anon").iterdir())
+    rc, _, err = run(["export", case, "--format", "nifti", "-o", tmp_path / "named"], capsys)
     assert rc == 0, err
-    (exported,) = (tmp_path / "anon").iterdir()
+    (exported,) = (tmp_path / "named").iterdir()
     meta = json.loads((exported / "provenance.json").read_text())
     assert meta["privacy"]["anatomy"] == "template" and meta["privacy"]["tumour_origin"] == "inserted"
-    assert meta["privacy"]["anonymous"] is True and meta["export"]["anonymous"] is True
-    assert "anonymous (healthy template anatomy" in (exported / "README.txt").read_text()
+    assert meta["privacy"]["anonymous"] is False
+    assert "NOT anonymous" in (exported / "README.txt").read_text()
+
+
+def test_a_parametric_tumour_in_the_template_is_anonymous():
+    assert PrivacyRecord("template", None, None, "parametric").anonymous()[0]
+    assert PrivacyRecord("template", None, None, "none").anonymous()[0]
+    for origin in ("inserted", "mixed"):
+        assert not PrivacyRecord("template", None, None, origin).anonymous()[0]
 
 
 def test_tumour_dice_threshold_applies_to_a_tumour_left_in_place():
@@ -295,7 +306,7 @@ def test_case_folder_keeps_int16_without_a_round_trip(tmp_path):
 
 
 def test_highdicom_cielab_matches_the_colour_formula():
-    from MedSynthLib.export.writer.dicom import segment_colour
+    from MedSynthLib.export.dicom import segment_colour
     from MedSynthLib.schema.labels import LABEL_INFO
 
     for info in LABEL_INFO.values():

@@ -145,8 +145,9 @@ def write_card(out: Path, layout: Any, spec: dict[str, Any], sources: Sequence[S
                     "template": any(s.kind == "template" for s in sources),
                     "ids": [s.source_id for s in sources]},
         "tumours": {"generated": summarise(generated_stats), "real_sources": summarise(real_stats)},
-        "privacy_rule": ("anonymous = a real or parametric tumour in the template brain; never a patient's brain "
-                         "(its outline and anatomy identify the patient, whichever tumour it carries)"),
+        "privacy_rule": ("anonymous = a parametric tumour in the template brain; never a patient's brain (its "
+                         "outline and anatomy identify the patient) and never a real tumour (its shape identifies "
+                         "its patient wherever it is placed)"),
         "privacy": privacy_rows,
         "figure": CARD_FIGURE,
     }

@@ -70,19 +70,21 @@ def distributed() -> tuple[int, int, int]:
 def anonymous_config(config: dict[str, Any], has_template: bool) -> dict[str, Any]:
     """The config with every kind that cannot give an anonymous case switched off.
 
-    Only the template gives an anonymous brain: a patient's own tumour moved (``transform``) and
-    a tumour inserted into another patient's brain (``insert_brain``) keep that patient's brain.
+    Only a parametric tumour in the template is anonymous: a patient's own tumour moved
+    (``transform``) and a tumour inserted into another patient's brain (``insert_brain``) keep
+    that patient's brain, and a real tumour (``insert_brain``, ``insert_template``) keeps its
+    patient's tumour shape.
     """
     out = json.loads(json.dumps(config))
-    out["kinds"]["transform"] = 0.0
-    out["kinds"]["insert_brain"] = 0.0
+    for kind in ("transform", "insert_brain", "insert_template"):
+        out["kinds"][kind] = 0.0
     if has_template:
         out["parametric"]["p_template"] = 1.0
     else:
         out["kinds"]["parametric"] = 0.0
     if sum(out["kinds"].values()) <= 0:
         raise MedSynthError("--anonymous: the sampler config has no kind of case that can be anonymous "
-                            "(insert_template or parametric, both with --template)")
+                            "(a parametric tumour, with --template)")
     return out
 
 

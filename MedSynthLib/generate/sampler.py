@@ -333,9 +333,9 @@ def privacy(record: Mapping[str, Any], labelmap: LabelMap, sources: Sources) -> 
     """How close a generated case stays to the real patients it came from.
 
     ``derived_from_patient``: the brain or the tumour is a real patient's.  ``anonymous`` (the
-    rule of ``--anonymous``, the same as ``medsynth export --anonymous``): a real tumour or a
-    parametric tumour placed in the template; never a patient's brain, whose outline and
-    anatomy identify that patient whichever tumour it carries.  Dice of the
+    rule of ``--anonymous``, the same as ``medsynth export --anonymous``): a parametric tumour in
+    the template; never a patient's brain (its outline and anatomy identify the patient) and
+    never a real tumour (its shape identifies its patient wherever it is placed).  Dice of the
     tumour against the tumour source's own tumour (same grid only) and of the brain mask
     against the base patient's brain.
     """
@@ -343,7 +343,7 @@ def privacy(record: Mapping[str, Any], labelmap: LabelMap, sources: Sources) -> 
     tumour = sources.by_id.get(record.get("tumour_source") or "")
     own = tumour is not None and _same_patient(base, tumour)
     kind = record["kind"]
-    anonymous = base.kind == "template" and kind in ("insert_template", "parametric")
+    anonymous = base.kind == "template" and kind == "parametric"
     array = labelmap.array
     tumour_dice = None
     if tumour is not None and tumour.output_grid == base.output_grid:  # compared on the files' grid
