@@ -130,20 +130,21 @@ def shape_attack(queries: list[tuple[Shape, str | None]], candidates: list[Shape
 # --- image channel -----------------------------------------------------------------------------
 
 
-def register_to_reference(image: Any, reference: Any, *, iterations: int = 60) -> Any:
-    """Affine registration (Mattes MI, multi-resolution) of a SimpleITK image onto ``reference``'s grid."""
+def register_to_reference(image: Any, reference: Any, *, iterations: int = 200, affine: bool = False) -> Any:
+    """Rigid (or affine) registration, Mattes MI, of a SimpleITK image onto ``reference``'s grid."""
     import SimpleITK as sitk
 
     fixed = sitk.Cast(reference, sitk.sitkFloat32)
     moving = sitk.Cast(image, sitk.sitkFloat32)
-    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3) if affine
+                                                else sitk.Euler3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.2, seed=2018)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, iterations, relaxationFactor=0.6)
+    method.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, iterations, relaxationFactor=0.7)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([2, 1])
     method.SetSmoothingSigmasPerLevel([1.0, 0.0])
@@ -210,7 +211,7 @@ def real_case_files(roots: Sequence[Any]) -> dict[str, dict[str, Any]]:
 
 
 def run_on_real_cases(roots: Sequence[Any], *, seed: int = 2018, template_queries: int | None = None,
-                      image_spacing_mm: float = 2.0, progress: Any = None) -> dict[str, Any]:
+                      image_spacing_mm: float = 3.0, progress: Any = None) -> dict[str, Any]:
     """The attack on real BraTS cases: unedited (moved) cases, tumours placed in the template.
 
     Query sets: ``unedited`` (each case's own whole-tumour mask under a random rigid motion
@@ -224,6 +225,8 @@ def run_on_real_cases(roots: Sequence[Any], *, seed: int = 2018, template_querie
     from ..cases.template import template_label_map, template_t1
     from ..edits import InsertTumour, RandomTumourEdit
     from ..schema.grid import Grid, LabelMap
+    from ..schema.errors import EditError
+    from ..schema.grid import lps_to_ras
     from ..schema.labels import Label, tumour_to_schema
     from ..schema.volume_io import read_image
 
@@ -252,9 +255,21 @@ def run_on_real_cases(roots: Sequence[Any], *, seed: int = 2018, template_querie
     parametric_edit = RandomTumourEdit(p_parametric=1.0)
     donors = names if template_queries is None else names[:template_queries]
     inserted, parametric = [], []
+    skipped: dict[str, str] = {}
+    brain_centre = tuple(float(v) for v in lps_to_ras(template.grid.index_to_lps(
+        np.argwhere(template.array > 0).mean(axis=0)[::-1])))
     for i, n in enumerate(donors):
-        placed = InsertTumour(source=n).apply(template, tumours[n])
-        edited = transform_edit.apply(placed, seed + i)
+        edited = None
+        for centre in (None, brain_centre):  # relative placement first, the brain centre if it does not fit
+            try:
+                placed = InsertTumour(source=n, center_ras_mm=centre).apply(template, tumours[n])
+                edited = transform_edit.apply(placed, seed + i)
+                break
+            except EditError as exc:
+                skipped[n] = str(exc)
+        if edited is None:
+            continue
+        skipped.pop(n, None)
         spacing = edited.grid.spacing[::-1]
         inserted.append((Shape.from_mask(f"template + {n}", edited.array >= Label.NCR, spacing, step=2), n))
         drawn = parametric_edit.apply(template, seed + 1000 + i)
@@ -268,31 +283,98 @@ def run_on_real_cases(roots: Sequence[Any], *, seed: int = 2018, template_querie
                                 for align in ("centroid", "similarity")}
         say(f"shape attack on {label} done")
 
-    reference = t1s[names[0]]
-    registered = {n: sitk.GetArrayFromImage(sitk.Resample(t1s[n], reference, sitk.Transform(), sitk.sitkLinear,
-                                                          0.0, sitk.sitkFloat32)) for n in names}
+    # BraTS cases are co-registered (SRI24): their mean, each scaled by its 99th brain percentile, is the
+    # common reference every query is registered to.
+    registered = {}
+    for n in names:
+        array = sitk.GetArrayFromImage(sitk.Resample(t1s[n], t1s[names[0]], sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                     sitk.sitkFloat32))
+        registered[n] = array / max(float(np.percentile(array[array > 0], 99)), 1e-6)
+    reference = sitk.GetImageFromArray(np.mean([registered[n] for n in names], axis=0).astype(np.float32))
+    reference.CopyInformation(t1s[names[0]])
     image_queries = []
     for n in names:
         motion = sitk.Euler3DTransform()
-        motion.SetCenter(reference.TransformContinuousIndexToPhysicalPoint([s / 2 for s in reference.GetSize()]))
+        motion.SetCenter(reference.TransformContinuousIndexToPhysicalPoint([v / 2 for v in reference.GetSize()]))
         angles = np.deg2rad(rng.uniform(-10, 10, 3))
         motion.SetRotation(*[float(a) for a in angles])
         motion.SetTranslation([float(v) for v in rng.uniform(-10, 10, 3)])
         moved = sitk.Resample(t1s[n], t1s[n], motion, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         back = register_to_reference(moved, reference)
         image_queries.append((f"{n} (moved, registered)", sitk.GetArrayFromImage(back), n))
-    template_image = register_to_reference(sitk.Shrink(sitk.Cast(template_t1(), sitk.sitkFloat32), [2, 2, 2]),
-                                           reference)
+    step = max(1, int(round(image_spacing_mm)))
+    template_image = register_to_reference(sitk.Shrink(sitk.Cast(template_t1(), sitk.sitkFloat32), [step] * 3),
+                                           reference, affine=True)
     template_array = sitk.GetArrayFromImage(template_image)
     template_queries_image = [(f"template image (tumour of {n})", template_array, n) for n in donors]
     images = {"unedited": image_attack(image_queries, registered),
               "template": image_attack(template_queries_image, registered)}
     say("image attack done")
     return {"cases": names, "n_candidates": len(names), "seed": seed, "shape": shape_results, "image": images,
+            "template_insert_skipped": skipped,
             "settings": {"shape_lattice_mm": SHAPE_LATTICE_MM, "shape_sampling_mm": 2.0,
                          "image_spacing_mm": image_spacing_mm, "unedited_motion": "rotation <= 10 deg, shift <= 10 mm",
+                         "image_registration": "rigid, Mattes MI, to the mean of the real T1s (template: affine)",
                          "template_edit": "InsertTumour into ICBM152 + RandomTumourEdit(p_parametric=0)"}}
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The attack's tables (numbers only; the reading is left to the report that cites them)."""
+
+    def row(label: str, summary: dict[str, Any]) -> str:
+        acc = summary["top1_accuracy"]
+        p = summary["p_above_chance"]
+        return (f"| {label} | {summary['queries']} | {summary['top1_hits']} | "
+                f"{'–' if acc is None else f'{acc:.2f}'} | {summary['chance']:.3f} | "
+                f"{'–' if summary['median_rank'] is None else format(summary['median_rank'], 'g')} | "
+                f"{'–' if p is None else f'{p:.2g}'} |")
+
+    lines = [f"Candidates: {result['n_candidates']} real patients. Settings: "
+             + "; ".join(f"{k} = {v}" for k, v in result["settings"].items()) + ".", "",
+             "| Query set / channel | queries | top-1 hits | top-1 accuracy | chance | median rank of source | "
+             "p (binomial, above chance) |", "|---|---|---|---|---|---|---|"]
+    for label, by_alignment in result["shape"].items():
+        for alignment, attack in by_alignment.items():
+            lines.append(row(f"{label}, tumour shape ({alignment})", attack["summary"]))
+    for label, attack in result["image"].items():
+        lines.append(row(f"{label}, image (T1, NCC after registration)", attack["summary"]))
+    lines += ["", "Best shape Dice of the parametric template tumours (no source patient): "
+              + ", ".join(f"{c['best_dice']:.2f} ({c['best']})"
+                          for c in result["shape"]["template_parametric"]["similarity"]["cases"]) + "."]
+    real_nn = [v for v in result["image"]["unedited"]["real_nearest_neighbour_ncc"].values() if v is not None]
+    if real_nn:
+        lines.append(f"Nearest-neighbour NCC between distinct real patients: median {np.median(real_nn):.3f}, "
+                     f"max {max(real_nn):.3f}; the template image's nearest patient: "
+                     f"{result['image']['template']['cases'][0]['best_ncc']:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m MedSynthLib.study.reidentification ROOT... -o FOLDER``: the attack on real cases."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m MedSynthLib.study.reidentification")
+    parser.add_argument("roots", nargs="+", type=Path)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=2018)
+    args = parser.parse_args(argv)
+    result = run_on_real_cases(args.roots, seed=args.seed,
+                               progress=lambda m: print(f"re-identification: {m}", file=sys.stderr, flush=True))
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name, text in (("reidentification.json", json.dumps(result, indent=1)),
+                       ("reidentification.md", render_markdown(result))):
+        tmp = args.output / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(args.output / name)
+    return 0
 
 
 __all__ = ["Shape", "shape_dice", "shape_attack", "attack_summary", "register_to_reference", "brain_ncc",
            "image_attack", "SHAPE_LATTICE_MM", "real_case_files", "run_on_real_cases"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
