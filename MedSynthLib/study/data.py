@@ -238,13 +238,13 @@ class ExtraTumour:
     sha256: str
     labelmap: LabelMap  # tumour labels only, background elsewhere
     tumour_sha256: str = ""
-    patient: str | None = None  # the real case with the identical tumour (same patient), if any
+    patients: tuple[str, ...] = ()  # real cases with the identical tumour label map (the same patient)
 
     def to_json(self) -> dict[str, Any]:
         counts = {n: int(np.count_nonzero(self.labelmap.array == v)) for n, v in
                   (("NCR", Label.NCR), ("ED", Label.ED), ("ET", Label.ET))}
         return {"file": self.name, "sha256": self.sha256, "voxels_on_study_spacing": counts,
-                "same_patient_as": self.patient}
+                "same_patient_as": list(self.patients)}
 
 
 def load_extra_tumour(path: Path, convention: str, spacing: float) -> ExtraTumour:

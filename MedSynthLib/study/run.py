@@ -241,9 +241,8 @@ def check_inputs(data: Path, report_dir: Path, config: StudyConfig, *, extra_lab
               for p in extra_files]
     # A label map of a real case's patient (brats_more: three patients are also in brats2020_seg) stays on
     # that patient's side of every split: it is used only in folds that train on the patient.
-    by_tumour = {c.tumour_sha256: c.case_id for c in cases}
     for extra in extras:
-        extra.patient = by_tumour.get(extra.tumour_sha256)
+        extra.patients = tuple(sorted(c.case_id for c in cases if c.tumour_sha256 == extra.tumour_sha256))
     gan_models = {fold.index: _check_gan_model(config.gan_model, fold) for fold in split} if config.gan_model else {}
     return StudyInputs(Path(data), sorted(cases, key=lambda c: c.case_id), split, extras, extra_files, gan_models,
                        dev, config)
@@ -470,7 +469,7 @@ class _Study:
 
     def fold_extras(self, fold: Fold) -> list[ExtraTumour]:
         """The extra tumour label maps a fold may use: none of a held-out patient's."""
-        return [e for e in self.extras if e.patient not in fold.test]
+        return [e for e in self.extras if not set(e.patients) & set(fold.test)]
 
     def real_folder(self, case_id: str) -> Path:
         return self.folders[case_id]
