@@ -274,9 +274,10 @@ def test_study_grid_fits_every_brain() -> None:
 def test_shipped_configs_are_valid() -> None:
     from MedSynthLib.study.run import load_config
 
-    for name in ("micro", "tiny", "paper"):
+    for name in ("micro", "tiny", "cpu", "paper"):
         config = load_config(name)
         assert config.name == name and config.seg_config.steps > 0 and config.train_config.steps > 0
+        assert config.seg_config.seeds >= (1 if name == "micro" else 3) and config.seg_config.finetune_case_fraction == 0.1
     assert load_config("paper").grid["spacing_mm"] == 1.0
 
 
