@@ -10,16 +10,20 @@ For each fold (cases split by case, k-fold or a fixed split, seeded):
    training cases or of extra tumour label maps inserted into training brains,
    training tumours inserted into the healthy ICBM152 template), every edit
    recorded, and synthesised with the fold's GAN;
-3. a tumour segmenter (:mod:`MedSynthLib.study.segmenter`) is trained in four arms
-   with the same step budget: real only; real + synthetic; synthetic only;
-   synthetic then fine-tuned on a fraction of the real training cases;
-4. the arms are scored on the held-out real cases (Dice, HD95 for WT/TC/ET),
-   the GAN's fidelity is measured on the held-out cases (their real label maps
-   -> synthetic images vs their real images), and every synthetic case is
-   compared with its most similar training case (memorisation check).
+3. the FLAIR-threshold baseline (:mod:`MedSynthLib.study.baseline`) is fitted on the
+   training cases, and a tumour segmenter (:mod:`MedSynthLib.study.segmenter`) is trained
+   in every arm with several seeds and the same step budget: real only; real + synthetic
+   (real patches of arm 1 kept, synthetic added on top); synthetic only; synthetic then
+   fine-tuned on 10 % of the real cases; the class-mean painted control; the learning
+   curve on 25 / 50 % of the real cases;
+4. every arm is scored on the held-out real cases (Dice, HD95 for WT/TC/ET), the GAN's
+   fidelity is measured on the held-out cases (their real label maps -> synthetic images
+   vs their real images), and every synthetic case is compared with its most similar
+   training case.
 
 Every stage is cached in the work folder under a key that hashes the
-configuration and data it depends on, so an interrupted study resumes where it
+configuration and data it depends on (the arms and the baseline also the source of their
+modules, :mod:`MedSynthLib.study.stages`), so an interrupted study resumes where it
 stopped and a finished one re-reports instantly.  The report folder is written
 atomically at the end (:mod:`MedSynthLib.study.report`).
 """
