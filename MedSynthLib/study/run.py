@@ -51,6 +51,7 @@ from .config import CONFIG_NAMES, StudyConfig, configs_root, load_config  # noqa
 from .data import (PREP_VERSION, STUDY_VERSION, CaseInfo, ExtraTumour, RealCase, StudyGrid,
                    sha256_json)
 from .segmenter import ARMS, SegCase
+from .stages import stage_key
 
 
 # --- distributed (torchrun) --------------------------------------------------------------------
@@ -449,8 +450,8 @@ class _Study:
         if fold.index in self.inputs.gan_models:
             return self.inputs.gan_models[fold.index], {"source": "given", "pattern": self.config.gan_model}
         config = self.config.train_config
-        key = sha256_json({"gan": config.to_json(), "train": [self.sha[c] for c in fold.train],
-                           "grid": self.grid.to_json(), "prep": PREP_VERSION, "v": STUDY_VERSION})[:16]
+        key = stage_key({"train": [self.sha[c] for c in fold.train], "grid": self.grid.to_json(),
+                         "prep": PREP_VERSION, "v": STUDY_VERSION}, config.to_json(), self.GAN_MODULES)
         run_dir = self.work / "gan" / key
         model_dir = run_dir / "model"
         info = {"source": "trained", "key": key, "steps": config.steps}
@@ -514,10 +515,10 @@ class _Study:
         from .segmenter import make_seg_case
 
         cfg = self.config.synthetic
-        key = sha256_json({"model": model.sha256, "synthetic": cfg, "train": [self.sha[c] for c in fold.train],
-                           "extras": [e.sha256 for e in self.fold_extras(fold)], "template": self.template_info,
-                           "grid": self.grid.to_json(), "seed": self.config.seed, "fold": fold.index,
-                           "v": STUDY_VERSION})[:16]
+        key = stage_key({"model": model.sha256, "train": [self.sha[c] for c in fold.train],
+                         "extras": [e.sha256 for e in self.fold_extras(fold)], "template": self.template_info,
+                         "grid": self.grid.to_json(), "seed": self.config.seed, "fold": fold.index,
+                         "v": STUDY_VERSION}, cfg, self.SYNTHETIC_MODULES)
         folder = self.work / "synthetic" / key
         index_path = folder / "index.json"
         t0 = time.perf_counter()
@@ -571,8 +572,9 @@ class _Study:
         from ..schema.grid import LabelMap
         from ..schema.labels import NUM_CLASSES, Label
 
-        key = sha256_json({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
-                           "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION})[:16]
+        key = stage_key({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
+                         "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION}, {},
+                        ("MedSynthLib.evaluation.metrics", "MedSynthLib.synthesis.synthesize"))
         path = self.work / "fidelity" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -619,8 +621,8 @@ class _Study:
     def _memorisation(self, fold: Fold, synth: dict[str, Any], tag: str) -> dict[str, Any]:
         from .report import ncc
 
-        key = sha256_json({"synthetic": synth["key"], "train": [self.sha[c] for c in fold.train],
-                           "v": STUDY_VERSION})[:16]
+        key = stage_key({"synthetic": synth["key"], "train": [self.sha[c] for c in fold.train],
+                         "v": STUDY_VERSION}, {}, ("MedSynthLib.study.report",))
         path = self.work / "memorisation" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -642,6 +644,8 @@ class _Study:
         return result
 
     # ---- segmentation arms
+    GAN_MODULES = ("MedSynthLib.training.train", "MedSynthLib.training.data", "MedSynthLib.synthesis.networks")
+    SYNTHETIC_MODULES = ("MedSynthLib.study.data", "MedSynthLib.edits.core", "MedSynthLib.synthesis.synthesize")
     SEGMENTER_MODULES = ("MedSynthLib.study.segmenter", "MedSynthLib.study.stages")
     BASELINE_MODULES = ("MedSynthLib.study.baseline", "MedSynthLib.study.segmenter")
 
