@@ -176,6 +176,13 @@ def test_study_report_contents(finished_study) -> None:
             assert -1.0 <= brain["ssim"] <= 1.0 and brain["mae"] >= 0.0
             assert "tumour" in case["model"][modality]
 
+    gap = report["fidelity"]["train_vs_held_out_gap"]
+    assert [row["fold"] for row in gap] == [1, 2]
+    for row, fold in zip(gap, report["split"]):
+        assert row["train_cases"] and set(row["train_cases"]) <= set(fold["train"])
+        for modality in ("t1", "t1ce", "t2", "flair"):
+            assert row[modality]["gap"] == pytest.approx(row[modality]["train"] - row[modality]["held_out"])
+
     memo = report["memorisation"]
     n_synthetic = sum(f["count"] for f in report["synthetic_cases"])
     assert memo["synthetic"]["n"] == n_synthetic == len(CASE_IDS) // 2 * 2 * 2  # 2 folds x 2 cases x 2 each
@@ -187,7 +194,7 @@ def test_study_report_contents(finished_study) -> None:
     md = (out / "report.md").read_text()
     for needle in ("| 1. real only |", "| 2. real + synthetic (same real patches) |", "| 3. synthetic only |",
                    "| 4. synthetic, fine-tuned on real |", "| B. FLAIR threshold |", "Segmenter gate: ",
-                   "SSIM brain", "## Discussion", "Holm", "no interval (n < 20)", "Git commit"):
+                   "SSIM brain", "## Discussion", "Holm", "no interval (n < 20)", "Git commit", "Train vs held-out fidelity"):
         assert needle in md, needle
     assert "TODO" not in md and "{" not in md.split("## Reproduce")[0].replace("{fold}", "")
     for name in ("dice_boxplot", "fidelity", "montage_real_vs_synthetic", "synthetic_examples", "memorisation"):

@@ -154,6 +154,18 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
                                       if region in fid_cases[c][method][modality]])
                     for metric in ("ssim", "psnr", "mae")}
 
+    # Privacy (a): fidelity gap of each fold's GAN, training cases minus held-out cases (brain SSIM).
+    fidelity_gap = []
+    for fold in folds:
+        row: dict[str, Any] = {"fold": fold["fold"], "train_cases": sorted(fold["fidelity"].get("train_cases", {}))}
+        for modality in MODALITY_TITLES:
+            seen = [e[modality]["brain"]["ssim"] for e in fold["fidelity"].get("train_cases", {}).values()]
+            held = [e["model"][modality]["brain"]["ssim"] for e in fold["fidelity"]["cases"].values()]
+            row[modality] = {"train": float(np.mean(seen)) if seen else None,
+                             "held_out": float(np.mean(held)) if held else None,
+                             "gap": float(np.mean(seen) - np.mean(held)) if seen and held else None}
+        fidelity_gap.append(row)
+
     # Memorisation
     real_pairs = study.real_similarity["pairs"]
     real_values = [p["ncc"] for p in real_pairs]
@@ -227,7 +239,7 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
                          "training": {arm: [dict(run["training"], fold=f["fold"], seed=run["seed"])
                                             for f in folds for run in f["arms"][arm]["runs"]] for arm in ARMS}},
         "git": git_state(),
-        "fidelity": {"per_case": fid_cases, "summary": fid_summary,
+        "fidelity": {"per_case": fid_cases, "summary": fid_summary, "train_vs_held_out_gap": fidelity_gap,
                      "note": "images z-scored inside the real brain mask; SSIM Gaussian sigma 1.5 voxels, data "
                              "range 8; PSNR peak 8; MAE in z units; 'class_mean_training' paints every label "
                              "with its mean z-scored intensity over the fold's training cases (a baseline)"},
@@ -306,6 +318,15 @@ def seed_table(report: dict[str, Any]) -> str:
         e = spread[arm]
         lines.append(f"| {TITLES[arm]} | {', '.join(_f(v) for v in e['wt_dice_per_seed'])} | {_f(e['sd'])} | "
                      f"{_f(e['range'])} |")
+    return "\n".join(lines)
+
+
+def fidelity_gap_table(report: dict[str, Any]) -> str:
+    lines = ["| Fold | " + " | ".join(f"{t} SSIM train / held-out (gap)" for t in MODALITY_TITLES.values()) + " |",
+             "|---|" + "---|" * len(MODALITY_TITLES)]
+    for row in report["fidelity"]["train_vs_held_out_gap"]:
+        cells = [f"{_f(row[m]['train'])} / {_f(row[m]['held_out'])} ({_signed(row[m]['gap'])})" for m in MODALITY_TITLES]
+        lines.append(f"| {row['fold']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -449,6 +470,9 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         "mean ± std over cases). The last column is a baseline that paints every label with its mean training "
         "intensity: a GAN that does not beat it renders little beyond the label classes.", "",
         fidelity_table(report), "",
+        "Train vs held-out fidelity of each fold's GAN (brain SSIM on as many of its training cases as it has "
+        "held-out cases; a GAN that memorised its training cases scores clearly higher on them):", "",
+        fidelity_gap_table(report), "",
         "## Nearest training case of each synthetic case (image similarity)", "",
         f"Similarity: {report['memorisation']['metric']}. 'flagged': closer to a training case than the closest "
         f"pair of distinct real cases ({_f(report['memorisation']['threshold_max_real_pair'])}). This is a "

@@ -573,7 +573,7 @@ class _Study:
         from ..schema.labels import NUM_CLASSES, Label
 
         key = stage_key({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
-                         "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION}, {},
+                         "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION}, {"train_gap": 1},
                         ("MedSynthLib.evaluation.metrics", "MedSynthLib.synthesis.synthesize"))
         path = self.work / "fidelity" / f"{key}.json"
         t0 = time.perf_counter()
@@ -608,7 +608,17 @@ class _Study:
                 cases[c] = entry
                 np.save(_mkdir(self.work / "fidelity") / f"{key}_{c}_synthetic.npy",
                         np.stack([synthetic.images[m] for m in MODALITIES]).astype(np.float32))
-            result = {"key": key, "cases": cases, "seconds": round(time.perf_counter() - t0, 2)}
+            # Privacy (a): the same measure on as many training cases (seen by this GAN); a GAN that
+            # memorised its training cases scores clearly better on them than on the held-out ones.
+            seen = sorted(fold.train)[:len(fold.test)]
+            train_cases = {}
+            for c in seen:
+                real = self.real_case(c)
+                synthetic = engine.synthesize(LabelMap(real.labelmap.array, real.labelmap.grid), seed=0)
+                train_cases[c] = {modality: fidelity(real.images[m], synthetic.images[modality], real.brain, {})
+                                  for m, modality in enumerate(MODALITIES)}
+            result = {"key": key, "cases": cases, "train_cases": train_cases,
+                      "seconds": round(time.perf_counter() - t0, 2)}
             _write_json_atomic(result, path)
         self.d.sync(self.device.type)
         result = _read_json(path)
