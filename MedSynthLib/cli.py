@@ -642,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="folder of case folders (one convention, with segmentations)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
                    help="report folder (report.json, report.md, figures/), written atomically at the end")
-    p.add_argument("--config", default="tiny", help="micro, tiny, paper or a study config JSON (default tiny)")
+    p.add_argument("--config", default="tiny", help="micro, tiny, cpu, paper or a study config JSON (default tiny)")
     p.add_argument("--folds", type=_positive_int, help="override the number of folds (k-fold by case)")
     p.add_argument("--extra-labels", type=Path, nargs="+", metavar="PATH",
                    help="tumour label maps without images (files or folders) for the synthetic arms")

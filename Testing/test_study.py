@@ -90,7 +90,7 @@ def finished_study(study_data, tmp_path_factory) -> dict:
         study_seg.train_segmenter = real_train
     assert not out.exists(), "an interrupted study writes no report"
     finished_arms = sorted((work / "arms").glob("*.json"))
-    assert len(finished_arms) == 2
+    assert len(finished_arms) == 2  # two arm-seed runs finished before the interruption
 
     start = time.perf_counter()
     assert main(args) == 0
@@ -126,29 +126,62 @@ def test_study_report_contents(finished_study) -> None:
         assert not set(fold["test"]) & set(fold["train"])
 
     seg = report["segmentation"]
-    assert set(seg["per_case"]) == {"real", "real+synthetic", "synthetic", "synthetic+finetune"}
+    from MedSynthLib.study.report import ALL_ARMS
+    from MedSynthLib.study.statistics import HD95_PENALTY_MM
+
+    assert set(seg["per_case"]) == set(ALL_ARMS)
+    assert {"baseline:threshold", "baseline:largest_component", "real", "real+synthetic", "synthetic",
+            "synthetic+finetune", "real+classmean", "real@25", "real@50"} == set(ALL_ARMS)
     for arm, cases in seg["per_case"].items():
         assert sorted(cases) == list(CASE_IDS)
         for regions in cases.values():
             for region in ("WT", "TC", "ET"):
                 assert 0.0 <= regions[region]["dice"] <= 1.0
-                hd = regions[region]["hd95"]
-                assert hd is None or hd >= 0.0
-    for arm in ("real+synthetic", "synthetic", "synthetic+finetune"):
+                assert 0.0 <= regions[region]["hd95"] <= HD95_PENALTY_MM  # the penalty, never dropped
+    seeds = report["design"]["seeds_per_arm"]
+    assert seeds == 2
+    for arm in ("real", "real+synthetic"):
+        for case in seg["per_case"][arm].values():
+            assert len(case["WT"]["dice_per_seed"]) == seeds
+            assert case["WT"]["dice"] == pytest.approx(float(np.mean(case["WT"]["dice_per_seed"])))
+        assert len(seg["seed_spread"][arm]["wt_dice_per_seed"]) == seeds
+    for arm in ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean", "real@25", "real@50"):
         for region in ("WT", "TC", "ET"):
             entry = seg["paired_vs_real"][arm][region]["dice"]
             assert entry["n"] == len(CASE_IDS)
-            assert entry["ci_low"] <= entry["mean_difference"] <= entry["ci_high"]
+            assert entry["interval"] is None  # 4 cases: no bootstrap interval
+            assert 0.0 < entry["p"] <= 1.0 and entry["p"] <= entry["p_holm"] <= 1.0
+    gate = seg["gate"]
+    assert gate["baseline"] in ("baseline:threshold", "baseline:largest_component")
+    assert gate["passed"] == (gate["mean_difference"] > 0 and gate["wins"] > gate["losses"])
+    assert set(seg["baseline_fits"]["1"] if "1" in seg["baseline_fits"] else seg["baseline_fits"][1]) == {
+        "threshold", "largest_component"}
+    assert len(report["git"]["commit"]) == 40 and isinstance(report["git"]["dirty"], bool)
     budget = report["design"]["step_budget"]
     for arm, runs in seg["training"].items():
         assert all(run["steps"] == budget for run in runs), arm  # the same step budget in every arm
+        assert len(runs) == seeds * len(report["split"])
     assert [p["name"] for p in seg["training"]["synthetic+finetune"][0]["phases"]] == ["synthetic", "finetune"]
+    # Real + synthetic keeps the real-only arm's real patches and adds synthetic ones on top.
+    phase = seg["training"]["real+synthetic"][0]["phases"][0]
+    assert phase["cases"] == len(report["split"][0]["train"]) and phase["extra_cases"] > 0
+    curve = report["design"]["learning_curve_cases_per_fold"]
+    for fold in report["split"]:
+        lc = curve[str(fold["fold"])] if str(fold["fold"]) in curve else curve[fold["fold"]]
+        assert set(lc["real@25"]) <= set(lc["real@50"]) <= set(fold["train"])
 
     for case in report["fidelity"]["per_case"].values():
         for modality in ("t1", "t1ce", "t2", "flair"):
             brain = case["model"][modality]["brain"]
             assert -1.0 <= brain["ssim"] <= 1.0 and brain["mae"] >= 0.0
             assert "tumour" in case["model"][modality]
+
+    gap = report["fidelity"]["train_vs_held_out_gap"]
+    assert [row["fold"] for row in gap] == [1, 2]
+    for row, fold in zip(gap, report["split"]):
+        assert row["train_cases"] and set(row["train_cases"]) <= set(fold["train"])
+        for modality in ("t1", "t1ce", "t2", "flair"):
+            assert row[modality]["gap"] == pytest.approx(row[modality]["train"] - row[modality]["held_out"])
 
     memo = report["memorisation"]
     n_synthetic = sum(f["count"] for f in report["synthetic_cases"])
@@ -159,9 +192,9 @@ def test_study_report_contents(finished_study) -> None:
     assert {"transform", "insert", "template"} <= kinds
 
     md = (out / "report.md").read_text()
-    for needle in ("| 1. real only |", "| 2. real + synthetic |", "| 3. synthetic only |",
-                   "| 4. synthetic, fine-tuned on real |", "SSIM brain", "## Discussion", "## Memorisation",
-                   "bootstrap"):
+    for needle in ("| 1. real only |", "| 2. real + synthetic (same real patches) |", "| 3. synthetic only |",
+                   "| 4. synthetic, fine-tuned on real |", "| B. FLAIR threshold |", "Segmenter gate: ",
+                   "SSIM brain", "## Discussion", "Holm", "no interval (n < 20)", "Git commit", "Train vs held-out fidelity"):
         assert needle in md, needle
     assert "TODO" not in md and "{" not in md.split("## Reproduce")[0].replace("{fold}", "")
     for name in ("dice_boxplot", "fidelity", "montage_real_vs_synthetic", "synthetic_examples", "memorisation"):
@@ -175,8 +208,8 @@ def test_study_resume_reuses_caches(finished_study) -> None:
     first, second = finished_study["report"], finished_study["rerun"]
     # The resumed run recomputed only what the interruption left undone.
     computed = first["timings"]["stage_computed_this_run"]
-    assert computed["fold 1/2 arm real"] is False and computed["fold 1/2 arm real+synthetic"] is False
-    assert computed["fold 1/2 arm synthetic"] is True
+    assert computed["fold 1/2 arm real seed 1"] is False and computed["fold 1/2 arm real seed 2"] is False
+    assert computed["fold 1/2 arm real+synthetic seed 1"] is True
     # The fully cached rerun computed nothing and reports identical numbers, much faster.
     assert not any(second["timings"]["stage_computed_this_run"].values())
     assert finished_study["cached_seconds"] < finished_study["resumed_seconds"]
@@ -220,13 +253,8 @@ def test_folds_split_by_case() -> None:
         make_folds(ids, 8, seed=1, test_cases=None, data=Path("d"))
 
 
-def test_bootstrap_interval_and_empty_mask_scores() -> None:
-    from MedSynthLib.study.report import bootstrap_ci
+def test_empty_mask_scores() -> None:
     from MedSynthLib.study.segmenter import score
-
-    lo, hi = bootstrap_ci([0.1, 0.2, 0.3, 0.4], 2000, 0.95, seed=0)
-    assert 0.1 <= lo < 0.25 < hi <= 0.4
-    assert bootstrap_ci([0.05] * 5, 500, 0.95, seed=0) == pytest.approx((0.05, 0.05))
 
     labels = np.zeros((12, 12, 12), np.uint8)
     labels[4:8, 4:8, 4:8] = 5  # oedema only: WT present, TC and ET absent
@@ -253,9 +281,10 @@ def test_study_grid_fits_every_brain() -> None:
 def test_shipped_configs_are_valid() -> None:
     from MedSynthLib.study.run import load_config
 
-    for name in ("micro", "tiny", "paper"):
+    for name in ("micro", "tiny", "cpu", "paper"):
         config = load_config(name)
         assert config.name == name and config.seg_config.steps > 0 and config.train_config.steps > 0
+        assert config.seg_config.seeds >= (1 if name == "micro" else 3) and config.seg_config.finetune_case_fraction == 0.1
     assert load_config("paper").grid["spacing_mm"] == 1.0
 
 
@@ -344,3 +373,183 @@ def test_study_under_torchrun(study_data, tmp_path) -> None:
     assert report["world_size"] == 2
     assert sorted(report["segmentation"]["cases"]) == list(CASE_IDS)
     assert result.stdout.count("written") == 1  # one rank reports
+
+
+# --- statistics, the baseline gate, cached stages, re-identification ----------------------------
+
+
+def test_sign_flip_test_is_exact_for_small_n() -> None:
+    import itertools
+
+    from MedSynthLib.study.statistics import sign_flip_test
+
+    d = np.array([0.12, -0.03, 0.05, 0.08, 0.02, -0.01, 0.07, 0.04])
+    observed = abs(d.mean())
+    flips = [abs((np.array(signs) * d).mean()) >= observed - 1e-12
+             for signs in itertools.product((1, -1), repeat=d.size)]
+    result = sign_flip_test(d)
+    assert result["exact"] and result["p"] == pytest.approx(np.mean(flips))
+    assert sign_flip_test(np.zeros(6))["p"] == 1.0
+
+
+def test_holm_adjustment() -> None:
+    from MedSynthLib.study.statistics import holm
+
+    # Sorted 0.01, 0.03, 0.04 times 3, 2, 1, kept monotone; None stays in place.
+    assert holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None], nan_ok=True)
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_intervals_only_where_n_supports_them() -> None:
+    from MedSynthLib.study.statistics import MIN_N_INTERVAL, bca_interval, hd95_or_penalty, HD95_PENALTY_MM
+
+    rng = np.random.default_rng(3)
+    assert bca_interval(rng.normal(0.1, 0.05, MIN_N_INTERVAL - 1)) is None
+    values = rng.normal(0.1, 0.05, 30)
+    lo, hi = bca_interval(values, resamples=2000)
+    assert lo < values.mean() < hi and hi - lo < 0.1
+    assert hd95_or_penalty(None) == HD95_PENALTY_MM == 373.13 and hd95_or_penalty(4.5) == 4.5
+
+
+def test_minimum_detectable_difference_has_the_stated_power() -> None:
+    from scipy.stats import ttest_1samp
+
+    from MedSynthLib.study.statistics import minimum_detectable_difference
+
+    mdd = minimum_detectable_difference(0.05, 27)
+    assert 0.02 < mdd < 0.035  # the issue's example: n = 27, SD 0.05 -> about 0.03
+    assert minimum_detectable_difference(0.05, 5) > mdd > minimum_detectable_difference(0.05, 100)
+    # Monte Carlo check of the power at the computed difference.
+    samples = np.random.default_rng(0).normal(mdd, 0.05, (4000, 27))
+    power = float(np.mean(ttest_1samp(samples, 0.0, axis=1).pvalue < 0.05))
+    assert abs(power - 0.8) < 0.03
+
+
+def _blob_case(seed: int, speck: bool):
+    from MedSynthLib.study.segmenter import SegCase
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((24, 24, 24), np.uint8)
+    labels[2:22, 2:22, 2:22] = 3
+    c = rng.integers(8, 14, 3)
+    labels[c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 5
+    images = rng.normal(0, 0.3, (4, 24, 24, 24)).astype(np.float32)
+    images[3][labels == 5] += 2.5
+    if speck:
+        images[3][19:21, 19:21, 19:21] += 3.0  # a bright speck far from the tumour
+    images[:, labels == 0] = 0
+    return SegCase(f"case{seed}", images, labels, (1.0, 1.0, 1.0))
+
+
+def test_flair_threshold_baseline_is_fitted_on_training_cases() -> None:
+    from MedSynthLib.study import baseline
+
+    train = [_blob_case(s, speck=True) for s in range(3)]
+    test = _blob_case(7, speck=True)
+    fitted = baseline.fit(train, "threshold")
+    largest = baseline.fit(train, "largest_component")
+    assert 1.0 < fitted.threshold < 2.5 and fitted.training_dice > 0.8
+    truth = test.labels >= 4
+
+    def dice(mask):
+        return 2 * np.count_nonzero(mask & truth) / (np.count_nonzero(mask) + np.count_nonzero(truth))
+
+    plain, kept = fitted.predict(test.images, test.labels), largest.predict(test.images, test.labels)
+    assert not plain[1:].any()  # whole tumour only
+    assert dice(kept[0]) > dice(plain[0]) > 0.7  # the speck is removed by the largest-component variant
+
+
+def test_stage_key_follows_code_and_config(tmp_path, monkeypatch) -> None:
+    from MedSynthLib.study import stages
+
+    modules = ("MedSynthLib.study.baseline",)
+    key = stages.stage_key({"a": 1}, {"steps": 4}, modules)
+    assert key == stages.stage_key({"a": 1}, {"steps": 4}, modules)
+    assert key != stages.stage_key({"a": 1}, {"steps": 5}, modules)
+    assert key != stages.stage_key({"a": 2}, {"steps": 4}, modules)
+    assert key != stages.stage_key({"a": 1}, {"steps": 4}, ("MedSynthLib.study.statistics",))
+    real_source = stages.inspect.getsource
+    monkeypatch.setattr(stages.inspect, "getsource", lambda module: real_source(module) + "# edited\n")
+    assert stages.stage_key({"a": 1}, {"steps": 4}, modules) != key  # a code change re-runs the stage
+    monkeypatch.undo()
+    calls = []
+    path = tmp_path / "stage.json"
+    first = stages.cached_stage(path, lambda: calls.append(1) or {"x": 1})
+    second = stages.cached_stage(path, lambda: calls.append(1) or {"x": 2})
+    assert first == ({"x": 1}, True) and second == ({"x": 1}, False) and len(calls) == 1
+
+
+def test_shape_attack_undoes_rigid_and_scale_edits() -> None:
+    from scipy.spatial.transform import Rotation
+
+    from MedSynthLib.study.reidentification import Shape, shape_attack
+
+    rng = np.random.default_rng(0)
+    grid = np.indices((40, 40, 40)).reshape(3, -1).T.astype(float)
+    candidates = []
+    for k in range(6):
+        radii = rng.uniform(5, 14, 3)
+        centre = rng.uniform(15, 25, 3)
+        inside = (((grid - centre) / radii) ** 2).sum(axis=1) <= 1
+        candidates.append(Shape(f"p{k}", grid[inside]))
+    rotation = Rotation.from_euler("xyz", [30, -20, 25], degrees=True).as_matrix()
+    queries = [(Shape(f"q{k}", (c.points - c.points.mean(0)) @ rotation.T * 1.2 * np.array([-1, 1, 1]) + 50), c.name)
+               for k, c in enumerate(candidates)]
+    similarity = shape_attack(queries, candidates, similarity=True)
+    assert similarity["summary"]["top1_accuracy"] == 1.0
+    assert similarity["summary"]["chance"] == pytest.approx(1 / 6)
+
+
+def test_reidentification_on_real_label_maps(real_data) -> None:
+    """An unedited case's tumour is re-identified among all real patients (the attack works); a
+    parametric tumour in the template matches no patient as well as any unedited case matches itself."""
+    import SimpleITK as sitk
+
+    from MedSynthLib.cases.template import template_label_map
+    from MedSynthLib.edits import RandomTumourEdit
+    from MedSynthLib.schema.labels import Label, tumour_to_schema
+    from MedSynthLib.schema.volume_io import read_image
+    from MedSynthLib.study.reidentification import Shape, _rigid_points, real_case_files, shape_attack
+
+    files = real_case_files([real_data / "brats2021" / "cases", real_data / "brats_more" / "cases"])
+    assert len(files) == 27
+    candidates = []
+    for name in sorted(files):
+        image = read_image(files[name]["seg"])
+        wt = tumour_to_schema(sitk.GetArrayFromImage(image), "brats2021") >= Label.NCR
+        candidates.append(Shape.from_mask(name, wt, image.GetSpacing()[::-1], step=2))
+    rng = np.random.default_rng(1)
+    unedited = [(Shape(f"{c.name} moved", _rigid_points(c.points, rng, 10.0, 10.0)), c.name)
+                for c in candidates[::6]]
+    result = shape_attack(unedited, candidates, similarity=False)
+    assert result["summary"]["top1_accuracy"] == 1.0, [c["best"] for c in result["cases"]]
+    template = template_label_map()
+    drawn = RandomTumourEdit(p_parametric=1.0)(template, 5)
+    parametric = Shape.from_mask("template parametric", drawn.array >= Label.NCR, drawn.grid.spacing[::-1], step=2)
+    best = shape_attack([(parametric, None)], candidates, similarity=False)["cases"][0]["best_dice"]
+    assert best < min(c["source_dice"] for c in result["cases"])
+
+
+def test_extra_label_map_of_a_real_patient_stays_on_its_side(tmp_path) -> None:
+    """An extra tumour label map identical to a real case's (the same patient) is never used in a fold
+    that holds that case out."""
+    from MedSynthLib.study.config import load_config
+    from MedSynthLib.study.run import _Study, check_inputs
+
+    data = write_cases(tmp_path / "cases")
+    _, seg = phantom(seed=1)
+    write_volume(np.roll(seg, 2, axis=0), data / CASE_IDS[1] / f"{CASE_IDS[1]}_seg.nii.gz")  # its own tumour
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(data / CASE_IDS[1] / f"{CASE_IDS[1]}_seg.nii.gz", extra / "BraTS2021_09998_seg.nii.gz")
+    config = load_config("micro")
+    inputs = check_inputs(data, tmp_path / "report", config, extra_labels=[extra], device="cpu", folds=None,
+                          overwrite=False)
+    patients = inputs.extras[0].patients
+    assert patients == (CASE_IDS[1],)
+    study = _Study(inputs, tmp_path / "work", None, None, False)
+    study.extras = inputs.extras
+    for fold in inputs.folds:
+        used = study.fold_extras(fold)
+        assert used == ([] if set(patients) & set(fold.test) else inputs.extras)
+    assert any(study.fold_extras(fold) == [] for fold in inputs.folds)

@@ -59,6 +59,12 @@ def case_sha256(case: Case) -> str:
 # --- the study grid ----------------------------------------------------------------------------
 
 
+def tumour_sha256(tumour: np.ndarray) -> str:
+    """sha256 of schema tumour labels (uint8, array order): equal for the same patient's label map."""
+    array = np.ascontiguousarray(np.asarray(tumour, np.uint8))
+    return hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()
+
+
 def _mask_extent_lps(mask: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned LPS box (min, max) of a mask's voxel centres."""
     idx = np.argwhere(mask)
@@ -116,6 +122,7 @@ class CaseInfo:
     centre_lps: np.ndarray
     extent_mm: np.ndarray
     tumour_voxels: dict[str, int]
+    tumour_sha256: str = ""  # of the schema tumour labels: finds the same patient's label map elsewhere
 
 
 def inspect_case(folder: Path) -> tuple[CaseInfo, Case]:
@@ -126,7 +133,7 @@ def inspect_case(folder: Path) -> tuple[CaseInfo, Case]:
     counts = {name: int(np.count_nonzero(tumour == label)) for name, label in
               (("NCR", Label.NCR), ("ED", Label.ED), ("ET", Label.ET))}
     info = CaseInfo(case.case_id, folder, case.convention, case_sha256(case), (lo + hi) / 2.0,
-                    hi - lo + np.asarray(case.grid.spacing), counts)
+                    hi - lo + np.asarray(case.grid.spacing), counts, tumour_sha256(tumour))
     return info, case
 
 
@@ -230,11 +237,14 @@ class ExtraTumour:
     name: str
     sha256: str
     labelmap: LabelMap  # tumour labels only, background elsewhere
+    tumour_sha256: str = ""
+    patients: tuple[str, ...] = ()  # real cases with the identical tumour label map (the same patient)
 
     def to_json(self) -> dict[str, Any]:
         counts = {n: int(np.count_nonzero(self.labelmap.array == v)) for n, v in
                   (("NCR", Label.NCR), ("ED", Label.ED), ("ET", Label.ET))}
-        return {"file": self.name, "sha256": self.sha256, "voxels_on_study_spacing": counts}
+        return {"file": self.name, "sha256": self.sha256, "voxels_on_study_spacing": counts,
+                "same_patient_as": list(self.patients)}
 
 
 def load_extra_tumour(path: Path, convention: str, spacing: float) -> ExtraTumour:
@@ -255,7 +265,8 @@ def load_extra_tumour(path: Path, convention: str, spacing: float) -> ExtraTumou
     array = resample(source.image(tumour.astype(np.uint8)), grid, label=True).astype(np.uint8)
     if not (array > 0).any():
         raise InputError(path, f"the tumour vanishes at the study spacing of {spacing} mm")
-    return ExtraTumour(strip_image_suffix(path.name), files_sha256([path]), LabelMap(array, grid))
+    return ExtraTumour(strip_image_suffix(path.name), files_sha256([path]), LabelMap(array, grid),
+                       tumour_sha256(tumour))
 
 
 # --- the healthy template on the study grid ----------------------------------------------------

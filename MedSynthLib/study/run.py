@@ -10,16 +10,20 @@ For each fold (cases split by case, k-fold or a fixed split, seeded):
    training cases or of extra tumour label maps inserted into training brains,
    training tumours inserted into the healthy ICBM152 template), every edit
    recorded, and synthesised with the fold's GAN;
-3. a tumour segmenter (:mod:`MedSynthLib.study.segmenter`) is trained in four arms
-   with the same step budget: real only; real + synthetic; synthetic only;
-   synthetic then fine-tuned on a fraction of the real training cases;
-4. the arms are scored on the held-out real cases (Dice, HD95 for WT/TC/ET),
-   the GAN's fidelity is measured on the held-out cases (their real label maps
-   -> synthetic images vs their real images), and every synthetic case is
-   compared with its most similar training case (memorisation check).
+3. the FLAIR-threshold baseline (:mod:`MedSynthLib.study.baseline`) is fitted on the
+   training cases, and a tumour segmenter (:mod:`MedSynthLib.study.segmenter`) is trained
+   in every arm with several seeds and the same step budget: real only; real + synthetic
+   (real patches of arm 1 kept, synthetic added on top); synthetic only; synthetic then
+   fine-tuned on 10 % of the real cases; the class-mean painted control; the learning
+   curve on 25 / 50 % of the real cases;
+4. every arm is scored on the held-out real cases (Dice, HD95 for WT/TC/ET), the GAN's
+   fidelity is measured on the held-out cases (their real label maps -> synthetic images
+   vs their real images), and every synthetic case is compared with its most similar
+   training case.
 
 Every stage is cached in the work folder under a key that hashes the
-configuration and data it depends on, so an interrupted study resumes where it
+configuration and data it depends on (the arms and the baseline also the source of their
+modules, :mod:`MedSynthLib.study.stages`), so an interrupted study resumes where it
 stopped and a finished one re-reports instantly.  The report folder is written
 atomically at the end (:mod:`MedSynthLib.study.report`).
 """
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -44,152 +48,11 @@ from ..schema.errors import InputError, MedSynthError
 from ..schema.labels import tumour_mask
 from ..schema.volume_io import check_writable, write_json
 from ..training.train import Dist
-from .data import (PREP_VERSION, STUDY_VERSION, SYNTHETIC_KINDS, CaseInfo, ExtraTumour, RealCase, StudyGrid,
+from .config import CONFIG_NAMES, StudyConfig, configs_root, load_config  # noqa: F401  (re-exported)
+from .data import (PREP_VERSION, STUDY_VERSION, CaseInfo, ExtraTumour, RealCase, StudyGrid,
                    sha256_json)
-from .segmenter import ARMS, SegCase, SegConfig
-
-CONFIG_NAMES = ("micro", "tiny", "paper")
-
-
-def configs_root() -> Path:
-    return Path(__file__).resolve().parents[2] / "Resources" / "configs"
-
-
-# --- configuration -----------------------------------------------------------------------------
-
-
-@dataclass
-class StudyConfig:
-    """Everything that defines a study (stored in report.json)."""
-
-    name: str = "custom"
-    description: str = ""
-    seed: int = 2018
-    threads: int | None = None
-    folds: int = 5
-    test_cases: list[str] | None = None  # a fixed split: these cases are held out (one fold)
-    grid: dict[str, Any] = field(default_factory=lambda: {"spacing_mm": 2.0, "margin_mm": 6.0, "size_multiple": 8,
-                                                          "box_mm": None})
-    gan: dict[str, Any] = field(default_factory=dict)  # a TrainConfig (val_cases is always emptied)
-    gan_model: str | None = None  # reuse a trained model instead ("{fold}" is replaced by the fold number)
-    synthetic: dict[str, Any] = field(default_factory=lambda: {"per_case": 2, "kinds": ["transform", "insert",
-                                                                                        "template"]})
-    extra_label_convention: str = "brats2021"
-    segmenter: dict[str, Any] = field(default_factory=dict)
-    bootstrap: int = 10000
-    ci: float = 0.95
-    memorisation: dict[str, Any] = field(default_factory=lambda: {"max_real_pairs": 2000})
-    preload: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], source: str) -> "StudyConfig":
-        from ..schema.labels import CONVENTIONS
-        from ..training.train import TrainConfig
-
-        from ..schema.jsonshape import check_fields, check_range, expect_object
-
-        if not isinstance(data, dict):
-            raise InputError(source, "a study config is a JSON object")
-        check_fields(cls, data, source, "study")
-        for key in ("gan", "synthetic", "segmenter", "memorisation"):
-            if key in data:
-                expect_object(data[key], source, f"study option {key!r}")
-        config = cls(**data)
-        check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
-        if int(config.folds) < 2 and not config.test_cases:
-            raise InputError(source, f"folds must be at least 2, got {config.folds}")
-        grid = dict(cls().grid, **config.grid)
-        if set(grid) - {"spacing_mm", "margin_mm", "size_multiple", "box_mm"}:
-            raise InputError(source, f"unknown grid options {sorted(set(grid) - set(cls().grid))}")
-        config.grid = _checked_grid(grid, source)
-        TrainConfig.from_json(dict(config.gan, val_cases=[]), source)  # validates
-        SegConfig.from_json(config.segmenter, source)
-        kinds = config.synthetic.get("kinds", ["transform"])
-        bad = [k for k in kinds if k not in SYNTHETIC_KINDS]
-        if bad or not kinds:
-            raise InputError(source, f"synthetic kinds {bad or kinds}: choose from {', '.join(SYNTHETIC_KINDS)}")
-        if int(config.synthetic.get("per_case", 1)) < 1:
-            raise InputError(source, "synthetic per_case must be at least 1")
-        unknown = set(config.synthetic) - {"per_case", "kinds", "edit", "precision"}
-        if unknown:
-            raise InputError(source, f"unknown synthetic options {sorted(unknown)}")
-        from ..edits import RandomTumourEdit
-
-        try:
-            RandomTumourEdit(**config.synthetic.get("edit", {}))
-        except TypeError as exc:
-            raise InputError(source, f"synthetic edit options: {exc}") from None
-        if config.extra_label_convention not in CONVENTIONS:
-            raise InputError(source, f"unknown extra_label_convention {config.extra_label_convention!r}")
-        if not 0 < config.ci < 1 or config.bootstrap < 100:
-            raise InputError(source, "ci must lie in (0, 1) and bootstrap be at least 100")
-        return config
-
-    @property
-    def train_config(self):
-        from ..training.train import TrainConfig
-
-        data = dict(self.gan, val_cases=[])
-        if self.threads and not data.get("threads"):
-            data["threads"] = self.threads
-        return TrainConfig.from_json(data, "study config")
-
-    @property
-    def seg_config(self) -> SegConfig:
-        return SegConfig.from_json(self.segmenter, "study config")
-
-
-# The study grid: every case is resampled onto it and kept in memory, so its spacing is bounded; a brain
-# box of up to 256 mm at the finest spacing has (256 / 0.5)^3 = 134 M voxels per case (checked against
-# the memory budget once the box is known).
-MIN_STUDY_SPACING_MM = 0.5
-MAX_STUDY_SPACING_MM = 10.0
-
-
-def _checked_grid(grid: dict[str, Any], source: str) -> dict[str, Any]:
-    """Types and ranges of the study grid's options."""
-    from ..schema.jsonshape import check_range
-
-    def number(key: str) -> float:
-        value = grid[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(source, f"grid {key} must be a number, not {json.dumps(value)[:40]}")
-        return float(value)
-
-    check_range(source, "grid spacing_mm", number("spacing_mm"), MIN_STUDY_SPACING_MM, MAX_STUDY_SPACING_MM)
-    check_range(source, "grid margin_mm", number("margin_mm"), 0, 100)
-    if isinstance(grid["size_multiple"], bool) or not isinstance(grid["size_multiple"], int):
-        raise InputError(source, "grid size_multiple must be a whole number")
-    check_range(source, "grid size_multiple", grid["size_multiple"], 1, 64)
-    box = grid.get("box_mm")
-    if box is not None:
-        if not (isinstance(box, list) and len(box) == 3 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            raise InputError(source, "grid box_mm must be null or three numbers (mm)")
-        for value in box:
-            check_range(source, "grid box_mm", float(value), 1, 1000)
-    return grid
-
-
-def load_config(name_or_path: str | os.PathLike[str] | None) -> StudyConfig:
-    """``micro``, ``tiny``, ``paper`` (shipped in Resources/configs) or a JSON file."""
-    text = os.fspath(name_or_path) if name_or_path is not None else "tiny"
-    path = configs_root() / f"study_{text}.json" if text in CONFIG_NAMES else Path(text)
-    if not path.is_file():
-        raise InputError(path, f"study config not found (give {', '.join(CONFIG_NAMES)} or a JSON file)")
-    from ..schema.jsonshape import read_json
-
-    data = read_json(path, "study config")
-    data.pop("$comment", None)
-    config = StudyConfig.from_json(data, str(path))
-    if text in CONFIG_NAMES:
-        config.name = text
-    return config
+from .segmenter import ARMS, SegCase
+from .stages import stage_key
 
 
 # --- distributed (torchrun) --------------------------------------------------------------------
@@ -382,6 +245,10 @@ def check_inputs(data: Path, report_dir: Path, config: StudyConfig, *, extra_lab
     extra_files = find_label_files(extra_labels or [])
     extras = [load_extra_tumour(p, config.extra_label_convention, float(config.grid["spacing_mm"]))
               for p in extra_files]
+    # A label map of a real case's patient (brats_more: three patients are also in brats2020_seg) stays on
+    # that patient's side of every split: it is used only in folds that train on the patient.
+    for extra in extras:
+        extra.patients = tuple(sorted(c.case_id for c in cases if c.tumour_sha256 == extra.tumour_sha256))
     gan_models = {fold.index: _check_gan_model(config.gan_model, fold) for fold in split} if config.gan_model else {}
     return StudyInputs(Path(data), sorted(cases, key=lambda c: c.case_id), split, extras, extra_files, gan_models,
                        dev, config)
@@ -571,7 +438,7 @@ class _Study:
         folds = self.inputs.folds
         plan = []
         for _ in folds:
-            plan += ["gan", "synth", "fidelity", "memo"] + ["arm"] * len(ARMS)
+            plan += ["gan", "synth", "fidelity", "memo", "memo"] + ["arm"] * (len(ARMS) * self.config.seg_config.seeds)
         self.eta = _ETA(self.STAGE_WEIGHTS, plan)
         self.prepare()
         results: dict[str, Any] = {"folds": []}
@@ -587,8 +454,8 @@ class _Study:
         if fold.index in self.inputs.gan_models:
             return self.inputs.gan_models[fold.index], {"source": "given", "pattern": self.config.gan_model}
         config = self.config.train_config
-        key = sha256_json({"gan": config.to_json(), "train": [self.sha[c] for c in fold.train],
-                           "grid": self.grid.to_json(), "prep": PREP_VERSION, "v": STUDY_VERSION})[:16]
+        key = stage_key({"train": [self.sha[c] for c in fold.train], "grid": self.grid.to_json(),
+                         "prep": PREP_VERSION, "v": STUDY_VERSION}, config.to_json(), self.GAN_MODULES)
         run_dir = self.work / "gan" / key
         model_dir = run_dir / "model"
         info = {"source": "trained", "key": key, "steps": config.steps}
@@ -608,6 +475,10 @@ class _Study:
                   command=f"medsynth study (fold {fold.index})", cache_dir=self.prepared_cache)
         self.d.sync(self.device.type)
         return resolve_model(model_dir), dict(info, cached=False)
+
+    def fold_extras(self, fold: Fold) -> list[ExtraTumour]:
+        """The extra tumour label maps a fold may use: none of a held-out patient's."""
+        return [e for e in self.extras if not set(e.patients) & set(fold.test)]
 
     def real_folder(self, case_id: str) -> Path:
         return self.folders[case_id]
@@ -636,8 +507,9 @@ class _Study:
         synth = self._synthetic(fold, model, get_engine, tag)
         fidelity = self._fidelity(fold, model, get_engine, tag)
         memo = self._memorisation(fold, synth, tag)
+        baseline = self._baseline(fold, tag)
         arms = {arm: self._arm(fold, arm, synth, tag) for arm in ARMS}
-        return {"fold": fold.index, "test": fold.test, "train": fold.train, "gan": gan_info,
+        return {"fold": fold.index, "test": fold.test, "train": fold.train, "gan": gan_info, "baseline": baseline,
                 "synthetic": {k: v for k, v in synth.items() if k != "cases"}, "fidelity": fidelity,
                 "memorisation": memo, "arms": arms}
 
@@ -647,10 +519,10 @@ class _Study:
         from .segmenter import make_seg_case
 
         cfg = self.config.synthetic
-        key = sha256_json({"model": model.sha256, "synthetic": cfg, "train": [self.sha[c] for c in fold.train],
-                           "extras": [e.sha256 for e in self.extras], "template": self.template_info,
-                           "grid": self.grid.to_json(), "seed": self.config.seed, "fold": fold.index,
-                           "v": STUDY_VERSION})[:16]
+        key = stage_key({"model": model.sha256, "train": [self.sha[c] for c in fold.train],
+                         "extras": [e.sha256 for e in self.fold_extras(fold)], "template": self.template_info,
+                         "grid": self.grid.to_json(), "seed": self.config.seed, "fold": fold.index,
+                         "v": STUDY_VERSION}, cfg, self.SYNTHETIC_MODULES)
         folder = self.work / "synthetic" / key
         index_path = folder / "index.json"
         t0 = time.perf_counter()
@@ -658,7 +530,7 @@ class _Study:
         computed = index is None
         if computed and self.d.main:
             train_cases = [(c, self.labelmaps[c]) for c in fold.train]
-            specs = make_synthetic_labelmaps(train_cases, self.extras, self.template,
+            specs = make_synthetic_labelmaps(train_cases, self.fold_extras(fold), self.template,
                                              (self.template_info or {}).get("name", "template"), cfg,
                                              self.config.seed * 1000 + fold.index)
             engine = get_engine()
@@ -704,8 +576,9 @@ class _Study:
         from ..schema.grid import LabelMap
         from ..schema.labels import NUM_CLASSES, brain_mask
 
-        key = sha256_json({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
-                           "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION})[:16]
+        key = stage_key({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
+                         "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION}, {"train_gap": 1},
+                        ("MedSynthLib.evaluation.metrics", "MedSynthLib.synthesis.synthesize"))
         path = self.work / "fidelity" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -739,7 +612,17 @@ class _Study:
                 cases[c] = entry
                 np.save(_mkdir(self.work / "fidelity") / f"{key}_{c}_synthetic.npy",
                         np.stack([synthetic.images[m] for m in MODALITIES]).astype(np.float32))
-            result = {"key": key, "cases": cases, "seconds": round(time.perf_counter() - t0, 2)}
+            # Privacy (a): the same measure on as many training cases (seen by this GAN); a GAN that
+            # memorised its training cases scores clearly better on them than on the held-out ones.
+            seen = sorted(fold.train)[:len(fold.test)]
+            train_cases = {}
+            for c in seen:
+                real = self.real_case(c)
+                synthetic = engine.synthesize(LabelMap(real.labelmap.array, real.labelmap.grid), seed=0)
+                train_cases[c] = {modality: fidelity(real.images[m], synthetic.images[modality], real.brain, {})
+                                  for m, modality in enumerate(MODALITIES)}
+            result = {"key": key, "cases": cases, "train_cases": train_cases,
+                      "seconds": round(time.perf_counter() - t0, 2)}
             _write_json_atomic(result, path)
         self.d.sync(self.device.type)
         result = _read_json(path)
@@ -752,8 +635,8 @@ class _Study:
     def _memorisation(self, fold: Fold, synth: dict[str, Any], tag: str) -> dict[str, Any]:
         from .report import ncc
 
-        key = sha256_json({"synthetic": synth["key"], "train": [self.sha[c] for c in fold.train],
-                           "v": STUDY_VERSION})[:16]
+        key = stage_key({"synthetic": synth["key"], "train": [self.sha[c] for c in fold.train],
+                         "v": STUDY_VERSION}, {}, ("MedSynthLib.study.report",))
         path = self.work / "memorisation" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -775,46 +658,128 @@ class _Study:
         return result
 
     # ---- segmentation arms
+    GAN_MODULES = ("MedSynthLib.training.train", "MedSynthLib.training.data", "MedSynthLib.synthesis.networks")
+    SYNTHETIC_MODULES = ("MedSynthLib.study.data", "MedSynthLib.edits.base", "MedSynthLib.edits.transforms", "MedSynthLib.edits.insert",
+                         "MedSynthLib.edits.parametric", "MedSynthLib.edits.random_edits", "MedSynthLib.synthesis.synthesize")
+    SEGMENTER_MODULES = ("MedSynthLib.study.segmenter", "MedSynthLib.study.stages")
+    BASELINE_MODULES = ("MedSynthLib.study.baseline", "MedSynthLib.study.segmenter")
+
     def _finetune_cases(self, fold: Fold) -> list[str]:
         cfg = self.config.seg_config
         n = max(1, int(math.ceil(cfg.finetune_case_fraction * len(fold.train))))
         rng = np.random.default_rng([self.config.seed, fold.index, 7])
         return sorted(fold.train[i] for i in rng.choice(len(fold.train), n, replace=False))
 
+    def _arm_real_cases(self, fold: Fold, arm: str) -> list[str]:
+        """The arm's real training cases: all, or a seeded share of them (learning curve)."""
+        from .segmenter import ARM_REAL_FRACTION
+
+        fraction = ARM_REAL_FRACTION.get(arm)
+        if fraction is None:
+            return list(fold.train)
+        n = max(1, int(math.ceil(fraction * len(fold.train))))
+        rng = np.random.default_rng([self.config.seed, fold.index, 25])
+        order = [fold.train[i] for i in rng.permutation(len(fold.train))]
+        # The first tumour-bearing cases of one fixed order: the 25 % subset lies inside the 50 % one.
+        with_tumour = [c for c in order if len(self.seg_real[c].tumour_voxels)]
+        rest = [c for c in order if c not in with_tumour]
+        return sorted((with_tumour + rest)[:n])
+
+    def _painted(self, fold: Fold, synth: dict[str, Any]) -> list[SegCase]:
+        """Control C1: the fold's edited label maps painted with the training cases' class means."""
+        from ..schema.labels import NUM_CLASSES
+
+        sums = np.zeros((4, NUM_CLASSES))
+        counts = np.zeros(NUM_CLASSES)
+        for c in fold.train:
+            seg = self.seg_real[c]
+            brain = seg.labels > 0
+            counts += np.bincount(seg.labels[brain], minlength=NUM_CLASSES)
+            for m in range(4):
+                sums[m] += np.bincount(seg.labels[brain], weights=np.asarray(seg.images[m])[brain],
+                                       minlength=NUM_CLASSES)
+        means = (sums / np.maximum(counts, 1)).astype(np.float32)
+        means[:, 0] = 0.0
+        return [SegCase(f"painted_{case.name}", means[:, case.labels], case.labels, case.spacing)
+                for case in synth["cases"]]
+
+    def _baseline(self, fold: Fold, tag: str) -> dict[str, Any]:
+        """The FLAIR-threshold gate, fitted on the fold's training cases only (both variants)."""
+        from . import baseline
+        from .segmenter import score
+        from .stages import cached_stage, stage_key
+
+        key = stage_key({"train": [self.sha[c] for c in fold.train], "test": [self.sha[c] for c in fold.test],
+                         "grid": self.grid.to_json()}, {"variants": baseline.VARIANTS}, self.BASELINE_MODULES)
+        t0 = time.perf_counter()
+
+        def compute() -> dict[str, Any]:
+            out: dict[str, Any] = {"key": key, "variants": {}}
+            for variant in baseline.VARIANTS:
+                fitted = baseline.fit([self.seg_real[c] for c in fold.train], variant)
+                scores = {c: score(fitted.predict(self.seg_real[c].images, self.seg_real[c].labels),
+                                   self.seg_real[c].labels, self.seg_real[c].spacing) for c in fold.test}
+                out["variants"][variant] = {"fit": fitted.to_json(), "scores": scores}
+            out["seconds"] = round(time.perf_counter() - t0, 2)
+            return out
+
+        result, computed = cached_stage(self.work / "baseline" / f"{key}.json", compute, write=self.d.main)
+        self._stage_done(f"{tag} FLAIR-threshold baseline", "memo", result["seconds"] if not computed else
+                         time.perf_counter() - t0, computed)
+        return result
+
     def _arm(self, fold: Fold, arm: str, synth: dict[str, Any], tag: str) -> dict[str, Any]:
+        """One learned arm, trained with every seed; scores per seed."""
+        cfg = self.config.seg_config
+        seeds = [self._arm_seed(fold, arm, k) for k in range(cfg.seeds)]
+        runs = [self._arm_seed_run(fold, arm, synth, tag, k, seed) for k, seed in enumerate(seeds)]
+        return {"arm": arm, "seeds": seeds, "runs": runs, "finetune_cases": runs[0]["finetune_cases"],
+                "real_cases": runs[0]["real_cases"], "training": runs[0]["training"],
+                "seconds": round(sum(r["seconds"] for r in runs), 2)}
+
+    def _arm_seed(self, fold: Fold, arm: str, k: int) -> int:
+        return self.config.seed + 101 * fold.index + 1009 * k
+
+    def _arm_seed_run(self, fold: Fold, arm: str, synth: dict[str, Any], tag: str, k: int,
+                      seed: int) -> dict[str, Any]:
         from .segmenter import arm_phases, evaluate_cases, train_segmenter
+        from .stages import stage_key
 
         cfg = self.config.seg_config
         tune = self._finetune_cases(fold) if arm == "synthetic+finetune" else []
-        key = sha256_json({"arm": arm, "segmenter": cfg.to_json(), "train": [self.sha[c] for c in fold.train],
-                           "test": [self.sha[c] for c in fold.test], "finetune": tune,
-                           "synthetic": synth["key"] if arm != "real" else None, "seed": self.config.seed,
-                           "fold": fold.index, "world": self.d.world, "v": STUDY_VERSION})[:16]
+        real_ids = self._arm_real_cases(fold, arm)
+        uses_synthetic = arm in ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean")
+        key = stage_key({"arm": arm, "train": [self.sha[c] for c in real_ids],
+                         "test": [self.sha[c] for c in fold.test], "finetune": tune,
+                         "synthetic": synth["key"] if uses_synthetic else None, "seed": seed, "fold": fold.index,
+                         "world": self.d.world, "v": STUDY_VERSION},
+                        {k_: v for k_, v in cfg.to_json().items() if k_ != "seeds"}, self.SEGMENTER_MODULES)
         path = self.work / "arms" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
         computed = result is None
         if computed:
-            real = [self.seg_real[c] for c in fold.train]
-            phases = arm_phases(arm, real, synth["cases"], cfg, [self.seg_real[c] for c in tune])
+            real = [self.seg_real[c] for c in real_ids]
+            painted = self._painted(fold, synth) if arm == "real+classmean" else None
+            phases = arm_phases(arm, real, synth["cases"], cfg, [self.seg_real[c] for c in tune], painted)
             for phase in phases:
                 if not any(len(c.tumour_voxels) for c in phase.cases):
                     raise MedSynthError(f"fold {fold.index}, arm {arm}: the {phase.name} training cases hold no "
                                         "tumour voxel on the study grid, so the arm has no tumour to learn")
             _mkdir(path.parent)
-            seed = self.config.seed + 101 * fold.index
-            model, info = train_segmenter(phases, cfg, self.device, seed, desc=f"{tag} {arm}",
+            model, info = train_segmenter(phases, cfg, self.device, seed, desc=f"{tag} {arm} seed {k + 1}",
                                           checkpoint=path.with_suffix(".ckpt"), rank=self.d.rank,
                                           world=self.d.world, progress=self.progress)
             if self.d.main:
                 scores = evaluate_cases(model, [self.seg_real[c] for c in fold.test], cfg, self.device)
-                result = {"key": key, "arm": arm, "scores": scores, "training": info, "finetune_cases": tune,
+                result = {"key": key, "arm": arm, "seed": seed, "scores": scores, "training": info,
+                          "finetune_cases": tune, "real_cases": real_ids,
                           "seconds": round(time.perf_counter() - t0, 2)}
                 _write_json_atomic(result, path)
                 shutil.rmtree(path.with_suffix(".ckpt"), ignore_errors=True)
         self.d.sync(self.device.type)
         result = _read_json(path)
-        self._stage_done(f"{tag} arm {arm}", "arm", result["seconds"] if not computed else
+        self._stage_done(f"{tag} arm {arm} seed {k + 1}", "arm", result["seconds"] if not computed else
                          time.perf_counter() - t0, computed)
         return result
 

@@ -44,13 +44,14 @@ class SegConfig:
     tumour_fraction: float = 0.7
     flip: bool = True
     intensity: float = 0.1
-    finetune_case_fraction: float = 0.5  # arm 4: fraction of the real training cases it is fine-tuned on
+    finetune_case_fraction: float = 0.1  # arm 4 (Shin et al.: 10 %): fraction of the real training cases it is fine-tuned on
     finetune_step_fraction: float = 0.3  # arm 4: share of the step budget spent fine-tuning
     threshold: float = 0.5
     sw_overlap: float = 0.25
     sw_batch_size: int = 2
     precision: str = "fp32"
     checkpoint_every: int = 0  # 0: no mid-arm checkpoints (short arms)
+    seeds: int = 3  # every learned arm is trained with this many seeds; the spread is reported
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,6 +71,8 @@ class SegConfig:
             raise InputError(source, "segmenter steps and batch_size must be at least 1")
         if not 0 < config.finetune_case_fraction <= 1 or not 0 < config.finetune_step_fraction < 1:
             raise InputError(source, "finetune_case_fraction must lie in (0, 1] and finetune_step_fraction in (0, 1)")
+        if config.seeds < 1:
+            raise InputError(source, "segmenter seeds must be at least 1")
         if config.precision not in ("fp32", "bf16", "fp16"):
             raise InputError(source, f"segmenter precision {config.precision!r}: fp32, bf16 or fp16")
         return config
@@ -160,12 +163,18 @@ def _autocast(device: torch.device, precision: str):
 
 @dataclass
 class Phase:
-    """A stretch of steps [start, stop) drawn from one set of cases."""
+    """A stretch of steps [start, stop) drawn from one set of cases.
+
+    ``extra`` cases add a second batch of the same size to every step, on top of the
+    batch drawn from ``cases``: real + synthetic keeps the real patches per step of the
+    real-only arm and adds the synthetic ones instead of diluting them.
+    """
 
     name: str
     cases: list[SegCase]
     start: int
     stop: int
+    extra: list[SegCase] = field(default_factory=list)
 
 
 def _save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -236,6 +245,9 @@ def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, targets = sample_batch(phase.cases, config, seed, step, rank)
+            if phase.extra:
+                more_images, more_targets = sample_batch(phase.extra, config, seed + 7919, step, rank)
+                images, targets = torch.cat([images, more_images]), torch.cat([targets, more_targets])
             images, targets = images.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, config.precision):
@@ -257,7 +269,8 @@ def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
     info = {"steps": total, "resumed_from_step": start, "seconds": round(time.perf_counter() - started, 1),
             "final_loss": float(np.mean(tail)),
-            "phases": [{"name": p.name, "steps": p.stop - p.start, "cases": len(p.cases)} for p in phases]}
+            "phases": [{"name": p.name, "steps": p.stop - p.start, "cases": len(p.cases), "extra_cases": len(p.extra)}
+                       for p in phases]}
     return model, info
 
 
@@ -314,12 +327,15 @@ def evaluate_cases(model: torch.nn.Module, cases: list[SegCase], config: SegConf
 
 
 def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: SegConfig,
-               finetune_cases: list[SegCase]) -> list[Phase]:
+               finetune_cases: list[SegCase], painted: list[SegCase] | None = None) -> list[Phase]:
+    """The training phases of an arm.  ``real`` is already the arm's subset for the learning curve."""
     steps = config.steps
-    if arm == "real":
-        return [Phase("real", real, 0, steps)]
+    if arm == "real" or arm.startswith("real@"):
+        return [Phase(arm, real, 0, steps)]
     if arm == "real+synthetic":
-        return [Phase("real+synthetic", real + synthetic, 0, steps)]
+        return [Phase("real+synthetic", real, 0, steps, extra=synthetic)]
+    if arm == "real+classmean":
+        return [Phase("real+classmean", real, 0, steps, extra=list(painted or []))]
     if arm == "synthetic":
         return [Phase("synthetic", synthetic, 0, steps)]
     if arm == "synthetic+finetune":
@@ -328,13 +344,20 @@ def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: 
     raise ValueError(arm)
 
 
-ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic", "synthetic+finetune")
+#: The learned arms; ``real@25`` and ``real@50`` are the learning curve (share of the real training cases).
+ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic", "synthetic+finetune", "real+classmean", "real@25",
+                         "real@50")
 ARM_TITLES: dict[str, str] = {
     "real": "1. real only",
-    "real+synthetic": "2. real + synthetic",
+    "real+synthetic": "2. real + synthetic (same real patches)",
     "synthetic": "3. synthetic only",
     "synthetic+finetune": "4. synthetic, fine-tuned on real",
+    "real+classmean": "C1. real + class-mean painted edits",
+    "real@25": "L25. real only, 25 % of cases",
+    "real@50": "L50. real only, 50 % of cases",
 }
+#: Share of the real training cases each arm trains on.
+ARM_REAL_FRACTION: dict[str, float] = {"real@25": 0.25, "real@50": 0.5}
 
 __all__ = ["SegConfig", "SegCase", "make_seg_case", "train_segmenter", "predict", "score", "evaluate_cases",
-           "arm_phases", "ARMS", "ARM_TITLES", "REGIONS"]
+           "arm_phases", "ARMS", "ARM_TITLES", "ARM_REAL_FRACTION", "REGIONS"]
