@@ -1,11 +1,13 @@
 """Brain anatomy (CSF / GM / WM) for every brain voxel outside the tumour.
 
-The default model is unsupervised: a three-class Gaussian mixture on the T1
-intensities of healthy-looking brain, regularised by a Potts Markov random
-field solved with mean-field iterations (the classic EM + MRF tissue model of
-brain MRI segmentation, e.g. Zhang et al., IEEE TMI 20(1), 2001).  Any
-:class:`AnatomyModel` — such as a learned T1 -> anatomy network, the first GAN
-of Shin et al. 2018 — can replace it.
+The default model, :class:`~MedSynthLib.atlas_anatomy.AtlasPriorEM` (``atlas-em``),
+fits T1, T2 and FLAIR together after N4 bias correction, with ICBM152 tissue
+priors registered to the case, by EM and a Potts Markov random field; with T1
+alone it runs on that one channel.  The earlier T1-only k-means model
+(:class:`GaussianMixtureMRF`, ``kmeans-t1``) stays available by name for
+comparison: it follows the scanner's bias field and weak T1 contrasts
+(docs/anatomy_check.md).  Any :class:`AnatomyModel` -- such as a learned
+T1 -> anatomy network, the first GAN of Shin et al. 2018 -- can replace them.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from scipy import ndimage
 
+from .atlas_anatomy import AtlasPriorEM
 from .cases import Case
 from .errors import InputError
-from .grid import LabelMap
+from .grid import Grid, LabelMap
 from .labels import SCHEMA_VERSION, Label
 
 
@@ -50,7 +53,7 @@ class AnatomyModel(Protocol):
 
 @dataclass(frozen=True)
 class GaussianMixtureMRF:
-    """Three Gaussian tissue classes on bias-corrected T1 with a mean-field Potts prior.
+    """Three Gaussian tissue classes on the T1 with a mean-field Potts prior (the former default).
 
     The classes are estimated by k-means (deterministic quantile initialisation,
     as Atropos initialises its EM) with one pooled standard deviation, which is
@@ -150,30 +153,51 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted
 
 
-DEFAULT_ANATOMY_MODEL: AnatomyModel = GaussianMixtureMRF()
+def segment_anatomy(model: AnatomyModel, images: dict[str, np.ndarray], brain: np.ndarray, exclude: np.ndarray,
+                    grid: Grid) -> np.ndarray:
+    """CSF/GM/WM (1/2/3) on every brain voxel from whichever images ``model`` uses."""
+    if hasattr(model, "segment_images"):
+        return model.segment_images(images, brain, exclude, grid)
+    return model.segment(images["t1"], brain, exclude, grid.spacing)
 
 
 def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
     """The MedSynth 7-class label map of a case.
 
-    Anatomy comes from ``model`` on the T1 inside the brain mask; tumour voxels are
-    copied exactly from the case's segmentation.  The grid is the case's own.
+    Anatomy comes from ``model`` inside the brain mask; tumour voxels are copied
+    exactly from the case's segmentation.  The grid is the case's own.  The record
+    names the contrasts the anatomy was fitted on (``["t1"]`` is the T1-only fallback
+    of a case read without T2/FLAIR).
+
+    Raises:
+        InputError: an empty brain, or an atlas registration that failed (naming the T1).
     """
+    from .atlas_anatomy import RegistrationError
+
     model = model or DEFAULT_ANATOMY_MODEL
     brain = case.brain_mask()
     if not brain.any():
         raise InputError(case.files.get("t1"), "empty brain: every modality is zero everywhere")
     tumour = case.tumour if case.tumour is not None else np.zeros(case.grid.shape, np.uint8)
-    anatomy = model.segment(case.images["t1"], brain, tumour > 0, case.grid.spacing)
+    try:
+        anatomy = segment_anatomy(model, case.images, brain, tumour > 0, case.grid)
+    except RegistrationError as exc:
+        raise InputError(case.files.get("t1"), str(exc)) from None
     labels = np.where(tumour > 0, tumour, anatomy).astype(np.uint8)
     labels[~brain] = Label.BACKGROUND
     record = {
         "name": "derive_labels",
         "params": {"convention": case.convention, "label_convention": case.label_convention,
-                   "anatomy_model": model.to_json()},
+                   "anatomy_model": model.to_json(), "anatomy_contrasts": anatomy_contrasts(model, case.images)},
         "schema_version": SCHEMA_VERSION,
     }
     return LabelMap(labels, case.grid, [record])
+
+
+def anatomy_contrasts(model: AnatomyModel, images: dict[str, np.ndarray]) -> list[str]:
+    """The contrasts ``model`` fits on these images."""
+    used = getattr(model, "used_contrasts", None)
+    return list(used(images)) if used is not None else ["t1"]
 
 
 def tissue_statistics(labels: np.ndarray, t1: np.ndarray) -> dict[str, dict[str, float]]:
@@ -186,3 +210,9 @@ def tissue_statistics(labels: np.ndarray, t1: np.ndarray) -> dict[str, dict[str,
         stats[label.name] = {"fraction": float(mask.sum() / total),
                              "mean_t1": float(t1[mask].mean()) if mask.any() else float("nan")}
     return stats
+
+
+#: Anatomy models by name (the benchmark and ``--anatomy`` choose among them).
+ANATOMY_MODELS: dict[str, AnatomyModel] = {"atlas-em": AtlasPriorEM(), "kmeans-t1": GaussianMixtureMRF()}
+#: The model ``medsynth labels``, training and the study use.
+DEFAULT_ANATOMY_MODEL: AnatomyModel = ANATOMY_MODELS["atlas-em"]

@@ -190,8 +190,8 @@ def _known_edit_params() -> dict[str, frozenset[str]]:
 
     from .edits import EDITS
 
-    known = {"derive_labels": frozenset({"convention", "label_convention", "anatomy_model"}),
-             "template_labels": frozenset({"template"}),
+    known = {"derive_labels": frozenset({"convention", "label_convention", "anatomy_model", "anatomy_contrasts"}),
+             "template_labels": frozenset({"template", "anatomy_model"}),
              # Segment Editor strokes recorded by the Slicer module: counts only.
              "manual_segment_edit": frozenset({"changed_voxels", "voxel_change"})}
     for name, cls in EDITS.items():

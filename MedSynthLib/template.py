@@ -1,8 +1,14 @@
 """The healthy canvas: the ICBM152 2009a symmetric template shipped inside nilearn.
 
 T1 and grey/white-matter probability maps come with the ``nilearn`` wheel, so
-no download is needed.  There is no CSF map: CSF is the brain mask minus GM
-minus WM, and every brain voxel takes its most probable class.
+no download is needed.  The canvas is labelled by the same model as the real
+cases (:class:`~MedSynthLib.atlas_anatomy.AtlasPriorEM`, T1 only: the template's
+own GM/WM maps are the priors, CSF = brain - GM - WM, no registration needed).
+
+The template's brain mask leaves the basal cisterns and the deep fissures outside
+the brain although the brain surrounds them (4.9 mL enclosed in 2D slices): they
+would be black on every synthetic contrast.  They are filled into the mask and,
+having no T1 there, take their class from the priors (CSF).
 """
 
 from __future__ import annotations
@@ -41,7 +47,19 @@ def _load() -> tuple[sitk.Image, np.ndarray, np.ndarray, np.ndarray]:
     from scipy import ndimage
 
     mask = ndimage.binary_fill_holes(mask | (gm + wm > 0.5))
+    mask |= enclosed_background(mask)
     return t1, gm, wm, mask
+
+
+def enclosed_background(mask: np.ndarray) -> np.ndarray:
+    """Background voxels enclosed by the mask in an axial, coronal or sagittal slice."""
+    from scipy import ndimage
+
+    enclosed = np.zeros_like(mask)
+    for axis in range(3):
+        filled = np.stack([ndimage.binary_fill_holes(plane) for plane in np.moveaxis(mask, axis, 0)])
+        enclosed |= np.moveaxis(filled, 0, axis) & ~mask
+    return enclosed
 
 
 def template_t1() -> sitk.Image:
@@ -49,11 +67,22 @@ def template_t1() -> sitk.Image:
     return sitk.Image(_load()[0])
 
 
+@functools.lru_cache(maxsize=1)
+def _template_labels() -> np.ndarray:
+    from .atlas_anatomy import AtlasPriorEM
+
+    labels = AtlasPriorEM().segment_template()
+    labels[~_load()[3]] = Label.BACKGROUND
+    labels.setflags(write=False)
+    return labels
+
+
 def template_label_map() -> LabelMap:
     """The 7-class label map of the healthy template (no tumour)."""
-    t1, gm, wm, brain = _load()
-    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
-    labels = (np.argmax(np.stack([csf, gm, wm]), axis=0) + Label.CSF).astype(np.uint8)
-    labels[~brain] = Label.BACKGROUND
-    record = {"name": "template_labels", "params": {"template": TEMPLATE_NAME}, "schema_version": SCHEMA_VERSION}
-    return LabelMap(labels, Grid.from_image(t1), [record])
+    from .atlas_anatomy import AtlasPriorEM
+
+    t1 = _load()[0]
+    record = {"name": "template_labels",
+              "params": {"template": TEMPLATE_NAME, "anatomy_model": AtlasPriorEM().to_json()},
+              "schema_version": SCHEMA_VERSION}
+    return LabelMap(_template_labels().copy(), Grid.from_image(t1), [record])
