@@ -15,6 +15,7 @@ Usage (from the repository root; single-threaded, as on a loaded 2-core machine)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(ANATOMY_MODELS), choices=list(ANATOMY_MODELS))
     parser.add_argument("--cases", nargs="*", help="case folder names to run (default: all)")
     parser.add_argument("-o", "--output", type=Path, help="also write the report here")
+    parser.add_argument("--cache", type=Path,
+                        help="JSON-lines file of per-case results: cases found there are not run again (lets "
+                             "several processes share the cases, then one run writes the report)")
+    parser.add_argument("--no-report", action="store_true", help="only fill the cache")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph added to the report")
     args = parser.parse_args(argv)
     root = data_root()
     folders = case_folders(root)
@@ -69,10 +75,23 @@ def main(argv: list[str] | None = None) -> int:
         folders = [f for f in folders if f.name in args.cases]
     models = {name: ANATOMY_MODELS[name] for name in args.models}
 
+    cached: dict[tuple[str, str], dict] = {}
+    if args.cache is not None and args.cache.exists():
+        for line in args.cache.read_text().splitlines():
+            entry = json.loads(line)
+            cached[(entry["case"], entry["model"])] = entry
     rows, passed, times = [], {m: 0 for m in models}, {m: [] for m in models}
     for folder in folders:
-        case = read_case(folder, require_segmentation=True)
+        case = None
         for name, model in models.items():
+            if (folder.name, name) in cached:
+                entry = cached[(folder.name, name)]
+                rows.append(entry["row"])
+                passed[name] += entry["passed"]
+                times[name].append(entry["cpu"])
+                continue
+            if case is None:
+                case = read_case(folder, require_segmentation=True)
             start, cpu_start = time.perf_counter(), time.process_time()
             labels = derive_label_map(case, model).array
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -90,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"WM ≥ {min(wm):.0%} | {'yes' if not order else 'no'} | {cpu:.1f} s ({seconds:.1f} s) | "
                         f"{'**pass**' if ok else 'FAIL'} | {problems} |")
             print(rows[-1], file=sys.stderr, flush=True)
+            if args.cache is not None:
+                with open(args.cache, "a") as handle:
+                    handle.write(json.dumps({"case": folder.name, "model": name, "row": rows[-1], "passed": bool(ok),
+                                             "cpu": cpu}) + "\n")
+    if args.no_report:
+        return 0
 
     lines = ["# Anatomy check: is the tissue map anatomy?", "",
              "Produced by `benchmarks/anatomy_check.py` (criteria: `MedSynthLib/anatomy_check.py`):", "",
@@ -105,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
              "WM ≥ 15 %; mean T1 CSF < GM < WM and CSF brightest on T2 (raw intensities). Time = CPU seconds "
              "of the anatomy step of `derive_label_map` (reading the case excluded; single-threaded, so on an "
              "idle machine the wall time is the same), wall seconds on the shared, loaded machine in brackets.",
-             "",
+             "", *[line for note in args.note for line in (note, "")],
              "## Summary", "",
              "| model | cases passing | CPU time per case (median, max) | FreeSurfer Dice CSF / GM / WM (healthy T1, T1 only) |",
              "|---|---|---|---|"]
