@@ -65,11 +65,10 @@ class GaussianMixtureMRF:
         iterations: mean-field iterations.
         exclude_margin_mm: tumour masks are grown by this much before fitting, since
             the T1 just outside an expert contour is still tumour-affected.
-        bias_correction: run N4 (on a 4x shrunk image) before fitting.  Off by default:
-            without it the classes follow the scan's own T1 contrast and explain far more
-            of the real images (painting each class with its mean on the held-out
-            BraTS2021_00006: brain SSIM 0.330 vs 0.265, T1 alone 0.51 vs 0.32), and the
-            shipped model is trained on such label maps (docs/model_card.md).
+        bias_correction: run N4 (on a 4x shrunk image) before fitting.  Off, as the shipped
+            synthesis model's training label maps were made (docs/model_card.md); that choice
+            was made by how well class means repaint the image, a criterion that rewards
+            following the bias field and no longer chooses the anatomy model.
         max_samples: voxels used to fit the classes (a deterministic stride).
     """
 

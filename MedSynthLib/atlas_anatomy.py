@@ -98,6 +98,8 @@ class AtlasPriorEM:
             broad CSF class swallow every partial-volume voxel (measured: 24-32 % CSF).
         edge_mm: the band at the brain mask's edge left out of the fit: there every contrast
             blends with the zero background of the skull-stripped scan.
+        edge_t2_level: edge voxels labelled CSF but darker on T2 than this point between the GM
+            (0) and CSF (1) means are background blend, relabelled GM or WM.
         em_iterations: EM iterations of the mixture fit.
         beta: strength of the Potts prior.
         mrf_iterations: mean-field iterations.
@@ -118,9 +120,10 @@ class AtlasPriorEM:
     bspline_iterations: int = 30
     prior_floor: float = 0.1
     prior_weight: float = 0.3
-    fit_prior_weight: float = 1.0
+    fit_prior_weight: float = 0.5
     tied_covariance: bool = True
     edge_mm: float = 3.0
+    edge_t2_level: float = 0.5
     em_iterations: int = 12
     beta: float = 1.0
     mrf_iterations: int = 4
@@ -195,11 +198,6 @@ class AtlasPriorEM:
         corrected = [_n4(np.maximum(c, 0.0), fit, crop_grid, self.n4_spacing_mm, self.n4_levels, self.n4_iterations)
                      for c in channels]
         gm, wm, atlas_brain = self._warped_priors(corrected[0], brainb, fit, crop_grid)
-        # Tissue outside the registered atlas brain (dura, sinus, remnants of a generous
-        # skull-strip) is labelled but does not shape the classes.
-        inside_atlas = fit & (atlas_brain > 0.5)
-        if inside_atlas.sum() >= 1000:
-            fit = inside_atlas
         priors = _tissue_priors(gm, wm, self.prior_floor)
         labels_box = self._fit(corrected, contrasts, priors, brainb, fit, valid & ~excludeb, edge)
         out = np.zeros(brain.shape, np.uint8)
@@ -306,7 +304,7 @@ class AtlasPriorEM:
             # dark on T1 but darker on T2 than halfway to grey matter are the resampled scan's
             # blend of cortex with the zero background: they take the likelier of GM and WM.
             channel = names.index("t2")
-            threshold = 0.5 * (means[0, channel] + means[1, channel])
+            threshold = means[1, channel] + self.edge_t2_level * (means[0, channel] - means[1, channel])
             blend = edge & (labels == 1) & (x_all[..., channel] < threshold)
             labels[blend] = (np.argmax(posterior[1:, blend], axis=0) + 2).astype(np.uint8)
         return labels
@@ -381,11 +379,11 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, fix
     """Affine then B-spline registration of the atlas T1 (moving) to the case T1 (fixed)."""
     initial = sitk.AffineTransform(sitk.CenteredTransformInitializer(
         fixed_brain, moving_brain, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS))
-    # Start from the brains' volume ratio too, so a small or large brain is not left to the
-    # optimiser to rescale from afar.
+    # A brain far smaller or larger than an adult's (a child, a phantom) starts from the volume
+    # ratio, which the optimiser could not bridge from afar; adult brains start unscaled.
     volumes = [float(sitk.GetArrayViewFromImage(image).sum()) * float(np.prod(image.GetSpacing()))
                for image in (fixed_brain, moving_brain)]
-    if min(volumes) > 0:
+    if min(volumes) > 0 and not 0.5 <= volumes[1] / volumes[0] <= 2.0:
         initial.SetMatrix((np.eye(3) * (volumes[1] / volumes[0]) ** (1.0 / 3.0)).ravel().tolist())
     affine = _method(fixed_mask, bins=32)
     affine.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=affine_iterations,
