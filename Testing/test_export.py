@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from MedSynthLib.cases.readers import read_case
 from MedSynthLib.cli import main
-from MedSynthLib.export.writer import (DEIDENTIFICATION_METHOD, MODALITIES, NAMINGS, encode_intensities, export_cases,
+from MedSynthLib.export import (DEIDENTIFICATION_METHOD, MODALITIES, NAMINGS, encode_intensities, export_cases,
                                        read_synthetic_case, sanitise_provenance)
 from MedSynthLib.schema.grid import Grid
 from MedSynthLib.synthesis.models import read_registry
@@ -707,7 +707,7 @@ def test_naming_only_for_nifti(tmp_path, capsys):
 ])
 def test_review_is_whitelisted(review, expected):
     """A clinician's review survives the typed record as rating (0-5, 0 = not rated) and time only."""
-    from MedSynthLib.export.writer import sanitise_provenance
+    from MedSynthLib.export import sanitise_provenance
 
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1:3, 1:4, 1:5] = Label.WM

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from MedSynthLib.cli import main
 from MedSynthLib.edits import EDITS, InsertTumour, ParametricTumour, Translate
-from MedSynthLib.export.writer import export_cases, provenance_summary, read_synthetic_case, sanitise_provenance
+from MedSynthLib.export import export_cases, provenance_summary, read_synthetic_case, sanitise_provenance
 from MedSynthLib.schema.errors import InputError
 from MedSynthLib.schema.grid import Grid, LabelMap
 from MedSynthLib.schema.labelmap import read_label_map, write_label_map
@@ -295,7 +295,7 @@ def test_case_folder_keeps_int16_without_a_round_trip(tmp_path):
 
 
 def test_highdicom_cielab_matches_the_colour_formula():
-    from MedSynthLib.export.writer.dicom import segment_colour
+    from MedSynthLib.export.dicom import segment_colour
     from MedSynthLib.schema.labels import LABEL_INFO
 
     for info in LABEL_INFO.values():
