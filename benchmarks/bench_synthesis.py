@@ -137,7 +137,7 @@ def main() -> int:
     from MedSynthLib.schema.labelmap import write_label_map
     from MedSynthLib.synthesis.inference import brain_box
     from MedSynthLib.synthesis.models import resolve_model
-    from MedSynthLib.synthesis.networks import Generator, NetworkConfig, build_discriminator, one_hot
+    from MedSynthLib.synthesis.networks import Generator, build_discriminator, one_hot
     from MedSynthLib.synthesis.synthesize import SynthesisEngine
     from MedSynthLib.training.train import TrainConfig, discriminator_loss, generator_adversarial_loss
 

@@ -32,7 +32,7 @@ import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
