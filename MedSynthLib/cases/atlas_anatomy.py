@@ -30,10 +30,11 @@ EM starts from the priors, nothing is random.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -237,8 +238,9 @@ class AtlasPriorEM:
         fixed_brain = _shrink_to(grid.image(brain.astype(np.uint8)), spacing_mm, linear=False)
         moving_brain = _atlas_shrunk("brain", round(spacing_mm, 1))
         try:
-            transform = _register(fixed, moving, fixed_mask, fixed_brain, moving_brain, self.affine_iterations,
-                                  self.bspline_spacing_mm, self.bspline_iterations)
+            with _single_threaded():
+                transform = _register(fixed, moving, fixed_mask, fixed_brain, moving_brain, self.affine_iterations,
+                                      self.bspline_spacing_mm, self.bspline_iterations)
         except RuntimeError as exc:
             overlap = "overlap" in str(exc).lower()
             reason = ("the atlas brain and the case's brain stopped overlapping" if overlap
@@ -366,19 +368,44 @@ def _n4(array: np.ndarray, mask: np.ndarray, grid: Grid, spacing_mm: float, leve
         return array.astype(np.float32)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([iterations] * levels)
-    n4.SetNumberOfThreads(1)  # deterministic and polite on shared machines
-    n4.Execute(small, small_mask)
-    log_bias = n4.GetLogBiasFieldAsImage(small)
+    with _single_threaded():
+        n4.Execute(small, small_mask)
+        log_bias = n4.GetLogBiasFieldAsImage(small)
     log_bias = sitk.Resample(log_bias, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return (array / np.exp(sitk.GetArrayFromImage(log_bias))).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Run ITK filters on one thread: the label map must not depend on the machine.
+
+    ITK's registration metrics and N4 sum per-thread partial results, so the thread count
+    changes the last bits of each gradient, and over a hundred optimiser steps that grows
+    into a different transform.  The methods' own thread settings do not reach the
+    metric, only the global default does.  The work runs on 6 mm copies, so one thread
+    costs little.
+    """
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
 def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, fixed_brain: sitk.Image,
               moving_brain: sitk.Image, affine_iterations: int, bspline_spacing_mm: float,
               bspline_iterations: int) -> sitk.Transform:
     """Affine then B-spline registration of the atlas T1 (moving) to the case T1 (fixed)."""
-    initial = sitk.AffineTransform(sitk.CenteredTransformInitializer(
-        fixed_brain, moving_brain, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS))
+    # Centre the brains on each other (their masks' centres of mass).  Computed here rather than
+    # by sitk.CenteredTransformInitializer, whose MOMENTS mode was measured to return a different
+    # translation (0.1-0.3 mm) on repeated calls with the same images in one process.
+    fixed_centre, moving_centre = (np.asarray(image.TransformContinuousIndexToPhysicalPoint(
+        [float(v) for v in ndimage.center_of_mass(sitk.GetArrayFromImage(image) > 0)[::-1]]))
+        for image in (fixed_brain, moving_brain))
+    initial = sitk.AffineTransform(3)
+    initial.SetCenter([float(v) for v in fixed_centre])
+    initial.SetTranslation([float(v) for v in moving_centre - fixed_centre])
     # A brain far smaller or larger than an adult's (a child, a phantom) starts from the volume
     # ratio, which the optimiser could not bridge from afar; adult brains start unscaled.
     volumes = [float(sitk.GetArrayViewFromImage(image).sum()) * float(np.prod(image.GetSpacing()))
@@ -392,7 +419,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, fix
     affine.SetShrinkFactorsPerLevel([2, 1])
     affine.SetSmoothingSigmasPerLevel([1.0, 0.0])
     affine.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
-    affine.SetInitialTransform(initial, inPlace=False)
+    affine.SetInitialTransform(initial, inPlace=True)
     affine_transform = affine.Execute(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32))
     if bspline_iterations <= 0:
         return affine_transform
@@ -418,8 +445,9 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, fix
 
 
 def _brain_dice(fixed_brain: sitk.Image, moving_brain: sitk.Image, transform: sitk.Transform) -> float:
-    warped = sitk.GetArrayViewFromImage(sitk.Resample(moving_brain, fixed_brain, transform,
-                                                      sitk.sitkNearestNeighbor, 0)) > 0
+    # A copy, not a view: a view of the temporary resampled image would read freed memory.
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving_brain, fixed_brain, transform,
+                                                  sitk.sitkNearestNeighbor, 0)) > 0
     fixed = sitk.GetArrayViewFromImage(fixed_brain) > 0
     return 2.0 * float((warped & fixed).sum()) / max(int(warped.sum() + fixed.sum()), 1)
 
