@@ -327,3 +327,15 @@ def test_training_cache_key_changes_with_the_anatomy_model(tmp_path, monkeypatch
     key_new = training_data._files_hash(case)
     monkeypatch.setattr(training_data, "DEFAULT_ANATOMY_MODEL", ANATOMY_MODELS["kmeans-t1"])
     assert training_data._files_hash(case) != key_new
+
+
+def test_template_brain_mask_equals_nilearns_own():
+    from nilearn.datasets import load_mni152_brain_mask
+
+    from MedSynthLib.cases import icbm152
+
+    t1 = sitk.GetArrayFromImage(icbm152._load()[0]).astype(np.float32)
+    ours = t1 / t1.max() > icbm152.BRAIN_THRESHOLD
+    # nibabel's (x, y, z) is SimpleITK's (k, j, i) reversed.
+    theirs = np.asarray(load_mni152_brain_mask(resolution=1).dataobj).transpose(2, 1, 0) > 0
+    np.testing.assert_array_equal(ours, theirs)

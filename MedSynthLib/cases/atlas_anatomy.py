@@ -86,6 +86,9 @@ class AtlasPriorEM:
         n4_levels: N4 fitting levels (each doubles the bias field's control-point mesh).
         n4_iterations: N4 iterations per fitting level.
         registration_spacing_mm: the atlas is registered on copies at about this spacing.
+        registration_sampling: share of those voxels the metric samples, on a regular grid
+            jittered with ``registration_seed`` (deterministic; a fifth of the time of every voxel).
+        registration_seed: the seed of that jitter.
         affine_iterations: gradient-descent iterations of the affine step.
         bspline_spacing_mm: control-point spacing of the deformable step (smooth).
         bspline_iterations: L-BFGS-B iterations of the deformable step (0: affine only).
@@ -116,11 +119,13 @@ class AtlasPriorEM:
     n4_levels: int = 2
     n4_iterations: int = 20
     registration_spacing_mm: float = 6.0
+    registration_sampling: float = 0.25
+    registration_seed: int = 20261201
     affine_iterations: int = 100
     bspline_spacing_mm: float = 50.0
     bspline_iterations: int = 30
     prior_floor: float = 0.1
-    prior_weight: float = 0.3
+    prior_weight: float = 0.1
     fit_prior_weight: float = 0.5
     tied_covariance: bool = True
     edge_mm: float = 3.0
@@ -240,7 +245,8 @@ class AtlasPriorEM:
         try:
             with _single_threaded():
                 transform = _register(fixed, moving, fixed_mask, fixed_brain, moving_brain, self.affine_iterations,
-                                      self.bspline_spacing_mm, self.bspline_iterations)
+                                      self.bspline_spacing_mm, self.bspline_iterations,
+                                      self.registration_sampling, self.registration_seed)
         except RuntimeError as exc:
             overlap = "overlap" in str(exc).lower()
             reason = ("the atlas brain and the case's brain stopped overlapping" if overlap
@@ -395,7 +401,7 @@ def _single_threaded() -> Iterator[None]:
 
 def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, fixed_brain: sitk.Image,
               moving_brain: sitk.Image, affine_iterations: int, bspline_spacing_mm: float,
-              bspline_iterations: int) -> sitk.Transform:
+              bspline_iterations: int, sampling: float, seed: int) -> sitk.Transform:
     """Affine then B-spline registration of the atlas T1 (moving) to the case T1 (fixed)."""
     # Centre the brains on each other (their masks' centres of mass).  Computed here rather than
     # by sitk.CenteredTransformInitializer, whose MOMENTS mode was measured to return a different
@@ -412,7 +418,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, fix
                for image in (fixed_brain, moving_brain)]
     if min(volumes) > 0 and not 0.5 <= volumes[1] / volumes[0] <= 2.0:
         initial.SetMatrix((np.eye(3) * (volumes[1] / volumes[0]) ** (1.0 / 3.0)).ravel().tolist())
-    affine = _method(fixed_mask, bins=32)
+    affine = _method(fixed_mask, bins=32, sampling=sampling, seed=seed)
     affine.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=affine_iterations,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     affine.SetOptimizerScalesFromPhysicalShift()
@@ -426,7 +432,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, fix
     extent = [sz * sp for sz, sp in zip(fixed.GetSize(), fixed.GetSpacing())]
     mesh = [max(1, int(math.ceil(e / bspline_spacing_mm))) for e in extent]
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    deformable = _method(fixed_mask, bins=32)
+    deformable = _method(fixed_mask, bins=32, sampling=sampling, seed=seed)
     deformable.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=bspline_iterations,
                                     maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * bspline_iterations,
                                     costFunctionConvergenceFactor=1e7)
@@ -452,10 +458,13 @@ def _brain_dice(fixed_brain: sitk.Image, moving_brain: sitk.Image, transform: si
     return 2.0 * float((warped & fixed).sum()) / max(int(warped.sum() + fixed.sum()), 1)
 
 
-def _method(fixed_mask: sitk.Image, bins: int) -> sitk.ImageRegistrationMethod:
+def _method(fixed_mask: sitk.Image, bins: int, sampling: float, seed: int) -> sitk.ImageRegistrationMethod:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
-    method.SetMetricSamplingStrategy(method.NONE)  # every voxel: deterministic
+    # A regular quarter of the voxels with a fixed seed: deterministic, and a fifth of the time
+    # of every voxel (measured on a BraTS case: 0.98 s vs 4.87 s CPU; 2.9 % of labels change).
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(sampling, seed)
     method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetNumberOfThreads(1)

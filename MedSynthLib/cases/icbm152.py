@@ -18,23 +18,31 @@ TEMPLATE_NAME = "ICBM152-2009a-sym"
 _FILES = {kind: f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz" for kind in ("t1", "gm", "wm")}
 
 
-def _data_dir() -> Path:
-    import nilearn.datasets
+#: nilearn's whole-brain mask of this template: T1 above this fraction of its maximum.
+BRAIN_THRESHOLD = 0.2
 
-    return Path(nilearn.datasets.__file__).parent / "data"
+
+def _data_dir() -> Path:
+    # Located without importing nilearn.datasets, which imports scikit-learn (several seconds
+    # of start-up for every `medsynth labels`).
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("nilearn is not installed: it ships the ICBM152 template MedSynth uses")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[sitk.Image, np.ndarray, np.ndarray, np.ndarray]:
-    from nilearn.datasets import load_mni152_brain_mask
-
     folder = _data_dir()
     t1 = read_image(folder / _FILES["t1"])
     # The probability maps are stored as 0-255.
     gm = sitk.GetArrayFromImage(read_image(folder / _FILES["gm"])).astype(np.float32) / 255.0
     wm = sitk.GetArrayFromImage(read_image(folder / _FILES["wm"])).astype(np.float32) / 255.0
-    # nilearn's mask is on the same 1 mm grid; nibabel's (x, y, z) is SimpleITK's (k, j, i) reversed.
-    mask = np.asarray(load_mni152_brain_mask(resolution=1).dataobj).transpose(2, 1, 0) > 0
+    # The same mask as nilearn's load_mni152_brain_mask(resolution=1) (checked by a test).
+    t1_array = sitk.GetArrayFromImage(t1).astype(np.float32)
+    mask = t1_array / t1_array.max() > BRAIN_THRESHOLD
     from scipy import ndimage
 
     mask = ndimage.binary_fill_holes(mask | (gm + wm > 0.5))
