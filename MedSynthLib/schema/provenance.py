@@ -296,6 +296,8 @@ class AnatomyModelParams:
     n4_iterations: int | None = None
     edge_t2_level: float | None = None
     registration_spacing_mm: float | None = None
+    registration_sampling: float | None = None
+    registration_seed: int | None = None
     affine_iterations: int | None = None
     bspline_spacing_mm: float | None = None
     bspline_iterations: int | None = None
