@@ -108,6 +108,9 @@ class AtlasPriorEM:
         beta: strength of the Potts prior.
         mrf_iterations: mean-field iterations.
         max_samples: voxels used for the EM fit (a deterministic stride).
+        peritumour_mm: in a band this wide around the tumour (outside the expert label) voxels are
+            labelled from T1 alone (each class's T1 marginal): oedema and infiltration beyond the
+            label brighten T2 and FLAIR there, which reads as grey matter (0: off).
         min_brain_dice: registrations whose warped atlas brain overlaps the case's brain
             less than this (Dice) are refused as failed.
     """
@@ -125,7 +128,7 @@ class AtlasPriorEM:
     bspline_spacing_mm: float = 50.0
     bspline_iterations: int = 30
     prior_floor: float = 0.1
-    prior_weight: float = 0.1
+    prior_weight: float = 0.3
     fit_prior_weight: float = 0.5
     tied_covariance: bool = True
     edge_mm: float = 3.0
@@ -134,6 +137,7 @@ class AtlasPriorEM:
     beta: float = 1.0
     mrf_iterations: int = 4
     max_samples: int = 200_000
+    peritumour_mm: float = 10.0
     min_brain_dice: float = 0.7
     name: str = "atlas-em"
 
@@ -205,7 +209,10 @@ class AtlasPriorEM:
                      for c in channels]
         gm, wm, atlas_brain = self._warped_priors(corrected[0], brainb, fit, crop_grid)
         priors = _tissue_priors(gm, wm, self.prior_floor)
-        labels_box = self._fit(corrected, contrasts, priors, brainb, fit, valid & ~excludeb, edge)
+        # Oedema and infiltration reach beyond the expert label and brighten T2 and FLAIR around it,
+        # which would read as grey matter: in a band around the tumour only the T1 speaks.
+        peritumour = _grow(excludeb, self.peritumour_mm, spacing) & ~excludeb if self.peritumour_mm > 0 else None
+        labels_box = self._fit(corrected, contrasts, priors, brainb, fit, valid & ~excludeb, edge, peritumour)
         out = np.zeros(brain.shape, np.uint8)
         out[box] = labels_box
         return out
@@ -270,7 +277,8 @@ class AtlasPriorEM:
         return warped[0], warped[1], warped[2]
 
     def _fit(self, channels: list[np.ndarray], names: list[str], priors: np.ndarray, brain: np.ndarray,
-             fit: np.ndarray, informative: np.ndarray, edge: np.ndarray) -> np.ndarray:
+             fit: np.ndarray, informative: np.ndarray, edge: np.ndarray,
+             peritumour: np.ndarray | None = None) -> np.ndarray:
         """EM with voxel-wise priors on ``fit``, then posteriors with an MRF on every brain voxel.
 
         ``informative``: voxels whose intensities count (not tumour, no non-positive value);
@@ -299,6 +307,12 @@ class AtlasPriorEM:
         inside = np.flatnonzero(brain & informative)
         base = (self.prior_weight * np.log(priors)).astype(np.float32)
         values = _log_gaussian(flat[inside], means, covariances)
+        if peritumour is not None and len(names) > 1 and peritumour.any():
+            # The T1 marginal of each class's Gaussian: its T1 mean and variance.
+            t1 = names.index("t1")
+            near = peritumour.reshape(-1)[inside]
+            values[near] = _log_gaussian(flat[inside][near][:, [t1]], means[:, [t1]],
+                                         np.ascontiguousarray(covariances[:, [t1]][:, :, [t1]]))
         for c in range(3):
             base[c].reshape(-1)[inside] += values[:, c]
         q = _softmax(base.copy()) * brain

@@ -288,6 +288,7 @@ class AnatomyModelParams:
     exclude_margin_mm: float | None = None
     bias_correction: bool | None = None
     max_samples: int | None = None
+    peritumour_mm: float | None = None
     # the atlas-prior EM model (cases/atlas_anatomy.py)
     contrasts: tuple[CONTRAST, ...] | None = None
     use_t1ce: bool | None = None
