@@ -106,12 +106,39 @@ def _add_case_options(parser: argparse.ArgumentParser) -> None:
     from .cases.readers import CASE_CONVENTIONS
     from .schema.labels import CONVENTIONS
 
+    parser.add_argument("case", type=Path, nargs="?",
+                        help="case folder (or MSD 4D image); or name the files with --t1 --t1ce --t2 --flair --seg")
+    files = parser.add_argument_group("explicit files (any naming; instead of CASE)")
+    for kind, text in (("t1", "T1 (required with explicit files)"), ("t1ce", "post-contrast T1"), ("t2", "T2"),
+                       ("flair", "FLAIR"), ("seg", "tumour segmentation")):
+        files.add_argument(f"--{kind}", type=Path, metavar="FILE", help=text)
     parser.add_argument("--convention", choices=CASE_CONVENTIONS,
                         help="naming convention of the case folder (default: detected)")
     parser.add_argument("--label-convention", choices=sorted(CONVENTIONS),
                         help="tumour label values of the segmentation (default: the naming convention's)")
     parser.add_argument("--resample", action="store_true",
                         help="resample volumes whose grid differs from the T1 instead of refusing")
+
+
+_FILE_KINDS = ("t1", "t1ce", "t2", "flair", "seg")
+
+
+def _read_case_args(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """The case of ``CASE`` or of ``--t1 ... --seg`` (exactly one of the two)."""
+    from .cases.readers import read_case, read_case_files
+
+    files = {kind: getattr(args, kind) for kind in _FILE_KINDS if getattr(args, kind) is not None}
+    if args.case is not None and files:
+        raise _UsageError(f"medsynth {args.command}: give a case folder or --t1 ... files, not both")
+    if args.case is None:
+        if not files:
+            raise _UsageError(f"medsynth {args.command}: give a case folder or --t1 FILE (with --t2, --flair, ...)")
+        if args.convention is not None:
+            raise _UsageError(f"medsynth {args.command}: --convention applies to a case folder, not to --t1 ... files")
+        return read_case_files(files, label_convention=args.label_convention or "brats2021",
+                               resample=args.resample, **kwargs)
+    return read_case(args.case, convention=args.convention, label_convention=args.label_convention,
+                     resample=args.resample, **kwargs)
 
 
 def _add_output(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -126,8 +153,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .cases.readers import read_case
     from .schema.labels import LABEL_INFO, TUMOUR_LABELS
 
-    case = read_case(args.case, convention=args.convention, label_convention=args.label_convention,
-                     resample=args.resample)
+    case = _read_case_args(args)
     tumour = {LABEL_INFO[label].short_name: int((case.tumour == label).sum()) if case.tumour is not None else 0
               for label in TUMOUR_LABELS}
     info: dict[str, Any] = {
@@ -158,17 +184,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from .cases.anatomy import derive_label_map, tissue_statistics
+    from .cases.anatomy import ANATOMY_MODELS, anatomy_contrasts, derive_label_map, tissue_statistics
     from .cases.readers import read_case
     from .schema.labelmap import label_map_outputs, write_label_map
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
+    model = ANATOMY_MODELS[args.anatomy]
     with _progress(3, "labels") as step:
-        case = read_case(args.case, convention=args.convention, label_convention=args.label_convention,
-                         resample=args.resample)
+        case = _read_case_args(args)
         step("read case")
-        labelmap = derive_label_map(case)
+        contrasts = anatomy_contrasts(model, case.images)
+        if hasattr(model, "used_contrasts") and not {"t2", "flair"} <= set(contrasts):
+            missing = " and ".join(m.upper() for m in ("t2", "flair") if m not in case.images)
+            _notice(f"no {missing} given: anatomy from {', '.join(c.upper() for c in contrasts)} only "
+                    "(the documented fallback; expect weaker grey/white separation)")
+        labelmap = derive_label_map(case, model)
         step("anatomy")
         write_label_map(labelmap, args.output, overwrite=args.overwrite)
         step("written")
@@ -488,14 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="describe a case folder: convention, modalities, grid, label counts")
-    p.add_argument("case", type=Path, help="case folder (or MSD 4D image)")
     _add_case_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("labels", help="derive the 7-class label map (CSF/GM/WM + NCR/ED/ET) of a case")
-    p.add_argument("case", type=Path, help="case folder (or MSD 4D image)")
     _add_case_options(p)
+    p.add_argument("--anatomy", default="atlas-em", choices=("atlas-em", "kmeans-t1"),
+                   help="anatomy model: atlas-em (T1+T2+FLAIR, N4, ICBM152 priors; the default) or kmeans-t1 "
+                        "(the former T1-only model, kept for comparison)")
     _add_output(p, "output label map (.nii.gz); provenance goes beside it as .json")
     p.set_defaults(func=cmd_labels)
 

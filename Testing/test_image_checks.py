@@ -28,16 +28,11 @@ def real_cases(brats_cases: list[Path]) -> list[tuple[str, dict[str, np.ndarray]
     return cases
 
 
-# The T2 rule needs a CSF class that is CSF.  The derived anatomy (a T1-only tissue model) gives a class
-# whose T2 median is below grey matter's on 9 of the 27 real cases (BraTS2021_00006 and _00019 here,
-# all three BRATS 2013 cases), although its T2 95th percentile is 3-5 z on most of them: the class mixes
-# CSF with T1-dark tissue.  The rule is right and the label maps are not; this is expected to pass once
-# the anatomy model is replaced (then remove the mark).
-_ANATOMY_XFAIL = pytest.mark.xfail(strict=True, reason="derived CSF class is not CSF on T2 in 2 of the 5 cases")
+# The T2 rule needs a CSF class that is CSF: the earlier T1-only anatomy failed it on 9 of the 27 real
+# cases; the atlas model (cases/atlas_anatomy.py) passes it on every case (docs/anatomy_check.md).
 
 
-@pytest.mark.parametrize("rule", [pytest.param(rule.name, marks=_ANATOMY_XFAIL) if rule.name == "T2: CSF brightest"
-                                  else rule.name for rule in CONTRAST_RULES])
+@pytest.mark.parametrize("rule", [rule.name for rule in CONTRAST_RULES])
 def test_contrast_rules_hold_on_real_cases(real_cases, rule: str) -> None:
     """Each rule holds on all but at most one of the real cases where its classes are present.
 

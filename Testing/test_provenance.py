@@ -423,3 +423,16 @@ def test_two_concurrent_synthesize_runs_on_one_output(tiny_model, tmp_path):
     folder = read_case_folder(out)  # every file is the one its provenance records
     assert folder.record.labels_sha256 == array_sha256(folder.labels.array)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["C", "L.json", "L.nii.gz", "L2.json", "L2.nii.gz"]
+
+
+def test_every_anatomy_model_setting_has_a_typed_field():
+    """A setting of an anatomy model missing from the typed record would make its label maps'
+    provenance unreadable (it did for the registration sampling when it was added)."""
+    from dataclasses import fields
+
+    from MedSynthLib.cases.anatomy import ANATOMY_MODELS
+    from MedSynthLib.schema.provenance import AnatomyModelParams
+
+    known = {f.name for f in fields(AnatomyModelParams)}
+    for name, model in ANATOMY_MODELS.items():
+        assert set(model.to_json()) <= known, (name, set(model.to_json()) - known)

@@ -43,7 +43,7 @@ def _train(data: Path, run: Path, config: Path, *extra: str) -> subprocess.Compl
     cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]) + [
         "train", "--data", str(data), "-o", str(run), "--config", str(config), "--device", "cpu",
         "--cache", str(run.parent / "cache"), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -127,7 +127,7 @@ def test_train_on_several_data_folders_with_a_fold(phantom_cases: Path, tmp_path
     cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]) + [
         "train", "--data", str(first), str(second), "-o", str(tmp_path / "run"), "--config", str(path),
         "--device", "cpu", "--fold", "0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())

@@ -13,7 +13,13 @@ convention      files                                               tumour label
 ``msd``         one 4D image (FLAIR, T1w, T1gd, T2w) + a label map  1 ED, 2 NET, 3 ET
 ``brats2015``   ``*.MR_T1.*, *.MR_T1c.*, *.MR_T2.*, *.MR_Flair.*,   1 necrosis, 2 ED, 3 NET, 4 ET
                 *.OT.*`` (one sub-folder each, ``.mha``)
+``toolkit``     TCGA / BraTS-Toolkit: ``*t1, *t1c*|*t1gd, *t2,      1 NCR, 2 ED, 4 ET
+                *fla*``, each optionally ``*_bet``; ``*seg*`` or
+                ``*GlistrBoost*``
 ==============  ==================================================  ==============================
+
+Any other naming is read with :func:`read_case_files` (the CLI's ``--t1 --t1ce
+--t2 --flair --seg``), where only the T1 is required.
 
 The label tables live in :mod:`MedSynthLib.schema.labels`.
 """
@@ -42,7 +48,18 @@ _FILE_KEYS: dict[str, dict[str, str]] = {
 _BRATS2015_KEYS = {"t1": "MR_T1", "t1ce": "MR_T1c", "t2": "MR_T2", "flair": "MR_Flair", "seg": "OT"}
 #: Channel order of an MSD Task01 4D image.
 MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
-CASE_CONVENTIONS: tuple[str, ...] = ("brats2021", "brats2023", "msd", "brats2015")
+CASE_CONVENTIONS: tuple[str, ...] = ("brats2021", "brats2023", "msd", "brats2015", "toolkit")
+#: TCGA / BraTS-Toolkit names: the modality is the last token of the name (after an optional
+#: ``_bet``, the skull-stripped marker), separated by ``_``, ``-`` or nothing at all.
+_TOOLKIT_PATTERNS: dict[str, re.Pattern[str]] = {
+    "t1": re.compile(r"(?:^|[_\-.])t1$"),
+    "t1ce": re.compile(r"(?:^|[_\-.])(?:t1c\w*|t1gd|t1\-?gd)$"),
+    "t2": re.compile(r"(?:^|[_\-.])t2$"),
+    "flair": re.compile(r"(?:^|[_\-.])fla\w*$"),
+    "seg": re.compile(r"(?:^|[_\-.])(?:seg\w*|glistrboost\w*)$"),
+}
+#: Tumour-label convention each naming convention implies (when it differs from its name).
+_LABEL_CONVENTION_OF = {"toolkit": "brats2021", "explicit": "brats2021"}
 
 
 @dataclass
@@ -89,6 +106,20 @@ def _files_by_key(folder: Path, keys: dict[str, str]) -> dict[str, list[Path]]:
         for modality, key in keys.items():
             if stem.endswith(key.lower()):
                 found[modality].append(path)
+    return found
+
+
+def _toolkit_files(folder: Path) -> dict[str, list[Path]]:
+    """TCGA / BraTS-Toolkit names (``*_t1c_bet.nii.gz``, ``fla.nii.gz``, ``*_t1Gd.nii.gz`` ...)."""
+    found: dict[str, list[Path]] = {k: [] for k in _TOOLKIT_PATTERNS}
+    for path in sorted(folder.iterdir()):
+        if not is_image_file(path):
+            continue
+        stem = re.sub(r"[_\-]bet$", "", strip_image_suffix(path.name).lower())
+        for modality, pattern in _TOOLKIT_PATTERNS.items():
+            if pattern.search(stem):
+                found[modality].append(path)
+                break
     return found
 
 
@@ -147,6 +178,13 @@ def detect_convention(path: str | os.PathLike[str]) -> str:
         found = _files_by_key(path, keys)
         if sum(bool(found[m]) for m in MODALITIES) >= 2:
             matches.append(name)
+    if not any(_complete(_files_by_key(path, _FILE_KEYS[name])) for name in matches):
+        # The TCGA / BraTS-Toolkit names overlap BraTS 2021's (``_t1``, ``_t2``): they decide only
+        # where no stricter convention finds all four modalities.
+        toolkit = _toolkit_files(path)
+        if sum(bool(toolkit[m]) for m in MODALITIES) >= 2 and (
+                _complete(toolkit) or not matches):
+            matches = ["toolkit"]
     if not matches:
         found15 = _brats2015_files(path)
         if sum(bool(found15[m]) for m in MODALITIES) >= 2:
@@ -160,10 +198,15 @@ def detect_convention(path: str | os.PathLike[str]) -> str:
         raise InputError(
             path,
             "unknown case naming: expected BraTS 2021 (*_t1, *_t1ce, *_t2, *_flair[, *_seg]), "
-            "BraTS 2023 (*-t1n, *-t1c, *-t2w, *-t2f[, *-seg]), an MSD 4D image or BRATS 2015 "
-            f"(*.MR_T1.*, ..., *.OT.*); found {listing}",
+            "BraTS 2023 (*-t1n, *-t1c, *-t2w, *-t2f[, *-seg]), TCGA / BraTS-Toolkit (*_t1, *_t1c, *_t2, *_fla"
+            "[_bet]), an MSD 4D image or BRATS 2015 (*.MR_T1.*, ..., *.OT.*), or name the files with "
+            f"--t1 --t1ce --t2 --flair --seg; found {listing}",
         )
     raise InputError(path, f"ambiguous case naming: fits {', '.join(matches)} (choose with --convention)")
+
+
+def _complete(found: dict[str, list[Path]]) -> bool:
+    return all(len(found[m]) == 1 for m in MODALITIES)
 
 
 def _pick(found: dict[str, list[Path]], folder: Path, convention: str) -> dict[str, Path]:
@@ -215,7 +258,7 @@ def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
         convention = detect_convention(path)
     elif convention not in CASE_CONVENTIONS:
         raise InputError(path, f"unknown convention {convention!r} (choose from {', '.join(CASE_CONVENTIONS)})")
-    label_convention = label_convention or convention
+    label_convention = label_convention or _LABEL_CONVENTION_OF.get(convention, convention)
     if label_convention not in CONVENTIONS:
         raise InputError(path, f"unknown label convention {label_convention!r}")
 
@@ -238,20 +281,63 @@ def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
     else:
         if not path.is_dir():
             raise InputError(path, "case folder not found")
-        found = _brats2015_files(path) if convention == "brats2015" else _files_by_key(path, _FILE_KEYS[convention])
+        if convention == "brats2015":
+            found = _brats2015_files(path)
+        elif convention == "toolkit":
+            found = _toolkit_files(path)
+        else:
+            found = _files_by_key(path, _FILE_KEYS[convention])
         files = _pick(found, path, convention)
         for modality in MODALITIES:
             raw[modality] = read_image(files[modality])
         case_id = path.name
 
-    for modality in MODALITIES:
+    return _assemble(case_id, convention, label_convention, raw, files, resample, require_segmentation, path)
+
+
+def read_case_files(files: dict[str, str | os.PathLike[str]], *, label_convention: str = "brats2021",
+                    resample: bool = False, require_segmentation: bool = False) -> Case:
+    """Read a case from explicitly named files, for any naming.
+
+    Args:
+        files: ``t1`` (required), ``t1ce``, ``t2``, ``flair`` and ``seg`` -> path.
+        label_convention: tumour-label values of the segmentation.
+        resample: resample volumes whose grid differs from the T1's instead of refusing.
+        require_segmentation: refuse without ``seg``.
+
+    Returns:
+        A :class:`Case` of convention ``explicit`` holding the modalities given (a missing T2
+        or FLAIR is allowed here: the anatomy model then says it falls back to T1 alone).
+
+    Raises:
+        InputError: for every problem, naming the file and what is wrong.
+    """
+    paths = {key: Path(value) for key, value in files.items() if value is not None}
+    unknown = sorted(set(paths) - {*MODALITIES, "seg"})
+    if unknown:
+        raise InputError(None, f"unknown file kind(s) {', '.join(unknown)} (t1, t1ce, t2, flair, seg)")
+    if "t1" not in paths:
+        raise InputError(None, "a case needs at least its T1 (--t1)")
+    if label_convention not in CONVENTIONS:
+        raise InputError(paths["t1"], f"unknown label convention {label_convention!r}")
+    raw = {m: read_image(paths[m]) for m in MODALITIES if m in paths}
+    case_id = strip_image_suffix(paths["t1"].name)
+    return _assemble(case_id, "explicit", label_convention, raw, paths, resample, require_segmentation,
+                     paths["t1"])
+
+
+def _assemble(case_id: str, convention: str, label_convention: str, raw: dict[str, sitk.Image],
+              files: dict[str, Path], resample: bool, require_segmentation: bool, path: Path) -> Case:
+    for modality, image in raw.items():
         # A tumour segmentation makes the brain mask non-empty on its own, so an all-zero scan would
         # otherwise pass as a brain of tumour only.  Checked as read, before any resampling.
-        if not sitk.GetArrayViewFromImage(raw[modality]).any():
+        if not sitk.GetArrayViewFromImage(image).any():
             raise InputError(files[modality], f"empty brain: every {modality} voxel is zero")
     reference = Grid.from_image(raw["t1"])
     images: dict[str, np.ndarray] = {}
     for modality in MODALITIES:
+        if modality not in raw:
+            continue
         image = _check_grid(reference, files["t1"], raw[modality], files[modality], resample, sitk.sitkLinear)
         images[modality] = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
 

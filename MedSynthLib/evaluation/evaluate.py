@@ -5,7 +5,10 @@ images per modality inside the brain (any real modality > 0) and inside the
 tumour, with the metrics of :mod:`MedSynthLib.evaluation.metrics`.  Two reference points
 are computed on the same cases: every label class painted with its mean
 z-scored intensity (from the reference cases given, or, as an oracle, from the
-evaluated case itself).
+evaluated case itself).  Beside the metrics: the radiological contrast rules
+(:mod:`MedSynthLib.evaluation.image_checks`) on the synthetic and on the real
+images of each case, and the checkerboard ratio (period-2 power, synthetic over
+real) per modality.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from ..cases.readers import MODALITIES, read_case
 from ..schema.labels import NUM_CLASSES, tumour_mask
 from ..synthesis.normalize import zscore
+from .image_checks import check_contrast_rules, checkerboard_ratio
 from .metrics import class_mean_baseline, fidelity
 
 
@@ -54,6 +58,21 @@ def _summary(per_case: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per rule: on how many cases it held for the synthetic and for the real images (of those checked)."""
+    out: dict[str, dict[str, int]] = {}
+    for case in cases:
+        for source in ("synthetic", "real"):
+            for rule in case["contrast_rules"][source]:
+                counts = out.setdefault(rule["rule"], {"checked": 0, "synthetic_passed": 0, "real_passed": 0})
+                if rule["passed"] is None:
+                    continue
+                if source == "synthetic":
+                    counts["checked"] += 1
+                counts[f"{source}_passed"] += int(rule["passed"])
+    return out
+
+
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
              reference_dirs: list[Path] | None = None) -> dict[str, Any]:
     """Fidelity of ``engine`` (a :class:`~MedSynthLib.synthesis.synthesize.SynthesisEngine`) on ``case_dirs``.
@@ -81,7 +100,11 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
                        for m in MODALITIES}
         model_scores.append(model_case)
         oracle_scores.append(oracle_case)
-        entry = {"model": model_case, "class_mean_oracle": oracle_case}
+        entry = {"case": folder.name, "model": model_case, "class_mean_oracle": oracle_case,
+                 "contrast_rules": {"synthetic": check_contrast_rules(result.images, labels, brain),
+                                    "real": check_contrast_rules(case.images, labels, brain)},
+                 "checkerboard_ratio": {m: checkerboard_ratio(case.images[m], result.images[m], brain)
+                                        for m in MODALITIES}}
         if means is not None:
             mean_case = {m: fidelity(case.images[m], class_mean_baseline(labels, case.images[m], brain, means[m]),
                                      brain, regions) for m in MODALITIES}
@@ -89,6 +112,9 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             entry["class_mean_training"] = mean_case
         results["cases"].append(entry)
     results["summary"] = {"model": _summary(model_scores), "class_mean_oracle": _summary(oracle_scores)}
+    results["contrast_rules"] = _rules_summary(results["cases"])
+    results["checkerboard_ratio"] = {
+        m: float(np.median([c["checkerboard_ratio"][m] for c in results["cases"]])) for m in MODALITIES}
     if mean_scores:
         results["summary"]["class_mean_training"] = _summary(mean_scores)
     results["per_modality"] = {

@@ -115,11 +115,13 @@ DEVICE = Annotated[str, Pattern(r"cpu|mps|cuda(:\d{1,2})?")]
 TIMESTAMP = Annotated[str, Pattern(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?([+-]\d{2}:\d{2}|Z)?")]
 LABEL_CONVENTION = Annotated[str, OneOf(frozenset(CONVENTIONS))]
 #: Case-folder conventions of ``cases/readers.py`` plus the Slicer scene.
-CASE_CONVENTION = Annotated[str, OneOf(frozenset(CONVENTIONS) | {"slicer-scene"})]
+CASE_CONVENTION = Annotated[str, OneOf(frozenset(CONVENTIONS) | {"toolkit", "explicit", "slicer-scene"})]
 #: Healthy canvases MedSynth ships (``cases/template.py``).
 TEMPLATE_NAMES = frozenset({"ICBM152-2009a-sym"})
 #: Anatomy models of ``cases/anatomy.py``; a new model adds its name here to be exported.
-ANATOMY_MODEL_NAMES = frozenset({"kmeans-gaussian-mrf"})
+ANATOMY_MODEL_NAMES = frozenset({"atlas-em", "kmeans-gaussian-mrf"})
+#: Contrasts an anatomy model may fit.
+CONTRAST = Annotated[str, OneOf(frozenset({"t1", "t1ce", "t2", "flair"}))]
 #: Review ratings: 0 = not rated, 1 (poor) .. 5 (indistinguishable from real).  The Slicer module and
 #: the export both use this range.
 RATING_NOT_RATED = 0
@@ -286,6 +288,28 @@ class AnatomyModelParams:
     exclude_margin_mm: float | None = None
     bias_correction: bool | None = None
     max_samples: int | None = None
+    peritumour_mm: float | None = None
+    # the atlas-prior EM model (cases/atlas_anatomy.py)
+    contrasts: tuple[CONTRAST, ...] | None = None
+    use_t1ce: bool | None = None
+    n4_spacing_mm: float | None = None
+    n4_levels: int | None = None
+    n4_iterations: int | None = None
+    edge_t2_level: float | None = None
+    registration_spacing_mm: float | None = None
+    registration_sampling: float | None = None
+    registration_seed: int | None = None
+    affine_iterations: int | None = None
+    bspline_spacing_mm: float | None = None
+    bspline_iterations: int | None = None
+    prior_floor: float | None = None
+    prior_weight: float | None = None
+    fit_prior_weight: float | None = None
+    tied_covariance: bool | None = None
+    edge_mm: float | None = None
+    em_iterations: int | None = None
+    mrf_iterations: int | None = None
+    min_brain_dice: float | None = None
 
 
 @record_kind("derive_labels")
@@ -296,6 +320,7 @@ class DeriveLabelsParams(StepParams):
     convention: CASE_CONVENTION | None = None
     label_convention: LABEL_CONVENTION | None = None
     anatomy_model: AnatomyModelParams | None = None
+    anatomy_contrasts: tuple[CONTRAST, ...] | None = None
 
 
 @record_kind("template_labels")
@@ -304,6 +329,7 @@ class TemplateLabelsParams(StepParams):
     """The healthy template's own label map."""
 
     template: Annotated[str, OneOf(TEMPLATE_NAMES)] | None = None
+    anatomy_model: AnatomyModelParams | None = None
 
 
 @record_kind("translate")
