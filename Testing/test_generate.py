@@ -318,7 +318,7 @@ def test_card_and_anonymous_only(gen_data, nnunet_run, tmp_path):
     assert (nnunet_run / "dataset_card.png").stat().st_size > 1000
     assert "## Privacy" in (nnunet_run / "README.md").read_text()
     own = [row for row in card["privacy"] if row["kind"] == "transform"]
-    assert all(not row["anonymous"] and row["brain_dice_vs_patient"] == 1.0 for row in own)
+    assert all(not row["anonymous"] and row["brain_dice_to_source"] == 1.0 for row in own)
 
     # Without the template no kind of case is anonymous: a patient's brain identifies the patient.
     insert_rows = [row for row in card["privacy"] if row["kind"] == "insert_brain"]
@@ -326,6 +326,29 @@ def test_card_and_anonymous_only(gen_data, nnunet_run, tmp_path):
     out = tmp_path / "anonymous"
     assert main(_argv(gen_data, out, "--anonymous", n=3)) == 2
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_privacy_is_the_label_maps_own_record(gen_data, nnunet_run):
+    """Each case's privacy is the record its label map carried through the edits, shown in the card."""
+    from MedSynthLib.generate.sources import find_sources, prepare_case, prepare_tumour
+    from MedSynthLib.schema.provenance import privacy_of
+
+    cases, tumours = find_sources([gen_data["cases"], gen_data["segs"]])
+    cache = nnunet_run / ".cache"
+    sources = Sources([prepare_case(c, cache) for c in cases] + [prepare_tumour(t, cache) for t in tumours])
+    card_rows = {row["case_id"]: row for row in json.loads((nnunet_run / "dataset_card.json").read_text())["privacy"]}
+    for case_id, record in _records(nnunet_run).items():
+        rebuilt = replay_case(dict(record["generation"], edits=record["edits"]), sources)
+        measured = privacy_of(rebuilt)
+        assert measured.anatomy == "patient"  # every phantom case is drawn in a patient's brain
+        expected = dict(measured.to_json(), anonymous=measured.anonymous()[0])
+        assert {k: record["privacy"][k] for k in expected} == expected, case_id
+        assert {k: card_rows[case_id][k] for k in expected} == expected, case_id
+        assert record["privacy"]["reason"] == measured.anonymous()[1]
+        if record["generation"]["kind"] == "insert_brain":
+            assert measured.tumour_origin == "inserted"
+    readme = (nnunet_run / "README.md").read_text()
+    assert "| case | kind | anatomy | tumour | brain Dice to patient | tumour Dice to patient's own | anonymous |" in readme
 
 
 def test_privacy_recognises_one_patient_in_two_folders():
@@ -362,7 +385,7 @@ def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_d
         assert row["kind"] in ("insert_brain", "insert_template")
         assert not row["anonymous"]  # a real tumour's shape identifies its patient, in any brain
         if row["kind"] == "insert_template":
-            assert row["brain_dice_vs_patient"] is None
+            assert row["brain_dice_to_source"] is None and row["anatomy"] == "template"
     # The anatomy cache is reused: a second run derives nothing (same cache files, untouched).
     cache = sorted((out / ".cache").glob("case-*.npy"))
     assert len(cache) == 4  # per case: the derived label map and its brain-box crop

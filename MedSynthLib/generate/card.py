@@ -162,6 +162,10 @@ def _fmt_q(q: dict[str, float] | None) -> str:
     return "—" if not q else f"{q['p50']:g} [{q['p5']:g}–{q['p95']:g}]"
 
 
+def _fmt_dice(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _readme(card: dict[str, Any]) -> str:
     gen, real = card["tumours"]["generated"], card["tumours"]["real_sources"]
     fid = card["model"]["fidelity"] or {}
@@ -211,14 +215,16 @@ def _readme(card: dict[str, Any]) -> str:
         f"{card['counts']['anonymous']} of {card['counts']['cases']} cases are anonymous by this rule; "
         f"{card['counts']['derived_from_patient']} are derived from a real patient's label map (brain or tumour); "
         f"{card['counts']['patients_own_tumour']} keep a patient's own tumour in that patient's brain.",
-        "Dice of each case's tumour against its source tumour (same grid) and of its brain mask against the "
-        "patient brain it was drawn in are in `dataset_card.json` (`privacy`), one row per case.",
+        "Each row is the case label map's own privacy record, measured edit by edit as the case was made "
+        "(the same record `medsynth export` reads): whose anatomy it is, the brain-mask Dice to that patient, "
+        "the tumour's Dice to that patient's own tumour in place (an upper bound after several edits), where "
+        "the tumour came from, and the verdict with its reason (all in `dataset_card.json`, `privacy`).",
         "",
-        "| case | kind | anonymous | tumour Dice vs source | brain Dice vs patient |",
-        "|---|---|---|---|---|",
+        "| case | kind | anatomy | tumour | brain Dice to patient | tumour Dice to patient's own | anonymous |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in card["privacy"]:
-        lines.append(f"| {row['case_id']} | {row['kind']} | {'yes' if row['anonymous'] else 'no'} | "
-                     f"{row['tumour_dice_vs_source'] if row['tumour_dice_vs_source'] is not None else '—'} | "
-                     f"{row['brain_dice_vs_patient'] if row['brain_dice_vs_patient'] is not None else '—'} |")
+        lines.append(f"| {row['case_id']} | {row['kind']} | {row['anatomy']} | {row['tumour_origin']} | "
+                     f"{_fmt_dice(row['brain_dice_to_source'])} | {_fmt_dice(row['tumour_dice_to_source'])} | "
+                     f"{'yes' if row['anonymous'] else 'no: ' + row['reason']} |")
     return "\n".join(lines) + "\n"
