@@ -8,6 +8,7 @@ the privacy status of every case.  Built from the cases' provenance files on dis
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,7 +100,7 @@ def _figure(path: Path, generated: list[dict[str, Any]], real: list[dict[str, An
     ax.set_title("kind of case")
     fig.suptitle("Generated tumours against the real sources")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # torchrun ranks may both write it
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
@@ -153,8 +154,9 @@ def write_card(out: Path, layout: Any, spec: dict[str, Any], sources: Sequence[S
     }
     _figure(out / CARD_FIGURE, generated_stats, real_stats, kinds)
     write_json(card, out / CARD_JSON, overwrite=True)
-    (out / f".{CARD_README}.tmp").write_text(_readme(card))
-    (out / f".{CARD_README}.tmp").replace(out / CARD_README)
+    tmp = out / f".{CARD_README}.{os.getpid()}.tmp"
+    tmp.write_text(_readme(card))
+    tmp.replace(out / CARD_README)
     return card
 
 

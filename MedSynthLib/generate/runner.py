@@ -2,7 +2,8 @@
 
 Scale without a coordinator of MedSynth's own:
 
-* ``workers`` processes on the CPU (one model copy each, torch threads = cores // workers);
+* ``workers`` processes on the CPU (one model copy each, torch threads = the node's cores shared
+  by all processes of all local ranks, see :func:`plan_processes`);
 * one process per GPU when CUDA is present (``device`` auto or cuda);
 * under ``torchrun`` every rank takes the indices i with i % WORLD_SIZE == RANK (environment
   ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``); whichever rank finds all cases on disk at its
@@ -32,6 +33,7 @@ from .sources import (Source, find_sources, load_source, prepare_case, prepare_t
 RUN_FILE = "generate.json"
 PROVENANCE_DIR = "provenance"
 STAGING_DIR = ".staging"
+CACHE_DIR = ".cache"
 RUN_VERSION = 1
 
 
@@ -65,6 +67,43 @@ def distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return rank, world, int(os.environ.get("LOCAL_RANK", str(rank)))
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """Where this rank runs its cases.
+
+    Attributes:
+        devices: the device of each process that runs cases: one entry means this process
+            itself, more mean a pool of worker processes (one model copy each).
+        threads: torch threads per process on the CPU (``None``: leave torch's setting).
+    """
+
+    devices: tuple[str, ...]
+    threads: int | None
+
+    @property
+    def processes(self) -> int:
+        return len(self.devices)
+
+
+def plan_processes(device: str, workers: int, cuda_devices: Sequence[int], world: int, local_rank: int,
+                   local_world: int, cpus: int) -> ProcessPlan:
+    """One process per GPU, or ``workers`` CPU processes sharing this node's cores.
+
+    * GPUs under torchrun (``world > 1``): this rank takes the GPU of its ``LOCAL_RANK`` (torchrun
+      starts one rank per GPU of a node: ``--nproc_per_node`` = GPUs), modulo the GPUs it sees;
+    * GPUs without torchrun: one worker process per GPU;
+    * the CPU: ``workers`` processes; the node's cores are split between all processes of all
+      local ranks (``LOCAL_WORLD_SIZE`` ranks x ``workers``), at least one thread each: one
+      single-threaded process per core is the fastest here (measured, docs/benchmarks).
+    """
+    if cuda_devices:
+        if world > 1:
+            return ProcessPlan((f"cuda:{cuda_devices[local_rank % len(cuda_devices)]}",), None)
+        return ProcessPlan(tuple(f"cuda:{d}" for d in cuda_devices), None)
+    threads = max(1, cpus // max(1, workers * max(1, local_world)))
+    return ProcessPlan((device,) * workers, threads)
 
 
 def anonymous_config(config: dict[str, Any], has_template: bool) -> dict[str, Any]:
@@ -111,9 +150,21 @@ def _check_output(out: Path, spec: dict[str, Any], overwrite: bool) -> bool:
             raise InputError(out, f"holds a generate run with other settings ({', '.join(different)}): "
                                   "use another -o or --overwrite")
         return True
-    if any(out.iterdir()):
+    if any(entry.name != CACHE_DIR for entry in out.iterdir()) or not _only_cache_files(out / CACHE_DIR):
         raise OutputExistsError(out)
     return False
+
+
+def _only_cache_files(cache: Path) -> bool:
+    """Whether ``cache`` is absent or holds only generate's own cache arrays.
+
+    Under torchrun another rank may have begun the default cache (``OUT/.cache``) before
+    this rank looks at the output folder.
+    """
+    if not cache.exists():
+        return True
+    return cache.is_dir() and all(p.is_file() and p.name.lstrip(".").startswith(("case-", "tumour-"))
+                                  and ".npy" in p.name for p in cache.iterdir())
 
 
 def _placeholder_sources(cases: Sequence[Path], tumours: Sequence[Path], template: bool) -> list[Source]:
@@ -244,7 +295,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     rank, world, local_rank = distributed()
 
     out = Path(opt.output)
-    cache = Path(opt.cache) if opt.cache else out / ".cache"
+    cache = Path(opt.cache) if opt.cache else out / CACHE_DIR
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
                  "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
@@ -252,16 +303,20 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     # The output check needs the source ids, which need the files read: check what can be checked first.
     if out.exists() and not (out / RUN_FILE).exists() and not opt.overwrite:
         _check_output(out, spec_base, False)
-    if opt.overwrite and out.exists() and rank == 0:
+    if opt.overwrite and world > 1:
+        # Ranks start at different moments: one removing the folder would delete another's cases.
+        raise MedSynthError("--overwrite cannot be used under torchrun (WORLD_SIZE > 1): remove the output "
+                            "folder first, or give another -o")
+    if opt.overwrite and out.exists():
         if not (out / RUN_FILE).exists() and any(out.iterdir()):
             raise InputError(out, "--overwrite replaces only a folder written by medsynth generate")
         shutil.rmtree(out)
 
     # Sources: this rank's share first (other ranks derive theirs), then all (cache hits).
     items = [("case", str(p), str(cache)) for p in case_dirs] + [("tumour", str(p), str(cache)) for p in tumour_files]
-    cuda_devices = _cuda_devices(opt.device)
-    n_procs = len(cuda_devices) if cuda_devices and world == 1 else opt.workers
-    threads = max(1, (os.cpu_count() or 1) // n_procs)
+    plan = plan_processes(opt.device, opt.workers, _cuda_devices(opt.device), world, local_rank,
+                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1)
+    n_procs = plan.processes
     pool = None
     if n_procs > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -284,17 +339,14 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
             write_json(spec, out / RUN_FILE, overwrite=True)
         mine = [i for i in range(opt.n) if i % world == rank]
         pending = [i for i in mine if not _provenance_path(out, layout.case_id(i)).exists()]
-        device = (f"cuda:{cuda_devices[local_rank % len(cuda_devices)]}" if cuda_devices and world > 1
-                  else opt.device)
         state = {"sources": [s.to_json() for s in sources], "layout": {"kind": layout.kind,
                  "dataset_id": layout.dataset_id, "name": layout.name}, "model_path": str(model.path),
-                 "device": device, "precision": opt.precision, "seed": int(opt.seed), "config": config,
+                 "device": plan.devices[0], "precision": opt.precision, "seed": int(opt.seed), "config": config,
                  "output": str(out), "anonymous": bool(opt.anonymous)}
         if opt.log and resuming:
             opt.log(f"{out}: resuming, {len(mine) - len(pending)} of {len(mine)} cases already complete")
         started = time.perf_counter()
-        results = _run_cases(pending, len(mine), state, pool, n_procs, cuda_devices if world == 1 else [],
-                             threads, opt.progress)
+        results = _run_cases(pending, len(mine), state, pool, plan, opt.progress)
         elapsed = time.perf_counter() - started
     finally:
         if pool is not None:
@@ -367,8 +419,8 @@ def _prepare_sources(items: list[tuple[str, str, str]], rank: int, world: int, p
     return [results[it] for it in items]
 
 
-def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any, n_procs: int,
-               cuda_devices: list[int], threads: int, progress: bool) -> list[dict[str, Any]]:
+def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any, plan: ProcessPlan,
+               progress: bool) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=total - len(pending), desc="generate", unit="case", file=sys.stderr,
@@ -378,7 +430,11 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
         if not pending:
             return results
         if pool is None:
-            _init_worker(state)
+            import torch
+
+            # Only ever fewer threads than the caller's (torchrun ranks sharing a node's cores).
+            fewer = plan.threads if plan.threads is not None and plan.threads < torch.get_num_threads() else None
+            _init_worker(state, threads=fewer)
             for index in pending:
                 results.append(_run_case(index))
                 bar.update(1)
@@ -390,12 +446,12 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
         pool.shutdown()
         context = multiprocessing.get_context("spawn")
         queue = None
-        if cuda_devices:
+        if len(set(plan.devices)) > 1:  # one GPU each: every worker takes the next from the queue
             queue = context.Manager().Queue()
-            for d in cuda_devices:
-                queue.put(f"cuda:{d}")
-        with ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
-                                 initargs=(state, queue, None if cuda_devices else threads)) as workers:
+            for device in plan.devices:
+                queue.put(device)
+        with ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_init_worker,
+                                 initargs=(state, queue, plan.threads)) as workers:
             futures = [workers.submit(_run_case, i) for i in pending]
             for future in as_completed(futures):
                 results.append(future.result())
