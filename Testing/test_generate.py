@@ -319,7 +319,7 @@ def _file_bytes(out: Path) -> dict[str, str]:
             continue
         if rel.parts[0] == "provenance":  # timings, CPU seconds and the device string differ between runs
             record = json.loads(path.read_text())
-            for key in ("timings_s", "cpu_s", "software"):
+            for key in ("timings_s", "cpu_s", "stages", "software"):
                 record.pop(key, None)
             data = json.dumps(record, sort_keys=True).encode()
         else:

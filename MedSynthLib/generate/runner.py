@@ -203,8 +203,36 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
         load_source(_WORKER["sources"].template)  # read the template once per process, not in a case's timing
 
 
+class _Stopwatch:
+    """Wall and CPU seconds (this process, all its threads) of consecutive stages of a case."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.stages[name] = {"wall_s": round(wall - self._wall, 4), "cpu_s": round(cpu - self._cpu, 4)}
+        self._wall, self._cpu = wall, cpu
+
+    def total(self, names: Sequence[str], key: str) -> float:
+        return round(sum(self.stages[n][key] for n in names), 3)
+
+
+#: The coarse stages of ``timings_s`` / ``cpu_s`` and the fine stages (``stages``) each sums.
+COARSE_STAGES = {"edit": ("sample", "privacy_stats"), "network": ("synthesis",),
+                 "write": ("encode", "nifti", "hash")}
+
+
 def _run_case(index: int) -> dict[str, Any]:
-    """Make, synthesise and write case ``index`` (in the current worker)."""
+    """Make, synthesise and write case ``index`` (in the current worker).
+
+    The provenance records the wall and CPU seconds of each stage (``stages``): ``sample``
+    (drawing the label map: cached sources, edits), ``privacy_stats`` (the privacy record's
+    verdict, tumour statistics), ``synthesis`` (the engine: one-hot, network, scanner units; its
+    own ``timings_s.network`` is the forward pass alone), ``encode`` (int16 and the full grid),
+    ``nifti`` (NIfTI + gzip of every file, renames) and ``hash`` (sha256 of what was written).
+    """
     from ..schema.grid import Grid
     from ..schema.labels import Label
     from ..schema.provenance import array_sha256
@@ -212,26 +240,29 @@ def _run_case(index: int) -> dict[str, Any]:
     w = _WORKER
     out, layout, sources, engine = Path(w["output"]), w["layout"], w["sources"], w["engine"]
     case_id = layout.case_id(index)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    clock = _Stopwatch()
     labelmap, record = draw_case(index, w["seed"], w["config"], sources)
     record.pop("edits")  # the engine's provenance carries them (labelmap.history)
+    clock.lap("sample")
     private = privacy(record, labelmap, sources)
     if w["anonymous"] and not private["anonymous"]:  # the config was restricted: a bug if it happens
         raise MedSynthError(f"case {index}: drawn case is not anonymous ({record['kind']})")
     stats = tumour_stats(labelmap.array, labelmap.grid, labelmap.array > Label.BACKGROUND)
-    edited, cpu_edited = time.perf_counter(), time.process_time()
+    clock.lap("privacy_stats")
     result = engine.synthesize(labelmap, seed=record["edit_seed"])
-    synthesised, cpu_synthesised = time.perf_counter(), time.process_time()
+    clock.lap("synthesis")
+    clock.stages["synthesis"]["forward_wall_s"] = result.provenance["timings_s"]["network"]  # the network alone
     # Edited and synthesised on the brain's crop; written on the source files' own grid.
     base = sources.by_id[record["base"]]
     images = {m: base.to_full(a) for m, a in encode_images(result.images).items()}
     labels = base.to_full(labelmap.array)
     grid = Grid.from_json(base.output_grid)
+    clock.lap("encode")
     staging = out / STAGING_DIR / case_id
     shutil.rmtree(staging, ignore_errors=True)
     files = write_case_files(layout, staging, case_id, images, labels, grid)
     commit_staged(staging, out)
-    written, cpu_written = time.perf_counter(), time.process_time()
+    clock.lap("nifti")
     provenance = dict(result.provenance)
     provenance.update({
         "case_id": case_id,
@@ -246,11 +277,12 @@ def _run_case(index: int) -> dict[str, Any]:
                       "labels_sha256": result.provenance["labels_sha256"]},
         "images_sha256": {m: array_sha256(a) for m, a in images.items()},
     })
-    provenance["timings_s"] = dict(provenance.get("timings_s", {}), edit=round(edited - start, 3),
-                                   network=round(synthesised - edited, 3), write=round(written - synthesised, 3))
+    clock.lap("hash")
+    provenance["timings_s"] = dict(provenance.get("timings_s", {}),
+                                   **{k: clock.total(v, "wall_s") for k, v in COARSE_STAGES.items()})
     # CPU seconds of this process (all its threads) per stage: comparable on a machine shared with other work.
-    provenance["cpu_s"] = {"edit": round(cpu_edited - cpu_start, 3), "network": round(cpu_synthesised - cpu_edited, 3),
-                           "write": round(cpu_written - cpu_synthesised, 3)}
+    provenance["cpu_s"] = {k: clock.total(v, "cpu_s") for k, v in COARSE_STAGES.items()}
+    provenance["stages"] = clock.stages
     from ..schema.volume_io import write_json
 
     write_json(provenance, _provenance_path(out, case_id), overwrite=True)  # the case's commit mark
@@ -324,7 +356,9 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(n_procs, mp_context=context)
     try:
+        sources_started = time.perf_counter()
         source_json = _prepare_sources(items, rank, world, pool, opt)
+        sources_seconds = time.perf_counter() - sources_started
         sources = [Source.from_json(s) for s in source_json]
         if opt.template:
             sources.append(template_source())
@@ -353,14 +387,18 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
             pool.shutdown(cancel_futures=True)
     done = [layout.case_id(i) for i in range(opt.n) if _provenance_path(out, layout.case_id(i)).exists()]
     finished = len(done) == opt.n
+    card_seconds = None
     if finished:
+        card_started = time.perf_counter()
         write_dataset_files(out, layout, opt.n, spec, sources, opt.command)
+        card_seconds = round(time.perf_counter() - card_started, 3)
         try:
             (out / STAGING_DIR).rmdir()  # empty once every case is in place
         except OSError:
             pass
     return {"cases_done_here": len(results), "cases_complete": len(done), "n": opt.n, "finished": finished,
-            "seconds": round(elapsed, 3), "workers": n_procs, "rank": rank, "world_size": world,
+            "seconds": round(elapsed, 3), "sources_seconds": round(sources_seconds, 3), "card_seconds": card_seconds,
+            "workers": n_procs, "threads_per_process": plan.threads, "rank": rank, "world_size": world,
             "cases_per_hour": round(3600.0 * len(results) / elapsed, 1) if results and elapsed > 0 else None,
             "timings_s": [r["timings_s"] for r in results], "output": str(out)}
 
