@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..schema.errors import EditError, MedSynthError
-from ..schema.grid import LabelMap, lps_to_ras
+from ..schema.grid import Grid, LabelMap, lps_to_ras
 from ..schema.labels import Label
 from .sources import Source, load_source
 
@@ -227,13 +227,13 @@ def tumour_source_map(tumour: Source, placement: Source | None) -> LabelMap:
     so that :class:`~MedSynthLib.edits.InsertTumour` places it at the same relative position
     inside the target brain as in its own; the tumour voxels are the file's own.
     """
-    source = load_source(tumour)
     if placement is None:
-        return source
+        return load_source(tumour)
     cached = _placed_tumour_file(tumour, placement)
     if cached is not None and cached.exists():
         # Memory-mapped: the pages are shared by every worker through the page cache.
-        return LabelMap(np.load(cached, mmap_mode="r"), source.grid, [])
+        return LabelMap(np.load(cached, mmap_mode="r"), Grid.from_json(tumour.grid), [])
+    source = load_source(tumour)
     brain = placement.to_full(load_source(placement).array) > Label.BACKGROUND
     array = np.where(source.array >= Label.NCR, source.array, np.where(brain, Label.WM, 0)).astype(np.uint8)
     if cached is not None:
