@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (one model copy each)")
     p.add_argument("--seed", type=int, default=0, help="case i draws from (seed, i)")
     p.add_argument("--anonymous", action="store_true",
-                   help="only cases that are anonymous (a tumour in another brain or the template)")
+                   help="only anonymous cases (a parametric tumour in the template brain; needs --template)")
     p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.add_argument("--cache", type=Path, help="anatomy cache folder (default: OUT/.cache)")

@@ -307,6 +307,146 @@ def test_torchrun_ranks_share_the_indices(gen_data, nnunet_run, tmp_path, monkey
         k: v["images_sha256"] for k, v in reference.items()}
 
 
+def _file_bytes(out: Path) -> dict[str, str]:
+    """sha256 of the bytes of every dataset file (images, labels, dataset.json, provenance without timings)."""
+    import hashlib
+
+    hashes = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out)
+        if not path.is_file() or rel.parts[0] in (".cache", ".staging") or rel.name.startswith("dataset_card") \
+                or rel.name in ("README.md", "generate.json"):
+            continue
+        if rel.parts[0] == "provenance":  # timings, CPU seconds and the device string differ between runs
+            record = json.loads(path.read_text())
+            for key in ("timings_s", "cpu_s", "stages", "software"):
+                record.pop(key, None)
+            data = json.dumps(record, sort_keys=True).encode()
+        else:
+            data = path.read_bytes()
+        hashes[str(rel)] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (Linux /proc), children first."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child] + _descendants(child)
+    return found
+
+
+def _torchrun(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "MedSynthLib.cli", *argv]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finding torchrun's ranks reads Linux /proc")
+def test_real_torchrun_two_ranks_equal_one_process_and_resume_after_kill_9(gen_data, nnunet_run, tmp_path):
+    """``torchrun --nproc_per_node 2``: no process group, each rank its share by RANK/WORLD_SIZE.
+
+    Both ranks' cases together are the single-process run's, byte for byte; after kill -9 of
+    torchrun and both ranks mid-run, torchrun again completes the same dataset.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    cache = ["--cache", str(nnunet_run / ".cache")]  # anatomy already derived: the ranks only make cases
+    reference = _file_bytes(nnunet_run)
+    assert len([k for k in reference if k.endswith(".nii.gz")]) == 4 * 5
+
+    clean = tmp_path / "torchrun"
+    done = subprocess.run(_torchrun(_argv(gen_data, clean) + cache), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("cases (") == 2  # one summary line per rank
+    assert _file_bytes(clean) == reference
+    card = json.loads((clean / "dataset_card.json").read_text())
+    assert card["counts"]["cases"] == 4
+
+    killed = tmp_path / "torchrun_killed"
+    process = subprocess.Popen(_torchrun(_argv(gen_data, killed) + cache), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if list((killed / "provenance").glob("*.json")):
+                break
+            time.sleep(0.01)
+        for pid in _descendants(process.pid)[::-1] + [process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    finally:
+        process.wait()
+    done_before = len(_records(killed))
+    assert 1 <= done_before < 4, f"the kill should land mid-run ({done_before} of 4 complete)"
+    assert not (killed / "README.md").exists()
+    resumed = subprocess.run(_torchrun(_argv(gen_data, killed) + cache), cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    assert _file_bytes(killed) == reference
+
+
+def test_plan_processes_one_gpu_per_local_rank_or_cpu_cores_shared():
+    from MedSynthLib.generate.runner import plan_processes
+
+    # torchrun on a node with 4 GPUs: rank 6 of 8 is local rank 2 of its node -> cuda:2.
+    assert plan_processes("auto", 1, [0, 1, 2, 3], 8, 2, 4, 64).devices == ("cuda:2",)
+    # CUDA_VISIBLE_DEVICES may leave fewer GPUs than local ranks: they share, round robin.
+    assert plan_processes("auto", 1, [0, 1], 4, 3, 4, 64).devices == ("cuda:1",)
+    # No torchrun: one worker process per GPU.
+    assert plan_processes("auto", 1, [0, 1, 2], 1, 0, 1, 64).devices == ("cuda:0", "cuda:1", "cuda:2")
+    # The CPU: the node's cores split over local ranks x workers, one thread at least.
+    plan = plan_processes("cpu", 2, [], 1, 0, 1, 2)
+    assert plan.devices == ("cpu", "cpu") and plan.threads == 1
+    assert plan_processes("cpu", 1, [], 1, 0, 1, 2).threads == 2
+    assert plan_processes("cpu", 2, [], 2, 1, 2, 16).threads == 4
+    assert plan_processes("cpu", 4, [], 2, 1, 2, 2).threads == 1
+
+
+def test_a_rank_loads_the_model_on_its_local_rank_gpu(gen_data, nnunet_run, tmp_path, monkeypatch):
+    """No GPU needed: two GPUs are pretended and the engine records the device it is asked for."""
+    import MedSynthLib.synthesis.synthesize as synthesize_module
+    from MedSynthLib.generate import runner
+
+    asked: list[str] = []
+    real_engine = synthesize_module.SynthesisEngine
+
+    class RecordingEngine(real_engine):  # type: ignore[misc, valid-type]
+        def __init__(self, model, device="auto", precision="auto", log=lambda message: None):
+            asked.append(device)
+            super().__init__(model, "cpu", precision, log)
+
+    monkeypatch.setattr(synthesize_module, "SynthesisEngine", RecordingEngine)
+    monkeypatch.setattr(runner, "_cuda_devices", lambda device: [0, 1])
+    out = tmp_path / "gpus"
+    cache = ["--cache", str(nnunet_run / ".cache")]
+    for rank, local_rank in ((1, 1), (2, 0)):  # node 0's second GPU, node 1's first GPU
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert main(_argv(gen_data, out, "--device", "auto") + cache) == 0
+    assert asked == ["cuda:1", "cuda:0"]
+    assert sorted(_records(out)) == ["BrainTumourSynth_00001", "BrainTumourSynth_00002"]
+
+
+def test_overwrite_is_refused_under_torchrun(gen_data, nnunet_run, capsys, monkeypatch):
+    before = _file_hashes(nnunet_run)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(_argv(gen_data, nnunet_run, "--overwrite")) == 2
+    assert "--overwrite cannot be used under torchrun" in capsys.readouterr().err
+    assert _file_hashes(nnunet_run) == before
+
+
 # --- card and privacy ------------------------------------------------------------------------------
 
 
@@ -318,7 +458,7 @@ def test_card_and_anonymous_only(gen_data, nnunet_run, tmp_path):
     assert (nnunet_run / "dataset_card.png").stat().st_size > 1000
     assert "## Privacy" in (nnunet_run / "README.md").read_text()
     own = [row for row in card["privacy"] if row["kind"] == "transform"]
-    assert all(not row["anonymous"] and row["brain_dice_vs_patient"] == 1.0 for row in own)
+    assert all(not row["anonymous"] and row["brain_dice_to_source"] == 1.0 for row in own)
 
     # Without the template no kind of case is anonymous: a patient's brain identifies the patient.
     insert_rows = [row for row in card["privacy"] if row["kind"] == "insert_brain"]
@@ -326,6 +466,29 @@ def test_card_and_anonymous_only(gen_data, nnunet_run, tmp_path):
     out = tmp_path / "anonymous"
     assert main(_argv(gen_data, out, "--anonymous", n=3)) == 2
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_privacy_is_the_label_maps_own_record(gen_data, nnunet_run):
+    """Each case's privacy is the record its label map carried through the edits, shown in the card."""
+    from MedSynthLib.generate.sources import find_sources, prepare_case, prepare_tumour
+    from MedSynthLib.schema.provenance import privacy_of
+
+    cases, tumours = find_sources([gen_data["cases"], gen_data["segs"]])
+    cache = nnunet_run / ".cache"
+    sources = Sources([prepare_case(c, cache) for c in cases] + [prepare_tumour(t, cache) for t in tumours])
+    card_rows = {row["case_id"]: row for row in json.loads((nnunet_run / "dataset_card.json").read_text())["privacy"]}
+    for case_id, record in _records(nnunet_run).items():
+        rebuilt = replay_case(dict(record["generation"], edits=record["edits"]), sources)
+        measured = privacy_of(rebuilt)
+        assert measured.anatomy == "patient"  # every phantom case is drawn in a patient's brain
+        expected = dict(measured.to_json(), anonymous=measured.anonymous()[0])
+        assert {k: record["privacy"][k] for k in expected} == expected, case_id
+        assert {k: card_rows[case_id][k] for k in expected} == expected, case_id
+        assert record["privacy"]["reason"] == measured.anonymous()[1]
+        if record["generation"]["kind"] == "insert_brain":
+            assert measured.tumour_origin == "inserted"
+    readme = (nnunet_run / "README.md").read_text()
+    assert "| case | kind | anatomy | tumour | brain Dice to patient | tumour Dice to patient's own | anonymous |" in readme
 
 
 def test_privacy_recognises_one_patient_in_two_folders():
@@ -362,7 +525,7 @@ def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_d
         assert row["kind"] in ("insert_brain", "insert_template")
         assert not row["anonymous"]  # a real tumour's shape identifies its patient, in any brain
         if row["kind"] == "insert_template":
-            assert row["brain_dice_vs_patient"] is None
+            assert row["brain_dice_to_source"] is None and row["anatomy"] == "template"
     # The anatomy cache is reused: a second run derives nothing (same cache files, untouched).
     cache = sorted((out / ".cache").glob("case-*.npy"))
     assert len(cache) == 4  # per case: the derived label map and its brain-box crop

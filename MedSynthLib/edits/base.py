@@ -227,6 +227,23 @@ def composite(anatomy: np.ndarray, tumour: np.ndarray, brain: np.ndarray, *,
     Raises:
         EditError: more than ``max_outside_fraction`` of the core lies outside the brain.
     """
+    refuse_core_outside(tumour, brain, max_outside_fraction=max_outside_fraction, core_lost_voxels=core_lost_voxels)
+    out = np.where(brain, anatomy, 0).astype(np.uint8)
+    place = (tumour > 0) & brain
+    out[place] = tumour[place]
+    return out
+
+
+def refuse_core_outside(tumour: np.ndarray, brain: np.ndarray, *, max_outside_fraction: float = MAX_OUTSIDE_FRACTION,
+                        core_lost_voxels: int = 0) -> None:
+    """:func:`composite`'s check alone: edits call it before the costly :func:`healthy_anatomy`.
+
+    About a third of random edits are refused by it (measured on ``medsynth generate``'s default
+    sampler over the real BraTS sources), so checking first spares their distance transform.
+
+    Raises:
+        EditError: more than ``max_outside_fraction`` of the core lies outside the brain.
+    """
     core = core_mask(tumour)
     counted = core if core.any() or core_lost_voxels else tumour > 0  # an oedema-only tumour is judged whole
     total = int(np.count_nonzero(counted)) + int(core_lost_voxels)
@@ -234,9 +251,6 @@ def composite(anatomy: np.ndarray, tumour: np.ndarray, brain: np.ndarray, *,
         outside = int(np.count_nonzero(counted & ~brain)) + int(core_lost_voxels)
         if outside / total > max_outside_fraction:
             raise EditError(f"tumour edit moves {100.0 * outside / total:.1f}% of the tumour core outside the brain")
-    out = np.where(brain, anatomy, 0).astype(np.uint8)
-    place = (tumour > 0) & brain
-    out[place] = tumour[place]
-    return out
+
 
 

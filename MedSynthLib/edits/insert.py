@@ -14,7 +14,7 @@ import numpy as np
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
 from ..schema.labels import brain_mask, tumour_mask
-from .base import Edit, composite, healthy_anatomy, register, set_field, vec3
+from .base import Edit, composite, healthy_anatomy, refuse_core_outside, register, set_field, vec3
 from .geometry import brain_box_lps, check_point, index_affine, tumour_centre
 from .transforms import resample_tumour
 
@@ -76,9 +76,11 @@ class InsertTumour(Edit):
         if not tumour.any() and not lost:
             raise EditError("the source tumour is smaller than a voxel of the target grid")
         labels = labelmap.array
-        base = labels if self.keep_existing else healthy_anatomy(labels, labelmap.grid.spacing)
+        brain = brain_mask(labels)
         try:
-            out = composite(base, tumour, brain_mask(labels), core_lost_voxels=lost)
+            refuse_core_outside(tumour, brain, core_lost_voxels=lost)  # before the costly refill
+            base = labels if self.keep_existing else healthy_anatomy(labels, labelmap.grid.spacing)
+            out = composite(base, tumour, brain, core_lost_voxels=lost)
         except EditError as exc:
             raise EditError(f"the source tumour cannot fit in the target brain ({exc})") from None
         if not tumour_mask(out).any():

@@ -16,7 +16,8 @@ from scipy import ndimage
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
 from ..schema.labels import Label, brain_mask, core_mask, tumour_mask
-from .base import Edit, composite, core_count, healthy_anatomy, register, set_field, tumour_only, vec3
+from .base import (Edit, composite, core_count, healthy_anatomy, refuse_core_outside, register, set_field,
+                   tumour_only, vec3)
 from .geometry import (AXES, bounds, brain_centre, check_length, crop, index_affine, paste, ras_matrix_to_lps,
                        rotation_ras, tumour_centre)
 
@@ -114,8 +115,10 @@ def _move_tumour(labelmap: LabelMap, matrix_lps: np.ndarray, centre_lps: np.ndar
     tumour, lost = resample_tumour(labelmap.array, forward, labelmap.array.shape)
     if not tumour.any():
         raise EditError("tumour edit leaves no tumour voxel (the tumour became smaller than a voxel)")
+    brain = brain_mask(labelmap.array)
+    refuse_core_outside(tumour, brain, core_lost_voxels=lost)  # before the costly refill
     anatomy = healthy_anatomy(labelmap.array, labelmap.grid.spacing)
-    return composite(anatomy, tumour, brain_mask(labelmap.array), core_lost_voxels=lost)
+    return composite(anatomy, tumour, brain, core_lost_voxels=lost)
 
 
 @register
@@ -162,8 +165,10 @@ class Translate(Edit):
             dst = tuple(slice(max(o, 0), n - max(-o, 0)) for n, o in zip(labels.shape, offset))
             moved[dst] = tumour[src]
         lost = core_count(tumour) - core_count(moved)
+        brain = brain_mask(labels)
+        refuse_core_outside(moved, brain, core_lost_voxels=lost)  # before the costly refill
         anatomy = healthy_anatomy(labels, labelmap.grid.spacing)
-        return composite(anatomy, moved, brain_mask(labels), core_lost_voxels=lost)
+        return composite(anatomy, moved, brain, core_lost_voxels=lost)
 
 
 @register

@@ -8,6 +8,7 @@ the privacy status of every case.  Built from the cases' provenance files on dis
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,7 +100,7 @@ def _figure(path: Path, generated: list[dict[str, Any]], real: list[dict[str, An
     ax.set_title("kind of case")
     fig.suptitle("Generated tumours against the real sources")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # torchrun ranks may both write it
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
@@ -153,13 +154,18 @@ def write_card(out: Path, layout: Any, spec: dict[str, Any], sources: Sequence[S
     }
     _figure(out / CARD_FIGURE, generated_stats, real_stats, kinds)
     write_json(card, out / CARD_JSON, overwrite=True)
-    (out / f".{CARD_README}.tmp").write_text(_readme(card))
-    (out / f".{CARD_README}.tmp").replace(out / CARD_README)
+    tmp = out / f".{CARD_README}.{os.getpid()}.tmp"
+    tmp.write_text(_readme(card))
+    tmp.replace(out / CARD_README)
     return card
 
 
 def _fmt_q(q: dict[str, float] | None) -> str:
     return "—" if not q else f"{q['p50']:g} [{q['p5']:g}–{q['p95']:g}]"
+
+
+def _fmt_dice(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _readme(card: dict[str, Any]) -> str:
@@ -211,14 +217,16 @@ def _readme(card: dict[str, Any]) -> str:
         f"{card['counts']['anonymous']} of {card['counts']['cases']} cases are anonymous by this rule; "
         f"{card['counts']['derived_from_patient']} are derived from a real patient's label map (brain or tumour); "
         f"{card['counts']['patients_own_tumour']} keep a patient's own tumour in that patient's brain.",
-        "Dice of each case's tumour against its source tumour (same grid) and of its brain mask against the "
-        "patient brain it was drawn in are in `dataset_card.json` (`privacy`), one row per case.",
+        "Each row is the case label map's own privacy record, measured edit by edit as the case was made "
+        "(the same record `medsynth export` reads): whose anatomy it is, the brain-mask Dice to that patient, "
+        "the tumour's Dice to that patient's own tumour in place (an upper bound after several edits), where "
+        "the tumour came from, and the verdict with its reason (all in `dataset_card.json`, `privacy`).",
         "",
-        "| case | kind | anonymous | tumour Dice vs source | brain Dice vs patient |",
-        "|---|---|---|---|---|",
+        "| case | kind | anatomy | tumour | brain Dice to patient | tumour Dice to patient's own | anonymous |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in card["privacy"]:
-        lines.append(f"| {row['case_id']} | {row['kind']} | {'yes' if row['anonymous'] else 'no'} | "
-                     f"{row['tumour_dice_vs_source'] if row['tumour_dice_vs_source'] is not None else '—'} | "
-                     f"{row['brain_dice_vs_patient'] if row['brain_dice_vs_patient'] is not None else '—'} |")
+        lines.append(f"| {row['case_id']} | {row['kind']} | {row['anatomy']} | {row['tumour_origin']} | "
+                     f"{_fmt_dice(row['brain_dice_to_source'])} | {_fmt_dice(row['tumour_dice_to_source'])} | "
+                     f"{'yes' if row['anonymous'] else 'no: ' + row['reason']} |")
     return "\n".join(lines) + "\n"

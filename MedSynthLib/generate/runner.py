@@ -2,7 +2,8 @@
 
 Scale without a coordinator of MedSynth's own:
 
-* ``workers`` processes on the CPU (one model copy each, torch threads = cores // workers);
+* ``workers`` processes on the CPU (one model copy each, torch threads = the node's cores shared
+  by all processes of all local ranks, see :func:`plan_processes`);
 * one process per GPU when CUDA is present (``device`` auto or cuda);
 * under ``torchrun`` every rank takes the indices i with i % WORLD_SIZE == RANK (environment
   ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``); whichever rank finds all cases on disk at its
@@ -32,6 +33,7 @@ from .sources import (Source, find_sources, load_source, prepare_case, prepare_t
 RUN_FILE = "generate.json"
 PROVENANCE_DIR = "provenance"
 STAGING_DIR = ".staging"
+CACHE_DIR = ".cache"
 RUN_VERSION = 1
 
 
@@ -65,6 +67,43 @@ def distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return rank, world, int(os.environ.get("LOCAL_RANK", str(rank)))
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """Where this rank runs its cases.
+
+    Attributes:
+        devices: the device of each process that runs cases: one entry means this process
+            itself, more mean a pool of worker processes (one model copy each).
+        threads: torch threads per process on the CPU (``None``: leave torch's setting).
+    """
+
+    devices: tuple[str, ...]
+    threads: int | None
+
+    @property
+    def processes(self) -> int:
+        return len(self.devices)
+
+
+def plan_processes(device: str, workers: int, cuda_devices: Sequence[int], world: int, local_rank: int,
+                   local_world: int, cpus: int) -> ProcessPlan:
+    """One process per GPU, or ``workers`` CPU processes sharing this node's cores.
+
+    * GPUs under torchrun (``world > 1``): this rank takes the GPU of its ``LOCAL_RANK`` (torchrun
+      starts one rank per GPU of a node: ``--nproc_per_node`` = GPUs), modulo the GPUs it sees;
+    * GPUs without torchrun: one worker process per GPU;
+    * the CPU: ``workers`` processes; the node's cores are split between all processes of all
+      local ranks (``LOCAL_WORLD_SIZE`` ranks x ``workers``), at least one thread each: one
+      single-threaded process per core is the fastest here (measured, docs/benchmarks).
+    """
+    if cuda_devices:
+        if world > 1:
+            return ProcessPlan((f"cuda:{cuda_devices[local_rank % len(cuda_devices)]}",), None)
+        return ProcessPlan(tuple(f"cuda:{d}" for d in cuda_devices), None)
+    threads = max(1, cpus // max(1, workers * max(1, local_world)))
+    return ProcessPlan((device,) * workers, threads)
 
 
 def anonymous_config(config: dict[str, Any], has_template: bool) -> dict[str, Any]:
@@ -111,9 +150,21 @@ def _check_output(out: Path, spec: dict[str, Any], overwrite: bool) -> bool:
             raise InputError(out, f"holds a generate run with other settings ({', '.join(different)}): "
                                   "use another -o or --overwrite")
         return True
-    if any(out.iterdir()):
+    if any(entry.name != CACHE_DIR for entry in out.iterdir()) or not _only_cache_files(out / CACHE_DIR):
         raise OutputExistsError(out)
     return False
+
+
+def _only_cache_files(cache: Path) -> bool:
+    """Whether ``cache`` is absent or holds only generate's own cache arrays.
+
+    Under torchrun another rank may have begun the default cache (``OUT/.cache``) before
+    this rank looks at the output folder.
+    """
+    if not cache.exists():
+        return True
+    return cache.is_dir() and all(p.is_file() and p.name.lstrip(".").startswith(("case-", "tumour-"))
+                                  and ".npy" in p.name for p in cache.iterdir())
 
 
 def _placeholder_sources(cases: Sequence[Path], tumours: Sequence[Path], template: bool) -> list[Source]:
@@ -152,8 +203,36 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
         load_source(_WORKER["sources"].template)  # read the template once per process, not in a case's timing
 
 
+class _Stopwatch:
+    """Wall and CPU seconds (this process, all its threads) of consecutive stages of a case."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.stages[name] = {"wall_s": round(wall - self._wall, 4), "cpu_s": round(cpu - self._cpu, 4)}
+        self._wall, self._cpu = wall, cpu
+
+    def total(self, names: Sequence[str], key: str) -> float:
+        return round(sum(self.stages[n][key] for n in names), 3)
+
+
+#: The coarse stages of ``timings_s`` / ``cpu_s`` and the fine stages (``stages``) each sums.
+COARSE_STAGES = {"edit": ("sample", "privacy_stats"), "network": ("synthesis",),
+                 "write": ("encode", "nifti", "hash")}
+
+
 def _run_case(index: int) -> dict[str, Any]:
-    """Make, synthesise and write case ``index`` (in the current worker)."""
+    """Make, synthesise and write case ``index`` (in the current worker).
+
+    The provenance records the wall and CPU seconds of each stage (``stages``): ``sample``
+    (drawing the label map: cached sources, edits), ``privacy_stats`` (the privacy record's
+    verdict, tumour statistics), ``synthesis`` (the engine: one-hot, network, scanner units; its
+    own ``timings_s.network`` is the forward pass alone), ``encode`` (int16 and the full grid),
+    ``nifti`` (NIfTI + gzip of every file, renames) and ``hash`` (sha256 of what was written).
+    """
     from ..schema.grid import Grid
     from ..schema.labels import Label
     from ..schema.provenance import array_sha256
@@ -161,26 +240,29 @@ def _run_case(index: int) -> dict[str, Any]:
     w = _WORKER
     out, layout, sources, engine = Path(w["output"]), w["layout"], w["sources"], w["engine"]
     case_id = layout.case_id(index)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    clock = _Stopwatch()
     labelmap, record = draw_case(index, w["seed"], w["config"], sources)
     record.pop("edits")  # the engine's provenance carries them (labelmap.history)
+    clock.lap("sample")
     private = privacy(record, labelmap, sources)
     if w["anonymous"] and not private["anonymous"]:  # the config was restricted: a bug if it happens
         raise MedSynthError(f"case {index}: drawn case is not anonymous ({record['kind']})")
     stats = tumour_stats(labelmap.array, labelmap.grid, labelmap.array > Label.BACKGROUND)
-    edited, cpu_edited = time.perf_counter(), time.process_time()
+    clock.lap("privacy_stats")
     result = engine.synthesize(labelmap, seed=record["edit_seed"])
-    synthesised, cpu_synthesised = time.perf_counter(), time.process_time()
+    clock.lap("synthesis")
+    clock.stages["synthesis"]["forward_wall_s"] = result.provenance["timings_s"]["network"]  # the network alone
     # Edited and synthesised on the brain's crop; written on the source files' own grid.
     base = sources.by_id[record["base"]]
     images = {m: base.to_full(a) for m, a in encode_images(result.images).items()}
     labels = base.to_full(labelmap.array)
     grid = Grid.from_json(base.output_grid)
+    clock.lap("encode")
     staging = out / STAGING_DIR / case_id
     shutil.rmtree(staging, ignore_errors=True)
     files = write_case_files(layout, staging, case_id, images, labels, grid)
     commit_staged(staging, out)
-    written, cpu_written = time.perf_counter(), time.process_time()
+    clock.lap("nifti")
     provenance = dict(result.provenance)
     provenance.update({
         "case_id": case_id,
@@ -195,11 +277,12 @@ def _run_case(index: int) -> dict[str, Any]:
                       "labels_sha256": result.provenance["labels_sha256"]},
         "images_sha256": {m: array_sha256(a) for m, a in images.items()},
     })
-    provenance["timings_s"] = dict(provenance.get("timings_s", {}), edit=round(edited - start, 3),
-                                   network=round(synthesised - edited, 3), write=round(written - synthesised, 3))
+    clock.lap("hash")
+    provenance["timings_s"] = dict(provenance.get("timings_s", {}),
+                                   **{k: clock.total(v, "wall_s") for k, v in COARSE_STAGES.items()})
     # CPU seconds of this process (all its threads) per stage: comparable on a machine shared with other work.
-    provenance["cpu_s"] = {"edit": round(cpu_edited - cpu_start, 3), "network": round(cpu_synthesised - cpu_edited, 3),
-                           "write": round(cpu_written - cpu_synthesised, 3)}
+    provenance["cpu_s"] = {k: clock.total(v, "cpu_s") for k, v in COARSE_STAGES.items()}
+    provenance["stages"] = clock.stages
     from ..schema.volume_io import write_json
 
     write_json(provenance, _provenance_path(out, case_id), overwrite=True)  # the case's commit mark
@@ -244,7 +327,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     rank, world, local_rank = distributed()
 
     out = Path(opt.output)
-    cache = Path(opt.cache) if opt.cache else out / ".cache"
+    cache = Path(opt.cache) if opt.cache else out / CACHE_DIR
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
                  "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
@@ -252,16 +335,20 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     # The output check needs the source ids, which need the files read: check what can be checked first.
     if out.exists() and not (out / RUN_FILE).exists() and not opt.overwrite:
         _check_output(out, spec_base, False)
-    if opt.overwrite and out.exists() and rank == 0:
+    if opt.overwrite and world > 1:
+        # Ranks start at different moments: one removing the folder would delete another's cases.
+        raise MedSynthError("--overwrite cannot be used under torchrun (WORLD_SIZE > 1): remove the output "
+                            "folder first, or give another -o")
+    if opt.overwrite and out.exists():
         if not (out / RUN_FILE).exists() and any(out.iterdir()):
             raise InputError(out, "--overwrite replaces only a folder written by medsynth generate")
         shutil.rmtree(out)
 
     # Sources: this rank's share first (other ranks derive theirs), then all (cache hits).
     items = [("case", str(p), str(cache)) for p in case_dirs] + [("tumour", str(p), str(cache)) for p in tumour_files]
-    cuda_devices = _cuda_devices(opt.device)
-    n_procs = len(cuda_devices) if cuda_devices and world == 1 else opt.workers
-    threads = max(1, (os.cpu_count() or 1) // n_procs)
+    plan = plan_processes(opt.device, opt.workers, _cuda_devices(opt.device), world, local_rank,
+                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1)
+    n_procs = plan.processes
     pool = None
     if n_procs > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -269,7 +356,9 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(n_procs, mp_context=context)
     try:
+        sources_started = time.perf_counter()
         source_json = _prepare_sources(items, rank, world, pool, opt)
+        sources_seconds = time.perf_counter() - sources_started
         sources = [Source.from_json(s) for s in source_json]
         if opt.template:
             sources.append(template_source())
@@ -284,31 +373,32 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
             write_json(spec, out / RUN_FILE, overwrite=True)
         mine = [i for i in range(opt.n) if i % world == rank]
         pending = [i for i in mine if not _provenance_path(out, layout.case_id(i)).exists()]
-        device = (f"cuda:{cuda_devices[local_rank % len(cuda_devices)]}" if cuda_devices and world > 1
-                  else opt.device)
         state = {"sources": [s.to_json() for s in sources], "layout": {"kind": layout.kind,
                  "dataset_id": layout.dataset_id, "name": layout.name}, "model_path": str(model.path),
-                 "device": device, "precision": opt.precision, "seed": int(opt.seed), "config": config,
+                 "device": plan.devices[0], "precision": opt.precision, "seed": int(opt.seed), "config": config,
                  "output": str(out), "anonymous": bool(opt.anonymous)}
         if opt.log and resuming:
             opt.log(f"{out}: resuming, {len(mine) - len(pending)} of {len(mine)} cases already complete")
         started = time.perf_counter()
-        results = _run_cases(pending, len(mine), state, pool, n_procs, cuda_devices if world == 1 else [],
-                             threads, opt.progress)
+        results = _run_cases(pending, len(mine), state, pool, plan, opt.progress)
         elapsed = time.perf_counter() - started
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     done = [layout.case_id(i) for i in range(opt.n) if _provenance_path(out, layout.case_id(i)).exists()]
     finished = len(done) == opt.n
+    card_seconds = None
     if finished:
+        card_started = time.perf_counter()
         write_dataset_files(out, layout, opt.n, spec, sources, opt.command)
+        card_seconds = round(time.perf_counter() - card_started, 3)
         try:
             (out / STAGING_DIR).rmdir()  # empty once every case is in place
         except OSError:
             pass
     return {"cases_done_here": len(results), "cases_complete": len(done), "n": opt.n, "finished": finished,
-            "seconds": round(elapsed, 3), "workers": n_procs, "rank": rank, "world_size": world,
+            "seconds": round(elapsed, 3), "sources_seconds": round(sources_seconds, 3), "card_seconds": card_seconds,
+            "workers": n_procs, "threads_per_process": plan.threads, "rank": rank, "world_size": world,
             "cases_per_hour": round(3600.0 * len(results) / elapsed, 1) if results and elapsed > 0 else None,
             "timings_s": [r["timings_s"] for r in results], "output": str(out)}
 
@@ -367,8 +457,8 @@ def _prepare_sources(items: list[tuple[str, str, str]], rank: int, world: int, p
     return [results[it] for it in items]
 
 
-def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any, n_procs: int,
-               cuda_devices: list[int], threads: int, progress: bool) -> list[dict[str, Any]]:
+def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any, plan: ProcessPlan,
+               progress: bool) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=total - len(pending), desc="generate", unit="case", file=sys.stderr,
@@ -378,7 +468,11 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
         if not pending:
             return results
         if pool is None:
-            _init_worker(state)
+            import torch
+
+            # Only ever fewer threads than the caller's (torchrun ranks sharing a node's cores).
+            fewer = plan.threads if plan.threads is not None and plan.threads < torch.get_num_threads() else None
+            _init_worker(state, threads=fewer)
             for index in pending:
                 results.append(_run_case(index))
                 bar.update(1)
@@ -390,12 +484,12 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
         pool.shutdown()
         context = multiprocessing.get_context("spawn")
         queue = None
-        if cuda_devices:
+        if len(set(plan.devices)) > 1:  # one GPU each: every worker takes the next from the queue
             queue = context.Manager().Queue()
-            for d in cuda_devices:
-                queue.put(f"cuda:{d}")
-        with ProcessPoolExecutor(n_procs, mp_context=context, initializer=_init_worker,
-                                 initargs=(state, queue, None if cuda_devices else threads)) as workers:
+            for device in plan.devices:
+                queue.put(device)
+        with ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_init_worker,
+                                 initargs=(state, queue, plan.threads)) as workers:
             futures = [workers.submit(_run_case, i) for i in pending]
             for future in as_completed(futures):
                 results.append(future.result())

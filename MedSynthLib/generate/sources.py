@@ -23,6 +23,7 @@ import numpy as np
 from ..schema.errors import InputError
 from ..schema.grid import Grid, LabelMap
 from ..schema.labels import SCHEMA_VERSION, Label
+from ..schema.provenance import PrivacyRecord
 
 #: Bump when the cached arrays change meaning.
 CACHE_VERSION = 2
@@ -272,16 +273,35 @@ def _cached_array(path: str) -> np.ndarray:
     return array
 
 
+def source_privacy(source: Source) -> PrivacyRecord:
+    """The privacy record a source's label map starts from (the edits then measure each change).
+
+    A real case is its patient's anatomy and, when it has one, the patient's own tumour (Dice 1
+    to both); the template is nobody's anatomy and holds no tumour; a tumour-only map is a
+    patient's tumour without a brain (it is only ever inserted, so only its shape travels).
+    """
+    if source.kind == "template":
+        return PrivacyRecord("template", None, None, "none")
+    if source.kind == "case":
+        return PrivacyRecord("patient", 1.0, 1.0 if source.has_tumour else None,
+                             "patient" if source.has_tumour else "none")
+    return PrivacyRecord("unknown", None, None, "patient")
+
+
 def load_source(source: Source) -> LabelMap:
     """The source's label map (read-only array, a small per-process cache bounds memory).
 
     The history is empty: a generated case's history then holds exactly its replayable edits.
+    Its privacy record (:func:`source_privacy`) is set, so every edit updates it
+    (:meth:`~MedSynthLib.schema.grid.LabelMap.with_array`) and a generated case reads how close it
+    stays to its patient from the label map itself.
     """
     if source.kind == "template":
         array, grid, _ = _template_cropped()
-        return LabelMap(array, grid, [])
+        return LabelMap(array, grid, [], privacy=source_privacy(source))
     assert source.cache_file is not None
-    return LabelMap(_cached_array(source.cache_file), grid_from_json(source.grid), [])
+    return LabelMap(_cached_array(source.cache_file), grid_from_json(source.grid), [],
+                    privacy=source_privacy(source))
 
 
 @functools.lru_cache(maxsize=1)
