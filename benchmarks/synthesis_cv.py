@@ -42,6 +42,24 @@ from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 from MedSynthLib.training.data import find_case_folders  # noqa: E402
 
 
+def _cached_labels(folder: Path, cache_dir: Path | None, normalization: str) -> np.ndarray:
+    """The case's derived label map, from a training cache when one is given (same anatomy model)."""
+    case = read_case(folder, require_segmentation=True)
+    if cache_dir is None:
+        return derive_label_map(case).array
+    from MedSynthLib.schema.grid import mask_box
+    from MedSynthLib.training.data import prepare_volume
+
+    brain = case.brain_mask()
+    box = mask_box(brain, margin=4)  # the crop prepare_volume stores
+    volume = prepare_volume(folder, cache_dir, normalization)
+    labels = np.zeros(brain.shape, np.uint8)
+    labels[box] = volume.labels
+    if not np.array_equal(labels > 0, brain):
+        raise SystemExit(f"{folder}: the cached label map does not match the case's brain")
+    return labels
+
+
 def _montage(case_dir: Path, labels: np.ndarray, engines: list[tuple[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -80,10 +98,13 @@ def main() -> int:
     parser.add_argument("--data", type=Path, nargs="+", required=True)
     parser.add_argument("--models", nargs="+", required=True, help="model folders or registered names")
     parser.add_argument("--montage-cases", type=int, default=3)
+    parser.add_argument("--cache", type=Path, help="a training cache of prepared cases: their label maps are "
+                        "read from it instead of derived again (checked against the case's brain)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     args = parser.parse_args()
 
-    folds = json.loads(args.config.read_text())["cv_folds"]
+    config = json.loads(args.config.read_text())
+    folds, normalization = config["cv_folds"], config.get("normalization", "percentile")
     held_out = set(folds[args.fold])
     folders = [f for root in args.data for f in find_case_folders(root)]
     test = sorted((f for f in folders if f.name in held_out), key=lambda f: f.name)
@@ -96,7 +117,7 @@ def main() -> int:
 
     def labels_for(folder: Path) -> np.ndarray:
         if folder not in cache:
-            cache[folder] = derive_label_map(read_case(folder, require_segmentation=True)).array
+            cache[folder] = _cached_labels(folder, args.cache, normalization)
         return cache[folder]
 
     report: dict[str, Any] = {"command": " ".join(sys.argv), "fold": args.fold, "held_out": [f.name for f in test],
