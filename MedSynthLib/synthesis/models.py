@@ -151,7 +151,7 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
     from ..schema.budget import MAX_NETWORK_PARAMETERS
     from ..schema.jsonshape import check_fields, expect_object
     from ..schema.labels import NUM_CLASSES
-    from .networks import MODALITY_ORDER, NetworkConfig
+    from .networks import INPAINTING_IN_CHANNELS, MODALITY_ORDER, NetworkConfig
 
     expect_object(data, source, "network")
     known = {k: v for k, v in data.items() if k in NetworkConfig.__dataclass_fields__}
@@ -163,7 +163,14 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
     problems = []
     if network.spatial_dims != 3:
         problems.append(f"spatial_dims {network.spatial_dims} (MedSynth is 3D)")
-    if network.in_channels != NUM_CLASSES:
+    if network.kind == "inpainting":
+        if network.in_channels != INPAINTING_IN_CHANNELS:
+            problems.append(f"in_channels {network.in_channels} (an inpainting network sees {NUM_CLASSES} label "
+                            f"classes + 4 contrasts + the region mask = {INPAINTING_IN_CHANNELS})")
+        if network.style_dim:
+            problems.append(f"style_dim {network.style_dim} (an inpainting network takes its appearance from the "
+                            "real images: 0)")
+    elif network.in_channels != NUM_CLASSES:
         problems.append(f"in_channels {network.in_channels} (the label schema has {NUM_CLASSES} classes)")
     if sorted(network.modalities) != sorted(MODALITY_ORDER) or network.out_channels != len(network.modalities):
         problems.append(f"modalities {list(network.modalities)} with out_channels {network.out_channels} "
@@ -176,7 +183,7 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
         problems.append(f"num_res_units {network.num_res_units} (0-{MAX_DEPTH})")
     if not 1 <= network.disc_channels <= MAX_CHANNELS or not 0 <= network.disc_layers <= MAX_DEPTH:
         problems.append(f"disc_channels {network.disc_channels} / disc_layers {network.disc_layers}")
-    if network.kind == "spade":
+    if network.kind in ("spade", "inpainting"):
         from .spade_generator import UPSAMPLE_MODES
 
         if not 0 <= network.bottleneck_blocks <= MAX_DEPTH:

@@ -1,0 +1,259 @@
+"""Tumour inpainting: re-render only the edited region of a real patient's scan (``network.kind: inpainting``).
+
+The network is the SPADE generator of :mod:`~MedSynthLib.synthesis.spade_generator`
+(MONAI blocks for training, the plain-torch twin of
+:mod:`~MedSynthLib.synthesis.inference_spade` for inference) whose condition is
+not the label map alone but, channel by channel:
+
+* the one-hot 7-class label map (the edited one),
+* the four real contrasts, z-scored against the case's own grey and white matter
+  (``tissue_zscore``, :mod:`~MedSynthLib.synthesis.normalize`) with the region
+  blanked (set to 0, the grey/white mean),
+* the region mask.
+
+Its four outputs are used only inside the region and feathered towards the real
+image near the region's border, with a weight that is 0 outside the region, so every
+voxel outside it is the real scan as stored, bit for bit.  The region is the changed
+tumour (old and new position) grown by a margin in mm: oedema and mass effect reach
+beyond the label.  Intensities go back to the case's own scanner scale with the
+case's own normaliser, so the painted region matches the patient's contrast.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..schema.errors import InputError, MedSynthError
+from ..schema.labels import MODALITIES, NUM_CLASSES, Label, brain_mask, tumour_mask
+
+#: Value of the blanked region in the normalised images: z = 0, the case's grey/white-matter mean.
+BLANK_VALUE = 0.0
+#: Default growth of the changed tumour into the region (mm): oedema and mass effect beyond the label.
+DEFAULT_MARGIN_MM = 8.0
+#: Width of the feathered band inside the region's border (mm).
+DEFAULT_FEATHER_MM = 3.0
+#: Context around the region that the network sees (voxels on each side of the region's box).
+CONTEXT_VOXELS = 24
+NORMALIZATION = "tissue_zscore"
+MASK_FILE = "synthetic_mask.nii.gz"
+
+
+def inpainting_condition(onehot: Any, images: Any, region: Any) -> Any:
+    """The network's input: (one-hot labels, images with the region blanked, region mask) along channels.
+
+    Args:
+        onehot: (B, 7, *spatial) one-hot label map (torch).
+        images: (B, 4, *spatial) normalised real images in ``[-1, 1]``.
+        region: (B, 1, *spatial) region mask, 1 inside (float).
+    """
+    import torch
+
+    region = region.to(images.dtype)
+    blanked = images * (1 - region) + BLANK_VALUE * region
+    return torch.cat([onehot.to(images.dtype), blanked, region], 1)
+
+
+def _ball_growth(core: np.ndarray, margin_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Voxels within ``margin_mm`` of ``core`` (exact Euclidean distance, computed on the core's box only)."""
+    from scipy import ndimage
+
+    from ..schema.grid import mask_box
+
+    if not core.any():
+        return core.copy()
+    reach = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
+    box = mask_box(core, 0)
+    box = tuple(slice(max(b.start - r, 0), min(b.stop + r, n)) for b, r, n in zip(box, reach, core.shape))
+    distance = ndimage.distance_transform_edt(~core[box], sampling=spacing)
+    grown = np.zeros_like(core)
+    grown[box] = distance <= margin_mm
+    return grown
+
+
+def changed_region(new_labels: np.ndarray, old_tumour: np.ndarray | None, margin_mm: float,
+                   spacing: tuple[float, float, float], old_labels: np.ndarray | None = None) -> np.ndarray:
+    """The voxels to re-render: the changed tumour (old and new position) grown by ``margin_mm``, in the brain.
+
+    Args:
+        new_labels: the edited MedSynth label map.
+        old_tumour: boolean tumour mask before the edit (the case's own segmentation, or the old label map's);
+            ``None``: no old tumour.
+        margin_mm: growth beyond the tumours.
+        spacing: voxel spacing (k, j, i) in mm.
+        old_labels: the whole label map before the edit, when known: voxels whose class changed (a
+            tumour class changed in place, an anatomy stroke) are re-rendered too.  Without it the old and
+            new tumours are re-rendered whenever they differ.
+    """
+    new_tumour = tumour_mask(new_labels)
+    old = old_tumour if old_tumour is not None else np.zeros_like(new_tumour)
+    if old_labels is not None:
+        changed = old_labels != new_labels
+        if not changed.any():
+            return np.zeros_like(new_tumour)
+        core = changed | ((old | new_tumour) if (changed & (old | new_tumour)).any() else changed)
+    else:
+        if np.array_equal(old, new_tumour):
+            core = new_tumour.copy()  # no old map: re-render the tumour in place (e.g. new sub-labels)
+        else:
+            core = old | new_tumour
+    return _ball_growth(core, margin_mm, spacing) & brain_mask(new_labels)
+
+
+def feather_weight(region: np.ndarray, spacing: tuple[float, float, float],
+                   feather_mm: float = DEFAULT_FEATHER_MM) -> np.ndarray:
+    """Blend weight of the synthetic image: 0 outside the region, rising to 1 over ``feather_mm`` inside it."""
+    from scipy import ndimage
+
+    from ..schema.grid import mask_box
+
+    weight = np.zeros(region.shape, np.float32)
+    if not region.any():
+        return weight
+    box = mask_box(region, 1)
+    inside = ndimage.distance_transform_edt(region[box], sampling=spacing)
+    weight[box] = np.clip(inside / feather_mm, 0.0, 1.0) if feather_mm > 0 else region[box]
+    weight[~region] = 0.0
+    return weight
+
+
+@dataclass
+class ContextCase:
+    """A real case as context: its four contrasts exactly as stored, and its own tumour."""
+
+    folder: Path
+    images: dict[str, np.ndarray]  # modality -> (k, j, i) in the stored type
+    tumour: np.ndarray | None  # schema tumour labels (0 or NCR/ED/ET), or None without a segmentation
+    files: dict[str, Path]
+
+
+def read_context(case_dir: str | Path, labelmap: Any) -> ContextCase:
+    """Read a real case folder as context for ``labelmap``; every volume must be on the label map's grid.
+
+    Raises:
+        InputError: a missing modality or a grid that differs from the label map's (naming the file).
+    """
+    import SimpleITK as sitk
+
+    from ..cases.readers import read_case
+
+    case = read_case(case_dir)  # refuses a missing modality and volumes on different grids, naming the file
+    difference = labelmap.grid.difference(case.grid)
+    if difference is not None:
+        raise InputError(case.files.get("t1", Path(case_dir)), f"not on the label map's grid: {difference}")
+    images = {}
+    for modality in MODALITIES:
+        path = case.files[modality]
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        stored = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).dtype
+        values = case.images[modality]
+        images[modality] = values.astype(stored) if np.array_equal(values, values.astype(stored)) else values
+    return ContextCase(Path(case_dir), images, case.tumour, dict(case.files))
+
+
+def case_normalizers(images: dict[str, np.ndarray], labels: np.ndarray, exclude: np.ndarray) -> dict[str, Any]:
+    """Each contrast's ``tissue_zscore`` normaliser from the case's own grey and white matter outside ``exclude``."""
+    from .normalize import HealthyTissueZScore
+
+    reference = (labels >= Label.GM) & (labels <= Label.WM) & ~exclude
+    if not reference.any():
+        raise MedSynthError("the label map has no grey or white matter outside the region to normalise against")
+    return {m: HealthyTissueZScore.fit(images[m], reference, NORMALIZATION) for m in MODALITIES}
+
+
+@dataclass
+class InpaintResult:
+    """Images of a real case with one region re-rendered."""
+
+    images: dict[str, np.ndarray]  # modality -> stored type of the context
+    region: np.ndarray  # bool: voxels that are (partly) synthetic
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class InpaintingEngine:
+    """A loaded inpainting model on a device."""
+
+    def __init__(self, model: Any, device: str = "auto", precision: str = "auto",
+                 log: Callable[[str], None] = lambda message: None) -> None:
+        from .inference import Synthesizer, pick_device, pick_precision
+        from .models import load_generator
+        from .networks import NetworkConfig
+
+        start = time.perf_counter()
+        self.network = NetworkConfig.from_json(model.config["network"])
+        if self.network.kind != "inpainting":
+            raise InputError(model.path, f"model {model.name} is a {self.network.kind} model, not an inpainting "
+                                         "model (give --model an inpainting model)")
+        self.model = model
+        dev = pick_device(device)
+        self.synth = Synthesizer(load_generator(model, "cpu"), self.network, dev, pick_precision(precision, dev),
+                                 log=log)
+        self.load_seconds = time.perf_counter() - start
+
+    def predict_normalized(self, labels: np.ndarray, normalized: np.ndarray, region: np.ndarray,
+                           box: tuple[slice, ...]) -> np.ndarray:
+        """Network output (4, *box size) in ``[-1, 1]`` for ``labels[box]`` with ``region`` blanked."""
+        import torch
+
+        from .networks import one_hot
+
+        crop_labels = labels[box]
+        multiple = self.network.size_multiple
+        pads = [(0, (-s) % multiple) for s in crop_labels.shape]
+        padded_labels = np.pad(crop_labels, pads, constant_values=Label.BACKGROUND)
+        padded_images = np.pad(normalized[(slice(None),) + box], [(0, 0)] + pads, constant_values=-1.0)
+        padded_region = np.pad(region[box], pads, constant_values=False)
+        onehot = one_hot(torch.from_numpy(padded_labels)[None], NUM_CLASSES)
+        condition = inpainting_condition(onehot, torch.from_numpy(padded_images)[None],
+                                         torch.from_numpy(padded_region)[None, None].float())
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.synth.precision)
+        if dtype is not None:
+            condition = condition.to(dtype)
+        out = self.synth._predict_with_fallback(condition)
+        return out[0, :, : crop_labels.shape[0], : crop_labels.shape[1], : crop_labels.shape[2]].cpu().numpy()
+
+    def inpaint(self, labels: np.ndarray, images: dict[str, np.ndarray], region: np.ndarray,
+                spacing: tuple[float, float, float], feather_mm: float = DEFAULT_FEATHER_MM) -> InpaintResult:
+        """Re-render ``region`` of ``images`` from ``labels``; every voxel outside it is returned unchanged.
+
+        Args:
+            labels: the (edited) MedSynth label map on the images' grid.
+            images: modality -> real image (any numeric type; the output keeps each one's type).
+            region: voxels to re-render (bool).
+            spacing: (k, j, i) voxel spacing in mm (feathering).
+        """
+        from ..schema.grid import mask_box
+
+        start = time.perf_counter()
+        outputs = {m: images[m].copy() for m in MODALITIES}
+        if not region.any():
+            return InpaintResult(outputs, region.copy(), {"network": 0.0, "total": 0.0})
+        normalizers = case_normalizers(images, labels, region)
+        box = mask_box(region, CONTEXT_VOXELS)
+        brain = brain_mask(labels[box])
+        normalized = np.full((len(MODALITIES),) + labels.shape, -1.0, np.float32)
+        for c, m in enumerate(MODALITIES):
+            normalized[(c,) + box] = normalizers[m].forward(images[m][box], brain)
+        network_start = time.perf_counter()
+        predicted = self.predict_normalized(labels, normalized, region, box)
+        network_seconds = time.perf_counter() - network_start
+        weight = feather_weight(region[box], spacing, feather_mm)
+        inside = region[box]
+        for c, m in enumerate(MODALITIES):
+            synthetic = normalizers[m].inverse(predicted[c], brain)
+            real = images[m][box].astype(np.float32)
+            blended = weight * synthetic + (1.0 - weight) * real
+            values = outputs[m][box]
+            dtype = values.dtype
+            if np.issubdtype(dtype, np.integer):
+                info = np.iinfo(dtype)
+                blended = np.clip(np.round(blended), info.min, info.max)
+            values[inside] = blended[inside].astype(dtype)
+        return InpaintResult(outputs, region.copy(), {"network": round(network_seconds, 3),
+                                                      "total": round(time.perf_counter() - start, 3)})
