@@ -22,6 +22,8 @@ data itself.  Layouts: :mod:`.nifti`, :mod:`.dicom`; intensities: :mod:`.encodin
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import os
 import re
@@ -73,6 +75,9 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
 
     folder_case = read_case_folder(folder)
     privacy = folder_case.record.privacy or privacy_of(folder_case.labels)
+    if folder_case.record.inpainting is not None and privacy.images != "patient":
+        # A real scan with a region inpainted carries the patient's images whatever its privacy record says.
+        privacy = dataclasses.replace(privacy, images="patient")
     provenance, redacted = sanitise_provenance(folder_case.raw_provenance, folder_case.grid, privacy)
     case = SyntheticCase(folder_case.images, folder_case.labels, provenance, redacted, privacy=privacy)
     case.case_id = default_case_id(case)

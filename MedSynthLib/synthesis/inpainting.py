@@ -257,3 +257,77 @@ class InpaintingEngine:
             values[inside] = blended[inside].astype(dtype)
         return InpaintResult(outputs, region.copy(), {"network": round(network_seconds, 3),
                                                       "total": round(time.perf_counter() - start, 3)})
+
+
+@dataclass
+class InpaintedCase:
+    """What ``medsynth synthesize --context`` writes: images, the synthetic-voxel mask and the provenance."""
+
+    labelmap: Any
+    images: dict[str, np.ndarray]
+    region: np.ndarray
+    provenance: dict[str, Any]
+
+
+def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, *, old_labelmap: Any = None,
+                 margin_mm: float = DEFAULT_MARGIN_MM, feather_mm: float = DEFAULT_FEATHER_MM) -> InpaintedCase:
+    """Re-render the changed tumour region of a real case from an edited label map.
+
+    Args:
+        engine: a loaded inpainting model.
+        labelmap: the edited label map, on the context's grid.
+        context: the real case (:func:`read_context`).
+        old_labelmap: the label map before the edit (on the same grid); without it the old tumour is the
+            case's own segmentation (none when the case has no segmentation).
+        margin_mm: growth of the changed tumour into the region.
+        feather_mm: width of the blend inside the region's border.
+    """
+    import dataclasses
+
+    from ..schema.labels import SCHEMA_VERSION
+    from ..schema.provenance import InpaintingRecord, array_sha256, file_sha256, privacy_of, software_versions
+
+    if not np.isfinite(margin_mm) or not 0 <= margin_mm <= 100:
+        raise MedSynthError(f"--region-margin {margin_mm}: give 0-100 mm")
+    start = time.perf_counter()
+    spacing = tuple(float(s) for s in labelmap.grid.spacing[::-1])
+    if old_labelmap is not None:
+        old_tumour, old_source, old_array = tumour_mask(old_labelmap.array), "old-labels", old_labelmap.array
+    elif context.tumour is not None:
+        old_tumour, old_source, old_array = context.tumour > 0, "case-segmentation", None
+    else:
+        old_tumour, old_source, old_array = None, "none", None
+    region = changed_region(labelmap.array, old_tumour, margin_mm, spacing, old_array)
+    region_seconds = time.perf_counter() - start
+    result = engine.inpaint(labelmap.array, context.images, region, spacing, feather_mm)
+    privacy = dataclasses.replace(privacy_of(labelmap), images="patient")
+    record = InpaintingRecord(region_margin_mm=float(margin_mm), feather_mm=float(feather_mm), old_tumour=old_source,
+                              synthetic_voxels=int(region.sum()),
+                              context_sha256={m: file_sha256(context.files[m]) for m in MODALITIES})
+    provenance = {
+        "kind": "medsynth-synthetic-case",
+        "synthetic": True,
+        "label_schema_version": SCHEMA_VERSION,
+        "model": {"name": engine.model.name, "sha256": engine.model.sha256},
+        "labels_sha256": array_sha256(labelmap.array),
+        "edits": labelmap.history,
+        "privacy": privacy.to_json(),
+        "inpainting": dataclasses.asdict(record),
+        "seed": 0,
+        "device": str(engine.synth.device),
+        "precision": engine.synth.precision,
+        "grid": labelmap.grid.to_json(),
+        "software": software_versions(),
+        "timings_s": {"load_model": round(engine.load_seconds, 3), "region": round(region_seconds, 3),
+                      "network": result.timings_s.get("network", 0.0),
+                      "total": round(time.perf_counter() - start + engine.load_seconds, 3)},
+    }
+    return InpaintedCase(labelmap, result.images, result.region, provenance)
+
+
+def write_inpainted_case(case: InpaintedCase, out_dir: Path, *, overwrite: bool = False) -> Path:
+    """Write the case folder: the images in the context's stored types, the mask, the provenance."""
+    from .case_folder import write_case_folder
+
+    return write_case_folder(case.labelmap, case.images, case.provenance, out_dir, overwrite=overwrite,
+                             synthetic_mask=case.region, keep_types=True)
