@@ -161,6 +161,7 @@ def test_outside_region_bit_for_bit_mask_and_provenance(trained, edited, tmp_pat
     assert main(["export", str(out), "--format", "nifti", "-o", str(target)]) == 0
     exported = json.loads(next(target.rglob("provenance.json")).read_text())
     assert exported["privacy"]["anonymous"] is False and "context_sha256" not in exported["inpainting"]
+    assert "PARTLY SYNTHETIC DATA OF A REAL PATIENT" in next(target.rglob("README.txt")).read_text()
 
 
 def test_old_labels_and_unchanged_map(trained, edited, tmp_path: Path) -> None:

@@ -556,7 +556,8 @@ class PrivacyRecord:
         ok, reason = self.anonymous()
         brain = "n/a" if self.brain_dice_to_source is None else f"{self.brain_dice_to_source:.2f}"
         tumour = "n/a" if self.tumour_dice_to_source is None else f"{self.tumour_dice_to_source:.2f}"
-        return (f"Privacy: images {self.images}; anatomy {self.anatomy}; brain-mask Dice to source patient {brain}; tumour Dice to "
+        images = "images the patient's own scan outside the inpainted region; " if self.images == "patient" else ""
+        return (f"Privacy: {images}anatomy {self.anatomy}; brain-mask Dice to source patient {brain}; tumour Dice to "
                 f"source patient {tumour}; tumour {self.tumour_origin}; "
                 f"{'anonymous' if ok else 'NOT anonymous'} ({reason}).")
 

@@ -104,7 +104,8 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
     if name_or_path is None:
         name_or_path = registry.get(DEFAULT_KEYS[kind])
         if not name_or_path:
-            raise MedSynthError(f"{models_root()}: no default {kind} model is registered (give --model)")
+            what = "default model" if kind == "synthesis" else f"default {kind} model"
+            raise MedSynthError(f"{models_root()}: no {what} is registered (give --model)")
     text = os.fspath(name_or_path)
     if text in registry.get("models", {}):
         entry = registry["models"][text]
