@@ -215,3 +215,42 @@ def test_bad_input_one_line_exit_2_nothing_written(trained, edited, tmp_path: Pa
     assert main(["synthesize", str(edited["moved"]), "-o", str(out), "--model", str(trained["A"] / "model"),
                  "--device", "cpu"]) == 2
     assert "--context" in capsys.readouterr().err and not out.exists()
+
+
+def test_region_and_feather_weight() -> None:
+    from MedSynthLib.synthesis.inpainting import changed_region, feather_weight
+
+    labels = np.full((30, 30, 30), Label.WM, np.uint8)
+    labels[0], labels[-1] = Label.BACKGROUND, Label.BACKGROUND
+    labels[10:14, 10:14, 10:14] = Label.NCR
+    moved = np.where(labels == Label.NCR, Label.WM, labels).astype(np.uint8)
+    moved[10:14, 16:20, 10:14] = Label.NCR
+    old = labels == Label.NCR
+    region = changed_region(moved, old, 3.0, (1.0, 1.0, 1.0))
+    assert region[old].all() and region[moved == Label.NCR].all()
+    assert region[12, 12, 7] and not region[12, 12, 5]  # 3 mm beyond the old tumour's face, not 5 mm
+    assert not region[0].any()  # never outside the brain
+    # Anisotropic voxels: the margin is in mm.
+    assert changed_region(moved, old, 3.0, (3.0, 1.0, 1.0))[9, 12, 12]  # one 3 mm slice beyond the tumour
+    assert not changed_region(moved, old, 3.0, (3.0, 1.0, 1.0))[8, 12, 12]
+    # With the old label map: nothing changed, nothing re-rendered.
+    assert not changed_region(labels, old, 3.0, (1.0, 1.0, 1.0), old_labels=labels).any()
+    weight = feather_weight(region, (1.0, 1.0, 1.0), 3.0)
+    assert (weight[~region] == 0).all() and (weight[region] > 0).all()
+    assert weight[12, 15, 12] == 1.0 and 0 < weight[region & (weight < 1)].min() < 0.5  # between the tumours
+
+
+def test_inpainting_config_checks() -> None:
+    from MedSynthLib.schema.errors import InputError
+    from MedSynthLib.training.train import TrainConfig
+
+    config = json.loads(SMOKE_CONFIG.read_text())
+    TrainConfig.from_json(config)
+    for change, message in (({"network": dict(config["network"], in_channels=7)}, "in_channels 7"),
+                            ({"network": dict(config["network"], style_dim=2)}, "style_dim"),
+                            ({"normalization": "healthy_zscore"}, "tissue_zscore"),
+                            ({"inpaint_margin_range": [5.0, 2.0]}, "inpaint_margin_range")):
+        with pytest.raises(InputError, match=message):
+            TrainConfig.from_json({**config, **change})
+    shipped = json.loads((REPO / "Resources" / "configs" / "inpaint_brats27_cpu_cv.json").read_text())
+    assert TrainConfig.from_json(shipped).network.kind == "inpainting"
