@@ -254,3 +254,27 @@ def test_inpainting_config_checks() -> None:
             TrainConfig.from_json({**config, **change})
     shipped = json.loads((REPO / "Resources" / "configs" / "inpaint_brats27_cpu_cv.json").read_text())
     assert TrainConfig.from_json(shipped).network.kind == "inpainting"
+
+
+def test_slicer_worker_inpaints_a_real_case(trained, edited, tmp_path: Path) -> None:
+    """The Slicer module's worker: a request naming the real case keeps its images outside the region."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "MedSynth"))
+    from MedSynthSlicerLib.jobs import labelmap_request
+    from MedSynthSlicerLib.parameters import GenerateOptions
+    from MedSynthSlicerLib.protocol import Request, put_array, take_array
+    from MedSynthSlicerLib.worker import Worker
+
+    events = []
+    worker = Worker(tmp_path, events.append)
+    params, arrays = labelmap_request(read_label_map(edited["moved"]))
+    options = GenerateOptions(device="cpu", inpainting_model=str(trained["A"] / "model"))
+    assert options.inpaint  # the default for a real case
+    params = dict(params, out=str(tmp_path / "case"), context=str(edited["case"]), **options.worker_params())
+    result = worker.generate(Request(1, "generate", params, {k: put_array(tmp_path, v) for k, v in arrays.items()}))
+    assert result.data["inpainted"] and result.data["synthetic_voxels"] > 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "case" / "synthetic_mask.nii.gz"))).astype(bool)
+    real = sitk.GetArrayFromImage(sitk.ReadImage(str(edited["case"] / f"{CASE_IDS[0]}_t1ce.nii.gz")))
+    sent = take_array(result.arrays["t1ce"])
+    assert sent.dtype == real.dtype and np.array_equal(sent[~mask], real[~mask])

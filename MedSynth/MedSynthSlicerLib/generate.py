@@ -143,6 +143,9 @@ class Synthesis:
         run_dir = self._new_run_dir("synthesis")
         out_dir = run_dir / "case"
         params, arrays = labelmap_request(labelmap)
+        source_case = reference.GetAttribute(mrml.SOURCE_CASE_ATTRIBUTE) if options.inpaint else None
+        if source_case:  # a real case: keep its images, re-render the edited region (MedSynthLib inpainting)
+            params["context"] = source_case
         self.progress.emit(0.0, "starting the synthesis")
         try:
             task = self.worker().submit("generate", dict(params, out=str(out_dir), **options.worker_params()), arrays)
