@@ -239,7 +239,7 @@ class InpaintingEngine:
         padded_images = np.pad(normalized[(slice(None),) + box], [(0, 0)] + pads, constant_values=-1.0)
         padded_region = np.pad(region[box], pads, constant_values=False)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.synth.precision, torch.float32)
-        out = self.synth._predict_with_fallback(channels_last_condition(padded_labels, padded_images, padded_region,
+        out = self.synth.predict_condition(channels_last_condition(padded_labels, padded_images, padded_region,
                                                                         dtype))
         return out[0, :, : crop_labels.shape[0], : crop_labels.shape[1], : crop_labels.shape[2]].cpu().numpy()
 

@@ -737,7 +737,7 @@ def validate_inpainting(generator: nn.Module, network: NetworkConfig, volumes: l
                                       constant_values=-1.0))[None]
         reg = torch.from_numpy(np.pad(region[box], pads))[None, None].float()
         with torch.no_grad():
-            out = synth._predict_with_fallback(inpainting_condition(one_hot(lab), img, reg))
+            out = synth.predict_condition(inpainting_condition(one_hot(lab), img, reg))
         pred = out[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
         inside = region[box]
         # Scored as `medsynth evaluate` scores a tumour: z-scored in the brain, metrics inside the region.
