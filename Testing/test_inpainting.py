@@ -278,3 +278,14 @@ def test_slicer_worker_inpaints_a_real_case(trained, edited, tmp_path: Path) -> 
     real = sitk.GetArrayFromImage(sitk.ReadImage(str(edited["case"] / f"{CASE_IDS[0]}_t1ce.nii.gz")))
     sent = take_array(result.arrays["t1ce"])
     assert sent.dtype == real.dtype and np.array_equal(sent[~mask], real[~mask])
+
+
+def test_registered_inpainting_model_verifies() -> None:
+    """The registered inpainting model loads (hash, schema, shapes) and is not a default of either kind yet."""
+    from MedSynthLib.synthesis.models import load_generator, read_registry, resolve_model
+
+    model = resolve_model("medsynth-inpaint-brats27-f0", kind="inpainting")
+    assert model.config["network"]["kind"] == "inpainting" and model.config["inpainting"]["blank_value"] == 0.0
+    assert type(load_generator(model, "cpu").net).__name__ == "InferenceSpadeGenerator"
+    registry = read_registry()
+    assert registry["default"] != "medsynth-inpaint-brats27-f0" and "default_inpainting" not in registry
