@@ -182,10 +182,9 @@ def main() -> int:
         passed, checked, failed = rules_passed(real, labels, region)
         entry["real_rules"] = {"passed": passed, "checked": checked, "failed": failed}
         per_case.append(entry)
-        print(f"{folder.name}: region SSIM inpainting {np.mean([entry['inpainting']['fidelity'][m]['region']['ssim'] for m in MODALITIES]):.3f} "
-              f"full {np.mean([entry['full_synthesis']['fidelity'][m]['region']['ssim'] for m in MODALITIES]):.3f} "
-              f"means {np.mean([entry['class_means']['fidelity'][m]['region']['ssim'] for m in MODALITIES]):.3f}",
-              file=sys.stderr, flush=True)
+        ssim = {k: np.mean([entry[k]["fidelity"][m]["region"]["ssim"] for m in MODALITIES]) for k in METHODS}
+        print(f"{folder.name}: region SSIM inpainting {ssim['inpainting']:.3f} full {ssim['full_synthesis']:.3f} "
+              f"means {ssim['class_means']:.3f}", file=sys.stderr, flush=True)
 
     # Speed and montage: move the tumour of the typical held-out case (median tumour size) by 15 mm towards the
     # brain's centre.
@@ -266,7 +265,8 @@ def markdown(report: dict) -> str:
     b = s["full_synthesis_as_is"]
     lines.append(f"| full synthesis as is (as `medsynth evaluate`) | {b['region_ssim']:.3f} | {b['region_psnr']:.2f} | "
                  f"{b['region_mae']:.3f} | {b['tumour_ssim']:.3f} | - | - |")
-    lines.append(f"| real images (contrast rules only) | | | | | | {s['real_rules_passed']}/{s['real_rules_checked']} |")
+    lines.append("| real images (contrast rules only) | | | | | | "
+                 f"{s['real_rules_passed']}/{s['real_rules_checked']} |")
     lines += ["", "Region SSIM per modality (inpainting): " + ", ".join(
         f"{m} {v:.3f}" for m, v in s["inpainting"]["per_modality_region_ssim"].items())]
     sp = report["speed"]
@@ -282,7 +282,8 @@ def markdown(report: dict) -> str:
     for c in report["per_case"]:
         row = [np.mean([c[k]["fidelity"][m]["region"]["ssim"] for m in MODALITIES]) for k in METHODS]
         seam = np.mean([c["inpainting"]["seam_ratio"][m] for m in MODALITIES])
-        lines.append(f"| {c['case']} | {c['region_voxels']} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | {seam:.2f} |")
+        lines.append(f"| {c['case']} | {c['region_voxels']} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | "
+                     f"{seam:.2f} |")
     return "\n".join(lines) + "\n"
 
 

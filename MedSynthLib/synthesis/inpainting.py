@@ -230,7 +230,6 @@ class InpaintingEngine:
         """Network output (4, *box size) in ``[-1, 1]`` for ``labels[box]`` with ``region`` blanked."""
         import torch
 
-        from .networks import one_hot
 
         crop_labels = labels[box]
         multiple = self.network.size_multiple
