@@ -129,7 +129,9 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN_MM)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--max-cases", type=int, default=None, help="evaluate the first N held-out cases only")
+    parser.add_argument("--mean-cases", type=int, default=None,
+                        help="class means from the first N training cases only (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--montage", type=Path)
@@ -142,7 +144,7 @@ def main() -> int:
     folders = [f for root in args.data for f in find_case_folders(root)]
     test = [f for f in folders if f.name in held][: args.max_cases]
     train = [f for f in folders if f.name not in held]
-    means = training_class_means([prepare_volume(f, args.cache, "tissue_zscore") for f in train])
+    means = training_class_means([prepare_volume(f, args.cache, "tissue_zscore") for f in train[: args.mean_cases]])
     inpainter = InpaintingEngine(resolve_model(args.model, kind="inpainting"), "cpu", "auto")
     synthesis = SynthesisEngine(resolve_model(args.synthesis_model), "cpu", "auto")
     spacing = (1.0, 1.0, 1.0)
@@ -188,6 +190,7 @@ def main() -> int:
 
     # Speed and montage: move the tumour of the typical held-out case (median tumour size) by 15 mm towards the
     # brain's centre.
+    evaluated = [c["case"] for c in per_case]
     typical = sorted(per_case, key=lambda c: c["tumour_voxels"])[len(per_case) // 2]["case"]
     test = [f for f in test if f.name == typical]
     volume = prepare_volume(test[0], args.cache, "tissue_zscore")
@@ -233,7 +236,8 @@ def main() -> int:
         summary[name] = block
     summary["real_rules_passed"] = int(sum(c["real_rules"]["passed"] for c in per_case))
     summary["real_rules_checked"] = int(sum(c["real_rules"]["checked"] for c in per_case))
-    report = {"command": " ".join(sys.argv), "held_out": [f.name for f in test], "training_cases": len(train),
+    report = {"command": " ".join(sys.argv), "held_out": evaluated, "training_cases": len(train),
+              "class_mean_cases": len(train[: args.mean_cases]),
               "inpainting_model": {"name": inpainter.model.name, "sha256": inpainter.model.sha256,
                                    "steps": inpainter.model.config["training"]["steps"]},
               "synthesis_model": {"name": synthesis.model.name, "sha256": synthesis.model.sha256},
