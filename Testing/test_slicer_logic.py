@@ -450,7 +450,10 @@ def test_device_detection_runs_torch_in_a_separate_process(case):
 def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_model):
     progress, ids = [], _ids(case.scene)
     case.logic.progress.connect(lambda f, t: progress.append((f, t)))
-    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu", seed=7))
+    # inpaint=False: a whole synthetic case (the default for a loaded real case is inpainting, tested in
+    # Testing/test_inpainting.py through the worker)
+    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu", seed=7,
+                                                              inpaint=False))
     assert job.task.pid != os.getpid() and pid_alive(job.task.pid)
     assert _ids(case.scene) == ids  # nothing is added while it runs
     while job.poll():

@@ -104,6 +104,17 @@ class Synthesis:
         out.sort(key=lambda entry: not entry["default"])
         return out
 
+    @staticmethod
+    def inpainting_model_registered() -> bool:
+        """Whether the registry names a default inpainting model (Generate on a real case then inpaints)."""
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.synthesis.models import DEFAULT_KEYS, read_registry
+
+        try:
+            return bool(read_registry().get(DEFAULT_KEYS["inpainting"]))
+        except MedSynthError:  # an unreadable registry: the worker reports it when it loads a model
+            return False
+
     def detect_devices(self, timeout_s: float = 180.0):
         """What torch detects in the backend's Python (run in a separate process)."""
         from .environment import detect_devices
@@ -143,6 +154,12 @@ class Synthesis:
         run_dir = self._new_run_dir("synthesis")
         out_dir = run_dir / "case"
         params, arrays = labelmap_request(labelmap)
+        source_case = reference.GetAttribute(mrml.SOURCE_CASE_ATTRIBUTE) if options.inpaint else None
+        if source_case:  # a real case: keep its images, re-render the edited region (MedSynthLib inpainting)
+            if options.inpainting_model or self.inpainting_model_registered():
+                params["context"] = source_case
+            else:
+                self.log.emit("no inpainting model is registered: synthesising a whole case instead")
         self.progress.emit(0.0, "starting the synthesis")
         try:
             task = self.worker().submit("generate", dict(params, out=str(out_dir), **options.worker_params()), arrays)

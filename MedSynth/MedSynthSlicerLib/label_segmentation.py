@@ -20,7 +20,8 @@ import numpy as np
 from . import mrml
 from .environment import ensure_medsynthlib_importable
 from .errors import WorkflowError
-from .mrml import CONVENTION_ATTRIBUTE, ORIGINAL_REFERENCE, ROLE, ROLE_LABELS, ROLE_TEMPLATE
+from .mrml import (CONVENTION_ATTRIBUTE, ORIGINAL_REFERENCE, ROLE, ROLE_LABELS, ROLE_TEMPLATE,
+                   SOURCE_CASE_ATTRIBUTE)
 from .parameters import LABEL_CONVENTIONS, MODALITIES, MODALITY_TITLES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,6 +140,8 @@ class LabelSegmentation:
                     except mrml.MRMLError as exc:
                         raise WorkflowError(str(exc)) from None
                 nodes[modality].SetAttribute("MedSynth.Modality", modality)
+                # A real case: Generate can keep its images and re-render only the edited region.
+                nodes[modality].SetAttribute(SOURCE_CASE_ATTRIBUTE, str(folder))
             nodes["tumour"] = None
             if "seg" in case.files:
                 try:

@@ -43,6 +43,8 @@ ROLE_MOVING = "moving-tumour"
 #: + modality: node reference role from the label segmentation to the volumes it was prepared from.
 ORIGINAL_REFERENCE = "MedSynthOriginal_"
 CONVENTION_ATTRIBUTE = "MedSynth.LabelConvention"
+#: On the volumes of a loaded real case: its folder (Generate then inpaints into it by default).
+SOURCE_CASE_ATTRIBUTE = "MedSynth.SourceCase"
 
 
 class MRMLError(RuntimeError):

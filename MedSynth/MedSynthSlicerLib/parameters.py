@@ -83,12 +83,17 @@ class GenerateOptions:
         device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``mps`` or ``cpu``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
         seed: seed recorded in the provenance.
+        inpaint: when the input is a real case, Generate keeps the patient's images and re-renders only the
+            edited tumour region (an inpainting model); False: a whole synthetic case (for anonymisation).
+        inpainting_model: inpainting model name or folder; ``None``/empty: the registry's default.
     """
 
     model: Optional[str] = None
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    inpaint: bool = True
+    inpainting_model: Optional[str] = None
 
     def validate(self) -> None:
         from .errors import WorkflowError
@@ -103,7 +108,8 @@ class GenerateOptions:
     def worker_params(self) -> dict[str, Any]:
         """The parameters of a ``generate`` / ``preview`` request (see :mod:`.protocol`)."""
         return {"model": str(self.model) if self.model else None, "device": self.device,
-                "precision": self.precision, "seed": self.seed}
+                "precision": self.precision, "seed": self.seed,
+                "inpainting_model": str(self.inpainting_model) if self.inpainting_model else None}
 
 
 @dataclass

@@ -90,6 +90,8 @@ class Worker:
         labelmap = self.labelmap(request)
         out = Path(request.params["out"])
         check_writable([out], False)
+        if request.params.get("context"):
+            return self.inpaint(request, labelmap, out)
         self.step(request, 0.05, "loading the model")
         _, engine = self.engine(request.params)
         self.step(request, 0.35, "model loaded")
@@ -100,6 +102,31 @@ class Worker:
         return Event("result", request.id, fraction=1.0, text="written",
                      data={"out": str(out), "device": engine.device, "precision": engine.synth.precision,
                            "timings_s": result.provenance.get("timings_s", {})},
+                     arrays=arrays)
+
+    def inpaint(self, request: Request, labelmap: Any, out: Path) -> Event:
+        """Generate for a real case: its images kept, the edited tumour region re-rendered (not anonymous)."""
+        from MedSynthLib.synthesis.inpainting import InpaintingEngine, inpaint_case, read_context, write_inpainted_case
+        from MedSynthLib.synthesis.models import resolve_model
+
+        context = read_context(request.params["context"], labelmap)
+        self.step(request, 0.05, "loading the inpainting model")
+        key = ("inpainting", request.params.get("inpainting_model") or None, request.params.get("device", "auto"),
+               request.params.get("precision", "auto"))
+        if key not in self._engines:
+            self._engines.clear()  # one model in memory at a time
+            self._renderers.clear()
+            self._engines[key] = InpaintingEngine(resolve_model(key[1], kind="inpainting"), key[2], key[3])
+        engine = self._engines[key]
+        self.step(request, 0.35, "model loaded")
+        case = inpaint_case(engine, labelmap, context)
+        self.step(request, 0.85, "inpainted")
+        write_inpainted_case(case, out)
+        arrays = {m: put_array(self.exchange, case.images[m]) for m in case.images}
+        return Event("result", request.id, fraction=1.0, text="written",
+                     data={"out": str(out), "device": str(engine.synth.device), "precision": engine.synth.precision,
+                           "timings_s": case.provenance.get("timings_s", {}), "inpainted": True,
+                           "synthetic_voxels": int(case.region.sum())},
                      arrays=arrays)
 
     def preview(self, request: Request) -> Event:

@@ -492,6 +492,9 @@ class PrivacyRecord:
     tumour_dice_to_source: float | None = None
     tumour_origin: Literal["patient", "inserted", "parametric", "segmentation", "mixed", "none",
                            "unknown"] = "unknown"
+    #: ``synthetic`` (every voxel painted by the network) or ``patient`` (a real scan with a region inpainted:
+    #: outside the region the images are the patient's own, :class:`InpaintingRecord`).
+    images: Literal["synthetic", "patient"] = "synthetic"
 
     @classmethod
     def from_history(cls, history: list[dict[str, Any]], array: np.ndarray) -> "PrivacyRecord":
@@ -528,10 +531,13 @@ class PrivacyRecord:
             origin = new_origin if not keep or origin in ("none", new_origin) else "mixed"
         if not (after >= Label.NCR).any():
             origin = "none"
-        return PrivacyRecord(self.anatomy, brain, tumour_dice, origin)
+        return PrivacyRecord(self.anatomy, brain, tumour_dice, origin, self.images)
 
     def anonymous(self) -> tuple[bool, str]:
         """Whether ``export --anonymous`` may share the case, and why (one phrase)."""
+        if self.images == "patient":
+            return False, ("its images are the patient's own scan outside the inpainted region (a tumour edited "
+                           "into a real case); synthesise the whole case instead to share it")
         if self.anatomy == "unknown":
             return False, "its label map has no history, so its source is unknown"
         if self.anatomy == "patient" and (self.brain_dice_to_source or 0.0) >= MAX_ANONYMOUS_BRAIN_DICE:
@@ -553,7 +559,8 @@ class PrivacyRecord:
         ok, reason = self.anonymous()
         brain = "n/a" if self.brain_dice_to_source is None else f"{self.brain_dice_to_source:.2f}"
         tumour = "n/a" if self.tumour_dice_to_source is None else f"{self.tumour_dice_to_source:.2f}"
-        return (f"Privacy: anatomy {self.anatomy}; brain-mask Dice to source patient {brain}; tumour Dice to "
+        images = "images the patient's own scan outside the inpainted region; " if self.images == "patient" else ""
+        return (f"Privacy: {images}anatomy {self.anatomy}; brain-mask Dice to source patient {brain}; tumour Dice to "
                 f"source patient {tumour}; tumour {self.tumour_origin}; "
                 f"{'anonymous' if ok else 'NOT anonymous'} ({reason}).")
 
@@ -633,8 +640,35 @@ class ReviewRecord:
         return dataclasses.replace(review, note=note)
 
 
-TIMING_KEYS = frozenset({"load_model", "network", "total", "rerender", "write"})
+TIMING_KEYS = frozenset({"load_model", "network", "total", "rerender", "write", "region"})
 OUTPUT_FILES = ("t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz", "labels.nii.gz", "labels.json")
+#: Written by inpainting into a real case: 1 where a voxel is (partly) synthetic, 0 where it is the real scan.
+SYNTHETIC_MASK_FILE = "synthetic_mask.nii.gz"
+
+
+@dataclass(frozen=True)
+class InpaintingRecord:
+    """A real patient's scan with one region re-rendered (``medsynth synthesize --context``).
+
+    Outside the region every voxel is the patient's image as stored: such a case is never anonymous.
+
+    Attributes:
+        context: what the images outside the region are (always the patient's scan).
+        region_margin_mm: growth of the changed tumour into the region.
+        feather_mm: width of the blend inside the region's border.
+        old_tumour: where the tumour before the edit came from (``old-labels``: a given label map;
+            ``case-segmentation``: the case's own expert segmentation; ``none``).
+        synthetic_voxels: voxels in the region (``synthetic_mask.nii.gz``).
+        context_sha256: sha256 of the patient's image files (local only: it identifies the scans).
+    """
+
+    local_only: ClassVar[frozenset[str]] = frozenset({"context_sha256"})
+    context: Literal["patient-scan"] = "patient-scan"
+    region_margin_mm: float | None = None
+    feather_mm: float | None = None
+    old_tumour: Literal["old-labels", "case-segmentation", "none"] | None = None
+    synthetic_voxels: int | None = None
+    context_sha256: dict[CONTRAST, SHA256] | None = None
 
 
 @dataclass(frozen=True)
@@ -656,14 +690,15 @@ class SynthesisRecord:
     timings_s: dict[Annotated[str, OneOf(TIMING_KEYS)], float] = field(default_factory=dict)
     privacy: PrivacyRecord | None = None
     #: sha256 of every written file of the case folder (name -> hash).
-    files: dict[Annotated[str, OneOf(frozenset(OUTPUT_FILES))], SHA256] | None = None
+    files: dict[Annotated[str, OneOf(frozenset(OUTPUT_FILES) | {SYNTHETIC_MASK_FILE})], SHA256] | None = None
     review: ReviewRecord | None = None
+    inpainting: InpaintingRecord | None = None
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any], redacted: Redactions | None = None) -> "SynthesisRecord":
         """Parse a provenance.json (older ones too), dropping and counting what is not of its type."""
         redacted = redacted if redacted is not None else Redactions()
-        simple = {k: v for k, v in raw.items() if k not in ("edits", "privacy", "review", "model")}
+        simple = {k: v for k, v in raw.items() if k not in ("edits", "privacy", "review", "model", "inpainting")}
         record = _build(cls, simple, redacted)
         model = raw.get("model")
         if not isinstance(model, dict):
@@ -672,7 +707,8 @@ class SynthesisRecord:
         return dataclasses.replace(
             record, model=_build(ModelRecord, model, redacted), edits=tuple(parse_history(raw.get("edits"), redacted)),
             privacy=PrivacyRecord.from_json(raw.get("privacy"), redacted),
-            review=ReviewRecord.from_json(raw.get("review"), redacted))
+            review=ReviewRecord.from_json(raw.get("review"), redacted),
+            inpainting=_optional_record(InpaintingRecord, raw.get("inpainting"), redacted))
 
     def to_json(self, for_export: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -680,17 +716,27 @@ class SynthesisRecord:
             value = getattr(self, f.name)
             if f.name == "edits":
                 out["edits"] = [step.to_json(for_export) for step in value]
-            elif f.name in ("privacy", "review", "files") and value is None:
+            elif f.name in ("privacy", "review", "files", "inpainting") and value is None:
                 continue
             elif f.name == "files" and for_export:
                 continue  # the case folder's own files; an export lists its own
             elif f.name == "privacy":
                 out["privacy"] = value.to_json()
-            elif f.name == "review":
-                out["review"] = _drop_none(_to_json(value, for_export))
+            elif f.name in ("review", "inpainting"):
+                out[f.name] = _drop_none(_to_json(value, for_export))
             else:
                 out[f.name] = _to_json(value, for_export)
         return out
+
+
+def _optional_record(cls: type, raw: Any, redacted: Redactions) -> Any:
+    """A nested record from JSON, or ``None`` when absent (a non-object is dropped and counted)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        redacted.drop()
+        return None
+    return _build(cls, raw, redacted)
 
 
 @dataclass(frozen=True)
@@ -709,7 +755,8 @@ class ExportRecord:
 
 
 __all__ = [
-    "RECORD_KINDS", "StepParams", "StepRecord", "PrivacyRecord", "SynthesisRecord", "ReviewRecord", "ExportRecord",
+    "RECORD_KINDS", "StepParams", "StepRecord", "PrivacyRecord", "SynthesisRecord", "InpaintingRecord",
+    "SYNTHETIC_MASK_FILE", "ReviewRecord", "ExportRecord",
     "ModelRecord", "Redactions", "parse_step", "parse_history", "privacy_of", "label_map_record", "sidecar_path",
     "array_sha256", "file_sha256", "software_versions", "RATING_RANGE", "RATING_NOT_RATED",
     "MAX_ANONYMOUS_BRAIN_DICE", "MAX_ANONYMOUS_TUMOUR_DICE",

@@ -6,6 +6,7 @@ workers) holds::
     t1.nii.gz t1ce.nii.gz t2.nii.gz flair.nii.gz   scanner units, 0 outside the brain
     labels.nii.gz labels.json                      the label map and its sidecar
     provenance.json                                typed SynthesisRecord, with the sha256 of every file above
+    synthetic_mask.nii.gz                          inpainting into a real case only: 1 = synthetic voxel
     montage.png                                    optional preview
 
 Intensities are converted once, float32 -> int16 where that loses nothing that matters
@@ -29,20 +30,21 @@ import numpy as np
 from ..schema.errors import InputError
 from ..schema.grid import Grid, LabelMap
 from ..schema.labels import SCHEMA_VERSION
-from ..schema.provenance import (OUTPUT_FILES, SYNTHETIC_CASE_KIND, Redactions, SynthesisRecord, array_sha256,
-                                 file_sha256)
+from ..schema.provenance import (OUTPUT_FILES, SYNTHETIC_CASE_KIND, SYNTHETIC_MASK_FILE, Redactions, SynthesisRecord,
+                                 array_sha256, file_sha256)
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 LABELS_FILE = "labels.nii.gz"
 PROVENANCE_FILE = "provenance.json"
 MONTAGE_FILE = "montage.png"
 #: Every file MedSynth writes into a case folder; ``--overwrite`` replaces these and nothing else.
-OWNED_FILES = (*OUTPUT_FILES, MONTAGE_FILE, PROVENANCE_FILE)
+OWNED_FILES = (*OUTPUT_FILES, SYNTHETIC_MASK_FILE, MONTAGE_FILE, PROVENANCE_FILE)
 
 
 def write_case_folder(labelmap: LabelMap, images: Mapping[str, np.ndarray], provenance: Mapping[str, Any],
                       out_dir: str | os.PathLike[str], *, overwrite: bool = False,
-                      extra: Callable[[Path], None] | None = None) -> Path:
+                      extra: Callable[[Path], None] | None = None, synthetic_mask: np.ndarray | None = None,
+                      keep_types: bool = False) -> Path:
     """Write a synthetic case: build it in a staging folder, hash every file, commit under the lock.
 
     Args:
@@ -51,6 +53,10 @@ def write_case_folder(labelmap: LabelMap, images: Mapping[str, np.ndarray], prov
         provenance: the synthesis record (``files`` is filled in here).
         out_dir: the case folder; with ``overwrite`` an existing one keeps files MedSynth does not own.
         extra: writes further files (a montage) into the staging folder.
+        synthetic_mask: which voxels are synthetic (inpainting into a real case), written as
+            ``synthetic_mask.nii.gz`` (uint8) and hashed with the other files.
+        keep_types: store each image in its own type (a real scan's voxels as they were stored) instead of
+            converting float32 to int16 where that loses nothing that matters.
     """
     from ..schema.labelmap import write_label_map_files
     from ..schema.outputs import commit_folder, staging_folder
@@ -62,17 +68,21 @@ def write_case_folder(labelmap: LabelMap, images: Mapping[str, np.ndarray], prov
     with staging_folder(out_dir) as stage:
 
         def write_modality(modality: str) -> None:
-            write_image(grid.image(compact_intensities(images[modality])), stage / f"{modality}.nii.gz")
+            array = images[modality] if keep_types else compact_intensities(images[modality])
+            write_image(grid.image(array), stage / f"{modality}.nii.gz")
 
         # gzip dominates writing and SimpleITK releases the GIL while it runs: one thread per volume.
         with ThreadPoolExecutor(len(MODALITIES) + 1) as pool:
             labels = pool.submit(write_label_map_files, labelmap, stage / LABELS_FILE)
             list(pool.map(write_modality, MODALITIES))
             labels.result()
+        if synthetic_mask is not None:
+            write_image(grid.image(synthetic_mask.astype(np.uint8)), stage / SYNTHETIC_MASK_FILE)
         if extra is not None:
             extra(stage)
         record = dict(provenance)
-        record["files"] = {name: file_sha256(stage / name) for name in OUTPUT_FILES}
+        names = OUTPUT_FILES + ((SYNTHETIC_MASK_FILE,) if synthetic_mask is not None else ())
+        record["files"] = {name: file_sha256(stage / name) for name in names}
         write_json(record, stage / PROVENANCE_FILE)
         commit_folder(stage, out_dir, OWNED_FILES, overwrite=overwrite)
     return out_dir
@@ -115,7 +125,8 @@ def verify_files(folder: Path, raw: Mapping[str, Any]) -> None:
         raise InputError(folder / PROVENANCE_FILE,
                          "records no file checksums (written by an older MedSynth); synthesise the case again "
                          "so its images can be verified as synthetic")
-    for name in OUTPUT_FILES:
+    names = OUTPUT_FILES + ((SYNTHETIC_MASK_FILE,) if SYNTHETIC_MASK_FILE in recorded else ())
+    for name in names:
         path = folder / name
         if path.is_symlink():
             raise InputError(path, "is a link, not the file MedSynth wrote; refusing to treat it as synthetic")

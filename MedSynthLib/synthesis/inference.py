@@ -154,6 +154,11 @@ class Synthesizer:
         result[:, crop == Label.BACKGROUND] = -1.0
         return result
 
+    def predict_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """The network on a prepared (1, C, *spatial) condition whose sizes are multiples of the network's
+        (an inpainting model's label map + blanked images + mask), with the same fallbacks as :meth:`predict`."""
+        return self._predict_with_fallback(condition)
+
     def _predict_with_fallback(self, onehot: torch.Tensor) -> torch.Tensor:
         roi: int | None = None if onehot[0, 0].numel() <= self.max_voxels else self.roi
         while True:

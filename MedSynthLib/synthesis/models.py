@@ -57,9 +57,10 @@ def read_registry(root: Path | None = None) -> dict[str, Any]:
     models = registry.setdefault("models", {})
     if not isinstance(models, dict):
         raise InputError(path, f"model registry: 'models' must be an object, not {json_type_name(models)}")
-    default = registry.get("default")
-    if default is not None and not isinstance(default, str):
-        raise InputError(path, f"model registry: 'default' must be a model name, not {json_type_name(default)}")
+    for key in DEFAULT_KEYS.values():
+        default = registry.get(key)
+        if default is not None and not isinstance(default, str):
+            raise InputError(path, f"model registry: {key!r} must be a model name, not {json_type_name(default)}")
     for name, entry in models.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
                 and isinstance(entry.get("sha256"), str)):
@@ -85,8 +86,15 @@ class ModelFolder:
         return self.path / WEIGHTS_NAME
 
 
-def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> ModelFolder:
-    """Find and verify a model by registry name (default: the registry's default) or folder path.
+#: Registry key of each model kind's default (``medsynth synthesize --context`` takes an inpainting model).
+DEFAULT_KEYS = {"synthesis": "default", "inpainting": "default_inpainting"}
+
+
+def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str = "synthesis") -> ModelFolder:
+    """Find and verify a model by registry name (default: the registry's default of ``kind``) or folder path.
+
+    Args:
+        kind: ``synthesis`` (label map -> images) or ``inpainting`` (a region of a real case); picks the default.
 
     Raises:
         MedSynthError: unknown name, missing files, wrong hash, or another label schema.
@@ -94,9 +102,10 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> ModelFo
     registry = read_registry()
     expected_sha: str | None = None
     if name_or_path is None:
-        name_or_path = registry.get("default")
+        name_or_path = registry.get(DEFAULT_KEYS[kind])
         if not name_or_path:
-            raise MedSynthError(f"{models_root()}: no default model is registered")
+            what = "default model" if kind == "synthesis" else f"default {kind} model"
+            raise MedSynthError(f"{models_root()}: no {what} is registered (give --model)")
     text = os.fspath(name_or_path)
     if text in registry.get("models", {}):
         entry = registry["models"][text]
@@ -151,7 +160,7 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
     from ..schema.budget import MAX_NETWORK_PARAMETERS
     from ..schema.jsonshape import check_fields, expect_object
     from ..schema.labels import NUM_CLASSES
-    from .networks import MODALITY_ORDER, NetworkConfig
+    from .networks import INPAINTING_IN_CHANNELS, MODALITY_ORDER, NetworkConfig
 
     expect_object(data, source, "network")
     known = {k: v for k, v in data.items() if k in NetworkConfig.__dataclass_fields__}
@@ -163,7 +172,14 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
     problems = []
     if network.spatial_dims != 3:
         problems.append(f"spatial_dims {network.spatial_dims} (MedSynth is 3D)")
-    if network.in_channels != NUM_CLASSES:
+    if network.kind == "inpainting":
+        if network.in_channels != INPAINTING_IN_CHANNELS:
+            problems.append(f"in_channels {network.in_channels} (an inpainting network sees {NUM_CLASSES} label "
+                            f"classes + 4 contrasts + the region mask = {INPAINTING_IN_CHANNELS})")
+        if network.style_dim:
+            problems.append(f"style_dim {network.style_dim} (an inpainting network takes its appearance from the "
+                            "real images: 0)")
+    elif network.in_channels != NUM_CLASSES:
         problems.append(f"in_channels {network.in_channels} (the label schema has {NUM_CLASSES} classes)")
     if sorted(network.modalities) != sorted(MODALITY_ORDER) or network.out_channels != len(network.modalities):
         problems.append(f"modalities {list(network.modalities)} with out_channels {network.out_channels} "
@@ -176,7 +192,7 @@ def check_network_config(data: Any, source: Any) -> "NetworkConfig":
         problems.append(f"num_res_units {network.num_res_units} (0-{MAX_DEPTH})")
     if not 1 <= network.disc_channels <= MAX_CHANNELS or not 0 <= network.disc_layers <= MAX_DEPTH:
         problems.append(f"disc_channels {network.disc_channels} / disc_layers {network.disc_layers}")
-    if network.kind == "spade":
+    if network.kind in ("spade", "inpainting"):
         from .spade_generator import UPSAMPLE_MODES
 
         if not 0 <= network.bottleneck_blocks <= MAX_DEPTH:
@@ -332,7 +348,8 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
             shutil.copy2(model.path / file_name, tmp / file_name)
     registry = read_registry(root)
     registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256}
-    if make_default or not registry.get("default"):
-        registry["default"] = name
+    key = DEFAULT_KEYS["inpainting" if model.config["network"].get("kind") == "inpainting" else "synthesis"]
+    if make_default or not registry.get(key):
+        registry[key] = name
     write_json(registry, root / "registry.json", overwrite=True)
     return resolve_model(name) if root == models_root() else model

@@ -22,7 +22,10 @@ from torch import nn
 from ..schema.labels import MODALITIES, NUM_CLASSES
 
 MODALITY_ORDER: tuple[str, ...] = MODALITIES
-NETWORK_KINDS = ("unet", "spade")
+NETWORK_KINDS = ("unet", "spade", "inpainting")
+#: An inpainting network (``kind: inpainting``) sees the one-hot label map, the four real contrasts with
+#: the region blanked, and the region mask: NUM_CLASSES + 4 + 1 input channels.
+INPAINTING_IN_CHANNELS = NUM_CLASSES + len(MODALITY_ORDER) + 1
 
 
 @dataclass
@@ -43,7 +46,8 @@ class NetworkConfig:
     modalities: tuple[str, ...] = field(default_factory=lambda: MODALITY_ORDER)
     # "unet" (MONAI UNet, the original pix2pix generator) or "spade" (MedSynthLib.synthesis.spade_generator: the
     # label map injected at every decoder scale, interpolation up-sampling, optional appearance code).
-    # The fields below apply to "spade" only.
+    # The fields below apply to "spade" (and "inpainting": the SPADE generator on the label map + the real
+    # contrasts with a region blanked + the region mask, MedSynthLib.synthesis.inpainting).
     kind: str = "unet"
     bottleneck_blocks: int = 2
     spade_hidden: int = 32
@@ -53,7 +57,7 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         if self.kind not in NETWORK_KINDS:
             raise ValueError(f"network kind must be one of {list(NETWORK_KINDS)}, not {self.kind!r}")
-        if self.kind == "spade" and (any(s != 2 for s in self.strides) or len(self.strides) != len(self.channels) - 1):
+        if self.kind in ("spade", "inpainting") and (any(s != 2 for s in self.strides) or len(self.strides) != len(self.channels) - 1):
             raise ValueError("a spade network down-samples by 2 per level: strides must be 2, one per width but "
                              "the last")
 
@@ -97,7 +101,7 @@ class Generator(nn.Module):
         self.config = config
         if backend not in ("monai", "torch"):
             raise ValueError(f"unknown generator backend {backend!r} (monai or torch)")
-        if config.kind == "spade":
+        if config.kind in ("spade", "inpainting"):
             if backend == "torch":
                 from .inference_spade import InferenceSpadeGenerator as Spade
             else:
@@ -134,6 +138,8 @@ class Generator(nn.Module):
         """
         if self.config.kind == "unet":
             return torch.tanh(self.unet(onehot))
+        if self.config.kind == "inpainting":  # onehot: the whole condition (labels, blanked images, mask)
+            return torch.tanh(self.net(onehot, None))
         if reference is not None and self.config.has_style:
             from .spade_generator import kl_to_standard_normal
 

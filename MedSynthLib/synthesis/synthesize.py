@@ -51,6 +51,11 @@ class SynthesisEngine:
         self.model = model
         dev = pick_device(device)
         self.network = NetworkConfig.from_json(model.config["network"])
+        if self.network.kind == "inpainting":
+            from ..schema.errors import InputError
+
+            raise InputError(model.path, f"model {model.name} is an inpainting model: it re-renders a region of a "
+                                         "real case (give --context CASE_DIR), it cannot synthesise a whole case")
         self.synth = Synthesizer(load_generator(model, "cpu"), self.network, dev, pick_precision(precision, dev),
                                  log=log)
         self.load_seconds = time.perf_counter() - start

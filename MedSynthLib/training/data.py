@@ -211,3 +211,48 @@ def data_summary(volumes: list[TrainingVolume]) -> dict[str, Any]:
         "case_sha256": [v.key for v in volumes],
         "tumour_voxels": int(sum(len(v.tumour_voxels) for v in volumes)),
     }
+
+
+@dataclass(frozen=True)
+class RegionSampler:
+    """Regions to blank and inpaint in training patches (``network.kind: inpainting``), from (seed, step, rank).
+
+    A region is either the patch's tumour grown by a random margin (what an edit re-renders: the tumour
+    and the oedema and mass effect around it) or, otherwise and when the patch holds no tumour, one to three
+    random overlapping ellipsoids in the brain (healthy tissue appearing where a tumour left).
+
+    Attributes:
+        tumour_fraction: probability of a tumour-centred region when the patch holds tumour.
+        margin_range: growth of the tumour, in voxels (min, max).
+        radius_range: ellipsoid semi-axes, in voxels (min, max).
+    """
+
+    tumour_fraction: float = 0.6
+    margin_range: tuple[float, float] = (3.0, 12.0)
+    radius_range: tuple[float, float] = (5.0, 20.0)
+
+    def sample(self, labels: torch.Tensor, seed: int, step: int, rank: int) -> torch.Tensor:
+        """(B, 1, *spatial) float masks for a batch of patch label maps (B, *spatial)."""
+        rng = np.random.default_rng([seed, step, rank, 2])
+        masks = [self._one(lab.numpy(), rng) for lab in labels]
+        return torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
+
+    def _one(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        from ..synthesis.inpainting import _ball_growth
+
+        brain = brain_mask(labels)
+        tumour = tumour_mask(labels)
+        if tumour.any() and rng.random() < self.tumour_fraction:
+            margin = float(rng.uniform(*self.margin_range))
+            return _ball_growth(tumour, margin, (1.0, 1.0, 1.0)) & brain
+        points = np.argwhere(brain)
+        region = np.zeros(labels.shape, bool)
+        if not len(points):
+            return region
+        grid = np.indices(labels.shape, dtype=np.float32)
+        for _ in range(int(rng.integers(1, 4))):
+            centre = points[int(rng.integers(len(points)))]
+            radii = rng.uniform(*self.radius_range, 3)
+            distance = sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in range(3))
+            region |= distance <= 1.0
+        return region & brain

@@ -30,7 +30,7 @@ from ..schema.errors import InputError, MedSynthError
 from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
-from .data import PatchSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
+from .data import PatchSampler, RegionSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
 
 if TYPE_CHECKING:
     from ..synthesis.models import ModelFolder
@@ -71,11 +71,16 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     init_from: str | None = None  # a model (name or folder) whose generator weights start the run
+    # Inpainting networks (network.kind: inpainting): probability of a region grown around the patch's tumour
+    # (else random ellipsoids in the brain), and the range of that growth in voxels.
+    inpaint_tumour_fraction: float = 0.6
+    inpaint_margin_range: tuple[float, float] = (3.0, 12.0)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["network"] = self.network.to_json()
         data["betas"] = list(self.betas)
+        data["inpaint_margin_range"] = list(self.inpaint_margin_range)
         return data
 
     @classmethod
@@ -91,8 +96,9 @@ class TrainConfig:
             if unknown:
                 raise InputError(source, f"unknown network options {sorted(unknown)}")
             data["network"] = check_network_config(data["network"], source)
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
+        for name in ("betas", "inpaint_margin_range"):
+            if name in data:
+                data[name] = tuple(data[name])
         config = cls(**data)
         _check_values(config, source)
         if config.adversarial not in ("lsgan", "hinge", "none"):
@@ -111,6 +117,9 @@ class TrainConfig:
             if config.val_cases and sorted(config.val_cases) != sorted(config.cv_folds[config.cv_fold]):
                 raise InputError(source, "val_cases and cv_fold disagree: give one of them")
             config.val_cases = list(config.cv_folds[config.cv_fold])
+        if config.network.kind == "inpainting" and config.normalization != "tissue_zscore":
+            raise InputError(source, "an inpainting network normalises each case against its own grey and white "
+                                     "matter: normalization must be tissue_zscore")
         if config.patch_size % config.network.size_multiple:
             raise InputError(source, f"patch_size {config.patch_size} is not a multiple of "
                                      f"{config.network.size_multiple}")
@@ -128,13 +137,17 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check_range(source, "lr", config.lr, 0, 1)  # 0 freezes the weights (a run that only evaluates a start)
     for index, beta in enumerate(config.betas):
         check_range(source, f"betas[{index}]", beta, 0, 1)
-    for name in ("lr_decay_fraction", "tumour_fraction"):
+    for name in ("lr_decay_fraction", "tumour_fraction", "inpaint_tumour_fraction"):
         check_range(source, name, getattr(config, name), 0, 1)
     for name in ("lambda_l1", "rotate_deg", "scale", "intensity"):
         check_range(source, name, getattr(config, name), 0)
     check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
     if config.threads is not None:
         check_range(source, "threads", config.threads, 1, 4096)
+    low, high = (tuple(config.inpaint_margin_range) + (0.0, 0.0))[:2]
+    if len(config.inpaint_margin_range) != 2 or not 0 <= low <= high <= 64:
+        raise InputError(source, f"inpaint_margin_range must be two voxel counts 0 <= min <= max <= 64, got "
+                                 f"{list(config.inpaint_margin_range)}")
     if len(config.betas) != 2:
         raise InputError(source, f"betas must be two numbers, got {list(config.betas)}")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -462,6 +475,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 if precision != "fp32" else torch.autocast(dev.type, enabled=False))
     sampler = PatchSampler(config.patch_size, config.tumour_fraction, config.flip, config.rotate_deg,
                            config.scale, config.intensity)
+    inpainting = config.network.kind == "inpainting"
+    regions = RegionSampler(config.inpaint_tumour_fraction, config.inpaint_margin_range)
     writer = None
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -479,8 +494,13 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                     for group in opt.param_groups:
                         group["lr"] = lr
             labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size)
+            region = regions.sample(labels, config.seed, step, d.rank).to(dev) if inpainting else None
             labels, real = labels.to(dev), real.to(dev)
             cond = one_hot(labels)
+            if region is not None:
+                from ..synthesis.inpainting import inpainting_condition
+
+                cond = inpainting_condition(cond, real, region)
             kl = None
             with autocast:
                 if config.network.has_style:
@@ -491,6 +511,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                     fake, kl = g_model(cond, reference=real, noise=noise.to(dev))
                 else:
                     fake = g_model(cond)
+            if region is not None:
+                # Only the region is ever used: the discriminator judges the real image with the region
+                # painted in, and the L1 term is the mean inside the region.
+                fake = region * fake + (1 - region) * real
             logs: dict[str, float] = {}
             if d_model is not None and opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
@@ -504,7 +528,11 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 scaler.step(opt_d)
                 logs["loss/discriminator"] = loss_d.item()
             opt_g.zero_grad(set_to_none=True)
-            loss_l1 = (fake.float() - real).abs().mean()
+            if region is not None:
+                inside = region.sum() * real.shape[1]
+                loss_l1 = ((fake.float() - real).abs() * region).sum() / inside.clamp(min=1.0)
+            else:
+                loss_l1 = (fake.float() - real).abs().mean()
             loss_g = config.lambda_l1 * loss_l1
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
@@ -623,6 +651,12 @@ def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, vol
         "validation": val_metrics,
         "software": software_versions(),
     }
+    if config.network.kind == "inpainting":
+        from ..synthesis.inpainting import BLANK_VALUE, NORMALIZATION
+
+        # Inference normalises each real case against its own grey and white matter, as training did.
+        model_config["inpainting"] = {"normalization": NORMALIZATION, "blank_value": BLANK_VALUE,
+                                      "margin_range_voxels": list(config.inpaint_margin_range)}
     return write_model(model_dir, state, model_config, overwrite=True)
 
 
@@ -634,6 +668,8 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
     from ..schema.labels import brain_mask, tumour_mask
     from ..synthesis.inference import Synthesizer
 
+    if network.kind == "inpainting":
+        return validate_inpainting(generator, network, volumes, device, precision, detailed)
     generator.eval()
     synth = Synthesizer(generator, network, device, precision)
     per_case = []
@@ -665,6 +701,57 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
             values = [case[m][region][metric] for case in per_case for m in network.modalities if region in case[m]]
             if values:
                 summary[f"{region}_{metric}"] = float(np.mean(values))
+    if detailed:
+        summary["per_case"] = per_case
+        summary["case_sha256"] = [v.key for v in volumes]
+    return summary
+
+
+#: Validation region of an inpainting model: the held-out case's tumour grown by this many voxels (mm at 1 mm).
+VALIDATION_MARGIN = 8.0
+
+
+def validate_inpainting(generator: nn.Module, network: NetworkConfig, volumes: list[TrainingVolume],
+                        device: torch.device, precision: str, detailed: bool = False) -> dict[str, Any]:
+    """Blank each held-out case's tumour grown by 8 mm, inpaint it from its label map, score inside the region."""
+    from ..evaluation.metrics import fidelity
+    from ..schema.grid import mask_box
+    from ..schema.labels import brain_mask, tumour_mask
+    from ..synthesis.inference import Synthesizer
+    from ..synthesis.inpainting import CONTEXT_VOXELS, _ball_growth, inpainting_condition
+
+    generator.eval()
+    synth = Synthesizer(generator, network, device, precision)
+    per_case = []
+    for volume in volumes:
+        labels = volume.labels
+        tumour = tumour_mask(labels)
+        if not tumour.any():
+            continue
+        region = _ball_growth(tumour, VALIDATION_MARGIN, (1.0, 1.0, 1.0)) & brain_mask(labels)
+        box = mask_box(region, CONTEXT_VOXELS)
+        crop = labels[box]
+        pads = [(0, (-s) % network.size_multiple) for s in crop.shape]
+        lab = torch.from_numpy(np.pad(crop, pads).astype(np.int64))[None]
+        img = torch.from_numpy(np.pad(volume.images[(slice(None),) + box].astype(np.float32), [(0, 0)] + pads,
+                                      constant_values=-1.0))[None]
+        reg = torch.from_numpy(np.pad(region[box], pads))[None, None].float()
+        with torch.no_grad():
+            out = synth.predict_condition(inpainting_condition(one_hot(lab), img, reg))
+        pred = out[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
+        inside = region[box]
+        # Scored as `medsynth evaluate` scores a tumour: z-scored in the brain, metrics inside the region.
+        brain = brain_mask(crop)
+        real = volume.images[(slice(None),) + box].astype(np.float32)
+        scores = {m: fidelity(real[c], np.where(inside, pred[c], real[c]), brain, {"region": inside})
+                  for c, m in enumerate(network.modalities)}
+        per_case.append(scores)
+    generator.train()
+    summary: dict[str, Any] = {}
+    for metric in ("ssim", "psnr", "mae"):
+        values = [case[m]["region"][metric] for case in per_case for m in network.modalities if "region" in case[m]]
+        if values:
+            summary[f"region_{metric}"] = float(np.mean(values))
     if detailed:
         summary["per_case"] = per_case
         summary["case_sha256"] = [v.key for v in volumes]
