@@ -153,17 +153,21 @@ def test_generate_preview_and_export_through_one_warm_worker(client, tiny_model,
     assert json.loads((case / "provenance.json").read_text())["seed"] == 3
     assert not any(client.exchange.iterdir())  # every array file was taken
 
-    # preview: the whole case first, then only the changed box, from the same (warm) process
-    values, arrays = params(tiny_model, labelmap, seed=3, margin=8)
+    # preview: the whole case first, then only the changed region goes in and comes back, same (warm) process
+    values, arrays = params(tiny_model, labelmap, seed=3, margin=8, session="case-1", reset=True)
     first = client.submit("preview", values, arrays)
     assert first.wait(300) == "done", first.error
-    assert first.result.data["full"] is True and first.pid == pid
+    assert first.result.data["full"] is True and first.pid == pid and first.result.data["version"] == 0
     edited = brain(tumour_at=(18, 15, 15))
-    values, arrays = params(tiny_model, edited, seed=3, margin=8)
-    second = client.submit("preview", values, arrays)
+    from MedSynthLib.synthesis.preview import box_slices, changed_box
+
+    sent = changed_box(labelmap.array, edited.array)
+    values = dict(model=str(tiny_model), device="cpu", precision="fp32", seed=3, margin=8, session="case-1",
+                  start=list(sent[0]), base=0)
+    second = client.submit("preview", values, {"labels": edited.array[box_slices(sent)]})
     assert second.wait(300) == "done", second.error
     data = second.result.data
-    assert data["full"] is False and second.pid == pid
+    assert data["full"] is False and second.pid == pid and data["version"] == 1
     (k0, j0, i0), (k1, j1, i1) = data["box"]
     regions = second.arrays()
     assert regions["t1"].shape == (k1 - k0, j1 - j0, i1 - i0) and regions["t1"].size < edited.array.size
