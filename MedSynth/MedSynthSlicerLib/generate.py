@@ -80,6 +80,7 @@ class PreviewJob:
     started: float = field(default_factory=time.monotonic)
     outputs: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    session: str = ""
 
     def poll(self) -> bool:
         return self.task.poll()
@@ -266,7 +267,8 @@ class Synthesis:
         nodes = self._preview_outputs
         worker = self.worker()
         sent = self._preview_sent
-        reset = (key != self._preview_key or not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values())
+        new_case = key != self._preview_key  # another segmentation or other options: new preview volumes
+        reset = (new_case or not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values())
                  or sent is None or not worker.alive() or sent["pid"] != worker.pid
                  or sent["labels"].shape != labelmap.array.shape)
         common = dict(options.worker_params(), history=list(labelmap.history))
@@ -292,10 +294,11 @@ class Synthesis:
         self._preview_sent = sent
         task.progress.connect(self.progress.emit)
         self._preview_key = key
-        if reset:
+        if new_case:
             self._preview_outputs = None
-        job = PreviewJob(task, segmentation.GetID(), reference.GetID(), options)
+        job = PreviewJob(task, segmentation.GetID(), reference.GetID(), options, session=sent["session"])
         job.seconds = {"labels": read - clock, "diff": diffed - read, "submit": time.perf_counter() - diffed}
+        self._preview_jobs = [j for j in self._preview_jobs if j.status == "running"] + [job]
         return job
 
     def finish_preview(self, job: PreviewJob) -> dict[str, Any]:
@@ -307,13 +310,26 @@ class Synthesis:
         """
         if job.task.is_running():
             job.task.wait()
+        # The worker answers in order.  An earlier preview of this case that finished before this one
+        # superseded it holds a region this one did not render again: it goes into the volumes first.
+        for older in [j for j in self._preview_jobs if j is not job and j.task.id < job.task.id]:
+            self._preview_jobs.remove(older)
+            if older.task.is_running():
+                older.task.wait()
+            if older.status == "running" and older.task.status == "done" and older.session == job.session:
+                self._apply_preview(older)
+        if job in self._preview_jobs:
+            self._preview_jobs.remove(job)
         if job.task.cancelled:
             job.status = "cancelled"
             raise CancelledError(job.task.error or "preview cancelled")
         if job.task.status != "done":
             job.status = "failed"
-            self._preview_key, self._preview_sent = None, None  # the worker may have lost its state: start over
+            self._preview_sent = None  # the worker may have lost the case: the next preview sends it whole
             raise WorkflowError(f"preview failed: {job.task.error}")
+        return self._apply_preview(job)
+
+    def _apply_preview(self, job: PreviewJob) -> dict[str, Any]:
         assert job.task.result is not None
         clock = time.perf_counter()
         data, regions = job.task.result.data, job.task.arrays()
@@ -369,6 +385,7 @@ class Synthesis:
         self._preview_outputs = None
         self._preview_key = None
         self._preview_sent = None
+        self._preview_jobs = []
 
 
 __all__ = ["PREVIEW_CANCEL_GRACE_S", "GenerationJob", "PreviewJob", "Synthesis"]

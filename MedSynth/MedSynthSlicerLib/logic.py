@@ -93,6 +93,7 @@ class WorkflowLogic(LabelSegmentation, TumourTools, Synthesis, ReviewViews):
         self._preview_outputs: dict[str, Any] | None = None
         self._preview_key: tuple | None = None
         self._preview_sent: dict[str, Any] | None = None  # what the worker's preview session holds
+        self._preview_jobs: list[PreviewJob] = []  # previews sent and not finished, oldest first
         self.last_preview: dict[str, Any] | None = None
         self.device_info = None
 
