@@ -218,3 +218,20 @@ def test_the_renderer_is_pluggable(monkeypatch):
     assert update.box == ((2, 3, 4), (3, 5, 5))
     np.testing.assert_array_equal(update.regions["t1"], np.full((1, 2, 1), 500.0, np.float32))
     assert session.images["t1"][0, 0, 0] == 300.0
+
+
+def test_bf16_weights_give_the_autocast_output_bit_for_bit(engine):
+    """The engine holds a U-Net's weights in bf16 on the CPU; the images are those of autocast alone."""
+    import torch
+
+    from MedSynthLib.synthesis.inference import Synthesizer
+    from MedSynthLib.synthesis.models import load_generator
+
+    bf16 = SynthesisEngine(engine.model, "cpu", "bf16")
+    assert next(bf16.synth.generator.parameters()).dtype == torch.bfloat16
+    autocast = Synthesizer(load_generator(engine.model, "cpu"), bf16.network, torch.device("cpu"), "bf16")
+    assert next(autocast.generator.parameters()).dtype == torch.float32
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, (24, 28, 20)).astype(np.uint8)
+    box = (slice(2, 22), slice(4, 28), slice(0, 16))
+    np.testing.assert_array_equal(bf16.synth.predict_region(labels, box), autocast.predict_region(labels, box))

@@ -53,6 +53,11 @@ class SynthesisEngine:
         self.network = NetworkConfig.from_json(model.config["network"])
         self.synth = Synthesizer(load_generator(model, "cpu"), self.network, dev, pick_precision(precision, dev),
                                  log=log)
+        if self.synth.precision == "bf16" and dev.type == "cpu" and self.network.kind == "unet":
+            # This engine owns its generator: hold the weights in bf16.  Under autocast alone every call
+            # converts them again; the outputs are the same bit for bit (tested).  Measured on 2 loaded
+            # cores, 124 x 112 x 126 box: 0-20 % less CPU per forward.
+            self.synth.generator.to(torch.bfloat16)
         self.load_seconds = time.perf_counter() - start
         self._torch = torch
 
