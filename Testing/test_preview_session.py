@@ -25,6 +25,7 @@ from MedSynthLib.schema.errors import MedSynthError
 from MedSynthLib.schema.grid import Grid, LabelMap
 from MedSynthLib.schema.labels import Label, tumour_to_schema
 from MedSynthLib.synthesis import preview as preview_module
+from MedSynthLib.synthesis.inference import brain_box
 from MedSynthLib.synthesis.models import resolve_model, write_model
 from MedSynthLib.synthesis.networks import Generator, NetworkConfig
 from MedSynthLib.synthesis.preview import (EMPTY_BOX, PREVIEW_RENDERERS, PreviewSession, box_slices, box_union,
@@ -125,6 +126,15 @@ def test_roi_update_equals_a_full_render_inside_and_nothing_changes_outside(engi
     # an edit that changes nothing renders nothing
     same = session.set_labels((0, 0, 0), moved.array[:4, :4, :4].copy())
     assert same is None and session.render().box == EMPTY_BOX
+    # brain painted outside the brain box moves the network's lattice: the whole case is rendered again
+    grown = moved.array.copy()
+    brain = brain_box(grown)
+    grown[tuple(max(s.start - 1, 0) for s in brain)] = Label.WM  # a corner just outside (or on) the brain box
+    assert brain_box(grown) != brain  # this crop's brain does not reach every face
+    send_edit(session, moved.array, grown)
+    assert session.render().full
+    whole = engine.synthesize(LabelMap(grown, moved.grid))
+    np.testing.assert_array_equal(session.images["t2"], whole.images["t2"])
 
 
 @pytest.mark.realdata

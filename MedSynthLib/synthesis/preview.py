@@ -128,21 +128,30 @@ class SynthesisRoiRenderer:
         self.images: dict[str, np.ndarray] = {}
         self.normalized: np.ndarray | None = None
         self.brain: tuple[slice, ...] | None = None
+        self.brain_mask: np.ndarray | None = None
 
     def full(self, labelmap: LabelMap, check: Callable[[], None] | None = None) -> None:
+        from ..schema.labels import brain_mask
         from .inference import brain_box
 
         with interruptible(self.engine.synth.generator, check):
             result = self.engine.synthesize(labelmap, seed=self.seed)
         self.images, self.normalized = result.images, result.normalized
-        self.brain = brain_box(labelmap.array)
+        self.brain, self.brain_mask = brain_box(labelmap.array), brain_mask(labelmap.array)
 
     def roi(self, labelmap: LabelMap, changed: Box, check: Callable[[], None] | None = None) -> Box:
+        from ..schema.labels import brain_mask
         from .inference import brain_box
 
-        if self.normalized is None or self.brain is None:
+        if self.normalized is None or self.brain is None or self.brain_mask is None:
             raise MedSynthError("the preview has no rendered case yet")
-        brain = brain_box(labelmap.array)
+        region = box_slices(changed)
+        brain = self.brain
+        inside = brain_mask(labelmap.array[region])
+        if not np.array_equal(inside, self.brain_mask[region]):  # tumour edits never do this; a painted brain may
+            brain = brain_box(labelmap.array)
+            if brain == self.brain:
+                self.brain_mask[region] = inside
         if brain != self.brain:
             # The network runs on the brain box: another box is another stride lattice, so a
             # full synthesis of the edited map differs everywhere.  Render it whole.
