@@ -20,9 +20,9 @@ MedSynthLib's ``Translate``), each followed by a preview in the background worke
 * CPU seconds of this process and of the worker process (``/proc``), and the load average.
 
 Reference, measured in the same run: right after each move, the engine's ROI forward
-alone (``Synthesizer.predict_region`` on the box the worker rendered, in this process,
-nothing else running); the ratio end-to-end / reference shows what the module adds
-to the network.  With ``--before COMMIT`` the same moves also run through that
+alone (``Synthesizer.predict_region`` on the box the worker rendered, in a separate clean
+process set up as the worker is, nothing else running); the ratio end-to-end / reference
+shows what the module adds to the network.  With ``--before COMMIT`` the same moves also run through that
 commit's module (the path before this work, from ``git archive``) in the same run,
 alternating with the current one (``--repeats``: per move the best repeat is kept).
 
@@ -96,12 +96,11 @@ def child(args: argparse.Namespace) -> int:
     timed(label_segmentation.LabelSegmentation, "labelmap", "labelmap_calls")
     timed(label_segmentation.LabelSegmentation, "_commit", "write_segmentation")
 
-    reference_engine = None
-    if args.reference:
-        from MedSynthLib.synthesis.models import resolve_model
-        from MedSynthLib.synthesis.synthesize import SynthesisEngine
-
-        reference_engine = SynthesisEngine(resolve_model(None), args.device, "auto")
+    reference = None
+    if args.reference:  # a clean process set up as the worker is, doing nothing but the forward
+        reference = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--reference-server",
+                                      "--tree", str(tree), "--threads", str(args.threads), "--device", args.device],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
 
     work = Path(tempfile.mkdtemp(prefix="medsynth-bench-preview-"))
     scene, _ = mrml.create_headless_scene()
@@ -164,14 +163,15 @@ def child(args: argparse.Namespace) -> int:
                 stages.update(start_preview=t2 - t1, worker_wait=t3 - t2, finish_preview=t4 - t3,
                               worker_reported=float(data.get("seconds") or 0.0))
             move["stages_s"] = stages
-            if reference_engine is not None and data.get("box") and not data.get("full"):
-                box = tuple(slice(int(a), int(b)) for a, b in zip(*data["box"]))
-                reference_engine._use_seed(0)
-                cpu, start = time.process_time(), time.perf_counter()
-                reference_engine.synth.predict_region(labels, box)
-                move["reference_forward_s"] = time.perf_counter() - start
-                move["reference_forward_cpu_s"] = time.process_time() - cpu
-                move["box_voxels"] = int(np.prod([s.stop - s.start for s in box]))
+            if reference is not None and data.get("box") and not data.get("full"):
+                labels_file = work / "reference-labels.npy"
+                np.save(labels_file, labels)
+                reference.stdin.write(json.dumps({"labels": str(labels_file), "box": data["box"]}) + "\n")
+                reference.stdin.flush()
+                answer = json.loads(reference.stdout.readline())
+                move["reference_forward_s"] = answer["wall"]
+                move["reference_forward_cpu_s"] = answer["cpu"]
+                move["box_voxels"] = int(np.prod([b - a for a, b in zip(*data["box"])]))
             out["moves"].append(move)
             print(f"  move {len(out['moves'])}: {move['changed_voxels']} voxels changed, edit -> preview "
                   f"{move['edit_to_preview_s']:.2f} s (load {move['load_1min']:.1f})", flush=True)
@@ -194,8 +194,36 @@ def child(args: argparse.Namespace) -> int:
         out["cancel"] = cancels
     finally:
         logic.cleanup()
+        if reference is not None:
+            reference.stdin.close()
+            reference.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
     Path(args.child_json).write_text(json.dumps(out))
+    return 0
+
+
+def reference_server(args: argparse.Namespace) -> int:
+    """The reference: the engine's ROI forward alone, for each (label map file, box) line read on stdin."""
+    tree = Path(args.tree)
+    sys.path[:0] = [str(tree)]
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from MedSynthLib.synthesis.models import resolve_model
+    from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls
+    from MedSynthLib.synthesis.synthesize import SynthesisEngine
+
+    avoid_hugepage_stalls()  # as the worker does
+    engine = SynthesisEngine(resolve_model(None), args.device, "auto")
+    engine._use_seed(0)
+    for line in sys.stdin:
+        request = json.loads(line)
+        labels = np.load(request["labels"])
+        box = tuple(slice(int(a), int(b)) for a, b in zip(*request["box"]))
+        cpu, start = time.process_time(), time.perf_counter()
+        engine.synth.predict_region(labels, box)
+        print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}), flush=True)
     return 0
 
 
@@ -272,7 +300,10 @@ def main() -> int:
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reference_server:
+        return reference_server(args)
     if args.child:
         return child(args)
 
@@ -314,7 +345,7 @@ def main() -> int:
         row = [results["summary"][n].get(key, {}).get("median") for n in runs]
         print(f"{title:<40}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in row))
     if "reference_forward_s" in after:
-        print(f"reference, ROI forward alone (same box, this process): median {after['reference_forward_s']['median']:.3f} s "
+        print(f"reference, ROI forward alone (same box, a clean process): median {after['reference_forward_s']['median']:.3f} s "
               f"(CPU {after['reference_forward_cpu_s']['median']:.3f} s)")
         print(f"ratio edit -> preview / reference: {after['ratio_edit_to_preview_over_reference']}x; "
               f"preview / reference: {after['ratio_preview_over_reference']}x")
