@@ -14,8 +14,6 @@ pluggable by name.  No wall-clock limits here (see ``benchmarks/bench_preview.py
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk

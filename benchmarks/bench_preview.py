@@ -340,13 +340,14 @@ def main() -> int:
     for key in keys:
         row = [results["summary"][n]["stages_median_s"].get(key) for n in runs]
         print(f"{key:<22}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in row))
-    for key, title in (("preview_s", "edited segmentation -> updated volumes"), ("edit_to_preview_s", "edit -> updated volumes"),
+    for key, title in (("preview_s", "edited segmentation -> updated volumes"),
+                       ("edit_to_preview_s", "edit -> updated volumes"),
                        ("cpu_main_s", "CPU s, module process"), ("cpu_worker_s", "CPU s, worker process")):
         row = [results["summary"][n].get(key, {}).get("median") for n in runs]
         print(f"{title:<40}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in row))
     if "reference_forward_s" in after:
-        print(f"reference, ROI forward alone (same box, a clean process): median {after['reference_forward_s']['median']:.3f} s "
-              f"(CPU {after['reference_forward_cpu_s']['median']:.3f} s)")
+        print("reference, ROI forward alone (same box, a clean process): median "
+              f"{after['reference_forward_s']['median']:.3f} s (CPU {after['reference_forward_cpu_s']['median']:.3f} s)")
         print(f"ratio edit -> preview / reference: {after['ratio_edit_to_preview_over_reference']}x; "
               f"preview / reference: {after['ratio_preview_over_reference']}x")
     if "before" in runs:

@@ -7,9 +7,10 @@ afterwards sends only the region of the label map an edit touched; the worker
 keeps the case in memory (:class:`MedSynthLib.synthesis.preview.PreviewSession`)
 and answers with only the region of the images it rendered again, which is
 copied into the preview volumes in place.  A newer preview supersedes a running
-one (the worker stops it at its next network layer and renders both edits).  Nothing here waits on the worker: ``start_*`` returns a job
-at once, the widget polls it from a QTimer, ``finish_*`` puts the result into
-the scene.  Every output keeps the input's IJK-to-RAS matrix exactly.
+one (the worker stops it at its next network layer and renders both edits).
+Nothing here waits on the worker: ``start_*`` returns a job at once, the widget
+polls it from a QTimer, ``finish_*`` puts the result into the scene.  Every
+output keeps the input's IJK-to-RAS matrix exactly.
 """
 
 from __future__ import annotations

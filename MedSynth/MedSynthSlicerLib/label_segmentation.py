@@ -364,6 +364,10 @@ class LabelSegmentation:
         tumour was drawn over them, and voxels whose tumour was erased down to
         nothing are refilled with the healthy anatomy.
 
+        While the segmentation is unchanged since MedSynth last read or wrote it (same
+        modification times, :func:`.mrml.segmentation_stamp`) the label map kept then is
+        returned (its array read-only) instead of reading the six segments back.
+
         Raises:
             WorkflowError: no reference volume, another grid, unknown segments, an empty brain.
         """
@@ -439,8 +443,8 @@ class LabelSegmentation:
         """
         labelmap.array = labelmap.array.copy()
         labelmap.array.flags.writeable = False
-        self._read_labels[segmentation.GetID()] = (self._labels_stamp(segmentation, self.reference_volume(segmentation)),
-                                                   labelmap)
+        stamp = self._labels_stamp(segmentation, self.reference_volume(segmentation))
+        self._read_labels[segmentation.GetID()] = (stamp, labelmap)
         result = copy.copy(labelmap)
         result.history = list(labelmap.history)
         return result
