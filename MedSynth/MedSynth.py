@@ -157,7 +157,6 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._exportJob = None
         self._previewJob = None
-        self._previewAgain = False
         self._outputs: dict = {}
         self._dependenciesReady = False
         self._modelNames: list = []
@@ -604,7 +603,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Start a preview in the worker (the panel stays responsive), or stop the running one."""
         if self._previewJob is not None and self._previewJob.is_running():
             self.workflow.cancel_preview(self._previewJob)
-            self._previewJob, self._previewAgain = None, False
+            self._previewJob = None
             self._updateButtons()
             return
         if not self._ensureDependencies(needTorch=True):
@@ -620,10 +619,14 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def previewAfterEdit(self) -> None:
-        """After an edit, refresh a preview that is shown (only the edited box is synthesised again)."""
-        if self._previewJob is not None and self._previewJob.is_running():
-            self._previewAgain = True  # the newest edit is previewed when this one is done
-        elif self._outputs and all(n.GetAttribute("MedSynth.Role") == "preview" for n in self._outputs.values()):
+        """After an edit, refresh a preview that is shown or running (only the edited region is rendered again).
+
+        A running preview is superseded: the worker stops it at its next network layer and the
+        new one renders both edits.
+        """
+        running = self._previewJob is not None and self._previewJob.is_running()
+        if running or (self._outputs and all(n.GetAttribute("MedSynth.Role") == "preview"
+                                             for n in self._outputs.values())):
             self._startPreview()
 
     def _finishPreview(self) -> None:
@@ -640,9 +643,6 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outputs = outputs
         if first:
             self.onReviewLayout()
-        if self._previewAgain:
-            self._previewAgain = False
-            self._startPreview()
 
     # --- 5. review ---------------------------------------------------------------------------
 

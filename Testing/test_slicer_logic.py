@@ -42,7 +42,7 @@ def _require_slicer_core():
 
 _require_slicer_core()
 
-from MedSynthLib.edits import euler_xyz_from_rotation, rotation_ras  # noqa: E402
+from MedSynthLib.edits import Translate, euler_xyz_from_rotation, rotation_ras  # noqa: E402
 from MedSynthLib.schema.grid import Grid, lps_to_ras  # noqa: E402
 from MedSynthLib.schema.labels import LABEL_INFO, Label, tumour_to_schema  # noqa: E402
 from MedSynthSlicerLib import mrml  # noqa: E402
@@ -562,6 +562,93 @@ def test_preview_rerenders_only_the_edited_region(case, tiny_model):
         np.testing.assert_array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(case.nodes["t1"]))
     case.logic.close_preview()
     mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.realdata
+def test_the_label_map_is_read_again_whenever_the_segmentation_changed(case):
+    """The module keeps the label map it read or wrote last; any change to the segmentation is seen."""
+    seg = case.logic.copy_labels(case.seg, "stamp")
+    start = case.logic.labelmap(seg)
+    assert not start.array.flags.writeable  # shared with later reads: nobody may write into it
+    again = case.logic.labelmap(seg)
+    np.testing.assert_array_equal(again.array, start.array)
+    # a tool writing into the shared labelmap layer in place (then Modified, as VTK requires)
+    layer = seg.GetSegmentation().GetSegment("ED").GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    from vtkmodules.util import numpy_support
+
+    voxels = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(start.array.shape)
+    k, j, i = np.argwhere(start.array == Label.WM)[0]
+    voxels[k, j, i] = int(Label.ED)
+    layer.GetPointData().GetScalars().Modified()
+    seen = case.logic.labelmap(seg)
+    assert seen.array[k, j, i] == Label.ED and seen.history[-1]["name"] == MANUAL_EDIT
+    # an edit writes the segmentation, and the next read returns exactly what was written
+    edited = case.logic.apply_edit(seg, Translate((3.0, 0.0, 0.0)))
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, edited.array)
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array,
+                                  case.logic._labels_from_segmentation(seg, case.nodes["t1"], "brats2021", "x"))
+    mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.realdata
+def test_a_newer_preview_supersedes_the_running_one_on_the_scene(case, tiny_model):
+    seg = case.logic.copy_labels(case.seg, "supersede")
+    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    first = case.logic.preview(seg, options)
+    before = {m: mrml.array_from_volume(n) for m, n in first.items()}
+    labels_start = case.logic.labelmap(seg).array.copy()
+    case.logic.apply_edit(seg, Translate((5.0, 0.0, 0.0)))
+    older = case.logic.start_preview(seg, options)
+    case.logic.apply_edit(seg, Translate((0.0, 4.0, 0.0)))
+    newer = case.logic.start_preview(seg, options)  # at once, as an edit during a running preview does
+    older.task.wait(300)
+    newer.task.wait(300)
+    assert newer.task.status == "done", newer.task.error
+    if older.task.status == "cancelled":
+        with pytest.raises(CancelledError, match="superseded"):
+            case.logic.finish_preview(older)
+    # else the older one finished first: finishing the newer one puts the older region in before its own
+    nodes = case.logic.finish_preview(newer)
+    assert all(nodes[m] is first[m] for m in first)
+    labels = case.logic.labelmap(seg).array
+    changed = labels != labels_start
+    full = case.logic.generate(seg, options)
+    for modality in ("t1", "flair"):
+        after = mrml.array_from_volume(nodes[modality])
+        reference = mrml.array_from_volume(full[modality]).astype(np.float32)
+        # where either edit changed the labels: a full synthesis of the final map (stored as int16: half a unit)
+        assert float(np.abs(after - reference)[changed].max()) <= 0.5 + 1e-3, modality
+        # far from both edits nothing moved
+        far = np.ones(changed.shape, bool)
+        idx = np.argwhere(changed)
+        far[tuple(slice(max(int(a) - 40, 0), int(b) + 41) for a, b in zip(idx.min(0), idx.max(0)))] = False
+        np.testing.assert_array_equal(after[far], before[modality][far])
+    mrml.remove_nodes(case.scene, *full.values())
+    case.logic.close_preview()
+    mrml.remove_nodes(case.scene, seg, *nodes.values())
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_a_preview_whose_worker_died_fails_in_one_line_and_the_next_starts_over(case, tiny_model):
+    import signal
+
+    seg = case.logic.copy_labels(case.seg, "died")
+    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    first = case.logic.preview(seg, options)
+    case.logic.apply_edit(seg, Translate((4.0, 0.0, 0.0)))
+    job = case.logic.start_preview(seg, options)
+    os.kill(job.task.pid, signal.SIGKILL)
+    job.task.wait(60)  # a bound against a hang, not a speed limit
+    with pytest.raises(WorkflowError, match="preview failed: the MedSynth worker process was stopped by signal 9") \
+            as error:
+        case.logic.finish_preview(job)
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+    again = case.logic.preview(seg, options)  # a new worker: the whole case again, into the same volumes
+    assert case.logic.last_preview["full"] is True and all(again[m] is first[m] for m in first)
+    case.logic.close_preview()
+    mrml.remove_nodes(case.scene, seg, *again.values())
 
 
 # --- 5. review -----------------------------------------------------------------------------------

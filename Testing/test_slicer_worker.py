@@ -153,17 +153,21 @@ def test_generate_preview_and_export_through_one_warm_worker(client, tiny_model,
     assert json.loads((case / "provenance.json").read_text())["seed"] == 3
     assert not any(client.exchange.iterdir())  # every array file was taken
 
-    # preview: the whole case first, then only the changed box, from the same (warm) process
-    values, arrays = params(tiny_model, labelmap, seed=3, margin=8)
+    # preview: the whole case first, then only the changed region goes in and comes back, same (warm) process
+    values, arrays = params(tiny_model, labelmap, seed=3, margin=8, session="case-1", reset=True)
     first = client.submit("preview", values, arrays)
     assert first.wait(300) == "done", first.error
-    assert first.result.data["full"] is True and first.pid == pid
+    assert first.result.data["full"] is True and first.pid == pid and first.result.data["version"] == 0
     edited = brain(tumour_at=(18, 15, 15))
-    values, arrays = params(tiny_model, edited, seed=3, margin=8)
-    second = client.submit("preview", values, arrays)
+    from MedSynthLib.synthesis.preview import box_slices, changed_box
+
+    sent = changed_box(labelmap.array, edited.array)
+    values = dict(model=str(tiny_model), device="cpu", precision="fp32", seed=3, margin=8, session="case-1",
+                  start=list(sent[0]), base=0)
+    second = client.submit("preview", values, {"labels": edited.array[box_slices(sent)]})
     assert second.wait(300) == "done", second.error
     data = second.result.data
-    assert data["full"] is False and second.pid == pid
+    assert data["full"] is False and second.pid == pid and data["version"] == 1
     (k0, j0, i0), (k1, j1, i1) = data["box"]
     regions = second.arrays()
     assert regions["t1"].shape == (k1 - k0, j1 - j0, i1 - i0) and regions["t1"].size < edited.array.size
@@ -250,3 +254,100 @@ def test_a_killed_worker_is_reported_in_one_line(client, tiny_model, tmp_path):
     assert task.error.startswith("the MedSynth worker process was stopped by signal 9") and "\n" not in task.error
     values, arrays = params(tiny_model, brain(), out=str(tmp_path / "again"))
     assert client.submit("generate", values, arrays).wait(300) == "done"  # a new worker starts
+
+
+# --- the interactive preview: supersession and its failure path -----------------------------------
+
+
+def preview_update(model: Path, session: str, before: LabelMap, after: LabelMap, base: int):
+    """The request the module sends after an edit: only the changed region of the label map."""
+    from MedSynthLib.synthesis.preview import box_slices, changed_box
+
+    box = changed_box(before.array, after.array)
+    values = dict(model=str(model), device="cpu", precision="fp32", seed=0, margin=8, session=session,
+                  start=list(box[0]), base=base)
+    return values, {"labels": np.ascontiguousarray(after.array[box_slices(box)])}, box
+
+
+def test_a_newer_preview_supersedes_the_older_ones_and_renders_all_their_edits(client, tiny_model):
+    from MedSynthLib.synthesis.models import resolve_model
+    from MedSynthLib.synthesis.synthesize import SynthesisEngine
+
+    maps = [brain(shape=(64, 96, 80), tumour_at=at) for at in ((20, 30, 30), (24, 34, 30), (28, 38, 34),
+                                                                  (30, 44, 40))]
+    values, arrays = params(tiny_model, maps[0], seed=0, margin=8, session="s", reset=True)
+    first = client.submit("preview", values, arrays)
+    assert first.wait(300) == "done", first.error
+    shown = {m: a.copy() for m, a in first.arrays().items()}
+    # three edits sent at once, as fast dragging does: each newer one supersedes the older ones
+    tasks, boxes = [], []
+    for version, (before, after) in enumerate(zip(maps, maps[1:])):
+        values, arrays, box = preview_update(tiny_model, "s", before, after, base=version)
+        tasks.append(client.submit("preview", values, arrays))
+        boxes.append(box)
+    for task in tasks:
+        assert task.wait(300) in ("done", "cancelled"), task.error
+    assert tasks[-1].status == "done" and tasks[-1].result.data["version"] == 3
+    pending = []  # edits whose render was superseded: the next finished render must cover them
+    for task, box in zip(tasks, boxes):
+        pending.append(box)
+        if task.status == "cancelled":
+            assert task.error == "preview superseded by a newer edit"
+            continue
+        (k0, j0, i0), (k1, j1, i1) = task.result.data["box"]
+        for lo, hi in pending:
+            assert k0 <= lo[0] and j0 <= lo[1] and i0 <= lo[2] and hi[0] <= k1 and hi[1] <= j1 and hi[2] <= i1
+        pending = []
+        for modality, region in task.arrays().items():  # what the module does with the answer
+            shown[modality][k0:k1, j0:j1, i0:i1] = region
+    print(f"\nstatuses of the three quick edits: {[t.status for t in tasks]}")
+    # the images shown equal a full synthesis of the last map where any edit changed the labels
+    full = SynthesisEngine(resolve_model(str(tiny_model)), "cpu", "fp32").synthesize(maps[-1])
+    changed = np.zeros(maps[0].array.shape, bool)
+    for before, after in zip(maps, maps[1:]):
+        changed |= before.array != after.array
+    for modality in MODALITIES:
+        assert float(np.abs(shown[modality] - full.images[modality])[changed].max()) < 0.5, modality
+    assert client.pid == first.pid  # superseding never kills the worker
+
+
+def test_a_preview_out_of_step_with_the_worker_fails_in_one_line(client, tiny_model):
+    maps = [brain(tumour_at=(15, 15, 15)), brain(tumour_at=(18, 15, 15))]
+    values, arrays = params(tiny_model, maps[0], seed=0, margin=8, session="s", reset=True)
+    assert client.submit("preview", values, arrays).wait(300) == "done"
+    pid = client.pid
+    values, arrays, _ = preview_update(tiny_model, "s", maps[0], maps[1], base=5)  # the worker is at 0
+    stale = client.submit("preview", values, arrays)
+    assert stale.wait(300) == "failed"
+    assert stale.error.startswith("the worker's preview is at version 0") and "\n" not in stale.error
+    values, arrays, _ = preview_update(tiny_model, "s", maps[0], maps[1], base=0)
+    lost = client.submit("preview", values, arrays)  # the session was dropped: only a reset is served
+    assert lost.wait(300) == "failed" and "preview again" in lost.error and "\n" not in lost.error
+    assert client.pid == pid
+
+
+@posix_only
+def test_a_worker_killed_during_a_preview_is_reported_in_one_line(client, tiny_model):
+    values, arrays = params(tiny_model, brain(shape=(150, 180, 150)), seed=0, session="s", reset=True)
+    task = client.submit("preview", values, arrays)
+    while task.poll() and task.text != "model loaded":
+        time.sleep(0.01)
+    os.kill(client.pid, signal.SIGKILL)
+    assert task.wait(30) == "failed"  # a generous bound against a hang, not a speed limit
+    assert task.error.startswith("the MedSynth worker process was stopped by signal 9") and "\n" not in task.error
+
+
+def test_cancelling_a_preview_keeps_the_worker_and_its_case(client, tiny_model):
+    maps = [brain(shape=(64, 96, 80), tumour_at=(20, 30, 30)), brain(shape=(64, 96, 80), tumour_at=(24, 30, 30))]
+    values, arrays = params(tiny_model, maps[0], seed=0, margin=8, session="s", reset=True)
+    assert client.submit("preview", values, arrays).wait(300) == "done"
+    pid = client.pid
+    values, arrays, box = preview_update(tiny_model, "s", maps[0], maps[1], base=0)
+    task = client.submit("preview", values, arrays)
+    assert client.cancel(task, grace_s=60.0) is True
+    assert task.status in ("cancelled", "done") and client.pid == pid  # stopped by the worker, not killed
+    # its labels were applied all the same: the next edit builds on version 1 and renders both regions
+    values, arrays, _ = preview_update(tiny_model, "s", maps[1], maps[0], base=1)
+    again = client.submit("preview", values, arrays)
+    assert again.wait(300) == "done", again.error
+    assert again.result.data["version"] == 2 and client.pid == pid

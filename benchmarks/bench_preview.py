@@ -1,27 +1,34 @@
-"""MedSynth fast-preview benchmark: edit -> updated preview, the worker protocol beside the old path.
+"""MedSynth interactive preview benchmark: edit -> updated preview, stage by stage, on a real case.
 
-On a real BraTS 2021 case (its derived 7-class label map, the shipped model, CPU)
-the tumour is moved ``--moves`` times by 10-15 mm (seeded directions); after each
-move the preview is updated.  Measured in one run, each path ``--repeats`` times
-(the minimum per move is kept: the machine may be shared):
+A real BraTS 2021 case (default ``BraTS2021_00006``) is loaded into a real slicer-core
+``vtkMRMLScene`` and prepared by the module's logic (``WorkflowLogic``) as the tests do;
+the first preview synthesises the whole case, then the tumour is moved ``--moves``
+times by 10-15 mm in seeded random directions (``WorkflowLogic.apply_edit`` with
+MedSynthLib's ``Translate``), each followed by a preview in the background worker
+(``start_preview`` -> poll -> ``finish_preview``).  Per move it records:
 
-* **worker** - the new path: the long-lived worker of ``MedSynthSlicerLib.jobs``
-  (model loaded once), the label map sent as an array file in RAM, only the
-  changed box of the four images sent back;
-* **old** - the path the module used before (``preview_worker.py`` of git commit
-  ``--old-commit``): the label map written as NRRD, the worker's ``rerender`` result
-  written as four gzipped NIfTI (+ labels, provenance), read back with SimpleITK;
-* **logic** (with slicer-core) - the module's own call on a real ``vtkMRMLScene``:
-  ``WorkflowLogic.start_preview`` -> poll -> ``finish_preview`` (the label map read
-  back from the segmentation node, the box copied into the preview volumes), and
-  how long of it the GUI thread is busy (the rest runs in the worker);
-* cancel: a full preview cancelled mid-network, until the call returns;
-* **engine** - the floor: ``SynthesisEngine.rerender`` alone in this process (no
-  transport, no scene), to show what the protocol adds.
+* **edit**: the label map read from the segmentation (``labels_sync``), MedSynthLib's
+  edit, the edited labels written into the segmentation (``write_segmentation``);
+* **preview, this side**: the label map (``labels``), the changed region found
+  (``diff``), the request sent (``submit``); the result read (``receive``) and
+  copied into the four MRML volume nodes (``write_volumes``);
+* **worker** (reported by it): the label region applied, the render
+  (``network``: the generator's forward alone), the arrays sent back;
+  ``round_trip`` is the rest (pipes, polling, the reader threads);
+* **end to end**: from the edit to the updated volumes (``edit_to_preview``) and from
+  the edited segmentation to the updated volumes (``preview``);
+* CPU seconds of this process and of the worker process (``/proc``), and the load average.
+
+Reference, measured in the same run: right after each move, the engine's ROI forward
+alone (``Synthesizer.predict_region`` on the box the worker rendered, in a separate clean
+process set up as the worker is, nothing else running); the ratio end-to-end / reference
+shows what the module adds to the network.  With ``--before COMMIT`` the same moves also run through that
+commit's module (the path before this work, from ``git archive``) in the same run,
+alternating with the current one (``--repeats``: per move the best repeat is kept).
 
 Usage::
 
-    python benchmarks/bench_preview.py [--case DIR] [--moves 10] [--repeats 2] [--json OUT]
+    python benchmarks/bench_preview.py [--case DIR] [--moves 8] [--repeats 2] [--before COMMIT] [--json OUT]
 
 Every process is limited to ``--threads`` (default 2) threads.
 """
@@ -35,301 +42,323 @@ import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "MedSynth"))
-DEFAULT_CASES = Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data")) / "brats2021" / "cases"
+DEFAULT_CASE = (Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data")) / "brats2021" / "cases"
+                / "BraTS2021_00006")
+STAGES = ("labels_sync", "edit", "write_segmentation", "labels", "diff", "submit", "apply_labels", "network",
+          "render_other", "send_arrays", "round_trip", "receive", "write_volumes")
 
 
-def moves(labelmap, count: int, seed: int):
-    """``count`` tumour moves of 10-15 mm in seeded random directions, each applied to the previous map.
-
-    A direction that would push the tumour core out of the brain is drawn again.
-
-    Returns:
-        (shifts in RAS mm, the label map after each move)
-    """
-    from MedSynthLib.edits import Translate
-    from MedSynthLib.schema.errors import MedSynthError
-
-    rng = np.random.default_rng(seed)
-    shifts, maps, current = [], [], labelmap
-    while len(maps) < count:
-        direction = rng.normal(size=3)
-        shift = tuple(float(v) for v in rng.uniform(10.0, 15.0) * direction / np.linalg.norm(direction))
-        try:
-            moved = Translate(shift).apply(current)
-        except MedSynthError:
-            continue
-        shifts.append(shift)
-        maps.append(moved)
-        current = moved
-    return shifts, maps
-
-
-def backend_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
-# --- the new path ---------------------------------------------------------------------------------
-
-
-def run_worker(labelmap, maps, threads: int, device: str) -> dict:
-    from MedSynthSlicerLib.jobs import WorkerClient, labelmap_request
-
-    client = WorkerClient(sys.executable, env=backend_env(threads))
-    volume = {m: np.zeros(labelmap.array.shape, np.float32) for m in ("t1", "t1ce", "t2", "flair")}
-
-    def preview(lm, reset=False) -> tuple[float, dict]:
-        start = time.perf_counter()
-        params, arrays = labelmap_request(lm)
-        task = client.submit("preview", dict(params, device=device, reset=reset), arrays)
-        while task.poll():
-            time.sleep(0.002)
-        if task.status != "done":
-            raise RuntimeError(task.error)
-        (k0, j0, i0), (k1, j1, i1) = task.result.data["box"]
-        for modality, region in task.arrays().items():  # what the module does: copy the box in place
-            volume[modality][k0:k1, j0:j1, i0:i1] = region
-        return time.perf_counter() - start, task.result.data
-
+def proc_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (Linux ``/proc``), ``None`` elsewhere."""
     try:
-        first, _ = preview(labelmap, reset=True)
-        per_move, boxes = [], []
-        for lm in maps:
-            seconds, data = preview(lm)
-            per_move.append(seconds)
-            boxes.append(data["box"])
-        # cancel a full preview in the middle of its network pass
-        cancels = []
-        for _ in range(3):
-            params, arrays = labelmap_request(labelmap)
-            task = client.submit("preview", dict(params, device=device, reset=True), arrays)
-            while task.poll() and task.text != "model loaded":
-                time.sleep(0.002)
-            time.sleep(0.3)
-            start = time.perf_counter()
-            client.cancel(task)
-            cancels.append(time.perf_counter() - start)
-    finally:
-        client.close()
-    return {"first_s": first, "per_move_s": per_move, "boxes": boxes, "cancel_s": cancels}
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
 
 
-# --- the floor: the engine's re-render alone, in this process ------------------------------------------
+# --- one path, in a child process (its own tree on sys.path) --------------------------------------
 
 
-def run_engine(labelmap, maps, device: str) -> dict:
-    from MedSynthLib.synthesis.models import resolve_model
-    from MedSynthLib.synthesis.synthesize import SynthesisEngine
+def child(args: argparse.Namespace) -> int:
+    tree = Path(args.tree)
+    sys.path[:0] = [str(tree), str(tree / "MedSynth")]
+    import numpy as np
+    import torch
 
-    engine = SynthesisEngine(resolve_model(None), device, "auto")
-    start = time.perf_counter()
-    previous = engine.synthesize(labelmap)
-    first = time.perf_counter() - start
-    per_move = []
-    for lm in maps:
-        start = time.perf_counter()
-        previous = engine.rerender(previous, lm)
-        per_move.append(time.perf_counter() - start)
-    return {"first_s": first, "per_move_s": per_move}
-
-
-# --- the old path ---------------------------------------------------------------------------------
-
-
-def run_old(labelmap, maps, threads: int, device: str, commit: str, work: Path) -> dict:
-    import SimpleITK as sitk
-
-    from MedSynthLib.schema.labelmap import write_label_map
-
-    script = work / "old_preview_worker.py"
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:MedSynth/MedSynthSlicerLib/preview_worker.py"],
-                            capture_output=True, text=True)
-    if source.returncode != 0:
-        raise RuntimeError(f"the old preview worker is not in this checkout's history ({source.stderr.strip()})")
-    script.write_text(source.stdout)
-    proc = subprocess.Popen([sys.executable, str(script), "--device", device], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=backend_env(threads))
-
-    def reply(expected: int) -> dict:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if line.startswith("MEDSYNTH_REPLY "):
-                message = json.loads(line.split(" ", 1)[1])
-                if message.get("id") == expected:
-                    if not message.get("ok"):
-                        raise RuntimeError(message.get("error"))
-                    return message
-        raise RuntimeError("the old worker ended")
-
-    counter = [0]
-
-    def preview(lm, cmd: str) -> float:
-        start = time.perf_counter()
-        counter[0] += 1
-        run = work / f"old-{counter[0]:03d}"
-        run.mkdir()
-        labels = write_label_map(lm, run / "labels.nrrd")
-        proc.stdin.write(json.dumps({"id": counter[0], "cmd": cmd, "labels": str(labels),  # type: ignore[union-attr]
-                                     "out": str(run / "case"), "seed": 0}) + "\n")
-        proc.stdin.flush()  # type: ignore[union-attr]
-        reply(counter[0])
-        for modality in ("t1", "t1ce", "t2", "flair"):  # the module loaded these four back
-            sitk.GetArrayFromImage(sitk.ReadImage(str(run / "case" / f"{modality}.nii.gz")))
-        return time.perf_counter() - start
-
-    try:
-        start = time.perf_counter()
-        reply(0)  # model loaded
-        first = time.perf_counter() - start + preview(labelmap, "synthesize")
-        per_move = [preview(lm, "rerender") for lm in maps]
-    finally:
-        proc.stdin.close()  # type: ignore[union-attr]
-        proc.wait(timeout=60)
-    return {"first_s": first, "per_move_s": per_move}
-
-
-# --- the module's logic on a real scene ----------------------------------------------------------------
-
-
-def run_logic(case_dir: Path, shifts, threads: int, device: str, work: Path) -> dict:
+    torch.set_num_threads(args.threads)
     from MedSynthLib.edits import Translate
-    from MedSynthSlicerLib import mrml
+    from MedSynthSlicerLib import label_segmentation, mrml
+    from MedSynthSlicerLib.errors import WorkflowError
     from MedSynthSlicerLib.logic import WorkflowLogic
     from MedSynthSlicerLib.parameters import GenerateOptions
 
-    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    timings: dict[str, float] = {}
+
+    def timed(owner, name: str, stage: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    timed(label_segmentation.LabelSegmentation, "labelmap", "labelmap_calls")
+    timed(label_segmentation.LabelSegmentation, "_commit", "write_segmentation")
+
+    reference = None
+    if args.reference:  # a clean process set up as the worker is, doing nothing but the forward
+        reference = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--reference-server",
+                                      "--tree", str(tree), "--threads", str(args.threads), "--device", args.device],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+
+    work = Path(tempfile.mkdtemp(prefix="medsynth-bench-preview-"))
     scene, _ = mrml.create_headless_scene()
     logic = WorkflowLogic(scene, work_dir=work)
-    nodes = logic.load_case(case_dir)
-    seg = logic.prepare(nodes["t1"], nodes["tumour"], "brats2021")
-    options = GenerateOptions(device=device)
-
-    def preview() -> tuple[float, float]:
+    out: dict = {"tree": str(tree), "moves": []}
+    try:
+        nodes = logic.load_case(Path(args.case))
+        seg = logic.prepare(nodes["t1"], nodes["tumour"], "brats2021")
+        options = GenerateOptions(device=args.device)
         start = time.perf_counter()
         job = logic.start_preview(seg, options)
-        busy = time.perf_counter() - start
         while job.poll():
             time.sleep(0.002)
-        before = time.perf_counter()
         logic.finish_preview(job)
-        end = time.perf_counter()
-        return end - start, busy + end - before
-
-    try:
-        first, _ = preview()
-        per_move, gui = [], []
-        for shift in shifts:
-            logic.apply_edit(seg, Translate(shift))
-            seconds, busy = preview()
-            per_move.append(seconds)
-            gui.append(busy)
+        out["first_preview_s"] = time.perf_counter() - start
+        rng = np.random.default_rng(args.seed)
+        refused = 0
+        while len(out["moves"]) < args.moves:
+            direction = rng.normal(size=3)
+            shift = tuple(float(v) for v in rng.uniform(10.0, 15.0) * direction / np.linalg.norm(direction))
+            before = logic.labelmap(seg).array.copy()
+            timings.clear()
+            worker_pid = logic.worker().pid
+            cpu_main, cpu_worker = time.process_time(), proc_cpu_seconds(worker_pid)
+            t0 = time.perf_counter()
+            try:
+                logic.apply_edit(seg, Translate(shift))
+            except WorkflowError:  # pushed the core out of the brain: draw another direction, not counted
+                refused += 1
+                continue
+            t1 = time.perf_counter()
+            edit_sync = timings.pop("labelmap_calls", 0.0)
+            job = logic.start_preview(seg, options)
+            t2 = time.perf_counter()
+            while job.poll():
+                time.sleep(0.002)
+            t3 = time.perf_counter()
+            logic.finish_preview(job)
+            t4 = time.perf_counter()
+            cpu_main = time.process_time() - cpu_main
+            after_cpu = proc_cpu_seconds(worker_pid)
+            data = dict(logic.last_preview or {})
+            labels = logic.labelmap(seg).array
+            changed = labels != before
+            move = {"shift_mm": shift, "changed_voxels": int(changed.sum()), "box": data.get("box"),
+                    "full": data.get("full"), "edit_to_preview_s": t4 - t0, "preview_s": t4 - t1,
+                    "cpu_main_s": cpu_main,
+                    "cpu_worker_s": None if cpu_worker is None or after_cpu is None else after_cpu - cpu_worker,
+                    "load_1min": os.getloadavg()[0]}
+            stages = {"labels_sync": edit_sync, "write_segmentation": timings.get("write_segmentation", 0.0)}
+            stages["edit"] = t1 - t0 - stages["labels_sync"] - stages["write_segmentation"]
+            client = getattr(job, "seconds", None) or {}
+            worker = data.get("stages_s") or {}
+            if client and worker:  # this work's path reports its stages
+                stages.update({k: client[k] for k in ("labels", "diff", "submit", "receive", "write_volumes")})
+                stages.update(apply_labels=worker["apply_labels"], network=worker["network"],
+                              render_other=worker["render"] - worker["network"], send_arrays=worker["send_arrays"])
+                stages["round_trip"] = (t3 - t2) - worker["worker_total"]
+            else:  # the earlier path: only what can be seen from outside
+                stages.update(start_preview=t2 - t1, worker_wait=t3 - t2, finish_preview=t4 - t3,
+                              worker_reported=float(data.get("seconds") or 0.0))
+            move["stages_s"] = stages
+            if reference is not None and data.get("box") and not data.get("full"):
+                labels_file = work / "reference-labels.npy"
+                np.save(labels_file, labels)
+                reference.stdin.write(json.dumps({"labels": str(labels_file), "box": data["box"]}) + "\n")
+                reference.stdin.flush()
+                answer = json.loads(reference.stdout.readline())
+                move["reference_forward_s"] = answer["wall"]
+                move["reference_forward_cpu_s"] = answer["cpu"]
+                move["box_voxels"] = int(np.prod([b - a for a, b in zip(*data["box"])]))
+            out["moves"].append(move)
+            print(f"  move {len(out['moves'])}: {move['changed_voxels']} voxels changed, edit -> preview "
+                  f"{move['edit_to_preview_s']:.2f} s (load {move['load_1min']:.1f})", flush=True)
+        out["refused_moves"] = refused
+        # cancel: a preview of a further move stopped by the user, until the call returns; the worker stays
+        cancels = []
+        for _ in range(2 if args.reference else 0):
+            direction = rng.normal(size=3)
+            try:
+                logic.apply_edit(seg, Translate(tuple(float(v) for v in 12.0 * direction / np.linalg.norm(direction))))
+            except WorkflowError:
+                continue
+            job = logic.start_preview(seg, options)
+            pid = logic.worker().pid
+            time.sleep(0.1)
+            start = time.perf_counter()
+            logic.cancel_preview(job)
+            cancels.append({"seconds": time.perf_counter() - start, "status": job.task.status,
+                            "same_worker": logic.worker().pid == pid})
+        out["cancel"] = cancels
     finally:
         logic.cleanup()
-    return {"first_s": first, "per_move_s": per_move, "gui_thread_s": gui}
+        if reference is not None:
+            reference.stdin.close()
+            reference.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.child_json).write_text(json.dumps(out))
+    return 0
 
 
-def summary(values: list[float]) -> dict:
-    array = np.asarray(values, float)
-    return {"median": round(float(np.median(array)), 3), "min": round(float(array.min()), 3),
-            "max": round(float(array.max()), 3)}
+def reference_server(args: argparse.Namespace) -> int:
+    """The reference: the engine's ROI forward alone, for each (label map file, box) line read on stdin."""
+    tree = Path(args.tree)
+    sys.path[:0] = [str(tree)]
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from MedSynthLib.synthesis.models import resolve_model
+    from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls
+    from MedSynthLib.synthesis.synthesize import SynthesisEngine
+
+    avoid_hugepage_stalls()  # as the worker does
+    engine = SynthesisEngine(resolve_model(None), args.device, "auto")
+    engine._use_seed(0)
+    for line in sys.stdin:
+        request = json.loads(line)
+        labels = np.load(request["labels"])
+        box = tuple(slice(int(a), int(b)) for a, b in zip(*request["box"]))
+        cpu, start = time.process_time(), time.perf_counter()
+        engine.synth.predict_region(labels, box)
+        print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}), flush=True)
+    return 0
+
+
+# --- the parent: runs the paths, prints and writes the summary ---------------------------------------
+
+
+def export_tree(commit: str, folder: Path) -> Path:
+    """The module and backend of ``commit`` (``git archive``), unpacked into ``folder``."""
+    archive = folder / "tree.tar"
+    subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "-o", str(archive), commit,
+                    "MedSynth", "MedSynthLib", "Resources"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder / "tree", filter="data")
+    archive.unlink()
+    return folder / "tree"
+
+
+def run_child(tree: Path, args: argparse.Namespace, reference: bool, work: Path) -> dict:
+    result = work / f"child-{time.monotonic_ns()}.json"
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               PYTHONPATH=os.pathsep.join([str(tree), str(tree / "MedSynth")]))
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--tree", str(tree), "--case", str(args.case),
+               "--moves", str(args.moves), "--seed", str(args.seed), "--threads", str(args.threads),
+               "--device", args.device, "--child-json", str(result)] + (["--reference"] if reference else [])
+    subprocess.run(command, env=env, check=True)
+    return json.loads(result.read_text())
+
+
+def median(values) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
+
+
+def best_of(runs: list[dict]) -> dict:
+    """One run from repeats: per move the repeat with the shortest edit -> preview (the machine is shared)."""
+    moves = [min(repeat, key=lambda m: m["edit_to_preview_s"]) for repeat in zip(*(r["moves"] for r in runs))]
+    return {"first_preview_s": min(r["first_preview_s"] for r in runs), "moves": moves,
+            "cancel": [c for r in runs for c in r.get("cancel", [])]}
+
+
+def summarise(run: dict) -> dict:
+    moves = run["moves"]
+    keys = sorted({k for m in moves for k in m["stages_s"]})
+    summary = {"first_preview_s": round(run["first_preview_s"], 3),
+               "stages_median_s": {k: round(median(m["stages_s"].get(k) for m in moves), 4) for k in keys}}
+    for key in ("edit_to_preview_s", "preview_s", "cpu_main_s", "cpu_worker_s", "reference_forward_s",
+                "reference_forward_cpu_s", "load_1min"):
+        values = [m.get(key) for m in moves if m.get(key) is not None]
+        if values:
+            summary[key] = {"median": round(median(values), 3), "min": round(min(values), 3),
+                            "max": round(max(values), 3)}
+    ratios = [m["edit_to_preview_s"] / m["reference_forward_s"] for m in moves if m.get("reference_forward_s")]
+    if ratios:
+        summary["ratio_edit_to_preview_over_reference"] = round(median(ratios), 2)
+        summary["ratio_preview_over_reference"] = round(
+            median(m["preview_s"] / m["reference_forward_s"] for m in moves if m.get("reference_forward_s")), 2)
+    return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--case", type=Path, help="a BraTS 2021 case folder (default: the first real case)")
-    parser.add_argument("--moves", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--case", type=Path, default=DEFAULT_CASE, help="a BraTS 2021 case folder")
+    parser.add_argument("--moves", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each path, alternating; per move the best")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--old-commit", default="56846da213ca5fd5fc443a850150d24005ad0412",
-                        help="the commit whose preview_worker.py is the old path")
-    parser.add_argument("--skip-logic", action="store_true", help="no slicer-core run")
+    parser.add_argument("--before", metavar="COMMIT", help="also run the same moves through this commit's module")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reference_server:
+        return reference_server(args)
+    if args.child:
+        return child(args)
 
-    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from MedSynthLib.cases.anatomy import derive_label_map
-    from MedSynthLib.cases.readers import read_case
-
-    case_dir = args.case or sorted(p for p in DEFAULT_CASES.iterdir() if p.is_dir())[0]
-    print(f"case {case_dir.name}: deriving the label map ...", flush=True)
-    labelmap = derive_label_map(read_case(case_dir))
-    shifts, maps = moves(labelmap, args.moves, args.seed)
-    changed = [int((b.array != a.array).sum()) for a, b in zip([labelmap] + maps[:-1], maps)]
     work = Path(tempfile.mkdtemp(prefix="medsynth-bench-preview-"))
-    runs: dict[str, list[dict]] = {"worker": [], "old": [], "logic": [], "engine": []}
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_start = os.getloadavg()
+    repeats: dict[str, list[dict]] = {}
     try:
-        for repeat in range(args.repeats):
-            print(f"repeat {repeat + 1}/{args.repeats}: engine alone ...", flush=True)
-            runs["engine"].append(run_engine(labelmap, maps, args.device))
-            print(f"repeat {repeat + 1}/{args.repeats}: worker ...", flush=True)
-            runs["worker"].append(run_worker(labelmap, maps, args.threads, args.device))
-            print(f"repeat {repeat + 1}/{args.repeats}: old path ...", flush=True)
-            runs["old"].append(run_old(labelmap, maps, args.threads, args.device, args.old_commit,
-                                       Path(tempfile.mkdtemp(dir=work))))
-            if not args.skip_logic:
-                print(f"repeat {repeat + 1}/{args.repeats}: logic on a vtkMRMLScene ...", flush=True)
-                runs["logic"].append(run_logic(case_dir, shifts, args.threads, args.device,
-                                               Path(tempfile.mkdtemp(dir=work))))
+        order = [("after", REPO)]
+        if args.before:
+            order.append(("before", export_tree(args.before, work)))
+        for repeat in range(args.repeats):  # the paths alternate, so both see the same load
+            for name, tree in order:
+                print(f"repeat {repeat + 1}/{args.repeats}, {name}: {tree} on {args.case.name}, {args.moves} moves ...",
+                      flush=True)
+                repeats.setdefault(name, []).append(run_child(tree, args, reference=(name == "after"), work=work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    runs = {name: best_of(values) for name, values in repeats.items()}
+    load_end = os.getloadavg()
 
-    def best(kind: str, key: str) -> list[float]:
-        return [min(values) for values in zip(*(run[key] for run in runs[kind]))]
-
-    results: dict = {
-        "case": case_dir.name, "shape_kji": list(labelmap.array.shape), "moves_mm": [list(s) for s in shifts],
-        "changed_voxels": changed, "threads": args.threads, "device": args.device, "repeats": args.repeats,
-        "load_average_at_start": load, "cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "note": "minimum over the repeats per move (the machine was shared); the module polls every 50 ms, "
-                "add up to that much in the GUI",
-        "runs": runs,
-    }
-    for kind in ("worker", "old", "logic", "engine"):
-        if runs[kind]:
-            results[kind] = {"first_s": round(min(r["first_s"] for r in runs[kind]), 3),
-                             "per_move_s": summary(best(kind, "per_move_s"))}
-    results["worker"]["cancel_s"] = summary([c for r in runs["worker"] for c in r["cancel_s"]])
-    if runs["logic"]:
-        results["logic"]["gui_thread_s"] = summary(best("logic", "gui_thread_s"))
-    results["ratio_old_over_worker_per_move_median"] = round(
-        results["old"]["per_move_s"]["median"] / results["worker"]["per_move_s"]["median"], 2)
-    results["ratio_old_over_worker_first"] = round(results["old"]["first_s"] / results["worker"]["first_s"], 2)
-    results["ratio_worker_over_engine_per_move_median"] = round(
-        results["worker"]["per_move_s"]["median"] / results["engine"]["per_move_s"]["median"], 2)
-
-    print(f"\n{case_dir.name} {labelmap.array.shape}, {args.moves} moves of 10-15 mm, {args.threads} threads, "
-          f"{args.device}, min of {args.repeats} repeats (load average at start {load})")
-    print(f"{'path':<34}{'first':>8}{'per move median':>18}{'min':>8}{'max':>8}")
-    for kind, title in (("old", "old (NRRD + 4 gz NIfTI round trip)"), ("worker", "worker (arrays in RAM, box only)"),
-                        ("logic", "module logic on a vtkMRMLScene"), ("engine", "engine re-render alone (floor)")):
-        if kind in results:
-            r = results[kind]
-            print(f"{title:<34}{r['first_s']:>8.2f}{r['per_move_s']['median']:>18.3f}{r['per_move_s']['min']:>8.3f}"
-                  f"{r['per_move_s']['max']:>8.3f}")
-    if "logic" in results:
-        print(f"GUI thread busy per move (logic): median {results['logic']['gui_thread_s']['median']:.3f} s")
-    print(f"cancel of a running full preview: median {results['worker']['cancel_s']['median']:.3f} s, "
-          f"max {results['worker']['cancel_s']['max']:.3f} s")
-    print(f"ratio old / worker: per move {results['ratio_old_over_worker_per_move_median']}x, "
-          f"first {results['ratio_old_over_worker_first']}x; worker / engine alone per move "
-          f"{results['ratio_worker_over_engine_per_move_median']}x")
-    print(f"changed voxels per move: {changed}")
+    results = {"case": args.case.name, "moves": args.moves, "threads": args.threads, "device": args.device,
+               "seed": args.seed, "before_commit": args.before, "cpus": os.cpu_count(),
+               "load_average_start": [round(v, 2) for v in load_start],
+               "load_average_end": [round(v, 2) for v in load_end], "platform": platform.platform(),
+               "python": platform.python_version(), "command": " ".join(["python"] + sys.argv),
+               "repeats": args.repeats, "note": "per move the repeat with the shortest edit -> preview",
+               "summary": {name: summarise(run) for name, run in runs.items()}, "runs": repeats}
+    after = results["summary"]["after"]
+    print(f"\n{args.case.name}: {args.moves} moves of 10-15 mm, {args.threads} threads, {args.device}; "
+          f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, {os.cpu_count()} CPUs")
+    print(f"{'stage (median s)':<22}" + "".join(f"{name:>10}" for name in runs))
+    keys = [k for k in STAGES if any(k in results["summary"][n]["stages_median_s"] for n in runs)]
+    keys += sorted({k for n in runs for k in results["summary"][n]["stages_median_s"]} - set(keys))
+    for key in keys:
+        row = [results["summary"][n]["stages_median_s"].get(key) for n in runs]
+        print(f"{key:<22}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in row))
+    for key, title in (("preview_s", "edited segmentation -> updated volumes"),
+                       ("edit_to_preview_s", "edit -> updated volumes"),
+                       ("cpu_main_s", "CPU s, module process"), ("cpu_worker_s", "CPU s, worker process")):
+        row = [results["summary"][n].get(key, {}).get("median") for n in runs]
+        print(f"{title:<40}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in row))
+    if "reference_forward_s" in after:
+        print("reference, ROI forward alone (same box, a clean process): median "
+              f"{after['reference_forward_s']['median']:.3f} s (CPU {after['reference_forward_cpu_s']['median']:.3f} s)")
+        print(f"ratio edit -> preview / reference: {after['ratio_edit_to_preview_over_reference']}x; "
+              f"preview / reference: {after['ratio_preview_over_reference']}x")
+    if "before" in runs:
+        b = results["summary"]["before"]["edit_to_preview_s"]["median"]
+        a = after["edit_to_preview_s"]["median"]
+        results["ratio_before_over_after_edit_to_preview"] = round(b / a, 2)
+        print(f"before / after, edit -> preview: {b:.2f} / {a:.2f} s = {b / a:.2f}x")
+    for cancel in runs["after"].get("cancel", []):
+        print(f"cancel of a running preview: {cancel['seconds']:.3f} s, {cancel['status']}, "
+              f"worker kept: {cancel['same_worker']}")
+    print("per move (after): " + ", ".join(f"{m['edit_to_preview_s']:.2f}" for m in runs["after"]["moves"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -3,10 +3,14 @@
 Both run in the one backend worker (:mod:`.jobs`), which keeps the model loaded:
 ``generate`` writes the synthetic case folder (for review and export) and sends
 the four images back as written; ``preview`` synthesises the whole case once and
-afterwards only the box an edit changed, which is copied into the preview
-volumes in place.  Nothing here waits on the worker: ``start_*`` returns a job
-at once, the widget polls it from a QTimer, ``finish_*`` puts the result into
-the scene.  Every output keeps the input's IJK-to-RAS matrix exactly.
+afterwards sends only the region of the label map an edit touched; the worker
+keeps the case in memory (:class:`MedSynthLib.synthesis.preview.PreviewSession`)
+and answers with only the region of the images it rendered again, which is
+copied into the preview volumes in place.  A newer preview supersedes a running
+one (the worker stops it at its next network layer and renders both edits).
+Nothing here waits on the worker: ``start_*`` returns a job at once, the widget
+polls it from a QTimer, ``finish_*`` puts the result into the scene.  Every
+output keeps the input's IJK-to-RAS matrix exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,9 +58,20 @@ class GenerationJob:
         return self.task.is_running()
 
 
+#: How long a preview cancel waits for the worker before killing it: a preview stops at its next network
+#: layer (tens of milliseconds), and a kill would lose the case the worker keeps in memory.
+PREVIEW_CANCEL_GRACE_S = 2.0
+
+
 @dataclass
 class PreviewJob:
-    """A preview (full the first time, then the edited box) running in the worker."""
+    """A preview (full the first time, then the edited region) running in the worker.
+
+    Attributes:
+        seconds: this side's stages (``labels``: the label map read from the segmentation,
+            ``diff``: the changed region found, ``submit``: sent; after :meth:`finish_preview`
+            also ``receive`` and ``write_volumes``).
+    """
 
     task: WorkerTask
     segmentation_id: str
@@ -64,6 +80,8 @@ class PreviewJob:
     status: str = "running"
     started: float = field(default_factory=time.monotonic)
     outputs: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    session: str = ""
 
     def poll(self) -> bool:
         return self.task.poll()
@@ -248,50 +266,98 @@ class Synthesis:
     # --- fast preview ----------------------------------------------------------------------------
 
     def start_preview(self, segmentation: Any, options: GenerateOptions | None = None) -> PreviewJob:
-        """Send the current label map for a preview; returns at once (poll the job, then :meth:`finish_preview`).
+        """Send the edit for a preview; returns at once (poll the job, then :meth:`finish_preview`).
 
-        The first preview of a segmentation (or after the options changed)
-        synthesises the whole case; later ones re-render only the box the edit
-        changed, with the model kept loaded in the worker.
+        The first preview of a segmentation (or after the options changed, or a new worker)
+        sends the whole label map and synthesises the whole case; later ones send only the
+        region of the label map that changed since the last preview, and the worker renders
+        only around it.  A preview started while another runs supersedes it.
         """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.synthesis.preview import box_slices, changed_box
+
+        clock = time.perf_counter()
         options = self._checked_options(options)
         labelmap = self.labelmap(segmentation)
         reference = self.reference_volume(segmentation)
+        read = time.perf_counter()
         key = (segmentation.GetID(), options.model, options.device, options.precision, options.seed)
         nodes = self._preview_outputs
-        reset = key != self._preview_key or not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values())
-        params, arrays = labelmap_request(labelmap)
-        task = self.worker().submit("preview", dict(params, reset=reset, **options.worker_params()), arrays)
+        worker = self.worker()
+        sent = self._preview_sent
+        new_case = key != self._preview_key  # another segmentation or other options: new preview volumes
+        reset = (new_case or not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values())
+                 or sent is None or not worker.alive() or sent["pid"] != worker.pid
+                 or sent["labels"].shape != labelmap.array.shape)
+        common = dict(options.worker_params(), history=list(labelmap.history))
+        if reset:
+            session = uuid.uuid4().hex
+            params, arrays = labelmap_request(labelmap)
+            params = dict(params, **common, session=session, reset=True)
+            sent = {"session": session, "labels": labelmap.array.copy(), "version": 0, "pid": None}
+        else:
+            box = changed_box(sent["labels"], labelmap.array) or ((0, 0, 0), (0, 0, 0))
+            region = np.ascontiguousarray(labelmap.array[box_slices(box)])
+            params = dict(common, session=sent["session"], start=list(box[0]), base=sent["version"])
+            arrays = {"labels": region}
+            sent["labels"][box_slices(box)] = region
+            sent["version"] += 1  # the worker applies every region in order, even of a superseded preview
+        diffed = time.perf_counter()
+        try:
+            task = worker.submit("preview", params, arrays)
+        except OSError as exc:
+            self._preview_sent = None
+            raise WorkflowError(f"cannot start the MedSynth worker ({exc})") from None
+        sent["pid"] = worker.pid
+        self._preview_sent = sent
         task.progress.connect(self.progress.emit)
         self._preview_key = key
-        if reset:
+        if new_case:
             self._preview_outputs = None
-        return PreviewJob(task, segmentation.GetID(), reference.GetID(), options)
+        job = PreviewJob(task, segmentation.GetID(), reference.GetID(), options, session=sent["session"])
+        job.seconds = {"labels": read - clock, "diff": diffed - read, "submit": time.perf_counter() - diffed}
+        self._preview_jobs = [j for j in self._preview_jobs if j.status == "running"] + [job]
+        return job
 
     def finish_preview(self, job: PreviewJob) -> dict[str, Any]:
         """Copy a finished preview into the preview volumes ("MedSynth preview T1" ...), in place after the first.
 
         Raises:
-            CancelledError: the preview was cancelled.
+            CancelledError: the preview was cancelled or superseded by a newer one.
             WorkflowError: the worker reported an error, or the input T1 is gone.
         """
         if job.task.is_running():
             job.task.wait()
+        # The worker answers in order.  An earlier preview of this case that finished before this one
+        # superseded it holds a region this one did not render again: it goes into the volumes first.
+        for older in [j for j in self._preview_jobs if j is not job and j.task.id < job.task.id]:
+            self._preview_jobs.remove(older)
+            if older.task.is_running():
+                older.task.wait()
+            if older.status == "running" and older.task.status == "done" and older.session == job.session:
+                self._apply_preview(older)
+        if job in self._preview_jobs:
+            self._preview_jobs.remove(job)
         if job.task.cancelled:
             job.status = "cancelled"
-            raise CancelledError("preview cancelled")
+            raise CancelledError(job.task.error or "preview cancelled")
         if job.task.status != "done":
             job.status = "failed"
-            self._preview_key = None  # the worker may have lost its state: start over
+            self._preview_sent = None  # the worker may have lost the case: the next preview sends it whole
             raise WorkflowError(f"preview failed: {job.task.error}")
+        return self._apply_preview(job)
+
+    def _apply_preview(self, job: PreviewJob) -> dict[str, Any]:
         assert job.task.result is not None
+        clock = time.perf_counter()
         data, regions = job.task.result.data, job.task.arrays()
+        received = time.perf_counter()
         start = [int(v) for v in data["box"][0]]
         reference = self._job_reference(job.reference_id)
         nodes = self._preview_outputs
         if not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values()):
             if not data.get("full"):
-                self._preview_key = None
+                self._preview_key, self._preview_sent = None, None
                 raise WorkflowError("preview failed: the preview volumes were removed; preview again")
             with mrml.scene_guard(self.scene):
                 nodes = {}
@@ -309,14 +375,15 @@ class Synthesis:
                         mrml.update_volume_region(nodes[modality], start, region.astype(np.float32, copy=False))
                     except mrml.MRMLError as exc:
                         raise WorkflowError(f"preview failed: {exc}") from None
+        job.seconds.update(receive=received - clock, write_volumes=time.perf_counter() - received)
         job.status, job.outputs = "done", dict(nodes)
-        self.last_preview = dict(data)
-        self.log.emit(f"preview ({'full' if data.get('full') else 'edited box'}) in {data.get('seconds')} s")
+        self.last_preview = dict(data, client_s={k: round(v, 4) for k, v in job.seconds.items()})
+        self.log.emit(f"preview ({'full' if data.get('full') else 'edited region'}) in {data.get('seconds')} s")
         return dict(nodes)
 
     def cancel_preview(self, job: PreviewJob) -> bool:
-        """Stop a running preview (within about half a second)."""
-        gone = self.worker().cancel(job.task)
+        """Stop a running preview (at its next network layer; the worker keeps the case)."""
+        gone = self.worker().cancel(job.task, grace_s=PREVIEW_CANCEL_GRACE_S)
         job.status = "cancelled"
         return gone
 
@@ -335,6 +402,8 @@ class Synthesis:
         """Forget the preview state (the preview volumes stay in the scene)."""
         self._preview_outputs = None
         self._preview_key = None
+        self._preview_sent = None
+        self._preview_jobs = []
 
 
-__all__ = ["GenerationJob", "PreviewJob", "Synthesis"]
+__all__ = ["PREVIEW_CANCEL_GRACE_S", "GenerationJob", "PreviewJob", "Synthesis"]

@@ -9,6 +9,7 @@ label map is read back (:meth:`LabelSegmentation.labelmap`) and recorded as one
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -366,6 +367,10 @@ class LabelSegmentation:
         tumour was drawn over them, and voxels whose tumour was erased down to
         nothing are refilled with the healthy anatomy.
 
+        While the segmentation is unchanged since MedSynth last read or wrote it (same
+        modification times, :func:`.mrml.segmentation_stamp`) the label map kept then is
+        returned (its array read-only) instead of reading the six segments back.
+
         Raises:
             WorkflowError: no reference volume, another grid, unknown segments, an empty brain.
         """
@@ -375,6 +380,12 @@ class LabelSegmentation:
         from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, brain_mask, label_counts, tumour_mask
 
         reference = self.reference_volume(segmentation)
+        cached = self._read_labels.get(segmentation.GetID())
+        if cached is not None and cached[0] == self._labels_stamp(segmentation, reference):
+            # Nothing changed since MedSynth last read or wrote it: no read-back of the six segments.
+            labelmap = copy.copy(cached[1])
+            labelmap.history = list(labelmap.history)
+            return labelmap
         convention = segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021"
         array = self._labels_from_segmentation(segmentation, reference, convention, what="label segmentation")
         try:
@@ -421,7 +432,25 @@ class LabelSegmentation:
             return result
         if not brain_mask(array).any():
             raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
-        return LabelMap(array, grid, history)
+        return self._remember_labels(segmentation, LabelMap(array, grid, history))
+
+    @staticmethod
+    def _labels_stamp(segmentation: Any, reference: Any) -> tuple:
+        return (mrml.segmentation_stamp(segmentation), segmentation.GetAttribute(mrml.HISTORY_ATTRIBUTE),
+                reference.GetID(), reference.GetImageData().GetDimensions(), mrml.ijk_to_ras(reference).tobytes())
+
+    def _remember_labels(self, segmentation: Any, labelmap: "LabelMap") -> "LabelMap":
+        """Keep what the segmentation holds now, so that reading it again costs nothing until it changes.
+
+        The kept array is read-only: the label maps handed out share it.
+        """
+        labelmap.array = labelmap.array.copy()
+        labelmap.array.flags.writeable = False
+        stamp = self._labels_stamp(segmentation, self.reference_volume(segmentation))
+        self._read_labels[segmentation.GetID()] = (stamp, labelmap)
+        result = copy.copy(labelmap)
+        result.history = list(labelmap.history)
+        return result
 
     def locked_labels(self, segmentation: Any) -> list[int]:
         """Schema values of the segments tagged ``MedSynth.Locked`` = 1."""
@@ -469,6 +498,7 @@ class LabelSegmentation:
         mrml.set_segmentation_labels(segmentation, labelmap.array, reference)
         segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(labelmap.history))
         self._committed[segmentation.GetID()] = labelmap.array.copy()
+        self._remember_labels(segmentation, copy.copy(labelmap))
 
     def copy_labels(self, segmentation: Any, name: str | None = None) -> Any:
         """A new label segmentation with the same label map and history (a variant to edit separately)."""

@@ -86,11 +86,14 @@ class WorkflowLogic(LabelSegmentation, TumourTools, Synthesis, ReviewViews):
         self.log = Signal("str")
         self.progress = Signal("float", "str")
         self._committed: dict[str, np.ndarray] = {}
+        self._read_labels: dict[str, tuple[tuple, Any]] = {}  # segmentation ID -> (stamp, LabelMap read)
         self._undo: dict[str, list[tuple[np.ndarray, list[dict[str, Any]]]]] = {}
         self._run_counter = 0
         self._worker: WorkerClient | None = None
         self._preview_outputs: dict[str, Any] | None = None
         self._preview_key: tuple | None = None
+        self._preview_sent: dict[str, Any] | None = None  # what the worker's preview session holds
+        self._preview_jobs: list[PreviewJob] = []  # previews sent and not finished, oldest first
         self.last_preview: dict[str, Any] | None = None
         self.device_info = None
 

@@ -337,6 +337,22 @@ def segment_binary_masks(node: Any, reference: Any) -> dict[str, np.ndarray]:
     return masks
 
 
+def segmentation_stamp(node: Any) -> tuple[int, ...]:
+    """Modification times of a segmentation node, its segments and their binary labelmaps.
+
+    Any change made through VTK or Slicer (a Segment Editor stroke, ``slicer.util`` array
+    updates, a segment added or removed) raises one of them, so an equal stamp means
+    the voxels are those read last time.
+    """
+    segmentation = node.GetSegmentation()
+    stamp = [int(node.GetMTime()), int(segmentation.GetMTime()), segmentation.GetNumberOfSegments()]
+    for segment_id in segmentation.GetSegmentIDs():
+        segment = segmentation.GetSegment(segment_id)
+        image = segment.GetRepresentation(_labelmap_name())
+        stamp += [int(segment.GetMTime()), int(image.GetMTime()) if image is not None else -1]
+    return tuple(stamp)
+
+
 def segmentation_geometry(node: Any) -> tuple[np.ndarray, tuple[int, int, int, int, int, int]] | None:
     """(image-to-world matrix, extent) of a segmentation's first binary labelmap, if it has one."""
     segmentation = node.GetSegmentation()

@@ -5,7 +5,8 @@ writes :class:`Event` s, one per line, on stdout; nothing else is written there
 (the worker points its own stdout at stderr, which is its free-text log).
 
 Requests (``op``): ``generate`` (synthesise and write a case folder),
-``preview`` (first a full synthesis, then the changed box only), ``export``
+``preview`` (a session: the whole label map once, then only the region an edit
+touched; the answer carries only the region rendered again), ``export``
 (``MedSynthLib.export``), ``cancel`` (stop request ``target`` at its next
 step), ``quit``.
 

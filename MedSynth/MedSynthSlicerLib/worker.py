@@ -12,6 +12,14 @@ running request stops at its next step (the client kills the process when a
 step takes longer than it is willing to wait).  A backend error is answered
 with one ``error`` event whose text is MedSynthLib's one-line message; the
 worker then serves the next request.
+
+``preview`` keeps one :class:`MedSynthLib.synthesis.preview.PreviewSession` (the
+case's label map and images in memory): the first request of a session sends the
+whole label map, later ones only the region an edit touched, and each answer
+carries only the region of the four images that was rendered again.  A preview
+request supersedes every earlier one still queued or running: their label
+regions are applied all the same, their renders stop at the next network layer
+(answered ``cancelled``), and the newest render covers all their changes.
 """
 
 from __future__ import annotations
@@ -44,8 +52,12 @@ class Worker:
         self.exchange = exchange
         self.send = send
         self.cancelled: set[int] = set()
+        self.superseded: set[int] = set()
         self._engines: dict[tuple, Any] = {}
-        self._renderers: dict[tuple, Any] = {}
+        self._session: Any = None  # the PreviewSession
+        self._session_key: tuple | None = None
+        self._open_previews: set[int] = set()
+        self._lock = threading.Lock()
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -62,7 +74,7 @@ class Worker:
         key = (params.get("model") or None, params.get("device", "auto"), params.get("precision", "auto"))
         if key not in self._engines:
             self._engines.clear()  # one model in memory at a time
-            self._renderers.clear()
+            self._session, self._session_key = None, None
             self._engines[key] = SynthesisEngine(resolve_model(key[0]), key[1], key[2],
                                                  log=lambda m: print(f"medsynth: {m}", file=sys.stderr, flush=True))
         return key, self._engines[key]
@@ -115,7 +127,7 @@ class Worker:
                request.params.get("precision", "auto"))
         if key not in self._engines:
             self._engines.clear()  # one model in memory at a time
-            self._renderers.clear()
+            self._session, self._session_key = None, None
             self._engines[key] = InpaintingEngine(resolve_model(key[1], kind="inpainting"), key[2], key[3])
         engine = self._engines[key]
         self.step(request, 0.35, "model loaded")
@@ -129,22 +141,71 @@ class Worker:
                            "synthetic_voxels": int(case.region.sum())},
                      arrays=arrays)
 
-    def preview(self, request: Request) -> Event:
-        """Full synthesis the first time, then only the changed box; answer with that box of each image."""
-        from MedSynthLib.synthesis.preview import PreviewRenderer
-        from MedSynthLib.synthesis.synthesize import OUTPUT_NAMES
+    def supersede_previews(self, newest: int) -> None:
+        """A newer preview arrived (called from the reading thread): stop the renders of the older ones."""
+        with self._lock:
+            older = {i for i in self._open_previews if i < newest}
+            self.superseded |= older
+            self.cancelled |= older
+            self._open_previews.add(newest)
 
-        labelmap = self.labelmap(request)
-        key, engine = self.engine(request.params)
-        renderer = self._renderers.setdefault(key, PreviewRenderer(engine, int(request.params.get("margin", 24))))
-        if request.params.get("reset"):
-            renderer.reset()
-        self.step(request, 0.2, "model loaded")
-        update = renderer.render(labelmap, seed=int(request.params.get("seed", 0)))
-        arrays = {m: put_array(self.exchange, update.region(m)) for m in OUTPUT_NAMES}
+    def check(self, request: Request) -> None:
+        """Raise :class:`Cancelled` when the request was cancelled (called between network layers)."""
+        if request.id in self.cancelled:
+            raise Cancelled()
+
+    def preview(self, request: Request) -> Event:
+        """Apply the request's label region to the session, render what changed, answer with that region.
+
+        Params: ``session`` (the client's id of the case), ``reset`` (start the session: the
+        label map is whole, with ``grid``), ``start`` (k, j, i of the label region), ``base`` (the
+        session version the region applies to), ``seed``, ``margin``, ``renderer`` (name).
+        Arrays: ``labels`` (the whole map, or the region).
+        """
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.synthesis.preview import PreviewSession, make_renderer
+
+        cpu, clock = time.process_time(), time.perf_counter()
+        params = request.params
+        key, engine = self.engine(params)
+        session_key = (key, str(params.get("session", "")), params.get("renderer", "synthesis"),
+                       int(params.get("seed", 0)), int(params.get("margin", 24)))
+        if params.get("reset") or self._session is None or session_key != self._session_key:
+            if not params.get("reset"):
+                raise MedSynthError("the worker holds no preview of this case (it was restarted); preview again")
+            labelmap = self.labelmap(request)
+            renderer = make_renderer(session_key[2], engine, seed=session_key[3], margin=session_key[4])
+            self._session, self._session_key = PreviewSession(renderer, labelmap), session_key
+        else:
+            session = self._session
+            if int(params.get("base", -1)) != session.version:
+                self._session, self._session_key = None, None
+                raise MedSynthError(f"the worker's preview is at version {session.version}, the edit was made on "
+                                    f"version {params.get('base')}; preview again")
+            if "labels" not in request.arrays:
+                raise MedSynthError("preview: the request carries no label region")
+            region = take_array(request.arrays["labels"])
+            session.set_labels(tuple(int(v) for v in params.get("start", (0, 0, 0))), region,
+                               params.get("history"))
+        session = self._session
+        applied = time.perf_counter()
+        # The labels are applied even when this request was superseded: the newer one builds on them.
+        self.check(request)
+        if not session.rendered:
+            self.step(request, 0.2, "model loaded")  # a whole case follows: seconds, not a fraction of one
+        network = _NetworkClock(engine.synth.generator)
+        with network:
+            update = session.render(lambda: self.check(request))
+        rendered = time.perf_counter()
+        arrays = {m: put_array(self.exchange, region) for m, region in update.regions.items()}
+        packed = time.perf_counter()
+        seconds = {"apply_labels": applied - clock, "render": rendered - applied, "network": network.seconds,
+                   "send_arrays": packed - rendered, "worker_total": packed - clock}
         return Event("result", request.id, fraction=1.0, text="previewed",
                      data={"box": [list(update.box[0]), list(update.box[1])], "full": update.full,
-                           "seconds": round(update.seconds, 4), "device": engine.device},
+                           "version": session.version, "seconds": round(packed - clock, 4),
+                           "stages_s": {k: round(v, 4) for k, v in seconds.items()},
+                           "worker_cpu_s": round(time.process_time() - cpu, 4), "device": engine.device},
                      arrays=arrays)
 
     def export(self, request: Request) -> Event:
@@ -162,13 +223,14 @@ class Worker:
 
         handler = {"generate": self.generate, "preview": self.preview, "export": self.export}.get(request.op)
         try:
-            if request.id in self.cancelled:
+            if request.id in self.cancelled and request.op != "preview":  # a preview's labels still apply
                 raise Cancelled()
             if handler is None:
                 raise MedSynthError(f"the worker cannot {request.op!r}")
             self.send(handler(request))
         except Cancelled:
-            self.send(Event("cancelled", request.id, text=f"{request.op} cancelled"))
+            text = "preview superseded by a newer edit" if request.id in self.superseded else f"{request.op} cancelled"
+            self.send(Event("cancelled", request.id, text=text))
         except (MedSynthError, ProtocolError) as exc:
             self.send(Event("error", request.id, text=str(exc)))
         except Exception as exc:  # noqa: BLE001 - report it in one line and keep serving
@@ -177,7 +239,34 @@ class Worker:
         finally:
             for ref in request.arrays.values():  # arrays a failed request did not take
                 Path(ref.path).unlink(missing_ok=True)
-            self.cancelled.discard(request.id)
+            with self._lock:
+                self.cancelled.discard(request.id)
+                self.superseded.discard(request.id)
+                self._open_previews.discard(request.id)
+
+
+class _NetworkClock:
+    """Seconds the generator's forward passes take inside the block (a hook before and after the top module)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.seconds = 0.0
+        self._start = 0.0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_NetworkClock":
+        def before(_module: Any, _inputs: Any) -> None:
+            self._start = time.perf_counter()
+
+        def after(_module: Any, _inputs: Any, _output: Any) -> None:
+            self.seconds += time.perf_counter() - self._start
+
+        self._handles = [self.module.register_forward_pre_hook(before), self.module.register_forward_hook(after)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         elif message.op == "quit":
             break
         else:
+            if message.op == "preview":
+                worker.supersede_previews(message.id)
             requests.put(message)
     requests.put(None)
     thread.join()

@@ -1,85 +1,265 @@
-"""Fast preview of an edited label map: a warm engine that re-renders only what changed.
+"""Interactive preview: one case kept in memory, each edit re-rendered in the region it changed.
 
-:class:`PreviewRenderer` keeps the last :class:`~.synthesize.SynthesisResult` of
-one label map.  The first call synthesises the whole brain; every later call on
-the same grid runs :meth:`~.synthesize.SynthesisEngine.rerender` (the network on
-the box around the changed voxels only) and reports that box, so a caller that
-holds the previous images (the Slicer module) copies back only the box.
+A :class:`PreviewSession` holds the current label map of one case and a
+:class:`RoiRenderer`, which holds the current images.  The first render makes
+the whole case; afterwards the caller sends only the region of the label map
+that an edit touched (:meth:`PreviewSession.set_labels`), and
+:meth:`PreviewSession.render` re-renders the region around the voxels that
+changed and returns that region of the four images, nothing else.
+
+The renderer is pluggable: :class:`SynthesisRoiRenderer` (the label-to-image
+network, :meth:`~.synthesize.SynthesisEngine.rerender_box`) is the one today;
+another (e.g. inpainting a tumour into the real images) registers itself in
+:data:`PREVIEW_RENDERERS` and is chosen by name.
+
+Renders can be interrupted: the ``check`` callback passed to :meth:`render` is
+called before every layer of the network and stops the render by raising.  A
+stopped render leaves the images as they were and keeps its region pending, so
+the next render (of a newer edit) covers both edits: a newer edit supersedes an
+older one without losing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
+from ..schema.errors import MedSynthError
 from ..schema.grid import LabelMap
-from .synthesize import SynthesisEngine, SynthesisResult
+from ..schema.labels import check_label_map
+from .synthesize import SynthesisEngine
+
+#: (start, stop) of a box in (k, j, i) voxels, stop exclusive.
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]
+EMPTY_BOX: Box = ((0, 0, 0), (0, 0, 0))
+
+
+def box_union(a: Box | None, b: Box | None) -> Box | None:
+    """The smallest box holding both (``None`` is the empty box)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return (tuple(min(x, y) for x, y in zip(a[0], b[0])),  # type: ignore[return-value]
+            tuple(max(x, y) for x, y in zip(a[1], b[1])))
+
+
+def changed_box(before: np.ndarray, after: np.ndarray, offset: tuple[int, ...] = (0, 0, 0)) -> Box | None:
+    """Bounding box of the voxels where two equally shaped arrays differ, shifted by ``offset``; ``None`` if equal.
+
+    Projections along each axis (``np.any``) instead of an index of every changed voxel.
+    """
+    changed = before != after
+    if not changed.any():
+        return None
+    lo, hi = [], []
+    for axis in range(changed.ndim):
+        hit = np.flatnonzero(changed.any(axis=tuple(a for a in range(changed.ndim) if a != axis)))
+        lo.append(int(hit[0]) + int(offset[axis]))
+        hi.append(int(hit[-1]) + 1 + int(offset[axis]))
+    return tuple(lo), tuple(hi)  # type: ignore[return-value]
+
+
+def box_slices(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(int(a), int(b)) for a, b in zip(box[0], box[1]))
+
+
+class PreviewCancelled(MedSynthError):
+    """A render was stopped by its ``check`` callback (a newer edit, or the user)."""
+
+
+@contextlib.contextmanager
+def interruptible(module: Any, check: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``check`` before every layer of a torch module while the block runs.
+
+    ``check`` stops the forward pass by raising; a network pass cannot be stopped
+    otherwise, and a layer takes tens of milliseconds, so a stop takes about that long.
+    """
+    if check is None:
+        yield
+        return
+    handles = [m.register_forward_pre_hook(lambda _module, _inputs: check()) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class RoiRenderer(Protocol):
+    """What the preview needs of a model: the whole case once, then a region around each change.
+
+    Attributes:
+        images: modality -> (k, j, i) float32 images of the label map last rendered.
+    """
+
+    images: dict[str, np.ndarray]
+
+    def full(self, labelmap: LabelMap, check: Callable[[], None] | None = None) -> None:
+        """Render the whole case of ``labelmap`` into :attr:`images`."""
+
+    def roi(self, labelmap: LabelMap, changed: Box, check: Callable[[], None] | None = None) -> Box:
+        """Re-render around ``changed`` (the voxels whose label changed since the last render).
+
+        Returns the box of :attr:`images` that was rewritten.  Raises (through ``check``)
+        without changing :attr:`images` when stopped.
+        """
+
+
+class SynthesisRoiRenderer:
+    """The label-to-image network as a preview renderer (:meth:`SynthesisEngine.rerender_box`).
+
+    Args:
+        engine: the loaded model.
+        seed: the appearance seed of the case (models with an appearance code).
+        margin: voxels of network context around the changed box.
+    """
+
+    name = "synthesis"
+
+    def __init__(self, engine: SynthesisEngine, seed: int = 0, margin: int = 24) -> None:
+        self.engine = engine
+        self.seed = int(seed)
+        self.margin = int(margin)
+        self.images: dict[str, np.ndarray] = {}
+        self.normalized: np.ndarray | None = None
+        self.brain: tuple[slice, ...] | None = None
+        self.brain_mask: np.ndarray | None = None
+
+    def full(self, labelmap: LabelMap, check: Callable[[], None] | None = None) -> None:
+        from ..schema.labels import brain_mask
+        from .inference import brain_box
+
+        with interruptible(self.engine.synth.generator, check):
+            result = self.engine.synthesize(labelmap, seed=self.seed)
+        self.images, self.normalized = result.images, result.normalized
+        self.brain, self.brain_mask = brain_box(labelmap.array), brain_mask(labelmap.array)
+
+    def roi(self, labelmap: LabelMap, changed: Box, check: Callable[[], None] | None = None) -> Box:
+        from ..schema.labels import brain_mask
+        from .inference import brain_box
+
+        if self.normalized is None or self.brain is None or self.brain_mask is None:
+            raise MedSynthError("the preview has no rendered case yet")
+        region = box_slices(changed)
+        brain = self.brain
+        inside = brain_mask(labelmap.array[region])
+        if not np.array_equal(inside, self.brain_mask[region]):  # tumour edits never do this; a painted brain may
+            brain = brain_box(labelmap.array)
+            if brain == self.brain:
+                self.brain_mask[region] = inside
+        if brain != self.brain:
+            # The network runs on the brain box: another box is another stride lattice, so a
+            # full synthesis of the edited map differs everywhere.  Render it whole.
+            self.full(labelmap, check)
+            shape = labelmap.array.shape
+            return (0, 0, 0), (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.engine._use_seed(self.seed)
+        with interruptible(self.engine.synth.generator, check):
+            box = self.engine.rerender_box(self.normalized, self.images, labelmap.array, changed[0], changed[1],
+                                           brain, self.margin)
+        return (tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[return-value]
+
+
+#: Preview renderers by name: ``factory(engine, seed=..., margin=...)``.
+PREVIEW_RENDERERS: dict[str, Callable[..., RoiRenderer]] = {"synthesis": SynthesisRoiRenderer}
+
+
+def make_renderer(name: str, engine: SynthesisEngine, **options: Any) -> RoiRenderer:
+    """The preview renderer registered as ``name``."""
+    if name not in PREVIEW_RENDERERS:
+        raise MedSynthError(f"unknown preview renderer {name!r} (known: {', '.join(sorted(PREVIEW_RENDERERS))})")
+    return PREVIEW_RENDERERS[name](engine, **options)
 
 
 @dataclass
 class PreviewUpdate:
-    """One preview.
+    """One render of a :class:`PreviewSession`.
 
     Attributes:
-        result: the full synthetic case (images in scanner units, float32).
-        box: ``(start, stop)`` (k, j, i) of the region that may differ from the
-            previous preview; the whole volume after a full synthesis.
-        full: True when the whole case was synthesised (first preview, new grid).
-        seconds: time taken.
+        box: the region of the images that was rewritten (:data:`EMPTY_BOX` when nothing changed).
+        regions: modality -> that region of the images (views; copy them to keep them).
+        full: whether the whole case was rendered.
+        seconds: stage -> seconds (``render``: the renderer).
     """
 
-    result: SynthesisResult
-    box: tuple[tuple[int, int, int], tuple[int, int, int]]
+    box: Box
+    regions: dict[str, np.ndarray]
     full: bool
-    seconds: float
-
-    def region(self, modality: str) -> np.ndarray:
-        """The images of ``modality`` inside :attr:`box` (a view, no copy)."""
-        (k0, j0, i0), (k1, j1, i1) = self.box
-        return self.result.images[modality][k0:k1, j0:j1, i0:i1]
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
-class PreviewRenderer:
-    """Previews successive edits of one label map with one loaded model.
+class PreviewSession:
+    """The label map of one case and its images, updated region by region.
 
     Args:
-        engine: the loaded model (kept warm between previews).
-        margin: voxels of context around the changed box (see ``rerender``).
+        renderer: renders the images (holds them).
+        labelmap: the case's label map (copied: the session owns its array).
     """
 
-    def __init__(self, engine: SynthesisEngine, margin: int = 24) -> None:
-        self.engine = engine
-        self.margin = margin
-        self.last: SynthesisResult | None = None
+    def __init__(self, renderer: RoiRenderer, labelmap: LabelMap) -> None:
+        self.renderer = renderer
+        self.labelmap = LabelMap(np.array(labelmap.array, copy=True), labelmap.grid, list(labelmap.history))
+        self.version = 0
+        self.rendered = False  # the renderer holds images of an earlier state of the label map
+        self.pending: Box | None = None  # where the labels changed since the last finished render
 
-    def reset(self) -> None:
-        """Forget the last result: the next preview synthesises the whole case."""
-        self.last = None
+    def set_labels(self, start: tuple[int, int, int], region: np.ndarray,
+                   history: list[dict[str, Any]] | None = None) -> Box | None:
+        """Write a region of the label map at ``start`` (k, j, i); returns the box of voxels that changed.
 
-    def render(self, labelmap: LabelMap, seed: int = 0) -> PreviewUpdate:
-        """The preview of ``labelmap``: a full synthesis the first time, then only the changed box."""
+        The change is pending until a render finishes; the version counts every call.
+
+        Raises:
+            MedSynthError: the region does not fit the grid.
+        """
+        array = self.labelmap.array
+        stop = tuple(int(a) + int(n) for a, n in zip(start, region.shape))
+        if region.ndim != 3 or any(int(a) < 0 for a in start) or any(b > n for b, n in zip(stop, array.shape)):
+            raise MedSynthError(f"label region {tuple(region.shape)} at {tuple(start)} does not fit the grid "
+                                f"{tuple(array.shape)}")
+        try:
+            check_label_map(region)
+        except ValueError as exc:
+            raise MedSynthError(f"label region: {exc}") from None
+        window = array[tuple(slice(int(a), b) for a, b in zip(start, stop))]
+        changed = changed_box(window, region, start)
+        if changed is not None:
+            window[...] = region
+            self.pending = box_union(self.pending, changed)
+        if history is not None:
+            self.labelmap.history = list(history)
+        self.version += 1
+        return changed
+
+    def render(self, check: Callable[[], None] | None = None) -> PreviewUpdate:
+        """Render what is pending: the whole case the first time, else the region around the changes."""
         start = time.perf_counter()
-        previous = self.last
-        if previous is None or previous.labelmap.grid != labelmap.grid \
-                or previous.provenance.get("seed") != seed:
-            result = self.engine.synthesize(labelmap, seed=seed)
-            box = ((0, 0, 0), tuple(int(s) for s in labelmap.array.shape))
+        if not self.rendered:
+            self.renderer.full(self.labelmap, check)
+            self.rendered, self.pending = True, None
+            shape = tuple(int(n) for n in self.labelmap.array.shape)
+            box: Box = ((0, 0, 0), shape)  # type: ignore[assignment]
             full = True
+        elif self.pending is None:
+            box, full = EMPTY_BOX, False
         else:
-            changed = labelmap.array != previous.labelmap.array
-            result = self.engine.rerender(previous, labelmap, margin=self.margin)
-            full = False
-            if changed.any():
-                idx = np.argwhere(changed)
-                # rerender writes inside the changed box grown by the margin and rounded up to the
-                # network's size multiple; report that whole region.
-                grow = self.margin + self.engine.network.size_multiple
-                lo = np.maximum(idx.min(0) - grow, 0)
-                hi = np.minimum(idx.max(0) + 1 + grow, labelmap.array.shape)
-                box = (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
-            else:
-                box = ((0, 0, 0), (0, 0, 0))
-        self.last = result
-        return PreviewUpdate(result, box, full, time.perf_counter() - start)  # type: ignore[arg-type]
+            box = self.renderer.roi(self.labelmap, self.pending, check)
+            full = box == ((0, 0, 0), tuple(int(n) for n in self.labelmap.array.shape))
+            self.pending = None
+        slices = box_slices(box)
+        regions = {m: image[slices] for m, image in self.renderer.images.items()}
+        return PreviewUpdate(box, regions, full, {"render": time.perf_counter() - start})
+
+    @property
+    def images(self) -> Mapping[str, np.ndarray]:
+        return self.renderer.images
+
+
+__all__ = ["Box", "EMPTY_BOX", "PREVIEW_RENDERERS", "PreviewCancelled", "PreviewSession", "PreviewUpdate",
+           "RoiRenderer", "SynthesisRoiRenderer", "box_slices", "box_union", "changed_box", "interruptible",
+           "make_renderer"]

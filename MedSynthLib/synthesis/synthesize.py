@@ -58,6 +58,11 @@ class SynthesisEngine:
                                          "real case (give --context CASE_DIR), it cannot synthesise a whole case")
         self.synth = Synthesizer(load_generator(model, "cpu"), self.network, dev, pick_precision(precision, dev),
                                  log=log)
+        if self.synth.precision == "bf16" and dev.type == "cpu" and self.network.kind == "unet":
+            # This engine owns its generator: hold the weights in bf16.  Under autocast alone every call
+            # converts them again; the outputs are the same bit for bit (tested).  Measured on 2 loaded
+            # cores, 124 x 112 x 126 box: 0-20 % less CPU per forward.
+            self.synth.generator.to(torch.bfloat16)
         self.load_seconds = time.perf_counter() - start
         self._torch = torch
 
@@ -123,8 +128,9 @@ class SynthesisEngine:
         the new output is used as is, and over the outer half it is feathered
         linearly into the previous result so no seam shows.
         """
+        from ..schema.grid import mask_box
         from ..schema.provenance import array_sha256, privacy_of
-        from .inference import brain_box, to_scanner_units
+        from .inference import brain_box
 
         if edited.grid != previous.labelmap.grid:
             raise MedSynthError("the edited label map is not on the previous result's grid")
@@ -134,38 +140,68 @@ class SynthesisEngine:
         normalized = previous.normalized.copy()
         images = {m: array.copy() for m, array in previous.images.items()}
         if changed.any():
-            idx = np.argwhere(changed)
-            multiple = self.network.size_multiple
-            # synthesize() runs the network on the brain box, padded at its end to the size
-            # multiple.  Keep the region inside that box and on the same stride lattice (start a
-            # multiple away from the box start), so the U-Net's down-sampling sees the voxels in
-            # the same phase as a full synthesis; another phase gives visibly different output.
-            full = brain_box(edited.array)
-            first = np.array([s.start for s in full])
-            last = np.array([s.stop for s in full])
-            lo = np.maximum(idx.min(0) - margin, first)
-            lo -= (lo - first) % multiple
-            hi = np.minimum(idx.max(0) + 1 + margin, last)
-            hi = np.minimum(lo + -(-(hi - lo) // multiple) * multiple, last)
-            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-            region = self.synth.predict_region(edited.array, box)
-            # No feathering at faces on the brain box: the full synthesis has no context there either.
-            weight = _feather(tuple(int(b - a) for a, b in zip(lo, hi)), lo - first, hi - first,
-                              tuple(int(v) for v in last - first), margin // 2)
-            channels = (slice(None),) + box
-            blended = weight * region + (1 - weight) * normalized[channels]
-            labels_box = edited.array[box]
-            blended[:, labels_box == Label.BACKGROUND] = -1.0
-            normalized[channels] = blended
-            # Every changed voxel lies in the box, so only the box needs mapping back to scanner units.
-            for modality, values in to_scanner_units(blended, labels_box, self.model.config["intensity"],
-                                                     tuple(self.network.modalities)).items():
-                images[modality][box] = values
+            found = mask_box(changed)
+            self.rerender_box(normalized, images, edited.array, tuple(s.start for s in found),
+                              tuple(s.stop for s in found), brain_box(edited.array), margin)
         provenance = dict(previous.provenance, labels_sha256=array_sha256(edited.array), edits=edited.history,
                           privacy=privacy_of(edited).to_json())
         provenance["timings_s"] = dict(previous.provenance.get("timings_s", {}),
                                        rerender=round(time.perf_counter() - start, 3))
         return SynthesisResult(edited, images, normalized, provenance)
+
+    def rerender_box(self, normalized: np.ndarray, images: dict[str, np.ndarray], labels: np.ndarray,
+                     changed_lo: tuple[int, int, int], changed_hi: tuple[int, int, int],
+                     brain: tuple[slice, ...], margin: int = 24) -> tuple[slice, ...]:
+        """Re-synthesise the region around a changed box and blend it into ``normalized`` and ``images`` in place.
+
+        The one ROI re-render of MedSynth (:meth:`rerender` and the interactive preview of
+        :mod:`.preview` both call it).  The region is the changed box ``[changed_lo, changed_hi)``
+        grown by ``margin`` voxels on each side, kept inside the brain box and on the network's
+        stride lattice; inside the changed box plus half the margin the new output is used as is,
+        over the outer half it is feathered linearly into the previous output so no seam shows.
+
+        Args:
+            normalized: (4, k, j, i) network output of the previous label map (written in the region).
+            images: modality -> (k, j, i) scanner-unit images (written in the region).
+            labels: the edited label map.
+            changed_lo, changed_hi: bounding box (k, j, i) of the voxels whose label changed.
+            brain: the brain box of ``labels`` (``inference.brain_box``), where a full synthesis runs.
+            margin: voxels of context around the changed box.
+
+        Returns:
+            The region written (slices in k, j, i).
+        """
+        from .inference import to_scanner_units
+
+        multiple = self.network.size_multiple
+        # synthesize() runs the network on the brain box, padded at its end to the size
+        # multiple.  Keep the region inside that box and on the same stride lattice (start a
+        # multiple away from the box start), so the U-Net's down-sampling sees the voxels in
+        # the same phase as a full synthesis; another phase gives visibly different output.
+        first = np.array([s.start for s in brain])
+        last = np.array([s.stop for s in brain])
+        lo = np.maximum(np.asarray(changed_lo) - margin, first)
+        lo -= (lo - first) % multiple
+        hi = np.minimum(np.asarray(changed_hi) + margin, last)
+        hi = np.minimum(lo + -(-(hi - lo) // multiple) * multiple, last)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        region = self.synth.predict_region(labels, box)
+        # No feathering at faces on the brain box: the full synthesis has no context there either.
+        weight = _feather(tuple(int(b - a) for a, b in zip(lo, hi)), lo - first, hi - first,
+                          tuple(int(v) for v in last - first), margin // 2)
+        channels = (slice(None),) + box
+        # weight * new + (1 - weight) * previous, in place in the network's output (no box-sized temporaries
+        # but one: at interactive rates their allocation costs as much as the arithmetic).
+        blended = np.multiply(region, weight, out=region)
+        blended += np.subtract(1, weight, out=weight) * normalized[channels]
+        labels_box = labels[box]
+        blended[:, labels_box == Label.BACKGROUND] = -1.0
+        normalized[channels] = blended
+        # Every changed voxel lies in the box, so only the box needs mapping back to scanner units.
+        for modality, values in to_scanner_units(blended, labels_box, self.model.config["intensity"],
+                                                 tuple(self.network.modalities)).items():
+            images[modality][box] = values
+        return box
 
 
 def _feather(shape: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray, full: tuple[int, ...],
