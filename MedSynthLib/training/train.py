@@ -33,7 +33,7 @@ from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, buil
 from .data import PatchSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
 
 if TYPE_CHECKING:
-    from ..synthesis.models import ModelFolder
+    from ..synthesis.models import ModelCard
 
 
 @dataclass
@@ -577,7 +577,7 @@ def _noise_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1)[0])
 
 
-def _starting_model(config: TrainConfig) -> "ModelFolder | None":
+def _starting_model(config: TrainConfig) -> "ModelCard | None":
     """The verified model of ``config.init_from`` (hash and schema checked), or ``None``.
 
     A fine-tune keeps the architecture: the model's network has to equal the config's (the
@@ -588,7 +588,7 @@ def _starting_model(config: TrainConfig) -> "ModelFolder | None":
     if not config.init_from:
         return None
     model = resolve_model(config.init_from)
-    theirs = NetworkConfig.from_json(model.config["network"])
+    theirs = model.network
     # The anti-aliasing blur has no parameters: a model without it may start a run with it.
     if replace(theirs, antialias=config.network.antialias) != config.network:
         raise InputError(model.path, f"cannot start from this model: its network {theirs.to_json()} differs from "
