@@ -44,6 +44,42 @@ def brats_cases(real_data: Path) -> list[Path]:
     return cases
 
 
+# Three phantom patients in BraTS 2021 naming; the last is the validation case of the training tests.
+PHANTOM_BRATS_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
+
+
+@pytest.fixture(scope="session")
+def phantom_brats(tmp_path_factory) -> Path:
+    """Three phantom case folders in BraTS 2021 naming (seeds 0, 1, 2), written once per session."""
+    root = tmp_path_factory.mktemp("phantom_brats") / "cases"
+    for seed, case_id in enumerate(PHANTOM_BRATS_IDS):
+        images, seg = phantom(seed=seed)
+        for modality, array in images.items():
+            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
+        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
+    return root
+
+
+def training_cache_of(cases: Path) -> Path:
+    """The cache of prepared cases (``medsynth train --cache``) shared by every training run on ``cases``.
+
+    Entries are keyed by the case files' sha256, the anatomy model and the normalisation, so a run
+    with other settings adds its own entries and never reads another's.  Deriving a phantom's anatomy
+    (atlas-prior EM) is most of a tiny run's time; without a shared cache every run repeats it.
+    """
+    return cases.parent / "training_cache"
+
+
+@pytest.fixture()
+def torch_threads():
+    """Restores torch's thread count after a test that trains in this process (training sets it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_volume(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                  direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
     """Write a (k, j, i) array as an image with the given geometry."""
