@@ -353,6 +353,74 @@ def test_learning_rate_schedule() -> None:
     assert {learning_rate(constant, s) for s in range(10)} == {1e-3}
 
 
+def test_lr_scheduler_sets_the_schedule_and_resumes_on_it() -> None:
+    """torch's LambdaLR sets exactly the closed-form rate at every step, also when started mid-run."""
+    from MedSynthLib.training.train import lr_scheduler
+
+    config = TrainConfig(steps=100, lr=2e-4, lr_decay_fraction=0.5)
+
+    def rates(start: int) -> list[float]:
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=config.lr)
+        if start:
+            optimizer.param_groups[0]["lr"] = 1.234  # a checkpoint holds the decayed rate, not the base
+        scheduler = lr_scheduler(optimizer, config, start)
+        seen = []
+        for _ in range(start, config.steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    uninterrupted = rates(0)
+    assert uninterrupted == [learning_rate(config, step) for step in range(100)]
+    assert rates(63) == uninterrupted[63:]  # bit for bit: a resumed run continues the same schedule
+
+
+def test_least_squares_loss_is_monais_and_equals_lsgan() -> None:
+    """The LSGAN terms come from monai.losses.PatchAdversarialLoss and equal the LSGAN formulas."""
+    generator = torch.Generator().manual_seed(3)
+    real = torch.randn(2, 1, 3, 3, 3, generator=generator, requires_grad=True)
+    fake = torch.randn(2, 1, 3, 3, 3, generator=generator, requires_grad=True)
+    torch.testing.assert_close(discriminator_loss("lsgan", real, fake),
+                               0.5 * (((real - 1) ** 2).mean() + (fake ** 2).mean()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(generator_adversarial_loss("lsgan", fake), ((fake - 1) ** 2).mean(), rtol=1e-6, atol=0)
+    # The gradients agree too.
+    ours = torch.autograd.grad(discriminator_loss("lsgan", real, fake), (real, fake))
+    formula = torch.autograd.grad(0.5 * (((real - 1) ** 2).mean() + (fake ** 2).mean()), (real, fake))
+    for a, b in zip(ours, formula):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_checkpoint_folder_round_trip_and_bad_files(tmp_path: Path) -> None:
+    """The checkpoint module shared by the GAN and the segmenter: exact round trip, atomic, one-line errors."""
+    from MedSynthLib.training.checkpoint import read_checkpoint, write_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    folder = write_checkpoint(tmp_path / "step_0000001", 1, {"model": model}, {"optimizer": optimizer}, elapsed_s=2.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001"]  # no temporary folder left
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+
+    other = torch.nn.Linear(3, 2)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    meta = read_checkpoint(folder, {"model": other}, {"optimizer": other_optimizer})
+    assert meta["step"] == 1 and meta["elapsed_s"] == 2.5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    saved, loaded = optimizer.state_dict(), other_optimizer.state_dict()
+    assert json.dumps(saved["param_groups"]) == json.dumps(loaded["param_groups"])  # (betas come back as a list)
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(loaded["state"][index][key])), key
+
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="cannot resume the segmenter from this checkpoint") as caught:
+        read_checkpoint(folder, {"model": other}, {"optimizer": other_optimizer}, what="the segmenter")
+    assert "model.safetensors" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_losses_have_the_right_signs() -> None:
     ones, zeros = torch.ones(4), torch.zeros(4)
     # LSGAN: the discriminator wants real -> 1, fake -> 0; the generator wants fake -> 1.
