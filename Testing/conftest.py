@@ -44,6 +44,28 @@ def brats_cases(real_data: Path) -> list[Path]:
     return cases
 
 
+@pytest.fixture(scope="session")
+def brats_derived(brats_cases: list[Path]) -> dict[str, tuple]:
+    """Each real BraTS case read once and its label map derived once with the default anatomy model.
+
+    Folder name -> (Case, LabelMap, seconds the derivation took).  Several test modules check
+    properties of these label maps; an atlas-EM derivation of a full-size case is the slowest step
+    of the suite, so the session derives each case once.  Tests must not modify what they get.
+    """
+    import time
+
+    from MedSynthLib.cases.anatomy import derive_label_map
+    from MedSynthLib.cases.readers import read_case
+
+    derived = {}
+    for folder in brats_cases:
+        case = read_case(folder)
+        start = time.perf_counter()
+        labelmap = derive_label_map(case)
+        derived[folder.name] = (case, labelmap, time.perf_counter() - start)
+    return derived
+
+
 # Three phantom patients in BraTS 2021 naming; the last is the validation case of the training tests.
 PHANTOM_BRATS_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
 

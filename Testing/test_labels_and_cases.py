@@ -8,7 +8,6 @@ once per session and their label maps derived once and shared.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -361,20 +360,15 @@ README_COUNTS = {
 
 
 @pytest.fixture(scope="session")
-def real_cases(brats_cases):
+def real_cases(brats_derived):
     """Every real case, read once: id -> Case."""
-    return {p.name.split("_")[-1]: read_case(p) for p in brats_cases}
+    return {name.split("_")[-1]: case for name, (case, _, _) in brats_derived.items()}
 
 
 @pytest.fixture(scope="session")
-def real_labels(real_cases):
-    """Label maps derived once per real case: id -> (LabelMap, seconds)."""
-    out = {}
-    for case_id, case in real_cases.items():
-        start = time.perf_counter()
-        labelmap = derive_label_map(case)
-        out[case_id] = (labelmap, time.perf_counter() - start)
-    return out
+def real_labels(brats_derived):
+    """Label maps derived once per real case (the session's): id -> (LabelMap, seconds)."""
+    return {name.split("_")[-1]: (labelmap, seconds) for name, (_, labelmap, seconds) in brats_derived.items()}
 
 
 @pytest.mark.realdata
