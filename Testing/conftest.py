@@ -44,6 +44,64 @@ def brats_cases(real_data: Path) -> list[Path]:
     return cases
 
 
+@pytest.fixture(scope="session")
+def brats_derived(brats_cases: list[Path]) -> dict[str, tuple]:
+    """Each real BraTS case read once and its label map derived once with the default anatomy model.
+
+    Folder name -> (Case, LabelMap, seconds the derivation took).  Several test modules check
+    properties of these label maps; an atlas-EM derivation of a full-size case is the slowest step
+    of the suite, so the session derives each case once.  Tests must not modify what they get.
+    """
+    import time
+
+    from MedSynthLib.cases.anatomy import derive_label_map
+    from MedSynthLib.cases.readers import read_case
+
+    derived = {}
+    for folder in brats_cases:
+        case = read_case(folder)
+        start = time.perf_counter()
+        labelmap = derive_label_map(case)
+        derived[folder.name] = (case, labelmap, time.perf_counter() - start)
+    return derived
+
+
+# Three phantom patients in BraTS 2021 naming; the last is the validation case of the training tests.
+PHANTOM_BRATS_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
+
+
+@pytest.fixture(scope="session")
+def phantom_brats(tmp_path_factory) -> Path:
+    """Three phantom case folders in BraTS 2021 naming (seeds 0, 1, 2), written once per session."""
+    root = tmp_path_factory.mktemp("phantom_brats") / "cases"
+    for seed, case_id in enumerate(PHANTOM_BRATS_IDS):
+        images, seg = phantom(seed=seed)
+        for modality, array in images.items():
+            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
+        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
+    return root
+
+
+def training_cache_of(cases: Path) -> Path:
+    """The cache of prepared cases (``medsynth train --cache``) shared by every training run on ``cases``.
+
+    Entries are keyed by the case files' sha256, the anatomy model and the normalisation, so a run
+    with other settings adds its own entries and never reads another's.  Deriving a phantom's anatomy
+    (atlas-prior EM) is most of a tiny run's time; without a shared cache every run repeats it.
+    """
+    return cases.parent / "training_cache"
+
+
+@pytest.fixture()
+def torch_threads():
+    """Restores torch's thread count after a test that trains in this process (training sets it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_volume(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                  direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
     """Write a (k, j, i) array as an image with the given geometry."""

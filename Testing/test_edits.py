@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -197,11 +196,19 @@ def test_translate_out_of_the_brain_is_refused(brain, offset):
 
 
 def test_huge_scale_is_refused_without_a_huge_box():
+    import tracemalloc
+
     lm = synthetic_brain(make_grid(*GRIDS["aniso_lps"]))
-    start = time.perf_counter()
-    with pytest.raises(EditError, match="outside the brain"):
-        Scale((15.0, 15.0, 15.0))(lm)
-    assert time.perf_counter() - start < 2.0
+    tracemalloc.start()
+    try:
+        with pytest.raises(EditError, match="outside the brain"):
+            Scale((15.0, 15.0, 15.0))(lm)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Work stays on the grid (measured: 34x the uint8 label map, about four float64 copies); the box of
+    # the 15x tumour (~270 voxels a side) would take > 150 MB.  Its speed: benchmarks/bench_edits.py.
+    assert peak < 64 * lm.array.nbytes
 
 
 def test_edit_without_tumour_is_refused():
@@ -451,7 +458,8 @@ def brats_case() -> LabelMap:
     return LabelMap(labels, Grid.from_image(t1))
 
 
-def test_real_case_edits_are_fast(brats_case):
+def test_real_case_edits_keep_the_brain(brats_case):
+    """Every edit on a real 240x240x155 case keeps the brain mask; their times: benchmarks/bench_edits.py."""
     lm = brats_case
     assert lm.array.shape == (155, 240, 240)
     source = Flip("LR", "brain")(lm)
@@ -459,11 +467,8 @@ def test_real_case_edits_are_fast(brats_case):
     edits = [Translate((10.0, 0.0, 0.0)), Rotate((0.0, 0.0, 20.0)), Scale((0.9, 0.9, 0.9)),
              Flip("LR", "brain"), InsertTumour(source="flipped"),
              ParametricTumour(tuple(centre), (15.0, 12.0, 12.0))]
-    times = {}
     for edit in edits:
-        start = time.perf_counter()
         out = edit(lm, source) if isinstance(edit, InsertTumour) else edit(lm)
-        times[edit.name] = time.perf_counter() - start
         assert np.array_equal(out.array > 0, lm.array > 0)
         if isinstance(edit, Translate):
             # Counts are kept exactly except where the moved tumour leaves the brain
@@ -477,12 +482,8 @@ def test_real_case_edits_are_fast(brats_case):
             print("translate clipped at the brain boundary:",
                   {int(k): counts(lm.array)[k] - v for k, v in counts(out.array).items()})
     # This tumour reaches the cortex: growing it pushes > 2% of its core out of the brain.
-    start = time.perf_counter()
     with pytest.raises(EditError, match="outside the brain"):
         Scale((1.2, 1.2, 1.2))(lm)
-    times["scale (refused)"] = time.perf_counter() - start
-    print("edit times on 240x240x155:", {k: f"{v:.3f} s" for k, v in times.items()})
-    assert all(t < 1.0 for t in times.values()), times
 
 
 # --- bounds against the grid (issue 15) -------------------------------------------------------

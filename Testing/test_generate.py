@@ -190,12 +190,18 @@ def test_labels_follow_each_layouts_convention_and_replay(gen_data, nnunet_run, 
         assert [int((on_disk == v).sum()) for v in (1, 2, 3)] == [counts["ED"], counts["NCR"], counts["ET"]]
 
 
-def test_msd_layout_loads_with_monai(gen_data, tmp_path):
+def shared_cache(nnunet_run: Path) -> list[str]:
+    """``--cache`` of the session's first run: later runs whose subject is not the anatomy read it
+    instead of deriving the three phantoms' anatomy again (the workers and kill -9 tests derive theirs)."""
+    return ["--cache", str(nnunet_run / ".cache")]
+
+
+def test_msd_layout_loads_with_monai(gen_data, nnunet_run, tmp_path):
     from monai.data import load_decathlon_datalist
     from monai.transforms import LoadImaged
 
     out = tmp_path / "msd"
-    assert main(_argv(gen_data, out, n=2, layout="msd")) == 0
+    assert main(_argv(gen_data, out, *shared_cache(nnunet_run), n=2, layout="msd")) == 0
     folder = out / "Task501_BrainTumourSynth"
     datalist = load_decathlon_datalist(str(folder / "dataset.json"), data_list_key="training", base_dir=str(folder))
     assert len(datalist) == 2
@@ -212,11 +218,11 @@ def test_msd_layout_loads_with_monai(gen_data, tmp_path):
 
 
 @pytest.mark.parametrize("layout, suffix, et_value", [("brats2021", "_t1ce", 4), ("brats2023", "-t1c", 3)])
-def test_brats_layouts_read_back_as_their_release(gen_data, tmp_path, layout, suffix, et_value):
+def test_brats_layouts_read_back_as_their_release(gen_data, nnunet_run, tmp_path, layout, suffix, et_value):
     from MedSynthLib.cases.readers import detect_convention, read_case
 
     out = tmp_path / layout
-    assert main(_argv(gen_data, out, n=1, layout=layout)) == 0
+    assert main(_argv(gen_data, out, *shared_cache(nnunet_run), n=1, layout=layout)) == 0
     case_id = Layout(layout).case_id(0)
     folder = out / case_id
     assert (folder / f"{case_id}{suffix}.nii.gz").is_file()
@@ -246,7 +252,7 @@ def test_case_i_is_the_same_whatever_the_number_of_workers(gen_data, nnunet_run,
 
 def test_a_different_seed_changes_the_cases(gen_data, nnunet_run, tmp_path):
     out = tmp_path / "seed8"
-    argv = _argv(gen_data, out, n=2)
+    argv = _argv(gen_data, out, *shared_cache(nnunet_run), n=2)
     argv[argv.index("--seed") + 1] = "8"
     assert main(argv) == 0
     assert [r["labels_sha256"] for r in _records(out).values()] != [
@@ -296,11 +302,11 @@ def test_torchrun_ranks_share_the_indices(gen_data, nnunet_run, tmp_path, monkey
     out = tmp_path / "ranks"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert main(_argv(gen_data, out)) == 0
+    assert main(_argv(gen_data, out, *shared_cache(nnunet_run))) == 0
     assert sorted(_records(out)) == ["BrainTumourSynth_00001", "BrainTumourSynth_00003"]
     assert not (out / "dataset_card.json").exists()
     monkeypatch.setenv("RANK", "0")
-    assert main(_argv(gen_data, out)) == 0
+    assert main(_argv(gen_data, out, *shared_cache(nnunet_run))) == 0
     assert (out / "dataset_card.json").exists()
     reference = _records(nnunet_run)
     assert {k: v["images_sha256"] for k, v in _records(out).items()} == {
@@ -506,10 +512,15 @@ def test_privacy_recognises_one_patient_in_two_folders():
 
 @pytest.mark.realdata
 def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_data, tmp_path):
-    """Two real BraTS cases + the 4 tumour-only BraTS 2021 label maps + the template, two cases."""
+    """A real BraTS case + the 4 tumour-only BraTS 2021 label maps + the template, two cases.
+
+    One real case (was two): each is a full-size atlas-EM derivation, and one checks every property here
+    (real brains with tumours counted among the sources, inserts into a real brain and into the template,
+    the anatomy cache reused); several cases are generate's everyday work in the phantom tests above.
+    """
     cases = tmp_path / "cases"
     cases.mkdir()
-    for folder in brats_cases[:2]:
+    for folder in brats_cases[:1]:
         (cases / folder.name).symlink_to(folder)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"kinds": {"insert_brain": 1, "insert_template": 1}}))
@@ -519,8 +530,8 @@ def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_d
             "-o", str(out), "--device", "cpu", "--seed", "3", "--quiet"]
     assert main(argv) == 0
     card = json.loads((out / "dataset_card.json").read_text())
-    assert card["sources"] == {**card["sources"], "real_cases": 2, "tumour_label_maps": 4, "template": True}
-    assert card["tumours"]["real_sources"]["with_tumour"] == 6
+    assert card["sources"] == {**card["sources"], "real_cases": 1, "tumour_label_maps": 4, "template": True}
+    assert card["tumours"]["real_sources"]["with_tumour"] == 5
     for row in card["privacy"]:
         assert row["kind"] in ("insert_brain", "insert_template")
         assert not row["anonymous"]  # a real tumour's shape identifies its patient, in any brain
@@ -528,7 +539,7 @@ def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_d
             assert row["brain_dice_to_source"] is None and row["anatomy"] == "template"
     # The anatomy cache is reused: a second run derives nothing (same cache files, untouched).
     cache = sorted((out / ".cache").glob("case-*.npy"))
-    assert len(cache) == 4  # per case: the derived label map and its brain-box crop
+    assert len(cache) == 2  # the case's derived label map and its brain-box crop
     stamps = [p.stat().st_mtime_ns for p in cache]
     assert main(argv[:-7] + ["-o", str(tmp_path / "out2"), "--cache", str(out / ".cache"), "--device", "cpu",
                              "--seed", "3", "--quiet"]) == 0

@@ -3,7 +3,6 @@ on real BraTS cases and on deliberately wrong images."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,15 +16,9 @@ from MedSynthLib.schema.labels import Label
 
 
 @pytest.fixture(scope="module")
-def real_cases(brats_cases: list[Path]) -> list[tuple[str, dict[str, np.ndarray], np.ndarray]]:
-    from MedSynthLib.cases.anatomy import derive_label_map
-    from MedSynthLib.cases.readers import read_case
-
-    cases = []
-    for folder in brats_cases:
-        case = read_case(folder, require_segmentation=True)
-        cases.append((folder.name, case.images, derive_label_map(case).array))
-    return cases
+def real_cases(brats_derived) -> list[tuple[str, dict[str, np.ndarray], np.ndarray]]:
+    """(name, images, derived labels) of each real case (read and derived once per session)."""
+    return [(name, case.images, labelmap.array) for name, (case, labelmap, _) in sorted(brats_derived.items())]
 
 
 # The T2 rule needs a CSF class that is CSF: the earlier T1-only anatomy failed it on 9 of the 27 real

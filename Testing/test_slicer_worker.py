@@ -234,9 +234,8 @@ def test_cancel_of_a_running_request_kills_the_worker_tree(tiny_model, tmp_path)
         leader = client.pid
         members = group_pids(leader)
         assert len(members) >= 2  # the launcher and the worker
-        start = time.monotonic()
         assert client.cancel(task) is True
-        assert time.monotonic() - start < 1.0  # target 0.5 s, measured in benchmarks/bench_preview.py
+        # How fast (target 0.5 s) is measured by benchmarks/bench_preview.py, not under a test's load.
         assert task.status == "cancelled"
         assert not any(pid_alive(p) for p in members) and group_pids(leader) == []
     finally:

@@ -354,8 +354,12 @@ def test_bad_config_and_existing_report(study_data, tmp_path, capsys) -> None:
     assert not list(out.iterdir())
 
 
-def test_study_under_torchrun(study_data, tmp_path) -> None:
-    """Two CPU processes (gloo): the GAN and the segmenter arms train with DDP; rank 0 writes the report."""
+def test_study_under_torchrun(study_data, finished_study, tmp_path) -> None:
+    """Two CPU processes (gloo): the GAN and the segmenter arms train with DDP; rank 0 writes the report.
+
+    The work folder starts with the module's prepared cases (the derived anatomy and the study-grid
+    arrays, the same data): every stage that trains or evaluates runs under torchrun.
+    """
     import os
     import subprocess
     import sys
@@ -363,16 +367,20 @@ def test_study_under_torchrun(study_data, tmp_path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this Python")
-    out = tmp_path / "report"
+    out, work = tmp_path / "report", tmp_path / "work"
+    for prepared in ("prepared", "cases", "arrays"):
+        shutil.copytree(finished_study["work"] / prepared, work / prepared)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "MedSynthLib", "study", "--data",
-           str(study_data[0]), "-o", str(out), "--config", "micro", "--device", "cpu", "--quiet"]
+           str(study_data[0]), "-o", str(out), "--config", "micro", "--device", "cpu", "--quiet", "--work", str(work)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
     assert sorted(report["segmentation"]["cases"]) == list(CASE_IDS)
     assert result.stdout.count("written") == 1  # one rank reports
+    computed = report["timings"]["stage_computed_this_run"]
+    assert computed.pop("prepare") is False and computed and all(computed.values())  # trained under torchrun
 
 
 # --- statistics, the baseline gate, cached stages, re-identification ----------------------------

@@ -116,6 +116,84 @@ def test_model_folder_is_verified(tiny_model: Path) -> None:
     assert NetworkConfig.from_json(model.config["network"]) == NETWORK
 
 
+def test_model_card_reads_the_weights_once_and_builds_the_normalisers_once(tiny_model: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """The card is parsed once: synthesis needs neither config.json, nor the weights file, nor a new normaliser."""
+    import builtins
+    from pathlib import Path as PathType
+
+    import MedSynthLib.synthesis.normalize as normalize
+    from MedSynthLib.synthesis.inference import to_scanner_units
+
+    folder = copy_model(tiny_model, tmp_path / "card")
+    weights = folder / "weights.safetensors"
+    reads: list[str] = []
+    real_open, real_read_bytes = builtins.open, PathType.read_bytes
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(weights):
+            reads.append("open")
+        return real_open(file, *args, **kwargs)
+
+    def counting_read_bytes(self):
+        if str(self) == str(weights):
+            reads.append("read_bytes")
+        return real_read_bytes(self)
+
+    import safetensors
+    import safetensors.torch
+
+    def counting(name, real):
+        def wrapper(file, *args, **kwargs):
+            if str(file) == str(weights):
+                reads.append(name)
+            return real(file, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(PathType, "read_bytes", counting_read_bytes)
+    monkeypatch.setattr(safetensors, "safe_open", counting("safe_open", safetensors.safe_open))
+    monkeypatch.setattr(safetensors.torch, "load_file", counting("load_file", safetensors.torch.load_file))
+    card = resolve_model(folder)
+    monkeypatch.undo()
+    assert len(reads) == 1, reads
+    assert card.kind == "synthesis" and card.network == NETWORK and card.modalities == MODALITY_ORDER
+    assert card.sha256 == file_sha256(weights) == card.config["weights_sha256"]
+    assert sorted(card.tensors) == sorted(Generator(NETWORK).state_dict())
+
+    # Neither file is read again: the engine synthesises with both gone, the same as from the intact folder.
+    labelmap = synthetic_brain()
+    expected = SynthesisEngine(resolve_model(tiny_model), "cpu", "fp32").synthesize(labelmap, seed=1)
+    shutil.rmtree(folder)
+    calls = {"n": 0}
+    real_from_json = normalize.normalizer_from_json
+
+    def counting_from_json(data):
+        calls["n"] += 1
+        return real_from_json(data)
+
+    monkeypatch.setattr(normalize, "normalizer_from_json", counting_from_json)
+    result = SynthesisEngine(card, "cpu", "fp32").synthesize(labelmap, seed=1)
+    assert calls["n"] == 0  # the card's normalisers, built when it was parsed
+    for modality in MODALITY_ORDER:
+        np.testing.assert_array_equal(result.images[modality], expected.images[modality])
+    # The card's normalisers map back exactly as the config's JSON statistics do.
+    from_json = to_scanner_units(result.normalized, labelmap.array, INTENSITY, MODALITY_ORDER)
+    for modality in MODALITY_ORDER:
+        np.testing.assert_array_equal(from_json[modality], result.images[modality])
+
+
+def test_model_card_kind(tiny_model: Path, tmp_path: Path) -> None:
+    """A config without ``kind`` is a synthesis model; a stated kind is kept; a non-string one is refused."""
+    other = copy_model(tiny_model, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(config, kind="another-task")))
+    assert resolve_model(other).kind == "another-task"
+    (other / "config.json").write_text(json.dumps(dict(config, kind=3)))
+    with pytest.raises(InputError, match="'kind' must be a string"):
+        resolve_model(other)
+
+
 def test_tampered_weights_are_refused(tiny_model: Path, tmp_path: Path) -> None:
     model = copy_model(tiny_model, tmp_path / "tampered")
     tamper_weights(model)

@@ -2,7 +2,9 @@
 
 Everything runs on three small phantom cases (BraTS 2021 naming) with a tiny
 network (channels (4, 8), one stride-2 level, 16^3 patches) and one CPU thread,
-so a run takes seconds, most of it start-up.
+so a run takes seconds, most of it start-up.  The runs share one cache of the
+prepared cases, and run ``main()`` in this process unless the program itself is
+under test (its output, its command record, a kill -9, torchrun).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, phantom, write_volume
+from conftest import PHANTOM_BRATS_IDS, REPO, training_cache_of
 from MedSynthLib.cli import main
 from MedSynthLib.schema.errors import InputError
 from MedSynthLib.synthesis.networks import NetworkConfig
 from MedSynthLib.training.train import (TrainConfig, discriminator_loss, generator_adversarial_loss,
                                         learning_rate, train)
 
-CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
+CASE_IDS = PHANTOM_BRATS_IDS
 VAL_CASE = CASE_IDS[2]
 TINY_NETWORK = {"channels": [4, 8], "strides": [2], "num_res_units": 1, "disc_channels": 4, "disc_layers": 2}
 MICRO = {"network": TINY_NETWORK, "patch_size": 16, "steps": 6, "checkpoint_every": 2, "val_every": 6,
@@ -57,16 +59,13 @@ def subprocess_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+pytestmark = pytest.mark.usefixtures("torch_threads")  # in-process runs set torch's thread count
+
+
 @pytest.fixture(scope="session")
-def brats_data(tmp_path_factory) -> Path:
+def brats_data(phantom_brats) -> Path:
     """Three phantom cases in BraTS 2021 naming (different seeds); the last one is the validation case."""
-    root = tmp_path_factory.mktemp("brats_phantoms")
-    for seed, case_id in enumerate(CASE_IDS):
-        images, seg = phantom(seed=seed)
-        for modality, array in images.items():
-            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
-        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
-    return root
+    return phantom_brats
 
 
 def write_config(path: Path, **changes) -> Path:
@@ -74,16 +73,46 @@ def write_config(path: Path, **changes) -> Path:
     return path
 
 
+def train_args(data: Path, run: Path, config: Path, *extra: str) -> list[str]:
+    cache = [] if "--cache" in extra else ["--cache", str(training_cache_of(data))]
+    return ["train", "--data", str(data), "-o", str(run), "--config", str(config), "--device", "cpu", *cache,
+            *extra]
+
+
 def train_cmd(data: Path, run: Path, config: Path, *extra: str) -> list[str]:
-    return medsynth_cmd() + ["train", "--data", str(data), "-o", str(run), "--config", str(config),
-                             "--device", "cpu", *extra]
+    return medsynth_cmd() + train_args(data, run, config, *extra)
 
 
 def run_train(data: Path, run: Path, config: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``medsynth train`` as a program (where its process is what the test checks)."""
     result = subprocess.run(train_cmd(data, run, config, *extra), capture_output=True, text=True,
                             timeout=timeout, env=subprocess_env(), cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def train_here(data: Path, run: Path, config: Path, *extra: str) -> None:
+    """``medsynth train`` through ``main()`` in this process (the same code without a new interpreter)."""
+    args = train_args(data, run, config, *extra)
+    assert main(args + ["--command-line", "medsynth " + " ".join(args)]) == 0
+
+
+@pytest.fixture(scope="session")
+def base_model(brats_data: Path, tmp_path_factory) -> Path:
+    """A 2-step run of the micro config (checkpoint at step 2), trained once for the fine-tuning tests.
+
+    Tests read it and never write into it (they start their own runs from its model).
+    """
+    root = tmp_path_factory.mktemp("base_run")
+    import torch as torch_module
+
+    threads = torch_module.get_num_threads()
+    try:
+        train_here(brats_data, root / "base", write_config(root / "base.json", steps=2, checkpoint_every=2,
+                                                            val_every=1000))
+    finally:
+        torch_module.set_num_threads(threads)
+    return root / "base"
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -157,6 +186,7 @@ def test_train_end_to_end(brats_data: Path, tmp_path: Path, precision: str) -> N
 
     assert resolve_model(model).sha256 == model_config["weights_sha256"]
     assert_no_pickle(run)
+    assert_no_pickle(training_cache_of(brats_data))  # the prepared cases this run used and added to
 
 
 # --- resume after kill -9 ------------------------------------------------------------------------
@@ -170,13 +200,13 @@ def _latest_step(run: Path) -> int:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_after_kill_is_exact(brats_data: Path, tmp_path: Path, precision: str) -> None:
+def test_resume_after_kill_is_exact(brats_data: Path, tmp_path: Path, precision: str, capsys) -> None:
     # Enough steps after the first checkpoints that the kill lands mid-run (a step takes ~20 ms).
     network = TINY_NETWORK if precision == "fp32" else bf16_network()
     config = write_config(tmp_path / "resume.json", steps=40, checkpoint_every=2, val_every=1000,
                           precision=precision, network=network)
     run_a, run_b = tmp_path / "A", tmp_path / "B"
-    run_train(brats_data, run_a, config)
+    train_here(brats_data, run_a, config)  # uninterrupted, in this process; B is a program killed mid-run
 
     process = subprocess.Popen(train_cmd(brats_data, run_b, config), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO)
@@ -196,8 +226,9 @@ def test_resume_after_kill_is_exact(brats_data: Path, tmp_path: Path, precision:
     assert 4 <= killed_at < 40
     assert not (run_b / "model").exists()
 
-    result = run_train(brats_data, run_b, config, "--resume")
-    assert "model written" in result.stdout
+    capsys.readouterr()
+    train_here(brats_data, run_b, config, "--resume")
+    assert "model written" in capsys.readouterr().out
 
     a = load_tensors(run_a / "model" / "weights.safetensors")
     b = load_tensors(run_b / "model" / "weights.safetensors")
@@ -215,11 +246,11 @@ def test_resume_after_kill_is_exact(brats_data: Path, tmp_path: Path, precision:
     assert_no_pickle(run_b)
 
 
-def test_resume_keeps_the_recorded_threads(brats_data: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_keeps_the_recorded_threads(brats_data: Path, base_model: Path, monkeypatch) -> None:
     # `medsynth train --resume` without --config must not fall back to torch's default of every core:
-    # two runs sharing a CPU would each take all of it.
-    config = write_config(tmp_path / "threads.json", steps=2, checkpoint_every=2, val_every=1000, threads=1)
-    run_train(brats_data, tmp_path / "run", config)
+    # two runs sharing a CPU would each take all of it.  The base run recorded threads 1; the call
+    # stops at the thread setting, before anything is written.
+    assert json.loads((base_model / "train_config.json").read_text())["config"]["threads"] == 1
 
     class Stop(Exception):
         pass
@@ -232,7 +263,7 @@ def test_resume_keeps_the_recorded_threads(brats_data: Path, tmp_path: Path, mon
 
     monkeypatch.setattr(torch, "set_num_threads", record)
     with pytest.raises(Stop):
-        train(brats_data, tmp_path / "run", TrainConfig(), resume=True, device="cpu", progress=False)
+        train(brats_data, base_model, TrainConfig(), resume=True, device="cpu", progress=False)
     assert calls == [1]
 
 
@@ -247,7 +278,8 @@ def _one_error_line(capsys) -> str:
 
 def test_resume_without_checkpoint_and_non_empty_folder(brats_data: Path, tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path / "micro.json")
-    base = ["train", "--data", str(brats_data), "--config", str(config), "--device", "cpu"]
+    base = ["train", "--data", str(brats_data), "--config", str(config), "--device", "cpu",
+            "--cache", str(training_cache_of(brats_data))]
 
     # --resume on a folder that never held a run.
     assert main(base + ["-o", str(tmp_path / "never"), "--resume"]) == 2
@@ -288,7 +320,7 @@ def test_ddp_two_cpu_processes(brats_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "MedSynthLib", "train", "--data", str(brats_data), "-o", str(run), "--config", str(config),
-               "--device", "cpu"]
+               "--device", "cpu", "--cache", str(training_cache_of(brats_data))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=subprocess_env(), cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("model written") == 1, result.stdout
@@ -319,6 +351,74 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate(config, 100) == 0.0
     constant = TrainConfig(steps=10, lr=1e-3, lr_decay_fraction=0.0)
     assert {learning_rate(constant, s) for s in range(10)} == {1e-3}
+
+
+def test_lr_scheduler_sets_the_schedule_and_resumes_on_it() -> None:
+    """torch's LambdaLR sets exactly the closed-form rate at every step, also when started mid-run."""
+    from MedSynthLib.training.train import lr_scheduler
+
+    config = TrainConfig(steps=100, lr=2e-4, lr_decay_fraction=0.5)
+
+    def rates(start: int) -> list[float]:
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=config.lr)
+        if start:
+            optimizer.param_groups[0]["lr"] = 1.234  # a checkpoint holds the decayed rate, not the base
+        scheduler = lr_scheduler(optimizer, config, start)
+        seen = []
+        for _ in range(start, config.steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    uninterrupted = rates(0)
+    assert uninterrupted == [learning_rate(config, step) for step in range(100)]
+    assert rates(63) == uninterrupted[63:]  # bit for bit: a resumed run continues the same schedule
+
+
+def test_least_squares_loss_is_monais_and_equals_lsgan() -> None:
+    """The LSGAN terms come from monai.losses.PatchAdversarialLoss and equal the LSGAN formulas."""
+    generator = torch.Generator().manual_seed(3)
+    real = torch.randn(2, 1, 3, 3, 3, generator=generator, requires_grad=True)
+    fake = torch.randn(2, 1, 3, 3, 3, generator=generator, requires_grad=True)
+    torch.testing.assert_close(discriminator_loss("lsgan", real, fake),
+                               0.5 * (((real - 1) ** 2).mean() + (fake ** 2).mean()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(generator_adversarial_loss("lsgan", fake), ((fake - 1) ** 2).mean(), rtol=1e-6, atol=0)
+    # The gradients agree too.
+    ours = torch.autograd.grad(discriminator_loss("lsgan", real, fake), (real, fake))
+    formula = torch.autograd.grad(0.5 * (((real - 1) ** 2).mean() + (fake ** 2).mean()), (real, fake))
+    for a, b in zip(ours, formula):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_checkpoint_folder_round_trip_and_bad_files(tmp_path: Path) -> None:
+    """The checkpoint module shared by the GAN and the segmenter: exact round trip, atomic, one-line errors."""
+    from MedSynthLib.training.checkpoint import read_checkpoint, write_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    folder = write_checkpoint(tmp_path / "step_0000001", 1, {"model": model}, {"optimizer": optimizer}, elapsed_s=2.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001"]  # no temporary folder left
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+
+    other = torch.nn.Linear(3, 2)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    meta = read_checkpoint(folder, {"model": other}, {"optimizer": other_optimizer})
+    assert meta["step"] == 1 and meta["elapsed_s"] == 2.5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    saved, loaded = optimizer.state_dict(), other_optimizer.state_dict()
+    assert json.dumps(saved["param_groups"]) == json.dumps(loaded["param_groups"])  # (betas come back as a list)
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(loaded["state"][index][key])), key
+
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="cannot resume the segmenter from this checkpoint") as caught:
+        read_checkpoint(folder, {"model": other}, {"optimizer": other_optimizer}, what="the segmenter")
+    assert "model.safetensors" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_losses_have_the_right_signs() -> None:
@@ -382,7 +482,7 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
     cache, run = tmp_path / "cache", tmp_path / "run"
     config = write_config(tmp_path / "z.json", steps=2, checkpoint_every=2, val_every=2,
                           normalization="healthy_zscore")
-    run_train(brats_data, run, config, "--cache", str(cache))
+    train_here(brats_data, run, config, "--cache", str(cache))
     assert sorted(p.name.split("-", 1)[1] for p in cache.glob("*.npz")) == ["healthy_zscore12.npz"] * 3
     intensity = json.loads((run / "model" / "config.json").read_text())["intensity"]
 
@@ -406,14 +506,13 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
     assert images["t1"][0, 0, 0] == 0.0
 
 
-def test_init_may_switch_on_antialiasing(brats_data: Path, tmp_path: Path) -> None:
+def test_init_may_switch_on_antialiasing(brats_data: Path, base_model: Path, tmp_path: Path) -> None:
     """The blur has no parameters: a model without it starts a run with it; other changes are refused."""
-    base = tmp_path / "base"
-    run_train(brats_data, base, write_config(tmp_path / "base.json", steps=2, checkpoint_every=2, val_every=1000))
+    base = base_model
     frozen = write_config(tmp_path / "aa.json", steps=2, checkpoint_every=2, val_every=1000, lr=0.0,
                           network=dict(TINY_NETWORK, antialias=True))
     tuned = tmp_path / "tuned"
-    run_train(brats_data, tuned, frozen, "--init", str(base / "model"))
+    train_here(brats_data, tuned, frozen, "--init", str(base / "model"))
     before = load_tensors(base / "model" / "weights.safetensors")
     after = load_tensors(tuned / "model" / "weights.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
@@ -441,13 +540,12 @@ def test_patch_sampler_is_a_function_of_seed_step_rank(brats_data: Path) -> None
 # --- fine-tuning from a model ---------------------------------------------------------------------
 
 
-def test_init_starts_from_the_model_weights(brats_data: Path, tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    run_train(brats_data, base, write_config(tmp_path / "base.json", steps=2, checkpoint_every=2, val_every=1000))
+def test_init_starts_from_the_model_weights(brats_data: Path, base_model: Path, tmp_path: Path) -> None:
+    base = base_model
     # With a learning rate of 0 the fine-tuned generator must be exactly the starting one.
     frozen = write_config(tmp_path / "frozen.json", steps=2, checkpoint_every=2, val_every=1000, lr=0.0, seed=7)
     tuned = tmp_path / "tuned"
-    run_train(brats_data, tuned, frozen, "--init", str(base / "model"))
+    train_here(brats_data, tuned, frozen, "--init", str(base / "model"))
     before = load_tensors(base / "model" / "weights.safetensors")
     after = load_tensors(tuned / "model" / "weights.safetensors")
     assert before.keys() == after.keys()
@@ -458,15 +556,14 @@ def test_init_starts_from_the_model_weights(brats_data: Path, tmp_path: Path) ->
     assert record["training"] == base_config["training"]["commands"]
     # Without --init the same frozen config starts elsewhere (a fresh seed-7 network).
     fresh = tmp_path / "fresh"
-    run_train(brats_data, fresh, frozen)
+    train_here(brats_data, fresh, frozen)
     other = load_tensors(fresh / "model" / "weights.safetensors")
     assert not all(torch.equal(before[k], other[k]) for k in before)
     assert json.loads((fresh / "model" / "config.json").read_text())["training"]["init_from"] is None
 
 
-def test_init_with_another_network_is_refused(brats_data: Path, tmp_path: Path, capsys) -> None:
-    base = tmp_path / "base"
-    run_train(brats_data, base, write_config(tmp_path / "base.json", steps=2, checkpoint_every=2, val_every=1000))
+def test_init_with_another_network_is_refused(brats_data: Path, base_model: Path, tmp_path: Path, capsys) -> None:
+    base = base_model
     wider = write_config(tmp_path / "wider.json", network=dict(TINY_NETWORK, channels=[8, 16]))
     run = tmp_path / "run"
     assert main(["train", "--data", str(brats_data), "-o", str(run), "--config", str(wider), "--device", "cpu",

@@ -6,20 +6,18 @@ Three small phantom cases, a tiny SPADE network (widths 4-8-8, code of 2), 16^3 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, phantom, write_volume
+from conftest import PHANTOM_BRATS_IDS, REPO, training_cache_of
+from MedSynthLib.cli import main
 from MedSynthLib.schema.errors import InputError
 from MedSynthLib.synthesis.models import load_generator, resolve_model
 from MedSynthLib.training.train import TrainConfig
 
-CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
+CASE_IDS = PHANTOM_BRATS_IDS
 SPADE_NETWORK = {"kind": "spade", "channels": [4, 8, 8], "strides": [2, 2], "bottleneck_blocks": 1,
                  "spade_hidden": 4, "style_dim": 2, "disc_channels": 4, "disc_layers": 1}
 CONFIG = {"network": SPADE_NETWORK, "patch_size": 16, "steps": 6, "checkpoint_every": 2, "val_every": 6,
@@ -27,26 +25,19 @@ CONFIG = {"network": SPADE_NETWORK, "patch_size": 16, "steps": 6, "checkpoint_ev
           "normalization": "healthy_zscore", "lr_decay_fraction": 0.0}
 
 
+pytestmark = pytest.mark.usefixtures("torch_threads")  # training in this process sets torch's thread count
+
+
 @pytest.fixture(scope="module")
-def phantom_cases(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("spade_phantoms")
-    for seed, case_id in enumerate(CASE_IDS):
-        images, seg = phantom(seed=seed)
-        for modality, array in images.items():
-            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
-        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
-    return root
+def phantom_cases(phantom_brats) -> Path:
+    return phantom_brats
 
 
-def _train(data: Path, run: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("medsynth")
-    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]) + [
-        "train", "--data", str(data), "-o", str(run), "--config", str(config), "--device", "cpu",
-        "--cache", str(run.parent / "cache"), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _train(data: Path, run: Path, config: Path, *extra: str) -> None:
+    """``medsynth train`` through ``main()`` in this process, on the session's shared case cache."""
+    args = ["train", "--data", str(data), "-o", str(run), "--config", str(config), "--device", "cpu",
+            "--cache", str(training_cache_of(data)), *extra]
+    assert main(args + ["--command-line", "medsynth " + " ".join(args)]) == 0
 
 
 def test_spade_trains_resumes_exactly_and_synthesises(phantom_cases: Path, tmp_path: Path) -> None:
@@ -123,13 +114,9 @@ def test_train_on_several_data_folders_with_a_fold(phantom_cases: Path, tmp_path
                   cv_folds=[[CASE_IDS[0]], [CASE_IDS[1], CASE_IDS[2]]])
     path = tmp_path / "cv.json"
     path.write_text(json.dumps(config))
-    exe = Path(sys.executable).with_name("medsynth")
-    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "MedSynthLib"]) + [
-        "train", "--data", str(first), str(second), "-o", str(tmp_path / "run"), "--config", str(path),
-        "--device", "cpu", "--fold", "0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = ["train", "--data", str(first), str(second), "-o", str(tmp_path / "run"), "--config", str(path),
+            "--device", "cpu", "--fold", "0", "--cache", str(training_cache_of(phantom_cases))]
+    assert main(args + ["--command-line", "medsynth " + " ".join(args)]) == 0
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert recorded["config"]["val_cases"] == [CASE_IDS[0]] and recorded["config"]["cv_fold"] == 0
     model = json.loads((tmp_path / "run" / "model" / "config.json").read_text())

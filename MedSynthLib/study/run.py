@@ -256,20 +256,15 @@ def check_inputs(data: Path, report_dir: Path, config: StudyConfig, *, extra_lab
 
 def _check_gan_model(pattern: str, fold: Fold) -> Any:
     """A given GAN must exist, verify, and fit the study (7 label classes in, 4 modalities out)."""
+    from ..schema.labels import NUM_CLASSES
     from ..synthesis.models import resolve_model
-    from ..synthesis.networks import MODALITY_ORDER, NetworkConfig
+    from ..synthesis.networks import MODALITY_ORDER
 
     text = pattern.replace("{fold}", str(fold.index))
-    model = resolve_model(text)
-    try:
-        network = NetworkConfig.from_json(model.config["network"])
-        intensity = model.config["intensity"]
-    except (KeyError, TypeError) as exc:
-        raise InputError(model.path, f"incompatible GAN checkpoint: config.json lacks {exc}") from None
-    from ..schema.labels import NUM_CLASSES
-
-    if network.in_channels != NUM_CLASSES or tuple(network.modalities) != MODALITY_ORDER or \
-            set(intensity) != set(MODALITY_ORDER):
+    model = resolve_model(text)  # the card: network and normalisers parsed and checked once
+    network = model.network
+    if network.in_channels != NUM_CLASSES or model.modalities != MODALITY_ORDER or \
+            set(model.normalizers) != set(MODALITY_ORDER):
         raise InputError(model.path, f"incompatible GAN checkpoint: it maps {network.in_channels} label classes "
                                      f"to {list(network.modalities)}, the study needs {NUM_CLASSES} classes to "
                                      f"{list(MODALITY_ORDER)}")

@@ -10,9 +10,7 @@ uninterrupted one would have seen; checkpoints are safetensors + JSON.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -178,38 +176,15 @@ class Phase:
 
 
 def _save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    from safetensors.torch import save_file
+    from ..training.checkpoint import write_checkpoint
 
-    from ..training.train import _optimizer_tensors
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    write_checkpoint(folder, step, {"model": model}, {"optimizer": optimizer})
 
 
 def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    from safetensors.torch import load_file
+    from ..training.checkpoint import read_checkpoint
 
-    from ..training.train import _load_optimizer
-
-    from ..schema.jsonshape import read_json
-
-    meta = read_json(folder / "state.json", "segmenter checkpoint state")
-    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("optimizer"), dict):
-        raise InputError(folder / "state.json", "segmenter checkpoint state needs an integer 'step' and 'optimizer'")
-    try:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
-    except Exception as exc:  # safetensors' own error type, a shape mismatch, a malformed optimizer record
-        raise InputError(folder, f"cannot resume the segmenter from this checkpoint "
-                                 f"({' '.join(str(exc).split())[:160]})") from None
-    return meta["step"]
+    return read_checkpoint(folder, {"model": model}, {"optimizer": optimizer}, what="the segmenter")["step"]
 
 
 def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device, seed: int, *,
@@ -227,6 +202,12 @@ def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device
     start = 0
     if checkpoint is not None and (checkpoint / "state.json").exists():
         start = _load_checkpoint(checkpoint, model, optimizer)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr  # the base of the poly rule; a checkpoint's lr is already decayed
+    # Polynomial decay in closed form (torch's PolynomialLR multiplies per-step factors, which drifts in the
+    # last bits and would make a resumed run differ from an uninterrupted one).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1.0 - step / total) ** config.poly_power,
+                                                  last_epoch=start - 1)
     net: torch.nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -241,9 +222,6 @@ def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device
     try:
         for step in range(start, total):
             phase = next(p for p in phases if p.start <= step < p.stop)
-            lr = config.lr * (1.0 - step / total) ** config.poly_power
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             images, targets = sample_batch(phase.cases, config, seed, step, rank)
             if phase.extra:
                 more_images, more_targets = sample_batch(phase.extra, config, seed + 7919, step, rank)
@@ -256,6 +234,7 @@ def train_segmenter(phases: list[Phase], config: SegConfig, device: torch.device
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             losses.append(float(loss.detach()))
             bar.set_postfix_str(f"{phase.name} loss {losses[-1]:.3f}")
             bar.update(1)

@@ -10,7 +10,7 @@ smaller windows, then to the CPU, and says so.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch
 from ..schema.errors import MedSynthError
 from ..schema.labels import NUM_CLASSES, Label, brain_mask
 from .networks import NetworkConfig, one_hot
+
+if TYPE_CHECKING:
+    from .normalize import Normalizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,9 +180,15 @@ class Synthesizer:
                 roi = None if onehot[0, 0].numel() <= self.max_voxels else self.roi
 
 
-def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict[str, dict[str, float]],
+def to_scanner_units(normalized: np.ndarray, labels: np.ndarray,
+                     normalizers: "Mapping[str, Normalizer | dict[str, Any]]",
                      modalities: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Map ``[-1, 1]`` outputs back to the training data's intensity ranges; 0 outside the brain."""
+    """Map ``[-1, 1]`` outputs back to the training data's intensity ranges; 0 outside the brain.
+
+    Args:
+        normalizers: per modality, a normaliser (a model card's ``normalizers``, built once) or its
+            JSON form (a model config's ``intensity`` entry).
+    """
     from ..schema.grid import mask_box
     from .normalize import normalizer_from_json
 
@@ -189,7 +198,10 @@ def to_scanner_units(normalized: np.ndarray, labels: np.ndarray, intensity: dict
     box = mask_box(brain)  # outside it every voxel is background: 0
     out = {}
     for c, m in enumerate(modalities):
+        normalizer = normalizers[m]
+        if isinstance(normalizer, dict):
+            normalizer = normalizer_from_json(normalizer)
         image = np.zeros(labels.shape, np.float32)
-        image[box] = normalizer_from_json(intensity[m]).inverse(normalized[c][box], brain[box])
+        image[box] = normalizer.inverse(normalized[c][box], brain[box])
         out[m] = image
     return out

@@ -6,6 +6,12 @@ data, the command that trained it, validation metrics and the sha256 of the
 weights.  Shipped models are listed in ``Resources/models/registry.json``
 (name -> folder + sha256).  Loading checks the hash and the schema and refuses
 a mismatch with a clear message; weights are never pickled.
+
+:func:`resolve_model` parses a folder once into a :class:`ModelCard`: the
+network, the normalisers that map outputs back to scanner units, and the
+weights, read from disk once and hashed from the same bytes.  Everything that
+runs a model (synthesize, generate, export, the study, the Slicer worker) takes
+the card; nothing re-reads ``config.json`` or the weights file.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +28,17 @@ from ..schema.errors import InputError, MedSynthError
 from ..schema.labels import SCHEMA_VERSION
 
 if TYPE_CHECKING:  # networks imports torch: only for annotations here
+    import torch
+
     from .networks import NetworkConfig
+    from .normalize import Normalizer
 
 MODEL_FORMAT = "medsynth-model"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
+# What a model does.  A config without "kind" is a label-map -> four-MRI generator ("synthesis"),
+# which is every model written so far; other kinds add their name here and their own checks.
+SYNTHESIS_KIND = "synthesis"
 
 
 def models_root() -> Path:
@@ -72,26 +84,50 @@ def read_registry(root: Path | None = None) -> dict[str, Any]:
     return registry
 
 
-@dataclass
-class ModelFolder:
-    """A verified model folder."""
+@dataclass(frozen=True, eq=False)
+class ModelCard:
+    """A verified model folder, parsed once.
+
+    Attributes:
+        name: the registry name, else the config's ``name``, else the folder name.
+        path: the model folder.
+        config: ``config.json`` as read (training record, validation metrics, software versions).
+        sha256: sha256 of the weights file, computed from the bytes the tensors were loaded from.
+        network: the generator architecture.
+        normalizers: per modality, the map from the network's [-1, 1] back to scanner units.
+        tensors: the generator's weights (CPU), checked against ``network``'s shapes and finite.
+        kind: what the model does (``synthesis``: label map -> T1, T1ce, T2, FLAIR).
+    """
 
     name: str
     path: Path
     config: dict[str, Any]
     sha256: str
+    network: "NetworkConfig"
+    normalizers: dict[str, "Normalizer"]
+    tensors: dict[str, "torch.Tensor"] = field(repr=False)
+    kind: str = SYNTHESIS_KIND
 
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS_NAME
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.network.modalities)
+
+
+# The former name of the card (a verified model folder).
+ModelFolder = ModelCard
 
 #: Registry key of each model kind's default (``medsynth synthesize --context`` takes an inpainting model).
 DEFAULT_KEYS = {"synthesis": "default", "inpainting": "default_inpainting"}
 
 
-def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str = "synthesis") -> ModelFolder:
-    """Find and verify a model by registry name (default: the registry's default of ``kind``) or folder path.
+def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str = "synthesis") -> ModelCard:
+    """Find, verify and parse a model by registry name (default: the registry's default of ``kind``) or folder path.
+
+    The weights file is read once: its sha256 is computed from the bytes the tensors are loaded from.
 
     Args:
         kind: ``synthesis`` (label map -> images) or ``inpainting`` (a region of a real case); picks the default.
@@ -122,7 +158,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
     for path in (config_path, weights_path):
         if not path.is_file():
             raise InputError(path, "model file missing")
-    from ..schema.jsonshape import read_json
+    from ..schema.jsonshape import json_type_name, read_json
 
     config = read_json(config_path, "model config")
     if config.get("format") != MODEL_FORMAT:
@@ -133,18 +169,38 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
                                       f"{SCHEMA_VERSION}: retrain or use a matching MedSynth")
     if not isinstance(config.get("weights_sha256"), (str, type(None))):
         raise InputError(config_path, "model config: 'weights_sha256' must be a string")
-    sha = file_sha256(weights_path)
+    card_kind = config.get("kind", SYNTHESIS_KIND)
+    if not isinstance(card_kind, str):
+        raise InputError(config_path, f"model config: 'kind' must be a string, not {json_type_name(card_kind)}")
+    data = _read_weights_file(weights_path)
+    sha = hashlib.sha256(data).hexdigest()
     for source, wanted in (("registry", expected_sha), ("config.json", config.get("weights_sha256"))):
         if wanted is not None and wanted != sha:
             raise InputError(weights_path, f"sha256 {sha[:12]}... does not match the {source} "
                                            f"({str(wanted)[:12]}...): the weights are corrupt or were replaced")
     if config.get("weights_sha256") is None:
         raise InputError(config_path, "model config has no weights_sha256")
-    network = check_model_config(config, config_path)
-    check_weights(weights_path, network)
+    network, normalizers = _check_model_config(config, config_path)
+    tensors = _load_weights(weights_path, data, network)
+    del data
     if expected_sha is None:
         name = str(config.get("name") or name)
-    return ModelFolder(name, folder, config, sha)
+    if network.kind == "inpainting":
+        card_kind = "inpainting"  # an inpainting network says what the card is
+    return ModelCard(name, folder, config, sha, network, normalizers, tensors, card_kind)
+
+
+def _read_weights_file(path: Path) -> bytes:
+    """The weights file's bytes, read once (hashed and parsed from this copy); its size checked first."""
+    from ..schema.budget import MAX_NETWORK_PARAMETERS
+
+    # float64 is the widest dtype a MedSynth network stores; the header is small JSON.
+    limit = 8 * MAX_NETWORK_PARAMETERS + (16 << 20)
+    size = path.stat().st_size
+    if size > limit:
+        raise InputError(path, f"weights file of {size:,} bytes is larger than any MedSynth network "
+                               f"({limit:,} bytes at most)")
+    return path.read_bytes()
 
 
 # Bounds of a network MedSynth builds (the shipped one: channels 16-256, strides 2, 1 residual unit).
@@ -232,6 +288,11 @@ def network_shapes(network: "NetworkConfig", backend: str = "torch") -> dict[str
 
 def check_model_config(config: dict[str, Any], source: Path) -> "NetworkConfig":
     """The parts of a model config that inference reads: network, intensity statistics, hashes, name."""
+    return _check_model_config(config, source)[0]
+
+
+def _check_model_config(config: dict[str, Any], source: Path) -> tuple["NetworkConfig", dict[str, "Normalizer"]]:
+    """:func:`check_model_config`, also returning the normalisers it built while checking them."""
     from ..schema.jsonshape import json_type_name
     from .normalize import normalizer_from_json
 
@@ -245,6 +306,7 @@ def check_model_config(config: dict[str, Any], source: Path) -> "NetworkConfig":
     intensity = config.get("intensity")
     if not isinstance(intensity, dict):
         raise InputError(source, "model config: 'intensity' must be an object of per-modality statistics")
+    normalizers = {}
     for modality in network.modalities:
         entry = intensity.get(modality)
         try:
@@ -261,37 +323,41 @@ def check_model_config(config: dict[str, Any], source: Path) -> "NetworkConfig":
         except (TypeError, ValueError) as exc:
             raise InputError(source, f"model config: intensity statistics of {modality} are invalid ({exc}): "
                                      f"{json.dumps(entry)[:80]}") from None
-    return network
+        normalizers[modality] = normaliser
+    return network, normalizers
 
 
 def check_weights(path: Path, network: "NetworkConfig") -> None:
-    """The weights file is safetensors, fits the network's shapes exactly, and holds finite values.
+    """The weights file is safetensors, fits the network's shapes exactly, and holds finite values."""
+    _load_weights(path, _read_weights_file(path), network)
 
-    Shapes are compared from the safetensors header before any tensor is read.
+
+def _load_weights(path: Path, data: bytes, network: "NetworkConfig") -> dict[str, "torch.Tensor"]:
+    """The tensors of a safetensors file's bytes, checked: the network's shapes exactly, finite values.
+
+    ``path`` only names the file in messages; the bytes are the ones that were hashed.
     """
     import torch
-    from safetensors import safe_open
+    from safetensors.torch import load as load_safetensors
 
     expected = network_shapes(network)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-            if stored != expected:
-                missing = sorted(set(expected) - set(stored))
-                unexpected = sorted(set(stored) - set(expected))
-                wrong = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
-                detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
-                          + (f", e.g. {wrong[0]} {stored[wrong[0]]} vs {expected[wrong[0]]}" if wrong else ""))
-                raise InputError(path, f"weights do not fit the network in config.json ({detail})")
-            for key in stored:
-                tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise InputError(path, f"weights hold NaN or infinite values (tensor {key})")
-    except InputError:
-        raise
+        tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error type for any malformed file
         message = " ".join(str(exc).split()) or exc.__class__.__name__
         raise InputError(path, f"not a valid safetensors file ({message[:160]})") from None
+    stored = {k: tuple(v.shape) for k, v in tensors.items()}
+    if stored != expected:
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        wrong = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+                  + (f", e.g. {wrong[0]} {stored[wrong[0]]} vs {expected[wrong[0]]}" if wrong else ""))
+        raise InputError(path, f"weights do not fit the network in config.json ({detail})")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(path, f"weights hold NaN or infinite values (tensor {key})")
+    return tensors
 
 
 def write_model(folder: Path, state: dict[str, Any], config: dict[str, Any], *, overwrite: bool = False) -> Path:
@@ -310,21 +376,15 @@ def write_model(folder: Path, state: dict[str, Any], config: dict[str, Any], *, 
     return folder
 
 
-def load_generator(model: ModelFolder, device: str = "cpu", backend: str = "torch"):
-    """Build the generator of a verified model folder and load its weights.
+def load_generator(model: ModelCard, device: str = "cpu", backend: str = "torch"):
+    """Build the generator of a model card and load its weights (already read and checked; no file I/O).
 
     ``backend="torch"`` (inference) builds the MONAI-free copy of the U-Net; ``"monai"`` the training one.
     """
-    from safetensors.torch import load_file
+    from .networks import Generator
 
-    from .networks import Generator, NetworkConfig
-
-    net = Generator(NetworkConfig.from_json(model.config["network"]), backend=backend)
-    try:
-        state = load_file(str(model.weights), device=device)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except Exception as exc:  # a file changed since resolve_model checked it
-        raise InputError(model.weights, f"cannot load the weights ({' '.join(str(exc).split())[:160]})") from None
+    net = Generator(model.network, backend=backend)
+    missing, unexpected = net.load_state_dict(model.tensors, strict=False)
     if missing or unexpected:
         raise InputError(model.weights, f"weights do not fit the architecture in config.json "
                                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
@@ -332,7 +392,7 @@ def load_generator(model: ModelFolder, device: str = "cpu", backend: str = "torc
 
 
 def register_model(source: str | os.PathLike[str], name: str, *, make_default: bool = False,
-                   root: Path | None = None, overwrite: bool = False) -> ModelFolder:
+                   root: Path | None = None, overwrite: bool = False) -> ModelCard:
     """Copy a verified model folder into the registry folder and list it (name -> folder + sha256)."""
     import re
     import shutil

@@ -21,7 +21,7 @@ import numpy as np
 from ..schema.errors import MedSynthError
 from ..schema.grid import LabelMap
 from ..schema.labels import MODALITIES, SCHEMA_VERSION, Label, brain_mask
-from .models import ModelFolder
+from .models import ModelCard
 
 OUTPUT_NAMES = MODALITIES
 
@@ -39,18 +39,17 @@ class SynthesisResult:
 class SynthesisEngine:
     """A loaded model on a device: synthesises whole label maps and re-renders edited regions."""
 
-    def __init__(self, model: ModelFolder, device: str = "auto", precision: str = "auto",
+    def __init__(self, model: ModelCard, device: str = "auto", precision: str = "auto",
                  log: Callable[[str], None] = lambda message: None) -> None:
         import torch
 
         from .inference import Synthesizer, pick_device, pick_precision
         from .models import load_generator
-        from .networks import NetworkConfig
 
         start = time.perf_counter()
         self.model = model
         dev = pick_device(device)
-        self.network = NetworkConfig.from_json(model.config["network"])
+        self.network = model.network
         if self.network.kind == "inpainting":
             from ..schema.errors import InputError
 
@@ -99,8 +98,7 @@ class SynthesisEngine:
         start = time.perf_counter()
         normalized = self.synth.predict(labelmap.array)
         network_seconds = time.perf_counter() - start
-        images = to_scanner_units(normalized, labelmap.array, self.model.config["intensity"],
-                                  tuple(self.network.modalities))
+        images = to_scanner_units(normalized, labelmap.array, self.model.normalizers, self.model.modalities)
         provenance = {
             "kind": "medsynth-synthetic-case",
             "synthetic": True,
@@ -198,7 +196,7 @@ class SynthesisEngine:
         blended[:, labels_box == Label.BACKGROUND] = -1.0
         normalized[channels] = blended
         # Every changed voxel lies in the box, so only the box needs mapping back to scanner units.
-        for modality, values in to_scanner_units(blended, labels_box, self.model.config["intensity"],
+        for modality, values in to_scanner_units(blended, labels_box, self.model.normalizers,
                                                  tuple(self.network.modalities)).items():
             images[modality][box] = values
         return box

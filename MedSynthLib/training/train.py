@@ -12,6 +12,7 @@ generator seeded by (seed, step, rank).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, buil
 from .data import PatchSampler, RegionSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
 
 if TYPE_CHECKING:
-    from ..synthesis.models import ModelFolder
+    from ..synthesis.models import ModelCard
 
 
 @dataclass
@@ -193,52 +194,17 @@ def _barrier(d: Dist) -> None:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().clone().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in meta["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminator: nn.Module | None,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
                     scaler_state: dict[str, Any] | None, elapsed_s: float = 0.0) -> Path:
     """Write ``checkpoints/step_N`` atomically, then point ``checkpoints/latest.json`` at it."""
-    from safetensors.torch import save_file
+    from .checkpoint import write_checkpoint
 
     folder = run_dir / "checkpoints"
-    final = folder / f"step_{step:07d}"
-    tmp = folder / f".step_{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state_dict_unwrapped(generator), str(tmp / "generator.safetensors"))
-    meta: dict[str, Any] = {"step": step, "scaler": scaler_state, "elapsed_s": round(elapsed_s, 1)}
-    tensors, meta["optimizer_g"] = _optimizer_tensors(opt_g)
-    save_file(tensors, str(tmp / "optimizer_g.safetensors"))
-    if discriminator is not None and opt_d is not None:
-        save_file(state_dict_unwrapped(discriminator), str(tmp / "discriminator.safetensors"))
-        tensors, meta["optimizer_d"] = _optimizer_tensors(opt_d)
-        save_file(tensors, str(tmp / "optimizer_d.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    final = write_checkpoint(folder / f"step_{step:07d}", step,
+                             {"generator": generator, "discriminator": discriminator if opt_d is not None else None},
+                             {"optimizer_g": opt_g, "optimizer_d": opt_d if discriminator is not None else None},
+                             scaler=scaler_state, elapsed_s=round(elapsed_s, 1))
     write_json({"step": step, "path": final.name}, folder / "latest.json", overwrite=True)
     # Keep the two newest checkpoints.
     for old in sorted(folder.glob("step_*"))[:-2]:
@@ -273,53 +239,72 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Module | None,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None) -> tuple[int, Any, float]:
-    from safetensors.torch import load_file
-
-    from ..schema.jsonshape import read_json
+    from .checkpoint import read_checkpoint
 
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise InputError(run_dir, "nothing to resume: no checkpoints/latest.json")
-    meta = read_json(folder / "state.json", "checkpoint state")
-    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("optimizer_g"), dict):
-        raise InputError(folder / "state.json", "checkpoint state needs an integer 'step' and 'optimizer_g'")
-    current = folder / "generator.safetensors"
-    try:
-        generator.load_state_dict(load_file(str(current)))
-        current = folder / "optimizer_g.safetensors"
-        _load_optimizer(opt_g, load_file(str(current)), meta["optimizer_g"])
-        if discriminator is not None and opt_d is not None:
-            current = folder / "discriminator.safetensors"
-            discriminator.load_state_dict(load_file(str(current)))
-            current = folder / "optimizer_d.safetensors"
-            _load_optimizer(opt_d, load_file(str(current)), meta["optimizer_d"])
-    except Exception as exc:  # safetensors' own error type, a shape mismatch, a malformed optimizer record
-        message = " ".join(str(exc).split())[:160] or exc.__class__.__name__
-        raise InputError(current, f"cannot resume from this checkpoint ({message})") from None
+    with_d = discriminator is not None and opt_d is not None
+    meta = read_checkpoint(folder, {"generator": generator, "discriminator": discriminator if with_d else None},
+                           {"optimizer_g": opt_g, "optimizer_d": opt_d if with_d else None})
     return int(meta["step"]), meta.get("scaler"), float(meta.get("elapsed_s", 0.0) or 0.0)
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Constant, then linear decay to zero over the last ``lr_decay_fraction`` of the steps."""
+def learning_rate_factor(config: TrainConfig, step: int) -> float:
+    """pix2pix's rule: 1, then linear decay to zero over the last ``lr_decay_fraction`` of the steps."""
     decay_steps = config.steps * config.lr_decay_fraction
     if decay_steps <= 0:
-        return config.lr
-    return config.lr * min(1.0, (config.steps - step) / decay_steps)
+        return 1.0
+    return min(1.0, (config.steps - step) / decay_steps)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of ``step`` (what :func:`lr_scheduler` sets for it)."""
+    return config.lr * learning_rate_factor(config, step)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                 start: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's ``LambdaLR`` with pix2pix's rule, positioned at ``start`` (a resumed run continues its schedule).
+
+    The rate is the closed form ``lr * factor(step)``, never a product of per-step factors, so a resumed
+    run's rates equal the uninterrupted run's bit for bit.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr  # the base the rule scales; a checkpoint's lr is already decayed
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(config, step),
+                                             last_epoch=start - 1)
 
 
 # --- losses ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _least_squares() -> nn.Module:
+    """MONAI's patch adversarial loss, least squares on the raw scores (LSGAN: real -> 1, fake -> 0)."""
+    from monai.losses import PatchAdversarialLoss
+
+    return PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+
+
 def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's loss on its scores of real and of generated patches.
+
+    LSGAN through MONAI's ``PatchAdversarialLoss``.  Hinge stays written out: MONAI's hinge criterion
+    passes the scores through tanh first, which is another loss than the hinge MedSynth trains with.
+    """
     if kind == "hinge":
         return torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
-    return 0.5 * (((real - 1) ** 2).mean() + (fake ** 2).mean())
+    loss = _least_squares()
+    return 0.5 * (loss(real, target_is_real=True, for_discriminator=True)
+                  + loss(fake, target_is_real=False, for_discriminator=True))
 
 
 def generator_adversarial_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    """The generator's adversarial loss on the discriminator's scores of its patches."""
     if kind == "hinge":
         return -fake.mean()
-    return ((fake - 1) ** 2).mean()
+    return _least_squares()(fake, target_is_real=True, for_discriminator=False)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -468,6 +453,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         ids = [dev.index] if dev.type == "cuda" else None
         g_model = DDP(generator, device_ids=ids)
         d_model = DDP(discriminator, device_ids=ids) if discriminator is not None else None
+    schedulers = [lr_scheduler(opt, config, start) for opt in (opt_g, opt_d) if opt is not None]
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     if scaler_state:
         scaler.load_state_dict(scaler_state)
@@ -488,11 +474,6 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     started = time.perf_counter()
     try:
         for step in range(start, config.steps):
-            lr = learning_rate(config, step)
-            for opt in (opt_g, opt_d):
-                if opt is not None:
-                    for group in opt.param_groups:
-                        group["lr"] = lr
             labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size)
             region = regions.sample(labels, config.seed, step, d.rank).to(dev) if inpainting else None
             labels, real = labels.to(dev), real.to(dev)
@@ -550,6 +531,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             scaler.scale(loss_g).backward()
             scaler.step(opt_g)
             scaler.update()
+            for scheduler in schedulers:
+                scheduler.step()
             logs["loss/l1"] = loss_l1.item()
             history = logs
             done = step + 1
@@ -605,7 +588,7 @@ def _noise_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1)[0])
 
 
-def _starting_model(config: TrainConfig) -> "ModelFolder | None":
+def _starting_model(config: TrainConfig) -> "ModelCard | None":
     """The verified model of ``config.init_from`` (hash and schema checked), or ``None``.
 
     A fine-tune keeps the architecture: the model's network has to equal the config's (the
@@ -616,7 +599,7 @@ def _starting_model(config: TrainConfig) -> "ModelFolder | None":
     if not config.init_from:
         return None
     model = resolve_model(config.init_from)
-    theirs = NetworkConfig.from_json(model.config["network"])
+    theirs = model.network
     # The anti-aliasing blur has no parameters: a model without it may start a run with it.
     if replace(theirs, antialias=config.network.antialias) != config.network:
         raise InputError(model.path, f"cannot start from this model: its network {theirs.to_json()} differs from "

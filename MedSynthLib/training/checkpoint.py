@@ -1,0 +1,112 @@
+"""Checkpoint folders shared by the GAN's training and the study's segmenter: safetensors + JSON.
+
+A checkpoint is a folder: one ``NAME.safetensors`` per module and per optimizer, and
+``state.json`` with the step, the caller's own fields and each optimizer's non-tensor
+state (param groups, scalar entries).  Nothing is pickled.  The folder is written under a
+hidden temporary name and renamed into place, so a kill leaves the previous checkpoint
+whole; loading checks ``state.json`` and turns any bad file into one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..schema.errors import InputError
+from ..synthesis.networks import state_dict_unwrapped
+
+STATE_NAME = "state.json"
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state split into tensors (for safetensors) and the rest (for JSON)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().clone().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """The inverse of :func:`optimizer_tensors`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module | None],
+                     optimizers: Mapping[str, torch.optim.Optimizer | None], **fields: Any) -> Path:
+    """Write the checkpoint folder ``folder`` atomically (a temporary sibling renamed into place).
+
+    ``None`` entries are skipped (a run without a discriminator); ``fields`` go into ``state.json``.
+    """
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta: dict[str, Any] = {"step": step, **fields}
+    for name, module in modules.items():
+        if module is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in state_dict_unwrapped(module).items()}
+            save_file(state, str(tmp / f"{name}.safetensors"))
+    for name, optimizer in optimizers.items():
+        if optimizer is not None:
+            tensors, meta[name] = optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
+    (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def read_checkpoint(folder: Path, modules: Mapping[str, nn.Module | None],
+                    optimizers: Mapping[str, torch.optim.Optimizer | None], *, what: str = "") -> dict[str, Any]:
+    """Load a checkpoint folder into ``modules`` and ``optimizers``; returns ``state.json``.
+
+    Args:
+        what: names the model in messages ("the segmenter"); empty for the GAN.
+
+    Raises:
+        InputError: a missing or malformed file, or weights of another shape (one line, naming the file).
+    """
+    from safetensors.torch import load_file
+
+    from ..schema.jsonshape import read_json
+
+    label = f"{what} checkpoint state" if what else "checkpoint state"
+    meta = read_json(folder / STATE_NAME, label.strip())
+    wanted = [name for name, optimizer in optimizers.items() if optimizer is not None]
+    if not isinstance(meta.get("step"), int) or not all(isinstance(meta.get(name), dict) for name in wanted):
+        raise InputError(folder / STATE_NAME, f"{label.strip()} needs an integer 'step' and "
+                                              + " and ".join(f"'{name}'" for name in wanted))
+    current = folder
+    try:
+        for name, module in modules.items():
+            if module is not None:
+                current = folder / f"{name}.safetensors"
+                module.load_state_dict(load_file(str(current)))
+        for name in wanted:
+            current = folder / f"{name}.safetensors"
+            load_optimizer(optimizers[name], load_file(str(current)), meta[name])
+    except Exception as exc:  # safetensors' own error type, a shape mismatch, a malformed optimizer record
+        message = " ".join(str(exc).split())[:160] or exc.__class__.__name__
+        subject = f" {what}" if what else ""
+        raise InputError(current, f"cannot resume{subject} from this checkpoint ({message})") from None
+    return meta
