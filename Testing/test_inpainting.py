@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, phantom, write_volume
+from conftest import PHANTOM_BRATS_IDS, REPO, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.schema.grid import Grid, LabelMap
 from MedSynthLib.schema.labelmap import read_label_map, write_label_map
@@ -43,14 +43,9 @@ def _derive_by_threshold(case, *args, **kwargs) -> LabelMap:
 
 
 @pytest.fixture(scope="module")
-def phantom_cases(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("inpaint_phantoms")
-    for seed, case_id in enumerate(CASE_IDS):
-        images, seg = phantom(seed=seed)
-        for modality, array in images.items():
-            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
-        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
-    return root
+def phantom_cases(phantom_brats) -> Path:
+    assert CASE_IDS == PHANTOM_BRATS_IDS
+    return phantom_brats
 
 
 def _train(data: Path, run: Path, config: Path, *extra: str) -> None:

@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from ..schema.errors import MedSynthError
 from ..schema.grid import Grid
+from .kmeans_anatomy import _neighbour_mean, _softmax  # the same mean-field MRF steps
 
 #: Contrasts the model fits when present, in this order.
 FIT_CONTRASTS: tuple[str, ...] = ("t1", "t2", "flair")
@@ -532,17 +533,6 @@ def _normalise(logits: np.ndarray) -> np.ndarray:
     logits = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=1, keepdims=True)
-
-
-def _neighbour_mean(q: np.ndarray) -> np.ndarray:
-    return np.stack([ndimage.uniform_filter(qc, size=3, mode="constant") for qc in q]) * (27.0 / 26.0)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=0, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=0, keepdims=True)
-    return shifted
 
 
 __all__ = ["AtlasPriorEM", "RegistrationError", "FIT_CONTRASTS", "atlas"]
