@@ -66,7 +66,10 @@ def _argv(data: dict[str, Path], out: Path, *extra: str, n: int = 4, layout: str
 
 
 def _records(out: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "provenance").glob("*.json"))}
+    """The completed cases' provenance.  A write cut by kill -9 leaves its hidden temporary file
+    (``.NAME.json.XXXX.tmp.json``, never renamed into place): not a record."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "provenance").glob("*.json"))
+            if not p.name.startswith(".")}
 
 
 def _file_hashes(out: Path) -> dict[str, str]:
@@ -269,7 +272,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_dataset(gen_data, nnunet_ru
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None:
-            if list((out / "provenance").glob("*.json")):
+            if _records(out):
                 break
             time.sleep(0.01)
         os.killpg(process.pid, signal.SIGKILL)
@@ -381,7 +384,7 @@ def test_real_torchrun_two_ranks_equal_one_process_and_resume_after_kill_9(gen_d
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None:
-            if list((killed / "provenance").glob("*.json")):
+            if _records(killed):
                 break
             time.sleep(0.01)
         for pid in _descendants(process.pid)[::-1] + [process.pid]:
