@@ -4,15 +4,16 @@ The classic recipe of brain tissue segmentation (SPM's unified segmentation,
 FSL FAST, ANTs Atropos), built on SimpleITK and numpy:
 
 1. each fitted contrast (T1, T2, FLAIR; T1ce optionally) is N4 bias-corrected,
-   the field estimated at about 4 mm (Tustison et al., IEEE TMI 29(6), 2010);
+   the field estimated at about 6 mm (Tustison et al., IEEE TMI 29(6), 2010);
 2. the ICBM152 2009a T1 template (shipped in nilearn) is registered to the
-   case's T1, affine then a smooth B-spline step, at about 4 mm, with the
+   case's T1, affine then a smooth B-spline step, at about 6 mm, with the
    tumour and its oedema (grown by a margin) masked out of the metric; its GM and
    WM probability maps follow, CSF = brain - GM - WM;
 3. a three-class multivariate Gaussian mixture is fitted by EM with those maps
    as voxel-wise priors, on healthy-looking brain only;
 4. the posteriors are regularised by a Potts Markov random field (mean-field
-   iterations), and every brain voxel takes its most probable class.
+   iterations), and every brain voxel takes its most probable class; within a
+   band around the tumour only the T1 speaks (oedema brightens T2 and FLAIR).
 
 Voxels where a fitted contrast is zero or negative inside the brain (the
 interpolation undershoot of resampled scans, or a contrast's own brain mask
@@ -24,8 +25,8 @@ test scan) the model falls back to the T1 k-means model of
 :mod:`MedSynthLib.cases.anatomy`, which agrees better with FreeSurfer on T1 alone
 (docs/anatomy_check.md); the CLI says so.  The healthy template is labelled by
 this model on its T1 with its own priors (:meth:`AtlasPriorEM.segment_template`).
-Everything is deterministic: registration samples every voxel on one thread,
-EM starts from the priors, nothing is random.
+Everything is deterministic: registration and N4 run on one ITK thread, the
+metric's sample grid has a fixed seed, EM starts from the priors.
 """
 
 from __future__ import annotations
