@@ -192,7 +192,8 @@ class AtlasPriorEM:
         crop_grid = _crop_grid(grid, box)
         brainb, excludeb = brain[box], exclude[box]
         spacing = crop_grid.spacing
-        grown = _grow(excludeb, self.exclude_margin_mm, spacing)
+        # Tumour grown by the exclusion margin, and by the peritumoural band (one distance transform).
+        grown, near_tumour = _grow_by(excludeb, (self.exclude_margin_mm, self.peritumour_mm), spacing)
         contrasts = self.used_contrasts(images)
         channels, valid = [], brainb.copy()
         for contrast in contrasts:
@@ -213,7 +214,7 @@ class AtlasPriorEM:
         priors = _tissue_priors(gm, wm, self.prior_floor)
         # Oedema and infiltration reach beyond the expert label and brighten T2 and FLAIR around it,
         # which would read as grey matter: in a band around the tumour only the T1 speaks.
-        peritumour = _grow(excludeb, self.peritumour_mm, spacing) & ~excludeb if self.peritumour_mm > 0 else None
+        peritumour = near_tumour & ~excludeb if self.peritumour_mm > 0 else None
         labels_box = self._fit(corrected, contrasts, priors, brainb, fit, valid & ~excludeb, edge, peritumour)
         out = np.zeros(brain.shape, np.uint8)
         out[box] = labels_box
@@ -351,14 +352,28 @@ def _crop_grid(grid: Grid, box: tuple[slice, ...]) -> Grid:
 
 def _grow(mask: np.ndarray, margin_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
     """``mask`` grown by ``margin_mm`` (Euclidean), computed in the mask's bounding box only."""
-    if margin_mm <= 0 or not mask.any():
-        return mask.copy()
-    pad = [int(math.ceil(margin_mm / s)) + 1 for s in spacing[::-1]]
+    return _grow_by(mask, (margin_mm,), spacing)[0]
+
+
+def _grow_by(mask: np.ndarray, margins_mm: tuple[float, ...],
+             spacing: tuple[float, float, float]) -> list[np.ndarray]:
+    """``mask`` grown by each of ``margins_mm``, from one distance transform (for the largest)."""
+    reach = max(margins_mm)
+    if reach <= 0 or not mask.any():
+        return [mask.copy() for _ in margins_mm]
+    pad = [int(math.ceil(reach / s)) + 1 for s in spacing[::-1]]
     found = ndimage.find_objects(mask.astype(np.uint8))[0]
     box = tuple(slice(max(f.start - p, 0), min(f.stop + p, n)) for f, p, n in zip(found, pad, mask.shape))
-    out = np.zeros_like(mask)
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing[::-1]) <= margin_mm
-    return out
+    # The nearest mask voxel lies inside the mask's own bounding box, which every box contains:
+    # distances are the same whichever margin sized the box.
+    distance = ndimage.distance_transform_edt(~mask[box], sampling=spacing[::-1])
+    grown = []
+    for margin_mm in margins_mm:
+        out = mask.copy() if margin_mm <= 0 else np.zeros_like(mask)
+        if margin_mm > 0:
+            out[box] = distance <= margin_mm
+        grown.append(out)
+    return grown
 
 
 @functools.lru_cache(maxsize=4)
