@@ -251,6 +251,16 @@ def test_case_i_is_the_same_whatever_the_number_of_workers(gen_data, nnunet_run,
         assert one[case_id]["edits"] == two[case_id]["edits"]
         assert one[case_id]["labels_sha256"] == two[case_id]["labels_sha256"]
         assert one[case_id]["images_sha256"] == two[case_id]["images_sha256"]
+    if Path("/proc/self/status").exists():
+        # Two spawned workers, each within the memory model the budget checks inputs against
+        # (fixed part + bytes per voxel of the largest grid it synthesised).
+        from MedSynthLib.schema.budget import SYNTHESIS_BYTES_PER_VOXEL, SYNTHESIS_FIXED_BYTES
+
+        workers = {r["worker"]["pid"] for r in two.values()}
+        assert len(workers) == 2 and os.getpid() not in workers
+        voxels = max(int(np.prod(r["edit_grid"]["grid"]["size"])) for r in two.values())
+        bound_mb = (SYNTHESIS_FIXED_BYTES + SYNTHESIS_BYTES_PER_VOXEL * voxels) / 2 ** 20
+        assert all(0 < r["worker"]["peak_rss_mb"] <= bound_mb for r in two.values())
 
 
 def test_a_different_seed_changes_the_cases(gen_data, nnunet_run, tmp_path):
@@ -328,7 +338,7 @@ def _file_bytes(out: Path) -> dict[str, str]:
             continue
         if rel.parts[0] == "provenance":  # timings, CPU seconds and the device string differ between runs
             record = json.loads(path.read_text())
-            for key in ("timings_s", "cpu_s", "stages", "software"):
+            for key in ("timings_s", "cpu_s", "stages", "software", "worker"):
                 record.pop(key, None)
             data = json.dumps(record, sort_keys=True).encode()
         else:

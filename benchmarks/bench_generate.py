@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -122,6 +124,19 @@ def run(setting: str, n: int, seed: int, cache: Path, work: Path, sources: list[
     for record in records:
         kinds[record["generation"]["kind"]] = kinds.get(record["generation"]["kind"], 0) + 1
     draws = sum(1 + record["generation"].get("attempt", 0) for record in records)
+    # Each worker's peak resident memory after its first and after its last case (case order is
+    # the order the pool hands cases out): bounded workers plateau after the first cases.
+    by_worker: dict[int, list[tuple[int, float]]] = {}
+    for record in records:
+        worker = record.get("worker") or {}
+        if worker.get("peak_rss_mb") is not None:
+            index = int(record["case_id"].rsplit("_", 1)[-1])
+            voxels = int(np.prod(record["edit_grid"]["grid"]["size"]))
+            by_worker.setdefault(worker["pid"], []).append((index, worker["peak_rss_mb"], voxels))
+    worker_memory = [{"cases": len(rows), "peak_rss_mb_after_first_case": min(rows)[1],
+                      "peak_rss_mb_after_last_case": max(rows)[1],
+                      "by_case": [{"index": i, "peak_rss_mb": m, "edit_grid_voxels": v} for i, m, v in sorted(rows)]}
+                     for rows in by_worker.values()]
     size = sum(p.stat().st_size for p in (out / "Dataset501_BrainTumourSynth").rglob("*.nii.gz"))
     result = {
         "setting": {"workers": int(workers), "precision": precision, "torch_threads_per_worker": threads},
@@ -143,6 +158,7 @@ def run(setting: str, n: int, seed: int, cache: Path, work: Path, sources: list[
         "kinds": kinds,
         "draws_per_case": round(draws / n, 2),
         "dataset_mb_per_case": round(size / n / 1e6, 2),
+        "worker_memory": worker_memory,
     }
     shutil.rmtree(out, ignore_errors=True)
     return result

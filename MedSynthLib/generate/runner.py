@@ -203,6 +203,21 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
         load_source(_WORKER["sources"].template)  # read the template once per process, not in a case's timing
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (Linux ``VmHWM``; None where /proc is absent).
+
+    ``VmHWM`` belongs to the process's own address space, so unlike ``ru_maxrss`` it does not
+    carry the peak of the parent a spawned worker was forked from.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 class _Stopwatch:
     """Wall and CPU seconds (this process, all its threads) of consecutive stages of a case."""
 
@@ -283,6 +298,8 @@ def _run_case(index: int) -> dict[str, Any]:
     # CPU seconds of this process (all its threads) per stage: comparable on a machine shared with other work.
     provenance["cpu_s"] = {k: clock.total(v, "cpu_s") for k, v in COARSE_STAGES.items()}
     provenance["stages"] = clock.stages
+    # The worker's own peak memory after this case: a bounded worker plateaus after its first cases.
+    provenance["worker"] = {"pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
     from ..schema.volume_io import write_json
 
     write_json(provenance, _provenance_path(out, case_id), overwrite=True)  # the case's commit mark
