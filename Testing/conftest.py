@@ -29,20 +29,6 @@ def pytest_configure(config):
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-#: Test files that read the same real cases' derived label maps (``derived_case``): one xdist worker
-#: runs them all, so each case is derived once per run, not once per worker.
-SHARED_DERIVATIONS = ("test_anatomy.py", "test_image_checks.py", "test_labels_and_cases.py")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Group the tests for ``--dist loadgroup``: one group per file (module fixtures and the order of a
-    module's tests stay on one worker), and one group for :data:`SHARED_DERIVATIONS`."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("real-label-maps" if name in SHARED_DERIVATIONS else name))
-
-
 def data_root() -> Path:
     return Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
 
