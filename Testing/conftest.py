@@ -16,6 +16,19 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """One thread per pytest-xdist worker for torch, OpenMP/MKL and ITK (and their subprocesses).
+
+    The suite runs with ``-n 2`` on 2 cores: two workers with one thread each fill the cores,
+    where each worker's own thread pool would make four threads compete for two.  Set before any
+    test module imports torch, so its thread pool starts with one thread.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+            os.environ.setdefault(name, "1")
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
 def data_root() -> Path:
     return Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
 
@@ -45,25 +58,40 @@ def brats_cases(real_data: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def brats_derived(brats_cases: list[Path]) -> dict[str, tuple]:
-    """Each real BraTS case read once and its label map derived once with the default anatomy model.
+def derived_case():
+    """``derived_case(folder)``: a real case read once and its label map derived once per session.
 
-    Folder name -> (Case, LabelMap, seconds the derivation took).  Several test modules check
-    properties of these label maps; an atlas-EM derivation of a full-size case is the slowest step
-    of the suite, so the session derives each case once.  Tests must not modify what they get.
+    Returns (Case, LabelMap, seconds the derivation took) with the default anatomy model; the same
+    folder asked again returns the same objects.  An atlas-EM derivation of a full-size case (about
+    8 s of CPU) is the slowest step of the suite, and several test modules check properties of the
+    same cases' label maps.  Tests must not modify what they get.
     """
     import time
 
     from MedSynthLib.cases.anatomy import derive_label_map
     from MedSynthLib.cases.readers import read_case
 
-    derived = {}
-    for folder in brats_cases:
-        case = read_case(folder)
-        start = time.perf_counter()
-        labelmap = derive_label_map(case)
-        derived[folder.name] = (case, labelmap, time.perf_counter() - start)
-    return derived
+    derived: dict[Path, tuple] = {}
+
+    def derive(folder: Path) -> tuple:
+        folder = Path(folder).resolve()
+        if folder not in derived:
+            case = read_case(folder)
+            start = time.perf_counter()
+            labelmap = derive_label_map(case)
+            derived[folder] = (case, labelmap, time.perf_counter() - start)
+        return derived[folder]
+
+    return derive
+
+
+@pytest.fixture(scope="session")
+def brats_derived(brats_cases: list[Path], derived_case) -> dict[str, tuple]:
+    """Each real BraTS 2021 case read once and its label map derived once (``derived_case``).
+
+    Folder name -> (Case, LabelMap, seconds the derivation took).
+    """
+    return {folder.name: derived_case(folder) for folder in brats_cases}
 
 
 # Three phantom patients in BraTS 2021 naming; the last is the validation case of the training tests.

@@ -8,7 +8,6 @@ case with weak T1 contrast, a TCIA case whose old labels put GM brightest on T2)
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,14 +84,13 @@ def test_freesurfer_dice_scores_labelled_voxels_only():
 
 
 @pytest.fixture(scope="module", params=SUBSET, ids=lambda p: p.split("/")[-1])
-def real_case_labels(request, real_data):
+def real_case_labels(request, real_data, derived_case):
     folder = real_data / request.param
     if not folder.is_dir():
         pytest.skip(f"{folder} not found")
-    case = read_case(folder, require_segmentation=True)
-    start = time.process_time()
-    labelmap = derive_label_map(case)
-    return case, labelmap, time.process_time() - start
+    case, labelmap, seconds = derived_case(folder)  # BraTS2021_00006 is derived once for the session
+    assert case.tumour is not None, f"{folder}: no tumour segmentation"
+    return case, labelmap, seconds
 
 
 @pytest.mark.realdata

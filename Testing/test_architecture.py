@@ -4,12 +4,16 @@
   (a cycle through a deferred import still couples the two modules), nor between its subpackages;
 * MedSynthLib never imports the Slicer application stack (``slicer``, ``qt``, ``ctk``, ``vtk``):
   the backend runs in a plain Python process and the Slicer module is a thin skin over it;
-* every module lives in a subpackage; only ``__init__``, ``__main__`` and ``cli`` stay at the top.
+* every module lives in a subpackage; only ``__init__``, ``__main__`` and ``cli`` stay at the top;
+* the README's architecture section and docs/architecture.md (the map) match the code: every file
+  they name exists, the map names every module of MedSynthLib and of the Slicer module, and the
+  README's table has one row per subpackage listing exactly its modules.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -200,3 +204,95 @@ def test_modules_live_in_subpackages():
     assert stray == [], f"modules directly in MedSynthLib/ (move them into a subpackage): {stray}"
     for folder in sorted(p for p in LIB.iterdir() if p.is_dir() and p.name != "__pycache__"):
         assert (folder / "__init__.py").is_file(), f"{folder.name}/ has no __init__.py (not installed as a package)"
+
+
+# --- the README's architecture section and docs/architecture.md name the modules that exist -------------
+
+REPO = LIB.parent
+SLICER_LIB = REPO / "MedSynth" / "MedSynthSlicerLib"
+#: Where a file named in the map may live (a name is read relative to each in turn).
+DOC_ROOTS = (LIB, REPO, REPO / "MedSynth", SLICER_LIB, REPO / "MedSynthWeb")
+
+
+def readme_architecture() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## Architecture\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def subpackages() -> dict[str, list[str]]:
+    """Subpackage -> its modules (without ``__init__``)."""
+    return {folder.name: sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+            for folder in sorted(LIB.iterdir()) if (folder / "__init__.py").is_file()}
+
+
+def named_files(text: str) -> set[str]:
+    """Every ``something.py`` written in backticks (with or without a folder)."""
+    import re
+
+    return {match for span in re.findall(r"`([^`]+)`", text) for match in re.findall(r"[\w./-]+\.py\b", span)}
+
+
+def map_sections() -> list[tuple[set[str], set[str]]]:
+    """docs/architecture.md by ``##`` section: (subpackages its heading names, files it names).
+
+    Inside a section about a subpackage (``## 5. Images are synthesised - `synthesis/` ``) a bare
+    ``models.py`` is that subpackage's module.
+    """
+    import re
+
+    text = (REPO / "docs" / "architecture.md").read_text()
+    sections = []
+    for chunk in re.split(r"^(?=## )", text, flags=re.MULTILINE):
+        heading = chunk.splitlines()[0] if chunk else ""
+        packages = set(re.findall(r"`(\w+)/", heading)) if heading.startswith("## ") else set()
+        sections.append((packages, named_files(chunk)))
+    return sections
+
+
+def resolves(name: str, packages: set[str]) -> bool:
+    return any((root / name).is_file() for root in DOC_ROOTS + tuple(LIB / p for p in packages))
+
+
+def test_every_file_the_map_names_exists():
+    sections = map_sections()
+    assert sum(len(files) for _, files in sections) > 50, "the parser found almost no file names in the map"
+    missing = sorted(f for packages, files in sections for f in files if not resolves(f, packages))
+    assert missing == [], f"docs/architecture.md names files that do not exist: {missing}"
+    readme = named_files(readme_architecture())
+    assert len(readme) > 5, "the parser found almost no file names in the README's architecture section"
+    missing = sorted(f for f in readme if not resolves(f, set()))
+    assert missing == [], f"the README's architecture section names files that do not exist: {missing}"
+
+
+def test_the_map_names_every_module():
+    intro = (REPO / "docs" / "architecture.md").read_text().split("\n## ")[0]
+    listed = intro[intro.index("subpackages ("):].split(")")[0]
+    assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(subpackages()), "the map's list of subpackages drifted"
+    named = set()
+    for packages, files in map_sections():
+        named |= {f for f in files if "/" in f} | {f"{p}/{f}" for p in packages for f in files if "/" not in f}
+    unnamed = sorted(f"{package}/{module}.py" for package, modules in subpackages().items() for module in modules
+                     if f"{package}/{module}.py" not in named)
+    assert unnamed == [], f"docs/architecture.md does not name these MedSynthLib modules: {unnamed}"
+    text = (REPO / "docs" / "architecture.md").read_text()
+    slicer_section = named_files(text[text.index("## The Slicer module"):])
+    slicer_unnamed = sorted(p.name for p in SLICER_LIB.glob("*.py") if p.stem != "__init__" and p.name not in slicer_section)
+    assert slicer_unnamed == [], f"docs/architecture.md's Slicer section does not name: {slicer_unnamed}"
+
+
+def test_the_readme_table_lists_every_subpackage_and_module():
+    import re
+
+    section = readme_architecture()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)/` \| (.*) \|$", section, re.MULTILINE)}
+    packages = subpackages()
+    assert sorted(rows) == sorted(packages), "README's architecture table lists other subpackages than MedSynthLib has"
+    for package, modules in packages.items():
+        named = set(re.findall(r"`([a-z_0-9]+)`", rows[package]))  # modules are lower case, classes not
+        assert named - set(modules) == set(), f"README names modules {package}/ lacks: {sorted(named - set(modules))}"
+        assert set(modules) - named == set(), f"README's {package}/ row omits: {sorted(set(modules) - named)}"
+    slicer_modules = {p.stem for p in SLICER_LIB.glob("*.py") if p.stem != "__init__"}
+    mentioned = set(re.findall(r"`(?:[\w/]+/)?(\w+)(?:\.py)?`", section[section.index("The Slicer module"):]))
+    assert slicer_modules - mentioned == set(), f"README's Slicer paragraph omits: {sorted(slicer_modules - mentioned)}"

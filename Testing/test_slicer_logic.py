@@ -244,7 +244,7 @@ def test_tumour_handles_are_applied_as_recorded_edits(case):
     matrix = np.eye(4)
     matrix[:3, :3] = linear
     matrix[:3, 3] = centre - linear @ centre + drag
-    transform.SetMatrixTransformToParent(mrml.vtk_matrix(matrix))
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
     edited = case.logic.apply_tumour_transform(seg)
 
     new = edited.history[len(start.history):]
@@ -276,7 +276,7 @@ def test_cancelled_handles_leave_the_label_map(case):
     before = case.logic.labelmap(seg).array.copy()
     ids = _ids(case.scene)
     transform = case.logic.begin_tumour_transform(seg)
-    transform.SetMatrixTransformToParent(mrml.vtk_matrix(np.diag([2.0, 2.0, 2.0, 1.0])))
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(np.diag([2.0, 2.0, 2.0, 1.0])))
     case.logic.cancel_tumour_transform(seg)
     assert _ids(case.scene) == ids
     np.testing.assert_array_equal(case.logic.labelmap(seg).array, before)
@@ -308,6 +308,71 @@ def test_linear_part_of_a_transform_becomes_rotate_and_scale_edits(angles, facto
 def test_mirroring_transforms_are_refused():
     with pytest.raises(WorkflowError, match="mirrors"):
         linear_edits_for_matrix(np.diag([-1.0, 1.0, 1.0, 1.0]))
+
+
+# --- the slicer.util array/matrix helpers mrml uses, against VTK's element accessors ---------------
+
+
+def _oblique_ijk_to_ras() -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation_ras((10.0, -20.0, 35.0)) @ np.diag([0.9, 1.2, 2.5])
+    matrix[:3, 3] = (-91.5, 12.25, 40.0)
+    return matrix
+
+
+def test_matrix_helpers_equal_vtks_elements():
+    matrix = _oblique_ijk_to_ras()
+    vtk_matrix = slicer.util.vtkMatrixFromArray(matrix)
+    assert isinstance(vtk_matrix, vtk.vtkMatrix4x4)
+    assert [[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)] == matrix.tolist()
+    by_element = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            by_element.SetElement(r, c, matrix[r, c])
+    np.testing.assert_array_equal(slicer.util.arrayFromVTKMatrix(by_element), matrix)
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    mrml.set_ijk_to_ras(node, matrix)
+    read = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(read)
+    np.testing.assert_allclose([[read.GetElement(r, c) for c in range(4)] for r in range(4)], matrix, atol=1e-12)
+    np.testing.assert_allclose(mrml.ijk_to_ras(node), matrix, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.float64])
+def test_volume_array_helpers_equal_vtks_voxels(dtype):
+    scene = slicer.vtkMRMLScene()
+    rng = np.random.default_rng(3)
+    array = (rng.random((5, 6, 7)) * 200).astype(dtype)  # (k, j, i): three different extents
+    node = mrml.add_volume_from_array(scene, array, _oblique_ijk_to_ras(), "voxels")
+    image = node.GetImageData()
+    assert image.GetDimensions() == (7, 6, 5) and image.GetNumberOfScalarComponents() == 1
+    assert image.GetPointData().GetScalars().GetDataTypeSize() == np.dtype(dtype).itemsize
+    for k, j, i in [(0, 0, 0), (4, 5, 6), (1, 2, 3), (4, 0, 6)]:
+        assert image.GetScalarComponentAsDouble(i, j, k, 0) == float(array[k, j, i])
+    np.testing.assert_allclose(mrml.ijk_to_ras(node), _oblique_ijk_to_ras(), atol=1e-12)
+    copy = mrml.array_from_volume(node)
+    assert copy.dtype == dtype
+    np.testing.assert_array_equal(copy, array)
+    copy[:] = 0  # a copy: the volume keeps its voxels
+    assert image.GetScalarComponentAsDouble(6, 5, 4, 0) == float(array[4, 5, 6])
+
+    region = np.full((2, 3, 4), 7, dtype)
+    modified = []
+    node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *_: modified.append(1))
+    stamp = image.GetMTime()
+    mrml.update_volume_region(node, (3, 1, 2), region)
+    expected = array.copy()
+    expected[3:5, 1:4, 2:6] = 7
+    np.testing.assert_array_equal(mrml.array_from_volume(node), expected)
+    assert image.GetScalarComponentAsDouble(2, 1, 3, 0) == 7.0 and image.GetScalarComponentAsDouble(1, 1, 3, 0) \
+        == float(array[3, 1, 1])
+    assert node.GetImageData() is image and image.GetMTime() > stamp and modified  # the views see the change
+    with pytest.raises(mrml.MRMLError, match="does not fit"):
+        mrml.update_volume_region(node, (4, 0, 0), region)
+    with pytest.raises(mrml.MRMLError, match="3D array"):
+        mrml.add_volume_from_array(scene, array[0], np.eye(4), "flat")
 
 
 @pytest.mark.realdata
@@ -370,7 +435,7 @@ def _paint(seg, segment_id: str, mask: np.ndarray, reference) -> None:
     image = slicer.vtkOrientedImageData()
     image.SetDimensions(dims)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image.SetImageToWorldMatrix(mrml.vtk_matrix(mrml.ijk_to_ras(reference)))
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(mrml.ijk_to_ras(reference)))
     from vtkmodules.util import numpy_support
 
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.astype(np.uint8).ravel()
@@ -686,7 +751,7 @@ def test_review_layout_linked_views_original_and_rating(case, outputs):
         outputs[modality].GetRASBounds(bounds)
         centre = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
         assert slice_node.GetSliceOffset() == pytest.approx(centre[2], abs=1.0)
-        slice_to_ras = mrml.numpy_matrix(slice_node.GetSliceToRAS())
+        slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
         np.testing.assert_allclose(slice_to_ras[:2, 3], centre[:2], atol=1.0)
         fov = slice_node.GetFieldOfView()
         width, height = bounds[1] - bounds[0], bounds[3] - bounds[2]

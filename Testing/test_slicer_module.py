@@ -629,7 +629,7 @@ def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_da
     image = slicer.vtkOrientedImageData()
     image.SetDimensions(reference.GetImageData().GetDimensions())
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image.SetImageToWorldMatrix(mrml.vtk_matrix(mrml.ijk_to_ras(reference)))
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(mrml.ijk_to_ras(reference)))
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = erased.astype(np.uint8).ravel()
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         image, seg, "GM", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
@@ -651,7 +651,7 @@ def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_da
     transform = module.scene.GetNodeByID(seg.GetAttribute("MedSynth.TransformNodeID"))
     matrix = np.eye(4)
     matrix[:3, 3] = (6.0, 0.0, 0.0)
-    transform.SetMatrixTransformToParent(mrml.vtk_matrix(matrix))
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
     widget.onApplyTransform()
     assert not module.messages.errors, module.messages.errors
     assert widget.workflow.labelmap(seg).history[-1]["name"] == "translate"

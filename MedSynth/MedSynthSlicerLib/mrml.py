@@ -1,10 +1,13 @@
 """MRML <-> MedSynthLib glue: volumes, grids, label maps and segmentations on a real scene.
 
-Everything takes the scene (or nodes) explicitly and uses only MRML/VTK classes,
-so it runs in the Slicer application and on the PyPI ``slicer-core`` libraries
-alike.  Files are read and written through storage nodes
-(``vtkMRMLVolumeArchetypeStorageNode``), never through ``slicer.util`` helpers
-that need the application.
+Everything takes the scene (or nodes) explicitly and uses only MRML/VTK classes
+and the ``slicer.util`` helpers that work on a bare scene (array <-> volume and
+array <-> matrix conversions), so it runs in the Slicer application and on the
+PyPI ``slicer-core`` libraries alike.  Files are read and written through
+storage nodes (``vtkMRMLVolumeArchetypeStorageNode``); the ``slicer.util``
+helpers that use the application's global scene or its modules
+(``addVolumeFromArray``, ``loadVolume``, ``arrayFromSegmentBinaryLabelmap``)
+are not used.
 
 Conventions: numpy arrays are ``array[k, j, i]`` (SimpleITK's order, and the
 order of ``vtkImageData`` scalars); MRML geometry is the 4x4 IJK-to-RAS
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 import slicer
+import slicer.util
 import vtk
 from vtkmodules.util import numpy_support
 
@@ -54,27 +58,15 @@ class MRMLError(RuntimeError):
 # --- matrices and grids ------------------------------------------------------------------------
 
 
-def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
-def numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
-
-
 def ijk_to_ras(node: Any) -> np.ndarray:
     """The 4x4 IJK-to-RAS matrix of a volume node."""
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return numpy_matrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def set_ijk_to_ras(node: Any, matrix: np.ndarray) -> None:
-    node.SetIJKToRASMatrix(vtk_matrix(np.asarray(matrix, float)))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.asarray(matrix, float)))
 
 
 def grid_to_ijk_to_ras(grid: "Grid") -> np.ndarray:
@@ -129,8 +121,8 @@ def _fmt(values: Sequence[float]) -> str:
 # --- volumes -----------------------------------------------------------------------------------
 
 
-def array_from_volume(node: Any) -> np.ndarray:
-    """A copy of a scalar volume's voxels as ``array[k, j, i]``."""
+def _scalar_voxels(node: Any) -> np.ndarray:
+    """``slicer.util.arrayFromVolume`` of a scalar volume (a view of its memory), checked first."""
     image = node.GetImageData() if node is not None else None
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         name = node.GetName() if node is not None else "None"
@@ -138,28 +130,12 @@ def array_from_volume(node: Any) -> np.ndarray:
     if image.GetNumberOfScalarComponents() != 1:
         raise MRMLError(f"volume {node.GetName()!r} has {image.GetNumberOfScalarComponents()} components; "
                         "a scalar volume is needed")
-    dims = image.GetDimensions()
-    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    return slicer.util.arrayFromVolume(node)
 
 
-def _image_data(array: np.ndarray) -> vtk.vtkImageData:
-    array = np.ascontiguousarray(array)
-    if array.ndim != 3:
-        raise MRMLError(f"expected a 3D array, got shape {array.shape}")
-    image = vtk.vtkImageData()
-    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
-    image.GetPointData().SetScalars(scalars)
-    return image
-
-
-def update_volume_from_array(node: Any, array: np.ndarray) -> None:
-    """Replace a volume's voxels, keeping its geometry (the array must fit its dimensions)."""
-    image = node.GetImageData()
-    if image is not None and tuple(image.GetDimensions()) != (array.shape[2], array.shape[1], array.shape[0]):
-        raise MRMLError(f"array shape {array.shape} does not fit volume {node.GetName()!r}")
-    node.SetAndObserveImageData(_image_data(array))
-    node.Modified()
+def array_from_volume(node: Any) -> np.ndarray:
+    """A copy of a scalar volume's voxels as ``array[k, j, i]``."""
+    return _scalar_voxels(node).copy()
 
 
 def update_volume_region(node: Any, start: Sequence[int], region: np.ndarray) -> None:
@@ -167,27 +143,28 @@ def update_volume_region(node: Any, start: Sequence[int], region: np.ndarray) ->
 
     Only the box is copied (a preview re-render changes a small part of the volume).
     """
-    image = node.GetImageData()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
-        raise MRMLError(f"volume {node.GetName()!r} has no voxel data")
-    dims = image.GetDimensions()
-    scalars = image.GetPointData().GetScalars()
-    voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1])  # a view of the volume's memory
+    voxels = _scalar_voxels(node)
     stop = [int(a) + int(n) for a, n in zip(start, region.shape)]
-    if region.ndim != 3 or any(int(a) < 0 for a in start) or any(b > d for b, d in zip(stop, dims[::-1])):
+    if region.ndim != 3 or any(int(a) < 0 for a in start) or any(b > d for b, d in zip(stop, voxels.shape)):
         raise MRMLError(f"region {tuple(region.shape)} at {tuple(start)} does not fit volume {node.GetName()!r}")
     voxels[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = region
-    scalars.Modified()
-    image.Modified()
-    node.Modified()
+    slicer.util.arrayFromVolumeModified(node)
 
 
 def add_volume_from_array(scene: Any, array: np.ndarray, matrix: np.ndarray, name: str,
                           class_name: str = "vtkMRMLScalarVolumeNode") -> Any:
-    """A new volume node with ``array`` and the given IJK-to-RAS matrix."""
+    """A new volume node in ``scene`` with ``array`` (``[k, j, i]``, copied) and the given IJK-to-RAS matrix.
+
+    ``slicer.util.addVolumeFromArray`` adds to the application's global scene; this takes the scene.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise MRMLError(f"expected a 3D array, got shape {array.shape}")
+    if array.dtype == np.int64:  # slicer.util refuses VTK's long long (not rendered correctly)
+        raise MRMLError(f"volume {name!r}: 64-bit integer voxels are not supported; convert to int32 or float32")
     node = scene.AddNewNodeByClass(class_name, name)
     set_ijk_to_ras(node, matrix)
-    node.SetAndObserveImageData(_image_data(array))
+    slicer.util.updateVolumeFromArray(node, array)
     node.CreateDefaultDisplayNodes()
     return node
 
@@ -263,7 +240,7 @@ def set_segmentation_labels(node: Any, labels: np.ndarray, reference: Any, lock_
     image = slicer.vtkOrientedImageData()
     image.SetDimensions(dims)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras(reference)))
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference)))
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = labels.ravel()
     segmentation = node.GetSegmentation()
     was = node.StartModify()
@@ -365,7 +342,7 @@ def segmentation_geometry(node: Any) -> tuple[np.ndarray, tuple[int, int, int, i
             continue  # an empty segment carries no geometry
         matrix = vtk.vtkMatrix4x4()
         image.GetImageToWorldMatrix(matrix)
-        return numpy_matrix(matrix), tuple(image.GetExtent())  # type: ignore[return-value]
+        return slicer.util.arrayFromVTKMatrix(matrix), tuple(image.GetExtent())  # type: ignore[return-value]
     return None
 
 

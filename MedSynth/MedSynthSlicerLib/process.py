@@ -1,7 +1,10 @@
 """Process helpers of the module: is a process alive, the processes of a group, the backend's Python.
 
 The backend itself runs in one long-lived worker (:mod:`.jobs`); these helpers
-serve it and its tests.  Nothing here imports Qt or Slicer.
+serve it and its tests.  Nothing here imports Qt or Slicer.  ``pid_alive`` and
+``group_pids`` are MedSynthLib's (:mod:`MedSynthLib.schema.processes`, standard
+library only, also used by the output commits), so loading this module brings
+no numpy and none of the backend's science with it.
 """
 
 from __future__ import annotations
@@ -9,61 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
+from .environment import ensure_medsynthlib_importable
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` is a running (not zombie) process."""
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        import ctypes
+ensure_medsynthlib_importable()
 
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    if os.path.isdir("/proc/self"):
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                state = handle.read().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return False
-        except OSError:
-            return True
-        return state not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from MedSynthLib.schema.processes import group_pids, pid_alive  # noqa: E402
 
+__all__ = ["group_pids", "pid_alive", "python_executable"]
 
-def group_pids(pgid: int) -> list[int]:
-    """Live processes of a POSIX process group (from ``/proc``; elsewhere ``[pgid]`` while the group exists)."""
-    if os.name == "nt":
-        return []
-    if not os.path.isdir("/proc/self"):  # macOS: no /proc, ask the kernel whether the group still exists
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state ppid pgrp ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            pids.append(int(entry))
-    return pids
 
 
 def python_executable() -> str:

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+import slicer.util
+import vtk
+
 from . import mrml
 from .environment import ensure_medsynthlib_importable
 from .errors import WorkflowError
@@ -303,9 +306,9 @@ class TumourTools:
         transform, _ = self._transform_nodes(segmentation)
         if transform is None:
             raise WorkflowError("no tumour transform in progress: press 'Move tumour' first")
-        matrix = mrml.vtk_matrix(np.eye(4))
+        matrix = vtk.vtkMatrix4x4()
         transform.GetMatrixTransformToParent(matrix)
-        edited = self.transform_tumour(segmentation, mrml.numpy_matrix(matrix))
+        edited = self.transform_tumour(segmentation, slicer.util.arrayFromVTKMatrix(matrix))
         self.cancel_tumour_transform(segmentation)
         return edited
 

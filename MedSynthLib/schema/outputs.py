@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from .errors import InputError, OutputExistsError
+from .processes import pid_alive
 
 LOCK_SUFFIX = ".medsynth-lock"
 STAGE_MARK = ".medsynth-stage-"
@@ -75,16 +76,6 @@ def output_lock(target: str | os.PathLike[str], *, shared: bool = False) -> Iter
         os.close(fd)  # closing releases the lock
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_staging(target: Path) -> list[Path]:
     """Remove staging folders of ``target`` whose process is gone (call with the lock held)."""
     removed = []
@@ -93,7 +84,7 @@ def clean_stale_staging(target: Path) -> list[Path]:
         return removed
     for entry in target.parent.iterdir():
         match = pattern.match(entry.name)
-        if match and entry.is_dir() and not _pid_alive(int(match.group(1))) and int(match.group(1)) != os.getpid():
+        if match and entry.is_dir() and not pid_alive(int(match.group(1))) and int(match.group(1)) != os.getpid():
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
