@@ -58,28 +58,56 @@ def brats_cases(real_data: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def derived_case():
+def derived_case(tmp_path_factory):
     """``derived_case(folder)``: a real case read once and its label map derived once per session.
 
     Returns (Case, LabelMap, seconds the derivation took) with the default anatomy model; the same
     folder asked again returns the same objects.  An atlas-EM derivation of a full-size case (about
     8 s of CPU) is the slowest step of the suite, and several test modules check properties of the
-    same cases' label maps.  Tests must not modify what they get.
+    same cases' label maps.  Under pytest-xdist the workers share one derivation per case: the first
+    worker to ask writes it as a MedSynth label map (NIfTI + sidecar) into the session's common
+    temporary folder under a file lock, the others read it back.  Tests must not modify what they get.
     """
+    import dataclasses
+    import json
     import time
+
+    from filelock import FileLock
 
     from MedSynthLib.cases.anatomy import derive_label_map
     from MedSynthLib.cases.readers import read_case
+    from MedSynthLib.schema.labelmap import read_label_map, write_label_map
 
     derived: dict[Path, tuple] = {}
+    # Only under xdist is the parent of the worker's temporary folder this session's own.
+    shared = (tmp_path_factory.getbasetemp().parent / "derived_cases"
+              if os.environ.get("PYTEST_XDIST_WORKER") else None)
+
+    def derive_here(case) -> tuple:
+        start = time.perf_counter()
+        labelmap = derive_label_map(case)
+        return labelmap, time.perf_counter() - start
 
     def derive(folder: Path) -> tuple:
         folder = Path(folder).resolve()
         if folder not in derived:
             case = read_case(folder)
-            start = time.perf_counter()
-            labelmap = derive_label_map(case)
-            derived[folder] = (case, labelmap, time.perf_counter() - start)
+            if shared is None:
+                labelmap, seconds = derive_here(case)
+            else:
+                shared.mkdir(parents=True, exist_ok=True)
+                stored = shared / f"{folder.parent.name}_{folder.name}_labels.nii.gz"
+                timing = stored.with_name(stored.name.replace(".nii.gz", "_seconds.json"))
+                with FileLock(str(stored) + ".lock"):
+                    if stored.exists():
+                        # Reading measures a privacy record; a fresh derivation carries none.
+                        labelmap = dataclasses.replace(read_label_map(stored), privacy=None)
+                        seconds = json.loads(timing.read_text())["seconds"]
+                    else:
+                        labelmap, seconds = derive_here(case)
+                        write_label_map(labelmap, stored)
+                        timing.write_text(json.dumps({"seconds": seconds}))
+            derived[folder] = (case, labelmap, seconds)
         return derived[folder]
 
     return derive
