@@ -161,13 +161,8 @@ class Synthesis:
 
     @staticmethod
     def is_real_case(volume: Any) -> bool:
-        """Whether a volume (the input T1, or a label segmentation's reference) was loaded from a real case folder."""
+        """Whether a volume (the input T1, or a segmentation's reference) was loaded from a real case folder."""
         return bool(volume is not None and volume.GetAttribute(mrml.SOURCE_CASE_ATTRIBUTE))
-
-    @staticmethod
-    def inpainting_models() -> list[dict[str, Any]]:
-        """The registered inpainting models, ``[{"name": str, "default": bool}]``, the default first."""
-        return [entry for entry in Synthesis.registered_models() if entry["kind"] == "inpainting"]
 
     def detect_devices(self, timeout_s: float = 180.0):
         """What torch detects in the backend's Python (run in a separate process)."""

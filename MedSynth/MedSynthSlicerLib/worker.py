@@ -16,7 +16,8 @@ worker then serves the next request.
 ``preview`` keeps one :class:`MedSynthLib.synthesis.preview.PreviewSession` (the
 case's label map and images in memory): the first request of a session sends the
 whole label map, later ones only the region an edit touched, and each answer
-carries only the region of the four images that was rendered again.  A preview
+carries only the region of the four images that was rendered again.  A request naming a
+real case (``context``) is previewed by the inpainting renderer, as Generate inpaints it.  A preview
 request supersedes every earlier one still queued or running: their label
 regions are applied all the same, their renders stop at the next network layer
 (answered ``cancelled``), and the newest render covers all their changes.
