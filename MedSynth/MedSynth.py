@@ -64,6 +64,17 @@ Device = _DeviceChoice("Device", [(name.upper(), name) for name in platform_devi
 assert {d.value for d in Device} <= set(DEVICES)
 
 
+class GenerateMode(enum.Enum):
+    """What Generate (and the fast preview) make of a case loaded from a real case folder."""
+
+    INPAINT = "inpaint"
+    WHOLE = "whole"
+
+    def label(self) -> str:  # shown in the combo box (parameterNodeWrapper calls GenerateMode.label(member))
+        return {"inpaint": _("Keep the patient's images, re-render the edited region (inpainting)"),
+                "whole": _("Whole synthetic case (for anonymisation)")}[self.value]
+
+
 #
 # MedSynth
 #
@@ -121,7 +132,10 @@ class MedSynthParameterNode:
     insertAtPoint: bool
     randomSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
     # 4. generate
+    # A real case: keep its images and inpaint the edited region (default), or synthesise it whole.
+    generateMode: Annotated[GenerateMode, Default(GenerateMode.INPAINT)]
     model: str
+    inpaintingModel: str
     device: Annotated[Device, Default(Device.AUTO)]
     precision: Annotated[str, Choice(list(PRECISIONS)), Default("auto")]
     synthesisSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
@@ -160,6 +174,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outputs: dict = {}
         self._dependenciesReady = False
         self._modelNames: list = []
+        self._inpaintingModelNames: list = []
+        self._inpaintingDefault = False
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
         self._timer.timeout.connect(self._onPoll)
@@ -278,6 +294,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.t1Volume = first
         if not _path_text(self._parameterNode.exportFolder):
             self._parameterNode.exportFolder = pathlib.Path.home()
+        self._chooseInpaintingModel()
         # The tumour-centre point list is created when a tumour tool first needs it, not on entering.
         self.ui.tumourCentrePlaceWidget.setCurrentNode(self._parameterNode.tumourCentre)
 
@@ -301,15 +318,33 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.warning(f"MedSynth: {exc}")
             models = []
         for entry in models:
-            listWidget.addItem(entry["name"] + (_(" (default)") if entry["default"] else ""))
+            notes = ([_("inpainting")] if entry.get("kind") == "inpainting" else []) + (
+                [_("default")] if entry["default"] else [])
+            listWidget.addItem(entry["name"] + (" (" + ", ".join(notes) + ")" if notes else ""))
         self._modelNames = [entry["name"] for entry in models]
+        self._inpaintingModelNames = [entry["name"] for entry in models if entry.get("kind") == "inpainting"]
+        self._inpaintingDefault = any(e["default"] for e in models if e.get("kind") == "inpainting")
+
+    def _chooseInpaintingModel(self) -> None:
+        """Without a default inpainting model in the registry, a registered one is chosen (shown in the panel),
+        so that keeping a real case's images works as the choice says."""
+        p = self._parameterNode
+        names = getattr(self, "_inpaintingModelNames", [])
+        if p is not None and not p.inpaintingModel.strip() and names and not self._inpaintingDefault:
+            p.inpaintingModel = names[0]
+            self._appendLog(_("inpainting model: {name} (registered; the registry names no default)").format(
+                name=names[0]))
 
     def onRegisteredModelSelected(self, text: str) -> None:
+        """Picking a registered model sets the model of its kind (synthesis, or inpainting for real cases)."""
         if self._parameterNode is None:
             return
         for name in self._modelNames:
             if text == name or text.startswith(name + " "):
-                self._parameterNode.model = name
+                if name in getattr(self, "_inpaintingModelNames", []):
+                    self._parameterNode.inpaintingModel = name
+                else:
+                    self._parameterNode.model = name
                 return
 
     def setParameterNode(self, inputParameterNode: Optional[MedSynthParameterNode]) -> None:
@@ -377,7 +412,17 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _options(self) -> GenerateOptions:
         p = self._parameterNode
         return GenerateOptions(model=p.model.strip() or None, device=p.device.value, precision=p.precision,
-                               seed=int(p.synthesisSeed))
+                               seed=int(p.synthesisSeed), inpaint=p.generateMode == GenerateMode.INPAINT,
+                               inpainting_model=p.inpaintingModel.strip() or None)
+
+    def _isRealCase(self) -> bool:
+        """Whether the input was loaded from a real case folder (its four images can be kept)."""
+        p = self._parameterNode
+        reference = p.t1Volume
+        seg = p.labelSegmentation
+        if seg is not None:
+            reference = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) or reference
+        return self.workflow.is_real_case(reference)
 
     def _tumourParameters(self) -> TumourParameters:
         p = self._parameterNode
@@ -414,6 +459,14 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = _("Cancel") if busy else _("Generate")
         self.ui.applyButton.toolTip = (_("Stop the synthesis (within about half a second)") if busy
                                        else _("Synthesise T1, T1ce, T2 and FLAIR in MedSynth's worker process"))
+        realCase = self._isRealCase()
+        self.ui.generateModeComboBox.enabled = realCase and not busy
+        self.ui.generateModeComboBox.toolTip = (
+            _("The input is a real case: keep the patient's images and re-render only the edited tumour region "
+              "(the result is not anonymous), or make a whole synthetic case (for anonymisation)") if realCase
+            else _("Only for a case loaded from a folder with its four images: this input is always synthesised "
+                   "as a whole case"))
+        self.ui.inpaintingModelLineEdit.enabled = realCase and p.generateMode == GenerateMode.INPAINT
         self.ui.previewButton.enabled = (hasLabels and not busy) or previewing
         self.ui.previewButton.text = _("Stop preview") if previewing else _("Fast preview")
         hasOutputs = bool(self._outputs)

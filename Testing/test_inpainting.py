@@ -284,3 +284,218 @@ def test_registered_inpainting_model_verifies() -> None:
     assert type(load_generator(model, "cpu").net).__name__ == "InferenceSpadeGenerator"
     registry = read_registry()
     assert registry["default"] != "medsynth-inpaint-brats27-f0" and "default_inpainting" not in registry
+
+
+# --- the interactive preview of a real case (InpaintingRoiRenderer) ------------------------------------------
+
+
+def write_tiny_inpainting_model(folder: Path) -> Path:
+    """A tiny random-weight inpainting model (seeded): the preview's arithmetic, not its quality, is tested."""
+    import torch
+
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import Generator, NetworkConfig
+
+    torch.manual_seed(0)
+    config = NetworkConfig(kind="inpainting", in_channels=12, channels=(4, 8, 8), strides=(2, 2), bottleneck_blocks=1,
+                           spade_hidden=4, style_dim=0, upsample="trilinear", disc_channels=4, disc_layers=2)
+    return write_model(folder, Generator(config).state_dict(),
+                       {"name": "tiny-inpainting", "network": config.to_json(),
+                        "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITIES},
+                        "inpainting": {"normalization": "tissue_zscore", "blank_value": 0.0}})
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainter(tmp_path_factory):
+    from MedSynthLib.synthesis.inpainting import InpaintingEngine
+    from MedSynthLib.synthesis.models import resolve_model
+
+    folder = write_tiny_inpainting_model(tmp_path_factory.mktemp("tiny_inpainting") / "model")
+    return InpaintingEngine(resolve_model(folder, kind="inpainting"), "cpu", "fp32")
+
+
+def _send(session, before: np.ndarray, after: np.ndarray) -> None:
+    from MedSynthLib.synthesis.preview import box_slices, changed_box
+
+    box = changed_box(before, after)
+    assert box is not None
+    session.set_labels(box[0], np.ascontiguousarray(after[box_slices(box)]))
+
+
+def test_inpainting_preview_is_the_real_case_and_equals_inpaint_case_after_each_edit(tiny_inpainter, edited):
+    from MedSynthLib.synthesis.inpainting import inpaint_case, read_context
+    from MedSynthLib.synthesis.preview import PreviewSession, box_slices, make_renderer
+
+    labels, moved = read_label_map(edited["labels"]), read_label_map(edited["moved"])
+    context = read_context(edited["case"], labels)
+    session = PreviewSession(make_renderer("inpainting", tiny_inpainter, context=str(edited["case"])), labels)
+    first = session.render()
+    assert first.full
+    for m in MODALITIES:  # the unedited case: the patient's images as stored
+        assert np.array_equal(session.images[m], context.images[m].astype(np.float32))
+
+    _send(session, labels.array, moved.array)
+    update = session.render()
+    expected = inpaint_case(tiny_inpainter, moved, context)
+    region = expected.region
+    assert not update.full and region.any()
+    inside = np.zeros(region.shape, bool)
+    inside[box_slices(update.box)] = True
+    assert inside[region].all()  # every synthetic voxel came back in the update
+    for m in MODALITIES:
+        real = context.images[m].astype(np.float32)
+        assert np.array_equal(session.images[m][~region], real[~region])  # outside: bit for bit the real images
+        # inside: what Generate writes for the same labels (the same function, in the context's stored type)
+        assert np.array_equal(session.images[m], expected.images[m].astype(np.float32))
+        assert np.array_equal(update.regions[m], session.images[m][box_slices(update.box)])
+    assert any(not np.array_equal(session.images[m][region], context.images[m][region]) for m in MODALITIES)
+
+    # A second move: where the first region is no longer re-rendered, the real images come back.
+    further = moved.array.copy()
+    tumour = tumour_mask(moved.array)
+    further[tumour] = Label.WM
+    shifted = np.roll(np.where(tumour, moved.array, 0), 5, axis=1)
+    further[shifted > 0] = shifted[shifted > 0]
+    further[moved.array == Label.BACKGROUND] = Label.BACKGROUND
+    _send(session, moved.array, further)
+    update = session.render()
+    second = inpaint_case(tiny_inpainter, LabelMap(further, moved.grid, moved.history), context)
+    assert (region & ~second.region).any()  # some voxels turn back into the real ones
+    for m in MODALITIES:
+        assert np.array_equal(session.images[m], second.images[m].astype(np.float32))
+    restored = region & ~second.region
+    assert np.array_equal(session.images["t1"][restored], context.images["t1"][restored].astype(np.float32))
+
+
+def test_inpainting_preview_edited_before_the_first_render_and_margin(tiny_inpainter, edited):
+    from MedSynthLib.synthesis.inpainting import inpaint_case, read_context
+    from MedSynthLib.synthesis.preview import PreviewSession, make_renderer
+
+    moved = read_label_map(edited["moved"])
+    context = read_context(edited["case"], moved)
+    session = PreviewSession(make_renderer("inpainting", tiny_inpainter, context=context, margin_mm=3.0), moved)
+    assert session.render().full
+    expected = inpaint_case(tiny_inpainter, moved, context, margin_mm=3.0)
+    for m in MODALITIES:
+        assert np.array_equal(session.images[m], expected.images[m].astype(np.float32))
+    assert session.renderer.region.sum() == expected.region.sum()
+
+
+def test_a_stopped_inpainting_render_is_superseded_by_the_next_edit(tiny_inpainter, edited):
+    from MedSynthLib.synthesis.inpainting import inpaint_case, read_context
+    from MedSynthLib.synthesis.preview import PreviewCancelled, PreviewSession, make_renderer
+
+    labels, moved = read_label_map(edited["labels"]), read_label_map(edited["moved"])
+    context = read_context(edited["case"], labels)
+    session = PreviewSession(make_renderer("inpainting", tiny_inpainter, context=context), labels)
+    session.render()
+    start = {m: image.copy() for m, image in session.images.items()}
+    half = labels.array.copy()  # the first edit: half of the move
+    tumour = tumour_mask(labels.array)
+    half[tumour] = Label.WM
+    shifted = np.roll(np.where(tumour, labels.array, 0), -3, axis=2)
+    half[shifted > 0] = shifted[shifted > 0]
+    half[labels.array == Label.BACKGROUND] = Label.BACKGROUND
+    _send(session, labels.array, half)
+    layers = []
+
+    def stop_after_three_layers():
+        layers.append(1)
+        if len(layers) > 3:
+            raise PreviewCancelled("a newer edit")
+
+    with pytest.raises(PreviewCancelled):
+        session.render(stop_after_three_layers)
+    assert len(layers) == 4  # stopped inside the network
+    for m in MODALITIES:  # nothing half-written
+        assert np.array_equal(session.images[m], start[m])
+    assert session.pending is not None
+    _send(session, half, moved.array)
+    session.render()
+    expected = inpaint_case(tiny_inpainter, moved, context)
+    for m in MODALITIES:
+        assert np.array_equal(session.images[m], expected.images[m].astype(np.float32))
+    assert session.version == 2
+
+
+def test_slicer_worker_previews_a_real_case_by_inpainting(tiny_inpainter, edited, tmp_path: Path) -> None:
+    """The worker's preview with a real case named: the inpainting renderer, the real images outside the region."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "MedSynth"))
+    from MedSynthLib.synthesis.inpainting import read_context
+    from MedSynthSlicerLib.jobs import labelmap_request
+    from MedSynthSlicerLib.parameters import GenerateOptions
+    from MedSynthSlicerLib.protocol import Request, put_array, take_array
+    from MedSynthSlicerLib.worker import Worker
+    from MedSynthLib.synthesis.preview import box_slices, changed_box
+
+    labels, moved = read_label_map(edited["labels"]), read_label_map(edited["moved"])
+    worker = Worker(tmp_path, lambda event: None)
+    options = GenerateOptions(device="cpu", precision="fp32", inpainting_model=str(tiny_inpainter.model.path))
+    params, arrays = labelmap_request(labels)
+    common = dict(options.worker_params(), session="s1", context=str(edited["case"]))
+    first = worker.preview(Request(1, "preview", dict(params, **common, reset=True),
+                                   {k: put_array(tmp_path, v) for k, v in arrays.items()}))
+    assert first.data["full"] and first.data["renderer"] == "inpainting"
+    real = read_context(edited["case"], labels).images
+    assert np.array_equal(take_array(first.arrays["flair"]), real["flair"].astype(np.float32))
+    box = changed_box(labels.array, moved.array)
+    region = {"labels": put_array(tmp_path, np.ascontiguousarray(moved.array[box_slices(box)]))}
+    second = worker.preview(Request(2, "preview", dict(common, start=list(box[0]), base=0), region))
+    assert not second.data["full"]
+    rendered = worker._session.renderer
+    for m in MODALITIES:
+        part = take_array(second.arrays[m])
+        assert part.shape == tuple(b - a for a, b in zip(*second.data["box"]))
+        image = rendered.images[m]
+        assert np.array_equal(image[~rendered.region], real[m][~rendered.region].astype(np.float32))
+    assert worker._session_key[2] == "inpainting"
+
+
+def test_the_padded_channels_last_condition_equals_padding_then_concatenating():
+    import torch
+
+    from MedSynthLib.synthesis.inpainting import channels_last_condition, inpainting_condition
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 7, (9, 14, 11)).astype(np.uint8)
+    images = rng.uniform(-1, 1, (4, 9, 14, 11)).astype(np.float32)
+    region = rng.random((9, 14, 11)) < 0.3
+    pads = [(0, (-n) % 8) for n in labels.shape]
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(np.pad(labels, pads)).long(), 7).movedim(-1, 0)[None]
+    expected = inpainting_condition(onehot.float(), torch.from_numpy(np.pad(images, [(0, 0)] + pads,
+                                                                            constant_values=-1.0))[None],
+                                    torch.from_numpy(np.pad(region, pads))[None, None].float())
+    for dtype in (torch.float32, torch.bfloat16):
+        built = channels_last_condition(labels, images, region, dtype, multiple=8)
+        assert built.shape == (1, 12, 16, 16, 16) and built.is_contiguous(memory_format=torch.channels_last_3d)
+        assert torch.equal(built, expected.to(dtype))
+
+
+def test_bf16_weights_of_the_inpainting_engine_give_the_autocast_output_bit_for_bit(tiny_inpainter):
+    import torch
+
+    from MedSynthLib.synthesis.inference import Synthesizer
+    from MedSynthLib.synthesis.inpainting import InpaintingEngine
+    from MedSynthLib.synthesis.models import load_generator
+
+    bf16 = InpaintingEngine(tiny_inpainter.model, "cpu", "bf16")
+    assert next(bf16.synth.generator.parameters()).dtype == torch.bfloat16
+    autocast = Synthesizer(load_generator(tiny_inpainter.model, "cpu"), bf16.network, torch.device("cpu"), "bf16")
+    assert next(autocast.generator.parameters()).dtype == torch.float32
+    condition = torch.rand(1, 12, 16, 24, 16).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(bf16.synth.predict_condition(condition), autocast.predict_condition(condition))
+
+
+def test_the_network_box_is_on_the_lattice_with_real_context():
+    from MedSynthLib.synthesis.inpainting import INFERENCE_CONTEXT_VOXELS, lattice_box
+
+    region = np.zeros((100, 90, 40), bool)
+    region[3:20, 40:61, 10:30] = True
+    box = lattice_box(region, 16)
+    for s, n, (lo, hi) in zip(box, region.shape, ((3, 20), (40, 61), (10, 30))):
+        assert 0 <= s.start and s.stop <= n
+        assert (s.stop - s.start) % 16 == 0 or s.stop - s.start == n  # a multiple, or the whole (small) volume
+        assert s.start <= max(lo - INFERENCE_CONTEXT_VOXELS, 0) and s.stop >= min(hi + INFERENCE_CONTEXT_VOXELS, n)
+    assert [s.stop - s.start for s in box] == [48, 48, 40]  # 17+16 -> 48 (shifted in at the edge); 21+16 -> 48

@@ -853,3 +853,162 @@ def test_generate_review_and_export_through_the_handlers(module, brats_cases, tm
     widget.workflow.cleanup()
     for view in layout_manager.views.values():
         view.sliceLogic().SetMRMLScene(None)
+
+
+# =================================================================================================
+# A real case: keep the patient's images (inpainting) or a whole synthetic case, one choice apart
+# =================================================================================================
+
+
+class RecordingWorker:
+    """The worker client as the Logic sees it; records each request instead of running it."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict]] = []
+        self.pid = 4242
+
+    def alive(self) -> bool:
+        return True
+
+    def submit(self, op, params=None, arrays=None):
+        from MedSynthSlicerLib.signals import Signal
+
+        self.requests.append((op, dict(params or {})))
+        return types.SimpleNamespace(id=len(self.requests), pid=self.pid, progress=Signal("float", "str"),
+                                     is_running=lambda: False, poll=lambda: False, status="running")
+
+
+def _phantom_real_case(module, phantom_brats, monkeypatch):
+    """The widget with a real (phantom) case loaded and prepared through its handlers (threshold anatomy)."""
+    import MedSynthLib.cases.anatomy as anatomy
+    from test_inpainting import _derive_by_threshold
+
+    monkeypatch.setattr(anatomy, "derive_label_map", _derive_by_threshold)
+    widget = _widget(module)
+    widget._dependenciesReady = True
+    widget.initializeParameterNode()
+    p = widget._parameterNode
+    p.caseFolder = phantom_brats / "BraTS2021_00000"
+    widget.onLoadCase()
+    widget.onPrepare()
+    assert not module.messages.errors, module.messages.errors
+    return widget, p
+
+
+def test_the_real_case_choice_reaches_the_worker_and_whole_synthesis_is_one_choice_away(module, phantom_brats,
+                                                                                       monkeypatch):
+    from MedSynthSlicerLib import environment
+
+    widget = _widget(module)
+    widget._dependenciesReady = True
+    widget.initializeParameterNode()
+    widget.onTemplate()  # not a real case: the choice is disabled and says why
+    assert not widget.ui.generateModeComboBox.enabled
+    assert "Only for a case loaded from a folder" in widget.ui.generateModeComboBox.toolTip
+
+    widget, p = _phantom_real_case(module, phantom_brats, monkeypatch)
+    assert p.generateMode == module.GenerateMode.INPAINT  # the default for a real case
+    assert widget.ui.generateModeComboBox.enabled and "not anonymous" in widget.ui.generateModeComboBox.toolTip
+    assert widget.ui.inpaintingModelLineEdit.enabled
+    assert module.GenerateMode.INPAINT.label().startswith("Keep the patient's images")
+    assert module.GenerateMode.WHOLE.label().startswith("Whole synthetic case")
+
+    recorder = RecordingWorker()
+    monkeypatch.setattr(widget.workflow, "worker", lambda: recorder)
+    monkeypatch.setattr(environment, "ensure_torch", lambda confirm: "test")
+    monkeypatch.setattr(widget, "onDetectDevices", lambda: None)
+    p.inpaintingModel = "an-inpainting-model"
+    widget.onApplyButton()
+    widget.onPreview()
+    assert not module.messages.errors, module.messages.errors
+    case = str(phantom_brats / "BraTS2021_00000")
+    (op1, generate), (op2, preview) = recorder.requests
+    assert (op1, op2) == ("generate", "preview")
+    for params in (generate, preview):  # Generate and the preview take the same path
+        assert params["context"] == case and params["inpainting_model"] == "an-inpainting-model"
+
+    p.generateMode = module.GenerateMode.WHOLE  # one choice: a whole synthetic case, for anonymisation
+    assert not widget.ui.inpaintingModelLineEdit.enabled
+    widget._previewJob = None
+    widget.onApplyButton()
+    widget.onPreview()
+    assert not module.messages.errors, module.messages.errors
+    (op3, generate), (op4, preview) = recorder.requests[2:]
+    assert (op3, op4) == ("generate", "preview")
+    assert "context" not in generate and "context" not in preview
+    assert preview["reset"]  # another kind of preview: the worker starts it over, whole
+
+
+def test_registered_inpainting_models_are_listed_and_chosen(module):
+    widget = _widget(module)
+    widget.initializeParameterNode()
+    widget._fillModelList()
+    registry = widget.workflow.registered_models()
+    inpainting = [e["name"] for e in registry if e["kind"] == "inpainting"]
+    if not inpainting:
+        pytest.skip("no inpainting model is registered in Resources/models")
+    added = [args[0] for name, args in widget.ui.registeredModelsListWidget.calls if name == "addItem"]
+    label = next(text for text in added if text.startswith(inpainting[0] + " "))
+    assert "inpainting" in label
+    model_before = widget._parameterNode.model
+    widget.onRegisteredModelSelected(label)  # an inpainting model sets the inpainting model, not the model
+    assert widget._parameterNode.inpaintingModel == inpainting[0] and widget._parameterNode.model == model_before
+    widget._parameterNode.inpaintingModel = ""
+    widget._chooseInpaintingModel()  # no default inpainting model: a registered one is chosen and said
+    defaults = [e for e in registry if e["kind"] == "inpainting" and e["default"]]
+    assert widget._parameterNode.inpaintingModel == ("" if defaults else inpainting[0])
+
+
+def test_the_fast_preview_of_a_real_case_keeps_its_images_outside_the_region(module, phantom_brats, tmp_path,
+                                                                            monkeypatch):
+    """Through the handlers and the real worker (a tiny random-weight inpainting model): the preview volumes are
+    the loaded case's own images, and after a move they differ from them only in the inpainted region."""
+    import time
+
+    from MedSynthLib.edits import Translate
+    from MedSynthLib.synthesis.inpainting import DEFAULT_MARGIN_MM, changed_region
+    from MedSynthSlicerLib import environment
+    from test_inpainting import write_tiny_inpainting_model
+
+    monkeypatch.setattr(environment, "ensure_torch", lambda confirm: "test")
+    layout_manager = FakeLayoutManager(module.scene)
+    monkeypatch.setattr(slicer.app, "layoutManager", lambda: layout_manager)
+    widget, p = _phantom_real_case(module, phantom_brats, monkeypatch)
+    p.inpaintingModel = str(write_tiny_inpainting_model(tmp_path / "tiny-inpainting"))
+    p.device = module.Device.CPU
+    real = {m: mrml.array_from_volume(getattr(p, f"{m}Volume")).astype(np.float32) for m in ("t1", "t1ce", "t2",
+                                                                                                 "flair")}
+
+    def wait():
+        deadline = time.monotonic() + 300
+        while widget._previewJob is not None and time.monotonic() < deadline:
+            widget._onPoll()
+            time.sleep(0.05)
+        assert widget._previewJob is None and not module.messages.errors, module.messages.errors
+
+    try:
+        widget.onPreview()
+        wait()
+        previews = dict(widget._outputs)
+        assert widget.workflow.last_preview["renderer"] == "inpainting"
+        for m, image in real.items():  # unedited: the patient's images
+            assert np.array_equal(mrml.array_from_volume(previews[m]), image)
+        seg = p.labelSegmentation
+        original = widget.workflow.labelmap(seg)
+        widget.workflow.apply_edit(seg, Translate((0.0, 4.0, 0.0)))
+        widget.previewAfterEdit()
+        wait()
+        assert widget._outputs == previews and widget.workflow.last_preview["full"] is False
+        moved = widget.workflow.labelmap(seg)
+        case_tumour = original.array >= 4
+        region = changed_region(moved.array, case_tumour, DEFAULT_MARGIN_MM, tuple(moved.grid.spacing[::-1]))
+        changed = False
+        for m, image in real.items():
+            after = mrml.array_from_volume(previews[m])
+            assert np.array_equal(after[~region], image[~region])
+            changed |= bool((after[region] != image[region]).any())
+        assert changed
+    finally:
+        widget.workflow.cleanup()
+        for view in layout_manager.views.values():
+            view.sliceLogic().SetMRMLScene(None)

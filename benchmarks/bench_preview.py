@@ -28,7 +28,13 @@ alternating with the current one (``--repeats``: per move the best repeat is kep
 
 Usage::
 
-    python benchmarks/bench_preview.py [--case DIR] [--moves 8] [--repeats 2] [--before COMMIT] [--json OUT]
+    python benchmarks/bench_preview.py [--case DIR] [--moves 8] [--repeats 2] [--before COMMIT] [--json OUT] \
+        [--renderers synthesis,inpainting] [--inpainting-model NAME]
+
+``--renderers synthesis,inpainting`` runs the same moves with both preview renderers, alternating:
+``synthesis`` previews a whole synthetic case (the real case's anatomy), ``inpainting`` keeps the real
+case's images and inpaints the edited region (what the module does for a real case with inpainting on;
+its reference is the inpainting network's forward alone on the same region's box).
 
 Every process is limited to ``--threads`` (default 2) threads.
 """
@@ -99,17 +105,21 @@ def child(args: argparse.Namespace) -> int:
     reference = None
     if args.reference:  # a clean process set up as the worker is, doing nothing but the forward
         reference = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--reference-server",
-                                      "--tree", str(tree), "--threads", str(args.threads), "--device", args.device],
+                                      "--tree", str(tree), "--threads", str(args.threads), "--device", args.device,
+                                      "--renderer", args.renderer, "--inpainting-model", args.inpainting_model,
+                                      "--case", str(args.case)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
 
     work = Path(tempfile.mkdtemp(prefix="medsynth-bench-preview-"))
     scene, _ = mrml.create_headless_scene()
     logic = WorkflowLogic(scene, work_dir=work)
-    out: dict = {"tree": str(tree), "moves": []}
+    out: dict = {"tree": str(tree), "renderer": args.renderer, "moves": []}
     try:
         nodes = logic.load_case(Path(args.case))
         seg = logic.prepare(nodes["t1"], nodes["tumour"], "brats2021")
-        options = GenerateOptions(device=args.device)
+        inpainting = args.renderer == "inpainting"  # the real case's images kept, the edited region inpainted
+        options = GenerateOptions(device=args.device, inpaint=inpainting,
+                                  inpainting_model=args.inpainting_model if inpainting else None)
         start = time.perf_counter()
         job = logic.start_preview(seg, options)
         while job.poll():
@@ -163,6 +173,7 @@ def child(args: argparse.Namespace) -> int:
                 stages.update(start_preview=t2 - t1, worker_wait=t3 - t2, finish_preview=t4 - t3,
                               worker_reported=float(data.get("seconds") or 0.0))
             move["stages_s"] = stages
+            move["renderer"] = data.get("renderer", "synthesis")
             if reference is not None and data.get("box") and not data.get("full"):
                 labels_file = work / "reference-labels.npy"
                 np.save(labels_file, labels)
@@ -172,13 +183,15 @@ def child(args: argparse.Namespace) -> int:
                 move["reference_forward_s"] = answer["wall"]
                 move["reference_forward_cpu_s"] = answer["cpu"]
                 move["box_voxels"] = int(np.prod([b - a for a, b in zip(*data["box"])]))
+                if "box_voxels" in answer:  # the inpainting network's input box (the region + its context)
+                    move["network_box_voxels"] = answer["box_voxels"]
             out["moves"].append(move)
             print(f"  move {len(out['moves'])}: {move['changed_voxels']} voxels changed, edit -> preview "
                   f"{move['edit_to_preview_s']:.2f} s (load {move['load_1min']:.1f})", flush=True)
         out["refused_moves"] = refused
         # cancel: a preview of a further move stopped by the user, until the call returns; the worker stays
         cancels = []
-        for _ in range(2 if args.reference else 0):
+        for _ in range(2 if args.reference else 0):  # noqa: B007
             direction = rng.normal(size=3)
             try:
                 logic.apply_edit(seg, Translate(tuple(float(v) for v in 12.0 * direction / np.linalg.norm(direction))))
@@ -215,6 +228,8 @@ def reference_server(args: argparse.Namespace) -> int:
     from MedSynthLib.synthesis.synthesize import SynthesisEngine
 
     avoid_hugepage_stalls()  # as the worker does
+    if args.renderer == "inpainting":
+        return reference_server_inpainting(args)
     engine = SynthesisEngine(resolve_model(None), args.device, "auto")
     engine._use_seed(0)
     for line in sys.stdin:
@@ -224,6 +239,44 @@ def reference_server(args: argparse.Namespace) -> int:
         cpu, start = time.process_time(), time.perf_counter()
         engine.synth.predict_region(labels, box)
         print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}), flush=True)
+    return 0
+
+
+def reference_server_inpainting(args: argparse.Namespace) -> int:
+    """The reference of the inpainting renderer: the inpainting network's forward alone on the region's box.
+
+    The region is the one the worker inpaints (the case's own tumour and the moved one, grown by the default
+    margin); its box, normalised images and condition are prepared untimed; only the forward is timed.
+    """
+    import numpy as np
+
+    from MedSynthLib.schema.labels import MODALITIES, brain_mask
+    from MedSynthLib.synthesis.inpainting import (DEFAULT_MARGIN_MM, InpaintingEngine, case_normalizers,
+                                                  changed_region, lattice_box, read_context)
+    from MedSynthLib.synthesis.models import resolve_model
+
+    engine = InpaintingEngine(resolve_model(args.inpainting_model, kind="inpainting"), args.device, "auto")
+    context = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        labels = np.load(request["labels"])
+        if context is None:
+            from MedSynthLib.schema.grid import LabelMap
+
+            from MedSynthLib.cases.readers import read_case
+
+            grid = read_case(args.case).grid
+            context = read_context(args.case, LabelMap(labels, grid, []))
+            spacing = tuple(float(s) for s in grid.spacing[::-1])
+        region = changed_region(labels, context.tumour > 0, DEFAULT_MARGIN_MM, spacing)
+        box = lattice_box(region, engine.network.size_multiple)  # the box the engine runs
+        normalizers = case_normalizers(context.images, labels, region)
+        brain = brain_mask(labels[box])
+        normalized = np.stack([normalizers[m].forward(context.images[m][box], brain) for m in MODALITIES])
+        cpu, start = time.process_time(), time.perf_counter()
+        engine.predict_normalized(labels[box], normalized, region[box])
+        print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                          "box_voxels": int(np.prod([s.stop - s.start for s in box]))}), flush=True)
     return 0
 
 
@@ -241,13 +294,14 @@ def export_tree(commit: str, folder: Path) -> Path:
     return folder / "tree"
 
 
-def run_child(tree: Path, args: argparse.Namespace, reference: bool, work: Path) -> dict:
+def run_child(tree: Path, args: argparse.Namespace, reference: bool, work: Path, renderer: str = "synthesis") -> dict:
     result = work / f"child-{time.monotonic_ns()}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join([str(tree), str(tree / "MedSynth")]))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--tree", str(tree), "--case", str(args.case),
                "--moves", str(args.moves), "--seed", str(args.seed), "--threads", str(args.threads),
-               "--device", args.device, "--child-json", str(result)] + (["--reference"] if reference else [])
+               "--device", args.device, "--child-json", str(result), "--renderer", renderer,
+               "--inpainting-model", args.inpainting_model] + (["--reference"] if reference else [])
     subprocess.run(command, env=env, check=True)
     return json.loads(result.read_text())
 
@@ -296,6 +350,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--before", metavar="COMMIT", help="also run the same moves through this commit's module")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--renderers", default="synthesis",
+                        help="comma-separated preview renderers to run side by side: synthesis (a whole synthetic "
+                             "case) and/or inpainting (the real case's images, the edited region inpainted)")
+    parser.add_argument("--inpainting-model", default="medsynth-inpaint-brats27-f0",
+                        help="the inpainting model of the inpainting renderer (registered name or folder)")
+    parser.add_argument("--renderer", default="synthesis", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
@@ -311,14 +371,17 @@ def main() -> int:
     load_start = os.getloadavg()
     repeats: dict[str, list[dict]] = {}
     try:
-        order = [("after", REPO)]
+        renderers = [r.strip() for r in args.renderers.split(",") if r.strip()]
+        # The first renderer's run is "after" (the name earlier results use); the others go by their name.
+        order = [("after" if i == 0 else r, REPO, r) for i, r in enumerate(renderers)]
         if args.before:
-            order.append(("before", export_tree(args.before, work)))
+            order.append(("before", export_tree(args.before, work), renderers[0]))
         for repeat in range(args.repeats):  # the paths alternate, so both see the same load
-            for name, tree in order:
-                print(f"repeat {repeat + 1}/{args.repeats}, {name}: {tree} on {args.case.name}, {args.moves} moves ...",
-                      flush=True)
-                repeats.setdefault(name, []).append(run_child(tree, args, reference=(name == "after"), work=work))
+            for name, tree, renderer in order:
+                print(f"repeat {repeat + 1}/{args.repeats}, {name} ({renderer}): {tree} on {args.case.name}, "
+                      f"{args.moves} moves ...", flush=True)
+                repeats.setdefault(name, []).append(run_child(tree, args, reference=(name != "before"), work=work,
+                                                              renderer=renderer))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     runs = {name: best_of(values) for name, values in repeats.items()}
@@ -345,20 +408,31 @@ def main() -> int:
                        ("cpu_main_s", "CPU s, module process"), ("cpu_worker_s", "CPU s, worker process")):
         row = [results["summary"][n].get(key, {}).get("median") for n in runs]
         print(f"{title:<40}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in row))
-    if "reference_forward_s" in after:
-        print("reference, ROI forward alone (same box, a clean process): median "
-              f"{after['reference_forward_s']['median']:.3f} s (CPU {after['reference_forward_cpu_s']['median']:.3f} s)")
-        print(f"ratio edit -> preview / reference: {after['ratio_edit_to_preview_over_reference']}x; "
-              f"preview / reference: {after['ratio_preview_over_reference']}x")
+    for name in runs:
+        summary = results["summary"][name]
+        if "reference_forward_s" in summary:
+            print(f"{name}: reference, ROI forward alone (same region, a clean process): median "
+                  f"{summary['reference_forward_s']['median']:.3f} s "
+                  f"(CPU {summary['reference_forward_cpu_s']['median']:.3f} s); ratio edit -> preview / reference: "
+                  f"{summary['ratio_edit_to_preview_over_reference']}x; preview / reference: "
+                  f"{summary['ratio_preview_over_reference']}x")
+    for name in [n for n in runs if n not in ("after", "before")]:
+        a = after["edit_to_preview_s"]["median"]
+        other = results["summary"][name]["edit_to_preview_s"]["median"]
+        results[f"ratio_{name}_over_after_edit_to_preview"] = round(other / a, 2)
+        print(f"{name} / {renderers[0]}, edit -> preview: {other:.2f} / {a:.2f} s = {other / a:.2f}x; CPU s worker "
+              f"{results['summary'][name].get('cpu_worker_s', {}).get('median')} / "
+              f"{after.get('cpu_worker_s', {}).get('median')}")
     if "before" in runs:
         b = results["summary"]["before"]["edit_to_preview_s"]["median"]
         a = after["edit_to_preview_s"]["median"]
         results["ratio_before_over_after_edit_to_preview"] = round(b / a, 2)
         print(f"before / after, edit -> preview: {b:.2f} / {a:.2f} s = {b / a:.2f}x")
-    for cancel in runs["after"].get("cancel", []):
-        print(f"cancel of a running preview: {cancel['seconds']:.3f} s, {cancel['status']}, "
-              f"worker kept: {cancel['same_worker']}")
-    print("per move (after): " + ", ".join(f"{m['edit_to_preview_s']:.2f}" for m in runs["after"]["moves"]))
+    for name in runs:
+        for cancel in runs[name].get("cancel", []):
+            print(f"{name}: cancel of a running preview: {cancel['seconds']:.3f} s, {cancel['status']}, "
+                  f"worker kept: {cancel['same_worker']}")
+        print(f"per move ({name}): " + ", ".join(f"{m['edit_to_preview_s']:.2f}" for m in runs[name]["moves"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -15,6 +15,7 @@ output keeps the input's IJK-to-RAS matrix exactly.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -103,7 +104,10 @@ class Synthesis:
 
     @staticmethod
     def registered_models() -> list[dict[str, Any]]:
-        """The models registered with MedSynth: ``[{"name": str, "default": bool}]``, the default first.
+        """The models registered with MedSynth: ``[{"name", "kind", "default"}]``, the defaults first.
+
+        ``kind`` is ``synthesis`` (label map -> a whole case) or ``inpainting`` (a region of a real case);
+        ``default`` says whether it is the registry's default of its kind.
 
         Read from the registry file only (no weights are loaded or verified here;
         the synthesis verifies the chosen model's checksum).
@@ -116,10 +120,17 @@ class Synthesis:
             registry = read_registry()
         except MedSynthError as exc:
             raise WorkflowError(str(exc)) from None
+        from MedSynthLib.synthesis.models import DEFAULT_KEYS, models_root
+
         out = []
-        for name in sorted(registry.get("models", {})):
-            out.append({"name": name, "default": name == registry.get("default")})
-        out.sort(key=lambda entry: not entry["default"])
+        for name, entry in sorted(registry.get("models", {}).items()):
+            try:  # the kind is in the model's config (read as text: nothing is verified here)
+                config = json.loads((models_root() / str(entry.get("path", name)) / "config.json").read_text())
+                kind = "inpainting" if config.get("network", {}).get("kind") == "inpainting" else "synthesis"
+            except (OSError, ValueError, AttributeError):
+                kind = "synthesis"
+            out.append({"name": name, "kind": kind, "default": name == registry.get(DEFAULT_KEYS[kind])})
+        out.sort(key=lambda entry: (not entry["default"], entry["kind"] != "synthesis"))
         return out
 
     @staticmethod
@@ -132,6 +143,26 @@ class Synthesis:
             return bool(read_registry().get(DEFAULT_KEYS["inpainting"]))
         except MedSynthError:  # an unreadable registry: the worker reports it when it loads a model
             return False
+
+    def inpainting_context(self, reference: Any, options: GenerateOptions, say: bool = False) -> str | None:
+        """The real case folder Generate and the preview inpaint into, or None for a whole synthetic case.
+
+        The rule of both: the input was loaded from a real case folder, ``options.inpaint`` is on, and an
+        inpainting model is named or registered as the default.
+        """
+        source_case = reference.GetAttribute(mrml.SOURCE_CASE_ATTRIBUTE) if options.inpaint else None
+        if not source_case:
+            return None
+        if options.inpainting_model or self.inpainting_model_registered():
+            return source_case
+        if say:
+            self.log.emit("no inpainting model is registered: synthesising a whole case instead")
+        return None
+
+    @staticmethod
+    def is_real_case(volume: Any) -> bool:
+        """Whether a volume (the input T1, or a segmentation's reference) was loaded from a real case folder."""
+        return bool(volume is not None and volume.GetAttribute(mrml.SOURCE_CASE_ATTRIBUTE))
 
     def detect_devices(self, timeout_s: float = 180.0):
         """What torch detects in the backend's Python (run in a separate process)."""
@@ -172,12 +203,9 @@ class Synthesis:
         run_dir = self._new_run_dir("synthesis")
         out_dir = run_dir / "case"
         params, arrays = labelmap_request(labelmap)
-        source_case = reference.GetAttribute(mrml.SOURCE_CASE_ATTRIBUTE) if options.inpaint else None
-        if source_case:  # a real case: keep its images, re-render the edited region (MedSynthLib inpainting)
-            if options.inpainting_model or self.inpainting_model_registered():
-                params["context"] = source_case
-            else:
-                self.log.emit("no inpainting model is registered: synthesising a whole case instead")
+        context = self.inpainting_context(reference, options, say=True)
+        if context:  # a real case: keep its images, re-render the edited region (MedSynthLib inpainting)
+            params["context"] = context
         self.progress.emit(0.0, "starting the synthesis")
         try:
             task = self.worker().submit("generate", dict(params, out=str(out_dir), **options.worker_params()), arrays)
@@ -268,7 +296,9 @@ class Synthesis:
     def start_preview(self, segmentation: Any, options: GenerateOptions | None = None) -> PreviewJob:
         """Send the edit for a preview; returns at once (poll the job, then :meth:`finish_preview`).
 
-        The first preview of a segmentation (or after the options changed, or a new worker)
+        A real case with inpainting on (the rule of Generate, :meth:`inpainting_context`) is previewed
+        by inpainting: its own images, the edited tumour region re-rendered.  The first preview of a
+        segmentation (or after the options changed, or a new worker)
         sends the whole label map and synthesises the whole case; later ones send only the
         region of the label map that changed since the last preview, and the worker renders
         only around it.  A preview started while another runs supersedes it.
@@ -281,7 +311,9 @@ class Synthesis:
         labelmap = self.labelmap(segmentation)
         reference = self.reference_volume(segmentation)
         read = time.perf_counter()
-        key = (segmentation.GetID(), options.model, options.device, options.precision, options.seed)
+        context = self.inpainting_context(reference, options)
+        key = (segmentation.GetID(), options.model, options.device, options.precision, options.seed, context,
+               options.inpainting_model if context else None)
         nodes = self._preview_outputs
         worker = self.worker()
         sent = self._preview_sent
@@ -290,6 +322,8 @@ class Synthesis:
                  or sent is None or not worker.alive() or sent["pid"] != worker.pid
                  or sent["labels"].shape != labelmap.array.shape)
         common = dict(options.worker_params(), history=list(labelmap.history))
+        if context:  # a real case: the worker previews by inpainting its images, as Generate does
+            common["context"] = context
         if reset:
             session = uuid.uuid4().hex
             params, arrays = labelmap_request(labelmap)

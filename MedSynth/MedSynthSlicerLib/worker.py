@@ -16,7 +16,8 @@ worker then serves the next request.
 ``preview`` keeps one :class:`MedSynthLib.synthesis.preview.PreviewSession` (the
 case's label map and images in memory): the first request of a session sends the
 whole label map, later ones only the region an edit touched, and each answer
-carries only the region of the four images that was rendered again.  A preview
+carries only the region of the four images that was rendered again.  A request naming a
+real case (``context``) is previewed by the inpainting renderer, as Generate inpaints it.  A preview
 request supersedes every earlier one still queued or running: their label
 regions are applied all the same, their renders stop at the next network layer
 (answered ``cancelled``), and the newest render covers all their changes.
@@ -79,6 +80,20 @@ class Worker:
                                                  log=lambda m: print(f"medsynth: {m}", file=sys.stderr, flush=True))
         return key, self._engines[key]
 
+    def inpainting_engine(self, params: dict[str, Any]) -> tuple[tuple, Any]:
+        """The inpainting engine of ``params`` (``inpainting_model``, ``device``, ``precision``), loaded once."""
+        from MedSynthLib.synthesis.inpainting import InpaintingEngine
+        from MedSynthLib.synthesis.models import resolve_model
+
+        key = ("inpainting", params.get("inpainting_model") or None, params.get("device", "auto"),
+               params.get("precision", "auto"))
+        if key not in self._engines:
+            self._engines.clear()  # one model in memory at a time
+            self._session, self._session_key = None, None
+            self._engines[key] = InpaintingEngine(resolve_model(key[1], kind="inpainting"), key[2], key[3],
+                                                  log=lambda m: print(f"medsynth: {m}", file=sys.stderr, flush=True))
+        return key, self._engines[key]
+
     @staticmethod
     def labelmap(request: Request) -> Any:
         from MedSynthLib.schema.errors import MedSynthError
@@ -118,18 +133,11 @@ class Worker:
 
     def inpaint(self, request: Request, labelmap: Any, out: Path) -> Event:
         """Generate for a real case: its images kept, the edited tumour region re-rendered (not anonymous)."""
-        from MedSynthLib.synthesis.inpainting import InpaintingEngine, inpaint_case, read_context, write_inpainted_case
-        from MedSynthLib.synthesis.models import resolve_model
+        from MedSynthLib.synthesis.inpainting import inpaint_case, read_context, write_inpainted_case
 
         context = read_context(request.params["context"], labelmap)
         self.step(request, 0.05, "loading the inpainting model")
-        key = ("inpainting", request.params.get("inpainting_model") or None, request.params.get("device", "auto"),
-               request.params.get("precision", "auto"))
-        if key not in self._engines:
-            self._engines.clear()  # one model in memory at a time
-            self._session, self._session_key = None, None
-            self._engines[key] = InpaintingEngine(resolve_model(key[1], kind="inpainting"), key[2], key[3])
-        engine = self._engines[key]
+        _, engine = self.inpainting_engine(request.params)
         self.step(request, 0.35, "model loaded")
         case = inpaint_case(engine, labelmap, context)
         self.step(request, 0.85, "inpainted")
@@ -159,7 +167,9 @@ class Worker:
 
         Params: ``session`` (the client's id of the case), ``reset`` (start the session: the
         label map is whole, with ``grid``), ``start`` (k, j, i of the label region), ``base`` (the
-        session version the region applies to), ``seed``, ``margin``, ``renderer`` (name).
+        session version the region applies to), ``seed``, ``margin``, ``renderer`` (name);
+        ``context`` (a real case folder: the inpainting renderer with ``inpainting_model``, the rule
+        of Generate).
         Arrays: ``labels`` (the whole map, or the region).
         """
         from MedSynthLib.schema.errors import MedSynthError
@@ -167,14 +177,20 @@ class Worker:
 
         cpu, clock = time.process_time(), time.perf_counter()
         params = request.params
-        key, engine = self.engine(params)
-        session_key = (key, str(params.get("session", "")), params.get("renderer", "synthesis"),
-                       int(params.get("seed", 0)), int(params.get("margin", 24)))
+        context = params.get("context") or None
+        if context:  # a real case: its own images, the edited region inpainted (as Generate does)
+            key, engine = self.inpainting_engine(params)
+            renderer_name, options = "inpainting", {"context": str(context)}
+        else:
+            key, engine = self.engine(params)
+            renderer_name = params.get("renderer", "synthesis")
+            options = {"seed": int(params.get("seed", 0)), "margin": int(params.get("margin", 24))}
+        session_key = (key, str(params.get("session", "")), renderer_name, tuple(sorted(options.items())))
         if params.get("reset") or self._session is None or session_key != self._session_key:
             if not params.get("reset"):
                 raise MedSynthError("the worker holds no preview of this case (it was restarted); preview again")
             labelmap = self.labelmap(request)
-            renderer = make_renderer(session_key[2], engine, seed=session_key[3], margin=session_key[4])
+            renderer = make_renderer(renderer_name, engine, **options)
             self._session, self._session_key = PreviewSession(renderer, labelmap), session_key
         else:
             session = self._session
@@ -205,7 +221,8 @@ class Worker:
                      data={"box": [list(update.box[0]), list(update.box[1])], "full": update.full,
                            "version": session.version, "seconds": round(packed - clock, 4),
                            "stages_s": {k: round(v, 4) for k, v in seconds.items()},
-                           "worker_cpu_s": round(time.process_time() - cpu, 4), "device": engine.device},
+                           "worker_cpu_s": round(time.process_time() - cpu, 4), "device": str(engine.synth.device),
+                           "renderer": renderer_name},
                      arrays=arrays)
 
     def export(self, request: Request) -> Event:

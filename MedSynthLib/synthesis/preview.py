@@ -7,10 +7,11 @@ that an edit touched (:meth:`PreviewSession.set_labels`), and
 :meth:`PreviewSession.render` re-renders the region around the voxels that
 changed and returns that region of the four images, nothing else.
 
-The renderer is pluggable: :class:`SynthesisRoiRenderer` (the label-to-image
-network, :meth:`~.synthesize.SynthesisEngine.rerender_box`) is the one today;
-another (e.g. inpainting a tumour into the real images) registers itself in
-:data:`PREVIEW_RENDERERS` and is chosen by name.
+The renderer is pluggable, chosen by name in :data:`PREVIEW_RENDERERS`:
+:class:`SynthesisRoiRenderer` (the label-to-image network,
+:meth:`~.synthesize.SynthesisEngine.rerender_box`) for a synthetic case, and
+:class:`InpaintingRoiRenderer` for a real case: its own images, the edited
+tumour region inpainted as Generate inpaints it.
 
 Renders can be interrupted: the ``check`` callback passed to :meth:`render` is
 called before every layer of the network and stops the render by raising.  A
@@ -165,11 +166,97 @@ class SynthesisRoiRenderer:
         return (tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[return-value]
 
 
-#: Preview renderers by name: ``factory(engine, seed=..., margin=...)``.
-PREVIEW_RENDERERS: dict[str, Callable[..., RoiRenderer]] = {"synthesis": SynthesisRoiRenderer}
+class InpaintingRoiRenderer:
+    """A real case as the preview: its own images, the edited tumour region inpainted (the Generate of a real case).
+
+    :meth:`full` shows the patient's images as stored (as float32); when the label map's tumour already
+    differs from the case's own segmentation it inpaints that difference, as :meth:`roi` does.
+    :meth:`roi` re-renders the region :func:`~.inpainting.inpaint_case` re-renders for the current label
+    map (the case's own tumour and the new one, grown by ``margin_mm``, in the brain) from the real images,
+    blended as it blends them, so after every edit the preview equals what Generate writes for the same
+    labels, bit for bit (in float32); the box written back also covers the previous region, which turns
+    back into the real images where it is no longer re-rendered.  Outside the region every voxel is the
+    real image's.
+
+    Args:
+        engine: a loaded inpainting model (:class:`~.inpainting.InpaintingEngine`).
+        context: the real case (:class:`~.inpainting.ContextCase`, or its folder, read on :meth:`full`).
+        margin_mm: growth of the changed tumour into the region (the default of ``inpaint_case``).
+        feather_mm: width of the blend inside the region's border.
+    """
+
+    name = "inpainting"
+
+    def __init__(self, engine: Any, context: Any, margin_mm: float | None = None,
+                 feather_mm: float | None = None) -> None:
+        from .inpainting import DEFAULT_FEATHER_MM, DEFAULT_MARGIN_MM
+
+        self.engine = engine
+        self.context = context
+        self.margin_mm = DEFAULT_MARGIN_MM if margin_mm is None else float(margin_mm)
+        self.feather_mm = DEFAULT_FEATHER_MM if feather_mm is None else float(feather_mm)
+        self.images: dict[str, np.ndarray] = {}
+        self.region: np.ndarray | None = None  # the voxels of :attr:`images` that are (partly) synthetic
+        self.region_box: Box | None = None
+
+    def _spacing(self, labelmap: LabelMap) -> tuple[float, float, float]:
+        return tuple(float(s) for s in labelmap.grid.spacing[::-1])  # type: ignore[return-value]
+
+    def full(self, labelmap: LabelMap, check: Callable[[], None] | None = None) -> None:
+        from ..schema.labels import tumour_mask
+        from .inpainting import ContextCase, read_context
+
+        if not isinstance(self.context, ContextCase):
+            self.context = read_context(self.context, labelmap)  # on the label map's grid, or one clear line
+        own = self.context.tumour if self.context.tumour is not None else np.zeros(labelmap.array.shape, np.uint8)
+        self.images = {m: image.astype(np.float32) for m, image in self.context.images.items()}
+        self.region, self.region_box = None, None
+        if not np.array_equal(np.where(tumour_mask(labelmap.array), labelmap.array, 0), own):
+            self.roi(labelmap, EMPTY_BOX, check)  # edited before the first preview: inpainted as Generate does
+
+    def roi(self, labelmap: LabelMap, changed: Box, check: Callable[[], None] | None = None) -> Box:
+        from ..schema.grid import mask_box
+        from .inpainting import changed_region
+
+        if not self.images or not hasattr(self.context, "images"):
+            raise MedSynthError("the preview has no rendered case yet")
+        if check is not None:
+            check()
+        own = self.context.tumour > 0 if self.context.tumour is not None else None
+        spacing = self._spacing(labelmap)
+        region = changed_region(labelmap.array, own, self.margin_mm, spacing)  # the region inpaint_case takes
+        tight: Box | None = None
+        if region.any():
+            if check is not None:
+                check()
+            with interruptible(self.engine.synth.generator, check):
+                inner, values, _ = self.engine.inpaint_box(labelmap.array, self.context.images, region, spacing,
+                                                           self.feather_mm, check)
+            region_slices = mask_box(region, 0)  # outside it the inpainted box holds the real images
+            tight = (tuple(s.start for s in region_slices), tuple(s.stop for s in region_slices))  # type: ignore
+        written = box_union(self.region_box, tight)
+        if written is None:
+            return EMPTY_BOX
+        # Nothing is written before the network has finished: a stopped render leaves the images as they were.
+        outer = box_slices(written)
+        for m, real in self.context.images.items():
+            update = real[outer].astype(np.float32)
+            if tight is not None:
+                into = tuple(slice(a - o.start, b - o.start) for a, b, o in zip(*tight, outer))
+                taken = tuple(slice(a - i.start, b - i.start) for a, b, i in zip(*tight, inner))
+                update[into] = values[m][taken]
+            self.images[m][outer] = update
+        self.region, self.region_box = (region if tight is not None else None), tight
+        return written
 
 
-def make_renderer(name: str, engine: SynthesisEngine, **options: Any) -> RoiRenderer:
+#: Preview renderers by name: ``factory(engine, **options)`` (synthesis: ``seed``, ``margin``; inpainting:
+#: ``context``, ``margin_mm``, ``feather_mm``).
+PREVIEW_RENDERERS: dict[str, Callable[..., RoiRenderer]] = {"synthesis": SynthesisRoiRenderer,
+                                                            "inpainting": InpaintingRoiRenderer}
+
+
+def make_renderer(name: str, engine: Any, **options: Any) -> RoiRenderer:
     """The preview renderer registered as ``name``."""
     if name not in PREVIEW_RENDERERS:
         raise MedSynthError(f"unknown preview renderer {name!r} (known: {', '.join(sorted(PREVIEW_RENDERERS))})")
@@ -260,6 +347,7 @@ class PreviewSession:
         return self.renderer.images
 
 
-__all__ = ["Box", "EMPTY_BOX", "PREVIEW_RENDERERS", "PreviewCancelled", "PreviewSession", "PreviewUpdate",
+__all__ = ["Box", "EMPTY_BOX", "InpaintingRoiRenderer", "PREVIEW_RENDERERS", "PreviewCancelled", "PreviewSession",
+           "PreviewUpdate",
            "RoiRenderer", "SynthesisRoiRenderer", "box_slices", "box_union", "changed_box", "interruptible",
            "make_renderer"]
