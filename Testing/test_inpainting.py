@@ -276,14 +276,17 @@ def test_slicer_worker_inpaints_a_real_case(trained, edited, tmp_path: Path) -> 
 
 
 def test_registered_inpainting_model_verifies() -> None:
-    """The registered inpainting model loads (hash, schema, shapes) and is not a default of either kind yet."""
+    """The registered inpainting model loads (hash, schema, shapes); it is the inpainting default, never the
+    synthesis default, and an inpainting model asked for without a name resolves to it."""
     from MedSynthLib.synthesis.models import load_generator, read_registry, resolve_model
 
-    model = resolve_model("medsynth-inpaint-brats27-f0", kind="inpainting")
+    model = resolve_model("medsynth-inpaint-brats27-f0b", kind="inpainting")
     assert model.config["network"]["kind"] == "inpainting" and model.config["inpainting"]["blank_value"] == 0.0
     assert type(load_generator(model, "cpu").net).__name__ == "InferenceSpadeGenerator"
     registry = read_registry()
-    assert registry["default"] != "medsynth-inpaint-brats27-f0" and "default_inpainting" not in registry
+    assert registry["default"] != "medsynth-inpaint-brats27-f0b"
+    assert registry["default_inpainting"] == "medsynth-inpaint-brats27-f0b"
+    assert resolve_model(None, kind="inpainting").sha256 == model.sha256
 
 
 # --- the interactive preview of a real case (InpaintingRoiRenderer) ------------------------------------------
