@@ -306,8 +306,13 @@ def evaluate_cases(model: torch.nn.Module, cases: list[SegCase], config: SegConf
 
 
 def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: SegConfig,
-               finetune_cases: list[SegCase], painted: list[SegCase] | None = None) -> list[Phase]:
-    """The training phases of an arm.  ``real`` is already the arm's subset for the learning curve."""
+               finetune_cases: list[SegCase], painted: list[SegCase] | None = None,
+               pasted: list[SegCase] | None = None) -> list[Phase]:
+    """The training phases of an arm.  ``real`` is already the arm's subset for the learning curve.
+
+    ``painted`` are control C1's class-mean painted edits, ``pasted`` control C2's copy-paste cases
+    (:mod:`MedSynthLib.study.copypaste`); both are added on top of the real batch, as in arm 2.
+    """
     steps = config.steps
     if arm == "real" or arm.startswith("real@"):
         return [Phase(arm, real, 0, steps)]
@@ -315,6 +320,8 @@ def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: 
         return [Phase("real+synthetic", real, 0, steps, extra=synthetic)]
     if arm == "real+classmean":
         return [Phase("real+classmean", real, 0, steps, extra=list(painted or []))]
+    if arm == "real+copypaste":
+        return [Phase("real+copypaste", real, 0, steps, extra=list(pasted or []))]
     if arm == "synthetic":
         return [Phase("synthetic", synthetic, 0, steps)]
     if arm == "synthetic+finetune":
@@ -324,14 +331,15 @@ def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: 
 
 
 #: The learned arms; ``real@25`` and ``real@50`` are the learning curve (share of the real training cases).
-ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic", "synthetic+finetune", "real+classmean", "real@25",
-                         "real@50")
+ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic", "synthetic+finetune", "real+classmean",
+                         "real+copypaste", "real@25", "real@50")
 ARM_TITLES: dict[str, str] = {
     "real": "1. real only",
     "real+synthetic": "2. real + synthetic (same real patches)",
     "synthetic": "3. synthetic only",
     "synthetic+finetune": "4. synthetic, fine-tuned on real",
     "real+classmean": "C1. real + class-mean painted edits",
+    "real+copypaste": "C2. real + copy-pasted real tumours",
     "real@25": "L25. real only, 25 % of cases",
     "real@50": "L50. real only, 50 % of cases",
 }
