@@ -717,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Cross-validated study: per fold a GAN trained on the training cases, synthetic "
                                    "cases from edited training label maps, a tumour segmenter trained in every arm "
                                    "(real, real+synthetic, synthetic, synthetic+fine-tune, the class-mean and "
-                                   "copy-paste controls, 25 / 50 %% of the real cases; several seeds) and scored on "
+                                   "copy-paste controls, 25 / 50 % of the real cases; several seeds) and scored on "
                                    "the held-out real cases against a FLAIR-threshold baseline, GAN fidelity and a "
                                    "memorisation check. Interrupted studies resume from the work folder.")
     p.add_argument("--data", required=True, type=Path, help="folder of case folders (one convention, with segmentations)")
