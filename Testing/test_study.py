@@ -636,3 +636,19 @@ def test_copy_paste_control_pastes_real_intensities_deterministically() -> None:
     assert all(r["host"] in names and r["source"] in names and r["host"] != r["source"] for r in first_records)
     _, other_records = make_copy_paste_cases(train, seed=8)
     assert [r["source"] for r in other_records] != [r["source"] for r in first_records]
+
+
+def test_largest_component_post_processing_keeps_the_main_tumour() -> None:
+    from MedSynthLib.study.segmenter import keep_largest_component
+
+    masks = np.zeros((3, 12, 12, 12), bool)
+    masks[0, 1:5, 1:5, 1:5] = True  # the tumour
+    masks[1, 2:4, 2:4, 2:4] = True
+    masks[2, 2, 2, 2] = True
+    masks[0, 9, 9, 9] = masks[1, 9, 9, 9] = masks[2, 9, 9, 9] = True  # a stray voxel of every region
+    kept = keep_largest_component(masks)
+    assert kept[0].sum() == 64 and kept[1].sum() == 8 and kept[2].sum() == 1
+    assert not kept[:, 9, 9, 9].any()
+    single = np.zeros_like(masks)
+    single[0, 3, 3, 3] = True
+    assert np.array_equal(keep_largest_component(single), single)

@@ -45,6 +45,7 @@ class SegConfig:
     finetune_case_fraction: float = 0.1  # arm 4 (Shin et al.: 10 %): fraction of the real training cases it is fine-tuned on
     finetune_step_fraction: float = 0.3  # arm 4: share of the step budget spent fine-tuning
     threshold: float = 0.5
+    largest_component: bool = False  # keep the largest whole-tumour component (TC and ET inside it): drops stray voxels
     sw_overlap: float = 0.25
     sw_batch_size: int = 2
     precision: str = "fp32"
@@ -261,7 +262,19 @@ def predict(model: torch.nn.Module, case: SegCase, config: SegConfig, device: to
     with torch.inference_mode(), _autocast(device, config.precision):
         logits = sliding_window_inference(x, (config.patch_size,) * 3, config.sw_batch_size,
                                           lambda t: model(t).float(), overlap=config.sw_overlap, mode="gaussian")
-    return (torch.sigmoid(logits.float())[0] > config.threshold).cpu().numpy()
+    masks = (torch.sigmoid(logits.float())[0] > config.threshold).cpu().numpy()
+    return keep_largest_component(masks) if config.largest_component else masks
+
+
+def keep_largest_component(masks: np.ndarray) -> np.ndarray:
+    """(3, k, j, i) WT / TC / ET masks reduced to the largest connected WT component (TC, ET inside it)."""
+    from scipy import ndimage
+
+    labelled, count = ndimage.label(masks[0])
+    if count <= 1:
+        return masks
+    largest = labelled == (int(np.argmax(np.bincount(labelled.ravel())[1:])) + 1)
+    return masks & largest[None]
 
 
 def score(prediction: np.ndarray, labels: np.ndarray, spacing_kji: Sequence[float]) -> dict[str, dict[str, float | None]]:
