@@ -715,10 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the experiments of Shin et al. 2018 on your data: segmentation with real / "
                                      "synthetic data, synthesis fidelity, memorisation check, one report",
                        description="Cross-validated study: per fold a GAN trained on the training cases, synthetic "
-                                   "cases from edited training label maps, a tumour segmenter trained in four arms "
-                                   "(real, real+synthetic, synthetic, synthetic+fine-tune) and scored on the held-out "
-                                   "real cases, GAN fidelity and a memorisation check. Interrupted studies resume "
-                                   "from the work folder.")
+                                   "cases from edited training label maps, a tumour segmenter trained in every arm "
+                                   "(real, real+synthetic, synthetic, synthetic+fine-tune, the class-mean and "
+                                   "copy-paste controls, 25 / 50 % of the real cases; several seeds) and scored on "
+                                   "the held-out real cases against a FLAIR-threshold baseline, GAN fidelity and a "
+                                   "memorisation check. Interrupted studies resume from the work folder.")
     p.add_argument("--data", required=True, type=Path, help="folder of case folders (one convention, with segmentations)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
                    help="report folder (report.json, report.md, figures/), written atomically at the end")

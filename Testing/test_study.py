@@ -131,7 +131,7 @@ def test_study_report_contents(finished_study) -> None:
 
     assert set(seg["per_case"]) == set(ALL_ARMS)
     assert {"baseline:threshold", "baseline:largest_component", "real", "real+synthetic", "synthetic",
-            "synthetic+finetune", "real+classmean", "real@25", "real@50"} == set(ALL_ARMS)
+            "synthetic+finetune", "real+classmean", "real+copypaste", "real@25", "real@50"} == set(ALL_ARMS)
     for arm, cases in seg["per_case"].items():
         assert sorted(cases) == list(CASE_IDS)
         for regions in cases.values():
@@ -145,7 +145,8 @@ def test_study_report_contents(finished_study) -> None:
             assert len(case["WT"]["dice_per_seed"]) == seeds
             assert case["WT"]["dice"] == pytest.approx(float(np.mean(case["WT"]["dice_per_seed"])))
         assert len(seg["seed_spread"][arm]["wt_dice_per_seed"]) == seeds
-    for arm in ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean", "real@25", "real@50"):
+    for arm in ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean", "real+copypaste", "real@25",
+                "real@50"):
         for region in ("WT", "TC", "ET"):
             entry = seg["paired_vs_real"][arm][region]["dice"]
             assert entry["n"] == len(CASE_IDS)
@@ -165,6 +166,17 @@ def test_study_report_contents(finished_study) -> None:
     # Real + synthetic keeps the real-only arm's real patches and adds synthetic ones on top.
     phase = seg["training"]["real+synthetic"][0]["phases"][0]
     assert phase["cases"] == len(report["split"][0]["train"]) and phase["extra_cases"] > 0
+    # Control C2 keeps the real patches too, and pastes only the fold's training patients into each other.
+    phase = seg["training"]["real+copypaste"][0]["phases"][0]
+    assert phase["cases"] == len(report["split"][0]["train"]) and phase["extra_cases"] > 0
+    pasted = report["design"]["copy_paste_cases_per_fold"]
+    for fold in report["split"]:
+        records = pasted[str(fold["fold"])] if str(fold["fold"]) in pasted else pasted[fold["fold"]]
+        made = [r for r in records if r["name"]]
+        assert made, records
+        for record in made:
+            assert {record["host"], record["source"]} <= set(fold["train"]) and record["host"] != record["source"]
+            assert record["pasted_tumour_voxels"] > 0
     curve = report["design"]["learning_curve_cases_per_fold"]
     for fold in report["split"]:
         lc = curve[str(fold["fold"])] if str(fold["fold"]) in curve else curve[fold["fold"]]
@@ -193,7 +205,8 @@ def test_study_report_contents(finished_study) -> None:
 
     md = (out / "report.md").read_text()
     for needle in ("| 1. real only |", "| 2. real + synthetic (same real patches) |", "| 3. synthetic only |",
-                   "| 4. synthetic, fine-tuned on real |", "| B. FLAIR threshold |", "Segmenter gate: ",
+                   "| 4. synthetic, fine-tuned on real |", "| C2. real + copy-pasted real tumours |",
+                   "| B. FLAIR threshold |", "Segmenter gate: ",
                    "SSIM brain", "## Discussion", "Holm", "no interval (n < 20)", "Git commit", "Train vs held-out fidelity"):
         assert needle in md, needle
     assert "TODO" not in md and "{" not in md.split("## Reproduce")[0].replace("{fold}", "")
@@ -561,3 +574,81 @@ def test_extra_label_map_of_a_real_patient_stays_on_its_side(tmp_path) -> None:
         used = study.fold_extras(fold)
         assert used == ([] if set(patients) & set(fold.test) else inputs.extras)
     assert any(study.fold_extras(fold) == [] for fold in inputs.folds)
+
+
+def _copy_paste_case(name: str, seed: int, tumour_centre_kji, shape=(24, 28, 26)):
+    """A spherical 'brain' (WM, GM rim) with a tumour (ED shell, ET, NCR core) on a 2 mm study grid."""
+    from MedSynthLib.schema.grid import LabelMap
+    from MedSynthLib.study.data import StudyGrid
+    from MedSynthLib.study.segmenter import make_seg_case
+
+    rng = np.random.default_rng(seed)
+    kji = np.indices(shape, dtype=float)
+    centre = (np.array(shape) - 1) / 2.0
+    radius = np.sqrt(sum((kji[a] - centre[a]) ** 2 for a in range(3)))
+    labels = np.where(radius < 10, 3, 0).astype(np.uint8)
+    labels[(radius >= 8.5) & (radius < 10)] = 2
+    t = np.sqrt(sum((kji[a] - tumour_centre_kji[a]) ** 2 for a in range(3)))
+    labels[(t < 4) & (labels > 0)] = 5
+    labels[(t < 2.5) & (labels > 0)] = 6
+    labels[(t < 1.2) & (labels > 0)] = 4
+    images = np.where(labels > 0, rng.normal(100 + 20 * labels, 5, (4,) + shape), 0).astype(np.float32)
+    grid = StudyGrid(2.0, (shape[2], shape[1], shape[0])).grid_at(np.array([seed * 7.0, -seed * 3.0, seed * 1.0]))
+    return make_seg_case(name, images, labels, grid.spacing), LabelMap(labels, grid)
+
+
+def test_copy_paste_control_pastes_real_intensities_deterministically() -> None:
+    from MedSynthLib.edits.geometry import crop
+    from MedSynthLib.schema.labels import tumour_mask
+    from MedSynthLib.study.copypaste import make_copy_paste_cases, paste_tumour
+
+    host, host_map = _copy_paste_case("host", 1, (12, 10, 9))
+    source, source_map = _copy_paste_case("source", 2, (9, 16, 15))
+    case, record = paste_tumour(host, host_map, source, source_map, name="pasted")
+    offset = np.array(record["offset_kji"])
+    shape = host.labels.shape
+    moved_labels = crop(source.labels, -offset, -offset + np.array(shape))
+    moved_images = np.stack([crop(np.asarray(c), -offset, -offset + np.array(shape)) for c in source.images])
+    pasted = tumour_mask(moved_labels) & (host.labels > 0)
+    assert pasted.sum() == record["pasted_tumour_voxels"] > 0
+    # Inside the pasted tumour: the source's (z-scored) intensities and labels, exactly.
+    assert np.array_equal(case.images[:, pasted], moved_images[:, pasted])
+    assert np.array_equal(case.labels[pasted], moved_labels[pasted])
+    # Elsewhere the host's label map (its own tumour kept), and its images beyond the blended border.
+    assert np.array_equal(case.labels[~pasted], host.labels[~pasted])
+    from scipy import ndimage
+
+    far = ndimage.distance_transform_edt(~pasted, sampling=host.spacing) >= 6.0
+    assert np.array_equal(case.images[:, far], np.asarray(host.images)[:, far])
+    assert record["blended_voxels"] > 0
+    border = ~pasted & ~far & (host.labels > 0) & ~tumour_mask(host.labels) & (moved_labels > 0)
+    assert not np.array_equal(case.images[:, border], np.asarray(host.images)[:, border])  # blended
+
+    others = [_copy_paste_case(f"case{k}", k, (12, 12 + k, 10)) for k in range(3, 6)]
+    train = [(host, host_map), (source, source_map)] + others
+    first_cases, first_records = make_copy_paste_cases(train, seed=7)
+    again_cases, again_records = make_copy_paste_cases(train, seed=7)
+    assert first_records == again_records
+    assert all(np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+               for a, b in zip(first_cases, again_cases))
+    names = {c.name for c, _ in train}
+    assert len(first_cases) == len(train)
+    assert all(r["host"] in names and r["source"] in names and r["host"] != r["source"] for r in first_records)
+    _, other_records = make_copy_paste_cases(train, seed=8)
+    assert [r["source"] for r in other_records] != [r["source"] for r in first_records]
+
+
+def test_largest_component_post_processing_keeps_the_main_tumour() -> None:
+    from MedSynthLib.study.segmenter import keep_largest_component
+
+    masks = np.zeros((3, 12, 12, 12), bool)
+    masks[0, 1:5, 1:5, 1:5] = True  # the tumour
+    masks[1, 2:4, 2:4, 2:4] = True
+    masks[2, 2, 2, 2] = True
+    masks[0, 9, 9, 9] = masks[1, 9, 9, 9] = masks[2, 9, 9, 9] = True  # a stray voxel of every region
+    kept = keep_largest_component(masks)
+    assert kept[0].sum() == 64 and kept[1].sum() == 8 and kept[2].sum() == 1
+    assert not kept[:, 9, 9, 9].any()
+    single = np.zeros_like(masks)
+    single[0, 3, 3, 3] = True
+    assert np.array_equal(keep_largest_component(single), single)

@@ -218,8 +218,10 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
             "arms": {arm: TITLES[arm] for arm in ALL_ARMS},
             "step_budget": seg_cfg.steps,
             "seeds_per_arm": n_seeds,
-            "real_exposure": "arm 2 and control C1 draw the real-only arm's batch of real patches every step and add "
-                             "a batch of the same size from the synthetic (or painted) cases on top",
+            "real_exposure": "arm 2 and controls C1 and C2 draw the real-only arm's batch of real patches every step "
+                             "and add a batch of the same size from the synthetic (painted, copy-pasted) cases on top",
+            "copy_paste_cases_per_fold": {f["fold"]: f["arms"]["real+copypaste"].get("copy_paste_cases")
+                                          for f in folds if "real+copypaste" in f["arms"]},
             "learning_curve_cases_per_fold": {f["fold"]: {a: f["arms"][a]["real_cases"] for a in ARMS
                                                           if a.startswith("real@")} for f in folds},
             "finetune": {"steps": max(1, int(round(seg_cfg.steps * seg_cfg.finetune_step_fraction))),
@@ -426,7 +428,8 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
     out += [
         "Replication of the experiments of Shin et al. (SASHIMI 2018): tumour segmentation trained on real, "
         "real + synthetic, synthetic-only and synthetic + fine-tuned data, against a FLAIR-threshold baseline "
-        "(the gate), a class-mean control and a learning curve; fidelity of the synthetic images. Produced by "
+        "(the gate), a class-mean control, a copy-paste control (real tumours pasted into other real training "
+        "brains, no GAN) and a learning curve; fidelity of the synthetic images. Produced by "
         "`medsynth study`; every number below is in `report.json`.", "",
         "## Setup", "",
         "| Item | Value |", "|---|---|",

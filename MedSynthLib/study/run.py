@@ -14,8 +14,9 @@ For each fold (cases split by case, k-fold or a fixed split, seeded):
    training cases, and a tumour segmenter (:mod:`MedSynthLib.study.segmenter`) is trained
    in every arm with several seeds and the same step budget: real only; real + synthetic
    (real patches of arm 1 kept, synthetic added on top); synthetic only; synthetic then
-   fine-tuned on 10 % of the real cases; the class-mean painted control; the learning
-   curve on 25 / 50 % of the real cases;
+   fine-tuned on 10 % of the real cases; the class-mean painted control; the copy-paste
+   control (real tumours pasted into other real training brains,
+   :mod:`MedSynthLib.study.copypaste`); the learning curve on 25 / 50 % of the real cases;
 4. every arm is scored on the held-out real cases (Dice, HD95 for WT/TC/ET), the GAN's
    fidelity is measured on the held-out cases (their real label maps -> synthetic images
    vs their real images), and every synthetic case is compared with its most similar
@@ -658,6 +659,9 @@ class _Study:
                          "MedSynthLib.edits.parametric", "MedSynthLib.edits.random_edits", "MedSynthLib.synthesis.synthesize")
     SEGMENTER_MODULES = ("MedSynthLib.study.segmenter", "MedSynthLib.study.stages")
     BASELINE_MODULES = ("MedSynthLib.study.baseline", "MedSynthLib.study.segmenter")
+    COPY_PASTE_MODULES = SEGMENTER_MODULES + ("MedSynthLib.study.copypaste", "MedSynthLib.edits.insert",
+                                              "MedSynthLib.edits.base", "MedSynthLib.edits.transforms",
+                                              "MedSynthLib.edits.geometry")
 
     def _finetune_cases(self, fold: Fold) -> list[str]:
         cfg = self.config.seg_config
@@ -698,6 +702,16 @@ class _Study:
         return [SegCase(f"painted_{case.name}", means[:, case.labels], case.labels, case.spacing)
                 for case in synth["cases"]]
 
+    def _copy_paste(self, fold: Fold) -> tuple[list[SegCase], list[dict[str, Any]]]:
+        """Control C2: tumours of the fold's real training cases pasted into other training cases (cached per fold)."""
+        from .copypaste import make_copy_paste_cases
+
+        cache = self.__dict__.setdefault("_copy_paste_cache", {})
+        if fold.index not in cache:
+            train = [(self.seg_real[c], self.labelmaps[c]) for c in fold.train]
+            cache[fold.index] = make_copy_paste_cases(train, self.config.seed * 1000 + fold.index)
+        return cache[fold.index]
+
     def _baseline(self, fold: Fold, tag: str) -> dict[str, Any]:
         """The FLAIR-threshold gate, fitted on the fold's training cases only (both variants)."""
         from . import baseline
@@ -730,6 +744,7 @@ class _Study:
         runs = [self._arm_seed_run(fold, arm, synth, tag, k, seed) for k, seed in enumerate(seeds)]
         return {"arm": arm, "seeds": seeds, "runs": runs, "finetune_cases": runs[0]["finetune_cases"],
                 "real_cases": runs[0]["real_cases"], "training": runs[0]["training"],
+                "copy_paste_cases": runs[0].get("copy_paste_cases"),
                 "seconds": round(sum(r["seconds"] for r in runs), 2)}
 
     def _arm_seed(self, fold: Fold, arm: str, k: int) -> int:
@@ -744,11 +759,14 @@ class _Study:
         tune = self._finetune_cases(fold) if arm == "synthetic+finetune" else []
         real_ids = self._arm_real_cases(fold, arm)
         uses_synthetic = arm in ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean")
+        copy_paste = arm == "real+copypaste"
         key = stage_key({"arm": arm, "train": [self.sha[c] for c in real_ids],
                          "test": [self.sha[c] for c in fold.test], "finetune": tune,
                          "synthetic": synth["key"] if uses_synthetic else None, "seed": seed, "fold": fold.index,
-                         "world": self.d.world, "v": STUDY_VERSION},
-                        {k_: v for k_, v in cfg.to_json().items() if k_ != "seeds"}, self.SEGMENTER_MODULES)
+                         "world": self.d.world, "v": STUDY_VERSION,
+                         **({"grid": self.grid.to_json(), "study_seed": self.config.seed} if copy_paste else {})},
+                        {k_: v for k_, v in cfg.to_json().items() if k_ != "seeds"},
+                        self.COPY_PASTE_MODULES if copy_paste else self.SEGMENTER_MODULES)
         path = self.work / "arms" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -756,7 +774,8 @@ class _Study:
         if computed:
             real = [self.seg_real[c] for c in real_ids]
             painted = self._painted(fold, synth) if arm == "real+classmean" else None
-            phases = arm_phases(arm, real, synth["cases"], cfg, [self.seg_real[c] for c in tune], painted)
+            pasted, paste_records = self._copy_paste(fold) if copy_paste else (None, None)
+            phases = arm_phases(arm, real, synth["cases"], cfg, [self.seg_real[c] for c in tune], painted, pasted)
             for phase in phases:
                 if not any(len(c.tumour_voxels) for c in phase.cases):
                     raise MedSynthError(f"fold {fold.index}, arm {arm}: the {phase.name} training cases hold no "
@@ -770,6 +789,8 @@ class _Study:
                 result = {"key": key, "arm": arm, "seed": seed, "scores": scores, "training": info,
                           "finetune_cases": tune, "real_cases": real_ids,
                           "seconds": round(time.perf_counter() - t0, 2)}
+                if copy_paste:
+                    result["copy_paste_cases"] = paste_records
                 _write_json_atomic(result, path)
                 shutil.rmtree(path.with_suffix(".ckpt"), ignore_errors=True)
         self.d.sync(self.device.type)

@@ -45,6 +45,7 @@ class SegConfig:
     finetune_case_fraction: float = 0.1  # arm 4 (Shin et al.: 10 %): fraction of the real training cases it is fine-tuned on
     finetune_step_fraction: float = 0.3  # arm 4: share of the step budget spent fine-tuning
     threshold: float = 0.5
+    largest_component: bool = False  # keep the largest whole-tumour component (TC and ET inside it): drops stray voxels
     sw_overlap: float = 0.25
     sw_batch_size: int = 2
     precision: str = "fp32"
@@ -261,7 +262,19 @@ def predict(model: torch.nn.Module, case: SegCase, config: SegConfig, device: to
     with torch.inference_mode(), _autocast(device, config.precision):
         logits = sliding_window_inference(x, (config.patch_size,) * 3, config.sw_batch_size,
                                           lambda t: model(t).float(), overlap=config.sw_overlap, mode="gaussian")
-    return (torch.sigmoid(logits.float())[0] > config.threshold).cpu().numpy()
+    masks = (torch.sigmoid(logits.float())[0] > config.threshold).cpu().numpy()
+    return keep_largest_component(masks) if config.largest_component else masks
+
+
+def keep_largest_component(masks: np.ndarray) -> np.ndarray:
+    """(3, k, j, i) WT / TC / ET masks reduced to the largest connected WT component (TC, ET inside it)."""
+    from scipy import ndimage
+
+    labelled, count = ndimage.label(masks[0])
+    if count <= 1:
+        return masks
+    largest = labelled == (int(np.argmax(np.bincount(labelled.ravel())[1:])) + 1)
+    return masks & largest[None]
 
 
 def score(prediction: np.ndarray, labels: np.ndarray, spacing_kji: Sequence[float]) -> dict[str, dict[str, float | None]]:
@@ -306,8 +319,13 @@ def evaluate_cases(model: torch.nn.Module, cases: list[SegCase], config: SegConf
 
 
 def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: SegConfig,
-               finetune_cases: list[SegCase], painted: list[SegCase] | None = None) -> list[Phase]:
-    """The training phases of an arm.  ``real`` is already the arm's subset for the learning curve."""
+               finetune_cases: list[SegCase], painted: list[SegCase] | None = None,
+               pasted: list[SegCase] | None = None) -> list[Phase]:
+    """The training phases of an arm.  ``real`` is already the arm's subset for the learning curve.
+
+    ``painted`` are control C1's class-mean painted edits, ``pasted`` control C2's copy-paste cases
+    (:mod:`MedSynthLib.study.copypaste`); both are added on top of the real batch, as in arm 2.
+    """
     steps = config.steps
     if arm == "real" or arm.startswith("real@"):
         return [Phase(arm, real, 0, steps)]
@@ -315,6 +333,8 @@ def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: 
         return [Phase("real+synthetic", real, 0, steps, extra=synthetic)]
     if arm == "real+classmean":
         return [Phase("real+classmean", real, 0, steps, extra=list(painted or []))]
+    if arm == "real+copypaste":
+        return [Phase("real+copypaste", real, 0, steps, extra=list(pasted or []))]
     if arm == "synthetic":
         return [Phase("synthetic", synthetic, 0, steps)]
     if arm == "synthetic+finetune":
@@ -324,14 +344,15 @@ def arm_phases(arm: str, real: list[SegCase], synthetic: list[SegCase], config: 
 
 
 #: The learned arms; ``real@25`` and ``real@50`` are the learning curve (share of the real training cases).
-ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic", "synthetic+finetune", "real+classmean", "real@25",
-                         "real@50")
+ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic", "synthetic+finetune", "real+classmean",
+                         "real+copypaste", "real@25", "real@50")
 ARM_TITLES: dict[str, str] = {
     "real": "1. real only",
     "real+synthetic": "2. real + synthetic (same real patches)",
     "synthetic": "3. synthetic only",
     "synthetic+finetune": "4. synthetic, fine-tuned on real",
     "real+classmean": "C1. real + class-mean painted edits",
+    "real+copypaste": "C2. real + copy-pasted real tumours",
     "real@25": "L25. real only, 25 % of cases",
     "real@50": "L50. real only, 50 % of cases",
 }
