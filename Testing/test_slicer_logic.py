@@ -116,7 +116,9 @@ def case(brats_cases, tmp_path_factory) -> Case:
 def outputs(case, tiny_model) -> dict:
     """The synthetic case of the module's label map: made once, by whichever test needs it first."""
     if not case.outputs or not all(case.scene.IsNodePresent(n) for n in case.outputs.values()):
-        case.outputs = case.logic.generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu", seed=7))
+        # A whole synthetic case (for a loaded real case the default is inpainting).
+        options = GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False, seed=7)
+        case.outputs = case.logic.generate(case.seg, options)
     return case.outputs
 
 
@@ -555,7 +557,7 @@ def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_
 @pytest.mark.realdata
 def test_cancel_leaves_the_scene_and_the_worker_usable(case, tiny_model):
     ids = _ids(case.scene)
-    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    options = GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False)
     job = case.logic.start_generate(case.seg, options)
     pid = job.task.pid
     while job.poll() and job.task.text != "model loaded":  # cancel in the middle of the network pass
@@ -576,9 +578,15 @@ def test_cancel_leaves_the_scene_and_the_worker_usable(case, tiny_model):
 
 
 @pytest.mark.realdata
-def test_failed_synthesis_is_reported_and_leaves_the_scene(case, tmp_path):
+@pytest.mark.parametrize("options", [
+    # The case is a loaded real case: whole synthesis is the choice away from inpainting (the default).
+    {"model": "no-such-model", "inpaint": False},
+    {"inpainting_model": "no-such-model", "inpaint": True},
+], ids=["synthesis", "inpainting"])
+def test_failed_synthesis_is_reported_and_leaves_the_scene(case, tmp_path, options):
     ids = _ids(case.scene)
-    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tmp_path / "no-such-model"), device="cpu"))
+    options = {k: str(tmp_path / v) if k.endswith("model") else v for k, v in options.items()}
+    job = case.logic.start_generate(case.seg, GenerateOptions(device="cpu", **options))
     job.task.wait(timeout=300)
     with pytest.raises(WorkflowError, match="synthesis failed: .*no-such-model") as error:
         case.logic.finish_generate(job)
@@ -589,7 +597,7 @@ def test_failed_synthesis_is_reported_and_leaves_the_scene(case, tmp_path):
 @pytest.mark.realdata
 def test_preview_rerenders_only_the_edited_region(case, tiny_model):
     seg = case.logic.copy_labels(case.seg, "preview")
-    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    options = GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False)
     ids = _ids(case.scene)
     job = case.logic.start_preview(seg, options)
     assert _ids(case.scene) == ids  # in the background: nothing changes until it is finished
@@ -658,7 +666,7 @@ def test_the_label_map_is_read_again_whenever_the_segmentation_changed(case):
 @pytest.mark.realdata
 def test_a_newer_preview_supersedes_the_running_one_on_the_scene(case, tiny_model):
     seg = case.logic.copy_labels(case.seg, "supersede")
-    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    options = GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False)
     first = case.logic.preview(seg, options)
     before = {m: mrml.array_from_volume(n) for m, n in first.items()}
     labels_start = case.logic.labelmap(seg).array.copy()
@@ -699,7 +707,7 @@ def test_a_preview_whose_worker_died_fails_in_one_line_and_the_next_starts_over(
     import signal
 
     seg = case.logic.copy_labels(case.seg, "died")
-    options = GenerateOptions(model=str(tiny_model), device="cpu")
+    options = GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False)
     first = case.logic.preview(seg, options)
     case.logic.apply_edit(seg, Translate((4.0, 0.0, 0.0)))
     job = case.logic.start_preview(seg, options)
@@ -942,7 +950,7 @@ def test_label_maps_with_unknown_segments_or_values(case, tiny_model):
     seg.GetSegmentation().AddEmptySegment("Segment_7", "Segment_7")
     ids = _ids(case.scene)
     with pytest.raises(WorkflowError, match="'Segment_7'"):
-        case.logic.start_generate(seg, GenerateOptions(model=str(tiny_model), device="cpu"))
+        case.logic.start_generate(seg, GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False))
     assert _ids(case.scene) == ids
     mrml.remove_nodes(case.scene, seg)
 
