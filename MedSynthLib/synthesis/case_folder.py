@@ -41,6 +41,34 @@ MONTAGE_FILE = "montage.png"
 OWNED_FILES = (*OUTPUT_FILES, SYNTHETIC_MASK_FILE, MONTAGE_FILE, PROVENANCE_FILE)
 
 
+def case_provenance(model: Any, labelmap: LabelMap, privacy: Any, *, seed: int, device: str,
+                    precision: str) -> dict[str, Any]:
+    """The provenance every synthetic case folder records; the caller adds its own fields (timings, ...).
+
+    Args:
+        model: the :class:`~MedSynthLib.synthesis.models.ModelCard` that painted the images.
+        labelmap: the label map the images were made from.
+        privacy: its :class:`~MedSynthLib.schema.provenance.PrivacyRecord` (inpainting marks the patient's images).
+        seed, device, precision: how the network ran.
+    """
+    from ..schema.provenance import software_versions
+
+    return {
+        "kind": SYNTHETIC_CASE_KIND,
+        "synthetic": True,
+        "label_schema_version": SCHEMA_VERSION,
+        "model": {"name": model.name, "sha256": model.sha256},
+        "labels_sha256": array_sha256(labelmap.array),
+        "edits": labelmap.history,
+        "privacy": privacy.to_json(),
+        "seed": seed,
+        "device": device,
+        "precision": precision,
+        "grid": labelmap.grid.to_json(),
+        "software": software_versions(),
+    }
+
+
 def write_case_folder(labelmap: LabelMap, images: Mapping[str, np.ndarray], provenance: Mapping[str, Any],
                       out_dir: str | os.PathLike[str], *, overwrite: bool = False,
                       extra: Callable[[Path], None] | None = None, synthetic_mask: np.ndarray | None = None,

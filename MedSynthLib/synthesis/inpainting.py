@@ -376,8 +376,8 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
     """
     import dataclasses
 
-    from ..schema.labels import SCHEMA_VERSION
-    from ..schema.provenance import InpaintingRecord, array_sha256, file_sha256, privacy_of, software_versions
+    from ..schema.provenance import InpaintingRecord, file_sha256, privacy_of
+    from .case_folder import case_provenance
 
     if not np.isfinite(margin_mm) or not 0 <= margin_mm <= 100:
         raise MedSynthError(f"--region-margin {margin_mm}: give 0-100 mm")
@@ -396,24 +396,12 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
     record = InpaintingRecord(region_margin_mm=float(margin_mm), feather_mm=float(feather_mm), old_tumour=old_source,
                               synthetic_voxels=int(region.sum()),
                               context_sha256={m: file_sha256(context.files[m]) for m in MODALITIES})
-    provenance = {
-        "kind": "medsynth-synthetic-case",
-        "synthetic": True,
-        "label_schema_version": SCHEMA_VERSION,
-        "model": {"name": engine.model.name, "sha256": engine.model.sha256},
-        "labels_sha256": array_sha256(labelmap.array),
-        "edits": labelmap.history,
-        "privacy": privacy.to_json(),
-        "inpainting": dataclasses.asdict(record),
-        "seed": 0,
-        "device": str(engine.synth.device),
-        "precision": engine.synth.precision,
-        "grid": labelmap.grid.to_json(),
-        "software": software_versions(),
-        "timings_s": {"load_model": round(engine.load_seconds, 3), "region": round(region_seconds, 3),
-                      "network": result.timings_s.get("network", 0.0),
-                      "total": round(time.perf_counter() - start + engine.load_seconds, 3)},
-    }
+    provenance = case_provenance(engine.model, labelmap, privacy, seed=0, device=str(engine.synth.device),
+                                 precision=engine.synth.precision)
+    provenance["inpainting"] = dataclasses.asdict(record)
+    provenance["timings_s"] = {"load_model": round(engine.load_seconds, 3), "region": round(region_seconds, 3),
+                               "network": result.timings_s.get("network", 0.0),
+                               "total": round(time.perf_counter() - start + engine.load_seconds, 3)}
     return InpaintedCase(labelmap, result.images, result.region, provenance)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..schema.errors import MedSynthError
 from ..schema.grid import LabelMap
-from ..schema.labels import MODALITIES, SCHEMA_VERSION, Label, brain_mask
+from ..schema.labels import MODALITIES, Label, brain_mask
 from .models import ModelCard
 
 OUTPUT_NAMES = MODALITIES
@@ -88,7 +88,8 @@ class SynthesisEngine:
                 image; another seed another plausible appearance).  Models without one ignore it,
                 and the provenance says so (``seed_effective: false``).
         """
-        from ..schema.provenance import array_sha256, privacy_of, software_versions
+        from ..schema.provenance import privacy_of
+        from .case_folder import case_provenance
         from .inference import to_scanner_units
 
         if not brain_mask(labelmap.array).any():
@@ -99,23 +100,11 @@ class SynthesisEngine:
         normalized = self.synth.predict(labelmap.array)
         network_seconds = time.perf_counter() - start
         images = to_scanner_units(normalized, labelmap.array, self.model.normalizers, self.model.modalities)
-        provenance = {
-            "kind": "medsynth-synthetic-case",
-            "synthetic": True,
-            "label_schema_version": SCHEMA_VERSION,
-            "model": {"name": self.model.name, "sha256": self.model.sha256},
-            "labels_sha256": array_sha256(labelmap.array),
-            "edits": labelmap.history,
-            "privacy": privacy_of(labelmap).to_json(),
-            "seed": seed,
-            "seed_effective": self.seed_effective,
-            "device": self.device,
-            "precision": self.synth.precision,
-            "grid": labelmap.grid.to_json(),
-            "software": software_versions(),
-            "timings_s": {"load_model": round(self.load_seconds, 3), "network": round(network_seconds, 3),
-                          "total": round(time.perf_counter() - start + self.load_seconds, 3)},
-        }
+        provenance = case_provenance(self.model, labelmap, privacy_of(labelmap), seed=seed, device=self.device,
+                                     precision=self.synth.precision)
+        provenance["seed_effective"] = self.seed_effective
+        provenance["timings_s"] = {"load_model": round(self.load_seconds, 3), "network": round(network_seconds, 3),
+                                   "total": round(time.perf_counter() - start + self.load_seconds, 3)}
         return SynthesisResult(labelmap, images, normalized, provenance)
 
     def rerender(self, previous: SynthesisResult, edited: LabelMap, margin: int = 24) -> SynthesisResult:
