@@ -678,10 +678,16 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
             render_montage(vols, labels, grid, run_dir / "montages" / f"step_{step:07d}.png",
                            title=f"validation, step {step}")
     generator.train()
+    return _summarise(per_case, ("brain", "tumour"), network.modalities, volumes, detailed)
+
+
+def _summarise(per_case: list[dict[str, Any]], regions: tuple[str, ...], modalities: Any,
+               volumes: list[TrainingVolume], detailed: bool) -> dict[str, Any]:
+    """Mean of each region's SSIM / PSNR / MAE over cases and modalities (``<region>_<metric>``)."""
     summary: dict[str, Any] = {}
-    for region in ("brain", "tumour"):
+    for region in regions:
         for metric in ("ssim", "psnr", "mae"):
-            values = [case[m][region][metric] for case in per_case for m in network.modalities if region in case[m]]
+            values = [case[m][region][metric] for case in per_case for m in modalities if region in case[m]]
             if values:
                 summary[f"{region}_{metric}"] = float(np.mean(values))
     if detailed:
@@ -730,15 +736,7 @@ def validate_inpainting(generator: nn.Module, network: NetworkConfig, volumes: l
                   for c, m in enumerate(network.modalities)}
         per_case.append(scores)
     generator.train()
-    summary: dict[str, Any] = {}
-    for metric in ("ssim", "psnr", "mae"):
-        values = [case[m]["region"][metric] for case in per_case for m in network.modalities if "region" in case[m]]
-        if values:
-            summary[f"region_{metric}"] = float(np.mean(values))
-    if detailed:
-        summary["per_case"] = per_case
-        summary["case_sha256"] = [v.key for v in volumes]
-    return summary
+    return _summarise(per_case, ("region",), network.modalities, volumes, detailed)
 
 
 def _progress_iter(items: list[Any], desc: str, show: bool):
