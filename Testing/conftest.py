@@ -126,15 +126,22 @@ def brats_derived(brats_cases: list[Path], derived_case) -> dict[str, tuple]:
 PHANTOM_BRATS_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
 
 
+def write_phantom_case(root: Path, seed: int, case_id: str | None = None) -> Path:
+    """A phantom case folder in BraTS 2021 naming (four contrasts and the expert segmentation)."""
+    case_id = case_id or f"BraTS2021_{seed:05d}"
+    images, seg = phantom(seed=seed)
+    for modality, array in images.items():
+        write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
+    write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
+    return root / case_id
+
+
 @pytest.fixture(scope="session")
 def phantom_brats(tmp_path_factory) -> Path:
     """Three phantom case folders in BraTS 2021 naming (seeds 0, 1, 2), written once per session."""
     root = tmp_path_factory.mktemp("phantom_brats") / "cases"
     for seed, case_id in enumerate(PHANTOM_BRATS_IDS):
-        images, seg = phantom(seed=seed)
-        for modality, array in images.items():
-            write_volume(array, root / case_id / f"{case_id}_{modality}.nii.gz")
-        write_volume(seg, root / case_id / f"{case_id}_seg.nii.gz")
+        write_phantom_case(root, seed, case_id)
     return root
 
 

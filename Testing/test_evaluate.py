@@ -8,19 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import phantom, write_volume
+from conftest import write_phantom_case
 from MedSynthLib.cases.readers import MODALITIES, read_case
 from MedSynthLib.evaluation.evaluate import evaluate
 from MedSynthLib.schema.labels import Label
-
-
-def _case(root: Path, seed: int) -> Path:
-    images, seg = phantom(seed=seed)
-    folder = root / f"BraTS2021_{seed:05d}"
-    for modality, array in images.items():
-        write_volume(array, folder / f"{folder.name}_{modality}.nii.gz")
-    write_volume(seg, folder / f"{folder.name}_seg.nii.gz")
-    return folder
 
 
 def _labels_for(folder: Path) -> np.ndarray:
@@ -47,7 +38,7 @@ class _Engine:
 
 @pytest.mark.parametrize("checker", [0.0, 150.0])
 def test_evaluate_reports_rules_and_checkerboard(tmp_path: Path, checker: float) -> None:
-    folders = [_case(tmp_path, seed) for seed in range(3)]
+    folders = [write_phantom_case(tmp_path, seed) for seed in range(3)]
     engine = _Engine(checker)
     original = read_case
 

@@ -272,6 +272,15 @@ def test_a_different_seed_changes_the_cases(gen_data, nnunet_run, tmp_path):
         r["labels_sha256"] for r in list(_records(nnunet_run).values())[:2]]
 
 
+def _wait_for_a_case(process: subprocess.Popen, out: Path, timeout_s: float = 300.0) -> None:
+    """Return once the run has completed a case (or ended, or timed out): the moment to kill it mid-run."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if _records(out):
+            return
+        time.sleep(0.01)
+
+
 def test_resume_after_kill_9_gives_the_uninterrupted_dataset(gen_data, nnunet_run, tmp_path):
     out = tmp_path / "killed"
     argv = _argv(gen_data, out)
@@ -280,11 +289,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_dataset(gen_data, nnunet_ru
     process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            if _records(out):
-                break
-            time.sleep(0.01)
+        _wait_for_a_case(process, out)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
@@ -392,11 +397,7 @@ def test_real_torchrun_two_ranks_equal_one_process_and_resume_after_kill_9(gen_d
     process = subprocess.Popen(_torchrun(_argv(gen_data, killed) + cache), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            if _records(killed):
-                break
-            time.sleep(0.01)
+        _wait_for_a_case(process, killed)
         for pid in _descendants(process.pid)[::-1] + [process.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)

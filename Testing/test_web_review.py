@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import phantom, write_volume
+from conftest import phantom, write_phantom_case, write_volume
 from MedSynthLib import cli
 from MedSynthLib.evaluation.reader_study import (
     ReaderStudy,
@@ -49,12 +49,7 @@ PAGE_WAIT_MS = 60_000
 
 def make_real_case(root: Path, index: int) -> Path:
     """A phantom in BraTS 2021 naming (four contrasts and the expert segmentation)."""
-    images, seg = phantom(seed=index)
-    folder = root / f"BraTS2021_{index:05d}"
-    for modality, array in images.items():
-        write_volume(array, folder / f"{folder.name}_{modality}.nii.gz")
-    write_volume(seg, folder / f"{folder.name}_seg.nii.gz")
-    return folder
+    return write_phantom_case(root, index)
 
 
 def make_synthetic_case(root: Path, index: int) -> Path:
