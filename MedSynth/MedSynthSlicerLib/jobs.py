@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .process import group_pids
 from .protocol import Event, ProtocolError, Request, decode, encode, exchange_folder, put_array, take_array
 from .signals import Signal
 
@@ -334,6 +335,11 @@ class WorkerClient:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+            # The leader is reaped, but a SIGKILLed child can still be tearing down its memory:
+            # the tree has ended only when no member of the group is left.
+            deadline = time.monotonic() + 5.0
+            while os.name != "nt" and group_pids(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
         for task in list(self.tasks.values()):
             task._end("cancelled", f"{task.op} cancelled")
         self.tasks.clear()
