@@ -652,3 +652,37 @@ def test_largest_component_post_processing_keeps_the_main_tumour() -> None:
     single = np.zeros_like(masks)
     single[0, 3, 3, 3] = True
     assert np.array_equal(keep_largest_component(single), single)
+
+
+def test_blur_augmentation_is_reproducible_and_keeps_the_patches() -> None:
+    """``blur`` smooths some contrasts of some patches, the same for the same (seed, step, rank), and
+    leaves everything else as without it: the same patches, flips and intensity jitter."""
+    from dataclasses import replace
+
+    import torch
+
+    from MedSynthLib.schema.errors import InputError
+    from MedSynthLib.schema.labels import Label
+    from MedSynthLib.study.segmenter import SegConfig, make_seg_case, sample_batch
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[2:38, 2:38, 2:38] = 3
+    labels[8:14, 20:30, 8:14] = Label.ED
+    images = rng.normal(0, 1, (4,) + labels.shape).astype(np.float32)
+    case = make_seg_case("c", images, labels, (1.0, 1.0, 1.0))
+    plain = SegConfig(patch_size=16, batch_size=6)
+    blurred = replace(plain, blur=2.0)
+    x0, y0 = sample_batch([case], plain, seed=1, step=3)
+    x1, y1 = sample_batch([case], blurred, seed=1, step=3)
+    assert torch.equal(y0, y1) and len(torch.unique(y0.flatten(1).sum(1))) > 1  # the same, distinct patches
+    x1_again, _ = sample_batch([case], blurred, seed=1, step=3)
+    assert torch.equal(x1, x1_again)
+    # Per (patch, contrast): either exactly the plain patch or a smoother one.
+    roughness = lambda x: np.abs(np.diff(x.numpy(), axis=-1)).mean(axis=(-3, -2, -1))  # noqa: E731
+    same = torch.isclose(x0, x1).flatten(2).all(dim=2).numpy()
+    assert same.any() and (~same).any()
+    ratio = roughness(x1)[~same] / roughness(x0)[~same]
+    assert np.median(ratio) < 0.5  # sigmas are drawn from U(0, 2) voxels
+    with pytest.raises(InputError, match="blur"):
+        SegConfig.from_json({"blur": -1.0}, "config.json")

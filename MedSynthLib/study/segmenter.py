@@ -1,8 +1,9 @@
 """The tumour segmenter of ``medsynth study``: MONAI SegResNet on the BraTS regions.
 
 Three sigmoid outputs (WT, TC, ET, overlapping as in the BraTS challenge),
-Dice + cross-entropy loss, patches biased towards the tumour with flips and
-intensity jitter, polynomial learning-rate decay, sliding-window inference.
+Dice + cross-entropy loss, patches biased towards the tumour with flips,
+intensity jitter and an optional per-contrast blur (older, thick-slice scans),
+polynomial learning-rate decay, sliding-window inference.
 Inputs are z-scored per modality inside the brain.  Every patch is drawn from a
 generator seeded by (seed, step, rank), so a resumed arm sees the patches an
 uninterrupted one would have seen; checkpoints are safetensors + JSON.
@@ -42,6 +43,10 @@ class SegConfig:
     tumour_fraction: float = 0.7
     flip: bool = True
     intensity: float = 0.1
+    # Largest Gaussian sigma (voxels) of a per-contrast blur applied to half the patches' contrasts
+    # (0: off).  Its draws come from a stream of their own: the patches are the same either way.  Scans upsampled
+    # from thick slices (the 2013 BraTS cases) are far smoother than the training data otherwise.
+    blur: float = 0.0
     finetune_case_fraction: float = 0.1  # arm 4 (Shin et al.: 10 %): fraction of the real training cases it is fine-tuned on
     finetune_step_fraction: float = 0.3  # arm 4: share of the step budget spent fine-tuning
     threshold: float = 0.5
@@ -66,6 +71,8 @@ class SegConfig:
         multiple = 2 ** (len(config.blocks_down) - 1)
         if config.patch_size % multiple:
             raise InputError(source, f"segmenter patch_size {config.patch_size} is not a multiple of {multiple}")
+        if config.blur < 0:
+            raise InputError(source, f"segmenter blur {config.blur} must be 0 (off) or a positive sigma in voxels")
         if config.steps < 1 or config.batch_size < 1:
             raise InputError(source, "segmenter steps and batch_size must be at least 1")
         if not 0 < config.finetune_case_fraction <= 1 or not 0 < config.finetune_step_fraction < 1:
@@ -134,6 +141,8 @@ def _crop(case: SegCase, centre: np.ndarray, size: int) -> tuple[np.ndarray, np.
 def sample_batch(cases: list[SegCase], config: SegConfig, seed: int, step: int, rank: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng([seed, step, rank])
+    # The blur draws from its own stream: with or without it, the same patches, flips and jitter.
+    blur_rng = np.random.default_rng([seed, step, rank, 1]) if config.blur > 0 else None
     images, targets = [], []
     for _ in range(config.batch_size):
         case = cases[int(rng.integers(len(cases)))]
@@ -145,6 +154,8 @@ def sample_batch(cases: list[SegCase], config: SegConfig, seed: int, step: int, 
             for axis in range(3):
                 if rng.random() < 0.5:
                     img, lab = np.flip(img, axis + 1), np.flip(lab, axis)
+        if blur_rng is not None:
+            img = _random_blur(img, config.blur, blur_rng)
         if config.intensity > 0:
             gain = rng.uniform(1 - config.intensity, 1 + config.intensity, (4, 1, 1, 1))
             shift = rng.uniform(-config.intensity, config.intensity, (4, 1, 1, 1))
@@ -152,6 +163,17 @@ def sample_batch(cases: list[SegCase], config: SegConfig, seed: int, step: int, 
         images.append(np.ascontiguousarray(img, dtype=np.float32))
         targets.append(region_targets(np.ascontiguousarray(lab)))
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(targets))
+
+
+def _random_blur(img: np.ndarray, max_sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Each contrast of ``img`` (c, k, j, i) blurred with probability 0.5 by a Gaussian of sigma U(0, max_sigma)."""
+    from scipy import ndimage
+
+    out = np.array(img, dtype=np.float32)
+    for channel in range(out.shape[0]):
+        if rng.random() < 0.5:
+            out[channel] = ndimage.gaussian_filter(out[channel], float(rng.uniform(0.0, max_sigma)), mode="nearest")
+    return out
 
 
 def _autocast(device: torch.device, precision: str):
