@@ -40,7 +40,7 @@ LONGEST_FILES_FIRST = ("test_generate.py", "test_labels_and_cases.py", "test_tra
 def pytest_collection_modifyitems(config, items):
     """Order the files longest first (see :data:`LONGEST_FILES_FIRST`); tests keep their order in a file."""
     rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
-    items[:] = sorted(items, key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+    items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def data_root() -> Path:

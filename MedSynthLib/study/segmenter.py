@@ -44,8 +44,8 @@ class SegConfig:
     flip: bool = True
     intensity: float = 0.1
     # Largest Gaussian sigma (voxels) of a per-contrast blur applied to half the patches' contrasts
-    # (0: off).  Its draws come from a stream of their own: the patches are the same either way.  Scans upsampled
-    # from thick slices (the 2013 BraTS cases) are far smoother than the training data otherwise.
+    # (0: off; its draws come from a stream of their own, so the patches are the same either way).
+    # Scans upsampled from thick slices (the 2013 BraTS cases) are far smoother than the others.
     blur: float = 0.0
     finetune_case_fraction: float = 0.1  # arm 4 (Shin et al.: 10 %): fraction of the real training cases it is fine-tuned on
     finetune_step_fraction: float = 0.3  # arm 4: share of the step budget spent fine-tuning
