@@ -280,12 +280,12 @@ def test_registered_inpainting_model_verifies() -> None:
     synthesis default, and an inpainting model asked for without a name resolves to it."""
     from MedSynthLib.synthesis.models import load_generator, read_registry, resolve_model
 
-    model = resolve_model("medsynth-inpaint-brats27-f0c", kind="inpainting")
+    model = resolve_model("medsynth-inpaint-brats27-f0d", kind="inpainting")
     assert model.config["network"]["kind"] == "inpainting" and model.config["inpainting"]["blank_value"] == 0.0
     assert type(load_generator(model, "cpu").net).__name__ == "InferenceSpadeGenerator"
     registry = read_registry()
-    assert registry["default"] != "medsynth-inpaint-brats27-f0c"
-    assert registry["default_inpainting"] == "medsynth-inpaint-brats27-f0c"
+    assert registry["default"] != "medsynth-inpaint-brats27-f0d"
+    assert registry["default_inpainting"] == "medsynth-inpaint-brats27-f0d"
     assert resolve_model(None, kind="inpainting").sha256 == model.sha256
 
 

@@ -353,7 +353,7 @@ def main() -> int:
     parser.add_argument("--renderers", default="synthesis",
                         help="comma-separated preview renderers to run side by side: synthesis (a whole synthetic "
                              "case) and/or inpainting (the real case's images, the edited region inpainted)")
-    parser.add_argument("--inpainting-model", default="medsynth-inpaint-brats27-f0c",
+    parser.add_argument("--inpainting-model", default="medsynth-inpaint-brats27-f0d",
                         help="the inpainting model of the inpainting renderer (registered name or folder)")
     parser.add_argument("--renderer", default="synthesis", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

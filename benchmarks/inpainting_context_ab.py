@@ -33,7 +33,7 @@ parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent
 parser.add_argument("--cases", nargs="+", default=["BraTS2021_00000", "BraTS2021_00006"])
 args = parser.parse_args()
 torch.set_num_threads(2)
-engine = InpaintingEngine(resolve_model("medsynth-inpaint-brats27-f0c", kind="inpainting"), "cpu", "auto")
+engine = InpaintingEngine(resolve_model("medsynth-inpaint-brats27-f0d", kind="inpainting"), "cpu", "auto")
 new_box = inpainting.lattice_box
 
 
