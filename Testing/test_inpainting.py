@@ -144,6 +144,7 @@ def test_outside_region_bit_for_bit_mask_and_provenance(trained, edited, tmp_pat
     assert provenance["privacy"]["images"] == "patient"
     assert provenance["inpainting"]["synthetic_voxels"] == int(mask.sum())
     assert provenance["inpainting"]["old_tumour"] == "case-segmentation"
+    assert provenance["inpainting"]["mirror_average"] is True and provenance["inpainting"]["match_tissue"] is True
     assert "synthetic_mask.nii.gz" in provenance["files"]
     assert "NOT anonymous" in capsys.readouterr().out
 
@@ -502,3 +503,77 @@ def test_the_network_box_is_on_the_lattice_with_real_context():
         assert (s.stop - s.start) % 16 == 0 or s.stop - s.start == n  # a multiple, or the whole (small) volume
         assert s.start <= max(lo - INFERENCE_CONTEXT_VOXELS, 0) and s.stop >= min(hi + INFERENCE_CONTEXT_VOXELS, n)
     assert [s.stop - s.start for s in box] == [48, 48, 40]  # 17+16 -> 48 (shifted in at the edge); 21+16 -> 48
+
+
+def _crop(seed: int = 5):
+    """A random crop: labels with every class, images in [-1, 1], a box-shaped region in its middle."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(1, 7, (32, 40, 32)).astype(np.uint8)
+    images = rng.uniform(-1, 1, (4, 32, 40, 32)).astype(np.float32)
+    region = np.zeros(labels.shape, bool)
+    region[8:24, 10:30, 8:24] = True
+    return labels, images, region
+
+
+def test_mirror_average_is_the_mean_of_the_pass_and_the_mirrored_pass(tiny_inpainter):
+    from MedSynthLib.synthesis.inpainting import InpaintingEngine
+
+    engine = InpaintingEngine(tiny_inpainter.model, "cpu", "fp32", mirror_average=True, match_tissue=False)
+    labels, images, region = _crop()
+    direct = engine.forward_normalized(labels, images, region)
+    mirrored = engine.forward_normalized(labels[..., ::-1].copy(), images[..., ::-1].copy(), region[..., ::-1].copy())
+    averaged = engine.predict_normalized(labels, images, region)
+    assert np.allclose(averaged, 0.5 * (direct + mirrored[..., ::-1]), atol=1e-6)
+    assert not np.allclose(averaged, direct, atol=1e-3)  # the mirrored pass is not the same: the test can fail
+    # A mirror-symmetric crop gives a mirror-symmetric output.
+    symmetric = [np.concatenate([a[..., :16], a[..., :16][..., ::-1]], axis=-1) for a in (labels, images, region)]
+    out = engine.predict_normalized(*symmetric)
+    assert np.allclose(out, out[..., ::-1], atol=1e-5)
+
+
+def test_match_tissue_gives_each_healthy_class_the_patients_median_around_the_region():
+    from MedSynthLib.synthesis.inpainting import match_tissue_medians
+
+    from scipy import ndimage
+
+    labels, _, region = _crop()
+    rng = np.random.default_rng(6)
+    # Tissue of one brightness per class and contrast with some noise, as in a real crop; a network output off by
+    # a different amount in each class.
+    level = rng.uniform(-0.5, 0.5, (4, 7)).astype(np.float32)
+    images = level[:, labels] + rng.normal(0, 0.05, (4,) + labels.shape).astype(np.float32)
+    predicted = level[:, labels] + rng.uniform(0.2, 0.4, (4, 7)).astype(np.float32)[:, labels] \
+        + rng.normal(0, 0.05, images.shape).astype(np.float32)
+    matched = match_tissue_medians(predicted, labels, images, region, shell_voxels=3.0)
+    shell = ~region & (ndimage.distance_transform_edt(~region) <= 3.0)
+    assert shell.sum() < (~region).sum()  # the shell is not the whole crop
+    far = ~region & ~shell
+    images_far_changed = images.copy()
+    images_far_changed[:, far] += 1.0  # tissue beyond the shell is not a reference
+    assert np.array_equal(match_tissue_medians(predicted, labels, images_far_changed, region, shell_voxels=3.0),
+                          matched)
+    for value in (Label.CSF, Label.GM, Label.WM):
+        inside, around = region & (labels == value), shell & (labels == value)
+        for c in range(4):  # medians from the 2-voxel lattice: close to the full-resolution ones
+            assert np.median(predicted[c][inside]) - np.median(images[c][around]) > 0.1  # there is a shift to make
+            assert np.median(matched[c][inside]) == pytest.approx(np.median(images[c][around]), abs=0.03)
+            # A shift: the texture inside the class is the network's.
+            assert np.allclose(np.diff(matched[c][inside]), np.diff(predicted[c][inside]), atol=1e-5)
+    tumour = region & np.isin(labels, [Label.NCR, Label.ED, Label.ET])
+    assert np.array_equal(matched[:, tumour], predicted[:, tumour])  # no reference for tumour classes
+    assert np.array_equal(matched[:, ~region], predicted[:, ~region])
+    # The real values inside the region are never read (they are what the model is scored against).
+    leaked = images.copy()
+    leaked[:, region] = 5.0
+    assert np.array_equal(match_tissue_medians(predicted, labels, leaked, region, shell_voxels=3.0), matched)
+
+
+def test_the_engine_output_never_reads_the_real_values_inside_the_region(tiny_inpainter):
+    labels, images, region = _crop()
+    assert tiny_inpainter.mirror_average and tiny_inpainter.match_tissue  # the defaults
+    before = tiny_inpainter.predict_normalized(labels, images, region)
+    changed = images.copy()
+    changed[:, region] = np.random.default_rng(7).uniform(-1, 1, (4, int(region.sum())))
+    assert np.array_equal(tiny_inpainter.predict_normalized(labels, changed, region), before)
+    changed[:, ~region] += 0.1  # ... but does read the context
+    assert not np.array_equal(tiny_inpainter.predict_normalized(labels, changed, region), before)

@@ -659,6 +659,8 @@ class InpaintingRecord:
         old_tumour: where the tumour before the edit came from (``old-labels``: a given label map;
             ``case-segmentation``: the case's own expert segmentation; ``none``).
         synthetic_voxels: voxels in the region (``synthetic_mask.nii.gz``).
+        mirror_average: the network output was averaged with its left-right mirrored pass.
+        match_tissue: healthy classes in the region were shifted to the patient's own medians around it.
         context_sha256: sha256 of the patient's image files (local only: it identifies the scans).
     """
 
@@ -668,6 +670,8 @@ class InpaintingRecord:
     feather_mm: float | None = None
     old_tumour: Literal["old-labels", "case-segmentation", "none"] | None = None
     synthetic_voxels: int | None = None
+    mirror_average: bool | None = None
+    match_tissue: bool | None = None
     context_sha256: dict[CONTRAST, SHA256] | None = None
 
 
