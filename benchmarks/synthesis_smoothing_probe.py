@@ -35,6 +35,7 @@ from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
 from MedSynthLib.evaluation.evaluate import real_brain_mask  # noqa: E402
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
+from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 from MedSynthLib.training.data import find_case_folders  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> int:
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(report, args.json, overwrite=True)
     return 0
 
 
