@@ -60,3 +60,24 @@ def test_evaluate_reports_rules_and_checkerboard(tmp_path: Path, checker: float)
         assert min(report["checkerboard_ratio"].values()) > 5.0
     assert {"checked", "synthetic_passed", "real_passed"} == set(next(iter(report["contrast_rules"].values())))
     assert "class_mean_training" in report["summary"]
+
+
+def test_evaluate_reads_through_the_given_reader(tmp_path: Path) -> None:
+    """A caller scoring several models passes a cached reader: every case is read through it, and the
+    report is the same as with the default reader."""
+    folders = [write_phantom_case(tmp_path, seed) for seed in range(3)]
+    engine = _Engine(0.0)
+    reads: list[str] = []
+
+    def reader(folder: Path):
+        reads.append(folder.name)
+        return read_case(folder, require_segmentation=True)
+
+    def labels_for(folder: Path) -> np.ndarray:
+        engine.current = {m: v.astype(np.float32) for m, v in read_case(folder).images.items()}
+        return _labels_for(folder)
+
+    with_reader = evaluate(engine, folders[:1], labels_for, reference_dirs=folders[1:], reader=reader)
+    assert sorted(reads) == sorted(f.name for f in folders)  # the held-out case and both reference cases
+    default = evaluate(engine, folders[:1], labels_for, reference_dirs=folders[1:])
+    assert with_reader["summary"] == default["summary"]

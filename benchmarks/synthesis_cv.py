@@ -42,9 +42,8 @@ from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 from MedSynthLib.training.data import find_case_folders  # noqa: E402
 
 
-def _cached_labels(folder: Path, cache_dir: Path | None, normalization: str) -> np.ndarray:
+def _cached_labels(case: Any, folder: Path, cache_dir: Path | None, normalization: str) -> np.ndarray:
     """The case's derived label map, from a training cache when one is given (same anatomy model)."""
-    case = read_case(folder, require_segmentation=True)
     if cache_dir is None:
         return derive_label_map(case).array
     from MedSynthLib.schema.grid import mask_box
@@ -60,13 +59,12 @@ def _cached_labels(folder: Path, cache_dir: Path | None, normalization: str) -> 
     return labels
 
 
-def _montage(case_dir: Path, labels: np.ndarray, engines: list[tuple[str, Any]], path: Path) -> None:
+def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    case = read_case(case_dir, require_segmentation=True)
     brain = np.any([case.images[m] > 0 for m in MODALITIES], axis=0)
     tumour = tumour_mask(labels)
     k = int(np.argmax(tumour.sum(axis=(1, 2)))) if tumour.any() else labels.shape[0] // 2
@@ -111,14 +109,26 @@ def main() -> int:
     train = sorted((f for f in folders if f.name not in held_out), key=lambda f: f.name)
     if len(test) != len(held_out):
         parser.error(f"fold {args.fold}: found {len(test)} of its {len(held_out)} cases under --data")
+    held_out_folders = set(test)
     args.output.mkdir(parents=True, exist_ok=True)
 
-    cache: dict[Path, np.ndarray] = {}
+    # Each held-out case is read once for all models (labels, every model's scoring, the montage);
+    # the training cases, read only for the class means, are not kept.
+    cases: dict[Path, Any] = {}
+    labels: dict[Path, np.ndarray] = {}
+
+    def read(folder: Path) -> Any:
+        if folder in cases:
+            return cases[folder]
+        case = read_case(folder, require_segmentation=True)
+        if folder in held_out_folders:
+            cases[folder] = case
+        return case
 
     def labels_for(folder: Path) -> np.ndarray:
-        if folder not in cache:
-            cache[folder] = _cached_labels(folder, args.cache, normalization)
-        return cache[folder]
+        if folder not in labels:
+            labels[folder] = _cached_labels(read(folder), folder, args.cache, normalization)
+        return labels[folder]
 
     report: dict[str, Any] = {"command": " ".join(sys.argv), "fold": args.fold, "held_out": [f.name for f in test],
                               "training_cases": [f.name for f in train], "machine": platform.machine(),
@@ -128,7 +138,7 @@ def main() -> int:
         model = resolve_model(name)
         engine = SynthesisEngine(model, "cpu", "auto")
         start = time.time()
-        result = evaluate(engine, test, labels_for, train)
+        result = evaluate(engine, test, labels_for, train, reader=read)
         result["seconds"] = time.time() - start
         label = Path(name).parent.name if Path(name).name == "model" else model.name
         report["models"][label] = result
@@ -165,7 +175,7 @@ def main() -> int:
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     for folder in test[: args.montage_cases]:
         path = args.output / f"montage_{folder.name}.png"
-        _montage(folder, labels_for(folder), engines, path)
+        _montage(read(folder), folder, labels_for(folder), engines, path)
         lines += ["", f"![{folder.name}]({path.name})"]
     (args.output / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:20]))

@@ -32,12 +32,13 @@ def real_brain_mask(images: dict[str, np.ndarray]) -> np.ndarray:
     return mask
 
 
-def class_means(case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray]) -> dict[str, dict[int, float]]:
-    """Mean z-scored intensity of every label class, per modality, over reference cases."""
+def class_means(case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
+                reader: Callable[[Path], Any] | None = None) -> dict[str, dict[int, float]]:
+    """Mean z-scored intensity of every label class, per modality, over reference cases (read with ``reader``)."""
     sums = {m: np.zeros(NUM_CLASSES) for m in MODALITIES}
     counts = {m: np.zeros(NUM_CLASSES) for m in MODALITIES}
     for folder in case_dirs:
-        case = read_case(folder)
+        case = reader(folder) if reader is not None else read_case(folder)
         labels = labels_for(folder)
         brain = real_brain_mask(case.images)
         for m in MODALITIES:
@@ -74,7 +75,8 @@ def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
-             reference_dirs: list[Path] | None = None) -> dict[str, Any]:
+             reference_dirs: list[Path] | None = None,
+             reader: Callable[[Path], Any] | None = None) -> dict[str, Any]:
     """Fidelity of ``engine`` (a :class:`~MedSynthLib.synthesis.synthesize.SynthesisEngine`) on ``case_dirs``.
 
     Args:
@@ -83,14 +85,17 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         labels_for: folder -> its 7-class label map (derived, possibly cached).
         reference_dirs: cases whose class means define the class-mean baseline
             (the model's training cases); ``None`` skips that baseline.
+        reader: folder -> the read case (with its segmentation), e.g. a cached reader when several
+            models are scored on the same cases; ``read_case`` by default.
     """
     from ..schema.grid import LabelMap
 
-    means = class_means(reference_dirs, labels_for) if reference_dirs else None
+    read = reader if reader is not None else (lambda folder: read_case(folder, require_segmentation=True))
+    means = class_means(reference_dirs, labels_for, reader) if reference_dirs else None
     results: dict[str, Any] = {"cases": [], "model": {"name": engine.model.name, "sha256": engine.model.sha256}}
     model_scores, oracle_scores, mean_scores = [], [], []
     for folder in case_dirs:
-        case = read_case(folder, require_segmentation=True)
+        case = read(folder)
         labels = labels_for(folder)
         result = engine.synthesize(LabelMap(labels, case.grid))
         brain = real_brain_mask(case.images)
