@@ -1,0 +1,55 @@
+"""benchmarks/synthesis_cv_pooled.py: per-fold held-out reports pooled into one cross-validated table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "synthesis_cv_pooled", Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_cv_pooled.py")
+pooled = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(pooled)
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+RULE = {"checked": 1, "synthetic_passed": 1, "real_passed": 0}
+
+
+def _scores(ssim: float, psnr: float) -> dict:
+    return {m: {"brain": {"ssim": ssim, "psnr": psnr}, "tumour": {"ssim": ssim / 2}} for m in MODALITIES}
+
+
+def _report(tmp_path: Path, fold: int, label: str, cases: dict[str, float]) -> Path:
+    entries = [{"case": name, "model": _scores(s, 20 + s), "class_mean_training": _scores(0.1, 15.0),
+                "class_mean_oracle": _scores(0.2, 16.0), "checkerboard_ratio": {m: s for m in MODALITIES}}
+               for name, s in cases.items()]
+    report = {"fold": fold, "models": {label: {"cases": entries,
+                                                "contrast_rules": {"T1: GM < WM": dict(RULE, checked=len(cases),
+                                                                                       synthetic_passed=len(cases))}}}}
+    path = tmp_path / f"fold{fold}.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_pooling_averages_over_cases_not_folds(tmp_path: Path) -> None:
+    a = _report(tmp_path, 0, "m0", {"case1": 0.2, "case2": 0.4})
+    b = _report(tmp_path, 1, "m1", {"case3": 0.9})
+    result = pooled.pool([(a, "m0"), (b, "m1")])
+    assert result["pooled"]["model"]["brain_ssim"] == pytest.approx(0.5)  # (0.2 + 0.4 + 0.9) / 3, not 0.6
+    assert result["pooled"]["model"]["tumour_ssim"] == pytest.approx(0.25)
+    assert result["pooled"]["class_mean_training"]["brain_psnr"] == pytest.approx(15.0)
+    assert [f["model"]["brain_ssim"] for f in result["folds"]] == pytest.approx([0.3, 0.9])
+    assert result["contrast_rules"]["T1: GM < WM"] == {"checked": 3, "synthetic_passed": 3, "real_passed": 0}
+    assert result["checkerboard_median"]["t1"] == pytest.approx(0.4)
+    assert "| all | 3 | 0 | 3 |" in pooled.markdown("m", result, "cmd")
+
+
+def test_a_case_held_out_twice_or_a_missing_label_is_refused(tmp_path: Path) -> None:
+    a = _report(tmp_path, 0, "m0", {"case1": 0.2})
+    b = _report(tmp_path, 1, "m1", {"case1": 0.3})
+    with pytest.raises(SystemExit, match="held out in two folds"):
+        pooled.pool([(a, "m0"), (b, "m1")])
+    with pytest.raises(SystemExit, match="no model 'other'"):
+        pooled.pool([(a, "other")])

@@ -1,0 +1,136 @@
+"""Pool the per-fold reports of ``benchmarks/synthesis_cv.py`` into one cross-validated table.
+
+Every case is held out in exactly one fold, so the pooled numbers are means over all held-out cases
+(each case scored by the model that never saw it), beside each fold's own mean and the class-mean
+baselines of the same reports.  Writes ``pooled.json`` and ``pooled.md``.
+
+Usage (from the repository root; ``REPORT=LABEL``: a fold's report.json and the model label in it)::
+
+    python benchmarks/synthesis_cv_pooled.py --name "SPADE 64^3" \\
+        docs/synthesis_cv/fold0_step6000/report.json=spade64_f0 \\
+        docs/synthesis_cv/fold1_step6000/report.json=spade64_f1 \\
+        docs/synthesis_cv/fold2_step6000/report.json=spade64_f2 -o docs/synthesis_cv/pooled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+ROWS = (("model", "the model"), ("class_mean_training", "class means of the fold's training cases"),
+        ("class_mean_oracle", "class means of the case itself"))
+
+
+def case_scores(entry: dict[str, Any], key: str) -> dict[str, float]:
+    """One held-out case's brain SSIM / PSNR and tumour SSIM (means over the four contrasts), and per contrast."""
+    scores = entry[key]
+    out = {"brain_ssim": float(np.mean([scores[m]["brain"]["ssim"] for m in MODALITIES])),
+           "brain_psnr": float(np.mean([scores[m]["brain"]["psnr"] for m in MODALITIES]))}
+    tumour = [scores[m]["tumour"]["ssim"] for m in MODALITIES if "tumour" in scores[m]]
+    if tumour:
+        out["tumour_ssim"] = float(np.mean(tumour))
+    out.update({f"{m}_ssim": float(scores[m]["brain"]["ssim"]) for m in MODALITIES})
+    return out
+
+
+def pool(folds: list[tuple[Path, str]]) -> dict[str, Any]:
+    """Per-case scores from every fold's report, pooled; raises SystemExit on a case held out twice."""
+    cases: dict[str, dict[str, Any]] = {}
+    per_fold: list[dict[str, Any]] = []
+    rules: dict[str, dict[str, int]] = {}
+    checkerboard: dict[str, list[float]] = {m: [] for m in MODALITIES}
+    for path, label in folds:
+        report = json.loads(path.read_text())
+        if label not in report["models"]:
+            raise SystemExit(f"{path}: no model {label!r} in it (it has {', '.join(report['models'])})")
+        result = report["models"][label]
+        fold_cases = []
+        for entry in result["cases"]:
+            name = entry["case"]
+            if name in cases:
+                raise SystemExit(f"{path}: case {name} is held out in two folds")
+            cases[name] = {"fold": report["fold"], **{key: case_scores(entry, key) for key, _ in ROWS if key in entry}}
+            fold_cases.append(name)
+            for m in MODALITIES:
+                checkerboard[m].append(float(entry["checkerboard_ratio"][m]))
+        for rule, counts in result["contrast_rules"].items():
+            total = rules.setdefault(rule, {"checked": 0, "synthetic_passed": 0, "real_passed": 0})
+            for k in total:
+                total[k] += int(counts[k])
+        per_fold.append({"fold": report["fold"], "label": label, "report": str(path), "cases": fold_cases,
+                         "model": _mean([cases[c]["model"] for c in fold_cases])})
+    pooled = {key: _mean([c[key] for c in cases.values() if key in c]) for key, _ in ROWS}
+    spread = {metric: float(np.std([c["model"][metric] for c in cases.values()], ddof=1))
+              for metric in ("brain_ssim", "brain_psnr")} if len(cases) > 1 else {}
+    return {"cases": cases, "folds": per_fold, "pooled": pooled, "case_sd": spread, "contrast_rules": rules,
+            "checkerboard_median": {m: float(np.median(v)) for m, v in checkerboard.items()}}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for row in rows for k in row})
+    return {k: float(np.mean([row[k] for row in rows if k in row])) for k in keys}
+
+
+def markdown(name: str, result: dict[str, Any], command: str) -> str:
+    n = len(result["cases"])
+    lines = [f"# {name}: cross-validated held-out fidelity ({n} cases, {len(result['folds'])} folds)", "",
+             f"Command: `{command}`", "",
+             "Each case is scored by the fold model that did not train on it; means over cases of the "
+             "four contrasts' brain SSIM / PSNR (z-scored in the brain, Gaussian SSIM, PSNR peak 8).", "",
+             "| | brain SSIM | brain PSNR (dB) | tumour SSIM | T1 | T1ce | T2 | FLAIR |", "|---|---|---|---|---|---|---|---|"]
+    for key, label in ROWS:
+        s = result["pooled"][key]
+        lines.append(f"| {label}, pooled | {s['brain_ssim']:.3f} | {s['brain_psnr']:.2f} | "
+                     f"{s.get('tumour_ssim', float('nan')):.3f} | "
+                     + " | ".join(f"{s[f'{m}_ssim']:.3f}" for m in MODALITIES) + " |")
+    for fold in result["folds"]:
+        s = fold["model"]
+        lines.append(f"| the model, fold {fold['fold']} ({len(fold['cases'])} cases) | {s['brain_ssim']:.3f} | "
+                     f"{s['brain_psnr']:.2f} | {s.get('tumour_ssim', float('nan')):.3f} | "
+                     + " | ".join(f"{s[f'{m}_ssim']:.3f}" for m in MODALITIES) + " |")
+    sd = result["case_sd"]
+    if sd:
+        lines += ["", f"Spread over cases (SD): brain SSIM {sd['brain_ssim']:.3f}, PSNR {sd['brain_psnr']:.2f} dB."]
+    cb = result["checkerboard_median"]
+    lines += ["", "Checkerboard ratio (median over cases; real = 1): "
+              + ", ".join(f"{m.upper() if m != 't1ce' else 'T1ce'} {cb[m]:.2f}" for m in MODALITIES) + ".", "",
+              "| contrast rule | synthetic held | real held | of |", "|---|---|---|---|"]
+    for rule, c in result["contrast_rules"].items():
+        lines.append(f"| {rule} | {c['synthetic_passed']} | {c['real_passed']} | {c['checked']} |")
+    total = {k: sum(c[k] for c in result["contrast_rules"].values()) for k in ("synthetic_passed", "real_passed",
+                                                                                 "checked")}
+    lines.append(f"| all | {total['synthetic_passed']} | {total['real_passed']} | {total['checked']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reports", nargs="+", help="REPORT.json=LABEL, one per fold")
+    parser.add_argument("--name", required=True, help="the recipe's name in the table's title")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args()
+    folds = []
+    for item in args.reports:
+        path, sep, label = item.rpartition("=")
+        if not sep or not Path(path).is_file():
+            parser.error(f"{item}: give REPORT.json=LABEL with an existing report")
+        folds.append((Path(path), label))
+    result = pool(folds)
+    command = shlex.join(["python", "benchmarks/synthesis_cv_pooled.py", *sys.argv[1:]])
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "pooled.json").write_text(json.dumps({"command": command, "name": args.name, **result}, indent=1))
+    text = markdown(args.name, result, command)
+    (args.output / "pooled.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
