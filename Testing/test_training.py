@@ -23,7 +23,7 @@ import torch
 
 from conftest import PHANTOM_BRATS_IDS, REPO, training_cache_of
 from MedSynthLib.cli import main
-from MedSynthLib.schema.errors import InputError
+from MedSynthLib.schema.errors import InputError, MedSynthError
 from MedSynthLib.synthesis.networks import NetworkConfig
 from MedSynthLib.training.train import (TrainConfig, discriminator_loss, generator_adversarial_loss,
                                         learning_rate, train)
@@ -574,3 +574,21 @@ def test_init_with_another_network_is_refused(brats_data: Path, base_model: Path
                  "--init", str(tmp_path / "no_such_model")]) == 2
     assert "no_such_model" in _one_error_line(capsys)
     assert not run.exists()
+
+
+def test_a_run_that_learns_nothing_stops_with_one_clear_error(brats_data: Path, tmp_path: Path) -> None:
+    """A generator that never learns (lr 0 from random weights: a stand-in for a GAN that failed from its first
+    steps) is stopped once its mean L1 over the window is above painting each patch with its own mean;
+    nothing is exported."""
+    config = TrainConfig.from_json(dict(MICRO, lr=0.0, divergence_window=2))
+    run = tmp_path / "run"
+    with pytest.raises(MedSynthError, match="the generator has not learned: over steps 3-4 its mean L1"):
+        train(brats_data, run, config, device="cpu", progress=False, cache_dir=training_cache_of(brats_data))
+    assert not (run / "model").exists()
+
+
+def test_the_divergence_check_can_be_turned_off(brats_data: Path, tmp_path: Path) -> None:
+    config = TrainConfig.from_json(dict(MICRO, lr=0.0, divergence_window=0, val_every=100))
+    model = train(brats_data, tmp_path / "run", config, device="cpu", progress=False,
+                  cache_dir=training_cache_of(brats_data))
+    assert (model / "weights.safetensors").exists()

@@ -31,6 +31,7 @@ from ..schema.errors import InputError, MedSynthError
 from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
+from .divergence import DivergenceGuard, constant_prediction_l1
 from .data import PatchSampler, RegionSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class TrainConfig:
     val_every: int = 500
     checkpoint_every: int = 100
     log_every: int = 10
+    # Steps over which the generator's L1 is compared with painting each patch with its own mean
+    # (training/divergence.py); 0 turns the check off.
+    divergence_window: int = 200
     precision: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -140,7 +144,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, f"betas[{index}]", beta, 0, 1)
     for name in ("lr_decay_fraction", "tumour_fraction", "inpaint_tumour_fraction"):
         check_range(source, name, getattr(config, name), 0, 1)
-    for name in ("lambda_l1", "rotate_deg", "scale", "intensity"):
+    for name in ("lambda_l1", "rotate_deg", "scale", "intensity", "divergence_window"):
         check_range(source, name, getattr(config, name), 0)
     check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
     if config.threads is not None:
@@ -469,6 +473,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
 
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start)
     bar = _bar(config.steps, start, d.main and progress)
+    guard = DivergenceGuard(config.steps, start, config.divergence_window)
     history: dict[str, float] = {}
     step = start
     started = time.perf_counter()
@@ -536,6 +541,9 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             logs["loss/l1"] = loss_l1.item()
             history = logs
             done = step + 1
+            guard.record(logs["loss/l1"], constant_prediction_l1(real, region))
+            if done % config.log_every == 0:
+                _stop_if_diverged(guard.verdict(done), run_dir, d)
             if writer is not None and (done % config.log_every == 0 or done == config.steps):
                 for key, value in logs.items():
                     writer.add_scalar(key, value, done)
@@ -581,6 +589,22 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
 
         dist.destroy_process_group()
     return model_dir
+
+
+def _stop_if_diverged(message: str | None, run_dir: Path, d: Any) -> None:
+    """Raise on every rank when any rank's divergence guard fired (the ranks see different patches).
+
+    Nothing is saved: the last checkpoint before this point stays the one to start from.
+    """
+    stop = message is not None
+    if d.world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if stop else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    if stop:
+        raise MedSynthError(f"{run_dir}: {message or 'another rank found that the generator has not learned'}")
 
 
 def _noise_seed(seed: int, step: int, rank: int) -> int:
