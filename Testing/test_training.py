@@ -315,6 +315,19 @@ def test_resume_without_checkpoint_and_non_empty_folder(brats_data: Path, tmp_pa
 # --- DDP ----------------------------------------------------------------------------------------
 
 
+def test_ddp_ranks_stop_together_on_a_run_that_learns_nothing(brats_data: Path, tmp_path: Path) -> None:
+    """Under torchrun every rank leaves at the same step (no rank left waiting in a collective)."""
+    config = write_config(tmp_path / "frozen.json", lr=0.0, divergence_window=2, val_every=100)
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "MedSynthLib", "train", "--data", str(brats_data), "-o", str(run), "--config", str(config),
+               "--device", "cpu", "--cache", str(training_cache_of(brats_data))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=subprocess_env(), cwd=REPO)
+    assert result.returncode != 0
+    assert "the generator has not learned" in result.stderr, result.stderr[-4000:]
+    assert not (run / "model").exists()
+
+
 def test_ddp_two_cpu_processes(brats_data: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "ddp.json", steps=4, val_every=4)
     run = tmp_path / "ddp"

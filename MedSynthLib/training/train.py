@@ -543,7 +543,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             done = step + 1
             guard.record(logs["loss/l1"], constant_prediction_l1(real, region))
             if done % config.log_every == 0:
-                _stop_if_diverged(guard.verdict(done), run_dir, d)
+                _stop_if_diverged(guard.verdict(done), run_dir, d, dev)
             if writer is not None and (done % config.log_every == 0 or done == config.steps):
                 for key, value in logs.items():
                     writer.add_scalar(key, value, done)
@@ -591,7 +591,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     return model_dir
 
 
-def _stop_if_diverged(message: str | None, run_dir: Path, d: Any) -> None:
+def _stop_if_diverged(message: str | None, run_dir: Path, d: Any, device: torch.device) -> None:
     """Raise on every rank when any rank's divergence guard fired (the ranks see different patches).
 
     Nothing is saved: the last checkpoint before this point stays the one to start from.
@@ -600,7 +600,7 @@ def _stop_if_diverged(message: str | None, run_dir: Path, d: Any) -> None:
     if d.world > 1:
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if stop else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        flag = torch.tensor([1.0 if stop else 0.0], device=device)  # this rank's device (NCCL needs the GPU)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stop = bool(flag.item())
     if stop:
