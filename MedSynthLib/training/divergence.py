@@ -17,8 +17,16 @@ from collections import deque
 import torch
 
 
+def masked_l1(prediction: torch.Tensor, real: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss's L1: the mean over the patch, or over ``region`` (B, 1, ...) for inpainting."""
+    if region is None:
+        return (prediction - real).abs().mean()
+    inside = region.sum() * real.shape[1]
+    return ((prediction - real).abs() * region).sum() / inside.clamp(min=1.0)
+
+
 def constant_prediction_l1(real: torch.Tensor, region: torch.Tensor | None = None) -> float:
-    """L1 of predicting every voxel of each patch and contrast with its mean (inside ``region`` when given).
+    """:func:`masked_l1` of predicting every voxel of each patch and contrast with its mean (inside ``region``).
 
     Args:
         real: (B, C, ...) real images of the patch.
@@ -27,12 +35,11 @@ def constant_prediction_l1(real: torch.Tensor, region: torch.Tensor | None = Non
     real = real.float()
     dims = tuple(range(2, real.dim()))
     if region is None:
-        return float((real - real.mean(dims, keepdim=True)).abs().mean())
-    region = region.float()
-    count = region.sum(dims, keepdim=True).clamp(min=1.0)
-    mean = (real * region).sum(dims, keepdim=True) / count
-    inside = region.sum() * real.shape[1]
-    return float(((real - mean).abs() * region).sum() / inside.clamp(min=1.0))
+        mean = real.mean(dims, keepdim=True)
+    else:
+        region = region.float()
+        mean = (real * region).sum(dims, keepdim=True) / region.sum(dims, keepdim=True).clamp(min=1.0)
+    return float(masked_l1(mean, real, region))
 
 
 class DivergenceGuard:
@@ -49,15 +56,19 @@ class DivergenceGuard:
         self.l1: deque[float] = deque(maxlen=max(window, 1))
         self.reference: deque[float] = deque(maxlen=max(window, 1))
 
-    def record(self, l1: float, reference: float) -> None:
-        """One step's generator L1 and the constant prediction's L1 on the same patch."""
+    def record(self, l1: float, real: torch.Tensor, region: torch.Tensor | None = None) -> None:
+        """One step's generator L1, and the constant prediction's on the same patch (not computed when off)."""
         if self.first_check is not None:
             self.l1.append(l1)
-            self.reference.append(reference)
+            self.reference.append(constant_prediction_l1(real, region))
+
+    def due(self, done: int) -> bool:
+        """Whether the check runs after ``done`` steps (the same answer on every rank of a run)."""
+        return self.first_check is not None and done >= self.first_check and len(self.l1) >= self.window
 
     def verdict(self, done: int) -> str | None:
         """After ``done`` steps: a message when the run has not learned, else ``None``."""
-        if self.first_check is None or done < self.first_check or len(self.l1) < self.window:
+        if not self.due(done):
             return None
         mean_l1, mean_reference = sum(self.l1) / len(self.l1), sum(self.reference) / len(self.reference)
         if mean_l1 <= mean_reference:

@@ -31,7 +31,7 @@ from ..schema.errors import InputError, MedSynthError
 from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
-from .divergence import DivergenceGuard, constant_prediction_l1
+from .divergence import DivergenceGuard, masked_l1
 from .data import PatchSampler, RegionSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
 
 if TYPE_CHECKING:
@@ -514,11 +514,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 scaler.step(opt_d)
                 logs["loss/discriminator"] = loss_d.item()
             opt_g.zero_grad(set_to_none=True)
-            if region is not None:
-                inside = region.sum() * real.shape[1]
-                loss_l1 = ((fake.float() - real).abs() * region).sum() / inside.clamp(min=1.0)
-            else:
-                loss_l1 = (fake.float() - real).abs().mean()
+            loss_l1 = masked_l1(fake.float(), real, region)
             loss_g = config.lambda_l1 * loss_l1
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
@@ -541,8 +537,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             logs["loss/l1"] = loss_l1.item()
             history = logs
             done = step + 1
-            guard.record(logs["loss/l1"], constant_prediction_l1(real, region))
-            if done % config.log_every == 0:
+            guard.record(logs["loss/l1"], real, region)
+            if done % config.log_every == 0 and guard.due(done):
                 _stop_if_diverged(guard.verdict(done), run_dir, d, dev)
             if writer is not None and (done % config.log_every == 0 or done == config.steps):
                 for key, value in logs.items():
