@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from MedSynthLib.schema.labels import MODALITIES
+
 _SPEC = importlib.util.spec_from_file_location(
     "synthesis_cv_pooled", Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_cv_pooled.py")
 pooled = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(pooled)
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 RULE = {"checked": 1, "synthetic_passed": 1, "real_passed": 0}
 
 

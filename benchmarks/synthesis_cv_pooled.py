@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
+from MedSynthLib.schema.volume_io import write_json  # noqa: E402
+
 ROWS = (("model", "the model"), ("class_mean_training", "class means of the fold's training cases"),
         ("class_mean_oracle", "class means of the case itself"))
 
@@ -125,7 +130,7 @@ def main() -> int:
     result = pool(folds)
     command = shlex.join(["python", "benchmarks/synthesis_cv_pooled.py", *sys.argv[1:]])
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "pooled.json").write_text(json.dumps({"command": command, "name": args.name, **result}, indent=1))
+    write_json({"command": command, "name": args.name, **result}, args.output / "pooled.json", overwrite=True)
     text = markdown(args.name, result, command)
     (args.output / "pooled.md").write_text(text)
     print(text)
