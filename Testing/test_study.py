@@ -396,6 +396,85 @@ def test_study_under_torchrun(study_data, finished_study, tmp_path) -> None:
     assert computed.pop("prepare") is False and computed and all(computed.values())  # trained under torchrun
 
 
+def test_study_resumes_on_a_fresh_machine_from_saved_records(study_data, finished_study, tmp_path) -> None:
+    """Saved records (arms, baseline, GAN models) restored into an empty work folder: the same study
+    command recomputes only the cheap stages and reports the same segmentation results."""
+    from MedSynthLib.study.records import restore, save
+
+    records, work, out = tmp_path / "records", tmp_path / "fresh_work", tmp_path / "report"
+    manifest = save(finished_study["work"], records)
+    assert any(k.startswith("arms/") for k in manifest) and any(k.startswith("baseline/") for k in manifest)
+    assert any(k.startswith("gan/") and k.endswith("/model/config.json") for k in manifest)
+    assert not any(".ckpt" in k or k.startswith(("prepared/", "synthetic/", "fidelity/")) for k in manifest)
+    assert sorted(restore(records, work)) == sorted(manifest)
+    data, extra = study_data
+    assert main(study_args(data, out, "--extra-labels", str(extra), "--work", str(work))) == 0
+    report = json.loads((out / "report.json").read_text())
+    computed = report["timings"]["stage_computed_this_run"]
+    arms_and_gans = {k: v for k, v in computed.items() if " arm " in k or k.endswith(" GAN") or "baseline" in k}
+    assert arms_and_gans and not any(arms_and_gans.values()), arms_and_gans
+    assert computed["prepare"] is True  # the fresh work folder had to prepare the cases again
+    assert report["segmentation"] == finished_study["rerun"]["segmentation"]
+
+
+def _fake_work(root: Path) -> Path:
+    (root / "arms").mkdir(parents=True)
+    (root / "arms" / "a1.json").write_text('{"arm": "real"}')
+    (root / "arms" / "a2.json").write_text('{"arm": ')  # an unfinished write: not a result
+    (root / "arms" / "a3.ckpt").mkdir()
+    (root / "arms" / "a3.ckpt" / "weights.safetensors").write_bytes(b"x")
+    (root / "baseline").mkdir()
+    (root / "baseline" / "b.json").write_text("{}")
+    (root / "gan" / "k1" / "model").mkdir(parents=True)
+    (root / "gan" / "k1" / "model" / "config.json").write_text("{}")
+    (root / "gan" / "k1" / "model" / "generator.safetensors").write_bytes(b"weights")
+    (root / "gan" / "k1" / "checkpoints").mkdir()
+    (root / "gan" / "k1" / "checkpoints" / "latest.json").write_text("{}")
+    (root / "gan" / "k2" / "model").mkdir(parents=True)  # still training: no config.json yet
+    (root / "gan" / "k2" / "model" / "generator.safetensors").write_bytes(b"partial")
+    (root / "fidelity").mkdir()
+    (root / "fidelity" / "f.json").write_text("{}")
+    return root
+
+
+def test_records_keep_only_finished_stages_and_check_their_sums(tmp_path, capsys) -> None:
+    from MedSynthLib.study.records import main as records_main
+
+    work, records = _fake_work(tmp_path / "work"), tmp_path / "records"
+    assert records_main(["save", str(work), str(records)]) == 0
+    manifest = json.loads((records / "records.json").read_text())["files"]
+    assert sorted(manifest) == ["arms/a1.json", "baseline/b.json", "gan/k1/model/config.json",
+                                "gan/k1/model/generator.safetensors"]
+    assert records_main(["save", str(work), str(records)]) == 0  # saving again adds nothing and agrees
+
+    # A file of another run under the same name: refused, the records unchanged.
+    (work / "baseline" / "b.json").write_text('{"other": 1}')
+    before = (records / "records.json").read_text()
+    capsys.readouterr()
+    assert records_main(["save", str(work), str(records)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "b.json" in err[0] and "another run" in err[0]
+    assert (records / "records.json").read_text() == before
+
+    # Restoring into a work folder holding a different file: refused before anything is copied.
+    fresh = tmp_path / "fresh"
+    (fresh / "baseline").mkdir(parents=True)
+    (fresh / "baseline" / "b.json").write_text('{"other": 2}')
+    assert records_main(["restore", str(records), str(fresh)]) == 2
+    assert "not overwritten" in capsys.readouterr().err
+    assert sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file()) == ["baseline/b.json"]
+
+    # A tampered record: refused with one line naming it, nothing restored.
+    (records / "arms" / "a1.json").write_text('{"arm": "synthetic"}')
+    empty = tmp_path / "empty"
+    assert records_main(["restore", str(records), str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a1.json" in err[0] and "sha256" in err[0]
+    assert not empty.exists()
+    assert records_main(["restore", str(tmp_path / "nowhere"), str(empty)]) == 2
+    assert "records.json" in capsys.readouterr().err
+
+
 # --- statistics, the baseline gate, cached stages, re-identification ----------------------------
 
 
