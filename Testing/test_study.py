@@ -299,9 +299,26 @@ def test_shipped_configs_are_valid() -> None:
         assert config.name == name and config.seg_config.steps > 0 and config.train_config.steps > 0
         assert config.seg_config.seeds >= (1 if name == "micro" else 3) and config.seg_config.finetune_case_fraction == 0.1
     assert load_config("paper").grid["spacing_mm"] == 1.0
+    # The paper config's segmenter is nnU-Net v2 (MedSynthLib/study/nnunet_engine.py); the CPU configs train SegResNet.
+    assert load_config("paper").seg_config.engine == "nnunetv2"
+    assert {load_config(n).seg_config.engine for n in ("micro", "tiny", "cpu")} == {"segresnet"}
 
 
 # --- bad input ---------------------------------------------------------------------------------
+
+
+def test_nnunet_engine_refuses_torchrun(study_data, tmp_path, capsys, monkeypatch) -> None:
+    """nnU-Net trains each arm in one process of its own: a study with that engine under torchrun stops at once."""
+    micro = json.loads((Path(__file__).resolve().parents[1] / "Resources" / "configs" / "study_micro.json").read_text())
+    micro["segmenter"]["engine"] = "nnunetv2"
+    config = tmp_path / "micro_nnunet.json"
+    config.write_text(json.dumps(micro))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "report"
+    args = study_args(study_data[0], out)
+    args[args.index("micro")] = str(config)
+    assert "without torchrun" in assert_bad_input(capsys, args, out)
 
 
 def test_fewer_cases_than_folds(study_data, tmp_path, capsys) -> None:

@@ -285,6 +285,9 @@ def run_study(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels
     inputs = check_inputs(Path(data), report_dir, config, extra_labels=extra_labels, device=device, folds=folds,
                           overwrite=overwrite or d.rank > 0)
     dev = inputs.device
+    if d.world > 1 and config.seg_config.engine == "nnunetv2":
+        raise MedSynthError("the nnunetv2 segmenter engine trains each arm in one nnU-Net process of its own; "
+                            "run this study without torchrun")
     if d.world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", d.local_rank)
     if config.threads:
@@ -657,7 +660,7 @@ class _Study:
     GAN_MODULES = ("MedSynthLib.training.train", "MedSynthLib.training.data", "MedSynthLib.synthesis.networks")
     SYNTHETIC_MODULES = ("MedSynthLib.study.data", "MedSynthLib.edits.base", "MedSynthLib.edits.transforms", "MedSynthLib.edits.insert",
                          "MedSynthLib.edits.parametric", "MedSynthLib.edits.random_edits", "MedSynthLib.synthesis.synthesize")
-    SEGMENTER_MODULES = ("MedSynthLib.study.segmenter", "MedSynthLib.study.stages")
+    SEGMENTER_MODULES = ("MedSynthLib.study.segmenter", "MedSynthLib.study.stages", "MedSynthLib.study.nnunet_engine")
     BASELINE_MODULES = ("MedSynthLib.study.baseline", "MedSynthLib.study.segmenter")
     COPY_PASTE_MODULES = SEGMENTER_MODULES + ("MedSynthLib.study.copypaste", "MedSynthLib.edits.insert",
                                               "MedSynthLib.edits.base", "MedSynthLib.edits.transforms",
@@ -781,11 +784,22 @@ class _Study:
                     raise MedSynthError(f"fold {fold.index}, arm {arm}: the {phase.name} training cases hold no "
                                         "tumour voxel on the study grid, so the arm has no tumour to learn")
             _mkdir(path.parent)
-            model, info = train_segmenter(phases, cfg, self.device, seed, desc=f"{tag} {arm} seed {k + 1}",
-                                          checkpoint=path.with_suffix(".ckpt"), rank=self.d.rank,
-                                          world=self.d.world, progress=self.progress)
+            test_cases = [self.seg_real[c] for c in fold.test]
+            if cfg.engine == "nnunetv2":
+                from .nnunet_engine import predict_nnunet, train_nnunet
+                from .segmenter import score
+
+                nnunet_model, info = train_nnunet(phases, cfg, self.device, seed, path.with_suffix(".nnunet"),
+                                                  progress=self.progress)
+                masks = predict_nnunet(nnunet_model, test_cases, cfg, self.device, progress=self.progress)
+                scores = {c.name: score(masks[c.name], c.labels, c.spacing) for c in test_cases}
+            else:
+                model, info = train_segmenter(phases, cfg, self.device, seed, desc=f"{tag} {arm} seed {k + 1}",
+                                              checkpoint=path.with_suffix(".ckpt"), rank=self.d.rank,
+                                              world=self.d.world, progress=self.progress)
             if self.d.main:
-                scores = evaluate_cases(model, [self.seg_real[c] for c in fold.test], cfg, self.device)
+                if cfg.engine != "nnunetv2":
+                    scores = evaluate_cases(model, test_cases, cfg, self.device)
                 result = {"key": key, "arm": arm, "seed": seed, "scores": scores, "training": info,
                           "finetune_cases": tune, "real_cases": real_ids,
                           "seconds": round(time.perf_counter() - t0, 2)}
@@ -793,6 +807,7 @@ class _Study:
                     result["copy_paste_cases"] = paste_records
                 _write_json_atomic(result, path)
                 shutil.rmtree(path.with_suffix(".ckpt"), ignore_errors=True)
+                shutil.rmtree(path.with_suffix(".nnunet"), ignore_errors=True)
         self.d.sync(self.device.type)
         result = _read_json(path)
         self._stage_done(f"{tag} arm {arm} seed {k + 1}", "arm", result["seconds"] if not computed else

@@ -26,6 +26,7 @@ from ..schema.labels import Label, brain_mask, core_mask, tumour_mask
 from ..synthesis.normalize import zscore
 
 REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
+ENGINES: tuple[str, ...] = ("segresnet", "nnunetv2")
 
 
 @dataclass
@@ -56,6 +57,15 @@ class SegConfig:
     precision: str = "fp32"
     checkpoint_every: int = 0  # 0: no mid-arm checkpoints (short arms)
     seeds: int = 3  # every learned arm is trained with this many seeds; the spread is reported
+    # "segresnet": MONAI SegResNet trained here (the CPU configs); "nnunetv2": nnU-Net v2 plans, trains and
+    # predicts each arm in a child process (the paper config, for a GPU; MedSynthLib/study/nnunet_engine.py).
+    # For nnU-Net, steps count nnU-Net iterations (its own batch and patch), lr is its initial learning rate,
+    # and the network fields above do not apply.
+    engine: str = "segresnet"
+    iterations_per_epoch: int = 250
+    nnunet_configuration: str = "3d_fullres"
+    nnunet_val_iterations: int = 50
+    nnunet_processes: int | None = None  # data-augmentation workers (nnUNet_n_proc_DA); None: nnU-Net's default
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -79,6 +89,12 @@ class SegConfig:
             raise InputError(source, "finetune_case_fraction must lie in (0, 1] and finetune_step_fraction in (0, 1)")
         if config.seeds < 1:
             raise InputError(source, "segmenter seeds must be at least 1")
+        if config.engine not in ENGINES:
+            raise InputError(source, f"segmenter engine {config.engine!r}: one of {', '.join(ENGINES)}")
+        if config.iterations_per_epoch < 1 or config.nnunet_val_iterations < 1:
+            raise InputError(source, "segmenter iterations_per_epoch and nnunet_val_iterations must be at least 1")
+        if config.nnunet_processes is not None and config.nnunet_processes < 0:
+            raise InputError(source, "segmenter nnunet_processes must be 0 or more (or null)")
         if config.precision not in ("fp32", "bf16", "fp16"):
             raise InputError(source, f"segmenter precision {config.precision!r}: fp32, bf16 or fp16")
         return config
