@@ -33,7 +33,7 @@ def pytest_configure(config):
 #: their usual order).  ``--dist loadfile`` hands files out in collection order, so the longest
 #: ones start first and the two workers end together instead of one finishing a long file alone.
 LONGEST_FILES_FIRST = ("test_generate.py", "test_labels_and_cases.py", "test_training.py", "test_slicer_logic.py",
-                       "test_anatomy.py", "test_study.py", "test_slicer_module.py", "test_image_checks.py",
+                       "test_anatomy.py", "test_study.py", "test_study_nnunet.py", "test_slicer_module.py", "test_image_checks.py",
                        "test_fuzz.py", "test_web_review.py", "test_slicer_worker.py", "test_provenance.py")
 
 
