@@ -307,6 +307,18 @@ def test_shipped_configs_are_valid() -> None:
 # --- bad input ---------------------------------------------------------------------------------
 
 
+def test_report_names_the_segmenter_engine(finished_study) -> None:
+    import copy
+
+    from MedSynthLib.study.report import render_markdown
+
+    report = copy.deepcopy(finished_study["report"])
+    assert "| Segmenter | MONAI SegResNet" in render_markdown(report, {})
+    report["config"]["segmenter"].update(engine="nnunetv2", nnunet_configuration="3d_fullres")
+    text = render_markdown(report, {})
+    assert "| Segmenter | nnU-Net v2 (3d_fullres" in text and "SegResNet" not in text
+
+
 def test_nnunet_engine_refuses_torchrun(study_data, tmp_path, capsys, monkeypatch) -> None:
     """nnU-Net trains each arm in one process of its own: a study with that engine under torchrun stops at once."""
     micro = json.loads((Path(__file__).resolve().parents[1] / "Resources" / "configs" / "study_micro.json").read_text())

@@ -442,8 +442,11 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         f"{gan.get('steps')} steps, patch {gan.get('patch_size')}³, adversarial {gan.get('adversarial', 'lsgan')} |",
         f"| Synthetic cases | {design['synthetic_per_case']} per real training case, edits cycling "
         f"{', '.join(design['synthetic_kinds'])} |",
-        f"| Segmenter | MONAI SegResNet, {segc.get('init_filters', 8)} initial filters, sigmoid WT/TC/ET, Dice + CE, "
-        f"patch {segc.get('patch_size', 48)}³, batch {segc.get('batch_size', 2)}, sliding-window inference |",
+        (f"| Segmenter | nnU-Net v2 ({segc.get('nnunet_configuration', '3d_fullres')}, planned by nnU-Net on each "
+         f"arm's training cases), regions WT/TC/ET, {segc.get('iterations_per_epoch', 250)} iterations per epoch |"
+         if segc.get("engine") == "nnunetv2" else
+         f"| Segmenter | MONAI SegResNet, {segc.get('init_filters', 8)} initial filters, sigmoid WT/TC/ET, Dice + CE, "
+         f"patch {segc.get('patch_size', 48)}³, batch {segc.get('batch_size', 2)}, sliding-window inference |"),
         f"| Step budget per arm | {design['step_budget']} (arm 4: {design['finetune']['pretrain_steps']} synthetic + "
         f"{design['finetune']['steps']} fine-tuning on {int(100 * design['finetune']['case_fraction'])} % of the "
         f"real training cases; {design['real_exposure']}) |",
