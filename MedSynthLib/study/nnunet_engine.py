@@ -40,6 +40,7 @@ import numpy as np
 
 from ..schema.errors import MedSynthError
 from ..schema.labels import schema_to_tumour
+from ..schema.provenance import file_sha256 as _sha256
 from ..schema.volume_io import write_json
 
 if TYPE_CHECKING:
@@ -185,10 +186,6 @@ def predict_nnunet(model: NNUnetModel, cases: "Sequence[SegCase]", config: "SegC
 
 
 # --- the child process (nnU-Net's folder variables are set before nnunetv2 is imported) ---------------
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _state_sha256(state: dict[str, Any]) -> str:

@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,18 +27,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..schema.errors import InputError, MedSynthError
+from ..schema.provenance import file_sha256 as _sha256
 from ..schema.volume_io import write_json
 
 MANIFEST = "records.json"
 RECORDS_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finished_json(path: Path) -> bool:
