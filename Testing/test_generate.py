@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +305,19 @@ def test_resume_after_kill_9_gives_the_uninterrupted_dataset(gen_data, nnunet_ru
             assert resumed[case_id][key] == reference[case_id][key], (case_id, key)
     assert _file_hashes(out) == _file_hashes(nnunet_run)
     assert json.loads((out / "Dataset501_BrainTumourSynth" / "dataset.json").read_text())["numTraining"] == 4
+
+
+def test_resume_removes_the_temporary_file_a_kill_left(gen_data, nnunet_run, tmp_path):
+    """kill -9 between a record's temporary write and its rename leaves ``.NAME.json.XXXX.tmp.json``;
+    the resumed run that makes the case again removes it, so the dataset equals the uninterrupted one."""
+    out = tmp_path / "cut"
+    shutil.copytree(nnunet_run, out)
+    (out / "provenance" / "BrainTumourSynth_00001.json").unlink()  # the case the kill interrupted
+    stale = out / "provenance" / ".BrainTumourSynth_00001.json.k9x2ab7q.tmp.json"
+    stale.write_text('{"case_id": "BrainTumourSynth_00001"')  # cut mid-write
+    assert main(_argv(gen_data, out, *shared_cache(nnunet_run))) == 0
+    assert not stale.exists()
+    assert _file_bytes(out) == _file_bytes(nnunet_run)
 
 
 def test_rerun_with_other_settings_is_refused(gen_data, nnunet_run, capsys):

@@ -396,6 +396,10 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
                  "output": str(out), "anonymous": bool(opt.anonymous)}
         if opt.log and resuming:
             opt.log(f"{out}: resuming, {len(mine) - len(pending)} of {len(mine)} cases already complete")
+        for index in pending:  # a kill between a record's temporary write and its rename leaves the temporary file
+            case_record = _provenance_path(out, layout.case_id(index))
+            for stale in case_record.parent.glob(f".{case_record.name}.*.tmp.json"):
+                stale.unlink(missing_ok=True)  # only this rank makes this case, so no live write is removed
         started = time.perf_counter()
         results = _run_cases(pending, len(mine), state, pool, plan, opt.progress)
         elapsed = time.perf_counter() - started
