@@ -35,6 +35,9 @@ LAYOUTS = ("nnunet", "msd", "brats2021", "brats2023")
 #: nnU-Net channel order (as nnU-Net's BraTS 2021 conversion) and MSD Task01's modality order.
 NNUNET_CHANNELS = ("t1", "t1ce", "t2", "flair")
 NNUNET_CHANNEL_NAMES = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
+#: nnU-Net's region-based BraTS targets over the MSD tumour labels (1 ED, 2 NCR, 3 ET), in its dataset.json terms.
+NNUNET_REGION_LABELS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+NNUNET_REGIONS_CLASS_ORDER = [1, 2, 3]
 MSD_ORDER = ("flair", "t1", "t1ce", "t2")
 MSD_MODALITY = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 MSD_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
@@ -157,8 +160,8 @@ def dataset_json(layout: Layout, case_ids: list[str], description: str) -> dict[
             "name": layout.name,
             "description": description,
             "channel_names": NNUNET_CHANNEL_NAMES,
-            "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
-            "regions_class_order": [1, 2, 3],
+            "labels": NNUNET_REGION_LABELS,
+            "regions_class_order": NNUNET_REGIONS_CLASS_ORDER,
             "numTraining": len(case_ids),
             "file_ending": ".nii.gz",
             "synthetic": True,

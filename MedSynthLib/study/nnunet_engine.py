@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..generate.layouts import NNUNET_CHANNEL_NAMES, NNUNET_REGION_LABELS, NNUNET_REGIONS_CLASS_ORDER
 from ..schema.errors import MedSynthError
 from ..schema.labels import schema_to_tumour
 from ..schema.provenance import file_sha256 as _sha256
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 #: The private dataset id inside an arm's own nnU-Net folders.
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID}_MedSynthStudyArm"
-CHANNEL_NAMES = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
 WEIGHTS_VERSION = 1
 
 
@@ -107,9 +107,8 @@ def write_training_dataset(phases: "Sequence[Phase]", root: Path) -> list[dict[s
                 _write_case(case, raw / "imagesTr", names[id(case)], raw / "labelsTr")
             train.append(names[id(case)])
         splits.append({"train": train, "val": train[:2]})
-    write_json({"channel_names": CHANNEL_NAMES,
-                "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
-                "regions_class_order": [1, 2, 3], "numTraining": len(names), "file_ending": ".nii.gz",
+    write_json({"channel_names": NNUNET_CHANNEL_NAMES, "labels": NNUNET_REGION_LABELS,
+                "regions_class_order": NNUNET_REGIONS_CLASS_ORDER, "numTraining": len(names), "file_ending": ".nii.gz",
                 "description": "one arm of a medsynth study (z-scored in the brain, study grid)"},
                raw / "dataset.json", overwrite=True)
     return splits
