@@ -477,6 +477,25 @@ def test_the_padded_channels_last_condition_equals_padding_then_concatenating():
         assert torch.equal(built, expected.to(dtype))
 
 
+
+@pytest.mark.parametrize("shape", [(9, 14, 11), (16, 8, 24)])  # padded at the end; already on the multiple
+def test_the_mirrored_batch_holds_the_condition_and_the_mirrored_crops_condition(shape):
+    import torch
+
+    from MedSynthLib.synthesis.inpainting import channels_last_condition
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 7, shape).astype(np.uint8)
+    images = rng.uniform(-1, 1, (4,) + shape).astype(np.float32)
+    region = rng.random(shape) < 0.3
+    both = channels_last_condition(labels, images, region, torch.float32, multiple=8, mirrored=True)
+    assert both.shape[0] == 2 and both.is_contiguous(memory_format=torch.channels_last_3d)
+    alone = channels_last_condition(labels, images, region, torch.float32, multiple=8)
+    mirrored = channels_last_condition(labels[..., ::-1], images[..., ::-1], region[..., ::-1], torch.float32,
+                                       multiple=8)
+    assert torch.equal(both[:1], alone) and torch.equal(both[1:], mirrored)
+    assert not torch.equal(alone, mirrored)  # the crop is not symmetric: the test can fail
+
 def test_bf16_weights_of_the_inpainting_engine_give_the_autocast_output_bit_for_bit(tiny_inpainter):
     import torch
 

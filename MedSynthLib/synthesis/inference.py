@@ -182,7 +182,7 @@ class Synthesizer:
         return result
 
     def predict_condition(self, condition: torch.Tensor) -> torch.Tensor:
-        """The network on a prepared (1, C, *spatial) condition whose sizes are multiples of the network's
+        """The network on a prepared (B, C, *spatial) condition whose sizes are multiples of the network's
         (an inpainting model's label map + blanked images + mask), with the same fallbacks as :meth:`predict`."""
         return self._predict_with_fallback(condition)
 
