@@ -534,9 +534,12 @@ def _crop(seed: int = 5):
     return labels, images, region
 
 
-def test_mirror_average_is_the_mean_of_the_pass_and_the_mirrored_pass(tiny_inpainter):
+@pytest.mark.parametrize("batch_limit", [2_000_000, 0])  # the crop and its mirror as one batch; as two passes
+def test_mirror_average_is_the_mean_of_the_pass_and_the_mirrored_pass(tiny_inpainter, monkeypatch, batch_limit):
+    from MedSynthLib.synthesis import inpainting
     from MedSynthLib.synthesis.inpainting import InpaintingEngine
 
+    monkeypatch.setattr(inpainting, "MIRROR_BATCH_MAX_VOXELS", batch_limit)
     engine = InpaintingEngine(tiny_inpainter.model, "cpu", "fp32", mirror_average=True, match_tissue=False)
     labels, images, region = _crop()
     direct = engine.forward_normalized(labels, images, region)
