@@ -276,18 +276,27 @@ def test_slicer_worker_inpaints_a_real_case(trained, edited, tmp_path: Path) -> 
     assert sent.dtype == real.dtype and np.array_equal(sent[~mask], real[~mask])
 
 
-def test_registered_inpainting_model_verifies() -> None:
-    """The registered inpainting model loads (hash, schema, shapes); it is the inpainting default, never the
-    synthesis default, and an inpainting model asked for without a name resolves to it."""
+@pytest.mark.parametrize("name", ["medsynth-inpaint-brats27", "medsynth-inpaint-brats27-f0d"])
+def test_registered_inpainting_models_verify(name: str) -> None:
+    """Each registered inpainting model loads (hash, schema, shapes) and is never the synthesis default."""
     from MedSynthLib.synthesis.models import load_generator, read_registry, resolve_model
 
-    model = resolve_model("medsynth-inpaint-brats27-f0d", kind="inpainting")
+    model = resolve_model(name, kind="inpainting")
     assert model.config["network"]["kind"] == "inpainting" and model.config["inpainting"]["blank_value"] == 0.0
     assert type(load_generator(model, "cpu").net).__name__ == "InferenceSpadeGenerator"
-    registry = read_registry()
-    assert registry["default"] != "medsynth-inpaint-brats27-f0d"
-    assert registry["default_inpainting"] == "medsynth-inpaint-brats27-f0d"
-    assert resolve_model(None, kind="inpainting").sha256 == model.sha256
+    assert read_registry()["default"] != name
+
+
+def test_the_inpainting_default_is_the_model_trained_on_all_cases() -> None:
+    """The default inpainting model is the one fine-tuned on all 27 shared cases (f0d, which never saw fold 0,
+    stays registered for the held-out benchmarks); an inpainting model asked for without a name resolves to it."""
+    from MedSynthLib.synthesis.models import read_registry, resolve_model
+
+    assert read_registry()["default_inpainting"] == "medsynth-inpaint-brats27"
+    default = resolve_model(None, kind="inpainting")
+    assert default.sha256 == resolve_model("medsynth-inpaint-brats27", kind="inpainting").sha256
+    assert default.sha256 != resolve_model("medsynth-inpaint-brats27-f0d", kind="inpainting").sha256
+    assert default.config["training"]["data"]["cases"] == 27
 
 
 # --- the interactive preview of a real case (InpaintingRoiRenderer) ------------------------------------------
