@@ -486,7 +486,6 @@ def test_the_padded_channels_last_condition_equals_padding_then_concatenating():
         assert torch.equal(built, expected.to(dtype))
 
 
-
 @pytest.mark.parametrize("shape", [(9, 14, 11), (16, 8, 24)])  # padded at the end; already on the multiple
 def test_the_mirrored_batch_holds_the_condition_and_the_mirrored_crops_condition(shape):
     import torch
@@ -504,6 +503,7 @@ def test_the_mirrored_batch_holds_the_condition_and_the_mirrored_crops_condition
                                        multiple=8)
     assert torch.equal(both[:1], alone) and torch.equal(both[1:], mirrored)
     assert not torch.equal(alone, mirrored)  # the crop is not symmetric: the test can fail
+
 
 def test_bf16_weights_of_the_inpainting_engine_give_the_autocast_output_bit_for_bit(tiny_inpainter):
     import torch
