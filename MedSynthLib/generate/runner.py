@@ -383,7 +383,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
         spec_base["config"] = config
         spec = dict(spec_base, sources=sorted(s.source_id for s in sources))
         resuming = _check_output(out, spec, False) if (out / RUN_FILE).exists() else False
-        from ..schema.volume_io import write_json
+        from ..schema.volume_io import remove_temporaries, write_json
 
         out.mkdir(parents=True, exist_ok=True)
         if not resuming:
@@ -397,9 +397,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
         if opt.log and resuming:
             opt.log(f"{out}: resuming, {len(mine) - len(pending)} of {len(mine)} cases already complete")
         for index in pending:  # a kill between a record's temporary write and its rename leaves the temporary file
-            case_record = _provenance_path(out, layout.case_id(index))
-            for stale in case_record.parent.glob(f".{case_record.name}.*.tmp.json"):
-                stale.unlink(missing_ok=True)  # only this rank makes this case, so no live write is removed
+            remove_temporaries(_provenance_path(out, layout.case_id(index)))  # only this rank makes this case
         started = time.perf_counter()
         results = _run_cases(pending, len(mine), state, pool, plan, opt.progress)
         elapsed = time.perf_counter() - started

@@ -8,6 +8,7 @@ a floating-point NIfTI come back as 0.  Both are detected and rejected.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import math
@@ -243,14 +244,31 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
             raise InputError(parent, "output folder is not writable")
 
 
+def _tmp_affixes(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of the temporary files written beside ``path``: hidden, keeping its image suffix."""
+    suffix = path.name[len(strip_image_suffix(path.name)):] or path.suffix
+    return f".{path.name}.", ".tmp" + suffix
+
+
 def _tmp_sibling(path: Path) -> Path:
     """A fresh hidden file beside ``path`` that keeps its image suffix (writers go by suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.name[len(strip_image_suffix(path.name)):] or path.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    prefix, suffix = _tmp_affixes(path)
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the user's usual mode
     return Path(name)
+
+
+def remove_temporaries(path: str | os.PathLike[str]) -> None:
+    """Delete the temporary files an atomic write of ``path`` left when it was killed before its rename.
+
+    Only for a caller that alone writes ``path``: a live write's temporary file would go too.
+    """
+    path = Path(path)
+    prefix, suffix = _tmp_affixes(path)
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        stale.unlink(missing_ok=True)
 
 
 def _umask() -> int:

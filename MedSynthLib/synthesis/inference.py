@@ -121,6 +121,11 @@ class Synthesizer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the network's input is built in for this precision (float32 for fp32)."""
+        return _DTYPES.get(self.precision, torch.float32)
+
     @staticmethod
     def memory_format(tensor: torch.Tensor) -> torch.memory_format:
         """Channels-last for 3D (and 2D) inputs: oneDNN's and cuDNN's fast convolution layout.
@@ -174,7 +179,7 @@ class Synthesizer:
         multiple = self.network.size_multiple
         pads = [(0, (-s) % multiple) for s in crop.shape]
         padded = np.pad(crop, pads, constant_values=Label.BACKGROUND)
-        onehot = one_hot(torch.from_numpy(padded)[None], NUM_CLASSES, dtype=_DTYPES.get(self.precision, torch.float32),
+        onehot = one_hot(torch.from_numpy(padded)[None], NUM_CLASSES, dtype=self.input_dtype,
                          channels_last=True)
         result = self._predict_with_fallback(onehot)
         result = result[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
