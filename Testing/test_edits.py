@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -692,3 +693,30 @@ def test_the_shipped_study_records_still_parse():
         params = edit_from_record(record).to_record()["params"]
         renamed = {EDITS[record["name"]].renamed_params.get(k, k): v for k, v in record["params"].items()}
         assert params == renamed
+
+
+@pytest.mark.parametrize("offset_mm", [(6.0, -4.0, 3.0), (0.0, 0.0, -40.0), (90.0, 0.0, 0.0), (2.0, 2.0, 2.0)])
+def test_translate_works_in_the_box_of_both_places_and_equals_the_whole_volume_edit(brain, offset_mm):
+    """Translate computes only the box of the old and new tumour; the result is the whole-volume edit's."""
+    from MedSynthLib.edits.base import composite, core_count, healthy_anatomy, tumour_only
+    from MedSynthLib.schema.errors import EditError
+
+    edit = Translate(offset_mm)
+    labels = brain.array
+    tumour = tumour_only(labels)
+    offset = edit.voxel_offset(brain.grid)
+    moved = np.zeros_like(tumour)
+    if np.all(np.abs(offset) < labels.shape):
+        src = tuple(slice(max(-o, 0), n - max(o, 0)) for n, o in zip(labels.shape, offset))
+        dst = tuple(slice(max(o, 0), n - max(-o, 0)) for n, o in zip(labels.shape, offset))
+        moved[dst] = tumour[src]
+    lost = core_count(tumour) - core_count(moved)
+    try:
+        expected = composite(healthy_anatomy(labels, brain.grid.spacing), moved, labels > 0, core_lost_voxels=lost)
+    except EditError as refused:
+        with pytest.raises(EditError, match=re.escape(str(refused))):  # refused alike, with the same counts
+            edit(brain)
+        return
+    result = edit(brain).array
+    assert np.array_equal(result, expected)
+    assert not np.array_equal(result, labels)

@@ -150,11 +150,6 @@ def healthy_anatomy(labels: np.ndarray, spacing: Sequence[float] | None = None) 
     tumour voxel (NCR/ED/ET) takes the label (CSF/GM/WM) of the nearest
     non-tumour anatomy voxel, so the brain never gets holes of background.
 
-    The distance transform runs on the tumour bounding box grown by a margin
-    (a full 240x240x155 transform takes seconds).  The margin is doubled until
-    every refilled voxel's nearest anatomy is provably closer than anything
-    outside the box, so the result equals the full-volume transform.
-
     Args:
         labels: ``(k, j, i)`` schema label array (not modified).
         spacing: voxel size in mm in the grid's ``(i, j, k)`` order (as
@@ -164,33 +159,55 @@ def healthy_anatomy(labels: np.ndarray, spacing: Sequence[float] | None = None) 
         A new ``uint8`` array with values 0..3.  Where the map has no anatomy at
         all (tumour only), tumour voxels become WM.
     """
+    out = np.asarray(labels).astype(np.uint8, copy=True)
+    refill = tumour_refill(labels, spacing)
+    if refill is not None:
+        out[refill[0]] = refill[1]
+    return out
+
+
+def tumour_refill(labels: np.ndarray, spacing: Sequence[float] | None = None,
+                  ) -> tuple[tuple[np.ndarray, ...], np.ndarray] | None:
+    """:func:`healthy_anatomy`'s refill alone: (the tumour voxels' ``(k, j, i)`` indices, their new labels), or
+    ``None`` without a tumour.
+
+    The distance transform runs on the tumour bounding box grown by a margin
+    (a full 240x240x155 transform takes seconds).  The margin is doubled until
+    every refilled voxel's nearest anatomy is provably closer than anything
+    outside the box, so the result equals the full-volume transform (up to ties).
+    It starts at 2 voxels: a tumour voxel's nearest anatomy is almost always that
+    close, and the transform's cost grows with the box (on a real 68 x 71 x 75-voxel
+    tumour box, 63 ms at 2 voxels against 110 ms at 8).
+    """
     labels = np.asarray(labels)
-    out = labels.astype(np.uint8, copy=True)
-    tumour = tumour_mask(labels)
-    box = bounds(tumour)
+    box = bounds(tumour_mask(labels))
     if box is None:
-        return out
+        return None
     sampling = np.ones(3) if spacing is None else np.asarray(spacing, float)[::-1]
     shape = np.asarray(labels.shape)
     lo_t, hi_t = box
-    margin = 8
+    margin = 2
     while True:
         lo = np.maximum(lo_t - margin, 0)
         hi = np.minimum(hi_t + margin, shape)
         full = bool(np.all(lo == 0) and np.all(hi == shape))
         sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
         anatomy = (sub >= Label.CSF) & (sub <= Label.WM)
+        where = np.nonzero(tumour_mask(sub))
         if anatomy.any():
-            dist, idx = ndimage.distance_transform_edt(~anatomy, sampling=sampling, return_indices=True)
-            where = np.nonzero(tumour_mask(sub))
-            if full or _nearest_inside_box(where, dist[where], lo, hi, shape, sampling):
-                fill = sub[tuple(idx[a][where] for a in range(3))]
-                out[tuple(w + o for w, o in zip(where, lo))] = fill
-                return out
+            # The feature transform alone: the distances are needed at the tumour voxels only (computed there as
+            # the transform computes them).
+            idx = ndimage.distance_transform_edt(~anatomy, sampling=sampling, return_distances=False,
+                                                 return_indices=True)
+            nearest = tuple(idx[a][where] for a in range(3))
+            offsets = np.stack([(n - w).astype(np.float64) * sampling[a]
+                                for a, (n, w) in enumerate(zip(nearest, where))])
+            dist = np.sqrt(np.add.reduce(offsets * offsets, axis=0))
+            if full or _nearest_inside_box(where, dist, lo, hi, shape, sampling):
+                return tuple(w + o for w, o in zip(where, lo)), sub[nearest].astype(np.uint8)
         elif full:
             # No anatomy anywhere to copy from: WM is the neutral brain tissue.
-            out[tumour] = Label.WM
-            return out
+            return tuple(w + o for w, o in zip(where, lo)), np.full(where[0].shape, Label.WM, np.uint8)
         margin *= 2
 
 

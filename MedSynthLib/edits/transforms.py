@@ -16,8 +16,8 @@ from scipy import ndimage
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
 from ..schema.labels import Label, brain_mask, core_mask, tumour_mask
-from .base import (Edit, composite, core_count, healthy_anatomy, refuse_core_outside, register, set_field,
-                   tumour_only, vec3)
+from .base import (Edit, composite, core_count, healthy_anatomy, refuse_core_outside, register, set_field, tumour_only,
+                   tumour_refill, vec3)
 from .geometry import (AXES, bounds, brain_centre, check_length, crop, index_affine, paste, ras_matrix_to_lps,
                        rotation_ras, tumour_centre)
 
@@ -154,21 +154,37 @@ class Translate(Edit):
 
     def apply(self, labelmap: LabelMap) -> np.ndarray:
         labels = labelmap.array
-        tumour = tumour_only(labels)
-        if not tumour.any():
+        found = bounds(tumour_mask(labels))
+        if found is None:
             raise EditError("the label map has no tumour to edit")
         offset = self.voxel_offset(labelmap.grid)
-        # Slicing, not np.roll: a tumour pushed past the array edge must vanish, not wrap around.
+        shape = np.asarray(labels.shape)
+        # Only the box of the old and the new place changes: the work is done there (a drag in the preview
+        # moves the tumour many times; the whole volume is 20-60 times that box).  Inside it the result is the
+        # whole-volume one: the tumour moved by slicing (not np.roll: a tumour pushed past the array edge must
+        # vanish, not wrap around; the box holds every voxel that lands inside the array), the anatomy refilled
+        # and the tumour composited.
+        lo_old, hi_old = found
+        lo_new, hi_new = np.clip(lo_old + offset, 0, shape), np.clip(hi_old + offset, 0, shape)
+        lands = bool(np.all(hi_new > lo_new))
+        lo, hi = (np.minimum(lo_old, lo_new), np.maximum(hi_old, hi_new)) if lands else (lo_old, hi_old)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        window = labels[box]
+        tumour = tumour_only(window)
         moved = np.zeros_like(tumour)
-        if np.all(np.abs(offset) < labels.shape):
-            src = tuple(slice(max(-o, 0), n - max(o, 0)) for n, o in zip(labels.shape, offset))
-            dst = tuple(slice(max(o, 0), n - max(-o, 0)) for n, o in zip(labels.shape, offset))
+        if np.all(np.abs(offset) < window.shape):
+            src = tuple(slice(max(-o, 0), n - max(o, 0)) for n, o in zip(window.shape, offset))
+            dst = tuple(slice(max(o, 0), n - max(-o, 0)) for n, o in zip(window.shape, offset))
             moved[dst] = tumour[src]
         lost = core_count(tumour) - core_count(moved)
-        brain = brain_mask(labels)
+        brain = brain_mask(window)
         refuse_core_outside(moved, brain, core_lost_voxels=lost)  # before the costly refill
-        anatomy = healthy_anatomy(labels, labelmap.grid.spacing)
-        return composite(anatomy, moved, brain, core_lost_voxels=lost)
+        where, fill = tumour_refill(labels, labelmap.grid.spacing)
+        anatomy = window.astype(np.uint8, copy=True)
+        anatomy[tuple(w - int(a) for w, a in zip(where, lo))] = fill  # every tumour voxel lies in the box
+        out = labels.astype(np.uint8, copy=True)
+        out[box] = composite(anatomy, moved, brain, core_lost_voxels=lost)
+        return out
 
 
 @register
