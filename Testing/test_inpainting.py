@@ -608,3 +608,107 @@ def test_the_engine_output_never_reads_the_real_values_inside_the_region(tiny_in
     assert np.array_equal(tiny_inpainter.predict_normalized(labels, changed, region), before)
     changed[:, ~region] += 0.1  # ... but does read the context
     assert not np.array_equal(tiny_inpainter.predict_normalized(labels, changed, region), before)
+
+
+# --- the preview's fast paths give the plain computation's values, bit for bit ---------------------------------
+
+
+def test_feather_weight_counts_the_erosions_a_voxel_survives() -> None:
+    from scipy import ndimage
+
+    from MedSynthLib.synthesis.inpainting import feather_weight
+
+    rng = np.random.default_rng(3)
+    region = ndimage.binary_dilation(rng.random((24, 28, 20)) < 0.01, iterations=3)
+    region[:, :, 0] |= region[:, :, 1]  # touching the array's edge: the edge counts as outside
+    for steps in (0, 1, 3, 5):
+        level = region.astype(np.float32)
+        eroded = region
+        for _ in range(steps):
+            eroded = ndimage.binary_erosion(eroded)
+            level += eroded
+        expected = level / (steps + 1)
+        assert np.array_equal(feather_weight(region, (1.0, 1.0, 1.0), float(steps)), expected)
+    assert 0 < feather_weight(region, (1.0, 1.0, 1.0), 3.0)[:, :, 0][region[:, :, 0]].max() <= 0.25
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 0.9375, 0.9375), (1.2, 0.5, 1.0)])
+def test_changed_region_grows_old_and_new_tumours_apart_exactly(spacing) -> None:
+    from scipy import ndimage
+
+    from MedSynthLib.synthesis.inpainting import changed_region, grown_tumour
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(Label.CSF, Label.WM + 1, (30, 36, 34)).astype(np.uint8)
+    labels[:2] = Label.BACKGROUND
+    old = ndimage.binary_dilation(rng.random(labels.shape) < 0.002, iterations=2)
+    new = np.roll(old, (3, -5, 2), axis=(0, 1, 2))
+    moved = labels.copy()
+    moved[new] = Label.ED
+    # The plain definition: Euclidean distance (in mm) to the union of both tumours, on the whole array.
+    expected = (ndimage.distance_transform_edt(~(old | new), sampling=spacing) <= 4.0) & (moved > 0)
+    region = changed_region(moved, old, 4.0, spacing)
+    assert np.array_equal(region, expected)
+    kept = grown_tumour(old, old.shape, 4.0, spacing)
+    assert np.array_equal(changed_region(moved, old, 4.0, spacing, old_grown=kept), expected)
+    assert not np.array_equal(kept & (moved > 0), expected)  # the new tumour's growth is added: the test can fail
+
+
+def test_tissue_moments_give_the_whole_volume_normalisers_after_edits() -> None:
+    from MedSynthLib.synthesis.inpainting import TissueMoments, case_normalizers
+    from MedSynthLib.synthesis.normalize import HealthyTissueZScore
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(Label.CSF, Label.WM + 1, (20, 24, 22)).astype(np.uint8)
+    images = {m: rng.integers(0, 4000, labels.shape).astype(np.int16) for m in MODALITIES}
+    moments = TissueMoments(images, labels)
+    edited = labels.copy()
+    edited[5:9, 6:12, 4:10] = Label.NCR  # a tumour drawn after the moments were taken
+    region = np.zeros(labels.shape, bool)
+    region[3:12, 4:14, 2:12] = True
+    for label_map, exclude in ((labels, np.zeros(labels.shape, bool)), (edited, region), (labels, region)):
+        direct = case_normalizers(images, label_map, exclude)
+        assert case_normalizers(images, label_map, exclude, moments) == direct
+        reference = (label_map >= Label.GM) & (label_map <= Label.WM) & ~exclude
+        for m in MODALITIES:  # the moments' statistics are the float64 pass's to rounding
+            fitted = HealthyTissueZScore.fit(images[m], reference, "tissue_zscore")
+            assert direct[m].mean == pytest.approx(fitted.mean, rel=1e-12)
+            assert direct[m].std == pytest.approx(fitted.std, rel=1e-12)
+    floats = {m: image.astype(np.float32) + 0.25 for m, image in images.items()}  # not integers: the float pass
+    assert case_normalizers(floats, edited, region, TissueMoments(floats, labels)) == \
+        case_normalizers(floats, edited, region)
+
+
+def test_predict_inside_is_the_whole_crop_prediction_at_the_region(tiny_inpainter) -> None:
+    from MedSynthLib.synthesis.inpainting import InpaintingEngine
+
+    labels, images, region = _crop()
+    for mirror, match in ((True, True), (True, False), (False, True)):
+        engine = InpaintingEngine(tiny_inpainter.model, "cpu", "fp32", mirror_average=mirror, match_tissue=match)
+        assert np.array_equal(engine.predict_inside(labels, images, region),
+                              engine.predict_normalized(labels, images, region)[:, region])
+
+
+def test_the_condition_is_the_one_hot_labels_blanked_images_and_region() -> None:
+    import torch
+
+    from MedSynthLib.synthesis.inpainting import channels_last_condition, inpainting_condition
+    from MedSynthLib.schema.labels import NUM_CLASSES
+
+    labels, images, region = _crop()
+    labels = labels[:30, :37, :29]  # padded to the size multiple
+    images, region = images[:, :30, :37, :29], region[:30, :37, :29]
+    built = channels_last_condition(labels, images, region, torch.float32, 16, mirrored=True)
+    assert built.shape == (2, 12, 32, 48, 32)
+    pad = [(0, 2), (0, 11), (0, 3)]
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(np.pad(labels, pad)).long(), NUM_CLASSES)
+    plain = inpainting_condition(onehot.permute(3, 0, 1, 2)[None].float(),
+                                 torch.from_numpy(np.pad(images, [(0, 0)] + pad, constant_values=-1.0))[None],
+                                 torch.from_numpy(np.pad(region, pad))[None, None])
+    assert torch.equal(built[0], plain[0])
+    mirrored = [a[..., ::-1].copy() for a in (labels, images, region)]
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(np.pad(mirrored[0], pad)).long(), NUM_CLASSES)
+    plain = inpainting_condition(onehot.permute(3, 0, 1, 2)[None].float(),
+                                 torch.from_numpy(np.pad(mirrored[1], [(0, 0)] + pad, constant_values=-1.0))[None],
+                                 torch.from_numpy(np.pad(mirrored[2], pad))[None, None])
+    assert torch.equal(built[1], plain[0])

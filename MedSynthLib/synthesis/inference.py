@@ -134,13 +134,14 @@ class Synthesizer:
         """
         return {5: torch.channels_last_3d, 4: torch.channels_last}.get(tensor.dim(), torch.contiguous_format)
 
-    def _run(self, onehot: torch.Tensor, roi: int | None) -> torch.Tensor:
+    def _run(self, onehot: torch.Tensor, roi: int | None, keep_layout: bool = False) -> torch.Tensor:
         layout = self.memory_format(onehot)
         self.generator.to(memory_format=layout)
         onehot = onehot.contiguous(memory_format=layout)
         with torch.inference_mode(), self._autocast():
             if roi is None:
-                return self._forward(onehot).float().contiguous()
+                output = self._forward(onehot).float()
+                return output if keep_layout else output.contiguous()
             from monai.inferers import sliding_window_inference
 
             # A window larger than the input would make MONAI pad it with zeros, and an all-zero
@@ -186,17 +187,22 @@ class Synthesizer:
         result[:, crop == Label.BACKGROUND] = -1.0
         return result
 
-    def predict_condition(self, condition: torch.Tensor) -> torch.Tensor:
+    def predict_condition(self, condition: torch.Tensor, keep_layout: bool = False) -> torch.Tensor:
         """The network on a prepared (B, C, *spatial) condition whose sizes are multiples of the network's
-        (an inpainting model's label map + blanked images + mask), with the same fallbacks as :meth:`predict`."""
-        return self._predict_with_fallback(condition)
+        (an inpainting model's label map + blanked images + mask), with the same fallbacks as :meth:`predict`.
 
-    def _predict_with_fallback(self, onehot: torch.Tensor) -> torch.Tensor:
+        Args:
+            keep_layout: return the output in the network's memory layout (channels-last on a CPU) instead
+                of copying it into the standard one: for a caller that reads a few of its voxels.
+        """
+        return self._predict_with_fallback(condition, keep_layout)
+
+    def _predict_with_fallback(self, onehot: torch.Tensor, keep_layout: bool = False) -> torch.Tensor:
         roi: int | None = None if onehot[0, 0].numel() <= self.max_voxels else self.roi
         while True:
             try:
                 self.generator.to(self.device)
-                return self._run(onehot.to(self.device), roi)
+                return self._run(onehot.to(self.device), roi, keep_layout)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 smaller = self.roi if roi is None else roi // 2

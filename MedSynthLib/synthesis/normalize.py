@@ -25,6 +25,7 @@ can be returned to a realistic scanner range.  Two maps exist:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -114,6 +115,21 @@ class HealthyTissueZScore:
             raise ValueError("cannot normalise without healthy brain tissue")
         std = float(values.std())
         return cls(float(values.mean()), std if std > 0 else 1.0, ZSCORE_KINDS[kind], kind)
+
+    @classmethod
+    def from_moments(cls, count: int, total: int, total_of_squares: int,
+                     kind: str = "healthy_zscore") -> "HealthyTissueZScore":
+        """The normaliser of a set of integer intensities given exactly by its count, sum and sum of squares.
+
+        Python integers keep the moments exact, so the statistics are the correctly rounded mean and
+        standard deviation whatever order the sums were gathered in (a cache that adds and removes boxes
+        of voxels gives the same normaliser as one pass over the whole mask).
+        """
+        if count <= 0:
+            raise ValueError("cannot normalise without healthy brain tissue")
+        variance = (count * total_of_squares - total * total) / (count * count)
+        std = math.sqrt(variance) if variance > 0 else 0.0
+        return cls(total / count, std if std > 0 else 1.0, ZSCORE_KINDS[kind], kind)
 
     def forward(self, image: np.ndarray, brain: np.ndarray) -> np.ndarray:
         scaled = np.clip((image.astype(np.float32) - self.mean) / (self.std * self.scale), -1.0, 1.0)

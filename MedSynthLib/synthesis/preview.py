@@ -198,19 +198,24 @@ class InpaintingRoiRenderer:
         self.images: dict[str, np.ndarray] = {}
         self.region: np.ndarray | None = None  # the voxels of :attr:`images` that are (partly) synthetic
         self.region_box: Box | None = None
+        self.own_grown: np.ndarray | None = None  # the case's own tumour grown by the margin (every region has it)
+        self.moments: Any = None  # :class:`~.inpainting.TissueMoments` of the case: its normalisers after an edit
 
     def _spacing(self, labelmap: LabelMap) -> tuple[float, float, float]:
         return tuple(float(s) for s in labelmap.grid.spacing[::-1])  # type: ignore[return-value]
 
     def full(self, labelmap: LabelMap, check: Callable[[], None] | None = None) -> None:
         from ..schema.labels import tumour_mask
-        from .inpainting import ContextCase, read_context
+        from .inpainting import ContextCase, TissueMoments, grown_tumour, read_context
 
         if not isinstance(self.context, ContextCase):
             self.context = read_context(self.context, labelmap)  # on the label map's grid, or one clear line
         own = self.context.tumour if self.context.tumour is not None else np.zeros(labelmap.array.shape, np.uint8)
         self.images = {m: image.astype(np.float32) for m, image in self.context.images.items()}
         self.region, self.region_box = None, None
+        # Kept for every later render: what does not change with the edits is computed once per case.
+        self.own_grown = grown_tumour(own > 0, own.shape, self.margin_mm, self._spacing(labelmap))
+        self.moments = TissueMoments(self.context.images, labelmap.array)
         if not np.array_equal(np.where(tumour_mask(labelmap.array), labelmap.array, 0), own):
             self.roi(labelmap, EMPTY_BOX, check)  # edited before the first preview: inpainted as Generate does
 
@@ -224,14 +229,15 @@ class InpaintingRoiRenderer:
             check()
         own = self.context.tumour > 0 if self.context.tumour is not None else None
         spacing = self._spacing(labelmap)
-        region = changed_region(labelmap.array, own, self.margin_mm, spacing)  # the region inpaint_case takes
+        region = changed_region(labelmap.array, own, self.margin_mm, spacing,  # the region inpaint_case takes
+                                old_grown=self.own_grown)
         tight: Box | None = None
         if region.any():
             if check is not None:
                 check()
             with interruptible(self.engine.synth.generator, check):
                 inner, values, _ = self.engine.inpaint_box(labelmap.array, self.context.images, region, spacing,
-                                                           self.feather_mm, check)
+                                                           self.feather_mm, check, self.moments)
             region_slices = mask_box(region, 0)  # outside it the inpainted box holds the real images
             tight = (tuple(s.start for s in region_slices), tuple(s.stop for s in region_slices))  # type: ignore
         written = box_union(self.region_box, tight)
