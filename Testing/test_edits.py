@@ -720,3 +720,33 @@ def test_translate_works_in_the_box_of_both_places_and_equals_the_whole_volume_e
     result = edit(brain).array
     assert np.array_equal(result, expected)
     assert not np.array_equal(result, labels)
+
+
+@pytest.mark.parametrize("layout", ["surface", "shell", "scattered"])
+def test_healthy_anatomy_fills_each_tumour_voxel_from_a_nearest_anatomy_voxel(layout):
+    """Whatever box the refill needs (faces moved out, or grown when it holds no anatomy), every tumour voxel
+    takes a label whose nearest voxel is at the whole-volume nearest-anatomy distance."""
+    rng = np.random.default_rng({"surface": 1, "shell": 2, "scattered": 3}[layout])
+    labels = np.zeros((40, 44, 48), np.uint8)
+    if layout == "surface":  # a tumour on the brain's surface: the anatomy lies along the surface, past the box
+        labels[:, :, :30] = rng.integers(Label.CSF, Label.WM + 1, (40, 44, 30))
+        labels[10:30, 12:32, 24:30] = Label.ED
+        labels[14:26, 16:28, 28:30] = Label.ET
+    elif layout == "shell":  # background around the tumour, anatomy 6 voxels beyond it: none in the first box
+        labels[...] = rng.integers(Label.CSF, Label.WM + 1, labels.shape)
+        labels[10:30, 10:34, 10:38] = Label.BACKGROUND
+        labels[16:24, 16:28, 16:32] = Label.NCR
+    else:
+        labels[...] = rng.integers(Label.CSF, Label.WM + 1, labels.shape)
+        labels[ndimage.binary_dilation(rng.random(labels.shape) < 0.001, iterations=3)] = Label.ED
+    spacing = (1.0, 0.8, 1.3)
+    out = healthy_anatomy(labels, spacing)
+    tumour = labels >= Label.NCR
+    assert np.array_equal(out[~tumour], labels[~tumour])
+    sampling = spacing[::-1]
+    nearest = ndimage.distance_transform_edt((labels < Label.CSF) | (labels > Label.WM), sampling=sampling)
+    for value in (Label.CSF, Label.GM, Label.WM):
+        filled = tumour & (out == value)
+        to_class = ndimage.distance_transform_edt(labels != value, sampling=sampling)
+        assert np.allclose(to_class[filled], nearest[filled])
+    assert np.all((out[tumour] >= Label.CSF) & (out[tumour] <= Label.WM))

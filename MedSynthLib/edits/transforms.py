@@ -179,7 +179,7 @@ class Translate(Edit):
         lost = core_count(tumour) - core_count(moved)
         brain = brain_mask(window)
         refuse_core_outside(moved, brain, core_lost_voxels=lost)  # before the costly refill
-        where, fill = tumour_refill(labels, labelmap.grid.spacing)
+        where, fill = tumour_refill(labels, labelmap.grid.spacing, tumour_box=found)
         anatomy = window.astype(np.uint8, copy=True)
         anatomy[tuple(w - int(a) for w, a in zip(where, lo))] = fill  # every tumour voxel lies in the box
         out = labels.astype(np.uint8, copy=True)
