@@ -438,3 +438,24 @@ def test_every_anatomy_model_setting_has_a_typed_field():
     known = {f.name for f in fields(AnatomyModelParams)}
     for name, model in ANATOMY_MODELS.items():
         assert set(model.to_json()) <= known, (name, set(model.to_json()) - known)
+
+
+def test_privacy_after_an_edit_counts_the_whole_masks_through_the_changed_box():
+    """The step's Jaccard distances, counted in the box where the maps differ, are the whole-volume ones."""
+    from MedSynthLib.schema.provenance import PrivacyRecord, _dice_from_distance, _distance_from_dice
+
+    rng = np.random.default_rng(2)
+    before = rng.integers(0, 7, (20, 22, 18)).astype(np.uint8)
+    after = before.copy()
+    after[4:9, 5:12, 6:10] = rng.integers(0, 7, (5, 7, 4))
+    record = PrivacyRecord("patient", 0.9, 0.8, "patient").after_step(before, after, {"name": "move_tumour"})
+
+    def whole(a, b):
+        return 1.0 - np.count_nonzero(a & b) / np.count_nonzero(a | b)
+
+    brain = round(_dice_from_distance(abs(_distance_from_dice(0.9) - whole(before > 0, after > 0))), 4)
+    tumour = round(_dice_from_distance(abs(_distance_from_dice(0.8) - whole(before >= 4, after >= 4))), 4)
+    assert (record.brain_dice_to_source, record.tumour_dice_to_source) == (brain, tumour)
+    assert tumour != 0.8 and brain != 0.9  # the step changed both masks: the test can fail
+    same = PrivacyRecord("patient", 0.9, 0.8, "patient").after_step(before, before.copy(), None)
+    assert (same.brain_dice_to_source, same.tumour_dice_to_source) == (0.9, 0.8)

@@ -32,7 +32,8 @@ import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import (Annotated, Any, Callable, ClassVar, Literal, Mapping, Union, get_args, get_origin,
+                    get_type_hints)
 
 import numpy as np
 
@@ -462,9 +463,16 @@ def _distance_from_dice(dice: float) -> float:
     return 1.0 - dice / (2.0 - dice)
 
 
-def _jaccard_distance(a: np.ndarray, b: np.ndarray) -> float:
-    union = int(np.count_nonzero(a | b))
-    return 0.0 if union == 0 else 1.0 - int(np.count_nonzero(a & b)) / union
+def _jaccard_distance_in_box(before: np.ndarray, after: np.ndarray, box: tuple[slice, ...] | None,
+                             mask: Callable[[np.ndarray], np.ndarray]) -> float:
+    """Jaccard distance (1 - intersection / union) of ``mask(before)`` and ``mask(after)``, for label maps that
+    are equal outside ``box`` (``None``: equal everywhere), counted inside the box and once over ``before``."""
+    if box is None:
+        return 0.0
+    a, b = mask(before[box]), mask(after[box])
+    outside = int(np.count_nonzero(mask(before))) - int(np.count_nonzero(a))  # the same voxels in both maps
+    union = outside + int(np.count_nonzero(a | b))
+    return 0.0 if union == 0 else 1.0 - (outside + int(np.count_nonzero(a & b))) / union
 
 
 @dataclass(frozen=True)
@@ -513,13 +521,19 @@ class PrivacyRecord:
 
     def after_step(self, before: np.ndarray, after: np.ndarray, record: Mapping[str, Any] | None) -> "PrivacyRecord":
         """The state after one step turned ``before`` into ``after`` (both label arrays)."""
+        from .grid import mask_box
+
+        # Both maps agree outside the box of the voxels that changed (an edit's box is a small part of the
+        # volume): each mask is compared there, and counted once over the whole volume.
+        changed = np.asarray(before) != np.asarray(after)
+        box = mask_box(changed) if changed.any() else None
         brain = self.brain_dice_to_source
         if brain is not None:
-            step = _jaccard_distance(before > Label.BACKGROUND, after > Label.BACKGROUND)
+            step = _jaccard_distance_in_box(before, after, box, lambda labels: labels > Label.BACKGROUND)
             brain = round(_dice_from_distance(abs(_distance_from_dice(brain) - step)), 4)
         tumour_dice = self.tumour_dice_to_source
         if tumour_dice is not None:
-            step = _jaccard_distance(before >= Label.NCR, after >= Label.NCR)
+            step = _jaccard_distance_in_box(before, after, box, lambda labels: labels >= Label.NCR)
             tumour_dice = round(_dice_from_distance(abs(_distance_from_dice(tumour_dice) - step)), 4)
         name = record.get("name") if isinstance(record, Mapping) else None
         params = record.get("params", {}) if isinstance(record, Mapping) else {}
