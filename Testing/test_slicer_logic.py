@@ -960,3 +960,34 @@ def test_bad_generate_options_are_refused(case):
     for options in (GenerateOptions(device="tpu"), GenerateOptions(precision="fp8"), GenerateOptions(seed=-1)):
         with pytest.raises(WorkflowError):
             case.logic.start_generate(case.seg, options)
+
+
+def test_an_edit_writes_the_shared_labelmap_in_place_and_the_3d_surface_follows(case):
+    """A committed edit rewrites the six segments' one labelmap in place: the segments keep their IDs and tags,
+    the labels read back are the edit's, and a derived representation (the 3D surface) is made again."""
+    seg = case.logic.copy_labels(case.seg, "in place")
+    segmentation = seg.GetSegmentation()
+    ids = list(segmentation.GetSegmentIDs())
+    locks = {i: mrml.get_tag(segmentation.GetSegment(i), mrml.LOCKED_TAG) for i in ids}
+    layer = segmentation.GetSegment(ids[0]).GetRepresentation(mrml._labelmap_name())
+    assert segmentation.GetNumberOfLayers() == 1
+    closed = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    segmentation.CreateRepresentation(closed)
+    et_id = next(i for i in ids if segmentation.GetSegment(i).GetName() == "ET")
+    before_z = segmentation.GetSegment(et_id).GetRepresentation(closed).GetBounds()[4:6]
+    edited = case.logic.apply_edit(seg, Translate((0.0, 0.0, 6.0)))
+    assert list(segmentation.GetSegmentIDs()) == ids  # not removed and added again
+    assert segmentation.GetSegment(ids[0]).GetRepresentation(mrml._labelmap_name()) is layer
+    assert {i: mrml.get_tag(segmentation.GetSegment(i), mrml.LOCKED_TAG) for i in ids} == locks
+    masks = mrml.segment_binary_masks(seg, case.logic.reference_volume(seg))
+    read_back = np.zeros(edited.array.shape, np.uint8)
+    for segment_id, mask in masks.items():
+        read_back[mask] = segmentation.GetSegment(segment_id).GetLabelValue()
+    assert np.array_equal(read_back, edited.array)
+    surface = segmentation.GetSegment(et_id).GetRepresentation(closed)
+    if surface is None or surface.GetNumberOfPoints() == 0:  # dropped on the edit; made again on request
+        segmentation.CreateRepresentation(closed)
+        surface = segmentation.GetSegment(et_id).GetRepresentation(closed)
+    after_z = surface.GetBounds()[4:6]
+    assert 4.0 < after_z[1] - before_z[1] < 8.0  # the surface is the moved tumour's: 6 mm up
+    case.scene.RemoveNode(seg)
