@@ -140,8 +140,8 @@ class Synthesizer:
         onehot = onehot.contiguous(memory_format=layout)
         with torch.inference_mode(), self._autocast():
             if roi is None:
-                output = self._forward(onehot).float()
-                return output if keep_layout else output.contiguous()
+                output = self._forward(onehot)
+                return output if keep_layout else output.float().contiguous()
             from monai.inferers import sliding_window_inference
 
             # A window larger than the input would make MONAI pad it with zeros, and an all-zero
@@ -192,8 +192,9 @@ class Synthesizer:
         (an inpainting model's label map + blanked images + mask), with the same fallbacks as :meth:`predict`.
 
         Args:
-            keep_layout: return the output in the network's memory layout (channels-last on a CPU) instead
-                of copying it into the standard one: for a caller that reads a few of its voxels.
+            keep_layout: return the output as the network gives it, in its memory layout (channels-last on a
+                CPU) and precision, instead of a float32 copy in the standard layout: for a caller that reads a
+                few of its voxels.
         """
         return self._predict_with_fallback(condition, keep_layout)
 

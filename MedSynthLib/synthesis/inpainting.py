@@ -494,14 +494,20 @@ class InpaintingEngine:
         region holds a fifth of its crop's voxels).
         """
         if self.mirror_average and labels.size <= MIRROR_BATCH_MAX_VOXELS:
-            # The batch's output read in the network's channels-last layout at the region's voxels only: a copy
-            # of the whole output into the standard layout costs more than this.
+            import torch
+
+            # The batch's output read in the network's layout and precision at the region's voxels only: a
+            # float32 copy of the whole output in the standard layout costs more than this.
             condition = channels_last_condition(labels, normalized, region, self.synth.input_dtype,
                                                 self.network.size_multiple, mirrored=True)
-            voxels_last = self.synth.predict_condition(condition, keep_layout=True).permute(0, 2, 3, 4, 1)
-            voxels_last = voxels_last.cpu().numpy()  # (2, *padded, 4)
+            output = self.synth.predict_condition(condition, keep_layout=True)
+            padded = output.shape[2:]
+            rows = output.permute(0, 2, 3, 4, 1).reshape(2, -1, output.shape[1])  # a view: one row per voxel
             k, j, i = np.nonzero(region)
-            inside = np.ascontiguousarray((0.5 * (voxels_last[0][k, j, i] + voxels_last[1][k, j, labels.shape[2] - 1 - i])).T)
+            row = (k * padded[1] + j) * padded[2]
+            at = [torch.from_numpy(row + i), torch.from_numpy(row + (labels.shape[2] - 1 - i))]  # crop, mirrored
+            crop, mirrored = (rows[b].index_select(0, at[b]).float().cpu().numpy() for b in (0, 1))
+            inside = np.ascontiguousarray((0.5 * (crop + mirrored)).T)
         else:
             output, mirrored = self._outputs(labels, normalized, region)
             inside = output[:, region] if mirrored is None else 0.5 * (output[:, region] + mirrored[:, region])
