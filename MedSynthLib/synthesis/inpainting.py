@@ -157,8 +157,8 @@ def _ball_growth_box(core: np.ndarray, margin_mm: float,
                      spacing: tuple[float, float, float]) -> tuple[tuple[slice, ...], np.ndarray]:
     """:func:`_ball_growth` of a non-empty ``core`` as (box, the grown voxels of that box); none lie outside it.
 
-    The squared distances come from the ``edt`` package (the exact Euclidean transform of Felzenszwalb and
-    Huttenlocher): on a real tumour's 86 x 89 x 93-voxel box, 51 ms against 125 ms for
+    The exact squared distances come from the ``edt`` package (multi-label anisotropic Euclidean distance
+    transform): on a real tumour's 86 x 89 x 93-voxel box, 51 ms against 125 ms for
     ``scipy.ndimage.distance_transform_edt``, and the same grown voxels (tested).
     """
     import edt
@@ -505,7 +505,8 @@ class InpaintingEngine:
             rows = output.permute(0, 2, 3, 4, 1).reshape(2, -1, output.shape[1])  # a view: one row per voxel
             k, j, i = np.nonzero(region)
             row = (k * padded[1] + j) * padded[2]
-            at = [torch.from_numpy(row + i), torch.from_numpy(row + (labels.shape[2] - 1 - i))]  # crop, mirrored
+            at = [torch.from_numpy(row + i).to(rows.device),  # the crop's voxels, and the mirrored crop's
+                  torch.from_numpy(row + (labels.shape[2] - 1 - i)).to(rows.device)]
             crop, mirrored = (rows[b].index_select(0, at[b]).float().cpu().numpy() for b in (0, 1))
             inside = np.ascontiguousarray((0.5 * (crop + mirrored)).T)
         else:
