@@ -448,7 +448,9 @@ def test_privacy_after_an_edit_counts_the_whole_masks_through_the_changed_box():
     before = rng.integers(0, 7, (20, 22, 18)).astype(np.uint8)
     after = before.copy()
     after[4:9, 5:12, 6:10] = rng.integers(0, 7, (5, 7, 4))
-    record = PrivacyRecord("patient", 0.9, 0.8, "patient").after_step(before, after, {"name": "move_tumour"})
+    start = PrivacyRecord("patient", 0.9, 0.8, "patient")
+    record = start.after_step(before, after, {"name": "move_tumour"}, (slice(4, 9), slice(5, 12), slice(6, 10)))
+    assert start.after_step(before, after, {"name": "move_tumour"}) == record  # the whole array as the box
 
     def whole(a, b):
         return 1.0 - np.count_nonzero(a & b) / np.count_nonzero(a | b)
@@ -457,5 +459,11 @@ def test_privacy_after_an_edit_counts_the_whole_masks_through_the_changed_box():
     tumour = round(_dice_from_distance(abs(_distance_from_dice(0.8) - whole(before >= 4, after >= 4))), 4)
     assert (record.brain_dice_to_source, record.tumour_dice_to_source) == (brain, tumour)
     assert tumour != 0.8 and brain != 0.9  # the step changed both masks: the test can fail
-    same = PrivacyRecord("patient", 0.9, 0.8, "patient").after_step(before, before.copy(), None)
+    same = start.after_step(before, before.copy(), None, (slice(0, 0),) * 3)
     assert (same.brain_dice_to_source, same.tumour_dice_to_source) == (0.9, 0.8)
+    # Through LabelMap.with_array, which finds the changed box itself.
+    from MedSynthLib.schema.grid import Grid, LabelMap
+
+    grid = Grid(before.shape[::-1], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    edited = LabelMap(before, grid, [], privacy=start).with_array(after, {"name": "move_tumour"})
+    assert edited.privacy == record

@@ -182,5 +182,8 @@ class LabelMap:
         from .provenance import privacy_of
 
         history = list(self.history) + ([record] if record is not None else [])
-        privacy = privacy_of(self).after_step(self.array, np.asarray(array), record)
+        array = np.asarray(array)
+        differs = self.array != array if array.shape == self.array.shape else None
+        changed = None if differs is None else (mask_box(differs) if differs.any() else (slice(0, 0),) * array.ndim)
+        privacy = privacy_of(self).after_step(self.array, array, record, changed)
         return LabelMap(array, self.grid, history, self.schema_version, privacy)

@@ -463,12 +463,10 @@ def _distance_from_dice(dice: float) -> float:
     return 1.0 - dice / (2.0 - dice)
 
 
-def _jaccard_distance_in_box(before: np.ndarray, after: np.ndarray, box: tuple[slice, ...] | None,
+def _jaccard_distance_in_box(before: np.ndarray, after: np.ndarray, box: tuple[slice, ...],
                              mask: Callable[[np.ndarray], np.ndarray]) -> float:
     """Jaccard distance (1 - intersection / union) of ``mask(before)`` and ``mask(after)``, for label maps that
-    are equal outside ``box`` (``None``: equal everywhere), counted inside the box and once over ``before``."""
-    if box is None:
-        return 0.0
+    are equal outside ``box``, counted inside the box and once over ``before``."""
     a, b = mask(before[box]), mask(after[box])
     outside = int(np.count_nonzero(mask(before))) - int(np.count_nonzero(a))  # the same voxels in both maps
     union = outside + int(np.count_nonzero(a | b))
@@ -519,14 +517,16 @@ class PrivacyRecord:
             return cls("template", None, None, origin)
         return cls("unknown", None, None, "unknown")
 
-    def after_step(self, before: np.ndarray, after: np.ndarray, record: Mapping[str, Any] | None) -> "PrivacyRecord":
-        """The state after one step turned ``before`` into ``after`` (both label arrays)."""
-        from .grid import mask_box
+    def after_step(self, before: np.ndarray, after: np.ndarray, record: Mapping[str, Any] | None,
+                   changed: tuple[slice, ...] | None = None) -> "PrivacyRecord":
+        """The state after one step turned ``before`` into ``after`` (both label arrays).
 
-        # Both maps agree outside the box of the voxels that changed (an edit's box is a small part of the
-        # volume): each mask is compared there, and counted once over the whole volume.
-        changed = np.asarray(before) != np.asarray(after)
-        box = mask_box(changed) if changed.any() else None
+        Args:
+            changed: a box outside which the two maps are equal (:meth:`LabelMap.with_array` passes the box of
+                the voxels that changed: an edit's box is a small part of the volume); ``None``: the whole array.
+                Each mask is compared inside it and counted once over ``before``.
+        """
+        box = tuple(slice(None) for _ in np.shape(before)) if changed is None else changed
         brain = self.brain_dice_to_source
         if brain is not None:
             step = _jaccard_distance_in_box(before, after, box, lambda labels: labels > Label.BACKGROUND)
