@@ -576,6 +576,25 @@ def test_native_bf16_probe_reads_the_cpu(monkeypatch) -> None:
         assert inference.cpu_has_native_bf16() is expected
 
 
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+@pytest.mark.parametrize("cap, expected", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False),
+                                           ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True),
+                                           ("avx10_1_512_amx", True), ("ALL", True), ("", True)])
+def test_native_bf16_probe_respects_an_isa_cap(monkeypatch, variable, cap, expected) -> None:
+    """A CPU with AMX whose oneDNN is capped below bf16 (a container's or a user's ONEDNN_MAX_CPU_ISA) emulates
+    bf16: measured on a 2-core Xeon with AMX capped at AVX2, a 16->32-channel 96^3 convolution took 98 s in
+    bf16 against 0.31 s in fp32, so "auto" must take fp32 there."""
+    import MedSynthLib.synthesis.inference as inference
+
+    monkeypatch.setattr(inference.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    for other in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(variable, cap)
+    assert inference.cpu_has_native_bf16() is expected
+
+
 def test_fidelity_metrics() -> None:
     from MedSynthLib.evaluation.metrics import fidelity, ssim_map
 

@@ -9,6 +9,7 @@ smaller windows, then to the CPU, and says so.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -46,12 +47,13 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX; ARM: the BF16 extension).
 
     Elsewhere torch emulates bf16: on an AVX2-only CPU a 32-channel 3D convolution took 220x longer in
-    bf16 than in fp32 (6.68 s vs 0.030 s, one thread), so bf16 is then no speed-up but a trap.
+    bf16 than in fp32 (6.68 s vs 0.030 s, one thread), so bf16 is then no speed-up but a trap. The same holds
+    where oneDNN's ISA is capped below bf16 (:func:`_onednn_cap_allows_bf16`).
     """
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
         probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(bool(probe()) for probe in probes if probe is not None)
+        return any(bool(probe()) for probe in probes if probe is not None) and _onednn_cap_allows_bf16()
     if machine in ("aarch64", "arm64"):
         try:
             with open("/proc/cpuinfo") as handle:
@@ -60,6 +62,21 @@ def cpu_has_native_bf16() -> bool:
         except OSError:  # macOS: Apple silicon runs MedSynth on MPS; its CPU path stays fp32
             return False
     return False
+
+
+# oneDNN ISA caps (its CPU dispatcher control) at or above the first ISA with bf16 instructions.
+_BF16_ISA_CAPS = frozenset({"avx512_core_bf16", "avx512_core_fp16", "avx10_1_512", "avx512_core_amx",
+                            "avx10_1_512_amx", "avx512_core_amx_fp16", "avx10_1_512_amx_fp16", "all"})
+_ONEDNN_ISA_CAPS = _BF16_ISA_CAPS | {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core",
+                                    "avx512_core_vnni"}
+
+
+def _onednn_cap_allows_bf16() -> bool:
+    """Whether oneDNN may use the CPU's bf16 instructions: ``ONEDNN_MAX_CPU_ISA`` (or its older name
+    ``DNNL_MAX_CPU_ISA``) caps the ISA its kernels use, and a cap below AVX512_CORE_BF16 makes bf16 emulated even
+    on a CPU with AMX. A value oneDNN does not know is ignored by it, and here."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
+    return cap not in _ONEDNN_ISA_CAPS or cap in _BF16_ISA_CAPS
 
 
 def pick_precision(requested: str, device: torch.device) -> str:
