@@ -314,6 +314,25 @@ def median(values) -> float | None:
     return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
 
 
+# Variables that narrow the instruction sets the libraries use (oneDNN, ATen's kernels, NumPy's dispatch): set
+# to run an AVX2-class CPU's code paths on a newer CPU, so a result must say whether they were.
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "NPY_DISABLE_CPU_FEATURES")
+
+
+def cpu_description() -> dict:
+    """The CPU model, whether it computes bf16 natively for MedSynth, and any instruction-set caps in force."""
+    from MedSynthLib.synthesis.inference import cpu_has_native_bf16
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"model": model, "native_bf16": cpu_has_native_bf16(),
+            "isa_caps": {name: os.environ[name] for name in ISA_VARIABLES if os.environ.get(name)}}
+
+
 def best_of(runs: list[dict]) -> dict:
     """One run from repeats: per move the repeat with the shortest edit -> preview (the machine is shared)."""
     moves = [min(repeat, key=lambda m: m["edit_to_preview_s"]) for repeat in zip(*(r["moves"] for r in runs))]
@@ -391,6 +410,7 @@ def main() -> int:
                "seed": args.seed, "before_commit": args.before, "cpus": os.cpu_count(),
                "load_average_start": [round(v, 2) for v in load_start],
                "load_average_end": [round(v, 2) for v in load_end], "platform": platform.platform(),
+               "cpu": cpu_description(),
                "python": platform.python_version(), "command": " ".join(["python"] + sys.argv),
                "repeats": args.repeats, "note": "per move the repeat with the shortest edit -> preview",
                "summary": {name: summarise(run) for name, run in runs.items()}, "runs": repeats}
