@@ -610,6 +610,43 @@ def test_the_engine_output_never_reads_the_real_values_inside_the_region(tiny_in
     assert not np.array_equal(tiny_inpainter.predict_normalized(labels, changed, region), before)
 
 
+def test_the_held_out_score_is_taken_without_the_real_values_inside_the_region(tiny_inpainter):
+    """The product feathers the region's outer band into the real image, so that band mixes in the real values
+    inside the region: in a held-out test those are the answer.  ``benchmarks/inpainting_eval.py`` scores each
+    method pasted (the engine with no feather, any other fill through ``pasted_and_blended``) and keeps the
+    feathered blend for the seam only."""
+    import importlib.util
+
+    from MedSynthLib.synthesis.inpainting import feather_weight
+
+    spec = importlib.util.spec_from_file_location("inpainting_eval", REPO / "benchmarks" / "inpainting_eval.py")
+    evaluation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluation)
+
+    labels, normalized, region = _crop()
+    real = {m: (normalized[c] + 1.0) * 1000.0 for c, m in enumerate(("t1", "t1ce", "t2", "flair"))}
+    answer_changed = {m: np.where(region, v + 150.0, v).astype(np.float32) for m, v in real.items()}
+    spacing = (1.0, 1.0, 1.0)
+    pasted, pasted_other = (tiny_inpainter.inpaint(labels, images, region, spacing, feather_mm=0.0).images
+                            for images in (real, answer_changed))
+    feathered, feathered_other = (tiny_inpainter.inpaint(labels, images, region, spacing).images
+                                  for images in (real, answer_changed))
+    for m in real:
+        assert np.array_equal(pasted[m][region], pasted_other[m][region])  # the answer is never read
+        assert np.array_equal(pasted[m][~region], real[m][~region])
+        assert not np.array_equal(feathered[m][region], feathered_other[m][region])  # the band reads the answer
+
+    weight = feather_weight(region, spacing)
+    fill = np.full(region.shape, 7.0, np.float32)
+    for m in real:
+        scored, shown = evaluation.pasted_and_blended(fill, real[m], region, weight)
+        scored_other, shown_other = evaluation.pasted_and_blended(fill, answer_changed[m], region, weight)
+        assert np.array_equal(scored[region], scored_other[region]) and np.all(scored[region] == 7.0)
+        assert np.array_equal(scored[~region], real[m][~region])
+        assert not np.array_equal(shown[region], shown_other[region])
+        assert np.array_equal(shown[weight == 1.0], scored[weight == 1.0])
+
+
 # --- the preview's fast paths give the plain computation's values, bit for bit ---------------------------------
 
 

@@ -3,18 +3,21 @@
 For each held-out case (a cross-validation fold the inpainting model never trained on):
 
 1. The region = the case's real tumour grown by ``--margin`` mm (the default of ``synthesize --context``).
-2. Three ways to fill it, each blended into the real image with the same feathered weight
+2. Three ways to fill it, scored as pasted into the real image (no real voxel left inside the region: the
+   feathered blend of the product mixes the real values of the region's outer band into it, which in this test
+   are the answer), and shown and seam-measured as blended with the product's feathered weight
    (:func:`MedSynthLib.synthesis.inpainting.feather_weight`), so only what is painted inside differs:
    * **inpainting**: the inpainting model, from the real label map and the real images around the region;
    * **full synthesis**: the synthesis model (``--synthesis-model``, default the shipped one) run on the whole
      label map, its region mapped to the case's scale (z-scored in the brain, then the real image's brain mean
      and standard deviation);
    * **class means**: each label class painted with its mean z-score over the training folds' cases.
-3. SSIM / PSNR / MAE as ``medsynth evaluate`` computes them (:func:`MedSynthLib.evaluation.metrics.fidelity`: both
+3. SSIM / PSNR / MAE (and the contrast rules) of the pasted images, as ``medsynth evaluate`` computes them (:func:`MedSynthLib.evaluation.metrics.fidelity`: both
    images z-scored in the brain, Gaussian SSIM, PSNR peak 8), inside the region and inside the tumour; the full
    synthesis is also scored as it is (not blended), as ``medsynth evaluate`` scores a tumour.
 4. Seam ratio: mean intensity-gradient magnitude in the band within 1.5 mm of the region's border (both sides),
-   blended image over real image (1 = no seam).
+   blended image over real image (1 = no seam).  The region SSIM of the blended images is kept beside it
+   (``region_ssim_feathered``): what the scores were before they were taken on the pasted images.
 5. The contrast rules of :mod:`MedSynthLib.evaluation.image_checks` inside the region, beside the real image's.
 6. Speed: re-rendering a 15 mm tumour move on one case (torch threads as given), beside a full synthesis of the
    same brain with the synthesis model in the same run (the machine is shared: compare the ratio).
@@ -79,6 +82,15 @@ def seam_ratio(blended: np.ndarray, real: np.ndarray, region: np.ndarray, brain:
     return float(gradient(blended)[band].mean()) / reference if reference > 0 else float("nan")
 
 
+def pasted_and_blended(fill: np.ndarray, real: np.ndarray, region: np.ndarray,
+                       weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``fill`` put into ``real``: pasted inside ``region`` (what is scored: no real value is left in it) and
+    blended with the feathered ``weight`` (what the product shows, and what the seam is measured on)."""
+    pasted = np.where(region, fill, real).astype(np.float32)
+    blended = (weight * fill + (1.0 - weight) * real).astype(np.float32)
+    return pasted, blended
+
+
 def rules_passed(images: dict[str, np.ndarray], labels: np.ndarray, region: np.ndarray) -> tuple[int, int, list]:
     results = check_contrast_rules(images, labels, brain=region)
     checked = [r for r in results if r["passed"] is not None]
@@ -112,10 +124,7 @@ def move_towards_centre(labels: np.ndarray, distance_mm: float) -> tuple[float, 
 def main() -> int:
     import torch
 
-    from MedSynthLib.edits.transforms import Translate
-    from MedSynthLib.schema.grid import Grid, LabelMap
-    from MedSynthLib.synthesis.inpainting import (DEFAULT_MARGIN_MM, InpaintingEngine, _ball_growth, changed_region,
-                                                  feather_weight)
+    from MedSynthLib.synthesis.inpainting import DEFAULT_MARGIN_MM, InpaintingEngine, _ball_growth, feather_weight
     from MedSynthLib.synthesis.models import resolve_model
     from MedSynthLib.synthesis.synthesize import SynthesisEngine
     from MedSynthLib.training.data import find_case_folders, prepare_volume
@@ -132,6 +141,8 @@ def main() -> int:
     parser.add_argument("--max-cases", type=int, default=None, help="evaluate the first N held-out cases only")
     parser.add_argument("--mean-cases", type=int, default=None,
                         help="class means from the first N training cases only (default: all)")
+    parser.add_argument("--no-move", action="store_true",
+                        help="skip the 15 mm move (speed line and montage): the held-out scores only")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--montage", type=Path)
@@ -157,27 +168,30 @@ def main() -> int:
         tumour = tumour_mask(labels)
         region = _ball_growth(tumour, args.margin, spacing) & brain
         weight = feather_weight(region, spacing)
-        painted = inpainter.inpaint(labels, real, region, spacing).images
+        # The network's values inside the region, without the feather (weight 1 everywhere in it).
+        painted = inpainter.inpaint(labels, real, region, spacing, feather_mm=0.0).images
         full = synthesis.synth.predict(labels)
-        candidates = {
-            "inpainting": painted,
-            "full_synthesis": {m: weight * to_case_scale(full[c], real[m], brain) + (1 - weight) * real[m]
-                               for c, m in enumerate(MODALITIES)},
-            "class_means": {},
-        }
+        fills = {"inpainting": painted,
+                 "full_synthesis": {m: to_case_scale(full[c], real[m], brain) for c, m in enumerate(MODALITIES)},
+                 "class_means": {}}
         for m in MODALITIES:
             z = np.zeros(labels.shape, np.float32)
             for value, mean in means[m].items():
                 z[labels == value] = mean
             values = real[m][brain].astype(np.float64)
-            candidates["class_means"][m] = weight * (z * values.std() + values.mean()) + (1 - weight) * real[m]
+            fills["class_means"][m] = z * values.std() + values.mean()
         regions = {"region": region, "tumour": tumour}
         entry = {"case": folder.name, "region_voxels": int(region.sum()), "tumour_voxels": int(tumour.sum())}
-        for name, images in candidates.items():
-            scores = {m: fidelity(real[m], images[m].astype(np.float32), brain, regions) for m in MODALITIES}
-            passed, checked, failed = rules_passed(images, labels, region)
+        for name, fill in fills.items():
+            pasted, blended = {}, {}
+            for m in MODALITIES:
+                pasted[m], blended[m] = pasted_and_blended(fill[m], real[m], region, weight)
+            scores = {m: fidelity(real[m], pasted[m], brain, regions) for m in MODALITIES}
+            passed, checked, failed = rules_passed(pasted, labels, region)
             entry[name] = {"fidelity": scores,
-                           "seam_ratio": {m: seam_ratio(images[m], real[m], region, brain) for m in MODALITIES},
+                           "region_ssim_feathered": {m: fidelity(real[m], blended[m], brain, regions)["region"]["ssim"]
+                                                     for m in MODALITIES},
+                           "seam_ratio": {m: seam_ratio(blended[m], real[m], region, brain) for m in MODALITIES},
                            "rules": {"passed": passed, "checked": checked, "failed": failed}}
         entry["full_synthesis_as_is"] = {m: fidelity(real[m], full[c], brain, regions)
                                          for c, m in enumerate(MODALITIES)}
@@ -188,35 +202,8 @@ def main() -> int:
         print(f"{folder.name}: region SSIM inpainting {ssim['inpainting']:.3f} full {ssim['full_synthesis']:.3f} "
               f"means {ssim['class_means']:.3f}", file=sys.stderr, flush=True)
 
-    # Speed and montage: move the tumour of the typical held-out case (median tumour size) by 15 mm towards the
-    # brain's centre.
     evaluated = [c["case"] for c in per_case]
-    typical = sorted(per_case, key=lambda c: c["tumour_voxels"])[len(per_case) // 2]["case"]
-    test = [f for f in test if f.name == typical]
-    volume = prepare_volume(test[0], args.cache, "tissue_zscore")
-    labels, real = volume.labels, scanner_like(volume)
-    grid = Grid(tuple(int(s) for s in labels.shape[::-1]), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
-                (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    before = LabelMap(labels, grid, [{"name": "derive_labels", "params": {}, "schema_version": 1}])
-    offset = move_towards_centre(labels, 15.0)
-    moved = Translate(offset_ras_mm=offset)(before)
-    edit_times, full_times = [], []
-    for _ in range(3):
-        start = time.perf_counter()
-        region = changed_region(moved.array, tumour_mask(labels), args.margin, spacing, labels)
-        result = inpainter.inpaint(moved.array, real, region, spacing)
-        edit_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        synthesis.synth.predict(moved.array)
-        full_times.append(time.perf_counter() - start)
-    speed = {"case": test[0].name, "offset_ras_mm": [round(v, 2) for v in offset], "region_voxels": int(region.sum()),
-             "inpaint_s": statistics.median(edit_times), "full_synthesis_s": statistics.median(full_times),
-             "threads": args.threads}
-    speed["ratio"] = speed["inpaint_s"] / speed["full_synthesis_s"]
-    passed, checked, failed = rules_passed(result.images, moved.array, region)
-    speed["moved_rules"] = {"passed": passed, "checked": checked, "failed": failed}
-    if args.montage:
-        write_montage(args.montage, real, result.images, labels, moved.array, region, test[0].name)
+    speed = None if args.no_move else move_speed_and_montage(args, per_case, test, inpainter, synthesis)
 
     summary = {}
     for name in (*METHODS, "full_synthesis_as_is"):
@@ -227,6 +214,8 @@ def main() -> int:
                           for c in per_case for m in MODALITIES]
                 block[f"{where}_{metric}"] = float(np.mean(values))
         if name in METHODS:
+            block["region_ssim_feathered"] = float(np.mean([c[name]["region_ssim_feathered"][m] for c in per_case
+                                                            for m in MODALITIES]))
             block["seam_ratio_mean"] = float(np.mean([c[name]["seam_ratio"][m] for c in per_case for m in MODALITIES]))
             block["seam_ratio_max"] = float(np.max([c[name]["seam_ratio"][m] for c in per_case for m in MODALITIES]))
             block["rules_passed"] = int(sum(c[name]["rules"]["passed"] for c in per_case))
@@ -254,27 +243,68 @@ def main() -> int:
     return 0
 
 
+def move_speed_and_montage(args, per_case: list, test: list, inpainter, synthesis) -> dict:
+    """Move the tumour of the typical held-out case (median tumour size) by 15 mm towards the brain's centre:
+    the re-render's time beside a full synthesis of the same brain, the contrast rules in the moved region, and
+    the montage (``--montage``)."""
+    from MedSynthLib.edits.transforms import Translate
+    from MedSynthLib.schema.grid import Grid, LabelMap
+    from MedSynthLib.synthesis.inpainting import changed_region
+    from MedSynthLib.training.data import prepare_volume
+
+    spacing = (1.0, 1.0, 1.0)
+    typical = sorted(per_case, key=lambda c: c["tumour_voxels"])[len(per_case) // 2]["case"]
+    test = [f for f in test if f.name == typical]
+    volume = prepare_volume(test[0], args.cache, "tissue_zscore")
+    labels, real = volume.labels, scanner_like(volume)
+    grid = Grid(tuple(int(s) for s in labels.shape[::-1]), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    before = LabelMap(labels, grid, [{"name": "derive_labels", "params": {}, "schema_version": 1}])
+    offset = move_towards_centre(labels, 15.0)
+    moved = Translate(offset_ras_mm=offset)(before)
+    edit_times, full_times = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        region = changed_region(moved.array, tumour_mask(labels), args.margin, spacing, labels)
+        result = inpainter.inpaint(moved.array, real, region, spacing)
+        edit_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        synthesis.synth.predict(moved.array)
+        full_times.append(time.perf_counter() - start)
+    speed = {"case": test[0].name, "offset_ras_mm": [round(v, 2) for v in offset], "region_voxels": int(region.sum()),
+             "inpaint_s": statistics.median(edit_times), "full_synthesis_s": statistics.median(full_times),
+             "threads": args.threads}
+    speed["ratio"] = speed["inpaint_s"] / speed["full_synthesis_s"]
+    passed, checked, failed = rules_passed(result.images, moved.array, region)
+    speed["moved_rules"] = {"passed": passed, "checked": checked, "failed": failed}
+    if args.montage:
+        write_montage(args.montage, real, result.images, labels, moved.array, region, test[0].name)
+
+    return speed
+
+
 def markdown(report: dict) -> str:
     s = report["summary"]
-    lines = ["| method (region = real tumour + %g mm) | region SSIM | region PSNR dB | region MAE z | tumour SSIM | "
-             "seam ratio mean / max | contrast rules in region |" % report["margin_mm"],
-             "|---|---|---|---|---|---|---|"]
-    names = {"inpainting": "inpainting (this model)", "full_synthesis": "full synthesis, blended into the region",
-             "class_means": "class means (training folds), blended"}
+    lines = ["| method (region = real tumour + %g mm; scored pasted) | region SSIM | region PSNR dB | region MAE z | "
+             "tumour SSIM | seam ratio mean / max (blended) | contrast rules in region | region SSIM blended |"
+             % report["margin_mm"],
+             "|---|---|---|---|---|---|---|---|"]
+    names = {"inpainting": "inpainting (this model)", "full_synthesis": "full synthesis, its region",
+             "class_means": "class means (training folds)"}
     for key, title in names.items():
         b = s[key]
         lines.append(f"| {title} | {b['region_ssim']:.3f} | {b['region_psnr']:.2f} | {b['region_mae']:.3f} | "
                      f"{b['tumour_ssim']:.3f} | {b['seam_ratio_mean']:.2f} / {b['seam_ratio_max']:.2f} | "
-                     f"{b['rules_passed']}/{b['rules_checked']} |")
+                     f"{b['rules_passed']}/{b['rules_checked']} | {b['region_ssim_feathered']:.3f} |")
     b = s["full_synthesis_as_is"]
     lines.append(f"| full synthesis as is (as `medsynth evaluate`) | {b['region_ssim']:.3f} | {b['region_psnr']:.2f} | "
-                 f"{b['region_mae']:.3f} | {b['tumour_ssim']:.3f} | - | - |")
+                 f"{b['region_mae']:.3f} | {b['tumour_ssim']:.3f} | - | - | - |")
     lines.append("| real images (contrast rules only) | | | | | | "
-                 f"{s['real_rules_passed']}/{s['real_rules_checked']} |")
+                 f"{s['real_rules_passed']}/{s['real_rules_checked']} | |")
     lines += ["", "Region SSIM per modality (inpainting): " + ", ".join(
         f"{m} {v:.3f}" for m, v in s["inpainting"]["per_modality_region_ssim"].items())]
     sp = report["speed"]
-    lines += ["", f"Speed ({sp['threads']} torch threads, shared machine, median of 3): re-rendering a 15 mm move of "
+    lines += [] if sp is None else ["", f"Speed ({sp['threads']} torch threads, shared machine, median of 3): re-rendering a 15 mm move of "
               f"{sp['case']} ({sp['region_voxels']} voxels in the region) {sp['inpaint_s']:.2f} s; a full synthesis "
               f"of the same brain with the synthesis model in the same run {sp['full_synthesis_s']:.2f} s "
               f"(ratio {sp['ratio']:.2f}). Contrast rules in the moved region: "
