@@ -12,9 +12,10 @@ For each held-out case (a cross-validation fold the inpainting model never train
      label map, its region mapped to the case's scale (z-scored in the brain, then the real image's brain mean
      and standard deviation);
    * **class means**: each label class painted with its mean z-score over the training folds' cases.
-3. SSIM / PSNR / MAE (and the contrast rules) of the pasted images, as ``medsynth evaluate`` computes them (:func:`MedSynthLib.evaluation.metrics.fidelity`: both
-   images z-scored in the brain, Gaussian SSIM, PSNR peak 8), inside the region and inside the tumour; the full
-   synthesis is also scored as it is (not blended), as ``medsynth evaluate`` scores a tumour.
+3. SSIM / PSNR / MAE (and the contrast rules) of the pasted images, as ``medsynth evaluate`` computes them
+   (:func:`MedSynthLib.evaluation.metrics.fidelity`: both images z-scored in the brain, Gaussian SSIM, PSNR
+   peak 8), inside the region and inside the tumour; the full synthesis is also scored as it is (not put into
+   the real image), as ``medsynth evaluate`` scores a tumour.
 4. Seam ratio: mean intensity-gradient magnitude in the band within 1.5 mm of the region's border (both sides),
    blended image over real image (1 = no seam).  The region SSIM of the blended images is kept beside it
    (``region_ssim_feathered``): what the scores were before they were taken on the pasted images.
@@ -279,7 +280,6 @@ def move_speed_and_montage(args, per_case: list, test: list, inpainter, synthesi
     speed["moved_rules"] = {"passed": passed, "checked": checked, "failed": failed}
     if args.montage:
         write_montage(args.montage, real, result.images, labels, moved.array, region, test[0].name)
-
     return speed
 
 
@@ -304,12 +304,14 @@ def markdown(report: dict) -> str:
     lines += ["", "Region SSIM per modality (inpainting): " + ", ".join(
         f"{m} {v:.3f}" for m, v in s["inpainting"]["per_modality_region_ssim"].items())]
     sp = report["speed"]
-    lines += [] if sp is None else ["", f"Speed ({sp['threads']} torch threads, shared machine, median of 3): re-rendering a 15 mm move of "
-              f"{sp['case']} ({sp['region_voxels']} voxels in the region) {sp['inpaint_s']:.2f} s; a full synthesis "
-              f"of the same brain with the synthesis model in the same run {sp['full_synthesis_s']:.2f} s "
-              f"(ratio {sp['ratio']:.2f}). Contrast rules in the moved region: "
-              f"{sp['moved_rules']['passed']}/{sp['moved_rules']['checked']}"
-              + (f" (failed: {', '.join(sp['moved_rules']['failed'])})" if sp['moved_rules']['failed'] else "") + "."]
+    if sp is not None:
+        failed = sp["moved_rules"]["failed"]
+        lines += ["", f"Speed ({sp['threads']} torch threads, shared machine, median of 3): re-rendering a 15 mm "
+                  f"move of {sp['case']} ({sp['region_voxels']} voxels in the region) {sp['inpaint_s']:.2f} s; a "
+                  f"full synthesis of the same brain with the synthesis model in the same run "
+                  f"{sp['full_synthesis_s']:.2f} s (ratio {sp['ratio']:.2f}). Contrast rules in the moved region: "
+                  f"{sp['moved_rules']['passed']}/{sp['moved_rules']['checked']}"
+                  + (f" (failed: {', '.join(failed)})" if failed else "") + "."]
     lines += ["", "Per case (mean over the four contrasts):", "",
               "| case | region voxels | inpainting SSIM | full synthesis SSIM | class means SSIM | inpainting seam |",
               "|---|---|---|---|---|---|"]
