@@ -617,6 +617,7 @@ def test_the_held_out_score_is_taken_without_the_real_values_inside_the_region(t
     feathered blend for the seam only."""
     import importlib.util
 
+    from MedSynthLib.schema.labels import MODALITIES
     from MedSynthLib.synthesis.inpainting import feather_weight
 
     spec = importlib.util.spec_from_file_location("inpainting_eval", REPO / "benchmarks" / "inpainting_eval.py")
@@ -624,7 +625,7 @@ def test_the_held_out_score_is_taken_without_the_real_values_inside_the_region(t
     spec.loader.exec_module(evaluation)
 
     labels, normalized, region = _crop()
-    real = {m: (normalized[c] + 1.0) * 1000.0 for c, m in enumerate(("t1", "t1ce", "t2", "flair"))}
+    real = {m: (normalized[c] + 1.0) * 1000.0 for c, m in enumerate(MODALITIES)}
     answer_changed = {m: np.where(region, v + 150.0, v).astype(np.float32) for m, v in real.items()}
     spacing = (1.0, 1.0, 1.0)
     pasted, pasted_other = (tiny_inpainter.inpaint(labels, images, region, spacing, feather_mm=0.0).images
