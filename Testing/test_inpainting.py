@@ -17,10 +17,9 @@ from conftest import PHANTOM_BRATS_IDS, REPO, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.schema.grid import Grid, LabelMap
 from MedSynthLib.schema.labelmap import read_label_map, write_label_map
-from MedSynthLib.schema.labels import Label, tumour_mask
+from MedSynthLib.schema.labels import MODALITIES, Label, tumour_mask
 
 CASE_IDS = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 SMOKE_CONFIG = REPO / "Resources" / "configs" / "inpaint_smoke.json"
 
 
@@ -617,7 +616,6 @@ def test_the_held_out_score_is_taken_without_the_real_values_inside_the_region(t
     feathered blend for the seam only."""
     import importlib.util
 
-    from MedSynthLib.schema.labels import MODALITIES
     from MedSynthLib.synthesis.inpainting import feather_weight
 
     spec = importlib.util.spec_from_file_location("inpainting_eval", REPO / "benchmarks" / "inpainting_eval.py")
