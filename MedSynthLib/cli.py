@@ -63,6 +63,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (a whole number)") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text} is outside 1-65535")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -141,6 +151,14 @@ def _read_case_args(args: argparse.Namespace, **kwargs: Any) -> Any:
                      resample=args.resample, **kwargs)
 
 
+def _case_inputs(args: argparse.Namespace) -> list[Path]:
+    """The files and folder a case command reads (``CASE`` and what is in it, or the ``--t1 ...`` files)."""
+    from .schema.volume_io import folder_and_files
+
+    return folder_and_files(args.case) + [getattr(args, kind) for kind in _FILE_KINDS
+                                          if getattr(args, kind) is not None]
+
+
 def _add_output(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -189,7 +207,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from .schema.labelmap import label_map_outputs, write_label_map
     from .schema.volume_io import check_writable
 
-    check_writable(label_map_outputs(args.output), args.overwrite)
+    check_writable(label_map_outputs(args.output), args.overwrite, inputs=_case_inputs(args))
     model = ANATOMY_MODELS[args.anatomy]
     with _progress(3, "labels") as step:
         case = _read_case_args(args)
@@ -221,7 +239,7 @@ def _write_edited(labelmap: Any, args: argparse.Namespace) -> int:
 
 def cmd_tumour_transform(args: argparse.Namespace) -> int:
     from .edits import Flip, Rotate, Scale, Translate
-    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
     from .schema.volume_io import check_writable
 
     edits = []
@@ -235,7 +253,7 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
         edits.append(Translate(_vector(args.translate, "--translate")))
     if not edits:
         raise _UsageError("medsynth tumour: give at least one of --translate, --rotate, --scale, --flip")
-    check_writable(label_map_outputs(args.output), args.overwrite)
+    check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
     labelmap = read_label_map(args.labels)
     for edit in edits:
         labelmap = _apply_edit(edit, labelmap, args.labels)
@@ -253,11 +271,12 @@ def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
 
 def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from .edits import InsertTumour
-    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
     from .schema.labels import tumour_mask
     from .schema.volume_io import check_writable
 
-    check_writable(label_map_outputs(args.output), args.overwrite)
+    check_writable(label_map_outputs(args.output), args.overwrite,
+                   inputs=label_map_inputs(getattr(args, "from")) + label_map_inputs(args.into))
     source = read_label_map(getattr(args, "from"))
     target = read_label_map(args.into)
     if not tumour_mask(source.array).any():
@@ -269,10 +288,10 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
 
 def cmd_tumour_new(args: argparse.Namespace) -> int:
     from .edits import ParametricTumour
-    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
     from .schema.volume_io import check_writable
 
-    check_writable(label_map_outputs(args.output), args.overwrite)
+    check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
     labelmap = read_label_map(args.labels)
     edit = ParametricTumour(centre_ras_mm=_vector(args.centre, "--centre"),
                             radii_mm=_vector(args.radius, "--radius", allow_one=True),
@@ -285,10 +304,10 @@ def cmd_tumour_new(args: argparse.Namespace) -> int:
 
 def cmd_tumour_random(args: argparse.Namespace) -> int:
     from .edits import RandomTumourEdit
-    from .schema.labelmap import label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
     from .schema.volume_io import check_writable
 
-    check_writable(label_map_outputs(args.output), args.overwrite)
+    check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
     labelmap = read_label_map(args.labels)
     sampler = RandomTumourEdit(p_parametric=_number(args.p_new, "--p-new", 0.0, 1.0))
     return _write_edited(_apply_edit(sampler, labelmap, args.labels, seed=args.seed), args)
@@ -375,13 +394,13 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         return _synthesize_in_context(args)
     if args.old_labels is not None or args.region_margin is not None:
         raise _UsageError("medsynth synthesize: --old-labels and --region-margin apply with --context only")
-    from .schema.labelmap import read_label_map
+    from .schema.labelmap import label_map_inputs, read_label_map
     from .synthesis.models import resolve_model
     from .synthesis.synthesize import SynthesisEngine, write_synthesis
 
     from .schema.volume_io import check_writable
 
-    check_writable([args.output], args.overwrite)
+    check_writable([args.output], args.overwrite, inputs=label_map_inputs(args.labels))
     with _progress(3, "synthesize") as step:
         labelmap = read_label_map(args.labels)
         model = resolve_model(args.model)
@@ -400,13 +419,16 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def _synthesize_in_context(args: argparse.Namespace) -> int:
     """``synthesize --context CASE``: re-render only the changed tumour region of a real case."""
     from .schema.errors import InputError
-    from .schema.labelmap import read_label_map
-    from .schema.volume_io import check_writable
+    from .schema.labelmap import label_map_inputs, read_label_map
+    from .schema.volume_io import check_writable, folder_and_files
     from .synthesis.inpainting import (DEFAULT_MARGIN_MM, InpaintingEngine, inpaint_case, read_context,
                                        write_inpainted_case)
     from .synthesis.models import resolve_model
 
-    check_writable([args.output], args.overwrite)
+    inputs = label_map_inputs(args.labels) + folder_and_files(args.context)
+    if args.old_labels is not None:
+        inputs += label_map_inputs(args.old_labels)
+    check_writable([args.output], args.overwrite, inputs=inputs)
     margin = DEFAULT_MARGIN_MM if args.region_margin is None else _number(args.region_margin, "--region-margin",
                                                                           0.0, 100.0)
     with _progress(3, "inpaint") as step:
@@ -452,11 +474,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .cases.anatomy import derive_label_map
     from .cases.readers import read_case
     from .evaluation.evaluate import evaluate
-    from .schema.volume_io import check_writable, write_json
+    from .schema.volume_io import check_writable, folder_and_files, write_json
     from .synthesis.models import resolve_model
     from .synthesis.synthesize import SynthesisEngine
 
-    check_writable([args.output], args.overwrite)
+    check_writable([args.output], args.overwrite,
+                   inputs=[f for folder in [*args.cases, *(args.reference or [])] for f in folder_and_files(folder)])
     model = resolve_model(args.model)
     engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
     cache: dict[Path, Any] = {}
@@ -516,6 +539,8 @@ def cmd_review(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .synthesis.models import models_root, read_registry, register_model, resolve_model
 
+    if args.register is None and (args.name or args.default):
+        raise _UsageError("medsynth models: --name and --default apply with --register only")
     if args.register is not None:
         if not args.name:
             raise _UsageError("medsynth models --register needs --name")
@@ -527,6 +552,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not registry.get("models"):
         print(f"no models registered in {models_root()}")
         return 0
+    broken = []
     for name in sorted(registry["models"]):
         entry = registry["models"][name]
         default = " (default)" if name == registry.get("default") else ""
@@ -536,8 +562,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             description = model.config.get("description", "")
         except MedSynthError as exc:
             status, description = f"BROKEN: {exc}", ""
+            broken.append(name)
         print(f"{name}{default}\n  folder   {models_root() / entry['path']}\n  sha256   {entry['sha256']}\n"
               f"  status   {status}" + (f"\n  about    {description}" if description else ""))
+    if broken:  # the listing is also the verification: a broken model is a failed check, as sha256sum -c says
+        raise MedSynthError(f"{models_root() / 'registry.json'}: {len(broken)} of {len(registry['models'])} "
+                            f"registered models failed verification ({', '.join(broken)})")
     return 0
 
 
@@ -744,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cases", nargs="*", type=Path, metavar="CASE_DIR", help="synthetic and/or real case folders")
     p.add_argument("--pair", nargs=2, type=Path, action="append", metavar=("SYNTHETIC", "REAL"),
                    help="show a synthetic case beside the real case it was made from (repeatable)")
-    p.add_argument("--port", type=int, default=8080, help="port of the web page (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port of the web page (default 8080)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only)")
     p.add_argument("--study", nargs="+", type=Path, metavar="REAL_DIR",

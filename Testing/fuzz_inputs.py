@@ -254,6 +254,62 @@ def header_pixdim_huge(ws):
     return labels_run(ws, path)
 
 
+def _with_datatype(path: Path, datatype: int, bitpix: int) -> Path:
+    """``path`` (uncompressed NIfTI-1) with its datatype and bitpix fields replaced."""
+    data = bytearray(path.read_bytes())
+    data[70:74] = struct.pack("<hh", datatype, bitpix)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@case
+def header_datatype_unknown(ws):
+    """A datatype code NIfTI does not define: the NIfTI library behind SimpleITK prints its own line for it."""
+    path = _with_datatype(write_nifti_raw(ws.tmp / "dt.nii", SEG.astype(np.uint8)), 9999, 8)
+    case = labels_run(ws, path)
+    case.words = "datatype 9999"
+    return case
+
+
+@case
+def header_bitpix_mismatch(ws):
+    """uint8 data whose header claims 16 bits per voxel."""
+    path = _with_datatype(write_nifti_raw(ws.tmp / "bp.nii", SEG.astype(np.uint8)), 2, 16)
+    case = labels_run(ws, path)
+    case.words = "bitpix 16"
+    return case
+
+
+@case
+def output_is_the_input_label_map(ws):
+    """``-o`` naming the input itself, even with --overwrite: the user's input is never replaced."""
+    labels = copy_labels(ws)
+    case = FuzzCase(["tumor", labels, "--translate", "1", "0", "0", "-o", labels, "--overwrite"], str(labels),
+                    words="is also an input")
+    case.unchanged = {labels: labels.read_bytes()}
+    return case
+
+
+@case
+def output_is_a_file_of_the_input_case(ws):
+    """``labels CASE -o CASE/<its T1>`` with --overwrite: the patient's scan is never replaced."""
+    case_dir = copy_case(ws)
+    t1 = next(case_dir.glob("*_t1.nii.gz"))
+    case = FuzzCase(["labels", case_dir, "-o", t1, "--overwrite"], str(t1), words="is also an input")
+    case.unchanged = {p: p.read_bytes() for p in case_dir.iterdir()}
+    return case
+
+
+@case
+def output_folder_is_the_context_case(ws):
+    """``synthesize --context CASE -o CASE --overwrite`` would replace the patient's case folder."""
+    case_dir = copy_case(ws)
+    case = FuzzCase(["synthesize", ws.labels, "--context", case_dir, "-o", case_dir, "--overwrite", "--device",
+                     "cpu"], str(case_dir), words="is also an input")
+    case.unchanged = {p: p.read_bytes() for p in case_dir.iterdir()}
+    return case
+
+
 @case
 def header_scl_slope_overflow_case(ws):
     """int16 T1 whose scl_slope 1e38 makes the scaled values infinite in float32."""
@@ -631,6 +687,8 @@ _ARG_CASES: dict[str, tuple] = {
                              "huge", lambda ws: [ws.tmp / "r"]),
     "models_register_missing": (lambda ws: ["models", "--register", ws.tmp / "nomodel", "--name", "x"], "nomodel",
                                 lambda ws: []),
+    "models_name_without_register": (lambda ws: ["models", "--name", "x"], "--register", lambda ws: []),
+    "models_default_without_register": (lambda ws: ["models", "--default"], "--register", lambda ws: []),
     "models_register_bad_name": (lambda ws: ["models", "--register", ws.model, "--name", "../x"], "../x",
                                  lambda ws: []),
     "evaluate_missing_case": (lambda ws: ["evaluate", ws.tmp / "nocase", "--model", ws.model, "--device", "cpu",

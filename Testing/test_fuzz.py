@@ -229,8 +229,9 @@ def test_models_lists_broken_models_and_register_refuses_them(damage: str, works
         name: {"path": name, "sha256": file_sha256(registry / name / "weights.safetensors")}
         for name in ("bad", "good")}}))
     capfd.readouterr()
-    assert main(["models"]) == 0
-    listing = capfd.readouterr().out
+    assert main(["models"]) == 2
+    listing, err = capfd.readouterr()
+    assert err.count("\n") == 1 and "failed verification (bad)" in err, err
     bad_block = listing.split("bad\n", 1)[1].split("good", 1)[0]
     assert "status   BROKEN" in bad_block, listing
     assert "status   ok" in listing.split("good", 1)[1], listing

@@ -229,8 +229,9 @@ def test_models_command_lists_the_registry(tiny_model: Path, models_dir: Path, m
     (root / "registry.json").write_text(json.dumps(registry))
     monkeypatch.setenv("MEDSYNTH_MODELS", str(root))
     try:
-        assert main(["models"]) == 0
-        out = capsys.readouterr().out
+        assert main(["models"]) == 2  # one registered model fails verification
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and "1 of 2 registered models failed verification (stale)" in err, err
         blocks: dict[str, str] = {}
         for line in out.splitlines():
             if not line.startswith(" "):

@@ -92,6 +92,15 @@ def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:
     return [path, sidecar_path(path)]
 
 
+def label_map_inputs(path: str | os.PathLike[str]) -> list[Path]:
+    """The files a label map given as an input stands for: the image and its sidecar (the image alone for a
+    suffix that cannot hold a label map, which its reader then refuses)."""
+    try:
+        return label_map_outputs(path)
+    except InputError:
+        return [Path(path)]
+
+
 def write_label_map_files(labelmap: LabelMap, path: str | os.PathLike[str]) -> list[Path]:
     """Write image and sidecar without locking (into a folder this run owns, e.g. a staging folder)."""
     outputs = label_map_outputs(path)

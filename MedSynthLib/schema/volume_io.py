@@ -45,6 +45,12 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and strip_image_suffix(path.name) != path.name
 
 
+#: Bits per voxel of every NIfTI data type code (nifti1.h); a header naming another code, or a bitpix that
+#: disagrees with its code, is corrupt (the NIfTI library behind SimpleITK would print its own line for it).
+NIFTI_DATATYPE_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64,
+                       1280: 64, 1536: 128, 1792: 128, 2048: 256, 2304: 32}
+
+
 def _raw_nifti_header(path: Path) -> tuple[list[int], list[float]]:
     """``dim`` and ``pixdim`` as stored (the NIfTI library behind SimpleITK replaces a 0 pixdim by 1).
 
@@ -61,16 +67,23 @@ def _raw_nifti_header(path: Path) -> tuple[list[int], list[float]]:
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
             dim = list(struct.unpack(order + "8h", head[40:56]))
             pixdim = list(struct.unpack(order + "8f", head[76:108]))
+            datatype, bitpix = struct.unpack(order + "hh", head[70:74])
             break
         if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
             dim = list(struct.unpack(order + "8q", head[16:80]))
             pixdim = list(struct.unpack(order + "8d", head[104:168]))
+            datatype, bitpix = struct.unpack(order + "hh", head[12:16])
             break
     else:
         raise InputError(path, "not a NIfTI file (no NIfTI-1 or NIfTI-2 header)")
     ndim = dim[0]
     if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1:ndim + 1]):
         raise InputError(path, f"invalid NIfTI header: dim {dim[:max(1, min(ndim, 7)) + 1]}")
+    if datatype not in NIFTI_DATATYPE_BITS:
+        raise InputError(path, f"invalid NIfTI header: datatype {datatype} is not a NIfTI data type")
+    if bitpix != NIFTI_DATATYPE_BITS[datatype]:
+        raise InputError(path, f"invalid NIfTI header: bitpix {bitpix} does not match datatype {datatype} "
+                               f"({NIFTI_DATATYPE_BITS[datatype]} bits per voxel)")
     return dim[1:ndim + 1], pixdim[1:ndim + 1]
 
 
@@ -229,8 +242,15 @@ def check_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
 # --- writing -------------------------------------------------------------------------------
 
 
-def check_writable(paths: list[Path], overwrite: bool) -> None:
-    """Fail before any work when an output exists (without overwrite) or cannot be written."""
+def check_writable(paths: list[Path], overwrite: bool,
+                   inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Fail before any work when an output exists (without overwrite) or cannot be written.
+
+    Args:
+        inputs: the command's input files and folders: an output that is one of them, or a folder holding one,
+            is refused even with ``overwrite`` (a user's input is never replaced).
+    """
+    check_not_an_input(paths, inputs)
     for path in paths:
         if path.exists() and not overwrite:
             raise OutputExistsError(path)
@@ -242,6 +262,25 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
             raise InputError(existing, f"not a folder, cannot hold the output {path.name}")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise InputError(parent, "output folder is not writable")
+
+
+def check_not_an_input(outputs: Sequence[str | os.PathLike[str]], inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse an output that is one of ``inputs`` or a folder that holds one (links resolved)."""
+    resolved = [(Path(i), Path(i).resolve()) for i in inputs if i is not None]
+    for output in outputs:
+        target = Path(output).resolve()
+        for given, source in resolved:
+            if source == target or target in source.parents:
+                what = "is also an input" if source == target else f"holds the input {given}"
+                raise InputError(output, f"{what} of this command: write the output elsewhere")
+
+
+def folder_and_files(folder: str | os.PathLike[str] | None) -> list[Path]:
+    """A folder input and the files directly in it (what a case reader may read), for :func:`check_not_an_input`."""
+    if folder is None:
+        return []
+    path = Path(folder)
+    return [path, *(p for p in path.iterdir() if p.is_file())] if path.is_dir() else [path]
 
 
 def _tmp_affixes(path: Path) -> tuple[str, str]:
