@@ -139,6 +139,62 @@ def test_bad_arguments_are_one_line_and_write_nothing(gen_data, tmp_path, capsys
     assert not out.exists()
 
 
+def test_an_output_under_a_file_is_one_line_and_writes_nothing(gen_data, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder\n")
+    assert main(_argv(gen_data, blocker / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(blocker) in err and "not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"] and blocker.read_text() == "not a folder\n"
+
+
+def test_a_cache_that_is_a_file_is_one_line_and_writes_nothing(gen_data, tmp_path, capsys):
+    blocker = tmp_path / "cache.txt"
+    blocker.write_text("not a folder\n")
+    out = tmp_path / "out"
+    assert main(_argv(gen_data, out, "--cache", str(blocker))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(blocker) in err and "--cache" in err, err
+    assert not out.exists() and blocker.read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("own_cache", [False, True], ids=["default_cache", "given_cache"])
+def test_a_bad_source_after_good_ones_leaves_no_cache_file(gen_data, tmp_path, capsys, own_cache):
+    """The good sources are read (and cached) before the bad one is reached: the run writes nothing all the same."""
+    segs = tmp_path / "segs"
+    shutil.copytree(gen_data["segs"], segs)
+    bad = sitk.ReadImage(str(next(iter(sorted(segs.glob("*.nii.gz"))))))
+    array = sitk.GetArrayFromImage(bad)
+    array[array > 0] = 9  # outside both BraTS label conventions
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(bad)
+    sitk.WriteImage(image, str(segs / "Z9_seg.nii.gz"))  # read after the good ones
+    out = tmp_path / "out"
+    cache = tmp_path / "cache"
+    argv = _argv(gen_data, out, *(["--cache", str(cache)] if own_cache else []))
+    at = argv.index("--labels-from")
+    argv[at + 2] = str(segs)  # the cases, then the tumour maps with the bad one
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Z9_seg.nii.gz" in err, err
+    assert not out.exists()
+    assert not cache.exists()
+
+
+def test_an_output_holding_an_input_folder_is_refused_even_with_overwrite(gen_data, tmp_path, capsys):
+    """``-o`` above a --labels-from folder: --overwrite would delete the user's cases with the old output."""
+    cases = Path(shutil.copytree(gen_data["cases"], tmp_path / "mine" / "cases"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = _argv(gen_data, tmp_path / "mine", "--overwrite")
+    argv[argv.index("--labels-from") + 1] = str(cases)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"holds the input {cases}" in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_config_defaults_are_filled_and_kept():
     config = validate_config({"kinds": {"parametric": 2}, "transform": {"rotate_deg": 5}})
     assert config["kinds"]["parametric"] == 2.0 and config["transform"]["rotate_deg"] == 5.0

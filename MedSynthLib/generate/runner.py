@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
+from ..schema.volume_io import check_not_an_input
 from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
 from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
 from .sources import (Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
@@ -163,8 +164,59 @@ def _only_cache_files(cache: Path) -> bool:
     """
     if not cache.exists():
         return True
-    return cache.is_dir() and all(p.is_file() and p.name.lstrip(".").startswith(("case-", "tumour-"))
-                                  and ".npy" in p.name for p in cache.iterdir())
+    return cache.is_dir() and _only_cache_files_named(list(cache.iterdir()))
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what a ``mkdir -p`` would create)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _check_folder_argument(path: Path, what: str) -> None:
+    """A folder argument that is a file, or under one, fails before any work with one line."""
+    from ..schema.volume_io import check_writable
+
+    if path.exists() and not path.is_dir():
+        raise InputError(path, f"{what}: not a folder")
+    check_writable([path], overwrite=True)
+
+
+class _UndoSourceCache:
+    """Removes what reading the sources wrote (cache arrays, folders) when the run then fails on bad input.
+
+    The sources are read and cached one by one, so a bad source found after good ones would otherwise leave
+    the good ones' cache arrays (and the output folder holding the default cache) behind.
+    """
+
+    def __init__(self, cache: Path, out: Path) -> None:
+        self.cache = cache
+        self.folders = list(dict.fromkeys(_missing_folders(cache) + _missing_folders(out)))
+        self.before = {p.name for p in cache.iterdir()} if cache.is_dir() else set()
+
+    def __enter__(self) -> "_UndoSourceCache":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        if kind is None or not issubclass(kind, MedSynthError):
+            return
+        if self.cache.is_dir():
+            for path in self.cache.iterdir():
+                if path.name not in self.before and _only_cache_files_named([path]):
+                    path.unlink(missing_ok=True)
+        for folder in sorted(self.folders, key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()  # only when empty: nothing but what this run made
+            except OSError:
+                pass
+
+
+def _only_cache_files_named(paths: Sequence[Path]) -> bool:
+    return all(p.is_file() and p.name.lstrip(".").startswith(("case-", "tumour-")) and ".npy" in p.name
+               for p in paths)
 
 
 def _placeholder_sources(cases: Sequence[Path], tumours: Sequence[Path], template: bool) -> list[Source]:
@@ -345,6 +397,12 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
 
     out = Path(opt.output)
     cache = Path(opt.cache) if opt.cache else out / CACHE_DIR
+    _check_folder_argument(out, "-o")
+    inputs = [Path(p) for p in opt.labels_from] + ([Path(opt.edits)] if opt.edits else [])
+    check_not_an_input([out], inputs)  # --overwrite would replace the folder
+    if opt.cache:
+        _check_folder_argument(cache, "--cache")
+        check_not_an_input([cache], inputs)
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
                  "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
@@ -373,16 +431,17 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(n_procs, mp_context=context)
     try:
-        sources_started = time.perf_counter()
-        source_json = _prepare_sources(items, rank, world, pool, opt)
-        sources_seconds = time.perf_counter() - sources_started
-        sources = [Source.from_json(s) for s in source_json]
-        if opt.template:
-            sources.append(template_source())
-        config = check_config_fits_sources(config, sources, where, drop)
-        spec_base["config"] = config
-        spec = dict(spec_base, sources=sorted(s.source_id for s in sources))
-        resuming = _check_output(out, spec, False) if (out / RUN_FILE).exists() else False
+        with _UndoSourceCache(cache, out):
+            sources_started = time.perf_counter()
+            source_json = _prepare_sources(items, rank, world, pool, opt)
+            sources_seconds = time.perf_counter() - sources_started
+            sources = [Source.from_json(s) for s in source_json]
+            if opt.template:
+                sources.append(template_source())
+            config = check_config_fits_sources(config, sources, where, drop)
+            spec_base["config"] = config
+            spec = dict(spec_base, sources=sorted(s.source_id for s in sources))
+            resuming = _check_output(out, spec, False) if (out / RUN_FILE).exists() else False
         from ..schema.volume_io import remove_temporaries, write_json
 
         out.mkdir(parents=True, exist_ok=True)
