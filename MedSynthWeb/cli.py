@@ -62,8 +62,26 @@ def review_entries(case_dirs: list[Path], pairs: list[tuple[Path, Path]]) -> lis
     return entries
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Fail with one line, before the page is built, where the server could not listen (an unknown host, a port
+    in use or not allowed); the web server itself would only log the error and return."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        raise MedSynthError(f"--host {host}: not an address to listen on ({exc})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise MedSynthError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Build the page the arguments ask for and serve it until interrupted."""
+    check_listen_address(args.host, args.port)
     if args.study:
         if not args.synthetic or args.output is None:
             raise MedSynthError("a reader study needs --synthetic SYN_DIR... and -o RESULTS_DIR")

@@ -415,13 +415,34 @@ def test_ci_installs_chromium_before_the_readme_test_command():
 def test_cli_review_bad_input_is_one_line(cases, tmp_path, capsys):
     if find_spec("trame_slicer") is None:
         pytest.skip("trame_slicer not installed: the missing extra is what the command reports")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file\n")
     for args, expected in (
         (["review", str(tmp_path / "missing_case")], "case folder not found"),
         (["review", "--study", str(cases["real"][0])], "--synthetic"),
         (["review", "--pair", str(cases["real"][0]), str(cases["synthetic"][0])], "synthetic case first"),
         (["review"], "CASE_DIRS"),
+        (["review", str(cases["real"][0]), "--port", "99999"], "--port"),
+        (["review", "--study", str(cases["real"][0]), "--synthetic", str(cases["synthetic"][0]),
+          "-o", str(blocker)], "not a folder"),
+        (["review", "--study", str(cases["real"][0]), "--synthetic", str(cases["synthetic"][0]),
+          "-o", str(blocker / "results")], "not a folder"),
     ):
         assert cli.main(args) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "missing_case").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"] and blocker.read_text() == "a file\n"
+
+
+def test_cli_review_on_a_port_in_use_is_one_line(cases, capfd):
+    if find_spec("trame_slicer") is None:
+        pytest.skip("trame_slicer not installed: the missing extra is what the command reports")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        capfd.readouterr()
+        assert cli.main(["review", str(cases["real"][0]), "--port", str(port)]) == 2
+        err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("medsynth")]
+    assert len(err) == 1 and f"--port {port}" in err[0] and "cannot listen" in err[0], err

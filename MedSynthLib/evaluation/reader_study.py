@@ -214,7 +214,12 @@ class ReaderStudy:
         Raises:
             MedSynthError: the folder holds a study of other cases or another seed.
         """
+        from ..schema.volume_io import check_writable
+
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise InputError(folder, "results folder: not a folder")
+        check_writable([folder], overwrite=True)  # a parent that is a file: one line, nothing written
         plan_path = folder / PLAN_FILE
         if plan_path.is_file():
             study = cls.open(folder)
