@@ -721,3 +721,11 @@ def test_review_is_whitelisted(review, expected):
     assert "note" not in json.dumps(clean)
     if expected is None or set(review) - {"rating", "note", "reviewed_at"}:
         assert removed >= 1
+
+
+def test_a_missing_case_to_export_is_called_an_input(tmp_path, capsys):
+    """The folder export reads is the synthetic case (an input), not an output folder."""
+    assert main(["export", str(tmp_path / "nocase"), "--format", "nifti", "-o", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'nocase'}: synthetic case folder not found" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

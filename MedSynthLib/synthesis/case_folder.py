@@ -181,7 +181,7 @@ def read_case_folder(folder: str | os.PathLike[str], *, verify: bool = True) -> 
 
     folder = Path(folder)
     if not folder.exists():
-        raise InputError(folder, "output folder not found")
+        raise InputError(folder, "synthetic case folder not found")
     if not folder.is_dir():
         raise InputError(folder, "not a folder (give a `medsynth synthesize` output folder)")
     for name in MODALITIES:
