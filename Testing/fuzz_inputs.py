@@ -354,6 +354,17 @@ def case_all_zero_t1(ws):
 
 
 @case
+def case_constant_t1(ws):
+    """A T1 of one value everywhere: no tissue contrast, so no anatomy (it became 100 % CSF)."""
+    case_dir = copy_case(ws)
+    write_volume(np.full_like(IMAGES["t1"], 500), case_dir / "P_t1.nii.gz")
+    out = ws.out.with_suffix(".nii.gz")
+    case = FuzzCase(["labels", case_dir, "-o", out], str(case_dir / "P_t1.nii.gz"), [out])
+    case.words = "no contrast"
+    return case
+
+
+@case
 def case_folder_is_a_file(ws):
     path = ws.tmp / "case.txt"
     path.write_text("x")

@@ -40,7 +40,8 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
     of a case read without T2/FLAIR).
 
     Raises:
-        InputError: an empty brain, or an atlas registration that failed (naming the T1).
+        InputError: an empty brain, a contrast of one value in the brain, or an atlas registration that
+            failed (naming the T1).
     """
     from .atlas_anatomy import RegistrationError
 
@@ -49,6 +50,12 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
     if not brain.any():
         raise InputError(case.files.get("t1"), "empty brain: every modality is zero everywhere")
     tumour = case.tumour if case.tumour is not None else np.zeros(case.grid.shape, np.uint8)
+    healthy = brain & (tumour == 0)
+    for modality in anatomy_contrasts(model, case.images):
+        values = case.images[modality][healthy]
+        if values.size and values.min() == values.max():  # a fit would still return labels: all of one class
+            raise InputError(case.files.get(modality), f"no contrast: every {modality} voxel of the brain holds "
+                                                       f"{float(values[0]):g}, no tissue to tell apart")
     try:
         anatomy = segment_anatomy(model, case.images, brain, tumour > 0, case.grid)
     except RegistrationError as exc:
