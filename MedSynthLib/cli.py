@@ -842,13 +842,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError as exc:  # the environment, not a bug: name the file
         print(f"medsynth: error: {exc.filename}: permission denied", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from .schema.errors import Terminated
+
+        if isinstance(exc, Terminated):
+            print("medsynth: terminated", file=sys.stderr)
+            return 143  # 128 + SIGTERM, what the shell reports for a process SIGTERM ended
         print("medsynth: cancelled", file=sys.stderr)
         return 130
 
 
 # Commands whose every output is complete (written atomically, files closed) when main() returns.
 _FAST_EXIT_COMMANDS = {"synthesize", "demo"}
+
+
+def _terminate_as_cancel() -> None:
+    """SIGTERM (a scheduler's or a service manager's stop) takes the cancellation path: cleanups run, exit 143."""
+    import signal
+
+    from .schema.errors import Terminated
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def console_main() -> None:
@@ -862,6 +879,7 @@ def console_main() -> None:
     from .synthesis.runtime import avoid_hugepage_stalls
 
     avoid_hugepage_stalls()  # a process-wide setting: only in MedSynth's own process, not in main()
+    _terminate_as_cancel()
     argv = sys.argv[1:]
     status = main(argv)  # synthesize and demo are the first word: no tumour shorthand to normalise
     if argv and argv[0] in _FAST_EXIT_COMMANDS:

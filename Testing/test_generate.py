@@ -23,6 +23,7 @@ import torch
 
 from conftest import REPO, phantom, write_volume
 from MedSynthLib.cli import main
+from MedSynthLib.schema.errors import MedSynthError
 from MedSynthLib.generate.layouts import Layout
 from MedSynthLib.generate.sampler import Sources, replay_case, validate_config
 from MedSynthLib.generate.sources import Source
@@ -361,6 +362,35 @@ def test_resume_after_kill_9_gives_the_uninterrupted_dataset(gen_data, nnunet_ru
             assert resumed[case_id][key] == reference[case_id][key], (case_id, key)
     assert _file_hashes(out) == _file_hashes(nnunet_run)
     assert json.loads((out / "Dataset501_BrainTumourSynth" / "dataset.json").read_text())["numTraining"] == 4
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, MedSynthError])
+def test_a_cancelled_overwrite_keeps_the_old_dataset(gen_data, nnunet_run, tmp_path, monkeypatch, capsys, stop):
+    """``--overwrite`` interrupted while the new cases are made: the old dataset is back, whole (it was deleted
+    before the new run began)."""
+    import MedSynthLib.generate.runner as runner
+
+    out = tmp_path / "ds"
+    shutil.copytree(nnunet_run, out)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*args, **kwargs):
+        raise stop("stopped while the cases were made")
+
+    monkeypatch.setattr(runner, "_run_cases", interrupted)
+    assert main(_argv(gen_data, out, "--overwrite", "--seed", "8")) == (130 if stop is KeyboardInterrupt else 2)
+    capsys.readouterr()
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # nothing set aside is left
+
+
+def test_an_overwrite_that_completes_leaves_no_old_copy(gen_data, nnunet_run, tmp_path):
+    out = tmp_path / "ds"
+    shutil.copytree(nnunet_run, out)
+    argv = _argv(gen_data, out, "--overwrite", n=2)
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert len(_records(out)) == 2  # the new dataset, not the old one's 4 cases
 
 
 def test_resume_removes_the_temporary_file_a_kill_left(gen_data, nnunet_run, tmp_path):

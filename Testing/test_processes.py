@@ -95,3 +95,111 @@ def test_the_slicer_module_uses_the_same_helpers_and_loads_nothing_heavy():
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['MedSynthLib.schema.processes']"
+
+
+# --- interruption during a commit ------------------------------------------------------------------
+
+
+def test_a_signal_inside_signals_deferred_arrives_after_the_block():
+    import signal
+
+    from MedSynthLib.schema.outputs import signals_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now: it only recorded the signal
+            steps.append("after the signal")
+    assert steps == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def _old_and_new_case(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    owned = ["t1.nii.gz", "t2.nii.gz", "labels.nii.gz", "provenance.json"]
+    target, stage = tmp_path / "case", tmp_path / "stage"
+    for folder, text in ((target, "old"), (stage, "new")):
+        folder.mkdir()
+        for name in owned:
+            (folder / name).write_text(text)
+    return target, stage, owned
+
+
+def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_whole_new_case(tmp_path, monkeypatch):
+    """A SIGINT at the second of four renames: every file is the new one, then the command is cancelled (it
+    used to stop there, leaving new T1 and T2 beside the old labels and provenance)."""
+    import signal
+
+    import MedSynthLib.schema.outputs as outputs
+
+    target, stage, owned = _old_and_new_case(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.commit_folder(stage, target, owned, overwrite=True)
+    assert len(calls) == 4
+    assert {p.name: p.read_text() for p in target.iterdir()} == {name: "new" for name in owned}
+
+
+def test_ctrl_c_between_the_two_renames_of_a_model_folder_keeps_a_folder(tmp_path, monkeypatch):
+    import signal
+
+    import MedSynthLib.schema.volume_io as volume_io
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights.safetensors").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(volume_io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with volume_io.atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "weights.safetensors").write_text("new")
+    assert (target / "weights.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old copy left
+
+
+def test_sigterm_takes_the_cancellation_path_of_the_medsynth_program(tmp_path, monkeypatch, capsys):
+    """SIGTERM in the program: exit 143, one line, and the command's cleanups run (it ended the process at
+    once, leaving staging folders of synthesize, export and train behind)."""
+    import signal
+
+    from conftest import phantom, write_volume
+    import MedSynthLib.cli as cli
+
+    images, _ = phantom()
+    labels = tmp_path / "labels.nii.gz"
+    write_volume(images["t1"], tmp_path / "case" / "P_t1.nii.gz")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cli._terminate_as_cancel()
+        from MedSynthLib.cases import anatomy
+
+        def terminated_during_the_anatomy(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            raise AssertionError("SIGTERM did not stop the command")
+
+        monkeypatch.setattr(anatomy, "segment_anatomy", terminated_during_the_anatomy)
+        capsys.readouterr()
+        assert cli.main(["labels", "--t1", str(tmp_path / "case" / "P_t1.nii.gz"), "-o", str(labels)]) == 143
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == "medsynth: terminated" and "Traceback" not in err, err
+        assert not labels.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

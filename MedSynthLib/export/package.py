@@ -256,12 +256,15 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
             export_case(case, staging / cid, fmt, cid, naming, exported_at)
             os.chmod(staging / cid, 0o777 & ~_umask())
             step(f"written {cid}")
-        for cid, target in zip(ids, targets):
-            if target.exists():
-                if not overwrite:
-                    raise OutputExistsError(target)
-                os.replace(target, staging / f".old-{cid}")
-            os.replace(staging / cid, target)
+        from ..schema.outputs import signals_deferred
+
+        with signals_deferred():  # between the two renames of a case its folder would be gone
+            for cid, target in zip(ids, targets):
+                if target.exists():
+                    if not overwrite:
+                        raise OutputExistsError(target)
+                    os.replace(target, staging / f".old-{cid}")
+                os.replace(staging / cid, target)
     except OSError as exc:
         raise InputError(root, f"cannot write the export ({exc.strerror or exc})") from None
     finally:

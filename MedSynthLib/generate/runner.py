@@ -369,8 +369,6 @@ def _prepare_one(item: tuple[str, str, str]) -> dict[str, Any]:
 
 def generate(options: GenerateOptions) -> dict[str, Any]:
     """Generate the dataset; returns a summary (counts, timings)."""
-    import multiprocessing
-
     from ..synthesis.models import resolve_model
 
     opt = options
@@ -417,7 +415,43 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     if opt.overwrite and out.exists():
         if not (out / RUN_FILE).exists() and any(out.iterdir()):
             raise InputError(out, "--overwrite replaces only a folder written by medsynth generate")
-        shutil.rmtree(out)
+    with _replacing(out, opt.overwrite):
+        return _generate_into(out, cache, opt, layout, config, where, drop, model, spec_base, case_dirs,
+                              tumour_files, rank, world, local_rank)
+
+
+def _replacing(out: Path, overwrite: bool) -> Any:
+    """With ``overwrite`` and an existing ``out``: the old dataset moved aside, removed once the new run has
+    returned, and put back when the run is cancelled or fails (it was deleted before the run began, so a
+    cancelled ``--overwrite`` lost it). A run killed outright leaves it in ``.NAME.replaced-PID`` beside ``out``."""
+    import contextlib
+
+    from ..schema.outputs import signals_deferred
+
+    @contextlib.contextmanager
+    def replacing() -> Any:
+        if not (overwrite and out.exists()):
+            yield
+            return
+        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.rename(out, aside)
+        try:
+            yield
+        except BaseException:
+            with signals_deferred():
+                shutil.rmtree(out, ignore_errors=True)
+                os.rename(aside, out)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
+    return replacing()
+
+
+def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout, config: dict[str, Any], where: str,
+                   drop: bool, model: Any, spec_base: dict[str, Any], case_dirs: list[Path], tumour_files: list[Path],
+                   rank: int, world: int, local_rank: int) -> dict[str, Any]:
+    """:func:`generate` once its arguments are checked (and an old output moved aside)."""
+    import multiprocessing
 
     # Sources: this rank's share first (other ranks derive theirs), then all (cache hits).
     items = [("case", str(p), str(cache)) for p in case_dirs] + [("tumour", str(p), str(cache)) for p in tumour_files]

@@ -32,3 +32,8 @@ class OutputExistsError(MedSynthError):
 
 class EditError(MedSynthError):
     """A tumour edit cannot be carried out (it would leave the brain, no tumour to edit, ...)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in the ``medsynth`` program, raised where the program is, so it leaves as a cancelled command
+    does: every cleanup runs and no partial output stays (a plain SIGTERM ends the process at once)."""

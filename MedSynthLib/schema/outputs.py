@@ -105,6 +105,33 @@ def staging_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held until the block ends, then delivered.
+
+    For the renames that replace an old output with a new one: interrupted between two of them, a folder
+    would hold some new files beside old ones (or a model folder would be gone). The signal is recorded by a
+    Python handler, not blocked in the kernel: another thread of the process may be the one that receives it.
+    Outside the main thread (where handlers cannot be set) the block runs as it is.
+    """
+    import signal
+    import threading
+
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in watched}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])  # its own handler now: KeyboardInterrupt, Terminated, or the default
+
+
 def commit_files(moves: Mapping[Path, Path], *, overwrite: bool, lock_target: Path | None = None) -> None:
     """Move staged files onto their targets as one unit under the first target's lock.
 
@@ -117,7 +144,7 @@ def commit_files(moves: Mapping[Path, Path], *, overwrite: bool, lock_target: Pa
         OutputExistsError: a target exists (checked again under the lock) and ``overwrite`` is false.
     """
     targets = list(moves.values())
-    with output_lock(lock_target or targets[0]):
+    with output_lock(lock_target or targets[0]), signals_deferred():
         clean_stale_staging(lock_target or targets[0])
         for target in targets:
             if (target.exists() or target.is_symlink()) and not overwrite:
@@ -136,7 +163,7 @@ def commit_folder(stage: Path, target: Path, owned: Iterable[str], *, overwrite:
     staged files are moved in, the file named last in ``owned`` (the provenance) last.
     """
     owned = list(owned)
-    with output_lock(target):
+    with output_lock(target), signals_deferred():
         clean_stale_staging(target)
         if target.is_symlink() or (target.exists() and not target.is_dir()):
             raise InputError(target, "exists and is not a folder; not replaced")
@@ -159,4 +186,5 @@ def commit_folder(stage: Path, target: Path, owned: Iterable[str], *, overwrite:
             os.replace(stage / name, destination)
 
 
-__all__ = ["output_lock", "staging_folder", "commit_files", "commit_folder", "clean_stale_staging", "lock_path"]
+__all__ = ["output_lock", "staging_folder", "commit_files", "commit_folder", "clean_stale_staging", "lock_path",
+           "signals_deferred"]

@@ -375,13 +375,16 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, backup / "old")
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        from .outputs import signals_deferred
+
+        with signals_deferred():  # between the two renames the folder would be gone
+            if path.exists():
+                backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.replace(path, backup / "old")
+                os.replace(tmp, path)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
