@@ -489,7 +489,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             cache[folder] = derive_label_map(read_case(folder, require_segmentation=True)).array
         return cache[folder]
 
-    results = evaluate(engine, list(args.cases), labels_for, list(args.reference or []) or None)
+    with _progress(len(args.cases), "evaluate") as step:  # about a minute per case on 2 CPU cores
+        results = evaluate(engine, list(args.cases), labels_for, list(args.reference or []) or None, progress=step)
     write_json(results, args.output, overwrite=args.overwrite)
     for name, summary in results["summary"].items():
         print(f"{name:<22} SSIM {summary['brain_ssim']:.3f}  PSNR {summary['brain_psnr']:.2f} dB  "

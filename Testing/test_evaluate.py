@@ -81,3 +81,16 @@ def test_evaluate_reads_through_the_given_reader(tmp_path: Path) -> None:
     assert sorted(reads) == sorted(f.name for f in folders)  # the held-out case and both reference cases
     default = evaluate(engine, folders[:1], labels_for, reference_dirs=folders[1:])
     assert with_reader["summary"] == default["summary"]
+
+
+def test_evaluate_reports_progress_once_per_case_in_order(tmp_path: Path) -> None:
+    folders = [write_phantom_case(tmp_path, seed) for seed in range(2)]
+    engine = _Engine(0.0)
+    steps: list[str] = []
+
+    def labels_for(folder: Path) -> np.ndarray:
+        engine.current = {m: v.astype(np.float32) for m, v in read_case(folder).images.items()}
+        return _labels_for(folder)
+
+    report = evaluate(engine, folders, labels_for, progress=steps.append)
+    assert steps == [f.name for f in folders] == [c["case"] for c in report["cases"]]

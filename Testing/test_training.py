@@ -605,3 +605,17 @@ def test_the_divergence_check_can_be_turned_off(brats_data: Path, tmp_path: Path
     model = train(brats_data, tmp_path / "run", config, device="cpu", progress=False,
                   cache_dir=training_cache_of(brats_data))
     assert (model / "weights.safetensors").exists()
+
+
+def test_the_interruption_message_names_the_step_a_resume_continues_from(tmp_path):
+    """It said 'interrupted at step 59' after step 60's checkpoint, and 'continues from the last checkpoint'
+    when there was none."""
+    import json
+
+    from MedSynthLib.training.train import _interrupted_message
+
+    assert "starts again from step 0" in _interrupted_message(tmp_path, 200)
+    (tmp_path / "checkpoints" / "step_0000060").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps({"step": 60, "path": "step_0000060"}))
+    message = _interrupted_message(tmp_path, 200)
+    assert "holds step 60 of 200" in message and "--resume" in message

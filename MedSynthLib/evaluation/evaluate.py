@@ -76,7 +76,8 @@ def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
              reference_dirs: list[Path] | None = None,
-             reader: Callable[[Path], Any] | None = None) -> dict[str, Any]:
+             reader: Callable[[Path], Any] | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fidelity of ``engine`` (a :class:`~MedSynthLib.synthesis.synthesize.SynthesisEngine`) on ``case_dirs``.
 
     Args:
@@ -87,6 +88,7 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             (the model's training cases); ``None`` skips that baseline.
         reader: folder -> the read case (with its segmentation), e.g. a cached reader when several
             models are scored on the same cases; ``read_case`` by default.
+        progress: called with each case's name once it is scored (a progress bar's step).
     """
     from ..schema.grid import LabelMap
 
@@ -116,6 +118,8 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             mean_scores.append(mean_case)
             entry["class_mean_training"] = mean_case
         results["cases"].append(entry)
+        if progress is not None:
+            progress(folder.name)
     results["summary"] = {"model": _summary(model_scores), "class_mean_oracle": _summary(oracle_scores)}
     results["contrast_rules"] = _rules_summary(results["cases"])
     results["checkerboard_ratio"] = {

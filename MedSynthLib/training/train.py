@@ -216,7 +216,7 @@ def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminato
     return final
 
 
-CHECKPOINT_NAME = re.compile(r"step_\d{7}")
+CHECKPOINT_NAME = re.compile(r"step_(\d{7})")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -239,6 +239,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not folder.is_dir():
         raise InputError(latest, f"names the checkpoint {name}, which does not exist")
     return folder
+
+
+def _interrupted_message(run_dir: Path, total_steps: int) -> str:
+    """What an interrupted run can resume from: the step its last checkpoint holds (the step counter may be
+    one short of it or past it, depending on where the interruption fell)."""
+    try:
+        folder = latest_checkpoint(run_dir)
+    except MedSynthError:
+        folder = None
+    if folder is None:
+        return "\ninterrupted before the first checkpoint: the run starts again from step 0"
+    step = int(CHECKPOINT_NAME.fullmatch(folder.name).group(1))
+    return (f"\ninterrupted; its last checkpoint holds step {step} of {total_steps}: `medsynth train ... --resume` "
+            "continues from there")
 
 
 def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Module | None,
@@ -560,8 +574,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                         writer.add_scalar(f"val/{key}", value, done)
     except KeyboardInterrupt:
         if d.main:
-            print(f"\ninterrupted at step {step}; `medsynth train ... --resume` continues from the last "
-                  "checkpoint", file=sys.stderr)
+            print(_interrupted_message(run_dir, config.steps), file=sys.stderr)
         raise
     finally:
         if bar is not None:
