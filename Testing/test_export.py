@@ -729,3 +729,24 @@ def test_a_missing_case_to_export_is_called_an_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'nocase'}: synthetic case folder not found" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_export_removes_the_staging_folder_a_killed_export_left(tmp_path):
+    """kill -9 during an export leaves its hidden staging folder (36 MB of DICOM in one audit); the next export
+    into that folder removes it when its process is gone, and leaves a running one's alone."""
+    import subprocess
+    import sys
+
+    from MedSynthLib.export.package import EXPORT_STAGE
+    from MedSynthLib.schema.outputs import STAGE_MARK
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+    root = tmp_path / "export"
+    stale = root / f".{EXPORT_STAGE}{STAGE_MARK}{gone.pid}-abc.tmp"
+    live = root / f".{EXPORT_STAGE}{STAGE_MARK}{os.getppid()}-def.tmp"  # pytest's parent is running
+    for folder in (stale, live):
+        (folder / "half").mkdir(parents=True)
+    case = make_case(tmp_path / "synth_out")
+    exported_case = export_cases([case], root, "nifti")[0]
+    assert not stale.exists() and live.is_dir() and exported_case.is_dir()

@@ -203,3 +203,16 @@ def test_sigterm_takes_the_cancellation_path_of_the_medsynth_program(tmp_path, m
         assert not labels.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["case"]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_model_folder_write_removes_the_temporary_folder_a_killed_run_left(tmp_path):
+    from MedSynthLib.schema.volume_io import atomic_directory
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+    stale = tmp_path / f".model{STAGE_MARK}{gone.pid}-abc.tmp"
+    (stale / "weights.safetensors").parent.mkdir()
+    (stale / "weights.safetensors").write_text("half")
+    with atomic_directory(tmp_path / "model") as folder:
+        (folder / "weights.safetensors").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

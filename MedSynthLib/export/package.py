@@ -65,6 +65,10 @@ class SyntheticCase:
         return self.labels.grid
 
 
+#: Name of the hidden staging folders an export builds its cases in, inside the export folder.
+EXPORT_STAGE = "export"
+
+
 def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
     """Read, verify and sanitise a ``medsynth synthesize`` output folder.
 
@@ -248,7 +252,10 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
     staging: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".medsynth-export.", suffix=".tmp", dir=root))
+        from ..schema.outputs import STAGE_MARK, clean_stale_staging
+
+        clean_stale_staging(root / EXPORT_STAGE)  # what a killed export left (kill -9: no cleanup of its own ran)
+        staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_STAGE}{STAGE_MARK}{os.getpid()}-", suffix=".tmp", dir=root))
         exported_at = datetime.now(timezone.utc).replace(microsecond=0)
         for folder, cid in zip(folders, ids):
             case = kept if kept is not None else read_synthetic_case(folder)

@@ -371,7 +371,10 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
         raise OutputExistsError(path)
     check_writable([path], overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    from .outputs import STAGE_MARK, clean_stale_staging
+
+    clean_stale_staging(path)  # what a killed run left (kill -9: no cleanup of its own ran)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGE_MARK}{os.getpid()}-", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
