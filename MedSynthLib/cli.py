@@ -231,8 +231,8 @@ def _write_edited(labelmap: Any, args: argparse.Namespace) -> int:
     from .schema.labelmap import write_label_map
     from .schema.labels import label_counts
 
+    counts = label_counts(labelmap.array)  # before the write: a Ctrl+C after it would report a written map as cancelled
     write_label_map(labelmap, args.output, overwrite=args.overwrite)
-    counts = label_counts(labelmap.array)
     print(f"{args.output}: written (NCR {counts['NCR']}, ED {counts['ED']}, ET {counts['ET']} voxels)")
     return 0
 
