@@ -279,6 +279,13 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None and self._job.is_running():
             self.logic.workflow.cancel_generate(self._job)
             self._endJobUi()
+        if self._previewJob is not None:  # its volumes would land in the next scene, on reused node IDs
+            if self._previewJob.is_running():
+                self.logic.workflow.cancel_preview(self._previewJob)
+            self._previewJob = None
+        self.logic.workflow.scene_closed()
+        self.ui.progressBar.setValue(0)
+        self._updateButtons()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -623,8 +630,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.warningDisplay(_("MedSynth: some synthesis processes did not stop yet."))
 
     def _endJobUi(self) -> None:
-        self._timer.stop()
         self._job = None
+        if self._exportJob is None and self._previewJob is None:  # an export or a preview is still polled
+            self._timer.stop()
         self._updateButtons()
 
     def _onPoll(self) -> None:
@@ -642,6 +650,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._appendLog(str(exc))
                 return
             except WorkflowError as exc:
+                self.ui.progressBar.setValue(0)  # not left at the failed run's last step
                 slicer.util.errorDisplay(_("MedSynth: {reason}").format(reason=exc))
                 return
             self._outputs = outputs
@@ -657,6 +666,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._previewJob is not None and self._previewJob.is_running():
             self.workflow.cancel_preview(self._previewJob)
             self._previewJob = None
+            self.ui.progressBar.setValue(0)
             self._updateButtons()
             return
         if not self._ensureDependencies(needTorch=True):

@@ -637,6 +637,20 @@ def test_preview_rerenders_only_the_edited_region(case, tiny_model):
 
 
 @pytest.mark.realdata
+def test_a_preview_with_other_options_replaces_the_preview_volumes(case, tiny_model):
+    """Each new seed (or model, device, segmentation) made four more preview volumes and kept the old ones."""
+    seg = case.logic.copy_labels(case.seg, "preview seeds")
+    ids = _ids(case.scene)
+    for seed in (1, 2, 3):
+        nodes = case.logic.preview(seg, GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False, seed=seed))
+    added = [case.scene.GetNodeByID(i) for i in set(_ids(case.scene)) - set(ids)]
+    volumes = sorted(n.GetID() for n in added if n.IsA("vtkMRMLScalarVolumeNode"))
+    assert volumes == sorted(n.GetID() for n in nodes.values())
+    case.logic.close_preview()
+    mrml.remove_nodes(case.scene, seg, *nodes.values())
+
+
+@pytest.mark.realdata
 def test_the_label_map_is_read_again_whenever_the_segmentation_changed(case):
     """The module keeps the label map it read or wrote last; any change to the segmentation is seen."""
     seg = case.logic.copy_labels(case.seg, "stamp")
@@ -991,3 +1005,35 @@ def test_an_edit_writes_the_shared_labelmap_in_place_and_the_3d_surface_follows(
     after_z = surface.GetBounds()[4:6]
     assert 4.0 < after_z[1] - before_z[1] < 8.0  # the surface is the moved tumour's: 6 mm up
     case.scene.RemoveNode(seg)
+
+
+def test_a_closed_scenes_undo_steps_do_not_reach_the_next_scenes_segmentation(tmp_path):
+    """slicer-core hands out the closed scene's node IDs again: without scene_closed() a tumour-free label
+    segmentation loaded into the next scene could be undone into the closed scene's tumour."""
+    from MedSynthLib.cases.template import template_label_map
+
+    scene, _ = mrml.create_headless_scene()
+    logic = WorkflowLogic(scene, work_dir=tmp_path)
+    try:
+        t1 = logic.load_template()
+        seg = logic.prepare(t1)
+        centre = np.argwhere(logic.labelmap(seg).array == Label.WM).mean(axis=0)[::-1]
+        logic.add_parametric_tumour(seg, (mrml.ijk_to_ras(t1) @ np.append(centre, 1.0))[:3],
+                                    TumourParameters(radius_mm=12.0, seed=1))
+        assert logic.can_undo(seg)
+        old_id = seg.GetID()
+        scene.Clear(0)
+        logic.scene_closed()
+        # The next scene: a saved, tumour-free MedSynth label segmentation, loaded.
+        t1 = logic.load_template()
+        loaded = mrml.segmentation_from_labels(scene, template_label_map().array, t1, "loaded labels")
+        loaded.SetAttribute("MedSynth.Role", "labels")
+        loaded.SetAttribute("MedSynth.History", "[]")
+        loaded.SetReferenceImageGeometryParameterFromVolumeNode(t1)
+        assert loaded.GetID() == old_id  # the reused ID this guards against
+        assert not logic.can_undo(loaded)
+        assert logic.labelmap(loaded).history == []  # reading it records nothing
+        assert not (logic.labelmap(loaded).array >= Label.NCR).any()
+    finally:
+        logic.cleanup()
+        scene.Clear(0)

@@ -560,6 +560,38 @@ def test_template_in_one_click_through_the_handlers(module):
     assert widget.ui.randomTumourButton.enabled and not widget.ui.exportButton.enabled
 
 
+def test_closing_the_scene_forgets_the_edits_and_resets_the_panel(module):
+    """The closed scene's undo steps and preview were kept by node ID, and slicer-core reuses IDs."""
+    widget = _widget(module)
+    widget._dependenciesReady = True
+    widget.initializeParameterNode()
+    widget.onTemplate()
+    widget.onPrepare()
+    seg = widget._parameterNode.labelSegmentation
+    widget.onRandomTumour()
+    assert not module.messages.errors, module.messages.errors
+    assert widget.workflow.can_undo(seg)
+    widget.onSceneStartClose(None, None)
+    assert widget.workflow._undo == {} and widget.workflow._committed == {} and widget._previewJob is None
+    assert ("setValue", (0,)) in widget.ui.progressBar.calls
+
+
+def test_the_end_of_a_synthesis_keeps_polling_a_running_export_and_preview(module):
+    """Ending Generate stopped the timer, so an export queued behind it was never finished in the panel."""
+    widget = _widget(module)
+    running = types.SimpleNamespace(poll=lambda: True, is_running=lambda: True)
+    for pending in ("_exportJob", "_previewJob"):
+        widget._timer.start()
+        widget._job, widget._exportJob, widget._previewJob = running, None, None
+        setattr(widget, pending, running)
+        widget._endJobUi()
+        assert widget._job is None and widget._timer.active, pending
+    widget._exportJob = widget._previewJob = None
+    widget._job = running
+    widget._endJobUi()
+    assert not widget._timer.active
+
+
 @pytest.mark.realdata
 def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_data):
     """Load -> prepare -> random tumour -> undo -> insert a plain expert segmentation, through the handlers."""

@@ -346,7 +346,8 @@ class Synthesis:
         self._preview_sent = sent
         task.progress.connect(self.progress.emit)
         self._preview_key = key
-        if new_case:
+        if new_case:  # the old options' preview volumes go: one set of preview volumes in the scene, not one per seed
+            mrml.remove_nodes(self.scene, *(self._preview_outputs or {}).values())
             self._preview_outputs = None
         job = PreviewJob(task, segmentation.GetID(), reference.GetID(), options, session=sent["session"])
         job.seconds = {"labels": read - clock, "diff": diffed - read, "submit": time.perf_counter() - diffed}

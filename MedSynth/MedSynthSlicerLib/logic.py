@@ -205,6 +205,16 @@ class WorkflowLogic(LabelSegmentation, TumourTools, Synthesis, ReviewViews):
 
     # =========================================================================================
 
+    def scene_closed(self) -> None:
+        """Forget what was kept per node: a closed scene's node IDs are handed out again to the next scene's
+        nodes, whose label segmentation would otherwise take the old one's undo steps, committed labels and
+        preview (an Undo wrote the closed scene's tumour into a loaded tumour-free map)."""
+        self._committed.clear()
+        self._read_labels.clear()
+        self._undo.clear()
+        self.close_preview()
+        self.last_preview = None
+
     def cleanup(self) -> None:
         """Stop the worker (the work folder is kept: the synthetic cases live there)."""
         self.close_preview()
