@@ -527,7 +527,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLockAnatomy(self, locked: bool) -> None:
         seg = self._segmentation()
         if seg is not None:
-            self.workflow.set_anatomy_locked(seg, locked)
+            self._run(_("locking the anatomy"), self.workflow.set_anatomy_locked, seg, locked)
 
     def onSegmentEditor(self) -> None:
         seg = self._segmentation()
@@ -649,8 +649,11 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except CancelledError as exc:
                 self._appendLog(str(exc))
                 return
-            except WorkflowError as exc:
+            except Exception as exc:  # noqa: BLE001 - a WorkflowError is the worker's one line; others are logged
                 self.ui.progressBar.setValue(0)  # not left at the failed run's last step
+                if not isinstance(exc, WorkflowError):
+                    logging.exception("MedSynth")
+                    exc = f"{type(exc).__name__}: {exc}"
                 slicer.util.errorDisplay(_("MedSynth: {reason}").format(reason=exc))
                 return
             self._outputs = outputs
@@ -701,6 +704,10 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         except WorkflowError as exc:
             slicer.util.errorDisplay(_("MedSynth: {reason}").format(reason=exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - unexpected: one message, the trace in the log
+            logging.exception("MedSynth")
+            slicer.util.errorDisplay(_("MedSynth: {reason}").format(reason=f"{type(exc).__name__}: {exc}"))
             return
         first = self._outputs != outputs
         self._outputs = outputs

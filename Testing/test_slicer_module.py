@@ -592,6 +592,31 @@ def test_the_end_of_a_synthesis_keeps_polling_a_running_export_and_preview(modul
     assert not widget._timer.active
 
 
+def test_unexpected_errors_of_handlers_and_finished_jobs_are_one_message(module, monkeypatch):
+    """Lock anatomy called the logic outside the error display, and a finished job's unexpected error escaped
+    the timer slot as a traceback with no message."""
+    widget = _widget(module)
+    widget._dependenciesReady = True
+    widget.initializeParameterNode()
+    widget.onTemplate()
+    widget.onPrepare()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the scene refused the node")
+
+    monkeypatch.setattr(widget.workflow, "set_anatomy_locked", broken)
+    widget.onLockAnatomy(False)
+    assert len(module.messages.errors) == 1 and "the scene refused the node" in module.messages.errors[0]
+    monkeypatch.setattr(widget.workflow, "finish_generate", broken)
+    widget._job = types.SimpleNamespace(poll=lambda: False, is_running=lambda: False)
+    widget._onPoll()
+    assert len(module.messages.errors) == 2 and "RuntimeError: the scene refused the node" in module.messages.errors[1]
+    monkeypatch.setattr(widget.workflow, "finish_preview", broken)
+    widget._previewJob = types.SimpleNamespace(poll=lambda: False, is_running=lambda: False)
+    widget._onPoll()
+    assert len(module.messages.errors) == 3 and widget._previewJob is None
+
+
 @pytest.mark.realdata
 def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_data):
     """Load -> prepare -> random tumour -> undo -> insert a plain expert segmentation, through the handlers."""
