@@ -262,22 +262,23 @@ def _with_datatype(path: Path, datatype: int, bitpix: int) -> Path:
     return path
 
 
+def _datatype_case(ws: Workspace, name: str, datatype: int, bitpix: int, words: str) -> FuzzCase:
+    path = _with_datatype(write_nifti_raw(ws.tmp / name, SEG.astype(np.uint8)), datatype, bitpix)
+    case = labels_run(ws, path)
+    case.words = words
+    return case
+
+
 @case
 def header_datatype_unknown(ws):
     """A datatype code NIfTI does not define: the NIfTI library behind SimpleITK prints its own line for it."""
-    path = _with_datatype(write_nifti_raw(ws.tmp / "dt.nii", SEG.astype(np.uint8)), 9999, 8)
-    case = labels_run(ws, path)
-    case.words = "datatype 9999"
-    return case
+    return _datatype_case(ws, "dt.nii", 9999, 8, "datatype 9999")
 
 
 @case
 def header_bitpix_mismatch(ws):
     """uint8 data whose header claims 16 bits per voxel."""
-    path = _with_datatype(write_nifti_raw(ws.tmp / "bp.nii", SEG.astype(np.uint8)), 2, 16)
-    case = labels_run(ws, path)
-    case.words = "bitpix 16"
-    return case
+    return _datatype_case(ws, "bp.nii", 2, 16, "bitpix 16")
 
 
 @case

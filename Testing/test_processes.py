@@ -115,6 +115,23 @@ def test_a_signal_inside_signals_deferred_arrives_after_the_block():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
 
 
+def _sigint_at_rename(monkeypatch, nth: int) -> list:
+    """``os.replace`` that sends this process SIGINT at its ``nth`` call (then renames); returns the calls."""
+    import signal
+
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
 def _old_and_new_case(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     owned = ["t1.nii.gz", "t2.nii.gz", "labels.nii.gz", "provenance.json"]
     target, stage = tmp_path / "case", tmp_path / "stage"
@@ -128,21 +145,10 @@ def _old_and_new_case(tmp_path: Path) -> tuple[Path, Path, list[str]]:
 def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_whole_new_case(tmp_path, monkeypatch):
     """A SIGINT at the second of four renames: every file is the new one, then the command is cancelled (it
     used to stop there, leaving new T1 and T2 beside the old labels and provenance)."""
-    import signal
-
     import MedSynthLib.schema.outputs as outputs
 
     target, stage, owned = _old_and_new_case(tmp_path)
-    real_replace, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(outputs.os, "replace", replace)
+    calls = _sigint_at_rename(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         outputs.commit_folder(stage, target, owned, overwrite=True)
     assert len(calls) == 4
@@ -150,23 +156,12 @@ def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_whole_new_case(tm
 
 
 def test_ctrl_c_between_the_two_renames_of_a_model_folder_keeps_a_folder(tmp_path, monkeypatch):
-    import signal
-
     import MedSynthLib.schema.volume_io as volume_io
 
     target = tmp_path / "model"
     target.mkdir()
     (target / "weights.safetensors").write_text("old")
-    real_replace, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(volume_io.os, "replace", replace)
+    _sigint_at_rename(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         with volume_io.atomic_directory(target, overwrite=True) as tmp:
             (tmp / "weights.safetensors").write_text("new")
