@@ -100,7 +100,17 @@ def test_the_slicer_module_uses_the_same_helpers_and_loads_nothing_heavy():
 # --- interruption during a commit ------------------------------------------------------------------
 
 
-def test_a_signal_inside_signals_deferred_arrives_after_the_block():
+@pytest.fixture()
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in the medsynth program (a pytest-xdist worker ignores SIGINT)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_inside_signals_deferred_arrives_after_the_block(ctrl_c_raises):
     import signal
 
     from MedSynthLib.schema.outputs import signals_deferred
@@ -142,7 +152,7 @@ def _old_and_new_case(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     return target, stage, owned
 
 
-def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_whole_new_case(tmp_path, monkeypatch):
+def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_whole_new_case(tmp_path, monkeypatch, ctrl_c_raises):
     """A SIGINT at the second of four renames: every file is the new one, then the command is cancelled (it
     used to stop there, leaving new T1 and T2 beside the old labels and provenance)."""
     import MedSynthLib.schema.outputs as outputs
@@ -155,7 +165,7 @@ def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_whole_new_case(tm
     assert {p.name: p.read_text() for p in target.iterdir()} == {name: "new" for name in owned}
 
 
-def test_ctrl_c_between_the_two_renames_of_a_model_folder_keeps_a_folder(tmp_path, monkeypatch):
+def test_ctrl_c_between_the_two_renames_of_a_model_folder_keeps_a_folder(tmp_path, monkeypatch, ctrl_c_raises):
     import MedSynthLib.schema.volume_io as volume_io
 
     target = tmp_path / "model"
