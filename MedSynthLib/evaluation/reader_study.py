@@ -214,12 +214,10 @@ class ReaderStudy:
         Raises:
             MedSynthError: the folder holds a study of other cases or another seed.
         """
-        from ..schema.volume_io import check_writable
+        from ..schema.volume_io import check_folder_argument
 
         folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise InputError(folder, "results folder: not a folder")
-        check_writable([folder], overwrite=True)  # a parent that is a file: one line, nothing written
+        check_folder_argument(folder, "results folder")  # a file, or under one: one line, nothing written
         plan_path = folder / PLAN_FILE
         if plan_path.is_file():
             study = cls.open(folder)

@@ -15,6 +15,7 @@ Resumable: case i is complete when ``provenance/<case>.json`` exists (written la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,10 +23,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
-from ..schema.volume_io import check_not_an_input
+from ..schema.volume_io import check_folder_argument, check_not_an_input
 from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
 from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
 from .sources import (Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
@@ -174,15 +175,6 @@ def _missing_folders(path: Path) -> list[Path]:
         missing.append(path)
         path = path.parent
     return missing
-
-
-def _check_folder_argument(path: Path, what: str) -> None:
-    """A folder argument that is a file, or under one, fails before any work with one line."""
-    from ..schema.volume_io import check_writable
-
-    if path.exists() and not path.is_dir():
-        raise InputError(path, f"{what}: not a folder")
-    check_writable([path], overwrite=True)
 
 
 class _UndoSourceCache:
@@ -395,11 +387,11 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
 
     out = Path(opt.output)
     cache = Path(opt.cache) if opt.cache else out / CACHE_DIR
-    _check_folder_argument(out, "-o")
+    check_folder_argument(out, "-o")
     inputs = [Path(p) for p in opt.labels_from] + ([Path(opt.edits)] if opt.edits else [])
     check_not_an_input([out], inputs)  # --overwrite would replace the folder
     if opt.cache:
-        _check_folder_argument(cache, "--cache")
+        check_folder_argument(cache, "--cache")
         check_not_an_input([cache], inputs)
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
@@ -420,31 +412,26 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
                               tumour_files, rank, world, local_rank)
 
 
-def _replacing(out: Path, overwrite: bool) -> Any:
+@contextlib.contextmanager
+def _replacing(out: Path, overwrite: bool) -> Iterator[None]:
     """With ``overwrite`` and an existing ``out``: the old dataset moved aside, removed once the new run has
     returned, and put back when the run is cancelled or fails (it was deleted before the run began, so a
     cancelled ``--overwrite`` lost it). A run killed outright leaves it in ``.NAME.replaced-PID`` beside ``out``."""
-    import contextlib
-
     from ..schema.outputs import signals_deferred
 
-    @contextlib.contextmanager
-    def replacing() -> Any:
-        if not (overwrite and out.exists()):
-            yield
-            return
-        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        os.rename(out, aside)
-        try:
-            yield
-        except BaseException:
-            with signals_deferred():
-                shutil.rmtree(out, ignore_errors=True)
-                os.rename(aside, out)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-
-    return replacing()
+    if not (overwrite and out.exists()):
+        yield
+        return
+    aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    os.rename(out, aside)
+    try:
+        yield
+    except BaseException:
+        with signals_deferred():
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout, config: dict[str, Any], where: str,

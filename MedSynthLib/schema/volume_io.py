@@ -264,6 +264,13 @@ def check_writable(paths: list[Path], overwrite: bool,
             raise InputError(parent, "output folder is not writable")
 
 
+def check_folder_argument(path: Path, what: str) -> None:
+    """A folder argument that is a file, or under one, fails before any work with one line."""
+    if path.exists() and not path.is_dir():
+        raise InputError(path, f"{what}: not a folder")
+    check_writable([path], overwrite=True)
+
+
 def check_not_an_input(outputs: Sequence[str | os.PathLike[str]], inputs: Sequence[str | os.PathLike[str]]) -> None:
     """Refuse an output that is one of ``inputs`` or a folder that holds one (links resolved)."""
     resolved = [(Path(i), Path(i).resolve()) for i in inputs if i is not None]
