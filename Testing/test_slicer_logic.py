@@ -594,6 +594,21 @@ def test_failed_synthesis_is_reported_and_leaves_the_scene(case, tmp_path, optio
     assert _ids(case.scene) == ids
 
 
+def _max_error(after: np.ndarray, reference: np.ndarray, where: np.ndarray) -> float:
+    return float(np.abs(after - reference)[where].max())
+
+
+def _rerender_tolerance(reference: np.ndarray) -> float:
+    """How far a rerendered region may be from a full synthesis of the same map.
+
+    The full synthesis is stored rounded to int16 (half a unit), and the CPU's convolution kernels
+    may sum in another order for the whole volume than for the crop: float32 rounding, seen up to
+    0.1 of a range of ~700 (1.4e-4) on one CI machine, so 1e-3 of the range is allowed. A rerender
+    given the wrong context is off by tens of units.
+    """
+    return 0.5 + 1e-3 * float(np.ptp(reference))
+
+
 @pytest.mark.realdata
 def test_preview_rerenders_only_the_edited_region(case, tiny_model):
     seg = case.logic.copy_labels(case.seg, "preview")
@@ -623,12 +638,11 @@ def test_preview_rerenders_only_the_edited_region(case, tiny_model):
     outside[tuple(slice(max(a, 0), b) for a, b in zip(lo, hi))] = False
     np.testing.assert_array_equal(after[outside], before["t1"][outside])
     assert not np.array_equal(after, before["t1"])
-    # where the labels changed the preview is a full synthesis of the edited map (which is stored
-    # rounded to int16: half a unit)
+    # where the labels changed the preview is a full synthesis of the edited map
     full = case.logic.generate(seg, options)
     reference = mrml.array_from_volume(full["t1"]).astype(np.float32)
     changed = case.logic.labelmap(seg).array != labels_before
-    assert float(np.abs(after - reference)[changed].max()) <= 0.5 + 1e-3
+    assert _max_error(after, reference, changed) <= _rerender_tolerance(reference)
     mrml.remove_nodes(case.scene, *full.values())
     for node in second.values():
         np.testing.assert_array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(case.nodes["t1"]))
@@ -703,8 +717,8 @@ def test_a_newer_preview_supersedes_the_running_one_on_the_scene(case, tiny_mode
     for modality in ("t1", "flair"):
         after = mrml.array_from_volume(nodes[modality])
         reference = mrml.array_from_volume(full[modality]).astype(np.float32)
-        # where either edit changed the labels: a full synthesis of the final map (stored as int16: half a unit)
-        assert float(np.abs(after - reference)[changed].max()) <= 0.5 + 1e-3, modality
+        # where either edit changed the labels: a full synthesis of the final map
+        assert _max_error(after, reference, changed) <= _rerender_tolerance(reference), modality
         # far from both edits nothing moved
         far = np.ones(changed.shape, bool)
         idx = np.argwhere(changed)
