@@ -29,6 +29,7 @@ from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterN
 from slicer.util import VTKObservationMixin
 
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError
+from MedSynthSlicerLib.mrml import ROLE_ATTRIBUTE, ROLE_LABELS
 from MedSynthSlicerLib.parameters import (DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS, LABEL_CONVENTIONS, PRECISIONS,
                                           GenerateOptions, TumourParameters, platform_devices)
 
@@ -193,6 +194,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.workflow.log.connect(self._appendLog)
         self.logic.workflow.progress.connect(self._onProgress)
 
+        # Only MedSynth label maps (mrml.is_label_segmentation): not the handles' moving copy or other segmentations.
+        self.ui.labelsSelector.addAttribute("vtkMRMLSegmentationNode", ROLE_ATTRIBUTE, ROLE_LABELS)
         self.ui.tumourCentrePlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.tumourCentrePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.progressBar.setRange(0, 1000)

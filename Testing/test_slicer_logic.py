@@ -195,6 +195,47 @@ def test_prepared_segments_have_the_schema_names_colours_and_locks(case):
 
 
 @pytest.mark.realdata
+def test_only_medsynth_label_maps_are_label_segmentations(case):
+    """The panel's label selector offered every segmentation: the handles' moving copy, a tumour input, any
+    segmentation in the scene.  The rule now: role ``labels`` (what the selector's attribute filter shows);
+    every label map MedSynth makes has it, and a segmentation drawn by hand can be adopted."""
+    from MedSynthLib.cases.template import template_label_map
+
+    ids = _ids(case.scene)
+    assert mrml.is_label_segmentation(case.seg)  # a loaded case, prepared
+    t1 = case.logic.load_template()
+    template_seg = case.logic.prepare(t1)  # the healthy template, prepared
+    copy = case.logic.copy_labels(case.seg, "variant")
+    assert mrml.is_label_segmentation(template_seg) and mrml.is_label_segmentation(copy)
+    transform = case.logic.begin_tumour_transform(copy)
+    moving = case.scene.GetNodeByID(copy.GetAttribute("MedSynth.MovingNodeID"))
+    assert moving.IsA("vtkMRMLSegmentationNode") and not mrml.is_label_segmentation(moving)
+    case.logic.cancel_tumour_transform(copy)
+    assert not mrml.is_label_segmentation(case.nodes["tumour"]) and not mrml.is_label_segmentation(None)
+    assert not mrml.is_label_segmentation(t1)
+    offered = [n for n in mrml.nodes_by_class(case.scene, "vtkMRMLSegmentationNode") if mrml.is_label_segmentation(n)]
+    assert offered == [case.seg, template_seg, copy]
+    assert transform is not None
+
+    # drawn by hand (Segment Editor: a new segmentation on the template, segments named as MedSynth's)
+    by_hand = mrml.segmentation_from_labels(case.scene, template_label_map().array, t1, "drawn by hand")
+    assert not mrml.is_label_segmentation(by_hand)
+    labels = case.logic.adopt_labels(by_hand)
+    assert mrml.is_label_segmentation(by_hand) and by_hand.GetAttribute(mrml.CONVENTION_ATTRIBUTE) == "brats2021"
+    np.testing.assert_array_equal(labels.array, template_label_map().array)
+    # one it cannot read is refused, and not marked
+    unknown = mrml.segmentation_from_labels(case.scene, template_label_map().array, t1, "with a liver")
+    unknown.GetSegmentation().AddEmptySegment("Liver", "Liver")
+    with pytest.raises(WorkflowError, match="'Liver'"):
+        case.logic.adopt_labels(unknown)
+    assert not mrml.is_label_segmentation(unknown) and unknown.GetAttribute(mrml.CONVENTION_ATTRIBUTE) is None
+    with pytest.raises(WorkflowError):
+        case.logic.adopt_labels(case.nodes["tumour"])  # not a segmentation
+    mrml.remove_nodes(case.scene, unknown, by_hand, copy, template_seg, t1)
+    assert _ids(case.scene) == ids
+
+
+@pytest.mark.realdata
 def test_prepared_label_map_keeps_the_expert_tumour_exactly(case):
     labels = case.logic.labelmap(case.seg)
     seg_file = next(p for p in case.folder.iterdir() if p.name.endswith("_seg.nii.gz"))

@@ -313,6 +313,12 @@ def _stub_modules(scene, tmp_path, messages: Messages) -> dict[str, types.Module
         def __init__(self, parent=None):
             self.parent = parent or types.SimpleNamespace(isEntered=True)
 
+        def setup(self):  # Slicer's base setup() gives the panel its layout
+            self.layout = FakeWidget("layout")
+
+        def resourcePath(self, filename):
+            return str(MODULE_DIR / "Resources" / filename)
+
     class ScriptedLoadableModuleLogic:
         def getParameterNode(self):
             node = scene.GetSingletonNode("MedSynth", "vtkMRMLScriptedModuleNode")
@@ -380,6 +386,22 @@ def _widget(module):
     widget = module.MedSynthWidget()
     widget.ui = FakeUi()
     widget.logic = module.MedSynthLogic()
+    return widget
+
+
+def _set_up_widget(module, monkeypatch):
+    """The widget built by its own setup(), as Slicer builds it: the .ui file's widgets are stand-ins that record
+    their calls, the scene observers are real (``slicer.mrmlScene`` is the fixture's real scene)."""
+    ui = FakeUi()
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: FakeWidget("uiWidget"), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
+    monkeypatch.setattr(slicer, "qSlicerMarkupsPlaceWidget", types.SimpleNamespace(ForcePlaceSingleMarkup=2),
+                        raising=False)
+    for name, value in (("majorVersion", 5), ("minorVersion", 12), ("patchVersion", 0)):
+        monkeypatch.setattr(slicer.app, name, value, raising=False)
+    widget = module.MedSynthWidget()
+    widget.setup()
+    assert widget.ui is ui and widget._parameterNode is not None
     return widget
 
 
@@ -558,6 +580,37 @@ def test_template_in_one_click_through_the_handlers(module):
     assert not module.messages.errors, module.messages.errors
     assert mrml.segment_names(p.labelSegmentation) == ["CSF", "GM", "WM", "NCR", "ED", "ET"]
     assert widget.ui.randomTumourButton.enabled and not widget.ui.exportButton.enabled
+
+
+def test_the_label_selector_offers_only_medsynth_label_maps(module, monkeypatch):
+    """The selector listed every segmentation in the scene (the handles' moving copy, a tumour input, any other).
+    setup() now filters it on the role MedSynth gives its label maps, the rule of mrml.is_label_segmentation."""
+    widget = _set_up_widget(module, monkeypatch)
+    try:
+        filters = [args for name, args in widget.ui.labelsSelector.calls if name == "addAttribute"]
+        assert filters == [("vtkMRMLSegmentationNode", mrml.ROLE_ATTRIBUTE, mrml.ROLE_LABELS)]
+        assert not any(name == "addAttribute" for name, _ in widget.ui.tumourSelector.calls)  # any tumour input
+        widget._dependenciesReady = True
+        widget.onTemplate()
+        widget.onPrepare()
+        widget._parameterNode.randomSeed = 2
+        widget.onRandomTumour()
+        widget.onMoveTumour()  # the handles' moving copy is a segmentation too
+        assert not module.messages.errors, module.messages.errors
+        seg = widget._parameterNode.labelSegmentation
+        by_hand = module.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
+        segmentations = mrml.nodes_by_class(module.scene, "vtkMRMLSegmentationNode")
+        assert len(segmentations) == 3
+
+        def shown(node) -> bool:  # what qMRMLNodeComboBox shows with the filter setup() gave it
+            (node_type, attribute, value), = filters
+            return node.IsA(node_type) and node.GetAttribute(attribute) == value
+
+        assert [n for n in segmentations if shown(n)] == [seg]
+        assert [mrml.is_label_segmentation(n) for n in segmentations] == [shown(n) for n in segmentations]
+        assert not mrml.is_label_segmentation(by_hand)
+    finally:
+        widget.cleanup()
 
 
 def test_closing_the_scene_forgets_the_edits_and_resets_the_panel(module):

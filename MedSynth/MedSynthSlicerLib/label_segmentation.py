@@ -517,6 +517,31 @@ class LabelSegmentation:
         self._undo[node.GetID()] = []
         return node
 
+    def adopt_labels(self, segmentation: Any, label_convention: str = "brats2021") -> "LabelMap":
+        """Make a segmentation drawn outside MedSynth (Segment Editor) a MedSynth label map, after checking it.
+
+        The panel offers MedSynth label maps only (:func:`.mrml.is_label_segmentation`).  A segmentation
+        with segments named CSF, GM, WM, NCR, ED, ET (or synonyms) on its reference volume's grid is read
+        as a label map first (the checks of every MedSynth step); only then does it get the role and the
+        convention, so one that cannot be used is refused and left unmarked.  From Slicer's Python console::
+
+            slicer.modules.medsynth.widgetRepresentation().self().logic.workflow.adopt_labels(node)
+        """
+        ensure_medsynthlib_importable()
+        from MedSynthLib.schema.labels import brain_mask
+
+        reference = self.reference_volume(segmentation)
+        convention = _check_convention(segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or label_convention)
+        array = self._labels_from_segmentation(segmentation, reference, convention, what="segmentation")
+        if not brain_mask(array).any():
+            raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
+        segmentation.SetAttribute(ROLE, ROLE_LABELS)
+        segmentation.SetAttribute(CONVENTION_ATTRIBUTE, convention)
+        if segmentation.GetAttribute(mrml.HISTORY_ATTRIBUTE) is None:
+            segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, "[]")
+        self.log.emit(f"label map adopted: {segmentation.GetName()}")
+        return self.labelmap(segmentation)
+
     def history(self, segmentation: Any) -> list[dict[str, Any]]:
         return json.loads(segmentation.GetAttribute(mrml.HISTORY_ATTRIBUTE) or "[]")
 

@@ -55,6 +55,16 @@ class MRMLError(RuntimeError):
     """A scene operation failed (unreadable file, missing image data, ...)."""
 
 
+def is_label_segmentation(node: Any) -> bool:
+    """Whether ``node`` is a MedSynth label map: a segmentation node whose ``MedSynth.Role`` is ``labels``.
+
+    The rule of the panel's label-segmentation selector (its ``addAttribute`` filter tests the same
+    attribute): the handles' moving copy, a tumour input or any other segmentation is not offered.
+    """
+    return bool(node is not None and node.IsA("vtkMRMLSegmentationNode")
+                and node.GetAttribute(ROLE_ATTRIBUTE) == ROLE_LABELS)
+
+
 # --- matrices and grids ------------------------------------------------------------------------
 
 
