@@ -619,6 +619,30 @@ def test_cancel_leaves_the_scene_and_the_worker_usable(case, tiny_model):
 
 
 @pytest.mark.realdata
+def test_cancelling_a_synthesis_never_loses_an_export_queued_behind_it(case, outputs, tiny_model, tmp_path,
+                                                                       monkeypatch):
+    """Cancel kills the worker when the network pass does not stop within its grace time, and an export the
+    panel had started behind the synthesis ended 'cancelled' with it, its files never written."""
+    from MedSynthSlicerLib import jobs
+
+    monkeypatch.setattr(jobs, "CANCEL_GRACE_S", 0.0)  # the kill path every time, not only under load
+    ids = _ids(case.scene)
+    job = case.logic.start_generate(case.seg, GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False))
+    while job.poll() and job.task.text != "model loaded":
+        time.sleep(0.01)
+    export = case.logic.start_export(outputs, "nifti", tmp_path / "export")  # Export pressed while it runs
+    pid = job.task.pid
+    assert case.logic.cancel_generate(job) is True
+    assert not pid_alive(pid)
+    with pytest.raises(CancelledError):
+        case.logic.finish_generate(job)
+    [target] = case.logic.finish_export(export)
+    assert target.parent == tmp_path / "export" and (target / "provenance.json").is_file()
+    assert _ids(case.scene) == ids
+    case.assert_inputs_unchanged()
+
+
+@pytest.mark.realdata
 @pytest.mark.parametrize("options", [
     # The case is a loaded real case: whole synthesis is the choice away from inpainting (the default).
     {"model": "no-such-model", "inpaint": False},

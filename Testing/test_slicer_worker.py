@@ -247,6 +247,43 @@ def test_cancel_of_a_running_request_kills_the_worker_tree(tiny_model, tmp_path)
 
 
 @posix_only
+def test_cancelling_the_running_synthesis_keeps_the_export_queued_behind_it(client, tiny_model, tmp_path):
+    """The kill that stops a network pass ended every open task with the worker: an export queued behind the
+    cancelled synthesis was lost as 'cancelled'.  Requests queued behind it never started: a new worker runs them."""
+    values, arrays = params(tiny_model, brain(), out=str(tmp_path / "case"))
+    assert client.submit("generate", values, arrays).wait(300) == "done"
+    values, arrays = params(tiny_model, brain(shape=(150, 180, 150)), out=str(tmp_path / "big"))
+    running = client.submit("generate", values, arrays)
+    while running.poll() and running.text != "model loaded":
+        time.sleep(0.01)
+    export = client.submit("export", {"case": str(tmp_path / "case"), "folder": str(tmp_path / "export"),
+                                      "format": "nifti"})
+    pid = client.pid
+    assert client.cancel(running, grace_s=0) is True  # grace 0: the kill path itself
+    assert running.status == "cancelled" and not pid_alive(pid) and group_pids(pid) == []
+    assert export.wait(300) == "done", export.error
+    [target] = [Path(t) for t in export.result.data["targets"]]
+    assert target.parent == tmp_path / "export" and (target / "provenance.json").is_file()
+    assert client.pid != pid and not (tmp_path / "big").exists()
+
+
+def test_cancelling_a_queued_request_never_stops_the_running_one(client, tiny_model, tmp_path):
+    """A queued request has not started, so the worker's cancel is enough; but the client killed the worker
+    when the worker had not answered within the grace time, and with it the request that was running."""
+    values, arrays = params(tiny_model, brain(shape=(150, 180, 150)), out=str(tmp_path / "a"))
+    running = client.submit("generate", values, arrays)
+    values, arrays = params(tiny_model, brain(), out=str(tmp_path / "b"))
+    queued = client.submit("generate", values, arrays)
+    pid = client.pid
+    assert client.cancel(queued, grace_s=0) is True
+    assert queued.status == "cancelled" and client.pid == pid
+    assert running.wait(300) == "done", running.error
+    values, arrays = params(tiny_model, brain(), out=str(tmp_path / "c"))
+    assert client.submit("generate", values, arrays).wait(300) == "done"  # served after the dropped one
+    assert client.pid == pid and (tmp_path / "a").is_dir() and not (tmp_path / "b").exists()
+
+
+@posix_only
 def test_a_killed_worker_is_reported_in_one_line(client, tiny_model, tmp_path):
     values, arrays = params(tiny_model, brain(shape=(150, 180, 150)), out=str(tmp_path / "case"))
     task = client.submit("generate", values, arrays)

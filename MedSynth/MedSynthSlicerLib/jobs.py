@@ -11,8 +11,11 @@ waits on the worker.
 Cancel (:meth:`WorkerClient.cancel`) sends a ``cancel`` request; when the
 worker has not confirmed within the grace time (a network pass cannot be
 interrupted) the whole process group is killed, so a cancel never takes more
-than about half a second.  A worker that dies is reported on every open task in
-one line.  Nothing here imports Qt or Slicer.
+than about half a second.  Cancel stops only its own request: one still queued
+is dropped by the worker (nothing is killed), and when the running one needs
+the kill, the requests queued behind it (they never started) are sent again
+to a new worker.  A worker that dies is reported on every open task in one
+line.  Nothing here imports Qt or Slicer.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class WorkerTask:
         self.ended: float | None = None
         self.progress = Signal("float", "str")
         self._arrays: dict[str, np.ndarray] | None = None
+        # What was sent (params, arrays), kept while open: a cancel that kills the worker sends it again.
+        self._request: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -107,6 +112,7 @@ class WorkerTask:
         if self.status != "running":
             return
         self.status, self.error, self.result, self.ended = status, error, result, time.monotonic()
+        self._request = None  # never sent again: its arrays can go
         if status == "done":
             self.fraction = 1.0
 
@@ -204,15 +210,22 @@ class WorkerClient:
     def submit(self, op: str, params: Mapping[str, Any] | None = None,
                arrays: Mapping[str, np.ndarray] | None = None) -> WorkerTask:
         """Send one request (starting the worker when needed); returns its task at once."""
+        task = WorkerTask(self, 0, op)
+        task._request = (dict(params or {}), dict(arrays or {}))
+        self._send_task(task)
+        return task
+
+    def _send_task(self, task: WorkerTask) -> None:
+        """Send a task's request to the worker (started when needed) under a new request id."""
         self.start()
-        assert self.exchange is not None
-        request = Request(next(self._ids), op, dict(params or {}),
-                          {name: put_array(self.exchange, array) for name, array in (arrays or {}).items()})
-        task = WorkerTask(self, request.id, op)
+        assert self.exchange is not None and task._request is not None
+        params, arrays = task._request
+        request = Request(next(self._ids), task.op, params,
+                          {name: put_array(self.exchange, array) for name, array in arrays.items()})
+        task.id = request.id
         self.tasks[request.id] = task
         if not self._send(request):
             task._end("failed", self._ended_message())
-        return task
 
     def _send(self, request: Request) -> bool:
         try:
@@ -299,14 +312,28 @@ class WorkerClient:
 
     # --- cancel / close ------------------------------------------------------------------------
 
-    def cancel(self, task: WorkerTask, grace_s: float = CANCEL_GRACE_S) -> bool:
-        """Stop ``task``: a cancel request, then the worker killed after ``grace_s``.
+    def cancel(self, task: WorkerTask, grace_s: float | None = None) -> bool:
+        """Stop ``task`` and no other request.
+
+        A task queued behind another has not started: the worker drops it when it gets there (the
+        task ends ``cancelled`` now).  The running one gets a cancel request, and the worker is killed
+        when it has not stopped after ``grace_s`` (default :data:`CANCEL_GRACE_S`); the requests queued
+        behind it never started, so they are sent again to a new worker instead of ending with it.
 
         Returns:
             True when the task has ended (it is ``cancelled`` unless it had finished).
         """
+        grace_s = CANCEL_GRACE_S if grace_s is None else grace_s
         self.poll()
         if not task.is_running():
+            return True
+        open_tasks = sorted((t for t in self.tasks.values() if t.is_running()), key=lambda t: t.id)
+        if open_tasks and open_tasks[0] is not task and task.id in self.tasks:
+            # The worker serves requests one at a time, in order: this one waits behind the running one,
+            # which a kill would end with it.
+            self._send(Request(next(self._ids), "cancel", {"target": task.id}))
+            del self.tasks[task.id]  # the worker's late "cancelled" answer is ignored
+            task._end("cancelled", f"{task.op} cancelled")
             return True
         if grace_s > 0 and self.alive() and self._send(Request(next(self._ids), "cancel", {"target": task.id})):
             deadline = time.monotonic() + grace_s
@@ -314,8 +341,18 @@ class WorkerClient:
                 time.sleep(0.01)
                 self.poll()
         if task.is_running():
+            queued = [t for t in open_tasks if t is not task and t.is_running()]
+            for other in queued:  # kept out of kill(), which ends every open task
+                self.tasks.pop(other.id, None)
             self.kill()
             task._end("cancelled", f"{task.op} cancelled")
+            for other in queued:
+                try:
+                    self._send_task(other)
+                except OSError as exc:
+                    other._end("failed", f"the MedSynth worker could not be started again ({exc})")
+            if queued:
+                self.log(f"worker restarted to cancel {task.op}; {len(queued)} queued request(s) sent again")
         return not task.is_running()
 
     def kill(self) -> None:
