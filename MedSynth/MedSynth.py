@@ -31,7 +31,7 @@ from slicer.util import VTKObservationMixin
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError
 from MedSynthSlicerLib.mrml import ROLE_ATTRIBUTE, ROLE_LABELS
 from MedSynthSlicerLib.parameters import (DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS, LABEL_CONVENTIONS, PRECISIONS,
-                                          GenerateOptions, TumourParameters, platform_devices)
+                                          GenerateOptions, TumourParameters, device_parameter, platform_devices)
 
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,  # noqa: E402
                     vtkMRMLSegmentationNode)
@@ -60,7 +60,7 @@ class _DeviceChoice(enum.Enum):
 
 
 #: The device choices of this platform: CUDA is never offered on macOS, Apple MPS only there.
-Device = _DeviceChoice("Device", [(name.upper(), name) for name in platform_devices()], module=__name__)
+Device = _DeviceChoice("Device", [(device_parameter(name), name) for name in platform_devices()], module=__name__)
 
 assert {d.value for d in Device} <= set(DEVICES)
 
@@ -206,6 +206,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         # 1. input
         self.ui.templateButton.clicked.connect(self.onTemplate)
@@ -293,6 +295,19 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event) -> None:
         self._outputs = {}
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneStartImport(self, caller, event) -> None:
+        # The imported scene's MedSynth parameters are copied into this parameter node: the panel reads them
+        # again after they were repaired (onSceneEndImport), not while a foreign device is in it.
+        self.setParameterNode(None)
+
+    def onSceneEndImport(self, caller, event) -> None:
+        from MedSynthSlicerLib.logic import repair_parameter_nodes
+
+        if repair_parameter_nodes(slicer.mrmlScene):  # a scene saved on another platform (CUDA on a Mac)
+            self._appendLog(_("the loaded scene's device is not available on this computer: device set to auto"))
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -784,10 +799,10 @@ class MedSynthLogic(ScriptedLoadableModuleLogic):
         self.workflow = WorkflowLogic(slicer.mrmlScene, work_dir=work_dir)
 
     def getParameterNode(self) -> MedSynthParameterNode:
+        from MedSynthSlicerLib.logic import repair_device_parameter
+
         node = super().getParameterNode()
-        stored = node.GetParameter("device")
-        if stored and stored not in Device.__members__:  # a scene saved on another platform (CUDA on a Mac)
-            node.SetParameter("device", Device.AUTO.name)
+        repair_device_parameter(node)  # a scene saved on another platform (CUDA on a Mac); imports: onSceneEndImport
         return MedSynthParameterNode(node)
 
 

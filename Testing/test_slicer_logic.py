@@ -1086,6 +1086,49 @@ def test_an_edit_writes_the_shared_labelmap_in_place_and_the_3d_surface_follows(
     case.scene.RemoveNode(seg)
 
 
+def test_a_parameter_node_from_another_platform_is_repaired_after_an_import(tmp_path):
+    """A scene saved on another platform holds a device this one lacks (CUDA in a scene opened on a Mac): only
+    getParameterNode() repaired it, not a scene imported into the open session.  repair_parameter_nodes()
+    (what the widget calls on EndImportEvent) sets MedSynth's back to auto, and leaves other modules' nodes."""
+    from MedSynthSlicerLib.logic import repair_parameter_nodes
+    from MedSynthSlicerLib.parameters import device_parameter, platform_devices, repaired_device
+
+    foreign = device_parameter("mps" if "mps" not in platform_devices() else "cuda")
+    assert repaired_device(foreign) == device_parameter("auto")
+    assert all(repaired_device(device_parameter(d)) is None for d in platform_devices())
+    assert repaired_device("") is None  # never set: the wrapper writes its default
+    assert repaired_device("CUDA", system="Darwin") == "AUTO" and repaired_device("MPS", system="Linux") == "AUTO"
+
+    saved = slicer.vtkMRMLScene()
+    for module_name, device in (("MedSynth", foreign), ("OtherModule", foreign)):
+        node = slicer.vtkMRMLScriptedModuleNode()
+        node.SetSingletonTag(module_name)
+        node.SetName(module_name)
+        node.SetAttribute("ModuleName", module_name)
+        node.SetParameter("device", device)
+        node.SetParameter("rating", "3")
+        saved.AddNode(node)
+    saved.SetURL(str(tmp_path / "saved.mrml"))
+    assert saved.Commit()
+
+    scene, _ = mrml.create_headless_scene()
+    mine = slicer.vtkMRMLScriptedModuleNode()  # this session's parameter node
+    mine.SetSingletonTag("MedSynth")
+    mine.SetName("MedSynth")
+    mine.SetParameter("device", device_parameter("cpu"))
+    mine = scene.AddNode(mine)
+    scene.SetURL(str(tmp_path / "saved.mrml"))
+    assert scene.Import()
+    nodes = {n.GetSingletonTag(): n for n in mrml.nodes_by_class(scene, "vtkMRMLScriptedModuleNode")}
+    assert sorted(nodes) == ["MedSynth", "OtherModule"] and nodes["MedSynth"] is mine
+    assert mine.GetParameter("device") == foreign and mine.GetParameter("rating") == "3"  # imported as saved
+    assert repair_parameter_nodes(scene) == [mine]
+    assert mine.GetParameter("device") == "AUTO" and mine.GetParameter("rating") == "3"
+    assert nodes["OtherModule"].GetParameter("device") == foreign  # not MedSynth's: left alone
+    assert repair_parameter_nodes(scene) == []  # nothing left to repair
+    scene.Clear(1)
+
+
 def test_a_closed_scenes_undo_steps_do_not_reach_the_next_scenes_segmentation(tmp_path):
     """slicer-core hands out the closed scene's node IDs again: without scene_closed() a tumour-free label
     segmentation loaded into the next scene could be undone into the closed scene's tumour."""

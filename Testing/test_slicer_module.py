@@ -485,6 +485,45 @@ def test_a_scene_saved_on_another_platform_keeps_the_module_usable(module):
     assert logic.getParameterNode().device is module.Device.AUTO
 
 
+def _foreign_device_name(module) -> str:
+    """A device this platform does not offer, as the parameter node stores it (MPS here, CUDA on a Mac)."""
+    return "MPS" if "MPS" not in module.Device.__members__ else "CUDA"
+
+
+def test_a_scene_saved_on_another_platform_is_repaired_when_imported(module, monkeypatch, tmp_path):
+    """The device was repaired only in getParameterNode(): a scene loaded into the open session (its MedSynth
+    parameter node copied into this one) left the panel with a device it cannot read until it was re-entered."""
+    widget = _set_up_widget(module, monkeypatch)
+    try:
+        params = widget._parameterNode
+        params.device, params.rating = module.Device.CPU, 4
+        # the scene as saved on the other platform: this panel's parameters, its device, another rating
+        saved = slicer.vtkMRMLScene()
+        node = slicer.vtkMRMLScriptedModuleNode()
+        node.SetSingletonTag("MedSynth")
+        node.SetName("MedSynth")
+        for name in params.parameterNode.GetParameterNames():
+            node.SetParameter(name, params.parameterNode.GetParameter(name))
+        node.SetParameter("device", _foreign_device_name(module))
+        node.SetParameter("rating", "3")
+        saved.AddNode(node)
+        saved.SetURL(str(tmp_path / "saved-elsewhere.mrml"))
+        assert saved.Commit()
+        module.scene.SetURL(str(tmp_path / "saved-elsewhere.mrml"))
+        assert module.scene.Import()  # what loading a scene into the open session does (EndImportEvent)
+        assert module.scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+        params = widget._parameterNode
+        assert params is not None and params.rating == 3  # the imported values are the panel's
+        assert params.device is module.Device.AUTO and widget._options().device == "auto"
+        assert any("device" in line for line in _logged(widget)), _logged(widget)
+    finally:
+        widget.cleanup()
+
+
+def _logged(widget) -> list[str]:
+    return [args[0] for name, args in widget.ui.logTextEdit.calls if name == "appendPlainText"]
+
+
 def test_the_panel_says_when_slicer_is_too_old(module, monkeypatch):
     for version, expected in (((5, 10, 1), "needs 3D Slicer 5.12 or newer; this is Slicer 5.10.1"), ((5, 12, 0), None)):
         monkeypatch.setattr(slicer.app, "majorVersion", version[0], raising=False)

@@ -36,14 +36,44 @@ from .generate import GenerationJob, PreviewJob, Synthesis
 from .jobs import WorkerClient, WorkerTask
 from .label_segmentation import MANUAL_EDIT, LabelSegmentation, segment_label
 from .mrml import ROLE, ROLE_PREVIEW
-from .parameters import EXPORT_FORMATS, EXPORT_NAMINGS
+from .parameters import EXPORT_FORMATS, EXPORT_NAMINGS, repaired_device
 from .process import python_executable
 from .review import REVIEW_LAYOUT_ID, REVIEW_VIEWS, ReviewViews
 from .signals import Signal
 from .tumour_tools import TumourTools, linear_edits_for_matrix
 
 __all__ = ["MANUAL_EDIT", "REVIEW_LAYOUT_ID", "REVIEW_VIEWS", "ExportJob", "GenerationJob", "PreviewJob",
-           "WorkflowLogic", "linear_edits_for_matrix", "segment_label"]
+           "WorkflowLogic", "linear_edits_for_matrix", "repair_device_parameter", "repair_parameter_nodes",
+           "segment_label"]
+
+#: The module name: singleton tag (and ``ModuleName`` attribute) of MedSynth's parameter node.
+MODULE_NAME = "MedSynth"
+
+
+def repair_device_parameter(node: Any) -> bool:
+    """Set a parameter node's device back to auto when this platform lacks it (see
+    :func:`.parameters.repaired_device`); True when it was changed."""
+    fixed = repaired_device(node.GetParameter("device") or "")
+    if fixed is None:
+        return False
+    node.SetParameter("device", fixed)
+    return True
+
+
+def repair_parameter_nodes(scene: Any, module_name: str = MODULE_NAME) -> list[Any]:
+    """Repair every MedSynth parameter node of ``scene`` (after a scene was imported); returns those changed.
+
+    Importing a scene copies its MedSynth parameter node into the open session's, so a scene saved on
+    another platform brings a device this one lacks; the widget calls this on ``EndImportEvent``.
+    Other modules' parameter nodes are left alone.
+    """
+    changed = []
+    collection = scene.GetNodesByClass("vtkMRMLScriptedModuleNode")
+    for i in range(collection.GetNumberOfItems()):
+        node = collection.GetItemAsObject(i)
+        if module_name in (node.GetSingletonTag(), node.GetAttribute("ModuleName")) and repair_device_parameter(node):
+            changed.append(node)
+    return changed
 
 
 class ExportJob:

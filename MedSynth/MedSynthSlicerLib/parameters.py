@@ -70,6 +70,22 @@ def platform_devices(system: Optional[str] = None) -> tuple[str, ...]:
     return ("auto", "mps", "cpu") if system == "Darwin" else ("auto", "cuda", "cpu")
 
 
+def device_parameter(device: str) -> str:
+    """How the parameter node stores a device choice: its member name in MedSynth.py's ``Device`` enum."""
+    return device.upper()
+
+
+def repaired_device(stored: str, system: Optional[str] = None) -> Optional[str]:
+    """The device parameter to store instead of ``stored``, or ``None`` when this platform offers it.
+
+    A scene saved on another platform may hold a device this one lacks (CUDA in a scene opened on a
+    Mac, MPS elsewhere): the panel could not read it, so it falls back to auto.  Empty (never set) is kept.
+    """
+    if not stored or stored in {device_parameter(d) for d in platform_devices(system)}:
+        return None
+    return device_parameter("auto")
+
+
 RATINGS: tuple[int, int] = (0, 5)  # 0 = not rated, 1 (poor) .. 5 (indistinguishable from real)
 NOTE_MAX_CHARS = 500
 
