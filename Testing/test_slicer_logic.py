@@ -219,19 +219,37 @@ def test_only_medsynth_label_maps_are_label_segmentations(case):
 
     # drawn by hand (Segment Editor: a new segmentation on the template, segments named as MedSynth's)
     by_hand = mrml.segmentation_from_labels(case.scene, template_label_map().array, t1, "drawn by hand")
+    seg = by_hand.GetSegmentation()
+    for sid in [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]:
+        # the Segment Editor's IDs, not MedSynth's: only the names say what a segment is
+        segment = seg.GetSegment(sid)
+        seg.RemoveSegment(sid)
+        seg.AddSegment(segment, f"Segment_{sid}")
     assert not mrml.is_label_segmentation(by_hand)
-    labels = case.logic.adopt_labels(by_hand)
-    assert mrml.is_label_segmentation(by_hand) and by_hand.GetAttribute(mrml.CONVENTION_ATTRIBUTE) == "brats2021"
-    np.testing.assert_array_equal(labels.array, template_label_map().array)
+    attributes = {a: by_hand.GetAttribute(a) for a in by_hand.GetAttributeNames()}
+    adopted = case.logic.adopt_labels(by_hand)
+    assert adopted is not by_hand and mrml.is_label_segmentation(adopted)
+    assert adopted.GetAttribute(mrml.CONVENTION_ATTRIBUTE) == "brats2021"
+    np.testing.assert_array_equal(case.logic.labelmap(adopted).array, template_label_map().array)
+    # the user's node is read only: no attribute added, segments as drawn
+    assert {a: by_hand.GetAttribute(a) for a in by_hand.GetAttributeNames()} == attributes
+    assert not mrml.is_label_segmentation(by_hand) and seg.GetSegment("Segment_CSF") is not None
+    # MedSynth's segments, so the anatomy lock finds them
+    case.logic.set_anatomy_locked(adopted, False)
+    assert case.logic.locked_labels(adopted) == []
+    case.logic.set_anatomy_locked(adopted, True)
+    assert sorted(case.logic.locked_labels(adopted)) == [1, 2, 3]
     # one it cannot read is refused, and not marked
     unknown = mrml.segmentation_from_labels(case.scene, template_label_map().array, t1, "with a liver")
     unknown.GetSegmentation().AddEmptySegment("Liver", "Liver")
+    before = _ids(case.scene)
     with pytest.raises(WorkflowError, match="'Liver'"):
         case.logic.adopt_labels(unknown)
     assert not mrml.is_label_segmentation(unknown) and unknown.GetAttribute(mrml.CONVENTION_ATTRIBUTE) is None
     with pytest.raises(WorkflowError):
         case.logic.adopt_labels(case.nodes["tumour"])  # not a segmentation
-    mrml.remove_nodes(case.scene, unknown, by_hand, copy, template_seg, t1)
+    assert _ids(case.scene) == before  # nothing added by a refusal
+    mrml.remove_nodes(case.scene, unknown, adopted, by_hand, copy, template_seg, t1)
     assert _ids(case.scene) == ids
 
 

@@ -517,13 +517,16 @@ class LabelSegmentation:
         self._undo[node.GetID()] = []
         return node
 
-    def adopt_labels(self, segmentation: Any, label_convention: str = "brats2021") -> "LabelMap":
-        """Make a segmentation drawn outside MedSynth (Segment Editor) a MedSynth label map, after checking it.
+    def adopt_labels(self, segmentation: Any, label_convention: str = "brats2021",
+                     name: str | None = None) -> Any:
+        """A MedSynth label map made from a segmentation drawn outside MedSynth (Segment Editor).
 
         The panel offers MedSynth label maps only (:func:`.mrml.is_label_segmentation`).  A segmentation
         with segments named CSF, GM, WM, NCR, ED, ET (or synonyms) on its reference volume's grid is read
-        as a label map first (the checks of every MedSynth step); only then does it get the role and the
-        convention, so one that cannot be used is refused and left unmarked.  From Slicer's Python console::
+        as a label map (the checks of every MedSynth step) and copied into a new label segmentation with
+        MedSynth's segments (so *Lock anatomy* and the tools find them).  The user's node is read only,
+        never changed: one that cannot be used is refused and the scene gets nothing.  From Slicer's
+        Python console::
 
             slicer.modules.medsynth.widgetRepresentation().self().logic.workflow.adopt_labels(node)
         """
@@ -535,12 +538,16 @@ class LabelSegmentation:
         array = self._labels_from_segmentation(segmentation, reference, convention, what="segmentation")
         if not brain_mask(array).any():
             raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
-        segmentation.SetAttribute(ROLE, ROLE_LABELS)
-        segmentation.SetAttribute(CONVENTION_ATTRIBUTE, convention)
-        if segmentation.GetAttribute(mrml.HISTORY_ATTRIBUTE) is None:
-            segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, "[]")
-        self.log.emit(f"label map adopted: {segmentation.GetName()}")
-        return self.labelmap(segmentation)
+        with mrml.scene_guard(self.scene):
+            node = mrml.segmentation_from_labels(self.scene, array, reference,
+                                                 name or f"{segmentation.GetName()} MedSynth labels")
+            node.SetAttribute(ROLE, ROLE_LABELS)
+            node.SetAttribute(CONVENTION_ATTRIBUTE, convention)
+            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, "[]")
+        self._committed[node.GetID()] = array.copy()
+        self._undo[node.GetID()] = []
+        self.log.emit(f"label map made from {segmentation.GetName()}: {node.GetName()}")
+        return node
 
     def history(self, segmentation: Any) -> list[dict[str, Any]]:
         return json.loads(segmentation.GetAttribute(mrml.HISTORY_ATTRIBUTE) or "[]")
