@@ -571,6 +571,8 @@ def test_native_bf16_probe_reads_the_cpu(monkeypatch) -> None:
     import MedSynthLib.synthesis.inference as inference
 
     monkeypatch.setattr(inference.platform, "machine", lambda: "x86_64")
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the caller's oneDNN cap is the next test's subject
+        monkeypatch.delenv(cap, raising=False)
     for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
