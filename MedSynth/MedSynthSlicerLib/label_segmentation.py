@@ -328,17 +328,8 @@ class LabelSegmentation:
                 raise WorkflowError(f"{t1.GetName()!r}: {exc}") from None
         if not brain_mask(labelmap.array).any():
             raise WorkflowError(f"{t1.GetName()!r}: the label map has no brain voxels")
-        with mrml.scene_guard(self.scene):
-            node = mrml.segmentation_from_labels(self.scene, labelmap.array, t1,
-                                                 name or f"{t1.GetName()} MedSynth labels", lock_anatomy=lock_anatomy)
-            node.SetAttribute(ROLE, ROLE_LABELS)
-            node.SetAttribute(CONVENTION_ATTRIBUTE, label_convention)
-            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(labelmap.history))
-            node.SetNodeReferenceID(ORIGINAL_REFERENCE + "t1", t1.GetID())
-            for modality, other in others.items():
-                node.SetNodeReferenceID(ORIGINAL_REFERENCE + modality, other.GetID())
-        self._committed[node.GetID()] = labelmap.array.copy()
-        self._undo[node.GetID()] = []
+        node = self._new_label_segmentation(labelmap.array, t1, name or f"{t1.GetName()} MedSynth labels",
+                                            label_convention, labelmap.history, lock_anatomy, {"t1": t1, **others})
         self.log.emit(f"label map ready: {node.GetName()}")
         return node
 
@@ -500,22 +491,29 @@ class LabelSegmentation:
         self._committed[segmentation.GetID()] = labelmap.array.copy()
         self._remember_labels(segmentation, copy.copy(labelmap))
 
+    def _new_label_segmentation(self, array: np.ndarray, reference: Any, name: str, convention: str,
+                                history: list[dict[str, Any]], lock_anatomy: bool = True,
+                                originals: Mapping[str, Any] | None = None) -> Any:
+        """A new MedSynth label map node (role, convention, history, original volumes), with no undo steps."""
+        with mrml.scene_guard(self.scene):
+            node = mrml.segmentation_from_labels(self.scene, array, reference, name, lock_anatomy=lock_anatomy)
+            node.SetAttribute(ROLE, ROLE_LABELS)
+            node.SetAttribute(CONVENTION_ATTRIBUTE, convention)
+            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(history))
+            for modality, original in (originals or {}).items():
+                node.SetNodeReferenceID(ORIGINAL_REFERENCE + modality, original.GetID())
+        self._committed[node.GetID()] = array.copy()
+        self._undo[node.GetID()] = []
+        return node
+
     def copy_labels(self, segmentation: Any, name: str | None = None) -> Any:
         """A new label segmentation with the same label map and history (a variant to edit separately)."""
         current = self.labelmap(segmentation)
         reference = self.reference_volume(segmentation)
-        with mrml.scene_guard(self.scene):
-            node = mrml.segmentation_from_labels(self.scene, current.array, reference,
-                                                 name or f"{segmentation.GetName()} copy",
-                                                 lock_anatomy=bool(self.locked_labels(segmentation)))
-            node.SetAttribute(ROLE, ROLE_LABELS)
-            node.SetAttribute(CONVENTION_ATTRIBUTE, segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021")
-            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(current.history))
-            for modality, original in self.original_volumes(segmentation).items():
-                node.SetNodeReferenceID(ORIGINAL_REFERENCE + modality, original.GetID())
-        self._committed[node.GetID()] = current.array.copy()
-        self._undo[node.GetID()] = []
-        return node
+        return self._new_label_segmentation(current.array, reference, name or f"{segmentation.GetName()} copy",
+                                            segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021",
+                                            current.history, bool(self.locked_labels(segmentation)),
+                                            self.original_volumes(segmentation))
 
     def adopt_labels(self, segmentation: Any, label_convention: str = "brats2021",
                      name: str | None = None) -> Any:
@@ -538,14 +536,8 @@ class LabelSegmentation:
         array = self._labels_from_segmentation(segmentation, reference, convention, what="segmentation")
         if not brain_mask(array).any():
             raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
-        with mrml.scene_guard(self.scene):
-            node = mrml.segmentation_from_labels(self.scene, array, reference,
-                                                 name or f"{segmentation.GetName()} MedSynth labels")
-            node.SetAttribute(ROLE, ROLE_LABELS)
-            node.SetAttribute(CONVENTION_ATTRIBUTE, convention)
-            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, "[]")
-        self._committed[node.GetID()] = array.copy()
-        self._undo[node.GetID()] = []
+        node = self._new_label_segmentation(array, reference, name or f"{segmentation.GetName()} MedSynth labels",
+                                            convention, [])
         self.log.emit(f"label map made from {segmentation.GetName()}: {node.GetName()}")
         return node
 

@@ -35,6 +35,7 @@ from .errors import CancelledError, WorkflowError
 from .generate import GenerationJob, PreviewJob, Synthesis
 from .jobs import WorkerClient, WorkerTask
 from .label_segmentation import MANUAL_EDIT, LabelSegmentation, segment_label
+from . import mrml
 from .mrml import ROLE, ROLE_PREVIEW
 from .parameters import EXPORT_FORMATS, EXPORT_NAMINGS, repaired_device
 from .process import python_executable
@@ -67,13 +68,8 @@ def repair_parameter_nodes(scene: Any, module_name: str = MODULE_NAME) -> list[A
     another platform brings a device this one lacks; the widget calls this on ``EndImportEvent``.
     Other modules' parameter nodes are left alone.
     """
-    changed = []
-    collection = scene.GetNodesByClass("vtkMRMLScriptedModuleNode")
-    for i in range(collection.GetNumberOfItems()):
-        node = collection.GetItemAsObject(i)
-        if module_name in (node.GetSingletonTag(), node.GetAttribute("ModuleName")) and repair_device_parameter(node):
-            changed.append(node)
-    return changed
+    return [node for node in mrml.nodes_by_class(scene, "vtkMRMLScriptedModuleNode")
+            if module_name in (node.GetSingletonTag(), node.GetAttribute("ModuleName")) and repair_device_parameter(node)]
 
 
 class ExportJob:
