@@ -13,66 +13,92 @@ brain SSIM (as ``medsynth evaluate``) is compared with the class means alone.
         python benchmarks/label_position_prior_probe.py docs/synthesis_cv/label_position_prior_f0.json
 """
 
-import json, os, sys
-from pathlib import Path
-import numpy as np
-sys.path.insert(0, str(Path(__file__).resolve().parent)); sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import label_information_probe as p
-from MedSynthLib.cases.readers import read_case
-from MedSynthLib.schema.labels import MODALITIES, brain_mask, tumour_mask
-from MedSynthLib.training.data import find_case_folders, prepare_volume
-from MedSynthLib.schema.grid import mask_box
+from __future__ import annotations
 
-DATA = Path(os.environ.get("MEDSYNTH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import label_information_probe as p  # noqa: E402
+from MedSynthLib.cases.readers import read_case  # noqa: E402
+from MedSynthLib.schema.grid import mask_box  # noqa: E402
+from MedSynthLib.schema.labels import MODALITIES, brain_mask, tumour_mask  # noqa: E402
+from MedSynthLib.training.data import find_case_folders, prepare_volume  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
 CACHE = Path(os.environ.get("MEDSYNTH_PROBE_CACHE", "cache_label_probe"))
-held = json.loads((Path(__file__).resolve().parents[1] / "Resources/configs/inpaint_brats27_cpu_cv.json").read_text())["cv_folds"][0]
-folders = {f.name: f for r in [DATA / "brats2021/cases", DATA / "brats_more/cases"] for f in find_case_folders(r)}
-cases = {}
-for name in held:
-    v = prepare_volume(folders[name], CACHE, "tissue_zscore")
-    case = read_case(folders[name], require_segmentation=True)
+HEALTHY = (1, 2, 3)  # CSF, GM, WM
+
+
+def load_case(folder: Path) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """The cached label map and images put back on the case's own (atlas-space) grid; None if it cannot be."""
+    volume = prepare_volume(folder, CACHE, "tissue_zscore")
+    case = read_case(folder, require_segmentation=True)
     shape = case.images["t1"].shape
-    real_brain = np.any([case.images[m] > 0 for m in MODALITIES], axis=0)
-    box = mask_box(real_brain, margin=4)
-    if tuple(s.stop - s.start for s in box) != v.labels.shape:
-        # the cache keeps the brain box of the derived labels, not its place: found again from the images
-        print(name, "box mismatch", [s.stop - s.start for s in box], v.labels.shape, flush=True); continue
-    labels = np.zeros(shape, np.uint8); labels[box] = v.labels
+    # the cache keeps the brain box of the derived labels, not its place: found again from the images
+    box = mask_box(np.any([case.images[m] > 0 for m in MODALITIES], axis=0), margin=4)
+    if tuple(s.stop - s.start for s in box) != volume.labels.shape:
+        print(folder.name, "box mismatch", [s.stop - s.start for s in box], volume.labels.shape, flush=True)
+        return None
+    labels = np.zeros(shape, np.uint8)
+    labels[box] = volume.labels
     real = {m: np.zeros(shape, np.float32) for m in MODALITIES}
-    sl = p.scanner_like(v)
-    for m in MODALITIES: real[m][box] = sl[m]
-    resid = {}
-    for m in MODALITIES:
-        ccm = p.case_class_means(labels, real[m])
-        clm = p.class_local_means(labels, real[m], 8.0)
-        r = np.where(labels > 0, clm - ccm, 0).astype(np.float32)
-        resid[m] = r
-    cases[name] = (labels, real, resid)
-    print(name, shape, "ok", flush=True)
-rows = []
-for name, (labels, real, resid) in cases.items():
-    others = [n for n in cases if n != name]
-    brain, tumour = brain_mask(labels), tumour_mask(labels)
-    out = {"case": name}
-    for label in ("ccm", "ccm+prior"):
-        s = []
+    for m, image in p.scanner_like(volume).items():
+        real[m][box] = image
+    return labels, real
+
+
+def shared_field(labels: np.ndarray, others: list[tuple[np.ndarray, dict[str, np.ndarray]]], m: str) -> np.ndarray:
+    """The other patients' mean residual of each healthy class at each voxel where this case has that class."""
+    prior = np.zeros(labels.shape, np.float32)
+    for c in HEALTHY:
+        num = np.zeros(labels.shape, np.float32)
+        den = np.zeros(labels.shape, np.float32)
+        for other_labels, residual in others:
+            where = other_labels == c
+            num += np.where(where, residual[m], 0)
+            den += where
+        mine = labels == c
+        prior[mine] = np.where(den[mine] > 0, num[mine] / np.maximum(den[mine], 1), 0)
+    return prior
+
+
+def main() -> int:
+    held = json.loads((REPO / "Resources/configs/inpaint_brats27_cpu_cv.json").read_text())["cv_folds"][0]
+    folders = {f.name: f for r in [DATA / "brats2021/cases", DATA / "brats_more/cases"] for f in find_case_folders(r)}
+    cases = {}
+    for name in held:
+        loaded = load_case(folders[name])
+        if loaded is None:
+            continue
+        labels, real = loaded
+        means = {m: p.case_class_means(labels, real[m]) for m in MODALITIES}
+        residual = {m: np.where(labels > 0, p.class_local_means(labels, real[m], 8.0) - means[m], 0).astype(np.float32)
+                    for m in MODALITIES}
+        cases[name] = (labels, real, means, residual)
+        print(name, labels.shape, "ok", flush=True)
+    rows = []
+    for name, (labels, real, means, _) in cases.items():
+        others = [(o[0], o[3]) for n, o in cases.items() if n != name]
+        brain, tumour = brain_mask(labels), tumour_mask(labels)
+        row: dict = {"case": name, "ccm": [], "ccm+prior": []}
         for m in MODALITIES:
-            guess = p.case_class_means(labels, real[m])
-            if label == "ccm+prior":
-                prior = np.zeros_like(guess)
-                for c in (1, 2, 3):  # healthy classes only: same class at the same position in other patients
-                    num = np.zeros_like(guess); den = np.zeros_like(guess)
-                    for o in others:
-                        lo, _, ro = cases[o]
-                        w = (lo == c)
-                        num += np.where(w, ro[m], 0); den += w
-                    mine = labels == c
-                    prior[mine] = np.where(den[mine] > 0, num[mine] / np.maximum(den[mine], 1), 0)
-                guess = guess + prior
-            s.append(p.fidelity(real[m], guess, brain, {"tumour": tumour}))
-        out[label] = [x["brain"]["ssim"] for x in s]
-    rows.append(out)
-    print(name, "ccm", round(np.mean(out["ccm"]), 3), "ccm+prior", round(np.mean(out["ccm+prior"]), 3), flush=True)
-print("mean ccm", np.mean([np.mean(r["ccm"]) for r in rows]), "ccm+prior", np.mean([np.mean(r["ccm+prior"]) for r in rows]))
-if len(sys.argv) > 1:
-    json.dump({"command": " ".join(sys.argv), "per_case": rows}, open(sys.argv[1], "w"), indent=1)
+            for method, guess in (("ccm", means[m]), ("ccm+prior", means[m] + shared_field(labels, others, m))):
+                row[method].append(p.fidelity(real[m], guess, brain, {"tumour": tumour})["brain"]["ssim"])
+        rows.append(row)
+        print(name, "ccm", round(np.mean(row["ccm"]), 3), "ccm+prior", round(np.mean(row["ccm+prior"]), 3), flush=True)
+    print("mean ccm", np.mean([np.mean(r["ccm"]) for r in rows]),
+          "ccm+prior", np.mean([np.mean(r["ccm+prior"]) for r in rows]))
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps({"command": " ".join(sys.argv), "per_case": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
