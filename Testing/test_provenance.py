@@ -285,6 +285,45 @@ def test_a_parametric_tumour_in_the_template_is_anonymous():
         assert not PrivacyRecord("template", None, None, origin).anonymous()[0]
 
 
+def test_a_tumour_of_unknown_or_loaded_origin_is_not_anonymous():
+    """The rule fails closed: a tumour whose origin is not recorded, or a segmentation loaded in Slicer (a patient's
+    expert segmentation, say), does not pass even in the template."""
+    for origin in ("unknown", "segmentation"):
+        ok, reason = PrivacyRecord("template", None, None, origin).anonymous()
+        assert not ok and "parametric tumour instead" in reason, origin
+
+
+def _without_privacy_record(case: Path) -> Path:
+    """The case as a MedSynth that recorded no privacy wrote it (the file hashes still match)."""
+    from MedSynthLib.schema.provenance import file_sha256
+
+    sidecar = json.loads((case / "labels.json").read_text())
+    sidecar.pop("privacy")
+    (case / "labels.json").write_text(json.dumps(sidecar))
+    provenance = json.loads((case / "provenance.json").read_text())
+    provenance.pop("privacy")
+    provenance["files"]["labels.json"] = file_sha256(case / "labels.json")
+    (case / "provenance.json").write_text(json.dumps(provenance))
+    return case
+
+
+def test_a_case_without_a_privacy_record_is_judged_by_its_history(tmp_path, capsys):
+    """An inserted (real) tumour in the template, recorded only in the history, is not exported as anonymous."""
+    template = brain(size=(36, 40, 32), tumour_at=None, history=(TEMPLATE,))
+    inserted = InsertTumour(source="case")(template, source=brain())
+    assert PrivacyRecord.from_history(inserted.history, inserted.array).tumour_origin == "inserted"
+    case = _without_privacy_record(write_case(inserted, tmp_path / "inserted"))
+    rc, _, err = run(["export", case, "--format", "nifti", "--anonymous", "-o", tmp_path / "anon"], capsys)
+    assert rc == 2 and "not anonymous" in err and "shape identifies that patient" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "anon").exists()
+
+    parametric = ParametricTumour(centre_ras_mm=(-15.0, -20.0, 18.0), radii_mm=(5.0, 4.0, 4.0), seed=3)(template)
+    assert PrivacyRecord.from_history(parametric.history, parametric.array).tumour_origin == "parametric"
+    case = _without_privacy_record(write_case(parametric, tmp_path / "parametric"))
+    rc, _, err = run(["export", case, "--format", "nifti", "--anonymous", "-o", tmp_path / "anon"], capsys)
+    assert rc == 0, err
+
+
 def test_tumour_dice_threshold_applies_to_a_tumour_left_in_place():
     record = PrivacyRecord("template", None, MAX_ANONYMOUS_TUMOUR_DICE, "patient")
     assert not record.anonymous()[0]

@@ -197,7 +197,7 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
 
     With ``anonymous`` every case must pass
     :meth:`~MedSynthLib.schema.provenance.PrivacyRecord.anonymous` (anatomy not a patient's,
-    tumour not overlapping the source patient's own); one that does not is refused.
+    tumour drawn by MedSynth, not overlapping the source patient's own); one that does not is refused.
 
     Raises:
         InputError: a bad input case (files not as synthesised included), a case that is not
@@ -231,8 +231,8 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
         if anonymous:
             ok, reason = case.privacy.anonymous()
             if not ok:
-                raise InputError(folder, f"not anonymous: {reason}; --anonymous exports only cases whose anatomy "
-                                         "is not a patient's (e.g. a tumour placed in the healthy template)")
+                raise InputError(folder, f"not anonymous: {reason}; --anonymous exports only a tumour MedSynth "
+                                         "drew (medsynth tumour new) in the healthy template")
         cid = case_id or case.case_id
         if cid in seen:
             raise InputError(folder, f"the same synthetic case as {seen[cid]} (case id {cid}); give it once")

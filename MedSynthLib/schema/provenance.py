@@ -473,6 +473,22 @@ def _jaccard_distance_in_box(before: np.ndarray, after: np.ndarray, box: tuple[s
     return 0.0 if union == 0 else 1.0 - (outside + int(np.count_nonzero(a & b))) / union
 
 
+#: The tumour origin a step gives the map it makes (other steps keep the origin of the tumour they move).
+_STEP_ORIGINS = {"parametric_tumour": "parametric", "insert_tumour": "inserted",
+                 "tumour_from_segmentation": "segmentation"}
+
+
+def _origin_after(origin: str, record: Mapping[str, Any] | None) -> str:
+    """The tumour origin after the step ``record`` (``keep_existing`` with another origin: ``mixed``)."""
+    name = record.get("name") if isinstance(record, Mapping) else None
+    params = record.get("params", {}) if isinstance(record, Mapping) else {}
+    keep = isinstance(params, dict) and bool(params.get("keep_existing"))
+    new_origin = _STEP_ORIGINS.get(name)  # type: ignore[arg-type]
+    if new_origin is None:
+        return origin
+    return new_origin if not keep or origin in ("none", new_origin) else "mixed"
+
+
 @dataclass(frozen=True)
 class PrivacyRecord:
     """How much of a real patient a label map still carries, measured as it was made.
@@ -513,8 +529,11 @@ class PrivacyRecord:
             return cls("patient", 1.0, 1.0 if has_tumour else None,
                        "patient" if has_tumour and unedited else ("none" if unedited else "unknown"))
         if start == "template_labels":
-            origin = "none" if not has_tumour else ("unknown" if len(history) > 1 else "none")
-            return cls("template", None, None, origin)
+            origin = "none"
+            for record in history[1:]:  # where the tumour came from is in the history: no measuring needed
+                name = record.get("name") if isinstance(record, Mapping) else None
+                origin = _origin_after(origin, record) if name in RECORD_KINDS else "unknown"
+            return cls("template", None, None, origin if has_tumour else "none")
         return cls("unknown", None, None, "unknown")
 
     def after_step(self, before: np.ndarray, after: np.ndarray, record: Mapping[str, Any] | None,
@@ -535,14 +554,7 @@ class PrivacyRecord:
         if tumour_dice is not None:
             step = _jaccard_distance_in_box(before, after, box, lambda labels: labels >= Label.NCR)
             tumour_dice = round(_dice_from_distance(abs(_distance_from_dice(tumour_dice) - step)), 4)
-        name = record.get("name") if isinstance(record, Mapping) else None
-        params = record.get("params", {}) if isinstance(record, Mapping) else {}
-        keep = isinstance(params, dict) and bool(params.get("keep_existing"))
-        new_origin = {"parametric_tumour": "parametric", "insert_tumour": "inserted",
-                      "tumour_from_segmentation": "segmentation"}.get(name)
-        origin = self.tumour_origin
-        if new_origin is not None:
-            origin = new_origin if not keep or origin in ("none", new_origin) else "mixed"
+        origin = _origin_after(self.tumour_origin, record)
         if not (after >= Label.NCR).any():
             origin = "none"
         return PrivacyRecord(self.anatomy, brain, tumour_dice, origin, self.images)
@@ -566,6 +578,11 @@ class PrivacyRecord:
             # template after a random edit, once aligned by a similarity transform.
             return False, ("its tumour is another label map's tumour, whose shape identifies that patient "
                            "wherever it is placed; draw a parametric tumour instead")
+        if self.tumour_origin == "segmentation":
+            return False, ("its tumour is a segmentation loaded or drawn in Slicer, which may be a patient's expert "
+                           "segmentation (its shape identifies that patient); draw a parametric tumour instead")
+        if self.tumour_origin == "unknown":
+            return False, "where its tumour came from is not recorded; draw a parametric tumour instead"
         return True, f"{self.anatomy} anatomy, {self.tumour_origin} tumour"
 
     def statement(self) -> str:
