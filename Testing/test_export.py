@@ -132,6 +132,21 @@ def make_case(folder: Path, direction=OBLIQUE, scale: float = 1.0, descrip: byte
     return folder
 
 
+def inpainted_case(folder: Path) -> Path:
+    """A case as ``synthesize --context`` writes it: a patient's scan with the tumour region re-rendered."""
+    _, labels = _phantom()
+    privacy = {"anatomy": "patient", "brain_dice_to_source": 1.0, "tumour_dice_to_source": 0.6,
+               "tumour_origin": "patient", "images": "patient"}
+    inpainting = {"context": "patient-scan", "region_margin_mm": 8.0, "feather_mm": 3.0,
+                  "old_tumour": "case-segmentation", "synthetic_voxels": int((labels >= Label.NCR).sum())}
+    case = make_case(folder, provenance=_provenance(labels, privacy=privacy, inpainting=inpainting))
+    _write((labels >= Label.NCR).astype(np.uint8), case / "synthetic_mask.nii.gz", OBLIQUE)
+    provenance = json.loads((case / "provenance.json").read_text())
+    provenance["files"]["synthetic_mask.nii.gz"] = file_sha256(case / "synthetic_mask.nii.gz")
+    (case / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    return case
+
+
 def run(argv, capsys) -> tuple[int, str, str]:
     capsys.readouterr()
     rc = main([str(a) for a in argv])
@@ -649,8 +664,21 @@ def _bad_case_id(tmp: Path):
     return [make_case(tmp / "synth_out"), "--case-id", "../Doe"], tmp / "exp", "case id"
 
 
+def _sidecar_missing(tmp: Path):
+    case = make_case(tmp / "synth_out")
+    (case / "labels.json").unlink()
+    return [case], tmp / "exp", "labels.json: missing"
+
+
+def _synthetic_mask_missing(tmp: Path):
+    case = inpainted_case(tmp / "synth_out")
+    (case / "synthetic_mask.nii.gz").unlink()
+    return [case], tmp / "exp", "synthetic_mask.nii.gz: missing"
+
+
 BAD = [_missing_modality, _different_grids, _resized, _target_under_a_file, _not_synthetic, _labels_changed,
-       _batch_one_bad, _other_schema, _bad_case_id, _real_t1_copied, _real_t1_linked, _no_checksums]
+       _batch_one_bad, _other_schema, _bad_case_id, _real_t1_copied, _real_t1_linked, _no_checksums,
+       _sidecar_missing, _synthetic_mask_missing]
 
 
 @pytest.mark.parametrize("fmt", ["nifti", "dicom"])

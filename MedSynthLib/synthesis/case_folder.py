@@ -158,6 +158,9 @@ def verify_files(folder: Path, raw: Mapping[str, Any]) -> None:
         path = folder / name
         if path.is_symlink():
             raise InputError(path, "is a link, not the file MedSynth wrote; refusing to treat it as synthetic")
+        if not path.is_file():
+            raise InputError(path, "missing: provenance.json records it, so this is not the complete case MedSynth "
+                                   "wrote")
         expected = recorded.get(name)
         if not isinstance(expected, str):
             raise InputError(folder / PROVENANCE_FILE, f"records no checksum for {name}")
