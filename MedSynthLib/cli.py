@@ -454,10 +454,28 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_card_command(args: argparse.Namespace) -> str:
+    """The ``generate`` command for the dataset card, every path a placeholder (a folder name can name a patient)."""
+    model = args.model
+    if model is not None and (os.sep in model or "/" in model or Path(model).exists()):
+        model = "MODEL_DIR"
+    words = ["medsynth generate", f"-n {args.n}"]
+    words += [f"--labels-from {' '.join(['DIR'] * len(args.labels_from))}"] if args.labels_from else []
+    words += ["--template"] if args.template else []
+    words += ["--edits CONFIG"] if args.edits is not None else []
+    words += [f"--model {model}"] if model is not None else []
+    words += [f"--layout {args.layout}", f"--dataset-id {args.dataset_id}", f"--name {args.name}", "-o OUT",
+              f"--workers {args.workers}", f"--seed {args.seed}"]
+    words += ["--anonymous"] if args.anonymous else []
+    words += [f"--device {args.device}", f"--precision {args.precision}"]
+    words += ["--cache DIR"] if args.cache is not None else []
+    return " ".join(words)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate.runner import GenerateOptions, generate
 
-    command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    command = _generate_card_command(args) if args.command_line is None else args.command_line
     summary = generate(GenerateOptions(
         n=args.n, output=args.output, labels_from=args.labels_from or [], template=args.template, edits=args.edits,
         model=args.model, layout=args.layout, dataset_id=args.dataset_id, name=args.name, workers=args.workers,

@@ -588,6 +588,31 @@ def test_card_and_anonymous_only(gen_data, nnunet_run, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_an_anonymous_dataset_carries_nothing_of_the_real_sources(gen_data, tmp_path):
+    """--anonymous reads no patient source (its cases use none): no derived label map in OUT/.cache, no source id,
+    no real tumour's statistics in the card; and no card records a folder (a folder name can name a patient)."""
+    named = tmp_path / "Doe_John_MRN12345"
+    named.mkdir()
+    for case in sorted(gen_data["cases"].iterdir()):
+        (named / case.name).symlink_to(case)
+    out = tmp_path / "out"
+    assert main(["generate", "-n", "1", "--labels-from", str(named), "--template", "--anonymous", "--model",
+                 str(gen_data["model"]), "--layout", "brats2021", "-o", str(out), "--device", "cpu",
+                 "--precision", "fp32", "--seed", "7", "--quiet"]) == 0
+    assert not (out / ".cache").exists()
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["counts"]["anonymous"] == 1 and card["anonymous_only"]
+    assert card["sources"]["ids"] == ["template"] and card["sources"]["real_cases"] == 0
+    assert card["tumours"]["real_sources"]["with_tumour"] == 0
+    assert "--labels-from DIR" in card["command"] and "--anonymous" in card["command"]
+    texts = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".md")]
+    assert len(texts) >= 4
+    for path in texts:
+        text = path.read_text()
+        for word in ("MRN12345", str(tmp_path), "sha256:"):  # sha256:<hex> is a source id
+            assert word not in text, f"{word!r} in {path.relative_to(out)}"
+
+
 def test_privacy_is_the_label_maps_own_record(gen_data, nnunet_run):
     """Each case's privacy is the record its label map carried through the edits, shown in the card."""
     from MedSynthLib.generate.sources import find_sources, prepare_case, prepare_tumour

@@ -379,6 +379,12 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     if opt.anonymous:
         config = anonymous_config(config, opt.template)
     case_dirs, tumour_files = find_sources(opt.labels_from)
+    if opt.anonymous and (case_dirs or tumour_files):
+        # An anonymous case uses neither a patient's brain nor a real tumour, so the patients' files are not read:
+        # nothing derived from them (cached label maps, source ids, tumour statistics) reaches the dataset.
+        opt.log(f"--anonymous: the {len(case_dirs) + len(tumour_files)} --labels-from source(s) are not read "
+                "(an anonymous case is a parametric tumour in the template)")
+        case_dirs, tumour_files = [], []
     drop = opt.edits is None  # the built-in config switches off what the sources cannot give
     config = check_config_fits_sources(config, _placeholder_sources(case_dirs, tumour_files, opt.template), where,
                                        drop)
