@@ -527,8 +527,18 @@ def cmd_export(args: argparse.Namespace) -> int:
                                case_id=args.case_id, overwrite=args.overwrite, anonymous=args.anonymous,
                                progress=step)
     for target in targets:
-        print(f"{target}: synthetic case exported ({args.format})")
+        print(f"{target}: {_exported_what(target)}")
     return 0
+
+
+def _exported_what(target: Path) -> str:
+    """What an exported case is, from its own provenance: synthetic or a patient's scan, anonymous or not."""
+    provenance = json.loads((target / "provenance.json").read_text())
+    fmt = provenance["export"]["format"]
+    if provenance.get("inpainting"):
+        return (f"a real patient's scan with one region re-rendered exported ({fmt}); NOT anonymous "
+                "(partly synthetic: the patient's images outside the region)")
+    return f"synthetic case exported ({fmt}); {'anonymous' if provenance['export']['anonymous'] else 'NOT anonymous'}"
 
 
 def _notice(message: str) -> None:

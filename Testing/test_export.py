@@ -494,6 +494,38 @@ def test_no_source_identifier_anywhere(fmt, tmp_path, capsys):
     assert exported_provenance["edits"][1]["params"] == {"offset_ras_mm": [4.0, -2.0, 1.5]}
 
 
+def test_a_patients_scan_is_not_labelled_synthetic(tmp_path, capsys):
+    """An inpainted case is the patient's scan outside one region: the names a viewer or PACS shows (case id,
+    patient name, study and series descriptions, de-identification method) and the command's message say so."""
+    case = inpainted_case(tmp_path / "inpainted")
+    rc, _, err = run(["export", case, "--format", "nifti", "--anonymous", "-o", tmp_path / "anon"], capsys)
+    assert rc == 2 and "patient's own scan" in err
+    for fmt in ("nifti", "dicom"):
+        rc, out, err = run(["export", case, "--format", fmt, "-o", tmp_path / fmt], capsys)
+        assert rc == 0, err
+        assert "NOT anonymous" in out and "patient" in out and "synthetic case exported" not in out
+        exported = _case_dir(tmp_path / fmt)
+        assert exported.name.startswith("PATIENT-") and "SYNTH" not in exported.name
+        assert all("SYNTH" not in p.name for p in exported.rglob("*"))
+        readme = (exported / "README.txt").read_text()
+        assert "PARTLY SYNTHETIC DATA OF A REAL PATIENT" in readme and "NOT anonymous" in readme
+    for path, ds in _all_datasets(_case_dir(tmp_path / "dicom")):
+        assert "SYNTHETIC" not in str(ds.PatientName).upper() and "PATIENT" in str(ds.PatientName)
+        assert ds.PatientID.startswith("PATIENT-")
+        assert "NOT anonymous" in ds.DeidentificationMethod and len(ds.DeidentificationMethod) <= 64
+        assert "patient" in ds.StudyDescription.lower() and len(ds.StudyDescription) <= 64
+        if path.parent.name != "SEG":
+            assert "patient scan" in ds.SeriesDescription and len(ds.SeriesDescription) <= 64
+            assert ds.ImageComments.startswith("PARTLY SYNTHETIC IMAGE of a real patient")
+
+    # A fully synthetic case keeps its synthetic names, and the message says whether it is anonymous.
+    rc, out, err = run(["export", make_case(tmp_path / "synth_out"), "--format", "nifti", "-o", tmp_path / "s"],
+                       capsys)
+    assert rc == 0, err
+    assert "synthetic case exported" in out and "NOT anonymous" in out
+    assert _case_dir(tmp_path / "s").name.startswith("SYNTH-")
+
+
 def test_sanitise_provenance_whitelist():
     grid = Grid((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     raw = _provenance(np.zeros((2, 2, 2), np.uint8), acquisition_date="20190304", patient={"name": "X"})

@@ -49,6 +49,9 @@ SEG_SERIES_NUMBER = 100
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 #: LO (64 characters at most); how close the case stays to a real patient is in Image Comments.
 DEIDENTIFICATION_METHOD = "Synthetic data (MedSynth): no source identifiers; see comments"
+#: The same for a patient's scan with a region inpainted (``synthesize --context``): the identifiers are removed,
+#: the images are the patient's.
+PATIENT_SCAN_DEIDENTIFICATION_METHOD = "Identifiers removed (MedSynth); patient scan: NOT anonymous"
 
 #: Tumour segments of the DICOM Segmentation: number, MedSynth label, label, description.
 SEG_SEGMENTS: tuple[tuple[int, Label, str, str], ...] = (
@@ -82,6 +85,16 @@ class _DicomContext:
     study_uid: str
     frame_of_reference_uid: str
     provenance: dict[str, Any]
+
+    @property
+    def patient_scan(self) -> bool:
+        """The images are a real patient's scan with one region re-rendered (inpainting), not synthetic."""
+        privacy = self.provenance.get("privacy") or {}
+        return bool(self.provenance.get("inpainting")) or privacy.get("images") == "patient"
+
+    @property
+    def deidentification_method(self) -> str:
+        return PATIENT_SCAN_DEIDENTIFICATION_METHOD if self.patient_scan else DEIDENTIFICATION_METHOD
 
     @property
     def date(self) -> str:
@@ -118,12 +131,13 @@ def _common_dataset(ctx: _DicomContext) -> Any:
     from pydicom.sequence import Sequence as DicomSequence
 
     ds = Dataset()
-    ds.PatientName = f"SYNTHETIC^{ctx.case_id}"  # family name says it, given name is the case id
+    # The family name says what the images are, the given name is the case id.
+    ds.PatientName = f"{'PATIENT-SCAN' if ctx.patient_scan else 'SYNTHETIC'}^{ctx.case_id}"
     ds.PatientID = ctx.case_id
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    ds.DeidentificationMethod = ctx.deidentification_method
     ds.SyntheticData = "YES"
     ds.StudyInstanceUID = ctx.study_uid
     ds.StudyDate = ctx.date
@@ -131,7 +145,8 @@ def _common_dataset(ctx: _DicomContext) -> Any:
     ds.StudyID = ""
     ds.AccessionNumber = ""
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "MedSynth synthetic brain tumour MRI"
+    ds.StudyDescription = ("MedSynth: patient brain MRI, tumour region re-rendered" if ctx.patient_scan
+                           else "MedSynth synthetic brain tumour MRI")
     ds.FrameOfReferenceUID = ctx.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = "MedSynth"
@@ -166,7 +181,8 @@ def _mr_series(modality: str, values: np.ndarray, grid: Grid, ctx: _DicomContext
     common.SeriesNumber = number
     common.SeriesDate = ctx.date
     common.SeriesTime = ctx.time
-    common.SeriesDescription = f"{description} synthetic (MedSynth)"
+    common.SeriesDescription = (f"{description} patient scan, region synthetic (MedSynth)" if ctx.patient_scan
+                                else f"{description} synthetic (MedSynth)")
     common.PatientPosition = ""
     common.ImageType = ["DERIVED", "SECONDARY"]
     common.ContentDate = ctx.date
@@ -251,7 +267,7 @@ def _segmentation(case: Any, t1: list[Any], ctx: _DicomContext) -> Any:
     )
     seg.SeriesDescription = "Tumour segmentation synthetic (MedSynth)"
     seg.PatientIdentityRemoved = "YES"
-    seg.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    seg.DeidentificationMethod = ctx.deidentification_method
     seg.SyntheticData = "YES"
     seg.TimezoneOffsetFromUTC = "+0000"
     seg.SeriesDate = ctx.date

@@ -14,8 +14,8 @@ still carries:
   ``README.txt``; with ``anonymous=True`` a case that is not anonymous is refused;
 * the case id is generated (:func:`default_case_id`), never derived from a file or folder name.
 
-The case id defaults to ``SYNTH-`` and 10 hex digits of a sha256 over the case's synthetic
-content (the label map and the four images): deterministic, so exporting the same case again
+The case id defaults to ``SYNTH-`` (``PATIENT-`` for a patient's scan with a region inpainted)
+and 10 hex digits of a sha256 over the case's content (the label map and the four images): deterministic, so exporting the same case again
 lands in the same folder (and needs ``--overwrite``), and computable only from the synthetic
 data itself.  Layouts: :mod:`.nifti`, :mod:`.dicom`; intensities: :mod:`.encoding`.
 """
@@ -89,7 +89,8 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
 
 
 def default_case_id(case: SyntheticCase) -> str:
-    """``SYNTH-`` + 10 hex digits of a sha256 over the synthetic content (deterministic)."""
+    """``SYNTH-`` + 10 hex digits of a sha256 over the synthetic content (deterministic); ``PATIENT-`` for a
+    patient's scan with a region inpainted, so no name calls it synthetic."""
     from ..schema.provenance import array_sha256
 
     digest = hashlib.sha256(b"medsynth-export-case-id/1")
@@ -97,7 +98,7 @@ def default_case_id(case: SyntheticCase) -> str:
     for name in MODALITIES:
         # Hash the values, not the stored type, so the id does not depend on int16 vs float32 storage.
         digest.update(array_sha256(np.asarray(case.images[name], np.float32)).encode())
-    return "SYNTH-" + digest.hexdigest()[:10]
+    return ("PATIENT-" if case.privacy.images == "patient" else "SYNTH-") + digest.hexdigest()[:10]
 
 
 def check_case_id(case_id: str) -> str:
@@ -141,7 +142,8 @@ def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: d
         lines += [
             "Format: DICOM. One study; one MR series per modality (T1, T1ce, T2, FLAIR) and a",
             "DICOM Segmentation (SEG/, segments NCR, ED, ET) referencing the T1 series.",
-            "Every file has Synthetic Data (0008,001C) = YES.",
+            "Every file has Synthetic Data (0008,001C) = YES." if not provenance.get("inpainting") else
+            "Patient name PATIENT-SCAN^<case id>: the images are the patient's scan with one region re-rendered.",
             "Open in 3D Slicer with the DICOM module (Import this folder), or in any DICOM viewer.",
         ]
     listing: dict[str, int] = {}
