@@ -566,10 +566,21 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .synthesis.models import models_root, read_registry, register_model, resolve_model
+    from .synthesis.models import models_root, read_registry, register_model, resolve_model, share_model
 
+    if args.share is not None:
+        if args.register is not None or args.default:
+            raise _UsageError("medsynth models: --share takes no --register or --default")
+        if args.output is None:
+            raise _UsageError("medsynth models --share needs -o OUT (the folder to give away)")
+        model = share_model(args.share, args.output, name=args.name, overwrite=args.overwrite)
+        print(f"{args.output}: a copy of {args.share} to share as {model.name} (sha256 {model.sha256}); its config "
+              "names no training case, path or command")
+        return 0
+    if args.output is not None:
+        raise _UsageError("medsynth models: -o applies with --share only")
     if args.register is None and (args.name or args.default):
-        raise _UsageError("medsynth models: --name and --default apply with --register only")
+        raise _UsageError("medsynth models: --name and --default apply with --register or --share only")
     if args.register is not None:
         if not args.name:
             raise _UsageError("medsynth models --register needs --name")
@@ -749,9 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered models and verify their files")
     p.add_argument("--register", type=Path, metavar="MODEL_DIR", help="copy a trained model folder into the registry")
-    p.add_argument("--name", help="registry name for --register")
+    p.add_argument("--share", type=Path, metavar="MODEL", help="write a copy of a model (folder or registered "
+                   "name) to give away: the same weights, a config naming no training case, path or command")
+    p.add_argument("-o", "--output", type=Path, help="output folder for --share")
+    p.add_argument("--name", help="registry name for --register; the shared model's name for --share")
     p.add_argument("--default", action="store_true", help="make the registered model the default")
-    p.add_argument("--overwrite", action="store_true", help="replace a registered model of that name")
+    p.add_argument("--overwrite", action="store_true", help="replace a registered model of that name, or "
+                   "--share's output folder")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train the label-map -> MRI GAN (torchrun for several GPUs or nodes)")

@@ -255,6 +255,63 @@ def test_models_command_lists_the_registry(tiny_model: Path, models_dir: Path, m
         (root / "registry.json").unlink()
 
 
+def _as_trained_on_patients(model: Path) -> Path:
+    """The model's config as ``medsynth train`` records a run on a hospital's cases (names, paths, file hashes)."""
+    path = model / "config.json"
+    config = json.loads(path.read_text())
+    config["name"] = "Doe_John_MRN12345_run"
+    command = "medsynth train --data /data/Doe_John_MRN12345 -o /home/alice/runs/r1 --cache /scratch/alice/cache"
+    config["training"] = {
+        "commands": [command, command + " --resume"],
+        "config": {"network": config["network"], "patch_size": 64, "steps": 40, "lr": 0.0002, "seed": 7,
+                   "val_cases": ["MRN12345"], "cv_folds": [["MRN12345", "MRN67890"], ["MRN24680"]], "cv_fold": 0,
+                   "init_from": "/home/alice/runs/r0/model"},
+        "data": {"cases": 3, "case_sha256": ["ab" * 32, "cd" * 32, "ef" * 32], "tumour_voxels": 1234},
+        "steps": 40, "training_seconds": 12.5, "precision": "fp32", "device": "cpu", "world_size": 1,
+        "final_losses": {"loss/l1": 0.1},
+        "init_from": {"name": "r0", "sha256": "12" * 32, "training": [command.replace("r1", "r0")]},
+    }
+    config["validation"] = {"brain_ssim": 0.4, "brain_psnr": 20.0, "per_case": [{"t1": {"brain": {"ssim": 0.4}}}]}
+    path.write_text(json.dumps(config))
+    return model
+
+
+def test_a_shared_model_names_no_patient_and_synthesises_the_same(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    """``models --share`` writes a copy to give away: the same weights (same sha256, same images), a config that keeps
+    the architecture, intensities and hyperparameters but no case name, file hash, path or command of its training."""
+    trained = _as_trained_on_patients(copy_model(tiny_model, tmp_path / "trained"))
+    before = (trained / "config.json").read_text()
+    shared = tmp_path / "give_away"
+    assert main(["models", "--share", str(trained), "-o", str(shared), "--name", "glioma-gen"]) == 0
+    assert str(shared) in capsys.readouterr().out
+    text = (shared / "config.json").read_text()
+    for leak in ("MRN", "Doe", "alice", "/home", "/data", "/scratch", "ab" * 32, "12" * 32, "medsynth train"):
+        assert leak not in text, leak
+    config = json.loads(text)
+    assert config["name"] == "glioma-gen"
+    assert config["training"]["data"] == {"cases": 3, "tumour_voxels": 1234}
+    assert config["training"]["config"]["cv_folds"] == [2, 1] and config["training"]["config"]["val_cases"] == 1
+    assert config["training"]["config"]["lr"] == 0.0002 and config["training"]["steps"] == 40
+    assert config["validation"] == {"brain_ssim": 0.4, "brain_psnr": 20.0}
+    original, copy = resolve_model(trained), resolve_model(shared)
+    assert copy.sha256 == original.sha256 and copy.name == "glioma-gen"
+    assert copy.network == original.network and copy.config["intensity"] == original.config["intensity"]
+    labels = synthetic_brain(size=(20, 24, 20))
+    a = SynthesisEngine(original, device="cpu", precision="fp32").synthesize(labels, seed=1)
+    b = SynthesisEngine(copy, device="cpu", precision="fp32").synthesize(labels, seed=1)
+    assert all(np.array_equal(a.images[m], b.images[m]) for m in a.images)
+    assert (trained / "config.json").read_text() == before  # the input is untouched
+
+    # An existing output needs --overwrite; a folder that is not a model is refused in one line; nothing written.
+    assert main(["models", "--share", str(trained), "-o", str(shared)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["models", "--share", str(tmp_path), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "config.json" in err and not (tmp_path / "x").exists()
+    assert main(["models", "--share", str(trained)]) == 2  # -o is required
+    assert "-o" in capsys.readouterr().err
+
+
 # --- synthesis on odd grids -------------------------------------------------------------------------
 
 

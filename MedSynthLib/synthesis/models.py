@@ -391,6 +391,72 @@ def load_generator(model: ModelCard, device: str = "cpu", backend: str = "torch"
     return net.to(device).eval()
 
 
+#: What a shared model keeps of its ``training`` record: no command (paths), file hash or case name.
+SHARED_TRAINING_KEYS = ("steps", "training_seconds", "precision", "device", "world_size", "final_losses")
+#: Training-config fields that name cases: a shared model keeps only how many (a list of counts per fold).
+CASE_NAME_KEYS = ("val_cases", "cv_folds")
+
+
+def _shared_training(training: dict[str, Any]) -> dict[str, Any]:
+    """The training record without identifiers: hyperparameters and counts, no names, paths, commands or hashes."""
+    out: dict[str, Any] = {k: training[k] for k in SHARED_TRAINING_KEYS if k in training}
+    config = training.get("config")
+    if isinstance(config, dict):
+        kept = {k: v for k, v in config.items() if k != "init_from" and k not in CASE_NAME_KEYS}
+        if isinstance(config.get("val_cases"), list):
+            kept["val_cases"] = len(config["val_cases"])
+        if isinstance(config.get("cv_folds"), list):
+            kept["cv_folds"] = [len(fold) if isinstance(fold, list) else 0 for fold in config["cv_folds"]]
+        out["config"] = kept
+    data = training.get("data")
+    if isinstance(data, dict):  # a case's file sha256 tells whoever holds that file that the patient was in it
+        out["data"] = {k: data[k] for k in ("cases", "tumour_voxels") if k in data}
+    out["fine_tuned"] = bool(training.get("init_from"))
+    return out
+
+
+def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], *, name: str | None = None,
+                overwrite: bool = False) -> ModelCard:
+    """Write a copy of a model to give away: the same weights, a config that names none of its training cases.
+
+    A model trained on a hospital's patients records how it was made (the training commands with their
+    folder paths, the case names of its validation and cross-validation splits, each case file's sha256),
+    so whoever receives it could learn who was in the training set.  The copy keeps what running and
+    judging the model needs (architecture, label schema, intensity statistics, hyperparameters, counts,
+    validation summary) and records what was removed.  The weights are copied byte for byte, so the copy
+    synthesises the same images and has the same sha256.
+
+    Raises:
+        MedSynthError: ``source`` is not a valid model, ``output`` exists (without ``overwrite``), a bad name.
+    """
+    import re
+    import shutil
+
+    from ..schema.volume_io import atomic_directory
+
+    model = resolve_model(source)
+    output = Path(output)
+    name = name or output.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise MedSynthError(f"model name {name!r}: use letters, digits, '.', '_' or '-'")
+    config = {k: v for k, v in model.config.items() if k not in ("name", "training", "validation")}
+    config["name"] = name
+    if isinstance(model.config.get("training"), dict):
+        config["training"] = _shared_training(model.config["training"])
+    validation = model.config.get("validation")
+    if isinstance(validation, dict):
+        config["validation"] = {k: v for k, v in validation.items() if isinstance(v, (int, float))}
+    config["shared"] = {"identifiers_removed": ["training.commands", "training.config.val_cases (names)",
+                                                "training.config.cv_folds (names)", "training.data.case_sha256",
+                                                "training.init_from", "validation.per_case"]}
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        shutil.copyfile(model.weights, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+    return resolve_model(output)
+
+
 def register_model(source: str | os.PathLike[str], name: str, *, make_default: bool = False,
                    root: Path | None = None, overwrite: bool = False) -> ModelCard:
     """Copy a verified model folder into the registry folder and list it (name -> folder + sha256)."""
