@@ -748,3 +748,58 @@ def test_the_condition_is_the_one_hot_labels_blanked_images_and_region() -> None
                                  torch.from_numpy(np.pad(mirrored[1], [(0, 0)] + pad, constant_values=-1.0))[None],
                                  torch.from_numpy(np.pad(mirrored[2], pad))[None, None])
     assert torch.equal(built[1], plain[0])
+
+
+# --- what users give `synthesize --context` that does not fit the case -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """The random-weight inpainting model as a folder for ``--model`` (no training)."""
+    return write_tiny_inpainting_model(tmp_path_factory.mktemp("tiny_inpainting_cli") / "model")
+
+
+def _context_run(labels: Path, context: Path, out: Path, model: Path, *extra: str) -> int:
+    return main(["synthesize", str(labels), "-o", str(out), "--context", str(context), "--model", str(model),
+                 "--device", "cpu", "--precision", "fp32", *extra])
+
+
+def _tracked_move(edited: dict[str, Path], folder: Path) -> tuple[Path, Path]:
+    """The phantom's label map and its tumour moved 6 voxels, written with a tracked history (as `medsynth tumour`)."""
+    labels = read_label_map(edited["labels"])
+    labels = LabelMap(labels.array, labels.grid, labels.history)
+    moved = labels.with_array(read_label_map(edited["moved"]).array, {"name": "translate", "params": {},
+                                                                     "schema_version": 1})
+    write_label_map(labels, folder / "labels.nii.gz")
+    write_label_map(moved, folder / "moved.nii.gz")
+    return folder / "labels.nii.gz", folder / "moved.nii.gz"
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_a_label_map_of_another_brain_is_refused(edited, tiny_model_folder, tmp_path: Path, capsys) -> None:
+    # Another patient's label map on the same atlas grid: its brain does not match the case's images.
+    moved = read_label_map(edited["moved"])
+    other = tmp_path / "other.nii.gz"
+    write_label_map(LabelMap(np.roll(moved.array, 5, axis=2), moved.grid, moved.history), other)
+    out = tmp_path / "out"
+    assert _context_run(other, edited["case"], out, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert str(edited["case"]) in err and "brain" in err and "another case" in err
+    assert not out.exists()
+
+
+def test_an_inpainted_case_is_refused_as_context(edited, tiny_model_folder, tmp_path: Path, capsys) -> None:
+    # A second edit on the output of the first: that folder has no segmentation and its synthetic mask would be lost.
+    first = tmp_path / "first"
+    assert _context_run(edited["moved"], edited["case"], first, tiny_model_folder) == 0
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert _context_run(first / "labels.nii.gz", first, again, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert str(first) in err and "MedSynth output" in err and "original case" in err
+    assert not again.exists()

@@ -55,6 +55,10 @@ INPUT_CHANNELS = NUM_CLASSES + len(MODALITIES) + 1
 #: crop: 112^3 = 1.4 M voxels).
 MIRROR_BATCH_MAX_VOXELS = 2_000_000
 MASK_FILE = "synthetic_mask.nii.gz"
+#: Least Dice of the label map's brain against the context case's brain (any contrast non-zero, as ``medsynth
+#: labels`` draws it: 1.0 for a map derived from the case and edited).  Brains of different BraTS patients on the
+#: shared atlas grid overlap with Dice 0.82-0.94, and their label maps would paint tissue outside the patient's brain.
+MIN_BRAIN_DICE = 0.98
 
 
 def inpainting_condition(onehot: Any, images: Any, region: Any) -> Any:
@@ -258,16 +262,26 @@ def read_context(case_dir: str | Path, labelmap: Any) -> ContextCase:
     """Read a real case folder as context for ``labelmap``; every volume must be on the label map's grid.
 
     Raises:
-        InputError: a missing modality or a grid that differs from the label map's (naming the file).
+        InputError: a MedSynth output folder, a missing modality, a grid that differs from the label map's (naming
+            the file), or a label map whose brain is not this case's (:data:`MIN_BRAIN_DICE`).
     """
     import SimpleITK as sitk
 
     from ..cases.readers import read_case
 
+    if _is_medsynth_case(Path(case_dir)):
+        raise InputError(case_dir, "is a MedSynth output (partly or wholly synthetic images, no segmentation of the "
+                                   "tumour they show), not a patient's case: give the original case as --context and "
+                                   "its label map with every edit")
     case = read_case(case_dir)  # refuses a missing modality and volumes on different grids, naming the file
     difference = labelmap.grid.difference(case.grid)
     if difference is not None:
         raise InputError(case.files.get("t1", Path(case_dir)), f"not on the label map's grid: {difference}")
+    dice = mask_dice(brain_mask(labelmap.array), case.brain_mask())
+    if dice < MIN_BRAIN_DICE:
+        raise InputError(case_dir, f"the label map's brain does not match this case's images (Dice {dice:.3f}, "
+                                   f"{MIN_BRAIN_DICE} or more expected): a label map of another case? Derive it from "
+                                   "this case (medsynth labels CASE) and edit that")
     images = {}
     for modality in MODALITIES:
         path = case.files[modality]
@@ -278,6 +292,25 @@ def read_context(case_dir: str | Path, labelmap: Any) -> ContextCase:
         values = case.images[modality]
         images[modality] = values.astype(stored) if np.array_equal(values, values.astype(stored)) else values
     return ContextCase(Path(case_dir), images, case.tumour, dict(case.files))
+
+
+def _is_medsynth_case(folder: Path) -> bool:
+    """Whether ``folder`` is a case folder MedSynth wrote (its provenance says so)."""
+    import json
+
+    from ..schema.provenance import SYNTHETIC_CASE_KIND
+
+    try:
+        record = json.loads((folder / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("kind") == SYNTHETIC_CASE_KIND
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two masks (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
 
 
 #: Integer image types whose moments :class:`TissueMoments` sums exactly in int64 (|value| < 2**16).
