@@ -803,3 +803,29 @@ def test_an_inpainted_case_is_refused_as_context(edited, tiny_model_folder, tmp_
     err = _one_line(capsys)
     assert str(first) in err and "MedSynth output" in err and "original case" in err
     assert not again.exists()
+
+
+def test_a_context_without_segmentation_needs_the_old_labels_after_a_move(edited, tiny_model_folder, tmp_path: Path,
+                                                                          capsys) -> None:
+    import shutil
+
+    labels, moved = _tracked_move(edited, tmp_path)
+    case = tmp_path / "noseg" / CASE_IDS[0]
+    shutil.copytree(edited["case"], case)
+    (case / f"{CASE_IDS[0]}_seg.nii.gz").unlink()
+    out = tmp_path / "out"
+    # Without a segmentation nothing says where the patient's tumour was: its place would stay in the images.
+    assert _context_run(moved, case, out, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert str(case) in err and "--old-labels" in err and not out.exists()
+    # With the label map before the edit the old place is re-rendered as well.
+    assert _context_run(moved, case, out, tiny_model_folder, "--old-labels", str(labels)) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
+    assert mask[tumour_mask(read_label_map(labels).array)].all()
+    # A tumour put into a case that has none (no patient tumour to move) needs no old labels.
+    healthy = tmp_path / "healthy.nii.gz"
+    plain = read_label_map(labels)
+    write_label_map(LabelMap(np.where(tumour_mask(plain.array), Label.WM, plain.array), plain.grid, []), healthy)
+    inserted = tmp_path / "inserted.nii.gz"
+    write_label_map(LabelMap(read_label_map(moved).array, plain.grid, []), inserted)
+    assert _context_run(inserted, case, tmp_path / "out2", tiny_model_folder) == 0

@@ -679,6 +679,10 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
             case's own segmentation (none when the case has no segmentation).
         margin_mm: growth of the changed tumour into the region.
         feather_mm: width of the blend inside the region's border.
+
+    Raises:
+        InputError: the case has no segmentation, no ``old_labelmap`` is given and the label map's history says
+            the patient's own tumour was edited (its old place would stay in the images, unlabelled).
     """
     import dataclasses
 
@@ -687,6 +691,12 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
 
     if not np.isfinite(margin_mm) or not 0 <= margin_mm <= 100:
         raise MedSynthError(f"--region-margin {margin_mm}: give 0-100 mm")
+    if old_labelmap is None and context.tumour is None:
+        moved = privacy_of(labelmap).tumour_dice_to_source
+        if moved is not None and moved < 1.0:
+            raise InputError(context.folder, "has no tumour segmentation, and the label map's edit changed the "
+                                             "patient's own tumour: its old place would stay in the images; give "
+                                             "--old-labels (the label map before the edit)")
     start = time.perf_counter()
     spacing = tuple(float(s) for s in labelmap.grid.spacing[::-1])
     if old_labelmap is not None:
