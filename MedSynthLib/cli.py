@@ -443,7 +443,7 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
         engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), args.device, args.precision,
                                   log=_notice)
         step("model loaded")
-        case = inpaint_case(engine, labelmap, context, old_labelmap=old, margin_mm=margin)
+        case = inpaint_case(engine, labelmap, context, old_labelmap=old, margin_mm=margin, seed=args.seed)
         step("inpainted")
         write_inpainted_case(case, args.output, overwrite=args.overwrite)
         step("written")

@@ -829,3 +829,13 @@ def test_a_context_without_segmentation_needs_the_old_labels_after_a_move(edited
     inserted = tmp_path / "inserted.nii.gz"
     write_label_map(LabelMap(read_label_map(moved).array, plain.grid, []), inserted)
     assert _context_run(inserted, case, tmp_path / "out2", tiny_model_folder) == 0
+
+
+def test_the_seed_is_recorded_and_the_same_seed_gives_the_same_files(edited, tiny_model_folder, tmp_path: Path) -> None:
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert _context_run(edited["moved"], edited["case"], out, tiny_model_folder, "--seed", "7") == 0
+    provenance = json.loads((runs[0] / "provenance.json").read_text())
+    assert provenance["seed"] == 7 and provenance["seed_effective"] is False
+    for name in (*[f"{m}.nii.gz" for m in MODALITIES], "labels.nii.gz", "synthetic_mask.nii.gz"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes()

@@ -139,7 +139,7 @@ class Worker:
         self.step(request, 0.05, "loading the inpainting model")
         _, engine = self.inpainting_engine(request.params)
         self.step(request, 0.35, "model loaded")
-        case = inpaint_case(engine, labelmap, context)
+        case = inpaint_case(engine, labelmap, context, seed=int(request.params.get("seed", 0)))
         self.step(request, 0.85, "inpainted")
         write_inpainted_case(case, out)
         arrays = {m: put_array(self.exchange, case.images[m]) for m in case.images}

@@ -668,7 +668,8 @@ class InpaintedCase:
 
 
 def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, *, old_labelmap: Any = None,
-                 margin_mm: float = DEFAULT_MARGIN_MM, feather_mm: float = DEFAULT_FEATHER_MM) -> InpaintedCase:
+                 margin_mm: float = DEFAULT_MARGIN_MM, feather_mm: float = DEFAULT_FEATHER_MM,
+                 seed: int = 0) -> InpaintedCase:
     """Re-render the changed tumour region of a real case from an edited label map.
 
     Args:
@@ -679,6 +680,7 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
             case's own segmentation (none when the case has no segmentation).
         margin_mm: growth of the changed tumour into the region.
         feather_mm: width of the blend inside the region's border.
+        seed: the run's seed, recorded (the network draws nothing: the same input gives the same images).
 
     Raises:
         InputError: the case has no segmentation, no ``old_labelmap`` is given and the label map's history says
@@ -713,8 +715,9 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
                               synthetic_voxels=int(region.sum()), mirror_average=engine.mirror_average,
                               match_tissue=engine.match_tissue,
                               context_sha256={m: file_sha256(context.files[m]) for m in MODALITIES})
-    provenance = case_provenance(engine.model, labelmap, privacy, seed=0, device=str(engine.synth.device),
+    provenance = case_provenance(engine.model, labelmap, privacy, seed=seed, device=str(engine.synth.device),
                                  precision=engine.synth.precision)
+    provenance["seed_effective"] = False  # as the synthesis engine records a model without an appearance code
     provenance["inpainting"] = dataclasses.asdict(record)
     provenance["timings_s"] = {"load_model": round(engine.load_seconds, 3), "region": round(region_seconds, 3),
                                "network": result.timings_s.get("network", 0.0),
