@@ -839,3 +839,18 @@ def test_the_seed_is_recorded_and_the_same_seed_gives_the_same_files(edited, tin
     assert provenance["seed"] == 7 and provenance["seed_effective"] is False
     for name in (*[f"{m}.nii.gz" for m in MODALITIES], "labels.nii.gz", "synthetic_mask.nii.gz"):
         assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes()
+
+
+def test_the_output_is_on_the_context_grid_exactly(edited, tiny_model_folder, tmp_path: Path) -> None:
+    # A label map whose origin differs from the case's by less than the grid tolerance (a round trip through
+    # another program): accepted, and every written volume keeps the case's own grid, not the label map's.
+    moved = read_label_map(edited["moved"])
+    grid = moved.grid
+    shifted = Grid(grid.size, grid.spacing, (grid.origin[0] + 4e-4,) + tuple(grid.origin[1:]), grid.direction)
+    labels = tmp_path / "shifted.nii.gz"
+    write_label_map(LabelMap(moved.array, shifted, moved.history), labels)
+    out = tmp_path / "out"
+    assert _context_run(labels, edited["case"], out, tiny_model_folder) == 0
+    real = Grid.from_image(sitk.ReadImage(str(edited["case"] / f"{CASE_IDS[0]}_t1.nii.gz")))
+    for name in (*[f"{m}.nii.gz" for m in MODALITIES], "labels.nii.gz", "synthetic_mask.nii.gz"):
+        assert Grid.from_image(sitk.ReadImage(str(out / name))) == real, name

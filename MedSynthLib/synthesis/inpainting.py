@@ -256,6 +256,7 @@ class ContextCase:
     images: dict[str, np.ndarray]  # modality -> (k, j, i) in the stored type
     tumour: np.ndarray | None  # schema tumour labels (0 or NCR/ED/ET), or None without a segmentation
     files: dict[str, Path]
+    grid: Any = None  # the case's own :class:`~MedSynthLib.schema.grid.Grid` (the written images keep it)
 
 
 def read_context(case_dir: str | Path, labelmap: Any) -> ContextCase:
@@ -291,7 +292,7 @@ def read_context(case_dir: str | Path, labelmap: Any) -> ContextCase:
         stored = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).dtype
         values = case.images[modality]
         images[modality] = values.astype(stored) if np.array_equal(values, values.astype(stored)) else values
-    return ContextCase(Path(case_dir), images, case.tumour, dict(case.files))
+    return ContextCase(Path(case_dir), images, case.tumour, dict(case.files), case.grid)
 
 
 def _is_medsynth_case(folder: Path) -> bool:
@@ -693,6 +694,8 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
 
     if not np.isfinite(margin_mm) or not 0 <= margin_mm <= 100:
         raise MedSynthError(f"--region-margin {margin_mm}: give 0-100 mm")
+    if context.grid is not None and labelmap.grid != context.grid:  # within the grid tolerance: keep the case's
+        labelmap = dataclasses.replace(labelmap, grid=context.grid)
     if old_labelmap is None and context.tumour is None:
         moved = privacy_of(labelmap).tumour_dice_to_source
         if moved is not None and moved < 1.0:
