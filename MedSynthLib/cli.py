@@ -421,8 +421,9 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
     from .schema.errors import InputError
     from .schema.labelmap import label_map_inputs, read_label_map
     from .schema.volume_io import check_writable, folder_and_files
-    from .synthesis.inpainting import (DEFAULT_MARGIN_MM, InpaintingEngine, inpaint_case, read_context,
-                                       write_inpainted_case)
+    from .schema.labels import brain_mask
+    from .synthesis.inpainting import (DEFAULT_MARGIN_MM, MIN_BRAIN_DICE, InpaintingEngine, inpaint_case, mask_dice,
+                                       read_context, write_inpainted_case)
     from .synthesis.models import resolve_model
 
     inputs = label_map_inputs(args.labels) + folder_and_files(args.context)
@@ -440,6 +441,10 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
             difference = labelmap.grid.difference(old.grid)
             if difference is not None:
                 raise InputError(args.old_labels, f"not on the grid of {args.labels}: {difference}")
+            dice = mask_dice(brain_mask(old.array), brain_mask(labelmap.array))
+            if dice < MIN_BRAIN_DICE:  # edits never move the brain outline
+                raise InputError(args.old_labels, f"its brain does not match that of {args.labels} (Dice {dice:.3f}, "
+                                                  f"{MIN_BRAIN_DICE} or more expected): not the map before this edit")
         engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), args.device, args.precision,
                                   log=_notice)
         step("model loaded")

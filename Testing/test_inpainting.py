@@ -854,3 +854,14 @@ def test_the_output_is_on_the_context_grid_exactly(edited, tiny_model_folder, tm
     real = Grid.from_image(sitk.ReadImage(str(edited["case"] / f"{CASE_IDS[0]}_t1.nii.gz")))
     for name in (*[f"{m}.nii.gz" for m in MODALITIES], "labels.nii.gz", "synthetic_mask.nii.gz"):
         assert Grid.from_image(sitk.ReadImage(str(out / name))) == real, name
+
+
+def test_old_labels_of_another_brain_are_refused(edited, tiny_model_folder, tmp_path: Path, capsys) -> None:
+    # Another case's map as --old-labels: every anatomy voxel "changed", so the whole brain would be re-rendered.
+    labels = read_label_map(edited["labels"])
+    old = tmp_path / "old_other.nii.gz"
+    write_label_map(LabelMap(np.roll(labels.array, 5, axis=2), labels.grid, labels.history), old)
+    out = tmp_path / "out"
+    assert _context_run(edited["moved"], edited["case"], out, tiny_model_folder, "--old-labels", str(old)) == 2
+    err = _one_line(capsys)
+    assert "old_other.nii.gz" in err and "brain" in err and not out.exists()
