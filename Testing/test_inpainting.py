@@ -865,3 +865,52 @@ def test_old_labels_of_another_brain_are_refused(edited, tiny_model_folder, tmp_
     assert _context_run(edited["moved"], edited["case"], out, tiny_model_folder, "--old-labels", str(old)) == 2
     err = _one_line(capsys)
     assert "old_other.nii.gz" in err and "brain" in err and not out.exists()
+
+
+def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited, tiny_model_folder,
+                                                                        tmp_path: Path) -> None:
+    # A scanner's NIfTI as a converter writes it: int16 scaled by scl_slope / scl_inter, its own units, qform code
+    # and description.  Outside the mask the written file must be that file: the same header and stored voxels.
+    import nibabel as nib
+
+    case = tmp_path / "scaled_case"
+    case.mkdir()
+    for source in edited["case"].iterdir():
+        if not source.name.endswith(tuple(f"_{m}.nii.gz" for m in MODALITIES)):
+            (case / source.name).symlink_to(source)
+            continue
+        real = nib.load(str(source))
+        raw = np.rint((np.asarray(real.dataobj, np.float64) - 10.0) / 2.0).astype(np.int16)
+        image = nib.Nifti1Image(raw, real.affine)
+        image.set_qform(real.affine, code=2)
+        image.set_sform(real.affine, code=1)
+        image.header["xyzt_units"] = 2
+        image.header["descrip"] = b"scanner export"
+        image.to_filename(str(case / source.name))
+        header = nib.load(str(case / source.name)).header  # nibabel recomputes the scaling of an array on save:
+        header.set_slope_inter(2.0, 10.0)  # write the stored header and voxels directly, as a converter does
+        with nib.openers.ImageOpener(str(case / source.name), "wb") as handle:
+            header.write_to(handle)
+            nib.volumeutils.array_to_file(raw, handle, np.int16, offset=header.get_data_offset(), order="F")
+    out = tmp_path / "out"
+    assert _context_run(edited["moved"], case, out, tiny_model_folder) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
+    assert mask.any()
+    outside = ~mask.transpose(2, 1, 0)  # nibabel's axis order
+    for m in MODALITIES:
+        real = nib.load(str(case / f"{CASE_IDS[0]}_{m}.nii.gz"))
+        written = nib.load(str(out / f"{m}.nii.gz"))
+        headers = []
+        for path in (case / f"{CASE_IDS[0]}_{m}.nii.gz", out / f"{m}.nii.gz"):
+            with nib.openers.ImageOpener(str(path)) as handle:  # as stored (nibabel's images move the scaling out)
+                headers.append(nib.Nifti1Header.from_fileobj(handle))
+        assert headers[1].binaryblock == headers[0].binaryblock, m
+        assert headers[1].get_slope_inter() == (2.0, 10.0) and written.get_data_dtype() == np.int16
+        assert headers[1]["qform_code"] == 2 and headers[1]["xyzt_units"] == 2
+        stored, real_stored = written.dataobj.get_unscaled(), real.dataobj.get_unscaled()
+        assert np.array_equal(stored[outside], real_stored[outside]), m
+        assert not np.array_equal(stored[~outside], real_stored[~outside]), m
+        # SimpleITK, as every MedSynth reader, sees the same values outside the mask.
+        values = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{m}.nii.gz")))
+        real_values = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_{m}.nii.gz")))
+        assert np.array_equal(values[~mask], real_values[~mask])

@@ -338,6 +338,59 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], *, overwrite: b
     return path
 
 
+def write_nifti_like(values: np.ndarray, changed: np.ndarray, like: str | os.PathLike[str],
+                     path: str | os.PathLike[str]) -> bool:
+    """Write ``values`` as a copy of the NIfTI file ``like`` in which only the ``changed`` voxels differ.
+
+    The header is ``like``'s own, byte for byte (type, scaling, units, qform and sform codes, description,
+    extensions), and the stored voxels outside ``changed`` are ``like``'s stored voxels, so a reader sees the
+    same file there, not only the same values.  The changed voxels are stored through ``like``'s scaling
+    (rounded and clipped for an integer type).  The file is written atomically.
+
+    Args:
+        values: (k, j, i) the image as read (scanner units, SimpleITK's axis order).
+        changed: (k, j, i) mask of the voxels that differ from ``like``.
+
+    Returns:
+        False, writing nothing, when ``like`` is not a 3D NIfTI file of this shape (the caller writes otherwise).
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+    from nibabel.volumeutils import array_to_file
+
+    like, path = Path(like), Path(path)
+    if not like.name.lower().endswith(NIFTI_SUFFIXES):
+        return False
+    try:
+        with ImageOpener(str(like)) as handle:  # the header as stored (a loaded nibabel image moves its scaling out)
+            header = nib.Nifti1Header.from_fileobj(handle)
+    except nib.spatialimages.HeaderDataError:  # NIfTI-2, say
+        return False
+    if header["dim"][0] != 3 or tuple(int(n) for n in header["dim"][1:4]) != values.shape[::-1]:
+        return False
+    dtype = header.get_data_dtype()
+    slope, inter = header.get_slope_inter()
+    if slope is None and inter is None and values.dtype == dtype:
+        stored = values.transpose(2, 1, 0)  # unscaled and already the stored type (a BraTS int16 scan): as it is
+    else:
+        stored = np.array(nib.load(str(like)).dataobj.get_unscaled(), copy=True)  # (i, j, k), as on disk
+        at = np.nonzero(changed.transpose(2, 1, 0))
+        wanted = (values.transpose(2, 1, 0)[at].astype(np.float64) - (inter or 0.0)) / (slope or 1.0)
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            wanted = np.clip(np.rint(wanted), info.min, info.max)
+        stored[at] = wanted.astype(dtype)
+    tmp = _tmp_sibling(path)  # keeps the suffix: the opener compresses a .gz name
+    try:
+        with ImageOpener(str(tmp), "wb") as handle:
+            header.write_to(handle)
+            array_to_file(stored, handle, dtype, offset=header.get_data_offset(), order="F")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def compact_intensities(array: np.ndarray) -> np.ndarray:
     """int16 (rounded) where that loses nothing that matters, else float32.
 

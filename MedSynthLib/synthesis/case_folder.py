@@ -72,7 +72,7 @@ def case_provenance(model: Any, labelmap: LabelMap, privacy: Any, *, seed: int, 
 def write_case_folder(labelmap: LabelMap, images: Mapping[str, np.ndarray], provenance: Mapping[str, Any],
                       out_dir: str | os.PathLike[str], *, overwrite: bool = False,
                       extra: Callable[[Path], None] | None = None, synthetic_mask: np.ndarray | None = None,
-                      keep_types: bool = False) -> Path:
+                      keep_types: bool = False, like: Mapping[str, Path] | None = None) -> Path:
     """Write a synthetic case: build it in a staging folder, hash every file, commit under the lock.
 
     Args:
@@ -85,10 +85,12 @@ def write_case_folder(labelmap: LabelMap, images: Mapping[str, np.ndarray], prov
             ``synthetic_mask.nii.gz`` (uint8) and hashed with the other files.
         keep_types: store each image in its own type (a real scan's voxels as they were stored) instead of
             converting float32 to int16 where that loses nothing that matters.
+        like: modality -> the real scan's NIfTI file the image was made from (with ``synthetic_mask``): the
+            image is written as a copy of that file, its header and its stored voxels outside the mask unchanged.
     """
     from ..schema.labelmap import write_label_map_files
     from ..schema.outputs import commit_folder, staging_folder
-    from ..schema.volume_io import check_writable, compact_intensities, write_image, write_json
+    from ..schema.volume_io import check_writable, compact_intensities, write_image, write_json, write_nifti_like
 
     out_dir = Path(out_dir)
     check_writable([out_dir], overwrite)
@@ -96,8 +98,12 @@ def write_case_folder(labelmap: LabelMap, images: Mapping[str, np.ndarray], prov
     with staging_folder(out_dir) as stage:
 
         def write_modality(modality: str) -> None:
+            target = stage / f"{modality}.nii.gz"
+            if like is not None and synthetic_mask is not None and modality in like and \
+                    write_nifti_like(images[modality], synthetic_mask, like[modality], target):
+                return
             array = images[modality] if keep_types else compact_intensities(images[modality])
-            write_image(grid.image(array), stage / f"{modality}.nii.gz")
+            write_image(grid.image(array), target)
 
         # gzip dominates writing and SimpleITK releases the GIL while it runs: one thread per volume.
         with ThreadPoolExecutor(len(MODALITIES) + 1) as pool:

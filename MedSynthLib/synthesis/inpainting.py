@@ -666,6 +666,7 @@ class InpaintedCase:
     images: dict[str, np.ndarray]
     region: np.ndarray
     provenance: dict[str, Any]
+    context_files: dict[str, Path] | None = None  # the real scan's files: written images copy their headers
 
 
 def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, *, old_labelmap: Any = None,
@@ -725,7 +726,7 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
     provenance["timings_s"] = {"load_model": round(engine.load_seconds, 3), "region": round(region_seconds, 3),
                                "network": result.timings_s.get("network", 0.0),
                                "total": round(time.perf_counter() - start + engine.load_seconds, 3)}
-    return InpaintedCase(labelmap, result.images, result.region, provenance)
+    return InpaintedCase(labelmap, result.images, result.region, provenance, dict(context.files))
 
 
 def write_inpainted_case(case: InpaintedCase, out_dir: Path, *, overwrite: bool = False) -> Path:
@@ -733,4 +734,4 @@ def write_inpainted_case(case: InpaintedCase, out_dir: Path, *, overwrite: bool 
     from .case_folder import write_case_folder
 
     return write_case_folder(case.labelmap, case.images, case.provenance, out_dir, overwrite=overwrite,
-                             synthetic_mask=case.region, keep_types=True)
+                             synthetic_mask=case.region, keep_types=True, like=case.context_files)
