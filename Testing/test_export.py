@@ -526,6 +526,42 @@ def test_a_patients_scan_is_not_labelled_synthetic(tmp_path, capsys):
     assert _case_dir(tmp_path / "s").name.startswith("SYNTH-")
 
 
+def test_an_inpainted_export_says_which_voxels_are_synthetic(tmp_path, capsys):
+    """The synthetic-voxel mask travels with the export: a NIfTI file beside the images, and in DICOM Synthetic
+    Data = YES only on the slices that hold a re-rendered voxel (the others are the patient's acquired images)."""
+    case = inpainted_case(tmp_path / "inpainted")
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "synthetic_mask.nii.gz"))).astype(bool)
+    per_slice = mask.any(axis=(1, 2))
+    assert per_slice.any() and not per_slice.all()
+    rc, _, err = run(["export", case, "--format", "nifti", "-o", tmp_path / "nifti"], capsys)
+    assert rc == 0, err
+    exported = _case_dir(tmp_path / "nifti")
+    written = sitk.ReadImage(str(exported / f"{exported.name}_synthetic_mask.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(written).astype(bool), mask)
+    assert Grid.from_image(written) == Grid.from_image(sitk.ReadImage(str(exported / f"{exported.name}_t1.nii.gz")))
+    assert "_synthetic_mask.nii.gz" in (exported / "README.txt").read_text()
+
+    rc, _, err = run(["export", case, "--format", "dicom", "-o", tmp_path / "dicom"], capsys)
+    assert rc == 0, err
+    flags = {}
+    for path, ds in _all_datasets(_case_dir(tmp_path / "dicom")):
+        if path.parent.name == "SEG":
+            assert ds.SyntheticData == "YES"
+        else:
+            flags.setdefault(path.parent.name, {})[int(ds.InstanceNumber) - 1] = ds.SyntheticData
+    assert len(flags) == 4
+    for series in flags.values():
+        assert series == {k: "YES" if per_slice[k] else "NO" for k in range(len(per_slice))}
+
+    # A wholly synthetic case: every slice is synthetic, and no mask file is written.
+    rc, _, err = run(["export", make_case(tmp_path / "synth_out"), "--format", "dicom", "-o", tmp_path / "s"], capsys)
+    assert rc == 0, err
+    assert {ds.SyntheticData for _, ds in _all_datasets(_case_dir(tmp_path / "s"))} == {"YES"}
+    rc, _, err = run(["export", tmp_path / "synth_out", "--format", "nifti", "-o", tmp_path / "sn"], capsys)
+    assert rc == 0, err
+    assert not list(_case_dir(tmp_path / "sn").glob("*synthetic_mask*"))
+
+
 def test_sanitise_provenance_whitelist():
     grid = Grid((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     raw = _provenance(np.zeros((2, 2, 2), np.uint8), acquisition_date="20190304", patient={"name": "X"})

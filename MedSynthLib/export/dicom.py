@@ -160,8 +160,13 @@ def _common_dataset(ctx: _DicomContext) -> Any:
     return ds
 
 
-def _mr_series(modality: str, values: np.ndarray, grid: Grid, ctx: _DicomContext) -> list[Any]:
-    """One MR Image Storage dataset per slice (third grid axis) of one modality."""
+def _mr_series(modality: str, values: np.ndarray, grid: Grid, ctx: _DicomContext,
+               synthetic_mask: np.ndarray | None = None) -> list[Any]:
+    """One MR Image Storage dataset per slice (third grid axis) of one modality.
+
+    With ``synthetic_mask`` (a patient's scan with a region re-rendered) only the slices that hold a re-rendered
+    voxel say Synthetic Data = YES; the others are the patient's acquired images.
+    """
     import highdicom as hd
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -221,6 +226,8 @@ def _mr_series(modality: str, values: np.ndarray, grid: Grid, ctx: _DicomContext
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [_ds(v) for v in position]
         ds.SliceLocation = _ds(float(position @ normal))
+        if synthetic_mask is not None:
+            ds.SyntheticData = "YES" if synthetic_mask[k].any() else "NO"
         ds.PixelData = np.ascontiguousarray(encoding.stored[k], dtype="<i2").tobytes()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
@@ -289,7 +296,7 @@ def write_dicom_case(case: Any, folder: Path, case_id: str, exported_at: datetim
     written = []
     t1: list[Any] = []
     for modality in MODALITIES:
-        datasets = _mr_series(modality, case.images[modality], case.grid, ctx)
+        datasets = _mr_series(modality, case.images[modality], case.grid, ctx, getattr(case, "synthetic_mask", None))
         series_dir = folder / DICOM_SERIES[modality][0]
         series_dir.mkdir()
         width = max(4, len(str(len(datasets))))

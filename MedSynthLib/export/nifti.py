@@ -21,9 +21,9 @@ from .encoding import encode_intensities
 #: name in :data:`MedSynthLib.schema.labels.CONVENTIONS`.
 NAMINGS: Mapping[str, Mapping[str, str]] = {
     "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg",
-                  "anatomy": "_anatomy"},
+                  "anatomy": "_anatomy", "synthetic_mask": "_synthetic_mask"},
     "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg",
-                  "anatomy": "-anatomy"},
+                  "anatomy": "-anatomy", "synthetic_mask": "-synthetic-mask"},
 }
 
 
@@ -49,4 +49,8 @@ def write_nifti_case(case: Any, folder: Path, case_id: str, naming: str = "brats
     name = f"{case_id}{suffixes['anatomy']}.nii.gz"
     write_image(grid.image(anatomy_array(case.labels.array)), folder / name)
     names.append(name)
+    if getattr(case, "synthetic_mask", None) is not None:  # a patient's scan: which voxels MedSynth re-rendered
+        name = f"{case_id}{suffixes['synthetic_mask']}.nii.gz"
+        write_image(grid.image(case.synthetic_mask.astype(np.uint8)), folder / name)
+        names.append(name)
     return names

@@ -59,6 +59,7 @@ class SyntheticCase:
     redacted: int = 0
     case_id: str = ""
     privacy: PrivacyRecord = PrivacyRecord()
+    synthetic_mask: np.ndarray | None = None  # the re-rendered voxels of a patient's scan (inpainting), else None
 
     @property
     def grid(self) -> Grid:
@@ -83,7 +84,8 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
         # A real scan with a region inpainted carries the patient's images whatever its privacy record says.
         privacy = dataclasses.replace(privacy, images="patient")
     provenance, redacted = sanitise_provenance(folder_case.raw_provenance, folder_case.grid, privacy)
-    case = SyntheticCase(folder_case.images, folder_case.labels, provenance, redacted, privacy=privacy)
+    case = SyntheticCase(folder_case.images, folder_case.labels, provenance, redacted, privacy=privacy,
+                         synthetic_mask=folder_case.synthetic_mask)
     case.case_id = default_case_id(case)
     return case
 
@@ -136,6 +138,8 @@ def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: d
             f"Format: NIfTI, {naming.replace('brats', 'BraTS ')} naming.",
             f"  *{NAMINGS[naming]['seg']}.nii.gz      tumour labels ({labels})",
             f"  *{NAMINGS[naming]['anatomy']}.nii.gz  anatomy labels (1 CSF, 2 GM, 3 WM; 0 background and tumour)",
+            *([f"  *{NAMINGS[naming]['synthetic_mask']}.nii.gz  1 = voxel re-rendered by MedSynth, 0 = the patient's scan"]
+              if provenance.get("inpainting") else []),
             "Open in 3D Slicer with File > Add Data.",
         ]
     else:
@@ -143,7 +147,8 @@ def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: d
             "Format: DICOM. One study; one MR series per modality (T1, T1ce, T2, FLAIR) and a",
             "DICOM Segmentation (SEG/, segments NCR, ED, ET) referencing the T1 series.",
             "Every file has Synthetic Data (0008,001C) = YES." if not provenance.get("inpainting") else
-            "Patient name PATIENT-SCAN^<case id>: the images are the patient's scan with one region re-rendered.",
+            "Patient name PATIENT-SCAN^<case id>: the images are the patient's scan with one region re-rendered;\n"
+            "Synthetic Data (0008,001C) = YES on the slices that hold a re-rendered voxel, NO on the others.",
             "Open in 3D Slicer with the DICOM module (Import this folder), or in any DICOM viewer.",
         ]
     listing: dict[str, int] = {}

@@ -132,6 +132,7 @@ class CaseFolder:
     raw_provenance: dict[str, Any]
     record: SynthesisRecord
     redactions: int
+    synthetic_mask: np.ndarray | None = None  # (k, j, i) bool: the re-rendered voxels of a real scan (inpainting)
 
     @property
     def grid(self) -> Grid:
@@ -215,9 +216,16 @@ def read_case_folder(folder: str | os.PathLike[str], *, verify: bool = True) -> 
             raise InputError(path, f"not on the grid of labels.nii.gz: {difference}")
         array = sitk.GetArrayFromImage(image)
         images[name] = array if array.dtype in (np.int16, np.float32) else array.astype(np.float32)
+    synthetic_mask = None
+    if (folder / SYNTHETIC_MASK_FILE).is_file():
+        image = read_image(folder / SYNTHETIC_MASK_FILE)
+        difference = labels.grid.difference(Grid.from_image(image))
+        if difference is not None:
+            raise InputError(folder / SYNTHETIC_MASK_FILE, f"not on the grid of labels.nii.gz: {difference}")
+        synthetic_mask = sitk.GetArrayFromImage(image) > 0
     redactions = Redactions()
     record = SynthesisRecord.from_json(raw, redactions)
-    return CaseFolder(folder, images, labels, raw, record, redactions.count)
+    return CaseFolder(folder, images, labels, raw, record, redactions.count, synthetic_mask)
 
 
 __all__ = ["MODALITIES", "OWNED_FILES", "CaseFolder", "write_case_folder", "read_case_folder", "verify_files"]
