@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MedSynthLib.study.statistics import holm, minimum_detectable_difference, sign_flip_test
+from MedSynthLib.study import report as study_report
+from MedSynthLib.study.statistics import holm, minimum_detectable_difference, paired_comparison, sign_flip_test
 
 
 def _all_sign_sums(d: np.ndarray) -> np.ndarray:
@@ -79,3 +80,76 @@ def test_minimum_detectable_difference_values() -> None:
     assert minimum_detectable_difference(0.05, 27, alpha=0.05 / 21) == pytest.approx(0.0410, abs=5e-4)
     # Normal approximation (z_0.975 + z_0.8) * SD / sqrt(n) = 2.80 * 0.05 / sqrt(27) = 0.0270, a bit below t.
     assert 0.0270 < minimum_detectable_difference(0.05, 27) < 0.0295
+    # It scales with the SD, down to differences that are equal but for floating-point rounding (SD ~ 1e-17).
+    assert minimum_detectable_difference(1e-17, 9) == pytest.approx(minimum_detectable_difference(0.05, 9) * 2e-16)
+    assert minimum_detectable_difference(0.0, 9) is None
+
+
+# --- report tables and text ----------------------------------------------------------------------
+
+
+def _comparison(a: list[float], b: list[float]) -> dict:
+    return paired_comparison(a, b, resamples=200)
+
+
+def _mini_report(arm_dice: list[float], real_dice: list[float], arm_hd: list[float], real_hd: list[float]) -> dict:
+    """A report dictionary holding only what the paired tables and the discussion read."""
+    from MedSynthLib.study.segmenter import ARMS, REGIONS
+    from MedSynthLib.study.statistics import holm_family
+
+    paired = {arm: {r: {"dice": _comparison(arm_dice, real_dice), "hd95": _comparison(arm_hd, real_hd)}
+                    for r in REGIONS} for arm in ARMS[1:]}
+    holm_family({f"{a}/{r}": paired[a][r]["dice"] for a in ARMS[1:] for r in REGIONS})
+    holm_family({f"{a}/{r}": paired[a][r]["hd95"] for a in ARMS[1:] for r in REGIONS})
+    n = len(arm_dice)
+    summary = {a: {r: {"dice": {"mean": 0.8, "std": 0.1}, "hd95_mm": {"mean": 5.0, "std": 1.0}} for r in REGIONS}
+               for a in study_report.ALL_ARMS}
+    gate = dict(_comparison(real_dice, [0.5] * n), baseline="baseline:threshold", passed=True)
+    spread = {a: {"wt_dice_per_seed": [0.8, 0.81, 0.79], "sd": 0.01, "range": 0.02} for a in ARMS}
+    return {"segmentation": {"cases": [f"c{i}" for i in range(n)], "paired_vs_real": paired, "summary": summary,
+                             "gate": gate, "seed_spread": spread},
+            "design": {"arms": {a: study_report.TITLES[a] for a in study_report.ALL_ARMS}}, "config": {"ci": 0.95}}
+
+
+def test_hd95_table_counts_better_cases_as_up() -> None:
+    """HD95: lower is better, so an arm with a lower HD95 on every case is better on every case (↑)."""
+    real_hd = [10.0, 12.0, 8.0, 9.0]
+    arm_hd = [5.0, 6.0, 4.0, 4.5]  # better on all 4
+    report = _mini_report([0.8, 0.7, 0.9, 0.6], [0.7, 0.6, 0.8, 0.5], arm_hd, real_hd)
+    hd_row = study_report.paired_table(report, "hd95").splitlines()[2]
+    assert "4↑ 0↓" in hd_row, hd_row
+    dice_row = study_report.paired_table(report, "dice").splitlines()[2]
+    assert "4↑ 0↓" in dice_row, dice_row
+
+
+def test_hd95_p_values_are_holm_corrected_as_a_family() -> None:
+    report = _mini_report([0.8, 0.7, 0.9, 0.6], [0.7, 0.6, 0.8, 0.5], [5.0, 6.0, 4.0, 4.5], [10.0, 12.0, 8.0, 9.0])
+    assert "Holm p" in study_report.paired_table(report, "hd95")
+
+
+def test_report_calls_p_values_exact_only_when_they_are() -> None:
+    from MedSynthLib.study.segmenter import ARMS, REGIONS
+
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.5, 0.9, 27).tolist(), rng.uniform(0.5, 0.9, 27).tolist()
+    report = _mini_report(a, b, a, b)
+    exact = all(report["segmentation"]["paired_vs_real"][arm][r]["dice"]["p_exact"] for arm in ARMS[1:] for r in REGIONS)
+    text = study_report.paired_legend(report)
+    assert ("exact sign-flip" in text) == exact
+    for arm in ARMS[1:]:
+        for r in REGIONS:
+            report["segmentation"]["paired_vs_real"][arm][r]["dice"]["p_exact"] = False
+    text = study_report.paired_legend(report)
+    assert "exact sign-flip" not in text and "Monte Carlo" in text
+
+
+def test_discussion_states_the_detectable_difference_with_and_without_holm() -> None:
+    rng = np.random.default_rng(1)
+    real = rng.uniform(0.6, 0.9, 27)
+    arm = real + rng.normal(0.0, 0.05, 27)
+    report = _mini_report(arm.tolist(), real.tolist(), (20 - 10 * arm).tolist(), (20 - 10 * real).tolist())
+    text = study_report.discussion(report)
+    sd = float(np.std(arm - real, ddof=1))
+    m = len(study_report.ARMS[1:]) * 3
+    assert f"{minimum_detectable_difference(sd, 27):.3f}" in text
+    assert f"{minimum_detectable_difference(sd, 27, alpha=0.05 / m):.3f}" in text

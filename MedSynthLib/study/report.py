@@ -18,7 +18,7 @@ import numpy as np
 
 from ..schema.labels import MODALITY_TITLES
 from .segmenter import ARM_TITLES, ARMS, REGIONS, SegCase
-from .statistics import HD95_PENALTY_MM, hd95_or_penalty, holm_family, paired_comparison
+from .statistics import HD95_PENALTY_MM, MIN_N_INTERVAL, hd95_or_penalty, holm_family, paired_comparison
 
 #: Every scored arm of the report: the two FLAIR-threshold baselines (the gate), then the learned arms.
 BASELINES: tuple[str, ...] = ("baseline:threshold", "baseline:largest_component")
@@ -82,7 +82,11 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
 
     config = inputs.config
     folds = results["folds"]
-    per_case: dict[str, dict[str, Any]] = {arm: {} for arm in ALL_ARMS}
+    # The learned arms with results in every fold (all of them in a finished study; a partial report of
+    # a running one leaves out the others and lists them in report["partial"]).
+    arms = [arm for arm in ARMS if all(arm in fold["arms"] for fold in folds)]
+    scored = list(BASELINES) + arms
+    per_case: dict[str, dict[str, Any]] = {arm: {} for arm in scored}
     case_fold: dict[str, int] = {}
     for fold in folds:
         for variant in ("threshold", "largest_component"):
@@ -90,7 +94,7 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
                 per_case[f"baseline:{variant}"][c] = {r: {"dice": scores[r]["dice"],
                                                           "hd95": hd95_or_penalty(scores[r]["hd95"])}
                                                       for r in REGIONS}
-        for arm in ARMS:
+        for arm in arms:
             runs = fold["arms"][arm]["runs"]
             for c in fold["test"]:
                 per_case[arm][c] = {r: {"dice": float(np.mean([run["scores"][c][r]["dice"] for run in runs])),
@@ -103,13 +107,13 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
     cases = sorted(case_fold)
     n_seeds = config.seg_config.seeds
     seed_spread: dict[str, Any] = {}
-    for arm in ARMS:
+    for arm in arms:
         # Mean WT Dice over all held-out cases for each seed index: the training-seed spread.
         per_seed = [float(np.mean([per_case[arm][c]["WT"]["dice_per_seed"][k] for c in cases])) for k in range(n_seeds)]
         seed_spread[arm] = {"wt_dice_per_seed": per_seed, "sd": float(np.std(per_seed, ddof=1)) if n_seeds > 1 else None,
                             "range": float(max(per_seed) - min(per_seed))}
     summary: dict[str, Any] = {}
-    for arm in ALL_ARMS:
+    for arm in scored:
         summary[arm] = {region: {"dice": describe([per_case[arm][c][region]["dice"] for c in cases]),
                                  "hd95_mm": describe([per_case[arm][c][region]["hd95"] for c in cases])}
                         for region in REGIONS}
@@ -124,19 +128,27 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
 
     # The gate: the real-only segmenter against the better FLAIR-threshold baseline, WT Dice.
     best_baseline = max(BASELINES, key=lambda b: summary[b]["WT"]["dice"]["mean"] or -1.0)
-    gate = compare("real", best_baseline, "WT", "dice", config.seed)
-    gate.update({"baseline": best_baseline, "passed": bool((gate["mean_difference"] or 0.0) > 0
-                                                           and gate["wins"] > gate["losses"])})
-    # One family of comparisons against arm 1 (WT, TC, ET Dice of every other learned arm): Holm-corrected.
+    gate = None
+    if "real" in arms:
+        gate = compare("real", best_baseline, "WT", "dice", config.seed)
+        gate.update({"baseline": best_baseline, "passed": bool((gate["mean_difference"] or 0.0) > 0
+                                                               and gate["wins"] > gate["losses"])})
+    # Two families of comparisons against arm 1 (WT, TC, ET of every other learned arm), each Holm-corrected:
+    # the Dice family (the study's claims) and the HD95 family.
     paired: dict[str, Any] = {}
     family: dict[str, dict[str, Any]] = {}
+    family_hd95: dict[str, dict[str, Any]] = {}
     for k, arm in enumerate(ARMS[1:], start=1):
+        if arm not in arms or "real" not in arms:
+            continue
         paired[arm] = {}
         for r, region in enumerate(REGIONS):
             paired[arm][region] = {"dice": compare(arm, "real", region, "dice", config.seed + 17 * k + r),
                                    "hd95": compare(arm, "real", region, "hd95", config.seed + 17 * k + r)}
             family[f"{arm}/{region}"] = paired[arm][region]["dice"]
+            family_hd95[f"{arm}/{region}"] = paired[arm][region]["hd95"]
     holm_family(family)
+    holm_family(family_hd95)
 
     # Fidelity
     fid_cases: dict[str, Any] = {}
@@ -215,7 +227,7 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
         "anatomy_model": DEFAULT_ANATOMY_MODEL.to_json(),  # how every case's CSF/GM/WM was derived
         "split": [{"fold": f["fold"], "test": f["test"], "train": f["train"]} for f in folds],
         "design": {
-            "arms": {arm: TITLES[arm] for arm in ALL_ARMS},
+            "arms": {arm: TITLES[arm] for arm in scored},
             "step_budget": seg_cfg.steps,
             "seeds_per_arm": n_seeds,
             "real_exposure": "arm 2 and controls C1 and C2 draw the real-only arm's batch of real patches every step "
@@ -223,11 +235,12 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
             "copy_paste_cases_per_fold": {f["fold"]: f["arms"]["real+copypaste"].get("copy_paste_cases")
                                           for f in folds if "real+copypaste" in f["arms"]},
             "learning_curve_cases_per_fold": {f["fold"]: {a: f["arms"][a]["real_cases"] for a in ARMS
-                                                          if a.startswith("real@")} for f in folds},
+                                                          if a.startswith("real@") and a in arms} for f in folds},
             "finetune": {"steps": max(1, int(round(seg_cfg.steps * seg_cfg.finetune_step_fraction))),
                          "pretrain_steps": seg_cfg.steps - max(1, int(round(seg_cfg.steps * seg_cfg.finetune_step_fraction))),
                          "case_fraction": seg_cfg.finetune_case_fraction,
-                         "cases_per_fold": {f["fold"]: f["arms"]["synthetic+finetune"]["finetune_cases"] for f in folds}},
+                         "cases_per_fold": {f["fold"]: f["arms"]["synthetic+finetune"]["finetune_cases"] for f in folds
+                                            if "synthetic+finetune" in f["arms"]}},
             "synthetic_per_case": int(config.synthetic.get("per_case", 1)),
             "synthetic_kinds": list(config.synthetic.get("kinds", [])),
             "empty_mask_convention": HD95_NOTE,
@@ -238,7 +251,7 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
                          "baseline_fits": {f["fold"]: {v: f["baseline"]["variants"][v]["fit"]
                                                        for v in ("threshold", "largest_component")} for f in folds},
                          "training": {arm: [dict(run["training"], fold=f["fold"], seed=run["seed"])
-                                            for f in folds for run in f["arms"][arm]["runs"]] for arm in ARMS}},
+                                            for f in folds for run in f["arms"][arm]["runs"]] for arm in arms}},
         "git": git_state(),
         "fidelity": {"per_case": fid_cases, "summary": fid_summary, "train_vs_held_out_gap": fidelity_gap,
                      "note": "images z-scored inside the real brain mask; SSIM Gaussian sigma 1.5 voxels, data "
@@ -276,7 +289,7 @@ def _signed(value: Any, digits: int = 3) -> str:
 def dice_table(report: dict[str, Any]) -> str:
     summary = report["segmentation"]["summary"]
     lines = ["| Arm | WT Dice | TC Dice | ET Dice |", "|---|---|---|---|"]
-    for arm in ALL_ARMS:
+    for arm in report["design"]["arms"]:
         lines.append(f"| {TITLES[arm]} | " + " | ".join(_pm(summary[arm][r]["dice"]) for r in REGIONS) + " |")
     return "\n".join(lines)
 
@@ -284,7 +297,7 @@ def dice_table(report: dict[str, Any]) -> str:
 def hd_table(report: dict[str, Any]) -> str:
     summary = report["segmentation"]["summary"]
     lines = ["| Arm | WT HD95 (mm) | TC HD95 (mm) | ET HD95 (mm) |", "|---|---|---|---|"]
-    for arm in ALL_ARMS:
+    for arm in report["design"]["arms"]:
         lines.append(f"| {TITLES[arm]} | " + " | ".join(_pm(summary[arm][r]["hd95_mm"], 1) for r in REGIONS) + " |")
     return "\n".join(lines)
 
@@ -293,11 +306,19 @@ def _p(value: Any) -> str:
     return "–" if value is None else (f"{value:.2g}" if value < 0.01 else f"{value:.3f}")
 
 
-def comparison_cells(e: dict[str, Any], digits: int) -> str:
-    interval = ("no interval (n < 20)" if e["interval"] is None else
-                f"[{_signed(e['interval'][0], digits)}, {_signed(e['interval'][1], digits)}]")
+def comparison_cells(e: dict[str, Any], digits: int, lower_is_better: bool = False) -> str:
+    """Mean difference (cases where the arm is better ↑ / worse ↓; p, Holm p; interval).
+
+    ``wins`` / ``losses`` count positive / negative differences; for a metric where lower is better
+    (HD95) a negative difference is a case the arm does better on.
+    """
+    if e["interval"] is not None:
+        interval = f"[{_signed(e['interval'][0], digits)}, {_signed(e['interval'][1], digits)}]"
+    else:
+        interval = f"no interval (n < {MIN_N_INTERVAL})" if e["n"] < MIN_N_INTERVAL else "no interval (constant)"
     holm = f", Holm p {_p(e['p_holm'])}" if "p_holm" in e else ""
-    return (f"{_signed(e['mean_difference'], digits)} ({e['wins']}↑ {e['losses']}↓; p {_p(e['p'])}{holm}; "
+    better, worse = (e["losses"], e["wins"]) if lower_is_better else (e["wins"], e["losses"])
+    return (f"{_signed(e['mean_difference'], digits)} ({better}↑ {worse}↓; p {_p(e['p'])}{holm}; "
             f"{interval})")
 
 
@@ -306,16 +327,34 @@ def paired_table(report: dict[str, Any], metric: str = "dice") -> str:
     name = "Dice" if metric == "dice" else "HD95 (mm)"
     lines = [f"| Arm − arm 1 | WT {name} | TC {name} | ET {name} |", "|---|---|---|---|"]
     digits = 3 if metric == "dice" else 1
-    for arm in ARMS[1:]:
-        lines.append(f"| {TITLES[arm]} | " + " | ".join(comparison_cells(paired[arm][r][metric], digits)
+    for arm in paired:
+        lines.append(f"| {TITLES[arm]} | " + " | ".join(comparison_cells(paired[arm][r][metric], digits,
+                                                                        lower_is_better=metric == "hd95")
                                                        for r in REGIONS) + " |")
     return "\n".join(lines)
+
+
+def paired_legend(report: dict[str, Any]) -> str:
+    """How the paired tables were computed, stated from the numbers (exact or Monte Carlo p, intervals)."""
+    entries = [e[m] for arm in report["segmentation"]["paired_vs_real"].values() for e in arm.values()
+               for m in ("dice", "hd95")]
+    exact = all(e.get("p_exact", False) for e in entries)
+    n = len(report["segmentation"]["cases"])
+    test = ("exact sign-flip p (all 2^n sign patterns)" if exact else
+            "sign-flip p (Monte Carlo estimate from 2^20 sign patterns where n is too large to count them all)")
+    intervals = (f"{int(round(100 * report['config']['ci']))} % BCa bootstrap interval of the mean difference"
+                 if n >= MIN_N_INTERVAL else f"no interval: n = {n} is below {MIN_N_INTERVAL} cases, where a "
+                                             "bootstrap interval covers far less than its level")
+    return (f"Paired difference to arm 1 on the same {n} held-out cases (learned arms: per-case mean over the "
+            f"seeds, so n counts cases, not seeds): mean (cases where the arm is better ↑ / worse ↓; {test}; "
+            f"Holm-corrected within each table's family of {len(entries) // 2} comparisons; {intervals}). "
+            "Positive Dice differences favour the arm:")
 
 
 def seed_table(report: dict[str, Any]) -> str:
     spread = report["segmentation"]["seed_spread"]
     lines = ["| Arm | WT Dice per seed (mean over held-out cases) | SD over seeds | range |", "|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in spread:
         e = spread[arm]
         lines.append(f"| {TITLES[arm]} | {', '.join(_f(v) for v in e['wt_dice_per_seed'])} | {_f(e['sd'])} | "
                      f"{_f(e['range'])} |")
@@ -333,11 +372,12 @@ def fidelity_gap_table(report: dict[str, Any]) -> str:
 
 def per_case_table(report: dict[str, Any]) -> str:
     seg = report["segmentation"]
-    header = "| Case (fold) | " + " | ".join(f"{TITLES[a].split('.')[0]}" for a in ALL_ARMS) + " |"
+    arms = list(report["design"]["arms"])
+    header = "| Case (fold) | " + " | ".join(f"{TITLES[a].split('.')[0]}" for a in arms) + " |"
     lines = ["Dice WT / TC / ET per held-out case (learned arms: mean over seeds):", "", header,
-             "|---|" + "---|" * len(ALL_ARMS)]
+             "|---|" + "---|" * len(arms)]
     for c in seg["cases"]:
-        cells = [" / ".join(_f(seg["per_case"][a][c][r]["dice"], 2) for r in REGIONS) for a in ALL_ARMS]
+        cells = [" / ".join(_f(seg["per_case"][a][c][r]["dice"], 2) for r in REGIONS) for a in arms]
         lines.append(f"| {c} ({seg['case_fold'][c]}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -376,16 +416,20 @@ def discussion(report: dict[str, Any]) -> str:
     n = len(seg["cases"])
     gate = seg["gate"]
     lines: list[str] = []
-    verdict = "passed" if gate["passed"] else "FAILED"
-    lines.append(
-        f"**Segmenter gate: {verdict}.** Real-only WT Dice {_f(summary['real']['WT']['dice']['mean'])} against "
-        f"{TITLES[gate['baseline']]} {_f(summary[gate['baseline']]['WT']['dice']['mean'])} on the same {n} held-out "
-        f"cases: difference {_signed(gate['mean_difference'])}, better on {gate['wins']} and worse on "
-        f"{gate['losses']} cases (sign-flip p {_p(gate['p'])}).")
-    if not gate["passed"]:
-        lines.append("A segmenter that does not beat a FLAIR threshold cannot show what synthetic data adds; the "
-                     "arm comparisons below are reported but do not support a claim.")
-    family = [(arm, r, seg["paired_vs_real"][arm][r]["dice"]) for arm in ARMS[1:] for r in REGIONS]
+    if gate is None:
+        lines.append("**Segmenter gate: not evaluated** (the real-only arm has no result yet).")
+    else:
+        verdict = "passed" if gate["passed"] else "FAILED"
+        lines.append(
+            f"**Segmenter gate: {verdict}.** Real-only WT Dice {_f(summary['real']['WT']['dice']['mean'])} against "
+            f"{TITLES[gate['baseline']]} {_f(summary[gate['baseline']]['WT']['dice']['mean'])} on the same {n} "
+            f"held-out cases: difference {_signed(gate['mean_difference'])}, better on {gate['wins']} and worse on "
+            f"{gate['losses']} cases (sign-flip p {_p(gate['p'])}; the gate asks for a positive mean difference "
+            "and more cases better than worse, not for significance).")
+        if not gate["passed"]:
+            lines.append("A segmenter that does not beat a FLAIR threshold cannot show what synthetic data adds; the "
+                         "arm comparisons below are reported but do not support a claim.")
+    family = [(arm, r, seg["paired_vs_real"][arm][r]["dice"]) for arm in seg["paired_vs_real"] for r in REGIONS]
     significant = [(arm, r, e) for arm, r, e in family if e["p_holm"] is not None and e["p_holm"] < 0.05]
     lines.append(f"Of {len(family)} Dice comparisons with arm 1 (Holm-corrected), {len(significant)} reach p < 0.05"
                  + (": " + "; ".join(f"{TITLES[arm]} {r} {_signed(e['mean_difference'])}" for arm, r, e in significant)
@@ -396,14 +440,31 @@ def discussion(report: dict[str, Any]) -> str:
 
         sd = float(np.median(sds))
         mdd = minimum_detectable_difference(sd, n)
+        m = len(family)
+        mdd_holm = minimum_detectable_difference(sd, n, alpha=0.05 / m)
         lines.append(f"With n = {n} held-out cases and the median observed SD of the paired WT Dice differences "
                      f"({sd:.3f}), a paired test at alpha 0.05 detects a true difference of {mdd:.3f} Dice with "
-                     "80 % power; smaller differences are below what this run can resolve.")
-    spread = seg["seed_spread"]["real"]
-    if spread["sd"] is not None:
+                     f"80 % power, and {mdd_holm:.3f} at alpha 0.05 / {m} (the first step of Holm's correction "
+                     f"over the {m} Dice comparisons); smaller differences are below what this run can resolve.")
+    spread = seg["seed_spread"].get("real")
+    if spread is not None and spread["sd"] is not None:
         lines.append(f"Training-seed spread of the real-only arm: mean WT Dice per seed "
                      f"{', '.join(_f(v) for v in spread['wt_dice_per_seed'])} (range {_f(spread['range'])}).")
     return " ".join(lines)
+
+
+def partial_note(partial: dict[str, Any]) -> str:
+    """The banner of a partial report: what it leaves out (folds, arms, seeds not finished yet)."""
+    lines = [f"> **PARTIAL REPORT — the study has not finished.** {partial['note']}"]
+    for fold in partial["folds"]:
+        missing = [f"{TITLES.get(arm, arm)} ({done} of {partial['seeds']} seeds)"
+                   for arm, done in fold["arms_seeds_done"].items() if done < partial["seeds"]]
+        stages = [name for name, done in fold["stages"].items() if not done]
+        state = "included" if fold["included"] else "left out"
+        lines.append(f"> - fold {fold['fold']} ({state}): " + ("; ".join(
+            ([f"missing stages: {', '.join(stages)}"] if stages else [])
+            + ([f"arms not finished: {', '.join(missing)}"] if missing else [])) or "complete"))
+    return "\n".join(lines)
 
 
 def cached_note(timings: dict[str, Any]) -> str:
@@ -423,6 +484,8 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
     n_cases = len(report["data"]["cases"])
     timings = report["timings"]
     out = [f"# MedSynth study report — config `{cfg['name']}`", ""]
+    if report.get("partial"):
+        out += [partial_note(report["partial"]), ""]
     if cfg.get("description"):
         out += [cfg["description"], ""]
     out += [
@@ -461,9 +524,7 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         f"Dice (mean ± standard deviation over the {len(seg['cases'])} held-out cases; 1 is perfect):", "",
         dice_table(report), "",
         "95th-percentile Hausdorff distance (lower is better):", "", hd_table(report), "",
-        "Paired difference to arm 1 on the same held-out cases: mean (cases better ↑ / worse ↓; exact sign-flip "
-        "p, Holm-corrected over the Dice comparisons; BCa bootstrap interval only from 20 cases on). Positive "
-        "Dice differences favour the arm:", "",
+        paired_legend(report), "",
         paired_table(report, "dice"), "",
         "The same for HD95 (negative differences favour the arm):", "", paired_table(report, "hd95"), "",
         "Training-seed spread:", "", seed_table(report), "",

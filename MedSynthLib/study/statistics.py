@@ -124,13 +124,14 @@ def minimum_detectable_difference(sd: float, n: int, *, alpha: float = 0.05, pow
     df = n - 1
     critical = t.ppf(1 - alpha / 2, df)
 
-    def shortfall(effect: float) -> float:
-        nc = effect * math.sqrt(n) / sd
+    def shortfall(standardised: float) -> float:  # effect / SD: the power does not depend on the SD's scale
+        nc = standardised * math.sqrt(n)
         lower_tail = float(np.nan_to_num(nct.cdf(-critical, df, nc)))  # scipy gives nan where it underflows
         return float(nct.sf(critical, df, nc)) + lower_tail - power
 
-    # Power is below ``power`` at effect 0 and above it once the noncentrality exceeds the critical value by 10.
-    return float(brentq(shortfall, 1e-12, (critical + 10.0) * sd / math.sqrt(n)))
+    # Power is alpha < ``power`` at effect 0 and above ``power`` once the noncentrality exceeds the critical
+    # value by 10.  Solved in SD units, so a tiny SD (differences equal up to rounding) cannot leave the bracket.
+    return float(brentq(shortfall, 0.0, (critical + 10.0) / math.sqrt(n))) * float(sd)
 
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
