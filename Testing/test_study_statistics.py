@@ -153,3 +153,18 @@ def test_discussion_states_the_detectable_difference_with_and_without_holm() -> 
     m = len(study_report.ARMS[1:]) * 3
     assert f"{minimum_detectable_difference(sd, 27):.3f}" in text
     assert f"{minimum_detectable_difference(sd, 27, alpha=0.05 / m):.3f}" in text
+
+
+def test_gate_verdict_needs_more_than_a_rounding_difference() -> None:
+    """A real-only arm 0.0002 Dice above the threshold with p = 1 has not been shown to beat it."""
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.5, 0.9, 9)
+    real = base + np.array([0.05, -0.05, 0.04, -0.04, 0.03, -0.03, 0.02, -0.02, 0.0018])
+    report = _mini_report(real.tolist(), base.tolist(), real.tolist(), base.tolist())
+    gate = dict(paired_comparison(real.tolist(), base.tolist(), resamples=200), baseline="baseline:threshold")
+    gate["passed"] = bool(gate["mean_difference"] > 0 and gate["wins"] > gate["losses"])
+    report["segmentation"]["gate"] = gate
+    assert gate["passed"] and gate["p"] > 0.5
+    text = study_report.discussion(report)
+    assert "**Segmenter gate: passed.**" not in text
+    assert "not shown" in text and "+0.0002" in text

@@ -419,13 +419,22 @@ def discussion(report: dict[str, Any]) -> str:
     if gate is None:
         lines.append("**Segmenter gate: not evaluated** (the real-only arm has no result yet).")
     else:
-        verdict = "passed" if gate["passed"] else "FAILED"
+        significant = gate["p"] is not None and gate["p"] < 0.05
+        if not gate["passed"]:
+            verdict = "FAILED"
+        elif significant:
+            verdict = "passed"
+        else:
+            verdict = ("passed on the point estimate only; not shown (the difference is not significant, so the "
+                       "segmenter is not shown to beat the threshold)")
+        diff = gate["mean_difference"]
         lines.append(
             f"**Segmenter gate: {verdict}.** Real-only WT Dice {_f(summary['real']['WT']['dice']['mean'])} against "
             f"{TITLES[gate['baseline']]} {_f(summary[gate['baseline']]['WT']['dice']['mean'])} on the same {n} "
-            f"held-out cases: difference {_signed(gate['mean_difference'])}, better on {gate['wins']} and worse on "
-            f"{gate['losses']} cases (sign-flip p {_p(gate['p'])}; the gate asks for a positive mean difference "
-            "and more cases better than worse, not for significance).")
+            f"held-out cases: difference {_signed(diff, 4 if diff is not None and abs(diff) < 0.001 else 3)}, "
+            f"better on {gate['wins']} and worse on {gate['losses']} cases (sign-flip p {_p(gate['p'])}; the gate "
+            "asks for a positive mean difference and more cases better than worse; 'passed' without 'not shown' "
+            "also needs p < 0.05).")
         if not gate["passed"]:
             lines.append("A segmenter that does not beat a FLAIR threshold cannot show what synthetic data adds; the "
                          "arm comparisons below are reported but do not support a claim.")
