@@ -168,3 +168,71 @@ def test_gate_verdict_needs_more_than_a_rounding_difference() -> None:
     text = study_report.discussion(report)
     assert "**Segmenter gate: passed.**" not in text
     assert "not shown" in text and "+0.0002" in text
+
+
+# --- a partial report from cached stages ---------------------------------------------------------
+
+
+def test_partial_assembly_finds_stages_by_content(tmp_path) -> None:
+    """Fold 1 complete but for one seed of one arm, fold 2 without its stages: what is in and what is missing."""
+    import json
+    from types import SimpleNamespace
+
+    from MedSynthLib.study.preview import assemble
+    from MedSynthLib.study.segmenter import ARMS
+
+    ids = ["a", "b", "c", "d"]
+    folds = [SimpleNamespace(index=1, test=["a", "b"], train=["c", "d"]),
+             SimpleNamespace(index=2, test=["c", "d"], train=["a", "b"])]
+    score = {"WT": {"dice": 0.5, "hd95": 3.0}, "TC": {"dice": 0.4, "hd95": None}, "ET": {"dice": 1.0, "hd95": 0.0}}
+
+    def write(rel: str, data: dict) -> None:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+    write("baseline/x.json", {"variants": {"threshold": {"scores": {"a": score, "b": score}}}, "seconds": 1})
+    write("fidelity/y.json", {"cases": {"a": {}, "b": {}}, "train_cases": {}, "seconds": 2})
+    write("memorisation/z.json", {"cases": [{"ncc_all": {"c": 0.1, "d": 0.2}}], "seconds": 3})
+    write("synthetic/k1/index.json", {"key": "k1", "cases": [{"base": "c", "model_sha256": "m"},
+                                                             {"base": "template", "model_sha256": "m"}]})
+
+    def seeds_of(fold, arm):
+        return [100 * fold.index + k for k in range(3)]
+
+    for n, arm in enumerate(ARMS):
+        for k in range(3):
+            if arm == "real@50" and k == 2:
+                continue  # one seed of one arm still running
+            write(f"arms/{n}_{k}.json", {"arm": arm, "seed": 100 + k, "scores": {"a": score, "b": score}})
+    import MedSynthLib.study.preview as preview
+
+    # No GAN model folder here: stand one in for the model-sha256 lookup.
+    results, partial = assemble(tmp_path, folds, seeds_of, ids)
+    assert results["folds"] == []  # no GAN found: fold 1 is not complete
+    assert partial["folds"][0]["stages"] == {"gan": False, "synthetic": True, "fidelity": True,
+                                             "memorisation": True, "baseline": True}
+    original = preview.collect_fold
+
+    def with_gan(*a, **k):
+        found = original(*a, **k)
+        if found["stages"]["synthetic"] is not None:
+            found["stages"]["gan"] = {"train_seconds": 1.0}
+        return found
+
+    preview.collect_fold = with_gan
+    try:
+        results, partial = assemble(tmp_path, folds, seeds_of, ids)
+    finally:
+        preview.collect_fold = original
+    assert [f["fold"] for f in results["folds"]] == [1]
+    assert set(results["folds"][0]["arms"]) == set(ARMS) - {"real@50"}
+    assert partial["arms_included"] == [a for a in ARMS if a != "real@50"]
+    assert partial["folds"][0]["arms_seeds_done"]["real@50"] == 2
+    assert partial["folds"][1] == {"fold": 2, "included": False,
+                                   "stages": dict.fromkeys(("gan", "synthetic", "fidelity", "memorisation",
+                                                            "baseline"), False),
+                                   "arms_seeds_done": dict.fromkeys(ARMS, 0)}
+    runs = results["folds"][0]["arms"]["real"]["runs"]
+    assert [r["seed"] for r in runs] == [100, 101, 102]
+    assert "PARTIAL REPORT" in __import__("MedSynthLib.study.report", fromlist=["x"]).partial_note(partial)
