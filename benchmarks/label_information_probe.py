@@ -18,7 +18,7 @@ maps ``medsynth train`` derives (a training cache), predictions that are *better
   zero background does not bleed in): the ceiling of a prediction with all the real structure and none of
   the noise.
 
-Scores: brain SSIM (as ``medsynth evaluate``), and SSIM in the inpainting region (the real tumour grown by
+Scores: brain SSIM and PSNR (as ``medsynth evaluate``), and SSIM in the inpainting region (the real tumour grown by
 8 mm, inside the brain) and the tumour, mean of the four contrasts.  No model is involved; the numbers say
 how much of the target lies in structure finer than ``s`` that the labels do not carry.
 
@@ -127,11 +127,13 @@ def main() -> int:
                 scores.append(fidelity(real[m], guess, brain, {"region": region, "tumour": tumour}))
             row[method] = {part: float(np.mean([s[part]["ssim"] for s in scores]))
                            for part in ("brain", "region", "tumour")}
+            row[method]["brain_psnr"] = float(np.mean([s["brain"]["psnr"] for s in scores]))
             row[method]["per_modality_brain"] = {m: s["brain"]["ssim"] for m, s in zip(MODALITIES, scores)}
         rows.append(row)
         print(f"{name} ({time.perf_counter() - start:.0f} s): "
               + "  ".join(f"{k} {row[k]['brain']:.3f}/{row[k]['region']:.3f}" for k in methods), flush=True)
-    summary = {method: {part: float(np.mean([r[method][part] for r in rows])) for part in ("brain", "region", "tumour")}
+    summary = {method: {part: float(np.mean([r[method][part] for r in rows]))
+                        for part in ("brain", "region", "tumour", "brain_psnr")}
                for method in methods}
     report = {"command": " ".join(sys.argv), "cases": names, "summary": summary, "per_case": rows}
     print(json.dumps(summary, indent=1))
