@@ -236,3 +236,28 @@ def test_partial_assembly_finds_stages_by_content(tmp_path) -> None:
     runs = results["folds"][0]["arms"]["real"]["runs"]
     assert [r["seed"] for r in runs] == [100, 101, 102]
     assert "PARTIAL REPORT" in __import__("MedSynthLib.study.report", fromlist=["x"]).partial_note(partial)
+
+
+def test_image_reidentification_counts_the_source_patient_as_found_only_when_nearest() -> None:
+    from scipy.stats import binomtest
+
+    from MedSynthLib.study.report import image_reidentification, reidentification_table
+
+    def entry(kind: str, base: str, scores: dict[str, float]) -> dict:
+        return {"kind": kind, "base": base, "ncc_all": scores}
+
+    entries = [entry("transform", "a", {"a": 0.5, "b": 0.2, "c": 0.1, "d": 0.3}),  # found (rank 1)
+               entry("transform", "b", {"a": 0.1, "b": 0.4, "c": 0.2, "d": 0.0}),  # found (rank 1)
+               entry("insert", "c", {"a": 0.3, "b": 0.2, "c": 0.25, "d": 0.1}),    # rank 2: not found
+               entry("template", "ICBM152", {"a": 0.2, "b": 0.1, "c": 0.0, "d": 0.3})]
+    result = image_reidentification(entries)["by_kind"]
+    assert result["transform"] == {"n": 2, "source_patient": True, "top1": 2, "top1_accuracy": 1.0, "chance": 0.25,
+                                   "median_rank": 1.0,
+                                   "p_above_chance": binomtest(2, 2, 0.25, alternative="greater").pvalue}
+    assert result["transform"]["p_above_chance"] == 0.0625
+    assert result["insert"]["top1"] == 0 and result["insert"]["median_rank"] == 2.0
+    assert result["insert"]["p_above_chance"] == 1.0
+    assert result["template"] == {"n": 1, "source_patient": False}
+    table = reidentification_table({"memorisation": {"reidentification_by_image": {"by_kind": result}}})
+    assert "| 'transform' | 2 | the patient whose brain it was built on | 2 | 1.00 | 0.250 | 1.0 | 0.062 |" in table
+    assert "| 'template' | 1 | none (not a patient's brain) |" in table

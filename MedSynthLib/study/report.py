@@ -74,6 +74,47 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
+def image_reidentification(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Re-identification of synthetic cases by image: is the nearest real case the patient the case was built on?
+
+    Each entry is one synthetic case of the memorisation check (``kind``, ``base``: the case whose brain it was
+    built on, ``ncc_all``: its image similarity to every candidate real case).  Per kind whose base is among the
+    candidates (a patient's brain): top-1 hits, the median rank of the base, chance (1 / candidates) and the
+    one-sided binomial p of the hits above chance.  A kind whose base is no candidate (the template brain) has
+    no source patient to find and is listed with its count only.
+    """
+    from scipy.stats import binomtest
+
+    by_kind: dict[str, Any] = {}
+    for kind in sorted({e["kind"] for e in entries}):
+        group = [e for e in entries if e["kind"] == kind]
+        sourced = [e for e in group if e.get("base") in (e.get("ncc_all") or {})]
+        if not sourced:
+            by_kind[kind] = {"n": len(group), "source_patient": False}
+            continue
+        ranks = [1 + sum(v > e["ncc_all"][e["base"]] for v in e["ncc_all"].values()) for e in sourced]
+        hits = sum(r == 1 for r in ranks)
+        chance = float(np.mean([1.0 / len(e["ncc_all"]) for e in sourced]))
+        by_kind[kind] = {"n": len(sourced), "source_patient": True, "top1": hits, "top1_accuracy": hits / len(sourced),
+                         "chance": chance, "median_rank": float(np.median(ranks)),
+                         "p_above_chance": float(binomtest(hits, len(sourced), chance, alternative="greater").pvalue)}
+    return {"candidates": "the fold's real training cases", "by_kind": by_kind}
+
+
+def reidentification_table(report: dict[str, Any]) -> str:
+    rows = report["memorisation"].get("reidentification_by_image", {}).get("by_kind", {})
+    lines = ["| Synthetic cases built by | n | source patient | top-1 hits | top-1 accuracy | chance | median rank "
+             "of source | p (binomial, above chance) |", "|---|---|---|---|---|---|---|---|"]
+    for kind, e in rows.items():
+        if not e["source_patient"]:
+            lines.append(f"| '{kind}' | {e['n']} | none (not a patient's brain) | – | – | – | – | – |")
+            continue
+        lines.append(f"| '{kind}' | {e['n']} | the patient whose brain it was built on | {e['top1']} | "
+                     f"{_f(e['top1_accuracy'], 2)} | {_f(e['chance'], 3)} | {_f(e['median_rank'], 1)} | "
+                     f"{e['p_above_chance']:.2g} |")
+    return "\n".join(lines)
+
+
 def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: str, started_utc: str,
                  wall_seconds: float) -> dict[str, Any]:
     from ..cases.anatomy import DEFAULT_ANATOMY_MODEL
@@ -204,6 +245,8 @@ def build_report(inputs: Any, results: dict[str, Any], study: Any, *, command: s
                         for k in kinds},
         },
         "per_case": memo_cases,
+        "reidentification_by_image": image_reidentification(
+            [entry for fold in folds for entry in fold["memorisation"]["cases"]]),
     }
     seg_cfg = config.seg_config
     timings = {"wall_seconds_this_run": round(wall_seconds, 1),
@@ -554,6 +597,13 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         "nearest-neighbour description, not a privacy test: the re-identification attack "
         "(`python -m MedSynthLib.study.reidentification`) is.", "",
         memorisation_table(report), "",
+        "Re-identification by image: each synthetic case's nearest real case (the same similarity, among the "
+        "fold's training cases, on the study grid: the BraTS cases share one atlas space) against the patient "
+        "whose brain it was built on. A case built on a patient's brain (its tumour moved, or another's inserted) "
+        "is expected to be found, which shows the attack works; a case in the template brain has no source "
+        "patient. Tumour-shape matching and registration of cases from other sources: "
+        "`python -m MedSynthLib.study.reidentification`.", "",
+        reidentification_table(report), "",
         "## Discussion", "", discussion(report), "",
         "## Figures", "",
     ]
