@@ -107,7 +107,7 @@ def reidentification_table(report: dict[str, Any]) -> str:
              "of source | p (binomial, above chance) |", "|---|---|---|---|---|---|---|---|"]
     for kind, e in rows.items():
         if not e["source_patient"]:
-            lines.append(f"| '{kind}' | {e['n']} | none (not a patient's brain) | – | – | – | – | – |")
+            lines.append(f"| '{kind}' | {e['n']} | none (not a patient's brain) | – | – | – | – | – |")  # e.g. template
             continue
         lines.append(f"| '{kind}' | {e['n']} | the patient whose brain it was built on | {e['top1']} | "
                      f"{_f(e['top1_accuracy'], 2)} | {_f(e['chance'], 3)} | {_f(e['median_rank'], 1)} | "
@@ -600,9 +600,12 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         "Re-identification by image: each synthetic case's nearest real case (the same similarity, among the "
         "fold's training cases, on the study grid: the BraTS cases share one atlas space) against the patient "
         "whose brain it was built on. A case built on a patient's brain (its tumour moved, or another's inserted) "
-        "is expected to be found, which shows the attack works; a case in the template brain has no source "
-        "patient. Tumour-shape matching and registration of cases from other sources: "
-        "`python -m MedSynthLib.study.reidentification`.", "",
+        "is expected to be found, which shows the attack works. A case in the template brain has no source "
+        "brain to find by image, but its tumour is a training patient's ('template' inserts one), and a tumour's "
+        "shape identifies its patient wherever it is placed: the tumour-shape channel of "
+        "`python -m MedSynthLib.study.reidentification` (docs/study/reidentification.md, the same edit on all 27 "
+        "cases) finds that patient after a similarity alignment. Only a parametric tumour in the template is "
+        "anonymous.", "",
         reidentification_table(report), "",
         "## Discussion", "", discussion(report), "",
         "## Figures", "",
