@@ -236,6 +236,16 @@ def test_partial_assembly_finds_stages_by_content(tmp_path) -> None:
     runs = results["folds"][0]["arms"]["real"]["runs"]
     assert [r["seed"] for r in runs] == [100, 101, 102]
     assert "PARTIAL REPORT" in __import__("MedSynthLib.study.report", fromlist=["x"]).partial_note(partial)
+    assert partial["complete"] is False
+
+    # The last seed finishes; with fold 1 the only fold, the study is complete.
+    write("arms/real50_2.json", {"arm": "real@50", "seed": 102, "scores": {"a": score, "b": score}})
+    preview.collect_fold = with_gan
+    try:
+        results, partial = assemble(tmp_path, folds[:1], seeds_of, ids)
+    finally:
+        preview.collect_fold = original
+    assert partial["complete"] is True and set(results["folds"][0]["arms"]) == set(ARMS)
 
 
 def test_image_reidentification_counts_the_source_patient_as_found_only_when_nearest() -> None:

@@ -10,7 +10,9 @@ cases by the fold's training cases, the GAN by the model sha256 its synthetic ca
 
 A fold is included when its GAN, synthetic cases, fidelity, memorisation check and baseline
 are all there; an arm when all its seeds are there in every included fold.  Everything left
-out is listed in ``report["partial"]`` and in a banner at the top of ``report.md``.
+out is listed in ``report["partial"]`` and in a banner at the top of ``report.md``.  From the
+work folder of a finished study it builds the whole report (no banner) with this code's
+statistics, whatever commit computed the stages.
 
 Case preparation (cheap) is read from, or if missing written into, the given work folder,
 so point it at a copy of a running study's work folder, never at the folder itself::
@@ -129,6 +131,7 @@ def assemble(work: Path, folds: Sequence[Any], seeds_of: Any, all_case_ids: Sequ
                  "fold) are in the tables; n counts only the included folds' held-out cases, and the Split row "
                  "counts only the included folds. The Git commit row names the code that built this report; the "
                  "stages were computed by the running study's own code."),
+        "complete": len(included) == len(folds) and len(complete_arms) == len(ARMS),
         "seeds": max((len(v) for _, seeds, _ in found for v in seeds.values()), default=0),
         "arms_included": complete_arms,
         "folds": [{"fold": fold.index, "included": any(fold is g for g, _, _ in included),
@@ -170,7 +173,8 @@ def preview(data: Path, work: Path, report_dir: Path, config: Any, *, extra_labe
             study.computed.setdefault(name, False)
     report = build_report(inputs, results, study, command=command or "python -m MedSynthLib.study.preview",
                           started_utc=started_utc, wall_seconds=time.perf_counter() - started)
-    report["partial"] = partial
+    # A finished study's cache gives the whole report, built by this code (no banner).
+    report["partial"] = None if partial["complete"] else partial
     write_report(report, results, study, Path(report_dir), overwrite=overwrite)
     return report
 
