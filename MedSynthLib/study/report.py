@@ -107,7 +107,7 @@ def reidentification_table(report: dict[str, Any]) -> str:
              "of source | p (binomial, above chance) |", "|---|---|---|---|---|---|---|---|"]
     for kind, e in rows.items():
         if not e["source_patient"]:
-            lines.append(f"| '{kind}' | {e['n']} | none (not a patient's brain) | – | – | – | – | – |")  # e.g. template
+            lines.append(f"| '{kind}' | {e['n']} | none (not a patient's brain) | – | – | – | – | – |")
             continue
         lines.append(f"| '{kind}' | {e['n']} | the patient whose brain it was built on | {e['top1']} | "
                      f"{_f(e['top1_accuracy'], 2)} | {_f(e['chance'], 3)} | {_f(e['median_rank'], 1)} | "
