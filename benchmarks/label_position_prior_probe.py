@@ -9,12 +9,15 @@ class (CSF, GM, WM) and contrast, the other 8 patients' ``class_local_means_8 - 
 averaged where they have that class at that voxel, is added to the held-out case's own class means, and the
 brain SSIM (as ``medsynth evaluate``) is compared with the class means alone.
 
-    MEDSYNTH_DATA=../shared/data MEDSYNTH_PROBE_CACHE=CACHE PYTHONPATH=. \\
-        python benchmarks/label_position_prior_probe.py docs/synthesis_cv/label_position_prior_f0.json
+    PYTHONPATH=. python benchmarks/label_position_prior_probe.py --data ../shared/data --cache CACHE \\
+        docs/synthesis_cv/label_position_prior_f0.json
+
+(``MEDSYNTH_DATA`` and ``MEDSYNTH_PROBE_CACHE`` give the defaults of ``--data`` and ``--cache``.)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -31,14 +34,14 @@ from MedSynthLib.schema.labels import MODALITIES, brain_mask, tumour_mask  # noq
 from MedSynthLib.training.data import find_case_folders, prepare_volume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
-CACHE = Path(os.environ.get("MEDSYNTH_PROBE_CACHE", "cache_label_probe"))
+DEFAULT_DATA = Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
+DEFAULT_CACHE = Path(os.environ.get("MEDSYNTH_PROBE_CACHE", "cache_label_probe"))
 HEALTHY = (1, 2, 3)  # CSF, GM, WM
 
 
-def load_case(folder: Path) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+def load_case(folder: Path, cache: Path) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
     """The cached label map and images put back on the case's own (atlas-space) grid; None if it cannot be."""
-    volume = prepare_volume(folder, CACHE, "tissue_zscore")
+    volume = prepare_volume(folder, cache, "tissue_zscore")
     case = read_case(folder, require_segmentation=True)
     shape = case.images["t1"].shape
     # the cache keeps the brain box of the derived labels, not its place: found again from the images
@@ -70,11 +73,18 @@ def shared_field(labels: np.ndarray, others: list[tuple[np.ndarray, dict[str, np
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json", type=Path, nargs="?", help="write the per-case scores here")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (brats2021/cases, "
+                        "brats_more/cases)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="training cache of derived label maps")
+    args = parser.parse_args()
     held = json.loads((REPO / "Resources/configs/inpaint_brats27_cpu_cv.json").read_text())["cv_folds"][0]
-    folders = {f.name: f for r in [DATA / "brats2021/cases", DATA / "brats_more/cases"] for f in find_case_folders(r)}
+    folders = {f.name: f for r in [args.data / "brats2021/cases", args.data / "brats_more/cases"]
+               for f in find_case_folders(r)}
     cases = {}
     for name in held:
-        loaded = load_case(folders[name])
+        loaded = load_case(folders[name], args.cache)
         if loaded is None:
             continue
         labels, real = loaded
@@ -95,8 +105,8 @@ def main() -> int:
         print(name, "ccm", round(np.mean(row["ccm"]), 3), "ccm+prior", round(np.mean(row["ccm+prior"]), 3), flush=True)
     print("mean ccm", np.mean([np.mean(r["ccm"]) for r in rows]),
           "ccm+prior", np.mean([np.mean(r["ccm+prior"]) for r in rows]))
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps({"command": " ".join(sys.argv), "per_case": rows}, indent=1))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "per_case": rows}, indent=1))
     return 0
 
 
