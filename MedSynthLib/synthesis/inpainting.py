@@ -300,9 +300,10 @@ def _is_medsynth_case(folder: Path) -> bool:
     import json
 
     from ..schema.provenance import SYNTHETIC_CASE_KIND
+    from .case_folder import PROVENANCE_FILE
 
     try:
-        record = json.loads((folder / "provenance.json").read_text())
+        record = json.loads((folder / PROVENANCE_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("kind") == SYNTHETIC_CASE_KIND

@@ -391,6 +391,14 @@ def load_generator(model: ModelCard, device: str = "cpu", backend: str = "torch"
     return net.to(device).eval()
 
 
+def check_model_name(name: str) -> None:
+    """A registered or shared model's name is a folder name: letters, digits, '.', '_' or '-'."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise MedSynthError(f"model name {name!r}: use letters, digits, '.', '_' or '-'")
+
+
 #: What a shared model keeps of its ``training`` record: no command (paths), file hash or case name.
 SHARED_TRAINING_KEYS = ("steps", "training_seconds", "precision", "device", "world_size", "final_losses")
 #: Training-config fields that name cases: a shared model keeps only how many (a list of counts per fold).
@@ -429,7 +437,6 @@ def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], 
     Raises:
         MedSynthError: ``source`` is not a valid model, ``output`` exists (without ``overwrite``), a bad name.
     """
-    import re
     import shutil
 
     from ..schema.volume_io import atomic_directory
@@ -437,8 +444,7 @@ def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], 
     model = resolve_model(source)
     output = Path(output)
     name = name or output.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise MedSynthError(f"model name {name!r}: use letters, digits, '.', '_' or '-'")
+    check_model_name(name)
     config = {k: v for k, v in model.config.items() if k not in ("name", "training", "validation")}
     config["name"] = name
     if isinstance(model.config.get("training"), dict):
@@ -460,13 +466,11 @@ def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], 
 def register_model(source: str | os.PathLike[str], name: str, *, make_default: bool = False,
                    root: Path | None = None, overwrite: bool = False) -> ModelCard:
     """Copy a verified model folder into the registry folder and list it (name -> folder + sha256)."""
-    import re
     import shutil
 
     from ..schema.volume_io import atomic_directory, write_json
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise MedSynthError(f"model name {name!r}: use letters, digits, '.', '_' or '-'")
+    check_model_name(name)
     model = resolve_model(source)
     root = root or models_root()
     with atomic_directory(root / name, overwrite=overwrite) as tmp:
