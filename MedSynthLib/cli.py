@@ -243,12 +243,15 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
 
     edits = []
+    if args.flip_about is not None and not args.flip:  # else silently ignored
+        raise _UsageError("medsynth tumour: --flip-about applies with --flip only (give --flip LR, AP or SI)")
     if args.flip:
-        edits.append(Flip(args.flip, args.flip_about))
+        edits.append(Flip(args.flip, args.flip_about or "tumour"))
     if args.rotate is not None:
         edits.append(Rotate(_vector(args.rotate, "--rotate")))
     if args.scale is not None:
-        edits.append(Scale(_vector(args.scale, "--scale", allow_one=True)))
+        factors = _vector(args.scale, "--scale", allow_one=True)
+        edits.append(_edit_from_options(args.labels, lambda: Scale(factors), {"scale factors": "--scale"}))
     if args.translate is not None:
         edits.append(Translate(_vector(args.translate, "--translate")))
     if not edits:
@@ -258,6 +261,21 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
     for edit in edits:
         labelmap = _apply_edit(edit, labelmap, args.labels)
     return _write_edited(labelmap, args)
+
+
+def _edit_from_options(path: Path, make: Callable[[], Any], options: dict[str, str]) -> Any:
+    """``make()``, its parameter errors naming the file and the CLI option (not the edit's field name)."""
+    from .schema.errors import EditError
+
+    try:
+        return make()
+    except EditError as exc:
+        message = str(exc)
+        option = next((opt for field, opt in options.items() if field in message), None)
+        for field, opt in options.items():
+            message = message.replace(field, opt)
+        prefix = f"{path}: " if option is None or option in message else f"{path}: {option}: "
+        raise EditError(prefix + message) from None
 
 
 def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
@@ -293,12 +311,15 @@ def cmd_tumour_new(args: argparse.Namespace) -> int:
 
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
     labelmap = read_label_map(args.labels)
-    edit = ParametricTumour(centre_ras_mm=_vector(args.centre, "--centre"),
-                            radii_mm=_vector(args.radius, "--radius", allow_one=True),
-                            rim_mm=_number(args.rim, "--rim"), necrosis=not args.no_necrosis,
-                            oedema_mm=_number(args.oedema, "--oedema"),
-                            irregularity=_number(args.irregularity, "--irregularity", 0.0, 1.0),
-                            seed=args.seed, keep_existing=args.keep_existing)
+    centre, radii = _vector(args.centre, "--centre"), _vector(args.radius, "--radius", allow_one=True)
+    rim, oedema = _number(args.rim, "--rim"), _number(args.oedema, "--oedema")
+    irregularity = _number(args.irregularity, "--irregularity", 0.0, 1.0)
+    edit = _edit_from_options(
+        args.labels,
+        lambda: ParametricTumour(centre_ras_mm=centre, radii_mm=radii, rim_mm=rim, necrosis=not args.no_necrosis,
+                                 oedema_mm=oedema, irregularity=irregularity, seed=args.seed,
+                                 keep_existing=args.keep_existing),
+        {"radii_mm": "--radius", "centre_ras_mm": "--centre", "seed": "--seed"})
     return _write_edited(_apply_edit(edit, labelmap, args.labels), args)
 
 
@@ -571,7 +592,8 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .synthesis.models import models_root, read_registry, register_model, resolve_model, share_model
+    from .synthesis.models import (DEFAULT_KEYS, default_problem, models_root, read_registry, register_model,
+                                   resolve_model, share_model)
 
     if args.share is not None:
         if args.register is not None or args.default:
@@ -596,23 +618,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     registry = read_registry()
     if not registry.get("models"):
         print(f"no models registered in {models_root()}")
-        return 0
-    broken = []
+    broken, kinds = [], {}
     for name in sorted(registry["models"]):
         entry = registry["models"][name]
-        default = " (default)" if name == registry.get("default") else ""
+        default = "".join(" (default)" if kind == "synthesis" else f" (default {kind})"
+                          for kind, key in DEFAULT_KEYS.items() if name == registry.get(key))
         try:
             model = resolve_model(name)
-            status = "ok"
+            status, kinds[name] = "ok", model.kind
             description = model.config.get("description", "")
         except MedSynthError as exc:
             status, description = f"BROKEN: {exc}", ""
             broken.append(name)
         print(f"{name}{default}\n  folder   {models_root() / entry['path']}\n  sha256   {entry['sha256']}\n"
               f"  status   {status}" + (f"\n  about    {description}" if description else ""))
-    if broken:  # the listing is also the verification: a broken model is a failed check, as sha256sum -c says
-        raise MedSynthError(f"{models_root() / 'registry.json'}: {len(broken)} of {len(registry['models'])} "
-                            f"registered models failed verification ({', '.join(broken)})")
+    # The listing is also the verification: a broken model or default is a failed check, as sha256sum -c says.
+    problems = [f"{len(broken)} of {len(registry['models'])} registered models failed verification "
+                f"({', '.join(broken)})"] if broken else []
+    for kind, key in DEFAULT_KEYS.items():
+        problem = default_problem(registry, kind, kinds.get(registry.get(key)))
+        if problem:
+            problems.append(f"the registry's {problem}")
+    if problems:
+        raise MedSynthError(f"{models_root() / 'registry.json'}: {'; '.join(problems)}")
     return 0
 
 
@@ -658,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotation about the RAS x, y, z axes through the tumour centre, degrees")
     p.add_argument("--scale", type=_finite_float, nargs="+", metavar="S", help="scale factor (1 value or 3 per axis)")
     p.add_argument("--flip", choices=("LR", "AP", "SI"), help="mirror the tumour along an axis")
-    p.add_argument("--flip-about", choices=("tumour", "brain"), default="tumour",
-                   help="mirror plane through the tumour centre or the brain mid-plane (other hemisphere)")
+    p.add_argument("--flip-about", choices=("tumour", "brain"),
+                   help="with --flip: mirror plane through the tumour centre (the default) or the brain mid-plane "
+                        "(other hemisphere)")
     _add_output(p, "output label map (.nii.gz)")
     p.set_defaults(func=cmd_tumour_transform)
 

@@ -210,12 +210,74 @@ def probability_above_one(tmp, shared, out):
     return ["tumour", "random", labels, "--seed", "1", "--p-new", "2", "-o", out], "--p-new", "must lie in [0, 1]"
 
 
+def _raw_seg(tmp):
+    return write_volume(SEG.astype(np.uint8), tmp / "raw_seg.nii.gz")  # BraTS values 0, 1, 2, 4
+
+
+def raw_seg_into_insert(tmp, shared, out):
+    path = _raw_seg(tmp)
+    argv = ["tumour", "insert", "--from", path, "--into", shared["labels"], "-o", out]
+    return argv, path, "not a MedSynth label map"
+
+
+def raw_seg_into_new(tmp, shared, out):
+    path = _raw_seg(tmp)
+    return ["tumour", "new", path, "--centre", "0", "0", "0", "--radius", "5", "-o", out], path, \
+        "not a MedSynth label map"
+
+
+def mask_into_translate(tmp, shared, out):
+    path = write_volume((SEG > 0).astype(np.uint8), tmp / "mask.nii.gz")
+    return ["tumour", path, "--translate", "1", "0", "0", "-o", out], path, "medsynth labels"
+
+
+def raw_seg_into_synthesize(tmp, shared, out):
+    path = _raw_seg(tmp)
+    return ["synthesize", path, "-o", tmp / "synth_out"], path, "not a MedSynth label map"
+
+
+def image_as_label_map(tmp, shared, out):
+    path = write_volume(np.arange(SEG.size, dtype=np.int16).reshape(SEG.shape) % 2000 - 100, tmp / "t1.nii.gz")
+    return ["tumour", path, "--translate", "1", "0", "0", "-o", out], path, "distinct values outside"
+
+
+def _no_tumour(tmp, shared):
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(shared["labels"])))
+    array[array >= 4] = 3
+    return write_volume(array, tmp / "healthy.nii.gz")
+
+
+def flip_about_brain_without_tumour(tmp, shared, out):
+    path = _no_tumour(tmp, shared)
+    argv = ["tumour", path, "--flip", "LR", "--flip-about", "brain", "-o", out]
+    return argv, path, "no tumour to edit"
+
+
+def scale_zero(tmp, shared, out):
+    labels = shared["labels"]
+    return ["tumour", labels, "--scale", "0", "-o", out], labels, "--scale"
+
+
+def radius_zero(tmp, shared, out):
+    labels = shared["labels"]
+    return ["tumour", "new", labels, "--centre", *_grid_centre_ras(labels), "--radius", "0", "-o", out], labels, \
+        "--radius"
+
+
+def flip_about_without_flip(tmp, shared, out):
+    labels = shared["labels"]
+    return ["tumour", labels, "--translate", "1", "0", "0", "--flip-about", "brain", "-o", out], "--flip-about", \
+        "--flip"
+
+
 BAD_INPUTS = [
     missing_modality, unknown_naming, missing_folder, missing_label_map, garbage_bytes, truncated_int16_gz,
     truncated_float32_gz, truncated_data_intact_gzip, truncated_uncompressed, geometry_mismatch,
     seg_value_outside_convention, label_map_value_outside_schema, image_2d, label_map_4d, empty_brain,
     edit_leaves_brain, edit_past_the_grid, insert_cannot_fit, parametric_centre_outside,
-    oedema_past_the_grid, radius_not_finite, probability_above_one,
+    oedema_past_the_grid, radius_not_finite, probability_above_one, raw_seg_into_insert, raw_seg_into_new,
+    mask_into_translate, raw_seg_into_synthesize, image_as_label_map, flip_about_brain_without_tumour, scale_zero,
+    radius_zero, flip_about_without_flip,
 ] + [pytest.param(_non_finite(v), id=f"non_finite_{n}") for n, v in (("nan", np.nan), ("inf", np.inf),
                                                                      ("neg_inf", -np.inf))]
 
@@ -234,6 +296,7 @@ def _assert_one_error_line(err: str, named: Path, words: str) -> str:
     assert line.startswith("medsynth: error:"), line
     assert str(named) in line, f"{named} not named in {line!r}"
     assert words in line, f"{words!r} not in {line!r}"
+    assert len(line) < 600, f"error line of {len(line)} characters"
     return line
 
 

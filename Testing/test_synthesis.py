@@ -255,6 +255,59 @@ def test_models_command_lists_the_registry(tiny_model: Path, models_dir: Path, m
         (root / "registry.json").unlink()
 
 
+def _registry_of_both_kinds(tiny_model: Path, root: Path, **defaults) -> Path:
+    """A registry folder with the tiny synthesis model ``syn`` and a tiny inpainting model ``inp``."""
+    from test_inpainting import write_tiny_inpainting_model
+
+    copy_model(tiny_model, root / "syn")
+    write_tiny_inpainting_model(root / "inp")
+    models = {n: {"path": n, "sha256": file_sha256(root / n / "weights.safetensors")} for n in ("syn", "inp")}
+    (root / "registry.json").write_text(json.dumps({**defaults, "models": models}))
+    return root / "registry.json"
+
+
+def _one_error_line(capsys) -> tuple[str, str]:
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return out, err
+
+
+def test_a_registry_default_is_a_registered_model_of_its_kind(tiny_model: Path, tmp_path: Path, monkeypatch,
+                                                              capsys) -> None:
+    """A default naming no registered model, or one of the other kind, is a failed check of ``medsynth models``;
+    resolving it never falls back to a folder of that name in the current directory."""
+    root = tmp_path / "reg"
+    registry = _registry_of_both_kinds(tiny_model, root, default="syn", default_inpainting="inp")
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(root))
+    monkeypatch.chdir(tmp_path)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "syn (default)\n" in out and "inp (default inpainting)\n" in out
+
+    copy_model(tiny_model, tmp_path / "ghost")  # an unverified folder named like the default
+    for defaults, key, words in (({"default": "ghost", "default_inpainting": "inp"}, "default", "not a registered"),
+                                 ({"default": "syn", "default_inpainting": "ghost"}, "default_inpainting",
+                                  "not a registered"),
+                                 ({"default": "inp", "default_inpainting": "inp"}, "default", "inpainting"),
+                                 ({"default": "syn", "default_inpainting": "syn"}, "default_inpainting", "synthesis")):
+        data = json.loads(registry.read_text())
+        registry.write_text(json.dumps({**data, **defaults}))
+        assert main(["models"]) == 2, defaults
+        _, err = _one_error_line(capsys)
+        assert str(registry) in err and repr(key) in err and words in err, err
+        kind = "synthesis" if key == "default" else "inpainting"
+        with pytest.raises(InputError) as caught:
+            resolve_model(None, kind=kind)
+        message = str(caught.value)
+        assert str(registry) in message and repr(key) in message and words in message, message
+    registry.write_text(json.dumps({**json.loads(registry.read_text()), "default": "ghost"}))
+    labels = tmp_path / "labels.nii.gz"
+    write_label_map(synthetic_brain(size=(20, 24, 20)), labels)
+    assert main(["synthesize", str(labels), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    _, err = _one_error_line(capsys)
+    assert "'default'" in err and "ghost" in err and not (tmp_path / "out").exists()
+
+
 def _as_trained_on_patients(model: Path) -> Path:
     """The model's config as ``medsynth train`` records a run on a hospital's cases (names, paths, file hashes)."""
     path = model / "config.json"

@@ -262,6 +262,8 @@ class Flip(Edit):
 
     def apply(self, labelmap: LabelMap) -> np.ndarray:
         grid = labelmap.grid
+        if not tumour_mask(labelmap.array).any():  # about="brain" would otherwise report a vanished tumour
+            raise EditError("the label map has no tumour to edit")
         centre = tumour_centre(labelmap) if self.about == "tumour" else brain_centre(labelmap)
         centre = grid.index_to_lps(np.round(2.0 * grid.lps_to_index(centre)) / 2.0)
         mirror = np.ones(3)

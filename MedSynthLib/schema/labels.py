@@ -173,8 +173,27 @@ def check_label_map(labels: np.ndarray) -> None:
             raise LabelValueError("label map holds non-integer values")
     bad = np.unique(labels[(labels < 0) | (labels >= NUM_CLASSES)])
     if bad.size:
+        # An image given as a label map has thousands of values: name a few, not all (one short line).
+        shown = ", ".join(str(int(v)) for v in bad[:5]) + (", ..." if bad.size > 5 else "")
         raise LabelValueError(
-            f"label values {sorted(int(v) for v in bad)} are outside the MedSynth schema 0-{NUM_CLASSES - 1}"
+            f"{bad.size} distinct values outside the MedSynth schema 0-{NUM_CLASSES - 1} "
+            f"(min {int(bad.min())}, max {int(bad.max())}: {shown}); not a label map"
+            if bad.size > 5 else
+            f"label values [{shown}] are outside the MedSynth schema 0-{NUM_CLASSES - 1}"
+        )
+
+
+def check_anatomy(labels: np.ndarray) -> None:
+    """Raise :class:`LabelValueError` unless ``labels`` holds white matter (a schema map always does).
+
+    Values 0-6 alone do not make a MedSynth map: a raw BraTS segmentation (0, 1, 2, 4) or a
+    0/1 mask passes :func:`check_label_map` and would be read as CSF/GM/NCR silently.
+    """
+    if not np.any(labels == Label.WM):
+        values = ", ".join(str(int(v)) for v in np.unique(labels))
+        raise LabelValueError(
+            f"not a MedSynth label map: it holds no white matter (label 3; values {values}), a tumour "
+            "segmentation or mask? derive a label map with `medsynth labels`"
         )
 
 

@@ -124,6 +124,20 @@ ModelFolder = ModelCard
 DEFAULT_KEYS = {"synthesis": "default", "inpainting": "default_inpainting"}
 
 
+def default_problem(registry: dict[str, Any], kind: str, model_kind: str | None = None) -> str | None:
+    """What is wrong with the registry's default of ``kind`` (given its model's kind once known), else None."""
+    key = DEFAULT_KEYS[kind]
+    name = registry.get(key)
+    if not name:
+        return None
+    if name not in registry.get("models", {}):
+        return f"{key!r} names {name!r}, which is not a registered model"
+    if model_kind is not None and model_kind != kind:
+        a = {k: "an" if k[:1] in ("a", "e", "i", "o", "u") else "a" for k in (kind, model_kind)}
+        return f"{key!r} names {name!r}, {a[model_kind]} {model_kind} model, not {a[kind]} {kind} model"
+    return None
+
+
 def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str = "synthesis") -> ModelCard:
     """Find, verify and parse a model by registry name (default: the registry's default of ``kind``) or folder path.
 
@@ -136,12 +150,24 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
         MedSynthError: unknown name, missing files, wrong hash, or another label schema.
     """
     registry = read_registry()
-    expected_sha: str | None = None
-    if name_or_path is None:
-        name_or_path = registry.get(DEFAULT_KEYS[kind])
-        if not name_or_path:
+    if name_or_path is None:  # the registry's default: a registered name, never a folder path
+        name = registry.get(DEFAULT_KEYS[kind])
+        if not name:
             what = "default model" if kind == "synthesis" else f"default {kind} model"
             raise MedSynthError(f"{models_root()}: no {what} is registered (give --model)")
+        registry_path = models_root() / "registry.json"
+        problem = default_problem(registry, kind)
+        if problem:
+            raise InputError(registry_path, f"the registry's {problem} (give --model)")
+        try:
+            card = resolve_model(name, kind)
+        except InputError as exc:
+            raise InputError(exc.path, f"{exc.problem} (the registry's {DEFAULT_KEYS[kind]!r} model {name!r})") from None
+        problem = default_problem(registry, kind, card.kind)
+        if problem:
+            raise InputError(registry_path, f"the registry's {problem} (give --model)")
+        return card
+    expected_sha: str | None = None
     text = os.fspath(name_or_path)
     if text in registry.get("models", {}):
         entry = registry["models"][text]
