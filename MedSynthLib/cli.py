@@ -894,9 +894,9 @@ def _quiet_itk() -> Iterator[None]:
 
 def _normalise_argv(argv: list[str]) -> list[str]:
     """``medsynth tumour LABELS --translate ...`` means ``medsynth tumour transform LABELS ...`` (also ``tumor``)."""
-    command = next((word for word in argv if word in _TUMOUR_COMMANDS), None)
-    if command is not None:
-        at = argv.index(command)
+    # Only the command word (the first non-option word): elsewhere "tumor" may be a case folder or a file.
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
+    if at is not None and argv[at] in _TUMOUR_COMMANDS:
         if at + 1 < len(argv) and argv[at + 1] not in _TUMOUR_SUBCOMMANDS:
             return argv[: at + 1] + ["transform"] + argv[at + 1:]
     return argv

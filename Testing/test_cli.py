@@ -329,3 +329,16 @@ def test_demo_refuses_existing(demo, capsys):
     assert str(demo) in err and "already exists" in err
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in demo.iterdir()} == before
     assert sorted(os.listdir(demo.parent)) == ["demo"]
+
+
+def test_tumour_shorthand_only_as_the_command_word(tmp_path, monkeypatch, capsys):
+    """``tumour``/``tumor`` elsewhere in argv (a case folder named tumor) is left alone."""
+    from MedSynthLib.cli import _normalise_argv
+
+    assert _normalise_argv(["tumor", "a.nii.gz", "--translate", "1", "0", "0"])[:2] == ["tumor", "transform"]
+    assert _normalise_argv(["tumour", "insert", "--from", "a"])[:2] == ["tumour", "insert"]
+    assert _normalise_argv(["info", "tumor"]) == ["info", "tumor"]
+    assert _normalise_argv(["info", "tumour", "--json"]) == ["info", "tumour", "--json"]
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(["info", "tumor"], capsys)
+    assert rc == 2 and "tumor" in err and "transform" not in err
