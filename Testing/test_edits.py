@@ -746,3 +746,42 @@ def test_healthy_anatomy_fills_each_tumour_voxel_from_a_nearest_anatomy_voxel(la
         to_class = ndimage.distance_transform_edt(labels != value, sampling=sampling)
         assert np.allclose(to_class[filled], nearest[filled])
     assert np.all((out[tumour] >= Label.CSF) & (out[tumour] <= Label.WM))
+
+
+def _oblique(degrees: float = 20.0) -> tuple[float, ...]:
+    a = np.deg2rad(degrees)  # about S (LPS z): a rotation of the LPS x/y plane
+    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    return tuple(float(v) for v in (rot @ np.diag([-1.0, -1.0, 1.0])).ravel())
+
+
+def test_brain_box_and_centre_use_physical_voxel_positions_on_oblique_grids():
+    """On a rotated grid the index box's corners lie outside the brain: the box is that of the voxel centres."""
+    from MedSynthLib.edits.geometry import brain_box_lps, brain_centre
+
+    lm = synthetic_brain(make_grid((1.0, 1.0, 1.0), _oblique()))
+    kji = np.argwhere(lm.array > 0)
+    lps = lm.grid.index_to_lps(kji[:, ::-1].astype(float))
+    lo, hi = brain_box_lps(lm)
+    assert lo == pytest.approx(lps.min(axis=0), abs=1e-9) and hi == pytest.approx(lps.max(axis=0), abs=1e-9)
+    assert brain_centre(lm) == pytest.approx((lps.min(axis=0) + lps.max(axis=0)) / 2, abs=1e-9)
+    # Axis-aligned grids: the index box is the physical box (unchanged results, bit for bit).
+    for spacing, direction in GRIDS.values():
+        aligned = synthetic_brain(make_grid(spacing, direction))
+        nz = np.argwhere(aligned.array > 0)
+        old = aligned.grid.index_to_lps(((nz.min(axis=0) + nz.max(axis=0)) / 2.0)[::-1])
+        assert np.array_equal(brain_centre(aligned), old)
+
+
+def test_insert_into_the_same_brain_on_an_oblique_grid_lands_in_place():
+    source = synthetic_brain(make_grid((1.0, 1.0, 1.0), LPS_FLIP), tumour_at=(0.3, 0.5, 0.5))
+    target_grid = make_grid((1.0, 1.0, 1.0), _oblique(), shape=(56, 80, 80))
+    # The same brain resampled onto the rotated grid (nearest neighbour by physical position).
+    kji = np.indices(target_grid.shape).reshape(3, -1).T.astype(float)
+    src_idx = np.round(source.grid.lps_to_index(target_grid.index_to_lps(kji[:, ::-1])))[:, ::-1].astype(int)
+    inside = np.all((src_idx >= 0) & (src_idx < source.array.shape), axis=1)
+    array = np.zeros(target_grid.shape, np.uint8).reshape(-1)
+    array[inside] = source.array[tuple(src_idx[inside].T)]
+    target = LabelMap(np.where(array.reshape(target_grid.shape) >= Label.NCR, Label.WM, array.reshape(
+        target_grid.shape)).astype(np.uint8), target_grid)
+    out = InsertTumour(source="same")(target, source)
+    assert np.linalg.norm(tumour_centre(out) - tumour_centre(source)) < 2.5  # was 5.3 mm off (index box)

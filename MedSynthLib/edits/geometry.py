@@ -104,25 +104,59 @@ def tumour_centre(labelmap: LabelMap) -> np.ndarray:
     return labelmap.grid.index_to_lps(kji[::-1])
 
 
-def brain_box_lps(labelmap: LabelMap) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned LPS bounding box (min, max) of the brain's voxel centres."""
+def _axis_aligned(grid: Grid) -> bool:
+    """The direction matrix is a signed permutation: index-space boxes are physical boxes."""
+    direction = np.abs(np.asarray(grid.direction_matrix, float))
+    return bool(np.all((direction < 1e-12) | (np.abs(direction - 1.0) < 1e-12)))
+
+
+def _brain_extremes_lps(labelmap: LabelMap) -> np.ndarray:
+    """LPS positions of the first and last brain voxel of every (k, j) row.
+
+    Any linear function of position (so each LPS coordinate) is monotone along a row, so its
+    extremes over the brain are among these points: the same min/max as over every brain
+    voxel, with two points a row instead of the whole brain.
+    """
     box = bounds(brain_mask(labelmap.array))
     if box is None:
         raise EditError("the label map has no brain (all background)")
     lo, hi = box
-    corners_kji = np.array([[a, b, c] for a in (lo[0], hi[0] - 1) for b in (lo[1], hi[1] - 1)
-                            for c in (lo[2], hi[2] - 1)], dtype=float)
-    lps = labelmap.grid.index_to_lps(corners_kji[:, ::-1])
+    mask = brain_mask(labelmap.array[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    rows = mask.any(axis=2)
+    first = np.argmax(mask, axis=2)[rows]
+    last = mask.shape[2] - 1 - np.argmax(mask[:, :, ::-1], axis=2)[rows]
+    k, j = np.nonzero(rows)
+    kji = np.concatenate([np.stack([k, j, first], axis=1), np.stack([k, j, last], axis=1)]) + lo
+    return labelmap.grid.index_to_lps(kji[:, ::-1].astype(float))
+
+
+def brain_box_lps(labelmap: LabelMap) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned LPS bounding box (min, max) of the brain's voxel centres.
+
+    Taken over the voxel centres themselves: on an oblique grid the corners of the
+    index-space box lie outside the brain and give a larger, shifted box.
+    """
+    if _axis_aligned(labelmap.grid):  # the index box's corners are voxel centres of the extremes
+        lo, hi = bounds(brain_mask(labelmap.array)) or _no_brain()
+        corners_kji = np.array([[a, b, c] for a in (lo[0], hi[0] - 1) for b in (lo[1], hi[1] - 1)
+                                for c in (lo[2], hi[2] - 1)], dtype=float)
+        lps = labelmap.grid.index_to_lps(corners_kji[:, ::-1])
+    else:
+        lps = _brain_extremes_lps(labelmap)
     return lps.min(axis=0), lps.max(axis=0)
 
 
 def brain_centre(labelmap: LabelMap) -> np.ndarray:
-    """Centre of the brain mask's bounding box (index space), in LPS mm."""
-    box = bounds(brain_mask(labelmap.array))
-    if box is None:
-        raise EditError("the label map has no brain (all background)")
-    lo, hi = box
-    return labelmap.grid.index_to_lps(((lo + hi - 1) / 2.0)[::-1])
+    """Centre of the brain's LPS bounding box (:func:`brain_box_lps`), in LPS mm."""
+    if _axis_aligned(labelmap.grid):  # the index box's centre: the same point, computed as before (bit for bit)
+        lo, hi = bounds(brain_mask(labelmap.array)) or _no_brain()
+        return labelmap.grid.index_to_lps(((lo + hi - 1) / 2.0)[::-1])
+    low, high = brain_box_lps(labelmap)
+    return (low + high) / 2.0
+
+
+def _no_brain() -> tuple[np.ndarray, np.ndarray]:
+    raise EditError("the label map has no brain (all background)")
 
 
 def index_affine(grid_in: Grid, grid_out: Grid, matrix_lps: np.ndarray, shift_lps: np.ndarray) -> np.ndarray:
