@@ -308,6 +308,21 @@ def test_a_registry_default_is_a_registered_model_of_its_kind(tiny_model: Path, 
     assert "'default'" in err and "ghost" in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["registry.json", "Registry.JSON"])
+def test_a_model_is_not_registered_under_the_registry_files_name(name: str, tiny_model: Path, tmp_path: Path,
+                                                                 monkeypatch, capsys) -> None:
+    root = tmp_path / "reg"
+    registry = _registry_of_both_kinds(tiny_model, root, default="syn", default_inpainting="inp")
+    before = registry.read_text()
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(root))
+    assert main(["models", "--register", str(tiny_model), "--name", name, "--overwrite"]) == 2
+    _, err = _one_error_line(capsys)
+    assert "reserved" in err and name in err
+    assert registry.is_file() and registry.read_text() == before and sorted(p.name for p in root.iterdir()) == [
+        "inp", "registry.json", "syn"]
+    assert main(["models"]) == 0
+
+
 def _as_trained_on_patients(model: Path) -> Path:
     """The model's config as ``medsynth train`` records a run on a hospital's cases (names, paths, file hashes)."""
     path = model / "config.json"

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # networks imports torch: only for annotations here
 MODEL_FORMAT = "medsynth-model"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
+REGISTRY_NAME = "registry.json"
 # What a model does.  A config without "kind" is a label-map -> four-MRI generator ("synthesis"),
 # which is every model written so far; other kinds add their name here and their own checks.
 SYNTHESIS_KIND = "synthesis"
@@ -62,7 +63,7 @@ def read_registry(root: Path | None = None) -> dict[str, Any]:
     from ..schema.jsonshape import json_type_name, read_json
 
     root = root or models_root()
-    path = root / "registry.json"
+    path = root / REGISTRY_NAME
     if not path.exists():
         return {"default": None, "models": {}}
     registry = read_json(path, "model registry")
@@ -133,9 +134,12 @@ def default_problem(registry: dict[str, Any], kind: str, model_kind: str | None 
     if name not in registry.get("models", {}):
         return f"{key!r} names {name!r}, which is not a registered model"
     if model_kind is not None and model_kind != kind:
-        a = {k: "an" if k[:1] in ("a", "e", "i", "o", "u") else "a" for k in (kind, model_kind)}
-        return f"{key!r} names {name!r}, {a[model_kind]} {model_kind} model, not {a[kind]} {kind} model"
+        return f"{key!r} names {name!r}, {_a(model_kind)} model, not {_a(kind)} model"
     return None
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {kind}"
 
 
 def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str = "synthesis") -> ModelCard:
@@ -155,14 +159,15 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
         if not name:
             what = "default model" if kind == "synthesis" else f"default {kind} model"
             raise MedSynthError(f"{models_root()}: no {what} is registered (give --model)")
-        registry_path = models_root() / "registry.json"
+        registry_path = models_root() / REGISTRY_NAME
         problem = default_problem(registry, kind)
         if problem:
             raise InputError(registry_path, f"the registry's {problem} (give --model)")
         try:
             card = resolve_model(name, kind)
         except InputError as exc:
-            raise InputError(exc.path, f"{exc.problem} (the registry's {DEFAULT_KEYS[kind]!r} model {name!r})") from None
+            raise InputError(exc.path, f"{exc.problem} (the registry's {DEFAULT_KEYS[kind]!r} model "
+                                       f"{name!r})") from None
         problem = default_problem(registry, kind, card.kind)
         if problem:
             raise InputError(registry_path, f"the registry's {problem} (give --model)")
@@ -423,6 +428,12 @@ def check_model_name(name: str) -> None:
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise MedSynthError(f"model name {name!r}: use letters, digits, '.', '_' or '-'")
+    if name.lower() in RESERVED_NAMES:  # lower: a registry folder may be on a case-insensitive disk
+        raise MedSynthError(f"model name {name!r} is reserved (a file of the registry folder)")
+
+
+#: Names in a registry folder that are not model folders.
+RESERVED_NAMES = (REGISTRY_NAME,)
 
 
 #: What a shared model keeps of its ``training`` record: no command (paths), file hash or case name.
@@ -507,5 +518,5 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
     key = DEFAULT_KEYS["inpainting" if model.config["network"].get("kind") == "inpainting" else "synthesis"]
     if make_default or not registry.get(key):
         registry[key] = name
-    write_json(registry, root / "registry.json", overwrite=True)
+    write_json(registry, root / REGISTRY_NAME, overwrite=True)
     return resolve_model(name) if root == models_root() else model
