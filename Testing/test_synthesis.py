@@ -323,6 +323,24 @@ def test_a_model_is_not_registered_under_the_registry_files_name(name: str, tiny
     assert main(["models"]) == 0
 
 
+def test_overwriting_a_default_keeps_its_kind(tiny_model: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Re-registering the default synthesis model's name with an inpainting model (or the reverse) is refused."""
+    root = tmp_path / "reg"
+    registry = _registry_of_both_kinds(tiny_model, root, default="syn", default_inpainting="inp")
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(root))
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    for source, name, words in ((root / "inp", "syn", "default synthesis"),
+                                (root / "syn", "inp", "default inpainting")):
+        copy = copy_model(source, tmp_path / f"copy-{name}")
+        assert main(["models", "--register", str(copy), "--name", name, "--overwrite"]) == 2
+        _, err = _one_error_line(capsys)
+        assert words in err and str(registry) in err, err
+        assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files
+    # The same kind replaces it.
+    assert main(["models", "--register", str(tiny_model), "--name", "syn", "--overwrite"]) == 0
+    assert json.loads(registry.read_text())["default"] == "syn" and main(["models"]) == 0
+
+
 def _as_trained_on_patients(model: Path) -> Path:
     """The model's config as ``medsynth train`` records a run on a hospital's cases (names, paths, file hashes)."""
     path = model / "config.json"

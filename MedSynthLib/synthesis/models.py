@@ -510,13 +510,20 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
     check_model_name(name)
     model = resolve_model(source)
     root = root or models_root()
+    registry = read_registry(root)  # read (and checked) before anything is written
+    for kind, default_key in DEFAULT_KEYS.items():  # a default keeps its kind
+        if registry.get(default_key) == name and model.kind != kind:
+            raise InputError(root / REGISTRY_NAME, f"{name!r} is the registry's default {kind} model "
+                                                   f"({default_key!r}); {os.fspath(source)} is {_a(model.kind)} model: "
+                                                   "register it under another name")
+    key = DEFAULT_KEYS.get(model.kind)
+    if make_default and key is None:
+        raise InputError(model.path, f"{_a(model.kind)} model cannot be a registry default")
     with atomic_directory(root / name, overwrite=overwrite) as tmp:
         for file_name in (CONFIG_NAME, WEIGHTS_NAME):
             shutil.copy2(model.path / file_name, tmp / file_name)
-    registry = read_registry(root)
     registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256}
-    key = DEFAULT_KEYS["inpainting" if model.config["network"].get("kind") == "inpainting" else "synthesis"]
-    if make_default or not registry.get(key):
+    if key is not None and (make_default or not registry.get(key)):
         registry[key] = name
     write_json(registry, root / REGISTRY_NAME, overwrite=True)
     return resolve_model(name) if root == models_root() else model
