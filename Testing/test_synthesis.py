@@ -341,6 +341,28 @@ def test_overwriting_a_default_keeps_its_kind(tiny_model: Path, tmp_path: Path, 
     assert json.loads(registry.read_text())["default"] == "syn" and main(["models"]) == 0
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("label_schema_version", True, "'label_schema_version' is not an integer (got true)"),
+    ("label_schema_version", "1", "'label_schema_version' is not an integer (got '1')"),
+    ("label_schema_version", 1.0, "'label_schema_version' is not an integer (got 1.0)"),
+    ("label_schema_version", None, "'label_schema_version' is missing"),
+    ("format", None, "'format' is missing"),
+    ("format", 1, "not a MedSynth model config (format 1)"),
+])
+def test_a_model_configs_versions_are_checked_by_type(field, value, words, tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    if value is None:
+        del config[field]
+    else:
+        config[field] = value
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as caught:
+        resolve_model(model)
+    message = str(caught.value)
+    assert words in message and str(model / "config.json") in message and "\n" not in message, message
+
+
 def _as_trained_on_patients(model: Path) -> Path:
     """The model's config as ``medsynth train`` records a run on a hospital's cases (names, paths, file hashes)."""
     path = model / "config.json"

@@ -193,8 +193,14 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
 
     config = read_json(config_path, "model config")
     if config.get("format") != MODEL_FORMAT:
-        raise InputError(config_path, f"not a MedSynth model config (format {config.get('format')!r})")
-    schema = config.get("label_schema_version")
+        got = f"format {config['format']!r}" if "format" in config else "'format' is missing"
+        raise InputError(config_path, f"not a MedSynth model config ({got})")
+    if "label_schema_version" not in config:
+        raise InputError(config_path, "model config: 'label_schema_version' is missing")
+    schema = config["label_schema_version"]
+    if not isinstance(schema, int) or isinstance(schema, bool):  # true == 1 and "1" would pass a compare
+        shown = repr(schema) if isinstance(schema, str) else json.dumps(schema)[:40]
+        raise InputError(config_path, f"model config: 'label_schema_version' is not an integer (got {shown})")
     if schema != SCHEMA_VERSION:
         raise InputError(config_path, f"model uses label schema version {schema}, this MedSynth uses "
                                       f"{SCHEMA_VERSION}: retrain or use a matching MedSynth")
