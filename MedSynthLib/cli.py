@@ -259,8 +259,29 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
     labelmap = read_label_map(args.labels)
     for edit in edits:
+        if isinstance(edit, Translate):
+            _check_translate(edit, labelmap.grid, args.labels)
         labelmap = _apply_edit(edit, labelmap, args.labels)
     return _write_edited(labelmap, args)
+
+
+def _check_translate(edit: Any, grid: Any, path: Path) -> None:
+    """--translate moves whole voxels: refuse a move of none, tell when the move differs from the request."""
+    from .schema.errors import EditError
+
+    try:
+        edit.check(grid)  # a huge offset is refused before it is rounded
+    except EditError as exc:
+        raise EditError(f"{path}: {edit.name}: {exc}") from None
+    requested = " ".join(f"{v:g}" for v in edit.offset_ras_mm)
+    spacing = " x ".join(f"{v:g}" for v in grid.spacing)
+    applied = edit.applied_offset(grid)
+    if not any(applied):
+        raise EditError(f"{path}: --translate {requested} mm moves no voxel on this grid (spacing {spacing} mm): "
+                        "the tumour moves by whole voxels, give more than half a voxel")
+    if max(abs(a - r) for a, r in zip(applied, edit.offset_ras_mm)) > 0.01:
+        _notice(f"--translate: moved by {' '.join(f'{v:g}' for v in applied)} mm (whole voxels of the "
+                f"{spacing} mm grid), not the requested {requested} mm")
 
 
 def _edit_from_options(path: Path, make: Callable[[], Any], options: dict[str, str]) -> Any:

@@ -342,3 +342,26 @@ def test_tumour_shorthand_only_as_the_command_word(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     rc, _, err = run(["info", "tumor"], capsys)
     assert rc == 2 and "tumor" in err and "transform" not in err
+
+
+def test_translate_rounded_to_voxels_is_reported_and_a_null_move_refused(tmp_path, capsys):
+    path = work_labels_thick(tmp_path)
+    rc, out, err = run(["tumour", path, "--translate", "0", "0", "2", "-o", tmp_path / "none.nii.gz"], capsys)
+    assert rc == 2 and "moves no voxel" in err and "5" in err and str(path) in err
+    assert not (tmp_path / "none.nii.gz").exists()
+    rc, out, err = run(["tumour", path, "--translate", "0", "0", "7", "-o", tmp_path / "moved.nii.gz"], capsys)
+    assert rc == 0 and "5 mm" in err and "7" in err  # the notice names applied and requested offsets
+    record = _sidecar(tmp_path / "moved.nii.gz")["history"][-1]["params"]
+    assert record["applied_offset_ras_mm"] == pytest.approx([0.0, 0.0, 5.0])
+    rc, out, err = run(["tumour", path, "--translate", "1", "0", "0", "-o", tmp_path / "exact.nii.gz"], capsys)
+    assert rc == 0 and err == ""  # a whole-voxel request: no notice
+
+
+def work_labels_thick(tmp_path: Path) -> Path:
+    """A small label map on a 1 x 1 x 5 mm grid (brain, WM core, a tumour)."""
+    array = np.zeros((12, 40, 40), np.uint8)
+    array[1:11, 4:36, 4:36] = 2
+    array[2:10, 8:32, 8:32] = 3
+    array[4:8, 14:24, 14:24] = 5
+    array[5:7, 16:22, 16:22] = 4
+    return write_volume(array, tmp_path / "thick.nii.gz", spacing=(1.0, 1.0, 5.0))

@@ -785,3 +785,18 @@ def test_insert_into_the_same_brain_on_an_oblique_grid_lands_in_place():
         target_grid.shape)).astype(np.uint8), target_grid)
     out = InsertTumour(source="same")(target, source)
     assert np.linalg.norm(tumour_centre(out) - tumour_centre(source)) < 2.5  # was 5.3 mm off (index box)
+
+
+def test_translate_records_the_offset_it_applied():
+    """Whole voxels are moved: the record keeps the request and the offset applied; replay gives the same map."""
+    lm = synthetic_brain(make_grid((1.0, 1.0, 5.0), LPS_FLIP))
+    out = Translate((0.0, 0.0, 7.0))(lm)  # 1.4 slices -> 1 slice = 5 mm
+    params = out.history[-1]["params"]
+    assert params["offset_ras_mm"] == [0.0, 0.0, 7.0]
+    assert params["applied_offset_ras_mm"] == pytest.approx([0.0, 0.0, 5.0])
+    assert centre_ras(out)[2] - centre_ras(lm)[2] == pytest.approx(5.0)
+    again = replay(lm, out.history[-1:])
+    assert np.array_equal(again.array, out.array) and again.history == out.history
+    from MedSynthLib.schema.provenance import parse_step
+
+    assert parse_step(out.history[-1]).to_json()["params"] == params  # the typed record keeps it

@@ -127,7 +127,10 @@ class RandomTumourEdit:
             except EditError as exc:
                 last = exc
                 continue
-            return edits, result
+            # As applied: a Translate's record also holds the whole-voxel offset it moved.
+            from .records import edit_from_record
+
+            return [edit_from_record(r) for r in result.history[len(labelmap.history):]], result
         raise EditError(f"no valid random tumour edit in {self.max_tries} tries (last: {last})")
 
     def sample(self, labelmap: LabelMap, seed: int) -> list[Edit]:

@@ -7,6 +7,7 @@ physical map about the tumour centre and composites the result over the healthy 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..schema.errors import EditError
-from ..schema.grid import Grid, LabelMap, ras_to_lps
+from ..schema.grid import Grid, LabelMap, lps_to_ras, ras_to_lps
 from ..schema.labels import Label, brain_mask, core_mask, tumour_mask
 from .base import (Edit, composite, core_count, healthy_anatomy, refuse_core_outside, register, set_field, tumour_only,
                    tumour_refill, vec3)
@@ -131,14 +132,37 @@ class Translate(Edit):
     (oedema pushed past the brain boundary is clipped and loses voxels).
 
     Attributes:
-        offset_ras_mm: (R, A, S) displacement in millimetres.
+        offset_ras_mm: (R, A, S) displacement in millimetres, as requested.
+        applied_offset_ras_mm: the whole-voxel displacement actually applied (RAS mm);
+            filled in when the edit is applied, for the record only (replay rounds
+            ``offset_ras_mm`` again, on the same grid to the same voxels).
     """
 
     name: ClassVar[str] = "translate"
     offset_ras_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    applied_offset_ras_mm: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         set_field(self, "offset_ras_mm", vec3(self.offset_ras_mm, "offset_ras_mm"))
+        if self.applied_offset_ras_mm is not None:
+            set_field(self, "applied_offset_ras_mm", vec3(self.applied_offset_ras_mm, "applied_offset_ras_mm"))
+
+    def params(self) -> dict:
+        params = super().params()
+        if params["applied_offset_ras_mm"] is None:  # not applied yet: nothing to say
+            del params["applied_offset_ras_mm"]
+        return params
+
+    def __call__(self, labelmap: LabelMap, *args, **kwargs) -> LabelMap:
+        """As :meth:`Edit.__call__`, the record also holding the offset applied on this grid."""
+        self.check(labelmap.grid)  # before rounding: a huge offset is refused, not overflowed
+        applied = dataclasses.replace(self, applied_offset_ras_mm=self.applied_offset(labelmap.grid))
+        return Edit.__call__(applied, labelmap, *args, **kwargs)
+
+    def applied_offset(self, grid: Grid) -> tuple[float, float, float]:
+        """The whole-voxel offset :meth:`apply` moves by, in RAS mm (rounded to 1e-6 mm for the record)."""
+        lps = grid.index_to_lps_matrix @ self.voxel_offset(grid)[::-1].astype(float)
+        return tuple(round(float(v), 6) + 0.0 for v in lps_to_ras(lps))  # type: ignore[return-value]
 
     def check(self, grid: Grid) -> None:
         # A move longer than the grid's diagonal takes every voxel off the grid: refused, never recorded.

@@ -337,6 +337,7 @@ class TemplateLabelsParams(StepParams):
 @dataclass(frozen=True)
 class TranslateParams(StepParams):
     offset_ras_mm: Vec3 | None = None
+    applied_offset_ras_mm: Vec3 | None = None  # the whole-voxel offset moved (offset_ras_mm is the request)
 
 
 @record_kind("rotate")
