@@ -312,6 +312,7 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from .edits import InsertTumour
     from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
     from .schema.labels import tumour_mask
+    from .schema.provenance import array_sha256
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite,
@@ -320,8 +321,9 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
     target = read_label_map(args.into)
     if not tumour_mask(source.array).any():
         raise MedSynthError(f"{getattr(args, 'from')}: the source label map has no tumour to insert")
+    # The source's file name (the replay key; not its path, which may name a patient's folder) and content hash.
     edit = InsertTumour(centre_ras_mm=_vector(args.centre, "--centre"), keep_existing=args.keep_existing,
-                        source="label-map")
+                        source=getattr(args, "from").name, source_labels_sha256=array_sha256(source.array))
     return _write_edited(_apply_edit(edit, target, args.into, source=source), args)
 
 

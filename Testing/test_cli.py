@@ -233,7 +233,7 @@ def test_tumour_and_centre_are_aliases_of_tumor_and_center(work, capsys):
 
 
 def test_tumor_insert(work, capsys):
-    """``tumor insert`` records the source by identifier, not path, and replays exactly."""
+    """``tumor insert`` records the source by file name (not path) and content hash, and replays exactly."""
     out = work["root"] / "insert" / "inserted.nii.gz"
     rc, _, err = run(["tumor", "insert", "--from", work["labels"], "--into", work["labels"], "-o", out], capsys)
     assert rc == 0 and err == ""
@@ -242,10 +242,16 @@ def test_tumor_insert(work, capsys):
     text = out.with_name("inserted.json").read_text()
     assert str(work["root"]) not in text
     history = json.loads(text)["history"]
-    assert history[-1]["name"] == "insert_tumour" and history[-1]["params"]["source"] == "label-map"
     source = read_label_map(work["labels"])
-    replayed = replay(source, history[1:], sources={"label-map": source})
+    # The source's identity: its file name (the replay key) and its content hash.
+    assert history[-1]["name"] == "insert_tumour" and history[-1]["params"]["source"] == "labels.nii.gz"
+    assert history[-1]["params"]["source_labels_sha256"] == array_sha256(source.array)
+    replayed = replay(source, history[1:], sources={"labels.nii.gz": source})
     np.testing.assert_array_equal(replayed.array, array)
+    from MedSynthLib.schema.provenance import parse_step
+
+    exported = parse_step(history[-1]).to_json(for_export=True)["params"]
+    assert "source" not in exported and "source_labels_sha256" not in exported  # may identify a patient's map
 
 
 def test_tumor_random_is_reproducible(work, capsys):

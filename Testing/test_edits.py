@@ -800,3 +800,18 @@ def test_translate_records_the_offset_it_applied():
     from MedSynthLib.schema.provenance import parse_step
 
     assert parse_step(out.history[-1]).to_json()["params"] == params  # the typed record keeps it
+
+
+def test_insert_checks_the_recorded_source_hash_on_replay():
+    from MedSynthLib.schema.provenance import array_sha256, parse_step
+
+    source = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.4, 0.5, 0.5))
+    other = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.6, 0.5, 0.5))
+    target = synthetic_brain(make_grid(*GRIDS["brats_lps"]), tumour_at=None)
+    out = InsertTumour(source="a.nii.gz", source_labels_sha256=array_sha256(source.array))(target, source)
+    record = out.history[-1]
+    assert record["params"]["source_labels_sha256"] == array_sha256(source.array)
+    assert parse_step(record).to_json()["params"] == {k: v for k, v in record["params"].items() if v is not None}
+    assert np.array_equal(replay(target, [record], sources={"a.nii.gz": source}).array, out.array)
+    with pytest.raises(EditError, match="not the recorded source"):
+        replay(target, [record], sources={"a.nii.gz": other})

@@ -14,6 +14,7 @@ import numpy as np
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
 from ..schema.labels import brain_mask, tumour_mask
+from ..schema.provenance import array_sha256
 from .base import Edit, composite, healthy_anatomy, refuse_core_outside, register, set_field, vec3
 from .geometry import brain_box_lps, check_point, index_affine, tumour_centre
 from .transforms import resample_tumour
@@ -36,7 +37,11 @@ class InsertTumour(Edit):
             relative placement.
         keep_existing: keep the target's tumour (the new one is drawn over it).
         source: identifier of the source recorded in the provenance (the key
-            :func:`~MedSynthLib.edits.records.replay` looks the source up by).
+            :func:`~MedSynthLib.edits.records.replay` looks the source up by; the
+            CLI records the source file's name).
+        source_labels_sha256: content hash of the source label map
+            (:func:`~MedSynthLib.schema.provenance.array_sha256`), or ``None``; when
+            given, a source with other content is refused (a replay with the wrong map).
     """
 
     name: ClassVar[str] = "insert_tumour"
@@ -44,12 +49,21 @@ class InsertTumour(Edit):
     centre_ras_mm: tuple[float, float, float] | None = None
     keep_existing: bool = False
     source: str = "external"
+    source_labels_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.centre_ras_mm is not None:
             set_field(self, "centre_ras_mm", vec3(self.centre_ras_mm, "centre_ras_mm"))
         set_field(self, "keep_existing", bool(self.keep_existing))
         set_field(self, "source", str(self.source))
+        if self.source_labels_sha256 is not None:
+            set_field(self, "source_labels_sha256", str(self.source_labels_sha256))
+
+    def params(self) -> dict:
+        params = super().params()
+        if params["source_labels_sha256"] is None:  # callers that identify the source otherwise
+            del params["source_labels_sha256"]
+        return params
 
     def check(self, grid: Grid) -> None:
         if self.centre_ras_mm is not None:
@@ -69,6 +83,9 @@ class InsertTumour(Edit):
         """Insert ``source``'s tumour into ``labelmap``."""
         if source is None:
             raise EditError(f"insert_tumour needs the source label map {self.source!r}")
+        if self.source_labels_sha256 is not None and array_sha256(source.array) != self.source_labels_sha256:
+            raise EditError(f"the source label map given for {self.source!r} is not the recorded source "
+                            "(its labels_sha256 differs)")
         source_centre = tumour_centre(source)  # raises when the source has no tumour
         shift = self.placement_lps(labelmap, source) - source_centre
         forward = index_affine(source.grid, labelmap.grid, np.eye(3), shift)

@@ -362,13 +362,15 @@ class FlipParams(StepParams):
 @record_kind("insert_tumour")
 @dataclass(frozen=True)
 class InsertTumourParams(StepParams):
-    """``source`` names where the tumour came from (for replay): never exported."""
+    """``source`` names where the tumour came from (for replay), ``source_labels_sha256`` its content: never
+    exported (a file name, or a hash matching a patient's map, may identify the patient)."""
 
-    local_only: ClassVar[frozenset[str]] = frozenset({"source"})
+    local_only: ClassVar[frozenset[str]] = frozenset({"source", "source_labels_sha256"})
     centre_ras_mm: Vec3 | None = None
     center_ras_mm: Vec3 | None = None  # the spelling of records written before the rename
     keep_existing: bool | None = None
     source: Unchecked | None = None
+    source_labels_sha256: SHA256 | None = None
 
 
 @record_kind("parametric_tumour")
