@@ -619,3 +619,34 @@ def test_the_interruption_message_names_the_step_a_resume_continues_from(tmp_pat
     (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps({"step": 60, "path": "step_0000060"}))
     message = _interrupted_message(tmp_path, 200)
     assert "holds step 60 of 200" in message and "--resume" in message
+
+
+# --- resume: what a resume keeps and what it refuses ----------------------------------------------
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_write_checkpoint_keeps_the_old_folder_when_the_rename_fails(tmp_path: Path, monkeypatch) -> None:
+    from MedSynthLib.training import checkpoint
+
+    net = torch.nn.Linear(2, 2)
+    folder = tmp_path / "step_0000002"
+    checkpoint.write_checkpoint(folder, 2, {"generator": net}, {})
+    before = snapshot(folder)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError("simulated failure")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(OSError):
+        checkpoint.write_checkpoint(folder, 2, {"generator": torch.nn.Linear(2, 2)}, {})
+    assert snapshot(folder) == before
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    checkpoint.write_checkpoint(folder, 3, {"generator": net}, {})  # a reused name is replaced
+    assert json.loads((folder / "state.json").read_text())["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002"]

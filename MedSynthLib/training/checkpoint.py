@@ -3,8 +3,9 @@
 A checkpoint is a folder: one ``NAME.safetensors`` per module and per optimizer, and
 ``state.json`` with the step, the caller's own fields and each optimizer's non-tensor
 state (param groups, scalar entries).  Nothing is pickled.  The folder is written under a
-hidden temporary name and renamed into place, so a kill leaves the previous checkpoint
-whole; loading checks ``state.json`` and turns any bad file into one clear line.
+hidden temporary name and renamed into place (a folder of the same name is set aside
+first and deleted last), so a kill leaves the previous checkpoint whole; loading checks
+``state.json`` and turns any bad file into one clear line.
 """
 
 from __future__ import annotations
@@ -71,8 +72,19 @@ def write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module | 
             tensors, meta[name] = optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / f"{name}.safetensors"))
     (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    # A name can be reused (a resume rewrites a step whose pointer was not yet updated; the segmenter
+    # keeps one folder): the old folder is set aside, not deleted, until the new one is in place.
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        if old.exists():
+            os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
