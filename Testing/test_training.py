@@ -650,3 +650,12 @@ def test_write_checkpoint_keeps_the_old_folder_when_the_rename_fails(tmp_path: P
     checkpoint.write_checkpoint(folder, 3, {"generator": net}, {})  # a reused name is replaced
     assert json.loads((folder / "state.json").read_text())["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002"]
+
+
+def test_output_that_is_a_file_is_one_line(brats_data: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "afile"
+    target.write_text("keep")
+    config = write_config(tmp_path / "micro.json")
+    assert main(train_args(brats_data, target, config)) == 2
+    assert str(target) in _one_error_line(capsys)
+    assert target.read_text() == "keep"

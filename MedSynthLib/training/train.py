@@ -353,6 +353,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     if dev.type == "cuda":
         dev = torch.device("cuda", d.local_rank)
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(run_dir, "is a file, not a run folder (-o names the folder the run writes)")
     config_path = run_dir / "train_config.json"
     # A run killed (or refused) before its first checkpoint has nothing to resume from: it restarts
     # from step 0, with --resume (under its recorded config) or without (under the given one).
