@@ -659,3 +659,25 @@ def test_output_that_is_a_file_is_one_line(brats_data: Path, tmp_path: Path, cap
     assert main(train_args(brats_data, target, config)) == 2
     assert str(target) in _one_error_line(capsys)
     assert target.read_text() == "keep"
+
+
+def resume_args(data: Path, run: Path, *extra: str) -> list[str]:
+    """``train --resume`` without --config (the run's record holds it)."""
+    return ["train", "--data", str(data), "-o", str(run), "--device", "cpu", "--cache",
+            str(training_cache_of(data)), "--resume", *extra]
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def test_resume_of_a_complete_run_is_refused(brats_data: Path, base_model: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(base_model, tmp_path / "done")
+    before = snapshot(run)
+    assert main(resume_args(brats_data, run)) == 2
+    line = _one_error_line(capsys)
+    assert f"{run}: the run is already complete (step 2 of 2); its model is {run / 'model'}" in line
+    assert snapshot(run) == before

@@ -441,6 +441,9 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             generator.load_state_dict(load_generator(starting_model, "cpu", backend="monai").state_dict())
     if resume:
         start, scaler_state, elapsed_before = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
+        if start >= (steps or config.steps) and (run_dir / "model").is_dir():  # nothing left to train
+            raise InputError(run_dir, f"the run is already complete (step {start} of {config.steps}); "
+                                      f"its model is {run_dir / 'model'}")
         if steps is not None and steps != config.steps:
             if steps < start:
                 raise InputError(run_dir, f"--steps {steps} is below the checkpoint's step {start}")
