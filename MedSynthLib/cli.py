@@ -397,15 +397,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.train import TrainConfig, train
 
     config = TrainConfig()
+    raw = None
     if args.config is not None:
-        config = TrainConfig.from_json(_read_json(args.config), str(args.config))
+        raw = _read_json(args.config)
+        config = TrainConfig.from_json(raw, str(args.config))
     overrides = {k: v for k, v in (("precision", args.precision), ("threads", args.threads),
                                    ("init_from", args.init), ("cv_fold", args.fold)) if v is not None}
     if overrides:
         config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    # A resume keeps the recorded run: these are checked against it, not applied.
+    given = dict(overrides, config=raw) if args.resume else None
     model = train(args.data, args.output, config, resume=args.resume, device=args.device, command=command,
-                  cache_dir=args.cache, steps=args.steps)
+                  cache_dir=args.cache, steps=args.steps, given=given)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line (rank 0 wrote the model)
         print(f"{model}: model written")
     return 0

@@ -291,7 +291,7 @@ def test_resume_without_checkpoint_and_non_empty_folder(brats_data: Path, tmp_pa
     early.mkdir()
     (early / "train_config.json").write_text(json.dumps({"command": "medsynth train",
                                                          "config": dict(MICRO, steps=2, val_every=2)}))
-    assert main(base + ["-o", str(early), "--resume"]) == 0
+    assert main(resume_args(brats_data, early)) == 0  # no --config: the recorded one differs (val_every)
     assert "restarting it from step 0" in capsys.readouterr().err
     assert json.loads((early / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert (early / "model" / "weights.safetensors").exists()
@@ -624,8 +624,60 @@ def test_the_interruption_message_names_the_step_a_resume_continues_from(tmp_pat
 # --- resume: what a resume keeps and what it refuses ----------------------------------------------
 
 
+def resume_args(data: Path, run: Path, *extra: str) -> list[str]:
+    """``train --resume`` without --config (the run's record holds it)."""
+    return ["train", "--data", str(data), "-o", str(run), "--device", "cpu", "--cache",
+            str(training_cache_of(data)), "--resume", *extra]
+
+
+def rewind(run: Path) -> Path:
+    """Make a finished 4-step run look interrupted after its step-2 checkpoint."""
+    import shutil
+
+    shutil.rmtree(run / "model")
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "path": "step_0000002"}))
+    return run
+
+
 def snapshot(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def four_step_run(brats_data: Path, tmp_path_factory) -> Path:
+    """A finished 4-step micro run (checkpoints at 2 and 4); tests copy it, never write into it."""
+    root = tmp_path_factory.mktemp("four_step")
+    threads = torch.get_num_threads()
+    try:
+        train_here(brats_data, root / "run", write_config(root / "four.json", steps=4, val_every=1000))
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def test_resume_of_a_complete_run_is_refused(brats_data: Path, base_model: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(base_model, tmp_path / "done")
+    before = snapshot(run)
+    assert main(resume_args(brats_data, run)) == 2
+    line = _one_error_line(capsys)
+    assert f"{run}: the run is already complete (step 2 of 2); its model is {run / 'model'}" in line
+    assert snapshot(run) == before
+
+
+def test_output_that_is_a_file_is_one_line(brats_data: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "afile"
+    target.write_text("keep")
+    config = write_config(tmp_path / "micro.json")
+    assert main(train_args(brats_data, target, config)) == 2
+    assert str(target) in _one_error_line(capsys)
+    assert target.read_text() == "keep"
 
 
 def test_write_checkpoint_keeps_the_old_folder_when_the_rename_fails(tmp_path: Path, monkeypatch) -> None:
@@ -652,32 +704,68 @@ def test_write_checkpoint_keeps_the_old_folder_when_the_rename_fails(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002"]
 
 
-def test_output_that_is_a_file_is_one_line(brats_data: Path, tmp_path: Path, capsys) -> None:
-    target = tmp_path / "afile"
-    target.write_text("keep")
-    config = write_config(tmp_path / "micro.json")
-    assert main(train_args(brats_data, target, config)) == 2
-    assert str(target) in _one_error_line(capsys)
-    assert target.read_text() == "keep"
+def test_resume_of_a_fine_tune_needs_no_starting_model(brats_data: Path, base_model: Path, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    """The starting model is recorded when the run begins; a resume from elsewhere reuses the record."""
+    monkeypatch.chdir(base_model.parent)
+    tuned = tmp_path / "tuned"
+    train_here(brats_data, tuned, write_config(tmp_path / "ft.json", steps=4, val_every=1000), "--init", "base/model")
+    rewind(tuned)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # "base/model" names nothing here
+    assert main(resume_args(brats_data, tuned)) == 0
+    record = json.loads((tuned / "model" / "config.json").read_text())["training"]["init_from"]
+    base_config = json.loads((base_model / "model" / "config.json").read_text())
+    assert record["sha256"] == base_config["weights_sha256"]
 
 
-def resume_args(data: Path, run: Path, *extra: str) -> list[str]:
-    """``train --resume`` without --config (the run's record holds it)."""
-    return ["train", "--data", str(data), "-o", str(run), "--device", "cpu", "--cache",
-            str(training_cache_of(data)), "--resume", *extra]
+@pytest.mark.parametrize("extra, option", [(("--precision", "bf16"), "--precision"), (("--threads", "2"), "--threads"),
+                                           (("--init", "MODEL"), "--init"), (("--config", "CONFIG"), "--config")])
+def test_resume_refuses_options_that_differ_from_the_run(brats_data: Path, base_model: Path, four_step_run: Path,
+                                                         tmp_path: Path, capsys, extra, option) -> None:
+    run = rewind(copy_run(four_step_run, tmp_path / "run"))
+    other = write_config(tmp_path / "other.json", steps=4, val_every=1000, lr=1e-3)
+    values = {"MODEL": str(base_model / "model"), "CONFIG": str(other)}
+    extra = tuple(values.get(value, value) for value in extra)
+    before = snapshot(run)
+    assert main(resume_args(brats_data, run, *extra)) == 2
+    line = _one_error_line(capsys)
+    assert option in line
+    assert snapshot(run) == before
 
 
-def copy_run(run: Path, to: Path) -> Path:
+def test_resume_accepts_options_equal_to_the_run(brats_data: Path, four_step_run: Path, tmp_path: Path) -> None:
+    run = rewind(copy_run(four_step_run, tmp_path / "run"))
+    same = write_config(tmp_path / "same.json", steps=4, val_every=1000)
+    assert main(resume_args(brats_data, run, "--config", str(same), "--precision", "fp32", "--threads", "1")) == 0
+    assert (run / "model" / "weights.safetensors").exists()
+
+
+def test_resume_with_other_data_is_refused(brats_data: Path, four_step_run: Path, tmp_path: Path, capsys) -> None:
     import shutil
 
-    shutil.copytree(run, to)
-    return to
+    from conftest import write_phantom_case
 
-
-def test_resume_of_a_complete_run_is_refused(brats_data: Path, base_model: Path, tmp_path: Path, capsys) -> None:
-    run = copy_run(base_model, tmp_path / "done")
+    run = rewind(copy_run(four_step_run, tmp_path / "run"))
+    assert json.loads((run / "train_config.json").read_text())["data"]
     before = snapshot(run)
-    assert main(resume_args(brats_data, run)) == 2
+    fewer = tmp_path / "fewer"
+    for case in CASE_IDS[1:]:
+        shutil.copytree(brats_data / case, fewer / case)
+    assert main(resume_args(brats_data, run)[:2] + [str(fewer)] + resume_args(brats_data, run)[3:]) == 2
     line = _one_error_line(capsys)
-    assert f"{run}: the run is already complete (step 2 of 2); its model is {run / 'model'}" in line
+    assert CASE_IDS[0] in line and "missing" in line
+    changed = tmp_path / "changed"
+    shutil.copytree(fewer, changed)
+    write_phantom_case(changed, 7, CASE_IDS[0])  # the same name, other images
+    assert main(resume_args(brats_data, run)[:2] + [str(changed)] + resume_args(brats_data, run)[3:]) == 2
+    line = _one_error_line(capsys)
+    assert CASE_IDS[0] in line and "changed" in line
     assert snapshot(run) == before
+
+    # A run recorded before the fingerprint existed resumes as before, with a notice.
+    record = json.loads((run / "train_config.json").read_text())
+    del record["data"]
+    (run / "train_config.json").write_text(json.dumps(record))
+    assert main(resume_args(brats_data, run)) == 0
+    assert "no record of its training data" in capsys.readouterr().err

@@ -337,14 +337,16 @@ def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, 
 
 def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume: bool = False,
           device: str = "auto", command: str = "", progress: bool = True, cache_dir: Path | None = None,
-          steps: int | None = None) -> Path:
+          steps: int | None = None, given: dict[str, Any] | None = None) -> Path:
     """Train a model; returns the exported model folder ``RUN_DIR/model``.
 
     ``cache_dir`` (default ``RUN_DIR/cache``) holds the prepared cases; several
     runs on the same data (folds, ablations) can share one.  ``steps`` with
     ``resume`` changes the run's total number of steps (extend, or shorten before
     the learning-rate decay begins, which matches a run planned that way from the
-    start); the change is recorded in ``train_config.json``.
+    start); the change is recorded in ``train_config.json``.  ``given`` holds what a resume's command
+    line asked for (``config``: a config's JSON; ``precision``, ``threads``, ``init_from``, ``cv_fold``):
+    a resume continues the run as recorded, so any of them that differs from the record is refused.
     """
     from ..synthesis.inference import pick_device, pick_precision
 
@@ -374,6 +376,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         recorded = read_json(config_path, "run record")
         config = TrainConfig.from_json(expect_object(recorded.get("config"), config_path, "'config'"),
                                        str(config_path))
+        if given:
+            _check_resume_options(config, recorded, given, config_path)
         if unstarted:
             resume = False  # nothing to load: start again from step 0 under the recorded config
             if d.main:
@@ -386,7 +390,15 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     # After the config is settled: a resumed run keeps its recorded precision and threads (several runs
     # sharing a CPU each take their share; torch's default of every core would oversubscribe it).
     precision = pick_precision(config.precision, dev)
-    starting_model = _starting_model(config)  # checked before anything is written
+    # The starting model is recorded when the run begins; a resume reuses the record (the checkpoint holds
+    # the weights) and never resolves init_from again, which may name another model from elsewhere.
+    starting_model = None
+    init_model = _recorded_init(recorded, config_path) if resume else None
+    if init_model is None:
+        starting_model = _starting_model(config)  # checked before anything is written
+        if starting_model is not None:
+            init_model = {"name": starting_model.name, "sha256": starting_model.sha256,
+                          "training": starting_model.config.get("training", {}).get("commands")}
     if config.threads:
         torch.set_num_threads(config.threads)
 
@@ -406,12 +418,16 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     train_folders = [f for f in folders if f.name not in val_names]
     if not train_folders:
         raise InputError(data_label, "no training cases left after holding out the validation cases")
+    fingerprint = _data_fingerprint(folders)
+    if resume:
+        _check_same_data(recorded.get("data"), fingerprint, config_path, d.main)
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_json({"command": command, "config": config.to_json(), "precision": precision,
-                        "device": str(dev), "world_size": d.world}, config_path, overwrite=unstarted)
+                        "device": str(dev), "world_size": d.world, "init_model": init_model,
+                        "data": {"case_sha256": fingerprint}}, config_path, overwrite=unstarted)
     _barrier(d)
     try:
         volumes = [prepare_volume(f, cache, config.normalization)
@@ -431,14 +447,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     start = 0
     scaler_state = None
     elapsed_before = 0.0  # training time of earlier sessions of this run
-    init_model = None
-    if starting_model is not None:
-        init_model = {"name": starting_model.name, "sha256": starting_model.sha256,
-                      "training": starting_model.config.get("training", {}).get("commands")}
-        if not resume:  # on resume the checkpoint holds the weights
-            from ..synthesis.models import load_generator
+    if starting_model is not None and not resume:  # on resume the checkpoint holds the weights
+        from ..synthesis.models import load_generator
 
-            generator.load_state_dict(load_generator(starting_model, "cpu", backend="monai").state_dict())
+        generator.load_state_dict(load_generator(starting_model, "cpu", backend="monai").state_dict())
     if resume:
         start, scaler_state, elapsed_before = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
         if start >= (steps or config.steps) and (run_dir / "model").is_dir():  # nothing left to train
@@ -624,6 +636,75 @@ def _stop_if_diverged(message: str | None, run_dir: Path, d: Any, device: torch.
 def _noise_seed(seed: int, step: int, rank: int) -> int:
     """A seed for torch's generator derived from (seed, step, rank), independent of the patch draw's."""
     return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1)[0])
+
+
+#: Options a resume's command line may repeat but not change (each changes the run's result; the thread
+#: count too: a CPU run is exact on a resume only with the same threads).
+RESUME_OPTIONS = {"precision": "--precision", "threads": "--threads", "init_from": "--init", "cv_fold": "--fold"}
+
+
+def _check_resume_options(config: TrainConfig, recorded: dict[str, Any], given: dict[str, Any],
+                          source: Path) -> None:
+    """Refuse a resume whose command line asks for another config, precision, threads, model or fold."""
+    ours = config.to_json()
+    differ = []
+    if given.get("config") is not None:
+        # The options set on the start's command line and the length (--steps) come from the record.
+        asked = TrainConfig.from_json({**given["config"], **{k: ours[k] for k in RESUME_OPTIONS},
+                                       "steps": config.steps}, "--config").to_json()
+        keys = sorted(k for k in ours if asked.get(k) != ours[k])
+        if keys:
+            differ.append(f"--config ({', '.join(keys)})")
+    for key, option in RESUME_OPTIONS.items():
+        value = given.get(key)
+        if value is None:
+            continue
+        init = recorded.get("init_model")
+        if key == "init_from" and isinstance(init, dict) and isinstance(init.get("sha256"), str):
+            from ..synthesis.models import resolve_model
+
+            if resolve_model(value).sha256 != init["sha256"]:
+                differ.append(f"--init {value} (the run started from {init.get('name')}, sha256 "
+                              f"{init['sha256'][:12]})")
+        elif value != ours[key]:
+            differ.append(f"{option} {value} (recorded {json.dumps(ours[key])})")
+    if differ:
+        raise InputError(source, "--resume continues the run as recorded; " + "; ".join(differ)
+                         + " differ from it (leave them out, or start a new run)")
+
+
+def _recorded_init(recorded: dict[str, Any], source: Path) -> dict[str, Any] | None:
+    """The starting model recorded when the run began (``None``: none, or a record from before it was kept)."""
+    init = recorded.get("init_model")
+    if init is not None and not (isinstance(init, dict) and isinstance(init.get("sha256"), str)):
+        raise InputError(source, "'init_model' must be the starting model's record (name, sha256) or null")
+    return init
+
+
+def _data_fingerprint(folders: list[Path]) -> dict[str, str]:
+    """Each case folder's name and the content sha256 the model record keeps for it."""
+    from ..cases.readers import read_case
+    from .data import _files_hash
+
+    return {folder.name: _files_hash(read_case(folder, require_segmentation=True)) for folder in folders}
+
+
+def _check_same_data(recorded: Any, current: dict[str, str], source: Path, notice: bool) -> None:
+    """Refuse a resume on other cases than the run began with (names or contents)."""
+    if recorded is None:
+        if notice:
+            print(f"{source}: no record of its training data (a run from an older version); the data given "
+                  "now is not checked against it", file=sys.stderr)
+        return
+    cases = recorded.get("case_sha256") if isinstance(recorded, dict) else None
+    if not isinstance(cases, dict):
+        raise InputError(source, "'data' must hold 'case_sha256': {case: sha256}")
+    missing = sorted(set(cases) - set(current))
+    new = sorted(set(current) - set(cases))
+    changed = sorted(name for name in set(cases) & set(current) if cases[name] != current[name])
+    parts = [f"{what} {names}" for what, names in (("missing", missing), ("new", new), ("changed", changed)) if names]
+    if parts:
+        raise InputError(source, "--data is not the data this run was trained on: cases " + "; ".join(parts))
 
 
 def _starting_model(config: TrainConfig) -> "ModelCard | None":
