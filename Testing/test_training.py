@@ -769,3 +769,21 @@ def test_resume_with_other_data_is_refused(brats_data: Path, four_step_run: Path
     (run / "train_config.json").write_text(json.dumps(record))
     assert main(resume_args(brats_data, run)) == 0
     assert "no record of its training data" in capsys.readouterr().err
+
+
+def test_a_training_start_hashes_each_case_once(brats_data: Path, four_step_run: Path, tmp_path: Path,
+                                                monkeypatch) -> None:
+    """The data fingerprint and the prepared-volume cache share one content hash per case (it was computed twice)."""
+    from MedSynthLib.training import data as training_data
+
+    hashed: list[str] = []
+    real_hash = training_data._files_hash
+
+    def counting(case):
+        hashed.append(Path(case.files["t1"]).parent.name)
+        return real_hash(case)
+
+    monkeypatch.setattr(training_data, "_files_hash", counting)
+    run = rewind(copy_run(four_step_run, tmp_path / "run"))
+    assert main(resume_args(brats_data, run)) == 0
+    assert sorted(hashed) == sorted(CASE_IDS)

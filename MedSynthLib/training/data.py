@@ -75,17 +75,27 @@ def find_case_folders(data: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
-def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = "percentile") -> TrainingVolume:
+def case_key(case_dir: Path) -> str:
+    """The content hash that names a case's prepared volume (and the model record keeps for it)."""
+    return _files_hash(read_case(case_dir, require_segmentation=True))
+
+
+def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = "percentile",
+                   key: str | None = None) -> TrainingVolume:
     """Read a case, derive its label map and normalise its images (cached per normalisation).
 
     Args:
         normalization: ``percentile``, ``healthy_zscore`` or ``tissue_zscore`` (:mod:`MedSynthLib.synthesis.normalize`).
+        key: the case's :func:`case_key` when the caller has it (a cached volume is then loaded without
+            reading the case again).
     """
     from ..cases.anatomy import derive_label_map
-
-    case = read_case(case_dir, require_segmentation=True)
-    key = _files_hash(case)
     from ..synthesis.normalize import ZSCORE_KINDS
+
+    case = None
+    if key is None:
+        case = read_case(case_dir, require_segmentation=True)
+        key = _files_hash(case)
 
     # The original percentile cache keeps its file name, so existing caches stay valid; z-score caches
     # name their clip range (it is baked into the cached images).
@@ -95,6 +105,8 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
         with np.load(cached) as data:
             normalizers = {m: normalizer_from_json(v) for m, v in json.loads(str(data["normalizers"])).items()}
             return _volume(key, data["labels"], data["images"], normalizers)
+    if case is None:
+        case = read_case(case_dir, require_segmentation=True)
     labels = derive_label_map(case).array
     brain = brain_mask(labels)
     box = mask_box(brain, margin=4)

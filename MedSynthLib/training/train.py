@@ -430,9 +430,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                         "data": {"case_sha256": fingerprint}}, config_path, overwrite=unstarted)
     _barrier(d)
     try:
-        volumes = [prepare_volume(f, cache, config.normalization)
+        volumes = [prepare_volume(f, cache, config.normalization, fingerprint[f.name])
                    for f in _progress_iter(train_folders, "prepare", d.main and progress)]
-        val_volumes = [prepare_volume(f, cache, config.normalization) for f in folders if f.name in val_names]
+        val_volumes = [prepare_volume(f, cache, config.normalization, fingerprint[f.name])
+                       for f in folders if f.name in val_names]
     except MedSynthError:
         if created and d.main:  # bad data: leave no run folder behind (this run made it)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -683,10 +684,9 @@ def _recorded_init(recorded: dict[str, Any], source: Path) -> dict[str, Any] | N
 
 def _data_fingerprint(folders: list[Path]) -> dict[str, str]:
     """Each case folder's name and the content sha256 the model record keeps for it."""
-    from ..cases.readers import read_case
-    from .data import _files_hash
+    from .data import case_key
 
-    return {folder.name: _files_hash(read_case(folder, require_segmentation=True)) for folder in folders}
+    return {folder.name: case_key(folder) for folder in folders}
 
 
 def _check_same_data(recorded: Any, current: dict[str, str], source: Path, notice: bool) -> None:
