@@ -236,6 +236,28 @@ def raw_seg_into_synthesize(tmp, shared, out):
     return ["synthesize", path, "-o", tmp / "synth_out"], path, "not a MedSynth label map"
 
 
+def _brats2023_seg(tmp):
+    """A BraTS 2023-style tumour segmentation (1 NCR, 2 ED, 3 ET) on the BraTS 240 x 240 x 155 mm grid: its 3
+    reads as white matter, so only its size tells it from a MedSynth label map."""
+    seg = np.zeros((155, 240, 240), np.uint8)
+    k, j, i = np.ogrid[:155, :240, :240]
+    distance = np.sqrt((k - 80.0) ** 2 + (j - 110.0) ** 2 + (i - 140.0) ** 2)
+    seg[distance < 25] = 2  # about 65 mL of oedema, enhancing rim and necrosis
+    seg[distance < 14] = 3
+    seg[distance < 9] = 1
+    return write_volume(seg, tmp / "BraTS-GLI-00000-000-seg.nii.gz")
+
+
+def brats2023_seg_into_synthesize(tmp, shared, out):
+    path = _brats2023_seg(tmp)
+    return ["synthesize", path, "-o", tmp / "synth_out"], path, "not a whole brain"
+
+
+def brats2023_seg_into_translate(tmp, shared, out):
+    path = _brats2023_seg(tmp)
+    return ["tumour", path, "--translate", "5", "0", "0", "-o", out], path, "medsynth labels"
+
+
 def image_as_label_map(tmp, shared, out):
     path = write_volume(np.arange(SEG.size, dtype=np.int16).reshape(SEG.shape) % 2000 - 100, tmp / "t1.nii.gz")
     return ["tumour", path, "--translate", "1", "0", "0", "-o", out], path, "distinct values outside"
@@ -276,7 +298,8 @@ BAD_INPUTS = [
     seg_value_outside_convention, label_map_value_outside_schema, image_2d, label_map_4d, empty_brain,
     edit_leaves_brain, edit_past_the_grid, insert_cannot_fit, parametric_centre_outside,
     oedema_past_the_grid, radius_not_finite, probability_above_one, raw_seg_into_insert, raw_seg_into_new,
-    mask_into_translate, raw_seg_into_synthesize, image_as_label_map, flip_about_brain_without_tumour, scale_zero,
+    mask_into_translate, raw_seg_into_synthesize, brats2023_seg_into_synthesize, brats2023_seg_into_translate,
+    image_as_label_map, flip_about_brain_without_tumour, scale_zero,
     radius_zero, flip_about_without_flip,
 ] + [pytest.param(_non_finite(v), id=f"non_finite_{n}") for n, v in (("nan", np.nan), ("inf", np.inf),
                                                                      ("neg_inf", -np.inf))]

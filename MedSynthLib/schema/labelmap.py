@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .grid import Grid, LabelMap
-from .labels import SCHEMA_VERSION, LabelValueError, check_anatomy, check_label_map
+from .labels import SCHEMA_VERSION, LabelValueError, check_anatomy, check_label_map, check_whole_brain
 from .outputs import commit_files, output_lock, staging_folder
 from .provenance import PrivacyRecord, array_sha256, label_map_record, privacy_of, sidecar_path
 from .volume_io import IMAGE_SUFFIXES, check_writable, read_image, strip_image_suffix, write_image, write_json
@@ -27,8 +27,8 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
     voxels (an image whose sidecar belongs to another map is refused).
 
     Raises:
-        InputError: unreadable, not 3D, values outside 0-6, an empty brain, no white matter (not a
-            MedSynth map: a tumour segmentation or mask), a sidecar
+        InputError: unreadable, not 3D, values outside 0-6, an empty brain, no white matter or less than a
+            brain on a whole-head grid (not a MedSynth map: a tumour segmentation or mask), a sidecar
             written for another schema version, or a sidecar whose hash does not match.
     """
     path = Path(path)
@@ -57,6 +57,7 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
     if require_brain:
         try:
             check_anatomy(array)  # here, where a user's file is read: in-memory maps may hold any classes
+            check_whole_brain(array, Grid.from_image(image).voxel_volume_mm3 / 1000.0)
         except LabelValueError as exc:
             raise InputError(path, str(exc)) from None
     history: list = []

@@ -197,6 +197,29 @@ def check_anatomy(labels: np.ndarray) -> None:
         )
 
 
+#: Fewer labelled millilitres than this on a grid that could hold a whole brain is a tumour segmentation, not a
+#: brain: an adult brain holds 1000-1800 mL, a BraTS whole tumour 10-300 mL.
+MIN_BRAIN_ML = 400.0
+#: Only a grid this large is held to :data:`MIN_BRAIN_ML` (a crop around a region may label a part of a brain).
+WHOLE_BRAIN_GRID_ML = 1000.0
+
+
+def check_whole_brain(labels: np.ndarray, voxel_ml: float) -> None:
+    """Raise :class:`LabelValueError` when a grid that could hold a whole brain labels less than a brain.
+
+    A BraTS 2023-style segmentation (1 NCR, 2 ED, 3 ET) holds a 3 and passes :func:`check_anatomy`; on the
+    BraTS grid (8.9 L) it labels a tumour's 10-300 mL where a MedSynth map labels the whole brain.
+    """
+    grid_ml = labels.size * voxel_ml
+    brain_ml = float(np.count_nonzero(labels)) * voxel_ml
+    if grid_ml >= WHOLE_BRAIN_GRID_ML and brain_ml < MIN_BRAIN_ML:
+        raise LabelValueError(
+            f"not a MedSynth label map: its labels cover {brain_ml:.0f} mL of a {grid_ml:.0f} mL grid, not a whole "
+            f"brain (a MedSynth map labels every brain voxel, at least {MIN_BRAIN_ML:.0f} mL), a tumour "
+            "segmentation (BraTS 2023 labels 1-3)? derive a label map with `medsynth labels`"
+        )
+
+
 def tumour_mask(labels: np.ndarray) -> np.ndarray:
     """Whole tumour (NCR, ED, ET; BraTS "WT"): the one tumour test of MedSynth (also on torch tensors)."""
     return labels >= Label.NCR
