@@ -85,6 +85,22 @@ def test_minimum_detectable_difference_values() -> None:
     assert minimum_detectable_difference(0.0, 9) is None
 
 
+def test_minimum_detectable_difference_for_very_few_cases_at_holm_alpha() -> None:
+    """Two held-out cases at alpha 0.05 / 21 (1 degree of freedom): the 80 % power point lies far out, not an error."""
+    from scipy.stats import nct, t
+
+    for n, alpha in ((2, 0.05 / 21), (2, 0.05 / 3), (3, 0.0005)):
+        mdd = minimum_detectable_difference(0.05, n, alpha=alpha)
+        df, critical = n - 1, t.ppf(1 - alpha / 2, n - 1)
+        nc = mdd / 0.05 * np.sqrt(n)
+        assert nct.sf(critical, df, nc) + nct.cdf(-critical, df, nc) == pytest.approx(0.8, abs=1e-6)
+    # The discussion of a two-case report (a fixed split, or a partial report with one fold) states both values.
+    report = _mini_report([0.8, 0.6], [0.7, 0.65], [5.0, 6.0], [7.0, 5.0])
+    sd = float(np.std(np.array([0.8, 0.6]) - np.array([0.7, 0.65]), ddof=1))
+    text = study_report.discussion(report)
+    assert f"{minimum_detectable_difference(sd, 2, alpha=0.05 / 21):.3f} at alpha 0.05 / 21" in text
+
+
 # --- report tables and text ----------------------------------------------------------------------
 
 

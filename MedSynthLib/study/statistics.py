@@ -129,9 +129,14 @@ def minimum_detectable_difference(sd: float, n: int, *, alpha: float = 0.05, pow
         lower_tail = float(np.nan_to_num(nct.cdf(-critical, df, nc)))  # scipy gives nan where it underflows
         return float(nct.sf(critical, df, nc)) + lower_tail - power
 
-    # Power is alpha < ``power`` at effect 0 and above ``power`` once the noncentrality exceeds the critical
-    # value by 10.  Solved in SD units, so a tiny SD (differences equal up to rounding) cannot leave the bracket.
-    return float(brentq(shortfall, 0.0, (critical + 10.0) / math.sqrt(n))) * float(sd)
+    # Power is alpha < ``power`` at effect 0 and tends to 1 as the effect grows; the upper end of the bracket
+    # is doubled until the power there exceeds ``power`` (with 1 or 2 degrees of freedom and a Holm-sized
+    # alpha that takes a noncentrality far above the critical value).  Solved in SD units, so a tiny SD
+    # (differences equal up to rounding) cannot leave the bracket.
+    upper = (critical + 10.0) / math.sqrt(n)
+    while shortfall(upper) <= 0.0:
+        upper *= 2.0
+    return float(brentq(shortfall, 0.0, upper)) * float(sd)
 
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
