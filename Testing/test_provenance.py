@@ -324,6 +324,58 @@ def test_a_case_without_a_privacy_record_is_judged_by_its_history(tmp_path, caps
     assert rc == 0, err
 
 
+def test_a_parametric_tumour_that_replaced_a_real_one_is_not_anonymous(tmp_path, capsys):
+    """A replaced (or erased) tumour is refilled with the nearest anatomy labels, which differ from the healthy brain
+    inside its outline: set against the template (public) the exported anatomy gives the old tumour's outline back.
+    So a parametric tumour drawn over a patient's inserted tumour is not anonymous, nor is that tumour erased."""
+    from MedSynthLib.edits.base import healthy_anatomy
+
+    template = brain(size=(36, 40, 32), tumour_at=None, history=(TEMPLATE,))
+    inserted = InsertTumour(source="case", centre_ras_mm=(-27.0, -21.5, 18.6))(template, source=brain())
+    old = inserted.array >= Label.NCR
+    replaced = ParametricTumour(centre_ras_mm=(-8.0, -22.0, 19.0), radii_mm=(3.0, 3.0, 3.0), oedema_mm=2.0,
+                                seed=3)(inserted)
+    new = replaced.array >= Label.NCR
+    trace = (replaced.array != template.array) & ~new
+    assert not (new & old).any() and trace.any() and not (trace & ~old).any()  # the anatomy keeps the old outline
+    erased = inserted.with_array(healthy_anatomy(inserted.array),
+                                 {"name": "manual_segment_edit", "params": {"changed_voxels": int(old.sum())},
+                                  "schema_version": SCHEMA_VERSION})  # the Slicer module's eraser
+    for labelmap in (replaced, erased):
+        for privacy in (labelmap.privacy, PrivacyRecord.from_history(labelmap.history, labelmap.array)):
+            ok, reason = privacy.anonymous()
+            assert privacy.tumour_origin == "mixed" and not ok and "refilled" in reason, privacy
+    drawn_twice = ParametricTumour(centre_ras_mm=(-8.0, -22.0, 19.0), radii_mm=(3.0, 3.0, 3.0), seed=3)(
+        ParametricTumour(centre_ras_mm=(-27.0, -21.5, 18.6), radii_mm=(4.0, 4.0, 4.0), seed=1)(template))
+    assert drawn_twice.privacy.tumour_origin == "parametric" and drawn_twice.privacy.anonymous()[0]
+
+    case = write_case(replaced, tmp_path / "case")
+    rc, _, err = run(["export", case, "--format", "dicom", "--anonymous", "-o", tmp_path / "anon"], capsys)
+    assert rc == 2 and "not anonymous" in err and "refilled" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "anon").exists()
+
+
+def test_a_case_whose_recorded_privacy_is_laxer_than_its_history_is_judged_by_its_history(tmp_path, capsys):
+    """A case written before a replaced tumour counted as ``mixed`` records ``parametric`` for a parametric tumour
+    drawn over an inserted (real) one; its history says what happened, and the export goes by the stricter."""
+    template = brain(size=(36, 40, 32), tumour_at=None, history=(TEMPLATE,))
+    inserted = InsertTumour(source="case", centre_ras_mm=(-27.0, -21.5, 18.6))(template, source=brain())
+    replaced = ParametricTumour(centre_ras_mm=(-8.0, -22.0, 19.0), radii_mm=(3.0, 3.0, 3.0), seed=3)(inserted)
+    recorded = PrivacyRecord("template", None, None, "parametric")  # what the earlier measure wrote
+    case = write_case(dataclasses.replace(replaced, privacy=recorded), tmp_path / "case")
+    assert json.loads((case / "provenance.json").read_text())["privacy"]["tumour_origin"] == "parametric"
+    assert read_synthetic_case(case).privacy.tumour_origin == "mixed"
+    rc, _, err = run(["export", case, "--format", "nifti", "--anonymous", "-o", tmp_path / "anon"], capsys)
+    assert rc == 2 and "not anonymous" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "anon").exists()
+    rc, _, err = run(["export", case, "--format", "nifti", "-o", tmp_path / "named"], capsys)
+    assert rc == 0, err
+    (exported,) = (tmp_path / "named").iterdir()
+    meta = json.loads((exported / "provenance.json").read_text())
+    assert meta["privacy"]["tumour_origin"] == "mixed" and meta["privacy"]["anonymous"] is False
+    assert "NOT anonymous" in (exported / "README.txt").read_text()
+
+
 def test_tumour_dice_threshold_applies_to_a_tumour_left_in_place():
     record = PrivacyRecord("template", None, MAX_ANONYMOUS_TUMOUR_DICE, "patient")
     assert not record.anonymous()[0]

@@ -80,6 +80,11 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
 
     folder_case = read_case_folder(folder)
     privacy = folder_case.record.privacy or privacy_of(folder_case.labels)
+    judged = PrivacyRecord.from_history(folder_case.labels.history, folder_case.labels.array)
+    if privacy.anonymous()[0] and not judged.anonymous()[0]:
+        # A record an earlier MedSynth measured can be laxer than the history it sits beside (a parametric tumour
+        # drawn over a real one was counted as parametric): the history's origin, which needs no measuring, holds.
+        privacy = dataclasses.replace(judged, images=privacy.images)
     if folder_case.record.inpainting is not None and privacy.images != "patient":
         # A real scan with a region inpainted carries the patient's images whatever its privacy record says.
         privacy = dataclasses.replace(privacy, images="patient")
@@ -127,9 +132,9 @@ def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: d
         "DICOM patient name/ID are generated.",
         "",
         privacy_line,
-        "A label map derived from a real case keeps that patient's brain outline (and, unless",
-        "replaced, tumour shape), which can identify the patient: see MedSynth's README,",
-        "'What is and is not anonymous'.",
+        "A label map derived from a real case keeps that patient's brain outline (and tumour shape;",
+        "a replaced or erased tumour's outline stays in the refilled anatomy), which can identify",
+        "the patient: see MedSynth's README, 'What is and is not anonymous'.",
         "",
     ]
     if fmt == "nifti":

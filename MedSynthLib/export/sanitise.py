@@ -43,7 +43,8 @@ def sanitise_provenance(raw: Mapping[str, Any], grid: Grid,
     Args:
         raw: the case's ``provenance.json``.
         grid: the case's grid (written instead of the recorded one).
-        privacy: the measured privacy when ``raw`` has none (older cases: inferred from the history).
+        privacy: the privacy the export judged (:func:`~MedSynthLib.export.package.read_synthetic_case`: the
+            recorded one, or the history's where that is stricter or nothing was recorded); without it, ``raw``'s.
 
     Returns:
         The clean provenance and the number of fields removed.
@@ -61,7 +62,7 @@ def sanitise_provenance(raw: Mapping[str, Any], grid: Grid,
         redacted.drop()
     out["model"] = {"name": name, "sha256": record.model.sha256}
     out["grid"] = grid.to_json()
-    privacy = record.privacy or privacy or PrivacyRecord()
+    privacy = privacy or record.privacy or PrivacyRecord()
     out["privacy"] = dict(privacy.to_json(), anonymous=privacy.anonymous()[0])
     return out, redacted.count
 

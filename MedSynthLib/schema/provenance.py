@@ -481,15 +481,32 @@ _STEP_ORIGINS = {"parametric_tumour": "parametric", "insert_tumour": "inserted",
                  "tumour_from_segmentation": "segmentation"}
 
 
+#: Origins that leave nothing of a patient where their tumour was: no tumour, or one MedSynth drew.
+_DRAWN_ORIGINS = ("none", "parametric")
+
+
 def _origin_after(origin: str, record: Mapping[str, Any] | None) -> str:
-    """The tumour origin after the step ``record`` (``keep_existing`` with another origin: ``mixed``)."""
+    """The tumour origin after the step ``record`` (``keep_existing`` with another origin: ``mixed``).
+
+    A tumour that is replaced is refilled with the nearest anatomy labels (``edits.base.healthy_anatomy``), which
+    differ from the healthy brain inside its outline: set against the template that outline reads back. So a
+    parametric tumour drawn over a tumour MedSynth did not draw gives ``mixed``, not ``parametric``.
+    """
     name = record.get("name") if isinstance(record, Mapping) else None
     params = record.get("params", {}) if isinstance(record, Mapping) else {}
     keep = isinstance(params, dict) and bool(params.get("keep_existing"))
     new_origin = _STEP_ORIGINS.get(name)  # type: ignore[arg-type]
     if new_origin is None:
         return origin
-    return new_origin if not keep or origin in ("none", new_origin) else "mixed"
+    if keep:
+        return new_origin if origin in ("none", new_origin) else "mixed"
+    return "mixed" if new_origin == "parametric" and origin not in _DRAWN_ORIGINS else new_origin
+
+
+def _origin_without_tumour(origin: str) -> str:
+    """The origin of a map left with no tumour: ``none``, or ``mixed`` when the tumour it held was not MedSynth's
+    (its refilled outline stays in the anatomy)."""
+    return "none" if origin in _DRAWN_ORIGINS else "mixed"
 
 
 @dataclass(frozen=True)
@@ -509,7 +526,8 @@ class PrivacyRecord:
         tumour_origin: where the current tumour came from: ``patient`` (the patient's expert
             segmentation, possibly moved), ``inserted`` (another label map's tumour: its shape
             is that case's), ``parametric``, ``segmentation`` (drawn or loaded in Slicer),
-            ``mixed``, ``none`` or ``unknown``.
+            ``mixed`` (tumours of two origins kept together, or a tumour MedSynth did not draw replaced
+            or erased: the anatomy refilled in its place keeps its outline), ``none`` or ``unknown``.
     """
 
     anatomy: Literal["patient", "template", "unknown"] = "unknown"
@@ -536,7 +554,7 @@ class PrivacyRecord:
             for record in history[1:]:  # where the tumour came from is in the history: no measuring needed
                 name = record.get("name") if isinstance(record, Mapping) else None
                 origin = _origin_after(origin, record) if name in RECORD_KINDS else "unknown"
-            return cls("template", None, None, origin if has_tumour else "none")
+            return cls("template", None, None, origin if has_tumour else _origin_without_tumour(origin))
         return cls("unknown", None, None, "unknown")
 
     def after_step(self, before: np.ndarray, after: np.ndarray, record: Mapping[str, Any] | None,
@@ -559,7 +577,7 @@ class PrivacyRecord:
             tumour_dice = round(_dice_from_distance(abs(_distance_from_dice(tumour_dice) - step)), 4)
         origin = _origin_after(self.tumour_origin, record)
         if not (after >= Label.NCR).any():
-            origin = "none"
+            origin = _origin_without_tumour(origin)
         return PrivacyRecord(self.anatomy, brain, tumour_dice, origin, self.images)
 
     def anonymous(self) -> tuple[bool, str]:
@@ -575,7 +593,11 @@ class PrivacyRecord:
         if self.tumour_dice_to_source is not None and self.tumour_dice_to_source >= MAX_ANONYMOUS_TUMOUR_DICE:
             return False, (f"its tumour overlaps the source patient's own tumour (Dice up to "
                            f"{self.tumour_dice_to_source:.2f} >= {MAX_ANONYMOUS_TUMOUR_DICE})")
-        if self.tumour_origin in ("inserted", "mixed"):
+        if self.tumour_origin == "mixed":
+            return False, ("its label map holds, or held, a tumour MedSynth did not draw, whose shape identifies that "
+                           "patient wherever it is placed (the anatomy refilled where a tumour was replaced keeps its "
+                           "outline); draw a parametric tumour in a fresh template instead")
+        if self.tumour_origin == "inserted":
             # A real tumour's shape identifies its patient wherever it is placed: the study's shape
             # attack (study/reidentification.py) re-identified 25 of 26 patient tumours put into the
             # template after a random edit, once aligned by a similarity transform.
