@@ -53,6 +53,22 @@ def test_sign_flip_is_exact_at_the_studys_n() -> None:
     assert sign_flip_test(tied)["p"] == pytest.approx(float(np.mean(np.abs(sums) >= 0.3 - 1e-9)), abs=1e-12)
 
 
+def test_sign_flip_monte_carlo_memory_does_not_grow_with_the_resamples() -> None:
+    """Beyond EXACT_MAX_N (a larger study, e.g. the paper config on many cases) the 2^20 resamples are drawn in
+    batches: all at once they took 2^20 x n doubles (1.6 GB at n = 200)."""
+    import tracemalloc
+
+    d = np.random.default_rng(4).normal(0.01, 0.05, 200)
+    tracemalloc.start()
+    try:
+        result = sign_flip_test(d)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not result["exact"] and 0.0 < result["p"] < 1.0
+    assert peak < 200 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MiB"
+
+
 def test_sign_flip_is_two_sided_and_symmetric() -> None:
     d = np.array([0.05, 0.02, 0.07, -0.01, 0.03, 0.04])
     assert sign_flip_test(d)["p"] == pytest.approx(sign_flip_test(-d)["p"])
