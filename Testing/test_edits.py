@@ -596,6 +596,43 @@ def test_records_with_the_old_spelling_still_replay():
     assert np.array_equal(replay(lm, [old_insert], {"s": source}).array, InsertTumour(source="s")(lm, source).array)
 
 
+def test_a_translate_record_replayed_on_another_grid_or_tampered_is_refused():
+    """The recorded whole-voxel offset is what the edit moved: a replay that would move by another one (the record
+    made on another grid, or its applied offset edited) is refused, not re-recorded with the new offset."""
+    fine = synthetic_brain(make_grid(*GRIDS["iso"]))
+    record = Translate((3.2, -2.0, 1.0))(fine).history[-1]
+    assert record["params"]["applied_offset_ras_mm"] == [3.0, -2.0, 1.0]
+    assert np.array_equal(replay(fine, [record]).array, Translate((3.2, -2.0, 1.0))(fine).array)
+    coarse = synthetic_brain(make_grid((1.5, 1.5, 1.5), IDENTITY))  # 3.2 mm rounds to 3.0 mm here, -2 to -1.5
+    with pytest.raises(EditError, match="another grid"):
+        replay(coarse, [record])
+    tampered = {**record, "params": {**record["params"], "applied_offset_ras_mm": [9.0, -2.0, 1.0]}}
+    with pytest.raises(EditError, match="applied_offset_ras_mm"):
+        replay(fine, [tampered])
+    assert Translate((3.2, -2.0, 1.0))(coarse).history[-1]["params"]["applied_offset_ras_mm"] == [3.0, -1.5, 1.5]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"name": "parametric_tumour", "params": {"necrosis": "false"}}, "necrosis must be true or false"),
+    ({"name": "parametric_tumour", "params": {"keep_existing": "no"}}, "keep_existing must be true or false"),
+    ({"name": "insert_tumour", "params": {"keep_existing": "false", "source": "s"}},
+     "keep_existing must be true or false"),
+    ({"name": "flip", "params": {"axis": ["LR"]}}, "flip axis must be one of"),
+    ({"name": "insert_tumour", "params": {"source": ["a"]}}, "source must be a string"),
+    ({"name": "translate", "params": {"offset_ras_mm": [True, 0, 0]}}, "offset_ras_mm must be three numbers"),
+    ({"name": "parametric_tumour", "params": {"rim_mm": True}}, "rim_mm must be a number"),
+    ({"name": "parametric_tumour", "params": {"seed": True}}, "seed must be a non-negative integer"),
+    ({"name": "rotate", "params": {}, "schema_version": "1"}, "schema version '1' is not an integer"),
+    ({"name": "rotate", "params": {}, "schema_version": True}, "schema version True is not an integer"),
+])
+def test_a_tampered_record_is_refused_with_an_edit_error(record, message):
+    """A hand-edited record never replays as something else: ``bool("false")`` is True, so a string flag would
+    silently draw the opposite tumour and be re-recorded as true; other wrong types raised TypeError or an
+    error saying 'version 1, this MedSynth uses 1'."""
+    with pytest.raises(EditError, match=message):
+        edit_from_record(record)
+
+
 # --- library calls, checked against the hand-written code they replaced --------------------------
 
 

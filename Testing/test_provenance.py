@@ -121,6 +121,18 @@ def test_slicer_tumour_from_segmentation_is_recognised_on_export():
     assert clean["edits"][1]["params"] == {"label_convention": "brats2021"} and removed == 0
 
 
+@pytest.mark.parametrize("effective", [True, False])
+def test_whether_the_seed_shaped_the_images_reaches_the_export(effective):
+    """``synthesize`` records ``seed_effective`` beside the seed (README: a model without an appearance code ignores
+    it); the typed record had no field for it, so every export dropped it and counted it as a removed field."""
+    labelmap = brain(history=(DERIVE,))
+    raw = SynthesisRecord().to_json() | {"edits": labelmap.history, "labels_sha256": array_sha256(labelmap.array),
+                                         "seed": 5, "seed_effective": effective}
+    clean, removed = sanitise_provenance(raw, labelmap.grid)
+    assert clean["seed"] == 5 and clean["seed_effective"] is effective and removed == 0
+    assert "seed_effective" not in SynthesisRecord.from_json({"seed": 1}).to_json()  # older files: not invented
+
+
 def test_older_sidecars_and_provenance_still_read(tmp_path):
     """Files written before the typed records (no privacy, no hash in the sidecar) read as before."""
     labelmap = brain()

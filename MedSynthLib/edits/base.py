@@ -60,7 +60,10 @@ def register(cls: type["Edit"]) -> type["Edit"]:
 def vec3(value: Any, name: str) -> tuple[float, float, float]:
     """Three finite floats, or :class:`EditError`."""
     try:
-        values = tuple(float(v) for v in value)
+        items = list(value)
+        if any(isinstance(v, (bool, np.bool_)) for v in items):  # float(True) is 1.0: an edited record
+            raise TypeError
+        values = tuple(float(v) for v in items)
     except (TypeError, ValueError):
         raise EditError(f"{name} must be three numbers, got {value!r}") from None
     if len(values) != 3 or not all(np.isfinite(values)):
@@ -71,12 +74,21 @@ def vec3(value: Any, name: str) -> tuple[float, float, float]:
 def finite(value: Any, name: str, low: float = -np.inf, high: float = np.inf) -> float:
     """One finite float in ``[low, high]``, or :class:`EditError`."""
     try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
         number = float(value)
     except (TypeError, ValueError):
         raise EditError(f"{name} must be a number, got {value!r}") from None
     if not np.isfinite(number) or not low <= number <= high:
         raise EditError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
     return number
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean parameter, or :class:`EditError` (``bool("false")`` is True: a string never passes)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise EditError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def set_field(obj: Any, name: str, value: Any) -> None:

@@ -15,7 +15,7 @@ from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
 from ..schema.labels import brain_mask, tumour_mask
 from ..schema.provenance import array_sha256
-from .base import Edit, composite, healthy_anatomy, refuse_core_outside, register, set_field, vec3
+from .base import Edit, composite, flag, healthy_anatomy, refuse_core_outside, register, set_field, vec3
 from .geometry import brain_box_lps, check_point, index_affine, tumour_centre
 from .transforms import resample_tumour
 
@@ -54,10 +54,11 @@ class InsertTumour(Edit):
     def __post_init__(self) -> None:
         if self.centre_ras_mm is not None:
             set_field(self, "centre_ras_mm", vec3(self.centre_ras_mm, "centre_ras_mm"))
-        set_field(self, "keep_existing", bool(self.keep_existing))
-        set_field(self, "source", str(self.source))
-        if self.source_labels_sha256 is not None:
-            set_field(self, "source_labels_sha256", str(self.source_labels_sha256))
+        set_field(self, "keep_existing", flag(self.keep_existing, "keep_existing"))
+        for name in ("source", "source_labels_sha256"):  # str() would turn an edited record's list into a key
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name == "source_labels_sha256")):
+                raise EditError(f"insert_tumour {name} must be a string, got {value!r}")
 
     def params(self) -> dict:
         params = super().params()

@@ -17,7 +17,8 @@ from scipy import ndimage
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
 from ..schema.labels import Label, brain_mask
-from .base import FULL_3X3, MAX_OUTSIDE_FRACTION, Edit, composite, finite, healthy_anatomy, register, set_field, vec3
+from .base import (FULL_3X3, MAX_OUTSIDE_FRACTION, Edit, composite, finite, flag, healthy_anatomy, register, set_field,
+                   vec3)
 from .geometry import bounds, check_length, check_point, crop, paste
 
 #: Most lattice points of the coarse count of a tumour core reaching past the brain's box.
@@ -27,6 +28,8 @@ _COARSE_POINTS = 2_000_000
 def check_seed(value: Any, name: str = "seed") -> int:
     """A seed: an integer in [0, 2**63), or :class:`EditError`."""
     try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
         number = float(value)
         seed = int(value)
     except (TypeError, ValueError, OverflowError):
@@ -87,8 +90,8 @@ class ParametricTumour(Edit):
         for field_name in ("rim_mm", "oedema_mm"):
             set_field(self, field_name, finite(getattr(self, field_name), field_name, low=0.0))
         set_field(self, "irregularity", finite(self.irregularity, "irregularity", 0.0, 1.0))
-        set_field(self, "necrosis", bool(self.necrosis))
-        set_field(self, "keep_existing", bool(self.keep_existing))
+        set_field(self, "necrosis", flag(self.necrosis, "necrosis"))
+        set_field(self, "keep_existing", flag(self.keep_existing, "keep_existing"))
         set_field(self, "seed", check_seed(self.seed))
 
     def check(self, grid: Grid) -> None:

@@ -32,6 +32,8 @@ def edit_from_record(record: Mapping[str, Any]) -> Edit:
     if name not in EDITS:
         raise EditError(f"unknown edit {name!r} (known: {', '.join(sorted(EDITS))})")
     version = record.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):  # "1" or true: an edited record
+        raise EditError(f"edit record {name!r}: schema version {version!r} is not an integer")
     if version != SCHEMA_VERSION:
         raise EditError(f"edit record has label schema version {version}, this MedSynth uses {SCHEMA_VERSION}")
     cls = EDITS[name]

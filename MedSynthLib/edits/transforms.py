@@ -156,7 +156,17 @@ class Translate(Edit):
     def __call__(self, labelmap: LabelMap, *args, **kwargs) -> LabelMap:
         """As :meth:`Edit.__call__`, the record also holding the offset applied on this grid."""
         self.check(labelmap.grid)  # before rounding: a huge offset is refused, not overflowed
-        applied = dataclasses.replace(self, applied_offset_ras_mm=self.applied_offset(labelmap.grid))
+        moved = self.applied_offset(labelmap.grid)
+        recorded = self.applied_offset_ras_mm
+        # A replayed record says what it moved: another whole-voxel offset means another grid (or an edited
+        # record), and the replay would silently be another map.  A micrometre covers the record's rounding and a
+        # grid equal up to float noise (another voxel count differs by a voxel's size).
+        if recorded is not None and max(abs(a - b) for a, b in zip(moved, recorded)) > 1e-3:
+            raise EditError(f"the record's applied_offset_ras_mm {list(recorded)} mm is not the "
+                            f"{list(moved)} mm that offset_ras_mm {list(self.offset_ras_mm)} moves on this grid "
+                            f"(spacing {list(labelmap.grid.spacing)} mm): the record was made on another grid "
+                            "or edited")
+        applied = dataclasses.replace(self, applied_offset_ras_mm=moved)
         return Edit.__call__(applied, labelmap, *args, **kwargs)
 
     def applied_offset(self, grid: Grid) -> tuple[float, float, float]:
@@ -279,9 +289,9 @@ class Flip(Edit):
     about: str = "tumour"
 
     def __post_init__(self) -> None:
-        if self.axis not in AXES:
+        if not isinstance(self.axis, str) or self.axis not in AXES:
             raise EditError(f"flip axis must be one of {sorted(AXES)}, got {self.axis!r}")
-        if self.about not in ("tumour", "brain"):
+        if not isinstance(self.about, str) or self.about not in ("tumour", "brain"):
             raise EditError(f"flip about must be 'tumour' or 'brain', got {self.about!r}")
 
     def apply(self, labelmap: LabelMap) -> np.ndarray:

@@ -742,6 +742,8 @@ class SynthesisRecord:
     labels_sha256: SHA256 | None = None
     edits: tuple[StepRecord, ...] = ()
     seed: int | None = None
+    #: False when the model ignores the seed (no appearance code): the seed then shaped nothing.
+    seed_effective: bool | None = None
     device: DEVICE | None = None
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     grid: Unchecked | None = None
@@ -776,7 +778,7 @@ class SynthesisRecord:
             value = getattr(self, f.name)
             if f.name == "edits":
                 out["edits"] = [step.to_json(for_export) for step in value]
-            elif f.name in ("privacy", "review", "files", "inpainting") and value is None:
+            elif f.name in ("privacy", "review", "files", "inpainting", "seed_effective") and value is None:
                 continue
             elif f.name == "files" and for_export:
                 continue  # the case folder's own files; an export lists its own
