@@ -357,6 +357,70 @@ def cmd_tumour_random(args: argparse.Namespace) -> int:
     return _write_edited(_apply_edit(sampler, labelmap, args.labels, seed=args.seed), args)
 
 
+def cmd_tumour_replay(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .edits import EDITS, replay
+    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
+    from .schema.errors import InputError
+    from .schema.provenance import array_sha256
+    from .schema.volume_io import check_writable
+
+    sources = list(args.source or [])
+    inputs = [f for path in [args.labels, args.edits, *sources] for f in label_map_inputs(path)]
+    check_writable(label_map_outputs(args.output), args.overwrite, inputs=inputs)
+    base = read_label_map(args.labels)
+    edited = read_label_map(args.edits)
+    if not edited.history:
+        raise InputError(args.edits, "has no edit history (no sidecar .json beside it): nothing to replay")
+    # The records both histories start with made (or loaded) the base: the edits to replay follow them.  A map
+    # of another patient may share them (a derive_labels record names no patient), so the voxels decide below.
+    shared = 0
+    while shared < min(len(base.history), len(edited.history)) and base.history[shared] == edited.history[shared]:
+        shared += 1
+    records = edited.history[shared:]
+    while records and records[0].get("name") not in EDITS:  # what made EDITS's own base (another map's)
+        records = records[1:]
+    for record in records:
+        if record.get("name") not in EDITS:
+            raise InputError(args.edits, f"its history holds a {record.get('name')!r} record, which cannot be "
+                                         "replayed (not a tumour edit: a stroke painted in Slicer?)")
+    if not records:
+        raise InputError(args.edits, f"holds no edit after {args.labels.name}'s history: nothing to replay")
+    by_name: dict[str, Any] = {}
+    for path in sources:
+        by_name[path.name] = read_label_map(path)
+    needed = sorted({str(r.get("params", {}).get("source")) for r in records if r.get("name") == "insert_tumour"})
+    missing = [name for name in needed if name not in by_name]
+    if missing:
+        raise InputError(args.edits, f"its insert_tumour edits need their source label map(s) {', '.join(missing)}: "
+                                     "give each with --source PATH")
+    result = _apply_edit_records(replay, base, records, by_name, args.edits)
+    differ = int(np.count_nonzero(result.array != edited.array)) if result.array.shape == edited.array.shape else -1
+    if differ and args.check:
+        raise InputError(args.edits, f"its history does not reproduce its voxels from {args.labels.name} "
+                                     f"({'another grid' if differ < 0 else f'{differ} voxels differ'}): another base "
+                                     "map, a record edited by hand, or one written by another MedSynth")
+    replayed = f"{len(records)} edit{'s' if len(records) != 1 else ''} replayed ({', '.join(r['name'] for r in records)})"
+    _write_edited(result, args)
+    if not differ:
+        print(f"{replayed} from {args.edits}: identical to it voxel for voxel")
+    else:
+        print(f"{replayed} from {args.edits}: the result differs from it ("
+              f"{'another grid' if differ < 0 else f'{differ} voxels'}; another base map, or a history edited by hand)")
+    return 0
+
+
+def _apply_edit_records(replay: Callable[..., Any], base: Any, records: list, sources: dict, path: Path) -> Any:
+    """``replay`` with its edit errors naming the file the records came from."""
+    from .schema.errors import EditError
+
+    try:
+        return replay(base, records, sources)
+    except EditError as exc:
+        raise EditError(f"{path}: {exc}") from None
+
+
 DEMO_TUMOUR = dict(centre_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0), rim_mm=2.5,
                    oedema_mm=12.0, irregularity=0.35, seed=2018)
 
@@ -749,6 +813,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "output label map (.nii.gz)")
     p.set_defaults(func=cmd_tumour_random)
 
+    p = tsub.add_parser("replay", help="apply the edits recorded in an edited map's sidecar to a label map "
+                                       "(and compare the result with the edited map's voxels)")
+    p.add_argument("labels", type=Path, help="MedSynth label map to start from")
+    p.add_argument("--edits", type=Path, required=True, metavar="EDITED",
+                   help="an edited label map: the edits its sidecar records after LABELS's history are replayed")
+    p.add_argument("--source", type=Path, action="append", metavar="MAP",
+                   help="the source label map of a recorded insert_tumour (matched by file name and content hash)")
+    p.add_argument("--check", action="store_true",
+                   help="LABELS is the map EDITED was edited from: refuse (exit 2, nothing written) a result that "
+                        "differs from EDITED's voxels")
+    _add_output(p, "output label map (.nii.gz)")
+    p.set_defaults(func=cmd_tumour_replay)
+
     p = sub.add_parser("synthesize", help="label map -> T1, T1ce, T2, FLAIR (a complete synthetic case)")
     p.add_argument("labels", type=Path, help="MedSynth 7-class label map")
     _add_output(p, "output case folder")
@@ -903,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _TUMOUR_COMMANDS = ("tumour", "tumor")  # one command, both spellings
-_TUMOUR_SUBCOMMANDS = {"transform", "insert", "new", "random", "-h", "--help"}
+_TUMOUR_SUBCOMMANDS = {"transform", "insert", "new", "random", "replay", "-h", "--help"}
 @contextmanager
 def _quiet_itk() -> Iterator[None]:
     """ITK's warnings off while a command runs (restored after: main() also runs inside other programs)."""

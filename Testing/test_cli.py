@@ -268,6 +268,77 @@ def test_tumor_random_is_reproducible(work, capsys):
     np.testing.assert_array_equal(replay(read_label_map(work["labels"]), history[1:]).array, first)
 
 
+def test_tumour_replay_reproduces_an_edit_chain(work, chained, capsys):
+    """``tumour replay BASE --edits EDITED`` applies the edits EDITED's sidecar records after BASE's history and
+    checks the result against EDITED's voxels."""
+    out = work["root"] / "replay" / "chain.nii.gz"
+    rc, stdout, err = run(["tumour", "replay", work["labels"], "--edits", chained[1], "--check", "-o", out], capsys)
+    assert rc == 0 and err == "", err
+    assert "2 edits replayed (translate, rotate)" in stdout and "identical to" in stdout
+    np.testing.assert_array_equal(_array(out), _array(chained[1]))
+    assert _sidecar(out)["history"] == _sidecar(chained[1])["history"]
+
+
+def test_tumour_replay_of_an_insert_takes_its_source(work, capsys):
+    inserted = work["root"] / "replay_insert" / "inserted.nii.gz"
+    assert run(["tumor", "insert", "--from", work["labels"], "--into", work["labels"], "-o", inserted], capsys)[0] == 0
+    out = work["root"] / "replay_insert" / "again.nii.gz"
+    rc, _, err = run(["tumour", "replay", work["labels"], "--edits", inserted, "-o", out], capsys)
+    assert rc == 2 and "--source" in err and "labels.nii.gz" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    rc, _, err = run(["tumour", "replay", work["labels"], "--edits", inserted, "--source", work["labels"], "-o", out],
+                     capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(_array(out), _array(inserted))
+
+
+def test_tumour_replay_of_an_edited_history_is_refused(work, chained, capsys, tmp_path):
+    """The sidecar's hash covers the voxels, not the history: a record edited by hand no longer reproduces them."""
+    import shutil
+
+    edited = tmp_path / "moved_rotated.nii.gz"
+    shutil.copy(chained[1], edited)
+    sidecar = _sidecar(chained[1])
+    sidecar["history"][1]["params"]["offset_ras_mm"] = [-5.0, 0.0, 0.0]
+    del sidecar["history"][1]["params"]["applied_offset_ras_mm"]
+    edited.with_name("moved_rotated.json").write_text(json.dumps(sidecar))
+    out = tmp_path / "out.nii.gz"
+    rc, _, err = run(["tumour", "replay", work["labels"], "--edits", edited, "--check", "-o", out], capsys)
+    assert rc == 2 and str(edited) in err and "does not reproduce" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not out.with_name("out.json").exists()
+    rc, stdout, _ = run(["tumour", "replay", work["labels"], "--edits", edited, "-o", out], capsys)  # without --check
+    assert rc == 0 and "differs from it" in stdout
+
+
+def test_tumour_replay_onto_another_map_applies_the_same_edits(work, chained, capsys):
+    """Another base (here the map with a new tumour drawn in): the edits are applied to it, and the CLI says the
+    result differs from the edited map (--check refuses it)."""
+    base = work["root"] / "replay_other" / "base.nii.gz"
+    centre = _brain_centre_ras(work["labels"])
+    assert run(["tumor", "new", work["labels"], "--centre", *centre, "--radius", "5", "--seed", "2", "-o", base],
+               capsys)[0] == 0
+    out = work["root"] / "replay_other" / "out.nii.gz"
+    rc, _, err = run(["tumour", "replay", base, "--edits", chained[1], "--check", "-o", out], capsys)
+    assert rc == 2 and "does not reproduce" in err and not out.exists()
+    rc, stdout, err = run(["tumour", "replay", base, "--edits", chained[1], "-o", out], capsys)
+    assert rc == 0 and err == "" and "2 edits replayed" in stdout and "differs from it" in stdout
+    expected = replay(read_label_map(base), _sidecar(chained[1])["history"][1:])
+    np.testing.assert_array_equal(_array(out), expected.array)
+
+
+def test_tumour_replay_refuses_a_record_that_is_not_an_edit(work, chained, capsys, tmp_path):
+    import shutil
+
+    edited = tmp_path / "painted.nii.gz"
+    shutil.copy(chained[1], edited)
+    sidecar = _sidecar(chained[1])
+    sidecar["history"].insert(2, {"name": "manual_segment_edit", "params": {"changed_voxels": 3},
+                                  "schema_version": 1})
+    edited.with_name("painted.json").write_text(json.dumps(sidecar))
+    rc, _, err = run(["tumour", "replay", work["labels"], "--edits", edited, "-o", tmp_path / "o.nii.gz"], capsys)
+    assert rc == 2 and "manual_segment_edit" in err and "cannot be replayed" in err
+
+
 # --- demo --------------------------------------------------------------------------------------
 
 DEMO_FILES = ["flair.nii.gz", "labels.json", "labels.nii.gz", "montage.png", "provenance.json",
