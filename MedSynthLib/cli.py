@@ -361,9 +361,8 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .edits import EDITS, replay
+    from .schema.errors import EditError, InputError
     from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
-    from .schema.errors import InputError
-    from .schema.provenance import array_sha256
     from .schema.volume_io import check_writable
 
     sources = list(args.source or [])
@@ -388,20 +387,27 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     if not records:
         raise InputError(args.edits, f"holds no edit after {args.labels.name}'s history: nothing to replay")
     by_name: dict[str, Any] = {}
-    for path in sources:
+    for path in sources:  # an insert records its source by file name
+        if path.name in by_name:
+            raise _UsageError(f"medsynth tumour replay: two --source maps are named {path.name}")
         by_name[path.name] = read_label_map(path)
-    needed = sorted({str(r.get("params", {}).get("source")) for r in records if r.get("name") == "insert_tumour"})
+    needed = sorted({str(r["params"].get("source")) for r in records
+                     if r.get("name") == "insert_tumour" and isinstance(r.get("params"), dict)})
     missing = [name for name in needed if name not in by_name]
     if missing:
         raise InputError(args.edits, f"its insert_tumour edits need their source label map(s) {', '.join(missing)}: "
                                      "give each with --source PATH")
-    result = _apply_edit_records(replay, base, records, by_name, args.edits)
+    try:
+        result = replay(base, records, by_name)
+    except EditError as exc:
+        raise EditError(f"{args.edits}: {exc}") from None
     differ = int(np.count_nonzero(result.array != edited.array)) if result.array.shape == edited.array.shape else -1
     if differ and args.check:
         raise InputError(args.edits, f"its history does not reproduce its voxels from {args.labels.name} "
                                      f"({'another grid' if differ < 0 else f'{differ} voxels differ'}): another base "
                                      "map, a record edited by hand, or one written by another MedSynth")
-    replayed = f"{len(records)} edit{'s' if len(records) != 1 else ''} replayed ({', '.join(r['name'] for r in records)})"
+    names = ", ".join(r["name"] for r in records)
+    replayed = f"{len(records)} edit{'s' if len(records) != 1 else ''} replayed ({names})"
     _write_edited(result, args)
     if not differ:
         print(f"{replayed} from {args.edits}: identical to it voxel for voxel")
@@ -409,16 +415,6 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
         print(f"{replayed} from {args.edits}: the result differs from it ("
               f"{'another grid' if differ < 0 else f'{differ} voxels'}; another base map, or a history edited by hand)")
     return 0
-
-
-def _apply_edit_records(replay: Callable[..., Any], base: Any, records: list, sources: dict, path: Path) -> Any:
-    """``replay`` with its edit errors naming the file the records came from."""
-    from .schema.errors import EditError
-
-    try:
-        return replay(base, records, sources)
-    except EditError as exc:
-        raise EditError(f"{path}: {exc}") from None
 
 
 DEMO_TUMOUR = dict(centre_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0), rim_mm=2.5,
