@@ -17,6 +17,10 @@ CONFIDENCE_LABELS = {1: "guessing", 2: "fairly sure", 3: "certain"}
 VIEW_TAG = "Study"
 
 
+def _no_view_gutter(*_: Any) -> None:
+    """The study view's gutter: nothing (see :class:`StudyApp`)."""
+
+
 class StudyApp:
     """A trame-slicer page over a :class:`~MedSynthLib.evaluation.reader_study.ReaderStudy`."""
 
@@ -35,7 +39,9 @@ class StudyApp:
         self.server = server or get_server(None, client_type="vue3")
         self.state = self.server.state
         self.slicer = SlicerApp()
-        register_rca_factories(self.slicer.view_manager, self.server)
+        # No view gutter: its slice slider would put the slice position, the grid's slice range and
+        # its spacing into the page's state, which the reader can read; the reader judges the image.
+        register_rca_factories(self.slicer.view_manager, self.server, slice_view_ui_f=_no_view_gutter)
         self.loader = SceneLoader(self.slicer)
         self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         self.layouts.register_layout_dict({

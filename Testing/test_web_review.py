@@ -52,9 +52,9 @@ def make_real_case(root: Path, index: int) -> Path:
     return write_phantom_case(root, index)
 
 
-def make_synthetic_case(root: Path, index: int) -> Path:
+def make_synthetic_case(root: Path, index: int, shape=None, spacing=(1.0, 1.0, 1.0)) -> Path:
     """A folder shaped like ``medsynth synthesize`` output: four contrasts, labels, provenance."""
-    images, seg = phantom(seed=index)
+    images, seg = phantom(seed=index) if shape is None else phantom(shape=shape, seed=index)
     rng = np.random.default_rng(100 + index)
     t1 = images["t1"]
     labels = np.select([t1 > 800, t1 > 500, t1 > 0], [3, 2, 1], 0).astype(np.uint8)
@@ -62,8 +62,8 @@ def make_synthetic_case(root: Path, index: int) -> Path:
     folder = root / f"synthetic_{index}"
     for modality, array in images.items():
         noisy = array * 0.9 + rng.normal(0, 20, array.shape) * (array > 0)
-        write_volume(noisy.astype(np.int16), folder / f"{modality}.nii.gz")
-    write_volume(labels, folder / "labels.nii.gz")
+        write_volume(noisy.astype(np.int16), folder / f"{modality}.nii.gz", spacing=spacing)
+    write_volume(labels, folder / "labels.nii.gz", spacing=spacing)
     (folder / "provenance.json").write_text(json.dumps(
         {"kind": "medsynth-synthetic-case", "synthetic": True, "seed": index, "model": {"name": "test"}}))
     return folder
@@ -133,6 +133,59 @@ def test_plan_refuses_wrong_inputs(cases):
         plan_study([], cases["synthetic"])
 
 
+def test_plan_draws_from_every_case_not_one_per_class(cases):
+    # With 2 cases per class and 2 items per class, each item must come from another case: taking
+    # every contrast of the first case in the seeded order would put one real and one synthetic
+    # case in front of the reader (item-level accuracy then measures two cases, not a model).
+    for n_per_class in (2, 4):
+        for seed in range(4):
+            plan = plan_study(cases["real"], cases["synthetic"], seed=seed, n_per_class=n_per_class)
+            for truth in ("real", "synthetic"):
+                used = [i["case"] for i in plan["items"] if i["truth"] == truth]
+                assert len(set(used)) == 2, (n_per_class, seed, truth, used)
+                assert sorted(used.count(c) for c in set(used)) == [n_per_class // 2] * 2
+                assert sorted(i["modality"] for i in plan["items"] if i["truth"] == truth) == \
+                    sorted(["t1", "t1ce", "t2", "flair"][:n_per_class])
+
+
+def test_plan_refuses_cases_on_other_grids(cases, tmp_path):
+    # Real and synthetic images on different grids are told apart by the view's field of view and
+    # slice range, not by the image: the study must refuse them.
+    other_size = make_synthetic_case(tmp_path / "size", 0, shape=(44, 48, 40))
+    with pytest.raises(MedSynthError, match="grid"):
+        plan_study(cases["real"], [other_size, cases["synthetic"][1]])
+    other_spacing = make_synthetic_case(tmp_path / "spacing", 0, spacing=(1.0, 1.0, 1.5))
+    with pytest.raises(MedSynthError, match="grid"):
+        plan_study(cases["real"], [cases["synthetic"][0], other_spacing])
+    with pytest.raises(MedSynthError, match="grid"):
+        ReaderStudy.create_or_resume(tmp_path / "results", cases["real"], [other_size])
+    assert not (tmp_path / "results").exists()
+
+
+def test_study_page_state_carries_no_slice_geometry(cases, tmp_path):
+    # The page's state is what any reader can read (browser dev tools, the websocket): it must hold
+    # the item id and the form, not the slice position, the grid's slice range or its spacing.
+    missing = None if find_spec("trame_slicer") else "trame_slicer not installed (pip install -e '.[web]')"
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    from MedSynthWeb.study_app import StudyApp
+
+    study = ReaderStudy.create_or_resume(tmp_path / "results", cases["real"], cases["synthetic"], seed=0,
+                                         n_per_class=2)
+    app = StudyApp(study)
+    expected = sorted(["item_id", "position", "total", "answer", "confidence", "done", "status",
+                       "Study_active_view_cursor"])
+    for _ in range(2):  # the first item, and the next one after an answer
+        item = app._current
+        state = {k: v for k, v in app.state.initial.items() if not k.startswith("trame__")}  # what a client gets
+        assert sorted(state) == expected, sorted(state)
+        assert item.centre_ras[2] not in state.values()
+        app.submit(item.item_id, "real", 1)
+        assert study.answered() >= {item.item_id}
+
+
 def test_study_saves_each_answer_and_resumes(cases, tmp_path):
     results = tmp_path / "results"
     study = ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=1, n_per_class=2)
@@ -177,7 +230,36 @@ def test_summary_intervals_and_rates():
     assert summary["sensitivity_synthetic"]["rate"] == pytest.approx(2 / 3, abs=1e-4)
     assert summary["specificity_synthetic"]["rate"] == pytest.approx(1 / 3, abs=1e-4)
     text = summary_text(summary)
-    assert "50.0 % (3/6" in text and "50 %" in summary["note"]
+    assert "50.0 % (3/6" in text and "chance" in summary["note"]
+
+
+def _answers(correct: int, total: int) -> list[dict]:
+    """``total`` answers (half synthetic, half real items), the first ``correct`` of them right."""
+    rows = []
+    for i in range(total):
+        truth = "synthetic" if i % 2 else "real"
+        other = "real" if truth == "synthetic" else "synthetic"
+        answer = truth if i < correct else other
+        rows.append({"item_id": f"i{i}", "modality": "t1", "answer": answer, "confidence": 2, "truth": truth,
+                     "correct": answer == truth})
+    return rows
+
+
+@pytest.mark.parametrize("correct, total, p_value, words", [
+    (7, 8, 0.0703, "not shown to differ from chance"),  # CI 47-100 %: contains 0.5, yet no evidence of 'could not tell'
+    (8, 8, 0.0078, "better than chance"),
+    (0, 8, 0.0078, "reversed"),
+    (20, 40, 1.0, "not shown to differ from chance"),
+])
+def test_summary_tests_against_chance_and_never_claims_indistinguishable(correct, total, p_value, words):
+    """Not rejecting 50 % is not evidence that the images are indistinguishable (7 of 8 right has a 95 % interval of
+    47-100 %); accuracy far below 50 % means the classes are told apart, the wrong way round."""
+    summary = summarise(_answers(correct, total), total)
+    assert summary["p_vs_chance"] == pytest.approx(p_value, abs=1e-4)
+    assert words in summary["note"]
+    assert "could not tell" not in summary["note"]
+    assert "not independent" in summary["note"]  # four contrasts of one case, one slice: the interval is too narrow
+    assert f"p = {p_value:.3g}" in summary_text(summary) or f"p = {p_value:.2g}" in summary_text(summary)
 
 
 def test_cli_summarise_and_missing_web_extra(cases, tmp_path, capsys, monkeypatch):

@@ -42,8 +42,29 @@ PLAN_FILE = "study_plan.json"
 RESPONSES_CSV = "responses.csv"
 RESPONSES_JSON = "responses.json"
 RESPONSE_FIELDS = ("item_id", "modality", "answer", "confidence", "truth", "correct", "answered_at")
-INDISTINGUISHABLE_NOTE = ("An accuracy near 50 % (an interval that contains 0.5) means the reader could not tell "
-                          "synthetic from real images apart; 100 % means every image was recognised.")
+#: Items are not independent: the four contrasts of one case, at one slice, are judged together.
+CLUSTER_NOTE = ("Items are not independent (the contrasts of one case are shown at the same slice), so the interval "
+                "and the p-value are too small a measure of the uncertainty.")
+
+
+def chance_note(correct: int, total: int, p_value: float | None) -> str:
+    """What the accuracy says against chance (50 %), without claiming more than the test can.
+
+    Not rejecting chance is no evidence that the images are indistinguishable (7 of 8 right: p = 0.07, a 95 %
+    interval of 47-100 %); an accuracy far below 50 % means the classes are told apart, the wrong way round.
+    """
+    if not total or p_value is None:
+        return "No answers yet."
+    p_text = f"p = {p_value:.3g}, exact two-sided binomial test against 50 %"
+    if p_value >= 0.05:
+        verdict = (f"Accuracy not shown to differ from chance ({p_text}); at {total} items that is not evidence that "
+                   "the images are indistinguishable: the interval bounds how well the reader may tell them apart.")
+    elif correct / total > 0.5:
+        verdict = f"The reader told synthetic from real better than chance ({p_text})."
+    else:
+        verdict = (f"Accuracy below chance ({p_text}): the reader tells the images apart but has the classes "
+                   "reversed.")
+    return f"{verdict} {CLUSTER_NOTE}"
 
 
 @dataclass
@@ -155,6 +176,7 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
             if case.synthetic != (truth == "synthetic"):
                 raise InputError(folder, f"given as {truth} but it is {'a synthetic' if case.synthetic else 'a real'} case")
             cases[truth].append(case)
+    _check_one_grid([case for t in TRUTHS for case in cases[t]], modalities)
     available = min(len(cases[t]) for t in TRUTHS) * len(modalities)
     if n_per_class is None:
         n_per_class = available
@@ -162,10 +184,12 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
         raise MedSynthError(f"--n-per-class must be 1..{available} for these cases and contrasts, got {n_per_class}")
     drawn: list[tuple[str, CaseImages, str]] = []
     for truth in TRUTHS:
-        # Round-robin over contrasts so each contrast gets its share; cases in a seeded order.
+        # Round-robin over contrasts so each contrast gets its share; cases in a seeded order, that
+        # order rotated by one case per contrast so the items spread over the cases (without the
+        # rotation every contrast would start with the same case: K <= 4 items, one case).
         order = [cases[truth][i] for i in rng.permutation(len(cases[truth]))]
-        pairs = [(case, m) for m in modalities for case in order]
-        by_modality = {m: [p for p in pairs if p[1] == m] for m in modalities}
+        by_modality = {m: [(case, m) for case in order[j % len(order):] + order[:j % len(order)]]
+                       for j, m in enumerate(modalities)}
         picked = []
         while len(picked) < n_per_class:
             for m in modalities:
@@ -183,6 +207,27 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
     return {"kind": "medsynth-reader-study", "plan_version": PLAN_VERSION, "seed": seed,
             "n_per_class": n_per_class, "modalities": list(modalities),
             "created_at": _now(), "items": [asdict(item) for item in items]}
+
+
+def _check_one_grid(cases: Sequence[CaseImages], modalities: Sequence[str]) -> None:
+    """Refuse images on different grids (size, spacing, axes): the view's field of view and slice
+    range would tell the reader which is which, whatever the image shows."""
+    first: tuple[Path, tuple[Any, ...]] | None = None
+    for case in cases:
+        for modality in modalities:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(case.files[modality]))
+            reader.ReadImageInformation()
+            grid = (reader.GetSize(), reader.GetSpacing(), reader.GetDirection())
+            if first is None:
+                first = (case.files[modality], grid)
+            elif grid[0] != first[1][0] or not np.allclose(grid[1], first[1][1], rtol=1e-4, atol=1e-5) \
+                    or not np.allclose(grid[2], first[1][2], atol=1e-4):
+                raise InputError(case.files[modality],
+                                 f"is on another grid than {first[0]} (size {grid[0]} vs {first[1][0]}, spacing "
+                                 f"{tuple(round(v, 4) for v in grid[1])} vs {tuple(round(v, 4) for v in first[1][1])} "
+                                 "mm, or axes): readers would tell the images apart by the view's field of view; "
+                                 "resample the study's cases to one grid")
 
 
 def _now() -> str:
@@ -323,15 +368,19 @@ def summarise(responses: Sequence[dict[str, Any]], n_items: int | None = None) -
         rows = [r for r in responses if int(r["confidence"]) == level]
         if rows:
             by_confidence[str(level)] = proportion(sum(bool(r["correct"]) for r in rows), len(rows))
+    from scipy.stats import binomtest
+
+    p_value = float(binomtest(sum(correct), len(correct), 0.5).pvalue) if correct else None
     return {
         "answered": len(responses), "planned": n_items,
         "accuracy": proportion(sum(correct), len(correct)),
+        "p_vs_chance": None if p_value is None else round(p_value, 4),
         "per_modality": per_modality,
         "sensitivity_synthetic": proportion(sum(r["answer"] == "synthetic" for r in synthetic), len(synthetic)),
         "specificity_synthetic": proportion(sum(r["answer"] == "real" for r in real), len(real)),
         "accuracy_by_confidence": by_confidence,
         "interval": "exact binomial (Clopper-Pearson) 95 %",
-        "note": INDISTINGUISHABLE_NOTE,
+        "note": chance_note(sum(correct), len(correct), p_value),
     }
 
 
@@ -347,7 +396,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines = ["# Reader study: real or synthetic?", "",
              f"Answered {summary['answered']} of {summary['planned']} items.", "",
              "| measure | value |", "|---|---|",
-             f"| accuracy | {_fmt(summary['accuracy'])} |"]
+             f"| accuracy | {_fmt(summary['accuracy'])} |",
+             f"| p against chance (50 %), exact binomial | {summary.get('p_vs_chance', '-')} |"]
     lines += [f"| accuracy, {m} | {_fmt(p)} |" for m, p in summary["per_modality"].items()]
     lines += [f"| sensitivity (synthetic called synthetic) | {_fmt(summary['sensitivity_synthetic'])} |",
               f"| specificity (real called real) | {_fmt(summary['specificity_synthetic'])} |"]
