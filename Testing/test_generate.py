@@ -415,6 +415,19 @@ def test_rerun_with_other_settings_is_refused(gen_data, nnunet_run, capsys):
     assert _file_hashes(nnunet_run) == before
 
 
+def test_rerun_with_a_smaller_n_is_refused(gen_data, nnunet_run, tmp_path, capsys):
+    """-n below the complete cases on disk would write a dataset.json whose numTraining (and the card) leave
+    cases out that imagesTr/labelsTr still hold: nnU-Net's integrity check then fails on the count."""
+    out = Path(shutil.copytree(nnunet_run, tmp_path / "shrink"))
+    before = _file_hashes(out)
+    meta = (out / "Dataset501_BrainTumourSynth" / "dataset.json").read_text()
+    assert main(_argv(gen_data, out, *shared_cache(nnunet_run), n=2)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "BrainTumourSynth_00002" in err and "-n 4" in err, err
+    assert _file_hashes(out) == before
+    assert (out / "Dataset501_BrainTumourSynth" / "dataset.json").read_text() == meta
+
+
 def test_torchrun_ranks_share_the_indices(gen_data, nnunet_run, tmp_path, monkeypatch):
     """Rank r of 2 makes the cases i with i % 2 == r; the last rank to finish writes the card."""
     out = tmp_path / "ranks"

@@ -157,6 +157,33 @@ def _check_output(out: Path, spec: dict[str, Any], overwrite: bool) -> bool:
     return False
 
 
+def _check_no_cases_beyond(out: Path, layout: Layout, n: int) -> None:
+    """Refuse a rerun whose ``-n`` is below complete cases already in ``out``.
+
+    ``dataset.json`` (nnU-Net's ``numTraining``, the MSD datalist) and the card list cases 0..n-1
+    only, while ``imagesTr``/``labelsTr`` (or the BraTS case folders) would keep the others: the
+    dataset's files and its ``dataset.json`` would disagree (nnU-Net's integrity check fails).
+    """
+    folder = out / PROVENANCE_DIR
+    if not folder.is_dir():
+        return
+    wanted = {layout.case_id(i) for i in range(n)}
+    beyond, needed = [], n
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith(".") or path.stem in wanted:
+            continue
+        beyond.append(path.stem)
+        try:  # the case's index, as its provenance records it
+            needed = max(needed, int(json.loads(path.read_text())["generation"]["index"]) + 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if not beyond:
+        return
+    shown = ", ".join(beyond[:3]) + (", ..." if len(beyond) > 3 else "")
+    raise InputError(out, f"holds {len(beyond)} complete case(s) beyond -n {n} ({shown}), which dataset.json "
+                          f"would leave out: give -n {needed} or more, another -o, or --overwrite")
+
+
 def _only_cache_files(cache: Path) -> bool:
     """Whether ``cache`` is absent or holds only generate's own cache arrays.
 
@@ -469,6 +496,8 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
             spec_base["config"] = config
             spec = dict(spec_base, sources=sorted(s.source_id for s in sources))
             resuming = _check_output(out, spec, False) if (out / RUN_FILE).exists() else False
+            if resuming:
+                _check_no_cases_beyond(out, layout, opt.n)
         from ..schema.volume_io import remove_temporaries, write_json
 
         out.mkdir(parents=True, exist_ok=True)
