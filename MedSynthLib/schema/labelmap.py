@@ -52,12 +52,13 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
     except LabelValueError as exc:
         raise InputError(path, str(exc)) from None
     array = array.astype(np.uint8)
+    grid = Grid.from_image(image)
     if require_brain and not array.any():
         raise InputError(path, "empty brain: the label map has no brain voxels")
     if require_brain:
         try:
             check_anatomy(array)  # here, where a user's file is read: in-memory maps may hold any classes
-            check_whole_brain(array, Grid.from_image(image).voxel_volume_mm3 / 1000.0)
+            check_whole_brain(array, grid.voxel_volume_mm3 / 1000.0)
         except LabelValueError as exc:
             raise InputError(path, str(exc)) from None
     history: list = []
@@ -79,7 +80,7 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
                                       "(objects with a 'name')")
         history = list(history)
         privacy = PrivacyRecord.from_json(meta.get("privacy"))
-    return LabelMap(array, Grid.from_image(image), history, privacy=privacy)
+    return LabelMap(array, grid, history, privacy=privacy)
 
 
 def _schema_array(image: sitk.Image) -> np.ndarray:
