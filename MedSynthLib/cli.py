@@ -574,6 +574,7 @@ def _generate_card_command(args: argparse.Namespace) -> str:
         model = "MODEL_DIR"
     words = ["medsynth generate", f"-n {args.n}"]
     words += [f"--labels-from {' '.join(['DIR'] * len(args.labels_from))}"] if args.labels_from else []
+    words += [f"--label-convention {args.label_convention}"] if args.label_convention else []
     words += ["--template"] if args.template else []
     words += ["--edits CONFIG"] if args.edits is not None else []
     words += [f"--model {model}"] if model is not None else []
@@ -592,7 +593,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = generate(GenerateOptions(
         n=args.n, output=args.output, labels_from=args.labels_from or [], template=args.template, edits=args.edits,
         model=args.model, layout=args.layout, dataset_id=args.dataset_id, name=args.name, workers=args.workers,
-        seed=args.seed, anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
+        seed=args.seed, label_convention=args.label_convention, anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
         overwrite=args.overwrite, progress=not args.quiet,
         command=command))
     state = "complete" if summary["finished"] else "this rank's share done"
@@ -841,11 +842,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "is the old tumour)")
     p.set_defaults(func=cmd_synthesize)
 
+    from .schema.labels import CONVENTIONS as TUMOUR_CONVENTIONS
+
     p = sub.add_parser("generate", help="a ready-to-train synthetic dataset (nnU-Net, MSD, BraTS layouts), "
                                         "resumable, over processes, GPUs and torchrun ranks")
     p.add_argument("-n", type=int, required=True, help="number of cases")
     p.add_argument("--labels-from", nargs="+", type=Path, metavar="DIR",
                    help="folders of real case folders (anatomy derived once, cached) or of tumour label maps")
+    p.add_argument("--label-convention", choices=sorted(TUMOUR_CONVENTIONS),
+                   help="tumour label values of the tumour-only label maps in --labels-from (default: each map's, "
+                        "from its values and shape; a map where they cannot tell BraTS from msd is refused). A case "
+                        "folder's follow its naming convention")
     p.add_argument("--template", action="store_true", help="also draw on the healthy ICBM152 template brain")
     p.add_argument("--edits", type=Path, metavar="CONFIG", help="sampler config (JSON; default: built in)")
     p.add_argument("--model", help="registered model name or model folder (default: the shipped model)")

@@ -184,6 +184,51 @@ def test_a_bad_source_after_good_ones_leaves_no_cache_file(gen_data, tmp_path, c
     assert not cache.exists()
 
 
+def _write_like(array: np.ndarray, like: sitk.Image, path: Path) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(like)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.realdata
+def test_an_msd_tumour_map_reads_its_oedema_as_oedema(real_data, tmp_path):
+    """MSD Task01 writes oedema 1 and core 2 (BraTS: core 1, oedema 2): read as BraTS 2023 it swapped them."""
+    from MedSynthLib.generate.sources import prepare_tumour
+
+    real = sitk.ReadImage(str(real_data / "brats2021" / "seg_only" / "BraTS2021_01541_seg.nii.gz"))
+    seg = sitk.GetArrayFromImage(real)
+    expected = np.select([seg == 1, seg == 2, seg == 4], [Label.NCR, Label.ED, Label.ET], 0)
+    msd = _write_like(np.select([seg == 1, seg == 2, seg == 4], [2, 1, 3], 0).astype(np.uint8), real,
+                      tmp_path / "maps" / "BRATS_001.nii.gz")
+    cache = tmp_path / "cache"
+    assert np.array_equal(np.load(prepare_tumour(msd, cache).cache_file), expected)
+    assert np.array_equal(np.load(prepare_tumour(msd, cache, "msd").cache_file), expected)
+    # The user's word wins over the shape, and each reading has its own cache file.
+    as_2023 = np.load(prepare_tumour(msd, cache, "brats2023").cache_file)
+    assert np.count_nonzero(as_2023 == Label.ED) == np.count_nonzero(expected == Label.NCR)
+    assert np.array_equal(np.load(prepare_tumour(msd, cache).cache_file), expected)
+
+
+def test_a_tumour_map_that_reads_two_ways_is_one_line_until_its_convention_is_given(gen_data, tmp_path, capsys):
+    """A map holding only values 1 and 3 is BraTS 2023 (core, enhancing) or MSD (oedema, enhancing)."""
+    segs = tmp_path / "segs"
+    like = sitk.ReadImage(str(sorted(gen_data["segs"].glob("*.nii.gz"))[0]))
+    array = sitk.GetArrayFromImage(like)
+    _write_like(np.where(array > 0, np.where(array == 4, 3, 1), 0).astype(array.dtype), like, segs / "A_seg.nii.gz")
+    out = tmp_path / "out"
+    argv = _argv(gen_data, out, n=1)
+    argv[argv.index("--labels-from") + 2] = str(segs)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "A_seg.nii.gz" in err and "--label-convention" in err, err
+    assert not out.exists()
+    assert main(argv + ["--label-convention", "msd"]) == 0
+    run = json.loads((out / "generate.json").read_text())
+    assert run["label_convention"] == "msd"
+
+
 def test_an_output_holding_an_input_folder_is_refused_even_with_overwrite(gen_data, tmp_path, capsys):
     """``-o`` above a --labels-from folder: --overwrite would delete the user's cases with the old output."""
     cases = Path(shutil.copytree(gen_data["cases"], tmp_path / "mine" / "cases"))

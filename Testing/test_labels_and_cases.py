@@ -616,3 +616,85 @@ def test_mask_box(points, margin, expected):
     assert mask_box(mask, margin) == expected
     with pytest.raises(ValueError, match="empty"):
         mask_box(np.zeros((3, 3, 3), bool))
+
+
+# --- a tumour-only map's convention, detected --------------------------------------------------------
+
+#: A BraTS 2017-2021 map (1 NCR, 2 ED, 4 ET) written in another convention's values.
+RECODE = {"brats2021": {1: 1, 2: 2, 4: 4}, "brats2023": {1: 1, 2: 2, 4: 3}, "msd": {1: 2, 2: 1, 4: 3}}
+
+
+def _recode(seg: np.ndarray, convention: str) -> np.ndarray:
+    out = np.zeros_like(seg)
+    for src, dst in RECODE[convention].items():
+        out[seg == src] = dst
+    return out
+
+
+def _all_real_tumour_maps(root: Path) -> list[Path]:
+    maps = sorted(root.glob("*/cases/*/*_seg.nii.gz")) + sorted(root.glob("brats2020_seg/*.nii.gz")) + \
+        sorted(root.glob("brats2021/seg_only/*.nii.gz"))
+    assert len(maps) == 46, f"expected the 27 cases' and 19 tumour-only maps of {root}, found {len(maps)}"
+    return maps
+
+
+@pytest.mark.realdata
+def test_every_real_tumour_map_reads_right_in_each_convention(real_data):
+    """All 46 real maps, recoded as BraTS 2023 and as MSD Task01 (oedema 1, core 2): each is detected as what it is.
+
+    MSD and BraTS 2023 share the values {1, 2, 3} with oedema and core swapped; the oedema is the label whose
+    boundary faces the healthy brain, the core the one enclosed by tumour.
+    """
+    from MedSynthLib.schema.labels import detect_tumour_convention
+
+    for path in _all_real_tumour_maps(real_data):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.int16)
+        expected = tumour_to_schema(seg, "brats2021")
+        for convention in RECODE:
+            recoded = _recode(seg, convention)
+            detected = detect_tumour_convention(recoded)
+            assert detected == convention, f"{path.name} written as {convention} read as {detected}"
+            assert np.array_equal(tumour_to_schema(recoded, detected), expected)
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({4}, "brats2021"), ({2, 4}, "brats2021"), ({3}, "brats2023"), ({1, 2, 3, 4}, "brats2015"), ({3, 4}, "brats2015"),
+])
+def test_values_alone_decide_where_every_reading_agrees(values, expected):
+    from MedSynthLib.schema.labels import detect_tumour_convention
+
+    seg = np.zeros((6, 6, 6), np.int16)
+    for k, value in enumerate(sorted(values)):
+        seg[1 + k, 1:5, 1:5] = value
+    assert detect_tumour_convention(seg) == expected
+
+
+@pytest.mark.parametrize("values", [{1}, {2}, {1, 3}, {2, 3}])
+def test_a_map_that_reads_two_ways_asks_for_its_convention(values):
+    """One of oedema/core alone: BraTS (1 core, 2 oedema) and MSD (1 oedema, 2 core) both fit, and no shape tells."""
+    from MedSynthLib.schema.labels import AmbiguousConventionError, detect_tumour_convention
+
+    seg = np.zeros((6, 6, 6), np.int16)
+    for k, value in enumerate(sorted(values)):
+        seg[1 + k, 1:5, 1:5] = value
+    with pytest.raises(AmbiguousConventionError, match="--label-convention"):
+        detect_tumour_convention(seg)
+
+
+def test_oedema_and_core_touching_the_brain_alike_ask_for_the_convention():
+    """Two side-by-side blobs {1, 2} whose boundaries face the brain alike: no reading is preferred."""
+    from MedSynthLib.schema.labels import AmbiguousConventionError, detect_tumour_convention
+
+    seg = np.zeros((8, 8, 8), np.int16)
+    seg[2:6, 2:6, 1:4], seg[2:6, 2:6, 4:7] = 1, 2
+    with pytest.raises(AmbiguousConventionError, match="msd"):
+        detect_tumour_convention(seg)
+
+
+def test_values_no_convention_defines_are_refused():
+    from MedSynthLib.schema.labels import detect_tumour_convention
+
+    seg = np.zeros((4, 4, 4), np.int16)
+    seg[1, 1, 1] = 7
+    with pytest.raises(LabelValueError, match=r"\[7\]"):
+        detect_tumour_convention(seg)

@@ -54,6 +54,7 @@ class GenerateOptions:
     name: str = "BrainTumourSynth"
     workers: int = 1
     seed: int = 0
+    label_convention: str | None = None  # tumour values of the tumour-only label maps; None: detected per map
     anonymous: bool = False
     device: str = "auto"
     precision: str = "auto"
@@ -377,10 +378,11 @@ def _run_case(index: int) -> dict[str, Any]:
     return {"index": index, "case_id": case_id, "timings_s": provenance["timings_s"]}
 
 
-def _prepare_one(item: tuple[str, str, str]) -> dict[str, Any]:
-    kind, path, cache = item
-    source = prepare_case(Path(path), Path(cache)) if kind == "case" else prepare_tumour(Path(path), Path(cache))
-    return source.to_json()
+def _prepare_one(item: tuple[str, str, str, str | None]) -> dict[str, Any]:
+    kind, path, cache, label_convention = item  # a case folder's tumour values follow its naming convention
+    if kind == "case":
+        return prepare_case(Path(path), Path(cache)).to_json()
+    return prepare_tumour(Path(path), Path(cache), label_convention).to_json()
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -429,6 +431,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
                  "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
+                 "label_convention": opt.label_convention,
                  "precision": opt.precision}
     # The output check needs the source ids, which need the files read: check what can be checked first.
     if out.exists() and not (out / RUN_FILE).exists() and not opt.overwrite:
@@ -474,7 +477,8 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
     import multiprocessing
 
     # Sources: this rank's share first (other ranks derive theirs), then all (cache hits).
-    items = [("case", str(p), str(cache)) for p in case_dirs] + [("tumour", str(p), str(cache)) for p in tumour_files]
+    items = [(kind, str(p), str(cache), opt.label_convention)
+             for kind, paths in (("case", case_dirs), ("tumour", tumour_files)) for p in paths]
     plan = plan_processes(opt.device, opt.workers, _cuda_devices(opt.device), world, local_rank,
                           int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1)
     n_procs = plan.processes
@@ -568,13 +572,13 @@ def _cuda_devices(device: str) -> list[int]:
         return []
 
 
-def _prepare_sources(items: list[tuple[str, str, str]], rank: int, world: int, pool: Any,
+def _prepare_sources(items: list[tuple[str, str, str, str | None]], rank: int, world: int, pool: Any,
                      opt: GenerateOptions) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     order = [it for j, it in enumerate(items) if j % world == rank] + [it for j, it in enumerate(items)
                                                                         if j % world != rank]
-    results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    results: dict[tuple[str, str, str, str | None], dict[str, Any]] = {}
     bar = tqdm(total=len(order), desc="sources (anatomy cached)", unit="source", file=sys.stderr,
                disable=not opt.progress or None, leave=False)
     try:

@@ -221,31 +221,32 @@ def prepare_case(folder: Path, cache_dir: Path) -> Source:
                   case.grid.to_json(), offset)
 
 
-def prepare_tumour(path: Path, cache_dir: Path) -> Source:
-    """Read a tumour-only segmentation (BraTS 2017-2021 or 2023 labels) as MedSynth tumour labels."""
+def prepare_tumour(path: Path, cache_dir: Path, label_convention: str | None = None) -> Source:
+    """Read a tumour-only segmentation as MedSynth tumour labels.
+
+    Args:
+        label_convention: a key of :data:`~MedSynthLib.schema.labels.CONVENTIONS`; None detects it from the
+            map's values and, where BraTS 2023 and MSD both fit, from which label surrounds the other
+            (:func:`~MedSynthLib.schema.labels.detect_tumour_convention`).
+    """
     import SimpleITK as sitk
 
-    from ..schema.labels import LabelValueError, tumour_to_schema
+    from ..schema.labels import LabelValueError, detect_tumour_convention, tumour_to_schema
     from ..schema.provenance import array_sha256
     from ..schema.volume_io import read_image
 
     key = _files_sha([path])
-    cached = cache_dir / f"tumour-{key}.npy"
+    cached = cache_dir / f"tumour-{key}-{label_convention or 'detected'}.npy"
     image = read_image(path)
     grid = Grid.from_image(image)
     if cached.exists():
         labels = np.load(cached)
     else:
         seg = sitk.GetArrayFromImage(image)
-        labels = None
-        for convention in ("brats2021", "brats2023"):
-            try:
-                labels = tumour_to_schema(seg, convention)
-                break
-            except LabelValueError:
-                continue
-        if labels is None:
-            raise InputError(path, "tumour label map holds values outside BraTS {0,1,2,4} and {0,1,2,3}")
+        try:
+            labels = tumour_to_schema(seg, label_convention or detect_tumour_convention(seg))
+        except LabelValueError as exc:
+            raise InputError(path, f"tumour label map: {exc}") from None
         _save_npy(labels, cached)
     if not (labels >= Label.NCR).any():
         raise InputError(path, "tumour label map holds no tumour voxel")
