@@ -309,21 +309,32 @@ def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
 
 
 def cmd_tumour_insert(args: argparse.Namespace) -> int:
-    from .edits import InsertTumour
-    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
-    from .schema.labels import tumour_mask
+    from .edits import InsertTumour, tumour_centre
+    from .schema.errors import InputError
+    from .schema.grid import lps_to_ras
+    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map, read_tumour_source
+    from .schema.labels import brain_mask, tumour_mask
     from .schema.provenance import array_sha256
     from .schema.volume_io import check_writable
 
+    from_path = getattr(args, "from")
     check_writable(label_map_outputs(args.output), args.overwrite,
-                   inputs=label_map_inputs(getattr(args, "from")) + label_map_inputs(args.into))
-    source = read_label_map(getattr(args, "from"))
+                   inputs=label_map_inputs(from_path) + label_map_inputs(args.into))
+    source = read_tumour_source(from_path, args.label_convention)
     target = read_label_map(args.into)
     if not tumour_mask(source.array).any():
-        raise MedSynthError(f"{getattr(args, 'from')}: the source label map has no tumour to insert")
+        raise MedSynthError(f"{from_path}: the source label map has no tumour to insert")
+    centre = _vector(args.centre, "--centre")
+    if centre is None and not (brain_mask(source.array) & ~tumour_mask(source.array)).any():
+        # A tumour without its brain has no relative position to match: on the target's grid it keeps its own
+        # place (BraTS cases share one), recorded as the centre so that a replay does the same.
+        if source.grid.difference(target.grid) is not None:
+            raise InputError(from_path, "a tumour segmentation without a brain, on another grid than --into: give "
+                                        "--centre (RAS mm) for the tumour's centre")
+        centre = tuple(float(v) for v in lps_to_ras(tumour_centre(source)))
     # The source's file name (the replay key; not its path, which may name a patient's folder) and content hash.
-    edit = InsertTumour(centre_ras_mm=_vector(args.centre, "--centre"), keep_existing=args.keep_existing,
-                        source=getattr(args, "from").name, source_labels_sha256=array_sha256(source.array))
+    edit = InsertTumour(centre_ras_mm=centre, keep_existing=args.keep_existing,
+                        source=from_path.name, source_labels_sha256=array_sha256(source.array))
     return _write_edited(_apply_edit(edit, target, args.into, source=source), args)
 
 
@@ -362,7 +373,7 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
 
     from .edits import EDITS, replay
     from .schema.errors import EditError, InputError
-    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
+    from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map, read_tumour_source
     from .schema.volume_io import check_writable
 
     sources = list(args.source or [])
@@ -390,7 +401,7 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     for path in sources:  # an insert records its source by file name
         if path.name in by_name:
             raise _UsageError(f"medsynth tumour replay: two --source maps are named {path.name}")
-        by_name[path.name] = read_label_map(path)
+        by_name[path.name] = read_tumour_source(path, args.label_convention)
     needed = sorted({str(r["params"].get("source")) for r in records
                      if r.get("name") == "insert_tumour" and isinstance(r.get("params"), dict)})
     missing = [name for name in needed if name not in by_name]
@@ -743,6 +754,7 @@ def _read_json(path: Path) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .schema.labels import CONVENTIONS as TUMOUR_CONVENTIONS
 
     parser = _Parser(prog="medsynth", description="MedSynth: synthetic brain-tumour MRI from label maps.")
     parser.add_argument("--version", action="version", version=f"medsynth {__version__}")
@@ -780,8 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "output label map (.nii.gz)")
     p.set_defaults(func=cmd_tumour_transform)
 
-    p = tsub.add_parser("insert", help="insert the tumour of one label map into another brain")
-    p.add_argument("--from", required=True, type=Path, metavar="LABELS", help="label map holding the tumour")
+    p = tsub.add_parser("insert", help="insert the tumour of one label map (or tumour segmentation) into another brain")
+    p.add_argument("--from", required=True, type=Path, metavar="LABELS",
+                   help="MedSynth label map holding the tumour, or an expert tumour segmentation (BraTS *_seg, MSD; "
+                        "no brain: placed at its own position on the same grid, else at --centre)")
+    p.add_argument("--label-convention", choices=sorted(TUMOUR_CONVENTIONS),
+                   help="--from is a tumour segmentation with these values (default: a MedSynth label map when it "
+                        "is one, else a segmentation whose convention is detected)")
     p.add_argument("--into", required=True, type=Path, metavar="LABELS", help="label map of the target brain")
     p.add_argument("--centre", "--center", dest="centre", type=_finite_float, nargs=3, metavar="MM",
                    help="RAS point for the tumour centre (default: the matching relative position)")
@@ -817,6 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an edited label map: the edits its sidecar records after LABELS's history are replayed")
     p.add_argument("--source", type=Path, action="append", metavar="MAP",
                    help="the source label map of a recorded insert_tumour (matched by file name and content hash)")
+    p.add_argument("--label-convention", choices=sorted(TUMOUR_CONVENTIONS),
+                   help="the --source maps are tumour segmentations with these values (as given to tumour insert)")
     p.add_argument("--check", action="store_true",
                    help="LABELS is the map EDITED was edited from: refuse (exit 2, nothing written) a result that "
                         "differs from EDITED's voxels")
@@ -841,8 +860,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --context: the label map before the edit (default: the case's own segmentation "
                         "is the old tumour)")
     p.set_defaults(func=cmd_synthesize)
-
-    from .schema.labels import CONVENTIONS as TUMOUR_CONVENTIONS
 
     p = sub.add_parser("generate", help="a ready-to-train synthetic dataset (nnU-Net, MSD, BraTS layouts), "
                                         "resumable, over processes, GPUs and torchrun ranks")

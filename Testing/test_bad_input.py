@@ -214,9 +214,10 @@ def _raw_seg(tmp):
     return write_volume(SEG.astype(np.uint8), tmp / "raw_seg.nii.gz")  # BraTS values 0, 1, 2, 4
 
 
-def raw_seg_into_insert(tmp, shared, out):
+def raw_seg_as_insert_target(tmp, shared, out):
+    """A tumour segmentation is a source an insert accepts (``--from``), never the brain it goes into."""
     path = _raw_seg(tmp)
-    argv = ["tumour", "insert", "--from", path, "--into", shared["labels"], "-o", out]
+    argv = ["tumour", "insert", "--from", shared["labels"], "--into", path, "-o", out]
     return argv, path, "not a MedSynth label map"
 
 
@@ -297,7 +298,7 @@ BAD_INPUTS = [
     truncated_float32_gz, truncated_data_intact_gzip, truncated_uncompressed, geometry_mismatch,
     seg_value_outside_convention, label_map_value_outside_schema, image_2d, label_map_4d, empty_brain,
     edit_leaves_brain, edit_past_the_grid, insert_cannot_fit, parametric_centre_outside,
-    oedema_past_the_grid, radius_not_finite, probability_above_one, raw_seg_into_insert, raw_seg_into_new,
+    oedema_past_the_grid, radius_not_finite, probability_above_one, raw_seg_as_insert_target, raw_seg_into_new,
     mask_into_translate, raw_seg_into_synthesize, brats2023_seg_into_synthesize, brats2023_seg_into_translate,
     image_as_label_map, flip_about_brain_without_tumour, scale_zero,
     radius_zero, flip_about_without_flip,

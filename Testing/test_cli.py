@@ -254,6 +254,60 @@ def test_tumor_insert(work, capsys):
     assert "source" not in exported and "source_labels_sha256" not in exported  # may identify a patient's map
 
 
+def _recoded_seg(work: dict[str, Path], path: Path, values: dict[int, int]) -> Path:
+    """The phantom's BraTS segmentation written with other tumour values (BraTS 1/2/4 -> ``values``)."""
+    recoded = np.zeros_like(SEG)
+    for src, dst in values.items():
+        recoded[SEG == src] = dst
+    write_volume(recoded, path, **GEOMETRY)
+    return path
+
+
+@pytest.mark.parametrize("values, convention", [({1: 1, 2: 2, 4: 4}, []), ({1: 2, 2: 1, 4: 3}, []),
+                                                 ({1: 2, 2: 1, 4: 3}, ["--label-convention", "msd"])],
+                         ids=["brats2021", "msd_detected", "msd_named"])
+def test_tumour_insert_takes_an_expert_tumour_segmentation(work, capsys, tmp_path, values, convention):
+    """``--from`` a plain tumour segmentation (a BraTS ``*_seg``, an MSD label map; no brain, no sidecar): its tumour
+    lands at its own place on the same grid, read in its own convention, and ``tumour replay`` takes it back."""
+    seg = _recoded_seg(work, tmp_path / "expert_seg.nii.gz", values)
+    out = tmp_path / "inserted.nii.gz"
+    rc, _, err = run(["tumour", "insert", "--from", seg, "--into", work["labels"], *convention, "-o", out], capsys)
+    assert rc == 0, err
+    array = _array(out)
+    expected = np.select([SEG == 1, SEG == 2, SEG == 4], [4, 5, 6], 0)
+    np.testing.assert_array_equal(np.where(array >= 4, array, 0), expected)
+    history = _sidecar(out)["history"]
+    assert history[-1]["params"]["source"] == "expert_seg.nii.gz"
+    again = tmp_path / "again.nii.gz"
+    rc, _, err = run(["tumour", "replay", work["labels"], "--edits", out, "--source", seg, *convention, "--check",
+                      "-o", again], capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(_array(again), array)
+
+
+def test_tumour_insert_of_an_expert_segmentation_that_reads_two_ways_is_one_line(work, capsys, tmp_path):
+    seg = _recoded_seg(work, tmp_path / "only_core_and_et.nii.gz", {1: 1, 4: 3})  # BraTS 2023 core or MSD oedema?
+    out = tmp_path / "inserted.nii.gz"
+    rc, _, err = run(["tumour", "insert", "--from", seg, "--into", work["labels"], "-o", out], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and str(seg) in err and "--label-convention" in err, err
+    assert not out.exists()
+
+
+def test_tumour_insert_of_a_brainless_tumour_on_another_grid_needs_a_centre(work, capsys, tmp_path):
+    """Without a brain there is no relative position to match: the tumour goes where --centre says."""
+    seg = tmp_path / "other_grid_seg.nii.gz"
+    write_volume(SEG, seg, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    out = tmp_path / "inserted.nii.gz"
+    rc, _, err = run(["tumour", "insert", "--from", seg, "--into", work["labels"], "-o", out], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "--centre" in err, err
+    assert not out.exists()
+    centre = _brain_centre_ras(work["labels"])
+    rc, _, err = run(["tumour", "insert", "--from", seg, "--into", work["labels"], "--centre", *centre, "-o", out],
+                     capsys)
+    assert rc == 0, err
+    assert (_array(out) == 6).any()
+
+
 def test_tumor_random_is_reproducible(work, capsys):
     """``tumor random --seed 3`` twice gives identical maps and histories, and replays."""
     outs = [work["root"] / "random" / f"r{n}.nii.gz" for n in (1, 2)]

@@ -83,6 +83,45 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
     return LabelMap(array, grid, history, privacy=privacy)
 
 
+def read_tumour_source(path: str | os.PathLike[str], label_convention: str | None = None) -> LabelMap:
+    """The map an insert takes its tumour from: a MedSynth label map, or an expert tumour segmentation.
+
+    A file with a provenance sidecar, or holding a whole brain's anatomy and a tumour, is a MedSynth label map
+    (:func:`read_label_map`). Any other file, and every file when ``label_convention`` is given, is a tumour
+    segmentation (a BraTS ``*_seg``, an MSD label map): its values are read by ``label_convention`` or by
+    :func:`~MedSynthLib.schema.labels.detect_tumour_convention`, and the map holds its tumour alone (no brain:
+    an insert needs a centre, or the same grid to keep the tumour's own place).
+
+    Raises:
+        InputError: a file that is neither, an ambiguous convention, or no tumour voxel.
+    """
+    from .labels import Label, detect_tumour_convention, tumour_to_schema
+
+    path = Path(path)
+    if label_convention is None and sidecar_path(path).exists():
+        return read_label_map(path)
+    image = read_image(path)
+    array = sitk.GetArrayFromImage(image)
+    grid = Grid.from_image(image)
+    if label_convention is None:
+        try:
+            check_label_map(array)
+            check_anatomy(array)
+            check_whole_brain(array, grid.voxel_volume_mm3 / 1000.0)
+            is_brain = bool((array >= Label.NCR).any())  # values 0-3 alone: a BraTS 2023 / MSD map without its 4
+        except LabelValueError:
+            is_brain = False
+        if is_brain:
+            return read_label_map(path)
+    try:
+        tumour = tumour_to_schema(array, label_convention or detect_tumour_convention(array))
+    except LabelValueError as exc:
+        raise InputError(path, f"neither a MedSynth label map nor a tumour segmentation: {exc}") from None
+    if not tumour.any():
+        raise InputError(path, "tumour segmentation holds no tumour voxel")
+    return LabelMap(tumour, grid, [])
+
+
 def _schema_array(image: sitk.Image) -> np.ndarray:
     array = sitk.GetArrayFromImage(image)
     return array.astype(np.uint8) if array.min() >= 0 and array.max() <= 255 else array
