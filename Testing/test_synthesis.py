@@ -849,3 +849,24 @@ def test_one_hot_layouts_agree(dtype, shape) -> None:
     assert torch.equal(plain.argmax(1), labels) and torch.all(plain.sum(1) == 1)
     if len(shape) == 4:
         assert last.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect of the shipped medsynth-spade27-cpu (docs/model_card.md, 'The "
+                                       "brain's outermost voxel layer'): 55-73 % of that layer comes out 0")
+def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
+    """Every voxel of the label map's brain carries signal, as in a real skull-stripped scan.
+
+    In the 4 real cases measured for the model card (BraTS 2018, 2019, 2021) none of the 60,000-71,000 voxels of
+    the brain's outermost layer is 0 in any contrast; their median is 0.38-2.0x white matter's. Measured here on
+    the healthy template's brain, which ships with the project (no patient data needed).
+    """
+    from scipy import ndimage
+
+    from MedSynthLib.cases.template import template_label_map
+
+    labelmap = template_label_map()
+    result = SynthesisEngine(resolve_model(None), device="cpu", precision="auto").synthesize(labelmap, seed=0)
+    brain = labelmap.array > 0
+    rim = brain & ~ndimage.binary_erosion(brain)
+    zero = {m: float(np.mean(image[rim] == 0)) for m, image in result.images.items()}
+    assert max(zero.values()) <= 0.01, zero
