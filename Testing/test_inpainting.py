@@ -867,20 +867,18 @@ def test_old_labels_of_another_brain_are_refused(edited, tiny_model_folder, tmp_
     assert "old_other.nii.gz" in err and "brain" in err and not out.exists()
 
 
-def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited, tiny_model_folder,
-                                                                        tmp_path: Path) -> None:
-    # A scanner's NIfTI as a converter writes it: int16 scaled by scl_slope / scl_inter, its own units, qform code
-    # and description.  Outside the mask the written file must be that file: the same header and stored voxels.
+def _scaled_case(edited: dict[str, Path], case: Path, slope: float, inter: float, raw_of) -> Path:
+    """The phantom case with its contrasts as a converter writes them: int16 ``raw_of(real)`` scaled by
+    ``scl_slope`` / ``scl_inter``, its own units, qform code and description; the segmentation linked."""
     import nibabel as nib
 
-    case = tmp_path / "scaled_case"
     case.mkdir()
     for source in edited["case"].iterdir():
         if not source.name.endswith(tuple(f"_{m}.nii.gz" for m in MODALITIES)):
             (case / source.name).symlink_to(source)
             continue
         real = nib.load(str(source))
-        raw = np.rint((np.asarray(real.dataobj, np.float64) - 10.0) / 2.0).astype(np.int16)
+        raw = raw_of(np.asarray(real.dataobj, np.float64))
         image = nib.Nifti1Image(raw, real.affine)
         image.set_qform(real.affine, code=2)
         image.set_sform(real.affine, code=1)
@@ -888,10 +886,21 @@ def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited
         image.header["descrip"] = b"scanner export"
         image.to_filename(str(case / source.name))
         header = nib.load(str(case / source.name)).header  # nibabel recomputes the scaling of an array on save:
-        header.set_slope_inter(2.0, 10.0)  # write the stored header and voxels directly, as a converter does
+        header.set_slope_inter(slope, inter)  # write the stored header and voxels directly, as a converter does
         with nib.openers.ImageOpener(str(case / source.name), "wb") as handle:
             header.write_to(handle)
             nib.volumeutils.array_to_file(raw, handle, np.int16, offset=header.get_data_offset(), order="F")
+    return case
+
+
+def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited, tiny_model_folder,
+                                                                        tmp_path: Path) -> None:
+    # A scanner's NIfTI as a converter writes it: int16 scaled by scl_slope / scl_inter, its own units, qform code
+    # and description.  Outside the mask the written file must be that file: the same header and stored voxels.
+    import nibabel as nib
+
+    case = _scaled_case(edited, tmp_path / "scaled_case", 2.0, 10.0,
+                        lambda real: np.rint((real - 10.0) / 2.0).astype(np.int16))
     out = tmp_path / "out"
     assert _context_run(edited["moved"], case, out, tiny_model_folder) == 0
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
@@ -914,3 +923,28 @@ def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited
         values = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{m}.nii.gz")))
         real_values = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_{m}.nii.gz")))
         assert np.array_equal(values[~mask], real_values[~mask])
+
+
+def test_the_export_of_an_inpainted_scan_keeps_the_patients_values(edited, tiny_model_folder, tmp_path: Path) -> None:
+    # A converter's int16 scaled by 0.25: the patient's values step by a quarter, their peak in the hundreds.
+    # Outside the mask the export must carry them as they are (NIfTI and DICOM stored * slope + intercept),
+    # not rounded to whole numbers as a synthetic network output may be.
+    import pydicom
+
+    case = _scaled_case(edited, tmp_path / "quarter_case", 0.25, 0.0,
+                        lambda real: np.where(real > 0, np.rint(4.0 * real) + 1, 0).astype(np.int16))
+    out = tmp_path / "out"
+    assert _context_run(edited["moved"], case, out, tiny_model_folder) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
+    for fmt in ("nifti", "dicom"):
+        assert main(["export", str(out), "--format", fmt, "-o", str(tmp_path / fmt)]) == 0
+    nifti, dicom = next((tmp_path / "nifti").iterdir()), next((tmp_path / "dicom").iterdir())
+    for m, series in zip(MODALITIES, ("T1", "T1ce", "T2", "FLAIR")):
+        real = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_{m}.nii.gz"))).astype(np.float64)
+        assert real.max() >= 256 and not np.array_equal(real, np.round(real))  # rounding would change them
+        exported = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti / f"{nifti.name}_{m}.nii.gz")))
+        np.testing.assert_array_equal(exported[~mask], real[~mask], err_msg=f"NIfTI {m}")
+        slices = sorted((pydicom.dcmread(path) for path in (dicom / series).glob("*.dcm")),
+                        key=lambda ds: int(ds.InstanceNumber))
+        values = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices])
+        np.testing.assert_array_equal(values[~mask], real[~mask], err_msg=f"DICOM {m}")
