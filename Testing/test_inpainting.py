@@ -948,3 +948,26 @@ def test_the_export_of_an_inpainted_scan_keeps_the_patients_values(edited, tiny_
                         key=lambda ds: int(ds.InstanceNumber))
         values = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices])
         np.testing.assert_array_equal(values[~mask], real[~mask], err_msg=f"DICOM {m}")
+
+
+def test_a_context_volume_on_another_grid_is_refused_without_an_option_synthesize_lacks(edited, tiny_model_folder,
+                                                                                        tmp_path: Path, capsys) -> None:
+    # The case reader's hint "(use --resample to resample)" is for `medsynth labels` / `info`; `synthesize` has no
+    # --resample (argparse refuses it), so its message must say what to do instead.
+    case = tmp_path / "shifted_seg" / CASE_IDS[0]
+    case.mkdir(parents=True)
+    for source in edited["case"].iterdir():
+        if source.name.endswith("_seg.nii.gz"):
+            seg = sitk.ReadImage(str(source))
+            seg.SetOrigin(tuple(o + 0.5 for o in seg.GetOrigin()))
+            sitk.WriteImage(seg, str(case / source.name))
+        else:
+            (case / source.name).symlink_to(source)
+    out = tmp_path / "out"
+    assert _context_run(edited["moved"], case, out, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert f"{CASE_IDS[0]}_seg.nii.gz" in err and "grid differs" in err and "resample it onto the T1" in err
+    assert "--resample" not in err and not out.exists()
+    # `medsynth info` has the option: its message keeps the hint.
+    assert main(["info", str(case)]) == 2
+    assert "--resample" in _one_line(capsys)
