@@ -971,3 +971,42 @@ def test_a_context_volume_on_another_grid_is_refused_without_an_option_synthesiz
     # `medsynth info` has the option: its message keeps the hint.
     assert main(["info", str(case)]) == 2
     assert "--resample" in _one_line(capsys)
+
+
+def test_a_normalised_scan_with_negative_values_is_not_floored_at_zero(edited, tiny_model_folder,
+                                                                       tmp_path: Path) -> None:
+    # A preprocessed float scan (brain z-scored, background 0): about half the brain is below 0. The network's
+    # output goes back through the case's own normaliser, an affine map, so the inpainted values must be the raw
+    # case's mapped the same way, not clamped at 0 (the brain's mean here) as non-negative scanner units are.
+    shift, scale = 650.0, 100.0
+    case = tmp_path / "zscored" / CASE_IDS[0]
+    case.mkdir(parents=True)
+    for source in edited["case"].iterdir():
+        if not source.name.endswith(tuple(f"_{m}.nii.gz" for m in MODALITIES)):
+            (case / source.name).symlink_to(source)
+            continue
+        image = sitk.ReadImage(str(source))
+        raw = sitk.GetArrayFromImage(image).astype(np.float64)
+        normalised = sitk.GetImageFromArray(np.where(raw != 0, (raw - shift) / scale, 0.0).astype(np.float32))
+        normalised.CopyInformation(image)
+        sitk.WriteImage(normalised, str(case / source.name))
+    out_raw, out_z = tmp_path / "raw", tmp_path / "z"
+    assert _context_run(edited["moved"], edited["case"], out_raw, tiny_model_folder) == 0
+    assert _context_run(edited["moved"], case, out_z, tiny_model_folder) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out_z / "synthetic_mask.nii.gz"))).astype(bool)
+    checked = 0
+    for m in MODALITIES:
+        raw_in = sitk.GetArrayFromImage(sitk.ReadImage(str(edited["case"] / f"{CASE_IDS[0]}_{m}.nii.gz")))
+        z_in = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_{m}.nii.gz")))[mask]
+        z_out = sitk.GetArrayFromImage(sitk.ReadImage(str(out_z / f"{m}.nii.gz")))[mask]
+        # Clamped at 0, the voxels painted darker than the brain's mean pile up at exactly 0.
+        piled = int(((z_out == 0) & (z_in != 0)).sum())
+        assert piled <= 0.01 * mask.sum(), (m, piled)
+        floor = float(raw_in[raw_in != 0].min())  # below it the z-scored case has no values to show either
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(str(out_raw / f"{m}.nii.gz"))).astype(np.float64)[mask]
+        back = z_out.astype(np.float64) * scale + shift
+        kept = (raw >= floor) & (z_in != 0)  # a 0 inside the brain reads as the mean in the z-scored case
+        error = np.abs(back[kept] - raw[kept])
+        assert np.percentile(error, 90) <= 0.02 * scale, (m, np.percentile(error, 90))
+        checked += int((kept & (raw < shift)).sum())  # negative in the z-scored case
+    assert checked > 100
