@@ -1026,20 +1026,51 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+#: The case reader's hints name options of `medsynth info` / `labels`; a command without the option (`synthesize
+#: --context`, `train`, `evaluate`, ...) says what to do instead, never an option argparse would refuse.
+_CASE_OPTION_HINTS = (
+    ("--resample", " (use --resample to resample)", " (resample it onto the T1's grid first)"),
+    ("--convention", " (choose with --convention)", " (rename the files to one naming)"),
+    ("--label-convention", " (choose another with --label-convention)",
+     " (relabel the segmentation in its naming's tumour values)"),
+)
+
+
+def _command_options(parser: argparse.ArgumentParser, command: str | None) -> set[str] | None:
+    """The option strings of subcommand ``command`` (None when it is not found)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return set(action.choices[command]._option_string_actions)
+    return None
+
+
+def _without_foreign_hints(message: str, options: set[str] | None) -> str:
+    if options is None:
+        return message
+    for option, hint, instead in _CASE_OPTION_HINTS:
+        if option not in options:
+            message = message.replace(hint, instead)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
     import warnings
 
     args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    options: set[str] | None = None
     try:
         # Library warnings (ITK's C++ warnings, numpy's and torch's Python ones) would turn the one
         # line MedSynth promises into several; what matters is raised as a MedSynthError instead.
         with warnings.catch_warnings(), _quiet_itk():
             warnings.simplefilter("ignore")
-            args = build_parser().parse_args(args_list)
+            parser = build_parser()
+            args = parser.parse_args(args_list)
+            options = _command_options(parser, getattr(args, "command", None))
             return int(args.func(args))
     except MedSynthError as exc:
-        print(f"medsynth: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        message = _without_foreign_hints(' '.join(str(exc).split()), options)
+        print(f"medsynth: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except PermissionError as exc:  # the environment, not a bug: name the file
         print(f"medsynth: error: {exc.filename}: permission denied", file=sys.stderr)

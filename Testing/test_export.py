@@ -258,6 +258,27 @@ def test_intensity_encoding_choices():
     assert signed.stored.min() >= -32768 and signed.stored.max() <= 32767 and signed.stored[1] == 0
 
 
+def test_a_patient_scans_intensities_are_encoded_exactly():
+    # A scan stored as int16 scaled by 0.25 (kept so by `synthesize --context`), its peak in the hundreds: the
+    # synthetic rule would round it to whole numbers; a patient's values stay as they are, and DICOM gets the
+    # scan's own step as its slope, so stored * slope gives each value back.
+    quarter = np.array([0.0, 0.25, 301.25, 455.75, -12.5, 8000.0])
+    assert encode_intensities(quarter).nifti.dtype == np.int16  # a synthetic case's rule (BraTS-like int16)
+    scaled = encode_intensities(quarter, exact=True)
+    assert scaled.nifti.dtype == np.float32 and np.array_equal(scaled.nifti, quarter)
+    assert scaled.slope == 0.25 and np.array_equal(scaled.stored * scaled.slope, quarter)
+    tenth = np.array([0.0, 0.1, 123.4, 456.7], np.float32)  # a step without an exact binary value: float32 precision
+    decimal = encode_intensities(tenth, exact=True)
+    assert decimal.slope == 0.1 and np.array_equal((decimal.stored * decimal.slope).astype(np.float32), tenth)
+    ints = encode_intensities(np.array([0.0, 1200.0, -3.0]), exact=True)
+    assert ints.nifti.dtype == np.int16 and ints.slope == 1.0
+    rng = np.random.default_rng(0)
+    float_scan = rng.random(1000) * 900.0  # no step at all: float32 in NIfTI, DICOM to half a count of its slope
+    free = encode_intensities(float_scan, exact=True)
+    assert free.nifti.dtype == np.float32 and np.array_equal(free.nifti, float_scan.astype(np.float32))
+    assert np.max(np.abs(free.stored * free.slope - float_scan)) <= free.slope / 2 + 1e-9
+
+
 # --- DICOM: round trip -----------------------------------------------------------------------------
 
 

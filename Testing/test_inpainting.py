@@ -867,20 +867,18 @@ def test_old_labels_of_another_brain_are_refused(edited, tiny_model_folder, tmp_
     assert "old_other.nii.gz" in err and "brain" in err and not out.exists()
 
 
-def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited, tiny_model_folder,
-                                                                        tmp_path: Path) -> None:
-    # A scanner's NIfTI as a converter writes it: int16 scaled by scl_slope / scl_inter, its own units, qform code
-    # and description.  Outside the mask the written file must be that file: the same header and stored voxels.
+def _scaled_case(edited: dict[str, Path], case: Path, slope: float, inter: float, raw_of) -> Path:
+    """The phantom case with its contrasts as a converter writes them: int16 ``raw_of(real)`` scaled by
+    ``scl_slope`` / ``scl_inter``, its own units, qform code and description; the segmentation linked."""
     import nibabel as nib
 
-    case = tmp_path / "scaled_case"
     case.mkdir()
     for source in edited["case"].iterdir():
         if not source.name.endswith(tuple(f"_{m}.nii.gz" for m in MODALITIES)):
             (case / source.name).symlink_to(source)
             continue
         real = nib.load(str(source))
-        raw = np.rint((np.asarray(real.dataobj, np.float64) - 10.0) / 2.0).astype(np.int16)
+        raw = raw_of(np.asarray(real.dataobj, np.float64))
         image = nib.Nifti1Image(raw, real.affine)
         image.set_qform(real.affine, code=2)
         image.set_sform(real.affine, code=1)
@@ -888,10 +886,21 @@ def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited
         image.header["descrip"] = b"scanner export"
         image.to_filename(str(case / source.name))
         header = nib.load(str(case / source.name)).header  # nibabel recomputes the scaling of an array on save:
-        header.set_slope_inter(2.0, 10.0)  # write the stored header and voxels directly, as a converter does
+        header.set_slope_inter(slope, inter)  # write the stored header and voxels directly, as a converter does
         with nib.openers.ImageOpener(str(case / source.name), "wb") as handle:
             header.write_to(handle)
             nib.volumeutils.array_to_file(raw, handle, np.int16, offset=header.get_data_offset(), order="F")
+    return case
+
+
+def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited, tiny_model_folder,
+                                                                        tmp_path: Path) -> None:
+    # A scanner's NIfTI as a converter writes it: int16 scaled by scl_slope / scl_inter, its own units, qform code
+    # and description.  Outside the mask the written file must be that file: the same header and stored voxels.
+    import nibabel as nib
+
+    case = _scaled_case(edited, tmp_path / "scaled_case", 2.0, 10.0,
+                        lambda real: np.rint((real - 10.0) / 2.0).astype(np.int16))
     out = tmp_path / "out"
     assert _context_run(edited["moved"], case, out, tiny_model_folder) == 0
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
@@ -914,3 +923,90 @@ def test_the_written_images_are_copies_of_the_real_files_but_for_the_mask(edited
         values = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{m}.nii.gz")))
         real_values = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_{m}.nii.gz")))
         assert np.array_equal(values[~mask], real_values[~mask])
+
+
+def test_the_export_of_an_inpainted_scan_keeps_the_patients_values(edited, tiny_model_folder, tmp_path: Path) -> None:
+    # A converter's int16 scaled by 0.25: the patient's values step by a quarter, their peak in the hundreds.
+    # Outside the mask the export must carry them as they are (NIfTI and DICOM stored * slope + intercept),
+    # not rounded to whole numbers as a synthetic network output may be.
+    import pydicom
+
+    case = _scaled_case(edited, tmp_path / "quarter_case", 0.25, 0.0,
+                        lambda real: np.where(real > 0, np.rint(4.0 * real) + 1, 0).astype(np.int16))
+    out = tmp_path / "out"
+    assert _context_run(edited["moved"], case, out, tiny_model_folder) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
+    for fmt in ("nifti", "dicom"):
+        assert main(["export", str(out), "--format", fmt, "-o", str(tmp_path / fmt)]) == 0
+    nifti, dicom = next((tmp_path / "nifti").iterdir()), next((tmp_path / "dicom").iterdir())
+    for m, series in zip(MODALITIES, ("T1", "T1ce", "T2", "FLAIR")):
+        real = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_{m}.nii.gz"))).astype(np.float64)
+        assert real.max() >= 256 and not np.array_equal(real, np.round(real))  # rounding would change them
+        exported = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti / f"{nifti.name}_{m}.nii.gz")))
+        np.testing.assert_array_equal(exported[~mask], real[~mask], err_msg=f"NIfTI {m}")
+        slices = sorted((pydicom.dcmread(path) for path in (dicom / series).glob("*.dcm")),
+                        key=lambda ds: int(ds.InstanceNumber))
+        values = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices])
+        np.testing.assert_array_equal(values[~mask], real[~mask], err_msg=f"DICOM {m}")
+
+
+def test_a_context_volume_on_another_grid_is_refused_without_an_option_synthesize_lacks(edited, tiny_model_folder,
+                                                                                        tmp_path: Path, capsys) -> None:
+    # The case reader's hint "(use --resample to resample)" is for `medsynth labels` / `info`; `synthesize` has no
+    # --resample (argparse refuses it), so its message must say what to do instead.
+    case = tmp_path / "shifted_seg" / CASE_IDS[0]
+    case.mkdir(parents=True)
+    for source in edited["case"].iterdir():
+        if source.name.endswith("_seg.nii.gz"):
+            seg = sitk.ReadImage(str(source))
+            seg.SetOrigin(tuple(o + 0.5 for o in seg.GetOrigin()))
+            sitk.WriteImage(seg, str(case / source.name))
+        else:
+            (case / source.name).symlink_to(source)
+    out = tmp_path / "out"
+    assert _context_run(edited["moved"], case, out, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert f"{CASE_IDS[0]}_seg.nii.gz" in err and "grid differs" in err and "resample it onto the T1" in err
+    assert "--resample" not in err and not out.exists()
+    # `medsynth info` has the option: its message keeps the hint.
+    assert main(["info", str(case)]) == 2
+    assert "--resample" in _one_line(capsys)
+
+
+def test_a_normalised_scan_with_negative_values_is_not_floored_at_zero(edited, tiny_model_folder,
+                                                                       tmp_path: Path) -> None:
+    # A preprocessed float scan (brain z-scored, background 0): about half the brain is below 0. The network's
+    # output goes back through the case's own normaliser, an affine map, so the inpainted values must be the raw
+    # case's mapped the same way, not clamped at 0 (the brain's mean here) as non-negative scanner units are.
+    shift, scale = 650.0, 100.0
+    case = tmp_path / "zscored" / CASE_IDS[0]
+    case.mkdir(parents=True)
+    for source in edited["case"].iterdir():
+        if not source.name.endswith(tuple(f"_{m}.nii.gz" for m in MODALITIES)):
+            (case / source.name).symlink_to(source)
+            continue
+        image = sitk.ReadImage(str(source))
+        raw = sitk.GetArrayFromImage(image).astype(np.float64)
+        normalised = sitk.GetImageFromArray(np.where(raw != 0, (raw - shift) / scale, 0.0).astype(np.float32))
+        normalised.CopyInformation(image)
+        sitk.WriteImage(normalised, str(case / source.name))
+    out_raw, out_z = tmp_path / "raw", tmp_path / "z"
+    assert _context_run(edited["moved"], edited["case"], out_raw, tiny_model_folder) == 0
+    assert _context_run(edited["moved"], case, out_z, tiny_model_folder) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out_z / "synthetic_mask.nii.gz"))).astype(bool)
+    checked = 0
+    for m in MODALITIES:
+        raw_in = sitk.GetArrayFromImage(sitk.ReadImage(str(edited["case"] / f"{CASE_IDS[0]}_{m}.nii.gz")))
+        z_in = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_{m}.nii.gz")))[mask]
+        z_out = sitk.GetArrayFromImage(sitk.ReadImage(str(out_z / f"{m}.nii.gz")))[mask]
+        # Clamped at 0, the voxels painted darker than the brain's mean pile up at exactly 0.
+        piled = int(((z_out == 0) & (z_in != 0)).sum())
+        assert piled <= 0.01 * mask.sum(), (m, piled)
+        floor = float(raw_in[raw_in != 0].min())  # below it the z-scored case has no values to show either
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(str(out_raw / f"{m}.nii.gz"))).astype(np.float64)[mask]
+        back = z_out.astype(np.float64) * scale + shift
+        kept = (raw >= floor) & (z_in != 0)  # a 0 inside the brain reads as the mean in the z-scored case
+        error = np.abs(back[kept] - raw[kept])
+        assert np.percentile(error, 90) <= 0.02 * scale, (m, np.percentile(error, 90))
+        checked += int((kept & (raw < shift)).sum())  # negative in the z-scored case
+    assert checked > 100

@@ -33,7 +33,7 @@ import numpy as np
 from .. import __version__
 from ..schema.grid import Grid
 from ..schema.labels import MODALITIES, Label
-from .encoding import encode_intensities
+from .encoding import encode_intensities, patient_scan
 from .sanitise import provenance_summary
 
 
@@ -89,8 +89,7 @@ class _DicomContext:
     @property
     def patient_scan(self) -> bool:
         """The images are a real patient's scan with one region re-rendered (inpainting), not synthetic."""
-        privacy = self.provenance.get("privacy") or {}
-        return bool(self.provenance.get("inpainting")) or privacy.get("images") == "patient"
+        return patient_scan(self.provenance)
 
     @property
     def deidentification_method(self) -> str:
@@ -171,7 +170,7 @@ def _mr_series(modality: str, values: np.ndarray, grid: Grid, ctx: _DicomContext
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    encoding = encode_intensities(values)
+    encoding = encode_intensities(values, exact=ctx.patient_scan)  # the patient's values are never rounded
     folder_name, description, number = DICOM_SERIES[modality]
     series_uid = hd.UID()
     direction = grid.direction_matrix

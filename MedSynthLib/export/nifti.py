@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..schema.labels import MODALITIES, Label, schema_to_tumour
-from .encoding import encode_intensities
+from .encoding import encode_intensities, patient_scan
 
 
 #: File-name suffixes of the two BraTS namings; the tumour values follow the same
@@ -39,9 +39,10 @@ def write_nifti_case(case: Any, folder: Path, case_id: str, naming: str = "brats
     suffixes = NAMINGS[naming]
     grid = case.grid
     names = []
+    exact = patient_scan(case.provenance)  # the patient's values are never rounded
     for modality in MODALITIES:
         name = f"{case_id}{suffixes[modality]}.nii.gz"
-        write_image(grid.image(encode_intensities(case.images[modality]).nifti), folder / name)
+        write_image(grid.image(encode_intensities(case.images[modality], exact).nifti), folder / name)
         names.append(name)
     name = f"{case_id}{suffixes['seg']}.nii.gz"
     write_image(grid.image(schema_to_tumour(case.labels.array, naming)), folder / name)

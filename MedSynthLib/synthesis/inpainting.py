@@ -626,7 +626,9 @@ class InpaintingEngine:
         brain_inside = brain[inside]
         values_in_box = {}
         for c, m in enumerate(MODALITIES):
-            synthetic = normalizers[m].inverse(predicted[c], brain_inside)
+            # Not below the case's own range: 0 for scanner units, a z-scored scan's minimum below its brain's mean.
+            floor = min(0.0, float(np.min(images[m])))
+            synthetic = normalizers[m].inverse(predicted[c], brain_inside, floor)
             values = images[m][box].copy()
             real = values[inside].astype(np.float32)
             blended = weight * synthetic + (1.0 - weight) * real

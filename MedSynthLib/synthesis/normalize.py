@@ -135,10 +135,11 @@ class HealthyTissueZScore:
         scaled = np.clip((image.astype(np.float32) - self.mean) / (self.std * self.scale), -1.0, 1.0)
         return np.where(brain, scaled, -1.0).astype(np.float32)
 
-    def inverse(self, normalized: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    def inverse(self, normalized: np.ndarray, brain: np.ndarray, floor: float = 0.0) -> np.ndarray:
+        """Back to intensities, at least ``floor`` in the brain: 0 for scanner units (the lowest z-scores of a dim
+        CSF voxel may fall below 0); a real case's own minimum where its values go below 0 (a z-scored scan)."""
         values = np.clip(normalized, -1.0, 1.0) * (self.std * self.scale) + self.mean
-        # Scanner units are non-negative; the lowest z-scores of a dim CSF voxel may fall below 0.
-        return np.where(brain, np.maximum(values, 0.0), 0.0).astype(np.float32)
+        return np.where(brain, np.maximum(values, floor), 0.0).astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
