@@ -155,6 +155,10 @@ def tumour_to_schema(seg: np.ndarray, convention: str) -> np.ndarray:
     return lut[seg.astype(np.int64)]
 
 
+class NonIntegerLabelError(LabelValueError):
+    """A segmentation holds fractions or NaN: no convention can name them."""
+
+
 def _check_whole_values(values: np.ndarray) -> None:
     """Refuse fractional (or NaN) labels by name: ``int()`` would truncate 1.5 to a valid 1 and -0.25 to 0."""
     if values.dtype.kind in "iub":
@@ -162,7 +166,7 @@ def _check_whole_values(values: np.ndarray) -> None:
     fractional = values[~np.isfinite(values) | (values != np.round(values))]
     if fractional.size:
         shown = ", ".join(f"{float(v):g}" for v in fractional[:5]) + (", ..." if fractional.size > 5 else "")
-        raise LabelValueError(f"{fractional.size} non-integer label values ({shown}): a segmentation holds whole "
+        raise NonIntegerLabelError(f"{fractional.size} non-integer label values ({shown}): a segmentation holds whole "
                               "numbers (resample one with nearest-neighbour interpolation, never linear)")
 
 
