@@ -126,6 +126,13 @@ def seg_value_outside_convention(tmp, shared, out):
     return ["labels", case, "-o", out], case / "P_seg.nii.gz", "[3]"
 
 
+def seg_fractional_values(tmp, shared, out):
+    """A segmentation resampled with linear interpolation: its fractions are named, not truncated."""
+    case = _copy_case(shared, tmp)
+    write_volume(np.where(SEG == 2, 1.5, SEG).astype(np.float32), case / "P_seg.nii.gz")
+    return ["labels", case, "-o", out], case / "P_seg.nii.gz", "non-integer label values (1.5)"
+
+
 def label_map_value_outside_schema(tmp, shared, out):
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(shared["labels"])))
     array[array == 6] = 7
@@ -296,7 +303,7 @@ def flip_about_without_flip(tmp, shared, out):
 BAD_INPUTS = [
     missing_modality, unknown_naming, missing_folder, missing_label_map, garbage_bytes, truncated_int16_gz,
     truncated_float32_gz, truncated_data_intact_gzip, truncated_uncompressed, geometry_mismatch,
-    seg_value_outside_convention, label_map_value_outside_schema, image_2d, label_map_4d, empty_brain,
+    seg_value_outside_convention, seg_fractional_values, label_map_value_outside_schema, image_2d, label_map_4d, empty_brain,
     edit_leaves_brain, edit_past_the_grid, insert_cannot_fit, parametric_centre_outside,
     oedema_past_the_grid, radius_not_finite, probability_above_one, raw_seg_as_insert_target, raw_seg_into_new,
     mask_into_translate, raw_seg_into_synthesize, brats2023_seg_into_synthesize, brats2023_seg_into_translate,
@@ -345,6 +352,16 @@ def test_bad_input(build, tmp_path, shared, capsys):
     assert not out.exists() and not (out_dir / "result.json").exists()
     assert os.listdir(out_dir) == [], "stray files in the output folder"
     assert _hashes(tmp_path, shared["root"]) == before, "an input file changed"
+
+
+def test_fractional_seg_does_not_point_at_label_convention(tmp_path, shared, capsys):
+    """No convention reads 1.5: the line must not send the user to --label-convention."""
+    out = tmp_path / "out" / "result.nii.gz"
+    argv, named, words = seg_fractional_values(tmp_path, shared, out)
+    rc, err = _run_in_process(argv, capsys)
+    assert rc == 2
+    line = _assert_one_error_line(err, named, words)
+    assert "--label-convention" not in line and "[1]" not in line, line
 
 
 def _medsynth_command() -> list[str]:

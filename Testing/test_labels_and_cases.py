@@ -25,6 +25,7 @@ from MedSynthLib.schema.labels import (
                                        CONVENTIONS,
                                        Label,
                                        LabelValueError,
+                                       detect_tumour_convention,
                                        schema_to_tumour,
                                        tumour_to_schema,
                                        )
@@ -99,6 +100,21 @@ def test_values_outside_convention_raise(convention, value):
     seg[1, 1, 1] = value
     with pytest.raises(LabelValueError, match=rf"\[{value}\]"):
         tumour_to_schema(seg, convention)
+
+
+@pytest.mark.parametrize("value", [1.5, 2.0000002, -0.25])
+@pytest.mark.parametrize("reader", [lambda seg: tumour_to_schema(seg, "brats2021"), detect_tumour_convention])
+def test_non_integer_segmentation_values_named_as_such(reader, value):
+    """A segmentation resampled with linear interpolation holds fractions: the message names the fraction.
+
+    It used to truncate 1.5 to 1 and report "label values [1] are not defined ... (allowed [0, 1, 2, 4])",
+    a line that contradicts itself, or to read the fractions as whole labels when detecting the convention.
+    """
+    seg = np.zeros((3, 3, 3), dtype=np.float32)
+    seg[0, 0, 0], seg[1, 1, 1], seg[2, 2, 2] = 1.0, 2.0, np.float32(value)
+    with pytest.raises(LabelValueError, match="non-integer") as raised:
+        reader(seg)
+    assert f"{float(np.float32(value)):g}" in str(raised.value)
 
 
 def test_schema_to_tumour_rejects_non_schema_values():

@@ -680,6 +680,63 @@ def test_output_that_is_a_file_is_one_line(brats_data: Path, tmp_path: Path, cap
     assert target.read_text() == "keep"
 
 
+def test_checkpoint_records_hashes_and_schema_and_refuses_tampering(tmp_path: Path) -> None:
+    """state.json carries each weights file's sha256 and the label-schema version; a valid safetensors file
+    whose values were changed, or a checkpoint of another schema, is refused in one line naming the file.
+
+    Before, a generator.safetensors rewritten with other values resumed silently (the run went on to
+    export a model from it), and nothing recorded the schema the checkpoint's network was trained on.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from MedSynthLib.schema.labels import SCHEMA_VERSION
+    from MedSynthLib.synthesis.models import file_sha256
+    from MedSynthLib.training.checkpoint import read_checkpoint, write_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    folder = write_checkpoint(tmp_path / "step_0000001", 1, {"model": model}, {"optimizer": optimizer})
+    meta = json.loads((folder / "state.json").read_text())
+    assert meta["label_schema_version"] == SCHEMA_VERSION
+    assert meta["files_sha256"] == {name: file_sha256(folder / name)
+                                    for name in ("model.safetensors", "optimizer.safetensors")}
+
+    def load() -> None:
+        other = torch.nn.Linear(3, 2)
+        read_checkpoint(folder, {"model": other}, {"optimizer": torch.optim.Adam(other.parameters(), lr=1e-3)})
+
+    load()  # untouched: loads
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v + 1.0 for k, v in weights.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(InputError, match="sha256") as caught:
+        load()
+    assert str(folder / "model.safetensors") in str(caught.value) and "\n" not in str(caught.value)
+
+    save_file(weights, str(folder / "model.safetensors"))  # the original bytes back: loads again
+    load()
+    (folder / "state.json").write_text(json.dumps(dict(meta, label_schema_version=SCHEMA_VERSION + 1)))
+    with pytest.raises(InputError, match=f"label schema version {SCHEMA_VERSION + 1}") as caught:
+        load()
+    assert str(folder / "state.json") in str(caught.value)
+
+
+def test_resume_from_a_tampered_checkpoint_is_one_line(brats_data: Path, four_step_run: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    """``medsynth train --resume`` on a checkpoint whose generator weights were replaced: exit 2, no model."""
+    from safetensors.torch import load_file, save_file
+
+    run = rewind(copy_run(four_step_run, tmp_path / "run"))
+    weights = run / "checkpoints" / "step_0000002" / "generator.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(weights)).items()}, str(weights))
+    assert main(resume_args(brats_data, run)) == 2
+    line = _one_error_line(capsys)
+    assert str(weights) in line and "sha256" in line, line
+    assert not (run / "model").exists()
+
+
 def test_write_checkpoint_keeps_the_old_folder_when_the_rename_fails(tmp_path: Path, monkeypatch) -> None:
     from MedSynthLib.training import checkpoint
 

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 
 from ..schema.errors import InputError
 from ..schema.grid import Grid
-from ..schema.labels import CONVENTIONS, MODALITIES, LabelValueError, tumour_to_schema
+from ..schema.labels import CONVENTIONS, MODALITIES, LabelValueError, NonIntegerLabelError, tumour_to_schema
 from ..schema.volume_io import is_image_file, read_image, strip_image_suffix
 
 
@@ -348,6 +348,8 @@ def _assemble(case_id: str, convention: str, label_convention: str, raw: dict[st
         seg = sitk.GetArrayFromImage(seg_image)
         try:
             tumour = tumour_to_schema(seg, label_convention)
+        except NonIntegerLabelError as exc:  # no convention reads fractions: do not point at --label-convention
+            raise InputError(files["seg"], str(exc)) from None
         except LabelValueError as exc:
             raise InputError(files["seg"], f"{exc} (choose another with --label-convention)") from None
     elif require_segmentation:

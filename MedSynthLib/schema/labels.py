@@ -142,7 +142,8 @@ def tumour_to_schema(seg: np.ndarray, convention: str) -> np.ndarray:
     """
     conv = CONVENTIONS[convention]
     values = np.unique(seg)
-    unknown = sorted(int(v) for v in values if int(v) not in conv.allowed_values or v != int(v))
+    _check_whole_values(values)
+    unknown = sorted(int(v) for v in values if int(v) not in conv.allowed_values)
     if unknown:
         raise LabelValueError(
             f"label values {unknown} are not defined by the {conv.name} convention "
@@ -152,6 +153,21 @@ def tumour_to_schema(seg: np.ndarray, convention: str) -> np.ndarray:
     for src, dst in conv.to_schema.items():
         lut[src] = dst
     return lut[seg.astype(np.int64)]
+
+
+class NonIntegerLabelError(LabelValueError):
+    """A segmentation holds fractions or NaN: no convention can name them."""
+
+
+def _check_whole_values(values: np.ndarray) -> None:
+    """Refuse fractional (or NaN) labels by name: ``int()`` would truncate 1.5 to a valid 1 and -0.25 to 0."""
+    if values.dtype.kind in "iub":
+        return
+    fractional = values[~np.isfinite(values) | (values != np.round(values))]
+    if fractional.size:
+        shown = ", ".join(f"{float(v):g}" for v in fractional[:5]) + (", ..." if fractional.size > 5 else "")
+        raise NonIntegerLabelError(f"{fractional.size} non-integer label values ({shown}): a segmentation holds whole "
+                              "numbers (resample one with nearest-neighbour interpolation, never linear)")
 
 
 class AmbiguousConventionError(LabelValueError):
@@ -181,7 +197,9 @@ def detect_tumour_convention(seg: np.ndarray) -> str:
         LabelValueError: values no convention defines.
         AmbiguousConventionError: the values fit readings that differ and the shape cannot tell them apart.
     """
-    present = sorted(int(v) for v in np.unique(seg) if v != 0)
+    values = np.unique(seg)
+    _check_whole_values(values)
+    present = sorted(int(v) for v in values if v != 0)
     names = [n for n in DETECTABLE_CONVENTIONS
              if set(present) <= CONVENTIONS[n].allowed_values and (n != "brats2015" or {3, 4} <= set(present))]
     if not names:

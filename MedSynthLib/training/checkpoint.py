@@ -1,8 +1,9 @@
 """Checkpoint folders shared by the GAN's training and the study's segmenter: safetensors + JSON.
 
 A checkpoint is a folder: one ``NAME.safetensors`` per module and per optimizer, and
-``state.json`` with the step, the caller's own fields and each optimizer's non-tensor
-state (param groups, scalar entries).  Nothing is pickled.  The folder is written under a
+``state.json`` with the step, the caller's own fields, each optimizer's non-tensor
+state (param groups, scalar entries), the sha256 of every ``.safetensors`` file and the
+label-schema version.  Nothing is pickled.  The folder is written under a
 hidden temporary name and renamed into place (a folder of the same name is set aside
 first and deleted last), so a kill leaves the previous checkpoint whole; loading checks
 ``state.json`` and turns any bad file into one clear line.
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from ..schema.errors import InputError
+from ..schema.labels import SCHEMA_VERSION
+from ..synthesis.models import file_sha256
 from ..synthesis.networks import state_dict_unwrapped
 
 STATE_NAME = "state.json"
@@ -71,6 +74,9 @@ def write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module | 
         if optimizer is not None:
             tensors, meta[name] = optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / f"{name}.safetensors"))
+    # Like a model's config.json: a resume checks the bytes it loads and the label schema they were trained on.
+    meta["label_schema_version"] = SCHEMA_VERSION
+    meta["files_sha256"] = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
     (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
     # A name can be reused (a resume rewrites a step whose pointer was not yet updated; the segmenter
     # keeps one folder): the old folder is set aside, not deleted, until the new one is in place.
@@ -108,6 +114,7 @@ def read_checkpoint(folder: Path, modules: Mapping[str, nn.Module | None],
     if not isinstance(meta.get("step"), int) or not all(isinstance(meta.get(name), dict) for name in wanted):
         raise InputError(folder / STATE_NAME, f"{label.strip()} needs an integer 'step' and "
                                               + " and ".join(f"'{name}'" for name in wanted))
+    _check_recorded(folder, meta, [name for name, module in modules.items() if module is not None] + wanted, what)
     current = folder
     try:
         for name, module in modules.items():
@@ -122,3 +129,30 @@ def read_checkpoint(folder: Path, modules: Mapping[str, nn.Module | None],
         subject = f" {what}" if what else ""
         raise InputError(current, f"cannot resume{subject} from this checkpoint ({message})") from None
     return meta
+
+
+def _check_recorded(folder: Path, meta: dict[str, Any], names: list[str], what: str = "") -> None:
+    """The label-schema version and each file's sha256 that ``state.json`` records (checkpoints written
+    before they were recorded carry neither and load as before)."""
+    state = folder / STATE_NAME
+    version = meta.get("label_schema_version")
+    if version is not None and version != SCHEMA_VERSION:
+        raise InputError(state, f"checkpoint uses label schema version {version}, this MedSynth uses "
+                                f"{SCHEMA_VERSION}: resume it with a matching MedSynth")
+    hashes = meta.get("files_sha256")
+    if hashes is None:
+        return
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+        raise InputError(state, "'files_sha256' must map each .safetensors file to its sha256")
+    for name in names:
+        path = folder / f"{name}.safetensors"
+        wanted = hashes.get(path.name)
+        if wanted is None:
+            raise InputError(state, f"records no sha256 for {path.name}")
+        if not path.is_file():
+            raise InputError(path, "checkpoint file missing")
+        actual = file_sha256(path)
+        if actual != wanted:
+            subject = f" {what}" if what else ""
+            raise InputError(path, f"cannot resume{subject} from this checkpoint (sha256 {actual[:12]}... does not "
+                                   f"match its state.json, {wanted[:12]}...: the file is corrupt or was replaced)")
