@@ -51,7 +51,7 @@ class Normalizer(Protocol):
 
     def forward(self, image: np.ndarray, brain: np.ndarray) -> np.ndarray: ...
 
-    def inverse(self, normalized: np.ndarray, brain: np.ndarray) -> np.ndarray: ...
+    def inverse(self, normalized: np.ndarray, brain: np.ndarray, floor: float = 0.0) -> np.ndarray: ...
 
     def to_json(self) -> dict[str, Any]: ...
 
@@ -82,7 +82,8 @@ class IntensityNormalizer:
         scaled = (np.clip(image, self.low, self.high) - self.low) / (self.high - self.low) * 2.0 - 1.0
         return np.where(brain, scaled, -1.0).astype(np.float32)
 
-    def inverse(self, normalized: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    def inverse(self, normalized: np.ndarray, brain: np.ndarray, floor: float = 0.0) -> np.ndarray:
+        # ``floor`` (the protocol's) changes nothing here: the map's range already starts at the image's own ``low``.
         values = (np.clip(normalized, -1.0, 1.0) + 1.0) / 2.0 * (self.high - self.low) + self.low
         return np.where(brain, values, 0.0).astype(np.float32)
 
