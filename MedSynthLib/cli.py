@@ -1067,6 +1067,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser = build_parser()
             args = parser.parse_args(args_list)
             options = _command_options(parser, getattr(args, "command", None))
+            if options is not None and getattr(args, "command", None) == "generate":
+                # generate's --label-convention reads tumour-only maps; a case folder's values follow its naming.
+                options = options - {"--label-convention"}
             return int(args.func(args))
     except MedSynthError as exc:
         message = _without_foreign_hints(' '.join(str(exc).split()), options)

@@ -741,3 +741,19 @@ def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_d
     assert main(argv[:-7] + ["-o", str(tmp_path / "out2"), "--cache", str(out / ".cache"), "--device", "cpu",
                              "--seed", "3", "--quiet"]) == 0
     assert [p.stat().st_mtime_ns for p in cache] == stamps
+
+
+def test_a_case_folder_with_other_tumour_values_is_not_pointed_at_label_convention(gen_data, tmp_path, capsys):
+    """generate's --label-convention reads tumour-only maps; a case folder's values follow its naming, so the error
+    for a BraTS 2021-named case holding a 3 must not suggest that option."""
+    cases = Path(shutil.copytree(gen_data["cases"], tmp_path / "cases"))
+    seg_path = sorted(cases.glob("*/*_seg.nii.gz"))[0]
+    seg = sitk.ReadImage(str(seg_path))
+    array = sitk.GetArrayFromImage(seg)
+    _write_like(np.where(array == 4, 3, array).astype(array.dtype), seg, seg_path)
+    argv = _argv(gen_data, tmp_path / "out", n=1)
+    argv[argv.index("--labels-from") + 1] = str(cases)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and seg_path.name in err and "[3]" in err, err
+    assert "--label-convention" not in err, err
