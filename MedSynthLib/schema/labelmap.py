@@ -57,8 +57,7 @@ def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) 
         raise InputError(path, "empty brain: the label map has no brain voxels")
     if require_brain:
         try:
-            check_anatomy(array)  # here, where a user's file is read: in-memory maps may hold any classes
-            check_whole_brain(array, grid.voxel_volume_mm3 / 1000.0)
+            _check_brain(array, grid)  # here, where a user's file is read: in-memory maps may hold any classes
         except LabelValueError as exc:
             raise InputError(path, str(exc)) from None
     history: list = []
@@ -106,8 +105,7 @@ def read_tumour_source(path: str | os.PathLike[str], label_convention: str | Non
     if label_convention is None:
         try:
             check_label_map(array)
-            check_anatomy(array)
-            check_whole_brain(array, grid.voxel_volume_mm3 / 1000.0)
+            _check_brain(array, grid)
             is_brain = bool((array >= Label.NCR).any())  # values 0-3 alone: a BraTS 2023 / MSD map without its 4
         except LabelValueError:
             is_brain = False
@@ -120,6 +118,13 @@ def read_tumour_source(path: str | os.PathLike[str], label_convention: str | Non
     if not tumour.any():
         raise InputError(path, "tumour segmentation holds no tumour voxel")
     return LabelMap(tumour, grid, [])
+
+
+def _check_brain(array: np.ndarray, grid: Grid) -> None:
+    """A whole brain's anatomy (white matter, at least a brain's volume on a whole-head grid), not a tumour
+    segmentation or mask: raises :class:`LabelValueError`."""
+    check_anatomy(array)
+    check_whole_brain(array, grid.voxel_volume_mm3 / 1000.0)
 
 
 def _schema_array(image: sitk.Image) -> np.ndarray:

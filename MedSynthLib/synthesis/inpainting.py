@@ -356,6 +356,11 @@ def case_normalizers(images: dict[str, np.ndarray], labels: np.ndarray, exclude:
             for m in MODALITIES}
 
 
+def intensity_floor(image: np.ndarray) -> float:
+    """The lowest value a re-rendered voxel may take: 0 for scanner units, a z-scored scan's own minimum below 0."""
+    return min(0.0, float(np.min(image)))
+
+
 class TissueMoments:
     """The moments behind :func:`case_normalizers` for one real case, kept between edits.
 
@@ -375,6 +380,7 @@ class TissueMoments:
         self.labels = np.array(labels, copy=True)
         tissue = _normalisation_tissue(self.labels)
         self.base = {m: _moments(images[m], tissue) for m in MODALITIES if images[m].dtype in EXACT_MOMENT_TYPES}
+        self.floors = {m: intensity_floor(images[m]) for m in MODALITIES}  # a whole-volume pass: once, not per edit
 
     def normalizers(self, labels: np.ndarray, exclude: np.ndarray) -> dict[str, Any]:
         """:func:`case_normalizers` of the images for ``labels`` outside ``exclude``."""
@@ -624,11 +630,10 @@ class InpaintingEngine:
         # box-wide computation gives; the box holds about four times as many voxels as a typical region).
         weight = feather_weight(inside, spacing, feather_mm)[inside]
         brain_inside = brain[inside]
+        floors = moments.floors if moments is not None else {m: intensity_floor(images[m]) for m in MODALITIES}
         values_in_box = {}
         for c, m in enumerate(MODALITIES):
-            # Not below the case's own range: 0 for scanner units, a z-scored scan's minimum below its brain's mean.
-            floor = min(0.0, float(np.min(images[m])))
-            synthetic = normalizers[m].inverse(predicted[c], brain_inside, floor)
+            synthetic = normalizers[m].inverse(predicted[c], brain_inside, floors[m])
             values = images[m][box].copy()
             real = values[inside].astype(np.float32)
             blended = weight * synthetic + (1.0 - weight) * real
