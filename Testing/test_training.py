@@ -721,6 +721,11 @@ def test_checkpoint_records_hashes_and_schema_and_refuses_tampering(tmp_path: Pa
     with pytest.raises(InputError, match=f"label schema version {SCHEMA_VERSION + 1}") as caught:
         load()
     assert str(folder / "state.json") in str(caught.value)
+    for not_a_version in (True, "1", 1.0):  # equal to 1 under ==, but not the integer a checkpoint records
+        (folder / "state.json").write_text(json.dumps(dict(meta, label_schema_version=not_a_version)))
+        with pytest.raises(InputError, match="label_schema_version' is not an integer") as caught:
+            load()
+        assert str(folder / "state.json") in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_resume_from_a_tampered_checkpoint_is_one_line(brats_data: Path, four_step_run: Path, tmp_path: Path,

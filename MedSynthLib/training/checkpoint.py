@@ -136,6 +136,10 @@ def _check_recorded(folder: Path, meta: dict[str, Any], names: list[str], what: 
     before they were recorded carry neither and load as before)."""
     state = folder / STATE_NAME
     version = meta.get("label_schema_version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        # true, 1.0 and "1" would pass a compare with 1; a checkpoint MedSynth wrote records the integer.
+        shown = repr(version) if isinstance(version, str) else json.dumps(version)[:40]
+        raise InputError(state, f"'label_schema_version' is not an integer (got {shown})")
     if version is not None and version != SCHEMA_VERSION:
         raise InputError(state, f"checkpoint uses label schema version {version}, this MedSynth uses "
                                 f"{SCHEMA_VERSION}: resume it with a matching MedSynth")
