@@ -1044,6 +1044,18 @@ def _command_options(parser: argparse.ArgumentParser, command: str | None) -> se
     return None
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser ``argv`` reaches: ``medsynth tumour new`` for ``tumor new ...``."""
+    for token in argv:
+        choices = next((action.choices for action in parser._actions
+                        if isinstance(action, argparse._SubParsersAction)), None)
+        if choices is None:
+            break
+        if token in choices:
+            parser = choices[token]
+    return parser
+
+
 def _without_foreign_hints(message: str, options: set[str] | None) -> str:
     if options is None:
         return message
@@ -1065,7 +1077,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(), _quiet_itk():
             warnings.simplefilter("ignore")
             parser = build_parser()
-            args = parser.parse_args(args_list)
+            args, unknown = parser.parse_known_args(args_list)
+            if unknown:
+                # argparse reports these at the top-level parser ("medsynth: unrecognized ..."): name the command.
+                _command_parser(parser, args_list).error(f"unrecognized arguments: {' '.join(unknown)}")
             options = _command_options(parser, getattr(args, "command", None))
             if options is not None and getattr(args, "command", None) == "generate":
                 # generate's --label-convention reads tumour-only maps; a case folder's values follow its naming.

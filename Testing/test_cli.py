@@ -107,6 +107,22 @@ def test_usage_error_is_one_line(capsys):
     assert err.startswith("medsynth: error:") and len(err.splitlines()) == 1 and "--center" in err
 
 
+@pytest.mark.parametrize("argv, command", [
+    (["train", "--data", "d", "-o", "out", "--overwrite"], "medsynth train"),
+    (["evaluate", "case", "-o", "r.json", "--bogus"], "medsynth evaluate"),
+    (["tumour", "in.nii.gz", "--translate", "1", "0", "0", "-o", "out.nii.gz", "--radius", "3"],
+     "medsynth tumour transform"),
+    (["tumor", "new", "in.nii.gz", "--center", "1", "2", "3", "--radius", "3", "-o", "o.nii.gz", "--bogus"],
+     "medsynth tumour new"),
+])
+def test_an_option_a_command_lacks_names_the_command_once(argv, command, capsys):
+    """Options argparse does not know surface at the top-level parser: the line names the command, not 'medsynth' twice."""
+    rc, out, err = run(argv, capsys)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"medsynth: error: {command}: unrecognized arguments: "), err
+    assert err.count("medsynth") == 2, err
+
+
 # --- info ----------------------------------------------------------------------------------------
 
 
