@@ -30,8 +30,9 @@ from slicer.util import VTKObservationMixin
 
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError
 from MedSynthSlicerLib.mrml import ROLE_ATTRIBUTE, ROLE_LABELS
-from MedSynthSlicerLib.parameters import (DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS, LABEL_CONVENTIONS, PRECISIONS,
-                                          GenerateOptions, TumourParameters, device_parameter, platform_devices)
+from MedSynthSlicerLib.parameters import (DETECT_CONVENTION, DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS,
+                                          INSERT_LABEL_CONVENTIONS, LABEL_CONVENTIONS, PRECISIONS, GenerateOptions,
+                                          TumourParameters, device_parameter, platform_devices)
 
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,  # noqa: E402
                     vtkMRMLSegmentationNode)
@@ -130,6 +131,7 @@ class MedSynthParameterNode:
     necrosis: Annotated[bool, Default(True)]
     shapeSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
     insertSource: pathlib.Path
+    insertLabelConvention: Annotated[str, Choice(list(INSERT_LABEL_CONVENTIONS)), Default(DETECT_CONVENTION)]
     insertAtPoint: bool
     randomSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
     # 4. generate
@@ -147,6 +149,11 @@ class MedSynthParameterNode:
     exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS)), Default("nifti")]
     exportNaming: Annotated[str, Choice(list(EXPORT_NAMINGS)), Default("brats2021")]
     exportFolder: pathlib.Path
+
+
+def _insert_convention(choice: str) -> Optional[str]:
+    """The tumour-label convention of an inserted file: None lets MedSynth read it from the file."""
+    return None if choice == DETECT_CONVENTION else choice
 
 
 def _path_text(path: Optional[pathlib.Path]) -> str:
@@ -596,7 +603,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("MedSynth: click a point in the brain first (place the tumour centre)."))
                 return
         self._edited(self._run(_("inserting the tumour"), self.workflow.insert_tumour, self._segmentation(), source,
-                               point, False, self._parameterNode.labelConvention))
+                               point, False, _insert_convention(self._parameterNode.insertLabelConvention)))
 
     def onRandomTumour(self) -> None:
         self._edited(self._run(_("drawing a random tumour"), self.workflow.random_tumour, self._segmentation(),

@@ -483,10 +483,47 @@ def test_parametric_random_insert_and_undo(case, brats_cases):
     with pytest.raises(WorkflowError, match="outside the brain"):
         case.logic.add_parametric_tumour(seg, (500.0, 500.0, 500.0))
     seg_file = next(p for p in brats_cases[1].iterdir() if p.name.endswith("_seg.nii.gz"))
-    with pytest.raises(WorkflowError, match=r"not defined by the brats2023 convention.*'Tumour labels'"):
+    with pytest.raises(WorkflowError, match=r"not defined by the brats2023 convention.*'Its tumour labels'"):
         case.logic.insert_tumour(seg, seg_file, label_convention="brats2023")  # values 1/2/4: 4 is not 2023's
     np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
     assert _ids(case.scene) == ids
+    mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("convention, values", [("brats2023", {1: 1, 2: 2, 4: 3}), ("msd", {1: 2, 2: 1, 4: 3})])
+def test_insert_reads_an_expert_files_own_tumour_convention(case, brats_cases, tmp_path, convention, values):
+    """'Tumour from' a BraTS 2023 or MSD segmentation while the loaded case is BraTS 2021: the file's convention is
+    read from the file (oedema = the label facing the healthy brain), not taken from the case's 'Tumour labels'."""
+    seg = case.logic.copy_labels(case.seg, "expert-insert")
+    start = case.logic.labelmap(seg)
+    original = next(p for p in brats_cases[1].iterdir() if p.name.endswith("_seg.nii.gz"))
+    image = sitk.ReadImage(str(original))
+    expert = sitk.GetArrayFromImage(image)
+    written = np.zeros_like(expert)
+    for brats2021, value in values.items():
+        written[expert == brats2021] = value
+    out = sitk.GetImageFromArray(written)
+    out.CopyInformation(image)
+    path = tmp_path / f"{convention}_seg.nii.gz"
+    sitk.WriteImage(out, str(path))
+    inserted = case.logic.insert_tumour(seg, path)  # no convention given: detected
+    inside = start.array > 0
+    for brats2021, label in ((1, Label.NCR), (2, Label.ED), (4, Label.ET)):
+        drawn = (expert == brats2021) & inside
+        assert np.count_nonzero(inserted.array[drawn] == label) > 0.9 * np.count_nonzero(drawn), (convention, label)
+    case.logic.undo(seg)
+    # one tumour value alone reads differently as BraTS (2 = oedema) and MSD (2 = core): the user must say which
+    only = np.where(expert == 2, 2, 0).astype(expert.dtype)
+    out = sitk.GetImageFromArray(only)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(tmp_path / "one_value_seg.nii.gz"))
+    with pytest.raises(WorkflowError, match="'Its tumour labels'") as caught:
+        case.logic.insert_tumour(seg, tmp_path / "one_value_seg.nii.gz")
+    assert "--" not in str(caught.value) and "\n" not in str(caught.value)
+    as_msd = case.logic.insert_tumour(seg, tmp_path / "one_value_seg.nii.gz", label_convention="msd")
+    assert np.count_nonzero(as_msd.array == Label.NCR) > 0.9 * np.count_nonzero((only == 2) & inside)
+    np.testing.assert_array_equal(case.logic.undo(seg).array, start.array)
     mrml.remove_nodes(case.scene, seg)
 
 

@@ -754,6 +754,13 @@ def test_handlers_drive_a_real_case_without_the_gui(module, brats_cases, real_da
     seg_file = sorted((real_data / "brats2021" / "seg_only").glob("*_seg.nii.gz"))[0]
     p.insertSource = seg_file
     p.insertAtPoint = False
+    assert p.insertLabelConvention == "detect"  # the file's convention, read from the file
+    p.insertLabelConvention = "brats2023"  # named wrong (its 4 is not BraTS 2023's): refused, the map untouched
+    widget.onInsertTumour()
+    assert module.messages.errors and "'Its tumour labels'" in module.messages.errors[-1], module.messages.errors
+    np.testing.assert_array_equal(widget.workflow.labelmap(seg).array, before)
+    module.messages.errors.clear()
+    p.insertLabelConvention = "detect"
     widget.onInsertTumour()
     assert not module.messages.errors, module.messages.errors
     inserted = widget.workflow.labelmap(seg)

@@ -58,6 +58,10 @@ EXPORT_FORMATS: tuple[str, ...] = _from_medsynthlib(_export_formats, FALLBACK_EX
 EXPORT_NAMINGS: tuple[str, ...] = _from_medsynthlib(_export_namings, FALLBACK_EXPORT_NAMINGS)
 #: Tumour-label conventions of an input segmentation (MedSynthLib.schema.labels.CONVENTIONS).
 LABEL_CONVENTIONS: tuple[str, ...] = _from_medsynthlib(_conventions, FALLBACK_LABEL_CONVENTIONS)
+#: How a tumour segmentation file given to Insert is read: "detect" reads its convention from its values and
+#: shape (the file's own, which need not be the loaded case's); the others name it.
+DETECT_CONVENTION = "detect"
+INSERT_LABEL_CONVENTIONS: tuple[str, ...] = (DETECT_CONVENTION,) + LABEL_CONVENTIONS
 
 
 def platform_devices(system: Optional[str] = None) -> tuple[str, ...]:

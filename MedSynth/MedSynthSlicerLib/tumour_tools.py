@@ -8,6 +8,7 @@ a movable copy of the tumour) become Translate/Rotate/Scale edits when applied.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -26,6 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from MedSynthLib.schema.grid import LabelMap
 
 from .label_segmentation import _check_convention, _lib
+
+#: MedSynthLib's hints that name ``--label-convention``; for an inserted file the panel's choice is 'Its tumour labels'.
+_INSERT_CONVENTION_HINT = re.compile(
+    r"(?:;|:)?\s*(?:\(choose (?:another )?with --label-convention\)|give --label-convention)")
+_INSERT_CONVENTION_CHOICE = " choose this file's convention under 'Its tumour labels'"
 
 
 # --- the affine of the tumour handles as MedSynthLib edits -------------------------------------
@@ -129,21 +135,22 @@ class TumourTools:
             raise WorkflowError(f"the random seed must be a non-negative whole number, got {seed!r}")
         return self.apply_edit(segmentation, RandomTumourEdit(p_parametric=p_parametric), seed=seed)
 
-    def read_tumour_source(self, source: str | os.PathLike[str], label_convention: str = "brats2021") -> "LabelMap":
+    def read_tumour_source(self, source: str | os.PathLike[str], label_convention: str | None = None) -> "LabelMap":
         """The label map whose tumour is inserted.
 
         Accepted: a case folder (its expert segmentation, inside its brain), a
-        MedSynth label map (with its provenance sidecar), or a plain expert tumour
-        segmentation file whose values follow ``label_convention`` (e.g. a BraTS
-        ``*_seg.nii.gz`` with 0/1/2/4); the last carries no brain, only tumour.
+        MedSynth label map, or a plain expert tumour segmentation file (e.g. a BraTS
+        ``*_seg.nii.gz``, an MSD label map) whose values follow ``label_convention``,
+        or, when it is None, the convention its own values and shape show (the file's,
+        not the loaded case's: MedSynthLib's ``read_tumour_source``); the last carries
+        no brain, only tumour.
         """
         ensure_medsynthlib_importable()
         from MedSynthLib.cases.readers import read_case
         from MedSynthLib.schema.errors import MedSynthError
         from MedSynthLib.schema.grid import LabelMap
-        from MedSynthLib.schema.labelmap import read_label_map
+        from MedSynthLib.schema.labelmap import read_tumour_source
         from MedSynthLib.schema.labels import Label
-        from MedSynthLib.schema.provenance import sidecar_path
 
         path = Path(source)
         if not str(source) or not path.exists():
@@ -155,32 +162,19 @@ class TumourTools:
                 array = np.where(brain, int(Label.WM), 0).astype(np.uint8)
                 array[case.tumour > 0] = case.tumour[case.tumour > 0]
                 return LabelMap(array, case.grid, [])
-            if not sidecar_path(path).exists():
-                return self._expert_tumour_file(path, _check_convention(label_convention))
-            return read_label_map(path)
+            return read_tumour_source(path, None if label_convention is None else _check_convention(label_convention))
         except MedSynthError as exc:
-            raise WorkflowError(str(exc)) from None
-
-    @staticmethod
-    def _expert_tumour_file(path: Path, convention: str) -> "LabelMap":
-        """A plain tumour segmentation file as a label map holding only NCR/ED/ET."""
-        import SimpleITK as sitk
-        from MedSynthLib.schema.grid import Grid, LabelMap
-        from MedSynthLib.schema.volume_io import read_image
-        from MedSynthLib.schema.labels import LabelValueError, tumour_to_schema
-
-        image = read_image(path)
-        try:
-            tumour = tumour_to_schema(sitk.GetArrayFromImage(image), convention)
-        except LabelValueError as exc:
-            raise WorkflowError(f"{path}: {exc}; set 'Tumour labels' to the convention of this file "
-                                "(a MedSynth label map needs its provenance sidecar beside it)") from None
-        return LabelMap(tumour, Grid.from_image(image), [])
+            message = _INSERT_CONVENTION_HINT.sub(";" + _INSERT_CONVENTION_CHOICE, str(exc))
+            if label_convention is not None and _INSERT_CONVENTION_CHOICE not in message:
+                message += f";{_INSERT_CONVENTION_CHOICE} or let MedSynth detect it"
+            raise WorkflowError(message) from None
 
     def insert_tumour(self, segmentation: Any, source: "str | os.PathLike[str] | LabelMap",
                       centre_ras: Sequence[float] | None = None, keep_existing: bool = False,
-                      label_convention: str = "brats2021") -> "LabelMap":
+                      label_convention: str | None = None) -> "LabelMap":
         """Insert the tumour of another case / label map (at a RAS point, or the matching position).
+
+        ``label_convention`` is that of a plain tumour segmentation file (None: read from the file).
 
         A source without a brain (a plain expert tumour segmentation) is placed at
         its own physical position when it lies on the target's grid (BraTS cases
