@@ -25,6 +25,7 @@ from MedSynthLib.schema.labels import (
                                        CONVENTIONS,
                                        Label,
                                        LabelValueError,
+                                       check_label_map,
                                        detect_tumour_convention,
                                        schema_to_tumour,
                                        tumour_to_schema,
@@ -103,7 +104,8 @@ def test_values_outside_convention_raise(convention, value):
 
 
 @pytest.mark.parametrize("value", [1.5, 2.0000002, -0.25])
-@pytest.mark.parametrize("reader", [lambda seg: tumour_to_schema(seg, "brats2021"), detect_tumour_convention])
+@pytest.mark.parametrize("reader", [lambda seg: tumour_to_schema(seg, "brats2021"), detect_tumour_convention,
+                                    check_label_map])
 def test_non_integer_segmentation_values_named_as_such(reader, value):
     """A segmentation resampled with linear interpolation holds fractions: the message names the fraction.
 

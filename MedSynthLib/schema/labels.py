@@ -252,9 +252,7 @@ def check_label_map(labels: np.ndarray) -> None:
     """Raise :class:`LabelValueError` unless ``labels`` holds only schema values."""
     if labels.dtype.kind == "u" and labels.size and int(labels.max()) < NUM_CLASSES:
         return  # the usual uint8 map: one pass instead of three
-    if labels.dtype.kind not in "iu":
-        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-            raise LabelValueError("label map holds non-integer values")
+    _check_whole_values(labels)
     bad = np.unique(labels[(labels < 0) | (labels >= NUM_CLASSES)])
     if bad.size:
         # An image given as a label map has thousands of values: name a few, not all (one short line).
