@@ -493,6 +493,8 @@ def test_parametric_random_insert_and_undo(case, brats_cases):
 @pytest.mark.realdata
 @pytest.mark.parametrize("convention, values", [("brats2023", {1: 1, 2: 2, 4: 3}), ("msd", {1: 2, 2: 1, 4: 3})])
 def test_insert_reads_an_expert_files_own_tumour_convention(case, brats_cases, tmp_path, convention, values):
+    from MedSynthLib.schema.labelmap import write_label_map
+
     """'Tumour from' a BraTS 2023 or MSD segmentation while the loaded case is BraTS 2021: the file's convention is
     read from the file (oedema = the label facing the healthy brain), not taken from the case's 'Tumour labels'."""
     seg = case.logic.copy_labels(case.seg, "expert-insert")
@@ -523,6 +525,11 @@ def test_insert_reads_an_expert_files_own_tumour_convention(case, brats_cases, t
     assert "--" not in str(caught.value) and "\n" not in str(caught.value)
     as_msd = case.logic.insert_tumour(seg, tmp_path / "one_value_seg.nii.gz", label_convention="msd")
     assert np.count_nonzero(as_msd.array == Label.NCR) > 0.9 * np.count_nonzero((only == 2) & inside)
+    np.testing.assert_array_equal(case.logic.undo(seg).array, start.array)
+    # a MedSynth label map (its sidecar beside it) reads as one whatever 'Its tumour labels' says
+    write_label_map(start, tmp_path / "labels.nii.gz")
+    from_map = case.logic.insert_tumour(seg, tmp_path / "labels.nii.gz", label_convention="msd")
+    np.testing.assert_array_equal(from_map.array >= Label.NCR, start.array >= Label.NCR)
     np.testing.assert_array_equal(case.logic.undo(seg).array, start.array)
     mrml.remove_nodes(case.scene, seg)
 

@@ -143,7 +143,8 @@ class TumourTools:
         ``*_seg.nii.gz``, an MSD label map) whose values follow ``label_convention``,
         or, when it is None, the convention its own values and shape show (the file's,
         not the loaded case's: MedSynthLib's ``read_tumour_source``); the last carries
-        no brain, only tumour.
+        no brain, only tumour.  ``label_convention`` never applies to a label map with
+        its provenance sidecar.
         """
         ensure_medsynthlib_importable()
         from MedSynthLib.cases.readers import read_case
@@ -151,6 +152,7 @@ class TumourTools:
         from MedSynthLib.schema.grid import LabelMap
         from MedSynthLib.schema.labelmap import read_tumour_source
         from MedSynthLib.schema.labels import Label
+        from MedSynthLib.schema.provenance import sidecar_path
 
         path = Path(source)
         if not str(source) or not path.exists():
@@ -162,7 +164,9 @@ class TumourTools:
                 array = np.where(brain, int(Label.WM), 0).astype(np.uint8)
                 array[case.tumour > 0] = case.tumour[case.tumour > 0]
                 return LabelMap(array, case.grid, [])
-            return read_tumour_source(path, None if label_convention is None else _check_convention(label_convention))
+            if label_convention is None or sidecar_path(path).exists():  # a MedSynth label map reads as one
+                return read_tumour_source(path)
+            return read_tumour_source(path, _check_convention(label_convention))
         except MedSynthError as exc:
             message = _INSERT_CONVENTION_HINT.sub(";" + _INSERT_CONVENTION_CHOICE, str(exc))
             if label_convention is not None and _INSERT_CONVENTION_CHOICE not in message:
