@@ -543,8 +543,16 @@ def test_sliding_window_matches_whole_volume(tiny_model: Path) -> None:
 # --- re-rendering after an edit ---------------------------------------------------------------------
 
 
-def test_rerender_matches_full_synthesis(engine: SynthesisEngine) -> None:
-    labelmap = synthetic_brain(size=(61, 67, 57), spacing=(1.0, 0.9, 1.3), tumour_at=(0.6, 0.45, 0.55))
+def _direction_of(orientation: str) -> tuple[float, ...]:
+    return tuple(sitk.DICOMOrient(sitk.Image(1, 1, 1, sitk.sitkUInt8), orientation).GetDirection())
+
+
+# Oblique (the network's axis order), stored RAS (two axes reversed in it), stored PIR (permuted and reversed).
+@pytest.mark.parametrize("direction", [DIRECTION, _direction_of("RAS"), _direction_of("PIR")],
+                         ids=["oblique", "RAS", "PIR"])
+def test_rerender_matches_full_synthesis(engine: SynthesisEngine, direction: tuple[float, ...]) -> None:
+    labelmap = synthetic_brain(size=(61, 67, 57), spacing=(1.0, 0.9, 1.3), tumour_at=(0.6, 0.45, 0.55),
+                               direction=direction)
     previous = engine.synthesize(labelmap)
     edited = Translate((5.0, 4.0, -3.0))(labelmap)
     changed = edited.array != labelmap.array
@@ -584,6 +592,44 @@ def test_rerender_matches_full_synthesis(engine: SynthesisEngine) -> None:
     other = synthetic_brain(size=(61, 67, 57), spacing=(1.0, 1.0, 1.0))
     with pytest.raises(MedSynthError, match="grid"):
         engine.rerender(previous, other)
+
+
+@pytest.mark.parametrize("stored", ["RAS", "PIR", "SAL", "LPI"])
+def test_synthesis_does_not_depend_on_the_axis_order_a_map_is_stored_in(engine: SynthesisEngine,
+                                                                         stored: str) -> None:
+    """The same label map stored in another axis order (a RAS NIfTI, a sagittal-first array) gives the same images.
+
+    The network runs in the order it was trained in (LPS, BraTS'); before, it ran on the stored array, and a
+    RAS-stored or sagittal-first map gave other images (0.003-0.016 lower brain SSIM on a real case).
+    """
+    from MedSynthLib.synthesis.inference import AxisOrder
+
+    lps = synthetic_brain(size=(41, 47, 37), spacing=(1.0, 0.9, 1.3), direction=tuple(np.eye(3).ravel()),
+                          tumour_at=(0.62, 0.4, 0.6))  # off centre on every axis: no reorientation leaves it alone
+    image = sitk.DICOMOrient(lps.image(), stored)
+    other = LabelMap(sitk.GetArrayFromImage(image), Grid.from_image(image))
+    assert other.array.shape != lps.array.shape or not np.array_equal(other.array, lps.array)
+    expected = engine.synthesize(lps, seed=3)
+    result = engine.synthesize(other, seed=3)
+    for m in OUTPUT_NAMES:
+        back = sitk.DICOMOrient(other.grid.image(result.images[m]), "LPS")
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), expected.images[m])
+    assert AxisOrder.from_grid(other.grid).to_training(other.array).tolist() == lps.array.tolist()
+
+
+@pytest.mark.parametrize("stored", ["LPS", "RAS", "PIR", "SAL", "ILP"])
+def test_axis_order_is_dicomorients_reorientation(stored: str) -> None:
+    """:class:`AxisOrder` permutes and reverses axes exactly as SimpleITK's DICOMOrient to LPS does, and back."""
+    from MedSynthLib.synthesis.inference import AxisOrder
+
+    array = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    image = sitk.GetImageFromArray(array)
+    image.SetDirection(sitk.DICOMOrient(sitk.Image(1, 1, 1, sitk.sitkUInt8), stored).GetDirection())
+    order = AxisOrder.from_grid(Grid.from_image(image))
+    np.testing.assert_array_equal(order.to_training(array), sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS")))
+    four = np.stack([array, -array])
+    np.testing.assert_array_equal(order.to_stored(order.to_training(four)), four)
+    assert order.is_identity == (stored == "LPS")
 
 
 # --- bad input for `medsynth synthesize` ----------------------------------------------------------

@@ -74,6 +74,12 @@ class SynthesisEngine:
         """Whether the seed changes the image: only networks with an appearance code (``style_dim``) use it."""
         return self.network.has_style
 
+    def _use_axis_order(self, labelmap: LabelMap) -> None:
+        """Run the network in its training axis order on ``labelmap``'s grid (and on the re-renders that follow)."""
+        from .inference import AxisOrder
+
+        self.synth.axis_order = AxisOrder.from_grid(labelmap.grid)
+
     def _use_seed(self, seed: int) -> None:
         from .networks import style_code
 
@@ -96,6 +102,7 @@ class SynthesisEngine:
             raise MedSynthError("empty brain: the label map has no brain voxels")
         self._torch.manual_seed(seed)
         self._use_seed(seed)
+        self._use_axis_order(labelmap)
         start = time.perf_counter()
         normalized = self.synth.predict(labelmap.array)
         network_seconds = time.perf_counter() - start
@@ -123,6 +130,7 @@ class SynthesisEngine:
             raise MedSynthError("the edited label map is not on the previous result's grid")
         start = time.perf_counter()
         self._use_seed(int(previous.provenance.get("seed", 0)))  # the edited case keeps its appearance
+        self._use_axis_order(edited)
         changed = edited.array != previous.labelmap.array
         normalized = previous.normalized.copy()
         images = {m: array.copy() for m, array in previous.images.items()}
@@ -165,12 +173,19 @@ class SynthesisEngine:
         # multiple.  Keep the region inside that box and on the same stride lattice (start a
         # multiple away from the box start), so the U-Net's down-sampling sees the voxels in
         # the same phase as a full synthesis; another phase gives visibly different output.
+        # Start and end are those of the network's (training) axis order: along a stored axis
+        # that runs reversed in it, mirror the coordinates inside the brain box, align, mirror back.
         first = np.array([s.start for s in brain])
         last = np.array([s.stop for s in brain])
-        lo = np.maximum(np.asarray(changed_lo) - margin, first)
+        reversed_axes = np.array(self.synth.axis_order.stored_flips)
+        mirror = first + last
+        want_lo = np.where(reversed_axes, mirror - np.asarray(changed_hi), np.asarray(changed_lo))
+        want_hi = np.where(reversed_axes, mirror - np.asarray(changed_lo), np.asarray(changed_hi))
+        lo = np.maximum(want_lo - margin, first)
         lo -= (lo - first) % multiple
-        hi = np.minimum(np.asarray(changed_hi) + margin, last)
+        hi = np.minimum(want_hi + margin, last)
         hi = np.minimum(lo + -(-(hi - lo) // multiple) * multiple, last)
+        lo, hi = np.where(reversed_axes, mirror - hi, lo), np.where(reversed_axes, mirror - lo, hi)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         region = self.synth.predict_region(labels, box)
         # No feathering at faces on the brain box: the full synthesis has no context there either.
