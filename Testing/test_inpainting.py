@@ -561,6 +561,27 @@ def test_mirror_average_is_the_mean_of_the_pass_and_the_mirrored_pass(tiny_inpai
     assert np.allclose(out, out[..., ::-1], atol=1e-5)
 
 
+@pytest.mark.parametrize("stored", ["RAS", "PIR", "SAL"])
+def test_inpainting_runs_in_the_networks_axis_order_whatever_the_storage(tiny_inpainter, stored):
+    """A crop stored RAS or sagittal-first is inpainted as its LPS twin (the training order), where the mirror
+    average's last axis is left-right; on the stored order it gave other values."""
+    import SimpleITK as sitk
+
+    from MedSynthLib.schema.grid import AxisOrder, Grid
+
+    labels, images, region = _crop()  # in the network's order (LPS)
+    direction = sitk.DICOMOrient(sitk.Image(1, 1, 1, sitk.sitkUInt8), stored).GetDirection()
+    order = AxisOrder.from_grid(Grid((1, 1, 1), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(direction)))
+    assert not order.is_identity
+    as_stored = [np.ascontiguousarray(order.to_stored(a)) for a in (labels, images, region)]
+    expected = tiny_inpainter.predict_inside(labels, images, region)
+    crop = np.zeros((4,) + labels.shape, np.float32)
+    crop[:, region] = expected
+    expected_stored = order.to_stored(crop)[:, as_stored[2]]
+    np.testing.assert_array_equal(tiny_inpainter.predict_inside(*as_stored, order), expected_stored)
+    assert not np.allclose(tiny_inpainter.predict_inside(*as_stored), expected_stored, atol=1e-3)
+
+
 def test_match_tissue_gives_each_healthy_class_the_patients_median_around_the_region():
     from MedSynthLib.synthesis.inpainting import match_tissue_medians
 

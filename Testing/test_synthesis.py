@@ -602,7 +602,7 @@ def test_synthesis_does_not_depend_on_the_axis_order_a_map_is_stored_in(engine: 
     The network runs in the order it was trained in (LPS, BraTS'); before, it ran on the stored array, and a
     RAS-stored or sagittal-first map gave other images (0.003-0.016 lower brain SSIM on a real case).
     """
-    from MedSynthLib.synthesis.inference import AxisOrder
+    from MedSynthLib.schema.grid import AxisOrder
 
     lps = synthetic_brain(size=(41, 47, 37), spacing=(1.0, 0.9, 1.3), direction=tuple(np.eye(3).ravel()),
                           tumour_at=(0.62, 0.4, 0.6))  # off centre on every axis: no reorientation leaves it alone
@@ -620,7 +620,7 @@ def test_synthesis_does_not_depend_on_the_axis_order_a_map_is_stored_in(engine: 
 @pytest.mark.parametrize("stored", ["LPS", "RAS", "PIR", "SAL", "ILP"])
 def test_axis_order_is_dicomorients_reorientation(stored: str) -> None:
     """:class:`AxisOrder` permutes and reverses axes exactly as SimpleITK's DICOMOrient to LPS does, and back."""
-    from MedSynthLib.synthesis.inference import AxisOrder
+    from MedSynthLib.schema.grid import AxisOrder
 
     array = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
     image = sitk.GetImageFromArray(array)

@@ -110,6 +110,69 @@ class Grid:
                    tuple(data["direction"]))
 
 
+@dataclass(frozen=True)
+class AxisOrder:
+    """How a stored (k, j, i) array maps onto the axis order the networks were trained in.
+
+    MedSynth's networks are trained on cases stored LPS (BraTS): array axes (k, j, i) run towards superior,
+    posterior and the patient's left.  A map stored otherwise (a RAS NIfTI, a sagittal-first acquisition) is
+    permuted and reversed into that order before a network sees it (lossless; the networks are not invariant to
+    it) and the output back.
+
+    Attributes:
+        perm: training axis ``t`` holds stored axis ``perm[t]``.
+        flip: per training axis, whether it runs reversed in the stored array.
+    """
+
+    perm: tuple[int, int, int] = (0, 1, 2)
+    flip: tuple[bool, bool, bool] = (False, False, False)
+
+    @classmethod
+    def from_grid(cls, grid: Grid) -> "AxisOrder":
+        """The order of ``grid``'s array; an oblique grid uses each index axis' nearest anatomical axis (the
+        identity where two index axes are nearest to the same one)."""
+        direction = grid.direction_matrix  # columns: index axes i, j, k in LPS
+        perm, flip = [0, 1, 2], [False, False, False]
+        for axis in range(3):  # stored array axis: 0 = k, 1 = j, 2 = i
+            column = direction[:, 2 - axis]
+            physical = int(np.argmax(np.abs(column)))  # 0 = L, 1 = P, 2 = S
+            perm[2 - physical] = axis
+            flip[2 - physical] = bool(column[physical] < 0)
+        if sorted(perm) != [0, 1, 2]:
+            return cls()
+        return cls((perm[0], perm[1], perm[2]), (flip[0], flip[1], flip[2]))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+    @property
+    def stored_flips(self) -> tuple[bool, bool, bool]:
+        """Per stored axis, whether it runs reversed in the training order."""
+        flips = [False, False, False]
+        for training, stored in enumerate(self.perm):
+            flips[stored] = self.flip[training]
+        return (flips[0], flips[1], flips[2])
+
+    def to_training(self, array: np.ndarray) -> np.ndarray:
+        """A view of ``array`` (its last three axes stored k, j, i) in the training order."""
+        if self.is_identity:
+            return array
+        lead = array.ndim - 3
+        out = np.transpose(array, tuple(range(lead)) + tuple(lead + p for p in self.perm))
+        return np.flip(out, axis=tuple(lead + t for t in range(3) if self.flip[t])) if any(self.flip) else out
+
+    def to_stored(self, array: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_training` (a view)."""
+        if self.is_identity:
+            return array
+        lead = array.ndim - 3
+        if any(self.flip):
+            array = np.flip(array, axis=tuple(lead + t for t in range(3) if self.flip[t]))
+        inverse = np.argsort(self.perm)
+        return np.transpose(array, tuple(range(lead)) + tuple(lead + int(p) for p in inverse))
+
+
 def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     """Slices of the bounding box of a non-empty mask, grown by ``margin`` voxels and clipped to the array.
 

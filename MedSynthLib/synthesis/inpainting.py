@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..schema.errors import InputError, MedSynthError
+from ..schema.grid import AxisOrder
 from ..schema.labels import MODALITIES, NUM_CLASSES, Label, brain_mask, tumour_mask
 
 #: Value of the blanked region in the normalised images: z = 0, the case's grey/white-matter mean.
@@ -530,12 +531,23 @@ class InpaintingEngine:
             predicted = match_tissue_medians(predicted, labels, normalized, region)
         return predicted
 
-    def predict_inside(self, labels: np.ndarray, normalized: np.ndarray, region: np.ndarray) -> np.ndarray:
+    def predict_inside(self, labels: np.ndarray, normalized: np.ndarray, region: np.ndarray,
+                       axis_order: AxisOrder | None = None) -> np.ndarray:
         """:meth:`predict_normalized` at the voxels of ``region`` only: (4, n), ``predicted[:, region]``.
 
         The same values, without the whole-crop arrays of the average and the tissue shift (a typical
-        region holds a fifth of its crop's voxels).
+        region holds a fifth of its crop's voxels).  ``axis_order``: how the crop is stored; the network
+        runs in its training order (LPS), where the mirror average's last axis is left-right.
         """
+        if axis_order is not None and not axis_order.is_identity:
+            def training(array: np.ndarray) -> np.ndarray:
+                return np.ascontiguousarray(axis_order.to_training(array))
+
+            region_t = training(region)
+            inside_t = self.predict_inside(training(labels), training(normalized), region_t)
+            crop = np.zeros((inside_t.shape[0],) + region_t.shape, np.float32)
+            crop[:, region_t] = inside_t
+            return np.ascontiguousarray(axis_order.to_stored(crop)[:, region])
         if self.mirror_average and labels.size <= MIRROR_BATCH_MAX_VOXELS:
             import torch
 
@@ -599,6 +611,7 @@ class InpaintingEngine:
     def inpaint_box(self, labels: np.ndarray, images: dict[str, np.ndarray], region: np.ndarray,
                     spacing: tuple[float, float, float], feather_mm: float = DEFAULT_FEATHER_MM,
                     check: Callable[[], None] | None = None, moments: TissueMoments | None = None,
+                    axis_order: AxisOrder | None = None,
                     ) -> tuple[tuple[slice, ...], dict[str, np.ndarray], float]:
         """Re-render ``region`` within its box: (box, modality -> the box of the image, network seconds).
 
@@ -607,6 +620,8 @@ class InpaintingEngine:
         modified.  ``check`` (the preview's stop callback) is called between the stages before the network and
         stops the call by raising (the network itself is stopped between layers by the caller's hooks).
         ``moments``: a :class:`TissueMoments` of ``images`` (the preview's), the same normalisers sooner.
+        ``axis_order``: how the arrays are stored (:class:`~MedSynthLib.schema.grid.AxisOrder` of their grid; None: as the
+        network was trained, LPS).
 
         Raises:
             MedSynthError: ``region`` is empty, or no grey/white matter is left to normalise against.
@@ -624,7 +639,7 @@ class InpaintingEngine:
             normalized[c] = normalizers[m].forward(images[m][box], brain)
         network_start = time.perf_counter()
         inside = region[box]
-        predicted = self.predict_inside(labels[box], normalized, inside)
+        predicted = self.predict_inside(labels[box], normalized, inside, axis_order)
         network_seconds = time.perf_counter() - network_start
         # Only the region's voxels are mapped back and blended (elementwise, so each voxel's value is the one a
         # box-wide computation gives; the box holds about four times as many voxels as a typical region).
@@ -646,7 +661,8 @@ class InpaintingEngine:
         return box, values_in_box, network_seconds
 
     def inpaint(self, labels: np.ndarray, images: dict[str, np.ndarray], region: np.ndarray,
-                spacing: tuple[float, float, float], feather_mm: float = DEFAULT_FEATHER_MM) -> InpaintResult:
+                spacing: tuple[float, float, float], feather_mm: float = DEFAULT_FEATHER_MM,
+                axis_order: AxisOrder | None = None) -> InpaintResult:
         """Re-render ``region`` of ``images`` from ``labels``; every voxel outside it is returned unchanged.
 
         Args:
@@ -654,12 +670,14 @@ class InpaintingEngine:
             images: modality -> real image (any numeric type; the output keeps each one's type).
             region: voxels to re-render (bool).
             spacing: (k, j, i) voxel spacing in mm (feathering).
+            axis_order: how the arrays are stored (None: in the network's training order, LPS).
         """
         start = time.perf_counter()
         outputs = {m: images[m].copy() for m in MODALITIES}
         if not region.any():
             return InpaintResult(outputs, region.copy(), {"network": 0.0, "total": 0.0})
-        box, values, network_seconds = self.inpaint_box(labels, images, region, spacing, feather_mm)
+        box, values, network_seconds = self.inpaint_box(labels, images, region, spacing, feather_mm,
+                                                        axis_order=axis_order)
         for m in MODALITIES:
             outputs[m][box] = values[m]
         return InpaintResult(outputs, region.copy(), {"network": round(network_seconds, 3),
@@ -721,7 +739,8 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
         old_tumour, old_source, old_array = None, "none", None
     region = changed_region(labelmap.array, old_tumour, margin_mm, spacing, old_array)
     region_seconds = time.perf_counter() - start
-    result = engine.inpaint(labelmap.array, context.images, region, spacing, feather_mm)
+    result = engine.inpaint(labelmap.array, context.images, region, spacing, feather_mm,
+                            AxisOrder.from_grid(labelmap.grid))
     privacy = dataclasses.replace(privacy_of(labelmap), images="patient")
     record = InpaintingRecord(region_margin_mm=float(margin_mm), feather_mm=float(feather_mm), old_tumour=old_source,
                               synthetic_voxels=int(region.sum()), mirror_average=engine.mirror_average,

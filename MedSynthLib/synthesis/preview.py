@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import numpy as np
 
 from ..schema.errors import MedSynthError
-from ..schema.grid import LabelMap
+from ..schema.grid import AxisOrder, LabelMap
 from ..schema.labels import check_label_map
 from .synthesize import SynthesisEngine
 
@@ -237,7 +237,8 @@ class InpaintingRoiRenderer:
                 check()
             with interruptible(self.engine.synth.generator, check):
                 inner, values, _ = self.engine.inpaint_box(labelmap.array, self.context.images, region, spacing,
-                                                           self.feather_mm, check, self.moments)
+                                                           self.feather_mm, check, self.moments,
+                                                           AxisOrder.from_grid(labelmap.grid))
             region_slices = mask_box(region, 0)  # outside it the inpainted box holds the real images
             tight = (tuple(s.start for s in region_slices), tuple(s.stop for s in region_slices))  # type: ignore
         written = box_union(self.region_box, tight)

@@ -76,7 +76,7 @@ class SynthesisEngine:
 
     def _use_axis_order(self, labelmap: LabelMap) -> None:
         """Run the network in its training axis order on ``labelmap``'s grid (and on the re-renders that follow)."""
-        from .inference import AxisOrder
+        from ..schema.grid import AxisOrder
 
         self.synth.axis_order = AxisOrder.from_grid(labelmap.grid)
 
