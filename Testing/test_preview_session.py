@@ -136,6 +136,24 @@ def test_roi_update_equals_a_full_render_inside_and_nothing_changes_outside(engi
 
 
 @pytest.mark.realdata
+def test_an_roi_update_of_a_map_stored_in_another_axis_order_equals_the_engines_rerender(engine, real_labelmap):
+    """A sagittal-first (PIR) map: the update runs in the network's axis order even when the engine synthesised a
+    map stored otherwise between the preview's first render and the edit (one engine serves every job)."""
+    image = sitk.DICOMOrient(real_labelmap.image(), "PIR")
+    stored = LabelMap(sitk.GetArrayFromImage(image), Grid.from_image(image))
+    session = PreviewSession(make_renderer("synthesis", engine, margin=MARGIN), stored)
+    session.render()
+    whole = engine.synthesize(stored)
+    engine.synthesize(real_labelmap)  # another job on the same engine, stored LPS
+    moved = Translate((6.0, -4.0, 3.0))(stored)
+    send_edit(session, stored.array, moved.array)
+    assert not session.render().full
+    reference = engine.rerender(whole, moved, margin=MARGIN)
+    for modality, image in reference.images.items():
+        np.testing.assert_array_equal(session.images[modality], image)
+
+
+@pytest.mark.realdata
 def test_a_stopped_render_is_superseded_by_the_next_edit(engine, real_labelmap):
     session = PreviewSession(make_renderer("synthesis", engine, margin=MARGIN), real_labelmap)
     session.render()

@@ -160,6 +160,7 @@ class SynthesisRoiRenderer:
             shape = labelmap.array.shape
             return (0, 0, 0), (int(shape[0]), int(shape[1]), int(shape[2]))
         self.engine._use_seed(self.seed)
+        self.engine._use_axis_order(labelmap)  # the engine may have synthesised another map since full()
         with interruptible(self.engine.synth.generator, check):
             box = self.engine.rerender_box(self.normalized, self.images, labelmap.array, changed[0], changed[1],
                                            brain, self.margin)
