@@ -116,7 +116,7 @@ def test_usage_error_is_one_line(capsys):
      "medsynth tumour new"),
 ])
 def test_an_option_a_command_lacks_names_the_command_once(argv, command, capsys):
-    """Options argparse does not know surface at the top-level parser: the line names the command, not 'medsynth' twice."""
+    """Options argparse does not know surface at the top-level parser: the line names the command, once."""
     rc, out, err = run(argv, capsys)
     assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
     assert err.startswith(f"medsynth: error: {command}: unrecognized arguments: "), err

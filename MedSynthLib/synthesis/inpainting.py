@@ -620,8 +620,8 @@ class InpaintingEngine:
         modified.  ``check`` (the preview's stop callback) is called between the stages before the network and
         stops the call by raising (the network itself is stopped between layers by the caller's hooks).
         ``moments``: a :class:`TissueMoments` of ``images`` (the preview's), the same normalisers sooner.
-        ``axis_order``: how the arrays are stored (:class:`~MedSynthLib.schema.grid.AxisOrder` of their grid; None: as the
-        network was trained, LPS).
+        ``axis_order``: how the arrays are stored (:class:`~MedSynthLib.schema.grid.AxisOrder` of their grid;
+        None: as the network was trained, LPS).
 
         Raises:
             MedSynthError: ``region`` is empty, or no grey/white matter is left to normalise against.
