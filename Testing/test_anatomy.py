@@ -204,6 +204,26 @@ def test_atlas_model_is_deterministic_across_calls(shape):
         np.testing.assert_array_equal(maps[0], other)
 
 
+@pytest.mark.parametrize("stored", ["RAS", "PIR"])
+def test_anatomy_does_not_depend_on_the_axis_order_a_case_is_stored_in(stored):
+    """The same phantom stored RAS or sagittal-first gets the same anatomy as stored LPS, voxel for voxel (on the
+    stored order 1.9 % of a real case's brain voxels changed class when it was stored RAS)."""
+    images, seg = phantom((40, 48, 44))
+    grid = _grid(seg.shape)
+    arrays = {k: v.astype(np.float32) for k, v in images.items()}
+    expected = segment_anatomy(DEFAULT_ANATOMY_MODEL, arrays, images["t1"] != 0, seg > 0, grid)
+
+    def reoriented(array: np.ndarray) -> sitk.Image:
+        return sitk.DICOMOrient(grid.image(array), stored)
+
+    other = {k: sitk.GetArrayFromImage(reoriented(v)) for k, v in arrays.items()}
+    other_grid = Grid.from_image(reoriented(seg))
+    other_seg = sitk.GetArrayFromImage(reoriented(seg))
+    result = segment_anatomy(DEFAULT_ANATOMY_MODEL, other, other["t1"] != 0, other_seg > 0, other_grid)
+    back = sitk.GetArrayFromImage(sitk.DICOMOrient(other_grid.image(result.astype(np.uint8)), "LPS"))
+    np.testing.assert_array_equal(back, expected)
+
+
 def test_atlas_model_is_the_same_in_another_process_with_other_itk_threads(tmp_path):
     import subprocess
     import sys

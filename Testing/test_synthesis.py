@@ -630,6 +630,11 @@ def test_axis_order_is_dicomorients_reorientation(stored: str) -> None:
     four = np.stack([array, -array])
     np.testing.assert_array_equal(order.to_stored(order.to_training(four)), four)
     assert order.is_identity == (stored == "LPS")
+    image.SetOrigin((3.5, -20.25, 11.0))
+    image.SetSpacing((0.9, 1.1, 1.7))
+    grid, reoriented = order.training_grid(Grid.from_image(image)), sitk.DICOMOrient(image, "LPS")
+    assert grid.size == reoriented.GetSize() and np.allclose(grid.spacing, reoriented.GetSpacing())
+    assert np.allclose(grid.origin, reoriented.GetOrigin()) and np.allclose(grid.direction, reoriented.GetDirection())
 
 
 # --- bad input for `medsynth synthesize` ----------------------------------------------------------

@@ -25,8 +25,8 @@ from ..schema.grid import Grid, LabelMap
 from ..schema.labels import SCHEMA_VERSION, Label
 from ..schema.provenance import PrivacyRecord
 
-#: Bump when the cached arrays change meaning.
-CACHE_VERSION = 2
+#: Bump when the cached arrays change meaning (3: the anatomy of a case not stored LPS is derived in LPS order).
+CACHE_VERSION = 3
 TEMPLATE_ID = "template"
 #: Brains are stored and edited cropped to their bounding box grown by this many voxels (a BraTS
 #: volume shrinks about 2.5x, and every edit with it); at least the synthesis engine's brain-box

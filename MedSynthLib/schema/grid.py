@@ -154,6 +154,24 @@ class AxisOrder:
             flips[stored] = self.flip[training]
         return (flips[0], flips[1], flips[2])
 
+    def training_grid(self, grid: Grid) -> Grid:
+        """The grid of ``to_training(array)`` for an array on ``grid``: the same voxels at the same places."""
+        if self.is_identity:
+            return grid
+        direction, spacing = grid.direction_matrix, np.asarray(grid.spacing, float)
+        size = np.asarray(grid.size)
+        first = np.zeros(3)  # stored (i, j, k) index of the training array's first voxel
+        new_direction, new_spacing, new_size = np.zeros((3, 3)), np.zeros(3), np.zeros(3, int)
+        for training, stored in enumerate(self.perm):  # array axes; index axis = 2 - array axis
+            old, new = 2 - stored, 2 - training
+            sign = -1.0 if self.flip[training] else 1.0
+            new_direction[:, new] = sign * direction[:, old]
+            new_spacing[new], new_size[new] = spacing[old], size[old]
+            first[old] = size[old] - 1 if self.flip[training] else 0
+        origin = np.asarray(grid.origin, float) + direction @ (spacing * first)
+        return Grid(tuple(int(v) for v in new_size), tuple(float(v) for v in new_spacing),  # type: ignore[arg-type]
+                    tuple(float(v) for v in origin), tuple(float(v) for v in new_direction.ravel()))  # type: ignore
+
     def to_training(self, array: np.ndarray) -> np.ndarray:
         """A view of ``array`` (its last three axes stored k, j, i) in the training order."""
         if self.is_identity:

@@ -25,7 +25,8 @@ from ..schema.grid import mask_box
 from ..schema.labels import SCHEMA_VERSION, Label, brain_mask, tumour_mask
 from ..synthesis.normalize import HealthyTissueZScore, IntensityNormalizer, Normalizer, normalizer_from_json
 
-CACHE_VERSION = 1
+#: Bump when the cached arrays change meaning (2: the anatomy of a case not stored LPS is derived in LPS order).
+CACHE_VERSION = 2
 
 
 @dataclass
