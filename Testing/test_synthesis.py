@@ -617,6 +617,18 @@ def test_synthesis_does_not_depend_on_the_axis_order_a_map_is_stored_in(engine: 
     assert AxisOrder.from_grid(other.grid).to_training(other.array).tolist() == lps.array.tolist()
 
 
+def test_axis_order_of_a_grid_whose_axes_share_a_nearest_direction_is_the_stored_one() -> None:
+    """Two index axes at 45 degrees nearest to one anatomical direction: no order to choose, the array as stored."""
+    from MedSynthLib.schema.grid import AxisOrder
+
+    c = np.sqrt(0.5)
+    # A rotation whose columns (index axes i, j, k) point P, (L+S)/sqrt2 and (L-S)/sqrt2: j and k are both
+    # nearest to L (ties go to L), no axis to S.  An order built axis by axis looked valid here: (0, 2, 1).
+    direction = np.array([[0.0, c, c], [1.0, 0.0, 0.0], [0.0, c, -c]])
+    order = AxisOrder.from_grid(Grid((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(direction.ravel())))
+    assert order.is_identity
+
+
 @pytest.mark.parametrize("stored", ["LPS", "RAS", "PIR", "SAL", "ILP"])
 def test_axis_order_is_dicomorients_reorientation(stored: str) -> None:
     """:class:`AxisOrder` permutes and reverses axes exactly as SimpleITK's DICOMOrient to LPS does, and back."""

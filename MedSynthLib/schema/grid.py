@@ -132,14 +132,13 @@ class AxisOrder:
         """The order of ``grid``'s array; an oblique grid uses each index axis' nearest anatomical axis (the
         identity where two index axes are nearest to the same one)."""
         direction = grid.direction_matrix  # columns: index axes i, j, k in LPS
-        perm, flip = [0, 1, 2], [False, False, False]
-        for axis in range(3):  # stored array axis: 0 = k, 1 = j, 2 = i
-            column = direction[:, 2 - axis]
-            physical = int(np.argmax(np.abs(column)))  # 0 = L, 1 = P, 2 = S
-            perm[2 - physical] = axis
-            flip[2 - physical] = bool(column[physical] < 0)
-        if sorted(perm) != [0, 1, 2]:
+        nearest = [int(np.argmax(np.abs(direction[:, 2 - axis]))) for axis in range(3)]  # 0 = L, 1 = P, 2 = S
+        if len(set(nearest)) != 3:
             return cls()
+        perm, flip = [0, 1, 2], [False, False, False]
+        for axis, physical in enumerate(nearest):  # stored array axis: 0 = k, 1 = j, 2 = i
+            perm[2 - physical] = axis
+            flip[2 - physical] = bool(direction[physical, 2 - axis] < 0)
         return cls((perm[0], perm[1], perm[2]), (flip[0], flip[1], flip[2]))
 
     @property
