@@ -26,6 +26,17 @@ def json_type_name(value: Any) -> str:
     return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
+def not_an_integer(value: Any) -> str | None:
+    """What is wrong with a recorded whole number such as a schema version, or None.
+
+    ``true``, ``1.0`` and ``"1"`` would pass a compare with 1, so they are named rather than accepted.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    shown = repr(value) if isinstance(value, str) else json.dumps(value)[:40]
+    return f"is not an integer (got {shown})"
+
+
 def read_json(path: str | os.PathLike[str], what: str = "JSON file", expect: type | None = dict) -> Any:
     """Read a JSON file; with ``expect``, its top level must be of that type.
 

@@ -189,7 +189,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
     for path in (config_path, weights_path):
         if not path.is_file():
             raise InputError(path, "model file missing")
-    from ..schema.jsonshape import json_type_name, read_json
+    from ..schema.jsonshape import json_type_name, not_an_integer, read_json
 
     config = read_json(config_path, "model config")
     if config.get("format") != MODEL_FORMAT:
@@ -198,9 +198,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
     if "label_schema_version" not in config:
         raise InputError(config_path, "model config: 'label_schema_version' is missing")
     schema = config["label_schema_version"]
-    if not isinstance(schema, int) or isinstance(schema, bool):  # true == 1 and "1" would pass a compare
-        shown = repr(schema) if isinstance(schema, str) else json.dumps(schema)[:40]
-        raise InputError(config_path, f"model config: 'label_schema_version' is not an integer (got {shown})")
+    problem = not_an_integer(schema)
+    if problem:
+        raise InputError(config_path, f"model config: 'label_schema_version' {problem}")
     if schema != SCHEMA_VERSION:
         raise InputError(config_path, f"model uses label schema version {schema}, this MedSynth uses "
                                       f"{SCHEMA_VERSION}: retrain or use a matching MedSynth")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..schema.errors import MedSynthError
-from ..schema.grid import LabelMap
+from ..schema.grid import AxisOrder, LabelMap
 from ..schema.labels import MODALITIES, Label, brain_mask
 from .models import ModelCard
 
@@ -76,8 +76,6 @@ class SynthesisEngine:
 
     def _use_axis_order(self, labelmap: LabelMap) -> None:
         """Run the network in its training axis order on ``labelmap``'s grid (and on the re-renders that follow)."""
-        from ..schema.grid import AxisOrder
-
         self.synth.axis_order = AxisOrder.from_grid(labelmap.grid)
 
     def _use_seed(self, seed: int) -> None:

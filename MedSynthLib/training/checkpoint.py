@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..schema.errors import InputError
+from ..schema.jsonshape import not_an_integer
 from ..schema.labels import SCHEMA_VERSION
 from ..synthesis.models import file_sha256
 from ..synthesis.networks import state_dict_unwrapped
@@ -136,10 +137,9 @@ def _check_recorded(folder: Path, meta: dict[str, Any], names: list[str], what: 
     before they were recorded carry neither and load as before)."""
     state = folder / STATE_NAME
     version = meta.get("label_schema_version")
-    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-        # true, 1.0 and "1" would pass a compare with 1; a checkpoint MedSynth wrote records the integer.
-        shown = repr(version) if isinstance(version, str) else json.dumps(version)[:40]
-        raise InputError(state, f"'label_schema_version' is not an integer (got {shown})")
+    problem = None if version is None else not_an_integer(version)
+    if problem:
+        raise InputError(state, f"'label_schema_version' {problem}")
     if version is not None and version != SCHEMA_VERSION:
         raise InputError(state, f"checkpoint uses label schema version {version}, this MedSynth uses "
                                 f"{SCHEMA_VERSION}: resume it with a matching MedSynth")
