@@ -92,6 +92,10 @@ class StudyApp:
         with self.state:
             self.state.answer = None
             self.state.confidence = None
+            # Pushed even where the server still holds no answer: the page's update for the answer
+            # just given can arrive after the Next click, and a selection left on the page would
+            # carry over to the next item (a second click on it toggles it off).
+            self.state.dirty("answer", "confidence")
             if item is None:
                 self.state.done = True
                 self.state.item_id = ""

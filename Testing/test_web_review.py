@@ -186,6 +186,32 @@ def test_study_page_state_carries_no_slice_geometry(cases, tmp_path):
         assert study.answered() >= {item.item_id}
 
 
+def test_study_clears_the_answer_on_the_page_when_its_update_is_still_in_flight(cases, tmp_path):
+    # The Next click carries the answer; the page's own state update for that answer can reach the
+    # server after the click. The server then still holds no answer, and clearing it for the next
+    # item must reach the page anyway: left selected, a reader's click on the same answer for the
+    # next item would toggle it off (seen in CI as a Next button that never enabled).
+    missing = None if find_spec("trame_slicer") else "trame_slicer not installed (pip install -e '.[web]')"
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    from MedSynthWeb.study_app import StudyApp
+
+    study = ReaderStudy.create_or_resume(tmp_path / "results", cases["real"], cases["synthetic"], seed=0,
+                                         n_per_class=2)
+    app = StudyApp(study)
+    app.state.ready()  # as once a page is connected: every change is pushed from here on
+    pushed: list[tuple] = []
+    app.state.change("answer", "confidence")(
+        lambda **state: pushed.append((sorted(app.state.modified_keys & {"answer", "confidence"}),
+                                       state["answer"], state["confidence"])))
+    first = app._current
+    app.submit(first.item_id, "synthetic", 2)
+    assert app._current.item_id != first.item_id
+    assert pushed == [(["answer", "confidence"], None, None)], pushed
+
+
 def test_study_saves_each_answer_and_resumes(cases, tmp_path):
     results = tmp_path / "results"
     study = ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=1, n_per_class=2)
