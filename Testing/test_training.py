@@ -484,6 +484,66 @@ def test_train_config_json() -> None:
     assert str(caught.value).startswith("cfg.json: ")
 
 
+def test_brain_l1_ignores_the_output_outside_the_brain() -> None:
+    from MedSynthLib.training.divergence import masked_l1
+    from MedSynthLib.training.train import loss_region, paint_into_real
+
+    rng = torch.Generator().manual_seed(3)
+    labels = torch.zeros((2, 8, 8, 8), dtype=torch.long)
+    labels[:, 2:6, 1:7, 3:8] = torch.randint(1, 7, (2, 4, 6, 5), generator=rng)
+    real = torch.rand((2, 4, 8, 8, 8), generator=rng) * 2 - 1
+    real[(labels == 0).unsqueeze(1).expand_as(real)] = -1.0
+    fake = torch.rand((2, 4, 8, 8, 8), generator=rng, requires_grad=True)
+
+    brain = loss_region("brain", labels, None)
+    assert brain.shape == (2, 1, 8, 8, 8) and torch.equal(brain[:, 0].bool(), labels > 0)
+    assert loss_region("patch", labels, None) is None
+    inpaint = (torch.rand((2, 1, 8, 8, 8), generator=rng) > 0.5).float()
+    assert loss_region("brain", labels, inpaint) is inpaint  # an inpainting run counts its region only
+
+    painted = paint_into_real(fake, real, brain)
+    outside = (labels == 0).unsqueeze(1).expand_as(real)
+    assert torch.equal(painted[outside], real[outside])  # what the discriminator sees outside the brain
+    loss = masked_l1(painted, real, brain)
+    expected = (fake - real).abs()[~outside].mean()
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert fake.grad[outside].abs().max() == 0 and fake.grad[~outside].abs().min() > 0
+
+    # Counted over the whole patch, the background's target (-1) pulls on the output there.
+    whole = masked_l1(paint_into_real(fake, real, loss_region("patch", labels, None)), real, None)
+    fake.grad = None
+    whole.backward()
+    assert fake.grad[outside].abs().min() > 0
+
+
+def test_train_counts_the_l1_in_the_brain_when_asked(brats_data: Path, tmp_path: Path, monkeypatch) -> None:
+    import MedSynthLib.training.train as train_module
+
+    seen: list[torch.Tensor | None] = []
+    original = train_module.masked_l1
+
+    def recording(prediction, real, region=None):
+        seen.append(None if region is None else region.detach().clone())
+        return original(prediction, real, region)
+
+    monkeypatch.setattr(train_module, "masked_l1", recording)
+    for l1_region in ("brain", "patch"):
+        seen.clear()
+        run = tmp_path / l1_region
+        train_here(brats_data, run, write_config(tmp_path / f"{l1_region}.json", steps=2, checkpoint_every=2,
+                                                 val_every=1000, l1_region=l1_region))
+        assert json.loads((run / "train_config.json").read_text())["config"]["l1_region"] == l1_region
+        assert len(seen) == 2
+        if l1_region == "patch":
+            assert seen == [None, None]
+        else:
+            for region in seen:  # the patch's brain: some of it, not all of it, 0/1
+                assert set(region.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(InputError, match=r"l1_region must be one of \['patch', 'brain'\], not 'skull'"):
+        TrainConfig.from_json(dict(MICRO, l1_region="skull"), "cfg.json")
+
+
 def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> None:
     """``normalization: healthy_zscore`` trains on its own cache and the model maps back with it."""
     from MedSynthLib.cases.anatomy import derive_label_map

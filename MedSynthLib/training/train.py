@@ -50,6 +50,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     lr_decay_fraction: float = 0.5  # pix2pix: constant, then linear decay to 0 over this last fraction
     lambda_l1: float = 100.0
+    # Where the L1 term counts: "patch" (every voxel, background target included) or "brain" (the label
+    # map's brain only; the background of the output is replaced by the real one before the discriminator
+    # sees it, as synthesis blanks it anyway). Counting the background pulls the brain's outermost layer
+    # towards the background value (docs/model_card.md, 'The brain's outermost voxel layer').
+    l1_region: str = "patch"
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
     # from the real images towards the standard normal that synthesis draws from.
@@ -131,6 +136,34 @@ class TrainConfig:
         return config
 
 
+#: Where the training L1 may count (``TrainConfig.l1_region``).
+L1_REGIONS = ("patch", "brain")
+
+
+def loss_region(l1_region: str, labels: torch.Tensor, inpaint_region: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, 1, ...) 0/1 mask the generator's loss counts in, or ``None`` for the whole patch.
+
+    An inpainting network is scored inside its region (which lies in the brain); a synthesis network inside
+    the label map's brain when ``l1_region`` is "brain".
+    """
+    if inpaint_region is not None:
+        return inpaint_region
+    if l1_region == "brain":
+        from ..schema.labels import brain_mask
+
+        return brain_mask(labels).unsqueeze(1).float()
+    return None
+
+
+def paint_into_real(fake: torch.Tensor, real: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+    """The generator's output where the loss counts, the real image elsewhere.
+
+    Only that region is ever used, so the discriminator judges the real image with it painted in, and
+    no loss reaches the output outside it (:func:`masked_l1` takes the mean inside).
+    """
+    return fake if counted is None else counted * fake + (1 - counted) * real
+
+
 def _check_values(config: TrainConfig, source: str) -> None:
     """Ranges of the training options (their types are checked by ``check_fields``)."""
     from ..schema.jsonshape import check_range
@@ -155,6 +188,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
                                  f"{list(config.inpaint_margin_range)}")
     if len(config.betas) != 2:
         raise InputError(source, f"betas must be two numbers, got {list(config.betas)}")
+    if config.l1_region not in L1_REGIONS:
+        raise InputError(source, f"l1_region must be one of {list(L1_REGIONS)}, not {config.l1_region!r}")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise InputError(source, f"precision must be auto, fp32, bf16 or fp16, not {config.precision!r}")
 
@@ -514,6 +549,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size)
             region = regions.sample(labels, config.seed, step, d.rank).to(dev) if inpainting else None
             labels, real = labels.to(dev), real.to(dev)
+            counted = loss_region(config.l1_region, labels, region)
             cond = one_hot(labels)
             if region is not None:
                 from ..synthesis.inpainting import inpainting_condition
@@ -529,10 +565,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                     fake, kl = g_model(cond, reference=real, noise=noise.to(dev))
                 else:
                     fake = g_model(cond)
-            if region is not None:
-                # Only the region is ever used: the discriminator judges the real image with the region
-                # painted in, and the L1 term is the mean inside the region.
-                fake = region * fake + (1 - region) * real
+            fake = paint_into_real(fake, real, counted)
             logs: dict[str, float] = {}
             if d_model is not None and opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
@@ -546,7 +579,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 scaler.step(opt_d)
                 logs["loss/discriminator"] = loss_d.item()
             opt_g.zero_grad(set_to_none=True)
-            loss_l1 = masked_l1(fake.float(), real, region)
+            loss_l1 = masked_l1(fake.float(), real, counted)
             loss_g = config.lambda_l1 * loss_l1
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
@@ -569,7 +602,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             logs["loss/l1"] = loss_l1.item()
             history = logs
             done = step + 1
-            guard.record(logs["loss/l1"], real, region)
+            guard.record(logs["loss/l1"], real, counted)
             if done % config.log_every == 0 and guard.due(done):
                 _stop_if_diverged(guard.verdict(done), run_dir, d, dev)
             if writer is not None and (done % config.log_every == 0 or done == config.steps):
