@@ -622,8 +622,9 @@ def test_a_translate_record_replayed_on_another_grid_or_tampered_is_refused():
     ({"name": "translate", "params": {"offset_ras_mm": [True, 0, 0]}}, "offset_ras_mm must be three numbers"),
     ({"name": "parametric_tumour", "params": {"rim_mm": True}}, "rim_mm must be a number"),
     ({"name": "parametric_tumour", "params": {"seed": True}}, "seed must be a non-negative integer"),
-    ({"name": "rotate", "params": {}, "schema_version": "1"}, "schema version '1' is not an integer"),
-    ({"name": "rotate", "params": {}, "schema_version": True}, "schema version True is not an integer"),
+    ({"name": "rotate", "params": {}, "schema_version": "1"}, r"schema_version is not an integer \(got '1'\)"),
+    ({"name": "rotate", "params": {}, "schema_version": True}, r"schema_version is not an integer \(got true\)"),
+    ({"name": "rotate", "params": {}, "schema_version": 1.0}, r"schema_version is not an integer \(got 1.0\)"),
 ])
 def test_a_tampered_record_is_refused_with_an_edit_error(record, message):
     """A hand-edited record never replays as something else: ``bool("false")`` is True, so a string flag would

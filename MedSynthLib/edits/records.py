@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from ..schema.errors import EditError
+from ..schema.jsonshape import not_an_integer
 from ..schema.grid import LabelMap
 from ..schema.labels import SCHEMA_VERSION
 from .base import EDITS, Edit
@@ -32,8 +33,9 @@ def edit_from_record(record: Mapping[str, Any]) -> Edit:
     if name not in EDITS:
         raise EditError(f"unknown edit {name!r} (known: {', '.join(sorted(EDITS))})")
     version = record.get("schema_version", SCHEMA_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool):  # "1" or true: an edited record
-        raise EditError(f"edit record {name!r}: schema version {version!r} is not an integer")
+    problem = not_an_integer(version)  # "1", 1.0 or true: a hand-edited record
+    if problem:
+        raise EditError(f"edit record {name!r}: schema_version {problem}")
     if version != SCHEMA_VERSION:
         raise EditError(f"edit record has label schema version {version}, this MedSynth uses {SCHEMA_VERSION}")
     cls = EDITS[name]
