@@ -303,3 +303,14 @@ def test_image_reidentification_counts_the_source_patient_as_found_only_when_nea
     table = reidentification_table({"memorisation": {"reidentification_by_image": {"by_kind": result}}})
     assert "| 'transform' | 2 | the patient whose brain it was built on | 2 | 1.00 | 0.250 | 1.0 | 0.062 |" in table
     assert "| 'template' | 1 | none (not a patient's brain) |" in table
+
+
+@pytest.mark.parametrize("partial, line", [({"complete": False}, "partial report written to OUT"),
+                                           (None, "report written to OUT")])
+def test_preview_says_whether_the_report_is_partial(monkeypatch, capsys, partial, line) -> None:
+    import MedSynthLib.study.preview as preview
+
+    monkeypatch.setattr(preview, "preview", lambda *a, **k: {"partial": partial})
+    monkeypatch.setattr("MedSynthLib.study.config.load_config", lambda name: name)
+    assert preview.main(["--data", "D", "--work", "W", "-o", "OUT", "--config", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == line

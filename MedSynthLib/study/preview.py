@@ -187,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m MedSynthLib.study.preview",
-                                     description="Partial report of an unfinished medsynth study from a COPY of its "
-                                                 "work folder (cached stages only; nothing is trained).")
+                                     description="Report of a medsynth study (partial while it runs) from a COPY of "
+                                                 "its work folder (cached stages only; nothing is trained).")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True, help="a copy of the study's work folder")
     parser.add_argument("-o", "--output", type=Path, required=True)
@@ -197,14 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        preview(args.data, args.work, args.output, load_config(args.config), extra_labels=args.extra_labels,
+        report = preview(args.data, args.work, args.output, load_config(args.config), extra_labels=args.extra_labels,
                 overwrite=args.overwrite, command=" ".join(shlex.quote(a) for a in ["python", "-m",
                                                                                    "MedSynthLib.study.preview",
                                                                                    *(argv or sys.argv[1:])]))
     except MedSynthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"partial report written to {args.output}")
+    print(f"{'partial report' if report.get('partial') else 'report'} written to {args.output}")
     return 0
 
 
