@@ -708,9 +708,18 @@ def test_find_objects_box_equals_the_projection_code():
     assert mask_box(brain, 4) == _mask_box_by_projections(brain, 4)
 
 
+# Two records of the first study report (session 6), written with the old spelling center_ras_mm.
+_OLD_SPELLING_RECORDS = [
+    {"name": "insert_tumour", "params": {"center_ras_mm": [-88.20070942950045, 99.23485072420928, 69.600798108188],
+                                         "keep_existing": False, "source": "sha256:d168bc073bc8a55d"},
+     "schema_version": 1},
+    {"name": "insert_tumour", "params": {"center_ras_mm": None, "keep_existing": False,
+                                         "source": "sha256:09940f0faac307e9"}, "schema_version": 1}]
+
+
 def test_the_shipped_study_records_still_parse():
-    """docs/study/report.json was written with the old spelling (center_ras_mm): every edit record in it
-    rebuilds its edit, which records the same parameters under the current names."""
+    """Every edit record in docs/study/report.json, and records in the old spelling (center_ras_mm), rebuild
+    their edit, which records the same parameters under the current names."""
     report = json.loads((REPO_ROOT / "docs" / "study" / "report.json").read_text())
     found = []
 
@@ -725,12 +734,12 @@ def test_the_shipped_study_records_still_parse():
                 walk(value)
 
     walk(report)
-    old = [r for r in found if "center_ras_mm" in r["params"]]
-    assert len(found) > 10 and old
-    for record in found:
+    assert len(found) > 10
+    for record in found + _OLD_SPELLING_RECORDS:
         params = edit_from_record(record).to_record()["params"]
         renamed = {EDITS[record["name"]].renamed_params.get(k, k): v for k, v in record["params"].items()}
         assert params == renamed
+    assert "center_ras_mm" not in edit_from_record(_OLD_SPELLING_RECORDS[0]).to_record()["params"]
 
 
 @pytest.mark.parametrize("offset_mm", [(6.0, -4.0, 3.0), (0.0, 0.0, -40.0), (90.0, 0.0, 0.0), (2.0, 2.0, 2.0)])
