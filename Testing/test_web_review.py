@@ -162,9 +162,8 @@ def test_plan_refuses_cases_on_other_grids(cases, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_study_page_state_carries_no_slice_geometry(cases, tmp_path):
-    # The page's state is what any reader can read (browser dev tools, the websocket): it must hold
-    # the item id and the form, not the slice position, the grid's slice range or its spacing.
+def _study_app(cases, tmp_path):
+    """A reader study of two items per class and its page app (no browser); skipped without trame_slicer."""
     missing = None if find_spec("trame_slicer") else "trame_slicer not installed (pip install -e '.[web]')"
     if missing:
         if os.environ.get("CI", "").lower() == "true":
@@ -174,7 +173,13 @@ def test_study_page_state_carries_no_slice_geometry(cases, tmp_path):
 
     study = ReaderStudy.create_or_resume(tmp_path / "results", cases["real"], cases["synthetic"], seed=0,
                                          n_per_class=2)
-    app = StudyApp(study)
+    return study, StudyApp(study)
+
+
+def test_study_page_state_carries_no_slice_geometry(cases, tmp_path):
+    # The page's state is what any reader can read (browser dev tools, the websocket): it must hold
+    # the item id and the form, not the slice position, the grid's slice range or its spacing.
+    study, app = _study_app(cases, tmp_path)
     expected = sorted(["item_id", "position", "total", "answer", "confidence", "done", "status",
                        "Study_active_view_cursor"])
     for _ in range(2):  # the first item, and the next one after an answer
@@ -191,16 +196,7 @@ def test_study_clears_the_answer_on_the_page_when_its_update_is_still_in_flight(
     # server after the click. The server then still holds no answer, and clearing it for the next
     # item must reach the page anyway: left selected, a reader's click on the same answer for the
     # next item would toggle it off (seen in CI as a Next button that never enabled).
-    missing = None if find_spec("trame_slicer") else "trame_slicer not installed (pip install -e '.[web]')"
-    if missing:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(missing)
-        pytest.skip(missing)
-    from MedSynthWeb.study_app import StudyApp
-
-    study = ReaderStudy.create_or_resume(tmp_path / "results", cases["real"], cases["synthetic"], seed=0,
-                                         n_per_class=2)
-    app = StudyApp(study)
+    study, app = _study_app(cases, tmp_path)
     app.state.ready()  # as once a page is connected: every change is pushed from here on
     pushed: list[tuple] = []
     app.state.change("answer", "confidence")(
