@@ -197,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        report = preview(args.data, args.work, args.output, load_config(args.config), extra_labels=args.extra_labels,
-                overwrite=args.overwrite, command=" ".join(shlex.quote(a) for a in ["python", "-m",
-                                                                                   "MedSynthLib.study.preview",
-                                                                                   *(argv or sys.argv[1:])]))
+        command = " ".join(shlex.quote(a) for a in ["python", "-m", "MedSynthLib.study.preview",
+                                                    *(argv or sys.argv[1:])])
+        report = preview(args.data, args.work, args.output, load_config(args.config),
+                         extra_labels=args.extra_labels, overwrite=args.overwrite, command=command)
     except MedSynthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..schema.errors import InputError, MedSynthError
+from ..schema.labels import brain_mask, tumour_mask
 from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
@@ -149,8 +150,6 @@ def loss_region(l1_region: str, labels: torch.Tensor, inpaint_region: torch.Tens
     if inpaint_region is not None:
         return inpaint_region
     if l1_region == "brain":
-        from ..schema.labels import brain_mask
-
         return brain_mask(labels).unsqueeze(1).float()
     return None
 
@@ -800,7 +799,6 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
              detailed: bool = False) -> dict[str, Any]:
     """Synthesise each held-out case from its label map; fidelity metrics and a montage PNG."""
     from ..evaluation.metrics import fidelity
-    from ..schema.labels import brain_mask, tumour_mask
     from ..synthesis.inference import Synthesizer
 
     if network.kind == "inpainting":
@@ -857,7 +855,6 @@ def validate_inpainting(generator: nn.Module, network: NetworkConfig, volumes: l
     """Blank each held-out case's tumour grown by 8 mm, inpaint it from its label map, score inside the region."""
     from ..evaluation.metrics import fidelity
     from ..schema.grid import mask_box
-    from ..schema.labels import brain_mask, tumour_mask
     from ..synthesis.inference import Synthesizer
     from ..synthesis.inpainting import CONTEXT_VOXELS, _ball_growth, inpainting_condition
 
