@@ -486,6 +486,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .training.data import find_case_folders, write_prepared_set
+    from .training.train import TrainConfig
+
+    config = TrainConfig.from_json(_read_json(args.config), str(args.config)) if args.config else TrainConfig()
+    from .schema.volume_io import check_writable
+
+    check_writable([args.output], args.overwrite, inputs=args.data)
+    folders = [f for root in args.data for f in find_case_folders(root)]
+    command = "medsynth " + " ".join(sys.argv[1:])
+    out = write_prepared_set(folders, args.output, config.normalization, cache_dir=args.cache,
+                             overwrite=args.overwrite, command=command, progress=True)
+    print(f"{out}: prepared training set of {len(folders)} cases written ({config.normalization})")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .study.run import load_config, run_study
 
@@ -929,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the label-map -> MRI GAN (torchrun for several GPUs or nodes)")
     p.add_argument("--data", required=True, type=Path, nargs="+",
-                   help="folder(s) of case folders (any supported convention)")
+                   help="folder(s) of case folders (any supported convention), or prepared sets (medsynth prepare)")
     p.add_argument("-o", "--output", required=True, type=Path, help="run folder (checkpoints, logs, model/)")
     p.add_argument("--config", type=Path, help="training configuration JSON (see Resources/configs)")
     p.add_argument("--steps", type=_positive_int, help="override the number of steps (with --resume: change the run's length)")
@@ -943,6 +959,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="cross-validation: hold out fold K of the config's cv_folds")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="prepare training cases once (label maps, normalised images) into a set "
+                                       "`medsynth train --data` takes on a machine without the scans")
+    p.add_argument("--data", required=True, type=Path, nargs="+", help="folder(s) of case folders")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the prepared set's folder")
+    p.add_argument("--config", type=Path, help="the training configuration it is for (its normalisation)")
+    p.add_argument("--cache", type=Path, help="folder of prepared cases shared with `medsynth train --cache`")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("study", help="the experiments of Shin et al. 2018 on your data: segmentation with real / "
                                      "synthetic data, synthesis fidelity, memorisation check, one report",

@@ -33,7 +33,8 @@ from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
 from .divergence import DivergenceGuard, masked_l1
-from .data import PatchSampler, RegionSampler, TrainingVolume, data_summary, find_case_folders, prepare_volume
+from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, data_summary, find_case_sources,
+                   prepare_volume)
 
 if TYPE_CHECKING:
     from ..synthesis.models import ModelCard
@@ -438,21 +439,19 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
 
     roots = list(data) if isinstance(data, (list, tuple)) else [data]
     data_label = " ".join(str(root) for root in roots)
-    folders = [f for root in roots for f in find_case_folders(root)]
-    seen: dict[str, Path] = {}
-    for folder in folders:
-        if folder.name in seen and seen[folder.name] != folder:
-            raise InputError(folder, f"two case folders are named {folder.name} ({seen[folder.name]})")
-        seen[folder.name] = folder
-    folders = list(dict.fromkeys(folders))
+    sources: dict[str, CaseSource] = {}
+    for source in (s for root in roots for s in find_case_sources(root, config.normalization)):
+        if source.name in sources and sources[source.name] != source:
+            raise InputError(source.origin, f"two cases are named {source.name} ({sources[source.name].origin})")
+        sources[source.name] = source
     val_names = set(config.val_cases)
-    unknown = val_names - {f.name for f in folders}
+    unknown = val_names - set(sources)
     if unknown:
         raise InputError(data_label, f"validation cases {sorted(unknown)} are not among the case folders")
-    train_folders = [f for f in folders if f.name not in val_names]
-    if not train_folders:
+    train_sources = [s for name, s in sources.items() if name not in val_names]
+    if not train_sources:
         raise InputError(data_label, "no training cases left after holding out the validation cases")
-    fingerprint = _data_fingerprint(folders)
+    fingerprint = _data_fingerprint(list(sources.values()))
     if resume:
         _check_same_data(recorded.get("data"), fingerprint, config_path, d.main)
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
@@ -464,10 +463,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                         "data": {"case_sha256": fingerprint}}, config_path, overwrite=unstarted)
     _barrier(d)
     try:
-        volumes = [prepare_volume(f, cache, config.normalization, fingerprint[f.name])
-                   for f in _progress_iter(train_folders, "prepare", d.main and progress)]
-        val_volumes = [prepare_volume(f, cache, config.normalization, fingerprint[f.name])
-                       for f in folders if f.name in val_names]
+        volumes = [_load_volume(s, cache, config.normalization, fingerprint[s.name])
+                   for s in _progress_iter(train_sources, "prepare", d.main and progress)]
+        val_volumes = [_load_volume(s, cache, config.normalization, fingerprint[s.name])
+                       for name, s in sources.items() if name in val_names]
     except MedSynthError:
         if created and d.main:  # bad data: leave no run folder behind (this run made it)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -545,9 +544,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     started = time.perf_counter()
     try:
         for step in range(start, config.steps):
-            labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size)
-            region = regions.sample(labels, config.seed, step, d.rank).to(dev) if inpainting else None
-            labels, real = labels.to(dev), real.to(dev)
+            labels, real = sampler.sample(volumes, config.seed, step, d.rank, config.batch_size, dev)
+            region = regions.sample(labels.cpu(), config.seed, step, d.rank).to(dev) if inpainting else None
             counted = loss_region(config.l1_region, labels, region)
             cond = one_hot(labels)
             if region is not None:
@@ -714,11 +712,18 @@ def _recorded_init(recorded: dict[str, Any], source: Path) -> dict[str, Any] | N
     return init
 
 
-def _data_fingerprint(folders: list[Path]) -> dict[str, str]:
-    """Each case folder's name and the content sha256 the model record keeps for it."""
+def _data_fingerprint(sources: list[CaseSource]) -> dict[str, str]:
+    """Each case's name and the content sha256 the model record keeps for it (a prepared set records it)."""
     from .data import case_key
 
-    return {folder.name: case_key(folder) for folder in folders}
+    return {s.name: s.key if s.key is not None else case_key(s.folder) for s in sources}  # type: ignore[arg-type]
+
+
+def _load_volume(source: CaseSource, cache: Path, normalization: str, key: str) -> TrainingVolume:
+    """A case's training volume: from its prepared set, or prepared from its folder (through ``cache``)."""
+    if source.prepared is not None:
+        return prepare_volume(source.origin, source.prepared, normalization, key)
+    return prepare_volume(source.folder, cache, normalization, key)  # type: ignore[arg-type]
 
 
 def _check_same_data(recorded: Any, current: dict[str, str], source: Path, notice: bool) -> None:
