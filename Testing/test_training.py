@@ -544,6 +544,32 @@ def test_train_counts_the_l1_in_the_brain_when_asked(brats_data: Path, tmp_path:
         TrainConfig.from_json(dict(MICRO, l1_region="skull"), "cfg.json")
 
 
+def test_the_last_step_validates_the_held_out_cases_once(brats_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """The end of a run synthesised every held-out case twice (the step's validation, then the model record's):
+    on a GPU machine the second pass of nine whole brains outlasted the time left for it."""
+    import MedSynthLib.training.train as train_module
+
+    calls: list[tuple[int, bool, bool]] = []
+    original = train_module.validate
+
+    def counting(generator, network, volumes, device, precision, run_dir, step, montage=True, detailed=False):
+        calls.append((step, montage, detailed))
+        return original(generator, network, volumes, device, precision, run_dir, step, montage, detailed)
+
+    monkeypatch.setattr(train_module, "validate", counting)
+    run = tmp_path / "run"
+    train_here(brats_data, run, write_config(tmp_path / "micro.json", steps=4, checkpoint_every=2, val_every=2))
+    assert calls == [(2, True, False), (4, True, True)]
+    assert sorted(p.name for p in (run / "montages").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
+    record = json.loads((run / "model" / "config.json").read_text())["validation"]
+    assert record["per_case"] and {"brain_ssim", "brain_psnr"} <= set(record)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/brain_ssim")] == [2, 4]
+
+
 def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> None:
     """``normalization: healthy_zscore`` trains on its own cache and the model maps back with it."""
     from MedSynthLib.cases.anatomy import derive_label_map

@@ -540,6 +540,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     bar = _bar(config.steps, start, d.main and progress)
     guard = DivergenceGuard(config.steps, start, config.divergence_window)
     history: dict[str, float] = {}
+    final_metrics: dict[str, Any] | None = None
     step = start
     started = time.perf_counter()
     try:
@@ -616,10 +617,15 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                                     elapsed_before + time.perf_counter() - started)
                 _barrier(d)
             if d.main and val_volumes and (done % config.val_every == 0 or done == config.steps):
-                metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, done)
+                # The last step's validation is the model record's (per case): the held-out cases once.
+                metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, done,
+                                   detailed=done == config.steps)
+                if done == config.steps:
+                    final_metrics = metrics
                 if writer is not None:
                     for key, value in metrics.items():
-                        writer.add_scalar(f"val/{key}", value, done)
+                        if isinstance(value, float):
+                            writer.add_scalar(f"val/{key}", value, done)
     except KeyboardInterrupt:
         if d.main:
             print(_interrupted_message(run_dir, config.steps), file=sys.stderr)
@@ -631,8 +637,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             writer.close()
     model_dir = run_dir / "model"
     if d.main:
-        val_metrics = (validate(generator, config.network, val_volumes, dev, precision, run_dir, config.steps,
-                                montage=False, detailed=True) if val_volumes else {})
+        if final_metrics is None and val_volumes:  # a resume of a run stopped after its last step
+            final_metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, config.steps,
+                                     montage=False, detailed=True)
+        val_metrics = final_metrics or {}
         commands = [recorded.get("command", command) if resume else command]
         commands += [change["command"] for change in recorded.get("length_changes", [])
                      if change.get("command") and change["command"] not in commands]
@@ -819,7 +827,7 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
         scores = {m: fidelity(volume.images[c].astype(np.float32), pred[c], brain, regions)
                   for c, m in enumerate(network.modalities)}
         per_case.append(scores)
-        if montage:
+        if montage and volume is volumes[0]:  # one montage per validation: the first held-out case
             from ..schema.grid import Grid
             from ..synthesis.render import render_montage
 
