@@ -137,14 +137,14 @@ def write_prepared_set(folders: list[Path], output: Path, normalization: str, *,
                        overwrite: bool = False, command: str = "", progress: bool = False) -> Path:
     """Prepare case folders once into ``output``, a set ``medsynth train --data`` takes without the scans.
 
-    The volumes are what training reads (label map derived, images normalised and cropped), so the set
-    holds no scanner intensities outside the normalisation's recorded statistics, but it is still patient
-    data: it travels under the same rules as the scans.
+    The volumes are what training reads (label map derived, images normalised and cropped to the brain):
+    patients' images, rescaled and clipped, so a set is patient data and travels under the same rules as the scans.
     """
     import shutil
 
-    from ..schema.volume_io import atomic_directory, write_json
     from tqdm import tqdm
+
+    from ..schema.volume_io import atomic_directory, write_json
 
     names: dict[str, Path] = {}
     for folder in folders:
