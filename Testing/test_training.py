@@ -636,6 +636,23 @@ def test_patch_sampler_is_a_function_of_seed_step_rank(brats_data: Path) -> None
     assert not torch.equal(images, other[1])
 
 
+def test_patch_sampler_augments_on_the_device_it_is_given(brats_data: Path) -> None:
+    """On a GPU the crop's resampling runs there: every tensor of the augmentation follows the device.
+
+    The meta device stands for a GPU: an operation mixing a CPU tensor into it raises, as CUDA does.
+    """
+    from MedSynthLib.training.data import PatchSampler, find_case_folders, prepare_volume
+
+    volumes = [prepare_volume(find_case_folders(brats_data)[0], None)]
+    sampler = PatchSampler(16)
+    labels, images = sampler.sample(volumes, 3, 7, 0, 2, torch.device("meta"))
+    assert labels.device.type == images.device.type == "meta"
+    assert labels.shape == (2, 16, 16, 16) and images.shape == (2, 4, 16, 16, 16)
+    on_cpu = sampler.sample(volumes, 3, 7, 0, 2, "cpu")
+    default = sampler.sample(volumes, 3, 7, 0, 2)
+    assert torch.equal(on_cpu[0], default[0]) and torch.equal(on_cpu[1], default[1])
+
+
 # --- fine-tuning from a model ---------------------------------------------------------------------
 
 
