@@ -487,12 +487,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .schema.volume_io import check_writable
     from .training.data import find_case_folders, write_prepared_set
     from .training.train import TrainConfig
 
     config = TrainConfig.from_json(_read_json(args.config), str(args.config)) if args.config else TrainConfig()
-    from .schema.volume_io import check_writable
-
     check_writable([args.output], args.overwrite, inputs=args.data)
     folders = [f for root in args.data for f in find_case_folders(root)]
     command = "medsynth " + " ".join(sys.argv[1:])
