@@ -121,6 +121,16 @@ def read_prepared_set(root: Path) -> tuple[str, list[CaseSource]]:
     return normalization, sources
 
 
+def cases_by_name(sources: list[CaseSource]) -> dict[str, CaseSource]:
+    """The cases keyed by name (a case named twice with the same origin counts once; two origins are refused)."""
+    by_name: dict[str, CaseSource] = {}
+    for source in sources:
+        if source.name in by_name and by_name[source.name] != source:
+            raise InputError(source.origin, f"two cases are named {source.name} ({by_name[source.name].origin})")
+        by_name[source.name] = source
+    return by_name
+
+
 def find_case_sources(data: str | os.PathLike[str], normalization: str) -> list[CaseSource]:
     """The training cases under ``data``: a prepared set's (of this normalisation), or its case folders."""
     root = Path(data)
@@ -146,18 +156,17 @@ def write_prepared_set(folders: list[Path], output: Path, normalization: str, *,
 
     from ..schema.volume_io import atomic_directory, write_json
 
-    names: dict[str, Path] = {}
-    for folder in folders:
-        if folder.name in names and names[folder.name] != folder:
-            raise InputError(folder, f"two case folders are named {folder.name} ({names[folder.name]})")
-        names[folder.name] = folder
+    sources = cases_by_name([CaseSource(folder.name, folder=folder) for folder in folders])
     cases: dict[str, str] = {}
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        for name, folder in tqdm(names.items(), desc="prepare", disable=not progress or None, leave=False):
-            key = case_key(folder)
+        for name, source in tqdm(sources.items(), desc="prepare", disable=not progress or None, leave=False):
+            key = case_key(source.folder)  # type: ignore[arg-type]
             file_name = volume_file_name(key, normalization)
-            prepare_volume(folder, cache_dir if cache_dir is not None else tmp, normalization, key)
-            if cache_dir is not None:
+            if cache_dir is None:
+                prepare_volume(source.folder, tmp, normalization, key)  # type: ignore[arg-type]
+            else:
+                if not (Path(cache_dir) / file_name).is_file():  # a cached volume is copied, not loaded
+                    prepare_volume(source.folder, cache_dir, normalization, key)  # type: ignore[arg-type]
                 shutil.copyfile(Path(cache_dir) / file_name, tmp / file_name)
             cases[name] = key
         write_json({"format": PREPARED_SET_FORMAT, "version": PREPARED_SET_VERSION, "cache_version": CACHE_VERSION,

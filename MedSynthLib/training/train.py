@@ -33,8 +33,8 @@ from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
 from .divergence import DivergenceGuard, masked_l1
-from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, data_summary, find_case_sources,
-                   prepare_volume)
+from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, cases_by_name, data_summary,
+                   find_case_sources, prepare_volume)
 
 if TYPE_CHECKING:
     from ..synthesis.models import ModelCard
@@ -439,11 +439,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
 
     roots = list(data) if isinstance(data, (list, tuple)) else [data]
     data_label = " ".join(str(root) for root in roots)
-    sources: dict[str, CaseSource] = {}
-    for source in (s for root in roots for s in find_case_sources(root, config.normalization)):
-        if source.name in sources and sources[source.name] != source:
-            raise InputError(source.origin, f"two cases are named {source.name} ({sources[source.name].origin})")
-        sources[source.name] = source
+    sources = cases_by_name([s for root in roots for s in find_case_sources(root, config.normalization)])
     val_names = set(config.val_cases)
     unknown = val_names - set(sources)
     if unknown:
