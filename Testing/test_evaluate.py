@@ -94,3 +94,35 @@ def test_evaluate_reports_progress_once_per_case_in_order(tmp_path: Path) -> Non
 
     report = evaluate(engine, folders, labels_for, progress=steps.append)
     assert steps == [f.name for f in folders] == [c["case"] for c in report["cases"]]
+
+
+def test_evaluate_shares_the_model_free_baselines_between_models(tmp_path: Path) -> None:
+    """Scoring a second model on the same cases reuses the class means and every case's baseline scores
+    (they do not depend on the model): the reference cases are not read again, and the report is the one
+    an unshared call gives."""
+    folders = [write_phantom_case(tmp_path, seed) for seed in range(3)]
+    reads: list[str] = []
+
+    def reader(folder: Path):
+        reads.append(folder.name)
+        return read_case(folder, require_segmentation=True)
+
+    def scorer(engine: _Engine):
+        def labels_for(folder: Path) -> np.ndarray:
+            engine.current = {m: v.astype(np.float32) for m, v in read_case(folder).images.items()}
+            return _labels_for(folder)
+        return labels_for
+
+    shared: dict = {}
+    first, second = _Engine(0.0), _Engine(150.0)
+    evaluate(first, folders[:1], scorer(first), reference_dirs=folders[1:], reader=reader, shared=shared)
+    reads.clear()
+    with_shared = evaluate(second, folders[:1], scorer(second), reference_dirs=folders[1:], reader=reader,
+                           shared=shared)
+    assert reads == [folders[0].name]  # only the held-out case; the class means were kept
+    alone = evaluate(second, folders[:1], scorer(second), reference_dirs=folders[1:])
+    assert with_shared == alone
+    assert with_shared["summary"]["model"]["brain_ssim"] < 0.9  # the second model's own score, not the first's
+
+    with pytest.raises(ValueError, match="reference cases"):
+        evaluate(second, folders[:1], scorer(second), reference_dirs=folders[2:], shared=shared)

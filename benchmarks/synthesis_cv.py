@@ -134,11 +134,12 @@ def main() -> int:
                               "training_cases": [f.name for f in train], "machine": platform.machine(),
                               "models": {}}
     engines = []
+    shared: dict[str, Any] = {}  # the class-mean baselines, scored once for all models
     for name in args.models:
         model = resolve_model(name)
         engine = SynthesisEngine(model, "cpu", "auto")
         start = time.time()
-        result = evaluate(engine, test, labels_for, train, reader=read)
+        result = evaluate(engine, test, labels_for, train, reader=read, shared=shared)
         result["seconds"] = time.time() - start
         label = Path(name).parent.name if Path(name).name == "model" else model.name
         report["models"][label] = result

@@ -74,10 +74,23 @@ def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return out
 
 
+def _baseline_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray,
+                     regions: dict[str, np.ndarray], means: dict[str, dict[int, float]] | None) -> dict[str, Any]:
+    """Fidelity of painting each class with its mean: the case's own (oracle) and the reference cases' ones."""
+    out = {"class_mean_oracle": {m: fidelity(images[m], class_mean_baseline(labels, images[m], brain), brain, regions)
+                                 for m in MODALITIES}}
+    if means is not None:
+        out["class_mean_training"] = {
+            m: fidelity(images[m], class_mean_baseline(labels, images[m], brain, means[m]), brain, regions)
+            for m in MODALITIES}
+    return out
+
+
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
              reference_dirs: list[Path] | None = None,
              reader: Callable[[Path], Any] | None = None,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[str], None] | None = None,
+             shared: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fidelity of ``engine`` (a :class:`~MedSynthLib.synthesis.synthesize.SynthesisEngine`) on ``case_dirs``.
 
     Args:
@@ -89,11 +102,24 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         reader: folder -> the read case (with its segmentation), e.g. a cached reader when several
             models are scored on the same cases; ``read_case`` by default.
         progress: called with each case's name once it is scored (a progress bar's step).
+        shared: a dict the caller keeps while scoring several models on the same cases: the class
+            means and each case's baseline scores, which do not depend on the model, are computed by
+            the first call and reused by the next (a second model costs its synthesis and scoring only).
+
+    Raises:
+        ValueError: ``shared`` was filled with other reference cases.
     """
     from ..schema.grid import LabelMap
 
     read = reader if reader is not None else (lambda folder: read_case(folder, require_segmentation=True))
-    means = class_means(reference_dirs, labels_for, reader) if reference_dirs else None
+    store = shared if shared is not None else {}
+    references = [str(folder) for folder in reference_dirs or []]
+    if store.setdefault("reference_dirs", references) != references:
+        raise ValueError("evaluate: the shared baselines were computed with other reference cases")
+    if reference_dirs and "class_means" not in store:
+        store["class_means"] = class_means(reference_dirs, labels_for, reader)
+    means = store.get("class_means")
+    baselines: dict[str, dict[str, Any]] = store.setdefault("baselines", {})
     results: dict[str, Any] = {"cases": [], "model": {"name": engine.model.name, "sha256": engine.model.sha256}}
     model_scores, oracle_scores, mean_scores = [], [], []
     for folder in case_dirs:
@@ -103,8 +129,9 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         brain = real_brain_mask(case.images)
         regions = {"tumour": tumour_mask(labels)}
         model_case = {m: fidelity(case.images[m], result.images[m], brain, regions) for m in MODALITIES}
-        oracle_case = {m: fidelity(case.images[m], class_mean_baseline(labels, case.images[m], brain), brain, regions)
-                       for m in MODALITIES}
+        if str(folder) not in baselines:
+            baselines[str(folder)] = _baseline_scores(case.images, labels, brain, regions, means)
+        oracle_case = baselines[str(folder)]["class_mean_oracle"]
         model_scores.append(model_case)
         oracle_scores.append(oracle_case)
         entry = {"case": folder.name, "model": model_case, "class_mean_oracle": oracle_case,
@@ -113,8 +140,7 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
                  "checkerboard_ratio": {m: checkerboard_ratio(case.images[m], result.images[m], brain)
                                         for m in MODALITIES}}
         if means is not None:
-            mean_case = {m: fidelity(case.images[m], class_mean_baseline(labels, case.images[m], brain, means[m]),
-                                     brain, regions) for m in MODALITIES}
+            mean_case = baselines[str(folder)]["class_mean_training"]
             mean_scores.append(mean_case)
             entry["class_mean_training"] = mean_case
         results["cases"].append(entry)
