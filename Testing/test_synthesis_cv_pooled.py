@@ -54,3 +54,23 @@ def test_a_case_held_out_twice_or_a_missing_label_is_refused(tmp_path: Path) -> 
         pooled.pool([(a, "m0"), (b, "m1")])
     with pytest.raises(SystemExit, match="no model 'other'"):
         pooled.pool([(a, "other")])
+
+
+def test_a_recipe_is_compared_with_another_case_by_case(tmp_path: Path) -> None:
+    """Two pooled recipes on the same held-out cases: per metric the paired difference, wins and losses and
+    the exact sign-flip p; cases that are not the same in both are refused."""
+    names = [f"case{i}" for i in range(6)]
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
+    ours = pooled.pool([(_report(tmp_path / "a", 0, "a", {n: 0.30 + 0.01 * i for i, n in enumerate(names)}), "a")])
+    theirs = pooled.pool([(_report(tmp_path / "b", 0, "b", {n: 0.30 for n in names}), "b")])
+    result = pooled.compare(ours, theirs)
+    ssim = result["brain_ssim"]
+    assert ssim["n"] == 6 and ssim["wins"] == 5 and ssim["losses"] == 0  # case0 ties
+    assert ssim["mean_difference"] == pytest.approx(0.025)
+    # As extreme as observed: the five non-zero differences all of one sign (2 ways, times 2 for the tie's sign).
+    assert ssim["p"] == pytest.approx(4 / 64)
+    assert "5 better, 0 worse" in pooled.comparison_markdown("ours", "theirs", result)
+    other_cases = pooled.pool([(_report(tmp_path / "c", 0, "c", {"case0": 0.3, "case9": 0.3}), "c")])
+    with pytest.raises(SystemExit, match="not the same held-out cases"):
+        pooled.compare(ours, other_cases)

@@ -10,6 +10,9 @@ Usage (from the repository root; ``REPORT=LABEL``: a fold's report.json and the 
         docs/synthesis_cv/fold0_step6000/report.json=spade64_f0 \\
         docs/synthesis_cv/fold1_step6000/report.json=spade64_f1 \\
         docs/synthesis_cv/fold2_step6000/report.json=spade64_f2 -o docs/synthesis_cv/pooled
+
+``--against OTHER/pooled.json`` adds the case-by-case comparison with another recipe pooled over the same
+cases (mean paired difference, cases better and worse, exact sign-flip p).
 """
 
 from __future__ import annotations
@@ -78,6 +81,35 @@ def pool(folds: list[tuple[Path, str]]) -> dict[str, Any]:
             "checkerboard_median": {m: float(np.median(v)) for m, v in checkerboard.items()}}
 
 
+COMPARED = (("brain_ssim", "brain SSIM", 3), ("brain_psnr", "brain PSNR (dB)", 2), ("tumour_ssim", "tumour SSIM", 3))
+
+
+def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Our model minus theirs, case by case (both pooled over the same held-out cases): per metric the mean
+    paired difference, wins and losses, and the exact sign-flip p (``MedSynthLib.study.statistics``)."""
+    from MedSynthLib.study.statistics import paired_comparison
+
+    if set(ours["cases"]) != set(theirs["cases"]):
+        raise SystemExit("the two recipes were scored on not the same held-out cases: "
+                         f"{sorted(set(ours['cases']) ^ set(theirs['cases']))}")
+    names = sorted(ours["cases"])
+    return {metric: paired_comparison([ours["cases"][n]["model"][metric] for n in names],
+                                      [theirs["cases"][n]["model"][metric] for n in names])
+            for metric, _, _ in COMPARED if all(metric in ours["cases"][n]["model"] for n in names)}
+
+
+def comparison_markdown(ours: str, theirs: str, result: dict[str, dict[str, Any]]) -> str:
+    lines = [f"## {ours} minus {theirs}, case by case", "",
+             "| metric | mean difference | SD | cases better, worse | sign-flip p |", "|---|---|---|---|---|"]
+    for metric, title, digits in COMPARED:
+        if metric in result:
+            c = result[metric]
+            kind = "exact" if c["p_exact"] else "Monte Carlo"
+            lines.append(f"| {title} | {c['mean_difference']:+.{digits}f} | {c['sd_difference']:.{digits}f} | "
+                         f"{c['wins']} better, {c['losses']} worse (of {c['n']}) | {c['p']:.2g} ({kind}) |")
+    return "\n".join(lines) + "\n"
+
+
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for row in rows for k in row})
     return {k: float(np.mean([row[k] for row in rows if k in row])) for k in keys}
@@ -119,6 +151,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", help="REPORT.json=LABEL, one per fold")
     parser.add_argument("--name", required=True, help="the recipe's name in the table's title")
+    parser.add_argument("--against", type=Path, help="another recipe's pooled.json on the same cases: adds the "
+                        "case-by-case comparison with it")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
     folds = []
@@ -128,10 +162,16 @@ def main() -> int:
             parser.error(f"{item}: give REPORT.json=LABEL with an existing report")
         folds.append((Path(path), label))
     result = pool(folds)
+    other = json.loads(args.against.read_text()) if args.against else None
+    if other is not None:
+        result["against"] = {"pooled": str(args.against), "name": other["name"], **compare(result, other)}
     command = shlex.join(["python", "benchmarks/synthesis_cv_pooled.py", *sys.argv[1:]])
     args.output.mkdir(parents=True, exist_ok=True)
     write_json({"command": command, "name": args.name, **result}, args.output / "pooled.json", overwrite=True)
     text = markdown(args.name, result, command)
+    if other is not None:
+        comparison = {k: v for k, v in result["against"].items() if k not in ("pooled", "name")}
+        text += "\n" + comparison_markdown(args.name, other["name"], comparison)
     (args.output / "pooled.md").write_text(text)
     print(text)
     return 0
