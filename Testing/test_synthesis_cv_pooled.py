@@ -72,5 +72,5 @@ def test_a_recipe_is_compared_with_another_case_by_case(tmp_path: Path) -> None:
     assert ssim["p"] == pytest.approx(4 / 64)
     assert "5 better, 0 worse" in pooled.comparison_markdown("ours", "theirs", result)
     other_cases = pooled.pool([(_report(tmp_path / "c", 0, "c", {"case0": 0.3, "case9": 0.3}), "c")])
-    with pytest.raises(SystemExit, match="not the same held-out cases"):
+    with pytest.raises(SystemExit, match="not scored on the same held-out cases"):
         pooled.compare(ours, other_cases)

@@ -90,7 +90,7 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, dict[str,
     from MedSynthLib.study.statistics import paired_comparison
 
     if set(ours["cases"]) != set(theirs["cases"]):
-        raise SystemExit("the two recipes were scored on not the same held-out cases: "
+        raise SystemExit("the two recipes were not scored on the same held-out cases: "
                          f"{sorted(set(ours['cases']) ^ set(theirs['cases']))}")
     names = sorted(ours["cases"])
     return {metric: paired_comparison([ours["cases"][n]["model"][metric] for n in names],
@@ -162,16 +162,17 @@ def main() -> int:
             parser.error(f"{item}: give REPORT.json=LABEL with an existing report")
         folds.append((Path(path), label))
     result = pool(folds)
+    if args.against is not None and not args.against.is_file():
+        parser.error(f"--against {args.against}: no such pooled.json")
     other = json.loads(args.against.read_text()) if args.against else None
     if other is not None:
-        result["against"] = {"pooled": str(args.against), "name": other["name"], **compare(result, other)}
+        result["against"] = {"pooled": str(args.against), "name": other["name"], "comparison": compare(result, other)}
     command = shlex.join(["python", "benchmarks/synthesis_cv_pooled.py", *sys.argv[1:]])
     args.output.mkdir(parents=True, exist_ok=True)
     write_json({"command": command, "name": args.name, **result}, args.output / "pooled.json", overwrite=True)
     text = markdown(args.name, result, command)
     if other is not None:
-        comparison = {k: v for k, v in result["against"].items() if k not in ("pooled", "name")}
-        text += "\n" + comparison_markdown(args.name, other["name"], comparison)
+        text += "\n" + comparison_markdown(args.name, other["name"], result["against"]["comparison"])
     (args.output / "pooled.md").write_text(text)
     print(text)
     return 0
