@@ -74,10 +74,12 @@ def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _baseline_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray,
-                     regions: dict[str, np.ndarray], means: dict[str, dict[int, float]] | None) -> dict[str, Any]:
-    """Fidelity of painting each class with its mean: the case's own (oracle) and the reference cases' ones."""
-    out = {"class_mean_oracle": {m: fidelity(images[m], class_mean_baseline(labels, images[m], brain), brain, regions)
+def _model_free_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray,
+                       regions: dict[str, np.ndarray], means: dict[str, dict[int, float]] | None) -> dict[str, Any]:
+    """What a case scores without any model: the contrast rules on its real images, and the fidelity of painting
+    each class with its mean (the case's own, the oracle, and the reference cases')."""
+    out = {"real_contrast_rules": check_contrast_rules(images, labels, brain),
+           "class_mean_oracle": {m: fidelity(images[m], class_mean_baseline(labels, images[m], brain), brain, regions)
                                  for m in MODALITIES}}
     if means is not None:
         out["class_mean_training"] = {
@@ -103,8 +105,9 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             models are scored on the same cases; ``read_case`` by default.
         progress: called with each case's name once it is scored (a progress bar's step).
         shared: a dict the caller keeps while scoring several models on the same cases: the class
-            means and each case's baseline scores, which do not depend on the model, are computed by
-            the first call and reused by the next (a second model costs its synthesis and scoring only).
+            means, each case's baseline scores and the rules on its real images, which do not depend on
+            the model, are computed by the first call and reused by the next (a second model costs its
+            synthesis and scoring only).
 
     Raises:
         ValueError: ``shared`` was filled with other reference cases.
@@ -130,17 +133,18 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         regions = {"tumour": tumour_mask(labels)}
         model_case = {m: fidelity(case.images[m], result.images[m], brain, regions) for m in MODALITIES}
         if str(folder) not in baselines:
-            baselines[str(folder)] = _baseline_scores(case.images, labels, brain, regions, means)
-        oracle_case = baselines[str(folder)]["class_mean_oracle"]
+            baselines[str(folder)] = _model_free_scores(case.images, labels, brain, regions, means)
+        model_free = baselines[str(folder)]
+        oracle_case = model_free["class_mean_oracle"]
         model_scores.append(model_case)
         oracle_scores.append(oracle_case)
         entry = {"case": folder.name, "model": model_case, "class_mean_oracle": oracle_case,
                  "contrast_rules": {"synthetic": check_contrast_rules(result.images, labels, brain),
-                                    "real": check_contrast_rules(case.images, labels, brain)},
+                                    "real": model_free["real_contrast_rules"]},
                  "checkerboard_ratio": {m: checkerboard_ratio(case.images[m], result.images[m], brain)
                                         for m in MODALITIES}}
         if means is not None:
-            mean_case = baselines[str(folder)]["class_mean_training"]
+            mean_case = model_free["class_mean_training"]
             mean_scores.append(mean_case)
             entry["class_mean_training"] = mean_case
         results["cases"].append(entry)
