@@ -126,3 +126,36 @@ def test_evaluate_shares_the_model_free_baselines_between_models(tmp_path: Path)
 
     with pytest.raises(ValueError, match="reference cases"):
         evaluate(second, folders[:1], scorer(second), reference_dirs=folders[2:], shared=shared)
+
+
+def test_evaluate_measures_the_real_period2_power_once_per_case_when_shared(tmp_path: Path, monkeypatch) -> None:
+    """The checkerboard ratio's reference, the real image's period-2 power, does not depend on the model: with
+    ``shared`` a second model costs only its own four measurements per case, and the ratios are unchanged."""
+    from MedSynthLib.evaluation import evaluate as evaluate_module
+    from MedSynthLib.evaluation import image_checks
+
+    folders = [write_phantom_case(tmp_path, seed) for seed in range(2)]
+    measured = []
+    real_power = image_checks.nyquist_power
+
+    def counting(image, mask, sigma=2.0):
+        measured.append(image)
+        return real_power(image, mask, sigma)
+
+    monkeypatch.setattr(image_checks, "nyquist_power", counting)
+    monkeypatch.setattr(evaluate_module, "nyquist_power", counting, raising=False)
+
+    def scorer(engine: _Engine):
+        def labels_for(folder: Path) -> np.ndarray:
+            engine.current = {m: v.astype(np.float32) for m, v in read_case(folder).images.items()}
+            return _labels_for(folder)
+        return labels_for
+
+    shared: dict = {}
+    first, second = _Engine(0.0), _Engine(150.0)
+    evaluate(first, folders, scorer(first), shared=shared)
+    measured.clear()
+    with_shared = evaluate(second, folders, scorer(second), shared=shared)
+    assert len(measured) == len(folders) * 4  # the synthetic images only
+    alone = evaluate(second, folders, scorer(second))
+    assert with_shared["checkerboard_ratio"] == alone["checkerboard_ratio"]

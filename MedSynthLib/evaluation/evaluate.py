@@ -21,7 +21,7 @@ import numpy as np
 from ..cases.readers import MODALITIES, read_case
 from ..schema.labels import NUM_CLASSES, tumour_mask
 from ..synthesis.normalize import zscore
-from .image_checks import check_contrast_rules, checkerboard_ratio
+from .image_checks import check_contrast_rules, checkerboard_ratio, nyquist_power
 from .metrics import class_mean_baseline, fidelity
 
 
@@ -76,9 +76,11 @@ def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def _model_free_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray,
                        regions: dict[str, np.ndarray], means: dict[str, dict[int, float]] | None) -> dict[str, Any]:
-    """What a case scores without any model: the contrast rules on its real images, and the fidelity of painting
-    each class with its mean (the case's own, the oracle, and the reference cases')."""
+    """What a case scores without any model: the contrast rules on its real images, their period-2 power (the
+    checkerboard ratio's reference), and the fidelity of painting each class with its mean (the case's own, the
+    oracle, and the reference cases')."""
     out = {"real_contrast_rules": check_contrast_rules(images, labels, brain),
+           "real_period2_power": {m: nyquist_power(images[m], brain) for m in MODALITIES},
            "class_mean_oracle": {m: fidelity(images[m], class_mean_baseline(labels, images[m], brain), brain, regions)
                                  for m in MODALITIES}}
     if means is not None:
@@ -141,8 +143,9 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         entry = {"case": folder.name, "model": model_case, "class_mean_oracle": oracle_case,
                  "contrast_rules": {"synthetic": check_contrast_rules(result.images, labels, brain),
                                     "real": model_free["real_contrast_rules"]},
-                 "checkerboard_ratio": {m: checkerboard_ratio(case.images[m], result.images[m], brain)
-                                        for m in MODALITIES}}
+                 "checkerboard_ratio": {
+                     m: checkerboard_ratio(None, result.images[m], brain, real_power=model_free["real_period2_power"][m])
+                     for m in MODALITIES}}
         if means is not None:
             mean_case = model_free["class_mean_training"]
             mean_scores.append(mean_case)

@@ -154,7 +154,15 @@ def nyquist_power(image: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> fl
     return total
 
 
-def checkerboard_ratio(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> float:
-    """Period-2 power of ``synthetic`` relative to ``real`` (1: the same; the target is at most 1.2)."""
-    reference = nyquist_power(real, mask, sigma)
-    return nyquist_power(synthetic, mask, sigma) / reference if reference > 0 else float("inf")
+def checkerboard_ratio(real: np.ndarray | None, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0,
+                       real_power: float | None = None) -> float:
+    """Period-2 power of ``synthetic`` relative to ``real`` (1: the same; the target is at most 1.2).
+
+    ``real_power``, the real image's :func:`nyquist_power` already measured (same mask and sigma), replaces
+    ``real`` when several synthetic images are compared with one real image.
+    """
+    if real_power is None:
+        if real is None:
+            raise ValueError("checkerboard_ratio: give the real image or its period-2 power")
+        real_power = nyquist_power(real, mask, sigma)
+    return nyquist_power(synthetic, mask, sigma) / real_power if real_power > 0 else float("inf")
