@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from MedSynthLib.evaluation.image_checks import (CONTRAST_RULES, check_contrast_rules, checkerboard_ratio, class_medians,
-                                      nyquist_power)
+                                                 nyquist_power, outermost_layer)
 from MedSynthLib.schema.labels import Label
 
 # Real cases the rules are read on: the five BraTS 2021 cases (the 27-case table is in the model card,
@@ -146,3 +146,16 @@ def test_zscore_kinds_fit_their_reference_and_range() -> None:
     assert narrow.std == pytest.approx(float(image[tissue].std())) and narrow.std < 0.2 * wide.std
     old = normalizer_from_json({"mean": 1.0, "std": 2.0, "scale": 6.0, "kind": "healthy_zscore"})
     assert old.scale == 6.0
+
+
+def test_outermost_layer_is_the_brains_shell_one_voxel_thick() -> None:
+    """A 5^3 cube's outermost layer is the cube less its 3^3 core (face neighbours define the inside); a brain one
+    voxel thin is all border."""
+    brain = np.zeros((9, 9, 9), bool)
+    brain[2:7, 2:7, 2:7] = True
+    layer = outermost_layer(brain)
+    assert layer.sum() == 5 ** 3 - 3 ** 3
+    assert not layer[3:6, 3:6, 3:6].any() and layer[2, 4, 4] and layer[6, 6, 6]
+    sheet = np.zeros((5, 5, 5), bool)
+    sheet[2] = True
+    assert np.array_equal(outermost_layer(sheet), sheet)

@@ -924,13 +924,11 @@ def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
     the brain's outermost layer is 0 in any contrast; their median is 0.38-2.0x white matter's. Measured here on
     the healthy template's brain, which ships with the project (no patient data needed).
     """
-    from scipy import ndimage
-
     from MedSynthLib.cases.template import template_label_map
+    from MedSynthLib.evaluation.image_checks import outermost_layer
 
     labelmap = template_label_map()
     result = SynthesisEngine(resolve_model(None), device="cpu", precision="auto").synthesize(labelmap, seed=0)
-    brain = labelmap.array > 0
-    rim = brain & ~ndimage.binary_erosion(brain)
+    rim = outermost_layer(labelmap.array > 0)
     zero = {m: float(np.mean(image[rim] == 0)) for m, image in result.images.items()}
     assert max(zero.values()) <= 0.01, zero

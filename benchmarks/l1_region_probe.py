@@ -15,25 +15,20 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from MedSynthLib.cases.anatomy import derive_label_map
 from MedSynthLib.cases.readers import read_case
 from MedSynthLib.cases.template import template_label_map
 from MedSynthLib.evaluation.evaluate import real_brain_mask
+from MedSynthLib.evaluation.image_checks import outermost_layer
 from MedSynthLib.evaluation.metrics import fidelity
 from MedSynthLib.schema.labels import MODALITIES, Label
 from MedSynthLib.synthesis.models import resolve_model
 from MedSynthLib.synthesis.synthesize import SynthesisEngine
 
 
-def rim_of(labels: np.ndarray) -> np.ndarray:
-    brain = labels > 0
-    return brain & ~ndimage.binary_erosion(brain)
-
-
 def measure(images: dict[str, np.ndarray], labels: np.ndarray, real: dict[str, np.ndarray] | None) -> dict:
-    rim, wm = rim_of(labels), labels == Label.WM
+    rim, wm = outermost_layer(labels > 0), labels == Label.WM
     row: dict[str, float] = {
         "rim_zero": float(np.mean([np.mean(images[m][rim] == 0) for m in MODALITIES])),
         "rim_over_wm": float(np.mean([np.median(images[m][rim]) / np.median(images[m][wm]) for m in MODALITIES]))}

@@ -20,6 +20,7 @@ from MedSynthLib.synthesis.models import resolve_model
 from MedSynthLib.synthesis.synthesize import SynthesisEngine
 from MedSynthLib.synthesis.inference import to_scanner_units
 from MedSynthLib.evaluation.evaluate import real_brain_mask
+from MedSynthLib.evaluation.image_checks import outermost_layer
 from MedSynthLib.evaluation.metrics import fidelity
 from MedSynthLib.cases.readers import MODALITIES
 
@@ -37,7 +38,7 @@ for folder in sys.argv[1:]:
     case = read_case(folder, require_segmentation=True)
     labels = derive_label_map(case).array
     brainmask = labels > 0
-    rim = brainmask & ~ndimage.binary_erosion(brainmask)
+    rim = outermost_layer(brainmask)
     realbrain = real_brain_mask(case.images)
     for k in (0, 2, 4):
         t = time.time()

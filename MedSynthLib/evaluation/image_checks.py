@@ -154,6 +154,18 @@ def nyquist_power(image: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> fl
     return total
 
 
+def outermost_layer(brain: np.ndarray) -> np.ndarray:
+    """The brain's outermost voxel layer: brain voxels with a face neighbour outside it.
+
+    In a skull-stripped real scan every one of them carries signal; a synthesis model that undershoots at the
+    brain's border leaves some at 0 (docs/model_card.md).
+    """
+    from scipy import ndimage
+
+    brain = np.asarray(brain, dtype=bool)
+    return brain & ~ndimage.binary_erosion(brain)
+
+
 def checkerboard_ratio(real: np.ndarray | None, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0,
                        real_power: float | None = None) -> float:
     """Period-2 power of ``synthetic`` relative to ``real`` (1: the same; the target is at most 1.2).
