@@ -142,6 +142,17 @@ def _run_script(name: str, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("where", [{}, {"folder": Path("cases/a"), "prepared": Path("set")}])
+def test_a_training_case_comes_from_a_folder_or_a_prepared_set(where: dict) -> None:
+    """A case names exactly one source: its folder or its prepared set (training reads it from there)."""
+    from MedSynthLib.training.data import CaseSource
+
+    with pytest.raises(ValueError, match="'a'"):
+        CaseSource("a", **where)
+    assert CaseSource("a", folder=Path("cases/a")).origin == Path("cases/a")
+    assert CaseSource("a", prepared=Path("set"), key="0" * 64).origin == Path("set/a")
+
+
 def test_packing_for_the_gpu_keeps_labels_and_statistics_and_rounds_images_to_half_a_step(
         prepared: Path, tmp_path: Path) -> None:
     _run_script("pack", str(prepared), str(tmp_path / "parts"), "--budgets-mb", "0.2", "50")

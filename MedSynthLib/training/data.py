@@ -77,9 +77,17 @@ class CaseSource:
     prepared: Path | None = None
     key: str | None = None
 
+    def __post_init__(self) -> None:
+        if (self.folder is None) == (self.prepared is None):
+            raise ValueError(f"training case {self.name!r}: give its case folder or its prepared set, not both or neither")
+
     @property
     def origin(self) -> Path:
-        return self.folder if self.folder is not None else self.prepared / self.name  # type: ignore[operator]
+        """The case folder, or the case's place in its prepared set."""
+        if self.folder is not None:
+            return self.folder
+        assert self.prepared is not None  # __post_init__: one of the two is set
+        return self.prepared / self.name
 
 
 def volume_file_name(key: str, normalization: str) -> str:
@@ -160,13 +168,13 @@ def write_prepared_set(folders: list[Path], output: Path, normalization: str, *,
     cases: dict[str, str] = {}
     with atomic_directory(output, overwrite=overwrite) as tmp:
         for name, source in tqdm(sources.items(), desc="prepare", disable=not progress or None, leave=False):
-            key = case_key(source.folder)  # type: ignore[arg-type]
+            key = case_key(source.origin)
             file_name = volume_file_name(key, normalization)
             if cache_dir is None:
-                prepare_volume(source.folder, tmp, normalization, key)  # type: ignore[arg-type]
+                prepare_volume(source.origin, tmp, normalization, key)
             else:
                 if not (Path(cache_dir) / file_name).is_file():  # a cached volume is copied, not loaded
-                    prepare_volume(source.folder, cache_dir, normalization, key)  # type: ignore[arg-type]
+                    prepare_volume(source.origin, cache_dir, normalization, key)
                 shutil.copyfile(Path(cache_dir) / file_name, tmp / file_name)
             cases[name] = key
         write_json({"format": PREPARED_SET_FORMAT, "version": PREPARED_SET_VERSION, "cache_version": CACHE_VERSION,

@@ -720,14 +720,14 @@ def _data_fingerprint(sources: list[CaseSource]) -> dict[str, str]:
     """Each case's name and the content sha256 the model record keeps for it (a prepared set records it)."""
     from .data import case_key
 
-    return {s.name: s.key if s.key is not None else case_key(s.folder) for s in sources}  # type: ignore[arg-type]
+    return {s.name: s.key if s.key is not None else case_key(s.origin) for s in sources}
 
 
 def _load_volume(source: CaseSource, cache: Path, normalization: str, key: str) -> TrainingVolume:
     """A case's training volume: from its prepared set, or prepared from its folder (through ``cache``)."""
     if source.prepared is not None:
         return prepare_volume(source.origin, source.prepared, normalization, key)
-    return prepare_volume(source.folder, cache, normalization, key)  # type: ignore[arg-type]
+    return prepare_volume(source.origin, cache, normalization, key)
 
 
 def _check_same_data(recorded: Any, current: dict[str, str], source: Path, notice: bool) -> None:
