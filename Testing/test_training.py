@@ -544,6 +544,39 @@ def test_train_counts_the_l1_in_the_brain_when_asked(brats_data: Path, tmp_path:
         TrainConfig.from_json(dict(MICRO, l1_region="skull"), "cfg.json")
 
 
+def test_the_rim_weight_weights_the_brains_outermost_layer_only() -> None:
+    """``rim_weight`` multiplies the L1 weight of the brain's outermost voxel layer (face neighbours, as
+    ``image_checks.outermost_layer``); a patch's own faces are not the brain's border."""
+    from scipy import ndimage
+
+    from MedSynthLib.evaluation.image_checks import outermost_layer
+    from MedSynthLib.training.train import loss_region, loss_weights, outermost_layer_torch
+
+    rng = np.random.default_rng(4)
+    blob = ndimage.gaussian_filter(rng.normal(size=(20, 22, 18)), 3) > 0
+    blob[[0, -1]] = False
+    blob[:, [0, -1]] = False
+    blob[:, :, [0, -1]] = False
+    labels = torch.from_numpy(np.where(blob, 3, 0)[None].astype(np.int64))
+    rim = outermost_layer_torch(torch.from_numpy(blob)[None, None])
+    assert np.array_equal(rim[0, 0].numpy().astype(bool), outermost_layer(blob))
+    assert not outermost_layer_torch(torch.ones((1, 1, 6, 6, 6), dtype=torch.bool)).any()  # whole patch brain
+
+    counted = loss_region("brain", labels, None)
+    assert loss_weights(counted, labels, 1.0) is counted
+    weights = loss_weights(counted, labels, 10.0)[0, 0].numpy()
+    assert set(np.unique(weights[outermost_layer(blob)])) == {10.0}
+    assert set(np.unique(weights[blob & ~outermost_layer(blob)])) == {1.0} and not weights[~blob].any()
+
+
+def test_a_rim_weight_needs_the_brain_only_l1() -> None:
+    with pytest.raises(InputError, match="rim_weight .* needs l1_region 'brain', not 'patch'"):
+        TrainConfig.from_json(dict(MICRO, rim_weight=5.0), "cfg.json")
+    with pytest.raises(InputError, match="rim_weight"):
+        TrainConfig.from_json(dict(MICRO, l1_region="brain", rim_weight=0.5), "cfg.json")
+    assert TrainConfig.from_json(dict(MICRO, l1_region="brain", rim_weight=5.0), "cfg.json").rim_weight == 5.0
+
+
 def test_the_last_step_validates_the_held_out_cases_once(brats_data: Path, tmp_path: Path, monkeypatch) -> None:
     """The end of a run synthesised every held-out case twice (the step's validation, then the model record's):
     on a GPU machine the second pass of nine whole brains outlasted the time left for it."""

@@ -57,6 +57,9 @@ class TrainConfig:
     # sees it, as synthesis blanks it anyway). Counting the background pulls the brain's outermost layer
     # towards the background value (docs/model_card.md, 'The brain's outermost voxel layer').
     l1_region: str = "patch"
+    # With l1_region "brain": the L1 weight of the brain's outermost voxel layer relative to the rest of the brain
+    # (1: the same). That layer is about 4 % of a patch's brain, and the network undershoots it.
+    rim_weight: float = 1.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
     # from the real images towards the standard normal that synthesis draws from.
@@ -155,6 +158,36 @@ def loss_region(l1_region: str, labels: torch.Tensor, inpaint_region: torch.Tens
     return None
 
 
+def outermost_layer_torch(brain: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ...) 0/1 mask of the brain's outermost layer: brain voxels with a face neighbour outside the brain.
+
+    The patch's own faces are not the brain's border: the patch is padded by repeating its edge.
+    """
+    import torch.nn.functional as F
+
+    spatial = brain.dim() - 2
+    padded = F.pad(brain.float(), (1, 1) * spatial, mode="replicate")
+    kernel = torch.zeros((1, 1) + (3,) * spatial, dtype=padded.dtype, device=padded.device)
+    centre = (0, 0) + (1,) * spatial
+    kernel[centre] = 1.0
+    for axis in range(spatial):
+        for offset in (0, 2):
+            index = list(centre)
+            index[2 + axis] = offset
+            kernel[tuple(index)] = 1.0
+    conv = F.conv3d if spatial == 3 else F.conv2d
+    inside = conv(padded, kernel) > 2 * spatial + 0.5  # the voxel and all its face neighbours in the brain
+    return (brain.bool() & ~inside).float()
+
+
+def loss_weights(counted: torch.Tensor | None, labels: torch.Tensor, rim_weight: float) -> torch.Tensor | None:
+    """The L1's voxel weights: ``counted``, with the brain's outermost layer weighted ``rim_weight`` times."""
+    if counted is None or rim_weight == 1.0:
+        return counted
+    rim = outermost_layer_torch(brain_mask(labels).unsqueeze(1))
+    return counted + (rim_weight - 1.0) * rim * counted
+
+
 def paint_into_real(fake: torch.Tensor, real: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
     """The generator's output where the loss counts, the real image elsewhere.
 
@@ -190,6 +223,10 @@ def _check_values(config: TrainConfig, source: str) -> None:
         raise InputError(source, f"betas must be two numbers, got {list(config.betas)}")
     if config.l1_region not in L1_REGIONS:
         raise InputError(source, f"l1_region must be one of {list(L1_REGIONS)}, not {config.l1_region!r}")
+    if config.rim_weight != 1.0 and config.l1_region != "brain":
+        raise InputError(source, "rim_weight weights the brain's outermost layer in the brain-only L1: it needs "
+                                 f"l1_region 'brain', not {config.l1_region!r}")
+    check_range(source, "rim_weight", config.rim_weight, 1.0, 1000.0)
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise InputError(source, f"precision must be auto, fp32, bf16 or fp16, not {config.precision!r}")
 
@@ -573,7 +610,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 scaler.step(opt_d)
                 logs["loss/discriminator"] = loss_d.item()
             opt_g.zero_grad(set_to_none=True)
-            loss_l1 = masked_l1(fake.float(), real, counted)
+            weights = loss_weights(counted, labels, config.rim_weight)
+            loss_l1 = masked_l1(fake.float(), real, weights)
             loss_g = config.lambda_l1 * loss_l1
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
@@ -596,7 +634,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             logs["loss/l1"] = loss_l1.item()
             history = logs
             done = step + 1
-            guard.record(logs["loss/l1"], real, counted)
+            guard.record(logs["loss/l1"], real, weights)
             if done % config.log_every == 0 and guard.due(done):
                 _stop_if_diverged(guard.verdict(done), run_dir, d, dev)
             if writer is not None and (done % config.log_every == 0 or done == config.steps):
