@@ -278,6 +278,7 @@ class PatchSampler:
     rotate_deg: float = 10.0
     scale: float = 0.1
     intensity: float = 0.05
+    brain_only_interpolation: bool = False
 
     def sample(self, volumes: list[TrainingVolume], seed: int, step: int, rank: int,
                batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +324,8 @@ class PatchSampler:
         if self.flip and rng.random() < 0.5:
             lab_t, img_t = lab_t.flip(-1), img_t.flip(-1)  # left-right (i axis)
         if self.rotate_deg > 0 or self.scale > 0:
-            lab_t, img_t = _random_affine(lab_t, img_t, rng, self.rotate_deg, self.scale)
+            lab_t, img_t = _random_affine(lab_t, img_t, rng, self.rotate_deg, self.scale,
+                                          self.brain_only_interpolation)
         if self.intensity > 0:
             brain = brain_mask(lab_t)
             gain = torch.from_numpy(rng.uniform(1 - self.intensity, 1 + self.intensity,
@@ -335,8 +337,14 @@ class PatchSampler:
 
 
 def _random_affine(lab: torch.Tensor, img: torch.Tensor, rng: np.random.Generator, rotate_deg: float,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Small random rotation and scaling about the patch centre (grid_sample)."""
+                   scale: float, brain_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small random rotation and scaling about the patch centre (grid_sample).
+
+    The label map is resampled by nearest neighbour, the images linearly. With ``brain_only`` the images are
+    interpolated from brain voxels only (normalised by the interpolated brain mask) and the background stays -1:
+    otherwise a voxel the resampled label map calls brain may take up to half its value from the background (-1),
+    and the brain's outermost layer becomes a dark target the network learns (docs/model_card.md).
+    """
     from scipy.spatial.transform import Rotation
 
     angles = rng.uniform(-rotate_deg, rotate_deg, 3)
@@ -345,10 +353,19 @@ def _random_affine(lab: torch.Tensor, img: torch.Tensor, rng: np.random.Generato
     theta = torch.zeros(1, 3, 4, device=img.device)
     theta[0, :, :3] = torch.from_numpy(matrix.astype(np.float32))
     grid = torch.nn.functional.affine_grid(theta, (1, 1) + tuple(lab.shape), align_corners=False)
-    img_out = torch.nn.functional.grid_sample(img[None] + 1, grid, mode="bilinear", padding_mode="zeros",
-                                              align_corners=False)[0] - 1
     lab_out = torch.nn.functional.grid_sample(lab[None, None].float(), grid, mode="nearest", padding_mode="zeros",
                                               align_corners=False)[0, 0].long()
+    if not brain_only:
+        img_out = torch.nn.functional.grid_sample(img[None] + 1, grid, mode="bilinear", padding_mode="zeros",
+                                                  align_corners=False)[0] - 1
+        return lab_out, img_out
+    brain = brain_mask(lab).to(img.dtype)
+    both = torch.cat([(img + 1) * brain, brain[None]])[None]  # one resampling for the images and the mask
+    resampled = torch.nn.functional.grid_sample(both, grid, mode="bilinear", padding_mode="zeros",
+                                                align_corners=False)[0]
+    # The nearest brain voxel is one of the 8 interpolated, so the weight is positive wherever lab_out is brain.
+    weight = resampled[-1:].clamp(min=1e-6)
+    img_out = torch.where(brain_mask(lab_out)[None], resampled[:-1] / weight - 1, torch.full_like(resampled[:-1], -1.0))
     return lab_out, img_out
 
 
