@@ -914,9 +914,9 @@ def test_one_hot_layouts_agree(dtype, shape) -> None:
         assert last.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect of the shipped medsynth-spade27-brainl1 (docs/model_card.md, 'The "
-                                       "brain's outermost voxel layer'): 3-49 % of that layer comes out 0 on the "
-                                       "template (54-80 % before the brain-L1 fine-tune)")
+@pytest.mark.xfail(strict=True, reason="known defect of the shipped medsynth-spade27-border (docs/model_card.md, 'The "
+                                       "brain's outermost voxel layer'): 2.0 % of that layer comes out 0 on the template "
+                                       "in FLAIR (0-0.1 % in the other contrasts; 28-49 % before the resampling fix)")
 def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
     """Every voxel of the label map's brain carries signal, as in a real skull-stripped scan.
 
