@@ -58,7 +58,8 @@ class TrainConfig:
     # towards the background value (docs/model_card.md, 'The brain's outermost voxel layer').
     l1_region: str = "patch"
     # With l1_region "brain": the L1 weight of the brain's outermost voxel layer relative to the rest of the brain
-    # (1: the same). That layer is about 4 % of a patch's brain, and the network undershoots it.
+    # (1: the same; that layer is about 4 % of a patch's brain). Measured at 10 with the default resampling, which
+    # makes that layer's targets dark: the layer came out darker still (docs/model_card.md).
     rim_weight: float = 1.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
@@ -67,12 +68,12 @@ class TrainConfig:
     tumour_fraction: float = 0.5
     flip: bool = True
     rotate_deg: float = 10.0
-    # Resample the images of a rotated or scaled patch from brain voxels only (the background stays -1). The
-    # default false is the recipe every shipped model trained with: their brain's outermost layer took up to half
-    # its target from the background, which the network learnt as a dark rim (docs/model_card.md).
-    brain_only_interpolation: bool = False
     scale: float = 0.1
     intensity: float = 0.05
+    # Resample the images of a rotated or scaled patch from brain voxels only (the background stays -1). The
+    # default false is the recipe of every model trained before session 26: the brain's outermost layer took up to
+    # half its target from the background, which the network learnt as a dark rim (docs/model_card.md).
+    brain_only_interpolation: bool = False
     normalization: str = "percentile"  # percentile | healthy_zscore | tissue_zscore (MedSynthLib.synthesis.normalize)
     val_cases: list[str] = field(default_factory=list)
     # Cross-validation by case: disjoint lists of case-folder names; with ``cv_fold = k`` (``--fold k``) fold k
