@@ -96,6 +96,14 @@ def test_evaluate_reports_progress_once_per_case_in_order(tmp_path: Path) -> Non
     assert steps == [f.name for f in folders] == [c["case"] for c in report["cases"]]
 
 
+def _scorer(engine: _Engine):
+    """The ``labels_for`` of a phantom case that also hands ``engine`` the case's own images to return."""
+    def labels_for(folder: Path) -> np.ndarray:
+        engine.current = {m: v.astype(np.float32) for m, v in read_case(folder).images.items()}
+        return _labels_for(folder)
+    return labels_for
+
+
 def test_evaluate_shares_the_model_free_baselines_between_models(tmp_path: Path) -> None:
     """Scoring a second model on the same cases reuses the class means and every case's baseline scores
     (they do not depend on the model): the reference cases are not read again, and the report is the one
@@ -107,25 +115,19 @@ def test_evaluate_shares_the_model_free_baselines_between_models(tmp_path: Path)
         reads.append(folder.name)
         return read_case(folder, require_segmentation=True)
 
-    def scorer(engine: _Engine):
-        def labels_for(folder: Path) -> np.ndarray:
-            engine.current = {m: v.astype(np.float32) for m, v in read_case(folder).images.items()}
-            return _labels_for(folder)
-        return labels_for
-
     shared: dict = {}
     first, second = _Engine(0.0), _Engine(150.0)
-    evaluate(first, folders[:1], scorer(first), reference_dirs=folders[1:], reader=reader, shared=shared)
+    evaluate(first, folders[:1], _scorer(first), reference_dirs=folders[1:], reader=reader, shared=shared)
     reads.clear()
-    with_shared = evaluate(second, folders[:1], scorer(second), reference_dirs=folders[1:], reader=reader,
+    with_shared = evaluate(second, folders[:1], _scorer(second), reference_dirs=folders[1:], reader=reader,
                            shared=shared)
     assert reads == [folders[0].name]  # only the held-out case; the class means were kept
-    alone = evaluate(second, folders[:1], scorer(second), reference_dirs=folders[1:])
+    alone = evaluate(second, folders[:1], _scorer(second), reference_dirs=folders[1:])
     assert with_shared == alone
     assert with_shared["summary"]["model"]["brain_ssim"] < 0.9  # the second model's own score, not the first's
 
     with pytest.raises(ValueError, match="reference cases"):
-        evaluate(second, folders[:1], scorer(second), reference_dirs=folders[2:], shared=shared)
+        evaluate(second, folders[:1], _scorer(second), reference_dirs=folders[2:], shared=shared)
 
 
 def test_evaluate_measures_the_real_period2_power_once_per_case_when_shared(tmp_path: Path, monkeypatch) -> None:
@@ -145,17 +147,11 @@ def test_evaluate_measures_the_real_period2_power_once_per_case_when_shared(tmp_
     monkeypatch.setattr(image_checks, "nyquist_power", counting)
     monkeypatch.setattr(evaluate_module, "nyquist_power", counting, raising=False)
 
-    def scorer(engine: _Engine):
-        def labels_for(folder: Path) -> np.ndarray:
-            engine.current = {m: v.astype(np.float32) for m, v in read_case(folder).images.items()}
-            return _labels_for(folder)
-        return labels_for
-
     shared: dict = {}
     first, second = _Engine(0.0), _Engine(150.0)
-    evaluate(first, folders, scorer(first), shared=shared)
+    evaluate(first, folders, _scorer(first), shared=shared)
     measured.clear()
-    with_shared = evaluate(second, folders, scorer(second), shared=shared)
+    with_shared = evaluate(second, folders, _scorer(second), shared=shared)
     assert len(measured) == len(folders) * 4  # the synthetic images only
-    alone = evaluate(second, folders, scorer(second))
+    alone = evaluate(second, folders, _scorer(second))
     assert with_shared["checkerboard_ratio"] == alone["checkerboard_ratio"]
