@@ -714,7 +714,7 @@ def test_a_rotated_patch_keeps_the_brains_border_out_of_the_background(brain_onl
         assert min(worst) < 0.0, worst
 
 
-def test_brain_only_interpolation_reaches_the_sampler_from_the_config() -> None:
+def test_brain_only_interpolation_is_read_from_the_config_and_off_by_default() -> None:
     config = TrainConfig.from_json(dict(MICRO, brain_only_interpolation=True), "cfg.json")
     assert config.brain_only_interpolation is True
     assert TrainConfig.from_json(dict(MICRO), "cfg.json").brain_only_interpolation is False

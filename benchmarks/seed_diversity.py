@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from MedSynthLib.cases.anatomy import derive_label_map  # noqa: E402
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
-from MedSynthLib.evaluation.image_checks import check_contrast_rules, checkerboard_ratio  # noqa: E402
+from MedSynthLib.evaluation.image_checks import check_contrast_rules, checkerboard_ratio_to, nyquist_power  # noqa: E402
 from MedSynthLib.schema.labels import Label  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 from MedSynthLib.synthesis.normalize import zscore  # noqa: E402
@@ -48,7 +48,8 @@ def measure(folder: Path, engine: SynthesisEngine, seeds: list[int]) -> dict:
         spread = stack.std(0)
         entry["diversity"][m] = {"tumour": float(spread[tumour].mean()) if tumour.any() else None,
                                  "healthy": float(spread[healthy].mean())}
-    entry["checkerboard_ratio"] = {m: float(np.mean([checkerboard_ratio(case.images[m], s.images[m], brain)
+    real_power = {m: nyquist_power(case.images[m], brain) for m in MODALITIES}  # one real image, many samples
+    entry["checkerboard_ratio"] = {m: float(np.mean([checkerboard_ratio_to(real_power[m], s.images[m], brain)
                                                       for s in samples])) for m in MODALITIES}
     entry["rules_failed_per_sample"] = [[r["rule"] for r in rules if r["passed"] is False]
                                         for rules in entry["rules_synthetic"]]

@@ -21,7 +21,7 @@ import numpy as np
 from ..cases.readers import MODALITIES, read_case
 from ..schema.labels import NUM_CLASSES, tumour_mask
 from ..synthesis.normalize import zscore
-from .image_checks import check_contrast_rules, checkerboard_ratio, nyquist_power
+from .image_checks import check_contrast_rules, checkerboard_ratio_to, nyquist_power
 from .metrics import class_mean_baseline, fidelity
 
 
@@ -137,15 +137,14 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
         if str(folder) not in baselines:
             baselines[str(folder)] = _model_free_scores(case.images, labels, brain, regions, means)
         model_free = baselines[str(folder)]
-        oracle_case = model_free["class_mean_oracle"]
+        oracle_case, real_power = model_free["class_mean_oracle"], model_free["real_period2_power"]
         model_scores.append(model_case)
         oracle_scores.append(oracle_case)
         entry = {"case": folder.name, "model": model_case, "class_mean_oracle": oracle_case,
                  "contrast_rules": {"synthetic": check_contrast_rules(result.images, labels, brain),
                                     "real": model_free["real_contrast_rules"]},
-                 "checkerboard_ratio": {
-                     m: checkerboard_ratio(None, result.images[m], brain, real_power=model_free["real_period2_power"][m])
-                     for m in MODALITIES}}
+                 "checkerboard_ratio": {m: checkerboard_ratio_to(real_power[m], result.images[m], brain)
+                                        for m in MODALITIES}}
         if means is not None:
             mean_case = model_free["class_mean_training"]
             mean_scores.append(mean_case)

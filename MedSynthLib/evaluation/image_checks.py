@@ -166,15 +166,12 @@ def outermost_layer(brain: np.ndarray) -> np.ndarray:
     return brain & ~ndimage.binary_erosion(brain)
 
 
-def checkerboard_ratio(real: np.ndarray | None, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0,
-                       real_power: float | None = None) -> float:
-    """Period-2 power of ``synthetic`` relative to ``real`` (1: the same; the target is at most 1.2).
+def checkerboard_ratio(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> float:
+    """Period-2 power of ``synthetic`` relative to ``real`` (1: the same; the target is at most 1.2)."""
+    return checkerboard_ratio_to(nyquist_power(real, mask, sigma), synthetic, mask, sigma)
 
-    ``real_power``, the real image's :func:`nyquist_power` already measured (same mask and sigma), replaces
-    ``real`` when several synthetic images are compared with one real image.
-    """
-    if real_power is None:
-        if real is None:
-            raise ValueError("checkerboard_ratio: give the real image or its period-2 power")
-        real_power = nyquist_power(real, mask, sigma)
+
+def checkerboard_ratio_to(real_power: float, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> float:
+    """:func:`checkerboard_ratio` against the real image's :func:`nyquist_power` already measured (same mask and
+    sigma), for several synthetic images compared with one real image."""
     return nyquist_power(synthetic, mask, sigma) / real_power if real_power > 0 else float("inf")
