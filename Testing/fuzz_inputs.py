@@ -420,6 +420,15 @@ _CONFIG_VARIANTS: dict[str, Callable[[dict], object]] = {
     "intensity_nan": lambda c: dict(c, intensity={m: {"low": float("nan"), "high": 1.0} for m in c["intensity"]}),
     "intensity_string": lambda c: dict(c, intensity={m: {"low": "a", "high": 1.0} for m in c["intensity"]}),
     "intensity_inverted": lambda c: dict(c, intensity={m: {"low": 5.0, "high": 5.0} for m in c["intensity"]}),
+    "intensity_floor_negative": lambda c: dict(c, intensity={m: {"mean": 500.0, "std": 100.0, "scale": 15.0,
+                                                                   "kind": "tissue_zscore", "floor": -1.0}
+                                                               for m in c["intensity"]}),
+    "intensity_floor_above_range": lambda c: dict(c, intensity={m: {"mean": 500.0, "std": 100.0, "scale": 15.0,
+                                                                      "kind": "tissue_zscore", "floor": 2500.0}
+                                                                  for m in c["intensity"]}),
+    "intensity_floor_string": lambda c: dict(c, intensity={m: {"mean": 500.0, "std": 100.0, "scale": 15.0,
+                                                                 "kind": "tissue_zscore", "floor": "dark"}
+                                                             for m in c["intensity"]}),
     "sha_int": lambda c: dict(c, weights_sha256=5),
     "name_list": lambda c: dict(c, name=[1]),
     "modalities_wrong": lambda c: dict(c, network=dict(c["network"], modalities=["t1"])),

@@ -592,6 +592,38 @@ def test_healthy_zscore_round_trip_and_background():
         HealthyTissueZScore.fit(image, np.zeros(image.shape, bool))
 
 
+def test_a_models_floor_is_the_lowest_intensity_it_returns_in_the_brain():
+    """A model's floor lifts only the brain's voxels below it; a caller's higher floor wins; background stays 0."""
+    norm = HealthyTissueZScore(100.0, 20.0, 15.0, "tissue_zscore", floor=30.0)
+    normalized = np.array([[[-1.0, -0.25, -0.2, 0.5]]], np.float32)  # 100 - 300, 25, 40, 250
+    brain = np.array([[[True, True, True, False]]])
+    np.testing.assert_allclose(norm.inverse(normalized, brain), [[[30.0, 30.0, 40.0, 0.0]]], rtol=1e-6)
+    np.testing.assert_allclose(norm.inverse(normalized, brain, floor=35.0), [[[35.0, 35.0, 40.0, 0.0]]], rtol=1e-6)
+    assert norm.to_json()["floor"] == 30.0 and normalizer_from_json(norm.to_json()) == norm
+    # Without a floor the entry is what it was before floors existed.
+    assert "floor" not in HealthyTissueZScore(100.0, 20.0).to_json()
+
+
+def test_signal_floor_z_is_the_darkest_signal_of_the_brain_left_out_its_zeros():
+    """The percentile is taken over the brain's voxels with signal: a contrast's own zeros inside the label map's
+    brain (its mask a little smaller) do not pull the floor to 0; the model's floor is never below 0."""
+    from MedSynthLib.synthesis.normalize import SIGNAL_FLOOR_PERCENTILE, signal_floor_z, with_signal_floor
+
+    rng = np.random.default_rng(5)
+    image = rng.uniform(50.0, 1000.0, (20, 20, 20)).astype(np.float32)
+    brain = np.ones(image.shape, bool)
+    image[:2] = 0.0  # 10 % of the brain without signal
+    norm = HealthyTissueZScore.fit(image, image > 0, "tissue_zscore")
+    floor_z = signal_floor_z(norm.forward(image, brain), brain, norm)
+    expected = (np.percentile(image[image > 0], SIGNAL_FLOOR_PERCENTILE) - norm.mean) / norm.std
+    assert floor_z == pytest.approx(expected, abs=1e-4)
+    assert with_signal_floor(norm, floor_z).floor == pytest.approx(
+        np.percentile(image[image > 0], SIGNAL_FLOOR_PERCENTILE), rel=1e-4)
+    assert with_signal_floor(norm, -50.0).floor == 0.0
+    with pytest.raises(ValueError, match="signal"):
+        signal_floor_z(norm.forward(np.zeros_like(image), brain), brain, norm)
+
+
 @pytest.mark.parametrize("entry, kind", [
     ({"low": 10.0, "high": 200.0}, IntensityNormalizer),  # model configs written before the z-score existed
     ({"low": 10.0, "high": 200.0, "kind": "percentile"}, IntensityNormalizer),

@@ -609,7 +609,7 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
     from MedSynthLib.cases.readers import read_case
     from MedSynthLib.schema.labels import Label
     from MedSynthLib.synthesis.inference import to_scanner_units
-    from MedSynthLib.synthesis.normalize import HealthyTissueZScore
+    from MedSynthLib.synthesis.normalize import HealthyTissueZScore, signal_floor_z
 
     cache, run = tmp_path / "cache", tmp_path / "run"
     config = write_config(tmp_path / "z.json", steps=2, checkpoint_every=2, val_every=2,
@@ -619,15 +619,20 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
     intensity = json.loads((run / "model" / "config.json").read_text())["intensity"]
 
     # The model's statistics are the mean of the two training cases' healthy-tissue fits.
-    fits = []
+    fits, floors_z = [], []
     for case_id in CASE_IDS[:2]:
         case = read_case(brats_data / case_id, require_segmentation=True)
         labels = derive_label_map(case).array
         healthy = (labels >= Label.CSF) & (labels <= Label.WM)
-        fits.append(HealthyTissueZScore.fit(case.images["t1"], healthy))
+        fit = HealthyTissueZScore.fit(case.images["t1"], healthy)
+        fits.append(fit)
+        floors_z.append(signal_floor_z(fit.forward(case.images["t1"], labels > 0), labels > 0, fit))
     assert intensity["t1"]["kind"] == "healthy_zscore"
-    assert intensity["t1"]["mean"] == pytest.approx(np.mean([f.mean for f in fits]), rel=1e-6)
-    assert intensity["t1"]["std"] == pytest.approx(np.mean([f.std for f in fits]), rel=1e-6)
+    mean, std = np.mean([f.mean for f in fits]), np.mean([f.std for f in fits])
+    assert intensity["t1"]["mean"] == pytest.approx(mean, rel=1e-6)
+    assert intensity["t1"]["std"] == pytest.approx(std, rel=1e-6)
+    # Its floor: the median of the cases' darkest signal (the cache holds float16 images: 0.01 z).
+    assert intensity["t1"]["floor"] == pytest.approx(mean + np.median(floors_z) * std, abs=0.01 * std)
 
     # 0 in the network's space is the mean healthy tissue, in scanner units; background stays 0.
     labels = np.zeros((4, 4, 4), np.uint8)
@@ -636,6 +641,8 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
                               ("t1", "t1ce", "t2", "flair"))
     assert images["t1"][1, 1, 1] == pytest.approx(intensity["t1"]["mean"], rel=1e-5)
     assert images["t1"][0, 0, 0] == 0.0
+    darkest = to_scanner_units(np.full((4, 4, 4, 4), -1.0, np.float32), labels, intensity, ("t1", "t1ce", "t2", "flair"))
+    assert darkest["t1"][1, 1, 1] == pytest.approx(intensity["t1"]["floor"], rel=1e-5) and darkest["t1"][1, 1, 1] > 0
 
 
 def test_init_may_switch_on_antialiasing(brats_data: Path, base_model: Path, tmp_path: Path) -> None:

@@ -331,7 +331,7 @@ def check_model_config(config: dict[str, Any], source: Path) -> "NetworkConfig":
 def _check_model_config(config: dict[str, Any], source: Path) -> tuple["NetworkConfig", dict[str, "Normalizer"]]:
     """:func:`check_model_config`, also returning the normalisers it built while checking them."""
     from ..schema.jsonshape import json_type_name
-    from .normalize import normalizer_from_json
+    from .normalize import HealthyTissueZScore, normalizer_from_json
 
     if "network" not in config:
         raise InputError(source, "model config has no 'network'")
@@ -357,6 +357,12 @@ def _check_model_config(config: dict[str, Any], source: Path) -> tuple["NetworkC
             if getattr(normaliser, "high", 1.0) <= getattr(normaliser, "low", 0.0) or min(
                     getattr(normaliser, "std", 1.0), getattr(normaliser, "scale", 1.0)) <= 0:
                 raise ValueError("an empty range")
+            if isinstance(normaliser, HealthyTissueZScore):
+                floor = normaliser.floor
+                if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not math.isfinite(floor):
+                    raise ValueError("the floor is not a finite number")
+                if not 0 <= floor < normaliser.mean + normaliser.std * normaliser.scale:
+                    raise ValueError("a floor outside the intensity range")
         except (TypeError, ValueError) as exc:
             raise InputError(source, f"model config: intensity statistics of {modality} are invalid ({exc}): "
                                      f"{json.dumps(entry)[:80]}") from None

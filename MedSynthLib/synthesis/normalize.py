@@ -26,7 +26,7 @@ can be returned to a realistic scanner range.  Two maps exist:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,6 +44,10 @@ ZSCORE_KINDS = {"healthy_zscore": ZSCORE_SCALE, "tissue_zscore": TISSUE_ZSCORE_S
 
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
+# A synthetic brain voxel is never darker than real brains are: per training case, this percentile of the brain's
+# voxels that carry signal, in z; a model keeps the median over its cases as its floor.  Without it the darkest
+# synthetic CSF (FLAIR, T1ce) came out 0, which reads as background to any tool that takes non-zero for brain.
+SIGNAL_FLOOR_PERCENTILE = 0.1
 
 
 class Normalizer(Protocol):
@@ -101,12 +105,15 @@ class HealthyTissueZScore:
         std: its standard deviation.
         scale: z-score that maps to +-1 (models store theirs; older models keep +-6).
         kind: ``healthy_zscore`` or ``tissue_zscore``.
+        floor: the lowest intensity :meth:`inverse` returns in the brain: a model's, from its training cases
+            (:func:`signal_floor_z`); 0 for a case's own normaliser and for models trained without it.
     """
 
     mean: float
     std: float
     scale: float = ZSCORE_SCALE
     kind: str = "healthy_zscore"
+    floor: float = 0.0
 
     @classmethod
     def fit(cls, image: np.ndarray, healthy: np.ndarray, kind: str = "healthy_zscore") -> "HealthyTissueZScore":
@@ -137,13 +144,40 @@ class HealthyTissueZScore:
         return np.where(brain, scaled, -1.0).astype(np.float32)
 
     def inverse(self, normalized: np.ndarray, brain: np.ndarray, floor: float = 0.0) -> np.ndarray:
-        """Back to intensities, at least ``floor`` in the brain: 0 for scanner units (the lowest z-scores of a dim
-        CSF voxel may fall below 0); a real case's own minimum where its values go below 0 (a z-scored scan)."""
+        """Back to intensities, at least ``floor`` and the normaliser's own ``floor`` in the brain: 0 for scanner
+        units (the lowest z-scores of a dim CSF voxel may fall below 0); a real case's own minimum where its values
+        go below 0 (a z-scored scan); a model's floor the darkest signal of its training brains."""
         values = np.clip(normalized, -1.0, 1.0) * (self.std * self.scale) + self.mean
-        return np.where(brain, np.maximum(values, floor), 0.0).astype(np.float32)
+        return np.where(brain, np.maximum(values, max(floor, self.floor)), 0.0).astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        entry = asdict(self)
+        if not self.floor:
+            del entry["floor"]  # as written before floors existed: a case's normaliser, an older model's
+        return entry
+
+
+def signal_floor_z(normalized: np.ndarray, brain: np.ndarray, normalizer: HealthyTissueZScore) -> float:
+    """The darkest signal of one case's brain, in z: its :data:`SIGNAL_FLOOR_PERCENTILE` over the brain's
+    voxels brighter than 0.1 % of the reference tissue's mean.
+
+    Voxels at the scan's 0 (a contrast's brain mask a little smaller than the label map's) carry no signal and
+    are left out.
+
+    Args:
+        normalized: the case's image as ``normalizer.forward`` gave it.
+        brain: the label map's brain.
+    """
+    z = normalized[brain].astype(np.float64) * normalizer.scale
+    with_signal = z[z * normalizer.std + normalizer.mean > 1e-3 * abs(normalizer.mean)]
+    if with_signal.size == 0:
+        raise ValueError("no brain voxel carries signal")
+    return float(np.percentile(with_signal, SIGNAL_FLOOR_PERCENTILE))
+
+
+def with_signal_floor(normalizer: HealthyTissueZScore, floor_z: float) -> HealthyTissueZScore:
+    """``normalizer`` whose inverse returns at least the intensity of ``floor_z`` (and never below 0)."""
+    return replace(normalizer, floor=max(0.0, normalizer.mean + floor_z * normalizer.std))
 
 
 def normalizer_from_json(data: dict[str, Any]) -> Normalizer:

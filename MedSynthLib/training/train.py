@@ -406,10 +406,23 @@ def generator_adversarial_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
 
 
 def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, Any]]:
-    """Mean normalisation statistics per modality: how outputs map back to scanner units."""
-    from ..synthesis.normalize import mean_normalizer
+    """Mean normalisation statistics per modality: how outputs map back to scanner units.
 
-    return {m: mean_normalizer([v.normalizers[m] for v in volumes]).to_json() for m in MODALITY_ORDER}
+    A z-score model also keeps a floor: the median over its cases of each brain's darkest signal
+    (:func:`~MedSynthLib.synthesis.normalize.signal_floor_z`), so no synthetic brain voxel comes out 0.
+    """
+    from ..synthesis.normalize import HealthyTissueZScore, mean_normalizer, signal_floor_z, with_signal_floor
+
+    statistics = {}
+    for c, m in enumerate(MODALITY_ORDER):
+        per_case = [v.normalizers[m] for v in volumes]
+        normalizer = mean_normalizer(per_case)  # one kind for all cases, or it refuses
+        if isinstance(normalizer, HealthyTissueZScore):
+            floors = [signal_floor_z(v.images[c], brain_mask(v.labels), case)
+                      for v, case in zip(volumes, per_case) if isinstance(case, HealthyTissueZScore)]
+            normalizer = with_signal_floor(normalizer, float(np.median(floors)))
+        statistics[m] = normalizer.to_json()
+    return statistics
 
 
 def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume: bool = False,
