@@ -914,21 +914,27 @@ def test_one_hot_layouts_agree(dtype, shape) -> None:
         assert last.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect of the shipped medsynth-spade27-border (docs/model_card.md, 'The "
-                                       "brain's outermost voxel layer'): 2.0 % of that layer comes out 0 on the template "
-                                       "in FLAIR (0-0.1 % in the other contrasts; 28-49 % before the resampling fix)")
 def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
     """Every voxel of the label map's brain carries signal, as in a real skull-stripped scan.
 
     In the 4 real cases measured for the model card (BraTS 2018, 2019, 2021) none of the 60,000-71,000 voxels of
     the brain's outermost layer is 0 in any contrast; their median is 0.38-2.0x white matter's. Measured here on
-    the healthy template's brain, which ships with the project (no patient data needed).
+    the healthy template's brain, which ships with the project (no patient data needed). The model's floor (the
+    median of its training brains' darkest signal) keeps every voxel above 0; where the network itself goes darker
+    than that floor is counted too: in the outermost layers of the 27 real cases 0.3-1.1 % of voxels (median case;
+    mean 2.5-4.2 %) lie below it; the shipped model puts 0.0 / 4.6 / 0.0 / 5.0 % of the template's there
+    (T1 / T1ce / T2 / FLAIR; before the floor, 2.0 % of FLAIR's came out 0).
     """
     from MedSynthLib.cases.template import template_label_map
     from MedSynthLib.evaluation.image_checks import outermost_layer
 
     labelmap = template_label_map()
-    result = SynthesisEngine(resolve_model(None), device="cpu", precision="auto").synthesize(labelmap, seed=0)
+    card = resolve_model(None)
+    result = SynthesisEngine(card, device="cpu", precision="auto").synthesize(labelmap, seed=0)
     rim = outermost_layer(labelmap.array > 0)
+    floors = {m: card.config["intensity"][m].get("floor", 0.0) for m in result.images}
+    assert all(f > 0 for f in floors.values()), floors
     zero = {m: float(np.mean(image[rim] == 0)) for m, image in result.images.items()}
-    assert max(zero.values()) <= 0.01, zero
+    at_floor = {m: float(np.mean(image[rim] <= floors[m])) for m, image in result.images.items()}
+    assert max(zero.values()) == 0.0, zero
+    assert max(at_floor.values()) <= 0.08, at_floor
