@@ -600,8 +600,11 @@ def test_a_models_floor_is_the_lowest_intensity_it_returns_in_the_brain():
     np.testing.assert_allclose(norm.inverse(normalized, brain), [[[30.0, 30.0, 40.0, 0.0]]], rtol=1e-6)
     np.testing.assert_allclose(norm.inverse(normalized, brain, floor=35.0), [[[35.0, 35.0, 40.0, 0.0]]], rtol=1e-6)
     assert norm.to_json()["floor"] == 30.0 and normalizer_from_json(norm.to_json()) == norm
-    # Without a floor the entry is what it was before floors existed.
-    assert "floor" not in HealthyTissueZScore(100.0, 20.0).to_json()
+    # Without a floor of its own (a case's normaliser) only the caller's floor counts, a z-scored scan's negative
+    # minimum included, and the entry is what it was before floors existed.
+    own = HealthyTissueZScore(100.0, 20.0, 15.0, "tissue_zscore")
+    np.testing.assert_allclose(own.inverse(normalized, brain, floor=-150.0), [[[-150.0, 25.0, 40.0, 0.0]]], rtol=1e-6)
+    assert "floor" not in own.to_json()
 
 
 def test_signal_floor_z_is_the_darkest_signal_of_the_brain_left_out_its_zeros():

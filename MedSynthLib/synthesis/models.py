@@ -357,7 +357,7 @@ def _check_model_config(config: dict[str, Any], source: Path) -> tuple["NetworkC
             if getattr(normaliser, "high", 1.0) <= getattr(normaliser, "low", 0.0) or min(
                     getattr(normaliser, "std", 1.0), getattr(normaliser, "scale", 1.0)) <= 0:
                 raise ValueError("an empty range")
-            if isinstance(normaliser, HealthyTissueZScore):
+            if isinstance(normaliser, HealthyTissueZScore) and normaliser.floor is not None:
                 floor = normaliser.floor
                 if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not math.isfinite(floor):
                     raise ValueError("the floor is not a finite number")

@@ -106,14 +106,15 @@ class HealthyTissueZScore:
         scale: z-score that maps to +-1 (models store theirs; older models keep +-6).
         kind: ``healthy_zscore`` or ``tissue_zscore``.
         floor: the lowest intensity :meth:`inverse` returns in the brain: a model's, from its training cases
-            (:func:`signal_floor_z`); 0 for a case's own normaliser and for models trained without it.
+            (:func:`signal_floor_z`); None (only the caller's floor) for a case's own normaliser and for models
+            trained without it.
     """
 
     mean: float
     std: float
     scale: float = ZSCORE_SCALE
     kind: str = "healthy_zscore"
-    floor: float = 0.0
+    floor: float | None = None
 
     @classmethod
     def fit(cls, image: np.ndarray, healthy: np.ndarray, kind: str = "healthy_zscore") -> "HealthyTissueZScore":
@@ -148,11 +149,12 @@ class HealthyTissueZScore:
         units (the lowest z-scores of a dim CSF voxel may fall below 0); a real case's own minimum where its values
         go below 0 (a z-scored scan); a model's floor the darkest signal of its training brains."""
         values = np.clip(normalized, -1.0, 1.0) * (self.std * self.scale) + self.mean
-        return np.where(brain, np.maximum(values, max(floor, self.floor)), 0.0).astype(np.float32)
+        lowest = floor if self.floor is None else max(floor, self.floor)
+        return np.where(brain, np.maximum(values, lowest), 0.0).astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
         entry = asdict(self)
-        if not self.floor:
+        if self.floor is None:
             del entry["floor"]  # as written before floors existed: a case's normaliser, an older model's
         return entry
 
