@@ -641,7 +641,8 @@ def test_train_with_healthy_tissue_zscore(brats_data: Path, tmp_path: Path) -> N
                               ("t1", "t1ce", "t2", "flair"))
     assert images["t1"][1, 1, 1] == pytest.approx(intensity["t1"]["mean"], rel=1e-5)
     assert images["t1"][0, 0, 0] == 0.0
-    darkest = to_scanner_units(np.full((4, 4, 4, 4), -1.0, np.float32), labels, intensity, ("t1", "t1ce", "t2", "flair"))
+    darkest = to_scanner_units(np.full((4, 4, 4, 4), -1.0, np.float32), labels, intensity,
+                               ("t1", "t1ce", "t2", "flair"))
     assert darkest["t1"][1, 1, 1] == pytest.approx(intensity["t1"]["floor"], rel=1e-5) and darkest["t1"][1, 1, 1] > 0
 
 

@@ -350,19 +350,16 @@ def _check_model_config(config: dict[str, Any], source: Path) -> tuple["NetworkC
             if not isinstance(entry, dict):
                 raise TypeError("missing")
             normaliser = normalizer_from_json(entry)
-            values = [v for v in normaliser.to_json().values() if not isinstance(v, str)]
+            values = [v for k, v in normaliser.to_json().items() if k != "kind"]  # every statistic, a floor too
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                        for v in values):
                 raise ValueError("not finite numbers")
             if getattr(normaliser, "high", 1.0) <= getattr(normaliser, "low", 0.0) or min(
                     getattr(normaliser, "std", 1.0), getattr(normaliser, "scale", 1.0)) <= 0:
                 raise ValueError("an empty range")
-            if isinstance(normaliser, HealthyTissueZScore) and normaliser.floor is not None:
-                floor = normaliser.floor
-                if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not math.isfinite(floor):
-                    raise ValueError("the floor is not a finite number")
-                if not 0 <= floor < normaliser.mean + normaliser.std * normaliser.scale:
-                    raise ValueError("a floor outside the intensity range")
+            if isinstance(normaliser, HealthyTissueZScore) and normaliser.floor is not None and not (
+                    0 <= normaliser.floor < normaliser.mean + normaliser.std * normaliser.scale):
+                raise ValueError("a floor outside the intensity range")
         except (TypeError, ValueError) as exc:
             raise InputError(source, f"model config: intensity statistics of {modality} are invalid ({exc}): "
                                      f"{json.dumps(entry)[:80]}") from None
