@@ -63,3 +63,17 @@ def test_class_mean_errors_are_measured_and_only_the_intensities_are_replaced(of
     # nearly the real image, and better than the flat painting that lacks it
     assert out["model_structure_own_means"] > 0.95
     assert out["model_structure_own_means"] > out["flat_own_means"] + 0.02
+
+
+def test_pooling_takes_every_case_of_every_fold_once() -> None:
+    def row(name: str, model: float, flat: float) -> dict:
+        scores = {k: 0.3 for k in probe.ROWS}
+        return {"case": name, **{m: {**scores, "model": model, "flat_model_means": flat} for m in probe.MODALITIES}}
+
+    fold0 = {"fold": 0, "model": {"name": "a"}, "per_case": [row("p", 0.2, 0.3), row("q", 0.4, 0.1)]}
+    fold1 = {"fold": 1, "model": {"name": "b"}, "per_case": [row("r", 0.6, 0.5)]}
+    pooled = probe.pool([fold0, fold1])
+    assert pooled["cases"] == 3 and pooled["folds"] == [0, 1]
+    # a mean over the three cases, not over the two folds' means (0.35)
+    assert abs(pooled["summary"]["model"]["mean"] - 0.4) < 1e-9
+    assert pooled["flat_model_means_beats_model"] == {m: 1 for m in probe.MODALITIES}

@@ -22,6 +22,8 @@ The real image is read only for the oracle rows, never by the model.
         --config Resources/configs/spade_brats27_cpu64_cv.json --fold 2 \\
         --data ../shared/data/brats2021/cases ../shared/data/brats_more/cases --cache /work/runs/cache_spade \\
         --json docs/synthesis_cv/structure_probe_f2.json
+    python benchmarks/synthesis_structure_probe.py --pool docs/synthesis_cv/structure_probe_f*.json \\
+        --json docs/synthesis_cv/structure_probe_pooled.json   # every fold's cases together
 """
 
 from __future__ import annotations
@@ -82,19 +84,39 @@ def probe_contrast(real: np.ndarray, synthetic: np.ndarray, labels: np.ndarray, 
             "model_mean_minus_own": {str(v): model[v] - own[v] for v in own}}
 
 
-def main() -> int:
-    import torch
+def pool(reports: list[dict]) -> dict:
+    """The rows of several folds' reports over all their cases: means per contrast and over the four, and on how
+    many cases (contrast by contrast) the flat painting with the model's own class means beat the model."""
+    rows = [row for report in reports for row in report["per_case"]]
+    summary = {k: {"mean": float(np.mean([np.mean([r[m][k] for m in MODALITIES]) for r in rows])),
+                   **{m: float(np.mean([r[m][k] for r in rows])) for m in MODALITIES}} for k in ROWS}
+    flat_wins = {m: int(sum(r[m]["flat_model_means"] > r[m]["model"] for r in rows)) for m in MODALITIES}
+    return {"folds": [report["fold"] for report in reports], "models": [report["model"] for report in reports],
+            "cases": len(rows), "summary": summary, "flat_model_means_beats_model": flat_wins}
 
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--config", type=Path, required=True, help="training config holding cv_folds")
-    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--pool", nargs="+", type=Path, help="pool the JSON reports of earlier runs and stop")
+    parser.add_argument("--model")
+    parser.add_argument("--config", type=Path, help="training config holding cv_folds")
+    parser.add_argument("--fold", type=int)
     parser.add_argument("--max-cases", type=int, default=None)
-    parser.add_argument("--data", nargs="+", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True, help="training cache (the label maps)")
+    parser.add_argument("--data", nargs="+", type=Path)
+    parser.add_argument("--cache", type=Path, help="training cache (the label maps)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.pool:
+        pooled = pool([json.loads(path.read_text()) for path in args.pool])
+        print(json.dumps(pooled, indent=1))
+        if args.json:
+            write_json(pooled, args.json, overwrite=True)
+        return 0
+    if None in (args.model, args.config, args.fold, args.data, args.cache):
+        parser.error("--model, --config, --fold, --data and --cache are required without --pool")
+    import torch
+
     torch.set_num_threads(args.threads)
 
     held = json.loads(args.config.read_text())["cv_folds"][args.fold][: args.max_cases]
