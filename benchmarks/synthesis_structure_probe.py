@@ -84,12 +84,17 @@ def probe_contrast(real: np.ndarray, synthetic: np.ndarray, labels: np.ndarray, 
             "model_mean_minus_own": {str(v): model[v] - own[v] for v in own}}
 
 
+def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Each row's mean over cases, per contrast and over the four contrasts."""
+    return {k: {"mean": float(np.mean([np.mean([r[m][k] for m in MODALITIES]) for r in rows])),
+                **{m: float(np.mean([r[m][k] for r in rows])) for m in MODALITIES}} for k in ROWS}
+
+
 def pool(reports: list[dict]) -> dict:
     """The rows of several folds' reports over all their cases: means per contrast and over the four, and on how
     many cases (contrast by contrast) the flat painting with the model's own class means beat the model."""
     rows = [row for report in reports for row in report["per_case"]]
-    summary = {k: {"mean": float(np.mean([np.mean([r[m][k] for m in MODALITIES]) for r in rows])),
-                   **{m: float(np.mean([r[m][k] for r in rows])) for m in MODALITIES}} for k in ROWS}
+    summary = summarise(rows)
     flat_wins = {m: int(sum(r[m]["flat_model_means"] > r[m]["model"] for r in rows)) for m in MODALITIES}
     return {"folds": [report["fold"] for report in reports], "models": [report["model"] for report in reports],
             "cases": len(rows), "summary": summary, "flat_model_means_beats_model": flat_wins}
@@ -131,8 +136,7 @@ def main() -> int:
         row = {"case": name, **{m: probe_contrast(case.images[m], images[m], labels, brain) for m in MODALITIES}}
         rows.append(row)
         print(name, {k: round(float(np.mean([row[m][k] for m in MODALITIES])), 3) for k in ROWS}, flush=True)
-    summary = {k: {"mean": float(np.mean([np.mean([r[m][k] for m in MODALITIES]) for r in rows])),
-                   **{m: float(np.mean([r[m][k] for r in rows])) for m in MODALITIES}} for k in ROWS}
+    summary = summarise(rows)
     report = {"command": " ".join(sys.argv), "model": {"name": engine.model.name, "sha256": engine.model.sha256},
               "fold": args.fold, "cases": held, "summary": summary, "per_case": rows}
     print(json.dumps(summary, indent=1))
