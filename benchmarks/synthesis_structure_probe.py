@@ -38,10 +38,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from synthesis_cv import _cached_labels  # noqa: E402
+from synthesis_smoothing_probe import brain_ssim  # noqa: E402
 
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
 from MedSynthLib.evaluation.evaluate import real_brain_mask  # noqa: E402
-from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
+from MedSynthLib.evaluation.metrics import class_mean_baseline  # noqa: E402
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
@@ -53,19 +54,8 @@ SMOOTHING_SIGMA = 1.0
 ROWS = ("model", "flat_model_means", "flat_own_means", "model_structure_own_means", "own_means_smoothed")
 
 
-def brain_ssim(real_z: np.ndarray, image: np.ndarray, brain: np.ndarray) -> float:
-    return float(fidelity(real_z, image.astype(np.float32), brain, {})["brain"]["ssim"])
-
-
 def class_means(z: np.ndarray, labels: np.ndarray, brain: np.ndarray) -> dict[int, float]:
     return {int(v): float(z[(labels == v) & brain].mean()) for v in np.unique(labels[brain])}
-
-
-def paint(labels: np.ndarray, brain: np.ndarray, means: dict[int, float]) -> np.ndarray:
-    out = np.zeros(labels.shape, np.float32)
-    for value, mean in means.items():
-        out[(labels == value) & brain] = mean
-    return out
 
 
 def probe_contrast(real: np.ndarray, synthetic: np.ndarray, labels: np.ndarray, brain: np.ndarray) -> dict[str, object]:
@@ -74,7 +64,8 @@ def probe_contrast(real: np.ndarray, synthetic: np.ndarray, labels: np.ndarray, 
 
     real_z, synthetic_z = zscore(real.astype(np.float32), brain), zscore(synthetic.astype(np.float32), brain)
     own, model = class_means(real_z, labels, brain), class_means(synthetic_z, labels, brain)
-    flat_own, flat_model = paint(labels, brain, own), paint(labels, brain, model)
+    flat_own = class_mean_baseline(labels, real_z, brain, own)
+    flat_model = class_mean_baseline(labels, synthetic_z, brain, model)
     drawn = np.where(brain, synthetic_z - flat_model, 0.0).astype(np.float32)
     return {"model": brain_ssim(real_z, synthetic_z, brain),
             "flat_model_means": brain_ssim(real_z, flat_model, brain),

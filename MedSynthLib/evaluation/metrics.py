@@ -63,9 +63,12 @@ def fidelity(real: np.ndarray, synthetic: np.ndarray, brain: np.ndarray,
 
 def class_mean_baseline(labels: np.ndarray, real: np.ndarray, brain: np.ndarray,
                         class_means: dict[int, float] | None = None) -> np.ndarray:
-    """Paint every label class with one intensity (its mean z-score, from ``class_means`` or this image)."""
-    z = zscore(real, brain)
-    out = np.zeros_like(z)
+    """Paint every label class with one intensity (its mean z-score, from ``class_means`` or this image).
+
+    ``real`` is read only when ``class_means`` is None (then its z-score in ``brain`` gives the means).
+    """
+    z = zscore(real, brain) if class_means is None else None
+    out = np.zeros(labels.shape, np.float32)
     for value in np.unique(labels[brain]):
         mask = (labels == value) & brain
         out[mask] = class_means[int(value)] if class_means is not None else z[mask].mean()
