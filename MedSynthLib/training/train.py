@@ -27,14 +27,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..evaluation.metrics import DATA_RANGE
 from ..schema.errors import InputError, MedSynthError
 from ..schema.labels import brain_mask, tumour_mask
 from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
+from ..synthesis.normalize import ZSCORE_KINDS
 from .divergence import DivergenceGuard, masked_l1
 from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, cases_by_name, data_summary,
                    find_case_sources, prepare_volume)
+from .losses import masked_ssim_loss
 
 if TYPE_CHECKING:
     from ..synthesis.models import ModelCard
@@ -61,6 +64,10 @@ class TrainConfig:
     # (1: the same; that layer is about 4 % of a patch's brain). Measured at 10 with the default resampling, which
     # makes that layer's targets dark: the layer came out darker still (docs/model_card.md).
     rim_weight: float = 1.0
+    # Weight of a 1 - SSIM term beside the L1, counted where the L1 counts, on the scale of MedSynth's metrics
+    # (training/losses.py; z-score normalisations only). 0: the L1 and adversarial terms alone, as every model
+    # before session 29.
+    lambda_ssim: float = 0.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
     # from the real images towards the standard normal that synthesis draws from.
@@ -215,8 +222,11 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, f"betas[{index}]", beta, 0, 1)
     for name in ("lr_decay_fraction", "tumour_fraction", "inpaint_tumour_fraction"):
         check_range(source, name, getattr(config, name), 0, 1)
-    for name in ("lambda_l1", "rotate_deg", "scale", "intensity", "divergence_window"):
+    for name in ("lambda_l1", "lambda_ssim", "rotate_deg", "scale", "intensity", "divergence_window"):
         check_range(source, name, getattr(config, name), 0)
+    if config.lambda_ssim > 0 and config.normalization not in ZSCORE_KINDS:
+        raise InputError(source, "lambda_ssim scores SSIM on the z scale of MedSynth's metrics: it needs a z-score "
+                                 f"normalization ({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
     check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
     if config.threads is not None:
         check_range(source, "threads", config.threads, 1, 4096)
@@ -631,6 +641,11 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             weights = loss_weights(counted, labels, config.rim_weight)
             loss_l1 = masked_l1(fake.float(), real, weights)
             loss_g = config.lambda_l1 * loss_l1
+            if config.lambda_ssim > 0:
+                # The network's units are z / scale: the metrics' data range of 8 z, in those units.
+                loss_ssim = masked_ssim_loss(fake, real, counted, DATA_RANGE / ZSCORE_KINDS[config.normalization])
+                loss_g = loss_g + config.lambda_ssim * loss_ssim
+                logs["loss/ssim"] = loss_ssim.item()
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
                 logs["loss/style_kl"] = kl.item()

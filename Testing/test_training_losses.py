@@ -1,0 +1,106 @@
+"""The structural-similarity term of the generator's loss (``lambda_ssim``, ``training/losses.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import training_cache_of
+from MedSynthLib.cli import main
+from MedSynthLib.evaluation.metrics import DATA_RANGE, SSIM_KERNEL, SSIM_SIGMA
+from MedSynthLib.schema.errors import InputError
+from MedSynthLib.synthesis.normalize import TISSUE_ZSCORE_SCALE
+from MedSynthLib.training.losses import gaussian_ssim_map, masked_ssim_loss
+from MedSynthLib.training.train import TrainConfig
+from test_training import MICRO
+
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 24, 20), (1, 4, 18, 16, 20)])
+def test_the_ssim_map_is_monais(shape: tuple[int, ...]) -> None:
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    rng = torch.Generator().manual_seed(len(shape))
+    target = torch.rand(shape, generator=rng) * 2 - 1
+    prediction = target + 0.4 * torch.randn(shape, generator=rng)
+    spatial_dims = len(shape) - 2
+    expected, _ = compute_ssim_and_cs(prediction, target, spatial_dims, [SSIM_KERNEL] * spatial_dims,
+                                      [SSIM_SIGMA] * spatial_dims, 0.5, "gaussian", 0.01, 0.03)
+    ours = gaussian_ssim_map(prediction, target, 0.5)
+    assert ours.shape == expected.shape == shape[:2] + tuple(n - SSIM_KERNEL + 1 for n in shape[2:])
+    assert torch.allclose(ours, expected, atol=1e-4)
+    assert 0.1 < float(ours.mean()) < 0.9  # neither equal nor unrelated images: the comparison means something
+
+
+def test_the_loss_counts_only_where_the_weights_are() -> None:
+    rng = torch.Generator().manual_seed(5)
+    real = torch.rand((1, 2, 24, 24, 24), generator=rng)
+    assert float(masked_ssim_loss(real.clone(), real, None, 1.0)) == pytest.approx(0.0, abs=1e-6)
+
+    weights = torch.zeros((1, 1, 24, 24, 24))
+    weights[:, :, 8:16, 8:16, 8:16] = 1.0
+    prediction = (real + 0.3 * torch.randn(real.shape, generator=rng)).requires_grad_(True)
+    loss = masked_ssim_loss(prediction, real, weights, 1.0)
+    loss.backward()
+    loss = loss.detach()
+    assert 0.05 < float(loss) < 1.0
+    half = SSIM_KERNEL // 2
+    reach = torch.zeros((24, 24, 24), dtype=torch.bool)
+    reach[8 - half:16 + half, 8 - half:16 + half, 8 - half:16 + half] = True  # the windows of counted voxels
+    grad = prediction.grad.abs().sum(dim=(0, 1))
+    assert grad[~reach].max() == 0 and grad[8:16, 8:16, 8:16].min() > 0
+
+    # Better inside the counted voxels -> lower loss; a change outside their windows -> the same loss.
+    closer = prediction.detach().clone()
+    closer[:, :, 8:16, 8:16, 8:16] = real[:, :, 8:16, 8:16, 8:16]
+    assert float(masked_ssim_loss(closer, real, weights, 1.0)) < float(loss)
+    elsewhere = prediction.detach().clone()
+    elsewhere[:, :, :2] = 5.0
+    assert float(masked_ssim_loss(elsewhere, real, weights, 1.0)) == pytest.approx(float(loss), abs=1e-6)
+
+
+def test_lambda_ssim_is_checked_and_off_by_default() -> None:
+    assert TrainConfig().lambda_ssim == 0.0
+    assert TrainConfig.from_json(dict(MICRO, lambda_ssim=10.0, normalization="tissue_zscore")).lambda_ssim == 10.0
+    with pytest.raises(InputError, match="lambda_ssim .* needs a z-score normalization .* not 'percentile'"):
+        TrainConfig.from_json(dict(MICRO, lambda_ssim=10.0), "cfg.json")
+    with pytest.raises(InputError, match="lambda_ssim"):
+        TrainConfig.from_json(dict(MICRO, lambda_ssim=-1.0, normalization="tissue_zscore"), "cfg.json")
+
+
+def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tmp_path: Path, monkeypatch) -> None:
+    import MedSynthLib.training.train as train_module
+
+    calls: list[tuple[torch.Tensor | None, float]] = []
+    original = train_module.masked_ssim_loss
+
+    def recording(prediction, real, weights, data_range):
+        calls.append((None if weights is None else weights.detach().clone(), data_range))
+        return original(prediction, real, weights, data_range)
+
+    monkeypatch.setattr(train_module, "masked_ssim_loss", recording)
+    cache = training_cache_of(phantom_brats)  # entries are keyed by the normalisation
+    for weight in (0.0, 5.0):
+        calls.clear()
+        config = tmp_path / f"ssim{weight}.json"
+        config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
+                                          normalization="tissue_zscore", lambda_ssim=weight)))
+        run = tmp_path / f"run{weight}"
+        args = ["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
+                "--cache", str(cache)]
+        assert main(args) == 0
+        recorded = json.loads((run / "train_config.json").read_text())["config"]
+        assert recorded["lambda_ssim"] == weight
+        events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
+        if weight == 0.0:
+            assert calls == [] and b"loss/ssim" not in events
+            continue
+        assert len(calls) == 2 and b"loss/ssim" in events
+        for region, data_range in calls:
+            # The brain of the patch (where the L1 counts), on the metrics' scale of 8 z.
+            assert set(region.unique().tolist()) == {0.0, 1.0}
+            assert data_range == pytest.approx(DATA_RANGE / TISSUE_ZSCORE_SCALE)
