@@ -63,8 +63,34 @@ def test_the_loss_counts_only_where_the_weights_are() -> None:
     assert float(masked_ssim_loss(elsewhere, real, weights, 1.0)) == pytest.approx(float(loss), abs=1e-6)
 
 
+def test_the_interior_loss_keeps_its_windows_inside_the_region() -> None:
+    """With ``interior`` no window crosses the region's border: the output outside the region gets no gradient
+    and the values there do not change the loss (without it, windows of the region's edge voxels reach out)."""
+    rng = torch.Generator().manual_seed(8)
+    real = torch.rand((1, 2, 28, 28, 28), generator=rng)
+    weights = torch.zeros((1, 1, 28, 28, 28))
+    weights[:, :, 4:24, 4:24, 4:24] = 1.0
+    outside = weights[0, 0] == 0
+    grads = {}
+    for interior in (False, True):
+        prediction = (real + 0.3 * torch.randn(real.shape, generator=rng)).requires_grad_(True)
+        masked_ssim_loss(prediction, real, weights, 1.0, interior=interior).backward()
+        grads[interior] = prediction.grad.abs().sum(dim=(0, 1))
+    assert grads[False][outside].max() > 0
+    assert grads[True][outside].max() == 0 and grads[True][~outside].max() > 0
+    # Only the 10^3 voxels whose 11^3 window fits in the 20^3 region count: their SSIM, averaged.
+    prediction = real + 0.3 * torch.randn(real.shape, generator=rng)
+    ssim = gaussian_ssim_map(prediction, real, 1.0)[:, :, 4:14, 4:14, 4:14]
+    assert float(masked_ssim_loss(prediction, real, weights, 1.0, interior=True)) == pytest.approx(
+        1.0 - float(ssim.mean()), abs=1e-6)
+
+
 def test_lambda_ssim_is_checked_and_off_by_default() -> None:
-    assert TrainConfig().lambda_ssim == 0.0
+    assert TrainConfig().lambda_ssim == 0.0 and TrainConfig().ssim_interior is False
+    assert TrainConfig.from_json(dict(MICRO, lambda_ssim=1.0, ssim_interior=True,
+                                      normalization="tissue_zscore")).ssim_interior is True
+    with pytest.raises(InputError, match="ssim_interior shapes the SSIM term: it needs lambda_ssim above 0"):
+        TrainConfig.from_json(dict(MICRO, ssim_interior=True, normalization="tissue_zscore"), "cfg.json")
     assert TrainConfig.from_json(dict(MICRO, lambda_ssim=10.0, normalization="tissue_zscore")).lambda_ssim == 10.0
     with pytest.raises(InputError, match="lambda_ssim .* needs a z-score normalization .* not 'percentile'"):
         TrainConfig.from_json(dict(MICRO, lambda_ssim=10.0), "cfg.json")
@@ -75,12 +101,12 @@ def test_lambda_ssim_is_checked_and_off_by_default() -> None:
 def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tmp_path: Path, monkeypatch) -> None:
     import MedSynthLib.training.train as train_module
 
-    calls: list[tuple[torch.Tensor | None, float]] = []
+    calls: list[tuple[torch.Tensor | None, float, bool]] = []
     original = train_module.masked_ssim_loss
 
-    def recording(prediction, real, weights, data_range):
-        calls.append((None if weights is None else weights.detach().clone(), data_range))
-        return original(prediction, real, weights, data_range)
+    def recording(prediction, real, weights, data_range, interior=False):
+        calls.append((None if weights is None else weights.detach().clone(), data_range, interior))
+        return original(prediction, real, weights, data_range, interior=interior)
 
     monkeypatch.setattr(train_module, "masked_ssim_loss", recording)
     cache = training_cache_of(phantom_brats)  # entries are keyed by the normalisation
@@ -88,7 +114,8 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
         calls.clear()
         config = tmp_path / f"ssim{weight}.json"
         config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
-                                          normalization="tissue_zscore", lambda_ssim=weight)))
+                                          normalization="tissue_zscore", lambda_ssim=weight,
+                                          ssim_interior=weight > 0)))
         run = tmp_path / f"run{weight}"
         args = ["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
                 "--cache", str(cache)]
@@ -100,7 +127,7 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
             assert calls == [] and b"loss/ssim" not in events
             continue
         assert len(calls) == 2 and b"loss/ssim" in events
-        for region, data_range in calls:
-            # The brain of the patch (where the L1 counts), on the metrics' scale of 8 z.
+        for region, data_range, interior in calls:
+            # The brain of the patch (where the L1 counts), on the metrics' scale of 8 z, as configured.
             assert set(region.unique().tolist()) == {0.0, 1.0}
-            assert data_range == pytest.approx(DATA_RANGE / TISSUE_ZSCORE_SCALE)
+            assert data_range == pytest.approx(DATA_RANGE / TISSUE_ZSCORE_SCALE) and interior is True

@@ -68,17 +68,23 @@ def gaussian_ssim_map(prediction: torch.Tensor, target: torch.Tensor, data_range
 
 
 def masked_ssim_loss(prediction: torch.Tensor, real: torch.Tensor, weights: torch.Tensor | None,
-                     data_range: float) -> torch.Tensor:
+                     data_range: float, interior: bool = False) -> torch.Tensor:
     """``1 -`` the mean SSIM over the voxels where the loss counts (``weights``, (B, 1, *spatial)).
 
     A voxel's SSIM needs its whole window, so only voxels at least ``kernel_size // 2`` from the patch's
-    faces count; ``weights`` None counts every such voxel.
+    faces count; ``weights`` None counts every such voxel. With ``interior`` a voxel counts only when its whole
+    window lies where the weights are non-zero, so no window straddles the region's border (for the brain: the
+    brain-to-background edge, which a window there scores more than the tissue).
     """
     ssim = gaussian_ssim_map(prediction.float(), real.float(), data_range)
     if weights is None:
         return 1.0 - ssim.mean()
-    half = SSIM_KERNEL // 2
-    crop = (slice(None), slice(None)) + tuple(slice(half, n - half) for n in weights.shape[2:])
-    inside = weights[crop].float()
+    if interior:
+        pool = getattr(F, f"max_pool{weights.dim() - 2}d")
+        inside = -pool(-(weights > 0).float(), kernel_size=SSIM_KERNEL, stride=1)  # 1 where the window is all in
+    else:
+        half = SSIM_KERNEL // 2
+        crop = (slice(None), slice(None)) + tuple(slice(half, n - half) for n in weights.shape[2:])
+        inside = weights[crop].float()
     total = inside.sum() * ssim.shape[1]
     return 1.0 - (ssim * inside).sum() / total.clamp(min=1e-6)

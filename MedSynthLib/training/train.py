@@ -68,6 +68,9 @@ class TrainConfig:
     # (training/losses.py; z-score normalisations only). 0: the L1 and adversarial terms alone, as every model
     # before session 29.
     lambda_ssim: float = 0.0
+    # Count the SSIM term only at voxels whose whole window lies where the loss counts (no window across the
+    # brain's border). Off: every counted voxel, the recipe measured first (docs/model_card.md).
+    ssim_interior: bool = False
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
     # from the real images towards the standard normal that synthesis draws from.
@@ -224,6 +227,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, name, getattr(config, name), 0, 1)
     for name in ("lambda_l1", "lambda_ssim", "rotate_deg", "scale", "intensity", "divergence_window"):
         check_range(source, name, getattr(config, name), 0)
+    if config.ssim_interior and config.lambda_ssim == 0:
+        raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
     if config.lambda_ssim > 0 and config.normalization not in ZSCORE_KINDS:
         raise InputError(source, "lambda_ssim scores SSIM on the z scale of MedSynth's metrics: it needs a z-score "
                                  f"normalization ({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
@@ -643,7 +648,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             loss_g = config.lambda_l1 * loss_l1
             if config.lambda_ssim > 0:
                 # The network's units are z / scale: the metrics' data range of 8 z, in those units.
-                loss_ssim = masked_ssim_loss(fake, real, counted, DATA_RANGE / ZSCORE_KINDS[config.normalization])
+                loss_ssim = masked_ssim_loss(fake, real, counted, DATA_RANGE / ZSCORE_KINDS[config.normalization],
+                                             interior=config.ssim_interior)
                 loss_g = loss_g + config.lambda_ssim * loss_ssim
                 logs["loss/ssim"] = loss_ssim.item()
             if kl is not None:
