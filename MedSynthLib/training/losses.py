@@ -73,8 +73,8 @@ def masked_ssim_loss(prediction: torch.Tensor, real: torch.Tensor, weights: torc
 
     A voxel's SSIM needs its whole window, so only voxels at least ``kernel_size // 2`` from the patch's
     faces count; ``weights`` None counts every such voxel. With ``interior`` a voxel counts only when its whole
-    window lies where the weights are non-zero, so no window straddles the region's border (for the brain: the
-    brain-to-background edge, which a window there scores more than the tissue).
+    window lies where the weights are non-zero, so no window straddles the region's border (for the brain: a
+    window across the brain-to-background edge measures that edge more than the tissue).
     """
     ssim = gaussian_ssim_map(prediction.float(), real.float(), data_range)
     if weights is None:
