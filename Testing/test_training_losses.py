@@ -131,3 +131,47 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
             # The brain of the patch (where the L1 counts), on the metrics' scale of 8 z, as configured.
             assert set(region.unique().tolist()) == {0.0, 1.0}
             assert data_range == pytest.approx(DATA_RANGE / TISSUE_ZSCORE_SCALE) and interior is True
+
+
+def test_below_floor_is_the_mean_shortfall_where_the_loss_counts() -> None:
+    from MedSynthLib.training.train import below_floor
+
+    prediction = torch.tensor([[[0.5, -0.9, -0.2, -1.0]], [[0.0, 0.0, -0.6, 0.3]]]).reshape(1, 2, 4)
+    floor = torch.tensor([-0.5, -0.4])
+    # shortfalls: contrast 0 -> 0, 0.4, 0, 0.5; contrast 1 -> 0, 0, 0.2, 0
+    assert float(below_floor(prediction, floor, None)) == pytest.approx(1.1 / 8)
+    counted = torch.tensor([[[1.0, 0.0, 1.0, 1.0]]])
+    assert float(below_floor(prediction, floor, counted)) == pytest.approx(0.7 / 6)
+    assert float(below_floor(prediction + 2.0, floor, counted)) == 0.0
+    with pytest.raises(InputError, match="lambda_floor needs the floor of a z-score normalization"):
+        TrainConfig.from_json(dict(MICRO, lambda_floor=10.0), "cfg.json")
+
+
+def test_training_holds_the_output_above_the_floor_the_model_will_carry(phantom_brats: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    import MedSynthLib.training.train as train_module
+
+    floors: list[torch.Tensor] = []
+    original = train_module.below_floor
+
+    def recording(prediction, floor, counted):
+        floors.append(floor.detach().clone())
+        return original(prediction, floor, counted)
+
+    monkeypatch.setattr(train_module, "below_floor", recording)
+    config = tmp_path / "floor.json"
+    config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
+                                      normalization="tissue_zscore", lambda_floor=100.0)))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
+                 "--cache", str(training_cache_of(phantom_brats))]) == 0
+    assert len(floors) == 2 and torch.equal(floors[0], floors[1])
+    events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"loss/below_floor" in events
+    # The floor in the network's units is the exported model's floor (scanner units) on its z scale.
+    intensity = json.loads((run / "model" / "config.json").read_text())["intensity"]
+    for index, m in enumerate(("t1", "t1ce", "t2", "flair")):
+        entry = intensity[m]
+        floor_z = (entry["floor"] - entry["mean"]) / entry["std"]
+        assert float(floors[0][index]) * TISSUE_ZSCORE_SCALE == pytest.approx(floor_z, rel=1e-4, abs=1e-4)
+        assert float(floors[0][index]) < 0

@@ -71,6 +71,11 @@ class TrainConfig:
     # Count the SSIM term only at voxels whose whole window lies where the loss counts (no window across the
     # brain's border). Off: every counted voxel, the recipe measured first (docs/model_card.md).
     ssim_interior: bool = False
+    # Weight of a hinge below the darkest real signal: the mean, where the loss counts, of how far the output lies
+    # below the floor the model will carry (the median over the training cases of each brain's darkest signal,
+    # normalize.signal_floor_z). The SSIM term drew up to a fifth of the brain's outermost layer below it
+    # (docs/model_card.md). 0: off, as every model before session 29. z-score normalisations only.
+    lambda_floor: float = 0.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
     # from the real images towards the standard normal that synthesis draws from.
@@ -225,13 +230,16 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, f"betas[{index}]", beta, 0, 1)
     for name in ("lr_decay_fraction", "tumour_fraction", "inpaint_tumour_fraction"):
         check_range(source, name, getattr(config, name), 0, 1)
-    for name in ("lambda_l1", "lambda_ssim", "rotate_deg", "scale", "intensity", "divergence_window"):
+    for name in ("lambda_l1", "lambda_ssim", "lambda_floor", "rotate_deg", "scale", "intensity", "divergence_window"):
         check_range(source, name, getattr(config, name), 0)
     if config.ssim_interior and config.lambda_ssim == 0:
         raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
     if config.lambda_ssim > 0 and config.normalization not in ZSCORE_KINDS:
         raise InputError(source, "lambda_ssim scores SSIM on the z scale of MedSynth's metrics: it needs a z-score "
                                  f"normalization ({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
+    if config.lambda_floor > 0 and config.normalization not in ZSCORE_KINDS:
+        raise InputError(source, "lambda_floor needs the floor of a z-score normalization "
+                                 f"({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
     check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
     if config.threads is not None:
         check_range(source, "threads", config.threads, 1, 4096)
@@ -426,18 +434,43 @@ def _intensity_statistics(volumes: list[TrainingVolume]) -> dict[str, dict[str, 
     A z-score model also keeps a floor: the median over its cases of each brain's darkest signal
     (:func:`~MedSynthLib.synthesis.normalize.signal_floor_z`), so no synthetic brain voxel comes out 0.
     """
-    from ..synthesis.normalize import HealthyTissueZScore, mean_normalizer, signal_floor_z, with_signal_floor
+    from ..synthesis.normalize import HealthyTissueZScore, mean_normalizer, with_signal_floor
 
     statistics = {}
-    for c, m in enumerate(MODALITY_ORDER):
-        per_case = [v.normalizers[m] for v in volumes]
-        normalizer = mean_normalizer(per_case)  # one kind for all cases, or it refuses
+    floors = signal_floors_z(volumes)
+    for m in MODALITY_ORDER:
+        normalizer = mean_normalizer([v.normalizers[m] for v in volumes])  # one kind for all cases, or it refuses
         if isinstance(normalizer, HealthyTissueZScore):
-            floors = [signal_floor_z(v.images[c], brain_mask(v.labels), case)
-                      for v, case in zip(volumes, per_case) if isinstance(case, HealthyTissueZScore)]
-            normalizer = with_signal_floor(normalizer, float(np.median(floors)))
+            normalizer = with_signal_floor(normalizer, floors[m])
         statistics[m] = normalizer.to_json()
     return statistics
+
+
+def signal_floors_z(volumes: list[TrainingVolume]) -> dict[str, float]:
+    """Per contrast, the median over the z-scored cases of each brain's darkest signal, in z (the model's floor)."""
+    from ..synthesis.normalize import HealthyTissueZScore, signal_floor_z
+
+    floors = {}
+    for c, m in enumerate(MODALITY_ORDER):
+        per_case = [signal_floor_z(v.images[c], brain_mask(v.labels), v.normalizers[m])
+                    for v in volumes if isinstance(v.normalizers[m], HealthyTissueZScore)]
+        if per_case:
+            floors[m] = float(np.median(per_case))
+    return floors
+
+
+def below_floor(prediction: torch.Tensor, floor: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+    """The mean, over the voxels and contrasts where the loss counts, of how far ``prediction`` lies below ``floor``.
+
+    Args:
+        prediction: (B, C, ...) output in the network's units.
+        floor: (C,) the floor of each contrast in the same units.
+        counted: (B, 1, ...) 0/1 mask, or ``None`` for every voxel.
+    """
+    shortfall = torch.relu(floor.view(1, -1, *([1] * (prediction.dim() - 2))) - prediction.float())
+    if counted is None:
+        return shortfall.mean()
+    return (shortfall * counted).sum() / (counted.sum() * prediction.shape[1]).clamp(min=1.0)
 
 
 def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume: bool = False,
@@ -538,6 +571,11 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
+    floor = None
+    if config.lambda_floor > 0:  # the floor the exported model will carry, in the network's units
+        floors = signal_floors_z(volumes)
+        floor = torch.tensor([floors[m] / ZSCORE_KINDS[config.normalization] for m in MODALITY_ORDER],
+                             dtype=torch.float32, device=dev)
     torch.manual_seed(config.seed)
     generator = Generator(config.network)
     adversarial = config.adversarial != "none"
@@ -652,6 +690,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                                              interior=config.ssim_interior)
                 loss_g = loss_g + config.lambda_ssim * loss_ssim
                 logs["loss/ssim"] = loss_ssim.item()
+            if floor is not None:
+                loss_floor = below_floor(fake, floor, counted)
+                loss_g = loss_g + config.lambda_floor * loss_floor
+                logs["loss/below_floor"] = loss_floor.item()
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
                 logs["loss/style_kl"] = kl.item()
