@@ -98,6 +98,33 @@ def test_lambda_ssim_is_checked_and_off_by_default() -> None:
         TrainConfig.from_json(dict(MICRO, lambda_ssim=-1.0, normalization="tissue_zscore"), "cfg.json")
 
 
+def test_ssim_region_places_the_term_on_the_tumour_where_the_loss_counts() -> None:
+    from MedSynthLib.training.train import ssim_weights
+
+    labels = torch.zeros((2, 6, 6), dtype=torch.uint8)
+    labels[:, 1:5, 1:5] = 3  # white matter
+    labels[0, 2:4, 2:4] = 6  # enhancing tumour in the first patch only
+    labels[0, 2, 4] = 5  # oedema at the brain's edge, where the loss does not count below
+    counted = (labels > 0).unsqueeze(1).float()
+    counted[0, 0, 2, 4] = 0.0
+    assert ssim_weights("loss", counted, labels) is counted
+    assert ssim_weights("loss", None, labels) is None
+    tumour = ssim_weights("tumour", counted, labels)
+    expected = torch.zeros((2, 1, 6, 6))
+    expected[0, 0, 2:4, 2:4] = 1.0
+    assert torch.equal(tumour, expected)  # tumour voxels where the loss counts; none in the second patch
+    assert torch.equal(ssim_weights("tumour", None, labels), ((labels >= 4).unsqueeze(1)).float())
+
+    assert TrainConfig().ssim_region == "loss"
+    assert TrainConfig.from_json(dict(MICRO, lambda_ssim=1.0, ssim_region="tumour",
+                                      normalization="tissue_zscore")).ssim_region == "tumour"
+    with pytest.raises(InputError, match="ssim_region must be one of \\['loss', 'tumour'\\], not 'brain'"):
+        TrainConfig.from_json(dict(MICRO, lambda_ssim=1.0, ssim_region="brain", normalization="tissue_zscore"),
+                              "cfg.json")
+    with pytest.raises(InputError, match="ssim_region places the SSIM term: it needs lambda_ssim above 0"):
+        TrainConfig.from_json(dict(MICRO, ssim_region="tumour", normalization="tissue_zscore"), "cfg.json")
+
+
 def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tmp_path: Path, monkeypatch) -> None:
     import MedSynthLib.training.train as train_module
 
@@ -175,3 +202,37 @@ def test_training_holds_the_output_above_the_floor_the_model_will_carry(phantom_
         floor_z = (entry["floor"] - entry["mean"]) / entry["std"]
         assert float(floors[0][index]) * TISSUE_ZSCORE_SCALE == pytest.approx(floor_z, rel=1e-4, abs=1e-4)
         assert float(floors[0][index]) < 0
+
+
+def test_training_counts_the_ssim_term_on_the_tumour_only(phantom_brats: Path, tmp_path: Path, monkeypatch) -> None:
+    """With ``ssim_region`` "tumour" the term gets the tumour's voxels where the loss counts, and a patch
+    without tumour adds no term."""
+    import MedSynthLib.training.train as train_module
+
+    patches: list[torch.Tensor] = []
+    given: list[torch.Tensor] = []
+    original_weights, original_loss = train_module.ssim_weights, train_module.masked_ssim_loss
+
+    def recording_weights(ssim_region, counted, labels):
+        patches.append(labels.detach().clone())
+        return original_weights(ssim_region, counted, labels)
+
+    def recording_loss(prediction, real, weights, data_range, interior=False):
+        given.append(weights.detach().clone())
+        return original_loss(prediction, real, weights, data_range, interior=interior)
+
+    monkeypatch.setattr(train_module, "ssim_weights", recording_weights)
+    monkeypatch.setattr(train_module, "masked_ssim_loss", recording_loss)
+    config = tmp_path / "tumour.json"
+    config.write_text(json.dumps(dict(MICRO, steps=4, checkpoint_every=4, val_every=1000, l1_region="brain",
+                                      normalization="tissue_zscore", lambda_ssim=5.0, ssim_region="tumour",
+                                      tumour_fraction=0.5)))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
+                 "--cache", str(training_cache_of(phantom_brats))]) == 0
+    assert len(patches) == 4
+    with_tumour = [labels for labels in patches if bool((labels >= 4).any())]
+    assert with_tumour and len(with_tumour) < len(patches)  # patches with and without tumour
+    assert len(given) == len(with_tumour)
+    for labels, weights in zip(with_tumour, given):
+        assert torch.equal(weights, (labels >= 4).unsqueeze(1).float())  # the tumour lies in the brain

@@ -71,6 +71,10 @@ class TrainConfig:
     # Count the SSIM term only at voxels whose whole window lies where the loss counts (no window across the
     # brain's border). Off: every counted voxel, the recipe measured first (docs/model_card.md).
     ssim_interior: bool = False
+    # Where the SSIM term counts: "loss" (where the L1 counts) or "tumour" (the tumour's voxels there; a patch
+    # without tumour adds no SSIM term). Counted over the brain, the term darkened the brain's outermost layer
+    # (docs/model_card.md); the tumour, where it gained most, rarely reaches that layer.
+    ssim_region: str = "loss"
     # Weight of a hinge below the darkest real signal: the mean, where the loss counts, of how far the output lies
     # below the floor the model will carry (the median over the training cases of each brain's darkest signal,
     # normalize.signal_floor_z). The SSIM term drew up to a fifth of the brain's outermost layer below it
@@ -163,6 +167,8 @@ class TrainConfig:
 
 #: Where the training L1 may count (``TrainConfig.l1_region``).
 L1_REGIONS = ("patch", "brain")
+#: Where the SSIM term may count (``TrainConfig.ssim_region``).
+SSIM_REGIONS = ("loss", "tumour")
 
 
 def loss_region(l1_region: str, labels: torch.Tensor, inpaint_region: torch.Tensor | None) -> torch.Tensor | None:
@@ -176,6 +182,14 @@ def loss_region(l1_region: str, labels: torch.Tensor, inpaint_region: torch.Tens
     if l1_region == "brain":
         return brain_mask(labels).unsqueeze(1).float()
     return None
+
+
+def ssim_weights(ssim_region: str, counted: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
+    """The (B, 1, ...) mask the SSIM term counts in (``TrainConfig.ssim_region``), ``None`` for the whole patch."""
+    if ssim_region == "loss":
+        return counted
+    tumour = tumour_mask(labels).unsqueeze(1).float()
+    return tumour if counted is None else tumour * counted
 
 
 def outermost_layer_torch(brain: torch.Tensor) -> torch.Tensor:
@@ -234,6 +248,10 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, name, getattr(config, name), 0)
     if config.ssim_interior and config.lambda_ssim == 0:
         raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
+    if config.ssim_region not in SSIM_REGIONS:
+        raise InputError(source, f"ssim_region must be one of {list(SSIM_REGIONS)}, not {config.ssim_region!r}")
+    if config.ssim_region != "loss" and config.lambda_ssim == 0:
+        raise InputError(source, "ssim_region places the SSIM term: it needs lambda_ssim above 0")
     if config.lambda_ssim > 0 and config.normalization not in ZSCORE_KINDS:
         raise InputError(source, "lambda_ssim scores SSIM on the z scale of MedSynth's metrics: it needs a z-score "
                                  f"normalization ({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
@@ -684,9 +702,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             weights = loss_weights(counted, labels, config.rim_weight)
             loss_l1 = masked_l1(fake.float(), real, weights)
             loss_g = config.lambda_l1 * loss_l1
-            if config.lambda_ssim > 0:
+            ssim_counted = ssim_weights(config.ssim_region, counted, labels) if config.lambda_ssim > 0 else None
+            if config.lambda_ssim > 0 and (ssim_counted is None or bool(ssim_counted.any())):
                 # The network's units are z / scale: the metrics' data range of 8 z, in those units.
-                loss_ssim = masked_ssim_loss(fake, real, counted, DATA_RANGE / ZSCORE_KINDS[config.normalization],
+                loss_ssim = masked_ssim_loss(fake, real, ssim_counted, DATA_RANGE / ZSCORE_KINDS[config.normalization],
                                              interior=config.ssim_interior)
                 loss_g = loss_g + config.lambda_ssim * loss_ssim
                 logs["loss/ssim"] = loss_ssim.item()
