@@ -939,3 +939,27 @@ def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
     at_floor = {m: float(np.mean(image[rim] <= floors[m])) for m, image in result.images.items()}
     assert max(zero.values()) == 0.0, zero
     assert max(at_floor.values()) <= 0.08, at_floor
+
+
+@pytest.mark.xfail(strict=True, reason="the sampled appearance codes darken the outermost layer: over seeds 0-5 the "
+                                       "shipped model puts 6.1 / 7.7 / 0.0 / 10.3 % of the template's layer at the "
+                                       "floor (T1 / T1ce / T2 / FLAIR), the default of sessions 26-29 4.3 / 8.9 / 0.0 "
+                                       "/ 11.2 %; real layers 2.5-4.2 % (mean case)")
+def test_the_outermost_layer_keeps_its_signal_for_every_sampled_appearance() -> None:
+    """The test above synthesises with seed 0; a user draws any seed. Over six seeds, the share of the template's
+    outermost layer at or below the floor should not exceed that of the real cases' layers (mean case, the darkest
+    contrast: 4.2 %). Measured (session 30): up to 24 % (T1, seed 3) and 26 % (FLAIR, seed 2) for one seed."""
+    from MedSynthLib.cases.template import template_label_map
+    from MedSynthLib.evaluation.image_checks import outermost_layer
+
+    labelmap = template_label_map()
+    card = resolve_model(None)
+    engine = SynthesisEngine(card, device="cpu", precision="auto")
+    rim = outermost_layer(labelmap.array > 0)
+    floors = {m: card.config["intensity"][m]["floor"] for m in ("t1", "t1ce", "t2", "flair")}
+    shares = {m: [] for m in floors}
+    for seed in range(6):
+        for m, image in engine.synthesize(labelmap, seed=seed).images.items():
+            shares[m].append(float(np.mean(image[rim] <= floors[m])))
+    mean_share = {m: float(np.mean(values)) for m, values in shares.items()}
+    assert max(mean_share.values()) <= 0.042, mean_share
