@@ -702,7 +702,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             weights = loss_weights(counted, labels, config.rim_weight)
             loss_l1 = masked_l1(fake.float(), real, weights)
             loss_g = config.lambda_l1 * loss_l1
-            ssim_counted = ssim_weights(config.ssim_region, counted, labels) if config.lambda_ssim > 0 else None
+            ssim_counted = ssim_weights(config.ssim_region, counted, labels)
+            # A patch without tumour adds no term when the SSIM term counts in the tumour only.
             if config.lambda_ssim > 0 and (ssim_counted is None or bool(ssim_counted.any())):
                 # The network's units are z / scale: the metrics' data range of 8 z, in those units.
                 loss_ssim = masked_ssim_loss(fake, real, ssim_counted, DATA_RANGE / ZSCORE_KINDS[config.normalization],
