@@ -486,6 +486,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_appearance(args: argparse.Namespace) -> int:
+    from .training.appearance_fit import refit_appearance
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    model = refit_appearance(args.model, args.data, args.output, patches=args.patches, cache_dir=args.cache,
+                             device=args.device, overwrite=args.overwrite, command=command)
+    prior = model.appearance
+    assert prior is not None  # refit_appearance wrote it and resolve_model read it back
+    spread = ", ".join(f"{v ** 0.5:.2f}" for v in (prior.covariance[i][i] for i in range(prior.style_dim)))
+    print(f"{args.output}: {model.name} with the appearance prior of {prior.patches} training patches "
+          f"(sha256 {model.sha256}, unchanged); code spread per dimension {spread}")
+    return 0
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 2 (a covariance)")
+    return value
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
     from .training.data import find_case_folders, write_prepared_set
@@ -958,6 +983,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="cross-validation: hold out fold K of the config's cv_folds")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("appearance", help="give a model trained without one the appearance prior its seeds draw "
+                                          "from (fitted on its own training cases)")
+    p.add_argument("model", help="registered name or model folder (a network with an appearance code)")
+    p.add_argument("--data", required=True, type=Path, nargs="+",
+                   help="folder(s) holding the model's training cases (case folders or prepared sets)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the new model folder (same weights)")
+    p.add_argument("--patches", type=_at_least_two, help="training patches to encode (default: the model's "
+                   "appearance_patches, else 1000)")
+    p.add_argument("--cache", type=Path, help="folder of prepared cases (as `medsynth train --cache`)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_appearance)
 
     p = sub.add_parser("prepare", help="prepare training cases once (label maps, normalised images) into a set "
                                        "`medsynth train --data` takes on a machine without the scans")

@@ -744,6 +744,8 @@ class SynthesisRecord:
     seed: int | None = None
     #: False when the model ignores the seed (no appearance code): the seed then shaped nothing.
     seed_effective: bool | None = None
+    #: The appearance code the seed stood for (models with one), exactly as the network received it.
+    appearance_code: tuple[float, ...] | None = None
     device: DEVICE | None = None
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     grid: Unchecked | None = None
@@ -778,7 +780,8 @@ class SynthesisRecord:
             value = getattr(self, f.name)
             if f.name == "edits":
                 out["edits"] = [step.to_json(for_export) for step in value]
-            elif f.name in ("privacy", "review", "files", "inpainting", "seed_effective") and value is None:
+            elif f.name in ("privacy", "review", "files", "inpainting", "seed_effective",
+                            "appearance_code") and value is None:
                 continue
             elif f.name == "files" and for_export:
                 continue  # the case folder's own files; an export lists its own

@@ -30,6 +30,7 @@ from ..schema.labels import SCHEMA_VERSION
 if TYPE_CHECKING:  # networks imports torch: only for annotations here
     import torch
 
+    from .appearance import AppearancePrior
     from .networks import NetworkConfig
     from .normalize import Normalizer
 
@@ -98,6 +99,8 @@ class ModelCard:
         normalizers: per modality, the map from the network's [-1, 1] back to scanner units.
         tensors: the generator's weights (CPU), checked against ``network``'s shapes and finite.
         kind: what the model does (``synthesis``: label map -> T1, T1ce, T2, FLAIR).
+        appearance: where a seed's appearance code comes from (models with one that record it; ``None``: a
+            standard normal).
     """
 
     name: str
@@ -108,6 +111,7 @@ class ModelCard:
     normalizers: dict[str, "Normalizer"]
     tensors: dict[str, "torch.Tensor"] = field(repr=False)
     kind: str = SYNTHESIS_KIND
+    appearance: "AppearancePrior | None" = None
 
     @property
     def weights(self) -> Path:
@@ -217,14 +221,14 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
                                            f"({str(wanted)[:12]}...): the weights are corrupt or were replaced")
     if config.get("weights_sha256") is None:
         raise InputError(config_path, "model config has no weights_sha256")
-    network, normalizers = _check_model_config(config, config_path)
+    network, normalizers, appearance = _check_model_config(config, config_path)
     tensors = _load_weights(weights_path, data, network)
     del data
     if expected_sha is None:
         name = str(config.get("name") or name)
     if network.kind == "inpainting":
         card_kind = "inpainting"  # an inpainting network says what the card is
-    return ModelCard(name, folder, config, sha, network, normalizers, tensors, card_kind)
+    return ModelCard(name, folder, config, sha, network, normalizers, tensors, card_kind, appearance)
 
 
 def _read_weights_file(path: Path) -> bytes:
@@ -324,12 +328,13 @@ def network_shapes(network: "NetworkConfig", backend: str = "torch") -> dict[str
 
 
 def check_model_config(config: dict[str, Any], source: Path) -> "NetworkConfig":
-    """The parts of a model config that inference reads: network, intensity statistics, hashes, name."""
+    """The parts of a model config that inference reads: network, intensity statistics, appearance, hashes, name."""
     return _check_model_config(config, source)[0]
 
 
-def _check_model_config(config: dict[str, Any], source: Path) -> tuple["NetworkConfig", dict[str, "Normalizer"]]:
-    """:func:`check_model_config`, also returning the normalisers it built while checking them."""
+def _check_model_config(config: dict[str, Any], source: Path) -> tuple[
+        "NetworkConfig", dict[str, "Normalizer"], "AppearancePrior | None"]:
+    """:func:`check_model_config`, also returning the normalisers and appearance prior it built while checking."""
     from ..schema.jsonshape import json_type_name
     from .normalize import HealthyTissueZScore, normalizer_from_json
 
@@ -364,7 +369,12 @@ def _check_model_config(config: dict[str, Any], source: Path) -> tuple["NetworkC
             raise InputError(source, f"model config: intensity statistics of {modality} are invalid ({exc}): "
                                      f"{json.dumps(entry)[:80]}") from None
         normalizers[modality] = normaliser
-    return network, normalizers
+    appearance = None
+    if config.get("appearance") is not None:
+        from .appearance import AppearancePrior
+
+        appearance = AppearancePrior.from_json(config["appearance"], source, network.style_dim)
+    return network, normalizers, appearance
 
 
 def check_weights(path: Path, network: "NetworkConfig") -> None:

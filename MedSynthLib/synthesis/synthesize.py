@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from ..schema.errors import MedSynthError
 from ..schema.grid import AxisOrder, LabelMap
 from ..schema.labels import MODALITIES, Label, brain_mask
 from .models import ModelCard
+
+if TYPE_CHECKING:
+    import torch
 
 OUTPUT_NAMES = MODALITIES
 
@@ -78,10 +81,22 @@ class SynthesisEngine:
         """Run the network in its training axis order on ``labelmap``'s grid (and on the re-renders that follow)."""
         self.synth.axis_order = AxisOrder.from_grid(labelmap.grid)
 
-    def _use_seed(self, seed: int) -> None:
+    def appearance_code(self, seed: int) -> "torch.Tensor | None":
+        """The (1, style_dim) appearance code ``seed`` stands for (``None`` for models without one).
+
+        Drawn from the model's recorded appearance prior (the training codes' distribution,
+        :mod:`.appearance`); a model without the record draws a standard normal.
+        """
         from .networks import style_code
 
-        self.synth.style = style_code(seed, self.network.style_dim) if self.seed_effective else None
+        if not self.seed_effective:
+            return None
+        if self.model.appearance is not None:
+            return self.model.appearance.code(seed)
+        return style_code(seed, self.network.style_dim)
+
+    def _use_seed(self, seed: int) -> None:
+        self.synth.style = self.appearance_code(seed)
 
     def synthesize(self, labelmap: LabelMap, seed: int = 0) -> SynthesisResult:
         """Synthesise the four images of a label map.
@@ -108,6 +123,8 @@ class SynthesisEngine:
         provenance = case_provenance(self.model, labelmap, privacy_of(labelmap), seed=seed, device=self.device,
                                      precision=self.synth.precision)
         provenance["seed_effective"] = self.seed_effective
+        if self.synth.style is not None:  # the exact code: the case can be made again from its record
+            provenance["appearance_code"] = [float(v) for v in self.synth.style[0]]
         provenance["timings_s"] = {"load_model": round(self.load_seconds, 3), "network": round(network_seconds, 3),
                                    "total": round(time.perf_counter() - start + self.load_seconds, 3)}
         return SynthesisResult(labelmap, images, normalized, provenance)

@@ -40,6 +40,7 @@ from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, case
 from .losses import masked_ssim_loss
 
 if TYPE_CHECKING:
+    from ..synthesis.appearance import AppearancePrior
     from ..synthesis.models import ModelCard
 
 
@@ -84,6 +85,10 @@ class TrainConfig:
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
     # from the real images towards the standard normal that synthesis draws from.
     style_kl_weight: float = 0.5
+    # Training patches encoded at export to fit the distribution a seed's appearance code is drawn from
+    # (networks with an appearance code; MedSynthLib.synthesis.appearance). 0: none is fitted and synthesis
+    # draws standard-normal codes, as every model before session 31.
+    appearance_patches: int = 1000
     tumour_fraction: float = 0.5
     flip: bool = True
     rotate_deg: float = 10.0
@@ -259,6 +264,9 @@ def _check_values(config: TrainConfig, source: str) -> None:
         raise InputError(source, "lambda_floor needs the floor of a z-score normalization "
                                  f"({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
     check_range(source, "seed", config.seed, 0, 2 ** 32 - 1)
+    check_range(source, "appearance_patches", config.appearance_patches, 0, 1_000_000)
+    if config.appearance_patches == 1:
+        raise InputError(source, "appearance_patches must be 0 (no appearance prior) or at least 2 (a covariance)")
     if config.threads is not None:
         check_range(source, "threads", config.threads, 1, 4096)
     low, high = (tuple(config.inpaint_margin_range) + (0.0, 0.0))[:2]
@@ -781,8 +789,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                      if change.get("command") and change["command"] not in commands]
         if resume and command not in commands:
             commands.append(command)
+        appearance = fit_export_appearance(generator, config, sampler, volumes, dev, progress)
         export_model(model_dir, generator, config, volumes, commands, val_metrics, history,
-                     elapsed_before + time.perf_counter() - started, precision, str(dev), d.world, init_model)
+                     elapsed_before + time.perf_counter() - started, precision, str(dev), d.world, init_model,
+                     appearance)
     _barrier(d)
     if d.world > 1:
         import torch.distributed as dist
@@ -906,9 +916,40 @@ def _starting_model(config: TrainConfig) -> "ModelCard | None":
     return model
 
 
+#: Offset of the appearance fit's patch seed from the training seed: other draws than training step n's.
+APPEARANCE_SEED_OFFSET = 7919
+
+
+def fit_export_appearance(generator: nn.Module, config: TrainConfig, sampler: PatchSampler,
+                          volumes: list[TrainingVolume], device: torch.device,
+                          progress: bool = True) -> "AppearancePrior | None":
+    """The trained model's appearance prior: ``config.appearance_patches`` training patches encoded.
+
+    ``None`` for networks without an appearance code, or with ``appearance_patches`` 0. The patches are
+    drawn like training's (same sampler and augmentation) from a seed of their own, so the fit repeats exactly.
+    """
+    from ..synthesis.appearance import fit_appearance_prior
+
+    if not config.network.has_style or config.appearance_patches == 0:
+        return None
+    net = generator.module.net if hasattr(generator, "module") else generator.net
+    bar = _bar(config.appearance_patches, 0, progress, desc="appearance prior", unit="patch")
+    was_training = net.training
+    net.eval()
+    try:
+        return fit_appearance_prior(lambda images: net.encode(images.to(device)), volumes, sampler,
+                                    config.appearance_patches, config.seed + APPEARANCE_SEED_OFFSET, device,
+                                    progress=bar.update if bar is not None else None)
+    finally:
+        net.train(was_training)
+        if bar is not None:
+            bar.close()
+
+
 def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, volumes: list[TrainingVolume],
                  commands: list[str], val_metrics: dict[str, Any], last_losses: dict[str, float], seconds: float,
-                 precision: str, device: str, world: int, init_model: dict[str, Any] | None = None) -> Path:
+                 precision: str, device: str, world: int, init_model: dict[str, Any] | None = None,
+                 appearance: "AppearancePrior | None" = None) -> Path:
     from ..schema.provenance import software_versions
     from ..synthesis.models import write_model
 
@@ -933,6 +974,8 @@ def export_model(model_dir: Path, generator: nn.Module, config: TrainConfig, vol
         "validation": val_metrics,
         "software": software_versions(),
     }
+    if appearance is not None:
+        model_config["appearance"] = appearance.to_json()
     if config.network.kind == "inpainting":
         from ..synthesis.inpainting import BLANK_VALUE, NORMALIZATION
 
@@ -1042,9 +1085,9 @@ def _progress_iter(items: list[Any], desc: str, show: bool):
     return tqdm(items, desc=desc, disable=not show or None, file=sys.stderr, leave=False)
 
 
-def _bar(total: int, start: int, show: bool):
+def _bar(total: int, start: int, show: bool, desc: str = "train", unit: str = "step"):
     if not show:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)

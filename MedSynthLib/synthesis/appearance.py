@@ -1,0 +1,160 @@
+"""The distribution a model's appearance code is drawn from, so that a seed stands for a training-like case.
+
+A model with an appearance code (``style_dim > 0``) learnt from codes encoded from real training patches:
+each patch gives a posterior N(mu, sigma^2) and the generator saw draws from it. The KL term pulls those
+posteriors towards a standard normal, but not onto it: the shipped model's patches give codes with a mean
+away from 0 (up to 0.22) and a spread of 0.80-0.91 per dimension, so a standard-normal draw is wider than
+anything the generator met and, for the longest draws, darkens whole contrasts (the model card's seed sweep).
+
+The distribution the generator did meet is the aggregate posterior over the training patches. Its first two
+moments (mean: the mean of the patch means; covariance: the covariance of the patch means plus their mean
+posterior variance) are fitted at export from patches drawn exactly as training drew them, and kept in the
+model's ``config.json`` under ``"appearance"``. A seed's code is then ``mean + L @ eps(seed)`` with ``L``
+the covariance's Cholesky factor and ``eps`` the seed's standard-normal draw
+(:func:`~MedSynthLib.synthesis.networks.style_code`). A model without the record draws ``eps`` itself, as
+every model did before it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from ..schema.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class PatchSource(Protocol):
+    """Draws training patches (``MedSynthLib.training.data.PatchSampler``): the step decides the draw."""
+
+    def sample(self, volumes: Sequence[Any], seed: int, step: int, rank: int, batch_size: int,
+               device: "torch.device | str" = "cpu") -> tuple["torch.Tensor", "torch.Tensor"]: ...
+
+#: ``"kind"`` of the record in a model config.
+GAUSSIAN = "aggregate-posterior-gaussian"
+
+
+@dataclass(frozen=True)
+class AppearancePrior:
+    """A Gaussian over appearance codes: where a seed's code comes from.
+
+    Attributes:
+        mean: (style_dim,) the codes' mean.
+        covariance: (style_dim, style_dim) their covariance, symmetric positive definite.
+        patches: how many training patches it was fitted on.
+        seed: the patch draws' seed (with ``patches``, they repeat the fit exactly).
+    """
+
+    mean: tuple[float, ...]
+    covariance: tuple[tuple[float, ...], ...]
+    patches: int
+    seed: int
+
+    @property
+    def style_dim(self) -> int:
+        return len(self.mean)
+
+    def cholesky(self) -> np.ndarray:
+        return np.linalg.cholesky(np.asarray(self.covariance, np.float64))
+
+    def code(self, seed: int) -> "torch.Tensor":
+        """The (1, style_dim) float32 code of ``seed``: the same seed always gives the same code."""
+        import torch
+
+        from .networks import style_code
+
+        eps = style_code(seed, self.style_dim).double().numpy()
+        code = np.asarray(self.mean, np.float64)[None] + eps @ self.cholesky().T
+        return torch.from_numpy(code.astype(np.float32))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": GAUSSIAN, "mean": [float(v) for v in self.mean],
+                "covariance": [[float(v) for v in row] for row in self.covariance],
+                "patches": self.patches, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, data: Any, source: Any, style_dim: int) -> "AppearancePrior":
+        """The record of a model config, every value checked; a bad one is refused naming ``source``."""
+        def refuse(problem: str) -> InputError:
+            return InputError(source, f"model config: 'appearance' {problem}")
+
+        if style_dim == 0:
+            raise refuse("is given but the network has no appearance code (style_dim 0)")
+        if not isinstance(data, dict) or data.get("kind") != GAUSSIAN:
+            raise refuse(f"must be an object with \"kind\": {GAUSSIAN!r}")
+        mean, covariance = data.get("mean"), data.get("covariance")
+        if not _numbers(mean) or len(mean) != style_dim:
+            raise refuse(f"'mean' must be {style_dim} finite numbers (the network's style_dim)")
+        if not (isinstance(covariance, list) and len(covariance) == style_dim
+                and all(_numbers(row) and len(row) == style_dim for row in covariance)):
+            raise refuse(f"'covariance' must be {style_dim} rows of {style_dim} finite numbers")
+        matrix = np.asarray(covariance, np.float64)
+        if not np.allclose(matrix, matrix.T, rtol=0, atol=1e-9):
+            raise refuse("'covariance' is not symmetric")
+        try:
+            np.linalg.cholesky(matrix)
+        except np.linalg.LinAlgError:
+            raise refuse("'covariance' is not positive definite") from None
+        for key in ("patches", "seed"):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or (key == "patches" and value < 2):
+                raise refuse(f"{key!r} must be an integer" + (" of at least 2" if key == "patches" else ""))
+        return cls(tuple(float(v) for v in mean), tuple(tuple(float(v) for v in row) for row in covariance),
+                   data["patches"], data["seed"])
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def aggregate_posterior(means: np.ndarray, log_variances: np.ndarray, seed: int) -> AppearancePrior:
+    """The Gaussian with the first two moments of the mixture of the patches' posteriors.
+
+    Args:
+        means, log_variances: (patches, style_dim) the encoder's outputs, one row per patch.
+        seed: the patch draws' seed, recorded.
+    """
+    means = np.asarray(means, np.float64)
+    variances = np.exp(np.asarray(log_variances, np.float64))
+    if means.ndim != 2 or means.shape != variances.shape or len(means) < 2:
+        raise ValueError(f"need (patches >= 2, style_dim) arrays, got {means.shape} and {variances.shape}")
+    covariance = np.cov(means, rowvar=False).reshape(means.shape[1], means.shape[1]) + np.diag(variances.mean(0))
+    covariance = (covariance + covariance.T) / 2  # exactly symmetric for the record's check
+    return AppearancePrior(tuple(means.mean(0).tolist()), tuple(tuple(row) for row in covariance.tolist()),
+                           len(means), seed)
+
+
+def fit_appearance_prior(encode: Callable[["torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]],
+                         volumes: Sequence[Any], sampler: PatchSource, patches: int, seed: int,
+                         device: "torch.device | str" = "cpu",
+                         progress: Callable[[int], None] | None = None) -> AppearancePrior:
+    """Encode ``patches`` training patches drawn as training draws them and fit their aggregate posterior.
+
+    Args:
+        encode: real images (1, 4, P, P, P) -> (mean, log-variance) of their code (the model's style encoder).
+        volumes: the training cases.
+        sampler: the training run's patch sampler (patch size and augmentation).
+        patches: how many patches; at least 2.
+        seed: seeds the draws (step ``n`` of :meth:`PatchSampler.sample` gives patch ``n``).
+        progress: called with 1 after each patch.
+    """
+    import torch
+
+    if patches < 2:
+        raise ValueError(f"patches {patches}: at least 2 are needed for a covariance")
+    means, log_variances = [], []
+    with torch.no_grad():
+        for index in range(patches):
+            _, real = sampler.sample(volumes, seed, index, 0, 1, device)
+            mean, log_variance = encode(real)
+            means.append(mean[0].float().cpu().numpy())
+            log_variances.append(log_variance[0].float().cpu().numpy())
+            if progress is not None:
+                progress(1)
+    return aggregate_posterior(np.stack(means), np.stack(log_variances), seed)

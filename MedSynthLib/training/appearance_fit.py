@@ -1,0 +1,93 @@
+"""Fit the appearance prior of a trained model that has none (``medsynth appearance``).
+
+Training fits it at export (``appearance_patches``); models trained before that carry none and synthesis
+draws their codes from a standard normal. This gives such a model the prior its own export would have
+fitted: the same training cases (checked against the content hashes the model records), the same patch
+sampler and augmentation, the same patch seed. The weights are copied byte for byte; only ``config.json``
+gains the ``"appearance"`` record and the command in ``training.commands``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..schema.errors import InputError
+from ..synthesis.models import CONFIG_NAME, WEIGHTS_NAME, ModelCard, load_generator, resolve_model
+
+
+def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Path, *, patches: int | None = None,
+                     cache_dir: Path | None = None, device: str = "cpu", overwrite: bool = False, command: str = "",
+                     progress: bool = True) -> ModelCard:
+    """Write a copy of ``model`` whose config records the appearance prior fitted on its training cases.
+
+    Args:
+        model: a registered name or a model folder, with an appearance code.
+        data: the folders (case folders or prepared sets) holding the model's training cases.
+        output: the new model folder (refused if it exists, unless ``overwrite``).
+        patches: training patches to encode (default: the model's ``appearance_patches``, else 1000).
+        cache_dir: where case folders are prepared (default: a temporary folder; prepared sets need none).
+        device: where the encoder runs.
+        command: recorded in the copy's ``training.commands``.
+    """
+    import tempfile
+
+    import torch
+
+    from ..schema.volume_io import atomic_directory, check_writable
+    from .data import PatchSampler, cases_by_name, find_case_sources
+    from .train import APPEARANCE_SEED_OFFSET, TrainConfig, _bar, _data_fingerprint, _load_volume
+    from ..synthesis.appearance import fit_appearance_prior
+
+    card = resolve_model(model)
+    if not card.network.has_style:
+        raise InputError(card.path, f"model {card.name} has no appearance code (style_dim 0): its seed draws nothing")
+    training = card.config.get("training")
+    if not isinstance(training, dict) or not isinstance(training.get("config"), dict):
+        raise InputError(card.path / CONFIG_NAME, "model config records no training configuration")
+    config = TrainConfig.from_json(training["config"], str(card.path / CONFIG_NAME))
+    recorded = (training.get("data") or {}).get("case_sha256")
+    if not isinstance(recorded, list) or not recorded:
+        raise InputError(card.path / CONFIG_NAME, "model config records no training cases (a shared model?): the "
+                                                  "prior must come from the cases it was trained on")
+    count = patches if patches is not None else (config.appearance_patches or 1000)
+    if count < 2:
+        raise ValueError(f"patches {count}: at least 2 are needed for a covariance")
+    check_writable([output], overwrite, inputs=list(data) + [card.path])
+
+    label = " ".join(str(root) for root in data)
+    sources = cases_by_name([s for root in data for s in find_case_sources(root, config.normalization)])
+    fingerprint = _data_fingerprint(list(sources.values()))
+    by_key = {key: sources[name] for name, key in fingerprint.items()}
+    missing = [key for key in recorded if key not in by_key]
+    if missing:
+        raise InputError(label, f"{len(missing)} of the model's {len(recorded)} training cases are not here "
+                                f"(content sha256 {missing[0][:12]}...): give the folders it was trained on")
+    with tempfile.TemporaryDirectory(prefix="medsynth-appearance-") as scratch:
+        cache = cache_dir if cache_dir is not None else Path(scratch)
+        # The model's own training order: the sampler picks a case by index, so the fit repeats the export's.
+        volumes = [_load_volume(by_key[key], cache, config.normalization, key) for key in recorded]
+        sampler = PatchSampler(config.patch_size, config.tumour_fraction, config.flip, config.rotate_deg,
+                               config.scale, config.intensity, config.brain_only_interpolation)
+        net = load_generator(card, device).net
+        bar = _bar(count, 0, progress, desc="appearance prior", unit="patch")
+        try:
+            prior = fit_appearance_prior(lambda images: net.encode(images.to(device)), volumes, sampler, count,
+                                         config.seed + APPEARANCE_SEED_OFFSET, torch.device(device),
+                                         progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    new_config: dict[str, Any] = json.loads(json.dumps(card.config))
+    new_config["appearance"] = prior.to_json()
+    if command:
+        new_config["training"]["commands"] = list(training.get("commands") or []) + [command]
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        shutil.copyfile(card.weights, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(new_config, indent=2) + "\n")
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+    return resolve_model(output)

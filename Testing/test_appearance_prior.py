@@ -1,0 +1,194 @@
+"""The appearance prior: a seed's code drawn from the distribution of the training patches' codes.
+
+The moments, the seed -> code map, the record's checks, its use by synthesis (and its provenance), its fit at
+export and by ``medsynth appearance`` for a model trained without one (the same prior as the export's).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import training_cache_of
+from MedSynthLib.cli import main
+from MedSynthLib.schema.errors import InputError
+from MedSynthLib.schema.provenance import SynthesisRecord
+from MedSynthLib.synthesis.appearance import GAUSSIAN, AppearancePrior, aggregate_posterior
+from MedSynthLib.synthesis.models import resolve_model
+from MedSynthLib.synthesis.networks import style_code
+from MedSynthLib.synthesis.synthesize import SynthesisEngine
+from test_synthesis_seed import PLAIN, STYLED, _model, synthetic_brain
+from test_training_spade import CONFIG
+
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
+
+def _prior(dim: int = 3) -> AppearancePrior:
+    covariance = np.array([[0.5, 0.2, 0.0], [0.2, 0.8, -0.1], [0.0, -0.1, 0.3]])[:dim, :dim]
+    return AppearancePrior(tuple([0.4, -0.2, 0.1][:dim]), tuple(map(tuple, covariance.tolist())), 50, 7)
+
+
+def test_aggregate_posterior_has_the_moments_of_the_mixture_of_posteriors() -> None:
+    rng = np.random.default_rng(0)
+    means = rng.normal([0.3, -1.0], [0.2, 0.5], (400, 2))
+    means[:, 1] += 0.8 * means[:, 0]  # correlated patch means
+    log_variances = np.log(rng.uniform(0.3, 0.9, (400, 2)))
+    prior = aggregate_posterior(means, log_variances, seed=3)
+    # Draws from the mixture itself: one posterior per patch, many codes from each.
+    draws = (means[:, None] + np.exp(0.5 * log_variances)[:, None] * rng.standard_normal((400, 500, 2))).reshape(-1, 2)
+    np.testing.assert_allclose(prior.mean, draws.mean(0), atol=0.01)
+    np.testing.assert_allclose(prior.covariance, np.cov(draws, rowvar=False), atol=0.01)
+    assert prior.patches == 400 and prior.seed == 3
+    with pytest.raises(ValueError, match="patches >= 2"):
+        aggregate_posterior(means[:1], log_variances[:1], seed=0)
+
+
+def test_a_seed_draws_one_code_and_the_codes_follow_the_prior() -> None:
+    prior = _prior()
+    assert torch.equal(prior.code(5), prior.code(5))
+    assert not torch.equal(prior.code(5), prior.code(6))
+    assert prior.code(5).shape == (1, 3) and prior.code(5).dtype == torch.float32
+    codes = torch.cat([prior.code(seed) for seed in range(4000)]).double().numpy()
+    np.testing.assert_allclose(codes.mean(0), prior.mean, atol=0.05)
+    np.testing.assert_allclose(np.cov(codes, rowvar=False), prior.covariance, atol=0.05)
+    # The code is the seed's standard-normal draw, moved and shaped: the seed keeps its meaning across priors.
+    eps = style_code(5, 3).double().numpy()
+    np.testing.assert_allclose(prior.code(5).numpy(), np.asarray(prior.mean) + eps @ prior.cholesky().T, rtol=1e-6)
+
+
+def test_the_record_round_trips() -> None:
+    prior = _prior()
+    record = json.loads(json.dumps(prior.to_json()))
+    assert record["kind"] == GAUSSIAN
+    assert AppearancePrior.from_json(record, "config.json", 3) == prior
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"kind": "other"}, "must be an object"),
+    ({"mean": [0.0, 1.0]}, "'mean' must be 3 finite numbers"),
+    ({"mean": [0.0, float("nan"), 1.0]}, "'mean' must be 3 finite numbers"),
+    ({"mean": [0.0, True, 1.0]}, "'mean' must be 3 finite numbers"),
+    ({"covariance": [[1, 0, 0], [0, 1, 0]]}, "'covariance' must be 3 rows of 3"),
+    ({"covariance": [[1, 0.5, 0], [0, 1, 0], [0, 0, 1]]}, "not symmetric"),
+    ({"covariance": [[1, 0, 0], [0, -1, 0], [0, 0, 1]]}, "not positive definite"),
+    ({"patches": 1}, "'patches' must be an integer of at least 2"),
+    ({"seed": 1.5}, "'seed' must be an integer"),
+])
+def test_a_bad_record_is_refused_naming_the_file(change, problem) -> None:
+    record = dict(_prior().to_json(), **change)
+    with pytest.raises(InputError, match=problem) as caught:
+        AppearancePrior.from_json(record, Path("model/config.json"), 3)
+    assert str(caught.value).startswith("model/config.json: model config: 'appearance'")
+    with pytest.raises(InputError, match="no appearance code"):
+        AppearancePrior.from_json(_prior().to_json(), "config.json", 0)
+
+
+def _styled_model_with(folder: Path, source: Path, appearance: dict | None) -> Path:
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["appearance"] = appearance
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def styled_model(tmp_path_factory) -> Path:
+    return _model(tmp_path_factory.mktemp("models") / "styled", STYLED)
+
+
+def test_synthesis_draws_from_the_models_prior_and_records_the_code(styled_model, tmp_path) -> None:
+    covariance = np.diag([0.04, 0.09, 0.01, 0.25])
+    record = AppearancePrior((1.0, -1.0, 0.5, 0.0), tuple(map(tuple, covariance.tolist())), 10, 0).to_json()
+    with_prior = resolve_model(_styled_model_with(tmp_path / "with", styled_model, record))
+    assert with_prior.appearance is not None and resolve_model(styled_model).appearance is None
+    labelmap = synthetic_brain()
+    engine = SynthesisEngine(with_prior, "cpu", "fp32")
+    result = engine.synthesize(labelmap, seed=3)
+    expected = with_prior.appearance.code(3)
+    assert result.provenance["appearance_code"] == [float(v) for v in expected[0]]
+    # The recorded code makes the case again: the network given that code paints the same images.
+    engine.synth.style = torch.tensor([result.provenance["appearance_code"]], dtype=torch.float32)
+    assert np.array_equal(engine.synth.predict(labelmap.array), result.normalized)
+    # A model without the record draws the seed's standard normal, as before.
+    plain = SynthesisEngine(resolve_model(styled_model), "cpu", "fp32").synthesize(labelmap, seed=3)
+    assert plain.provenance["appearance_code"] == [float(v) for v in style_code(3, 4)[0]]
+    assert not np.array_equal(plain.normalized, result.normalized)
+    # The typed provenance keeps the code; a record without one (older cases) has none.
+    parsed = SynthesisRecord.from_json(json.loads(json.dumps(result.provenance)))
+    assert parsed.appearance_code == tuple(result.provenance["appearance_code"])
+    assert "appearance_code" not in SynthesisRecord().to_json()
+
+
+def test_a_bad_record_in_a_model_is_one_line_exit_2(styled_model, tmp_path, capsys) -> None:
+    from MedSynthLib.schema.labelmap import write_label_map
+
+    folder = _styled_model_with(tmp_path / "bad", styled_model, dict(_prior(3).to_json()))  # 3 != style_dim 4
+    labels = write_label_map(synthetic_brain(), tmp_path / "labels.nii.gz")
+    code = main(["synthesize", str(labels), "-o", str(tmp_path / "out"), "--model", str(folder), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0] == (f"medsynth: error: {folder / 'config.json'}: model config: 'appearance' 'mean' must be 4 "
+                      "finite numbers (the network's style_dim)")
+    assert not (tmp_path / "out").exists()
+
+
+def _train(data: Path, run: Path, config: dict, tmp_path: Path) -> Path:
+    path = tmp_path / f"{run.name}.json"
+    path.write_text(json.dumps(config))
+    args = ["train", "--data", str(data), "-o", str(run), "--config", str(path), "--device", "cpu",
+            "--cache", str(training_cache_of(data))]
+    assert main(args + ["--command-line", "medsynth " + " ".join(args)]) == 0
+    return run / "model"
+
+
+def test_export_fits_the_prior_and_medsynth_appearance_fits_the_same_one(phantom_brats, tmp_path, capsys) -> None:
+    short = dict(CONFIG, steps=2, val_every=2, checkpoint_every=2)
+    fitted = resolve_model(_train(phantom_brats, tmp_path / "fitted", dict(short, appearance_patches=6), tmp_path))
+    assert fitted.appearance is not None and fitted.appearance.patches == 6
+    assert fitted.appearance.style_dim == CONFIG["network"]["style_dim"]
+    # The spread comes from the training patches: not the standard normal's.
+    assert not np.allclose(fitted.appearance.covariance, np.eye(2))
+    bare_folder = _train(phantom_brats, tmp_path / "bare", dict(short, appearance_patches=0), tmp_path)
+    bare = resolve_model(bare_folder)
+    assert bare.appearance is None and "appearance" not in bare.config
+
+    out = tmp_path / "refitted"
+    capsys.readouterr()
+    argv = ["appearance", str(bare_folder), "--data", str(phantom_brats), "-o", str(out), "--patches", "6",
+            "--cache", str(training_cache_of(phantom_brats))]
+    assert main(argv + ["--command-line", "medsynth " + " ".join(argv)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"{out}: bare with the appearance prior of 6 ")
+    refitted = resolve_model(out)
+    assert refitted.sha256 == bare.sha256 and refitted.appearance is not None
+    # Same weights as `fitted` (same seed and steps), same patches: the prior export fitted.
+    assert refitted.sha256 == fitted.sha256
+    np.testing.assert_allclose(refitted.appearance.mean, fitted.appearance.mean, atol=1e-5)
+    np.testing.assert_allclose(refitted.appearance.covariance, fitted.appearance.covariance, atol=1e-5)
+    assert refitted.config["training"]["commands"][-1].startswith("medsynth appearance")
+    assert not (bare_folder.parent / "refitted").exists() and "appearance" not in json.loads(
+        (bare_folder / "config.json").read_text())  # the input model is left as it was
+
+    # Refusals: one line, exit 2, nothing written.
+    partial = tmp_path / "partial"
+    shutil.copytree(phantom_brats / "BraTS2021_00000", partial / "BraTS2021_00000")
+    plain = _model(tmp_path / "plain", PLAIN)
+    cases = [
+        (["appearance", str(bare_folder), "--data", str(partial), "-o", str(tmp_path / "x")],
+         f"{partial}: 1 of the model's 2 training cases are not here (content sha256 "),
+        (["appearance", str(plain), "--data", str(phantom_brats), "-o", str(tmp_path / "x")],
+         f"{plain}: model plain has no appearance code (style_dim 0): its seed draws nothing"),
+        (["appearance", str(bare_folder), "--data", str(phantom_brats), "-o", str(out)],
+         f"{out}: output already exists (use --overwrite to replace it)"),
+        (["appearance", str(bare_folder), "--data", str(tmp_path / "fitted"), "-o", str(tmp_path / "x")],
+         f"{tmp_path / 'fitted'}: no case folders found"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
