@@ -35,6 +35,7 @@ class PatchSource(Protocol):
     def sample(self, volumes: Sequence[Any], seed: int, step: int, rank: int, batch_size: int,
                device: "torch.device | str" = "cpu") -> tuple["torch.Tensor", "torch.Tensor"]: ...
 
+
 #: ``"kind"`` of the record in a model config.
 GAUSSIAN = "aggregate-posterior-gaussian"
 

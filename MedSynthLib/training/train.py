@@ -83,7 +83,7 @@ class TrainConfig:
     lambda_floor: float = 0.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
-    # from the real images towards the standard normal that synthesis draws from.
+    # from the real images towards a standard normal (synthesis draws from where they end up: appearance_patches).
     style_kl_weight: float = 0.5
     # Training patches encoded at export to fit the distribution a seed's appearance code is drawn from
     # (networks with an appearance code; MedSynthLib.synthesis.appearance). 0: none is fitted and synthesis
@@ -932,7 +932,7 @@ def fit_export_appearance(generator: nn.Module, config: TrainConfig, sampler: Pa
 
     if not config.network.has_style or config.appearance_patches == 0:
         return None
-    net = generator.module.net if hasattr(generator, "module") else generator.net
+    net = generator.net  # the unwrapped generator: DDP, where used, wraps this same module
     bar = _bar(config.appearance_patches, 0, progress, desc="appearance prior", unit="patch")
     was_training = net.training
     net.eval()
