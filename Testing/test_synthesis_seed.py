@@ -113,13 +113,17 @@ def test_rerender_keeps_the_seed_of_the_result_it_edits(styled_model):
 
 
 def test_the_shipped_default_model_samples_an_appearance_per_seed(labels_file, tmp_path):
-    """The registry's default synthesis model has an appearance code: two seeds, two images; a seed, one image."""
+    """The registry's default synthesis model has an appearance code and its prior: two seeds, two images; a seed,
+    one image."""
     default = resolve_model(None)
     assert default.config["network"]["kind"] == "spade" and default.config["network"]["style_dim"] > 0
     first, provenance = _synthesize(labels_file, default.path, tmp_path / "a", seed=1)
     again, _ = _synthesize(labels_file, default.path, tmp_path / "b", seed=1)
     other, _ = _synthesize(labels_file, default.path, tmp_path / "c", seed=2)
     assert provenance["model"]["sha256"] == default.sha256 and provenance["seed"] == 1
+    # Its codes come from its training patches' distribution (1000 patches), not the standard normal.
+    assert default.appearance is not None and default.appearance.patches == 1000
+    assert provenance["appearance_code"] == [float(v) for v in default.appearance.code(1)[0]]
     for m in OUTPUT_NAMES:
         assert np.array_equal(first[m], again[m])
     assert any(not np.array_equal(first[m], other[m]) for m in OUTPUT_NAMES)
