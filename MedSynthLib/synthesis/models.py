@@ -493,10 +493,6 @@ def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], 
     Raises:
         MedSynthError: ``source`` is not a valid model, ``output`` exists (without ``overwrite``), a bad name.
     """
-    import shutil
-
-    from ..schema.volume_io import atomic_directory
-
     model = resolve_model(source)
     output = Path(output)
     name = name or output.name
@@ -511,10 +507,19 @@ def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], 
     config["shared"] = {"identifiers_removed": ["training.commands", "training.config.val_cases (names)",
                                                 "training.config.cv_folds (names)", "training.data.case_sha256",
                                                 "training.init_from", "validation.per_case"]}
+    return write_model_copy(model, config, output, overwrite=overwrite)
+
+
+def write_model_copy(model: ModelCard, config: dict[str, Any], output: Path, *, overwrite: bool = False) -> ModelCard:
+    """A new model folder: ``model``'s weights file byte for byte (the same sha256) beside ``config``, atomically."""
+    import shutil
+
+    from ..schema.volume_io import atomic_directory
+
     with atomic_directory(output, overwrite=overwrite) as tmp:
         shutil.copyfile(model.weights, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        for path in tmp.iterdir():
+        for path in tmp.iterdir():  # a model folder is meant to be shared
             path.chmod(0o644)
     return resolve_model(output)
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ..schema.errors import InputError
-from ..synthesis.models import CONFIG_NAME, WEIGHTS_NAME, ModelCard, load_generator, resolve_model
+from ..synthesis.models import CONFIG_NAME, ModelCard, load_generator, resolve_model, write_model_copy
 
 
 def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Path, *, patches: int | None = None,
@@ -37,7 +36,7 @@ def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Pa
 
     import torch
 
-    from ..schema.volume_io import atomic_directory, check_writable
+    from ..schema.volume_io import check_writable
     from .data import PatchSampler, cases_by_name, find_case_sources
     from .train import APPEARANCE_SEED_OFFSET, TrainConfig, _bar, _data_fingerprint, _load_volume
     from ..synthesis.appearance import fit_appearance_prior
@@ -85,9 +84,4 @@ def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Pa
     new_config["appearance"] = prior.to_json()
     if command:
         new_config["training"]["commands"] = list(training.get("commands") or []) + [command]
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        shutil.copyfile(card.weights, tmp / WEIGHTS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(new_config, indent=2) + "\n")
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-    return resolve_model(output)
+    return write_model_copy(card, new_config, output, overwrite=overwrite)
