@@ -32,14 +32,14 @@ def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Pa
         device: where the encoder runs.
         command: recorded in the copy's ``training.commands``.
     """
+    import dataclasses
     import tempfile
 
     import torch
 
     from ..schema.volume_io import check_writable
-    from .data import PatchSampler, cases_by_name, find_case_sources
-    from .train import APPEARANCE_SEED_OFFSET, TrainConfig, _bar, _data_fingerprint, _load_volume
-    from ..synthesis.appearance import fit_appearance_prior
+    from .data import cases_by_name, find_case_sources
+    from .train import TrainConfig, _data_fingerprint, _load_volume, fit_export_appearance, patch_sampler
 
     card = resolve_model(model)
     if not card.network.has_style:
@@ -69,17 +69,11 @@ def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Pa
         cache = cache_dir if cache_dir is not None else Path(scratch)
         # The model's own training order: the sampler picks a case by index, so the fit repeats the export's.
         volumes = [_load_volume(by_key[key], cache, config.normalization, key) for key in recorded]
-        sampler = PatchSampler(config.patch_size, config.tumour_fraction, config.flip, config.rotate_deg,
-                               config.scale, config.intensity, config.brain_only_interpolation)
-        net = load_generator(card, device).net
-        bar = _bar(count, 0, progress, desc="appearance prior", unit="patch")
-        try:
-            prior = fit_appearance_prior(lambda images: net.encode(images.to(device)), volumes, sampler, count,
-                                         config.seed + APPEARANCE_SEED_OFFSET, torch.device(device),
-                                         progress=bar.update if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
+        # The export's own fit, with the count asked for: the same sampler, patch seed and progress bar.
+        prior = fit_export_appearance(load_generator(card, device),
+                                      dataclasses.replace(config, appearance_patches=count), patch_sampler(config),
+                                      volumes, torch.device(device), progress)
+    assert prior is not None  # the network has a code and count is at least 2
     new_config: dict[str, Any] = json.loads(json.dumps(card.config))
     new_config["appearance"] = prior.to_json()
     if command:

@@ -658,8 +658,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         scaler.load_state_dict(scaler_state)
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else torch.autocast(dev.type, enabled=False))
-    sampler = PatchSampler(config.patch_size, config.tumour_fraction, config.flip, config.rotate_deg,
-                           config.scale, config.intensity, config.brain_only_interpolation)
+    sampler = patch_sampler(config)
     inpainting = config.network.kind == "inpainting"
     regions = RegionSampler(config.inpaint_tumour_fraction, config.inpaint_margin_range)
     writer = None
@@ -914,6 +913,12 @@ def _starting_model(config: TrainConfig) -> "ModelCard | None":
         raise InputError(model.path, f"cannot start from this model: its network {theirs.to_json()} differs from "
                                      f"the training config's {config.network.to_json()}")
     return model
+
+
+def patch_sampler(config: TrainConfig) -> PatchSampler:
+    """The patch sampler of a training run: its patch size and augmentation."""
+    return PatchSampler(config.patch_size, config.tumour_fraction, config.flip, config.rotate_deg, config.scale,
+                        config.intensity, config.brain_only_interpolation)
 
 
 #: Offset of the appearance fit's patch seed from the training seed: other draws than training step n's.
