@@ -71,6 +71,11 @@ def test_a_recipe_is_compared_with_another_case_by_case(tmp_path: Path) -> None:
     # As extreme as observed: the five non-zero differences all of one sign (2 ways, times 2 for the tie's sign).
     assert ssim["p"] == pytest.approx(4 / 64)
     assert "5 better, 0 worse" in pooled.comparison_markdown("ours", "theirs", result)
+    # Each contrast's brain SSIM is compared too, by the same exact test.
+    assert set(result) == {"brain_ssim", "brain_psnr", "tumour_ssim", *(f"{m}_ssim" for m in MODALITIES)}
+    assert result["t1ce_ssim"]["mean_difference"] == pytest.approx(0.025)
+    assert result["t1ce_ssim"]["p"] == pytest.approx(4 / 64) and result["t1ce_ssim"]["p_exact"]
+    assert "| brain SSIM, T1ce | +0.025 |" in pooled.comparison_markdown("ours", "theirs", result)
     other_cases = pooled.pool([(_report(tmp_path / "c", 0, "c", {"case0": 0.3, "case9": 0.3}), "c")])
     with pytest.raises(SystemExit, match="not scored on the same held-out cases"):
         pooled.compare(ours, other_cases)

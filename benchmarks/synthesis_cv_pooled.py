@@ -81,7 +81,8 @@ def pool(folds: list[tuple[Path, str]]) -> dict[str, Any]:
             "checkerboard_median": {m: float(np.median(v)) for m, v in checkerboard.items()}}
 
 
-COMPARED = (("brain_ssim", "brain SSIM", 3), ("brain_psnr", "brain PSNR (dB)", 2), ("tumour_ssim", "tumour SSIM", 3))
+COMPARED = (("brain_ssim", "brain SSIM", 3), ("brain_psnr", "brain PSNR (dB)", 2), ("tumour_ssim", "tumour SSIM", 3),
+            *((f"{m}_ssim", f"brain SSIM, {m.upper() if m != 't1ce' else 'T1ce'}", 3) for m in MODALITIES))
 
 
 def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, dict[str, Any]]:
