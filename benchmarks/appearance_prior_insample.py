@@ -7,7 +7,9 @@ maps and images as training saw them (cropped to the brain box, on the network's
 scored with ``MedSynthLib.evaluation.metrics.fidelity`` (z-scored in the brain, Gaussian SSIM, PSNR peak 8), in the
 brain and in the tumour. These are the model's own training cases: an in-sample comparison of the two code
 distributions, not a held-out score. Writes per case and seed the mean over the four contrasts (and each contrast's
-brain SSIM), and a summary with paired differences and sign-flip p-values.
+brain SSIM), and a summary with paired differences and exact sign-flip p-values
+(``MedSynthLib.study.statistics.paired_comparison``). ``--summarise REPORT`` computes the summary again from a
+report's per-case scores without running the network.
 
     python benchmarks/appearance_prior_insample.py --set SET --model medsynth-spade27-ssim --seeds 0 1 2 \\
         --threads 2 -o docs/benchmarks/appearance_prior_insample_spade27_ssim.json
@@ -35,23 +37,53 @@ from MedSynthLib.training.data import prepare_volume, read_prepared_set  # noqa:
 CODES = ("standard_normal", "prior")
 
 
-def sign_flip_p(differences: np.ndarray, flips: int = 200_000, seed: int = 0) -> float:
-    """Two-sided p of the mean paired difference under random sign flips."""
-    rng = np.random.default_rng(seed)
-    signs = rng.choice([-1.0, 1.0], (flips, len(differences)))
-    return float(np.mean(np.abs((signs * differences).mean(1)) >= abs(differences.mean()) - 1e-12))
+def summarise(per_case: dict[str, dict[str, dict]], seeds: list[int], modalities: list[str]) -> dict[str, dict]:
+    """Prior minus standard normal, case by case: per metric and seed (and over the seeds' mean) the mean of each
+    side, the paired difference, cases better, and the exact sign-flip p."""
+    from MedSynthLib.study.statistics import paired_comparison
+
+    names = list(per_case)
+
+    def entry(side: dict[str, np.ndarray]) -> dict:
+        comparison = paired_comparison(side["prior"], side["standard_normal"])
+        return {"standard_normal": float(side["standard_normal"].mean()), "prior": float(side["prior"].mean()),
+                "difference": comparison["mean_difference"], "prior_better": comparison["wins"],
+                "cases": comparison["n"], "sign_flip_p": comparison["p"], "sign_flip_exact": comparison["p_exact"]}
+
+    summary: dict[str, dict] = {}
+    for metric in ("brain_ssim", "brain_psnr", "tumour_ssim"):
+        for seed in [*seeds, "mean"]:
+            keys = list(seeds) if seed == "mean" else [seed]
+            summary[f"{metric}_seed_{seed}"] = entry({codes: np.array(
+                [np.mean([per_case[n][f"{codes}_seed{s}"][metric] for s in keys]) for n in names]) for codes in CODES})
+    for modality in modalities:
+        summary[f"brain_ssim_{modality}_seed_mean"] = entry({codes: np.array(
+            [np.mean([per_case[n][f"{codes}_seed{s}"]["brain_ssim_per_contrast"][modality] for s in seeds])
+             for n in names]) for codes in CODES})
+    return summary
 
 
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", required=True, type=Path, help="a prepared set of the model's training cases")
-    parser.add_argument("--model", required=True, help="a model with an appearance prior")
+    parser.add_argument("--set", type=Path, help="a prepared set of the model's training cases")
+    parser.add_argument("--model", help="a model with an appearance prior")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--summarise", type=Path, metavar="REPORT",
+                        help="compute the summary again from this report's per-case scores (no network run)")
     parser.add_argument("-o", "--output", required=True, type=Path)
     args = parser.parse_args()
+    if args.summarise is not None:
+        report = json.loads(args.summarise.read_text())
+        modalities = list(next(iter(next(iter(report["per_case"].values())).values()))["brain_ssim_per_contrast"])
+        report["summary"] = summarise(report["per_case"], report["seeds"], modalities)
+        report["summary_command"] = " ".join(["python", *sys.argv])
+        args.output.write_text(json.dumps(report, indent=1) + "\n")
+        return
+    if args.set is None or args.model is None:
+        parser.error("--set and --model are needed unless --summarise is given")
     torch.set_num_threads(args.threads)
     card = resolve_model(args.model)
     if card.appearance is None:
@@ -78,25 +110,7 @@ def main() -> None:
         per_case[source.name] = row
         print(source.name, {k: round(v["brain_ssim"], 4) for k, v in row.items()}, flush=True)
 
-    names = list(per_case)
-    summary: dict[str, dict] = {}
-    for metric in ("brain_ssim", "brain_psnr", "tumour_ssim"):
-        for seed in [*args.seeds, "mean"]:
-            keys = [s for s in args.seeds] if seed == "mean" else [seed]
-            side = {codes: np.array([np.mean([per_case[n][f"{codes}_seed{s}"][metric] for s in keys]) for n in names])
-                    for codes in CODES}
-            difference = side["prior"] - side["standard_normal"]
-            summary[f"{metric}_seed_{seed}"] = {
-                "standard_normal": float(side["standard_normal"].mean()), "prior": float(side["prior"].mean()),
-                "difference": float(difference.mean()), "prior_better": int((difference > 0).sum()),
-                "cases": len(names), "sign_flip_p": sign_flip_p(difference)}
-    for modality in card.modalities:
-        side = {codes: np.array([np.mean([per_case[n][f"{codes}_seed{s}"]["brain_ssim_per_contrast"][modality]
-                                          for s in args.seeds]) for n in names]) for codes in CODES}
-        difference = side["prior"] - side["standard_normal"]
-        summary[f"brain_ssim_{modality}_seed_mean"] = {
-            "standard_normal": float(side["standard_normal"].mean()), "prior": float(side["prior"].mean()),
-            "difference": float(difference.mean()), "sign_flip_p": sign_flip_p(difference)}
+    summary = summarise(per_case, args.seeds, list(card.modalities))
     report = {"command": " ".join(["python", *sys.argv]), "model": card.name, "model_sha256": card.sha256,
               "seeds": args.seeds, "in_sample": True, "summary": summary, "per_case": per_case}
     args.output.parent.mkdir(parents=True, exist_ok=True)
