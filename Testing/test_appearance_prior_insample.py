@@ -30,7 +30,7 @@ def _per_case() -> dict:
 
 
 def test_the_summary_pairs_cases_and_uses_the_exact_sign_flip_test() -> None:
-    summary = insample.summarise(_per_case(), [0, 1], MODALITIES)
+    summary = insample.summarise(_per_case(), [0, 1])
     brain = summary["brain_ssim_seed_mean"]
     assert brain["difference"] == pytest.approx(0.025) and brain["prior_better"] == 5 and brain["cases"] == 6
     # As extreme as observed: the five non-zero differences all of one sign (2 ways, times 2 for the tie's sign).

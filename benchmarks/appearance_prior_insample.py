@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
 from MedSynthLib.schema.labels import tumour_mask  # noqa: E402
+from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 from MedSynthLib.synthesis.networks import style_code  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
@@ -37,12 +38,14 @@ from MedSynthLib.training.data import prepare_volume, read_prepared_set  # noqa:
 CODES = ("standard_normal", "prior")
 
 
-def summarise(per_case: dict[str, dict[str, dict]], seeds: list[int], modalities: list[str]) -> dict[str, dict]:
+def summarise(per_case: dict[str, dict[str, dict]], seeds: list[int]) -> dict[str, dict]:
     """Prior minus standard normal, case by case: per metric and seed (and over the seeds' mean) the mean of each
-    side, the paired difference, cases better, and the exact sign-flip p."""
+    side, the paired difference, cases better, and the exact sign-flip p; per contrast over the seeds' mean."""
     from MedSynthLib.study.statistics import paired_comparison
 
     names = list(per_case)
+    first_row = next(iter(per_case[names[0]].values()))
+    modalities = list(first_row["brain_ssim_per_contrast"])
 
     def entry(side: dict[str, np.ndarray]) -> dict:
         comparison = paired_comparison(side["prior"], side["standard_normal"])
@@ -77,10 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.summarise is not None:
         report = json.loads(args.summarise.read_text())
-        modalities = list(next(iter(next(iter(report["per_case"].values())).values()))["brain_ssim_per_contrast"])
-        report["summary"] = summarise(report["per_case"], report["seeds"], modalities)
+        report["summary"] = summarise(report["per_case"], report["seeds"])
         report["summary_command"] = " ".join(["python", *sys.argv])
-        args.output.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(report, args.output, overwrite=True)
         return
     if args.set is None or args.model is None:
         parser.error("--set and --model are needed unless --summarise is given")
@@ -110,11 +112,11 @@ def main() -> None:
         per_case[source.name] = row
         print(source.name, {k: round(v["brain_ssim"], 4) for k, v in row.items()}, flush=True)
 
-    summary = summarise(per_case, args.seeds, list(card.modalities))
+    summary = summarise(per_case, args.seeds)
     report = {"command": " ".join(["python", *sys.argv]), "model": card.name, "model_sha256": card.sha256,
               "seeds": args.seeds, "in_sample": True, "summary": summary, "per_case": per_case}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(report, args.output, overwrite=True)
     for key, value in summary.items():
         print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})
 
