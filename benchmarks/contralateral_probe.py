@@ -1,0 +1,156 @@
+"""Does the other hemisphere tell the inpainting more than smoothing does? (a probe of held-out real cases)
+
+Across the brain's midline lies the same patient's healthy tissue, scanned in the same session.  This probe mixes,
+after the inpainting engine (its defaults, pasted: no feather), each healthy voxel of the region (CSF, GM, WM) with
+an estimate ``(1 - weight) * prediction + weight * estimate`` and scores the region as
+``benchmarks/inpainting_inference_ab.py`` does (region = real tumour + 8 mm, SSIM as ``medsynth evaluate``, mean of
+the four contrasts).  Estimates, each a local mean over the voxel's own class within a Gaussian of ``sigma`` voxels:
+
+* ``contralateral``: of the real image mirrored across the brain's plane of symmetry (the plane that best overlaps
+  the brain mask with its mirror image), never reading the region or its mirror image, brought to the level of its
+  class around the region (the real image's median in a 10 mm shell minus the mirrored image's median in the
+  mirror of that shell);
+* ``self_smooth``: of the prediction itself inside the region (a control: no new information, only smoothing);
+* ``both``: the mean of the two;
+* ``median``: the prediction's median of the class in the region (a control: contrast shrunk towards it).
+
+    PYTHONPATH=. python benchmarks/contralateral_probe.py --cache CACHE \\
+        --data ../shared/data/brats2021/cases ../shared/data/brats_more/cases --fold 0 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inpainting_eval import scanner_like  # noqa: E402
+from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
+from MedSynthLib.schema.labels import MODALITIES, Label, brain_mask, tumour_mask  # noqa: E402
+from MedSynthLib.schema.volume_io import write_json  # noqa: E402
+from MedSynthLib.synthesis.inpainting import InpaintingEngine, _ball_growth  # noqa: E402
+from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
+from MedSynthLib.training.data import find_case_folders, prepare_volume  # noqa: E402
+
+HEALTHY = (Label.CSF, Label.GM, Label.WM)
+
+
+def mirror_shift(brain: np.ndarray, max_shift: int = 24) -> int:
+    """The shift s for which the brain mirrored along the last (left-right) axis and rolled by s overlaps it most."""
+    flipped = brain[..., ::-1]
+    overlaps = [int((np.roll(flipped, s, axis=-1) & brain).sum()) for s in range(-max_shift, max_shift + 1)]
+    return int(np.argmax(overlaps)) - max_shift
+
+
+def mirror(array: np.ndarray, shift: int) -> np.ndarray:
+    return np.roll(array[..., ::-1], shift, axis=-1)
+
+
+def class_local_mean(image: np.ndarray, weight: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian mean of ``image`` over ``weight`` (normalised convolution) and the weight's own Gaussian."""
+    from scipy import ndimage
+
+    den = ndimage.gaussian_filter(weight.astype(np.float32), sigma)
+    num = ndimage.gaussian_filter(image * weight, sigma)
+    return num / np.maximum(den, 1e-6), den
+
+
+def region_ssim(real: dict, images: dict, brain: np.ndarray, region: np.ndarray) -> tuple[float, list[float]]:
+    scores = [fidelity(real[m], images[m].astype(np.float32), brain, {"region": region})["region"]["ssim"]
+              for m in MODALITIES]
+    return float(np.mean(scores)), [round(s, 4) for s in scores]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="medsynth-inpaint-brats27-f0d")
+    parser.add_argument("--data", nargs="+", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=Path("Resources/configs/inpaint_brats27_cpu_cv.json"))
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--cases", nargs="*", default=None, help="held-out cases to score (default: all of the fold)")
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--sigmas", nargs="+", type=float, default=[4.0, 8.0])
+    parser.add_argument("--weights", nargs="+", type=float, default=[0.3, 0.5])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    held = json.loads(args.config.read_text())["cv_folds"][args.fold]
+    names = args.cases or held
+    assert set(names) <= set(held), "score held-out cases of the fold only"
+    folders = {f.name: f for root in args.data for f in find_case_folders(root)}
+    engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), "cpu", "auto")
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        volume = prepare_volume(folders[name], args.cache, "tissue_zscore")
+        labels, real = volume.labels, scanner_like(volume)
+        brain, tumour = brain_mask(labels), tumour_mask(labels)
+        region = _ball_growth(tumour, 8.0, (1.0, 1.0, 1.0)) & brain
+        predicted = engine.inpaint(labels, real, region, (1.0, 1.0, 1.0), feather_mm=0.0).images
+        shift = mirror_shift(brain)
+        mirrored_labels, mirrored_region, mirrored_brain = (mirror(a, shift) for a in (labels, region, brain))
+        shell = _ball_growth(region, 10.0, (1.0, 1.0, 1.0)) & ~region & brain
+        mirrored_shell = mirror(shell, shift)
+        # Everything below happens in the region's box grown by the widest Gaussian's reach.
+        reach = int(np.ceil(4 * max(args.sigmas)))
+        box = tuple(slice(max(int(ix.min()) - reach, 0), int(ix.max()) + reach + 1) for ix in np.nonzero(region))
+        inside = {c: (region & (labels == c))[box] for c in HEALTHY}
+        row = {"case": name, "mirror_shift": shift, "base": region_ssim(real, predicted, brain, region),
+               "healthy_share": round(float(sum(v.sum() for v in inside.values()) / region.sum()), 3)}
+        estimates: dict[tuple[str, float], dict[str, list]] = {}
+        for sigma in args.sigmas:
+            for m in MODALITIES:
+                image, prediction = real[m], predicted[m].astype(np.float32)
+                mirrored = mirror(image, shift)
+                for c in HEALTHY:
+                    where = inside[c]
+                    if where.sum() < 50:
+                        continue
+                    usable = (mirrored_labels == c) & ~mirrored_region & mirrored_brain
+                    contra, den = class_local_mean(mirrored[box], usable[box], sigma)
+                    around, mirrored_around = shell & (labels == c), mirrored_shell & usable
+                    level = (float(np.median(image[around])) - float(np.median(mirrored[mirrored_around]))
+                             if around.sum() >= 50 and mirrored_around.sum() >= 50 else 0.0)
+                    has = where & (den > 0.05)
+                    self_smooth, _ = class_local_mean(prediction[box], where, sigma)
+                    for kind, values, mask in (("contralateral", contra + level, has), ("self_smooth", self_smooth, where),
+                                               ("both", 0.5 * (contra + level + self_smooth), has)):
+                        estimates.setdefault((kind, sigma), {}).setdefault(m, []).append((mask, values[mask]))
+                    if sigma == args.sigmas[0]:
+                        median = np.full(int(where.sum()), np.median(prediction[box][where]), np.float32)
+                        estimates.setdefault(("median", 0.0), {}).setdefault(m, []).append((where, median))
+        for (kind, sigma), parts in estimates.items():
+            for weight in args.weights:
+                mixed = {}
+                for m in MODALITIES:
+                    values = predicted[m].astype(np.float32)
+                    in_box = values[box]
+                    for mask, estimate in parts.get(m, []):
+                        in_box[mask] = (1.0 - weight) * in_box[mask] + weight * estimate
+                    mixed[m] = values
+                row[f"{kind}_s{sigma:g}_w{weight:g}"] = region_ssim(real, mixed, brain, region)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    variants = [k for k in rows[0] if isinstance(rows[0][k], list)]
+    summary = {v: {"region_ssim": float(np.mean([r[v][0] for r in rows])),
+                   "minus_base": float(np.mean([r[v][0] - r["base"][0] for r in rows])),
+                   "higher_than_base": int(sum(r[v][0] > r["base"][0] for r in rows))} for v in variants}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        write_json({"command": " ".join(sys.argv), "model": {"name": engine.model.name, "sha256": engine.model.sha256},
+                    "summary": summary, "per_case": rows}, args.json, overwrite=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
