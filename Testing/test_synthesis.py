@@ -951,16 +951,25 @@ def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
     assert max(at_floor.values()) <= 0.08, at_floor
 
 
+#: Per contrast, the share of a real outermost layer at or below the shipped model's floor, class by class (mean case
+#: of the 27 real cases), weighted as the template's outermost layer holds the classes (94 % CSF, 6 % grey matter):
+#: the reference that compares like with like (``benchmarks/outermost_layer_real.py``, raw:
+#: docs/benchmarks/outermost_layer_real_spade27_ssim.json).  Over the whole real layers (mostly grey matter) the mean
+#: case has 2.5 / 4.2 / 3.8 / 4.2 % there.
+REAL_LAYER_AT_FLOOR_TEMPLATE_WEIGHTED = {"t1": 0.0115, "t1ce": 0.0414, "t2": 0.0032, "flair": 0.0616}
+
+
 @pytest.mark.xfail(strict=True, reason="the sampled appearance codes darken the outermost layer: over seeds 0-5 the "
                                        "shipped model puts 1.9 / 6.9 / 0.0 / 8.6 % of the template's layer at the "
                                        "floor (T1 / T1ce / T2 / FLAIR; with standard-normal codes 6.1 / 7.7 / 0.1 / "
-                                       "10.2 %); real layers 2.5-4.2 % (mean case)")
+                                       "10.2 %); real layers of the template's classes 1.2 / 4.1 / 0.3 / 6.2 % "
+                                       "(mean case)")
 def test_the_outermost_layer_keeps_its_signal_for_every_sampled_appearance() -> None:
     """The test above synthesises with seed 0; a user draws any seed. Over six seeds, the share of the template's
-    outermost layer at or below the floor should not exceed that of the real cases' layers (mean case, the darkest
-    contrast: 4.2 %). Measured (session 31, codes from the training codes' distribution): up to 5.9 % (T1, seed 2),
-    8.8 % (T1ce, seed 5) and 20.2 % (FLAIR, seed 2) for one seed; with standard-normal codes (session 30) 24 % (T1,
-    seed 3) and 26 % (FLAIR, seed 2)."""
+    outermost layer at or below the floor should not exceed, in any contrast, that of real layers of the same
+    classes (mean case, :data:`REAL_LAYER_AT_FLOOR_TEMPLATE_WEIGHTED`). Measured (session 31, codes from the training
+    codes' distribution): up to 5.9 % (T1, seed 2), 8.8 % (T1ce, seed 5) and 20.2 % (FLAIR, seed 2) for one seed;
+    with standard-normal codes (session 30) 24 % (T1, seed 3) and 26 % (FLAIR, seed 2)."""
     at_floor = [shares for _, shares in _template_outermost_layer_shares(range(6))]
     mean_share = {m: float(np.mean([shares[m] for shares in at_floor])) for m in at_floor[0]}
-    assert max(mean_share.values()) <= 0.042, mean_share
+    assert all(mean_share[m] <= REAL_LAYER_AT_FLOOR_TEMPLATE_WEIGHTED[m] for m in mean_share), mean_share
