@@ -62,6 +62,38 @@ def scanner_like(volume) -> dict[str, np.ndarray]:
     return {m: (volume.images[c].astype(np.float32) + 1.0) * 1000.0 for c, m in enumerate(MODALITIES)}
 
 
+def held_out_cases(config: Path, fold: int, cases: list[str] | None,
+                   data: list[Path]) -> tuple[list[str], dict[str, Path]]:
+    """The held-out cases of ``fold`` to score (``cases``, all of the fold by default) and every case folder by name.
+
+    Raises:
+        AssertionError: a case in ``cases`` is not held out in that fold.
+    """
+    from MedSynthLib.training.data import find_case_folders
+
+    held = json.loads(config.read_text())["cv_folds"][fold]
+    names = cases or held
+    assert set(names) <= set(held), "score held-out cases of the fold only"
+    return names, {f.name: f for root in data for f in find_case_folders(root)}
+
+
+def real_tumour_region(folder: Path, cache: Path, margin_mm: float = 8.0) -> tuple[np.ndarray, dict[str, np.ndarray],
+                                                                                  np.ndarray, np.ndarray, np.ndarray]:
+    """A real case read through the training cache, and the region around its real tumour.
+
+    Returns:
+        labels, the images in scanner-like units (:func:`scanner_like`), the brain, the tumour, and the region (the
+        tumour grown by ``margin_mm`` within the brain; 1 mm voxels).
+    """
+    from MedSynthLib.synthesis.inpainting import _ball_growth
+    from MedSynthLib.training.data import prepare_volume
+
+    volume = prepare_volume(folder, cache, "tissue_zscore")
+    labels, real = volume.labels, scanner_like(volume)
+    brain, tumour = brain_mask(labels), tumour_mask(labels)
+    return labels, real, brain, tumour, _ball_growth(tumour, margin_mm, (1.0, 1.0, 1.0)) & brain
+
+
 def to_case_scale(image: np.ndarray, real: np.ndarray, brain: np.ndarray) -> np.ndarray:
     """``image`` z-scored in the brain, then given the real image's brain mean and standard deviation."""
     values = real[brain].astype(np.float64)

@@ -34,13 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inpainting_eval import scanner_like  # noqa: E402
+from inpainting_eval import held_out_cases, real_tumour_region  # noqa: E402
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
-from MedSynthLib.schema.labels import MODALITIES, brain_mask, tumour_mask  # noqa: E402
-from MedSynthLib.synthesis.inpainting import InpaintingEngine, _ball_growth  # noqa: E402
+from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
+from MedSynthLib.synthesis.inpainting import InpaintingEngine  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
-from MedSynthLib.training.data import find_case_folders, prepare_volume  # noqa: E402
 
 
 def main() -> int:
@@ -56,19 +55,13 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    held = json.loads(args.config.read_text())["cv_folds"][args.fold]
-    names = args.cases or held
-    assert set(names) <= set(held), "score held-out cases of the fold only"
-    folders = {f.name: f for root in args.data for f in find_case_folders(root)}
+    names, folders = held_out_cases(args.config, args.fold, args.cases, args.data)
     engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), "cpu", "auto")
     variants = {"base": (False, False), "flip": (True, False), "tissue_offset": (False, True),
                 "flip+tissue_offset": (True, True)}
     rows = []
     for name in names:
-        volume = prepare_volume(folders[name], args.cache, "tissue_zscore")
-        labels, real = volume.labels, scanner_like(volume)
-        brain, tumour = brain_mask(labels), tumour_mask(labels)
-        region = _ball_growth(tumour, 8.0, (1.0, 1.0, 1.0)) & brain
+        labels, real, brain, tumour, region = real_tumour_region(folders[name], args.cache)
         row = {"case": name}
         for variant, (engine.mirror_average, engine.match_tissue) in variants.items():
             start = time.perf_counter()

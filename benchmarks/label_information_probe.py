@@ -40,14 +40,14 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inpainting_eval import scanner_like  # noqa: E402
+from inpainting_eval import real_tumour_region  # noqa: E402
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
-from MedSynthLib.schema.labels import MODALITIES, brain_mask, tumour_mask  # noqa: E402
+from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.cases.atlas_anatomy import AtlasPriorEM, _n4  # noqa: E402
 from MedSynthLib.schema.grid import Grid  # noqa: E402
 from MedSynthLib.synthesis.inpainting import _ball_growth  # noqa: E402
-from MedSynthLib.training.data import find_case_folders, prepare_volume  # noqa: E402
+from MedSynthLib.training.data import find_case_folders  # noqa: E402
 
 LOCAL_SIGMAS = (8.0, 4.0, 2.0)
 REGION_MARGIN_MM = 8.0
@@ -108,10 +108,7 @@ def main() -> int:
     rows = []
     for name in names:
         start = time.perf_counter()
-        volume = prepare_volume(folders[name], args.cache, "tissue_zscore")
-        labels, real = volume.labels, scanner_like(volume)
-        brain, tumour = brain_mask(labels), tumour_mask(labels)
-        region = _ball_growth(tumour, REGION_MARGIN_MM, (1.0, 1.0, 1.0)) & brain
+        labels, real, brain, tumour, region = real_tumour_region(folders[name], args.cache, REGION_MARGIN_MM)
         row: dict = {"case": name}
         for method in methods:
             scores = []
