@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inpainting_eval import held_out_cases, real_tumour_region  # noqa: E402
+from inpainting_eval import add_held_out_arguments, held_out_cases, real_tumour_region  # noqa: E402
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES, Label  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
@@ -69,12 +69,7 @@ def region_ssim(real: dict, images: dict, brain: np.ndarray, region: np.ndarray)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="medsynth-inpaint-brats27-f0d")
-    parser.add_argument("--data", nargs="+", type=Path, required=True)
-    parser.add_argument("--config", type=Path, default=Path("Resources/configs/inpaint_brats27_cpu_cv.json"))
-    parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--cases", nargs="*", default=None, help="held-out cases to score (default: all of the fold)")
-    parser.add_argument("--cache", type=Path, required=True)
+    add_held_out_arguments(parser)
     parser.add_argument("--sigmas", nargs="+", type=float, default=[4.0, 8.0])
     parser.add_argument("--weights", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--threads", type=int, default=1)

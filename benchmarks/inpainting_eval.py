@@ -62,6 +62,16 @@ def scanner_like(volume) -> dict[str, np.ndarray]:
     return {m: (volume.images[c].astype(np.float32) + 1.0) * 1000.0 for c, m in enumerate(MODALITIES)}
 
 
+def add_held_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that scores an inpainting model on the held-out cases of one fold."""
+    parser.add_argument("--model", default="medsynth-inpaint-brats27-f0d")
+    parser.add_argument("--data", nargs="+", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=Path("Resources/configs/inpaint_brats27_cpu_cv.json"))
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--cases", nargs="*", default=None, help="held-out cases to score (default: all of the fold)")
+    parser.add_argument("--cache", type=Path, required=True)
+
+
 def held_out_cases(config: Path, fold: int, cases: list[str] | None,
                    data: list[Path]) -> tuple[list[str], dict[str, Path]]:
     """The held-out cases of ``fold`` to score (``cases``, all of the fold by default) and every case folder by name.
