@@ -27,16 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inpainting_eval import add_held_out_arguments, held_out_cases, real_tumour_region  # noqa: E402
+from inpainting_eval import add_held_out_arguments, open_held_out, real_tumour_region  # noqa: E402
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES, Label  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
-from MedSynthLib.synthesis.inpainting import InpaintingEngine, _ball_growth  # noqa: E402
-from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
+from MedSynthLib.synthesis.inpainting import _ball_growth  # noqa: E402
 
 HEALTHY = (Label.CSF, Label.GM, Label.WM)
 
@@ -69,16 +67,11 @@ def region_ssim(real: dict, images: dict, brain: np.ndarray, region: np.ndarray)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_held_out_arguments(parser)
+    add_held_out_arguments(parser, threads=1)
     parser.add_argument("--sigmas", nargs="+", type=float, default=[4.0, 8.0])
     parser.add_argument("--weights", nargs="+", type=float, default=[0.3, 0.5])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    names, folders = held_out_cases(args.config, args.fold, args.cases, args.data)
-    engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), "cpu", "auto")
+    names, folders, engine = open_held_out(args)
     rows = []
     for name in names:
         start = time.perf_counter()

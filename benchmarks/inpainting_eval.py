@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def scanner_like(volume) -> dict[str, np.ndarray]:
     return {m: (volume.images[c].astype(np.float32) + 1.0) * 1000.0 for c, m in enumerate(MODALITIES)}
 
 
-def add_held_out_arguments(parser: argparse.ArgumentParser) -> None:
+def add_held_out_arguments(parser: argparse.ArgumentParser, threads: int = 2) -> None:
     """The options of a benchmark that scores an inpainting model on the held-out cases of one fold."""
     parser.add_argument("--model", default="medsynth-inpaint-brats27-f0d")
     parser.add_argument("--data", nargs="+", type=Path, required=True)
@@ -70,6 +71,21 @@ def add_held_out_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--cases", nargs="*", default=None, help="held-out cases to score (default: all of the fold)")
     parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--json", type=Path)
+
+
+def open_held_out(args: argparse.Namespace) -> tuple[list[str], dict[str, Path], Any]:
+    """For :func:`add_held_out_arguments`' options: torch's threads set, the cases to score, every case folder by
+    name, and the inpainting model loaded on the CPU."""
+    import torch
+
+    from MedSynthLib.synthesis.inpainting import InpaintingEngine
+    from MedSynthLib.synthesis.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    names, folders = held_out_cases(args.config, args.fold, args.cases, args.data)
+    return names, folders, InpaintingEngine(resolve_model(args.model, kind="inpainting"), "cpu", "auto")
 
 
 def held_out_cases(config: Path, fold: int, cases: list[str] | None,

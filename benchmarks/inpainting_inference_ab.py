@@ -30,28 +30,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inpainting_eval import add_held_out_arguments, held_out_cases, real_tumour_region  # noqa: E402
+from inpainting_eval import add_held_out_arguments, open_held_out, real_tumour_region  # noqa: E402
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
-from MedSynthLib.synthesis.inpainting import InpaintingEngine  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
-from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_held_out_arguments(parser)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path)
+    add_held_out_arguments(parser, threads=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    names, folders = held_out_cases(args.config, args.fold, args.cases, args.data)
-    engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), "cpu", "auto")
+    names, folders, engine = open_held_out(args)
     variants = {"base": (False, False), "flip": (True, False), "tissue_offset": (False, True),
                 "flip+tissue_offset": (True, True)}
     rows = []
