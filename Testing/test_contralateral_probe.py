@@ -1,4 +1,5 @@
-"""benchmarks/contralateral_probe.py: the brain's mirror plane and the class-restricted local mean it mixes in."""
+"""benchmarks/contralateral_probe.py: the brain's mirror plane and the class-restricted local mean it mixes in
+(``masked_gaussian_mean`` of benchmarks/inpainting_eval.py)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def test_the_local_mean_reads_only_the_weighted_voxels() -> None:
     image = rng.normal(size=(20, 20, 20)).astype(np.float32)
     weight = np.zeros(image.shape, bool)
     weight[:, :, :10] = True
-    mean, den = probe.class_local_mean(image, weight, 3.0)
+    mean, den = probe.masked_gaussian_mean(image, weight, 3.0)
     changed = image.copy()
     changed[~weight] = 100.0  # voxels of another class (or the region): never read
-    assert np.allclose(probe.class_local_mean(changed, weight, 3.0)[0], mean)
-    constant, _ = probe.class_local_mean(np.full(image.shape, 2.5, np.float32), weight, 3.0)
+    assert np.allclose(probe.masked_gaussian_mean(changed, weight, 3.0)[0], mean)
+    constant, _ = probe.masked_gaussian_mean(np.full(image.shape, 2.5, np.float32), weight, 3.0)
     assert np.allclose(constant[den > 0.05], 2.5, atol=1e-5)

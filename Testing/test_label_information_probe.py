@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 _SPEC = importlib.util.spec_from_file_location(
     "label_information_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "label_information_probe.py")
@@ -33,7 +34,7 @@ def test_class_local_means_never_mix_classes(sigma: float) -> None:
     # each class is constant: its local mean is that constant everywhere, even at the borders where a
     # plain Gaussian would blend the classes
     np.testing.assert_allclose(out, image, rtol=1e-5)
-    plain = probe.ndimage.gaussian_filter(image, sigma)
+    plain = ndimage.gaussian_filter(image, sigma)
     assert np.abs(plain - image)[labels > 0].max() > 50
 
 

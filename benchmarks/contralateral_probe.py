@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inpainting_eval import add_held_out_arguments, open_held_out, real_tumour_region  # noqa: E402
+from inpainting_eval import (add_held_out_arguments, masked_gaussian_mean, open_held_out,  # noqa: E402
+                             real_tumour_region)
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES, Label  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
@@ -48,15 +49,6 @@ def mirror_shift(brain: np.ndarray, max_shift: int = 24) -> int:
 
 def mirror(array: np.ndarray, shift: int) -> np.ndarray:
     return np.roll(array[..., ::-1], shift, axis=-1)
-
-
-def class_local_mean(image: np.ndarray, weight: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian mean of ``image`` over ``weight`` (normalised convolution) and the weight's own Gaussian."""
-    from scipy import ndimage
-
-    den = ndimage.gaussian_filter(weight.astype(np.float32), sigma)
-    num = ndimage.gaussian_filter(image * weight, sigma)
-    return num / np.maximum(den, 1e-6), den
 
 
 def region_ssim(real: dict, images: dict, brain: np.ndarray, region: np.ndarray) -> tuple[float, list[float]]:
@@ -97,12 +89,12 @@ def main() -> int:
                     if where.sum() < 50:
                         continue
                     usable = (mirrored_labels == c) & ~mirrored_region & mirrored_brain
-                    contra, den = class_local_mean(mirrored[box], usable[box], sigma)
+                    contra, den = masked_gaussian_mean(mirrored[box], usable[box], sigma)
                     around, mirrored_around = shell & (labels == c), mirrored_shell & usable
                     level = (float(np.median(image[around])) - float(np.median(mirrored[mirrored_around]))
                              if around.sum() >= 50 and mirrored_around.sum() >= 50 else 0.0)
                     has = where & (den > 0.05)
-                    self_smooth, _ = class_local_mean(prediction[box], where, sigma)
+                    self_smooth, _ = masked_gaussian_mean(prediction[box], where, sigma)
                     for kind, values, mask in (("contralateral", contra + level, has), ("self_smooth", self_smooth, where),
                                                ("both", 0.5 * (contra + level + self_smooth), has)):
                         estimates.setdefault((kind, sigma), {}).setdefault(m, []).append((mask, values[mask]))

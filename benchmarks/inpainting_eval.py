@@ -63,6 +63,16 @@ def scanner_like(volume) -> dict[str, np.ndarray]:
     return {m: (volume.images[c].astype(np.float32) + 1.0) * 1000.0 for c, m in enumerate(MODALITIES)}
 
 
+def masked_gaussian_mean(image: np.ndarray, weight: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Gaussian-weighted mean of ``image`` over the voxels of ``weight`` (normalised convolution), and the
+    Gaussian of ``weight`` itself (how much of each voxel's neighbourhood the mean rests on)."""
+    from scipy import ndimage
+
+    member = weight.astype(np.float32)
+    share = ndimage.gaussian_filter(member, sigma)
+    return ndimage.gaussian_filter(image * member, sigma) / np.maximum(share, 1e-12), share
+
+
 def add_held_out_arguments(parser: argparse.ArgumentParser, threads: int = 2) -> None:
     """The options of a benchmark that scores an inpainting model on the held-out cases of one fold."""
     parser.add_argument("--model", default="medsynth-inpaint-brats27-f0d")

@@ -36,11 +36,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inpainting_eval import real_tumour_region  # noqa: E402
+from inpainting_eval import masked_gaussian_mean, real_tumour_region  # noqa: E402
 from MedSynthLib.evaluation.metrics import fidelity  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
@@ -65,11 +64,8 @@ def class_local_means(labels: np.ndarray, real: np.ndarray, sigma: float) -> np.
     """Each voxel: the Gaussian-weighted mean of the real image over the voxels of its own class."""
     out = np.zeros_like(real)
     for c in np.unique(labels[labels > 0]):
-        member = (labels == c).astype(np.float32)
-        weight = ndimage.gaussian_filter(member, sigma)
-        total = ndimage.gaussian_filter(real * member, sigma)
         inside = labels == c
-        out[inside] = total[inside] / np.maximum(weight[inside], 1e-12)
+        out[inside] = masked_gaussian_mean(real, inside, sigma)[0][inside]
     return out
 
 
@@ -85,9 +81,7 @@ def bias_times_class_means(labels: np.ndarray, real: np.ndarray, healthy: np.nda
 
 def smoothed_in_brain(real: np.ndarray, brain: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing restricted to the brain (normalised convolution)."""
-    inside = brain.astype(np.float32)
-    out = ndimage.gaussian_filter(real * inside, sigma) / np.maximum(ndimage.gaussian_filter(inside, sigma), 1e-12)
-    return np.where(brain, out, 0.0).astype(np.float32)
+    return np.where(brain, masked_gaussian_mean(real, brain, sigma)[0], 0.0).astype(np.float32)
 
 
 def main() -> int:
