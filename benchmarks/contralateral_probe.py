@@ -79,28 +79,28 @@ def main() -> int:
         inside = {c: (region & (labels == c))[box] for c in HEALTHY}
         row = {"case": name, "mirror_shift": shift, "base": region_ssim(real, predicted, brain, region),
                "healthy_share": round(float(sum(v.sum() for v in inside.values()) / region.sum()), 3)}
+        # Per healthy class: the mirrored voxels of that class outside the region (and its mirror image), and the
+        # class's voxels of the shell around the region on both sides; none depends on the contrast or sigma.
+        usable = {c: (mirrored_labels == c) & ~mirrored_region & mirrored_brain for c in HEALTHY if inside[c].sum() >= 50}
+        around = {c: (shell & (labels == c), mirrored_shell & usable[c]) for c in usable}
         estimates: dict[tuple[str, float], dict[str, list]] = {}
-        for sigma in args.sigmas:
-            for m in MODALITIES:
-                image, prediction = real[m], predicted[m].astype(np.float32)
-                mirrored = mirror(image, shift)
-                for c in HEALTHY:
-                    where = inside[c]
-                    if where.sum() < 50:
-                        continue
-                    usable = (mirrored_labels == c) & ~mirrored_region & mirrored_brain
-                    contra, den = masked_gaussian_mean(mirrored[box], usable[box], sigma)
-                    around, mirrored_around = shell & (labels == c), mirrored_shell & usable
-                    level = (float(np.median(image[around])) - float(np.median(mirrored[mirrored_around]))
-                             if around.sum() >= 50 and mirrored_around.sum() >= 50 else 0.0)
+        for m in MODALITIES:
+            image, prediction = real[m], predicted[m].astype(np.float32)
+            mirrored = mirror(image, shift)
+            for c, usable_c in usable.items():
+                where = inside[c]
+                near, mirrored_near = around[c]
+                level = (float(np.median(image[near])) - float(np.median(mirrored[mirrored_near]))
+                         if near.sum() >= 50 and mirrored_near.sum() >= 50 else 0.0)
+                median = np.full(int(where.sum()), np.median(prediction[box][where]), np.float32)
+                estimates.setdefault(("median", 0.0), {}).setdefault(m, []).append((where, median))
+                for sigma in args.sigmas:
+                    contra, den = masked_gaussian_mean(mirrored[box], usable_c[box], sigma)
                     has = where & (den > 0.05)
                     self_smooth, _ = masked_gaussian_mean(prediction[box], where, sigma)
                     for kind, values, mask in (("contralateral", contra + level, has), ("self_smooth", self_smooth, where),
                                                ("both", 0.5 * (contra + level + self_smooth), has)):
                         estimates.setdefault((kind, sigma), {}).setdefault(m, []).append((mask, values[mask]))
-                    if sigma == args.sigmas[0]:
-                        median = np.full(int(where.sum()), np.median(prediction[box][where]), np.float32)
-                        estimates.setdefault(("median", 0.0), {}).setdefault(m, []).append((where, median))
         for (kind, sigma), parts in estimates.items():
             for weight in args.weights:
                 mixed = {}
