@@ -40,11 +40,15 @@ def floors_z(model) -> dict[str, float]:
     return {m: (intensity[m]["floor"] - intensity[m]["mean"]) / intensity[m]["std"] for m in MODALITIES}
 
 
+def layer_composition(labels: np.ndarray, layer: np.ndarray) -> dict[str, float]:
+    """The share of each healthy class in the brain's outermost voxel layer (``outermost_layer(labels > 0)``)."""
+    return {name: float(np.mean(labels[layer] == value)) for name, value in CLASSES.items()}
+
+
 def layer_shares(labels: np.ndarray, z: dict[str, np.ndarray], floor: dict[str, float]) -> dict[str, dict]:
     """Per contrast: the share of the outermost layer at or below the floor, over all of it and per class."""
     layer = outermost_layer(labels > 0)
-    out: dict[str, dict] = {"layer_composition": {name: float(np.mean(labels[layer] == value))
-                                                  for name, value in CLASSES.items()}}
+    out: dict[str, dict] = {"layer_composition": layer_composition(labels, layer)}
     for m in MODALITIES:
         below = z[m] <= floor[m]
         shares = {"all": float(below[layer].mean())}
@@ -73,8 +77,7 @@ def main() -> int:
         print(folder.name, " ".join(f"{m} {per_case[folder.name][m]['all'] * 100:.1f} %" for m in MODALITIES),
               flush=True)
     template = template_label_map().array
-    template_layer = outermost_layer(template > 0)
-    composition = {name: float(np.mean(template[template_layer] == value)) for name, value in CLASSES.items()}
+    composition = layer_composition(template, outermost_layer(template > 0))
     summary: dict[str, dict] = {}
     for m in MODALITIES:
         summary[m] = {}
