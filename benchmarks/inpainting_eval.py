@@ -193,7 +193,7 @@ def move_towards_centre(labels: np.ndarray, distance_mm: float) -> tuple[float, 
 def main() -> int:
     import torch
 
-    from MedSynthLib.synthesis.inpainting import DEFAULT_MARGIN_MM, InpaintingEngine, _ball_growth, feather_weight
+    from MedSynthLib.synthesis.inpainting import DEFAULT_MARGIN_MM, InpaintingEngine, feather_weight
     from MedSynthLib.synthesis.models import resolve_model
     from MedSynthLib.synthesis.synthesize import SynthesisEngine
     from MedSynthLib.training.data import find_case_folders, prepare_volume
@@ -231,11 +231,7 @@ def main() -> int:
 
     per_case = []
     for folder in test:
-        volume = prepare_volume(folder, args.cache, "tissue_zscore")
-        labels, real = volume.labels, scanner_like(volume)
-        brain = brain_mask(labels)
-        tumour = tumour_mask(labels)
-        region = _ball_growth(tumour, args.margin, spacing) & brain
+        labels, real, brain, tumour, region = real_tumour_region(folder, args.cache, args.margin)
         weight = feather_weight(region, spacing)
         # The network's values inside the region, without the feather (weight 1 everywhere in it).
         painted = inpainter.inpaint(labels, real, region, spacing, feather_mm=0.0).images
