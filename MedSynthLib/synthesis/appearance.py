@@ -149,13 +149,22 @@ def fit_appearance_prior(encode: Callable[["torch.Tensor"], tuple["torch.Tensor"
 
     if patches < 2:
         raise ValueError(f"patches {patches}: at least 2 are needed for a covariance")
-    means, log_variances = [], []
+    means: np.ndarray | None = None
+    log_variances: np.ndarray | None = None
     with torch.no_grad():
         for index in range(patches):
             _, real = sampler.sample(volumes, seed, index, 0, 1, device)
             mean, log_variance = encode(real)
-            means.append(mean[0].float().cpu().numpy())
-            log_variances.append(log_variance[0].float().cpu().numpy())
+            if means is None or log_variances is None:
+                means = np.empty((patches, mean.shape[1]), np.float64)
+                log_variances = np.empty_like(means)
+            # Copied out, not kept as views: a view holds the encoder's tensor, and a thousand of those small
+            # blocks scattered between the large patches' buffers kept the heap from being reused (RSS grew
+            # ~3.5 MB a patch on 96-cubed patches).
+            means[index] = mean[0].double().cpu().numpy()
+            log_variances[index] = log_variance[0].double().cpu().numpy()
+            del mean, log_variance
             if progress is not None:
                 progress(1)
-    return aggregate_posterior(np.stack(means), np.stack(log_variances), seed)
+    assert means is not None and log_variances is not None  # patches >= 2
+    return aggregate_posterior(means, log_variances, seed)
