@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -202,6 +202,32 @@ def mean_normalizer(normalizers: list[Normalizer]) -> Normalizer:
     averaged = {k: (float(np.mean([e[k] for e in entries])) if isinstance(v, (int, float)) else v)
                 for k, v in entries[0].items()}
     return normalizer_from_json(averaged)
+
+
+def normalization_of(normalizer: Normalizer) -> str:
+    """The normalisation kind (one of :data:`NORMALIZATIONS`) a normaliser belongs to."""
+    return str(normalizer.to_json().get("kind", "percentile"))
+
+
+def fit_case_normalizers(images: Mapping[str, np.ndarray], labels: np.ndarray,
+                         normalization: str) -> dict[str, Normalizer]:
+    """One real case's own normalisers, fitted as training fits each of its cases.
+
+    Args:
+        images: modality -> the case's image in scanner units.
+        labels: its MedSynth label map (the z-score kinds take their reference tissue from it).
+        normalization: one of :data:`NORMALIZATIONS`.
+    """
+    from ..schema.labels import Label, brain_mask
+
+    if normalization in ZSCORE_KINDS:
+        low = Label.CSF if normalization == "healthy_zscore" else Label.GM
+        reference = (labels >= low) & (labels <= Label.WM)
+        return {m: HealthyTissueZScore.fit(image, reference, normalization) for m, image in images.items()}
+    if normalization == "percentile":
+        brain = brain_mask(labels)
+        return {m: IntensityNormalizer.fit(image, brain) for m, image in images.items()}
+    raise ValueError(f"unknown intensity normalisation {normalization!r}")
 
 
 def zscore(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -26,8 +26,8 @@ from ..cases.anatomy import DEFAULT_ANATOMY_MODEL
 from ..cases.readers import MODALITIES, Case, read_case
 from ..schema.errors import InputError
 from ..schema.grid import mask_box
-from ..schema.labels import SCHEMA_VERSION, Label, brain_mask, tumour_mask
-from ..synthesis.normalize import HealthyTissueZScore, IntensityNormalizer, Normalizer, normalizer_from_json
+from ..schema.labels import SCHEMA_VERSION, brain_mask, tumour_mask
+from ..synthesis.normalize import Normalizer, fit_case_normalizers, normalizer_from_json
 
 #: Bump when the cached arrays change meaning (2: the anatomy of a case not stored LPS is derived in LPS order).
 CACHE_VERSION = 2
@@ -239,13 +239,7 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
     labels = derive_label_map(case).array
     brain = brain_mask(labels)
     box = mask_box(brain, margin=4)
-    if normalization in ("healthy_zscore", "tissue_zscore"):
-        low = Label.CSF if normalization == "healthy_zscore" else Label.GM
-        reference = (labels >= low) & (labels <= Label.WM)
-        normalizers: dict[str, Normalizer] = {m: HealthyTissueZScore.fit(case.images[m], reference, normalization)
-                                              for m in MODALITIES}
-    else:
-        normalizers = {m: IntensityNormalizer.fit(case.images[m], brain) for m in MODALITIES}
+    normalizers = fit_case_normalizers({m: case.images[m] for m in MODALITIES}, labels, normalization)
     images = np.stack([normalizers[m].forward(case.images[m], brain)[box] for m in MODALITIES]).astype(np.float16)
     labels = labels[box]
     if cached is not None:
