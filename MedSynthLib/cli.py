@@ -678,6 +678,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, summary in results["summary"].items():
         print(f"{name:<22} SSIM {summary['brain_ssim']:.3f}  PSNR {summary['brain_psnr']:.2f} dB  "
               f"MAE {summary['brain_mae']:.3f}  (tumour SSIM {summary.get('tumour_ssim', float('nan')):.3f})")
+    furthest = []
+    for modality, signal in results["class_signal"].items():
+        if signal["classes"]:
+            name, row = max(signal["classes"].items(), key=lambda item: abs(item[1]["patient_frame_minus_real"]))
+            furthest.append(f"{modality} {name} {row['patient_frame_minus_real']:+.2f}")
+    if furthest:
+        print("class signal in the patient's frame, furthest from the real median (z): " + ", ".join(furthest))
     return 0
 
 

@@ -12,6 +12,7 @@ from conftest import write_phantom_case
 from MedSynthLib.cases.readers import MODALITIES, read_case
 from MedSynthLib.evaluation.evaluate import evaluate
 from MedSynthLib.schema.labels import Label
+from MedSynthLib.synthesis.normalize import TISSUE_ZSCORE_SCALE, HealthyTissueZScore, fit_case_normalizers
 
 
 def _labels_for(folder: Path) -> np.ndarray:
@@ -23,17 +24,33 @@ def _labels_for(folder: Path) -> np.ndarray:
 
 
 class _Engine:
-    """Returns the case's own images (a perfect model) or them with a period-2 pattern added."""
+    """Returns the case's own images (a perfect model), them with a period-2 pattern added, or (``flat``) every
+    class painted with the real image's median of it: the right class signal without the real texture."""
 
-    def __init__(self, checker: float) -> None:
-        self.model = SimpleNamespace(name="probe", sha256="0" * 64)
+    def __init__(self, checker: float, flat: bool = False) -> None:
+        # A model of the tissue z-score kind: its statistics do not matter here, only how a case is normalised.
+        model_range = HealthyTissueZScore(0.0, 1.0, TISSUE_ZSCORE_SCALE, "tissue_zscore")
+        self.model = SimpleNamespace(name="probe", sha256="0" * 64, modalities=tuple(MODALITIES),
+                                     normalizers={m: model_range for m in MODALITIES})
         self.checker = checker
+        self.flat = flat
         self.current: dict[str, np.ndarray] = {}
 
     def synthesize(self, labelmap):
-        k, j, i = np.indices(labelmap.array.shape)
+        labels = labelmap.array
+        k, j, i = np.indices(labels.shape)
         pattern = np.where((k + j + i) % 2 == 0, 1.0, -1.0) * self.checker
-        return SimpleNamespace(images={m: self.current[m] + pattern * (self.current[m] > 0) for m in MODALITIES})
+        images = {m: self.current[m] + pattern * (self.current[m] > 0) for m in MODALITIES}
+        if self.flat:
+            for m in MODALITIES:
+                painted = np.zeros_like(images[m])
+                for value in np.unique(labels[labels > 0]):
+                    painted[labels == value] = np.median(self.current[m][labels == value])
+                images[m] = painted
+        # The network's output: the images in the case's own normalisation (a model returns them in its own range).
+        own = fit_case_normalizers(self.current, labels, "tissue_zscore")
+        normalized = np.stack([own[m].forward(images[m], labels > 0) for m in MODALITIES])
+        return SimpleNamespace(images=images, normalized=normalized)
 
 
 @pytest.mark.parametrize("checker", [0.0, 150.0])
@@ -155,3 +172,74 @@ def test_evaluate_measures_the_real_period2_power_once_per_case_when_shared(tmp_
     assert len(measured) == len(folders) * 4  # the synthetic images only
     alone = evaluate(second, folders, _scorer(second))
     assert with_shared["checkerboard_ratio"] == alone["checkerboard_ratio"]
+
+
+def test_class_signal_tells_a_flat_painting_at_the_real_levels_from_a_wrong_signal(tmp_path: Path) -> None:
+    """A synthetic image with every class at the real median but none of the real texture has a smaller spread, so
+    its own z-score moves every class away from the brain's mean: read that way it looks wrong. In the patient's
+    frame its class medians are the real ones. A perfect model is right in both frames."""
+    folder = write_phantom_case(tmp_path, 0)
+    rng = np.random.default_rng(0)
+    case = read_case(folder, require_segmentation=True)
+    for m in MODALITIES:  # texture within the classes, as real scans have (the phantom's classes are nearly flat)
+        inside = case.images[m] > 0
+        case.images[m] = np.where(inside, case.images[m] + rng.normal(0.0, 150.0, inside.shape), 0.0).astype(np.float32)
+        case.images[m][inside] = np.maximum(case.images[m][inside], 1.0)
+
+    def scorer(engine: _Engine):
+        def labels_for(path: Path) -> np.ndarray:
+            engine.current = dict(case.images)
+            return _labels_for(folder)
+        return labels_for
+
+    flat, perfect = _Engine(0.0, flat=True), _Engine(0.0)
+    flat_report = evaluate(flat, [folder], scorer(flat), reader=lambda path: case)
+    perfect_report = evaluate(perfect, [folder], scorer(perfect), reader=lambda path: case)
+    for m in MODALITIES:
+        flat_signal, perfect_signal = flat_report["class_signal"][m], perfect_report["class_signal"][m]
+        assert set(flat_signal["classes"]) >= {"CSF", "GM", "WM"}
+        for name, row in flat_signal["classes"].items():
+            assert row["cases"] == 1
+            assert row["patient_frame_minus_real"] == pytest.approx(0.0, abs=1e-3), (m, name)
+        assert max(abs(row["synthetic_minus_real"]) for row in flat_signal["classes"].values()) > 0.05, m
+        assert flat_signal["brain_spread_ratio"] < 0.95
+        for row in perfect_signal["classes"].values():
+            assert row["synthetic_minus_real"] == pytest.approx(0.0, abs=1e-4)
+            assert row["patient_frame_minus_real"] == pytest.approx(0.0, abs=1e-3)
+        assert perfect_signal["brain_spread_ratio"] == pytest.approx(1.0, abs=1e-3)
+    row = flat_report["cases"][0]["class_signal"]["t1"]["classes"]["WM"]
+    assert set(row) == {"real", "synthetic", "synthetic_in_patient_frame"}
+
+
+@pytest.mark.parametrize("intensity", [{"low": 0.0, "high": 1000.0},
+                                       {"kind": "tissue_zscore", "mean": 600.0, "std": 150.0, "scale": 15.0}],
+                         ids=["percentile", "tissue_zscore"])
+def test_medsynth_evaluate_reports_the_class_signal_of_a_real_model(tmp_path: Path, capsys, intensity) -> None:
+    """The command end to end with a real (tiny, untrained) generator of either normalisation kind: the report
+    carries both frames for every contrast and class, and the command prints where the signal is furthest off."""
+    import json
+
+    import torch
+
+    from MedSynthLib.cli import main
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator
+    from test_synthesis_seed import PLAIN
+
+    torch.manual_seed(3)
+    state = {k: v.detach().contiguous() for k, v in Generator(PLAIN, backend="torch").state_dict().items()}
+    model = write_model(tmp_path / "tiny", state, {"name": "tiny", "network": PLAIN.to_json(),
+                                                   "intensity": {m: intensity for m in MODALITY_ORDER}})
+    folder = write_phantom_case(tmp_path / "cases", 0)
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", str(folder), "--model", str(model), "--device", "cpu", "-o", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert set(report["class_signal"]) == set(MODALITIES)
+    for m in MODALITIES:
+        signal = report["cases"][0]["class_signal"][m]
+        assert signal["brain_spread_ratio"] > 0.0
+        assert {"CSF", "GM", "WM"} <= set(signal["classes"])
+        for row in signal["classes"].values():
+            assert all(isinstance(row[key], float) for key in ("real", "synthetic", "synthetic_in_patient_frame"))
+        assert set(report["class_signal"][m]["classes"]) == set(signal["classes"])
+    assert "class signal in the patient's frame" in capsys.readouterr().out

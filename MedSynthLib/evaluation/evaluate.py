@@ -9,6 +9,16 @@ evaluated case itself).  Beside the metrics: the radiological contrast rules
 (:mod:`MedSynthLib.evaluation.image_checks`) on the synthetic and on the real
 images of each case, and the checkerboard ratio (period-2 power, synthetic over
 real) per modality.
+
+Each class's median brightness is reported in two frames. Z-scored on its own, as the
+metrics and the contrast rules read it, a synthetic image that lacks the real one's
+texture, noise and bias field has a smaller spread over the brain and is stretched
+further: every class moves away from the brain's mean although the network painted it
+at the real level. Placed in the patient's own frame instead (the network's output
+mapped to scanner units by the case's own normaliser, fitted as training fits each
+case, then z-scored with the real image's brain mean and spread), each class median is
+compared with the real one at the same scale: that difference is the class signal the
+model got wrong.
 """
 
 from __future__ import annotations
@@ -19,9 +29,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..cases.readers import MODALITIES, read_case
-from ..schema.labels import NUM_CLASSES, tumour_mask
-from ..synthesis.normalize import zscore
-from .image_checks import check_contrast_rules, checkerboard_ratio_to, nyquist_power
+from ..schema.labels import NUM_CLASSES, Label, brain_mask, tumour_mask
+from ..synthesis.normalize import fit_case_normalizers, normalization_of, zscore
+from .image_checks import check_contrast_rules, checkerboard_ratio_to, class_medians, nyquist_power
 from .metrics import class_mean_baseline, fidelity
 
 
@@ -74,12 +84,70 @@ def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return out
 
 
+def _named(medians: dict[int, float]) -> dict[str, float]:
+    return {Label(value).name: round(z, 4) for value, z in sorted(medians.items())}
+
+
+def class_signal(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray], normalized: np.ndarray,
+                 modalities: tuple[str, ...], model_normalizers: dict[str, Any], labels: np.ndarray,
+                 brain: np.ndarray, real_medians: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per contrast: each class's median z in the real image, in the synthetic image z-scored on its own, and in
+    the synthetic image placed in the patient's frame (module docstring); and the synthetic image's spread over the
+    brain in that frame as a fraction of the real one's (below 1: what its own z-score stretches).
+
+    Args:
+        real, synthetic: modality -> image in scanner units (the synthetic one from the model's own ranges).
+        normalized: (len(modalities), k, j, i) the network's output for ``synthetic``.
+        model_normalizers: the model's, per modality (their kind says how a case is normalised).
+        real_medians: the real images' class medians by class name (:func:`_named`), computed once per case.
+    """
+    labelled = brain_mask(labels)
+    out: dict[str, Any] = {}
+    for c, m in enumerate(modalities):
+        own = fit_case_normalizers({m: real[m]}, labels, normalization_of(model_normalizers[m]))[m]
+        placed = own.inverse(normalized[c], labelled)
+        spread = float(placed[brain].std() / (real[m][brain].astype(np.float64).std() or 1.0))
+        synthetic_own = _named(class_medians(synthetic[m], labels, brain))
+        in_frame = _named(class_medians(placed, labels, brain, frame=real[m]))
+        out[m] = {"brain_spread_ratio": round(spread, 4),
+                  "classes": {name: {"real": z, "synthetic": synthetic_own.get(name),
+                                     "synthetic_in_patient_frame": in_frame.get(name)}
+                              for name, z in real_medians[m].items()}}
+    return out
+
+
+def _class_signal_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over cases, per contrast and class, of each frame's synthetic-minus-real median (and the spread)."""
+    out: dict[str, Any] = {}
+    for m in MODALITIES:
+        per_case = [c["class_signal"][m] for c in cases if m in c.get("class_signal", {})]
+        if not per_case:
+            continue
+        classes: dict[str, Any] = {}
+        for name in [label.name for label in Label if label != Label.BACKGROUND]:
+            rows = [p["classes"][name] for p in per_case if name in p["classes"]
+                    and p["classes"][name]["synthetic"] is not None
+                    and p["classes"][name]["synthetic_in_patient_frame"] is not None]
+            if not rows:
+                continue
+            own = [r["synthetic"] - r["real"] for r in rows]
+            framed = [r["synthetic_in_patient_frame"] - r["real"] for r in rows]
+            classes[name] = {"cases": len(rows), "real": float(np.mean([r["real"] for r in rows])),
+                             "synthetic_minus_real": float(np.mean(own)),
+                             "patient_frame_minus_real": float(np.mean(framed)),
+                             "patient_frame_abs_difference": float(np.mean(np.abs(framed)))}
+        out[m] = {"brain_spread_ratio": float(np.mean([p["brain_spread_ratio"] for p in per_case])),
+                  "classes": classes}
+    return out
+
+
 def _model_free_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray,
                        regions: dict[str, np.ndarray], means: dict[str, dict[int, float]] | None) -> dict[str, Any]:
     """What a case scores without any model: the contrast rules on its real images, their period-2 power (the
     checkerboard ratio's reference), and the fidelity of painting each class with its mean (the case's own, the
     oracle, and the reference cases')."""
     out = {"real_contrast_rules": check_contrast_rules(images, labels, brain),
+           "real_class_medians": {m: _named(class_medians(images[m], labels, brain)) for m in MODALITIES},
            "real_period2_power": {m: nyquist_power(images[m], brain) for m in MODALITIES},
            "class_mean_oracle": {m: fidelity(images[m], class_mean_baseline(labels, images[m], brain), brain, regions)
                                  for m in MODALITIES}}
@@ -144,7 +212,10 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
                  "contrast_rules": {"synthetic": check_contrast_rules(result.images, labels, brain),
                                     "real": model_free["real_contrast_rules"]},
                  "checkerboard_ratio": {m: checkerboard_ratio_to(real_power[m], result.images[m], brain)
-                                        for m in MODALITIES}}
+                                        for m in MODALITIES},
+                 "class_signal": class_signal(case.images, result.images, result.normalized, engine.model.modalities,
+                                              engine.model.normalizers, labels, brain,
+                                              model_free["real_class_medians"])}
         if means is not None:
             mean_case = model_free["class_mean_training"]
             mean_scores.append(mean_case)
@@ -154,6 +225,7 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             progress(folder.name)
     results["summary"] = {"model": _summary(model_scores), "class_mean_oracle": _summary(oracle_scores)}
     results["contrast_rules"] = _rules_summary(results["cases"])
+    results["class_signal"] = _class_signal_summary(results["cases"])
     results["checkerboard_ratio"] = {
         m: float(np.median([c["checkerboard_ratio"][m] for c in results["cases"]])) for m in MODALITIES}
     if mean_scores:

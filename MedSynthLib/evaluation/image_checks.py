@@ -61,9 +61,18 @@ CONTRAST_RULES: tuple[ContrastRule, ...] = (
 
 
 def class_medians(image: np.ndarray, labels: np.ndarray, brain: np.ndarray,
-                  min_voxels: int = 20) -> dict[int, float]:
-    """Median z-score (z-scored inside ``brain``) of every label class with at least ``min_voxels`` voxels."""
-    z = zscore(image, brain)
+                  min_voxels: int = 20, frame: np.ndarray | None = None) -> dict[int, float]:
+    """Median z-score of every label class with at least ``min_voxels`` voxels.
+
+    Args:
+        frame: z-score with this image's mean and standard deviation inside ``brain`` (e.g. the real image, for
+            a synthetic one in the same units); default ``image``'s own.
+    """
+    if frame is None:
+        z = zscore(image, brain)
+    else:
+        values = frame[brain].astype(np.float64)
+        z = ((image.astype(np.float64) - values.mean()) / (values.std() or 1.0)).astype(np.float32)
     medians = {}
     for value in _ALL:
         mask = (labels == value) & brain
