@@ -37,7 +37,7 @@ from MedSynthLib.evaluation.evaluate import evaluate  # noqa: E402
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
 from MedSynthLib.schema.labels import tumour_mask  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
-from MedSynthLib.synthesis.normalize import zscore  # noqa: E402
+from MedSynthLib.synthesis.normalize import fit_case_normalizers, normalization_of, zscore  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 from MedSynthLib.training.data import find_case_folders  # noqa: E402
 
@@ -59,6 +59,21 @@ def _cached_labels(case: Any, folder: Path, cache_dir: Path | None, normalizatio
     return labels
 
 
+def in_patient_frame(case: Any, labels: np.ndarray, engine: Any, brain: np.ndarray) -> dict[str, np.ndarray]:
+    """The engine's synthesis of ``labels`` placed in the patient's frame: its network output mapped to the case's
+    scanner units by the case's own normaliser, then z-scored with the real image's brain mean and spread (as
+    ``evaluate``'s class signal), so real and synthetic rows share one scale."""
+    result = engine.synthesize(LabelMap(labels, case.grid))
+    kind = normalization_of(next(iter(engine.model.normalizers.values())))
+    own = fit_case_normalizers({m: case.images[m] for m in MODALITIES}, labels, kind)
+    out = {}
+    for c, m in enumerate(engine.model.modalities):
+        placed = own[m].inverse(result.normalized[c], labels > 0)
+        real = case.images[m][brain].astype(np.float64)
+        out[m] = np.where(brain, (placed - real.mean()) / (real.std() or 1.0), 0.0).astype(np.float32)
+    return out
+
+
 def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -68,13 +83,13 @@ def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[
     brain = np.any([case.images[m] > 0 for m in MODALITIES], axis=0)
     tumour = tumour_mask(labels)
     k = int(np.argmax(tumour.sum(axis=(1, 2)))) if tumour.any() else labels.shape[0] // 2
-    rows = [("real", {m: case.images[m] for m in MODALITIES})]
+    rows = [("real", {m: zscore(np.asarray(case.images[m], np.float32), brain) for m in MODALITIES})]
     for name, engine in engines:
-        rows.append((name, engine.synthesize(LabelMap(labels, case.grid)).images))
+        rows.append((name, in_patient_frame(case, labels, engine, brain)))
     fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)))
     for r, (name, images) in enumerate(rows):
         for c, m in enumerate(MODALITIES):
-            z = zscore(np.asarray(images[m], np.float32), brain)
+            z = images[m]
             ax = axes[r, c]
             ax.imshow(np.flipud(np.where(brain[k], z[k], np.nan)), cmap="gray", vmin=-2.5, vmax=3.0)
             ax.set_xticks([])
@@ -83,7 +98,8 @@ def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[
                 ax.set_title(m.upper() if m != "t1ce" else "T1ce")
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.suptitle(f"{case_dir.name}, axial slice {k} (held out)", fontsize=9)
+    fig.suptitle(f"{case_dir.name}, axial slice {k} (held out); synthetic rows in the patient's frame "
+                 "(the real image's brain z-score)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -174,6 +190,24 @@ def main() -> int:
             c = result["contrast_rules"][rule]
             cells.append(f"{c['synthetic_passed']} / {c['real_passed']} of {c['checked']}")
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    lines += ["", "Class signal: each class's median z, synthetic minus real, mean over the held-out cases; own: each "
+              "image z-scored on its own (as the metrics and the rules read it), frame: the synthetic image in the "
+              "patient's frame (`evaluate`); spread: the synthetic image's spread over the brain in that frame, "
+              "as a fraction of the real one's.", "",
+              "| contrast | class | real | " + " | ".join(f"{label} own / frame" for label in report["models"]) + " |",
+              "|---|---|---|" + "---|" * len(report["models"])]
+    for m in MODALITIES:
+        first_signal = first["class_signal"][m]
+        for name, row in first_signal["classes"].items():
+            cells = []
+            for result in report["models"].values():
+                other = result["class_signal"][m]["classes"].get(name)
+                cells.append("—" if other is None else
+                             f"{other['synthetic_minus_real']:+.2f} / {other['patient_frame_minus_real']:+.2f}")
+            lines.append(f"| {m} | {name} | {row['real']:+.2f} | " + " | ".join(cells) + " |")
+        spreads = " | ".join(f"{result['class_signal'][m]['brain_spread_ratio']:.2f}"
+                             for result in report["models"].values())
+        lines.append(f"| {m} | spread | | {spreads} |")
     for folder in test[: args.montage_cases]:
         path = args.output / f"montage_{folder.name}.png"
         _montage(read(folder), folder, labels_for(folder), engines, path)
