@@ -79,3 +79,25 @@ def test_a_recipe_is_compared_with_another_case_by_case(tmp_path: Path) -> None:
     other_cases = pooled.pool([(_report(tmp_path / "c", 0, "c", {"case0": 0.3, "case9": 0.3}), "c")])
     with pytest.raises(SystemExit, match="not scored on the same held-out cases"):
         pooled.compare(ours, other_cases)
+
+
+def test_the_class_signal_is_pooled_over_cases_when_the_reports_have_it(tmp_path: Path) -> None:
+    def signalled(own: float, framed: float) -> dict:
+        row = {"real": 1.0, "synthetic": 1.0 + own, "synthetic_in_patient_frame": 1.0 + framed}
+        return {m: {"brain_spread_ratio": 0.5, "classes": {"ED": row}} for m in MODALITIES}
+
+    a = _report(tmp_path, 0, "m0", {"case1": 0.2, "case2": 0.4})
+    b = _report(tmp_path, 1, "m1", {"case3": 0.9})
+    assert "class_signal" not in pooled.pool([(a, "m0"), (b, "m1")])  # reports from before the class signal
+    for path, label, values in ((a, "m0", [(1.0, 0.1), (0.8, -0.3)]), (b, "m1", [(0.6, 0.2)])):
+        report = json.loads(path.read_text())
+        for entry, (own, framed) in zip(report["models"][label]["cases"], values):
+            entry["class_signal"] = signalled(own, framed)
+        path.write_text(json.dumps(report))
+    result = pooled.pool([(a, "m0"), (b, "m1")])
+    ed = result["class_signal"]["flair"]["classes"]["ED"]
+    assert result["class_signal"]["cases"] == 3 and ed["cases"] == 3
+    assert ed["synthetic_minus_real"] == pytest.approx(0.8)  # (1.0 + 0.8 + 0.6) / 3
+    assert ed["patient_frame_minus_real"] == pytest.approx(0.0)
+    assert ed["patient_frame_abs_difference"] == pytest.approx(0.2)
+    assert "| flair | ED | 3 | +1.00 | +0.80 | +0.00 | 0.20 |" in pooled.markdown("m", result, "cmd")

@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from MedSynthLib.evaluation.evaluate import class_signal_summary  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 
@@ -54,12 +55,14 @@ def pool(folds: list[tuple[Path, str]]) -> dict[str, Any]:
     per_fold: list[dict[str, Any]] = []
     rules: dict[str, dict[str, int]] = {}
     checkerboard: dict[str, list[float]] = {m: [] for m in MODALITIES}
+    signalled: list[dict[str, Any]] = []  # cases whose report has the class signal (reports since session 34)
     for path, label in folds:
         report = json.loads(path.read_text())
         if label not in report["models"]:
             raise SystemExit(f"{path}: no model {label!r} in it (it has {', '.join(report['models'])})")
         result = report["models"][label]
         fold_cases = []
+        signalled.extend(entry for entry in result["cases"] if "class_signal" in entry)
         for entry in result["cases"]:
             name = entry["case"]
             if name in cases:
@@ -77,8 +80,11 @@ def pool(folds: list[tuple[Path, str]]) -> dict[str, Any]:
     pooled = {key: _mean([c[key] for c in cases.values() if key in c]) for key, _ in ROWS}
     spread = {metric: float(np.std([c["model"][metric] for c in cases.values()], ddof=1))
               for metric in ("brain_ssim", "brain_psnr")} if len(cases) > 1 else {}
-    return {"cases": cases, "folds": per_fold, "pooled": pooled, "case_sd": spread, "contrast_rules": rules,
-            "checkerboard_median": {m: float(np.median(v)) for m, v in checkerboard.items()}}
+    out = {"cases": cases, "folds": per_fold, "pooled": pooled, "case_sd": spread, "contrast_rules": rules,
+           "checkerboard_median": {m: float(np.median(v)) for m, v in checkerboard.items()}}
+    if signalled:
+        out["class_signal"] = {"cases": len(signalled), **class_signal_summary(signalled)}
+    return out
 
 
 COMPARED = (("brain_ssim", "brain SSIM", 3), ("brain_psnr", "brain PSNR (dB)", 2), ("tumour_ssim", "tumour SSIM", 3),
@@ -145,6 +151,21 @@ def markdown(name: str, result: dict[str, Any], command: str) -> str:
     total = {k: sum(c[k] for c in result["contrast_rules"].values()) for k in ("synthetic_passed", "real_passed",
                                                                                  "checked")}
     lines.append(f"| all | {total['synthetic_passed']} | {total['real_passed']} | {total['checked']} |")
+    signal = result.get("class_signal")
+    if signal:
+        lines += ["", f"Class signal ({signal['cases']} cases): each class's median z, mean over cases; synthetic minus "
+                  "real with each image z-scored on its own (as the metrics and the rules read it) and with the "
+                  "synthetic image in the patient's frame (`evaluate`); spread: the synthetic image's spread over the "
+                  "brain in that frame as a fraction of the real one's.", "",
+                  "| contrast | class | cases | real | synthetic minus real, own z | in the patient's frame | "
+                  "mean absolute, patient's frame |", "|---|---|---|---|---|---|---|"]
+        for m in MODALITIES:
+            if m not in signal:
+                continue
+            for name, row in signal[m]["classes"].items():
+                lines.append(f"| {m} | {name} | {row['cases']} | {row['real']:+.2f} | {row['synthetic_minus_real']:+.2f} | "
+                             f"{row['patient_frame_minus_real']:+.2f} | {row['patient_frame_abs_difference']:.2f} |")
+            lines.append(f"| {m} | spread {signal[m]['brain_spread_ratio']:.2f} | | | | | |")
     return "\n".join(lines) + "\n"
 
 

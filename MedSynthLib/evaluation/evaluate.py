@@ -116,7 +116,7 @@ def class_signal(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray], 
     return out
 
 
-def _class_signal_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
+def class_signal_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over cases, per contrast and class, of each frame's synthetic-minus-real median (and the spread)."""
     out: dict[str, Any] = {}
     for m in MODALITIES:
@@ -225,7 +225,7 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             progress(folder.name)
     results["summary"] = {"model": _summary(model_scores), "class_mean_oracle": _summary(oracle_scores)}
     results["contrast_rules"] = _rules_summary(results["cases"])
-    results["class_signal"] = _class_signal_summary(results["cases"])
+    results["class_signal"] = class_signal_summary(results["cases"])
     results["checkerboard_ratio"] = {
         m: float(np.median([c["checkerboard_ratio"][m] for c in results["cases"]])) for m in MODALITIES}
     if mean_scores:
