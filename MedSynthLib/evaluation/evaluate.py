@@ -13,7 +13,7 @@ real) per modality.
 Each class's median brightness is reported in two frames. Z-scored on its own, as the
 metrics and the contrast rules read it, a synthetic image that lacks the real one's
 texture, noise and bias field has a smaller spread over the brain and is stretched
-further: every class moves away from the brain's mean although the network painted it
+further: every class moves away from the brain's mean even where the network painted it
 at the real level. Placed in the patient's own frame instead (the network's output
 mapped to scanner units by the case's own normaliser, fitted as training fits each
 case, then z-scored with the real image's brain mean and spread), each class median is
