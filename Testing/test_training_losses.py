@@ -85,6 +85,33 @@ def test_the_interior_loss_keeps_its_windows_inside_the_region() -> None:
         1.0 - float(ssim.mean()), abs=1e-6)
 
 
+def test_without_the_contrast_factor_a_flatter_prediction_is_not_penalised() -> None:
+    """The full SSIM scores a prediction with half the real local spread well below 1, so a smooth generator
+    gains by spreading its classes apart; luminance x structure scores it by its correlation alone."""
+    rng = torch.Generator().manual_seed(3)
+    real = 0.5 * torch.randn((1, 2, 24, 24, 24), generator=rng)  # local means near 0: luminance near 1
+    for contrast in (True, False):
+        same = gaussian_ssim_map(real, real, 8.0, contrast=contrast).mean()
+        assert float(same) == pytest.approx(1.0, abs=1e-5)
+    full = gaussian_ssim_map(0.5 * real, real, 8.0).mean()
+    structure = gaussian_ssim_map(0.5 * real, real, 8.0, contrast=False).mean()
+    assert float(full) < 0.85 and float(structure) > 0.95
+    # Unrelated images score low in both; a flat patch keeps finite gradients without its contrast factor.
+    other = 0.5 * torch.randn((1, 2, 24, 24, 24), generator=rng)
+    assert float(gaussian_ssim_map(other, real, 8.0, contrast=False).mean()) < 0.2
+    flat = torch.zeros((1, 2, 24, 24, 24), requires_grad=True)
+    masked_ssim_loss(flat, real, None, 8.0, contrast=False).backward()
+    assert torch.isfinite(flat.grad).all()
+
+
+def test_ssim_contrast_is_on_by_default_and_needs_the_term() -> None:
+    assert TrainConfig().ssim_contrast is True
+    assert TrainConfig.from_json(dict(MICRO, lambda_ssim=1.0, ssim_contrast=False,
+                                      normalization="tissue_zscore")).ssim_contrast is False
+    with pytest.raises(InputError, match="ssim_contrast shapes the SSIM term: it needs lambda_ssim above 0"):
+        TrainConfig.from_json(dict(MICRO, ssim_contrast=False, normalization="tissue_zscore"), "cfg.json")
+
+
 def test_lambda_ssim_is_checked_and_off_by_default() -> None:
     assert TrainConfig().lambda_ssim == 0.0 and TrainConfig().ssim_interior is False
     assert TrainConfig.from_json(dict(MICRO, lambda_ssim=1.0, ssim_interior=True,
@@ -128,12 +155,12 @@ def test_ssim_region_places_the_term_on_the_tumour_where_the_loss_counts() -> No
 def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tmp_path: Path, monkeypatch) -> None:
     import MedSynthLib.training.train as train_module
 
-    calls: list[tuple[torch.Tensor | None, float, bool]] = []
+    calls: list[tuple[torch.Tensor | None, float, bool, bool]] = []
     original = train_module.masked_ssim_loss
 
-    def recording(prediction, real, weights, data_range, interior=False):
-        calls.append((None if weights is None else weights.detach().clone(), data_range, interior))
-        return original(prediction, real, weights, data_range, interior=interior)
+    def recording(prediction, real, weights, data_range, interior=False, contrast=True):
+        calls.append((None if weights is None else weights.detach().clone(), data_range, interior, contrast))
+        return original(prediction, real, weights, data_range, interior=interior, contrast=contrast)
 
     monkeypatch.setattr(train_module, "masked_ssim_loss", recording)
     cache = training_cache_of(phantom_brats)  # entries are keyed by the normalisation
@@ -142,7 +169,7 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
         config = tmp_path / f"ssim{weight}.json"
         config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
                                           normalization="tissue_zscore", lambda_ssim=weight,
-                                          ssim_interior=weight > 0)))
+                                          ssim_interior=weight > 0, ssim_contrast=weight == 0)))
         run = tmp_path / f"run{weight}"
         args = ["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
                 "--cache", str(cache)]
@@ -154,10 +181,11 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
             assert calls == [] and b"loss/ssim" not in events
             continue
         assert len(calls) == 2 and b"loss/ssim" in events
-        for region, data_range, interior in calls:
+        for region, data_range, interior, contrast in calls:
             # The brain of the patch (where the L1 counts), on the metrics' scale of 8 z, as configured.
             assert set(region.unique().tolist()) == {0.0, 1.0}
             assert data_range == pytest.approx(DATA_RANGE / TISSUE_ZSCORE_SCALE) and interior is True
+            assert contrast is False
 
 
 def test_below_floor_is_the_mean_shortfall_where_the_loss_counts() -> None:
@@ -217,9 +245,9 @@ def test_training_counts_the_ssim_term_on_the_tumour_only(phantom_brats: Path, t
         patches.append(labels.detach().clone())
         return original_weights(ssim_region, counted, labels)
 
-    def recording_loss(prediction, real, weights, data_range, interior=False):
+    def recording_loss(prediction, real, weights, data_range, interior=False, contrast=True):
         given.append(weights.detach().clone())
-        return original_loss(prediction, real, weights, data_range, interior=interior)
+        return original_loss(prediction, real, weights, data_range, interior=interior, contrast=contrast)
 
     monkeypatch.setattr(train_module, "ssim_weights", recording_weights)
     monkeypatch.setattr(train_module, "masked_ssim_loss", recording_loss)

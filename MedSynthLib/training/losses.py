@@ -44,13 +44,17 @@ def _blur(image: torch.Tensor, kernel_1d: torch.Tensor) -> torch.Tensor:
 
 def gaussian_ssim_map(prediction: torch.Tensor, target: torch.Tensor, data_range: float,
                       sigma: float = SSIM_SIGMA, kernel_size: int = SSIM_KERNEL,
-                      k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+                      k1: float = 0.01, k2: float = 0.03, contrast: bool = True) -> torch.Tensor:
     """SSIM map of (B, C, *spatial) images, each channel on its own, without padding.
 
     Args:
         prediction, target: images of the same shape, 1-3 spatial dimensions.
         data_range: the range the stability constants refer to, in the images' units.
         sigma, kernel_size: the Gaussian window (MedSynth's metrics: 1.5 voxels, 11 taps).
+        contrast: the full SSIM (luminance x contrast x structure). False: luminance x structure, the local
+            correlation without the factor that compares the two local spreads. A prediction without the real
+            texture has the smaller spread; the contrast factor rewards making some of it up between the label
+            classes, which exaggerated grey/white contrast (docs/model_card.md, session 34).
 
     Returns:
         (B, C, *spatial) map shrunk by ``kernel_size - 1`` along each spatial axis.
@@ -64,11 +68,16 @@ def gaussian_ssim_map(prediction: torch.Tensor, target: torch.Tensor, data_range
     sigma_x = mu_xx - mu_x * mu_x
     sigma_y = mu_yy - mu_y * mu_y
     sigma_xy = mu_xy - mu_x * mu_y
-    return ((2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)) * ((2 * sigma_xy + c2) / (sigma_x + sigma_y + c2))
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
+    if not contrast:
+        c3 = c2 / 2
+        spreads = (sigma_x.clamp(min=0) * sigma_y.clamp(min=0) + 1e-12).sqrt()
+        return luminance * (sigma_xy + c3) / (spreads + c3)
+    return luminance * ((2 * sigma_xy + c2) / (sigma_x + sigma_y + c2))
 
 
 def masked_ssim_loss(prediction: torch.Tensor, real: torch.Tensor, weights: torch.Tensor | None,
-                     data_range: float, interior: bool = False) -> torch.Tensor:
+                     data_range: float, interior: bool = False, contrast: bool = True) -> torch.Tensor:
     """``1 -`` the mean SSIM over the voxels where the loss counts (``weights``, (B, 1, *spatial)).
 
     A voxel's SSIM needs its whole window, so only voxels at least ``kernel_size // 2`` from the patch's
@@ -76,7 +85,7 @@ def masked_ssim_loss(prediction: torch.Tensor, real: torch.Tensor, weights: torc
     window lies where the weights are non-zero, so no window straddles the region's border (for the brain: a
     window across the brain-to-background edge measures that edge more than the tissue).
     """
-    ssim = gaussian_ssim_map(prediction.float(), real.float(), data_range)
+    ssim = gaussian_ssim_map(prediction.float(), real.float(), data_range, contrast=contrast)
     if weights is None:
         return 1.0 - ssim.mean()
     if interior:

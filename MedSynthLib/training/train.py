@@ -76,6 +76,10 @@ class TrainConfig:
     # without tumour adds no SSIM term). Counted over the brain, the term darkened the brain's outermost layer
     # (docs/model_card.md); the tumour, where it gained most, rarely reaches that layer.
     ssim_region: str = "loss"
+    # The SSIM term with its contrast factor (the full SSIM). False: luminance x structure only, which does not
+    # reward a smooth prediction for making up its missing texture's spread between the classes; the full term
+    # exaggerated grey/white contrast by about a third of a z-score held out (docs/model_card.md, session 34).
+    ssim_contrast: bool = True
     # Weight of a hinge below the darkest real signal: the mean, where the loss counts, of how far the output lies
     # below the floor the model will carry (the median over the training cases of each brain's darkest signal,
     # normalize.signal_floor_z). The SSIM term drew up to a fifth of the brain's outermost layer below it
@@ -257,6 +261,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
         raise InputError(source, f"ssim_region must be one of {list(SSIM_REGIONS)}, not {config.ssim_region!r}")
     if config.ssim_region != "loss" and config.lambda_ssim == 0:
         raise InputError(source, "ssim_region places the SSIM term: it needs lambda_ssim above 0")
+    if not config.ssim_contrast and config.lambda_ssim == 0:
+        raise InputError(source, "ssim_contrast shapes the SSIM term: it needs lambda_ssim above 0")
     if config.lambda_ssim > 0 and config.normalization not in ZSCORE_KINDS:
         raise InputError(source, "lambda_ssim scores SSIM on the z scale of MedSynth's metrics: it needs a z-score "
                                  f"normalization ({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
@@ -714,7 +720,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             if config.lambda_ssim > 0 and (ssim_counted is None or bool(ssim_counted.any())):
                 # The network's units are z / scale: the metrics' data range of 8 z, in those units.
                 loss_ssim = masked_ssim_loss(fake, real, ssim_counted, DATA_RANGE / ZSCORE_KINDS[config.normalization],
-                                             interior=config.ssim_interior)
+                                             interior=config.ssim_interior, contrast=config.ssim_contrast)
                 loss_g = loss_g + config.lambda_ssim * loss_ssim
                 logs["loss/ssim"] = loss_ssim.item()
             if floor is not None:
