@@ -52,9 +52,7 @@ def gaussian_ssim_map(prediction: torch.Tensor, target: torch.Tensor, data_range
         data_range: the range the stability constants refer to, in the images' units.
         sigma, kernel_size: the Gaussian window (MedSynth's metrics: 1.5 voxels, 11 taps).
         contrast: the full SSIM (luminance x contrast x structure). False: luminance x structure, the local
-            correlation without the factor that compares the two local spreads. A prediction without the real
-            texture has the smaller spread; the contrast factor rewards making some of it up between the label
-            classes, which exaggerated grey/white contrast (docs/model_card.md, session 34).
+            correlation without the factor that compares the two local spreads (``TrainConfig.ssim_contrast``).
 
     Returns:
         (B, C, *spatial) map shrunk by ``kernel_size - 1`` along each spatial axis.

@@ -77,8 +77,8 @@ class TrainConfig:
     # (docs/model_card.md); the tumour, where it gained most, rarely reaches that layer.
     ssim_region: str = "loss"
     # The SSIM term with its contrast factor (the full SSIM). False: luminance x structure only, which does not
-    # reward a smooth prediction for making up its missing texture's spread between the classes; the full term
-    # exaggerated grey/white contrast by about a third of a z-score held out (docs/model_card.md, session 34).
+    # reward a smooth prediction for making up its missing texture's spread. Tried against the full term's
+    # exaggerated grey/white contrast: the contrast stayed, fidelity fell a little (docs/model_card.md, session 34).
     ssim_contrast: bool = True
     # Weight of a hinge below the darkest real signal: the mean, where the loss counts, of how far the output lies
     # below the floor the model will carry (the median over the training cases of each brain's darkest signal,
