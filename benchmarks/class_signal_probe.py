@@ -29,10 +29,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
-from MedSynthLib.evaluation.evaluate import class_signal, class_signal_summary, real_brain_mask  # noqa: E402
-from MedSynthLib.evaluation.image_checks import class_medians  # noqa: E402
+from MedSynthLib.evaluation.evaluate import (class_signal, class_signal_summary, named_class_medians,  # noqa: E402
+                                             real_brain_mask)
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
-from MedSynthLib.schema.labels import Label  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
@@ -84,8 +83,7 @@ def main() -> int:
             case = read_case(folder, require_segmentation=True)
             labels = _cached_labels(case, folder, args.cache, normalization)
             brain = real_brain_mask(case.images)
-            real = {m: {Label(v).name: round(z, 4) for v, z in class_medians(case.images[m], labels, brain).items()}
-                    for m in MODALITIES}  # as evaluate records them
+            real = {m: named_class_medians(case.images[m], labels, brain) for m in MODALITIES}
             for name, engine in engines:
                 result = engine.synthesize(LabelMap(labels, case.grid))
                 signal = class_signal(case.images, result.images, result.normalized, engine.model.modalities,

@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 from MedSynthLib.cases.anatomy import derive_label_map  # noqa: E402
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
-from MedSynthLib.evaluation.evaluate import evaluate  # noqa: E402
+from MedSynthLib.evaluation.evaluate import evaluate, in_patient_frame  # noqa: E402
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
 from MedSynthLib.schema.labels import tumour_mask  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
-from MedSynthLib.synthesis.normalize import fit_case_normalizers, normalization_of, zscore  # noqa: E402
+from MedSynthLib.synthesis.normalize import zscore  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 from MedSynthLib.training.data import find_case_folders  # noqa: E402
 
@@ -59,19 +59,13 @@ def _cached_labels(case: Any, folder: Path, cache_dir: Path | None, normalizatio
     return labels
 
 
-def in_patient_frame(case: Any, labels: np.ndarray, engine: Any, brain: np.ndarray) -> dict[str, np.ndarray]:
+def synthesis_in_patient_frame(case: Any, labels: np.ndarray, engine: Any, brain: np.ndarray) -> dict[str, np.ndarray]:
     """The engine's synthesis of ``labels`` placed in the patient's frame: its network output mapped to the case's
     scanner units by the case's own normaliser, then z-scored with the real image's brain mean and spread (as
     ``evaluate``'s class signal), so real and synthetic rows share one scale."""
     result = engine.synthesize(LabelMap(labels, case.grid))
-    kind = normalization_of(next(iter(engine.model.normalizers.values())))
-    own = fit_case_normalizers({m: case.images[m] for m in MODALITIES}, labels, kind)
-    out = {}
-    for c, m in enumerate(engine.model.modalities):
-        placed = own[m].inverse(result.normalized[c], labels > 0)
-        real = case.images[m][brain].astype(np.float64)
-        out[m] = np.where(brain, (placed - real.mean()) / (real.std() or 1.0), 0.0).astype(np.float32)
-    return out
+    placed = in_patient_frame(case.images, result.normalized, engine.model.modalities, engine.model.normalizers, labels)
+    return {m: zscore(image, brain, reference=case.images[m]) for m, image in placed.items()}
 
 
 def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[str, Any]], path: Path) -> None:
@@ -85,7 +79,7 @@ def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[
     k = int(np.argmax(tumour.sum(axis=(1, 2)))) if tumour.any() else labels.shape[0] // 2
     rows = [("real", {m: zscore(np.asarray(case.images[m], np.float32), brain) for m in MODALITIES})]
     for name, engine in engines:
-        rows.append((name, in_patient_frame(case, labels, engine, brain)))
+        rows.append((name, synthesis_in_patient_frame(case, labels, engine, brain)))
     fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)))
     for r, (name, images) in enumerate(rows):
         for c, m in enumerate(MODALITIES):

@@ -84,8 +84,29 @@ def _rules_summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _named(medians: dict[int, float]) -> dict[str, float]:
-    return {Label(value).name: round(z, 4) for value, z in sorted(medians.items())}
+def named_class_medians(image: np.ndarray, labels: np.ndarray, brain: np.ndarray,
+                        frame: np.ndarray | None = None) -> dict[str, float]:
+    """:func:`~MedSynthLib.evaluation.image_checks.class_medians` by class name, rounded as reports record them."""
+    return {Label(value).name: round(z, 4)
+            for value, z in sorted(class_medians(image, labels, brain, frame=frame).items())}
+
+
+def in_patient_frame(real: dict[str, np.ndarray], normalized: np.ndarray, modalities: tuple[str, ...],
+                     model_normalizers: dict[str, Any], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The network's output mapped to the real case's scanner units by the case's own normaliser, of the model's
+    kind and fitted as training fits each case (module docstring); 0 outside the label map's brain.
+
+    Args:
+        real: modality -> the case's real image in scanner units.
+        normalized: (len(modalities), k, j, i) the network's output.
+        model_normalizers: the model's, per modality (their kind says how a case is normalised).
+    """
+    brain = brain_mask(labels)
+    placed = {}
+    for c, m in enumerate(modalities):
+        own = fit_case_normalizers({m: real[m]}, labels, normalization_of(model_normalizers[m]))[m]
+        placed[m] = own.inverse(normalized[c], brain)
+    return placed
 
 
 def class_signal(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray], normalized: np.ndarray,
@@ -99,16 +120,15 @@ def class_signal(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray], 
         real, synthetic: modality -> image in scanner units (the synthetic one from the model's own ranges).
         normalized: (len(modalities), k, j, i) the network's output for ``synthetic``.
         model_normalizers: the model's, per modality (their kind says how a case is normalised).
-        real_medians: the real images' class medians by class name (:func:`_named`), computed once per case.
+        real_medians: the real images' class medians (:func:`named_class_medians`), computed once per case.
     """
-    labelled = brain_mask(labels)
+    placed_images = in_patient_frame(real, normalized, modalities, model_normalizers, labels)
     out: dict[str, Any] = {}
-    for c, m in enumerate(modalities):
-        own = fit_case_normalizers({m: real[m]}, labels, normalization_of(model_normalizers[m]))[m]
-        placed = own.inverse(normalized[c], labelled)
+    for m in modalities:
+        placed = placed_images[m]
         spread = float(placed[brain].std() / (real[m][brain].astype(np.float64).std() or 1.0))
-        synthetic_own = _named(class_medians(synthetic[m], labels, brain))
-        in_frame = _named(class_medians(placed, labels, brain, frame=real[m]))
+        synthetic_own = named_class_medians(synthetic[m], labels, brain)
+        in_frame = named_class_medians(placed, labels, brain, frame=real[m])
         out[m] = {"brain_spread_ratio": round(spread, 4),
                   "classes": {name: {"real": z, "synthetic": synthetic_own.get(name),
                                      "synthetic_in_patient_frame": in_frame.get(name)}
@@ -147,7 +167,7 @@ def _model_free_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain:
     checkerboard ratio's reference), and the fidelity of painting each class with its mean (the case's own, the
     oracle, and the reference cases')."""
     out = {"real_contrast_rules": check_contrast_rules(images, labels, brain),
-           "real_class_medians": {m: _named(class_medians(images[m], labels, brain)) for m in MODALITIES},
+           "real_class_medians": {m: named_class_medians(images[m], labels, brain) for m in MODALITIES},
            "real_period2_power": {m: nyquist_power(images[m], brain) for m in MODALITIES},
            "class_mean_oracle": {m: fidelity(images[m], class_mean_baseline(labels, images[m], brain), brain, regions)
                                  for m in MODALITIES}}

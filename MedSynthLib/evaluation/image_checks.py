@@ -68,11 +68,7 @@ def class_medians(image: np.ndarray, labels: np.ndarray, brain: np.ndarray,
         frame: z-score with this image's mean and standard deviation inside ``brain`` (e.g. the real image, for
             a synthetic one in the same units); default ``image``'s own.
     """
-    if frame is None:
-        z = zscore(image, brain)
-    else:
-        values = frame[brain].astype(np.float64)
-        z = ((image.astype(np.float64) - values.mean()) / (values.std() or 1.0)).astype(np.float32)
+    z = zscore(image, brain, reference=frame)
     medians = {}
     for value in _ALL:
         mask = (labels == value) & brain

@@ -230,10 +230,16 @@ def fit_case_normalizers(images: Mapping[str, np.ndarray], labels: np.ndarray,
     raise ValueError(f"unknown intensity normalisation {normalization!r}")
 
 
-def zscore(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Z-score inside ``mask`` (0 outside): the scale used by MedSynth's quality metrics."""
+def zscore(image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Z-score inside ``mask`` (0 outside): the scale used by MedSynth's quality metrics.
+
+    Args:
+        reference: take the mean and standard deviation inside ``mask`` from this image (e.g. the real image, for a
+            synthetic one placed in its units) instead of from ``image`` itself.
+    """
     values = image[mask].astype(np.float64)
-    std = values.std()
+    statistics = values if reference is None else reference[mask].astype(np.float64)
+    std = statistics.std()
     out = np.zeros(image.shape, dtype=np.float32)
-    out[mask] = (values - values.mean()) / (std if std > 0 else 1.0)
+    out[mask] = (values - statistics.mean()) / (std if std > 0 else 1.0)
     return out
