@@ -35,6 +35,7 @@ class _Engine:
         self.checker = checker
         self.flat = flat
         self.current: dict[str, np.ndarray] = {}
+        self.own_kind = "tissue_zscore"
 
     def synthesize(self, labelmap):
         labels = labelmap.array
@@ -48,7 +49,7 @@ class _Engine:
                     painted[labels == value] = np.median(self.current[m][labels == value])
                 images[m] = painted
         # The network's output: the images in the case's own normalisation (a model returns them in its own range).
-        own = fit_case_normalizers(self.current, labels, "tissue_zscore")
+        own = fit_case_normalizers(self.current, labels, self.own_kind)
         normalized = np.stack([own[m].forward(images[m], labels > 0) for m in MODALITIES])
         return SimpleNamespace(images=images, normalized=normalized)
 
@@ -243,3 +244,29 @@ def test_medsynth_evaluate_reports_the_class_signal_of_a_real_model(tmp_path: Pa
             assert all(isinstance(row[key], float) for key in ("real", "synthetic", "synthetic_in_patient_frame"))
         assert set(report["class_signal"][m]["classes"]) == set(signal["classes"])
     assert "class signal in the patient's frame" in capsys.readouterr().out
+
+
+def test_class_signal_without_grey_or_white_matter_leaves_the_patient_frame_undefined(tmp_path: Path) -> None:
+    """The tissue z-score places a case in the patient's frame by its grey and white matter. A label map without
+    them (here the whole brain called CSF) has no such frame: that case's class signal says so and carries no
+    patient-frame medians, and the rest of its evaluation is reported as for any case."""
+    folder = write_phantom_case(tmp_path, 0)
+    case = read_case(folder, require_segmentation=True)
+    engine = _Engine(0.0)
+    engine.current = dict(case.images)
+
+    def csf_only(path: Path) -> np.ndarray:
+        labels = _labels_for(folder)
+        return np.where((labels >= Label.CSF) & (labels <= Label.WM), Label.CSF, labels).astype(np.uint8)
+
+    engine.own_kind = "healthy_zscore"  # the engine's own output needs a frame of its own: CSF is its reference
+    report = evaluate(engine, [folder], csf_only, reader=lambda path: case)
+    entry = report["cases"][0]
+    for m in MODALITIES:
+        signal = entry["class_signal"][m]
+        assert signal["brain_spread_ratio"] is None
+        assert "grey or white matter" in signal["patient_frame"]
+        assert signal["classes"]["CSF"]["synthetic"] == pytest.approx(signal["classes"]["CSF"]["real"], abs=1e-4)
+        assert all(row["synthetic_in_patient_frame"] is None for row in signal["classes"].values())
+        assert report["class_signal"][m] == {"brain_spread_ratio": None, "classes": {}}
+        assert entry["model"][m]["brain"]["ssim"] == pytest.approx(1.0)

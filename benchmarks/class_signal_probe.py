@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
 from MedSynthLib.evaluation.evaluate import (class_signal, class_signal_summary, named_class_medians,  # noqa: E402
-                                             real_brain_mask)
+                                             real_brain_mask, spread_text)
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
@@ -53,7 +53,7 @@ def table(name: str, summary: dict[str, Any]) -> list[str]:
     for m in MODALITIES:
         if m in summary:
             cells = " ".join(f"{c} {row['patient_frame_minus_real']:+.2f}" for c, row in summary[m]["classes"].items())
-            lines.append(f"  {m:<5} {cells}  spread {summary[m]['brain_spread_ratio']:.2f}")
+            lines.append(f"  {m:<5} {cells}  spread {spread_text(summary[m]['brain_spread_ratio'])}")
     return lines
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from MedSynthLib.cases.anatomy import derive_label_map  # noqa: E402
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
-from MedSynthLib.evaluation.evaluate import evaluate, in_patient_frame  # noqa: E402
+from MedSynthLib.evaluation.evaluate import evaluate, in_patient_frame, spread_text  # noqa: E402
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
 from MedSynthLib.schema.labels import tumour_mask  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
@@ -199,7 +199,7 @@ def main() -> int:
                 cells.append("—" if other is None else
                              f"{other['synthetic_minus_real']:+.2f} / {other['patient_frame_minus_real']:+.2f}")
             lines.append(f"| {m} | {name} | {row['real']:+.2f} | " + " | ".join(cells) + " |")
-        spreads = " | ".join(f"{result['class_signal'][m]['brain_spread_ratio']:.2f}"
+        spreads = " | ".join(spread_text(result['class_signal'][m]['brain_spread_ratio'])
                              for result in report["models"].values())
         lines.append(f"| {m} | spread | | {spreads} |")
     for folder in test[: args.montage_cases]:

@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from MedSynthLib.evaluation.evaluate import class_signal_summary  # noqa: E402
+from MedSynthLib.evaluation.evaluate import class_signal_summary, spread_text  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 
@@ -165,7 +165,7 @@ def markdown(name: str, result: dict[str, Any], command: str) -> str:
             for name, row in signal[m]["classes"].items():
                 lines.append(f"| {m} | {name} | {row['cases']} | {row['real']:+.2f} | {row['synthetic_minus_real']:+.2f} | "
                              f"{row['patient_frame_minus_real']:+.2f} | {row['patient_frame_abs_difference']:.2f} |")
-            lines.append(f"| {m} | spread {signal[m]['brain_spread_ratio']:.2f} | | | | | |")
+            lines.append(f"| {m} | spread {spread_text(signal[m]['brain_spread_ratio'])} | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from ..cases.readers import MODALITIES, read_case
 from ..schema.labels import NUM_CLASSES, Label, brain_mask, tumour_mask
-from ..synthesis.normalize import fit_case_normalizers, normalization_of, zscore
+from ..synthesis.normalize import (REFERENCE_TISSUE_WORDS, fit_case_normalizers, normalization_of,
+                                   reference_tissue, zscore)
 from .image_checks import check_contrast_rules, checkerboard_ratio_to, class_medians, nyquist_power
 from .metrics import class_mean_baseline, fidelity
 
@@ -122,18 +123,33 @@ def class_signal(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray], 
         model_normalizers: the model's, per modality (their kind says how a case is normalised).
         real_medians: the real images' class medians (:func:`named_class_medians`), computed once per case.
     """
-    placed_images = in_patient_frame(real, normalized, modalities, model_normalizers, labels)
+    kinds = {normalization_of(model_normalizers[m]) for m in modalities}
+    # The case's own normaliser fixes the frame; without its reference tissue (e.g. no grey or white matter for
+    # the tissue z-score) the case has none, and only the own-z-score medians are reported.
+    undefined = next((kind for kind in sorted(kinds) if not reference_tissue(labels, kind).any()), None)
+    placed_images = {} if undefined else in_patient_frame(real, normalized, modalities, model_normalizers, labels)
     out: dict[str, Any] = {}
     for m in modalities:
-        placed = placed_images[m]
-        spread = float(placed[brain].std() / (real[m][brain].astype(np.float64).std() or 1.0))
         synthetic_own = named_class_medians(synthetic[m], labels, brain)
-        in_frame = named_class_medians(placed, labels, brain, frame=real[m])
-        out[m] = {"brain_spread_ratio": round(spread, 4),
+        if undefined:
+            spread, in_frame = None, {}
+        else:
+            placed = placed_images[m]
+            spread = round(float(placed[brain].std() / (real[m][brain].astype(np.float64).std() or 1.0)), 4)
+            in_frame = named_class_medians(placed, labels, brain, frame=real[m])
+        out[m] = {"brain_spread_ratio": spread,
                   "classes": {name: {"real": z, "synthetic": synthetic_own.get(name),
                                      "synthetic_in_patient_frame": in_frame.get(name)}
                               for name, z in real_medians[m].items()}}
+        if undefined:
+            out[m]["patient_frame"] = (f"undefined: the label map has no {REFERENCE_TISSUE_WORDS[undefined]}, "
+                                       f"which the case's {undefined} normaliser is fitted on")
     return out
+
+
+def spread_text(ratio: float | None) -> str:
+    """A class signal's brain spread ratio as reports print it ("n/a" where no case had a patient's frame)."""
+    return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
 def class_signal_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,8 +172,8 @@ def class_signal_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
                              "synthetic_minus_real": float(np.mean(own)),
                              "patient_frame_minus_real": float(np.mean(framed)),
                              "patient_frame_abs_difference": float(np.mean(np.abs(framed)))}
-        out[m] = {"brain_spread_ratio": float(np.mean([p["brain_spread_ratio"] for p in per_case])),
-                  "classes": classes}
+        spreads = [p["brain_spread_ratio"] for p in per_case if p["brain_spread_ratio"] is not None]
+        out[m] = {"brain_spread_ratio": float(np.mean(spreads)) if spreads else None, "classes": classes}
     return out
 
 

@@ -218,15 +218,28 @@ def fit_case_normalizers(images: Mapping[str, np.ndarray], labels: np.ndarray,
         labels: its MedSynth label map (the z-score kinds take their reference tissue from it).
         normalization: one of :data:`NORMALIZATIONS`.
     """
+    reference = reference_tissue(labels, normalization)
+    if normalization in ZSCORE_KINDS:
+        return {m: HealthyTissueZScore.fit(image, reference, normalization) for m, image in images.items()}
+    return {m: IntensityNormalizer.fit(image, reference) for m, image in images.items()}
+
+
+# What each normalisation kind is fitted on, in words (reference_tissue).
+REFERENCE_TISSUE_WORDS = {"healthy_zscore": "healthy CSF, grey or white matter",
+                          "tissue_zscore": "grey or white matter", "percentile": "brain"}
+
+
+def reference_tissue(labels: np.ndarray, normalization: str) -> np.ndarray:
+    """The voxels of a MedSynth label map whose intensities fit a case's normaliser of kind ``normalization``:
+    healthy CSF, grey and white matter (``healthy_zscore``), grey and white matter (``tissue_zscore``), or the
+    whole brain (``percentile``). Empty where the label map lacks them: the case has no normaliser of that kind."""
     from ..schema.labels import Label, brain_mask
 
     if normalization in ZSCORE_KINDS:
         low = Label.CSF if normalization == "healthy_zscore" else Label.GM
-        reference = (labels >= low) & (labels <= Label.WM)
-        return {m: HealthyTissueZScore.fit(image, reference, normalization) for m, image in images.items()}
+        return (labels >= low) & (labels <= Label.WM)
     if normalization == "percentile":
-        brain = brain_mask(labels)
-        return {m: IntensityNormalizer.fit(image, brain) for m, image in images.items()}
+        return brain_mask(labels)
     raise ValueError(f"unknown intensity normalisation {normalization!r}")
 
 
