@@ -264,3 +264,60 @@ def test_training_counts_the_ssim_term_on_the_tumour_only(phantom_brats: Path, t
     assert len(given) == len(with_tumour)
     for labels, weights in zip(with_tumour, given):
         assert torch.equal(weights, (labels >= 4).unsqueeze(1).float())  # the tumour lies in the brain
+
+
+def test_the_class_level_term_compares_class_means_where_they_are_big_enough() -> None:
+    from MedSynthLib.training.losses import class_level_loss
+
+    real = torch.zeros(1, 2, 4, 4)
+    real[:, :, :2] = 1.0  # class 0: the top half, class 1: the bottom half
+    classes = torch.zeros(1, 2, 4, 4)
+    classes[:, 0, :2] = 1.0
+    classes[:, 1, 2:] = 1.0
+    assert float(class_level_loss(real, real, classes, min_voxels=4)) == 0.0
+    # Texture that keeps each class's mean costs nothing; a level shift of one class costs its share.
+    texture = torch.tensor([0.5, -0.5]).repeat(8).reshape(1, 1, 4, 4).expand(1, 2, 4, 4)
+    assert float(class_level_loss(real + texture, real, classes, min_voxels=4)) == pytest.approx(0.0, abs=1e-7)
+    shifted = real.clone()
+    shifted[:, 1, 2:] += 0.4  # contrast 1, class 1
+    assert float(class_level_loss(shifted, real, classes, min_voxels=4)) == pytest.approx(0.4 / 4)
+    # Classes below min_voxels in the patch do not count; none left gives 0.
+    classes[:, 1, 3:] = 0.0  # class 1 now 4 voxels in row 2 only
+    assert float(class_level_loss(shifted, real, classes, min_voxels=5)) == 0.0
+    assert float(class_level_loss(shifted, real, classes, min_voxels=4)) == pytest.approx(0.4 / 4)
+
+
+def test_lambda_class_level_is_checked_and_off_by_default() -> None:
+    assert TrainConfig().lambda_class_level == 0.0
+    assert TrainConfig.from_json(dict(MICRO, lambda_class_level=50.0)).lambda_class_level == 50.0
+    with pytest.raises(InputError, match="lambda_class_level"):
+        TrainConfig.from_json(dict(MICRO, lambda_class_level=-1.0), "cfg.json")
+
+
+def test_training_adds_the_class_level_term_per_class_where_the_loss_counts(phantom_brats: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    import MedSynthLib.training.train as train_module
+    from MedSynthLib.schema.labels import NUM_CLASSES
+
+    masks: list[torch.Tensor] = []
+    original = train_module.class_level_loss
+
+    def recording(prediction, real, classes):
+        masks.append(classes.detach().clone())
+        return original(prediction, real, classes)
+
+    monkeypatch.setattr(train_module, "class_level_loss", recording)
+    config = tmp_path / "level.json"
+    config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
+                                      lambda_class_level=50.0)))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
+                 "--cache", str(training_cache_of(phantom_brats))]) == 0
+    assert len(masks) == 2
+    for classes in masks:
+        assert classes.shape[1] == NUM_CLASSES
+        assert float(classes[:, 0].sum()) == 0.0  # the background is outside the brain, where the loss does not count
+        assert set(classes.sum(1).unique().tolist()) <= {0.0, 1.0} and float(classes.sum()) > 0
+    events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"loss/class_level" in events
+    assert json.loads((run / "train_config.json").read_text())["config"]["lambda_class_level"] == 50.0

@@ -95,3 +95,31 @@ def masked_ssim_loss(prediction: torch.Tensor, real: torch.Tensor, weights: torc
         inside = weights[crop].float()
     total = inside.sum() * ssim.shape[1]
     return 1.0 - (ssim * inside).sum() / total.clamp(min=1e-6)
+
+
+def class_level_loss(prediction: torch.Tensor, real: torch.Tensor, classes: torch.Tensor,
+                     min_voxels: int = 64) -> torch.Tensor:
+    """The mean, over each patch's label classes and the contrasts, of how far the prediction's mean in a class lies
+    from the real image's mean there.
+
+    The SSIM term rewards a smooth prediction for widening its local spread, which it does by pulling grey and white
+    matter apart (docs/model_card.md, session 34); the L1 pulls each voxel towards its conditional median but not a
+    class's level as a whole. This term holds each class's level in the patch, the quantity the class signal of
+    ``medsynth evaluate`` reports.
+
+    Args:
+        prediction, real: (B, C, *spatial) images in the network's units.
+        classes: (B, K, *spatial) 0/1 class masks (a one-hot label map times where the loss counts).
+        min_voxels: a class with fewer voxels in a patch does not count there (its mean is mostly noise).
+
+    Returns:
+        The mean absolute difference of class means; 0 when no class of any patch has ``min_voxels``.
+    """
+    weights = classes.float().flatten(2)  # (B, K, N)
+    size = weights.sum(-1)  # (B, K)
+    counts = size.clamp(min=1.0).unsqueeze(-1)
+    predicted = torch.einsum("bkn,bcn->bkc", weights, prediction.float().flatten(2)) / counts
+    target = torch.einsum("bkn,bcn->bkc", weights, real.float().flatten(2)) / counts
+    present = (size >= min_voxels).float().unsqueeze(-1)  # (B, K, 1)
+    total = present.sum() * prediction.shape[1]
+    return ((predicted - target).abs() * present).sum() / total.clamp(min=1.0)

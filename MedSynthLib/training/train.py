@@ -29,7 +29,7 @@ from torch import nn
 
 from ..evaluation.metrics import DATA_RANGE
 from ..schema.errors import InputError, MedSynthError
-from ..schema.labels import brain_mask, tumour_mask
+from ..schema.labels import NUM_CLASSES, brain_mask, tumour_mask
 from ..schema.volume_io import write_json
 from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, build_discriminator,
                                   enable_gradient_checkpointing, one_hot, state_dict_unwrapped)
@@ -37,7 +37,7 @@ from ..synthesis.normalize import ZSCORE_KINDS
 from .divergence import DivergenceGuard, masked_l1
 from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, cases_by_name, data_summary,
                    find_case_sources, prepare_volume)
-from .losses import masked_ssim_loss
+from .losses import class_level_loss, masked_ssim_loss
 
 if TYPE_CHECKING:
     from ..synthesis.appearance import AppearancePrior
@@ -85,6 +85,9 @@ class TrainConfig:
     # normalize.signal_floor_z). The SSIM term drew up to a fifth of the brain's outermost layer below it
     # (docs/model_card.md). 0: off, as every model before session 29. z-score normalisations only.
     lambda_floor: float = 0.0
+    # Weight of a term holding each label class's level (training/losses.class_level_loss: per patch and class, the
+    # prediction's mean against the real one's, where the loss counts). 0: off, as every model before session 35.
+    lambda_class_level: float = 0.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
     # from the real images towards a standard normal (synthesis draws from where they end up: appearance_patches).
@@ -253,7 +256,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, f"betas[{index}]", beta, 0, 1)
     for name in ("lr_decay_fraction", "tumour_fraction", "inpaint_tumour_fraction"):
         check_range(source, name, getattr(config, name), 0, 1)
-    for name in ("lambda_l1", "lambda_ssim", "lambda_floor", "rotate_deg", "scale", "intensity", "divergence_window"):
+    for name in ("lambda_l1", "lambda_ssim", "lambda_floor", "lambda_class_level", "rotate_deg", "scale", "intensity",
+                 "divergence_window"):
         check_range(source, name, getattr(config, name), 0)
     if config.ssim_interior and config.lambda_ssim == 0:
         raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
@@ -723,6 +727,11 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                                              interior=config.ssim_interior, contrast=config.ssim_contrast)
                 loss_g = loss_g + config.lambda_ssim * loss_ssim
                 logs["loss/ssim"] = loss_ssim.item()
+            if config.lambda_class_level > 0:
+                classes = cond[:, :NUM_CLASSES] if counted is None else cond[:, :NUM_CLASSES] * counted
+                loss_level = class_level_loss(fake, real, classes)
+                loss_g = loss_g + config.lambda_class_level * loss_level
+                logs["loss/class_level"] = loss_level.item()
             if floor is not None:
                 loss_floor = below_floor(fake, floor, counted)
                 loss_g = loss_g + config.lambda_floor * loss_floor
