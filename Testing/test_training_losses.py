@@ -104,6 +104,28 @@ def test_without_the_contrast_factor_a_flatter_prediction_is_not_penalised() -> 
     assert torch.isfinite(flat.grad).all()
 
 
+def test_an_offset_moves_zero_out_of_the_tissue_so_a_small_level_error_is_not_a_sign_error() -> None:
+    """Two windows whose means lie either side of zero: without an offset the luminance factor scores the level
+    error as opposite signs (SSIM below 0); with zero moved out of the tissue the same error costs almost nothing,
+    and a perfect prediction scores 1 either way."""
+    torch.manual_seed(0)
+    texture = 0.01 * torch.randn(1, 1, 24, 24, 24)
+    real = texture + 0.004
+    prediction = texture - 0.004
+    data_range = DATA_RANGE / TISSUE_ZSCORE_SCALE
+    assert float(masked_ssim_loss(prediction, real, None, data_range)) > 1.0
+    assert float(masked_ssim_loss(prediction, real, None, data_range, offset=1.0)) < 0.01
+    assert float(masked_ssim_loss(real.clone(), real, None, data_range, offset=1.0)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ssim_offset_is_off_by_default_and_needs_the_term() -> None:
+    assert TrainConfig().ssim_offset == 0.0
+    assert TrainConfig.from_json(dict(MICRO, lambda_ssim=1.0, ssim_offset=1.0,
+                                      normalization="tissue_zscore")).ssim_offset == 1.0
+    with pytest.raises(InputError, match="ssim_offset shapes the SSIM term: it needs lambda_ssim above 0"):
+        TrainConfig.from_json(dict(MICRO, ssim_offset=1.0, normalization="tissue_zscore"), "cfg.json")
+
+
 def test_ssim_contrast_is_on_by_default_and_needs_the_term() -> None:
     assert TrainConfig().ssim_contrast is True
     assert TrainConfig.from_json(dict(MICRO, lambda_ssim=1.0, ssim_contrast=False,
@@ -158,9 +180,9 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
     calls: list[tuple[torch.Tensor | None, float, bool, bool]] = []
     original = train_module.masked_ssim_loss
 
-    def recording(prediction, real, weights, data_range, interior=False, contrast=True):
-        calls.append((None if weights is None else weights.detach().clone(), data_range, interior, contrast))
-        return original(prediction, real, weights, data_range, interior=interior, contrast=contrast)
+    def recording(prediction, real, weights, data_range, interior=False, contrast=True, offset=0.0):
+        calls.append((None if weights is None else weights.detach().clone(), data_range, interior, contrast, offset))
+        return original(prediction, real, weights, data_range, interior=interior, contrast=contrast, offset=offset)
 
     monkeypatch.setattr(train_module, "masked_ssim_loss", recording)
     cache = training_cache_of(phantom_brats)  # entries are keyed by the normalisation
@@ -169,7 +191,8 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
         config = tmp_path / f"ssim{weight}.json"
         config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
                                           normalization="tissue_zscore", lambda_ssim=weight,
-                                          ssim_interior=weight > 0, ssim_contrast=weight == 0)))
+                                          ssim_interior=weight > 0, ssim_contrast=weight == 0,
+                                          ssim_offset=1.0 if weight > 0 else 0.0)))
         run = tmp_path / f"run{weight}"
         args = ["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
                 "--cache", str(cache)]
@@ -181,11 +204,11 @@ def test_training_adds_the_ssim_term_where_the_l1_counts(phantom_brats: Path, tm
             assert calls == [] and b"loss/ssim" not in events
             continue
         assert len(calls) == 2 and b"loss/ssim" in events
-        for region, data_range, interior, contrast in calls:
+        for region, data_range, interior, contrast, offset in calls:
             # The brain of the patch (where the L1 counts), on the metrics' scale of 8 z, as configured.
             assert set(region.unique().tolist()) == {0.0, 1.0}
             assert data_range == pytest.approx(DATA_RANGE / TISSUE_ZSCORE_SCALE) and interior is True
-            assert contrast is False
+            assert contrast is False and offset == 1.0
 
 
 def test_below_floor_is_the_mean_shortfall_where_the_loss_counts() -> None:
@@ -245,9 +268,10 @@ def test_training_counts_the_ssim_term_on_the_tumour_only(phantom_brats: Path, t
         patches.append(labels.detach().clone())
         return original_weights(ssim_region, counted, labels)
 
-    def recording_loss(prediction, real, weights, data_range, interior=False, contrast=True):
+    def recording_loss(prediction, real, weights, data_range, interior=False, contrast=True, offset=0.0):
         given.append(weights.detach().clone())
-        return original_loss(prediction, real, weights, data_range, interior=interior, contrast=contrast)
+        return original_loss(prediction, real, weights, data_range, interior=interior, contrast=contrast,
+                             offset=offset)
 
     monkeypatch.setattr(train_module, "ssim_weights", recording_weights)
     monkeypatch.setattr(train_module, "masked_ssim_loss", recording_loss)

@@ -75,15 +75,21 @@ def gaussian_ssim_map(prediction: torch.Tensor, target: torch.Tensor, data_range
 
 
 def masked_ssim_loss(prediction: torch.Tensor, real: torch.Tensor, weights: torch.Tensor | None,
-                     data_range: float, interior: bool = False, contrast: bool = True) -> torch.Tensor:
+                     data_range: float, interior: bool = False, contrast: bool = True,
+                     offset: float = 0.0) -> torch.Tensor:
     """``1 -`` the mean SSIM over the voxels where the loss counts (``weights``, (B, 1, *spatial)).
 
     A voxel's SSIM needs its whole window, so only voxels at least ``kernel_size // 2`` from the patch's
     faces count; ``weights`` None counts every such voxel. With ``interior`` a voxel counts only when its whole
     window lies where the weights are non-zero, so no window straddles the region's border (for the brain: a
     window across the brain-to-background edge measures that edge more than the tissue).
+
+    ``offset`` is added to both images first. SSIM's luminance factor compares local means as a ratio, so where the
+    images' zero lies in the tissue (the tissue z-scores put it at the healthy tissue's mean) a small level error of
+    a window near zero scores as a sign error; an offset that moves zero out of the tissue leaves the levels to the
+    L1 and the term to the local contrast and structure.
     """
-    ssim = gaussian_ssim_map(prediction.float(), real.float(), data_range, contrast=contrast)
+    ssim = gaussian_ssim_map(prediction.float() + offset, real.float() + offset, data_range, contrast=contrast)
     if weights is None:
         return 1.0 - ssim.mean()
     if interior:

@@ -80,6 +80,10 @@ class TrainConfig:
     # reward a smooth prediction for making up its missing texture's spread. Tried against the full term's
     # exaggerated grey/white contrast: the contrast stayed, fidelity fell a little (docs/model_card.md, session 34).
     ssim_contrast: bool = True
+    # Added to the prediction and the real patch (network units) before the SSIM term compares them
+    # (training/losses.masked_ssim_loss). 0: the network's own zero, the healthy tissue's mean for the z-score kinds,
+    # as every model before session 35.
+    ssim_offset: float = 0.0
     # Weight of a hinge below the darkest real signal: the mean, where the loss counts, of how far the output lies
     # below the floor the model will carry (the median over the training cases of each brain's darkest signal,
     # normalize.signal_floor_z). The SSIM term drew up to a fifth of the brain's outermost layer below it
@@ -267,6 +271,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
         raise InputError(source, "ssim_region places the SSIM term: it needs lambda_ssim above 0")
     if not config.ssim_contrast and config.lambda_ssim == 0:
         raise InputError(source, "ssim_contrast shapes the SSIM term: it needs lambda_ssim above 0")
+    if config.ssim_offset != 0 and config.lambda_ssim == 0:
+        raise InputError(source, "ssim_offset shapes the SSIM term: it needs lambda_ssim above 0")
     if config.lambda_ssim > 0 and config.normalization not in ZSCORE_KINDS:
         raise InputError(source, "lambda_ssim scores SSIM on the z scale of MedSynth's metrics: it needs a z-score "
                                  f"normalization ({', '.join(ZSCORE_KINDS)}), not {config.normalization!r}")
@@ -724,7 +730,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
             if config.lambda_ssim > 0 and (ssim_counted is None or bool(ssim_counted.any())):
                 # The network's units are z / scale: the metrics' data range of 8 z, in those units.
                 loss_ssim = masked_ssim_loss(fake, real, ssim_counted, DATA_RANGE / ZSCORE_KINDS[config.normalization],
-                                             interior=config.ssim_interior, contrast=config.ssim_contrast)
+                                             interior=config.ssim_interior, contrast=config.ssim_contrast,
+                                             offset=config.ssim_offset)
                 loss_g = loss_g + config.lambda_ssim * loss_ssim
                 logs["loss/ssim"] = loss_ssim.item()
             if config.lambda_class_level > 0:
