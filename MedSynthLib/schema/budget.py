@@ -20,9 +20,9 @@ DEFAULT_BUDGET_GB = 8.0
 # SynthesisEngine.synthesize + write_synthesis, shipped model, CPU, bf16, an all-brain label map):
 # 96^3 0.43 GB, 192^3 (7.1 M voxels, whole box) 0.90 GB, 256^3 (16.8 M, sliding windows) 1.52 GB peak
 # resident, of which 0.36 GB is the process with the model loaded: 68-87 bytes per voxel; in fp32 the
-# 192^3 whole box peaks at 1.11 GB, 107 bytes per voxel.  The SPADE default (medsynth-spade27-ssim, the
-# network of medsynth-spade27-cpu), synthesis alone: 192^3 0.91 GB bf16 / 1.06 GB fp32 (78-98 bytes per
-# voxel).  Rounded up to keep a margin.
+# 192^3 whole box peaks at 1.11 GB, 107 bytes per voxel.  The SPADE default of sessions 30-34 (medsynth-spade27-ssim,
+# the network of medsynth-spade27-cpu and of the default since), synthesis alone: 192^3 0.91 GB bf16 / 1.06 GB fp32
+# (78-98 bytes per voxel).  Rounded up to keep a margin.
 SYNTHESIS_BYTES_PER_VOXEL = 128
 # The fixed part: interpreter, torch and the model (0.36 GB measured), with a margin.
 SYNTHESIS_FIXED_BYTES = 1 << 30
