@@ -108,10 +108,9 @@ def class_level_loss(prediction: torch.Tensor, real: torch.Tensor, classes: torc
     """The mean, over each patch's label classes and the contrasts, of how far the prediction's mean in a class lies
     from the real image's mean there.
 
-    The SSIM term rewards a smooth prediction for widening its local spread, which it does by pulling grey and white
-    matter apart (docs/model_card.md, session 34); the L1 pulls each voxel towards its conditional median but not a
-    class's level as a whole. This term holds each class's level in the patch, the quantity the class signal of
-    ``medsynth evaluate`` reports.
+    The L1 pulls each voxel towards its conditional median but not a class's level as a whole, and the SSIM term of
+    the default of sessions 30-34 pulled grey and white matter apart (docs/model_card.md, sessions 34-35). This term
+    holds each class's level in the patch, the quantity the class signal of ``medsynth evaluate`` reports.
 
     Args:
         prediction, real: (B, C, *spatial) images in the network's units.

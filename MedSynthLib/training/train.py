@@ -82,7 +82,7 @@ class TrainConfig:
     ssim_contrast: bool = True
     # Added to the prediction and the real patch (network units) before the SSIM term compares them
     # (training/losses.masked_ssim_loss). 0: the network's own zero, the healthy tissue's mean for the z-score kinds,
-    # as every model before session 35.
+    # as every model before session 35; 1 (the background at zero): the default model's recipe since session 35.
     ssim_offset: float = 0.0
     # Weight of a hinge below the darkest real signal: the mean, where the loss counts, of how far the output lies
     # below the floor the model will carry (the median over the training cases of each brain's darkest signal,
@@ -90,7 +90,8 @@ class TrainConfig:
     # (docs/model_card.md). 0: off, as every model before session 29. z-score normalisations only.
     lambda_floor: float = 0.0
     # Weight of a term holding each label class's level (training/losses.class_level_loss: per patch and class, the
-    # prediction's mean against the real one's, where the loss counts). 0: off, as every model before session 35.
+    # prediction's mean against the real one's, where the loss counts). 0: off, as every model before session 35;
+    # tried at 100 and 300 against the exaggerated grey/white contrast, not used (docs/model_card.md, session 35).
     lambda_class_level: float = 0.0
     adversarial: str = "lsgan"  # lsgan | hinge | none (L1 only)
     # Weight of the appearance code's KL term (networks with network.style_dim > 0): pulls the codes encoded
@@ -104,6 +105,9 @@ class TrainConfig:
     flip: bool = True
     rotate_deg: float = 10.0
     scale: float = 0.1
+    # Random gain (about the background) and shift of each patch's contrasts, in network units: mild for the
+    # percentile normalisation, up to 0.6-0.75 z each under the z-score kinds (12-15 tissue SDs to a unit); the default
+    # model's recipe sets 0 since session 35 (docs/model_card.md).
     intensity: float = 0.05
     # Resample the images of a rotated or scaled patch from brain voxels only (the background stays -1). The
     # default false is the recipe of every model trained before session 26: the brain's outermost layer took up to
