@@ -20,6 +20,31 @@ from test_training import MICRO
 pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
+def _record(monkeypatch, name: str, keep) -> None:
+    """Wrap ``MedSynthLib.training.train.<name>`` so that each call first hands its arguments to ``keep``."""
+    import MedSynthLib.training.train as train_module
+
+    original = getattr(train_module, name)
+
+    def recording(*args, **kwargs):
+        keep(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, name, recording)
+
+
+def _train_two_steps(phantom_brats: Path, tmp_path: Path, **options) -> tuple[Path, bytes]:
+    """A two-step run of the micro network with the brain-only L1 and ``options``: its folder and its TensorBoard
+    events' bytes."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
+                                      **options)))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
+                 "--cache", str(training_cache_of(phantom_brats))]) == 0
+    return run, b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 24, 20), (1, 4, 18, 16, 20)])
 def test_the_ssim_map_is_monais(shape: tuple[int, ...]) -> None:
     from monai.metrics.regression import compute_ssim_and_cs
@@ -227,24 +252,10 @@ def test_below_floor_is_the_mean_shortfall_where_the_loss_counts() -> None:
 
 def test_training_holds_the_output_above_the_floor_the_model_will_carry(phantom_brats: Path, tmp_path: Path,
                                                                         monkeypatch) -> None:
-    import MedSynthLib.training.train as train_module
-
     floors: list[torch.Tensor] = []
-    original = train_module.below_floor
-
-    def recording(prediction, floor, counted):
-        floors.append(floor.detach().clone())
-        return original(prediction, floor, counted)
-
-    monkeypatch.setattr(train_module, "below_floor", recording)
-    config = tmp_path / "floor.json"
-    config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
-                                      normalization="tissue_zscore", lambda_floor=100.0)))
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
-                 "--cache", str(training_cache_of(phantom_brats))]) == 0
+    _record(monkeypatch, "below_floor", lambda prediction, floor, counted: floors.append(floor.detach().clone()))
+    run, events = _train_two_steps(phantom_brats, tmp_path, normalization="tissue_zscore", lambda_floor=100.0)
     assert len(floors) == 2 and torch.equal(floors[0], floors[1])
-    events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
     assert b"loss/below_floor" in events
     # The floor in the network's units is the exported model's floor (scanner units) on its z scale.
     intensity = json.loads((run / "model" / "config.json").read_text())["intensity"]
@@ -320,28 +331,15 @@ def test_lambda_class_level_is_checked_and_off_by_default() -> None:
 
 def test_training_adds_the_class_level_term_per_class_where_the_loss_counts(phantom_brats: Path, tmp_path: Path,
                                                                              monkeypatch) -> None:
-    import MedSynthLib.training.train as train_module
     from MedSynthLib.schema.labels import NUM_CLASSES
 
     masks: list[torch.Tensor] = []
-    original = train_module.class_level_loss
-
-    def recording(prediction, real, classes):
-        masks.append(classes.detach().clone())
-        return original(prediction, real, classes)
-
-    monkeypatch.setattr(train_module, "class_level_loss", recording)
-    config = tmp_path / "level.json"
-    config.write_text(json.dumps(dict(MICRO, steps=2, checkpoint_every=2, val_every=1000, l1_region="brain",
-                                      lambda_class_level=50.0)))
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(phantom_brats), "-o", str(run), "--config", str(config), "--device", "cpu",
-                 "--cache", str(training_cache_of(phantom_brats))]) == 0
+    _record(monkeypatch, "class_level_loss", lambda prediction, real, classes: masks.append(classes.detach().clone()))
+    run, events = _train_two_steps(phantom_brats, tmp_path, lambda_class_level=50.0)
     assert len(masks) == 2
     for classes in masks:
         assert classes.shape[1] == NUM_CLASSES
         assert float(classes[:, 0].sum()) == 0.0  # the background is outside the brain, where the loss does not count
         assert set(classes.sum(1).unique().tolist()) <= {0.0, 1.0} and float(classes.sum()) > 0
-    events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
     assert b"loss/class_level" in events
     assert json.loads((run / "train_config.json").read_text())["config"]["lambda_class_level"] == 50.0
