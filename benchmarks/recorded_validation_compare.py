@@ -28,11 +28,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.study.statistics import paired_comparison  # noqa: E402
-
-CONTRASTS = ("t1", "t1ce", "t2", "flair")
+from synthesis_cv_pooled import fidelity_summary  # noqa: E402
 
 
 def case_scores(model: Path) -> list[dict[str, float]]:
@@ -41,16 +41,7 @@ def case_scores(model: Path) -> list[dict[str, float]]:
     validation = config.get("validation") or {}
     if not validation.get("per_case"):
         raise SystemExit(f"{model}: its config.json records no validation per case (trained without held-out cases?)")
-    rows = []
-    for case in validation["per_case"]:
-        row = {"brain_ssim": float(np.mean([case[m]["brain"]["ssim"] for m in CONTRASTS])),
-               "brain_psnr": float(np.mean([case[m]["brain"]["psnr"] for m in CONTRASTS]))}
-        tumour = [case[m]["tumour"]["ssim"] for m in CONTRASTS if "tumour" in case[m]]
-        if tumour:
-            row["tumour_ssim"] = float(np.mean(tumour))
-        row.update({f"{m}_ssim": float(case[m]["brain"]["ssim"]) for m in CONTRASTS})
-        rows.append(row)
-    return rows
+    return [fidelity_summary(case) for case in validation["per_case"]]
 
 
 def compare(recipe: list[Path], reference: list[Path]) -> dict[str, Any]:

@@ -39,7 +39,13 @@ ROWS = (("model", "the model"), ("class_mean_training", "class means of the fold
 
 def case_scores(entry: dict[str, Any], key: str) -> dict[str, float]:
     """One held-out case's brain SSIM / PSNR and tumour SSIM (means over the four contrasts), and per contrast."""
-    scores = entry[key]
+    return fidelity_summary(entry[key])
+
+
+def fidelity_summary(scores: dict[str, Any]) -> dict[str, float]:
+    """The compared quantities of one case's fidelity per contrast (``metrics.fidelity`` by modality, as reports and
+    a training run's recorded validation hold it): brain SSIM / PSNR and tumour SSIM, means over the four contrasts,
+    and each contrast's brain SSIM."""
     out = {"brain_ssim": float(np.mean([scores[m]["brain"]["ssim"] for m in MODALITIES])),
            "brain_psnr": float(np.mean([scores[m]["brain"]["psnr"] for m in MODALITIES]))}
     tumour = [scores[m]["tumour"]["ssim"] for m in MODALITIES if "tumour" in scores[m]]
