@@ -11,8 +11,10 @@ brain SSIM), and a summary with paired differences and exact sign-flip p-values
 (``MedSynthLib.study.statistics.paired_comparison``). ``--summarise REPORT`` computes the summary again from a
 report's per-case scores without running the network.
 
-    python benchmarks/appearance_prior_insample.py --set SET --model medsynth-spade27-noint --seeds 0 1 2 \\
-        --threads 2 -o docs/benchmarks/appearance_prior_insample_spade27_ssim.json
+    python benchmarks/appearance_prior_insample.py --set SET --model MODEL --seeds 0 1 2 --threads 2 -o OUT.json
+
+The committed ``docs/benchmarks/appearance_prior_insample_spade27_ssim.json`` was written this way with
+``--model medsynth-spade27-ssim`` (the default of sessions 30-34, no longer registered; in git history).
 """
 
 from __future__ import annotations
