@@ -563,7 +563,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     with _progress(3, "synthesize") as step:
         labelmap = read_label_map(args.labels)
         model = resolve_model(args.model)
-        engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
+        engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average)
         step("model loaded")
         result = engine.synthesize(labelmap, seed=args.seed)
         step("synthesised")
@@ -605,7 +605,7 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
                 raise InputError(args.old_labels, f"its brain does not match that of {args.labels} (Dice {dice:.3f}, "
                                                   f"{MIN_BRAIN_DICE} or more expected): not the map before this edit")
         engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), args.device, args.precision,
-                                  log=_notice)
+                                  log=_notice, mirror_average=args.mirror_average)
         step("model loaded")
         case = inpaint_case(engine, labelmap, context, old_labelmap=old, margin_mm=margin, seed=args.seed)
         step("inpainted")
@@ -664,7 +664,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_writable([args.output], args.overwrite,
                    inputs=[f for folder in [*args.cases, *(args.reference or [])] for f in folder_and_files(folder)])
     model = resolve_model(args.model)
-    engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
+    engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average)
     cache: dict[Path, Any] = {}
 
     def labels_for(folder: Path) -> Any:
@@ -674,6 +674,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with _progress(len(args.cases), "evaluate") as step:  # about a minute per case on 2 CPU cores
         results = evaluate(engine, list(args.cases), labels_for, list(args.reference or []) or None, progress=step)
+    results["inference"] = {"device": engine.device, "precision": engine.synth.precision,
+                            "mirror_average": engine.synth.mirror_average}
     write_json(results, args.output, overwrite=args.overwrite)
     for name, summary in results["summary"].items():
         print(f"{name:<22} SSIM {summary['brain_ssim']:.3f}  PSNR {summary['brain_psnr']:.2f} dB  "
@@ -906,6 +908,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--old-labels", type=Path, metavar="OLD",
                    help="with --context: the label map before the edit (default: the case's own segmentation "
                         "is the old tumour)")
+    p.add_argument("--no-mirror-average", dest="mirror_average", action="store_false",
+                   help="one forward pass instead of averaging it with the pass on the left-right mirrored label "
+                        "map (about half the network time; recorded in the provenance)")
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("generate", help="a ready-to-train synthetic dataset (nnU-Net, MSD, BraTS layouts), "
@@ -942,6 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model name or model folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    p.add_argument("--no-mirror-average", dest="mirror_average", action="store_false",
+                   help="one forward pass instead of averaging it with the pass on the left-right mirrored label "
+                        "map (about half the network time)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="share synthetic cases: BraTS NIfTI or DICOM, marked synthetic, de-identified",

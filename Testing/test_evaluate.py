@@ -235,6 +235,8 @@ def test_medsynth_evaluate_reports_the_class_signal_of_a_real_model(tmp_path: Pa
     report_path = tmp_path / "report.json"
     assert main(["evaluate", str(folder), "--model", str(model), "--device", "cpu", "-o", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
+    assert report["inference"] == {"device": "cpu", "precision": report["inference"]["precision"],
+                                   "mirror_average": True}
     assert set(report["class_signal"]) == set(MODALITIES)
     for m in MODALITIES:
         signal = report["cases"][0]["class_signal"][m]

@@ -255,7 +255,8 @@ def test_bf16_weights_give_the_autocast_output_bit_for_bit(engine):
 
     bf16 = SynthesisEngine(engine.model, "cpu", "bf16")
     assert next(bf16.synth.generator.parameters()).dtype == torch.bfloat16
-    autocast = Synthesizer(load_generator(engine.model, "cpu"), bf16.network, torch.device("cpu"), "bf16")
+    autocast = Synthesizer(load_generator(engine.model, "cpu"), bf16.network, torch.device("cpu"), "bf16",
+                           mirror_average=bf16.synth.mirror_average)
     assert next(autocast.generator.parameters()).dtype == torch.float32
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 7, (24, 28, 20)).astype(np.uint8)

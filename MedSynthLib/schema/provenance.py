@@ -748,6 +748,8 @@ class SynthesisRecord:
     appearance_code: tuple[float, ...] | None = None
     device: DEVICE | None = None
     precision: Literal["fp32", "bf16", "fp16"] | None = None
+    #: Whether the network's output was averaged with its pass on the left-right mirrored label map.
+    mirror_average: bool | None = None
     grid: Unchecked | None = None
     software: dict[Annotated[str, OneOf(frozenset({"medsynth", "python", *SOFTWARE_PACKAGES}))], VERSION] = \
         field(default_factory=dict)
@@ -781,7 +783,7 @@ class SynthesisRecord:
             if f.name == "edits":
                 out["edits"] = [step.to_json(for_export) for step in value]
             elif f.name in ("privacy", "review", "files", "inpainting", "seed_effective",
-                            "appearance_code") and value is None:
+                            "appearance_code", "mirror_average") and value is None:
                 continue
             elif f.name == "files" and for_export:
                 continue  # the case folder's own files; an export lists its own

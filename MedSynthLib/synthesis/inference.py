@@ -119,6 +119,9 @@ class Synthesizer:
         log: receives one-line notices (fallbacks).
         style: (1, style_dim) appearance code for networks that take one (``None``: the prior's mean).
         axis_order: how the label maps given are stored (:class:`AxisOrder`); the network runs in its training order.
+        mirror_average: average each output with the network's pass on the left-right mirrored label map, mirrored
+            back (the models train with left-right flips; one more forward pass; held-out gain: model card,
+            "Mirror average").
     """
 
     generator: torch.nn.Module
@@ -130,6 +133,7 @@ class Synthesizer:
     log: Callable[[str], None] = lambda message: None
     style: torch.Tensor | None = None
     axis_order: AxisOrder = field(default_factory=AxisOrder)
+    mirror_average: bool = False
 
     def _forward(self, onehot: torch.Tensor) -> torch.Tensor:
         if self.style is None or not self.network.has_style:
@@ -190,23 +194,46 @@ class Synthesizer:
         out[(slice(None),) + box] = region
         return out
 
-    def predict_region(self, labels: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    def predict_region(self, labels: np.ndarray, box: tuple[slice, ...],
+                       lattice: tuple[slice, ...] | None = None) -> np.ndarray:
         """Normalised images (4, *box size) of ``labels[box]``; -1 on background.
 
         Only the box is run, in the training axis order (:attr:`axis_order`; padded at its end in that order
         to the size multiple with background), and only box-sized arrays are allocated.
+
+        Args:
+            lattice: the box a full synthesis runs on (:func:`brain_box`) when ``box`` is a part of it (a
+                re-render): the mirror average's mirrored pass is aligned to the down-sampling grid the full
+                synthesis' mirrored pass has, as the direct pass is by the caller.  Default: ``box`` itself.
         """
         crop = labels[box] if self.axis_order.is_identity else np.ascontiguousarray(
             self.axis_order.to_training(labels[box]))
+        result = self._predict_crop(crop)
+        if self.mirror_average:
+            # In the training order (LPS) the last axis is left-right.  Mirrored, the full box's far end is where
+            # its down-sampling grid starts: pad the mirrored crop in front so that it keeps that grid's phase.
+            front = 0
+            if lattice is not None:
+                axis, reversed_axis = self.axis_order.perm[2], self.axis_order.flip[2]
+                gap = box[axis].start - lattice[axis].start if reversed_axis else lattice[axis].stop - box[axis].stop
+                front = gap % self.network.size_multiple
+            mirrored = self._predict_crop(np.ascontiguousarray(crop[..., ::-1]), front)
+            result += mirrored[..., ::-1]
+            result *= 0.5
+        result[:, crop == Label.BACKGROUND] = -1.0
+        return result if self.axis_order.is_identity else np.ascontiguousarray(self.axis_order.to_stored(result))
+
+    def _predict_crop(self, crop: np.ndarray, front: int = 0) -> np.ndarray:
+        """The network's (4, *crop size) output on a crop in the training order, padded with background at its
+        end to the size multiple (and by ``front`` voxels before its last axis) and cropped back (float32; a
+        view of the padded output)."""
         multiple = self.network.size_multiple
-        pads = [(0, (-s) % multiple) for s in crop.shape]
+        pads = [(0, (-s) % multiple) for s in crop.shape[:2]] + [(front, (-(crop.shape[2] + front)) % multiple)]
         padded = np.pad(crop, pads, constant_values=Label.BACKGROUND)
         onehot = one_hot(torch.from_numpy(padded)[None], NUM_CLASSES, dtype=self.input_dtype,
                          channels_last=True)
         result = self._predict_with_fallback(onehot)
-        result = result[0, :, : crop.shape[0], : crop.shape[1], : crop.shape[2]].cpu().numpy()
-        result[:, crop == Label.BACKGROUND] = -1.0
-        return result if self.axis_order.is_identity else np.ascontiguousarray(self.axis_order.to_stored(result))
+        return result[0, :, : crop.shape[0], : crop.shape[1], front: front + crop.shape[2]].cpu().numpy()
 
     def predict_condition(self, condition: torch.Tensor, keep_layout: bool = False) -> torch.Tensor:
         """The network on a prepared (B, C, *spatial) condition whose sizes are multiples of the network's

@@ -43,7 +43,16 @@ class SynthesisEngine:
     """A loaded model on a device: synthesises whole label maps and re-renders edited regions."""
 
     def __init__(self, model: ModelCard, device: str = "auto", precision: str = "auto",
-                 log: Callable[[str], None] = lambda message: None) -> None:
+                 log: Callable[[str], None] = lambda message: None, *, mirror_average: bool = True) -> None:
+        """Load ``model`` onto a device.
+
+        Args:
+            model: a synthesis model (an inpainting model is refused).
+            device, precision: where and how the network runs (``auto``: the fastest available).
+            log: receives one-line notices (fallbacks).
+            mirror_average: average the network's pass with its pass on the left-right mirrored label map (one
+                more forward pass; held-out gain: model card, "Mirror average").
+        """
         import torch
 
         from .inference import Synthesizer, pick_device, pick_precision
@@ -59,7 +68,7 @@ class SynthesisEngine:
             raise InputError(model.path, f"model {model.name} is an inpainting model: it re-renders a region of a "
                                          "real case (give --context CASE_DIR), it cannot synthesise a whole case")
         self.synth = Synthesizer(load_generator(model, "cpu"), self.network, dev, pick_precision(precision, dev),
-                                 log=log)
+                                 log=log, mirror_average=mirror_average)
         if self.synth.precision == "bf16" and dev.type == "cpu" and self.network.kind == "unet":
             # This engine owns its generator: hold the weights in bf16.  Under autocast alone every call
             # converts them again; the outputs are the same bit for bit (tested).  Measured on 2 loaded
@@ -123,6 +132,7 @@ class SynthesisEngine:
         provenance = case_provenance(self.model, labelmap, privacy_of(labelmap), seed=seed, device=self.device,
                                      precision=self.synth.precision)
         provenance["seed_effective"] = self.seed_effective
+        provenance["mirror_average"] = self.synth.mirror_average
         if self.synth.style is not None:  # the exact code: the case can be made again from its record
             provenance["appearance_code"] = [float(v) for v in self.synth.style[0]]
         provenance["timings_s"] = {"load_model": round(self.load_seconds, 3), "network": round(network_seconds, 3),
@@ -202,7 +212,7 @@ class SynthesisEngine:
         hi = np.minimum(lo + -(-(hi - lo) // multiple) * multiple, last)
         lo, hi = np.where(reversed_axes, mirror - hi, lo), np.where(reversed_axes, mirror - lo, hi)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        region = self.synth.predict_region(labels, box)
+        region = self.synth.predict_region(labels, box, lattice=brain)
         # No feathering at faces on the brain box: the full synthesis has no context there either.
         weight = _feather(tuple(int(b - a) for a, b in zip(lo, hi)), lo - first, hi - first,
                           tuple(int(v) for v in last - first), margin // 2)
