@@ -1206,11 +1206,13 @@ def console_main() -> None:
     imports MedSynth and torch: 2.2 s with a normal exit, 1.5 s with ``os._exit``)
     and does nothing those commands need: their outputs are already complete.
     """
-    from .synthesis.runtime import avoid_hugepage_stalls
+    from .synthesis.runtime import avoid_hugepage_stalls, keep_freed_memory
 
     avoid_hugepage_stalls()  # a process-wide setting: only in MedSynth's own process, not in main()
     _terminate_as_cancel()
     argv = sys.argv[1:]
+    if argv and argv[0] in _FAST_EXIT_COMMANDS:
+        keep_freed_memory()  # one synthesis, then exit: no memory to give back before the end
     status = main(argv)  # synthesize and demo are the first word: no tumour shorthand to normalise
     if argv and argv[0] in _FAST_EXIT_COMMANDS:
         sys.stdout.flush()

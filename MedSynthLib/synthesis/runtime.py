@@ -6,6 +6,7 @@ Never called on import: a host application (3D Slicer) keeps its own settings.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def avoid_hugepage_stalls() -> bool:
@@ -30,3 +31,29 @@ def avoid_hugepage_stalls() -> bool:
             return False
     _set_madvise_hugepage(False)
     return True
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc serve every allocation from its heap and keep freed memory for the next one.
+
+    For a short-lived process that runs the network a few times (``medsynth synthesize``: the pass and its mirrored
+    pass).  By default every block over 32 MB (the network's activations) is mapped on allocation and unmapped when
+    freed, so each pass faults its pages in again.  Measured on the development machine (2 cores, the default model
+    with the mirror average, BraTS2021_00000): network 1.03-1.07 s -> 0.90 s, ``medsynth synthesize`` about 0.3 s
+    faster end to end, peak memory 0.93-0.96 -> 1.11-1.13 GB.  Not for long-running processes (their memory would
+    stay at its high-water mark).  An explicit ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` is respected;
+    elsewhere than Linux with glibc nothing changes.
+
+    Returns:
+        whether the setting was changed.
+    """
+    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
