@@ -39,8 +39,8 @@ def keep_freed_memory() -> bool:
     For a short-lived process that runs the network a few times (``medsynth synthesize``: the pass and its mirrored
     pass).  By default every block over 32 MB (the network's activations) is mapped on allocation and unmapped when
     freed, so each pass faults its pages in again.  Measured on the development machine (2 cores, the default model
-    with the mirror average, BraTS2021_00000): network 1.03-1.07 s -> 0.90 s, ``medsynth synthesize`` about 0.3 s
-    faster end to end, peak memory 0.93-0.96 -> 1.11-1.13 GB.  Not for long-running processes (their memory would
+    with the mirror average, BraTS2021_00000, ``benchmarks/bench_synthesis.py``): ``medsynth synthesize`` 2.76 s ->
+    2.46-2.58 s end to end, peak memory 0.91 -> 1.03-1.05 GB.  Not for long-running processes (their memory would
     stay at its high-water mark).  An explicit ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` is respected;
     elsewhere than Linux with glibc nothing changes.
 
