@@ -448,6 +448,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         step("template label map")
         labelmap = ParametricTumour(**DEMO_TUMOUR)(canvas)  # type: ignore[arg-type]
         step("tumour")
+        _keep_freed_memory_for(labelmap)
         engine = SynthesisEngine(model, args.device, args.precision, log=_notice)
         result = engine.synthesize(labelmap, seed=0)
         step("synthesised")
@@ -562,6 +563,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     check_writable([args.output], args.overwrite, inputs=label_map_inputs(args.labels))
     with _progress(3, "synthesize") as step:
         labelmap = read_label_map(args.labels)
+        _keep_freed_memory_for(labelmap)
         model = resolve_model(args.model)
         engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average)
         step("model loaded")
@@ -1184,6 +1186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Commands whose every output is complete (written atomically, files closed) when main() returns.
 _FAST_EXIT_COMMANDS = {"synthesize", "demo"}
+#: Set by the ``medsynth`` program for those commands: the process is MedSynth's own and ends after one synthesis, so
+#: it may keep freed memory (``runtime.keep_freed_memory``); never in a host that calls :func:`main`.
+_OWN_SHORT_PROCESS = False
+
+
+def _keep_freed_memory_for(labelmap: Any) -> None:
+    if _OWN_SHORT_PROCESS:
+        from .synthesis.runtime import keep_freed_memory
+
+        keep_freed_memory(int(labelmap.array.size))
 
 
 def _terminate_as_cancel() -> None:
@@ -1206,13 +1218,13 @@ def console_main() -> None:
     imports MedSynth and torch: 2.2 s with a normal exit, 1.5 s with ``os._exit``)
     and does nothing those commands need: their outputs are already complete.
     """
-    from .synthesis.runtime import avoid_hugepage_stalls, keep_freed_memory
+    from .synthesis.runtime import avoid_hugepage_stalls
 
     avoid_hugepage_stalls()  # a process-wide setting: only in MedSynth's own process, not in main()
     _terminate_as_cancel()
     argv = sys.argv[1:]
-    if argv and argv[0] in _FAST_EXIT_COMMANDS:
-        keep_freed_memory()  # one synthesis, then exit: no memory to give back before the end
+    global _OWN_SHORT_PROCESS
+    _OWN_SHORT_PROCESS = bool(argv) and argv[0] in _FAST_EXIT_COMMANDS
     status = main(argv)  # synthesize and demo are the first word: no tumour shorthand to normalise
     if argv and argv[0] in _FAST_EXIT_COMMANDS:
         sys.stdout.flush()

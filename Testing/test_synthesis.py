@@ -931,7 +931,7 @@ _FREED_MEMORY_PROBE = """
 import os, sys
 import numpy as np
 from MedSynthLib.synthesis.runtime import keep_freed_memory
-changed = keep_freed_memory() if sys.argv[1] == "keep" else False
+changed = keep_freed_memory(int(sys.argv[1])) if sys.argv[1] != "plain" else False
 def rss_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
 before = rss_mb()
@@ -945,7 +945,8 @@ print(changed, round(rss_mb() - before))
 def test_keep_freed_memory_keeps_a_freed_block_for_the_next_pass() -> None:
     """The synthesize command's process keeps freed memory: a second network pass (the mirror average) reuses the
     first pass's pages instead of faulting new ones in.  Without the setting a large freed block goes back to the
-    kernel at once; with it, it stays; an explicit MALLOC_MMAP_MAX_ is the user's choice and is left alone."""
+    kernel at once; with it, it stays; not for a grid whose synthesis would then exceed the memory budget; an
+    explicit MALLOC_MMAP_MAX_ is the user's choice and is left alone."""
     import os
     import subprocess
     import sys
@@ -956,10 +957,20 @@ def test_keep_freed_memory_keeps_a_freed_block_for_the_next_pass() -> None:
         changed, kept = done.stdout.split()
         return changed, int(kept)
 
+    from MedSynthLib.schema.budget import SYNTHESIS_FIXED_BYTES
+    from MedSynthLib.synthesis.runtime import KEEP_FREED_BYTES_PER_VOXEL
+
     assert run("plain")[1] < 50
-    changed, kept = run("keep")
+    brats = str(240 * 240 * 155)
+    changed, kept = run(brats)
     assert changed == "True" and kept > 150
-    changed, kept = run("keep", MALLOC_MMAP_MAX_="65536")
+    changed, kept = run(brats, MALLOC_MMAP_MAX_="65536")
+    assert changed == "False" and kept < 50
+    # The budget: 3.5 GiB holds a BraTS grid's synthesis with the heap's fragments, not a 256^3 one.
+    fits = int(3.5 * (1 << 30)) - SYNTHESIS_FIXED_BYTES
+    assert 240 * 240 * 155 * KEEP_FREED_BYTES_PER_VOXEL <= fits < 256 ** 3 * KEEP_FREED_BYTES_PER_VOXEL
+    assert run(brats, MEDSYNTH_MEMORY_BUDGET_GB="3.5")[0] == "True"
+    changed, kept = run(str(256 ** 3), MEDSYNTH_MEMORY_BUDGET_GB="3.5")
     assert changed == "False" and kept < 50
 
 

@@ -99,11 +99,11 @@ def end_to_end(labels: Path, model: Path, out: Path, env: dict[str, str],
 # ru_maxrss cannot be used: Linux carries the parent's peak (this process, after the large reference
 # forward) into a forked child across exec, so it would report the parent's memory.
 _MEMORY_PROBE = ("import sys\n"
-                 "from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls, keep_freed_memory\n"
+                 "from MedSynthLib.synthesis.runtime import avoid_hugepage_stalls\n"
                  "avoid_hugepage_stalls()  # as the medsynth program does\n"
-                 "keep_freed_memory()  # as it does for synthesize\n"
-                 "from MedSynthLib.cli import main\n"
-                 "status = main(['synthesize'] + sys.argv[1:])\n"
+                 "import MedSynthLib.cli as cli\n"
+                 "cli._OWN_SHORT_PROCESS = True  # as the medsynth program sets it for synthesize\n"
+                 "status = cli.main(['synthesize'] + sys.argv[1:])\n"
                  "print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')).split()[1])\n"
                  "sys.exit(status)\n")
 
