@@ -22,7 +22,9 @@ DEFAULT_BUDGET_GB = 8.0
 # resident, of which 0.36 GB is the process with the model loaded: 68-87 bytes per voxel; in fp32 the
 # 192^3 whole box peaks at 1.11 GB, 107 bytes per voxel.  The SPADE default of sessions 30-34 (medsynth-spade27-ssim,
 # the network of medsynth-spade27-cpu and of the default since), synthesis alone: 192^3 0.91 GB bf16 / 1.06 GB fp32
-# (78-98 bytes per voxel).  Rounded up to keep a margin.
+# (78-98 bytes per voxel); with the mirror average of session 37, the medsynth synthesize process: 192^3 1.00 GB,
+# 256^3 1.68 GB (79-92).  Rounded up to keep a margin.  (Where it keeps freed memory, runtime.keep_freed_memory
+# checks its own, larger cost against the budget.)
 SYNTHESIS_BYTES_PER_VOXEL = 128
 # The fixed part: interpreter, torch and the model (0.36 GB measured), with a margin.
 SYNTHESIS_FIXED_BYTES = 1 << 30
