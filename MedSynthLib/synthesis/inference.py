@@ -121,7 +121,7 @@ class Synthesizer:
         axis_order: how the label maps given are stored (:class:`AxisOrder`); the network runs in its training order.
         mirror_average: average each output with the network's pass on the left-right mirrored label map, mirrored
             back (the models train with left-right flips; one more forward pass; held-out gain: model card,
-            "Mirror average").
+            "The mirror average").
     """
 
     generator: torch.nn.Module

@@ -51,7 +51,7 @@ class SynthesisEngine:
             device, precision: where and how the network runs (``auto``: the fastest available).
             log: receives one-line notices (fallbacks).
             mirror_average: average the network's pass with its pass on the left-right mirrored label map (one
-                more forward pass; held-out gain: model card, "Mirror average").
+                more forward pass; held-out gain: model card, "The mirror average").
         """
         import torch
 
