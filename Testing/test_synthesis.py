@@ -941,7 +941,8 @@ print(changed, round(rss_mb() - before))
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="reads VmRSS from /proc and sets glibc's malloc options (Linux with glibc)")
 def test_keep_freed_memory_keeps_a_freed_block_for_the_next_pass() -> None:
     """The synthesize command's process keeps freed memory: a second network pass (the mirror average) reuses the
     first pass's pages instead of faulting new ones in.  Without the setting a large freed block goes back to the
