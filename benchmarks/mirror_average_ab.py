@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from synthesis_cv import _cached_labels  # noqa: E402
+from synthesis_cv_pooled import fidelity_summary  # noqa: E402
 
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
 from MedSynthLib.evaluation.evaluate import real_brain_mask  # noqa: E402
@@ -58,10 +59,7 @@ def score_case(case: Any, labels: np.ndarray, engines: dict[str, SynthesisEngine
         scores = {m: fidelity(case.images[m], images[m], brain, regions) for m in MODALITIES}
         rules = [r for r in check_contrast_rules(images, labels, brain) if r["passed"] is not None]
         out[arm] = {
-            "brain_ssim": float(np.mean([scores[m]["brain"]["ssim"] for m in MODALITIES])),
-            "brain_psnr": float(np.mean([scores[m]["brain"]["psnr"] for m in MODALITIES])),
-            "tumour_ssim": float(np.mean([scores[m]["tumour"]["ssim"] for m in MODALITIES if "tumour" in scores[m]])),
-            **{f"{m}_ssim": scores[m]["brain"]["ssim"] for m in MODALITIES},
+            **fidelity_summary(scores),
             "rules_passed": sum(bool(r["passed"]) for r in rules), "rules_checked": len(rules),
             "checkerboard_ratio": {m: checkerboard_ratio_to(real_power[m], images[m], brain) for m in MODALITIES},
         }
