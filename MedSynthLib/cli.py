@@ -1226,7 +1226,7 @@ def console_main() -> None:
     global _OWN_SHORT_PROCESS
     _OWN_SHORT_PROCESS = bool(argv) and argv[0] in _FAST_EXIT_COMMANDS
     status = main(argv)  # synthesize and demo are the first word: no tumour shorthand to normalise
-    if argv and argv[0] in _FAST_EXIT_COMMANDS:
+    if _OWN_SHORT_PROCESS:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
