@@ -47,7 +47,7 @@ def brain_ssim(real: np.ndarray, image: np.ndarray, brain: np.ndarray) -> float:
     return float(fidelity(real, image.astype(np.float32), brain, {})["brain"]["ssim"])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import torch
     from scipy import ndimage
 
@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, required=True, help="training cache (the label maps)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     held = json.loads(args.config.read_text())["cv_folds"][args.fold][: args.max_cases]
@@ -69,7 +69,7 @@ def main() -> int:
     rows = []
     for name in held:
         case = read_case(folders[name], require_segmentation=True)
-        labels = _cached_labels(folders[name], args.cache, "tissue_zscore")
+        labels = _cached_labels(case, folders[name], args.cache, "tissue_zscore")
         images = engine.synthesize(LabelMap(labels, case.grid)).images
         brain = real_brain_mask(case.images)
         row = {"case": name, "model": {m: brain_ssim(case.images[m], images[m], brain) for m in MODALITIES}}
