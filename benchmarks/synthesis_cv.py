@@ -37,7 +37,7 @@ from MedSynthLib.evaluation.evaluate import evaluate, in_patient_frame, spread_t
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
 from MedSynthLib.schema.labels import tumour_mask  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
-from MedSynthLib.synthesis.normalize import zscore  # noqa: E402
+from MedSynthLib.synthesis.normalize import normalization_of, reference_tissue, zscore  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 from MedSynthLib.training.data import find_case_folders  # noqa: E402
 
@@ -59,13 +59,22 @@ def _cached_labels(case: Any, folder: Path, cache_dir: Path | None, normalizatio
     return labels
 
 
-def synthesis_in_patient_frame(case: Any, labels: np.ndarray, engine: Any, brain: np.ndarray) -> dict[str, np.ndarray]:
+def synthesis_in_patient_frame(case: Any, labels: np.ndarray, engine: Any,
+                               brain: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
     """The engine's synthesis of ``labels`` placed in the patient's frame: its network output mapped to the case's
     scanner units by the case's own normaliser, then z-scored with the real image's brain mean and spread (as
-    ``evaluate``'s class signal), so real and synthetic rows share one scale."""
+    ``evaluate``'s class signal), so real and synthetic rows share one scale.
+
+    Returns the images and whether they are in that frame: a label map without the tissue the model's normaliser
+    is fitted on (e.g. no grey or white matter for the tissue z-score) gives the case no normaliser, and the
+    synthetic images are then z-scored on their own, as ``evaluate`` reports such a case.
+    """
     result = engine.synthesize(LabelMap(labels, case.grid))
+    kinds = {normalization_of(engine.model.normalizers[m]) for m in engine.model.modalities}
+    if not all(reference_tissue(labels, kind).any() for kind in kinds):
+        return {m: zscore(np.asarray(result.images[m], np.float32), brain) for m in engine.model.modalities}, False
     placed = in_patient_frame(case.images, result.normalized, engine.model.modalities, engine.model.normalizers, labels)
-    return {m: zscore(image, brain, reference=case.images[m]) for m, image in placed.items()}
+    return {m: zscore(image, brain, reference=case.images[m]) for m, image in placed.items()}, True
 
 
 def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[str, Any]], path: Path) -> None:
@@ -79,7 +88,8 @@ def _montage(case: Any, case_dir: Path, labels: np.ndarray, engines: list[tuple[
     k = int(np.argmax(tumour.sum(axis=(1, 2)))) if tumour.any() else labels.shape[0] // 2
     rows = [("real", {m: zscore(np.asarray(case.images[m], np.float32), brain) for m in MODALITIES})]
     for name, engine in engines:
-        rows.append((name, synthesis_in_patient_frame(case, labels, engine, brain)))
+        images, in_frame = synthesis_in_patient_frame(case, labels, engine, brain)
+        rows.append((name if in_frame else f"{name}\n(own z-score: no\npatient frame)", images))
     fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)))
     for r, (name, images) in enumerate(rows):
         for c, m in enumerate(MODALITIES):
