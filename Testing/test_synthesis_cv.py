@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,8 @@ from MedSynthLib.synthesis.models import resolve_model, write_model
 from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
 from MedSynthLib.synthesis.synthesize import SynthesisEngine
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCHMARKS))
-_SPEC = importlib.util.spec_from_file_location("synthesis_cv", _BENCHMARKS / "synthesis_cv.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "synthesis_cv", Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_cv.py")
 cv = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(cv)
 
