@@ -1027,3 +1027,53 @@ def test_a_training_start_hashes_each_case_once(brats_data: Path, four_step_run:
     run = rewind(copy_run(four_step_run, tmp_path / "run"))
     assert main(resume_args(brats_data, run)) == 0
     assert sorted(hashed) == sorted(CASE_IDS)
+
+
+def test_gradient_clipping_bounds_the_norm_and_reports_it_before_clipping() -> None:
+    from MedSynthLib.training.train import _clip_gradients
+
+    network = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.Adam(network.parameters())
+    for p in network.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    before = float(torch.sqrt(sum((p.grad ** 2).sum() for p in network.parameters())))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # as training runs bf16 and fp32: no loss scale
+    assert _clip_gradients(scaler, optimizer, network, 5.0) == pytest.approx(before)
+    after = float(torch.sqrt(sum((p.grad ** 2).sum() for p in network.parameters())))
+    assert after == pytest.approx(5.0, rel=1e-4)
+    # A norm below the bound is left as it is.
+    assert _clip_gradients(scaler, optimizer, network, 50.0) == pytest.approx(5.0, rel=1e-4)
+    assert float(torch.sqrt(sum((p.grad ** 2).sum() for p in network.parameters()))) == pytest.approx(after)
+
+
+def test_a_run_with_grad_clip_clips_both_networks_every_step_and_logs_their_norms(
+        brats_data: Path, tmp_path: Path, monkeypatch) -> None:
+    import MedSynthLib.training.train as train_module
+
+    calls: list[tuple[int, float]] = []
+    original = train_module._clip_gradients
+
+    def recording(scaler, optimizer, network, max_norm):
+        calls.append((sum(p.numel() for p in network.parameters()), max_norm))
+        return original(scaler, optimizer, network, max_norm)
+
+    monkeypatch.setattr(train_module, "_clip_gradients", recording)
+    run = tmp_path / "run"
+    train_here(brats_data, run, write_config(tmp_path / "clip.json", steps=2, checkpoint_every=2, val_every=1000,
+                                             grad_clip=0.5))
+    assert json.loads((run / "train_config.json").read_text())["config"]["grad_clip"] == 0.5
+    sizes = sorted({size for size, _ in calls})
+    assert len(calls) == 4 and len(sizes) == 2 and {bound for _, bound in calls} == {0.5}  # G and D, 2 steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for name in ("grad_norm/generator", "grad_norm/discriminator"):
+        assert [e.step for e in events.Scalars(name)] == [1, 2] and all(e.value > 0 for e in events.Scalars(name))
+    # Off by default: the recipes of the shipped models never clip.
+    calls.clear()
+    train_here(brats_data, tmp_path / "plain", write_config(tmp_path / "plain.json", steps=2, checkpoint_every=2,
+                                                            val_every=1000))
+    assert calls == []
+    with pytest.raises(InputError, match="grad_clip"):
+        TrainConfig.from_json(dict(MICRO, grad_clip=-1.0), "cfg.json")

@@ -55,6 +55,11 @@ class TrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     lr_decay_fraction: float = 0.5  # pix2pix: constant, then linear decay to 0 over this last fraction
+    # Largest gradient norm of each network per step (torch.nn.utils.clip_grad_norm_; 0: no clipping, the recipe
+    # of every model before session 38). The 6,000-step recipe run for 12,000 steps blew up within two steps
+    # near step 6,700 at its full learning rate (docs/model_card.md); with clipping on, each network's norm
+    # before clipping is logged.
+    grad_clip: float = 0.0
     lambda_l1: float = 100.0
     # Where the L1 term counts: "patch" (every voxel, background target included) or "brain" (the label
     # map's brain only; the background of the output is replaced by the real one before the discriminator
@@ -265,7 +270,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
     for name in ("lr_decay_fraction", "tumour_fraction", "inpaint_tumour_fraction"):
         check_range(source, name, getattr(config, name), 0, 1)
     for name in ("lambda_l1", "lambda_ssim", "lambda_floor", "lambda_class_level", "rotate_deg", "scale", "intensity",
-                 "divergence_window"):
+                 "divergence_window", "grad_clip"):
         check_range(source, name, getattr(config, name), 0)
     if config.ssim_interior and config.lambda_ssim == 0:
         raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
@@ -449,6 +454,13 @@ def _least_squares() -> nn.Module:
     from monai.losses import PatchAdversarialLoss
 
     return PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+
+
+def _clip_gradients(scaler: Any, optimizer: torch.optim.Optimizer, network: nn.Module, max_norm: float) -> float:
+    """Clips ``network``'s gradients to ``max_norm`` in place (after undoing the loss scale, if any) and returns
+    their norm before clipping."""
+    scaler.unscale_(optimizer)
+    return float(torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm))
 
 
 def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -723,6 +735,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 n = cond.shape[0]
                 loss_d = discriminator_loss(config.adversarial, scores[:n], scores[n:])
                 scaler.scale(loss_d).backward()
+                if config.grad_clip > 0:
+                    logs["grad_norm/discriminator"] = _clip_gradients(scaler, opt_d, discriminator, config.grad_clip)
                 scaler.step(opt_d)
                 logs["loss/discriminator"] = loss_d.item()
             opt_g.zero_grad(set_to_none=True)
@@ -761,6 +775,8 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 raise MedSynthError(f"{run_dir}: the generator loss became {float(loss_g)} at step {step + 1}; "
                                     "the run stops here (try --precision fp32 or a lower lr) and exports nothing")
             scaler.scale(loss_g).backward()
+            if config.grad_clip > 0:
+                logs["grad_norm/generator"] = _clip_gradients(scaler, opt_g, generator, config.grad_clip)
             scaler.step(opt_g)
             scaler.update()
             for scheduler in schedulers:
