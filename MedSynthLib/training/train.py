@@ -56,9 +56,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     lr_decay_fraction: float = 0.5  # pix2pix: constant, then linear decay to 0 over this last fraction
     # Largest gradient norm of each network per step (torch.nn.utils.clip_grad_norm_; 0: no clipping, the recipe
-    # of every model before session 38). The 6,000-step recipe run for 12,000 steps blew up within two steps
-    # near step 6,700 at its full learning rate (docs/model_card.md); with clipping on, each network's norm
-    # before clipping is logged.
+    # of every model before session 38). The 6,000-step start recipe run for 12,000 steps blew up within three
+    # steps near step 6,700, still near its full learning rate, after one large generator gradient; clipping at
+    # 100 held that step (docs/model_card.md, "Training longer"). With clipping on, each network's norm before
+    # clipping is logged.
     grad_clip: float = 0.0
     lambda_l1: float = 100.0
     # Where the L1 term counts: "patch" (every voxel, background target included) or "brain" (the label
