@@ -33,11 +33,12 @@ sys.path.insert(0, str(REPO))
 
 from MedSynthLib.cases.anatomy import derive_label_map  # noqa: E402
 from MedSynthLib.cases.readers import MODALITIES, read_case  # noqa: E402
-from MedSynthLib.evaluation.evaluate import evaluate, in_patient_frame, spread_text  # noqa: E402
+from MedSynthLib.evaluation.evaluate import (evaluate, frame_without_reference, in_patient_frame,  # noqa: E402
+                                              spread_text)
 from MedSynthLib.schema.grid import LabelMap  # noqa: E402
 from MedSynthLib.schema.labels import tumour_mask  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
-from MedSynthLib.synthesis.normalize import normalization_of, reference_tissue, zscore  # noqa: E402
+from MedSynthLib.synthesis.normalize import zscore  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 from MedSynthLib.training.data import find_case_folders  # noqa: E402
 
@@ -70,8 +71,7 @@ def synthesis_in_patient_frame(case: Any, labels: np.ndarray, engine: Any,
     synthetic images are then z-scored on their own, as ``evaluate`` reports such a case.
     """
     result = engine.synthesize(LabelMap(labels, case.grid))
-    kinds = {normalization_of(engine.model.normalizers[m]) for m in engine.model.modalities}
-    if not all(reference_tissue(labels, kind).any() for kind in kinds):
+    if frame_without_reference(labels, engine.model.modalities, engine.model.normalizers):
         return {m: zscore(np.asarray(result.images[m], np.float32), brain) for m in engine.model.modalities}, False
     placed = in_patient_frame(case.images, result.normalized, engine.model.modalities, engine.model.normalizers, labels)
     return {m: zscore(image, brain, reference=case.images[m]) for m, image in placed.items()}, True

@@ -92,6 +92,15 @@ def named_class_medians(image: np.ndarray, labels: np.ndarray, brain: np.ndarray
             for value, z in sorted(class_medians(image, labels, brain, frame=frame).items())}
 
 
+def frame_without_reference(labels: np.ndarray, modalities: tuple[str, ...],
+                            model_normalizers: dict[str, Any]) -> str | None:
+    """The first normalisation kind of the model's contrasts whose reference tissue the label map lacks (e.g. no
+    grey or white matter for the tissue z-score): the case then has no normaliser of that kind, so no patient's
+    frame (:func:`in_patient_frame`); ``None`` where every kind has its tissue."""
+    kinds = {normalization_of(model_normalizers[m]) for m in modalities}
+    return next((kind for kind in sorted(kinds) if not reference_tissue(labels, kind).any()), None)
+
+
 def in_patient_frame(real: dict[str, np.ndarray], normalized: np.ndarray, modalities: tuple[str, ...],
                      model_normalizers: dict[str, Any], labels: np.ndarray) -> dict[str, np.ndarray]:
     """The network's output mapped to the real case's scanner units by the case's own normaliser, of the model's
@@ -123,10 +132,9 @@ def class_signal(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray], 
         model_normalizers: the model's, per modality (their kind says how a case is normalised).
         real_medians: the real images' class medians (:func:`named_class_medians`), computed once per case.
     """
-    kinds = {normalization_of(model_normalizers[m]) for m in modalities}
-    # The case's own normaliser fixes the frame; without its reference tissue (e.g. no grey or white matter for
-    # the tissue z-score) the case has none, and only the own-z-score medians are reported.
-    undefined = next((kind for kind in sorted(kinds) if not reference_tissue(labels, kind).any()), None)
+    # The case's own normaliser fixes the frame; without its reference tissue the case has none, and only the
+    # own-z-score medians are reported.
+    undefined = frame_without_reference(labels, modalities, model_normalizers)
     placed_images = {} if undefined else in_patient_frame(real, normalized, modalities, model_normalizers, labels)
     out: dict[str, Any] = {}
     for m in modalities:
