@@ -75,10 +75,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         b = [r["one_pass"][key] for r in rows]
         out[key] = {"mirror_average": float(np.mean(a)), "one_pass": float(np.mean(b)), **paired_comparison(a, b)}
     for arm in ARMS:
-        out[f"rules_{arm}"] = [sum(r[arm]["rules_passed"] for r in rows), sum(r[arm]["rules_checked"] for r in rows)]
-        out[f"checkerboard_{arm}"] = {m: float(np.median([r[arm]["checkerboard_ratio"][m] for r in rows]))
-                                      for m in MODALITIES}
+        out[f"rules_{arm}"], out[f"checkerboard_{arm}"] = arm_checks(rows, arm)
     return out
+
+
+def arm_checks(rows: list[dict[str, Any]], arm: str) -> tuple[list[int], dict[str, float]]:
+    """One arm over the rows: contrast rules [passed, checked] and each contrast's median checkerboard ratio."""
+    rules = [sum(r[arm]["rules_passed"] for r in rows), sum(r[arm]["rules_checked"] for r in rows)]
+    return rules, {m: float(np.median([r[arm]["checkerboard_ratio"][m] for r in rows])) for m in MODALITIES}
 
 
 def main() -> int:

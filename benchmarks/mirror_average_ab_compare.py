@@ -25,6 +25,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from mirror_average_ab import arm_checks  # noqa: E402
 
 from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
@@ -60,12 +63,8 @@ def compare(new: dict[tuple[int, str], dict[str, Any]],
             a = [new[k][arm][score] for k in keys]
             b = [reference[k][arm][score] for k in keys]
             per_score[score] = {"new": float(np.mean(a)), "reference": float(np.mean(b)), **paired_comparison(a, b)}
-        out[arm] = {
-            "scores": per_score,
-            "rules": [sum(new[k][arm]["rules_passed"] for k in keys), sum(new[k][arm]["rules_checked"] for k in keys)],
-            "checkerboard_median": {m: float(np.median([new[k][arm]["checkerboard_ratio"][m] for k in keys]))
-                                    for m in MODALITIES},
-        }
+        rules, checkerboard = arm_checks([new[k] for k in keys], arm)
+        out[arm] = {"scores": per_score, "rules": rules, "checkerboard_median": checkerboard}
     return out
 
 
