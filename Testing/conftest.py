@@ -221,3 +221,18 @@ def phantom(shape=(40, 48, 44), seed: int = 0) -> tuple[dict[str, np.ndarray], n
         "flair": np.where(seg == 2, 1400, np.where(brain, 1200 - t1 * 0.5, 0)).astype(np.int16),
     }
     return images, seg
+
+
+def write_random_model(folder: Path, intensity: dict, seed: int) -> Path:
+    """A verified model folder holding a tiny generator with random weights (channels (4, 8), one stride-2 level)
+    and the given per-contrast ``intensity`` normalisers: meaningless images, every path of a trained model's."""
+    import torch
+
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import Generator, NetworkConfig
+
+    torch.manual_seed(seed)
+    network = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
+    state = {k: v.detach().contiguous() for k, v in Generator(network).state_dict().items()}
+    return write_model(folder, state, {"name": folder.name, "description": "random weights for tests",
+                                       "network": network.to_json(), "intensity": intensity})

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import write_phantom_case
+from conftest import write_phantom_case, write_random_model
 from MedSynthLib.cases.readers import read_case
 from MedSynthLib.schema.labels import Label
-from MedSynthLib.synthesis.models import resolve_model, write_model
-from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
+from MedSynthLib.synthesis.models import resolve_model
+from MedSynthLib.synthesis.networks import MODALITY_ORDER
 from MedSynthLib.synthesis.synthesize import SynthesisEngine
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -25,13 +24,8 @@ _SPEC.loader.exec_module(cv)
 @pytest.fixture(scope="module")
 def tissue_zscore_engine(tmp_path_factory) -> SynthesisEngine:
     """A random-weight tiny model whose contrasts are normalised as the shipped models' are (tissue z-score)."""
-    torch.manual_seed(11)
-    network = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
-    state = {k: v.detach().contiguous() for k, v in Generator(network).state_dict().items()}
     intensity = {m: {"kind": "tissue_zscore", "mean": 600.0, "std": 150.0, "scale": 15.0} for m in MODALITY_ORDER}
-    folder = write_model(tmp_path_factory.mktemp("models") / "tiny_tz", state, {
-        "name": "tiny_tz", "description": "random weights for tests", "network": network.to_json(),
-        "intensity": intensity})
+    folder = write_random_model(tmp_path_factory.mktemp("models") / "tiny_tz", intensity, seed=11)
     return SynthesisEngine(resolve_model(folder), device="cpu", precision="fp32")
 
 

@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from conftest import PHANTOM_BRATS_IDS, training_cache_of
-from MedSynthLib.synthesis.models import write_model
-from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
+from conftest import PHANTOM_BRATS_IDS, training_cache_of, write_random_model
+from MedSynthLib.synthesis.networks import MODALITY_ORDER
 
 _SPEC = importlib.util.spec_from_file_location(
     "synthesis_smoothing_probe",
@@ -21,12 +19,7 @@ _SPEC.loader.exec_module(probe)
 
 
 def test_the_probe_scores_a_held_out_case_from_the_cached_label_map(phantom_brats, tmp_path, torch_threads) -> None:
-    torch.manual_seed(7)
-    network = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
-    state = {k: v.detach().contiguous() for k, v in Generator(network).state_dict().items()}
-    model = write_model(tmp_path / "tiny", state, {
-        "name": "tiny", "description": "random weights for tests", "network": network.to_json(),
-        "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}})
+    model = write_random_model(tmp_path / "tiny", {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=7)
     config = tmp_path / "folds.json"
     config.write_text(json.dumps({"cv_folds": [[PHANTOM_BRATS_IDS[1]], [PHANTOM_BRATS_IDS[0], PHANTOM_BRATS_IDS[2]]]}))
     out = tmp_path / "probe.json"
