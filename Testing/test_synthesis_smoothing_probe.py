@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,12 @@ def test_the_probe_scores_a_held_out_case_from_the_cached_label_map(phantom_brat
     config = tmp_path / "folds.json"
     config.write_text(json.dumps({"cv_folds": [[PHANTOM_BRATS_IDS[1]], [PHANTOM_BRATS_IDS[0], PHANTOM_BRATS_IDS[2]]]}))
     out = tmp_path / "probe.json"
-    assert probe.main(["--model", str(model), "--config", str(config), "--fold", "0", "--data", str(phantom_brats),
-                       "--cache", str(training_cache_of(phantom_brats)), "--json", str(out)]) == 0
+    argv = ["--model", str(model), "--config", str(config), "--fold", "0", "--data", str(phantom_brats),
+            "--cache", str(training_cache_of(phantom_brats)), "--json", str(out)]
+    assert probe.main(argv) == 0
     report = json.loads(out.read_text())
+    # The report records the arguments it was run with, not those of the process that called main().
+    assert shlex.split(report["command"]) == ["python", "benchmarks/synthesis_smoothing_probe.py", *argv]
     assert report["cases"] == [PHANTOM_BRATS_IDS[1]]
     summary = report["summary"]
     assert set(summary) == {"model", "model_smoothed_0.75", "model_smoothed_1.5", "real_smoothed_0.75",

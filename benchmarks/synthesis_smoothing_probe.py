@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k for k in rows[0] if k != "case"]
     summary = {k: {"mean": float(np.mean([np.mean(list(r[k].values())) for r in rows])),
                    **{m: float(np.mean([r[k][m] for r in rows])) for m in MODALITIES}} for k in keys}
-    report = {"command": " ".join(sys.argv), "model": {"name": engine.model.name, "sha256": engine.model.sha256},
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = shlex.join(["python", "benchmarks/synthesis_smoothing_probe.py", *arguments])
+    report = {"command": command, "model": {"name": engine.model.name, "sha256": engine.model.sha256},
               "cases": held, "summary": summary, "per_case": rows}
     print(json.dumps(summary, indent=1))
     if args.json:
