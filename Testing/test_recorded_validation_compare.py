@@ -59,3 +59,16 @@ def test_mismatched_folds_or_a_model_without_validation_are_refused(tmp_path: Pa
     (bare / "config.json").write_text(json.dumps({"name": "all cases"}))
     with pytest.raises(SystemExit, match="records no validation per case"):
         compare_module.compare([bare], [one])
+
+
+def test_a_model_folder_without_a_readable_config_is_named_in_one_line(tmp_path: Path) -> None:
+    one = _model(tmp_path / "a", [0.3])
+    unfinished = tmp_path / "still_training"
+    unfinished.mkdir()
+    with pytest.raises(SystemExit, match=r"still_training: no config\.json \(the run has not exported its model yet\?\)"):
+        compare_module.compare([unfinished], [one])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    with pytest.raises(SystemExit, match=r"broken/config\.json is not valid JSON"):
+        compare_module.compare([one], [broken])

@@ -37,7 +37,13 @@ from synthesis_cv_pooled import fidelity_summary  # noqa: E402
 
 def case_scores(model: Path) -> list[dict[str, float]]:
     """Per held-out case of one fold model, in the order its run scored them: the compared quantities."""
-    config = json.loads((Path(model) / "config.json").read_text())
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"{model}: no config.json (the run has not exported its model yet?)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{path} is not valid JSON: {error}") from None
     validation = config.get("validation") or {}
     if not validation.get("per_case"):
         raise SystemExit(f"{model}: its config.json records no validation per case (trained without held-out cases?)")
