@@ -1028,7 +1028,6 @@ def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
     assert max(at_floor.values()) <= 0.08, at_floor
 
 
-
 def test_the_outermost_layer_benchmark_measures_what_the_test_asserts(tmp_path: Path) -> None:
     """``benchmarks/outermost_layer_template.py`` (the card's numbers) counts the shares this file's tests assert."""
     import importlib.util
@@ -1045,6 +1044,7 @@ def test_the_outermost_layer_benchmark_measures_what_the_test_asserts(tmp_path: 
     assert report["mirror"]["rows"][0]["at_floor"] == at_floor
     assert report["sha256"] == resolve_model(None).sha256
     assert report["command"].endswith("--seeds 1 -o " + str(out))
+
 
 #: Per contrast, the share of a real outermost layer at or below the shipped model's floor, class by class (mean case
 #: of the 27 real cases), weighted as the template's outermost layer holds the classes (94 % CSF, 6 % grey matter):
