@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from MedSynthLib.evaluation.image_checks import (CONTRAST_RULES, check_contrast_rules, checkerboard_ratio, class_medians,
-                                                 nyquist_power, outermost_layer)
+                                                 layer_signal_shares, nyquist_power, outermost_layer)
 from MedSynthLib.schema.labels import Label
 
 # Real cases the rules are read on: the five BraTS 2021 cases (the 27-case table is in the model card,
@@ -159,3 +159,13 @@ def test_outermost_layer_is_the_brains_shell_one_voxel_thick() -> None:
     sheet = np.zeros((5, 5, 5), bool)
     sheet[2] = True
     assert np.array_equal(outermost_layer(sheet), sheet)
+
+
+def test_layer_signal_shares_count_the_layer_at_zero_and_at_or_below_each_floor() -> None:
+    layer = np.zeros((2, 5), bool)
+    layer[0] = True
+    t1 = np.array([[0.0, 0.0, 0.2, 0.5, 1.0], [0.0] * 5])  # outside the layer: not counted
+    flair = np.array([[0.1, 0.3, 0.3, 0.9, 2.0], [0.0] * 5])
+    zero, at_floor = layer_signal_shares({"t1": t1, "flair": flair}, layer, {"t1": 0.2, "flair": 0.3})
+    assert zero == {"t1": 0.4, "flair": 0.0}
+    assert at_floor == {"t1": 0.6, "flair": 0.6}

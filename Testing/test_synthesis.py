@@ -993,7 +993,7 @@ def _template_outermost_layer_shares(seeds) -> list[tuple[dict[str, float], dict
     """Per seed, the shares of the healthy template's outermost brain layer that the shipped model leaves at 0 and at
     or below its floor, per contrast; the floors must be above 0."""
     from MedSynthLib.cases.template import template_label_map
-    from MedSynthLib.evaluation.image_checks import outermost_layer
+    from MedSynthLib.evaluation.image_checks import layer_signal_shares, outermost_layer
 
     labelmap = template_label_map()
     card = resolve_model(None)
@@ -1004,8 +1004,7 @@ def _template_outermost_layer_shares(seeds) -> list[tuple[dict[str, float], dict
     shares = []
     for seed in seeds:
         images = engine.synthesize(labelmap, seed=seed).images
-        shares.append(({m: float(np.mean(image[rim] == 0)) for m, image in images.items()},
-                       {m: float(np.mean(image[rim] <= floors[m])) for m, image in images.items()}))
+        shares.append(layer_signal_shares(images, rim, floors))
     return shares
 
 

@@ -22,12 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from MedSynthLib.cases.template import template_label_map  # noqa: E402
-from MedSynthLib.evaluation.image_checks import outermost_layer  # noqa: E402
+from MedSynthLib.evaluation.image_checks import layer_signal_shares, outermost_layer  # noqa: E402
+from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
-
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
 def layer_shares(model: str | None, seeds: int) -> dict:
@@ -41,9 +40,8 @@ def layer_shares(model: str | None, seeds: int) -> dict:
         engine = SynthesisEngine(card, device="cpu", precision="auto", mirror_average=mirror)
         rows = []
         for seed in range(seeds):
-            images = engine.synthesize(labelmap, seed=seed).images
-            rows.append({"seed": seed, "zero": {m: float(np.mean(images[m][rim] == 0)) for m in MODALITIES},
-                         "at_floor": {m: float(np.mean(images[m][rim] <= floors[m])) for m in MODALITIES}})
+            zero, at_floor = layer_signal_shares(engine.synthesize(labelmap, seed=seed).images, rim, floors)
+            rows.append({"seed": seed, "zero": zero, "at_floor": at_floor})
         mean = {m: float(np.mean([r["at_floor"][m] for r in rows])) for m in MODALITIES}
         worst = max((r["at_floor"][m], r["seed"], m) for r in rows for m in MODALITIES)
         out[arm] = {"rows": rows, "mean_at_floor": mean, "worst": list(worst)}

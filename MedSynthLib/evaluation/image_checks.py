@@ -171,6 +171,17 @@ def outermost_layer(brain: np.ndarray) -> np.ndarray:
     return brain & ~ndimage.binary_erosion(brain)
 
 
+
+def layer_signal_shares(images: dict[str, np.ndarray], layer: np.ndarray,
+                        floors: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per contrast, the share of ``layer``'s voxels at 0 and the share at or below the contrast's floor.
+
+    With :func:`outermost_layer` this is how the model card and the tests count a dark brain border.
+    """
+    zero = {m: float(np.mean(image[layer] == 0)) for m, image in images.items()}
+    at_floor = {m: float(np.mean(image[layer] <= floors[m])) for m, image in images.items()}
+    return zero, at_floor
+
 def checkerboard_ratio(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> float:
     """Period-2 power of ``synthetic`` relative to ``real`` (1: the same; the target is at most 1.2)."""
     return checkerboard_ratio_to(nyquist_power(real, mask, sigma), synthetic, mask, sigma)
