@@ -30,7 +30,7 @@ from slicer.util import VTKObservationMixin
 
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError
 from MedSynthSlicerLib.mrml import ROLE_ATTRIBUTE, ROLE_LABELS
-from MedSynthSlicerLib.parameters import (DETECT_CONVENTION, DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS,
+from MedSynthSlicerLib.parameters import (APPEARANCE_SPREAD_RANGE, DETECT_CONVENTION, DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS,
                                           INSERT_LABEL_CONVENTIONS, LABEL_CONVENTIONS, PRECISIONS, GenerateOptions,
                                           TumourParameters, device_parameter, platform_devices)
 
@@ -142,6 +142,7 @@ class MedSynthParameterNode:
     device: Annotated[Device, Default(Device.AUTO)]
     precision: Annotated[str, Choice(list(PRECISIONS)), Default("auto")]
     synthesisSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
+    appearanceSpread: Annotated[float, WithinRange(*APPEARANCE_SPREAD_RANGE), Default(1.0)]
     # 5. review
     rating: Annotated[int, WithinRange(0, 5), Default(0)]
     reviewNote: str
@@ -444,7 +445,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _options(self) -> GenerateOptions:
         p = self._parameterNode
         return GenerateOptions(model=p.model.strip() or None, device=p.device.value, precision=p.precision,
-                               seed=int(p.synthesisSeed), inpaint=p.generateMode == GenerateMode.INPAINT,
+                               seed=int(p.synthesisSeed), appearance_spread=float(p.appearanceSpread),
+                               inpaint=p.generateMode == GenerateMode.INPAINT,
                                inpainting_model=p.inpaintingModel.strip() or None)
 
     def _isRealCase(self) -> bool:

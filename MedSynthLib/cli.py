@@ -112,6 +112,11 @@ def _number(value: float, name: str, low: float = 0.0, high: float = math.inf) -
     return value
 
 
+SPREAD_HELP = ("how far a seed's appearance reaches from the model's mean appearance, 0 to 2 (default 1: the "
+               "training cases' spread; 0: every seed the mean appearance; above 1: wider than the training cases, "
+               "for augmentation); recorded")
+
+
 def _add_case_options(parser: argparse.ArgumentParser) -> None:
     from .cases.readers import CASE_CONVENTIONS
     from .schema.labels import CONVENTIONS
@@ -550,10 +555,17 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
+    from .synthesis.appearance import check_appearance_spread
+
     if args.context is not None:
+        if args.appearance_spread is not None:  # inpainting keeps the patient's appearance: no code to draw
+            raise _UsageError("medsynth synthesize: --appearance-spread applies to whole synthetic cases, "
+                              "not with --context")
         return _synthesize_in_context(args)
     if args.old_labels is not None or args.region_margin is not None:
         raise _UsageError("medsynth synthesize: --old-labels and --region-margin apply with --context only")
+    spread = 1.0 if args.appearance_spread is None else check_appearance_spread(args.appearance_spread,
+                                                                                 "--appearance-spread")
     from .schema.labelmap import label_map_inputs, read_label_map
     from .synthesis.models import resolve_model
     from .synthesis.synthesize import SynthesisEngine, write_synthesis
@@ -565,7 +577,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         labelmap = read_label_map(args.labels)
         _keep_freed_memory_for(labelmap)
         model = resolve_model(args.model)
-        engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average)
+        engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average,
+                                 appearance_spread=spread)
         step("model loaded")
         result = engine.synthesize(labelmap, seed=args.seed)
         step("synthesised")
@@ -633,6 +646,7 @@ def _generate_card_command(args: argparse.Namespace) -> str:
     words += [f"--model {model}"] if model is not None else []
     words += [f"--layout {args.layout}", f"--dataset-id {args.dataset_id}", f"--name {args.name}", "-o OUT",
               f"--workers {args.workers}", f"--seed {args.seed}"]
+    words += [f"--appearance-spread {args.appearance_spread:g}"] if args.appearance_spread != 1.0 else []
     words += ["--anonymous"] if args.anonymous else []
     words += [f"--device {args.device}", f"--precision {args.precision}"]
     words += ["--cache DIR"] if args.cache is not None else []
@@ -646,7 +660,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = generate(GenerateOptions(
         n=args.n, output=args.output, labels_from=args.labels_from or [], template=args.template, edits=args.edits,
         model=args.model, layout=args.layout, dataset_id=args.dataset_id, name=args.name, workers=args.workers,
-        seed=args.seed, label_convention=args.label_convention, anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
+        seed=args.seed, appearance_spread=args.appearance_spread, label_convention=args.label_convention, anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
         overwrite=args.overwrite, progress=not args.quiet,
         command=command))
     state = "complete" if summary["finished"] else "this rank's share done"
@@ -901,6 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.add_argument("--seed", type=_seed, default=0,
                    help="draws the appearance of models with an appearance code (no effect on others); recorded")
+    p.add_argument("--appearance-spread", type=_finite_float, metavar="S", help=SPREAD_HELP)
     p.add_argument("--context", type=Path, metavar="CASE_DIR",
                    help="a real case folder: keep its images and re-render only the changed tumour region "
                         "(inpainting model; the output carries the patient's images and is not anonymous)")
@@ -933,6 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "output folder (resumed when it holds the same run)")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (one model copy each)")
     p.add_argument("--seed", type=int, default=0, help="case i draws from (seed, i)")
+    p.add_argument("--appearance-spread", type=_finite_float, default=1.0, metavar="S", help=SPREAD_HELP)
     p.add_argument("--anonymous", action="store_true",
                    help="only anonymous cases (a parametric tumour in the template brain; needs --template)")
     p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu, cuda, cuda:N or mps")

@@ -87,6 +87,30 @@ def test_a_seed_draws_one_code_and_the_codes_follow_the_prior() -> None:
     np.testing.assert_allclose(prior.code(5).numpy(), np.asarray(prior.mean) + eps @ prior.cholesky().T, rtol=1e-6)
 
 
+def test_the_spread_scales_the_draws_distance_from_the_mean() -> None:
+    prior = _prior()
+    mean = np.asarray(prior.mean)
+    for seed in (0, 5, 123):
+        base = prior.code(seed).double().numpy() - mean
+        for spread in (0.0, 0.5, 1.5, 2.0):
+            np.testing.assert_allclose(prior.code(seed, spread).double().numpy() - mean, spread * base, atol=1e-6)
+    assert torch.equal(prior.code(5, 1.0), prior.code(5))
+    assert torch.equal(prior.code(5, 0.0), prior.code(6, 0.0))  # spread 0: every seed the mean appearance
+    codes = torch.cat([prior.code(seed, 1.5) for seed in range(4000)]).double().numpy()
+    np.testing.assert_allclose(np.cov(codes, rowvar=False), 1.5 ** 2 * np.asarray(prior.covariance), atol=0.08)
+
+
+@pytest.mark.parametrize("value", [-0.1, 2.01, float("nan"), float("inf"), True, "1"])
+def test_a_spread_outside_its_range_is_refused_by_name(value) -> None:
+    from MedSynthLib.schema.errors import MedSynthError
+    from MedSynthLib.synthesis.appearance import SPREAD_RANGE, check_appearance_spread
+
+    assert SPREAD_RANGE == (0.0, 2.0)
+    with pytest.raises(MedSynthError, match="--appearance-spread must be a number from 0 to 2"):
+        check_appearance_spread(value, "--appearance-spread")
+    assert check_appearance_spread(2, "x") == 2.0 and isinstance(check_appearance_spread(0, "x"), float)
+
+
 def test_the_record_round_trips() -> None:
     prior = _prior()
     record = json.loads(json.dumps(prior.to_json()))
@@ -148,6 +172,38 @@ def test_synthesis_draws_from_the_models_prior_and_records_the_code(styled_model
     parsed = SynthesisRecord.from_json(json.loads(json.dumps(result.provenance)))
     assert parsed.appearance_code == tuple(result.provenance["appearance_code"])
     assert "appearance_code" not in SynthesisRecord().to_json()
+    assert parsed.appearance_spread == result.provenance["appearance_spread"] == 1.0
+
+
+def test_the_engines_spread_scales_the_code_it_records_and_can_change_between_cases(styled_model, tmp_path) -> None:
+    from MedSynthLib.schema.errors import MedSynthError
+
+    covariance = np.diag([0.04, 0.09, 0.01, 0.25])
+    record = AppearancePrior((1.0, -1.0, 0.5, 0.0), tuple(map(tuple, covariance.tolist())), 10, 0).to_json()
+    model = resolve_model(_styled_model_with(tmp_path / "with", styled_model, record))
+    labelmap = synthetic_brain()
+    engine = SynthesisEngine(model, "cpu", "fp32", appearance_spread=0.0)
+    mean_case = engine.synthesize(labelmap, seed=3)
+    assert mean_case.provenance["appearance_code"] == [float(v) for v in model.appearance.mean]
+    assert mean_case.provenance["appearance_spread"] == 0.0 and mean_case.provenance["seed_effective"] is False
+    assert np.array_equal(engine.synthesize(labelmap, seed=4).normalized, mean_case.normalized)
+    distances = []
+    for spread in (1.0, 2.0):
+        engine.appearance_spread = spread
+        case = engine.synthesize(labelmap, seed=3)
+        assert case.provenance["appearance_code"] == [float(v) for v in model.appearance.code(3, spread)[0]]
+        assert case.provenance["appearance_spread"] == spread and case.provenance["seed_effective"] is True
+        distances.append(float(np.abs(case.normalized - mean_case.normalized).mean()))
+    assert 0 < distances[0] < distances[1]  # the further the code, the further the case from the mean one
+    with pytest.raises(MedSynthError, match="appearance spread must be a number from 0 to 2, got 3"):
+        engine.appearance_spread = 3
+    assert engine.appearance_spread == 2.0  # a refused value changes nothing
+    with pytest.raises(MedSynthError, match="appearance spread must be a number"):
+        SynthesisEngine(model, "cpu", "fp32", appearance_spread=float("nan"))
+    # A model without the prior scales the seed's standard normal.
+    plain = SynthesisEngine(resolve_model(styled_model), "cpu", "fp32", appearance_spread=0.5)
+    assert plain.synthesize(labelmap, seed=3).provenance["appearance_code"] == pytest.approx(
+        [0.5 * float(v) for v in style_code(3, 4)[0]])
 
 
 def test_a_bad_record_in_a_model_is_one_line_exit_2(styled_model, tmp_path, capsys) -> None:

@@ -375,6 +375,33 @@ def test_a_different_seed_changes_the_cases(gen_data, nnunet_run, tmp_path):
         r["labels_sha256"] for r in list(_records(nnunet_run).values())[:2]]
 
 
+def test_the_appearance_spread_reaches_every_case_the_card_and_the_run(gen_data, nnunet_run, tmp_path, capsys):
+    from test_synthesis_seed import STYLED, _model
+
+    styled = _model(tmp_path / "styled", STYLED)
+    out = tmp_path / "spread"
+    argv = _argv(gen_data, out, *shared_cache(nnunet_run), "--appearance-spread", "0.5", n=2)
+    argv[argv.index("--model") + 1] = str(styled)
+    assert main(argv) == 0
+    records = _records(out)
+    assert len(records) == 2 and all(r["appearance_spread"] == 0.5 and r["seed_effective"] for r in records.values())
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["appearance_spread"] == 0.5 and "--appearance-spread 0.5" in card["command"]
+    assert "appearance spread: 0.5;" in (out / "README.md").read_text()
+    assert json.loads((out / "generate.json").read_text())["appearance_spread"] == 0.5
+    # Resuming the folder at another spread would mix two runs: refused, nothing touched.
+    before = _file_hashes(out)
+    assert main([a for a in argv if a not in ("--appearance-spread", "0.5")]) == 2
+    assert "holds a generate run with other settings (appearance_spread)" in capsys.readouterr().err
+    assert _file_hashes(out) == before
+    # A spread out of range: one line, exit 2, nothing written.
+    bad = tmp_path / "bad"
+    assert main(_argv(gen_data, bad, "--appearance-spread", "2.5", n=1)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "medsynth: error: --appearance-spread must be a number from 0 to 2, got 2.5"]
+    assert not bad.exists()
+
+
 def _wait_for_a_case(process: subprocess.Popen, out: Path, timeout_s: float = 300.0) -> None:
     """Return once the run has completed a case (or ended, or timed out): the moment to kill it mid-run."""
     deadline = time.monotonic() + timeout_s
@@ -599,9 +626,9 @@ def test_a_rank_loads_the_model_on_its_local_rank_gpu(gen_data, nnunet_run, tmp_
     real_engine = synthesize_module.SynthesisEngine
 
     class RecordingEngine(real_engine):  # type: ignore[misc, valid-type]
-        def __init__(self, model, device="auto", precision="auto", log=lambda message: None):
+        def __init__(self, model, device="auto", precision="auto", log=lambda message: None, **options):
             asked.append(device)
-            super().__init__(model, "cpu", precision, log)
+            super().__init__(model, "cpu", precision, log, **options)
 
     monkeypatch.setattr(synthesize_module, "SynthesisEngine", RecordingEngine)
     monkeypatch.setattr(runner, "_cuda_devices", lambda device: [0, 1])

@@ -168,3 +168,6 @@ def test_the_panel_choices_are_medsynthlibs():
     assert parameters.LABEL_CONVENTIONS == tuple(CONVENTIONS) == parameters.FALLBACK_LABEL_CONVENTIONS
     assert parameters.EXPORT_FORMATS == tuple(FORMATS) == parameters.FALLBACK_EXPORT_FORMATS
     assert parameters.EXPORT_NAMINGS == tuple(NAMINGS) == parameters.FALLBACK_EXPORT_NAMINGS
+    from MedSynthLib.synthesis.appearance import SPREAD_RANGE
+
+    assert parameters.APPEARANCE_SPREAD_RANGE == SPREAD_RANGE == parameters.FALLBACK_APPEARANCE_SPREAD_RANGE

@@ -791,6 +791,36 @@ def test_a_preview_with_other_options_replaces_the_preview_volumes(case, tiny_mo
     mrml.remove_nodes(case.scene, seg, *nodes.values())
 
 
+@pytest.mark.parametrize("spread", [-0.5, 2.5, float("nan"), True])
+def test_generate_options_refuse_an_appearance_spread_out_of_range(spread):
+    with pytest.raises(WorkflowError, match="the appearance spread must be a number from 0 to 2"):
+        GenerateOptions(appearance_spread=spread).validate()
+    assert GenerateOptions(appearance_spread=0.5).worker_params()["appearance_spread"] == 0.5
+
+
+@pytest.mark.realdata
+def test_the_appearance_spread_reaches_the_case_and_a_new_spread_makes_new_previews(case, tmp_path):
+    from test_synthesis_seed import STYLED, _model
+
+    styled = str(_model(tmp_path / "styled", STYLED))
+    seg = case.logic.copy_labels(case.seg, "spread")
+    options = GenerateOptions(model=styled, device="cpu", inpaint=False, seed=3, appearance_spread=0.5)
+    job = case.logic.start_generate(seg, options)
+    while job.poll():
+        time.sleep(0.05)
+    outputs = case.logic.finish_generate(job)
+    provenance = json.loads((job.out_dir / "provenance.json").read_text())
+    assert provenance["appearance_spread"] == 0.5 and provenance["seed"] == 3 and provenance["seed_effective"]
+    assert all(node.GetAttribute("MedSynth.AppearanceSpread") == "0.5" for node in outputs.values())
+    first = case.logic.preview(seg, options)
+    wider = case.logic.preview(seg, GenerateOptions(model=styled, device="cpu", inpaint=False, seed=3,
+                                                    appearance_spread=1.5))
+    assert {n.GetID() for n in first.values()}.isdisjoint(n.GetID() for n in wider.values())
+    assert not np.array_equal(mrml.array_from_volume(first["t1"]), mrml.array_from_volume(wider["t1"]))
+    case.logic.close_preview()
+    mrml.remove_nodes(case.scene, seg, *outputs.values(), *first.values(), *wider.values())
+
+
 @pytest.mark.realdata
 def test_the_label_map_is_read_again_whenever_the_segmentation_changed(case):
     """The module keeps the label map it read or wrote last; any change to the segmentation is seen."""

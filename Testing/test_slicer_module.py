@@ -459,6 +459,11 @@ def test_parameter_node_builds_on_a_real_scene_node_with_every_default(module):
         params.rating = 7
     with pytest.raises(TypeError):
         params.tumourInput = module.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    assert params.appearanceSpread == 1.0
+    params.appearanceSpread = 1.5
+    assert cls(node).appearanceSpread == 1.5
+    with pytest.raises(ValueError):
+        params.appearanceSpread = 2.5  # the range synthesis accepts
 
 
 def test_device_choices_follow_the_platform(module):
@@ -619,6 +624,10 @@ def test_template_in_one_click_through_the_handlers(module):
     assert not module.messages.errors, module.messages.errors
     assert mrml.segment_names(p.labelSegmentation) == ["CSF", "GM", "WM", "NCR", "ED", "ET"]
     assert widget.ui.randomTumourButton.enabled and not widget.ui.exportButton.enabled
+    p.synthesisSeed, p.appearanceSpread = 4, 0.5
+    options = widget._options()
+    assert (options.seed, options.appearance_spread) == (4, 0.5)
+    assert options.worker_params()["appearance_spread"] == 0.5
 
 
 def test_the_label_selector_offers_only_medsynth_label_maps(module, monkeypatch):

@@ -67,9 +67,9 @@ def labels_file(tmp_path_factory) -> Path:
     return write_label_map(synthetic_brain(), tmp_path_factory.mktemp("labels") / "labels.nii.gz")
 
 
-def _synthesize(labels: Path, model: Path, out: Path, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+def _synthesize(labels: Path, model: Path, out: Path, seed: int, *extra: str) -> tuple[dict[str, np.ndarray], dict]:
     argv = ["synthesize", str(labels), "-o", str(out), "--model", str(model), "--device", "cpu",
-            "--precision", "fp32", "--seed", str(seed)]
+            "--precision", "fp32", "--seed", str(seed), *extra]
     assert main(argv) == 0
     images = {m: sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{m}.nii.gz"))) for m in OUTPUT_NAMES}
     return images, json.loads((out / "provenance.json").read_text())
@@ -86,12 +86,42 @@ def test_two_seeds_give_two_images_and_one_seed_the_same(styled_model, labels_fi
     assert other_provenance["seed"] == 2 and other_provenance["seed_effective"] is True
 
 
+def test_appearance_spread_zero_gives_every_seed_one_case_and_is_recorded(styled_model, labels_file, tmp_path,
+                                                                         capsys):
+    first, provenance = _synthesize(labels_file, styled_model, tmp_path / "a", 1, "--appearance-spread", "0")
+    other, _ = _synthesize(labels_file, styled_model, tmp_path / "b", 2, "--appearance-spread", "0")
+    wide, wide_provenance = _synthesize(labels_file, styled_model, tmp_path / "c", 1, "--appearance-spread", "1.5")
+    for m in OUTPUT_NAMES:
+        assert np.array_equal(first[m], other[m]), m
+    assert any(not np.array_equal(first[m], wide[m]) for m in OUTPUT_NAMES)
+    assert provenance["appearance_spread"] == 0.0 and provenance["seed_effective"] is False
+    assert provenance["appearance_code"] == [0.0] * STYLED.style_dim  # no prior recorded: the standard normal's mean
+    assert wide_provenance["appearance_spread"] == 1.5 and wide_provenance["seed_effective"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--appearance-spread", "2.5"], "medsynth: error: --appearance-spread must be a number from 0 to 2, got 2.5"),
+    (["--appearance-spread", "-1"], "medsynth: error: --appearance-spread must be a number from 0 to 2, got -1.0"),
+    (["--appearance-spread", "1", "--context", "case"],
+     "medsynth: error: medsynth synthesize: --appearance-spread applies to whole synthetic cases, not with --context"),
+])
+def test_a_bad_appearance_spread_is_one_line_exit_2_and_writes_nothing(styled_model, labels_file, tmp_path, capsys,
+                                                                       extra, message):
+    argv = ["synthesize", str(labels_file), "-o", str(tmp_path / "out"), "--model", str(styled_model),
+            "--device", "cpu", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [message]
+    assert not (tmp_path / "out").exists()
+
+
 def test_seed_without_an_appearance_code_is_recorded_as_ineffective(plain_model, labels_file, tmp_path, capsys):
     first, provenance = _synthesize(labels_file, plain_model, tmp_path / "a", 1)
     other, _ = _synthesize(labels_file, plain_model, tmp_path / "b", 2)
     for m in OUTPUT_NAMES:
         assert np.array_equal(first[m], other[m]), m
     assert provenance["seed"] == 1 and provenance["seed_effective"] is False
+    assert "appearance_spread" not in provenance  # no code to scale
 
 
 def test_rerender_keeps_the_seed_of_the_result_it_edits(styled_model):

@@ -5,9 +5,11 @@ Reported per modality: the mean over voxels of the standard deviation across see
 z-scored inside the brain), separately in the tumour and in healthy tissue; and, per sample, the
 contrast rules of :mod:`MedSynthLib.evaluation.image_checks` beside the real images' own values, and the
 checkerboard ratio (period-2 power of the sample relative to the real image, inside the brain; target
-at most 1.2), mean over the samples.
+at most 1.2), mean over the samples.  With several ``--appearance-spread`` values, each case is measured at
+each (the same seeds' draws, scaled).
 
-    python benchmarks/seed_diversity.py CASE_DIR... --model MODEL [--seeds 5] -o diversity.json
+    python benchmarks/seed_diversity.py CASE_DIR... --model MODEL [--seeds 5] [--appearance-spread 1 1.5 2] \
+        -o diversity.json
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ from MedSynthLib.synthesis.normalize import zscore  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 
 
-def measure(folder: Path, engine: SynthesisEngine, seeds: list[int]) -> dict:
-    case = read_case(folder, require_segmentation=True)
-    labelmap = derive_label_map(case)
+def measure(folder: Path, engine: SynthesisEngine, seeds: list[int], case=None, labelmap=None) -> dict:
+    """One case at the engine's appearance spread (``case`` and ``labelmap``: already read and derived)."""
+    case = case if case is not None else read_case(folder, require_segmentation=True)
+    labelmap = labelmap if labelmap is not None else derive_label_map(case)
     labels = labelmap.array
     brain = labels > Label.BACKGROUND
     tumour = labels >= Label.NCR
     healthy = brain & ~tumour
     samples = [engine.synthesize(labelmap, seed=seed) for seed in seeds]
-    entry: dict = {"case": folder.name, "seeds": seeds, "seed_effective": samples[0].provenance["seed_effective"],
+    entry: dict = {"case": folder.name, "seeds": seeds, "appearance_spread": engine.appearance_spread, "seed_effective": samples[0].provenance["seed_effective"],
                    "diversity": {}, "rules_real": check_contrast_rules(case.images, labels),
                    "rules_synthetic": [check_contrast_rules(s.images, labels) for s in samples]}
     for m in MODALITIES:
@@ -63,16 +66,31 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--appearance-spread", type=float, nargs="+", default=[1.0])
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
-    engine = SynthesisEngine(resolve_model(args.model), "cpu", args.precision)
-    results = [measure(folder, engine, list(range(1, args.seeds + 1))) for folder in args.cases]
-    for entry in results:
-        print(entry["case"], json.dumps(entry["diversity"]), "checkerboard:", json.dumps(entry["checkerboard_ratio"]),
-              "failed (synthetic):", entry["rules_failed_per_sample"],
-              "failed (real):", entry["rules_failed_real"])
+    model = resolve_model(args.model)
+    engines = []
+    for spread in args.appearance_spread:
+        engine = SynthesisEngine(model, "cpu", args.precision)
+        # Set past the setter's check on purpose: measuring beyond the accepted range is what sets the range.
+        engine._appearance_spread = float(spread)
+        engines.append(engine)
+    results = []
+    for folder in args.cases:
+        case = read_case(folder, require_segmentation=True)
+        labelmap = derive_label_map(case)
+        for engine in engines:
+            results.append(measure(folder, engine, list(range(1, args.seeds + 1)), case, labelmap))
+            entry = results[-1]
+            print(entry["case"], f"spread {entry['appearance_spread']:g}", json.dumps(entry["diversity"]),
+                  "checkerboard:", json.dumps(entry["checkerboard_ratio"]),
+                  "failed (synthetic):", entry["rules_failed_per_sample"],
+                  "failed (real):", entry["rules_failed_real"], flush=True)
     tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": args.model, "cases": results}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"model": args.model, "model_sha256": model.sha256,
+                               "command": "python benchmarks/seed_diversity.py " + " ".join(sys.argv[1:]),
+                               "cases": results}, indent=1) + "\n")
     os.replace(tmp, args.output)
 
 

@@ -290,6 +290,7 @@ class Synthesis:
         node.SetAttribute("MedSynth.Modality", modality)
         node.SetAttribute("MedSynth.LabelSegmentationID", segmentation_id)
         node.SetAttribute("MedSynth.Seed", str(options.seed))
+        node.SetAttribute("MedSynth.AppearanceSpread", f"{options.appearance_spread:g}")
 
     # --- fast preview ----------------------------------------------------------------------------
 
@@ -312,8 +313,8 @@ class Synthesis:
         reference = self.reference_volume(segmentation)
         read = time.perf_counter()
         context = self.inpainting_context(reference, options)
-        key = (segmentation.GetID(), options.model, options.device, options.precision, options.seed, context,
-               options.inpainting_model if context else None)
+        key = (segmentation.GetID(), options.model, options.device, options.precision, options.seed,
+               options.appearance_spread, context, options.inpainting_model if context else None)
         nodes = self._preview_outputs
         worker = self.worker()
         sent = self._preview_sent

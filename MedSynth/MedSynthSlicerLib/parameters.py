@@ -45,6 +45,14 @@ def _export_namings() -> Sequence[str]:
     return list(NAMINGS)
 
 
+def _spread_range() -> tuple[float, float]:
+    try:
+        from MedSynthLib.synthesis.appearance import SPREAD_RANGE
+    except ImportError:
+        return FALLBACK_APPEARANCE_SPREAD_RANGE
+    return SPREAD_RANGE
+
+
 #: Every device ``medsynth synthesize`` knows ("cuda" is shown as GPU).
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -54,6 +62,9 @@ MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 FALLBACK_EXPORT_FORMATS = ("nifti", "dicom")
 FALLBACK_EXPORT_NAMINGS = ("brats2021", "brats2023")
 FALLBACK_LABEL_CONVENTIONS = ("brats2021", "brats2023", "msd", "brats2015")
+FALLBACK_APPEARANCE_SPREAD_RANGE = (0.0, 2.0)
+#: The appearance spreads synthesis accepts (MedSynthLib.synthesis.appearance.SPREAD_RANGE).
+APPEARANCE_SPREAD_RANGE: tuple[float, float] = _spread_range()
 EXPORT_FORMATS: tuple[str, ...] = _from_medsynthlib(_export_formats, FALLBACK_EXPORT_FORMATS)
 EXPORT_NAMINGS: tuple[str, ...] = _from_medsynthlib(_export_namings, FALLBACK_EXPORT_NAMINGS)
 #: Tumour-label conventions of an input segmentation (MedSynthLib.schema.labels.CONVENTIONS).
@@ -102,7 +113,9 @@ class GenerateOptions:
         model: registered model name or model folder; ``None``/empty: the registry default.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``mps`` or ``cpu``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-        seed: seed recorded in the provenance.
+        seed: draws the appearance of a model with an appearance code; recorded in the provenance.
+        appearance_spread: how far the seed's appearance reaches from the model's mean appearance (1: the training
+            cases' spread; 0: the mean appearance for every seed).
         inpaint: when the input is a real case, Generate keeps the patient's images and re-renders only the
             edited tumour region (an inpainting model); False: a whole synthetic case (for anonymisation).
         inpainting_model: inpainting model name or folder; ``None``/empty: the registry's default.
@@ -112,6 +125,7 @@ class GenerateOptions:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    appearance_spread: float = 1.0
     inpaint: bool = True
     inpainting_model: Optional[str] = None
 
@@ -124,11 +138,16 @@ class GenerateOptions:
             raise WorkflowError(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise WorkflowError(f"the seed must be a non-negative whole number, got {self.seed!r}")
+        low, high = APPEARANCE_SPREAD_RANGE
+        if isinstance(self.appearance_spread, bool) or not isinstance(self.appearance_spread, (int, float)) \
+                or not low <= self.appearance_spread <= high:  # NaN fails the comparison
+            raise WorkflowError(f"the appearance spread must be a number from {low:g} to {high:g}, "
+                                f"got {self.appearance_spread!r}")
 
     def worker_params(self) -> dict[str, Any]:
         """The parameters of a ``generate`` / ``preview`` request (see :mod:`.protocol`)."""
         return {"model": str(self.model) if self.model else None, "device": self.device,
-                "precision": self.precision, "seed": self.seed,
+                "precision": self.precision, "seed": self.seed, "appearance_spread": float(self.appearance_spread),
                 "inpainting_model": str(self.inpainting_model) if self.inpainting_model else None}
 
 

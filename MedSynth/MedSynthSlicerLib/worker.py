@@ -78,7 +78,9 @@ class Worker:
             self._session, self._session_key = None, None
             self._engines[key] = SynthesisEngine(resolve_model(key[0]), key[1], key[2],
                                                  log=lambda m: print(f"medsynth: {m}", file=sys.stderr, flush=True))
-        return key, self._engines[key]
+        engine = self._engines[key]
+        engine.appearance_spread = params.get("appearance_spread", 1.0)  # a plain attribute: no reload
+        return key, engine
 
     def inpainting_engine(self, params: dict[str, Any]) -> tuple[tuple, Any]:
         """The inpainting engine of ``params`` (``inpainting_model``, ``device``, ``precision``), loaded once."""
@@ -183,6 +185,7 @@ class Worker:
             renderer_name, options = "inpainting", {"context": str(context)}
         else:
             key, engine = self.engine(params)
+            key += (engine.appearance_spread,)  # another spread is another case: its preview starts again
             renderer_name = params.get("renderer", "synthesis")
             options = {"seed": int(params.get("seed", 0)), "margin": int(params.get("margin", 24))}
         session_key = (key, str(params.get("session", "")), renderer_name, tuple(sorted(options.items())))

@@ -138,6 +138,7 @@ def write_card(out: Path, layout: Any, spec: dict[str, Any], sources: Sequence[S
                   "fidelity": _fidelity(model_config)},
         "sampler_config": spec["config"],
         "seed": spec["seed"],
+        "appearance_spread": spec.get("appearance_spread", 1.0),
         "anonymous_only": spec["anonymous"],
         "command": command,
         "counts": counts,
@@ -179,7 +180,7 @@ def _readme(card: dict[str, Any]) -> str:
         "",
         f"- Layout: `{card['layout']}` (folder `{card['dataset_folder']}`)",
         f"- Model: `{card['model']['name']}`, weights sha256 `{card['model']['sha256']}`",
-        f"- Seed: {card['seed']}; anonymous cases only: {'yes' if card['anonymous_only'] else 'no'}",
+        f"- Seed: {card['seed']}; appearance spread: {card['appearance_spread']:g}; anonymous cases only: {'yes' if card['anonymous_only'] else 'no'}",
         f"- Command: `{card['command']}`" if card["command"] else "- Command: (called from Python)",
         f"- Cases: {card['counts']['cases']} ({', '.join(f'{k} {v}' for k, v in card['counts']['by_kind'].items())})",
         f"- Sources: {card['sources']['real_cases']} real cases, {card['sources']['tumour_label_maps']} tumour "

@@ -54,6 +54,8 @@ class GenerateOptions:
     name: str = "BrainTumourSynth"
     workers: int = 1
     seed: int = 0
+    #: How far each case's appearance code reaches from the model's mean appearance (``--appearance-spread``).
+    appearance_spread: float = 1.0
     label_convention: str | None = None  # tumour values of the tumour-only label maps; None: detected per map
     anonymous: bool = False
     device: str = "auto"
@@ -270,7 +272,8 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
     _WORKER.update(state)
     _WORKER["sources"] = Sources([Source.from_json(s) for s in state["sources"]])
     _WORKER["layout"] = Layout(**state["layout"])
-    _WORKER["engine"] = SynthesisEngine(resolve_model(state["model_path"]), device, state["precision"])
+    _WORKER["engine"] = SynthesisEngine(resolve_model(state["model_path"]), device, state["precision"],
+                                        appearance_spread=state.get("appearance_spread", 1.0))
     if _WORKER["sources"].template is not None:
         load_source(_WORKER["sources"].template)  # read the template once per process, not in a case's timing
 
@@ -390,6 +393,7 @@ def _prepare_one(item: tuple[str, str, str, str | None]) -> dict[str, Any]:
 
 def generate(options: GenerateOptions) -> dict[str, Any]:
     """Generate the dataset; returns a summary (counts, timings)."""
+    from ..synthesis.appearance import check_appearance_spread
     from ..synthesis.models import resolve_model
 
     opt = options
@@ -397,6 +401,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
         raise MedSynthError(f"-n must be at least 1, got {opt.n}")
     if opt.workers < 1:
         raise MedSynthError(f"--workers must be at least 1, got {opt.workers}")
+    check_appearance_spread(opt.appearance_spread, "--appearance-spread")
     try:
         layout = Layout(opt.layout, opt.dataset_id, opt.name)
     except ValueError as exc:
@@ -433,6 +438,8 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
                  "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
                  "label_convention": opt.label_convention,
                  "precision": opt.precision}
+    if opt.appearance_spread != 1.0:  # every earlier run drew at 1: their run.json stays resumable
+        spec_base["appearance_spread"] = float(opt.appearance_spread)
     # The output check needs the source ids, which need the files read: check what can be checked first.
     if out.exists() and not (out / RUN_FILE).exists() and not opt.overwrite:
         _check_output(out, spec_base, False)
@@ -512,7 +519,8 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
         state = {"sources": [s.to_json() for s in sources], "layout": {"kind": layout.kind,
                  "dataset_id": layout.dataset_id, "name": layout.name}, "model_path": str(model.path),
                  "device": plan.devices[0], "precision": opt.precision, "seed": int(opt.seed), "config": config,
-                 "output": str(out), "anonymous": bool(opt.anonymous)}
+                 "output": str(out), "anonymous": bool(opt.anonymous),
+                 "appearance_spread": float(opt.appearance_spread)}
         if opt.log and resuming:
             opt.log(f"{out}: resuming, {len(mine) - len(pending)} of {len(mine)} cases already complete")
         for index in pending:  # a kill between a record's temporary write and its rename leaves the temporary file

@@ -746,6 +746,8 @@ class SynthesisRecord:
     seed_effective: bool | None = None
     #: The appearance code the seed stood for (models with one), exactly as the network received it.
     appearance_code: tuple[float, ...] | None = None
+    #: How far the code reaches from the model's mean appearance (1: its training cases' distribution).
+    appearance_spread: float | None = None
     device: DEVICE | None = None
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     #: Whether the network's output was averaged with its pass on the left-right mirrored label map.
@@ -783,7 +785,7 @@ class SynthesisRecord:
             if f.name == "edits":
                 out["edits"] = [step.to_json(for_export) for step in value]
             elif f.name in ("privacy", "review", "files", "inpainting", "seed_effective",
-                            "appearance_code", "mirror_average") and value is None:
+                            "appearance_code", "appearance_spread", "mirror_average") and value is None:
                 continue
             elif f.name == "files" and for_export:
                 continue  # the case folder's own files; an export lists its own

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..schema.errors import InputError
+from ..schema.errors import InputError, MedSynthError
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +38,20 @@ class PatchSource(Protocol):
 
 #: ``"kind"`` of the record in a model config.
 GAUSSIAN = "aggregate-posterior-gaussian"
+
+#: The appearance spreads synthesis accepts (:meth:`AppearancePrior.code`): 0 (every seed the mean appearance)
+#: to the widest at which every sample measured still passed every contrast rule (model card, "Appearance
+#: spread").
+SPREAD_RANGE: tuple[float, float] = (0.0, 2.0)
+
+
+def check_appearance_spread(value: Any, name: str = "appearance spread") -> float:
+    """``value`` as a float within :data:`SPREAD_RANGE`, else a one-line :class:`MedSynthError` naming ``name``."""
+    low, high = SPREAD_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and low <= value <= high):
+        raise MedSynthError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -63,13 +77,19 @@ class AppearancePrior:
     def cholesky(self) -> np.ndarray:
         return np.linalg.cholesky(np.asarray(self.covariance, np.float64))
 
-    def code(self, seed: int) -> "torch.Tensor":
-        """The (1, style_dim) float32 code of ``seed``: the same seed always gives the same code."""
+    def code(self, seed: int, spread: float = 1.0) -> "torch.Tensor":
+        """The (1, style_dim) float32 code of ``seed``: the same seed always gives the same code.
+
+        Args:
+            seed: the draw.
+            spread: scales the draw's distance from the mean (:data:`SPREAD_RANGE`): 1 draws from the prior,
+                0 gives every seed the mean appearance, above 1 reaches further than the training codes.
+        """
         import torch
 
         from .networks import style_code
 
-        eps = style_code(seed, self.style_dim).double().numpy()
+        eps = spread * style_code(seed, self.style_dim).double().numpy()
         code = np.asarray(self.mean, np.float64)[None] + eps @ self.cholesky().T
         return torch.from_numpy(code.astype(np.float32))
 

@@ -43,7 +43,8 @@ class SynthesisEngine:
     """A loaded model on a device: synthesises whole label maps and re-renders edited regions."""
 
     def __init__(self, model: ModelCard, device: str = "auto", precision: str = "auto",
-                 log: Callable[[str], None] = lambda message: None, *, mirror_average: bool = True) -> None:
+                 log: Callable[[str], None] = lambda message: None, *, mirror_average: bool = True,
+                 appearance_spread: float = 1.0) -> None:
         """Load ``model`` onto a device.
 
         Args:
@@ -52,8 +53,13 @@ class SynthesisEngine:
             log: receives one-line notices (fallbacks).
             mirror_average: average the network's pass with its pass on the left-right mirrored label map (one
                 more forward pass; held-out gain: model card, "The mirror average").
+            appearance_spread: how far a seed's appearance code reaches from the mean appearance
+                (:meth:`~.appearance.AppearancePrior.code`, within :data:`~.appearance.SPREAD_RANGE`): 1 draws from
+                the training cases' distribution, 0 gives every seed the mean appearance.
         """
         import torch
+
+        self.appearance_spread = appearance_spread
 
         from .inference import Synthesizer, pick_device, pick_precision
         from .models import load_generator
@@ -82,9 +88,21 @@ class SynthesisEngine:
         return str(self.synth.device)
 
     @property
+    def appearance_spread(self) -> float:
+        """How far a seed's code reaches from the mean appearance (set it between syntheses; checked)."""
+        return self._appearance_spread
+
+    @appearance_spread.setter
+    def appearance_spread(self, value: float) -> None:
+        from .appearance import check_appearance_spread
+
+        self._appearance_spread = check_appearance_spread(value)
+
+    @property
     def seed_effective(self) -> bool:
-        """Whether the seed changes the image: only networks with an appearance code (``style_dim``) use it."""
-        return self.network.has_style
+        """Whether the seed changes the image: only networks with an appearance code (``style_dim``) use it, and
+        not at appearance spread 0."""
+        return self.network.has_style and self.appearance_spread > 0
 
     def _use_axis_order(self, labelmap: LabelMap) -> None:
         """Run the network in its training axis order on ``labelmap``'s grid (and on the re-renders that follow)."""
@@ -94,15 +112,16 @@ class SynthesisEngine:
         """The (1, style_dim) appearance code ``seed`` stands for (``None`` for models without one).
 
         Drawn from the model's recorded appearance prior (the training codes' distribution,
-        :mod:`.appearance`); a model without the record draws a standard normal.
+        :mod:`.appearance`); a model without the record draws a standard normal.  Either draw is scaled by the
+        engine's appearance spread.
         """
         from .networks import style_code
 
-        if not self.seed_effective:
+        if not self.network.has_style:
             return None
         if self.model.appearance is not None:
-            return self.model.appearance.code(seed)
-        return style_code(seed, self.network.style_dim)
+            return self.model.appearance.code(seed, self.appearance_spread)
+        return self.appearance_spread * style_code(seed, self.network.style_dim)
 
     def _use_seed(self, seed: int) -> None:
         self.synth.style = self.appearance_code(seed)
@@ -135,6 +154,7 @@ class SynthesisEngine:
         provenance["mirror_average"] = self.synth.mirror_average
         if self.synth.style is not None:  # the exact code: the case can be made again from its record
             provenance["appearance_code"] = [float(v) for v in self.synth.style[0]]
+            provenance["appearance_spread"] = self.appearance_spread
         provenance["timings_s"] = {"load_model": round(self.load_seconds, 3), "network": round(network_seconds, 3),
                                    "total": round(time.perf_counter() - start + self.load_seconds, 3)}
         return SynthesisResult(labelmap, images, normalized, provenance)
