@@ -112,9 +112,8 @@ def _number(value: float, name: str, low: float = 0.0, high: float = math.inf) -
     return value
 
 
-SPREAD_HELP = ("how far a seed's appearance reaches from the model's mean appearance, 0 to 2 (default 1: the "
-               "training cases' spread; 0: every seed the mean appearance; above 1: wider than the training cases, "
-               "for augmentation); recorded")
+SPREAD_HELP = ("how far a seed's appearance reaches from the model's mean appearance, 0 to 1 (default 1: the "
+               "training cases' spread; 0: every seed the mean appearance); recorded")
 
 
 def _add_case_options(parser: argparse.ArgumentParser) -> None:

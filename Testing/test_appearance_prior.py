@@ -100,15 +100,15 @@ def test_the_spread_scales_the_draws_distance_from_the_mean() -> None:
     np.testing.assert_allclose(np.cov(codes, rowvar=False), 1.5 ** 2 * np.asarray(prior.covariance), atol=0.08)
 
 
-@pytest.mark.parametrize("value", [-0.1, 2.01, float("nan"), float("inf"), True, "1"])
+@pytest.mark.parametrize("value", [-0.1, 1.01, 2.0, float("nan"), float("inf"), True, "1"])
 def test_a_spread_outside_its_range_is_refused_by_name(value) -> None:
     from MedSynthLib.schema.errors import MedSynthError
     from MedSynthLib.synthesis.appearance import SPREAD_RANGE, check_appearance_spread
 
-    assert SPREAD_RANGE == (0.0, 2.0)
-    with pytest.raises(MedSynthError, match="--appearance-spread must be a number from 0 to 2"):
+    assert SPREAD_RANGE == (0.0, 1.0)
+    with pytest.raises(MedSynthError, match="--appearance-spread must be a number from 0 to 1"):
         check_appearance_spread(value, "--appearance-spread")
-    assert check_appearance_spread(2, "x") == 2.0 and isinstance(check_appearance_spread(0, "x"), float)
+    assert check_appearance_spread(1, "x") == 1.0 and isinstance(check_appearance_spread(0, "x"), float)
 
 
 def test_the_record_round_trips() -> None:
@@ -188,16 +188,16 @@ def test_the_engines_spread_scales_the_code_it_records_and_can_change_between_ca
     assert mean_case.provenance["appearance_spread"] == 0.0 and mean_case.provenance["seed_effective"] is False
     assert np.array_equal(engine.synthesize(labelmap, seed=4).normalized, mean_case.normalized)
     distances = []
-    for spread in (1.0, 2.0):
+    for spread in (0.5, 1.0):
         engine.appearance_spread = spread
         case = engine.synthesize(labelmap, seed=3)
         assert case.provenance["appearance_code"] == [float(v) for v in model.appearance.code(3, spread)[0]]
         assert case.provenance["appearance_spread"] == spread and case.provenance["seed_effective"] is True
         distances.append(float(np.abs(case.normalized - mean_case.normalized).mean()))
     assert 0 < distances[0] < distances[1]  # the further the code, the further the case from the mean one
-    with pytest.raises(MedSynthError, match="appearance spread must be a number from 0 to 2, got 3"):
-        engine.appearance_spread = 3
-    assert engine.appearance_spread == 2.0  # a refused value changes nothing
+    with pytest.raises(MedSynthError, match="appearance spread must be a number from 0 to 1, got 1.5"):
+        engine.appearance_spread = 1.5
+    assert engine.appearance_spread == 1.0  # a refused value changes nothing
     with pytest.raises(MedSynthError, match="appearance spread must be a number"):
         SynthesisEngine(model, "cpu", "fp32", appearance_spread=float("nan"))
     # A model without the prior scales the seed's standard normal.

@@ -791,9 +791,9 @@ def test_a_preview_with_other_options_replaces_the_preview_volumes(case, tiny_mo
     mrml.remove_nodes(case.scene, seg, *nodes.values())
 
 
-@pytest.mark.parametrize("spread", [-0.5, 2.5, float("nan"), True])
+@pytest.mark.parametrize("spread", [-0.5, 1.5, float("nan"), True])
 def test_generate_options_refuse_an_appearance_spread_out_of_range(spread):
-    with pytest.raises(WorkflowError, match="the appearance spread must be a number from 0 to 2"):
+    with pytest.raises(WorkflowError, match="the appearance spread must be a number from 0 to 1"):
         GenerateOptions(appearance_spread=spread).validate()
     assert GenerateOptions(appearance_spread=0.5).worker_params()["appearance_spread"] == 0.5
 
@@ -814,7 +814,7 @@ def test_the_appearance_spread_reaches_the_case_and_a_new_spread_makes_new_previ
     assert all(node.GetAttribute("MedSynth.AppearanceSpread") == "0.5" for node in outputs.values())
     first = case.logic.preview(seg, options)
     wider = case.logic.preview(seg, GenerateOptions(model=styled, device="cpu", inpaint=False, seed=3,
-                                                    appearance_spread=1.5))
+                                                    appearance_spread=1.0))
     assert {n.GetID() for n in first.values()}.isdisjoint(n.GetID() for n in wider.values())
     assert not np.array_equal(mrml.array_from_volume(first["t1"]), mrml.array_from_volume(wider["t1"]))
     case.logic.close_preview()

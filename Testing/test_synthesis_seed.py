@@ -90,18 +90,18 @@ def test_appearance_spread_zero_gives_every_seed_one_case_and_is_recorded(styled
                                                                          capsys):
     first, provenance = _synthesize(labels_file, styled_model, tmp_path / "a", 1, "--appearance-spread", "0")
     other, _ = _synthesize(labels_file, styled_model, tmp_path / "b", 2, "--appearance-spread", "0")
-    wide, wide_provenance = _synthesize(labels_file, styled_model, tmp_path / "c", 1, "--appearance-spread", "1.5")
+    wide, wide_provenance = _synthesize(labels_file, styled_model, tmp_path / "c", 1, "--appearance-spread", "0.5")
     for m in OUTPUT_NAMES:
         assert np.array_equal(first[m], other[m]), m
     assert any(not np.array_equal(first[m], wide[m]) for m in OUTPUT_NAMES)
     assert provenance["appearance_spread"] == 0.0 and provenance["seed_effective"] is False
     assert provenance["appearance_code"] == [0.0] * STYLED.style_dim  # no prior recorded: the standard normal's mean
-    assert wide_provenance["appearance_spread"] == 1.5 and wide_provenance["seed_effective"] is True
+    assert wide_provenance["appearance_spread"] == 0.5 and wide_provenance["seed_effective"] is True
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--appearance-spread", "2.5"], "medsynth: error: --appearance-spread must be a number from 0 to 2, got 2.5"),
-    (["--appearance-spread", "-1"], "medsynth: error: --appearance-spread must be a number from 0 to 2, got -1.0"),
+    (["--appearance-spread", "1.5"], "medsynth: error: --appearance-spread must be a number from 0 to 1, got 1.5"),
+    (["--appearance-spread", "-1"], "medsynth: error: --appearance-spread must be a number from 0 to 1, got -1.0"),
     (["--appearance-spread", "1", "--context", "case"],
      "medsynth: error: medsynth synthesize: --appearance-spread applies to whole synthetic cases, not with --context"),
 ])

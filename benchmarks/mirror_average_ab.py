@@ -96,6 +96,8 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, required=True, help="training cache of prepared cases (the label maps)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--appearance-spread", type=float, default=1.0,
+                        help="the seed's appearance spread (default 1, as synthesis)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     if len(args.models) != len(args.folds):
@@ -106,11 +108,11 @@ def main() -> int:
     normalization = config.get("normalization", "percentile")
     folders = {f.name: f for root in args.data for f in find_case_folders(root)}
     report: dict[str, Any] = {"command": shlex.join(["python", "benchmarks/mirror_average_ab.py", *sys.argv[1:]]),
-                              "seed": 0, "rows": []}
+                              "seed": 0, "appearance_spread": args.appearance_spread, "rows": []}
     for fold, name in zip(args.folds, args.models):
         model = resolve_model(name)
-        engines = {arm: SynthesisEngine(model, "cpu", args.precision, mirror_average=arm == "mirror_average")
-                   for arm in ARMS}
+        engines = {arm: SynthesisEngine(model, "cpu", args.precision, mirror_average=arm == "mirror_average",
+                                        appearance_spread=args.appearance_spread) for arm in ARMS}
         report.setdefault("precision", engines[ARMS[0]].synth.precision)
         for case_name in sorted(config["cv_folds"][fold]):
             if case_name not in folders:

@@ -7,6 +7,9 @@ mean over the seeds and the worst (share, seed, contrast). ``Testing/test_synthe
 the shipped default; this writes them for any model, for the model card.
 
     python benchmarks/outermost_layer_template.py --model medsynth-spade27-noint-ft1000 --seeds 6 -o OUT.json
+
+``--appearance-spread S`` draws the seeds' codes at that spread (also past the range synthesis accepts: measuring
+there is what sets the range); ``--arms mirror`` skips the one-pass arm.
 """
 
 from __future__ import annotations
@@ -29,15 +32,19 @@ from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 
 
-def layer_shares(model: str | None, seeds: int) -> dict:
+def layer_shares(model: str | None, seeds: int, spread: float = 1.0,
+                 arms: tuple[str, ...] = ("one_pass", "mirror")) -> dict:
     """Per inference arm, each seed's shares of the template's outermost layer at 0 and at or below the floor."""
     labelmap = template_label_map()
     card = resolve_model(model)
     rim = outermost_layer(labelmap.array > 0)
     floors = {m: card.config["intensity"][m].get("floor", 0.0) for m in MODALITIES}
-    out: dict = {"model": card.name, "sha256": card.sha256, "floors": floors}
+    out: dict = {"model": card.name, "sha256": card.sha256, "floors": floors, "appearance_spread": spread}
     for arm, mirror in (("one_pass", False), ("mirror", True)):
+        if arm not in arms:
+            continue
         engine = SynthesisEngine(card, device="cpu", precision="auto", mirror_average=mirror)
+        engine._appearance_spread = float(spread)  # past the setter's range check on purpose (see above)
         rows = []
         for seed in range(seeds):
             zero, at_floor = layer_signal_shares(engine.synthesize(labelmap, seed=seed).images, rim, floors)
@@ -52,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="registry name or model folder (default: the registry's)")
     parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--appearance-spread", type=float, default=1.0)
+    parser.add_argument("--arms", nargs="+", choices=("one_pass", "mirror"), default=["one_pass", "mirror"])
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    result = layer_shares(args.model, args.seeds)
+    result = layer_shares(args.model, args.seeds, args.appearance_spread, tuple(args.arms))
     result["command"] = shlex.join(["python", "benchmarks/outermost_layer_template.py",
                                     *(sys.argv[1:] if argv is None else argv)])
     write_json(result, args.output, overwrite=True)
-    for arm in ("one_pass", "mirror"):
+    for arm in args.arms:
         mean = {m: round(100 * v, 2) for m, v in result[arm]["mean_at_floor"].items()}
         print(f"{arm}: at or below the floor, mean over seeds (%) {mean}; worst {result[arm]['worst']}")
     return 0

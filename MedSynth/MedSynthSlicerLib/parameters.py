@@ -62,7 +62,7 @@ MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 FALLBACK_EXPORT_FORMATS = ("nifti", "dicom")
 FALLBACK_EXPORT_NAMINGS = ("brats2021", "brats2023")
 FALLBACK_LABEL_CONVENTIONS = ("brats2021", "brats2023", "msd", "brats2015")
-FALLBACK_APPEARANCE_SPREAD_RANGE = (0.0, 2.0)
+FALLBACK_APPEARANCE_SPREAD_RANGE = (0.0, 1.0)
 #: The appearance spreads synthesis accepts (MedSynthLib.synthesis.appearance.SPREAD_RANGE).
 APPEARANCE_SPREAD_RANGE: tuple[float, float] = _spread_range()
 EXPORT_FORMATS: tuple[str, ...] = _from_medsynthlib(_export_formats, FALLBACK_EXPORT_FORMATS)

@@ -39,10 +39,10 @@ class PatchSource(Protocol):
 #: ``"kind"`` of the record in a model config.
 GAUSSIAN = "aggregate-posterior-gaussian"
 
-#: The appearance spreads synthesis accepts (:meth:`AppearancePrior.code`): 0 (every seed the mean appearance)
-#: to the widest at which every sample measured still passed every contrast rule (model card, "Appearance
-#: spread").
-SPREAD_RANGE: tuple[float, float] = (0.0, 2.0)
+#: The appearance spreads synthesis accepts (:meth:`AppearancePrior.code`): 0 (every seed the mean appearance) to 1
+#: (the training codes' distribution).  Wider draws were measured and refused: from 1.1 on, the shipped model
+#: leaves more of the brain's outermost layer at its floor than real scans have (model card, "Appearance spread").
+SPREAD_RANGE: tuple[float, float] = (0.0, 1.0)
 
 
 def check_appearance_spread(value: Any, name: str = "appearance spread") -> float:
@@ -82,8 +82,8 @@ class AppearancePrior:
 
         Args:
             seed: the draw.
-            spread: scales the draw's distance from the mean (:data:`SPREAD_RANGE`): 1 draws from the prior,
-                0 gives every seed the mean appearance, above 1 reaches further than the training codes.
+            spread: scales the draw's distance from the mean (:data:`SPREAD_RANGE` for synthesis): 1 draws from
+                the prior, 0 gives every seed the mean appearance.
         """
         import torch
 
