@@ -21,7 +21,7 @@ from MedSynthLib.cases.anatomy import derive_label_map
 from MedSynthLib.cases.readers import read_case
 from MedSynthLib.cases.template import template_label_map
 from MedSynthLib.evaluation.evaluate import real_brain_mask
-from MedSynthLib.evaluation.image_checks import outermost_layer
+from MedSynthLib.evaluation.image_checks import layer_signal_shares, outermost_layer
 from MedSynthLib.evaluation.metrics import fidelity
 from MedSynthLib.schema.labels import MODALITIES, Label
 from MedSynthLib.synthesis.models import resolve_model
@@ -31,11 +31,13 @@ from MedSynthLib.synthesis.synthesize import SynthesisEngine
 def measure(images: dict[str, np.ndarray], labels: np.ndarray, real: dict[str, np.ndarray] | None,
             floors: dict[str, float] | None = None) -> dict:
     rim, wm = outermost_layer(labels > 0), labels == Label.WM
+    images = {m: images[m] for m in MODALITIES}
+    zero, at_floor = layer_signal_shares(images, rim, floors or {m: 0.0 for m in MODALITIES})
     row: dict[str, float] = {
-        "rim_zero": float(np.mean([np.mean(images[m][rim] == 0) for m in MODALITIES])),
+        "rim_zero": float(np.mean(list(zero.values()))),
         "rim_over_wm": float(np.mean([np.median(images[m][rim]) / np.median(images[m][wm]) for m in MODALITIES]))}
     if floors:
-        row.update({f"rim_at_floor_{m}": float(np.mean(images[m][rim] <= floors[m])) for m in MODALITIES})
+        row.update({f"rim_at_floor_{m}": at_floor[m] for m in MODALITIES})
     if real is not None:
         brain = real_brain_mask(real)
         row["brain_ssim"] = float(np.mean([fidelity(real[m], images[m], brain, {})["brain"]["ssim"]

@@ -182,6 +182,7 @@ def layer_signal_shares(images: dict[str, np.ndarray], layer: np.ndarray,
     at_floor = {m: float(np.mean(image[layer] <= floors[m])) for m, image in images.items()}
     return zero, at_floor
 
+
 def checkerboard_ratio(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> float:
     """Period-2 power of ``synthetic`` relative to ``real`` (1: the same; the target is at most 1.2)."""
     return checkerboard_ratio_to(nyquist_power(real, mask, sigma), synthetic, mask, sigma)
