@@ -30,8 +30,8 @@ from slicer.util import VTKObservationMixin
 
 from MedSynthSlicerLib.errors import CancelledError, WorkflowError
 from MedSynthSlicerLib.mrml import ROLE_ATTRIBUTE, ROLE_LABELS
-from MedSynthSlicerLib.parameters import (APPEARANCE_SPREAD_RANGE, DETECT_CONVENTION, DEVICES, EXPORT_FORMATS, EXPORT_NAMINGS,
-                                          INSERT_LABEL_CONVENTIONS, LABEL_CONVENTIONS, PRECISIONS, GenerateOptions,
+from MedSynthSlicerLib.parameters import (APPEARANCE_SPREAD_RANGE, DETECT_CONVENTION, DEVICES, EXPORT_FORMATS,
+                                          EXPORT_NAMINGS, INSERT_LABEL_CONVENTIONS, LABEL_CONVENTIONS, PRECISIONS, GenerateOptions,
                                           TumourParameters, device_parameter, platform_devices)
 
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,  # noqa: E402

@@ -659,7 +659,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = generate(GenerateOptions(
         n=args.n, output=args.output, labels_from=args.labels_from or [], template=args.template, edits=args.edits,
         model=args.model, layout=args.layout, dataset_id=args.dataset_id, name=args.name, workers=args.workers,
-        seed=args.seed, appearance_spread=args.appearance_spread, label_convention=args.label_convention, anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
+        seed=args.seed, appearance_spread=args.appearance_spread, label_convention=args.label_convention,
+        anonymous=args.anonymous, device=args.device, precision=args.precision, cache=args.cache,
         overwrite=args.overwrite, progress=not args.quiet,
         command=command))
     state = "complete" if summary["finished"] else "this rank's share done"

@@ -43,7 +43,8 @@ def measure(folder: Path, engine: SynthesisEngine, seeds: list[int], case=None, 
     tumour = labels >= Label.NCR
     healthy = brain & ~tumour
     samples = [engine.synthesize(labelmap, seed=seed) for seed in seeds]
-    entry: dict = {"case": folder.name, "seeds": seeds, "appearance_spread": engine.appearance_spread, "seed_effective": samples[0].provenance["seed_effective"],
+    entry: dict = {"case": folder.name, "seeds": seeds, "appearance_spread": engine.appearance_spread,
+                   "seed_effective": samples[0].provenance["seed_effective"],
                    "diversity": {}, "rules_real": check_contrast_rules(case.images, labels),
                    "rules_synthetic": [check_contrast_rules(s.images, labels) for s in samples]}
     for m in MODALITIES:

@@ -180,7 +180,8 @@ def _readme(card: dict[str, Any]) -> str:
         "",
         f"- Layout: `{card['layout']}` (folder `{card['dataset_folder']}`)",
         f"- Model: `{card['model']['name']}`, weights sha256 `{card['model']['sha256']}`",
-        f"- Seed: {card['seed']}; appearance spread: {card['appearance_spread']:g}; anonymous cases only: {'yes' if card['anonymous_only'] else 'no'}",
+        f"- Seed: {card['seed']}; appearance spread: {card['appearance_spread']:g}; "
+        f"anonymous cases only: {'yes' if card['anonymous_only'] else 'no'}",
         f"- Command: `{card['command']}`" if card["command"] else "- Command: (called from Python)",
         f"- Cases: {card['counts']['cases']} ({', '.join(f'{k} {v}' for k, v in card['counts']['by_kind'].items())})",
         f"- Sources: {card['sources']['real_cases']} real cases, {card['sources']['tumour_label_maps']} tumour "
