@@ -13,6 +13,10 @@ model's ``config.json`` under ``"appearance"``. A seed's code is then ``mean + L
 the covariance's Cholesky factor and ``eps`` the seed's standard-normal draw
 (:func:`~MedSynthLib.synthesis.networks.style_code`). A model without the record draws ``eps`` itself, as
 every model did before it.
+
+Synthesis can scale the draw about the mean (the appearance spread, :data:`SPREAD_RANGE`): below 1 it narrows the
+appearances towards the mean one, as the truncation trick of style-based GANs trades variety for typicality
+(Karras et al., CVPR 2019); past 1 the shipped model's codes leave the distribution it met in training.
 """
 
 from __future__ import annotations
