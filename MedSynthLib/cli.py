@@ -674,13 +674,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .cases.readers import read_case
     from .evaluation.evaluate import evaluate
     from .schema.volume_io import check_writable, folder_and_files, write_json
+    from .synthesis.appearance import check_appearance_spread
     from .synthesis.models import resolve_model
     from .synthesis.synthesize import SynthesisEngine
 
     check_writable([args.output], args.overwrite,
                    inputs=[f for folder in [*args.cases, *(args.reference or [])] for f in folder_and_files(folder)])
+    spread = check_appearance_spread(args.appearance_spread, "--appearance-spread")
     model = resolve_model(args.model)
-    engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average)
+    engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average,
+                             appearance_spread=spread)
     cache: dict[Path, Any] = {}
 
     def labels_for(folder: Path) -> Any:
@@ -692,6 +695,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         results = evaluate(engine, list(args.cases), labels_for, list(args.reference or []) or None, progress=step)
     results["inference"] = {"device": engine.device, "precision": engine.synth.precision,
                             "mirror_average": engine.synth.mirror_average}
+    if engine.network.has_style:  # seed 0's appearance, at this spread
+        results["inference"]["appearance_spread"] = engine.appearance_spread
     write_json(results, args.output, overwrite=args.overwrite)
     for name, summary in results["summary"].items():
         print(f"{name:<22} SSIM {summary['brain_ssim']:.3f}  PSNR {summary['brain_psnr']:.2f} dB  "
@@ -968,6 +973,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mirror-average", dest="mirror_average", action="store_false",
                    help="one forward pass instead of averaging it with the pass on the left-right mirrored label "
                         "map (about half the network time)")
+    p.add_argument("--appearance-spread", type=_finite_float, default=1.0, metavar="S",
+                   help="the appearance spread of the synthesis (seed 0), 0 to 1 (default 1; 0: the mean appearance)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="share synthetic cases: BraTS NIfTI or DICOM, marked synthetic, de-identified",

@@ -272,3 +272,31 @@ def test_class_signal_without_grey_or_white_matter_leaves_the_patient_frame_unde
         assert all(row["synthetic_in_patient_frame"] is None for row in signal["classes"].values())
         assert report["class_signal"][m] == {"brain_spread_ratio": None, "classes": {}}
         assert entry["model"][m]["brain"]["ssim"] == pytest.approx(1.0)
+
+
+def test_medsynth_evaluate_scores_at_the_appearance_spread_asked_and_records_it(tmp_path: Path, capsys) -> None:
+    """A model with an appearance code is scored with seed 0 at ``--appearance-spread`` (0: the mean appearance),
+    recorded in the report; a spread out of range is one line, exit 2, nothing written."""
+    import json
+
+    from MedSynthLib.cli import main
+    from test_synthesis_seed import STYLED, _model
+
+    model = _model(tmp_path / "styled", STYLED)
+    folder = write_phantom_case(tmp_path / "cases", 0)
+    reports = {}
+    for spread in ("0", "1"):
+        path = tmp_path / f"report_{spread}.json"
+        assert main(["evaluate", str(folder), "--model", str(model), "--device", "cpu", "--appearance-spread", spread,
+                     "-o", str(path)]) == 0
+        reports[spread] = json.loads(path.read_text())
+        assert reports[spread]["inference"]["appearance_spread"] == float(spread)
+    scores = [reports[s]["cases"][0]["model"]["t1"]["brain"]["ssim"] for s in ("0", "1")]
+    assert scores[0] != scores[1]  # another appearance, another score
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    assert main(["evaluate", str(folder), "--model", str(model), "--device", "cpu", "--appearance-spread", "1.5",
+                 "-o", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "medsynth: error: --appearance-spread must be a number from 0 to 1, got 1.5"]
+    assert not bad.exists()
