@@ -59,10 +59,10 @@ class SynthesisEngine:
         """
         import torch
 
-        self.appearance_spread = appearance_spread
-
         from .inference import Synthesizer, pick_device, pick_precision
         from .models import load_generator
+
+        self.appearance_spread = appearance_spread  # checked before the model loads
 
         start = time.perf_counter()
         self.model = model
