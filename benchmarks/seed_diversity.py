@@ -34,10 +34,8 @@ from MedSynthLib.synthesis.normalize import zscore  # noqa: E402
 from MedSynthLib.synthesis.synthesize import SynthesisEngine  # noqa: E402
 
 
-def measure(folder: Path, engine: SynthesisEngine, seeds: list[int], case=None, labelmap=None) -> dict:
-    """One case at the engine's appearance spread (``case`` and ``labelmap``: already read and derived)."""
-    case = case if case is not None else read_case(folder, require_segmentation=True)
-    labelmap = labelmap if labelmap is not None else derive_label_map(case)
+def measure(folder: Path, engine: SynthesisEngine, seeds: list[int], case, labelmap) -> dict:
+    """One case (read from ``folder``, its label map derived) at the engine's appearance spread."""
     labels = labelmap.array
     brain = labels > Label.BACKGROUND
     tumour = labels >= Label.NCR

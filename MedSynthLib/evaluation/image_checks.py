@@ -171,7 +171,6 @@ def outermost_layer(brain: np.ndarray) -> np.ndarray:
     return brain & ~ndimage.binary_erosion(brain)
 
 
-
 def layer_signal_shares(images: dict[str, np.ndarray], layer: np.ndarray,
                         floors: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """Per contrast, the share of ``layer``'s voxels at 0 and the share at or below the contrast's floor.

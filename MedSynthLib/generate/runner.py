@@ -273,7 +273,7 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
     _WORKER["sources"] = Sources([Source.from_json(s) for s in state["sources"]])
     _WORKER["layout"] = Layout(**state["layout"])
     _WORKER["engine"] = SynthesisEngine(resolve_model(state["model_path"]), device, state["precision"],
-                                        appearance_spread=state.get("appearance_spread", 1.0))
+                                        appearance_spread=state["appearance_spread"])
     if _WORKER["sources"].template is not None:
         load_source(_WORKER["sources"].template)  # read the template once per process, not in a case's timing
 
