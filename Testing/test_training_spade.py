@@ -73,6 +73,61 @@ def test_spade_config_checks() -> None:
     assert config.network.has_style and config.style_kl_weight == 0.5
 
 
+def test_the_floor_hinge_can_hold_wide_appearance_codes(phantom_cases: Path, tmp_path: Path, monkeypatch) -> None:
+    """With floor_code_spread, each step renders the patch a second time with a wide code drawn from (seed, step,
+    rank) and the floor hinge counts on that rendering too."""
+    import MedSynthLib.training.train as train_module
+    from MedSynthLib.synthesis.networks import Generator
+
+    hinged: list[torch.Tensor] = []
+    original = train_module.below_floor
+    monkeypatch.setattr(train_module, "below_floor",
+                        lambda prediction, floor, counted: hinged.append(prediction.detach().clone())
+                        or original(prediction, floor, counted))
+    extra: list[torch.Tensor] = []
+    forward = Generator.forward
+    monkeypatch.setattr(Generator, "forward", lambda self, *args, **kwargs: extra.append(kwargs.get("extra_styles"))
+                        or forward(self, *args, **kwargs))
+    config = tmp_path / "wide.json"
+    config.write_text(json.dumps(dict(CONFIG, steps=2, checkpoint_every=2, val_every=1000, lambda_floor=100.0,
+                                      floor_code_spread=2.0, appearance_patches=0)))
+    _train(phantom_cases, tmp_path / "run", config)
+    codes = [code for code in extra if code is not None]
+    assert len(codes) == 2 and codes[0].shape == (1, 2) and not torch.equal(codes[0], codes[1])
+    assert len(hinged) == 4  # per step: the encoded code's rendering, then the wide code's
+    assert not torch.equal(hinged[0], hinged[1]) and hinged[0].shape == hinged[1].shape
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"loss/below_floor_wide_codes" in events
+
+
+def test_extra_codes_render_the_same_label_map_in_the_same_pass() -> None:
+    from MedSynthLib.synthesis.networks import Generator, NetworkConfig
+
+    torch.manual_seed(0)
+    generator = Generator(NetworkConfig.from_json(dict(SPADE_NETWORK, in_channels=7, out_channels=4))).eval()
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 7, (1, 16, 16, 16)), 7).permute(0, 4, 1, 2, 3).float()
+    real = torch.randn((1, 4, 16, 16, 16))
+    wide = torch.tensor([[3.0, -2.5]])
+    with torch.no_grad():
+        both, kl = generator(onehot, reference=real, noise=torch.zeros((1, 2)), extra_styles=wide)
+        encoded, kl_alone = generator(onehot, reference=real, noise=torch.zeros((1, 2)))
+        alone = generator(onehot, style=wide)
+    assert both.shape == (2, 4, 16, 16, 16) and torch.equal(kl, kl_alone)
+    assert torch.allclose(both[:1], encoded, atol=1e-6) and torch.allclose(both[1:], alone, atol=1e-6)
+    assert not torch.allclose(both[:1], both[1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"floor_code_spread": 1.5}, "needs lambda_floor above 0"),
+    ({"floor_code_spread": 1.5, "lambda_floor": 10.0, "network": dict(SPADE_NETWORK, style_dim=0)},
+     "a network with an appearance code"),
+    ({"floor_code_spread": -1.0, "lambda_floor": 10.0}, "floor_code_spread"),
+])
+def test_floor_code_spread_checks(options: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        TrainConfig.from_json(dict(CONFIG, **options), "cfg.json")
+
+
 def test_shipped_spade_configs_load() -> None:
     for path in sorted((REPO / "Resources" / "configs").glob("*spade*.json")):
         config = TrainConfig.from_json(json.loads(path.read_text()), str(path))

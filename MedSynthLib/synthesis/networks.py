@@ -126,7 +126,8 @@ class Generator(nn.Module):
                 antialias_upsampling(self.unet)
 
     def forward(self, onehot: torch.Tensor, style: torch.Tensor | None = None, reference: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                noise: torch.Tensor | None = None,
+                extra_styles: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images in ``[-1, 1]``.
 
         Args:
@@ -135,6 +136,9 @@ class Generator(nn.Module):
             reference: training only: real images whose encoded code is used instead of ``style``;
                 the output is then ``(images, KL of the code to the standard normal)``.
             noise: (B, style_dim) standard-normal draws for the code's reparameterisation (with ``reference``).
+            extra_styles: (B, style_dim) training only, with ``reference``: further codes rendered on the same label
+                maps in the same forward pass (one pass, as DistributedDataParallel needs), their images after the
+                encoded codes' along the batch (2B images).
         """
         if self.config.kind == "unet":
             return torch.tanh(self.unet(onehot))
@@ -147,6 +151,8 @@ class Generator(nn.Module):
             if noise is None:
                 noise = torch.zeros_like(mean)
             style = mean + noise.to(mean) * torch.exp(0.5 * log_variance)
+            if extra_styles is not None:
+                onehot, style = torch.cat([onehot, onehot], 0), torch.cat([style, extra_styles.to(style)], 0)
             return torch.tanh(self.net(onehot, style)), kl_to_standard_normal(mean.float(), log_variance.float())
         if self.config.has_style and style is None:
             style = onehot.new_zeros((onehot.shape[0], self.config.style_dim))

@@ -95,6 +95,11 @@ class TrainConfig:
     # normalize.signal_floor_z). The SSIM term drew up to a fifth of the brain's outermost layer below it
     # (docs/model_card.md). 0: off, as every model before session 29. z-score normalisations only.
     lambda_floor: float = 0.0
+    # The floor hinge also for wide appearance codes: each step renders the patch a second time with a code drawn
+    # from a standard normal scaled by this (from (seed, step, rank)) and adds lambda_floor x its shortfall below
+    # the floor. Codes past the training distribution darkened the brain's outermost layer (docs/model_card.md,
+    # "Appearance spread"); 0: off, as every model before session 42. Needs lambda_floor and an appearance code.
+    floor_code_spread: float = 0.0
     # Weight of a term holding each label class's level (training/losses.class_level_loss: per patch and class, the
     # prediction's mean against the real one's, where the loss counts). 0: off, as every model before session 35;
     # tried at 100 and 300 against the exaggerated grey/white contrast, not used (docs/model_card.md, session 35).
@@ -273,6 +278,10 @@ def _check_values(config: TrainConfig, source: str) -> None:
     for name in ("lambda_l1", "lambda_ssim", "lambda_floor", "lambda_class_level", "rotate_deg", "scale", "intensity",
                  "divergence_window", "grad_clip"):
         check_range(source, name, getattr(config, name), 0)
+    check_range(source, "floor_code_spread", config.floor_code_spread, 0, 10)
+    if config.floor_code_spread > 0 and not (config.lambda_floor > 0 and config.network.has_style):
+        raise InputError(source, "floor_code_spread holds wide appearance codes above the floor: it needs "
+                                 "lambda_floor above 0 and a network with an appearance code (style_dim)")
     if config.ssim_interior and config.lambda_ssim == 0:
         raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
     if config.ssim_region not in SSIM_REGIONS:
@@ -715,14 +724,22 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 from ..synthesis.inpainting import inpainting_condition
 
                 cond = inpainting_condition(cond, real, region)
-            kl = None
+            kl = fake_wide = None
             with autocast:
                 if config.network.has_style:
                     # The appearance code is encoded from the real patch; its reparameterisation noise is
                     # drawn from (seed, step, rank) like the patch, so a resumed run repeats it exactly.
                     noise = torch.randn((cond.shape[0], config.network.style_dim),
                                         generator=torch.Generator().manual_seed(_noise_seed(config.seed, step, d.rank)))
-                    fake, kl = g_model(cond, reference=real, noise=noise.to(dev))
+                    wide = None
+                    if config.floor_code_spread > 0:
+                        wide = config.floor_code_spread * torch.randn(
+                            (cond.shape[0], config.network.style_dim),
+                            generator=torch.Generator().manual_seed(_noise_seed(config.seed, step, d.rank, stream=2)))
+                    fake, kl = g_model(cond, reference=real, noise=noise.to(dev),
+                                       extra_styles=None if wide is None else wide.to(dev))
+                    if wide is not None:
+                        fake, fake_wide = fake[:cond.shape[0]], fake[cond.shape[0]:]
                 else:
                     fake = g_model(cond)
             fake = paint_into_real(fake, real, counted)
@@ -762,6 +779,10 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 loss_floor = below_floor(fake, floor, counted)
                 loss_g = loss_g + config.lambda_floor * loss_floor
                 logs["loss/below_floor"] = loss_floor.item()
+                if fake_wide is not None:
+                    loss_floor_wide = below_floor(fake_wide, floor, counted)
+                    loss_g = loss_g + config.lambda_floor * loss_floor_wide
+                    logs["loss/below_floor_wide_codes"] = loss_floor_wide.item()
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
                 logs["loss/style_kl"] = kl.item()
@@ -859,9 +880,11 @@ def _stop_if_diverged(message: str | None, run_dir: Path, d: Any, device: torch.
         raise MedSynthError(f"{run_dir}: {message or 'another rank found that the generator has not learned'}")
 
 
-def _noise_seed(seed: int, step: int, rank: int) -> int:
-    """A seed for torch's generator derived from (seed, step, rank), independent of the patch draw's."""
-    return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1)[0])
+def _noise_seed(seed: int, step: int, rank: int, stream: int = 1) -> int:
+    """A seed for torch's generator derived from (seed, step, rank), independent of the patch draw's.
+
+    ``stream`` 1: the appearance code's reparameterisation; 2: the wide codes of ``floor_code_spread``."""
+    return int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0])
 
 
 #: Options a resume's command line may repeat but not change (each changes the run's result; the thread
