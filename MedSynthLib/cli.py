@@ -112,8 +112,9 @@ def _number(value: float, name: str, low: float = 0.0, high: float = math.inf) -
     return value
 
 
-SPREAD_HELP = ("how far a seed's appearance reaches from the model's mean appearance, 0 to 1 (default 1: the "
-               "training cases' spread; 0: every seed the mean appearance); recorded")
+SPREAD_HELP = ("how far a seed's appearance reaches from the model's mean appearance, 0 to the model's limit (1 "
+               "unless its record declares more; default 1: the training cases' spread; 0: every seed the mean "
+               "appearance); recorded")
 
 
 def _add_case_options(parser: argparse.ArgumentParser) -> None:
@@ -554,7 +555,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from .synthesis.appearance import check_appearance_spread
+    from .synthesis.appearance import check_appearance_spread, check_model_spread
 
     if args.context is not None:
         if args.appearance_spread is not None:  # inpainting keeps the patient's appearance: no code to draw
@@ -576,6 +577,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         labelmap = read_label_map(args.labels)
         _keep_freed_memory_for(labelmap)
         model = resolve_model(args.model)
+        check_model_spread(spread, model, "--appearance-spread")
         engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average,
                                  appearance_spread=spread)
         step("model loaded")
@@ -674,7 +676,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .cases.readers import read_case
     from .evaluation.evaluate import evaluate
     from .schema.volume_io import check_writable, folder_and_files, write_json
-    from .synthesis.appearance import check_appearance_spread
+    from .synthesis.appearance import check_appearance_spread, check_model_spread
     from .synthesis.models import resolve_model
     from .synthesis.synthesize import SynthesisEngine
 
@@ -682,6 +684,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                    inputs=[f for folder in [*args.cases, *(args.reference or [])] for f in folder_and_files(folder)])
     spread = check_appearance_spread(args.appearance_spread, "--appearance-spread")
     model = resolve_model(args.model)
+    check_model_spread(spread, model, "--appearance-spread")
     engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average,
                              appearance_spread=spread)
     cache: dict[Path, Any] = {}
@@ -761,6 +764,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .synthesis.appearance import spread_limit
     from .synthesis.models import (DEFAULT_KEYS, default_problem, models_root, read_registry, register_model,
                                    resolve_model, share_model)
 
@@ -777,11 +781,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         raise _UsageError("medsynth models: -o applies with --share only")
     if args.register is None and (args.name or args.default):
         raise _UsageError("medsynth models: --name and --default apply with --register or --share only")
+    if args.register is None and args.appearance_spread_limit is not None:
+        raise _UsageError("medsynth models: --appearance-spread-limit applies with --register only")
     if args.register is not None:
         if not args.name:
             raise _UsageError("medsynth models --register needs --name")
-        model = register_model(args.register, args.name, make_default=args.default, overwrite=args.overwrite)
-        print(f"{models_root() / args.name}: registered as {args.name} (sha256 {model.sha256})")
+        model = register_model(args.register, args.name, make_default=args.default, overwrite=args.overwrite,
+                               spread_limit=args.appearance_spread_limit)
+        limit = "" if args.appearance_spread_limit is None else f", appearance spread up to {spread_limit(model):g}"
+        print(f"{models_root() / args.name}: registered as {args.name} (sha256 {model.sha256}{limit})")
         return 0
 
     registry = read_registry()
@@ -1003,6 +1011,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="output folder for --share")
     p.add_argument("--name", help="registry name for --register; the shared model's name for --share")
     p.add_argument("--default", action="store_true", help="make the registered model the default")
+    p.add_argument("--appearance-spread-limit", type=_finite_float, metavar="S",
+                   help="with --register: the widest appearance spread synthesis accepts with the model (1 to 2; "
+                        "default 1), as measured for its model card")
     p.add_argument("--overwrite", action="store_true", help="replace a registered model of that name, or "
                    "--share's output folder")
     p.set_defaults(func=cmd_models)

@@ -6,6 +6,7 @@ export and by ``medsynth appearance`` for a model trained without one (the same 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -100,22 +101,47 @@ def test_the_spread_scales_the_draws_distance_from_the_mean() -> None:
     np.testing.assert_allclose(np.cov(codes, rowvar=False), 1.5 ** 2 * np.asarray(prior.covariance), atol=0.08)
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.01, 2.0, float("nan"), float("inf"), True, "1"])
+@pytest.mark.parametrize("value", [-0.1, 2.01, 3.0, float("nan"), float("inf"), True, "1"])
 def test_a_spread_outside_its_range_is_refused_by_name(value) -> None:
     from MedSynthLib.schema.errors import MedSynthError
     from MedSynthLib.synthesis.appearance import SPREAD_RANGE, check_appearance_spread
 
-    assert SPREAD_RANGE == (0.0, 1.0)
-    with pytest.raises(MedSynthError, match="--appearance-spread must be a number from 0 to 1"):
+    assert SPREAD_RANGE == (0.0, 2.0)
+    with pytest.raises(MedSynthError, match="--appearance-spread must be a number from 0 to 2"):
         check_appearance_spread(value, "--appearance-spread")
     assert check_appearance_spread(1, "x") == 1.0 and isinstance(check_appearance_spread(0, "x"), float)
+
+
+def test_each_model_accepts_spreads_up_to_its_own_limit() -> None:
+    from types import SimpleNamespace
+
+    from MedSynthLib.schema.errors import MedSynthError
+    from MedSynthLib.synthesis.appearance import check_model_spread, spread_limit
+
+    without_record = SimpleNamespace(name="plain", appearance=None)
+    undeclared = SimpleNamespace(name="undeclared", appearance=_prior())
+    declared = SimpleNamespace(name="wide", appearance=dataclasses.replace(_prior(), spread_limit=1.2))
+    assert spread_limit(without_record) == spread_limit(undeclared) == 1.0 and spread_limit(declared) == 1.2
+    for model in (without_record, undeclared):
+        assert check_model_spread(1, model, "--appearance-spread") == 1.0
+        with pytest.raises(MedSynthError, match=rf"^--appearance-spread 1.1 is wider than model {model.name} "
+                                                r"accepts \(up to 1: "):
+            check_model_spread(1.1, model, "--appearance-spread")
+    assert check_model_spread(1.2, declared) == 1.2 and check_model_spread(0, declared) == 0.0
+    with pytest.raises(MedSynthError, match=r"appearance spread 1.25 is wider than model wide accepts \(up to 1.2"):
+        check_model_spread(1.25, declared)
+    with pytest.raises(MedSynthError, match="must be a number from 0 to 2"):  # the range first
+        check_model_spread(-1, declared)
 
 
 def test_the_record_round_trips() -> None:
     prior = _prior()
     record = json.loads(json.dumps(prior.to_json()))
-    assert record["kind"] == GAUSSIAN
+    assert record["kind"] == GAUSSIAN and "spread_limit" not in record  # records without a limit stay as they were
     assert AppearancePrior.from_json(record, "config.json", 3) == prior
+    wide = dataclasses.replace(prior, spread_limit=1.5)
+    record = json.loads(json.dumps(wide.to_json()))
+    assert record["spread_limit"] == 1.5 and AppearancePrior.from_json(record, "config.json", 3) == wide
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -128,6 +154,10 @@ def test_the_record_round_trips() -> None:
     ({"covariance": [[1, 0, 0], [0, -1, 0], [0, 0, 1]]}, "not positive definite"),
     ({"patches": 1}, "'patches' must be an integer of at least 2"),
     ({"seed": 1.5}, "'seed' must be an integer"),
+    ({"spread_limit": 0.5}, "'spread_limit' must be a number from 1 to 2, got 0.5"),
+    ({"spread_limit": 2.5}, "'spread_limit' must be a number from 1 to 2"),
+    ({"spread_limit": True}, "'spread_limit' must be a number from 1 to 2"),
+    ({"spread_limit": "1.2"}, "'spread_limit' must be a number from 1 to 2"),
 ])
 def test_a_bad_record_is_refused_naming_the_file(change, problem) -> None:
     record = dict(_prior().to_json(), **change)
@@ -195,8 +225,11 @@ def test_the_engines_spread_scales_the_code_it_records_and_can_change_between_ca
         assert case.provenance["appearance_spread"] == spread and case.provenance["seed_effective"] is True
         distances.append(float(np.abs(case.normalized - mean_case.normalized).mean()))
     assert 0 < distances[0] < distances[1]  # the further the code, the further the case from the mean one
-    with pytest.raises(MedSynthError, match="appearance spread must be a number from 0 to 1, got 1.5"):
+    with pytest.raises(MedSynthError, match=rf"appearance spread 1.5 is wider than model {model.name} accepts "
+                                            r"\(up to 1:"):
         engine.appearance_spread = 1.5
+    with pytest.raises(MedSynthError, match="appearance spread must be a number from 0 to 2, got 2.5"):
+        engine.appearance_spread = 2.5
     assert engine.appearance_spread == 1.0  # a refused value changes nothing
     with pytest.raises(MedSynthError, match="appearance spread must be a number"):
         SynthesisEngine(model, "cpu", "fp32", appearance_spread=float("nan"))
@@ -217,6 +250,50 @@ def test_a_bad_record_in_a_model_is_one_line_exit_2(styled_model, tmp_path, caps
     assert err[0] == (f"medsynth: error: {folder / 'config.json'}: model config: 'appearance' 'mean' must be 4 "
                       "finite numbers (the network's style_dim)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_spread_limit_declared_at_registration_widens_that_copy_only(styled_model, tmp_path, monkeypatch,
+                                                                       capsys) -> None:
+    from MedSynthLib.schema.labelmap import write_label_map
+
+    record = AppearancePrior((1.0, -1.0, 0.5, 0.0), tuple(map(tuple, np.diag([0.04, 0.09, 0.01, 0.25]).tolist())),
+                             10, 0).to_json()
+    source = _styled_model_with(tmp_path / "source", styled_model, record)
+    before = (source / "config.json").read_bytes()
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "registry"))
+    labels = write_label_map(synthetic_brain(), tmp_path / "labels.nii.gz")
+
+    def synthesize(model: str, out: str, spread: str) -> int:
+        return main(["synthesize", str(labels), "-o", str(tmp_path / out), "--model", model, "--device", "cpu",
+                     "--appearance-spread", spread])
+
+    # Not declared: held to 1, in one line, exit 2, nothing written.
+    assert synthesize(str(source), "refused", "1.2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medsynth: error: --appearance-spread 1.2 is wider than model "
+                                               f"{resolve_model(source).name} accepts (up to 1:")
+    assert not (tmp_path / "refused").exists()
+    assert main(["models", "--register", str(source), "--name", "wide", "--appearance-spread-limit", "1.2"]) == 0
+    assert "appearance spread up to 1.2" in capsys.readouterr().out
+    registered = resolve_model("wide")
+    assert registered.appearance.spread_limit == 1.2 and registered.sha256 == resolve_model(source).sha256
+    assert (source / "config.json").read_bytes() == before  # the trained folder is left as it was
+    assert synthesize("wide", "wide", "1.2") == 0
+    provenance = json.loads((tmp_path / "wide" / "provenance.json").read_text())
+    assert provenance["appearance_spread"] == 1.2
+    assert provenance["appearance_code"] == [float(v) for v in registered.appearance.code(0, 1.2)[0]]
+    assert synthesize("wide", "wider", "1.3") == 2 and "(up to 1.2:" in capsys.readouterr().err
+    # Refused at registration: a model without a prior, a limit out of range, the option without --register.
+    for args, words in (([str(styled_model), "--name", "bare", "--appearance-spread-limit", "1.2"],
+                         "applies to a model with an appearance prior"),
+                        ([str(source), "--name", "too_wide", "--appearance-spread-limit", "2.5"],
+                         "'spread_limit' must be a number from 1 to 2, got 2.5")):
+        assert main(["models", "--register", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "registry" / "bare").exists() and not (tmp_path / "registry" / "too_wide").exists()
+    assert main(["models", "--appearance-spread-limit", "1.2"]) == 2
+    assert "applies with --register only" in capsys.readouterr().err
 
 
 def _train(data: Path, run: Path, config: dict, tmp_path: Path) -> Path:

@@ -791,9 +791,9 @@ def test_a_preview_with_other_options_replaces_the_preview_volumes(case, tiny_mo
     mrml.remove_nodes(case.scene, seg, *nodes.values())
 
 
-@pytest.mark.parametrize("spread", [-0.5, 1.5, float("nan"), True])
+@pytest.mark.parametrize("spread", [-0.5, 2.5, float("nan"), True])
 def test_generate_options_refuse_an_appearance_spread_out_of_range(spread):
-    with pytest.raises(WorkflowError, match="the appearance spread must be a number from 0 to 1"):
+    with pytest.raises(WorkflowError, match="the appearance spread must be a number from 0 to 2"):
         GenerateOptions(appearance_spread=spread).validate()
     assert GenerateOptions(appearance_spread=0.5).worker_params()["appearance_spread"] == 0.5
 
@@ -818,6 +818,16 @@ def test_the_appearance_spread_reaches_the_case_and_a_new_spread_makes_new_previ
     assert {n.GetID() for n in first.values()}.isdisjoint(n.GetID() for n in wider.values())
     assert not np.array_equal(mrml.array_from_volume(first["t1"]), mrml.array_from_volume(wider["t1"]))
     case.logic.close_preview()
+    # Past the model's own limit (this one declares none: 1) the worker refuses in one line and adds nothing.
+    ids = _ids(case.scene)
+    job = case.logic.start_generate(seg, GenerateOptions(model=styled, device="cpu", inpaint=False, seed=3,
+                                                         appearance_spread=1.5))
+    job.task.wait(timeout=300)
+    with pytest.raises(WorkflowError, match=r"synthesis failed: .*appearance spread 1.5 is wider than model .* "
+                                            r"accepts \(up to 1:") as error:
+        case.logic.finish_generate(job)
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+    assert _ids(case.scene) == ids
     mrml.remove_nodes(case.scene, seg, *outputs.values(), *first.values(), *wider.values())
 
 

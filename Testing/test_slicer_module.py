@@ -462,8 +462,10 @@ def test_parameter_node_builds_on_a_real_scene_node_with_every_default(module):
     assert params.appearanceSpread == 1.0
     params.appearanceSpread = 0.5
     assert cls(node).appearanceSpread == 0.5
+    params.appearanceSpread = 1.5  # within the range a model may accept; the worker checks the chosen model's
+    assert cls(node).appearanceSpread == 1.5
     with pytest.raises(ValueError):
-        params.appearanceSpread = 1.5  # the range synthesis accepts
+        params.appearanceSpread = 2.5  # past the range any model may accept
 
 
 def test_device_choices_follow_the_platform(module):

@@ -62,8 +62,9 @@ MODALITY_TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 FALLBACK_EXPORT_FORMATS = ("nifti", "dicom")
 FALLBACK_EXPORT_NAMINGS = ("brats2021", "brats2023")
 FALLBACK_LABEL_CONVENTIONS = ("brats2021", "brats2023", "msd", "brats2015")
-FALLBACK_APPEARANCE_SPREAD_RANGE = (0.0, 1.0)
-#: The appearance spreads synthesis accepts (MedSynthLib.synthesis.appearance.SPREAD_RANGE).
+FALLBACK_APPEARANCE_SPREAD_RANGE = (0.0, 2.0)
+#: The appearance spreads any model may accept (MedSynthLib.synthesis.appearance.SPREAD_RANGE); each model accepts up
+#: to its own limit within them, checked where the worker loads it.
 APPEARANCE_SPREAD_RANGE: tuple[float, float] = _spread_range()
 EXPORT_FORMATS: tuple[str, ...] = _from_medsynthlib(_export_formats, FALLBACK_EXPORT_FORMATS)
 EXPORT_NAMINGS: tuple[str, ...] = _from_medsynthlib(_export_namings, FALLBACK_EXPORT_NAMINGS)
@@ -115,7 +116,8 @@ class GenerateOptions:
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
         seed: draws the appearance of a model with an appearance code; recorded in the provenance.
         appearance_spread: how far the seed's appearance reaches from the model's mean appearance (1: the training
-            cases' spread; 0: the mean appearance for every seed).
+            cases' spread; 0: the mean appearance for every seed); past 1 only as far as the model accepts (its
+            record's limit, checked where the worker loads it).
         inpaint: when the input is a real case, Generate keeps the patient's images and re-renders only the
             edited tumour region (an inpainting model); False: a whole synthetic case (for anonymisation).
         inpainting_model: inpainting model name or folder; ``None``/empty: the registry's default.

@@ -393,7 +393,7 @@ def _prepare_one(item: tuple[str, str, str, str | None]) -> dict[str, Any]:
 
 def generate(options: GenerateOptions) -> dict[str, Any]:
     """Generate the dataset; returns a summary (counts, timings)."""
-    from ..synthesis.appearance import check_appearance_spread
+    from ..synthesis.appearance import check_appearance_spread, check_model_spread
     from ..synthesis.models import resolve_model
 
     opt = options
@@ -423,6 +423,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     config = check_config_fits_sources(config, _placeholder_sources(case_dirs, tumour_files, opt.template), where,
                                        drop)
     model = resolve_model(opt.model)
+    check_model_spread(opt.appearance_spread, model, "--appearance-spread")
     rank, world, local_rank = distributed()
 
     out = Path(opt.output)

@@ -14,9 +14,11 @@ the covariance's Cholesky factor and ``eps`` the seed's standard-normal draw
 (:func:`~MedSynthLib.synthesis.networks.style_code`). A model without the record draws ``eps`` itself, as
 every model did before it.
 
-Synthesis can scale the draw about the mean (the appearance spread, :data:`SPREAD_RANGE`): below 1 it narrows the
-appearances towards the mean one, as the truncation trick of style-based GANs trades variety for typicality
-(Karras et al., CVPR 2019); past 1 the shipped model's codes leave the distribution it met in training.
+Synthesis can scale the draw about the mean (the appearance spread): below 1 it narrows the appearances towards the
+mean one, as the truncation trick of style-based GANs trades variety for typicality (Karras et al., CVPR 2019); past
+1 the codes leave the distribution the generator met in training. How far past 1 a model stays believable is a
+property of the model, measured and recorded in its appearance record (``spread_limit``, :func:`check_model_spread`):
+a model without the record is held to 1.
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ class PatchSource(Protocol):
 #: ``"kind"`` of the record in a model config.
 GAUSSIAN = "aggregate-posterior-gaussian"
 
-#: The appearance spreads synthesis accepts (:meth:`AppearancePrior.code`): 0 (every seed the mean appearance) to 1
-#: (the training codes' distribution).  Wider draws were measured and refused: from 1.1 on, the shipped model
-#: leaves more of the brain's outermost layer at its floor than real scans have (model card, "Appearance spread").
-SPREAD_RANGE: tuple[float, float] = (0.0, 1.0)
+#: The appearance spreads any model may accept (:meth:`AppearancePrior.code`): 0 (every seed the mean appearance) to
+#: 2; each model accepts up to its own limit within it (:func:`check_model_spread`).
+SPREAD_RANGE: tuple[float, float] = (0.0, 2.0)
+
+#: The widest spread of a model whose record declares none: 1, the training codes' distribution.  Wider draws were
+#: measured and refused for such models: from 1.1 on, the default of session 40 leaves more of the brain's outermost
+#: layer at its floor than real scans have (model card, "Appearance spread").
+DEFAULT_SPREAD_LIMIT = 1.0
 
 
 def check_appearance_spread(value: Any, name: str = "appearance spread") -> float:
@@ -58,6 +64,28 @@ def check_appearance_spread(value: Any, name: str = "appearance spread") -> floa
     return float(value)
 
 
+class SpreadModel(Protocol):
+    """What the spread check reads of a model (``MedSynthLib.synthesis.models.ModelCard``)."""
+
+    name: str
+    appearance: "AppearancePrior | None"
+
+
+def spread_limit(model: SpreadModel) -> float:
+    """The widest appearance spread ``model`` accepts: its record's ``spread_limit``, else 1."""
+    return DEFAULT_SPREAD_LIMIT if model.appearance is None else model.appearance.spread_limit
+
+
+def check_model_spread(value: Any, model: SpreadModel, name: str = "appearance spread") -> float:
+    """:func:`check_appearance_spread`, then within the model's own :func:`spread_limit` (one line naming both)."""
+    spread = check_appearance_spread(value, name)
+    limit = spread_limit(model)
+    if spread > limit:
+        raise MedSynthError(f"{name} {spread:g} is wider than model {model.name} accepts (up to {limit:g}: past it "
+                            "its synthetic brains lose signal at their outer edge; see its model card)")
+    return spread
+
+
 @dataclass(frozen=True)
 class AppearancePrior:
     """A Gaussian over appearance codes: where a seed's code comes from.
@@ -67,12 +95,15 @@ class AppearancePrior:
         covariance: (style_dim, style_dim) their covariance, symmetric positive definite.
         patches: how many training patches it was fitted on.
         seed: the patch draws' seed (with ``patches``, they repeat the fit exactly).
+        spread_limit: the widest appearance spread synthesis accepts with this model (at least 1; declared when
+            the model is registered, from the outermost-layer measurement of its model card).
     """
 
     mean: tuple[float, ...]
     covariance: tuple[tuple[float, ...], ...]
     patches: int
     seed: int
+    spread_limit: float = DEFAULT_SPREAD_LIMIT
 
     @property
     def style_dim(self) -> int:
@@ -98,9 +129,12 @@ class AppearancePrior:
         return torch.from_numpy(code.astype(np.float32))
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": GAUSSIAN, "mean": [float(v) for v in self.mean],
-                "covariance": [[float(v) for v in row] for row in self.covariance],
-                "patches": self.patches, "seed": self.seed}
+        record = {"kind": GAUSSIAN, "mean": [float(v) for v in self.mean],
+                  "covariance": [[float(v) for v in row] for row in self.covariance],
+                  "patches": self.patches, "seed": self.seed}
+        if self.spread_limit != DEFAULT_SPREAD_LIMIT:  # the records of models without one stay as they were
+            record["spread_limit"] = float(self.spread_limit)
+        return record
 
     @classmethod
     def from_json(cls, data: Any, source: Any, style_dim: int) -> "AppearancePrior":
@@ -129,8 +163,22 @@ class AppearancePrior:
             value = data.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or (key == "patches" and value < 2):
                 raise refuse(f"{key!r} must be an integer" + (" of at least 2" if key == "patches" else ""))
+        limit = data.get("spread_limit", DEFAULT_SPREAD_LIMIT)
+        try:
+            limit = check_spread_limit(limit)
+        except MedSynthError as exc:
+            raise refuse(str(exc)) from None
         return cls(tuple(float(v) for v in mean), tuple(tuple(float(v) for v in row) for row in covariance),
-                   data["patches"], data["seed"])
+                   data["patches"], data["seed"], limit)
+
+
+def check_spread_limit(value: Any) -> float:
+    """A model's widest spread: a number from :data:`DEFAULT_SPREAD_LIMIT` to the top of :data:`SPREAD_RANGE`."""
+    low, high = DEFAULT_SPREAD_LIMIT, SPREAD_RANGE[1]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and low <= value <= high):
+        raise MedSynthError(f"'spread_limit' must be a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
 
 
 def _numbers(values: Any) -> bool:

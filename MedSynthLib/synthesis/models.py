@@ -525,14 +525,29 @@ def write_model_copy(model: ModelCard, config: dict[str, Any], output: Path, *, 
 
 
 def register_model(source: str | os.PathLike[str], name: str, *, make_default: bool = False,
-                   root: Path | None = None, overwrite: bool = False) -> ModelCard:
-    """Copy a verified model folder into the registry folder and list it (name -> folder + sha256)."""
+                   root: Path | None = None, overwrite: bool = False,
+                   spread_limit: float | None = None) -> ModelCard:
+    """Copy a verified model folder into the registry folder and list it (name -> folder + sha256).
+
+    ``spread_limit`` (models with an appearance prior) is written into the registered copy's appearance record: the
+    widest appearance spread synthesis will accept with it, as measured for its model card (the source folder is
+    left as it is)."""
     import shutil
 
     from ..schema.volume_io import atomic_directory, write_json
 
     check_model_name(name)
     model = resolve_model(source)
+    if spread_limit is not None:
+        from .appearance import check_spread_limit
+
+        if model.appearance is None:
+            raise InputError(model.path, "--appearance-spread-limit applies to a model with an appearance prior "
+                                         "(config 'appearance'); this one has none")
+        try:
+            spread_limit = check_spread_limit(spread_limit)
+        except MedSynthError as exc:
+            raise InputError(model.path, f"--appearance-spread-limit: {exc}") from None
     root = root or models_root()
     registry = read_registry(root)  # read (and checked) before anything is written
     for kind, default_key in DEFAULT_KEYS.items():  # a default keeps its kind
@@ -546,6 +561,10 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
     with atomic_directory(root / name, overwrite=overwrite) as tmp:
         for file_name in (CONFIG_NAME, WEIGHTS_NAME):
             shutil.copy2(model.path / file_name, tmp / file_name)
+        if spread_limit is not None:
+            config = json.loads((tmp / CONFIG_NAME).read_text())
+            config["appearance"]["spread_limit"] = spread_limit
+            write_json(config, tmp / CONFIG_NAME, overwrite=True)
     registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256}
     if key is not None and (make_default or not registry.get(key)):
         registry[key] = name

@@ -54,25 +54,25 @@ class SynthesisEngine:
             mirror_average: average the network's pass with its pass on the left-right mirrored label map (one
                 more forward pass; held-out gain: model card, "The mirror average").
             appearance_spread: how far a seed's appearance code reaches from the mean appearance
-                (:meth:`~.appearance.AppearancePrior.code`, within :data:`~.appearance.SPREAD_RANGE`): 1 draws from
-                the training cases' distribution, 0 gives every seed the mean appearance.
+                (:meth:`~.appearance.AppearancePrior.code`, up to the model's
+                :func:`~.appearance.spread_limit`): 1 draws from the training cases' distribution, 0 gives every
+                seed the mean appearance.
         """
         import torch
 
         from .inference import Synthesizer, pick_device, pick_precision
         from .models import load_generator
 
-        self.appearance_spread = appearance_spread  # checked before the model loads
-
         start = time.perf_counter()
         self.model = model
-        dev = pick_device(device)
         self.network = model.network
         if self.network.kind == "inpainting":
             from ..schema.errors import InputError
 
             raise InputError(model.path, f"model {model.name} is an inpainting model: it re-renders a region of a "
                                          "real case (give --context CASE_DIR), it cannot synthesise a whole case")
+        self.appearance_spread = appearance_spread  # checked against the model's limit before its weights load
+        dev = pick_device(device)
         self.synth = Synthesizer(load_generator(model, "cpu"), self.network, dev, pick_precision(precision, dev),
                                  log=log, mirror_average=mirror_average)
         if self.synth.precision == "bf16" and dev.type == "cpu" and self.network.kind == "unet":
@@ -94,9 +94,9 @@ class SynthesisEngine:
 
     @appearance_spread.setter
     def appearance_spread(self, value: float) -> None:
-        from .appearance import check_appearance_spread
+        from .appearance import check_model_spread
 
-        self._appearance_spread = check_appearance_spread(value)
+        self._appearance_spread = check_model_spread(value, self.model)
 
     @property
     def seed_effective(self) -> bool:
