@@ -804,11 +804,14 @@ def cmd_models(args: argparse.Namespace) -> int:
             model = resolve_model(name)
             status, kinds[name] = "ok", model.kind
             description = model.config.get("description", "")
+            spread = (f"0 to {spread_limit(model):g}" if model.network.has_style and model.kind == "synthesis"
+                      else "")
         except MedSynthError as exc:
-            status, description = f"BROKEN: {exc}", ""
+            status, description, spread = f"BROKEN: {exc}", "", ""
             broken.append(name)
         print(f"{name}{default}\n  folder   {models_root() / entry['path']}\n  sha256   {entry['sha256']}\n"
-              f"  status   {status}" + (f"\n  about    {description}" if description else ""))
+              f"  status   {status}" + (f"\n  about    {description}" if description else "")
+              + (f"\n  spread   {spread} (--appearance-spread)" if spread else ""))
     # The listing is also the verification: a broken model or default is a failed check, as sha256sum -c says.
     problems = [f"{len(broken)} of {len(registry['models'])} registered models failed verification "
                 f"({', '.join(broken)})"] if broken else []

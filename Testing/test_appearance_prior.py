@@ -275,6 +275,8 @@ def test_a_spread_limit_declared_at_registration_widens_that_copy_only(styled_mo
     assert not (tmp_path / "refused").exists()
     assert main(["models", "--register", str(source), "--name", "wide", "--appearance-spread-limit", "1.2"]) == 0
     assert "appearance spread up to 1.2" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "\n  spread   0 to 1.2 (--appearance-spread)" in capsys.readouterr().out
     registered = resolve_model("wide")
     assert registered.appearance.spread_limit == 1.2 and registered.sha256 == resolve_model(source).sha256
     assert (source / "config.json").read_bytes() == before  # the trained folder is left as it was
