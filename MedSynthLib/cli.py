@@ -985,7 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one forward pass instead of averaging it with the pass on the left-right mirrored label "
                         "map (about half the network time)")
     p.add_argument("--appearance-spread", type=_finite_float, default=1.0, metavar="S",
-                   help="the appearance spread of the synthesis (seed 0), 0 to 1 (default 1; 0: the mean appearance)")
+                   help="the appearance spread of the synthesis (seed 0), 0 to the model's limit (default 1; 0: the "
+                        "mean appearance)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="share synthetic cases: BraTS NIfTI or DICOM, marked synthetic, de-identified",
