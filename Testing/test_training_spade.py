@@ -100,6 +100,30 @@ def test_the_floor_hinge_can_hold_wide_appearance_codes(phantom_cases: Path, tmp
     assert b"loss/below_floor_wide_codes" in events
 
 
+def test_the_wide_codes_renderings_can_face_the_discriminator(phantom_cases: Path, tmp_path: Path, monkeypatch) -> None:
+    """With adversarial_wide_codes, the discriminator judges the wide code's rendering as generated (a third pair
+    in its batch) and the generator gets an adversarial term on it."""
+    import MedSynthLib.training.train as train_module
+
+    batches: list[int] = []
+    build = train_module.build_discriminator
+
+    def recording_build(config):
+        discriminator = build(config)
+        discriminator.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+        return discriminator
+
+    monkeypatch.setattr(train_module, "build_discriminator", recording_build)
+    config = tmp_path / "wide_adv.json"
+    config.write_text(json.dumps(dict(CONFIG, steps=2, checkpoint_every=2, val_every=1000, lambda_floor=100.0,
+                                      floor_code_spread=2.0, adversarial_wide_codes=True, appearance_patches=0)))
+    _train(phantom_cases, tmp_path / "run", config)
+    # Per step: the discriminator's own pass (real, encoded code's, wide code's), then the generator's two.
+    assert batches == [3, 1, 1] * 2
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"loss/generator_adversarial_wide_codes" in events and b"loss/below_floor_wide_codes" in events
+
+
 def test_extra_codes_render_the_same_label_map_in_the_same_pass() -> None:
     from MedSynthLib.synthesis.networks import Generator, NetworkConfig
 
@@ -122,6 +146,9 @@ def test_extra_codes_render_the_same_label_map_in_the_same_pass() -> None:
     ({"floor_code_spread": 1.5, "lambda_floor": 10.0, "network": dict(SPADE_NETWORK, style_dim=0)},
      "a network with an appearance code"),
     ({"floor_code_spread": -1.0, "lambda_floor": 10.0}, "floor_code_spread"),
+    ({"adversarial_wide_codes": True}, "needs floor_code_spread above 0 and an adversarial term"),
+    ({"adversarial_wide_codes": True, "floor_code_spread": 1.5, "lambda_floor": 10.0, "adversarial": "none"},
+     "needs floor_code_spread above 0 and an adversarial term"),
 ])
 def test_floor_code_spread_checks(options: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):

@@ -100,6 +100,11 @@ class TrainConfig:
     # the floor. Codes past the training distribution darkened the brain's outermost layer (docs/model_card.md,
     # "Appearance spread"); 0: off, as every model before session 42. Needs lambda_floor and an appearance code.
     floor_code_spread: float = 0.0
+    # The renderings with those wide codes also face the discriminator: it learns to tell them from real patches and
+    # the generator to make them pass, as the random-code branch of BicycleGAN (Zhu et al., NeurIPS 2017) makes codes
+    # drawn from the prior give realistic images. False: the floor hinge alone. Needs floor_code_spread and an
+    # adversarial term.
+    adversarial_wide_codes: bool = False
     # Weight of a term holding each label class's level (training/losses.class_level_loss: per patch and class, the
     # prediction's mean against the real one's, where the loss counts). 0: off, as every model before session 35;
     # tried at 100 and 300 against the exaggerated grey/white contrast, not used (docs/model_card.md, session 35).
@@ -282,6 +287,9 @@ def _check_values(config: TrainConfig, source: str) -> None:
     if config.floor_code_spread > 0 and not (config.lambda_floor > 0 and config.network.has_style):
         raise InputError(source, "floor_code_spread holds wide appearance codes above the floor: it needs "
                                  "lambda_floor above 0 and a network with an appearance code (style_dim)")
+    if config.adversarial_wide_codes and not (config.floor_code_spread > 0 and config.adversarial != "none"):
+        raise InputError(source, "adversarial_wide_codes judges the renderings of floor_code_spread's wide codes: "
+                                 "it needs floor_code_spread above 0 and an adversarial term")
     if config.ssim_interior and config.lambda_ssim == 0:
         raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
     if config.ssim_region not in SSIM_REGIONS:
@@ -743,13 +751,17 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 else:
                     fake = g_model(cond)
             fake = paint_into_real(fake, real, counted)
+            judged_wide = (paint_into_real(fake_wide, real, counted)
+                           if fake_wide is not None and config.adversarial_wide_codes else None)
             logs: dict[str, float] = {}
             if d_model is not None and opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
+                pairs = [torch.cat([cond, real], 1), torch.cat([cond, fake.detach()], 1)]
+                if judged_wide is not None:  # judged as generated, beside the encoded code's rendering
+                    pairs.append(torch.cat([cond, judged_wide.detach()], 1))
                 with autocast:
                     # Real and fake pairs in one forward pass (DDP syncs once per backward).
-                    scores = d_model(torch.cat([torch.cat([cond, real], 1),
-                                                torch.cat([cond, fake.detach()], 1)], 0))[-1].float()
+                    scores = d_model(torch.cat(pairs, 0))[-1].float()
                 n = cond.shape[0]
                 loss_d = discriminator_loss(config.adversarial, scores[:n], scores[n:])
                 scaler.scale(loss_d).backward()
@@ -793,6 +805,12 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 loss_adv = generator_adversarial_loss(config.adversarial, score)
                 loss_g = loss_g + loss_adv
                 logs["loss/generator_adversarial"] = loss_adv.item()
+                if judged_wide is not None:
+                    with autocast:
+                        score_wide = discriminator(torch.cat([cond, judged_wide], 1))[-1].float()
+                    loss_adv_wide = generator_adversarial_loss(config.adversarial, score_wide)
+                    loss_g = loss_g + loss_adv_wide
+                    logs["loss/generator_adversarial_wide_codes"] = loss_adv_wide.item()
             if not torch.isfinite(loss_g.detach()):
                 raise MedSynthError(f"{run_dir}: the generator loss became {float(loss_g)} at step {step + 1}; "
                                     "the run stops here (try --precision fp32 or a lower lr) and exports nothing")
