@@ -12,6 +12,7 @@ from conftest import write_phantom_case
 from MedSynthLib.cases.readers import MODALITIES, read_case
 from MedSynthLib.evaluation.evaluate import evaluate
 from MedSynthLib.schema.labels import Label
+from MedSynthLib.synthesis.models import resolve_model
 from MedSynthLib.synthesis.normalize import TISSUE_ZSCORE_SCALE, HealthyTissueZScore, fit_case_normalizers
 
 
@@ -295,8 +296,11 @@ def test_medsynth_evaluate_scores_at_the_appearance_spread_asked_and_records_it(
     assert scores[0] != scores[1]  # another appearance, another score
     capsys.readouterr()
     bad = tmp_path / "bad.json"
-    assert main(["evaluate", str(folder), "--model", str(model), "--device", "cpu", "--appearance-spread", "1.5",
-                 "-o", str(bad)]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "medsynth: error: --appearance-spread must be a number from 0 to 1, got 1.5"]
-    assert not bad.exists()
+    for spread, line in (("2.5", "medsynth: error: --appearance-spread must be a number from 0 to 2, got 2.5"),
+                         ("1.5", f"medsynth: error: --appearance-spread 1.5 is wider than model "
+                                 f"{resolve_model(model).name} accepts (up to 1: ")):
+        assert main(["evaluate", str(folder), "--model", str(model), "--device", "cpu", "--appearance-spread", spread,
+                     "-o", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(line), err
+        assert not bad.exists()

@@ -396,9 +396,14 @@ def test_the_appearance_spread_reaches_every_case_the_card_and_the_run(gen_data,
     assert _file_hashes(out) == before
     # A spread out of range: one line, exit 2, nothing written.
     bad = tmp_path / "bad"
-    assert main(_argv(gen_data, bad, "--appearance-spread", "1.5", n=1)) == 2
+    assert main(_argv(gen_data, bad, "--appearance-spread", "2.5", n=1)) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "medsynth: error: --appearance-spread must be a number from 0 to 1, got 1.5"]
+        "medsynth: error: --appearance-spread must be a number from 0 to 2, got 2.5"]
+    assert not bad.exists()
+    # Within that range but past the model's own limit (it declares none: 1): refused before anything is written.
+    assert main(_argv(gen_data, bad, "--appearance-spread", "1.5", n=1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--appearance-spread 1.5 is wider than model" in err[0] and "(up to 1: " in err[0], err
     assert not bad.exists()
 
 
