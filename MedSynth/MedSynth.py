@@ -352,7 +352,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             models = []
         for entry in models:
             notes = ([_("inpainting")] if entry.get("kind") == "inpainting" else []) + (
-                [_("default")] if entry["default"] else [])
+                [_("default")] if entry["default"] else []) + (
+                [_("appearance spread up to {limit:g}").format(limit=entry["spread_limit"])]
+                if entry.get("spread_limit") not in (None, 1.0) else [])
             listWidget.addItem(entry["name"] + (" (" + ", ".join(notes) + ")" if notes else ""))
         self._modelNames = [entry["name"] for entry in models]
         self._inpaintingModelNames = [entry["name"] for entry in models if entry.get("kind") == "inpainting"]

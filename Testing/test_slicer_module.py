@@ -596,9 +596,43 @@ def test_registered_models_are_listed(module):
     added = [args[0] for name, args in widget.ui.registeredModelsListWidget.calls if name == "addItem"]
     registry = widget.workflow.registered_models()
     assert registry and registry[0]["default"]
-    assert added[0] == registry[0]["name"] + " (default)" and len(added) == len(registry)
+    limit = registry[0]["spread_limit"]
+    assert added[0] == registry[0]["name"] + (" (default)" if limit == 1.0 else
+                                              f" (default, appearance spread up to {limit:g})")
+    assert len(added) == len(registry)
     widget.onRegisteredModelSelected(added[0])
     assert widget._parameterNode.model == registry[0]["name"]
+    from MedSynthLib.synthesis.appearance import spread_limit
+    from MedSynthLib.synthesis.models import resolve_model
+
+    for entry in registry:  # read from the config as text, as the checked model card reads it
+        model = resolve_model(entry["name"])
+        styled = model.kind == "synthesis" and model.network.has_style
+        assert entry["spread_limit"] == (spread_limit(model) if styled else None), entry
+
+
+def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_path, monkeypatch):
+    import json
+
+    from MedSynthLib.synthesis.appearance import AppearancePrior
+    from MedSynthLib.synthesis.models import register_model
+    from test_synthesis_seed import STYLED, _model
+
+    source = _model(tmp_path / "styled", STYLED)
+    config = json.loads((source / "config.json").read_text())
+    prior = AppearancePrior((0.0,) * STYLED.style_dim, tuple(tuple(float(i == j) for j in range(STYLED.style_dim))
+                                                            for i in range(STYLED.style_dim)), 10, 0)
+    config["appearance"] = prior.to_json()
+    (source / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "registry"))
+    register_model(source, "wide", make_default=True, spread_limit=1.5)
+    register_model(source, "plain")
+    widget = _widget(module)
+    widget.initializeParameterNode()
+    widget._fillModelList()
+    added = [args[0] for name, args in widget.ui.registeredModelsListWidget.calls if name == "addItem"]
+    assert added == ["wide (default, appearance spread up to 1.5)", "plain"]
+    assert [e["spread_limit"] for e in widget.workflow.registered_models()] == [1.5, 1.0]
 
 
 def test_advanced_settings_are_collapsed_in_the_ui_file():

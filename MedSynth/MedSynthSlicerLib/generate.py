@@ -104,10 +104,11 @@ class Synthesis:
 
     @staticmethod
     def registered_models() -> list[dict[str, Any]]:
-        """The models registered with MedSynth: ``[{"name", "kind", "default"}]``, the defaults first.
+        """The models registered with MedSynth: ``[{"name", "kind", "default", "spread_limit"}]``, the defaults first.
 
         ``kind`` is ``synthesis`` (label map -> a whole case) or ``inpainting`` (a region of a real case);
-        ``default`` says whether it is the registry's default of its kind.
+        ``default`` says whether it is the registry's default of its kind; ``spread_limit`` is the widest appearance
+        spread a synthesis model with an appearance code accepts (``None`` for the others).
 
         Read from the registry file only (no weights are loaded or verified here;
         the synthesis verifies the chosen model's checksum).
@@ -124,12 +125,16 @@ class Synthesis:
 
         out = []
         for name, entry in sorted(registry.get("models", {}).items()):
+            limit = None
             try:  # the kind is in the model's config (read as text: nothing is verified here)
                 config = json.loads((models_root() / str(entry.get("path", name)) / "config.json").read_text())
                 kind = "inpainting" if config.get("network", {}).get("kind") == "inpainting" else "synthesis"
-            except (OSError, ValueError, AttributeError):
+                if kind == "synthesis" and config.get("network", {}).get("style_dim"):
+                    limit = float((config.get("appearance") or {}).get("spread_limit", 1.0))
+            except (OSError, ValueError, TypeError, AttributeError):
                 kind = "synthesis"
-            out.append({"name": name, "kind": kind, "default": name == registry.get(DEFAULT_KEYS[kind])})
+            out.append({"name": name, "kind": kind, "default": name == registry.get(DEFAULT_KEYS[kind]),
+                        "spread_limit": limit})
         out.sort(key=lambda entry: (not entry["default"], entry["kind"] != "synthesis"))
         return out
 
