@@ -103,8 +103,8 @@ def test_appearance_spread_zero_gives_every_seed_one_case_and_is_recorded(styled
     (["--appearance-spread", "2.5"], "medsynth: error: --appearance-spread must be a number from 0 to 2, got 2.5"),
     (["--appearance-spread", "-1"], "medsynth: error: --appearance-spread must be a number from 0 to 2, got -1.0"),
     (["--appearance-spread", "1.5"], "medsynth: error: --appearance-spread 1.5 is wider than model styled accepts "
-                                     "(up to 1: past it its synthetic brains lose signal at their outer edge; see its "
-                                     "model card)"),
+                                     "(up to 1: the widest spread at which its images were measured believable; see "
+                                     "its model card)"),
     (["--appearance-spread", "1", "--context", "case"],
      "medsynth: error: medsynth synthesize: --appearance-spread applies to whole synthetic cases, not with --context"),
 ])

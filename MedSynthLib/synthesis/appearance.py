@@ -81,8 +81,8 @@ def check_model_spread(value: Any, model: SpreadModel, name: str = "appearance s
     spread = check_appearance_spread(value, name)
     limit = spread_limit(model)
     if spread > limit:
-        raise MedSynthError(f"{name} {spread:g} is wider than model {model.name} accepts (up to {limit:g}: past it "
-                            "its synthetic brains lose signal at their outer edge; see its model card)")
+        raise MedSynthError(f"{name} {spread:g} is wider than model {model.name} accepts (up to {limit:g}: the widest "
+                            "spread at which its images were measured believable; see its model card)")
     return spread
 
 
