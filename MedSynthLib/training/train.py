@@ -799,18 +799,15 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 loss_g = loss_g + config.style_kl_weight * kl
                 logs["loss/style_kl"] = kl.item()
             if discriminator is not None:
-                with autocast:
-                    # The bare module: the generator's update must not sync or step the discriminator.
-                    score = discriminator(torch.cat([cond, fake], 1))[-1].float()
-                loss_adv = generator_adversarial_loss(config.adversarial, score)
-                loss_g = loss_g + loss_adv
-                logs["loss/generator_adversarial"] = loss_adv.item()
-                if judged_wide is not None:
+                for key, images in (("generator_adversarial", fake), ("generator_adversarial_wide_codes", judged_wide)):
+                    if images is None:
+                        continue
                     with autocast:
-                        score_wide = discriminator(torch.cat([cond, judged_wide], 1))[-1].float()
-                    loss_adv_wide = generator_adversarial_loss(config.adversarial, score_wide)
-                    loss_g = loss_g + loss_adv_wide
-                    logs["loss/generator_adversarial_wide_codes"] = loss_adv_wide.item()
+                        # The bare module: the generator's update must not sync or step the discriminator.
+                        score = discriminator(torch.cat([cond, images], 1))[-1].float()
+                    loss_adv = generator_adversarial_loss(config.adversarial, score)
+                    loss_g = loss_g + loss_adv
+                    logs[f"loss/{key}"] = loss_adv.item()
             if not torch.isfinite(loss_g.detach()):
                 raise MedSynthError(f"{run_dir}: the generator loss became {float(loss_g)} at step {step + 1}; "
                                     "the run stops here (try --precision fp32 or a lower lr) and exports nothing")
