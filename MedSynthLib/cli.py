@@ -804,8 +804,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             model = resolve_model(name)
             status, kinds[name] = "ok", model.kind
             description = model.config.get("description", "")
-            spread = (f"0 to {spread_limit(model):g}" if model.network.has_style and model.kind == "synthesis"
-                      else "")
+            spread = f"0 to {spread_limit(model):g}" if model.network.has_style else ""  # synthesis models only
         except MedSynthError as exc:
             status, description, spread = f"BROKEN: {exc}", "", ""
             broken.append(name)

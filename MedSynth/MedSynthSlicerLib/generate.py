@@ -121,6 +121,7 @@ class Synthesis:
             registry = read_registry()
         except MedSynthError as exc:
             raise WorkflowError(str(exc)) from None
+        from MedSynthLib.synthesis.appearance import DEFAULT_SPREAD_LIMIT
         from MedSynthLib.synthesis.models import DEFAULT_KEYS, models_root
 
         out = []
@@ -130,7 +131,7 @@ class Synthesis:
                 config = json.loads((models_root() / str(entry.get("path", name)) / "config.json").read_text())
                 kind = "inpainting" if config.get("network", {}).get("kind") == "inpainting" else "synthesis"
                 if kind == "synthesis" and config.get("network", {}).get("style_dim"):
-                    limit = float((config.get("appearance") or {}).get("spread_limit", 1.0))
+                    limit = float((config.get("appearance") or {}).get("spread_limit", DEFAULT_SPREAD_LIMIT))
             except (OSError, ValueError, TypeError, AttributeError):
                 kind = "synthesis"
             out.append({"name": name, "kind": kind, "default": name == registry.get(DEFAULT_KEYS[kind]),
