@@ -357,6 +357,7 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if entry.get("spread_limit") not in (None, 1.0) else [])
             listWidget.addItem(entry["name"] + (" (" + ", ".join(notes) + ")" if notes else ""))
         self._modelNames = [entry["name"] for entry in models]
+        self._spreadLimitFor = (None, None)  # the registry was read again: so are the limits
         self._inpaintingModelNames = [entry["name"] for entry in models if entry.get("kind") == "inpainting"]
         self._inpaintingDefault = any(e["default"] for e in models if e.get("kind") == "inpainting")
 
@@ -511,6 +512,30 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showOriginalButton.enabled = hasOutputs and hasLabels
         self.ui.reviewLayoutButton.enabled = hasOutputs
         self.ui.exportButton.enabled = hasOutputs and not exporting
+        self._fitAppearanceSpreadToModel()
+
+    def _fitAppearanceSpreadToModel(self) -> None:
+        """The spin box offers the chosen model's appearance spreads only; a spread past a newly chosen model's
+        limit is lowered to it (and logged), so Generate is not refused for a setting the panel offered."""
+        p = self._parameterNode
+        model = p.model.strip()
+        if getattr(self, "_spreadLimitFor", (None, None))[0] != model:  # read once per model, not per update
+            self._spreadLimitFor = (model, self.workflow.appearance_spread_limit(model))
+        limit = self._spreadLimitFor[1]
+        high = APPEARANCE_SPREAD_RANGE[1] if limit is None else min(limit, APPEARANCE_SPREAD_RANGE[1])
+        spin = self.ui.appearanceSpreadSpinBox
+        if spin.maximum != high:
+            spin.maximum = high
+            spin.toolTip = (_("How far the seed's appearance reaches from the model's mean appearance: 1 the "
+                              "training cases' spread, 0 the mean appearance for every seed; this model accepts up "
+                              "to {limit:g}; recorded in the provenance").format(limit=high) if limit is not None
+                            else _("How far the seed's appearance reaches from the model's mean appearance: 1 the "
+                                   "training cases' spread, 0 the mean appearance for every seed; past 1 only as far "
+                                   "as the chosen model accepts (its model card); recorded in the provenance"))
+        if p.appearanceSpread > high:
+            p.appearanceSpread = high
+            self._appendLog(_("appearance spread lowered to {limit:g}, the widest the model accepts").format(
+                limit=high))
 
     # --- 1. input ----------------------------------------------------------------------------
 

@@ -635,6 +635,48 @@ def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_pat
     assert [e["spread_limit"] for e in widget.workflow.registered_models()] == [1.5, 1.0]
 
 
+def test_the_spread_spin_box_offers_only_what_the_chosen_model_accepts(module, tmp_path, monkeypatch):
+    """The spin box went to 2 whatever the model, and Generate then refused a spread the panel had offered; now its
+    maximum is the chosen model's limit, and a spread past a newly chosen model's limit is lowered to it."""
+    import json
+
+    from MedSynthLib.synthesis.appearance import AppearancePrior
+    from MedSynthLib.synthesis.models import register_model
+    from test_synthesis_seed import STYLED, _model
+
+    source = _model(tmp_path / "styled", STYLED)
+    config = json.loads((source / "config.json").read_text())
+    prior = AppearancePrior((0.0,) * STYLED.style_dim, tuple(tuple(float(i == j) for j in range(STYLED.style_dim))
+                                                            for i in range(STYLED.style_dim)), 10, 0)
+    config["appearance"] = prior.to_json()
+    (source / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "registry"))
+    register_model(source, "wide", make_default=True, spread_limit=1.5)
+    register_model(source, "plain")
+    workflow = module.MedSynthLogic().workflow
+    assert workflow.appearance_spread_limit("") == 1.5  # the registry's default synthesis model
+    assert workflow.appearance_spread_limit("plain") == 1.0
+    assert workflow.appearance_spread_limit(str(source)) == 1.0  # a folder typed in: its own config
+    assert workflow.appearance_spread_limit("no-such-model") is None  # the synthesis will say what is wrong
+
+    widget = _widget(module)
+    widget.initializeParameterNode()
+    widget._fillModelList()
+    p = widget._parameterNode
+    spin = widget.ui.appearanceSpreadSpinBox
+    p.appearanceSpread = 1.4
+    assert spin.maximum == 1.5 and p.appearanceSpread == 1.4  # the default model accepts it
+    assert "1.5" in spin.toolTip
+    widget.onRegisteredModelSelected("plain")
+    assert p.model == "plain"
+    assert spin.maximum == 1.0 and p.appearanceSpread == 1.0
+    assert any("lowered to 1" in line for line in _logged(widget)), _logged(widget)
+    widget.onRegisteredModelSelected("wide (default, appearance spread up to 1.5)")
+    assert spin.maximum == 1.5 and p.appearanceSpread == 1.0  # widening the range keeps the user's setting
+    p.model = "no-such-model"
+    assert spin.maximum == module.APPEARANCE_SPREAD_RANGE[1]  # unknown here: the range any model may declare
+
+
 def test_advanced_settings_are_collapsed_in_the_ui_file():
     import xml.etree.ElementTree as ET
 

@@ -139,6 +139,38 @@ class Synthesis:
         out.sort(key=lambda entry: (not entry["default"], entry["kind"] != "synthesis"))
         return out
 
+    @classmethod
+    def appearance_spread_limit(cls, model: str) -> float | None:
+        """The widest appearance spread ``model`` accepts, for the panel's spin box.
+
+        Args:
+            model: a registered name, a model folder, or empty for the registry's default synthesis model.
+
+        Returns:
+            the model's declared limit (``DEFAULT_SPREAD_LIMIT`` when its appearance record declares none), or
+            ``None`` when that cannot be read from its config without loading it (a model without an appearance
+            code, an unknown name, an unreadable folder): the synthesis checks the model itself.
+        """
+        name = model.strip()
+        try:
+            entries = cls.registered_models()
+        except WorkflowError:
+            entries = []
+        for entry in entries:
+            if entry["name"] == name or (not name and entry["default"] and entry["kind"] == "synthesis"):
+                return entry["spread_limit"]
+        if not name:
+            return None
+        from MedSynthLib.synthesis.appearance import DEFAULT_SPREAD_LIMIT
+
+        try:  # a model folder typed in: its config as text, as the registry's entries are read
+            config = json.loads((Path(name).expanduser() / "config.json").read_text())
+            if config.get("network", {}).get("kind") == "inpainting" or not config.get("network", {}).get("style_dim"):
+                return None
+            return float((config.get("appearance") or {}).get("spread_limit", DEFAULT_SPREAD_LIMIT))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+
     @staticmethod
     def inpainting_model_registered() -> bool:
         """Whether the registry names a default inpainting model (Generate on a real case then inpaints)."""
