@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from MedSynthLib.cases.template import template_label_map  # noqa: E402
-from MedSynthLib.evaluation.image_checks import layer_signal_shares, outermost_layer  # noqa: E402
+from MedSynthLib.evaluation.image_checks import check_contrast_rules, layer_signal_shares, outermost_layer  # noqa: E402
 from MedSynthLib.schema.labels import MODALITIES  # noqa: E402
 from MedSynthLib.schema.volume_io import write_json  # noqa: E402
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
@@ -47,11 +47,14 @@ def layer_shares(model: str | None, seeds: int, spread: float = 1.0,
         engine._appearance_spread = float(spread)  # past the setter's range check on purpose (see above)
         rows = []
         for seed in range(seeds):
-            zero, at_floor = layer_signal_shares(engine.synthesize(labelmap, seed=seed).images, rim, floors)
-            rows.append({"seed": seed, "zero": zero, "at_floor": at_floor})
+            images = engine.synthesize(labelmap, seed=seed).images
+            zero, at_floor = layer_signal_shares(images, rim, floors)
+            broken = [r["rule"] for r in check_contrast_rules(images, labelmap.array) if r["passed"] is False]
+            rows.append({"seed": seed, "zero": zero, "at_floor": at_floor, "rules_failed": broken})
         mean = {m: float(np.mean([r["at_floor"][m] for r in rows])) for m in MODALITIES}
         worst = max((r["at_floor"][m], r["seed"], m) for r in rows for m in MODALITIES)
-        out[arm] = {"rows": rows, "mean_at_floor": mean, "worst": list(worst)}
+        failing = sum(bool(r["rules_failed"]) for r in rows)
+        out[arm] = {"rows": rows, "mean_at_floor": mean, "worst": list(worst), "samples_failing_rules": failing}
     return out
 
 
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(result, args.output, overwrite=True)
     for arm in args.arms:
         mean = {m: round(100 * v, 2) for m, v in result[arm]["mean_at_floor"].items()}
-        print(f"{arm}: at or below the floor, mean over seeds (%) {mean}; worst {result[arm]['worst']}")
+        print(f"{arm}: at or below the floor, mean over seeds (%) {mean}; worst {result[arm]['worst']}; "
+              f"samples breaking a contrast rule {result[arm]['samples_failing_rules']} of {args.seeds}")
     return 0
 
 
