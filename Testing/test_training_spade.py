@@ -149,6 +149,9 @@ def test_extra_codes_render_the_same_label_map_in_the_same_pass() -> None:
     ({"adversarial_wide_codes": True}, "needs floor_code_spread above 0 and an adversarial term"),
     ({"adversarial_wide_codes": True, "floor_code_spread": 1.5, "lambda_floor": 10.0, "adversarial": "none"},
      "needs floor_code_spread above 0 and an adversarial term"),
+    ({"lambda_wide_contrast": 10.0}, "needs floor_code_spread above 0"),
+    ({"lambda_wide_contrast": 10.0, "floor_code_spread": 1.5, "lambda_floor": 10.0, "wide_contrast_keep": 1.5},
+     "wide_contrast_keep"),
 ])
 def test_floor_code_spread_checks(options: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
@@ -203,3 +206,57 @@ def test_train_on_several_data_folders_with_a_fold(phantom_cases: Path, tmp_path
     assert recorded["config"]["val_cases"] == [CASE_IDS[0]] and recorded["config"]["cv_fold"] == 0
     model = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert model["training"]["data"]["cases"] == 2
+
+
+def test_the_contrast_order_loss_holds_a_share_of_the_real_contrast() -> None:
+    """Zero while the rendering keeps at least ``keep`` of each real class difference; the shortfall otherwise;
+    pairs the real patch itself inverts, and classes too small to measure, do not count."""
+    from MedSynthLib.evaluation.image_checks import CONTRAST_RULES
+    from MedSynthLib.schema.labels import Label
+    from MedSynthLib.training.losses import contrast_order_loss, contrast_pairs
+
+    modalities = ("t1", "t1ce", "t2", "flair")
+    pairs = contrast_pairs(modalities)
+    assert (0, int(Label.GM), int(Label.WM)) in pairs and (3, int(Label.CSF), int(Label.ED)) in pairs
+    assert len(pairs) >= len(CONTRAST_RULES)
+    labels = torch.zeros((1, 8, 8, 8), dtype=torch.long)
+    labels[:, :4] = int(Label.GM)
+    labels[:, 4:] = int(Label.WM)
+    classes = torch.nn.functional.one_hot(labels, 7).permute(0, 4, 1, 2, 3).float()
+    real = torch.zeros((1, 4, 8, 8, 8))
+    real[:, 0, 4:] = 1.0  # T1: white matter 1 above grey matter, as real
+    real[:, 2, :4] = 1.0  # T2: grey matter above white matter: no rule pair asks for more
+    only_t1 = ((0, int(Label.GM), int(Label.WM)),)
+    assert float(contrast_order_loss(real, real, classes, pairs)) == 0.0
+    flat = real.clone()
+    flat[:, 0, 4:] = 0.3  # a washed-out T1: 0.3 of the real contrast, 0.5 kept
+    assert float(contrast_order_loss(flat, real, classes, only_t1, keep=0.5)) == pytest.approx(0.2)
+    assert float(contrast_order_loss(flat, real, classes, only_t1, keep=0.0)) == 0.0
+    inverted = real.clone()
+    inverted[:, 0, 4:] = -1.0
+    loss = contrast_order_loss(inverted.requires_grad_(), real, classes, only_t1, keep=0.5)
+    assert float(loss.detach()) == pytest.approx(1.5)
+    loss.backward()
+    assert float(inverted.grad[0, 0, 4:].sum()) < 0 < float(inverted.grad[0, 0, :4].sum())  # lifts WM, lowers GM
+    swapped = real.clone()
+    swapped[:, 0] = 1.0 - real[:, 0]  # the real patch itself inverts the pair: nothing to hold
+    assert float(contrast_order_loss(real, swapped, classes, only_t1)) == 0.0
+    assert float(contrast_order_loss(inverted.detach(), real, classes, only_t1, min_voxels=257)) == 0.0
+
+
+def test_the_wide_codes_renderings_can_keep_the_contrast_rules(phantom_cases: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """With lambda_wide_contrast, the contrast-order hinge is applied to the wide code's rendering each step."""
+    import MedSynthLib.training.train as train_module
+
+    seen: list[torch.Tensor] = []
+    original = train_module.contrast_order_loss
+    monkeypatch.setattr(train_module, "contrast_order_loss",
+                        lambda prediction, *args: seen.append(prediction.detach().clone()) or original(prediction, *args))
+    config = tmp_path / "wide_contrast.json"
+    config.write_text(json.dumps(dict(CONFIG, steps=2, checkpoint_every=2, val_every=1000, lambda_floor=100.0,
+                                      floor_code_spread=2.0, lambda_wide_contrast=10.0, appearance_patches=0)))
+    _train(phantom_cases, tmp_path / "run", config)
+    assert len(seen) == 2 and seen[0].shape[0] == 1
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"loss/wide_codes_contrast" in events

@@ -128,3 +128,59 @@ def class_level_loss(prediction: torch.Tensor, real: torch.Tensor, classes: torc
     present = (size >= min_voxels).float().unsqueeze(-1)  # (B, K, 1)
     total = present.sum() * prediction.shape[1]
     return ((predicted - target).abs() * present).sum() / total.clamp(min=1.0)
+
+
+def contrast_pairs(modalities: tuple[str, ...] | list[str]) -> tuple[tuple[int, int, int], ...]:
+    """The contrast rules of ``evaluation.image_checks`` as ``(channel, darker class, brighter class)`` triples.
+
+    ``modalities`` gives the network's channel order; a "darkest" or "brightest" rule expands to one pair per other
+    class.
+    """
+    from ..evaluation.image_checks import _ALL, CONTRAST_RULES
+
+    pairs = []
+    for rule in CONTRAST_RULES:
+        channel = list(modalities).index(rule.modality)
+        if rule.against_all == "darkest":
+            pairs += [(channel, rule.darker[0], other) for other in _ALL if other != rule.darker[0]]
+        elif rule.against_all == "brightest":
+            pairs += [(channel, other, rule.brighter[0]) for other in _ALL if other != rule.brighter[0]]
+        else:
+            pairs += [(channel, low, high) for low in rule.darker for high in rule.brighter]
+    return tuple((channel, int(low), int(high)) for channel, low, high in pairs)
+
+
+def contrast_order_loss(prediction: torch.Tensor, real: torch.Tensor, classes: torch.Tensor,
+                        pairs: tuple[tuple[int, int, int], ...], keep: float = 0.5,
+                        min_voxels: int = 64) -> torch.Tensor:
+    """How far a rendering's class contrasts fall short of a share of the real patch's, over the contrast rules.
+
+    A code far from the training codes can keep every voxel above the floor and still wash the tissues out (a
+    uniformly bright T1 with grey matter level with white matter: docs/model_card.md, "Wide appearance codes").
+    For each patch and rule pair whose classes both have ``min_voxels`` and which the real patch itself keeps
+    (brighter class mean above the darker one's), the term is ``relu(keep x real difference - predicted
+    difference)`` of the class means: the order a radiologist reads must hold with at least ``keep`` of the real
+    contrast, whatever the appearance code changes beyond that.
+
+    Args:
+        prediction, real: (B, C, *spatial) images in the network's units.
+        classes: (B, K, *spatial) 0/1 class masks (a one-hot label map times where the loss counts).
+        pairs: ``(channel, darker class, brighter class)`` triples (``contrast_pairs``).
+        keep: the share of the real contrast to keep (0: only the order).
+        min_voxels: a class with fewer voxels in a patch does not count there.
+
+    Returns:
+        The mean shortfall over the counted pairs; 0 when none counts.
+    """
+    weights = classes.float().flatten(2)  # (B, K, N)
+    size = weights.sum(-1)  # (B, K)
+    counts = size.clamp(min=1.0).unsqueeze(-1)
+    predicted = torch.einsum("bkn,bcn->bkc", weights, prediction.float().flatten(2)) / counts
+    target = torch.einsum("bkn,bcn->bkc", weights, real.float().flatten(2)) / counts
+    present = size >= min_voxels
+    channel, darker, brighter = (torch.tensor(column, device=prediction.device) for column in zip(*pairs))
+    real_difference = target[:, brighter, channel] - target[:, darker, channel]  # (B, P)
+    predicted_difference = predicted[:, brighter, channel] - predicted[:, darker, channel]
+    counted = (present[:, darker] & present[:, brighter] & (real_difference > 0)).float()
+    shortfall = torch.relu(keep * real_difference - predicted_difference)
+    return (shortfall * counted).sum() / counted.sum().clamp(min=1.0)

@@ -37,7 +37,7 @@ from ..synthesis.normalize import ZSCORE_KINDS
 from .divergence import DivergenceGuard, masked_l1
 from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, cases_by_name, data_summary,
                    find_case_sources, prepare_volume)
-from .losses import class_level_loss, masked_ssim_loss
+from .losses import class_level_loss, contrast_order_loss, contrast_pairs, masked_ssim_loss
 
 if TYPE_CHECKING:
     from ..synthesis.appearance import AppearancePrior
@@ -105,6 +105,13 @@ class TrainConfig:
     # drawn from the prior give realistic images. False: the floor hinge alone. Needs floor_code_spread and an
     # adversarial term.
     adversarial_wide_codes: bool = False
+    # Weight of a hinge that keeps the contrast rules on the wide codes' renderings (training/losses.
+    # contrast_order_loss): per patch and rule pair the real patch keeps, the rendering's class-mean difference must
+    # be at least wide_contrast_keep of the real one. A wide code can keep the edge above the floor and still wash
+    # the tissues out (docs/model_card.md, "Wide appearance codes"). 0: off, as every model before session 43.
+    # Needs floor_code_spread.
+    lambda_wide_contrast: float = 0.0
+    wide_contrast_keep: float = 0.5
     # Weight of a term holding each label class's level (training/losses.class_level_loss: per patch and class, the
     # prediction's mean against the real one's, where the loss counts). 0: off, as every model before session 35;
     # tried at 100 and 300 against the exaggerated grey/white contrast, not used (docs/model_card.md, session 35).
@@ -205,6 +212,8 @@ class TrainConfig:
 L1_REGIONS = ("patch", "brain")
 #: Where the SSIM term may count (``TrainConfig.ssim_region``).
 SSIM_REGIONS = ("loss", "tumour")
+#: The contrast rules as (channel, darker class, brighter class) in the network's channel order.
+RULE_PAIRS = contrast_pairs(MODALITY_ORDER)
 
 
 def loss_region(l1_region: str, labels: torch.Tensor, inpaint_region: torch.Tensor | None) -> torch.Tensor | None:
@@ -280,8 +289,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check_range(source, f"betas[{index}]", beta, 0, 1)
     for name in ("lr_decay_fraction", "tumour_fraction", "inpaint_tumour_fraction"):
         check_range(source, name, getattr(config, name), 0, 1)
-    for name in ("lambda_l1", "lambda_ssim", "lambda_floor", "lambda_class_level", "rotate_deg", "scale", "intensity",
-                 "divergence_window", "grad_clip"):
+    for name in ("lambda_l1", "lambda_ssim", "lambda_floor", "lambda_class_level", "lambda_wide_contrast", "rotate_deg",
+                 "scale", "intensity", "divergence_window", "grad_clip"):
         check_range(source, name, getattr(config, name), 0)
     check_range(source, "floor_code_spread", config.floor_code_spread, 0, 10)
     if config.floor_code_spread > 0 and not (config.lambda_floor > 0 and config.network.has_style):
@@ -290,6 +299,10 @@ def _check_values(config: TrainConfig, source: str) -> None:
     if config.adversarial_wide_codes and not (config.floor_code_spread > 0 and config.adversarial != "none"):
         raise InputError(source, "adversarial_wide_codes judges the renderings of floor_code_spread's wide codes: "
                                  "it needs floor_code_spread above 0 and an adversarial term")
+    check_range(source, "wide_contrast_keep", config.wide_contrast_keep, 0, 1)
+    if config.lambda_wide_contrast > 0 and config.floor_code_spread <= 0:
+        raise InputError(source, "lambda_wide_contrast keeps the contrast of floor_code_spread's wide codes: it "
+                                 "needs floor_code_spread above 0")
     if config.ssim_interior and config.lambda_ssim == 0:
         raise InputError(source, "ssim_interior shapes the SSIM term: it needs lambda_ssim above 0")
     if config.ssim_region not in SSIM_REGIONS:
@@ -795,6 +808,11 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                     loss_floor_wide = below_floor(fake_wide, floor, counted)
                     loss_g = loss_g + config.lambda_floor * loss_floor_wide
                     logs["loss/below_floor_wide_codes"] = loss_floor_wide.item()
+            if fake_wide is not None and config.lambda_wide_contrast > 0:
+                classes = cond[:, :NUM_CLASSES] if counted is None else cond[:, :NUM_CLASSES] * counted
+                loss_contrast = contrast_order_loss(fake_wide, real, classes, RULE_PAIRS, config.wide_contrast_keep)
+                loss_g = loss_g + config.lambda_wide_contrast * loss_contrast
+                logs["loss/wide_codes_contrast"] = loss_contrast.item()
             if kl is not None:
                 loss_g = loss_g + config.style_kl_weight * kl
                 logs["loss/style_kl"] = kl.item()
