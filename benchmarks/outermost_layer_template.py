@@ -3,7 +3,10 @@
 The template ships with the project, so this needs no patient data. For seeds 0..N-1 the model synthesises the
 template's label map with one pass and with the mirror average; per seed and contrast it records the share of the
 outermost layer at 0 and at or below the model's floor (the median of its training brains' darkest signal), then the
-mean over the seeds and the worst (share, seed, contrast). ``Testing/test_synthesis.py`` asserts the same shares for
+mean over the seeds and the worst (share, seed, contrast); and per seed the contrast rules the sample breaks on the
+template's classes (a code can keep the layer bright and wash the tissues out instead) and each rule's margin (the
+smallest class-median difference it compares, z; ``benchmarks/contrast_margins_real.py`` measures the real cases').
+``Testing/test_synthesis.py`` asserts the same shares for
 the shipped default; this writes them for any model, for the model card.
 
     python benchmarks/outermost_layer_template.py --model medsynth-spade27-noint-ft1000 --seeds 6 -o OUT.json
@@ -49,8 +52,11 @@ def layer_shares(model: str | None, seeds: int, spread: float = 1.0,
         for seed in range(seeds):
             images = engine.synthesize(labelmap, seed=seed).images
             zero, at_floor = layer_signal_shares(images, rim, floors)
-            broken = [r["rule"] for r in check_contrast_rules(images, labelmap.array) if r["passed"] is False]
-            rows.append({"seed": seed, "zero": zero, "at_floor": at_floor, "rules_failed": broken})
+            rules = check_contrast_rules(images, labelmap.array)
+            broken = [r["rule"] for r in rules if r["passed"] is False]
+            margins = {r["rule"]: r["margin"] for r in rules if r["margin"] is not None}
+            rows.append({"seed": seed, "zero": zero, "at_floor": at_floor, "rules_failed": broken,
+                         "rule_margins": margins})
         mean = {m: float(np.mean([r["at_floor"][m] for r in rows])) for m in MODALITIES}
         worst = max((r["at_floor"][m], r["seed"], m) for r in rows for m in MODALITIES)
         failing = sum(bool(r["rules_failed"]) for r in rows)
