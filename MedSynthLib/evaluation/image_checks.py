@@ -43,7 +43,8 @@ class ContrastRule:
     against_all: str | None = None
 
 
-_ALL = tuple(int(v) for v in (Label.CSF, Label.GM, Label.WM, Label.NCR, Label.ED, Label.ET))
+#: The label classes the contrast rules compare (every class of the brain).
+RULE_CLASSES = tuple(int(v) for v in (Label.CSF, Label.GM, Label.WM, Label.NCR, Label.ED, Label.ET))
 
 CONTRAST_RULES: tuple[ContrastRule, ...] = (
     ContrastRule("T1: CSF < GM", "t1", (Label.CSF,), (Label.GM,)),
@@ -70,11 +71,21 @@ def class_medians(image: np.ndarray, labels: np.ndarray, brain: np.ndarray,
     """
     z = zscore(image, brain, reference=frame)
     medians = {}
-    for value in _ALL:
+    for value in RULE_CLASSES:
         mask = (labels == value) & brain
         if int(mask.sum()) >= min_voxels:
             medians[value] = float(np.median(z[mask]))
     return medians
+
+
+def rule_pairs(rule: ContrastRule, classes: tuple[int, ...] = RULE_CLASSES) -> list[tuple[int, int]]:
+    """The ``(darker, brighter)`` class pairs ``rule`` compares; a "brightest" or "darkest" rule compares its class
+    with every other one of ``classes`` (those present in the case when checking one)."""
+    if rule.against_all == "brightest":
+        return [(other, rule.brighter[0]) for other in classes if other != rule.brighter[0]]
+    if rule.against_all == "darkest":
+        return [(rule.darker[0], other) for other in classes if other != rule.darker[0]]
+    return [(low, high) for low in rule.darker for high in rule.brighter]
 
 
 def check_contrast_rules(images: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray | None = None,
@@ -101,14 +112,7 @@ def check_contrast_rules(images: dict[str, np.ndarray], labels: np.ndarray, brai
     results = []
     for rule in rules:
         medians = medians_by_modality[rule.modality]
-        if rule.against_all == "brightest":
-            top = rule.brighter[0]
-            pairs = [(other, top) for other in medians if other != top]
-        elif rule.against_all == "darkest":
-            bottom = rule.darker[0]
-            pairs = [(bottom, other) for other in medians if other != bottom]
-        else:
-            pairs = [(low, high) for low in rule.darker for high in rule.brighter]
+        pairs = rule_pairs(rule, tuple(medians))
         needed = {v for pair in pairs for v in pair} | set(rule.darker) | set(rule.brighter)
         entry: dict[str, Any] = {"rule": rule.name, "modality": rule.modality,
                                  "medians": {Label(v).name: round(z, 4) for v, z in sorted(medians.items())}}

@@ -136,17 +136,10 @@ def contrast_pairs(modalities: tuple[str, ...] | list[str]) -> tuple[tuple[int, 
     ``modalities`` gives the network's channel order; a "darkest" or "brightest" rule expands to one pair per other
     class.
     """
-    from ..evaluation.image_checks import _ALL, CONTRAST_RULES
+    from ..evaluation.image_checks import CONTRAST_RULES, rule_pairs
 
-    pairs = []
-    for rule in CONTRAST_RULES:
-        channel = list(modalities).index(rule.modality)
-        if rule.against_all == "darkest":
-            pairs += [(channel, rule.darker[0], other) for other in _ALL if other != rule.darker[0]]
-        elif rule.against_all == "brightest":
-            pairs += [(channel, other, rule.brighter[0]) for other in _ALL if other != rule.brighter[0]]
-        else:
-            pairs += [(channel, low, high) for low in rule.darker for high in rule.brighter]
+    pairs = [(list(modalities).index(rule.modality), low, high) for rule in CONTRAST_RULES
+             for low, high in rule_pairs(rule)]
     return tuple((channel, int(low), int(high)) for channel, low, high in pairs)
 
 
