@@ -611,7 +611,9 @@ def test_registered_models_are_listed(module):
         assert entry["spread_limit"] == (spread_limit(model) if styled else None), entry
 
 
-def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_path, monkeypatch):
+def _register_wide_and_plain(tmp_path, monkeypatch):
+    """A registry of two styled models in ``tmp_path``: "wide" (the default, spread limit 1.5) and "plain" (no
+    declared limit). Returns the source model folder."""
     import json
 
     from MedSynthLib.synthesis.appearance import AppearancePrior
@@ -627,6 +629,11 @@ def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_pat
     monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "registry"))
     register_model(source, "wide", make_default=True, spread_limit=1.5)
     register_model(source, "plain")
+    return source
+
+
+def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_path, monkeypatch):
+    _register_wide_and_plain(tmp_path, monkeypatch)
     widget = _widget(module)
     widget.initializeParameterNode()
     widget._fillModelList()
@@ -638,21 +645,7 @@ def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_pat
 def test_the_spread_spin_box_offers_only_what_the_chosen_model_accepts(module, tmp_path, monkeypatch):
     """The spin box went to 2 whatever the model, and Generate then refused a spread the panel had offered; now its
     maximum is the chosen model's limit, and a spread past a newly chosen model's limit is lowered to it."""
-    import json
-
-    from MedSynthLib.synthesis.appearance import AppearancePrior
-    from MedSynthLib.synthesis.models import register_model
-    from test_synthesis_seed import STYLED, _model
-
-    source = _model(tmp_path / "styled", STYLED)
-    config = json.loads((source / "config.json").read_text())
-    prior = AppearancePrior((0.0,) * STYLED.style_dim, tuple(tuple(float(i == j) for j in range(STYLED.style_dim))
-                                                            for i in range(STYLED.style_dim)), 10, 0)
-    config["appearance"] = prior.to_json()
-    (source / "config.json").write_text(json.dumps(config))
-    monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "registry"))
-    register_model(source, "wide", make_default=True, spread_limit=1.5)
-    register_model(source, "plain")
+    source = _register_wide_and_plain(tmp_path, monkeypatch)
     workflow = module.MedSynthLogic().workflow
     assert workflow.appearance_spread_limit("") == 1.5  # the registry's default synthesis model
     assert workflow.appearance_spread_limit("plain") == 1.0
