@@ -91,6 +91,17 @@ class PreviewJob:
         return self.task.is_running()
 
 
+def _config_spread_limit(config: dict[str, Any]) -> float | None:
+    """The appearance spread limit a model's config (read as text) declares: ``DEFAULT_SPREAD_LIMIT`` for a synthesis
+    model with an appearance code that declares none, ``None`` for a model without the code (or an inpainting one)."""
+    from MedSynthLib.synthesis.appearance import DEFAULT_SPREAD_LIMIT
+
+    network = config.get("network", {})
+    if network.get("kind") == "inpainting" or not network.get("style_dim"):
+        return None
+    return float((config.get("appearance") or {}).get("spread_limit", DEFAULT_SPREAD_LIMIT))
+
+
 class Synthesis:
     """Generate and preview (a part of ``WorkflowLogic``; its state lives there)."""
 
@@ -121,7 +132,6 @@ class Synthesis:
             registry = read_registry()
         except MedSynthError as exc:
             raise WorkflowError(str(exc)) from None
-        from MedSynthLib.synthesis.appearance import DEFAULT_SPREAD_LIMIT
         from MedSynthLib.synthesis.models import DEFAULT_KEYS, models_root
 
         out = []
@@ -130,8 +140,7 @@ class Synthesis:
             try:  # the kind is in the model's config (read as text: nothing is verified here)
                 config = json.loads((models_root() / str(entry.get("path", name)) / "config.json").read_text())
                 kind = "inpainting" if config.get("network", {}).get("kind") == "inpainting" else "synthesis"
-                if kind == "synthesis" and config.get("network", {}).get("style_dim"):
-                    limit = float((config.get("appearance") or {}).get("spread_limit", DEFAULT_SPREAD_LIMIT))
+                limit = _config_spread_limit(config)
             except (OSError, ValueError, TypeError, AttributeError):
                 kind = "synthesis"
             out.append({"name": name, "kind": kind, "default": name == registry.get(DEFAULT_KEYS[kind]),
@@ -161,13 +170,8 @@ class Synthesis:
                 return entry["spread_limit"]
         if not name:
             return None
-        from MedSynthLib.synthesis.appearance import DEFAULT_SPREAD_LIMIT
-
         try:  # a model folder typed in: its config as text, as the registry's entries are read
-            config = json.loads((Path(name).expanduser() / "config.json").read_text())
-            if config.get("network", {}).get("kind") == "inpainting" or not config.get("network", {}).get("style_dim"):
-                return None
-            return float((config.get("appearance") or {}).get("spread_limit", DEFAULT_SPREAD_LIMIT))
+            return _config_spread_limit(json.loads((Path(name).expanduser() / "config.json").read_text()))
         except (OSError, ValueError, TypeError, AttributeError):
             return None
 

@@ -103,6 +103,25 @@ def masked_ssim_loss(prediction: torch.Tensor, real: torch.Tensor, weights: torc
     return 1.0 - (ssim * inside).sum() / total.clamp(min=1e-6)
 
 
+def class_means(prediction: torch.Tensor, real: torch.Tensor,
+                classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per patch, class and contrast, the mean of ``prediction`` and of ``real`` over the class's mask.
+
+    Args:
+        prediction, real: (B, C, *spatial) images.
+        classes: (B, K, *spatial) 0/1 class masks.
+
+    Returns:
+        ``(predicted, target, size)``: the (B, K, C) means (0 for an empty class) and the (B, K) voxel counts.
+    """
+    weights = classes.float().flatten(2)  # (B, K, N)
+    size = weights.sum(-1)  # (B, K)
+    counts = size.clamp(min=1.0).unsqueeze(-1)
+    predicted = torch.einsum("bkn,bcn->bkc", weights, prediction.float().flatten(2)) / counts
+    target = torch.einsum("bkn,bcn->bkc", weights, real.float().flatten(2)) / counts
+    return predicted, target, size
+
+
 def class_level_loss(prediction: torch.Tensor, real: torch.Tensor, classes: torch.Tensor,
                      min_voxels: int = 64) -> torch.Tensor:
     """The mean, over each patch's label classes and the contrasts, of how far the prediction's mean in a class lies
@@ -120,11 +139,7 @@ def class_level_loss(prediction: torch.Tensor, real: torch.Tensor, classes: torc
     Returns:
         The mean absolute difference of class means; 0 when no class of any patch has ``min_voxels``.
     """
-    weights = classes.float().flatten(2)  # (B, K, N)
-    size = weights.sum(-1)  # (B, K)
-    counts = size.clamp(min=1.0).unsqueeze(-1)
-    predicted = torch.einsum("bkn,bcn->bkc", weights, prediction.float().flatten(2)) / counts
-    target = torch.einsum("bkn,bcn->bkc", weights, real.float().flatten(2)) / counts
+    predicted, target, size = class_means(prediction, real, classes)
     present = (size >= min_voxels).float().unsqueeze(-1)  # (B, K, 1)
     total = present.sum() * prediction.shape[1]
     return ((predicted - target).abs() * present).sum() / total.clamp(min=1.0)
@@ -165,11 +180,7 @@ def contrast_order_loss(prediction: torch.Tensor, real: torch.Tensor, classes: t
     Returns:
         The mean shortfall over the counted pairs; 0 when none counts.
     """
-    weights = classes.float().flatten(2)  # (B, K, N)
-    size = weights.sum(-1)  # (B, K)
-    counts = size.clamp(min=1.0).unsqueeze(-1)
-    predicted = torch.einsum("bkn,bcn->bkc", weights, prediction.float().flatten(2)) / counts
-    target = torch.einsum("bkn,bcn->bkc", weights, real.float().flatten(2)) / counts
+    predicted, target, size = class_means(prediction, real, classes)
     present = size >= min_voxels
     channel, darker, brighter = (torch.tensor(column, device=prediction.device) for column in zip(*pairs))
     real_difference = target[:, brighter, channel] - target[:, darker, channel]  # (B, P)

@@ -548,6 +548,12 @@ def signal_floors_z(volumes: list[TrainingVolume]) -> dict[str, float]:
     return floors
 
 
+def counted_classes(cond: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+    """The condition's one-hot label classes, limited to where the loss counts (``counted``; ``None``: everywhere)."""
+    classes = cond[:, :NUM_CLASSES]
+    return classes if counted is None else classes * counted
+
+
 def below_floor(prediction: torch.Tensor, floor: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
     """The mean, over the voxels and contrasts where the loss counts, of how far ``prediction`` lies below ``floor``.
 
@@ -796,7 +802,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 loss_g = loss_g + config.lambda_ssim * loss_ssim
                 logs["loss/ssim"] = loss_ssim.item()
             if config.lambda_class_level > 0:
-                classes = cond[:, :NUM_CLASSES] if counted is None else cond[:, :NUM_CLASSES] * counted
+                classes = counted_classes(cond, counted)
                 loss_level = class_level_loss(fake, real, classes)
                 loss_g = loss_g + config.lambda_class_level * loss_level
                 logs["loss/class_level"] = loss_level.item()
@@ -809,7 +815,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                     loss_g = loss_g + config.lambda_floor * loss_floor_wide
                     logs["loss/below_floor_wide_codes"] = loss_floor_wide.item()
             if fake_wide is not None and config.lambda_wide_contrast > 0:
-                classes = cond[:, :NUM_CLASSES] if counted is None else cond[:, :NUM_CLASSES] * counted
+                classes = counted_classes(cond, counted)
                 loss_contrast = contrast_order_loss(fake_wide, real, classes, RULE_PAIRS, config.wide_contrast_keep)
                 loss_g = loss_g + config.lambda_wide_contrast * loss_contrast
                 logs["loss/wide_codes_contrast"] = loss_contrast.item()
