@@ -6,14 +6,31 @@ absent, except under CI (``CI=true``), where its absence is a failure.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str, folder: str = "benchmarks") -> ModuleType:
+    """Import ``REPO/folder/name.py`` (a script, not a package) so a test can call its functions.
+
+    The script's folder goes on ``sys.path`` first, since some scripts import their siblings.
+    """
+    directory = REPO / folder
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+    spec = importlib.util.spec_from_file_location(name, directory / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_configure(config):

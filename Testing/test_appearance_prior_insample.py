@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "appearance_prior_insample.py"
-_SPEC = importlib.util.spec_from_file_location("appearance_prior_insample", SCRIPT)
-insample = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(insample)
+insample = load_benchmark("appearance_prior_insample")
 
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
 

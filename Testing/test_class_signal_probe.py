@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCHMARKS))
-_SPEC = importlib.util.spec_from_file_location("class_signal_probe", _BENCHMARKS / "class_signal_probe.py")
-probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(probe)
+from conftest import load_benchmark
+
+probe = load_benchmark("class_signal_probe")
 
 
 def test_a_recipe_names_one_model_per_fold() -> None:

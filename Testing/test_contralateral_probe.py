@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "contralateral_probe.py"
-_SPEC = importlib.util.spec_from_file_location("contralateral_probe", SCRIPT)
-probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(probe)
+from conftest import load_benchmark
+
+probe = load_benchmark("contralateral_probe")
 
 
 @pytest.mark.parametrize("centre", [15.0, 17.5, 21.0])

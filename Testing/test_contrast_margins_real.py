@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
+from conftest import load_benchmark
 from MedSynthLib.schema.labels import Label
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCHMARKS))
-_SPEC = importlib.util.spec_from_file_location("contrast_margins_real", _BENCHMARKS / "contrast_margins_real.py")
-margins = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(margins)
+margins = load_benchmark("contrast_margins_real")
 
 
 def test_the_margins_compare_healthy_tissue_only() -> None:

@@ -3,7 +3,6 @@ on real BraTS cases and on deliberately wrong images."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import PHANTOM_BRATS_IDS, REPO, write_volume
+from conftest import PHANTOM_BRATS_IDS, REPO, load_benchmark, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.schema.grid import Grid, LabelMap
 from MedSynthLib.schema.labelmap import read_label_map, write_label_map
@@ -635,13 +635,9 @@ def test_the_held_out_score_is_taken_without_the_real_values_inside_the_region(t
     inside the region: in a held-out test those are the answer.  ``benchmarks/inpainting_eval.py`` scores each
     method pasted (the engine with no feather, any other fill through ``pasted_and_blended``) and keeps the
     feathered blend for the seam only."""
-    import importlib.util
-
     from MedSynthLib.synthesis.inpainting import feather_weight
 
-    spec = importlib.util.spec_from_file_location("inpainting_eval", REPO / "benchmarks" / "inpainting_eval.py")
-    evaluation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluation)
+    evaluation = load_benchmark("inpainting_eval")
 
     labels, normalized, region = _crop()
     real = {m: (normalized[c] + 1.0) * 1000.0 for c, m in enumerate(MODALITIES)}

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage
 
-_SPEC = importlib.util.spec_from_file_location(
-    "label_information_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "label_information_probe.py")
-probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(probe)
+from conftest import load_benchmark
+
+probe = load_benchmark("label_information_probe")
 
 
 def _phantom(shape=(40, 44, 48)) -> tuple[np.ndarray, np.ndarray]:

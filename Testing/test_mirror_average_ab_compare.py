@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from MedSynthLib.schema.labels import MODALITIES
 
-_SPEC = importlib.util.spec_from_file_location(
-    "mirror_average_ab_compare", Path(__file__).resolve().parents[1] / "benchmarks" / "mirror_average_ab_compare.py")
-ab = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(ab)
+ab = load_benchmark("mirror_average_ab_compare")
 
 
 def _arm(ssim: float) -> dict:

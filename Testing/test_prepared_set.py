@@ -8,7 +8,6 @@ the other), and every way a set can be wrong is one line and exit status 2.  The
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, training_cache_of
+from conftest import REPO, load_benchmark, training_cache_of
 from MedSynthLib.cli import main
 from test_training import CASE_IDS, copy_run, load_tensors, resume_args, rewind, train_here, write_config
 
@@ -130,10 +129,7 @@ def test_a_bad_prepared_set_is_one_line_and_starts_nothing(prepared: Path, tmp_p
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "gpu_training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name, "benchmarks/gpu_training")
 
 
 def _run_script(name: str, *args: str) -> None:

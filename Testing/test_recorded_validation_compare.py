@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCHMARKS))
-_SPEC = importlib.util.spec_from_file_location("recorded_validation_compare",
-                                               _BENCHMARKS / "recorded_validation_compare.py")
-compare_module = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compare_module)
+from conftest import load_benchmark
+
+compare_module = load_benchmark("recorded_validation_compare")
 
 
 def _model(folder: Path, brain_ssims: list[float], tumour: bool = True) -> Path:

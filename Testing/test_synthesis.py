@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import load_benchmark
 from MedSynthLib.cli import main
 from MedSynthLib.edits import Translate
 from MedSynthLib.schema.errors import InputError, MedSynthError
@@ -1040,12 +1041,7 @@ def test_the_shipped_model_gives_the_brains_outermost_layer_signal() -> None:
 
 def test_the_outermost_layer_benchmark_measures_what_the_test_asserts(tmp_path: Path) -> None:
     """``benchmarks/outermost_layer_template.py`` (the card's numbers) counts the shares this file's tests assert."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "outermost_layer_template.py"
-    spec = importlib.util.spec_from_file_location("outermost_layer_template", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("outermost_layer_template")
     out = tmp_path / "layer.json"
     assert module.main(["--seeds", "1", "-o", str(out)]) == 0
     report = json.loads(out.read_text())

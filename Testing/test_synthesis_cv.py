@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from conftest import write_phantom_case, write_random_model
+from conftest import load_benchmark, write_phantom_case, write_random_model
 from MedSynthLib.cases.readers import read_case
 from MedSynthLib.schema.labels import Label
 from MedSynthLib.synthesis.models import resolve_model
 from MedSynthLib.synthesis.networks import MODALITY_ORDER
 from MedSynthLib.synthesis.synthesize import SynthesisEngine
 
-_SPEC = importlib.util.spec_from_file_location(
-    "synthesis_cv", Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_cv.py")
-cv = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(cv)
+cv = load_benchmark("synthesis_cv")
 
 
 @pytest.fixture(scope="module")

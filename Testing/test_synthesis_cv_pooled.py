@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from MedSynthLib.schema.labels import MODALITIES
+from conftest import load_benchmark
 
-_SPEC = importlib.util.spec_from_file_location(
-    "synthesis_cv_pooled", Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_cv_pooled.py")
-pooled = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(pooled)
+pooled = load_benchmark("synthesis_cv_pooled")
 
 RULE = {"checked": 1, "synthetic_passed": 1, "real_passed": 0}
 

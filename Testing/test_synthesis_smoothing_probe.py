@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-from pathlib import Path
 
 import numpy as np
 
-from conftest import PHANTOM_BRATS_IDS, training_cache_of, write_random_model
+from conftest import PHANTOM_BRATS_IDS, load_benchmark, training_cache_of, write_random_model
 from MedSynthLib.synthesis.networks import MODALITY_ORDER
 
-_SPEC = importlib.util.spec_from_file_location(
-    "synthesis_smoothing_probe",
-    Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_smoothing_probe.py")
-probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(probe)
+probe = load_benchmark("synthesis_smoothing_probe")
 
 
 def test_the_probe_scores_a_held_out_case_from_the_cached_label_map(phantom_brats, tmp_path, torch_threads) -> None:

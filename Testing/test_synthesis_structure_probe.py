@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "synthesis_structure_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_structure_probe.py")
-probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(probe)
+from conftest import load_benchmark
+
+probe = load_benchmark("synthesis_structure_probe")
 
 
 def _phantom(shape=(36, 40, 44)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
