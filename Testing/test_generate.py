@@ -678,6 +678,51 @@ def test_card_and_anonymous_only(gen_data, nnunet_run, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def _markdown_table(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    """The header cells and the body rows of the first table under ``heading`` in a markdown text."""
+    after = text.split(heading, 1)[1]
+    first = after.index("\n|") + 1
+    lines = after[first:].split("\n\n", 1)[0].splitlines()  # a blank line ends the table
+    table = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    return table[0], table[2:]  # table[1] is the |---| rule
+
+
+def test_the_cards_tumour_table_puts_each_value_under_its_columns_header(nnunet_run):
+    """Every cell of the README's tumour table belongs to the set its column names: the generated set's tumour
+    centre and right-half share under "generated", the real sources' under "real sources"."""
+    from MedSynthLib.generate.card import _fmt_q
+
+    card = json.loads((nnunet_run / "dataset_card.json").read_text())
+    header, rows = _markdown_table((nnunet_run / "README.md").read_text(), "## Tumours")
+    assert header == ["", "generated", "real sources"] and all(len(row) == 3 for row in rows), rows
+
+    def values(summary: dict) -> list[str]:
+        """One set's values, in the table's row order."""
+        location = summary["relative_location"]
+        assert location, "the phantom run's two sets both have located tumours"
+        return [str(summary["with_tumour"]), _fmt_q(summary["whole_tumour_ml"]), _fmt_q(summary["tumour_core_ml"]),
+                *(_fmt_q(summary["fractions"][key]) for key in ("NCR", "ED", "ET")),
+                str(location["mean_RAS"]), f"{location['right_hemisphere_share']:g}"]
+
+    for column, summary in (("generated", "generated"), ("real sources", "real_sources")):
+        cells = [row[header.index(column)] for row in rows]
+        assert cells == values(card["tumours"][summary]), (column, rows)
+    # The sets are told apart by the columns only: no row names one of them.
+    assert not any("generated" in row[0] or "real" in row[0] for row in rows), rows
+
+
+def test_a_model_without_validation_in_its_config_is_pointed_to_the_model_card(nnunet_run):
+    """A model config with no validation (the test model's) or an empty record (the shipped models' ``{}``): the
+    card says the config holds none of its own and points to the model card, not that the model has none."""
+    from MedSynthLib.generate.card import _fidelity, _readme
+
+    card = json.loads((nnunet_run / "dataset_card.json").read_text())
+    shipped_like = dict(card, model=dict(card["model"], fidelity=_fidelity({"validation": {}})))
+    for readme in ((nnunet_run / "README.md").read_text(), _readme(shipped_like)):
+        assert "records no held-out validation of its own" in readme and "`docs/model_card.md`" in readme
+        assert "records no validation." not in readme
+
+
 def test_an_anonymous_dataset_carries_nothing_of_the_real_sources(gen_data, tmp_path):
     """--anonymous reads no patient source (its cases use none): no derived label map in OUT/.cache, no source id,
     no real tumour's statistics in the card; and no card records a folder (a folder name can name a patient)."""

@@ -169,6 +169,14 @@ def _fmt_dice(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _fmt_location(location: dict[str, Any] | None, key: str) -> str:
+    """One set's tumour-centre value (``mean_RAS`` or ``right_hemisphere_share``); "—" when it has none."""
+    if not location:
+        return "—"
+    value = location[key]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _readme(card: dict[str, Any]) -> str:
     gen, real = card["tumours"]["generated"], card["tumours"]["real_sources"]
     fid = card["model"]["fidelity"] or {}
@@ -191,7 +199,9 @@ def _readme(card: dict[str, Any]) -> str:
         "",
         ("brain SSIM {brain_ssim}, PSNR {brain_psnr} dB; tumour SSIM {tumour_ssim}, PSNR {tumour_psnr} dB".format(
             **{k: fid.get(k, "—") for k in ("brain_ssim", "brain_psnr", "tumour_ssim", "tumour_psnr")})
-         if fid else "The model's config records no validation."),
+         # The shipped models' configs hold an empty record: their held-out validation is in the model card.
+         if fid else "The model's config records no held-out validation of its own; the shipped models' held-out "
+                     "validation, where measured, is in the model card, `docs/model_card.md`."),
         "",
         "## Tumours: generated against the real sources",
         "",
@@ -204,11 +214,13 @@ def _readme(card: dict[str, Any]) -> str:
     for key in ("NCR", "ED", "ET"):
         lines.append(f"| {key} fraction of the tumour | {_fmt_q(gen['fractions'][key])} | "
                      f"{_fmt_q(real['fractions'][key])} |")
-    for name, summary in (("generated", gen), ("real", real)):
-        loc = summary["relative_location"]
-        if loc:
-            lines.append(f"| tumour centre ({name}), mean relative RAS in the brain box | "
-                         f"{loc['mean_RAS']} | right half: {loc['right_hemisphere_share']} |")
+    # One row per measure, each set's value under its own column, as in the rows above.
+    gen_loc, real_loc = gen["relative_location"], real["relative_location"]
+    if gen_loc or real_loc:
+        for label, key in (("tumour centre, mean relative RAS in the brain box", "mean_RAS"),
+                           ("tumour centre in the right half of the brain box, share of tumours",
+                            "right_hemisphere_share")):
+            lines.append(f"| {label} | {_fmt_location(gen_loc, key)} | {_fmt_location(real_loc, key)} |")
     lines += [
         "",
         f"![tumour size, sub-regions and location]({CARD_FIGURE})",
