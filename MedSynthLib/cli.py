@@ -172,46 +172,95 @@ def _add_output(parser: argparse.ArgumentParser, help_text: str) -> None:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from .cases.readers import read_case
-    from .schema.labels import LABEL_INFO, TUMOUR_LABELS
+def _refuse_medsynth_output(folders: Sequence[Path | None], reads: str) -> None:
+    """A MedSynth output read as a patient's case has no segmentation file: its tumour would silently drop out."""
+    from .schema.errors import InputError
+    from .synthesis.case_folder import LABELS_FILE, is_medsynth_output
 
-    case = _read_case_args(args)
-    tumour = {LABEL_INFO[label].short_name: int((case.tumour == label).sum()) if case.tumour is not None else 0
-              for label in TUMOUR_LABELS}
-    info: dict[str, Any] = {
-        "case": case.case_id,
-        "convention": case.convention,
-        "label_convention": case.label_convention,
-        "modalities": {m: str(p.name) for m, p in case.files.items()},
+    for folder in folders:
+        if folder is not None and is_medsynth_output(folder):
+            raise InputError(folder, f"is a MedSynth output (its label map is {LABELS_FILE} in it), not a patient's "
+                                     f"case: {reads}")
+
+
+def _medsynth_output_info(folder: Path) -> dict[str, Any]:
+    """What ``info`` says of a case folder MedSynth wrote: its files, grid and the tumour of its own label map."""
+    from .schema.labels import LABEL_INFO, TUMOUR_LABELS
+    from .synthesis.case_folder import LABELS_FILE, read_case_folder
+
+    case = read_case_folder(folder)  # verifies every file against the sha256 its provenance recorded
+    labels = case.labels.array
+    privacy = case.raw_provenance.get("privacy") or {}
+    mask = case.synthetic_mask
+    return {
+        "case": folder.name,
+        "convention": "medsynth",
+        "label_convention": None,
+        "modalities": {m: f"{m}.nii.gz" for m in case.images},
         "grid": case.grid.to_json(),
-        "brain_voxels": int(case.brain_mask().sum()),
-        "tumour_voxels": tumour if case.tumour is not None else None,
+        "brain_voxels": int((labels > 0).sum()),
+        "tumour_voxels": {LABEL_INFO[label].short_name: int((labels == label).sum()) for label in TUMOUR_LABELS},
+        "medsynth_output": {"images": privacy.get("images", "synthetic"), "label_map": LABELS_FILE,
+                            "model": (case.raw_provenance.get("model") or {}).get("name"),
+                            "synthetic_voxels": None if mask is None else int(mask.sum())},
     }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .schema.grid import Grid
+    from .schema.labels import LABEL_INFO, TUMOUR_LABELS
+    from .synthesis.case_folder import is_medsynth_output
+
+    if args.case is not None and is_medsynth_output(args.case):
+        info = _medsynth_output_info(args.case)
+    else:
+        case = _read_case_args(args)
+        tumour = {LABEL_INFO[label].short_name: int((case.tumour == label).sum()) if case.tumour is not None else 0
+                  for label in TUMOUR_LABELS}
+        info = {
+            "case": case.case_id,
+            "convention": case.convention,
+            "label_convention": case.label_convention,
+            "modalities": {m: str(p.name) for m, p in case.files.items()},
+            "grid": case.grid.to_json(),
+            "brain_voxels": int(case.brain_mask().sum()),
+            "tumour_voxels": tumour if case.tumour is not None else None,
+        }
+    g = Grid.from_json(info["grid"])
+    info["grid_ras"] = {"origin": list(g.origin_ras), "direction": list(g.direction_ras)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"case        {info['case']}")
-    print(f"convention  {case.convention} (tumour labels: {case.label_convention})")
+    output = info.get("medsynth_output")
+    if output is None:
+        print(f"convention  {info['convention']} (tumour labels: {info['label_convention']})")
+    elif output["images"] == "patient":
+        print(f"convention  MedSynth output: the patient's images with {output['synthetic_voxels']} voxels "
+              f"re-rendered (synthetic_mask.nii.gz), label map {output['label_map']}, model {output['model']}")
+    else:
+        print(f"convention  MedSynth output: synthetic images, label map {output['label_map']}, "
+              f"model {output['model']}")
     for modality, name in info["modalities"].items():
         print(f"  {modality:<6}    {name}")
-    g = case.grid
-    print(f"grid        size {g.size}, spacing {g.spacing} mm, origin {g.origin}")
-    print(f"            direction {g.direction}")
+    origin = ", ".join(f"{v + 0.0:.6g}" for v in g.origin_ras)
+    direction = ", ".join(f"{v + 0.0:.6g}" for v in g.direction_ras)
+    print(f"grid        size {g.size}, spacing {g.spacing} mm, origin ({origin}) mm RAS")
+    print(f"            direction ({direction}) RAS")
     print(f"brain       {info['brain_voxels']} voxels")
-    if case.tumour is None:
+    if info["tumour_voxels"] is None:
         print("tumour      no segmentation")
     else:
-        print("tumour      " + ", ".join(f"{k} {v}" for k, v in tumour.items()))
+        print("tumour      " + ", ".join(f"{k} {v}" for k, v in info["tumour_voxels"].items()))
     return 0
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
     from .cases.anatomy import ANATOMY_MODELS, anatomy_contrasts, derive_label_map, tissue_statistics
-    from .cases.readers import read_case
     from .schema.labelmap import label_map_outputs, write_label_map
     from .schema.volume_io import check_writable
 
+    _refuse_medsynth_output([args.case], "medsynth labels derives a label map from a patient's scans")
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=_case_inputs(args))
     model = ANATOMY_MODELS[args.anatomy]
     with _progress(3, "labels") as step:
@@ -680,6 +729,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .synthesis.models import resolve_model
     from .synthesis.synthesize import SynthesisEngine
 
+    _refuse_medsynth_output([*args.cases, *(args.reference or [])],
+                            "medsynth evaluate scores synthesis against a patient's real scans")
     check_writable([args.output], args.overwrite,
                    inputs=[f for folder in [*args.cases, *(args.reference or [])] for f in folder_and_files(folder)])
     spread = check_appearance_spread(args.appearance_spread, "--appearance-spread")

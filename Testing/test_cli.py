@@ -136,6 +136,34 @@ def test_info_text(work, capsys):
     assert f"NCR {(SEG == 1).sum()}, ED {(SEG == 2).sum()}, ET {(SEG == 4).sum()}" in out
 
 
+def test_info_prints_the_grid_in_ras_as_slicer_shows_it(work, capsys):
+    """The origin and axes ``info`` prints are RAS, labelled, as 3D Slicer and every edit vector are (ITK's LPS,
+    unlabelled, read as the opposite side); ``--json`` keeps ITK's grid and adds the RAS pair."""
+    origin_ras = lps_to_ras(GEOMETRY["origin"])
+    direction_ras = (np.diag([-1.0, -1.0, 1.0]) @ np.reshape(DIRECTION, (3, 3))).ravel()
+    rc, out, _ = run(["info", work["case"]], capsys)
+    assert rc == 0
+    assert "origin (" + ", ".join(f"{v + 0.0:.6g}" for v in origin_ras) + ") mm RAS" in out
+    assert "direction (" + ", ".join(f"{v + 0.0:.6g}" for v in direction_ras) + ") RAS" in out
+    rc, out, _ = run(["info", work["case"], "--json"], capsys)
+    ras = json.loads(out)["grid_ras"]
+    assert np.allclose(ras["origin"], origin_ras) and np.allclose(ras["direction"], direction_ras)
+
+
+def test_a_grid_mismatch_is_reported_in_ras(tmp_path, capsys):
+    """A T2 moved 2 mm towards the patient's right (RAS x -2) is reported as such, labelled RAS, not as
+    ITK's LPS +2 (the other side)."""
+    case = tmp_path / "Patient_grid"
+    plain = dict(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    for modality, array in IMAGES.items():
+        moved = dict(plain, origin=(2.0, 0.0, 0.0)) if modality == "t2" else plain  # LPS x +2 = RAS x -2
+        write_volume(array, case / f"Patient_grid_{modality}.nii.gz", **moved)
+    write_volume(SEG, case / "Patient_grid_seg.nii.gz", **plain)
+    rc, _, err = run(["info", case], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "origin (-2, 0, 0) differs from (0, 0, 0) (RAS mm)" in err, err
+
+
 def test_info_json(work, capsys):
     """``medsynth info --json`` parses and carries the exact grid."""
     rc, out, _ = run(["info", work["case"], "--json"], capsys)
@@ -512,3 +540,38 @@ def work_labels_thick(tmp_path: Path) -> Path:
     array[4:8, 14:24, 14:24] = 5
     array[5:7, 16:22, 16:22] = 4
     return write_volume(array, tmp_path / "thick.nii.gz", spacing=(1.0, 1.0, 5.0))
+
+
+# --- a MedSynth output is not a patient's case --------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["labels"], ["evaluate"], ["evaluate", "REAL", "--reference"]])
+def test_a_medsynth_output_is_refused_where_a_patient_case_is_read(demo, work, tmp_path, capsys, command):
+    """``labels`` and ``evaluate`` read a case as a patient's scans.  A synthesize/demo output read that way
+    lost its tumour (no BraTS segmentation file: the map came out tumour-free, the score had no tumour): it is
+    refused in one line that names the folder and says where its label map is, and nothing is written."""
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in demo.iterdir()}
+    output = tmp_path / ("labels.nii.gz" if command == ["labels"] else "report.json")
+    argv = [work["case"] if part == "REAL" else part for part in command]
+    rc, out, err = run([*argv, demo, "-o", output], capsys)
+    assert rc == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("medsynth: error:")
+    assert str(demo) in err and "MedSynth output" in err and "labels.nii.gz" in err
+    assert list(tmp_path.iterdir()) == []
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in demo.iterdir()} == before
+
+
+def test_info_describes_a_medsynth_output_with_the_tumour_of_its_label_map(demo, capsys):
+    """``info`` on a synthesize/demo output says what it is (wholly synthetic images) and counts the tumour of
+    its own label map, instead of reading it as a patient's case without a segmentation."""
+    rc, out, err = run(["info", demo, "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(out)
+    labels = _array(demo / "labels.nii.gz")
+    assert info["medsynth_output"]["images"] == "synthetic"
+    assert info["medsynth_output"]["label_map"] == "labels.nii.gz"
+    assert info["tumour_voxels"] == {"NCR": int((labels == 4).sum()), "ED": int((labels == 5).sum()),
+                                     "ET": int((labels == 6).sum())}
+    assert info["brain_voxels"] == int((labels > 0).sum())
+    rc, out, err = run(["info", demo], capsys)
+    assert rc == 0 and "MedSynth output" in out and "no segmentation" not in out

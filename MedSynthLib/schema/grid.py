@@ -94,11 +94,22 @@ class Grid:
         if not np.allclose(self.spacing, other.spacing, rtol=rtol, atol=0):
             return f"spacing {_fmt(other.spacing)} differs from {_fmt(self.spacing)}"
         tol = max(atol_mm, rtol * float(np.min(self.spacing)))
+        # Said in RAS, the frame 3D Slicer shows and every edit vector uses (ITK's LPS reads as the other side).
         if not np.allclose(self.origin, other.origin, rtol=0, atol=tol):
-            return f"origin {_fmt(other.origin)} differs from {_fmt(self.origin)}"
+            return f"origin {_fmt(other.origin_ras)} differs from {_fmt(self.origin_ras)} (RAS mm)"
         if not np.allclose(self.direction, other.direction, rtol=0, atol=rtol):
-            return f"direction {_fmt(other.direction)} differs from {_fmt(self.direction)}"
+            return f"direction {_fmt(other.direction_ras)} differs from {_fmt(self.direction_ras)} (RAS)"
         return None
+
+    @property
+    def origin_ras(self) -> tuple[float, ...]:
+        """The first voxel's centre in RAS millimetres (``origin`` is ITK's LPS)."""
+        return tuple(float(v) for v in lps_to_ras(self.origin))
+
+    @property
+    def direction_ras(self) -> tuple[float, ...]:
+        """The axes' direction cosines in RAS, row-major as ``direction`` (ITK's LPS)."""
+        return tuple(float(v) for v in (_LPS_RAS @ np.reshape(self.direction, (3, 3))).ravel())
 
     def to_json(self) -> dict[str, Any]:
         return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
@@ -226,7 +237,7 @@ def _extents(mask: np.ndarray) -> list[tuple[int, int]] | None:
 
 
 def _fmt(values: tuple[float, ...]) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"  # + 0.0: no "-0"
 
 
 @dataclass

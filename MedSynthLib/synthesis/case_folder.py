@@ -139,6 +139,15 @@ class CaseFolder:
         return self.labels.grid
 
 
+def is_medsynth_output(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is a case folder MedSynth wrote (its provenance says so), not a patient's scans."""
+    try:
+        record = json.loads((Path(folder) / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("kind") == SYNTHETIC_CASE_KIND
+
+
 def read_provenance(folder: Path) -> dict[str, Any]:
     path = folder / PROVENANCE_FILE
     try:

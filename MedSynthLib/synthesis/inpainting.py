@@ -270,8 +270,9 @@ def read_context(case_dir: str | Path, labelmap: Any) -> ContextCase:
     import SimpleITK as sitk
 
     from ..cases.readers import read_case
+    from .case_folder import is_medsynth_output
 
-    if _is_medsynth_case(Path(case_dir)):
+    if is_medsynth_output(case_dir):
         raise InputError(case_dir, "is a MedSynth output (partly or wholly synthetic images, no segmentation of the "
                                    "tumour they show), not a patient's case: give the original case as --context and "
                                    "its label map with every edit")
@@ -294,20 +295,6 @@ def read_context(case_dir: str | Path, labelmap: Any) -> ContextCase:
         values = case.images[modality]
         images[modality] = values.astype(stored) if np.array_equal(values, values.astype(stored)) else values
     return ContextCase(Path(case_dir), images, case.tumour, dict(case.files), case.grid)
-
-
-def _is_medsynth_case(folder: Path) -> bool:
-    """Whether ``folder`` is a case folder MedSynth wrote (its provenance says so)."""
-    import json
-
-    from ..schema.provenance import SYNTHETIC_CASE_KIND
-    from .case_folder import PROVENANCE_FILE
-
-    try:
-        record = json.loads((folder / PROVENANCE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("kind") == SYNTHETIC_CASE_KIND
 
 
 def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
