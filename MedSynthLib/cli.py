@@ -266,13 +266,13 @@ def cmd_labels(args: argparse.Namespace) -> int:
     with _progress(3, "labels") as step:
         case = _read_case_args(args)
         step("read case")
+        labelmap = derive_label_map(case, model)  # bad input is refused here, before any notice
+        step("anatomy")
         contrasts = anatomy_contrasts(model, case.images)
         if hasattr(model, "used_contrasts") and not {"t2", "flair"} <= set(contrasts):
             missing = " and ".join(m.upper() for m in ("t2", "flair") if m not in case.images)
             _notice(f"no {missing} given: anatomy from {', '.join(c.upper() for c in contrasts)} only "
                     "(the documented fallback; expect weaker grey/white separation)")
-        labelmap = derive_label_map(case, model)
-        step("anatomy")
         write_label_map(labelmap, args.output, overwrite=args.overwrite)
         step("written")
     stats = tissue_statistics(labelmap.array, case.images["t1"])

@@ -575,3 +575,16 @@ def test_info_describes_a_medsynth_output_with_the_tumour_of_its_label_map(demo,
     assert info["brain_voxels"] == int((labels > 0).sum())
     rc, out, err = run(["info", demo], capsys)
     assert rc == 0 and "MedSynth output" in out and "no segmentation" not in out
+
+
+def test_a_t1_only_case_that_cannot_be_read_gets_one_line_not_the_fallback_notice_first(tmp_path, capsys):
+    """With T1 only, ``labels`` tells that it falls back to T1-only anatomy; for a T1 it then refuses (one value in
+    the whole brain: no contrast) the user got that notice and the error, two lines.  Bad input gets one."""
+    t1 = tmp_path / "flat_t1.nii.gz"
+    flat = np.where(IMAGES["t1"] > 0, 500.0, 0.0).astype(np.float32)
+    write_volume(flat, t1)
+    output = tmp_path / "out" / "labels.nii.gz"
+    rc, out, err = run(["labels", "--t1", t1, "-o", output], capsys)
+    assert rc == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("medsynth: error:") and str(t1) in err, err
+    assert not output.parent.exists() or list(output.parent.iterdir()) == []
