@@ -23,6 +23,7 @@ from MedSynthLib.cli import main
 from MedSynthLib.edits import replay, tumour_centre
 from MedSynthLib.schema.grid import Grid, lps_to_ras
 from MedSynthLib.schema.labelmap import read_label_map
+from MedSynthLib.schema.labels import label_counts
 from MedSynthLib.schema.provenance import array_sha256
 
 IMAGES, SEG = phantom()
@@ -588,3 +589,22 @@ def test_a_t1_only_case_that_cannot_be_read_gets_one_line_not_the_fallback_notic
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("medsynth: error:") and str(t1) in err, err
     assert not output.parent.exists() or list(output.parent.iterdir()) == []
+
+
+def test_a_translation_says_how_many_tumour_voxels_it_clipped_at_the_brains_edge(work, tmp_path, capsys):
+    """A translation keeps every class's count, except tumour voxels it pushes out of the brain: those are
+    clipped (up to 2 % of the core; more is refused).  That used to happen without a word."""
+    before = label_counts(read_label_map(work["labels"]).array)
+    reports = {}
+    for offset in ("3", "6"):  # on this phantom 3 mm keeps the tumour inside the brain, 6 mm pushes oedema out
+        output = tmp_path / f"moved_{offset}.nii.gz"
+        rc, _, err = run(["tumour", work["labels"], "--translate", offset, "0", "0", "-o", output], capsys)
+        assert rc == 0, err
+        after = label_counts(read_label_map(output).array)
+        lost = {name: before[name] - after[name] for name in ("NCR", "ED", "ET")}
+        reports[offset] = (lost, [line for line in err.splitlines() if "clipped" in line])
+    assert not any(reports["3"][0].values()) and reports["3"][1] == []
+    lost, lines = reports["6"]
+    assert sum(lost.values()) > 0, "the phantom no longer reaches the brain's edge at 6 mm: pick another offset"
+    assert len(lines) == 1 and f"{sum(lost.values())} tumour voxels" in lines[0]
+    assert all(f"{name} {count}" in lines[0] for name, count in lost.items() if count)
