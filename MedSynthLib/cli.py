@@ -740,12 +740,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .cases.anatomy import derive_label_map
     from .cases.readers import read_case
-    from .evaluation.evaluate import evaluate
+    from .evaluation.evaluate import evaluate, trained_on
+    from .schema.errors import InputError
     from .schema.volume_io import check_writable, folder_and_files, write_json
     from .synthesis.appearance import check_appearance_spread, check_model_spread
     from .synthesis.models import resolve_model
     from .synthesis.synthesize import SynthesisEngine
 
+    if args.output.suffix.lower() != ".json":
+        raise InputError(args.output, "the report is JSON: give a file name ending in .json")
     _refuse_medsynth_output([*args.cases, *(args.reference or [])],
                             "medsynth evaluate scores synthesis against a patient's real scans")
     check_writable([args.output], args.overwrite,
@@ -753,6 +756,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     spread = check_appearance_spread(args.appearance_spread, "--appearance-spread")
     model = resolve_model(args.model)
     check_model_spread(spread, model, "--appearance-spread")
+    seen = [folder.name for folder in args.cases if trained_on(model, read_case(folder, require_segmentation=True))]
+    if seen:  # said before the run, which takes about a minute a case
+        _notice(f"{len(seen)} of {len(args.cases)} cases were among {model.name}'s training cases "
+                f"({', '.join(seen)}): their scores are in-sample, not held-out")
     engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average,
                              appearance_spread=spread)
     cache: dict[Path, Any] = {}

@@ -317,6 +317,44 @@ def test_explicit_t1_only_falls_back_and_says_so(tmp_path, capsys):
     assert "T1 only" in capsys.readouterr().err
     sidecar = json.loads(out.with_name("labels.json").read_text())
     assert '"anatomy_contrasts": ["t1"]' in json.dumps(sidecar)
+    params = sidecar["history"][0]["params"]
+    assert params["anatomy_model"] == ANATOMY_MODELS["kmeans-t1"].to_json()
+    assert params["anatomy_fallback"]["requested_model"] == "atlas-em"
+
+
+def _t1_only_case(folder: Path):
+    _write_case(folder, {"t1": "a.nii.gz", "seg": "b.nii.gz"})
+    return read_case_files({"t1": folder / "a.nii.gz", "seg": folder / "b.nii.gz"})
+
+
+def test_t1_only_default_records_the_kmeans_model_it_fell_back_to(tmp_path):
+    """The default model given T1 alone runs the k-means model: the record names that model with its own
+    settings, as ``--anatomy kmeans-t1`` records it, and says which model was asked for and why it did not run
+    (it recorded atlas-em with beta 1.0 over voxels k-means with beta 2.0 had labelled)."""
+    case = _t1_only_case(tmp_path)
+    fallback = derive_label_map(case)
+    asked = derive_label_map(case, ANATOMY_MODELS["kmeans-t1"])
+    np.testing.assert_array_equal(fallback.array, asked.array)
+    params, asked_params = fallback.history[0]["params"], asked.history[0]["params"]
+    assert params["anatomy_model"] == asked_params["anatomy_model"] == ANATOMY_MODELS["kmeans-t1"].to_json()
+    assert params["anatomy_model"]["name"] == "kmeans-gaussian-mrf" and params["anatomy_model"]["beta"] == 2.0
+    assert params["anatomy_contrasts"] == asked_params["anatomy_contrasts"] == ["t1"]
+    assert params["anatomy_fallback"] == {"requested_model": "atlas-em", "reason": "missing_contrasts",
+                                          "missing_contrasts": ["t2", "flair"]}
+    assert "anatomy_fallback" not in asked_params  # a model run as asked is no fallback
+
+
+def test_t1_only_fallback_record_survives_the_typed_provenance(tmp_path):
+    """A synthesized case's provenance.json and an export copy the label map's history through the typed
+    schema, which drops any field it does not know: the fallback note must be one of its fields."""
+    from MedSynthLib.schema.provenance import Redactions, parse_step
+
+    record = derive_label_map(_t1_only_case(tmp_path)).history[0]
+    assert "anatomy_fallback" in record["params"]
+    redacted = Redactions()
+    step = parse_step(record, redacted)
+    assert step.to_json() == record and step.to_json(for_export=True) == record
+    assert redacted.count == 0
 
 
 def test_folder_missing_t2_is_refused(tmp_path, capsys):
@@ -342,9 +380,9 @@ def test_training_cache_key_changes_with_the_anatomy_model(tmp_path, monkeypatch
 
     _write_case(tmp_path, {m: f"c_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg")})
     case = read_case(tmp_path)
-    key_new = training_data._files_hash(case)
+    key_new = training_data.case_files_hash(case)
     monkeypatch.setattr(training_data, "DEFAULT_ANATOMY_MODEL", ANATOMY_MODELS["kmeans-t1"])
-    assert training_data._files_hash(case) != key_new
+    assert training_data.case_files_hash(case) != key_new
 
 
 def test_template_brain_mask_equals_nilearns_own():

@@ -304,3 +304,48 @@ def test_medsynth_evaluate_scores_at_the_appearance_spread_asked_and_records_it(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(line), err
         assert not bad.exists()
+
+
+def test_medsynth_evaluate_says_which_cases_the_model_was_trained_on(tmp_path: Path, capsys) -> None:
+    """``evaluate`` scores held-out cases; a case the model trained on (its training record keeps each case's content
+    hash) scores in-sample.  That went unsaid: now the command says so before the run, in one line naming the cases,
+    and the report marks each case."""
+    import json
+
+    import torch
+
+    from MedSynthLib.cli import main
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator
+    from MedSynthLib.training.data import case_key
+    from test_synthesis_seed import PLAIN
+
+    seen, unseen = write_phantom_case(tmp_path / "cases", 0), write_phantom_case(tmp_path / "cases", 1)
+    torch.manual_seed(3)
+    state = {k: v.detach().contiguous() for k, v in Generator(PLAIN, backend="torch").state_dict().items()}
+    intensity = {"low": 0.0, "high": 1000.0}
+    config = {"name": "tiny", "network": PLAIN.to_json(), "intensity": {m: intensity for m in MODALITY_ORDER},
+              "training": {"data": {"cases": 1, "case_sha256": [case_key(seen)]}}}
+    model = write_model(tmp_path / "tiny", state, config)
+    report_path = tmp_path / "report.json"
+    capsys.readouterr()
+    assert main(["evaluate", str(unseen), str(seen), "--model", str(model), "--device", "cpu",
+                 "-o", str(report_path)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "in-sample" in line]
+    assert len(said) == 1 and seen.name in said[0] and unseen.name not in said[0]
+    report = json.loads(report_path.read_text())
+    assert [case["in_model_training"] for case in report["cases"]] == [False, True]
+    assert report["training_cases_scored"] == [seen.name]
+
+
+def test_medsynth_evaluate_refuses_a_report_name_that_is_not_json_before_any_work(tmp_path: Path, capsys) -> None:
+    """The report is JSON: ``-o report.png`` is refused at once in one line, nothing written (it ran the whole
+    evaluation first)."""
+    from MedSynthLib.cli import main
+
+    folder = write_phantom_case(tmp_path / "cases", 0)
+    capsys.readouterr()
+    assert main(["evaluate", str(folder), "--model", "no-such-model", "-o", str(tmp_path / "report.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "report.png" in err and ".json" in err, err
+    assert not (tmp_path / "report.png").exists()

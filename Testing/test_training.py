@@ -1017,13 +1017,13 @@ def test_a_training_start_hashes_each_case_once(brats_data: Path, four_step_run:
     from MedSynthLib.training import data as training_data
 
     hashed: list[str] = []
-    real_hash = training_data._files_hash
+    real_hash = training_data.case_files_hash
 
     def counting(case):
         hashed.append(Path(case.files["t1"]).parent.name)
         return real_hash(case)
 
-    monkeypatch.setattr(training_data, "_files_hash", counting)
+    monkeypatch.setattr(training_data, "case_files_hash", counting)
     run = rewind(copy_run(four_step_run, tmp_path / "run"))
     assert main(resume_args(brats_data, run)) == 0
     assert sorted(hashed) == sorted(CASE_IDS)

@@ -202,6 +202,20 @@ def _model_free_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain:
     return out
 
 
+def trained_on(model: Any, case: Any) -> bool:
+    """Whether ``model``'s training record lists ``case``'s files (the content hash training keeps per case).
+
+    A shared model's record drops the hashes (:func:`~MedSynthLib.synthesis.models.share_model`), and a model
+    trained before the prepared-case format last changed keeps hashes of that format: then ``False``, as nothing
+    can be told.
+    """
+    from ..training.data import case_files_hash
+
+    record = (getattr(model, "config", None) or {}).get("training") or {}
+    recorded = (record.get("data") or {}).get("case_sha256") or []
+    return bool(recorded) and case_files_hash(case) in set(recorded)
+
+
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
              reference_dirs: list[Path] | None = None,
              reader: Callable[[Path], Any] | None = None,
@@ -264,9 +278,11 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             mean_case = model_free["class_mean_training"]
             mean_scores.append(mean_case)
             entry["class_mean_training"] = mean_case
+        entry["in_model_training"] = trained_on(engine.model, case)
         results["cases"].append(entry)
         if progress is not None:
             progress(folder.name)
+    results["training_cases_scored"] = [entry["case"] for entry in results["cases"] if entry["in_model_training"]]
     results["summary"] = {"model": _summary(model_scores), "class_mean_oracle": _summary(oracle_scores)}
     results["contrast_rules"] = _rules_summary(results["cases"])
     results["class_signal"] = class_signal_summary(results["cases"])

@@ -45,7 +45,8 @@ class TrainingVolume:
     brain_voxels: np.ndarray  # (m, 3) int32 indices (subsampled) of brain voxels
 
 
-def _files_hash(case: Case) -> str:
+def case_files_hash(case: Case) -> str:
+    """The content hash of a read case's files: names its prepared volume; a model's training record keeps it."""
     digest = hashlib.sha256(f"cache{CACHE_VERSION}-schema{SCHEMA_VERSION}".encode())
     digest.update(json.dumps(DEFAULT_ANATOMY_MODEL.to_json(), sort_keys=True).encode())
     for name in sorted(case.files):
@@ -210,7 +211,7 @@ def find_case_folders(data: str | os.PathLike[str]) -> list[Path]:
 
 def case_key(case_dir: Path) -> str:
     """The content hash that names a case's prepared volume (and the model record keeps for it)."""
-    return _files_hash(read_case(case_dir, require_segmentation=True))
+    return case_files_hash(read_case(case_dir, require_segmentation=True))
 
 
 def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = "percentile",
@@ -227,7 +228,7 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
     case = None
     if key is None:
         case = read_case(case_dir, require_segmentation=True)
-        key = _files_hash(case)
+        key = case_files_hash(case)
 
     cached = Path(cache_dir) / volume_file_name(key, normalization) if cache_dir is not None else None
     if cached is not None and cached.exists():
