@@ -12,6 +12,7 @@ T1 -> anatomy network, the first GAN of Shin et al. 2018 -- can replace them.
 
 from __future__ import annotations
 
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +50,9 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
 
     Anatomy comes from ``model`` inside the brain mask; tumour voxels are copied
     exactly from the case's segmentation.  The grid is the case's own.  The record
-    names the contrasts the anatomy was fitted on (``["t1"]`` is the T1-only fallback
-    of a case read without T2/FLAIR).
+    names the model that ran with its settings and the contrasts it fitted; when that
+    is a fallback (atlas-em on a case read without T2/FLAIR runs the T1 k-means model)
+    ``anatomy_fallback`` names the model asked for and why it did not run.
 
     Raises:
         InputError: an empty brain, a contrast of one value in the brain, or an atlas registration that
@@ -58,13 +60,14 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
     """
     from .atlas_anatomy import RegistrationError
 
-    model = model or DEFAULT_ANATOMY_MODEL
+    model, fallback = fitted_anatomy_model(model or DEFAULT_ANATOMY_MODEL, case.images)
+    contrasts = anatomy_contrasts(model, case.images)
     brain = case.brain_mask()
     if not brain.any():
         raise InputError(case.files.get("t1"), "empty brain: every modality is zero everywhere")
     tumour = case.tumour if case.tumour is not None else np.zeros(case.grid.shape, np.uint8)
     healthy = brain & (tumour == 0)
-    for modality in anatomy_contrasts(model, case.images):
+    for modality in contrasts:
         values = case.images[modality][healthy]
         if values.size and values.min() == values.max():  # a fit would still return labels: all of one class
             raise InputError(case.files.get(modality), f"no contrast: every {modality} voxel of the brain holds "
@@ -75,13 +78,26 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
         raise InputError(case.files.get("t1"), str(exc)) from None
     labels = np.where(tumour > 0, tumour, anatomy).astype(np.uint8)
     labels[~brain] = Label.BACKGROUND
-    record = {
-        "name": "derive_labels",
-        "params": {"convention": case.convention, "label_convention": case.label_convention,
-                   "anatomy_model": model.to_json(), "anatomy_contrasts": anatomy_contrasts(model, case.images)},
-        "schema_version": SCHEMA_VERSION,
-    }
-    return LabelMap(labels, case.grid, [record])
+    params: dict[str, Any] = {"convention": case.convention, "label_convention": case.label_convention,
+                              "anatomy_model": model.to_json(), "anatomy_contrasts": contrasts}
+    if fallback is not None:
+        params["anatomy_fallback"] = fallback
+    return LabelMap(labels, case.grid, [{"name": "derive_labels", "params": params, "schema_version": SCHEMA_VERSION}])
+
+
+def fitted_anatomy_model(model: AnatomyModel,
+                         images: dict[str, np.ndarray]) -> tuple[AnatomyModel, dict[str, Any] | None]:
+    """The model that labels ``images`` and, when that is not ``model``, the note of why it fell back.
+
+    atlas-em without T2 and FLAIR runs the T1 k-means model with that model's own settings; recording the
+    requested model's settings would describe a fit that never ran.
+    """
+    fitted_model = getattr(model, "fitted_model", None)
+    fitted = fitted_model(images) if fitted_model is not None else model
+    if fitted is model:
+        return model, None
+    return fitted, {"requested_model": model.name, "reason": "missing_contrasts",
+                    "missing_contrasts": model.missing_contrasts(images)}
 
 
 def anatomy_contrasts(model: AnatomyModel, images: dict[str, np.ndarray]) -> list[str]:

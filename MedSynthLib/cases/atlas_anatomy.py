@@ -22,9 +22,11 @@ and their neighbours, never from reading "dark" as CSF.
 
 With T1 alone (a case read with ``--t1`` but no T2/FLAIR, the healthy FreeSurfer
 test scan) the model falls back to the T1 k-means model of
-:mod:`MedSynthLib.cases.anatomy`, which agrees better with FreeSurfer on T1 alone
-(docs/anatomy_check.md); the CLI says so.  The healthy template is labelled by
-this model on its T1 with its own priors (:meth:`AtlasPriorEM.segment_template`).
+:mod:`MedSynthLib.cases.kmeans_anatomy`, which agrees better with FreeSurfer on T1 alone
+(docs/anatomy_check.md); the CLI says so, and the label map records the k-means model with its
+own settings plus an ``anatomy_fallback`` note naming this one (:meth:`AtlasPriorEM.fitted_model`).
+The healthy template is labelled by this model on its T1 with its own priors
+(:meth:`AtlasPriorEM.segment_template`).
 Everything is deterministic: registration and N4 run on one ITK thread, the
 metric's sample grid has a fixed seed, EM starts from the priors.
 """
@@ -43,7 +45,7 @@ from scipy import ndimage
 
 from ..schema.errors import MedSynthError
 from ..schema.grid import Grid
-from .kmeans_anatomy import _neighbour_mean, _softmax  # the same mean-field MRF steps
+from .kmeans_anatomy import GaussianMixtureMRF, _neighbour_mean, _softmax  # the same mean-field MRF steps
 
 #: Contrasts the model fits when present, in this order.
 FIT_CONTRASTS: tuple[str, ...] = ("t1", "t2", "flair")
@@ -168,6 +170,19 @@ class AtlasPriorEM:
         """Whether ``images`` hold every contrast the atlas EM needs (T1, T2 and FLAIR)."""
         return all(c in images for c in self.contrasts)
 
+    def missing_contrasts(self, images: dict[str, np.ndarray]) -> list[str]:
+        """The contrasts the atlas EM needs that ``images`` lack (any: the T1-only fallback runs)."""
+        return [c for c in self.contrasts if c not in images]
+
+    def fitted_model(self, images: dict[str, np.ndarray]) -> AtlasPriorEM | GaussianMixtureMRF:
+        """The model that labels ``images``: this one, or without T2/FLAIR the T1 k-means model.
+
+        T1 alone: measured on the healthy FreeSurfer scan, this model's T1-only fit scores Dice GM 0.78 /
+        WM 0.88 against the k-means model's 0.90 / 0.88, so the fallback is that model with its own
+        settings (docs/anatomy_check.md); records name it, not this one.
+        """
+        return self if self.multi_contrast(images) else GaussianMixtureMRF()
+
     def segment_images(self, images: dict[str, np.ndarray], brain: np.ndarray, exclude: np.ndarray,
                        grid: Grid) -> np.ndarray:
         """Label CSF/GM/WM (1/2/3) on every brain voxel of a case.
@@ -181,13 +196,9 @@ class AtlasPriorEM:
         Raises:
             RegistrationError: when the atlas does not land on the brain.
         """
-        if not self.multi_contrast(images):
-            # T1 alone: measured on the healthy FreeSurfer scan, this model's T1-only fit scores
-            # Dice GM 0.78 / WM 0.88 against the k-means model's 0.90 / 0.88, so the fallback is that
-            # model (docs/anatomy_check.md).
-            from .kmeans_anatomy import GaussianMixtureMRF
-
-            return GaussianMixtureMRF().segment(images["t1"], brain, exclude, grid.spacing)
+        fitted = self.fitted_model(images)
+        if fitted is not self:
+            return fitted.segment(images["t1"], brain, exclude, grid.spacing)
         box = _box(brain, margin=2)
         crop_grid = _crop_grid(grid, box)
         brainb, excludeb = brain[box], exclude[box]

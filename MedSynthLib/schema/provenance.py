@@ -313,6 +313,15 @@ class AnatomyModelParams:
     min_brain_dice: float | None = None
 
 
+@dataclass(frozen=True)
+class AnatomyFallbackParams:
+    """Why the anatomy came from another model than the one asked for (``anatomy_model`` names the one that ran)."""
+
+    requested_model: Annotated[str, OneOf(ANATOMY_MODEL_NAMES)] | None = None
+    reason: Literal["missing_contrasts"] | None = None
+    missing_contrasts: tuple[CONTRAST, ...] | None = None
+
+
 @record_kind("derive_labels")
 @dataclass(frozen=True)
 class DeriveLabelsParams(StepParams):
@@ -322,6 +331,7 @@ class DeriveLabelsParams(StepParams):
     label_convention: LABEL_CONVENTION | None = None
     anatomy_model: AnatomyModelParams | None = None
     anatomy_contrasts: tuple[CONTRAST, ...] | None = None
+    anatomy_fallback: AnatomyFallbackParams | None = None
 
 
 @record_kind("template_labels")
