@@ -930,9 +930,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tumour = sub.add_parser("tumour", aliases=["tumor"], help="edit the tumour of a label map",
                             description="Tumour edits. `medsynth tumour LABELS --translate ...` transforms the "
-                                        "tumour; `insert`, `new` and `random` are subcommands. `tumor` is the "
+                                        "tumour; `insert`, `new`, `random` and `replay` are subcommands. `tumor` is the "
                                         "same command.")
-    tsub = tumour.add_subparsers(dest="tumour_command", required=True, parser_class=_Parser)
+    # The metavar is what usage and a missing-argument error show: what a user types, not the internal dest.
+    tsub = tumour.add_subparsers(dest="tumour_command", required=True, parser_class=_Parser,
+                                 metavar="{LABELS,transform,insert,new,random,replay}")
 
     p = tsub.add_parser("transform", help="move / rotate / scale / flip the tumour (the default)")
     p.add_argument("labels", type=Path, help="MedSynth label map")

@@ -608,3 +608,11 @@ def test_a_translation_says_how_many_tumour_voxels_it_clipped_at_the_brains_edge
     assert sum(lost.values()) > 0, "the phantom no longer reaches the brain's edge at 6 mm: pick another offset"
     assert len(lines) == 1 and f"{sum(lost.values())} tumour voxels" in lines[0]
     assert all(f"{name} {count}" in lines[0] for name, count in lost.items() if count)
+
+
+def test_tumour_without_a_map_or_subcommand_names_what_to_give(capsys):
+    """``medsynth tumour`` alone named argparse's internal destination (``tumour_command``); it now names what a
+    user types: a label map (the transform) or one of the subcommands."""
+    rc, out, err = run(["tumour"], capsys)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert "tumour_command" not in err and "LABELS" in err and "insert" in err and "replay" in err, err
