@@ -272,7 +272,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
         if hasattr(model, "used_contrasts") and not {"t2", "flair"} <= set(contrasts):
             missing = " and ".join(m.upper() for m in ("t2", "flair") if m not in case.images)
             _notice(f"no {missing} given: anatomy from {', '.join(c.upper() for c in contrasts)} only "
-                    "(the documented fallback; expect weaker grey/white separation)")
+                    "(the documented fallback to the kmeans-t1 model; expect weaker grey/white separation)")
         write_label_map(labelmap, args.output, overwrite=args.overwrite)
         step("written")
     stats = tissue_statistics(labelmap.array, case.images["t1"])
