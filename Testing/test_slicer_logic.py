@@ -1261,3 +1261,22 @@ def test_a_closed_scenes_undo_steps_do_not_reach_the_next_scenes_segmentation(tm
     finally:
         logic.cleanup()
         scene.Clear(0)
+
+
+def test_load_case_refuses_a_medsynth_output_folder(tmp_path):
+    """*Load case* reads a patient's scans.  A synthesize/Generate output folder read that way came in as a patient
+    case without a segmentation (its tumour lost, and marked as a real case for inpainting): it is refused, the
+    scene unchanged, with where its label map is."""
+    from conftest import phantom, write_volume
+
+    images, _ = phantom()
+    folder = tmp_path / "synthetic_case"
+    for modality, array in images.items():
+        write_volume(array, folder / f"{modality}.nii.gz")
+    (folder / "provenance.json").write_text(json.dumps({"kind": "medsynth-synthetic-case", "synthetic": True}))
+    scene, _ = mrml.create_headless_scene()
+    logic = WorkflowLogic(scene, work_dir=tmp_path / "work")
+    before = _ids(scene)
+    with pytest.raises(WorkflowError, match="MedSynth output.*labels.nii.gz"):
+        logic.load_case(folder)
+    assert _ids(scene) == before
