@@ -584,6 +584,7 @@ def _at_least_two(text: str) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .schema.errors import InputError
     from .schema.volume_io import check_writable
     from .training.data import find_case_folders, write_prepared_set
     from .training.train import TrainConfig
@@ -591,6 +592,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     config = TrainConfig.from_json(_read_json(args.config), str(args.config)) if args.config else TrainConfig()
     check_writable([args.output], args.overwrite, inputs=args.data)
     folders = [f for root in args.data for f in find_case_folders(root)]
+    output = args.output.resolve()
+    for folder in folders:  # a prepared set inside a patient's folder puts derived volumes among their scans
+        if folder.resolve() in output.parents:
+            raise InputError(args.output, f"lies inside the case folder {folder}: write the prepared set outside "
+                                          "the patients' case folders")
     command = "medsynth " + " ".join(sys.argv[1:])
     out = write_prepared_set(folders, args.output, config.normalization, cache_dir=args.cache,
                              overwrite=args.overwrite, command=command, progress=True)

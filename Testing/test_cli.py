@@ -616,3 +616,14 @@ def test_tumour_without_a_map_or_subcommand_names_what_to_give(capsys):
     rc, out, err = run(["tumour"], capsys)
     assert rc == 2 and out == "" and len(err.splitlines()) == 1
     assert "tumour_command" not in err and "LABELS" in err and "insert" in err and "replay" in err, err
+
+
+def test_prepare_refuses_to_write_inside_a_patients_case_folder(work, capsys):
+    """``prepare -o`` inside one of the case folders it reads wrote the prepared set (patient-derived volumes, about
+    100 MB a case) into that patient's folder; it is refused in one line, nothing written there."""
+    before = sorted(p.name for p in work["case"].iterdir())
+    output = work["case"] / "prepared"
+    rc, out, err = run(["prepare", "--data", work["root"], "-o", output], capsys)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert str(output) in err and "case folder" in err
+    assert sorted(p.name for p in work["case"].iterdir()) == before
