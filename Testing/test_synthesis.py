@@ -421,6 +421,49 @@ def test_a_shared_model_names_no_patient_and_synthesises_the_same(tiny_model: Pa
     assert "-o" in capsys.readouterr().err
 
 
+def _files(*folders: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_shared_model_is_never_written_over_its_own_source(tiny_model: Path, tmp_path: Path, monkeypatch,
+                                                            capsys) -> None:
+    """``models --share SRC -o OUT --overwrite`` with OUT the source model's folder, a folder holding it (the
+    training run around it) or a folder inside it is refused in one line naming OUT: nothing written or removed.
+    Paths are resolved first: relative, through a link, or the source given by its registered name."""
+    run = tmp_path / "run1"
+    model = _as_trained_on_patients(copy_model(tiny_model, run / "model"))
+    for name, text in (("train_config.json", "{}"), ("checkpoints/step_40.pt", "ckpt"), ("cache/case.npz", "npz"),
+                       ("tensorboard/events.out", "tb")):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    root = tmp_path / "reg"
+    _registry_of_both_kinds(tiny_model, root, default="syn", default_inpainting="inp")
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(root))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(run)
+    before = _files(run, root)
+    for source, output in ((run / "model", run),  # the training run holding the model
+                           (run / "model", run / "model"),  # the model folder itself
+                           ("syn", root / "syn"),  # a registered name and that model's own folder
+                           ("syn", root),  # the registry folder holding it
+                           (Path("run1/model"), Path("run1")),  # relative paths
+                           (run / "model", tmp_path / "link"),  # through a link
+                           (tmp_path / "link" / "model", run / "model"),
+                           (run / "model", run / "model" / "shared"),  # inside the model folder
+                           (run / "model", run / "model" / "config.json")):
+        assert main(["models", "--share", str(source), "-o", str(output), "--overwrite"]) == 2, (source, output)
+        _, err = _one_error_line(capsys)
+        assert str(output) in err and "input" in err, err
+        assert _files(run, root) == before, (source, output)
+        assert sorted(p.name for p in run.iterdir()) == ["cache", "checkpoints", "model", "tensorboard",
+                                                         "train_config.json"]
+        assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json", "weights.safetensors"]
+    # A folder beside the source is still written.
+    assert main(["models", "--share", str(run / "model"), "-o", str(tmp_path / "shared"), "--overwrite"]) == 0
+    assert main(["models", "--share", "syn", "-o", str(tmp_path / "shared"), "--overwrite"]) == 0
+    assert _files(run, root) == before
+
+
 # --- synthesis on odd grids -------------------------------------------------------------------------
 
 

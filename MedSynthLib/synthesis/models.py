@@ -492,9 +492,17 @@ def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], 
 
     Raises:
         MedSynthError: ``source`` is not a valid model, ``output`` exists (without ``overwrite``), a bad name.
+        InputError: ``output`` is the source model's folder, a folder holding it (the training run around it) or a
+            path inside it (links, relative paths and a registered name's folder resolved), even with ``overwrite``.
     """
+    from ..schema.volume_io import check_not_an_input
+
     model = resolve_model(source)
     output = Path(output)
+    check_not_an_input([output], [model.path])  # the model folder itself, or a folder that holds it
+    if model.path.resolve() in output.resolve().parents:
+        raise InputError(output, f"lies inside the input model folder {model.path} of this command: "
+                                 "write the output elsewhere")
     name = name or output.name
     check_model_name(name)
     config = {k: v for k, v in model.config.items() if k not in ("name", "training", "validation")}
