@@ -576,11 +576,15 @@ def cmd_appearance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_two(text: str) -> int:
+def _at_least_two(text: str, why: str = "a covariance") -> int:
     value = _positive_int(text)
     if value < 2:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 2 (a covariance)")
+        raise argparse.ArgumentTypeError(f"{text} must be at least 2 ({why})")
     return value
+
+
+def _fold_count(text: str) -> int:
+    return _at_least_two(text, "one fold is held out while the others train")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -1157,7 +1161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
                    help="report folder (report.json, report.md, figures/), written atomically at the end")
     p.add_argument("--config", default="tiny", help="micro, tiny, cpu, paper or a study config JSON (default tiny)")
-    p.add_argument("--folds", type=_positive_int, help="override the number of folds (k-fold by case)")
+    p.add_argument("--folds", type=_fold_count, help="override the number of folds (k-fold by case, at least 2)")
     p.add_argument("--extra-labels", type=Path, nargs="+", metavar="PATH",
                    help="tumour label maps without images (files or folders) for the synthetic arms")
     p.add_argument("--work", type=Path, help="cache folder for resuming (default REPORT_DIR.cache, beside the report)")

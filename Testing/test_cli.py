@@ -627,3 +627,11 @@ def test_prepare_refuses_to_write_inside_a_patients_case_folder(work, capsys):
     assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
     assert str(output) in err and "case folder" in err
     assert sorted(p.name for p in work["case"].iterdir()) == before
+
+
+@pytest.mark.parametrize("folds", ["0", "1"])
+def test_study_folds_below_two_get_one_consistent_refusal(folds, tmp_path, capsys):
+    """``--folds 0`` said "must be at least 1", then ``--folds 1`` was refused with "at least 2 folds"."""
+    rc, _, err = run(["study", "--data", tmp_path, "-o", tmp_path / "report", "--folds", folds], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "must be at least 2" in err, err
+    assert not (tmp_path / "report").exists()
