@@ -73,13 +73,13 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1, why: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid whole number {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {least}" + (f" ({why})" if why else ""))
     return value
 
 
@@ -576,15 +576,12 @@ def cmd_appearance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_two(text: str, why: str = "a covariance") -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 2 ({why})")
-    return value
+def _at_least_two(text: str) -> int:
+    return _positive_int(text, 2, "a covariance")
 
 
 def _fold_count(text: str) -> int:
-    return _at_least_two(text, "one fold is held out while the others train")
+    return _positive_int(text, 2, "one fold is held out while the others train")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
