@@ -7,14 +7,23 @@ skips the anatomy step.
 
 A *prepared training set* (``medsynth prepare``) is such a cache with a manifest,
 ``prepared_set.json``: ``medsynth train --data SET`` trains on it where the scans
-themselves are not (a GPU node), with the same case hashes in the run's record.
+themselves are not (a GPU node), with the same case hashes in the run's record.  The
+manifest also keeps each volume file's sha256, which training checks: a volume changed,
+damaged or swapped since it was prepared is refused.
+
+A volume that cannot be read, or holds what no training case can (NaN images, no brain, a
+z-scored brain without signal), is an :class:`InputError` naming its file: a prepared set's is
+refused; a cache entry is derived again from its case folder, with a notice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,12 +80,15 @@ class CaseSource:
         folder: the case folder; None for a case of a prepared set.
         prepared: the prepared set holding the case's volume; None for a case folder.
         key: the case's content hash (:func:`case_key`); a prepared set records it, a folder's is computed.
+        volume_sha256: the sha256 of the prepared volume's file, which loading it checks; None for a case
+            folder and for a set prepared before sets recorded it (or re-encoded since: ``packed_images``).
     """
 
     name: str
     folder: Path | None = None
     prepared: Path | None = None
     key: str | None = None
+    volume_sha256: str | None = None  # of the prepared volume's file, where the set records it
 
     def __post_init__(self) -> None:
         if (self.folder is None) == (self.prepared is None):
@@ -101,8 +113,17 @@ def volume_file_name(key: str, normalization: str) -> str:
     return f"{key}{suffix}.npz"
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def read_prepared_set(root: Path) -> tuple[str, list[CaseSource]]:
-    """A prepared set's normalisation and cases, each volume file checked to be there."""
+    """A prepared set's normalisation and cases, each volume file checked to be there.
+
+    Each case carries its volume file's recorded sha256 (checked when the volume is loaded:
+    :func:`load_prepared_volume`); a set from before the record, or whose volumes ``pack.py`` re-encoded
+    (``packed_images``: the record describes the volumes before), carries None and is not verified.
+    """
     from ..schema.jsonshape import expect_object, read_json
     from ..synthesis.normalize import ZSCORE_KINDS
 
@@ -120,13 +141,21 @@ def read_prepared_set(root: Path) -> tuple[str, list[CaseSource]]:
     cases = expect_object(record.get("cases"), manifest, "'cases'")
     if not cases:
         raise InputError(manifest, "'cases' is empty")
+    hashes = record.get("volume_sha256")
+    if hashes is not None:
+        hashes = expect_object(hashes, manifest, "'volume_sha256'")
+    if "packed_images" in record:
+        hashes = None  # re-encoded by pack.py: the recorded hashes are of the volumes before
     sources = []
     for name, key in cases.items():
-        if not isinstance(key, str) or len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        if not _is_sha256(key):
             raise InputError(manifest, f"case {name!r}: its key must be a sha256 in hex")
         if not (root / volume_file_name(key, normalization)).is_file():
             raise InputError(root, f"case {name!r}: its volume {volume_file_name(key, normalization)} is missing")
-        sources.append(CaseSource(name, prepared=root, key=key))
+        if hashes is not None and not _is_sha256(hashes.get(name)):
+            raise InputError(manifest, f"case {name!r}: 'volume_sha256' must give its volume file's sha256 in hex")
+        sources.append(CaseSource(name, prepared=root, key=key,
+                                  volume_sha256=hashes[name] if hashes is not None else None))
     return normalization, sources
 
 
@@ -158,6 +187,8 @@ def write_prepared_set(folders: list[Path], output: Path, normalization: str, *,
 
     The volumes are what training reads (label map derived, images normalised and cropped to the brain):
     patients' images, rescaled and clipped, so a set is patient data and travels under the same rules as the scans.
+    A cached volume is checked before it is copied (a damaged one is derived again); the manifest records
+    each volume file's sha256.
     """
     import shutil
 
@@ -167,19 +198,19 @@ def write_prepared_set(folders: list[Path], output: Path, normalization: str, *,
 
     sources = cases_by_name([CaseSource(folder.name, folder=folder) for folder in folders])
     cases: dict[str, str] = {}
+    hashes: dict[str, str] = {}
     with atomic_directory(output, overwrite=overwrite) as tmp:
         for name, source in tqdm(sources.items(), desc="prepare", disable=not progress or None, leave=False):
             key = case_key(source.origin)
             file_name = volume_file_name(key, normalization)
-            if cache_dir is None:
-                prepare_volume(source.origin, tmp, normalization, key)
-            else:
-                if not (Path(cache_dir) / file_name).is_file():  # a cached volume is copied, not loaded
-                    prepare_volume(source.origin, cache_dir, normalization, key)
+            # Through the cache: a cached volume is loaded (checked; derived again where damaged), then copied.
+            prepare_volume(source.origin, tmp if cache_dir is None else cache_dir, normalization, key)
+            if cache_dir is not None:
                 shutil.copyfile(Path(cache_dir) / file_name, tmp / file_name)
             cases[name] = key
+            hashes[name] = file_sha256(tmp / file_name)
         write_json({"format": PREPARED_SET_FORMAT, "version": PREPARED_SET_VERSION, "cache_version": CACHE_VERSION,
-                    "normalization": normalization, "command": command, "cases": cases},
+                    "normalization": normalization, "command": command, "cases": cases, "volume_sha256": hashes},
                    tmp / PREPARED_SET_FILE)
     return output
 
@@ -214,9 +245,91 @@ def case_key(case_dir: Path) -> str:
     return case_files_hash(read_case(case_dir, require_segmentation=True))
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (a prepared set records its volumes')."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#: What reading a damaged .npz raises: a cut or altered archive, a missing or malformed array, bad statistics.
+_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, KeyError, EOFError, TypeError, AttributeError)
+PREPARE_AGAIN = "prepare the set again from its case folders"
+
+
+def load_volume_file(path: Path, key: str, *, sha256: str | None = None, recover: str = "") -> TrainingVolume:
+    """A prepared volume's file, read and checked; an :class:`InputError` naming it otherwise.
+
+    Args:
+        sha256: the file's sha256 as its prepared set records it (None: not verified).
+        recover: what the user can do about a damaged file, appended to the message.
+    """
+    path = Path(path)
+    then = f": {recover}" if recover else ""
+    content = None
+    try:
+        content = path.read_bytes() if sha256 is not None else None  # read once: hashed and loaded
+        with np.load(path if content is None else io.BytesIO(content)) as data:
+            missing = [name for name in ("labels", "images", "normalizers") if name not in data.files]
+            if missing:
+                raise InputError(path, f"unreadable prepared volume: no {', '.join(missing)} array{then}")
+            labels, images = data["labels"], data["images"]
+            normalizers = {m: normalizer_from_json(v) for m, v in json.loads(str(data["normalizers"])).items()}
+    except _READ_ERRORS as error:  # told first: a file cut short or altered says so, not only that its hash differs
+        reason = str(error).strip() or type(error).__name__
+        raise InputError(path, f"unreadable prepared volume, damaged or not a MedSynth volume ({reason}){then}") \
+            from None
+    if content is not None and hashlib.sha256(content).hexdigest() != sha256:
+        raise InputError(path, "is not the volume its prepared_set.json records (its sha256 differs: "
+                               f"changed, damaged or swapped since it was prepared){then}")
+    del content
+    _check_volume(path, labels, images, normalizers, then)
+    return _volume(key, labels, images, normalizers)
+
+
+def _check_volume(where: Path, labels: np.ndarray, images: np.ndarray, normalizers: dict[str, Normalizer],
+                  then: str = "") -> None:
+    """Refuse a volume training cannot use, naming ``where`` (its file, or the case it is derived from).
+
+    What is checked is what training would otherwise fail on later, after writing a run folder:
+    shapes, NaN or infinite images, no brain, a z-scored brain without signal (its floor is undefined).
+    """
+    from ..synthesis.normalize import HealthyTissueZScore, signal_floor_z
+
+    if (labels.ndim != 3 or images.ndim != 4 or images.shape != (len(MODALITIES), *labels.shape)
+            or not np.issubdtype(labels.dtype, np.integer) or not np.issubdtype(images.dtype, np.floating)
+            or sorted(normalizers) != sorted(MODALITIES)):
+        raise InputError(where, f"not a MedSynth training volume (labels {labels.dtype} {list(labels.shape)}, "
+                                f"images {images.dtype} {list(images.shape)}, statistics of {sorted(normalizers)})"
+                                f"{then}")
+    if not np.isfinite(images).all():
+        raise InputError(where, f"its images hold NaN or infinite values{then}")
+    brain = brain_mask(labels)
+    if not brain.any():
+        raise InputError(where, f"its label map has no brain{then}")
+    for c, m in enumerate(MODALITIES):
+        if isinstance(normalizers[m], HealthyTissueZScore):
+            try:
+                signal_floor_z(images[c], brain, normalizers[m])
+            except ValueError:
+                raise InputError(where, f"its {m} image carries no signal in the brain{then}") from None
+
+
+def load_prepared_volume(source: CaseSource, normalization: str) -> TrainingVolume:
+    """A prepared set's volume of one case, checked (and verified against the set's record where it has one)."""
+    assert source.prepared is not None and source.key is not None
+    return load_volume_file(source.prepared / volume_file_name(source.key, normalization), source.key,
+                            sha256=source.volume_sha256, recover=f"{PREPARE_AGAIN} (case {source.name})")
+
+
 def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = "percentile",
                    key: str | None = None) -> TrainingVolume:
     """Read a case, derive its label map and normalise its images (cached per normalisation).
+
+    A cached volume that cannot be used (damaged, or holding what no case can) is derived again from the
+    case folder, with a notice; in a prepared set (no case folder to derive it from) it is refused.
 
     Args:
         normalization: ``percentile``, ``healthy_zscore`` or ``tissue_zscore`` (:mod:`MedSynthLib.synthesis.normalize`).
@@ -232,9 +345,14 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
 
     cached = Path(cache_dir) / volume_file_name(key, normalization) if cache_dir is not None else None
     if cached is not None and cached.exists():
-        with np.load(cached) as data:
-            normalizers = {m: normalizer_from_json(v) for m, v in json.loads(str(data["normalizers"])).items()}
-            return _volume(key, data["labels"], data["images"], normalizers)
+        # A cache entry is derived again from its case folder; a prepared set has none to derive it from.
+        derivable = not (cached.parent / PREPARED_SET_FILE).is_file() and Path(case_dir).is_dir()
+        try:
+            return load_volume_file(cached, key, recover="" if derivable else PREPARE_AGAIN)
+        except InputError as error:
+            if not derivable:
+                raise
+            print(f"{cached}: {error.problem}; deriving it again from {case_dir}", file=sys.stderr)
     if case is None:
         case = read_case(case_dir, require_segmentation=True)
     labels = derive_label_map(case).array
@@ -243,6 +361,7 @@ def prepare_volume(case_dir: Path, cache_dir: Path | None, normalization: str = 
     normalizers = fit_case_normalizers({m: case.images[m] for m in MODALITIES}, labels, normalization)
     images = np.stack([normalizers[m].forward(case.images[m], brain)[box] for m in MODALITIES]).astype(np.float16)
     labels = labels[box]
+    _check_volume(Path(case_dir), labels, images, normalizers, " (as its scans give them)")
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")

@@ -36,7 +36,7 @@ from ..synthesis.networks import (MODALITY_ORDER, Generator, NetworkConfig, buil
 from ..synthesis.normalize import ZSCORE_KINDS
 from .divergence import DivergenceGuard, masked_l1
 from .data import (CaseSource, PatchSampler, RegionSampler, TrainingVolume, cases_by_name, data_summary,
-                   find_case_sources, prepare_volume)
+                   find_case_sources, load_prepared_volume, prepare_volume)
 from .losses import class_level_loss, contrast_order_loss, contrast_pairs, masked_ssim_loss
 
 if TYPE_CHECKING:
@@ -594,6 +594,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     # A run killed (or refused) before its first checkpoint has nothing to resume from: it restarts
     # from step 0, with --resume (under its recorded config) or without (under the given one).
     created = not run_dir.exists()
+    was_empty = run_dir.is_dir() and not any(run_dir.iterdir())  # -o named an empty folder: all in it is this run's
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     unstarted = config_path.exists() and checkpoint is None and not (run_dir / "model").exists()
     if d.main:
@@ -662,8 +663,15 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         val_volumes = [_load_volume(s, cache, config.normalization, fingerprint[s.name])
                        for name, s in sources.items() if name in val_names]
     except MedSynthError:
-        if created and d.main:  # bad data: leave no run folder behind (this run made it)
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if d.main:  # bad data: leave no run folder behind where this run made it, nothing in it where it was empty
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            elif was_empty:
+                for made in run_dir.iterdir():
+                    if made.is_dir() and not made.is_symlink():
+                        shutil.rmtree(made, ignore_errors=True)
+                    else:
+                        made.unlink(missing_ok=True)
         raise
 
     floor = None
@@ -977,9 +985,10 @@ def _data_fingerprint(sources: list[CaseSource]) -> dict[str, str]:
 
 
 def _load_volume(source: CaseSource, cache: Path, normalization: str, key: str) -> TrainingVolume:
-    """A case's training volume: from its prepared set, or prepared from its folder (through ``cache``)."""
+    """A case's training volume: from its prepared set (checked against the set's record), or prepared from its
+    folder (through ``cache``)."""
     if source.prepared is not None:
-        return prepare_volume(source.origin, source.prepared, normalization, key)
+        return load_prepared_volume(source, normalization)
     return prepare_volume(source.origin, cache, normalization, key)
 
 
