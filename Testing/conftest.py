@@ -240,6 +240,16 @@ def phantom(shape=(40, 48, 44), seed: int = 0) -> tuple[dict[str, np.ndarray], n
     return images, seg
 
 
+def rewrite_model_config(folder: Path, config: dict) -> None:
+    """Write an edited model config as MedSynth's writers do, with its checksum recomputed (a test that edits a
+    config on purpose; an edit without it is refused on loading)."""
+    import json
+
+    from MedSynthLib.synthesis.models import with_config_sha256
+
+    (folder / "config.json").write_text(json.dumps(with_config_sha256(config)))
+
+
 def write_random_model(folder: Path, intensity: dict, seed: int) -> Path:
     """A verified model folder holding a tiny generator with random weights (channels (4, 8), one stride-2 level)
     and the given per-contrast ``intensity`` normalisers: meaningless images, every path of a trained model's."""

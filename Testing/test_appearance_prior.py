@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import training_cache_of
+from conftest import rewrite_model_config, training_cache_of
 from MedSynthLib.cli import main
 from MedSynthLib.schema.errors import InputError
 from MedSynthLib.schema.provenance import SynthesisRecord
@@ -172,7 +172,7 @@ def _styled_model_with(folder: Path, source: Path, appearance: dict | None) -> P
     shutil.copytree(source, folder)
     config = json.loads((folder / "config.json").read_text())
     config["appearance"] = appearance
-    (folder / "config.json").write_text(json.dumps(config))
+    rewrite_model_config(folder, config)
     return folder
 
 

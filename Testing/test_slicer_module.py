@@ -61,6 +61,7 @@ _require_slicer_core()
 
 import slicer  # noqa: E402
 
+from conftest import rewrite_model_config  # noqa: E402
 from MedSynthSlicerLib import mrml  # noqa: E402
 from MedSynthSlicerLib.errors import WorkflowError  # noqa: E402
 
@@ -625,7 +626,7 @@ def _register_wide_and_plain(tmp_path, monkeypatch):
     prior = AppearancePrior((0.0,) * STYLED.style_dim, tuple(tuple(float(i == j) for j in range(STYLED.style_dim))
                                                             for i in range(STYLED.style_dim)), 10, 0)
     config["appearance"] = prior.to_json()
-    (source / "config.json").write_text(json.dumps(config))
+    rewrite_model_config(source, config)
     monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "registry"))
     register_model(source, "wide", make_default=True, spread_limit=1.5)
     register_model(source, "plain")

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import load_benchmark
+from conftest import load_benchmark, rewrite_model_config
 from MedSynthLib.cli import main
 from MedSynthLib.edits import Translate
 from MedSynthLib.schema.errors import InputError, MedSynthError
@@ -188,7 +188,7 @@ def test_model_card_kind(tiny_model: Path, tmp_path: Path) -> None:
     """A config without ``kind`` is a synthesis model; a stated kind is kept; a non-string one is refused."""
     other = copy_model(tiny_model, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(dict(config, kind="another-task")))
+    rewrite_model_config(other, dict(config, kind="another-task"))
     assert resolve_model(other).kind == "another-task"
     (other / "config.json").write_text(json.dumps(dict(config, kind=3)))
     with pytest.raises(InputError, match="'kind' must be a string"):
@@ -201,6 +201,26 @@ def test_tampered_weights_are_refused(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="sha256") as caught:
         resolve_model(model)
     assert "weights.safetensors" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_edited_config_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    """The weights hash does not cover config.json, whose intensity statistics map the network's output back to
+    scanner units: an edited statistic was loaded as the model's.  The config carries its own checksum; an edit
+    without it is refused in one line naming the file, one written through MedSynth's writers is loaded."""
+    model = copy_model(tiny_model, tmp_path / "edited")
+    config = json.loads((model / "config.json").read_text())
+    assert config["config_sha256"]
+    modality = next(iter(config["intensity"]))
+    config["intensity"][modality]["high"] = config["intensity"][modality]["high"] * 5
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="config_sha256") as caught:
+        resolve_model(model)
+    assert str(model / "config.json") in str(caught.value) and "\n" not in str(caught.value)
+    rewrite_model_config(model, config)
+    assert resolve_model(model).config["intensity"][modality]["high"] == config["intensity"][modality]["high"]
+    del config["config_sha256"]  # a model written before the checksum was recorded still loads
+    (model / "config.json").write_text(json.dumps(config))
+    assert resolve_model(model).sha256 == resolve_model(tiny_model).sha256
 
 
 def test_other_label_schema_is_refused(tiny_model: Path, tmp_path: Path) -> None:
@@ -381,7 +401,7 @@ def _as_trained_on_patients(model: Path) -> Path:
         "init_from": {"name": "r0", "sha256": "12" * 32, "training": [command.replace("r1", "r0")]},
     }
     config["validation"] = {"brain_ssim": 0.4, "brain_psnr": 20.0, "per_case": [{"t1": {"brain": {"ssim": 0.4}}}]}
-    path.write_text(json.dumps(config))
+    rewrite_model_config(model, config)
     return model
 
 

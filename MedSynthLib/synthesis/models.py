@@ -51,6 +51,25 @@ def models_root() -> Path:
     return Path(__file__).resolve().parents[2] / "Resources" / "models"
 
 
+#: The config's own checksum: the sha256 of its content without this field (:func:`config_sha256`).
+CONFIG_SHA_KEY = "config_sha256"
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """sha256 of a model config's content (canonical JSON, sorted keys, without :data:`CONFIG_SHA_KEY`).
+
+    The weights hash does not cover the config, yet its intensity statistics map the network's output back to
+    scanner units and its appearance prior draws the seeds: an edited number there changes every image.
+    """
+    body = {key: value for key, value in config.items() if key != CONFIG_SHA_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_config_sha256(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its checksum (recomputed): what every writer of a model config stores."""
+    return dict(config, **{CONFIG_SHA_KEY: config_sha256(config)})
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -223,6 +242,12 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
         raise InputError(config_path, "model config has no weights_sha256")
     network, normalizers, appearance = _check_model_config(config, config_path)
     tensors = _load_weights(weights_path, data, network)
+    # Last, so that a malformed config or weights get their own message first.
+    recorded = config.get(CONFIG_SHA_KEY)  # models written before it was recorded carry none
+    if recorded is not None and recorded != config_sha256(config):
+        raise InputError(config_path, f"content does not match its {CONFIG_SHA_KEY}: the config was edited after "
+                                      "the model was written (its statistics or appearance prior may no longer be "
+                                      "the model's); restore it or write the model again")
     del data
     if expected_sha is None:
         name = str(config.get("name") or name)
@@ -418,8 +443,8 @@ def write_model(folder: Path, state: dict[str, Any], config: dict[str, Any], *, 
 
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
-        config = dict(config, format=MODEL_FORMAT, label_schema_version=SCHEMA_VERSION,
-                      weights_sha256=file_sha256(tmp / WEIGHTS_NAME))
+        config = with_config_sha256(dict(config, format=MODEL_FORMAT, label_schema_version=SCHEMA_VERSION,
+                                         weights_sha256=file_sha256(tmp / WEIGHTS_NAME)))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for path in tmp.iterdir():  # safetensors writes 0600; a model folder is meant to be shared
             path.chmod(0o644)
@@ -526,7 +551,7 @@ def write_model_copy(model: ModelCard, config: dict[str, Any], output: Path, *, 
 
     with atomic_directory(output, overwrite=overwrite) as tmp:
         shutil.copyfile(model.weights, tmp / WEIGHTS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(with_config_sha256(config), indent=2) + "\n")
         for path in tmp.iterdir():  # a model folder is meant to be shared
             path.chmod(0o644)
     return resolve_model(output)
@@ -572,7 +597,7 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
         if spread_limit is not None:
             config = json.loads((tmp / CONFIG_NAME).read_text())
             config["appearance"]["spread_limit"] = spread_limit
-            write_json(config, tmp / CONFIG_NAME, overwrite=True)
+            write_json(with_config_sha256(config), tmp / CONFIG_NAME, overwrite=True)
     registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256}
     if key is not None and (make_default or not registry.get(key)):
         registry[key] = name
