@@ -1077,3 +1077,97 @@ def test_a_run_with_grad_clip_clips_both_networks_every_step_and_logs_their_norm
     assert calls == []
     with pytest.raises(InputError, match="grad_clip"):
         TrainConfig.from_json(dict(MICRO, grad_clip=-1.0), "cfg.json")
+
+
+@pytest.mark.parametrize("interruption", ["KeyboardInterrupt", "Terminated"])
+def test_an_interrupted_checkpoint_write_leaves_no_staging_folder(tmp_path: Path, monkeypatch,
+                                                                  interruption: str) -> None:
+    """Ctrl+C or SIGTERM (the CLI raises ``Terminated``, a ``KeyboardInterrupt``) while a checkpoint is being
+    written: the staging folder is removed and the previous checkpoint and pointer stay whole.
+
+    Before, a SIGTERM 14 s into ``medsynth train`` left ``checkpoints/.step_0000010.tmp/`` with 2 of its 5 files.
+    """
+    import safetensors.torch
+
+    from MedSynthLib.schema.errors import Terminated
+    from MedSynthLib.training.train import save_checkpoint
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    generator, discriminator = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=1e-3)
+    save_checkpoint(run, 8, generator, discriminator, opt_g, opt_d, None)
+    before = snapshot(run / "checkpoints")
+    real_save = safetensors.torch.save_file
+    written: list[str] = []
+    error = {"KeyboardInterrupt": KeyboardInterrupt, "Terminated": Terminated}[interruption]
+
+    def interrupted_on_the_third(tensors, filename, *args, **kwargs):
+        written.append(Path(filename).name)
+        if len(written) == 3:
+            raise error()
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_on_the_third)
+    with pytest.raises(error):
+        save_checkpoint(run, 10, generator, discriminator, opt_g, opt_d, None)
+    assert len(written) == 3  # two files were in the staging folder when the interruption came
+    assert not list((run / "checkpoints").glob(".*"))  # no .step_0000010.tmp (nor anything hidden) left
+    assert snapshot(run / "checkpoints") == before  # step 8 and latest.json untouched
+    assert json.loads((run / "checkpoints" / "latest.json").read_text()) == {"step": 8, "path": "step_0000008"}
+
+
+def test_stale_staging_folders_from_a_hard_kill_are_removed(brats_data: Path, four_step_run: Path,
+                                                             tmp_path: Path) -> None:
+    """SIGKILL or a power loss mid-write leaves ``.step_N.tmp`` (and, mid-rename, ``.step_N.old``): writing a
+    checkpoint removes such leftovers of any step, and so does a resume before its first checkpoint."""
+    from MedSynthLib.training.checkpoint import read_checkpoint, write_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    net = torch.nn.Linear(2, 2)
+    write_checkpoint(checkpoints / "step_0000008", 8, {"generator": net}, {})
+    for name in (".step_0000010.tmp", ".step_0000006.old"):
+        (checkpoints / name).mkdir()
+        (checkpoints / name / "generator.safetensors").write_bytes(b"partial")
+    (checkpoints / "notes.tmp").write_text("not ours")  # only checkpoint staging names are touched
+    write_checkpoint(checkpoints / "step_0000012", 12, {"generator": net}, {})
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["notes.tmp", "step_0000008", "step_0000012"]
+
+    (checkpoints / ".step_0000014.tmp").mkdir()
+    read_checkpoint(checkpoints / "step_0000012", {"generator": torch.nn.Linear(2, 2)}, {})
+    assert not (checkpoints / ".step_0000014.tmp").exists()
+
+    # Through the CLI: a resume whose run holds a hard kill's leftover finishes without it.
+    run = rewind(copy_run(four_step_run, tmp_path / "run"))
+    stale = run / "checkpoints" / ".step_0000004.tmp"
+    stale.mkdir()
+    (stale / "generator.safetensors").write_bytes(b"partial")
+    assert main(resume_args(brats_data, run)) == 0
+    assert not list((run / "checkpoints").glob(".*"))
+
+
+@pytest.mark.parametrize("step, shown", [(-5, "negative (got -5)"), (True, "not an integer (got true)"),
+                                         ("4", "not an integer (got '4')"), (4.5, "not an integer (got 4.5)"),
+                                         (None, "not an integer (got null)"), (99, "'step' is 99, but its folder"),
+                                         (3, "'step' is 3, but its folder step_0000002 holds step 2")])
+def test_resume_refuses_a_hand_edited_step_before_writing_anything(brats_data: Path, four_step_run: Path,
+                                                                    tmp_path: Path, capsys, step, shown) -> None:
+    """A checkpoint's state.json whose 'step' is not a whole number >= 0, or not the step its step_N folder
+    holds: exit 2, one line naming state.json, and nothing in the run folder changed.
+
+    Before, ``"step": -5`` with ``--steps`` rewrote train_config.json, added a tensorboard file and ended in a
+    numpy traceback ("expected non-negative integer"); ``"step": true`` resumed as step 1; 99 in a 4-step run's
+    step_0000002 exported step 2's weights as the finished model, and 3 trained one step instead of two.
+    """
+    run = rewind(copy_run(four_step_run, tmp_path / "run"))
+    state = run / "checkpoints" / "step_0000002" / "state.json"
+    state.write_text(json.dumps(dict(json.loads(state.read_text()), step=step), indent=1))
+    config_before = (run / "train_config.json").read_bytes()
+    before = snapshot(run)
+    for extra in ((), ("--steps", "6")):  # --steps: the length change that rewrote train_config.json
+        assert main(resume_args(brats_data, run, *extra)) == 2
+        line = _one_error_line(capsys)
+        assert str(state) in line and "'step'" in line and shown in line, line
+        assert (run / "train_config.json").read_bytes() == config_before
+        assert snapshot(run) == before  # no new tensorboard file, no checkpoint, no model

@@ -5,14 +5,18 @@ A checkpoint is a folder: one ``NAME.safetensors`` per module and per optimizer,
 state (param groups, scalar entries), the sha256 of every ``.safetensors`` file and the
 label-schema version.  Nothing is pickled.  The folder is written under a
 hidden temporary name and renamed into place (a folder of the same name is set aside
-first and deleted last), so a kill leaves the previous checkpoint whole; loading checks
-``state.json`` and turns any bad file into one clear line.
+first and deleted last), so a kill leaves the previous checkpoint whole.  An interruption inside
+the write (Ctrl+C, or SIGTERM, which the CLI raises as ``Terminated``) removes the staging folder; what
+a hard kill leaves (``.step_N.tmp``, ``.step_N.old`` beside a training run's ``step_N`` folders) is
+removed by the next write and by a resume.  Loading checks ``state.json`` and turns any bad file
+into one clear line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +31,11 @@ from ..synthesis.models import file_sha256
 from ..synthesis.networks import state_dict_unwrapped
 
 STATE_NAME = "state.json"
+#: What a hard kill (SIGKILL, power loss) inside :func:`write_checkpoint` can leave beside a training run's
+#: ``step_NNNNNNN`` checkpoints: a staging folder, or the set-aside copy of a step being rewritten.
+STALE_STAGING = re.compile(r"\.step_\d{7}\.(tmp|old)")
+#: A training run's checkpoint folder (``train.CHECKPOINT_NAME``): named after the step it holds.
+STEP_FOLDER = re.compile(r"step_(\d{7})")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -64,35 +73,54 @@ def write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module | 
     from safetensors.torch import save_file
 
     tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {"step": step, **fields}
-    for name, module in modules.items():
-        if module is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in state_dict_unwrapped(module).items()}
-            save_file(state, str(tmp / f"{name}.safetensors"))
-    for name, optimizer in optimizers.items():
-        if optimizer is not None:
-            tensors, meta[name] = optimizer_tensors(optimizer)
-            save_file(tensors, str(tmp / f"{name}.safetensors"))
-    # Like a model's config.json: a resume checks the bytes it loads and the label schema they were trained on.
-    meta["label_schema_version"] = SCHEMA_VERSION
-    meta["files_sha256"] = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
-    (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
-    # A name can be reused (a resume rewrites a step whose pointer was not yet updated; the segmenter
-    # keeps one folder): the old folder is set aside, not deleted, until the new one is in place.
     old = folder.with_name(f".{folder.name}.old")
+    remove_stale_staging(folder.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
+    placed = False
     try:
+        tmp.mkdir(parents=True)
+        meta: dict[str, Any] = {"step": step, **fields}
+        for name, module in modules.items():
+            if module is not None:
+                state = {k: v.detach().cpu().contiguous() for k, v in state_dict_unwrapped(module).items()}
+                save_file(state, str(tmp / f"{name}.safetensors"))
+        for name, optimizer in optimizers.items():
+            if optimizer is not None:
+                tensors, meta[name] = optimizer_tensors(optimizer)
+                save_file(tensors, str(tmp / f"{name}.safetensors"))
+        # Like a model's config.json: a resume checks the bytes it loads and the label schema it was trained on.
+        meta["label_schema_version"] = SCHEMA_VERSION
+        meta["files_sha256"] = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+        (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
+        # A name can be reused (a resume rewrites a step whose pointer was not yet updated; the segmenter
+        # keeps one folder): the old folder is set aside, not deleted, until the new one is in place.
+        if folder.exists():
+            os.replace(folder, old)
         os.replace(tmp, folder)
-    except BaseException:
-        if old.exists():
-            os.replace(old, folder)
+        placed = True
+    except BaseException:  # Ctrl+C, SIGTERM (the CLI's Terminated), a failed write: no staging folder stays
+        if not placed and old.exists() and not folder.exists():
+            os.replace(old, folder)  # the checkpoint set aside goes back in place
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def remove_stale_staging(checkpoints: Path) -> None:
+    """Remove what a hard kill inside :func:`write_checkpoint` left in a run's ``checkpoints/`` folder.
+
+    Only ``.step_NNNNNNN.tmp`` and ``.step_NNNNNNN.old`` folders: the pointer never names them (it is
+    updated after the rename), so they are never a checkpoint a run resumes from.
+    """
+    try:
+        entries = list(Path(checkpoints).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if STALE_STAGING.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def read_checkpoint(folder: Path, modules: Mapping[str, nn.Module | None],
@@ -111,9 +139,23 @@ def read_checkpoint(folder: Path, modules: Mapping[str, nn.Module | None],
 
     label = f"{what} checkpoint state" if what else "checkpoint state"
     meta = read_json(folder / STATE_NAME, label.strip())
+    # Checked before the caller writes anything (a resume's train_config.json, its tensorboard file):
+    # true would pass as step 1 (bool is an int), a negative step ended in a numpy traceback.
+    step = meta.get("step")
+    problem = not_an_integer(step) if "step" in meta else "is missing"
+    if problem is None and step < 0:
+        problem = f"is negative (got {step})"
+    if problem:
+        raise InputError(folder / STATE_NAME, f"{label.strip()} 'step' {problem}: it must be a whole number >= 0")
+    # A training run's step_NNNNNNN folder is named after the step it holds: another step (99 in a 4-step
+    # run's step_0000002) would resume past the end and export step 2's weights as the finished model.
+    named = STEP_FOLDER.fullmatch(folder.name)
+    if named and int(named.group(1)) != step:
+        raise InputError(folder / STATE_NAME, f"{label.strip()} 'step' is {step}, but its folder {folder.name} holds "
+                                              f"step {int(named.group(1))}: the file was changed after it was written")
     wanted = [name for name, optimizer in optimizers.items() if optimizer is not None]
-    if not isinstance(meta.get("step"), int) or not all(isinstance(meta.get(name), dict) for name in wanted):
-        raise InputError(folder / STATE_NAME, f"{label.strip()} needs an integer 'step' and "
+    if not all(isinstance(meta.get(name), dict) for name in wanted):
+        raise InputError(folder / STATE_NAME, f"{label.strip()} needs "
                                               + " and ".join(f"'{name}'" for name in wanted))
     _check_recorded(folder, meta, [name for name, module in modules.items() if module is not None] + wanted, what)
     current = folder
@@ -129,6 +171,7 @@ def read_checkpoint(folder: Path, modules: Mapping[str, nn.Module | None],
         message = " ".join(str(exc).split())[:160] or exc.__class__.__name__
         subject = f" {what}" if what else ""
         raise InputError(current, f"cannot resume{subject} from this checkpoint ({message})") from None
+    remove_stale_staging(folder.parent)  # a resume: a hard kill's leftovers go before the run writes again
     return meta
 
 
