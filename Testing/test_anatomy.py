@@ -376,13 +376,13 @@ def test_case_folder_and_explicit_files_together_are_refused(tmp_path, capsys):
 
 
 def test_training_cache_key_changes_with_the_anatomy_model(tmp_path, monkeypatch):
-    import MedSynthLib.training.data as training_data
+    import MedSynthLib.cases.case_key as case_key
 
     _write_case(tmp_path, {m: f"c_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg")})
     case = read_case(tmp_path)
-    key_new = training_data.case_files_hash(case)
-    monkeypatch.setattr(training_data, "DEFAULT_ANATOMY_MODEL", ANATOMY_MODELS["kmeans-t1"])
-    assert training_data.case_files_hash(case) != key_new
+    key_new = case_key.case_files_hash(case)
+    monkeypatch.setattr(case_key, "DEFAULT_ANATOMY_MODEL", ANATOMY_MODELS["kmeans-t1"])
+    assert case_key.case_files_hash(case) != key_new
 
 
 def test_template_brain_mask_equals_nilearns_own():

@@ -209,7 +209,7 @@ def trained_on(model: Any, case: Any) -> bool:
     trained before the prepared-case format last changed keeps hashes of that format: then ``False``, as nothing
     can be told.
     """
-    from ..training.data import case_files_hash
+    from ..cases.case_key import case_files_hash
 
     record = (getattr(model, "config", None) or {}).get("training") or {}
     recorded = (record.get("data") or {}).get("case_sha256") or []

@@ -31,15 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cases.anatomy import DEFAULT_ANATOMY_MODEL
-from ..cases.readers import MODALITIES, Case, read_case
+from ..cases.case_key import CACHE_VERSION, case_files_hash
+from ..cases.readers import MODALITIES, read_case
 from ..schema.errors import InputError
 from ..schema.grid import mask_box
-from ..schema.labels import SCHEMA_VERSION, brain_mask, tumour_mask
+from ..schema.labels import brain_mask, tumour_mask
 from ..synthesis.normalize import Normalizer, fit_case_normalizers, normalizer_from_json
-
-#: Bump when the cached arrays change meaning (2: the anatomy of a case not stored LPS is derived in LPS order).
-CACHE_VERSION = 2
 
 
 @dataclass
@@ -52,17 +49,6 @@ class TrainingVolume:
     normalizers: dict[str, Normalizer]
     tumour_voxels: np.ndarray  # (n, 3) int32 indices of tumour voxels, for biased sampling
     brain_voxels: np.ndarray  # (m, 3) int32 indices (subsampled) of brain voxels
-
-
-def case_files_hash(case: Case) -> str:
-    """The content hash of a read case's files: names its prepared volume; a model's training record keeps it."""
-    digest = hashlib.sha256(f"cache{CACHE_VERSION}-schema{SCHEMA_VERSION}".encode())
-    digest.update(json.dumps(DEFAULT_ANATOMY_MODEL.to_json(), sort_keys=True).encode())
-    for name in sorted(case.files):
-        with open(case.files[name], "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 #: The manifest that makes a folder a prepared training set.
