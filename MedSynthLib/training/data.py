@@ -36,6 +36,7 @@ from ..cases.readers import MODALITIES, read_case
 from ..schema.errors import InputError
 from ..schema.grid import mask_box
 from ..schema.labels import brain_mask, tumour_mask
+from ..synthesis.models import file_sha256
 from ..synthesis.normalize import Normalizer, fit_case_normalizers, normalizer_from_json
 
 
@@ -229,15 +230,6 @@ def find_case_folders(data: str | os.PathLike[str]) -> list[Path]:
 def case_key(case_dir: Path) -> str:
     """The content hash that names a case's prepared volume (and the model record keeps for it)."""
     return case_files_hash(read_case(case_dir, require_segmentation=True))
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes (a prepared set records its volumes')."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 #: What reading a damaged .npz raises: a cut or altered archive, a missing or malformed array, bad statistics.
