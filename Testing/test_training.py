@@ -849,6 +849,37 @@ def test_resume_of_a_complete_run_is_refused(brats_data: Path, base_model: Path,
     assert snapshot(run) == before
 
 
+def test_resume_of_a_complete_run_with_fewer_steps_names_the_checkpoints_step(brats_data: Path, base_model: Path,
+                                                                              tmp_path: Path, capsys) -> None:
+    """``--resume --steps 1`` on a run finished at step 2 said "already complete (step 2 of 2)"; what is wrong is the
+    length asked for, below the checkpoint's step, which the command now says."""
+    run = copy_run(base_model, tmp_path / "done")
+    before = snapshot(run)
+    assert main(resume_args(brats_data, run, "--steps", "1")) == 2
+    assert f"{run}: --steps 1 is below the checkpoint's step 2" in _one_error_line(capsys)
+    assert snapshot(run) == before
+
+
+def test_resume_refuses_a_checkpoint_edited_to_a_step_past_the_runs_end(brats_data: Path, base_model: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    """A checkpoint made to say step 5 of a 2-step run (folder, state.json and latest.json edited together, the model
+    removed) trained nothing and exported its weights as the finished model; it is refused, nothing written."""
+    import json
+    import shutil
+
+    run = copy_run(base_model, tmp_path / "edited")
+    shutil.rmtree(run / "model")
+    checkpoints = run / "checkpoints"
+    (checkpoints / "step_0000002").rename(checkpoints / "step_0000005")
+    state = json.loads((checkpoints / "step_0000005" / "state.json").read_text())
+    (checkpoints / "step_0000005" / "state.json").write_text(json.dumps(dict(state, step=5)))
+    (checkpoints / "latest.json").write_text(json.dumps({"step": 5, "path": "step_0000005"}))
+    before = snapshot(run)
+    assert main(resume_args(brats_data, run)) == 2
+    assert "the checkpoint's step 5 is past the run's 2 steps" in _one_error_line(capsys)
+    assert snapshot(run) == before and not (run / "model").exists()
+
+
 def test_output_that_is_a_file_is_one_line(brats_data: Path, tmp_path: Path, capsys) -> None:
     target = tmp_path / "afile"
     target.write_text("keep")

@@ -694,12 +694,15 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         generator.load_state_dict(load_generator(starting_model, "cpu", backend="monai").state_dict())
     if resume:
         start, scaler_state, elapsed_before = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
+        if steps is not None and steps < start:  # the length asked for is what is wrong, finished run or not
+            raise InputError(run_dir, f"--steps {steps} is below the checkpoint's step {start}")
+        if steps is None and start > config.steps:  # only a checkpoint changed after it was written gets here
+            raise InputError(run_dir, f"the checkpoint's step {start} is past the run's {config.steps} steps: its "
+                                      "checkpoint files were changed after they were written")
         if start >= (steps or config.steps) and (run_dir / "model").is_dir():  # nothing left to train
             raise InputError(run_dir, f"the run is already complete (step {start} of {config.steps}); "
                                       f"its model is {run_dir / 'model'}")
         if steps is not None and steps != config.steps:
-            if steps < start:
-                raise InputError(run_dir, f"--steps {steps} is below the checkpoint's step {start}")
             decay_start = config.steps * (1 - config.lr_decay_fraction)
             if start > min(decay_start, steps * (1 - config.lr_decay_fraction)):
                 raise InputError(run_dir, f"--steps {steps}: the learning-rate decay has begun at step "
