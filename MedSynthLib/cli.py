@@ -207,7 +207,7 @@ def _medsynth_output_info(folder: Path) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .schema.grid import Grid
+    from .schema.grid import Grid, format_vector
     from .schema.labels import LABEL_INFO, TUMOUR_LABELS
     from .synthesis.case_folder import is_medsynth_output
 
@@ -243,10 +243,8 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"model {output['model']}")
     for modality, name in info["modalities"].items():
         print(f"  {modality:<6}    {name}")
-    origin = ", ".join(f"{v + 0.0:.6g}" for v in g.origin_ras)
-    direction = ", ".join(f"{v + 0.0:.6g}" for v in g.direction_ras)
-    print(f"grid        size {g.size}, spacing {g.spacing} mm, origin ({origin}) mm RAS")
-    print(f"            direction ({direction}) RAS")
+    print(f"grid        size {g.size}, spacing {g.spacing} mm, origin {format_vector(g.origin_ras)} mm RAS")
+    print(f"            direction {format_vector(g.direction_ras)} RAS")
     print(f"brain       {info['brain_voxels']} voxels")
     if info["tumour_voxels"] is None:
         print("tumour      no segmentation")
@@ -586,18 +584,17 @@ def _fold_count(text: str) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .schema.errors import InputError
-    from .schema.volume_io import check_writable
+    from .schema.volume_io import check_writable, enclosing_folder
     from .training.data import find_case_folders, write_prepared_set
     from .training.train import TrainConfig
 
     config = TrainConfig.from_json(_read_json(args.config), str(args.config)) if args.config else TrainConfig()
     check_writable([args.output], args.overwrite, inputs=args.data)
     folders = [f for root in args.data for f in find_case_folders(root)]
-    output = args.output.resolve()
-    for folder in folders:  # a prepared set inside a patient's folder puts derived volumes among their scans
-        if folder.resolve() in output.parents:
-            raise InputError(args.output, f"lies inside the case folder {folder}: write the prepared set outside "
-                                          "the patients' case folders")
+    inside = enclosing_folder(args.output, folders)  # a prepared set there puts derived volumes among the scans
+    if inside is not None:
+        raise InputError(args.output, f"lies inside the case folder {inside}: write the prepared set outside "
+                                      "the patients' case folders")
     command = "medsynth " + " ".join(sys.argv[1:])
     out = write_prepared_set(folders, args.output, config.normalization, cache_dir=args.cache,
                              overwrite=args.overwrite, command=command, progress=True)

@@ -92,13 +92,13 @@ class Grid:
         if self.size != other.size:
             return f"size {other.size} differs from {self.size}"
         if not np.allclose(self.spacing, other.spacing, rtol=rtol, atol=0):
-            return f"spacing {_fmt(other.spacing)} differs from {_fmt(self.spacing)}"
+            return f"spacing {format_vector(other.spacing)} differs from {format_vector(self.spacing)}"
         tol = max(atol_mm, rtol * float(np.min(self.spacing)))
         # Said in RAS, the frame 3D Slicer shows and every edit vector uses (ITK's LPS reads as the other side).
         if not np.allclose(self.origin, other.origin, rtol=0, atol=tol):
-            return f"origin {_fmt(other.origin_ras)} differs from {_fmt(self.origin_ras)} (RAS mm)"
+            return f"origin {format_vector(other.origin_ras)} differs from {format_vector(self.origin_ras)} (RAS mm)"
         if not np.allclose(self.direction, other.direction, rtol=0, atol=rtol):
-            return f"direction {_fmt(other.direction_ras)} differs from {_fmt(self.direction_ras)} (RAS)"
+            return f"direction {format_vector(other.direction_ras)} differs from {format_vector(self.direction_ras)} (RAS)"
         return None
 
     @property
@@ -236,7 +236,8 @@ def _extents(mask: np.ndarray) -> list[tuple[int, int]] | None:
     return [(lo, hi)] + rest
 
 
-def _fmt(values: tuple[float, ...]) -> str:
+def format_vector(values: tuple[float, ...]) -> str:
+    """``(a, b, c)`` with six significant digits, as grid messages and ``medsynth info`` print a vector."""
     return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"  # + 0.0: no "-0"
 
 

@@ -282,6 +282,16 @@ def check_not_an_input(outputs: Sequence[str | os.PathLike[str]], inputs: Sequen
                 raise InputError(output, f"{what} of this command: write the output elsewhere")
 
 
+def enclosing_folder(output: str | os.PathLike[str], folders: Sequence[str | os.PathLike[str]]) -> Path | None:
+    """The one of ``folders`` that ``output`` lies inside (links resolved), else ``None``.
+
+    :func:`check_not_an_input` refuses an output that is an input or holds one; this finds the other way round,
+    for commands whose output must not land inside an input folder (a model's, a patient's case).
+    """
+    target = Path(output).resolve()
+    return next((Path(folder) for folder in folders if Path(folder).resolve() in target.parents), None)
+
+
 def folder_and_files(folder: str | os.PathLike[str] | None) -> list[Path]:
     """A folder input and the files directly in it (what a case reader may read), for :func:`check_not_an_input`."""
     if folder is None:

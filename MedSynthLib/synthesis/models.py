@@ -520,12 +520,12 @@ def share_model(source: str | os.PathLike[str], output: str | os.PathLike[str], 
         InputError: ``output`` is the source model's folder, a folder holding it (the training run around it) or a
             path inside it (links, relative paths and a registered name's folder resolved), even with ``overwrite``.
     """
-    from ..schema.volume_io import check_not_an_input
+    from ..schema.volume_io import check_not_an_input, enclosing_folder
 
     model = resolve_model(source)
     output = Path(output)
     check_not_an_input([output], [model.path])  # the model folder itself, or a folder that holds it
-    if model.path.resolve() in output.resolve().parents:
+    if enclosing_folder(output, [model.path]) is not None:
         raise InputError(output, f"lies inside the input model folder {model.path} of this command: "
                                  "write the output elsewhere")
     name = name or output.name
