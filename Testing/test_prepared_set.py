@@ -156,12 +156,15 @@ def test_packing_for_the_gpu_keeps_labels_and_statistics_and_rounds_images_to_ha
     assert len(parts) == 2 and all(any(part.glob("*.npz.xz")) for part in parts)  # the budgets split the cases
     _run_script("unpack", *map(str, parts), "-o", str(tmp_path / "set"))
     pack = _script("pack")
-    from MedSynthLib.training.data import read_prepared_set, volume_file_name
+    from MedSynthLib.schema.errors import InputError
+    from MedSynthLib.training.data import cases_by_name, load_prepared_volume, read_prepared_set, volume_file_name
 
     normalization, sources = read_prepared_set(tmp_path / "set")
     assert normalization == "percentile" and sorted(s.name for s in sources) == sorted(CASE_IDS)
-    # The images were rounded: the manifest's volume hashes are of the volumes before, so they are not checked.
-    assert all(s.volume_sha256 is None for s in sources)
+    # The images were rounded: unpacking records the hashes of the volumes it wrote, so they are checked again.
+    assert all(s.volume_sha256 is not None for s in sources)
+    manifest = json.loads((tmp_path / "set" / "prepared_set.json").read_text())
+    assert "packed_images" not in manifest and "int16 steps" in manifest["unpacked_images"]
     for source in sources:
         with np.load(prepared / volume_file_name(source.key, normalization)) as a, \
                 np.load(tmp_path / "set" / volume_file_name(source.key, normalization)) as b:
@@ -169,6 +172,12 @@ def test_packing_for_the_gpu_keeps_labels_and_statistics_and_rounds_images_to_ha
             error = np.abs(a["images"].astype(np.float64) - b["images"].astype(np.float64))
             # Half a step of rounding, plus float16's own (at most 2^-11 of the value) on the way back.
             assert 0 < error.max() <= pack.step_of(normalization) / 2 + 2 ** -11
+    for source in sources:
+        assert load_prepared_volume(source, normalization).key == source.key  # each verified against its hash
+    _flip_a_bit(tmp_path / "set", manifest)
+    damaged = cases_by_name(sources)[CASE_IDS[0]]
+    with pytest.raises(InputError, match="unreadable prepared volume|sha256 differs"):
+        load_prepared_volume(damaged, normalization)
 
 
 # --- damaged volumes: one line naming the file, exit status 2, no run folder left ------------------

@@ -108,8 +108,9 @@ def read_prepared_set(root: Path) -> tuple[str, list[CaseSource]]:
     """A prepared set's normalisation and cases, each volume file checked to be there.
 
     Each case carries its volume file's recorded sha256 (checked when the volume is loaded:
-    :func:`load_prepared_volume`); a set from before the record, or whose volumes ``pack.py`` re-encoded
-    (``packed_images``: the record describes the volumes before), carries None and is not verified.
+    :func:`load_prepared_volume`); a set from before the record, or one unpacked before ``unpack.py``
+    recorded the hashes of the volumes it writes (``packed_images``: the record describes the volumes
+    before ``pack.py`` rounded them), carries None and is not verified.
     """
     from ..schema.jsonshape import expect_object, read_json
     from ..synthesis.normalize import ZSCORE_KINDS
