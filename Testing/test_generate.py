@@ -834,3 +834,19 @@ def test_a_case_folder_with_other_tumour_values_is_not_pointed_at_label_conventi
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and seg_path.name in err and "[3]" in err, err
     assert "--label-convention" not in err, err
+
+
+@pytest.mark.parametrize("precision, told", [("bf16", True), ("fp32", False)])
+def test_generate_says_once_that_bf16_is_emulated(gen_data, tmp_path, monkeypatch, capsys, precision, told):
+    """``medsynth generate --precision bf16`` on a CPU that emulates bf16 (many times slower than fp32): one
+    stderr line before the cases, as ``synthesize`` says it; the run goes on in bf16 as asked."""
+    import MedSynthLib.synthesis.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    argv = _argv(gen_data, tmp_path / "out", n=1)
+    argv[argv.index("--precision") + 1] = precision
+    assert main(argv) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "emulated" in line]
+    assert len(said) == (1 if told else 0), said
+    run = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert run["precision"] == precision

@@ -456,6 +456,18 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
                               tumour_files, rank, world, local_rank)
 
 
+def _say_emulated_bf16(opt: GenerateOptions, plan: ProcessPlan) -> None:
+    """The notice ``synthesize`` gives for bf16 emulated on this CPU, said once here: the workers' engines
+    are made without a log."""
+    import torch
+
+    from ..synthesis.inference import emulated_bf16_notice
+
+    notice = emulated_bf16_notice(opt.precision, torch.device(plan.devices[0]))
+    if notice is not None and opt.log:
+        opt.log(notice)
+
+
 @contextlib.contextmanager
 def _replacing(out: Path, overwrite: bool) -> Iterator[None]:
     """With ``overwrite`` and an existing ``out``: the old dataset moved aside, removed once the new run has
@@ -490,6 +502,7 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
     plan = plan_processes(opt.device, opt.workers, _cuda_devices(opt.device), world, local_rank,
                           int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1)
     n_procs = plan.processes
+    _say_emulated_bf16(opt, plan)
     pool = None
     if n_procs > 1:
         from concurrent.futures import ProcessPoolExecutor
