@@ -101,7 +101,7 @@ def finished_study(study_data, tmp_path_factory) -> dict:
     cached_seconds = time.perf_counter() - start
     second = json.loads((out / "report.json").read_text())
     return {"out": out, "work": work, "report": first, "rerun": second, "resumed_seconds": resumed_seconds,
-            "cached_seconds": cached_seconds, "data": data}
+            "cached_seconds": cached_seconds, "data": data, "args": args}
 
 
 def test_study_report_contents(finished_study) -> None:
@@ -215,6 +215,21 @@ def test_study_report_contents(finished_study) -> None:
         assert path.read_bytes()[:8] == PNG_MAGIC, path
         assert f"figures/{name}.png" in md
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report.")], "temporary folders left behind"
+
+
+def test_the_report_counts_the_stages_its_progress_counts(finished_study, capsys) -> None:
+    """A cached rerun: the progress lines and the report's "found cached" count speak of the same stages."""
+    import re
+
+    capsys.readouterr()
+    assert main(finished_study["args"] + ["--overwrite"]) == 0
+    counts = [tuple(map(int, m)) for m in re.findall(r"(\d+)/(\d+) stages", capsys.readouterr().err)]
+    assert counts and counts[-1][0] == counts[-1][1], counts  # the progress ends at its total
+    total = counts[-1][1]
+    report = json.loads((finished_study["out"] / "report.json").read_text())
+    assert len(report["timings"]["stage_computed_this_run"]) == total
+    md = (finished_study["out"] / "report.md").read_text()
+    assert f"found cached count with the time they took when computed: {total} of {total})" in md
 
 
 def test_study_resume_reuses_caches(finished_study) -> None:

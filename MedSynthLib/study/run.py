@@ -316,7 +316,7 @@ def run_study(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels
 class _Study:
     """The stages of a study with their caches."""
 
-    STAGE_WEIGHTS = {"gan": 3.0, "synth": 0.5, "fidelity": 0.1, "memo": 0.05, "arm": 1.0}
+    STAGE_WEIGHTS = {"prepare": 0.2, "gan": 3.0, "synth": 0.5, "fidelity": 0.1, "memo": 0.05, "arm": 1.0}
 
     def __init__(self, inputs: StudyInputs, work: Path, device: Any, d: _Dist, progress: bool) -> None:
         self.inputs, self.work, self.device, self.d, self.progress = inputs, work, device, d, progress
@@ -396,10 +396,8 @@ class _Study:
             mean_extent = np.mean(np.stack(extents), axis=0)
             self.template, self.template_info = template_on_study_grid(self.grid, mean_extent)
         self.real_similarity = self._real_similarity()
-        self.timings["prepare"] = round(time.perf_counter() - start, 2)
-        self.computed["prepare"] = computed
-        _log(f"prepared {len(self.seg_real)} cases on a {self.grid.spacing:g} mm grid of {self.grid.size} voxels "
-             f"({_fmt_seconds(time.perf_counter() - start)})")
+        _log(f"prepared {len(self.seg_real)} cases on a {self.grid.spacing:g} mm grid of {self.grid.size} voxels")
+        self._stage_done("prepare", "prepare", time.perf_counter() - start, computed)
 
     def real_case(self, case_id: str) -> RealCase:
         """The real case on its study grid, in scanner units (read on demand)."""
@@ -435,7 +433,7 @@ class _Study:
     # ---- the folds
     def run(self) -> dict[str, Any]:
         folds = self.inputs.folds
-        plan = []
+        plan = ["prepare"]  # a stage like the others: the progress and the report count the same stages
         for _ in folds:
             plan += ["gan", "synth", "fidelity", "memo", "memo"] + ["arm"] * (len(ARMS) * self.config.seg_config.seeds)
         self.eta = _ETA(self.STAGE_WEIGHTS, plan)
