@@ -291,6 +291,7 @@ def _write_edited(labelmap: Any, args: argparse.Namespace) -> int:
 
 def cmd_tumour_transform(args: argparse.Namespace) -> int:
     from .edits import Flip, Rotate, Scale, Translate
+    from .edits.base import clipped_notice
     from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map
     from .schema.volume_io import check_writable
 
@@ -313,25 +314,11 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
     for edit in edits:
         if isinstance(edit, Translate):
             _check_translate(edit, labelmap.grid, args.labels)
-        edited = _apply_edit(edit, labelmap, args.labels)
-        if isinstance(edit, (Translate, Flip)):  # whole-voxel moves keep every count but what leaves the brain
-            _say_clipped(labelmap, edited, "--translate" if isinstance(edit, Translate) else "--flip")
-        labelmap = edited
+        labelmap = _apply_edit(edit, labelmap, args.labels)
+        clipped = labelmap.history[-1]["params"].get("clipped_tumour_voxels")  # whole-voxel moves record it
+        if clipped:
+            _notice(f"--{edit.name}: {clipped_notice(clipped)}")
     return _write_edited(labelmap, args)
-
-
-def _say_clipped(before: Any, after: Any, option: str) -> None:
-    """Tell how many tumour voxels an edit that keeps counts pushed out of the brain (clipped, not refused)."""
-    from .edits.base import MAX_OUTSIDE_FRACTION
-    from .schema.labels import label_counts
-
-    counts_before, counts_after = label_counts(before.array), label_counts(after.array)
-    lost = {name: counts_before[name] - counts_after[name] for name in ("NCR", "ED", "ET")
-            if counts_before[name] > counts_after[name]}
-    if lost:
-        _notice(f"{option}: {sum(lost.values())} tumour voxels ({', '.join(f'{k} {v}' for k, v in lost.items())}) "
-                f"moved outside the brain and were clipped (up to {MAX_OUTSIDE_FRACTION:.0%} of the core may be; "
-                "more is refused)")
 
 
 def _check_translate(edit: Any, grid: Any, path: Path) -> None:

@@ -608,6 +608,9 @@ def test_a_translation_says_how_many_tumour_voxels_it_clipped_at_the_brains_edge
     assert sum(lost.values()) > 0, "the phantom no longer reaches the brain's edge at 6 mm: pick another offset"
     assert len(lines) == 1 and f"{sum(lost.values())} tumour voxels" in lines[0]
     assert all(f"{name} {count}" in lines[0] for name, count in lost.items() if count)
+    # The edit's record says it too (the map's sidecar), so a replay, an export and Slicer know it.
+    history = read_label_map(tmp_path / "moved_6.nii.gz").history
+    assert history[-1]["params"]["clipped_tumour_voxels"] == {name: n for name, n in lost.items() if n}
 
 
 def test_tumour_without_a_map_or_subcommand_names_what_to_give(capsys):

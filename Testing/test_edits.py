@@ -862,3 +862,54 @@ def test_insert_checks_the_recorded_source_hash_on_replay():
     assert np.array_equal(replay(target, [record], sources={"a.nii.gz": source}).array, out.array)
     with pytest.raises(EditError, match="not the recorded source"):
         replay(target, [record], sources={"a.nii.gz": other})
+
+
+# --- clipping at the brain's edge, recorded by the edit ------------------------------------------
+
+
+@pytest.mark.parametrize("grid", ["iso", "brats_lps"])
+def test_a_whole_voxel_move_records_the_tumour_voxels_it_clipped(grid):
+    """Translate and flip keep every tumour count but what leaves the brain: their record says how many voxels of
+    each class that clipped (so the CLI and Slicer can say it), nothing when none; a replay reproduces it."""
+    from MedSynthLib.edits.base import clipped_in_records, clipped_notice
+
+    lm = synthetic_brain(make_grid(*GRIDS[grid]))
+    before = counts(lm.array)
+    inside = Translate((0.0, 0.0, 4.0))(lm)
+    assert "clipped_tumour_voxels" not in inside.history[-1]["params"] and counts(inside.array) == before
+    edge = Translate((0.0, 0.0, 12.0))(lm)  # pushes oedema past the brain's top
+    recorded = edge.history[-1]["params"]["clipped_tumour_voxels"]
+    lost = {Label(v).name: before[v] - n for v, n in counts(edge.array).items() if before[v] > n}
+    assert lost and recorded == lost
+    assert clipped_in_records(edge.history[len(lm.history):]) == lost
+    assert f"{sum(lost.values())} tumour voxels" in clipped_notice(recorded)
+    np.testing.assert_array_equal(replay(lm, edge.history[len(lm.history):]).array, edge.array)
+    assert replay(lm, edge.history[len(lm.history):]).history == edge.history
+    flipped = Flip("SI", about="brain")(lm)
+    flip_lost = {Label(v).name: before[v] - n for v, n in counts(flipped.array).items() if before[v] > n}
+    assert flipped.history[-1]["params"].get("clipped_tumour_voxels") == (flip_lost or None)
+
+
+@pytest.mark.parametrize("clipped, message", [
+    ({"WM": 3}, "tumour classes"),
+    ({"ED": -1}, "positive"),
+    ({"ED": True}, "positive"),
+    ([("ED", 3)], "tumour classes"),
+])
+def test_a_malformed_clipping_record_is_refused(clipped, message):
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    record = Translate((0.0, 0.0, 12.0))(lm).history[-1]
+    record = dict(record, params=dict(record["params"], clipped_tumour_voxels=clipped))
+    with pytest.raises(EditError, match=message):
+        replay(lm, [record])
+
+
+def test_a_replay_onto_another_map_records_what_it_clips_there():
+    """Records replay onto other maps: the move is the record's, the clipped count this map's."""
+    lm = synthetic_brain(make_grid(*GRIDS["iso"]))
+    record = Translate((0.0, 0.0, 12.0))(lm).history[-1]
+    assert record["params"]["clipped_tumour_voxels"]
+    lower = synthetic_brain(make_grid(*GRIDS["iso"]), tumour_at=(0.62, 0.5, 0.35))  # farther from the top
+    replayed = replay(lower, [record])
+    assert "clipped_tumour_voxels" not in replayed.history[-1]["params"]
+    assert counts(replayed.array) == counts(lower.array)

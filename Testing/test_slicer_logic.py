@@ -346,6 +346,46 @@ def test_cancelled_handles_leave_the_label_map(case):
     mrml.remove_nodes(case.scene, seg)
 
 
+@pytest.mark.realdata
+def test_a_drag_that_pushes_tumour_out_of_the_brain_says_how_much_was_clipped(case):
+    """Dragging the tumour with the handles until oedema leaves the brain: the label map keeps what stays inside,
+    and the panel's log says how many voxels of each class were clipped (it used to say only 'translate')."""
+    from MedSynthLib.edits.base import MAX_OUTSIDE_FRACTION
+
+    seg = case.logic.copy_labels(case.seg, "clipped drag")
+    start = case.logic.labelmap(seg)
+    brain = np.argwhere(start.array > 0)
+    centre_kji = np.argwhere(np.isin(start.array, (4, 5, 6))).mean(axis=0)
+    # Towards the nearest brain edge along one axis, in whole voxels, until something is clipped (and not refused).
+    axis = int(np.argmin(np.minimum(centre_kji - brain.min(axis=0), brain.max(axis=0) - centre_kji)))
+    sign = 1.0 if brain.max(axis=0)[axis] - centre_kji[axis] < centre_kji[axis] - brain.min(axis=0)[axis] else -1.0
+    matrix_kji = mrml.ijk_to_ras(case.nodes["t1"])
+    step_ras = matrix_kji[:3, :3] @ np.roll(np.eye(3)[2 - axis], 0) * sign  # one voxel along numpy axis `axis`
+    found = None
+    for voxels in range(2, 60, 2):
+        try:
+            moved = Translate(tuple(float(v) for v in voxels * step_ras))(start)
+        except Exception:  # pushed too far: more than the allowed core outside
+            break
+        if "clipped_tumour_voxels" in moved.history[-1]["params"]:
+            found = voxels
+            break
+    assert found is not None, "no drag clips this case's tumour without being refused: pick another case"
+    case.log.clear()
+    transform = case.logic.begin_tumour_transform(seg)
+    matrix = np.eye(4)
+    matrix[:3, 3] = found * step_ras
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    edited = case.logic.apply_tumour_transform(seg)
+    recorded = edited.history[-1]["params"]["clipped_tumour_voxels"]
+    said = [line for line in case.log if "clipped" in line]
+    assert len(said) == 1 and f"{sum(recorded.values())} tumour voxels" in said[0], case.log
+    assert all(f"{name} {count}" in said[0] for name, count in recorded.items())
+    assert f"{MAX_OUTSIDE_FRACTION:.0%}" in said[0]
+    case.logic.undo(seg)
+    mrml.remove_nodes(case.scene, seg)
+
+
 @pytest.mark.parametrize("angles, factors", [((10.0, -20.0, 35.0), (1.0, 1.0, 1.0)),
                                              ((0.0, 0.0, 30.0), (1.3, 0.8, 1.0)),
                                              ((0.0, 90.0, 0.0), (1.0, 1.0, 1.0))])

@@ -107,7 +107,16 @@ class TumourTools:
             raise WorkflowError(f"{getattr(edit, 'name', type(edit).__name__)}: {exc}") from None
         self._commit(segmentation, edited, current)
         self.log.emit(f"edit: {', '.join(r['name'] for r in edited.history[len(current.history):])}")
+        self._say_clipped("edit", current, edited)
         return edited
+
+    def _say_clipped(self, what: str, current: "LabelMap", edited: "LabelMap") -> None:
+        """Tell the user when a move pushed tumour voxels out of the brain (clipped, as its records say)."""
+        from MedSynthLib.edits.base import clipped_in_records, clipped_notice
+
+        clipped = clipped_in_records(edited.history[len(current.history):])
+        if clipped:
+            self.log.emit(f"{what}: {clipped_notice(clipped)}")
 
     def add_parametric_tumour(self, segmentation: Any, centre_ras: Sequence[float],
                               params: TumourParameters | None = None) -> "LabelMap":
@@ -246,6 +255,7 @@ class TumourTools:
             raise WorkflowError("the tumour transform is the identity (less than one voxel): nothing to apply")
         self._commit(segmentation, edited, current)
         self.log.emit("tumour transform: " + ", ".join(r["name"] for r in edited.history[len(current.history):]))
+        self._say_clipped("tumour transform", current, edited)
         return edited
 
     def begin_tumour_transform(self, segmentation: Any) -> Any:

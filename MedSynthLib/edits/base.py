@@ -18,7 +18,9 @@ Rules every edit keeps (checked by the tests):
   (:func:`healthy_anatomy`), never zeros;
 * a tumour core (NCR+ET) pushed out of the brain by more than
   :data:`MAX_OUTSIDE_FRACTION` raises :class:`~MedSynthLib.schema.errors.EditError`;
-  smaller overhangs, and oedema outside the brain, are clipped;
+  smaller overhangs, and oedema outside the brain, are clipped; an edit that moves whole
+  voxels (``records_clipping``: translate, flip) records how many voxels of each class that
+  clipped (``clipped_tumour_voxels``), so the CLI and Slicer can say so;
 * every length (offset, radius, margin) is checked against the grid before anything is
   allocated (:func:`~MedSynthLib.edits.geometry.check_length`).
 """
@@ -34,7 +36,7 @@ from scipy import ndimage
 
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap
-from ..schema.labels import SCHEMA_VERSION, Label, core_mask, tumour_mask
+from ..schema.labels import LABEL_INFO, NUM_CLASSES, SCHEMA_VERSION, TUMOUR_LABELS, Label, core_mask, tumour_mask
 from .geometry import bounds
 
 #: Largest fraction of the tumour core an edit may push outside the brain
@@ -117,13 +119,18 @@ class Edit:
     name: ClassVar[str] = "edit"
     #: Fields that are not part of the provenance record.
     _unrecorded: ClassVar[tuple[str, ...]] = ()
+    #: Fields the edit fills in when it is applied, for the record: left out while None.
+    _outcomes: ClassVar[tuple[str, ...]] = ()
     #: Parameter names of older records, still read: old name -> current field.
     renamed_params: ClassVar[Mapping[str, str]] = {}
+    #: The edit moves whole voxels, so it keeps every tumour class's count but what leaves the brain: its record
+    #: says how many voxels of each class that clipped (a ``clipped_tumour_voxels`` field, None when none).
+    records_clipping: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         """The edit's parameters as plain JSON values (tuples become lists)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in self._unrecorded}
+                if f.name not in self._unrecorded and not (f.name in self._outcomes and getattr(self, f.name) is None)}
 
     def to_record(self) -> dict[str, Any]:
         """Provenance record ``{"name", "params", "schema_version"}`` (JSON-serialisable)."""
@@ -136,10 +143,22 @@ class Edit:
         """The edited ``(k, j, i)`` label array (``labelmap`` is not modified)."""
         raise NotImplementedError
 
+    def apply_and_clipped(self, labelmap: LabelMap, *args: Any, **kwargs: Any) -> tuple[np.ndarray, dict[str, int]]:
+        """:meth:`apply`, and the tumour voxels it clipped per class (:func:`clipped_tumour_voxels`; override where
+        the edit knows the box it changed: counting the whole volume twice costs about 50 ms)."""
+        array = self.apply(labelmap, *args, **kwargs)
+        return array, clipped_tumour_voxels(labelmap.array, array)
+
     def __call__(self, labelmap: LabelMap, *args: Any, **kwargs: Any) -> LabelMap:
         """Check against the grid, apply, and return the new label map with this edit's record appended."""
         self.check(labelmap.grid)
-        return labelmap.with_array(self.apply(labelmap, *args, **kwargs), self.to_record())
+        if not self.records_clipping:
+            return labelmap.with_array(self.apply(labelmap, *args, **kwargs), self.to_record())
+        # A replayed record's count is replaced by this map's: records are replayed onto other maps too, where the
+        # same move clips otherwise (``medsynth tumour replay --check`` compares the voxels themselves).
+        array, clipped = self.apply_and_clipped(labelmap, *args, **kwargs)
+        applied = dataclasses.replace(self, clipped_tumour_voxels=clipped or None)
+        return labelmap.with_array(array, applied.to_record())
 
 
 # --- rules shared by every edit ----------------------------------------------------------------
@@ -148,6 +167,44 @@ class Edit:
 def tumour_only(labels: np.ndarray) -> np.ndarray:
     """The tumour sub-labels of a label map, everything else 0."""
     return np.where(tumour_mask(labels), labels, 0).astype(np.uint8)
+
+
+def clipped_tumour_voxels(before: np.ndarray, after: np.ndarray) -> dict[str, int]:
+    """Voxels of each tumour class (by short name) that ``after`` holds fewer of than ``before``; only the classes
+    that lost any.  For an edit that moves whole voxels these are the voxels it pushed out of the brain."""
+    counts_before = np.bincount(np.asarray(before).ravel(), minlength=NUM_CLASSES)
+    counts_after = np.bincount(np.asarray(after).ravel(), minlength=NUM_CLASSES)
+    return {LABEL_INFO[label].short_name: int(counts_before[label] - counts_after[label])
+            for label in TUMOUR_LABELS if counts_before[label] > counts_after[label]}
+
+
+def clipped_counts(value: Any, name: str = "clipped_tumour_voxels") -> dict[str, int] | None:
+    """A recorded ``clipped_tumour_voxels`` checked (tumour class names, positive whole counts), or None."""
+    if value is None:
+        return None
+    names = {LABEL_INFO[label].short_name for label in TUMOUR_LABELS}
+    if (not isinstance(value, Mapping) or not value
+            or any(k not in names or isinstance(v, bool) or not isinstance(v, int) or v <= 0 for k, v in value.items())):
+        raise EditError(f"{name} must map tumour classes ({', '.join(sorted(names))}) to positive voxel counts, "
+                        f"got {value!r}")
+    return {k: int(value[k]) for k in sorted(value, key=[LABEL_INFO[label].short_name for label in TUMOUR_LABELS].index)}
+
+
+def clipped_in_records(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The tumour voxels per class that edit records (a history's new tail) say their edits clipped, summed."""
+    total: dict[str, int] = {}
+    for record in records:
+        params = record.get("params") if isinstance(record, Mapping) else None
+        for name, count in ((params or {}).get("clipped_tumour_voxels") or {}).items():
+            total[name] = total.get(name, 0) + int(count)
+    return total
+
+
+def clipped_notice(clipped: Mapping[str, int]) -> str:
+    """One sentence on the tumour voxels an edit clipped at the brain's edge (:func:`clipped_tumour_voxels`)."""
+    listed = ", ".join(f"{name} {count}" for name, count in clipped.items())
+    return (f"{sum(clipped.values())} tumour voxels ({listed}) moved outside the brain and were clipped (up to "
+            f"{MAX_OUTSIDE_FRACTION:.0%} of the core may be; more is refused)")
 
 
 def core_count(labels: np.ndarray) -> int:

@@ -8,7 +8,7 @@ physical map about the tumour centre and composites the result over the healthy 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -17,8 +17,8 @@ from scipy import ndimage
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, lps_to_ras, ras_to_lps
 from ..schema.labels import Label, brain_mask, core_mask, tumour_mask
-from .base import (Edit, composite, core_count, healthy_anatomy, refuse_core_outside, register, set_field, tumour_only,
-                   tumour_refill, vec3)
+from .base import (Edit, clipped_counts, clipped_tumour_voxels, composite, core_count, healthy_anatomy,
+                   refuse_core_outside, register, set_field, tumour_only, tumour_refill, vec3)
 from .geometry import (AXES, bounds, brain_centre, check_length, crop, index_affine, paste, ras_matrix_to_lps,
                        rotation_ras, tumour_centre)
 
@@ -136,22 +136,22 @@ class Translate(Edit):
         applied_offset_ras_mm: the whole-voxel displacement actually applied (RAS mm);
             filled in when the edit is applied, for the record only (replay rounds
             ``offset_ras_mm`` again, on the same grid to the same voxels).
+        clipped_tumour_voxels: the tumour voxels per class the move pushed out of the
+            brain (clipped); filled in when applied, None when none (``Edit.records_clipping``).
     """
 
     name: ClassVar[str] = "translate"
+    _outcomes: ClassVar[tuple[str, ...]] = ("applied_offset_ras_mm", "clipped_tumour_voxels")
+    records_clipping: ClassVar[bool] = True
     offset_ras_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     applied_offset_ras_mm: tuple[float, float, float] | None = None
+    clipped_tumour_voxels: dict[str, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         set_field(self, "offset_ras_mm", vec3(self.offset_ras_mm, "offset_ras_mm"))
         if self.applied_offset_ras_mm is not None:
             set_field(self, "applied_offset_ras_mm", vec3(self.applied_offset_ras_mm, "applied_offset_ras_mm"))
-
-    def params(self) -> dict:
-        params = super().params()
-        if params["applied_offset_ras_mm"] is None:  # not applied yet: nothing to say
-            del params["applied_offset_ras_mm"]
-        return params
+        set_field(self, "clipped_tumour_voxels", clipped_counts(self.clipped_tumour_voxels))
 
     def __call__(self, labelmap: LabelMap, *args, **kwargs) -> LabelMap:
         """As :meth:`Edit.__call__`, the record also holding the offset applied on this grid."""
@@ -187,6 +187,14 @@ class Translate(Edit):
         return np.round(ijk[::-1]).astype(int)
 
     def apply(self, labelmap: LabelMap) -> np.ndarray:
+        return self._moved(labelmap)[0]
+
+    def apply_and_clipped(self, labelmap: LabelMap) -> tuple[np.ndarray, dict[str, int]]:
+        out, box = self._moved(labelmap)
+        return out, clipped_tumour_voxels(labelmap.array[box], out[box])  # nothing changes outside the box
+
+    def _moved(self, labelmap: LabelMap) -> tuple[np.ndarray, tuple[slice, ...]]:
+        """The edited array and the box of the old and the new place (the only voxels that change)."""
         labels = labelmap.array
         found = bounds(tumour_mask(labels))
         if found is None:
@@ -218,7 +226,7 @@ class Translate(Edit):
         anatomy[tuple(w - int(a) for w, a in zip(where, lo))] = fill  # every tumour voxel lies in the box
         out = labels.astype(np.uint8, copy=True)
         out[box] = composite(anatomy, moved, brain, core_lost_voxels=lost)
-        return out
+        return out, box
 
 
 @register
@@ -277,18 +285,26 @@ class Flip(Edit):
     mirrored in place) or through the centre of the brain's bounding box
     (``about="brain"``: the tumour moves to the other hemisphere for ``"LR"``).
     The plane is snapped to the nearest half voxel so that, on an axis-aligned
-    grid, the flip is an exact voxel permutation and keeps every class count.
+    grid, the flip is an exact voxel permutation and keeps every class count but
+    what lands outside the brain (on an oblique grid the tumour is resampled, and
+    ``clipped_tumour_voxels`` also counts what the resampling lost).
 
     Attributes:
         axis: ``"LR"``, ``"AP"`` or ``"SI"``.
         about: ``"tumour"`` or ``"brain"``.
+        clipped_tumour_voxels: the tumour voxels per class the flip put outside the
+            brain (clipped); filled in when applied, None when none (``Edit.records_clipping``).
     """
 
     name: ClassVar[str] = "flip"
+    _outcomes: ClassVar[tuple[str, ...]] = ("clipped_tumour_voxels",)
+    records_clipping: ClassVar[bool] = True
     axis: str = "LR"
     about: str = "tumour"
+    clipped_tumour_voxels: dict[str, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        set_field(self, "clipped_tumour_voxels", clipped_counts(self.clipped_tumour_voxels))
         if not isinstance(self.axis, str) or self.axis not in AXES:
             raise EditError(f"flip axis must be one of {sorted(AXES)}, got {self.axis!r}")
         if not isinstance(self.about, str) or self.about not in ("tumour", "brain"):

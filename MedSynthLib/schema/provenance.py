@@ -348,6 +348,7 @@ class TemplateLabelsParams(StepParams):
 class TranslateParams(StepParams):
     offset_ras_mm: Vec3 | None = None
     applied_offset_ras_mm: Vec3 | None = None  # the whole-voxel offset moved (offset_ras_mm is the request)
+    clipped_tumour_voxels: LabelCounts | None = None  # tumour voxels per class the move pushed out of the brain
 
 
 @record_kind("rotate")
@@ -367,6 +368,7 @@ class ScaleParams(StepParams):
 class FlipParams(StepParams):
     axis: Literal["LR", "AP", "SI"] | None = None
     about: Literal["tumour", "brain"] | None = None
+    clipped_tumour_voxels: LabelCounts | None = None  # tumour voxels per class the flip put outside the brain
 
 
 @record_kind("insert_tumour")
