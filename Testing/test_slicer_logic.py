@@ -588,6 +588,204 @@ def _paint(seg, segment_id: str, mask: np.ndarray, reference) -> None:
         image, seg, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
 
 
+def _template_with_strokes(case, classes=("ED", "NCR")):
+    """The template prepared, then a small tumour painted into its white matter with Segment Editor strokes."""
+    t1 = case.logic.load_template()
+    seg = case.logic.prepare(t1)
+    start = case.logic.labelmap(seg)
+    wm = np.argwhere(start.array == Label.WM)
+    k, j, i = wm[len(wm) // 2]
+    ball = np.zeros(start.array.shape, bool)
+    ball[k - 6:k + 6, j - 6:j + 6, i - 6:i + 6] = True
+    core = np.zeros_like(ball)
+    core[k - 3:k + 3, j - 3:j + 3, i - 3:i + 3] = True
+    masks = {"ED": ball & ~core & (start.array > 0), "NCR": core & (start.array > 0)}
+    for name in classes:
+        _paint(seg, name, masks[name], t1)
+    return t1, seg, start
+
+
+@pytest.mark.realdata
+def test_a_tumour_drawn_by_hand_on_the_template_is_not_anonymous(case, tiny_model, tmp_path):
+    """A tumour painted with Segment Editor strokes may be traced from a patient's expert segmentation: it was
+    recorded as 'no tumour' and passed the anonymous export.  Its origin is now 'segmentation', as for the same
+    tumour given to Prepare, in the label map, the synthetic case and the export's refusal."""
+    from MedSynthLib.export import export_cases
+    from MedSynthLib.schema.errors import MedSynthError
+    from MedSynthLib.schema.provenance import privacy_of
+
+    t1, seg, start = _template_with_strokes(case)
+    edited = case.logic.labelmap(seg)
+    assert edited.history[-1]["name"] == MANUAL_EDIT and edited.history[-1]["params"]["tumour_drawn_voxels"] > 0
+    privacy = privacy_of(edited)
+    assert privacy.tumour_origin == "segmentation" and not privacy.anonymous()[0]
+    outputs = case.logic.generate(seg, GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False, seed=1))
+    folder = case.logic.case_folder(outputs)
+    assert json.loads((folder / "provenance.json").read_text())["privacy"]["tumour_origin"] == "segmentation"
+    with pytest.raises(MedSynthError, match="segmentation loaded or drawn"):
+        export_cases([str(folder)], str(tmp_path / "shared"), "nifti", anonymous=True)
+    assert not (tmp_path / "shared").exists()
+    mrml.remove_nodes(case.scene, *outputs.values(), seg, t1)
+
+
+@pytest.mark.realdata
+def test_strokes_over_a_parametric_tumour_make_it_mixed_and_erasing_keeps_it(case):
+    from MedSynthLib.schema.provenance import privacy_of
+
+    t1 = case.logic.load_template()
+    seg = case.logic.prepare(t1)
+    start = case.logic.labelmap(seg)
+    wm = np.argwhere(start.array == Label.WM)
+    centre = lps_to_ras(start.grid.index_to_lps(wm[len(wm) // 2][::-1].astype(float)))
+    drawn = case.logic.add_parametric_tumour(seg, centre)
+    assert privacy_of(drawn).tumour_origin == "parametric" and privacy_of(drawn).anonymous()[0]
+    kept = drawn.array == Label.ED
+    kept[: int(np.median(np.argwhere(kept)[:, 0]))] = False  # the lower half of the oedema erased
+    _paint(seg, "ED", kept, t1)
+    after_erasing = case.logic.labelmap(seg)
+    assert after_erasing.history[-1]["name"] == MANUAL_EDIT
+    assert privacy_of(after_erasing).tumour_origin == "parametric"  # erasing adds nothing of anyone
+    grown = (after_erasing.array == Label.ED) | ndimage_dilation(after_erasing.array >= Label.NCR)
+    _paint(seg, "ED", grown & (after_erasing.array > 0) & ~np.isin(after_erasing.array, (4, 6)), t1)
+    after_drawing = case.logic.labelmap(seg)
+    assert privacy_of(after_drawing).tumour_origin == "mixed" and not privacy_of(after_drawing).anonymous()[0]
+    mrml.remove_nodes(case.scene, seg, t1)
+
+
+def ndimage_dilation(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=2)
+
+
+@pytest.mark.realdata
+def test_the_privacy_measured_by_an_edit_reaches_the_synthetic_case(case, tiny_model):
+    """A 15 mm move of the patient's tumour measures its own tumour Dice; the case folder said Dice 1.00, origin
+    'unknown' (the worker rebuilt the record from the history).  The measured record now travels with the map."""
+    from MedSynthLib.schema.provenance import privacy_of
+
+    seg = case.logic.copy_labels(case.seg, "privacy travels")
+    moved = case.logic.apply_edit(seg, Translate((15.0, 0.0, 0.0)))
+    measured = privacy_of(moved)
+    assert measured.tumour_origin == "patient" and measured.tumour_dice_to_source < 0.9
+    assert privacy_of(case.logic.labelmap(seg)) == measured  # read back from the segmentation
+    outputs = case.logic.generate(seg, GenerateOptions(model=str(tiny_model), device="cpu", inpaint=False, seed=1))
+    recorded = json.loads((case.logic.case_folder(outputs) / "provenance.json").read_text())["privacy"]
+    assert recorded["tumour_dice_to_source"] == measured.tumour_dice_to_source
+    assert recorded["tumour_origin"] == "patient"
+    case.logic.undo(seg)
+    assert privacy_of(case.logic.labelmap(seg)).tumour_dice_to_source == 1.0
+    mrml.remove_nodes(case.scene, *outputs.values(), seg)
+
+
+@pytest.mark.realdata
+def test_strokes_made_before_a_session_reads_the_map_make_its_tumour_origin_unknown(case, tmp_path):
+    """A reloaded scene (a new session) whose map was painted before MedSynth read it: the strokes were taken in
+    without a record.  The stored hash tells the map changed unseen: a record says so, the origin becomes unknown
+    (not anonymous); a map that did not change keeps its measured record."""
+    from MedSynthLib.schema.provenance import privacy_of
+
+    t1 = case.logic.load_template()
+    seg = case.logic.prepare(t1)
+    untouched = case.logic.copy_labels(seg, "untouched")
+    start = case.logic.labelmap(seg)
+    later = WorkflowLogic(case.scene, work_dir=tmp_path)  # the next session, on the same scene
+    assert privacy_of(later.labelmap(untouched)) == privacy_of(start)
+    wm = np.argwhere(start.array == Label.WM)
+    k, j, i = wm[len(wm) // 2]
+    stroke = np.zeros(start.array.shape, bool)
+    stroke[k - 3:k + 3, j - 3:j + 3, i - 3:i + 3] = True
+    _paint(seg, "NCR", stroke, t1)
+    seen = later.labelmap(seg)
+    assert seen.history[-1]["name"] == MANUAL_EDIT and seen.history[-1]["params"] == {}
+    assert privacy_of(seen).tumour_origin == "unknown" and not privacy_of(seen).anonymous()[0]
+    assert privacy_of(later.labelmap(seg)).tumour_origin == "unknown"  # kept, not found again each read
+    later.cleanup()
+    mrml.remove_nodes(case.scene, seg, untouched, t1)
+
+
+@pytest.mark.realdata
+def test_strokes_outside_the_brain_are_removed_and_said(case):
+    """A stroke of oedema in the air (the user changed the editor's mask mode) was taken into the map and
+    synthesised there; tumour lies inside the brain only, so those voxels are removed, and the log says how many."""
+    t1 = case.logic.load_template()
+    seg = case.logic.prepare(t1)
+    start = case.logic.labelmap(seg)
+    air = np.zeros(start.array.shape, bool)
+    air[:6, :6, :6] = True
+    assert not (start.array[air] > 0).any()
+    inside = np.zeros_like(air)
+    wm = np.argwhere(start.array == Label.WM)
+    k, j, i = wm[len(wm) // 2]
+    inside[k - 2:k + 2, j - 2:j + 2, i - 2:i + 2] = True
+    case.log.clear()
+    _paint(seg, "ED", air | inside, t1)
+    edited = case.logic.labelmap(seg)
+    assert not (edited.array[air] > 0).any()
+    assert np.count_nonzero(edited.array == Label.ED) == np.count_nonzero(inside)
+    said = [line for line in case.log if "outside the brain" in line]
+    assert len(said) == 1 and str(int(air.sum())) in said[0], case.log
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, edited.array)  # the segmentation shows it
+    mrml.remove_nodes(case.scene, seg, t1)
+
+
+@pytest.mark.realdata
+def test_a_tumour_input_beyond_the_templates_brain_is_clipped_or_refused(case):
+    """Prepare pasted a tumour input into the template wherever it lay, in the air too.  As for every edit: oedema
+    outside the brain is clipped (and said), a core more than 2 % outside is refused, the scene unchanged."""
+    from MedSynthLib.cases.template import template_label_map
+
+    t1 = case.logic.load_template()
+    brain = template_label_map().array > 0
+    wm = np.argwhere(template_label_map().array == Label.WM)
+    k, j, i = wm[len(wm) // 2]
+    tumour = np.zeros(brain.shape, np.uint8)
+    tumour[k - 3:k + 3, j - 3:j + 3, i - 3:i + 3] = 1  # NCR (brats2021 value 1) inside
+    tumour[:6, :6, :6] = 2  # oedema in the air
+    node = mrml.add_volume_from_array(case.scene, tumour, mrml.ijk_to_ras(t1), "tumour partly in the air",
+                                      "vtkMRMLLabelMapVolumeNode")
+    case.log.clear()
+    seg = case.logic.prepare(t1, node, "brats2021")
+    labels = case.logic.labelmap(seg).array
+    assert not ((labels >= Label.NCR) & ~brain).any()
+    assert np.count_nonzero(labels == Label.NCR) == 6 ** 3
+    assert any("outside the template's brain" in line and str(6 ** 3) in line for line in case.log), case.log
+    mrml.remove_nodes(case.scene, seg)
+    core_in_air = np.zeros(brain.shape, np.uint8)
+    core_in_air[:6, :6, :6] = 1
+    slicer.util.updateVolumeFromArray(node, core_in_air)
+    ids = _ids(case.scene)
+    with pytest.raises(WorkflowError, match="outside the brain"):
+        case.logic.prepare(t1, node, "brats2021")
+    assert _ids(case.scene) == ids
+    mrml.remove_nodes(case.scene, node, t1)
+
+
+@pytest.mark.realdata
+def test_a_tumour_input_without_tumour_voxels_is_refused(case):
+    """An all-zero labelmap, a segmentation with empty tumour segments or with anatomy only, given as the tumour:
+    each became a map with no tumour, with no word.  Each is refused in one message; the scene is unchanged."""
+    from MedSynthLib.cases.template import template_label_map
+
+    t1 = case.logic.load_template()
+    shape = mrml.array_from_volume(t1).shape
+    zero = mrml.add_volume_from_array(case.scene, np.zeros(shape, np.uint8), mrml.ijk_to_ras(t1), "empty tumour",
+                                      "vtkMRMLLabelMapVolumeNode")
+    empty = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty tumour segments")
+    empty.CreateDefaultDisplayNodes()
+    empty.GetSegmentation().AddEmptySegment("NCR", "NCR")
+    empty.GetSegmentation().AddEmptySegment("ED", "ED")
+    wm_only = mrml.segmentation_from_labels(case.scene, np.where(template_label_map().array == 3, 3, 0).astype(
+        np.uint8), t1, "WM only")
+    for node in (zero, empty, wm_only):
+        ids = _ids(case.scene)
+        with pytest.raises(WorkflowError, match="no tumour voxels") as raised:
+            case.logic.prepare(t1, node, "brats2021")
+        assert node.GetName() in str(raised.value) and "\n" not in str(raised.value)
+        assert _ids(case.scene) == ids
+    mrml.remove_nodes(case.scene, zero, empty, wm_only, t1)
+
+
 @pytest.mark.realdata
 def test_segment_editor_strokes_are_recorded_and_locked_anatomy_is_kept(case):
     seg = case.logic.copy_labels(case.seg, "editor")

@@ -415,8 +415,13 @@ class WorkerClient:
 
 
 def labelmap_request(labelmap: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The params and arrays that carry a MedSynthLib ``LabelMap`` to the worker."""
-    return ({"grid": labelmap.grid.to_json(), "history": list(labelmap.history)}, {"labels": labelmap.array})
+    """The params and arrays that carry a MedSynthLib ``LabelMap`` to the worker (its privacy record as measured
+    edit by edit too: rebuilt from the history alone it is only a bound, or unknown)."""
+    from MedSynthLib.schema.provenance import privacy_of
+
+    params = {"grid": labelmap.grid.to_json(), "history": list(labelmap.history),
+              "privacy": privacy_of(labelmap).to_json()}
+    return params, {"labels": labelmap.array}
 
 
 __all__ = ["CANCEL_GRACE_S", "WorkerClient", "WorkerTask", "labelmap_request"]

@@ -211,7 +211,7 @@ class LabelSegmentation:
 
         Raises:
             WorkflowError: another grid, a segment name or label value the
-                convention does not define, or anatomy-only content.
+                convention does not define, or no tumour voxel (empty, or anatomy only).
         """
         labels = _lib()
         convention = tumour.GetAttribute(CONVENTION_ATTRIBUTE) or convention if tumour is not None else convention
@@ -220,14 +220,21 @@ class LabelSegmentation:
             self._same_grid(reference, tumour, "tumour labelmap")
             values = mrml.array_from_volume(tumour)
             try:
-                return labels.tumour_to_schema(values, convention)
+                array = labels.tumour_to_schema(values, convention)
             except labels.LabelValueError as exc:
                 raise WorkflowError(f"tumour labelmap {tumour.GetName()!r}: {exc}; choose the right "
                                     "tumour-label convention") from None
-        if tumour.IsA("vtkMRMLSegmentationNode"):
+            what = "tumour labelmap"
+        elif tumour.IsA("vtkMRMLSegmentationNode"):
             array = self._labels_from_segmentation(tumour, reference, convention, what="tumour segmentation")
-            return np.where(array >= labels.Label.NCR, array, 0).astype(np.uint8)
-        raise WorkflowError(f"{tumour.GetName()!r} is neither a segmentation nor a labelmap volume")
+            array = np.where(array >= labels.Label.NCR, array, 0).astype(np.uint8)
+            what = "tumour segmentation"
+        else:
+            raise WorkflowError(f"{tumour.GetName()!r} is neither a segmentation nor a labelmap volume")
+        if not array.any():  # a tumour input that became no tumour would pass as a healthy brain
+            raise WorkflowError(f"{what} {tumour.GetName()!r} holds no tumour voxels (NCR, ED or ET under the "
+                                f"{convention} convention); choose another tumour input, or none for a healthy brain")
+        return array
 
     def _labels_from_segmentation(self, node: Any, reference: Any, convention: str, what: str) -> np.ndarray:
         labels = _lib()
@@ -313,10 +320,21 @@ class LabelSegmentation:
             labelmap = template_label_map()
             if labelmap.grid.difference(grid) is not None:
                 raise WorkflowError("the template volume does not match the template label map")
-            if tumour_array is not None and tumour_array.any():
-                array = labelmap.array.copy()
-                place = tumour_array > 0
-                array[place] = tumour_array[place]
+            if tumour_array is not None:
+                from MedSynthLib.edits.base import clipped_tumour_voxels, composite
+                from MedSynthLib.schema.labels import Label
+
+                # As every edit: oedema beyond the brain clipped (and said), a core more than 2 % outside refused.
+                try:
+                    array = composite(labelmap.array, tumour_array, labelmap.array > Label.BACKGROUND)
+                except MedSynthError as exc:
+                    raise WorkflowError(f"tumour {tumour.GetName()!r} on the template: {exc}; place it inside the "
+                                        "brain") from None
+                clipped = clipped_tumour_voxels(tumour_array, array)
+                if clipped:
+                    listed = ", ".join(f"{k} {v}" for k, v in clipped.items())
+                    self.log.emit(f"tumour {tumour.GetName()!r}: {sum(clipped.values())} voxels ({listed}) lie "
+                                  "outside the template's brain and were left out")
                 labelmap = labelmap.with_array(array, {"name": "tumour_from_segmentation",
                                                        "params": {"label_convention": label_convention},
                                                        "schema_version": labelmap.schema_version})
@@ -332,8 +350,8 @@ class LabelSegmentation:
                 raise WorkflowError(f"{t1.GetName()!r}: {exc}") from None
         if not brain_mask(labelmap.array).any():
             raise WorkflowError(f"{t1.GetName()!r}: the label map has no brain voxels")
-        node = self._new_label_segmentation(labelmap.array, t1, name or f"{t1.GetName()} MedSynth labels",
-                                            label_convention, labelmap.history, lock_anatomy, {"t1": t1, **others})
+        node = self._new_label_segmentation(labelmap, t1, name or f"{t1.GetName()} MedSynth labels",
+                                            label_convention, lock_anatomy, {"t1": t1, **others})
         self.log.emit(f"label map ready: {node.GetName()}")
         return node
 
@@ -373,6 +391,7 @@ class LabelSegmentation:
         from MedSynthLib.edits import healthy_anatomy
         from MedSynthLib.schema.grid import LabelMap
         from MedSynthLib.schema.labels import SCHEMA_VERSION, Label, brain_mask, label_counts, tumour_mask
+        from MedSynthLib.schema.provenance import array_sha256
 
         reference = self.reference_volume(segmentation)
         cached = self._read_labels.get(segmentation.GetID())
@@ -388,11 +407,20 @@ class LabelSegmentation:
         except ValueError:
             history = []
         grid = mrml.grid_from_volume(reference)
+        privacy = self._stored_privacy(segmentation)
         committed = self._committed.get(segmentation.GetID())
         if committed is None or committed.shape != array.shape:
             # first sight of this segmentation in this session (e.g. a reloaded scene): take it as it is
             if brain_mask(array).any():
                 self._committed[segmentation.GetID()] = array.copy()
+            if privacy is not None and segmentation.GetAttribute(mrml.LABELS_SHA256_ATTRIBUTE) != array_sha256(array):
+                # Changed where MedSynth did not see it (before this session read it): what was drawn is unknown,
+                # and the record says so from now on.
+                history = list(history) + [{"name": MANUAL_EDIT, "params": {}, "schema_version": SCHEMA_VERSION}]
+                unseen = LabelMap(array, grid, history, privacy=privacy.after_step(array, array, history[-1]))
+                if brain_mask(array).any():
+                    self._store_records(segmentation, unseen)
+                privacy = unseen.privacy
         elif not np.array_equal(committed, array):
             edited = array.copy()
             locked = self.locked_labels(segmentation)
@@ -411,23 +439,52 @@ class LabelSegmentation:
             erased = (edited == Label.BACKGROUND) & tumour_mask(committed)
             if erased.any():
                 edited[erased] = healthy_anatomy(committed, grid.spacing)[erased]
-            previous = LabelMap(committed, grid, history)
-            if not np.array_equal(committed, edited):
-                before, after = label_counts(committed), label_counts(edited)
-                history = list(history) + [{
-                    "name": MANUAL_EDIT,
-                    "params": {"changed_voxels": int(np.count_nonzero(committed != edited)),
-                               "voxel_change": {k: after[k] - before[k] for k in after if after[k] != before[k]}},
-                    "schema_version": SCHEMA_VERSION,
-                }]
+            # Tumour lies inside the brain only (the rule of every edit): strokes beyond it (the editor's mask
+            # mode changed) are removed, and the user told.
+            outside = tumour_mask(edited) & (committed == Label.BACKGROUND)
+            if outside.any():
+                edited[outside] = Label.BACKGROUND
+                self.log.emit(f"Segment Editor: {int(outside.sum())} tumour voxels drawn outside the brain were "
+                              "removed (tumour lies inside the brain only)")
+            previous = LabelMap(committed, grid, history, privacy=privacy)
+            if np.array_equal(committed, edited):  # nothing left of the strokes: the segmentation shows the map again
+                self._commit(segmentation, previous, None)
+                return previous
+            before, after = label_counts(committed), label_counts(edited)
+            record = {
+                "name": MANUAL_EDIT,
+                "params": {"changed_voxels": int(np.count_nonzero(committed != edited)),
+                           "voxel_change": {k: after[k] - before[k] for k in after if after[k] != before[k]},
+                           "tumour_drawn_voxels": int(np.count_nonzero(tumour_mask(edited) & (edited != committed)))},
+                "schema_version": SCHEMA_VERSION,
+            }
             if not brain_mask(edited).any():
                 raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
-            result = LabelMap(edited, grid, history)
-            self._commit(segmentation, result, previous if not np.array_equal(committed, edited) else None)
+            result = previous.with_array(edited, record)  # the privacy record measured across the strokes
+            self._commit(segmentation, result, previous)
             return result
         if not brain_mask(array).any():
             raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
-        return self._remember_labels(segmentation, LabelMap(array, grid, history))
+        return self._remember_labels(segmentation, LabelMap(array, grid, history, privacy=privacy))
+
+    @staticmethod
+    def _stored_privacy(segmentation: Any) -> Any:
+        """The privacy record MedSynth last stored on the segmentation (None: none, or unreadable)."""
+        from MedSynthLib.schema.provenance import PrivacyRecord
+
+        try:
+            return PrivacyRecord.from_json(json.loads(segmentation.GetAttribute(mrml.PRIVACY_ATTRIBUTE) or "null"))
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _store_records(segmentation: Any, labelmap: "LabelMap") -> None:
+        """History, privacy and the labels' hash as the segmentation's attributes (saved with the scene)."""
+        from MedSynthLib.schema.provenance import array_sha256, privacy_of
+
+        segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(labelmap.history))
+        segmentation.SetAttribute(mrml.PRIVACY_ATTRIBUTE, json.dumps(privacy_of(labelmap).to_json()))
+        segmentation.SetAttribute(mrml.LABELS_SHA256_ATTRIBUTE, array_sha256(labelmap.array))
 
     @staticmethod
     def _labels_stamp(segmentation: Any, reference: Any) -> tuple:
@@ -489,21 +546,22 @@ class LabelSegmentation:
     def _commit(self, segmentation: Any, labelmap: "LabelMap", previous: "LabelMap | None") -> None:
         reference = self.reference_volume(segmentation)
         if previous is not None:
-            self._undo.setdefault(segmentation.GetID(), []).append((previous.array.copy(), list(previous.history)))
+            self._undo.setdefault(segmentation.GetID(), []).append(
+                (previous.array.copy(), list(previous.history), previous.privacy))
         mrml.set_segmentation_labels(segmentation, labelmap.array, reference)
-        segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(labelmap.history))
+        self._store_records(segmentation, labelmap)
         self._committed[segmentation.GetID()] = labelmap.array.copy()
         self._remember_labels(segmentation, copy.copy(labelmap))
 
-    def _new_label_segmentation(self, array: np.ndarray, reference: Any, name: str, convention: str,
-                                history: list[dict[str, Any]], lock_anatomy: bool = True,
-                                originals: Mapping[str, Any] | None = None) -> Any:
-        """A new MedSynth label map node (role, convention, history, original volumes), with no undo steps."""
+    def _new_label_segmentation(self, labelmap: "LabelMap", reference: Any, name: str, convention: str,
+                                lock_anatomy: bool = True, originals: Mapping[str, Any] | None = None) -> Any:
+        """A new MedSynth label map node (role, convention, history, privacy, original volumes), no undo steps."""
+        array = labelmap.array
         with mrml.scene_guard(self.scene):
             node = mrml.segmentation_from_labels(self.scene, array, reference, name, lock_anatomy=lock_anatomy)
             node.SetAttribute(ROLE, ROLE_LABELS)
             node.SetAttribute(CONVENTION_ATTRIBUTE, convention)
-            node.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(history))
+            self._store_records(node, labelmap)
             for modality, original in (originals or {}).items():
                 node.SetNodeReferenceID(ORIGINAL_REFERENCE + modality, original.GetID())
         self._committed[node.GetID()] = array.copy()
@@ -514,9 +572,9 @@ class LabelSegmentation:
         """A new label segmentation with the same label map and history (a variant to edit separately)."""
         current = self.labelmap(segmentation)
         reference = self.reference_volume(segmentation)
-        return self._new_label_segmentation(current.array, reference, name or f"{segmentation.GetName()} copy",
+        return self._new_label_segmentation(current, reference, name or f"{segmentation.GetName()} copy",
                                             segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021",
-                                            current.history, bool(self.locked_labels(segmentation)),
+                                            bool(self.locked_labels(segmentation)),
                                             self.original_volumes(segmentation))
 
     def adopt_labels(self, segmentation: Any, label_convention: str = "brats2021",
@@ -533,6 +591,7 @@ class LabelSegmentation:
             slicer.modules.medsynth.widgetRepresentation().self().logic.workflow.adopt_labels(node)
         """
         ensure_medsynthlib_importable()
+        from MedSynthLib.schema.grid import LabelMap
         from MedSynthLib.schema.labels import brain_mask
 
         reference = self.reference_volume(segmentation)
@@ -540,8 +599,8 @@ class LabelSegmentation:
         array = self._labels_from_segmentation(segmentation, reference, convention, what="segmentation")
         if not brain_mask(array).any():
             raise WorkflowError(f"{segmentation.GetName()!r} has no brain voxels (every segment is empty)")
-        node = self._new_label_segmentation(array, reference, name or f"{segmentation.GetName()} MedSynth labels",
-                                            convention, [])
+        node = self._new_label_segmentation(LabelMap(array, mrml.grid_from_volume(reference), []), reference,
+                                            name or f"{segmentation.GetName()} MedSynth labels", convention)
         self.log.emit(f"label map made from {segmentation.GetName()}: {node.GetName()}")
         return node
 
@@ -557,11 +616,11 @@ class LabelSegmentation:
         stack = self._undo.get(segmentation.GetID() if segmentation is not None else "", [])
         if not stack:
             raise WorkflowError("nothing to undo")
-        array, history = stack.pop()
+        array, history, privacy = stack.pop()
         reference = self.reference_volume(segmentation)
-        restored = LabelMap(array, mrml.grid_from_volume(reference), history)
+        restored = LabelMap(array, mrml.grid_from_volume(reference), history, privacy=privacy)
         mrml.set_segmentation_labels(segmentation, restored.array, reference)
-        segmentation.SetAttribute(mrml.HISTORY_ATTRIBUTE, json.dumps(restored.history))
+        self._store_records(segmentation, restored)
         self._committed[segmentation.GetID()] = restored.array.copy()
         self.log.emit("undone")
         return restored

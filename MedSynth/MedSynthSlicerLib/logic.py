@@ -113,7 +113,7 @@ class WorkflowLogic(LabelSegmentation, TumourTools, Synthesis, ReviewViews):
         self.progress = Signal("float", "str")
         self._committed: dict[str, np.ndarray] = {}
         self._read_labels: dict[str, tuple[tuple, Any]] = {}  # segmentation ID -> (stamp, LabelMap read)
-        self._undo: dict[str, list[tuple[np.ndarray, list[dict[str, Any]]]]] = {}
+        self._undo: dict[str, list[tuple[np.ndarray, list[dict[str, Any]], Any]]] = {}  # array, history, privacy
         self._run_counter = 0
         self._worker: WorkerClient | None = None
         self._preview_outputs: dict[str, Any] | None = None

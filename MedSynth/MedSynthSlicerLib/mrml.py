@@ -36,6 +36,9 @@ LABEL_VALUE_TAG = "MedSynth.LabelValue"
 FULL_NAME_TAG = "MedSynth.FullName"
 LOCKED_TAG = "MedSynth.Locked"
 HISTORY_ATTRIBUTE = "MedSynth.History"
+#: The label map's privacy record as measured step by step (JSON), and the sha256 of the labels it describes.
+PRIVACY_ATTRIBUTE = "MedSynth.Privacy"
+LABELS_SHA256_ATTRIBUTE = "MedSynth.LabelsSHA256"
 ROLE_ATTRIBUTE = "MedSynth.Role"
 #: Values of ROLE_ATTRIBUTE: what a node is to MedSynth.
 ROLE = ROLE_ATTRIBUTE

@@ -100,12 +100,14 @@ class Worker:
     def labelmap(request: Request) -> Any:
         from MedSynthLib.schema.errors import MedSynthError
         from MedSynthLib.schema.grid import Grid, LabelMap
+        from MedSynthLib.schema.provenance import PrivacyRecord
 
         if "labels" not in request.arrays or "grid" not in request.params:
             raise MedSynthError(f"{request.op}: the request carries no label map")
         array = take_array(request.arrays["labels"])
         try:
-            return LabelMap(array, Grid.from_json(request.params["grid"]), list(request.params.get("history", [])))
+            return LabelMap(array, Grid.from_json(request.params["grid"]), list(request.params.get("history", [])),
+                            privacy=PrivacyRecord.from_json(request.params.get("privacy")))
         except ValueError as exc:
             raise MedSynthError(f"the label map sent is not valid: {exc}") from None
 

@@ -410,10 +410,12 @@ class TumourFromSegmentationParams(StepParams):
 @record_kind("manual_segment_edit")
 @dataclass(frozen=True)
 class ManualSegmentEditParams(StepParams):
-    """Segment Editor strokes taken by the Slicer module: counts only."""
+    """Segment Editor strokes taken by the Slicer module: counts only.  ``tumour_drawn_voxels``: voxels the strokes
+    made tumour or gave another tumour class (a hand-drawn tumour may be traced from a patient's segmentation)."""
 
     changed_voxels: int | None = None
     voxel_change: LabelCounts | None = None
+    tumour_drawn_voxels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -497,15 +499,39 @@ _STEP_ORIGINS = {"parametric_tumour": "parametric", "insert_tumour": "inserted",
 _DRAWN_ORIGINS = ("none", "parametric")
 
 
+def _strokes_drew_tumour(params: Any) -> bool | None:
+    """Whether a ``manual_segment_edit`` drew tumour (made voxels tumour or gave them another tumour class); None
+    when its record cannot tell (a change the module did not see, or a hand-edited record)."""
+    if not isinstance(params, dict):
+        return None
+    drawn = params.get("tumour_drawn_voxels")
+    if isinstance(drawn, int) and not isinstance(drawn, bool):
+        return drawn > 0
+    change = params.get("voxel_change")
+    if isinstance(change, dict) and "changed_voxels" in params:  # a record from before tumour_drawn_voxels
+        return any(isinstance(change.get(name), int) and change[name] > 0 for name in ("NCR", "ED", "ET"))
+    return None
+
+
 def _origin_after(origin: str, record: Mapping[str, Any] | None) -> str:
     """The tumour origin after the step ``record`` (``keep_existing`` with another origin: ``mixed``).
 
     A tumour that is replaced is refilled with the nearest anatomy labels (``edits.base.healthy_anatomy``), which
     differ from the healthy brain inside its outline: set against the template that outline reads back. So a
-    parametric tumour drawn over a tumour MedSynth did not draw gives ``mixed``, not ``parametric``.
+    parametric tumour drawn over a tumour MedSynth did not draw gives ``mixed``, not ``parametric``.  Tumour drawn
+    by hand (Segment Editor strokes) counts as a ``segmentation`` tumour, kept with the one there (``mixed``
+    beside a parametric one); strokes that only erase change nothing; strokes the record cannot tell about make
+    the origin ``unknown``.
     """
     name = record.get("name") if isinstance(record, Mapping) else None
     params = record.get("params", {}) if isinstance(record, Mapping) else {}
+    if name == "manual_segment_edit":
+        drew = _strokes_drew_tumour(params)
+        if drew is None:
+            return "unknown"
+        if not drew or origin in ("segmentation", "mixed", "unknown", "patient", "inserted"):
+            return origin  # patient / inserted: already a real tumour's shape, not anonymous either way
+        return "segmentation" if origin == "none" else "mixed"
     keep = isinstance(params, dict) and bool(params.get("keep_existing"))
     new_origin = _STEP_ORIGINS.get(name)  # type: ignore[arg-type]
     if new_origin is None:
