@@ -74,7 +74,7 @@ class GenerateMode(enum.Enum):
 
     def label(self) -> str:  # shown in the combo box (parameterNodeWrapper calls GenerateMode.label(member))
         return {"inpaint": _("Keep the patient's images, re-render the edited region (inpainting)"),
-                "whole": _("Whole synthetic case (for anonymisation)")}[self.value]
+                "whole": _("Whole synthetic case (all images synthetic; the patient's anatomy)")}[self.value]
 
 
 #
@@ -500,7 +500,9 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.generateModeComboBox.enabled = realCase and not busy
         self.ui.generateModeComboBox.toolTip = (
             _("The input is a real case: keep the patient's images and re-render only the edited tumour region "
-              "(the result is not anonymous), or make a whole synthetic case (for anonymisation)") if realCase
+              "(not anonymous), or synthesise every voxel (not anonymous either: the case still has this patient's "
+              "anatomy, brain outline and CSF/GM/WM). For a case to share, start from the healthy template brain "
+              "with a drawn (parametric) tumour") if realCase
             else _("Only for a case loaded from a folder with its four images: this input is always synthesised "
                    "as a whole case"))
         self.ui.inpaintingModelLineEdit.enabled = realCase and p.generateMode == GenerateMode.INPAINT

@@ -570,3 +570,17 @@ def test_privacy_after_an_edit_counts_the_whole_masks_through_the_changed_box():
     grid = Grid(before.shape[::-1], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     edited = LabelMap(before, grid, [], privacy=start).with_array(after, {"name": "move_tumour"})
     assert edited.privacy == record
+
+
+@pytest.mark.parametrize("anatomy", ["patient", "template"])
+def test_the_refusal_of_a_patients_images_points_to_what_can_be_shared(anatomy):
+    """An inpainted real case was told to 'synthesise the whole case instead to share it': a whole synthetic case
+    from the same label map keeps the patient's anatomy and is refused too.  The message points to what passes."""
+    from MedSynthLib.schema.provenance import PrivacyRecord
+
+    patient_images = PrivacyRecord(anatomy, 1.0 if anatomy == "patient" else None, None, "parametric", "patient")
+    ok, reason = patient_images.anonymous()
+    assert not ok and "patient's own scan" in reason
+    assert "template" in reason and "parametric" in reason
+    whole = PrivacyRecord("patient", 1.0, 1.0, "patient")  # the same label map synthesised as a whole case
+    assert not whole.anonymous()[0]

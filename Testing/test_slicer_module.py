@@ -1164,7 +1164,7 @@ def test_the_real_case_choice_reaches_the_worker_and_whole_synthesis_is_one_choi
     for params in (generate, preview):  # Generate and the preview take the same path
         assert params["context"] == case and params["inpainting_model"] == "an-inpainting-model"
 
-    p.generateMode = module.GenerateMode.WHOLE  # one choice: a whole synthetic case, for anonymisation
+    p.generateMode = module.GenerateMode.WHOLE  # one choice: a whole synthetic case (all images synthetic)
     assert not widget.ui.inpaintingModelLineEdit.enabled
     widget._previewJob = None
     widget.onApplyButton()

@@ -119,7 +119,8 @@ class GenerateOptions:
             cases' spread; 0: the mean appearance for every seed); past 1 only as far as the model accepts (its
             record's limit, checked where the worker loads it).
         inpaint: when the input is a real case, Generate keeps the patient's images and re-renders only the
-            edited tumour region (an inpainting model); False: a whole synthetic case (for anonymisation).
+            edited tumour region (an inpainting model); False: a whole synthetic case (images all synthetic, anatomy
+            still the patient's: anonymous only from the template brain with a parametric tumour).
         inpainting_model: inpainting model name or folder; ``None``/empty: the registry's default.
     """
 

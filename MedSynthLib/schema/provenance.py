@@ -622,7 +622,9 @@ class PrivacyRecord:
         """Whether ``export --anonymous`` may share the case, and why (one phrase)."""
         if self.images == "patient":
             return False, ("its images are the patient's own scan outside the inpainted region (a tumour edited "
-                           "into a real case); synthesise the whole case instead to share it")
+                           "into a real case), and a whole synthetic case from its label map keeps the patient's "
+                           "anatomy; to share a case, synthesise one from the healthy template brain with a "
+                           "parametric tumour")
         if self.anatomy == "unknown":
             return False, "its label map has no history, so its source is unknown"
         if self.anatomy == "patient" and (self.brain_dice_to_source or 0.0) >= MAX_ANONYMOUS_BRAIN_DICE:
