@@ -836,15 +836,19 @@ def test_a_case_folder_with_other_tumour_values_is_not_pointed_at_label_conventi
     assert "--label-convention" not in err, err
 
 
-@pytest.mark.parametrize("precision, told", [("bf16", True), ("fp32", False)])
-def test_generate_says_once_that_bf16_is_emulated(gen_data, tmp_path, monkeypatch, capsys, precision, told):
+@pytest.mark.parametrize("precision, told, device", [("bf16", True, "cpu"), ("fp32", False, "cpu"),
+                                                    ("bf16", True, "auto"), ("auto", False, "auto")])
+def test_generate_says_once_that_bf16_is_emulated(gen_data, tmp_path, monkeypatch, capsys, precision, told, device):
     """``medsynth generate --precision bf16`` on a CPU that emulates bf16 (many times slower than fp32): one
     stderr line before the cases, as ``synthesize`` says it; the run goes on in bf16 as asked."""
     import MedSynthLib.synthesis.inference as inference
 
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # 'auto' is the CPU here, as on a machine without
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # a GPU (it crashed there: ff47cf3)
     argv = _argv(gen_data, tmp_path / "out", n=1)
     argv[argv.index("--precision") + 1] = precision
+    argv[argv.index("--device") + 1] = device
     assert main(argv) == 0
     said = [line for line in capsys.readouterr().err.splitlines() if "emulated" in line]
     assert len(said) == (1 if told else 0), said

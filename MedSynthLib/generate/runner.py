@@ -459,11 +459,9 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
 def _say_emulated_bf16(opt: GenerateOptions, plan: ProcessPlan) -> None:
     """The notice ``synthesize`` gives for bf16 emulated on this CPU, said once here: the workers' engines
     are made without a log."""
-    import torch
+    from ..synthesis.inference import emulated_bf16_notice, pick_device
 
-    from ..synthesis.inference import emulated_bf16_notice
-
-    notice = emulated_bf16_notice(opt.precision, torch.device(plan.devices[0]))
+    notice = emulated_bf16_notice(opt.precision, pick_device(plan.devices[0]))  # 'auto' on a machine without GPU
     if notice is not None and opt.log:
         opt.log(notice)
 
