@@ -855,6 +855,25 @@ def test_device_detection_runs_torch_in_a_separate_process(case):
 
 
 @pytest.mark.realdata
+def test_an_inpainted_case_is_named_and_tagged_as_the_patients_scan(case):
+    """Generate on a loaded real case (inpainting, the default) put volumes named 'MedSynth synthetic ...' into the
+    scene, though outside the edited region they are the patient's own scan bit for bit: they are named
+    'MedSynth inpainted ...' and tagged MedSynth.Images = patient."""
+    seg = case.logic.copy_labels(case.seg, "inpainted names")
+    case.logic.apply_edit(seg, Translate((4.0, 0.0, 0.0)))
+    outputs = case.logic.generate(seg, GenerateOptions(device="cpu", seed=3))
+    folder = case.logic.case_folder(outputs)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "synthetic_mask.nii.gz"))) > 0
+    for modality, node in outputs.items():
+        assert node.GetName() == f"MedSynth inpainted {'T1ce' if modality == 't1ce' else modality.upper()}"
+        assert node.GetAttribute("MedSynth.Images") == "patient"
+        assert node.GetAttribute("MedSynth.Role") == "synthetic"  # found by review and export as before
+        real = mrml.array_from_volume(case.nodes[modality])
+        assert np.array_equal(mrml.array_from_volume(node)[~mask], real[~mask])
+    mrml.remove_nodes(case.scene, *outputs.values(), seg)
+
+
+@pytest.mark.realdata
 def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_model):
     progress, ids = [], _ids(case.scene)
     case.logic.progress.connect(lambda f, t: progress.append((f, t)))
@@ -886,6 +905,7 @@ def test_generate_runs_the_backend_in_a_subprocess_on_the_input_grid(case, tiny_
         array = mrml.array_from_volume(node)
         assert np.all(np.isfinite(array)) and np.all(array[labels.array == 0] == 0)
         assert node.GetAttribute("MedSynth.Role") == "synthetic"
+        assert node.GetAttribute("MedSynth.Images") == "synthetic"
         assert node.GetAttribute("MedSynth.Seed") == "7"
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "labels.nii.gz")))
     np.testing.assert_array_equal(written, labels.array)

@@ -46,6 +46,8 @@ class GenerationJob:
     reference_id: str
     labels_sha256: str
     options: GenerateOptions
+    #: The real case folder inpainted into (its images kept outside the edited region), None for a whole case.
+    context: str | None = None
     status: str = "running"  # running, done, failed, cancelled
     started: float = field(default_factory=time.monotonic)
     outputs: dict[str, Any] = field(default_factory=dict)
@@ -256,7 +258,7 @@ class Synthesis:
         task.progress.connect(self.progress.emit)
         self.log.emit(f"synthesis started in the worker (process {task.pid})")
         return GenerationJob(task, run_dir, out_dir, segmentation.GetID(), reference.GetID(),
-                             array_sha256(labelmap.array), options)
+                             array_sha256(labelmap.array), options, context or None)
 
     def cancel_generate(self, job: GenerationJob) -> bool:
         """Stop the synthesis (within about half a second); remove its files. True when it has stopped."""
@@ -267,8 +269,12 @@ class Synthesis:
         self.log.emit("synthesis cancelled" + ("" if gone else " (the worker did not stop yet)"))
         return gone
 
-    def finish_generate(self, job: GenerationJob, name_prefix: str = "MedSynth synthetic") -> dict[str, Any]:
+    def finish_generate(self, job: GenerationJob, name_prefix: str | None = None) -> dict[str, Any]:
         """Put the synthetic T1/T1ce/T2/FLAIR of a finished job into the scene, on the input's exact grid.
+
+        A whole synthetic case is named "MedSynth synthetic ..." and tagged ``MedSynth.Images`` = ``synthetic``; a
+        real case inpainted is named "MedSynth inpainted ..." and tagged ``patient`` (outside the edited region
+        its voxels are the patient's scan).
 
         Raises:
             CancelledError: the job was cancelled.
@@ -287,6 +293,8 @@ class Synthesis:
             raise WorkflowError(f"synthesis failed: {job.task.error}")
         images = job.task.arrays()
         reference = self._job_reference(job.reference_id)
+        if name_prefix is None:
+            name_prefix = "MedSynth inpainted" if job.context else "MedSynth synthetic"
         outputs: dict[str, Any] = {}
         with mrml.scene_guard(self.scene):
             for modality in MODALITIES:
@@ -294,6 +302,7 @@ class Synthesis:
                                                f"{name_prefix} {MODALITY_TITLES[modality]}")
                 self._tag_output(node, modality, ROLE_SYNTHETIC, job.segmentation_id, job.options)
                 node.SetAttribute("MedSynth.CaseFolder", str(job.out_dir))
+                node.SetAttribute("MedSynth.Images", "patient" if job.context else "synthetic")
                 outputs[modality] = node
         job.status, job.outputs = "done", outputs
         self.progress.emit(1.0, "done")
