@@ -23,6 +23,7 @@ from MedSynthLib.cases.readers import read_case
 from MedSynthLib.cli import main
 from MedSynthLib.export import (DEIDENTIFICATION_METHOD, MODALITIES, NAMINGS, encode_intensities, export_cases,
                                        read_synthetic_case, sanitise_provenance)
+from MedSynthLib.export.dicom import NOT_ANONYMOUS_DEIDENTIFICATION_METHOD
 from MedSynthLib.schema.grid import Grid
 from MedSynthLib.synthesis.models import read_registry
 from MedSynthLib.schema.labels import CONVENTIONS, Label, schema_to_tumour
@@ -118,14 +119,14 @@ def _write(array: np.ndarray, path: Path, direction, descrip: bytes | None = Non
 
 
 def make_case(folder: Path, direction=OBLIQUE, scale: float = 1.0, descrip: bytes | None = None,
-              provenance: dict | None = None) -> Path:
-    """A ``medsynth synthesize`` output folder written directly."""
+              provenance: dict | None = None, history: list | None = None) -> Path:
+    """A ``medsynth synthesize`` output folder written directly (``history``: the label map's, default none)."""
     folder.mkdir(parents=True)
     images, labels = _phantom(scale)
     for modality, array in images.items():
         _write(array, folder / f"{modality}.nii.gz", direction, descrip)
     _write(labels, folder / "labels.nii.gz", direction, descrip)
-    (folder / "labels.json").write_text(json.dumps(label_map_record([], labels)))
+    (folder / "labels.json").write_text(json.dumps(label_map_record(history or [], labels)))
     provenance = dict(provenance or _provenance(labels))
     provenance.setdefault("files", {name: file_sha256(folder / name) for name in OUTPUT_FILES})
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2))
@@ -398,9 +399,11 @@ def test_dicom_tags(exported):
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert ds.SyntheticData == "YES"
         assert ds[0x0008, 0x001C].value == "YES"
-        assert ds.PatientIdentityRemoved == "YES"
+        # A label map without history: its source is unknown, so the case is not anonymous and says so (an
+        # anonymous case: test_a_synthetic_case_of_a_patients_anatomy_is_not_called_anonymous).
+        assert ds.PatientIdentityRemoved == "NO"
         assert "synthetic" in ds.DeidentificationMethod.lower()
-        assert ds.DeidentificationMethod == DEIDENTIFICATION_METHOD
+        assert ds.DeidentificationMethod == NOT_ANONYMOUS_DEIDENTIFICATION_METHOD
         assert str(ds.PatientName) == f"SYNTHETIC^{cid}" and ds.PatientID == cid and cid.startswith("SYNTH-")
         assert "synthetic" in ds.SeriesDescription.lower()
         assert "AcquisitionDate" not in ds and "AcquisitionDateTime" not in ds
@@ -534,6 +537,7 @@ def test_a_patients_scan_is_not_labelled_synthetic(tmp_path, capsys):
         assert "SYNTHETIC" not in str(ds.PatientName).upper() and "PATIENT" in str(ds.PatientName)
         assert ds.PatientID.startswith("PATIENT-")
         assert "NOT anonymous" in ds.DeidentificationMethod and len(ds.DeidentificationMethod) <= 64
+        assert ds.PatientIdentityRemoved == "NO"  # the pixels are the patient's scan
         assert "patient" in ds.StudyDescription.lower() and len(ds.StudyDescription) <= 64
         if path.parent.name != "SEG":
             assert "patient scan" in ds.SeriesDescription and len(ds.SeriesDescription) <= 64
@@ -867,3 +871,89 @@ def test_an_export_removes_the_staging_folder_a_killed_export_left(tmp_path):
     case = make_case(tmp_path / "synth_out")
     exported_case = export_cases([case], root, "nifti")[0]
     assert not stale.exists() and live.is_dir() and exported_case.is_dir()
+
+
+# --- what an export says a case is: anonymous synthetic, synthetic of a patient's anatomy, a patient's scan -------
+
+TEMPLATE_STEP = {"name": "template_labels", "params": {"template": "ICBM152-2009a-sym"}, "schema_version": 1}
+PARAMETRIC_STEP = {"name": "parametric_tumour", "params": {"radii_mm": [5.0, 5.0, 5.0], "seed": 3},
+                   "schema_version": 1}
+
+
+def anonymous_case(folder: Path) -> Path:
+    """A parametric tumour in the healthy template: what ``export --anonymous`` lets through."""
+    _, labels = _phantom()
+    privacy = {"anatomy": "template", "brain_dice_to_source": None, "tumour_dice_to_source": None,
+               "tumour_origin": "parametric", "images": "synthetic"}
+    history = [TEMPLATE_STEP, PARAMETRIC_STEP]
+    return make_case(folder, provenance=_provenance(labels, privacy=privacy, edits=history), history=history)
+
+
+def patient_anatomy_case(folder: Path) -> Path:
+    """A whole synthetic case from a patient's own label map, its tumour moved 10 mm (the audit's repro:
+    ``labels`` of a real case, ``tumour --translate``, ``synthesize``): every image synthetic, the anatomy the
+    patient's (brain-mask Dice 1.00 to the source)."""
+    _, labels = _phantom()
+    privacy = {"anatomy": "patient", "brain_dice_to_source": 1.0, "tumour_dice_to_source": 0.41,
+               "tumour_origin": "patient", "images": "synthetic"}
+    history = [_provenance(labels)["edits"][0],
+               {"name": "translate", "params": {"offset_ras_mm": [10.0, 0.0, 0.0]}, "schema_version": 1}]
+    return make_case(folder, provenance=_provenance(labels, privacy=privacy, edits=history), history=history)
+
+
+def _opening(text: str, length: int = 160) -> str:
+    return text[:length]
+
+
+def test_a_synthetic_case_of_a_patients_anatomy_is_not_called_anonymous(tmp_path, capsys):
+    """Audit: DICOM of a whole synthetic case built on a patient's own brain opened 'SYNTHETIC IMAGE, not a real
+    patient' with De-identification Method 'no source identifiers' and Patient Identity Removed YES, though its
+    anatomy is the patient's; NOT anonymous came only deep in the comments.  Only an anonymous case may say 'not a
+    real patient' / 'no source identifiers'; the others say up front that the images are synthetic, the anatomy
+    (or tumour) a real patient's, and NOT anonymous."""
+    cases = {"patient_anatomy": patient_anatomy_case(tmp_path / "patient_anatomy"),
+             "unknown": make_case(tmp_path / "unknown"),  # a label map with no history: its source is unknown
+             "anonymous": anonymous_case(tmp_path / "anonymous")}
+    assert [read_synthetic_case(c).privacy.anonymous()[0] for c in cases.values()] == [False, False, True]
+    for name, case in cases.items():
+        anonymous = name == "anonymous"
+        for fmt in ("nifti", "dicom"):
+            rc, out, err = run(["export", case, "--format", fmt, "-o", tmp_path / f"{name}-{fmt}"], capsys)
+            assert rc == 0, err
+            exported = _case_dir(tmp_path / f"{name}-{fmt}")
+            assert exported.name.startswith("SYNTH-")  # the images are synthetic
+            readme = (exported / "README.txt").read_text()
+            head = "\n".join(readme.splitlines()[:4])
+            assert "SYNTHETIC" in head
+            if anonymous:
+                assert "not a scan of any person" in head and "NOT anonymous" not in readme
+            else:
+                assert "NOT anonymous" in head and "not a scan of any person" not in readme, head
+                assert "real patient" in head
+                if name == "patient_anatomy":
+                    assert "anatomy" in head
+        for path, ds in _all_datasets(_case_dir(tmp_path / f"{name}-dicom")):
+            assert ds.SyntheticData == "YES"
+            assert len(ds.DeidentificationMethod) <= 64 and len(ds.StudyDescription) <= 64
+            texts = [item.ContributionDescription for item in ds.ContributingEquipmentSequence  # ours, not highdicom's
+                     if item.Manufacturer == "MedSynth" and item.get("ManufacturerModelName", "").startswith(
+                         "MedSynth model")]
+            if path.parent.name != "SEG":
+                texts.append(ds.ImageComments)
+            assert texts
+            if anonymous:
+                assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod == DEIDENTIFICATION_METHOD
+                assert all(t.startswith("SYNTHETIC IMAGE, not a real patient") for t in texts)
+                assert "NOT anonymous" not in ds.StudyDescription
+                continue
+            # The identity can be read back from the pixel data (the brain outline, a tumour's shape): not removed.
+            assert ds.PatientIdentityRemoved == "NO", path
+            assert "NOT anonymous" in ds.DeidentificationMethod and "no source identifiers" not in \
+                ds.DeidentificationMethod
+            assert "NOT anonymous" in ds.StudyDescription
+            for text in texts:
+                assert "not a real patient" not in text and "no source identifiers" not in text
+                assert text.startswith("SYNTHETIC IMAGE") and "NOT anonymous" in _opening(text), text[:200]
+                assert "real patient" in _opening(text)
+                if name == "patient_anatomy":
+                    assert "anatomy" in _opening(text)

@@ -5,8 +5,9 @@ one file per slice along the grid's third axis), all in one study and one frame 
 reference; ``SEG/seg.dcm`` - the tumour labels as a DICOM Segmentation (highdicom,
 BINARY, segments 1 NCR, 2 ED, 3 ET) referencing the T1 series.
 
-Every export gets fresh UIDs.  Each file has Synthetic Data (0008,001C) YES, Patient
-Identity Removed YES with a De-identification Method that says the data are synthetic,
+Every export gets fresh UIDs.  Each file has Synthetic Data (0008,001C) YES, a
+De-identification Method that says whether the case is anonymous (Patient Identity Removed
+YES only then: otherwise the pixels carry a patient's anatomy, tumour shape or scan),
 a generated patient name and ID (the case id), and the sanitised provenance summarised
 in the Contributing Equipment Sequence (and, for the MR images, Image Comments, with
 the case's privacy statement).  The MR images have Image Type DERIVED\\SECONDARY and
@@ -34,7 +35,7 @@ from .. import __version__
 from ..schema.grid import Grid
 from ..schema.labels import MODALITIES, Label
 from .encoding import encode_intensities, patient_scan
-from .sanitise import provenance_summary
+from .sanitise import exported_privacy, provenance_summary
 
 
 #: DICOM series: folder name, series description stem, series number.
@@ -52,6 +53,11 @@ DEIDENTIFICATION_METHOD = "Synthetic data (MedSynth): no source identifiers; see
 #: The same for a patient's scan with a region inpainted (``synthesize --context``): the identifiers are removed,
 #: the images are the patient's.
 PATIENT_SCAN_DEIDENTIFICATION_METHOD = "Identifiers removed (MedSynth); patient scan: NOT anonymous"
+#: A whole synthetic case whose label map is a patient's anatomy (``medsynth labels`` of a real case), and one whose
+#: label map may carry a patient (a real tumour's shape, or a map of unknown source): every image synthetic, the
+#: patient recognisable from them.
+PATIENT_ANATOMY_DEIDENTIFICATION_METHOD = "Synthetic images (MedSynth), a patient's anatomy: NOT anonymous"
+NOT_ANONYMOUS_DEIDENTIFICATION_METHOD = "Synthetic images (MedSynth), may be a patient's: NOT anonymous"
 
 #: Tumour segments of the DICOM Segmentation: number, MedSynth label, label, description.
 SEG_SEGMENTS: tuple[tuple[int, Label, str, str], ...] = (
@@ -92,8 +98,38 @@ class _DicomContext:
         return patient_scan(self.provenance)
 
     @property
+    def privacy(self) -> Any:
+        return exported_privacy(self.provenance)
+
+    @property
+    def anonymous(self) -> bool:
+        """The case passes ``export --anonymous`` (a patient's scan never does)."""
+        return not self.patient_scan and self.privacy.anonymous()[0]
+
+    @property
     def deidentification_method(self) -> str:
-        return PATIENT_SCAN_DEIDENTIFICATION_METHOD if self.patient_scan else DEIDENTIFICATION_METHOD
+        if self.patient_scan:
+            return PATIENT_SCAN_DEIDENTIFICATION_METHOD
+        if self.anonymous:
+            return DEIDENTIFICATION_METHOD
+        return (PATIENT_ANATOMY_DEIDENTIFICATION_METHOD if self.privacy.anatomy == "patient"
+                else NOT_ANONYMOUS_DEIDENTIFICATION_METHOD)
+
+    @property
+    def identity_removed(self) -> str:
+        """Patient Identity Removed: 'the true identity ... removed from the Attributes and the Pixel Data' holds only
+        for an anonymous case; a patient's scan, anatomy or tumour shape in the pixels can identify the patient (the
+        attributes carry no identifier either way; De-identification Method, allowed with NO, says so)."""
+        return "YES" if self.anonymous else "NO"
+
+    @property
+    def study_description(self) -> str:
+        if self.patient_scan:
+            return "MedSynth: patient brain MRI, tumour region re-rendered"
+        if self.anonymous:
+            return "MedSynth synthetic brain tumour MRI"
+        return ("MedSynth synthetic MRI of a patient's anatomy: NOT anonymous" if self.privacy.anatomy == "patient"
+                else "MedSynth synthetic brain tumour MRI: NOT anonymous")
 
     @property
     def date(self) -> str:
@@ -135,7 +171,7 @@ def _common_dataset(ctx: _DicomContext) -> Any:
     ds.PatientID = ctx.case_id
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
-    ds.PatientIdentityRemoved = "YES"
+    ds.PatientIdentityRemoved = ctx.identity_removed
     ds.DeidentificationMethod = ctx.deidentification_method
     ds.SyntheticData = "YES"
     ds.StudyInstanceUID = ctx.study_uid
@@ -144,8 +180,7 @@ def _common_dataset(ctx: _DicomContext) -> Any:
     ds.StudyID = ""
     ds.AccessionNumber = ""
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = ("MedSynth: patient brain MRI, tumour region re-rendered" if ctx.patient_scan
-                           else "MedSynth synthetic brain tumour MRI")
+    ds.StudyDescription = ctx.study_description
     ds.FrameOfReferenceUID = ctx.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = "MedSynth"
@@ -272,7 +307,7 @@ def _segmentation(case: Any, t1: list[Any], ctx: _DicomContext) -> Any:
         contributing_equipment=[_contributing_equipment(ctx)],
     )
     seg.SeriesDescription = "Tumour segmentation synthetic (MedSynth)"
-    seg.PatientIdentityRemoved = "YES"
+    seg.PatientIdentityRemoved = ctx.identity_removed
     seg.DeidentificationMethod = ctx.deidentification_method
     seg.SyntheticData = "YES"
     seg.TimezoneOffsetFromUTC = "+0000"
