@@ -957,3 +957,25 @@ def test_a_synthetic_case_of_a_patients_anatomy_is_not_called_anonymous(tmp_path
                 assert "real patient" in _opening(text)
                 if name == "patient_anatomy":
                     assert "anatomy" in _opening(text)
+
+
+@pytest.mark.parametrize("case_id", ["SYNTH-0001", "synth-0001", "SYNTHETIC-7", "Synth_case"])
+def test_a_patients_scan_cannot_take_a_synthetic_case_id(case_id, tmp_path, capsys):
+    """Audit: ``--case-id SYNTH-0001`` gave an inpainted patient's scan the PatientID of a synthetic case.  The
+    SYNTH prefix (the default id of a case whose images are synthetic) is refused for a case carrying a patient's
+    images, in one line with nothing written; the default id of such a case is PATIENT-<hash>."""
+    case = inpainted_case(tmp_path / "inpainted")
+    assert read_synthetic_case(case).case_id.startswith("PATIENT-")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for fmt in ("nifti", "dicom"):
+        rc, out, err = run(["export", case, "--format", fmt, "--case-id", case_id, "-o", tmp_path / "exp"], capsys)
+        assert rc == 2 and out == "" and "Traceback" not in err
+        assert len(err.splitlines()) == 1 and err.startswith("medsynth: error:") and case_id in err, err
+        assert str(case) in err and "patient" in err and "SYNTH" in err
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    # Another id is the user's to choose; a synthetic case may take the SYNTH prefix.
+    rc, _, err = run(["export", case, "--format", "nifti", "--case-id", "TRIAL-7", "-o", tmp_path / "exp"], capsys)
+    assert rc == 0 and (tmp_path / "exp" / "TRIAL-7").is_dir(), err
+    rc, _, err = run(["export", make_case(tmp_path / "synth_out"), "--format", "nifti", "--case-id", case_id,
+                      "-o", tmp_path / "exp"], capsys)
+    assert rc == 0 and (tmp_path / "exp" / case_id).is_dir(), err

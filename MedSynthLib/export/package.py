@@ -12,7 +12,8 @@ still carries:
 * the case's measured privacy (anatomy from a patient or the template, brain-mask and tumour
   Dice against the source patient) is written to ``provenance.json``, the DICOM comments and
   ``README.txt``; with ``anonymous=True`` a case that is not anonymous is refused;
-* the case id is generated (:func:`default_case_id`), never derived from a file or folder name.
+* the case id is generated (:func:`default_case_id`), never derived from a file or folder name; one given
+  for a patient's scan may not begin ``SYNTH`` (:func:`check_case_id_for`).
 
 The case id defaults to ``SYNTH-`` (``PATIENT-`` for a patient's scan with a region inpainted)
 and 10 hex digits of a sha256 over the case's content (the label map and the four images): deterministic, so exporting the same case again
@@ -113,6 +114,19 @@ def check_case_id(case_id: str) -> str:
         raise InputError(None, f"case id {case_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
                                "(starting with a letter or digit)")
     return case_id
+
+
+#: The prefix of a case whose images are synthetic (:func:`default_case_id`): no id given to a patient's scan may
+#: begin with it, in any case (``SYNTH-``, ``synth_``, ``SYNTHETIC``).
+SYNTHETIC_ID_PREFIX = "SYNTH"
+
+
+def check_case_id_for(case: SyntheticCase, case_id: str, folder: Path) -> None:
+    """Refuse an id that calls a patient's scan (a region inpainted: ``synthesize --context``) synthetic."""
+    if case.privacy.images == "patient" and case_id.upper().startswith(SYNTHETIC_ID_PREFIX):
+        raise InputError(folder, f"case id {case_id!r}: ids beginning {SYNTHETIC_ID_PREFIX} are for cases whose "
+                                 "images are synthetic, and this case is a real patient's scan with one region "
+                                 f"re-rendered (its default id is {case.case_id}); choose another --case-id")
 
 
 def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: dict[str, Any]) -> str:
@@ -252,6 +266,8 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
             if not ok:
                 raise InputError(folder, f"not anonymous: {reason}; --anonymous exports only a tumour MedSynth "
                                          "drew (medsynth tumour new) in the healthy template")
+        if case_id is not None:
+            check_case_id_for(case, case_id, folder)
         cid = case_id or case.case_id
         if cid in seen:
             raise InputError(folder, f"the same synthetic case as {seen[cid]} (case id {cid}); give it once")
