@@ -108,8 +108,14 @@ def _core_lost_estimate(sub: np.ndarray, lo_in: np.ndarray, forward: np.ndarray,
     return max(int(round(n_off * abs(np.linalg.det(forward[:3, :3])))), 1) if n_off else 0
 
 
-def _move_tumour(labelmap: LabelMap, matrix_lps: np.ndarray, centre_lps: np.ndarray) -> np.ndarray:
-    """Apply ``x -> R (x - c) + c`` (LPS) to the tumour and composite it over the healthy anatomy."""
+def _move_tumour(labelmap: LabelMap, matrix_lps: np.ndarray, centre_lps: np.ndarray,
+                 clipped: dict[str, int] | None = None) -> np.ndarray:
+    """Apply ``x -> R (x - c) + c`` (LPS) to the tumour and composite it over the healthy anatomy.
+
+    Args:
+        clipped: filled, when given, with the moved tumour's voxels per class that land outside the brain (what
+            the compositing leaves out); resampling's own gains and losses are not counted.
+    """
     matrix_lps = np.asarray(matrix_lps, float)
     shift = centre_lps - matrix_lps @ centre_lps
     forward = index_affine(labelmap.grid, labelmap.grid, matrix_lps, shift)
@@ -118,6 +124,8 @@ def _move_tumour(labelmap: LabelMap, matrix_lps: np.ndarray, centre_lps: np.ndar
         raise EditError("tumour edit leaves no tumour voxel (the tumour became smaller than a voxel)")
     brain = brain_mask(labelmap.array)
     refuse_core_outside(tumour, brain, core_lost_voxels=lost)  # before the costly refill
+    if clipped is not None:
+        clipped.update(clipped_tumour_voxels(tumour, np.where(brain, tumour, 0)))
     anatomy = healthy_anatomy(labelmap.array, labelmap.grid.spacing)
     return composite(anatomy, tumour, brain, core_lost_voxels=lost)
 
@@ -286,8 +294,8 @@ class Flip(Edit):
     (``about="brain"``: the tumour moves to the other hemisphere for ``"LR"``).
     The plane is snapped to the nearest half voxel so that, on an axis-aligned
     grid, the flip is an exact voxel permutation and keeps every class count but
-    what lands outside the brain (on an oblique grid the tumour is resampled, and
-    ``clipped_tumour_voxels`` also counts what the resampling lost).
+    what lands outside the brain (``clipped_tumour_voxels``; on an oblique grid the
+    tumour is resampled, and the counts change by that too, which is not clipping).
 
     Attributes:
         axis: ``"LR"``, ``"AP"`` or ``"SI"``.
@@ -311,6 +319,11 @@ class Flip(Edit):
             raise EditError(f"flip about must be 'tumour' or 'brain', got {self.about!r}")
 
     def apply(self, labelmap: LabelMap) -> np.ndarray:
+        return self.apply_and_clipped(labelmap)[0]
+
+    def apply_and_clipped(self, labelmap: LabelMap) -> tuple[np.ndarray, dict[str, int]]:
+        """The flipped map, and the flipped tumour's voxels that land outside the brain (the mirror plane keeps
+        the tumour on the grid: it goes through the tumour, or the brain's box, which holds it)."""
         grid = labelmap.grid
         if not tumour_mask(labelmap.array).any():  # about="brain" would otherwise report a vanished tumour
             raise EditError("the label map has no tumour to edit")
@@ -319,6 +332,7 @@ class Flip(Edit):
         mirror = np.ones(3)
         mirror[AXES[self.axis]] = -1.0
         matrix = ras_matrix_to_lps(np.diag(mirror))
-        return _move_tumour(labelmap, matrix, centre)
+        clipped: dict[str, int] = {}
+        return _move_tumour(labelmap, matrix, centre, clipped), clipped
 
 
