@@ -751,3 +751,136 @@ def test_values_no_convention_defines_are_refused():
     seg[1, 1, 1] = 7
     with pytest.raises(LabelValueError, match=r"\[7\]"):
         detect_tumour_convention(seg)
+
+
+# --- formats with a separate data file (.mhd, .nhdr) ------------------------------------------------------
+
+#: An oblique grid, so that geometry is checked in every component.
+_B = np.deg2rad(20.0)
+OBLIQUE = dict(spacing=(0.9, 1.1, 1.3), origin=(12.5, -30.0, 7.25),
+               direction=tuple(float(v) for v in (np.array([[np.cos(_B), -np.sin(_B), 0], [np.sin(_B), np.cos(_B), 0],
+                                                            [0, 0, 1]]) @ np.diag([-1.0, -1.0, 1.0])).ravel()))
+
+
+def _header_data_file(path: Path) -> str:
+    key = "ElementDataFile" if path.suffix == ".mhd" else "data file"
+    for line in path.read_text(errors="replace").splitlines():
+        if line.split("=")[0].split(":")[0].strip() == key:
+            return line.split("=" if "=" in line else ":", 1)[1].strip()
+    raise AssertionError(f"{path} names no data file")
+
+
+def _assert_same_volume(image: sitk.Image, array: np.ndarray, grid: Grid) -> None:
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
+    assert Grid.from_image(image).difference(grid, rtol=1e-6) is None
+
+
+@pytest.fixture(scope="module")
+def oblique_template(template):
+    labelmap, t1 = template
+    grid = Grid(labelmap.grid.size, OBLIQUE["spacing"], OBLIQUE["origin"], OBLIQUE["direction"])
+    return type(labelmap)(labelmap.array.copy(), grid, list(labelmap.history)), t1
+
+
+def test_mhd_label_map_and_image_write_as_a_readable_pair(oblique_template, tmp_path):
+    """A .mhd label map (with its sidecar) and a synthesised image as .mhd/.nhdr: the header names the final data
+    file, MedSynth and SimpleITK read back the same voxels and grid, and no temporary file is left (it was
+    ``ElementDataFile = .l.mhd.XXXX.tmp.zraw``, a file already gone)."""
+    from MedSynthLib.schema.volume_io import compact_intensities, read_image, write_image
+
+    labelmap, t1 = oblique_template
+    out = tmp_path / "out"
+    write_label_map(labelmap, out / "l.mhd")
+    image = compact_intensities(t1.astype(np.float32) * 3.7)
+    write_image(labelmap.grid.image(image), out / "t1.mhd")
+    write_image(labelmap.grid.image(image), out / "t1.nhdr")
+    assert sorted(p.name for p in out.iterdir()) == ["l.json", "l.mhd", "l.zraw", "t1.mhd", "t1.nhdr",
+                                                     "t1.raw.gz", "t1.zraw"]
+    assert _header_data_file(out / "l.mhd") == "l.zraw"
+    assert _header_data_file(out / "t1.mhd") == "t1.zraw"
+    assert _header_data_file(out / "t1.nhdr") == "t1.raw.gz"
+    read = read_label_map(out / "l.mhd")
+    np.testing.assert_array_equal(read.array, labelmap.array)
+    assert read.grid.difference(labelmap.grid, rtol=1e-6) is None
+    assert read.history == labelmap.history
+    _assert_same_volume(sitk.ReadImage(str(out / "l.mhd")), labelmap.array, labelmap.grid)
+    for name in ("t1.mhd", "t1.nhdr"):
+        _assert_same_volume(read_image(out / name), image, labelmap.grid)
+        _assert_same_volume(sitk.ReadImage(str(out / name)), image, labelmap.grid)
+
+
+def test_mhd_overwrite_replaces_both_files_and_a_failure_leaves_no_half_pair(oblique_template, tmp_path,
+                                                                             monkeypatch):
+    """Without --overwrite an existing header or data file refuses the write; with it both are replaced.  A write
+    that fails half way (between the two renames) leaves the old pair as it was, or nothing, and no temporary."""
+    import os
+
+    from MedSynthLib.schema.errors import OutputExistsError
+    from MedSynthLib.schema.volume_io import write_image
+
+    labelmap, _ = oblique_template
+    grid = labelmap.grid
+    first, second = labelmap.array.copy(), np.where(labelmap.array == Label.WM, Label.GM, labelmap.array)
+    path = tmp_path / "a.mhd"
+    write_image(grid.image(first), path)
+    with pytest.raises(OutputExistsError):
+        write_image(grid.image(second), path)
+    write_image(grid.image(second), path, overwrite=True)
+    _assert_same_volume(sitk.ReadImage(str(path)), second, grid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mhd", "a.zraw"]
+
+    (tmp_path / "orphan.zraw").write_bytes(b"a user's file")  # the data file alone is an output too
+    with pytest.raises(OutputExistsError):
+        write_image(grid.image(first), tmp_path / "orphan.mhd")
+    assert (tmp_path / "orphan.zraw").read_bytes() == b"a user's file"
+    (tmp_path / "orphan.zraw").unlink()
+
+    real_replace = os.replace
+    armed = []
+
+    def fail_on_header(src, dst):  # the move of the new header fails (once), the data file has already moved
+        if str(dst).endswith(".mhd") and armed:
+            armed.clear()
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_header)
+    for target, overwrite in ((path, True), (tmp_path / "b.mhd", False)):
+        armed.append(True)
+        with pytest.raises(OSError):
+            write_image(grid.image(first), target, overwrite=overwrite)
+        assert not armed
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mhd", "a.zraw"]
+    _assert_same_volume(sitk.ReadImage(str(path)), second, grid)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sitk, "WriteImage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(grid.image(first), tmp_path / "c.mhd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mhd", "a.zraw"]
+
+
+def test_cli_tumour_edits_write_and_read_mhd(template, tmp_path, capsys):
+    """The audit's repro: ``tumour new`` and ``tumour --translate`` to .mhd, the second reading the first; each
+    output reads back and --overwrite replaces the pair."""
+    from MedSynthLib.cli import main
+
+    labelmap, _ = template
+    write_label_map(labelmap, tmp_path / "l0.nii.gz")
+    centre = labelmap.grid.index_to_lps(np.array(labelmap.grid.size) / 2.0) * np.array([-1, -1, 1])
+    new = ["tumour", "new", tmp_path / "l0.nii.gz", "--centre", *centre, "--radius", "12", "-o", tmp_path / "t.mhd"]
+    assert main([str(a) for a in new]) == 0
+    moved = ["tumour", tmp_path / "t.mhd", "--translate", "5", "0", "0", "-o", tmp_path / "m.mhd"]
+    assert main([str(a) for a in moved]) == 0
+    assert main([str(a) for a in moved]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([str(a) for a in moved] + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l0.json", "l0.nii.gz", "m.json", "m.mhd", "m.zraw",
+                                                          "t.json", "t.mhd", "t.zraw"]
+    for name in ("t.mhd", "m.mhd"):
+        read = read_label_map(tmp_path / name)
+        assert (read.array >= Label.NCR).any()
+        _assert_same_volume(sitk.ReadImage(str(tmp_path / name)), read.array, labelmap.grid)

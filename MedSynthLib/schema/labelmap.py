@@ -14,9 +14,10 @@ from .grid import Grid, LabelMap
 from .labels import SCHEMA_VERSION, LabelValueError, check_anatomy, check_label_map, check_whole_brain
 from .outputs import commit_files, output_lock, staging_folder
 from .provenance import PrivacyRecord, array_sha256, label_map_record, privacy_of, sidecar_path
-from .volume_io import IMAGE_SUFFIXES, check_writable, read_image, strip_image_suffix, write_image, write_json
+from .volume_io import (IMAGE_SUFFIXES, check_writable, image_files, read_image, strip_image_suffix, write_image,
+                        write_json)
 
-LABEL_MAP_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".nhdr")  # one file each (+ .mhd's .raw)
+LABEL_MAP_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".nhdr")  # one file each (+ .mhd's .zraw)
 
 
 def read_label_map(path: str | os.PathLike[str], *, require_brain: bool = True) -> LabelMap:
@@ -133,7 +134,7 @@ def _schema_array(image: sitk.Image) -> np.ndarray:
 
 
 def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:
-    """The files :func:`write_label_map` creates.
+    """The files :func:`write_label_map` creates: the image, a ``.mhd``'s data file, the sidecar.
 
     Raises:
         InputError: the path's suffix is not a 3D image format (``x.png`` would be written as a 2D slice).
@@ -141,7 +142,7 @@ def label_map_outputs(path: str | os.PathLike[str]) -> list[Path]:
     path = Path(path)
     if not path.name.lower().endswith(LABEL_MAP_SUFFIXES) or strip_image_suffix(path.name) == "":
         raise InputError(path, f"unsupported output suffix for a label map (use {', '.join(LABEL_MAP_SUFFIXES)})")
-    return [path, sidecar_path(path)]
+    return [*image_files(path), sidecar_path(path)]
 
 
 def label_map_inputs(path: str | os.PathLike[str]) -> list[Path]:
@@ -156,8 +157,8 @@ def label_map_inputs(path: str | os.PathLike[str]) -> list[Path]:
 def write_label_map_files(labelmap: LabelMap, path: str | os.PathLike[str]) -> list[Path]:
     """Write image and sidecar without locking (into a folder this run owns, e.g. a staging folder)."""
     outputs = label_map_outputs(path)
-    write_image(labelmap.image(), outputs[0])
-    write_json(label_map_record(labelmap.history, labelmap.array, privacy_of(labelmap)), outputs[1])
+    write_image(labelmap.image(), path)
+    write_json(label_map_record(labelmap.history, labelmap.array, privacy_of(labelmap)), outputs[-1])
     return outputs
 
 
@@ -167,9 +168,12 @@ def write_label_map(labelmap: LabelMap, path: str | os.PathLike[str], *, overwri
     Both are built in a staging folder beside the output and moved into place under the
     output's lock, after checking again that neither exists (unless ``overwrite``).
     """
+    path = Path(path)
     outputs = label_map_outputs(path)
     check_writable(outputs, overwrite)
-    with staging_folder(outputs[0]) as stage:
-        staged = write_label_map_files(labelmap, stage / outputs[0].name)
-        commit_files(dict(zip(staged, outputs)), overwrite=overwrite)
-    return outputs[0]
+    with staging_folder(path) as stage:
+        staged = write_label_map_files(labelmap, stage / path.name)
+        moves = dict(zip(staged, outputs))
+        order = [*staged[1:-1], staged[0], staged[-1]]  # a data file before its header, the sidecar last
+        commit_files({s: moves[s] for s in order}, overwrite=overwrite, lock_target=path)  # readers lock the image
+    return path

@@ -27,6 +27,11 @@ from .errors import InputError, OutputExistsError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".nrrd", ".nhdr", ".mha", ".mhd")
+#: Headers whose voxels SimpleITK writes to a separate data file beside them: header suffix -> the data file's
+#: suffix (compressed, uncompressed).  Analyze/NIfTI pairs (.hdr/.img) are not among MedSynth's formats.
+PAIRED_SUFFIXES = {".mhd": (".zraw", ".raw"), ".nhdr": (".raw.gz", ".raw")}
+#: Suffix of the hidden folder a paired image is written in before its files are moved into place.
+TMP_PAIR_SUFFIX = ".tmp-pair"
 # Voxel sizes MedSynth accepts: a 0 or negative pixdim is a broken header, not 1 mm.
 MIN_SPACING_MM = 1e-3
 MAX_SPACING_MM = 1e3
@@ -325,6 +330,8 @@ def remove_temporaries(path: str | os.PathLike[str]) -> None:
     prefix, suffix = _tmp_affixes(path)
     for stale in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
         stale.unlink(missing_ok=True)
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*{TMP_PAIR_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -333,12 +340,37 @@ def _umask() -> int:
     return mask
 
 
+def image_files(path: str | os.PathLike[str], *, compress: bool = True) -> list[Path]:
+    """The files :func:`write_image` creates for ``path``: the image itself, then a header's separate data file
+    (``a.mhd`` -> ``a.zraw``, ``a.nhdr`` -> ``a.raw.gz``; ``.raw`` uncompressed)."""
+    path = Path(path)
+    stem = strip_image_suffix(path.name)
+    for suffix, (packed, plain) in PAIRED_SUFFIXES.items():
+        if path.name.lower().endswith(suffix) and stem:
+            return [path, path.with_name(stem + (packed if compress else plain))]
+    return [path]
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike[str], *, overwrite: bool = False,
                 compress: bool = True) -> Path:
-    """Write an image atomically (temporary file in the same folder, then rename)."""
+    """Write an image atomically (temporary file in the same folder, then rename).
+
+    A header with a separate data file (``.mhd``, ``.nhdr``) is written under its final names into a hidden
+    folder beside ``path`` (so the header names the final data file), then the data file and the header are
+    moved into place with Ctrl+C held off; a failure between the two moves puts back what was there.  An
+    existing data file counts as an existing output.
+
+    Returns:
+        ``path`` (the header of a pair; :func:`image_files` lists all the files).
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
+    files = image_files(path, compress=compress)
+    for target in files:
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise OutputExistsError(target)
+    if len(files) > 1:
+        _write_pair(image, path, compress)
+        return path
     tmp = _tmp_sibling(path)
     try:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
@@ -346,6 +378,40 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], *, overwrite: b
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_pair(image: sitk.Image, path: Path, compress: bool) -> None:
+    """Write a header and its data file in a hidden folder beside ``path``, then move both into place."""
+    from .outputs import signals_deferred
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix, _ = _tmp_affixes(path)
+    stage = Path(tempfile.mkdtemp(prefix=prefix, suffix=TMP_PAIR_SUFFIX, dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(stage / path.name), useCompression=compress)
+        names = sorted(p.name for p in stage.iterdir() if p.name != path.name) + [path.name]  # the header last
+        moved: list[tuple[Path, Path | None]] = []  # (target, the file it replaced, kept in the stage) to undo
+        with signals_deferred():
+            try:
+                for name in names:
+                    target = path.parent / name
+                    if target.is_dir() and not target.is_symlink():
+                        raise InputError(target, "exists and is a folder; not replaced")
+                    backup = None
+                    if target.exists() or target.is_symlink():
+                        backup = stage / f"{name}.old"
+                        os.replace(target, backup)
+                    moved.append((target, backup))
+                    os.replace(stage / name, target)
+            except BaseException:
+                for target, backup in reversed(moved):
+                    if backup is None:
+                        target.unlink(missing_ok=True)
+                    else:
+                        os.replace(backup, target)
+                raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_nifti_like(values: np.ndarray, changed: np.ndarray, like: str | os.PathLike[str],
