@@ -979,3 +979,66 @@ def test_a_patients_scan_cannot_take_a_synthetic_case_id(case_id, tmp_path, caps
     rc, _, err = run(["export", make_case(tmp_path / "synth_out"), "--format", "nifti", "--case-id", case_id,
                       "-o", tmp_path / "exp"], capsys)
     assert rc == 0 and (tmp_path / "exp" / case_id).is_dir(), err
+
+
+def _output_is_the_case(tmp: Path):
+    case = make_case(tmp / "demo1")
+    return [case], case, [], "is the input case folder"
+
+
+def _output_inside_the_case(tmp: Path):
+    case = make_case(tmp / "demo1")
+    return [case], case / "sub", [], "lies inside the input case folder"
+
+
+def _output_deep_inside_the_case(tmp: Path):
+    case = make_case(tmp / "demo1")
+    return [case], case / "a" / "b", ["--overwrite"], "lies inside the input case folder"
+
+
+def _output_a_link_to_the_case(tmp: Path):
+    case = make_case(tmp / "demo1")
+    (tmp / "link").symlink_to(case, target_is_directory=True)
+    return [case], tmp / "link", ["--overwrite"], "is the input case folder"
+
+
+def _output_relative_inside_the_case(tmp: Path):
+    case = make_case(tmp / "demo1")
+    return [case], case / ".." / "demo1" / "sub", [], "lies inside the input case folder"
+
+
+def _output_inside_the_second_case(tmp: Path):
+    first, second = make_case(tmp / "c1"), make_case(tmp / "c2", scale=1.5)
+    return [first, second], second / "exp", [], "lies inside the input case folder"
+
+
+def _target_is_the_case(tmp: Path):
+    """The output folder holds the input, and the case id names it: --overwrite would replace the input."""
+    case = make_case(tmp / "demo1")
+    return [case], tmp, ["--case-id", "demo1", "--overwrite"], "is also an input"
+
+
+@pytest.mark.parametrize("build", [_output_is_the_case, _output_inside_the_case, _output_deep_inside_the_case,
+                                   _output_a_link_to_the_case, _output_relative_inside_the_case,
+                                   _output_inside_the_second_case, _target_is_the_case],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_an_export_is_never_written_into_its_input_case_folder(build, tmp_path, capsys):
+    """Audit: ``export demo1 -o demo1`` and ``-o demo1/sub`` wrote the export into the input case folder.  An
+    export folder that is, or lies inside, an input case folder (links and '..' resolved), or a case folder of the
+    export that is an input, is refused in one line, exit 2, nothing written (with --overwrite too)."""
+    inputs, output, extra, words = build(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc, out, err = run(["export", *inputs, "--format", "nifti", *extra, "-o", output], capsys)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("medsynth: error:") and words in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_export_beside_its_input_case_is_written(tmp_path, capsys):
+    """An export folder that holds the input case (``export synth_out -o .``) writes the export beside it."""
+    case = make_case(tmp_path / "synth_out")
+    before = sorted(p.name for p in case.iterdir())
+    rc, out, err = run(["export", case, "--format", "nifti", "-o", tmp_path], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["synth_out", read_synthetic_case(case).case_id])
+    assert sorted(p.name for p in case.iterdir()) == before

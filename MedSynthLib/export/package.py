@@ -234,7 +234,8 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
 
     Raises:
         InputError: a bad input case (files not as synthesised included), a case that is not
-            anonymous under ``anonymous``, a bad case id, an unwritable target.
+            anonymous under ``anonymous``, a bad case id, an unwritable target, an export folder that is or
+            lies inside an input case folder, a target case folder that is an input (even with ``overwrite``).
         OutputExistsError: a target case folder exists and ``overwrite`` is false.
     """
     from ..schema.volume_io import check_writable
@@ -254,6 +255,7 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
     root = Path(export_root)
     if root.exists() and not root.is_dir():
         raise InputError(root, "export target exists and is not a folder")
+    _check_outside_the_inputs(root, folders)
 
     # 1. Check every input (a single case is kept in memory, a batch is read again when written).
     ids: list[str] = []
@@ -280,7 +282,7 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
     for target in targets:
         if target.exists() and not target.is_dir():
             raise InputError(target, "exists and is not a folder")
-    check_writable(targets, overwrite)
+    check_writable(targets, overwrite, inputs=folders)  # a case id naming an input beside it: never replaced
 
     # 2. Build everything in a hidden staging folder, then move each case into place.
     created = [parent for parent in [root, *root.parents] if not parent.exists()]  # innermost first
@@ -316,6 +318,24 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
             if parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
     return targets
+
+
+def _check_outside_the_inputs(root: Path, folders: Sequence[Path]) -> None:
+    """Refuse an export folder that is, or lies inside, one of the input case folders (links and '..' resolved).
+
+    An export folder that holds an input is allowed (``export synth_out -o .``): the cases land beside it, and a
+    case folder of the export that would be an input is refused by :func:`check_writable`.
+    """
+    from ..schema.volume_io import enclosing_folder
+
+    resolved = root.resolve()
+    same = next((folder for folder in folders if folder.resolve() == resolved), None)
+    if same is not None:
+        raise InputError(root, f"is the input case folder {same}: write the export outside the case folders")
+    inside = enclosing_folder(root, folders)
+    if inside is not None:
+        raise InputError(root, f"lies inside the input case folder {inside}: write the export outside the case "
+                               "folders")
 
 
 def _umask() -> int:
