@@ -926,3 +926,51 @@ def test_a_flip_on_an_oblique_grid_counts_only_what_leaves_the_brain():
     flipped = Flip("LR", about="tumour")(lm)
     assert clipped_tumour_voxels(lm.array, flipped.array)  # resampling lost voxels ...
     assert "clipped_tumour_voxels" not in flipped.history[-1]["params"]  # ... none of them at the brain's edge
+
+
+# --- a parametric tumour smaller than a voxel (user audit) ------------------------------------------------
+
+
+OBLIQUE_30 = tuple(float(v) for v in np.array([[np.cos(np.pi / 6), -np.sin(np.pi / 6), 0.0],
+                                               [np.sin(np.pi / 6), np.cos(np.pi / 6), 0.0], [0.0, 0.0, 1.0]]).ravel())
+
+
+def _voxel_width_ras(grid: Grid) -> np.ndarray:
+    """How wide one voxel is along RAS x, y, z (its box projected on each axis)."""
+    return np.abs(grid.index_to_lps_matrix).sum(axis=1)
+
+
+@pytest.mark.parametrize("name", [*GRIDS, "oblique"])
+def test_a_parametric_tumour_narrower_than_a_voxel_is_refused(name):
+    """``--radius 0.2`` drew a 'tumour' of one ET voxel in thousands of oedema voxels.  A tumour narrower than one
+    voxel along any axis (radius under half the voxel's width there) is refused on its parameters; one voxel wide
+    draws a core of at least the voxel at its centre."""
+    spacing, direction = GRIDS[name] if name in GRIDS else ((1.0, 1.0, 1.0), OBLIQUE_30)
+    lm = synthetic_brain(make_grid(spacing, direction), tumour_at=None)
+    centre = index_to_ras(lm, (32, 32, 24))  # a voxel's centre
+    width = _voxel_width_ras(lm.grid)
+    for axis in range(3):
+        radii = [8.0, 8.0, 8.0]
+        radii[axis] = 0.45 * width[axis]
+        with pytest.raises(EditError, match="smaller than a voxel"):
+            ParametricTumour(centre, tuple(radii))(lm)
+    with pytest.raises(EditError, match="smaller than a voxel"):
+        ParametricTumour(centre, (0.2, 0.2, 0.2))(lm)
+    out = ParametricTumour(centre, tuple(0.55 * width), irregularity=0.0)(lm)
+    assert np.count_nonzero((out.array == Label.NCR) | (out.array == Label.ET)) >= 1
+
+
+def test_cli_tumour_new_with_a_radius_under_a_voxel_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from MedSynthLib.cli import main
+    from MedSynthLib.schema.labelmap import write_label_map
+
+    lm = synthetic_brain(make_grid(*GRIDS["brats_lps"]), tumour_at=None)
+    write_label_map(lm, tmp_path / "l.nii.gz")
+    centre = index_to_ras(lm, (32, 32, 24))
+    argv = ["tumour", "new", tmp_path / "l.nii.gz", "--centre", *centre, "--radius", "0.2", "-o", tmp_path / "t.nii.gz"]
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(tmp_path / "l.nii.gz") in err and "smaller than a voxel" in err and "0.5 mm" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.nii.gz"]

@@ -95,10 +95,19 @@ class ParametricTumour(Edit):
         set_field(self, "seed", check_seed(self.seed))
 
     def check(self, grid: Grid) -> None:
+        """Refuse, before anything is allocated, a centre or lengths beyond the grid and a tumour narrower than one
+        voxel along any RAS axis (a radius under half the voxel's width there): that drew a single voxel of
+        ET, or none, in a full oedema shell.  A tumour that rasterises to no voxel is refused in :meth:`apply`."""
         check_point(self.centre_ras_mm, "parametric tumour centre", grid)
         check_length(max(self.radii_mm), "tumour radius", grid)
         check_length(self.rim_mm, "rim", grid)
         check_length(self.oedema_mm, "oedema margin", grid)
+        width = np.abs(grid.index_to_lps_matrix).sum(axis=1)  # one voxel's box projected on each axis (mm)
+        for axis, radius, across in zip("xyz", self.radii_mm, width):
+            if 2.0 * radius < across:
+                raise EditError(f"tumour radius {radius:.6g} mm along RAS {axis} is under half a voxel (a voxel is "
+                                f"{across:.3g} mm across along {axis} on this grid): the tumour would be smaller "
+                                f"than a voxel; give at least {across / 2.0:.3g} mm")
 
     def _noise_fields(self, extent: float) -> tuple[np.ndarray, float, float]:
         """Two smooth unit-variance fields on a lattice covering [-extent, extent]^3 (normalised units)."""
