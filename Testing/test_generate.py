@@ -241,6 +241,22 @@ def test_an_output_holding_an_input_folder_is_refused_even_with_overwrite(gen_da
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("where", ["output", "cache"])
+def test_an_output_inside_an_input_folder_is_refused(gen_data, tmp_path, capsys, where):
+    """``-o`` (or ``--cache``) inside a --labels-from folder wrote the dataset, and a cache of label maps derived
+    from the patients, among the patients' own case folders; refused in one line, nothing written there."""
+    cases = Path(shutil.copytree(gen_data["cases"], tmp_path / "cases"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    inside = cases / "P0" / "derived"
+    argv = _argv(gen_data, inside if where == "output" else tmp_path / "out",
+                 *(["--cache", str(inside)] if where == "cache" else []))
+    argv[argv.index("--labels-from") + 1] = str(cases)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(inside) in err and f"inside the input {cases}" in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_config_defaults_are_filled_and_kept():
     config = validate_config({"kinds": {"parametric": 2}, "transform": {"rotate_deg": 5}})
     assert config["kinds"]["parametric"] == 2.0 and config["transform"]["rotate_deg"] == 5.0
@@ -854,3 +870,65 @@ def test_generate_says_once_that_bf16_is_emulated(gen_data, tmp_path, monkeypatc
     assert len(said) == (1 if told else 0), said
     run = json.loads((tmp_path / "out" / "generate.json").read_text())
     assert run["precision"] == precision
+
+
+def test_each_cases_record_names_the_model_as_the_run_does(gen_data, tmp_path, monkeypatch):
+    """A registered model whose folder and config carry another name: every case's provenance named the config's
+    name ('adv_ship' for the shipped default) while the card and generate.json named the registered one."""
+    import shutil
+
+    from MedSynthLib.synthesis.models import file_sha256
+
+    registry = tmp_path / "registry"
+    shutil.copytree(gen_data["model"], registry / "some_folder")
+    weights = next((registry / "some_folder").glob("*.safetensors"))
+    (registry / "registry.json").write_text(json.dumps(
+        {"default": "medsynth-registered", "models": {"medsynth-registered": {
+            "path": "some_folder", "sha256": file_sha256(weights)}}}))
+    monkeypatch.setenv("MEDSYNTH_MODELS", str(registry))
+    argv = _argv(gen_data, tmp_path / "out", n=2)
+    argv[argv.index("--model") + 1] = "medsynth-registered"
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert run["model"]["name"] == "medsynth-registered"
+    names = {record["model"]["name"] for record in _records(tmp_path / "out").values()}
+    assert names == {"medsynth-registered"}, names
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc (Linux)")
+@pytest.mark.parametrize("after_s", [0.5, 3.0])
+def test_ctrl_c_while_workers_start_ends_in_one_line(gen_data, tmp_path, after_s):
+    """Ctrl+C in a terminal (SIGINT to the whole process group) while ``--workers 2`` start printed a
+    KeyboardInterrupt traceback from each worker (interrupted importing torch or deriving a source).  Only the
+    parent answers it now: one line, exit status 130, and no worker left behind."""
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "MedSynthLib", *_argv(gen_data, out, "--workers", "2")]
+    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and len(_children(process.pid)) < 2:
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert process.poll() is None and len(workers) >= 2, "the workers did not start"
+    time.sleep(after_s)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert [line for line in err.splitlines() if line.strip()][-1] == "medsynth: cancelled", err
+    time.sleep(0.5)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]]

@@ -16,6 +16,7 @@ Resumable: case i is complete when ``provenance/<case>.json`` exists (written la
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
-from ..schema.volume_io import check_folder_argument, check_not_an_input
+from ..schema.volume_io import check_folder_argument, check_not_an_input, enclosing_folder
 from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
 from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
 from .sources import (Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
@@ -272,7 +273,14 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
     _WORKER.update(state)
     _WORKER["sources"] = Sources([Source.from_json(s) for s in state["sources"]])
     _WORKER["layout"] = Layout(**state["layout"])
-    _WORKER["engine"] = SynthesisEngine(resolve_model(state["model_path"]), device, state["precision"],
+    card = resolve_model(state["model_path"])
+    if card.sha256 != state["model_sha256"]:  # changed on disk since the run began: never mix two models' cases
+        from ..schema.errors import InputError
+
+        raise InputError(card.path, "the model's weights changed while the dataset was being generated")
+    # By the folder, the card takes the config's name: each case names the model as the run (its registry name).
+    card = dataclasses.replace(card, name=state["model_name"])
+    _WORKER["engine"] = SynthesisEngine(card, device, state["precision"],
                                         appearance_spread=state["appearance_spread"])
     if _WORKER["sources"].template is not None:
         load_source(_WORKER["sources"].template)  # read the template once per process, not in a case's timing
@@ -434,6 +442,11 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     if opt.cache:
         check_folder_argument(cache, "--cache")
         check_not_an_input([cache], inputs)
+    for written, option in ((out, "-o"), (cache, "--cache")):  # never among the patients' own files
+        inside = enclosing_folder(written, [p for p in inputs if p.is_dir()])
+        if inside is not None:
+            raise InputError(written, f"{option} lies inside the input {inside}: write it outside the folders "
+                                      "MedSynth reads")
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
                  "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
@@ -461,6 +474,8 @@ def _say_emulated_bf16(opt: GenerateOptions, plan: ProcessPlan) -> None:
     are made without a log."""
     from ..synthesis.inference import emulated_bf16_notice, pick_device
 
+    if plan.devices[0].startswith("cuda"):  # a GPU computes bf16 itself: nothing to say
+        return
     notice = emulated_bf16_notice(opt.precision, pick_device(plan.devices[0]))  # 'auto' on a machine without GPU
     if notice is not None and opt.log:
         opt.log(notice)
@@ -530,6 +545,7 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
         pending = [i for i in mine if not _provenance_path(out, layout.case_id(i)).exists()]
         state = {"sources": [s.to_json() for s in sources], "layout": {"kind": layout.kind,
                  "dataset_id": layout.dataset_id, "name": layout.name}, "model_path": str(model.path),
+                 "model_name": model.name, "model_sha256": model.sha256,
                  "device": plan.devices[0], "precision": opt.precision, "seed": int(opt.seed), "config": config,
                  "output": str(out), "anonymous": bool(opt.anonymous),
                  "appearance_spread": float(opt.appearance_spread)}
@@ -540,6 +556,10 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
         started = time.perf_counter()
         results = _run_cases(pending, len(mine), state, pool, plan, opt.progress)
         elapsed = time.perf_counter() - started
+    except BaseException:
+        if pool is not None:
+            _stop_workers(pool)  # they ignore Ctrl+C (_spawning_without_sigint): stopped here, not waited for
+        raise
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -592,6 +612,36 @@ def _cuda_devices(device: str) -> list[int]:
         return []
 
 
+@contextlib.contextmanager
+def _spawning_without_sigint() -> Iterator[None]:
+    """Worker processes started inside this block ignore SIGINT (an ignored signal stays ignored across exec).
+
+    Ctrl+C in a terminal reaches the whole process group: each worker, interrupted while importing torch or
+    deriving a source, printed a traceback before the parent's one line.  Only the parent answers it now, and
+    stops the workers itself (:func:`_stop_workers`).  The block only starts processes (milliseconds); outside
+    the main thread, where signal handlers cannot be set, it runs as it is.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_workers(pool: Any) -> None:
+    """Terminate a pool's worker processes (they ignore Ctrl+C) and drop the work not started."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # the executor's own (private) map
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _prepare_sources(items: list[tuple[str, str, str, str | None]], rank: int, world: int, pool: Any,
                      opt: GenerateOptions) -> list[dict[str, Any]]:
     from tqdm import tqdm
@@ -607,7 +657,9 @@ def _prepare_sources(items: list[tuple[str, str, str, str | None]], rank: int, w
                 results[item] = _prepare_one(item)
                 bar.update(1)
         else:
-            for item, result in zip(order, pool.map(_prepare_one, order)):
+            with _spawning_without_sigint():
+                mapped = pool.map(_prepare_one, order)  # submits every item: the workers start here
+            for item, result in zip(order, mapped):
                 results[item] = result
                 bar.update(1)
     finally:
@@ -643,15 +695,22 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
         context = multiprocessing.get_context("spawn")
         queue = None
         if len(set(plan.devices)) > 1:  # one GPU each: every worker takes the next from the queue
-            queue = context.Manager().Queue()
+            with _spawning_without_sigint():
+                queue = context.Manager().Queue()
             for device in plan.devices:
                 queue.put(device)
-        with ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_init_worker,
-                                 initargs=(state, queue, plan.threads)) as workers:
-            futures = [workers.submit(_run_case, i) for i in pending]
+        workers = ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_init_worker,
+                                      initargs=(state, queue, plan.threads))
+        try:
+            with _spawning_without_sigint():
+                futures = [workers.submit(_run_case, i) for i in pending]  # the workers start here
             for future in as_completed(futures):
                 results.append(future.result())
                 bar.update(1)
+        except BaseException:
+            _stop_workers(workers)
+            raise
+        workers.shutdown()
         return results
     finally:
         bar.close()
