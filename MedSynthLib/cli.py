@@ -802,6 +802,8 @@ def _exported_what(target: Path) -> str:
     if provenance.get("inpainting"):
         return (f"a real patient's scan with one region re-rendered exported ({fmt}); NOT anonymous "
                 "(partly synthetic: the patient's images outside the region)")
+    if provenance.get("privacy", {}).get("anatomy") == "patient":
+        return f"synthetic images of a real patient's anatomy exported ({fmt}); NOT anonymous"
     return f"synthetic case exported ({fmt}); {'anonymous' if provenance['export']['anonymous'] else 'NOT anonymous'}"
 
 

@@ -920,6 +920,7 @@ def test_a_synthetic_case_of_a_patients_anatomy_is_not_called_anonymous(tmp_path
         for fmt in ("nifti", "dicom"):
             rc, out, err = run(["export", case, "--format", fmt, "-o", tmp_path / f"{name}-{fmt}"], capsys)
             assert rc == 0, err
+            assert ("of a real patient's anatomy" in out) == (name == "patient_anatomy"), out  # what it printed
             exported = _case_dir(tmp_path / f"{name}-{fmt}")
             assert exported.name.startswith("SYNTH-")  # the images are synthetic
             readme = (exported / "README.txt").read_text()
