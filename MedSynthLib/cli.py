@@ -655,13 +655,14 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable, folder_and_files
     from .schema.labels import brain_mask
     from .synthesis.inpainting import (DEFAULT_MARGIN_MM, MIN_BRAIN_DICE, InpaintingEngine, inpaint_case, mask_dice,
-                                       read_context, write_inpainted_case)
+                                       plan_region, read_context, write_inpainted_case)
     from .synthesis.models import resolve_model
 
     inputs = label_map_inputs(args.labels) + folder_and_files(args.context)
     if args.old_labels is not None:
         inputs += label_map_inputs(args.old_labels)
     check_writable([args.output], args.overwrite, inputs=inputs)
+    _check_not_in_a_case_folder(args)
     margin = DEFAULT_MARGIN_MM if args.region_margin is None else _number(args.region_margin, "--region-margin",
                                                                           0.0, 100.0)
     with _progress(3, "inpaint") as step:
@@ -677,10 +678,12 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
             if dice < MIN_BRAIN_DICE:  # edits never move the brain outline
                 raise InputError(args.old_labels, f"its brain does not match that of {args.labels} (Dice {dice:.3f}, "
                                                   f"{MIN_BRAIN_DICE} or more expected): not the map before this edit")
+        # Where the old tumour was and what changed are settled before the model loads: a refusal costs nothing.
+        plan = plan_region(labelmap, context, old_labelmap=old, margin_mm=margin, labels_name=args.labels)
         engine = InpaintingEngine(resolve_model(args.model, kind="inpainting"), args.device, args.precision,
                                   log=_notice, mirror_average=args.mirror_average)
         step("model loaded")
-        case = inpaint_case(engine, labelmap, context, old_labelmap=old, margin_mm=margin, seed=args.seed)
+        case = inpaint_case(engine, labelmap, context, old_labelmap=old, margin_mm=margin, seed=args.seed, plan=plan)
         step("inpainted")
         write_inpainted_case(case, args.output, overwrite=args.overwrite)
         step("written")
@@ -689,6 +692,34 @@ def _synthesize_in_context(args: argparse.Namespace) -> int:
           f"synthetic_mask + provenance.json; NOT anonymous (the patient's images) "
           f"({engine.synth.device}, network {timings['network']:.2f} s)")
     return 0
+
+
+def _check_not_in_a_case_folder(args: argparse.Namespace) -> None:
+    """Refuse an output inside the context case folder, or inside a case folder that holds a label map given.
+
+    :func:`~MedSynthLib.schema.volume_io.check_writable` refuses an output that is an input or holds one; an
+    output inside the patient's case folder would put derived (partly synthetic) images among the scans.
+    """
+    from .cases.readers import detect_convention
+    from .schema.errors import InputError
+    from .schema.volume_io import enclosing_folder
+    from .synthesis.case_folder import is_medsynth_output
+
+    def is_case_folder(folder: Path) -> bool:
+        try:
+            detect_convention(folder)
+        except InputError:
+            return is_medsynth_output(folder)
+        return True
+
+    folders = [args.context]
+    for labels in (args.labels, args.old_labels):
+        if labels is not None and labels.parent.is_dir() and is_case_folder(labels.parent):
+            folders.append(labels.parent)
+    inside = enclosing_folder(args.output, folders)
+    if inside is not None:
+        raise InputError(args.output, f"lies inside the case folder {inside}: write the output outside the "
+                                      "patient's case folders")
 
 
 def _generate_card_command(args: argparse.Namespace) -> str:

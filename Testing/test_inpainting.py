@@ -159,15 +159,8 @@ def test_outside_region_bit_for_bit_mask_and_provenance(trained, edited, tmp_pat
     assert "PARTLY SYNTHETIC DATA OF A REAL PATIENT" in next(target.rglob("README.txt")).read_text()
 
 
-def test_old_labels_and_unchanged_map(trained, edited, tmp_path: Path) -> None:
-    # The same map as before: nothing changed, so nothing is re-rendered and every voxel is the real one.
-    out = tmp_path / "same"
-    assert main(["synthesize", str(edited["labels"]), "-o", str(out), "--context", str(edited["case"]),
-                 "--old-labels", str(edited["labels"]), "--model", str(trained["A"] / "model"),
-                 "--device", "cpu"]) == 0
-    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).any()
-    real = sitk.GetArrayFromImage(sitk.ReadImage(str(edited["case"] / f"{CASE_IDS[0]}_flair.nii.gz")))
-    assert np.array_equal(real, sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flair.nii.gz"))))
+def test_region_margin(trained, edited, tmp_path: Path) -> None:
+    # (The same map as --old-labels re-renders nothing and is refused: test_an_inpainting_that_re_renders_nothing_...)
     # A larger margin gives a larger region.
     small, large = tmp_path / "small", tmp_path / "large"
     assert _inpaint(edited, trained["A"], small, "--region-margin", "2") == 0
@@ -839,13 +832,18 @@ def test_a_context_without_segmentation_needs_the_old_labels_after_a_move(edited
     assert _context_run(moved, case, out, tiny_model_folder, "--old-labels", str(labels)) == 0
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
     assert mask[tumour_mask(read_label_map(labels).array)].all()
-    # A tumour put into a case that has none (no patient tumour to move) needs no old labels.
-    healthy = tmp_path / "healthy.nii.gz"
+    # A tumour put into a patient who had none (the map `medsynth labels` derived has no tumour, its history says so)
+    # needs no old labels; the record says where that came from.
     plain = read_label_map(labels)
-    write_label_map(LabelMap(np.where(tumour_mask(plain.array), Label.WM, plain.array), plain.grid, []), healthy)
+    healthy = LabelMap(np.where(tumour_mask(plain.array), Label.WM, plain.array).astype(np.uint8), plain.grid,
+                       plain.history[:1])
     inserted = tmp_path / "inserted.nii.gz"
-    write_label_map(LabelMap(read_label_map(moved).array, plain.grid, []), inserted)
+    write_label_map(healthy.with_array(read_label_map(moved).array, {"name": "parametric_tumour", "params": {},
+                                                                     "schema_version": 1}), inserted)
+    assert read_label_map(inserted).privacy.tumour_dice_to_source is None
     assert _context_run(inserted, case, tmp_path / "out2", tiny_model_folder) == 0
+    provenance = json.loads((tmp_path / "out2" / "provenance.json").read_text())
+    assert provenance["inpainting"]["old_tumour"] == "label-history"
 
 
 def test_the_seed_is_recorded_and_the_same_seed_gives_the_same_files(edited, tiny_model_folder, tmp_path: Path) -> None:
@@ -1027,3 +1025,154 @@ def test_a_normalised_scan_with_negative_values_is_not_floored_at_zero(edited, t
         assert np.percentile(error, 90) <= 0.02 * scale, (m, np.percentile(error, 90))
         checked += int((kept & (raw < shift)).sum())  # negative in the z-scored case
     assert checked > 100
+
+
+# --- a user audit of `synthesize --context`: where the old tumour was, an empty region, the output's place ----------
+
+
+def _noseg_case(edited: dict[str, Path], folder: Path) -> Path:
+    """The phantom case without its segmentation (its contrasts linked): its images still show the tumour."""
+    case = folder / "noseg" / CASE_IDS[0]
+    case.mkdir(parents=True)
+    for source in edited["case"].iterdir():
+        if not source.name.endswith("_seg.nii.gz"):
+            (case / source.name).symlink_to(source)
+    return case
+
+
+def test_a_context_without_segmentation_refuses_a_map_that_cannot_say_where_the_tumour_was(
+        edited, tiny_model_folder, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    case = _noseg_case(edited, tmp_path)
+    # The moved map copied without its .json sidecar: no history, so nothing says where the patient's tumour was.
+    # Accepted, its old place stayed in the images, labelled healthy tissue (old_tumour "none").
+    nohist = tmp_path / "nohist_moved.nii.gz"
+    shutil.copy(edited["moved"], nohist)
+    assert read_label_map(nohist).history == []
+    out = tmp_path / "out"
+    assert _context_run(nohist, case, out, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert str(case) in err and "no history" in err and "--old-labels" in err and not out.exists()
+    # A history that begins with `medsynth labels` and goes on, its privacy not measured (an older sidecar): the
+    # tumour Dice it implies is only the bound of an unedited map, which does not say the tumour stayed in place.
+    labels, moved = _tracked_move(edited, tmp_path)
+    sidecar = moved.with_name("moved.json")
+    record = json.loads(sidecar.read_text())
+    record.pop("privacy", None)
+    sidecar.write_text(json.dumps(record))
+    assert getattr(read_label_map(moved), "privacy", None) is None and len(read_label_map(moved).history) == 2
+    assert _context_run(moved, case, out, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert str(case) in err and "--old-labels" in err and not out.exists()
+    # One measured edit that kept the patient's tumour in place (its sub-labels changed): the history says where it
+    # was, exactly; after a second edit the recorded Dice of 1.0 is only a bound (moved there and back reads 1.0).
+    plain = read_label_map(labels)
+    relabelled = np.where(plain.array == Label.ET, Label.NCR, plain.array).astype(np.uint8)
+    record = {"name": "translate", "params": {}, "schema_version": 1}
+    once = plain.with_array(relabelled, record)
+    assert once.privacy.tumour_dice_to_source == 1.0
+    write_label_map(once, tmp_path / "once.nii.gz")
+    assert _context_run(tmp_path / "once.nii.gz", case, tmp_path / "once_out", tiny_model_folder) == 0
+    provenance = json.loads((tmp_path / "once_out" / "provenance.json").read_text())
+    assert provenance["inpainting"]["old_tumour"] == "label-history"
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "once_out" / "synthetic_mask.nii.gz"))).astype(bool)
+    assert mask[tumour_mask(plain.array)].all()
+    twice = once.with_array(plain.array, record)
+    assert twice.privacy.tumour_dice_to_source == 1.0
+    write_label_map(twice, tmp_path / "twice.nii.gz")
+    assert _context_run(tmp_path / "twice.nii.gz", case, tmp_path / "twice_out", tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert "2 edits" in err and "--old-labels" in err and not (tmp_path / "twice_out").exists()
+    capsys.readouterr()
+    # With --old-labels both are inpainted, the patient's tumour's old place included.
+    assert _context_run(nohist, case, out, tiny_model_folder, "--old-labels", str(labels)) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
+    assert mask[tumour_mask(read_label_map(labels).array)].all()
+
+
+def test_an_inpainting_that_re_renders_nothing_is_refused(edited, tiny_model_folder, tiny_inpainter, tmp_path: Path,
+                                                          capsys) -> None:
+    import sys
+
+    from MedSynthLib.schema.errors import MedSynthError
+    from MedSynthLib.synthesis.inpainting import inpaint_case, read_context
+
+    # The map before the edit is the map: accepted, it wrote the untouched scan as "one region re-rendered", which
+    # export then called PARTLY SYNTHETIC.
+    out = tmp_path / "same"
+    assert _context_run(edited["labels"], edited["case"], out, tiny_model_folder,
+                        "--old-labels", str(edited["labels"])) == 2
+    err = _one_line(capsys)
+    assert "labels.nii.gz" in err and "nothing to re-render" in err and not out.exists()
+    # The library that Slicer's worker calls raises a MedSynthError saying so ...
+    labels = read_label_map(edited["labels"])
+    context = read_context(edited["case"], labels)
+    with pytest.raises(MedSynthError, match="nothing to re-render"):
+        inpaint_case(tiny_inpainter, labels, context, old_labelmap=labels)
+    # ... also when no old map is given: a case without segmentation whose map never had a tumour, unedited.
+    case = _noseg_case(edited, tmp_path)
+    healthy = labels.with_array(np.where(tumour_mask(labels.array), Label.WM, labels.array).astype(np.uint8))
+    healthy = LabelMap(healthy.array, labels.grid, labels.history[:1])
+    with pytest.raises(MedSynthError, match="nothing to re-render"):
+        inpaint_case(tiny_inpainter, healthy, read_context(case, healthy))
+    # ... and the worker reports it as an error event, nothing written.
+    sys.path.insert(0, str(REPO / "MedSynth"))
+    from MedSynthSlicerLib.jobs import labelmap_request
+    from MedSynthSlicerLib.parameters import GenerateOptions
+    from MedSynthSlicerLib.protocol import Request, put_array
+    from MedSynthSlicerLib.worker import Worker
+
+    events = []
+    worker = Worker(tmp_path, events.append)
+    params, arrays = labelmap_request(healthy)
+    options = GenerateOptions(device="cpu", precision="fp32", inpainting_model=str(tiny_model_folder))
+    params = dict(params, out=str(tmp_path / "worker_case"), context=str(case), **options.worker_params())
+    worker.handle(Request(1, "generate", params, {k: put_array(tmp_path, v) for k, v in arrays.items()}))
+    assert events[-1].type == "error" and "nothing to re-render" in events[-1].text
+    assert not (tmp_path / "worker_case").exists()
+
+
+def test_an_output_inside_the_context_or_the_label_maps_case_folder_is_refused(edited, tiny_model_folder,
+                                                                               tmp_path: Path, capsys) -> None:
+    import shutil
+
+    case = tmp_path / "casecopy"
+    shutil.copytree(edited["case"], case)
+    before = sorted(p.name for p in case.rglob("*"))
+    for out in (case / "inp", case / "deeper" / "inp", case, tmp_path):
+        assert _context_run(edited["moved"], case, out, tiny_model_folder) == 2
+        err = _one_line(capsys)
+        assert str(out) in err and not (case / "inp").exists() and not (case / "deeper").exists()
+    assert sorted(p.name for p in case.rglob("*")) == before
+    # A label map kept in a case folder: the output is not written beside it either.
+    holder = tmp_path / "holder" / CASE_IDS[0]
+    shutil.copytree(edited["case"], holder)
+    for name in ("moved.nii.gz", "moved.json"):
+        shutil.copy(edited["moved"].with_name(name), holder / name)
+    assert _context_run(holder / "moved.nii.gz", edited["case"], holder / "inp", tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert str(holder) in err and "inside" in err and not (holder / "inp").exists()
+    # A label map in a plain folder: the output beside it is fine.
+    assert _context_run(edited["moved"], edited["case"], tmp_path / "fine", tiny_model_folder) == 0
+
+
+def test_the_old_labels_hash_is_recorded_typed_and_kept_local(edited, tiny_model_folder, tmp_path: Path) -> None:
+    from MedSynthLib.schema.provenance import Redactions, SynthesisRecord, array_sha256
+
+    out = tmp_path / "out"
+    assert _context_run(edited["moved"], edited["case"], out, tiny_model_folder, "--old-labels",
+                        str(edited["labels"])) == 0
+    provenance = json.loads((out / "provenance.json").read_text())
+    expected = array_sha256(read_label_map(edited["labels"]).array)
+    assert provenance["inpainting"]["old_tumour"] == "old-labels"
+    assert provenance["inpainting"]["old_labels_sha256"] == expected
+    redacted = Redactions()
+    record = SynthesisRecord.from_json(provenance, redacted)
+    assert redacted.count == 0 and record.inpainting.old_labels_sha256 == expected
+    assert record.to_json()["inpainting"]["old_labels_sha256"] == expected
+    # Not exported: a hash of the patient's own label map, as insert_tumour's source_labels_sha256.
+    assert "old_labels_sha256" not in record.to_json(for_export=True)["inpainting"]
+    assert main(["export", str(out), "--format", "nifti", "-o", str(tmp_path / "export")]) == 0
+    exported = json.loads(next((tmp_path / "export").rglob("provenance.json")).read_text())
+    assert exported["inpainting"]["old_tumour"] == "old-labels" and "old_labels_sha256" not in exported["inpainting"]

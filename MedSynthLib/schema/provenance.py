@@ -753,18 +753,23 @@ class InpaintingRecord:
         region_margin_mm: growth of the changed tumour into the region.
         feather_mm: width of the blend inside the region's border.
         old_tumour: where the tumour before the edit came from (``old-labels``: a given label map;
-            ``case-segmentation``: the case's own expert segmentation; ``none``).
+            ``case-segmentation``: the case's own expert segmentation; ``label-history``: the label map's history
+            (unedited, one measured edit that left the patient's tumour in place, or a patient without one);
+            ``none``: written before the history was required, when nothing said it).
+        old_labels_sha256: content hash of the ``old-labels`` map (:func:`array_sha256`; local only, as
+            ``insert_tumour``'s ``source_labels_sha256``: a hash of the patient's own map may identify the patient).
         synthetic_voxels: voxels in the region (``synthetic_mask.nii.gz``).
         mirror_average: the network output was averaged with its left-right mirrored pass.
         match_tissue: healthy classes in the region were shifted to the patient's own medians around it.
         context_sha256: sha256 of the patient's image files (local only: it identifies the scans).
     """
 
-    local_only: ClassVar[frozenset[str]] = frozenset({"context_sha256"})
+    local_only: ClassVar[frozenset[str]] = frozenset({"context_sha256", "old_labels_sha256"})
     context: Literal["patient-scan"] = "patient-scan"
     region_margin_mm: float | None = None
     feather_mm: float | None = None
-    old_tumour: Literal["old-labels", "case-segmentation", "none"] | None = None
+    old_tumour: Literal["old-labels", "case-segmentation", "label-history", "none"] | None = None
+    old_labels_sha256: SHA256 | None = None
     synthetic_voxels: int | None = None
     mirror_average: bool | None = None
     match_tissue: bool | None = None

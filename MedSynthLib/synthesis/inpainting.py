@@ -682,9 +682,109 @@ class InpaintedCase:
     context_files: dict[str, Path] | None = None  # the real scan's files: written images copy their headers
 
 
+@dataclass
+class InpaintingPlan:
+    """What :func:`inpaint_case` re-renders, settled before the model is loaded (:func:`plan_region`)."""
+
+    region: np.ndarray  # bool: the voxels to re-render (never empty)
+    old_tumour: str  # where the tumour before the edit came from (``InpaintingRecord.old_tumour``)
+    old_labels_sha256: str | None = None  # content hash of the label map before the edit, when given
+    seconds: float = 0.0
+
+
+def _old_tumour_from_history(labelmap: Any) -> tuple[np.ndarray | None, str | None]:
+    """Where the patient's tumour was before the edits, read from the label map's history alone.
+
+    Returns (the old tumour mask or ``None`` for none, ``None``) when the history says it, else (``None``, why
+    not).  It says it only when it is exact: the map as ``medsynth labels`` derived it (the tumour in place), a
+    measured privacy record whose source had no tumour, or one measured edit that left the patient's tumour where
+    it was (over several edits the recorded Dice is an upper bound: a tumour moved there and back, or twice,
+    may read 1.0; a privacy record inferred from a history bounds an edited map's Dice the same way).
+    """
+    from ..schema.provenance import PrivacyRecord
+
+    history = labelmap.history
+    start = history[0].get("name") if history and isinstance(history[0], dict) else None
+    if not history:
+        return None, "the label map has no history (an image copied without its .json sidecar?)"
+    if start != "derive_labels":
+        return None, ("the label map's history does not begin with this case's own labels (medsynth labels): a map "
+                      "copied without its .json sidecar, then edited?")
+    tracked = labelmap.privacy if isinstance(getattr(labelmap, "privacy", None), PrivacyRecord) else None
+    tumour = tumour_mask(labelmap.array)
+    in_place = tumour if tumour.any() else None
+    if tracked is None:
+        if len(history) == 1:
+            return in_place, None
+        return None, ("the label map's history records edits but not how far they moved the patient's tumour "
+                      "(no measured privacy record in its sidecar)")
+    dice = tracked.tumour_dice_to_source
+    if tracked.anatomy != "patient":
+        return None, "the label map's privacy record does not say it is this patient's anatomy"
+    if dice is None:  # measured from the start: the patient's map had no tumour to move
+        return None, None
+    if dice < 1.0:
+        return None, f"the edit changed the patient's own tumour (tumour Dice {dice:.2f} to it)"
+    if len(history) <= 2 and tracked.tumour_origin != "unknown":
+        return in_place, None
+    return None, (f"after {len(history) - 1} edits the label map's record only bounds how far the patient's tumour "
+                  "moved" if tracked.tumour_origin != "unknown" else "where the label map's tumour came from is "
+                  "not recorded")
+
+
+def plan_region(labelmap: Any, context: ContextCase, *, old_labelmap: Any = None,
+                margin_mm: float = DEFAULT_MARGIN_MM, labels_name: str | Path | None = None) -> InpaintingPlan:
+    """The region :func:`inpaint_case` re-renders, and where the old tumour came from; refused when unknown or empty.
+
+    The old tumour is ``old_labelmap``'s, else the case's own segmentation, else what the label map's history
+    says exactly (:func:`_old_tumour_from_history`).  Cheap next to loading a model: callers check it first.
+
+    Args:
+        labels_name: the label map's file, named in the refusals (the Slicer worker has none).
+
+    Raises:
+        InputError: the old tumour's place cannot be established (the case has no segmentation, no
+            ``old_labelmap`` is given and the history does not say it: the patient's tumour would stay in the
+            images, labelled healthy tissue), or nothing is to be re-rendered (the map equals ``old_labelmap``, or
+            no tumour changed).
+        MedSynthError: ``margin_mm`` outside 0-100.
+    """
+    from ..schema.provenance import array_sha256
+
+    if not np.isfinite(margin_mm) or not 0 <= margin_mm <= 100:
+        raise MedSynthError(f"--region-margin {margin_mm}: give 0-100 mm")
+    start = time.perf_counter()
+    spacing = tuple(float(s) for s in labelmap.grid.spacing[::-1])
+    old_array, old_sha256 = None, None
+    if old_labelmap is not None:
+        old_tumour, old_source, old_array = tumour_mask(old_labelmap.array), "old-labels", old_labelmap.array
+        old_sha256 = array_sha256(old_labelmap.array)
+    elif context.tumour is not None:
+        old_tumour, old_source = context.tumour > 0, "case-segmentation"
+    else:
+        old_tumour, problem = _old_tumour_from_history(labelmap)
+        if problem is not None:
+            raise InputError(context.folder, f"has no tumour segmentation, and {problem}: where the patient's tumour "
+                                             "was is unknown, and it would stay in the images labelled as healthy "
+                                             "tissue; give --old-labels (the label map before the edit)")
+        old_source = "label-history"
+    region = changed_region(labelmap.array, old_tumour, margin_mm, spacing, old_array)
+    if not region.any():
+        if old_array is not None and np.array_equal(old_array, labelmap.array):
+            why = "the label map equals the label map before the edit (--old-labels)"
+        elif old_array is not None:
+            why = "the edit changed no voxel inside the brain"
+        else:
+            why = ("neither the label map nor the case has a tumour" if old_tumour is None
+                   else "the label map's tumour is the case's own, in place")
+        raise InputError(labels_name, f"{why}: nothing to re-render (the output would be the patient's scan "
+                                      "unchanged); edit the tumour first")
+    return InpaintingPlan(region, old_source, old_sha256, time.perf_counter() - start)
+
+
 def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, *, old_labelmap: Any = None,
                  margin_mm: float = DEFAULT_MARGIN_MM, feather_mm: float = DEFAULT_FEATHER_MM,
-                 seed: int = 0) -> InpaintedCase:
+                 seed: int = 0, plan: InpaintingPlan | None = None) -> InpaintedCase:
     """Re-render the changed tumour region of a real case from an edited label map.
 
     Args:
@@ -692,44 +792,34 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
         labelmap: the edited label map, on the context's grid.
         context: the real case (:func:`read_context`).
         old_labelmap: the label map before the edit (on the same grid); without it the old tumour is the
-            case's own segmentation (none when the case has no segmentation).
+            case's own segmentation, else what the label map's history says exactly (:func:`plan_region`).
         margin_mm: growth of the changed tumour into the region.
         feather_mm: width of the blend inside the region's border.
         seed: the run's seed, recorded (the network draws nothing: the same input gives the same images).
+        plan: :func:`plan_region` of the same arguments, when the caller checked it before loading the model.
 
     Raises:
-        InputError: the case has no segmentation, no ``old_labelmap`` is given and the label map's history says
-            the patient's own tumour was edited (its old place would stay in the images, unlabelled).
+        InputError: :func:`plan_region`'s refusals: where the old tumour was cannot be established, or there is
+            nothing to re-render.
     """
     import dataclasses
 
     from ..schema.provenance import InpaintingRecord, file_sha256, privacy_of
     from .case_folder import case_provenance
 
-    if not np.isfinite(margin_mm) or not 0 <= margin_mm <= 100:
-        raise MedSynthError(f"--region-margin {margin_mm}: give 0-100 mm")
     if context.grid is not None and labelmap.grid != context.grid:  # within the grid tolerance: keep the case's
         labelmap = dataclasses.replace(labelmap, grid=context.grid)
-    if old_labelmap is None and context.tumour is None:
-        moved = privacy_of(labelmap).tumour_dice_to_source
-        if moved is not None and moved < 1.0:
-            raise InputError(context.folder, "has no tumour segmentation, and the label map's edit changed the "
-                                             "patient's own tumour: its old place would stay in the images; give "
-                                             "--old-labels (the label map before the edit)")
     start = time.perf_counter()
+    planned_before = plan is not None  # its seconds then lie before ``start``
+    if plan is None:
+        plan = plan_region(labelmap, context, old_labelmap=old_labelmap, margin_mm=margin_mm)
+    region = plan.region
     spacing = tuple(float(s) for s in labelmap.grid.spacing[::-1])
-    if old_labelmap is not None:
-        old_tumour, old_source, old_array = tumour_mask(old_labelmap.array), "old-labels", old_labelmap.array
-    elif context.tumour is not None:
-        old_tumour, old_source, old_array = context.tumour > 0, "case-segmentation", None
-    else:
-        old_tumour, old_source, old_array = None, "none", None
-    region = changed_region(labelmap.array, old_tumour, margin_mm, spacing, old_array)
-    region_seconds = time.perf_counter() - start
     result = engine.inpaint(labelmap.array, context.images, region, spacing, feather_mm,
                             AxisOrder.from_grid(labelmap.grid))
     privacy = dataclasses.replace(privacy_of(labelmap), images="patient")
-    record = InpaintingRecord(region_margin_mm=float(margin_mm), feather_mm=float(feather_mm), old_tumour=old_source,
+    record = InpaintingRecord(region_margin_mm=float(margin_mm), feather_mm=float(feather_mm),
+                              old_tumour=plan.old_tumour, old_labels_sha256=plan.old_labels_sha256,
                               synthetic_voxels=int(region.sum()), mirror_average=engine.mirror_average,
                               match_tissue=engine.match_tissue,
                               context_sha256={m: file_sha256(context.files[m]) for m in MODALITIES})
@@ -737,9 +827,10 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
                                  precision=engine.synth.precision)
     provenance["seed_effective"] = False  # as the synthesis engine records a model without an appearance code
     provenance["inpainting"] = dataclasses.asdict(record)
-    provenance["timings_s"] = {"load_model": round(engine.load_seconds, 3), "region": round(region_seconds, 3),
+    elapsed = time.perf_counter() - start + (plan.seconds if planned_before else 0.0)
+    provenance["timings_s"] = {"load_model": round(engine.load_seconds, 3), "region": round(plan.seconds, 3),
                                "network": result.timings_s.get("network", 0.0),
-                               "total": round(time.perf_counter() - start + engine.load_seconds, 3)}
+                               "total": round(elapsed + engine.load_seconds, 3)}
     return InpaintedCase(labelmap, result.images, result.region, provenance, dict(context.files))
 
 
