@@ -76,7 +76,7 @@ def edited(phantom_cases: Path, tmp_path_factory) -> dict[str, Path]:
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{CASE_IDS[0]}_seg.nii.gz")))
     labels = threshold_labels(sitk.GetArrayFromImage(t1), seg)
     grid = Grid.from_image(t1)
-    history = [{"name": "derive_labels", "params": {}, "schema_version": 1}]
+    history = [{"name": "derive_labels", "params": {"tumour_segmentation": True}, "schema_version": 1}]  # from seg
     write_label_map(LabelMap(labels, grid, history), root / "labels.nii.gz")
     moved = labels.copy()
     tumour = tumour_mask(labels)
@@ -1089,6 +1089,30 @@ def test_a_context_without_segmentation_refuses_a_map_that_cannot_say_where_the_
     assert _context_run(nohist, case, out, tiny_model_folder, "--old-labels", str(labels)) == 0
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthetic_mask.nii.gz"))).astype(bool)
     assert mask[tumour_mask(read_label_map(labels).array)].all()
+
+
+def test_labels_of_a_case_without_segmentation_do_not_say_the_patient_had_no_tumour(
+        edited, tiny_model_folder, tmp_path: Path, capsys) -> None:
+    """`medsynth labels` of a case without a segmentation labels its tumour as tissue and recorded a patient without
+    a tumour; a tumour put into that map was inpainted with the real tumour left in the images, labelled healthy.
+    The record now says whether the case had a segmentation, and only a case that had one vouches for 'no tumour'."""
+    case = _noseg_case(edited, tmp_path)
+    derived = tmp_path / "noseg_labels.nii.gz"
+    assert main(["labels", str(case), "-o", str(derived)]) == 0
+    plain = read_label_map(derived)
+    assert plain.history[0]["params"]["tumour_segmentation"] is False and not tumour_mask(plain.array).any()
+    assert read_label_map(edited["labels"]).history[0]["params"].get("tumour_segmentation") is not False
+    drawn = np.where(tumour_mask(read_label_map(edited["moved"]).array) & (plain.array > 0),
+                     read_label_map(edited["moved"]).array, plain.array).astype(np.uint8)
+    inserted = tmp_path / "inserted.nii.gz"
+    write_label_map(plain.with_array(drawn, {"name": "parametric_tumour", "params": {}, "schema_version": 1}),
+                    inserted)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert _context_run(inserted, case, out, tiny_model_folder) == 2
+    err = _one_line(capsys)
+    assert str(case) in err and "segmentation" in err and "--old-labels" in err and not out.exists()
+    assert _context_run(inserted, case, out, tiny_model_folder, "--old-labels", str(derived)) == 0
 
 
 def test_an_inpainting_that_re_renders_nothing_is_refused(edited, tiny_model_folder, tiny_inpainter, tmp_path: Path,

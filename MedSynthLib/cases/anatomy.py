@@ -79,7 +79,9 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
     labels = np.where(tumour > 0, tumour, anatomy).astype(np.uint8)
     labels[~brain] = Label.BACKGROUND
     params: dict[str, Any] = {"convention": case.convention, "label_convention": case.label_convention,
-                              "anatomy_model": model.to_json(), "anatomy_contrasts": contrasts}
+                              "anatomy_model": model.to_json(), "anatomy_contrasts": contrasts,
+                              # without one, a tumour in the scan is labelled as tissue: "no tumour" is not known
+                              "tumour_segmentation": case.tumour is not None}
     if fallback is not None:
         params["anatomy_fallback"] = fallback
     return LabelMap(labels, case.grid, [{"name": "derive_labels", "params": params, "schema_version": SCHEMA_VERSION}])

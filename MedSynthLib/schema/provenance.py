@@ -325,13 +325,15 @@ class AnatomyFallbackParams:
 @record_kind("derive_labels")
 @dataclass(frozen=True)
 class DeriveLabelsParams(StepParams):
-    """Anatomy derived from a real case's T1; tumour copied from its expert segmentation."""
+    """Anatomy derived from a real case's T1; tumour copied from its expert segmentation (``tumour_segmentation``:
+    whether the case had one; without it a tumour in the scan is labelled as tissue)."""
 
     convention: CASE_CONVENTION | None = None
     label_convention: LABEL_CONVENTION | None = None
     anatomy_model: AnatomyModelParams | None = None
     anatomy_contrasts: tuple[CONTRAST, ...] | None = None
     anatomy_fallback: AnatomyFallbackParams | None = None
+    tumour_segmentation: bool | None = None
 
 
 @record_kind("template_labels")

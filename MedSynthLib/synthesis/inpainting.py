@@ -713,16 +713,21 @@ def _old_tumour_from_history(labelmap: Any) -> tuple[np.ndarray | None, str | No
     tracked = labelmap.privacy if isinstance(getattr(labelmap, "privacy", None), PrivacyRecord) else None
     tumour = tumour_mask(labelmap.array)
     in_place = tumour if tumour.any() else None
+    params = history[0].get("params") if isinstance(history[0].get("params"), dict) else {}
+    # A patient "without a tumour" is known only from a case that had a segmentation (older records do not say).
+    no_tumour_known = params.get("tumour_segmentation") is True
+    no_tumour_unknown = ("the label map was derived from a case without a tumour segmentation (or its record does "
+                         "not say), so whether the patient had a tumour is not recorded")
     if tracked is None:
         if len(history) == 1:
-            return in_place, None
+            return (in_place, None) if in_place is not None or no_tumour_known else (None, no_tumour_unknown)
         return None, ("the label map's history records edits but not how far they moved the patient's tumour "
                       "(no measured privacy record in its sidecar)")
     dice = tracked.tumour_dice_to_source
     if tracked.anatomy != "patient":
         return None, "the label map's privacy record does not say it is this patient's anatomy"
     if dice is None:  # measured from the start: the patient's map had no tumour to move
-        return None, None
+        return (None, None) if no_tumour_known else (None, no_tumour_unknown)
     if dice < 1.0:
         return None, f"the edit changed the patient's own tumour (tumour Dice {dice:.2f} to it)"
     if len(history) <= 2 and tracked.tumour_origin != "unknown":
