@@ -1112,6 +1112,7 @@ def test_labels_of_a_case_without_segmentation_do_not_say_the_patient_had_no_tum
     assert _context_run(inserted, case, out, tiny_model_folder) == 2
     err = _one_line(capsys)
     assert str(case) in err and "segmentation" in err and "--old-labels" in err and not out.exists()
+    assert "Whole synthetic case" in err  # what a Slicer user, who gives no --old-labels, can do instead
     assert _context_run(inserted, case, out, tiny_model_folder, "--old-labels", str(derived)) == 0
 
 
