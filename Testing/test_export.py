@@ -1043,3 +1043,21 @@ def test_an_export_beside_its_input_case_is_written(tmp_path, capsys):
     assert rc == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["synth_out", read_synthetic_case(case).case_id])
     assert sorted(p.name for p in case.iterdir()) == before
+
+
+def test_an_inpainted_cases_local_only_hashes_are_removed_and_counted(tmp_path, capsys):
+    """The inpainting record's hashes of the patient's case and of the map before the edit are local only: the
+    export left them out without counting them (removed_fields 0 for a real export), as the edits' are counted."""
+    case = inpainted_case(tmp_path / "inpainted")
+    provenance = json.loads((case / "provenance.json").read_text())
+    provenance["inpainting"].update(context_sha256="a" * 64, old_labels_sha256="b" * 64, old_tumour="old-labels")
+    (case / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    plain = inpainted_case(tmp_path / "plain")
+    counts = {}
+    for name, folder in (("with", case), ("without", plain)):
+        rc, _, err = run(["export", folder, "--format", "nifti", "-o", tmp_path / f"out-{name}"], capsys)
+        assert rc == 0, err
+        exported = json.loads((_case_dir(tmp_path / f"out-{name}") / "provenance.json").read_text())
+        assert "context_sha256" not in exported["inpainting"] and "old_labels_sha256" not in exported["inpainting"]
+        counts[name] = exported["export"]["removed_fields"]
+    assert counts["with"] == counts["without"] + 2, counts

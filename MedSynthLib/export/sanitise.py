@@ -55,6 +55,8 @@ def sanitise_provenance(raw: Mapping[str, Any], grid: Grid,
     for step in record.edits:  # local-only fields (a source case's name) are removed, and counted
         if step.params is not None:
             redacted.drop(sum(1 for name in step.params.local_only if getattr(step.params, name) is not None))
+    if record.inpainting is not None:  # the hashes of the patient's case and of the map before the edit
+        redacted.drop(sum(1 for name in record.inpainting.local_only if getattr(record.inpainting, name) is not None))
     if record.review is not None and record.review.note:
         redacted.drop()
     name = exported_model_name(record.model.name, record.model.sha256)
