@@ -884,3 +884,35 @@ def test_cli_tumour_edits_write_and_read_mhd(template, tmp_path, capsys):
         read = read_label_map(tmp_path / name)
         assert (read.array >= Label.NCR).any()
         _assert_same_volume(sitk.ReadImage(str(tmp_path / name)), read.array, labelmap.grid)
+
+
+def test_a_label_map_pair_that_fails_half_way_leaves_the_old_files(oblique_template, tmp_path, monkeypatch):
+    """write_label_map moves a .mhd's data file, its header and the sidecar into place as one unit; a move that
+    failed half way (the new data file in, the header not) left a header pointing at the new data file of another
+    map.  The unit is now undone: the old data file, header and sidecar as they were, no temporary left."""
+    import os
+
+    from MedSynthLib.schema.labelmap import read_label_map, write_label_map
+
+    labelmap, _ = oblique_template
+    path = tmp_path / "labels.mhd"
+    write_label_map(labelmap, path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    changed = labelmap.with_array(np.where(labelmap.array == Label.WM, Label.GM, labelmap.array),
+                                  {"name": "manual_segment_edit", "params": {}, "schema_version": 1})
+    real_replace = os.replace
+    armed = [True]
+
+    def fail_on_header(src, dst):  # the new header's move fails once (a disk error), the data file already moved
+        if str(dst) == str(path) and str(src).endswith("labels.mhd") and armed:
+            armed.clear()
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_header)
+    with pytest.raises(OSError):
+        write_label_map(changed, path, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.startswith(".")} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and "lock" not in p.name]
+    np.testing.assert_array_equal(read_label_map(path).array, labelmap.array)

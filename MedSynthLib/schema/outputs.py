@@ -149,10 +149,27 @@ def commit_files(moves: Mapping[Path, Path], *, overwrite: bool, lock_target: Pa
         for target in targets:
             if (target.exists() or target.is_symlink()) and not overwrite:
                 raise OutputExistsError(target)
-        for staged, target in moves.items():
             if target.is_dir() and not target.is_symlink():
                 raise InputError(target, "exists and is a folder; not replaced")
-            os.replace(staged, target)
+        done: list[tuple[Path, Path | None]] = []  # (target, the file it replaced, kept beside its staged file)
+        try:
+            for staged, target in moves.items():
+                backup = None
+                if target.exists() or target.is_symlink():
+                    backup = staged.with_name(f"{staged.name}.old")
+                    os.replace(target, backup)
+                done.append((target, backup))
+                os.replace(staged, target)
+        except BaseException:  # a failure half way: the unit undone, the old files put back
+            for target, backup in reversed(done):
+                if backup is None:
+                    target.unlink(missing_ok=True)
+                else:
+                    os.replace(backup, target)
+            raise
+        for _, backup in done:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
 
 
 def commit_folder(stage: Path, target: Path, owned: Iterable[str], *, overwrite: bool) -> None:
