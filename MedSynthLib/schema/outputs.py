@@ -149,27 +149,37 @@ def commit_files(moves: Mapping[Path, Path], *, overwrite: bool, lock_target: Pa
         for target in targets:
             if (target.exists() or target.is_symlink()) and not overwrite:
                 raise OutputExistsError(target)
+        replace_as_one(moves)
+
+
+def replace_as_one(moves: Mapping[Path, Path]) -> None:
+    """Move staged files onto their targets in order, as one unit (the caller holds signals off).
+
+    What a target held is kept beside its staged file until every move is done; a failure half way (a disk
+    error, a folder among the targets) removes what was moved and puts the old files back, so a header never
+    lies beside another image's data file.
+    """
+    done: list[tuple[Path, Path | None]] = []  # (target, the file it replaced)
+    try:
+        for staged, target in moves.items():
             if target.is_dir() and not target.is_symlink():
                 raise InputError(target, "exists and is a folder; not replaced")
-        done: list[tuple[Path, Path | None]] = []  # (target, the file it replaced, kept beside its staged file)
-        try:
-            for staged, target in moves.items():
-                backup = None
-                if target.exists() or target.is_symlink():
-                    backup = staged.with_name(f"{staged.name}.old")
-                    os.replace(target, backup)
-                done.append((target, backup))
-                os.replace(staged, target)
-        except BaseException:  # a failure half way: the unit undone, the old files put back
-            for target, backup in reversed(done):
-                if backup is None:
-                    target.unlink(missing_ok=True)
-                else:
-                    os.replace(backup, target)
-            raise
-        for _, backup in done:
-            if backup is not None:
-                backup.unlink(missing_ok=True)
+            backup = None
+            if target.exists() or target.is_symlink():
+                backup = staged.with_name(f"{staged.name}.old")
+                os.replace(target, backup)
+            done.append((target, backup))
+            os.replace(staged, target)
+    except BaseException:
+        for target, backup in reversed(done):
+            if backup is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(backup, target)
+        raise
+    for _, backup in done:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def commit_folder(stage: Path, target: Path, owned: Iterable[str], *, overwrite: bool) -> None:
@@ -203,5 +213,5 @@ def commit_folder(stage: Path, target: Path, owned: Iterable[str], *, overwrite:
             os.replace(stage / name, destination)
 
 
-__all__ = ["output_lock", "staging_folder", "commit_files", "commit_folder", "clean_stale_staging", "lock_path",
-           "signals_deferred"]
+__all__ = ["output_lock", "staging_folder", "commit_files", "replace_as_one", "commit_folder", "clean_stale_staging",
+           "lock_path", "signals_deferred"]

@@ -382,7 +382,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], *, overwrite: b
 
 def _write_pair(image: sitk.Image, path: Path, compress: bool) -> None:
     """Write a header and its data file in a hidden folder beside ``path``, then move both into place."""
-    from .outputs import signals_deferred
+    from .outputs import replace_as_one, signals_deferred
 
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix, _ = _tmp_affixes(path)
@@ -390,26 +390,8 @@ def _write_pair(image: sitk.Image, path: Path, compress: bool) -> None:
     try:
         sitk.WriteImage(image, str(stage / path.name), useCompression=compress)
         names = sorted(p.name for p in stage.iterdir() if p.name != path.name) + [path.name]  # the header last
-        moved: list[tuple[Path, Path | None]] = []  # (target, the file it replaced, kept in the stage) to undo
         with signals_deferred():
-            try:
-                for name in names:
-                    target = path.parent / name
-                    if target.is_dir() and not target.is_symlink():
-                        raise InputError(target, "exists and is a folder; not replaced")
-                    backup = None
-                    if target.exists() or target.is_symlink():
-                        backup = stage / f"{name}.old"
-                        os.replace(target, backup)
-                    moved.append((target, backup))
-                    os.replace(stage / name, target)
-            except BaseException:
-                for target, backup in reversed(moved):
-                    if backup is None:
-                        target.unlink(missing_ok=True)
-                    else:
-                        os.replace(backup, target)
-                raise
+            replace_as_one({stage / name: path.parent / name for name in names})
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
