@@ -1202,7 +1202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a blinded reader study: these real cases against --synthetic cases")
     p.add_argument("--synthetic", nargs="+", type=Path, metavar="SYN_DIR", help="synthetic cases of the study")
     p.add_argument("-o", "--output", type=Path, help="results folder of the study (resumed when it exists)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the study's draw and order (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the study's draw and order, 0 to 2**32-1 (default 0)")
     p.add_argument("--n-per-class", type=int, help="images per class (default: all the smaller class has)")
     p.add_argument("--summarise", type=Path, metavar="RESULTS_DIR",
                    help="summarise a study's answers (accuracy, 95 %% CI, per contrast) and exit")

@@ -87,17 +87,25 @@ def serve(args: argparse.Namespace) -> int:
             raise MedSynthError("a reader study needs --synthetic SYN_DIR... and -o RESULTS_DIR")
         study = ReaderStudy.create_or_resume(args.output, args.study, args.synthetic, seed=args.seed,
                                              n_per_class=args.n_per_class)
-        from .study_app import StudyApp
+        try:
+            from .study_app import StudyApp
 
-        app = StudyApp(study)
-        what = f"reader study ({len(study.answered())} of {len(study.items)} answered) in {args.output}"
+            app = StudyApp(study)
+            what = f"reader study ({len(study.answered())} of {len(study.items)} answered) in {args.output}"
+            _start(app, args, what)
+        finally:
+            study.close()  # the results folder is held for the server's lifetime, released when it stops
+        return 0
     else:
         entries = review_entries(list(args.cases), [tuple(p) for p in (args.pair or [])])
         from .review_app import ReviewApp
 
         app = ReviewApp(entries)
-        what = f"review of {len(entries)} case(s)"
+        _start(app, args, f"review of {len(entries)} case(s)")
+    return 0
+
+
+def _start(app: object, args: argparse.Namespace, what: str) -> None:
     print(f"medsynth review: {what} at http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
     sys.argv = sys.argv[:1]  # the trame server reads its own options from sys.argv: give it none
     app.server.start(port=args.port, host=args.host, open_browser=False, show_connection_info=False)
-    return 0

@@ -115,10 +115,20 @@ class ReviewApp:
                         html.Span("{{ status }}", id="status", classes="text-body-2")
         self._on_case(0)
 
-    def _on_case(self, case_index: int = 0, **_: Any) -> None:
+    def _entry(self, case_index: Any) -> ReviewEntry:
+        """The entry a page message names: an int index in range (not a bool, a float or a string)."""
+        if type(case_index) is not int or not 0 <= case_index < len(self.entries):
+            raise MedSynthError(f"no case {case_index!r} (cases 0-{len(self.entries) - 1})")
+        return self.entries[case_index]
+
+    def _on_case(self, case_index: Any = 0, **_: Any) -> None:
         from .scene import show
 
-        entry = self.entries[int(case_index)]
+        try:
+            entry = self._entry(case_index)
+        except MedSynthError as exc:
+            self.state.status = f"not shown: {exc}"
+            return
         self.loader.remove(self._nodes)
         self._nodes = []
         layout = "paired" if entry.real and entry.synthetic else ("synthetic" if entry.synthetic else "real")
@@ -147,11 +157,14 @@ class ReviewApp:
 
     def save(self, case_index: int, rating: int, note: str) -> None:
         """Save what the page shows (passed with the click, not read from possibly stale state)."""
-        entry = self.entries[int(case_index)]
         try:
+            entry = self._entry(case_index)
             if entry.synthetic is None:
                 raise MedSynthError("a real case has no synthetic provenance to rate")
-            review = save_review(entry.synthetic.folder, int(rating or 0), note or "")
+            if note is not None and not isinstance(note, str):
+                raise MedSynthError(f"the note must be text, got {type(note).__name__}")
+            # Strict: a crafted rating (3.6, True, "abc") is refused by save_review, never rounded or cast.
+            review = save_review(entry.synthetic.folder, rating, note or "")
             self.state.status = f"saved: rating {review['rating']} at {review['reviewed_at']}"
         except MedSynthError as exc:
             self.state.status = f"not saved: {exc}"

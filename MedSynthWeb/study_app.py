@@ -101,17 +101,24 @@ class StudyApp:
                 self.state.item_id = ""
                 write_summary(self.study.folder)
                 return
-            volume = self.loader.volume(item.image, "study image")
+            try:
+                volume = self.loader.volume(item.image, "study image")
+            except Exception as exc:  # noqa: BLE001 - the file went away while serving: say so on the page
+                self.state.status = (f"cannot show {item.item_id}: its image cannot be read ({type(exc).__name__}); "
+                                     "stop the server and check the study's cases")
+                return
             self._nodes.append(volume)
             show(self.slicer.view_manager.get_view(VIEW_TAG), volume, None, item.centre_ras)
             self.state.item_id = item.item_id
             self.state.position = len(self.study.answered()) + 1
 
-    def submit(self, item_id: str, answer: str | None, confidence: int | None) -> None:
+    def submit(self, item_id: Any, answer: Any, confidence: Any) -> None:
+        """Record the answer the click carries; anything else than the page's own values gets a status line."""
         if self._current is None or item_id != self._current.item_id:
             return  # a second click on an item already answered
         try:
-            self.study.answer(item_id, answer, int(confidence or 0))
+            # Strict: a crafted message (2.7, True, "abc") is refused, never rounded or cast.
+            self.study.answer(item_id, answer, confidence)
         except MedSynthError as exc:
             self.state.status = f"not saved: {exc}"
             return

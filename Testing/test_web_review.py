@@ -223,9 +223,11 @@ def test_study_saves_each_answer_and_resumes(cases, tmp_path):
     rows = list(csv.DictReader(io.StringIO((results / "responses.csv").read_text())))
     assert [r["item_id"] for r in rows] == [first.item_id]
     assert json.loads((results / "responses.json").read_text())["responses"][0]["answer"] == "synthetic"
+    study.close()  # one server per results folder: the first holds the study until it stops
     resumed = ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=1, n_per_class=2)
     assert resumed.answered() == {first.item_id} and resumed.next_item().item_id == "item-002"
-    with pytest.raises(MedSynthError, match="another seed"):
+    resumed.close()
+    with pytest.raises(MedSynthError, match="--seed"):
         ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=2)
     assert not list(results.glob(".*tmp*"))  # atomic writes leave no temporary files
 
@@ -550,3 +552,200 @@ def test_cli_review_on_a_port_in_use_is_one_line(cases, capfd):
         assert cli.main(["review", str(cases["real"][0]), "--port", str(port)]) == 2
         err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("medsynth")]
     assert len(err) == 1 and f"--port {port}" in err[0] and "cannot listen" in err[0], err
+
+
+# --- audit: one server per results folder, inputs checked at resume, strict page messages ---------
+
+
+def _study_args(cases, results: Path, *extra: str) -> list[str]:
+    return ["review", "--study", *map(str, cases["real"]), "--synthetic", *map(str, cases["synthetic"]),
+            "-o", str(results), "--port", str(_free_port()), *extra]
+
+
+def _one_line(capsys, expected: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_second_server_on_one_results_folder_is_refused(cases, tmp_path, capsys):
+    # Two servers on one -o each rewrote responses.json from their own memory: answers vanished.
+    results = tmp_path / "results"
+    first = ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=2)
+    with pytest.raises(MedSynthError, match="another medsynth review"):
+        ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=2)
+    with pytest.raises(MedSynthError, match="another medsynth review"):
+        ReaderStudy.create_or_resume(tmp_path / "." / "results", cases["real"], cases["synthetic"], seed=0,
+                                     n_per_class=2)
+    if find_spec("trame_slicer") is not None:
+        assert cli.main(_study_args(cases, results, "--n-per-class", "2")) == 2
+        _one_line(capsys, "another medsynth review")
+    first.answer(first.next_item().item_id, "real", 1)
+    first.close()
+    resumed = ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=2)
+    assert len(resumed.answered()) == 1
+    resumed.close()
+    # A lock left by a process that died (kill -9) does not block: the kernel released its lock.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"),
+        str(tmp_path / ".results.medsynth-lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(MedSynthError, match="another medsynth review"):
+        ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=2)
+    holder.kill()
+    holder.wait()
+    again = ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=2)
+    assert len(again.answered()) == 1
+    again.close()
+
+
+def _inpainted(tmp_path: Path) -> Path:
+    case = make_synthetic_case(tmp_path, 5)
+    provenance = json.loads((case / "provenance.json").read_text())
+    provenance.update(privacy={"anatomy": "patient", "images": "patient"}, inpainting={"region_margin_mm": 5.0})
+    (case / "provenance.json").write_text(json.dumps(provenance))
+    return case
+
+
+def test_plan_refuses_a_patients_inpainted_scan_as_synthetic(cases, tmp_path, capsys):
+    # synthesize --context writes the patient's own scan with one region re-rendered: mostly real pixels.
+    inpainted = _inpainted(tmp_path)
+    with pytest.raises(MedSynthError, match="patient's scan"):
+        plan_study(cases["real"], [cases["synthetic"][0], inpainted])
+    if find_spec("trame_slicer") is not None:
+        results = tmp_path / "results"
+        args = ["review", "--study", *map(str, cases["real"]), "--synthetic", str(inpainted),
+                "-o", str(results), "--port", str(_free_port())]
+        assert cli.main(args) == 2
+        assert str(inpainted) in _one_line(capsys, "patient's scan")
+        assert not results.exists()
+
+
+def test_resume_checks_every_planned_file_and_its_content(cases, tmp_path):
+    root = tmp_path / "cases"
+    real = [shutil.copytree(c, root / c.name) for c in cases["real"]]
+    synthetic = [shutil.copytree(c, root / c.name) for c in cases["synthetic"]]
+    results = tmp_path / "results"
+    study = ReaderStudy.create_or_resume(results, real, synthetic, seed=0, n_per_class=2)
+    plan = json.loads((results / "study_plan.json").read_text())
+    assert set(plan["files_sha256"]) == {item["image"] for item in plan["items"]}
+    study.close()
+    image = Path(plan["items"][0]["image"])
+    saved = image.read_bytes()
+    image.unlink()
+    with pytest.raises(MedSynthError, match="missing") as error:
+        ReaderStudy.create_or_resume(results, real, synthetic, seed=0, n_per_class=2)
+    assert str(image) in str(error.value)
+    image.write_bytes(saved[:-8] + b"\0" * 8)  # regenerated with --overwrite: same path, other content
+    with pytest.raises(MedSynthError, match="changed since the study was planned"):
+        ReaderStudy.create_or_resume(results, real, synthetic, seed=0, n_per_class=2)
+    image.write_bytes(saved)
+    ReaderStudy.create_or_resume(results, real, synthetic, seed=0, n_per_class=2).close()
+
+
+def test_cli_review_seed_out_of_range_is_one_line(cases, tmp_path, capsys):
+    for seed in ("-1", str(2**32)):
+        assert cli.main(_study_args(cases, tmp_path / "results", "--seed", seed)) == 2
+        _one_line(capsys, "--seed")
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("responses", [
+    {"responses": [{"item_id": "item-001"}]}, {"responses": "abc"}, {"responses": [1]}, [1, 2],
+    {"responses": [{"item_id": "item-099", "modality": "t1", "answer": "real", "confidence": 1, "truth": "real",
+                    "correct": True, "answered_at": "x"}]},
+    {"responses": [{"item_id": "item-001", "modality": "t1", "answer": "real", "confidence": "2", "truth": "real",
+                    "correct": True, "answered_at": "x"}]},
+])
+def test_cli_summarise_malformed_responses_is_one_line(cases, tmp_path, capsys, responses):
+    results = tmp_path / "results"
+    ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=1).close()
+    (results / "responses.json").write_text(json.dumps(responses))
+    assert cli.main(["review", "--summarise", str(results)]) == 2
+    assert str(results / "responses.json") in _one_line(capsys, "responses.json")
+    assert not (results / "summary.json").exists()
+
+
+def test_results_folder_inside_a_case_folder_is_refused(cases, tmp_path):
+    for inside in (cases["real"][0] / "study", cases["synthetic"][1] / "a" / "study"):
+        with pytest.raises(MedSynthError, match="inside the case folder"):
+            ReaderStudy.create_or_resume(inside, cases["real"], cases["synthetic"], seed=0, n_per_class=1)
+        assert not inside.exists() and not inside.parent.joinpath(f".{inside.name}.medsynth-lock").exists()
+
+
+def test_resume_refuses_changed_inputs(cases, tmp_path):
+    results = tmp_path / "results"
+    extra = make_synthetic_case(tmp_path, 7)
+    ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=2).close()
+    for real, synthetic, n, what in (
+        (cases["real"], cases["synthetic"], 3, "--n-per-class"),
+        (cases["real"], cases["synthetic"], None, "--n-per-class"),
+        (cases["real"], [*cases["synthetic"], extra], 2, "synthetic cases"),
+        (cases["real"][:1], cases["synthetic"], 2, "real cases"),
+        ([cases["real"][0], cases["synthetic"][0]], [cases["real"][1], cases["synthetic"][1]], 2, "real cases"),
+    ):
+        with pytest.raises(MedSynthError, match=what) as error:
+            ReaderStudy.create_or_resume(results, real, synthetic, seed=0, n_per_class=n)
+        assert "another -o" in str(error.value)
+    ReaderStudy.create_or_resume(results, list(reversed(cases["real"])), cases["synthetic"], seed=0,
+                                 n_per_class=2).close()
+
+
+def test_start_race_names_no_overwrite_option(cases, tmp_path, monkeypatch):
+    # Another start wrote the plan between the check and the write: the hint must not name --overwrite
+    # (review has none).
+    import MedSynthLib.evaluation.reader_study as reader_study
+
+    results = tmp_path / "results"
+    real_plan = reader_study.plan_study
+
+    def racing_plan(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "study_plan.json").write_text("{}")
+        return plan
+
+    monkeypatch.setattr(reader_study, "plan_study", racing_plan)
+    with pytest.raises(MedSynthError) as error:
+        ReaderStudy.create_or_resume(results, cases["real"], cases["synthetic"], seed=0, n_per_class=1)
+    assert "--overwrite" not in str(error.value) and "study_plan.json" in str(error.value)
+    assert (results / "study_plan.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("confidence", [2.7, 2.0, True, "abc", None, "2"])
+def test_study_page_refuses_crafted_confidences(cases, tmp_path, confidence):
+    study, app = _study_app(cases, tmp_path)
+    item = app._current
+    app.submit(item.item_id, "real", confidence)
+    assert app.state.status.startswith("not saved") and "confidence" in app.state.status
+    assert study.answered() == set() and app._current is item
+    for answer in (1, ["real"], None):
+        app.submit(item.item_id, answer, 2)
+        assert app.state.status.startswith("not saved") and study.answered() == set()
+    app.submit(item.item_id, "real", 2)
+    assert study.answered() == {item.item_id}
+
+
+def test_review_page_refuses_crafted_ratings_and_case_indices(cases, tmp_path):
+    if find_spec("trame_slicer") is None:
+        pytest.skip("trame_slicer not installed (pip install -e '.[web]')")
+    from MedSynthWeb.cli import review_entries
+    from MedSynthWeb.review_app import ReviewApp
+
+    case = make_synthetic_case(tmp_path, 3)
+    before = (case / "provenance.json").read_bytes()
+    app = ReviewApp(review_entries([case, cases["real"][0]], []))
+    for rating in (3.6, 3.0, True, "abc", None, "3", 9):
+        app.save(0, rating, "note")
+        assert app.state.status.startswith("not saved") and "rating" in app.state.status, (rating, app.state.status)
+    for index in (99, -1, True, "0", 1.0, None):
+        app.save(index, 3, "note")
+        assert app.state.status.startswith("not saved") and "case" in app.state.status, (index, app.state.status)
+        app._on_case(index)
+        assert "case" in app.state.status, (index, app.state.status)
+    app.save(0, 3, 7)
+    assert app.state.status.startswith("not saved") and "note" in app.state.status
+    assert (case / "provenance.json").read_bytes() == before
+    app.save(0, 3, "fine")
+    assert json.loads((case / "provenance.json").read_text())["review"]["rating"] == 3

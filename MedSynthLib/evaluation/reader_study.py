@@ -17,6 +17,7 @@ Files in the results folder:
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..schema.errors import InputError, MedSynthError
+from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..cases.readers import MODALITIES
 from ..schema.labels import Label
 from ..schema.review import SYNTHETIC_KIND
@@ -90,6 +91,17 @@ def is_synthetic_case(folder: str | os.PathLike[str]) -> bool:
     path = Path(folder) / "provenance.json"
     try:
         return json.loads(path.read_text()).get("kind") == SYNTHETIC_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_patient_scan(folder: str | os.PathLike[str]) -> bool:
+    """Whether a MedSynth case folder holds a patient's own images (``synthesize --context``: the real scan with
+    one region re-rendered), which a reader study must not score as synthetic."""
+    try:
+        provenance = json.loads((Path(folder) / "provenance.json").read_text())
+        privacy = provenance.get("privacy") or {}
+        return bool(provenance.get("inpainting")) or (isinstance(privacy, dict) and privacy.get("images") == "patient")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -168,6 +180,9 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
     unknown = sorted(set(modalities) - set(MODALITIES))
     if unknown or not modalities:
         raise MedSynthError(f"unknown contrasts {unknown} (choose from {', '.join(MODALITIES)})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise MedSynthError(f"--seed must be a whole number in [0, 2**32), got {seed!r}")
+    n_per_class_asked = n_per_class
     rng = np.random.default_rng(seed)
     cases: dict[str, list[CaseImages]] = {"real": [], "synthetic": []}
     for truth, folders in (("real", real), ("synthetic", synthetic)):
@@ -175,6 +190,10 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
             case = open_case(folder)
             if case.synthetic != (truth == "synthetic"):
                 raise InputError(folder, f"given as {truth} but it is {'a synthetic' if case.synthetic else 'a real'} case")
+            if case.synthetic and is_patient_scan(folder):
+                raise InputError(folder, "is a patient's scan with one region re-rendered (synthesize --context: "
+                                         "mostly the patient's real images), not a synthetic case: leave it out of "
+                                         "the study")
             cases[truth].append(case)
     _check_one_grid([case for t in TRUTHS for case in cases[t]], modalities)
     available = min(len(cases[t]) for t in TRUTHS) * len(modalities)
@@ -204,9 +223,19 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
             centres[case.folder] = tumour_centre_ras(case)
         items.append(StudyItem(f"item-{position + 1:03d}", modality, truth, str(case.folder.resolve()),
                                str(case.files[modality].resolve()), centres[case.folder]))
+    from ..schema.provenance import file_sha256
+
     return {"kind": "medsynth-reader-study", "plan_version": PLAN_VERSION, "seed": seed,
             "n_per_class": n_per_class, "modalities": list(modalities),
-            "created_at": _now(), "items": [asdict(item) for item in items]}
+            "created_at": _now(), "items": [asdict(item) for item in items],
+            # What a resume checks: the inputs as given, and the content of every image shown.
+            "inputs": {"real": sorted(_resolved(real)), "synthetic": sorted(_resolved(synthetic)),
+                       "n_per_class": n_per_class_asked},
+            "files_sha256": {item.image: file_sha256(item.image) for item in items}}
+
+
+def _resolved(folders: Sequence[str | os.PathLike[str]]) -> set[str]:
+    return {str(Path(folder).resolve()) for folder in folders}
 
 
 def _check_one_grid(cases: Sequence[CaseImages], modalities: Sequence[str]) -> None:
@@ -242,13 +271,40 @@ class ReaderStudy:
         self.plan = plan
         self.items = [StudyItem(**item) for item in plan["items"]]
         self._by_id = {item.item_id: item for item in self.items}
+        self._lock: int | None = None
         self.responses: list[dict[str, Any]] = []
         path = self.folder / RESPONSES_JSON
         if path.is_file():
             try:
-                self.responses = json.loads(path.read_text())["responses"]
+                responses = json.loads(path.read_text())["responses"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise InputError(path, f"cannot read the answers so far ({exc})") from None
+            self.responses = self._checked_responses(path, responses)
+
+    def _checked_responses(self, path: Path, responses: Any) -> list[dict[str, Any]]:
+        """The answers of ``responses.json`` as this study wrote them, or one line naming what is wrong."""
+        if not isinstance(responses, list):
+            raise InputError(path, f"'responses' is not a list of answers (got {type(responses).__name__})")
+        seen = set()
+        for number, row in enumerate(responses, 1):
+            problem = None
+            if not isinstance(row, dict):
+                problem = f"is not an object (got {type(row).__name__})"
+            elif missing := [f for f in RESPONSE_FIELDS if f not in row]:
+                problem = f"lacks {', '.join(missing)}"
+            elif row["item_id"] not in self._by_id or row["item_id"] in seen:
+                problem = f"names an item_id not in the plan or given twice ({row['item_id']!r})"
+            elif row["answer"] not in TRUTHS or row["truth"] != self._by_id[row["item_id"]].truth \
+                    or row["modality"] != self._by_id[row["item_id"]].modality:
+                problem = "has an answer, truth or modality that does not fit the plan"
+            elif type(row["confidence"]) is not int or row["confidence"] not in CONFIDENCES:
+                problem = f"has the confidence {row['confidence']!r} (one of {CONFIDENCES})"
+            elif row["correct"] is not (row["answer"] == row["truth"]):
+                problem = "has a 'correct' that does not match its answer"
+            if problem:
+                raise InputError(path, f"answer {number} {problem}: not the answers this study wrote")
+            seen.add(row["item_id"])
+        return responses
 
     @classmethod
     def create_or_resume(cls, folder: str | os.PathLike[str], real: Sequence[str | os.PathLike[str]],
@@ -259,25 +315,105 @@ class ReaderStudy:
         Raises:
             MedSynthError: the folder holds a study of other cases or another seed.
         """
-        from ..schema.volume_io import check_folder_argument
+        from ..schema.volume_io import check_folder_argument, enclosing_folder
 
         folder = Path(folder)
         check_folder_argument(folder, "results folder")  # a file, or under one: one line, nothing written
+        inside = enclosing_folder(folder, [*real, *synthetic])
+        if inside is not None:
+            raise InputError(folder, f"is inside the case folder {inside}: the results hold the study's key; "
+                                     "choose a results folder outside the case folders")
+        lock = _lock_study(folder)
+        try:
+            study = cls._create_or_resume(folder, real, synthetic, seed, n_per_class)
+        except BaseException:
+            _unlock_study(folder, lock)
+            raise
+        study._lock = lock
+        return study
+
+    @classmethod
+    def _create_or_resume(cls, folder: Path, real: Sequence[str | os.PathLike[str]],
+                          synthetic: Sequence[str | os.PathLike[str]], seed: int,
+                          n_per_class: int | None) -> "ReaderStudy":
         plan_path = folder / PLAN_FILE
         if plan_path.is_file():
             study = cls.open(folder)
-            wanted = sorted(str(Path(p).resolve()) for p in [*real, *synthetic])
-            planned = sorted({item.case for item in study.items})
-            if study.plan["seed"] != seed or not set(planned) <= set(wanted):
-                raise InputError(plan_path, "holds a study of other cases or another seed: "
-                                            "resume it with the same inputs, or choose another results folder")
+            study._check_inputs(plan_path, real, synthetic, seed, n_per_class)
+            study._check_files()
             return study
         if folder.exists() and any(folder.iterdir()):
             raise InputError(folder, "is not empty and holds no reader study: choose a new results folder")
         plan = plan_study(real, synthetic, seed=seed, n_per_class=n_per_class)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(plan, plan_path)
+        try:
+            write_json(plan, plan_path)
+        except OutputExistsError:
+            raise InputError(plan_path, "another medsynth review planned a study here meanwhile: resume it with "
+                                        "the same command, or give another -o for a new study") from None
         return cls(folder, plan)
+
+    def _check_inputs(self, plan_path: Path, real: Sequence[str | os.PathLike[str]],
+                      synthetic: Sequence[str | os.PathLike[str]], seed: int, n_per_class: int | None) -> None:
+        """Refuse a resume with other inputs than the plan's, saying what differs."""
+        inputs = self.plan.get("inputs")
+        differs = []
+        if self.plan["seed"] != seed:
+            differs.append(f"--seed {seed}, planned {self.plan['seed']}")
+        if isinstance(inputs, dict):
+            if inputs.get("n_per_class") != n_per_class:
+                differs.append(f"--n-per-class {n_per_class if n_per_class is not None else '(none)'}, planned "
+                               f"{inputs.get('n_per_class') if inputs.get('n_per_class') is not None else '(none)'}")
+            for role, given in (("real", real), ("synthetic", synthetic)):
+                if set(inputs.get(role) or []) != _resolved(given):
+                    differs.append(f"the {role} cases")
+        else:  # a plan written before the inputs were recorded: its items' cases by role, and the count
+            if n_per_class is not None and n_per_class != self.plan.get("n_per_class"):
+                differs.append(f"--n-per-class {n_per_class}, planned {self.plan.get('n_per_class')}")
+            for role, given in (("real", real), ("synthetic", synthetic)):
+                if not {item.case for item in self.items if item.truth == role} <= _resolved(given):
+                    differs.append(f"the {role} cases")
+        if differs:
+            raise InputError(plan_path, f"holds a study with other inputs ({'; '.join(differs)}): resume it with "
+                                        "the same command, or give another -o to start a new study")
+
+    def _check_files(self) -> None:
+        """Every planned image is there and, where the plan recorded it, unchanged (sha256)."""
+        from ..schema.provenance import file_sha256
+
+        hashes = self.plan.get("files_sha256") or {}
+        for item in self.items:
+            path = Path(item.image)
+            if not path.is_file():
+                raise InputError(path, f"image of {item.item_id} is missing (moved or deleted since the study "
+                                       "was planned): put it back, or give another -o to start a new study")
+            if item.image in hashes:
+                try:
+                    digest = file_sha256(path)
+                except OSError as exc:
+                    raise InputError(path, f"image of {item.item_id} cannot be read ({exc})") from None
+                if digest != hashes[item.image]:
+                    raise InputError(path, f"image of {item.item_id} changed since the study was planned "
+                                           "(sha256 differs; regenerated?): put the planned image back, or give "
+                                           "another -o to start a new study")
+
+    def close(self) -> None:
+        """Release the results folder (another server may then resume the study)."""
+        if self._lock is not None:
+            _unlock_study(self.folder, self._lock)
+            self._lock = None
+
+    def __enter__(self) -> "ReaderStudy":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     @classmethod
     def open(cls, folder: str | os.PathLike[str]) -> "ReaderStudy":
@@ -305,13 +441,16 @@ class ReaderStudy:
 
     def answer(self, item_id: str, answer: str, confidence: int) -> dict[str, Any]:
         """Record one answer and rewrite ``responses.csv`` and ``responses.json`` atomically."""
-        if item_id not in self._by_id:
+        if self._lock is None:
+            raise MedSynthError(f"{self.folder}: the study is not held by this process (opened read-only, or "
+                                "closed): nothing saved")
+        if not isinstance(item_id, str) or item_id not in self._by_id:
             raise MedSynthError(f"unknown study item {item_id!r}")
         if item_id in self.answered():
             raise MedSynthError(f"{item_id} is already answered")
-        if answer not in TRUTHS:
+        if not isinstance(answer, str) or answer not in TRUTHS:
             raise MedSynthError(f"the answer must be 'real' or 'synthetic', got {answer!r}")
-        if isinstance(confidence, bool) or confidence not in CONFIDENCES:
+        if type(confidence) is not int or confidence not in CONFIDENCES:
             raise MedSynthError(f"the confidence must be one of {CONFIDENCES}, got {confidence!r}")
         item = self._by_id[item_id]
         row = {"item_id": item_id, "modality": item.modality, "answer": answer, "confidence": confidence,
@@ -328,6 +467,41 @@ class ReaderStudy:
         _write_text_atomic(self.folder / RESPONSES_CSV, buffer.getvalue())
         write_json({"seed": self.plan["seed"], "n_items": len(self.items), "responses": self.responses},
                    self.folder / RESPONSES_JSON, overwrite=True)
+
+
+def _lock_study(folder: Path) -> int:
+    """Hold the results folder's lock (``.NAME.medsynth-lock`` beside it, as MedSynth's output locks) for as
+    long as the study is served; refuse at once when another process holds it.  The kernel releases the lock
+    of a process that died, so a lock file it left never blocks."""
+    from ..schema.outputs import lock_path
+
+    path = lock_path(folder.resolve())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(folder, "another medsynth review is serving this study (one server per results "
+                                     "folder): stop it first, or give another -o") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # locked a file its last holder had removed: try again
+
+
+def _unlock_study(folder: Path, fd: int) -> None:
+    from ..schema.outputs import lock_path
+
+    try:
+        os.unlink(lock_path(folder.resolve()))
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
