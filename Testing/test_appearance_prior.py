@@ -353,3 +353,36 @@ def test_export_fits_the_prior_and_medsynth_appearance_fits_the_same_one(phantom
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_medsynth_appearance_finds_training_cases_recorded_under_the_older_key_scheme(phantom_brats, tmp_path,
+                                                                                     capsys) -> None:
+    """medsynth-spade27-cpu records its cases' hashes as computed before the cache version became 2: given the very
+    folders it was trained on, ``appearance`` said '27 of the model's 27 training cases are not here'.  A record
+    under the older scheme finds its cases, in its own order, and fits the prior the current record fits."""
+    from MedSynthLib.training.data import case_key
+    from test_evaluate import _key_written_before_cache_version_2
+
+    short = dict(CONFIG, steps=2, val_every=2, checkpoint_every=2, appearance_patches=0)
+    bare_folder = _train(phantom_brats, tmp_path / "bare", short, tmp_path)
+    config = json.loads((bare_folder / "config.json").read_text())
+    older_key = {case_key(folder): _key_written_before_cache_version_2(folder) for folder in phantom_brats.iterdir()}
+    current = config["training"]["data"]["case_sha256"]
+    assert set(current) <= set(older_key) and not set(older_key.values()) & set(current)
+    config["training"]["data"]["case_sha256"] = [older_key[key] for key in current]  # the record's order kept
+    older = tmp_path / "older"
+    shutil.copytree(bare_folder, older)
+    rewrite_model_config(older, {k: v for k, v in config.items() if k != "config_sha256"})
+
+    fits = {}
+    for name, model in (("current", bare_folder), ("older", older)):
+        argv = ["appearance", str(model), "--data", str(phantom_brats), "-o", str(tmp_path / f"fit_{name}"),
+                "--patches", "6", "--cache", str(training_cache_of(phantom_brats))]
+        capsys.readouterr()
+        assert main(argv) == 0, capsys.readouterr().err
+        fits[name] = resolve_model(tmp_path / f"fit_{name}").appearance
+    np.testing.assert_allclose(fits["older"].mean, fits["current"].mean, atol=1e-6)
+    np.testing.assert_allclose(fits["older"].covariance, fits["current"].covariance, atol=1e-6)
+    # The record's own hashes are kept: the fitted copy still tells its cases under the older scheme.
+    assert resolve_model(tmp_path / "fit_older").config["training"]["data"]["case_sha256"] == \
+        config["training"]["data"]["case_sha256"]

@@ -349,3 +349,37 @@ def test_medsynth_evaluate_refuses_a_report_name_that_is_not_json_before_any_wor
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "report.png" in err and ".json" in err, err
     assert not (tmp_path / "report.png").exists()
+
+
+def _key_written_before_cache_version_2(folder: Path) -> str:
+    """A case's content hash as training recorded it before the prepared-case cache version became 2 (the
+    scheme of medsynth-spade27-cpu's and medsynth-inpaint-brats27's records): "cache1" folded in, else the same."""
+    import hashlib
+    import json
+
+    from MedSynthLib.cases.anatomy import DEFAULT_ANATOMY_MODEL
+    from MedSynthLib.schema.labels import SCHEMA_VERSION
+
+    case = read_case(folder, require_segmentation=True)
+    digest = hashlib.sha256(f"cache1-schema{SCHEMA_VERSION}".encode())
+    digest.update(json.dumps(DEFAULT_ANATOMY_MODEL.to_json(), sort_keys=True).encode())
+    for name in sorted(case.files):
+        digest.update(Path(case.files[name]).read_bytes())
+    return digest.hexdigest()
+
+
+def test_a_case_recorded_under_the_older_key_scheme_is_told_in_sample(tmp_path: Path) -> None:
+    """The shipped medsynth-spade27-cpu records its training cases' hashes as computed before the cache version
+    became 2: BraTS2021_00000, one of them, was scored as held-out without a word.  A record under either scheme
+    tells the case; a case not in the record is told held-out under both."""
+    from MedSynthLib.cases.case_key import case_files_hash
+    from MedSynthLib.evaluation.evaluate import trained_on
+
+    seen, unseen = write_phantom_case(tmp_path / "cases", 0), write_phantom_case(tmp_path / "cases", 1)
+    old = _key_written_before_cache_version_2(seen)
+    seen_case, unseen_case = read_case(seen, require_segmentation=True), read_case(unseen, require_segmentation=True)
+    assert old != case_files_hash(seen_case)
+    for recorded in ([old], [case_files_hash(seen_case)]):
+        model = SimpleNamespace(config={"training": {"data": {"case_sha256": recorded}}})
+        assert trained_on(model, seen_case) and not trained_on(model, unseen_case)
+    assert not trained_on(SimpleNamespace(config={"training": {"data": {"case_sha256": []}}}), seen_case)

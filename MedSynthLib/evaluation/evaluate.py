@@ -205,15 +205,15 @@ def _model_free_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain:
 def trained_on(model: Any, case: Any) -> bool:
     """Whether ``model``'s training record lists ``case``'s files (the content hash training keeps per case).
 
-    A shared model's record drops the hashes (:func:`~MedSynthLib.synthesis.models.share_model`), and a model
-    trained before the prepared-case format last changed keeps hashes of that format: then ``False``, as nothing
-    can be told.
+    A model trained before the prepared-case format last changed keeps hashes of that format: the case is looked
+    for under each known scheme (:func:`~MedSynthLib.cases.case_key.in_training_record`).  A shared model's record
+    drops the hashes (:func:`~MedSynthLib.synthesis.models.share_model`): then ``False``, as nothing can be told.
     """
-    from ..cases.case_key import case_files_hash
+    from ..cases.case_key import in_training_record
 
     record = (getattr(model, "config", None) or {}).get("training") or {}
     recorded = (record.get("data") or {}).get("case_sha256") or []
-    return bool(recorded) and case_files_hash(case) in set(recorded)
+    return in_training_record(case, recorded)
 
 
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],

@@ -37,9 +37,11 @@ def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Pa
 
     import torch
 
+    from ..cases.case_key import recorded_case_keys
+    from ..cases.readers import read_case
     from ..schema.volume_io import check_writable
     from .data import cases_by_name, find_case_sources
-    from .train import TrainConfig, _data_fingerprint, _load_volume, fit_export_appearance, patch_sampler
+    from .train import TrainConfig, _load_volume, fit_export_appearance, patch_sampler
 
     card = resolve_model(model)
     if not card.network.has_style:
@@ -59,8 +61,14 @@ def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Pa
 
     label = " ".join(str(root) for root in data)
     sources = cases_by_name([s for root in data for s in find_case_sources(root, config.normalization)])
-    fingerprint = _data_fingerprint(list(sources.values()))
-    by_key = {key: sources[name] for name, key in fingerprint.items()}
+    # Each case under every key the record may name it by (a model trained before the cache version last changed
+    # records the older scheme's), with the current key its prepared volume is cached under.  A prepared set records
+    # the current key only: its scans, which an older key hashes, are not in it.
+    by_key: dict[str, tuple[Any, str]] = {}
+    for source in sources.values():
+        keys = [source.key] if source.key is not None else recorded_case_keys(
+            read_case(source.origin, require_segmentation=True))
+        by_key.update((key, (source, keys[0])) for key in keys)
     missing = [key for key in recorded if key not in by_key]
     if missing:
         raise InputError(label, f"{len(missing)} of the model's {len(recorded)} training cases are not here "
@@ -68,7 +76,7 @@ def refit_appearance(model: str | os.PathLike[str], data: list[Path], output: Pa
     with tempfile.TemporaryDirectory(prefix="medsynth-appearance-") as scratch:
         cache = cache_dir if cache_dir is not None else Path(scratch)
         # The model's own training order: the sampler picks a case by index, so the fit repeats the export's.
-        volumes = [_load_volume(by_key[key], cache, config.normalization, key) for key in recorded]
+        volumes = [_load_volume(by_key[key][0], cache, config.normalization, by_key[key][1]) for key in recorded]
         # The export's own fit, with the count asked for: the same sampler, patch seed and progress bar.
         prior = fit_export_appearance(load_generator(card, device),
                                       dataclasses.replace(config, appearance_patches=count), patch_sampler(config),
