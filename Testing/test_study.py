@@ -809,3 +809,63 @@ def test_blur_augmentation_is_reproducible_and_keeps_the_patches() -> None:
     assert np.median(ratio) < 0.5  # sigmas are drawn from U(0, 2) voxels
     with pytest.raises(InputError, match="blur"):
         SegConfig.from_json({"blur": -1.0}, "config.json")
+
+
+# Every nested option of a study config is checked before the study starts: one line naming the config
+# file and the option, exit status 2, nothing written (a bad option used to pass and fail hours later).
+BAD_NESTED_CONFIGS = {
+    "per_case_text": ({"synthetic": {"per_case": "abc", "kinds": ["transform"]}}, "synthetic.per_case"),
+    "per_case_zero": ({"synthetic": {"per_case": 0, "kinds": ["transform"]}}, "synthetic.per_case"),
+    "per_case_bool": ({"synthetic": {"per_case": True, "kinds": ["transform"]}}, "synthetic.per_case"),
+    "per_case_fraction": ({"synthetic": {"per_case": 1.5, "kinds": ["transform"]}}, "synthetic.per_case"),
+    "kinds_text": ({"synthetic": {"kinds": "transform"}}, "synthetic.kinds"),
+    "kinds_number": ({"synthetic": {"kinds": 3}}, "synthetic.kinds"),
+    "kinds_empty": ({"synthetic": {"kinds": []}}, "synthetic.kinds"),
+    "kinds_unknown": ({"synthetic": {"kinds": ["bogus"]}}, "synthetic.kinds"),
+    "kinds_item_number": ({"synthetic": {"kinds": [1]}}, "synthetic.kinds"),
+    "precision_fp8": ({"synthetic": {"kinds": ["transform"], "precision": "fp8"}}, "synthetic.precision"),
+    "precision_number": ({"synthetic": {"kinds": ["transform"], "precision": 16}}, "synthetic.precision"),
+    "synthetic_unknown": ({"synthetic": {"kinds": ["transform"], "nonsense": 1}}, "synthetic.nonsense"),
+    "edit_not_object": ({"synthetic": {"kinds": ["transform"], "edit": 3}}, "synthetic.edit"),
+    "edit_unknown": ({"synthetic": {"kinds": ["transform"], "edit": {"wobble": 1}}}, "synthetic.edit.wobble"),
+    "edit_flip_about": ({"synthetic": {"kinds": ["transform"], "edit": {"flip_about": "left"}}},
+                        "synthetic.edit.flip_about"),
+    "edit_translate_text": ({"synthetic": {"kinds": ["transform"], "edit": {"translate_mm": "20"}}},
+                            "synthetic.edit.translate_mm"),
+    "edit_scale_one": ({"synthetic": {"kinds": ["transform"], "edit": {"scale_range": [0.7]}}},
+                       "synthetic.edit.scale_range"),
+    "edit_max_tries": ({"synthetic": {"kinds": ["transform"], "edit": {"max_tries": 0}}},
+                       "synthetic.edit.max_tries"),
+    "edit_p_parametric": ({"synthetic": {"kinds": ["transform"], "edit": {"p_parametric": 0.5}}},
+                          "synthetic.edit.p_parametric"),
+    "pairs_negative": ({"memorisation": {"max_real_pairs": -5}}, "memorisation.max_real_pairs"),
+    "pairs_zero": ({"memorisation": {"max_real_pairs": 0}}, "memorisation.max_real_pairs"),
+    "pairs_text": ({"memorisation": {"max_real_pairs": "2000"}}, "memorisation.max_real_pairs"),
+    "pairs_fraction": ({"memorisation": {"max_real_pairs": 1.5}}, "memorisation.max_real_pairs"),
+    "memorisation_unknown": ({"memorisation": {"nonsense": 1}}, "memorisation.nonsense"),
+    "threads_zero": ({"threads": 0}, "threads"),
+    "threads_negative": ({"threads": -2}, "threads"),
+    "bootstrap_huge": ({"bootstrap": 10 ** 12}, "bootstrap"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_NESTED_CONFIGS))
+def test_bad_nested_config_option(name, study_data, tmp_path, capsys) -> None:
+    options, option_path = BAD_NESTED_CONFIGS[name]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict({"folds": 2}, **options)))
+    out = tmp_path / "report"
+    args = study_args(study_data[0], out)
+    args[args.index("micro")] = str(bad)
+    line = assert_bad_input(capsys, args, out, str(bad), option_path)
+    assert any(word in line for word in ("expected", "must", "choose from", "unknown", "outside")), line
+
+
+def test_config_fills_in_what_the_study_reads() -> None:
+    """A synthetic section without kinds: the study used three kinds but prepared no template for the third."""
+    from MedSynthLib.study.config import StudyConfig
+
+    config = StudyConfig.from_json({"synthetic": {"per_case": 1}}, "cfg.json")
+    assert config.synthetic["kinds"] == ["transform", "insert", "template"]
+    assert config.synthetic["precision"] == "fp32"
+    assert StudyConfig.from_json({"memorisation": {}}, "cfg.json").memorisation == {"max_real_pairs": 2000}

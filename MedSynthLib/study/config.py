@@ -79,25 +79,15 @@ class StudyConfig:
         config.grid = _checked_grid(grid, source)
         TrainConfig.from_json(dict(config.gan, val_cases=[]), source)  # validates
         SegConfig.from_json(config.segmenter, source)
-        kinds = config.synthetic.get("kinds", ["transform"])
-        bad = [k for k in kinds if k not in SYNTHETIC_KINDS]
-        if bad or not kinds:
-            raise InputError(source, f"synthetic kinds {bad or kinds}: choose from {', '.join(SYNTHETIC_KINDS)}")
-        if int(config.synthetic.get("per_case", 1)) < 1:
-            raise InputError(source, "synthetic per_case must be at least 1")
-        unknown = set(config.synthetic) - {"per_case", "kinds", "edit", "precision"}
-        if unknown:
-            raise InputError(source, f"unknown synthetic options {sorted(unknown)}")
-        from ..edits import RandomTumourEdit
-
-        try:
-            RandomTumourEdit(**config.synthetic.get("edit", {}))
-        except TypeError as exc:
-            raise InputError(source, f"synthetic edit options: {exc}") from None
+        config.synthetic = _checked_synthetic(config.synthetic, source)
+        config.memorisation = _checked_memorisation(config.memorisation, source)
+        if config.threads is not None:
+            check_range(source, "threads", config.threads, 1, 4096)
         if config.extra_label_convention not in CONVENTIONS:
             raise InputError(source, f"unknown extra_label_convention {config.extra_label_convention!r}")
         if not 0 < config.ci < 1 or config.bootstrap < 100:
             raise InputError(source, "ci must lie in (0, 1) and bootstrap be at least 100")
+        check_range(source, "bootstrap", config.bootstrap, 100, MAX_BOOTSTRAP)
         return config
 
     @property
@@ -163,3 +153,92 @@ def _checked_grid(grid: dict[str, Any], source: str) -> dict[str, Any]:
         for value in box:
             check_range(source, "grid box_mm", float(value), 1, 1000)
     return grid
+
+
+# --- the nested sections ------------------------------------------------------------------------------
+
+#: The bootstrap's resamples per interval (scipy keeps them in memory: 10^6 of a few dozen cases is ~1 GB).
+MAX_BOOTSTRAP = 1_000_000
+#: Synthetic label maps per training case: each is synthesized, kept and trained on in two arms.
+MAX_PER_CASE = 100
+#: What the study reads when an option is left out (``make_synthetic_labelmaps``, the synthesis engine);
+#: filled in so that every reader sees the same value (``kinds`` left out trained on "template" cases without
+#: ever preparing the template).
+SYNTHETIC_DEFAULTS: dict[str, Any] = {"per_case": 1, "kinds": ["transform", "insert", "template"], "precision": "fp32"}
+MEMORISATION_DEFAULTS: dict[str, Any] = {"max_real_pairs": 2000}
+#: Edit options the study sets itself for each kind (``transform``: never parametric; ``parametric``: always).
+EDIT_SET_BY_KIND = ("p_parametric",)
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)[:60]
+
+
+def _whole_number(value: Any, source: str, path: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(source, f"{path} must be a whole number in [{low}, {high}], not {_shown(value)}")
+    if not low <= value <= high:
+        raise InputError(source, f"{path} = {value} is outside [{low}, {high}]")
+    return value
+
+
+def _unknown(section: dict[str, Any], known: Any, source: str, path: str) -> None:
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise InputError(source, f"unknown option {path}.{unknown[0]} (known: {', '.join(sorted(known))})")
+
+
+def _checked_synthetic(synthetic: dict[str, Any], source: str) -> dict[str, Any]:
+    """Every option of ``synthetic`` (types, ranges, allowed values, unknown keys), the defaults filled in."""
+    import dataclasses
+
+    from ..edits import RandomTumourEdit
+    from ..schema.errors import EditError
+    from ..schema.jsonshape import _matches
+    from ..synthesis.inference import PRECISIONS
+
+    _unknown(synthetic, ("per_case", "kinds", "edit", "precision"), source, "synthetic")
+    synthetic = dict(SYNTHETIC_DEFAULTS, **synthetic)
+    _whole_number(synthetic["per_case"], source, "synthetic.per_case", 1, MAX_PER_CASE)
+    kinds = synthetic["kinds"]
+    if not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds):
+        raise InputError(source, f"synthetic.kinds must be a non-empty list of {', '.join(SYNTHETIC_KINDS)}, "
+                                 f"not {_shown(kinds)}")
+    bad = [k for k in kinds if k not in SYNTHETIC_KINDS]
+    if bad:
+        raise InputError(source, f"synthetic.kinds {bad[0]!r}: choose from {', '.join(SYNTHETIC_KINDS)}")
+    precisions = ("auto",) + tuple(PRECISIONS)
+    if not isinstance(synthetic["precision"], str) or synthetic["precision"] not in precisions:
+        raise InputError(source, f"synthetic.precision {_shown(synthetic['precision'])}: choose from "
+                                 f"{', '.join(precisions)}")
+    if "edit" in synthetic:
+        edit = synthetic["edit"]
+        if not isinstance(edit, dict):
+            raise InputError(source, f"synthetic.edit must be a JSON object, not {_shown(edit)}")
+        fields = {f.name: f for f in dataclasses.fields(RandomTumourEdit)}
+        _unknown(edit, fields, source, "synthetic.edit")
+        for key in EDIT_SET_BY_KIND:
+            if key in edit:
+                raise InputError(source, f"synthetic.edit.{key} must not be given: each kind sets it (transform 0, "
+                                         "parametric 1), so choose the kinds instead")
+        for key, value in edit.items():
+            annotation = str(fields[key].type)
+            if not _matches(value, annotation):
+                raise InputError(source, f"synthetic.edit.{key}: expected {annotation}, got {_shown(value)}")
+            try:
+                RandomTumourEdit(**{key: tuple(value) if isinstance(value, list) else value})
+            except EditError as exc:
+                raise InputError(source, f"synthetic.edit.{key}: {exc}") from None
+        try:
+            RandomTumourEdit(**edit)
+        except (EditError, TypeError) as exc:
+            raise InputError(source, f"synthetic.edit: {exc}") from None
+    return synthetic
+
+
+def _checked_memorisation(memorisation: dict[str, Any], source: str) -> dict[str, Any]:
+    """Every option of ``memorisation``, the defaults filled in."""
+    _unknown(memorisation, MEMORISATION_DEFAULTS, source, "memorisation")
+    memorisation = dict(MEMORISATION_DEFAULTS, **memorisation)
+    _whole_number(memorisation["max_real_pairs"], source, "memorisation.max_real_pairs", 1, 10 ** 9)
+    return memorisation
