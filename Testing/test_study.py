@@ -869,3 +869,15 @@ def test_config_fills_in_what_the_study_reads() -> None:
     assert config.synthetic["kinds"] == ["transform", "insert", "template"]
     assert config.synthetic["precision"] == "fp32"
     assert StudyConfig.from_json({"memorisation": {}}, "cfg.json").memorisation == {"max_real_pairs": 2000}
+
+
+def test_a_precision_the_device_cannot_run_is_refused_before_the_study(study_data, tmp_path, capsys) -> None:
+    """``synthetic.precision: fp16`` with ``--device cpu`` passed every check and failed at the synthesis stage,
+    after the GAN had trained; the device is known before the study starts, so it is refused there."""
+    config = tmp_path / "fp16.json"
+    config.write_text(json.dumps({"folds": 2, "synthetic": {"kinds": ["transform"], "precision": "fp16"}}))
+    out = tmp_path / "report"
+    args = study_args(study_data[0], out)
+    args[args.index("micro")] = str(config)
+    assert "--device" in args and args[args.index("--device") + 1] == "cpu"
+    assert_bad_input(capsys, args, out, "synthetic.precision", "fp16", "CPU")

@@ -211,12 +211,17 @@ def check_inputs(data: Path, report_dir: Path, config: StudyConfig, *, extra_lab
                  device: str, folds: int | None, overwrite: bool) -> StudyInputs:
     """Every bad-input check of the study, before anything is written."""
     from ..cases.readers import detect_convention
-    from ..synthesis.inference import pick_device
+    from ..synthesis.inference import pick_device, pick_precision
     from ..training.data import find_case_folders
     from .data import find_label_files, inspect_case, load_extra_tumour
 
     check_writable([report_dir], overwrite)
     dev = pick_device(device)
+    precision = config.synthetic.get("precision", "auto")
+    try:  # the synthesis stage runs after the GANs have trained: a precision this device lacks is refused now
+        pick_precision(precision, dev)
+    except MedSynthError as exc:
+        raise MedSynthError(f"synthetic.precision {precision!r}: {exc}") from None
     folders = find_case_folders(data)
     conventions: dict[str, list[str]] = {}
     for folder in folders:
