@@ -182,12 +182,13 @@ def clipped_counts(value: Any, name: str = "clipped_tumour_voxels") -> dict[str,
     """A recorded ``clipped_tumour_voxels`` checked (tumour class names, positive whole counts), or None."""
     if value is None:
         return None
-    names = {LABEL_INFO[label].short_name for label in TUMOUR_LABELS}
+    order = [LABEL_INFO[label].short_name for label in TUMOUR_LABELS]
     if (not isinstance(value, Mapping) or not value
-            or any(k not in names or isinstance(v, bool) or not isinstance(v, int) or v <= 0 for k, v in value.items())):
-        raise EditError(f"{name} must map tumour classes ({', '.join(sorted(names))}) to positive voxel counts, "
+            or any(k not in order or isinstance(v, bool) or not isinstance(v, int) or v <= 0
+                   for k, v in value.items())):
+        raise EditError(f"{name} must map tumour classes ({', '.join(sorted(order))}) to positive voxel counts, "
                         f"got {value!r}")
-    return {k: int(value[k]) for k in sorted(value, key=[LABEL_INFO[label].short_name for label in TUMOUR_LABELS].index)}
+    return {k: int(value[k]) for k in sorted(value, key=order.index)}
 
 
 def clipped_in_records(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:

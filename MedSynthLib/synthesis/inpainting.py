@@ -771,8 +771,8 @@ def plan_region(labelmap: Any, context: ContextCase, *, old_labelmap: Any = None
         if problem is not None:
             raise InputError(context.folder, f"has no tumour segmentation, and {problem}: where the patient's tumour "
                                              "was is unknown, and it would stay in the images labelled as healthy "
-                                             "tissue; give --old-labels (the label map before the edit), or make a whole "
-                                             "synthetic case (in Slicer: Real case > Whole synthetic case)")
+                                             "tissue; give --old-labels (the label map before the edit), or make a "
+                                             "whole synthetic case (in Slicer: Real case > Whole synthetic case)")
         old_source = "label-history"
     region = changed_region(labelmap.array, old_tumour, margin_mm, spacing, old_array)
     if not region.any():
