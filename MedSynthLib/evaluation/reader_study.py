@@ -16,8 +16,8 @@ Files in the results folder:
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import fcntl
 import io
 import json
 import os
@@ -271,7 +271,7 @@ class ReaderStudy:
         self.plan = plan
         self.items = [StudyItem(**item) for item in plan["items"]]
         self._by_id = {item.item_id: item for item in self.items}
-        self._lock: int | None = None
+        self._lock: contextlib.ExitStack | None = None  # the results folder's lock while served
         self.responses: list[dict[str, Any]] = []
         path = self.folder / RESPONSES_JSON
         if path.is_file():
@@ -327,7 +327,7 @@ class ReaderStudy:
         try:
             study = cls._create_or_resume(folder, real, synthetic, seed, n_per_class)
         except BaseException:
-            _unlock_study(folder, lock)
+            lock.close()
             raise
         study._lock = lock
         return study
@@ -400,7 +400,7 @@ class ReaderStudy:
     def close(self) -> None:
         """Release the results folder (another server may then resume the study)."""
         if self._lock is not None:
-            _unlock_study(self.folder, self._lock)
+            self._lock.close()
             self._lock = None
 
     def __enter__(self) -> "ReaderStudy":
@@ -469,39 +469,18 @@ class ReaderStudy:
                    self.folder / RESPONSES_JSON, overwrite=True)
 
 
-def _lock_study(folder: Path) -> int:
-    """Hold the results folder's lock (``.NAME.medsynth-lock`` beside it, as MedSynth's output locks) for as
-    long as the study is served; refuse at once when another process holds it.  The kernel releases the lock
-    of a process that died, so a lock file it left never blocks."""
-    from ..schema.outputs import lock_path
+def _lock_study(folder: Path) -> contextlib.ExitStack:
+    """Hold the results folder's output lock for as long as the study is served (closing the stack releases it);
+    refuse at once when another process holds it."""
+    from ..schema.outputs import output_lock
 
-    path = lock_path(folder.resolve())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise InputError(folder, "another medsynth review is serving this study (one server per results "
-                                     "folder): stop it first, or give another -o") from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)  # locked a file its last holder had removed: try again
-
-
-def _unlock_study(folder: Path, fd: int) -> None:
-    from ..schema.outputs import lock_path
-
+    held = contextlib.ExitStack()
     try:
-        os.unlink(lock_path(folder.resolve()))
-    except OSError:
-        pass
-    os.close(fd)
+        held.enter_context(output_lock(folder.resolve(), wait=False))
+    except BlockingIOError:
+        raise InputError(folder, "another medsynth review is serving this study (one server per results "
+                                 "folder): stop it first, or give another -o") from None
+    return held
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -34,13 +34,17 @@ def lock_path(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(target: str | os.PathLike[str], *, shared: bool = False) -> Iterator[None]:
+def output_lock(target: str | os.PathLike[str], *, shared: bool = False, wait: bool = True) -> Iterator[None]:
     """Hold the lock of ``target`` (exclusive to write, shared to read); blocks until it is free.
 
     A writer creates the lock file and removes it before releasing, so no lock file is left
     beside an output.  Whoever locks checks that the file it locked is still the one at the
     path (a writer may have removed it meanwhile) and otherwise tries again.  A reader never
-    creates the lock file: without one no write is in progress.
+    creates the lock file: without one no write is in progress.  The kernel releases the lock of
+    a process that died, so a lock file it left never blocks.
+
+    Raises:
+        BlockingIOError: ``wait`` is false and another process holds the lock.
     """
     target = Path(target)
     path = lock_path(target)
@@ -59,7 +63,11 @@ def output_lock(target: str | os.PathLike[str], *, shared: bool = False) -> Iter
                 yield
                 return
             raise
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
