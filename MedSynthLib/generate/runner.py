@@ -275,8 +275,6 @@ def _init_worker(state: dict[str, Any], device_queue: Any = None, threads: int |
     _WORKER["layout"] = Layout(**state["layout"])
     card = resolve_model(state["model_path"])
     if card.sha256 != state["model_sha256"]:  # changed on disk since the run began: never mix two models' cases
-        from ..schema.errors import InputError
-
         raise InputError(card.path, "the model's weights changed while the dataset was being generated")
     # By the folder, the card takes the config's name: each case names the model as the run (its registry name).
     card = dataclasses.replace(card, name=state["model_name"])
