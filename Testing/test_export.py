@@ -404,8 +404,9 @@ def test_dicom_tags(exported):
         assert ds.PatientIdentityRemoved == "NO"
         assert "synthetic" in ds.DeidentificationMethod.lower()
         assert ds.DeidentificationMethod == NOT_ANONYMOUS_DEIDENTIFICATION_METHOD
-        assert str(ds.PatientName) == f"SYNTHETIC^{cid}" and ds.PatientID == cid and cid.startswith("SYNTH-")
-        assert "synthetic" in ds.SeriesDescription.lower()
+        assert str(ds.PatientName) == f"NOT-ANONYMOUS^{cid}" and ds.PatientID == cid and cid.startswith("SYNTH-")
+        # The images are synthetic; the tumour labels of a map without history are of unrecorded origin.
+        assert ("synthetic" in ds.SeriesDescription.lower()) == (path.parent.name != "SEG"), ds.SeriesDescription
         assert "AcquisitionDate" not in ds and "AcquisitionDateTime" not in ds
         assert ds.Manufacturer == "MedSynth"
         (equipment,) = [item for item in ds.ContributingEquipmentSequence  # highdicom adds its own items
@@ -622,7 +623,7 @@ def test_case_id_is_generated_not_from_folder_names(tmp_path, capsys):
     rc, _, err = run(["export", a, "--format", "dicom", "--case-id", "TRIAL-007", "-o", tmp_path / "exp"], capsys)
     assert rc == 0, err
     ds = pydicom.dcmread(next((tmp_path / "exp" / "TRIAL-007" / "T1").glob("*.dcm")), stop_before_pixels=True)
-    assert ds.PatientID == "TRIAL-007" and str(ds.PatientName) == "SYNTHETIC^TRIAL-007"
+    assert ds.PatientID == "TRIAL-007" and str(ds.PatientName) == "NOT-ANONYMOUS^TRIAL-007"  # its source unknown
 
 
 def test_batch_export_with_progress(tmp_path, capsys):
@@ -1061,3 +1062,87 @@ def test_an_inpainted_cases_local_only_hashes_are_removed_and_counted(tmp_path, 
         assert "context_sha256" not in exported["inpainting"] and "old_labels_sha256" not in exported["inpainting"]
         counts[name] = exported["export"]["removed_fields"]
     assert counts["with"] == counts["without"] + 2, counts
+
+
+# --- what the DICOM says of the tumour labels and of the patient -------------------------------------------------
+
+SEGMENTATION_STEP = {"name": "tumour_from_segmentation", "params": {"label_convention": "brats2021"},
+                     "schema_version": 1}
+MOVE_STEP = {"name": "translate", "params": {"offset_ras_mm": [4.0, 0.0, 0.0]}, "schema_version": 1}
+
+
+def template_case(folder: Path, history: list, origin: str) -> Path:
+    """A whole synthetic case on the healthy template whose tumour came from ``history`` (origin ``origin``)."""
+    _, labels = _phantom()
+    privacy = {"anatomy": "template", "brain_dice_to_source": None, "tumour_dice_to_source": None,
+               "tumour_origin": origin, "images": "synthetic"}
+    return make_case(folder, provenance=_provenance(labels, privacy=privacy, edits=history), history=history)
+
+
+SEGMENT_CASES = {
+    "parametric": lambda folder: anonymous_case(folder),
+    "patient_moved": lambda folder: patient_anatomy_case(folder),
+    "slicer_segmentation": lambda folder: template_case(folder, [TEMPLATE_STEP, SEGMENTATION_STEP], "segmentation"),
+    "slicer_segmentation_moved": lambda folder: template_case(
+        folder, [TEMPLATE_STEP, SEGMENTATION_STEP, MOVE_STEP], "segmentation"),
+    "mixed": lambda folder: template_case(
+        folder, [TEMPLATE_STEP, SEGMENTATION_STEP, {**PARAMETRIC_STEP, "params": {**PARAMETRIC_STEP["params"],
+                                                                                  "keep_existing": True}}], "mixed"),
+    "inserted": lambda folder: template_case(
+        folder, [TEMPLATE_STEP, {"name": "insert_tumour", "params": {"centre_ras_mm": [0.0, 0.0, 0.0]},
+                                 "schema_version": 1}], "inserted"),
+    "unknown": lambda folder: make_case(folder),  # a label map without history
+}
+
+
+@pytest.mark.parametrize("kind", list(SEGMENT_CASES))
+def test_dicom_segments_say_where_the_tumour_came_from(kind, tmp_path):
+    """Audit: every DICOM SEG segment read "(synthetic)", also when the tumour is a patient's own segmentation
+    that MedSynth moved, or one loaded in Slicer.  Synthetic (and AUTOMATIC) only when MedSynth drew the tumour;
+    otherwise the segments, content and series descriptions say where it came from, and whether MedSynth edited
+    it, and the algorithm type is SEMIAUTOMATIC (a segmentation someone made, placed or edited by MedSynth)."""
+    case = SEGMENT_CASES[kind](tmp_path / "case")
+    seg = pydicom.dcmread(export_cases([case], tmp_path / "exp", "dicom")[0] / "SEG" / "seg.dcm")
+    descriptions = [item.SegmentDescription for item in seg.SegmentSequence]
+    texts = [*descriptions, seg.ContentDescription, seg.SeriesDescription]
+    assert len(seg.ContentDescription) <= 64 and len(seg.SeriesDescription) <= 64
+    drawn = kind == "parametric"
+    for text in texts:
+        assert ("synthetic" in text.lower()) == drawn, text
+    assert {item.SegmentAlgorithmType for item in seg.SegmentSequence} == {"AUTOMATIC" if drawn else "SEMIAUTOMATIC"}
+    assert [d.split(" (")[0].split(",")[0] for d in descriptions] == [
+        "Necrotic / non-enhancing tumour core", "Peritumoural oedema", "Enhancing tumour"]
+    edited = kind in ("patient_moved", "slicer_segmentation_moved")
+    for text in texts:
+        assert ("edited by MedSynth" in text) == edited, text
+    if kind == "patient_moved":
+        assert all("patient's" in text for text in texts), texts
+    if kind.startswith("slicer_segmentation"):
+        assert all("Slicer" in text for text in texts), texts
+    if kind == "mixed":
+        assert all("mixed" in text for text in texts), texts
+    if kind == "unknown":
+        assert all("origin" in text for text in texts), texts
+    if kind == "inserted":
+        assert all("another" in text and "placed by MedSynth" in text for text in texts), texts
+    if kind != "parametric":
+        assert all("patient" in text for text in descriptions), descriptions  # may be a patient's
+
+
+def test_dicom_patient_name_says_not_anonymous(tmp_path):
+    """Audit: a whole synthetic case whose anatomy or tumour is a patient's was named SYNTHETIC^<case id>; in a
+    PACS worklist that reads as a shareable, anonymous case, though its study description and De-identification
+    Method say NOT anonymous.  Only an anonymous case is SYNTHETIC^; the others NOT-ANONYMOUS^ (the images being
+    synthetic stays in Synthetic Data, the descriptions and the SYNTH- case id), the README says which."""
+    cases = {"anonymous": anonymous_case(tmp_path / "anonymous"),
+             "patient_anatomy": patient_anatomy_case(tmp_path / "patient_anatomy"),
+             "slicer_segmentation": SEGMENT_CASES["slicer_segmentation"](tmp_path / "slicer"),
+             "unknown": make_case(tmp_path / "unknown")}
+    for name, case in cases.items():
+        exported_case = export_cases([case], tmp_path / f"exp-{name}", "dicom")[0]
+        cid = exported_case.name
+        family = "SYNTHETIC" if name == "anonymous" else "NOT-ANONYMOUS"
+        for path, ds in _all_datasets(exported_case):
+            assert str(ds.PatientName) == f"{family}^{cid}", path
+            assert ds.SyntheticData == "YES"
+        assert f"Patient name {family}^<case id>" in (exported_case / "README.txt").read_text()

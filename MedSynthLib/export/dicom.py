@@ -3,12 +3,14 @@
 ``T1/ T1ce/ T2/ FLAIR/`` - one MR Image Storage series each (``IM0001.dcm`` ...,
 one file per slice along the grid's third axis), all in one study and one frame of
 reference; ``SEG/seg.dcm`` - the tumour labels as a DICOM Segmentation (highdicom,
-BINARY, segments 1 NCR, 2 ED, 3 ET) referencing the T1 series.
+BINARY, segments 1 NCR, 2 ED, 3 ET) referencing the T1 series, synthetic only when MedSynth drew
+the tumour (otherwise the segments say where it came from: :func:`tumour_source`).
 
 Every export gets fresh UIDs.  Each file has Synthetic Data (0008,001C) YES, a
 De-identification Method that says whether the case is anonymous (Patient Identity Removed
 YES only then: otherwise the pixels carry a patient's anatomy, tumour shape or scan),
-a generated patient name and ID (the case id), and the sanitised provenance summarised
+a generated patient name (``SYNTHETIC^<case id>`` only for an anonymous case, ``NOT-ANONYMOUS^`` or
+``PATIENT-SCAN^`` otherwise) and ID (the case id), and the sanitised provenance summarised
 in the Contributing Equipment Sequence (and, for the MR images, Image Comments, with
 the case's privacy statement).  The MR images have Image Type DERIVED\\SECONDARY and
 int16 pixels (:mod:`.encoding`).  Dates and times are those of the export (UTC); there
@@ -59,12 +61,68 @@ PATIENT_SCAN_DEIDENTIFICATION_METHOD = "Identifiers removed (MedSynth); patient 
 PATIENT_ANATOMY_DEIDENTIFICATION_METHOD = "Synthetic images (MedSynth), a patient's anatomy: NOT anonymous"
 NOT_ANONYMOUS_DEIDENTIFICATION_METHOD = "Synthetic images (MedSynth), may be a patient's: NOT anonymous"
 
-#: Tumour segments of the DICOM Segmentation: number, MedSynth label, label, description.
+#: Tumour segments of the DICOM Segmentation: number, MedSynth label, label, name (its description adds where the
+#: tumour came from, :func:`tumour_source`).
 SEG_SEGMENTS: tuple[tuple[int, Label, str, str], ...] = (
-    (1, Label.NCR, "NCR", "Necrotic / non-enhancing tumour core (synthetic)"),
-    (2, Label.ED, "ED", "Peritumoural oedema (synthetic)"),
-    (3, Label.ET, "ET", "Enhancing tumour (synthetic)"),
+    (1, Label.NCR, "NCR", "Necrotic / non-enhancing tumour core"),
+    (2, Label.ED, "ED", "Peritumoural oedema"),
+    (3, Label.ET, "ET", "Enhancing tumour"),
 )
+#: Patient name family of a case whose images are synthetic: an anonymous one, and one whose anatomy or tumour is (or
+#: may be) a patient's.  A PACS worklist shows the name first, and "SYNTHETIC" alone reads as free to share.
+ANONYMOUS_FAMILY_NAME = "SYNTHETIC"
+NOT_ANONYMOUS_FAMILY_NAME = "NOT-ANONYMOUS"
+PATIENT_SCAN_FAMILY_NAME = "PATIENT-SCAN"
+
+
+def patient_name_family(provenance: Mapping[str, Any]) -> str:
+    """The family name of the exported patient (the given name is the case id), from sanitised provenance."""
+    if patient_scan(provenance):
+        return PATIENT_SCAN_FAMILY_NAME
+    return ANONYMOUS_FAMILY_NAME if exported_privacy(provenance).anonymous()[0] else NOT_ANONYMOUS_FAMILY_NAME
+
+
+@dataclass(frozen=True)
+class TumourSource:
+    """What the DICOM Segmentation says of its tumour labels.
+
+    Attributes:
+        drawn: MedSynth drew them (a parametric tumour, or no tumour): the only case called synthetic.
+        segment: follows each segment's name in its Segment Description.
+        short: follows "Tumour labels, " in the content and series descriptions (64 characters at most in all).
+    """
+
+    drawn: bool
+    segment: str
+    short: str
+
+
+#: The steps that bring a tumour of each origin into the label map; a step after the last of them edited it.
+_TUMOUR_STEPS = {"patient": "derive_labels", "inserted": "insert_tumour", "segmentation": "tumour_from_segmentation"}
+
+
+def tumour_source(provenance: Mapping[str, Any]) -> TumourSource:
+    """Where the tumour labels came from, by the privacy record's tumour origin and the edits after it."""
+    origin = exported_privacy(provenance).tumour_origin
+    if origin in ("parametric", "none"):
+        return TumourSource(True, "synthetic: drawn by MedSynth", "synthetic")
+    names = [step.get("name") for step in provenance.get("edits", []) if isinstance(step, Mapping)]
+    brought = [index for index, name in enumerate(names) if name == _TUMOUR_STEPS.get(origin)]
+    edited = ", edited by MedSynth" if brought and brought[-1] < len(names) - 1 else ""
+    if origin == "patient":
+        return TumourSource(False, f"from the patient's own segmentation{edited}", f"the patient's own{edited}")
+    if origin == "inserted":
+        placed = "placed and edited by MedSynth" if edited else "placed by MedSynth"
+        return TumourSource(False, f"another label map's tumour, which may be a patient's segmentation, {placed}",
+                            f"another map's, {placed}")
+    if origin == "segmentation":
+        return TumourSource(False, f"from a segmentation loaded or drawn in Slicer, which may be a patient's{edited}",
+                            f"loaded or drawn in Slicer{edited}")
+    if origin == "mixed":
+        return TumourSource(False, "of mixed origin: drawn by MedSynth together with, or in place of, a tumour it did "
+                                   "not draw, which may be a patient's", "mixed origin, may be a patient's")
+    return TumourSource(False, "origin not recorded: may be a patient's segmentation",
+                        "origin not recorded, may be a patient's")
 
 
 
@@ -166,8 +224,9 @@ def _common_dataset(ctx: _DicomContext) -> Any:
     from pydicom.sequence import Sequence as DicomSequence
 
     ds = Dataset()
-    # The family name says what the images are, the given name is the case id.
-    ds.PatientName = f"{'PATIENT-SCAN' if ctx.patient_scan else 'SYNTHETIC'}^{ctx.case_id}"
+    # The family name says what the case is (anonymous synthetic, not anonymous, a patient's scan), the given
+    # name is the case id.
+    ds.PatientName = f"{patient_name_family(ctx.provenance)}^{ctx.case_id}"
     ds.PatientID = ctx.case_id
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
@@ -280,17 +339,19 @@ def _segmentation(case: Any, t1: list[Any], ctx: _DicomContext) -> Any:
                                                    version=__version__)
     from ..schema.labels import LABEL_INFO
 
+    source = tumour_source(ctx.provenance)
     descriptions = []
-    for number, label, short, text in SEG_SEGMENTS:
+    for number, label, short, name in SEG_SEGMENTS:
         kind = {Label.NCR: codes.SCT.Necrosis, Label.ED: codes.SCT.Edema, Label.ET: codes.SCT.Neoplasm}[label]
         description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=short,
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=kind, algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
+            segmented_property_type=kind, algorithm_type="AUTOMATIC" if source.drawn else "SEMIAUTOMATIC",
+            algorithm_identification=algorithm,
             tracking_uid=hd.UID(), tracking_id=f"{ctx.case_id} {short}",
             anatomic_regions=[codes.SCT.Brain],
             display_color=segment_colour(LABEL_INFO[label].color))
-        description.SegmentDescription = text
+        description.SegmentDescription = f"{name} ({source.segment})"
         descriptions.append(description)
     lut = np.zeros(len(Label), np.uint8)
     for number, label, _, _ in SEG_SEGMENTS:
@@ -301,12 +362,15 @@ def _segmentation(case: Any, t1: list[Any], ctx: _DicomContext) -> Any:
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="MedSynth",
         manufacturer_model_name="MedSynth synthetic MRI", software_versions=_software_versions(ctx),
-        device_serial_number="0", content_description="Synthetic tumour labels (NCR, ED, ET)",
+        device_serial_number="0",
+        content_description=("Synthetic tumour labels (NCR, ED, ET)" if source.drawn
+                             else f"Tumour labels, {source.short}"),
         content_creator_name="MedSynth^", content_label="TUMOUR",
         omit_empty_frames=bool(pixels.any()),
         contributing_equipment=[_contributing_equipment(ctx)],
     )
-    seg.SeriesDescription = "Tumour segmentation synthetic (MedSynth)"
+    seg.SeriesDescription = ("Tumour segmentation synthetic (MedSynth)" if source.drawn
+                             else f"Tumour labels, {source.short}")
     seg.PatientIdentityRemoved = ctx.identity_removed
     seg.DeidentificationMethod = ctx.deidentification_method
     seg.SyntheticData = "YES"

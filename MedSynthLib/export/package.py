@@ -42,7 +42,7 @@ from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..schema.grid import Grid, LabelMap
 from ..schema.labels import MODALITIES
 from ..schema.provenance import ExportRecord, PrivacyRecord, privacy_of
-from .dicom import write_dicom_case
+from .dicom import ANONYMOUS_FAMILY_NAME, patient_name_family, write_dicom_case
 from .nifti import NAMINGS, write_nifti_case
 from .sanitise import sanitise_provenance
 
@@ -169,12 +169,19 @@ def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: d
             "Open in 3D Slicer with File > Add Data.",
         ]
     else:
+        family = patient_name_family(provenance)
+        if provenance.get("inpainting"):
+            marks = [f"Patient name {family}^<case id>: the images are the patient's scan with one region re-rendered;",
+                     "Synthetic Data (0008,001C) = YES on the slices that hold a re-rendered voxel, NO on the others."]
+        elif family == ANONYMOUS_FAMILY_NAME:
+            marks = [f"Patient name {family}^<case id>; every file has Synthetic Data (0008,001C) = YES."]
+        else:
+            marks = [f"Patient name {family}^<case id>: synthetic images that can identify a patient;",
+                     "every file has Synthetic Data (0008,001C) = YES."]
         lines += [
             "Format: DICOM. One study; one MR series per modality (T1, T1ce, T2, FLAIR) and a",
             "DICOM Segmentation (SEG/, segments NCR, ED, ET) referencing the T1 series.",
-            "Every file has Synthetic Data (0008,001C) = YES." if not provenance.get("inpainting") else
-            "Patient name PATIENT-SCAN^<case id>: the images are the patient's scan with one region re-rendered;\n"
-            "Synthetic Data (0008,001C) = YES on the slices that hold a re-rendered voxel, NO on the others.",
+            *marks,
             "Open in 3D Slicer with the DICOM module (Import this folder), or in any DICOM viewer.",
         ]
     listing: dict[str, int] = {}
