@@ -8,6 +8,7 @@ that every RAS <-> index conversion is exercised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from MedSynthLib.edits import (
                                replay,
                                tumour_centre,
                                )
+from MedSynthLib.edits.random_edits import RandomTumourDraw
 from MedSynthLib.schema.errors import EditError
 from MedSynthLib.schema.grid import Grid, LabelMap, lps_to_ras
 from MedSynthLib.schema.labels import Label, tumour_to_schema
@@ -399,10 +401,12 @@ def test_parametric_tumour_refused_outside_or_too_big(brain, where, radii):
 
 
 def test_every_registered_edit_round_trips():
-    assert set(EDITS) == {"translate", "rotate", "scale", "flip", "insert_tumour", "parametric_tumour"}
+    assert set(EDITS) == {"translate", "rotate", "scale", "flip", "insert_tumour", "parametric_tumour",
+                          "random_tumour"}
     edits = [Translate((1, 2, 3)), Rotate((1.5, 0, -2)), Scale((1.1, 1.1, 1.1)), Flip("SI", "brain"),
              InsertTumour(centre_ras_mm=(1, 2, 3), source="x"),
-             ParametricTumour((1, 2, 3), (4, 5, 6), seed=7)]
+             ParametricTumour((1, 2, 3), (4, 5, 6), seed=7),
+             RandomTumourDraw(seed=7, drawn_edits=2, **dataclasses.asdict(RandomTumourEdit()))]
     for edit in edits:
         record = edit.to_record()
         assert json.loads(json.dumps(record)) == record
@@ -424,7 +428,8 @@ def test_random_edit_replays_bit_identically(seed):
     assert np.array_equal(lm.array, snapshot)
     records = out.history[len(lm.history):]
     assert records and json.loads(json.dumps(records)) == records
-    assert [e.to_record() for e in sampler.sample(lm, seed)] == records
+    assert records[0]["name"] == "random_tumour"  # the draw's own record, then the edits it drew
+    assert [e.to_record() for e in sampler.sample(lm, seed)] == records[1:]
     assert np.array_equal(replay(lm, records).array, out.array)
 
 

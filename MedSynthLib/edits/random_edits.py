@@ -1,12 +1,15 @@
 """Random tumour edits: sample parameters, then apply the deterministic edits.
 
-The sampler records nothing of its own: the label map it returns ends with the records of
-the edits it drew, so :func:`~MedSynthLib.edits.records.replay` rebuilds it bit for bit.
+The label map the sampler returns ends with a :class:`RandomTumourDraw` record (its seed and
+options: the draw can be read and made again) and then the records of the edits it drew, so
+:func:`~MedSynthLib.edits.records.replay` rebuilds it bit for bit even where another version of
+the sampler would draw otherwise.
 (The module is not called ``random`` so that it never shadows the standard library.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,7 +18,7 @@ import numpy as np
 from ..schema.errors import EditError
 from ..schema.grid import LabelMap, lps_to_ras
 from ..schema.labels import Label, brain_mask, tumour_mask
-from .base import Edit, finite, set_field
+from .base import Edit, finite, register, set_field
 from .geometry import brain_box_lps
 from .parametric import ParametricTumour, check_seed
 from .transforms import Flip, Rotate, Scale, Translate
@@ -130,7 +133,11 @@ class RandomTumourEdit:
             # As applied: a Translate's record also holds the whole-voxel offset it moved.
             from .records import edit_from_record
 
-            return [edit_from_record(r) for r in result.history[len(labelmap.history):]], result
+            drawn = result.history[len(labelmap.history):]
+            draw = RandomTumourDraw(seed=seed, drawn_edits=len(drawn), **dataclasses.asdict(self))
+            # The draw's record changes no voxel (nor the measured privacy): it goes before what it drew.
+            result = dataclasses.replace(result, history=[*labelmap.history, draw.to_record(), *drawn])
+            return [edit_from_record(r) for r in drawn], result
         raise EditError(f"no valid random tumour edit in {self.max_tries} tries (last: {last})")
 
     def sample(self, labelmap: LabelMap, seed: int) -> list[Edit]:
@@ -138,5 +145,51 @@ class RandomTumourEdit:
         return self._sample(labelmap, seed)[0]
 
     def __call__(self, labelmap: LabelMap, seed: int) -> LabelMap:
-        """Apply a random edit; the new history records replay it bit-identically."""
+        """Apply a random edit; the new history records the draw, then the edits that replay it bit-identically."""
         return self._sample(labelmap, seed)[1]
+
+
+@register
+@dataclass(frozen=True)
+class RandomTumourDraw(Edit):
+    """The record of one :class:`RandomTumourEdit` draw: its seed, its options and how many edits it drew.
+
+    It stands in the history just before the edits it drew, so the draw can be read and made again
+    (:meth:`sampler` called with :attr:`seed`).  Applying it changes no voxel: the drawn edits after it
+    replay on their own.  Every field but ``drawn_edits`` is required (a record always holds them all).
+    """
+
+    name: ClassVar[str] = "random_tumour"
+    _outcomes: ClassVar[tuple[str, ...]] = ("drawn_edits",)
+    seed: int | None = None
+    translate_mm: float | None = None
+    rotate_deg: float | None = None
+    scale_range: tuple[float, float] | None = None
+    p_flip: float | None = None
+    flip_about: str | None = None
+    p_parametric: float | None = None
+    radius_fraction: tuple[float, float] | None = None
+    max_tries: int | None = None
+    drawn_edits: int | None = None  # the records after this one that the draw made
+
+    def __post_init__(self) -> None:
+        missing = [f.name for f in dataclasses.fields(self) if f.name not in self._outcomes
+                   and getattr(self, f.name) is None]
+        if missing:
+            raise EditError(f"a {self.name} record needs {', '.join(missing)}")
+        set_field(self, "seed", check_seed(self.seed))
+        sampler = self.sampler()  # the options checked and normalised as the sampler's own
+        for f in dataclasses.fields(sampler):
+            set_field(self, f.name, getattr(sampler, f.name))
+        count = self.drawn_edits
+        if count is not None and (isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1):
+            raise EditError(f"drawn_edits must be a whole number of at least 1, got {count!r}")
+        if count is not None:
+            set_field(self, "drawn_edits", int(count))
+
+    def sampler(self) -> RandomTumourEdit:
+        """The sampler that made this draw (its options)."""
+        return RandomTumourEdit(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RandomTumourEdit)})
+
+    def apply(self, labelmap: LabelMap, *args: object, **kwargs: object) -> np.ndarray:
+        return labelmap.array.copy()

@@ -401,6 +401,24 @@ class ParametricTumourParams(StepParams):
     keep_existing: bool | None = None
 
 
+@record_kind("random_tumour")
+@dataclass(frozen=True)
+class RandomTumourParams(StepParams):
+    """A random tumour edit's draw: the sampler's seed and options (the draw made again from them); the
+    ``drawn_edits`` records after it are the edits it drew, which replay on their own."""
+
+    seed: int | None = None
+    translate_mm: float | None = None
+    rotate_deg: float | None = None
+    scale_range: tuple[float, float] | None = None
+    p_flip: float | None = None
+    flip_about: Literal["tumour", "brain"] | None = None
+    p_parametric: float | None = None
+    radius_fraction: tuple[float, float] | None = None
+    max_tries: int | None = None
+    drawn_edits: int | None = None
+
+
 @record_kind("tumour_from_segmentation")
 @dataclass(frozen=True)
 class TumourFromSegmentationParams(StepParams):
