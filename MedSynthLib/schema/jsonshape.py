@@ -76,7 +76,7 @@ def expect_object(value: Any, source: Any, what: str) -> dict[str, Any]:
 # --- dataclass fields from JSON ----------------------------------------------------------------------
 
 
-def _matches(value: Any, annotation: str) -> bool:
+def matches_annotation(value: Any, annotation: str) -> bool:
     """Whether a JSON value fits a (string) type annotation such as ``int | None`` or ``tuple[int, ...]``."""
     for option in (part.strip() for part in _split_union(annotation)):
         if option in ("Any", "object"):
@@ -106,12 +106,12 @@ def _matches(value: Any, annotation: str) -> bool:
                 if isinstance(value, (list, tuple)):
                     inner = [p.strip() for p in _split_top(match.group(2))] if match else ["Any"]
                     if inner and inner[-1] == "...":
-                        if all(_matches(v, inner[0]) for v in value):
+                        if all(matches_annotation(v, inner[0]) for v in value):
                             return True
                     elif base == "tuple" and len(inner) > 1:
-                        if len(value) == len(inner) and all(_matches(v, t) for v, t in zip(value, inner)):
+                        if len(value) == len(inner) and all(matches_annotation(v, t) for v, t in zip(value, inner)):
                             return True
-                    elif all(_matches(v, inner[0]) for v in value):
+                    elif all(matches_annotation(v, inner[0]) for v in value):
                         return True
             else:
                 return True  # a type this checker does not know: left to the dataclass's own checks
@@ -153,7 +153,7 @@ def check_fields(cls: type, data: Any, source: Any, what: str) -> dict[str, Any]
     for key, value in data.items():
         annotation = fields[key].type if isinstance(fields[key].type, str) else getattr(
             fields[key].type, "__name__", "Any")
-        if not _matches(value, annotation):
+        if not matches_annotation(value, annotation):
             raise InputError(source, f"{what} option {key!r}: expected {annotation}, got {json.dumps(value)[:60]}")
     return data
 

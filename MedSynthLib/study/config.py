@@ -194,7 +194,7 @@ def _checked_synthetic(synthetic: dict[str, Any], source: str) -> dict[str, Any]
 
     from ..edits import RandomTumourEdit
     from ..schema.errors import EditError
-    from ..schema.jsonshape import _matches
+    from ..schema.jsonshape import matches_annotation
     from ..synthesis.inference import PRECISIONS
 
     _unknown(synthetic, ("per_case", "kinds", "edit", "precision"), source, "synthetic")
@@ -223,7 +223,7 @@ def _checked_synthetic(synthetic: dict[str, Any], source: str) -> dict[str, Any]
                                          "parametric 1), so choose the kinds instead")
         for key, value in edit.items():
             annotation = str(fields[key].type)
-            if not _matches(value, annotation):
+            if not matches_annotation(value, annotation):
                 raise InputError(source, f"synthetic.edit.{key}: expected {annotation}, got {_shown(value)}")
             try:
                 RandomTumourEdit(**{key: tuple(value) if isinstance(value, list) else value})
