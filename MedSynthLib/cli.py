@@ -593,10 +593,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .study.run import load_config, run_study
 
     config = load_config(args.config)
-    if args.threads is not None:
-        config.threads = args.threads
-    if args.gan_model is not None:
-        config.gan_model = args.gan_model
+    for key, option in (("threads", "--threads"), ("gan_model", "--gan-model")):  # argparse checks only the type
+        if getattr(args, key) is not None:
+            config = config.with_options({key: getattr(args, key)}, option)
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
     report = run_study(args.data, args.output, config, extra_labels=args.extra_labels, work=args.work,
                        device=args.device, folds=args.folds, overwrite=args.overwrite, command=command,

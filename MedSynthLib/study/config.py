@@ -90,6 +90,11 @@ class StudyConfig:
         check_range(source, "bootstrap", config.bootstrap, 100, MAX_BOOTSTRAP)
         return config
 
+    def with_options(self, options: dict[str, Any], source: str) -> "StudyConfig":
+        """A copy with ``options`` set (the command line's ``--threads``, ...), checked as a config file's own values
+        are: a value the file could not hold is refused in an :class:`InputError` naming ``source``."""
+        return type(self).from_json({**self.to_json(), **options}, source)
+
     @property
     def train_config(self):
         from ..training.train import TrainConfig
