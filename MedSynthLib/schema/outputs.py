@@ -165,18 +165,28 @@ def replace_as_one(moves: Mapping[Path, Path]) -> None:
 
     What a target held is kept beside its staged file until every move is done; a failure half way (a disk
     error, a folder among the targets) removes what was moved and puts the old files back, so a header never
-    lies beside another image's data file.
+    lies beside another image's data file.  A ``.mhd`` / ``.nhdr`` header replaced takes its old data file with it
+    when the new files do not replace that one (``a.raw`` under a new ``a.mhd`` + ``a.zraw``): otherwise it would
+    stay, data no header names.
     """
-    done: list[tuple[Path, Path | None]] = []  # (target, the file it replaced)
+    from .volume_io import own_data_file
+
+    targets = set(moves.values())
+    done: list[tuple[Path, Path | None]] = []  # (target or removed data file, the file it held, kept aside)
     try:
         for staged, target in moves.items():
             if target.is_dir() and not target.is_symlink():
                 raise InputError(target, "exists and is a folder; not replaced")
-            backup = None
+            backup = stale = None
             if target.exists() or target.is_symlink():
+                stale = own_data_file(target)  # read before the old header moves
                 backup = staged.with_name(f"{staged.name}.old")
                 os.replace(target, backup)
             done.append((target, backup))
+            if stale is not None and stale not in targets and (stale.is_file() or stale.is_symlink()):
+                aside = staged.with_name(f"{staged.name}.old-data")
+                os.replace(stale, aside)
+                done.append((stale, aside))
             os.replace(staged, target)
     except BaseException:
         for target, backup in reversed(done):

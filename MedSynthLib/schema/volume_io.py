@@ -152,6 +152,53 @@ def _metaimage_data_file(path: Path) -> Path | None:
     return None
 
 
+def _nrrd_data_file(path: Path) -> Path | None:
+    """The ``data file`` of a detached NRRD header when it names one file (else ``None``)."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(1 << 16)
+    except OSError:
+        return None
+    for raw in head.split(b"\n")[1:]:
+        line = raw.decode("latin-1").strip()
+        if not line:
+            break  # the end of the header
+        key, sep, value = line.partition(":")
+        if sep and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
+            name = value.strip()
+            if not name or name.upper().startswith("LIST") or "%" in name or " " in name:
+                return None
+            return (path.parent / name) if not os.path.isabs(name) else Path(name)
+    return None
+
+
+def _named_data_file(header: Path) -> Path | None:
+    """The one data file a MetaImage or detached NRRD header names (``None``: none, several, or unreadable)."""
+    try:
+        return _nrrd_data_file(header) if header.name.lower().endswith(".nhdr") else _metaimage_data_file(header)
+    except InputError:
+        return None
+
+
+def own_data_file(header: Path) -> Path | None:
+    """The data file an existing ``.mhd`` / ``.nhdr`` header names when it is the header's own: beside it, named
+    as the header with a data suffix (``a.mhd`` -> ``a.raw`` or ``a.zraw``), and named by no other header there.
+    ``None`` for anything else (another image's data file, one elsewhere, an unreadable header): no other file
+    is ever taken for the header's."""
+    stem = strip_image_suffix(header.name)
+    suffix = header.name[len(stem):].lower()
+    if suffix not in PAIRED_SUFFIXES or not stem or header.is_symlink() or not header.is_file():
+        return None
+    named = _named_data_file(header)
+    if named is None or named.parent != header.parent or named.name not in {stem + d for d in PAIRED_SUFFIXES[suffix]}:
+        return None
+    for other in header.parent.iterdir():  # a second header on the same data (a.nhdr beside a.mhd) keeps it
+        if other != header and other.name.lower().endswith((".mhd", ".mha", ".nhdr")) and other.is_file() \
+                and _named_data_file(other) == named:
+            return None
+    return named
+
+
 def _check_header(path: Path) -> None:
     """Read the header of a non-NIfTI image and check its grid before any voxel is read."""
     from .budget import check_voxels
@@ -381,12 +428,17 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], *, overwrite: b
 
 
 def _write_pair(image: sitk.Image, path: Path, compress: bool) -> None:
-    """Write a header and its data file in a hidden folder beside ``path``, then move both into place."""
-    from .outputs import replace_as_one, signals_deferred
+    """Write a header and its data file in a hidden folder beside ``path``, then move both into place.
+
+    The folder is named as a staging folder of ``path`` with this process's id, so the next write of ``path``
+    removes it when this process was killed before it could (kill -9 runs no cleanup).
+    """
+    from .outputs import STAGE_MARK, clean_stale_staging, replace_as_one, signals_deferred
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, _ = _tmp_affixes(path)
-    stage = Path(tempfile.mkdtemp(prefix=prefix, suffix=TMP_PAIR_SUFFIX, dir=path.parent))
+    clean_stale_staging(path)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGE_MARK}{os.getpid()}-", suffix=TMP_PAIR_SUFFIX,
+                                  dir=path.parent))
     try:
         sitk.WriteImage(image, str(stage / path.name), useCompression=compress)
         names = sorted(p.name for p in stage.iterdir() if p.name != path.name) + [path.name]  # the header last
