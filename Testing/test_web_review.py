@@ -749,3 +749,160 @@ def test_review_page_refuses_crafted_ratings_and_case_indices(cases, tmp_path):
     assert (case / "provenance.json").read_bytes() == before
     app.save(0, 3, "fine")
     assert json.loads((case / "provenance.json").read_text())["review"]["rating"] == 3
+
+
+# --- only the page's own origin may connect (cross-site websocket hijacking) -----------------------
+
+
+def _server_missing() -> str | None:
+    missing = None if find_spec("trame_slicer") else "trame_slicer not installed (pip install -e '.[web]')"
+    if missing and os.environ.get("CI", "").lower() == "true":
+        pytest.fail(missing)
+    return missing
+
+
+def _wslink(port: int, origin: str | None, secret: str = "wslink-secret", host: str | None = None) -> int | dict:
+    """Connect to ``ws://127.0.0.1:PORT/ws`` as a page at ``origin`` would (``host``: the Host header, as after a
+    DNS rebinding) and say wslink's hello with ``secret``.  Returns the HTTP status that refused the handshake, or
+    ``{"hello": reply}`` with the page's state added as ``"state"`` where the hello was accepted."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import aiohttp
+    import msgpack
+    from wslink.chunking import UnChunker, generate_chunks
+
+    headers = {**({"Origin": origin} if origin else {}), **({"Host": host} if host else {})}
+
+    async def call(ws, unchunker: UnChunker, rpc_id: str, method: str, args: list) -> dict:
+        message = msgpack.packb({"wslink": "1.0", "id": rpc_id, "method": method, "args": args, "kwargs": {}})
+        for chunk in generate_chunks(message, 0):
+            await ws.send_bytes(chunk)
+        while True:
+            received = await ws.receive(timeout=30)
+            if received.type != aiohttp.WSMsgType.BINARY:
+                return {"closed": str(received.type)}
+            reply = unchunker.process_chunk(received.data)
+            if reply is not None and reply.get("id") == rpc_id:
+                return reply
+
+    async def run() -> int | dict:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(f"ws://127.0.0.1:{port}/ws", headers=headers) as ws:
+                    unchunker = UnChunker()
+                    unchunker.set_max_message_size(2**26)
+                    hello = await call(ws, unchunker, "system:c0:0", "wslink.hello", [{"secret": secret}])
+                    if "result" not in hello:
+                        return {"hello": hello}
+                    client = hello["result"]["clientID"]
+                    state = await call(ws, unchunker, f"rpc:{client}:1", "trame.state.get", [])
+                    return {"hello": hello, "state": state.get("result", {}).get("state")}
+            except aiohttp.WSServerHandshakeError as error:
+                return error.status
+
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, run()).result()
+
+
+def _session(port: int, origin: str | None, host: str | None = None) -> tuple[int, dict | None]:
+    """POST the trame client's session request, as the page does before it connects: status and JSON reply."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Origin": origin} if origin else {}),
+               **({"Host": host} if host else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/paraview/", data=b"{}", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, None
+
+
+def _assert_only_own_origin(port: int) -> dict:
+    """A foreign page, a page without an Origin and a DNS-rebound page are refused at the handshake; the page's
+    own origin connects, but only with the per-launch secret it gets from the server.  Returns the page's state."""
+    own = f"http://127.0.0.1:{port}"
+    for origin, host in (("http://evil.example", None), (f"http://evil.example:{port}", None), ("null", None),
+                         (None, None), (f"http://evil.example:{port}", f"evil.example:{port}"),
+                         (f"http://127.0.0.1:{port + 1}", None), (f"https://127.0.0.1:{port}", None),
+                         (f"http://localhost:{port}", None)):
+        assert _wslink(port, origin, host=host) == 403, (origin, host)
+        assert _session(port, origin, host) == (403, None), (origin, host)
+    # The page's own origin with wslink's well-known default secret: connected, not authenticated.
+    refused = _wslink(port, own)
+    assert "result" not in refused["hello"] and "state" not in refused, refused
+    status, session = _session(port, own)
+    assert status == 200 and session["secret"] != "wslink-secret" and len(session["secret"]) >= 32, session
+    assert session["sessionURL"] == "ws://USE_HOST/ws"
+    assert _session(port, f"http://localhost:{port}", f"localhost:{port}")[1]["secret"] == session["secret"]
+    accepted = _wslink(port, f"http://localhost:{port}", session["secret"], host=f"localhost:{port}")
+    assert accepted["state"] is not None, accepted
+    # The page itself: served under this computer's names only, and never inside another site's frame.
+    import urllib.error
+    import urllib.request
+
+    with urllib.request.urlopen(f"{own}/index.html", timeout=30) as page:
+        assert page.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+        assert page.headers["X-Frame-Options"] == "DENY"
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(urllib.request.Request(f"{own}/index.html", headers={"Host": f"evil.example:{port}"}),
+                               timeout=30)
+    return accepted["state"]
+
+
+def test_review_page_refuses_other_origins(cases, tmp_path):
+    # Any web page open in the reader's browser could connect to ws://127.0.0.1:PORT (browsers allow
+    # cross-origin websockets), read the reviewer's note and save ratings in their name.
+    if missing := _server_missing():
+        pytest.skip(missing)
+    synthetic = tmp_path / "synthetic_0"
+    shutil.copytree(cases["synthetic"][0], synthetic)
+    save_review(synthetic, 2, "private note")
+    with Server([str(synthetic)], tmp_path / "review.log") as server:
+        state = _assert_only_own_origin(server.port)
+    assert state["note"] == "private note"  # what the page's own connection reads, and only it
+    log = (tmp_path / "review.log").read_text()
+    assert "refused GET /ws: Origin 'http://evil.example', only the page's own" in log, log[-3000:]
+    assert "refused GET /ws: no Origin, only the page's own" in log, log[-3000:]
+    assert log.count("'http://evil.example'") == 1, log[-3000:]  # refused twice, told once
+
+
+def test_study_page_refuses_other_origins(cases, tmp_path):
+    if missing := _server_missing():
+        pytest.skip(missing)
+    results = tmp_path / "results"
+    args = ["--study", *map(str, cases["real"]), "--synthetic", *map(str, cases["synthetic"]),
+            "-o", str(results), "--n-per-class", "1"]
+    with Server(args, tmp_path / "study.log") as server:
+        state = _assert_only_own_origin(server.port)
+    assert state["item_id"] == "item-001"
+    assert not (results / "responses.csv").exists() or "item-001" not in (results / "responses.csv").read_text()
+
+
+def test_page_access_admits_this_servers_names_and_the_pages_own_origin():
+    if missing := _server_missing():
+        pytest.skip(missing)
+    from MedSynthWeb.access import PageAccess
+
+    def page(host: str, origin: str | None = "same") -> dict:
+        return {"Host": host, **({"Origin": f"http://{host}" if origin == "same" else origin} if origin else {})}
+
+    anywhere, named = PageAccess("0.0.0.0", 8080), PageAccess("ws12.example.org", 8080)
+    for access, host in ((anywhere, f"{socket.gethostname()}:8080"), (anywhere, "192.168.0.4:8080"),
+                         (anywhere, "[::1]:8080"), (named, "WS12.example.org:8080"), (named, "localhost:8080")):
+        assert access.refusal("GET", "/ws", page(host)) is None, host
+        assert access.refusal("POST", "/paraview/", page(host)) is None, host
+        assert access.refusal("GET", "/index.html", page(host, None)) is None, host  # a page load has no Origin
+    assert PageAccess("127.0.0.1", 80).refusal("GET", "/ws", page("localhost")) is None  # port 80 left out
+    for host in ("ws12.example.org:8080", "ws12.example.org:8081", "evil.example:8080@127.0.0.1:8080",
+                 "127.0.0.1:8080/x", "", "999.1.1.1:8080"):
+        assert "is not this server" in PageAccess("127.0.0.1", 8080).refusal("GET", "/index.html", page(host, None))
+    for origin in (None, "null", "http://evil.example", "http://localhost:8080", "http://127.0.0.1:8080/"):
+        for method, path in (("GET", "/ws"), ("POST", "/paraview/"), ("PUT", "/index.html")):
+            refusal = named.refusal(method, path, page("127.0.0.1:8080", origin))
+            assert refusal and "only the page's own (http://127.0.0.1:8080)" in refusal, (origin, method, path)
+    upgrade = {**page("127.0.0.1:8080", "http://evil.example"), "Upgrade": "websocket"}
+    assert "Origin" in named.refusal("GET", "/ws/", upgrade)
