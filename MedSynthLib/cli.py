@@ -849,6 +849,8 @@ def cmd_review(args: argparse.Namespace) -> int:
         return 0
     if not args.cases and not args.pair and not args.study:
         raise _UsageError("medsynth review: give CASE_DIRS, --study or --summarise (see --help)")
+    if args.allow_paired and not args.study:
+        raise _UsageError("medsynth review: --allow-paired applies with --study only")
     import importlib
     import importlib.util
 
@@ -1203,6 +1205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="results folder of the study (resumed when it exists)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the study's draw and order, 0 to 2**32-1 (default 0)")
     p.add_argument("--n-per-class", type=int, help="images per class (default: all the smaller class has)")
+    p.add_argument("--allow-paired", action="store_true",
+                   help="let the study hold synthetic cases made from its own real cases (that patient's anatomy "
+                        "or tumour in place: a paired comparison, refused otherwise); the pairs are recorded in "
+                        "the plan and the summary")
     p.add_argument("--summarise", type=Path, metavar="RESULTS_DIR",
                    help="summarise a study's answers (accuracy, 95 %% CI, per contrast) and exit")
     p.set_defaults(func=cmd_review)

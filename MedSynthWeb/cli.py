@@ -86,7 +86,7 @@ def serve(args: argparse.Namespace) -> int:
         if not args.synthetic or args.output is None:
             raise MedSynthError("a reader study needs --synthetic SYN_DIR... and -o RESULTS_DIR")
         study = ReaderStudy.create_or_resume(args.output, args.study, args.synthetic, seed=args.seed,
-                                             n_per_class=args.n_per_class)
+                                             n_per_class=args.n_per_class, allow_paired=args.allow_paired)
         try:
             from .study_app import StudyApp
 

@@ -53,8 +53,15 @@ def make_real_case(root: Path, index: int) -> Path:
 
 
 def make_synthetic_case(root: Path, index: int, shape=None, spacing=(1.0, 1.0, 1.0)) -> Path:
-    """A folder shaped like ``medsynth synthesize`` output: four contrasts, labels, provenance."""
+    """A folder shaped like ``medsynth synthesize`` output: four contrasts, labels, provenance.
+
+    Every phantom has one brain and one tumour; the synthetic cases' are mirrored front to back and moved 2
+    voxels, as another patient's (brain-mask Dice 0.91, tumour Dice 0): a synthetic case with a real case's
+    anatomy is a pair of one patient, which a reader study refuses.
+    """
     images, seg = phantom(seed=index) if shape is None else phantom(shape=shape, seed=index)
+    images = {m: np.roll(array[:, ::-1], 2, axis=2) for m, array in images.items()}
+    seg = np.roll(seg[:, ::-1], 2, axis=2)
     rng = np.random.default_rng(100 + index)
     t1 = images["t1"]
     labels = np.select([t1 > 800, t1 > 500, t1 > 0], [3, 2, 1], 0).astype(np.uint8)

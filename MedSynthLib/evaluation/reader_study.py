@@ -7,9 +7,15 @@ atomically, so a study can be closed and resumed) and summarises them: accuracy 
 (Clopper-Pearson) 95 % interval, per contrast, and the sensitivity and specificity of "synthetic".
 About 50 % accuracy means the reader could not tell the two apart.
 
+A synthetic case made from one of the study's own real cases (that patient's anatomy, or their tumour in
+place) would show the reader one patient twice, real and synthetic: the pair is judged together and the blinding
+is weak.  :func:`plan_study` finds such pairs by comparing the cases themselves (provenance names no patient) and
+refuses them unless the study is planned as a paired one (``allow_paired``: the pairs go into the plan and the
+summary).
+
 Files in the results folder:
     ``study_plan.json``  the seed, the order and, per item, the case, contrast, slice and truth
-                         (the key: the reader's page never receives it);
+                         (the key: the reader's page never receives it), and the pairs of one patient;
     ``responses.csv`` / ``responses.json``  one row per answered item;
     ``summary.json`` / ``summary.md``  written by :func:`write_summary`.
 """
@@ -78,6 +84,7 @@ class CaseImages:
         files: modality -> image file.
         labels: the label file (synthetic: the 7-class map; real: the expert segmentation), or None.
         tumour: schema tumour labels {0, 4, 5, 6} on the case grid, or None without labels.
+        brain: the brain mask (bool) where :func:`open_case` was asked for it, else None.
     """
 
     folder: Path
@@ -85,6 +92,7 @@ class CaseImages:
     files: dict[str, Path]
     labels: Path | None
     tumour: np.ndarray | None
+    brain: np.ndarray | None = None
 
 
 def is_synthetic_case(folder: str | os.PathLike[str]) -> bool:
@@ -106,25 +114,141 @@ def is_patient_scan(folder: str | os.PathLike[str]) -> bool:
         return False
 
 
-def open_case(folder: str | os.PathLike[str]) -> CaseImages:
-    """A real case (any convention :func:`~MedSynthLib.cases.readers.read_case` reads) or a synthetic one."""
+def open_case(folder: str | os.PathLike[str], *, with_brain: bool = False) -> CaseImages:
+    """A real case (any convention :func:`~MedSynthLib.cases.readers.read_case` reads) or a synthetic one: a
+    ``medsynth synthesize`` folder or its ``medsynth export --format nifti`` (BraTS file names).
+
+    Args:
+        with_brain: also fill in :attr:`CaseImages.brain` (what :func:`find_pairs` compares).
+    """
     folder = Path(folder)
     if is_synthetic_case(folder):
         files = {m: folder / f"{m}.nii.gz" for m in MODALITIES}
+        export = _export_record(folder)
+        if export is not None and not all(path.is_file() for path in files.values()):
+            return _open_export(folder, export, with_brain)
         for path in files.values():
             if not path.is_file():
                 raise InputError(path, "missing image of the synthetic case")
         labels_path = folder / "labels.nii.gz"
-        tumour = None
+        tumour = brain = None
         if labels_path.is_file():
             labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
             tumour = np.where(labels >= Label.NCR, labels, 0).astype(np.uint8)
-        return CaseImages(folder, True, files, labels_path if labels_path.is_file() else None, tumour)
+            brain = labels > 0 if with_brain else None  # the label map is the brain the images were painted in
+        elif with_brain:
+            brain = _brain_of_images(files, tumour)
+        return CaseImages(folder, True, files, labels_path if labels_path.is_file() else None, tumour, brain)
     from ..cases.readers import read_case
 
     case = read_case(folder)
     return CaseImages(folder, False, {m: Path(case.files[m]) for m in MODALITIES},
-                      Path(case.files["seg"]) if "seg" in case.files else None, case.tumour)
+                      Path(case.files["seg"]) if "seg" in case.files else None, case.tumour,
+                      case.brain_mask() if with_brain else None)
+
+
+def _export_record(folder: Path) -> dict[str, Any] | None:
+    """The ``export`` record of a ``medsynth export`` folder's provenance, or None."""
+    try:
+        export = json.loads((folder / "provenance.json").read_text()).get("export")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return export if isinstance(export, dict) else None
+
+
+def _open_export(folder: Path, export: dict[str, Any], with_brain: bool) -> CaseImages:
+    """A synthetic case as ``medsynth export --format nifti`` wrote it: BraTS file names, BraTS tumour values."""
+    from ..cases.readers import read_case
+    from ..export.nifti import NAMINGS
+
+    if export.get("format") != "nifti":
+        raise InputError(folder, f"a {str(export.get('format')).upper()} export: a case is read as NIfTI (the "
+                                 "synthetic case folder, or medsynth export --format nifti)")
+    naming = export.get("naming")
+    case = read_case(folder, convention=naming if naming in NAMINGS else None)
+    brain = None
+    if with_brain:
+        # The export's anatomy map and tumour are the label map the images were painted in.
+        anatomy = folder / f"{export.get('case_id')}{NAMINGS[case.convention]['anatomy']}.nii.gz" \
+            if case.convention in NAMINGS else None
+        if anatomy is not None and anatomy.is_file():
+            brain = sitk.GetArrayFromImage(sitk.ReadImage(str(anatomy))) > 0
+            if case.tumour is not None:
+                brain |= case.tumour > 0
+        else:
+            brain = case.brain_mask()
+    return CaseImages(folder, True, {m: Path(case.files[m]) for m in MODALITIES},
+                      Path(case.files["seg"]) if "seg" in case.files else None, case.tumour, brain)
+
+
+def _brain_of_images(files: dict[str, Path], tumour: np.ndarray | None) -> np.ndarray:
+    """Any contrast non-zero, or tumour, holes filled (as a real case's brain mask is found)."""
+    from scipy import ndimage
+
+    brain = None
+    for path in files.values():
+        nonzero = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
+        brain = nonzero if brain is None else brain | nonzero
+    if tumour is not None:
+        brain |= tumour > 0
+    return ndimage.binary_fill_holes(brain)
+
+
+#: A synthetic case's brain mask this close to a real case's is that patient's anatomy: a label map derived
+#: from a case keeps its brain mask exactly (Dice 1.00; edits move no brain outline), while 351 pairs of
+#: different patients on BraTS's common (SRI24) grid reached at most 0.95.
+PAIRED_BRAIN_DICE = 0.99
+#: A tumour this close to a real case's is that patient's tumour in place (copied: Dice 1.00); the tumours of
+#: those 351 pairs of different patients overlapped at most 0.75.
+PAIRED_TUMOUR_DICE = 0.9
+
+
+def _dice(a: np.ndarray | None, b: np.ndarray | None, at_least: float) -> float | None:
+    """Dice of two masks; None where either is missing or empty, or where the counts alone keep it under
+    ``at_least`` (most pairs of different patients: the overlap is then not computed)."""
+    if a is None or b is None:
+        return None
+    na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
+    if not na or not nb or 2 * min(na, nb) / (na + nb) < at_least:
+        return None
+    return 2 * int(np.count_nonzero(a & b)) / (na + nb)
+
+
+def find_pairs(real: Sequence[CaseImages], synthetic: Sequence[CaseImages]) -> list[dict[str, Any]]:
+    """The synthetic cases that carry one of the real cases' patient: their brain (the anatomy was derived from
+    that case) or their tumour in place.  Cases opened ``with_brain``, on one grid.
+
+    Returns:
+        One record per pair, in the order given: ``real``, ``synthetic`` (resolved folders), ``shares``
+        (``brain`` and/or ``tumour``), ``brain_dice``, ``tumour_dice`` (rounded; None where not close).
+    """
+    pairs = []
+    for syn in synthetic:
+        syn_tumour = None if syn.tumour is None else syn.tumour > 0
+        for case in real:
+            dice = {"brain": _dice(case.brain, syn.brain, PAIRED_BRAIN_DICE),
+                    "tumour": _dice(None if case.tumour is None else case.tumour > 0, syn_tumour, PAIRED_TUMOUR_DICE)}
+            close = {name: round(value, 4) for name, value in dice.items()
+                     if value is not None and value >= (PAIRED_BRAIN_DICE if name == "brain" else PAIRED_TUMOUR_DICE)}
+            if close:
+                pairs.append({"real": str(case.folder.resolve()), "synthetic": str(syn.folder.resolve()),
+                              "shares": list(close), "brain_dice": close.get("brain"),
+                              "tumour_dice": close.get("tumour")})
+    return pairs
+
+
+def _pair_refusal(pairs: list[dict[str, Any]]) -> InputError:
+    first = pairs[0]
+    what = " and ".join(
+        "brain outline (brain-mask Dice %.2f: anatomy derived from that case)" % first["brain_dice"]
+        if name == "brain" else "tumour in place (tumour Dice %.2f)" % first["tumour_dice"]
+        for name in first["shares"])
+    more = f" (and {len(pairs) - 1} more such pair{'s' if len(pairs) > 2 else ''})" if len(pairs) > 1 else ""
+    return InputError(first["synthetic"], f"has the same {what} as the real case {first['real']} of this "
+                                          f"study{more}: the reader would see one patient twice, real and "
+                                          "synthetic, and judge the pair rather than each image; leave one of "
+                                          "them out, or give --allow-paired to run a paired study (the pairs "
+                                          "are recorded in the plan and the summary)")
 
 
 def tumour_centre_ras(case: CaseImages) -> list[float]:
@@ -162,7 +286,7 @@ class StudyItem:
 
 def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str | os.PathLike[str]],
                seed: int = 0, n_per_class: int | None = None,
-               modalities: Sequence[str] = MODALITIES) -> dict[str, Any]:
+               modalities: Sequence[str] = MODALITIES, allow_paired: bool = False) -> dict[str, Any]:
     """Draw the items (a case and a contrast each), balanced over classes and contrasts, in a seeded order.
 
     Args:
@@ -171,9 +295,12 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
         seed: seeds the draw and the order (recorded in the plan).
         n_per_class: items per class (default: as many as the smaller class has case-contrast pairs).
         modalities: the contrasts to show.
+        allow_paired: accept synthetic cases made from the study's own real cases (:func:`find_pairs`); the
+            plan's ``paired`` lists them either way.
 
     Raises:
-        MedSynthError: empty class, a real folder that is synthetic or the reverse, or too many items asked.
+        MedSynthError: empty class, a real folder that is synthetic or the reverse, a synthetic case of a real
+            case's patient (without ``allow_paired``), or too many items asked.
     """
     if not real or not synthetic:
         raise MedSynthError("a reader study needs at least one real and one synthetic case")
@@ -187,7 +314,7 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
     cases: dict[str, list[CaseImages]] = {"real": [], "synthetic": []}
     for truth, folders in (("real", real), ("synthetic", synthetic)):
         for folder in folders:
-            case = open_case(folder)
+            case = open_case(folder, with_brain=True)
             if case.synthetic != (truth == "synthetic"):
                 raise InputError(folder, f"given as {truth} but it is {'a synthetic' if case.synthetic else 'a real'} case")
             if case.synthetic and is_patient_scan(folder):
@@ -196,6 +323,11 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
                                          "the study")
             cases[truth].append(case)
     _check_one_grid([case for t in TRUTHS for case in cases[t]], modalities)
+    pairs = find_pairs(cases["real"], cases["synthetic"])
+    if pairs and not allow_paired:
+        raise _pair_refusal(pairs)
+    for case in (case for t in TRUTHS for case in cases[t]):
+        case.brain = None  # what the pairs needed: not kept for the rest of the plan
     available = min(len(cases[t]) for t in TRUTHS) * len(modalities)
     if n_per_class is None:
         n_per_class = available
@@ -230,7 +362,8 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
             "created_at": _now(), "items": [asdict(item) for item in items],
             # What a resume checks: the inputs as given, and the content of every image shown.
             "inputs": {"real": sorted(_resolved(real)), "synthetic": sorted(_resolved(synthetic)),
-                       "n_per_class": n_per_class_asked},
+                       "n_per_class": n_per_class_asked, "allow_paired": bool(allow_paired)},
+            "paired": {"allowed": bool(allow_paired), "pairs": pairs},
             "files_sha256": {item.image: file_sha256(item.image) for item in items}}
 
 
@@ -309,11 +442,12 @@ class ReaderStudy:
     @classmethod
     def create_or_resume(cls, folder: str | os.PathLike[str], real: Sequence[str | os.PathLike[str]],
                          synthetic: Sequence[str | os.PathLike[str]], seed: int = 0,
-                         n_per_class: int | None = None) -> "ReaderStudy":
+                         n_per_class: int | None = None, allow_paired: bool = False) -> "ReaderStudy":
         """Resume the study in ``folder``, or plan a new one there (the plan is written first).
 
         Raises:
-            MedSynthError: the folder holds a study of other cases or another seed.
+            MedSynthError: the folder holds a study of other cases, another seed or the other ``allow_paired``;
+                see also :func:`plan_study`.
         """
         from ..schema.volume_io import check_folder_argument, enclosing_folder
 
@@ -325,7 +459,7 @@ class ReaderStudy:
                                      "choose a results folder outside the case folders")
         lock = _lock_study(folder)
         try:
-            study = cls._create_or_resume(folder, real, synthetic, seed, n_per_class)
+            study = cls._create_or_resume(folder, real, synthetic, seed, n_per_class, allow_paired)
         except BaseException:
             lock.close()
             raise
@@ -335,16 +469,16 @@ class ReaderStudy:
     @classmethod
     def _create_or_resume(cls, folder: Path, real: Sequence[str | os.PathLike[str]],
                           synthetic: Sequence[str | os.PathLike[str]], seed: int,
-                          n_per_class: int | None) -> "ReaderStudy":
+                          n_per_class: int | None, allow_paired: bool) -> "ReaderStudy":
         plan_path = folder / PLAN_FILE
         if plan_path.is_file():
             study = cls.open(folder)
-            study._check_inputs(plan_path, real, synthetic, seed, n_per_class)
+            study._check_inputs(plan_path, real, synthetic, seed, n_per_class, allow_paired)
             study._check_files()
             return study
         if folder.exists() and any(folder.iterdir()):
             raise InputError(folder, "is not empty and holds no reader study: choose a new results folder")
-        plan = plan_study(real, synthetic, seed=seed, n_per_class=n_per_class)
+        plan = plan_study(real, synthetic, seed=seed, n_per_class=n_per_class, allow_paired=allow_paired)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             write_json(plan, plan_path)
@@ -354,12 +488,18 @@ class ReaderStudy:
         return cls(folder, plan)
 
     def _check_inputs(self, plan_path: Path, real: Sequence[str | os.PathLike[str]],
-                      synthetic: Sequence[str | os.PathLike[str]], seed: int, n_per_class: int | None) -> None:
+                      synthetic: Sequence[str | os.PathLike[str]], seed: int, n_per_class: int | None,
+                      allow_paired: bool = False) -> None:
         """Refuse a resume with other inputs than the plan's, saying what differs."""
         inputs = self.plan.get("inputs")
         differs = []
         if self.plan["seed"] != seed:
             differs.append(f"--seed {seed}, planned {self.plan['seed']}")
+        # A plan from before pairs were checked was planned without the opt-in.
+        planned_paired = bool(inputs.get("allow_paired")) if isinstance(inputs, dict) else False
+        if planned_paired != bool(allow_paired):
+            differs.append("--allow-paired given, planned without it" if allow_paired
+                           else "no --allow-paired, planned as a paired study with it")
         if isinstance(inputs, dict):
             if inputs.get("n_per_class") != n_per_class:
                 differs.append(f"--n-per-class {n_per_class if n_per_class is not None else '(none)'}, planned "
@@ -556,13 +696,43 @@ def summary_text(summary: dict[str, Any]) -> str:
               f"| specificity (real called real) | {_fmt(summary['specificity_synthetic'])} |"]
     lines += [f"| accuracy at confidence {c} | {_fmt(p)} |" for c, p in summary["accuracy_by_confidence"].items()]
     lines += ["", f"Intervals: {summary['interval']}. {summary['note']}", ""]
+    paired = summary.get("paired")
+    if paired:
+        lines += ["## Paired study", "", paired["note"], "",
+                  "| real case | synthetic case | shares |", "|---|---|---|"]
+        lines += [f"| {Path(p['real']).name} | {Path(p['synthetic']).name} | "
+                  + ", ".join(f"{name} (Dice {p[name + '_dice']:.2f})" for name in p["shares"]) + " |"
+                  for p in paired["pairs"]]
+        lines += ["", f"Accuracy on the items of these cases: {_fmt(paired['items_of_paired_cases'])}; on the "
+                      f"other items: {_fmt(paired['other_items'])}.", ""]
     return "\n".join(lines)
+
+
+def paired_summary(study: "ReaderStudy") -> dict[str, Any] | None:
+    """For a study planned with pairs of one patient: the pairs, and the accuracy on the items of those cases
+    and on the others (how far the pairs may have carried the result); None for a study without pairs."""
+    pairs = (study.plan.get("paired") or {}).get("pairs") or []
+    if not pairs:
+        return None
+    cases = {folder for pair in pairs for folder in (pair["real"], pair["synthetic"])}
+    of_pairs = {item.item_id for item in study.items if item.case in cases}
+    rows = [r for r in study.responses if r["item_id"] in of_pairs]
+    others = [r for r in study.responses if r["item_id"] not in of_pairs]
+    return {"pairs": pairs,
+            "items_of_paired_cases": proportion(sum(bool(r["correct"]) for r in rows), len(rows)),
+            "other_items": proportion(sum(bool(r["correct"]) for r in others), len(others)),
+            "note": (f"{len(pairs)} synthetic case(s) carry the patient of a real case of this study (planned with "
+                     "--allow-paired): the reader saw that patient twice, real and synthetic, so those items were "
+                     "not judged blind to each other.")}
 
 
 def write_summary(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Summarise the answers in a results folder into ``summary.json`` and ``summary.md`` (atomically)."""
     study = ReaderStudy.open(folder)
     summary = summarise(study.responses, len(study.items))
+    paired = paired_summary(study)
+    if paired is not None:
+        summary["paired"] = paired
     write_json(summary, study.folder / "summary.json", overwrite=True)
     _write_text_atomic(study.folder / "summary.md", summary_text(summary))
     return summary

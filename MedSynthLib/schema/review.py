@@ -55,12 +55,20 @@ def save_review(case_dir: str | os.PathLike[str], rating: int, note: str = "") -
 
     The provenance file is rewritten atomically; everything else in it is kept.
 
+    A case written by ``medsynth export`` takes a rating and no note: its ``provenance.json`` is what is shared,
+    and a note is free text (which may name a patient) that export keeps local only.
+
     Returns:
         The review record: ``rating``, ``note``, ``reviewed_at`` (UTC, ISO 8601).
     """
     rating = check_rating(rating)
     note = clean_note(note)
     provenance = read_provenance(case_dir)
+    if note and isinstance(provenance.get("export"), dict):
+        raise InputError(Path(case_dir) / "provenance.json",
+                         "an exported case (medsynth export) is shared with its provenance, which keeps no free "
+                         "text: save the rating without a note, or review the synthetic case folder it was "
+                         "exported from")
     review = {"rating": rating, "note": note,
               "reviewed_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     provenance["review"] = review
