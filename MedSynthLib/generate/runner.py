@@ -515,6 +515,7 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
     n_procs = plan.processes
     _say_emulated_bf16(opt, plan)
     pool = None
+    others = _children()
     if n_procs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -556,7 +557,7 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
         elapsed = time.perf_counter() - started
     except BaseException:
         if pool is not None:
-            _stop_workers(pool)  # they ignore Ctrl+C (_spawning_without_sigint): stopped here, not waited for
+            _stop_workers(pool, others)  # they ignore Ctrl+C (_spawning_without_sigint): stopped here, not waited for
         raise
     finally:
         if pool is not None:
@@ -632,10 +633,24 @@ def _spawning_without_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _stop_workers(pool: Any) -> None:
-    """Terminate a pool's worker processes (they ignore Ctrl+C) and drop the work not started."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):  # the executor's own (private) map
-        if process.is_alive():
+def _children() -> frozenset[Any]:
+    """This process's live child processes: taken before a pool starts, what :func:`_stop_workers` leaves alone."""
+    import multiprocessing
+
+    return frozenset(multiprocessing.active_children())
+
+
+def _stop_workers(pool: Any, others: frozenset[Any]) -> None:
+    """Terminate the child processes started since ``others`` was taken (a pool's workers, which ignore Ctrl+C, and
+    the device queue's manager) and drop the work not started.
+
+    An executor keeps its processes to itself; ``multiprocessing.active_children()`` lists every child process this
+    process started (and has not reaped), so the pool's are the ones not in ``others``.
+    """
+    import multiprocessing
+
+    for process in multiprocessing.active_children():
+        if process not in others:
             process.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -690,6 +705,7 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         pool.shutdown()
+        others = _children()  # the source pool's workers have ended: what starts now is this pool's (and its queue's)
         context = multiprocessing.get_context("spawn")
         queue = None
         if len(set(plan.devices)) > 1:  # one GPU each: every worker takes the next from the queue
@@ -706,7 +722,7 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
                 results.append(future.result())
                 bar.update(1)
         except BaseException:
-            _stop_workers(workers)
+            _stop_workers(workers, others)
             raise
         workers.shutdown()
         return results
