@@ -517,10 +517,7 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
     pool = None
     others = _children()
     if n_procs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(n_procs, mp_context=context)
+        pool = _process_pool(n_procs, multiprocessing.get_context("spawn"))
     try:
         with _UndoSourceCache(cache, out):
             sources_started = time.perf_counter()
@@ -613,24 +610,64 @@ def _cuda_devices(device: str) -> list[int]:
 
 @contextlib.contextmanager
 def _spawning_without_sigint() -> Iterator[None]:
-    """Worker processes started inside this block ignore SIGINT (an ignored signal stays ignored across exec).
+    """Worker processes started inside this block (by :func:`_process_pool` or :func:`_device_queue`) ignore SIGINT.
 
     Ctrl+C in a terminal reaches the whole process group: each worker, interrupted while importing torch or
     deriving a source, printed a traceback before the parent's one line.  Only the parent answers it now, and
-    stops the workers itself (:func:`_stop_workers`).  The block only starts processes (milliseconds); outside
-    the main thread, where signal handlers cannot be set, it runs as it is.
+    stops the workers itself (:func:`_stop_workers`).
+
+    The parent blocks SIGINT while it starts them: a blocked signal stays blocked across fork and exec, so a worker
+    holds a Ctrl+C from its first instruction until its initialiser (:func:`_ignoring_sigint`) ignores it and
+    unblocks it.  The parent's own Ctrl+C is held meanwhile (blocked, or recorded when another of its threads takes
+    it) and raised when the block ends, once the workers have started: ignoring it here, as before, dropped it.
+    The block only starts processes (milliseconds); outside the main thread, where handlers cannot be set, it runs
+    as it is.
     """
     import signal
     import threading
+    from multiprocessing import resource_tracker
+
+    from ..schema.outputs import signals_deferred
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # Started by the first spawn otherwise, and it unblocks SIGINT in this thread once it has started.
+    resource_tracker.ensure_running()
+    with signals_deferred():
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl+C held goes to signals_deferred's handler
+
+
+def _ignoring_sigint(initializer: Any = None, *initargs: Any) -> None:
+    """A worker's first step: ignore SIGINT, which it held blocked since it started (the Ctrl+C held is dropped),
+    and unblock it, so that what it starts does not inherit the block; then its own initialiser."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _process_pool(processes: int, context: Any, initializer: Any = None, initargs: tuple[Any, ...] = ()) -> Any:
+    """A process pool whose workers, started inside :func:`_spawning_without_sigint`, ignore SIGINT."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=_ignoring_sigint,
+                               initargs=(initializer, *initargs))
+
+
+def _device_queue(context: Any) -> Any:
+    """A queue in a manager process that ignores SIGINT (start it inside :func:`_spawning_without_sigint`)."""
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=context)
+    manager.start(_ignoring_sigint)
+    return manager.Queue()
 
 
 def _children() -> frozenset[Any]:
@@ -702,7 +739,7 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
             return results
         # A fresh pool whose initialiser loads the model (the source pool's processes never did).
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
         pool.shutdown()
         others = _children()  # the source pool's workers have ended: what starts now is this pool's (and its queue's)
@@ -710,11 +747,10 @@ def _run_cases(pending: list[int], total: int, state: dict[str, Any], pool: Any,
         queue = None
         if len(set(plan.devices)) > 1:  # one GPU each: every worker takes the next from the queue
             with _spawning_without_sigint():
-                queue = context.Manager().Queue()
+                queue = _device_queue(context)
             for device in plan.devices:
                 queue.put(device)
-        workers = ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_init_worker,
-                                      initargs=(state, queue, plan.threads))
+        workers = _process_pool(plan.processes, context, _init_worker, (state, queue, plan.threads))
         try:
             with _spawning_without_sigint():
                 futures = [workers.submit(_run_case, i) for i in pending]  # the workers start here
