@@ -552,11 +552,19 @@ class _Study:
                 entries.append(dict(spec.provenance(), name=case.name,
                                     tumour_voxels=int(np.count_nonzero(tumour_mask(labels))),
                                     model_sha256=model.sha256))
-            index = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2)}
+            same, differing = self._older_synthetic(fold, model, key, tmp, entries)
+            index = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2),
+                     "same_data_as": same}
             write_json(index, tmp / "index.json")
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
+            if same or differing:
+                older = f"synthetic/{(same or differing)[0]}"
+                _log(f"{tag}: synthetic cases made again (those cached in {older} were made by another version of "
+                     "MedSynth or another synthetic config); " + (
+                         "identical to them, so the arms trained on them are reused" if same else
+                         "they differ, so the arms that train on them are trained again"))
         self.d.sync(self.device.type)
         index = _read_json(index_path)
         if not any(e["tumour_voxels"] for e in index["cases"]):
@@ -566,7 +574,40 @@ class _Study:
         self._stage_done(f"{tag} synthetic cases ({len(cases)})", "synth",
                          index["seconds"] if not computed else time.perf_counter() - t0, computed)
         return {"key": key, "folder": str(folder), "count": len(cases), "cases": cases,
-                "provenance": index["cases"], "seconds": index["seconds"]}
+                "provenance": index["cases"], "seconds": index["seconds"], "same_as": index.get("same_data_as", [])}
+
+    def _older_synthetic(self, fold: Fold, model: Any, key: str, made: Path,
+                         entries: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+        """The keys of this fold's synthetic cases cached under another key (another version of the code that
+        keys them, or another config), split into those identical to the byte to the cases just made in ``made``
+        and those that differ.
+
+        An older version's cases are found by content, as :mod:`MedSynthLib.study.preview` finds them: made by
+        this GAN in this fold's training brains.  Their edit records may be older (before ``random_tumour`` draw
+        records), but an arm reads only the arrays, so an arm trained on identical arrays is valid for these.
+        """
+        import filecmp
+
+        same: list[str] = []
+        differing: list[str] = []
+        names = [e["name"] for e in entries]
+        for index_path in sorted((self.work / "synthetic").glob("*/index.json")):
+            older = _read_json(index_path)
+            if index_path.parent.name == key or not isinstance(older, dict) or not older.get("cases"):
+                continue
+            cases = older["cases"]
+            bases = {e.get("base") for e in cases} & set(self.sha)
+            if ({e.get("model_sha256") for e in cases} != {model.sha256} or not bases
+                    or not bases <= set(fold.train)):
+                continue
+            try:
+                identical = [e.get("name") for e in cases] == names and all(
+                    filecmp.cmp(made / f"{name}_{part}.npy", index_path.parent / f"{name}_{part}.npy", shallow=False)
+                    for name in names for part in ("images", "labels"))
+            except OSError:  # an older folder missing an array
+                identical = False
+            (same if identical else differing).append(index_path.parent.name)
+        return same, differing
 
     def _load_synthetic(self, folder: Path, name: str, spacing: float) -> SegCase:
         return self._load_arrays(folder / f"{name}_images.npy", folder / f"{name}_labels.npy", name, (spacing,) * 3)
@@ -766,16 +807,30 @@ class _Study:
         real_ids = self._arm_real_cases(fold, arm)
         uses_synthetic = arm in ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean")
         copy_paste = arm == "real+copypaste"
-        key = stage_key({"arm": arm, "train": [self.sha[c] for c in real_ids],
-                         "test": [self.sha[c] for c in fold.test], "finetune": tune,
-                         "synthetic": synth["key"] if uses_synthetic else None, "seed": seed, "fold": fold.index,
-                         "world": self.d.world, "v": STUDY_VERSION,
-                         **({"grid": self.grid.to_json(), "study_seed": self.config.seed} if copy_paste else {})},
-                        {k_: v for k_, v in cfg.to_json().items() if k_ != "seeds"},
-                        self.COPY_PASTE_MODULES if copy_paste else self.SEGMENTER_MODULES)
+
+        def key_for(synthetic: str) -> str:
+            return stage_key({"arm": arm, "train": [self.sha[c] for c in real_ids],
+                              "test": [self.sha[c] for c in fold.test], "finetune": tune,
+                              "synthetic": synthetic if uses_synthetic else None, "seed": seed, "fold": fold.index,
+                              "world": self.d.world, "v": STUDY_VERSION,
+                              **({"grid": self.grid.to_json(), "study_seed": self.config.seed} if copy_paste else {})},
+                             {k_: v for k_, v in cfg.to_json().items() if k_ != "seeds"},
+                             self.COPY_PASTE_MODULES if copy_paste else self.SEGMENTER_MODULES)
+
+        key = key_for(synth["key"])
         path = self.work / "arms" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
+        if result is None and uses_synthetic:
+            # Trained on synthetic cases cached under another key and identical to these (_older_synthetic):
+            # the same result, kept under this key too.
+            for older in synth.get("same_as", []):
+                found = _read_json(self.work / "arms" / f"{key_for(older)}.json")
+                if isinstance(found, dict):
+                    result = dict(found, key=key, reused_from=found.get("key"))
+                    if self.d.main:
+                        _write_json_atomic(result, path)
+                    break
         computed = result is None
         if computed:
             real = [self.seg_real[c] for c in real_ids]
