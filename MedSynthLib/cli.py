@@ -1193,7 +1193,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve a local web page: the four contrasts of synthetic cases beside their real "
                                    "cases with tumour outlines, a rating and a note; or a blinded 'real or "
                                    "synthetic?' reader study. Needs the web extra: pip install 'medsynth[web]'.")
-    p.add_argument("cases", nargs="*", type=Path, metavar="CASE_DIR", help="synthetic and/or real case folders")
+    p.add_argument("cases", nargs="*", type=Path, metavar="CASE_DIR",
+                   help="synthetic and/or real case folders (synthetic: from synthesize, export --format nifti, or "
+                        "a case folder of generate --layout brats2021/brats2023); a synthetic case is shown with the "
+                        "real case given beside it whose brain (else tumour in place) it has")
     p.add_argument("--pair", nargs=2, type=Path, action="append", metavar=("SYNTHETIC", "REAL"),
                    help="show a synthetic case beside the real case it was made from (repeatable)")
     p.add_argument("--port", type=_port, default=8080, help="port of the web page (default 8080)")

@@ -10,30 +10,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from MedSynthLib.evaluation.reader_study import ReaderStudy, is_synthetic_case, open_case
+from MedSynthLib.evaluation.reader_study import ReaderStudy, find_pairs, is_synthetic_case, open_case
 from MedSynthLib.schema.errors import InputError, MedSynthError
-from MedSynthLib.schema.review import read_provenance
 
 from .review_app import ReviewEntry
-
-#: Provenance keys that may name the real case a synthetic case was made from.
-SOURCE_KEYS = ("source_case", "source")
-
-
-def _source_of(folder: Path) -> Path | None:
-    provenance = read_provenance(folder)
-    for key in SOURCE_KEYS:
-        value = provenance.get(key)
-        if isinstance(value, str) and Path(value).is_dir():
-            return Path(value)
-    return None
 
 
 def review_entries(case_dirs: list[Path], pairs: list[tuple[Path, Path]]) -> list[ReviewEntry]:
     """One entry per synthetic case (with its real case when paired) and per real case left alone.
 
-    Pairs come from ``--pair SYNTHETIC REAL`` or from the synthetic case's provenance
-    (``source_case``); the two folders are checked before the server starts.
+    Pairs come from ``--pair SYNTHETIC REAL``, or from the cases given: a real case with the synthetic case's
+    brain outline (its anatomy was derived from that case), else with its tumour in place, is the case it was
+    made from (:func:`~MedSynthLib.evaluation.reader_study.find_pairs`; compared by content, as provenance names
+    no patient).  The folders are checked before the server starts.
     """
     for folder in [*case_dirs, *(p for pair in pairs for p in pair)]:
         if not Path(folder).is_dir():
@@ -41,22 +30,30 @@ def review_entries(case_dirs: list[Path], pairs: list[tuple[Path, Path]]) -> lis
     real_of: dict[Path, Path] = {}
     for synthetic, real in pairs:
         if not is_synthetic_case(synthetic):
-            raise InputError(synthetic, "--pair takes the synthetic case first (a folder with provenance.json)")
+            raise InputError(synthetic, "--pair takes the synthetic case first (a MedSynth synthetic case folder)")
         real_of[Path(synthetic).resolve()] = Path(real).resolve()
-    synthetic_dirs = [Path(d).resolve() for d in case_dirs if is_synthetic_case(d)]
+    synthetic_dirs = list(dict.fromkeys(Path(d).resolve() for d in case_dirs if is_synthetic_case(d)))
     synthetic_dirs += [s for s in real_of if s not in synthetic_dirs]
-    for folder in synthetic_dirs:
-        if folder not in real_of and (source := _source_of(folder)) is not None:
-            real_of[folder] = source.resolve()
+    real_dirs = list(dict.fromkeys(Path(d).resolve() for d in case_dirs if not is_synthetic_case(d)))
+    unpaired = [folder for folder in synthetic_dirs if folder not in real_of]
+    compare = set(unpaired + real_dirs) if unpaired and real_dirs else set()
+    opened = {folder: open_case(folder, with_brain=folder in compare)
+              for folder in dict.fromkeys([*synthetic_dirs, *real_dirs, *real_of.values()])}
+    if compare:
+        found = find_pairs([opened[f] for f in real_dirs], [opened[f] for f in unpaired])
+        for pair in sorted(found, key=lambda p: "brain" not in p["shares"]):  # the brain says whose case it is
+            real_of.setdefault(Path(pair["synthetic"]), Path(pair["real"]))
+        for case in opened.values():
+            case.brain = None  # what the pairing needed: not kept while the page is served
     used_real = set(real_of.values())
     entries = []
     for folder in synthetic_dirs:
         real = real_of.get(folder)
         entries.append(ReviewEntry(folder.name + (f"  (real: {real.name})" if real else ""),
-                                   open_case(folder), open_case(real) if real else None))
-    for folder in (Path(d).resolve() for d in case_dirs if not is_synthetic_case(d)):
+                                   opened[folder], opened[real] if real else None))
+    for folder in real_dirs:
         if folder not in used_real:
-            entries.append(ReviewEntry(f"{folder.name}  (real)", None, open_case(folder)))
+            entries.append(ReviewEntry(f"{folder.name}  (real)", None, opened[folder]))
     if not entries:
         raise MedSynthError("no case to review: give synthetic or real case folders")
     return entries

@@ -3,7 +3,8 @@
 Eight axial slice views with one slice offset (moving one moves all) (real above, synthetic below; four when no real case is paired)
 with the tumour (NCR, ED, ET) as outlines.  The rating (1-5; 0 = not rated) and the note go into
 the case's ``provenance.json`` through :func:`MedSynthLib.schema.review.save_review`, the function
-the Slicer module's review uses, so export carries them the same way.
+the Slicer module's review uses, so export carries them the same way.  A case whose provenance is shared as it
+is (an export, a generated dataset's case) takes a rating only: the note field gives way to the reason.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from MedSynthLib.cases.readers import MODALITIES
 from MedSynthLib.evaluation.reader_study import CaseImages, tumour_centre_ras
 from MedSynthLib.schema.errors import MedSynthError
-from MedSynthLib.schema.review import NOTE_MAX_CHARS, RATING_RANGE, read_provenance, save_review
+from MedSynthLib.schema.review import NOTE_MAX_CHARS, RATING_RANGE, note_refusal, read_provenance, save_review
 
 TITLES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 
@@ -79,8 +80,8 @@ class ReviewApp:
 
         self.state.update({
             "case_names": [{"title": e.name, "value": i} for i, e in enumerate(entries)],
-            "case_index": 0, "rating": 0, "note": "", "status": "", "can_rate": False,
-            "paired": False, "note_max": NOTE_MAX_CHARS,
+            "case_index": 0, "rating": 0, "note": "", "status": "", "can_rate": False, "can_note": False,
+            "note_off": "", "paired": False, "note_max": NOTE_MAX_CHARS,
         })
         self.state.trame__title = "MedSynth review"
         self.state.change("case_index")(self._on_case)
@@ -109,7 +110,10 @@ class ReviewApp:
                                 v3.VBtn("–" if value == 0 else str(value), value=(value,), id=f"rating-{value}",
                                         title="not rated" if value == 0 else f"rating {value}")
                         v3.VTextField(v_model=("note",), label="Note", density="compact", hide_details=True,
-                                      counter=NOTE_MAX_CHARS, disabled=("!can_rate",), id="note")
+                                      counter=NOTE_MAX_CHARS, disabled=("!can_note",), v_if=("can_note || !note_off",),
+                                      id="note")
+                        html.Span("{{ note_off }}", v_if=("note_off",), classes="text-caption", id="note-off",
+                                  style="max-width: 420px;")
                         v3.VBtn("Save review", color="primary", click=(self.save, "[case_index, rating, note]"), disabled=("!can_rate",),
                                 id="save-review")
                         html.Span("{{ status }}", id="status", classes="text-body-2")
@@ -144,12 +148,15 @@ class ReviewApp:
                 self._nodes.append(volume)
                 view = self.slicer.view_manager.get_view(view_tag(row, modality))
                 show(view, volume, label, centre)
-        review = {}
+        review, refusal = {}, None
         if entry.synthetic is not None:
-            review = read_provenance(entry.synthetic.folder).get("review") or {}
+            provenance = read_provenance(entry.synthetic.folder)
+            review, refusal = provenance.get("review") or {}, note_refusal(provenance)
         with self.state:
             self.state.paired = layout == "paired"
             self.state.can_rate = entry.synthetic is not None
+            self.state.can_note = entry.synthetic is not None and refusal is None
+            self.state.note_off = f"No note: {refusal}." if refusal else ""
             self.state.rating = int(review.get("rating", 0) or 0)
             self.state.note = review.get("note", "")
             self.state.status = ("" if entry.synthetic is not None

@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..cases.readers import MODALITIES
 from ..schema.labels import Label
-from ..schema.review import SYNTHETIC_KIND
+from ..schema.review import GENERATE_PROVENANCE_DIR, GENERATE_RUN_FILE, SYNTHETIC_KIND, provenance_path
 from ..schema.volume_io import write_json
 
 PLAN_VERSION = 1
@@ -95,10 +95,15 @@ class CaseImages:
     brain: np.ndarray | None = None
 
 
+#: The ``medsynth generate`` layouts with one folder per case (nnU-Net and MSD keep a case as files in imagesTr).
+GENERATE_CASE_FOLDER_LAYOUTS = ("brats2021", "brats2023")
+
+
 def is_synthetic_case(folder: str | os.PathLike[str]) -> bool:
-    path = Path(folder) / "provenance.json"
+    """Whether ``folder`` is a MedSynth synthetic case: its provenance (its own ``provenance.json``, or a ``medsynth
+    generate`` dataset's record of it, :func:`~MedSynthLib.schema.review.provenance_path`) says so."""
     try:
-        return json.loads(path.read_text()).get("kind") == SYNTHETIC_KIND
+        return json.loads(provenance_path(folder).read_text()).get("kind") == SYNTHETIC_KIND
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -107,7 +112,7 @@ def is_patient_scan(folder: str | os.PathLike[str]) -> bool:
     """Whether a MedSynth case folder holds a patient's own images (``synthesize --context``: the real scan with
     one region re-rendered), which a reader study must not score as synthetic."""
     try:
-        provenance = json.loads((Path(folder) / "provenance.json").read_text())
+        provenance = json.loads(provenance_path(folder).read_text())
         privacy = provenance.get("privacy") or {}
         return bool(provenance.get("inpainting")) or (isinstance(privacy, dict) and privacy.get("images") == "patient")
     except (OSError, ValueError, AttributeError):
@@ -116,13 +121,20 @@ def is_patient_scan(folder: str | os.PathLike[str]) -> bool:
 
 def open_case(folder: str | os.PathLike[str], *, with_brain: bool = False) -> CaseImages:
     """A real case (any convention :func:`~MedSynthLib.cases.readers.read_case` reads) or a synthetic one: a
-    ``medsynth synthesize`` folder or its ``medsynth export --format nifti`` (BraTS file names).
+    ``medsynth synthesize`` folder, its ``medsynth export --format nifti`` (BraTS file names), or a case folder of
+    a ``medsynth generate`` dataset in a BraTS layout (its provenance in the dataset's ``provenance/``).
 
     Args:
         with_brain: also fill in :attr:`CaseImages.brain` (what :func:`find_pairs` compares).
+
+    Raises:
+        InputError: a missing image, a DICOM export, or a folder of a generate dataset that is no case folder.
     """
     folder = Path(folder)
     if is_synthetic_case(folder):
+        record = provenance_path(folder)
+        if record.name != "provenance.json":
+            return _open_generated(folder, json.loads(record.read_text()), with_brain)
         files = {m: folder / f"{m}.nii.gz" for m in MODALITIES}
         export = _export_record(folder)
         if export is not None and not all(path.is_file() for path in files.values()):
@@ -141,6 +153,9 @@ def open_case(folder: str | os.PathLike[str], *, with_brain: bool = False) -> Ca
         return CaseImages(folder, True, files, labels_path if labels_path.is_file() else None, tumour, brain)
     from ..cases.readers import read_case
 
+    refusal = _generate_dataset_refusal(folder)
+    if refusal is not None:
+        raise refusal
     case = read_case(folder)
     return CaseImages(folder, False, {m: Path(case.files[m]) for m in MODALITIES},
                       Path(case.files["seg"]) if "seg" in case.files else None, case.tumour,
@@ -181,6 +196,50 @@ def _open_export(folder: Path, export: dict[str, Any], with_brain: bool) -> Case
                       Path(case.files["seg"]) if "seg" in case.files else None, case.tumour, brain)
 
 
+def _open_generated(folder: Path, record: dict[str, Any], with_brain: bool) -> CaseImages:
+    """A case folder of a ``medsynth generate`` dataset: images and seg named by its BraTS layout."""
+    from ..cases.readers import read_case
+
+    layout = record.get("layout")
+    if layout not in GENERATE_CASE_FOLDER_LAYOUTS:
+        raise InputError(folder, f"its medsynth generate record names the {layout} layout, which has no case folders")
+    case = read_case(folder, convention=layout)
+    # No label map is written beside the images: the brain is where they are non-zero (painted in its brain).
+    return CaseImages(folder, True, {m: Path(case.files[m]) for m in MODALITIES},
+                      Path(case.files["seg"]) if "seg" in case.files else None, case.tumour,
+                      case.brain_mask() if with_brain else None)
+
+
+def _generate_dataset_refusal(folder: Path) -> InputError | None:
+    """The one line for a folder of a ``medsynth generate`` dataset that is not a complete case folder: the
+    dataset itself, the nnU-Net/MSD dataset folder, its ``imagesTr`` or an MSD 4D image in it, or a case whose
+    record is not written yet; None for any other folder."""
+    resolved = folder.resolve()
+    for depth, root in enumerate([resolved, *resolved.parents][:4]):
+        if (root / GENERATE_RUN_FILE).is_file():
+            break
+    else:
+        return None
+    try:
+        layout = json.loads((root / GENERATE_RUN_FILE).read_text()).get("layout")
+    except (OSError, ValueError, AttributeError):
+        layout = None
+    if layout in GENERATE_CASE_FOLDER_LAYOUTS:
+        if depth == 1 and resolved.name != GENERATE_PROVENANCE_DIR:
+            return InputError(folder, f"is a case of a medsynth generate dataset ({root}) without its record "
+                                      f"{GENERATE_PROVENANCE_DIR}/{resolved.name}.json: the case is not complete; run "
+                                      "the same medsynth generate command again to finish it")
+        done = sorted(p.stem for p in (root / GENERATE_PROVENANCE_DIR).glob("*.json") if not p.name.startswith("."))
+        example = root / (done[0] if done else "CASE_ID")
+        return InputError(folder, f"is {'a' if depth == 0 else 'in a'} medsynth generate dataset ({layout} layout), "
+                                  f"not one of its case folders: give the case folders, such as {example}")
+    return InputError(folder, f"is {'a' if depth == 0 else 'part of a'} medsynth generate dataset in the "
+                              f"{layout} layout, which keeps each case as files in imagesTr, not as a folder: review "
+                              "and reader studies read one folder per case; run the same medsynth generate command "
+                              "with --layout brats2021 (or brats2023) and another -o for the same cases, one "
+                              "folder each")
+
+
 def _brain_of_images(files: dict[str, Path], tumour: np.ndarray | None) -> np.ndarray:
     """Any contrast non-zero, or tumour, holes filled (as a real case's brain mask is found)."""
     from scipy import ndimage
@@ -204,9 +263,9 @@ PAIRED_TUMOUR_DICE = 0.9
 
 
 def _dice(a: np.ndarray | None, b: np.ndarray | None, at_least: float) -> float | None:
-    """Dice of two masks; None where either is missing or empty, or where the counts alone keep it under
-    ``at_least`` (most pairs of different patients: the overlap is then not computed)."""
-    if a is None or b is None:
+    """Dice of two masks; None where either is missing or empty, on other grids, or where the counts alone keep it
+    under ``at_least`` (most pairs of different patients: the overlap is then not computed)."""
+    if a is None or b is None or a.shape != b.shape:
         return None
     na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
     if not na or not nb or 2 * min(na, nb) / (na + nb) < at_least:
@@ -216,7 +275,7 @@ def _dice(a: np.ndarray | None, b: np.ndarray | None, at_least: float) -> float 
 
 def find_pairs(real: Sequence[CaseImages], synthetic: Sequence[CaseImages]) -> list[dict[str, Any]]:
     """The synthetic cases that carry one of the real cases' patient: their brain (the anatomy was derived from
-    that case) or their tumour in place.  Cases opened ``with_brain``, on one grid.
+    that case) or their tumour in place.  Cases opened ``with_brain``; cases on other grids are no pair.
 
     Returns:
         One record per pair, in the order given: ``real``, ``synthetic`` (resolved folders), ``shares``

@@ -18,6 +18,11 @@ from .volume_io import write_json
 
 NOTE_MAX_CHARS = 500
 SYNTHETIC_KIND = "medsynth-synthetic-case"
+#: A ``medsynth generate`` dataset: its run file, and the folder of one record per case (``generate/runner.py``'s
+#: ``RUN_FILE`` and ``PROVENANCE_DIR``; schema may not import generate).  Its BraTS-layout case folders hold images
+#: only.
+GENERATE_RUN_FILE = "generate.json"
+GENERATE_PROVENANCE_DIR = "provenance"
 
 
 def clean_note(note: Any) -> str:
@@ -36,9 +41,34 @@ def check_rating(rating: Any) -> int:
     return rating
 
 
+def provenance_path(case_dir: str | os.PathLike[str]) -> Path:
+    """Where a case folder's provenance is: its own ``provenance.json``, or for a case folder of a ``medsynth
+    generate`` dataset (BraTS 2021/2023 layouts: images only) the dataset's ``provenance/<case id>.json``.
+    The folder's own ``provenance.json`` (present or not) where neither is found."""
+    folder = Path(case_dir)
+    own = folder / "provenance.json"
+    if own.exists():
+        return own
+    dataset = folder.resolve().parent  # resolved: a link to a case folder still finds its dataset
+    generated = dataset / GENERATE_PROVENANCE_DIR / f"{folder.resolve().name}.json"
+    if (dataset / GENERATE_RUN_FILE).is_file() and generated.is_file():
+        return generated
+    return own
+
+
+def note_refusal(provenance: dict[str, Any]) -> str | None:
+    """Why no note may be stored in this provenance (it is shared as it is), or None where one may."""
+    if isinstance(provenance.get("export"), dict):
+        return "an exported case's provenance.json is shared as it is and keeps no free text"
+    if isinstance(provenance.get("generation"), dict):
+        return "a generated dataset's case records are shared with the dataset and keep no free text"
+    return None
+
+
 def read_provenance(case_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``provenance.json`` of a synthetic case folder (refused when absent or not a MedSynth case)."""
-    path = Path(case_dir) / "provenance.json"
+    """The provenance of a synthetic case folder (:func:`provenance_path`; refused when absent or not a MedSynth
+    case)."""
+    path = provenance_path(case_dir)
     try:
         provenance = json.loads(path.read_text())
     except FileNotFoundError:
@@ -55,8 +85,9 @@ def save_review(case_dir: str | os.PathLike[str], rating: int, note: str = "") -
 
     The provenance file is rewritten atomically; everything else in it is kept.
 
-    A case written by ``medsynth export`` takes a rating and no note: its ``provenance.json`` is what is shared,
-    and a note is free text (which may name a patient) that export keeps local only.
+    A case written by ``medsynth export`` or ``medsynth generate`` takes a rating and no note
+    (:func:`note_refusal`): its provenance is shared as it is, and a note is free text (which may name a patient)
+    that export keeps local only.
 
     Returns:
         The review record: ``rating``, ``note``, ``reviewed_at`` (UTC, ISO 8601).
@@ -64,13 +95,13 @@ def save_review(case_dir: str | os.PathLike[str], rating: int, note: str = "") -
     rating = check_rating(rating)
     note = clean_note(note)
     provenance = read_provenance(case_dir)
-    if note and isinstance(provenance.get("export"), dict):
-        raise InputError(Path(case_dir) / "provenance.json",
-                         "an exported case (medsynth export) is shared with its provenance, which keeps no free "
-                         "text: save the rating without a note, or review the synthetic case folder it was "
-                         "exported from")
+    path = provenance_path(case_dir)
+    refusal = note_refusal(provenance)
+    if note and refusal is not None:
+        also = ", or review the synthetic case folder it was exported from" if "export" in provenance else ""
+        raise InputError(path, f"{refusal}: save the rating without a note{also}")
     review = {"rating": rating, "note": note,
               "reviewed_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     provenance["review"] = review
-    write_json(provenance, Path(case_dir) / "provenance.json", overwrite=True)
+    write_json(provenance, path, overwrite=True)
     return review
