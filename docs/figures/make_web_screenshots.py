@@ -1,11 +1,13 @@
 """Screenshots of the two pages of ``medsynth review`` (docs/figures/web_review.png, web_study.png).
 
 Usage:
-    python docs/figures/make_web_screenshots.py REAL_CASE SYNTHETIC_CASE OUT_DIR
+    python docs/figures/make_web_screenshots.py REAL_CASE SYNTHETIC_CASE STUDY_REAL_CASE OUT_DIR
 
 SYNTHETIC_CASE is the case ``medsynth synthesize`` made from REAL_CASE's derived label map
-(``medsynth labels REAL_CASE -o labels.nii.gz`` first).  Needs the web extra, Playwright and
-Debian's ``/usr/bin/chromium``; everything runs on the loopback address.
+(``medsynth labels REAL_CASE -o labels.nii.gz`` first): the review page shows the two together.  The
+reader study pits SYNTHETIC_CASE against STUDY_REAL_CASE, another patient on the same grid (the study refuses
+a synthetic case made from one of its own real cases: the reader would see that patient twice).  Needs the web
+extra, Playwright and Debian's ``/usr/bin/chromium``; everything runs on the loopback address.
 """
 
 from __future__ import annotations
@@ -59,12 +61,27 @@ def screenshot(url: str, path: Path, views: int, width: int, height: int, rate: 
         browser.close()
 
 
+def check_study(real: str, synthetic: str) -> None:
+    """The study's plan as the server will make it, checked here: its refusal in one line, not a server that
+    never starts (its output goes nowhere)."""
+    from MedSynthLib.evaluation.reader_study import plan_study
+    from MedSynthLib.schema.errors import MedSynthError
+
+    try:
+        plan_study([real], [synthetic], seed=1, n_per_class=2)
+    except MedSynthError as exc:
+        raise SystemExit(f"the reader study of {real} and {synthetic} is refused: {exc}") from None
+
+
 def main() -> None:
-    real, synthetic, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    if len(sys.argv) != 5:
+        raise SystemExit(__doc__)
+    real, synthetic, study_real, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    check_study(study_real, synthetic)
     out.mkdir(parents=True, exist_ok=True)
     pages = [
         ([synthetic, "--pair", synthetic, real], "web_review.png", 8, (1600, 900), True),
-        (["--study", real, "--synthetic", synthetic, "-o", str(out / "study_results"), "--seed", "1",
+        (["--study", study_real, "--synthetic", synthetic, "-o", str(out / "study_results"), "--seed", "1",
           "--n-per-class", "2"], "web_study.png", 1, (1200, 800), False),
     ]
     for args, name, views, (width, height), rate in pages:
