@@ -473,8 +473,7 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
         raise InputError(args.edits, f"its history does not reproduce its voxels from {args.labels.name} "
                                      f"({'another grid' if differ < 0 else f'{differ} voxels differ'}): another base "
                                      "map, a record edited by hand, or one written by another MedSynth")
-    names = ", ".join(r["name"] for r in records)
-    replayed = f"{len(records)} edit{'s' if len(records) != 1 else ''} replayed ({names})"
+    replayed = _replayed(records)
     _write_edited(result, args)
     if not differ:
         print(f"{replayed} from {args.edits}: identical to it voxel for voxel")
@@ -482,6 +481,22 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
         print(f"{replayed} from {args.edits}: the result differs from it ("
               f"{'another grid' if differ < 0 else f'{differ} voxels'}; another base map, or a history edited by hand)")
     return 0
+
+
+def _replayed(records: list[dict[str, Any]]) -> str:
+    """``N edits replayed (names)``, naming the random draws that made them: a draw's record changes no voxel."""
+    from .edits.random_edits import RandomTumourDraw
+
+    draws = [r["params"] for r in records if r["name"] == RandomTumourDraw.name]  # checked by replay
+    edits = [r["name"] for r in records if r["name"] != RandomTumourDraw.name]
+    line = f"{len(edits)} edit{'s' if len(edits) != 1 else ''} replayed" + (f" ({', '.join(edits)})" if edits else "")
+    if not draws:
+        return line
+    seeds = " and ".join(str(d["seed"]) for d in draws)
+    by = f"drawn by {RandomTumourDraw.name} seed{'s' if len(draws) > 1 else ''} {seeds}"
+    counts = [d.get("drawn_edits") for d in draws]
+    drawn = sum(counts) if None not in counts else len(edits)  # a record without its count: all taken as drawn
+    return f"{line}, {by}" if drawn >= len(edits) else f"{line}, {drawn} of them {by}"
 
 
 DEMO_TUMOUR = dict(centre_ras_mm=(28.0, -12.0, 26.0), radii_mm=(17.0, 15.0, 14.0), rim_mm=2.5,

@@ -122,3 +122,40 @@ def test_a_hand_edited_draw_record_is_refused_on_replay(tmp_path, capsys, change
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert not again.exists()
+
+
+def _replay_line(capsys, labels: Path, edits: Path, out: Path) -> str:
+    capsys.readouterr()
+    assert main(["tumour", "replay", str(labels), "--edits", str(edits), "--check", "-o", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " replayed" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_tumour_replay_reports_the_draw_as_a_draw_not_an_edit(tmp_path, capsys):
+    """The draw record changes no voxel: ``tumour replay`` counted it as one more edit ("4 edits replayed
+    (random_tumour, rotate, scale, translate)"); it names the draw that made the edits instead."""
+    labels = _labels(tmp_path)
+    out = tmp_path / "out.nii.gz"
+    history = _random(capsys, labels, out, "--seed", "7", "--p-new", "0")
+    drawn = [r["name"] for r in history[2:]]
+    line = _replay_line(capsys, labels, out, tmp_path / "again.nii.gz")
+    n = len(drawn)
+    assert line.startswith(f"{n} edit{'s' if n != 1 else ''} replayed ({', '.join(drawn)}), drawn by random_tumour "
+                           f"seed 7 from {out}:"), line
+
+
+def test_tumour_replay_says_which_edits_a_draw_made(tmp_path, capsys):
+    """An edit the user made before the draw is replayed too, but was not drawn: the line counts the drawn ones."""
+    labels = _labels(tmp_path)
+    moved = tmp_path / "moved.nii.gz"
+    capsys.readouterr()
+    assert main(["tumour", "transform", str(labels), "--translate", "2", "0", "0", "-o", str(moved)]) == 0
+    out = tmp_path / "out.nii.gz"
+    history = _random(capsys, moved, out, "--seed", "5", "--p-new", "0")
+    assert [r["name"] for r in history[:3]] == ["template_labels", "translate", "random_tumour"]
+    drawn = [r["name"] for r in history[3:]]
+    line = _replay_line(capsys, labels, out, tmp_path / "again.nii.gz")
+    total = len(drawn) + 1
+    assert line.startswith(f"{total} edits replayed ({', '.join(['translate', *drawn])}), {len(drawn)} of them drawn "
+                           f"by random_tumour seed 5 from {out}:"), line
