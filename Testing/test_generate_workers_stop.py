@@ -103,7 +103,8 @@ def test_ctrl_c_while_workers_spawn_is_answered_once_they_have_started(monkeypat
 
 def _sigint_state() -> tuple[bool, bool]:
     """In a worker: (SIGINT ignored, SIGINT blocked)."""
-    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # blocks nothing more: reads the mask
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN, signal.SIGINT in blocked
 
 
 def _count(n: int) -> int:
