@@ -169,7 +169,7 @@ def replace_as_one(moves: Mapping[Path, Path]) -> None:
     when the new files do not replace that one (``a.raw`` under a new ``a.mhd`` + ``a.zraw``): otherwise it would
     stay, data no header names.
     """
-    from .volume_io import own_data_file
+    from .image_files import own_data_file
 
     targets = set(moves.values())
     done: list[tuple[Path, Path | None]] = []  # (target or removed data file, the file it held, kept aside)

@@ -24,26 +24,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputExistsError
+# Re-exported: readers and writers of case folders import the file-name rules from here.
+from .image_files import IMAGE_SUFFIXES, NIFTI_SUFFIXES, PAIRED_SUFFIXES, metaimage_data_file, strip_image_suffix
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".nrrd", ".nhdr", ".mha", ".mhd")
-#: Headers whose voxels SimpleITK writes to a separate data file beside them: header suffix -> the data file's
-#: suffix (compressed, uncompressed).  Analyze/NIfTI pairs (.hdr/.img) are not among MedSynth's formats.
-PAIRED_SUFFIXES = {".mhd": (".zraw", ".raw"), ".nhdr": (".raw.gz", ".raw")}
 #: Suffix of the hidden folder a paired image is written in before its files are moved into place.
 TMP_PAIR_SUFFIX = ".tmp-pair"
 # Voxel sizes MedSynth accepts: a 0 or negative pixdim is a broken header, not 1 mm.
 MIN_SPACING_MM = 1e-3
 MAX_SPACING_MM = 1e3
-
-
-def strip_image_suffix(name: str) -> str:
-    """``"a_t1.nii.gz"`` -> ``"a_t1"``."""
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def is_image_file(path: Path) -> bool:
@@ -135,76 +123,12 @@ def _check_nifti_bytes(path: Path) -> None:
         raise InputError(path, f"truncated: {size} bytes of image data, header requires {expected}")
 
 
-def _metaimage_data_file(path: Path) -> Path | None:
-    """The ``ElementDataFile`` of a MetaImage header when it names one file (else ``None``)."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(1 << 16)
-    except OSError as exc:
-        raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
-    for raw in head.split(b"\n"):
-        key, _, value = raw.decode("latin-1").partition("=")
-        if key.strip().lower() == "elementdatafile":
-            name = value.strip()
-            if name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name or " " in name:
-                return None
-            return (path.parent / name) if not os.path.isabs(name) else Path(name)
-    return None
-
-
-def _nrrd_data_file(path: Path) -> Path | None:
-    """The ``data file`` of a detached NRRD header when it names one file (else ``None``)."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(1 << 16)
-    except OSError:
-        return None
-    for raw in head.split(b"\n")[1:]:
-        line = raw.decode("latin-1").strip()
-        if not line:
-            break  # the end of the header
-        key, sep, value = line.partition(":")
-        if sep and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
-            name = value.strip()
-            if not name or name.upper().startswith("LIST") or "%" in name or " " in name:
-                return None
-            return (path.parent / name) if not os.path.isabs(name) else Path(name)
-    return None
-
-
-def _named_data_file(header: Path) -> Path | None:
-    """The one data file a MetaImage or detached NRRD header names (``None``: none, several, or unreadable)."""
-    try:
-        return _nrrd_data_file(header) if header.name.lower().endswith(".nhdr") else _metaimage_data_file(header)
-    except InputError:
-        return None
-
-
-def own_data_file(header: Path) -> Path | None:
-    """The data file an existing ``.mhd`` / ``.nhdr`` header names when it is the header's own: beside it, named
-    as the header with a data suffix (``a.mhd`` -> ``a.raw`` or ``a.zraw``), and named by no other header there.
-    ``None`` for anything else (another image's data file, one elsewhere, an unreadable header): no other file
-    is ever taken for the header's."""
-    stem = strip_image_suffix(header.name)
-    suffix = header.name[len(stem):].lower()
-    if suffix not in PAIRED_SUFFIXES or not stem or header.is_symlink() or not header.is_file():
-        return None
-    named = _named_data_file(header)
-    if named is None or named.parent != header.parent or named.name not in {stem + d for d in PAIRED_SUFFIXES[suffix]}:
-        return None
-    for other in header.parent.iterdir():  # a second header on the same data (a.nhdr beside a.mhd) keeps it
-        if other != header and other.name.lower().endswith((".mhd", ".mha", ".nhdr")) and other.is_file() \
-                and _named_data_file(other) == named:
-            return None
-    return named
-
-
 def _check_header(path: Path) -> None:
     """Read the header of a non-NIfTI image and check its grid before any voxel is read."""
     from .budget import check_voxels
 
     if path.name.lower().endswith((".mhd", ".mha")):
-        data_file = _metaimage_data_file(path)
+        data_file = metaimage_data_file(path)
         if data_file is not None and not data_file.is_file():
             problem = "not found" if not data_file.exists() else "not a regular file"
             raise InputError(path, f"its ElementDataFile {data_file} is {problem}")
