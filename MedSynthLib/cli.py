@@ -183,6 +183,34 @@ def _refuse_medsynth_output(folders: Sequence[Path | None], reads: str) -> None:
                                      f"case: {reads}")
 
 
+def _is_case_folder(folder: Path) -> bool:
+    """Whether ``folder`` reads as a case folder: a patient's (any supported naming) or a MedSynth output."""
+    from .cases.readers import detect_convention
+    from .schema.errors import InputError
+    from .synthesis.case_folder import is_medsynth_output
+
+    if not folder.is_dir():
+        return False
+    try:
+        detect_convention(folder)
+    except InputError:
+        return is_medsynth_output(folder)
+    return True
+
+
+def _refuse_output_in_case_folders(output: Path, folders: Sequence[Path | None], written: str) -> None:
+    """Refuse an output inside one of the case folders a command reads (links and '..' resolved), as ``prepare`` and
+    ``export`` do: a file written there lies among the patient's scans, where a case reader or a copy of the case
+    picks it up as the patient's."""
+    from .schema.errors import InputError
+    from .schema.volume_io import enclosing_folder
+
+    inside = enclosing_folder(output, [folder for folder in folders if folder is not None])
+    if inside is not None:
+        raise InputError(output, f"lies inside the case folder {inside}: write the {written} outside the patients' "
+                                 "case folders")
+
+
 def _medsynth_output_info(folder: Path) -> dict[str, Any]:
     """What ``info`` says of a case folder MedSynth wrote: its files, grid and the tumour of its own label map."""
     from .schema.labels import LABEL_INFO, TUMOUR_LABELS
@@ -775,8 +803,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .cases.anatomy import derive_label_map
+    from .cases.case_key import case_files_hash
     from .cases.readers import read_case
-    from .evaluation.evaluate import evaluate, trained_on
+    from .evaluation.evaluate import evaluate, refuse_repeated_cases, trained_on
     from .schema.errors import InputError
     from .schema.volume_io import check_writable, folder_and_files, write_json
     from .synthesis.appearance import check_appearance_spread, check_model_spread
@@ -789,10 +818,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             "medsynth evaluate scores synthesis against a patient's real scans")
     check_writable([args.output], args.overwrite,
                    inputs=[f for folder in [*args.cases, *(args.reference or [])] for f in folder_and_files(folder)])
+    _refuse_output_in_case_folders(args.output, [*args.cases, *(args.reference or [])], "report")
     spread = check_appearance_spread(args.appearance_spread, "--appearance-spread")
     model = resolve_model(args.model)
     check_model_spread(spread, model, "--appearance-spread")
-    seen = [folder.name for folder in args.cases if trained_on(model, read_case(folder, require_segmentation=True))]
+    held_out = set(args.cases)
+    in_training: dict[Path, bool] = {}
+
+    def content_key(folder: Path) -> str:
+        case = read_case(folder, require_segmentation=True)  # one case in memory at a time
+        if folder in held_out:
+            in_training[folder] = trained_on(model, case)
+        return case_files_hash(case)
+
+    refuse_repeated_cases(list(args.cases), list(args.reference or []), content_key)
+    seen = [folder.name for folder in args.cases if in_training[folder]]
     if seen:  # said before the run, which takes about a minute a case
         _notice(f"{len(seen)} of {len(args.cases)} cases were among {model.name}'s training cases "
                 f"({', '.join(seen)}): their scores are in-sample, not held-out")

@@ -383,3 +383,111 @@ def test_a_case_recorded_under_the_older_key_scheme_is_told_in_sample(tmp_path: 
         model = SimpleNamespace(config={"training": {"data": {"case_sha256": recorded}}})
         assert trained_on(model, seen_case) and not trained_on(model, unseen_case)
     assert not trained_on(SimpleNamespace(config={"training": {"data": {"case_sha256": []}}}), seen_case)
+
+
+# --- inputs and output of `medsynth evaluate` -----------------------------------------------------------------------
+
+
+def _tiny_model(folder: Path) -> Path:
+    """A tiny untrained generator: the command's refusals come before it runs, its scores do not matter here."""
+    import torch
+
+    from MedSynthLib.synthesis.models import write_model
+    from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator
+    from test_synthesis_seed import PLAIN
+
+    torch.manual_seed(3)
+    state = {k: v.detach().contiguous() for k, v in Generator(PLAIN, backend="torch").state_dict().items()}
+    return write_model(folder, state, {"name": "tiny", "network": PLAIN.to_json(),
+                                       "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}})
+
+
+def _snapshot(*folders: Path) -> dict[str, str]:
+    """Every file and folder under ``folders`` with its content hash (folders: empty), links followed."""
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+            for folder in folders for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["held-out case", "reference case", "sub-folder of a case", "through a link"])
+def test_medsynth_evaluate_refuses_a_report_inside_a_case_folder(tmp_path: Path, capsys, where: str) -> None:
+    """``evaluate CASE -o CASE/ev.json`` wrote its report among the patient's scans (exit 0), where ``prepare`` and
+    ``export`` refuse to write.  A report inside a held-out or reference case folder (links and sub-folders
+    resolved) is refused in one line naming it, exit 2, before any work, and nothing is written."""
+    from MedSynthLib.cli import main
+
+    held_out, reference = write_phantom_case(tmp_path / "cases", 0), write_phantom_case(tmp_path / "cases", 1)
+    (tmp_path / "link").symlink_to(held_out)
+    output = {"held-out case": held_out / "ev.json", "reference case": reference / "ev.json",
+              "sub-folder of a case": held_out / "reports" / "ev.json",
+              "through a link": tmp_path / "link" / "ev.json"}[where]
+    model = _tiny_model(tmp_path / "tiny")
+    before = _snapshot(held_out, reference)
+    capsys.readouterr()
+    rc = main(["evaluate", str(held_out), "--reference", str(reference), "--model", str(model), "--device", "cpu",
+               "-o", str(output)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    err = captured.err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medsynth: error: {output}: lies inside the case folder"), err
+    assert "outside the patients' case folders" in err[0]
+    assert not output.exists() and _snapshot(held_out, reference) == before
+
+
+@pytest.mark.parametrize("how", ["the same folder", "a copy", "a link"])
+def test_medsynth_evaluate_refuses_a_held_out_case_that_is_also_a_reference(tmp_path: Path, capsys, how: str) -> None:
+    """A held-out case also given in ``--reference`` had its class-mean 'training' baseline fitted on itself: the
+    oracle, reported under the training baseline's name without a word.  It is refused in one line naming both,
+    exit 2, nothing written; a copy or a link of the case (the same files) is the same case."""
+    import shutil
+
+    from MedSynthLib.cli import main
+
+    held_out, other = write_phantom_case(tmp_path / "cases", 0), write_phantom_case(tmp_path / "cases", 1)
+    if how == "the same folder":
+        again = held_out
+    elif how == "a copy":
+        again = tmp_path / "copies" / held_out.name
+        shutil.copytree(held_out, again)
+    else:
+        again = tmp_path / "linked"
+        again.symlink_to(held_out)
+    model = _tiny_model(tmp_path / "tiny")
+    output = tmp_path / "report.json"
+    capsys.readouterr()
+    rc = main(["evaluate", str(held_out), "--reference", str(other), str(again), "--model", str(model),
+               "--device", "cpu", "-o", str(output)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    err = captured.err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medsynth: error: {again}: ") and str(held_out) in err[0], err
+    assert "held-out" in err[0] and "reference" in err[0]
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("how", ["the same folder", "a copy"])
+def test_medsynth_evaluate_refuses_a_case_given_twice(tmp_path: Path, capsys, how: str) -> None:
+    """The same case given twice was scored twice and weighed double in every mean of the report.  It is refused in
+    one line naming both, exit 2, nothing written (a copy of its files is the same case); so is a reference case
+    given twice, which weighed double in the class means."""
+    import shutil
+
+    from MedSynthLib.cli import main
+
+    first, other = write_phantom_case(tmp_path / "cases", 0), write_phantom_case(tmp_path / "cases", 1)
+    again = first
+    if how == "a copy":
+        again = tmp_path / "copies" / first.name
+        shutil.copytree(first, again)
+    model = _tiny_model(tmp_path / "tiny")
+    output = tmp_path / "report.json"
+    for argv in ([str(first), str(again)], [str(other), "--reference", str(first), str(again)]):
+        capsys.readouterr()
+        rc = main(["evaluate", *argv, "--model", str(model), "--device", "cpu", "-o", str(output)])
+        captured = capsys.readouterr()
+        assert rc == 2 and captured.out == ""
+        err = captured.err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"medsynth: error: {again}: ") and str(first) in err[0], err
+        assert "twice" in err[0]
+        assert not output.exists()

@@ -216,6 +216,39 @@ def trained_on(model: Any, case: Any) -> bool:
     return in_training_record(case, recorded)
 
 
+def refuse_repeated_cases(case_dirs: list[Path], reference_dirs: list[Path], key_of: Callable[[Path], str]) -> None:
+    """Refuse a case given twice, or a held-out case also among the reference cases.
+
+    Cases are told apart by ``key_of`` (their files' content hash), so a copy or a link of a case is the same case.
+    Given twice, a held-out case is scored twice and weighs double in every mean of the report (a reference case, in
+    the class means); among the references, the class-mean 'training' baseline is fitted on the case it scores,
+    which makes it the oracle under another name.
+
+    Raises:
+        InputError: naming the later folder and the one it repeats.
+    """
+    from ..schema.errors import InputError
+
+    held_out: dict[str, Path] = {}
+    references: dict[str, Path] = {}
+    for folder in case_dirs:
+        key = key_of(folder)
+        if key in held_out:
+            raise InputError(folder, f"is the held-out case {held_out[key]} given twice (the same files): it would be "
+                                     "scored twice and weigh double in the report; give each case once")
+        held_out[key] = folder
+    for folder in reference_dirs:
+        key = key_of(folder)
+        if key in held_out:
+            raise InputError(folder, f"is the held-out case {held_out[key]} (the same files) given as a reference "
+                                     "case too: the class-mean training baseline would be fitted on the case it "
+                                     "scores; give reference cases other than the held-out ones")
+        if key in references:
+            raise InputError(folder, f"is the reference case {references[key]} given twice (the same files): it "
+                                     "would weigh double in the class means; give each case once")
+        references[key] = folder
+
+
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
              reference_dirs: list[Path] | None = None,
              reader: Callable[[Path], Any] | None = None,
@@ -239,9 +272,12 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
 
     Raises:
         ValueError: ``shared`` was filled with other reference cases.
+        InputError: a folder given twice, or as a held-out and a reference case (by path: the command line also
+            tells copies, by content, with :func:`refuse_repeated_cases`).
     """
     from ..schema.grid import LabelMap
 
+    refuse_repeated_cases(case_dirs, reference_dirs or [], lambda folder: str(Path(folder).resolve()))
     read = reader if reader is not None else (lambda folder: read_case(folder, require_segmentation=True))
     store = shared if shared is not None else {}
     references = [str(folder) for folder in reference_dirs or []]
