@@ -288,6 +288,10 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
     _refuse_medsynth_output([args.case], "medsynth labels derives a label map from a patient's scans")
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=_case_inputs(args))
+    # A file given with --t1 ... may come from a case folder: the map does not go there either.
+    files = [getattr(args, kind) for kind in _FILE_KINDS if getattr(args, kind) is not None]
+    _refuse_output_in_case_folders(args.output, [args.case, *(f.parent for f in files if _is_case_folder(f.parent))],
+                                   "label map")
     model = ANATOMY_MODELS[args.anatomy]
     with _progress(3, "labels") as step:
         case = _read_case_args(args)
@@ -594,6 +598,7 @@ def cmd_appearance(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    _refuse_output_in_case_folders(args.output, _case_folders_in(args.data), "model")
     model = refit_appearance(args.model, args.data, args.output, patches=args.patches, cache_dir=args.cache,
                              device=args.device, overwrite=args.overwrite, command=command)
     prior = model.appearance
@@ -602,6 +607,22 @@ def cmd_appearance(args: argparse.Namespace) -> int:
     print(f"{args.output}: {model.name} with the appearance prior of {prior.patches} training patches "
           f"(sha256 {model.sha256}, unchanged); code spread per dimension {spread}")
     return 0
+
+
+def _case_folders_in(roots: Sequence[Path]) -> list[Path]:
+    """The case folders of ``--data`` roots (a prepared set holds none); a root without any is left for the
+    command's own reading to report."""
+    from .schema.errors import InputError
+    from .training.data import PREPARED_SET_FILE, find_case_folders
+
+    folders: list[Path] = []
+    for root in roots:
+        if not (root / PREPARED_SET_FILE).is_file():
+            try:
+                folders += find_case_folders(root)
+            except InputError:
+                pass
+    return folders
 
 
 def _at_least_two(text: str) -> int:
@@ -672,6 +693,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
 
     check_writable([args.output], args.overwrite, inputs=label_map_inputs(args.labels))
+    _check_not_in_a_case_folder(args)
     with _progress(3, "synthesize") as step:
         labelmap = read_label_map(args.labels)
         _keep_freed_memory_for(labelmap)
@@ -742,26 +764,11 @@ def _check_not_in_a_case_folder(args: argparse.Namespace) -> None:
     :func:`~MedSynthLib.schema.volume_io.check_writable` refuses an output that is an input or holds one; an
     output inside the patient's case folder would put derived (partly synthetic) images among the scans.
     """
-    from .cases.readers import detect_convention
-    from .schema.errors import InputError
-    from .schema.volume_io import enclosing_folder
-    from .synthesis.case_folder import is_medsynth_output
-
-    def is_case_folder(folder: Path) -> bool:
-        try:
-            detect_convention(folder)
-        except InputError:
-            return is_medsynth_output(folder)
-        return True
-
     folders = [args.context]
     for labels in (args.labels, args.old_labels):
-        if labels is not None and labels.parent.is_dir() and is_case_folder(labels.parent):
+        if labels is not None and _is_case_folder(labels.parent):
             folders.append(labels.parent)
-    inside = enclosing_folder(args.output, folders)
-    if inside is not None:
-        raise InputError(args.output, f"lies inside the case folder {inside}: write the output outside the "
-                                      "patient's case folders")
+    _refuse_output_in_case_folders(args.output, folders, "output")
 
 
 def _generate_card_command(args: argparse.Namespace) -> str:
