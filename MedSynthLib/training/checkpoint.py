@@ -5,7 +5,9 @@ A checkpoint is a folder: one ``NAME.safetensors`` per module and per optimizer,
 state (param groups, scalar entries), the sha256 of every ``.safetensors`` file and the
 label-schema version.  Nothing is pickled.  The folder is written under a
 hidden temporary name and renamed into place (a folder of the same name is set aside
-first and deleted last), so a kill leaves the previous checkpoint whole.  An interruption inside
+first and deleted last), so a kill leaves the previous checkpoint whole.  The rename and the
+caller's pointer to the new folder (``on_placed``) run with Ctrl+C and SIGTERM held back, so an
+interruption never leaves a checkpoint in place that the pointer does not name yet.  An interruption inside
 the write (Ctrl+C, or SIGTERM, which the CLI raises as ``Terminated``) removes the staging folder; what
 a hard kill leaves (``.step_N.tmp``, ``.step_N.old`` beside a training run's ``step_N`` folders) is
 removed by the next write and by a resume.  Loading checks ``state.json`` and turns any bad file
@@ -19,7 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from torch import nn
 from ..schema.errors import InputError
 from ..schema.jsonshape import not_an_integer
 from ..schema.labels import SCHEMA_VERSION
+from ..schema.outputs import signals_deferred
 from ..synthesis.models import file_sha256
 from ..synthesis.networks import state_dict_unwrapped
 
@@ -65,10 +68,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch
 
 
 def write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module | None],
-                     optimizers: Mapping[str, torch.optim.Optimizer | None], **fields: Any) -> Path:
+                     optimizers: Mapping[str, torch.optim.Optimizer | None], *,
+                     on_placed: Callable[[Path], Any] | None = None, **fields: Any) -> Path:
     """Write the checkpoint folder ``folder`` atomically (a temporary sibling renamed into place).
 
     ``None`` entries are skipped (a run without a discriminator); ``fields`` go into ``state.json``.
+    ``on_placed(folder)`` runs right after the rename, under the same hold on Ctrl+C and SIGTERM (a training
+    run points ``latest.json`` at the new folder there).
     """
     from safetensors.torch import save_file
 
@@ -95,14 +101,19 @@ def write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module | 
         (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
         # A name can be reused (a resume rewrites a step whose pointer was not yet updated; the segmenter
         # keeps one folder): the old folder is set aside, not deleted, until the new one is in place.
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        placed = True
+        with signals_deferred():  # an interruption lands before the rename or after the pointer names it
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            placed = True
+            if on_placed is not None:
+                on_placed(folder)
     except BaseException:  # Ctrl+C, SIGTERM (the CLI's Terminated), a failed write: no staging folder stays
         if not placed and old.exists() and not folder.exists():
             os.replace(old, folder)  # the checkpoint set aside goes back in place
         shutil.rmtree(tmp, ignore_errors=True)
+        if placed:  # a signal held back during the rename arrives here: the new folder is in place
+            shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return folder

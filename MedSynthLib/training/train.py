@@ -12,6 +12,8 @@ generator seeded by (seed, step, rank).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -21,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -382,16 +384,22 @@ def _barrier(d: Dist) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminator: nn.Module | None,
                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
-                    scaler_state: dict[str, Any] | None, elapsed_s: float = 0.0) -> Path:
-    """Write ``checkpoints/step_N`` atomically, then point ``checkpoints/latest.json`` at it."""
+                    scaler_state: dict[str, Any] | None, elapsed_s: float = 0.0,
+                    losses: dict[str, float] | None = None) -> Path:
+    """Write ``checkpoints/step_N`` atomically and point ``checkpoints/latest.json`` at it (one step for Ctrl+C).
+
+    ``losses`` (the step's own) go into its ``state.json``: a resume of a run stopped after its last checkpoint
+    exports them as the model's final losses, as the uninterrupted run does.
+    """
     from .checkpoint import write_checkpoint
 
     folder = run_dir / "checkpoints"
     final = write_checkpoint(folder / f"step_{step:07d}", step,
                              {"generator": generator, "discriminator": discriminator if opt_d is not None else None},
                              {"optimizer_g": opt_g, "optimizer_d": opt_d if discriminator is not None else None},
-                             scaler=scaler_state, elapsed_s=round(elapsed_s, 1))
-    write_json({"step": step, "path": final.name}, folder / "latest.json", overwrite=True)
+                             on_placed=lambda placed: write_json({"step": step, "path": placed.name},
+                                                                 folder / "latest.json", overwrite=True),
+                             scaler=scaler_state, elapsed_s=round(elapsed_s, 1), losses=dict(losses or {}))
     # Keep the two newest checkpoints.
     for old in sorted(folder.glob("step_*"))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
@@ -431,6 +439,10 @@ def _interrupted_message(run_dir: Path, total_steps: int) -> str:
     except MedSynthError:
         folder = None
     if folder is None:
+        if any(CHECKPOINT_NAME.fullmatch(p.name) for p in (run_dir / "checkpoints").glob("step_*")):
+            # A folder from before the pointer was written with it (or a copy put there by hand): not resumed from.
+            return ("\ninterrupted before a checkpoint was recorded in checkpoints/latest.json: the run starts again "
+                    "from step 0")
         return "\ninterrupted before the first checkpoint: the run starts again from step 0"
     step = int(CHECKPOINT_NAME.fullmatch(folder.name).group(1))
     return (f"\ninterrupted; its last checkpoint holds step {step} of {total_steps}: `medsynth train ... --resume` "
@@ -438,8 +450,11 @@ def _interrupted_message(run_dir: Path, total_steps: int) -> str:
 
 
 def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Module | None,
-                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None) -> tuple[int, Any, float]:
-    from .checkpoint import read_checkpoint
+                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None
+                    ) -> tuple[int, Any, float, dict[str, float]]:
+    """Load the latest checkpoint; returns its step, loss-scaler state, training seconds and the step's losses
+    (empty for checkpoints written before they were kept)."""
+    from .checkpoint import STATE_NAME, read_checkpoint
 
     folder = latest_checkpoint(run_dir)
     if folder is None:
@@ -447,7 +462,11 @@ def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Modul
     with_d = discriminator is not None and opt_d is not None
     meta = read_checkpoint(folder, {"generator": generator, "discriminator": discriminator if with_d else None},
                            {"optimizer_g": opt_g, "optimizer_d": opt_d if with_d else None})
-    return int(meta["step"]), meta.get("scaler"), float(meta.get("elapsed_s", 0.0) or 0.0)
+    losses = meta.get("losses") or {}
+    if not (isinstance(losses, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in losses.values())):
+        raise InputError(folder / STATE_NAME, "'losses' must map each loss to a number")
+    return int(meta["step"]), meta.get("scaler"), float(meta.get("elapsed_s", 0.0) or 0.0), losses
 
 
 def learning_rate_factor(config: TrainConfig, step: int) -> float:
@@ -580,14 +599,76 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     start); the change is recorded in ``train_config.json``.  ``given`` holds what a resume's command
     line asked for (``config``: a config's JSON; ``precision``, ``threads``, ``init_from``, ``cv_fold``):
     a resume continues the run as recorded, so any of them that differs from the record is refused.
+
+    One run at a time per run folder: the run holds the folder's output lock (``.RUN.medsynth-lock`` beside it)
+    from its first look at the folder to the model's export; another run on it is refused at once.
     """
-    from ..synthesis.inference import pick_device, pick_precision
+    from ..synthesis.inference import pick_device
 
     dev = pick_device(device)
     d = init_distributed(dev.type)
     if dev.type == "cuda":
         dev = torch.device("cuda", d.local_rank)
     run_dir = Path(run_dir)
+    shown = _VALIDATION_PROGRESS.set(d.main and progress)
+    try:
+        with _holding_run_folder(run_dir, d, dev):
+            return _train(data, run_dir, config, dev, d, resume=resume, command=command, progress=progress,
+                          cache_dir=cache_dir, steps=steps, given=given)
+    finally:
+        _VALIDATION_PROGRESS.reset(shown)
+
+
+#: Whether :func:`validate` shows a bar per held-out case: set by :func:`train` for its run (a context variable,
+#: so that validate keeps the signature its callers and tests wrap).
+_VALIDATION_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("validation_progress", default=False)
+
+
+@contextlib.contextmanager
+def _holding_run_folder(run_dir: Path, d: Dist, device: torch.device) -> Iterator[None]:
+    """Hold ``run_dir``'s output lock (rank 0) for the block; refuse on every rank when another run holds it.
+
+    Two runs on one folder interleaved their checkpoints, records and model. Folders above ``run_dir`` that the
+    lock file made and the run did not fill are removed again (a refused command writes nothing).
+    """
+    from ..schema.outputs import output_lock
+
+    target = run_dir.resolve()
+    missing = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
+    held = contextlib.ExitStack()
+    refused = False
+    if d.main:
+        try:
+            held.enter_context(output_lock(target, wait=False))
+        except BlockingIOError:
+            refused = True
+    if d.world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if refused else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        refused = bool(flag.item())
+    try:
+        with held:
+            if refused:
+                raise InputError(run_dir, "another medsynth train run holds this run folder (one run at a time): "
+                                          "wait for it to end, or give another -o")
+            yield
+    finally:
+        if d.main and not target.exists():
+            for folder in missing:  # deepest first; stops at the first one that is not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: torch.device, d: Dist, *,
+           resume: bool, command: str, progress: bool, cache_dir: Path | None, steps: int | None,
+           given: dict[str, Any] | None) -> Path:
+    """The body of :func:`train`, with the run folder held."""
+    from ..synthesis.inference import pick_precision
+
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(run_dir, "is a file, not a run folder (-o names the folder the run writes)")
     config_path = run_dir / "train_config.json"
@@ -604,6 +685,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         elif run_dir.exists() and any(run_dir.iterdir()) and not unstarted:
             raise MedSynthError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it)")
     recorded: dict[str, Any] = {}
+    restart = False  # a --resume of a run with no checkpoint: step 0 again, under the run's record
     if resume and config_path.exists():
         from ..schema.jsonshape import expect_object, read_json
 
@@ -613,22 +695,26 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         if given:
             _check_resume_options(config, recorded, given, config_path)
         if unstarted:
-            resume = False  # nothing to load: start again from step 0 under the recorded config
+            resume, restart = False, True  # nothing to load: start again from step 0 under the recorded config
             if d.main:
                 print(f"{run_dir}: no checkpoint was written before the run stopped; restarting it from step 0",
                       file=sys.stderr)
-            if steps is not None:
+            if steps is not None and steps != config.steps:
                 config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
+                recorded.setdefault("length_changes", []).append({"at_step": 0, "steps": steps, "command": command})
     elif steps is not None:
         config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
     # After the config is settled: a resumed run keeps its recorded precision and threads (several runs
     # sharing a CPU each take their share; torch's default of every core would oversubscribe it).
     precision = pick_precision(config.precision, dev)
     # The starting model is recorded when the run begins; a resume reuses the record (the checkpoint holds
-    # the weights) and never resolves init_from again, which may name another model from elsewhere.
+    # the weights) and never resolves init_from again, which may name another model from elsewhere. A restart
+    # loads the recorded weights again, found by their sha256.
     starting_model = None
-    init_model = _recorded_init(recorded, config_path) if resume else None
-    if init_model is None:
+    init_model = _recorded_init(recorded, config_path) if resume or restart else None
+    if restart and init_model is not None:
+        starting_model = _starting_model(config, init_model, config_path)
+    elif init_model is None:
         starting_model = _starting_model(config)  # checked before anything is written
         if starting_model is not None:
             init_model = {"name": starting_model.name, "sha256": starting_model.sha256,
@@ -652,10 +738,13 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            write_json({"command": command, "config": config.to_json(), "precision": precision,
-                        "device": str(dev), "world_size": d.world, "init_model": init_model,
-                        "data": {"case_sha256": fingerprint}}, config_path, overwrite=unstarted)
+        if not resume:  # a restart keeps the command that started the run (and any length changes)
+            record = {"command": recorded.get("command", command) if restart else command,
+                      "config": config.to_json(), "precision": precision, "device": str(dev), "world_size": d.world,
+                      "init_model": init_model, "data": {"case_sha256": fingerprint}}
+            if recorded.get("length_changes"):
+                record["length_changes"] = recorded["length_changes"]
+            write_json(record, config_path, overwrite=unstarted)
     _barrier(d)
     try:
         volumes = [_load_volume(s, cache, config.normalization, fingerprint[s.name])
@@ -688,12 +777,14 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     start = 0
     scaler_state = None
     elapsed_before = 0.0  # training time of earlier sessions of this run
+    history: dict[str, float] = {}  # the last step's losses (the model record's final_losses)
     if starting_model is not None and not resume:  # on resume the checkpoint holds the weights
         from ..synthesis.models import load_generator
 
         generator.load_state_dict(load_generator(starting_model, "cpu", backend="monai").state_dict())
     if resume:
-        start, scaler_state, elapsed_before = load_checkpoint(run_dir, generator, discriminator, opt_g, opt_d)
+        start, scaler_state, elapsed_before, history = load_checkpoint(run_dir, generator, discriminator, opt_g,
+                                                                       opt_d)
         if steps is not None and steps < start:  # the length asked for is what is wrong, finished run or not
             raise InputError(run_dir, f"--steps {steps} is below the checkpoint's step {start}")
         if steps is None and start > config.steps:  # only a checkpoint changed after it was written gets here
@@ -748,7 +839,6 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start)
     bar = _bar(config.steps, start, d.main and progress)
     guard = DivergenceGuard(config.steps, start, config.divergence_window)
-    history: dict[str, float] = {}
     final_metrics: dict[str, Any] | None = None
     step = start
     started = time.perf_counter()
@@ -870,7 +960,7 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
                 if d.main:
                     save_checkpoint(run_dir, done, generator, discriminator, opt_g, opt_d,
                                     scaler.state_dict() if scaler.is_enabled() else None,
-                                    elapsed_before + time.perf_counter() - started)
+                                    elapsed_before + time.perf_counter() - started, history)
                 _barrier(d)
             if d.main and val_volumes and (done % config.val_every == 0 or done == config.steps):
                 # The last step's validation is the model record's (per case): the held-out cases once.
@@ -895,12 +985,13 @@ def train(data: Path | list[Path], run_dir: Path, config: TrainConfig, *, resume
     if d.main:
         if final_metrics is None and val_volumes:  # a resume of a run stopped after its last step
             final_metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, config.steps,
-                                     montage=False, detailed=True)
+                                     detailed=True)
         val_metrics = final_metrics or {}
-        commands = [recorded.get("command", command) if resume else command]
+        continued = resume or restart
+        commands = [recorded.get("command", command) if continued else command]
         commands += [change["command"] for change in recorded.get("length_changes", [])
                      if change.get("command") and change["command"] not in commands]
-        if resume and command not in commands:
+        if continued and command not in commands:
             commands.append(command)
         appearance = fit_export_appearance(generator, config, sampler, volumes, dev, progress)
         export_model(model_dir, generator, config, volumes, commands, val_metrics, history,
@@ -1013,23 +1104,52 @@ def _check_same_data(recorded: Any, current: dict[str, str], source: Path, notic
         raise InputError(source, "--data is not the data this run was trained on: cases " + "; ".join(parts))
 
 
-def _starting_model(config: TrainConfig) -> "ModelCard | None":
+def _starting_model(config: TrainConfig, recorded: dict[str, Any] | None = None,
+                    source: Path | None = None) -> "ModelCard | None":
     """The verified model of ``config.init_from`` (hash and schema checked), or ``None``.
 
+    With ``recorded`` (the run's ``init_model``, read from ``source``): the model with the recorded weights, by
+    their sha256 (``init_from``, else any registered model), refused when none has them.
     A fine-tune keeps the architecture: the model's network has to equal the config's (the
     parameter-free anti-aliasing may be switched on).
     """
     from ..synthesis.models import resolve_model
 
-    if not config.init_from:
+    if recorded is not None:
+        model = _recorded_model(config.init_from, recorded, source)
+    elif not config.init_from:
         return None
-    model = resolve_model(config.init_from)
+    else:
+        model = resolve_model(config.init_from)
     theirs = model.network
     # The anti-aliasing blur has no parameters: a model without it may start a run with it.
     if replace(theirs, antialias=config.network.antialias) != config.network:
         raise InputError(model.path, f"cannot start from this model: its network {theirs.to_json()} differs from "
                                      f"the training config's {config.network.to_json()}")
     return model
+
+
+def _recorded_model(init_from: str | None, recorded: dict[str, Any], source: Path | None) -> "ModelCard":
+    """The model whose weights have the sha256 ``recorded`` holds: ``init_from`` where it still has them, else a
+    registered model that has them."""
+    from ..synthesis.models import read_registry, resolve_model
+
+    wanted = recorded["sha256"]
+    found = None
+    if init_from:
+        try:
+            model = resolve_model(init_from)
+            found = f"{init_from} now has sha256 {model.sha256[:12]}..."
+            if model.sha256 == wanted:
+                return model
+        except MedSynthError as exc:
+            found = f"{init_from}: {' '.join(str(exc).split())[:120]}"
+    for name, entry in read_registry().get("models", {}).items():
+        if entry.get("sha256") == wanted:
+            return resolve_model(name)
+    raise InputError(source, f"the run started from model {recorded.get('name')} (sha256 {wanted[:12]}...), which "
+                             f"is no longer available ({found or 'no model is named'}; no registered model has "
+                             "those weights): restore it to restart the run, or start a new run")
 
 
 def patch_sampler(config: TrainConfig) -> PatchSampler:
@@ -1119,7 +1239,7 @@ def validate(generator: nn.Module, network: NetworkConfig, volumes: list[Trainin
     generator.eval()
     synth = Synthesizer(generator, network, device, precision)
     per_case = []
-    for volume in volumes:
+    for volume in _validation_cases(volumes):
         labels = volume.labels
         pred = synth.predict(labels)
         brain = brain_mask(labels)
@@ -1174,7 +1294,7 @@ def validate_inpainting(generator: nn.Module, network: NetworkConfig, volumes: l
     generator.eval()
     synth = Synthesizer(generator, network, device, precision)
     per_case = []
-    for volume in volumes:
+    for volume in _validation_cases(volumes):
         labels = volume.labels
         tumour = tumour_mask(labels)
         if not tumour.any():
@@ -1199,6 +1319,17 @@ def validate_inpainting(generator: nn.Module, network: NetworkConfig, volumes: l
         per_case.append(scores)
     generator.train()
     return _summarise(per_case, ("region",), network.modalities, volumes, detailed)
+
+
+def _validation_cases(volumes: list[TrainingVolume]):
+    """The held-out cases, with a bar per case where the run shows progress (a final validation of nine whole brains
+    takes minutes after the training bar reached its end)."""
+    if not _VALIDATION_PROGRESS.get():
+        return volumes
+    from tqdm import tqdm
+
+    # leave=None: cleared when it sits below the open training bar, kept when it stands alone (a resume's)
+    return tqdm(volumes, desc="validation", unit="case", file=sys.stderr, dynamic_ncols=True, leave=None)
 
 
 def _progress_iter(items: list[Any], desc: str, show: bool):
