@@ -945,13 +945,17 @@ def cmd_models(args: argparse.Namespace) -> int:
         raise _UsageError("medsynth models: --name and --default apply with --register or --share only")
     if args.register is None and args.appearance_spread_limit is not None:
         raise _UsageError("medsynth models: --appearance-spread-limit applies with --register only")
+    if args.register is None and args.trust_config:
+        raise _UsageError("medsynth models: --trust-config applies with --register only")
     if args.register is not None:
         if not args.name:
             raise _UsageError("medsynth models --register needs --name")
         model = register_model(args.register, args.name, make_default=args.default, overwrite=args.overwrite,
-                               spread_limit=args.appearance_spread_limit)
+                               spread_limit=args.appearance_spread_limit, trust_config=args.trust_config)
         limit = "" if args.appearance_spread_limit is None else f", appearance spread up to {spread_limit(model):g}"
-        print(f"{models_root() / args.name}: registered as {args.name} (sha256 {model.sha256}{limit})")
+        trusted = ("; its config as it is now recorded as the model's, with its checksum"
+                   if args.trust_config else "")
+        print(f"{models_root() / args.name}: registered as {args.name} (sha256 {model.sha256}{limit}){trusted}")
         return 0
 
     registry = read_registry()
@@ -1181,6 +1185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--appearance-spread-limit", type=_finite_float, metavar="S",
                    help="with --register: the widest appearance spread synthesis accepts with the model (1 to 2; "
                         "default 1), as measured for its model card")
+    p.add_argument("--trust-config", action="store_true",
+                   help="with --register: adopt a model whose config has no config_sha256 (written before MedSynth "
+                        "recorded it), vouching that its config is the model's as trained; the registered copy and "
+                        "the registry record its checksum")
     p.add_argument("--overwrite", action="store_true", help="replace a registered model of that name, or "
                    "--share's output folder")
     p.set_defaults(func=cmd_models)

@@ -4,8 +4,9 @@
 statistics that map outputs back to scanner units, a summary of the training
 data, the command that trained it, validation metrics and the sha256 of the
 weights.  Shipped models are listed in ``Resources/models/registry.json``
-(name -> folder + sha256).  Loading checks the hash and the schema and refuses
-a mismatch with a clear message; weights are never pickled.
+(name -> folder + sha256 of the weights + ``config_sha256`` of the config's
+content).  Loading checks the hashes and the schema and refuses a mismatch with
+a clear message; weights are never pickled.
 
 :func:`resolve_model` parses a folder once into a :class:`ModelCard`: the
 network, the normalisers that map outputs back to scanner units, and the
@@ -98,6 +99,8 @@ def read_registry(root: Path | None = None) -> dict[str, Any]:
         if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
                 and isinstance(entry.get("sha256"), str)):
             raise InputError(path, f"model registry: entry {name!r} must be an object with 'path' and 'sha256'")
+        if not isinstance(entry.get(CONFIG_SHA_KEY), (str, type(None))):
+            raise InputError(path, f"model registry: entry {name!r}: {CONFIG_SHA_KEY!r} must be a string")
         folder = Path(entry["path"])
         if folder.is_absolute() or ".." in folder.parts or not folder.parts:
             raise InputError(path, f"model registry: entry {name!r} has path {entry['path']!r}, which leaves "
@@ -165,13 +168,19 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {kind}"
 
 
-def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str = "synthesis") -> ModelCard:
+def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str = "synthesis", *,
+                  trust_config: bool = False) -> ModelCard:
     """Find, verify and parse a model by registry name (default: the registry's default of ``kind``) or folder path.
 
-    The weights file is read once: its sha256 is computed from the bytes the tensors are loaded from.
+    The weights file is read once: its sha256 is computed from the bytes the tensors are loaded from.  The config's
+    content must match its own ``config_sha256`` and, for a registered model, the checksum its registry entry
+    records.  A config without ``config_sha256`` loads only where the registry vouches for it (an entry with these
+    weights and this content checksum): deleting the field must not turn an edited config into an accepted one.
 
     Args:
         kind: ``synthesis`` (label map -> images) or ``inpainting`` (a region of a real case); picks the default.
+        trust_config: accept a config without ``config_sha256`` that nothing vouches for (a model written before
+            MedSynth recorded it): only for ``medsynth models --register --trust-config``, which then records it.
 
     Raises:
         MedSynthError: unknown name, missing files, wrong hash, or another label schema.
@@ -196,11 +205,13 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
             raise InputError(registry_path, f"the registry's {problem} (give --model)")
         return card
     expected_sha: str | None = None
+    pinned_config: str | None = None
     text = os.fspath(name_or_path)
     if text in registry.get("models", {}):
         entry = registry["models"][text]
         folder = models_root() / entry["path"]
         expected_sha = entry["sha256"]
+        pinned_config = entry.get(CONFIG_SHA_KEY)
         name = text
     else:
         folder = Path(text)
@@ -243,17 +254,36 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
     network, normalizers, appearance = _check_model_config(config, config_path)
     tensors = _load_weights(weights_path, data, network)
     # Last, so that a malformed config or weights get their own message first.
-    recorded = config.get(CONFIG_SHA_KEY)  # models written before it was recorded carry none
-    if recorded is not None and recorded != config_sha256(config):
+    content = config_sha256(config)
+    if pinned_config is not None and pinned_config != content:
+        raise InputError(config_path, f"content does not match the {CONFIG_SHA_KEY} the registry records for "
+                                      f"{name!r}: the config was edited after the model was registered (its "
+                                      "statistics or appearance prior may no longer be the model's); restore it or "
+                                      "register the model again")
+    recorded = config.get(CONFIG_SHA_KEY)
+    if recorded is not None and recorded != content:
         raise InputError(config_path, f"content does not match its {CONFIG_SHA_KEY}: the config was edited after "
                                       "the model was written (its statistics or appearance prior may no longer be "
                                       "the model's); restore it or write the model again")
+    if recorded is None and not trust_config and not _registry_vouches(registry, sha, content):
+        # The field may have been removed from an edited config, or predate MedSynth's recording it: only the
+        # registry can tell, and where it cannot, adopting the config is the user's explicit act.
+        raise InputError(config_path, f"model config has no {CONFIG_SHA_KEY} and nothing vouches for its "
+                                      "statistics (the field was removed, or the model predates it); if you trust "
+                                      "this config as the model's, adopt it with medsynth models --register "
+                                      "MODEL_DIR --name NAME --trust-config")
     del data
     if expected_sha is None:
         name = str(config.get("name") or name)
     if network.kind == "inpainting":
         card_kind = "inpainting"  # an inpainting network says what the card is
     return ModelCard(name, folder, config, sha, network, normalizers, tensors, card_kind, appearance)
+
+
+def _registry_vouches(registry: dict[str, Any], weights_sha: str, content: str) -> bool:
+    """Whether a registry entry lists these weights with this config content checksum."""
+    return any(entry.get("sha256") == weights_sha and entry.get(CONFIG_SHA_KEY) == content
+               for entry in registry.get("models", {}).values())
 
 
 def _read_weights_file(path: Path) -> bytes:
@@ -559,18 +589,20 @@ def write_model_copy(model: ModelCard, config: dict[str, Any], output: Path, *, 
 
 def register_model(source: str | os.PathLike[str], name: str, *, make_default: bool = False,
                    root: Path | None = None, overwrite: bool = False,
-                   spread_limit: float | None = None) -> ModelCard:
-    """Copy a verified model folder into the registry folder and list it (name -> folder + sha256).
+                   spread_limit: float | None = None, trust_config: bool = False) -> ModelCard:
+    """Copy a verified model folder into the registry folder and list it (name -> folder + sha256 of the weights +
+    ``config_sha256`` of the registered config's content, which loading checks from then on).
 
     ``spread_limit`` (models with an appearance prior) is written into the registered copy's appearance record: the
     widest appearance spread synthesis will accept with it, as measured for its model card (the source folder is
-    left as it is)."""
+    left as it is).  ``trust_config`` adopts a model whose config has no ``config_sha256`` (written before MedSynth
+    recorded it): its config as it is now is registered as the model's, and the copy gets its checksum."""
     import shutil
 
     from ..schema.volume_io import atomic_directory, write_json
 
     check_model_name(name)
-    model = resolve_model(source)
+    model = resolve_model(source, trust_config=trust_config)
     if spread_limit is not None:
         from .appearance import check_spread_limit
 
@@ -594,11 +626,14 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
     with atomic_directory(root / name, overwrite=overwrite) as tmp:
         for file_name in (CONFIG_NAME, WEIGHTS_NAME):
             shutil.copy2(model.path / file_name, tmp / file_name)
-        if spread_limit is not None:
-            config = json.loads((tmp / CONFIG_NAME).read_text())
-            config["appearance"]["spread_limit"] = spread_limit
-            write_json(with_config_sha256(config), tmp / CONFIG_NAME, overwrite=True)
-    registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256}
+        config = json.loads((tmp / CONFIG_NAME).read_text())
+        if spread_limit is not None or CONFIG_SHA_KEY not in config:
+            if spread_limit is not None:
+                config["appearance"]["spread_limit"] = spread_limit
+            config = with_config_sha256(config)
+            write_json(config, tmp / CONFIG_NAME, overwrite=True)
+    registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256,
+                                               CONFIG_SHA_KEY: config[CONFIG_SHA_KEY]}
     if key is not None and (make_default or not registry.get(key)):
         registry[key] = name
     write_json(registry, root / REGISTRY_NAME, overwrite=True)
