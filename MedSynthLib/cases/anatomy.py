@@ -55,8 +55,9 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
     ``anatomy_fallback`` names the model asked for and why it did not run.
 
     Raises:
-        InputError: an empty brain, a contrast of one value in the brain, or an atlas registration that
-            failed (naming the T1).
+        InputError: an empty brain, a contrast of one value or of a handful of values in the brain (a label map or
+            segmentation given as an image), an atlas registration that failed, or a result without white matter
+            (naming the T1).
     """
     from .atlas_anatomy import RegistrationError
 
@@ -72,10 +73,21 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
         if values.size and values.min() == values.max():  # a fit would still return labels: all of one class
             raise InputError(case.files.get(modality), f"no contrast: every {modality} voxel of the brain holds "
                                                        f"{float(values[0]):g}, no tissue to tell apart")
+        levels = few_levels(values)
+        if levels is not None:
+            shown = ", ".join(f"{v:g}" for v in levels[:6]) + (", ..." if levels.size > 6 else "")
+            raise InputError(case.files.get(modality), f"only {levels.size} distinct values in the brain ({shown}): "
+                                                       f"a label map or segmentation, not an MR image; give the "
+                                                       f"{modality.upper()} scan")
     try:
         anatomy = segment_anatomy(model, case.images, brain, tumour > 0, case.grid)
     except RegistrationError as exc:
         raise InputError(case.files.get("t1"), str(exc)) from None
+    if healthy.any() and not np.any(anatomy[healthy] == Label.WM):
+        # A map without white matter is no brain's anatomy (synthesize refuses it): said of the scans, not later.
+        shares = ", ".join(f"{label.name} {np.mean(anatomy[healthy] == label):.0%}" for label in (Label.CSF, Label.GM))
+        raise InputError(case.files.get("t1"), f"the anatomy derived from {', '.join(c.upper() for c in contrasts)} "
+                                               f"holds no white matter ({shares}): not a brain MR image?")
     labels = np.where(tumour > 0, tumour, anatomy).astype(np.uint8)
     labels[~brain] = Label.BACKGROUND
     params: dict[str, Any] = {"convention": case.convention, "label_convention": case.label_convention,
@@ -85,6 +97,23 @@ def derive_label_map(case: Case, model: AnatomyModel | None = None) -> LabelMap:
     if fallback is not None:
         params["anatomy_fallback"] = fallback
     return LabelMap(labels, case.grid, [{"name": "derive_labels", "params": params, "schema_version": SCHEMA_VERSION}])
+
+
+#: Noise alone gives a brain MR image hundreds of grey levels at any bit depth; an image with at most this many
+#: distinct values over at least :data:`MIN_VOXELS_FOR_LEVELS` brain voxels is a label map, mask or segmentation.
+MAX_LABEL_LEVELS = 64
+MIN_VOXELS_FOR_LEVELS = 1000
+
+
+def few_levels(values: np.ndarray) -> np.ndarray | None:
+    """The distinct values of an image's brain voxels when they are so few that it is no MR image, else ``None``."""
+    if values.size < MIN_VOXELS_FOR_LEVELS:
+        return None
+    step = max(1, values.size // 100_000)  # a sample settles a real image's count at once
+    if step > 1 and np.unique(values[::step]).size > MAX_LABEL_LEVELS:
+        return None
+    levels = np.unique(values)
+    return levels if levels.size <= MAX_LABEL_LEVELS else None
 
 
 def fitted_anatomy_model(model: AnatomyModel,
