@@ -183,19 +183,25 @@ def _refuse_medsynth_output(folders: Sequence[Path | None], reads: str) -> None:
                                      f"case: {reads}")
 
 
-def _is_case_folder(folder: Path) -> bool:
-    """Whether ``folder`` reads as a case folder: a patient's (any supported naming) or a MedSynth output."""
+def _is_patient_case_folder(folder: Path) -> bool:
+    """Whether ``folder`` reads as a patient's case folder (any supported naming)."""
     from .cases.readers import detect_convention
     from .schema.errors import InputError
-    from .synthesis.case_folder import is_medsynth_output
 
     if not folder.is_dir():
         return False
     try:
         detect_convention(folder)
     except InputError:
-        return is_medsynth_output(folder)
+        return False
     return True
+
+
+def _is_case_folder(folder: Path) -> bool:
+    """Whether ``folder`` reads as a case folder: a patient's (any supported naming) or a MedSynth output."""
+    from .synthesis.case_folder import is_medsynth_output
+
+    return _is_patient_case_folder(folder) or (folder.is_dir() and is_medsynth_output(folder))
 
 
 def _refuse_output_in_case_folders(output: Path, folders: Sequence[Path | None], written: str) -> None:
@@ -209,6 +215,13 @@ def _refuse_output_in_case_folders(output: Path, folders: Sequence[Path | None],
     if inside is not None:
         raise InputError(output, f"lies inside the case folder {inside}: write the {written} outside the patients' "
                                  "case folders")
+
+
+def _refuse_output_beside_case_files(output: Path, files: Sequence[Path | None]) -> None:
+    """A label-map edit reading a file of a patient's case folder (its segmentation, or a map kept among its scans)
+    does not write its map into that folder."""
+    folders = [file.parent for file in files if file is not None and _is_patient_case_folder(file.parent)]
+    _refuse_output_in_case_folders(output, folders, "label map")
 
 
 def _medsynth_output_info(folder: Path) -> dict[str, Any]:
@@ -342,6 +355,7 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
     if not edits:
         raise _UsageError("medsynth tumour: give at least one of --translate, --rotate, --scale, --flip")
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
+    _refuse_output_beside_case_files(args.output, [args.labels])
     labelmap = read_label_map(args.labels)
     for edit in edits:
         if isinstance(edit, Translate):
@@ -408,6 +422,7 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from_path = getattr(args, "from")
     check_writable(label_map_outputs(args.output), args.overwrite,
                    inputs=label_map_inputs(from_path) + label_map_inputs(args.into))
+    _refuse_output_beside_case_files(args.output, [from_path, args.into])
     source = read_tumour_source(from_path, args.label_convention)
     target = read_label_map(args.into)
     if not tumour_mask(source.array).any():
@@ -432,6 +447,7 @@ def cmd_tumour_new(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
+    _refuse_output_beside_case_files(args.output, [args.labels])
     labelmap = read_label_map(args.labels)
     centre, radii = _vector(args.centre, "--centre"), _vector(args.radius, "--radius", allow_one=True)
     rim, oedema = _number(args.rim, "--rim"), _number(args.oedema, "--oedema")
@@ -451,6 +467,7 @@ def cmd_tumour_random(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
+    _refuse_output_beside_case_files(args.output, [args.labels])
     labelmap = read_label_map(args.labels)
     sampler = RandomTumourEdit(p_parametric=_number(args.p_new, "--p-new", 0.0, 1.0))
     return _write_edited(_apply_edit(sampler, labelmap, args.labels, seed=args.seed), args)
@@ -467,6 +484,7 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     sources = list(args.source or [])
     inputs = [f for path in [args.labels, args.edits, *sources] for f in label_map_inputs(path)]
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=inputs)
+    _refuse_output_beside_case_files(args.output, [args.labels, args.edits, *sources])
     base = read_label_map(args.labels)
     edited = read_label_map(args.edits)
     if not edited.history:

@@ -107,3 +107,43 @@ def test_appearance_refuses_a_model_written_inside_one_of_its_case_folders(tmp_p
                                                                    "case_sha256": [case_key(c) for c in cases]}}})
     output = cases[1] / "model_with_prior"
     _refused(capsys, ["appearance", model, "--data", root, "--patches", "2", "-o", output], output, cases[1])
+
+
+@pytest.fixture()
+def labels(case: Path, tmp_path: Path) -> Path:
+    """The phantom case's label map, written outside the case folder."""
+    output = tmp_path / "maps" / "labels.nii.gz"
+    assert main(["labels", str(case), "--anatomy", "kmeans-t1", "-o", str(output)]) == 0
+    return output
+
+
+@pytest.mark.parametrize("command", ["insert", "replay"])
+def test_tumour_edits_refuse_an_output_in_the_case_folder_of_a_segmentation_they_read(case: Path, labels: Path,
+                                                                                       capsys, command) -> None:
+    """``tumour insert --from CASE/..._seg.nii.gz -o CASE/inserted.nii.gz`` wrote the edited map among the scans of
+    the patient whose tumour it took (exit 0); so did ``tumour replay --source`` of that segmentation."""
+    seg = case / f"{case.name}_seg.nii.gz"
+    output = case / "inserted.nii.gz"
+    if command == "insert":
+        argv = ["tumour", "insert", "--from", seg, "--into", labels, "-o", output]
+    else:
+        inserted = labels.with_name("inserted.nii.gz")
+        assert main(["tumour", "insert", "--from", str(seg), "--into", str(labels), "-o", str(inserted)]) == 0
+        argv = ["tumour", "replay", labels, "--edits", inserted, "--source", seg, "-o", output]
+    _refused(capsys, argv, output, case)
+
+
+@pytest.mark.parametrize("command", ["transform", "new", "random"])
+def test_tumour_edits_refuse_an_output_in_the_case_folder_holding_their_label_map(case: Path, labels: Path,
+                                                                                 capsys, command) -> None:
+    """A label map kept in a patient's case folder: an edit of it was written into that folder too."""
+    for name in ("labels.nii.gz", "labels.json"):
+        shutil.copy(labels.with_name(name), case / name)
+    kept = case / "labels.nii.gz"
+    output = case / "edited.nii.gz"
+    from test_cli import _brain_centre_ras
+
+    options = {"transform": ["--translate", "2", "0", "0"], "random": ["--seed", "3"],
+               "new": ["--centre", *_brain_centre_ras(kept), "--radius", "4", "--seed", "1"]}[command]
+    words = ["tumour", kept] if command == "transform" else ["tumour", command, kept]
+    _refused(capsys, [*words, *options, "-o", output], output, case)
