@@ -908,6 +908,11 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def sigint_as_in_a_terminal() -> None:
+    """Run in a child before it starts: SIGINT takes its default action (Python then raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc (Linux)")
 @pytest.mark.parametrize("after_s", [0.5, 3.0])
 def test_ctrl_c_while_workers_start_ends_in_one_line(gen_data, tmp_path, after_s):
@@ -916,8 +921,11 @@ def test_ctrl_c_while_workers_start_ends_in_one_line(gen_data, tmp_path, after_s
     parent answers it now: one line, exit status 130, and no worker left behind."""
     out = tmp_path / "interrupted"
     command = [sys.executable, "-m", "MedSynthLib", *_argv(gen_data, out, "--workers", "2")]
+    # As from a terminal: a job started in the background (a CI runner's, a pytest-xdist worker) may ignore SIGINT,
+    # and a program inherits that; medsynth then rightly ignores Ctrl+C too.
     process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and len(_children(process.pid)) < 2:
         time.sleep(0.05)

@@ -20,6 +20,15 @@ from test_generate import _argv, gen_data  # noqa: F401 - the phantom data set a
 from MedSynthLib.generate.runner import _children, _process_pool, _spawning_without_sigint, _stop_workers
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """Ctrl+C raises KeyboardInterrupt here, as in medsynth run from a terminal: the tests may run in a process that
+    ignores SIGINT (a pytest-xdist worker, or any job a CI runner started in the background)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _busy(flag: str) -> None:
     """A case that takes long: it says it started, then works for a minute."""
     Path(flag).touch()
