@@ -355,8 +355,8 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
     if not edits:
         raise _UsageError("medsynth tumour: give at least one of --translate, --rotate, --scale, --flip")
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
+    labelmap = read_label_map(args.labels)  # read first: a broken input gets its own message
     _refuse_output_beside_case_files(args.output, [args.labels])
-    labelmap = read_label_map(args.labels)
     for edit in edits:
         if isinstance(edit, Translate):
             _check_translate(edit, labelmap.grid, args.labels)
@@ -422,9 +422,9 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from_path = getattr(args, "from")
     check_writable(label_map_outputs(args.output), args.overwrite,
                    inputs=label_map_inputs(from_path) + label_map_inputs(args.into))
-    _refuse_output_beside_case_files(args.output, [from_path, args.into])
     source = read_tumour_source(from_path, args.label_convention)
     target = read_label_map(args.into)
+    _refuse_output_beside_case_files(args.output, [from_path, args.into])
     if not tumour_mask(source.array).any():
         raise MedSynthError(f"{from_path}: the source label map has no tumour to insert")
     centre = _vector(args.centre, "--centre")
@@ -447,8 +447,8 @@ def cmd_tumour_new(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
+    labelmap = read_label_map(args.labels)  # read first: a broken input gets its own message
     _refuse_output_beside_case_files(args.output, [args.labels])
-    labelmap = read_label_map(args.labels)
     centre, radii = _vector(args.centre, "--centre"), _vector(args.radius, "--radius", allow_one=True)
     rim, oedema = _number(args.rim, "--rim"), _number(args.oedema, "--oedema")
     irregularity = _number(args.irregularity, "--irregularity", 0.0, 1.0)
@@ -467,8 +467,8 @@ def cmd_tumour_random(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=label_map_inputs(args.labels))
+    labelmap = read_label_map(args.labels)  # read first: a broken input gets its own message
     _refuse_output_beside_case_files(args.output, [args.labels])
-    labelmap = read_label_map(args.labels)
     sampler = RandomTumourEdit(p_parametric=_number(args.p_new, "--p-new", 0.0, 1.0))
     return _write_edited(_apply_edit(sampler, labelmap, args.labels, seed=args.seed), args)
 
@@ -484,9 +484,9 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     sources = list(args.source or [])
     inputs = [f for path in [args.labels, args.edits, *sources] for f in label_map_inputs(path)]
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=inputs)
-    _refuse_output_beside_case_files(args.output, [args.labels, args.edits, *sources])
     base = read_label_map(args.labels)
     edited = read_label_map(args.edits)
+    _refuse_output_beside_case_files(args.output, [args.labels, args.edits, *sources])
     if not edited.history:
         raise InputError(args.edits, "has no edit history (no sidecar .json beside it): nothing to replay")
     # The records both histories start with made (or loaded) the base: the edits to replay follow them.  A map

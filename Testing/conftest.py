@@ -263,3 +263,14 @@ def write_random_model(folder: Path, intensity: dict, seed: int) -> Path:
     state = {k: v.detach().contiguous() for k, v in Generator(network).state_dict().items()}
     return write_model(folder, state, {"name": folder.name, "description": "random weights for tests",
                                        "network": network.to_json(), "intensity": intensity})
+
+
+@pytest.fixture()
+def sigint_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt in this process for the test, as in medsynth run from a terminal: the suite may
+    run in a process that ignores SIGINT (a pytest-xdist worker, or a job a CI runner started in the background)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

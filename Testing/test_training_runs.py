@@ -196,7 +196,8 @@ def test_a_run_interrupted_in_its_final_validation_resumes_to_the_same_record(
 
 
 def test_a_sigint_while_the_checkpoint_is_recorded_names_the_checkpoint(phantom_brats: Path, tmp_path: Path,
-                                                                          monkeypatch, capsys) -> None:
+                                                                          monkeypatch, capsys,
+                                                                          sigint_as_in_a_terminal) -> None:
     """A SIGINT after step 2's folder was in place but before latest.json named it printed 'interrupted before the
     first checkpoint'. The folder and its pointer are now placed as one step: the message names step 2."""
     import MedSynthLib.training.train as train_module
