@@ -599,6 +599,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if overrides:
         config = TrainConfig.from_json({**config.to_json(), **overrides}, "command line")
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    case_folders = _case_folders_in(args.data)
+    _refuse_output_in_case_folders(args.output, case_folders, "run")
+    if args.cache is not None:
+        _refuse_output_in_case_folders(args.cache, case_folders, "cache")
     # A resume keeps the recorded run: these are checked against it, not applied.
     given = dict(overrides, config=raw) if args.resume else None
     model = train(args.data, args.output, config, resume=args.resume, device=args.device, command=command,
@@ -679,6 +683,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             config = config.with_options({key: getattr(args, key)}, option)
     command = "medsynth " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    case_folders = _case_folders_in([args.data])
+    _refuse_output_in_case_folders(args.output, case_folders, "report")
+    if args.work is not None:
+        _refuse_output_in_case_folders(args.work, case_folders, "work folder")
     report = run_study(args.data, args.output, config, extra_labels=args.extra_labels, work=args.work,
                        device=args.device, folds=args.folds, overwrite=args.overwrite, command=command,
                        progress=not args.quiet)

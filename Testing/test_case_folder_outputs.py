@@ -147,3 +147,30 @@ def test_tumour_edits_refuse_an_output_in_the_case_folder_holding_their_label_ma
                "new": ["--centre", *_brain_centre_ras(kept), "--radius", "4", "--seed", "1"]}[command]
     words = ["tumour", kept] if command == "transform" else ["tumour", command, kept]
     _refused(capsys, [*words, *options, "-o", output], output, case)
+
+
+@pytest.mark.parametrize("option", ["-o", "--cache"])
+def test_train_refuses_a_run_or_cache_inside_one_of_its_case_folders(tmp_path: Path, capsys, option: str) -> None:
+    """``train --data ROOT -o ROOT/CASE/run`` put its checkpoints, model and prepared-case cache among a patient's
+    scans (``--cache ROOT/CASE/cache`` the cache)."""
+    root = tmp_path / "cases"
+    cases = [write_phantom_case(root, seed) for seed in range(2)]
+    inside = cases[1] / ("run" if option == "-o" else "cache")
+    argv = ["train", "--data", root, "--device", "cpu", "--steps", "1"]
+    argv += ["-o", inside] if option == "-o" else ["-o", tmp_path / "run", "--cache", inside]
+    _refused(capsys, argv, inside, cases[1])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", ["-o", "--work"])
+def test_study_refuses_a_report_or_work_folder_inside_one_of_its_case_folders(tmp_path: Path, capsys,
+                                                                                option: str) -> None:
+    """``study --data ROOT -o ROOT/CASE/report`` (or ``--work ROOT/CASE/work``) wrote the study's report or its
+    cache of trained arms and synthetic cases among a patient's scans."""
+    root = tmp_path / "cases"
+    cases = [write_phantom_case(root, seed) for seed in range(2)]
+    inside = cases[0] / ("report" if option == "-o" else "work")
+    argv = ["study", "--data", root, "--config", "micro", "--device", "cpu", "--quiet"]
+    argv += ["-o", inside] if option == "-o" else ["-o", tmp_path / "report", "--work", inside]
+    _refused(capsys, argv, inside, cases[0])
+    assert not (tmp_path / "report").exists()
