@@ -30,6 +30,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import SimpleITK as sitk
@@ -86,14 +87,20 @@ class Case:
 
     def brain_mask(self) -> np.ndarray:
         """Brain = any modality non-zero (cases are skull-stripped) or tumour, holes filled."""
-        from scipy import ndimage
+        return brain_mask_of(self.images.values(), self.tumour)
 
-        mask = np.zeros(self.grid.shape, dtype=bool)
-        for array in self.images.values():
-            mask |= array != 0
-        if self.tumour is not None:
-            mask |= self.tumour > 0
-        return ndimage.binary_fill_holes(mask)
+
+def brain_mask_of(images: Iterable[np.ndarray], tumour: np.ndarray | None) -> np.ndarray:
+    """Any of the images non-zero (cases are skull-stripped) or tumour, holes filled: a case's brain. ``images`` may
+    be a generator that reads one image at a time."""
+    from scipy import ndimage
+
+    mask = None
+    for array in images:
+        mask = array != 0 if mask is None else mask | (array != 0)
+    if tumour is not None:
+        mask = tumour > 0 if mask is None else mask | (tumour > 0)
+    return ndimage.binary_fill_holes(mask)
 
 
 def _files_by_key(folder: Path, keys: dict[str, str]) -> dict[str, list[Path]]:

@@ -241,16 +241,10 @@ def _generate_dataset_refusal(folder: Path) -> InputError | None:
 
 
 def _brain_of_images(files: dict[str, Path], tumour: np.ndarray | None) -> np.ndarray:
-    """Any contrast non-zero, or tumour, holes filled (as a real case's brain mask is found)."""
-    from scipy import ndimage
+    """The brain of a case's image files, found as a real case's is (one image in memory at a time)."""
+    from ..cases.readers import brain_mask_of
 
-    brain = None
-    for path in files.values():
-        nonzero = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
-        brain = nonzero if brain is None else brain | nonzero
-    if tumour is not None:
-        brain |= tumour > 0
-    return ndimage.binary_fill_holes(brain)
+    return brain_mask_of((sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for path in files.values()), tumour)
 
 
 #: A synthetic case's brain mask this close to a real case's is that patient's anatomy: a label map derived

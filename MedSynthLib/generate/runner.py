@@ -27,14 +27,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
+from ..schema.review import GENERATE_PROVENANCE_DIR, GENERATE_RUN_FILE
 from ..schema.volume_io import check_folder_argument, check_not_an_input, enclosing_folder
 from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
 from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
 from .sources import (Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
                       tumour_stats)
 
-RUN_FILE = "generate.json"
-PROVENANCE_DIR = "provenance"
+# Where a dataset keeps its run record and case records: review and the reader study find them by these names.
+RUN_FILE = GENERATE_RUN_FILE
+PROVENANCE_DIR = GENERATE_PROVENANCE_DIR
 STAGING_DIR = ".staging"
 CACHE_DIR = ".cache"
 RUN_VERSION = 1
