@@ -10,7 +10,11 @@ Here the server
   another site whose name was made to point at this computer, "DNS rebinding");
 * draws a new wslink secret at each start and gives it only in the answer to the session request that
   the trame client makes before it connects (a page of another origin cannot read that answer);
-* forbids other sites to show the page in a frame (clicks on a hidden page would answer in its name).
+* forbids other sites to show the page in a frame (clicks on a hidden page would answer in its name);
+* admits only a browser that opened the address printed at the start: it carries an access token drawn at
+  each start (``?token=``), which the server turns into a cookie of the page.  Origin and Host stop other web
+  pages, not other programs on a shared computer (they send whatever headers they like); those never see the
+  printed address.
 """
 
 from __future__ import annotations
@@ -58,7 +62,21 @@ class PageAccess:
         self.names = server_names(host)
         self.port = port
         self.secret = secrets.token_urlsafe(32)
+        self.token = secrets.token_urlsafe(32)
+        #: Cookies of one host are shared by all its ports: a name per port keeps two servers' tokens apart.
+        self.cookie_name = f"medsynth_review_{port}"
         self._told: set[str] = set()
+
+    def address(self, host: str) -> str:
+        """The page's address to give the reader: with this start's access token."""
+        return f"http://{host}:{self.port}/?token={self.token}"
+
+    def token_refusal(self, query_token: str | None, cookie_token: str | None) -> str | None:
+        """Why a request carrying these tokens (``?token=``, the page's cookie) is refused, or None."""
+        for given in (query_token, cookie_token):
+            if given and secrets.compare_digest(given.encode(), self.token.encode()):
+                return None
+        return "no valid access token (open the address medsynth review printed, with its ?token=)"
 
     def refusal(self, method: str, path: str, headers: Any) -> str | None:
         """Why a request with these headers is refused, or None where it is the page's own."""
@@ -83,9 +101,16 @@ class PageAccess:
 
         @web.middleware
         async def only_the_page(request: web.Request, handler: Any) -> web.StreamResponse:
-            reason = self.refusal(request.method, request.path, request.headers)
+            query_token = request.query.get("token")
+            reason = (self.refusal(request.method, request.path, request.headers)
+                      or self.token_refusal(query_token, request.cookies.get(self.cookie_name)))
             if reason is None:
-                return await handler(request)
+                response = await handler(request)
+                if query_token is not None and not response.prepared:
+                    # The page's own later requests (its scripts, the session, the websocket) carry the cookie;
+                    # no script may read it.
+                    response.set_cookie(self.cookie_name, self.token, httponly=True, samesite="Strict", path="/")
+                return response
             if reason not in self._told and len(self._told) < 20:  # a page retrying in a loop floods no log
                 self._told.add(reason)
                 print(f"medsynth review: refused {request.method} {request.path}: {reason}", file=sys.stderr,

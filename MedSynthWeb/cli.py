@@ -105,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
 def _start(app: object, args: argparse.Namespace, what: str) -> None:
     from .access import protect
 
-    print(f"medsynth review: {what} at http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
+    access = protect(app.server, args.host, args.port)  # no other web page or local program may use the server
+    print(f"medsynth review: {what} at {access.address(args.host)} (Ctrl+C stops)", flush=True)
     sys.argv = sys.argv[:1]  # the trame server reads its own options from sys.argv: give it none
-    protect(app.server, args.host, args.port)  # no other web page in the browser may use the server
     app.server.start(port=args.port, host=args.host, open_browser=False, show_connection_info=False)

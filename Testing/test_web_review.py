@@ -394,7 +394,14 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        """The address the server printed for the reader: with the access token of this start."""
+        printed = re.search(r"at (http://\S+/\?token=\S+) ", self.log.read_text())
+        assert printed, f"medsynth review printed no address with an access token:\n{self.log.read_text()[-3000:]}"
+        return printed[1]
+
+    @property
+    def token(self) -> str:
+        return self.url.rsplit("token=", 1)[1]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -768,7 +775,8 @@ def _server_missing() -> str | None:
     return missing
 
 
-def _wslink(port: int, origin: str | None, secret: str = "wslink-secret", host: str | None = None) -> int | dict:
+def _wslink(port: int, origin: str | None, secret: str = "wslink-secret", host: str | None = None,
+            cookie: str | None = None) -> int | dict:
     """Connect to ``ws://127.0.0.1:PORT/ws`` as a page at ``origin`` would (``host``: the Host header, as after a
     DNS rebinding) and say wslink's hello with ``secret``.  Returns the HTTP status that refused the handshake, or
     ``{"hello": reply}`` with the page's state added as ``"state"`` where the hello was accepted."""
@@ -779,7 +787,8 @@ def _wslink(port: int, origin: str | None, secret: str = "wslink-secret", host: 
     import msgpack
     from wslink.chunking import UnChunker, generate_chunks
 
-    headers = {**({"Origin": origin} if origin else {}), **({"Host": host} if host else {})}
+    headers = {**({"Origin": origin} if origin else {}), **({"Host": host} if host else {}),
+               **({"Cookie": cookie} if cookie else {})}
 
     async def call(ws, unchunker: UnChunker, rpc_id: str, method: str, args: list) -> dict:
         message = msgpack.packb({"wslink": "1.0", "id": rpc_id, "method": method, "args": args, "kwargs": {}})
@@ -813,13 +822,14 @@ def _wslink(port: int, origin: str | None, secret: str = "wslink-secret", host: 
         return thread.submit(asyncio.run, run()).result()
 
 
-def _session(port: int, origin: str | None, host: str | None = None) -> tuple[int, dict | None]:
+def _session(port: int, origin: str | None, host: str | None = None,
+             cookie: str | None = None) -> tuple[int, dict | None]:
     """POST the trame client's session request, as the page does before it connects: status and JSON reply."""
     import urllib.error
     import urllib.request
 
     headers = {"Content-Type": "application/json", **({"Origin": origin} if origin else {}),
-               **({"Host": host} if host else {})}
+               **({"Host": host} if host else {}), **({"Cookie": cookie} if cookie else {})}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/paraview/", data=b"{}", method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -828,34 +838,58 @@ def _session(port: int, origin: str | None, host: str | None = None) -> tuple[in
         return error.code, None
 
 
-def _assert_only_own_origin(port: int) -> dict:
-    """A foreign page, a page without an Origin and a DNS-rebound page are refused at the handshake; the page's
-    own origin connects, but only with the per-launch secret it gets from the server.  Returns the page's state."""
+def _page_cookie(port: int, token: str) -> str:
+    """Open the printed address as the reader's browser does; the cookie it is given, as a Cookie header."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/?token={token}", timeout=30) as page:
+        assert page.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+        assert page.headers["X-Frame-Options"] == "DENY"
+        set_cookie = page.headers["Set-Cookie"]
+    assert set_cookie and "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie, set_cookie
+    return set_cookie.split(";", 1)[0]
+
+
+def _assert_only_own_origin(port: int, token: str) -> dict:
+    """A foreign page, a page without an Origin and a DNS-rebound page are refused at the handshake; a program of
+    another local user (any Origin it likes, no access token) is refused everything; the page's own origin,
+    opened under the printed address, connects, but only with the per-launch secret it gets from the server.
+    Returns the page's state."""
+    import urllib.error
+    import urllib.request
+
     own = f"http://127.0.0.1:{port}"
+    # A local program that forges the page's own Origin and Host but never saw the printed address.
+    for path in ("/", "/index.html", f"/?token={token[:-1]}", "/?token="):
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(f"{own}{path}", timeout=30)
+    assert _session(port, own) == (403, None)
+    assert _session(port, own, cookie=f"medsynth_review_{port}=guess") == (403, None)
+    assert _wslink(port, own) == 403
+    cookie = _page_cookie(port, token)
     for origin, host in (("http://evil.example", None), (f"http://evil.example:{port}", None), ("null", None),
                          (None, None), (f"http://evil.example:{port}", f"evil.example:{port}"),
                          (f"http://127.0.0.1:{port + 1}", None), (f"https://127.0.0.1:{port}", None),
                          (f"http://localhost:{port}", None)):
-        assert _wslink(port, origin, host=host) == 403, (origin, host)
-        assert _session(port, origin, host) == (403, None), (origin, host)
+        assert _wslink(port, origin, host=host, cookie=cookie) == 403, (origin, host)
+        assert _session(port, origin, host, cookie=cookie) == (403, None), (origin, host)
     # The page's own origin with wslink's well-known default secret: connected, not authenticated.
-    refused = _wslink(port, own)
+    refused = _wslink(port, own, cookie=cookie)
     assert "result" not in refused["hello"] and "state" not in refused, refused
-    status, session = _session(port, own)
+    status, session = _session(port, own, cookie=cookie)
     assert status == 200 and session["secret"] != "wslink-secret" and len(session["secret"]) >= 32, session
     assert session["sessionURL"] == "ws://USE_HOST/ws"
-    assert _session(port, f"http://localhost:{port}", f"localhost:{port}")[1]["secret"] == session["secret"]
-    accepted = _wslink(port, f"http://localhost:{port}", session["secret"], host=f"localhost:{port}")
+    assert _session(port, f"http://localhost:{port}", f"localhost:{port}", cookie)[1]["secret"] == session["secret"]
+    accepted = _wslink(port, f"http://localhost:{port}", session["secret"], host=f"localhost:{port}", cookie=cookie)
     assert accepted["state"] is not None, accepted
     # The page itself: served under this computer's names only, and never inside another site's frame.
-    import urllib.error
-    import urllib.request
-
-    with urllib.request.urlopen(f"{own}/index.html", timeout=30) as page:
+    request = urllib.request.Request(f"{own}/index.html", headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=30) as page:
         assert page.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
         assert page.headers["X-Frame-Options"] == "DENY"
     with pytest.raises(urllib.error.HTTPError, match="403"):
-        urllib.request.urlopen(urllib.request.Request(f"{own}/index.html", headers={"Host": f"evil.example:{port}"}),
+        urllib.request.urlopen(urllib.request.Request(f"{own}/index.html",
+                                                      headers={"Host": f"evil.example:{port}", "Cookie": cookie}),
                                timeout=30)
     return accepted["state"]
 
@@ -869,7 +903,7 @@ def test_review_page_refuses_other_origins(cases, tmp_path):
     shutil.copytree(cases["synthetic"][0], synthetic)
     save_review(synthetic, 2, "private note")
     with Server([str(synthetic)], tmp_path / "review.log") as server:
-        state = _assert_only_own_origin(server.port)
+        state = _assert_only_own_origin(server.port, server.token)
     assert state["note"] == "private note"  # what the page's own connection reads, and only it
     log = (tmp_path / "review.log").read_text()
     assert "refused GET /ws: Origin 'http://evil.example', only the page's own" in log, log[-3000:]
@@ -884,7 +918,7 @@ def test_study_page_refuses_other_origins(cases, tmp_path):
     args = ["--study", *map(str, cases["real"]), "--synthetic", *map(str, cases["synthetic"]),
             "-o", str(results), "--n-per-class", "1"]
     with Server(args, tmp_path / "study.log") as server:
-        state = _assert_only_own_origin(server.port)
+        state = _assert_only_own_origin(server.port, server.token)
     assert state["item_id"] == "item-001"
     assert not (results / "responses.csv").exists() or "item-001" not in (results / "responses.csv").read_text()
 
@@ -913,3 +947,22 @@ def test_page_access_admits_this_servers_names_and_the_pages_own_origin():
             assert refusal and "only the page's own (http://127.0.0.1:8080)" in refusal, (origin, method, path)
     upgrade = {**page("127.0.0.1:8080", "http://evil.example"), "Upgrade": "websocket"}
     assert "Origin" in named.refusal("GET", "/ws/", upgrade)
+
+
+def test_page_access_admits_only_the_printed_token_or_its_cookie():
+    # Origin and Host stop other web pages, not other programs on a shared computer: those send any headers.
+    if missing := _server_missing():
+        pytest.skip(missing)
+    from MedSynthWeb.access import PageAccess
+
+    access, other = PageAccess("127.0.0.1", 8080), PageAccess("127.0.0.1", 8080)
+    assert access.token != other.token and len(access.token) >= 32  # drawn per start
+    assert access.address("127.0.0.1") == f"http://127.0.0.1:8080/?token={access.token}"
+    assert access.token_refusal(access.token, None) is None
+    assert access.token_refusal(None, access.token) is None
+    for query, cookie in ((None, None), ("", None), (other.token, None), (None, other.token),
+                          (access.token[:-1], None), (access.token + "x", access.token[:-1])):
+        refusal = access.token_refusal(query, cookie)
+        assert refusal and "access token" in refusal, (query, cookie)
+    assert access.cookie_name == "medsynth_review_8080"  # one per port: two servers keep their own
+
