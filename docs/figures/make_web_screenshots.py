@@ -12,6 +12,7 @@ extra, Playwright and Debian's ``/usr/bin/chromium``; everything runs on the loo
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -28,15 +29,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_review(args: list[str], port: int) -> subprocess.Popen:
-    """``medsynth review ARGS`` on the port, returned once it accepts connections."""
+def start_review(args: list[str], port: int) -> tuple[subprocess.Popen, str]:
+    """``medsynth review ARGS`` on the port and the address it printed (with its access token), once it accepts
+    connections."""
     server = subprocess.Popen([sys.executable, "-m", "MedSynthLib", "review", *args, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    printed = re.search(r"at (http://\S+/\?token=\S+) ", server.stdout.readline())
+    if printed is None:
+        server.terminate()
+        raise SystemExit("medsynth review printed no address")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
+            return server, printed[1]
         except OSError:
             time.sleep(0.5)
     server.terminate()
@@ -86,9 +92,9 @@ def main() -> None:
     ]
     for args, name, views, (width, height), rate in pages:
         port = free_port()
-        server = start_review(args, port)
+        server, address = start_review(args, port)
         try:
-            screenshot(f"http://127.0.0.1:{port}/", out / name, views, width, height, rate)
+            screenshot(address, out / name, views, width, height, rate)
         finally:
             server.terminate()
             server.wait(timeout=30)
