@@ -8,7 +8,7 @@ while holding an exclusive ``fcntl`` lock on a lock file beside the output
 nothing of this run is left; with ``overwrite`` it replaces only the files it
 writes, so a user's other files in an output folder stay.  Readers of a label map
 take the same lock shared, so they never see one run's image with another's sidecar.
-Staging folders of runs that were killed are removed by the next run on that output.
+Staging folders and temporary files of runs that were killed are removed by the next run on that output.
 """
 
 from __future__ import annotations
@@ -85,16 +85,29 @@ def output_lock(target: str | os.PathLike[str], *, shared: bool = False, wait: b
 
 
 def clean_stale_staging(target: Path) -> list[Path]:
-    """Remove staging folders of ``target`` whose process is gone (call with the lock held)."""
-    removed = []
-    pattern = re.compile(re.escape(f".{target.name}{STAGE_MARK}") + r"(\d+)-")
-    if not target.parent.is_dir():
+    """Remove staging folders and temporary files of ``target`` whose process is gone.
+
+    Both are named ``.NAME.medsynth-stage-PID-...`` beside ``target``; one of a running process (this one's
+    other threads included) is left alone, so no lock is needed.  A reused pid only keeps a stale one longer.
+    """
+    removed: list[Path] = []
+    prefix = f".{target.name}{STAGE_MARK}"
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-")
+    try:  # every single-file write runs this: names only, no Path object for the folder's other files
+        names = [name for name in os.listdir(target.parent) if name.startswith(prefix)]
+    except OSError:  # no folder yet (nothing to clean), or not one
         return removed
-    for entry in target.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not pid_alive(int(match.group(1))) and int(match.group(1)) != os.getpid():
+    for name in names:
+        match = pattern.match(name)
+        if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
+            continue
+        entry = target.parent / name
+        if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
     return removed
 
 

@@ -277,16 +277,24 @@ def folder_and_files(folder: str | os.PathLike[str] | None) -> list[Path]:
 
 
 def _tmp_affixes(path: Path) -> tuple[str, str]:
-    """(prefix, suffix) of the temporary files written beside ``path``: hidden, keeping its image suffix."""
+    """(prefix, suffix) common to every temporary file written beside ``path``: hidden, keeping its image suffix
+    (older versions wrote ``.NAME.XXXX.tmp.SUFFIX``, without the writer's pid)."""
     suffix = path.name[len(strip_image_suffix(path.name)):] or path.suffix
     return f".{path.name}.", ".tmp" + suffix
 
 
 def _tmp_sibling(path: Path) -> Path:
-    """A fresh hidden file beside ``path`` that keeps its image suffix (writers go by suffix)."""
+    """A fresh hidden file beside ``path`` that keeps its image suffix (writers go by suffix).
+
+    It is named as a staging folder of ``path``, with this process's id, and the temporaries of ``path`` whose
+    process is gone (killed between the write and its rename: kill -9 runs no cleanup) are removed first.
+    """
+    from .outputs import STAGE_MARK, clean_stale_staging
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = _tmp_affixes(path)
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    clean_stale_staging(path)
+    suffix = _tmp_affixes(path)[1]
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{STAGE_MARK}{os.getpid()}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the user's usual mode
     return Path(name)
