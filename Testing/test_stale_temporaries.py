@@ -140,3 +140,36 @@ def test_a_killed_pair_write_is_removed_and_a_live_one_kept(compress, data, tmp_
     assert _hidden(tmp_path) == [running.name]
     assert _visible(tmp_path) == sorted(["a.mhd", data])
     assert (running / "a.raw").read_bytes() == b"half"
+
+
+def test_a_folder_replace_killed_between_its_renames_leaves_nothing_for_good(tmp_path):
+    """``atomic_directory`` with ``overwrite`` moves the old folder aside, then the new one in.  Killed between the
+    two, the old folder stayed beside the output for good (``.out.XXXX.old``, no pid); the next write of the
+    folder now removes it with the killed run's staging folder."""
+    path = tmp_path / "out"
+    path.mkdir()
+    (path / "old.txt").write_text("old")
+    child = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from MedSynthLib.schema.volume_io import atomic_directory
+
+real, calls = os.replace, []
+def replace(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+os.replace = replace
+with atomic_directory({str(path)!r}, overwrite=True) as stage:
+    (stage / "new.txt").write_text("new")
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not path.exists() and len(_hidden(tmp_path)) == 2  # the staged new folder, the old one aside
+    from MedSynthLib.schema.volume_io import atomic_directory
+
+    with atomic_directory(path) as stage:
+        (stage / "new.txt").write_text("again")
+    assert _hidden(tmp_path) == []
+    assert sorted(p.name for p in path.iterdir()) == ["new.txt"]

@@ -484,7 +484,9 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
 
         with signals_deferred():  # between the two renames the folder would be gone
             if path.exists():
-                backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                # named with the pid as the staging folder is: killed between the renames, the next write removes it
+                backup = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGE_MARK}{os.getpid()}-", suffix=".old",
+                                               dir=path.parent))
                 os.replace(path, backup / "old")
                 os.replace(tmp, path)
                 shutil.rmtree(backup, ignore_errors=True)
