@@ -159,6 +159,53 @@ def test_a_restart_before_the_first_checkpoint_keeps_the_recorded_starting_model
     assert training["commands"] == [recorded["command"], "medsynth " + " ".join(resume_args)]
 
 
+def _interrupted_before_the_first_checkpoint(run_args: list[str], monkeypatch) -> None:
+    """Start a run and stop it with Ctrl+C where its first checkpoint would be written."""
+    import MedSynthLib.training.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "save_checkpoint", interrupted)
+        assert run_main(run_args) == 130
+
+
+def test_a_restart_before_the_first_checkpoint_refuses_other_data(phantom_brats: Path, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    """`--resume` of a run interrupted before its first checkpoint did not compare --data with the cases the run
+    recorded: with a case missing or another case's scans under its name it restarted on that data as the same run.
+    It is now refused in one line, as a resume after a checkpoint is, and nothing of the run changes."""
+    import shutil
+
+    from conftest import write_phantom_case
+
+    config = write_config(tmp_path / "one.json", steps=1, checkpoint_every=1)
+    run = tmp_path / "run"
+    _interrupted_before_the_first_checkpoint(train_args(phantom_brats, run, "--config", str(config)), monkeypatch)
+    assert json.loads((run / "train_config.json").read_text())["data"]["case_sha256"]
+    cache = str(training_cache_of(phantom_brats))
+    fewer, swapped = tmp_path / "fewer", tmp_path / "swapped"
+    for case in PHANTOM_BRATS_IDS[1:]:
+        shutil.copytree(phantom_brats / case, fewer / case)
+    for case in PHANTOM_BRATS_IDS:
+        shutil.copytree(phantom_brats / case, swapped / case)
+    shutil.rmtree(swapped / PHANTOM_BRATS_IDS[0])
+    write_phantom_case(swapped, 7, PHANTOM_BRATS_IDS[0])  # another patient's scans under the recorded name
+    before = snapshot(run)
+    capsys.readouterr()
+    first = PHANTOM_BRATS_IDS[0]
+    for data, problem in ((fewer, f"missing ['{first}']"), (swapped, f"changed ['{first}']")):
+        args = ["train", "--data", str(data), "-o", str(run), "--device", "cpu", "--cache", cache, "--resume"]
+        assert run_main(args) == 2
+        line = one_error_line(capsys)
+        assert "train_config.json" in line and "not the data this run was trained on" in line and problem in line
+        assert snapshot(run) == before
+    # The recorded data: the restart goes ahead.
+    assert run_main(train_args(phantom_brats, run, "--resume")) == 0
+    assert (run / "model" / "config.json").is_file()
+
+
 # --- a resume after the final validation's interruption --------------------------------------------
 
 

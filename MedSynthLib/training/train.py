@@ -696,9 +696,6 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
             _check_resume_options(config, recorded, given, config_path)
         if unstarted:
             resume, restart = False, True  # nothing to load: start again from step 0 under the recorded config
-            if d.main:
-                print(f"{run_dir}: no checkpoint was written before the run stopped; restarting it from step 0",
-                      file=sys.stderr)
             if steps is not None and steps != config.steps:
                 config = TrainConfig.from_json({**config.to_json(), "steps": steps}, "command line")
                 recorded.setdefault("length_changes", []).append({"at_step": 0, "steps": steps, "command": command})
@@ -733,10 +730,13 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
     if not train_sources:
         raise InputError(data_label, "no training cases left after holding out the validation cases")
     fingerprint = _data_fingerprint(list(sources.values()))
-    if resume:
+    if resume or restart:  # a restart is the same run too: on the data it recorded at its start
         _check_same_data(recorded.get("data"), fingerprint, config_path, d.main)
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
     if d.main:
+        if restart:  # after every check: a refused restart does not announce itself
+            print(f"{run_dir}: no checkpoint was written before the run stopped; restarting it from step 0",
+                  file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:  # a restart keeps the command that started the run (and any length changes)
             record = {"command": recorded.get("command", command) if restart else command,
