@@ -239,6 +239,44 @@ def test_a_run_interrupted_in_its_final_validation_resumes_to_the_same_record(
     assert sorted(p.name for p in (run / "montages").glob("*.png")) == ["step_0000004.png"]
 
 
+def _scalars(run: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """The run's TensorBoard scalars whose tag starts with ``prefix``: tag -> [(step, value)] as TensorBoard shows
+    them (a resumed session's purge of later steps applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if tag.startswith(prefix)}
+
+
+def test_a_resumed_final_validation_writes_its_tensorboard_scalars(phantom_brats: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """A run interrupted in its final validation and resumed validated again but wrote no val/* scalars: the
+    resumed run's TensorBoard lacked the last step's validation the uninterrupted run shows. It now writes them."""
+    import MedSynthLib.training.train as train_module
+
+    config = write_config(tmp_path / "micro.json")
+    assert run_main(train_args(phantom_brats, tmp_path / "A", "--config", str(config))) == 0
+    expected = _scalars(tmp_path / "A", "val/")
+    assert expected and all([step for step, _ in points] == [4] for points in expected.values())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "B"
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "validate", interrupted)
+        assert run_main(train_args(phantom_brats, run, "--config", str(config))) == 130
+    assert _scalars(run, "val/") == {}
+    assert run_main(train_args(phantom_brats, run, "--resume")) == 0
+    assert _scalars(run, "val/") == expected
+    # The training scalars too: the resumed session kept the last step's, logged before its checkpoint.
+    assert _scalars(run, "loss/") == _scalars(tmp_path / "A", "loss/")
+    assert {tag: [step for step, _ in points] for tag, points in _scalars(run, "time/").items()} == \
+        {tag: [step for step, _ in points] for tag, points in _scalars(tmp_path / "A", "time/").items()}
+
+
 # --- the interruption message -------------------------------------------------------------------------
 
 

@@ -836,7 +836,10 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start)
+        # TensorBoard hides what an earlier session logged from purge_step on: the steps this session trains again.
+        # A checkpoint's own step was logged before the checkpoint was written and is not trained again, so a resume
+        # keeps it (purging from it lost that step's losses, the final step's included).
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if resume else start)
     bar = _bar(config.steps, start, d.main and progress)
     guard = DivergenceGuard(config.steps, start, config.divergence_window)
     final_metrics: dict[str, Any] | None = None
@@ -968,10 +971,13 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
                                    detailed=done == config.steps)
                 if done == config.steps:
                     final_metrics = metrics
-                if writer is not None:
-                    for key, value in metrics.items():
-                        if isinstance(value, float):
-                            writer.add_scalar(f"val/{key}", value, done)
+                _log_validation(writer, metrics, done)
+        if d.main and final_metrics is None and val_volumes:
+            # A resume of a run stopped after its last checkpoint (in its final validation): validated here, before
+            # the writer closes, so its TensorBoard shows the last step's validation as the uninterrupted run's does.
+            final_metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, config.steps,
+                                     detailed=True)
+            _log_validation(writer, final_metrics, config.steps)
     except KeyboardInterrupt:
         if d.main:
             print(_interrupted_message(run_dir, config.steps), file=sys.stderr)
@@ -983,9 +989,6 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
             writer.close()
     model_dir = run_dir / "model"
     if d.main:
-        if final_metrics is None and val_volumes:  # a resume of a run stopped after its last step
-            final_metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, config.steps,
-                                     detailed=True)
         val_metrics = final_metrics or {}
         continued = resume or restart
         commands = [recorded.get("command", command) if continued else command]
@@ -1003,6 +1006,15 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
 
         dist.destroy_process_group()
     return model_dir
+
+
+def _log_validation(writer: Any, metrics: dict[str, Any], step: int) -> None:
+    """A validation's summary scores as TensorBoard scalars ``val/<region>_<metric>`` at ``step`` (no writer: none)."""
+    if writer is None:
+        return
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            writer.add_scalar(f"val/{key}", value, step)
 
 
 def _stop_if_diverged(message: str | None, run_dir: Path, d: Any, device: torch.device) -> None:
