@@ -35,6 +35,13 @@ from .mrml import ROLE, ROLE_PREVIEW, ROLE_SYNTHETIC
 from .parameters import MODALITIES, MODALITY_TITLES, GenerateOptions
 
 
+#: Said when a real case without a tumour segmentation is inpainted around what the user changed.
+UNSEGMENTED_CASE_NOTICE = ("this case has no tumour segmentation: only what you changed since the label map was "
+                           "prepared is re-rendered; MedSynth cannot know whether the patient had a tumour elsewhere, "
+                           "and any unsegmented tumour stays in the images (labelled as healthy tissue in the "
+                           "exported label map)")
+
+
 @dataclass
 class GenerationJob:
     """A synthesis of one label segmentation running in the worker."""
@@ -203,6 +210,19 @@ class Synthesis:
             self.log.emit("no inpainting model is registered: synthesising a whole case instead")
         return None
 
+    def _send_labels_before_edits(self, segmentation: Any, arrays: dict[str, np.ndarray]) -> None:
+        """Add the map before the user's edits to an inpainting request: the worker takes it as the old labels
+        where the case has no tumour segmentation (MedSynthLib cannot tell from the edited map where the
+        patient's tumour was), and leaves it where the case's own segmentation says that."""
+        before = self.labels_before_edits(segmentation)
+        if before is not None:
+            arrays["old_labels"] = before
+
+    def _say_old_labels(self, data: dict[str, Any]) -> None:
+        """One log line when the worker took the map before the edits as the old labels."""
+        if data.get("old_tumour") == "old-labels":
+            self.log.emit(UNSEGMENTED_CASE_NOTICE)
+
     @staticmethod
     def is_real_case(volume: Any) -> bool:
         """Whether a volume (the input T1, or a segmentation's reference) was loaded from a real case folder."""
@@ -250,6 +270,7 @@ class Synthesis:
         context = self.inpainting_context(reference, options, say=True)
         if context:  # a real case: keep its images, re-render the edited region (MedSynthLib inpainting)
             params["context"] = context
+            self._send_labels_before_edits(segmentation, arrays)
         self.progress.emit(0.0, "starting the synthesis")
         try:
             task = self.worker().submit("generate", dict(params, out=str(out_dir), **options.worker_params()), arrays)
@@ -293,6 +314,8 @@ class Synthesis:
             raise WorkflowError(f"synthesis failed: {job.task.error}")
         images = job.task.arrays()
         reference = self._job_reference(job.reference_id)
+        if job.context and job.task.result is not None:
+            self._say_old_labels(job.task.result.data)
         if name_prefix is None:
             name_prefix = "MedSynth inpainted" if job.context else "MedSynth synthetic"
         outputs: dict[str, Any] = {}
@@ -380,6 +403,8 @@ class Synthesis:
             session = uuid.uuid4().hex
             params, arrays = labelmap_request(labelmap)
             params = dict(params, **common, session=session, reset=True)
+            if context:  # the worker's preview takes the old labels as Generate does
+                self._send_labels_before_edits(segmentation, arrays)
             sent = {"session": session, "labels": labelmap.array.copy(), "version": 0, "pid": None}
         else:
             box = changed_box(sent["labels"], labelmap.array) or ((0, 0, 0), (0, 0, 0))
@@ -466,6 +491,7 @@ class Synthesis:
         job.status, job.outputs = "done", dict(nodes)
         self.last_preview = dict(data, client_s={k: round(v, 4) for k, v in job.seconds.items()})
         self.log.emit(f"preview ({'full' if data.get('full') else 'edited region'}) in {data.get('seconds')} s")
+        self._say_old_labels(data)
         return dict(nodes)
 
     def cancel_preview(self, job: PreviewJob) -> bool:
@@ -493,4 +519,4 @@ class Synthesis:
         self._preview_jobs = []
 
 
-__all__ = ["PREVIEW_CANCEL_GRACE_S", "GenerationJob", "PreviewJob", "Synthesis"]
+__all__ = ["PREVIEW_CANCEL_GRACE_S", "UNSEGMENTED_CASE_NOTICE", "GenerationJob", "PreviewJob", "Synthesis"]

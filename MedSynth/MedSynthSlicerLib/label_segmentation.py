@@ -413,6 +413,9 @@ class LabelSegmentation:
             # first sight of this segmentation in this session (e.g. a reloaded scene): take it as it is
             if brain_mask(array).any():
                 self._committed[segmentation.GetID()] = array.copy()
+                if len(history) <= 1 and segmentation.GetAttribute(mrml.LABELS_SHA256_ATTRIBUTE) == array_sha256(array):
+                    # as prepared (no edit recorded, none made unseen): the map before the user's edits
+                    self._before_edits[segmentation.GetID()] = array.copy()
             if privacy is not None and segmentation.GetAttribute(mrml.LABELS_SHA256_ATTRIBUTE) != array_sha256(array):
                 # Changed where MedSynth did not see it (before this session read it): what was drawn is unknown,
                 # and the record says so from now on.
@@ -554,8 +557,13 @@ class LabelSegmentation:
         self._remember_labels(segmentation, copy.copy(labelmap))
 
     def _new_label_segmentation(self, labelmap: "LabelMap", reference: Any, name: str, convention: str,
-                                lock_anatomy: bool = True, originals: Mapping[str, Any] | None = None) -> Any:
-        """A new MedSynth label map node (role, convention, history, privacy, original volumes), no undo steps."""
+                                lock_anatomy: bool = True, originals: Mapping[str, Any] | None = None,
+                                before_edits: "np.ndarray | None | bool" = True) -> Any:
+        """A new MedSynth label map node (role, convention, history, privacy, original volumes), no undo steps.
+
+        ``before_edits``: the label map before the user's edits (:meth:`labels_before_edits`); True: ``labelmap``
+        itself (a map just prepared or adopted), None: unknown.
+        """
         array = labelmap.array
         with mrml.scene_guard(self.scene):
             node = mrml.segmentation_from_labels(self.scene, array, reference, name, lock_anatomy=lock_anatomy)
@@ -566,16 +574,35 @@ class LabelSegmentation:
                 node.SetNodeReferenceID(ORIGINAL_REFERENCE + modality, original.GetID())
         self._committed[node.GetID()] = array.copy()
         self._undo[node.GetID()] = []
+        if before_edits is True:
+            before_edits = array
+        if before_edits is not None:
+            self._before_edits[node.GetID()] = np.array(before_edits, copy=True)
         return node
+
+    def labels_before_edits(self, segmentation: Any) -> "np.ndarray | None":
+        """The label map as it was prepared (or adopted, or first read unedited), before the user's edits.
+
+        Generate and the preview of a real case without a tumour segmentation take it as the old labels
+        (MedSynthLib's ``--old-labels``): what changed since it is re-rendered.  None when this session never saw
+        the map unedited (a scene saved after an edit and opened again).
+        """
+        before = self._before_edits.get(segmentation.GetID()) if segmentation is not None else None
+        reference = self.reference_volume(segmentation) if before is not None else None
+        if before is None or tuple(before.shape) != tuple(reference.GetImageData().GetDimensions()[::-1]):
+            return None
+        return before
 
     def copy_labels(self, segmentation: Any, name: str | None = None) -> Any:
         """A new label segmentation with the same label map and history (a variant to edit separately)."""
         current = self.labelmap(segmentation)
         reference = self.reference_volume(segmentation)
+        # The copy continues the source's history: its map before the edits is the source's, not ``current``.
         return self._new_label_segmentation(current, reference, name or f"{segmentation.GetName()} copy",
                                             segmentation.GetAttribute(CONVENTION_ATTRIBUTE) or "brats2021",
                                             bool(self.locked_labels(segmentation)),
-                                            self.original_volumes(segmentation))
+                                            self.original_volumes(segmentation),
+                                            before_edits=self.labels_before_edits(segmentation))
 
     def adopt_labels(self, segmentation: Any, label_convention: str = "brats2021",
                      name: str | None = None) -> Any:

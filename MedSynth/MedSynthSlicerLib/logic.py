@@ -114,6 +114,7 @@ class WorkflowLogic(LabelSegmentation, TumourTools, Synthesis, ReviewViews):
         self._committed: dict[str, np.ndarray] = {}
         self._read_labels: dict[str, tuple[tuple, Any]] = {}  # segmentation ID -> (stamp, LabelMap read)
         self._undo: dict[str, list[tuple[np.ndarray, list[dict[str, Any]], Any]]] = {}  # array, history, privacy
+        self._before_edits: dict[str, np.ndarray] = {}  # segmentation ID -> its map before the user's edits
         self._run_counter = 0
         self._worker: WorkerClient | None = None
         self._preview_outputs: dict[str, Any] | None = None
@@ -238,6 +239,7 @@ class WorkflowLogic(LabelSegmentation, TumourTools, Synthesis, ReviewViews):
         self._committed.clear()
         self._read_labels.clear()
         self._undo.clear()
+        self._before_edits.clear()
         self.close_preview()
         self.last_preview = None
 

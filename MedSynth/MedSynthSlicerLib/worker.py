@@ -111,6 +111,27 @@ class Worker:
         except ValueError as exc:
             raise MedSynthError(f"the label map sent is not valid: {exc}") from None
 
+    @staticmethod
+    def labels_before_edits(request: Request, labelmap: Any, context: Any) -> Any:
+        """The label map before the user's edits (array ``old_labels``, sent by the module) as the old labels of a
+        case without a tumour segmentation; None when none was sent or the case has one (its segmentation says
+        where the patient's tumour was, as on the command line without ``--old-labels``)."""
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.grid import LabelMap
+
+        if "old_labels" not in request.arrays:
+            return None
+        array = take_array(request.arrays["old_labels"])  # taken (its file removed) even where it is not used
+        if context.tumour is not None:
+            return None
+        if array.shape != labelmap.array.shape:
+            raise MedSynthError(f"the label map before the edits {array.shape} is not on the label map's grid "
+                                f"{labelmap.array.shape}")
+        try:
+            return LabelMap(array, labelmap.grid, [])
+        except ValueError as exc:
+            raise MedSynthError(f"the label map before the edits is not valid: {exc}") from None
+
     # --- operations ---------------------------------------------------------------------------
 
     def generate(self, request: Request) -> Event:
@@ -140,16 +161,18 @@ class Worker:
         from MedSynthLib.synthesis.inpainting import inpaint_case, read_context, write_inpainted_case
 
         context = read_context(request.params["context"], labelmap)
+        old = self.labels_before_edits(request, labelmap, context)
         self.step(request, 0.05, "loading the inpainting model")
         _, engine = self.inpainting_engine(request.params)
         self.step(request, 0.35, "model loaded")
-        case = inpaint_case(engine, labelmap, context, seed=int(request.params.get("seed", 0)))
+        case = inpaint_case(engine, labelmap, context, old_labelmap=old, seed=int(request.params.get("seed", 0)))
         self.step(request, 0.85, "inpainted")
         write_inpainted_case(case, out)
         arrays = {m: put_array(self.exchange, case.images[m]) for m in case.images}
         return Event("result", request.id, fraction=1.0, text="written",
                      data={"out": str(out), "device": str(engine.synth.device), "precision": engine.synth.precision,
                            "timings_s": case.provenance.get("timings_s", {}), "inpainted": True,
+                           "old_tumour": case.provenance["inpainting"]["old_tumour"],
                            "synthetic_voxels": int(case.region.sum())},
                      arrays=arrays)
 
@@ -174,9 +197,11 @@ class Worker:
         session version the region applies to), ``seed``, ``margin``, ``renderer`` (name);
         ``context`` (a real case folder: the inpainting renderer with ``inpainting_model``, the rule
         of Generate).
-        Arrays: ``labels`` (the whole map, or the region).
+        Arrays: ``labels`` (the whole map, or the region); with ``reset`` and ``context``, ``old_labels``
+        (:meth:`labels_before_edits`, as for Generate).
         """
         from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.synthesis.inpainting import read_context
         from MedSynthLib.synthesis.preview import PreviewSession, make_renderer
 
         cpu, clock = time.process_time(), time.perf_counter()
@@ -191,11 +216,18 @@ class Worker:
             renderer_name = params.get("renderer", "synthesis")
             options = {"seed": int(params.get("seed", 0)), "margin": int(params.get("margin", 24))}
         session_key = (key, str(params.get("session", "")), renderer_name, tuple(sorted(options.items())))
+        old_tumour = None  # "old-labels" in the answer that starts a real case's preview with them
         if params.get("reset") or self._session is None or session_key != self._session_key:
             if not params.get("reset"):
                 raise MedSynthError("the worker holds no preview of this case (it was restarted); preview again")
             labelmap = self.labelmap(request)
-            renderer = make_renderer(renderer_name, engine, **options)
+            made = dict(options)
+            if context:  # read here: whether the case has a segmentation decides the old labels, as in Generate
+                made["context"] = read_context(context, labelmap)
+                old = self.labels_before_edits(request, labelmap, made["context"])
+                made["old_labels"] = None if old is None else old.array
+                old_tumour = "old-labels" if old is not None else None
+            renderer = make_renderer(renderer_name, engine, **made)
             self._session, self._session_key = PreviewSession(renderer, labelmap), session_key
         else:
             session = self._session
@@ -227,7 +259,7 @@ class Worker:
                            "version": session.version, "seconds": round(packed - clock, 4),
                            "stages_s": {k: round(v, 4) for k, v in seconds.items()},
                            "worker_cpu_s": round(time.process_time() - cpu, 4), "device": str(engine.synth.device),
-                           "renderer": renderer_name},
+                           "renderer": renderer_name, **({"old_tumour": old_tumour} if old_tumour else {})},
                      arrays=arrays)
 
     def export(self, request: Request) -> Event:

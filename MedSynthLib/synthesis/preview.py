@@ -184,18 +184,21 @@ class InpaintingRoiRenderer:
         context: the real case (:class:`~.inpainting.ContextCase`, or its folder, read on :meth:`full`).
         margin_mm: growth of the changed tumour into the region (the default of ``inpaint_case``).
         feather_mm: width of the blend inside the region's border.
+        old_labels: the label map before the edits (``inpaint_case``'s ``old_labelmap``): the region is then what
+            changed since it, and its tumour is the old one instead of the case's segmentation.
     """
 
     name = "inpainting"
 
     def __init__(self, engine: Any, context: Any, margin_mm: float | None = None,
-                 feather_mm: float | None = None) -> None:
+                 feather_mm: float | None = None, old_labels: np.ndarray | None = None) -> None:
         from .inpainting import DEFAULT_FEATHER_MM, DEFAULT_MARGIN_MM
 
         self.engine = engine
         self.context = context
         self.margin_mm = DEFAULT_MARGIN_MM if margin_mm is None else float(margin_mm)
         self.feather_mm = DEFAULT_FEATHER_MM if feather_mm is None else float(feather_mm)
+        self.old_labels = old_labels
         self.images: dict[str, np.ndarray] = {}
         self.region: np.ndarray | None = None  # the voxels of :attr:`images` that are (partly) synthetic
         self.region_box: Box | None = None
@@ -211,27 +214,37 @@ class InpaintingRoiRenderer:
 
         if not isinstance(self.context, ContextCase):
             self.context = read_context(self.context, labelmap)  # on the label map's grid, or one clear line
+        if self.old_labels is not None and self.old_labels.shape != labelmap.array.shape:
+            raise MedSynthError(f"the label map before the edits {self.old_labels.shape} is not on the label map's "
+                                f"grid {labelmap.array.shape}")
         own = self.context.tumour if self.context.tumour is not None else np.zeros(labelmap.array.shape, np.uint8)
         self.images = {m: image.astype(np.float32) for m, image in self.context.images.items()}
         self.region, self.region_box = None, None
         # Kept for every later render: what does not change with the edits is computed once per case.
         self.own_grown = grown_tumour(own > 0, own.shape, self.margin_mm, self._spacing(labelmap))
         self.moments = TissueMoments(self.context.images, labelmap.array)
-        if not np.array_equal(np.where(tumour_mask(labelmap.array), labelmap.array, 0), own):
+        edited = (not np.array_equal(labelmap.array, self.old_labels) if self.old_labels is not None
+                  else not np.array_equal(np.where(tumour_mask(labelmap.array), labelmap.array, 0), own))
+        if edited:
             self.roi(labelmap, EMPTY_BOX, check)  # edited before the first preview: inpainted as Generate does
 
     def roi(self, labelmap: LabelMap, changed: Box, check: Callable[[], None] | None = None) -> Box:
         from ..schema.grid import mask_box
+        from ..schema.labels import tumour_mask
         from .inpainting import changed_region
 
         if not self.images or not hasattr(self.context, "images"):
             raise MedSynthError("the preview has no rendered case yet")
         if check is not None:
             check()
-        own = self.context.tumour > 0 if self.context.tumour is not None else None
         spacing = self._spacing(labelmap)
-        region = changed_region(labelmap.array, own, self.margin_mm, spacing,  # the region inpaint_case takes
-                                old_grown=self.own_grown)
+        if self.old_labels is not None:  # what changed since the old labels, as inpaint_case takes it
+            region = changed_region(labelmap.array, tumour_mask(self.old_labels), self.margin_mm, spacing,
+                                    self.old_labels)
+        else:
+            own = self.context.tumour > 0 if self.context.tumour is not None else None
+            region = changed_region(labelmap.array, own, self.margin_mm, spacing,  # the region inpaint_case takes
+                                    old_grown=self.own_grown)
         tight: Box | None = None
         if region.any():
             if check is not None:
