@@ -53,9 +53,32 @@ def mirrored_left_to_right(array: np.ndarray) -> np.ndarray:
     return np.roll(array[:, :, ::-1], 2, axis=0)
 
 
-def other_patient(root: Path, name: str, move=mirrored_front_to_back, seed: int = 40) -> Path:
-    """A phantom patient in BraTS 2021 naming whose brain and tumour are moved by ``move``."""
+def moved_down_and_back(array: np.ndarray) -> np.ndarray:
+    return np.roll(np.roll(array, 2, axis=0), -2, axis=1)
+
+
+#: ... and every phantom's tumour is one sphere, which moved elsewhere is still that patient's tumour: another
+#: patient's has another shape, an ellipsoid with these radii (k, j, i) in voxels (tumour Dice with the centres
+#: aligned at most 0.67 between any two of them and the sphere, mirrored or not).
+TUMOUR_RADII = {"real1": (9.0, 4.5, 6.0), "outside": (4.5, 6.0, 10.0), "outside2": (6.0, 10.0, 4.0)}
+
+
+def reshaped_tumour(seg: np.ndarray, radii: tuple[float, float, float]) -> np.ndarray:
+    """``seg`` with its tumour replaced by an ellipsoid of ``radii`` about the same centre, in the same brain."""
+    brain_shape = seg.shape
+    centre = np.argwhere(seg > 0).mean(axis=0)
+    r = np.sqrt(sum(((axis - c) / radius) ** 2 for axis, c, radius in zip(np.indices(brain_shape), centre, radii)))
+    out = np.zeros_like(seg)
+    out[r < 1.0], out[r < 0.64], out[r < 0.36] = 2, 4, 1
+    return out
+
+
+def other_patient(root: Path, name: str, move=mirrored_front_to_back, seed: int = 40,
+                  radii: tuple[float, float, float] = TUMOUR_RADII["outside"]) -> Path:
+    """A phantom patient in BraTS 2021 naming whose brain and tumour are moved by ``move``, the tumour reshaped."""
     images, seg = phantom(seed=seed)
+    seg = reshaped_tumour(seg, radii)
+    images["t1ce"] = np.where(seg == 4, 1500, images["t1"]).astype(np.int16)
     for modality, array in images.items():
         write_volume(move(array), root / name / f"{name}_{modality}.nii.gz")
     write_volume(move(seg), root / name / f"{name}_seg.nii.gz")
@@ -76,11 +99,22 @@ def derived(case_dir: Path) -> LabelMap:
     return derive_label_map(read_case(case_dir), GaussianMixtureMRF())
 
 
+def mirrored_anatomy(labelmap: LabelMap) -> LabelMap:
+    """The label map mirrored left-right on its grid (array axis 2 of the phantoms' LPS grid runs right to left)."""
+    return labelmap.with_array(np.ascontiguousarray(labelmap.array[:, :, ::-1]),
+                               {"name": "test_mirror", "params": {}, "schema_version": 1})
+
+
 @pytest.fixture(scope="module")
 def study_cases(tmp_path_factory) -> dict[str, Path]:
+    from MedSynthLib.edits import Flip, InsertTumour
+
     root = tmp_path_factory.mktemp("pairs")
-    real = [write_phantom_case(root / "real", 0), other_patient(root / "real", "Real_001", mirrored_left_to_right)]
+    real = [write_phantom_case(root / "real", 0),
+            other_patient(root / "real", "Real_001", mirrored_left_to_right, radii=TUMOUR_RADII["real1"])]
     outside = other_patient(root / "outside", "Outside_001")  # a patient who is not in the study
+    outside2 = other_patient(root / "outside2", "Outside_002", moved_down_and_back, seed=41,
+                             radii=TUMOUR_RADII["outside2"])
     unrelated = derived(outside)
     own = derived(real[0])
     # The tumour of the study's first patient copied, in place, into another brain (insert_tumour).
@@ -90,11 +124,21 @@ def study_cases(tmp_path_factory) -> dict[str, Path]:
     array[tumour] = own.array[tumour]
     inserted = LabelMap(array, unrelated.grid, [*unrelated.history, {"name": "insert_tumour", "params": {
         "keep_existing": False}, "schema_version": 1}])
+    # ... and moved elsewhere in that brain (medsynth tumour insert --centre), then mirrored left-right too.
+    centre = np.argwhere(unrelated.array > 0).mean(axis=0)  # the brain's centre (k, j, i)
+    elsewhere = unrelated.grid.index_to_lps(centre[::-1] + (-3.0, -4.0, 0.0))
+    moved = InsertTumour(centre_ras_mm=tuple(float(v) for v in (-elsewhere[0], -elsewhere[1], elsewhere[2])),
+                         source="real0")(unrelated, own)
     return {"real0": real[0], "real1": real[1], "outside": outside,
             "unrelated0": synthesise(unrelated, root / "synthetic" / "unrelated0", seed=1),
             "unrelated1": synthesise(unrelated, root / "synthetic" / "unrelated1", seed=2),
+            "other_unrelated": synthesise(derived(outside2), root / "synthetic" / "other_unrelated", seed=5),
             "from_real0": synthesise(own, root / "synthetic" / "from_real0", seed=3),
-            "tumour_of_real0": synthesise(inserted, root / "synthetic" / "tumour_of_real0", seed=4)}
+            "mirror_of_real0": synthesise(mirrored_anatomy(own), root / "synthetic" / "mirror_of_real0", seed=6),
+            "tumour_of_real0": synthesise(inserted, root / "synthetic" / "tumour_of_real0", seed=4),
+            "moved_tumour_of_real0": synthesise(moved, root / "synthetic" / "moved_tumour_of_real0", seed=7),
+            "moved_mirrored_tumour_of_real0": synthesise(Flip("LR")(moved), root / "synthetic" / "moved_mirrored",
+                                                         seed=8)}
 
 
 def _free_port() -> int:
@@ -119,20 +163,176 @@ def _one_line(capsys) -> str:
 
 def test_unrelated_synthetic_cases_are_not_pairs(study_cases):
     plan = plan_study([study_cases["real0"], study_cases["real1"]],
-                      [study_cases["unrelated0"], study_cases["unrelated1"]], seed=0)
-    assert plan["paired"] == {"allowed": False, "pairs": []}
+                      [study_cases["unrelated0"], study_cases["other_unrelated"]], seed=0)
+    assert plan["paired"]["allowed"] is False
+    assert plan["paired"]["pairs"] == [] and plan["paired"]["synthetic_pairs"] == []
 
 
-@pytest.mark.parametrize("synthetic, shares", [("from_real0", "brain"), ("tumour_of_real0", "tumour")])
+@pytest.mark.parametrize("synthetic, shares", [
+    ("from_real0", "brain"), ("tumour_of_real0", "tumour"),
+    # The same patient mirrored left-right, or their tumour moved into another brain (and mirrored there).
+    # (The phantom's tumour is a sphere, its own mirror image: the mirrored tumour's shape is found unmirrored;
+    # test_a_tumour_moved_and_mirrored_is_found_but_not_another_shape mirrors an irregular one.)
+    ("mirror_of_real0", "mirrored brain"), ("moved_tumour_of_real0", "tumour shape moved"),
+    ("moved_mirrored_tumour_of_real0", "tumour shape moved"),
+])
 def test_a_synthetic_case_of_a_study_patient_is_refused_naming_both(study_cases, synthetic, shares):
     real = [study_cases["real0"], study_cases["real1"]]
     with pytest.raises(MedSynthError) as error:
-        plan_study(real, [study_cases["unrelated0"], study_cases[synthetic]], seed=0)
+        plan_study(real, [study_cases["other_unrelated"], study_cases[synthetic]], seed=0)
     message = str(error.value)
     assert "\n" not in message
     assert str(study_cases[synthetic]) in message and str(study_cases["real0"].resolve()) in message
     assert shares in message and "--allow-paired" in message
     assert str(study_cases["real1"].resolve()) not in message  # another patient: no pair
+    assert "more such pair" not in message, message
+
+
+def test_two_synthetic_cases_of_one_patient_are_refused_naming_both(study_cases):
+    # Both made from one label map: the reader would meet that patient twice, though no real case is theirs.
+    unrelated = [study_cases["unrelated0"], study_cases["unrelated1"]]
+    with pytest.raises(MedSynthError) as error:
+        plan_study([study_cases["real0"], study_cases["real1"]], [unrelated[0], study_cases["other_unrelated"],
+                                                                  unrelated[1]], seed=0)
+    message = str(error.value)
+    assert "\n" not in message and "--allow-paired" in message and "brain" in message
+    assert str(unrelated[0].resolve()) in message and str(unrelated[1].resolve()) in message
+    assert str(study_cases["other_unrelated"].resolve()) not in message
+    assert "real case" not in message
+
+
+def test_allow_paired_records_two_synthetic_cases_of_one_patient(study_cases, tmp_path):
+    real = [study_cases["real0"]]
+    synthetic = [study_cases["unrelated0"], study_cases["unrelated1"]]
+    results = tmp_path / "results"
+    study = ReaderStudy.create_or_resume(results, real, synthetic, seed=0, allow_paired=True)
+    plan = json.loads((results / "study_plan.json").read_text())
+    assert plan["paired"]["pairs"] == []
+    (pair,) = plan["paired"]["synthetic_pairs"]
+    assert pair["synthetic"] == [str(folder.resolve()) for folder in synthetic]
+    assert "brain" in pair["shares"] and pair["brain_dice"] == pytest.approx(1.0)
+    for item in study.items:
+        study.answer(item.item_id, "real", 1)
+    study.close()
+    paired = write_summary(results)["paired"]
+    assert paired["synthetic_pairs"] == plan["paired"]["synthetic_pairs"]
+    of_pairs = [i for i in plan["items"] if i["case"] in pair["synthetic"]]
+    assert paired["items_of_paired_cases"]["n"] == len(of_pairs) > 0
+    text = (results / "summary.md").read_text()
+    assert study_cases["unrelated0"].name in text and study_cases["unrelated1"].name in text
+
+
+def _case_on_grid(folder: Path, brain: np.ndarray, tumour: np.ndarray, direction) -> "CaseImages":
+    """A case in memory whose T1 file gives it a grid with ``direction`` (what the mirror is taken along)."""
+    from MedSynthLib.evaluation.reader_study import CaseImages
+
+    t1 = write_volume(brain.astype(np.int16), folder / "t1.nii.gz", direction=direction)
+    return CaseImages(folder, True, {"t1": t1}, None, tumour.astype(np.uint8) * Label.ED, brain)
+
+
+def test_the_mirror_is_taken_along_the_grids_left_right_axis(tmp_path):
+    from MedSynthLib.evaluation.reader_study import find_pairs, find_synthetic_pairs
+
+    # A sagittal-first grid: array axis 0 (k) runs from right to left, axis 2 (i) from posterior to anterior.
+    sagittal = (0, 0, 1, -1, 0, 0, 0, -1, 0)
+    k, j, i = np.indices((30, 32, 34))
+    brain = ((k - 13) / 11.0) ** 2 + ((j - 16) / 13.0) ** 2 + ((i - 15) / 12.0) ** 2 < 1  # off the grid's centre
+    tumour = brain & (abs(k - 8) < 3) & (abs(j - 12) < 5) & (abs(i - 20) < 2)
+    real = _case_on_grid(tmp_path / "real", brain, tumour, sagittal)
+    left_right = _case_on_grid(tmp_path / "left_right", brain[::-1], tumour[::-1], sagittal)
+    front_back = _case_on_grid(tmp_path / "front_back", brain[:, :, ::-1], np.zeros_like(tumour), sagittal)
+    (pair,) = find_pairs([real], [left_right, front_back])
+    assert pair["synthetic"] == str(left_right.folder.resolve()) and pair["mirrored"] == ["brain", "tumour"]
+    assert pair["brain_dice"] == 1.0 and pair["tumour_dice"] == 1.0
+    assert find_synthetic_pairs([left_right, front_back]) == []
+    # On an axial LPS grid the same arrays' axis 2 is left-right: now the other one is the mirror image.
+    lps = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    axial = [_case_on_grid(tmp_path / f"axial_{n}", case.brain, np.zeros_like(tumour), lps)
+             for n, case in enumerate((real, left_right, front_back))]
+    (pair,) = find_pairs(axial[:1], axial[1:])
+    assert pair["synthetic"] == str(axial[2].folder.resolve()) and pair["shares"] == ["brain"]
+
+
+def test_a_tumour_moved_and_mirrored_is_found_but_not_another_shape(tmp_path):
+    from MedSynthLib.evaluation.reader_study import find_pairs
+
+    lps = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    k, j, i = np.indices((40, 44, 48))
+    brain = ((k - 20) / 18.0) ** 2 + ((j - 22) / 20.0) ** 2 + ((i - 24) / 22.0) ** 2 < 1
+    other_brain = ((k - 19) / 17.0) ** 2 + ((j - 22) / 19.0) ** 2 + ((i - 23) / 21.0) ** 2 < 1
+    # An irregular tumour: two overlapping boxes, so its mirror image is another shape in place.
+    tumour = np.zeros(brain.shape, bool)
+    tumour[14:22, 10:18, 30:36] = True
+    tumour[18:24, 14:20, 34:40] = True
+    moved = np.roll(tumour, (4, 12, -20), axis=(0, 1, 2))[:, :, ::-1]  # moved and mirrored left-right
+    unlike = np.zeros(brain.shape, bool)  # about as many voxels in one box: another tumour
+    unlike[10:18, 20:28, 5:14] = True
+    real = _case_on_grid(tmp_path / "real", brain, tumour, lps)
+    synthetic = [_case_on_grid(tmp_path / name, other_brain, mask, lps)
+                 for name, mask in (("moved", moved), ("unlike", unlike))]
+    (pair,) = find_pairs([real], synthetic)
+    assert pair["synthetic"] == str(synthetic[0].folder.resolve())
+    assert pair["shares"] == ["moved_tumour"] and pair["mirrored"] == ["moved_tumour"]
+    assert pair["moved_tumour_dice"] == 1.0 and pair["tumour_dice"] is None
+
+
+def _as_planned_before_the_check(results: Path, paired_record: bool) -> None:
+    """Make the plan look as an earlier MedSynth wrote it without --allow-paired: no pairs found (and, before pairs
+    were checked at all, no record of them)."""
+    plan_path = results / "study_plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan["inputs"]["allow_paired"] = False
+    if paired_record:
+        plan["paired"] = {"allowed": False, "pairs": []}
+    else:
+        del plan["paired"], plan["inputs"]["allow_paired"]
+    plan_path.write_text(json.dumps(plan))
+
+
+@pytest.mark.parametrize("synthetic, paired_record", [
+    (("unrelated0", "unrelated1"), True), (("other_unrelated", "mirror_of_real0"), True),
+    (("other_unrelated", "moved_tumour_of_real0"), False),
+])
+def test_a_plan_made_before_the_check_is_checked_on_resume(study_cases, tmp_path, synthetic, paired_record):
+    real = [study_cases["real0"]]
+    folders = [study_cases[name] for name in synthetic]
+    results = tmp_path / "results"
+    ReaderStudy.create_or_resume(results, real, folders, seed=0, allow_paired=True).close()
+    _as_planned_before_the_check(results, paired_record)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in results.iterdir())
+    with pytest.raises(MedSynthError) as error:
+        ReaderStudy.create_or_resume(results, real, folders, seed=0)
+    message = str(error.value)
+    assert "\n" not in message and "--allow-paired" in message and str(folders[1].resolve()) in message
+    assert str((real[0] if "real0" in synthetic[1] else folders[0]).resolve()) in message
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in results.iterdir()) == before  # nothing written
+    # The lock was let go: the study opens again once the cases are fine (here: read-only, to summarise).
+    assert ReaderStudy.open(results).plan["seed"] == 0
+
+
+def test_a_plan_made_with_allow_paired_before_the_check_resumes(study_cases, tmp_path):
+    real, synthetic = [study_cases["real0"]], [study_cases["unrelated0"], study_cases["unrelated1"]]
+    results = tmp_path / "results"
+    ReaderStudy.create_or_resume(results, real, synthetic, seed=0, allow_paired=True).close()
+    plan = json.loads((results / "study_plan.json").read_text())
+    plan["paired"] = {"allowed": True, "pairs": []}  # as an earlier MedSynth wrote it
+    (results / "study_plan.json").write_text(json.dumps(plan))
+    ReaderStudy.create_or_resume(results, real, synthetic, seed=0, allow_paired=True).close()
+
+
+def test_a_plan_checked_when_made_is_not_read_again_on_resume(study_cases, tmp_path, monkeypatch):
+    from MedSynthLib.evaluation import reader_study
+
+    real, synthetic = [study_cases["real0"]], [study_cases["unrelated0"], study_cases["other_unrelated"]]
+    results = tmp_path / "results"
+    ReaderStudy.create_or_resume(results, real, synthetic, seed=0).close()
+    opened = []
+    monkeypatch.setattr(reader_study, "open_case", lambda *a, **k: opened.append(a) or open_case(*a, **k))
+    ReaderStudy.create_or_resume(results, real, synthetic, seed=0).close()
+    assert opened == []  # the plan records the check it passed: no case is read again
+    _as_planned_before_the_check(results, True)
+    ReaderStudy.create_or_resume(results, real, synthetic, seed=0).close()
+    assert len(opened) == 3
 
 
 def test_cli_refuses_a_pair_in_one_line_and_writes_nothing(study_cases, tmp_path, capsys):
@@ -321,10 +521,16 @@ def test_a_generated_case_folder_opens_as_a_synthetic_case(generated):
 
 def test_a_study_takes_generated_cases_as_its_synthetic_ones(generated, study_cases):
     real = [study_cases["real0"], study_cases["real1"]]
-    plan = plan_study(real, generated, seed=0)
+    # Both drawn from the one patient outside the study: that patient's brain twice.
+    with pytest.raises(MedSynthError, match="brain") as error:
+        plan_study(real, generated, seed=0)
+    assert all(str(folder.resolve()) in str(error.value) for folder in generated)
+    plan = plan_study(real, generated, seed=0, allow_paired=True)
     synthetic_items = {item["case"] for item in plan["items"] if item["truth"] == "synthetic"}
     assert synthetic_items == {str(folder.resolve()) for folder in generated}
     assert plan["paired"]["pairs"] == []  # made from a patient outside the study
+    assert [pair["synthetic"] for pair in plan["paired"]["synthetic_pairs"]] == [
+        [str(folder.resolve()) for folder in generated]]
     with pytest.raises(MedSynthError, match="given as real but it is a synthetic case"):
         plan_study([generated[0]], [study_cases["unrelated0"]])
 
@@ -369,7 +575,7 @@ def test_cli_review_serves_a_generated_case_and_a_study_of_them(generated, study
     assert cli.main(["review", *map(str, generated), "--port", str(_free_port())]) == 0, capsys.readouterr().err
     results = tmp_path / "results"
     assert cli.main(["review", "--study", str(study_cases["real0"]), "--synthetic", *map(str, generated),
-                     "-o", str(results), "--port", str(_free_port())]) == 0, capsys.readouterr().err
+                     "-o", str(results), "--port", str(_free_port()), "--allow-paired"]) == 0, capsys.readouterr().err
     assert (results / "study_plan.json").is_file()
 
 
@@ -479,3 +685,32 @@ def test_review_compares_no_cases_on_other_grids(study_cases, tmp_path):
     small = synthesise(derived(tmp_path / "Small"), tmp_path / "small_synthetic")
     entries = review_entries([small, study_cases["real0"]], [])
     assert [(e.synthetic is not None, e.real is not None) for e in entries] == [(True, False), (False, True)]
+
+
+# --- real cases ------------------------------------------------------------------------------------------
+
+
+def test_real_patients_are_no_pairs_but_a_moved_mirrored_tumour_is(brats_cases, tmp_path):
+    from MedSynthLib.evaluation.reader_study import CaseImages, find_pairs, find_synthetic_pairs
+
+    # Three BraTS 2021 patients (the 351 pairs of the 27 test-data patients stay under the thresholds too: see
+    # PAIRED_* in reader_study.py); each pair compared mirrored and with the tumours' centres aligned as well.
+    cases = [open_case(folder, with_brain=True) for folder in brats_cases[:3]]
+    assert find_synthetic_pairs(cases) == [] and find_pairs(cases[:1], cases[1:]) == []
+    # The first patient's tumour moved into the second's brain and mirrored left-right there; and the second's
+    # brain mirrored left-right (the BraTS grid's array axis 2).
+    tumour = cases[0].tumour > 0
+    box = np.argwhere(tumour)
+    moved = np.zeros_like(tumour)
+    shift = np.rint(np.argwhere(cases[1].brain).mean(axis=0) - box.mean(axis=0)).astype(int)
+    moved[tuple((box + shift).T)] = True
+    moved = moved[:, :, ::-1] & cases[1].brain
+    synthetic = [CaseImages(tmp_path / "moved", True, cases[1].files, None, moved.astype(np.uint8) * Label.ED,
+                            None),  # (its brain is the second patient's: compared in the other case)
+                 CaseImages(tmp_path / "mirrored", True, cases[1].files, None, None, cases[1].brain[:, :, ::-1])]
+    first, second = find_pairs(cases, synthetic)
+    assert (first["real"], first["shares"], first["mirrored"]) == (str(brats_cases[0].resolve()), ["moved_tumour"],
+                                                                   ["moved_tumour"])
+    assert first["moved_tumour_dice"] >= 0.95
+    assert (second["real"], second["shares"], second["mirrored"]) == (str(brats_cases[1].resolve()), ["brain"],
+                                                                      ["brain"])

@@ -7,11 +7,12 @@ atomically, so a study can be closed and resumed) and summarises them: accuracy 
 (Clopper-Pearson) 95 % interval, per contrast, and the sensitivity and specificity of "synthetic".
 About 50 % accuracy means the reader could not tell the two apart.
 
-A synthetic case made from one of the study's own real cases (that patient's anatomy, or their tumour in
-place) would show the reader one patient twice, real and synthetic: the pair is judged together and the blinding
-is weak.  :func:`plan_study` finds such pairs by comparing the cases themselves (provenance names no patient) and
-refuses them unless the study is planned as a paired one (``allow_paired``: the pairs go into the plan and the
-summary).
+A synthetic case made from one of the study's own real cases (that patient's anatomy, or their tumour in place or
+moved elsewhere, either also mirrored left-right) would show the reader one patient twice, real and synthetic, as
+would two synthetic cases of one patient: the pair is judged together and the blinding is weak.  :func:`plan_study`
+finds such pairs by comparing the cases themselves (provenance names no patient) and refuses them unless the study
+is planned as a paired one (``allow_paired``: the pairs go into the plan and the summary); a plan made before the
+check compared all this is checked again when resumed.
 
 Files in the results folder:
     ``study_plan.json``  the seed, the order and, per item, the case, contrast, slice and truth
@@ -247,61 +248,213 @@ def _brain_of_images(files: dict[str, Path], tumour: np.ndarray | None) -> np.nd
     return brain_mask_of((sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for path in files.values()), tumour)
 
 
-#: A synthetic case's brain mask this close to a real case's is that patient's anatomy: a label map derived
-#: from a case keeps its brain mask exactly (Dice 1.00; edits move no brain outline), while 351 pairs of
-#: different patients on BraTS's common (SRI24) grid reached at most 0.95.
+#: A synthetic case's brain mask this close to a real case's, or to its left-right mirror image, is that patient's
+#: anatomy: a label map derived from a case keeps its brain mask exactly (Dice 1.00; edits move no brain outline),
+#: while the 351 pairs of different patients among the 27 BraTS cases of the project's test data, on BraTS's
+#: common (SRI24) grid, reached at most 0.95 (mirrored or not).
 PAIRED_BRAIN_DICE = 0.99
-#: A tumour this close to a real case's is that patient's tumour in place (copied: Dice 1.00); the tumours of
-#: those 351 pairs of different patients overlapped at most 0.75.
+#: A tumour this close to a real case's, in place or mirrored left-right, is that patient's tumour (copied: Dice
+#: 1.00); the tumours of those 351 pairs overlapped at most 0.75 (0.74 against the mirror image).
 PAIRED_TUMOUR_DICE = 0.9
+#: A tumour whose shape, moved onto the other's centre of mass (mirrored left-right or not), overlaps the other's
+#: this much is that patient's tumour moved (a whole-voxel move: Dice 1.00 unless the new brain clips it); the
+#: tumours of those 351 pairs, so compared, reached at most 0.84 (0.82 without the mirror).
+PAIRED_MOVED_TUMOUR_DICE = 0.9
+#: What a plan's ``paired.check`` records: 2 compares mirror images, moved tumours and the synthetic cases among
+#: themselves too; a plan from an earlier check is checked again when resumed.
+PAIR_CHECK_VERSION = 2
 
 
-def _dice(a: np.ndarray | None, b: np.ndarray | None, at_least: float) -> float | None:
-    """Dice of two masks; None where either is missing or empty, on other grids, or where the counts alone keep it
-    under ``at_least`` (most pairs of different patients: the overlap is then not computed)."""
-    if a is None or b is None or a.shape != b.shape:
+@dataclass(frozen=True)
+class _Mask:
+    """A mask cut to its bounding box, where that box lies on its grid, and its centre of mass (voxel indices)."""
+
+    crop: np.ndarray
+    start: tuple[int, ...]
+    centre: tuple[float, ...]
+    count: int
+    grid_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: np.ndarray | None) -> "_Mask | None":
+        if mask is None:
+            return None
+        from scipy import ndimage
+
+        mask = np.asarray(mask, bool)
+        (box,) = ndimage.find_objects(mask.astype(np.uint8)) or [None]
+        if box is None:
+            return None
+        crop = np.ascontiguousarray(mask[box])
+        start = tuple(s.start for s in box)
+        centre = tuple(float(c) + s for c, s in zip(ndimage.center_of_mass(crop), start))
+        return cls(crop, start, centre, int(np.count_nonzero(crop)), mask.shape)
+
+    def mirrored(self, axis: int) -> "_Mask":
+        """The mask flipped along array ``axis`` of its grid (about the grid's centre)."""
+        n = self.grid_shape[axis]
+        start, centre = list(self.start), list(self.centre)
+        start[axis] = n - self.start[axis] - self.crop.shape[axis]
+        centre[axis] = n - 1 - self.centre[axis]
+        return _Mask(np.flip(self.crop, axis), tuple(start), tuple(centre), self.count, self.grid_shape)
+
+
+def _overlap_dice(a: _Mask, b: _Mask, shift: Sequence[int] = (0, 0, 0)) -> float:
+    """Dice of ``a`` and ``b`` moved by ``shift`` voxels (only the boxes' common part is compared)."""
+    lo = [max(sa, sb + d) for sa, sb, d in zip(a.start, b.start, shift)]
+    hi = [min(sa + na, sb + d + nb) for sa, na, sb, nb, d in zip(a.start, a.crop.shape, b.start, b.crop.shape, shift)]
+    if any(h <= low for low, h in zip(lo, hi)):
+        return 0.0
+    in_a = tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, a.start))
+    in_b = tuple(slice(low - s - d, h - s - d) for low, h, s, d in zip(lo, hi, b.start, shift))
+    return 2 * int(np.count_nonzero(a.crop[in_a] & b.crop[in_b])) / (a.count + b.count)
+
+
+@dataclass
+class _PairShapes:
+    """What :func:`find_pairs` compares of one case: its brain and tumour, as stored and mirrored left-right."""
+
+    folder: Path
+    brain: _Mask | None
+    tumour: _Mask | None
+    mirror_axis: int | None  # array axis that runs left-right on the case's grid; None: no mirror compared
+
+
+def left_right_axis(image_file: str | os.PathLike[str]) -> int | None:
+    """The array (k, j, i) axis of ``image_file``'s grid that runs left-right, as the synthesis' mirror average
+    finds it (:class:`~MedSynthLib.schema.grid.AxisOrder`); None where the grid has no such axis (oblique)."""
+    from ..schema.grid import AxisOrder, Grid
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image_file))
+    reader.ReadImageInformation()
+    grid = Grid(tuple(int(v) for v in reader.GetSize()), tuple(float(v) for v in reader.GetSpacing()),  # type: ignore
+                tuple(float(v) for v in reader.GetOrigin()), tuple(float(v) for v in reader.GetDirection()))
+    direction = grid.direction_matrix
+    if len({int(np.argmax(np.abs(direction[:, axis]))) for axis in range(3)}) != 3:
         return None
-    na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
-    if not na or not nb or 2 * min(na, nb) / (na + nb) < at_least:
+    return AxisOrder.from_grid(grid).perm[2]
+
+
+def _pair_shapes(case: CaseImages) -> _PairShapes:
+    try:
+        axis = left_right_axis(case.files["t1"])
+    except (RuntimeError, KeyError):
+        axis = None
+    return _PairShapes(case.folder, _Mask.of(case.brain), _Mask.of(None if case.tumour is None else case.tumour > 0),
+                       axis)
+
+
+def _could_reach(a: _Mask, b: _Mask, at_least: float) -> bool:
+    """Whether the counts alone let the Dice reach ``at_least`` (most pairs of different patients do not: their
+    overlap is then not computed)."""
+    return a.grid_shape == b.grid_shape and 2 * min(a.count, b.count) / (a.count + b.count) >= at_least
+
+
+def _compare(x: _PairShapes, y: _PairShapes) -> dict[str, Any] | None:
+    """What ``x`` and ``y`` share of one patient: ``shares`` (``brain``, ``tumour`` in place, ``moved_tumour``),
+    each one's Dice and ``mirrored`` (the shares found only against the left-right mirror image); None if nothing."""
+    mirror = x.mirror_axis if x.mirror_axis is not None and x.mirror_axis == y.mirror_axis else None
+    found: dict[str, float] = {}
+    mirrored: list[str] = []
+
+    def best(name: str, a: _Mask, b: _Mask, at_least: float, align: bool) -> None:
+        candidates = [(b, False)] + ([(b.mirrored(mirror), True)] if mirror is not None else [])
+        for other, flipped in candidates:
+            shift = np.rint(np.subtract(a.centre, other.centre)).astype(int) if align else (0, 0, 0)
+            dice = _overlap_dice(a, other, shift)
+            if dice >= at_least:
+                found[name] = round(dice, 4)
+                if flipped:
+                    mirrored.append(name)
+                return
+
+    if x.brain is not None and y.brain is not None and _could_reach(x.brain, y.brain, PAIRED_BRAIN_DICE):
+        best("brain", x.brain, y.brain, PAIRED_BRAIN_DICE, align=False)
+    if x.tumour is not None and y.tumour is not None:
+        if _could_reach(x.tumour, y.tumour, PAIRED_TUMOUR_DICE):
+            best("tumour", x.tumour, y.tumour, PAIRED_TUMOUR_DICE, align=False)
+        if "tumour" not in found and _could_reach(x.tumour, y.tumour, PAIRED_MOVED_TUMOUR_DICE):
+            best("moved_tumour", x.tumour, y.tumour, PAIRED_MOVED_TUMOUR_DICE, align=True)
+    if not found:
         return None
-    return 2 * int(np.count_nonzero(a & b)) / (na + nb)
+    return {"shares": list(found), "brain_dice": found.get("brain"), "tumour_dice": found.get("tumour"),
+            "moved_tumour_dice": found.get("moved_tumour"), "mirrored": mirrored}
 
 
 def find_pairs(real: Sequence[CaseImages], synthetic: Sequence[CaseImages]) -> list[dict[str, Any]]:
     """The synthetic cases that carry one of the real cases' patient: their brain (the anatomy was derived from
-    that case) or their tumour in place.  Cases opened ``with_brain``; cases on other grids are no pair.
+    that case), their tumour in place, or their tumour's shape moved elsewhere; each also as the left-right mirror
+    image.  Cases opened ``with_brain``; cases on other grids are no pair.
 
     Returns:
         One record per pair, in the order given: ``real``, ``synthetic`` (resolved folders), ``shares``
-        (``brain`` and/or ``tumour``), ``brain_dice``, ``tumour_dice`` (rounded; None where not close).
+        (``brain``, ``tumour`` and/or ``moved_tumour``), ``brain_dice``, ``tumour_dice``, ``moved_tumour_dice``
+        (rounded; None where not close) and ``mirrored`` (the shares found in the mirror image).
     """
+    real_shapes = [_pair_shapes(case) for case in real]
     pairs = []
-    for syn in synthetic:
-        syn_tumour = None if syn.tumour is None else syn.tumour > 0
-        for case in real:
-            dice = {"brain": _dice(case.brain, syn.brain, PAIRED_BRAIN_DICE),
-                    "tumour": _dice(None if case.tumour is None else case.tumour > 0, syn_tumour, PAIRED_TUMOUR_DICE)}
-            close = {name: round(value, 4) for name, value in dice.items()
-                     if value is not None and value >= (PAIRED_BRAIN_DICE if name == "brain" else PAIRED_TUMOUR_DICE)}
-            if close:
-                pairs.append({"real": str(case.folder.resolve()), "synthetic": str(syn.folder.resolve()),
-                              "shares": list(close), "brain_dice": close.get("brain"),
-                              "tumour_dice": close.get("tumour")})
+    for syn in map(_pair_shapes, synthetic):
+        for case in real_shapes:
+            shared = _compare(case, syn)
+            if shared is not None:
+                pairs.append({"real": str(case.folder.resolve()), "synthetic": str(syn.folder.resolve()), **shared})
     return pairs
 
 
-def _pair_refusal(pairs: list[dict[str, Any]]) -> InputError:
-    first = pairs[0]
-    what = " and ".join(
-        "brain outline (brain-mask Dice %.2f: anatomy derived from that case)" % first["brain_dice"]
-        if name == "brain" else "tumour in place (tumour Dice %.2f)" % first["tumour_dice"]
-        for name in first["shares"])
-    more = f" (and {len(pairs) - 1} more such pair{'s' if len(pairs) > 2 else ''})" if len(pairs) > 1 else ""
-    return InputError(first["synthetic"], f"has the same {what} as the real case {first['real']} of this "
-                                          f"study{more}: the reader would see one patient twice, real and "
-                                          "synthetic, and judge the pair rather than each image; leave one of "
-                                          "them out, or give --allow-paired to run a paired study (the pairs "
-                                          "are recorded in the plan and the summary)")
+def find_synthetic_pairs(synthetic: Sequence[CaseImages]) -> list[dict[str, Any]]:
+    """Pairs of synthetic cases of one patient (the same brain, tumour in place or tumour moved, as
+    :func:`find_pairs` compares them): the reader would see that patient twice.
+
+    Returns:
+        One record per pair: ``synthetic`` (the two resolved folders, in the order given) and what
+        :func:`find_pairs` records of what they share.
+    """
+    shapes = [_pair_shapes(case) for case in synthetic]
+    pairs = []
+    for index, first in enumerate(shapes):
+        for second in shapes[index + 1:]:
+            shared = _compare(first, second)
+            if shared is not None:
+                pairs.append({"synthetic": [str(first.folder.resolve()), str(second.folder.resolve())], **shared})
+    return pairs
+
+
+def _shared_text(pair: dict[str, Any]) -> str:
+    """What a pair shares, in words, for the one-line refusal."""
+    mirrored = set(pair.get("mirrored") or ())
+    words = []
+    for name in pair["shares"]:
+        flip = name in mirrored
+        if name == "brain":
+            words.append(f"{'left-right mirrored ' if flip else ''}brain outline (brain-mask Dice "
+                         f"{pair['brain_dice']:.2f}{' against the mirror image' if flip else ''}: one anatomy)")
+        elif name == "tumour":
+            words.append(f"tumour in place{', mirrored left-right' if flip else ''} (tumour Dice "
+                         f"{pair['tumour_dice']:.2f})")
+        else:
+            words.append(f"tumour shape moved elsewhere{' and mirrored left-right' if flip else ''} (tumour Dice "
+                         f"{pair['moved_tumour_dice']:.2f} with the centres aligned)")
+    return " and ".join(words)
+
+
+def _pair_refusal(pairs: list[dict[str, Any]], synthetic_pairs: Sequence[dict[str, Any]] = (),
+                  why: str = "") -> InputError:
+    """One line naming the first pair of one patient (a real and a synthetic case, else two synthetic ones)."""
+    count = len(pairs) + len(synthetic_pairs)
+    more = f" (and {count - 1} more such pair{'s' if count > 2 else ''})" if count > 1 else ""
+    if pairs:
+        first = pairs[0]
+        where, other = first["synthetic"], f"the real case {first['real']}"
+        seen = "real and synthetic"
+    else:
+        first = synthetic_pairs[0]
+        where, other = first["synthetic"][1], f"the synthetic case {first['synthetic'][0]}"
+        seen = "in two synthetic cases"
+    return InputError(where, f"has the same {_shared_text(first)} as {other} of this study{more}{why}: the reader "
+                             f"would see one patient twice, {seen}, and judge the pair rather than each image; "
+                             "leave one of them out, or give --allow-paired to run a paired study (the pairs are "
+                             "recorded in the plan and the summary)")
 
 
 def tumour_centre_ras(case: CaseImages) -> list[float]:
@@ -348,12 +501,13 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
         seed: seeds the draw and the order (recorded in the plan).
         n_per_class: items per class (default: as many as the smaller class has case-contrast pairs).
         modalities: the contrasts to show.
-        allow_paired: accept synthetic cases made from the study's own real cases (:func:`find_pairs`); the
-            plan's ``paired`` lists them either way.
+        allow_paired: accept synthetic cases made from the study's own real cases (:func:`find_pairs`) and
+            synthetic cases of one patient (:func:`find_synthetic_pairs`); the plan's ``paired`` lists them either
+            way.
 
     Raises:
         MedSynthError: empty class, a real folder that is synthetic or the reverse, a synthetic case of a real
-            case's patient (without ``allow_paired``), or too many items asked.
+            case's patient or two of one patient (without ``allow_paired``), or too many items asked.
     """
     if not real or not synthetic:
         raise MedSynthError("a reader study needs at least one real and one synthetic case")
@@ -376,9 +530,9 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
                                          "the study")
             cases[truth].append(case)
     _check_one_grid([case for t in TRUTHS for case in cases[t]], modalities)
-    pairs = find_pairs(cases["real"], cases["synthetic"])
-    if pairs and not allow_paired:
-        raise _pair_refusal(pairs)
+    pairs, synthetic_pairs = find_pairs(cases["real"], cases["synthetic"]), find_synthetic_pairs(cases["synthetic"])
+    if (pairs or synthetic_pairs) and not allow_paired:
+        raise _pair_refusal(pairs, synthetic_pairs)
     for case in (case for t in TRUTHS for case in cases[t]):
         case.brain = None  # what the pairs needed: not kept for the rest of the plan
     available = min(len(cases[t]) for t in TRUTHS) * len(modalities)
@@ -416,7 +570,8 @@ def plan_study(real: Sequence[str | os.PathLike[str]], synthetic: Sequence[str |
             # What a resume checks: the inputs as given, and the content of every image shown.
             "inputs": {"real": sorted(_resolved(real)), "synthetic": sorted(_resolved(synthetic)),
                        "n_per_class": n_per_class_asked, "allow_paired": bool(allow_paired)},
-            "paired": {"allowed": bool(allow_paired), "pairs": pairs},
+            "paired": {"allowed": bool(allow_paired), "pairs": pairs, "synthetic_pairs": synthetic_pairs,
+                       "check": PAIR_CHECK_VERSION},
             "files_sha256": {item.image: file_sha256(item.image) for item in items}}
 
 
@@ -528,6 +683,7 @@ class ReaderStudy:
             study = cls.open(folder)
             study._check_inputs(plan_path, real, synthetic, seed, n_per_class, allow_paired)
             study._check_files()
+            study._check_pairs(plan_path)
             return study
         if folder.exists() and any(folder.iterdir()):
             raise InputError(folder, "is not empty and holds no reader study: choose a new results folder")
@@ -569,6 +725,26 @@ class ReaderStudy:
         if differs:
             raise InputError(plan_path, f"holds a study with other inputs ({'; '.join(differs)}): resume it with "
                                         "the same command, or give another -o to start a new study")
+
+    def _check_pairs(self, plan_path: Path) -> None:
+        """A plan made before the pair check compared what it compares now (mirror images, moved tumours, the
+        synthetic cases among themselves), and not as a paired study, is checked now as a new plan would be."""
+        paired = self.plan.get("paired")
+        if isinstance(paired, dict) and (paired.get("allowed") or paired.get("check") == PAIR_CHECK_VERSION):
+            return
+        inputs = self.plan.get("inputs")
+        if isinstance(inputs, dict) and inputs.get("allow_paired"):
+            return
+        cases = {}
+        for truth in TRUTHS:
+            # All the cases given (a plan of fewer items draws from them all), else those of its items.
+            folders = inputs.get(truth) if isinstance(inputs, dict) and inputs.get(truth) else \
+                list(dict.fromkeys(item.case for item in self.items if item.truth == truth))
+            cases[truth] = [open_case(folder, with_brain=True) for folder in folders]
+        pairs, synthetic_pairs = find_pairs(cases["real"], cases["synthetic"]), find_synthetic_pairs(cases["synthetic"])
+        if pairs or synthetic_pairs:
+            raise _pair_refusal(pairs, synthetic_pairs, f" (found on resuming {plan_path}, planned before MedSynth "
+                                                        "checked for this)")
 
     def _check_files(self) -> None:
         """Every planned image is there and, where the plan recorded it, unchanged (sha256)."""
@@ -752,31 +928,49 @@ def summary_text(summary: dict[str, Any]) -> str:
     paired = summary.get("paired")
     if paired:
         lines += ["## Paired study", "", paired["note"], "",
-                  "| real case | synthetic case | shares |", "|---|---|---|"]
-        lines += [f"| {Path(p['real']).name} | {Path(p['synthetic']).name} | "
-                  + ", ".join(f"{name} (Dice {p[name + '_dice']:.2f})" for name in p["shares"]) + " |"
+                  "| case | case | shares |", "|---|---|---|"]
+        lines += [f"| {Path(p['real']).name} (real) | {Path(p['synthetic']).name} | {_shares_cell(p)} |"
                   for p in paired["pairs"]]
+        lines += [f"| {Path(p['synthetic'][0]).name} | {Path(p['synthetic'][1]).name} | {_shares_cell(p)} |"
+                  for p in paired.get("synthetic_pairs") or []]
         lines += ["", f"Accuracy on the items of these cases: {_fmt(paired['items_of_paired_cases'])}; on the "
                       f"other items: {_fmt(paired['other_items'])}.", ""]
     return "\n".join(lines)
 
 
+def _shares_cell(pair: dict[str, Any]) -> str:
+    mirrored = set(pair.get("mirrored") or ())
+    return ", ".join(f"{name.replace('_', ' ')}{' (mirrored)' if name in mirrored else ''} (Dice "
+                     f"{pair[name + '_dice']:.2f})" for name in pair["shares"])
+
+
 def paired_summary(study: "ReaderStudy") -> dict[str, Any] | None:
     """For a study planned with pairs of one patient: the pairs, and the accuracy on the items of those cases
     and on the others (how far the pairs may have carried the result); None for a study without pairs."""
-    pairs = (study.plan.get("paired") or {}).get("pairs") or []
-    if not pairs:
+    paired = study.plan.get("paired") or {}
+    pairs, synthetic_pairs = paired.get("pairs") or [], paired.get("synthetic_pairs") or []
+    if not pairs and not synthetic_pairs:
         return None
     cases = {folder for pair in pairs for folder in (pair["real"], pair["synthetic"])}
+    cases |= {folder for pair in synthetic_pairs for folder in pair["synthetic"]}
     of_pairs = {item.item_id for item in study.items if item.case in cases}
     rows = [r for r in study.responses if r["item_id"] in of_pairs]
     others = [r for r in study.responses if r["item_id"] not in of_pairs]
-    return {"pairs": pairs,
-            "items_of_paired_cases": proportion(sum(bool(r["correct"]) for r in rows), len(rows)),
-            "other_items": proportion(sum(bool(r["correct"]) for r in others), len(others)),
-            "note": (f"{len(pairs)} synthetic case(s) carry the patient of a real case of this study (planned with "
-                     "--allow-paired): the reader saw that patient twice, real and synthetic, so those items were "
-                     "not judged blind to each other.")}
+    notes = []
+    if pairs:
+        notes.append(f"{len(pairs)} synthetic case(s) carry the patient of a real case of this study: the reader saw "
+                     "that patient twice, real and synthetic.")
+    if synthetic_pairs:
+        notes.append(f"{len(synthetic_pairs)} pair(s) of synthetic cases carry one patient: the reader saw that "
+                     "patient twice, in two synthetic cases.")
+    summary = {"pairs": pairs,
+               "items_of_paired_cases": proportion(sum(bool(r["correct"]) for r in rows), len(rows)),
+               "other_items": proportion(sum(bool(r["correct"]) for r in others), len(others)),
+               "note": " ".join(notes) + " Planned with --allow-paired: those items were not judged blind to each "
+                                         "other."}
+    if synthetic_pairs:
+        summary["synthetic_pairs"] = synthetic_pairs
+    return summary
 
 
 def write_summary(folder: str | os.PathLike[str]) -> dict[str, Any]:
