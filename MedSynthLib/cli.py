@@ -175,12 +175,11 @@ def _add_output(parser: argparse.ArgumentParser, help_text: str) -> None:
 def _refuse_medsynth_output(folders: Sequence[Path | None], reads: str) -> None:
     """A MedSynth output read as a patient's case has no segmentation file: its tumour would silently drop out."""
     from .schema.errors import InputError
-    from .synthesis.case_folder import LABELS_FILE, is_medsynth_output
+    from .synthesis.case_folder import is_medsynth_output, labels_phrase
 
     for folder in folders:
         if folder is not None and is_medsynth_output(folder):
-            raise InputError(folder, f"is a MedSynth output (its label map is {LABELS_FILE} in it), not a patient's "
-                                     f"case: {reads}")
+            raise InputError(folder, f"is a MedSynth output ({labels_phrase(folder)}), not a patient's case: {reads}")
 
 
 def _is_patient_case_folder(folder: Path) -> bool:
@@ -227,7 +226,7 @@ def _refuse_output_beside_case_files(output: Path, files: Sequence[Path | None])
 def _medsynth_output_info(folder: Path) -> dict[str, Any]:
     """What ``info`` says of a case folder MedSynth wrote: its files, grid and the tumour of its own label map."""
     from .schema.labels import LABEL_INFO, TUMOUR_LABELS
-    from .synthesis.case_folder import LABELS_FILE, read_case_folder
+    from .synthesis.case_folder import read_case_folder
 
     case = read_case_folder(folder)  # verifies every file against the sha256 its provenance recorded
     labels = case.labels.array
@@ -237,11 +236,11 @@ def _medsynth_output_info(folder: Path) -> dict[str, Any]:
         "case": folder.name,
         "convention": "medsynth",
         "label_convention": None,
-        "modalities": {m: f"{m}.nii.gz" for m in case.images},
+        "modalities": {m: case.file(m).name for m in case.images},
         "grid": case.grid.to_json(),
-        "brain_voxels": int((labels > 0).sum()),
+        "brain_voxels": int(case.brain_mask().sum()),
         "tumour_voxels": {LABEL_INFO[label].short_name: int((labels == label).sum()) for label in TUMOUR_LABELS},
-        "medsynth_output": {"images": privacy.get("images", "synthetic"), "label_map": LABELS_FILE,
+        "medsynth_output": {"images": privacy.get("images", "synthetic"), "label_map": case.file("labels").name,
                             "model": (case.raw_provenance.get("model") or {}).get("name"),
                             "synthetic_voxels": None if mask is None else int(mask.sum())},
     }

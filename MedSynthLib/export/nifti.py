@@ -2,7 +2,8 @@
 
 ``<id>_t1, _t1ce, _t2, _flair`` (BraTS 2023: ``-t1n, -t1c, -t2w, -t2f``), the tumour labels
 ``<id>_seg`` in BraTS values (2021: 1 NCR, 2 ED, 4 ET; 2023: ET = 3) and the anatomy
-``<id>_anatomy`` (1 CSF, 2 GM, 3 WM; 0 outside the brain and in the tumour).  Every image
+``<id>_anatomy`` (1 CSF, 2 GM, 3 WM; 0 outside the brain and in the tumour; absent for a case of a
+``medsynth generate`` dataset, which keeps no anatomy).  Every image
 is written fresh from its voxels and grid, so no header text of an input travels along.
 """
 
@@ -47,9 +48,10 @@ def write_nifti_case(case: Any, folder: Path, case_id: str, naming: str = "brats
     name = f"{case_id}{suffixes['seg']}.nii.gz"
     write_image(grid.image(schema_to_tumour(case.labels.array, naming)), folder / name)
     names.append(name)
-    name = f"{case_id}{suffixes['anatomy']}.nii.gz"
-    write_image(grid.image(anatomy_array(case.labels.array)), folder / name)
-    names.append(name)
+    if getattr(case, "anatomy", True):  # a generate case folder holds none: no file of zeros stands for it
+        name = f"{case_id}{suffixes['anatomy']}.nii.gz"
+        write_image(grid.image(anatomy_array(case.labels.array)), folder / name)
+        names.append(name)
     if getattr(case, "synthetic_mask", None) is not None:  # a patient's scan: which voxels MedSynth re-rendered
         name = f"{case_id}{suffixes['synthetic_mask']}.nii.gz"
         write_image(grid.image(case.synthetic_mask.astype(np.uint8)), folder / name)

@@ -61,6 +61,8 @@ class SyntheticCase:
     case_id: str = ""
     privacy: PrivacyRecord = PrivacyRecord()
     synthetic_mask: np.ndarray | None = None  # the re-rendered voxels of a patient's scan (inpainting), else None
+    #: Whether :attr:`labels` holds the healthy anatomy (a generate case folder keeps the tumour labels only).
+    anatomy: bool = True
 
     @property
     def grid(self) -> Grid:
@@ -71,8 +73,46 @@ class SyntheticCase:
 EXPORT_STAGE = "export"
 
 
+#: What a ``medsynth generate`` case record keeps for the dataset (its card, resuming, timings): not part of the
+#: case's synthesis record, and left out of an export without being counted as a removed field.
+GENERATE_BOOKKEEPING = ("case_id", "layout", "files", "files_sha256", "generation", "tumour", "edit_grid",
+                        "images_sha256", "stages", "cpu_s", "worker")
+
+
+def _generated_case_record(raw: dict[str, Any]) -> dict[str, Any]:
+    """A generate case record without the dataset's bookkeeping: the privacy record's fields alone (the verdict
+    and its reason are judged again), the timings :class:`SynthesisRecord` keeps."""
+    from ..schema.provenance import TIMING_KEYS
+
+    out = {k: v for k, v in raw.items() if k not in GENERATE_BOOKKEEPING}
+    names = {f.name for f in dataclasses.fields(PrivacyRecord)}
+    if isinstance(out.get("privacy"), dict):
+        out["privacy"] = {k: v for k, v in out["privacy"].items() if k in names}
+    if isinstance(out.get("timings_s"), dict):
+        out["timings_s"] = {k: v for k, v in out["timings_s"].items() if k in TIMING_KEYS}
+    return out
+
+
+def _generated_privacy(privacy: PrivacyRecord, generation: Any) -> PrivacyRecord:
+    """The recorded privacy of a generate case, unless its generation record contradicts an anonymous verdict.
+
+    The label map's history in a generate record starts at the sampler's draw, not where the map began, so it
+    cannot judge the anatomy; the generation record can: only a parametric tumour drawn in the template is
+    anonymous (``--anonymous``).  A record calling another case anonymous was not written by generate.
+    """
+    generation = generation if isinstance(generation, dict) else {}
+    base = generation.get("base")
+    drawn_in_template = base == "template" and generation.get("kind") == "parametric" and \
+        not generation.get("tumour_source")
+    if not privacy.anonymous()[0] or drawn_in_template:
+        return privacy
+    anatomy = "template" if base == "template" else ("patient" if isinstance(base, str) else "unknown")
+    return PrivacyRecord(anatomy, 1.0 if anatomy == "patient" else None, None, "unknown", privacy.images)
+
+
 def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
-    """Read, verify and sanitise a ``medsynth synthesize`` output folder.
+    """Read, verify and sanitise a ``medsynth synthesize`` output folder, or a case folder of a ``medsynth
+    generate`` dataset in a BraTS layout (its record in the dataset's ``provenance/``).
 
     Raises:
         InputError: see :func:`MedSynthLib.synthesis.case_folder.read_case_folder`.
@@ -80,6 +120,15 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
     from ..synthesis.case_folder import read_case_folder
 
     folder_case = read_case_folder(folder)
+    if folder_case.generated:
+        raw = _generated_case_record(folder_case.raw_provenance)
+        recorded = PrivacyRecord.from_json(raw.get("privacy")) or PrivacyRecord()
+        privacy = _generated_privacy(recorded, folder_case.raw_provenance.get("generation"))
+        provenance, redacted = sanitise_provenance(raw, folder_case.grid, privacy)
+        case = SyntheticCase(folder_case.images, folder_case.labels, provenance, redacted, privacy=privacy,
+                             anatomy=False)
+        case.case_id = default_case_id(case)
+        return case
     privacy = folder_case.record.privacy or privacy_of(folder_case.labels)
     judged = PrivacyRecord.from_history(folder_case.labels.history, folder_case.labels.array)
     if privacy.anonymous()[0] and not judged.anonymous()[0]:
@@ -129,7 +178,8 @@ def check_case_id_for(case: SyntheticCase, case_id: str, folder: Path) -> None:
                                  f"re-rendered (its default id is {case.case_id}); choose another --case-id")
 
 
-def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: dict[str, Any]) -> str:
+def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: dict[str, Any],
+            anatomy: bool = True) -> str:
     from .sanitise import exported_privacy, label_map_source
 
     model = provenance["model"]
@@ -163,7 +213,8 @@ def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: d
         lines += [
             f"Format: NIfTI, {naming.replace('brats', 'BraTS ')} naming.",
             f"  *{NAMINGS[naming]['seg']}.nii.gz      tumour labels ({labels})",
-            f"  *{NAMINGS[naming]['anatomy']}.nii.gz  anatomy labels (1 CSF, 2 GM, 3 WM; 0 background and tumour)",
+            (f"  *{NAMINGS[naming]['anatomy']}.nii.gz  anatomy labels (1 CSF, 2 GM, 3 WM; 0 background and tumour)"
+             if anatomy else "  no anatomy labels: the generated dataset this case comes from keeps the tumour only"),
             *([f"  *{NAMINGS[naming]['synthetic_mask']}.nii.gz  1 = voxel re-rendered by MedSynth, 0 = the patient's scan"]
               if provenance.get("inpainting") else []),
             "Open in 3D Slicer with File > Add Data.",
@@ -221,7 +272,8 @@ def export_case(case: SyntheticCase, folder: Path, fmt: str, case_id: str, namin
     else:
         raise MedSynthError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
     medsynth_io.write_json(provenance, folder / "provenance.json")
-    (folder / "README.txt").write_text(_readme(case_id, fmt, naming, files + ["provenance.json"], provenance))
+    (folder / "README.txt").write_text(_readme(case_id, fmt, naming, files + ["provenance.json"], provenance,
+                                               case.anatomy))
     return folder
 
 

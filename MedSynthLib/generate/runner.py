@@ -333,7 +333,7 @@ def _run_case(index: int) -> dict[str, Any]:
     """
     from ..schema.grid import Grid
     from ..schema.labels import Label
-    from ..schema.provenance import array_sha256
+    from ..schema.provenance import array_sha256, file_sha256
 
     w = _WORKER
     out, layout, sources, engine = Path(w["output"]), w["layout"], w["sources"], w["engine"]
@@ -374,6 +374,8 @@ def _run_case(index: int) -> dict[str, Any]:
         "edit_grid": {"grid": labelmap.grid.to_json(), "offset_kji": list(base.offset or (0, 0, 0)),
                       "labels_sha256": result.provenance["labels_sha256"]},
         "images_sha256": {m: array_sha256(a) for m, a in images.items()},
+        # What export verifies a case folder against (as a synthesize folder's provenance ``files``).
+        "files_sha256": {key: file_sha256(out / rel) for key, rel in files.items()},
     })
     clock.lap("hash")
     provenance["timings_s"] = dict(provenance.get("timings_s", {}),

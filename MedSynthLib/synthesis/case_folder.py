@@ -14,6 +14,11 @@ Intensities are converted once, float32 -> int16 where that loses nothing that m
 type, so an export stores exactly what was written (no int16 -> float -> int16 trip).
 :func:`read_case_folder` refuses a folder whose files do not match the recorded hashes:
 a real scan copied or linked over a synthetic image is never read as synthetic.
+
+It also reads a case folder of a ``medsynth generate`` dataset in a BraTS layout: the four images and the
+tumour labels in BraTS naming, its provenance the dataset's ``provenance/<case id>.json`` (with the sha256 of
+each file, ``files_sha256``).  Such a folder holds no anatomy: its label map is the tumour alone
+(:attr:`CaseFolder.anatomy` False).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -133,23 +138,52 @@ class CaseFolder:
     record: SynthesisRecord
     redactions: int
     synthetic_mask: np.ndarray | None = None  # (k, j, i) bool: the re-rendered voxels of a real scan (inpainting)
+    #: modality (and ``labels``) -> its file; empty: the synthesize names (``t1.nii.gz`` ... ``labels.nii.gz``).
+    files: dict[str, Path] = field(default_factory=dict)
+    #: Whether :attr:`labels` holds the healthy anatomy; False for a generate case, whose folder keeps the tumour only.
+    anatomy: bool = True
+    #: The provenance's file (the folder's own ``provenance.json``, or the generate dataset's record of the case).
+    provenance_file: Path | None = None
 
     @property
     def grid(self) -> Grid:
         return self.labels.grid
 
+    @property
+    def generated(self) -> bool:
+        """A case folder of a ``medsynth generate`` dataset (its provenance kept by the dataset)."""
+        return not self.anatomy
+
+    def file(self, name: str) -> Path:
+        """The file of a modality or of the label map (``labels``)."""
+        default = LABELS_FILE if name == "labels" else f"{name}.nii.gz"
+        return self.files.get(name, self.folder / default)
+
+    def brain_mask(self) -> np.ndarray:
+        """The brain: the label map's where it holds the anatomy, else the images' (:func:`brain_mask_of`)."""
+        if self.anatomy:
+            return self.labels.array > 0
+        from ..cases.readers import brain_mask_of
+
+        return brain_mask_of(self.images.values(), self.labels.array)
+
 
 def is_medsynth_output(folder: str | os.PathLike[str]) -> bool:
-    """Whether ``folder`` is a case folder MedSynth wrote (its provenance says so), not a patient's scans."""
+    """Whether ``folder`` is a case folder MedSynth wrote (its provenance says so), not a patient's scans: a
+    ``synthesize`` folder (its own ``provenance.json``) or a case folder of a ``generate`` dataset in a BraTS layout
+    (the dataset's ``provenance/<case id>.json``, :func:`~MedSynthLib.schema.review.provenance_path`)."""
+    from ..schema.review import provenance_path
+
     try:
-        record = json.loads((Path(folder) / PROVENANCE_FILE).read_text())
+        record = json.loads(provenance_path(folder).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("kind") == SYNTHETIC_CASE_KIND
 
 
-def read_provenance(folder: Path) -> dict[str, Any]:
-    path = folder / PROVENANCE_FILE
+def read_provenance(folder: Path, path: Path | None = None) -> dict[str, Any]:
+    """The checked provenance of a synthetic case (``path``: where it is, by default the folder's own)."""
+    path = folder / PROVENANCE_FILE if path is None else path
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -170,19 +204,63 @@ def verify_files(folder: Path, raw: Mapping[str, Any]) -> None:
                          "records no file checksums (written by an older MedSynth); synthesise the case again "
                          "so its images can be verified as synthetic")
     names = OUTPUT_FILES + ((SYNTHETIC_MASK_FILE,) if SYNTHETIC_MASK_FILE in recorded else ())
-    for name in names:
-        path = folder / name
+    _verify_checksums({name: folder / name for name in names}, recorded, folder / PROVENANCE_FILE)
+
+
+def _verify_checksums(files: Mapping[str, Path], recorded: Mapping[str, Any], record: Path) -> None:
+    """Each file (key -> path) a regular file whose sha256 is ``recorded[key]``, as ``record`` holds them."""
+    for key, path in files.items():
         if path.is_symlink():
             raise InputError(path, "is a link, not the file MedSynth wrote; refusing to treat it as synthetic")
         if not path.is_file():
-            raise InputError(path, "missing: provenance.json records it, so this is not the complete case MedSynth "
+            raise InputError(path, f"missing: {record.name} records it, so this is not the complete case MedSynth "
                                    "wrote")
-        expected = recorded.get(name)
+        expected = recorded.get(key)
         if not isinstance(expected, str):
-            raise InputError(folder / PROVENANCE_FILE, f"records no checksum for {name}")
+            raise InputError(record, f"records no checksum for {path.name}")
         if file_sha256(path) != expected:
-            raise InputError(path, "does not match the sha256 recorded in provenance.json: the file was replaced "
+            raise InputError(path, f"does not match the sha256 recorded in {record.name}: the file was replaced "
                                    "after synthesis (not the synthetic image MedSynth wrote)")
+
+
+def generated_record(folder: str | os.PathLike[str]) -> Path | None:
+    """The ``medsynth generate`` dataset's record of this case folder, or None (a folder with its own
+    provenance.json, or none at all)."""
+    from ..schema.review import provenance_path
+
+    path = provenance_path(folder)
+    return None if path == Path(folder) / PROVENANCE_FILE else path
+
+
+def generated_case_files(folder: Path, raw: Mapping[str, Any], record: Path) -> dict[str, Path]:
+    """Modality (and ``labels``, the tumour segmentation) -> file of a generate case folder, by the naming of the
+    layout its record names; refused when the record is not that of a BraTS-layout case of this folder."""
+    from ..generate.layouts import BRATS_SUFFIXES
+
+    layout = raw.get("layout")
+    if layout not in BRATS_SUFFIXES:
+        raise InputError(record, f"records layout {layout!r}: not a case folder of a BraTS-layout dataset")
+    case_id = folder.resolve().name
+    if raw.get("case_id") != case_id:
+        raise InputError(record, f"is the record of case {raw.get('case_id')!r}, not of the folder {case_id}")
+    suffixes = BRATS_SUFFIXES[layout]
+    files = {m: folder / f"{case_id}{suffixes[m]}.nii.gz" for m in MODALITIES}
+    files["labels"] = folder / f"{case_id}{suffixes['seg']}.nii.gz"
+    return files
+
+
+def labels_phrase(folder: str | os.PathLike[str]) -> str:
+    """Where a MedSynth output keeps its labels, for a message: ``its label map is labels.nii.gz in it``, or for
+    a generate case folder its tumour segmentation and the dataset's record."""
+    record = generated_record(folder)
+    if record is None:
+        return f"its label map is {LABELS_FILE} in it"
+    try:
+        raw = json.loads(record.read_text())
+        seg = generated_case_files(Path(folder), raw, record)["labels"].name
+    except (OSError, ValueError, InputError):
+        return f"a case of a medsynth generate dataset, recorded in {record}"
+    return f"a case of a medsynth generate dataset: its tumour labels are {seg}, its record {record}"
 
 
 def read_case_folder(folder: str | os.PathLike[str], *, verify: bool = True) -> CaseFolder:
@@ -203,6 +281,9 @@ def read_case_folder(folder: str | os.PathLike[str], *, verify: bool = True) -> 
         raise InputError(folder, "synthetic case folder not found")
     if not folder.is_dir():
         raise InputError(folder, "not a folder (give a `medsynth synthesize` output folder)")
+    record = generated_record(folder)
+    if record is not None:
+        return _read_generated_case(folder, record, verify)
     for name in MODALITIES:
         if not (folder / f"{name}.nii.gz").is_file():
             raise InputError(folder, f"missing modality {name} ({name}.nii.gz) - not a complete synthetic case")
@@ -234,7 +315,48 @@ def read_case_folder(folder: str | os.PathLike[str], *, verify: bool = True) -> 
         synthetic_mask = sitk.GetArrayFromImage(image) > 0
     redactions = Redactions()
     record = SynthesisRecord.from_json(raw, redactions)
-    return CaseFolder(folder, images, labels, raw, record, redactions.count, synthetic_mask)
+    return CaseFolder(folder, images, labels, raw, record, redactions.count, synthetic_mask,
+                      provenance_file=folder / PROVENANCE_FILE)
 
 
-__all__ = ["MODALITIES", "OWNED_FILES", "CaseFolder", "write_case_folder", "read_case_folder", "verify_files"]
+def _read_generated_case(folder: Path, record_file: Path, verify: bool) -> CaseFolder:
+    """A case folder of a ``medsynth generate`` dataset: images and tumour labels verified against the sha256 its
+    record keeps (``files_sha256``); the label map is the tumour alone, on the segmentation's grid."""
+    import SimpleITK as sitk
+
+    from ..schema.labels import LabelValueError, tumour_to_schema
+    from ..schema.volume_io import read_image
+
+    raw = read_provenance(folder, record_file)
+    files = generated_case_files(folder, raw, record_file)
+    if verify:
+        recorded = raw.get("files_sha256")
+        if not isinstance(recorded, dict):
+            raise InputError(record_file, "records no file checksums (written by an older MedSynth); generate the "
+                                          "dataset again so its images can be verified as synthetic")
+        keys = {"labels": "seg"}  # the record names the segmentation as the layout does
+        _verify_checksums(files, {name: recorded.get(keys.get(name, name)) for name in files}, record_file)
+    seg_image = read_image(files["labels"])
+    grid = Grid.from_image(seg_image)
+    try:
+        tumour = tumour_to_schema(sitk.GetArrayFromImage(seg_image), raw["layout"])
+    except LabelValueError as exc:
+        raise InputError(files["labels"], str(exc)) from None
+    edits = raw.get("edits")
+    labels = LabelMap(tumour, grid, [dict(e) for e in edits if isinstance(e, dict)] if isinstance(edits, list) else [])
+    images = {}
+    for name in MODALITIES:
+        image = read_image(files[name])
+        difference = grid.difference(Grid.from_image(image))
+        if difference is not None:
+            raise InputError(files[name], f"not on the grid of {files['labels'].name}: {difference}")
+        array = sitk.GetArrayFromImage(image)
+        images[name] = array if array.dtype in (np.int16, np.float32) else array.astype(np.float32)
+    redactions = Redactions()
+    record = SynthesisRecord.from_json(raw, redactions)
+    return CaseFolder(folder, images, labels, raw, record, redactions.count, None, files, anatomy=False,
+                      provenance_file=record_file)
+
+
+__all__ = ["MODALITIES", "OWNED_FILES", "CaseFolder", "write_case_folder", "read_case_folder", "verify_files",
+           "generated_record", "labels_phrase"]
