@@ -1193,7 +1193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NIfTI file names and tumour values: brats2021 (_t1 ..., ET=4, the default) or "
                         "brats2023 (-t1n ..., ET=3)")
     p.add_argument("--case-id", metavar="ID",
-                   help="case id of a single case (default: generated SYNTH-<hash> of the synthetic content)")
+                   help="case id of a single case (default: generated from the synthetic content, SYNTH-<hash> for an "
+                        "anonymous case, NOT-ANONYMOUS-<hash> or PATIENT-<hash> otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace existing exported case folders")
     p.add_argument("--anonymous", action="store_true",
                    help="refuse a case whose label map is a patient's own or too close to it (README: "

@@ -208,7 +208,7 @@ def test_nifti_export_is_a_brats_case(naming, tmp_path, capsys):
     assert rc == 0, err
     folder = _case_dir(tmp_path / "exp")
     cid = folder.name
-    assert cid.startswith("SYNTH-") and len(cid) == 16
+    assert cid.startswith("NOT-ANONYMOUS-") and len(cid) == 24  # a label map without history: source unknown
     expected = {f"{cid}{NAMINGS[naming][k]}.nii.gz" for k in (*MODALITIES, "seg", "anatomy")}
     assert {p.name for p in folder.iterdir()} == expected | {"provenance.json", "README.txt"}
     assert str(folder) in out
@@ -404,7 +404,8 @@ def test_dicom_tags(exported):
         assert ds.PatientIdentityRemoved == "NO"
         assert "synthetic" in ds.DeidentificationMethod.lower()
         assert ds.DeidentificationMethod == NOT_ANONYMOUS_DEIDENTIFICATION_METHOD
-        assert str(ds.PatientName) == f"NOT-ANONYMOUS^{cid}" and ds.PatientID == cid and cid.startswith("SYNTH-")
+        assert str(ds.PatientName) == f"NOT-ANONYMOUS^{cid}" and ds.PatientID == cid
+        assert cid.startswith("NOT-ANONYMOUS-")  # not SYNTH-: that reads as a shareable synthetic case
         # The images are synthetic; the tumour labels of a map without history are of unrecorded origin.
         assert ("synthetic" in ds.SeriesDescription.lower()) == (path.parent.name != "SEG"), ds.SeriesDescription
         assert "AcquisitionDate" not in ds and "AcquisitionDateTime" not in ds
@@ -549,7 +550,7 @@ def test_a_patients_scan_is_not_labelled_synthetic(tmp_path, capsys):
                        capsys)
     assert rc == 0, err
     assert "synthetic case exported" in out and "NOT anonymous" in out
-    assert _case_dir(tmp_path / "s").name.startswith("SYNTH-")
+    assert _case_dir(tmp_path / "s").name.startswith("NOT-ANONYMOUS-")  # its source unknown
 
 
 def test_an_inpainted_export_says_which_voxels_are_synthetic(tmp_path, capsys):
@@ -619,7 +620,7 @@ def test_case_id_is_generated_not_from_folder_names(tmp_path, capsys):
     b = make_case(tmp_path / "other" / "renamed_copy")
     id_a = read_synthetic_case(a).case_id
     assert id_a == read_synthetic_case(b).case_id  # content, not the folder, decides
-    assert id_a.startswith("SYNTH-") and "ZX81" not in id_a and "out" not in id_a
+    assert id_a.startswith("NOT-ANONYMOUS-") and "ZX81" not in id_a and "out" not in id_a  # its source unknown
     rc, _, err = run(["export", a, "--format", "dicom", "--case-id", "TRIAL-007", "-o", tmp_path / "exp"], capsys)
     assert rc == 0, err
     ds = pydicom.dcmread(next((tmp_path / "exp" / "TRIAL-007" / "T1").glob("*.dcm")), stop_before_pixels=True)
@@ -633,7 +634,7 @@ def test_batch_export_with_progress(tmp_path, capsys):
                         "-o", tmp_path / "exp"], capsys)
     assert rc == 0, err
     cases = sorted(p for p in (tmp_path / "exp").iterdir())
-    assert len(cases) == 2 and all(p.name.startswith("SYNTH-") for p in cases)
+    assert len(cases) == 2 and all(p.name.startswith("NOT-ANONYMOUS-") for p in cases)  # their source unknown
     assert len(out.splitlines()) == 2
     for case in cases:
         assert (case / f"{case.name}-t2f.nii.gz").is_file() and (case / f"{case.name}-seg.nii.gz").is_file()
@@ -923,7 +924,8 @@ def test_a_synthetic_case_of_a_patients_anatomy_is_not_called_anonymous(tmp_path
             assert rc == 0, err
             assert ("of a real patient's anatomy" in out) == (name == "patient_anatomy"), out  # what it printed
             exported = _case_dir(tmp_path / f"{name}-{fmt}")
-            assert exported.name.startswith("SYNTH-")  # the images are synthetic
+            # SYNTH- (synthetic, shareable) only for an anonymous case, as its DICOM patient name SYNTHETIC^.
+            assert exported.name.startswith("SYNTH-" if anonymous else "NOT-ANONYMOUS-"), exported.name
             readme = (exported / "README.txt").read_text()
             head = "\n".join(readme.splitlines()[:4])
             assert "SYNTHETIC" in head
@@ -975,12 +977,31 @@ def test_a_patients_scan_cannot_take_a_synthetic_case_id(case_id, tmp_path, caps
         assert len(err.splitlines()) == 1 and err.startswith("medsynth: error:") and case_id in err, err
         assert str(case) in err and "patient" in err and "SYNTH" in err
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
-    # Another id is the user's to choose; a synthetic case may take the SYNTH prefix.
+    # Another id is the user's to choose; an anonymous synthetic case may take the SYNTH prefix.
     rc, _, err = run(["export", case, "--format", "nifti", "--case-id", "TRIAL-7", "-o", tmp_path / "exp"], capsys)
     assert rc == 0 and (tmp_path / "exp" / "TRIAL-7").is_dir(), err
-    rc, _, err = run(["export", make_case(tmp_path / "synth_out"), "--format", "nifti", "--case-id", case_id,
+    rc, _, err = run(["export", anonymous_case(tmp_path / "synth_out"), "--format", "nifti", "--case-id", case_id,
                       "-o", tmp_path / "exp"], capsys)
     assert rc == 0 and (tmp_path / "exp" / case_id).is_dir(), err
+
+
+@pytest.mark.parametrize("build", [patient_anatomy_case, make_case], ids=["patient_anatomy", "unknown_source"])
+def test_a_case_that_is_not_anonymous_cannot_take_a_synthetic_case_id(build, tmp_path, capsys):
+    """Audit: a whole synthetic case that is not anonymous (a patient's anatomy or tumour, or a source not
+    recorded) got the default id SYNTH-<hash>, its DICOM PatientID: next to the patient name NOT-ANONYMOUS^ it read
+    as a synthetic case free to share.  Its default id is NOT-ANONYMOUS-<hash>, and a SYNTH id given for it is
+    refused in one line, nothing written."""
+    case = build(tmp_path / "case")
+    default = read_synthetic_case(case).case_id
+    assert default.startswith("NOT-ANONYMOUS-") and "SYNTH" not in default.upper()
+    exported = export_cases([case], tmp_path / "dicom", "dicom")[0]
+    for path, ds in _all_datasets(exported):
+        assert ds.PatientID == default and str(ds.PatientName) == f"NOT-ANONYMOUS^{default}", path
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc, out, err = run(["export", case, "--format", "dicom", "--case-id", "SYNTH-0001", "-o", tmp_path / "e"], capsys)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "SYNTH-0001" in err and "not anonymous" in err and str(case) in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def _output_is_the_case(tmp: Path):
@@ -1110,6 +1131,16 @@ def test_dicom_segments_say_where_the_tumour_came_from(kind, tmp_path):
     for text in texts:
         assert ("synthetic" in text.lower()) == drawn, text
     assert {item.SegmentAlgorithmType for item in seg.SegmentSequence} == {"AUTOMATIC" if drawn else "SEMIAUTOMATIC"}
+    # The algorithm family (CID 7162): MedSynth's network paints the images, never these labels, so no segment is
+    # "Artificial Intelligence" (123110).  A parametric tumour is shaped by morphological operations (123104: a
+    # noisy ellipsoid, its rim and oedema grown by distance); a tumour someone segmented (a patient's expert
+    # segmentation, a map's or a Slicer segment) is manual processing (123109) that MedSynth at most placed.
+    families = {(code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning)
+                for item in seg.SegmentSequence
+                for algorithm in item.SegmentationAlgorithmIdentificationSequence
+                for code in algorithm.AlgorithmFamilyCodeSequence}
+    assert families == ({("123104", "DCM", "Morphological Operations")} if drawn
+                        else {("123109", "DCM", "Manual Processing")}), families
     assert [d.split(" (")[0].split(",")[0] for d in descriptions] == [
         "Necrotic / non-enhancing tumour core", "Peritumoural oedema", "Enhancing tumour"]
     edited = kind in ("patient_moved", "slicer_segmentation_moved")

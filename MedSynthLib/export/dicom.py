@@ -4,13 +4,15 @@
 one file per slice along the grid's third axis), all in one study and one frame of
 reference; ``SEG/seg.dcm`` - the tumour labels as a DICOM Segmentation (highdicom,
 BINARY, segments 1 NCR, 2 ED, 3 ET) referencing the T1 series, synthetic only when MedSynth drew
-the tumour (otherwise the segments say where it came from: :func:`tumour_source`).
+the tumour (otherwise the segments say where it came from: :func:`tumour_source`, and their algorithm
+type and family say how it was made: :func:`segment_algorithm`).
 
 Every export gets fresh UIDs.  Each file has Synthetic Data (0008,001C) YES, a
 De-identification Method that says whether the case is anonymous (Patient Identity Removed
 YES only then: otherwise the pixels carry a patient's anatomy, tumour shape or scan),
 a generated patient name (``SYNTHETIC^<case id>`` only for an anonymous case, ``NOT-ANONYMOUS^`` or
-``PATIENT-SCAN^`` otherwise) and ID (the case id), and the sanitised provenance summarised
+``PATIENT-SCAN^`` otherwise) and ID (the case id: ``SYNTH-`` only for an anonymous case, see
+:func:`~MedSynthLib.export.package.default_case_id`), and the sanitised provenance summarised
 in the Contributing Equipment Sequence (and, for the MR images, Image Comments, with
 the case's privacy statement).  The MR images have Image Type DERIVED\\SECONDARY and
 int16 pixels (:mod:`.encoding`).  Dates and times are those of the export (UTC); there
@@ -124,6 +126,22 @@ def tumour_source(provenance: Mapping[str, Any]) -> TumourSource:
     return TumourSource(False, "origin not recorded: may be a patient's segmentation",
                         "origin not recorded, may be a patient's")
 
+
+
+def segment_algorithm(source: TumourSource) -> tuple[str, Any]:
+    """Segment Algorithm Type (0062,0008) and algorithm family (CID 7162) of the tumour segments.
+
+    MedSynth's network paints the images from the labels; it never computes the labels, so no segment is
+    "Artificial Intelligence".  A tumour MedSynth drew is AUTOMATIC, shaped by morphological operations (a noisy
+    ellipsoid, its enhancing rim and oedema grown by distance: :mod:`MedSynthLib.edits.parametric`).  Any other
+    tumour is a segmentation someone made (a patient's expert segmentation, another map's, a Slicer segment) that
+    MedSynth at most moved or placed: SEMIAUTOMATIC (made with a person, not by MedSynth alone), manual processing.
+    """
+    from pydicom.sr.codedict import codes
+
+    if source.drawn:
+        return "AUTOMATIC", codes.DCM.MorphologicalOperations
+    return "SEMIAUTOMATIC", codes.DCM.ManualProcessing
 
 
 # --- DICOM -------------------------------------------------------------------------------------
@@ -335,18 +353,18 @@ def _segmentation(case: Any, t1: list[Any], ctx: _DicomContext) -> Any:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    algorithm = hd.AlgorithmIdentificationSequence(name="MedSynth", family=codes.DCM.ArtificialIntelligence,
-                                                   version=__version__)
     from ..schema.labels import LABEL_INFO
 
     source = tumour_source(ctx.provenance)
+    algorithm_type, family = segment_algorithm(source)
+    algorithm = hd.AlgorithmIdentificationSequence(name="MedSynth", family=family, version=__version__)
     descriptions = []
     for number, label, short, name in SEG_SEGMENTS:
         kind = {Label.NCR: codes.SCT.Necrosis, Label.ED: codes.SCT.Edema, Label.ET: codes.SCT.Neoplasm}[label]
         description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=short,
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=kind, algorithm_type="AUTOMATIC" if source.drawn else "SEMIAUTOMATIC",
+            segmented_property_type=kind, algorithm_type=algorithm_type,
             algorithm_identification=algorithm,
             tracking_uid=hd.UID(), tracking_id=f"{ctx.case_id} {short}",
             anatomic_regions=[codes.SCT.Brain],

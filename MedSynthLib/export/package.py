@@ -13,10 +13,11 @@ still carries:
   Dice against the source patient) is written to ``provenance.json``, the DICOM comments and
   ``README.txt``; with ``anonymous=True`` a case that is not anonymous is refused;
 * the case id is generated (:func:`default_case_id`), never derived from a file or folder name; one given
-  for a patient's scan may not begin ``SYNTH`` (:func:`check_case_id_for`).
+  for a case that is not anonymous may not begin ``SYNTH`` (:func:`check_case_id_for`).
 
-The case id defaults to ``SYNTH-`` (``PATIENT-`` for a patient's scan with a region inpainted)
-and 10 hex digits of a sha256 over the case's content (the label map and the four images): deterministic, so exporting the same case again
+The case id defaults to ``SYNTH-`` for an anonymous case (``NOT-ANONYMOUS-`` for a synthetic case that is not,
+``PATIENT-`` for a patient's scan with a region inpainted) and 10 hex digits of a sha256 over the case's content
+(the label map and the four images): deterministic, so exporting the same case again
 lands in the same folder (and needs ``--overwrite``), and computable only from the synthetic
 data itself.  Layouts: :mod:`.nifti`, :mod:`.dicom`; intensities: :mod:`.encoding`.
 """
@@ -146,8 +147,12 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
 
 
 def default_case_id(case: SyntheticCase) -> str:
-    """``SYNTH-`` + 10 hex digits of a sha256 over the synthetic content (deterministic); ``PATIENT-`` for a
-    patient's scan with a region inpainted, so no name calls it synthetic."""
+    """A prefix + 10 hex digits of a sha256 over the synthetic content (deterministic).
+
+    The id is the DICOM PatientID, which a PACS worklist shows beside the patient name: ``SYNTH-`` (synthetic, free
+    to share) only for an anonymous case; ``NOT-ANONYMOUS-`` for synthetic images of a patient's anatomy or tumour
+    (or of a label map whose source is unknown), as its patient name ``NOT-ANONYMOUS^``; ``PATIENT-`` for a
+    patient's scan with a region inpainted."""
     from ..schema.provenance import array_sha256
 
     digest = hashlib.sha256(b"medsynth-export-case-id/1")
@@ -155,7 +160,11 @@ def default_case_id(case: SyntheticCase) -> str:
     for name in MODALITIES:
         # Hash the values, not the stored type, so the id does not depend on int16 vs float32 storage.
         digest.update(array_sha256(np.asarray(case.images[name], np.float32)).encode())
-    return ("PATIENT-" if case.privacy.images == "patient" else "SYNTH-") + digest.hexdigest()[:10]
+    if case.privacy.images == "patient":
+        prefix = "PATIENT-"
+    else:
+        prefix = "SYNTH-" if case.privacy.anonymous()[0] else "NOT-ANONYMOUS-"
+    return prefix + digest.hexdigest()[:10]
 
 
 def check_case_id(case_id: str) -> str:
@@ -165,17 +174,25 @@ def check_case_id(case_id: str) -> str:
     return case_id
 
 
-#: The prefix of a case whose images are synthetic (:func:`default_case_id`): no id given to a patient's scan may
-#: begin with it, in any case (``SYNTH-``, ``synth_``, ``SYNTHETIC``).
+#: The prefix of an anonymous synthetic case (:func:`default_case_id`): no id given to a case that is not
+#: anonymous may begin with it, in any case (``SYNTH-``, ``synth_``, ``SYNTHETIC``).
 SYNTHETIC_ID_PREFIX = "SYNTH"
 
 
 def check_case_id_for(case: SyntheticCase, case_id: str, folder: Path) -> None:
-    """Refuse an id that calls a patient's scan (a region inpainted: ``synthesize --context``) synthetic."""
-    if case.privacy.images == "patient" and case_id.upper().startswith(SYNTHETIC_ID_PREFIX):
+    """Refuse an id that calls a case that is not anonymous synthetic: a patient's scan (a region inpainted:
+    ``synthesize --context``), or synthetic images of a patient's anatomy or tumour."""
+    if not case_id.upper().startswith(SYNTHETIC_ID_PREFIX):
+        return
+    if case.privacy.images == "patient":
         raise InputError(folder, f"case id {case_id!r}: ids beginning {SYNTHETIC_ID_PREFIX} are for cases whose "
                                  "images are synthetic, and this case is a real patient's scan with one region "
                                  f"re-rendered (its default id is {case.case_id}); choose another --case-id")
+    anonymous, reason = case.privacy.anonymous()
+    if not anonymous:
+        raise InputError(folder, f"case id {case_id!r}: ids beginning {SYNTHETIC_ID_PREFIX} are for anonymous "
+                                 f"synthetic cases, and this case is not anonymous ({reason}; its default id is "
+                                 f"{case.case_id}); choose another --case-id")
 
 
 def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: dict[str, Any],
