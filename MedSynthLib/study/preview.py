@@ -8,6 +8,15 @@ code may be an older commit than this one): an arm result by its held-out cases 
 baseline and fidelity by their held-out cases, the memorisation check and the synthetic
 cases by the fold's training cases, the GAN by the model sha256 its synthetic cases record.
 
+A work folder may hold the results of more than one cache version (another version of MedSynth or
+other options left them beside the running study's).  Each result records the identity its key hashes
+(:mod:`MedSynthLib.study.cache`), so, as a run reuses only results of its own key, this takes only results
+made from the study's cases with the given config's options; of a fold's synthetic cases the newest; only
+arms trained on those synthetic cases (or on cases identical to them, as a run reuses them), their
+memorisation check, their GAN's fidelity; and of each stage across folds only the code version of its
+newest result.  A result written before results recorded their identity is taken only where it is the
+one candidate for its stage.  Every result left out is named on stderr, one line per fold and reason.
+
 A fold is included when its GAN, synthetic cases, fidelity, memorisation check and baseline
 are all there; an arm when all its seeds are there in every included fold.  Everything left
 out is listed in ``report["partial"]`` and in a banner at the top of ``report.md``.  From the
@@ -28,8 +37,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from .cache import WorkLock
 from .segmenter import ARMS
 
 
@@ -45,39 +55,133 @@ def _jsons(folder: Path) -> list[tuple[Path, Any]]:
     return [(p, d) for p, d in found if isinstance(d, dict)]
 
 
-def collect_fold(work: Path, fold: Any, seeds: list[list[int]] | dict[str, list[int]],
-                 all_case_ids: Sequence[str]) -> dict[str, Any]:
-    """What the work folder holds for one fold, found by content.
+def _recorded(data: dict[str, Any]) -> dict[str, Any] | None:
+    record = data.get("cache")
+    return record if isinstance(record, dict) else None
 
-    ``seeds[arm]`` are the arm's training seeds in order.  Returns ``{"stages": {name: result or None},
-    "arms": {arm: [run or None per seed]}}``.
+
+class _Notices:
+    """What a preview left out of the work folder and why, one line per fold and reason."""
+
+    def __init__(self, work: Path) -> None:
+        self.work, self.lines = Path(work), {}
+
+    def add(self, fold: int, reason: str, paths: Sequence[Path]) -> None:
+        if paths:
+            self.lines.setdefault((fold, reason), []).extend(
+                Path(p).relative_to(self.work).as_posix() if Path(p).is_relative_to(self.work) else str(p)
+                for p in paths)
+
+    def text(self) -> list[str]:
+        return [f"fold {fold}: ignored {len(paths)} cached result(s) {reason}: {', '.join(sorted(set(paths)))}"
+                for (fold, reason), paths in sorted(self.lines.items())]
+
+
+OTHER_OPTIONS = "made with other options or for other cases"
+OLDER = "of an older cache version (another version of MedSynth or of the study's options; the newest is used)"
+UNRECORDED = ("written before MedSynth recorded cache versions, beside another result for the same stage, so "
+              "which one the study uses cannot be told")
+OLDER_CODE = ("of another version of MedSynth (or number of torchrun processes) than the newest result of "
+              "that stage in any fold")
+OTHER_SYNTHETIC = "of other synthetic cases (or another GAN) than those the report uses"
+
+
+def _pick(candidates: list[tuple[Path, dict[str, Any]]], fits: Callable[[dict[str, Any]], bool], fold: int,
+          notices: _Notices, *, linked: Callable[[dict[str, Any]], bool] | None = None,
+          unrecorded_ok: bool = True) -> dict[str, Any] | None:
+    """The result of one stage (or one arm and seed) among those found by content.
+
+    Of the results that record their cache identity, those that ``fits`` (made from the study's cases with its
+    options) and are ``linked`` to the synthetic cases chosen count, and the newest of them is the study's: the
+    others are of an older cache version.  A result without a record (an older MedSynth wrote it) is taken only
+    where it is the one candidate (and ``unrecorded_ok``); beside others which version it is cannot be told.
     """
+    recorded = [(p, d) for p, d in candidates if _recorded(d) is not None]
+    unrecorded = [(p, d) for p, d in candidates if _recorded(d) is None]
+    notices.add(fold, OTHER_OPTIONS, [p for p, d in recorded if not fits(d["cache"])])
+    recorded = [(p, d) for p, d in recorded if fits(d["cache"])]
+    if linked is not None:
+        notices.add(fold, OTHER_SYNTHETIC, [p for p, d in recorded if not linked(d["cache"])])
+        recorded = [(p, d) for p, d in recorded if linked(d["cache"])]
+    if recorded:
+        recorded.sort(key=lambda pd: float(pd[1]["cache"].get("written", 0.0)))
+        notices.add(fold, OLDER, [p for p, _ in recorded[:-1] + unrecorded])
+        return recorded[-1][1]
+    if not unrecorded_ok:
+        notices.add(fold, OTHER_SYNTHETIC, [p for p, _ in unrecorded])
+        return None
+    if len(unrecorded) == 1:
+        return unrecorded[0][1]
+    notices.add(fold, UNRECORDED, [p for p, _ in unrecorded])
+    return None
+
+
+def collect_fold(work: Path, fold: Any, seeds: list[list[int]] | dict[str, list[int]],
+                 all_case_ids: Sequence[str], study: Any = None, notices: _Notices | None = None) -> dict[str, Any]:
+    """What the work folder holds for one fold, found by content and checked against its cache identity.
+
+    ``seeds[arm]`` are the arm's training seeds in order.  ``study`` (a prepared ``run._Study``) gives the
+    identity each stage's result must record (its cases and options); without it only the links between
+    results are checked (an arm or memorisation check of the synthetic cases chosen, fidelity of their GAN).
+    Returns ``{"stages": {name: result or None}, "arms": {arm: [run or None per seed]}}``.
+    """
+    from .cache import matches
+    from .run import SYNTHETIC_ARMS
+
     work = Path(work)
+    notices = notices if notices is not None else _Notices(work)
+    n = fold.index
     test, train = set(fold.test), set(fold.train)
     stages: dict[str, Any] = {"gan": None, "synthetic": None, "fidelity": None, "memorisation": None,
                               "baseline": None}
-    for _, data in _jsons(work / "baseline"):
-        variants = data.get("variants", {})
-        if variants and all(set(v.get("scores", {})) == test for v in variants.values()):
-            stages["baseline"] = data
-    for path, data in _jsons(work / "fidelity"):
-        if set(data.get("cases", {})) == test:
-            stages["fidelity"] = dict(data, synthetic_images={c: str(path.with_name(f"{path.stem}_{c}_synthetic.npy"))
-                                                              for c in fold.test})
-    for _, data in _jsons(work / "memorisation"):
-        entries = data.get("cases", [])
-        if entries and all(set(e.get("ncc_all", {})) == train for e in entries):
-            stages["memorisation"] = data
+
+    def expected(method: str, *args: Any, ignore: Sequence[str] = ()) -> Callable[[dict[str, Any]], bool]:
+        if study is None:
+            return lambda record: True
+        inputs, config, _ = getattr(study, method)(fold, *args)
+        return lambda record: matches(record, inputs, config, ignore)
+
     real_ids = set(all_case_ids)
+    found = []
     for index_path in sorted((work / "synthetic").glob("*/index.json")):
         index = _read(index_path)
         if not isinstance(index, dict) or not index.get("cases"):
             continue
         bases = {e.get("base") for e in index["cases"]} & real_ids
         if bases and bases <= train and not bases & test:
-            stages["synthetic"] = {"key": index.get("key", index_path.parent.name), "folder": str(index_path.parent),
-                                   "count": len(index["cases"]), "provenance": index["cases"],
-                                   "seconds": index.get("seconds", 0.0)}
+            found.append((index_path, index))
+    index = _pick(found, expected("synthetic_identity", None, ignore=("model",)), n, notices)
+    synthetic_key = synthetic_model = None
+    if index is not None:
+        synthetic_key = index.get("key")
+        synthetic_model = next(iter({e.get("model_sha256") for e in index["cases"]}))
+        stages["synthetic"] = {"key": synthetic_key, "folder": str(work / "synthetic" / str(synthetic_key)),
+                               "count": len(index["cases"]), "provenance": index["cases"],
+                               "seconds": index.get("seconds", 0.0), "cache": _recorded(index)}
+    synthetic_recorded = index is not None and _recorded(index) is not None
+    same_data = {synthetic_key, *(index or {}).get("same_data_as", [])}
+
+    def of_synthetic(record: dict[str, Any]) -> bool:
+        return index is None or record.get("inputs", {}).get("synthetic") in same_data
+
+    stages["baseline"] = _pick(
+        [(p, d) for p, d in _jsons(work / "baseline")
+         if d.get("variants") and all(set(v.get("scores", {})) == test for v in d["variants"].values())],
+        expected("baseline_identity"), n, notices)
+    candidates = [(p, d) for p, d in _jsons(work / "fidelity") if set(d.get("cases", {})) == test]
+    paths = {id(d): p for p, d in candidates}
+    fidelity = _pick(candidates, expected("fidelity_identity", synthetic_model, ignore=("model",)), n, notices,
+                     linked=lambda record: index is None or record.get("inputs", {}).get("model") == synthetic_model)
+    if fidelity is not None:
+        path = paths[id(fidelity)]
+        stages["fidelity"] = dict(fidelity, synthetic_images={c: str(path.with_name(f"{path.stem}_{c}_synthetic.npy"))
+                                                              for c in fold.test})
+    stages["memorisation"] = _pick(
+        [(p, d) for p, d in _jsons(work / "memorisation")
+         if d.get("cases") and all(set(e.get("ncc_all", {})) == train for e in d["cases"])],
+        expected("memorisation_identity", synthetic_key, ignore=("synthetic",)), n, notices,
+        linked=lambda record: index is None or record.get("inputs", {}).get("synthetic") == synthetic_key,
+        unrecorded_ok=not synthetic_recorded)
     if stages["synthetic"] is not None:
         wanted = {e.get("model_sha256") for e in stages["synthetic"]["provenance"]}
         for model_dir in sorted((work / "gan").glob("*/model")):
@@ -92,23 +196,60 @@ def collect_fold(work: Path, fold: Any, seeds: list[list[int]] | dict[str, list[
                                  "steps": training.get("steps"),
                                  "train_seconds": round(float(training.get("training_seconds", 0.0)), 1),
                                  "model_sha256": model.sha256}
-    runs: dict[str, list[Any]] = {arm: [None] * len(seeds[arm]) for arm in seeds}
-    for _, data in _jsons(work / "arms"):
+    by_slot: dict[tuple[str, int], list[tuple[Path, dict[str, Any]]]] = {}
+    for path, data in _jsons(work / "arms"):
         arm = data.get("arm")
         if arm in seeds and set(data.get("scores", {})) == test and data.get("seed") in seeds[arm]:
-            runs[arm][seeds[arm].index(data["seed"])] = data
+            by_slot.setdefault((arm, data["seed"]), []).append((path, data))
+    runs: dict[str, list[Any]] = {arm: [None] * len(seeds[arm]) for arm in seeds}
+    for arm in seeds:
+        for k, seed in enumerate(seeds[arm]):
+            uses_synthetic = arm in SYNTHETIC_ARMS
+            fits = expected("arm_identity", arm, seed, synthetic_key, ignore=("world", "synthetic"))
+            runs[arm][k] = _pick(by_slot.get((arm, seed), []), fits, n, notices,
+                                 linked=of_synthetic if uses_synthetic else None,
+                                 unrecorded_ok=not (uses_synthetic and synthetic_recorded))
     return {"stages": stages, "arms": runs}
 
 
-def assemble(work: Path, folds: Sequence[Any], seeds_of: Any, all_case_ids: Sequence[str]) -> tuple[dict, dict]:
+def _one_version(found: list[tuple[Any, Any, dict[str, Any]]], notices: _Notices, work: Path) -> None:
+    """Across folds, keep of each stage only the results of the code version of its newest result (and, for the
+    arms, its number of torchrun processes), as a run of the study would: another version's are dropped."""
+    groups: dict[str, list[tuple[int, Callable[[], None], dict[str, Any], Path]]] = {}
+    for fold, _, f in found:
+        for name in ("synthetic", "fidelity", "memorisation", "baseline"):
+            result = f["stages"][name] or {}
+            if isinstance(result.get("cache"), dict):
+                path = work / name / (str(result.get("key")) + ("" if name == "synthetic" else ".json"))
+                groups.setdefault(name, []).append(
+                    (fold.index, lambda f=f, name=name: f["stages"].__setitem__(name, None), result["cache"], path))
+        for arm, runs in f["arms"].items():
+            for k, run in enumerate(runs):
+                if isinstance((run or {}).get("cache"), dict):
+                    groups.setdefault("copy-paste arm" if arm == "real+copypaste" else "arm", []).append(
+                        (fold.index, lambda runs=runs, k=k: runs.__setitem__(k, None), run["cache"],
+                         work / "arms" / f"{run.get('key')}.json"))
+    for entries in groups.values():
+        newest = max(entries, key=lambda e: float(e[2].get("written", 0.0)))[2]
+        version = (newest.get("code"), newest.get("inputs", {}).get("world"))
+        for fold_index, drop, record, path in entries:
+            if (record.get("code"), record.get("inputs", {}).get("world")) != version:
+                drop()
+                notices.add(fold_index, OLDER_CODE, [path])
+
+
+def assemble(work: Path, folds: Sequence[Any], seeds_of: Any, all_case_ids: Sequence[str], study: Any = None,
+             notices: _Notices | None = None) -> tuple[dict, dict]:
     """``results`` in the shape ``build_report`` reads (complete folds and arms only) and the ``partial`` record.
 
-    ``seeds_of(fold, arm)`` gives the arm's seeds in that fold.
+    ``seeds_of(fold, arm)`` gives the arm's seeds in that fold; ``study`` and ``notices`` as in ``collect_fold``.
     """
+    notices = notices if notices is not None else _Notices(Path(work))
     found = []
     for fold in folds:
         seeds = {arm: seeds_of(fold, arm) for arm in ARMS}
-        found.append((fold, seeds, collect_fold(work, fold, seeds, all_case_ids)))
+        found.append((fold, seeds, collect_fold(work, fold, seeds, all_case_ids, study, notices)))
+    _one_version(found, notices, Path(work))
     included = [(fold, seeds, f) for fold, seeds, f in found if all(v is not None for v in f["stages"].values())]
     complete_arms = [arm for arm in ARMS
                      if included and all(all(r is not None for r in f["arms"][arm]) for _, _, f in included)]
@@ -154,9 +295,14 @@ def preview(data: Path, work: Path, report_dir: Path, config: Any, *, extra_labe
                           folds=None, overwrite=overwrite)
     study = _Study(inputs, Path(work), inputs.device, _Dist(0, 1, 0), False)
     study.eta = _ETA(_Study.STAGE_WEIGHTS, [])
-    study.prepare()
-    results, partial = assemble(Path(work), inputs.folds, lambda fold, arm: [
-        study._arm_seed(fold, arm, k) for k in range(config.seg_config.seeds)], [c.case_id for c in inputs.cases])
+    notices = _Notices(Path(work))
+    with WorkLock(Path(work)):  # a study in this folder removes no superseded file while it is read
+        study.prepare()
+        results, partial = assemble(Path(work), inputs.folds, lambda fold, arm: [
+            study._arm_seed(fold, arm, k) for k in range(config.seg_config.seeds)], [c.case_id for c in inputs.cases],
+            study, notices)
+    for line in notices.text():
+        print(f"preview: {line}", file=sys.stderr)
     if not results["folds"]:
         from ..schema.errors import MedSynthError
 

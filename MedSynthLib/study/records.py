@@ -29,6 +29,7 @@ from typing import Sequence
 from ..schema.errors import InputError, MedSynthError
 from ..schema.provenance import file_sha256 as _sha256
 from ..schema.volume_io import write_json
+from .cache import WorkLock
 
 MANIFEST = "records.json"
 RECORDS_VERSION = 1
@@ -72,20 +73,21 @@ def save(work: Path, records: Path) -> dict[str, str]:
         raise InputError(work, "not a study work folder")
     manifest = read_manifest(records) if (records / MANIFEST).exists() else {}
     new: dict[str, str] = {}
-    for rel in stage_files(work):  # check everything before writing anything
-        digest = _sha256(work / rel)
-        if manifest.get(rel.as_posix(), digest) != digest:
-            raise InputError(records / rel, f"differs from {work / rel}; the records belong to another run")
-        if rel.as_posix() not in manifest:
-            new[rel.as_posix()] = digest
-    for key, digest in new.items():
-        rel = Path(key)
-        target = records / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)[1])
-        shutil.copyfile(work / rel, tmp)
-        os.replace(tmp, target)
-        manifest[key] = digest
+    with WorkLock(work):  # a study in this folder removes no superseded result while it is copied
+        for rel in stage_files(work):  # check everything before writing anything
+            digest = _sha256(work / rel)
+            if manifest.get(rel.as_posix(), digest) != digest:
+                raise InputError(records / rel, f"differs from {work / rel}; the records belong to another run")
+            if rel.as_posix() not in manifest:
+                new[rel.as_posix()] = digest
+        for key, digest in new.items():
+            rel = Path(key)
+            target = records / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)[1])
+            shutil.copyfile(work / rel, tmp)
+            os.replace(tmp, target)
+            manifest[key] = digest
     records.mkdir(parents=True, exist_ok=True)
     write_json({"version": RECORDS_VERSION, "files": dict(sorted(manifest.items()))}, records / MANIFEST,
                overwrite=True)

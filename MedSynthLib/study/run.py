@@ -26,7 +26,9 @@ Every stage is cached in the work folder under a key that hashes the
 configuration and data it depends on (the arms and the baseline also the source of their
 modules, :mod:`MedSynthLib.study.stages`), so an interrupted study resumes where it
 stopped and a finished one re-reports instantly.  The report folder is written
-atomically at the end (:mod:`MedSynthLib.study.report`).
+atomically at the end (:mod:`MedSynthLib.study.report`); then the stage results of the
+work folder this run did not use (another cache version's) are removed, unless another
+process holds the folder (:mod:`MedSynthLib.study.cache`).
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ from ..schema.errors import InputError, MedSynthError
 from ..schema.labels import tumour_mask
 from ..schema.volume_io import check_writable, write_json
 from ..training.train import Dist
+from .cache import WorkLock, cache_record, remove, superseded
 from .config import CONFIG_NAMES, StudyConfig, configs_root, load_config  # noqa: F401  (re-exported)
 from .data import (PREP_VERSION, STUDY_VERSION, CaseInfo, ExtraTumour, RealCase, StudyGrid,
                    sha256_json)
 from .segmenter import ARMS, SegCase
 from .stages import stage_key
+
+# The learned arms that train on the fold's synthetic cases (their results depend on which ones).
+SYNTHETIC_ARMS = ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean")
 
 
 # --- distributed (torchrun) --------------------------------------------------------------------
@@ -305,17 +311,49 @@ def run_study(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels
     _log(f"{len(inputs.cases)} cases, {len(inputs.folds)} fold(s), config {config.name}, device {dev}, "
          f"work folder {work}")
     study = _Study(inputs, work, dev, d, progress)
-    results = study.run()
     from .report import build_report, write_report
 
-    report = build_report(inputs, results, study, command=command, started_utc=started_utc,
-                          wall_seconds=time.perf_counter() - started)
-    if d.main:
-        write_report(report, results, study, report_dir, overwrite=overwrite)
-        _log(f"report written to {report_dir} in {_fmt_seconds(time.perf_counter() - started)}")
+    # Rank 0 holds the work folder for the whole run (under torchrun it speaks for every rank).
+    with WorkLock(work) if d.main else _no_lock() as lock:
+        results = study.run()
+        report = build_report(inputs, results, study, command=command, started_utc=started_utc,
+                              wall_seconds=time.perf_counter() - started)
+        if d.main:
+            write_report(report, results, study, report_dir, overwrite=overwrite)
+            _log(f"report written to {report_dir} in {_fmt_seconds(time.perf_counter() - started)}")
+            _remove_superseded(work, results, lock)
     d.sync(dev.type)
     d.release()
     return report
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield None
+
+
+def _remove_superseded(work: Path, results: dict[str, Any], lock: WorkLock) -> None:
+    """Remove the stage results this finished run did not use: another cache version's (made by another version
+    of MedSynth or with other options, superseded by those this run made or found), unless another process
+    holds the work folder; one line either way, none when there is nothing."""
+    keep: dict[str, list[str]] = {}
+    for fold in results["folds"]:
+        for name in ("synthetic", "fidelity", "memorisation", "baseline"):
+            keep.setdefault(name, []).append(fold[name]["key"])
+        keep.setdefault("arms", []).extend(run["key"] for entry in fold["arms"].values() for run in entry["runs"])
+    with lock.alone() as alone:
+        old = superseded(work, keep)
+        if not old:
+            return
+        from collections import Counter
+
+        counts = ", ".join(f"{folder}: {n}" for folder, n in Counter(p.parent.name for p in old).items())
+        what = f"{len(old)} cached result(s) of older cache versions ({counts})"
+        if not alone:
+            _log(f"kept {what} in {work}: another process (a study, preview or records save) holds the work folder")
+            return
+        freed = remove(old)
+    _log(f"removed {what} from {work}, {freed / 2 ** 20:.1f} MiB: this run made or found their stages anew")
 
 
 class _Study:
@@ -521,10 +559,8 @@ class _Study:
         from .segmenter import make_seg_case
 
         cfg = self.config.synthetic
-        key = stage_key({"model": model.sha256, "train": [self.sha[c] for c in fold.train],
-                         "extras": [e.sha256 for e in self.fold_extras(fold)], "template": self.template_info,
-                         "grid": self.grid.to_json(), "seed": self.config.seed, "fold": fold.index,
-                         "v": STUDY_VERSION}, cfg, self.SYNTHETIC_MODULES)
+        identity = self.synthetic_identity(fold, model.sha256)
+        key = stage_key(*identity)
         folder = self.work / "synthetic" / key
         index_path = folder / "index.json"
         t0 = time.perf_counter()
@@ -554,7 +590,7 @@ class _Study:
                                     model_sha256=model.sha256))
             same, differing = self._older_synthetic(fold, model, key, tmp, entries)
             index = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2),
-                     "same_data_as": same}
+                     "same_data_as": same, "cache": cache_record(*identity)}
             write_json(index, tmp / "index.json")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -595,6 +631,8 @@ class _Study:
             older = _read_json(index_path)
             if index_path.parent.name == key or not isinstance(older, dict) or not older.get("cases"):
                 continue
+            if (older.get("cache") or {}).get("inputs", {}).get("fold", fold.index) != fold.index:
+                continue
             cases = older["cases"]
             bases = {e.get("base") for e in cases} & set(self.sha)
             if ({e.get("model_sha256") for e in cases} != {model.sha256} or not bases
@@ -619,9 +657,8 @@ class _Study:
         from ..schema.grid import LabelMap
         from ..schema.labels import NUM_CLASSES, brain_mask
 
-        key = stage_key({"model": model.sha256, "test": [self.sha[c] for c in fold.test],
-                         "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION}, {"train_gap": 1},
-                        ("MedSynthLib.evaluation.metrics", "MedSynthLib.synthesis.synthesize"))
+        identity = self.fidelity_identity(fold, model.sha256)
+        key = stage_key(*identity)
         path = self.work / "fidelity" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -665,7 +702,7 @@ class _Study:
                 train_cases[c] = {modality: fidelity(real.images[m], synthetic.images[modality], real.brain, {})
                                   for m, modality in enumerate(MODALITIES)}
             result = {"key": key, "cases": cases, "train_cases": train_cases,
-                      "seconds": round(time.perf_counter() - t0, 2)}
+                      "seconds": round(time.perf_counter() - t0, 2), "cache": cache_record(*identity)}
             _write_json_atomic(result, path)
         self.d.sync(self.device.type)
         result = _read_json(path)
@@ -678,8 +715,8 @@ class _Study:
     def _memorisation(self, fold: Fold, synth: dict[str, Any], tag: str) -> dict[str, Any]:
         from .report import ncc
 
-        key = stage_key({"synthetic": synth["key"], "train": [self.sha[c] for c in fold.train],
-                         "v": STUDY_VERSION}, {}, ("MedSynthLib.study.report",))
+        identity = self.memorisation_identity(fold, synth["key"])
+        key = stage_key(*identity)
         path = self.work / "memorisation" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -692,7 +729,8 @@ class _Study:
                 entries.append({"name": prov["name"], "kind": prov["kind"], "base": prov["base"],
                                 "nearest_training_case": nearest, "ncc_nearest": scores[nearest],
                                 "ncc_base": scores.get(prov["base"]), "ncc_all": scores})
-            result = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2)}
+            result = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2),
+                      "cache": cache_record(*identity)}
             _write_json_atomic(result, path)
         self.d.sync(self.device.type)
         result = _read_json(path)
@@ -709,6 +747,41 @@ class _Study:
     COPY_PASTE_MODULES = SEGMENTER_MODULES + ("MedSynthLib.study.copypaste", "MedSynthLib.edits.insert",
                                               "MedSynthLib.edits.base", "MedSynthLib.edits.transforms",
                                               "MedSynthLib.edits.geometry")
+
+    # ---- what each stage's cache key hashes: (inputs, config, modules), also recorded in its result
+    def synthetic_identity(self, fold: Fold, model_sha256: str) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
+        return ({"model": model_sha256, "train": [self.sha[c] for c in fold.train],
+                 "extras": [e.sha256 for e in self.fold_extras(fold)], "template": self.template_info,
+                 "grid": self.grid.to_json(), "seed": self.config.seed, "fold": fold.index, "v": STUDY_VERSION},
+                self.config.synthetic, self.SYNTHETIC_MODULES)
+
+    def fidelity_identity(self, fold: Fold, model_sha256: str) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
+        return ({"model": model_sha256, "test": [self.sha[c] for c in fold.test],
+                 "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION}, {"train_gap": 1},
+                ("MedSynthLib.evaluation.metrics", "MedSynthLib.synthesis.synthesize"))
+
+    def memorisation_identity(self, fold: Fold, synthetic_key: str) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
+        return ({"synthetic": synthetic_key, "train": [self.sha[c] for c in fold.train], "v": STUDY_VERSION}, {},
+                ("MedSynthLib.study.report",))
+
+    def baseline_identity(self, fold: Fold) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
+        from . import baseline
+
+        return ({"train": [self.sha[c] for c in fold.train], "test": [self.sha[c] for c in fold.test],
+                 "grid": self.grid.to_json()}, {"variants": baseline.VARIANTS}, self.BASELINE_MODULES)
+
+    def arm_identity(self, fold: Fold, arm: str, seed: int, synthetic_key: str | None
+                     ) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
+        cfg = self.config.seg_config
+        copy_paste = arm == "real+copypaste"
+        return ({"arm": arm, "train": [self.sha[c] for c in self._arm_real_cases(fold, arm)],
+                 "test": [self.sha[c] for c in fold.test],
+                 "finetune": self._finetune_cases(fold) if arm == "synthetic+finetune" else [],
+                 "synthetic": synthetic_key if arm in SYNTHETIC_ARMS else None, "seed": seed, "fold": fold.index,
+                 "world": self.d.world, "v": STUDY_VERSION,
+                 **({"grid": self.grid.to_json(), "study_seed": self.config.seed} if copy_paste else {})},
+                {k_: v for k_, v in cfg.to_json().items() if k_ != "seeds"},
+                self.COPY_PASTE_MODULES if copy_paste else self.SEGMENTER_MODULES)
 
     def _finetune_cases(self, fold: Fold) -> list[str]:
         cfg = self.config.seg_config
@@ -763,10 +836,10 @@ class _Study:
         """The FLAIR-threshold gate, fitted on the fold's training cases only (both variants)."""
         from . import baseline
         from .segmenter import score
-        from .stages import cached_stage, stage_key
+        from .stages import cached_stage
 
-        key = stage_key({"train": [self.sha[c] for c in fold.train], "test": [self.sha[c] for c in fold.test],
-                         "grid": self.grid.to_json()}, {"variants": baseline.VARIANTS}, self.BASELINE_MODULES)
+        identity = self.baseline_identity(fold)
+        key = stage_key(*identity)
         t0 = time.perf_counter()
 
         def compute() -> dict[str, Any]:
@@ -777,6 +850,7 @@ class _Study:
                                    self.seg_real[c].labels, self.seg_real[c].spacing) for c in fold.test}
                 out["variants"][variant] = {"fit": fitted.to_json(), "scores": scores}
             out["seconds"] = round(time.perf_counter() - t0, 2)
+            out["cache"] = cache_record(*identity)
             return out
 
         result, computed = cached_stage(self.work / "baseline" / f"{key}.json", compute, write=self.d.main)
@@ -805,17 +879,11 @@ class _Study:
         cfg = self.config.seg_config
         tune = self._finetune_cases(fold) if arm == "synthetic+finetune" else []
         real_ids = self._arm_real_cases(fold, arm)
-        uses_synthetic = arm in ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean")
+        uses_synthetic = arm in SYNTHETIC_ARMS
         copy_paste = arm == "real+copypaste"
 
         def key_for(synthetic: str) -> str:
-            return stage_key({"arm": arm, "train": [self.sha[c] for c in real_ids],
-                              "test": [self.sha[c] for c in fold.test], "finetune": tune,
-                              "synthetic": synthetic if uses_synthetic else None, "seed": seed, "fold": fold.index,
-                              "world": self.d.world, "v": STUDY_VERSION,
-                              **({"grid": self.grid.to_json(), "study_seed": self.config.seed} if copy_paste else {})},
-                             {k_: v for k_, v in cfg.to_json().items() if k_ != "seeds"},
-                             self.COPY_PASTE_MODULES if copy_paste else self.SEGMENTER_MODULES)
+            return stage_key(*self.arm_identity(fold, arm, seed, synthetic))
 
         key = key_for(synth["key"])
         path = self.work / "arms" / f"{key}.json"
@@ -827,7 +895,8 @@ class _Study:
             for older in synth.get("same_as", []):
                 found = _read_json(self.work / "arms" / f"{key_for(older)}.json")
                 if isinstance(found, dict):
-                    result = dict(found, key=key, reused_from=found.get("key"))
+                    result = dict(found, key=key, reused_from=found.get("key"),
+                                  cache=cache_record(*self.arm_identity(fold, arm, seed, synth["key"])))
                     if self.d.main:
                         _write_json_atomic(result, path)
                     break
@@ -860,7 +929,8 @@ class _Study:
                     scores = evaluate_cases(model, test_cases, cfg, self.device)
                 result = {"key": key, "arm": arm, "seed": seed, "scores": scores, "training": info,
                           "finetune_cases": tune, "real_cases": real_ids,
-                          "seconds": round(time.perf_counter() - t0, 2)}
+                          "seconds": round(time.perf_counter() - t0, 2),
+                          "cache": cache_record(*self.arm_identity(fold, arm, seed, synth["key"]))}
                 if copy_paste:
                     result["copy_paste_cases"] = paste_records
                 _write_json_atomic(result, path)
