@@ -5,7 +5,9 @@ into a ``vtkMRMLScene`` (PyPI ``slicer-core``), prepared (the real anatomy model
 inpainted by the real worker with a tiny random-weight inpainting model.  MedSynthLib cannot tell where such a
 patient's tumour was from the label map alone; the module knows the map as it was prepared, before the user's
 edits, and sends it as the old labels: the region is what the user changed, the provenance says ``old-labels``, and
-the log says once that a tumour nobody segmented stays in the images.
+the log says once that a tumour nobody segmented stays in the images.  That map is kept with the scene (saved and
+opened again here); where it is not known, the preview refuses with Generate's reason, and the panel words these
+refusals without command-line options.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from MedSynthLib.schema.labels import MODALITIES, tumour_mask  # noqa: E402
 from MedSynthLib.schema.provenance import array_sha256  # noqa: E402
 from MedSynthLib.synthesis.inpainting import DEFAULT_MARGIN_MM, changed_region  # noqa: E402
 from MedSynthSlicerLib import mrml  # noqa: E402
+from MedSynthSlicerLib.errors import WorkflowError  # noqa: E402
 from MedSynthSlicerLib.logic import WorkflowLogic  # noqa: E402
 from MedSynthSlicerLib.parameters import GenerateOptions, TumourParameters  # noqa: E402
 from test_inpainting import write_tiny_inpainting_model  # noqa: E402
@@ -176,20 +179,122 @@ def test_a_scene_read_again_takes_an_unedited_map_as_the_map_before_the_edits(st
         later.cleanup()
 
 
+def _forget_the_stored_map_before_the_edits(segmentation) -> None:
+    """The segmentation as a scene saved before MedSynth kept the map before the edits with it."""
+    for name in segmentation.GetAttributeNames() or ():
+        if "BeforeEdits" in name:
+            segmentation.RemoveAttribute(name)
+
+
 def test_an_edited_map_read_by_a_new_session_is_still_refused(state):
-    """An edited map whose state before the edits this session never saw: the worker's refusal stands (one line, the
-    scene as it was) rather than a guess at the map before the edits."""
+    """An edited map whose state before the edits this session never saw (a scene saved by a MedSynth that did not
+    keep it): the worker's refusal stands (one line, the scene as it was) rather than a guess at the map before the
+    edits, and the preview refuses with the same reason.  Before: the preview inpainted around the new tumour only,
+    silently, where Generate was refused.  The reason is said in Slicer terms (no --old-labels)."""
     seg = state.logic.copy_labels(state.healthy, "edited before")
     state.logic.add_parametric_tumour(seg, _centre_ras(state.nodes["t1"], (22, 24, 20)),
                                       TumourParameters(radius_mm=4.0, oedema_mm=2.0))
+    _forget_the_stored_map_before_the_edits(seg)
     later = WorkflowLogic(state.scene, work_dir=state.logic.work_dir / "later2")
     try:
         before = mrml.node_ids(state.scene)
-        with pytest.raises(Exception, match="no tumour segmentation"):
+        with pytest.raises(WorkflowError, match="no tumour segmentation") as generate:
             later.generate(seg, state.options(), timeout_s=300)
         assert mrml.node_ids(state.scene) == before
+        with pytest.raises(WorkflowError) as preview:
+            later.preview(seg, state.options(), timeout_s=300)
+        assert mrml.node_ids(state.scene) == before  # no preview volumes showing a guess
+        generate_reason = str(generate.value).removeprefix("synthesis failed: ")
+        assert str(preview.value) == f"preview failed: {generate_reason}"
+        assert "--" not in generate_reason and "\n" not in generate_reason, generate_reason
+        assert "Whole synthetic case" in generate_reason  # what the user can do in Slicer
     finally:
         later.cleanup()
+
+
+def test_undo_back_to_the_prepared_map_is_refused_in_slicer_terms(state):
+    """An edit undone: the map equals the map before the edits.  Before: Generate was refused with the library's
+    '... equals the label map before the edit (--old-labels) ...', meaningless in Slicer (the filter took out the
+    option, leaving 'the label map before the edit' unexplained).  Now the panel says nothing was edited."""
+    seg = state.logic.copy_labels(state.healthy, "undone")
+    state.logic.add_parametric_tumour(seg, _centre_ras(state.nodes["t1"], (22, 24, 20)),
+                                      TumourParameters(radius_mm=4.0, oedema_mm=2.0))
+    state.logic.undo(seg)
+    before = mrml.node_ids(state.scene)
+    with pytest.raises(WorkflowError) as refused:
+        state.logic.generate(seg, state.options(), timeout_s=300)
+    message = str(refused.value)
+    assert "nothing was edited" in message and "draw, move or erase a tumour first" in message, message
+    assert "--" not in message and "old-labels" not in message, message
+    assert mrml.node_ids(state.scene) == before
+
+
+def _save_scene(scene, folder: Path) -> Path:
+    """Save a scene as Slicer's Save dialog does: every volume and segmentation through a storage node into
+    ``folder`` (never over the case's own files), then the .mrml."""
+    folder.mkdir()
+    for node in mrml.nodes_by_class(scene, "vtkMRMLStorableNode"):
+        if not (node.IsA("vtkMRMLVolumeNode") or node.IsA("vtkMRMLSegmentationNode")):
+            continue
+        if node.GetStorageNode() is None:
+            node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+        storage.SetFileName(str(folder / f"{node.GetID()}{'.seg' if node.IsA('vtkMRMLSegmentationNode') else ''}.nrrd"))
+        assert storage.WriteData(node), node.GetName()
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Commit()
+    return folder / "scene.mrml"
+
+
+def test_a_scene_saved_after_an_edit_and_opened_again_is_still_inpainted(state, tmp_path):
+    """Before: the map before the edits lived in the session only, so a scene saved after an edit and opened again
+    could not be inpainted (Generate refused, the preview guessed).  Now it is kept with the scene (a hidden label
+    map volume the label segmentation references), and the reopened scene is inpainted around every edit made
+    since the map was prepared, in Generate and the preview alike."""
+    seg = state.logic.copy_labels(state.healthy, "saved after an edit")
+    prepared = state.logic.labelmap(seg).array.copy()
+    state.logic.add_parametric_tumour(seg, _centre_ras(state.nodes["t1"], (22, 24, 20)),
+                                      TumourParameters(radius_mm=5.0, oedema_mm=3.0))
+    edited = state.logic.labelmap(seg).array.copy()
+    url = _save_scene(state.scene, tmp_path / "saved")
+
+    scene, _logics = mrml.create_headless_scene()
+    scene.SetURL(str(url))
+    assert scene.Import()
+    reopened = next(n for n in mrml.nodes_by_class(scene, "vtkMRMLSegmentationNode") if n.GetName() == seg.GetName())
+    logic = WorkflowLogic(scene, work_dir=tmp_path / "work")
+    log: list[str] = []
+    logic.log.connect(log.append)
+    try:
+        after = logic.labelmap(reopened)
+        assert np.array_equal(after.array, edited)
+        outputs = logic.generate(reopened, state.options(), timeout_s=300)
+        folder = logic.case_folder(outputs)
+        provenance = json.loads((folder / "provenance.json").read_text())
+        assert provenance["inpainting"]["old_tumour"] == "old-labels"
+        assert provenance["inpainting"]["old_labels_sha256"] == array_sha256(prepared)
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "synthetic_mask.nii.gz"))) > 0
+        assert np.array_equal(mask, _expected_region(prepared, after))
+        previews = logic.preview(reopened, state.options(), timeout_s=300)
+        for modality, node in previews.items():
+            np.testing.assert_array_equal(mrml.array_from_volume(node), mrml.array_from_volume(outputs[modality]))
+    finally:
+        logic.cleanup()
+        scene.Clear(1)
+
+    # The saved map changed outside MedSynth (it no longer is the map its hash names): no guess, refused.
+    scene, _logics = mrml.create_headless_scene()
+    scene.SetURL(str(url))
+    assert scene.Import()
+    reopened = next(n for n in mrml.nodes_by_class(scene, "vtkMRMLSegmentationNode") if n.GetName() == seg.GetName())
+    reopened.SetAttribute(mrml.BEFORE_EDITS_SHA256_ATTRIBUTE, array_sha256(edited))
+    logic = WorkflowLogic(scene, work_dir=tmp_path / "work2")
+    try:
+        with pytest.raises(WorkflowError, match="no tumour segmentation"):
+            logic.generate(reopened, state.options(), timeout_s=300)
+    finally:
+        logic.cleanup()
+        scene.Clear(1)
 
 
 def test_a_copy_keeps_the_map_before_the_edits_of_its_source(state):

@@ -10,6 +10,14 @@ _GUI_EQUIVALENTS = (
     (re.compile(r"\s*\(choose with --convention\)"), " (rename the files to one naming)"),
     (re.compile(r"\s*\(use --resample to resample\)"), " (resample it onto the T1 first)"),
     (re.compile(r"\s*\(use --overwrite[^)]*\)"), ""),
+    # Inpainting a real case (MedSynthLib.synthesis.inpainting.plan_region): the panel sends the map before the
+    # edits itself, so its refusals say what the user did (undo back to it) or can do, in the panel's terms.
+    (re.compile(r"the label map equals the label map before the edit \(--old-labels\): nothing to re-render "
+                r"\(([^()]*)\); edit the tumour first"),
+     r"nothing was edited: draw, move or erase a tumour first (the label map is as prepared: \1)"),
+    (re.compile(r";\s*give --old-labels \([^()]*\), or make a whole synthetic case \(in Slicer: ([^()]*)\)"),
+     r"; MedSynth does not know this label map as it was before your edits: prepare it again from the case and "
+     r"redo the edits, or choose \1"),
 )
 #: Any other parenthesised hint naming an option, and a trailing "see --help".
 _OPTION_HINT = re.compile(r"\s*\([^()]*(?<![\w-])--[a-z][\w-]*[^()]*\)")

@@ -396,7 +396,9 @@ class Synthesis:
         reset = (new_case or not nodes or any(not self.scene.IsNodePresent(n) for n in nodes.values())
                  or sent is None or not worker.alive() or sent["pid"] != worker.pid
                  or sent["labels"].shape != labelmap.array.shape)
-        common = dict(options.worker_params(), history=list(labelmap.history))
+        # The records with every request: the preview of a real case reads them as Generate does (plan_region).
+        common = dict(options.worker_params(), history=list(labelmap.history),
+                      privacy=labelmap_request(labelmap)[0]["privacy"])
         if context:  # a real case: the worker previews by inpainting its images, as Generate does
             common["context"] = context
         if reset:

@@ -9,10 +9,12 @@ label map is read back (:meth:`LabelSegmentation.labelmap`) and recorded as one
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -413,9 +415,11 @@ class LabelSegmentation:
             # first sight of this segmentation in this session (e.g. a reloaded scene): take it as it is
             if brain_mask(array).any():
                 self._committed[segmentation.GetID()] = array.copy()
-                if len(history) <= 1 and segmentation.GetAttribute(mrml.LABELS_SHA256_ATTRIBUTE) == array_sha256(array):
-                    # as prepared (no edit recorded, none made unseen): the map before the user's edits
-                    self._before_edits[segmentation.GetID()] = array.copy()
+                if (len(history) <= 1 and segmentation.GetAttribute(mrml.LABELS_SHA256_ATTRIBUTE) == array_sha256(array)
+                        and self.labels_before_edits(segmentation) is None):
+                    # as prepared (no edit recorded, none made unseen; a scene saved before the map before the edits
+                    # was kept with it): the map before the user's edits, kept from now on
+                    self._keep_before_edits(segmentation, array)
             if privacy is not None and segmentation.GetAttribute(mrml.LABELS_SHA256_ATTRIBUTE) != array_sha256(array):
                 # Changed where MedSynth did not see it (before this session read it): what was drawn is unknown,
                 # and the record says so from now on.
@@ -577,19 +581,56 @@ class LabelSegmentation:
         if before_edits is True:
             before_edits = array
         if before_edits is not None:
-            self._before_edits[node.GetID()] = np.array(before_edits, copy=True)
+            self._keep_before_edits(node, before_edits)
         return node
+
+    def _keep_before_edits(self, segmentation: Any, array: np.ndarray) -> None:
+        """Keep the map before the user's edits in this session and with the scene (a scene saved after an edit and
+        opened again is still inpainted around every edit)."""
+        from MedSynthLib.schema.provenance import array_sha256
+
+        array = np.array(array, dtype=np.uint8, copy=True)
+        self._before_edits[segmentation.GetID()] = array
+        # A label map is mostly runs of one class: compressed, a few hundred kB at most in the .mrml.
+        segmentation.SetAttribute(mrml.BEFORE_EDITS_ATTRIBUTE,
+                                  base64.b64encode(zlib.compress(array.tobytes(), 6)).decode("ascii"))
+        segmentation.SetAttribute(mrml.BEFORE_EDITS_SHA256_ATTRIBUTE, array_sha256(array))
+
+    @staticmethod
+    def _stored_before_edits(segmentation: Any, shape: tuple[int, ...]) -> "np.ndarray | None":
+        """The map before the edits as saved with the segmentation; None when absent, of another grid, or not the
+        map its hash names (changed outside MedSynth: no guess)."""
+        from MedSynthLib.schema.provenance import array_sha256
+
+        stored = segmentation.GetAttribute(mrml.BEFORE_EDITS_ATTRIBUTE)
+        if not stored:
+            return None
+        try:
+            voxels = zlib.decompress(base64.b64decode(stored, validate=True))
+        except (ValueError, zlib.error):
+            return None
+        if len(voxels) != int(np.prod(shape)):
+            return None
+        array = np.frombuffer(voxels, np.uint8).reshape(shape).copy()
+        return array if segmentation.GetAttribute(mrml.BEFORE_EDITS_SHA256_ATTRIBUTE) == array_sha256(array) else None
 
     def labels_before_edits(self, segmentation: Any) -> "np.ndarray | None":
         """The label map as it was prepared (or adopted, or first read unedited), before the user's edits.
 
         Generate and the preview of a real case without a tumour segmentation take it as the old labels
-        (MedSynthLib's ``--old-labels``): what changed since it is re-rendered.  None when this session never saw
-        the map unedited (a scene saved after an edit and opened again).
+        (MedSynthLib's ``--old-labels``): what changed since it is re-rendered.  Kept with the scene
+        (:meth:`_keep_before_edits`); None when it was never seen unedited (a scene saved after an edit by a
+        MedSynth that did not keep it) or the saved one is not the map its hash names.
         """
-        before = self._before_edits.get(segmentation.GetID()) if segmentation is not None else None
-        reference = self.reference_volume(segmentation) if before is not None else None
-        if before is None or tuple(before.shape) != tuple(reference.GetImageData().GetDimensions()[::-1]):
+        if segmentation is None:
+            return None
+        shape = tuple(self.reference_volume(segmentation).GetImageData().GetDimensions()[::-1])
+        before = self._before_edits.get(segmentation.GetID())
+        if before is None:
+            before = self._stored_before_edits(segmentation, shape)
+            if before is not None:
+                self._before_edits[segmentation.GetID()] = before
+        if before is None or tuple(before.shape) != shape:
             return None
         return before
 

@@ -39,6 +39,10 @@ HISTORY_ATTRIBUTE = "MedSynth.History"
 #: The label map's privacy record as measured step by step (JSON), and the sha256 of the labels it describes.
 PRIVACY_ATTRIBUTE = "MedSynth.Privacy"
 LABELS_SHA256_ATTRIBUTE = "MedSynth.LabelsSHA256"
+#: The label map before the user's edits (zlib-compressed uint8 voxels, base64) and its sha256: an attribute of
+#: the label segmentation, so it is saved with it in every scene format (a node hidden from editors is not).
+BEFORE_EDITS_ATTRIBUTE = "MedSynth.LabelsBeforeEdits"
+BEFORE_EDITS_SHA256_ATTRIBUTE = "MedSynth.LabelsBeforeEditsSHA256"
 ROLE_ATTRIBUTE = "MedSynth.Role"
 #: Values of ROLE_ATTRIBUTE: what a node is to MedSynth.
 ROLE = ROLE_ATTRIBUTE

@@ -195,12 +195,14 @@ class Worker:
         Params: ``session`` (the client's id of the case), ``reset`` (start the session: the
         label map is whole, with ``grid``), ``start`` (k, j, i of the label region), ``base`` (the
         session version the region applies to), ``seed``, ``margin``, ``renderer`` (name);
+        ``history`` and ``privacy`` (the label map's records, with every request: read as Generate reads them);
         ``context`` (a real case folder: the inpainting renderer with ``inpainting_model``, the rule
         of Generate).
         Arrays: ``labels`` (the whole map, or the region); with ``reset`` and ``context``, ``old_labels``
         (:meth:`labels_before_edits`, as for Generate).
         """
         from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.provenance import PrivacyRecord
         from MedSynthLib.synthesis.inpainting import read_context
         from MedSynthLib.synthesis.preview import PreviewSession, make_renderer
 
@@ -239,7 +241,7 @@ class Worker:
                 raise MedSynthError("preview: the request carries no label region")
             region = take_array(request.arrays["labels"])
             session.set_labels(tuple(int(v) for v in params.get("start", (0, 0, 0))), region,
-                               params.get("history"))
+                               params.get("history"), PrivacyRecord.from_json(params.get("privacy")))
         session = self._session
         applied = time.perf_counter()
         # The labels are applied even when this request was superseded: the newer one builds on them.

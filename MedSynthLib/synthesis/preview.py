@@ -186,6 +186,11 @@ class InpaintingRoiRenderer:
         feather_mm: width of the blend inside the region's border.
         old_labels: the label map before the edits (``inpaint_case``'s ``old_labelmap``): the region is then what
             changed since it, and its tumour is the old one instead of the case's segmentation.
+
+    Without ``old_labels``, for a case without a tumour segmentation, the old tumour is what the label map's
+    history says exactly, read again at every render as :func:`~.inpainting.plan_region` reads it; where the
+    history does not say it, :meth:`full` and :meth:`roi` refuse with Generate's own reason (a preview that
+    inpainted around the new tumour only would show an unsegmented tumour of the patient as if it were gone).
     """
 
     name = "inpainting"
@@ -208,6 +213,16 @@ class InpaintingRoiRenderer:
     def _spacing(self, labelmap: LabelMap) -> tuple[float, float, float]:
         return tuple(float(s) for s in labelmap.grid.spacing[::-1])  # type: ignore[return-value]
 
+    def _tumour_from_history(self, labelmap: LabelMap) -> np.ndarray | None:
+        """The old tumour of a case without segmentation nor old labels: what the history says, else refused."""
+        from .inpainting import _old_tumour_from_history, plan_region
+
+        old, problem = _old_tumour_from_history(labelmap)
+        if problem is not None:
+            plan_region(labelmap, self.context, margin_mm=self.margin_mm)  # raises Generate's refusal, word for word
+            raise MedSynthError(problem)  # not reached: plan_region refuses the same history
+        return old
+
     def full(self, labelmap: LabelMap, check: Callable[[], None] | None = None) -> None:
         from ..schema.labels import tumour_mask
         from .inpainting import ContextCase, TissueMoments, grown_tumour, read_context
@@ -217,7 +232,12 @@ class InpaintingRoiRenderer:
         if self.old_labels is not None and self.old_labels.shape != labelmap.array.shape:
             raise MedSynthError(f"the label map before the edits {self.old_labels.shape} is not on the label map's "
                                 f"grid {labelmap.array.shape}")
-        own = self.context.tumour if self.context.tumour is not None else np.zeros(labelmap.array.shape, np.uint8)
+        if self.context.tumour is not None:
+            own = self.context.tumour
+        else:
+            from_history = self._tumour_from_history(labelmap) if self.old_labels is None else None
+            own = (np.zeros(labelmap.array.shape, np.uint8) if from_history is None
+                   else np.where(from_history, labelmap.array, 0).astype(np.uint8))
         self.images = {m: image.astype(np.float32) for m, image in self.context.images.items()}
         self.region, self.region_box = None, None
         # Kept for every later render: what does not change with the edits is computed once per case.
@@ -241,10 +261,11 @@ class InpaintingRoiRenderer:
         if self.old_labels is not None:  # what changed since the old labels, as inpaint_case takes it
             region = changed_region(labelmap.array, tumour_mask(self.old_labels), self.margin_mm, spacing,
                                     self.old_labels)
-        else:
-            own = self.context.tumour > 0 if self.context.tumour is not None else None
-            region = changed_region(labelmap.array, own, self.margin_mm, spacing,  # the region inpaint_case takes
-                                    old_grown=self.own_grown)
+        elif self.context.tumour is not None:
+            region = changed_region(labelmap.array, self.context.tumour > 0, self.margin_mm, spacing,
+                                    old_grown=self.own_grown)  # the region inpaint_case takes
+        else:  # the history's old tumour, as it says now (every edit extends it): as plan_region takes it
+            region = changed_region(labelmap.array, self._tumour_from_history(labelmap), self.margin_mm, spacing)
         tight: Box | None = None
         if region.any():
             if check is not None:
@@ -311,14 +332,19 @@ class PreviewSession:
 
     def __init__(self, renderer: RoiRenderer, labelmap: LabelMap) -> None:
         self.renderer = renderer
-        self.labelmap = LabelMap(np.array(labelmap.array, copy=True), labelmap.grid, list(labelmap.history))
+        # The privacy record with the history: the inpainting renderer reads both as Generate does.
+        self.labelmap = LabelMap(np.array(labelmap.array, copy=True), labelmap.grid, list(labelmap.history),
+                                 privacy=labelmap.privacy)
         self.version = 0
         self.rendered = False  # the renderer holds images of an earlier state of the label map
         self.pending: Box | None = None  # where the labels changed since the last finished render
 
     def set_labels(self, start: tuple[int, int, int], region: np.ndarray,
-                   history: list[dict[str, Any]] | None = None) -> Box | None:
+                   history: list[dict[str, Any]] | None = None, privacy: Any = None) -> Box | None:
         """Write a region of the label map at ``start`` (k, j, i); returns the box of voxels that changed.
+
+        ``history``, when given, and ``privacy`` (a :class:`~..schema.provenance.PrivacyRecord`, None: not
+        measured) are the label map's records after the edit.
 
         The change is pending until a render finishes; the version counts every call.
 
@@ -339,8 +365,8 @@ class PreviewSession:
         if changed is not None:
             window[...] = region
             self.pending = box_union(self.pending, changed)
-        if history is not None:
-            self.labelmap.history = list(history)
+        if history is not None:  # a record kept from before the edit would not describe the new history
+            self.labelmap.history, self.labelmap.privacy = list(history), privacy
         self.version += 1
         return changed
 
