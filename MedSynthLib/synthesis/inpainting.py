@@ -692,7 +692,7 @@ class InpaintingPlan:
     seconds: float = 0.0
 
 
-def _old_tumour_from_history(labelmap: Any) -> tuple[np.ndarray | None, str | None]:
+def old_tumour_from_history(labelmap: Any) -> tuple[np.ndarray | None, str | None]:
     """Where the patient's tumour was before the edits, read from the label map's history alone.
 
     Returns (the old tumour mask or ``None`` for none, ``None``) when the history says it, else (``None``, why
@@ -742,7 +742,7 @@ def plan_region(labelmap: Any, context: ContextCase, *, old_labelmap: Any = None
     """The region :func:`inpaint_case` re-renders, and where the old tumour came from; refused when unknown or empty.
 
     The old tumour is ``old_labelmap``'s, else the case's own segmentation, else what the label map's history
-    says exactly (:func:`_old_tumour_from_history`).  Cheap next to loading a model: callers check it first.
+    says exactly (:func:`old_tumour_from_history`).  Cheap next to loading a model: callers check it first.
 
     Args:
         labels_name: the label map's file, named in the refusals (the Slicer worker has none).
@@ -767,7 +767,7 @@ def plan_region(labelmap: Any, context: ContextCase, *, old_labelmap: Any = None
     elif context.tumour is not None:
         old_tumour, old_source = context.tumour > 0, "case-segmentation"
     else:
-        old_tumour, problem = _old_tumour_from_history(labelmap)
+        old_tumour, problem = old_tumour_from_history(labelmap)
         if problem is not None:
             raise InputError(context.folder, f"has no tumour segmentation, and {problem}: where the patient's tumour "
                                              "was is unknown, and it would stay in the images labelled as healthy "

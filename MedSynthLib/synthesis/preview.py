@@ -215,9 +215,9 @@ class InpaintingRoiRenderer:
 
     def _tumour_from_history(self, labelmap: LabelMap) -> np.ndarray | None:
         """The old tumour of a case without segmentation nor old labels: what the history says, else refused."""
-        from .inpainting import _old_tumour_from_history, plan_region
+        from .inpainting import old_tumour_from_history, plan_region
 
-        old, problem = _old_tumour_from_history(labelmap)
+        old, problem = old_tumour_from_history(labelmap)
         if problem is not None:
             plan_region(labelmap, self.context, margin_mm=self.margin_mm)  # raises Generate's refusal, word for word
             raise MedSynthError(problem)  # not reached: plan_region refuses the same history
