@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from ..schema.grid import Grid
 from ..schema.labels import schema_to_tumour
+from ..schema.review import BRATS_SUFFIXES
 
 LAYOUTS = ("nnunet", "msd", "brats2021", "brats2023")
 #: nnU-Net channel order (as nnU-Net's BraTS 2021 conversion) and MSD Task01's modality order.
@@ -41,10 +42,6 @@ NNUNET_REGIONS_CLASS_ORDER = [1, 2, 3]
 MSD_ORDER = ("flair", "t1", "t1ce", "t2")
 MSD_MODALITY = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 MSD_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
-BRATS_SUFFIXES = {
-    "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
-    "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},
-}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
 
 

@@ -23,6 +23,11 @@ SYNTHETIC_KIND = "medsynth-synthetic-case"
 #: only.
 GENERATE_RUN_FILE = "generate.json"
 GENERATE_PROVENANCE_DIR = "provenance"
+#: How a BraTS-layout case folder (``medsynth generate --layout``) names its files: modality -> file-name suffix.
+BRATS_SUFFIXES = {
+    "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
+    "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},
+}
 
 
 def clean_note(note: Any) -> str:

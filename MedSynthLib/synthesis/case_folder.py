@@ -235,7 +235,7 @@ def generated_record(folder: str | os.PathLike[str]) -> Path | None:
 def generated_case_files(folder: Path, raw: Mapping[str, Any], record: Path) -> dict[str, Path]:
     """Modality (and ``labels``, the tumour segmentation) -> file of a generate case folder, by the naming of the
     layout its record names; refused when the record is not that of a BraTS-layout case of this folder."""
-    from ..generate.layouts import BRATS_SUFFIXES
+    from ..schema.review import BRATS_SUFFIXES
 
     layout = raw.get("layout")
     if layout not in BRATS_SUFFIXES:
