@@ -225,3 +225,138 @@ def test_partial_assembly_takes_one_cache_version(tmp_path) -> None:
     assert partial["folds"][1]["arms_seeds_done"] == dict.fromkeys(ARMS, 0)  # another code version: dropped
     dropped = [line for line in notices.text() if line.startswith("fold 2:") and "another version" in line]
     assert len(dropped) == 1 and dropped[0].count("arms/2_") == 2 * len(ARMS), notices.text()
+
+
+# --- studies of two configs in one work folder -----------------------------------------------------------------
+
+
+def _config_args(data: Path, out: Path, work: Path, config: str) -> list[str]:
+    return [a if a != "micro" else config for a in study_args(data, out, "--work", str(work))]
+
+
+def _older_code(module: str = "MedSynthLib.edits.random_edits"):
+    """Another source of ``module``: the cache keys another version of MedSynth gave its stages."""
+    from MedSynthLib.study import stages
+
+    real_source = stages.inspect.getsource
+    patch = pytest.MonkeyPatch()
+    patch.setattr(stages.inspect, "getsource",
+                  lambda m: real_source(m) + ("# older\n" if m.__name__ == module else ""))
+    return patch
+
+
+@pytest.fixture(scope="module")
+def two_configs(tmp_path_factory) -> dict:
+    """Config A (micro), then config B (one synthetic case per training case) in one work folder: first B made
+    by an older version of the synthetic code, then B by this one, then A again."""
+    root = tmp_path_factory.mktemp("two_configs")
+    data = write_cases(root / "cases")
+    work = root / "work"
+    config_b = root / "study_b.json"
+    micro = json.loads((Path(__file__).resolve().parents[1] / "Resources/configs/study_micro.json").read_text())
+    micro.pop("$comment")
+    config_b.write_text(json.dumps(dict(micro, synthetic=dict(micro["synthetic"], per_case=1))))
+
+    assert main(_config_args(data, root / "a", work, "micro")) == 0
+    a_files = _files(work)
+    shutil.copytree(work, root / "after_a", symlinks=True)
+    patch = _older_code()
+    try:
+        assert main(_config_args(data, root / "b_older", work, str(config_b))) == 0
+    finally:
+        patch.undo()
+    b_older = _files(work) - a_files
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(_config_args(data, root / "b", work, str(config_b))) == 0
+    b_files = _files(work)
+    err_again = io.StringIO()
+    with contextlib.redirect_stderr(err_again):
+        assert main(_config_args(data, root / "a_again", work, "micro")) == 0
+    return {"data": data, "work": work, "config_b": config_b, "a_files": a_files, "b_older": b_older,
+            "b_files": b_files, "err_b": err.getvalue(), "err_a_again": err_again.getvalue(),
+            "after_a": root / "after_a", "report": {name: json.loads((root / name / "report.json").read_text())
+                                                     for name in ("a", "b_older", "b", "a_again")}}
+
+
+def test_a_run_of_other_options_keeps_the_first_configs_results(two_configs) -> None:
+    """Before, config B's finish removed config A's synthetic cases, memorisation checks and the 16 arms trained
+    on them, so a rerun of A trained them again."""
+    assert two_configs["a_files"] <= two_configs["b_files"], sorted(two_configs["a_files"] - two_configs["b_files"])
+    again = two_configs["report"]["a_again"]
+    assert not any(again["timings"]["stage_computed_this_run"].values()), again["timings"]
+    assert again["segmentation"] == two_configs["report"]["a"]["segmentation"]
+    assert "older cache versions" not in two_configs["err_a_again"] and "kept" not in two_configs["err_a_again"]
+    assert two_configs["b_files"] <= _files(two_configs["work"])  # and A's rerun keeps B's
+
+
+def test_a_run_removes_the_older_versions_of_its_own_results(two_configs) -> None:
+    lines = [line for line in two_configs["err_b"].splitlines() if "older cache versions" in line]
+    assert len(lines) == 1, two_configs["err_b"]
+    assert lines[0].startswith("medsynth study: removed 20 cached result(s) of older cache versions"), lines[0]
+    assert "synthetic: 2" in lines[0] and "arms: 16" in lines[0] and "memorisation: 2" in lines[0], lines[0]
+    assert "do not record" not in lines[0]
+    older_b = two_configs["report"]["b_older"]
+    older_keys = {f["cache_key"] for f in older_b["synthetic_cases"]}
+    current_keys = {f["cache_key"] for f in two_configs["report"]["b"]["synthetic_cases"]}
+    assert older_keys and not older_keys & current_keys
+    removed = two_configs["b_older"] - two_configs["b_files"]
+    assert {f.split("/")[1] for f in removed if f.startswith("synthetic/")} == older_keys
+    assert sum(f.startswith("arms/") for f in removed) == 16 and sum(f.startswith("memorisation/") for f in removed) == 2
+    assert not removed & two_configs["a_files"]
+
+
+def test_results_that_do_not_record_their_options_are_kept_and_counted(two_configs, tmp_path, capsys) -> None:
+    """A work folder of a MedSynth that recorded no options: config B's finish cannot tell A's results from
+    older versions of its own, so it keeps them and says how many."""
+    work = tmp_path / "work"
+    shutil.copytree(two_configs["after_a"], work, symlinks=True)
+    for path in [*work.glob("*/*.json"), *work.glob("synthetic/*/index.json")]:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.pop("cache", None) is not None:
+            path.write_text(json.dumps(data))
+    before = _files(work)
+    capsys.readouterr()
+    assert main(_config_args(two_configs["data"], tmp_path / "b", work, str(two_configs["config_b"]))) == 0
+    err = capsys.readouterr().err
+    assert before <= _files(work)
+    lines = [line for line in err.splitlines() if "do not record" in line]
+    assert len(lines) == 1 and "older cache versions" not in lines[0], err
+    # A's synthetic cases and memorisation checks of 2 folds, the 16 arms trained on them (the rest B uses too).
+    assert lines[0].startswith("medsynth study: kept 20 cached result(s) that do not record which options made them "
+                               "(synthetic: 2, arms: 16, memorisation: 2)"), lines[0]
+
+
+def test_only_results_of_the_same_options_are_superseded(tmp_path) -> None:
+    """Hand-written records: other GAN weights of the same GAN options are an older version; of other GAN options,
+    or of a record that names no GAN options, they are not; an arm follows the synthetic cases it trained on."""
+    from MedSynthLib.study.cache import superseded
+
+    def write(rel: str, record: dict | None) -> None:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps({} if record is None else {"cache": record}))
+
+    def synthetic(model: str, gan: dict | None, code: str = "c") -> dict:
+        return {"inputs": {"model": model, "train": ["t"], "fold": 1, "v": 1}, "config": {"per_case": 1},
+                "code": code, **({"options": {"gan": gan}} if gan is not None else {})}
+
+    def arm(synthetic_key: str, code: str = "c") -> dict:
+        return {"inputs": {"arm": "synthetic", "seed": 1, "fold": 1, "synthetic": synthetic_key, "v": 1},
+                "config": {"steps": 4}, "code": code}
+
+    keys = {name: f"{n:016x}" for n, name in enumerate(
+        ["used", "same_gan", "other_gan", "no_options", "used_arm", "arm_same", "arm_other", "arm_none", "ckpt"])}
+    used = {"synthetic": {keys["used"]: synthetic("m2", {"steps": 4})},
+            "arms": {keys["used_arm"]: arm(keys["used"])}}
+    write(f"synthetic/{keys['used']}/index.json", used["synthetic"][keys["used"]])
+    write(f"synthetic/{keys['same_gan']}/index.json", synthetic("m1", {"steps": 4}, code="older"))
+    write(f"synthetic/{keys['other_gan']}/index.json", synthetic("m3", {"steps": 8}))
+    write(f"synthetic/{keys['no_options']}/index.json", synthetic("m4", None))
+    write(f"arms/{keys['arm_same']}.json", arm(keys["same_gan"]))
+    write(f"arms/{keys['arm_other']}.json", arm(keys["other_gan"]))
+    write(f"arms/{keys['arm_none']}.json", None)
+    (tmp_path / "arms" / f"{keys['ckpt']}.ckpt").mkdir()
+    old, unknown = superseded(tmp_path, used)
+    assert {(folder, key) for folder, key, _ in old} == {("synthetic", keys["same_gan"]), ("arms", keys["arm_same"])}
+    assert {(folder, key) for folder, key, _ in unknown} == {
+        ("synthetic", keys["no_options"]), ("arms", keys["arm_none"]), ("arms", keys["ckpt"])}

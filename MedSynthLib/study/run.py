@@ -26,9 +26,10 @@ Every stage is cached in the work folder under a key that hashes the
 configuration and data it depends on (the arms and the baseline also the source of their
 modules, :mod:`MedSynthLib.study.stages`), so an interrupted study resumes where it
 stopped and a finished one re-reports instantly.  The report folder is written
-atomically at the end (:mod:`MedSynthLib.study.report`); then the stage results of the
-work folder this run did not use (another cache version's) are removed, unless another
-process holds the folder (:mod:`MedSynthLib.study.cache`).
+atomically at the end (:mod:`MedSynthLib.study.report`); then the older versions of the
+stage results this run used (made with its options by other code, GAN weights or synthetic
+cases) are removed, unless another process holds the folder; results of other options stay
+(:mod:`MedSynthLib.study.cache`).
 """
 
 from __future__ import annotations
@@ -321,7 +322,7 @@ def run_study(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels
         if d.main:
             write_report(report, results, study, report_dir, overwrite=overwrite)
             _log(f"report written to {report_dir} in {_fmt_seconds(time.perf_counter() - started)}")
-            _remove_superseded(work, results, lock)
+            _remove_superseded(work, study.used, lock)
     d.sync(dev.type)
     d.release()
     return report
@@ -332,28 +333,33 @@ def _no_lock() -> Iterator[None]:
     yield None
 
 
-def _remove_superseded(work: Path, results: dict[str, Any], lock: WorkLock) -> None:
-    """Remove the stage results this finished run did not use: another cache version's (made by another version
-    of MedSynth or with other options, superseded by those this run made or found), unless another process
-    holds the work folder; one line either way, none when there is nothing."""
-    keep: dict[str, list[str]] = {}
-    for fold in results["folds"]:
-        for name in ("synthetic", "fidelity", "memorisation", "baseline"):
-            keep.setdefault(name, []).append(fold[name]["key"])
-        keep.setdefault("arms", []).extend(run["key"] for entry in fold["arms"].values() for run in entry["runs"])
-    with lock.alone() as alone:
-        old = superseded(work, keep)
-        if not old:
-            return
-        from collections import Counter
+def _remove_superseded(work: Path, used: dict[str, dict[str, dict[str, Any]]], lock: WorkLock) -> None:
+    """Remove the older versions of the stage results this finished run used (made with the same options by
+    other code, GAN weights or synthetic cases), unless another process holds the work folder; results of other
+    options stay (another config's study may use the folder).  One line, none when there is nothing to say."""
+    from collections import Counter
 
-        counts = ", ".join(f"{folder}: {n}" for folder, n in Counter(p.parent.name for p in old).items())
-        what = f"{len(old)} cached result(s) of older cache versions ({counts})"
-        if not alone:
-            _log(f"kept {what} in {work}: another process (a study, preview or records save) holds the work folder")
+    def counted(results: list[tuple[str, str, list[Path]]], what: str) -> str:
+        counts = ", ".join(f"{folder}: {n}" for folder, n in Counter(folder for folder, _, _ in results).items())
+        return f"{len(results)} cached result(s) {what} ({counts})"
+
+    with lock.alone() as alone:
+        old, unknown = superseded(work, used)
+        if not old and not unknown:
             return
-        freed = remove(old)
-    _log(f"removed {what} from {work}, {freed / 2 ** 20:.1f} MiB: this run made or found their stages anew")
+        kept = (f"kept {counted(unknown, 'that do not record which options made them')} (written by an older "
+                "MedSynth, or an unfinished arm training; a study of other options may need them)") if unknown else ""
+        if not old:
+            _log(f"{kept} in {work}")
+            return
+        what = counted(old, "of older cache versions")
+        if not alone:
+            _log(f"kept {what} in {work}: another process (a study, preview or records save) holds the work folder"
+                 + (f"; {kept}" if kept else ""))
+            return
+        freed = remove([path for _, _, paths in old for path in paths])
+    _log(f"removed {what} from {work}, {freed / 2 ** 20:.1f} MiB: this run made their stages anew with the same "
+         "options" + (f"; {kept}" if kept else ""))
 
 
 class _Study:
@@ -373,6 +379,8 @@ class _Study:
         self.labelmaps: dict[str, Any] = {}
         self._real_cache: dict[str, RealCase] = {}
         self.seg_real: dict[str, SegCase] = {}
+        # The key and cache record of every stage result this run used, by stage folder (what it supersedes).
+        self.used: dict[str, dict[str, dict[str, Any]]] = {}
 
     # ---- stage bookkeeping
     def _stage_done(self, name: str, kind: str, seconds: float, computed: bool) -> None:
@@ -561,6 +569,7 @@ class _Study:
         cfg = self.config.synthetic
         identity = self.synthetic_identity(fold, model.sha256)
         key = stage_key(*identity)
+        record = self._use("synthetic", key, cache_record(*identity, options=self.gan_options(fold)))
         folder = self.work / "synthetic" / key
         index_path = folder / "index.json"
         t0 = time.perf_counter()
@@ -590,7 +599,7 @@ class _Study:
                                     model_sha256=model.sha256))
             same, differing = self._older_synthetic(fold, model, key, tmp, entries)
             index = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2),
-                     "same_data_as": same, "cache": cache_record(*identity)}
+                     "same_data_as": same, "cache": dict(record, written=time.time())}
             write_json(index, tmp / "index.json")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -659,6 +668,7 @@ class _Study:
 
         identity = self.fidelity_identity(fold, model.sha256)
         key = stage_key(*identity)
+        record = self._use("fidelity", key, cache_record(*identity, options=self.gan_options(fold)))
         path = self.work / "fidelity" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -702,7 +712,7 @@ class _Study:
                 train_cases[c] = {modality: fidelity(real.images[m], synthetic.images[modality], real.brain, {})
                                   for m, modality in enumerate(MODALITIES)}
             result = {"key": key, "cases": cases, "train_cases": train_cases,
-                      "seconds": round(time.perf_counter() - t0, 2), "cache": cache_record(*identity)}
+                      "seconds": round(time.perf_counter() - t0, 2), "cache": dict(record, written=time.time())}
             _write_json_atomic(result, path)
         self.d.sync(self.device.type)
         result = _read_json(path)
@@ -717,6 +727,7 @@ class _Study:
 
         identity = self.memorisation_identity(fold, synth["key"])
         key = stage_key(*identity)
+        record = self._use("memorisation", key, cache_record(*identity))
         path = self.work / "memorisation" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -730,7 +741,7 @@ class _Study:
                                 "nearest_training_case": nearest, "ncc_nearest": scores[nearest],
                                 "ncc_base": scores.get(prov["base"]), "ncc_all": scores})
             result = {"key": key, "cases": entries, "seconds": round(time.perf_counter() - t0, 2),
-                      "cache": cache_record(*identity)}
+                      "cache": dict(record, written=time.time())}
             _write_json_atomic(result, path)
         self.d.sync(self.device.type)
         result = _read_json(path)
@@ -749,6 +760,17 @@ class _Study:
                                               "MedSynthLib.edits.geometry")
 
     # ---- what each stage's cache key hashes: (inputs, config, modules), also recorded in its result
+    def _use(self, folder: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
+        self.used.setdefault(folder, {})[key] = record
+        return record
+
+    def gan_options(self, fold: Fold) -> dict[str, Any]:
+        """The options that made the fold's GAN (its key holds only the weights' sha256): a run of other GAN
+        options made its synthetic cases and fidelity with other options, not an older version of them."""
+        if fold.index in self.inputs.gan_models:
+            return {"gan_model": self.config.gan_model}
+        return {"gan": self.config.train_config.to_json()}
+
     def synthetic_identity(self, fold: Fold, model_sha256: str) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
         return ({"model": model_sha256, "train": [self.sha[c] for c in fold.train],
                  "extras": [e.sha256 for e in self.fold_extras(fold)], "template": self.template_info,
@@ -840,6 +862,7 @@ class _Study:
 
         identity = self.baseline_identity(fold)
         key = stage_key(*identity)
+        record = self._use("baseline", key, cache_record(*identity))
         t0 = time.perf_counter()
 
         def compute() -> dict[str, Any]:
@@ -850,7 +873,7 @@ class _Study:
                                    self.seg_real[c].labels, self.seg_real[c].spacing) for c in fold.test}
                 out["variants"][variant] = {"fit": fitted.to_json(), "scores": scores}
             out["seconds"] = round(time.perf_counter() - t0, 2)
-            out["cache"] = cache_record(*identity)
+            out["cache"] = dict(record, written=time.time())
             return out
 
         result, computed = cached_stage(self.work / "baseline" / f"{key}.json", compute, write=self.d.main)
@@ -886,6 +909,7 @@ class _Study:
             return stage_key(*self.arm_identity(fold, arm, seed, synthetic))
 
         key = key_for(synth["key"])
+        record = self._use("arms", key, cache_record(*self.arm_identity(fold, arm, seed, synth["key"])))
         path = self.work / "arms" / f"{key}.json"
         t0 = time.perf_counter()
         result = _read_json(path)
@@ -896,7 +920,7 @@ class _Study:
                 found = _read_json(self.work / "arms" / f"{key_for(older)}.json")
                 if isinstance(found, dict):
                     result = dict(found, key=key, reused_from=found.get("key"),
-                                  cache=cache_record(*self.arm_identity(fold, arm, seed, synth["key"])))
+                                  cache=dict(record, written=time.time()))
                     if self.d.main:
                         _write_json_atomic(result, path)
                     break
@@ -930,7 +954,7 @@ class _Study:
                 result = {"key": key, "arm": arm, "seed": seed, "scores": scores, "training": info,
                           "finetune_cases": tune, "real_cases": real_ids,
                           "seconds": round(time.perf_counter() - t0, 2),
-                          "cache": cache_record(*self.arm_identity(fold, arm, seed, synth["key"]))}
+                          "cache": dict(record, written=time.time())}
                 if copy_paste:
                     result["copy_paste_cases"] = paste_records
                 _write_json_atomic(result, path)
