@@ -727,6 +727,29 @@ def test_the_cards_tumour_table_puts_each_value_under_its_columns_header(nnunet_
     assert not any("generated" in row[0] or "real" in row[0] for row in rows), rows
 
 
+def test_the_readme_opens_with_the_privacy_verdict(nnunet_run):
+    """Synthetic images need not be anonymous: the README's first sentence says whether they are (as an exported
+    case's README does), and dataset.json's description with it."""
+    from MedSynthLib.generate.card import _readme
+
+    def opening(readme: str) -> str:
+        return readme.split("\n\n")[1]  # the first paragraph after the title
+
+    card = json.loads((nnunet_run / "dataset_card.json").read_text())
+    assert card["counts"]["anonymous"] == 0  # every phantom case is drawn in a patient's brain
+    first = opening((nnunet_run / "README.md").read_text())
+    assert "NOT anonymous" in first and "4 of 4 cases" in first, first
+    assert "Every case here is **synthetic**" not in first
+    description = json.loads((nnunet_run / "Dataset501_BrainTumourSynth" / "dataset.json").read_text())["description"]
+    assert "NOT anonymous: 4 of 4 cases" in description, description
+
+    some = opening(_readme(dict(card, counts=dict(card["counts"], anonymous=1, derived_from_patient=3))))
+    assert "NOT anonymous" in some and "3 of 4 cases" in some, some
+    every = opening(_readme(dict(card, counts=dict(card["counts"], anonymous=4, derived_from_patient=0,
+                                                   patients_own_tumour=0))))
+    assert "NOT anonymous" not in every and "anonymous" in every, every
+
+
 def test_a_model_without_validation_in_its_config_is_pointed_to_the_model_card(nnunet_run):
     """A model config with no validation (the test model's) or an empty record (the shipped models' ``{}``): the
     card says the config holds none of its own and points to the model card, not that the model has none."""
