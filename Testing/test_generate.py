@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,17 @@ NETWORK = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_cha
 PHANTOM_CONFIG = {"kinds": {"transform": 1, "insert_brain": 2, "parametric": 1},
                   "transform": {"translate_mm": 3, "rotate_deg": 15, "scale_range": [0.9, 1.1]},
                   "parametric": {"radius_fraction": [0.15, 0.25]}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def medsynth_home(tmp_path_factory) -> Path:
+    """The user's MedSynth folder, where generate keeps the keys of its source ids: a test folder, never the real
+    home (session-wide, set before the session's datasets are made, so that their reruns find their keys; the
+    command-line runs in subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("medsynth_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDSYNTH_HOME", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +79,33 @@ def _argv(data: dict[str, Path], out: Path, *extra: str, n: int = 4, layout: str
             "--device", "cpu", "--precision", "fp32", "--seed", "7", "--quiet", *extra]
 
 
-def _records(out: Path) -> dict[str, dict]:
+def _records(out: Path, unkeyed: bool = False) -> dict[str, dict]:
     """The completed cases' provenance.  A write cut by kill -9 leaves its hidden temporary file
-    (``.NAME.json.XXXX.tmp.json``, never renamed into place): not a record."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "provenance").glob("*.json"))
-            if not p.name.startswith(".")}
+    (``.NAME.json.XXXX.tmp.json``, never renamed into place): not a record.
+
+    ``unkeyed``: with each source id replaced by the source's place among the card's sources (see :func:`_unkeyed`).
+    """
+    return {p.stem: json.loads(_unkeyed(out, p.read_text()) if unkeyed else p.read_text())
+            for p in sorted((out / "provenance").glob("*.json")) if not p.name.startswith(".")}
+
+
+def _unkeyed(out: Path, text: str) -> str:
+    """``text`` of a complete dataset with each source id replaced by ``source<i>``, the source's place in the card's
+    ``sources.ids`` (the order the sources were found in): every run draws its own key of the ids, so two runs' records
+    compare equal only so."""
+    ids = json.loads((out / "dataset_card.json").read_text())["sources"]["ids"]
+    places = {source_id: f"source{i}" for i, source_id in enumerate(ids)}
+    return re.sub(r"hmac-sha256:[0-9a-f]{16}", lambda m: places[m.group(0)], text)
+
+
+def _dataset_sources(out: Path, sources: list[Source]) -> Sources:
+    """Sources read from the files, under the ids ``out`` records (its key, in the test's MedSynth folder)."""
+    from MedSynthLib.generate.keys import SourceKey
+    from MedSynthLib.generate.sources import with_dataset_ids
+
+    run_file = out / "generate.json"
+    return Sources(with_dataset_ids(sources, SourceKey.recorded(json.loads(run_file.read_text())["source_key"],
+                                                                 run_file)))
 
 
 def _file_hashes(out: Path) -> dict[str, str]:
@@ -299,7 +333,8 @@ def test_labels_follow_each_layouts_convention_and_replay(gen_data, nnunet_run, 
 
     cases, tumours = find_sources([gen_data["cases"], gen_data["segs"]])
     cache = nnunet_run / ".cache"
-    sources = Sources([prepare_case(c, cache) for c in cases] + [prepare_tumour(t, cache) for t in tumours])
+    sources = _dataset_sources(nnunet_run, [prepare_case(c, cache) for c in cases] +
+                               [prepare_tumour(t, cache) for t in tumours])
     for case_id, record in _records(nnunet_run).items():
         generation = dict(record["generation"], edits=record["edits"])
         rebuilt = replay_case(generation, sources)
@@ -363,7 +398,7 @@ def test_brats_layouts_read_back_as_their_release(gen_data, nnunet_run, tmp_path
 def test_case_i_is_the_same_whatever_the_number_of_workers(gen_data, nnunet_run, tmp_path):
     out = tmp_path / "two_workers"
     assert main(_argv(gen_data, out, "--workers", "2")) == 0
-    one, two = _records(nnunet_run), _records(out)
+    one, two = _records(nnunet_run, unkeyed=True), _records(out, unkeyed=True)
     assert one.keys() == two.keys() and len(one) == 4
     for case_id in one:
         assert one[case_id]["generation"] == two[case_id]["generation"]
@@ -449,7 +484,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_dataset(gen_data, nnunet_ru
     assert not (out / "README.md").exists()
     assert main(argv) == 0  # resumes
     assert len(_records(out)) == 4
-    resumed, reference = _records(out), _records(nnunet_run)
+    resumed, reference = _records(out, unkeyed=True), _records(nnunet_run, unkeyed=True)
     for case_id in reference:
         for key in ("generation", "edits", "labels_sha256", "images_sha256", "privacy", "tumour"):
             assert resumed[case_id][key] == reference[case_id][key], (case_id, key)
@@ -538,7 +573,8 @@ def test_torchrun_ranks_share_the_indices(gen_data, nnunet_run, tmp_path, monkey
 
 
 def _file_bytes(out: Path) -> dict[str, str]:
-    """sha256 of the bytes of every dataset file (images, labels, dataset.json, provenance without timings)."""
+    """sha256 of the bytes of every dataset file (images, labels, dataset.json, provenance without timings, its
+    source ids unkeyed)."""
     import hashlib
 
     hashes = {}
@@ -548,7 +584,7 @@ def _file_bytes(out: Path) -> dict[str, str]:
                 or rel.name in ("README.md", "generate.json"):
             continue
         if rel.parts[0] == "provenance":  # timings, CPU seconds and the device string differ between runs
-            record = json.loads(path.read_text())
+            record = json.loads(_unkeyed(out, path.read_text()))
             for key in ("timings_s", "cpu_s", "stages", "software", "worker"):
                 record.pop(key, None)
             data = json.dumps(record, sort_keys=True).encode()
@@ -794,7 +830,8 @@ def test_privacy_is_the_label_maps_own_record(gen_data, nnunet_run):
 
     cases, tumours = find_sources([gen_data["cases"], gen_data["segs"]])
     cache = nnunet_run / ".cache"
-    sources = Sources([prepare_case(c, cache) for c in cases] + [prepare_tumour(t, cache) for t in tumours])
+    sources = _dataset_sources(nnunet_run, [prepare_case(c, cache) for c in cases] +
+                               [prepare_tumour(t, cache) for t in tumours])
     card_rows = {row["case_id"]: row for row in json.loads((nnunet_run / "dataset_card.json").read_text())["privacy"]}
     for case_id, record in _records(nnunet_run).items():
         rebuilt = replay_case(dict(record["generation"], edits=record["edits"]), sources)

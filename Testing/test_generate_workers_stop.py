@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_generate import _argv, gen_data  # noqa: F401 - the phantom data set and generate's command line
+from test_generate import _argv, gen_data, medsynth_home  # noqa: F401 - phantom data, command line, keys folder
 from MedSynthLib.generate.runner import _children, _process_pool, _spawning_without_sigint, _stop_workers
 
 

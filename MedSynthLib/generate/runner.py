@@ -10,7 +10,8 @@ Scale without a coordinator of MedSynth's own:
   end writes ``dataset.json`` and the card (idempotent: both come from the files on disk).
 
 Resumable: case i is complete when ``provenance/<case>.json`` exists (written last, see
-:mod:`.layouts`); a rerun with the same settings skips complete cases and redoes the rest.
+:mod:`.layouts`); a rerun with the same settings skips complete cases and redoes the rest.  The
+source ids it records are keyed (:mod:`.keys`): a resume needs the key the run began with.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from typing import Any, Callable, Iterator, Sequence
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..schema.review import GENERATE_PROVENANCE_DIR, GENERATE_RUN_FILE
 from ..schema.volume_io import check_folder_argument, check_not_an_input, enclosing_folder
+from .keys import SourceKey
 from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
 from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
-from .sources import (Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
-                      tumour_stats)
+from .sources import (TEMPLATE_ID, Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
+                      tumour_stats, with_dataset_ids)
 
 # Where a dataset keeps its run record and case records: review and the reader study find them by these names.
 RUN_FILE = GENERATE_RUN_FILE
@@ -40,6 +42,8 @@ PROVENANCE_DIR = GENERATE_PROVENANCE_DIR
 STAGING_DIR = ".staging"
 CACHE_DIR = ".cache"
 RUN_VERSION = 1
+#: The run file's key id of the dataset's source ids (absent where no patient source was read).
+SOURCE_KEY = "source_key"
 
 
 @dataclass
@@ -149,18 +153,74 @@ def _check_output(out: Path, spec: dict[str, Any], overwrite: bool) -> bool:
     if overwrite:
         return False
     if run_file.exists():
-        try:
-            previous = json.loads(run_file.read_text())
-        except ValueError:
-            raise InputError(run_file, "unreadable run file (use --overwrite to start again)") from None
+        previous = _read_run_file(run_file)
         different = sorted(k for k in set(spec) | set(previous) if spec.get(k) != previous.get(k))
         if different:
             raise InputError(out, f"holds a generate run with other settings ({', '.join(different)}): "
                                   "use another -o or --overwrite")
         return True
-    if any(entry.name != CACHE_DIR for entry in out.iterdir()) or not _only_cache_files(out / CACHE_DIR):
+    # Under torchrun another rank may hold the run file's lock, or be writing it (its lock file, its temporary).
+    if any(entry.name != CACHE_DIR and not entry.name.startswith(f".{RUN_FILE}.") for entry in out.iterdir()) \
+            or not _only_cache_files(out / CACHE_DIR):
         raise OutputExistsError(out)
     return False
+
+
+def _read_run_file(run_file: Path) -> dict[str, Any]:
+    try:
+        previous = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise InputError(run_file, "unreadable run file (use --overwrite to start again)")
+    return previous
+
+
+def _run_spec(spec_base: dict[str, Any], sources: Sequence[Source], key: SourceKey | None) -> dict[str, Any]:
+    spec = dict(spec_base)
+    if key is not None:
+        spec[SOURCE_KEY] = key.key_id
+    spec["sources"] = sorted(s.source_id for s in sources)
+    return spec
+
+
+def _claim_run(out: Path, spec_base: dict[str, Any], sources: list[Source], layout: Layout,
+               n: int) -> tuple[dict[str, Any], list[Source], bool]:
+    """The run record of ``out``, the sources under the ids it records, and whether the run resumes.
+
+    A new run that reads a patient's source draws the key of its source ids (:mod:`.keys`) and writes the run
+    file; a rerun takes the key the run file names, so its sources get the recorded ids only when they are the
+    same files.  Under torchrun the ranks start unaware of each other: the first to hold the run file's lock
+    writes it, and the others resume it.
+    """
+    from ..schema.outputs import output_lock
+    from ..schema.volume_io import write_json
+
+    run_file = out / RUN_FILE
+    patients = any(s.is_patient for s in sources)
+    with output_lock(run_file):
+        if run_file.exists():
+            previous = _read_run_file(run_file)
+            key: SourceKey | None = None
+            if previous.get(SOURCE_KEY) is None and any(i != TEMPLATE_ID for i in previous.get("sources") or ()):
+                raise InputError(run_file, "made before MedSynth keyed its source ids: its records name the "
+                                           "patients' source files by their content hash, which anyone holding "
+                                           "those files can match; generate it again with --overwrite")
+            if patients and previous.get(SOURCE_KEY) is None:  # the run read no patient source, this one does
+                raise InputError(out, "holds a generate run with other settings (sources): use another -o or "
+                                      "--overwrite")
+            if patients:
+                key = SourceKey.recorded(previous[SOURCE_KEY], run_file)
+            keyed = with_dataset_ids(sources, key) if key is not None else list(sources)
+            spec = _run_spec(spec_base, keyed, key)
+            _check_output(out, spec, False)
+            _check_no_cases_beyond(out, layout, n)
+            return spec, keyed, True
+        key = SourceKey.new() if patients else None
+        keyed = with_dataset_ids(sources, key) if key is not None else list(sources)
+        spec = _run_spec(spec_base, keyed, key)
+        write_json(spec, run_file, overwrite=True)
+        return spec, keyed, False
 
 
 def _check_no_cases_beyond(out: Path, layout: Layout, n: int) -> None:
@@ -532,15 +592,9 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
                 sources.append(template_source())
             config = check_config_fits_sources(config, sources, where, drop)
             spec_base["config"] = config
-            spec = dict(spec_base, sources=sorted(s.source_id for s in sources))
-            resuming = _check_output(out, spec, False) if (out / RUN_FILE).exists() else False
-            if resuming:
-                _check_no_cases_beyond(out, layout, opt.n)
-        from ..schema.volume_io import remove_temporaries, write_json
+            spec, sources, resuming = _claim_run(out, spec_base, sources, layout, opt.n)
+        from ..schema.volume_io import remove_temporaries
 
-        out.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            write_json(spec, out / RUN_FILE, overwrite=True)
         mine = [i for i in range(opt.n) if i % world == rank]
         pending = [i for i in mine if not _provenance_path(out, layout.case_id(i)).exists()]
         state = {"sources": [s.to_json() for s in sources], "layout": {"kind": layout.kind,

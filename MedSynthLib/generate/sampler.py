@@ -186,12 +186,13 @@ def _insert_pairs_exist(brains: Sequence[Source], tumours: Sequence[Source]) -> 
 
 @dataclass
 class Sources:
-    """The sources of a run, sorted by id (the draw must not depend on folder listing order)."""
+    """The sources of a run, sorted by content hash (the draw must depend neither on folder listing order nor on
+    the key of the dataset's source ids)."""
 
     all: list[Source]
 
     def __post_init__(self) -> None:
-        self.all = sorted(self.all, key=lambda s: s.source_id)
+        self.all = sorted(self.all, key=lambda s: s.sort_key or s.source_id)
         self.by_id = {s.source_id: s for s in self.all}
         self.cases = [s for s in self.all if s.kind == "case"]
         self.cases_with_tumour = [s for s in self.cases if s.has_tumour]

@@ -4,12 +4,14 @@ Real case folders get their anatomy derived once (the default anatomy model of
 :mod:`MedSynthLib.cases.anatomy`) and cached as ``.npy`` under a key made of the anatomy
 model's settings, the label schema and the bytes of every input file, so a changed file or
 anatomy model never reuses a stale label map.  Tumour label maps without images (BraTS
-``*_seg`` files) can only be inserted into a brain.  Sources are identified by content
-hashes only: no path or case name reaches a generated case.
+``*_seg`` files) can only be inserted into a brain.  Sources are read under content hashes;
+a dataset records them under keyed ids (:func:`with_dataset_ids`), never a path, a case name
+or a hash that the source files give.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -39,7 +41,8 @@ class Source:
     """One label map to draw from.
 
     Attributes:
-        source_id: ``sha256:<16 hex>`` of the source's files (never a path or a name).
+        source_id: ``sha256:<16 hex>`` of the source's files as read; in a dataset, the keyed id
+            :func:`with_dataset_ids` gives (never a path or a name).
         kind: ``case`` (a real brain with its tumour), ``tumour`` (tumour labels only) or
             ``template`` (the healthy canvas).
         cache_file: ``.npy`` of the label array (absent for the template).
@@ -49,6 +52,8 @@ class Source:
         stats: tumour statistics (see :func:`tumour_stats`).
         full_grid: the grid of the source's files when ``grid`` is a crop of it (brains).
         offset: the crop's first voxel (k, j, i) in ``full_grid``.
+        sort_key: what the draw orders the sources by (the content hash under a keyed id, so the
+            cases drawn do not depend on the key); never written into a dataset.
     """
 
     source_id: str
@@ -59,6 +64,7 @@ class Source:
     stats: dict[str, Any] | None
     full_grid: dict[str, Any] | None = None
     offset: tuple[int, int, int] | None = None
+    sort_key: str | None = None
 
     @property
     def has_brain(self) -> bool:
@@ -88,7 +94,7 @@ class Source:
     def to_json(self) -> dict[str, Any]:
         return {"source_id": self.source_id, "kind": self.kind, "cache_file": self.cache_file, "grid": self.grid,
                 "tumour_sha256": self.tumour_sha256, "stats": self.stats, "full_grid": self.full_grid,
-                "offset": None if self.offset is None else list(self.offset)}
+                "offset": None if self.offset is None else list(self.offset), "sort_key": self.sort_key}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Source":
@@ -96,6 +102,14 @@ class Source:
         if data.get("offset") is not None:
             data["offset"] = tuple(int(v) for v in data["offset"])
         return cls(**data)
+
+
+def with_dataset_ids(sources: Sequence[Source], key: Any) -> list[Source]:
+    """The sources under the ids a dataset records: each patient source's content hash keyed with ``key``
+    (:class:`~.keys.SourceKey`), which anyone holding the source files could compute otherwise; the template
+    keeps its name."""
+    return [dataclasses.replace(s, source_id=key.source_id(s.sort_key or s.source_id),
+                                sort_key=s.sort_key or s.source_id) if s.is_patient else s for s in sources]
 
 
 def grid_from_json(data: dict[str, Any]) -> Grid:
