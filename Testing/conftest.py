@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -44,6 +46,12 @@ def pytest_configure(config):
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
             os.environ.setdefault(name, "1")
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    # What MedSynth keeps in the user's folder (generate's source-id keys) goes to the session's own folder, not
+    # the home of whoever runs the tests; a test that needs another one sets MEDSYNTH_HOME itself.
+    if "MEDSYNTH_HOME" not in os.environ:
+        home = Path(tempfile.mkdtemp(prefix="medsynth-home-"))
+        os.environ["MEDSYNTH_HOME"] = str(home)
+        config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
 
 
 #: Test files from the longest to the shortest (measured with ``--durations``; the rest follow in
