@@ -7,10 +7,13 @@ DICOM exports are read back with SimpleITK (GDCM), pydicom and highdicom.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -53,6 +56,13 @@ MODEL_NAME = read_registry()["default"]
 MODEL_SHA = read_registry()["models"][MODEL_NAME]["sha256"]
 
 
+#: Each modality's mean intensity per label (0 background ... 6 ET).
+CLASS_MEANS = {"t1": (0, 420.3, 610.7, 880.2, 350.1, 520.9, 700.4),
+               "t1ce": (0, 430.6, 640.2, 900.8, 380.3, 540.5, 1450.6),
+               "t2": (0, 1900.5, 1100.2, 800.7, 1300.4, 1700.3, 1200.9),
+               "flair": (0, 300.2, 900.8, 700.1, 1000.6, 1350.7, 1100.3)}
+
+
 def _phantom(scale: float = 1.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Float32 modalities with fractional values and a 7-class label map with all tumour classes."""
     k, j, i = np.indices(SHAPE, dtype=float)
@@ -67,12 +77,8 @@ def _phantom(scale: float = 1.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     labels[(rt < 4.5) & (r < 1)] = Label.ET
     labels[(rt < 2.5) & (r < 1)] = Label.NCR
     rng = np.random.default_rng(0)
-    base = {"t1": (0, 420.3, 610.7, 880.2, 350.1, 520.9, 700.4),
-            "t1ce": (0, 430.6, 640.2, 900.8, 380.3, 540.5, 1450.6),
-            "t2": (0, 1900.5, 1100.2, 800.7, 1300.4, 1700.3, 1200.9),
-            "flair": (0, 300.2, 900.8, 700.1, 1000.6, 1350.7, 1100.3)}
     images = {}
-    for modality, means in base.items():
+    for modality, means in CLASS_MEANS.items():
         array = np.asarray(means, np.float64)[labels] + rng.normal(0, 20, SHAPE) * (labels > 0)
         images[modality] = (np.where(labels > 0, np.maximum(array, 1.0), 0.0) * scale).astype(np.float32)
     return images, labels
@@ -882,13 +888,48 @@ PARAMETRIC_STEP = {"name": "parametric_tumour", "params": {"radii_mm": [5.0, 5.0
                    "schema_version": 1}
 
 
+def painted_images(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Float32 images painted from a label map (class means and noise, 0 outside the brain), as a synthesised case's
+    are, without a network."""
+    rng = np.random.default_rng(0)
+    return {modality: np.where(labels > 0, np.maximum(np.asarray(means, np.float32)[labels]
+                                                      + rng.normal(0, 20, labels.shape).astype(np.float32), 1.0),
+                               0.0).astype(np.float32)
+            for modality, means in CLASS_MEANS.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def template_tumours():
+    """The shipped template with a parametric tumour drawn over another (the first one's place refilled)."""
+    from MedSynthLib.cases.template import template_label_map
+    from MedSynthLib.edits import ParametricTumour
+
+    first = ParametricTumour(centre_ras_mm=(28.0, -12.0, 26.0), radii_mm=(12.0, 11.0, 10.0), oedema_mm=6.0, seed=3)
+    second = ParametricTumour(centre_ras_mm=(-30.0, -12.0, 26.0), radii_mm=(10.0, 10.0, 9.0), oedema_mm=5.0, seed=4)
+    return second(first(template_label_map()))
+
+
+@functools.lru_cache(maxsize=1)
+def _anonymous_case_source() -> Path:
+    """One anonymous case per test process, written as ``synthesize`` writes one (a template-sized case takes
+    seconds to write; each test copies it)."""
+    from types import SimpleNamespace
+
+    from MedSynthLib.schema.provenance import privacy_of
+    from MedSynthLib.synthesis.case_folder import case_provenance, write_case_folder
+
+    root = Path(tempfile.mkdtemp(prefix="medsynth-test-anonymous-case-"))
+    atexit.register(shutil.rmtree, root, True)
+    labelmap = template_tumours()
+    model = SimpleNamespace(name=MODEL_NAME, sha256=MODEL_SHA)
+    provenance = case_provenance(model, labelmap, privacy_of(labelmap), seed=0, device="cpu", precision="fp32")
+    return write_case_folder(labelmap, painted_images(labelmap.array), provenance, root / "synth_out")
+
+
 def anonymous_case(folder: Path) -> Path:
-    """A parametric tumour in the healthy template: what ``export --anonymous`` lets through."""
-    _, labels = _phantom()
-    privacy = {"anatomy": "template", "brain_dice_to_source": None, "tumour_dice_to_source": None,
-               "tumour_origin": "parametric", "images": "synthetic"}
-    history = [TEMPLATE_STEP, PARAMETRIC_STEP]
-    return make_case(folder, provenance=_provenance(labels, privacy=privacy, edits=history), history=history)
+    """Parametric tumours drawn in the shipped healthy template: what ``export --anonymous`` lets through (its
+    voxels are checked against the template, so a phantom on another grid would not do)."""
+    return Path(shutil.copytree(_anonymous_case_source(), folder))
 
 
 def patient_anatomy_case(folder: Path) -> Path:

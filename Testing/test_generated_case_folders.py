@@ -311,6 +311,54 @@ def _claimed_anonymous(generated, tmp):
     return case, ["--anonymous"], "not anonymous"
 
 
+def _claim_template(record) -> None:
+    record["generation"].update(kind="parametric", base="template", tumour_source=None)
+    record["privacy"].update(anatomy="template", brain_dice_to_source=None, tumour_dice_to_source=None,
+                             tumour_origin="parametric", anonymous=True)
+
+
+def _generation_claims_the_template(generated, tmp):
+    """Audit 47: a case drawn in a patient's brain whose record (privacy and generation) was edited to say a
+    parametric tumour in the template passed --anonymous.  Its voxels are not on the template's grid."""
+    case = _copy(generated, tmp)
+    _edit_record(case, _claim_template)
+    return case, ["--anonymous"], f"{case.name}_seg.nii.gz: the case's anatomy is not the template's"
+
+
+def _moved(path: Path, shift: int) -> None:
+    """The file's voxels moved ``shift`` voxels along j, on its own grid."""
+    image = sitk.ReadImage(str(path))
+    moved = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(image), shift, axis=1))
+    moved.CopyInformation(image)
+    sitk.WriteImage(moved, str(path), useCompression=True)
+
+
+def _rehash_generated(case: Path, layout: str) -> None:
+    keys = {"labels": "seg"}
+    _edit_record(case, lambda record: record["files_sha256"].update(
+        {keys.get(key, key): file_sha256(path) for key, path in _files(case, layout).items()}))
+
+
+def _anonymous_images_of_another_brain(generated, tmp):
+    """The anonymous case's images replaced by another brain on the template's grid (the template's moved 4 mm,
+    standing for a patient's registered to it), the checksums recorded again."""
+    case = _copy(generated, tmp, "anonymous")
+    for key, path in _files(case, "brats2023").items():
+        if key != "seg":
+            _moved(path, 4)
+    _rehash_generated(case, "brats2023")
+    return case, ["--anonymous"], f"{case.name}-t1n.nii.gz: the case's anatomy is not the template's"
+
+
+def _anonymous_tumour_elsewhere(generated, tmp):
+    """The anonymous case's tumour moved where its recorded edits draw none (a real tumour put in its place would
+    be found the same way), the checksums recorded again."""
+    case = _copy(generated, tmp, "anonymous")
+    _moved(_files(case, "brats2023")["seg"], 30)
+    _rehash_generated(case, "brats2023")
+    return case, ["--anonymous"], f"{case.name}-seg.nii.gz: the case's anatomy is not the template's"
+
+
 def _not_synthetic(generated, tmp):
     case = _copy(generated, tmp)
     _edit_record(case, lambda record: record.update(synthetic=False))
@@ -318,10 +366,13 @@ def _not_synthetic(generated, tmp):
 
 
 @pytest.mark.parametrize("build", [_t1_replaced, _t1_linked, _seg_replaced, _t2_missing, _no_file_checksums,
-                                   _claimed_anonymous, _not_synthetic], ids=lambda f: f.__name__.strip("_"))
+                                   _claimed_anonymous, _not_synthetic, _generation_claims_the_template,
+                                   _anonymous_images_of_another_brain, _anonymous_tumour_elsewhere],
+                         ids=lambda f: f.__name__.strip("_"))
 def test_a_generated_case_not_as_written_is_refused(generated, build, tmp_path, capsys):
     """The checks of a synthesize case folder: every file a regular file with the sha256 recorded when it was
-    written, and a privacy record that the case's own generation record bears out."""
+    written, a privacy record that the case's own generation record bears out, and for an anonymous one voxels
+    that do (the template's grid and brain, the tumour where its recorded edits draw one)."""
     case, extra, words = build(generated, tmp_path)
     before = _tree(tmp_path)
     line = _one_line_refusal(*run(["export", case, "--format", "nifti", *extra, "-o", tmp_path / "exp"], capsys))

@@ -12,8 +12,12 @@ still carries:
 * the case's measured privacy (anatomy from a patient or the template, brain-mask and tumour
   Dice against the source patient) is written to ``provenance.json``, the DICOM comments and
   ``README.txt``; with ``anonymous=True`` a case that is not anonymous is refused;
+* a case whose records say it is anonymous is checked against its voxels (:mod:`.template_check`: the template's
+  grid, labels and brain), since whoever wrote the folder wrote its records and hashes too; one that fails is not
+  anonymous;
 * the case id is generated (:func:`default_case_id`), never derived from a file or folder name; one given
-  for a case that is not anonymous may not begin ``SYNTH`` (:func:`check_case_id_for`).
+  for a case that is not anonymous may not begin ``SYNTH`` (:func:`check_case_id_for`), one given for an
+  anonymous case may not name a case of the source data (:func:`check_case_id_not_a_source`).
 
 The case id defaults to ``SYNTH-`` for an anonymous case (``NOT-ANONYMOUS-`` for a synthetic case that is not,
 ``PATIENT-`` for a patient's scan with a region inpainted) and 10 hex digits of a sha256 over the case's content
@@ -64,6 +68,12 @@ class SyntheticCase:
     synthetic_mask: np.ndarray | None = None  # the re-rendered voxels of a patient's scan (inpainting), else None
     #: Whether :attr:`labels` holds the healthy anatomy (a generate case folder keeps the tumour labels only).
     anatomy: bool = True
+    #: Where a case whose record says template anatomy is not the template's: (the file, why)
+    #: (:func:`~MedSynthLib.export.template_check.template_anatomy_problem`); its privacy is then ``unknown``.
+    anatomy_problem: tuple[Path, str] | None = None
+    #: Every name the case's records hold (local-only and unknown fields too, read before they are stripped), in
+    #: lower case: an anonymous export's case id may not be one (:func:`check_case_id_not_a_source`).
+    recorded_names: frozenset[str] = frozenset()
 
     @property
     def grid(self) -> Grid:
@@ -111,6 +121,20 @@ def _generated_privacy(privacy: PrivacyRecord, generation: Any) -> PrivacyRecord
     return PrivacyRecord(anatomy, 1.0 if anatomy == "patient" else None, None, "unknown", privacy.images)
 
 
+def _checked_against_the_template(privacy: PrivacyRecord, folder_case: Any
+                                  ) -> tuple[PrivacyRecord, tuple[Path, str] | None]:
+    """An anonymous privacy record checked against the voxels (:mod:`.template_check`); one they do not bear out
+    becomes ``unknown`` anatomy (not anonymous), with the file and the reason."""
+    from .template_check import template_anatomy_problem
+
+    if not privacy.anonymous()[0]:
+        return privacy, None
+    problem = template_anatomy_problem(folder_case)
+    if problem is None:
+        return privacy, None
+    return PrivacyRecord("unknown", None, None, privacy.tumour_origin, privacy.images), problem
+
+
 def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
     """Read, verify and sanitise a ``medsynth synthesize`` output folder, or a case folder of a ``medsynth
     generate`` dataset in a BraTS layout (its record in the dataset's ``provenance/``).
@@ -125,9 +149,11 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
         raw = _generated_case_record(folder_case.raw_provenance)
         recorded = PrivacyRecord.from_json(raw.get("privacy")) or PrivacyRecord()
         privacy = _generated_privacy(recorded, folder_case.raw_provenance.get("generation"))
+        privacy, problem = _checked_against_the_template(privacy, folder_case)
         provenance, redacted = sanitise_provenance(raw, folder_case.grid, privacy)
         case = SyntheticCase(folder_case.images, folder_case.labels, provenance, redacted, privacy=privacy,
-                             anatomy=False)
+                             anatomy=False, anatomy_problem=problem,
+                             recorded_names=recorded_names([folder_case.raw_provenance, folder_case.labels.history]))
         case.case_id = default_case_id(case)
         return case
     privacy = folder_case.record.privacy or privacy_of(folder_case.labels)
@@ -139,9 +165,11 @@ def read_synthetic_case(folder: str | os.PathLike[str]) -> SyntheticCase:
     if folder_case.record.inpainting is not None and privacy.images != "patient":
         # A real scan with a region inpainted carries the patient's images whatever its privacy record says.
         privacy = dataclasses.replace(privacy, images="patient")
+    privacy, problem = _checked_against_the_template(privacy, folder_case)
     provenance, redacted = sanitise_provenance(folder_case.raw_provenance, folder_case.grid, privacy)
     case = SyntheticCase(folder_case.images, folder_case.labels, provenance, redacted, privacy=privacy,
-                         synthetic_mask=folder_case.synthetic_mask)
+                         synthetic_mask=folder_case.synthetic_mask, anatomy_problem=problem,
+                         recorded_names=recorded_names([folder_case.raw_provenance, folder_case.labels.history]))
     case.case_id = default_case_id(case)
     return case
 
@@ -189,10 +217,63 @@ def check_case_id_for(case: SyntheticCase, case_id: str, folder: Path) -> None:
                                  "images are synthetic, and this case is a real patient's scan with one region "
                                  f"re-rendered (its default id is {case.case_id}); choose another --case-id")
     anonymous, reason = case.privacy.anonymous()
+    if case.anatomy_problem is not None:
+        reason = f"its anatomy is not the template's its record claims: {case.anatomy_problem[1]}"
     if not anonymous:
         raise InputError(folder, f"case id {case_id!r}: ids beginning {SYNTHETIC_ID_PREFIX} are for anonymous "
                                  f"synthetic cases, and this case is not anonymous ({reason}; its default id is "
                                  f"{case.case_id}); choose another --case-id")
+
+
+#: Patient ids of the public brain tumour datasets MedSynth's sources come from (BraTS and the TCIA collections
+#: behind it): BraTS2021_00000, Brats18_CBICA_ABM_1, BraTS-GLI-00000-000, TCGA-02-0006, UPENN-GBM-00001,
+#: UCSF-PDGM-0004, CBICA_ABM_1 ...; matched case-insensitively at the start of an id.
+PUBLIC_DATASET_ID = re.compile(r"^(brats|(tcga|upenn|ucsf|ucsd|cbica|ivygap|rhuh|cptac|rembrandt|lumiere|egd|acrin|"
+                               r"qin)[-_])", re.IGNORECASE)
+#: What is cut off a recorded file name to leave its case: the image suffix, then a modality or segmentation suffix.
+_FILE_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd|\.json|\.npy|\.dcm)$", re.IGNORECASE)
+_MODALITY_SUFFIX = re.compile(r"[-_](t1|t1ce|t1gd|t1c|t1n|t2|t2w|t2f|flair|seg|labels?)$", re.IGNORECASE)
+
+
+def recorded_names(records: Sequence[Any]) -> frozenset[str]:
+    """Every string the records hold (at any depth, but a generate record's own bookkeeping: its case id and file
+    names are the dataset's, not a source's), split at path separators and white space, with each name's file and
+    modality suffixes cut off as well; in lower case."""
+    names: set[str] = set()
+
+    def walk(value: Any, top: bool = False) -> None:
+        if isinstance(value, str):
+            for token in re.split(r"[/\\\s,;:|]+", value):
+                stem = _FILE_SUFFIX.sub("", token)
+                names.update(t.lower() for t in (token, stem, _MODALITY_SUFFIX.sub("", stem)) if t)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not (top and key in GENERATE_BOOKKEEPING and key not in ("generation", "tumour")):
+                    walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for record in records:
+        walk(record, top=True)
+    return frozenset(names)
+
+
+def check_case_id_not_a_source(case: SyntheticCase, case_id: str, folder: Path) -> None:
+    """Refuse, for an anonymous case, an id that names a case of the source data: a public dataset's patient id, or
+    a name its records hold (its PatientID and name would carry it, beside Patient Identity Removed YES)."""
+    if not case.privacy.anonymous()[0]:
+        return
+    lowered = case_id.lower()
+    if PUBLIC_DATASET_ID.match(case_id):
+        why = "has the form of a public dataset's patient id (BraTS, TCGA, UPENN, UCSF ...)"
+    elif lowered in case.recorded_names or any(name.startswith(lowered + sep) for name in case.recorded_names
+                                                for sep in "_-."):
+        why = "is a name the case's provenance records (a source case, file or note)"
+    else:
+        return
+    raise InputError(folder, f"case id {case_id!r} {why}: an anonymous export's DICOM patient name and ID may not "
+                             "name a case of the source data; choose another --case-id")
 
 
 def _readme(case_id: str, fmt: str, naming: str, files: list[str], provenance: dict[str, Any],
@@ -306,11 +387,13 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
 
     With ``anonymous`` every case must pass
     :meth:`~MedSynthLib.schema.provenance.PrivacyRecord.anonymous` (anatomy not a patient's,
-    tumour drawn by MedSynth, not overlapping the source patient's own); one that does not is refused.
+    tumour drawn by MedSynth, not overlapping the source patient's own) and have the template's voxels
+    (:mod:`.template_check`); one that does not is refused.
 
     Raises:
         InputError: a bad input case (files not as synthesised included), a case that is not
-            anonymous under ``anonymous``, a bad case id, an unwritable target, an export folder that is or
+            anonymous under ``anonymous``, a bad case id (for an anonymous case, one naming a source case), an
+            unwritable target, an export folder that is or
             lies inside an input case folder, a target case folder that is an input (even with ``overwrite``).
         OutputExistsError: a target case folder exists and ``overwrite`` is false.
     """
@@ -339,6 +422,10 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
     seen: dict[str, Path] = {}
     for folder in folders:
         case = read_synthetic_case(folder)
+        if anonymous and case.anatomy_problem is not None:
+            path, why = case.anatomy_problem
+            raise InputError(path, f"the case's anatomy is not the template's, although its provenance says so: "
+                                   f"{why}; --anonymous exports only a tumour MedSynth drew in the healthy template")
         if anonymous:
             ok, reason = case.privacy.anonymous()
             if not ok:
@@ -346,6 +433,7 @@ def export_cases(folders: Sequence[str | os.PathLike[str]], export_root: str | o
                                          "drew (medsynth tumour new) in the healthy template")
         if case_id is not None:
             check_case_id_for(case, case_id, folder)
+            check_case_id_not_a_source(case, case_id, folder)
         cid = case_id or case.case_id
         if cid in seen:
             raise InputError(folder, f"the same synthetic case as {seen[cid]} (case id {cid}); give it once")

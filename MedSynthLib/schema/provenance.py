@@ -485,9 +485,7 @@ def parse_history(raw: Any, redacted: Redactions | None = None) -> list[StepReco
 
 # --- privacy: how close a label map stays to the real case it came from ---------------------------
 
-#: ``--anonymous`` refuses a case whose brain mask overlaps its source patient's at this Dice or more.
-MAX_ANONYMOUS_BRAIN_DICE = 0.5
-#: ... or whose tumour overlaps the source patient's own tumour (in place) at this Dice or more.
+#: ``--anonymous`` refuses a case whose tumour overlaps the source patient's own tumour (in place) at this Dice or more.
 MAX_ANONYMOUS_TUMOUR_DICE = 0.2
 
 
@@ -647,9 +645,12 @@ class PrivacyRecord:
                            "parametric tumour")
         if self.anatomy == "unknown":
             return False, "its label map has no history, so its source is unknown"
-        if self.anatomy == "patient" and (self.brain_dice_to_source or 0.0) >= MAX_ANONYMOUS_BRAIN_DICE:
-            return False, (f"its anatomy is the source patient's own (brain-mask Dice "
-                           f"{self.brain_dice_to_source:.2f} >= {MAX_ANONYMOUS_BRAIN_DICE})")
+        if self.anatomy == "patient":
+            # Edits never move the brain outline, so a patient's anatomy stays that patient's whatever Dice a record
+            # holds; a record without the measurement is no evidence of anything else.
+            dice = self.brain_dice_to_source
+            measured = "not recorded" if dice is None else f"{dice:.2f}"
+            return False, f"its anatomy is the source patient's own (brain-mask Dice to that patient {measured})"
         if self.tumour_dice_to_source is not None and self.tumour_dice_to_source >= MAX_ANONYMOUS_TUMOUR_DICE:
             return False, (f"its tumour overlaps the source patient's own tumour (Dice up to "
                            f"{self.tumour_dice_to_source:.2f} >= {MAX_ANONYMOUS_TUMOUR_DICE})")
@@ -893,5 +894,5 @@ __all__ = [
     "SYNTHETIC_MASK_FILE", "ReviewRecord", "ExportRecord",
     "ModelRecord", "Redactions", "parse_step", "parse_history", "privacy_of", "label_map_record", "sidecar_path",
     "array_sha256", "file_sha256", "software_versions", "RATING_RANGE", "RATING_NOT_RATED",
-    "MAX_ANONYMOUS_BRAIN_DICE", "MAX_ANONYMOUS_TUMOUR_DICE",
+    "MAX_ANONYMOUS_TUMOUR_DICE",
 ]
