@@ -327,7 +327,11 @@ def test_a_case_without_a_privacy_record_is_judged_by_its_history(tmp_path, caps
     assert rc == 2 and "not anonymous" in err and "shape identifies that patient" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "anon").exists()
 
-    parametric = ParametricTumour(centre_ras_mm=(-15.0, -20.0, 18.0), radii_mm=(5.0, 4.0, 4.0), seed=3)(template)
+    # The shipped template itself: export checks an anonymous claim against the template's voxels.
+    from MedSynthLib.cases.template import template_label_map
+
+    parametric = ParametricTumour(centre_ras_mm=(28.0, -12.0, 26.0), radii_mm=(8.0, 7.0, 7.0),
+                                  seed=3)(template_label_map())
     assert PrivacyRecord.from_history(parametric.history, parametric.array).tumour_origin == "parametric"
     case = _without_privacy_record(write_case(parametric, tmp_path / "parametric"))
     rc, _, err = run(["export", case, "--format", "nifti", "--anonymous", "-o", tmp_path / "anon"], capsys)
