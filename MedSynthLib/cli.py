@@ -1161,7 +1161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only anonymous cases (a parametric tumour in the template brain; needs --template)")
     p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    p.add_argument("--cache", type=Path, help="anatomy cache folder (default: OUT/.cache)")
+    p.add_argument("--cache", type=Path, help="anatomy cache folder, outside OUT (default: generate-cache in the "
+                                              "user's MedSynth folder, MEDSYNTH_HOME; shared by every run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_generate)

@@ -26,6 +26,7 @@ from conftest import REPO, phantom, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.schema.errors import MedSynthError
 from MedSynthLib.generate.layouts import Layout
+from MedSynthLib.generate.runner import default_cache
 from MedSynthLib.generate.sampler import Sources, replay_case, validate_config
 from MedSynthLib.generate.sources import Source
 from MedSynthLib.schema.labels import Label, schema_to_tumour
@@ -332,7 +333,7 @@ def test_labels_follow_each_layouts_convention_and_replay(gen_data, nnunet_run, 
     from MedSynthLib.generate.sources import find_sources, prepare_case, prepare_tumour
 
     cases, tumours = find_sources([gen_data["cases"], gen_data["segs"]])
-    cache = nnunet_run / ".cache"
+    cache = default_cache()
     sources = _dataset_sources(nnunet_run, [prepare_case(c, cache) for c in cases] +
                                [prepare_tumour(t, cache) for t in tumours])
     for case_id, record in _records(nnunet_run).items():
@@ -348,9 +349,10 @@ def test_labels_follow_each_layouts_convention_and_replay(gen_data, nnunet_run, 
 
 
 def shared_cache(nnunet_run: Path) -> list[str]:
-    """``--cache`` of the session's first run: later runs whose subject is not the anatomy read it
-    instead of deriving the three phantoms' anatomy again (the workers and kill -9 tests derive theirs)."""
-    return ["--cache", str(nnunet_run / ".cache")]
+    """``--cache`` of the session's first run (the default cache, in the session's MedSynth folder), named: later runs
+    whose subject is not the anatomy read it instead of deriving the three phantoms' anatomy again, also where a
+    test sets another MedSynth folder (the workers and kill -9 tests derive theirs)."""
+    return ["--cache", str(default_cache())]
 
 
 def test_msd_layout_loads_with_monai(gen_data, nnunet_run, tmp_path):
@@ -622,7 +624,7 @@ def test_real_torchrun_two_ranks_equal_one_process_and_resume_after_kill_9(gen_d
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
-    cache = ["--cache", str(nnunet_run / ".cache")]  # anatomy already derived: the ranks only make cases
+    cache = ["--cache", str(default_cache())]  # anatomy already derived: the ranks only make cases
     reference = _file_bytes(nnunet_run)
     assert len([k for k in reference if k.endswith(".nii.gz")]) == 4 * 5
 
@@ -690,7 +692,7 @@ def test_a_rank_loads_the_model_on_its_local_rank_gpu(gen_data, nnunet_run, tmp_
     monkeypatch.setattr(synthesize_module, "SynthesisEngine", RecordingEngine)
     monkeypatch.setattr(runner, "_cuda_devices", lambda device: [0, 1])
     out = tmp_path / "gpus"
-    cache = ["--cache", str(nnunet_run / ".cache")]
+    cache = ["--cache", str(default_cache())]
     for rank, local_rank in ((1, 1), (2, 0)):  # node 0's second GPU, node 1's first GPU
         monkeypatch.setenv("WORLD_SIZE", "4")
         monkeypatch.setenv("RANK", str(rank))
@@ -799,7 +801,7 @@ def test_a_model_without_validation_in_its_config_is_pointed_to_the_model_card(n
 
 
 def test_an_anonymous_dataset_carries_nothing_of_the_real_sources(gen_data, tmp_path):
-    """--anonymous reads no patient source (its cases use none): no derived label map in OUT/.cache, no source id,
+    """--anonymous reads no patient source (its cases use none): no derived label map cached, no source id,
     no real tumour's statistics in the card; and no card records a folder (a folder name can name a patient)."""
     named = tmp_path / "Doe_John_MRN12345"
     named.mkdir()
@@ -829,7 +831,7 @@ def test_privacy_is_the_label_maps_own_record(gen_data, nnunet_run):
     from MedSynthLib.schema.provenance import privacy_of
 
     cases, tumours = find_sources([gen_data["cases"], gen_data["segs"]])
-    cache = nnunet_run / ".cache"
+    cache = default_cache()
     sources = _dataset_sources(nnunet_run, [prepare_case(c, cache) for c in cases] +
                                [prepare_tumour(t, cache) for t in tumours])
     card_rows = {row["case_id"]: row for row in json.loads((nnunet_run / "dataset_card.json").read_text())["privacy"]}
@@ -861,13 +863,14 @@ def test_privacy_recognises_one_patient_in_two_folders():
 
 
 @pytest.mark.realdata
-def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_data, tmp_path):
+def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_data, tmp_path, monkeypatch):
     """A real BraTS case + the 4 tumour-only BraTS 2021 label maps + the template, two cases.
 
     One real case (was two): each is a full-size atlas-EM derivation, and one checks every property here
     (real brains with tumours counted among the sources, inserts into a real brain and into the template,
     the anatomy cache reused); several cases are generate's everyday work in the phantom tests above.
     """
+    monkeypatch.setenv("MEDSYNTH_HOME", str(tmp_path / "home"))  # a default cache of this test's sources alone
     cases = tmp_path / "cases"
     cases.mkdir()
     for folder in brats_cases[:1]:
@@ -888,10 +891,11 @@ def test_real_cases_tumour_label_maps_and_template(brats_cases, real_data, gen_d
         if row["kind"] == "insert_template":
             assert row["brain_dice_to_source"] is None and row["anatomy"] == "template"
     # The anatomy cache is reused: a second run derives nothing (same cache files, untouched).
-    cache = sorted((out / ".cache").glob("case-*.npy"))
+    assert not (out / ".cache").exists()  # outside the dataset (test_generate_cache)
+    cache = sorted(default_cache().glob("case-*.npy"))
     assert len(cache) == 2  # the case's derived label map and its brain-box crop
     stamps = [p.stat().st_mtime_ns for p in cache]
-    assert main(argv[:-7] + ["-o", str(tmp_path / "out2"), "--cache", str(out / ".cache"), "--device", "cpu",
+    assert main(argv[:-7] + ["-o", str(tmp_path / "out2"), "--cache", str(default_cache()), "--device", "cpu",
                              "--seed", "3", "--quiet"]) == 0
     assert [p.stat().st_mtime_ns for p in cache] == stamps
 

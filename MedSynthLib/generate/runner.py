@@ -12,6 +12,10 @@ Scale without a coordinator of MedSynth's own:
 Resumable: case i is complete when ``provenance/<case>.json`` exists (written last, see
 :mod:`.layouts`); a rerun with the same settings skips complete cases and redoes the rest.  The
 source ids it records are keyed (:mod:`.keys`): a resume needs the key the run began with.
+
+The anatomy cache (each patient source's derived label map) never lies inside the dataset: by default it is
+the user's :func:`default_cache`, shared by every run (its names are content hashes, so a run reads only
+what its own sources give).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..schema.review import GENERATE_PROVENANCE_DIR, GENERATE_RUN_FILE
 from ..schema.volume_io import check_folder_argument, check_not_an_input, enclosing_folder
-from .keys import SourceKey
+from .keys import HOME_ENV, SourceKey, user_dir
 from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
 from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
 from .sources import (TEMPLATE_ID, Source, find_sources, load_source, prepare_case, prepare_tumour, template_source,
@@ -40,7 +44,11 @@ from .sources import (TEMPLATE_ID, Source, find_sources, load_source, prepare_ca
 RUN_FILE = GENERATE_RUN_FILE
 PROVENANCE_DIR = GENERATE_PROVENANCE_DIR
 STAGING_DIR = ".staging"
+#: Where MedSynth before the cache moved out of the dataset kept its default cache (``OUT/.cache``): a resume moves
+#: generate's own files from there into the cache in use.
 CACHE_DIR = ".cache"
+#: The default anatomy cache's folder in the user's MedSynth folder (beside ``generate-keys``).
+USER_CACHE_FOLDER = "generate-cache"
 RUN_VERSION = 1
 #: The run file's key id of the dataset's source ids (absent where no patient source was read).
 SOURCE_KEY = "source_key"
@@ -72,6 +80,15 @@ class GenerateOptions:
     progress: bool = True
     command: str = ""
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
+
+
+def default_cache() -> Path:
+    """The anatomy cache of a run not given ``--cache``: ``generate-cache`` in the user's MedSynth folder.
+
+    Outside the dataset: the cache holds every patient source's label map under names that anyone with MedSynth
+    and the source files can compute, and a dataset is made to be shared.
+    """
+    return user_dir() / USER_CACHE_FOLDER
 
 
 def distributed() -> tuple[int, int, int]:
@@ -253,8 +270,8 @@ def _check_no_cases_beyond(out: Path, layout: Layout, n: int) -> None:
 def _only_cache_files(cache: Path) -> bool:
     """Whether ``cache`` is absent or holds only generate's own cache arrays.
 
-    Under torchrun another rank may have begun the default cache (``OUT/.cache``) before
-    this rank looks at the output folder.
+    An older MedSynth kept its default cache in ``OUT/.cache`` (:data:`CACHE_DIR`): a folder holding only that
+    is a run that stopped while reading its sources.
     """
     if not cache.exists():
         return True
@@ -274,13 +291,15 @@ class _UndoSourceCache:
     """Removes what reading the sources wrote (cache arrays, folders) when the run then fails on bad input.
 
     The sources are read and cached one by one, so a bad source found after good ones would otherwise leave
-    the good ones' cache arrays (and the output folder holding the default cache) behind.
+    the good ones' cache arrays (and the folders made for them) behind.  ``cache`` None: the user's default
+    cache, which keeps what was derived: other runs share it and may be reading the same arrays, and it is
+    nobody's output.
     """
 
-    def __init__(self, cache: Path, out: Path) -> None:
+    def __init__(self, cache: Path | None, out: Path) -> None:
         self.cache = cache
-        self.folders = list(dict.fromkeys(_missing_folders(cache) + _missing_folders(out)))
-        self.before = {p.name for p in cache.iterdir()} if cache.is_dir() else set()
+        self.folders = list(dict.fromkeys((_missing_folders(cache) if cache else []) + _missing_folders(out)))
+        self.before = {p.name for p in cache.iterdir()} if cache is not None and cache.is_dir() else set()
 
     def __enter__(self) -> "_UndoSourceCache":
         return self
@@ -288,7 +307,7 @@ class _UndoSourceCache:
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
         if kind is None or not issubclass(kind, MedSynthError):
             return
-        if self.cache.is_dir():
+        if self.cache is not None and self.cache.is_dir():
             for path in self.cache.iterdir():
                 if path.name not in self.before and _only_cache_files_named([path]):
                     path.unlink(missing_ok=True)
@@ -302,6 +321,68 @@ class _UndoSourceCache:
 def _only_cache_files_named(paths: Sequence[Path]) -> bool:
     return all(p.is_file() and p.name.lstrip(".").startswith(("case-", "tumour-")) and ".npy" in p.name
                for p in paths)
+
+
+def _private_folder(folder: Path) -> None:
+    """Make the default cache folder readable by its user only (it holds the patients' label maps), as the keys'."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise InputError(folder, f"cannot write the anatomy cache ({exc.strerror}); set {HOME_ENV} to a folder "
+                                 "you can write, or give --cache DIR") from None
+
+
+def _move_old_cache(out: Path, cache: Path, log: Callable[[str], None] | None) -> None:
+    """Move generate's own cache arrays from a dataset begun by an older MedSynth (``OUT/.cache``) into ``cache``.
+
+    The dataset then no longer carries its patients' label maps, and its resume reads them in ``cache``.  The
+    names are content hashes: an array already in ``cache`` is the same one.  Torchrun ranks may move the same
+    files at once: a file another rank moved first is gone, and each move is a rename or an atomic copy.  What
+    generate did not write stays, and is said.
+    """
+    old = out / CACHE_DIR
+    if not old.is_dir() or old.is_symlink():
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    for path in sorted(old.iterdir()):
+        if not _only_cache_files_named([path]):
+            continue
+        try:
+            if path.name.startswith("."):  # a temporary left by a killed write: never a whole array
+                path.unlink()
+            elif (cache / path.name).exists():
+                path.unlink()
+            else:
+                _move_file(path, cache / path.name)
+        except FileNotFoundError:
+            pass
+    try:
+        old.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        left = ", ".join(sorted(p.name for p in old.iterdir()))
+        if log:
+            log(f"{old}: generate's cached label maps moved to {cache}; this folder keeps what generate did not "
+                f"write ({left}): remove it before sharing the dataset")
+
+
+def _move_file(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+        return
+    except OSError as exc:
+        import errno
+
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.npy")  # another file system: copy, then rename
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    source.unlink(missing_ok=True)
 
 
 def _placeholder_sources(cases: Sequence[Path], tumours: Sequence[Path], template: bool) -> list[Source]:
@@ -497,18 +578,22 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     rank, world, local_rank = distributed()
 
     out = Path(opt.output)
-    cache = Path(opt.cache) if opt.cache else out / CACHE_DIR
+    cache = Path(opt.cache) if opt.cache else default_cache()
+    cache_option = "--cache" if opt.cache else f"the anatomy cache ({HOME_ENV}, or give --cache DIR)"
     check_folder_argument(out, "-o")
     inputs = [Path(p) for p in opt.labels_from] + ([Path(opt.edits)] if opt.edits else [])
     check_not_an_input([out], inputs)  # --overwrite would replace the folder
-    if opt.cache:
-        check_folder_argument(cache, "--cache")
-        check_not_an_input([cache], inputs)
-    for written, option in ((out, "-o"), (cache, "--cache")):  # never among the patients' own files
+    check_folder_argument(cache, cache_option)
+    check_not_an_input([cache], inputs)
+    for written, option in ((out, "-o"), (cache, cache_option)):  # never among the patients' own files
         inside = enclosing_folder(written, [p for p in inputs if p.is_dir()])
         if inside is not None:
             raise InputError(written, f"{option} lies inside the input {inside}: write it outside the folders "
                                       "MedSynth reads")
+    if cache.resolve() == out.resolve() or enclosing_folder(cache, [out]) is not None:
+        # The dataset would ship its patients' label maps, under names their files give.
+        raise InputError(cache, f"{cache_option} lies inside -o {out}: the dataset would carry the patients' "
+                                "label maps; keep the cache outside it")
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
                  "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
@@ -583,7 +668,11 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
     if n_procs > 1:
         pool = _process_pool(n_procs, multiprocessing.get_context("spawn"))
     try:
-        with _UndoSourceCache(cache, out):
+        if not opt.cache and items:  # --anonymous reads no source: nothing to cache
+            _private_folder(cache)
+        if not opt.overwrite:  # --overwrite has moved the old dataset aside, its cache with it
+            _move_old_cache(out, cache, opt.log)
+        with _UndoSourceCache(cache if opt.cache else None, out):
             sources_started = time.perf_counter()
             source_json = _prepare_sources(items, rank, world, pool, opt)
             sources_seconds = time.perf_counter() - sources_started
