@@ -1,9 +1,12 @@
 """The dataset card of a generated dataset: ``README.md``, ``dataset_card.json`` and a figure.
 
 It says what made the data (model and sha256, sampler config, seed, the command), what is in
-it (counts per kind of case), how its tumours compare with the real sources (size, location,
-sub-region fractions), how faithful the model is (the validation numbers in its config), and
-the privacy status of every case.  Built from the cases' provenance files on disk.
+it (counts per kind of case, the label values, the image grids), how its tumours compare with
+the real sources (size, location, sub-region fractions), how faithful the model is (the
+validation numbers in its config), and the privacy status of every case.  Built from the cases'
+provenance files on disk.  The nnU-Net and MSD layouts also get a short README inside their
+dataset folder, the folder users copy on (into ``nnUNet_raw``): the privacy verdict, the label
+values and the grids, pointing to the full card beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,121 @@ from .sources import Source
 CARD_JSON = "dataset_card.json"
 CARD_README = "README.md"
 CARD_FIGURE = "dataset_card.png"
+#: The BraTS releases' grid (SRI24 space): what BraTS pipelines usually assume every case is on.
+BRATS_GRID = {"size": [240, 240, 155], "spacing": [1.0, 1.0, 1.0], "orientation": "LPS"}
+#: Options of ``medsynth generate`` whose values are paths, with the placeholder the card shows: a folder or file
+#: name can name a patient.
+_PATH_OPTIONS = {"--labels-from": "DIR", "--output": "OUT", "-o": "OUT", "--edits": "CONFIG", "--cache": "DIR",
+                 "--model": "MODEL_DIR"}
+#: Options of ``medsynth generate`` that take one value that is not a path (an unknown option's value is hidden
+#: when it looks like a path).
+_VALUE_OPTIONS = ("-n", "--label-convention", "--layout", "--dataset-id", "--name", "--workers", "--seed",
+                  "--appearance-spread", "--device", "--precision")
+
+
+def card_command(argv: Sequence[str]) -> str:
+    """The ``medsynth`` command as typed (``argv`` without the program name), every path a placeholder.
+
+    Only the options the user gave appear, in the user's order; ``--command-line`` (internal) is left out.
+    """
+    words: list[str] = ["medsynth"]
+    tokens = list(argv)
+    i = 0
+
+    def full(option: str) -> str:
+        # argparse takes a unique prefix of a long option.
+        if option.startswith("--"):
+            matches = [o for o in (*_PATH_OPTIONS, *_VALUE_OPTIONS, "--command-line") if o.startswith(option)]
+            if len(matches) == 1:
+                return matches[0]
+        return option
+
+    def hidden(option: str, value: str) -> str:
+        if option == "--model" and not _looks_like_path(value):
+            return value  # a registered model's name
+        return _PATH_OPTIONS[option]
+
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        option = full(name)
+        if option == "--command-line":
+            i += 0 if eq else 1
+            continue
+        if option in _PATH_OPTIONS:
+            if eq:
+                words.append(f"{name}={hidden(option, value)}")
+                continue
+            words.append(name)
+            count = 0
+            # --labels-from takes several folders; the others one value.
+            while i < len(tokens) and not tokens[i].startswith("-") and (count == 0 or option == "--labels-from"):
+                words.append(hidden(option, tokens[i]))
+                i += 1
+                count += 1
+            continue
+        words.append(token if not _looks_like_path(value if eq else token) else
+                     (f"{name}=PATH" if eq else "PATH"))
+    return " ".join(words)
+
+
+def _looks_like_path(value: str) -> bool:
+    return bool(value) and ("/" in value or os.sep in value or Path(value).exists())
+
+
+def describe_grid(grid: dict[str, Any], base: str) -> dict[str, Any]:
+    """A case's grid as the card states it: size, voxel size, orientation code, space and whether it is BraTS's.
+
+    ``base`` is the case's generation base: ``template`` puts it on the ICBM152 template's grid (MNI space); any
+    other base keeps the source case's own grid.
+    """
+    import SimpleITK as sitk
+
+    size = [int(v) for v in grid["size"]]
+    spacing = [round(float(v), 3) for v in grid["spacing"]]
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        [float(v) for v in grid["direction"]])
+    brats = size == BRATS_GRID["size"] and spacing == BRATS_GRID["spacing"] and orientation == BRATS_GRID["orientation"]
+    if base == "template":
+        space = "MNI (ICBM152 2009a template)"
+    elif brats:
+        space = "SRI24 (the BraTS grid)"
+    else:
+        space = "the source case's own"
+    return {"size": size, "spacing": spacing, "orientation": orientation, "space": space, "brats_grid": brats}
+
+
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
+
+
+def _grid_text(grid: dict[str, Any]) -> str:
+    spacing = grid["spacing"]
+    voxel = f"{spacing[0]:g} mm" if len(set(spacing)) == 1 else " x ".join(f"{v:g}" for v in spacing) + " mm"
+    return f"{' x '.join(str(v) for v in grid['size'])}, {voxel}, {grid['orientation']}, {grid['space']}"
+
+
+def grid_summary(kind: str, records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The grids of the cases with how many cases lie on each (most first), and the warnings they call for."""
+    counts: Counter = Counter()
+    for record in records:
+        described = describe_grid(record["grid"], record["generation"]["base"])
+        counts[tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in described.items())] += 1
+    grids = [{**{k: list(v) if isinstance(v, tuple) else v for k, v in key}, "cases": n}
+             for key, n in counts.most_common()]
+    warnings = []
+    if len(grids) > 1:
+        warnings.append(f"The cases lie on {len(grids)} grids ("
+                        + "; ".join(f"{_grid_text(g)}: {_cases(g['cases'])}" for g in grids)
+                        + "): a pipeline that assumes one image shape, orientation or space for every case must "
+                          "resample them first.")
+    off_grid = sum(g["cases"] for g in grids if not g["brats_grid"])
+    if kind.startswith("brats") and off_grid:
+        warnings.append(f"Layout {kind}, but {off_grid} of {len(records)} cases are not on the BraTS grid "
+                        "(240 x 240 x 155, 1 mm, LPS, SRI24 space), which BraTS pipelines often assume: resample "
+                        "or register them before such a pipeline.")
+    return grids, warnings
 
 
 def _quantiles(values: Sequence[float]) -> dict[str, float] | None:
@@ -128,12 +246,18 @@ def write_card(out: Path, layout: Any, spec: dict[str, Any], sources: Sequence[S
         "derived_from_patient": sum(1 for p in privacy_rows if p["derived_from_patient"]),
         "patients_own_tumour": sum(1 for p in privacy_rows if p["patients_own_tumour"]),
     }
+    grids, grid_warnings = grid_summary(layout.kind, records)
     card = {
         "kind": "medsynth-synthetic-dataset",
         "synthetic": True,
         "name": spec["name"],
         "layout": layout.kind,
-        "dataset_folder": layout.dataset_dir or ".",
+        # The BraTS layouts have no dataset folder: one folder per case in the output folder.
+        "dataset_folder": layout.dataset_dir or None,
+        "case_folders": layout.case_folders,
+        "label_values": layout.label_table(),
+        "grids": grids,
+        "grid_warnings": grid_warnings,
         "model": {"name": spec["model"]["name"], "sha256": spec["model"]["sha256"],
                   "fidelity": _fidelity(model_config)},
         "sampler_config": spec["config"],
@@ -155,10 +279,17 @@ def write_card(out: Path, layout: Any, spec: dict[str, Any], sources: Sequence[S
     }
     _figure(out / CARD_FIGURE, generated_stats, real_stats, kinds)
     write_json(card, out / CARD_JSON, overwrite=True)
-    tmp = out / f".{CARD_README}.{os.getpid()}.tmp"
-    tmp.write_text(_readme(card))
-    tmp.replace(out / CARD_README)
+    _write_text(out / CARD_README, _readme(card))
+    if layout.dataset_dir:
+        # The dataset folder is what users copy (into nnUNet_raw): the verdict and the label values go with it.
+        _write_text(out / layout.dataset_dir / CARD_README, _folder_readme(card))
     return card
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # torchrun ranks may both write it
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _fmt_q(q: dict[str, float] | None) -> str:
@@ -177,14 +308,77 @@ def _fmt_location(location: dict[str, Any] | None, key: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def privacy_verdict(counts: dict[str, Any]) -> str:
+def privacy_verdict(counts: dict[str, Any], where: str = "see Privacy below") -> str:
     """The dataset's privacy in one sentence, first in its README: synthetic images need not be anonymous."""
     cases, anonymous = counts["cases"], counts["anonymous"]
     if anonymous == cases:
         return ("**Synthetic images, anonymous**: every case is a parametric tumour in the template brain, "
                 "nobody's anatomy or tumour.")
     return (f"**Synthetic images, NOT anonymous**: {cases - anonymous} of {cases} cases carry a real patient's "
-            "anatomy or tumour, which can identify that patient (see Privacy below).")
+            f"anatomy or tumour, which can identify that patient ({where}).")
+
+
+def _layout_line(card: dict[str, Any]) -> str:
+    if card.get("dataset_folder"):
+        return f"- Layout: `{card['layout']}` (folder `{card['dataset_folder']}`)"
+    pattern = card.get("case_folders") or ""
+    first = pattern.replace("NNNNN", "00000")
+    return f"- Layout: `{card['layout']}` (one folder per case in this folder: `{first}`, ...)"
+
+
+def _label_section(card: dict[str, Any]) -> list[str]:
+    table = card.get("label_values")
+    if not table:
+        return []
+    lines = ["## Label values", "",
+             f"Tumour labels of the segmentations ({table['convention']}); `label_values` in `dataset_card.json`"
+             + (" and in `dataset.json`" if card["layout"] in ("nnunet", "msd") else "") + ".", ""]
+    if card["layout"] == "nnunet":
+        lines += ["nnU-Net trains on the regions of `dataset.json` (whole tumour 1, 2, 3; tumour core 2, 3; "
+                  "enhancing tumour 3); its predictions, written with `regions_class_order` [1, 2, 3], hold the "
+                  "values below.", ""]
+    lines += ["| value | class | BraTS 2021 value | BraTS 2023 value |", "|---|---|---|---|"]
+    for value, short in table["values"].items():
+        name = f"{short} ({table['classes'][short].lower()})" if short in table["classes"] else short
+        lines.append(f"| {value} | {name} | {table['to_brats2021'][value]} | {table['to_brats2023'][value]} |")
+    return lines + [""]
+
+
+def _grid_section(card: dict[str, Any]) -> list[str]:
+    if "grids" not in card:
+        return []
+    lines = ["## Image grids", "",
+             "Every case's images and segmentation share one grid: the source case's own, or the ICBM152 template's "
+             "for a case drawn in the template.", "",
+             "| size (voxels) | voxel size (mm) | orientation | space | cases |", "|---|---|---|---|---|"]
+    for grid in card["grids"]:
+        lines.append(f"| {' x '.join(str(v) for v in grid['size'])} | "
+                     f"{' x '.join(f'{v:g}' for v in grid['spacing'])} | {grid['orientation']} | {grid['space']} | "
+                     f"{grid['cases']} |")
+    lines.append("")
+    lines += [f"**Warning**: {warning}\n" for warning in card["grid_warnings"]]
+    return lines
+
+
+def _folder_readme(card: dict[str, Any]) -> str:
+    """The README inside the dataset folder: what travels with it when it is copied on its own."""
+    counts = card["counts"]
+    lines = [
+        f"# {card['name']}: a synthetic brain-tumour MRI dataset",
+        "",
+        privacy_verdict(counts, "each case's privacy record is in the dataset card"),
+        "",
+        f"- Generated by MedSynth, model `{card['model']['name']}`; layout `{card['layout']}`; "
+        f"{_cases(counts['cases'])}, {counts['anonymous']} anonymous.",
+        f"- Privacy rule: {card['privacy_rule']}.",
+        "- The full dataset card (every case's privacy record, the tumour statistics, the model, seed and command) "
+        f"is `{CARD_README}` and `{CARD_JSON}` in the folder this one was generated in, with each case's provenance "
+        "in `provenance/`: keep them with this folder wherever it is copied.",
+        "",
+        *_label_section(card),
+        *_grid_section(card),
+    ]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _readme(card: dict[str, Any]) -> str:
@@ -196,7 +390,7 @@ def _readme(card: dict[str, Any]) -> str:
         f"{privacy_verdict(card['counts'])} T1, T1ce, T2 and FLAIR generated by MedSynth from a label map "
         "(brain anatomy + tumour), with the tumour annotation the images were generated from.",
         "",
-        f"- Layout: `{card['layout']}` (folder `{card['dataset_folder']}`)",
+        _layout_line(card),
         f"- Model: `{card['model']['name']}`, weights sha256 `{card['model']['sha256']}`",
         f"- Seed: {card['seed']}; appearance spread: {card['appearance_spread']:g}; "
         f"anonymous cases only: {'yes' if card['anonymous_only'] else 'no'}",
@@ -205,6 +399,8 @@ def _readme(card: dict[str, Any]) -> str:
         f"- Sources: {card['sources']['real_cases']} real cases, {card['sources']['tumour_label_maps']} tumour "
         f"label maps, template: {'yes' if card['sources']['template'] else 'no'}",
         "",
+        *_label_section(card),
+        *_grid_section(card),
         "## Model fidelity (its validation, from the model's config)",
         "",
         ("brain SSIM {brain_ssim}, PSNR {brain_psnr} dB; tumour SSIM {tumour_ssim}, PSNR {tumour_psnr} dB".format(

@@ -13,6 +13,10 @@ Tumour labels per layout (MedSynth NCR 4 / ED 5 / ET 6 mapped with
   values, which nnU-Net's own BraTS conversion also uses); nnU-Net trains on the regions
   whole tumour [1, 2, 3], tumour core [2, 3] and enhancing tumour [3];
 * BraTS 2021: 1 NCR, 2 ED, 4 ET; BraTS 2023: 1 NCR, 2 ED, 3 ET.
+
+The nnU-Net and MSD ``dataset.json`` also carry ``label_values`` (:meth:`Layout.label_table`: which value is which
+class, and its BraTS value), a key nnU-Net and MONAI ignore; the MSD task folder has an empty ``imagesTs``, as the
+Decathlon's and as nnU-Net's MSD converter requires.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..schema.grid import Grid
-from ..schema.labels import schema_to_tumour
+from ..schema.labels import CONVENTIONS, LABEL_INFO, Label, schema_to_tumour
 from ..schema.review import BRATS_SUFFIXES
 
 LAYOUTS = ("nnunet", "msd", "brats2021", "brats2023")
@@ -97,6 +101,27 @@ class Layout:
     def label_convention(self) -> str:
         return {"nnunet": "msd", "msd": "msd"}.get(self.kind, self.kind)
 
+    @property
+    def case_folders(self) -> str | None:
+        """The BraTS layouts' case folder pattern (``None`` for the layouts with one dataset folder)."""
+        return None if self.dataset_dir else f"{self.case_id(0).replace('00000', 'NNNNN')}/"
+
+    def label_table(self) -> dict[str, Any]:
+        """Which value of this layout's segmentations is which tumour class, and each value's BraTS 2021 / 2023
+        value: nnU-Net's and MSD's ``labels`` name regions or classes without saying which class a prediction's
+        1, 2, 3 is, and a user mapping predictions back to BraTS needs it."""
+        convention = CONVENTIONS[self.label_convention]
+        by_value = sorted((value, label) for label, value in convention.from_schema.items())
+        table: dict[str, Any] = {"convention": convention.description,
+                                 "values": {"0": "background",
+                                            **{str(v): LABEL_INFO[label].short_name for v, label in by_value}},
+                                 "classes": {LABEL_INFO[label].short_name: LABEL_INFO[label].name
+                                             for label in (Label.NCR, Label.ED, Label.ET)}}
+        for brats in ("brats2021", "brats2023"):
+            target = CONVENTIONS[brats].from_schema
+            table[f"to_{brats}"] = {"0": 0, **{str(v): target[label] for v, label in by_value}}
+        return table
+
 
 def _write(image: sitk.Image, path: Path) -> None:
     # gzip at the NIfTI writer's own level: SimpleITK 2.5.7 wrote identical bytes for levels 0-9 here,
@@ -120,6 +145,9 @@ def write_case_files(layout: Layout, staging: Path, case_id: str, images: Mappin
     files = layout.files(case_id)
     for rel in files.values():
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+    if layout.kind == "msd":
+        # The Decathlon format has an imagesTs folder, empty here: nnU-Net's MSD converter refuses a task without one.
+        (staging / layout.dataset_dir / "imagesTs").mkdir(exist_ok=True)
     seg = schema_to_tumour(labels, layout.label_convention)
     jobs: list[tuple[sitk.Image, Path]] = [(grid.image(seg), staging / files["seg"])]
     if layout.kind == "msd":
@@ -162,6 +190,8 @@ def dataset_json(layout: Layout, case_ids: list[str], description: str) -> dict[
             "numTraining": len(case_ids),
             "file_ending": ".nii.gz",
             "synthetic": True,
+            # nnU-Net reads only its own keys: this one says which class each label value is.
+            "label_values": layout.label_table(),
         }
     if layout.kind == "msd":
         return {
@@ -173,6 +203,7 @@ def dataset_json(layout: Layout, case_ids: list[str], description: str) -> dict[
             "tensorImageSize": "4D",
             "modality": MSD_MODALITY,
             "labels": MSD_LABELS,
+            "label_values": layout.label_table(),
             "numTraining": len(case_ids),
             "numTest": 0,
             "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in case_ids],
