@@ -123,6 +123,28 @@ def test_a_generated_case_folder_is_a_medsynth_output(generated, tmp_path):
     assert not is_medsynth_output(tmp_path / generated["patient"].name)
 
 
+def test_slicer_load_case_names_where_a_generated_cases_labels_are(generated, tmp_path):
+    """The Slicer module's *Load case* refuses a generate case folder (a MedSynth output), and its message said
+    'its label map is labels.nii.gz in it', a file such a folder does not have; it names the case's own
+    segmentation and the dataset's record, as the command line does."""
+    import sys
+
+    pytest.importorskip("slicer", reason="slicer-core is not installed; pip install -e '.[test]'")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedSynth"))
+    from MedSynthSlicerLib import mrml
+    from MedSynthSlicerLib.errors import WorkflowError
+    from MedSynthSlicerLib.logic import WorkflowLogic
+
+    case = generated["patient"]
+    scene, _ = mrml.create_headless_scene()
+    logic = WorkflowLogic(scene, work_dir=tmp_path / "work")
+    with pytest.raises(WorkflowError) as refused:
+        logic.load_case(case)
+    message = str(refused.value)
+    assert "MedSynth output" in message and f"{case.name}_seg.nii.gz" in message, message
+    assert "labels.nii.gz in it" not in message, message
+
+
 def test_labels_refuses_a_generated_case_folder(generated, tmp_path, capsys):
     """``medsynth labels`` derived a label map from a generated case's synthetic images as if they were a
     patient's scans; it refuses the folder in one line (exit 2), writing nothing."""

@@ -123,11 +123,11 @@ class LabelSegmentation:
         ensure_medsynthlib_importable()
         from MedSynthLib.cases.readers import read_case
         from MedSynthLib.schema.errors import MedSynthError
-        from MedSynthLib.synthesis.case_folder import LABELS_FILE, is_medsynth_output
+        from MedSynthLib.synthesis.case_folder import is_medsynth_output, labels_phrase
 
         folder = Path(folder)
         if is_medsynth_output(folder):  # read as a patient's case it would come in without its tumour
-            raise WorkflowError(f"{folder}: is a MedSynth output (its label map is {LABELS_FILE} in it), not a "
+            raise WorkflowError(f"{folder}: is a MedSynth output ({labels_phrase(folder)}), not a "
                                 "patient's case: add its volumes and label map with File > Add Data")
         try:
             case = read_case(folder, convention=convention, label_convention=label_convention)
