@@ -118,10 +118,13 @@ def template_anatomy_problem(case: Any) -> tuple[Path, str] | None:
 def _generated_tumour_problem(case: Any) -> tuple[Path, str] | None:
     """A ``generate`` case keeps the tumour alone: it must lie where its edits, replayed on the template as
     ``generate`` draws (cropped to the brain), put one."""
-    from ..generate.sources import load_source, template_source
+    from ..schema.grid import crop_to_brain
 
-    source = template_source()
-    band = source.to_full(replayed_band(load_source(source), case.labels.history))
+    template = _template()
+    cropped, crop_grid, offset = crop_to_brain(template.array, template.grid)
+    band = np.zeros(template.array.shape, bool)
+    band[tuple(slice(o, o + n) for o, n in zip(offset, cropped.shape))] = replayed_band(
+        LabelMap(cropped, crop_grid, []), case.labels.history)
     outside = int(np.count_nonzero((case.labels.array > 0) & ~band))
     if not outside:
         return None

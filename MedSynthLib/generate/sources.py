@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..schema.errors import InputError
-from ..schema.grid import Grid, LabelMap
+from ..schema.grid import BRAIN_CROP_MARGIN, Grid, LabelMap, crop_to_brain
 from ..schema.labels import SCHEMA_VERSION, Label
 from ..schema.provenance import PrivacyRecord
 
@@ -33,7 +33,7 @@ TEMPLATE_ID = "template"
 #: Brains are stored and edited cropped to their bounding box grown by this many voxels (a BraTS
 #: volume shrinks about 2.5x, and every edit with it); at least the synthesis engine's brain-box
 #: margin (4), so the network sees exactly what it would on the whole volume.
-CROP_MARGIN = 8
+CROP_MARGIN = BRAIN_CROP_MARGIN  # in the cache files' names
 
 
 @dataclass(frozen=True)
@@ -114,19 +114,6 @@ def with_dataset_ids(sources: Sequence[Source], key: Any) -> list[Source]:
 
 def grid_from_json(data: dict[str, Any]) -> Grid:
     return Grid.from_json(data)
-
-
-def crop_to_brain(labels: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid, tuple[int, int, int]]:
-    """The brain's bounding box grown by :data:`CROP_MARGIN`: array, its grid, its first voxel (k, j, i)."""
-    from ..schema.grid import mask_box
-
-    box = mask_box(labels > Label.BACKGROUND, CROP_MARGIN)
-    lo = tuple(int(b.start) for b in box)
-    array = np.ascontiguousarray(labels[box])
-    origin = grid.index_to_lps(np.asarray(lo[::-1], float))
-    crop = Grid(tuple(int(v) for v in array.shape[::-1]), grid.spacing, tuple(float(v) for v in origin),
-                grid.direction)  # type: ignore[arg-type]
-    return array, crop, lo  # type: ignore[return-value]
 
 
 def _anatomy_key(files: Sequence[Path]) -> str:

@@ -220,6 +220,22 @@ def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     return tuple(slice(max(lo - margin, 0), min(hi + margin, n)) for (lo, hi), n in zip(extents, mask.shape))
 
 
+#: Voxels kept around the brain where a label map is cut to it (``generate`` draws on the cut map).
+BRAIN_CROP_MARGIN = 8
+
+
+def crop_to_brain(labels: np.ndarray, grid: Grid,
+                  margin: int = BRAIN_CROP_MARGIN) -> tuple[np.ndarray, Grid, tuple[int, int, int]]:
+    """The brain's bounding box grown by ``margin`` voxels: array, its grid, its first voxel (k, j, i)."""
+    box = mask_box(labels > 0, margin)  # 0 = background in the label schema
+    lo = tuple(int(b.start) for b in box)
+    array = np.ascontiguousarray(labels[box])
+    origin = grid.index_to_lps(np.asarray(lo[::-1], float))
+    crop = Grid(tuple(int(v) for v in array.shape[::-1]), grid.spacing, tuple(float(v) for v in origin),
+                grid.direction)  # type: ignore[arg-type]
+    return array, crop, lo  # type: ignore[return-value]
+
+
 def _extents(mask: np.ndarray) -> list[tuple[int, int]] | None:
     """``[(first, last + 1)]`` per axis of the True voxels of a boolean array, ``None`` when there are none."""
     if mask.ndim == 0:
