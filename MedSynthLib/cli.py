@@ -796,30 +796,13 @@ def _check_not_in_a_case_folder(args: argparse.Namespace) -> None:
     _refuse_output_in_case_folders(args.output, folders, "output")
 
 
-def _generate_card_command(args: argparse.Namespace) -> str:
-    """The ``generate`` command for the dataset card, every path a placeholder (a folder name can name a patient)."""
-    model = args.model
-    if model is not None and (os.sep in model or "/" in model or Path(model).exists()):
-        model = "MODEL_DIR"
-    words = ["medsynth generate", f"-n {args.n}"]
-    words += [f"--labels-from {' '.join(['DIR'] * len(args.labels_from))}"] if args.labels_from else []
-    words += [f"--label-convention {args.label_convention}"] if args.label_convention else []
-    words += ["--template"] if args.template else []
-    words += ["--edits CONFIG"] if args.edits is not None else []
-    words += [f"--model {model}"] if model is not None else []
-    words += [f"--layout {args.layout}", f"--dataset-id {args.dataset_id}", f"--name {args.name}", "-o OUT",
-              f"--workers {args.workers}", f"--seed {args.seed}"]
-    words += [f"--appearance-spread {args.appearance_spread:g}"] if args.appearance_spread != 1.0 else []
-    words += ["--anonymous"] if args.anonymous else []
-    words += [f"--device {args.device}", f"--precision {args.precision}"]
-    words += ["--cache DIR"] if args.cache is not None else []
-    return " ".join(words)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate.card import card_command
     from .generate.runner import GenerateOptions, generate
 
-    command = _generate_card_command(args) if args.command_line is None else args.command_line
+    # The card shows the command as typed (paths hidden), not every option's default: main() keeps the words.
+    typed = getattr(args, "typed_argv", None)
+    command = args.command_line if args.command_line is not None else card_command(typed) if typed else ""
     summary = generate(GenerateOptions(
         n=args.n, output=args.output, labels_from=args.labels_from or [], template=args.template, edits=args.edits,
         model=args.model, layout=args.layout, dataset_id=args.dataset_id, name=args.name, workers=args.workers,
@@ -1151,11 +1134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", type=Path, metavar="CONFIG", help="sampler config (JSON; default: built in)")
     p.add_argument("--model", help="registered model name or model folder (default: the shipped model)")
     p.add_argument("--layout", required=True, choices=["nnunet", "msd", "brats2021", "brats2023"])
-    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id / MSD task number")
+    p.add_argument("--dataset-id", type=int, help="nnU-Net dataset id / MSD task number (default 501; not for the "
+                                                  "BraTS layouts, which have no dataset folder)")
     p.add_argument("--name", default="BrainTumourSynth", help="dataset name (letters and digits)")
     _add_output(p, "output folder (resumed when it holds the same run)")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes (one model copy each)")
-    p.add_argument("--seed", type=int, default=0, help="case i draws from (seed, i)")
+    p.add_argument("--seed", type=_seed, default=0, help="case i draws from (seed, i)")
     p.add_argument("--appearance-spread", type=_finite_float, default=1.0, metavar="S", help=SPREAD_HELP)
     p.add_argument("--anonymous", action="store_true",
                    help="only anonymous cases (a parametric tumour in the template brain; needs --template)")
@@ -1409,6 +1393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if options is not None and getattr(args, "command", None) == "generate":
                 # generate's --label-convention reads tumour-only maps; a case folder's values follow its naming.
                 options = options - {"--label-convention"}
+                args.typed_argv = args_list  # the dataset card's command, as typed
             return int(args.func(args))
     except MedSynthError as exc:
         message = _without_foreign_hints(' '.join(str(exc).split()), options)

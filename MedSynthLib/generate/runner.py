@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..schema.errors import InputError, MedSynthError, OutputExistsError
 from ..schema.review import GENERATE_PROVENANCE_DIR, GENERATE_RUN_FILE
 from ..schema.volume_io import check_folder_argument, check_not_an_input, enclosing_folder
+from .card import CARD_FIGURE, CARD_JSON, CARD_README
 from .keys import HOME_ENV, SourceKey, user_dir
 from .layouts import Layout, commit_staged, dataset_json, encode_images, write_case_files
 from .sampler import Sources, check_config_fits_sources, draw_case, load_config, privacy
@@ -50,6 +52,10 @@ CACHE_DIR = ".cache"
 #: The default anatomy cache's folder in the user's MedSynth folder (beside ``generate-keys``).
 USER_CACHE_FOLDER = "generate-cache"
 RUN_VERSION = 1
+#: ``--seed`` takes [0, 2**32): numpy's and torch's seeds, as MedSynth records them (the CLI's range).
+SEED_LIMIT = 2 ** 32
+#: The nnU-Net dataset id / MSD task number of a run not given one (recorded for the BraTS layouts too, which use none).
+DEFAULT_DATASET_ID = 501
 #: The run file's key id of the dataset's source ids (absent where no patient source was read).
 SOURCE_KEY = "source_key"
 
@@ -65,7 +71,7 @@ class GenerateOptions:
     edits: Path | None = None
     model: str | None = None
     layout: str = "nnunet"
-    dataset_id: int = 501
+    dataset_id: int | None = None  # None: DEFAULT_DATASET_ID; refused with a BraTS layout, which has no dataset folder
     name: str = "BrainTumourSynth"
     workers: int = 1
     seed: int = 0
@@ -78,6 +84,7 @@ class GenerateOptions:
     cache: Path | None = None
     overwrite: bool = False
     progress: bool = True
+    #: The command as the user typed it, paths hidden (``card.card_command``): the dataset card's "Command" line.
     command: str = ""
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
 
@@ -263,8 +270,103 @@ def _check_no_cases_beyond(out: Path, layout: Layout, n: int) -> None:
     if not beyond:
         return
     shown = ", ".join(beyond[:3]) + (", ..." if len(beyond) > 3 else "")
-    raise InputError(out, f"holds {len(beyond)} complete case(s) beyond -n {n} ({shown}), which dataset.json "
+    listing = "dataset.json and the dataset card" if layout.dataset_dir else "the dataset card"  # BraTS: no dataset.json
+    raise InputError(out, f"holds {len(beyond)} complete case(s) beyond -n {n} ({shown}), which {listing} "
                           f"would leave out: give -n {needed} or more, another -o, or --overwrite")
+
+
+def check_device_and_precision(device: str, precision: str) -> None:
+    """Refuse a device this machine lacks or a precision it cannot run, as the workers would, but before anything
+    is written."""
+    from ..synthesis.inference import pick_device, pick_precision
+
+    if device.startswith("cuda:") and not device[len("cuda:"):].isdigit():
+        raise MedSynthError(f"--device {device}: give a GPU's number, cuda:0, cuda:1 ...")
+    picked = pick_device(device)
+    if picked.type == "cuda" and picked.index is not None:
+        import torch
+
+        if picked.index >= torch.cuda.device_count():
+            raise MedSynthError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                "numbered from cuda:0")
+    pick_precision(precision, picked)
+
+
+def _case_id_pattern(layout: Layout) -> re.Pattern[str]:
+    """The layout's case ids, any index: every layout's id is the name, one separator, five digits, and a fixed
+    ending (``-000`` for BraTS 2023)."""
+    sample, at = layout.case_id(0), len(layout.name) + 1
+    return re.compile(re.escape(sample[:at]) + r"\d{5}" + re.escape(sample[at + 5:]))
+
+
+def _recorded_layouts(out: Path) -> list[Layout]:
+    """The layouts of the run in ``out``: its run file's, else (an unreadable run file) its case records'."""
+    try:
+        spec = json.loads((out / RUN_FILE).read_text())
+        return [Layout(spec["layout"], int(spec["dataset_id"]), spec["name"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    layouts = set()
+    for path in sorted((out / PROVENANCE_DIR).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            name = re.split(r"[_-]\d{5}", record["case_id"])[0]
+            folder = next(iter(record["files"].values())).split("/")[0]
+            number = re.match(r"(?:Dataset|Task)(\d+)_", folder) if record["layout"] in ("nnunet", "msd") else None
+            layouts.add(Layout(record["layout"], int(number.group(1)) if number else DEFAULT_DATASET_ID, name))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+            continue
+    return sorted(layouts, key=str)
+
+
+def not_generated(out: Path) -> list[str]:
+    """What ``out`` holds that generate did not write, as paths inside it (a foreign folder named once).
+
+    Generate writes its run file, ``provenance/``, ``.staging/``, the card files and the dataset: the nnU-Net or MSD
+    dataset folder with its case files, ``dataset.json`` and README (and the MSD's empty ``imagesTs``), or the BraTS
+    case folders.  Its atomic writes leave ``.NAME.*`` temporaries and locks beside those names when killed.
+    """
+    own_names = {RUN_FILE, PROVENANCE_DIR, STAGING_DIR, CARD_README, CARD_JSON, CARD_FIGURE}
+    layouts = _recorded_layouts(out)
+    patterns = [(layout, _case_id_pattern(layout)) for layout in layouts]
+
+    def own_name(name: str, names: set[str]) -> bool:
+        return name in names or any(name.startswith(f".{n}.") for n in names)
+
+    def own_case_file(layout: Layout, pattern: re.Pattern[str], rel: str) -> bool:
+        case = pattern.match(rel.rsplit("/", 1)[-1])
+        return case is not None and rel in layout.files(case.group(0)).values()
+
+    foreign: list[str] = []
+    for entry in sorted(out.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if own_name(name, own_names):
+            continue
+        if name == CACHE_DIR:  # an older MedSynth's cache: generate's arrays only
+            if not _only_cache_files(entry):
+                foreign.append(name)
+            continue
+        owner = next(((layout, pattern) for layout, pattern in patterns
+                      if name == layout.dataset_dir or (not layout.dataset_dir and pattern.fullmatch(name))), None)
+        if owner is None or not entry.is_dir() or entry.is_symlink():
+            foreign.append(name)
+            continue
+        layout, pattern = owner
+        if not layout.dataset_dir:  # a BraTS case folder: its files only
+            foreign += [f"{name}/{p.name}" for p in sorted(entry.iterdir())
+                        if not (p.is_file() and own_case_file(layout, pattern, f"{name}/{p.name}"))]
+            continue
+        folders = {"imagesTr", "labelsTr"} | ({"imagesTs"} if layout.kind == "msd" else set())
+        for child in sorted(entry.iterdir(), key=lambda p: p.name):
+            rel = f"{name}/{child.name}"
+            if child.is_file() and own_name(child.name, {"dataset.json", CARD_README}):
+                continue
+            if child.name not in folders or not child.is_dir() or child.is_symlink():
+                foreign.append(rel)
+                continue
+            foreign += [f"{rel}/{p.name}" for p in sorted(child.iterdir(), key=lambda p: p.name)
+                        if not (p.is_file() and own_case_file(layout, pattern, f"{rel}/{p.name}"))]
+    return foreign
 
 
 def _only_cache_files(cache: Path) -> bool:
@@ -552,13 +654,25 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
         raise MedSynthError(f"-n must be at least 1, got {opt.n}")
     if opt.workers < 1:
         raise MedSynthError(f"--workers must be at least 1, got {opt.workers}")
+    if not 0 <= int(opt.seed) < SEED_LIMIT:
+        raise MedSynthError(f"--seed {opt.seed} is outside [0, 2**32)")
     check_appearance_spread(opt.appearance_spread, "--appearance-spread")
+    # The workers check these when they load the model, after the run file is written: a bad value then left a run
+    # that refused the corrected command as one "with other settings".
+    check_device_and_precision(opt.device, opt.precision)
+    dataset_id = DEFAULT_DATASET_ID if opt.dataset_id is None else opt.dataset_id
     try:
-        layout = Layout(opt.layout, opt.dataset_id, opt.name)
+        layout = Layout(opt.layout, dataset_id, opt.name)
     except ValueError as exc:
         raise MedSynthError(str(exc)) from None
+    if opt.dataset_id is not None and not layout.dataset_dir:
+        raise MedSynthError(f"--dataset-id names the nnU-Net dataset or MSD task folder; the {layout.kind} layout has "
+                            "none (one folder per case): leave it out")
     if not opt.labels_from and not opt.template:
         raise MedSynthError("nothing to draw from: give --labels-from DIR and/or --template")
+    if opt.label_convention is not None and (opt.anonymous or not opt.labels_from):
+        raise MedSynthError("--label-convention names the tumour values of --labels-from's tumour-only label maps, "
+                            f"which {'--anonymous does not read' if opt.anonymous else 'are not given'}: leave it out")
     config = load_config(opt.edits)
     where = str(opt.edits) if opt.edits else "default sampler config"
     if opt.anonymous:
@@ -596,7 +710,7 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
                                 "label maps; keep the cache outside it")
     spec_base = {"version": RUN_VERSION, "seed": int(opt.seed), "config": config,
                  "model": {"name": model.name, "sha256": model.sha256}, "layout": layout.kind,
-                 "dataset_id": int(opt.dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
+                 "dataset_id": int(dataset_id), "name": opt.name, "anonymous": bool(opt.anonymous),
                  "label_convention": opt.label_convention,
                  "precision": opt.precision}
     if opt.appearance_spread != 1.0:  # every earlier run drew at 1: their run.json stays resumable
@@ -611,6 +725,11 @@ def generate(options: GenerateOptions) -> dict[str, Any]:
     if opt.overwrite and out.exists():
         if not (out / RUN_FILE).exists() and any(out.iterdir()):
             raise InputError(out, "--overwrite replaces only a folder written by medsynth generate")
+        foreign = not_generated(out)
+        if foreign:  # -o nnUNet_raw: the user's other datasets would go with the folder
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise InputError(out, f"--overwrite replaces the whole folder, which holds what generate did not write "
+                                  f"({shown}): move that out, or give another -o")
     with _replacing(out, opt.overwrite):
         return _generate_into(out, cache, opt, layout, config, where, drop, model, spec_base, case_dirs,
                               tumour_files, rank, world, local_rank)
