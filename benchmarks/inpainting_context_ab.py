@@ -27,34 +27,38 @@ from MedSynthLib.synthesis.inpainting import InpaintingEngine, _ball_growth  # n
 from MedSynthLib.synthesis.models import resolve_model  # noqa: E402
 from MedSynthLib.training.data import prepare_volume  # noqa: E402
 
-parser = argparse.ArgumentParser(description="A/B of the inpainting network's box (region SSIM)")
-parser.add_argument("--cache", type=Path, required=True, help="training cache of prepared cases")
-parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-parser.add_argument("--cases", nargs="+", default=["BraTS2021_00000", "BraTS2021_00006"])
-args = parser.parse_args()
-torch.set_num_threads(2)
-engine = InpaintingEngine(resolve_model("medsynth-inpaint-brats27-f0d", kind="inpainting"), "cpu", "auto")
-new_box = inpainting.lattice_box
-
-
 def old_box(region, multiple, min_context=16):
     return mask_box(region, 16)  # the network pads it at its end to the multiple
 
 
-out = {}
-for name in args.cases:
-    folder = args.data / "brats2021" / "cases" / name
-    volume = prepare_volume(folder, args.cache, "tissue_zscore")
-    labels, real = volume.labels, scanner_like(volume)
-    brain, tumour = brain_mask(labels), tumour_mask(labels)
-    region = _ball_growth(tumour, 8.0, (1.0, 1.0, 1.0)) & brain
-    row = {}
-    for label, box in (("old_16_padded", old_box), ("new_lattice_8", new_box)):
-        inpainting.lattice_box = box
-        images = engine.inpaint(labels, real, region, (1.0, 1.0, 1.0)).images
-        row[label] = float(np.mean([fidelity(real[m], images[m].astype(np.float32), brain,
-                                             {"region": region})["region"]["ssim"] for m in MODALITIES]))
-    inpainting.lattice_box = new_box
-    out[name] = row
-    print(name, row, flush=True)
-print(json.dumps(out))
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A/B of the inpainting network's box (region SSIM)")
+    parser.add_argument("--cache", type=Path, required=True, help="training cache of prepared cases")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--cases", nargs="+", default=["BraTS2021_00000", "BraTS2021_00006"])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    engine = InpaintingEngine(resolve_model("medsynth-inpaint-brats27-f0d", kind="inpainting"), "cpu", "auto")
+    new_box = inpainting.lattice_box
+
+    out = {}
+    for name in args.cases:
+        folder = args.data / "brats2021" / "cases" / name
+        volume = prepare_volume(folder, args.cache, "tissue_zscore")
+        labels, real = volume.labels, scanner_like(volume)
+        brain, tumour = brain_mask(labels), tumour_mask(labels)
+        region = _ball_growth(tumour, 8.0, (1.0, 1.0, 1.0)) & brain
+        row = {}
+        for label, box in (("old_16_padded", old_box), ("new_lattice_8", new_box)):
+            inpainting.lattice_box = box
+            images = engine.inpaint(labels, real, region, (1.0, 1.0, 1.0)).images
+            row[label] = float(np.mean([fidelity(real[m], images[m].astype(np.float32), brain,
+                                                 {"region": region})["region"]["ssim"] for m in MODALITIES]))
+        inpainting.lattice_box = new_box
+        out[name] = row
+        print(name, row, flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
