@@ -503,7 +503,7 @@ def test_parametric_random_insert_and_undo(case, brats_cases):
     # insert the tumour of another case folder
     inserted = case.logic.insert_tumour(seg, brats_cases[1])
     assert inserted.history[-1]["name"] == "insert_tumour"
-    assert inserted.history[-1]["params"]["source"].startswith("labels-")
+    assert inserted.history[-1]["params"]["source"].endswith("_seg.nii.gz")  # the case's tumour file
     assert str(brats_cases[1]) not in json.dumps(inserted.history)  # no paths in provenance
     assert np.count_nonzero(inserted.array >= Label.NCR) > 100
     case.logic.undo(seg)
@@ -527,6 +527,42 @@ def test_parametric_random_insert_and_undo(case, brats_cases):
         case.logic.insert_tumour(seg, seg_file, label_convention="brats2023")  # values 1/2/4: 4 is not 2023's
     np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
     assert _ids(case.scene) == ids
+    mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.realdata
+def test_an_insert_made_in_slicer_replays_on_the_command_line(case, brats_cases, tmp_path, capsys):
+    """An insert was recorded as 'labels-<hash>' without the source's content hash, and from a case folder its
+    source was a map no one has as a file (the case's brain filled with white matter): `medsynth tumour replay`
+    could not redo it.  It is now recorded as `medsynth tumour insert` records it (the source file's name and
+    content hash); a case folder's tumour is its segmentation file, so `--source` that file replays it."""
+    from MedSynthLib.cli import main
+    from MedSynthLib.edits import InsertTumour
+    from MedSynthLib.schema.labelmap import read_tumour_source, write_label_map
+    from MedSynthLib.schema.provenance import array_sha256
+
+    seg = case.logic.copy_labels(case.seg, "insert-replay")
+    start = case.logic.labelmap(seg)
+    write_label_map(start, tmp_path / "start.nii.gz")
+    seg_file = next(p for p in brats_cases[1].iterdir() if p.name.endswith("_seg.nii.gz"))
+    for n, source in enumerate((brats_cases[1], seg_file)):
+        inserted = case.logic.insert_tumour(seg, source)
+        record = inserted.history[-1]["params"]
+        assert record["source"] == seg_file.name
+        assert record["source_labels_sha256"] == array_sha256(read_tumour_source(seg_file).array)
+        if n == 0:  # a case folder's tumour is still placed where it lies in its own brain
+            brain_map = case.logic.read_tumour_source(brats_cases[1])
+            np.testing.assert_array_equal(inserted.array, InsertTumour()(start, source=brain_map).array)
+        edited = tmp_path / f"edited{n}.nii.gz"
+        write_label_map(inserted, edited)
+        capsys.readouterr()
+        code = main(["tumour", "replay", str(tmp_path / "start.nii.gz"), "--edits", str(edited),
+                     "--source", str(seg_file), "--check", "-o", str(tmp_path / f"replayed{n}.nii.gz")])
+        said = capsys.readouterr()
+        assert code == 0, said.err
+        assert "identical to it voxel for voxel" in said.out
+        case.logic.undo(seg)
+    np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
     mrml.remove_nodes(case.scene, seg)
 
 

@@ -200,10 +200,25 @@ class TumourTools:
         from MedSynthLib.schema.labels import brain_mask, tumour_mask
         from MedSynthLib.schema.provenance import array_sha256
 
-        source_map = source if hasattr(source, "array") else self.read_tumour_source(  # type: ignore[arg-type]
-            source, label_convention)
+        if hasattr(source, "array"):
+            source_map, name, replay_convention = source, None, None
+        else:
+            source_map = self.read_tumour_source(source, label_convention)  # type: ignore[arg-type]
+            name, replay_convention = Path(source).name, None  # type: ignore[arg-type]
         if not tumour_mask(source_map.array).any():
             raise WorkflowError("the tumour source has no tumour voxels to insert")
+        if name is not None and Path(source).is_dir():  # type: ignore[arg-type]
+            # The map built above (the brain filled with WM) is no file anyone has: `medsynth tumour replay
+            # --source` reads the case's segmentation file, so that file is the recorded source, and the place
+            # found in the source's brain is recorded as the centre (the same voxels: only its tumour is drawn).
+            if centre_ras is None:
+                try:
+                    centre_ras = lps_to_ras(InsertTumour().placement_lps(self.labelmap(segmentation), source_map))
+                except MedSynthError as exc:
+                    raise WorkflowError(f"insert tumour: {exc}") from None
+            source_map, name, replay_convention = self._case_tumour_file(Path(source))  # type: ignore[arg-type]
+        elif name is not None and label_convention is not None:
+            replay_convention = self._replay_convention(Path(source), source_map, label_convention)  # type: ignore[arg-type]
         if centre_ras is None and not (brain_mask(source_map.array) & ~tumour_mask(source_map.array)).any():
             target_grid = mrml.grid_from_volume(self.reference_volume(segmentation))
             if source_map.grid.difference(target_grid) is not None:
@@ -211,12 +226,55 @@ class TumourTools:
                                     "another grid than the label map; place the tumour centre point and tick "
                                     "'Insert at the point'")
             centre_ras = lps_to_ras(tumour_centre(source_map))
+        sha256 = array_sha256(source_map.array)
         try:
+            # Recorded as `medsynth tumour insert` records it: the file's name (not its path, which may name a
+            # patient) and its content hash, so that `medsynth tumour replay --source FILE` redoes it.
             edit = InsertTumour(centre_ras_mm=None if centre_ras is None else tuple(float(v) for v in centre_ras),
-                                keep_existing=keep_existing, source="labels-" + array_sha256(source_map.array)[:16])
+                                keep_existing=keep_existing, source=name or "labels-" + sha256[:16],
+                                source_labels_sha256=sha256)
         except MedSynthError as exc:
             raise WorkflowError(f"insert tumour: {exc}") from None
-        return self.apply_edit(segmentation, edit, source=source_map)
+        edited = self.apply_edit(segmentation, edit, source=source_map)
+        if name is not None:
+            how = f" --label-convention {replay_convention}" if replay_convention else ""
+            self.log.emit(f"insert: source recorded as {name}; `medsynth tumour replay` redoes it with "
+                          f"--source {name}{how}")
+        return edited
+
+    @staticmethod
+    def _case_tumour_file(folder: Path) -> tuple["LabelMap", str, str | None]:
+        """A case folder's tumour as `medsynth tumour replay --source` reads its segmentation file: the map, the
+        file's name, and the ``--label-convention`` the replay needs (None: the file's values show it)."""
+        from MedSynthLib.cases.readers import read_case
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.labelmap import read_tumour_source
+
+        try:
+            case = read_case(folder, require_segmentation=True)
+            seg_file = case.files["seg"]
+            try:
+                detected = read_tumour_source(seg_file)
+            except MedSynthError:
+                detected = None
+            if detected is not None and np.array_equal(detected.array, case.tumour):
+                return detected, seg_file.name, None
+            return read_tumour_source(seg_file, case.label_convention), seg_file.name, case.label_convention
+        except MedSynthError as exc:
+            raise WorkflowError(str(exc)) from None
+
+    @staticmethod
+    def _replay_convention(path: Path, source_map: "LabelMap", label_convention: str) -> str | None:
+        """The ``--label-convention`` a replay needs to read ``path`` as the insert did (None: read as it is)."""
+        from MedSynthLib.schema.errors import MedSynthError
+        from MedSynthLib.schema.labelmap import read_tumour_source
+
+        try:
+            if np.array_equal(read_tumour_source(path).array, source_map.array):
+                return None
+        except MedSynthError:
+            pass
+        return label_convention
 
     def transform_tumour(self, segmentation: Any, matrix_ras: np.ndarray) -> "LabelMap":
         """Move/rotate/scale the tumour by a RAS transform (the tumour handles' matrix).
