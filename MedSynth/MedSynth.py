@@ -143,6 +143,7 @@ class MedSynthParameterNode:
     precision: Annotated[str, Choice(list(PRECISIONS)), Default("auto")]
     synthesisSeed: Annotated[int, WithinRange(0, _MAX_SEED), Default(0)]
     appearanceSpread: Annotated[float, WithinRange(*APPEARANCE_SPREAD_RANGE), Default(1.0)]
+    mirrorAverage: Annotated[bool, Default(True)]  # the command line's default (off: --no-mirror-average)
     # 5. review
     rating: Annotated[int, WithinRange(0, 5), Default(0)]
     reviewNote: str
@@ -450,7 +451,8 @@ class MedSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return GenerateOptions(model=p.model.strip() or None, device=p.device.value, precision=p.precision,
                                seed=int(p.synthesisSeed), appearance_spread=float(p.appearanceSpread),
                                inpaint=p.generateMode == GenerateMode.INPAINT,
-                               inpainting_model=p.inpaintingModel.strip() or None)
+                               inpainting_model=p.inpaintingModel.strip() or None,
+                               mirror_average=bool(p.mirrorAverage))
 
     def _isRealCase(self) -> bool:
         """Whether the input was loaded from a real case folder (its four images can be kept)."""

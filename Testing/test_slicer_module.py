@@ -700,6 +700,10 @@ def test_template_in_one_click_through_the_handlers(module):
     options = widget._options()
     assert (options.seed, options.appearance_spread) == (4, 0.5)
     assert options.worker_params()["appearance_spread"] == 0.5
+    # mirror averaging: on by default, as on the command line; off remakes a `--no-mirror-average` case
+    assert p.mirrorAverage is True and options.mirror_average is True
+    p.mirrorAverage = False
+    assert widget._options().worker_params()["mirror_average"] is False
 
 
 def test_the_label_selector_offers_only_medsynth_label_maps(module, monkeypatch):

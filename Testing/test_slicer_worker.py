@@ -395,3 +395,20 @@ def test_cancelling_a_preview_keeps_the_worker_and_its_case(client, tiny_model):
     again = client.submit("preview", values, arrays)
     assert again.wait(300) == "done", again.error
     assert again.result.data["version"] == 2 and client.pid == pid
+
+
+def test_mirror_averaging_is_the_options_choice_and_reaches_the_case(client, tiny_model, tmp_path):
+    """A case made with ``--no-mirror-average`` must be remade in Slicer: the option (on by default, as on the
+    command line) travels to the worker, which records it in the case's provenance."""
+    from MedSynthSlicerLib.parameters import GenerateOptions
+
+    assert GenerateOptions().mirror_average is True
+    for mirror in (False, True):
+        options = GenerateOptions(model=str(tiny_model), device="cpu", precision="fp32", mirror_average=mirror)
+        assert options.worker_params()["mirror_average"] is mirror
+        values, arrays = labelmap_request(brain())
+        out = tmp_path / f"case-{mirror}"
+        task = client.submit("generate", dict(values, out=str(out), **options.worker_params()), arrays)
+        assert task.wait(300) == "done", task.error
+        assert json.loads((out / "provenance.json").read_text())["mirror_average"] is mirror
+

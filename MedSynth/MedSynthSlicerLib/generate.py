@@ -388,7 +388,8 @@ class Synthesis:
         read = time.perf_counter()
         context = self.inpainting_context(reference, options)
         key = (segmentation.GetID(), options.model, options.device, options.precision, options.seed,
-               options.appearance_spread, context, options.inpainting_model if context else None)
+               options.appearance_spread, options.mirror_average, context,
+               options.inpainting_model if context else None)
         nodes = self._preview_outputs
         worker = self.worker()
         sent = self._preview_sent

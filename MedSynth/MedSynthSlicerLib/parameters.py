@@ -122,6 +122,9 @@ class GenerateOptions:
             edited tumour region (an inpainting model); False: a whole synthetic case (images all synthetic, anatomy
             still the patient's: anonymous only from the template brain with a parametric tumour).
         inpainting_model: inpainting model name or folder; ``None``/empty: the registry's default.
+        mirror_average: average the network's pass with its pass on the left-right mirrored label map (the command
+            line's default; off is ``--no-mirror-average``: one pass, about half the network time); recorded in the
+            provenance.
     """
 
     model: Optional[str] = None
@@ -131,6 +134,7 @@ class GenerateOptions:
     appearance_spread: float = 1.0
     inpaint: bool = True
     inpainting_model: Optional[str] = None
+    mirror_average: bool = True
 
     def validate(self) -> None:
         from .errors import WorkflowError
@@ -146,12 +150,15 @@ class GenerateOptions:
                 or not low <= self.appearance_spread <= high:  # NaN fails the comparison
             raise WorkflowError(f"the appearance spread must be a number from {low:g} to {high:g}, "
                                 f"got {self.appearance_spread!r}")
+        if not isinstance(self.mirror_average, bool):
+            raise WorkflowError(f"mirror averaging is on or off (True/False), got {self.mirror_average!r}")
 
     def worker_params(self) -> dict[str, Any]:
         """The parameters of a ``generate`` / ``preview`` request (see :mod:`.protocol`)."""
         return {"model": str(self.model) if self.model else None, "device": self.device,
                 "precision": self.precision, "seed": self.seed, "appearance_spread": float(self.appearance_spread),
-                "inpainting_model": str(self.inpainting_model) if self.inpainting_model else None}
+                "inpainting_model": str(self.inpainting_model) if self.inpainting_model else None,
+                "mirror_average": bool(self.mirror_average)}
 
 
 @dataclass

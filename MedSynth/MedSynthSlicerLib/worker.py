@@ -80,6 +80,7 @@ class Worker:
                                                  log=lambda m: print(f"medsynth: {m}", file=sys.stderr, flush=True))
         engine = self._engines[key]
         engine.appearance_spread = params.get("appearance_spread", 1.0)  # a plain attribute: no reload
+        engine.synth.mirror_average = bool(params.get("mirror_average", True))  # likewise
         return key, engine
 
     def inpainting_engine(self, params: dict[str, Any]) -> tuple[tuple, Any]:
@@ -94,7 +95,9 @@ class Worker:
             self._session, self._session_key = None, None
             self._engines[key] = InpaintingEngine(resolve_model(key[1], kind="inpainting"), key[2], key[3],
                                                   log=lambda m: print(f"medsynth: {m}", file=sys.stderr, flush=True))
-        return key, self._engines[key]
+        engine = self._engines[key]
+        engine.mirror_average = bool(params.get("mirror_average", True))  # a plain attribute: no reload
+        return key, engine
 
     @staticmethod
     def labelmap(request: Request) -> Any:
@@ -211,10 +214,11 @@ class Worker:
         context = params.get("context") or None
         if context:  # a real case: its own images, the edited region inpainted (as Generate does)
             key, engine = self.inpainting_engine(params)
+            key += (engine.mirror_average,)  # the other setting renders other images: its preview starts again
             renderer_name, options = "inpainting", {"context": str(context)}
         else:
             key, engine = self.engine(params)
-            key += (engine.appearance_spread,)  # another spread is another case: its preview starts again
+            key += (engine.appearance_spread, engine.synth.mirror_average)  # another case: its preview starts again
             renderer_name = params.get("renderer", "synthesis")
             options = {"seed": int(params.get("seed", 0)), "margin": int(params.get("margin", 24))}
         session_key = (key, str(params.get("session", "")), renderer_name, tuple(sorted(options.items())))
