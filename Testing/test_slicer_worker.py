@@ -412,3 +412,32 @@ def test_mirror_averaging_is_the_options_choice_and_reaches_the_case(client, tin
         assert task.wait(300) == "done", task.error
         assert json.loads((out / "provenance.json").read_text())["mirror_average"] is mirror
 
+
+@posix_only
+def test_a_script_that_never_calls_cleanup_exits_cleanly(tmp_path):
+    """A script using the logic that ends without ``logic.cleanup()`` aborted at interpreter exit ("Fatal Python
+    error: _enter_buffered_busy": ``__del__`` closed a pipe a reader thread was blocked on); it exits with status 0
+    and the worker is stopped."""
+    import subprocess
+
+    script = tmp_path / "no_cleanup.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "MedSynth")!r})
+        from MedSynthSlicerLib import mrml
+        from MedSynthSlicerLib.logic import WorkflowLogic
+        scene, logics = mrml.create_headless_scene()
+        logic = WorkflowLogic(scene, work_dir={str(tmp_path / "work")!r})
+        worker = logic.worker()
+        worker.start()
+        print(worker.pid, flush=True)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=backend_env())
+    assert "Fatal Python error" not in done.stderr, done.stderr[:800]
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while group_pids(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_pids(pid), "the worker outlived the script"

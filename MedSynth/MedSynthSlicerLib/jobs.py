@@ -20,14 +20,17 @@ line.  Nothing here imports Qt or Slicer.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -40,6 +43,19 @@ from .signals import Signal
 WORKER_SCRIPT = Path(__file__).resolve().parent / "worker.py"
 #: How long a cancel waits for the worker to stop at its next step before killing it.
 CANCEL_GRACE_S = 0.1
+#: Every client that started a worker: stopped at interpreter exit (a script need not call ``cleanup()``).
+_CLIENTS: "weakref.WeakSet[WorkerClient]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Stop the workers while the interpreter still runs normally: once it finalises, closing a pipe that a
+    reader thread is blocked on aborts the process ("Fatal Python error: _enter_buffered_busy")."""
+    for client in list(_CLIENTS):
+        try:
+            client.close(timeout_s=1.0)
+        except Exception:  # noqa: BLE001 - exiting anyway: stop the others
+            pass
 
 
 class WorkerTask:
@@ -170,6 +186,7 @@ class WorkerClient:
         self.proc = subprocess.Popen([self.python, str(WORKER_SCRIPT), "--exchange", str(self.exchange)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env, **kwargs)
+        _CLIENTS.add(self)
         proc, events, lines = self.proc, self._events, self._log_lines
         threading.Thread(target=self._read_events, args=(proc, events, lines), name="medsynth-worker-events",
                          daemon=True).start()
@@ -409,6 +426,13 @@ class WorkerClient:
 
     def __del__(self) -> None:  # never leave an orphaned worker running
         try:
+            if sys.is_finalizing():
+                # Only the signal: closing the pipes (or waiting) now can abort the interpreter (see
+                # _stop_workers_at_exit, which normally stopped the worker already).
+                proc = self.proc
+                if proc is not None and proc.poll() is None and os.name != "nt":
+                    os.killpg(proc.pid, signal.SIGKILL)
+                return
             self.kill()
         except Exception:  # noqa: BLE001
             pass
