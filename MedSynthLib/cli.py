@@ -359,11 +359,34 @@ def cmd_tumour_transform(args: argparse.Namespace) -> int:
     for edit in edits:
         if isinstance(edit, Translate):
             _check_translate(edit, labelmap.grid, args.labels)
+        before = labelmap.array
         labelmap = _apply_edit(edit, labelmap, args.labels)
+        _refuse_no_change(edit, before, labelmap.array, args)
         clipped = labelmap.history[-1]["params"].get("clipped_tumour_voxels")  # whole-voxel moves record it
         if clipped:
             _notice(f"--{edit.name}: {clipped_notice(clipped)}")
     return _write_edited(labelmap, args)
+
+
+def _refuse_no_change(edit: Any, before: Any, after: Any, args: argparse.Namespace) -> None:
+    """An edit that changes no voxel is refused as a move of none is: its record would claim an edit not made."""
+    import numpy as np
+
+    from .schema.errors import EditError
+
+    if not np.array_equal(before, after):
+        return
+    values = {"rotate": args.rotate, "scale": args.scale, "flip": [args.flip]}.get(edit.name) or []
+    option = " ".join([f"--{edit.name}", *(v if isinstance(v, str) else f"{v:g}" for v in values)])
+    if edit.name == "rotate":
+        whole_turns = all(a % 360 == 0 for a in edit.angles_deg)
+        why = "every angle a whole number of turns" if whole_turns else "too small an angle for this grid's voxels"
+    elif edit.name == "scale":
+        why = ("a factor of 1 keeps the tumour as it is" if all(f == 1 for f in edit.factors)
+               else "too close to 1 for this grid's voxels")
+    else:
+        why = "the tumour is its own mirror image" if edit.name == "flip" else "nothing to record"
+    raise EditError(f"{args.labels}: {option} changes no voxel ({why}): leave it out")
 
 
 def _check_translate(edit: Any, grid: Any, path: Path) -> None:
@@ -472,12 +495,27 @@ def cmd_tumour_random(args: argparse.Namespace) -> int:
     return _write_edited(_apply_edit(sampler, labelmap, args.labels, seed=args.seed), args)
 
 
+def cmd_tumour_template(args: argparse.Namespace) -> int:
+    """The healthy template's label map, as the library's template_label_map() makes it: a template case's base."""
+    from .cases.template import TEMPLATE_NAME, template_label_map
+    from .schema.labelmap import label_map_outputs, write_label_map
+    from .schema.volume_io import check_writable
+
+    check_writable(label_map_outputs(args.output), args.overwrite)
+    write_label_map(template_label_map(), args.output, overwrite=args.overwrite)
+    print(f"{args.output}: written, the {TEMPLATE_NAME} template's label map without a tumour (history: "
+          f"template_labels); a template case replays from it: tumour replay {args.output.name} --edits CASE")
+    return 0
+
+
 def cmd_tumour_replay(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .edits import EDITS, replay
+    from .edits.random_edits import DrawMismatch
     from .schema.errors import EditError, InputError
     from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map, read_tumour_source
+    from .schema.provenance import software_versions
     from .schema.volume_io import check_writable
 
     sources = list(args.source or [])
@@ -513,36 +551,110 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     if missing:
         raise InputError(args.edits, f"its insert_tumour edits need their source label map(s) {', '.join(missing)}: "
                                      "give each with --source PATH")
+    this_version = software_versions()["medsynth"]
+    written_by = _medsynth_version_of(args.edits)
+    another_map = _not_its_base(base, edited, shared, args.labels.name, args.edits.name)
+    another_version = (f"{args.edits.name} was written by MedSynth {written_by} (this is {this_version})"
+                       if written_by is not None and written_by != this_version else None)
+    redrawn = True
     try:
         result = replay(base, records, by_name)
+    except DrawMismatch as exc:
+        if args.check or another_map is None:
+            reason = another_map or another_version or "its seed or options edited by hand"
+            raise InputError(args.edits, f"{exc}: {reason}") from None
+        # Onto another map the same seed draws otherwise: without --check the recorded edits are applied as they are.
+        redrawn = False
+        try:
+            result = replay(base, records, by_name, check_draws=False)
+        except EditError as again:
+            raise EditError(f"{args.edits}: {again} ({another_map})") from None
     except EditError as exc:
-        raise EditError(f"{args.edits}: {exc}") from None
+        reason = another_map or another_version
+        raise EditError(f"{args.edits}: {exc}" + (f" ({reason})" if reason else "")) from None
     differ = int(np.count_nonzero(result.array != edited.array)) if result.array.shape == edited.array.shape else -1
+    why = another_map or another_version or "a record edited by hand (the sidecar's hash covers the voxels only)"
     if differ and args.check:
         raise InputError(args.edits, f"its history does not reproduce its voxels from {args.labels.name} "
-                                     f"({'another grid' if differ < 0 else f'{differ} voxels differ'}): another base "
-                                     "map, a record edited by hand, or one written by another MedSynth")
-    replayed = _replayed(records)
+                                     f"({'another grid' if differ < 0 else f'{differ} voxels differ'}): {why}")
+    replayed = _replayed(records, redrawn)
     _write_edited(result, args)
     if not differ:
         print(f"{replayed} from {args.edits}: identical to it voxel for voxel")
+        if another_version is not None:
+            _notice(f"{another_version}: its edits replay identically")
     else:
         print(f"{replayed} from {args.edits}: the result differs from it ("
-              f"{'another grid' if differ < 0 else f'{differ} voxels'}; another base map, or a history edited by hand)")
+              f"{'another grid' if differ < 0 else f'{differ} voxels'}; {why})")
     return 0
 
 
-def _replayed(records: list[dict[str, Any]]) -> str:
-    """``N edits replayed (names)``, naming the random draws that made them: a draw's record changes no voxel."""
+def _medsynth_version_of(path: Path) -> str | None:
+    """The MedSynth version a label map's sidecar says wrote it (read_label_map has read and checked the sidecar)."""
+    from .schema.provenance import sidecar_path
+
+    try:
+        software = json.loads(sidecar_path(path).read_text()).get("software")
+    except (OSError, ValueError, AttributeError):
+        return None
+    version = software.get("medsynth") if isinstance(software, dict) else None
+    return str(version) if version is not None else None
+
+
+_BASE_KINDS = {"template_labels": "the template's map", "derive_labels": "a map derived from a patient's scans"}
+
+
+def _not_its_base(base: Any, edited: Any, shared: int, base_name: str, edits_name: str) -> str | None:
+    """Why BASE is not the map EDITED was edited from, as its records and voxels tell; None where they agree.
+
+    Edits never change which voxels are brain (a tumour stays inside it, the background is kept), so a brain that
+    differs means another map even where the records agree (a derive_labels record names no patient)."""
+    import numpy as np
+
+    difference = base.grid.difference(edited.grid)
+    if difference is not None:
+        return f"{base_name} is on another grid ({difference})"
+    first = [m.history[0] if m.history else {} for m in (base, edited)]
+    names = [record.get("name") for record in first]
+    if names[0] != names[1] and all(name in _BASE_KINDS for name in names):
+        return f"{base_name} is {_BASE_KINDS[names[0]]}, {edits_name} was edited from {_BASE_KINDS[names[1]]}"
+    models = [(record.get("params") or {}).get("anatomy_model") if isinstance(record.get("params"), dict) else None
+              for record in first]
+    if all(isinstance(m, dict) for m in models) and models[0] != models[1]:
+        model_names = [m.get("name", "unnamed") for m in models]
+        if model_names[0] != model_names[1]:
+            return (f"{base_name} was derived by anatomy model {model_names[0]}, the map {edits_name} was edited from "
+                    f"by {model_names[1]}")
+        settings = sorted(k for k in set(models[0]) | set(models[1]) if models[0].get(k) != models[1].get(k))
+        listed = ", ".join(f"{k} {models[0].get(k)} vs {models[1].get(k)}" for k in settings[:3])
+        return (f"{base_name} was derived by anatomy model {model_names[0]} with other settings than the map "
+                f"{edits_name} was edited from ({listed}{', ...' if len(settings) > 3 else ''})")
+    brain_differs = int(np.count_nonzero((base.array > 0) != (edited.array > 0)))
+    if brain_differs:
+        return (f"{base_name}'s brain is not the one {edits_name} was edited from ({brain_differs} voxels differ): "
+                "another patient's map, or the same scans labelled otherwise")
+    extra = [r.get("name") for r in base.history[shared:]]
+    if extra:
+        return f"{base_name} holds edits that {edits_name}'s history does not ({', '.join(map(str, extra))})"
+    return None
+
+
+def _replayed(records: list[dict[str, Any]], redrawn: bool = True) -> str:
+    """``N edits replayed (names)``, naming the random draws that made them: a draw's record changes no voxel.
+
+    ``redrawn``: replay drew each draw again on the map before it and found the edits recorded after it (False:
+    onto another map, where its seed draws otherwise, the recorded edits were applied as they are)."""
     from .edits.random_edits import RandomTumourDraw
 
-    draws = [r["params"] for r in records if r["name"] == RandomTumourDraw.name]  # checked by replay
+    draws = [r["params"] for r in records if r["name"] == RandomTumourDraw.name]
     edits = [r["name"] for r in records if r["name"] != RandomTumourDraw.name]
     line = f"{len(edits)} edit{'s' if len(edits) != 1 else ''} replayed" + (f" ({', '.join(edits)})" if edits else "")
     if not draws:
         return line
     seeds = " and ".join(str(d["seed"]) for d in draws)
     by = f"drawn by {RandomTumourDraw.name} seed{'s' if len(draws) > 1 else ''} {seeds}"
+    if not redrawn:
+        by += " on the map they were recorded on (on this one the seed draws others)"
     counts = [d.get("drawn_edits") for d in draws]
     drawn = sum(counts) if None not in counts else len(edits)  # a record without its count: all taken as drawn
     return f"{line}, {by}" if drawn >= len(edits) else f"{line}, {drawn} of them {by}"
@@ -1029,11 +1141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tumour = sub.add_parser("tumour", aliases=["tumor"], help="edit the tumour of a label map",
                             description="Tumour edits. `medsynth tumour LABELS --translate ...` transforms the "
-                                        "tumour; `insert`, `new`, `random` and `replay` are subcommands. `tumor` is the "
-                                        "same command.")
+                                        "tumour; `insert`, `new`, `random`, `template` (the tumour-free template "
+                                        "map) and `replay` are subcommands. `tumor` is the same command.")
     # The metavar is what usage and a missing-argument error show: what a user types, not the internal dest.
     tsub = tumour.add_subparsers(dest="tumour_command", required=True, parser_class=_Parser,
-                                 metavar="{LABELS,transform,insert,new,random,replay}")
+                                 metavar="{LABELS,transform,insert,new,random,template,replay}")
 
     p = tsub.add_parser("transform", help="move / rotate / scale / flip the tumour (the default)")
     p.add_argument("labels", type=Path, help="MedSynth label map")
@@ -1082,6 +1194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-new", type=_finite_float, default=0.25, help="probability of drawing a new parametric tumour")
     _add_output(p, "output label map (.nii.gz)")
     p.set_defaults(func=cmd_tumour_random)
+
+    p = tsub.add_parser("template", help="write the healthy template's label map (no tumour): the map a template "
+                                         "case was edited from, for tumour replay")
+    _add_output(p, "output label map (.nii.gz); its history (template_labels) goes beside it as .json")
+    p.set_defaults(func=cmd_tumour_template)
 
     p = tsub.add_parser("replay", help="apply the edits recorded in an edited map's sidecar to a label map "
                                        "(and compare the result with the edited map's voxels)")
@@ -1308,7 +1425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _TUMOUR_COMMANDS = ("tumour", "tumor")  # one command, both spellings
-_TUMOUR_SUBCOMMANDS = {"transform", "insert", "new", "random", "replay", "-h", "--help"}
+_TUMOUR_SUBCOMMANDS = {"transform", "insert", "new", "random", "template", "replay", "-h", "--help"}
 @contextmanager
 def _quiet_itk() -> Iterator[None]:
     """ITK's warnings off while a command runs (restored after: main() also runs inside other programs)."""

@@ -193,3 +193,37 @@ class RandomTumourDraw(Edit):
 
     def apply(self, labelmap: LabelMap, *args: object, **kwargs: object) -> np.ndarray:
         return labelmap.array.copy()
+
+    def redraw(self, labelmap: LabelMap, recorded: list[dict]) -> LabelMap:
+        """The draw made again on ``labelmap`` (the map before it), checked against the ``recorded`` records that
+        follow it: the map it makes, its history ending with this record and the edits drawn.
+
+        The record alone changes no voxel, so a changed seed or option would otherwise replay unnoticed.
+
+        Raises:
+            DrawMismatch: the seed and options draw other edits on this map than those recorded (a record edited
+                by hand, or another map than the one it was drawn on).
+        """
+        from .records import edit_from_record
+
+        what = f"its {self.name} record (seed {self.seed})"
+        try:
+            edits, result = self.sampler()._sample(labelmap, self.seed)  # type: ignore[arg-type]
+        except EditError as exc:
+            raise DrawMismatch(f"{what} does not draw the edits recorded after it on this map: it draws none ({exc})"
+                               ) from None
+        drawn = result.history[len(labelmap.history) + 1:]
+        count = len(drawn) if self.drawn_edits is None else self.drawn_edits
+        # Compared as this MedSynth writes them (an older spelling is read as the current one).
+        recorded_edits = [edit_from_record(r).to_record() for r in recorded[:count]]
+        if count != len(drawn) or recorded_edits != drawn:
+            names = ", ".join(r["name"] for r in drawn)
+            listed = ", ".join(r["name"] for r in recorded_edits) or "none"
+            same = names == listed
+            raise DrawMismatch(f"{what} does not draw the edits recorded after it on this map: it draws "
+                               f"{names}{' with other parameters' if same else ''}, the record holds {listed}")
+        return dataclasses.replace(result, history=[*labelmap.history, self.to_record(), *drawn])
+
+
+class DrawMismatch(EditError):
+    """A :class:`RandomTumourDraw` record whose seed and options draw other edits than those recorded after it."""

@@ -48,7 +48,7 @@ def edit_from_record(record: Mapping[str, Any]) -> Edit:
 
 
 def replay(labelmap: LabelMap, records: Sequence[Mapping[str, Any]],
-           sources: Mapping[str, LabelMap] | None = None) -> LabelMap:
+           sources: Mapping[str, LabelMap] | None = None, *, check_draws: bool = True) -> LabelMap:
     """Apply edit records in order.
 
     Args:
@@ -59,10 +59,26 @@ def replay(labelmap: LabelMap, records: Sequence[Mapping[str, Any]],
 
     Returns:
         The edited label map (its history extended by every record).
+
+    Raises:
+        EditError: a record that cannot be applied; a
+            :class:`~MedSynthLib.edits.random_edits.DrawMismatch` where a random draw's seed and options,
+            drawn again on the map before it, do not draw the edits recorded after it (``check_draws``).
     """
-    for record in records:
+    from .random_edits import RandomTumourDraw
+
+    records = list(records)
+    position = 0
+    while position < len(records):
+        record = records[position]
+        position += 1
         edit = edit_from_record(record)
-        if isinstance(edit, InsertTumour):
+        if isinstance(edit, RandomTumourDraw) and check_draws:
+            # The draw made again gives the drawn edits' map as well: they need not be applied a second time.
+            before = len(labelmap.history)
+            labelmap = edit.redraw(labelmap, records[position:])
+            position += len(labelmap.history) - before - 1  # the drawn edits' records
+        elif isinstance(edit, InsertTumour):
             source = (sources or {}).get(edit.source)
             if source is None:
                 raise EditError(f"replaying insert_tumour needs the source label map {edit.source!r}")
