@@ -136,3 +136,32 @@ def test_the_script_imports_and_answers_help(script, monkeypatch, capsys):
         main()
     assert stopped.value.code in (0, None)
     assert "usage:" in capsys.readouterr().out
+
+
+def test_bench_generate_times_its_reference_forward_in_the_runs_precision(monkeypatch):
+    """The same-run reference was always a bf16 forward: on a CPU without native bf16 (torch emulates it, ~28x
+    slower) a ``--settings 1:fp32`` run spent minutes timing an emulated pass no generate run used."""
+    import numpy as np
+
+    from MedSynthLib.generate import sources
+    from MedSynthLib.synthesis import synthesize
+
+    bench = load_benchmark("bench_generate")
+    asked = []
+
+    class Engine:
+        def __init__(self, model, device, precision):
+            asked.append(precision)
+            self.synth = self
+
+        def predict_region(self, labels, box):
+            return None
+
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[1:3, 1:3, 1:3] = 3
+    monkeypatch.setattr(synthesize, "SynthesisEngine", Engine)
+    monkeypatch.setattr(sources, "load_source", lambda source: type("Source", (), {"array": labels}))
+    monkeypatch.setattr("MedSynthLib.synthesis.models.resolve_model", lambda name: None)
+    bench.reference_forward(None, 1, "fp32")
+    bench.reference_forward(None, 1, "bf16")
+    assert asked == ["fp32", "bf16"]

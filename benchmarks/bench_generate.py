@@ -55,8 +55,9 @@ def data_root() -> Path:
     return Path(os.environ.get("MEDSYNTH_DATA", REPO.parent / "shared" / "data"))
 
 
-def reference_forward(source: Any, threads: int) -> dict[str, float]:
-    """One plain bf16 forward pass on the brain box of ``source`` (best of 2), with ``threads`` torch threads."""
+def reference_forward(source: Any, threads: int, precision: str) -> dict[str, float]:
+    """One plain forward pass in ``precision`` (the run's) on the brain box of ``source`` (best of 2), with
+    ``threads`` torch threads.  Not always bf16: where the CPU lacks it, torch emulates bf16 (~28x slower)."""
     import torch
 
     from MedSynthLib.generate.sources import load_source
@@ -67,7 +68,7 @@ def reference_forward(source: Any, threads: int) -> dict[str, float]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        engine = SynthesisEngine(resolve_model(None), "cpu", "bf16")
+        engine = SynthesisEngine(resolve_model(None), "cpu", precision)
         labels = load_source(source).array
         box = brain_box(labels)
         best: dict[str, float] | None = None
@@ -105,7 +106,7 @@ def run(setting: str, n: int, seed: int, cache: Path, work: Path, sources: list[
     threads = max(1, cores // int(workers))
     out = work / f"run-{setting.replace(':', '-')}"
     shutil.rmtree(out, ignore_errors=True)
-    ref_before = reference_forward(reference_source, threads)
+    ref_before = reference_forward(reference_source, threads, precision)
     load_before = os.getloadavg()
     start, cpu_start = time.perf_counter(), time.process_time()
     summary = generate(GenerateOptions(n=n, output=out, labels_from=sources, template=True, layout="nnunet",
@@ -113,7 +114,7 @@ def run(setting: str, n: int, seed: int, cache: Path, work: Path, sources: list[
                                        cache=cache, progress=False))
     total = time.perf_counter() - start
     load_after = os.getloadavg()
-    ref_after = reference_forward(reference_source, threads)
+    ref_after = reference_forward(reference_source, threads, precision)
     records = [json.loads(p.read_text()) for p in sorted((out / "provenance").glob("*.json"))]
     stages = _per_case(records, n)
     cpu_per_case = round(sum(row.get("cpu_s", 0.0) for row in stages.values()), 3)
