@@ -6,7 +6,8 @@ provenance: every field has a type (numbers, booleans, 3-vectors, hashes, versio
 strings from a closed set), fields that may name a real case (an inserted tumour's
 ``source``, the reviewer's free-text note) are local only, and anything else is
 dropped and counted.  The model is named only when the model registry lists that name
-with the same sha256; otherwise it is ``unregistered`` (its sha256 still identifies it).
+with the same sha256 (and the same config sha256, where both record one); otherwise it is
+``unregistered`` (its weights' and config's sha256 still identify it).
 The CLI and the Slicer module export through this one path.
 """
 
@@ -22,8 +23,10 @@ from ..schema.provenance import PrivacyRecord, Redactions, SynthesisRecord
 UNREGISTERED_MODEL = "unregistered"
 
 
-def exported_model_name(name: Any, sha256: str | None) -> str:
-    """The model's registry name when the registry lists it with this sha256, else ``unregistered``."""
+def exported_model_name(name: Any, sha256: str | None, config_sha256: str | None = None) -> str:
+    """The model's registry name when the registry lists it with this sha256 (and this config sha256, where the
+    case and the registry both record one: a name re-registered with another config is another model), else
+    ``unregistered``."""
     from ..schema.errors import MedSynthError
     from ..synthesis.models import read_registry
 
@@ -33,7 +36,12 @@ def exported_model_name(name: Any, sha256: str | None) -> str:
         entry = read_registry().get("models", {}).get(name)
     except (MedSynthError, OSError, AttributeError):
         return UNREGISTERED_MODEL
-    return name if isinstance(entry, dict) and entry.get("sha256") == sha256 else UNREGISTERED_MODEL
+    if not isinstance(entry, dict) or entry.get("sha256") != sha256:
+        return UNREGISTERED_MODEL
+    registered_config = entry.get("config_sha256")
+    if config_sha256 is not None and registered_config is not None and registered_config != config_sha256:
+        return UNREGISTERED_MODEL
+    return name
 
 
 def sanitise_provenance(raw: Mapping[str, Any], grid: Grid,
@@ -59,10 +67,13 @@ def sanitise_provenance(raw: Mapping[str, Any], grid: Grid,
         redacted.drop(sum(1 for name in record.inpainting.local_only if getattr(record.inpainting, name) is not None))
     if record.review is not None and record.review.note:
         redacted.drop()
-    name = exported_model_name(record.model.name, record.model.sha256)
+    name = exported_model_name(record.model.name, record.model.sha256, record.model.config_sha256)
     if name == UNREGISTERED_MODEL and record.model.name is not None:
         redacted.drop()
+    # The config's checksum names no one and is needed to make the case again: it leaves with the weights'.
     out["model"] = {"name": name, "sha256": record.model.sha256}
+    if record.model.config_sha256 is not None:
+        out["model"]["config_sha256"] = record.model.config_sha256
     out["grid"] = grid.to_json()
     privacy = privacy or record.privacy or PrivacyRecord()
     out["privacy"] = dict(privacy.to_json(), anonymous=privacy.anonymous()[0])

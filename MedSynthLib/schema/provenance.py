@@ -726,8 +726,39 @@ def label_map_record(history: list[dict[str, Any]], array: np.ndarray,
 
 @dataclass(frozen=True)
 class ModelRecord:
+    """The model that painted a case: its weights' sha256 and its config's (``config_sha256``: the intensity
+    statistics and the appearance prior change the images too; models may share weights and differ in config)."""
+
     name: Unchecked | None = None
     sha256: SHA256 | None = None
+    config_sha256: SHA256 | None = None
+
+
+@dataclass(frozen=True)
+class InferencePass:
+    """How one pass of the network ran.  Sliding windows blend overlapping outputs and give other images than one
+    whole-volume pass, so the path taken (after a GPU out-of-memory too) is needed to make the case again.
+
+    Attributes:
+        part: ``direct`` (the label map) or ``mirrored`` (its left-right mirror, for the mirror average).
+        rerender: the pass re-rendered an edited region of the case (not the whole brain box).
+        method: ``whole-volume`` (the padded brain box in one piece) or ``sliding-window``.
+        window: the sliding window's size in voxels, in the network's (training) axis order.
+        overlap: the windows' overlap (fraction of the window).
+        blending: how overlapping windows are blended.
+        device, precision: where and how this pass ran (a fallback to the CPU changes both).
+        out_of_memory_retries: GPU out-of-memory errors before this path ran (each one took a smaller path).
+    """
+
+    part: Literal["direct", "mirrored"] | None = None
+    rerender: bool | None = None
+    method: Literal["whole-volume", "sliding-window"] | None = None
+    window: tuple[int, int, int] | None = None
+    overlap: float | None = None
+    blending: Literal["gaussian"] | None = None
+    device: DEVICE | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    out_of_memory_retries: int | None = None
 
 
 @dataclass(frozen=True)
@@ -818,6 +849,8 @@ class SynthesisRecord:
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     #: Whether the network's output was averaged with its pass on the left-right mirrored label map.
     mirror_average: bool | None = None
+    #: How each pass of the network ran, in order (whole volume or sliding windows; fallbacks included).
+    inference: tuple[InferencePass, ...] | None = None
     grid: Unchecked | None = None
     software: dict[Annotated[str, OneOf(frozenset({"medsynth", "python", *SOFTWARE_PACKAGES}))], VERSION] = \
         field(default_factory=dict)
@@ -851,8 +884,10 @@ class SynthesisRecord:
             if f.name == "edits":
                 out["edits"] = [step.to_json(for_export) for step in value]
             elif f.name in ("privacy", "review", "files", "inpainting", "seed_effective",
-                            "appearance_code", "appearance_spread", "mirror_average") and value is None:
+                            "appearance_code", "appearance_spread", "mirror_average", "inference") and value is None:
                 continue
+            elif f.name == "inference":
+                out["inference"] = [_drop_none(_to_json(step, for_export)) for step in value]
             elif f.name == "files" and for_export:
                 continue  # the case folder's own files; an export lists its own
             elif f.name == "privacy":
@@ -892,7 +927,8 @@ class ExportRecord:
 __all__ = [
     "RECORD_KINDS", "StepParams", "StepRecord", "PrivacyRecord", "SynthesisRecord", "InpaintingRecord",
     "SYNTHETIC_MASK_FILE", "ReviewRecord", "ExportRecord",
-    "ModelRecord", "Redactions", "parse_step", "parse_history", "privacy_of", "label_map_record", "sidecar_path",
+    "ModelRecord", "InferencePass", "Redactions",
+    "parse_step", "parse_history", "privacy_of", "label_map_record", "sidecar_path",
     "array_sha256", "file_sha256", "software_versions", "RATING_RANGE", "RATING_NOT_RATED",
     "MAX_ANONYMOUS_TUMOUR_DICE",
 ]

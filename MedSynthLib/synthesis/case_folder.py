@@ -51,18 +51,24 @@ def case_provenance(model: Any, labelmap: LabelMap, privacy: Any, *, seed: int, 
     """The provenance every synthetic case folder records; the caller adds its own fields (timings, ...).
 
     Args:
-        model: the :class:`~MedSynthLib.synthesis.models.ModelCard` that painted the images.
+        model: the :class:`~MedSynthLib.synthesis.models.ModelCard` that painted the images: recorded by name, its
+            weights' sha256 and its config's (the intensity statistics and appearance prior shape the images too).
         labelmap: the label map the images were made from.
         privacy: its :class:`~MedSynthLib.schema.provenance.PrivacyRecord` (inpainting marks the patient's images).
         seed, device, precision: how the network ran.
     """
     from ..schema.provenance import software_versions
+    from .models import config_sha256
 
+    model_record = {"name": model.name, "sha256": model.sha256}
+    config = getattr(model, "config", None)
+    if isinstance(config, dict):  # a card's config always; a caller's stand-in without one records no checksum
+        model_record["config_sha256"] = config_sha256(config)
     return {
         "kind": SYNTHETIC_CASE_KIND,
         "synthetic": True,
         "label_schema_version": SCHEMA_VERSION,
-        "model": {"name": model.name, "sha256": model.sha256},
+        "model": model_record,
         "labels_sha256": array_sha256(labelmap.array),
         "edits": labelmap.history,
         "privacy": privacy.to_json(),

@@ -4,7 +4,8 @@ The network runs on the brain's bounding box only, padded to the U-Net's size
 multiple with background and cropped back, so any grid works.  Whole-box
 inference is used when it fits the memory budget, MONAI's sliding-window
 inference with Gaussian blending otherwise; a GPU out-of-memory falls back to
-smaller windows, then to the CPU, and says so.
+smaller windows, then to the CPU, and says so.  Each pass records the path it took
+(:attr:`Synthesizer.passes`, the provenance's ``inference``): the paths give different images.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ class Synthesizer:
         mirror_average: average each output with the network's pass on the left-right mirrored label map, mirrored
             back (the models train with left-right flips; one more forward pass; held-out gain: model card,
             "The mirror average").
+        passes: how each network pass since the last :meth:`take_passes` ran (the provenance's
+            :class:`~MedSynthLib.schema.provenance.InferencePass` records, in order).
     """
 
     generator: torch.nn.Module
@@ -150,6 +153,7 @@ class Synthesizer:
     style: torch.Tensor | None = None
     axis_order: AxisOrder = field(default_factory=AxisOrder)
     mirror_average: bool = False
+    passes: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         notice = emulated_bf16_notice(self.precision, self.device)
@@ -179,6 +183,24 @@ class Synthesizer:
         """
         return {5: torch.channels_last_3d, 4: torch.channels_last}.get(tensor.dim(), torch.contiguous_format)
 
+    def take_passes(self) -> list[dict[str, Any]]:
+        """The records of the passes run since the last call (:attr:`passes`), which starts empty again."""
+        passes, self.passes = self.passes, []
+        return passes
+
+    def _windows(self, onehot: torch.Tensor, roi: int) -> tuple[tuple[int, ...], float]:
+        """The sliding window's size and overlap for ``roi`` on this input."""
+        # A window larger than the input would make MONAI pad it with zeros, and an all-zero
+        # one-hot voxel is no label at all (not background): keep windows inside the input,
+        # which predict() has already padded to the size multiple with background.
+        roi_size = tuple(min(roi, int(s)) for s in onehot.shape[2:])
+        # Window steps must be multiples of the network's size step, or neighbouring windows
+        # see different pooling grids: 0.25 overlap of 128 steps 96, otherwise use 0.5.
+        multiple = self.network.size_multiple
+        overlap = 0.25 if all((r - r * 3 // 4) % multiple == 0 and (r * 3 // 4) % multiple == 0
+                              for r in roi_size) else 0.5
+        return roi_size, overlap
+
     def _run(self, onehot: torch.Tensor, roi: int | None, keep_layout: bool = False) -> torch.Tensor:
         layout = self.memory_format(onehot)
         self.generator.to(memory_format=layout)
@@ -189,15 +211,7 @@ class Synthesizer:
                 return output if keep_layout else output.float().contiguous()
             from monai.inferers import sliding_window_inference
 
-            # A window larger than the input would make MONAI pad it with zeros, and an all-zero
-            # one-hot voxel is no label at all (not background): keep windows inside the input,
-            # which predict() has already padded to the size multiple with background.
-            roi_size = tuple(min(roi, int(s)) for s in onehot.shape[2:])
-            # Window steps must be multiples of the network's size step, or neighbouring windows
-            # see different pooling grids: 0.25 overlap of 128 steps 96, otherwise use 0.5.
-            multiple = self.network.size_multiple
-            overlap = 0.25 if all((r - r * 3 // 4) % multiple == 0 and (r * 3 // 4) % multiple == 0
-                                  for r in roi_size) else 0.5
+            roi_size, overlap = self._windows(onehot, roi)
             return sliding_window_inference(onehot, roi_size, sw_batch_size=1,
                                             predictor=lambda x: self._forward(x).float(), overlap=overlap,
                                             mode="gaussian").float().contiguous()
@@ -229,7 +243,7 @@ class Synthesizer:
         """
         crop = labels[box] if self.axis_order.is_identity else np.ascontiguousarray(
             self.axis_order.to_training(labels[box]))
-        result = self._predict_crop(crop)
+        result = self._predict_crop(crop, part="direct")
         if self.mirror_average:
             # In the training order (LPS) the last axis is left-right.  Mirrored, the full box's far end is where
             # its down-sampling grid starts: pad the mirrored crop in front so that it keeps that grid's phase.
@@ -238,13 +252,13 @@ class Synthesizer:
                 axis, reversed_axis = self.axis_order.perm[2], self.axis_order.flip[2]
                 gap = box[axis].start - lattice[axis].start if reversed_axis else lattice[axis].stop - box[axis].stop
                 front = gap % self.network.size_multiple
-            mirrored = self._predict_crop(np.ascontiguousarray(crop[..., ::-1]), front)
+            mirrored = self._predict_crop(np.ascontiguousarray(crop[..., ::-1]), front, part="mirrored")
             result += mirrored[..., ::-1]
             result *= 0.5
         result[:, crop == Label.BACKGROUND] = -1.0
         return result if self.axis_order.is_identity else np.ascontiguousarray(self.axis_order.to_stored(result))
 
-    def _predict_crop(self, crop: np.ndarray, front: int = 0) -> np.ndarray:
+    def _predict_crop(self, crop: np.ndarray, front: int = 0, part: str | None = None) -> np.ndarray:
         """The network's (4, *crop size) output on a crop in the training order, padded with background at its
         end to the size multiple (and by ``front`` voxels before its last axis) and cropped back (float32; a
         view of the padded output)."""
@@ -253,7 +267,7 @@ class Synthesizer:
         padded = np.pad(crop, pads, constant_values=Label.BACKGROUND)
         onehot = one_hot(torch.from_numpy(padded)[None], NUM_CLASSES, dtype=self.input_dtype,
                          channels_last=True)
-        result = self._predict_with_fallback(onehot)
+        result = self._predict_with_fallback(onehot, part=part)
         return result[0, :, : crop.shape[0], : crop.shape[1], front: front + crop.shape[2]].cpu().numpy()
 
     def predict_condition(self, condition: torch.Tensor, keep_layout: bool = False) -> torch.Tensor:
@@ -267,13 +281,18 @@ class Synthesizer:
         """
         return self._predict_with_fallback(condition, keep_layout)
 
-    def _predict_with_fallback(self, onehot: torch.Tensor, keep_layout: bool = False) -> torch.Tensor:
+    def _predict_with_fallback(self, onehot: torch.Tensor, keep_layout: bool = False,
+                               part: str | None = None) -> torch.Tensor:
         roi: int | None = None if onehot[0, 0].numel() <= self.max_voxels else self.roi
+        retries = 0
         while True:
             try:
                 self.generator.to(self.device)
-                return self._run(onehot.to(self.device), roi, keep_layout)
+                output = self._run(onehot.to(self.device), roi, keep_layout)
+                self.passes.append(self._pass_record(onehot, roi, part, retries))
+                return output
             except torch.cuda.OutOfMemoryError:
+                retries += 1
                 torch.cuda.empty_cache()
                 smaller = self.roi if roi is None else roi // 2
                 if smaller >= max(32, self.network.size_multiple) and smaller % self.network.size_multiple == 0:
@@ -284,6 +303,15 @@ class Synthesizer:
                 self.device = torch.device("cpu")
                 self.precision = pick_precision("auto", self.device)
                 roi = None if onehot[0, 0].numel() <= self.max_voxels else self.roi
+
+    def _pass_record(self, onehot: torch.Tensor, roi: int | None, part: str | None, retries: int) -> dict[str, Any]:
+        """The provenance record (:class:`~MedSynthLib.schema.provenance.InferencePass`) of a pass that ran."""
+        record: dict[str, Any] = {"part": part, "method": "whole-volume"}
+        if roi is not None:
+            window, overlap = self._windows(onehot, roi)
+            record.update(method="sliding-window", window=list(window), overlap=overlap, blending="gaussian")
+        record.update(device=str(self.device), precision=self.precision, out_of_memory_retries=retries)
+        return {key: value for key, value in record.items() if value is not None}
 
 
 def to_scanner_units(normalized: np.ndarray, labels: np.ndarray,

@@ -3,9 +3,10 @@
 The output folder holds ``t1, t1ce, t2, flair`` (NIfTI in realistic scanner
 ranges, 0 outside the brain; int16 like BraTS when the range allows, else
 float32) and ``labels.nii.gz`` on exactly the label map's grid, plus
-``provenance.json``: model name and sha256, label-map sha256, the edits that
-made the label map, how close it stays to a source patient, seed, device,
-precision, software versions, timings and the sha256 of every file
+``provenance.json``: model name, weights and config sha256, label-map sha256, the
+edits that made the label map, how close it stays to a source patient, seed, device,
+precision, how each network pass ran (whole volume or sliding windows), software
+versions, timings and the sha256 of every file
 (:mod:`MedSynthLib.synthesis.case_folder` owns the folder format).
 """
 
@@ -145,13 +146,16 @@ class SynthesisEngine:
         self._use_seed(seed)
         self._use_axis_order(labelmap)
         start = time.perf_counter()
+        self.synth.take_passes()  # passes of earlier work (a preview's re-renders) are not this case's
         normalized = self.synth.predict(labelmap.array)
+        passes = self.synth.take_passes()
         network_seconds = time.perf_counter() - start
         images = to_scanner_units(normalized, labelmap.array, self.model.normalizers, self.model.modalities)
         provenance = case_provenance(self.model, labelmap, privacy_of(labelmap), seed=seed, device=self.device,
                                      precision=self.synth.precision)
         provenance["seed_effective"] = self.seed_effective
         provenance["mirror_average"] = self.synth.mirror_average
+        provenance["inference"] = passes  # sliding windows (an out-of-memory fallback) give other images
         if self.synth.style is not None:  # the exact code: the case can be made again from its record
             provenance["appearance_code"] = [float(v) for v in self.synth.style[0]]
             provenance["appearance_spread"] = self.appearance_spread
@@ -183,8 +187,11 @@ class SynthesisEngine:
             found = mask_box(changed)
             self.rerender_box(normalized, images, edited.array, tuple(s.start for s in found),
                               tuple(s.stop for s in found), brain_box(edited.array), margin)
+        rerendered = [dict(record, rerender=True) for record in self.synth.take_passes()]
         provenance = dict(previous.provenance, labels_sha256=array_sha256(edited.array), edits=edited.history,
                           privacy=privacy_of(edited).to_json())
+        if rerendered:
+            provenance["inference"] = [*previous.provenance.get("inference", []), *rerendered]
         provenance["timings_s"] = dict(previous.provenance.get("timings_s", {}),
                                        rerender=round(time.perf_counter() - start, 3))
         return SynthesisResult(edited, images, normalized, provenance)
@@ -213,6 +220,7 @@ class SynthesisEngine:
         """
         from .inference import to_scanner_units
 
+        self.synth.take_passes()  # from here on the passes are this region's (rerender() records them)
         multiple = self.network.size_multiple
         # synthesize() runs the network on the brain box, padded at its end to the size
         # multiple.  Keep the region inside that box and on the same stride lattice (start a
