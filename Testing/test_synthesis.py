@@ -26,7 +26,8 @@ from MedSynthLib.schema.labelmap import write_label_map
 from MedSynthLib.schema.labels import Label
 from MedSynthLib.schema.provenance import array_sha256
 from MedSynthLib.synthesis.inference import Synthesizer, brain_box, pick_device, pick_precision
-from MedSynthLib.synthesis.models import file_sha256, load_generator, resolve_model, write_model
+from MedSynthLib.synthesis.models import (config_sha256, file_sha256, load_generator, resolve_model,
+                                          write_model)
 from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig, one_hot
 from MedSynthLib.synthesis.synthesize import OUTPUT_NAMES, SynthesisEngine
 
@@ -534,7 +535,7 @@ def test_synthesize_command_on_odd_grids(tiny_model: Path, tmp_path: Path, capsy
     provenance = json.loads((out / "provenance.json").read_text())
     model = resolve_model(tiny_model)
     assert provenance["synthetic"] is True and provenance["label_schema_version"] == 1
-    assert provenance["model"] == {"name": "tiny", "sha256": model.sha256}
+    assert provenance["model"] == {"name": "tiny", "sha256": model.sha256, "config_sha256": config_sha256(model.config)}
     assert provenance["labels_sha256"] == array_sha256(labelmap.array) == array_sha256(labels)
     assert provenance["edits"] == json.loads(json.dumps(labelmap.history))
     assert provenance["edits"][-1]["name"] == "translate"
