@@ -145,6 +145,10 @@ def test_outside_region_bit_for_bit_mask_and_provenance(trained, edited, tmp_pat
     assert provenance["inpainting"]["old_tumour"] == "case-segmentation"
     assert provenance["inpainting"]["mirror_average"] is True and provenance["inpainting"]["match_tissue"] is True
     assert "synthetic_mask.nii.gz" in provenance["files"]
+    # How the network ran (whole volume or sliding windows after an out-of-memory error), as synthesis records it.
+    passes = provenance["inference"]
+    assert passes and {p["method"] for p in passes} <= {"whole-volume", "sliding-window"}, passes
+    assert all(p["device"] == "cpu" for p in passes), passes
     assert "NOT anonymous" in capsys.readouterr().out
 
     # export --anonymous refuses it in one line, exit 2, nothing written; a plain export says it is not anonymous.

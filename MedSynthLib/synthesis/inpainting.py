@@ -821,8 +821,10 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
         plan = plan_region(labelmap, context, old_labelmap=old_labelmap, margin_mm=margin_mm)
     region = plan.region
     spacing = tuple(float(s) for s in labelmap.grid.spacing[::-1])
+    engine.synth.take_passes()  # passes of earlier work (a preview's) are not this case's
     result = engine.inpaint(labelmap.array, context.images, region, spacing, feather_mm,
                             AxisOrder.from_grid(labelmap.grid))
+    passes = engine.synth.take_passes()
     privacy = dataclasses.replace(privacy_of(labelmap), images="patient")
     record = InpaintingRecord(region_margin_mm=float(margin_mm), feather_mm=float(feather_mm),
                               old_tumour=plan.old_tumour, old_labels_sha256=plan.old_labels_sha256,
@@ -833,6 +835,7 @@ def inpaint_case(engine: InpaintingEngine, labelmap: Any, context: ContextCase, 
                                  precision=engine.synth.precision)
     provenance["seed_effective"] = False  # as the synthesis engine records a model without an appearance code
     provenance["inpainting"] = dataclasses.asdict(record)
+    provenance["inference"] = passes  # sliding windows (an out-of-memory fallback) give other images
     elapsed = time.perf_counter() - start + (plan.seconds if planned_before else 0.0)
     provenance["timings_s"] = {"load_model": round(engine.load_seconds, 3), "region": round(plan.seconds, 3),
                                "network": result.timings_s.get("network", 0.0),
