@@ -111,6 +111,24 @@ def test_a_fallback_after_out_of_memory_is_recorded(engine, monkeypatch) -> None
     assert engine.synthesize(labelmap, seed=0).provenance["inference"] == whole.provenance["inference"]
 
 
+@pytest.mark.timeout(60)
+def test_out_of_memory_with_nothing_left_to_fall_back_to_is_raised_not_retried_for_ever(engine, monkeypatch) -> None:
+    """Once on the CPU with the smallest windows, another out-of-memory error has nowhere to go: the fallback
+    started over from whole volume on the CPU, endlessly."""
+    calls = []
+
+    def run(self, onehot, roi, keep_layout=False):
+        calls.append(roi)
+        if len(calls) > 50:
+            pytest.fail(f"retried {len(calls)} times: {calls[:12]} ...")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Synthesizer, "_run", run)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.synthesize(small_brain(44), seed=0)
+    assert len(calls) == 4, calls  # whole volume, then 128^3 (clipped), 64^3 and 32^3 windows
+
+
 def test_an_export_names_a_registered_model_only_with_the_config_the_case_was_made_with(tmp_path, monkeypatch) -> None:
     """A registry name re-registered with another config (same weights) is another model: the export of a case made
     with the first must not name it, while the weights' and config's sha256 still say which model it was."""

@@ -299,6 +299,8 @@ class Synthesizer:
                     self.log(f"GPU out of memory: retrying with {smaller}^3 sliding windows")
                     roi = smaller
                     continue
+                if self.device.type == "cpu":
+                    raise  # the CPU with the smallest windows: nothing is left to fall back to
                 self.log("GPU out of memory even with small windows: falling back to the CPU")
                 self.device = torch.device("cpu")
                 self.precision = pick_precision("auto", self.device)
