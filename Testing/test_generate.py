@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import REPO, phantom, write_volume
+from conftest import REPO, phantom, write_random_model, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.schema.errors import MedSynthError
 from MedSynthLib.generate.layouts import Layout
@@ -30,10 +30,8 @@ from MedSynthLib.generate.runner import default_cache
 from MedSynthLib.generate.sampler import Sources, replay_case, validate_config
 from MedSynthLib.generate.sources import Source
 from MedSynthLib.schema.labels import Label, schema_to_tumour
-from MedSynthLib.synthesis.models import write_model
-from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
+from MedSynthLib.synthesis.networks import MODALITY_ORDER
 
-NETWORK = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
 # Edits sized for a 40-voxel phantom brain.
 PHANTOM_CONFIG = {"kinds": {"transform": 1, "insert_brain": 2, "parametric": 1},
                   "transform": {"translate_mm": 3, "rotate_deg": 15, "scale_range": [0.9, 1.1]},
@@ -64,11 +62,7 @@ def gen_data(tmp_path_factory) -> dict[str, Path]:
         write_volume(seg, folder / f"P{k}_seg.nii.gz")
         if k < 2:
             write_volume(np.roll(seg, 3 + k, axis=2), root / "segs" / f"S{k}_seg.nii.gz")
-    torch.manual_seed(2018)
-    state = {k: v.detach().contiguous() for k, v in Generator(NETWORK).state_dict().items()}
-    model = write_model(root / "tiny", state, {"name": "tiny", "description": "random weights for tests",
-                                               "network": NETWORK.to_json(),
-                                               "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}})
+    model = write_random_model(root / "tiny", {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=2018)
     config = root / "sampler.json"
     config.write_text(json.dumps(PHANTOM_CONFIG))
     return {"cases": root / "cases", "segs": root / "segs", "model": model, "config": config}

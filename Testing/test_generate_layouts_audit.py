@@ -15,14 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import phantom, write_volume
+from conftest import phantom, write_random_model, write_volume
 from MedSynthLib.cli import main
-from MedSynthLib.synthesis.models import write_model
-from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
+from MedSynthLib.synthesis.networks import MODALITY_ORDER
 
-NETWORK = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
 PHANTOM_CONFIG = {"kinds": {"transform": 1, "parametric": 1},
                   "transform": {"translate_mm": 3, "rotate_deg": 15, "scale_range": [0.9, 1.1]},
                   "parametric": {"radius_fraction": [0.15, 0.25], "p_template": 1.0}}
@@ -38,11 +35,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
         for modality, array in images.items():
             write_volume(array, folder / f"P{k}_{modality}.nii.gz")
         write_volume(np.roll(seg, k, axis=1), folder / f"P{k}_seg.nii.gz")
-    torch.manual_seed(2018)
-    state = {k: v.detach().contiguous() for k, v in Generator(NETWORK).state_dict().items()}
-    model = write_model(root / "tiny", state, {"name": "tiny", "description": "random weights for tests",
-                                               "network": NETWORK.to_json(),
-                                               "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}})
+    model = write_random_model(root / "tiny", {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=2018)
     config = root / "sampler.json"
     config.write_text(json.dumps(PHANTOM_CONFIG))
     return {"cases": root / "cases", "model": model, "config": config, "cache": root / "cache"}

@@ -20,17 +20,14 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import torch
 
-from conftest import phantom, write_volume
+from conftest import phantom, write_random_model, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.schema.labels import schema_to_tumour, tumour_to_schema
 from MedSynthLib.schema.provenance import file_sha256
 from MedSynthLib.synthesis.case_folder import is_medsynth_output
-from MedSynthLib.synthesis.models import write_model
-from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
+from MedSynthLib.synthesis.networks import MODALITY_ORDER
 
-NETWORK = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
 #: Both kinds draw in a patient's brain: neither case is anonymous.
 PATIENT_CONFIG = {"kinds": {"transform": 1, "parametric": 1},
                   "transform": {"translate_mm": 3, "rotate_deg": 15, "scale_range": [0.9, 1.1]},
@@ -53,11 +50,7 @@ def generated(tmp_path_factory) -> dict[str, Path]:
         for modality, array in images.items():
             write_volume(array, folder / f"P{k}_{modality}.nii.gz")
         write_volume(seg, folder / f"P{k}_seg.nii.gz")
-    torch.manual_seed(2018)
-    state = {k: v.detach().contiguous() for k, v in Generator(NETWORK).state_dict().items()}
-    model = write_model(root / "tiny", state, {"name": "tiny", "description": "random weights for tests",
-                                               "network": NETWORK.to_json(),
-                                               "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}})
+    model = write_random_model(root / "tiny", {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=2018)
     config = root / "sampler.json"
     config.write_text(json.dumps(PATIENT_CONFIG))
     common = ["--model", str(model), "--device", "cpu", "--precision", "fp32", "--seed", "7", "--quiet",
