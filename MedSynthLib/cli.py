@@ -432,6 +432,21 @@ def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
         raise EditError(f"{path}: {edit.name}: {exc}") from None
 
 
+def _tumour_source_file(path: Path, label_convention: str | None, option: str) -> Path:
+    """The file a tumour source option names: the file given, or a patient's case folder's tumour segmentation
+    (found by the case readers' naming), which is what the Slicer module records as an insert's source."""
+    from .cases.readers import read_case
+    from .schema.errors import InputError
+
+    if not path.is_dir():
+        return path
+    _refuse_medsynth_output([path], f"give its label map file with {option}")
+    if not _is_patient_case_folder(path):
+        raise InputError(path, f"a folder of no known case naming: {option} takes a label map file or a patient's "
+                               "case folder")
+    return read_case(path, label_convention=label_convention, require_segmentation=True).files["seg"]
+
+
 def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from .edits import InsertTumour, tumour_centre
     from .schema.errors import InputError
@@ -441,7 +456,7 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from .schema.provenance import array_sha256
     from .schema.volume_io import check_writable
 
-    from_path = getattr(args, "from")
+    from_path = _tumour_source_file(getattr(args, "from"), args.label_convention, "--from")
     check_writable(label_map_outputs(args.output), args.overwrite,
                    inputs=label_map_inputs(from_path) + label_map_inputs(args.into))
     source = read_tumour_source(from_path, args.label_convention)
@@ -518,7 +533,8 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     from .schema.provenance import software_versions
     from .schema.volume_io import check_writable
 
-    sources = list(args.source or [])
+    given = list(args.source or [])
+    sources = [_tumour_source_file(path, args.label_convention, "--source") for path in given]
     inputs = [f for path in [args.labels, args.edits, *sources] for f in label_map_inputs(path)]
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=inputs)
     base = read_label_map(args.labels)
@@ -541,10 +557,13 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     if not records:
         raise InputError(args.edits, f"holds no edit after {args.labels.name}'s history: nothing to replay")
     by_name: dict[str, Any] = {}
-    for path in sources:  # an insert records its source by file name
+    given_as: dict[str, Path] = {}
+    for path, as_given in zip(sources, given):  # an insert records its source by file name
         if path.name in by_name:
-            raise _UsageError(f"medsynth tumour replay: two --source maps are named {path.name}")
+            raise _UsageError(f"medsynth tumour replay: two --source maps are named {path.name} "
+                              f"({given_as[path.name]}, {as_given})")
         by_name[path.name] = read_tumour_source(path, args.label_convention)
+        given_as[path.name] = as_given
     needed = sorted({str(r["params"].get("source")) for r in records
                      if r.get("name") == "insert_tumour" and isinstance(r.get("params"), dict)})
     missing = [name for name in needed if name not in by_name]
@@ -1163,7 +1182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("insert", help="insert the tumour of one label map (or tumour segmentation) into another brain")
     p.add_argument("--from", required=True, type=Path, metavar="LABELS",
                    help="MedSynth label map holding the tumour, or an expert tumour segmentation (BraTS *_seg, MSD; "
-                        "no brain: placed at its own position on the same grid, else at --centre)")
+                        "no brain: placed at its own position on the same grid, else at --centre), or a patient's "
+                        "case folder (its segmentation file)")
     p.add_argument("--label-convention", choices=sorted(TUMOUR_CONVENTIONS),
                    help="--from is a tumour segmentation with these values (default: a MedSynth label map when it "
                         "is one, else a segmentation whose convention is detected)")
@@ -1206,7 +1226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", type=Path, required=True, metavar="EDITED",
                    help="an edited label map: the edits its sidecar records after LABELS's history are replayed")
     p.add_argument("--source", type=Path, action="append", metavar="MAP",
-                   help="the source label map of a recorded insert_tumour (matched by file name and content hash)")
+                   help="the source label map of a recorded insert_tumour (matched by file name and content hash), "
+                        "or a patient's case folder (its segmentation file)")
     p.add_argument("--label-convention", choices=sorted(TUMOUR_CONVENTIONS),
                    help="the --source maps are tumour segmentations with these values (as given to tumour insert)")
     p.add_argument("--check", action="store_true",

@@ -555,12 +555,13 @@ def test_an_insert_made_in_slicer_replays_on_the_command_line(case, brats_cases,
             np.testing.assert_array_equal(inserted.array, InsertTumour()(start, source=brain_map).array)
         edited = tmp_path / f"edited{n}.nii.gz"
         write_label_map(inserted, edited)
-        capsys.readouterr()
-        code = main(["tumour", "replay", str(tmp_path / "start.nii.gz"), "--edits", str(edited),
-                     "--source", str(seg_file), "--check", "-o", str(tmp_path / f"replayed{n}.nii.gz")])
-        said = capsys.readouterr()
-        assert code == 0, said.err
-        assert "identical to it voxel for voxel" in said.out
+        for m, given in enumerate((seg_file, brats_cases[1])):  # the file, or the case folder standing for it
+            capsys.readouterr()
+            code = main(["tumour", "replay", str(tmp_path / "start.nii.gz"), "--edits", str(edited),
+                         "--source", str(given), "--check", "-o", str(tmp_path / f"replayed{n}{m}.nii.gz")])
+            said = capsys.readouterr()
+            assert code == 0, said.err
+            assert "identical to it voxel for voxel" in said.out
         case.logic.undo(seg)
     np.testing.assert_array_equal(case.logic.labelmap(seg).array, start.array)
     mrml.remove_nodes(case.scene, seg)
