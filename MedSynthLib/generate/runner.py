@@ -209,13 +209,16 @@ def _run_spec(spec_base: dict[str, Any], sources: Sequence[Source], key: SourceK
 
 
 def _claim_run(out: Path, spec_base: dict[str, Any], sources: list[Source], layout: Layout,
-               n: int) -> tuple[dict[str, Any], list[Source], bool]:
-    """The run record of ``out``, the sources under the ids it records, and whether the run resumes.
+               n: int) -> tuple[dict[str, Any], list[Source], bool, int]:
+    """The run record of ``out``, the sources under the ids it records, whether the run resumes, and a descriptor
+    holding a shared lock of the run file (close it when the run ends).
 
     A new run that reads a patient's source draws the key of its source ids (:mod:`.keys`) and writes the run
     file; a rerun takes the key the run file names, so its sources get the recorded ids only when they are the
     same files.  Under torchrun the ranks start unaware of each other: the first to hold the run file's lock
-    writes it, and the others resume it.
+    writes it, and the others resume it.  Every rank holds the run file itself (a shared ``flock``, taken under the
+    lock) while it runs: the rank that wrote it, failing before any case, removes it only once no other holds it
+    (:func:`_undo_new_run`).
     """
     from ..schema.outputs import output_lock
     from ..schema.volume_io import write_json
@@ -239,12 +242,70 @@ def _claim_run(out: Path, spec_base: dict[str, Any], sources: list[Source], layo
             spec = _run_spec(spec_base, keyed, key)
             _check_output(out, spec, False)
             _check_no_cases_beyond(out, layout, n)
-            return spec, keyed, True
+            return spec, keyed, True, _hold_run_file(run_file)
         key = SourceKey.new() if patients else None
         keyed = with_dataset_ids(sources, key) if key is not None else list(sources)
         spec = _run_spec(spec_base, keyed, key)
         write_json(spec, run_file, overwrite=True)
-        return spec, keyed, False
+        return spec, keyed, False, _hold_run_file(run_file)
+
+
+def _hold_run_file(run_file: Path) -> int:
+    import fcntl
+
+    fd = os.open(run_file, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _any_case_complete(out: Path) -> bool:
+    folder = out / PROVENANCE_DIR
+    return folder.is_dir() and any(not p.name.startswith(".") for p in folder.glob("*.json"))
+
+
+def _undo_new_run(out: Path, layout: Layout, n: int, held: int, made: list[Path]) -> None:
+    """Remove what a new run that failed before completing any case wrote: its run file, the files of cases cut
+    before their record, and the folders it made (``made``: ``out`` and its parents, when the run created them).
+
+    The run file would refuse the corrected command as a run "with other settings".  Under torchrun the other ranks
+    hold the run file while they run: this (the rank that wrote it) waits until none does, and keeps everything
+    once any rank has completed a case, which a rerun resumes.
+    """
+    import fcntl
+
+    from ..schema.outputs import output_lock
+
+    run_file = out / RUN_FILE
+    os.close(held)  # this rank's own shared lock would block its exclusive one
+    while not _any_case_complete(out):
+        with output_lock(run_file):  # no rank is between finding the run file and holding it
+            try:
+                fd = os.open(run_file, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another rank still runs
+            else:
+                if not _any_case_complete(out):
+                    run_file.unlink()
+                    break
+            finally:
+                os.close(fd)
+        time.sleep(0.5)
+    else:
+        return
+    shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+    for index in range(n):  # none has a record: files moved into place by a case cut before it
+        for rel in layout.files(layout.case_id(index)).values():
+            (out / rel).unlink(missing_ok=True)
+    folders = [p for p in out.rglob("*") if p.is_dir() and not p.is_symlink()]
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True) + made:
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def _check_no_cases_beyond(out: Path, layout: Layout, n: int) -> None:
@@ -784,8 +845,28 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
     _say_emulated_bf16(opt, plan)
     pool = None
     others = _children()
+    made = _missing_folders(out)  # removed again, when empty, by a new run failing before its first case
+    claim: dict[str, Any] = {}  # this rank's hold of the run file, and whether it resumes the run
     if n_procs > 1:
         pool = _process_pool(n_procs, multiprocessing.get_context("spawn"))
+    try:
+        return _make_cases(out, cache, opt, layout, config, where, drop, model, spec_base, items, plan, pool, others,
+                           rank, world, claim)
+    except BaseException:
+        if claim.get("held") is not None and not claim["resuming"] and not _any_case_complete(out):
+            _undo_new_run(out, layout, opt.n, claim.pop("held"), made)
+        raise
+    finally:
+        if claim.get("held") is not None:
+            os.close(claim["held"])
+
+
+def _make_cases(out: Path, cache: Path, opt: GenerateOptions, layout: Layout, config: dict[str, Any], where: str,
+                drop: bool, model: Any, spec_base: dict[str, Any], items: list[tuple[str, str, str, str | None]],
+                plan: ProcessPlan, pool: Any, others: frozenset[Any], rank: int, world: int,
+                claim: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_generate_into`'s sources, run file and cases (``claim`` gets the run file's hold as soon as taken)."""
+    n_procs = plan.processes
     try:
         if not opt.cache and items:  # --anonymous reads no source: nothing to cache
             _private_folder(cache)
@@ -800,7 +881,8 @@ def _generate_into(out: Path, cache: Path, opt: GenerateOptions, layout: Layout,
                 sources.append(template_source())
             config = check_config_fits_sources(config, sources, where, drop)
             spec_base["config"] = config
-            spec, sources, resuming = _claim_run(out, spec_base, sources, layout, opt.n)
+            spec, sources, resuming, claim["held"] = _claim_run(out, spec_base, sources, layout, opt.n)
+            claim["resuming"] = resuming
         from ..schema.volume_io import remove_temporaries
 
         mine = [i for i in range(opt.n) if i % world == rank]
