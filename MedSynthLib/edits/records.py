@@ -65,18 +65,17 @@ def replay(labelmap: LabelMap, records: Sequence[Mapping[str, Any]],
             :class:`~MedSynthLib.edits.random_edits.DrawMismatch` where a random draw's seed and options,
             drawn again on the map before it, do not draw the edits recorded after it (``check_draws``).
     """
-    from .random_edits import RandomTumourDraw
-
     records = list(records)
     position = 0
     while position < len(records):
         record = records[position]
         position += 1
         edit = edit_from_record(record)
-        if isinstance(edit, RandomTumourDraw) and check_draws:
+        redraw = getattr(edit, "redraw", None)  # a random draw's record (random_edits imports this module)
+        if redraw is not None and check_draws:
             # The draw made again gives the drawn edits' map as well: they need not be applied a second time.
             before = len(labelmap.history)
-            labelmap = edit.redraw(labelmap, records[position:])
+            labelmap = redraw(labelmap, records[position:])
             position += len(labelmap.history) - before - 1  # the drawn edits' records
         elif isinstance(edit, InsertTumour):
             source = (sources or {}).get(edit.source)
