@@ -7,10 +7,12 @@ segmenters on a 2 mm grid, so a whole study takes seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -45,6 +47,19 @@ def study_data(tmp_path_factory) -> tuple[Path, Path]:
 
 def study_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["study", "--data", str(data), "-o", str(out), "--config", "micro", "--device", "cpu", "--quiet", *extra]
+
+
+@contextlib.contextmanager
+def older_code(module: str = "MedSynthLib.edits.random_edits") -> Iterator[None]:
+    """Inside the block, another source of ``module``: the cache keys another version of MedSynth gave the stages
+    that hash it."""
+    from MedSynthLib.study import stages
+
+    real_source = stages.inspect.getsource
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stages.inspect, "getsource",
+                      lambda m: real_source(m) + ("# older\n" if m.__name__ == module else ""))
+        yield
 
 
 def assert_bad_input(capsys, args: list[str], out: Path, *needles: str) -> str:

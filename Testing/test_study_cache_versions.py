@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from MedSynthLib.cli import main
-from test_study import study_args, write_cases
+from test_study import older_code, study_args, write_cases
 
 SYNTHETIC_ARMS = ("real+synthetic", "synthetic", "synthetic+finetune", "real+classmean")
 # Another process holding the work folder as every study process does (a preview, a records save, a study).
@@ -37,16 +37,10 @@ def _files(root: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory) -> dict:
-    from MedSynthLib.study import stages
-
     root = tmp_path_factory.mktemp("cache_versions")
     data = write_cases(root / "cases")
     work = root / "work"
-    real_source = stages.inspect.getsource
-    older = "MedSynthLib.edits.random_edits"
-    with pytest.MonkeyPatch.context() as patch:  # another source of the module: the key an older version used
-        patch.setattr(stages.inspect, "getsource",
-                      lambda module: real_source(module) + ("# older\n" if module.__name__ == older else ""))
+    with older_code():  # the key an older version of the draw code gave the synthetic stage
         assert main(study_args(data, root / "older", "--work", str(work))) == 0
     older_synthetic = sorted(p.name for p in (work / "synthetic").iterdir())
     older_arms = {p.name: json.loads(p.read_text()) for p in (work / "arms").glob("*.json")}
@@ -234,17 +228,6 @@ def _config_args(data: Path, out: Path, work: Path, config: str) -> list[str]:
     return [a if a != "micro" else config for a in study_args(data, out, "--work", str(work))]
 
 
-def _older_code(module: str = "MedSynthLib.edits.random_edits"):
-    """Another source of ``module``: the cache keys another version of MedSynth gave its stages."""
-    from MedSynthLib.study import stages
-
-    real_source = stages.inspect.getsource
-    patch = pytest.MonkeyPatch()
-    patch.setattr(stages.inspect, "getsource",
-                  lambda m: real_source(m) + ("# older\n" if m.__name__ == module else ""))
-    return patch
-
-
 @pytest.fixture(scope="module")
 def two_configs(tmp_path_factory) -> dict:
     """Config A (micro), then config B (one synthetic case per training case) in one work folder: first B made
@@ -260,11 +243,8 @@ def two_configs(tmp_path_factory) -> dict:
     assert main(_config_args(data, root / "a", work, "micro")) == 0
     a_files = _files(work)
     shutil.copytree(work, root / "after_a", symlinks=True)
-    patch = _older_code()
-    try:
+    with older_code():
         assert main(_config_args(data, root / "b_older", work, str(config_b))) == 0
-    finally:
-        patch.undo()
     b_older = _files(work) - a_files
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from MedSynthLib.cli import main
-from test_study import study_args, write_cases
+from test_study import older_code, study_args, write_cases
 
 SYNTHETIC_ARMS = re.compile(r" arm (real\+synthetic|synthetic|synthetic\+finetune|real\+classmean) seed ")
 
@@ -27,16 +27,10 @@ SYNTHETIC_ARMS = re.compile(r" arm (real\+synthetic|synthetic|synthetic\+finetun
 def older_work(tmp_path_factory) -> dict:
     """A finished micro study whose synthetic stage an older version of the draw code made, its cases' histories
     without the ``random_tumour`` records (as that version wrote them)."""
-    from MedSynthLib.study import stages
-
     root = tmp_path_factory.mktemp("older_study")
     data = write_cases(root / "cases")
     work = root / "work"
-    real_source = stages.inspect.getsource
-    older = "MedSynthLib.edits.random_edits"
-    with pytest.MonkeyPatch.context() as patch:  # another source of the module: the key an older version used
-        patch.setattr(stages.inspect, "getsource",
-                      lambda module: real_source(module) + ("# older\n" if module.__name__ == older else ""))
+    with older_code():  # the key an older version of the draw code gave the synthetic stage
         assert main(study_args(data, root / "before", "--work", str(work))) == 0
     stripped = 0
     for index_path in (work / "synthetic").glob("*/index.json"):
