@@ -248,6 +248,32 @@ def phantom(shape=(40, 48, 44), seed: int = 0) -> tuple[dict[str, np.ndarray], n
     return images, seg
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run ``medsynth ARGV`` in-process: (exit status, stdout, stderr)."""
+    from MedSynthLib.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_refusal(rc: int, out: str, err: str) -> str:
+    """Assert a refusal as the CLI must give one (exit 2, one ``medsynth: error:`` line, no traceback); the line."""
+    assert rc == 2 and out == "" and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medsynth: error:"), err
+    return lines[0]
+
+
+def file_tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) -> its sha256: what "nothing written, nothing changed" compares."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def rewrite_model_config(folder: Path, config: dict) -> None:
     """Write an edited model config as MedSynth's writers do, with its checksum recomputed (a test that edits a
     config on purpose; an edit without it is refused on loading)."""

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import phantom, write_volume
+from conftest import phantom, run_cli as run, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.edits import replay, tumour_centre
 from MedSynthLib.schema.grid import Grid, lps_to_ras
@@ -34,14 +34,6 @@ DIRECTION = tuple(float(v) for v in (np.array([[np.cos(_A), -np.sin(_A), 0], [np
 GEOMETRY = dict(spacing=(0.9, 1.1, 1.3), origin=(10.0, -20.0, 5.0), direction=DIRECTION)
 #: A patient-like folder name that must never reach a provenance record.
 CASE_NAME = "Patient_ZX81"
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process; (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
 
 
 def _array(path: Path) -> np.ndarray:

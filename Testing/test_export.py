@@ -22,6 +22,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from conftest import run_cli as run
 from MedSynthLib.cases.readers import read_case
 from MedSynthLib.cli import main
 from MedSynthLib.export import (DEIDENTIFICATION_METHOD, MODALITIES, NAMINGS, encode_intensities, export_cases,
@@ -152,13 +153,6 @@ def inpainted_case(folder: Path) -> Path:
     provenance["files"]["synthetic_mask.nii.gz"] = file_sha256(case / "synthetic_mask.nii.gz")
     (case / "provenance.json").write_text(json.dumps(provenance, indent=2))
     return case
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _case_dir(root: Path) -> Path:

@@ -13,7 +13,6 @@ writes a case folder (images painted from the labels, no network), and one made 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,8 +22,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from conftest import file_tree, one_line_refusal, run_cli as run, write_random_model
 from MedSynthLib.cases.template import template_label_map
-from MedSynthLib.cli import main
 from MedSynthLib.export import read_synthetic_case
 from MedSynthLib.schema.errors import InputError
 from MedSynthLib.schema.labels import Label
@@ -33,25 +32,6 @@ from test_export import PARAMETRIC_STEP, TEMPLATE_STEP, anonymous_case, painted_
 
 ANONYMOUS_PRIVACY = {"anatomy": "template", "brain_dice_to_source": None, "tumour_dice_to_source": None,
                      "tumour_origin": "parametric", "images": "synthetic"}
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line_refusal(rc: int, out: str, err: str) -> str:
-    assert rc == 2 and out == "" and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("medsynth: error:"), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +123,10 @@ def test_an_anonymous_claim_the_voxels_do_not_bear_out_is_refused(build, fmt, te
     --anonymous in one line naming the file, exit 2, nothing written; exported without --anonymous it is
     NOT anonymous (its id NOT-ANONYMOUS-, Patient Identity Removed NO)."""
     case, bad_file = build(tmp_path, template_case)
-    before = _tree(tmp_path)
-    line = _one_line_refusal(*run(["export", case, "--format", fmt, "--anonymous", "-o", tmp_path / "exp"], capsys))
+    before = file_tree(tmp_path)
+    line = one_line_refusal(*run(["export", case, "--format", fmt, "--anonymous", "-o", tmp_path / "exp"], capsys))
     assert str(case / bad_file) in line and "anatomy is not the template's" in line, line
-    assert _tree(tmp_path) == before and not (tmp_path / "exp").exists()
+    assert file_tree(tmp_path) == before and not (tmp_path / "exp").exists()
     read = read_synthetic_case(case)
     assert not read.privacy.anonymous()[0] and read.case_id.startswith("NOT-ANONYMOUS-")
     if fmt == "dicom" and build is _patient_relabelled:  # (the others: a template-sized export, 15 s each)
@@ -173,17 +153,10 @@ def test_a_template_case_with_a_tumour_drawn_over_another_exports_as_anonymous(t
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    import torch
+    from MedSynthLib.synthesis.networks import MODALITY_ORDER
 
-    from MedSynthLib.synthesis.models import write_model
-    from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
-
-    torch.manual_seed(0)
-    network = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
-    state = {k: v.detach().contiguous() for k, v in Generator(network).state_dict().items()}
-    config = {"name": "tiny", "network": network.to_json(),
-              "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}}
-    return write_model(tmp_path_factory.mktemp("models") / "tiny", state, config)
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny",
+                              {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=0)
 
 
 def test_demo_and_a_tumour_drawn_in_it_export_as_anonymous(tiny_model, tmp_path, capsys):
@@ -239,13 +212,13 @@ def test_an_anonymous_export_refuses_a_case_id_of_the_source_data(template_case,
             check_case_id_not_a_source(read, case_id, case)
     for case_id in ("TRIAL-7", "SYNTH-0001", "P00421", "Study_P004"):
         check_case_id_not_a_source(read, case_id, case)  # not a recorded name, nor a public dataset's id
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     for case_id, extra in (("BraTS2021_00000", ["--anonymous"]), ("P0042", []), ("p0042", ["--anonymous"])):
         # An anonymous case is exported as anonymous with or without the flag: its id is checked either way.
-        line = _one_line_refusal(*run(["export", case, "--format", "dicom", *extra, "--case-id", case_id,
+        line = one_line_refusal(*run(["export", case, "--format", "dicom", *extra, "--case-id", case_id,
                                        "-o", tmp_path / "exp"], capsys))
         assert case_id in line and "source" in line and str(case) in line, line
-        assert _tree(tmp_path) == before and not (tmp_path / "exp").exists()
+        assert file_tree(tmp_path) == before and not (tmp_path / "exp").exists()
     rc, _, err = run(["export", case, "--format", "nifti", "--anonymous", "--case-id", "TRIAL-7",
                       "-o", tmp_path / "exp"], capsys)
     assert rc == 0 and (tmp_path / "exp" / "TRIAL-7").is_dir(), err

@@ -11,7 +11,6 @@ template (see test_generate.py).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from conftest import phantom, write_random_model, write_volume
+from conftest import file_tree, one_line_refusal, phantom, run_cli as run, write_random_model, write_volume
 from MedSynthLib.cli import main
 from MedSynthLib.schema.labels import schema_to_tumour, tumour_to_schema
 from MedSynthLib.schema.provenance import file_sha256
@@ -66,18 +65,6 @@ def generated(tmp_path_factory) -> dict[str, Path]:
             "anonymous_ds": root / "anonymous_ds"}
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _record(case: Path) -> dict:
     return json.loads((case.parent / "provenance" / f"{case.name}.json").read_text())
 
@@ -88,13 +75,6 @@ def _files(case: Path, layout: str) -> dict[str, Path]:
 
 def _array(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _one_line_refusal(rc: int, out: str, err: str) -> str:
-    assert rc == 2 and out == "" and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("medsynth: error:"), err
-    return lines[0]
 
 
 # --- every command takes it for a MedSynth output --------------------------------------------------------------
@@ -142,13 +122,13 @@ def test_labels_refuses_a_generated_case_folder(generated, tmp_path, capsys):
     """``medsynth labels`` derived a label map from a generated case's synthetic images as if they were a
     patient's scans; it refuses the folder in one line (exit 2), writing nothing."""
     case = generated["patient"]
-    before = _tree(generated["patient_ds"])
+    before = file_tree(generated["patient_ds"])
     output = tmp_path / "labels.nii.gz"
-    line = _one_line_refusal(*run(["labels", case, "-o", output], capsys))
+    line = one_line_refusal(*run(["labels", case, "-o", output], capsys))
     assert str(case) in line and "MedSynth output" in line, line
     assert f"{case.name}_seg.nii.gz" in line and "labels.nii.gz" not in line  # where its labels are, not a guess
     assert list(tmp_path.iterdir()) == []
-    assert _tree(generated["patient_ds"]) == before
+    assert file_tree(generated["patient_ds"]) == before
 
 
 def test_synthesize_context_refuses_a_generated_case_folder(generated, tmp_path, capsys):
@@ -157,13 +137,13 @@ def test_synthesize_context_refuses_a_generated_case_folder(generated, tmp_path,
     labels = tmp_path / "maps" / "P0_labels.nii.gz"
     rc, _, err = run(["labels", generated["cases"] / "P0", "-o", labels], capsys)
     assert rc == 0, err
-    before = _tree(generated["patient_ds"])
+    before = file_tree(generated["patient_ds"])
     output = tmp_path / "inpainted"
-    line = _one_line_refusal(*run(["synthesize", labels, "--context", generated["patient"], "--model",
+    line = one_line_refusal(*run(["synthesize", labels, "--context", generated["patient"], "--model",
                                    generated["model"], "--device", "cpu", "-o", output], capsys))
     assert str(generated["patient"]) in line and "MedSynth output" in line, line
     assert not output.exists()
-    assert _tree(generated["patient_ds"]) == before
+    assert file_tree(generated["patient_ds"]) == before
 
 
 def test_info_describes_a_generated_case_folder(generated, capsys):
@@ -212,7 +192,7 @@ def test_a_generated_case_exports_as_nifti(generated, naming, tmp_path, capsys):
     record), NOT anonymous for a case drawn in a patient's brain.  The dataset holds no anatomy label map, so the
     export has none either (no file of zeros standing for one)."""
     case = generated["patient"]
-    before = _tree(generated["patient_ds"])
+    before = file_tree(generated["patient_ds"])
     rc, out, err = run(["export", case, "--format", "nifti", "--naming", naming, "-o", tmp_path / "exp"], capsys)
     assert rc == 0, err
     assert "NOT anonymous" in out
@@ -237,7 +217,7 @@ def test_a_generated_case_exports_as_nifti(generated, naming, tmp_path, capsys):
     # The tiny model is not registered: its name is the one field removed (the dataset's bookkeeping is not one).
     assert provenance["model"]["name"] == "unregistered" and provenance["export"]["removed_fields"] == 1
     _no_dataset_word_anywhere(exported, [DATASET_NAME.encode(), b"sha256:", str(generated["root"]).encode()])
-    assert _tree(generated["patient_ds"]) == before
+    assert file_tree(generated["patient_ds"]) == before
 
 
 def test_a_generated_case_exports_as_dicom(generated, tmp_path, capsys):
@@ -265,7 +245,7 @@ def test_an_anonymous_generated_case_exports_with_anonymous(generated, tmp_path,
     ds = pydicom.dcmread(next((exported / "T1").glob("*.dcm")), stop_before_pixels=True)
     assert str(ds.PatientName).startswith("SYNTHETIC^") and ds.PatientIdentityRemoved == "YES"
     _no_dataset_word_anywhere(exported, [DATASET_NAME.encode(), b"sha256:", str(generated["root"]).encode()])
-    line = _one_line_refusal(*run(["export", generated["patient"], "--format", "nifti", "--anonymous",
+    line = one_line_refusal(*run(["export", generated["patient"], "--format", "nifti", "--anonymous",
                                    "-o", tmp_path / "refused"], capsys))
     assert "not anonymous" in line and str(generated["patient"]) in line
     assert not (tmp_path / "refused").exists()
@@ -389,7 +369,7 @@ def test_a_generated_case_not_as_written_is_refused(generated, build, tmp_path, 
     written, a privacy record that the case's own generation record bears out, and for an anonymous one voxels
     that do (the template's grid and brain, the tumour where its recorded edits draw one)."""
     case, extra, words = build(generated, tmp_path)
-    before = _tree(tmp_path)
-    line = _one_line_refusal(*run(["export", case, "--format", "nifti", *extra, "-o", tmp_path / "exp"], capsys))
+    before = file_tree(tmp_path)
+    line = one_line_refusal(*run(["export", case, "--format", "nifti", *extra, "-o", tmp_path / "exp"], capsys))
     assert words in line, line
-    assert _tree(tmp_path) == before and not (tmp_path / "exp").exists()
+    assert file_tree(tmp_path) == before and not (tmp_path / "exp").exists()

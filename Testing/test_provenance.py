@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from MedSynthLib.cli import main
+from conftest import run_cli as run, write_random_model
 from MedSynthLib.edits import EDITS, InsertTumour, ParametricTumour, Translate
 from MedSynthLib.export import export_cases, provenance_summary, read_synthetic_case, sanitise_provenance
 from MedSynthLib.schema.errors import InputError
@@ -78,13 +78,6 @@ def write_case(labelmap: LabelMap, folder: Path, **extra) -> Path:
                   "precision": "fp32", "grid": labelmap.grid.to_json(), "software": software_versions(),
                   "timings_s": {"network": 0.1}, **extra}
     return write_case_folder(labelmap, fake_images(labelmap), provenance, folder)
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # --- A. typed records and their registry (issue 12, seam 1) ------------------------------------------
@@ -227,17 +220,10 @@ def test_privacy_survives_the_label_map_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    import torch
+    from MedSynthLib.synthesis.networks import MODALITY_ORDER
 
-    from MedSynthLib.synthesis.models import write_model
-    from MedSynthLib.synthesis.networks import MODALITY_ORDER, Generator, NetworkConfig
-
-    torch.manual_seed(0)
-    network = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1, disc_channels=4, disc_layers=2)
-    state = {k: v.detach().contiguous() for k, v in Generator(network).state_dict().items()}
-    config = {"name": "tiny", "network": network.to_json(),
-              "intensity": {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}}
-    return write_model(tmp_path_factory.mktemp("models") / "tiny", state, config)
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny",
+                              {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=0)
 
 
 def test_export_states_privacy_and_anonymous_refuses_a_patients_anatomy(tiny_model, tmp_path, capsys):
