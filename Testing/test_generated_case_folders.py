@@ -20,7 +20,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from conftest import file_tree, one_line_refusal, phantom, run_cli as run, write_random_model, write_volume
+from conftest import file_tree, one_line_refusal, run_cli as run, write_phantom_case, write_random_model
 from MedSynthLib.cli import main
 from MedSynthLib.schema.labels import schema_to_tumour, tumour_to_schema
 from MedSynthLib.schema.provenance import file_sha256
@@ -44,11 +44,7 @@ def generated(tmp_path_factory) -> dict[str, Path]:
     anonymous case (a parametric tumour in the template)."""
     root = tmp_path_factory.mktemp("generated_case_folders")
     for k in range(2):
-        images, seg = phantom(seed=k)
-        folder = root / "cases" / f"P{k}"
-        for modality, array in images.items():
-            write_volume(array, folder / f"P{k}_{modality}.nii.gz")
-        write_volume(seg, folder / f"P{k}_seg.nii.gz")
+        write_phantom_case(root / "cases", seed=k, case_id=f"P{k}")
     model = write_random_model(root / "tiny", {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=2018)
     config = root / "sampler.json"
     config.write_text(json.dumps(PATIENT_CONFIG))
