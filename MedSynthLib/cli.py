@@ -432,10 +432,10 @@ def _apply_edit(edit: Any, labelmap: Any, path: Path, **kwargs: Any) -> Any:
         raise EditError(f"{path}: {edit.name}: {exc}") from None
 
 
-def _tumour_source_file(path: Path, label_convention: str | None, option: str) -> Path:
+def _tumour_source_file(path: Path, option: str) -> Path:
     """The file a tumour source option names: the file given, or a patient's case folder's tumour segmentation
     (found by the case readers' naming), which is what the Slicer module records as an insert's source."""
-    from .cases.readers import read_case
+    from .cases.readers import case_files, detect_convention
     from .schema.errors import InputError
 
     if not path.is_dir():
@@ -444,7 +444,11 @@ def _tumour_source_file(path: Path, label_convention: str | None, option: str) -
     if not _is_patient_case_folder(path):
         raise InputError(path, f"a folder of no known case naming: {option} takes a label map file or a patient's "
                                "case folder")
-    return read_case(path, label_convention=label_convention, require_segmentation=True).files["seg"]
+    # Found by name only: the scans play no part in a tumour source, so one MedSynth could not read must not stop it.
+    files = case_files(path)
+    if "seg" not in files:
+        raise InputError(path, f"no tumour segmentation found ({detect_convention(path)} naming)")
+    return files["seg"]
 
 
 def cmd_tumour_insert(args: argparse.Namespace) -> int:
@@ -456,7 +460,7 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from .schema.provenance import array_sha256
     from .schema.volume_io import check_writable
 
-    from_path = _tumour_source_file(getattr(args, "from"), args.label_convention, "--from")
+    from_path = _tumour_source_file(getattr(args, "from"), "--from")
     check_writable(label_map_outputs(args.output), args.overwrite,
                    inputs=label_map_inputs(from_path) + label_map_inputs(args.into))
     source = read_tumour_source(from_path, args.label_convention)
@@ -534,7 +538,7 @@ def cmd_tumour_replay(args: argparse.Namespace) -> int:
     from .schema.volume_io import check_writable
 
     given = list(args.source or [])
-    sources = [_tumour_source_file(path, args.label_convention, "--source") for path in given]
+    sources = [_tumour_source_file(path, "--source") for path in given]
     inputs = [f for path in [args.labels, args.edits, *sources] for f in label_map_inputs(path)]
     check_writable(label_map_outputs(args.output), args.overwrite, inputs=inputs)
     base = read_label_map(args.labels)

@@ -147,3 +147,18 @@ def test_a_brats_case_folder_inserts_and_replays_as_its_seg_file(brats_cases, tm
                         "-o", tmp_path / "replayed.nii.gz")
     assert rc == 0, err
     assert "identical to it voxel for voxel" in out
+
+
+def test_a_case_folder_stands_for_its_segmentation_without_its_scans_being_read(setup, tmp_path, capsys):
+    """Only the segmentation of a source case folder is used: a scan MedSynth could not read with the others (here a
+    FLAIR on another grid, which reading the whole case refuses) must not stop the insert, nor be named in a refusal."""
+    flair = setup["case"] / "P001_flair.nii.gz"
+    image = sitk.ReadImage(str(flair))
+    image.SetSpacing(tuple(s * 2 for s in image.GetSpacing()))
+    sitk.WriteImage(image, str(flair))
+    from_folder = tmp_path / "from_folder.nii.gz"
+    from_file = tmp_path / "from_file.nii.gz"
+    rc, _, err = _run(capsys, "tumour", "insert", "--from", setup["case"], "--into", setup["labels"], "-o", from_folder)
+    assert rc == 0, err
+    assert _run(capsys, "tumour", "insert", "--from", setup["seg"], "--into", setup["labels"], "-o", from_file)[0] == 0
+    assert array_sha256(read_label_map(from_folder).array) == array_sha256(read_label_map(from_file).array)

@@ -245,6 +245,42 @@ def _check_grid(reference: Grid, ref_path: Path, image: sitk.Image, path: Path, 
     return sitk.Resample(image, ref_image, sitk.Transform(), interpolator, 0.0, pixel)
 
 
+def case_files(path: str | os.PathLike[str], *, convention: str | None = None) -> dict[str, Path]:
+    """The files of a case folder (or MSD 4D image file), found by its naming alone: nothing is read but names and,
+    for MSD, image headers.
+
+    Returns:
+        modality -> file for ``t1``, ``t1ce``, ``t2``, ``flair`` (one 4D file for all four under MSD), and ``seg``
+        where the case has a tumour segmentation.
+
+    Raises:
+        InputError: when no convention fits, a modality is missing or several files match one.
+    """
+    path = Path(path)
+    if convention is None:
+        convention = detect_convention(path)
+    elif convention not in CASE_CONVENTIONS:
+        raise InputError(path, f"unknown convention {convention!r} (choose from {', '.join(CASE_CONVENTIONS)})")
+    if convention == "msd":
+        located = _msd_files(path) if path.exists() else None
+        if located is None:
+            raise InputError(path, "no single MSD 4D image (FLAIR, T1w, T1gd, T2w) found")
+        image_path, seg_path = located
+        files = {modality: image_path for modality in MSD_CHANNELS}
+        if seg_path is not None:
+            files["seg"] = seg_path
+        return files
+    if not path.is_dir():
+        raise InputError(path, "case folder not found")
+    if convention == "brats2015":
+        found = _brats2015_files(path)
+    elif convention == "toolkit":
+        found = _toolkit_files(path)
+    else:
+        found = _files_by_key(path, _FILE_KEYS[convention])
+    return _pick(found, path, convention)
+
+
 def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
               label_convention: str | None = None, resample: bool = False,
               require_segmentation: bool = False) -> Case:
@@ -269,32 +305,17 @@ def read_case(path: str | os.PathLike[str], *, convention: str | None = None,
     if label_convention not in CONVENTIONS:
         raise InputError(path, f"unknown label convention {label_convention!r}")
 
+    files = case_files(path, convention=convention)
     raw: dict[str, sitk.Image] = {}
-    files: dict[str, Path] = {}
     if convention == "msd":
-        located = _msd_files(path) if path.exists() else None
-        if located is None:
-            raise InputError(path, "no single MSD 4D image (FLAIR, T1w, T1gd, T2w) found")
-        image_path, seg_path = located
+        image_path = files["t1"]
         four_d = read_image(image_path, dims=None)
         if four_d.GetDimension() != 4 or four_d.GetSize()[3] != len(MSD_CHANNELS):
             raise InputError(image_path, f"expected a 4D image with 4 channels, got size {four_d.GetSize()}")
         for channel, modality in enumerate(MSD_CHANNELS):
             raw[modality] = four_d[:, :, :, channel]
-            files[modality] = image_path
-        if seg_path is not None:
-            files["seg"] = seg_path
         case_id = strip_image_suffix(image_path.name)
     else:
-        if not path.is_dir():
-            raise InputError(path, "case folder not found")
-        if convention == "brats2015":
-            found = _brats2015_files(path)
-        elif convention == "toolkit":
-            found = _toolkit_files(path)
-        else:
-            found = _files_by_key(path, _FILE_KEYS[convention])
-        files = _pick(found, path, convention)
         for modality in MODALITIES:
             raw[modality] = read_image(files[modality])
         case_id = path.name
