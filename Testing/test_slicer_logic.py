@@ -332,6 +332,32 @@ def test_tumour_handles_are_applied_as_recorded_edits(case):
 
 
 @pytest.mark.realdata
+def test_edits_that_change_no_voxel_are_not_recorded(case):
+    """A rotation too small for the grid's voxels changed nothing but was recorded (history 'rotate'), so the case's
+    provenance claimed a rotation no voxel shows; the command line refuses such an edit, the panel did not."""
+    from MedSynthLib.edits import Rotate, Scale
+
+    seg = case.logic.copy_labels(case.seg, "no-op edits")
+    start = case.logic.labelmap(seg)
+    for edit in (Rotate((0.0, 0.0, 0.01)), Scale((1.0001, 1.0, 1.0))):
+        with pytest.raises(WorkflowError, match="changes no voxel"):
+            case.logic.apply_edit(seg, edit)
+        assert case.logic.history(seg) == start.history
+    # the handles: a rotation of a hundredth of a degree and a 6 mm drag record the drag alone
+    transform = case.logic.begin_tumour_transform(seg)
+    centre = np.array(transform.GetCenterOfTransformation())
+    linear = rotation_ras((0.0, 0.0, 0.01))
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = centre - linear @ centre + np.array([6.0, 0.0, 0.0])
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    edited = case.logic.apply_tumour_transform(seg)
+    assert [r["name"] for r in edited.history[len(start.history):]] == ["translate"]
+    case.logic.undo(seg)
+    mrml.remove_nodes(case.scene, seg)
+
+
+@pytest.mark.realdata
 def test_cancelled_handles_leave_the_label_map(case):
     seg = case.logic.copy_labels(case.seg, "cancel handles")
     before = case.logic.labelmap(seg).array.copy()

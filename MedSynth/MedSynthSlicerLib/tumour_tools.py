@@ -105,6 +105,11 @@ class TumourTools:
             edited = edit(current, **kwargs)
         except MedSynthError as exc:
             raise WorkflowError(f"{getattr(edit, 'name', type(edit).__name__)}: {exc}") from None
+        name = getattr(edit, "name", type(edit).__name__)
+        if name in ("rotate", "scale", "translate") and np.array_equal(edited.array, current.array):
+            # Its record would claim a move no voxel shows (the command line refuses it too).
+            raise WorkflowError(f"{name} changes no voxel (too small a change for this grid's voxels): nothing to "
+                                "apply")
         self._commit(segmentation, edited, current)
         self.log.emit(f"edit: {', '.join(r['name'] for r in edited.history[len(current.history):])}")
         self._say_clipped("edit", current, edited)
@@ -302,7 +307,9 @@ class TumourTools:
         edited = current
         try:
             for edit in edits:
-                edited = edit(edited)
+                changed = edit(edited)
+                if not np.array_equal(changed.array, edited.array):  # a part that moves no voxel is not recorded
+                    edited = changed
             moved = lps_to_ras(tumour_centre(edited))
             translate = Translate(_tidy(target - moved, 4))
             if np.any(translate.voxel_offset(edited.grid) != 0):
