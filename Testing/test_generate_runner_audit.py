@@ -85,6 +85,17 @@ def test_overwrite_of_generates_own_files_still_replaces_them(gen_data, brats_ru
     assert not (out / "BrainTumourSynth_00001").exists() and not (out / "BrainTumourSynth_00005").exists()
 
 
+def test_overwrite_passes_over_the_file_browsers_own_files(gen_data, brats_run, tmp_path):  # noqa: F811
+    """A dataset opened in macOS Finder or Windows Explorer holds .DS_Store / Thumbs.db / desktop.ini / ._NAME files
+    the browser wrote, not the user: ``--overwrite`` refused the folder, naming them as the user's files."""
+    out = Path(shutil.copytree(brats_run, tmp_path / "brats"))
+    for name in (".DS_Store", "BrainTumourSynth_00000/.DS_Store", "Thumbs.db", "BrainTumourSynth_00001/desktop.ini",
+                 "._dataset_card.json"):
+        (out / name).write_bytes(b"\x00\x00\x00\x01Bud1")
+    assert main(_argv(gen_data, out, "--overwrite", "--seed", "8", n=1, layout="brats2021")) == 0
+    assert sorted(_records(out)) == ["BrainTumourSynth_00000"]
+
+
 # --- 2. device, precision and seed are checked before anything is written -------------------------------------------
 
 

@@ -380,6 +380,15 @@ def _recorded_layouts(out: Path) -> list[Layout]:
     return sorted(layouts, key=str)
 
 
+#: What file browsers write into any folder a user opens (macOS Finder, its AppleDouble ``._NAME`` files on other
+#: disks, Windows Explorer): not the user's files, so they never stop an ``--overwrite``.
+_BROWSER_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _browser_file(path: Path) -> bool:
+    return path.is_file() and (path.name in _BROWSER_FILES or path.name.startswith("._"))
+
+
 def not_generated(out: Path) -> list[str]:
     """What ``out`` holds that generate did not write, as paths inside it (a foreign folder named once).
 
@@ -401,7 +410,7 @@ def not_generated(out: Path) -> list[str]:
     foreign: list[str] = []
     for entry in sorted(out.iterdir(), key=lambda p: p.name):
         name = entry.name
-        if own_name(name, own_names):
+        if own_name(name, own_names) or _browser_file(entry):
             continue
         if name == CACHE_DIR:  # an older MedSynth's cache: generate's arrays only
             if not _only_cache_files(entry):
@@ -415,18 +424,18 @@ def not_generated(out: Path) -> list[str]:
         layout, pattern = owner
         if not layout.dataset_dir:  # a BraTS case folder: its files only
             foreign += [f"{name}/{p.name}" for p in sorted(entry.iterdir())
-                        if not (p.is_file() and own_case_file(layout, pattern, f"{name}/{p.name}"))]
+                        if not (p.is_file() and own_case_file(layout, pattern, f"{name}/{p.name}") or _browser_file(p))]
             continue
         folders = {"imagesTr", "labelsTr"} | ({"imagesTs"} if layout.kind == "msd" else set())
         for child in sorted(entry.iterdir(), key=lambda p: p.name):
             rel = f"{name}/{child.name}"
-            if child.is_file() and own_name(child.name, {"dataset.json", CARD_README}):
+            if child.is_file() and own_name(child.name, {"dataset.json", CARD_README}) or _browser_file(child):
                 continue
             if child.name not in folders or not child.is_dir() or child.is_symlink():
                 foreign.append(rel)
                 continue
             foreign += [f"{rel}/{p.name}" for p in sorted(child.iterdir(), key=lambda p: p.name)
-                        if not (p.is_file() and own_case_file(layout, pattern, f"{rel}/{p.name}"))]
+                        if not (p.is_file() and own_case_file(layout, pattern, f"{rel}/{p.name}") or _browser_file(p))]
     return foreign
 
 
