@@ -277,6 +277,30 @@ def test_a_resumed_final_validation_writes_its_tensorboard_scalars(phantom_brats
         {tag: [step for step, _ in points] for tag, points in _scalars(tmp_path / "A", "time/").items()}
 
 
+def test_a_run_interrupted_after_its_final_validation_logs_it_once(phantom_brats: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Interrupted after its final validation was logged (while the model was exported), a resumed run validated
+    again and logged every val/* scalar a second time at the last step: TensorBoard showed two points for each."""
+    import MedSynthLib.training.train as train_module
+
+    config = write_config(tmp_path / "micro.json")
+    assert run_main(train_args(phantom_brats, tmp_path / "A", "--config", str(config))) == 0
+    expected = _scalars(tmp_path / "A", "val/")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "B"
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "fit_export_appearance", interrupted)
+        assert run_main(train_args(phantom_brats, run, "--config", str(config))) == 130
+    assert _scalars(run, "val/") == expected
+    assert run_main(train_args(phantom_brats, run, "--resume")) == 0
+    assert _scalars(run, "val/") == expected
+    assert model_record(run)["validation"] == model_record(tmp_path / "A")["validation"]
+    assert model_record(run)["weights_sha256"] == model_record(tmp_path / "A")["weights_sha256"]
+
+
 # --- the interruption message -------------------------------------------------------------------------
 
 

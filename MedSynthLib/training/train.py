@@ -969,9 +969,14 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
                 # The last step's validation is the model record's (per case): the held-out cases once.
                 metrics = validate(generator, config.network, val_volumes, dev, precision, run_dir, done,
                                    detailed=done == config.steps)
+                _log_validation(writer, metrics, done)
                 if done == config.steps:
                     final_metrics = metrics
-                _log_validation(writer, metrics, done)
+                    _record_final_validation(run_dir, writer, metrics, done)
+        if d.main and final_metrics is None and val_volumes and start == config.steps:
+            # Interrupted after its final validation was logged (while the model was exported): that one is the
+            # run's, logged already; validating again logged each val/* scalar twice.
+            final_metrics = _recorded_final_validation(run_dir, config.steps)
         if d.main and final_metrics is None and val_volumes:
             # A resume of a run stopped after its last checkpoint (in its final validation): validated here, before
             # the writer closes, so its TensorBoard shows the last step's validation as the uninterrupted run's does.
@@ -1006,6 +1011,28 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
 
         dist.destroy_process_group()
     return model_dir
+
+
+FINAL_VALIDATION = "final_validation.json"
+
+
+def _record_final_validation(run_dir: Path, writer: Any, metrics: dict[str, Any], step: int) -> None:
+    """Keep the final validation beside the checkpoint it scored, once TensorBoard holds it, for a resume."""
+    if writer is not None:
+        writer.flush()
+    write_json({"step": step, "metrics": metrics}, run_dir / "checkpoints" / FINAL_VALIDATION)
+
+
+def _recorded_final_validation(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The final validation a run recorded at ``step`` (None: none, or one of another length)."""
+    path = run_dir / "checkpoints" / FINAL_VALIDATION
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("step") != step or not isinstance(record.get("metrics"), dict):
+        return None
+    return record["metrics"]
 
 
 def _log_validation(writer: Any, metrics: dict[str, Any], step: int) -> None:
