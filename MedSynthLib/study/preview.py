@@ -182,7 +182,15 @@ def collect_fold(work: Path, fold: Any, seeds: list[list[int]] | dict[str, list[
         expected("memorisation_identity", synthetic_key, ignore=("synthetic",)), n, notices,
         linked=lambda record: index is None or record.get("inputs", {}).get("synthetic") == synthetic_key,
         unrecorded_ok=not synthetic_recorded)
-    if stages["synthetic"] is not None:
+    given = study.inputs.gan_models.get(n) if study is not None else None
+    if stages["synthetic"] is not None and given is not None:
+        # A study given its GANs (gan_model) trains none: the one its synthetic cases were made by is the one given.
+        if given.sha256 in {e.get("model_sha256") for e in stages["synthetic"]["provenance"]}:
+            stages["gan"] = {"source": "given", "pattern": study.config.gan_model,
+                             "train_seconds": round(float(given.config.get("training", {})
+                                                          .get("training_seconds", 0.0)), 1),
+                             "model_sha256": given.sha256}
+    elif stages["synthetic"] is not None:
         wanted = {e.get("model_sha256") for e in stages["synthetic"]["provenance"]}
         for model_dir in sorted((work / "gan").glob("*/model")):
             if not (model_dir / "config.json").is_file():
