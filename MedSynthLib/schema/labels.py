@@ -165,7 +165,9 @@ def _check_whole_values(values: np.ndarray) -> None:
         return
     fractional = values[~np.isfinite(values) | (values != np.round(values))]
     if fractional.size:
-        shown = ", ".join(f"{float(v):g}" for v in fractional[:5]) + (", ..." if fractional.size > 5 else "")
+        # Each value as stored (the shortest text that reads back to it): 6 digits showed 1.999998 as a whole "2".
+        shown = ", ".join(np.format_float_positional(v, trim="-") for v in fractional[:5]) + (
+            ", ..." if fractional.size > 5 else "")
         raise NonIntegerLabelError(f"{fractional.size} non-integer label values ({shown}): a segmentation holds whole "
                               "numbers (resample one with nearest-neighbour interpolation, never linear)")
 
