@@ -896,7 +896,8 @@ def summarise(responses: Sequence[dict[str, Any]], n_items: int | None = None) -
     return {
         "answered": len(responses), "planned": n_items,
         "accuracy": proportion(sum(correct), len(correct)),
-        "p_vs_chance": None if p_value is None else round(p_value, 4),
+        # Four significant digits: rounding to decimals wrote 40 of 40 right (p = 1.8e-12) as 0.0.
+        "p_vs_chance": None if p_value is None else float(f"{p_value:.4g}"),
         "per_modality": per_modality,
         "sensitivity_synthetic": proportion(sum(r["answer"] == "synthetic" for r in synthetic), len(synthetic)),
         "specificity_synthetic": proportion(sum(r["answer"] == "real" for r in real), len(real)),
@@ -906,20 +907,29 @@ def summarise(responses: Sequence[dict[str, Any]], n_items: int | None = None) -
     }
 
 
+#: A summary table's cell where no answer is there to measure (a study not started, no real item answered yet).
+NO_ANSWERS = "n/a (no answers yet)"
+
+
 def _fmt(p: dict[str, Any]) -> str:
     if not p["n"]:
-        return "-"
+        return NO_ANSWERS
     low, high = p["ci95"]
     return f"{100 * p['rate']:.1f} % ({p['k']}/{p['n']}; 95 % CI {100 * low:.1f}-{100 * high:.1f} %)"
+
+
+def _p_cell(p_value: float | None) -> str:
+    return NO_ANSWERS if p_value is None else f"{p_value:.3g}"
 
 
 def summary_text(summary: dict[str, Any]) -> str:
     """The summary as Markdown (what ``medsynth review --summarise`` prints)."""
     lines = ["# Reader study: real or synthetic?", "",
-             f"Answered {summary['answered']} of {summary['planned']} items.", "",
+             f"Answered {summary['answered']}"
+             f"{'' if summary['planned'] is None else ' of ' + str(summary['planned'])} items.", "",
              "| measure | value |", "|---|---|",
              f"| accuracy | {_fmt(summary['accuracy'])} |",
-             f"| p against chance (50 %), exact binomial | {summary.get('p_vs_chance', '-')} |"]
+             f"| p against chance (50 %), exact binomial | {_p_cell(summary.get('p_vs_chance'))} |"]
     lines += [f"| accuracy, {m} | {_fmt(p)} |" for m, p in summary["per_modality"].items()]
     lines += [f"| sensitivity (synthetic called synthetic) | {_fmt(summary['sensitivity_synthetic'])} |",
               f"| specificity (real called real) | {_fmt(summary['specificity_synthetic'])} |"]
