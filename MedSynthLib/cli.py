@@ -451,16 +451,63 @@ def _tumour_source_file(path: Path, option: str) -> Path:
     return files["seg"]
 
 
+def _case_brain(folder: Path, seg: Path, source: Any) -> Any:
+    """A source case folder's brain on its segmentation's grid, as the case readers find a case's brain (a scan
+    non-zero, or tumour, holes filled).  Read only to place its tumour: a scan MedSynth cannot read, or one on
+    another grid, is left out with a notice (each scan of a skull-stripped case shows the same brain)."""
+    import SimpleITK as sitk
+
+    from .cases.readers import brain_mask_of, case_files
+    from .schema.errors import InputError
+    from .schema.grid import Grid
+    from .schema.labels import tumour_mask
+    from .schema.volume_io import read_image
+
+    scans = list(dict.fromkeys(path for key, path in case_files(folder).items() if key != "seg"))  # MSD: one file
+    left_out: list[str] = []
+    used = 0
+
+    def arrays() -> Any:
+        nonlocal used
+        for path in scans:
+            try:
+                image = read_image(path, dims=None)
+            except InputError as exc:
+                left_out.append(f"{path.name} ({exc.problem})")
+                continue
+            channels = ([image[:, :, :, c] for c in range(image.GetSize()[3])] if image.GetDimension() == 4
+                        else [image])
+            difference = source.grid.difference(Grid.from_image(channels[0]))
+            if difference is not None:
+                left_out.append(f"{path.name} (on another grid than {seg.name}: {difference})")
+                continue
+            for channel in channels:
+                array = sitk.GetArrayFromImage(channel)
+                used += bool(array.any())
+                yield array
+
+    brain = brain_mask_of(arrays(), tumour_mask(source.array))
+    if not used:
+        why = f": {'; '.join(left_out)}" if left_out else ""
+        raise InputError(folder, f"no scan shows the brain to place its tumour by{why}; give --centre (RAS mm) "
+                                 "for the tumour's centre")
+    for what in left_out:
+        _notice(f"{folder}: {what}: left out of the brain the tumour is placed by")
+    return brain
+
+
 def cmd_tumour_insert(args: argparse.Namespace) -> int:
     from .edits import InsertTumour, tumour_centre
-    from .schema.errors import InputError
+    from .edits.insert import tumour_in_brain
+    from .schema.errors import EditError, InputError
     from .schema.grid import lps_to_ras
     from .schema.labelmap import label_map_inputs, label_map_outputs, read_label_map, read_tumour_source
     from .schema.labels import brain_mask, tumour_mask
     from .schema.provenance import array_sha256
     from .schema.volume_io import check_writable
 
-    from_path = _tumour_source_file(getattr(args, "from"), "--from")
+    given = getattr(args, "from")
+    from_path = _tumour_source_file(given, "--from")
     check_writable(label_map_outputs(args.output), args.overwrite,
                    inputs=label_map_inputs(from_path) + label_map_inputs(args.into))
     source = read_tumour_source(from_path, args.label_convention)
@@ -469,7 +516,15 @@ def cmd_tumour_insert(args: argparse.Namespace) -> int:
     if not tumour_mask(source.array).any():
         raise MedSynthError(f"{from_path}: the source label map has no tumour to insert")
     centre = _vector(args.centre, "--centre")
-    if centre is None and not (brain_mask(source.array) & ~tumour_mask(source.array)).any():
+    if centre is None and given.is_dir():
+        # A case folder's tumour goes where the Slicer module puts it: at its place relative to the case's brain
+        # (from its scans), recorded as the centre so that a replay needs the segmentation file alone.
+        placed_by = tumour_in_brain(source, _case_brain(given, from_path, source))
+        try:
+            centre = tuple(float(v) for v in lps_to_ras(InsertTumour().placement_lps(target, placed_by)))
+        except EditError as exc:
+            raise EditError(f"{args.into}: {InsertTumour.name}: {exc}") from None
+    elif centre is None and not (brain_mask(source.array) & ~tumour_mask(source.array)).any():
         # A tumour without its brain has no relative position to match: on the target's grid it keeps its own
         # place (BraTS cases share one), recorded as the centre so that a replay does the same.
         if source.grid.difference(target.grid) is not None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..schema.errors import EditError
 from ..schema.grid import Grid, LabelMap, ras_to_lps
-from ..schema.labels import brain_mask, tumour_mask
+from ..schema.labels import Label, brain_mask, tumour_mask
 from ..schema.provenance import array_sha256
 from .base import Edit, composite, flag, healthy_anatomy, refuse_core_outside, register, set_field, vec3
 from .geometry import brain_box_lps, check_point, index_affine, tumour_centre
@@ -104,3 +104,18 @@ class InsertTumour(Edit):
         if not tumour_mask(out).any():
             raise EditError("the source tumour cannot fit in the target brain (no tumour voxel left)")
         return out
+
+
+def tumour_in_brain(source: LabelMap, brain: np.ndarray) -> LabelMap:
+    """``source``'s tumour inside ``brain`` (a mask on its grid) filled with white matter.
+
+    A case's expert segmentation holds its tumour only; with the case's brain (found in its
+    scans) it has a relative position, which :meth:`InsertTumour.placement_lps` matches in
+    the target brain, as the Slicer module places a case folder's tumour.
+    """
+    if brain.shape != source.array.shape:
+        raise EditError(f"the brain mask ({brain.shape}) is not on the source's grid ({source.array.shape})")
+    tumour = tumour_mask(source.array)
+    array = np.where(brain | tumour, np.uint8(Label.WM), np.uint8(0))
+    array[tumour] = source.array[tumour]
+    return LabelMap(array, source.grid, [])
