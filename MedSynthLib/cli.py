@@ -1242,7 +1242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", required=True, type=Path, metavar="LABELS",
                    help="MedSynth label map holding the tumour, or an expert tumour segmentation (BraTS *_seg, MSD; "
                         "no brain: placed at its own position on the same grid, else at --centre), or a patient's "
-                        "case folder (its segmentation file)")
+                        "case folder (its segmentation file, placed where it lies relative to the case's brain, as "
+                        "the Slicer module places it, unless --centre)")
     p.add_argument("--label-convention", choices=sorted(TUMOUR_CONVENTIONS),
                    help="--from is a tumour segmentation with these values (default: a MedSynth label map when it "
                         "is one, else a segmentation whose convention is detected)")
