@@ -54,11 +54,13 @@ class ReviewApp:
         from trame_vuetify.ui.vuetify3 import SinglePageLayout
 
         from .scene import SceneLoader, SliceOffsetLink
+        from .vtk_messages import quiet_vtk
 
         self.entries = entries
         self.server = server or get_server(None, client_type="vue3")
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer = SlicerApp()
+        quiet_vtk()  # after SlicerApp, which sends VTK's warnings to stderr; before any view
         register_rca_factories(self.slicer.view_manager, self.server)
         self.loader = SceneLoader(self.slicer)
         self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)

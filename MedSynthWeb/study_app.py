@@ -34,11 +34,13 @@ class StudyApp:
         from trame_vuetify.ui.vuetify3 import SinglePageLayout
 
         from .scene import SceneLoader
+        from .vtk_messages import quiet_vtk
 
         self.study = study
         self.server = server or get_server(None, client_type="vue3")
         self.state = self.server.state
         self.slicer = SlicerApp()
+        quiet_vtk()  # after SlicerApp, which sends VTK's warnings to stderr; before any view
         # No view gutter: its slice slider would put the slice position, the grid's slice range and
         # its spacing into the page's state, which the reader can read; the reader judges the image.
         register_rca_factories(self.slicer.view_manager, self.server, slice_view_ui_f=_no_view_gutter)
