@@ -8,7 +8,7 @@ from MedSynthLib.evaluation.reader_study import summarise, summary_text
 
 
 def _answers(correct: int, total: int) -> list[dict]:
-    """``total`` answers on T1 items (truth alternating real / synthetic, answers at confidence 2), ``correct`` right."""
+    """``total`` answers on T1 items (truth alternating real / synthetic, confidence 2), the first ``correct`` right."""
     rows = []
     for i in range(total):
         truth = "synthetic" if i % 2 else "real"
