@@ -865,6 +865,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from .study.report import verdict_lines
     from .study.run import load_config, run_study
 
     config = load_config(args.config)
@@ -886,6 +887,9 @@ def cmd_study(args: argparse.Namespace) -> int:
                   f"ET {regions['ET']['dice']['mean']:.3f}")
         print(f"{args.output}: report.json, report.md, figures/ written "
               f"({report['timings']['wall_seconds_this_run'] / 60:.1f} min)")
+        # Last, so the per-arm Dice above is read with the gate and the corrected comparisons, as report.md opens.
+        for line in verdict_lines(report, console=True):
+            print(line)
     return 0
 
 

@@ -452,6 +452,90 @@ def memorisation_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- the verdict: the report's opening lines and the console's last ---------------------------------------------
+
+
+def _gate_state(gate: dict[str, Any] | None) -> str:
+    """'not evaluated', 'FAILED', 'passed' or 'not shown' (passed on the point estimate, p >= 0.05)."""
+    if gate is None:
+        return "not evaluated"
+    if not gate["passed"]:
+        return "FAILED"
+    return "passed" if gate["p"] is not None and gate["p"] < 0.05 else "not shown"
+
+
+def _dice_family(seg: dict[str, Any]) -> tuple[list[tuple[str, str, dict[str, Any]]],
+                                                list[tuple[str, str, dict[str, Any]]]]:
+    """The Dice comparisons with arm 1, and those of them with a Holm-corrected p below 0.05."""
+    family = [(arm, r, seg["paired_vs_real"][arm][r]["dice"]) for arm in seg["paired_vs_real"] for r in REGIONS]
+    return family, [(arm, r, e) for arm, r, e in family if e["p_holm"] is not None and e["p_holm"] < 0.05]
+
+
+def _detectable(seg: dict[str, Any]) -> dict[str, Any] | None:
+    """The smallest true WT Dice difference the run detects with 80 % power, from the median observed SD of the
+    paired WT differences: at alpha 0.05 and at Holm's first step (alpha 0.05 / the family's size)."""
+    from .statistics import minimum_detectable_difference
+
+    family, _ = _dice_family(seg)
+    n = len(seg["cases"])
+    sds = [e["sd_difference"] for _, r, e in family if r == "WT" and e["sd_difference"]]
+    if not sds or n < 2:
+        return None
+    sd = float(np.median(sds))
+    return {"n": n, "sd": sd, "m": len(family), "mdd": minimum_detectable_difference(sd, n),
+            "mdd_holm": minimum_detectable_difference(sd, n, alpha=0.05 / len(family))}
+
+
+def _differences(significant: list[tuple[str, str, dict[str, Any]]], limit: int | None = None) -> str:
+    shown = significant if limit is None else significant[:limit]
+    text = "; ".join(f"{TITLES[arm]} {r} {_signed(e['mean_difference'])} "
+                     f"({'better' if (e['mean_difference'] or 0) > 0 else 'worse'}, Holm p {_p(e['p_holm'])})"
+                     for arm, r, e in shown)
+    return text + (f"; and {len(significant) - len(shown)} more" if len(shown) < len(significant) else "")
+
+
+def verdict_lines(report: dict[str, Any], *, console: bool = False) -> list[str]:
+    """What the study showed, in a few sentences: the gate, the arms that differ from arm 1 after Holm correction
+    (or that none does), and the smallest difference the run can detect.  ``console``: shorter, plain text."""
+    seg = report["segmentation"]
+    summary, gate = seg["summary"], seg["gate"]
+    state = _gate_state(gate)
+    family, significant = _dice_family(seg)
+    lines: list[str] = []
+    if gate is None:
+        lines.append("Segmenter gate: not evaluated (the real-only arm has no result yet).")
+    else:
+        real = _f(summary["real"]["WT"]["dice"]["mean"])
+        base = f"{TITLES[gate['baseline']]} {_f(summary[gate['baseline']]['WT']['dice']['mean'])}"
+        numbers = (f"real-only WT Dice {real} vs {base}, p {_p(gate['p'])}" if console else
+                   f"real-only WT Dice {real} vs {base}, difference {_signed(gate['mean_difference'])}, "
+                   f"better on {gate['wins']} and worse on {gate['losses']} cases, p {_p(gate['p'])}")
+        meaning = {"FAILED": "the segmenter does not beat a FLAIR threshold, so no arm comparison can show what "
+                             "synthetic data adds",
+                   "not shown": "better on the point estimate only (p >= 0.05): the segmenter is not shown to beat "
+                                "the FLAIR threshold, so the arm comparisons support no claim",
+                   "passed": "the segmenter beats the FLAIR threshold, so the arm comparisons can show what "
+                             "synthetic data adds"}[state]
+        label = "passed on the point estimate only, not shown" if state == "not shown" else state
+        lines.append(f"Segmenter gate: {label} ({numbers}): {meaning}.")
+    if not family:
+        lines.append("No arm is compared with real-only yet (the arms have no results in every fold).")
+    elif not significant:
+        lines.append(f"No arm differs from real-only after Holm correction (0 of {len(family)} Dice comparisons "
+                     "reach p < 0.05).")
+    else:
+        caveat = "" if state == "passed" else " (the gate did not pass: no claim rests on them)"
+        lines.append(f"{len(significant)} of {len(family)} Dice comparisons with real-only reach p < 0.05 after "
+                     f"Holm correction{caveat}: {_differences(significant, 4 if console else None)}.")
+    mdd = _detectable(seg)
+    if mdd is not None:
+        lines.append(f"Smallest detectable difference: {mdd['mdd']:.3f} WT Dice at alpha 0.05 and "
+                     f"{mdd['mdd_holm']:.3f} at Holm's first step (alpha 0.05 / {mdd['m']}), with 80 % power and "
+                     f"n = {mdd['n']} held-out cases"
+                     + ("." if console else "; smaller true differences are below what this run can resolve."))
+    return lines
+
+
 def discussion(report: dict[str, Any]) -> str:
     """Statements computed from the measured numbers only (no prediction of unmeasured results)."""
     seg = report["segmentation"]
@@ -462,12 +546,8 @@ def discussion(report: dict[str, Any]) -> str:
     if gate is None:
         lines.append("**Segmenter gate: not evaluated** (the real-only arm has no result yet).")
     else:
-        significant = gate["p"] is not None and gate["p"] < 0.05
-        if not gate["passed"]:
-            verdict = "FAILED"
-        elif significant:
-            verdict = "passed"
-        else:
+        verdict = _gate_state(gate)
+        if verdict == "not shown":
             verdict = ("passed on the point estimate only; not shown (the difference is not significant, so the "
                        "segmenter is not shown to beat the threshold)")
         diff = gate["mean_difference"]
@@ -481,19 +561,13 @@ def discussion(report: dict[str, Any]) -> str:
         if not gate["passed"]:
             lines.append("A segmenter that does not beat a FLAIR threshold cannot show what synthetic data adds; the "
                          "arm comparisons below are reported but do not support a claim.")
-    family = [(arm, r, seg["paired_vs_real"][arm][r]["dice"]) for arm in seg["paired_vs_real"] for r in REGIONS]
-    significant = [(arm, r, e) for arm, r, e in family if e["p_holm"] is not None and e["p_holm"] < 0.05]
+    family, significant = _dice_family(seg)
     lines.append(f"Of {len(family)} Dice comparisons with arm 1 (Holm-corrected), {len(significant)} reach p < 0.05"
                  + (": " + "; ".join(f"{TITLES[arm]} {r} {_signed(e['mean_difference'])}" for arm, r, e in significant)
                     if significant else "") + ".")
-    sds = [e["sd_difference"] for _, r, e in family if r == "WT" and e["sd_difference"]]
-    if sds and n >= 2:
-        from .statistics import minimum_detectable_difference
-
-        sd = float(np.median(sds))
-        mdd = minimum_detectable_difference(sd, n)
-        m = len(family)
-        mdd_holm = minimum_detectable_difference(sd, n, alpha=0.05 / m)
+    detectable = _detectable(seg)
+    if detectable is not None:
+        sd, mdd, m, mdd_holm = detectable["sd"], detectable["mdd"], detectable["m"], detectable["mdd_holm"]
         lines.append(f"With n = {n} held-out cases and the median observed SD of the paired WT Dice differences "
                      f"({sd:.3f}), a paired test at alpha 0.05 detects a true difference of {mdd:.3f} Dice with "
                      f"80 % power, and {mdd_holm:.3f} at alpha 0.05 / {m} (the first step of Holm's correction "
@@ -538,6 +612,8 @@ def render_markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
     out = [f"# MedSynth study report — config `{cfg['name']}`", ""]
     if report.get("partial"):
         out += [partial_note(report["partial"]), ""]
+    # The verdict first: the tables below list every arm's Dice, which alone would make one look like a winner.
+    out += ["## Verdict", ""] + [f"- {line}" for line in verdict_lines(report)] + [""]
     if cfg.get("description"):
         out += [cfg["description"], ""]
     out += [
