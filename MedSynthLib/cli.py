@@ -1581,6 +1581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     options: set[str] | None = None
+    args: argparse.Namespace | None = None
     try:
         # Library warnings (ITK's C++ warnings, numpy's and torch's Python ones) would turn the one
         # line MedSynth promises into several; what matters is raised as a MedSynthError instead.
@@ -1607,11 +1608,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         from .schema.errors import Terminated
 
+        hint = _resume_hint(args)
+        if hint is not None and os.environ.get("RANK", "0") == "0":
+            print(f"medsynth: {hint}", file=sys.stderr)
         if isinstance(exc, Terminated):
             print("medsynth: terminated", file=sys.stderr)
             return 143  # 128 + SIGTERM, what the shell reports for a process SIGTERM ended
         print("medsynth: cancelled", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args: argparse.Namespace | None) -> str | None:
+    """How a cancelled generate run resumes: the same command, which finds the cases it finished.
+
+    None for other commands (an interrupted training run names its own --resume command, a study the stages it
+    kept) and for an interrupted ``generate --overwrite``, which put the old dataset back: the same command starts
+    the new one over.
+    """
+    if getattr(args, "command", None) != "generate" or args.overwrite:
+        return None
+    again = ("start the same torchrun command again" if "TORCHELASTIC_RUN_ID" in os.environ
+             else "run the same command again")
+    return f"to resume, {again}: the finished cases are kept in {args.output}"
 
 
 # Commands whose every output is complete (written atomically, files closed) when main() returns.

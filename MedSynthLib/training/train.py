@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -431,9 +432,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder
 
 
-def _interrupted_message(run_dir: Path, total_steps: int) -> str:
+def _interrupted_message(run_dir: Path, total_steps: int, data: Path | list[Path] | None = None, *,
+                         cache: Path | None = None, distributed: bool = False) -> str:
     """What an interrupted run can resume from: the step its last checkpoint holds (the step counter may be
-    one short of it or past it, depending on where the interruption fell)."""
+    one short of it or past it, depending on where the interruption fell), and the command that resumes it:
+    the run's --data, -o and --cache as given, plus --resume (the run's record holds the rest)."""
     try:
         folder = latest_checkpoint(run_dir)
     except MedSynthError:
@@ -445,8 +448,14 @@ def _interrupted_message(run_dir: Path, total_steps: int) -> str:
                     "from step 0")
         return "\ninterrupted before the first checkpoint: the run starts again from step 0"
     step = int(CHECKPOINT_NAME.fullmatch(folder.name).group(1))
-    return (f"\ninterrupted; its last checkpoint holds step {step} of {total_steps}: `medsynth train ... --resume` "
-            "continues from there")
+    folders = [data] if isinstance(data, (str, Path)) else list(data or [])
+    words = ["train", "--data", *([str(f) for f in folders] or ["CASES_DIR"]), "-o", str(run_dir),
+             *(["--cache", str(cache)] if cache is not None else []), "--resume"]
+    resume = " ".join(shlex.quote(w) for w in words)
+    held = f"\ninterrupted; its last checkpoint holds step {step} of {total_steps}; to continue from there, "
+    if distributed:  # torchrun's own options are not known here
+        return held + f"start the same torchrun command with --resume added to its medsynth options ({resume})"
+    return held + f"run:\n  medsynth {resume}"
 
 
 def load_checkpoint(run_dir: Path, generator: nn.Module, discriminator: nn.Module | None,
@@ -985,7 +994,9 @@ def _train(data: Path | list[Path], run_dir: Path, config: TrainConfig, dev: tor
             _log_validation(writer, final_metrics, config.steps)
     except KeyboardInterrupt:
         if d.main:
-            print(_interrupted_message(run_dir, config.steps), file=sys.stderr)
+            print(_interrupted_message(run_dir, config.steps, data, cache=cache_dir,
+                                       distributed=d.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ),
+                  file=sys.stderr)
         raise
     finally:
         if bar is not None:
