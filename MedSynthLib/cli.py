@@ -1129,8 +1129,9 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .synthesis.appearance import spread_limit
-    from .synthesis.models import (DEFAULT_KEYS, default_problem, models_root, read_registry, register_model,
-                                   resolve_model, share_model)
+    from .synthesis.models import (DEFAULT_KEYS, MODELS_ENV, default_problem, models_root, read_registry,
+                                   register_model, registry_path_of_default, resolve_model, share_model,
+                                   shipped_models_root, user_models_root)
 
     if args.share is not None:
         if args.register is not None or args.default:
@@ -1154,20 +1155,28 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise _UsageError("medsynth models --register needs --name")
         model = register_model(args.register, args.name, make_default=args.default, overwrite=args.overwrite,
                                spread_limit=args.appearance_spread_limit, trust_config=args.trust_config)
-        limit = "" if args.appearance_spread_limit is None else f", appearance spread up to {spread_limit(model):g}"
+        limit = ""
+        if model.appearance is not None:  # say where the limit came from: the flag, the model's record, or neither
+            source = ("--appearance-spread-limit" if args.appearance_spread_limit is not None
+                      else "as its config records" if "spread_limit" in model.config["appearance"]
+                      else "none recorded")
+            limit = f", appearance spread up to {spread_limit(model):g} ({source})"
         trusted = ("; its config as it is now recorded as the model's, with its checksum"
                    if args.trust_config else "")
         print(f"{models_root() / args.name}: registered as {args.name} (sha256 {model.sha256}{limit}){trusted}")
         return 0
 
     registry = read_registry()
+    shipped = shipped_models_root() / "registry.json"
     if not registry.get("models"):
-        print(f"no models registered in {models_root()}")
+        print(f"no models registered in {' or '.join(dict.fromkeys(str(r) for r in (shipped.parent, models_root())))}")
     broken, kinds = [], {}
     for name in sorted(registry["models"]):
         entry = registry["models"][name]
         default = "".join(" (default)" if kind == "synthesis" else f" (default {kind})"
                           for kind, key in DEFAULT_KEYS.items() if name == registry.get(key))
+        origin = (MODELS_ENV if Path(entry["registry"]) != shipped
+                  else "shipped, read-only" if user_models_root() else "shipped")
         try:
             model = resolve_model(name)
             status, kinds[name] = "ok", model.kind
@@ -1176,18 +1185,24 @@ def cmd_models(args: argparse.Namespace) -> int:
         except MedSynthError as exc:
             status, description, spread = f"BROKEN: {exc}", "", ""
             broken.append(name)
-        print(f"{name}{default}\n  folder   {models_root() / entry['path']}\n  sha256   {entry['sha256']}\n"
-              f"  status   {status}" + (f"\n  about    {description}" if description else "")
+        print(f"{name}{default}\n  folder   {entry['path']}\n  registry {entry['registry']} ({origin})\n"
+              f"  sha256   {entry['sha256']}\n  status   {status}"
+              + (f"\n  about    {description}" if description else "")
               + (f"\n  spread   {spread} (--appearance-spread)" if spread else ""))
     # The listing is also the verification: a broken model or default is a failed check, as sha256sum -c says.
-    problems = [f"{len(broken)} of {len(registry['models'])} registered models failed verification "
-                f"({', '.join(broken)})"] if broken else []
+    # Each problem names the registry.json that lists it.
+    problems: dict[str, list[str]] = {}
+    for name in broken:
+        problems.setdefault(registry["models"][name]["registry"], []).append(name)
+    listed = [entry["registry"] for entry in registry["models"].values()]
+    lines = {path: [f"{len(names)} of {listed.count(path)} registered models failed verification "
+                    f"({', '.join(names)})"] for path, names in problems.items()}
     for kind, key in DEFAULT_KEYS.items():
         problem = default_problem(registry, kind, kinds.get(registry.get(key)))
         if problem:
-            problems.append(f"the registry's {problem}")
-    if problems:
-        raise MedSynthError(f"{models_root() / 'registry.json'}: {'; '.join(problems)}")
+            lines.setdefault(str(registry_path_of_default(registry, kind)), []).append(f"the registry's {problem}")
+    if lines:
+        raise MedSynthError("; ".join(f"{path}: {'; '.join(found)}" for path, found in lines.items()))
     return 0
 
 
@@ -1396,8 +1411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="registry name for --register; the shared model's name for --share")
     p.add_argument("--default", action="store_true", help="make the registered model the default")
     p.add_argument("--appearance-spread-limit", type=_finite_float, metavar="S",
-                   help="with --register: the widest appearance spread synthesis accepts with the model (1 to 2; "
-                        "default 1), as measured for its model card")
+                   help="with --register: the widest appearance spread synthesis accepts with the model (1 to 2), "
+                        "as measured for its model card; default: the limit the model folder's config records, "
+                        "else 1")
     p.add_argument("--trust-config", action="store_true",
                    help="with --register: adopt a model whose config has no config_sha256 (written before MedSynth "
                         "recorded it), vouching that its config is the model's as trained; the registered copy and "

@@ -7,6 +7,7 @@ weights.  Shipped models are listed in ``Resources/models/registry.json``
 (name -> folder + sha256 of the weights + ``config_sha256`` of the config's
 content).  Loading checks the hashes and the schema and refuses a mismatch with
 a clear message; weights are never pickled.
+A user's registry (``MEDSYNTH_MODELS``) adds to the shipped one, which stays read-only: see :func:`read_registry`.
 
 :func:`resolve_model` parses a folder once into a :class:`ModelCard`: the
 network, the normalisers that map outputs back to scanner units, and the
@@ -44,12 +45,33 @@ REGISTRY_NAME = "registry.json"
 SYNTHESIS_KIND = "synthesis"
 
 
-def models_root() -> Path:
-    """Folder of the shipped models (``MEDSYNTH_MODELS`` overrides it)."""
-    env = os.environ.get("MEDSYNTH_MODELS")
-    if env:
-        return Path(env)
+#: The environment variable naming the user's registry folder, which adds to the shipped one.
+MODELS_ENV = "MEDSYNTH_MODELS"
+
+
+def shipped_models_root() -> Path:
+    """Folder of the models shipped with MedSynth (``Resources/models``)."""
     return Path(__file__).resolve().parents[2] / "Resources" / "models"
+
+
+def user_models_root() -> Path | None:
+    """The user's registry folder (``MEDSYNTH_MODELS``), else None (registrations then go into the shipped one)."""
+    env = os.environ.get(MODELS_ENV)
+    if not env or _same_folder(Path(env), shipped_models_root()):
+        return None
+    return Path(env)
+
+
+def models_root() -> Path:
+    """Folder that ``medsynth models --register`` writes to: the user's registry, else the shipped one."""
+    return user_models_root() or shipped_models_root()
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 #: The config's own checksum: the sha256 of its content without this field (:func:`config_sha256`).
@@ -80,10 +102,51 @@ def file_sha256(path: Path) -> str:
 
 
 def read_registry(root: Path | None = None) -> dict[str, Any]:
-    """The registry (name -> folder + sha256), its shape checked; an absent registry is empty."""
+    """The registered models: the shipped registry and the user's (:func:`user_models_root`) together.
+
+    Without ``root``, the merged view that every reader uses: ``models`` maps each name to its entry with ``path``
+    the model folder (absolute) and ``registry`` the ``registry.json`` listing it; a default the user's registry
+    names overrides the shipped one of its kind, and ``default_from`` maps each default key to the registry that
+    set it.  A name both registries list with other weights or config is refused (which model it means is
+    ambiguous); the same entry in both (a copy of a shipped model) is the shipped one.  With ``root``: that
+    folder's own ``registry.json`` as stored (relative paths), which registration rewrites.
+    """
+    if root is not None:
+        return _read_registry_file(root)
+    shipped_root, user_root = shipped_models_root(), user_models_root()
+    layers = [(shipped_root, _read_registry_file(shipped_root))]
+    if user_root is not None:
+        layers.append((user_root, _read_registry_file(user_root)))
+    merged: dict[str, Any] = {"models": {}, "default_from": {}}
+    for key in DEFAULT_KEYS.values():
+        merged[key] = None
+    for layer_root, registry in layers:
+        path = layer_root / REGISTRY_NAME
+        for name, entry in registry["models"].items():
+            here = dict(entry, path=str(layer_root / entry["path"]), registry=str(path))
+            there = merged["models"].get(name)
+            if there is not None:
+                if (there["sha256"], there.get(CONFIG_SHA_KEY)) != (entry["sha256"], entry.get(CONFIG_SHA_KEY)):
+                    raise InputError(path, f"lists {name!r}, which is also a shipped model ({there['registry']}) "
+                                           "with other weights or config: rename yours (its entry and folder)")
+                continue  # a copy of the shipped entry: the same model
+            merged["models"][name] = here
+        for key in DEFAULT_KEYS.values():
+            if registry.get(key):
+                merged[key], merged["default_from"][key] = registry[key], str(path)
+    return merged
+
+
+def registry_path_of_default(registry: dict[str, Any], kind: str) -> Path:
+    """The ``registry.json`` that set the default of ``kind`` in a merged registry (the user's where unset)."""
+    key = DEFAULT_KEYS[kind]
+    return Path(registry.get("default_from", {}).get(key) or models_root() / REGISTRY_NAME)
+
+
+def _read_registry_file(root: Path) -> dict[str, Any]:
+    """One registry folder's ``registry.json`` (name -> folder + sha256), its shape checked; absent: empty."""
     from ..schema.jsonshape import json_type_name, read_json
 
-    root = root or models_root()
     path = root / REGISTRY_NAME
     if not path.exists():
         return {"default": None, "models": {}}
@@ -190,8 +253,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
         name = registry.get(DEFAULT_KEYS[kind])
         if not name:
             what = "default model" if kind == "synthesis" else f"default {kind} model"
-            raise MedSynthError(f"{models_root()}: no {what} is registered (give --model)")
-        registry_path = models_root() / REGISTRY_NAME
+            where = " or ".join(str(root) for root in dict.fromkeys((shipped_models_root(), models_root())))
+            raise MedSynthError(f"{where}: no {what} is registered (give --model)")
+        registry_path = registry_path_of_default(registry, kind)
         problem = default_problem(registry, kind)
         if problem:
             raise InputError(registry_path, f"the registry's {problem} (give --model)")
@@ -209,7 +273,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None, kind: str 
     text = os.fspath(name_or_path)
     if text in registry.get("models", {}):
         entry = registry["models"][text]
-        folder = models_root() / entry["path"]
+        folder = Path(entry["path"])  # the merged view's entries hold the folder itself
         expected_sha = entry["sha256"]
         pinned_config = entry.get(CONFIG_SHA_KEY)
         name = text
@@ -593,9 +657,13 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
     """Copy a verified model folder into the registry folder and list it (name -> folder + sha256 of the weights +
     ``config_sha256`` of the registered config's content, which loading checks from then on).
 
+    ``root`` defaults to :func:`models_root`; a name the shipped registry lists is refused in any other registry.
+    Only ``make_default`` makes the model its kind's default (of ``root``'s registry, which overrides the shipped).
+
     ``spread_limit`` (models with an appearance prior) is written into the registered copy's appearance record: the
     widest appearance spread synthesis will accept with it, as measured for its model card (the source folder is
-    left as it is).  ``trust_config`` adopts a model whose config has no ``config_sha256`` (written before MedSynth
+    left as it is).  Without it the copy keeps the limit the model's own record carries (what its trainer
+    measured), else 1.  ``trust_config`` adopts a model whose config has no ``config_sha256`` (written before MedSynth
     recorded it): its config as it is now is registered as the model's, and the copy gets its checksum."""
     import shutil
 
@@ -615,6 +683,11 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
             raise InputError(model.path, f"--appearance-spread-limit: {exc}") from None
     root = root or models_root()
     registry = read_registry(root)  # read (and checked) before anything is written
+    shipped = shipped_models_root()
+    if not _same_folder(root, shipped) and name in read_registry(shipped)["models"]:
+        # The shipped registry is read-only and listed beside the user's: one name must mean one model.
+        raise InputError(root / REGISTRY_NAME, f"{name!r} is a shipped model ({shipped / REGISTRY_NAME}), which "
+                                               "this registry cannot replace: register yours under another name")
     for kind, default_key in DEFAULT_KEYS.items():  # a default keeps its kind
         if registry.get(default_key) == name and model.kind != kind:
             raise InputError(root / REGISTRY_NAME, f"{name!r} is the registry's default {kind} model "
@@ -634,7 +707,7 @@ def register_model(source: str | os.PathLike[str], name: str, *, make_default: b
             write_json(config, tmp / CONFIG_NAME, overwrite=True)
     registry.setdefault("models", {})[name] = {"path": name, "sha256": model.sha256,
                                                CONFIG_SHA_KEY: config[CONFIG_SHA_KEY]}
-    if key is not None and (make_default or not registry.get(key)):
+    if key is not None and make_default:  # only --default changes what runs without --model
         registry[key] = name
     write_json(registry, root / REGISTRY_NAME, overwrite=True)
     return resolve_model(name) if root == models_root() else model
