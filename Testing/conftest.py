@@ -308,3 +308,15 @@ def sigint_as_in_a_terminal():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture()
+def no_shipped_models(tmp_path, monkeypatch):
+    """The shipped registry hidden, so that only the test's own ``MEDSYNTH_MODELS`` registry is seen: its listing,
+    and a command that reaches for a default model that does not exist."""
+    import MedSynthLib.synthesis.models as models
+
+    empty = tmp_path / "no_shipped_models"
+    empty.mkdir()
+    monkeypatch.setattr(models, "shipped_models_root", lambda: empty)
+    return empty

@@ -64,8 +64,8 @@ def good(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture()
-def workspace(good, tmp_path, monkeypatch) -> Workspace:
-    # An empty registry: a case that reaches for the default model gets a clear refusal, not the shipped one.
+def workspace(good, tmp_path, monkeypatch, no_shipped_models) -> Workspace:
+    # An empty registry, the shipped one hidden: a case that reaches for the default model gets a clear refusal.
     models = tmp_path / "models"
     monkeypatch.setenv("MEDSYNTH_MODELS", str(models))
     return Workspace(tmp_path, good["case"], good["labels"], good["model"], good["data"])

@@ -633,7 +633,7 @@ def _register_wide_and_plain(tmp_path, monkeypatch):
     return source
 
 
-def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_path, monkeypatch):
+def test_the_model_list_names_a_declared_appearance_spread_limit(module, tmp_path, monkeypatch, no_shipped_models):
     _register_wide_and_plain(tmp_path, monkeypatch)
     widget = _widget(module)
     widget.initializeParameterNode()

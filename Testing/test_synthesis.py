@@ -242,7 +242,8 @@ def test_missing_model_folder_and_files(tiny_model: Path, tmp_path: Path) -> Non
         resolve_model(model)
 
 
-def test_models_command_lists_the_registry(tiny_model: Path, models_dir: Path, monkeypatch, capsys) -> None:
+def test_models_command_lists_the_registry(tiny_model: Path, models_dir: Path, monkeypatch, capsys,
+                                           no_shipped_models) -> None:
     sha = file_sha256(tiny_model / "weights.safetensors")
     registry = {"default": "tiny", "models": {
         "tiny": {"path": "tiny", "sha256": sha},
@@ -810,7 +811,7 @@ BAD = [bad_values, empty_brain, two_d, wrong_hash, schema_mismatch, missing_mode
 
 @pytest.mark.parametrize("build", BAD, ids=[f.__name__ for f in BAD])
 def test_synthesize_bad_input(build, tiny_model: Path, good_labels: Path, tmp_path: Path, monkeypatch,
-                              capsys) -> None:
+                              capsys, no_shipped_models) -> None:
     monkeypatch.setenv("MEDSYNTH_MODELS", str(tmp_path / "empty_registry"))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
