@@ -571,14 +571,18 @@ def cmd_tumour_random(args: argparse.Namespace) -> int:
 
 def cmd_tumour_template(args: argparse.Namespace) -> int:
     """The healthy template's label map, as the library's template_label_map() makes it: a template case's base."""
+    import shlex
+
     from .cases.template import TEMPLATE_NAME, template_label_map
     from .schema.labelmap import label_map_outputs, write_label_map
     from .schema.volume_io import check_writable
 
     check_writable(label_map_outputs(args.output), args.overwrite)
     write_label_map(template_label_map(), args.output, overwrite=args.overwrite)
+    # A command to copy and run: CASE is a template case folder as demo or synthesize writes it.
     print(f"{args.output}: written, the {TEMPLATE_NAME} template's label map without a tumour (history: "
-          f"template_labels); a template case replays from it: tumour replay {args.output.name} --edits CASE")
+          f"template_labels); a template case replays from it: medsynth tumour replay {shlex.quote(str(args.output))} "
+          f"--edits CASE/labels.nii.gz -o replayed_labels.nii.gz")
     return 0
 
 
