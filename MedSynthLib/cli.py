@@ -1133,9 +1133,9 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .synthesis.appearance import spread_limit
-    from .synthesis.models import (DEFAULT_KEYS, MODELS_ENV, default_problem, models_root, read_registry,
+    from .synthesis.models import (DEFAULT_KEYS, REGISTRY_NAME, default_problem, models_root, read_registry,
                                    register_model, registry_path_of_default, resolve_model, share_model,
-                                   shipped_models_root, user_models_root)
+                                   shipped_models_root, user_models_root, user_registry_origin)
 
     if args.share is not None:
         if args.register is not None or args.default:
@@ -1167,7 +1167,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             limit = f", appearance spread up to {spread_limit(model):g} ({source})"
         trusted = ("; its config as it is now recorded as the model's, with its checksum"
                    if args.trust_config else "")
-        print(f"{models_root() / args.name}: registered as {args.name} (sha256 {model.sha256}{limit}){trusted}")
+        root = models_root()
+        print(f"{root / args.name}: registered as {args.name} in {root / REGISTRY_NAME}"
+              f"{' (shipped)' if root == shipped_models_root() else ''} (sha256 {model.sha256}{limit}){trusted}")
         return 0
 
     registry = read_registry()
@@ -1179,7 +1181,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         entry = registry["models"][name]
         default = "".join(" (default)" if kind == "synthesis" else f" (default {kind})"
                           for kind, key in DEFAULT_KEYS.items() if name == registry.get(key))
-        origin = (MODELS_ENV if Path(entry["registry"]) != shipped
+        origin = (user_registry_origin() if Path(entry["registry"]) != shipped
                   else "shipped, read-only" if user_models_root() else "shipped")
         try:
             model = resolve_model(name)
@@ -1408,7 +1410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the registered models and verify their files")
-    p.add_argument("--register", type=Path, metavar="MODEL_DIR", help="copy a trained model folder into the registry")
+    p.add_argument("--register", type=Path, metavar="MODEL_DIR", help="copy a trained model folder into your registry "
+                   "(MEDSYNTH_MODELS, else models/ in your MedSynth folder, MEDSYNTH_HOME)")
     p.add_argument("--share", type=Path, metavar="MODEL", help="write a copy of a model (folder or registered "
                    "name) to give away: the same weights, a config naming no training case, path or command")
     p.add_argument("-o", "--output", type=Path, help="output folder for --share")

@@ -17,29 +17,15 @@ import hmac
 import os
 import re
 import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..schema.errors import InputError
+from ..schema.user_folder import HOME_ENV, user_dir
 
-#: Overrides :func:`user_dir` (a folder shared by the nodes of a multi-node run, a test's folder).
-HOME_ENV = "MEDSYNTH_HOME"
 KEY_FOLDER = "generate-keys"
 ID_PREFIX = "hmac-sha256:"
 _KEY_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def user_dir() -> Path:
-    """The user's MedSynth folder: ``MEDSYNTH_HOME``, else the platform's per-user data folder."""
-    env = os.environ.get(HOME_ENV)
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "MedSynth"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "MedSynth"
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "medsynth"
 
 
 def key_path(key_id: str) -> Path:

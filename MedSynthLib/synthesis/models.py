@@ -7,7 +7,8 @@ weights.  Shipped models are listed in ``Resources/models/registry.json``
 (name -> folder + sha256 of the weights + ``config_sha256`` of the config's
 content).  Loading checks the hashes and the schema and refuses a mismatch with
 a clear message; weights are never pickled.
-A user's registry (``MEDSYNTH_MODELS``) adds to the shipped one, which stays read-only: see :func:`read_registry`.
+A user's registry (``MEDSYNTH_MODELS``, else ``models/`` in the user's MedSynth folder) adds to the shipped one, which
+stays read-only, and is where registrations go: see :func:`read_registry` and :func:`user_models_root`.
 
 :func:`resolve_model` parses a folder once into a :class:`ModelCard`: the
 network, the normalisers that map outputs back to scanner units, and the
@@ -47,6 +48,8 @@ SYNTHESIS_KIND = "synthesis"
 
 #: The environment variable naming the user's registry folder, which adds to the shipped one.
 MODELS_ENV = "MEDSYNTH_MODELS"
+#: The user's registry folder in the user's MedSynth folder, where ``MEDSYNTH_MODELS`` is not set.
+USER_MODELS_FOLDER = "models"
 
 
 def shipped_models_root() -> Path:
@@ -55,16 +58,27 @@ def shipped_models_root() -> Path:
 
 
 def user_models_root() -> Path | None:
-    """The user's registry folder (``MEDSYNTH_MODELS``), else None (registrations then go into the shipped one)."""
+    """The user's registry folder: ``MEDSYNTH_MODELS``, else ``models`` in the user's MedSynth folder.
+
+    None where that is the shipped folder: ``MEDSYNTH_MODELS=Resources/models`` is how a maintainer registers a model
+    to ship, and the shipped registry is then the only one.  Registering into the installation by default would put
+    one user's models in everyone's registry, and an extension update (which replaces the folder) would lose them.
+    """
+    from ..schema.user_folder import user_dir
+
     env = os.environ.get(MODELS_ENV)
-    if not env or _same_folder(Path(env), shipped_models_root()):
-        return None
-    return Path(env)
+    root = Path(env).expanduser() if env else user_dir() / USER_MODELS_FOLDER
+    return None if _same_folder(root, shipped_models_root()) else root
 
 
 def models_root() -> Path:
-    """Folder that ``medsynth models --register`` writes to: the user's registry, else the shipped one."""
+    """Folder that ``medsynth models --register`` writes to: the user's registry (the shipped one where it is that)."""
     return user_models_root() or shipped_models_root()
+
+
+def user_registry_origin() -> str:
+    """What chose the user's registry folder, for listings: ``MEDSYNTH_MODELS`` or ``user`` (the MedSynth folder)."""
+    return MODELS_ENV if os.environ.get(MODELS_ENV) else "user"
 
 
 def _same_folder(a: Path, b: Path) -> bool:
