@@ -141,13 +141,14 @@ class Synthesis:
             registry = read_registry()
         except MedSynthError as exc:
             raise WorkflowError(str(exc)) from None
-        from MedSynthLib.synthesis.models import DEFAULT_KEYS, models_root
+        from MedSynthLib.synthesis.models import DEFAULT_KEYS
 
         out = []
         for name, entry in sorted(registry.get("models", {}).items()):
             limit = None
             try:  # the kind is in the model's config (read as text: nothing is verified here)
-                config = json.loads((models_root() / str(entry.get("path", name)) / "config.json").read_text())
+                # The merged registry names each model's folder whole (shipped or the user's registry).
+                config = json.loads((Path(entry["path"]) / "config.json").read_text())
                 kind = "inpainting" if config.get("network", {}).get("kind") == "inpainting" else "synthesis"
                 limit = _config_spread_limit(config)
             except (OSError, ValueError, TypeError, AttributeError):
