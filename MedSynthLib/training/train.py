@@ -1171,11 +1171,13 @@ def _starting_model(config: TrainConfig, recorded: dict[str, Any] | None = None,
         return None
     else:
         model = resolve_model(config.init_from)
-    theirs = model.network
     # The anti-aliasing blur has no parameters: a model without it may start a run with it.
-    if replace(theirs, antialias=config.network.antialias) != config.network:
-        raise InputError(model.path, f"cannot start from this model: its network {theirs.to_json()} differs from "
-                                     f"the training config's {config.network.to_json()}")
+    theirs = replace(model.network, antialias=config.network.antialias)
+    if theirs != config.network:
+        from .checkpoint import network_differences
+
+        differ = network_differences(theirs.to_json(), config.network.to_json(), "the model", "the training config")
+        raise InputError(model.path, f"cannot start from this model: its network differs ({differ})")
     return model
 
 
