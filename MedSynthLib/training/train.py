@@ -395,6 +395,8 @@ def save_checkpoint(run_dir: Path, step: int, generator: nn.Module, discriminato
     from .checkpoint import write_checkpoint
 
     folder = run_dir / "checkpoints"
+    # A final validation scored an earlier checkpoint (a run rewound, or extended): never this one's.
+    (folder / FINAL_VALIDATION).unlink(missing_ok=True)
     final = write_checkpoint(folder / f"step_{step:07d}", step,
                              {"generator": generator, "discriminator": discriminator if opt_d is not None else None},
                              {"optimizer_g": opt_g, "optimizer_d": opt_d if discriminator is not None else None},
@@ -1031,7 +1033,7 @@ def _record_final_validation(run_dir: Path, writer: Any, metrics: dict[str, Any]
     """Keep the final validation beside the checkpoint it scored, once TensorBoard holds it, for a resume."""
     if writer is not None:
         writer.flush()
-    write_json({"step": step, "metrics": metrics}, run_dir / "checkpoints" / FINAL_VALIDATION)
+    write_json({"step": step, "metrics": metrics}, run_dir / "checkpoints" / FINAL_VALIDATION, overwrite=True)
 
 
 def _recorded_final_validation(run_dir: Path, step: int) -> dict[str, Any] | None:
