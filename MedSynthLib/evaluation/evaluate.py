@@ -44,8 +44,10 @@ def real_brain_mask(images: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def class_means(case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
-                reader: Callable[[Path], Any] | None = None) -> dict[str, dict[int, float]]:
-    """Mean z-scored intensity of every label class, per modality, over reference cases (read with ``reader``)."""
+                reader: Callable[[Path], Any] | None = None,
+                step: Callable[[str], None] | None = None) -> dict[str, dict[int, float]]:
+    """Mean z-scored intensity of every label class, per modality, over reference cases (read with ``reader``;
+    ``step`` is called with each case's name once it is counted)."""
     sums = {m: np.zeros(NUM_CLASSES) for m in MODALITIES}
     counts = {m: np.zeros(NUM_CLASSES) for m in MODALITIES}
     for folder in case_dirs:
@@ -56,6 +58,8 @@ def class_means(case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
             z = zscore(case.images[m], brain)
             sums[m] += np.bincount(labels[brain], weights=z[brain], minlength=NUM_CLASSES)
             counts[m] += np.bincount(labels[brain], minlength=NUM_CLASSES)
+        if step is not None:
+            step(f"{Path(folder).name}: class means")
     return {m: {v: float(sums[m][v] / counts[m][v]) for v in range(NUM_CLASSES) if counts[m][v]}
             for m in MODALITIES}
 
@@ -186,19 +190,22 @@ def class_signal_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _model_free_scores(images: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray,
-                       regions: dict[str, np.ndarray], means: dict[str, dict[int, float]] | None) -> dict[str, Any]:
+                       regions: dict[str, np.ndarray], means: dict[str, dict[int, float]] | None,
+                       done: Callable[[str], None], name: str) -> dict[str, Any]:
     """What a case scores without any model: the contrast rules on its real images, their period-2 power (the
     checkerboard ratio's reference), and the fidelity of painting each class with its mean (the case's own, the
-    oracle, and the reference cases')."""
+    oracle, and the reference cases'); ``done`` is told when each baseline is scored."""
     out = {"real_contrast_rules": check_contrast_rules(images, labels, brain),
            "real_class_medians": {m: named_class_medians(images[m], labels, brain) for m in MODALITIES},
            "real_period2_power": {m: nyquist_power(images[m], brain) for m in MODALITIES},
            "class_mean_oracle": {m: fidelity(images[m], class_mean_baseline(labels, images[m], brain), brain, regions)
                                  for m in MODALITIES}}
+    done(f"{name}: oracle")
     if means is not None:
         out["class_mean_training"] = {
             m: fidelity(images[m], class_mean_baseline(labels, images[m], brain, means[m]), brain, regions)
             for m in MODALITIES}
+        done(f"{name}: training")
     return out
 
 
@@ -249,11 +256,22 @@ def refuse_repeated_cases(case_dirs: list[Path], reference_dirs: list[Path], key
         references[key] = folder
 
 
+#: The parts of one case's evaluation :func:`evaluate` reports to its ``step`` callback, in order; ``training``
+#: only with reference cases.  Most of a case's time is its SSIMs: four per score (model, oracle, training).
+CASE_STEPS = ("read", "synthesis", "model scores", "oracle", "training", "checks")
+
+
+def evaluation_steps(cases: int, references: int) -> int:
+    """How many times :func:`evaluate` calls ``step`` for ``cases`` held-out and ``references`` reference cases."""
+    return references + cases * (len(CASE_STEPS) - (0 if references else 1))
+
+
 def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np.ndarray],
              reference_dirs: list[Path] | None = None,
              reader: Callable[[Path], Any] | None = None,
              progress: Callable[[str], None] | None = None,
-             shared: dict[str, Any] | None = None) -> dict[str, Any]:
+             shared: dict[str, Any] | None = None,
+             step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fidelity of ``engine`` (a :class:`~MedSynthLib.synthesis.synthesize.SynthesisEngine`) on ``case_dirs``.
 
     Args:
@@ -264,7 +282,10 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             (the model's training cases); ``None`` skips that baseline.
         reader: folder -> the read case (with its segmentation), e.g. a cached reader when several
             models are scored on the same cases; ``read_case`` by default.
-        progress: called with each case's name once it is scored (a progress bar's step).
+        progress: called with each case's name once it is scored.
+        step: called with what was done after each part of the work: each reference case's class means, then per
+            case each of :data:`CASE_STEPS` (a progress bar's step: a BraTS case takes minutes on a few CPU
+            cores); :func:`evaluation_steps` counts the calls, parts shared from an earlier call included.
         shared: a dict the caller keeps while scoring several models on the same cases: the class
             means, each case's baseline scores and the rules on its real images, which do not depend on
             the model, are computed by the first call and reused by the next (a second model costs its
@@ -283,8 +304,12 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
     references = [str(folder) for folder in reference_dirs or []]
     if store.setdefault("reference_dirs", references) != references:
         raise ValueError("evaluate: the shared baselines were computed with other reference cases")
+    done = step if step is not None else (lambda what: None)
     if reference_dirs and "class_means" not in store:
-        store["class_means"] = class_means(reference_dirs, labels_for, reader)
+        store["class_means"] = class_means(reference_dirs, labels_for, reader, done)
+    elif reference_dirs:
+        for folder in reference_dirs:
+            done(f"{Path(folder).name}: class means (shared)")
     means = store.get("class_means")
     baselines: dict[str, dict[str, Any]] = store.setdefault("baselines", {})
     results: dict[str, Any] = {"cases": [], "model": {"name": engine.model.name, "sha256": engine.model.sha256}}
@@ -292,12 +317,19 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
     for folder in case_dirs:
         case = read(folder)
         labels = labels_for(folder)
+        done(f"{folder.name}: read")
         result = engine.synthesize(LabelMap(labels, case.grid))
+        done(f"{folder.name}: synthesis")
         brain = real_brain_mask(case.images)
         regions = {"tumour": tumour_mask(labels)}
         model_case = {m: fidelity(case.images[m], result.images[m], brain, regions) for m in MODALITIES}
+        done(f"{folder.name}: model scores")
         if str(folder) not in baselines:
-            baselines[str(folder)] = _model_free_scores(case.images, labels, brain, regions, means)
+            baselines[str(folder)] = _model_free_scores(case.images, labels, brain, regions, means, done,
+                                                        folder.name)
+        else:
+            for part in CASE_STEPS[3:5 if means is not None else 4]:
+                done(f"{folder.name}: {part} (shared)")
         model_free = baselines[str(folder)]
         oracle_case, real_power = model_free["class_mean_oracle"], model_free["real_period2_power"]
         model_scores.append(model_case)
@@ -316,6 +348,7 @@ def evaluate(engine: Any, case_dirs: list[Path], labels_for: Callable[[Path], np
             entry["class_mean_training"] = mean_case
         entry["in_model_training"] = trained_on(engine.model, case)
         results["cases"].append(entry)
+        done(f"{folder.name}: checks")
         if progress is not None:
             progress(folder.name)
     results["training_cases_scored"] = [entry["case"] for entry in results["cases"] if entry["in_model_training"]]
