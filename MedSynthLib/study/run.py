@@ -179,22 +179,37 @@ def make_folds(case_ids: list[str], k: int, seed: int, test_cases: list[str] | N
 
 
 class _ETA:
-    """Remaining-time estimate from the stages computed so far (cached stages are free)."""
+    """Remaining time, each kind of stage estimated from the stages of that kind timed so far.
 
-    def __init__(self, weights: dict[str, float], plan: list[str]) -> None:
-        self.weights, self.plan, self.done = weights, list(plan), 0
-        self.spent = 0.0
-        self.spent_weight = 0.0
+    The kinds do not cost one another in a fixed ratio: on five real BraTS cases on 2 cores the micro config
+    spends 2 min preparing them and 7-25 s on each 4-step arm, while the paper config's arms train for hours.
+    So no kind is guessed from another: until every kind still ahead has been timed the line says what the
+    estimate waits for.  A stage taken from the cache is timed by the seconds its result records (an interrupted
+    study resumes in plan order, so what is ahead of it still has to run); no estimate is given before this run
+    has computed a stage (a finished study rerun is cached throughout).
+    """
+
+    def __init__(self, kinds: dict[str, str | None], plan: list[str]) -> None:
+        # kinds: what the estimate waits for before a kind is timed; None for a kind that costs nothing
+        self.kinds, self.plan, self.done = kinds, list(plan), 0
+        self.timed: dict[str, list[float]] = {k: [0.0] for k, what in kinds.items() if what is None}
+        self.computed = False
 
     def finish(self, kind: str, seconds: float, computed: bool) -> str:
         self.done += 1
-        if computed:
-            self.spent += seconds
-            self.spent_weight += self.weights[kind]
-        left = sum(self.weights[k] for k in self.plan[self.done:])
-        if self.spent_weight <= 0:
-            return f"{self.done}/{len(self.plan)} stages"
-        return f"{self.done}/{len(self.plan)} stages, ETA {_fmt_seconds(left * self.spent / self.spent_weight)}"
+        self.computed = self.computed or computed
+        if self.kinds.get(kind, "") is not None:
+            self.timed.setdefault(kind, []).append(float(seconds))
+        progress = f"{self.done}/{len(self.plan)} stages"
+        ahead = self.plan[self.done:]
+        if not self.computed:
+            return progress
+        untimed = [k for k in ahead if k not in self.timed]
+        if untimed:  # named: the one whose first stage comes last; once it is done, all of them are
+            waits_for = max(dict.fromkeys(untimed), key=ahead.index)
+            return f"{progress}, ETA unknown until {self.kinds.get(waits_for) or f'a {waits_for} stage is done'}"
+        left = sum(float(np.mean(self.timed[k])) for k in ahead)
+        return f"{progress}, ETA {_fmt_seconds(left)}"
 
 
 # --- the study ---------------------------------------------------------------------------------
@@ -316,11 +331,19 @@ def run_study(data: Path, report_dir: Path, config: StudyConfig, *, extra_labels
 
     # Rank 0 holds the work folder for the whole run (under torchrun it speaks for every rank).
     with WorkLock(work) if d.main else _no_lock() as lock:
-        results = study.run()
-        report = build_report(inputs, results, study, command=command, started_utc=started_utc,
-                              wall_seconds=time.perf_counter() - started)
+        try:
+            results = study.run()
+            report = build_report(inputs, results, study, command=command, started_utc=started_utc,
+                                  wall_seconds=time.perf_counter() - started)
+            if d.main:
+                write_report(report, results, study, report_dir, overwrite=overwrite)
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM): what is kept, and how to go on from it
+            eta = getattr(study, "eta", None)
+            done = f" after {eta.done} of {len(eta.plan)} stages" if eta is not None else ""
+            again = "the same torchrun command" if d.world > 1 else "the same command"
+            _log(f"interrupted{done}; the finished work is kept in {work}: {again} resumes from there")
+            raise
         if d.main:
-            write_report(report, results, study, report_dir, overwrite=overwrite)
             _log(f"report written to {report_dir} in {_fmt_seconds(time.perf_counter() - started)}")
             _remove_superseded(work, study.used, lock)
     d.sync(dev.type)
@@ -365,7 +388,12 @@ def _remove_superseded(work: Path, used: dict[str, dict[str, dict[str, Any]]], l
 class _Study:
     """The stages of a study with their caches."""
 
-    STAGE_WEIGHTS = {"prepare": 0.2, "gan": 3.0, "synth": 0.5, "fidelity": 0.1, "memo": 0.05, "arm": 1.0}
+    # The kinds of stages (see _ETA): what the ETA waits for until one of the kind is timed; None costs nothing.
+    STAGE_KINDS: dict[str, str | None] = {
+        "prepare": "the cases are prepared", "gan": "a GAN has trained", "given-gan": None,
+        "synth": "synthetic cases are made", "fidelity": "a fidelity stage is done",
+        "memo": "a memorisation check is done", "baseline": "a baseline is fitted", "arm": "an arm has trained"}
+    STAGE_WEIGHTS = STAGE_KINDS  # the name study.preview passes to _ETA
 
     def __init__(self, inputs: StudyInputs, work: Path, device: Any, d: _Dist, progress: bool) -> None:
         self.inputs, self.work, self.device, self.d, self.progress = inputs, work, device, d, progress
@@ -410,27 +438,32 @@ class _Study:
         computed = False
         for info in self.inputs.cases:
             self.sha[info.case_id] = info.sha256
-            folder = self.work / "cases" / grid_key / info.case_id
-            self.folders[info.case_id] = folder
-            marker = _read_json(folder / "study_case.json")
-            if self.d.main and (marker is None or marker.get("source_sha256") != info.sha256):
-                from ..cases.readers import read_case
+            self.folders[info.case_id] = self.work / "cases" / grid_key / info.case_id
+        from tqdm import tqdm
 
-                write_study_case(read_case(info.folder, require_segmentation=True), info, self.grid, folder)
-                computed = True
-        self.d.sync(self.device.type)
-        for info in self.inputs.cases:
-            stem = arrays / f"{info.sha256[:24]}"
-            paths = (Path(f"{stem}_images.npy"), Path(f"{stem}_labels.npy"))
-            if self.d.main and not all(p.exists() for p in paths):
-                real = self.real_case(info.case_id)
-                seg = make_seg_case(info.case_id, real.images, real.labelmap.array, real.labelmap.grid.spacing)
-                _mkdir(arrays)
-                for path, array in zip(paths, (seg.images.astype(np.float16), seg.labels)):
-                    tmp = path.with_name(path.name + ".tmp.npy")
-                    np.save(tmp, array)
-                    os.replace(tmp, path)
-                computed = True
+        # Rank 0 prepares every case (tens of seconds each for real scans: resampling, the anatomy), the others wait.
+        todo = self.inputs.cases if self.d.main else []
+        with tqdm(todo, desc="prepare", unit="case", file=sys.stderr,
+                  disable=not (self.progress and self.d.main) or None, leave=False) as bar:
+            for info in bar:
+                folder = self.folders[info.case_id]
+                marker = _read_json(folder / "study_case.json")
+                if marker is None or marker.get("source_sha256") != info.sha256:
+                    from ..cases.readers import read_case
+
+                    write_study_case(read_case(info.folder, require_segmentation=True), info, self.grid, folder)
+                    computed = True
+                stem = arrays / f"{info.sha256[:24]}"
+                paths = (Path(f"{stem}_images.npy"), Path(f"{stem}_labels.npy"))
+                if not all(p.exists() for p in paths):
+                    real = self.real_case(info.case_id)
+                    seg = make_seg_case(info.case_id, real.images, real.labelmap.array, real.labelmap.grid.spacing)
+                    _mkdir(arrays)
+                    for path, array in zip(paths, (seg.images.astype(np.float16), seg.labels)):
+                        tmp = path.with_name(path.name + ".tmp.npy")
+                        np.save(tmp, array)
+                        os.replace(tmp, path)
+                    computed = True
         self.d.sync(self.device.type)
         spacing = (self.grid.spacing,) * 3
         for info in self.inputs.cases:
@@ -484,15 +517,20 @@ class _Study:
     # ---- the folds
     def run(self) -> dict[str, Any]:
         folds = self.inputs.folds
-        plan = ["prepare"]  # a stage like the others: the progress and the report count the same stages
-        for _ in folds:
-            plan += ["gan", "synth", "fidelity", "memo", "memo"] + ["arm"] * (len(ARMS) * self.config.seg_config.seeds)
-        self.eta = _ETA(self.STAGE_WEIGHTS, plan)
+        self.eta = _ETA(self.STAGE_KINDS, self.stage_plan())
         self.prepare()
         results: dict[str, Any] = {"folds": []}
         for fold in folds:
             results["folds"].append(self.run_fold(fold))
         return results
+
+    def stage_plan(self) -> list[str]:
+        """The kind of every stage, in the order they run."""
+        plan = ["prepare"]  # a stage like the others: the progress and the report count the same stages
+        for fold in self.inputs.folds:
+            plan += ["given-gan" if fold.index in self.inputs.gan_models else "gan", "synth", "fidelity", "memo",
+                     "baseline"] + ["arm"] * (len(ARMS) * self.config.seg_config.seeds)
+        return plan
 
     def _gan(self, fold: Fold) -> Any:
         from ..synthesis.models import resolve_model
@@ -540,7 +578,7 @@ class _Study:
         if not computed:  # report the time the cached model took to train
             seconds = float(model.config.get("training", {}).get("training_seconds", 0.0))
         gan_info["train_seconds"] = round(float(model.config.get("training", {}).get("training_seconds", 0.0)), 1)
-        self._stage_done(f"{tag} GAN", "gan", seconds, computed)
+        self._stage_done(f"{tag} GAN", "given-gan" if gan_info["source"] == "given" else "gan", seconds, computed)
         gan_info.update({"model_sha256": model.sha256})
         engine = None
 
@@ -685,32 +723,38 @@ class _Study:
                     sums[m] += np.bincount(seg.labels[brain], weights=seg.images[m][brain], minlength=NUM_CLASSES)
             means = sums / np.maximum(counts, 1)
             engine = get_engine()
-            cases = {}
-            for c in fold.test:
-                real = self.real_case(c)
-                labels = real.labelmap.array
-                synthetic = engine.synthesize(LabelMap(labels, real.labelmap.grid), seed=0)
-                brain = real.brain
-                regions = {"tumour": tumour_mask(labels)}
-                entry: dict[str, Any] = {"model": {}, "class_mean_training": {}}
-                for m, modality in enumerate(MODALITIES):
-                    entry["model"][modality] = fidelity(real.images[m], synthetic.images[modality], brain, regions)
-                    painted = np.zeros(labels.shape, np.float32)
-                    for value in range(1, NUM_CLASSES):
-                        painted[labels == value] = means[m][value]
-                    entry["class_mean_training"][modality] = fidelity(real.images[m], painted, brain, regions)
-                cases[c] = entry
-                np.save(_mkdir(self.work / "fidelity") / f"{key}_{c}_synthetic.npy",
-                        np.stack([synthetic.images[m] for m in MODALITIES]).astype(np.float32))
             # Privacy (a): the same measure on as many training cases (seen by this GAN); a GAN that
             # memorised its training cases scores clearly better on them than on the held-out ones.
             seen = sorted(fold.train)[:len(fold.test)]
-            train_cases = {}
-            for c in seen:
-                real = self.real_case(c)
-                synthetic = engine.synthesize(LabelMap(real.labelmap.array, real.labelmap.grid), seed=0)
-                train_cases[c] = {modality: fidelity(real.images[m], synthetic.images[modality], real.brain, {})
-                                  for m, modality in enumerate(MODALITIES)}
+            from tqdm import tqdm
+
+            with tqdm(total=len(fold.test) + len(seen), desc=f"{tag} fidelity", unit="case", file=sys.stderr,
+                      disable=not self.progress or None, leave=False) as bar:
+                cases = {}
+                for c in fold.test:
+                    real = self.real_case(c)
+                    labels = real.labelmap.array
+                    synthetic = engine.synthesize(LabelMap(labels, real.labelmap.grid), seed=0)
+                    brain = real.brain
+                    regions = {"tumour": tumour_mask(labels)}
+                    entry: dict[str, Any] = {"model": {}, "class_mean_training": {}}
+                    for m, modality in enumerate(MODALITIES):
+                        entry["model"][modality] = fidelity(real.images[m], synthetic.images[modality], brain, regions)
+                        painted = np.zeros(labels.shape, np.float32)
+                        for value in range(1, NUM_CLASSES):
+                            painted[labels == value] = means[m][value]
+                        entry["class_mean_training"][modality] = fidelity(real.images[m], painted, brain, regions)
+                    cases[c] = entry
+                    np.save(_mkdir(self.work / "fidelity") / f"{key}_{c}_synthetic.npy",
+                            np.stack([synthetic.images[m] for m in MODALITIES]).astype(np.float32))
+                    bar.update()
+                train_cases = {}
+                for c in seen:
+                    real = self.real_case(c)
+                    synthetic = engine.synthesize(LabelMap(real.labelmap.array, real.labelmap.grid), seed=0)
+                    train_cases[c] = {modality: fidelity(real.images[m], synthetic.images[modality], real.brain, {})
+                                      for m, modality in enumerate(MODALITIES)}
+                    bar.update()
             result = {"key": key, "cases": cases, "train_cases": train_cases,
                       "seconds": round(time.perf_counter() - t0, 2), "cache": dict(record, written=time.time())}
             _write_json_atomic(result, path)
@@ -877,7 +921,7 @@ class _Study:
             return out
 
         result, computed = cached_stage(self.work / "baseline" / f"{key}.json", compute, write=self.d.main)
-        self._stage_done(f"{tag} FLAIR-threshold baseline", "memo", result["seconds"] if not computed else
+        self._stage_done(f"{tag} FLAIR-threshold baseline", "baseline", result["seconds"] if not computed else
                          time.perf_counter() - t0, computed)
         return result
 
