@@ -343,3 +343,24 @@ def test_training_adds_the_class_level_term_per_class_where_the_loss_counts(phan
         assert set(classes.sum(1).unique().tolist()) <= {0.0, 1.0} and float(classes.sum()) > 0
     assert b"loss/class_level" in events
     assert json.loads((run / "train_config.json").read_text())["config"]["lambda_class_level"] == 50.0
+
+
+def test_the_evaluation_ssim_map_is_monais_on_a_whole_volume() -> None:
+    """``medsynth evaluate``'s map (reflect-padded, same shape as its inputs) filters separably for speed; it is still
+    MONAI's ``compute_ssim_and_cs`` on the same padded volumes, as every recorded score was computed."""
+    import numpy as np
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    from MedSynthLib.evaluation.metrics import ssim_map
+
+    rng = np.random.default_rng(48)
+    real = rng.normal(size=(19, 23, 27)).astype(np.float32)
+    synthetic = (real + rng.normal(scale=0.7, size=real.shape)).astype(np.float32)
+    pad = SSIM_KERNEL // 2
+    padded = [torch.from_numpy(np.pad(v, pad, mode="reflect"))[None, None] for v in (real, synthetic)]
+    expected, _ = compute_ssim_and_cs(*padded, 3, [SSIM_KERNEL] * 3, [SSIM_SIGMA] * 3, DATA_RANGE, "gaussian",
+                                      0.01, 0.03)
+    ours = ssim_map(real, synthetic)
+    assert ours.shape == real.shape
+    np.testing.assert_allclose(ours, expected[0, 0].numpy(), atol=1e-4)
+    assert 0.2 < float(ours.mean()) < 0.9
