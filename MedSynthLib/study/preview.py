@@ -302,7 +302,7 @@ def preview(data: Path, work: Path, report_dir: Path, config: Any, *, extra_labe
     inputs = check_inputs(Path(data), Path(report_dir), config, extra_labels=extra_labels, device="cpu",
                           folds=None, overwrite=overwrite)
     study = _Study(inputs, Path(work), inputs.device, _Dist(0, 1, 0), False)
-    study.eta = _ETA(_Study.STAGE_WEIGHTS, [])
+    study.eta = _ETA(_Study.STAGE_KINDS, [])
     notices = _Notices(Path(work))
     with WorkLock(Path(work)):  # a study in this folder removes no superseded file while it is read
         study.prepare()

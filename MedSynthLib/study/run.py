@@ -393,7 +393,6 @@ class _Study:
         "prepare": "the cases are prepared", "gan": "a GAN has trained", "given-gan": None,
         "synth": "synthetic cases are made", "fidelity": "a fidelity stage is done",
         "memo": "a memorisation check is done", "baseline": "a baseline is fitted", "arm": "an arm has trained"}
-    STAGE_WEIGHTS = STAGE_KINDS  # the name study.preview passes to _ETA
 
     def __init__(self, inputs: StudyInputs, work: Path, device: Any, d: _Dist, progress: bool) -> None:
         self.inputs, self.work, self.device, self.d, self.progress = inputs, work, device, d, progress
