@@ -1067,8 +1067,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return cache[folder]
 
     references = list(args.reference or [])
-    # One BraTS case with a reference case, default model, on a shared 2-core machine (load 3-5): 255-450 s wall,
-    # ~245 CPU s, three quarters of it the 12 SSIMs (model, oracle, training x 4 contrasts); 1.9 GB peak RSS.
+    # One BraTS case with a reference case, default model, on the 2-core machine: 52 s wall, 55 CPU s, 1.9 GB peak
+    # RSS (255-450 s under load with MONAI's non-separable SSIM: its 12 SSIMs were three quarters of the time).
     with _progress(evaluation_steps(len(args.cases), len(references)), "evaluate") as step:
         results = evaluate(engine, list(args.cases), labels_for, references or None, reader=read, step=step)
     results["inference"] = {"device": engine.device, "precision": engine.synth.precision,
