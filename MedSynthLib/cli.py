@@ -1054,7 +1054,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     refuse_repeated_cases(list(args.cases), list(args.reference or []), content_key)
     seen = [folder.name for folder in args.cases if in_training[folder]]
-    if seen:  # said before the run, which takes minutes a case
+    if seen:  # said before the run, which takes about a minute a case
         _notice(f"{len(seen)} of {len(args.cases)} cases were among {model.name}'s training cases "
                 f"({', '.join(seen)}): their scores are in-sample, not held-out")
     engine = SynthesisEngine(model, args.device, args.precision, log=_notice, mirror_average=args.mirror_average,
@@ -1386,7 +1386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="fidelity of a model on real cases (SSIM, PSNR, MAE in brain and tumour; "
-                                        "minutes per case on a CPU)")
+                                        "about a minute per case on 2 CPU cores)")
     p.add_argument("cases", type=Path, nargs="+", help="held-out case folders")
     p.add_argument("--reference", type=Path, nargs="*", help="training case folders for the class-mean baseline")
     _add_output(p, "report JSON")
