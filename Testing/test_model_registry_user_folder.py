@@ -17,26 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import file_tree, one_line_refusal, run_cli, write_random_model
+from conftest import file_tree, one_line_refusal, run_cli
 from MedSynthLib.synthesis import models
 from MedSynthLib.synthesis.models import read_registry, resolve_model
-from MedSynthLib.synthesis.networks import MODALITY_ORDER
-from test_model_registry_layers import _blocks
+from test_model_registry_layers import (REPO, SHIPPED, SHIPPED_DEFAULT, SHIPPED_NAMES, SHIPPED_REGISTRY,  # noqa: F401
+                                        _blocks, tiny)
 from test_synthesis_seed import synthetic_brain
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "Resources" / "models"
-SHIPPED_REGISTRY = SHIPPED / "registry.json"
-SHIPPED_NAMES = sorted(json.loads(SHIPPED_REGISTRY.read_text())["models"])
-SHIPPED_DEFAULT = json.loads(SHIPPED_REGISTRY.read_text())["default"]
-
 pytestmark = pytest.mark.usefixtures("torch_threads")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_random_model(tmp_path_factory.mktemp("models") / "tiny",
-                              {m: {"low": 0.0, "high": 1000.0} for m in MODALITY_ORDER}, seed=5)
 
 
 @pytest.fixture()
