@@ -250,10 +250,13 @@ def _scalars(run: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
             if tag.startswith(prefix)}
 
 
-def test_a_resumed_final_validation_writes_its_tensorboard_scalars(phantom_brats: Path, tmp_path: Path,
-                                                                    monkeypatch) -> None:
-    """A run interrupted in its final validation and resumed validated again but wrote no val/* scalars: the
-    resumed run's TensorBoard lacked the last step's validation the uninterrupted run shows. It now writes them."""
+@pytest.mark.parametrize("interrupted_in, logged_before", [("validate", False), ("fit_export_appearance", True)])
+def test_a_resumed_final_validation_logs_its_tensorboard_scalars_once(phantom_brats: Path, tmp_path: Path,
+                                                                       monkeypatch, interrupted_in: str,
+                                                                       logged_before: bool) -> None:
+    """Interrupted in its final validation, a resumed run validated again but wrote no val/* scalars (its TensorBoard
+    lacked the last step's validation); interrupted after that validation was logged (while the model was exported),
+    a resumed run validated again and logged every val/* scalar a second time. Each is now logged once."""
     import MedSynthLib.training.train as train_module
 
     config = write_config(tmp_path / "micro.json")
@@ -266,37 +269,15 @@ def test_a_resumed_final_validation_writes_its_tensorboard_scalars(phantom_brats
 
     run = tmp_path / "B"
     with monkeypatch.context() as patched:
-        patched.setattr(train_module, "validate", interrupted)
+        patched.setattr(train_module, interrupted_in, interrupted)
         assert run_main(train_args(phantom_brats, run, "--config", str(config))) == 130
-    assert _scalars(run, "val/") == {}
+    assert _scalars(run, "val/") == (expected if logged_before else {})
     assert run_main(train_args(phantom_brats, run, "--resume")) == 0
     assert _scalars(run, "val/") == expected
     # The training scalars too: the resumed session kept the last step's, logged before its checkpoint.
     assert _scalars(run, "loss/") == _scalars(tmp_path / "A", "loss/")
     assert {tag: [step for step, _ in points] for tag, points in _scalars(run, "time/").items()} == \
         {tag: [step for step, _ in points] for tag, points in _scalars(tmp_path / "A", "time/").items()}
-
-
-def test_a_run_interrupted_after_its_final_validation_logs_it_once(phantom_brats: Path, tmp_path: Path,
-                                                                   monkeypatch) -> None:
-    """Interrupted after its final validation was logged (while the model was exported), a resumed run validated
-    again and logged every val/* scalar a second time at the last step: TensorBoard showed two points for each."""
-    import MedSynthLib.training.train as train_module
-
-    config = write_config(tmp_path / "micro.json")
-    assert run_main(train_args(phantom_brats, tmp_path / "A", "--config", str(config))) == 0
-    expected = _scalars(tmp_path / "A", "val/")
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    run = tmp_path / "B"
-    with monkeypatch.context() as patched:
-        patched.setattr(train_module, "fit_export_appearance", interrupted)
-        assert run_main(train_args(phantom_brats, run, "--config", str(config))) == 130
-    assert _scalars(run, "val/") == expected
-    assert run_main(train_args(phantom_brats, run, "--resume")) == 0
-    assert _scalars(run, "val/") == expected
     assert model_record(run)["validation"] == model_record(tmp_path / "A")["validation"]
     assert model_record(run)["weights_sha256"] == model_record(tmp_path / "A")["weights_sha256"]
 
