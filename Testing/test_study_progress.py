@@ -133,9 +133,10 @@ def test_the_eta_is_never_far_above_the_time_left(on_a_terminal) -> None:
 
 
 def test_preparation_and_fidelity_show_a_bar_on_a_terminal(on_a_terminal) -> None:
+    # A bar over the 4 cases (tqdm draws it at its start; how many steps it redraws depends on the stage's speed).
     err = on_a_terminal["err"]
-    assert re.search(r"prepare:\s+\d+%\|[^|]*\| 2/4 ", err), err[-3000:]
-    assert re.search(r"fold 1/2 fidelity:\s+\d+%\|[^|]*\| 2/4 ", err), err[-3000:]
+    assert re.search(r"prepare:\s+\d+%\|[^|]*\| [0-4]/4 ", err), err[-3000:]
+    assert re.search(r"fold 1/2 fidelity:\s+\d+%\|[^|]*\| [0-4]/4 ", err), err[-3000:]
 
 
 def test_ctrl_c_names_what_resumes(on_a_terminal) -> None:
