@@ -34,6 +34,19 @@ def two_cases(tmp_path: Path) -> tuple[Path, Path]:
     return write_phantom_case(tmp_path / "cases", 0), write_phantom_case(tmp_path / "cases", 1)
 
 
+def _record_syntheses(monkeypatch, events: list) -> None:
+    """Each synthesis appends "synthesis" to ``events`` (and still runs)."""
+    from MedSynthLib.synthesis.synthesize import SynthesisEngine
+
+    synthesize = SynthesisEngine.synthesize
+
+    def recording_synthesize(self, *args, **kwargs):
+        events.append("synthesis")
+        return synthesize(self, *args, **kwargs)
+
+    monkeypatch.setattr(SynthesisEngine, "synthesize", recording_synthesize)
+
+
 def test_the_in_sample_notice_comes_before_the_first_synthesis(tmp_path: Path, two_cases, monkeypatch,
                                                                capsys) -> None:
     """Scoring a case the model trained on takes minutes and scores it in-sample: the user learns that first, in one
@@ -41,7 +54,6 @@ def test_the_in_sample_notice_comes_before_the_first_synthesis(tmp_path: Path, t
     import json
 
     from MedSynthLib import cli
-    from MedSynthLib.synthesis.synthesize import SynthesisEngine
 
     held_out, reference = two_cases
     model = _model_trained_on(tmp_path / "tiny", [held_out])
@@ -52,14 +64,8 @@ def test_the_in_sample_notice_comes_before_the_first_synthesis(tmp_path: Path, t
         events.append(f"notice: {message}")
         notice(message)
 
-    synthesize = SynthesisEngine.synthesize
-
-    def recording_synthesize(self, *args, **kwargs):
-        events.append("synthesis")
-        return synthesize(self, *args, **kwargs)
-
     monkeypatch.setattr(cli, "_notice", recording_notice)
-    monkeypatch.setattr(SynthesisEngine, "synthesize", recording_synthesize)
+    _record_syntheses(monkeypatch, events)
     report = tmp_path / "report.json"
     assert cli.main(["evaluate", str(held_out), "--reference", str(reference), "--model", str(model),
                      "--device", "cpu", "-o", str(report)]) == 0
@@ -99,7 +105,6 @@ def test_the_progress_bar_moves_while_one_case_is_scored(tmp_path: Path, two_cas
     """The bar counted cases only, so a one-case run sat at 0/1 for its minutes (reading, synthesis and each score).
     It now steps through the parts of the work, reaches its total, and moves before the synthesis starts."""
     from MedSynthLib import cli
-    from MedSynthLib.synthesis.synthesize import SynthesisEngine
 
     held_out, reference = two_cases
     model = _model_trained_on(tmp_path / "tiny", [])
@@ -116,14 +121,8 @@ def test_the_progress_bar_moves_while_one_case_is_scored(tmp_path: Path, two_cas
             events.append("step")
         yield step
 
-    synthesize = SynthesisEngine.synthesize
-
-    def recording_synthesize(self, *args, **kwargs):
-        events.append("synthesis")
-        return synthesize(self, *args, **kwargs)
-
     monkeypatch.setattr(cli, "_progress", recording_progress)
-    monkeypatch.setattr(SynthesisEngine, "synthesize", recording_synthesize)
+    _record_syntheses(monkeypatch, events)
     assert cli.main(["evaluate", str(held_out), "--reference", str(reference), "--model", str(model),
                      "--device", "cpu", "-o", str(tmp_path / "report.json")]) == 0
     assert len(bars) == 1
